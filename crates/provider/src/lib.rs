@@ -1,0 +1,138 @@
+//! The interface between Basphere's engine and the machines it makes.
+//!
+//! A provider turns a [`VmRequest`] into a running machine in three idempotent phases —
+//! [`Provider::prepare`], [`Provider::start`], [`Provider::wait_ready`] — and takes it apart with
+//! [`Provider::stop`] and [`Provider::remove`]. The engine persists which phase finished, so after a
+//! crash any phase may be called again for the same request: each must notice work already done
+//! (find the disk, the process or the cloned VM by [`VmRequest::instance`]) and neither duplicate
+//! nor fail on it. `stop` and `remove` must succeed when there is nothing left to stop or remove.
+//!
+//! Architecture invariant: providers never touch the store; everything they need arrives in the
+//! request, and everything they report goes back as return values.
+
+use basphere_core::{ImageName, Spec, SshPublicKey, Username, VmName};
+use serde::{Deserialize, Serialize};
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+mod null;
+pub use null::{NullProvider, NullProviderCall};
+
+/// Everything a provider needs to build one VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmRequest {
+    /// Globally unique, stable id of this VM record (a UUID); providers name what they make after
+    /// it so that a retried phase finds its earlier work.
+    pub instance: String,
+    pub name: VmName,
+    pub owner: Username,
+    pub image: ImageName,
+    /// The provider's reference for the image: a base image path/name (qemu) or template (vsphere).
+    pub image_ref: String,
+    /// Account cloud-init creates in the guest, holding `ssh_keys`.
+    pub login_user: String,
+    pub spec: Spec,
+    pub network: GuestNetwork,
+    pub ssh_keys: Vec<SshPublicKey>,
+}
+
+/// The static network configuration of one guest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GuestNetwork {
+    pub ip: Ipv4Addr,
+    pub prefix_len: u8,
+    pub gateway: Ipv4Addr,
+    pub dns: Vec<Ipv4Addr>,
+    pub mtu: u32,
+    /// Locally administered MAC address derived from the instance id.
+    pub mac: String,
+}
+
+/// What a provider sees of a VM it may have made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MachineState {
+    /// Nothing of it exists.
+    Absent,
+    /// Disks or a definition exist but it is not running.
+    Stopped,
+    Running,
+}
+
+/// A failure inside a provider.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[error("{message}")]
+pub struct ProviderError {
+    /// Whether trying the same phase again may succeed (timeouts, busy hosts, lost connections).
+    pub retryable: bool,
+    /// One line for users and logs: what failed and, where known, what to do.
+    pub message: String,
+}
+
+impl ProviderError {
+    pub fn retryable(message: impl Into<String>) -> Self {
+        Self {
+            retryable: true,
+            message: message.into(),
+        }
+    }
+
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self {
+            retryable: false,
+            message: message.into(),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, ProviderError>;
+
+/// A hypervisor backend. See the crate documentation for the idempotency contract.
+#[async_trait::async_trait]
+pub trait Provider: Send + Sync + 'static {
+    /// Short name used in config and logs: `qemu`, `vsphere`, `null`.
+    fn kind(&self) -> &'static str;
+
+    /// Makes the machine's disks/definition (clone, seed, reconfigure); does not start it.
+    async fn prepare(&self, vm: &VmRequest) -> Result<()>;
+
+    /// Starts the prepared machine.
+    async fn start(&self, vm: &VmRequest) -> Result<()>;
+
+    /// Waits until the guest answers SSH at its address, at most `deadline`. On expiry the error
+    /// says why, as far as the provider can tell (no console output, no network, sshd refused).
+    async fn wait_ready(&self, vm: &VmRequest, deadline: Duration) -> Result<()>;
+
+    /// Stops the machine; succeeds if it is not running.
+    async fn stop(&self, vm: &VmRequest) -> Result<()>;
+
+    /// Removes everything `prepare` made; succeeds if nothing is left.
+    async fn remove(&self, vm: &VmRequest) -> Result<()>;
+
+    /// What exists of the machine now.
+    async fn inspect(&self, vm: &VmRequest) -> Result<MachineState>;
+}
+
+/// A MAC address in the locally administered range, stable for an instance id.
+pub fn mac_for(instance: &str) -> String {
+    // FNV-1a: stable across versions and platforms, unlike std's hasher.
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in instance.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    let b = h.to_be_bytes();
+    format!("52:54:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3])
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn mac_is_stable_and_local() {
+        let a = super::mac_for("3f2a");
+        assert_eq!(a, super::mac_for("3f2a"));
+        assert_ne!(a, super::mac_for("3f2b"));
+        assert!(a.starts_with("52:54:"));
+        assert_eq!(a.len(), 17);
+    }
+}
