@@ -1,1 +1,595 @@
-//! placeholder
+//! The `qemu` provider: VMs as plain QEMU processes on this host.
+//!
+//! Per VM, under `state_dir/<instance>/`: a qcow2 linked clone of a base image, a cloud-init
+//! NoCloud seed ISO, the guest kernel and tiny initrd (direct kernel boot), QEMU's pidfile, QMP
+//! socket, serial console log and stderr log. QEMU runs daemonized; the pidfile is trusted only when
+//! `/proc/PID/cmdline` names that VM's directory, so a recycled PID is never signalled.
+//!
+//! Networking ([`NetworkMode`]): by default a network namespace owned by Basphere ("lab") holds a
+//! bridge carrying the guests' gateway address and one tap per VM; QEMU runs inside it, and guests
+//! are reachable only from inside it ([`QemuProvider::network_command`]). It is never bridged or
+//! routed to the host. In production, taps join an existing host bridge instead.
+//!
+//! Acceleration: KVM only when `/dev/kvm` works and is not the software-only `kvm_pvm`; else TCG
+//! (about a minute from power-on to SSH for the Debian guest on this kind of host).
+//!
+//! Architecture invariant: this crate knows nothing of users, quotas or the store; everything
+//! arrives in a [`VmRequest`]. Base images are only read, never modified, by VM operations.
+
+mod config;
+mod diagnose;
+mod host;
+mod image;
+mod machine;
+mod net;
+mod qmp;
+mod seed;
+
+pub use config::{Accel, NetworkMode, QemuConfig};
+pub use diagnose::{Diagnosis, diagnose};
+pub use image::{BUILDABLE, BuildError, Mirrors, build_image, mirrors_from_sources};
+pub use machine::{AccelChoice, Resources, TCG_DEFAULT_MAX_MEMORY_MIB, TCG_DEFAULT_MAX_VCPUS, tap_name};
+pub use seed::{SeedFiles, render as render_seed};
+
+use basphere_core::ImageName;
+use basphere_provider::{MachineState, Provider, ProviderError, Result, VmRequest};
+use machine::VmPaths;
+use std::ffi::OsStr;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The apt command that installs QEMU on a Debian 12 host of this kind.
+pub const QEMU_INSTALL_HINT: &str = "apt-get install -y -t bookworm-backports qemu-system-x86 \
+     (or run crates/provider-qemu/install-deps.sh, which also adds bookworm-backports)";
+
+/// Why the provider could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    #[error("{tool} not found: {hint}")]
+    MissingTool { tool: String, hint: String },
+    #[error("invalid qemu configuration: {0}")]
+    Config(String),
+    #[error("{0}")]
+    Accel(String),
+}
+
+/// The qemu provider. Cheap to share; all state lives on disk and in QEMU processes.
+#[derive(Debug)]
+pub struct QemuProvider {
+    config: QemuConfig,
+    qemu: PathBuf,
+    accel: AccelChoice,
+    host_cpus: u32,
+    host_memory_mib: Option<u64>,
+    /// Serialises setup of the shared lab namespace and bridge within this process.
+    net_lock: tokio::sync::Mutex<()>,
+}
+
+impl QemuProvider {
+    /// Checks the host (QEMU, qemu-img, ip, firmware, ISO writer, KVM) and the configuration.
+    pub fn new(config: QemuConfig) -> std::result::Result<Self, QemuError> {
+        let qemu = host::find_in_path(&config.qemu_binary).ok_or_else(|| QemuError::MissingTool {
+            tool: config.qemu_binary.clone(),
+            hint: QEMU_INSTALL_HINT.to_string(),
+        })?;
+        let need = |tool: &str, hint: &str| {
+            host::find_in_path(tool)
+                .map(|_| ())
+                .ok_or_else(|| QemuError::MissingTool {
+                    tool: tool.to_string(),
+                    hint: hint.to_string(),
+                })
+        };
+        need("qemu-img", "apt-get install -y -t bookworm-backports qemu-utils")?;
+        need("ip", "apt-get install -y iproute2")?;
+        if seed::iso_tool().is_none() {
+            return Err(QemuError::MissingTool {
+                tool: "genisoimage".into(),
+                hint: "apt-get install -y genisoimage".into(),
+            });
+        }
+        if !Path::new("/usr/share/qemu/qboot.rom").is_file() {
+            return Err(QemuError::MissingTool {
+                tool: "/usr/share/qemu/qboot.rom".into(),
+                hint: QEMU_INSTALL_HINT.to_string(),
+            });
+        }
+        match &config.network {
+            NetworkMode::Lab { namespace, bridge } => {
+                check_ifname("network.bridge", bridge)?;
+                let ok = !namespace.is_empty()
+                    && namespace.len() <= 64
+                    && !namespace.starts_with('.')
+                    && namespace
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+                if !ok {
+                    return Err(QemuError::Config(format!(
+                        "network.namespace {namespace:?} must be 1-64 of [A-Za-z0-9._-]"
+                    )));
+                }
+            }
+            NetworkMode::Bridge { name } => check_ifname("network.name", name)?,
+        }
+        if config.max_vcpus == Some(0) || config.max_memory_mib == Some(0) {
+            return Err(QemuError::Config(
+                "max_vcpus and max_memory_mib must be at least 1 when set".into(),
+            ));
+        }
+        // Longest socket path must fit sockaddr_un (108 bytes) with a 36-character UUID.
+        let qmp_len = config.state_dir.as_os_str().len() + 1 + 36 + "/qmp.sock".len();
+        if qmp_len >= 108 {
+            return Err(QemuError::Config(format!(
+                "state_dir {} is too long for QMP socket paths (keep it under 60 characters)",
+                config.state_dir.display()
+            )));
+        }
+        let probe = host::probe_kvm(Duration::from_secs(2));
+        let accel = machine::decide_accel(config.accel, probe).map_err(QemuError::Accel)?;
+        tracing::info!(
+            accel = accel.as_str(),
+            kvm_usable = probe.usable,
+            kvm_pvm = probe.pvm,
+            "qemu provider ready"
+        );
+        Ok(Self {
+            config,
+            qemu,
+            accel,
+            host_cpus: host::host_cpus(),
+            host_memory_mib: host::host_memory_mib(),
+            net_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &QemuConfig {
+        &self.config
+    }
+
+    /// The accelerator VMs get.
+    pub fn accel(&self) -> AccelChoice {
+        self.accel
+    }
+
+    /// How long callers should give `wait_ready` by default (`ssh_ready_timeout_secs`).
+    pub fn ssh_ready_timeout(&self) -> Duration {
+        Duration::from_secs(self.config.ssh_ready_timeout_secs)
+    }
+
+    /// The lab network namespace guests live in, or `None` with a host bridge.
+    pub fn netns_name(&self) -> Option<&str> {
+        match &self.config.network {
+            NetworkMode::Lab { namespace, .. } => Some(namespace),
+            NetworkMode::Bridge { .. } => None,
+        }
+    }
+
+    /// A command that runs `program` where guests are reachable: `ip netns exec NS program` in lab
+    /// mode, `program` itself with a host bridge. Add the arguments and run or exec it, e.g. for
+    /// `basphere ssh NAME`: `network_command("ssh").arg(format!("{user}@{ip}"))`.
+    pub fn network_command(&self, program: impl AsRef<OsStr>) -> std::process::Command {
+        match self.netns_name() {
+            Some(ns) => {
+                let mut c = std::process::Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(program);
+                c
+            }
+            None => std::process::Command::new(program),
+        }
+    }
+
+    /// Deletes the lab namespace (and with it the bridge) if no process runs in it any more.
+    /// Returns whether it is gone. For tests and `basphere` maintenance; a no-op with a host bridge.
+    pub async fn teardown_lab_network(&self) -> Result<bool> {
+        match self.netns_name() {
+            Some(ns) => net::teardown_lab(ns)
+                .await
+                .map_err(ProviderError::retryable),
+            None => Ok(true),
+        }
+    }
+
+    /// Builds `name` into this provider's `images_dir` (see [`build_image`]).
+    pub async fn build_image(
+        &self,
+        name: &ImageName,
+        force: bool,
+        progress: impl FnMut(&str),
+    ) -> std::result::Result<PathBuf, BuildError> {
+        image::build_image(name, &self.config.images_dir, force, progress).await
+    }
+
+    /// The directory holding everything of one VM.
+    pub fn vm_dir(&self, instance: &str) -> PathBuf {
+        self.config.state_dir.join(instance)
+    }
+
+    /// PID of the VM's QEMU, if it runs (verified against `/proc/PID/cmdline`).
+    pub fn running_pid(&self, vm: &VmRequest) -> Option<i32> {
+        let paths = self.paths(vm).ok()?;
+        Self::verified_pid(&paths)
+    }
+
+    /// Whether the VM's tap device exists (in the lab namespace or on the host).
+    pub async fn tap_present(&self, vm: &VmRequest) -> bool {
+        let (namespace, _) = self.network_for_tap();
+        net::tap_exists(namespace, &machine::tap_name(&vm.instance)).await
+    }
+
+    /// What CPUs and memory `vm` gets on this host.
+    pub fn resources_for(&self, vm: &VmRequest) -> Resources {
+        machine::resources(
+            &vm.spec,
+            self.accel,
+            &self.config,
+            self.host_cpus,
+            self.host_memory_mib,
+        )
+    }
+
+    fn paths(&self, vm: &VmRequest) -> Result<VmPaths> {
+        machine::check_instance(&vm.instance).map_err(ProviderError::permanent)?;
+        Ok(VmPaths::new(&self.config.state_dir, &vm.instance))
+    }
+
+    fn verified_pid(paths: &VmPaths) -> Option<i32> {
+        let pid = host::read_pidfile(&paths.pidfile)?;
+        host::pid_is_ours(pid, &paths.marker()).then_some(pid)
+    }
+
+    /// The image directory for `vm`, with symlinks resolved so clones point at a fixed build.
+    fn image_dir(&self, vm: &VmRequest) -> Result<PathBuf> {
+        let reference = if vm.image_ref.is_empty() {
+            vm.image.as_str()
+        } else {
+            vm.image_ref.as_str()
+        };
+        let dir = if Path::new(reference).is_absolute() {
+            PathBuf::from(reference)
+        } else {
+            if reference.contains('/') || reference.starts_with('.') {
+                return Err(ProviderError::permanent(format!(
+                    "image reference {reference:?} must be an image name or an absolute path"
+                )));
+            }
+            self.config.images_dir.join(reference)
+        };
+        if !image::is_complete(&dir) {
+            return Err(ProviderError::permanent(format!(
+                "image {reference} is not built: {} lacks base.qcow2/vmlinuz/initrd-tiny.img \
+                 (build it with `basphere image build {}`)",
+                dir.display(),
+                vm.image
+            )));
+        }
+        std::fs::canonicalize(&dir)
+            .map_err(|e| ProviderError::permanent(format!("image {}: {e}", dir.display())))
+    }
+
+    fn network_for_tap(&self) -> (Option<&str>, &str) {
+        match &self.config.network {
+            NetworkMode::Lab { namespace, bridge } => (Some(namespace.as_str()), bridge.as_str()),
+            NetworkMode::Bridge { name } => (None, name.as_str()),
+        }
+    }
+
+    async fn ensure_network(&self, vm: &VmRequest, tap: &str) -> Result<()> {
+        let _guard = self.net_lock.lock().await;
+        let (namespace, bridge) = self.network_for_tap();
+        if let Some(ns) = namespace {
+            net::ensure_lab(ns, bridge, vm.network.gateway, vm.network.prefix_len)
+                .await
+                .map_err(ProviderError::retryable)?;
+        }
+        net::ensure_tap(namespace, bridge, tap, vm.network.mtu)
+            .await
+            .map_err(ProviderError::retryable)
+    }
+
+    /// Last lines of the console and of QEMU's own log, for error messages.
+    fn logs_tail(paths: &VmPaths) -> String {
+        let serial = host::tail(&paths.serial, 5);
+        let qemu = host::tail(&paths.qemu_log, 5);
+        match (serial.is_empty(), qemu.is_empty()) {
+            (true, true) => "no console output and no QEMU messages".to_string(),
+            (false, true) => format!("console: {serial}"),
+            (true, false) => format!("qemu: {qemu}"),
+            (false, false) => format!("console: {serial}; qemu: {qemu}"),
+        }
+    }
+}
+
+fn check_ifname(key: &str, name: &str) -> std::result::Result<(), QemuError> {
+    let ok = !name.is_empty()
+        && name.len() <= 15
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+    if ok {
+        Ok(())
+    } else {
+        Err(QemuError::Config(format!(
+            "{key} {name:?} is not a valid interface name (1-15 of [A-Za-z0-9._-])"
+        )))
+    }
+}
+
+fn io_err(what: impl std::fmt::Display, e: std::io::Error) -> ProviderError {
+    ProviderError::retryable(format!("{what}: {e}"))
+}
+
+/// Makes `dst` a copy of `src` (a hard link when possible), via a temporary name.
+async fn link_or_copy(src: &Path, dst: &Path) -> Result<()> {
+    let tmp = dst.with_extension("tmp");
+    let _ = tokio::fs::remove_file(&tmp).await;
+    if tokio::fs::hard_link(src, &tmp).await.is_err() {
+        tokio::fs::copy(src, &tmp)
+            .await
+            .map_err(|e| io_err(format_args!("cannot copy {}", src.display()), e))?;
+    }
+    tokio::fs::rename(&tmp, dst)
+        .await
+        .map_err(|e| io_err(format_args!("cannot create {}", dst.display()), e))
+}
+
+async fn virtual_size(image: &Path) -> Result<u64> {
+    let out = host::run(
+        tokio::process::Command::new("qemu-img")
+            .args(["info", "--output=json", "-U"])
+            .arg(image),
+    )
+    .await
+    .map_err(ProviderError::retryable)?;
+    let v: serde_json::Value = serde_json::from_str(&out)
+        .map_err(|e| ProviderError::retryable(format!("qemu-img info: {e}")))?;
+    v["virtual-size"]
+        .as_u64()
+        .ok_or_else(|| ProviderError::retryable("qemu-img info reported no virtual-size"))
+}
+
+fn pid_gone_within(pid: i32, marker: &str, limit: Duration) -> impl Future<Output = bool> {
+    let marker = marker.to_string();
+    async move {
+        let until = Instant::now() + limit;
+        while host::pid_is_ours(pid, &marker) {
+            if Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        true
+    }
+}
+
+#[async_trait::async_trait]
+impl Provider for QemuProvider {
+    fn kind(&self) -> &'static str {
+        "qemu"
+    }
+
+    async fn prepare(&self, vm: &VmRequest) -> Result<()> {
+        let paths = self.paths(vm)?;
+        tokio::fs::create_dir_all(&paths.dir)
+            .await
+            .map_err(|e| io_err(format_args!("cannot create {}", paths.dir.display()), e))?;
+
+        let needs_image = !paths.disk.is_file() || !paths.kernel.is_file() || !paths.initrd.is_file();
+        if needs_image {
+            let image = self.image_dir(vm)?;
+            if !paths.disk.is_file() {
+                let base = image.join("base.qcow2");
+                let wanted = vm.spec.disk_gib.min(self.config.max_disk_gib.unwrap_or(u64::MAX)) << 30;
+                let size = wanted.max(virtual_size(&base).await?);
+                let tmp = paths.dir.join("disk.qcow2.tmp");
+                let _ = tokio::fs::remove_file(&tmp).await;
+                host::run(
+                    tokio::process::Command::new("qemu-img")
+                        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+                        .arg(&base)
+                        .arg(&tmp)
+                        .arg(size.to_string()),
+                )
+                .await
+                .map_err(ProviderError::retryable)?;
+                tokio::fs::rename(&tmp, &paths.disk)
+                    .await
+                    .map_err(|e| io_err("cannot move the disk into place", e))?;
+            }
+            if !paths.kernel.is_file() {
+                link_or_copy(&image.join("vmlinuz"), &paths.kernel).await?;
+            }
+            if !paths.initrd.is_file() {
+                link_or_copy(&image.join("initrd-tiny.img"), &paths.initrd).await?;
+            }
+        }
+
+        if !paths.seed.is_file() {
+            let files = seed::render(vm);
+            let tmp = paths.dir.join("seed.iso.tmp");
+            seed::write_iso(&files, &paths.dir, &tmp)
+                .await
+                .map_err(ProviderError::retryable)?;
+            tokio::fs::rename(&tmp, &paths.seed)
+                .await
+                .map_err(|e| io_err("cannot move the seed into place", e))?;
+        }
+        Ok(())
+    }
+
+    async fn start(&self, vm: &VmRequest) -> Result<()> {
+        let paths = self.paths(vm)?;
+        if Self::verified_pid(&paths).is_some() {
+            return Ok(());
+        }
+        if !nix::unistd::Uid::effective().is_root() {
+            return Err(ProviderError::permanent(
+                "starting VMs needs root (network namespace, taps)",
+            ));
+        }
+        for f in [&paths.disk, &paths.seed, &paths.kernel, &paths.initrd] {
+            if !f.is_file() {
+                return Err(ProviderError::permanent(format!(
+                    "VM {} is not prepared: {} is missing (run prepare first)",
+                    vm.name,
+                    f.display()
+                )));
+            }
+        }
+        let tap = machine::tap_name(&vm.instance);
+        self.ensure_network(vm, &tap).await?;
+
+        for stale in [&paths.pidfile, &paths.qmp, &paths.serial] {
+            let _ = tokio::fs::remove_file(stale).await;
+        }
+        let resources = self.resources_for(vm);
+        let args = machine::qemu_args(&machine::Launch {
+            name: vm.name.as_str(),
+            paths: &paths,
+            accel: self.accel,
+            resources,
+            tap: &tap,
+            mac: &vm.network.mac,
+        });
+        let log = std::fs::File::create(&paths.qemu_log)
+            .map_err(|e| io_err(format_args!("cannot create {}", paths.qemu_log.display()), e))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| io_err("cannot duplicate the log handle", e))?;
+        let mut cmd = match self.netns_name() {
+            Some(ns) => {
+                let mut c = tokio::process::Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&self.qemu);
+                c
+            }
+            None => tokio::process::Command::new(&self.qemu),
+        };
+        cmd.args(&args)
+            .current_dir(&paths.dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(log2);
+        tracing::info!(vm = %vm.name, accel = self.accel.as_str(), vcpus = resources.vcpus,
+            memory_mib = resources.memory_mib, tap, "starting qemu");
+        let status = tokio::time::timeout(Duration::from_secs(60), cmd.status())
+            .await
+            .map_err(|_| {
+                ProviderError::retryable(format!(
+                    "qemu for VM {} did not finish starting within 60 s",
+                    vm.name
+                ))
+            })?
+            .map_err(|e| io_err(format_args!("cannot run {}", self.qemu.display()), e))?;
+        if !status.success() {
+            return Err(ProviderError::permanent(format!(
+                "qemu for VM {} failed to start ({status}): {}",
+                vm.name,
+                host::tail(&paths.qemu_log, 5)
+            )));
+        }
+        if Self::verified_pid(&paths).is_none() {
+            return Err(ProviderError::permanent(format!(
+                "qemu for VM {} exited right after starting: {}",
+                vm.name,
+                Self::logs_tail(&paths)
+            )));
+        }
+        Ok(())
+    }
+
+    async fn wait_ready(&self, vm: &VmRequest, deadline: Duration) -> Result<()> {
+        let paths = self.paths(vm)?;
+        let until = Instant::now() + deadline;
+        let addr = SocketAddr::from((vm.network.ip, 22));
+        let namespace = self.netns_name().map(str::to_string);
+        let last = loop {
+            if Self::verified_pid(&paths).is_none() {
+                return Err(ProviderError::permanent(format!(
+                    "qemu for VM {} is not running (it exited or was never started): {}",
+                    vm.name,
+                    Self::logs_tail(&paths)
+                )));
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            let attempt = left.min(Duration::from_secs(3)).max(Duration::from_millis(200));
+            match net::probe_ssh(namespace.clone(), addr, attempt).await {
+                net::Probe::Banner(banner) => {
+                    tracing::info!(vm = %vm.name, %banner, "guest answers SSH");
+                    return Ok(());
+                }
+                other if Instant::now() >= until => break other,
+                _ => {}
+            }
+            let pause = until
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(500));
+            tokio::time::sleep(pause).await;
+        };
+        let serial = std::fs::read(&paths.serial).unwrap_or_default();
+        let serial = String::from_utf8_lossy(&serial);
+        let why = diagnose(&serial, vm.network.ip, Some(&last)).explain(vm.network.ip);
+        Err(ProviderError::retryable(format!(
+            "VM {} did not answer SSH at {addr} within {deadline:?}: {why}. Last console lines: {}",
+            vm.name,
+            host::tail(&paths.serial, 3)
+        )))
+    }
+
+    async fn stop(&self, vm: &VmRequest) -> Result<()> {
+        let paths = self.paths(vm)?;
+        let marker = paths.marker();
+        if let Some(pid) = Self::verified_pid(&paths) {
+            if let Err(e) = qmp::quit(&paths.qmp, Duration::from_secs(5)).await {
+                tracing::warn!(vm = %vm.name, "QMP quit failed, will kill: {e}");
+            }
+            if !pid_gone_within(pid, &marker, Duration::from_secs(10)).await {
+                // Check again right before signalling: never kill a PID that is not ours.
+                if host::pid_is_ours(pid, &marker) {
+                    tracing::warn!(vm = %vm.name, pid, "qemu ignored quit, sending SIGKILL");
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                if !pid_gone_within(pid, &marker, Duration::from_secs(5)).await {
+                    return Err(ProviderError::retryable(format!(
+                        "qemu (pid {pid}) of VM {} survived SIGKILL",
+                        vm.name
+                    )));
+                }
+            }
+        }
+        let (namespace, _) = self.network_for_tap();
+        net::delete_tap(namespace, &machine::tap_name(&vm.instance))
+            .await
+            .map_err(ProviderError::retryable)?;
+        for f in [&paths.pidfile, &paths.qmp] {
+            let _ = tokio::fs::remove_file(f).await;
+        }
+        Ok(())
+    }
+
+    async fn remove(&self, vm: &VmRequest) -> Result<()> {
+        let paths = self.paths(vm)?;
+        if Self::verified_pid(&paths).is_some() {
+            self.stop(vm).await?;
+        }
+        match tokio::fs::remove_dir_all(&paths.dir).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(format_args!("cannot remove {}", paths.dir.display()), e)),
+        }
+    }
+
+    async fn inspect(&self, vm: &VmRequest) -> Result<MachineState> {
+        let paths = self.paths(vm)?;
+        if Self::verified_pid(&paths).is_some() {
+            Ok(MachineState::Running)
+        } else if paths.dir.exists() {
+            Ok(MachineState::Stopped)
+        } else {
+            Ok(MachineState::Absent)
+        }
+    }
+}
