@@ -1,1 +1,123 @@
-//! placeholder
+//! Basphere's persistent state.
+//!
+//! Architecture invariant: every decision that must not race — admitting VMs against a quota,
+//! handing out IP addresses and blocks, claiming a workflow step — is one SQL transaction here.
+//! Nothing above this crate reads, decides and then writes in separate steps. Every change a
+//! user or admin makes writes its audit record in the same transaction as the change.
+//!
+//! The embedded backend is SQLite in WAL mode; write transactions start with `BEGIN IMMEDIATE`
+//! so concurrent writers queue instead of failing at commit. The SQL is kept portable (`$n`
+//! parameters, `RETURNING`, `ON CONFLICT`) so that a PostgreSQL backend can serve the same API;
+//! there the claim queries take `FOR UPDATE SKIP LOCKED`.
+
+mod audit;
+mod migrate;
+mod users;
+mod vms;
+mod workflows;
+
+pub use audit::{Actor, AuditFilter, AuditRecord};
+pub use users::{
+    ApproveOutcome, KeyChange, NewRegistration, Registration, TokenInfo, TokenOwner, User,
+    UserError,
+};
+pub use vms::{AdmitError, AdmitRequest, Admitted, DeleteError, Vm};
+pub use workflows::{
+    StepRecord, StepStatus, Workflow, WorkflowEvent, WorkflowKind, WorkflowOutcome,
+    WorkflowStatus,
+};
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Sqlite, SqlitePool, Transaction};
+use std::path::Path;
+use std::time::Duration;
+
+/// A failure of the database itself (not of a business rule).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("database holds an invalid value in {0}: {1}")]
+    Corrupt(&'static str, String),
+    #[error("{0}")]
+    Migration(String),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Handle to the database; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// RFC 3339 text of a Unix-millisecond time, for output.
+pub fn format_ms(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| ms.to_string())
+}
+
+impl Store {
+    /// Opens (creating if missing) the SQLite database at `path` and applies pending migrations.
+    pub async fn open(path: &Path) -> Result<Self> {
+        let opts = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(30));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .min_connections(1)
+            .connect_with(opts)
+            .await?;
+        let store = Self { pool };
+        migrate::run(&store.pool).await?;
+        Ok(store)
+    }
+
+    /// Closes all connections.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// A write transaction that holds the database's write lock from its first statement.
+    async fn write(&self) -> Result<Transaction<'static, Sqlite>> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+}
+
+pub(crate) fn parse<T: std::str::FromStr>(what: &'static str, s: &str) -> Result<T>
+where
+    T::Err: std::fmt::Display,
+{
+    s.parse()
+        .map_err(|e: T::Err| StoreError::Corrupt(what, format!("{s:?}: {e}")))
+}
+
+/// Random bytes as lowercase hex.
+pub(crate) fn random_hex(bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    rand::fill(&mut b[..]);
+    hex::encode(b)
+}
+
+/// SHA-256 of a secret, as hex. Secrets here are 256-bit random tokens, so a fast hash suffices.
+pub fn hash_secret(secret: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(secret.as_bytes()))
+}

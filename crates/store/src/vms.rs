@@ -1,0 +1,359 @@
+use crate::audit::record;
+use crate::workflows::{WorkflowKind, insert_workflow};
+use crate::{Actor, Result, Store, StoreError, now_ms, parse};
+use basphere_core::{
+    ImageName, NetworkPool, QuotaExceeded, Spec, SpecName, Usage, UserStatus, Username, VmName,
+    VmStatus,
+};
+use serde::Serialize;
+use sqlx::sqlite::SqliteRow;
+use sqlx::{Row, SqliteConnection};
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+
+/// A VM record.
+#[derive(Debug, Clone, Serialize)]
+pub struct Vm {
+    pub id: String,
+    pub name: VmName,
+    pub owner: Username,
+    pub os: String,
+    pub login_user: String,
+    pub spec: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+    pub ip_address: Option<Ipv4Addr>,
+    pub status: VmStatus,
+    pub error: Option<String>,
+    pub provider: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// A request to create `names.len()` VMs of one kind for `owner`.
+#[derive(Debug, Clone)]
+pub struct AdmitRequest {
+    pub owner: Username,
+    pub names: Vec<VmName>,
+    pub os: ImageName,
+    pub login_user: String,
+    pub spec_name: SpecName,
+    pub spec: Spec,
+    pub provider: String,
+    /// Step names of the create workflow, in order.
+    pub steps: Vec<String>,
+}
+
+/// One admitted VM and the workflow that builds it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Admitted {
+    pub vm: Vm,
+    pub operation_id: String,
+}
+
+/// Why a create was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AdmitError {
+    #[error("user {0} is {1}; only active users can create VMs")]
+    NotActive(String, UserStatus),
+    #[error("user {0} not found")]
+    NoUser(String),
+    #[error("user {0} has no IP block yet (approve the user first)")]
+    NoBlock(String),
+    #[error("a VM named {0} already exists")]
+    NameTaken(VmName),
+    #[error("the same name {0} appears twice in the request")]
+    DuplicateInRequest(VmName),
+    #[error(transparent)]
+    Quota(#[from] QuotaExceeded),
+    #[error("no free address left in user {0}'s block {1}")]
+    BlockFull(String, String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<sqlx::Error> for AdmitError {
+    fn from(e: sqlx::Error) -> Self {
+        AdmitError::Store(e.into())
+    }
+}
+
+/// Why a delete was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum DeleteError {
+    #[error("VM {0} not found")]
+    NotFound(String),
+    #[error("VM {0} is {1}; wait for its operation {2} to finish, then delete it")]
+    Busy(String, VmStatus, String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<sqlx::Error> for DeleteError {
+    fn from(e: sqlx::Error) -> Self {
+        DeleteError::Store(e.into())
+    }
+}
+
+const VM_COLS: &str = "id, name, owner, os, login_user, spec, vcpus, memory_mib, disk_gib, ip, \
+     status, error, provider, created_at, updated_at";
+
+pub(crate) fn vm_from(r: &SqliteRow) -> Result<Vm> {
+    let ip: Option<String> = r.try_get("ip")?;
+    Ok(Vm {
+        id: r.try_get("id")?,
+        name: parse("vms.name", r.try_get("name")?)?,
+        owner: parse("vms.owner", r.try_get("owner")?)?,
+        os: r.try_get("os")?,
+        login_user: r.try_get("login_user")?,
+        spec: r.try_get("spec")?,
+        vcpus: r.try_get::<i64, _>("vcpus")? as u32,
+        memory_mib: r.try_get::<i64, _>("memory_mib")? as u64,
+        disk_gib: r.try_get::<i64, _>("disk_gib")? as u64,
+        ip_address: ip.as_deref().map(|s| parse("vms.ip", s)).transpose()?,
+        status: parse("vms.status", r.try_get("status")?)?,
+        error: r.try_get("error")?,
+        provider: r.try_get("provider")?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+    })
+}
+
+/// What `owner` holds now: VMs and addresses that are not failed (failed ones were rolled back).
+pub(crate) async fn usage(conn: &mut SqliteConnection, owner: &str) -> Result<Usage> {
+    let row = sqlx::query(
+        "SELECT COUNT(*) AS vms, COUNT(ip) AS ips, COALESCE(SUM(vcpus), 0) AS vcpus,
+                COALESCE(SUM(memory_mib), 0) AS mem
+         FROM vms WHERE owner = $1 AND status <> 'failed'",
+    )
+    .bind(owner)
+    .fetch_one(conn)
+    .await?;
+    Ok(Usage {
+        vms: row.try_get::<i64, _>("vms")? as u32,
+        clusters: 0,
+        ips: row.try_get::<i64, _>("ips")? as u32,
+        vcpus: row.try_get::<i64, _>("vcpus")? as u32,
+        memory_mib: row.try_get::<i64, _>("mem")? as u64,
+    })
+}
+
+impl Store {
+    /// Admits VMs in one transaction: checks the owner's state and quota, allocates addresses
+    /// from the owner's block, inserts the VM rows (creating), their create workflows and the
+    /// audit record. Either all requested VMs are admitted or none.
+    pub async fn admit_vms(
+        &self,
+        req: &AdmitRequest,
+        pool: &NetworkPool,
+        actor: &Actor,
+    ) -> std::result::Result<Vec<Admitted>, AdmitError> {
+        let mut tx = self.write().await?;
+        let owner = req.owner.as_str();
+        let user = sqlx::query("SELECT status, max_vms, max_clusters, max_ips, max_vcpus, max_memory_mib, ip_block FROM users WHERE username = $1")
+            .bind(owner)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| AdmitError::NoUser(owner.to_string()))?;
+        let status: UserStatus = parse("users.status", user.try_get("status")?)?;
+        if status != UserStatus::Active {
+            return Err(AdmitError::NotActive(owner.to_string(), status));
+        }
+        let quota = basphere_core::Quota {
+            max_vms: user.try_get::<i64, _>("max_vms")? as u32,
+            max_clusters: user.try_get::<i64, _>("max_clusters")? as u32,
+            max_ips: user.try_get::<i64, _>("max_ips")? as u32,
+            max_vcpus: user.try_get::<Option<i64>, _>("max_vcpus")?.map(|v| v as u32),
+            max_memory_mib: user
+                .try_get::<Option<i64>, _>("max_memory_mib")?
+                .map(|v| v as u64),
+        };
+        let block = user
+            .try_get::<Option<i64>, _>("ip_block")?
+            .and_then(|b| pool.block(b as u32))
+            .ok_or_else(|| AdmitError::NoBlock(owner.to_string()))?;
+
+        let mut seen = HashSet::new();
+        for n in &req.names {
+            if !seen.insert(n) {
+                return Err(AdmitError::DuplicateInRequest(n.clone()));
+            }
+        }
+        let used = usage(&mut tx, owner).await?;
+        quota.admit(
+            &used,
+            req.names.len() as u32,
+            req.spec.vcpus,
+            req.spec.memory_mib,
+        )?;
+        let existing: Vec<String> = sqlx::query_scalar("SELECT name FROM vms WHERE owner = $1")
+            .bind(owner)
+            .fetch_all(&mut *tx)
+            .await?;
+        if let Some(taken) = req.names.iter().find(|n| existing.iter().any(|e| e == n.as_str())) {
+            return Err(AdmitError::NameTaken(taken.clone()));
+        }
+        let taken_ips: HashSet<String> =
+            sqlx::query_scalar("SELECT ip FROM vms WHERE ip IS NOT NULL")
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .collect();
+        let mut free = pool
+            .assignable_in(&block)
+            .filter(|a| !taken_ips.contains(&a.to_string()));
+
+        let now = now_ms();
+        let mut out = Vec::with_capacity(req.names.len());
+        for name in &req.names {
+            let ip = free
+                .next()
+                .ok_or_else(|| AdmitError::BlockFull(owner.to_string(), block.net.to_string()))?;
+            let id = uuid::Uuid::new_v4().to_string();
+            let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO vms (id, owner, name, os, login_user, spec, vcpus, memory_mib,
+                    disk_gib, ip, status, provider, created_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'creating', $11, $12, $12)
+                 RETURNING {VM_COLS}"
+            )))
+            .bind(&id)
+            .bind(owner)
+            .bind(name.as_str())
+            .bind(req.os.as_str())
+            .bind(&req.login_user)
+            .bind(req.spec_name.as_str())
+            .bind(i64::from(req.spec.vcpus))
+            .bind(req.spec.memory_mib as i64)
+            .bind(req.spec.disk_gib as i64)
+            .bind(ip.to_string())
+            .bind(&req.provider)
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await?;
+            let vm = vm_from(&row)?;
+            let operation_id = insert_workflow(
+                &mut tx,
+                WorkflowKind::CreateVm,
+                Some(&id),
+                owner,
+                0,
+                &serde_json::json!({}),
+                &req.steps,
+            )
+            .await?;
+            let detail = format!(
+                "ip={ip} spec={} os={} operation={operation_id}",
+                req.spec_name, req.os
+            );
+            record(&mut tx, actor, "vm.create", &format!("{owner}/{name}"), "accepted", Some(&detail))
+                .await?;
+            out.push(Admitted { vm, operation_id });
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// Marks a VM deleting and queues its delete workflow; returns the VM and operation id.
+    pub async fn begin_delete_vm(
+        &self,
+        owner: &str,
+        name: &str,
+        steps: &[String],
+        actor: &Actor,
+    ) -> std::result::Result<Admitted, DeleteError> {
+        let mut tx = self.write().await?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {VM_COLS} FROM vms WHERE owner = $1 AND name = $2"
+        )))
+        .bind(owner)
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| DeleteError::NotFound(name.to_string()))?;
+        let vm = vm_from(&row)?;
+        if matches!(vm.status, VmStatus::Creating | VmStatus::Deleting) {
+            let op: String = sqlx::query_scalar(
+                "SELECT id FROM workflows WHERE vm_id = $1 AND status IN ('pending','running','undoing')
+                 ORDER BY created_at DESC LIMIT 1",
+            )
+            .bind(&vm.id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .unwrap_or_default();
+            return Err(DeleteError::Busy(name.to_string(), vm.status, op));
+        }
+        sqlx::query("UPDATE vms SET status = 'deleting', updated_at = $2 WHERE id = $1")
+            .bind(&vm.id)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
+        let operation_id = insert_workflow(
+            &mut tx,
+            WorkflowKind::DeleteVm,
+            Some(&vm.id),
+            owner,
+            10,
+            &serde_json::json!({}),
+            steps,
+        )
+        .await?;
+        record(
+            &mut tx,
+            actor,
+            "vm.delete",
+            &format!("{owner}/{name}"),
+            "accepted",
+            Some(&format!("operation={operation_id}")),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Admitted {
+            vm: Vm {
+                status: VmStatus::Deleting,
+                ..vm
+            },
+            operation_id,
+        })
+    }
+
+    /// One VM by owner and name.
+    pub async fn vm(&self, owner: &str, name: &str) -> Result<Option<Vm>> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {VM_COLS} FROM vms WHERE owner = $1 AND name = $2"
+        )))
+        .bind(owner)
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(vm_from).transpose()
+    }
+
+    /// One VM by id.
+    pub async fn vm_by_id(&self, id: &str) -> Result<Option<Vm>> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {VM_COLS} FROM vms WHERE id = $1"
+        )))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(vm_from).transpose()
+    }
+
+    /// VMs of `owner`, or of everyone when `None`, by owner then name.
+    pub async fn vms(&self, owner: Option<&str>) -> Result<Vec<Vm>> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {VM_COLS} FROM vms WHERE ($1 IS NULL OR owner = $1) ORDER BY owner, name"
+        )))
+        .bind(owner)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(vm_from).collect()
+    }
+
+    /// What `owner` holds now.
+    pub async fn usage(&self, owner: &str) -> Result<Usage> {
+        let mut c = self.pool.acquire().await?;
+        usage(&mut c, owner).await
+    }
+}
