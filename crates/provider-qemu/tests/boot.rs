@@ -1,0 +1,250 @@
+//! Boots a real Debian guest under QEMU in a private lab namespace and SSHes into it.
+//!
+//! Needs root (namespaces, taps) and the packages of `install-deps.sh`; skips only when not root.
+//! The base image is built on first use and cached in `/var/cache/basphere-test/images`
+//! (override with `BASPHERE_TEST_IMAGES`), so reruns take about a minute and a half under TCG.
+//!
+//!     cargo test -p basphere-qemu --test boot -- --nocapture
+
+use basphere_provider::{GuestNetwork, MachineState, Provider, VmRequest, mac_for};
+use basphere_qemu::{NetworkMode, QemuConfig, QemuProvider};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const DEFAULT_IMAGES: &str = "/var/cache/basphere-test/images";
+
+/// Whether `pid` is a live process whose command line contains `marker`.
+fn alive(pid: i32, marker: &str) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let zombie = stat
+        .rsplit_once(')')
+        .is_none_or(|(_, r)| r.trim_start().starts_with('Z'));
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    !zombie && String::from_utf8_lossy(&cmdline).contains(marker)
+}
+
+/// Kills what the test started and deletes its namespace, whatever happened before.
+struct Cleanup {
+    vm_dir: PathBuf,
+    namespace: String,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let marker = format!("{}/", self.vm_dir.display());
+        if let Some(pid) = std::fs::read_to_string(self.vm_dir.join("qemu.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+            && alive(pid, &marker)
+        {
+            eprintln!("cleanup: killing qemu pid {pid}");
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            for _ in 0..50 {
+                if !alive(pid, &marker) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        if Path::new("/run/netns").join(&self.namespace).exists() {
+            eprintln!("cleanup: deleting namespace {}", self.namespace);
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.namespace])
+                .status();
+        }
+    }
+}
+
+/// Watches the serial log and records when its first byte appeared.
+fn watch_first_serial_byte(path: PathBuf) -> tokio::task::JoinHandle<Option<Instant>> {
+    tokio::spawn(async move {
+        let until = Instant::now() + Duration::from_secs(600);
+        while Instant::now() < until {
+            if std::fs::metadata(&path).is_ok_and(|m| m.len() > 0) {
+                return Some(Instant::now());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boots_debian_and_answers_ssh_in_the_lab_namespace() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("SKIPPED boots_debian_and_answers_ssh_in_the_lab_namespace: needs root (network namespaces, taps); run as root");
+        return;
+    }
+    let images = PathBuf::from(
+        std::env::var("BASPHERE_TEST_IMAGES").unwrap_or_else(|_| DEFAULT_IMAGES.to_string()),
+    );
+    let image: basphere_core::ImageName = "debian-12".parse().unwrap();
+    let t = Instant::now();
+    basphere_qemu::build_image(&image, &images, false, |step| eprintln!("image: {step}"))
+        .await
+        .expect("building the debian-12 image");
+    eprintln!("image ready after {:.1?}", t.elapsed());
+
+    let pid = std::process::id();
+    let namespace = format!("bsp-t{pid}");
+    let work = tempfile::Builder::new()
+        .prefix("bsp-boot-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let state_dir = work.path().join("vms");
+    let config = QemuConfig {
+        images_dir: images.clone(),
+        state_dir: state_dir.clone(),
+        network: NetworkMode::Lab {
+            namespace: namespace.clone(),
+            bridge: "br0".into(),
+        },
+        ..QemuConfig::default()
+    };
+    let provider = QemuProvider::new(config).expect("qemu provider");
+    eprintln!("accelerator: {}", provider.accel().as_str());
+    assert_eq!(provider.netns_name(), Some(namespace.as_str()));
+
+    // A fresh login key.
+    let key = work.path().join("id_ed25519");
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "boot-test", "-f"])
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+
+    let instance = uuid::Uuid::new_v4().to_string();
+    let vm = VmRequest {
+        instance: instance.clone(),
+        name: "bsp-boot-test".parse().unwrap(),
+        owner: "tester".parse().unwrap(),
+        image: image.clone(),
+        image_ref: "debian-12".into(),
+        login_user: "tester".into(),
+        spec: basphere_core::Spec {
+            vcpus: 2,
+            memory_mib: 4096,
+            disk_gib: 10,
+        },
+        network: GuestNetwork {
+            ip: "10.254.0.10".parse().unwrap(),
+            prefix_len: 24,
+            gateway: "10.254.0.1".parse().unwrap(),
+            dns: vec!["10.254.0.1".parse().unwrap()],
+            mtu: 1500,
+            mac: mac_for(&instance),
+        },
+        ssh_keys: vec![public.trim().parse().unwrap()],
+    };
+    let vm_dir = provider.vm_dir(&instance);
+    let _cleanup = Cleanup {
+        vm_dir: vm_dir.clone(),
+        namespace: namespace.clone(),
+    };
+
+    assert_eq!(provider.inspect(&vm).await.unwrap(), MachineState::Absent);
+    let t_prepare = Instant::now();
+    provider.prepare(&vm).await.expect("prepare");
+    let prepare_took = t_prepare.elapsed();
+    provider.prepare(&vm).await.expect("prepare again is a no-op");
+    assert_eq!(provider.inspect(&vm).await.unwrap(), MachineState::Stopped);
+
+    // Not started yet: wait_ready fails at once and permanently.
+    let e = provider
+        .wait_ready(&vm, Duration::from_secs(30))
+        .await
+        .unwrap_err();
+    assert!(!e.retryable, "{e}");
+
+    let first_byte = watch_first_serial_byte(vm_dir.join("serial.log"));
+    let t_start = Instant::now();
+    provider.start(&vm).await.expect("start");
+    let start_took = t_start.elapsed();
+    let qemu_pid = provider.running_pid(&vm).expect("qemu runs");
+    provider.start(&vm).await.expect("start again is a no-op");
+    assert_eq!(provider.running_pid(&vm), Some(qemu_pid), "second start made a new process");
+    assert_eq!(provider.inspect(&vm).await.unwrap(), MachineState::Running);
+    assert!(provider.tap_present(&vm).await);
+
+    let ready = provider.wait_ready(&vm, Duration::from_secs(240)).await;
+    let t_ready = Instant::now();
+    if let Err(e) = &ready {
+        let serial = std::fs::read_to_string(vm_dir.join("serial.log")).unwrap_or_default();
+        eprintln!("---- serial log ----\n{serial}\n---- end ----");
+        panic!("wait_ready: {e}");
+    }
+    let first_byte = first_byte.await.unwrap().expect("serial output appeared");
+
+    // Log in with the key from inside the namespace and ask for the hostname.
+    let mut hostname = String::new();
+    for attempt in 1..=10 {
+        let out = provider
+            .network_command("ssh")
+            .args(["-i"])
+            .arg(&key)
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "ConnectTimeout=20",
+                "-o",
+                "LogLevel=ERROR",
+                "tester@10.254.0.10",
+                "hostname",
+            ])
+            .output()
+            .unwrap();
+        hostname = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if out.status.success() {
+            break;
+        }
+        eprintln!(
+            "ssh attempt {attempt} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    let t_ssh = Instant::now();
+    assert_eq!(hostname, "bsp-boot-test");
+
+    let t_stop = Instant::now();
+    provider.stop(&vm).await.expect("stop");
+    let stop_took = t_stop.elapsed();
+    provider.stop(&vm).await.expect("stop again is a no-op");
+    assert!(!alive(qemu_pid, &format!("{}/", vm_dir.display())), "qemu still runs");
+    assert!(!provider.tap_present(&vm).await, "tap left behind");
+    assert_eq!(provider.inspect(&vm).await.unwrap(), MachineState::Stopped);
+
+    provider.remove(&vm).await.expect("remove");
+    provider.remove(&vm).await.expect("remove again is a no-op");
+    assert!(!vm_dir.exists(), "VM dir left behind");
+    assert_eq!(provider.inspect(&vm).await.unwrap(), MachineState::Absent);
+    assert!(images.join("debian-12/base.qcow2").is_file(), "base image touched");
+
+    assert!(provider.teardown_lab_network().await.unwrap());
+    assert!(!Path::new("/run/netns").join(&namespace).exists());
+
+    eprintln!(
+        "TIMINGS accel={} prepare={:.2?} start={:.2?} start->first serial byte={:.2?} \
+         first serial byte->SSH banner={:.2?} (guest) start->SSH banner={:.2?} \
+         banner->ssh login done={:.2?} stop={:.2?}",
+        provider.accel().as_str(),
+        prepare_took,
+        start_took,
+        first_byte.saturating_duration_since(t_start + start_took),
+        t_ready.saturating_duration_since(first_byte),
+        t_ready.saturating_duration_since(t_start),
+        t_ssh.saturating_duration_since(t_ready),
+        stop_took,
+    );
+}
