@@ -9,7 +9,7 @@ use quick_xml::events::Event;
 use quick_xml::name::ResolveResult;
 use quick_xml::reader::NsReader;
 
-const XSI_NS: &[u8] = b"http://www.w3.org/2001/XMLSchema-instance";
+const XSI_NS: &str = "http://www.w3.org/2001/XMLSchema-instance";
 
 /// XML Schema built-in types that appear as `xsi:type` values in vim25.
 const XSD_TYPES: &[&str] = &[
@@ -97,17 +97,17 @@ pub fn parse(doc: &str) -> Result<Node, String> {
         match event {
             Event::Start(ref e) | Event::Empty(ref e) => {
                 let mut node = Node {
-                    name: String::from_utf8_lossy(e.local_name().as_ref()).into_owned(),
+                    name: e.local_name().as_ref().to_string(),
                     ..Node::default()
                 };
                 for attr in e.attributes() {
                     let attr = attr.map_err(|e| format!("malformed XML attribute: {e}"))?;
                     let (ns, local) = reader.resolver().resolve_attribute(attr.key);
-                    if local.as_ref() != b"type" {
+                    if local.as_ref() != "type" {
                         continue;
                     }
                     let value = attr
-                        .unescape_value()
+                        .normalized_value(quick_xml::XmlVersion::Implicit1_0)
                         .map_err(|e| format!("malformed XML attribute value: {e}"))?
                         .into_owned();
                     match ns {
@@ -144,7 +144,7 @@ pub fn parse(doc: &str) -> Result<Node, String> {
             }
             Event::CData(t) => {
                 if let Some(top) = stack.last_mut() {
-                    top.text.push_str(&String::from_utf8_lossy(&t));
+                    top.text.push_str(&t);
                 }
             }
             Event::GeneralRef(r) => {
