@@ -83,3 +83,174 @@ async fn create_runs_with_ip_then_delete_leaves_nothing() {
     assert!(sim.alive(), "vcsim died:\n{}", sim.log());
     p.disconnect().await.unwrap();
 }
+
+#[tokio::test]
+async fn wrong_credentials_are_a_clear_permanent_error() {
+    let sim = Vcsim::start(&["-username", "basphere", "-password", "right-horse-battery"]);
+    let creds = sim.credentials_file("basphere", "wrong-password-1234", 0o600);
+    let err = VsphereProvider::connect(sim.config(creds)).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidLogin { .. }), "{err:?}");
+    assert!(!err.is_retryable());
+    let msg = err.to_string();
+    assert!(msg.contains("InvalidLogin") && msg.contains("basphere") && msg.contains("credentials file"), "{msg}");
+    assert!(!msg.contains("wrong-password-1234") && !format!("{err:?}").contains("wrong-password-1234"));
+    let pe: basphere_provider::ProviderError = err.into();
+    assert!(!pe.retryable);
+
+    // The right password works.
+    sim.credentials_file("basphere", "right-horse-battery", 0o600);
+    sim.make_template("basphere", "right-horse-battery").await;
+    let creds = sim.dir.path().join("credentials.toml");
+    VsphereProvider::connect(sim.config(creds)).await.unwrap();
+}
+
+#[tokio::test]
+async fn power_on_twice_is_handled_and_undone() {
+    let (mut sim, p) = setup(&[]).await;
+    let vm = request("twice", 1);
+    p.prepare(&vm).await.unwrap();
+    p.start(&vm).await.unwrap();
+    // The fault itself is typed…
+    let r = vm_ref(&p, &vm).await.unwrap();
+    let err = p.client().power_on(&r, Duration::from_secs(5)).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidPowerState { .. }), "{err:?}");
+    assert_eq!(err.fault_type(), Some("InvalidPowerState"));
+    // …and start, which meets it on a running VM, treats it as done.
+    p.start(&vm).await.unwrap();
+    assert_eq!(p.inspect(&vm).await.unwrap(), MachineState::Running);
+    // Powering on a template is InvalidState, a permanent error.
+    let t = p.client().find_by_inventory_path("DC0/vm/DC0_C0_RP0_VM1").await.unwrap().unwrap();
+    let err = p.client().power_on(&t, Duration::from_secs(5)).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidState { .. }) && !err.is_retryable(), "{err:?}");
+    // Undo.
+    p.remove(&vm).await.unwrap();
+    assert_eq!(p.inspect(&vm).await.unwrap(), MachineState::Absent);
+    assert!(sim.alive(), "vcsim died:\n{}", sim.log());
+}
+
+#[tokio::test]
+async fn slow_clone_fails_cleanly_against_a_shorter_deadline_and_is_undone() {
+    let sim = Vcsim::start(&["-method-delay", "CloneVM_Task:2000"]);
+    sim.make_template("user", "pass").await;
+    let mut config = sim.config(sim.credentials_file("user", "pass", 0o600));
+    config.task_deadline_secs = 0.5;
+    let p = VsphereProvider::connect(config).await.unwrap();
+    let vm = request("slow", 2);
+
+    let started = Instant::now();
+    let err = p.prepare(&vm).await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_millis(1500), "gave up after {:?}", started.elapsed());
+    assert!(err.retryable, "{err:?}");
+    assert!(err.message.contains("did not finish within"), "{}", err.message);
+
+    // Undo: remove waits for the clone vCenter is still making, then destroys it. Like the
+    // engine, retry while it says the clone is still running.
+    let mut tries = 0;
+    loop {
+        match p.remove(&vm).await {
+            Ok(()) => break,
+            Err(e) if e.retryable && tries < 20 => tries += 1,
+            Err(e) => panic!("remove failed: {e:?}"),
+        }
+    }
+    assert_eq!(p.inspect(&vm).await.unwrap(), MachineState::Absent);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(p.list_machines().await.unwrap().is_empty(), "a clone was left behind");
+}
+
+#[tokio::test]
+async fn vm_destroyed_out_of_band_is_absent_and_remove_succeeds() {
+    let (_sim, p) = setup(&[]).await;
+    let vm = request("gone", 3);
+    p.prepare(&vm).await.unwrap();
+    p.start(&vm).await.unwrap();
+    let r = vm_ref(&p, &vm).await.unwrap();
+    let c = p.client();
+    c.power_off(&r, Duration::from_secs(5)).await.unwrap();
+    c.destroy(&r, Duration::from_secs(5)).await.unwrap();
+    // The stale reference reads as absent, not as an error.
+    assert!(c.properties(&r, &["name"]).await.unwrap().is_none());
+
+    assert_eq!(p.inspect(&vm).await.unwrap(), MachineState::Absent);
+    p.stop(&vm).await.unwrap();
+    p.remove(&vm).await.unwrap();
+    let err = p.start(&vm).await.unwrap_err();
+    assert!(!err.retryable && err.message.contains("removed outside Basphere"), "{err:?}");
+    let err = p.wait_ready(&vm, Duration::from_secs(1)).await.unwrap_err();
+    assert!(!err.retryable, "{err:?}");
+}
+
+#[tokio::test]
+async fn twenty_concurrent_creates_on_a_distributed_port_group() {
+    let sim = Vcsim::start(&[]);
+    sim.make_template("user", "pass").await;
+    let mut config = sim.config(sim.credentials_file("user", "pass", 0o600));
+    config.network = "DC0_DVPG0".into();
+    let p = Arc::new(VsphereProvider::connect(config).await.unwrap());
+    let vms: Vec<_> = (0..20).map(|i| request(&format!("vm{i}"), i)).collect();
+
+    let mut tasks = Vec::new();
+    for vm in vms.clone() {
+        let p = p.clone();
+        tasks.push(tokio::spawn(async move {
+            p.prepare(&vm).await?;
+            p.start(&vm).await?;
+            p.wait_ready(&vm, Duration::from_secs(20)).await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let listed = p.list_machines().await.unwrap();
+    assert_eq!(listed.len(), 20);
+    assert!(listed.iter().all(|m| m.state == MachineState::Running));
+
+    // The NIC sits on the distributed port group.
+    let r = vm_ref(&p, &vms[0]).await.unwrap();
+    let devices = p.client().properties(&r, &["config.hardware.device"]).await.unwrap().unwrap();
+    let mut keys = Vec::new();
+    devices.get("config.hardware.device").unwrap().descendants("portgroupKey", &mut keys);
+    assert!(!keys.is_empty(), "NIC is not on a distributed port group");
+
+    // Paging: 20 VMs in pages of 5 through ContinueRetrievePropertiesEx.
+    let folder = p.client().find_by_inventory_path("DC0/vm/basphere/vms").await.unwrap().unwrap();
+    let q = basphere_vsphere::soap::PropertyQuery {
+        props: vec![("VirtualMachine".into(), vec!["name".into()])],
+        root: folder,
+        walk_folder: true,
+    };
+    assert_eq!(p.client().retrieve(&q, 5).await.unwrap().len(), 20);
+
+    let mut tasks = Vec::new();
+    for vm in vms {
+        let p = p.clone();
+        tasks.push(tokio::spawn(async move { p.remove(&vm).await }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert!(p.list_machines().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn credentials_file_readable_by_others_is_refused() {
+    let sim = Vcsim::start(&[]);
+    let creds = sim.credentials_file("user", "pass", 0o644);
+    let err = VsphereProvider::connect(sim.config(creds)).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Config(_)), "{err:?}");
+    assert!(msg.contains("0644") && msg.contains("chmod 600"), "{msg}");
+}
+
+#[tokio::test]
+async fn session_expiry_logs_in_again_once() {
+    let (_sim, p) = setup(&[]).await;
+    let vm = request("relogin", 4);
+    p.prepare(&vm).await.unwrap();
+    p.client().logout().await.unwrap();
+    // Both a plain call (SOAP fault) and a property read (missingSet) recover.
+    assert_eq!(p.inspect(&vm).await.unwrap(), MachineState::Stopped);
+    p.client().logout().await.unwrap();
+    p.start(&vm).await.unwrap();
+    p.remove(&vm).await.unwrap();
+}
