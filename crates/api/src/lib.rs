@@ -1,1 +1,19 @@
-//! placeholder
+//! Basphere's HTTP server.
+//!
+//! Architecture invariant: handlers parse and validate raw input into `basphere_core` types,
+//! identify the caller (never from a header it could forge: from the kernel's peer credentials on
+//! the Unix socket, or from a bearer token), and hand the decision to the store in one call.
+//! Every JSON response is the prototype's envelope `{success, message, data, errors}`.
+//! API Boundary: routes under `/api/v1` are a compatibility contract with the prototype.
+
+mod accounts;
+mod auth;
+mod envelope;
+mod input;
+mod routes;
+mod server;
+
+pub use accounts::UnixAccounts;
+pub use auth::{Caller, PeerInfo};
+pub use envelope::{ApiError, Envelope};
+pub use server::{AppState, Listeners, router, serve};

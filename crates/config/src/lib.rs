@@ -1,1 +1,385 @@
-//! placeholder
+//! `basphere.toml`: what the platform is told by its operator.
+//!
+//! Loading is three steps: parse the file, apply `BASPHERE_*` environment overrides
+//! (`BASPHERE_NETWORK__CIDR=10.9.0.0/21` sets `network.cidr`: `__` separates levels), then
+//! check every rule. A bad config fails with the key at fault and why. Provider sections
+//! (`[qemu]`, `[vsphere]`) are kept as TOML here and parsed by the provider that owns them.
+
+use basphere_core::{ImageName, NetworkPool, Quota, Spec, SpecName, Username};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The whole configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the database, tokens, VM disks and images live.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub bastion: BastionConfig,
+    pub network: NetworkPool,
+    #[serde(default)]
+    pub quota: Quota,
+    #[serde(default = "default_specs")]
+    pub specs: BTreeMap<SpecName, Spec>,
+    #[serde(default = "default_images")]
+    pub images: BTreeMap<ImageName, ImageConfig>,
+    #[serde(default)]
+    pub provider: ProviderConfig,
+    #[serde(default)]
+    pub engine: EngineSettings,
+    /// The `[qemu]` section, parsed by the qemu provider.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu: Option<toml::Table>,
+    /// The `[vsphere]` section, parsed by the vsphere provider.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsphere: Option<toml::Table>,
+}
+
+/// Where the server listens.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Unix socket for local clients; the kernel tells the server who is calling.
+    pub socket: PathBuf,
+    /// TCP address for remote clients with tokens (`""` to disable).
+    pub listen: String,
+    /// Name of the first admin account made by `basphere init`.
+    pub admin: Username,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from("/run/basphere/basphere.sock"),
+            listen: "127.0.0.1:8080".into(),
+            admin: "admin".parse().expect("valid"),
+        }
+    }
+}
+
+/// Whether Basphere manages Unix accounts on this bastion host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BastionConfig {
+    /// Approval creates the user's Unix account; key approval replaces its key; delete removes it.
+    pub manage_accounts: bool,
+    /// Group every managed account joins.
+    pub group: String,
+    /// Host name users SSH to (shown in guides and hints).
+    pub host: String,
+    /// Hours an enrollment code stays valid (when accounts are not managed).
+    pub enrollment_ttl_hours: u32,
+}
+
+impl Default for BastionConfig {
+    fn default() -> Self {
+        Self {
+            manage_accounts: false,
+            group: "basphere-users".into(),
+            host: "localhost".into(),
+            enrollment_ttl_hours: 72,
+        }
+    }
+}
+
+/// One OS image users may pick.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageConfig {
+    /// The account cloud-init creates in the guest.
+    pub login_user: String,
+    /// What the provider calls it: a base image name (qemu) or a template name (vsphere).
+    #[serde(default)]
+    pub provider_ref: Option<String>,
+    /// The image used when a create request names none.
+    #[serde(default)]
+    pub default: bool,
+}
+
+/// Which provider builds VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    #[default]
+    Qemu,
+    Vsphere,
+    /// The do-nothing test provider: records VMs, makes no machines. For tests and benchmarks.
+    Null,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProviderConfig {
+    pub kind: ProviderKind,
+}
+
+/// Engine tuning.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineSettings {
+    pub max_parallel: usize,
+    pub max_attempts: u32,
+    pub ready_timeout_secs: u64,
+    pub lease_secs: u64,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        Self {
+            max_parallel: 16,
+            max_attempts: 5,
+            ready_timeout_secs: 300,
+            lease_secs: 15,
+        }
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/basphere")
+}
+
+fn default_specs() -> BTreeMap<SpecName, Spec> {
+    Spec::defaults().into_iter().collect()
+}
+
+fn default_images() -> BTreeMap<ImageName, ImageConfig> {
+    BTreeMap::from([(
+        "debian-12".parse().expect("valid"),
+        ImageConfig {
+            login_user: "debian".into(),
+            provider_ref: None,
+            default: true,
+        },
+    )])
+}
+
+/// A config that cannot be used, with the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("config file {0}: {1}")]
+    Parse(PathBuf, String),
+    #[error("environment variable {var}: {reason}")]
+    Env { var: String, reason: String },
+    #[error("config key {key}: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+/// Environment variables that configure the client, never config keys.
+const CLIENT_VARS: &[&str] = &["CONFIG", "SOCKET", "URL", "TOKEN", "OUTPUT", "LOG"];
+
+impl Config {
+    /// Reads `path` (or the embedded defaults when `None`), applies `env`, validates.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let (text, shown) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p).map_err(|e| ConfigError::Read(p.to_path_buf(), e))?,
+                p.to_path_buf(),
+            ),
+            None => (DEFAULT_TOML.to_string(), PathBuf::from("<defaults>")),
+        };
+        Self::from_toml(&text, &shown, env)
+    }
+
+    /// Parses TOML text, applies `env`, validates.
+    pub fn from_toml(
+        text: &str,
+        shown: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(shown.to_path_buf(), e.to_string()))?;
+        apply_env(&mut table, env)?;
+        let cfg: Config = table
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(shown.to_path_buf(), e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, reason: String| ConfigError::Invalid {
+            key: key.into(),
+            reason,
+        };
+        self.network
+            .validate()
+            .map_err(|e| bad("network", e.to_string()))?;
+        if self.quota.max_ips > self.network.block_size {
+            return Err(bad(
+                "quota.max_ips",
+                format!(
+                    "{} is more than a user's block holds (network.block_size = {})",
+                    self.quota.max_ips, self.network.block_size
+                ),
+            ));
+        }
+        if self.specs.is_empty() {
+            return Err(bad("specs", "at least one VM size is needed".into()));
+        }
+        for (name, s) in &self.specs {
+            if s.vcpus == 0 || s.memory_mib < 128 || s.disk_gib == 0 {
+                return Err(bad(
+                    &format!("specs.{name}"),
+                    "vcpus must be ≥ 1, memory_mib ≥ 128 and disk_gib ≥ 1".into(),
+                ));
+            }
+        }
+        if self.images.is_empty() {
+            return Err(bad("images", "at least one OS image is needed".into()));
+        }
+        let defaults = self.images.values().filter(|i| i.default).count();
+        if defaults > 1 {
+            return Err(bad("images", "only one image may be `default = true`".into()));
+        }
+        for (name, i) in &self.images {
+            if i.login_user.parse::<Username>().is_err() && i.login_user != "root" {
+                return Err(bad(
+                    &format!("images.{name}.login_user"),
+                    "must be a valid account name (3-20 of a-z, 0-9, -)".into(),
+                ));
+            }
+        }
+        if !self.data_dir.is_absolute() {
+            return Err(bad("data_dir", "must be an absolute path".into()));
+        }
+        if self.engine.max_parallel == 0 || self.engine.max_attempts == 0 {
+            return Err(bad(
+                "engine",
+                "max_parallel and max_attempts must be at least 1".into(),
+            ));
+        }
+        if self.provider.kind == ProviderKind::Vsphere && self.vsphere.is_none() {
+            return Err(bad(
+                "vsphere",
+                "provider.kind = \"vsphere\" needs a [vsphere] section".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The image used when a request names none.
+    pub fn default_image(&self) -> &ImageName {
+        self.images
+            .iter()
+            .find(|(_, i)| i.default)
+            .or_else(|| self.images.iter().next())
+            .map(|(n, _)| n)
+            .expect("validated: images not empty")
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir.join("basphere.db")
+    }
+
+    /// File holding the first admin's token (mode 0600).
+    pub fn admin_token_path(&self) -> PathBuf {
+        self.data_dir.join("admin.token")
+    }
+}
+
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    const TOP: &[&str] = &[
+        "data_dir", "server", "bastion", "network", "quota", "specs", "images", "provider",
+        "engine", "qemu", "vsphere",
+    ];
+    for (var, value) in env {
+        let Some(rest) = var.strip_prefix("BASPHERE_") else {
+            continue;
+        };
+        if CLIENT_VARS.contains(&rest) {
+            continue;
+        }
+        let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+        if !TOP.contains(&path[0].as_str()) {
+            continue;
+        }
+        let parsed: toml::Value = match format!("v = {value}").parse::<toml::Table>() {
+            Ok(mut t) => t.remove("v").expect("present"),
+            Err(_) => toml::Value::String(value.clone()),
+        };
+        let mut cur = &mut *table;
+        for (i, key) in path.iter().enumerate() {
+            if i + 1 == path.len() {
+                cur.insert(key.clone(), parsed.clone());
+                break;
+            }
+            let next = cur
+                .entry(key.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            cur = next.as_table_mut().ok_or_else(|| ConfigError::Env {
+                var: var.clone(),
+                reason: format!("{key} is not a section"),
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// The commented default config `basphere init` writes.
+pub const DEFAULT_TOML: &str = include_str!("default.toml");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_toml(
+            text,
+            Path::new("t.toml"),
+            env.iter().map(|(a, b)| (a.to_string(), b.to_string())),
+        )
+    }
+
+    #[test]
+    fn defaults_parse() {
+        let c = load(DEFAULT_TOML, &[]).unwrap();
+        assert_eq!(c.specs.len(), 5);
+        assert_eq!(c.quota.max_vms, 10);
+        assert_eq!(c.network.block_size, 32);
+        assert_eq!(c.default_image().as_str(), "debian-12");
+    }
+
+    #[test]
+    fn env_overrides() {
+        let c = load(
+            DEFAULT_TOML,
+            &[
+                ("BASPHERE_NETWORK__CIDR", "10.9.0.0/21"),
+                ("BASPHERE_NETWORK__GATEWAY", "10.9.0.1"),
+                ("BASPHERE_QUOTA__MAX_VMS", "3"),
+                ("BASPHERE_DATA_DIR", "/tmp/x"),
+                ("BASPHERE_TOKEN", "not-a-key"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.network.cidr.to_string(), "10.9.0.0/21");
+        assert_eq!(c.quota.max_vms, 3);
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn bad_config_names_the_key() {
+        let e = load(DEFAULT_TOML, &[("BASPHERE_NETWORK__GATEWAY", "192.0.2.1")]).unwrap_err();
+        assert!(e.to_string().contains("network"), "{e}");
+        let e = load(DEFAULT_TOML, &[("BASPHERE_QUOTA__MAX_IPS", "64")]).unwrap_err();
+        assert!(e.to_string().contains("quota.max_ips"), "{e}");
+        let e = load(&format!("{DEFAULT_TOML}\nbogus = 1\n"), &[]).unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+        let e = load(DEFAULT_TOML, &[("BASPHERE_SPECS__TINY__VCPUS", "0")]).unwrap_err();
+        assert!(e.to_string().contains("specs.tiny"), "{e}");
+    }
+}

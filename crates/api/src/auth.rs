@@ -1,0 +1,177 @@
+//! Who is calling: the kernel's peer credentials on the Unix socket, or a bearer token on TCP.
+//! A request header can never name a user.
+
+use crate::envelope::ApiError;
+use crate::server::AppState;
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::request::Parts;
+use axum::serve::IncomingStream;
+use basphere_core::{Role, UserStatus};
+use basphere_store::{Actor, User};
+use tokio::net::{TcpListener, UnixListener};
+
+/// The transport-level identity of a connection.
+#[derive(Debug, Clone)]
+pub enum PeerInfo {
+    /// A local process; `uid` comes from SO_PEERCRED.
+    Unix { uid: Option<u32>, pid: Option<i32> },
+    Tcp(std::net::SocketAddr),
+}
+
+impl axum::extract::connect_info::Connected<IncomingStream<'_, UnixListener>> for PeerInfo {
+    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
+        let cred = stream.io().peer_cred().ok();
+        PeerInfo::Unix {
+            uid: cred.map(|c| c.uid()),
+            pid: cred.and_then(|c| c.pid()),
+        }
+    }
+}
+
+impl axum::extract::connect_info::Connected<IncomingStream<'_, TcpListener>> for PeerInfo {
+    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
+        PeerInfo::Tcp(*stream.remote_addr())
+    }
+}
+
+/// The authenticated caller of a request.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The Basphere account, if the caller has one.
+    pub user: Option<User>,
+    /// Account name (Unix account name for unregistered local callers).
+    pub name: String,
+    /// Where the call came from, for the audit trail.
+    pub source: String,
+    /// Whether the caller came over the Unix socket.
+    pub local: bool,
+}
+
+impl Caller {
+    pub fn actor(&self) -> Actor {
+        Actor::new(&self.name, &self.source)
+    }
+
+    pub fn is_admin(&self) -> bool {
+        self.user
+            .as_ref()
+            .is_some_and(|u| u.role == Role::Admin && u.status == UserStatus::Active)
+    }
+
+    /// The caller's account, which must exist (any status).
+    pub fn known(&self) -> Result<&User, ApiError> {
+        self.user.as_ref().ok_or_else(|| {
+            if self.local {
+                ApiError::forbidden(format!(
+                    "Unix account {} is not registered with Basphere; register first (basphere register)",
+                    self.name
+                ))
+            } else {
+                ApiError::unauthorized(
+                    "missing token: send `Authorization: Bearer <token>` (basphere token create)",
+                )
+            }
+        })
+    }
+
+    /// The caller's account, which must be active.
+    pub fn active(&self) -> Result<&User, ApiError> {
+        let u = self.known()?;
+        match u.status {
+            UserStatus::Active => Ok(u),
+            UserStatus::Pending => Err(ApiError::forbidden(
+                "your registration is waiting for an admin's approval",
+            )),
+            UserStatus::Rejected => Err(ApiError::forbidden(
+                "your registration was rejected; see basphere me for the reason",
+            )),
+            UserStatus::Disabled => Err(ApiError::forbidden(
+                "your account is disabled; ask an admin",
+            )),
+        }
+    }
+
+    /// The caller, who must be an active admin.
+    pub fn admin(&self) -> Result<&User, ApiError> {
+        let u = self.active()?;
+        if u.role == Role::Admin {
+            Ok(u)
+        } else {
+            Err(ApiError::forbidden("this needs an admin"))
+        }
+    }
+}
+
+fn unix_name(uid: u32) -> Option<String> {
+    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<PeerInfo>>()
+            .map(|c| c.0.clone())
+            .ok_or_else(|| ApiError::internal("connection has no peer information"))?;
+        match peer {
+            PeerInfo::Unix { uid, pid } => {
+                let uid = uid.ok_or_else(|| {
+                    ApiError::unauthorized("the kernel did not say who is calling on the socket")
+                })?;
+                let source = match pid {
+                    Some(p) => format!("unix:uid={uid},pid={p}"),
+                    None => format!("unix:uid={uid}"),
+                };
+                let name = if uid == 0 {
+                    st.config.server.admin.to_string()
+                } else {
+                    unix_name(uid).ok_or_else(|| {
+                        ApiError::unauthorized(format!("uid {uid} has no account name on this host"))
+                    })?
+                };
+                let user = st.store.user(&name).await?;
+                Ok(Caller {
+                    user,
+                    name,
+                    source,
+                    local: true,
+                })
+            }
+            PeerInfo::Tcp(addr) => {
+                let source = format!("tcp:{addr}");
+                let Some(h) = parts.headers.get(axum::http::header::AUTHORIZATION) else {
+                    return Ok(Caller {
+                        user: None,
+                        name: "anonymous".into(),
+                        source,
+                        local: false,
+                    });
+                };
+                let token = h
+                    .to_str()
+                    .ok()
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .map(str::trim)
+                    .ok_or_else(|| {
+                        ApiError::unauthorized("Authorization must be `Bearer <token>`")
+                    })?;
+                let owner = st.store.authenticate(token).await?.ok_or_else(|| {
+                    ApiError::unauthorized(
+                        "invalid or expired token; make a new one with basphere token create",
+                    )
+                })?;
+                Ok(Caller {
+                    name: owner.user.username.to_string(),
+                    user: Some(owner.user),
+                    source: format!("{source},token={}", owner.token_id),
+                    local: false,
+                })
+            }
+        }
+    }
+}

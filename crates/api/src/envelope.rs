@@ -1,0 +1,132 @@
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde_json::Value;
+
+/// The prototype's response body.
+#[derive(Debug, Serialize)]
+pub struct Envelope {
+    pub success: bool,
+    pub message: String,
+    pub data: Value,
+    pub errors: Vec<String>,
+}
+
+/// A successful response: status, message and data.
+pub struct Ok200(pub StatusCode, pub String, pub Value);
+
+impl IntoResponse for Ok200 {
+    fn into_response(self) -> Response {
+        (
+            self.0,
+            Json(Envelope {
+                success: true,
+                message: self.1,
+                data: self.2,
+                errors: vec![],
+            }),
+        )
+            .into_response()
+    }
+}
+
+/// Builds a 200 response with `data` serialized.
+pub fn ok(message: impl Into<String>, data: impl Serialize) -> Ok200 {
+    Ok200(
+        StatusCode::OK,
+        message.into(),
+        serde_json::to_value(data).unwrap_or(Value::Null),
+    )
+}
+
+/// Builds a 202 Accepted response (work continues in the background).
+pub fn accepted(message: impl Into<String>, data: impl Serialize) -> Ok200 {
+    Ok200(
+        StatusCode::ACCEPTED,
+        message.into(),
+        serde_json::to_value(data).unwrap_or(Value::Null),
+    )
+}
+
+/// A refused or failed request.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub errors: Vec<String>,
+    pub data: Value,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            errors: vec![],
+            data: Value::Null,
+        }
+    }
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, message)
+    }
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, message)
+    }
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, message)
+    }
+    pub fn internal(e: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %e, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("internal error: {e}"),
+        )
+    }
+    pub fn with_errors(mut self, errors: Vec<String>) -> Self {
+        self.errors = errors;
+        self
+    }
+    pub fn with_data(mut self, data: impl Serialize) -> Self {
+        self.data = serde_json::to_value(data).unwrap_or(Value::Null);
+        self
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let errors = if self.errors.is_empty() {
+            vec![self.message.clone()]
+        } else {
+            self.errors
+        };
+        (
+            self.status,
+            Json(Envelope {
+                success: false,
+                message: self.message,
+                data: self.data,
+                errors,
+            }),
+        )
+            .into_response()
+    }
+}
+
+impl From<basphere_store::StoreError> for ApiError {
+    fn from(e: basphere_store::StoreError) -> Self {
+        ApiError::internal(e)
+    }
+}
+
+impl From<basphere_core::FieldErrors> for ApiError {
+    fn from(e: basphere_core::FieldErrors) -> Self {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid input").with_errors(e.lines())
+    }
+}

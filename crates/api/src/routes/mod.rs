@@ -1,0 +1,70 @@
+mod ops;
+mod users;
+mod vms;
+
+use crate::envelope::{ApiError, ok};
+use crate::server::AppState;
+use axum::Router;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post, put};
+
+pub(crate) fn all() -> Router<AppState> {
+    let v1 = Router::new()
+        .route("/health", get(health))
+        .route("/register", post(users::register))
+        .route("/enroll", post(users::enroll))
+        .route("/me", get(users::me))
+        .route("/pending", get(users::pending))
+        .route("/pending/{username}", get(users::pending_one))
+        .route("/users", get(users::list).post(users::add))
+        .route("/users/{username}", get(users::show).delete(users::delete))
+        .route("/users/{username}/approve", post(users::approve))
+        .route("/users/{username}/reject", post(users::reject))
+        .route("/users/{username}/disable", post(users::disable))
+        .route("/users/{username}/enable", post(users::enable))
+        .route("/users/{username}/quota", put(users::set_quota))
+        .route("/key-change", post(users::key_change))
+        .route("/key-changes", get(users::key_changes))
+        .route("/key-changes/{username}", get(users::key_changes_of))
+        .route("/key-changes/{username}/approve", post(users::key_approve))
+        .route("/key-changes/{username}/reject", post(users::key_reject))
+        .route("/tokens", get(users::tokens).post(users::token_create))
+        .route("/tokens/{id}", axum::routing::delete(users::token_revoke))
+        .route("/audit", get(users::audit))
+        .route("/catalog", get(vms::catalog))
+        .route("/vms", get(vms::list).post(vms::create))
+        .route("/vms/{name}", get(vms::show).delete(vms::delete))
+        .route("/quota", get(vms::quota))
+        .route("/resources", get(vms::resources))
+        .route("/operations", get(ops::list))
+        .route("/operations/{id}", get(ops::show))
+        .route("/operations/{id}/events", get(ops::events))
+        .route("/clusters", get(clusters).post(clusters))
+        .route("/clusters/quota", get(clusters))
+        .route("/clusters/{name}", get(clusters).delete(clusters))
+        .route("/clusters/{name}/kubeconfig", get(clusters))
+        .route("/clusters/{name}/status", get(clusters));
+    Router::new()
+        .route("/health", get(health))
+        .nest("/api/v1", v1)
+        .fallback(not_found)
+}
+
+async fn health() -> impl IntoResponse {
+    ok(
+        "ok",
+        serde_json::json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}),
+    )
+}
+
+async fn clusters() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_IMPLEMENTED,
+        "clusters are not available yet (they arrive with Stage 2); use VMs for now",
+    )
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such route; see /api/v1 routes in the README")
+}

@@ -1,0 +1,478 @@
+use crate::auth::Caller;
+use crate::envelope::{ApiError, Ok200, accepted, ok};
+use crate::input::Body;
+use crate::server::AppState;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use basphere_core::{Email, FieldErrors, Quota, SshPublicKey, Team, UserStatus, Username};
+use basphere_store::{AuditFilter, NewRegistration, UserError};
+use serde::Deserialize;
+use serde_json::json;
+
+fn user_err(e: UserError) -> ApiError {
+    match e {
+        UserError::Taken(_) => ApiError::conflict(e.to_string()),
+        UserError::NotFound(_) => ApiError::not_found(e.to_string()),
+        UserError::State(_) => ApiError::conflict(e.to_string()),
+        UserError::PoolFull => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        UserError::Store(e) => ApiError::internal(e),
+    }
+}
+
+fn username(s: &str) -> Result<Username, ApiError> {
+    s.parse()
+        .map_err(|e| ApiError::not_found(format!("user {s:?} not found ({e})")))
+}
+
+fn parse_registration(b: &Body) -> Result<NewRegistration, ApiError> {
+    let mut errs = FieldErrors::new();
+    let u = b.str("username", true, &mut errs).and_then(|s| errs.check("username", s.parse::<Username>()));
+    let e = b.str("email", true, &mut errs).and_then(|s| errs.check("email", s.parse::<Email>()));
+    let t = b.str("team", true, &mut errs).and_then(|s| errs.check("team", s.parse::<Team>()));
+    let k = b
+        .str("public_key", true, &mut errs)
+        .and_then(|s| errs.check("public_key", s.parse::<SshPublicKey>()));
+    errs.into_result()?;
+    Ok(NewRegistration {
+        username: u.expect("checked"),
+        email: e.expect("checked"),
+        team: t.expect("checked"),
+        public_key: k.expect("checked"),
+    })
+}
+
+/// `POST /register`: anyone; a local caller registers only their own Unix account name.
+pub async fn register(State(st): State<AppState>, caller: Caller, body: Body) -> Result<Ok200, ApiError> {
+    let reg = parse_registration(&body)?;
+    if caller.local && !caller.is_admin() && caller.name != reg.username.as_str() {
+        return Err(ApiError::forbidden(format!(
+            "on this host you can register only your own account name {:?}",
+            caller.name
+        )));
+    }
+    let r = st
+        .store
+        .register(&reg, &st.config.quota, &caller.actor())
+        .await
+        .map_err(user_err)?;
+    Ok(Ok200(
+        StatusCode::CREATED,
+        format!("registration of {} received; an admin will review it", r.username),
+        serde_json::to_value(r).unwrap_or_default(),
+    ))
+}
+
+/// `POST /users`: an admin adds and approves a user in one go.
+pub async fn add(State(st): State<AppState>, caller: Caller, body: Body) -> Result<Ok200, ApiError> {
+    caller.admin()?;
+    let reg = parse_registration(&body)?;
+    let actor = caller.actor();
+    st.store
+        .register(&reg, &st.config.quota, &actor)
+        .await
+        .map_err(user_err)?;
+    approve_user(&st, &caller, &reg.username).await
+}
+
+async fn approve_user(st: &AppState, caller: &Caller, u: &Username) -> Result<Ok200, ApiError> {
+    let user = st
+        .store
+        .user(u.as_str())
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("user {u} not found")))?;
+    if user.status != UserStatus::Pending {
+        return Err(ApiError::conflict(format!(
+            "user {u} is {}, not pending; nothing to approve",
+            user.status
+        )));
+    }
+    if let Some(acc) = &st.accounts {
+        let key: SshPublicKey = user
+            .public_key
+            .parse()
+            .map_err(|e| ApiError::internal(format!("stored key of {u} is invalid: {e}")))?;
+        acc.ensure(u, &key).map_err(|e| {
+            ApiError::internal(format!("creating the Unix account {u} failed: {e}"))
+        })?;
+    }
+    let ttl = if st.accounts.is_none() {
+        Some(i64::from(st.config.bastion.enrollment_ttl_hours) * 3_600_000)
+    } else {
+        None
+    };
+    let out = st
+        .store
+        .approve(u, &st.config.network, st.accounts.is_some(), ttl, &caller.actor())
+        .await
+        .map_err(user_err)?;
+    let block = out.user.ip_block.and_then(|b| st.config.network.block(b));
+    let msg = match &out.enrollment_code {
+        Some(_) => format!(
+            "user {u} approved; give them the enrollment code (works once): basphere enroll --username {u} --code <code>"
+        ),
+        None => format!("user {u} approved; Unix account created"),
+    };
+    Ok(ok(
+        msg,
+        json!({"user": out.user, "ip_block": block.map(|b| b.net.to_string()), "enrollment_code": out.enrollment_code}),
+    ))
+}
+
+pub async fn approve(State(st): State<AppState>, caller: Caller, Path(u): Path<String>) -> Result<Ok200, ApiError> {
+    caller.admin()?;
+    approve_user(&st, &caller, &username(&u)?).await
+}
+
+pub async fn reject(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(u): Path<String>,
+    body: Body,
+) -> Result<Ok200, ApiError> {
+    caller.admin()?;
+    let u = username(&u)?;
+    let mut errs = FieldErrors::new();
+    let reason = body.str("reason", false, &mut errs).unwrap_or_default();
+    errs.into_result()?;
+    st.store.reject(&u, &reason, &caller.actor()).await.map_err(user_err)?;
+    Ok(ok(format!("registration of {u} rejected"), json!({"username": u, "reason": reason})))
+}
+
+pub async fn me(State(st): State<AppState>, caller: Caller) -> Result<Ok200, ApiError> {
+    let u = caller.known()?;
+    let regs = st.store.registrations(Some(u.username.as_str())).await?;
+    let block = u.ip_block.and_then(|b| st.config.network.block(b));
+    Ok(ok(
+        format!("{} ({})", u.username, u.status),
+        json!({"user": u, "ip_block": block.map(|b| b.net.to_string()), "registration": regs.first()}),
+    ))
+}
+
+pub async fn pending(State(st): State<AppState>, caller: Caller) -> Result<Ok200, ApiError> {
+    caller.admin()?;
+    let r = st.store.registrations(None).await?;
+    Ok(ok(format!("{} pending registration(s)", r.len()), r))
+}
+
+pub async fn pending_one(State(st): State<AppState>, caller: Caller, Path(u): Path<String>) -> Result<Ok200, ApiError> {
+    caller.admin()?;
+    let r = st.store.registrations(Some(&u)).await?;
+    let first = r
+        .into_iter()
+        .next()
+        .ok_or_else(|| ApiError::not_found(format!("no registration for {u}")))?;
+    Ok(ok(format!("registration of {u}: {}", first.status), first))
+}
+
+#[derive(Deserialize)]
+pub struct ListQuery {
+    status: Option<String>,
+}
+
+pub async fn list(State(st): State<AppState>, caller: Caller, Query(q): Query<ListQuery>) -> Result<Ok200, ApiError> {
+    caller.admin()?;
+    let status = q
+        .status
+        .map(|s| s.parse::<UserStatus>().map_err(ApiError::bad_request))
+        .transpose()?;
+    let users = st.store.users(status).await?;
+    Ok(ok(format!("{} user(s)", users.len()), users))
+}
+
+pub async fn show(State(st): State<AppState>, caller: Caller, Path(u): Path<String>) -> Result<Ok200, ApiError> {
+    let me = caller.known()?;
+    if !caller.is_admin() && me.username.as_str() != u {
+        return Err(ApiError::not_found(format!("user {u} not found")));
+    }
+    let user = st
+        .store
+        .user(&u)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("user {u} not found")))?;
+    let usage = st.store.usage(&u).await?;
+    let vms = st.store.vms(Some(&u)).await?;
+    let block = user.ip_block.and_then(|b| st.config.network.block(b));
+    Ok(ok(
+        format!("user {u}"),
+        json!({"user": user, "usage": usage, "vms": vms, "ip_block": block.map(|b| b.net.to_string())}),
+    ))
+}
+
+async fn set_disabled(st: AppState, caller: Caller, u: String, disabled: bool) -> Result<Ok200, ApiError> {
+    caller.admin()?;
+    let u = username(&u)?;
+    st.store.set_disabled(&u, disabled, &caller.actor()).await.map_err(user_err)?;
+    Ok(ok(
+        format!("user {u} {}", if disabled { "disabled" } else { "enabled" }),
+        json!({"username": u}),
+    ))
+}
+
+pub async fn disable(State(st): State<AppState>, caller: Caller, Path(u): Path<String>) -> Result<Ok200, ApiError> {
+    set_disabled(st, caller, u, true).await
+}
+
+pub async fn enable(State(st): State<AppState>, caller: Caller, Path(u): Path<String>) -> Result<Ok200, ApiError> {
+    set_disabled(st, caller, u, false).await
+}
+
+pub async fn set_quota(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(u): Path<String>,
+    body: Body,
+) -> Result<Ok200, ApiError> {
+    caller.admin()?;
+    let u = username(&u)?;
+    let cur = st
+        .store
+        .user(u.as_str())
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("user {u} not found")))?
+        .quota;
+    let mut errs = FieldErrors::new();
+    let mut field = |k: &str, cur: u32, max: u32| -> u32 {
+        match body.int(k, &mut errs) {
+            Some(v) if v >= 0 && v <= i64::from(max) => v as u32,
+            Some(_) => {
+                errs.push(k, format!("must be between 0 and {max}"));
+                cur
+            }
+            None => cur,
+        }
+    };
+    let q = Quota {
+        max_vms: field("max_vms", cur.max_vms, 10_000),
+        max_clusters: field("max_clusters", cur.max_clusters, 10_000),
+        max_ips: field("max_ips", cur.max_ips, st.config.network.block_size),
+        max_vcpus: body
+            .int("max_vcpus", &mut errs)
+            .map(|v| v.max(0) as u32)
+            .or(cur.max_vcpus),
+        max_memory_mib: body
+            .int("max_memory_mib", &mut errs)
+            .map(|v| v.max(0) as u64)
+            .or(cur.max_memory_mib),
+    };
+    errs.into_result()?;
+    st.store.set_quota(&u, &q, &caller.actor()).await.map_err(user_err)?;
+    Ok(ok(format!("quota of {u} updated"), q))
+}
+
+#[derive(Deserialize)]
+pub struct DeleteQuery {
+    #[serde(default)]
+    purge: bool,
+}
+
+/// `DELETE /users/{u}`: deletes the user's VMs first (202 with their operations; call again
+/// when they are done), then the account.
+pub async fn delete(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(u): Path<String>,
+    Query(q): Query<DeleteQuery>,
+) -> Result<Ok200, ApiError> {
+    caller.admin()?;
+    let u = username(&u)?;
+    let user = st
+        .store
+        .user(u.as_str())
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("user {u} not found")))?;
+    if user.role == basphere_core::Role::Admin {
+        return Err(ApiError::conflict("admin accounts cannot be deleted here"));
+    }
+    let vms = st.store.vms(Some(u.as_str())).await?;
+    if !vms.is_empty() {
+        if user.status == UserStatus::Active {
+            st.store.set_disabled(&u, true, &caller.actor()).await.map_err(user_err)?;
+        }
+        let mut ops = vec![];
+        let steps = basphere_engine::step_names(basphere_store::WorkflowKind::DeleteVm);
+        for vm in &vms {
+            if let Ok(a) = st
+                .store
+                .begin_delete_vm(u.as_str(), vm.name.as_str(), &steps, &caller.actor())
+                .await
+            {
+                ops.push(json!({"vm": a.vm.name, "operation_id": a.operation_id}));
+            }
+        }
+        st.engine.wake();
+        return Ok(accepted(
+            format!(
+                "user {u} disabled; deleting {} VM(s) first — run the delete again when they are gone",
+                vms.len()
+            ),
+            json!({"operations": ops, "remaining_vms": vms.len()}),
+        ));
+    }
+    if let Some(acc) = &st.accounts {
+        if user.unix_account {
+            acc.remove(&u)
+                .map_err(|e| ApiError::internal(format!("removing Unix account {u}: {e}")))?;
+        }
+    }
+    st.store.delete_user(&u, q.purge, &caller.actor()).await.map_err(user_err)?;
+    Ok(ok(
+        format!("user {u} {}", if q.purge { "purged" } else { "deleted" }),
+        json!({"username": u}),
+    ))
+}
+
+pub async fn key_change(State(st): State<AppState>, caller: Caller, body: Body) -> Result<Ok200, ApiError> {
+    let me = caller.active()?.username.clone();
+    let mut errs = FieldErrors::new();
+    let key = body
+        .str("public_key", true, &mut errs)
+        .and_then(|s| errs.check("public_key", s.parse::<SshPublicKey>()));
+    errs.into_result()?;
+    let kc = st
+        .store
+        .request_key_change(&me, &key.expect("checked"), &caller.actor())
+        .await
+        .map_err(user_err)?;
+    Ok(Ok200(
+        StatusCode::CREATED,
+        "key change requested; an admin will review it".into(),
+        serde_json::to_value(kc).unwrap_or_default(),
+    ))
+}
+
+pub async fn key_changes(State(st): State<AppState>, caller: Caller) -> Result<Ok200, ApiError> {
+    caller.admin()?;
+    let k = st.store.key_changes(None).await?;
+    Ok(ok(format!("{} pending key change(s)", k.len()), k))
+}
+
+pub async fn key_changes_of(State(st): State<AppState>, caller: Caller, Path(u): Path<String>) -> Result<Ok200, ApiError> {
+    let me = caller.known()?;
+    if !caller.is_admin() && me.username.as_str() != u {
+        return Err(ApiError::not_found(format!("user {u} not found")));
+    }
+    let k = st.store.key_changes(Some(&u)).await?;
+    Ok(ok(format!("{} key change(s) of {u}", k.len()), k))
+}
+
+async fn decide_key(st: AppState, caller: Caller, u: String, approve: bool, body: Body) -> Result<Ok200, ApiError> {
+    caller.admin()?;
+    let u = username(&u)?;
+    let mut errs = FieldErrors::new();
+    let reason = body.str("reason", false, &mut errs);
+    errs.into_result()?;
+    if approve {
+        if let (Some(acc), Some(pending)) = (&st.accounts, st.store.key_changes(Some(u.as_str())).await?.into_iter().find(|k| k.status == basphere_core::RegistrationStatus::Pending)) {
+            let user = st.store.user(u.as_str()).await?;
+            if user.is_some_and(|u| u.unix_account) {
+                let key: SshPublicKey = pending
+                    .public_key
+                    .parse()
+                    .map_err(|e| ApiError::internal(format!("stored key is invalid: {e}")))?;
+                acc.set_key(&u, &key)
+                    .map_err(|e| ApiError::internal(format!("replacing the key of {u}: {e}")))?;
+            }
+        }
+    }
+    let kc = st
+        .store
+        .decide_key_change(&u, approve, reason.as_deref(), &caller.actor())
+        .await
+        .map_err(user_err)?;
+    Ok(ok(
+        format!("key change of {u} {}", if approve { "approved" } else { "rejected" }),
+        kc,
+    ))
+}
+
+pub async fn key_approve(State(st): State<AppState>, caller: Caller, Path(u): Path<String>, body: Body) -> Result<Ok200, ApiError> {
+    decide_key(st, caller, u, true, body).await
+}
+
+pub async fn key_reject(State(st): State<AppState>, caller: Caller, Path(u): Path<String>, body: Body) -> Result<Ok200, ApiError> {
+    decide_key(st, caller, u, false, body).await
+}
+
+pub async fn tokens(State(st): State<AppState>, caller: Caller) -> Result<Ok200, ApiError> {
+    let me = caller.active()?;
+    let t = st.store.tokens(me.username.as_str()).await?;
+    Ok(ok(format!("{} token(s)", t.len()), t))
+}
+
+pub async fn token_create(State(st): State<AppState>, caller: Caller, body: Body) -> Result<Ok200, ApiError> {
+    let me = caller.active()?.username.clone();
+    let mut errs = FieldErrors::new();
+    let name = body.str("name", false, &mut errs).unwrap_or_else(|| "cli".into());
+    if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
+        errs.push("name", "must be 1 to 64 printable characters");
+    }
+    let ttl_days = body.int("ttl_days", &mut errs);
+    if ttl_days.is_some_and(|d| !(1..=3650).contains(&d)) {
+        errs.push("ttl_days", "must be between 1 and 3650");
+    }
+    errs.into_result()?;
+    let (info, secret) = st
+        .store
+        .create_token(&me, &name, ttl_days.map(|d| d * 86_400_000), &caller.actor())
+        .await?;
+    Ok(Ok200(
+        StatusCode::CREATED,
+        "token created; it is shown only this once".into(),
+        json!({"token": secret, "info": info}),
+    ))
+}
+
+pub async fn token_revoke(State(st): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<Ok200, ApiError> {
+    let me = caller.active()?;
+    if !st.store.revoke_token(me.username.as_str(), &id, &caller.actor()).await? {
+        return Err(ApiError::not_found(format!("token {id} not found")));
+    }
+    Ok(ok(format!("token {id} revoked"), json!({"id": id})))
+}
+
+pub async fn enroll(State(st): State<AppState>, caller: Caller, body: Body) -> Result<Ok200, ApiError> {
+    let mut errs = FieldErrors::new();
+    let u = body
+        .str("username", true, &mut errs)
+        .and_then(|s| errs.check("username", s.parse::<Username>()));
+    let code = body.str("code", true, &mut errs);
+    errs.into_result()?;
+    let u = u.expect("checked");
+    match st
+        .store
+        .enroll(&u, &code.expect("checked"), &caller.actor())
+        .await?
+    {
+        Some((info, secret)) => Ok(Ok200(
+            StatusCode::CREATED,
+            "enrolled; keep this token, it is shown only this once".into(),
+            json!({"token": secret, "info": info}),
+        )),
+        None => Err(ApiError::unauthorized(
+            "enrollment code is wrong, used or expired; ask an admin for a new approval",
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct AuditQuery {
+    actor: Option<String>,
+    action: Option<String>,
+    target: Option<String>,
+    limit: Option<i64>,
+}
+
+pub async fn audit(State(st): State<AppState>, caller: Caller, Query(q): Query<AuditQuery>) -> Result<Ok200, ApiError> {
+    caller.admin()?;
+    let recs = st
+        .store
+        .audit_list(&AuditFilter {
+            actor: q.actor,
+            action: q.action,
+            target: q.target,
+            since_ms: None,
+            limit: Some(q.limit.unwrap_or(100).clamp(1, 10_000)),
+        })
+        .await?;
+    Ok(ok(format!("{} audit record(s)", recs.len()), recs))
+}
