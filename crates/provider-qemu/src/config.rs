@@ -133,11 +133,17 @@ mod tests {
 
     #[test]
     fn network_modes_parse() {
-        let c: QemuConfig =
-            serde_json::from_str(r#"{"accel": "tcg", "network": {"mode": "bridge", "name": "br-vm"}}"#)
-                .unwrap();
+        let c: QemuConfig = serde_json::from_str(
+            r#"{"accel": "tcg", "network": {"mode": "bridge", "name": "br-vm"}}"#,
+        )
+        .unwrap();
         assert_eq!(c.accel, Accel::Tcg);
-        assert_eq!(c.network, NetworkMode::Bridge { name: "br-vm".into() });
+        assert_eq!(
+            c.network,
+            NetworkMode::Bridge {
+                name: "br-vm".into()
+            }
+        );
         let c: QemuConfig =
             serde_json::from_str(r#"{"network": {"mode": "lab", "namespace": "t1"}}"#).unwrap();
         assert_eq!(

@@ -50,19 +50,24 @@ pub fn diagnose(serial: &str, ip: Ipv4Addr, last_probe: Option<&Probe>) -> Diagn
     if matches!(last_probe, Some(Probe::Refused)) {
         return Diagnosis::SshdRefused;
     }
-    if serial.trim_matches(|c: char| c.is_whitespace() || c == '\0').is_empty() {
+    if serial
+        .trim_matches(|c: char| c.is_whitespace() || c == '\0')
+        .is_empty()
+    {
         return Diagnosis::NoSerialOutput;
     }
     let ip = ip.to_string();
     // cloud-init prints its "Net device info" table once the network is configured.
     let network = serial
         .lines()
-        .any(|l| l.starts_with("ci-info:") && l.contains(&format!(" {ip} ")));
+        .any(|l| l.contains("ci-info: |") && l.contains(&format!(" {ip} ")));
     if !network {
         return Diagnosis::NoNetwork;
     }
-    // cloud-init's ssh module prints the new host keys; systemd reports sshd if not `quiet`.
-    let sshd = serial.contains("BEGIN SSH HOST KEY")
+    // cloud-init's ssh module generates the host keys (before sshd starts) and prints them at the
+    // end; systemd reports sshd itself only without `quiet`.
+    let sshd = serial.contains("/etc/ssh/ssh_host_")
+        || serial.contains("BEGIN SSH HOST KEY")
         || serial.contains("OpenBSD Secure Shell server")
         || serial.contains("ssh.service");
     if !sshd {
@@ -77,17 +82,17 @@ mod tests {
 
     const IP: Ipv4Addr = Ipv4Addr::new(10, 254, 0, 10);
 
-    const KERNEL_ONLY: &str = "[    0.000000] Linux version 6.1.0-40-cloud-amd64\n\
-        Cloud-init v. 22.4.2 running 'init-local' at Sat, 22 Nov 2026 04:10:01 +0000. Up 9.1 seconds.\n";
+    const KERNEL_ONLY: &str = "basphere-initrd: kernel up, mounting /dev/vda\n\
+        [   19.741226] cloud-init[247]: Cloud-init v. 22.4.2 running 'init-local' at Sun, 22 Nov 2026 04:11:38 +0000. Up 19.51 seconds.\n";
 
-    const NETWORK_UP: &str = "Cloud-init v. 22.4.2 running 'init' at Sat, 22 Nov 2026 04:10:12 +0000. Up 20.3 seconds.\n\
-        ci-info: ++++++++++++++++++++++++++++++++++++++Net device info+++++++++++++++++++++++++++++++++++++++\n\
-        ci-info: +--------+------+-------------+---------------+--------+-------------------+\n\
-        ci-info: | Device |  Up  |   Address   |      Mask     | Scope  |     Hw-Address    |\n\
-        ci-info: |  eth0  | True | 10.254.0.10 | 255.255.255.0 | global | 52:54:ab:cd:00:01 |\n";
+    const NETWORK_UP: &str = "[   38.662441] cloud-init[268]: Cloud-init v. 22.4.2 running 'init' at Sun, 22 Nov 2026 04:11:57 +0000. Up 38.50 seconds.\n\
+        [   38.861690] cloud-init[268]: ci-info: +++++++++++++++++++++++++++++++++++++++Net device info+++++++++++++++++++++++++++++++++++++++\n\
+        [   38.884606] cloud-init[268]: ci-info: | Device |  Up  |           Address            |      Mask     | Scope  |     Hw-Address    |\n\
+        [   38.897576] cloud-init[268]: ci-info: |  eth0  | True |         10.254.0.10          | 255.255.255.0 | global | 52:54:b2:9c:b6:43 |\n";
 
-    const HOST_KEYS: &str = "<14>Nov 22 04:10:30 cloud-init: #############################################################\n\
-        <14>Nov 22 04:10:30 cloud-init: -----BEGIN SSH HOST KEY FINGERPRINTS-----\n";
+    // As printed by the debian-12 image under TCG.
+    const HOST_KEYS: &str = "[   41.147004] cloud-init[268]: Generating public/private ed25519 key pair.\n\
+        [   41.153545] cloud-init[268]: Your identification has been saved in /etc/ssh/ssh_host_ed25519_key\n";
 
     #[test]
     fn empty_console_means_no_boot() {
@@ -96,7 +101,11 @@ mod tests {
             diagnose("\0\n  \n", IP, Some(&Probe::NoAnswer("timed out".into()))),
             Diagnosis::NoSerialOutput
         );
-        assert!(Diagnosis::NoSerialOutput.explain(IP).contains("no serial output"));
+        assert!(
+            Diagnosis::NoSerialOutput
+                .explain(IP)
+                .contains("no serial output")
+        );
     }
 
     #[test]
@@ -106,7 +115,11 @@ mod tests {
         let other = NETWORK_UP.replace("10.254.0.10", "10.254.0.11");
         assert_eq!(diagnose(&other, IP, None), Diagnosis::NoNetwork);
         assert_eq!(diagnose(NETWORK_UP, IP, None), Diagnosis::NoSshd);
-        assert!(Diagnosis::NoNetwork.explain(IP).contains("network did not come up"));
+        assert!(
+            Diagnosis::NoNetwork
+                .explain(IP)
+                .contains("network did not come up")
+        );
     }
 
     #[test]

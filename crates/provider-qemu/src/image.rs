@@ -21,6 +21,19 @@ const DEBIAN_12_SCRIPT: &str = include_str!("image/debian-12.sh");
 /// Images this crate can build.
 pub const BUILDABLE: [&str; 1] = ["debian-12"];
 
+/// File in an image directory naming the recipe it was built from (a hash of the script).
+const RECIPE_FILE: &str = "recipe";
+
+/// Identifies the embedded build script, so a cached image made by an older recipe is rebuilt.
+pub fn recipe_id(name: &str) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in DEBIAN_12_SCRIPT.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("{name} {h:016x}")
+}
+
 /// Whether `dir` holds a complete image.
 pub fn is_complete(dir: &Path) -> bool {
     IMAGE_FILES.iter().all(|f| dir.join(f).is_file())
@@ -132,7 +145,8 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BuildError {
     move |source| BuildError::Io { what, source }
 }
 
-/// Builds image `name` into `images_dir/<name>` unless it is complete there already (or `force`).
+/// Builds image `name` into `images_dir/<name>` unless it is there already, complete and made by
+/// this version's recipe (or `force`).
 /// `progress` receives one line per build step. Returns the image directory.
 pub async fn build_image(
     name: &ImageName,
@@ -145,7 +159,9 @@ pub async fn build_image(
         return Err(BuildError::UnknownImage(name.to_string()));
     }
     let link = images_dir.join(name);
-    if !force && is_complete(&link) {
+    let recipe = recipe_id(name);
+    let built_by = std::fs::read_to_string(link.join(RECIPE_FILE)).unwrap_or_default();
+    if !force && is_complete(&link) && built_by.trim() == recipe {
         progress(&format!("image {name} already built at {}", link.display()));
         return Ok(link);
     }
@@ -161,7 +177,9 @@ pub async fn build_image(
         if crate::host::find_in_path(tool).is_none() {
             return Err(BuildError::MissingTool {
                 tool,
-                hint: format!("apt-get install -y {pkg} (or run crates/provider-qemu/install-deps.sh)"),
+                hint: format!(
+                    "apt-get install -y {pkg} (or run crates/provider-qemu/install-deps.sh)"
+                ),
             });
         }
     }
@@ -173,7 +191,9 @@ pub async fn build_image(
     }
     let suite = "bookworm";
     let mirrors = mirrors_from_sources(&host_apt_sources(), suite);
-    let main = mirrors.main.ok_or_else(|| BuildError::NoMirror(suite.into()))?;
+    let main = mirrors
+        .main
+        .ok_or_else(|| BuildError::NoMirror(suite.into()))?;
 
     tokio::fs::create_dir_all(images_dir)
         .await
@@ -200,11 +220,17 @@ pub async fn build_image(
         });
     }
 
+    tokio::fs::write(scratch.join(RECIPE_FILE), format!("{recipe}\n"))
+        .await
+        .map_err(io("cannot record the recipe"))?;
     let versioned_name = format!("{name}.{stamp}");
     let versioned = images_dir.join(&versioned_name);
     tokio::fs::rename(&scratch, &versioned)
         .await
-        .map_err(io(format!("cannot move the build to {}", versioned.display())))?;
+        .map_err(io(format!(
+            "cannot move the build to {}",
+            versioned.display()
+        )))?;
     // A plain directory from an older layout (or a manual build) is moved aside first.
     if let Ok(meta) = tokio::fs::symlink_metadata(&link).await
         && meta.is_dir()
@@ -221,7 +247,10 @@ pub async fn build_image(
         .map_err(io("cannot create the image symlink"))?;
     tokio::fs::rename(&tmp_link, &link)
         .await
-        .map_err(io(format!("cannot switch {} to the new build", link.display())))?;
+        .map_err(io(format!(
+            "cannot switch {} to the new build",
+            link.display()
+        )))?;
     progress(&format!("image {name} ready at {}", link.display()));
     Ok(link)
 }

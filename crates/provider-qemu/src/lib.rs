@@ -28,7 +28,9 @@ mod seed;
 pub use config::{Accel, NetworkMode, QemuConfig};
 pub use diagnose::{Diagnosis, diagnose};
 pub use image::{BUILDABLE, BuildError, Mirrors, build_image, mirrors_from_sources};
-pub use machine::{AccelChoice, Resources, TCG_DEFAULT_MAX_MEMORY_MIB, TCG_DEFAULT_MAX_VCPUS, tap_name};
+pub use machine::{
+    AccelChoice, Resources, TCG_DEFAULT_MAX_MEMORY_MIB, TCG_DEFAULT_MAX_VCPUS, tap_name,
+};
 pub use seed::{SeedFiles, render as render_seed};
 
 use basphere_core::ImageName;
@@ -69,10 +71,11 @@ pub struct QemuProvider {
 impl QemuProvider {
     /// Checks the host (QEMU, qemu-img, ip, firmware, ISO writer, KVM) and the configuration.
     pub fn new(config: QemuConfig) -> std::result::Result<Self, QemuError> {
-        let qemu = host::find_in_path(&config.qemu_binary).ok_or_else(|| QemuError::MissingTool {
-            tool: config.qemu_binary.clone(),
-            hint: QEMU_INSTALL_HINT.to_string(),
-        })?;
+        let qemu =
+            host::find_in_path(&config.qemu_binary).ok_or_else(|| QemuError::MissingTool {
+                tool: config.qemu_binary.clone(),
+                hint: QEMU_INSTALL_HINT.to_string(),
+            })?;
         let need = |tool: &str, hint: &str| {
             host::find_in_path(tool)
                 .map(|_| ())
@@ -81,7 +84,10 @@ impl QemuProvider {
                     hint: hint.to_string(),
                 })
         };
-        need("qemu-img", "apt-get install -y -t bookworm-backports qemu-utils")?;
+        need(
+            "qemu-img",
+            "apt-get install -y -t bookworm-backports qemu-utils",
+        )?;
         need("ip", "apt-get install -y iproute2")?;
         if seed::iso_tool().is_none() {
             return Err(QemuError::MissingTool {
@@ -375,12 +381,17 @@ impl Provider for QemuProvider {
             .await
             .map_err(|e| io_err(format_args!("cannot create {}", paths.dir.display()), e))?;
 
-        let needs_image = !paths.disk.is_file() || !paths.kernel.is_file() || !paths.initrd.is_file();
+        let needs_image =
+            !paths.disk.is_file() || !paths.kernel.is_file() || !paths.initrd.is_file();
         if needs_image {
             let image = self.image_dir(vm)?;
             if !paths.disk.is_file() {
                 let base = image.join("base.qcow2");
-                let wanted = vm.spec.disk_gib.min(self.config.max_disk_gib.unwrap_or(u64::MAX)) << 30;
+                let wanted = vm
+                    .spec
+                    .disk_gib
+                    .min(self.config.max_disk_gib.unwrap_or(u64::MAX))
+                    << 30;
                 let size = wanted.max(virtual_size(&base).await?);
                 let tmp = paths.dir.join("disk.qcow2.tmp");
                 let _ = tokio::fs::remove_file(&tmp).await;
@@ -452,8 +463,12 @@ impl Provider for QemuProvider {
             tap: &tap,
             mac: &vm.network.mac,
         });
-        let log = std::fs::File::create(&paths.qemu_log)
-            .map_err(|e| io_err(format_args!("cannot create {}", paths.qemu_log.display()), e))?;
+        let log = std::fs::File::create(&paths.qemu_log).map_err(|e| {
+            io_err(
+                format_args!("cannot create {}", paths.qemu_log.display()),
+                e,
+            )
+        })?;
         let log2 = log
             .try_clone()
             .map_err(|e| io_err("cannot duplicate the log handle", e))?;
@@ -512,7 +527,9 @@ impl Provider for QemuProvider {
                 )));
             }
             let left = until.saturating_duration_since(Instant::now());
-            let attempt = left.min(Duration::from_secs(3)).max(Duration::from_millis(200));
+            let attempt = left
+                .min(Duration::from_secs(3))
+                .max(Duration::from_millis(200));
             match net::probe_ssh(namespace.clone(), addr, attempt).await {
                 net::Probe::Banner(banner) => {
                     tracing::info!(vm = %vm.name, %banner, "guest answers SSH");
@@ -578,7 +595,10 @@ impl Provider for QemuProvider {
         match tokio::fs::remove_dir_all(&paths.dir).await {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io_err(format_args!("cannot remove {}", paths.dir.display()), e)),
+            Err(e) => Err(io_err(
+                format_args!("cannot remove {}", paths.dir.display()),
+                e,
+            )),
         }
     }
 

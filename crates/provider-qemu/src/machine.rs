@@ -186,7 +186,10 @@ pub fn qemu_args(l: &Launch<'_>) -> Vec<String> {
     push(&["-append", KERNEL_CMDLINE]);
     push(&[
         "-drive",
-        &format!("file={},if=none,id=d0,format=qcow2,discard=unmap", d(&p.disk)),
+        &format!(
+            "file={},if=none,id=d0,format=qcow2,discard=unmap",
+            d(&p.disk)
+        ),
         "-device",
         "virtio-blk-pci,drive=d0",
     ]);

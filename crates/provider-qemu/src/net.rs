@@ -35,26 +35,37 @@ pub async fn ensure_lab(
     gateway: Ipv4Addr,
     prefix: u8,
 ) -> Result<(), String> {
-    if !netns_path(namespace).exists() {
-        if let Err(e) = ip(&["netns", "add", namespace]).await {
-            // Another process may have made it meanwhile.
-            if !netns_path(namespace).exists() {
-                return Err(format!("cannot create network namespace {namespace}: {e}"));
-            }
-        }
+    if !netns_path(namespace).exists()
+        && let Err(e) = ip(&["netns", "add", namespace]).await
+        // Another process may have made it meanwhile.
+        && !netns_path(namespace).exists()
+    {
+        return Err(format!("cannot create network namespace {namespace}: {e}"));
     }
     ip(&["-n", namespace, "link", "set", "lo", "up"]).await?;
     if !link_exists(Some(namespace), bridge).await {
         ip(&["-n", namespace, "link", "add", bridge, "type", "bridge"])
             .await
-            .or_else(|e| if e.contains("File exists") { Ok(String::new()) } else { Err(e) })?;
+            .or_else(|e| {
+                if e.contains("File exists") {
+                    Ok(String::new())
+                } else {
+                    Err(e)
+                }
+            })?;
     }
     let addrs = ip(&["-n", namespace, "-o", "-4", "addr", "show", "dev", bridge]).await?;
     let cidr = format!("{gateway}/{prefix}");
     if !addrs.split_whitespace().any(|w| w == cidr) {
         ip(&["-n", namespace, "addr", "add", &cidr, "dev", bridge])
             .await
-            .or_else(|e| if e.contains("File exists") { Ok(String::new()) } else { Err(e) })?;
+            .or_else(|e| {
+                if e.contains("File exists") {
+                    Ok(String::new())
+                } else {
+                    Err(e)
+                }
+            })?;
     }
     ip(&["-n", namespace, "link", "set", bridge, "up"]).await?;
     Ok(())
@@ -69,9 +80,8 @@ pub async fn ensure_tap(
     mtu: u32,
 ) -> Result<(), String> {
     let ns = ns_args(namespace);
-    let with = |rest: &[&str]| -> Vec<String> {
-        ns.iter().chain(rest).map(|s| s.to_string()).collect()
-    };
+    let with =
+        |rest: &[&str]| -> Vec<String> { ns.iter().chain(rest).map(|s| s.to_string()).collect() };
     let run = |v: Vec<String>| async move {
         let refs: Vec<&str> = v.iter().map(String::as_str).collect();
         ip(&refs).await

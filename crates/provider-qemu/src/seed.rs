@@ -47,7 +47,10 @@ pub fn render(vm: &VmRequest) -> SeedFiles {
         q(&n.mac.to_ascii_lowercase())
     ));
     network_config.push_str("    set-name: eth0\n");
-    network_config.push_str(&format!("    addresses: [{}]\n", q(&format!("{}/{}", n.ip, n.prefix_len))));
+    network_config.push_str(&format!(
+        "    addresses: [{}]\n",
+        q(&format!("{}/{}", n.ip, n.prefix_len))
+    ));
     network_config.push_str(&format!("    gateway4: {}\n", q(&n.gateway.to_string())));
     if n.mtu > 0 {
         network_config.push_str(&format!("    mtu: {}\n", n.mtu));
@@ -157,7 +160,10 @@ mod tests {
         assert!(s.user_data.starts_with("#cloud-config\n"));
         assert!(s.user_data.contains("hostname: \"web-1\"\n"));
         assert!(s.user_data.contains("  - name: \"alice\"\n"));
-        assert!(s.user_data.contains("    sudo: \"ALL=(ALL) NOPASSWD:ALL\"\n"));
+        assert!(
+            s.user_data
+                .contains("    sudo: \"ALL=(ALL) NOPASSWD:ALL\"\n")
+        );
         assert!(s.user_data.contains("    lock_passwd: true\n"));
         assert!(s.user_data.contains(
             "    ssh_authorized_keys:\n      - \"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ0gGbq5cYp8x3hT4UdfWmZpV6oJ3kq3wK0a1b2c3d4e alice@laptop\"\n"

@@ -76,7 +76,9 @@ fn watch_first_serial_byte(path: PathBuf) -> tokio::task::JoinHandle<Option<Inst
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn boots_debian_and_answers_ssh_in_the_lab_namespace() {
     if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("SKIPPED boots_debian_and_answers_ssh_in_the_lab_namespace: needs root (network namespaces, taps); run as root");
+        eprintln!(
+            "SKIPPED boots_debian_and_answers_ssh_in_the_lab_namespace: needs root (network namespaces, taps); run as root"
+        );
         return;
     }
     let images = PathBuf::from(
@@ -152,7 +154,10 @@ async fn boots_debian_and_answers_ssh_in_the_lab_namespace() {
     let t_prepare = Instant::now();
     provider.prepare(&vm).await.expect("prepare");
     let prepare_took = t_prepare.elapsed();
-    provider.prepare(&vm).await.expect("prepare again is a no-op");
+    provider
+        .prepare(&vm)
+        .await
+        .expect("prepare again is a no-op");
     assert_eq!(provider.inspect(&vm).await.unwrap(), MachineState::Stopped);
 
     // Not started yet: wait_ready fails at once and permanently.
@@ -168,7 +173,11 @@ async fn boots_debian_and_answers_ssh_in_the_lab_namespace() {
     let start_took = t_start.elapsed();
     let qemu_pid = provider.running_pid(&vm).expect("qemu runs");
     provider.start(&vm).await.expect("start again is a no-op");
-    assert_eq!(provider.running_pid(&vm), Some(qemu_pid), "second start made a new process");
+    assert_eq!(
+        provider.running_pid(&vm),
+        Some(qemu_pid),
+        "second start made a new process"
+    );
     assert_eq!(provider.inspect(&vm).await.unwrap(), MachineState::Running);
     assert!(provider.tap_present(&vm).await);
 
@@ -221,15 +230,24 @@ async fn boots_debian_and_answers_ssh_in_the_lab_namespace() {
     provider.stop(&vm).await.expect("stop");
     let stop_took = t_stop.elapsed();
     provider.stop(&vm).await.expect("stop again is a no-op");
-    assert!(!alive(qemu_pid, &format!("{}/", vm_dir.display())), "qemu still runs");
+    assert!(
+        !alive(qemu_pid, &format!("{}/", vm_dir.display())),
+        "qemu still runs"
+    );
     assert!(!provider.tap_present(&vm).await, "tap left behind");
     assert_eq!(provider.inspect(&vm).await.unwrap(), MachineState::Stopped);
 
+    if let Ok(keep) = std::env::var("BASPHERE_TEST_KEEP_SERIAL") {
+        std::fs::copy(vm_dir.join("serial.log"), &keep).unwrap();
+    }
     provider.remove(&vm).await.expect("remove");
     provider.remove(&vm).await.expect("remove again is a no-op");
     assert!(!vm_dir.exists(), "VM dir left behind");
     assert_eq!(provider.inspect(&vm).await.unwrap(), MachineState::Absent);
-    assert!(images.join("debian-12/base.qcow2").is_file(), "base image touched");
+    assert!(
+        images.join("debian-12/base.qcow2").is_file(),
+        "base image touched"
+    );
 
     assert!(provider.teardown_lab_network().await.unwrap());
     assert!(!Path::new("/run/netns").join(&namespace).exists());

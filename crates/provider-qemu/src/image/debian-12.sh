@@ -94,11 +94,13 @@ cat > "$t/init" <<EOI
 #!/bin/busybox sh
 B=/bin/busybox
 \$B mount -t devtmpfs dev /dev
+exec </dev/console >/dev/console 2>&1
 \$B mount -t proc proc /proc
 for m in $MODS; do
   [ -f /lib/modules/\$m.ko ] && \$B insmod /lib/modules/\$m.ko 2>/dev/null
 done
 root=/dev/vda; for a in \$(\$B cat /proc/cmdline); do case \$a in root=/dev/*) root=\${a#root=};; esac; done
+echo "basphere-initrd: kernel up, mounting \$root"
 i=0; while [ ! -b \$root ] && [ \$i -lt 500 ]; do \$B usleep 10000; i=\$((i+1)); done
 \$B mount -t ext4 -o rw,noatime \$root /root || { echo "tiny-initrd: cannot mount \$root"; exec \$B sh; }
 \$B umount /proc
