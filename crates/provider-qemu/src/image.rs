@@ -255,6 +255,74 @@ pub async fn build_image(
     Ok(link)
 }
 
+/// The backing file recorded in a qcow2 header, if any.
+pub fn qcow2_backing_file(disk: &Path) -> Option<PathBuf> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(disk).ok()?;
+    let mut header = [0u8; 20];
+    f.read_exact(&mut header).ok()?;
+    if &header[..4] != b"QFI\xfb" {
+        return None;
+    }
+    let offset = u64::from_be_bytes(header[8..16].try_into().ok()?);
+    let len = u32::from_be_bytes(header[16..20].try_into().ok()?) as usize;
+    if offset == 0 || len == 0 || len > 4096 {
+        return None;
+    }
+    f.seek(SeekFrom::Start(offset)).ok()?;
+    let mut name = vec![0u8; len];
+    f.read_exact(&mut name).ok()?;
+    Some(PathBuf::from(String::from_utf8(name).ok()?))
+}
+
+/// Deletes superseded builds (`<name>.<stamp>` and `<name>.old-<stamp>` directories that the
+/// `<name>` link no longer points at) unless a disk under `state_dir` still uses them as its
+/// backing file. Returns the directories removed.
+pub fn prune_images(images_dir: &Path, state_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut in_use: Vec<PathBuf> = Vec::new();
+    if let Ok(vms) = std::fs::read_dir(state_dir) {
+        for vm in vms.flatten() {
+            if let Some(base) = qcow2_backing_file(&vm.path().join("disk.qcow2"))
+                && let Some(dir) = base.parent()
+            {
+                in_use.push(std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf()));
+            }
+        }
+    }
+    let mut current: Vec<PathBuf> = Vec::new();
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    for entry in std::fs::read_dir(images_dir)?.flatten() {
+        let path = entry.path();
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        if entry.file_type()?.is_symlink() {
+            if let Ok(target) = std::fs::canonicalize(&path) {
+                current.push(target);
+            }
+            continue;
+        }
+        let superseded = BUILDABLE.iter().any(|name| {
+            file_name
+                .strip_prefix(name)
+                .and_then(|r| r.strip_prefix('.'))
+                .is_some_and(|r| {
+                    let r = r.strip_prefix("old-").unwrap_or(r);
+                    !r.is_empty() && r.chars().all(|c| c.is_ascii_digit())
+                })
+        });
+        if superseded && entry.file_type()?.is_dir() {
+            candidates.push(std::fs::canonicalize(&path)?);
+        }
+    }
+    let mut removed = Vec::new();
+    for dir in candidates {
+        if !current.contains(&dir) && !in_use.contains(&dir) {
+            std::fs::remove_dir_all(&dir)?;
+            removed.push(dir);
+        }
+    }
+    Ok(removed)
+}
+
 async fn run_script(
     scratch: &Path,
     mirror: &str,
@@ -338,6 +406,46 @@ mod tests {
         let disabled = "Enabled: no\nTypes: deb\nURIs: http://off/\nSuites: bookworm\n";
         let files = vec![(PathBuf::from("/x/o.sources"), disabled.to_string())];
         assert_eq!(mirrors_from_sources(&files, "bookworm"), Mirrors::default());
+    }
+
+    #[test]
+    fn prune_keeps_current_and_used_builds() {
+        let images = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let i = images.path();
+        for d in [
+            "debian-12.100",
+            "debian-12.200",
+            "debian-12.300",
+            "debian-12.old-50",
+            "other.1",
+        ] {
+            std::fs::create_dir(i.join(d)).unwrap();
+        }
+        std::os::unix::fs::symlink("debian-12.300", i.join("debian-12")).unwrap();
+        // A VM disk backed by build 100: a qcow2 header naming its backing file.
+        let backing = format!("{}/debian-12.100/base.qcow2", i.display());
+        let mut header = vec![0u8; 512];
+        header[..4].copy_from_slice(b"QFI\xfb");
+        header[8..16].copy_from_slice(&200u64.to_be_bytes());
+        header[16..20].copy_from_slice(&(backing.len() as u32).to_be_bytes());
+        header[200..200 + backing.len()].copy_from_slice(backing.as_bytes());
+        std::fs::create_dir(state.path().join("vm1")).unwrap();
+        std::fs::write(state.path().join("vm1/disk.qcow2"), &header).unwrap();
+        assert_eq!(
+            qcow2_backing_file(&state.path().join("vm1/disk.qcow2")),
+            Some(PathBuf::from(&backing))
+        );
+
+        let mut removed = prune_images(i, state.path()).unwrap();
+        removed.sort();
+        let i = std::fs::canonicalize(i).unwrap();
+        assert_eq!(
+            removed,
+            vec![i.join("debian-12.200"), i.join("debian-12.old-50")]
+        );
+        assert!(i.join("debian-12.100").is_dir() && i.join("debian-12.300").is_dir());
+        assert!(i.join("other.1").is_dir());
     }
 
     #[tokio::test]

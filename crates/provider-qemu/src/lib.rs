@@ -27,7 +27,7 @@ mod seed;
 
 pub use config::{Accel, NetworkMode, QemuConfig};
 pub use diagnose::{Diagnosis, diagnose};
-pub use image::{BUILDABLE, BuildError, Mirrors, build_image, mirrors_from_sources};
+pub use image::{BUILDABLE, BuildError, Mirrors, build_image, mirrors_from_sources, prune_images};
 pub use machine::{
     AccelChoice, Resources, TCG_DEFAULT_MAX_MEMORY_MIB, TCG_DEFAULT_MAX_VCPUS, tap_name,
 };
@@ -205,6 +205,11 @@ impl QemuProvider {
         progress: impl FnMut(&str),
     ) -> std::result::Result<PathBuf, BuildError> {
         image::build_image(name, &self.config.images_dir, force, progress).await
+    }
+
+    /// Deletes superseded image builds no VM disk of this provider uses (see [`prune_images`]).
+    pub fn prune_images(&self) -> std::io::Result<Vec<PathBuf>> {
+        image::prune_images(&self.config.images_dir, &self.config.state_dir)
     }
 
     /// The directory holding everything of one VM.
