@@ -1,1 +1,200 @@
-//! placeholder
+//! A small HTTP/1 client for the Basphere API, over the server's Unix socket (identity from
+//! the kernel, no token) or TCP with a bearer token.
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+pub use hyper::Method;
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use serde_json::Value;
+use std::path::PathBuf;
+
+/// Where the server is.
+#[derive(Debug, Clone)]
+pub enum Endpoint {
+    Unix(PathBuf),
+    /// `host:port` and the token to present.
+    Tcp { addr: String, token: Option<String> },
+}
+
+/// The prototype's response envelope.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Envelope {
+    pub success: bool,
+    pub message: String,
+    #[serde(default)]
+    pub data: Value,
+    #[serde(default)]
+    pub errors: Vec<String>,
+}
+
+/// A response: HTTP status and envelope.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: StatusCode,
+    pub body: Envelope,
+}
+
+/// Could not talk to the server at all.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to the basphere server at {0}: {1} (is `basphere serve` running? set BASPHERE_SOCKET or BASPHERE_URL)")]
+    Connect(String, std::io::Error),
+    #[error("HTTP error talking to {0}: {1}")]
+    Http(String, String),
+    #[error("the server sent a response that is not Basphere's JSON envelope (status {0}): {1}")]
+    Body(StatusCode, String),
+}
+
+/// A client for one endpoint; each request uses a fresh connection.
+#[derive(Debug, Clone)]
+pub struct Client {
+    endpoint: Endpoint,
+}
+
+type Conn = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+impl Client {
+    pub fn new(endpoint: Endpoint) -> Self {
+        Self { endpoint }
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    fn shown(&self) -> String {
+        match &self.endpoint {
+            Endpoint::Unix(p) => p.display().to_string(),
+            Endpoint::Tcp { addr, .. } => addr.clone(),
+        }
+    }
+
+    async fn connect(&self) -> Result<Conn, ClientError> {
+        let shown = self.shown();
+        macro_rules! handshake {
+            ($stream:expr) => {{
+                let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new($stream))
+                    .await
+                    .map_err(|e| ClientError::Http(shown.clone(), e.to_string()))?;
+                tokio::spawn(conn);
+                Ok(send)
+            }};
+        }
+        match &self.endpoint {
+            Endpoint::Unix(p) => {
+                let s = tokio::net::UnixStream::connect(p)
+                    .await
+                    .map_err(|e| ClientError::Connect(shown.clone(), e))?;
+                handshake!(s)
+            }
+            Endpoint::Tcp { addr, .. } => {
+                let s = tokio::net::TcpStream::connect(addr)
+                    .await
+                    .map_err(|e| ClientError::Connect(shown.clone(), e))?;
+                handshake!(s)
+            }
+        }
+    }
+
+    fn request(&self, method: Method, path: &str, body: Option<&Value>) -> Request<Full<Bytes>> {
+        let mut b = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "basphere")
+            .header("accept", "application/json");
+        if let Endpoint::Tcp { token: Some(t), .. } = &self.endpoint {
+            b = b.header("authorization", format!("Bearer {t}"));
+        }
+        let bytes = match body {
+            Some(v) => {
+                b = b.header("content-type", "application/json");
+                Bytes::from(v.to_string())
+            }
+            None => Bytes::new(),
+        };
+        b.body(Full::new(bytes)).expect("valid request")
+    }
+
+    /// Sends one request; any HTTP status comes back as a `Response`.
+    pub async fn call(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Response, ClientError> {
+        let mut conn = self.connect().await?;
+        let resp = conn
+            .send_request(self.request(method, path, body))
+            .await
+            .map_err(|e| ClientError::Http(self.shown(), e.to_string()))?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Http(self.shown(), e.to_string()))?
+            .to_bytes();
+        let body: Envelope = serde_json::from_slice(&bytes).map_err(|_| {
+            ClientError::Body(status, String::from_utf8_lossy(&bytes).chars().take(200).collect())
+        })?;
+        Ok(Response { status, body })
+    }
+
+    pub async fn get(&self, path: &str) -> Result<Response, ClientError> {
+        self.call(Method::GET, path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> Result<Response, ClientError> {
+        self.call(Method::POST, path, Some(body)).await
+    }
+
+    pub async fn delete(&self, path: &str) -> Result<Response, ClientError> {
+        self.call(Method::DELETE, path, None).await
+    }
+
+    /// Follows a Server-Sent Events stream, calling `on_event(kind, data)` for each event,
+    /// until the server ends it or `on_event` returns false.
+    pub async fn follow(&self, path: &str, mut on_event: impl FnMut(&str, &Value) -> bool) -> Result<(), ClientError> {
+        let mut conn = self.connect().await?;
+        let mut req = self.request(Method::GET, path, None);
+        req.headers_mut()
+            .insert("accept", "text/event-stream".parse().expect("valid"));
+        let resp = conn
+            .send_request(req)
+            .await
+            .map_err(|e| ClientError::Http(self.shown(), e.to_string()))?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let bytes = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let env: Option<Envelope> = serde_json::from_slice(&bytes).ok();
+            return Err(ClientError::Http(
+                self.shown(),
+                env.map(|e| e.message).unwrap_or_else(|| status.to_string()),
+            ));
+        }
+        let mut body = resp.into_body();
+        let mut buf = String::new();
+        let (mut kind, mut data) = (String::new(), String::new());
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| ClientError::Http(self.shown(), e.to_string()))?;
+            let Some(chunk) = frame.data_ref() else { continue };
+            buf.push_str(&String::from_utf8_lossy(chunk));
+            while let Some(pos) = buf.find('\n') {
+                let line: String = buf.drain(..=pos).collect();
+                let line = line.trim_end_matches(['\n', '\r']);
+                if line.is_empty() {
+                    if !data.is_empty() {
+                        let v: Value = serde_json::from_str(&data).unwrap_or(Value::String(data.clone()));
+                        if !on_event(&kind, &v) {
+                            return Ok(());
+                        }
+                    }
+                    kind.clear();
+                    data.clear();
+                } else if let Some(k) = line.strip_prefix("event:") {
+                    kind = k.trim().to_string();
+                } else if let Some(d) = line.strip_prefix("data:") {
+                    data.push_str(d.trim_start());
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,294 @@
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+/// Self-service VMs within your quota, at your own IPs, reachable by SSH.
+///
+/// Local use on the Basphere host needs no token: the server knows your Unix account.
+/// Remote use: `--url HOST:PORT` with a token from `basphere token create` (or BASPHERE_TOKEN).
+#[derive(Parser, Debug)]
+#[command(name = "basphere", version, propagate_version = true, max_term_width = 100)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Global {
+    /// Config file (server commands; clients read the socket path from it).
+    #[arg(long, global = true, env = "BASPHERE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Server's Unix socket.
+    #[arg(long, global = true, env = "BASPHERE_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// Server's TCP address (host:port) for remote use with a token.
+    #[arg(long, global = true, env = "BASPHERE_URL")]
+    pub url: Option<String>,
+    /// API token for --url (default: ~/.config/basphere/token).
+    #[arg(long, global = true, env = "BASPHERE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Table, env = "BASPHERE_OUTPUT")]
+    pub output: Output,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Write a default config (if missing), create the data dir, database and first admin token.
+    Init {
+        /// Replace an existing config file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run the server: API on the Unix socket and TCP, and the workflow engine.
+    Serve,
+    /// Create the prototype's command names (create-vm, list-vms, …) as links to this binary.
+    InstallAliases {
+        /// Directory for the links, e.g. /usr/local/bin.
+        dir: PathBuf,
+    },
+    /// Ask for an account (an admin approves it).
+    Register {
+        /// Defaults to your Unix account name.
+        #[arg(long, short = 'u')]
+        username: Option<String>,
+        #[arg(long, short = 'e')]
+        email: String,
+        #[arg(long, short = 't')]
+        team: String,
+        /// Your SSH public key file.
+        #[arg(long, short = 'k', default_value = "~/.ssh/id_ed25519.pub")]
+        key_file: String,
+    },
+    /// Show your account, its status and IP block.
+    Me,
+    /// Exchange an enrollment code (from your approval) for an API token.
+    Enroll {
+        #[arg(long, short = 'u')]
+        username: String,
+        #[arg(long, short = 'c')]
+        code: String,
+        /// Save the token to ~/.config/basphere/token.
+        #[arg(long)]
+        save: bool,
+    },
+    /// Manage your API tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Request a new SSH key (an admin approves it).
+    #[command(subcommand)]
+    Key(KeyCmd),
+    /// Create, list and delete VMs.
+    #[command(subcommand)]
+    Vm(VmCmd),
+    /// Show your quota and what you use (alias: show-quota).
+    Quota,
+    /// Show your IP block, quota, VMs and clusters (alias: list-resources).
+    Resources,
+    /// Follow and inspect operations (workflows).
+    #[command(subcommand)]
+    Ops(OpsCmd),
+    /// Admin commands (alias: basphere-admin).
+    #[command(subcommand)]
+    Admin(AdminCmd),
+    /// Build OS base images for the qemu provider.
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// SSH into one of your VMs (enters the lab network namespace when needed).
+    Ssh {
+        name: String,
+        /// Command to run instead of a shell.
+        #[arg(trailing_var_arg = true)]
+        command: Vec<String>,
+    },
+    /// Measure the platform's own overhead and print the figures.
+    Bench(crate::bench::BenchArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCmd {
+    /// Mint a token (shown once).
+    Create {
+        #[arg(long, default_value = "cli")]
+        name: String,
+        #[arg(long)]
+        ttl_days: Option<u32>,
+    },
+    List,
+    Revoke { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeyCmd {
+    /// Request that your SSH key be replaced.
+    Change {
+        #[arg(long, short = 'k')]
+        key_file: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VmCmd {
+    /// Create VMs (alias: create-vm). Prompts for what is missing on a terminal.
+    Create {
+        /// VM name (with -c N: NAME-1 … NAME-N).
+        #[arg(short = 'n', long)]
+        name: Option<String>,
+        /// OS image (see `basphere vm catalog`).
+        #[arg(short = 'o', long)]
+        os: Option<String>,
+        /// Size: tiny, small, medium, large, huge.
+        #[arg(short = 's', long)]
+        spec: Option<String>,
+        /// How many (1-10).
+        #[arg(short = 'c', long)]
+        count: Option<u32>,
+        /// Return as soon as the request is accepted.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// List your VMs (alias: list-vms).
+    List {
+        /// All users' VMs (admin).
+        #[arg(short = 'a', long)]
+        all: bool,
+        /// JSON output (same as --output json).
+        #[arg(short = 'j', long)]
+        json: bool,
+    },
+    /// Show one VM.
+    Show {
+        name: String,
+        /// Owner (admin).
+        #[arg(long)]
+        owner: Option<String>,
+    },
+    /// Delete a VM (alias: delete-vm).
+    Delete {
+        name: String,
+        /// Do not ask for confirmation.
+        #[arg(short = 'f', long)]
+        force: bool,
+        /// Owner (admin).
+        #[arg(long)]
+        owner: Option<String>,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Specs and OS images you can choose from.
+    Catalog,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum OpsCmd {
+    List {
+        #[arg(short = 'a', long)]
+        all: bool,
+    },
+    Show { id: String },
+    /// Follow an operation's steps until it ends.
+    Watch { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AdminCmd {
+    #[command(subcommand)]
+    User(UserCmd),
+    #[command(subcommand)]
+    Key(AdminKeyCmd),
+    /// The audit trail, newest first.
+    Audit {
+        #[arg(long)]
+        actor: Option<String>,
+        /// Action prefix, e.g. vm. or user.approve
+        #[arg(long)]
+        action: Option<String>,
+        #[arg(long)]
+        target: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum UserCmd {
+    /// Add and approve a user in one go.
+    Add {
+        username: String,
+        #[arg(long, short = 'e')]
+        email: String,
+        #[arg(long, short = 't')]
+        team: String,
+        #[arg(long, short = 'k')]
+        key_file: String,
+    },
+    List {
+        #[arg(long)]
+        status: Option<String>,
+    },
+    Show { username: String },
+    /// Delete a user: their VMs first, then the account.
+    Delete {
+        username: String,
+        #[arg(short = 'f', long)]
+        force: bool,
+    },
+    /// Delete a user and every trace of their registration.
+    Purge {
+        username: String,
+        #[arg(short = 'f', long)]
+        force: bool,
+    },
+    /// Registrations waiting for a decision.
+    Pending,
+    Approve { username: String },
+    Reject {
+        username: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    Disable { username: String },
+    Enable { username: String },
+    /// Change a user's quota.
+    Quota {
+        username: String,
+        #[arg(long)]
+        max_vms: Option<u32>,
+        #[arg(long)]
+        max_ips: Option<u32>,
+        #[arg(long)]
+        max_clusters: Option<u32>,
+        #[arg(long)]
+        max_vcpus: Option<u32>,
+        #[arg(long)]
+        max_memory_mib: Option<u64>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AdminKeyCmd {
+    Pending,
+    Approve { username: String },
+    Reject {
+        username: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCmd {
+    /// Build a base image (debian-12) into <data_dir>/images.
+    Build {
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
+}

@@ -1,0 +1,600 @@
+//! Client commands: each is one or a few API calls and a readable rendering of the answer.
+
+use crate::args::*;
+use crate::output::{self, cell};
+use anyhow::{Context, anyhow, bail};
+use basphere_client::{Client, Endpoint, Response};
+use serde_json::{Value, json};
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+fn expand_home(p: &str) -> PathBuf {
+    match (p.strip_prefix("~/"), std::env::var_os("HOME")) {
+        (Some(rest), Some(home)) => PathBuf::from(home).join(rest),
+        _ => PathBuf::from(p),
+    }
+}
+
+fn token_file() -> Option<PathBuf> {
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config/basphere/token"))
+}
+
+fn client(g: &Global) -> anyhow::Result<Client> {
+    if let Some(url) = &g.url {
+        let addr = url
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string();
+        if addr.starts_with("https://") {
+            bail!("https is not supported by this client yet; use the server's http address on a trusted network or the Unix socket");
+        }
+        let token = g.token.clone().or_else(|| {
+            token_file()
+                .and_then(|p| std::fs::read_to_string(p).ok())
+                .map(|s| s.trim().to_string())
+        });
+        return Ok(Client::new(Endpoint::Tcp { addr, token }));
+    }
+    let socket = match &g.socket {
+        Some(s) => s.clone(),
+        None => crate::serve::load_config(g.config.as_deref())
+            .map(|c| c.server.socket)
+            .unwrap_or_else(|_| PathBuf::from("/run/basphere/basphere.sock")),
+    };
+    Ok(Client::new(Endpoint::Unix(socket)))
+}
+
+/// Turns a refused request into an error with the server's message and field errors.
+fn check(r: Response) -> anyhow::Result<Value> {
+    if r.body.success {
+        return Ok(r.body.data);
+    }
+    let mut msg = r.body.message.clone();
+    let extra: Vec<&String> = r.body.errors.iter().filter(|e| **e != r.body.message).collect();
+    for e in extra {
+        msg.push_str(&format!("\n  - {e}"));
+    }
+    let hint = match r.status.as_u16() {
+        401 => "\nhint: make a token with `basphere token create` on the Basphere host, then pass --token or BASPHERE_TOKEN",
+        403 if r.body.message.contains("admin") => "\nhint: run this as an admin (root on the Basphere host, or with the admin token)",
+        _ => "",
+    };
+    Err(anyhow!("{msg}{hint}"))
+}
+
+fn say(out: Output, data: &Value, message: &str) {
+    if out == Output::Json {
+        println!("{}", serde_json::to_string_pretty(data).unwrap_or_default());
+    } else {
+        println!("{message}");
+    }
+}
+
+fn read_key(path: &str) -> anyhow::Result<String> {
+    let p = expand_home(path);
+    let s = std::fs::read_to_string(&p).with_context(|| {
+        format!("cannot read SSH public key {} (make one with: ssh-keygen -t ed25519)", p.display())
+    })?;
+    Ok(s.trim().to_string())
+}
+
+fn prompt(question: &str) -> anyhow::Result<String> {
+    eprint!("{question}");
+    std::io::stderr().flush().ok();
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    Ok(line.trim().to_string())
+}
+
+fn confirm(question: &str) -> anyhow::Result<bool> {
+    Ok(matches!(prompt(&format!("{question} [y/N] "))?.as_str(), "y" | "Y" | "yes"))
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let g = cli.global.clone();
+    let out = g.output;
+    if std::env::var_os("BASPHERE_LOG").is_some() || matches!(cli.cmd, Cmd::Serve) {
+        tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_env("BASPHERE_LOG")
+                    .unwrap_or_else(|_| "info".into()),
+            )
+            .with_writer(std::io::stderr)
+            .init();
+    }
+    match cli.cmd {
+        Cmd::Init { force } => crate::serve::init(g.config.as_deref(), force).await?,
+        Cmd::Serve => crate::serve::serve(g.config.as_deref()).await?,
+        Cmd::InstallAliases { dir } => install_aliases(&dir)?,
+        Cmd::Bench(a) => crate::bench::run(a).await?,
+        Cmd::Image(ImageCmd::Build { name, force }) => {
+            crate::providers::build_image(g.config.as_deref(), &name, force).await?
+        }
+        Cmd::Ssh { name, command } => return ssh(&g, &name, &command).await,
+        cmd => return client_cmd(&g, out, cmd).await,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn install_aliases(dir: &Path) -> anyhow::Result<()> {
+    let me = std::env::current_exe().context("locating this binary")?;
+    std::fs::create_dir_all(dir)?;
+    for (name, _) in crate::ALIASES {
+        let link = dir.join(name);
+        if link.symlink_metadata().is_ok() {
+            std::fs::remove_file(&link)?;
+        }
+        std::os::unix::fs::symlink(&me, &link)
+            .with_context(|| format!("linking {}", link.display()))?;
+        println!("{} -> {}", link.display(), me.display());
+    }
+    Ok(())
+}
+
+async fn client_cmd(g: &Global, out: Output, cmd: Cmd) -> anyhow::Result<ExitCode> {
+    let c = client(g)?;
+    match cmd {
+        Cmd::Register { username, email, team, key_file } => {
+            let username = match username {
+                Some(u) => u,
+                None => nix::unistd::User::from_uid(nix::unistd::getuid())
+                    .ok()
+                    .flatten()
+                    .map(|u| u.name)
+                    .ok_or_else(|| anyhow!("pass --username"))?,
+            };
+            let key = read_key(&key_file)?;
+            let d = check(
+                c.post(
+                    "/api/v1/register",
+                    &json!({"username": username, "email": email, "team": team, "public_key": key}),
+                )
+                .await?,
+            )?;
+            say(out, &d, &format!("registration of {username} received; an admin will review it (check with: basphere me)"));
+        }
+        Cmd::Me => {
+            let d = check(c.get("/api/v1/me").await?)?;
+            if out == Output::Json {
+                output::fields(out, &d);
+            } else {
+                let u = &d["user"];
+                println!("username  {}", cell(&u["username"]));
+                println!("status    {}", cell(&u["status"]));
+                println!("role      {}", cell(&u["role"]));
+                println!("team      {}", cell(&u["team"]));
+                println!("ip block  {}", cell(&d["ip_block"]));
+                if let Some(r) = d["registration"]["reject_reason"].as_str().filter(|s| !s.is_empty()) {
+                    println!("rejected  {r}");
+                }
+            }
+        }
+        Cmd::Enroll { username, code, save } => {
+            let d = check(c.post("/api/v1/enroll", &json!({"username": username, "code": code})).await?)?;
+            let token = d["token"].as_str().unwrap_or_default().to_string();
+            if save {
+                let p = token_file().ok_or_else(|| anyhow!("HOME is not set"))?;
+                save_token(&p, &token)?;
+                say(out, &d, &format!("token saved to {}", p.display()));
+            } else {
+                say(out, &d, &format!("{token}\n(shown once; keep it in ~/.config/basphere/token or BASPHERE_TOKEN)"));
+            }
+        }
+        Cmd::Token(t) => match t {
+            TokenCmd::Create { name, ttl_days } => {
+                let d = check(c.post("/api/v1/tokens", &json!({"name": name, "ttl_days": ttl_days})).await?)?;
+                say(out, &d, &format!("{}\n(shown once)", cell(&d["token"])));
+            }
+            TokenCmd::List => {
+                let d = check(c.get("/api/v1/tokens").await?)?;
+                output::table(out, &d, &[("ID", "/id"), ("NAME", "/name"), ("CREATED", "/created_at"), ("LAST USED", "/last_used_at")]);
+            }
+            TokenCmd::Revoke { id } => {
+                let d = check(c.delete(&format!("/api/v1/tokens/{id}")).await?)?;
+                say(out, &d, &format!("token {id} revoked"));
+            }
+        },
+        Cmd::Key(KeyCmd::Change { key_file }) => {
+            let key = read_key(&key_file)?;
+            let d = check(c.post("/api/v1/key-change", &json!({"public_key": key})).await?)?;
+            say(out, &d, "key change requested; an admin will review it");
+        }
+        Cmd::Vm(v) => return vm_cmd(&c, out, v).await,
+        Cmd::Quota => {
+            let d = check(c.get("/api/v1/quota").await?)?;
+            if out == Output::Json {
+                output::fields(out, &d);
+            } else {
+                let (q, u) = (&d["quota"], &d["usage"]);
+                println!("quota of {}", cell(&d["username"]));
+                println!("  VMs       {:>4} / {}", cell(&u["vms"]), cell(&q["max_vms"]));
+                println!("  IPs       {:>4} / {}", cell(&u["ips"]), cell(&q["max_ips"]));
+                println!("  clusters  {:>4} / {}", cell(&u["clusters"]), cell(&q["max_clusters"]));
+                println!("  vCPUs     {:>4} / {}", cell(&u["vcpus"]), q.get("max_vcpus").map(cell).unwrap_or("unlimited".into()));
+            }
+        }
+        Cmd::Resources => {
+            let d = check(c.get("/api/v1/resources").await?)?;
+            if out == Output::Json {
+                output::fields(out, &d);
+            } else {
+                println!("user      {}", cell(&d["username"]));
+                println!("ip block  {} (gateway {})", cell(&d["ip_block"]), cell(&d["gateway"]));
+                println!("VMs       {} / {}", cell(&d["usage"]["vms"]), cell(&d["quota"]["max_vms"]));
+                output::table(out, &d["vms"], VM_COLS);
+                println!("clusters  none");
+            }
+        }
+        Cmd::Ops(o) => match o {
+            OpsCmd::List { all } => {
+                let d = check(c.get(&format!("/api/v1/operations?all={all}")).await?)?;
+                output::table(out, &d, &[("ID", "/id"), ("KIND", "/kind"), ("OWNER", "/owner"), ("STATUS", "/status"), ("ERROR", "/error")]);
+            }
+            OpsCmd::Show { id } => {
+                let d = check(c.get(&format!("/api/v1/operations/{id}")).await?)?;
+                if out == Output::Json {
+                    output::fields(out, &d);
+                } else {
+                    println!("{} {} ({})", cell(&d["kind"]), cell(&d["id"]), cell(&d["status"]));
+                    output::table(out, &d["steps"], &[("STEP", "/name"), ("STATUS", "/status"), ("ATTEMPTS", "/attempts"), ("ERROR", "/error")]);
+                }
+            }
+            OpsCmd::Watch { id } => {
+                let ok = follow(&c, out, &[(id.clone(), id)]).await?;
+                return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) });
+            }
+        },
+        Cmd::Admin(a) => admin_cmd(&c, out, a).await?,
+        _ => unreachable!("server commands are handled before"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn save_token(p: &Path, token: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(d) = p.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(p)?;
+    writeln!(f, "{token}")?;
+    Ok(())
+}
+
+const VM_COLS: &[(&str, &str)] = &[
+    ("NAME", "/name"),
+    ("STATUS", "/status"),
+    ("IP", "/ip_address"),
+    ("SPEC", "/spec"),
+    ("OS", "/os"),
+    ("CREATED", "/created_at"),
+];
+
+/// Follows operations (id, label) until each ends; prints step progress. True if all succeeded.
+async fn follow(c: &Client, out: Output, ops: &[(String, String)]) -> anyhow::Result<bool> {
+    let mut tasks = tokio::task::JoinSet::new();
+    let started = std::time::Instant::now();
+    for (id, label) in ops {
+        let c = c.clone();
+        let (id, label) = (id.clone(), label.clone());
+        tasks.spawn(async move {
+            let mut result = None;
+            let r = c
+                .follow(&format!("/api/v1/operations/{id}/events"), |kind, ev| {
+                    let msg = ev["message"].as_str().unwrap_or_default();
+                    let t = started.elapsed().as_secs_f64();
+                    if out == Output::Table {
+                        let mark = match kind {
+                            "step_done" | "succeeded" => "✓",
+                            "step_failed" | "failed" => "✗",
+                            "step_retry" => "↻",
+                            "step_undone" | "undo_started" => "↶",
+                            _ => "·",
+                        };
+                        eprintln!("{t:>7.1}s {mark} {label}: {msg}");
+                    }
+                    match kind {
+                        "succeeded" => result = Some(Ok(())),
+                        "failed" | "cancelled" => result = Some(Err(msg.to_string())),
+                        _ => {}
+                    }
+                    true
+                })
+                .await;
+            (label, r, result)
+        });
+    }
+    let mut all_ok = true;
+    while let Some(j) = tasks.join_next().await {
+        let (label, r, result) = j?;
+        r?;
+        match result {
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                all_ok = false;
+                eprintln!("error: {label}: {e}");
+            }
+            None => {
+                all_ok = false;
+                eprintln!("error: {label}: the progress stream ended early; check with basphere ops show");
+            }
+        }
+    }
+    Ok(all_ok)
+}
+
+async fn vm_cmd(c: &Client, out: Output, v: VmCmd) -> anyhow::Result<ExitCode> {
+    match v {
+        VmCmd::Create { name, os, spec, count, no_wait } => {
+            let tty = std::io::stdin().is_terminal();
+            let (name, os, spec, count) = if name.is_none() && tty {
+                let cat = check(c.get("/api/v1/catalog").await?)?;
+                let name = prompt("VM name (1-30 of a-z 0-9 -): ")?;
+                let images: Vec<String> = cat["images"].as_array().into_iter().flatten().filter_map(|i| i["name"].as_str().map(String::from)).collect();
+                let os = os.or_else(|| {
+                    let def = cat["default_image"].as_str().unwrap_or_default();
+                    prompt(&format!("OS [{}] (default {def}): ", images.join(", "))).ok().filter(|s| !s.is_empty())
+                });
+                let specs: Vec<String> = cat["specs"].as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default();
+                let spec = spec.or_else(|| prompt(&format!("spec [{}] (default small): ", specs.join(", "))).ok().filter(|s| !s.is_empty()));
+                let count = count.or_else(|| prompt("count (1-10, default 1): ").ok().and_then(|s| s.parse().ok()));
+                (Some(name), os, spec, count)
+            } else {
+                (name, os, spec, count)
+            };
+            let Some(name) = name else {
+                bail!("missing -n NAME (e.g. create-vm -n web -s small); see create-vm --help");
+            };
+            let r = c
+                .post("/api/v1/vms", &json!({"name": name, "os": os, "spec": spec, "count": count.unwrap_or(1)}))
+                .await?;
+            let d = check(r)?;
+            let vms = d["vms"].as_array().cloned().unwrap_or_default();
+            if no_wait {
+                if out == Output::Json {
+                    output::fields(out, &d);
+                } else {
+                    for vm in &vms {
+                        println!("{} accepted (ip {}), operation {}", cell(&vm["name"]), cell(&vm["ip_address"]), cell(&vm["operation_id"]));
+                    }
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let ops: Vec<(String, String)> = vms
+                .iter()
+                .map(|v| (cell(&v["operation_id"]), cell(&v["name"])))
+                .collect();
+            let ok = follow(c, out, &ops).await?;
+            let mut finals = vec![];
+            for (_, n) in &ops {
+                if let Ok(d) = check(c.get(&format!("/api/v1/vms/{n}")).await?) {
+                    finals.push(d);
+                }
+            }
+            if out == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&finals).unwrap_or_default());
+            } else {
+                for vm in &finals {
+                    if vm["status"] == "running" {
+                        println!("{} is running: {}", cell(&vm["name"]), cell(&vm["ssh"]));
+                    } else {
+                        println!("{} is {}: {}", cell(&vm["name"]), cell(&vm["status"]), cell(&vm["error"]));
+                    }
+                }
+            }
+            return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) });
+        }
+        VmCmd::List { all, json } => {
+            let d = check(c.get(&format!("/api/v1/vms?all={all}")).await?)?;
+            let out = if json { Output::Json } else { out };
+            let mut cols = VM_COLS.to_vec();
+            if all {
+                cols.insert(1, ("OWNER", "/owner"));
+            }
+            output::table(out, &d, &cols);
+        }
+        VmCmd::Show { name, owner } => {
+            let q = owner.map(|o| format!("?owner={o}")).unwrap_or_default();
+            let d = check(c.get(&format!("/api/v1/vms/{name}{q}")).await?)?;
+            output::fields(out, &d);
+        }
+        VmCmd::Delete { name, force, owner, no_wait } => {
+            let q = owner.map(|o| format!("?owner={o}")).unwrap_or_default();
+            if !force {
+                if !std::io::stdin().is_terminal() {
+                    bail!("not on a terminal, so cannot ask for confirmation; pass -f to delete {name}");
+                }
+                let vm = check(c.get(&format!("/api/v1/vms/{name}{q}")).await?)?;
+                if !confirm(&format!("Delete VM {name} ({})?", cell(&vm["ip_address"])))? {
+                    println!("not deleted");
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
+            let d = check(c.delete(&format!("/api/v1/vms/{name}{q}")).await?)?;
+            let op = cell(&d["operation_id"]);
+            if no_wait {
+                say(out, &d, &format!("deleting {name}, operation {op}"));
+                return Ok(ExitCode::SUCCESS);
+            }
+            let ok = follow(c, out, &[(op, name.clone())]).await?;
+            say(out, &d, &format!("{name} {}", if ok { "deleted" } else { "not deleted" }));
+            return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) });
+        }
+        VmCmd::Catalog => {
+            let d = check(c.get("/api/v1/catalog").await?)?;
+            if out == Output::Json {
+                output::fields(out, &d);
+            } else {
+                println!("specs:");
+                for (n, s) in d["specs"].as_object().into_iter().flatten() {
+                    println!("  {n:8} {} vCPU  {} MiB  {} GiB", s["vcpus"], s["memory_mib"], s["disk_gib"]);
+                }
+                println!("images (default {}):", cell(&d["default_image"]));
+                for i in d["images"].as_array().into_iter().flatten() {
+                    println!("  {:12} login {}", cell(&i["name"]), cell(&i["login_user"]));
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+const USER_COLS: &[(&str, &str)] = &[
+    ("USERNAME", "/username"),
+    ("STATUS", "/status"),
+    ("ROLE", "/role"),
+    ("TEAM", "/team"),
+    ("EMAIL", "/email"),
+    ("MAX VMS", "/quota/max_vms"),
+];
+
+async fn admin_cmd(c: &Client, out: Output, a: AdminCmd) -> anyhow::Result<()> {
+    match a {
+        AdminCmd::User(u) => match u {
+            UserCmd::Add { username, email, team, key_file } => {
+                let key = read_key(&key_file)?;
+                let d = check(c.post("/api/v1/users", &json!({"username": username, "email": email, "team": team, "public_key": key})).await?)?;
+                approved(out, &username, &d);
+            }
+            UserCmd::List { status } => {
+                let q = status.map(|s| format!("?status={s}")).unwrap_or_default();
+                let d = check(c.get(&format!("/api/v1/users{q}")).await?)?;
+                output::table(out, &d, USER_COLS);
+            }
+            UserCmd::Show { username } => {
+                let d = check(c.get(&format!("/api/v1/users/{username}")).await?)?;
+                if out == Output::Json {
+                    output::fields(out, &d);
+                } else {
+                    output::fields(out, &d["user"]);
+                    println!("ip block       {}", cell(&d["ip_block"]));
+                    println!("usage          {}", d["usage"]);
+                    output::table(out, &d["vms"], VM_COLS);
+                }
+            }
+            UserCmd::Delete { username, force } => delete_user(c, out, &username, force, false).await?,
+            UserCmd::Purge { username, force } => delete_user(c, out, &username, force, true).await?,
+            UserCmd::Pending => {
+                let d = check(c.get("/api/v1/pending").await?)?;
+                output::table(out, &d, &[("USERNAME", "/username"), ("EMAIL", "/email"), ("TEAM", "/team"), ("KEY", "/public_key")]);
+            }
+            UserCmd::Approve { username } => {
+                let d = check(c.post(&format!("/api/v1/users/{username}/approve"), &json!({})).await?)?;
+                approved(out, &username, &d);
+            }
+            UserCmd::Reject { username, reason } => {
+                let d = check(c.post(&format!("/api/v1/users/{username}/reject"), &json!({"reason": reason})).await?)?;
+                say(out, &d, &format!("registration of {username} rejected"));
+            }
+            UserCmd::Disable { username } => {
+                let d = check(c.post(&format!("/api/v1/users/{username}/disable"), &json!({})).await?)?;
+                say(out, &d, &format!("{username} disabled"));
+            }
+            UserCmd::Enable { username } => {
+                let d = check(c.post(&format!("/api/v1/users/{username}/enable"), &json!({})).await?)?;
+                say(out, &d, &format!("{username} enabled"));
+            }
+            UserCmd::Quota { username, max_vms, max_ips, max_clusters, max_vcpus, max_memory_mib } => {
+                let body = json!({"max_vms": max_vms, "max_ips": max_ips, "max_clusters": max_clusters, "max_vcpus": max_vcpus, "max_memory_mib": max_memory_mib});
+                let d = c.call(basphere_client::Method::PUT, &format!("/api/v1/users/{username}/quota"), Some(&body)).await?;
+                let d = check(d)?;
+                if out == Output::Json { output::fields(out, &d) } else { println!("quota of {username}: {d}") }
+            }
+        },
+        AdminCmd::Key(k) => match k {
+            AdminKeyCmd::Pending => {
+                let d = check(c.get("/api/v1/key-changes").await?)?;
+                output::table(out, &d, &[("USERNAME", "/username"), ("REQUESTED", "/created_at"), ("KEY", "/public_key")]);
+            }
+            AdminKeyCmd::Approve { username } => {
+                let d = check(c.post(&format!("/api/v1/key-changes/{username}/approve"), &json!({})).await?)?;
+                say(out, &d, &format!("new key of {username} approved"));
+            }
+            AdminKeyCmd::Reject { username, reason } => {
+                let d = check(c.post(&format!("/api/v1/key-changes/{username}/reject"), &json!({"reason": reason})).await?)?;
+                say(out, &d, &format!("key change of {username} rejected"));
+            }
+        },
+        AdminCmd::Audit { actor, action, target, limit } => {
+            let mut q = format!("?limit={limit}");
+            for (k, v) in [("actor", actor), ("action", action), ("target", target)] {
+                if let Some(v) = v {
+                    q.push_str(&format!("&{k}={v}"));
+                }
+            }
+            let mut d = check(c.get(&format!("/api/v1/audit{q}")).await?)?;
+            if let Some(rows) = d.as_array_mut() {
+                for r in rows {
+                    if let Some(ms) = r["at"].as_i64() {
+                        r["at"] = Value::String(basphere_store::format_ms(ms));
+                    }
+                }
+            }
+            output::table(out, &d, &[("AT", "/at"), ("ACTOR", "/actor"), ("ACTION", "/action"), ("TARGET", "/target"), ("RESULT", "/result"), ("FROM", "/source"), ("DETAIL", "/detail")]);
+        }
+    }
+    Ok(())
+}
+
+fn approved(out: Output, username: &str, d: &Value) {
+    if out == Output::Json {
+        output::fields(out, d);
+        return;
+    }
+    println!("{username} approved; IP block {}", cell(&d["ip_block"]));
+    if let Some(code) = d["enrollment_code"].as_str() {
+        println!("enrollment code (works once): {code}");
+        println!("the user runs: basphere enroll --username {username} --code {code} --save");
+    }
+}
+
+async fn delete_user(c: &Client, out: Output, username: &str, force: bool, purge: bool) -> anyhow::Result<()> {
+    if !force {
+        if !std::io::stdin().is_terminal() {
+            bail!("not on a terminal, so cannot ask for confirmation; pass -f to delete {username} and all their VMs");
+        }
+        if !confirm(&format!("Delete user {username} and all their VMs?"))? {
+            println!("not deleted");
+            return Ok(());
+        }
+    }
+    let path = format!("/api/v1/users/{username}?purge={purge}");
+    for _ in 0..2 {
+        let r = c.delete(&path).await?;
+        let status = r.status.as_u16();
+        let d = check(r)?;
+        if status == 202 {
+            let ops: Vec<(String, String)> = d["operations"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|o| (cell(&o["operation_id"]), cell(&o["vm"])))
+                .collect();
+            if out == Output::Table {
+                eprintln!("deleting {} VM(s) of {username} first", ops.len());
+            }
+            follow(c, out, &ops).await?;
+            continue;
+        }
+        say(out, &d, &format!("user {username} {}", if purge { "purged" } else { "deleted" }));
+        return Ok(());
+    }
+    bail!("user {username} still has VMs that could not be deleted; see basphere vm list --all")
+}
+
+async fn ssh(g: &Global, name: &str, command: &[String]) -> anyhow::Result<ExitCode> {
+    let c = client(g)?;
+    let vm = check(c.get(&format!("/api/v1/vms/{name}")).await?)?;
+    let ip = vm["ip_address"].as_str().ok_or_else(|| anyhow!("VM {name} has no address (status {})", cell(&vm["status"])))?;
+    let user = vm["login_user"].as_str().unwrap_or("root");
+    let mut cmd = crate::providers::ssh_command(g.config.as_deref());
+    cmd.args(["-o", "StrictHostKeyChecking=accept-new", &format!("{user}@{ip}")]);
+    cmd.args(command);
+    let status = cmd.status().context("running ssh")?;
+    Ok(ExitCode::from(status.code().unwrap_or(1) as u8))
+}
