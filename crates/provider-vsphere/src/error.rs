@@ -43,8 +43,12 @@ pub enum Error {
     #[error("{op} did not finish within {after:?}; vCenter may still be working on it")]
     Timeout { op: String, after: Duration },
     /// The server could not be reached or the connection broke.
-    #[error("cannot reach vCenter at {server}: {message}")]
-    Transport { server: String, message: String },
+    #[error("{op}: cannot reach vCenter at {server}: {message}")]
+    Transport {
+        op: String,
+        server: String,
+        message: String,
+    },
     /// The server answered with something that is not a vim25 SOAP response.
     #[error("unexpected answer from vCenter to {op}: {message}")]
     Protocol { op: String, message: String },

@@ -278,6 +278,7 @@ impl Client {
         self.nanos
             .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         let (status, set_cookie, text) = result.map_err(|e| Error::Transport {
+            op: op.into(),
             server: self.url.clone(),
             message: error_chain(&e),
         })?;
@@ -295,6 +296,7 @@ impl Client {
         }
         if status.is_server_error() {
             return Err(Error::Transport {
+                op: op.into(),
                 server: self.url.clone(),
                 message: format!("HTTP {status}"),
             });
@@ -311,7 +313,7 @@ impl Client {
     async fn call(&self, op: &str, body: &str) -> Result<Node> {
         for attempt in 0..2 {
             let (cookie, generation) = self.session.read().await.clone();
-            let outcome = self.post(op, body, cookie.as_ref()).await?;
+            let outcome = self.post_retrying_reads(op, body, cookie.as_ref()).await?;
             let stale = match &outcome {
                 PostOutcome::Fault(f) => f.fault_type == "NotAuthenticated",
                 PostOutcome::Ok(resp, _) => missing_set_not_authenticated(resp),
@@ -328,6 +330,29 @@ impl Client {
             };
         }
         Err(Error::NotAuthenticated)
+    }
+
+    /// Sends a request; a read-only call whose connection broke is sent again (twice at most).
+    /// Pooled keep-alive connections closed by the server, and vcsim 0.24's per-request panics
+    /// (FindByInventoryPath racing a clone), look like that; writes are never repeated here.
+    async fn post_retrying_reads(
+        &self,
+        op: &str,
+        body: &str,
+        cookie: Option<&Secret>,
+    ) -> Result<PostOutcome> {
+        let read_only = matches!(op, "FindByInventoryPath" | "RetrievePropertiesEx");
+        let mut tries = 0;
+        loop {
+            match self.post(op, body, cookie).await {
+                Err(Error::Transport { message, .. }) if read_only && tries < 2 => {
+                    tries += 1;
+                    tracing::debug!(op, %message, "connection broke on a read; sending it again");
+                    tokio::time::sleep(Duration::from_millis(20 * tries)).await;
+                }
+                r => return r,
+            }
+        }
     }
 
     async fn relogin(&self, seen_generation: u64) -> Result<()> {

@@ -164,6 +164,14 @@ impl Vcsim {
 
 impl Drop for Vcsim {
     fn drop(&mut self) {
+        if std::thread::panicking() || !self.alive() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("--- vcsim log (last lines) ---");
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
