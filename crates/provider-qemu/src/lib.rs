@@ -554,7 +554,9 @@ impl Provider for QemuProvider {
         Err(ProviderError::retryable(format!(
             "VM {} did not answer SSH at {addr} within {deadline:?}: {why}. Last console lines: {}",
             vm.name,
-            host::tail(&paths.serial, 3)
+            Some(host::tail(&paths.serial, 3))
+                .filter(|t| !t.is_empty())
+                .unwrap_or_else(|| "(none)".to_string())
         )))
     }
 

@@ -181,6 +181,17 @@ async fn boots_debian_and_answers_ssh_in_the_lab_namespace() {
     assert_eq!(provider.inspect(&vm).await.unwrap(), MachineState::Running);
     assert!(provider.tap_present(&vm).await);
 
+    // A deadline that expires before the guest prints anything is explained as such.
+    let early = provider
+        .wait_ready(&vm, Duration::from_millis(500))
+        .await
+        .expect_err("no guest answers SSH half a second after power-on");
+    assert!(early.retryable, "{early}");
+    if std::fs::metadata(vm_dir.join("serial.log")).map_or(0, |m| m.len()) == 0 {
+        assert!(early.message.contains("no serial output"), "{early}");
+    }
+    eprintln!("early wait_ready: {early}");
+
     let ready = provider.wait_ready(&vm, Duration::from_secs(240)).await;
     let t_ready = Instant::now();
     if let Err(e) = &ready {
@@ -236,6 +247,36 @@ async fn boots_debian_and_answers_ssh_in_the_lab_namespace() {
     );
     assert!(!provider.tap_present(&vm).await, "tap left behind");
     assert_eq!(provider.inspect(&vm).await.unwrap(), MachineState::Stopped);
+
+    // Started again, then killed behind our back: wait_ready fails at once, permanently, and
+    // stop cleans up after the dead process.
+    provider.start(&vm).await.expect("restart");
+    let second = provider.running_pid(&vm).expect("qemu runs again");
+    assert_ne!(second, qemu_pid);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(second),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t_dead = Instant::now();
+    let dead = provider
+        .wait_ready(&vm, Duration::from_secs(60))
+        .await
+        .expect_err("qemu was killed");
+    assert!(!dead.retryable, "{dead}");
+    assert!(
+        t_dead.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t_dead.elapsed()
+    );
+    assert!(dead.message.contains("not running"), "{dead}");
+    eprintln!("wait_ready after kill: {dead}");
+    provider
+        .stop(&vm)
+        .await
+        .expect("stop after the process died");
+    assert!(!provider.tap_present(&vm).await, "tap left behind");
 
     if let Ok(keep) = std::env::var("BASPHERE_TEST_KEEP_SERIAL") {
         std::fs::copy(vm_dir.join("serial.log"), &keep).unwrap();
