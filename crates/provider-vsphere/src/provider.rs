@@ -271,7 +271,13 @@ impl VsphereProvider {
     }
 
     /// The ReconfigVM_Task spec: CPU, memory, NIC backing, annotation and cloud-init.
-    fn config_spec(&self, vm: &VmRequest, nic_name: &str, login_user: &str, nic: Option<&Node>) -> String {
+    fn config_spec(
+        &self,
+        vm: &VmRequest,
+        nic_name: &str,
+        login_user: &str,
+        nic: Option<&Node>,
+    ) -> String {
         let mut spec = format!(
             "<annotation>{}</annotation><numCPUs>{}</numCPUs><memoryMB>{}</memoryMB>",
             esc(&format!(
@@ -340,7 +346,10 @@ fn not_found(key: &str, path: &str) -> Error {
     ))
 }
 
-async fn resolve_inventory(client: &Client, c: &VsphereConfig) -> std::result::Result<Inventory, Error> {
+async fn resolve_inventory(
+    client: &Client,
+    c: &VsphereConfig,
+) -> std::result::Result<Inventory, Error> {
     let dc = c.datacenter.trim_matches('/');
     client
         .find_by_inventory_path(dc)
@@ -452,13 +461,21 @@ impl Provider for VsphereProvider {
     async fn prepare(&self, vm: &VmRequest) -> Result<()> {
         let (template, nic_name, login_user) = self.template(vm)?;
         let name = Self::vm_name(vm);
-        self.settle_pending_clone(&vm.instance, self.deadline()).await?;
+        self.settle_pending_clone(&vm.instance, self.deadline())
+            .await?;
         let vm_ref = match self.find_vm(vm).await? {
             Some(r) => {
                 tracing::debug!(vm = %name, "clone exists already; reusing it");
                 r
             }
-            None => self.clone_template(vm, &template, &name).await?,
+            None => match self.clone_template(vm, &template, &name).await {
+                Ok(r) => r,
+                // Made by an earlier attempt we lost track of: use it.
+                Err(e) if e.message.contains("DuplicateName") => {
+                    self.find_vm(vm).await?.ok_or(e)?
+                }
+                Err(e) => return Err(e),
+            },
         };
         let Some(props) = self
             .client
@@ -585,8 +602,16 @@ impl Provider for VsphereProvider {
     }
 
     async fn remove(&self, vm: &VmRequest) -> Result<()> {
-        self.settle_pending_clone(&vm.instance, self.deadline()).await?;
-        let Some(r) = self.find_vm(vm).await? else {
+        self.settle_pending_clone(&vm.instance, self.deadline())
+            .await?;
+        let mut found = self.find_vm(vm).await?;
+        if found.is_none() {
+            // Look twice before reporting "nothing left": vcsim 0.24's FindByInventoryPath can
+            // miss a VM while other VMs in the same folder are being destroyed.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            found = self.find_vm(vm).await?;
+        }
+        let Some(r) = found else {
             return Ok(());
         };
         match self.client.power_off(&r, self.deadline()).await {
@@ -606,9 +631,11 @@ impl Provider for VsphereProvider {
         let Some(r) = self.find_vm(vm).await? else {
             return Ok(MachineState::Absent);
         };
-        Ok(match self.client.properties(&r, &["runtime.powerState"]).await? {
-            None => MachineState::Absent,
-            Some(p) => power_state(p.text("runtime.powerState")),
-        })
+        Ok(
+            match self.client.properties(&r, &["runtime.powerState"]).await? {
+                None => MachineState::Absent,
+                Some(p) => power_state(p.text("runtime.powerState")),
+            },
+        )
     }
 }

@@ -301,10 +301,14 @@ impl Client {
                 message: format!("HTTP {status}"),
             });
         }
-        let first = body.children.first().cloned().ok_or_else(|| Error::Protocol {
-            op: op.into(),
-            message: "empty SOAP Body".into(),
-        })?;
+        let first = body
+            .children
+            .first()
+            .cloned()
+            .ok_or_else(|| Error::Protocol {
+                op: op.into(),
+                message: "empty SOAP Body".into(),
+            })?;
         Ok(PostOutcome::Ok(first, set_cookie))
     }
 
@@ -373,7 +377,9 @@ impl Client {
             PostOutcome::Ok(r, _) => r,
             PostOutcome::Fault(f) => return Err(Error::from_fault(op, &f.fault_type, &f.message)),
         };
-        let rv = resp.child("returnval").ok_or_else(|| protocol(op, "no returnval"))?;
+        let rv = resp
+            .child("returnval")
+            .ok_or_else(|| protocol(op, "no returnval"))?;
         let get = |name: &str| {
             rv.child(name)
                 .and_then(MoRef::from_node)
@@ -467,7 +473,10 @@ impl Client {
                 q.root.xml("obj")
             )
         } else {
-            format!("<objectSet>{}<skip>false</skip></objectSet>", q.root.xml("obj"))
+            format!(
+                "<objectSet>{}<skip>false</skip></objectSet>",
+                q.root.xml("obj")
+            )
         };
         let op = "RetrievePropertiesEx";
         let body = format!(
@@ -516,7 +525,10 @@ impl Client {
 
     /// Calls a `*_Task` method and returns the task it started.
     async fn start_task(&self, op: &str, this: &MoRef, args: &str) -> Result<MoRef> {
-        let body = format!("<{op} xmlns=\"urn:vim25\">{}{args}</{op}>", this.xml("_this"));
+        let body = format!(
+            "<{op} xmlns=\"urn:vim25\">{}{args}</{op}>",
+            this.xml("_this")
+        );
         let resp = self.call(op, &body).await?;
         resp.child("returnval")
             .and_then(MoRef::from_node)
@@ -524,7 +536,12 @@ impl Client {
     }
 
     /// Polls a task until it succeeds, fails or `deadline` passes. Returns its `info.result`.
-    pub async fn wait_task(&self, op: &str, task: &MoRef, deadline: Duration) -> Result<Option<Node>> {
+    pub async fn wait_task(
+        &self,
+        op: &str,
+        task: &MoRef,
+        deadline: Duration,
+    ) -> Result<Option<Node>> {
         let started = Instant::now();
         let mut pause = Duration::from_millis(20);
         loop {

@@ -13,8 +13,18 @@ const XSI_NS: &str = "http://www.w3.org/2001/XMLSchema-instance";
 
 /// XML Schema built-in types that appear as `xsi:type` values in vim25.
 const XSD_TYPES: &[&str] = &[
-    "string", "boolean", "byte", "short", "int", "long", "float", "double", "dateTime",
-    "base64Binary", "anyType", "anyURI",
+    "string",
+    "boolean",
+    "byte",
+    "short",
+    "int",
+    "long",
+    "float",
+    "double",
+    "dateTime",
+    "base64Binary",
+    "anyType",
+    "anyURI",
 ];
 
 /// One element of a parsed response.
@@ -58,7 +68,11 @@ impl Node {
         out.push('<');
         out.push_str(&self.name);
         if let Some(t) = &self.xsi_type {
-            let prefix = if XSD_TYPES.contains(&t.as_str()) { "xsd:" } else { "" };
+            let prefix = if XSD_TYPES.contains(&t.as_str()) {
+                "xsd:"
+            } else {
+                ""
+            };
             out.push_str(&format!(" xsi:type=\"{prefix}{}\"", esc(t)));
         }
         if let Some(t) = &self.mo_type {
@@ -88,12 +102,9 @@ pub fn parse(doc: &str) -> Result<Node, String> {
     let mut reader = NsReader::from_str(doc);
     let mut stack: Vec<Node> = Vec::new();
     loop {
-        let event = reader.read_event().map_err(|e| {
-            format!(
-                "malformed XML at byte {}: {e}",
-                reader.buffer_position()
-            )
-        })?;
+        let event = reader
+            .read_event()
+            .map_err(|e| format!("malformed XML at byte {}: {e}", reader.buffer_position()))?;
         match event {
             Event::Start(ref e) | Event::Empty(ref e) => {
                 let mut node = Node {

@@ -34,7 +34,9 @@ async fn bench_100_creates_and_deletes() {
 
     let bench_start = Instant::now();
     // Sequential: SOAP time and wall time do not overlap, so the difference is our overhead.
-    let vms: Vec<_> = (0..VMS).map(|i| request(&format!("seq{i}"), i as u8)).collect();
+    let vms: Vec<_> = (0..VMS)
+        .map(|i| request(&format!("seq{i}"), i as u8))
+        .collect();
     let s0 = p.soap_stats();
     let t0 = Instant::now();
     for vm in &vms {
@@ -67,7 +69,9 @@ async fn bench_100_creates_and_deletes() {
     );
 
     // Concurrent: PARALLEL creates in flight (clones of the one template serialized).
-    let vms: Vec<_> = (0..VMS).map(|i| request(&format!("par{i}"), i as u8)).collect();
+    let vms: Vec<_> = (0..VMS)
+        .map(|i| request(&format!("par{i}"), i as u8))
+        .collect();
     let t0 = Instant::now();
     run_all(&p, &vms, true).await;
     let create = t0.elapsed();
@@ -93,7 +97,9 @@ async fn run_all(p: &Arc<VsphereProvider>, vms: &[basphere_provider::VmRequest],
         let (p, queue) = (p.clone(), queue.clone());
         workers.push(tokio::spawn(async move {
             loop {
-                let Some(vm) = queue.lock().unwrap().pop() else { return };
+                let Some(vm) = queue.lock().unwrap().pop() else {
+                    return;
+                };
                 if create {
                     p.prepare(&vm).await.unwrap();
                     p.start(&vm).await.unwrap();

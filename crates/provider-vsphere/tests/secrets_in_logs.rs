@@ -53,12 +53,19 @@ async fn secrets_never_reach_the_logs() {
     let creds_loaded = basphere_vsphere::Credentials::load(&creds).unwrap();
     tracing::info!(credentials = ?creds_loaded, "credentials");
     // A failed login's error.
-    std::fs::write(&creds, format!("username = \"basphere\"\npassword = \"{PASSWORD}x\"\n")).unwrap();
+    std::fs::write(
+        &creds,
+        format!("username = \"basphere\"\npassword = \"{PASSWORD}x\"\n"),
+    )
+    .unwrap();
     let err = VsphereProvider::connect(config).await.unwrap_err();
     tracing::error!(error = %err, debug = ?err, "login failed");
 
     let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
-    assert!(text.contains("logged in to vCenter"), "logs were not captured:\n{text}");
+    assert!(
+        text.contains("logged in to vCenter"),
+        "logs were not captured:\n{text}"
+    );
     assert!(text.contains("InvalidLogin"));
     assert!(text.contains("vim25 call"), "TRACE lines missing:\n{text}");
     assert!(!text.contains(PASSWORD), "password in logs:\n{text}");

@@ -33,13 +33,25 @@ async fn create_runs_with_ip_then_delete_leaves_nothing() {
     p.prepare(&vm).await.unwrap();
     p.prepare(&vm).await.unwrap(); // a retried prepare reuses the clone
     assert_eq!(p.inspect(&vm).await.unwrap(), MachineState::Stopped);
-    assert_eq!(p.list_machines().await.unwrap().len(), 1, "no duplicate clone");
+    assert_eq!(
+        p.list_machines().await.unwrap().len(),
+        1,
+        "no duplicate clone"
+    );
 
     // What prepare configured: size, port group and cloud-init guestinfo.
     let r = vm_ref(&p, &vm).await.expect("clone exists");
     let props = p
         .client()
-        .properties(&r, &["config.hardware.numCPU", "config.hardware.memoryMB", "config.extraConfig", "config.annotation"])
+        .properties(
+            &r,
+            &[
+                "config.hardware.numCPU",
+                "config.hardware.memoryMB",
+                "config.extraConfig",
+                "config.annotation",
+            ],
+        )
         .await
         .unwrap()
         .unwrap();
@@ -56,15 +68,29 @@ async fn create_runs_with_ip_then_delete_leaves_nothing() {
             .map(str::to_string)
     };
     let b64 = base64::engine::general_purpose::STANDARD;
-    let meta = String::from_utf8(b64.decode(value("guestinfo.metadata").unwrap()).unwrap()).unwrap();
+    let meta =
+        String::from_utf8(b64.decode(value("guestinfo.metadata").unwrap()).unwrap()).unwrap();
     let meta: serde_json::Value = serde_json::from_str(&meta).unwrap();
     assert_eq!(meta["local-hostname"], "web");
-    assert_eq!(meta["network"]["ethernets"]["ens192"]["addresses"][0], "10.254.0.10/21");
-    assert_eq!(value("guestinfo.metadata.encoding").as_deref(), Some("base64"));
-    let user = String::from_utf8(b64.decode(value("guestinfo.userdata").unwrap()).unwrap()).unwrap();
+    assert_eq!(
+        meta["network"]["ethernets"]["ens192"]["addresses"][0],
+        "10.254.0.10/21"
+    );
+    assert_eq!(
+        value("guestinfo.metadata.encoding").as_deref(),
+        Some("base64")
+    );
+    let user =
+        String::from_utf8(b64.decode(value("guestinfo.userdata").unwrap()).unwrap()).unwrap();
     assert!(user.starts_with("#cloud-config\n"), "{user}");
-    assert!(user.contains(common::KEY) && user.contains("\"debian\""), "{user}");
-    assert_eq!(value("guestinfo.userdata.encoding").as_deref(), Some("base64"));
+    assert!(
+        user.contains(common::KEY) && user.contains("\"debian\""),
+        "{user}"
+    );
+    assert_eq!(
+        value("guestinfo.userdata.encoding").as_deref(),
+        Some("base64")
+    );
 
     p.start(&vm).await.unwrap();
     p.wait_ready(&vm, Duration::from_secs(10)).await.unwrap();
@@ -88,12 +114,21 @@ async fn create_runs_with_ip_then_delete_leaves_nothing() {
 async fn wrong_credentials_are_a_clear_permanent_error() {
     let sim = Vcsim::start(&["-username", "basphere", "-password", "right-horse-battery"]);
     let creds = sim.credentials_file("basphere", "wrong-password-1234", 0o600);
-    let err = VsphereProvider::connect(sim.config(creds)).await.unwrap_err();
+    let err = VsphereProvider::connect(sim.config(creds))
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::InvalidLogin { .. }), "{err:?}");
     assert!(!err.is_retryable());
     let msg = err.to_string();
-    assert!(msg.contains("InvalidLogin") && msg.contains("basphere") && msg.contains("credentials file"), "{msg}");
-    assert!(!msg.contains("wrong-password-1234") && !format!("{err:?}").contains("wrong-password-1234"));
+    assert!(
+        msg.contains("InvalidLogin")
+            && msg.contains("basphere")
+            && msg.contains("credentials file"),
+        "{msg}"
+    );
+    assert!(
+        !msg.contains("wrong-password-1234") && !format!("{err:?}").contains("wrong-password-1234")
+    );
     let pe: basphere_provider::ProviderError = err.into();
     assert!(!pe.retryable);
 
@@ -112,16 +147,32 @@ async fn power_on_twice_is_handled_and_undone() {
     p.start(&vm).await.unwrap();
     // The fault itself is typed…
     let r = vm_ref(&p, &vm).await.unwrap();
-    let err = p.client().power_on(&r, Duration::from_secs(5)).await.unwrap_err();
+    let err = p
+        .client()
+        .power_on(&r, Duration::from_secs(5))
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::InvalidPowerState { .. }), "{err:?}");
     assert_eq!(err.fault_type(), Some("InvalidPowerState"));
     // …and start, which meets it on a running VM, treats it as done.
     p.start(&vm).await.unwrap();
     assert_eq!(p.inspect(&vm).await.unwrap(), MachineState::Running);
     // Powering on a template is InvalidState, a permanent error.
-    let t = p.client().find_by_inventory_path("DC0/vm/DC0_C0_RP0_VM1").await.unwrap().unwrap();
-    let err = p.client().power_on(&t, Duration::from_secs(5)).await.unwrap_err();
-    assert!(matches!(err, Error::InvalidState { .. }) && !err.is_retryable(), "{err:?}");
+    let t = p
+        .client()
+        .find_by_inventory_path("DC0/vm/DC0_C0_RP0_VM1")
+        .await
+        .unwrap()
+        .unwrap();
+    let err = p
+        .client()
+        .power_on(&t, Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidState { .. }) && !err.is_retryable(),
+        "{err:?}"
+    );
     // Undo.
     p.remove(&vm).await.unwrap();
     assert_eq!(p.inspect(&vm).await.unwrap(), MachineState::Absent);
@@ -139,9 +190,17 @@ async fn slow_clone_fails_cleanly_against_a_shorter_deadline_and_is_undone() {
 
     let started = Instant::now();
     let err = p.prepare(&vm).await.unwrap_err();
-    assert!(started.elapsed() < Duration::from_millis(1500), "gave up after {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "gave up after {:?}",
+        started.elapsed()
+    );
     assert!(err.retryable, "{err:?}");
-    assert!(err.message.contains("did not finish within"), "{}", err.message);
+    assert!(
+        err.message.contains("did not finish within"),
+        "{}",
+        err.message
+    );
 
     // Undo: remove waits for the clone vCenter is still making, then destroys it. Like the
     // engine, retry while it says the clone is still running.
@@ -155,7 +214,10 @@ async fn slow_clone_fails_cleanly_against_a_shorter_deadline_and_is_undone() {
     }
     assert_eq!(p.inspect(&vm).await.unwrap(), MachineState::Absent);
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert!(p.list_machines().await.unwrap().is_empty(), "a clone was left behind");
+    assert!(
+        p.list_machines().await.unwrap().is_empty(),
+        "a clone was left behind"
+    );
 }
 
 #[tokio::test]
@@ -175,7 +237,10 @@ async fn vm_destroyed_out_of_band_is_absent_and_remove_succeeds() {
     p.stop(&vm).await.unwrap();
     p.remove(&vm).await.unwrap();
     let err = p.start(&vm).await.unwrap_err();
-    assert!(!err.retryable && err.message.contains("removed outside Basphere"), "{err:?}");
+    assert!(
+        !err.retryable && err.message.contains("removed outside Basphere"),
+        "{err:?}"
+    );
     let err = p.wait_ready(&vm, Duration::from_secs(1)).await.unwrap_err();
     assert!(!err.retryable, "{err:?}");
 }
@@ -207,13 +272,26 @@ async fn twenty_concurrent_creates_on_a_distributed_port_group() {
 
     // The NIC sits on the distributed port group.
     let r = vm_ref(&p, &vms[0]).await.unwrap();
-    let devices = p.client().properties(&r, &["config.hardware.device"]).await.unwrap().unwrap();
+    let devices = p
+        .client()
+        .properties(&r, &["config.hardware.device"])
+        .await
+        .unwrap()
+        .unwrap();
     let mut keys = Vec::new();
-    devices.get("config.hardware.device").unwrap().descendants("portgroupKey", &mut keys);
+    devices
+        .get("config.hardware.device")
+        .unwrap()
+        .descendants("portgroupKey", &mut keys);
     assert!(!keys.is_empty(), "NIC is not on a distributed port group");
 
     // Paging: 20 VMs in pages of 5 through ContinueRetrievePropertiesEx.
-    let folder = p.client().find_by_inventory_path("DC0/vm/basphere/vms").await.unwrap().unwrap();
+    let folder = p
+        .client()
+        .find_by_inventory_path("DC0/vm/basphere/vms")
+        .await
+        .unwrap()
+        .unwrap();
     let q = basphere_vsphere::soap::PropertyQuery {
         props: vec![("VirtualMachine".into(), vec!["name".into()])],
         root: folder,
@@ -236,7 +314,9 @@ async fn twenty_concurrent_creates_on_a_distributed_port_group() {
 async fn credentials_file_readable_by_others_is_refused() {
     let sim = Vcsim::start(&[]);
     let creds = sim.credentials_file("user", "pass", 0o644);
-    let err = VsphereProvider::connect(sim.config(creds)).await.unwrap_err();
+    let err = VsphereProvider::connect(sim.config(creds))
+        .await
+        .unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, Error::Config(_)), "{err:?}");
     assert!(msg.contains("0644") && msg.contains("chmod 600"), "{msg}");

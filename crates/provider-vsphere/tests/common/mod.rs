@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 pub const TEMPLATE: &str = "DC0_C0_RP0_VM1";
 pub const IMAGE: &str = "debian-12";
-pub const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl alice@laptop";
+pub const KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl alice@laptop";
 
 /// Path of the vcsim binary, built by `vcsim.sh` on first use when missing.
 pub fn vcsim_binary() -> PathBuf {
@@ -29,7 +30,10 @@ pub fn vcsim_binary() -> PathBuf {
             script.display()
         );
         let path = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
-        assert!(path.exists(), "vcsim.sh printed {path:?}, which does not exist");
+        assert!(
+            path.exists(),
+            "vcsim.sh printed {path:?}, which does not exist"
+        );
         path
     })
     .clone()
@@ -60,7 +64,9 @@ impl Vcsim {
         let mut line = String::new();
         let url = loop {
             line.clear();
-            if stdout.read_line(&mut line).unwrap() == 0 || started.elapsed() > Duration::from_secs(20) {
+            if stdout.read_line(&mut line).unwrap() == 0
+                || started.elapsed() > Duration::from_secs(20)
+            {
                 let _ = child.kill();
                 panic!("vcsim exited before printing GOVC_URL");
             }
@@ -95,7 +101,11 @@ impl Vcsim {
     pub fn credentials_file(&self, user: &str, password: &str, mode: u32) -> PathBuf {
         use std::os::unix::fs::PermissionsExt;
         let p = self.dir.path().join("credentials.toml");
-        std::fs::write(&p, format!("username = \"{user}\"\npassword = \"{password}\"\n")).unwrap();
+        std::fs::write(
+            &p,
+            format!("username = \"{user}\"\npassword = \"{password}\"\n"),
+        )
+        .unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
         p
     }
