@@ -36,6 +36,7 @@ pub use image::{BUILDABLE, BuildError, Mirrors, build_image, mirrors_from_source
 pub use machine::{
     AccelChoice, Resources, TCG_DEFAULT_MAX_MEMORY_MIB, TCG_DEFAULT_MAX_VCPUS, tap_name,
 };
+pub use net::Probe as SshProbe;
 pub use seed::{SeedFiles, render as render_seed};
 
 use basphere_core::ImageName;
