@@ -99,6 +99,10 @@ impl Client {
     }
 
     fn request(&self, method: Method, path: &str, body: Option<&Value>) -> Request<Full<Bytes>> {
+        self.request_raw(method, path, body.map(|v| Bytes::from(v.to_string())))
+    }
+
+    fn request_raw(&self, method: Method, path: &str, body: Option<Bytes>) -> Request<Full<Bytes>> {
         let mut b = Request::builder()
             .method(method)
             .uri(path)
@@ -110,7 +114,7 @@ impl Client {
         let bytes = match body {
             Some(v) => {
                 b = b.header("content-type", "application/json");
-                Bytes::from(v.to_string())
+                v
             }
             None => Bytes::new(),
         };
@@ -119,9 +123,14 @@ impl Client {
 
     /// Sends one request; any HTTP status comes back as a `Response`.
     pub async fn call(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Response, ClientError> {
+        self.call_raw(method, path, body.map(|v| v.to_string().into_bytes())).await
+    }
+
+    /// Sends one request with a body of raw bytes (sent as `application/json`).
+    pub async fn call_raw(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<Response, ClientError> {
         let mut conn = self.connect().await?;
         let resp = conn
-            .send_request(self.request(method, path, body))
+            .send_request(self.request_raw(method, path, body.map(Bytes::from)))
             .await
             .map_err(|e| ClientError::Http(self.shown(), e.to_string()))?;
         let status = resp.status();
