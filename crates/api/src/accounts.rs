@@ -33,7 +33,11 @@ fn exists(name: &str) -> bool {
 impl UnixAccounts {
     /// Creates the account (and the group) if missing and installs `key` as its only key.
     pub fn ensure(&self, user: &Username, key: &SshPublicKey) -> Result<(), String> {
-        if nix::unistd::Group::from_name(&self.group).ok().flatten().is_none() {
+        if nix::unistd::Group::from_name(&self.group)
+            .ok()
+            .flatten()
+            .is_none()
+        {
             run(Command::new("groupadd").arg("--system").arg(&self.group))?;
         }
         if !exists(user.as_str()) {
@@ -61,7 +65,8 @@ impl UnixAccounts {
             .and_then(|_| std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o700)))
             .map_err(|e| e.to_string())?;
         for p in [&ssh, &tmp] {
-            nix::unistd::chown(p.as_path(), Some(pw.uid), Some(pw.gid)).map_err(|e| e.to_string())?;
+            nix::unistd::chown(p.as_path(), Some(pw.uid), Some(pw.gid))
+                .map_err(|e| e.to_string())?;
         }
         std::fs::rename(&tmp, &file).map_err(|e| format!("{}: {e}", file.display()))
     }

@@ -14,7 +14,10 @@ use tokio::net::{TcpListener, UnixListener};
 #[derive(Debug, Clone)]
 pub enum PeerInfo {
     /// A local process; `uid` comes from SO_PEERCRED.
-    Unix { uid: Option<u32>, pid: Option<i32> },
+    Unix {
+        uid: Option<u32>,
+        pid: Option<i32>,
+    },
     Tcp(std::net::SocketAddr),
 }
 
@@ -131,7 +134,9 @@ impl FromRequestParts<AppState> for Caller {
                     st.config.server.admin.to_string()
                 } else {
                     unix_name(uid).ok_or_else(|| {
-                        ApiError::unauthorized(format!("uid {uid} has no account name on this host"))
+                        ApiError::unauthorized(format!(
+                            "uid {uid} has no account name on this host"
+                        ))
                     })?
                 };
                 let user = st.store.user(&name).await?;

@@ -6,7 +6,12 @@ use std::path::PathBuf;
 /// Local use on the Basphere host needs no token: the server knows your Unix account.
 /// Remote use: `--url HOST:PORT` with a token from `basphere token create` (or BASPHERE_TOKEN).
 #[derive(Parser, Debug)]
-#[command(name = "basphere", version, propagate_version = true, max_term_width = 100)]
+#[command(
+    name = "basphere",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,
@@ -122,7 +127,9 @@ pub enum TokenCmd {
         ttl_days: Option<u32>,
     },
     List,
-    Revoke { id: String },
+    Revoke {
+        id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -192,9 +199,13 @@ pub enum OpsCmd {
         #[arg(short = 'a', long)]
         all: bool,
     },
-    Show { id: String },
+    Show {
+        id: String,
+    },
     /// Follow an operation's steps until it ends.
-    Watch { id: String },
+    Watch {
+        id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -233,7 +244,9 @@ pub enum UserCmd {
         #[arg(long)]
         status: Option<String>,
     },
-    Show { username: String },
+    Show {
+        username: String,
+    },
     /// Delete a user: their VMs first, then the account.
     Delete {
         username: String,
@@ -248,14 +261,20 @@ pub enum UserCmd {
     },
     /// Registrations waiting for a decision.
     Pending,
-    Approve { username: String },
+    Approve {
+        username: String,
+    },
     Reject {
         username: String,
         #[arg(long, default_value = "")]
         reason: String,
     },
-    Disable { username: String },
-    Enable { username: String },
+    Disable {
+        username: String,
+    },
+    Enable {
+        username: String,
+    },
     /// Change a user's quota.
     Quota {
         username: String,
@@ -275,7 +294,9 @@ pub enum UserCmd {
 #[derive(Subcommand, Debug)]
 pub enum AdminKeyCmd {
     Pending,
-    Approve { username: String },
+    Approve {
+        username: String,
+    },
     Reject {
         username: String,
         #[arg(long, default_value = "")]

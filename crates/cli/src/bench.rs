@@ -33,7 +33,10 @@ fn ms(d: Duration) -> String {
 fn test_config(dir: &Path) -> anyhow::Result<Config> {
     let env = vec![
         ("BASPHERE_DATA_DIR".to_string(), dir.display().to_string()),
-        ("BASPHERE_SERVER__SOCKET".into(), format!("\"{}\"", dir.join("b.sock").display())),
+        (
+            "BASPHERE_SERVER__SOCKET".into(),
+            format!("\"{}\"", dir.join("b.sock").display()),
+        ),
         ("BASPHERE_SERVER__LISTEN".into(), "\"\"".into()),
         ("BASPHERE_PROVIDER__KIND".into(), "null".into()),
         ("BASPHERE_NETWORK__CIDR".into(), "10.200.0.0/16".into()),
@@ -59,13 +62,24 @@ async fn run_in(dir: &Path, a: &BenchArgs) -> anyhow::Result<()> {
     let engine = Engine::new(
         store.clone(),
         provider.clone(),
-        Catalog { pool: cfg.network.clone(), image_refs: Default::default() },
-        EngineConfig { max_parallel: 64, ..EngineConfig::default() },
+        Catalog {
+            pool: cfg.network.clone(),
+            image_refs: Default::default(),
+        },
+        EngineConfig {
+            max_parallel: 64,
+            ..EngineConfig::default()
+        },
     );
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(engine.clone().run(rx.clone()));
     let listeners = Listeners::bind(&cfg).await?;
-    let state = AppState { store: store.clone(), engine, config: cfg.clone(), accounts: None };
+    let state = AppState {
+        store: store.clone(),
+        engine,
+        config: cfg.clone(),
+        accounts: None,
+    };
     tokio::spawn(basphere_api::serve(state, listeners, rx));
     let users = a.creates.div_ceil(10);
     let admin = Actor::new("bench", "bench");
@@ -74,7 +88,12 @@ async fn run_in(dir: &Path, a: &BenchArgs) -> anyhow::Result<()> {
         let u: basphere_core::Username = format!("bench{i}").parse()?;
         store
             .register(
-                &basphere_store::NewRegistration { username: u.clone(), email: "b@example.org".parse()?, team: "bench".parse()?, public_key: key.clone() },
+                &basphere_store::NewRegistration {
+                    username: u.clone(),
+                    email: "b@example.org".parse()?,
+                    team: "bench".parse()?,
+                    public_key: key.clone(),
+                },
                 &cfg.quota,
                 &admin,
             )
@@ -92,22 +111,52 @@ async fn run_in(dir: &Path, a: &BenchArgs) -> anyhow::Result<()> {
     let addr = tcp.local_addr()?;
     let state2 = AppState {
         store: store.clone(),
-        engine: Engine::new(store.clone(), provider.clone(), Catalog { pool: cfg.network.clone(), image_refs: Default::default() }, EngineConfig::default()),
+        engine: Engine::new(
+            store.clone(),
+            provider.clone(),
+            Catalog {
+                pool: cfg.network.clone(),
+                image_refs: Default::default(),
+            },
+            EngineConfig::default(),
+        ),
         config: cfg.clone(),
         accounts: None,
     };
     let (_tx2, rx2) = tokio::sync::watch::channel(false);
     tokio::spawn(state2.engine.clone().run(rx2.clone()));
-    tokio::spawn(basphere_api::serve(state2, Listeners { unix: None, tcp: Some(tcp) }, rx2));
+    tokio::spawn(basphere_api::serve(
+        state2,
+        Listeners {
+            unix: None,
+            tcp: Some(tcp),
+        },
+        rx2,
+    ));
     let mut lat = vec![];
     for i in 0..a.creates {
-        let c = Client::new(Endpoint::Tcp { addr: addr.to_string(), token: Some(tokens[i / 10].clone()) });
+        let c = Client::new(Endpoint::Tcp {
+            addr: addr.to_string(),
+            token: Some(tokens[i / 10].clone()),
+        });
         let t0 = Instant::now();
-        let r = c.post("/api/v1/vms", &json!({"name": format!("vm{i}"), "spec": "tiny"})).await?;
+        let r = c
+            .post(
+                "/api/v1/vms",
+                &json!({"name": format!("vm{i}"), "spec": "tiny"}),
+            )
+            .await?;
         anyhow::ensure!(r.body.success, "create failed: {}", r.body.message);
-        let inst = r.body.data["vms"][0]["id"].as_str().unwrap_or_default().to_string();
+        let inst = r.body.data["vms"][0]["id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         loop {
-            if let Some(call) = provider.calls().into_iter().find(|c| c.instance == inst && c.phase == "start") {
+            if let Some(call) = provider
+                .calls()
+                .into_iter()
+                .find(|c| c.instance == inst && c.phase == "start")
+            {
                 lat.push(call.at.duration_since(t0));
                 break;
             }
@@ -115,8 +164,16 @@ async fn run_in(dir: &Path, a: &BenchArgs) -> anyhow::Result<()> {
         }
     }
     lat.sort();
-    println!("create overhead (request sent → provider start), {} creates, do-nothing test provider:", a.creates);
-    println!("  p50 {}   p99 {}   max {}", ms(pct(&lat, 0.5)), ms(pct(&lat, 0.99)), ms(*lat.last().unwrap()));
+    println!(
+        "create overhead (request sent → provider start), {} creates, do-nothing test provider:",
+        a.creates
+    );
+    println!(
+        "  p50 {}   p99 {}   max {}",
+        ms(pct(&lat, 0.5)),
+        ms(pct(&lat, 0.99)),
+        ms(*lat.last().unwrap())
+    );
     let _ = tx.send(true);
 
     // 2. Idle RSS of `basphere serve` and list-vms -a -j with many VMs, as separate processes.
@@ -128,15 +185,28 @@ async fn run_in(dir: &Path, a: &BenchArgs) -> anyhow::Result<()> {
     for i in 0..a.list_vms.div_ceil(per_user) {
         let u: basphere_core::Username = format!("list{i}").parse()?;
         store2
-            .register(&basphere_store::NewRegistration { username: u.clone(), email: "b@example.org".parse()?, team: "bench".parse()?, public_key: key.clone() }, &cfg2.quota, &admin)
+            .register(
+                &basphere_store::NewRegistration {
+                    username: u.clone(),
+                    email: "b@example.org".parse()?,
+                    team: "bench".parse()?,
+                    public_key: key.clone(),
+                },
+                &cfg2.quota,
+                &admin,
+            )
             .await?;
-        store2.approve(&u, &cfg2.network, false, None, &admin).await?;
+        store2
+            .approve(&u, &cfg2.network, false, None, &admin)
+            .await?;
         let spec = cfg2.specs[&"tiny".parse()?];
         store2
             .admit_vms(
                 &basphere_store::AdmitRequest {
                     owner: u,
-                    names: (0..per_user).map(|j| format!("vm{j}").parse()).collect::<Result<_, _>>()?,
+                    names: (0..per_user)
+                        .map(|j| format!("vm{j}").parse())
+                        .collect::<Result<_, _>>()?,
                     os: "debian-12".parse()?,
                     login_user: "debian".into(),
                     spec_name: "tiny".parse()?,
@@ -169,25 +239,57 @@ async fn run_in(dir: &Path, a: &BenchArgs) -> anyhow::Result<()> {
     let rss = std::fs::read_to_string(format!("/proc/{}/status", child.id()))?
         .lines()
         .find(|l| l.starts_with("VmRSS:"))
-        .map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<u64>().unwrap_or(0))
+        .map(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .unwrap_or("0")
+                .parse::<u64>()
+                .unwrap_or(0)
+        })
         .unwrap_or(0);
-    println!("idle `basphere serve` RSS: {:.1} MB (target ≤ 30 MB)", rss as f64 / 1024.0);
+    println!(
+        "idle `basphere serve` RSS: {:.1} MB (target ≤ 30 MB)",
+        rss as f64 / 1024.0
+    );
     let mut times = vec![];
     for _ in 0..10 {
         let t0 = Instant::now();
         let o = std::process::Command::new(&exe)
-            .args(["--socket", &sock.display().to_string(), "vm", "list", "-a", "-j"])
+            .args([
+                "--socket",
+                &sock.display().to_string(),
+                "vm",
+                "list",
+                "-a",
+                "-j",
+            ])
             .output()?;
         times.push(t0.elapsed());
-        anyhow::ensure!(o.status.success(), "list failed: {}", String::from_utf8_lossy(&o.stderr));
+        anyhow::ensure!(
+            o.status.success(),
+            "list failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
-        anyhow::ensure!(v.as_array().map(|a| a.len()) == Some(a.list_vms), "list returned the wrong count");
+        anyhow::ensure!(
+            v.as_array().map(|a| a.len()) == Some(a.list_vms),
+            "list returned the wrong count"
+        );
     }
     times.sort();
-    println!("`list-vms -a -j` with {} VMs, end to end (process start to exit): p50 {}  max {} (target ≤ 50 ms)", a.list_vms, ms(pct(&times, 0.5)), ms(*times.last().unwrap()));
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+    println!(
+        "`list-vms -a -j` with {} VMs, end to end (process start to exit): p50 {}  max {} (target ≤ 50 ms)",
+        a.list_vms,
+        ms(pct(&times, 0.5)),
+        ms(*times.last().unwrap())
+    );
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
     let _ = child.wait();
     Ok(())
 }
 
-const BENCH_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl bench";
+const BENCH_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl bench";

@@ -27,7 +27,9 @@ fn client(g: &Global) -> anyhow::Result<Client> {
             .trim_end_matches('/')
             .to_string();
         if addr.starts_with("https://") {
-            bail!("https is not supported by this client yet; use the server's http address on a trusted network or the Unix socket");
+            bail!(
+                "https is not supported by this client yet; use the server's http address on a trusted network or the Unix socket"
+            );
         }
         let token = g.token.clone().or_else(|| {
             token_file()
@@ -51,13 +53,22 @@ fn check(r: Response) -> anyhow::Result<Value> {
         return Ok(r.body.data);
     }
     let mut msg = r.body.message.clone();
-    let extra: Vec<&String> = r.body.errors.iter().filter(|e| **e != r.body.message).collect();
+    let extra: Vec<&String> = r
+        .body
+        .errors
+        .iter()
+        .filter(|e| **e != r.body.message)
+        .collect();
     for e in extra {
         msg.push_str(&format!("\n  - {e}"));
     }
     let hint = match r.status.as_u16() {
-        401 => "\nhint: make a token with `basphere token create` on the Basphere host, then pass --token or BASPHERE_TOKEN",
-        403 if r.body.message.contains("admin") => "\nhint: run this as an admin (root on the Basphere host, or with the admin token)",
+        401 => {
+            "\nhint: make a token with `basphere token create` on the Basphere host, then pass --token or BASPHERE_TOKEN"
+        }
+        403 if r.body.message.contains("admin") => {
+            "\nhint: run this as an admin (root on the Basphere host, or with the admin token)"
+        }
         _ => "",
     };
     Err(anyhow!("{msg}{hint}"))
@@ -74,7 +85,10 @@ fn say(out: Output, data: &Value, message: &str) {
 fn read_key(path: &str) -> anyhow::Result<String> {
     let p = expand_home(path);
     let s = std::fs::read_to_string(&p).with_context(|| {
-        format!("cannot read SSH public key {} (make one with: ssh-keygen -t ed25519)", p.display())
+        format!(
+            "cannot read SSH public key {} (make one with: ssh-keygen -t ed25519)",
+            p.display()
+        )
     })?;
     Ok(s.trim().to_string())
 }
@@ -88,7 +102,10 @@ fn prompt(question: &str) -> anyhow::Result<String> {
 }
 
 fn confirm(question: &str) -> anyhow::Result<bool> {
-    Ok(matches!(prompt(&format!("{question} [y/N] "))?.as_str(), "y" | "Y" | "yes"))
+    Ok(matches!(
+        prompt(&format!("{question} [y/N] "))?.as_str(),
+        "y" | "Y" | "yes"
+    ))
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -135,7 +152,12 @@ fn install_aliases(dir: &Path) -> anyhow::Result<()> {
 async fn client_cmd(g: &Global, out: Output, cmd: Cmd) -> anyhow::Result<ExitCode> {
     let c = client(g)?;
     match cmd {
-        Cmd::Register { username, email, team, key_file } => {
+        Cmd::Register {
+            username,
+            email,
+            team,
+            key_file,
+        } => {
             let username = match username {
                 Some(u) => u,
                 None => nix::unistd::User::from_uid(nix::unistd::getuid())
@@ -152,7 +174,13 @@ async fn client_cmd(g: &Global, out: Output, cmd: Cmd) -> anyhow::Result<ExitCod
                 )
                 .await?,
             )?;
-            say(out, &d, &format!("registration of {username} received; an admin will review it (check with: basphere me)"));
+            say(
+                out,
+                &d,
+                &format!(
+                    "registration of {username} received; an admin will review it (check with: basphere me)"
+                ),
+            );
         }
         Cmd::Me => {
             let d = check(c.get("/api/v1/me").await?)?;
@@ -165,30 +193,64 @@ async fn client_cmd(g: &Global, out: Output, cmd: Cmd) -> anyhow::Result<ExitCod
                 println!("role      {}", cell(&u["role"]));
                 println!("team      {}", cell(&u["team"]));
                 println!("ip block  {}", cell(&d["ip_block"]));
-                if let Some(r) = d["registration"]["reject_reason"].as_str().filter(|s| !s.is_empty()) {
+                if let Some(r) = d["registration"]["reject_reason"]
+                    .as_str()
+                    .filter(|s| !s.is_empty())
+                {
                     println!("rejected  {r}");
                 }
             }
         }
-        Cmd::Enroll { username, code, save } => {
-            let d = check(c.post("/api/v1/enroll", &json!({"username": username, "code": code})).await?)?;
+        Cmd::Enroll {
+            username,
+            code,
+            save,
+        } => {
+            let d = check(
+                c.post(
+                    "/api/v1/enroll",
+                    &json!({"username": username, "code": code}),
+                )
+                .await?,
+            )?;
             let token = d["token"].as_str().unwrap_or_default().to_string();
             if save {
                 let p = token_file().ok_or_else(|| anyhow!("HOME is not set"))?;
                 save_token(&p, &token)?;
                 say(out, &d, &format!("token saved to {}", p.display()));
             } else {
-                say(out, &d, &format!("{token}\n(shown once; keep it in ~/.config/basphere/token or BASPHERE_TOKEN)"));
+                say(
+                    out,
+                    &d,
+                    &format!(
+                        "{token}\n(shown once; keep it in ~/.config/basphere/token or BASPHERE_TOKEN)"
+                    ),
+                );
             }
         }
         Cmd::Token(t) => match t {
             TokenCmd::Create { name, ttl_days } => {
-                let d = check(c.post("/api/v1/tokens", &json!({"name": name, "ttl_days": ttl_days})).await?)?;
+                let d = check(
+                    c.post(
+                        "/api/v1/tokens",
+                        &json!({"name": name, "ttl_days": ttl_days}),
+                    )
+                    .await?,
+                )?;
                 say(out, &d, &format!("{}\n(shown once)", cell(&d["token"])));
             }
             TokenCmd::List => {
                 let d = check(c.get("/api/v1/tokens").await?)?;
-                output::table(out, &d, &[("ID", "/id"), ("NAME", "/name"), ("CREATED", "/created_at"), ("LAST USED", "/last_used_at")]);
+                output::table(
+                    out,
+                    &d,
+                    &[
+                        ("ID", "/id"),
+                        ("NAME", "/name"),
+                        ("CREATED", "/created_at"),
+                        ("LAST USED", "/last_used_at"),
+                    ],
+                );
             }
             TokenCmd::Revoke { id } => {
                 let d = check(c.delete(&format!("/api/v1/tokens/{id}")).await?)?;
@@ -197,7 +259,10 @@ async fn client_cmd(g: &Global, out: Output, cmd: Cmd) -> anyhow::Result<ExitCod
         },
         Cmd::Key(KeyCmd::Change { key_file }) => {
             let key = read_key(&key_file)?;
-            let d = check(c.post("/api/v1/key-change", &json!({"public_key": key})).await?)?;
+            let d = check(
+                c.post("/api/v1/key-change", &json!({"public_key": key}))
+                    .await?,
+            )?;
             say(out, &d, "key change requested; an admin will review it");
         }
         Cmd::Vm(v) => return vm_cmd(&c, out, v).await,
@@ -208,10 +273,26 @@ async fn client_cmd(g: &Global, out: Output, cmd: Cmd) -> anyhow::Result<ExitCod
             } else {
                 let (q, u) = (&d["quota"], &d["usage"]);
                 println!("quota of {}", cell(&d["username"]));
-                println!("  VMs       {:>4} / {}", cell(&u["vms"]), cell(&q["max_vms"]));
-                println!("  IPs       {:>4} / {}", cell(&u["ips"]), cell(&q["max_ips"]));
-                println!("  clusters  {:>4} / {}", cell(&u["clusters"]), cell(&q["max_clusters"]));
-                println!("  vCPUs     {:>4} / {}", cell(&u["vcpus"]), q.get("max_vcpus").map(cell).unwrap_or("unlimited".into()));
+                println!(
+                    "  VMs       {:>4} / {}",
+                    cell(&u["vms"]),
+                    cell(&q["max_vms"])
+                );
+                println!(
+                    "  IPs       {:>4} / {}",
+                    cell(&u["ips"]),
+                    cell(&q["max_ips"])
+                );
+                println!(
+                    "  clusters  {:>4} / {}",
+                    cell(&u["clusters"]),
+                    cell(&q["max_clusters"])
+                );
+                println!(
+                    "  vCPUs     {:>4} / {}",
+                    cell(&u["vcpus"]),
+                    q.get("max_vcpus").map(cell).unwrap_or("unlimited".into())
+                );
             }
         }
         Cmd::Resources => {
@@ -220,8 +301,16 @@ async fn client_cmd(g: &Global, out: Output, cmd: Cmd) -> anyhow::Result<ExitCod
                 output::fields(out, &d);
             } else {
                 println!("user      {}", cell(&d["username"]));
-                println!("ip block  {} (gateway {})", cell(&d["ip_block"]), cell(&d["gateway"]));
-                println!("VMs       {} / {}", cell(&d["usage"]["vms"]), cell(&d["quota"]["max_vms"]));
+                println!(
+                    "ip block  {} (gateway {})",
+                    cell(&d["ip_block"]),
+                    cell(&d["gateway"])
+                );
+                println!(
+                    "VMs       {} / {}",
+                    cell(&d["usage"]["vms"]),
+                    cell(&d["quota"]["max_vms"])
+                );
                 output::table(out, &d["vms"], VM_COLS);
                 println!("clusters  none");
             }
@@ -229,20 +318,48 @@ async fn client_cmd(g: &Global, out: Output, cmd: Cmd) -> anyhow::Result<ExitCod
         Cmd::Ops(o) => match o {
             OpsCmd::List { all } => {
                 let d = check(c.get(&format!("/api/v1/operations?all={all}")).await?)?;
-                output::table(out, &d, &[("ID", "/id"), ("KIND", "/kind"), ("OWNER", "/owner"), ("STATUS", "/status"), ("ERROR", "/error")]);
+                output::table(
+                    out,
+                    &d,
+                    &[
+                        ("ID", "/id"),
+                        ("KIND", "/kind"),
+                        ("OWNER", "/owner"),
+                        ("STATUS", "/status"),
+                        ("ERROR", "/error"),
+                    ],
+                );
             }
             OpsCmd::Show { id } => {
                 let d = check(c.get(&format!("/api/v1/operations/{id}")).await?)?;
                 if out == Output::Json {
                     output::fields(out, &d);
                 } else {
-                    println!("{} {} ({})", cell(&d["kind"]), cell(&d["id"]), cell(&d["status"]));
-                    output::table(out, &d["steps"], &[("STEP", "/name"), ("STATUS", "/status"), ("ATTEMPTS", "/attempts"), ("ERROR", "/error")]);
+                    println!(
+                        "{} {} ({})",
+                        cell(&d["kind"]),
+                        cell(&d["id"]),
+                        cell(&d["status"])
+                    );
+                    output::table(
+                        out,
+                        &d["steps"],
+                        &[
+                            ("STEP", "/name"),
+                            ("STATUS", "/status"),
+                            ("ATTEMPTS", "/attempts"),
+                            ("ERROR", "/error"),
+                        ],
+                    );
                 }
             }
             OpsCmd::Watch { id } => {
                 let ok = follow(&c, out, &[(id.clone(), id)]).await?;
-                return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) });
+                return Ok(if ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                });
             }
         },
         Cmd::Admin(a) => admin_cmd(&c, out, a).await?,
@@ -321,7 +438,9 @@ async fn follow(c: &Client, out: Output, ops: &[(String, String)]) -> anyhow::Re
             }
             None => {
                 all_ok = false;
-                eprintln!("error: {label}: the progress stream ended early; check with basphere ops show");
+                eprintln!(
+                    "error: {label}: the progress stream ended early; check with basphere ops show"
+                );
             }
         }
     }
@@ -330,19 +449,43 @@ async fn follow(c: &Client, out: Output, ops: &[(String, String)]) -> anyhow::Re
 
 async fn vm_cmd(c: &Client, out: Output, v: VmCmd) -> anyhow::Result<ExitCode> {
     match v {
-        VmCmd::Create { name, os, spec, count, no_wait } => {
+        VmCmd::Create {
+            name,
+            os,
+            spec,
+            count,
+            no_wait,
+        } => {
             let tty = std::io::stdin().is_terminal();
             let (name, os, spec, count) = if name.is_none() && tty {
                 let cat = check(c.get("/api/v1/catalog").await?)?;
                 let name = prompt("VM name (1-30 of a-z 0-9 -): ")?;
-                let images: Vec<String> = cat["images"].as_array().into_iter().flatten().filter_map(|i| i["name"].as_str().map(String::from)).collect();
+                let images: Vec<String> = cat["images"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|i| i["name"].as_str().map(String::from))
+                    .collect();
                 let os = os.or_else(|| {
                     let def = cat["default_image"].as_str().unwrap_or_default();
-                    prompt(&format!("OS [{}] (default {def}): ", images.join(", "))).ok().filter(|s| !s.is_empty())
+                    prompt(&format!("OS [{}] (default {def}): ", images.join(", ")))
+                        .ok()
+                        .filter(|s| !s.is_empty())
                 });
-                let specs: Vec<String> = cat["specs"].as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default();
-                let spec = spec.or_else(|| prompt(&format!("spec [{}] (default small): ", specs.join(", "))).ok().filter(|s| !s.is_empty()));
-                let count = count.or_else(|| prompt("count (1-10, default 1): ").ok().and_then(|s| s.parse().ok()));
+                let specs: Vec<String> = cat["specs"]
+                    .as_object()
+                    .map(|m| m.keys().cloned().collect())
+                    .unwrap_or_default();
+                let spec = spec.or_else(|| {
+                    prompt(&format!("spec [{}] (default small): ", specs.join(", ")))
+                        .ok()
+                        .filter(|s| !s.is_empty())
+                });
+                let count = count.or_else(|| {
+                    prompt("count (1-10, default 1): ")
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                });
                 (Some(name), os, spec, count)
             } else {
                 (name, os, spec, count)
@@ -351,7 +494,10 @@ async fn vm_cmd(c: &Client, out: Output, v: VmCmd) -> anyhow::Result<ExitCode> {
                 bail!("missing -n NAME (e.g. create-vm -n web -s small); see create-vm --help");
             };
             let r = c
-                .post("/api/v1/vms", &json!({"name": name, "os": os, "spec": spec, "count": count.unwrap_or(1)}))
+                .post(
+                    "/api/v1/vms",
+                    &json!({"name": name, "os": os, "spec": spec, "count": count.unwrap_or(1)}),
+                )
                 .await?;
             let d = check(r)?;
             let vms = d["vms"].as_array().cloned().unwrap_or_default();
@@ -360,7 +506,12 @@ async fn vm_cmd(c: &Client, out: Output, v: VmCmd) -> anyhow::Result<ExitCode> {
                     output::fields(out, &d);
                 } else {
                     for vm in &vms {
-                        println!("{} accepted (ip {}), operation {}", cell(&vm["name"]), cell(&vm["ip_address"]), cell(&vm["operation_id"]));
+                        println!(
+                            "{} accepted (ip {}), operation {}",
+                            cell(&vm["name"]),
+                            cell(&vm["ip_address"]),
+                            cell(&vm["operation_id"])
+                        );
                     }
                 }
                 return Ok(ExitCode::SUCCESS);
@@ -377,17 +528,29 @@ async fn vm_cmd(c: &Client, out: Output, v: VmCmd) -> anyhow::Result<ExitCode> {
                 }
             }
             if out == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&finals).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&finals).unwrap_or_default()
+                );
             } else {
                 for vm in &finals {
                     if vm["status"] == "running" {
                         println!("{} is running: {}", cell(&vm["name"]), cell(&vm["ssh"]));
                     } else {
-                        println!("{} is {}: {}", cell(&vm["name"]), cell(&vm["status"]), cell(&vm["error"]));
+                        println!(
+                            "{} is {}: {}",
+                            cell(&vm["name"]),
+                            cell(&vm["status"]),
+                            cell(&vm["error"])
+                        );
                     }
                 }
             }
-            return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) });
+            return Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            });
         }
         VmCmd::List { all, json } => {
             let d = check(c.get(&format!("/api/v1/vms?all={all}")).await?)?;
@@ -403,11 +566,18 @@ async fn vm_cmd(c: &Client, out: Output, v: VmCmd) -> anyhow::Result<ExitCode> {
             let d = check(c.get(&format!("/api/v1/vms/{name}{q}")).await?)?;
             output::fields(out, &d);
         }
-        VmCmd::Delete { name, force, owner, no_wait } => {
+        VmCmd::Delete {
+            name,
+            force,
+            owner,
+            no_wait,
+        } => {
             let q = owner.map(|o| format!("?owner={o}")).unwrap_or_default();
             if !force {
                 if !std::io::stdin().is_terminal() {
-                    bail!("not on a terminal, so cannot ask for confirmation; pass -f to delete {name}");
+                    bail!(
+                        "not on a terminal, so cannot ask for confirmation; pass -f to delete {name}"
+                    );
                 }
                 let vm = check(c.get(&format!("/api/v1/vms/{name}{q}")).await?)?;
                 if !confirm(&format!("Delete VM {name} ({})?", cell(&vm["ip_address"])))? {
@@ -422,8 +592,16 @@ async fn vm_cmd(c: &Client, out: Output, v: VmCmd) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             let ok = follow(c, out, &[(op, name.clone())]).await?;
-            say(out, &d, &format!("{name} {}", if ok { "deleted" } else { "not deleted" }));
-            return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) });
+            say(
+                out,
+                &d,
+                &format!("{name} {}", if ok { "deleted" } else { "not deleted" }),
+            );
+            return Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            });
         }
         VmCmd::Catalog => {
             let d = check(c.get("/api/v1/catalog").await?)?;
@@ -432,7 +610,10 @@ async fn vm_cmd(c: &Client, out: Output, v: VmCmd) -> anyhow::Result<ExitCode> {
             } else {
                 println!("specs:");
                 for (n, s) in d["specs"].as_object().into_iter().flatten() {
-                    println!("  {n:8} {} vCPU  {} MiB  {} GiB", s["vcpus"], s["memory_mib"], s["disk_gib"]);
+                    println!(
+                        "  {n:8} {} vCPU  {} MiB  {} GiB",
+                        s["vcpus"], s["memory_mib"], s["disk_gib"]
+                    );
                 }
                 println!("images (default {}):", cell(&d["default_image"]));
                 for i in d["images"].as_array().into_iter().flatten() {
@@ -456,7 +637,12 @@ const USER_COLS: &[(&str, &str)] = &[
 async fn admin_cmd(c: &Client, out: Output, a: AdminCmd) -> anyhow::Result<()> {
     match a {
         AdminCmd::User(u) => match u {
-            UserCmd::Add { username, email, team, key_file } => {
+            UserCmd::Add {
+                username,
+                email,
+                team,
+                key_file,
+            } => {
                 let key = read_key(&key_file)?;
                 let d = check(c.post("/api/v1/users", &json!({"username": username, "email": email, "team": team, "public_key": key})).await?)?;
                 approved(out, &username, &d);
@@ -477,50 +663,120 @@ async fn admin_cmd(c: &Client, out: Output, a: AdminCmd) -> anyhow::Result<()> {
                     output::table(out, &d["vms"], VM_COLS);
                 }
             }
-            UserCmd::Delete { username, force } => delete_user(c, out, &username, force, false).await?,
-            UserCmd::Purge { username, force } => delete_user(c, out, &username, force, true).await?,
+            UserCmd::Delete { username, force } => {
+                delete_user(c, out, &username, force, false).await?
+            }
+            UserCmd::Purge { username, force } => {
+                delete_user(c, out, &username, force, true).await?
+            }
             UserCmd::Pending => {
                 let d = check(c.get("/api/v1/pending").await?)?;
-                output::table(out, &d, &[("USERNAME", "/username"), ("EMAIL", "/email"), ("TEAM", "/team"), ("KEY", "/public_key")]);
+                output::table(
+                    out,
+                    &d,
+                    &[
+                        ("USERNAME", "/username"),
+                        ("EMAIL", "/email"),
+                        ("TEAM", "/team"),
+                        ("KEY", "/public_key"),
+                    ],
+                );
             }
             UserCmd::Approve { username } => {
-                let d = check(c.post(&format!("/api/v1/users/{username}/approve"), &json!({})).await?)?;
+                let d = check(
+                    c.post(&format!("/api/v1/users/{username}/approve"), &json!({}))
+                        .await?,
+                )?;
                 approved(out, &username, &d);
             }
             UserCmd::Reject { username, reason } => {
-                let d = check(c.post(&format!("/api/v1/users/{username}/reject"), &json!({"reason": reason})).await?)?;
+                let d = check(
+                    c.post(
+                        &format!("/api/v1/users/{username}/reject"),
+                        &json!({"reason": reason}),
+                    )
+                    .await?,
+                )?;
                 say(out, &d, &format!("registration of {username} rejected"));
             }
             UserCmd::Disable { username } => {
-                let d = check(c.post(&format!("/api/v1/users/{username}/disable"), &json!({})).await?)?;
+                let d = check(
+                    c.post(&format!("/api/v1/users/{username}/disable"), &json!({}))
+                        .await?,
+                )?;
                 say(out, &d, &format!("{username} disabled"));
             }
             UserCmd::Enable { username } => {
-                let d = check(c.post(&format!("/api/v1/users/{username}/enable"), &json!({})).await?)?;
+                let d = check(
+                    c.post(&format!("/api/v1/users/{username}/enable"), &json!({}))
+                        .await?,
+                )?;
                 say(out, &d, &format!("{username} enabled"));
             }
-            UserCmd::Quota { username, max_vms, max_ips, max_clusters, max_vcpus, max_memory_mib } => {
+            UserCmd::Quota {
+                username,
+                max_vms,
+                max_ips,
+                max_clusters,
+                max_vcpus,
+                max_memory_mib,
+            } => {
                 let body = json!({"max_vms": max_vms, "max_ips": max_ips, "max_clusters": max_clusters, "max_vcpus": max_vcpus, "max_memory_mib": max_memory_mib});
-                let d = c.call(basphere_client::Method::PUT, &format!("/api/v1/users/{username}/quota"), Some(&body)).await?;
+                let d = c
+                    .call(
+                        basphere_client::Method::PUT,
+                        &format!("/api/v1/users/{username}/quota"),
+                        Some(&body),
+                    )
+                    .await?;
                 let d = check(d)?;
-                if out == Output::Json { output::fields(out, &d) } else { println!("quota of {username}: {d}") }
+                if out == Output::Json {
+                    output::fields(out, &d)
+                } else {
+                    println!("quota of {username}: {d}")
+                }
             }
         },
         AdminCmd::Key(k) => match k {
             AdminKeyCmd::Pending => {
                 let d = check(c.get("/api/v1/key-changes").await?)?;
-                output::table(out, &d, &[("USERNAME", "/username"), ("REQUESTED", "/created_at"), ("KEY", "/public_key")]);
+                output::table(
+                    out,
+                    &d,
+                    &[
+                        ("USERNAME", "/username"),
+                        ("REQUESTED", "/created_at"),
+                        ("KEY", "/public_key"),
+                    ],
+                );
             }
             AdminKeyCmd::Approve { username } => {
-                let d = check(c.post(&format!("/api/v1/key-changes/{username}/approve"), &json!({})).await?)?;
+                let d = check(
+                    c.post(
+                        &format!("/api/v1/key-changes/{username}/approve"),
+                        &json!({}),
+                    )
+                    .await?,
+                )?;
                 say(out, &d, &format!("new key of {username} approved"));
             }
             AdminKeyCmd::Reject { username, reason } => {
-                let d = check(c.post(&format!("/api/v1/key-changes/{username}/reject"), &json!({"reason": reason})).await?)?;
+                let d = check(
+                    c.post(
+                        &format!("/api/v1/key-changes/{username}/reject"),
+                        &json!({"reason": reason}),
+                    )
+                    .await?,
+                )?;
                 say(out, &d, &format!("key change of {username} rejected"));
             }
         },
-        AdminCmd::Audit { actor, action, target, limit } => {
+        AdminCmd::Audit {
+            actor,
+            action,
+            target,
+            limit,
+        } => {
             let mut q = format!("?limit={limit}");
             for (k, v) in [("actor", actor), ("action", action), ("target", target)] {
                 if let Some(v) = v {
@@ -535,7 +791,19 @@ async fn admin_cmd(c: &Client, out: Output, a: AdminCmd) -> anyhow::Result<()> {
                     }
                 }
             }
-            output::table(out, &d, &[("AT", "/at"), ("ACTOR", "/actor"), ("ACTION", "/action"), ("TARGET", "/target"), ("RESULT", "/result"), ("FROM", "/source"), ("DETAIL", "/detail")]);
+            output::table(
+                out,
+                &d,
+                &[
+                    ("AT", "/at"),
+                    ("ACTOR", "/actor"),
+                    ("ACTION", "/action"),
+                    ("TARGET", "/target"),
+                    ("RESULT", "/result"),
+                    ("FROM", "/source"),
+                    ("DETAIL", "/detail"),
+                ],
+            );
         }
     }
     Ok(())
@@ -553,10 +821,18 @@ fn approved(out: Output, username: &str, d: &Value) {
     }
 }
 
-async fn delete_user(c: &Client, out: Output, username: &str, force: bool, purge: bool) -> anyhow::Result<()> {
+async fn delete_user(
+    c: &Client,
+    out: Output,
+    username: &str,
+    force: bool,
+    purge: bool,
+) -> anyhow::Result<()> {
     if !force {
         if !std::io::stdin().is_terminal() {
-            bail!("not on a terminal, so cannot ask for confirmation; pass -f to delete {username} and all their VMs");
+            bail!(
+                "not on a terminal, so cannot ask for confirmation; pass -f to delete {username} and all their VMs"
+            );
         }
         if !confirm(&format!("Delete user {username} and all their VMs?"))? {
             println!("not deleted");
@@ -581,7 +857,14 @@ async fn delete_user(c: &Client, out: Output, username: &str, force: bool, purge
             follow(c, out, &ops).await?;
             continue;
         }
-        say(out, &d, &format!("user {username} {}", if purge { "purged" } else { "deleted" }));
+        say(
+            out,
+            &d,
+            &format!(
+                "user {username} {}",
+                if purge { "purged" } else { "deleted" }
+            ),
+        );
         return Ok(());
     }
     bail!("user {username} still has VMs that could not be deleted; see basphere vm list --all")
@@ -590,10 +873,16 @@ async fn delete_user(c: &Client, out: Output, username: &str, force: bool, purge
 async fn ssh(g: &Global, name: &str, command: &[String]) -> anyhow::Result<ExitCode> {
     let c = client(g)?;
     let vm = check(c.get(&format!("/api/v1/vms/{name}")).await?)?;
-    let ip = vm["ip_address"].as_str().ok_or_else(|| anyhow!("VM {name} has no address (status {})", cell(&vm["status"])))?;
+    let ip = vm["ip_address"]
+        .as_str()
+        .ok_or_else(|| anyhow!("VM {name} has no address (status {})", cell(&vm["status"])))?;
     let user = vm["login_user"].as_str().unwrap_or("root");
     let mut cmd = crate::providers::ssh_command(g.config.as_deref());
-    cmd.args(["-o", "StrictHostKeyChecking=accept-new", &format!("{user}@{ip}")]);
+    cmd.args([
+        "-o",
+        "StrictHostKeyChecking=accept-new",
+        &format!("{user}@{ip}"),
+    ]);
     cmd.args(command);
     let status = cmd.status().context("running ssh")?;
     Ok(ExitCode::from(status.code().unwrap_or(1) as u8))

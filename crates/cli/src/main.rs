@@ -75,6 +75,9 @@ mod tests {
             super::expand_alias(v(&["basphere-admin", "user", "list"])),
             v(&["basphere-admin", "admin", "user", "list"])
         );
-        assert_eq!(super::expand_alias(v(&["basphere", "serve"])), v(&["basphere", "serve"]));
+        assert_eq!(
+            super::expand_alias(v(&["basphere", "serve"])),
+            v(&["basphere", "serve"])
+        );
     }
 }

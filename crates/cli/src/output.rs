@@ -26,7 +26,10 @@ pub fn table(out: Output, rows: &Value, cols: &[(&str, &str)]) {
     t.load_preset(UTF8_FULL_CONDENSED);
     t.set_header(cols.iter().map(|c| c.0));
     for it in &items {
-        t.add_row(cols.iter().map(|c| cell(it.pointer(c.1).unwrap_or(&Value::Null))));
+        t.add_row(
+            cols.iter()
+                .map(|c| cell(it.pointer(c.1).unwrap_or(&Value::Null))),
+        );
     }
     println!("{t}");
 }

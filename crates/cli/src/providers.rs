@@ -25,19 +25,24 @@ pub fn build(cfg: &Config) -> anyhow::Result<Arc<dyn Provider>> {
             Ok(Arc::new(p))
         }
         ProviderKind::Qemu => qemu(cfg),
-        ProviderKind::Vsphere => bail!(
-            "provider.kind = \"vsphere\" is not wired into this build yet; use qemu or null"
-        ),
+        ProviderKind::Vsphere => {
+            bail!("provider.kind = \"vsphere\" is not wired into this build yet; use qemu or null")
+        }
     }
 }
 
 fn qemu(cfg: &Config) -> anyhow::Result<Arc<dyn Provider>> {
     let _ = cfg;
-    Err(anyhow::anyhow!("the qemu provider is not wired in yet")).context("provider.kind = \"qemu\"")
+    Err(anyhow::anyhow!("the qemu provider is not wired in yet"))
+        .context("provider.kind = \"qemu\"")
 }
 
 /// `basphere image build NAME`.
-pub async fn build_image(config: Option<&std::path::Path>, name: &str, force: bool) -> anyhow::Result<()> {
+pub async fn build_image(
+    config: Option<&std::path::Path>,
+    name: &str,
+    force: bool,
+) -> anyhow::Result<()> {
     let _ = (config, name, force);
     bail!("image building comes with the qemu provider, which is not wired in yet")
 }

@@ -29,12 +29,15 @@ pub fn load_config(flag: Option<&Path>) -> anyhow::Result<Config> {
 
 /// Writes the config (if missing), makes the data dir, database and first admin token.
 pub async fn init(flag: Option<&Path>, force: bool) -> anyhow::Result<()> {
-    let path = flag.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+    let path = flag
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
     if !path.exists() || force {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        std::fs::write(&path, DEFAULT_TOML).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(&path, DEFAULT_TOML)
+            .with_context(|| format!("writing {}", path.display()))?;
         println!("wrote {}", path.display());
     } else {
         println!("keeping existing {}", path.display());
@@ -48,7 +51,12 @@ pub async fn init(flag: Option<&Path>, force: bool) -> anyhow::Result<()> {
     let token_path = cfg.admin_token_path();
     if !token_path.exists() {
         let (_, secret) = store
-            .create_token(&cfg.server.admin, "init", None, &Actor::new("basphere", "init"))
+            .create_token(
+                &cfg.server.admin,
+                "init",
+                None,
+                &Actor::new("basphere", "init"),
+            )
             .await?;
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -57,7 +65,10 @@ pub async fn init(flag: Option<&Path>, force: bool) -> anyhow::Result<()> {
             .open(&token_path)
             .with_context(|| format!("writing {}", token_path.display()))?;
         writeln!(f, "{secret}")?;
-        println!("admin token written to {} (mode 0600)", token_path.display());
+        println!(
+            "admin token written to {} (mode 0600)",
+            token_path.display()
+        );
     }
     store.close().await;
     println!("data dir {} ready", cfg.data_dir.display());
@@ -97,13 +108,14 @@ pub async fn serve(flag: Option<&Path>) -> anyhow::Result<()> {
         .truncate(false)
         .write(true)
         .open(cfg.data_dir.join("serve.lock"))?;
-    let _lock = match nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-        Ok(l) => l,
-        Err(_) => bail!(
-            "another basphere server already runs on data dir {}",
-            cfg.data_dir.display()
-        ),
-    };
+    let _lock =
+        match nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            Err(_) => bail!(
+                "another basphere server already runs on data dir {}",
+                cfg.data_dir.display()
+            ),
+        };
     let store = Store::open(&cfg.db_path()).await?;
     store.ensure_admin(&cfg.server.admin, &cfg.quota).await?;
     let provider = crate::providers::build(&cfg)?;
@@ -153,7 +165,11 @@ pub async fn serve(flag: Option<&Path>) -> anyhow::Result<()> {
         "basphere {} serving: socket {} tcp {} provider {}",
         env!("CARGO_PKG_VERSION"),
         cfg.server.socket.display(),
-        if cfg.server.listen.is_empty() { "off" } else { &cfg.server.listen },
+        if cfg.server.listen.is_empty() {
+            "off"
+        } else {
+            &cfg.server.listen
+        },
         provider.kind()
     );
     let server = tokio::spawn(basphere_api::serve(state, listeners, rx));

@@ -12,7 +12,12 @@ async fn fifty_concurrent_creates_admit_exactly_the_quota() {
     for i in 0..50 {
         let c = s.with_token(&token);
         tasks.spawn(async move {
-            c.post("/api/v1/vms", &json!({"name": format!("r{i}"), "spec": "tiny"})).await.unwrap()
+            c.post(
+                "/api/v1/vms",
+                &json!({"name": format!("r{i}"), "spec": "tiny"}),
+            )
+            .await
+            .unwrap()
         });
     }
     let (mut ok, mut refused, mut ips) = (0, 0, HashSet::new());
@@ -21,7 +26,12 @@ async fn fifty_concurrent_creates_admit_exactly_the_quota() {
         match r.status.as_u16() {
             202 => {
                 ok += 1;
-                ips.insert(r.body.data["vms"][0]["ip_address"].as_str().unwrap().to_string());
+                ips.insert(
+                    r.body.data["vms"][0]["ip_address"]
+                        .as_str()
+                        .unwrap()
+                        .to_string(),
+                );
             }
             403 => {
                 refused += 1;
@@ -40,8 +50,19 @@ async fn fifty_concurrent_creates_admit_exactly_the_quota() {
     assert_eq!(q["usage"]["vms"], 10);
     assert_eq!(q["usage"]["ips"], 10);
     // every admitted VM is reachable in the user's block and the audit trail has each decision
-    let audit = s.root().get("/api/v1/audit?action=vm.create&limit=1000").await.unwrap().body.data;
-    let accepted = audit.as_array().unwrap().iter().filter(|a| a["result"] == "accepted").count();
+    let audit = s
+        .root()
+        .get("/api/v1/audit?action=vm.create&limit=1000")
+        .await
+        .unwrap()
+        .body
+        .data;
+    let accepted = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["result"] == "accepted")
+        .count();
     assert_eq!(accepted, 10);
 }
 
@@ -50,7 +71,13 @@ async fn lifecycle_create_run_delete_returns_quota_and_address() {
     let s = Server::start(&[]);
     let token = s.user("alice").await;
     let c = s.with_token(&token);
-    let r = c.post("/api/v1/vms", &json!({"name": "web", "spec": "small", "count": 3})).await.unwrap();
+    let r = c
+        .post(
+            "/api/v1/vms",
+            &json!({"name": "web", "spec": "small", "count": 3}),
+        )
+        .await
+        .unwrap();
     assert_eq!(r.status, 202, "{:?}", r.body);
     let vms = r.body.data["vms"].as_array().unwrap().clone();
     let names: Vec<&str> = vms.iter().map(|v| v["name"].as_str().unwrap()).collect();
@@ -60,14 +87,30 @@ async fn lifecycle_create_run_delete_returns_quota_and_address() {
         assert!(v["operation_id"].is_string());
     }
     let vm = wait_vm(&c, "web-1", 20, "running").await;
-    assert_eq!(vm["ssh"], format!("ssh debian@{}", vm["ip_address"].as_str().unwrap()));
+    assert_eq!(
+        vm["ssh"],
+        format!("ssh debian@{}", vm["ip_address"].as_str().unwrap())
+    );
     let op = vms[0]["operation_id"].as_str().unwrap();
-    let w = c.get(&format!("/api/v1/operations/{op}")).await.unwrap().body.data;
+    let w = c
+        .get(&format!("/api/v1/operations/{op}"))
+        .await
+        .unwrap()
+        .body
+        .data;
     assert_eq!(w["status"], "succeeded");
-    let steps: Vec<&str> = w["steps"].as_array().unwrap().iter().map(|s| s["status"].as_str().unwrap()).collect();
+    let steps: Vec<&str> = w["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["status"].as_str().unwrap())
+        .collect();
     assert_eq!(steps, ["done", "done", "done"]);
     // name conflict
-    let r = c.post("/api/v1/vms", &json!({"name": "web-1"})).await.unwrap();
+    let r = c
+        .post("/api/v1/vms", &json!({"name": "web-1"}))
+        .await
+        .unwrap();
     assert_eq!(r.status, 409);
     for n in &names {
         wait_vm(&c, n, 20, "running").await;
@@ -81,7 +124,10 @@ async fn lifecycle_create_run_delete_returns_quota_and_address() {
     assert_eq!(q["usage"]["vms"], 0);
     assert_eq!(q["usage"]["ips"], 0);
     // the freed address is handed out again
-    let r = c.post("/api/v1/vms", &json!({"name": "again"})).await.unwrap();
+    let r = c
+        .post("/api/v1/vms", &json!({"name": "again"}))
+        .await
+        .unwrap();
     assert_eq!(r.body.data["vms"][0]["ip_address"], vms[0]["ip_address"]);
 }
 

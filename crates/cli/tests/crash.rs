@@ -7,12 +7,24 @@ use std::time::{Duration, Instant};
 async fn wait_event(c: &basphere_client::Client, op: &str, kind: &str, step: &str) {
     let t0 = Instant::now();
     loop {
-        let w = c.get(&format!("/api/v1/operations/{op}")).await.unwrap().body.data;
-        let running = w["steps"].as_array().unwrap().iter().any(|s| s["name"] == step && s["status"] == kind);
+        let w = c
+            .get(&format!("/api/v1/operations/{op}"))
+            .await
+            .unwrap()
+            .body
+            .data;
+        let running = w["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["name"] == step && s["status"] == kind);
         if running {
             return;
         }
-        assert!(t0.elapsed() < Duration::from_secs(20), "step {step} never became {kind}: {w}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "step {step} never became {kind}: {w}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -22,7 +34,10 @@ async fn sigkill_mid_create_resumes_to_running_without_leaks() {
     let mut s = Server::start(&[("BASPHERE_NULL_DELAY_MS", "1500")]);
     let token = s.user("crashy").await;
     let c = s.with_token(&token);
-    let r = c.post("/api/v1/vms", &json!({"name": "phoenix", "spec": "tiny"})).await.unwrap();
+    let r = c
+        .post("/api/v1/vms", &json!({"name": "phoenix", "spec": "tiny"}))
+        .await
+        .unwrap();
     let op = r.body.data["operations"][0].as_str().unwrap().to_string();
     let ip = r.body.data["vms"][0]["ip_address"].clone();
     wait_event(&c, &op, "running", "start").await;
@@ -30,29 +45,52 @@ async fn sigkill_mid_create_resumes_to_running_without_leaks() {
     s.spawn();
     let vm = wait_vm(&c, "phoenix", 30, "running").await;
     assert_eq!(vm["ip_address"], ip, "same address after resume");
-    let w = c.get(&format!("/api/v1/operations/{op}")).await.unwrap().body.data;
+    let w = c
+        .get(&format!("/api/v1/operations/{op}"))
+        .await
+        .unwrap()
+        .body
+        .data;
     assert_eq!(w["status"], "succeeded");
     let start = &w["steps"][1];
     assert_eq!(start["attempts"], 2, "the interrupted step ran again: {w}");
-    let all = s.root().get("/api/v1/vms?all=true").await.unwrap().body.data;
+    let all = s
+        .root()
+        .get("/api/v1/vms?all=true")
+        .await
+        .unwrap()
+        .body
+        .data;
     assert_eq!(all.as_array().unwrap().len(), 1);
     let q = c.get("/api/v1/quota").await.unwrap().body.data;
-    assert_eq!((q["usage"]["vms"].as_u64(), q["usage"]["ips"].as_u64()), (Some(1), Some(1)));
+    assert_eq!(
+        (q["usage"]["vms"].as_u64(), q["usage"]["ips"].as_u64()),
+        (Some(1), Some(1))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn permanent_failure_undoes_in_reverse_and_releases_everything() {
-    let mut s = Server::start(&[("BASPHERE_NULL_FAIL_PHASE", "wait_ready"), ("BASPHERE_NULL_DELAY_MS", "300")]);
+    let mut s = Server::start(&[
+        ("BASPHERE_NULL_FAIL_PHASE", "wait_ready"),
+        ("BASPHERE_NULL_DELAY_MS", "300"),
+    ]);
     let token = s.user("unlucky").await;
     let c = s.with_token(&token);
-    let r = c.post("/api/v1/vms", &json!({"name": "fail-one"})).await.unwrap();
+    let r = c
+        .post("/api/v1/vms", &json!({"name": "fail-one"}))
+        .await
+        .unwrap();
     let op = r.body.data["operations"][0].as_str().unwrap().to_string();
     // crash while the undo is under way, too
     wait_event(&c, &op, "failed", "wait_ready").await;
     s.kill9();
     s.spawn();
     let vm = wait_vm(&c, "fail-one", 30, "failed").await;
-    assert!(vm["error"].as_str().unwrap().contains("wait_ready fails"), "{vm}");
+    assert!(
+        vm["error"].as_str().unwrap().contains("wait_ready fails"),
+        "{vm}"
+    );
     assert!(vm["ip_address"].is_null(), "address released");
     let q = c.get("/api/v1/quota").await.unwrap().body.data;
     assert_eq!(q["usage"]["vms"], 0);
@@ -64,13 +102,45 @@ async fn permanent_failure_undoes_in_reverse_and_releases_everything() {
     })
     .await
     .unwrap();
-    let undone: Vec<&String> = kinds.iter().filter(|k| k.starts_with("step_undone")).collect();
-    assert_eq!(undone, ["step_undone:start", "step_undone:prepare"], "{kinds:?}");
+    let undone: Vec<&String> = kinds
+        .iter()
+        .filter(|k| k.starts_with("step_undone"))
+        .collect();
+    assert_eq!(
+        undone,
+        ["step_undone:start", "step_undone:prepare"],
+        "{kinds:?}"
+    );
     assert_eq!(kinds.last().unwrap(), "failed:");
     // a failed VM can be deleted, and its name reused
     assert_eq!(c.delete("/api/v1/vms/fail-one").await.unwrap().status, 202);
     wait_vm(&c, "fail-one", 20, "gone").await;
-    let audit = s.root().get("/api/v1/audit?target=unlucky/fail-one").await.unwrap().body.data;
-    let results: Vec<String> = audit.as_array().unwrap().iter().map(|a| format!("{}:{}", a["action"].as_str().unwrap(), a["result"].as_str().unwrap())).collect();
-    assert_eq!(results, ["vm.delete:ok", "vm.delete:accepted", "vm.create:failed", "vm.create:accepted"]);
+    let audit = s
+        .root()
+        .get("/api/v1/audit?target=unlucky/fail-one")
+        .await
+        .unwrap()
+        .body
+        .data;
+    let results: Vec<String> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            format!(
+                "{}:{}",
+                a["action"].as_str().unwrap(),
+                a["result"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        results,
+        [
+            "vm.delete:ok",
+            "vm.delete:accepted",
+            "vm.create:failed",
+            "vm.create:accepted"
+        ]
+    );
 }

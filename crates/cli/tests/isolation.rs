@@ -9,16 +9,47 @@ async fn users_cannot_see_or_touch_each_other() {
     let s = Server::start(&[]);
     let a = s.with_token(&s.user("usera").await);
     let b = s.with_token(&s.user("userb").await);
-    assert_eq!(a.post("/api/v1/vms", &json!({"name": "secret"})).await.unwrap().status, 202);
+    assert_eq!(
+        a.post("/api/v1/vms", &json!({"name": "secret"}))
+            .await
+            .unwrap()
+            .status,
+        202
+    );
     wait_vm(&a, "secret", 20, "running").await;
     assert_eq!(b.get("/api/v1/vms/secret").await.unwrap().status, 404);
     assert_eq!(b.delete("/api/v1/vms/secret").await.unwrap().status, 404);
-    assert_eq!(b.get("/api/v1/vms").await.unwrap().body.data.as_array().unwrap().len(), 0);
+    assert_eq!(
+        b.get("/api/v1/vms")
+            .await
+            .unwrap()
+            .body
+            .data
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
     assert_eq!(b.get("/api/v1/vms?all=true").await.unwrap().status, 403);
     assert_eq!(b.get("/api/v1/users/usera").await.unwrap().status, 404);
-    let op = a.get("/api/v1/operations").await.unwrap().body.data[0]["id"].as_str().unwrap().to_string();
-    assert_eq!(b.get(&format!("/api/v1/operations/{op}")).await.unwrap().status, 404);
-    assert_eq!(b.get(&format!("/api/v1/operations/{op}/events")).await.unwrap().status, 404);
+    let op = a.get("/api/v1/operations").await.unwrap().body.data[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        b.get(&format!("/api/v1/operations/{op}"))
+            .await
+            .unwrap()
+            .status,
+        404
+    );
+    assert_eq!(
+        b.get(&format!("/api/v1/operations/{op}/events"))
+            .await
+            .unwrap()
+            .status,
+        404
+    );
     // A's VM is untouched
     wait_vm(&a, "secret", 5, "running").await;
 
@@ -41,11 +72,21 @@ async fn users_cannot_see_or_touch_each_other() {
         ("GET", "/api/v1/operations?all=true"),
     ];
     for (m, path) in admin_routes {
-        let r = b.call(m.parse().unwrap(), path, Some(&json!({}))).await.unwrap();
+        let r = b
+            .call(m.parse().unwrap(), path, Some(&json!({})))
+            .await
+            .unwrap();
         assert_eq!(r.status, 403, "{m} {path}: {:?}", r.body);
     }
     // wrong token, no token
-    assert_eq!(s.with_token("bsp_wrong").get("/api/v1/vms").await.unwrap().status, 401);
+    assert_eq!(
+        s.with_token("bsp_wrong")
+            .get("/api/v1/vms")
+            .await
+            .unwrap()
+            .status,
+        401
+    );
     assert_eq!(s.anon().get("/api/v1/vms").await.unwrap().status, 401);
     assert_eq!(s.anon().get("/api/v1/pending").await.unwrap().status, 401);
 }
@@ -54,43 +95,130 @@ async fn users_cannot_see_or_touch_each_other() {
 async fn pending_rejected_and_disabled_users_can_only_read_their_status() {
     let s = Server::start(&[]);
     // a pending user gets a token only through approval, so test via the admin-made token path:
-    let r = s.anon().post("/api/v1/register", &registration("waiting")).await.unwrap();
+    let r = s
+        .anon()
+        .post("/api/v1/register", &registration("waiting"))
+        .await
+        .unwrap();
     assert_eq!(r.status, 201);
     // enrollment codes are single-use and tied to the user
     let t = s.user("active1").await;
     let c = s.with_token(&t);
-    assert_eq!(s.root().post("/api/v1/users/active1/disable", &json!({})).await.unwrap().status, 200);
+    assert_eq!(
+        s.root()
+            .post("/api/v1/users/active1/disable", &json!({}))
+            .await
+            .unwrap()
+            .status,
+        200
+    );
     let r = c.post("/api/v1/vms", &json!({"name": "x"})).await.unwrap();
     assert_eq!(r.status, 403);
     assert!(r.body.message.contains("disabled"));
     let me = c.get("/api/v1/me").await.unwrap();
     assert_eq!(me.status, 200);
     assert_eq!(me.body.data["user"]["status"], "disabled");
-    assert_eq!(s.root().post("/api/v1/users/active1/enable", &json!({})).await.unwrap().status, 200);
-    assert_eq!(c.post("/api/v1/vms", &json!({"name": "x"})).await.unwrap().status, 202);
+    assert_eq!(
+        s.root()
+            .post("/api/v1/users/active1/enable", &json!({}))
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    assert_eq!(
+        c.post("/api/v1/vms", &json!({"name": "x"}))
+            .await
+            .unwrap()
+            .status,
+        202
+    );
     // reject with a reason; the decision is audited
-    let r = s.root().post("/api/v1/users/waiting/reject", &json!({"reason": "unknown team"})).await.unwrap();
+    let r = s
+        .root()
+        .post(
+            "/api/v1/users/waiting/reject",
+            &json!({"reason": "unknown team"}),
+        )
+        .await
+        .unwrap();
     assert!(r.body.success);
-    let reg = s.root().get("/api/v1/pending/waiting").await.unwrap().body.data;
+    let reg = s
+        .root()
+        .get("/api/v1/pending/waiting")
+        .await
+        .unwrap()
+        .body
+        .data;
     assert_eq!(reg["status"], "rejected");
     assert_eq!(reg["reject_reason"], "unknown team");
     assert_eq!(reg["processed_by"], "admin");
-    let audit = s.root().get("/api/v1/audit?target=waiting").await.unwrap().body.data;
-    let actions: Vec<&str> = audit.as_array().unwrap().iter().map(|a| a["action"].as_str().unwrap()).collect();
+    let audit = s
+        .root()
+        .get("/api/v1/audit?target=waiting")
+        .await
+        .unwrap()
+        .body
+        .data;
+    let actions: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["action"].as_str().unwrap())
+        .collect();
     assert_eq!(actions, ["user.reject", "user.register"]);
     // a used enrollment code does not work twice
-    let r = s.anon().post("/api/v1/register", &registration("twice")).await.unwrap();
+    let r = s
+        .anon()
+        .post("/api/v1/register", &registration("twice"))
+        .await
+        .unwrap();
     assert_eq!(r.status, 201);
-    let code = s.root().post("/api/v1/users/twice/approve", &json!({})).await.unwrap().body.data["enrollment_code"].as_str().unwrap().to_string();
-    assert_eq!(s.anon().post("/api/v1/enroll", &json!({"username": "twice", "code": code})).await.unwrap().status, 201);
-    assert_eq!(s.anon().post("/api/v1/enroll", &json!({"username": "twice", "code": code})).await.unwrap().status, 401);
+    let code = s
+        .root()
+        .post("/api/v1/users/twice/approve", &json!({}))
+        .await
+        .unwrap()
+        .body
+        .data["enrollment_code"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        s.anon()
+            .post(
+                "/api/v1/enroll",
+                &json!({"username": "twice", "code": code})
+            )
+            .await
+            .unwrap()
+            .status,
+        201
+    );
+    assert_eq!(
+        s.anon()
+            .post(
+                "/api/v1/enroll",
+                &json!({"username": "twice", "code": code})
+            )
+            .await
+            .unwrap()
+            .status,
+        401
+    );
     // tokens: listed without secrets, revocable, revoked ones stop working
     let t2 = s.user("tok").await;
     let c2 = s.with_token(&t2);
     let list = c2.get("/api/v1/tokens").await.unwrap().body.data;
     let id = list[0]["id"].as_str().unwrap().to_string();
     assert!(!list.to_string().contains(&t2));
-    assert_eq!(c2.delete(&format!("/api/v1/tokens/{id}")).await.unwrap().status, 200);
+    assert_eq!(
+        c2.delete(&format!("/api/v1/tokens/{id}"))
+            .await
+            .unwrap()
+            .status,
+        200
+    );
     assert_eq!(c2.get("/api/v1/vms").await.unwrap().status, 401);
 }
 
@@ -98,7 +226,9 @@ async fn pending_rejected_and_disabled_users_can_only_read_their_status() {
 struct AccountGuard(String);
 impl Drop for AccountGuard {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("userdel").args(["--remove", &self.0]).output();
+        let _ = std::process::Command::new("userdel")
+            .args(["--remove", &self.0])
+            .output();
     }
 }
 
@@ -108,16 +238,28 @@ async fn the_unix_socket_identifies_the_real_uid() {
         eprintln!("SKIPPED: creating Unix accounts needs root");
         return;
     }
-    let s = Server::start(&[("BASPHERE_BASTION__MANAGE_ACCOUNTS", "true"), ("BASPHERE_BASTION__GROUP", "bsp-test-users")]);
+    let s = Server::start(&[
+        ("BASPHERE_BASTION__MANAGE_ACCOUNTS", "true"),
+        ("BASPHERE_BASTION__GROUP", "bsp-test-users"),
+    ]);
     let name = format!("bt{}", std::process::id());
     let _guard = AccountGuard(name.clone());
     let (_k, pubkey) = keygen(s.dir.path(), "user_key");
     let r = s.anon().post("/api/v1/register", &json!({"username": name, "email": "u@example.org", "team": "qa", "public_key": pubkey})).await.unwrap();
     assert_eq!(r.status, 201, "{:?}", r.body);
-    let r = s.root().post(&format!("/api/v1/users/{name}/approve"), &json!({})).await.unwrap();
+    let r = s
+        .root()
+        .post(&format!("/api/v1/users/{name}/approve"), &json!({}))
+        .await
+        .unwrap();
     assert!(r.body.success, "{:?}", r.body);
-    assert!(r.body.data["enrollment_code"].is_null(), "managed accounts need no enrollment code");
-    let pw = nix::unistd::User::from_name(&name).unwrap().expect("approval created the Unix account");
+    assert!(
+        r.body.data["enrollment_code"].is_null(),
+        "managed accounts need no enrollment code"
+    );
+    let pw = nix::unistd::User::from_name(&name)
+        .unwrap()
+        .expect("approval created the Unix account");
     let keys = std::fs::read_to_string(pw.dir.join(".ssh/authorized_keys")).unwrap();
     assert_eq!(keys.trim(), pubkey);
     let group = nix::unistd::Group::from_gid(pw.gid).unwrap().unwrap();
@@ -128,7 +270,14 @@ async fn the_unix_socket_identifies_the_real_uid() {
     let _guard2 = AccountGuard(other.clone());
     let r = s.anon().post("/api/v1/register", &json!({"username": other, "email": "o@example.org", "team": "qa", "public_key": pubkey})).await.unwrap();
     assert_eq!(r.status, 201);
-    assert!(s.root().post(&format!("/api/v1/users/{other}/approve"), &json!({})).await.unwrap().body.success);
+    assert!(
+        s.root()
+            .post(&format!("/api/v1/users/{other}/approve"), &json!({}))
+            .await
+            .unwrap()
+            .body
+            .success
+    );
     let pw2 = nix::unistd::User::from_name(&other).unwrap().unwrap();
 
     let run_as = |pw: &nix::unistd::User, args: &[&str]| {
@@ -145,15 +294,32 @@ async fn the_unix_socket_identifies_the_real_uid() {
             .unwrap()
     };
     let out = run_as(&pw2, &["vm", "create", "-n", "theirs", "--no-wait"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let as_user = |args: &[&str]| run_as(&pw, args);
     let out = as_user(&["vm", "create", "-n", "mine", "-s", "tiny"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("mine is running: ssh debian@"));
     let out = as_user(&["vm", "list", "-j"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let names: Vec<&str> = list.as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["mine"]);
     assert_eq!(list[0]["owner"], name.as_str());
     // the socket caller cannot act as admin
@@ -165,21 +331,57 @@ async fn the_unix_socket_identifies_the_real_uid() {
     let (_k2, newkey) = keygen(s.dir.path(), "user_key2");
     let kf = s.dir.path().join("user_key2.pub");
     let out = as_user(&["key", "change", "-k", kf.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let r = s.root().post(&format!("/api/v1/key-changes/{name}/approve"), &json!({})).await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = s
+        .root()
+        .post(&format!("/api/v1/key-changes/{name}/approve"), &json!({}))
+        .await
+        .unwrap();
     assert!(r.body.success, "{:?}", r.body);
     let keys = std::fs::read_to_string(pw.dir.join(".ssh/authorized_keys")).unwrap();
     assert_eq!(keys.trim(), newkey);
 
     // deleting the user deletes their VMs first, then the account
     let out = s.cli(&["admin", "user", "delete", &name, "-f"]);
-    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(nix::unistd::User::from_name(&name).unwrap().is_none(), "account removed");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        nix::unistd::User::from_name(&name).unwrap().is_none(),
+        "account removed"
+    );
     let out = s.cli(&["admin", "user", "purge", &other, "-f"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(nix::unistd::User::from_name(&other).unwrap().is_none(), "account removed");
-    assert_eq!(s.root().get(&format!("/api/v1/vms?owner={name}")).await.unwrap().body.data.as_array().unwrap().len(), 0);
-    let _ = std::process::Command::new("groupdel").arg("bsp-test-users").output();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        nix::unistd::User::from_name(&other).unwrap().is_none(),
+        "account removed"
+    );
+    assert_eq!(
+        s.root()
+            .get(&format!("/api/v1/vms?owner={name}"))
+            .await
+            .unwrap()
+            .body
+            .data
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    let _ = std::process::Command::new("groupdel")
+        .arg("bsp-test-users")
+        .output();
 }
 
 fn nix_is_root() -> bool {

@@ -5,9 +5,33 @@ use serde_json::{Value, json};
 
 async fn count_rows(s: &Server) -> (usize, usize, usize) {
     let root = s.root();
-    let users = root.get("/api/v1/users").await.unwrap().body.data.as_array().unwrap().len();
-    let vms = root.get("/api/v1/vms?all=true").await.unwrap().body.data.as_array().unwrap().len();
-    let regs = root.get("/api/v1/pending").await.unwrap().body.data.as_array().unwrap().len();
+    let users = root
+        .get("/api/v1/users")
+        .await
+        .unwrap()
+        .body
+        .data
+        .as_array()
+        .unwrap()
+        .len();
+    let vms = root
+        .get("/api/v1/vms?all=true")
+        .await
+        .unwrap()
+        .body
+        .data
+        .as_array()
+        .unwrap()
+        .len();
+    let regs = root
+        .get("/api/v1/pending")
+        .await
+        .unwrap()
+        .body
+        .data
+        .as_array()
+        .unwrap()
+        .len();
     (users, vms, regs)
 }
 
@@ -16,24 +40,77 @@ async fn bad_registrations_store_nothing() {
     let s = Server::start(&[]);
     let before = count_rows(&s).await;
     let long = "a".repeat(21);
-    let bad_names = ["Alice", long.as_str(), "-abc", "abc-", "../x", "ünï", "", "ab"];
+    let bad_names = [
+        "Alice",
+        long.as_str(),
+        "-abc",
+        "abc-",
+        "../x",
+        "ünï",
+        "",
+        "ab",
+    ];
     for name in bad_names {
-        let r = s.anon().post("/api/v1/register", &json!({"username": name, "email": "a@b.org", "team": "t", "public_key": KEY})).await.unwrap();
+        let r = s
+            .anon()
+            .post(
+                "/api/v1/register",
+                &json!({"username": name, "email": "a@b.org", "team": "t", "public_key": KEY}),
+            )
+            .await
+            .unwrap();
         assert_eq!(r.status, 422, "{name}: {:?}", r.body);
-        assert!(r.body.errors.iter().any(|e| e.starts_with("username:")), "{name}: {:?}", r.body.errors);
+        assert!(
+            r.body.errors.iter().any(|e| e.starts_with("username:")),
+            "{name}: {:?}",
+            r.body.errors
+        );
     }
     let truncated = &KEY[..50];
-    for key in ["", "ssh-ed25519", truncated, "ssh-rsa AAAAB3NzaC1yc2E", "not a key at all", "ssh-ed25519 %%%%"] {
-        let r = s.anon().post("/api/v1/register", &json!({"username": "good", "email": "a@b.org", "team": "t", "public_key": key})).await.unwrap();
+    for key in [
+        "",
+        "ssh-ed25519",
+        truncated,
+        "ssh-rsa AAAAB3NzaC1yc2E",
+        "not a key at all",
+        "ssh-ed25519 %%%%",
+    ] {
+        let r = s
+            .anon()
+            .post(
+                "/api/v1/register",
+                &json!({"username": "good", "email": "a@b.org", "team": "t", "public_key": key}),
+            )
+            .await
+            .unwrap();
         assert_eq!(r.status, 422, "{key}: {:?}", r.body);
-        assert!(r.body.errors.iter().any(|e| e.starts_with("public_key:")), "{:?}", r.body.errors);
+        assert!(
+            r.body.errors.iter().any(|e| e.starts_with("public_key:")),
+            "{:?}",
+            r.body.errors
+        );
     }
     // every bad field is listed at once
-    let r = s.anon().post("/api/v1/register", &json!({"username": "X", "email": "nope", "team": "", "public_key": "x"})).await.unwrap();
+    let r = s
+        .anon()
+        .post(
+            "/api/v1/register",
+            &json!({"username": "X", "email": "nope", "team": "", "public_key": "x"}),
+        )
+        .await
+        .unwrap();
     assert_eq!(r.status, 422);
     assert_eq!(r.body.errors.len(), 4, "{:?}", r.body.errors);
     // malformed and oversized bodies
-    let r = s.anon().call_raw(basphere_client::Method::POST, "/api/v1/register", Some(b"{".to_vec())).await.unwrap();
+    let r = s
+        .anon()
+        .call_raw(
+            basphere_client::Method::POST,
+            "/api/v1/register",
+            Some(b"{".to_vec()),
+        )
+        .await
+        .unwrap();
     assert_eq!(r.status, 400);
     let big = json!({"username": "big", "email": "a@b.org", "team": "t", "public_key": KEY, "pad": "x".repeat(70 * 1024)});
     let r = s.anon().post("/api/v1/register", &big).await.unwrap();
@@ -66,18 +143,52 @@ async fn bad_vm_requests_store_nothing() {
     for (body, field) in cases {
         let r = c.post("/api/v1/vms", &body).await.unwrap();
         assert_eq!(r.status, 422, "{body}: {:?}", r.body);
-        assert!(r.body.errors.iter().any(|e| e.starts_with(field)), "{body}: {:?}", r.body.errors);
+        assert!(
+            r.body.errors.iter().any(|e| e.starts_with(field)),
+            "{body}: {:?}",
+            r.body.errors
+        );
     }
-    let r = c.post("/api/v1/vms", &json!({"name": "Bad", "spec": "nope", "os": "nope", "count": 99})).await.unwrap();
+    let r = c
+        .post(
+            "/api/v1/vms",
+            &json!({"name": "Bad", "spec": "nope", "os": "nope", "count": 99}),
+        )
+        .await
+        .unwrap();
     assert_eq!(r.body.errors.len(), 4, "{:?}", r.body.errors);
-    let r = c.call_raw(basphere_client::Method::POST, "/api/v1/vms", Some(b"{\"name\":".to_vec())).await.unwrap();
+    let r = c
+        .call_raw(
+            basphere_client::Method::POST,
+            "/api/v1/vms",
+            Some(b"{\"name\":".to_vec()),
+        )
+        .await
+        .unwrap();
     assert_eq!(r.status, 400);
     assert!(r.body.message.contains("malformed JSON"));
-    let r = c.post("/api/v1/vms", &json!({"name": "x", "pad": "y".repeat(65 * 1024)})).await.unwrap();
+    let r = c
+        .post(
+            "/api/v1/vms",
+            &json!({"name": "x", "pad": "y".repeat(65 * 1024)}),
+        )
+        .await
+        .unwrap();
     assert_eq!(r.status, 413);
     let q = c.get("/api/v1/quota").await.unwrap().body.data;
     assert_eq!(q["usage"]["vms"], 0);
-    assert_eq!(s.root().get("/api/v1/vms?all=true").await.unwrap().body.data.as_array().unwrap().len(), 0);
+    assert_eq!(
+        s.root()
+            .get("/api/v1/vms?all=true")
+            .await
+            .unwrap()
+            .body
+            .data
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
     let ops = c.get("/api/v1/operations").await.unwrap().body.data;
     assert_eq!(ops.as_array().unwrap().len(), 0);
 }
@@ -93,7 +204,10 @@ fn bad_config_fails_at_start_with_the_key() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("network") && err.contains("192.0.2.1"), "{err}");
+    assert!(
+        err.contains("network") && err.contains("192.0.2.1"),
+        "{err}"
+    );
     let out = std::process::Command::new(BIN)
         .arg("serve")
         .env("BASPHERE_QUOTA__MAX_IPS", "64")

@@ -2,8 +2,8 @@
 //! the kernel, no token) or TCP with a bearer token.
 
 use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
 pub use hyper::Method;
+use hyper::body::Bytes;
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
@@ -15,7 +15,10 @@ use std::path::PathBuf;
 pub enum Endpoint {
     Unix(PathBuf),
     /// `host:port` and the token to present.
-    Tcp { addr: String, token: Option<String> },
+    Tcp {
+        addr: String,
+        token: Option<String>,
+    },
 }
 
 /// The prototype's response envelope.
@@ -39,7 +42,9 @@ pub struct Response {
 /// Could not talk to the server at all.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot connect to the basphere server at {0}: {1} (is `basphere serve` running? set BASPHERE_SOCKET or BASPHERE_URL)")]
+    #[error(
+        "cannot connect to the basphere server at {0}: {1} (is `basphere serve` running? set BASPHERE_SOCKET or BASPHERE_URL)"
+    )]
     Connect(String, std::io::Error),
     #[error("HTTP error talking to {0}: {1}")]
     Http(String, String),
@@ -122,12 +127,23 @@ impl Client {
     }
 
     /// Sends one request; any HTTP status comes back as a `Response`.
-    pub async fn call(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Response, ClientError> {
-        self.call_raw(method, path, body.map(|v| v.to_string().into_bytes())).await
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Response, ClientError> {
+        self.call_raw(method, path, body.map(|v| v.to_string().into_bytes()))
+            .await
     }
 
     /// Sends one request with a body of raw bytes (sent as `application/json`).
-    pub async fn call_raw(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<Response, ClientError> {
+    pub async fn call_raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Response, ClientError> {
         let mut conn = self.connect().await?;
         let resp = conn
             .send_request(self.request_raw(method, path, body.map(Bytes::from)))
@@ -141,7 +157,10 @@ impl Client {
             .map_err(|e| ClientError::Http(self.shown(), e.to_string()))?
             .to_bytes();
         let body: Envelope = serde_json::from_slice(&bytes).map_err(|_| {
-            ClientError::Body(status, String::from_utf8_lossy(&bytes).chars().take(200).collect())
+            ClientError::Body(
+                status,
+                String::from_utf8_lossy(&bytes).chars().take(200).collect(),
+            )
         })?;
         Ok(Response { status, body })
     }
@@ -160,7 +179,11 @@ impl Client {
 
     /// Follows a Server-Sent Events stream, calling `on_event(kind, data)` for each event,
     /// until the server ends it or `on_event` returns false.
-    pub async fn follow(&self, path: &str, mut on_event: impl FnMut(&str, &Value) -> bool) -> Result<(), ClientError> {
+    pub async fn follow(
+        &self,
+        path: &str,
+        mut on_event: impl FnMut(&str, &Value) -> bool,
+    ) -> Result<(), ClientError> {
         let mut conn = self.connect().await?;
         let mut req = self.request(Method::GET, path, None);
         req.headers_mut()
@@ -171,7 +194,12 @@ impl Client {
             .map_err(|e| ClientError::Http(self.shown(), e.to_string()))?;
         if !resp.status().is_success() {
             let status = resp.status();
-            let bytes = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
             let env: Option<Envelope> = serde_json::from_slice(&bytes).ok();
             return Err(ClientError::Http(
                 self.shown(),
@@ -183,14 +211,17 @@ impl Client {
         let (mut kind, mut data) = (String::new(), String::new());
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| ClientError::Http(self.shown(), e.to_string()))?;
-            let Some(chunk) = frame.data_ref() else { continue };
+            let Some(chunk) = frame.data_ref() else {
+                continue;
+            };
             buf.push_str(&String::from_utf8_lossy(chunk));
             while let Some(pos) = buf.find('\n') {
                 let line: String = buf.drain(..=pos).collect();
                 let line = line.trim_end_matches(['\n', '\r']);
                 if line.is_empty() {
                     if !data.is_empty() {
-                        let v: Value = serde_json::from_str(&data).unwrap_or(Value::String(data.clone()));
+                        let v: Value =
+                            serde_json::from_str(&data).unwrap_or(Value::String(data.clone()));
                         if !on_event(&kind, &v) {
                             return Ok(());
                         }

@@ -240,7 +240,10 @@ impl Config {
         }
         let defaults = self.images.values().filter(|i| i.default).count();
         if defaults > 1 {
-            return Err(bad("images", "only one image may be `default = true`".into()));
+            return Err(bad(
+                "images",
+                "only one image may be `default = true`".into(),
+            ));
         }
         for (name, i) in &self.images {
             if i.login_user.parse::<Username>().is_err() && i.login_user != "root" {

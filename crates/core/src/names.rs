@@ -159,7 +159,13 @@ impl std::str::FromStr for Email {
         let ok_chars = s
             .chars()
             .all(|c| c.is_ascii_graphic() && c != '<' && c != '>' && c != '"');
-        if local.is_empty() || !domain.contains('.') || domain.starts_with('.') || domain.ends_with('.') || domain.contains('@') || !ok_chars {
+        if local.is_empty()
+            || !domain.contains('.')
+            || domain.starts_with('.')
+            || domain.ends_with('.')
+            || domain.contains('@')
+            || !ok_chars
+        {
             return Err(NameError::Other("must look like name@example.org"));
         }
         Ok(Self(s.to_string()))
@@ -175,7 +181,11 @@ impl std::str::FromStr for Team {
         }
         let got = s.chars().count();
         if got > 64 {
-            return Err(NameError::Length { min: 1, max: 64, got });
+            return Err(NameError::Length {
+                min: 1,
+                max: 64,
+                got,
+            });
         }
         if let Some(c) = s.chars().find(|c| c.is_control()) {
             return Err(NameError::Char(c));
@@ -193,7 +203,19 @@ mod tests {
         for ok in ["abc", "alice", "a-1", "dev-team-01", "abcdefghijklmnopqrst"] {
             assert!(ok.parse::<Username>().is_ok(), "{ok}");
         }
-        for bad in ["", "ab", "Alice", "-abc", "abc-", "a_b", "../x", "ünï", "abcdefghijklmnopqrstu", "1abc", "a b"] {
+        for bad in [
+            "",
+            "ab",
+            "Alice",
+            "-abc",
+            "abc-",
+            "a_b",
+            "../x",
+            "ünï",
+            "abcdefghijklmnopqrstu",
+            "1abc",
+            "a b",
+        ] {
             assert!(bad.parse::<Username>().is_err(), "{bad}");
         }
     }
@@ -203,7 +225,16 @@ mod tests {
         for ok in ["a", "web", "web-1", "0", "abcdefghijklmnopqrstuvwxyz0123"] {
             assert!(ok.parse::<VmName>().is_ok(), "{ok}");
         }
-        for bad in ["", "Web", "-web", "web-", "../x", "web.1", "ŵeb", "abcdefghijklmnopqrstuvwxyz01234"] {
+        for bad in [
+            "",
+            "Web",
+            "-web",
+            "web-",
+            "../x",
+            "web.1",
+            "ŵeb",
+            "abcdefghijklmnopqrstuvwxyz01234",
+        ] {
             assert!(bad.parse::<VmName>().is_err(), "{bad}");
         }
     }

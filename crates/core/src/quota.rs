@@ -51,7 +51,9 @@ pub enum QuotaLimit {
 
 /// A request refused because it would exceed a limit.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
-#[error("quota exceeded: {limit:?} would be {requested_total} but the limit is {max} ({used} in use, {requested} requested)")]
+#[error(
+    "quota exceeded: {limit:?} would be {requested_total} but the limit is {max} ({used} in use, {requested} requested)"
+)]
 pub struct QuotaExceeded {
     pub limit: QuotaLimit,
     pub used: u64,

@@ -15,7 +15,9 @@ pub enum SshKeyError {
     Empty,
     #[error("must be one line")]
     MultiLine,
-    #[error("key type {0:?} is not accepted; use ssh-ed25519, ecdsa-sha2-nistp256/384/521 or ssh-rsa")]
+    #[error(
+        "key type {0:?} is not accepted; use ssh-ed25519, ecdsa-sha2-nistp256/384/521 or ssh-rsa"
+    )]
     Type(String),
     #[error("key data is not valid base64 (truncated or mangled copy?)")]
     Base64,
@@ -174,7 +176,10 @@ mod tests {
     #[test]
     fn refuses_bad_keys() {
         assert_eq!("".parse::<SshPublicKey>(), Err(SshKeyError::Empty));
-        assert!(matches!("ssh-dss AAAA".parse::<SshPublicKey>(), Err(SshKeyError::Type(_))));
+        assert!(matches!(
+            "ssh-dss AAAA".parse::<SshPublicKey>(),
+            Err(SshKeyError::Type(_))
+        ));
         let truncated = &ED[..60];
         assert!(truncated.parse::<SshPublicKey>().is_err());
         assert_eq!(
@@ -183,7 +188,10 @@ mod tests {
         );
         // ed25519 blob relabelled as rsa
         let relabel = ED.replacen("ssh-ed25519", "ssh-rsa", 1);
-        assert!(matches!(relabel.parse::<SshPublicKey>(), Err(SshKeyError::Mismatch { .. })));
+        assert!(matches!(
+            relabel.parse::<SshPublicKey>(),
+            Err(SshKeyError::Mismatch { .. })
+        ));
         assert_eq!(
             format!("{ED}\nssh-ed25519 AAAA").parse::<SshPublicKey>(),
             Err(SshKeyError::MultiLine)

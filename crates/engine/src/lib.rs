@@ -133,7 +133,10 @@ impl Engine {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let inner = &self.inner;
         match inner.store.release_leases(&inner.cfg.node_id).await {
-            Ok(n) if n > 0 => info!(count = n, "resuming workflows this node held before a restart"),
+            Ok(n) if n > 0 => info!(
+                count = n,
+                "resuming workflows this node held before a restart"
+            ),
             Ok(_) => {}
             Err(e) => warn!(error = %e, "could not release stale leases"),
         }
@@ -194,7 +197,10 @@ impl Engine {
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(lease / 3).await;
-                    if let Err(e) = store.renew_lease(&id, &node, lease.as_millis() as i64).await {
+                    if let Err(e) = store
+                        .renew_lease(&id, &node, lease.as_millis() as i64)
+                        .await
+                    {
                         if e.is_lease_lost() {
                             let _ = lost_tx.send(true);
                             return;
@@ -223,7 +229,9 @@ impl Engine {
     }
 
     async fn request_for(&self, wf: &Workflow) -> Result<Option<(Vm, VmRequest)>, StoreError> {
-        let Some(vm_id) = &wf.vm_id else { return Ok(None) };
+        let Some(vm_id) = &wf.vm_id else {
+            return Ok(None);
+        };
         let Some(vm) = self.inner.store.vm_by_id(vm_id).await? else {
             return Ok(None);
         };
@@ -239,7 +247,10 @@ impl Engine {
             instance: vm.id.clone(),
             name: vm.name.clone(),
             owner: vm.owner.clone(),
-            image: vm.os.parse().map_err(|e| StoreError::Corrupt("vms.os", format!("{e}")))?,
+            image: vm
+                .os
+                .parse()
+                .map_err(|e| StoreError::Corrupt("vms.os", format!("{e}")))?,
             image_ref: self
                 .inner
                 .catalog
@@ -266,7 +277,12 @@ impl Engine {
         Ok(Some((vm, req)))
     }
 
-    async fn run_phase(&self, kind: WorkflowKind, step: &str, req: &VmRequest) -> Result<(), ProviderError> {
+    async fn run_phase(
+        &self,
+        kind: WorkflowKind,
+        step: &str,
+        req: &VmRequest,
+    ) -> Result<(), ProviderError> {
         let p = &self.inner.provider;
         let cfg = &self.inner.cfg;
         let deadline = if step == "wait_ready" {
@@ -278,7 +294,9 @@ impl Engine {
             match (kind, step) {
                 (WorkflowKind::CreateVm, "prepare") => p.prepare(req).await,
                 (WorkflowKind::CreateVm, "start") => p.start(req).await,
-                (WorkflowKind::CreateVm, "wait_ready") => p.wait_ready(req, cfg.ready_deadline).await,
+                (WorkflowKind::CreateVm, "wait_ready") => {
+                    p.wait_ready(req, cfg.ready_deadline).await
+                }
                 (WorkflowKind::DeleteVm, "stop") => p.stop(req).await,
                 (WorkflowKind::DeleteVm, "remove") => p.remove(req).await,
                 (k, s) => Err(ProviderError::permanent(format!("unknown step {s} of {k}"))),
@@ -304,7 +322,9 @@ impl Engine {
         };
         match tokio::time::timeout(self.inner.cfg.step_deadline, fut).await {
             Ok(r) => r,
-            Err(_) => Err(ProviderError::retryable(format!("undo of {step} timed out"))),
+            Err(_) => Err(ProviderError::retryable(format!(
+                "undo of {step} timed out"
+            ))),
         }
     }
 
@@ -323,7 +343,11 @@ impl Engine {
         let node = &self.inner.cfg.node_id;
         let Some((_vm, req)) = self.request_for(&wf).await? else {
             let ev = store
-                .finish_workflow(&wf.id, node, &WorkflowOutcome::Failed("its VM record is gone".into()))
+                .finish_workflow(
+                    &wf.id,
+                    node,
+                    &WorkflowOutcome::Failed("its VM record is gone".into()),
+                )
                 .await?;
             self.emit(ev);
             return Ok(());
@@ -346,7 +370,14 @@ impl Engine {
                         let delay = self.backoff(attempts);
                         self.emit(
                             store
-                                .step_retry(&wf.id, idx, &name, node, &e.message, delay.as_millis() as i64)
+                                .step_retry(
+                                    &wf.id,
+                                    idx,
+                                    &name,
+                                    node,
+                                    &e.message,
+                                    delay.as_millis() as i64,
+                                )
                                 .await?,
                         );
                         self.wake();
@@ -366,7 +397,11 @@ impl Engine {
                 }
             }
             if status != WorkflowStatus::Undoing {
-                self.emit(store.finish_workflow(&wf.id, node, &WorkflowOutcome::Succeeded).await?);
+                self.emit(
+                    store
+                        .finish_workflow(&wf.id, node, &WorkflowOutcome::Succeeded)
+                        .await?,
+                );
                 return Ok(());
             }
         }
@@ -392,7 +427,11 @@ impl Engine {
                                 "{reason}; and undoing {} failed too: {e} — clean up by hand, then delete the VM",
                                 rec.name
                             );
-                            self.emit(store.finish_workflow(&wf.id, node, &WorkflowOutcome::Failed(msg)).await?);
+                            self.emit(
+                                store
+                                    .finish_workflow(&wf.id, node, &WorkflowOutcome::Failed(msg))
+                                    .await?,
+                            );
                             return Ok(());
                         }
                     }
@@ -401,7 +440,11 @@ impl Engine {
             }
             step -= 1;
         }
-        self.emit(store.finish_workflow(&wf.id, node, &WorkflowOutcome::Failed(reason)).await?);
+        self.emit(
+            store
+                .finish_workflow(&wf.id, node, &WorkflowOutcome::Failed(reason))
+                .await?,
+        );
         Ok(())
     }
 }

@@ -276,7 +276,7 @@ impl VsphereProvider {
         vm: &VmRequest,
         nic_name: &str,
         login_user: &str,
-        nic: Option<&Node>,
+        devices: Option<&Node>,
     ) -> String {
         let mut spec = format!(
             "<annotation>{}</annotation><numCPUs>{}</numCPUs><memoryMB>{}</memoryMB>",
@@ -287,7 +287,12 @@ impl VsphereProvider {
             vm.spec.vcpus,
             vm.spec.memory_mib
         );
-        if let Some(nic) = nic {
+        if let Some(disk) = devices.and_then(|d| grown_disk(d, vm.spec.disk_gib)) {
+            spec.push_str("<deviceChange><operation>edit</operation>");
+            disk.to_xml(&mut spec);
+            spec.push_str("</deviceChange>");
+        }
+        if let Some(nic) = devices.and_then(first_nic) {
             let mut device = nic.clone();
             device.name = "device".into();
             let backing = crate::xml::parse(&self.inv.nic_backing).ok();
@@ -330,6 +335,30 @@ fn power_state(s: &str) -> MachineState {
     } else {
         MachineState::Stopped
     }
+}
+
+/// The VM's first disk grown to `gib`, as a `<device>` for an edit; `None` when it is as large
+/// already, or is a linked clone's child disk (those cannot be extended).
+fn grown_disk(devices: &Node, gib: u64) -> Option<Node> {
+    let disk = devices
+        .children
+        .iter()
+        .find(|d| d.xsi_type.as_deref() == Some("VirtualDisk"))?;
+    let want_kb = gib * 1024 * 1024;
+    let have_kb: u64 = disk.child_text("capacityInKB")?.trim().parse().ok()?;
+    if have_kb >= want_kb || disk.path(&["backing", "parent"]).is_some() {
+        return None;
+    }
+    let mut disk = disk.clone();
+    disk.name = "device".into();
+    for c in &mut disk.children {
+        match c.name.as_str() {
+            "capacityInKB" => c.text = want_kb.to_string(),
+            "capacityInBytes" => c.text = (want_kb * 1024).to_string(),
+            _ => {}
+        }
+    }
+    Some(disk)
 }
 
 /// The first network card in a `config.hardware.device` value.
@@ -489,11 +518,11 @@ impl Provider for VsphereProvider {
         if props.text("runtime.powerState") == "poweredOn" {
             return Ok(()); // prepared and started before
         }
-        let nic = props.get("config.hardware.device").and_then(first_nic);
-        if nic.is_none() {
+        let devices = props.get("config.hardware.device");
+        if devices.and_then(first_nic).is_none() {
             tracing::warn!(vm = %name, "template has no network card; the port group is not set");
         }
-        let spec = self.config_spec(vm, &nic_name, &login_user, nic);
+        let spec = self.config_spec(vm, &nic_name, &login_user, devices);
         self.client
             .reconfigure_vm(&vm_ref, &spec, self.deadline())
             .await?;
@@ -549,7 +578,9 @@ impl Provider for VsphereProvider {
                 "guest.toolsRunningStatus",
             ];
             let Some(p) = self.client.properties(&r, &paths).await? else {
-                continue;
+                return Err(ProviderError::permanent(format!(
+                    "vsphere: VM {name} vanished while waiting for it to boot"
+                )));
             };
             if p.text("runtime.powerState") != "poweredOn" {
                 return Err(ProviderError::permanent(format!(

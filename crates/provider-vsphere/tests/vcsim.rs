@@ -58,6 +58,22 @@ async fn create_runs_with_ip_then_delete_leaves_nothing() {
     assert_eq!(props.text("config.hardware.numCPU"), "2");
     assert_eq!(props.text("config.hardware.memoryMB"), "8192");
     assert!(props.text("config.annotation").contains(&vm.instance));
+    let devices = p
+        .client()
+        .properties(&r, &["config.hardware.device"])
+        .await
+        .unwrap()
+        .unwrap();
+    let mut capacities = Vec::new();
+    devices
+        .get("config.hardware.device")
+        .unwrap()
+        .descendants("capacityInKB", &mut capacities);
+    assert_eq!(
+        capacities[0].text,
+        (50u64 * 1024 * 1024).to_string(),
+        "disk grown to the spec"
+    );
     let extra = props.get("config.extraConfig").unwrap();
     let value = |key: &str| {
         extra
@@ -333,4 +349,44 @@ async fn session_expiry_logs_in_again_once() {
     p.client().logout().await.unwrap();
     p.start(&vm).await.unwrap();
     p.remove(&vm).await.unwrap();
+}
+
+#[tokio::test]
+async fn template_with_a_snapshot_is_cloned_linked() {
+    let trace = tempfile::NamedTempFile::new().unwrap();
+    let trace_path = trace.path().to_str().unwrap().to_string();
+    let sim = Vcsim::start(&["-trace", "-trace-file", &trace_path]);
+    // Snapshot the VM, then make it the template.
+    let c = sim.client("user", "pass").await;
+    let t = c
+        .find_by_inventory_path(&format!("DC0/vm/{}", common::TEMPLATE))
+        .await
+        .unwrap()
+        .unwrap();
+    let d = Duration::from_secs(5);
+    c.power_off(&t, d).await.unwrap();
+    let args = "<name>base</name><memory>false</memory><quiesce>false</quiesce>";
+    c.run_task("CreateSnapshot_Task", &t, args, d)
+        .await
+        .unwrap();
+    c.mark_as_template(&t).await.unwrap();
+
+    let p = VsphereProvider::connect(sim.config(sim.credentials_file("user", "pass", 0o600)))
+        .await
+        .unwrap();
+    let vm = request("linked", 6);
+    p.prepare(&vm).await.unwrap();
+    p.start(&vm).await.unwrap();
+    p.wait_ready(&vm, Duration::from_secs(5)).await.unwrap();
+    p.remove(&vm).await.unwrap();
+    // vcsim ignores diskMoveType, so check what we asked for.
+    let sent = std::fs::read_to_string(trace.path()).unwrap();
+    let clone = sent
+        .split("<CloneVM_Task")
+        .nth(1)
+        .expect("clone request traced");
+    assert!(
+        clone.contains("createNewChildDiskBacking") && clone.contains("VirtualMachineSnapshot"),
+        "{clone}"
+    );
 }

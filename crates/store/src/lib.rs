@@ -23,8 +23,7 @@ pub use users::{
 };
 pub use vms::{AdmitError, AdmitRequest, Admitted, DeleteError, Vm};
 pub use workflows::{
-    StepRecord, StepStatus, Workflow, WorkflowEvent, WorkflowKind, WorkflowOutcome,
-    WorkflowStatus,
+    StepRecord, StepStatus, Workflow, WorkflowEvent, WorkflowKind, WorkflowOutcome, WorkflowStatus,
 };
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};

@@ -31,12 +31,14 @@ pub(crate) async fn run(pool: &SqlitePool) -> Result<()> {
         tx.execute(sqlx::raw_sql(*sql)).await.map_err(|e| {
             StoreError::Migration(format!("migration {version} ({name}) failed: {e}"))
         })?;
-        sqlx::query("INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)")
-            .bind(version)
-            .bind(name)
-            .bind(now_ms())
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
+        )
+        .bind(version)
+        .bind(name)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
     }
     tx.commit().await?;
     Ok(())

@@ -4,8 +4,8 @@ use basphere_core::{
     Email, NetworkPool, Quota, RegistrationStatus, Role, SshPublicKey, Team, UserStatus, Username,
 };
 use serde::Serialize;
-use sqlx::sqlite::SqliteRow;
 use sqlx::Row;
+use sqlx::sqlite::SqliteRow;
 
 /// A Basphere account.
 #[derive(Debug, Clone, Serialize)]
@@ -161,7 +161,6 @@ impl From<sqlx::Error> for UserError {
     }
 }
 
-
 impl Store {
     /// Creates the first admin if no admin exists; returns whether one was made.
     pub async fn ensure_admin(&self, username: &Username, quota: &Quota) -> Result<bool> {
@@ -260,7 +259,15 @@ impl Store {
         .bind(now)
         .fetch_one(&mut *tx)
         .await?;
-        record(&mut tx, actor, "user.register", reg.username.as_str(), "ok", None).await?;
+        record(
+            &mut tx,
+            actor,
+            "user.register",
+            reg.username.as_str(),
+            "ok",
+            None,
+        )
+        .await?;
         tx.commit().await?;
         Ok(registration_from(&row)?)
     }
@@ -324,10 +331,11 @@ impl Store {
                 )));
             }
         }
-        let used: Vec<i64> =
-            sqlx::query_scalar("SELECT ip_block FROM users WHERE ip_block IS NOT NULL ORDER BY ip_block")
-                .fetch_all(&mut *tx)
-                .await?;
+        let used: Vec<i64> = sqlx::query_scalar(
+            "SELECT ip_block FROM users WHERE ip_block IS NOT NULL ORDER BY ip_block",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
         let block = (0..pool.block_count() as i64)
             .find(|i| used.binary_search(i).is_err())
             .ok_or(UserError::PoolFull)?;
@@ -367,7 +375,15 @@ impl Store {
             None => None,
         };
         let detail = format!("ip_block={block}");
-        record(&mut tx, actor, "user.approve", username.as_str(), "ok", Some(&detail)).await?;
+        record(
+            &mut tx,
+            actor,
+            "user.approve",
+            username.as_str(),
+            "ok",
+            Some(&detail),
+        )
+        .await?;
         tx.commit().await?;
         let user = self
             .user(username.as_str())
@@ -415,7 +431,15 @@ impl Store {
         .bind(reason)
         .execute(&mut *tx)
         .await?;
-        record(&mut tx, actor, "user.reject", username.as_str(), "ok", Some(reason)).await?;
+        record(
+            &mut tx,
+            actor,
+            "user.reject",
+            username.as_str(),
+            "ok",
+            Some(reason),
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -479,7 +503,15 @@ impl Store {
             return Err(UserError::NotFound(username.to_string()));
         }
         let detail = serde_json::to_string(q).unwrap_or_default();
-        record(&mut tx, actor, "user.quota", username.as_str(), "ok", Some(&detail)).await?;
+        record(
+            &mut tx,
+            actor,
+            "user.quota",
+            username.as_str(),
+            "ok",
+            Some(&detail),
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -633,7 +665,15 @@ impl Store {
         .bind(expires_at)
         .execute(&mut *tx)
         .await?;
-        record(&mut tx, actor, "token.create", username.as_str(), "ok", Some(&id)).await?;
+        record(
+            &mut tx,
+            actor,
+            "token.create",
+            username.as_str(),
+            "ok",
+            Some(&id),
+        )
+        .await?;
         tx.commit().await?;
         Ok((
             TokenInfo {

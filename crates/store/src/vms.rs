@@ -164,7 +164,9 @@ impl Store {
             max_vms: user.try_get::<i64, _>("max_vms")? as u32,
             max_clusters: user.try_get::<i64, _>("max_clusters")? as u32,
             max_ips: user.try_get::<i64, _>("max_ips")? as u32,
-            max_vcpus: user.try_get::<Option<i64>, _>("max_vcpus")?.map(|v| v as u32),
+            max_vcpus: user
+                .try_get::<Option<i64>, _>("max_vcpus")?
+                .map(|v| v as u32),
             max_memory_mib: user
                 .try_get::<Option<i64>, _>("max_memory_mib")?
                 .map(|v| v as u64),
@@ -191,7 +193,11 @@ impl Store {
             .bind(owner)
             .fetch_all(&mut *tx)
             .await?;
-        if let Some(taken) = req.names.iter().find(|n| existing.iter().any(|e| e == n.as_str())) {
+        if let Some(taken) = req
+            .names
+            .iter()
+            .find(|n| existing.iter().any(|e| e == n.as_str()))
+        {
             return Err(AdmitError::NameTaken(taken.clone()));
         }
         let taken_ips: HashSet<String> =
@@ -246,8 +252,15 @@ impl Store {
                 "ip={ip} spec={} os={} operation={operation_id}",
                 req.spec_name, req.os
             );
-            record(&mut tx, actor, "vm.create", &format!("{owner}/{name}"), "accepted", Some(&detail))
-                .await?;
+            record(
+                &mut tx,
+                actor,
+                "vm.create",
+                &format!("{owner}/{name}"),
+                "accepted",
+                Some(&detail),
+            )
+            .await?;
             out.push(Admitted { vm, operation_id });
         }
         tx.commit().await?;

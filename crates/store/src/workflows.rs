@@ -326,15 +326,14 @@ impl Store {
 
     /// Extends `node`'s lease; `LeaseLost` if another node holds it now.
     pub async fn renew_lease(&self, wf: &str, node: &str, lease_ms: i64) -> Result<()> {
-        let n = sqlx::query(
-            "UPDATE workflows SET lease_until = $3 WHERE id = $1 AND lease_owner = $2",
-        )
-        .bind(wf)
-        .bind(node)
-        .bind(now_ms() + lease_ms)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
+        let n =
+            sqlx::query("UPDATE workflows SET lease_until = $3 WHERE id = $1 AND lease_owner = $2")
+                .bind(wf)
+                .bind(node)
+                .bind(now_ms() + lease_ms)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
         if n == 0 { Err(lease_lost(wf)) } else { Ok(()) }
     }
 
@@ -363,7 +362,13 @@ impl Store {
     }
 
     /// Records that step `idx` starts (one more attempt).
-    pub async fn step_started(&self, wf: &str, idx: u32, name: &str, node: &str) -> Result<WorkflowEvent> {
+    pub async fn step_started(
+        &self,
+        wf: &str,
+        idx: u32,
+        name: &str,
+        node: &str,
+    ) -> Result<WorkflowEvent> {
         let mut tx = self.write().await?;
         Self::guard(&mut tx, wf, node).await?;
         sqlx::query(
@@ -375,13 +380,26 @@ impl Store {
         .bind(now_ms())
         .execute(&mut *tx)
         .await?;
-        let ev = event(&mut tx, wf, Some(name), "step_started", &format!("{name} started")).await?;
+        let ev = event(
+            &mut tx,
+            wf,
+            Some(name),
+            "step_started",
+            &format!("{name} started"),
+        )
+        .await?;
         tx.commit().await?;
         Ok(ev)
     }
 
     /// Records that step `idx` finished and moves the workflow to the next step.
-    pub async fn step_done(&self, wf: &str, idx: u32, name: &str, node: &str) -> Result<WorkflowEvent> {
+    pub async fn step_done(
+        &self,
+        wf: &str,
+        idx: u32,
+        name: &str,
+        node: &str,
+    ) -> Result<WorkflowEvent> {
         let mut tx = self.write().await?;
         Self::guard(&mut tx, wf, node).await?;
         let now = now_ms();
@@ -400,7 +418,14 @@ impl Store {
             .bind(now)
             .execute(&mut *tx)
             .await?;
-        let ev = event(&mut tx, wf, Some(name), "step_done", &format!("{name} done")).await?;
+        let ev = event(
+            &mut tx,
+            wf,
+            Some(name),
+            "step_done",
+            &format!("{name} done"),
+        )
+        .await?;
         tx.commit().await?;
         Ok(ev)
     }
@@ -435,7 +460,10 @@ impl Store {
         .bind(now)
         .execute(&mut *tx)
         .await?;
-        let msg = format!("{name} failed, retrying in {:.1}s: {error}", delay_ms as f64 / 1000.0);
+        let msg = format!(
+            "{name} failed, retrying in {:.1}s: {error}",
+            delay_ms as f64 / 1000.0
+        );
         let ev = event(&mut tx, wf, Some(name), "step_retry", &msg).await?;
         tx.commit().await?;
         Ok(ev)
@@ -473,14 +501,27 @@ impl Store {
         .bind(now)
         .execute(&mut *tx)
         .await?;
-        event(&mut tx, wf, Some(name), "step_failed", &format!("{name} failed: {error}")).await?;
+        event(
+            &mut tx,
+            wf,
+            Some(name),
+            "step_failed",
+            &format!("{name} failed: {error}"),
+        )
+        .await?;
         let ev = event(&mut tx, wf, None, "undo_started", "undoing completed steps").await?;
         tx.commit().await?;
         Ok(ev)
     }
 
     /// Records that the done step `idx` was undone; the next one to undo is `idx - 1`.
-    pub async fn step_undone(&self, wf: &str, idx: u32, name: &str, node: &str) -> Result<WorkflowEvent> {
+    pub async fn step_undone(
+        &self,
+        wf: &str,
+        idx: u32,
+        name: &str,
+        node: &str,
+    ) -> Result<WorkflowEvent> {
         let mut tx = self.write().await?;
         Self::guard(&mut tx, wf, node).await?;
         let now = now_ms();
@@ -499,7 +540,14 @@ impl Store {
             .bind(now)
             .execute(&mut *tx)
             .await?;
-        let ev = event(&mut tx, wf, Some(name), "step_undone", &format!("{name} undone")).await?;
+        let ev = event(
+            &mut tx,
+            wf,
+            Some(name),
+            "step_undone",
+            &format!("{name} undone"),
+        )
+        .await?;
         tx.commit().await?;
         Ok(ev)
     }
@@ -550,7 +598,15 @@ impl Store {
                             .bind(now)
                             .execute(&mut *tx)
                             .await?;
-                        record(&mut tx, &actor, "vm.create", &target, "ok", vm.ip_address.map(|i| i.to_string()).as_deref()).await?;
+                        record(
+                            &mut tx,
+                            &actor,
+                            "vm.create",
+                            &target,
+                            "ok",
+                            vm.ip_address.map(|i| i.to_string()).as_deref(),
+                        )
+                        .await?;
                     }
                     (WorkflowKind::CreateVm, WorkflowOutcome::Failed(e)) => {
                         sqlx::query("UPDATE vms SET status = 'failed', error = $2, ip = NULL, updated_at = $3 WHERE id = $1")

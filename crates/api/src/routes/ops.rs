@@ -18,7 +18,11 @@ async fn visible(st: &AppState, caller: &Caller, id: &str) -> Result<Workflow, A
     }
 }
 
-pub async fn show(State(st): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<Ok200, ApiError> {
+pub async fn show(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Ok200, ApiError> {
     let w = visible(&st, &caller, &id).await?;
     Ok(ok(format!("operation {id}: {}", w.status), w))
 }
@@ -30,10 +34,16 @@ pub struct ListQuery {
     limit: Option<i64>,
 }
 
-pub async fn list(State(st): State<AppState>, caller: Caller, Query(q): Query<ListQuery>) -> Result<Ok200, ApiError> {
+pub async fn list(
+    State(st): State<AppState>,
+    caller: Caller,
+    Query(q): Query<ListQuery>,
+) -> Result<Ok200, ApiError> {
     let me = caller.active()?;
     if q.all && !caller.is_admin() {
-        return Err(ApiError::forbidden("listing everyone's operations needs an admin"));
+        return Err(ApiError::forbidden(
+            "listing everyone's operations needs an admin",
+        ));
     }
     let owner = (!q.all).then(|| me.username.to_string());
     let w = st
@@ -63,7 +73,9 @@ pub async fn events(
         };
         let terminal = |k: &str| matches!(k, "succeeded" | "failed" | "cancelled");
         let mut last = 0;
-        let Ok(past) = st.store.events(&id, 0).await else { return };
+        let Ok(past) = st.store.events(&id, 0).await else {
+            return;
+        };
         for ev in &past {
             last = ev.seq;
             if tx.send(Ok(send(ev))).await.is_err() || terminal(&ev.kind) {
@@ -80,7 +92,9 @@ pub async fn events(
                 }
                 Ok(_) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                    let Ok(missed) = st.store.events(&id, last).await else { return };
+                    let Ok(missed) = st.store.events(&id, last).await else {
+                        return;
+                    };
                     for ev in &missed {
                         last = ev.seq;
                         if tx.send(Ok(send(ev))).await.is_err() || terminal(&ev.kind) {

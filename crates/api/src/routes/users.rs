@@ -26,9 +26,15 @@ fn username(s: &str) -> Result<Username, ApiError> {
 
 fn parse_registration(b: &Body) -> Result<NewRegistration, ApiError> {
     let mut errs = FieldErrors::new();
-    let u = b.str("username", true, &mut errs).and_then(|s| errs.check("username", s.parse::<Username>()));
-    let e = b.str("email", true, &mut errs).and_then(|s| errs.check("email", s.parse::<Email>()));
-    let t = b.str("team", true, &mut errs).and_then(|s| errs.check("team", s.parse::<Team>()));
+    let u = b
+        .str("username", true, &mut errs)
+        .and_then(|s| errs.check("username", s.parse::<Username>()));
+    let e = b
+        .str("email", true, &mut errs)
+        .and_then(|s| errs.check("email", s.parse::<Email>()));
+    let t = b
+        .str("team", true, &mut errs)
+        .and_then(|s| errs.check("team", s.parse::<Team>()));
     let k = b
         .str("public_key", true, &mut errs)
         .and_then(|s| errs.check("public_key", s.parse::<SshPublicKey>()));
@@ -42,7 +48,11 @@ fn parse_registration(b: &Body) -> Result<NewRegistration, ApiError> {
 }
 
 /// `POST /register`: anyone; a local caller registers only their own Unix account name.
-pub async fn register(State(st): State<AppState>, caller: Caller, body: Body) -> Result<Ok200, ApiError> {
+pub async fn register(
+    State(st): State<AppState>,
+    caller: Caller,
+    body: Body,
+) -> Result<Ok200, ApiError> {
     let reg = parse_registration(&body)?;
     if caller.local && !caller.is_admin() && caller.name != reg.username.as_str() {
         return Err(ApiError::forbidden(format!(
@@ -57,13 +67,20 @@ pub async fn register(State(st): State<AppState>, caller: Caller, body: Body) ->
         .map_err(user_err)?;
     Ok(Ok200(
         StatusCode::CREATED,
-        format!("registration of {} received; an admin will review it", r.username),
+        format!(
+            "registration of {} received; an admin will review it",
+            r.username
+        ),
         serde_json::to_value(r).unwrap_or_default(),
     ))
 }
 
 /// `POST /users`: an admin adds and approves a user in one go.
-pub async fn add(State(st): State<AppState>, caller: Caller, body: Body) -> Result<Ok200, ApiError> {
+pub async fn add(
+    State(st): State<AppState>,
+    caller: Caller,
+    body: Body,
+) -> Result<Ok200, ApiError> {
     caller.admin()?;
     let reg = parse_registration(&body)?;
     let actor = caller.actor();
@@ -102,7 +119,13 @@ async fn approve_user(st: &AppState, caller: &Caller, u: &Username) -> Result<Ok
     };
     let out = st
         .store
-        .approve(u, &st.config.network, st.accounts.is_some(), ttl, &caller.actor())
+        .approve(
+            u,
+            &st.config.network,
+            st.accounts.is_some(),
+            ttl,
+            &caller.actor(),
+        )
         .await
         .map_err(user_err)?;
     let block = out.user.ip_block.and_then(|b| st.config.network.block(b));
@@ -118,7 +141,11 @@ async fn approve_user(st: &AppState, caller: &Caller, u: &Username) -> Result<Ok
     ))
 }
 
-pub async fn approve(State(st): State<AppState>, caller: Caller, Path(u): Path<String>) -> Result<Ok200, ApiError> {
+pub async fn approve(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(u): Path<String>,
+) -> Result<Ok200, ApiError> {
     caller.admin()?;
     approve_user(&st, &caller, &username(&u)?).await
 }
@@ -134,8 +161,14 @@ pub async fn reject(
     let mut errs = FieldErrors::new();
     let reason = body.str("reason", false, &mut errs).unwrap_or_default();
     errs.into_result()?;
-    st.store.reject(&u, &reason, &caller.actor()).await.map_err(user_err)?;
-    Ok(ok(format!("registration of {u} rejected"), json!({"username": u, "reason": reason})))
+    st.store
+        .reject(&u, &reason, &caller.actor())
+        .await
+        .map_err(user_err)?;
+    Ok(ok(
+        format!("registration of {u} rejected"),
+        json!({"username": u, "reason": reason}),
+    ))
 }
 
 pub async fn me(State(st): State<AppState>, caller: Caller) -> Result<Ok200, ApiError> {
@@ -154,7 +187,11 @@ pub async fn pending(State(st): State<AppState>, caller: Caller) -> Result<Ok200
     Ok(ok(format!("{} pending registration(s)", r.len()), r))
 }
 
-pub async fn pending_one(State(st): State<AppState>, caller: Caller, Path(u): Path<String>) -> Result<Ok200, ApiError> {
+pub async fn pending_one(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(u): Path<String>,
+) -> Result<Ok200, ApiError> {
     caller.admin()?;
     let r = st.store.registrations(Some(&u)).await?;
     let first = r
@@ -169,7 +206,11 @@ pub struct ListQuery {
     status: Option<String>,
 }
 
-pub async fn list(State(st): State<AppState>, caller: Caller, Query(q): Query<ListQuery>) -> Result<Ok200, ApiError> {
+pub async fn list(
+    State(st): State<AppState>,
+    caller: Caller,
+    Query(q): Query<ListQuery>,
+) -> Result<Ok200, ApiError> {
     caller.admin()?;
     let status = q
         .status
@@ -179,7 +220,11 @@ pub async fn list(State(st): State<AppState>, caller: Caller, Query(q): Query<Li
     Ok(ok(format!("{} user(s)", users.len()), users))
 }
 
-pub async fn show(State(st): State<AppState>, caller: Caller, Path(u): Path<String>) -> Result<Ok200, ApiError> {
+pub async fn show(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(u): Path<String>,
+) -> Result<Ok200, ApiError> {
     let me = caller.known()?;
     if !caller.is_admin() && me.username.as_str() != u {
         return Err(ApiError::not_found(format!("user {u} not found")));
@@ -198,21 +243,37 @@ pub async fn show(State(st): State<AppState>, caller: Caller, Path(u): Path<Stri
     ))
 }
 
-async fn set_disabled(st: AppState, caller: Caller, u: String, disabled: bool) -> Result<Ok200, ApiError> {
+async fn set_disabled(
+    st: AppState,
+    caller: Caller,
+    u: String,
+    disabled: bool,
+) -> Result<Ok200, ApiError> {
     caller.admin()?;
     let u = username(&u)?;
-    st.store.set_disabled(&u, disabled, &caller.actor()).await.map_err(user_err)?;
+    st.store
+        .set_disabled(&u, disabled, &caller.actor())
+        .await
+        .map_err(user_err)?;
     Ok(ok(
         format!("user {u} {}", if disabled { "disabled" } else { "enabled" }),
         json!({"username": u}),
     ))
 }
 
-pub async fn disable(State(st): State<AppState>, caller: Caller, Path(u): Path<String>) -> Result<Ok200, ApiError> {
+pub async fn disable(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(u): Path<String>,
+) -> Result<Ok200, ApiError> {
     set_disabled(st, caller, u, true).await
 }
 
-pub async fn enable(State(st): State<AppState>, caller: Caller, Path(u): Path<String>) -> Result<Ok200, ApiError> {
+pub async fn enable(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(u): Path<String>,
+) -> Result<Ok200, ApiError> {
     set_disabled(st, caller, u, false).await
 }
 
@@ -255,7 +316,10 @@ pub async fn set_quota(
             .or(cur.max_memory_mib),
     };
     errs.into_result()?;
-    st.store.set_quota(&u, &q, &caller.actor()).await.map_err(user_err)?;
+    st.store
+        .set_quota(&u, &q, &caller.actor())
+        .await
+        .map_err(user_err)?;
     Ok(ok(format!("quota of {u} updated"), q))
 }
 
@@ -286,7 +350,10 @@ pub async fn delete(
     let vms = st.store.vms(Some(u.as_str())).await?;
     if !vms.is_empty() {
         if user.status == UserStatus::Active {
-            st.store.set_disabled(&u, true, &caller.actor()).await.map_err(user_err)?;
+            st.store
+                .set_disabled(&u, true, &caller.actor())
+                .await
+                .map_err(user_err)?;
         }
         let mut ops = vec![];
         let steps = basphere_engine::step_names(basphere_store::WorkflowKind::DeleteVm);
@@ -308,20 +375,25 @@ pub async fn delete(
             json!({"operations": ops, "remaining_vms": vms.len()}),
         ));
     }
-    if let Some(acc) = &st.accounts {
-        if user.unix_account {
-            acc.remove(&u)
-                .map_err(|e| ApiError::internal(format!("removing Unix account {u}: {e}")))?;
-        }
+    if let Some(acc) = st.accounts.as_ref().filter(|_| user.unix_account) {
+        acc.remove(&u)
+            .map_err(|e| ApiError::internal(format!("removing Unix account {u}: {e}")))?;
     }
-    st.store.delete_user(&u, q.purge, &caller.actor()).await.map_err(user_err)?;
+    st.store
+        .delete_user(&u, q.purge, &caller.actor())
+        .await
+        .map_err(user_err)?;
     Ok(ok(
         format!("user {u} {}", if q.purge { "purged" } else { "deleted" }),
         json!({"username": u}),
     ))
 }
 
-pub async fn key_change(State(st): State<AppState>, caller: Caller, body: Body) -> Result<Ok200, ApiError> {
+pub async fn key_change(
+    State(st): State<AppState>,
+    caller: Caller,
+    body: Body,
+) -> Result<Ok200, ApiError> {
     let me = caller.active()?.username.clone();
     let mut errs = FieldErrors::new();
     let key = body
@@ -346,7 +418,11 @@ pub async fn key_changes(State(st): State<AppState>, caller: Caller) -> Result<O
     Ok(ok(format!("{} pending key change(s)", k.len()), k))
 }
 
-pub async fn key_changes_of(State(st): State<AppState>, caller: Caller, Path(u): Path<String>) -> Result<Ok200, ApiError> {
+pub async fn key_changes_of(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(u): Path<String>,
+) -> Result<Ok200, ApiError> {
     let me = caller.known()?;
     if !caller.is_admin() && me.username.as_str() != u {
         return Err(ApiError::not_found(format!("user {u} not found")));
@@ -355,23 +431,38 @@ pub async fn key_changes_of(State(st): State<AppState>, caller: Caller, Path(u):
     Ok(ok(format!("{} key change(s) of {u}", k.len()), k))
 }
 
-async fn decide_key(st: AppState, caller: Caller, u: String, approve: bool, body: Body) -> Result<Ok200, ApiError> {
+async fn decide_key(
+    st: AppState,
+    caller: Caller,
+    u: String,
+    approve: bool,
+    body: Body,
+) -> Result<Ok200, ApiError> {
     caller.admin()?;
     let u = username(&u)?;
     let mut errs = FieldErrors::new();
     let reason = body.str("reason", false, &mut errs);
     errs.into_result()?;
-    if approve {
-        if let (Some(acc), Some(pending)) = (&st.accounts, st.store.key_changes(Some(u.as_str())).await?.into_iter().find(|k| k.status == basphere_core::RegistrationStatus::Pending)) {
-            let user = st.store.user(u.as_str()).await?;
-            if user.is_some_and(|u| u.unix_account) {
-                let key: SshPublicKey = pending
-                    .public_key
-                    .parse()
-                    .map_err(|e| ApiError::internal(format!("stored key is invalid: {e}")))?;
-                acc.set_key(&u, &key)
-                    .map_err(|e| ApiError::internal(format!("replacing the key of {u}: {e}")))?;
-            }
+    let acc = st.accounts.as_ref().filter(|_| approve);
+    if let Some(acc) = acc {
+        let pending = st
+            .store
+            .key_changes(Some(u.as_str()))
+            .await?
+            .into_iter()
+            .find(|k| k.status == basphere_core::RegistrationStatus::Pending);
+        let managed = st
+            .store
+            .user(u.as_str())
+            .await?
+            .is_some_and(|u| u.unix_account);
+        if let Some(pending) = pending.filter(|_| managed) {
+            let key: SshPublicKey = pending
+                .public_key
+                .parse()
+                .map_err(|e| ApiError::internal(format!("stored key is invalid: {e}")))?;
+            acc.set_key(&u, &key)
+                .map_err(|e| ApiError::internal(format!("replacing the key of {u}: {e}")))?;
         }
     }
     let kc = st
@@ -380,16 +471,29 @@ async fn decide_key(st: AppState, caller: Caller, u: String, approve: bool, body
         .await
         .map_err(user_err)?;
     Ok(ok(
-        format!("key change of {u} {}", if approve { "approved" } else { "rejected" }),
+        format!(
+            "key change of {u} {}",
+            if approve { "approved" } else { "rejected" }
+        ),
         kc,
     ))
 }
 
-pub async fn key_approve(State(st): State<AppState>, caller: Caller, Path(u): Path<String>, body: Body) -> Result<Ok200, ApiError> {
+pub async fn key_approve(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(u): Path<String>,
+    body: Body,
+) -> Result<Ok200, ApiError> {
     decide_key(st, caller, u, true, body).await
 }
 
-pub async fn key_reject(State(st): State<AppState>, caller: Caller, Path(u): Path<String>, body: Body) -> Result<Ok200, ApiError> {
+pub async fn key_reject(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(u): Path<String>,
+    body: Body,
+) -> Result<Ok200, ApiError> {
     decide_key(st, caller, u, false, body).await
 }
 
@@ -399,10 +503,16 @@ pub async fn tokens(State(st): State<AppState>, caller: Caller) -> Result<Ok200,
     Ok(ok(format!("{} token(s)", t.len()), t))
 }
 
-pub async fn token_create(State(st): State<AppState>, caller: Caller, body: Body) -> Result<Ok200, ApiError> {
+pub async fn token_create(
+    State(st): State<AppState>,
+    caller: Caller,
+    body: Body,
+) -> Result<Ok200, ApiError> {
     let me = caller.active()?.username.clone();
     let mut errs = FieldErrors::new();
-    let name = body.str("name", false, &mut errs).unwrap_or_else(|| "cli".into());
+    let name = body
+        .str("name", false, &mut errs)
+        .unwrap_or_else(|| "cli".into());
     if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
         errs.push("name", "must be 1 to 64 printable characters");
     }
@@ -413,7 +523,12 @@ pub async fn token_create(State(st): State<AppState>, caller: Caller, body: Body
     errs.into_result()?;
     let (info, secret) = st
         .store
-        .create_token(&me, &name, ttl_days.map(|d| d * 86_400_000), &caller.actor())
+        .create_token(
+            &me,
+            &name,
+            ttl_days.map(|d| d * 86_400_000),
+            &caller.actor(),
+        )
         .await?;
     Ok(Ok200(
         StatusCode::CREATED,
@@ -422,15 +537,27 @@ pub async fn token_create(State(st): State<AppState>, caller: Caller, body: Body
     ))
 }
 
-pub async fn token_revoke(State(st): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<Ok200, ApiError> {
+pub async fn token_revoke(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Ok200, ApiError> {
     let me = caller.active()?;
-    if !st.store.revoke_token(me.username.as_str(), &id, &caller.actor()).await? {
+    if !st
+        .store
+        .revoke_token(me.username.as_str(), &id, &caller.actor())
+        .await?
+    {
         return Err(ApiError::not_found(format!("token {id} not found")));
     }
     Ok(ok(format!("token {id} revoked"), json!({"id": id})))
 }
 
-pub async fn enroll(State(st): State<AppState>, caller: Caller, body: Body) -> Result<Ok200, ApiError> {
+pub async fn enroll(
+    State(st): State<AppState>,
+    caller: Caller,
+    body: Body,
+) -> Result<Ok200, ApiError> {
     let mut errs = FieldErrors::new();
     let u = body
         .str("username", true, &mut errs)
@@ -462,7 +589,11 @@ pub struct AuditQuery {
     limit: Option<i64>,
 }
 
-pub async fn audit(State(st): State<AppState>, caller: Caller, Query(q): Query<AuditQuery>) -> Result<Ok200, ApiError> {
+pub async fn audit(
+    State(st): State<AppState>,
+    caller: Caller,
+    Query(q): Query<AuditQuery>,
+) -> Result<Ok200, ApiError> {
     caller.admin()?;
     let recs = st
         .store

@@ -50,7 +50,11 @@ pub async fn catalog(State(st): State<AppState>, caller: Caller) -> Result<Ok200
 }
 
 /// `POST /vms`: admits the VMs in one transaction and answers 202 with an operation per VM.
-pub async fn create(State(st): State<AppState>, caller: Caller, body: Body) -> Result<Ok200, ApiError> {
+pub async fn create(
+    State(st): State<AppState>,
+    caller: Caller,
+    body: Body,
+) -> Result<Ok200, ApiError> {
     let me = caller.active()?.clone();
     let cfg = &st.config;
     let mut errs = FieldErrors::new();
@@ -68,7 +72,11 @@ pub async fn create(State(st): State<AppState>, caller: Caller, body: Body) -> R
                     "spec",
                     format!(
                         "unknown spec {spec_name:?}; choose one of: {}",
-                        cfg.specs.keys().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
+                        cfg.specs
+                            .keys()
+                            .map(|k| k.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                 );
                 None
@@ -89,7 +97,11 @@ pub async fn create(State(st): State<AppState>, caller: Caller, body: Body) -> R
                 "os",
                 format!(
                     "unknown OS {os_name:?}; choose one of: {}",
-                    cfg.images.keys().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
+                    cfg.images
+                        .keys()
+                        .map(|k| k.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             );
             None
@@ -114,7 +126,12 @@ pub async fn create(State(st): State<AppState>, caller: Caller, body: Body) -> R
                 match format!("{n}-{i}").parse() {
                     Ok(x) => v.push(x),
                     Err(_) => {
-                        errs.push("name", format!("{n}-{i} (name with count suffix) is longer than 30 characters"));
+                        errs.push(
+                            "name",
+                            format!(
+                                "{n}-{i} (name with count suffix) is longer than 30 characters"
+                            ),
+                        );
                         break;
                     }
                 }
@@ -142,8 +159,12 @@ pub async fn create(State(st): State<AppState>, caller: Caller, body: Body) -> R
         .admit_vms(&req, &cfg.network, &caller.actor())
         .await
         .map_err(|e| match e {
-            AdmitError::Quota(q) => ApiError::new(StatusCode::FORBIDDEN, q.to_string()).with_data(q),
-            AdmitError::NameTaken(_) | AdmitError::DuplicateInRequest(_) => ApiError::conflict(e.to_string()),
+            AdmitError::Quota(q) => {
+                ApiError::new(StatusCode::FORBIDDEN, q.to_string()).with_data(q)
+            }
+            AdmitError::NameTaken(_) | AdmitError::DuplicateInRequest(_) => {
+                ApiError::conflict(e.to_string())
+            }
             AdmitError::NotActive(..) => ApiError::forbidden(e.to_string()),
             AdmitError::NoUser(_) | AdmitError::NoBlock(_) | AdmitError::BlockFull(..) => {
                 ApiError::conflict(e.to_string())
@@ -157,7 +178,10 @@ pub async fn create(State(st): State<AppState>, caller: Caller, body: Body) -> R
         .collect();
     let names: Vec<&str> = admitted.iter().map(|a| a.vm.name.as_str()).collect();
     Ok(accepted(
-        format!("creating {}; follow with: basphere ops watch <operation_id>", names.join(", ")),
+        format!(
+            "creating {}; follow with: basphere ops watch <operation_id>",
+            names.join(", ")
+        ),
         json!({"vms": views, "operations": admitted.iter().map(|a| &a.operation_id).collect::<Vec<_>>()}),
     ))
 }
@@ -169,7 +193,11 @@ pub struct ListQuery {
     owner: Option<String>,
 }
 
-pub async fn list(State(st): State<AppState>, caller: Caller, Query(q): Query<ListQuery>) -> Result<Ok200, ApiError> {
+pub async fn list(
+    State(st): State<AppState>,
+    caller: Caller,
+    Query(q): Query<ListQuery>,
+) -> Result<Ok200, ApiError> {
     let me = caller.active()?;
     let owner = target_owner(&caller, me.username.as_str(), q.owner.as_deref(), q.all)?;
     let vms = st.store.vms(owner.as_deref()).await?;
@@ -178,9 +206,16 @@ pub async fn list(State(st): State<AppState>, caller: Caller, Query(q): Query<Li
 }
 
 /// Whose VMs a request addresses: the caller's, unless an admin names another owner or all.
-fn target_owner(caller: &Caller, me: &str, owner: Option<&str>, all: bool) -> Result<Option<String>, ApiError> {
+fn target_owner(
+    caller: &Caller,
+    me: &str,
+    owner: Option<&str>,
+    all: bool,
+) -> Result<Option<String>, ApiError> {
     if (all || owner.is_some()) && !caller.is_admin() {
-        return Err(ApiError::forbidden("listing other users' VMs needs an admin"));
+        return Err(ApiError::forbidden(
+            "listing other users' VMs needs an admin",
+        ));
     }
     if all {
         return Ok(None);
@@ -200,7 +235,11 @@ pub async fn show(
     Query(q): Query<OwnerQuery>,
 ) -> Result<Ok200, ApiError> {
     let me = caller.active()?;
-    let owner = if caller.is_admin() { q.owner.unwrap_or_else(|| me.username.to_string()) } else { me.username.to_string() };
+    let owner = if caller.is_admin() {
+        q.owner.unwrap_or_else(|| me.username.to_string())
+    } else {
+        me.username.to_string()
+    };
     let vm = st
         .store
         .vm(&owner, &name)
@@ -216,7 +255,11 @@ pub async fn delete(
     Query(q): Query<OwnerQuery>,
 ) -> Result<Ok200, ApiError> {
     let me = caller.active()?;
-    let owner = if caller.is_admin() { q.owner.unwrap_or_else(|| me.username.to_string()) } else { me.username.to_string() };
+    let owner = if caller.is_admin() {
+        q.owner.unwrap_or_else(|| me.username.to_string())
+    } else {
+        me.username.to_string()
+    };
     let steps = basphere_engine::step_names(WorkflowKind::DeleteVm);
     let a = st
         .store

@@ -29,15 +29,24 @@ fn free_port() -> u16 {
 impl Server {
     /// Starts a server with the do-nothing test provider and `extra` BASPHERE_* settings.
     pub fn start(extra: &[(&str, &str)]) -> Server {
-        let dir = tempfile::Builder::new().prefix("bsp-test-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("bsp-test-")
+            .tempdir()
+            .unwrap();
         // Other users must reach the socket: make the path traversable.
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let socket = dir.path().join("basphere.sock");
         let addr = format!("127.0.0.1:{}", free_port());
         let mut env: Vec<(String, String)> = vec![
-            ("BASPHERE_DATA_DIR".into(), dir.path().join("data").display().to_string()),
-            ("BASPHERE_SERVER__SOCKET".into(), format!("\"{}\"", socket.display())),
+            (
+                "BASPHERE_DATA_DIR".into(),
+                dir.path().join("data").display().to_string(),
+            ),
+            (
+                "BASPHERE_SERVER__SOCKET".into(),
+                format!("\"{}\"", socket.display()),
+            ),
             ("BASPHERE_SERVER__LISTEN".into(), format!("\"{addr}\"")),
             ("BASPHERE_PROVIDER__KIND".into(), "null".into()),
             ("BASPHERE_LOG".into(), "info".into()),
@@ -45,7 +54,13 @@ impl Server {
         for (k, v) in extra {
             env.push((k.to_string(), v.to_string()));
         }
-        let mut s = Server { dir, child: None, socket, addr, env };
+        let mut s = Server {
+            dir,
+            child: None,
+            socket,
+            addr,
+            env,
+        };
         s.spawn();
         s
     }
@@ -79,11 +94,17 @@ impl Server {
                 return;
             }
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("server exited with {st}: {}", std::fs::read_to_string(self.log_path()).unwrap_or_default());
+                panic!(
+                    "server exited with {st}: {}",
+                    std::fs::read_to_string(self.log_path()).unwrap_or_default()
+                );
             }
             std::thread::sleep(Duration::from_millis(25));
         }
-        panic!("server did not come up: {}", std::fs::read_to_string(self.log_path()).unwrap_or_default());
+        panic!(
+            "server did not come up: {}",
+            std::fs::read_to_string(self.log_path()).unwrap_or_default()
+        );
     }
 
     /// SIGKILLs the server (a crash).
@@ -100,11 +121,17 @@ impl Server {
     }
 
     pub fn anon(&self) -> Client {
-        Client::new(Endpoint::Tcp { addr: self.addr.clone(), token: None })
+        Client::new(Endpoint::Tcp {
+            addr: self.addr.clone(),
+            token: None,
+        })
     }
 
     pub fn with_token(&self, token: &str) -> Client {
-        Client::new(Endpoint::Tcp { addr: self.addr.clone(), token: Some(token.to_string()) })
+        Client::new(Endpoint::Tcp {
+            addr: self.addr.clone(),
+            token: Some(token.to_string()),
+        })
     }
 
     /// Runs the CLI against this server with `args`.
@@ -121,12 +148,24 @@ impl Server {
 
     /// Registers and approves `user`, returning a token for them (via enrollment code).
     pub async fn user(&self, user: &str) -> String {
-        let r = self.anon().post("/api/v1/register", &registration(user)).await.unwrap();
+        let r = self
+            .anon()
+            .post("/api/v1/register", &registration(user))
+            .await
+            .unwrap();
         assert_eq!(r.status, 201, "{:?}", r.body);
-        let r = self.root().post(&format!("/api/v1/users/{user}/approve"), &json!({})).await.unwrap();
+        let r = self
+            .root()
+            .post(&format!("/api/v1/users/{user}/approve"), &json!({}))
+            .await
+            .unwrap();
         assert!(r.body.success, "{:?}", r.body);
         let code = r.body.data["enrollment_code"].as_str().unwrap().to_string();
-        let r = self.anon().post("/api/v1/enroll", &json!({"username": user, "code": code})).await.unwrap();
+        let r = self
+            .anon()
+            .post("/api/v1/enroll", &json!({"username": user, "code": code}))
+            .await
+            .unwrap();
         assert_eq!(r.status, 201, "{:?}", r.body);
         r.body.data["token"].as_str().unwrap().to_string()
     }
@@ -155,7 +194,11 @@ impl Drop for Server {
 
 fn nix_kill(pid: u32, sig: i32) -> std::io::Result<()> {
     let r = unsafe { libc_kill(pid as i32, sig) };
-    if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 unsafe extern "C" {
