@@ -49,6 +49,11 @@ pub enum Error {
         server: String,
         message: String,
     },
+    /// The server's TLS certificate is not trusted.
+    #[error(
+        "vCenter at {server} presented a certificate that is not trusted ({message}): set [vsphere.tls] ca_file to the CA that signed it, or insecure = true for a lab"
+    )]
+    Certificate { server: String, message: String },
     /// The server answered with something that is not a vim25 SOAP response.
     #[error("unexpected answer from vCenter to {op}: {message}")]
     Protocol { op: String, message: String },

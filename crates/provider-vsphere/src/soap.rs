@@ -277,10 +277,20 @@ impl Client {
         self.calls.fetch_add(1, Ordering::Relaxed);
         self.nanos
             .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        let (status, set_cookie, text) = result.map_err(|e| Error::Transport {
-            op: op.into(),
-            server: self.url.clone(),
-            message: error_chain(&e),
+        let (status, set_cookie, text) = result.map_err(|e| {
+            let message = error_chain(&e);
+            if message.contains("certificate") {
+                Error::Certificate {
+                    server: self.url.clone(),
+                    message,
+                }
+            } else {
+                Error::Transport {
+                    op: op.into(),
+                    server: self.url.clone(),
+                    message,
+                }
+            }
         })?;
         tracing::trace!(op, status = status.as_u16(), elapsed = ?started.elapsed(), "vim25 call");
         let root = xml::parse(&text).map_err(|m| Error::Protocol {

@@ -390,3 +390,52 @@ async fn template_with_a_snapshot_is_cloned_linked() {
         "{clone}"
     );
 }
+
+#[tokio::test]
+async fn tls_trusts_the_configured_ca_file_and_refuses_unknown_certificates() {
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    let status = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ])
+        .args(["-days", "2", "-subj", "/CN=127.0.0.1"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl (Debian package openssl) makes the test certificate");
+    assert!(status.success());
+    let sim = Vcsim::start(&[
+        "-tlscert",
+        cert.to_str().unwrap(),
+        "-tlskey",
+        key.to_str().unwrap(),
+    ]);
+    sim.make_template("user", "pass").await;
+    let mut config = sim.config(sim.credentials_file("user", "pass", 0o600));
+
+    config.tls = basphere_vsphere::TlsConfig {
+        ca_file: Some(cert.clone()),
+        insecure: false,
+    };
+    VsphereProvider::connect(config.clone()).await.unwrap();
+
+    config.tls = basphere_vsphere::TlsConfig::default(); // system roots
+    let err = VsphereProvider::connect(config).await.unwrap_err();
+    assert!(
+        matches!(err, Error::Certificate { .. }) && !err.is_retryable(),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("ca_file"), "{err}");
+}
