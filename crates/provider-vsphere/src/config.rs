@@ -25,9 +25,13 @@ pub struct VsphereConfig {
     pub network: String,
     /// VM folder path below the datacenter's VM folder; created when missing.
     pub folder: String,
-    /// Per OS image name: the template to clone and how to log into it.
+    /// Per OS image name: the template to clone and how to log into it. Optional when the
+    /// request carries the template name (`image_ref`) and the guest NIC is `default_nic`.
     #[serde(default)]
     pub templates: BTreeMap<String, TemplateConfig>,
+    /// Guest NIC name for images without a `templates` entry.
+    #[serde(default = "default_nic")]
+    pub default_nic: String,
     #[serde(default)]
     pub tls: TlsConfig,
     /// TOML file with `username` and `password`; must be mode 0600.
@@ -89,6 +93,15 @@ impl VsphereConfig {
         } else {
             format!("{s}/sdk")
         }
+    }
+
+    /// Parses the `[vsphere]` section of the server config.
+    pub fn from_toml(table: toml::Table) -> Result<VsphereConfig> {
+        let c: VsphereConfig = table
+            .try_into()
+            .map_err(|e| Error::Config(format!("[vsphere] section: {e}")))?;
+        c.validate()?;
+        Ok(c)
     }
 
     /// The task deadline as a duration.
@@ -246,6 +259,8 @@ nic = "ens192"
         assert!(c.template_for("templates/ubuntu-24.04").is_some());
         let bad = format!("{EXAMPLE}\nbogus = 1\n");
         assert!(toml::from_str::<VsphereConfig>(&bad).is_err());
+        let table: toml::Table = toml::from_str(EXAMPLE).unwrap();
+        assert_eq!(VsphereConfig::from_toml(table).unwrap(), c);
     }
 
     #[test]

@@ -165,10 +165,17 @@ impl VsphereProvider {
             .template_for(vm.image.as_str())
             .or_else(|| self.config.template_for(&vm.image_ref));
         let Some(entry) = entry else {
-            return Err(ProviderError::permanent(format!(
-                "vsphere: image '{}' (template '{}') has no [vsphere.templates] entry; add one with template, login_user and nic",
-                vm.image, vm.image_ref
-            )));
+            if vm.image_ref.is_empty() || vm.login_user.is_empty() {
+                return Err(ProviderError::permanent(format!(
+                    "vsphere: image '{}' names no template; add a [vsphere.templates] entry with template, login_user and nic",
+                    vm.image
+                )));
+            }
+            return Ok((
+                vm.image_ref.clone(),
+                self.config.default_nic.clone(),
+                vm.login_user.clone(),
+            ));
         };
         let template = if vm.image_ref.is_empty() {
             entry.template.clone()

@@ -439,3 +439,19 @@ async fn tls_trusts_the_configured_ca_file_and_refuses_unknown_certificates() {
     );
     assert!(err.to_string().contains("ca_file"), "{err}");
 }
+
+#[tokio::test]
+async fn image_without_a_templates_entry_uses_image_ref_and_default_nic() {
+    let (_sim, p) = setup(&[]).await;
+    let mut vm = request("plain", 7);
+    vm.image = "other-os".parse().unwrap();
+    p.prepare(&vm).await.unwrap();
+    p.remove(&vm).await.unwrap();
+    // Without a template name there is nothing to clone: a permanent error saying what to add.
+    vm.image_ref.clear();
+    let err = p.prepare(&vm).await.unwrap_err();
+    assert!(
+        !err.retryable && err.message.contains("[vsphere.templates]"),
+        "{err:?}"
+    );
+}

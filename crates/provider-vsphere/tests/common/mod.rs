@@ -129,6 +129,7 @@ impl Vcsim {
                 },
             )]
             .into(),
+            default_nic: "ens192".into(),
             tls: TlsConfig {
                 ca_file: None,
                 insecure: true,
