@@ -1,54 +1,82 @@
-//! Builds the configured provider.
+//! Builds the configured provider from its config section.
 
 use anyhow::{Context, bail};
 use basphere_config::{Config, ProviderKind};
 use basphere_provider::{NullProvider, Provider};
+use basphere_qemu::{QemuConfig, QemuProvider};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 pub fn build(cfg: &Config) -> anyhow::Result<Arc<dyn Provider>> {
     match cfg.provider.kind {
-        ProviderKind::Null => {
-            let delay_ms: u64 = std::env::var("BASPHERE_NULL_DELAY_MS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            let mut p = NullProvider::new(Duration::from_millis(delay_ms));
-            if let Ok(phase) = std::env::var("BASPHERE_NULL_FAIL_PHASE") {
-                p.fail_phase = match phase.as_str() {
-                    "prepare" => Some("prepare"),
-                    "start" => Some("start"),
-                    "wait_ready" => Some("wait_ready"),
-                    _ => None,
-                };
-            }
-            Ok(Arc::new(p))
-        }
-        ProviderKind::Qemu => qemu(cfg),
-        ProviderKind::Vsphere => {
-            bail!("provider.kind = \"vsphere\" is not wired into this build yet; use qemu or null")
-        }
+        ProviderKind::Null => Ok(Arc::new(null_provider())),
+        ProviderKind::Qemu => Ok(Arc::new(qemu(cfg)?)),
+        ProviderKind::Vsphere => bail!(
+            "provider.kind = \"vsphere\" is not wired into this build yet; use qemu or null"
+        ),
     }
 }
 
-fn qemu(cfg: &Config) -> anyhow::Result<Arc<dyn Provider>> {
-    let _ = cfg;
-    Err(anyhow::anyhow!("the qemu provider is not wired in yet"))
-        .context("provider.kind = \"qemu\"")
+/// The do-nothing test provider; `BASPHERE_NULL_DELAY_MS` makes each phase slow and
+/// `BASPHERE_NULL_FAIL_PHASE` makes that phase fail for VMs named `fail-*` (test aids).
+fn null_provider() -> NullProvider {
+    let delay_ms: u64 = std::env::var("BASPHERE_NULL_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut p = NullProvider::new(Duration::from_millis(delay_ms));
+    p.fail_phase = match std::env::var("BASPHERE_NULL_FAIL_PHASE").as_deref() {
+        Ok("prepare") => Some("prepare"),
+        Ok("start") => Some("start"),
+        Ok("wait_ready") => Some("wait_ready"),
+        _ => None,
+    };
+    p
+}
+
+/// The `[qemu]` section, with disks and images under `data_dir` unless it says otherwise.
+pub fn qemu_config(cfg: &Config) -> anyhow::Result<QemuConfig> {
+    let mut t = cfg.qemu.clone().unwrap_or_default();
+    for (key, sub) in [("images_dir", "images"), ("state_dir", "vms")] {
+        t.entry(key)
+            .or_insert_with(|| toml::Value::String(cfg.data_dir.join(sub).display().to_string()));
+    }
+    t.try_into()
+        .map_err(|e: toml::de::Error| anyhow::anyhow!("config section [qemu]: {e}"))
+}
+
+fn qemu(cfg: &Config) -> anyhow::Result<QemuProvider> {
+    QemuProvider::new(qemu_config(cfg)?).context("starting the qemu provider")
 }
 
 /// `basphere image build NAME`.
-pub async fn build_image(
-    config: Option<&std::path::Path>,
-    name: &str,
-    force: bool,
-) -> anyhow::Result<()> {
-    let _ = (config, name, force);
-    bail!("image building comes with the qemu provider, which is not wired in yet")
+pub async fn build_image(config: Option<&Path>, name: &str, force: bool) -> anyhow::Result<()> {
+    let cfg = crate::serve::load_config(config)?;
+    let name: basphere_core::ImageName = name
+        .parse()
+        .map_err(|e| anyhow::anyhow!("image name {name:?}: {e}"))?;
+    let qc = qemu_config(&cfg)?;
+    std::fs::create_dir_all(&qc.images_dir)
+        .with_context(|| format!("creating {}", qc.images_dir.display()))?;
+    let started = std::time::Instant::now();
+    let path = basphere_qemu::build_image(&name, &qc.images_dir, force, |line| {
+        eprintln!("{:>6.1}s  {line}", started.elapsed().as_secs_f64())
+    })
+    .await?;
+    println!("image {name} ready at {} ({:.0} s)", path.display(), started.elapsed().as_secs_f64());
+    Ok(())
 }
 
-/// The ssh command to reach VMs (inside the lab namespace when the qemu provider uses one).
-pub fn ssh_command(config: Option<&std::path::Path>) -> std::process::Command {
-    let _ = config;
-    std::process::Command::new("ssh")
+/// The ssh command to reach VMs: inside the lab network namespace when qemu uses one.
+pub fn ssh_command(config: Option<&Path>) -> std::process::Command {
+    let qemu = crate::serve::load_config(config)
+        .ok()
+        .filter(|c| c.provider.kind == ProviderKind::Qemu)
+        .and_then(|c| qemu_config(&c).ok())
+        .and_then(|qc| QemuProvider::new(qc).ok());
+    match qemu {
+        Some(p) => p.network_command("ssh"),
+        None => std::process::Command::new("ssh"),
+    }
 }
