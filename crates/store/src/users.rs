@@ -162,8 +162,14 @@ impl From<sqlx::Error> for UserError {
 }
 
 impl Store {
-    /// Creates the first admin if no admin exists; returns whether one was made.
-    pub async fn ensure_admin(&self, username: &Username, quota: &Quota) -> Result<bool> {
+    /// Creates the first admin if no admin exists, with the pool's lowest free IP block so the
+    /// admin can make VMs too; returns whether one was made.
+    pub async fn ensure_admin(
+        &self,
+        username: &Username,
+        quota: &Quota,
+        pool: &NetworkPool,
+    ) -> Result<bool> {
         let mut tx = self.write().await?;
         let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users WHERE role = 'admin'")
             .fetch_one(&mut *tx)
@@ -171,11 +177,17 @@ impl Store {
         if n > 0 {
             return Ok(false);
         }
+        let used: Vec<i64> = sqlx::query_scalar(
+            "SELECT ip_block FROM users WHERE ip_block IS NOT NULL ORDER BY ip_block",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let block = (0..i64::from(pool.block_count())).find(|i| used.binary_search(i).is_err());
         let now = now_ms();
         sqlx::query(
             "INSERT INTO users (username, email, team, public_key, role, status, max_vms,
-                max_clusters, max_ips, max_vcpus, max_memory_mib, created_at, updated_at)
-             VALUES ($1, '', 'admins', '', 'admin', 'active', $2, $3, $4, $5, $6, $7, $7)",
+                max_clusters, max_ips, max_vcpus, max_memory_mib, created_at, updated_at, ip_block)
+             VALUES ($1, '', 'admins', '', 'admin', 'active', $2, $3, $4, $5, $6, $7, $7, $8)",
         )
         .bind(username.as_str())
         .bind(i64::from(quota.max_vms))
@@ -184,6 +196,7 @@ impl Store {
         .bind(quota.max_vcpus.map(i64::from))
         .bind(quota.max_memory_mib.map(|v| v as i64))
         .bind(now)
+        .bind(block)
         .execute(&mut *tx)
         .await?;
         record(
