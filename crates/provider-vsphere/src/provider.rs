@@ -513,26 +513,43 @@ impl Provider for VsphereProvider {
                 Err(e) => return Err(e),
             },
         };
-        let Some(props) = self
-            .client
-            .properties(&vm_ref, &["runtime.powerState", "config.hardware.device"])
-            .await?
-        else {
-            return Err(ProviderError::retryable(format!(
-                "vsphere: VM {name} disappeared while being prepared"
-            )));
-        };
-        if props.text("runtime.powerState") == "poweredOn" {
-            return Ok(()); // prepared and started before
+        // The device list is read right before each attempt: the spec edits the disk and NIC as
+        // they are. vcsim 0.24 shares device objects between clones of one template, so a disk
+        // read during another clone can name a file that is not there yet (FileNotFound): read
+        // again and retry.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let Some(props) = self
+                .client
+                .properties(&vm_ref, &["runtime.powerState", "config.hardware.device"])
+                .await?
+            else {
+                return Err(ProviderError::retryable(format!(
+                    "vsphere: VM {name} disappeared while being prepared"
+                )));
+            };
+            if props.text("runtime.powerState") == "poweredOn" {
+                return Ok(()); // prepared and started before
+            }
+            let devices = props.get("config.hardware.device");
+            if attempt == 1 && devices.and_then(first_nic).is_none() {
+                tracing::warn!(vm = %name, "template has no network card; the port group is not set");
+            }
+            let spec = self.config_spec(vm, &nic_name, &login_user, devices);
+            match self
+                .client
+                .reconfigure_vm(&vm_ref, &spec, self.deadline())
+                .await
+            {
+                Ok(()) => break,
+                Err(e) if e.fault_type() == Some("FileNotFound") && attempt < 3 => {
+                    tracing::debug!(vm = %name, error = %e, "reconfigure met FileNotFound; reading the devices again");
+                    tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
-        let devices = props.get("config.hardware.device");
-        if devices.and_then(first_nic).is_none() {
-            tracing::warn!(vm = %name, "template has no network card; the port group is not set");
-        }
-        let spec = self.config_spec(vm, &nic_name, &login_user, devices);
-        self.client
-            .reconfigure_vm(&vm_ref, &spec, self.deadline())
-            .await?;
         tracing::info!(vm = %name, template = %template, "vSphere VM prepared");
         Ok(())
     }

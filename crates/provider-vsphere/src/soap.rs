@@ -137,7 +137,8 @@ fn http_client(tls: &TlsConfig) -> Result<reqwest::Client> {
     install_crypto_provider();
     let mut b = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
-        .timeout(Duration::from_secs(3600))
+        // Task methods answer at once on vCenter; vcsim answers when the task is done.
+        .timeout(Duration::from_secs(300))
         .pool_max_idle_per_host(32)
         .user_agent(concat!("basphere/", env!("CARGO_PKG_VERSION")));
     if tls.insecure {
