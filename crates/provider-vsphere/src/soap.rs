@@ -742,3 +742,53 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// Shared handle to a client.
 pub type SharedClient = Arc<Client>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(doc: &str) -> Node {
+        xml::parse(doc).unwrap().child("Body").unwrap().clone()
+    }
+
+    #[test]
+    fn soap_faults_map_to_typed_errors_whatever_the_xsi_prefix() {
+        let vcenter = r#"<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"><soapenv:Body><soapenv:Fault><faultcode>ServerFaultCode</faultcode><faultstring>Cannot complete login due to an incorrect user name or password.</faultstring><detail><InvalidLoginFault xmlns="urn:vim25" xsi:type="InvalidLogin"></InvalidLoginFault></detail></soapenv:Fault></soapenv:Body></soapenv:Envelope>"#;
+        let f = soap_fault(&body(vcenter)).unwrap();
+        assert_eq!(f.fault_type, "InvalidLogin");
+        assert!(f.message.contains("incorrect user name"));
+
+        let vcsim = r#"<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/"><soapenv:Body><soapenv:Fault><faultcode>ServerFaultCode</faultcode><faultstring>The object has already been deleted</faultstring><detail><ManagedObjectNotFoundFault xmlns="urn:vim25" xmlns:XMLSchema-instance="http://www.w3.org/2001/XMLSchema-instance" XMLSchema-instance:type="ManagedObjectNotFound"><obj type="VirtualMachine">vm-9</obj></ManagedObjectNotFoundFault></detail></soapenv:Fault></soapenv:Body></soapenv:Envelope>"#;
+        let f = soap_fault(&body(vcsim)).unwrap();
+        let e = Error::from_fault("RetrievePropertiesEx", &f.fault_type, &f.message);
+        assert!(
+            matches!(e, Error::NotFound { .. }) && !e.is_retryable(),
+            "{e:?}"
+        );
+
+        // Without xsi:type the element name tells the type.
+        let bare = r#"<Envelope><Body><Fault><faultstring></faultstring><detail><TaskInProgressFault/></detail></Fault></Body></Envelope>"#;
+        let f = soap_fault(&body(bare)).unwrap();
+        assert_eq!(f.fault_type, "TaskInProgress");
+        assert!(Error::from_fault("PowerOnVM_Task", &f.fault_type, "").is_retryable());
+    }
+
+    #[test]
+    fn task_errors_and_missing_sets_are_read() {
+        let info = xml::parse(r#"<val xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" xsi:type="LocalizedMethodFault"><fault xsi:type="InvalidPowerState"><requestedState>poweredOn</requestedState></fault><localizedMessage>The attempted operation cannot be performed in the current state (Powered on).</localizedMessage></val>"#).unwrap();
+        let f = method_fault(&info);
+        let e = Error::from_fault("PowerOnVM_Task", &f.fault_type, &f.message);
+        assert!(matches!(e, Error::InvalidPowerState { .. }), "{e:?}");
+        assert!(e.to_string().contains("PowerOnVM_Task") && e.to_string().contains("Powered on"));
+
+        let resp = xml::parse(r#"<RetrievePropertiesExResponse xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"><returnval><objects><obj type="VirtualMachine">vm-1</obj><missingSet><path>name</path><fault><fault xsi:type="NotAuthenticated"></fault></fault></missingSet></objects></returnval></RetrievePropertiesExResponse>"#).unwrap();
+        assert!(missing_set_not_authenticated(&resp));
+    }
+
+    #[test]
+    fn requests_escape_values() {
+        let r = MoRef::new("Folder", "group-<1>");
+        assert_eq!(r.xml("obj"), "<obj type=\"Folder\">group-&lt;1&gt;</obj>");
+        assert!(envelope("<X/>").contains("<soapenv:Body><X/></soapenv:Body>"));
+    }
+}
