@@ -7,7 +7,6 @@
 use crate::config::{Credentials, Secret, TlsConfig};
 use crate::error::{Error, Result};
 use crate::xml::{self, Node, esc};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{Mutex, RwLock};
@@ -739,9 +738,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
-
-/// Shared handle to a client.
-pub type SharedClient = Arc<Client>;
 
 #[cfg(test)]
 mod tests {
