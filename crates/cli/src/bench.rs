@@ -180,7 +180,9 @@ async fn run_in(dir: &Path, a: &BenchArgs) -> anyhow::Result<()> {
     let cfg2 = test_config(&dir.join("serve"))?;
     std::fs::create_dir_all(&cfg2.data_dir)?;
     let store2 = Store::open(&cfg2.db_path()).await?;
-    store2.ensure_admin(&cfg2.server.admin, &cfg2.quota, &cfg2.network).await?;
+    store2
+        .ensure_admin(&cfg2.server.admin, &cfg2.quota, &cfg2.network)
+        .await?;
     let per_user = 10;
     for i in 0..a.list_vms.div_ceil(per_user) {
         let u: basphere_core::Username = format!("list{i}").parse()?;

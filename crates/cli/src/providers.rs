@@ -12,9 +12,9 @@ pub fn build(cfg: &Config) -> anyhow::Result<Arc<dyn Provider>> {
     match cfg.provider.kind {
         ProviderKind::Null => Ok(Arc::new(null_provider())),
         ProviderKind::Qemu => Ok(Arc::new(qemu(cfg)?)),
-        ProviderKind::Vsphere => bail!(
-            "provider.kind = \"vsphere\" is not wired into this build yet; use qemu or null"
-        ),
+        ProviderKind::Vsphere => {
+            bail!("provider.kind = \"vsphere\" is not wired into this build yet; use qemu or null")
+        }
     }
 }
 
@@ -64,7 +64,11 @@ pub async fn build_image(config: Option<&Path>, name: &str, force: bool) -> anyh
         eprintln!("{:>6.1}s  {line}", started.elapsed().as_secs_f64())
     })
     .await?;
-    println!("image {name} ready at {} ({:.0} s)", path.display(), started.elapsed().as_secs_f64());
+    println!(
+        "image {name} ready at {} ({:.0} s)",
+        path.display(),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

@@ -47,7 +47,9 @@ pub async fn init(flag: Option<&Path>, force: bool) -> anyhow::Result<()> {
         .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
     std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o711))?;
     let store = Store::open(&cfg.db_path()).await?;
-    store.ensure_admin(&cfg.server.admin, &cfg.quota, &cfg.network).await?;
+    store
+        .ensure_admin(&cfg.server.admin, &cfg.quota, &cfg.network)
+        .await?;
     let token_path = cfg.admin_token_path();
     if !token_path.exists() {
         let (_, secret) = store
@@ -117,7 +119,9 @@ pub async fn serve(flag: Option<&Path>) -> anyhow::Result<()> {
             ),
         };
     let store = Store::open(&cfg.db_path()).await?;
-    store.ensure_admin(&cfg.server.admin, &cfg.quota, &cfg.network).await?;
+    store
+        .ensure_admin(&cfg.server.admin, &cfg.quota, &cfg.network)
+        .await?;
     let provider = crate::providers::build(&cfg)?;
     let engine_cfg = EngineConfig {
         node_id: node_id(&cfg.data_dir)?,
