@@ -69,13 +69,12 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serves until `shutdown` turns true.
+/// Serves `app` (the API router, plus whatever is merged beside it) until `shutdown` turns true.
 pub async fn serve(
-    state: AppState,
+    app: Router,
     listeners: Listeners,
     shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let app = router(state);
     let mut tasks = tokio::task::JoinSet::new();
     if let Some((l, path)) = listeners.unix {
         let app = app.clone();

@@ -80,7 +80,11 @@ async fn run_in(dir: &Path, a: &BenchArgs) -> anyhow::Result<()> {
         config: cfg.clone(),
         accounts: None,
     };
-    tokio::spawn(basphere_api::serve(state, listeners, rx));
+    tokio::spawn(basphere_api::serve(
+        basphere_api::router(state),
+        listeners,
+        rx,
+    ));
     let users = a.creates.div_ceil(10);
     let admin = Actor::new("bench", "bench");
     let key: basphere_core::SshPublicKey = BENCH_KEY.parse()?;

@@ -176,7 +176,8 @@ pub async fn serve(flag: Option<&Path>) -> anyhow::Result<()> {
         },
         provider.kind()
     );
-    let server = tokio::spawn(basphere_api::serve(state, listeners, rx));
+    let app = basphere_api::router(state.clone()).merge(basphere_web::router(state));
+    let server = tokio::spawn(basphere_api::serve(app, listeners, rx));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
