@@ -130,7 +130,7 @@ async fn run_in(dir: &Path, a: &BenchArgs) -> anyhow::Result<()> {
     let (_tx2, rx2) = tokio::sync::watch::channel(false);
     tokio::spawn(state2.engine.clone().run(rx2.clone()));
     tokio::spawn(basphere_api::serve(
-        state2,
+        basphere_api::router(state2),
         Listeners {
             unix: None,
             tcp: Some(tcp),
