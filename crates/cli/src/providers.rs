@@ -8,14 +8,26 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub fn build(cfg: &Config) -> anyhow::Result<Arc<dyn Provider>> {
+/// The provider `provider.kind` names, ready to use.
+pub async fn build(cfg: &Config) -> anyhow::Result<Arc<dyn Provider>> {
     match cfg.provider.kind {
         ProviderKind::Null => Ok(Arc::new(null_provider())),
         ProviderKind::Qemu => Ok(Arc::new(qemu(cfg)?)),
-        ProviderKind::Vsphere => {
-            bail!("provider.kind = \"vsphere\" is not wired into this build yet; use qemu or null")
-        }
+        ProviderKind::Vsphere => Ok(Arc::new(vsphere(cfg).await?)),
     }
+}
+
+/// Connects to vCenter with the `[vsphere]` section; credentials come from its 0600 file.
+async fn vsphere(cfg: &Config) -> anyhow::Result<basphere_vsphere::VsphereProvider> {
+    basphere_vsphere::install_crypto_provider();
+    let Some(t) = cfg.vsphere.clone() else {
+        bail!("provider.kind = \"vsphere\" needs a [vsphere] section");
+    };
+    let vc = basphere_vsphere::VsphereConfig::from_toml(t)
+        .map_err(|e| anyhow::anyhow!("config section [vsphere]: {e}"))?;
+    basphere_vsphere::VsphereProvider::connect(vc)
+        .await
+        .context("connecting to vCenter")
 }
 
 /// The do-nothing test provider; `BASPHERE_NULL_DELAY_MS` makes each phase slow and

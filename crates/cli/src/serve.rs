@@ -122,7 +122,7 @@ pub async fn serve(flag: Option<&Path>) -> anyhow::Result<()> {
     store
         .ensure_admin(&cfg.server.admin, &cfg.quota, &cfg.network)
         .await?;
-    let provider = crate::providers::build(&cfg)?;
+    let provider = crate::providers::build(&cfg).await?;
     let engine_cfg = EngineConfig {
         node_id: node_id(&cfg.data_dir)?,
         lease: Duration::from_secs(cfg.engine.lease_secs.max(3)),

@@ -177,11 +177,8 @@ impl VsphereProvider {
                 vm.login_user.clone(),
             ));
         };
-        let template = if vm.image_ref.is_empty() {
-            entry.template.clone()
-        } else {
-            vm.image_ref.clone()
-        };
+        // An explicit [vsphere.templates] entry wins over the image's generic provider_ref.
+        let template = entry.template.clone();
         let user = if vm.login_user.is_empty() {
             entry.login_user.clone()
         } else {
