@@ -1,39 +1,102 @@
-//! Durable workflows: the engine runs each persisted workflow step by step through a provider.
+//! Durable workflows: the engine runs each persisted workflow step by step.
 //!
-//! A worker claims a runnable workflow with a lease (renewed by a heartbeat while it works),
-//! runs its next step, and commits the step's outcome before starting the next one. Retryable
-//! failures are retried with exponential backoff and jitter, by whichever node claims the
-//! workflow next; a permanent failure (or exhausted attempts) undoes the done steps in reverse
-//! order and ends the workflow failed, which releases the VM's address and quota in the same
-//! transaction. A crashed node's workflows resume when its lease expires, or at once when the
-//! same node restarts (it drops its own stale leases first).
+//! **Step model.** A workflow is a kind plus a persisted list of steps. What a kind's steps do
+//! is a [`WorkflowDef`] registered with the engine: for each step its deadline and
+//! [`RetryPolicy`] ([`StepSpec`]), how to run it and how to undo it. Every step has an
+//! idempotency key (`<workflow>/<idx>/<name>`, stable across attempts, restarts and nodes)
+//! that it names its outside work after. VM create and delete ([`vm`]) are definitions like
+//! any other; clusters and bare-metal setup add theirs with [`Engine::register`].
+//!
+//! **Execution.** A worker claims a runnable workflow with a lease (renewed by a heartbeat at a
+//! third of it); claiming a workflow claims its next step. Each step's outcome — and the
+//! effects it commits ([`basphere_store::StepCommit`]) — is one transaction, which also starts
+//! the next step. Retryable failures are retried with exponential backoff and jitter, by
+//! whichever node claims the workflow next; a permanent failure (or exhausted attempts) undoes
+//! the done steps in reverse and ends the workflow failed, which releases the VM's address and
+//! quota in the same transaction. A cancel is honoured at the next step boundary (a running
+//! step finishes or hits its deadline first), then undoes likewise. A crashed node's workflows
+//! resume when its lease expires, or at once when the same node restarts.
+//!
+//! **Exactly once.** A step's effect is exactly-once when it is either committed with the
+//! step's completion (the store's effect outbox: a crash loses both or keeps both) or
+//! idempotent under the step's key (a provider finds its earlier work). Everything else is
+//! at-least-once, which the key makes harmless.
 //!
 //! Architecture invariant: the engine never decides admission and never writes SQL; it moves
-//! workflows through the store's lease-guarded transitions and calls the provider.
+//! workflows through the store's lease-guarded transitions and calls the definitions.
 
-use basphere_core::{NetworkPool, SshPublicKey};
-use basphere_provider::{GuestNetwork, Provider, ProviderError, VmRequest, mac_for};
+pub mod plan;
+pub mod vm;
+
+use basphere_core::NetworkPool;
+use basphere_provider::{Provider, ProviderError};
 use basphere_store::{
-    Store, StoreError, Vm, Workflow, WorkflowEvent, WorkflowKind, WorkflowOutcome, WorkflowStatus,
+    ClaimLimits, NextStep, StepCommit, StepStatus, Store, StoreError, Workflow, WorkflowEvent,
+    WorkflowKind, WorkflowOutcome, WorkflowStatus,
 };
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::{Notify, Semaphore, broadcast, watch};
 use tracing::{info, warn};
 
-/// Steps of a VM create, in order.
-pub const CREATE_STEPS: &[&str] = &["prepare", "start", "wait_ready"];
-/// Steps of a VM delete, in order.
-pub const DELETE_STEPS: &[&str] = &["stop", "remove"];
+pub use vm::{CREATE_STEPS, DELETE_STEPS, step_names};
 
-/// Step names as owned strings, for the store.
-pub fn step_names(kind: WorkflowKind) -> Vec<String> {
-    let s = match kind {
-        WorkflowKind::CreateVm => CREATE_STEPS,
-        WorkflowKind::DeleteVm => DELETE_STEPS,
-    };
-    s.iter().map(|s| s.to_string()).collect()
+/// A step's failure: whether trying again may help, and one line saying what failed.
+pub type StepError = ProviderError;
+
+/// When and how often a failed step is tried again.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    /// Attempts in all (1 = never retry). Only retryable errors are retried.
+    pub max_attempts: u32,
+    pub base: Duration,
+    pub max: Duration,
+    /// Each delay is scaled by a random factor in `1 ± jitter`.
+    pub jitter: f64,
+}
+
+impl RetryPolicy {
+    /// The delay before attempt `attempt + 1`: `base · 2^attempt`, capped, with jitter.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let exp = self
+            .base
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(self.max);
+        let j = self.jitter.clamp(0.0, 1.0);
+        exp.mul_f64(1.0 - j + rand::random::<f64>() * 2.0 * j)
+    }
+}
+
+/// How one step runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepSpec {
+    /// After this long an attempt counts as a retryable failure.
+    pub deadline: Duration,
+    pub retry: RetryPolicy,
+}
+
+/// What a step sees when it runs or is undone.
+pub struct StepCtx<'a> {
+    pub workflow: &'a Workflow,
+    pub idx: u32,
+    pub name: &'a str,
+    /// Stable across attempts, restarts and nodes: name outside work after it.
+    pub idem_key: &'a str,
+    /// 1 for the first attempt.
+    pub attempt: u32,
+    pub deadline: Duration,
+}
+
+/// What the steps of one workflow kind do.
+#[async_trait::async_trait]
+pub trait WorkflowDef: Send + Sync + 'static {
+    /// Deadline and retry policy of the step called `name`.
+    fn step(&self, name: &str) -> StepSpec;
+    /// Runs a step. Anything in the returned commit is recorded atomically with its completion.
+    async fn run(&self, ctx: &StepCtx<'_>) -> Result<StepCommit, StepError>;
+    /// Undoes a done step (called in reverse order after a permanent failure or a cancel).
+    async fn undo(&self, ctx: &StepCtx<'_>) -> Result<(), StepError>;
 }
 
 /// Tuning of the engine.
@@ -52,6 +115,8 @@ pub struct EngineConfig {
     pub ready_deadline: Duration,
     /// How long any other step may take before it counts as a (retryable) failure.
     pub step_deadline: Duration,
+    /// Concurrency limits per user, provider and host, over every node.
+    pub limits: ClaimLimits,
 }
 
 impl Default for EngineConfig {
@@ -65,6 +130,19 @@ impl Default for EngineConfig {
             backoff_max: Duration::from_secs(30),
             ready_deadline: Duration::from_secs(300),
             step_deadline: Duration::from_secs(600),
+            limits: ClaimLimits::default(),
+        }
+    }
+}
+
+impl EngineConfig {
+    /// The retry policy steps get unless their definition says otherwise.
+    pub fn default_retry(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: self.max_attempts.max(1),
+            base: self.backoff_base,
+            max: self.backoff_max,
+            jitter: 0.2,
         }
     }
 }
@@ -86,28 +164,40 @@ pub struct Engine {
 struct Inner {
     store: Store,
     provider: Arc<dyn Provider>,
-    catalog: Catalog,
     cfg: EngineConfig,
+    defs: RwLock<HashMap<String, Arc<dyn WorkflowDef>>>,
     wake: Notify,
     events: broadcast::Sender<WorkflowEvent>,
     slots: Arc<Semaphore>,
 }
 
 impl Engine {
+    /// An engine running VM workflows through `provider` (register other kinds before `run`).
     pub fn new(
         store: Store,
         provider: Arc<dyn Provider>,
         catalog: Catalog,
         cfg: EngineConfig,
     ) -> Self {
-        let (events, _) = broadcast::channel(4096);
+        let (events, _) = broadcast::channel(16384);
         let slots = Arc::new(Semaphore::new(cfg.max_parallel.max(1)));
+        let vm: Arc<dyn WorkflowDef> = Arc::new(vm::VmWorkflow {
+            store: store.clone(),
+            provider: provider.clone(),
+            catalog,
+            retry: cfg.default_retry(),
+            ready_deadline: cfg.ready_deadline,
+            step_deadline: cfg.step_deadline,
+        });
+        let mut defs = HashMap::new();
+        defs.insert(WorkflowKind::CreateVm.to_string(), vm.clone());
+        defs.insert(WorkflowKind::DeleteVm.to_string(), vm);
         Self {
             inner: Arc::new(Inner {
                 store,
                 provider,
-                catalog,
                 cfg,
+                defs: RwLock::new(defs),
                 wake: Notify::new(),
                 events,
                 slots,
@@ -115,9 +205,35 @@ impl Engine {
         }
     }
 
+    /// Adds (or replaces) the definition called `name` (workflows name it in `definition`).
+    pub fn register(&self, name: &str, def: Arc<dyn WorkflowDef>) {
+        self.inner
+            .defs
+            .write()
+            .expect("definitions lock")
+            .insert(name.to_string(), def);
+    }
+
+    fn def(&self, definition: &str) -> Option<Arc<dyn WorkflowDef>> {
+        self.inner
+            .defs
+            .read()
+            .expect("definitions lock")
+            .get(definition)
+            .cloned()
+    }
+
     /// Every step transition, as it is committed.
     pub fn subscribe(&self) -> broadcast::Receiver<WorkflowEvent> {
         self.inner.events.subscribe()
+    }
+
+    /// Passes on transitions committed outside the engine (cancel and retry requests).
+    pub fn publish(&self, evs: impl IntoIterator<Item = WorkflowEvent>) {
+        for ev in evs {
+            self.emit(ev);
+        }
+        self.wake();
     }
 
     /// Tells the engine new work was queued (saves it a poll interval).
@@ -127,6 +243,14 @@ impl Engine {
 
     pub fn provider(&self) -> &Arc<dyn Provider> {
         &self.inner.provider
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.cfg
     }
 
     /// Runs until `shutdown` turns true. Reclaims this node's stale leases first.
@@ -150,7 +274,11 @@ impl Engine {
             };
             match inner
                 .store
-                .claim_workflow(&inner.cfg.node_id, inner.cfg.lease.as_millis() as i64)
+                .claim_workflow(
+                    &inner.cfg.node_id,
+                    inner.cfg.lease.as_millis() as i64,
+                    &inner.cfg.limits,
+                )
                 .await
             {
                 Ok(Some(wf)) => {
@@ -184,6 +312,12 @@ impl Engine {
 
     fn emit(&self, ev: WorkflowEvent) {
         let _ = self.inner.events.send(ev);
+    }
+
+    fn emit_all(&self, evs: Vec<WorkflowEvent>) {
+        for ev in evs {
+            self.emit(ev);
+        }
     }
 
     /// Runs one claimed workflow as far as it goes now, renewing its lease meanwhile.
@@ -228,152 +362,93 @@ impl Engine {
         hb.abort();
     }
 
-    async fn request_for(&self, wf: &Workflow) -> Result<Option<(Vm, VmRequest)>, StoreError> {
-        let Some(vm_id) = &wf.vm_id else {
-            return Ok(None);
-        };
-        let Some(vm) = self.inner.store.vm_by_id(vm_id).await? else {
-            return Ok(None);
-        };
-        let user = self.inner.store.user(vm.owner.as_str()).await?;
-        let keys: Vec<SshPublicKey> = user
-            .and_then(|u| u.public_key.parse().ok())
-            .into_iter()
-            .collect();
-        let pool = &self.inner.catalog.pool;
-        // A rolled-back VM has no address any more; stop/remove do not need one.
-        let ip = vm.ip_address.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
-        let req = VmRequest {
-            instance: vm.id.clone(),
-            name: vm.name.clone(),
-            owner: vm.owner.clone(),
-            image: vm
-                .os
-                .parse()
-                .map_err(|e| StoreError::Corrupt("vms.os", format!("{e}")))?,
-            image_ref: self
-                .inner
-                .catalog
-                .image_refs
-                .get(&vm.os)
-                .cloned()
-                .unwrap_or_else(|| vm.os.clone()),
-            login_user: vm.login_user.clone(),
-            spec: basphere_core::Spec {
-                vcpus: vm.vcpus,
-                memory_mib: vm.memory_mib,
-                disk_gib: vm.disk_gib,
-            },
-            network: GuestNetwork {
-                ip,
-                prefix_len: pool.cidr.prefix_len(),
-                gateway: pool.gateway,
-                dns: pool.dns.clone(),
-                mtu: pool.mtu,
-                mac: mac_for(&vm.id),
-            },
-            ssh_keys: keys,
-        };
-        Ok(Some((vm, req)))
-    }
-
-    async fn run_phase(
-        &self,
-        kind: WorkflowKind,
-        step: &str,
-        req: &VmRequest,
-    ) -> Result<(), ProviderError> {
-        let p = &self.inner.provider;
-        let cfg = &self.inner.cfg;
-        let deadline = if step == "wait_ready" {
-            cfg.ready_deadline + Duration::from_secs(30)
-        } else {
-            cfg.step_deadline
-        };
-        let fut = async {
-            match (kind, step) {
-                (WorkflowKind::CreateVm, "prepare") => p.prepare(req).await,
-                (WorkflowKind::CreateVm, "start") => p.start(req).await,
-                (WorkflowKind::CreateVm, "wait_ready") => {
-                    p.wait_ready(req, cfg.ready_deadline).await
-                }
-                (WorkflowKind::DeleteVm, "stop") => p.stop(req).await,
-                (WorkflowKind::DeleteVm, "remove") => p.remove(req).await,
-                (k, s) => Err(ProviderError::permanent(format!("unknown step {s} of {k}"))),
-            }
-        };
-        match tokio::time::timeout(deadline, fut).await {
-            Ok(r) => r,
-            Err(_) => Err(ProviderError::retryable(format!(
-                "{step} did not finish within {}s",
-                deadline.as_secs()
-            ))),
-        }
-    }
-
-    async fn undo_phase(&self, step: &str, req: &VmRequest) -> Result<(), ProviderError> {
-        let p = &self.inner.provider;
-        let fut = async {
-            match step {
-                "prepare" => p.remove(req).await,
-                "start" => p.stop(req).await,
-                _ => Ok(()),
-            }
-        };
-        match tokio::time::timeout(self.inner.cfg.step_deadline, fut).await {
-            Ok(r) => r,
-            Err(_) => Err(ProviderError::retryable(format!(
-                "undo of {step} timed out"
-            ))),
-        }
-    }
-
-    fn backoff(&self, attempt: u32) -> Duration {
-        let cfg = &self.inner.cfg;
-        let exp = cfg
-            .backoff_base
-            .saturating_mul(1u32 << attempt.min(16))
-            .min(cfg.backoff_max);
-        let jitter: f64 = 0.8 + rand::random::<f64>() * 0.4;
-        exp.mul_f64(jitter)
-    }
-
     async fn advance(&self, wf: Workflow) -> Result<(), StoreError> {
         let store = &self.inner.store;
         let node = &self.inner.cfg.node_id;
-        let Some((_vm, req)) = self.request_for(&wf).await? else {
-            let ev = store
-                .finish_workflow(
-                    &wf.id,
-                    node,
-                    &WorkflowOutcome::Failed("its VM record is gone".into()),
-                )
-                .await?;
-            self.emit(ev);
+        let Some(def) = self.def(&wf.definition) else {
+            // Another node (a newer version) may know this definition; look again later.
+            warn!(workflow = %wf.id, definition = %wf.definition, "no definition for this workflow here");
+            store.release_workflow(&wf.id, node, 5_000).await?;
             return Ok(());
         };
-        let mut status = wf.status;
         let mut step = wf.step;
-        if status == WorkflowStatus::Running || status == WorkflowStatus::Pending {
-            while (step as usize) < wf.steps.len() {
+        let mut undoing = wf.status == WorkflowStatus::Undoing;
+        if !undoing && wf.cancel_requested {
+            self.emit(
+                store
+                    .begin_cancel(&wf.id, node, step - 1, "cancelled on request")
+                    .await?,
+            );
+            undoing = true;
+        }
+        if !undoing {
+            let n = wf.steps.len();
+            let mut started = false;
+            while (step as usize) < n {
                 let rec = &wf.steps[step as usize];
                 let idx = rec.idx;
-                let name = rec.name.clone();
-                self.emit(store.step_started(&wf.id, idx, &name, node).await?);
+                let spec = def.step(&rec.name);
+                if !started {
+                    self.emit(
+                        store
+                            .step_started(
+                                &wf.id,
+                                idx,
+                                &rec.name,
+                                node,
+                                spec.deadline.as_millis() as i64,
+                            )
+                            .await?,
+                    );
+                }
                 let attempts = rec.attempts + 1;
-                match self.run_phase(wf.kind, &name, &req).await {
-                    Ok(()) => {
-                        self.emit(store.step_done(&wf.id, idx, &name, node).await?);
+                let ctx = StepCtx {
+                    workflow: &wf,
+                    idx,
+                    name: &rec.name,
+                    idem_key: &rec.idem_key,
+                    attempt: attempts,
+                    deadline: spec.deadline,
+                };
+                let result = match tokio::time::timeout(spec.deadline, def.run(&ctx)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(StepError::retryable(format!(
+                        "{} did not finish within {}s",
+                        rec.name,
+                        spec.deadline.as_secs_f64()
+                    ))),
+                };
+                match result {
+                    Ok(commit) => {
+                        let next = wf.steps.get(step as usize + 1).map(|r| NextStep {
+                            idx: r.idx,
+                            name: &r.name,
+                            deadline_ms: def.step(&r.name).deadline.as_millis() as i64,
+                        });
+                        let (evs, cancel) = store
+                            .step_done(&wf.id, idx, &rec.name, node, &commit, next)
+                            .await?;
+                        self.emit_all(evs);
                         step += 1;
+                        started = true;
+                        if cancel {
+                            self.emit(
+                                store
+                                    .begin_cancel(&wf.id, node, step - 1, "cancelled on request")
+                                    .await?,
+                            );
+                            undoing = true;
+                            break;
+                        }
                     }
-                    Err(e) if e.retryable && attempts < self.inner.cfg.max_attempts => {
-                        let delay = self.backoff(attempts);
+                    Err(e) if e.retryable && attempts < spec.retry.max_attempts => {
+                        let delay = spec.retry.delay(attempts);
                         self.emit(
                             store
                                 .step_retry(
                                     &wf.id,
                                     idx,
-                                    &name,
+                                    &rec.name,
                                     node,
                                     &e.message,
                                     delay.as_millis() as i64,
@@ -389,15 +464,14 @@ impl Engine {
                         } else {
                             e.message.clone()
                         };
-                        self.emit(store.begin_undo(&wf.id, idx, &name, node, &msg).await?);
-                        status = WorkflowStatus::Undoing;
-                        step = i64::from(idx) - 1;
+                        self.emit(store.begin_undo(&wf.id, idx, &rec.name, node, &msg).await?);
+                        undoing = true;
                         break;
                     }
                 }
             }
-            if status != WorkflowStatus::Undoing {
-                self.emit(
+            if !undoing {
+                self.emit_all(
                     store
                         .finish_workflow(&wf.id, node, &WorkflowOutcome::Succeeded)
                         .await?,
@@ -405,33 +479,59 @@ impl Engine {
                 return Ok(());
             }
         }
-        // Undoing: reload to know which steps are done.
-        let wf = store.workflow(&wf.id).await?.ok_or_else(|| {
+        self.undo(&*def, &wf.id).await
+    }
+
+    /// Undoes the done steps of an undoing workflow in reverse, then ends it.
+    async fn undo(&self, def: &dyn WorkflowDef, id: &str) -> Result<(), StoreError> {
+        let store = &self.inner.store;
+        let node = &self.inner.cfg.node_id;
+        let wf = store.workflow(id).await?.ok_or_else(|| {
             StoreError::Corrupt("workflows", "workflow vanished while undoing".into())
         })?;
         let reason = wf.error.clone().unwrap_or_else(|| "failed".into());
+        let end = |msg: String| {
+            if wf.cancel_requested {
+                WorkflowOutcome::Cancelled(msg)
+            } else {
+                WorkflowOutcome::Failed(msg)
+            }
+        };
+        let mut step = wf.step.min(wf.steps.len() as i64 - 1);
         while step >= 0 {
             let rec = &wf.steps[step as usize];
-            if rec.status == basphere_store::StepStatus::Done {
+            if rec.status == StepStatus::Done {
+                let spec = def.step(&rec.name);
                 let mut attempt = 0;
                 loop {
-                    match self.undo_phase(&rec.name, &req).await {
+                    let ctx = StepCtx {
+                        workflow: &wf,
+                        idx: rec.idx,
+                        name: &rec.name,
+                        idem_key: &rec.idem_key,
+                        attempt: attempt + 1,
+                        deadline: spec.deadline,
+                    };
+                    let r = match tokio::time::timeout(spec.deadline, def.undo(&ctx)).await {
+                        Ok(r) => r,
+                        Err(_) => Err(StepError::retryable(format!(
+                            "undo of {} timed out",
+                            rec.name
+                        ))),
+                    };
+                    match r {
                         Ok(()) => break,
-                        Err(e) if attempt + 1 < self.inner.cfg.max_attempts => {
+                        Err(e) if attempt + 1 < spec.retry.max_attempts => {
                             attempt += 1;
                             warn!(workflow = %wf.id, step = %rec.name, error = %e, "undo failed; retrying");
-                            tokio::time::sleep(self.backoff(attempt)).await;
+                            tokio::time::sleep(spec.retry.delay(attempt)).await;
                         }
                         Err(e) => {
                             let msg = format!(
                                 "{reason}; and undoing {} failed too: {e} — clean up by hand, then delete the VM",
                                 rec.name
                             );
-                            self.emit(
-                                store
-                                    .finish_workflow(&wf.id, node, &WorkflowOutcome::Failed(msg))
-                                    .await?,
-                            );
+                            self.emit_all(store.finish_workflow(&wf.id, node, &end(msg)).await?);
                             return Ok(());
                         }
                     }
@@ -440,11 +540,7 @@ impl Engine {
             }
             step -= 1;
         }
-        self.emit(
-            store
-                .finish_workflow(&wf.id, node, &WorkflowOutcome::Failed(reason))
-                .await?,
-        );
+        self.emit_all(store.finish_workflow(&wf.id, node, &end(reason)).await?);
         Ok(())
     }
 }

@@ -11,24 +11,28 @@
 //! there the claim queries take `FOR UPDATE SKIP LOCKED`.
 
 mod audit;
+mod batches;
 mod migrate;
 mod users;
 mod vms;
 mod workflows;
 
 pub use audit::{Actor, AuditFilter, AuditRecord};
+pub use batches::{BatchAdmitted, BatchError, BatchNodeRef, BatchRequest, BatchVm};
 pub use users::{
     ApproveOutcome, KeyChange, NewRegistration, Registration, TokenInfo, TokenOwner, User,
     UserError,
 };
 pub use vms::{AdmitError, AdmitRequest, Admitted, DeleteError, Vm};
 pub use workflows::{
-    StepRecord, StepStatus, Workflow, WorkflowEvent, WorkflowKind, WorkflowOutcome, WorkflowStatus,
+    ClaimLimits, NewWorkflow, NextStep, OpError, StepCommit, StepEffect, StepRecord, StepStatus,
+    Workflow, WorkflowEvent, WorkflowKind, WorkflowOutcome, WorkflowStatus,
 };
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Sqlite, SqlitePool, Transaction};
+use sqlx::{Sqlite, SqliteConnection, SqlitePool, Transaction};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A failure of the database itself (not of a business rule).
@@ -48,6 +52,36 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: SqlitePool,
+    /// Serializes this process's write transactions. SQLite allows one writer at a time anyway;
+    /// queueing here (FIFO, async) instead of in SQLite's busy handler (which sleeps in
+    /// millisecond steps) is what lets the engine commit thousands of step transitions a second.
+    /// Other processes on the same file still wait in the busy handler.
+    writer: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// A write transaction holding this process's writer lock; derefs to the connection.
+pub(crate) struct WriteTx {
+    tx: Transaction<'static, Sqlite>,
+    _writer: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl std::ops::Deref for WriteTx {
+    type Target = SqliteConnection;
+    fn deref(&self) -> &SqliteConnection {
+        &self.tx
+    }
+}
+
+impl std::ops::DerefMut for WriteTx {
+    fn deref_mut(&mut self) -> &mut SqliteConnection {
+        &mut self.tx
+    }
+}
+
+impl WriteTx {
+    pub(crate) async fn commit(self) -> std::result::Result<(), sqlx::Error> {
+        self.tx.commit().await
+    }
 }
 
 /// Milliseconds since the Unix epoch.
@@ -84,7 +118,10 @@ impl Store {
             .min_connections(1)
             .connect_with(opts)
             .await?;
-        let store = Self { pool };
+        let store = Self {
+            pool,
+            writer: Arc::new(tokio::sync::Mutex::new(())),
+        };
         migrate::run(&store.pool).await?;
         Ok(store)
     }
@@ -95,8 +132,12 @@ impl Store {
     }
 
     /// A write transaction that holds the database's write lock from its first statement.
-    async fn write(&self) -> Result<Transaction<'static, Sqlite>> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    async fn write(&self) -> Result<WriteTx> {
+        let w = self.writer.clone().lock_owned().await;
+        Ok(WriteTx {
+            tx: self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            _writer: w,
+        })
     }
 }
 

@@ -3,11 +3,18 @@
 use crate::{Result, StoreError, now_ms};
 use sqlx::{Executor, SqlitePool};
 
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "initial",
-    include_str!("../migrations/sqlite/0001_initial.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "initial",
+        include_str!("../migrations/sqlite/0001_initial.sql"),
+    ),
+    (
+        2,
+        "engine",
+        include_str!("../migrations/sqlite/0002_engine.sql"),
+    ),
+];
 
 pub(crate) async fn run(pool: &SqlitePool) -> Result<()> {
     pool.execute(

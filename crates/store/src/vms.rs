@@ -69,6 +69,7 @@ pub enum AdmitError {
     Quota(#[from] QuotaExceeded),
     #[error("no free address left in user {0}'s block {1}")]
     BlockFull(String, String),
+
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -96,7 +97,7 @@ impl From<sqlx::Error> for DeleteError {
     }
 }
 
-const VM_COLS: &str = "id, name, owner, os, login_user, spec, vcpus, memory_mib, disk_gib, ip, \
+pub(crate) const VM_COLS: &str = "id, name, owner, os, login_user, spec, vcpus, memory_mib, disk_gib, ip, \
      status, error, provider, created_at, updated_at";
 
 pub(crate) fn vm_from(r: &SqliteRow) -> Result<Vm> {
@@ -139,6 +140,92 @@ pub(crate) async fn usage(conn: &mut SqliteConnection, owner: &str) -> Result<Us
     })
 }
 
+/// The owner's quota and IP block, checking the owner may create; and whether they are admin.
+pub(crate) async fn owner_limits(
+    conn: &mut SqliteConnection,
+    owner: &str,
+    pool: &NetworkPool,
+) -> std::result::Result<(basphere_core::Quota, basphere_core::IpBlock, bool), AdmitError> {
+    let user = sqlx::query("SELECT status, role, max_vms, max_clusters, max_ips, max_vcpus, max_memory_mib, ip_block FROM users WHERE username = $1")
+        .bind(owner)
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or_else(|| AdmitError::NoUser(owner.to_string()))?;
+    let status: UserStatus = parse("users.status", user.try_get("status")?)?;
+    if status != UserStatus::Active {
+        return Err(AdmitError::NotActive(owner.to_string(), status));
+    }
+    let quota = basphere_core::Quota {
+        max_vms: user.try_get::<i64, _>("max_vms")? as u32,
+        max_clusters: user.try_get::<i64, _>("max_clusters")? as u32,
+        max_ips: user.try_get::<i64, _>("max_ips")? as u32,
+        max_vcpus: user
+            .try_get::<Option<i64>, _>("max_vcpus")?
+            .map(|v| v as u32),
+        max_memory_mib: user
+            .try_get::<Option<i64>, _>("max_memory_mib")?
+            .map(|v| v as u64),
+    };
+    let block = user
+        .try_get::<Option<i64>, _>("ip_block")?
+        .and_then(|b| pool.block(b as u32))
+        .ok_or_else(|| AdmitError::NoBlock(owner.to_string()))?;
+    let admin = user.try_get::<String, _>("role")? == "admin";
+    Ok((quota, block, admin))
+}
+
+/// Every address leased to a VM now.
+pub(crate) async fn taken_ips(conn: &mut SqliteConnection) -> Result<HashSet<String>> {
+    Ok(
+        sqlx::query_scalar("SELECT ip FROM vms WHERE ip IS NOT NULL")
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .collect(),
+    )
+}
+
+/// Gives a rolled-back (failed) VM its quota and an address again, for a retried create.
+pub(crate) async fn readmit(
+    conn: &mut SqliteConnection,
+    vm_id: &str,
+    pool: &NetworkPool,
+) -> std::result::Result<(), AdmitError> {
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {VM_COLS} FROM vms WHERE id = $1"
+    )))
+    .bind(vm_id)
+    .fetch_optional(&mut *conn)
+    .await?
+    .ok_or_else(|| AdmitError::NoUser(format!("of VM {vm_id} (the VM is gone)")))?;
+    let vm = vm_from(&row)?;
+    if vm.status != VmStatus::Failed {
+        return Ok(());
+    }
+    let owner = vm.owner.as_str();
+    let (quota, block, _) = owner_limits(conn, owner, pool).await?;
+    let used = usage(conn, owner).await?;
+    quota.admit(&used, 1, vm.vcpus, vm.memory_mib)?;
+    let ip = match vm.ip_address {
+        Some(ip) => ip,
+        None => {
+            let taken = taken_ips(conn).await?;
+            pool.assignable_in(&block)
+                .find(|a| !taken.contains(&a.to_string()))
+                .ok_or_else(|| AdmitError::BlockFull(owner.to_string(), block.net.to_string()))?
+        }
+    };
+    sqlx::query(
+        "UPDATE vms SET status = 'creating', error = NULL, ip = $2, updated_at = $3 WHERE id = $1",
+    )
+    .bind(vm_id)
+    .bind(ip.to_string())
+    .bind(now_ms())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
 impl Store {
     /// Admits VMs in one transaction: checks the owner's state and quota, allocates addresses
     /// from the owner's block, inserts the VM rows (creating), their create workflows and the
@@ -151,31 +238,7 @@ impl Store {
     ) -> std::result::Result<Vec<Admitted>, AdmitError> {
         let mut tx = self.write().await?;
         let owner = req.owner.as_str();
-        let user = sqlx::query("SELECT status, max_vms, max_clusters, max_ips, max_vcpus, max_memory_mib, ip_block FROM users WHERE username = $1")
-            .bind(owner)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or_else(|| AdmitError::NoUser(owner.to_string()))?;
-        let status: UserStatus = parse("users.status", user.try_get("status")?)?;
-        if status != UserStatus::Active {
-            return Err(AdmitError::NotActive(owner.to_string(), status));
-        }
-        let quota = basphere_core::Quota {
-            max_vms: user.try_get::<i64, _>("max_vms")? as u32,
-            max_clusters: user.try_get::<i64, _>("max_clusters")? as u32,
-            max_ips: user.try_get::<i64, _>("max_ips")? as u32,
-            max_vcpus: user
-                .try_get::<Option<i64>, _>("max_vcpus")?
-                .map(|v| v as u32),
-            max_memory_mib: user
-                .try_get::<Option<i64>, _>("max_memory_mib")?
-                .map(|v| v as u64),
-        };
-        let block = user
-            .try_get::<Option<i64>, _>("ip_block")?
-            .and_then(|b| pool.block(b as u32))
-            .ok_or_else(|| AdmitError::NoBlock(owner.to_string()))?;
-
+        let (quota, block, admin) = owner_limits(&mut tx, owner, pool).await?;
         let mut seen = HashSet::new();
         for n in &req.names {
             if !seen.insert(n) {
@@ -200,12 +263,7 @@ impl Store {
         {
             return Err(AdmitError::NameTaken(taken.clone()));
         }
-        let taken_ips: HashSet<String> =
-            sqlx::query_scalar("SELECT ip FROM vms WHERE ip IS NOT NULL")
-                .fetch_all(&mut *tx)
-                .await?
-                .into_iter()
-                .collect();
+        let taken_ips = taken_ips(&mut tx).await?;
         let mut free = pool
             .assignable_in(&block)
             .filter(|a| !taken_ips.contains(&a.to_string()));
@@ -243,7 +301,7 @@ impl Store {
                 WorkflowKind::CreateVm,
                 Some(&id),
                 owner,
-                0,
+                if admin { 5 } else { 0 },
                 &serde_json::json!({}),
                 &req.steps,
             )

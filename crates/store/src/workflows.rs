@@ -1,7 +1,9 @@
-//! Persisted workflows: the engine's queue, step ledger and event log.
+//! Persisted workflows: the engine's queue, step ledger, effect outbox and event log.
 //!
 //! Every transition is guarded by the lease: a write names the node that holds the workflow,
 //! and a node whose lease expired (and was taken over) gets `LeaseLost` instead of writing.
+//! The lease is a fencing token checked inside each transition's transaction, so a node that
+//! stalls past its lease can still finish running a step but can never record its outcome.
 
 use crate::audit::record;
 use crate::vms::vm_from;
@@ -30,7 +32,11 @@ macro_rules! text_enum {
     };
 }
 
+// What a workflow does to its resource. Kept closed (other crates match it exhaustively);
+// which code runs the steps is `Workflow::definition`, so new kinds of work (clusters,
+// bare-metal setup, tests, benchmarks) need no new variant until they need a new verb here.
 text_enum!(WorkflowKind { CreateVm = "create_vm", DeleteVm = "delete_vm" });
+
 text_enum!(WorkflowStatus {
     Pending = "pending",
     Running = "running",
@@ -49,7 +55,7 @@ text_enum!(StepStatus {
 });
 
 impl WorkflowStatus {
-    /// Whether the workflow will not change any more.
+    /// Whether the workflow will not change any more (until someone retries it).
     pub fn is_terminal(self) -> bool {
         matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
     }
@@ -65,6 +71,12 @@ pub struct StepRecord {
     pub error: Option<String>,
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
+    /// Stable across attempts, restarts and nodes: `<workflow id>/<idx>/<name>`.
+    pub idem_key: String,
+    /// When the current (or last) attempt's deadline expires.
+    pub deadline_at: Option<i64>,
+    /// What the step reported when it finished, if anything.
+    pub output: Option<serde_json::Value>,
 }
 
 /// A workflow (an "operation" to users) with its steps.
@@ -72,13 +84,23 @@ pub struct StepRecord {
 pub struct Workflow {
     pub id: String,
     pub kind: WorkflowKind,
+    /// The engine definition that runs the steps: `create_vm`, `delete_vm`, or a registered one.
+    pub definition: String,
     pub vm_id: Option<String>,
     pub owner: String,
     pub status: WorkflowStatus,
     /// Forward: the next step to run. Undoing: the next step to undo.
     pub step: i64,
     pub attempt: u32,
+    pub priority: i64,
     pub error: Option<String>,
+    pub input: serde_json::Value,
+    pub cancel_requested: bool,
+    pub batch_id: Option<String>,
+    /// The node name within its batch.
+    pub node: Option<String>,
+    /// Dependencies (batch edges) that have not ended yet.
+    pub waiting_on: i64,
     pub created_at: i64,
     pub updated_at: i64,
     pub finished_at: Option<i64>,
@@ -92,8 +114,9 @@ pub struct WorkflowEvent {
     pub operation_id: String,
     pub at: i64,
     pub step: Option<String>,
-    /// `started`, `step_started`, `step_done`, `step_retry`, `step_failed`, `undo_started`,
-    /// `step_undone`, `succeeded`, `failed`.
+    /// `queued`, `step_started`, `step_done`, `step_retry`, `step_failed`, `undo_started`,
+    /// `step_undone`, `cancel_requested`, `retried`, `skipped`, `succeeded`, `failed`,
+    /// `cancelled`.
     pub kind: String,
     pub message: String,
 }
@@ -103,6 +126,100 @@ pub struct WorkflowEvent {
 pub enum WorkflowOutcome {
     Succeeded,
     Failed(String),
+    /// Cancelled on request (after its done steps were undone).
+    Cancelled(String),
+}
+
+/// A workflow to queue.
+#[derive(Debug, Clone)]
+pub struct NewWorkflow {
+    pub kind: WorkflowKind,
+    /// The engine definition to run it (default: the kind's own, `create_vm`/`delete_vm`).
+    pub definition: Option<String>,
+    pub vm_id: Option<String>,
+    pub owner: String,
+    /// Higher runs first (deletes 10, admins 5, others 0).
+    pub priority: i64,
+    pub input: serde_json::Value,
+    pub steps: Vec<String>,
+    /// Key of the per-provider concurrency limit.
+    pub provider: Option<String>,
+    /// Key of the per-host concurrency limit.
+    pub host: Option<String>,
+    /// Batch id and node name.
+    pub batch: Option<(String, String)>,
+}
+
+impl NewWorkflow {
+    pub fn new(kind: WorkflowKind, owner: impl Into<String>, steps: Vec<String>) -> Self {
+        Self {
+            kind,
+            definition: None,
+            vm_id: None,
+            owner: owner.into(),
+            priority: 0,
+            input: serde_json::json!({}),
+            steps,
+            provider: None,
+            host: None,
+            batch: None,
+        }
+    }
+}
+
+/// Concurrency limits applied when claiming (`None`: unlimited). Counted over workflows whose
+/// lease is live, on every node sharing the database.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ClaimLimits {
+    pub per_user: Option<u32>,
+    pub per_provider: Option<u32>,
+    pub per_host: Option<u32>,
+}
+
+/// What a finished step commits together with its completion.
+#[derive(Debug, Clone, Default)]
+pub struct StepCommit {
+    /// Recorded on the step (`output`).
+    pub output: Option<serde_json::Value>,
+    /// Appended to the effect outbox (`step_effects`) in the same transaction: (key, payload).
+    pub effects: Vec<(String, serde_json::Value)>,
+}
+
+/// The step to start right after one finishes (saves a transaction per step).
+#[derive(Debug, Clone, Copy)]
+pub struct NextStep<'a> {
+    pub idx: u32,
+    pub name: &'a str,
+    pub deadline_ms: i64,
+}
+
+/// Why a workflow cannot be cancelled or retried.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    #[error("operation {0} not found")]
+    NotFound(String),
+    #[error("operation {0} is {1}; {2}")]
+    State(String, WorkflowStatus, &'static str),
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<sqlx::Error> for OpError {
+    fn from(e: sqlx::Error) -> Self {
+        OpError::Store(e.into())
+    }
+}
+
+/// One committed effect of a step (see [`StepCommit::effects`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct StepEffect {
+    pub seq: i64,
+    pub workflow_id: String,
+    pub idx: u32,
+    pub key: String,
+    pub payload: serde_json::Value,
 }
 
 pub(crate) async fn insert_workflow(
@@ -114,37 +231,77 @@ pub(crate) async fn insert_workflow(
     input: &serde_json::Value,
     steps: &[String],
 ) -> Result<String> {
+    let mut w = NewWorkflow::new(kind, owner, steps.to_vec());
+    w.vm_id = vm_id.map(str::to_string);
+    w.priority = priority;
+    w.input = input.clone();
+    insert_new(conn, &w).await
+}
+
+pub(crate) async fn insert_new(conn: &mut SqliteConnection, w: &NewWorkflow) -> Result<String> {
     let id = uuid::Uuid::new_v4().to_string();
     let now = now_ms();
     sqlx::query(
         "INSERT INTO workflows (id, kind, vm_id, owner, status, priority, input, next_run_at,
-            created_at, updated_at)
-         VALUES ($1, $2, $3, $4, 'pending', $5, $6, $7, $7, $7)",
+            created_at, updated_at, provider, host, batch_id, node, definition)
+         VALUES ($1, $2, $3, $4, 'pending', $5, $6, $7, $7, $7, $8, $9, $10, $11, $12)",
     )
     .bind(&id)
-    .bind(kind.as_str())
-    .bind(vm_id)
-    .bind(owner)
-    .bind(priority)
-    .bind(input.to_string())
+    .bind(w.kind.as_str())
+    .bind(w.vm_id.as_deref())
+    .bind(&w.owner)
+    .bind(w.priority)
+    .bind(w.input.to_string())
     .bind(now)
+    .bind(w.provider.as_deref())
+    .bind(w.host.as_deref())
+    .bind(w.batch.as_ref().map(|b| b.0.as_str()))
+    .bind(w.batch.as_ref().map(|b| b.1.as_str()))
+    .bind(w.definition.as_deref())
     .execute(&mut *conn)
     .await?;
-    for (i, name) in steps.iter().enumerate() {
+    for (i, name) in w.steps.iter().enumerate() {
         sqlx::query(
-            "INSERT INTO workflow_steps (workflow_id, idx, name, status) VALUES ($1, $2, $3, 'pending')",
+            "INSERT INTO workflow_steps (workflow_id, idx, name, status, idem_key)
+             VALUES ($1, $2, $3, 'pending', $4)",
         )
         .bind(&id)
         .bind(i as i64)
         .bind(name)
+        .bind(format!("{id}/{i}/{name}"))
         .execute(&mut *conn)
         .await?;
     }
-    event(conn, &id, None, "queued", &format!("{kind} queued")).await?;
+    let what = w.definition.as_deref().unwrap_or(w.kind.as_str());
+    event(conn, &id, None, "queued", &format!("{what} queued")).await?;
     Ok(id)
 }
 
-async fn event(
+/// Adds the edge `wf` runs after `depends_on`; counts it while `depends_on` has not ended.
+pub(crate) async fn add_dep(
+    conn: &mut SqliteConnection,
+    wf: &str,
+    depends_on: &str,
+    hard: bool,
+) -> Result<()> {
+    sqlx::query("INSERT INTO workflow_deps (workflow_id, depends_on, hard) VALUES ($1, $2, $3)")
+        .bind(wf)
+        .bind(depends_on)
+        .bind(hard as i64)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(
+        "UPDATE workflows SET waiting_on = waiting_on + 1 WHERE id = $1
+           AND (SELECT status FROM workflows WHERE id = $2) IN ('pending', 'running', 'undoing')",
+    )
+    .bind(wf)
+    .bind(depends_on)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+pub(crate) async fn event(
     conn: &mut SqliteConnection,
     wf: &str,
     step: Option<&str>,
@@ -173,7 +330,19 @@ async fn event(
     })
 }
 
+fn event_from(r: &SqliteRow) -> Result<WorkflowEvent> {
+    Ok(WorkflowEvent {
+        seq: r.try_get("seq")?,
+        operation_id: r.try_get("workflow_id")?,
+        at: r.try_get("at")?,
+        step: r.try_get("step")?,
+        kind: r.try_get("kind")?,
+        message: r.try_get("message")?,
+    })
+}
+
 fn step_from(r: &SqliteRow) -> Result<StepRecord> {
+    let output: Option<String> = r.try_get("output")?;
     Ok(StepRecord {
         idx: r.try_get::<i64, _>("idx")? as u32,
         name: r.try_get("name")?,
@@ -182,6 +351,11 @@ fn step_from(r: &SqliteRow) -> Result<StepRecord> {
         error: r.try_get("error")?,
         started_at: r.try_get("started_at")?,
         finished_at: r.try_get("finished_at")?,
+        idem_key: r
+            .try_get::<Option<String>, _>("idem_key")?
+            .unwrap_or_default(),
+        deadline_at: r.try_get("deadline_at")?,
+        output: output.and_then(|o| serde_json::from_str(&o).ok()),
     })
 }
 
@@ -199,12 +373,18 @@ impl StoreError {
     }
 }
 
+const WF_COLS: &str =
+    "id, kind, definition, vm_id, owner, status, step, attempt, priority, error, input,
+    cancel_requested, batch_id, node, waiting_on, created_at, updated_at, finished_at";
+
 impl Store {
-    async fn load_workflow(conn: &mut SqliteConnection, id: &str) -> Result<Option<Workflow>> {
-        let Some(r) = sqlx::query(
-            "SELECT id, kind, vm_id, owner, status, step, attempt, error, created_at, updated_at,
-                    finished_at FROM workflows WHERE id = $1",
-        )
+    pub(crate) async fn load_workflow(
+        conn: &mut SqliteConnection,
+        id: &str,
+    ) -> Result<Option<Workflow>> {
+        let Some(r) = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {WF_COLS} FROM workflows WHERE id = $1"
+        )))
         .bind(id)
         .fetch_optional(&mut *conn)
         .await?
@@ -218,15 +398,26 @@ impl Store {
             .iter()
             .map(step_from)
             .collect::<Result<Vec<_>>>()?;
+        let input: String = r.try_get("input")?;
+        let kind: WorkflowKind = parse("workflows.kind", r.try_get("kind")?)?;
         Ok(Some(Workflow {
             id: r.try_get("id")?,
-            kind: parse("workflows.kind", r.try_get("kind")?)?,
+            kind,
+            definition: r
+                .try_get::<Option<String>, _>("definition")?
+                .unwrap_or_else(|| kind.to_string()),
             vm_id: r.try_get("vm_id")?,
             owner: r.try_get("owner")?,
             status: parse("workflows.status", r.try_get("status")?)?,
             step: r.try_get("step")?,
             attempt: r.try_get::<i64, _>("attempt")? as u32,
+            priority: r.try_get("priority")?,
             error: r.try_get("error")?,
+            input: serde_json::from_str(&input).unwrap_or(serde_json::Value::Null),
+            cancel_requested: r.try_get::<i64, _>("cancel_requested")? != 0,
+            batch_id: r.try_get("batch_id")?,
+            node: r.try_get("node")?,
+            waiting_on: r.try_get("waiting_on")?,
             created_at: r.try_get("created_at")?,
             updated_at: r.try_get("updated_at")?,
             finished_at: r.try_get("finished_at")?,
@@ -250,6 +441,21 @@ impl Store {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
+        self.load_many(ids).await
+    }
+
+    /// The workflows of a batch, in the order they were queued.
+    pub async fn batch_workflows(&self, batch: &str) -> Result<Vec<Workflow>> {
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM workflows WHERE batch_id = $1 ORDER BY created_at, rowid",
+        )
+        .bind(batch)
+        .fetch_all(&self.pool)
+        .await?;
+        self.load_many(ids).await
+    }
+
+    async fn load_many(&self, ids: Vec<String>) -> Result<Vec<Workflow>> {
         let mut c = self.pool.acquire().await?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
@@ -258,6 +464,33 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// Queues a workflow of any kind (VM workflows are queued by admission instead).
+    pub async fn enqueue_workflow(&self, w: &NewWorkflow) -> Result<String> {
+        let mut tx = self.write().await?;
+        let id = insert_new(&mut tx, w).await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    /// Queues many workflows in one transaction (benchmarks, batches of custom kinds), with
+    /// edges between them given as (dependent index, dependency index, hard).
+    pub async fn enqueue_workflows(
+        &self,
+        ws: &[NewWorkflow],
+        edges: &[(usize, usize, bool)],
+    ) -> Result<Vec<String>> {
+        let mut tx = self.write().await?;
+        let mut ids = Vec::with_capacity(ws.len());
+        for w in ws {
+            ids.push(insert_new(&mut tx, w).await?);
+        }
+        for &(a, b, hard) in edges {
+            add_dep(&mut tx, &ids[a], &ids[b], hard).await?;
+        }
+        tx.commit().await?;
+        Ok(ids)
     }
 
     /// Events of a workflow after `after_seq`, in order.
@@ -270,38 +503,93 @@ impl Store {
         .bind(after_seq)
         .fetch_all(&self.pool)
         .await?;
+        rows.iter().map(event_from).collect()
+    }
+
+    /// Every workflow's events after `after_seq`, oldest first, at most `limit`.
+    pub async fn events_since(&self, after_seq: i64, limit: i64) -> Result<Vec<WorkflowEvent>> {
+        let rows = sqlx::query(
+            "SELECT seq, workflow_id, at, step, kind, message FROM workflow_events
+             WHERE seq > $1 ORDER BY seq LIMIT $2",
+        )
+        .bind(after_seq)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(event_from).collect()
+    }
+
+    /// Effects committed by a workflow's steps, in commit order.
+    pub async fn step_effects(&self, wf: &str) -> Result<Vec<StepEffect>> {
+        let rows = sqlx::query(
+            "SELECT seq, workflow_id, idx, key, payload FROM step_effects
+             WHERE workflow_id = $1 ORDER BY seq",
+        )
+        .bind(wf)
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter()
             .map(|r| {
-                Ok(WorkflowEvent {
+                let p: String = r.try_get("payload")?;
+                Ok(StepEffect {
                     seq: r.try_get("seq")?,
-                    operation_id: r.try_get("workflow_id")?,
-                    at: r.try_get("at")?,
-                    step: r.try_get("step")?,
-                    kind: r.try_get("kind")?,
-                    message: r.try_get("message")?,
+                    workflow_id: r.try_get("workflow_id")?,
+                    idx: r.try_get::<i64, _>("idx")? as u32,
+                    key: r.try_get("key")?,
+                    payload: serde_json::from_str(&p).unwrap_or(serde_json::Value::Null),
                 })
             })
             .collect()
     }
 
     /// Claims the most urgent runnable workflow for `node` with a lease of `lease_ms`.
-    /// A workflow is runnable when unfinished, due, and not leased (or its lease expired).
-    /// On PostgreSQL the inner SELECT takes `FOR UPDATE SKIP LOCKED`.
-    pub async fn claim_workflow(&self, node: &str, lease_ms: i64) -> Result<Option<Workflow>> {
+    ///
+    /// Runnable: unfinished, due, not leased (or its lease expired), and its batch dependencies
+    /// ended (or a cancel was asked for: cancelling needs no dependency). Among those, one whose
+    /// user, provider, host and batch are under their concurrency limits; highest priority
+    /// first, then oldest. Claiming a workflow claims its next step: steps of one workflow run
+    /// in order, so the workflow's lease is the step's lease.
+    ///
+    /// SQLite: `BEGIN IMMEDIATE` makes the read-and-update one serialized write. PostgreSQL:
+    /// the inner SELECT ends with `FOR UPDATE SKIP LOCKED` so concurrent claimers pass over
+    /// each other's rows instead of waiting; the limit counts there are then per-snapshot, so
+    /// a limit can be overshot by at most one workflow per concurrently claiming node unless
+    /// the claim also takes `pg_advisory_xact_lock` on the limit keys.
+    pub async fn claim_workflow(
+        &self,
+        node: &str,
+        lease_ms: i64,
+        limits: &ClaimLimits,
+    ) -> Result<Option<Workflow>> {
         let now = now_ms();
         let mut tx = self.write().await?;
         let id: Option<String> = sqlx::query_scalar(
             "UPDATE workflows SET lease_owner = $1, lease_until = $2, updated_at = $3,
                  status = CASE WHEN status = 'pending' THEN 'running' ELSE status END
-             WHERE id = (SELECT id FROM workflows
-                         WHERE status IN ('pending', 'running', 'undoing') AND next_run_at <= $3
-                           AND (lease_owner IS NULL OR lease_until < $3)
-                         ORDER BY priority DESC, created_at LIMIT 1)
+             WHERE id = (
+               SELECT w.id FROM workflows w
+               WHERE w.status IN ('pending', 'running', 'undoing') AND w.next_run_at <= $3
+                 AND (w.lease_owner IS NULL OR w.lease_until < $3)
+                 AND (w.waiting_on = 0 OR w.cancel_requested = 1)
+                 AND ($4 IS NULL OR (SELECT COUNT(*) FROM workflows o
+                       WHERE o.owner = w.owner AND o.lease_until >= $3) < $4)
+                 AND ($5 IS NULL OR w.provider IS NULL OR (SELECT COUNT(*) FROM workflows o
+                       WHERE o.provider = w.provider AND o.lease_until >= $3) < $5)
+                 AND ($6 IS NULL OR w.host IS NULL OR (SELECT COUNT(*) FROM workflows o
+                       WHERE o.host = w.host AND o.lease_until >= $3) < $6)
+                 AND (w.batch_id IS NULL OR (SELECT COUNT(*) FROM workflows o
+                       WHERE o.batch_id = w.batch_id AND o.lease_until >= $3)
+                     < (SELECT b.parallelism FROM batches b WHERE b.id = w.batch_id))
+               ORDER BY w.priority DESC, w.created_at
+               LIMIT 1 /* PostgreSQL: FOR UPDATE SKIP LOCKED */)
              RETURNING id",
         )
         .bind(node)
         .bind(now + lease_ms)
         .bind(now)
+        .bind(limits.per_user.map(i64::from))
+        .bind(limits.per_provider.map(i64::from))
+        .bind(limits.per_host.map(i64::from))
         .fetch_optional(&mut *tx)
         .await?;
         let Some(id) = id else {
@@ -317,7 +605,8 @@ impl Store {
         let t: Option<i64> = sqlx::query_scalar(
             "SELECT MIN(CASE WHEN lease_owner IS NULL THEN next_run_at
                              ELSE MAX(next_run_at, lease_until) END)
-             FROM workflows WHERE status IN ('pending', 'running', 'undoing')",
+             FROM workflows WHERE status IN ('pending', 'running', 'undoing')
+               AND (waiting_on = 0 OR cancel_requested = 1)",
         )
         .fetch_one(&self.pool)
         .await?;
@@ -348,6 +637,21 @@ impl Store {
         .rows_affected())
     }
 
+    /// Gives a claimed workflow back without changing it (e.g. its kind is unknown here).
+    pub async fn release_workflow(&self, wf: &str, node: &str, delay_ms: i64) -> Result<()> {
+        let now = now_ms();
+        sqlx::query(
+            "UPDATE workflows SET lease_owner = NULL, lease_until = NULL, next_run_at = $3
+             WHERE id = $1 AND lease_owner = $2",
+        )
+        .bind(wf)
+        .bind(node)
+        .bind(now + delay_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     async fn guard(conn: &mut SqliteConnection, wf: &str, node: &str) -> Result<()> {
         let owner: Option<Option<String>> =
             sqlx::query_scalar("SELECT lease_owner FROM workflows WHERE id = $1")
@@ -361,73 +665,114 @@ impl Store {
         }
     }
 
-    /// Records that step `idx` starts (one more attempt).
+    async fn mark_started(
+        conn: &mut SqliteConnection,
+        wf: &str,
+        idx: u32,
+        name: &str,
+        deadline_ms: i64,
+        now: i64,
+    ) -> Result<WorkflowEvent> {
+        sqlx::query(
+            "UPDATE workflow_steps SET status = 'running', attempts = attempts + 1, started_at = $3,
+                 deadline_at = $4
+             WHERE workflow_id = $1 AND idx = $2",
+        )
+        .bind(wf)
+        .bind(i64::from(idx))
+        .bind(now)
+        .bind(now + deadline_ms)
+        .execute(&mut *conn)
+        .await?;
+        event(
+            conn,
+            wf,
+            Some(name),
+            "step_started",
+            &format!("{name} started"),
+        )
+        .await
+    }
+
+    /// Records that step `idx` starts (one more attempt) with a deadline `deadline_ms` away.
     pub async fn step_started(
         &self,
         wf: &str,
         idx: u32,
         name: &str,
         node: &str,
+        deadline_ms: i64,
     ) -> Result<WorkflowEvent> {
         let mut tx = self.write().await?;
         Self::guard(&mut tx, wf, node).await?;
-        sqlx::query(
-            "UPDATE workflow_steps SET status = 'running', attempts = attempts + 1, started_at = $3
-             WHERE workflow_id = $1 AND idx = $2",
-        )
-        .bind(wf)
-        .bind(i64::from(idx))
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await?;
-        let ev = event(
-            &mut tx,
-            wf,
-            Some(name),
-            "step_started",
-            &format!("{name} started"),
-        )
-        .await?;
+        let ev = Self::mark_started(&mut tx, wf, idx, name, deadline_ms, now_ms()).await?;
         tx.commit().await?;
         Ok(ev)
     }
 
-    /// Records that step `idx` finished and moves the workflow to the next step.
+    /// Records that step `idx` finished — with its output and effects, atomically — moves the
+    /// workflow on, and starts `next` in the same transaction. Returns the events and whether
+    /// a cancel was requested meanwhile (then `next` was not started).
     pub async fn step_done(
         &self,
         wf: &str,
         idx: u32,
         name: &str,
         node: &str,
-    ) -> Result<WorkflowEvent> {
+        commit: &StepCommit,
+        next: Option<NextStep<'_>>,
+    ) -> Result<(Vec<WorkflowEvent>, bool)> {
         let mut tx = self.write().await?;
         Self::guard(&mut tx, wf, node).await?;
         let now = now_ms();
         sqlx::query(
-            "UPDATE workflow_steps SET status = 'done', error = NULL, finished_at = $3
+            "UPDATE workflow_steps SET status = 'done', error = NULL, finished_at = $3, output = $4
              WHERE workflow_id = $1 AND idx = $2",
         )
         .bind(wf)
         .bind(i64::from(idx))
         .bind(now)
+        .bind(commit.output.as_ref().map(|o| o.to_string()))
         .execute(&mut *tx)
         .await?;
-        sqlx::query("UPDATE workflows SET step = $2, attempt = 0, updated_at = $3 WHERE id = $1")
+        for (key, payload) in &commit.effects {
+            sqlx::query(
+                "INSERT INTO step_effects (workflow_id, idx, key, payload, at)
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
             .bind(wf)
-            .bind(i64::from(idx) + 1)
+            .bind(i64::from(idx))
+            .bind(key)
+            .bind(payload.to_string())
             .bind(now)
             .execute(&mut *tx)
             .await?;
-        let ev = event(
-            &mut tx,
-            wf,
-            Some(name),
-            "step_done",
-            &format!("{name} done"),
+        }
+        let cancel: i64 = sqlx::query_scalar(
+            "UPDATE workflows SET step = $2, attempt = 0, updated_at = $3 WHERE id = $1
+             RETURNING cancel_requested",
         )
+        .bind(wf)
+        .bind(i64::from(idx) + 1)
+        .bind(now)
+        .fetch_one(&mut *tx)
         .await?;
+        let mut evs = vec![
+            event(
+                &mut tx,
+                wf,
+                Some(name),
+                "step_done",
+                &format!("{name} done"),
+            )
+            .await?,
+        ];
+        let cancel = cancel != 0;
+        if let (Some(n), false) = (next, cancel) {
+            evs.push(Self::mark_started(&mut tx, wf, n.idx, n.name, n.deadline_ms, now).await?);
+        }
         tx.commit().await?;
-        Ok(ev)
+        Ok((evs, cancel))
     }
 
     /// Records a retryable failure: the step runs again after `delay_ms`, by any node.
@@ -452,8 +797,9 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         sqlx::query(
-            "UPDATE workflows SET attempt = attempt + 1, next_run_at = $2, lease_owner = NULL,
-                 lease_until = NULL, updated_at = $3 WHERE id = $1",
+            "UPDATE workflows SET attempt = attempt + 1, lease_owner = NULL, lease_until = NULL,
+                 next_run_at = CASE WHEN cancel_requested = 1 THEN $3 ELSE $2 END,
+                 updated_at = $3 WHERE id = $1",
         )
         .bind(wf)
         .bind(now + delay_ms)
@@ -514,6 +860,46 @@ impl Store {
         Ok(ev)
     }
 
+    /// Turns a cancelled workflow to undoing, starting with step `undo_from` (the last done).
+    pub async fn begin_cancel(
+        &self,
+        wf: &str,
+        node: &str,
+        undo_from: i64,
+        reason: &str,
+    ) -> Result<WorkflowEvent> {
+        let mut tx = self.write().await?;
+        Self::guard(&mut tx, wf, node).await?;
+        let now = now_ms();
+        sqlx::query(
+            "UPDATE workflow_steps SET status = 'skipped'
+             WHERE workflow_id = $1 AND status IN ('pending', 'running')",
+        )
+        .bind(wf)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE workflows SET status = 'undoing', step = $2, attempt = 0, error = $3,
+                 updated_at = $4 WHERE id = $1",
+        )
+        .bind(wf)
+        .bind(undo_from)
+        .bind(reason)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let ev = event(
+            &mut tx,
+            wf,
+            None,
+            "undo_started",
+            &format!("{reason}; undoing completed steps"),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(ev)
+    }
+
     /// Records that the done step `idx` was undone; the next one to undo is `idx - 1`.
     pub async fn step_undone(
         &self,
@@ -552,15 +938,186 @@ impl Store {
         Ok(ev)
     }
 
+    /// Asks for a workflow to be cancelled. The engine stops it at the next step boundary (a
+    /// running step finishes or reaches its deadline first), undoes its done steps in reverse
+    /// and ends it `cancelled`; batch dependents that require it are skipped.
+    pub async fn request_cancel(
+        &self,
+        wf: &str,
+        actor: &Actor,
+    ) -> std::result::Result<WorkflowEvent, OpError> {
+        let mut tx = self.write().await?;
+        let w = Self::load_workflow(&mut tx, wf)
+            .await?
+            .ok_or_else(|| OpError::NotFound(wf.to_string()))?;
+        if w.status.is_terminal() {
+            return Err(OpError::State(
+                wf.into(),
+                w.status,
+                "there is nothing to cancel",
+            ));
+        }
+        if w.status == WorkflowStatus::Undoing {
+            return Err(OpError::State(
+                wf.into(),
+                w.status,
+                "it is already being rolled back",
+            ));
+        }
+        if w.cancel_requested {
+            return Err(OpError::Refused(format!(
+                "operation {wf} is already being cancelled"
+            )));
+        }
+        sqlx::query("UPDATE workflows SET cancel_requested = 1, next_run_at = MIN(next_run_at, $2) WHERE id = $1")
+            .bind(wf)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
+        let ev = event(
+            &mut tx,
+            wf,
+            None,
+            "cancel_requested",
+            &format!("cancel requested by {}", actor.name),
+        )
+        .await?;
+        record(
+            &mut tx,
+            actor,
+            "operation.cancel",
+            wf,
+            "accepted",
+            Some(w.kind.as_str()),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(ev)
+    }
+
+    /// Queues a failed or cancelled workflow again from its first step that is not done (after
+    /// a rollback, that is the first step). A VM create gets its address and quota back first
+    /// (refused if they are gone); a batch node's skipped dependents are queued again with it.
+    pub async fn retry_workflow(
+        &self,
+        wf: &str,
+        pool: &basphere_core::NetworkPool,
+        actor: &Actor,
+    ) -> std::result::Result<Vec<WorkflowEvent>, OpError> {
+        let mut tx = self.write().await?;
+        let mut todo = vec![wf.to_string()];
+        let mut evs = vec![];
+        let mut first = true;
+        while let Some(id) = todo.pop() {
+            let w = Self::load_workflow(&mut tx, &id)
+                .await?
+                .ok_or_else(|| OpError::NotFound(id.clone()))?;
+            if !matches!(w.status, WorkflowStatus::Failed | WorkflowStatus::Cancelled) {
+                if first {
+                    return Err(OpError::State(
+                        id,
+                        w.status,
+                        "only failed or cancelled operations can be retried",
+                    ));
+                }
+                continue;
+            }
+            first = false;
+            if let Some(vm_id) = &w.vm_id {
+                match w.kind {
+                    WorkflowKind::CreateVm => crate::vms::readmit(&mut tx, vm_id, pool)
+                        .await
+                        .map_err(|e| OpError::Refused(e.to_string()))?,
+                    WorkflowKind::DeleteVm => {
+                        sqlx::query("UPDATE vms SET status = 'deleting', error = NULL, updated_at = $2 WHERE id = $1")
+                            .bind(vm_id)
+                            .bind(now_ms())
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                }
+            } else if w.definition == w.kind.as_str() {
+                return Err(OpError::Refused(format!(
+                    "operation {id}'s VM is gone; create it again instead"
+                )));
+            }
+            let now = now_ms();
+            sqlx::query(
+                "UPDATE workflow_steps SET status = 'pending', attempts = 0, error = NULL
+                 WHERE workflow_id = $1 AND status <> 'done'",
+            )
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
+            let from: i64 = w
+                .steps
+                .iter()
+                .find(|s| s.status != StepStatus::Done)
+                .map(|s| i64::from(s.idx))
+                .unwrap_or(w.steps.len() as i64);
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM workflow_deps d JOIN workflows o ON o.id = d.depends_on
+                 WHERE d.workflow_id = $1 AND o.status <> 'succeeded'",
+            )
+            .bind(&id)
+            .fetch_one(&mut *tx)
+            .await?;
+            sqlx::query(
+                "UPDATE workflows SET status = 'pending', step = $2, attempt = 0, error = NULL,
+                     cancel_requested = 0, lease_owner = NULL, lease_until = NULL, next_run_at = $3,
+                     updated_at = $3, finished_at = NULL, waiting_on = $4 WHERE id = $1",
+            )
+            .bind(&id)
+            .bind(from)
+            .bind(now)
+            .bind(waiting)
+            .execute(&mut *tx)
+            .await?;
+            evs.push(
+                event(
+                    &mut tx,
+                    &id,
+                    None,
+                    "retried",
+                    &format!("queued again by {} from step {from}", actor.name),
+                )
+                .await?,
+            );
+            record(
+                &mut tx,
+                actor,
+                "operation.retry",
+                &id,
+                "accepted",
+                Some(w.kind.as_str()),
+            )
+            .await?;
+            // Skipped dependents come back too; each waits for this one again.
+            let deps: Vec<String> = sqlx::query_scalar(
+                "SELECT d.workflow_id FROM workflow_deps d JOIN workflows o ON o.id = d.workflow_id
+                 WHERE d.depends_on = $1 AND o.status = 'cancelled' AND o.error LIKE 'skipped:%'",
+            )
+            .bind(&id)
+            .fetch_all(&mut *tx)
+            .await?;
+            todo.extend(deps);
+        }
+        tx.commit().await?;
+        Ok(evs)
+    }
+
     /// Ends a workflow and applies its outcome to its VM in the same transaction:
     /// create ok → running; create failed → failed with the reason, address and quota released;
     /// delete ok → the record is gone (address and quota free); delete failed → failed.
+    /// In a batch, dependents waiting on it are released (success, or a soft edge) or skipped
+    /// (a hard edge to a failed or cancelled node), transitively, in the same transaction.
+    /// Returns the events written, the workflow's final one first.
     pub async fn finish_workflow(
         &self,
         wf: &str,
         node: &str,
         outcome: &WorkflowOutcome,
-    ) -> Result<WorkflowEvent> {
+    ) -> Result<Vec<WorkflowEvent>> {
         let mut tx = self.write().await?;
         Self::guard(&mut tx, wf, node).await?;
         let w = Self::load_workflow(&mut tx, wf)
@@ -570,6 +1127,7 @@ impl Store {
         let (status, err) = match outcome {
             WorkflowOutcome::Succeeded => ("succeeded", None),
             WorkflowOutcome::Failed(e) => ("failed", Some(e.as_str())),
+            WorkflowOutcome::Cancelled(e) => ("cancelled", Some(e.as_str())),
         };
         sqlx::query(
             "UPDATE workflows SET status = $2, error = COALESCE($3, error), lease_owner = NULL,
@@ -581,72 +1139,174 @@ impl Store {
         .bind(now)
         .execute(&mut *tx)
         .await?;
-        if let Some(vm_id) = &w.vm_id {
-            let vm = sqlx::query("SELECT * FROM vms WHERE id = $1")
-                .bind(vm_id)
-                .fetch_optional(&mut *tx)
-                .await?
-                .map(|r| vm_from(&r))
-                .transpose()?;
-            if let Some(vm) = vm {
-                let target = format!("{}/{}", vm.owner, vm.name);
-                let actor = Actor::engine();
-                match (w.kind, outcome) {
-                    (WorkflowKind::CreateVm, WorkflowOutcome::Succeeded) => {
-                        sqlx::query("UPDATE vms SET status = 'running', error = NULL, updated_at = $2 WHERE id = $1")
-                            .bind(vm_id)
-                            .bind(now)
-                            .execute(&mut *tx)
-                            .await?;
-                        record(
-                            &mut tx,
-                            &actor,
-                            "vm.create",
-                            &target,
-                            "ok",
-                            vm.ip_address.map(|i| i.to_string()).as_deref(),
-                        )
-                        .await?;
-                    }
-                    (WorkflowKind::CreateVm, WorkflowOutcome::Failed(e)) => {
-                        sqlx::query("UPDATE vms SET status = 'failed', error = $2, ip = NULL, updated_at = $3 WHERE id = $1")
-                            .bind(vm_id)
-                            .bind(e)
-                            .bind(now)
-                            .execute(&mut *tx)
-                            .await?;
-                        record(&mut tx, &actor, "vm.create", &target, "failed", Some(e)).await?;
-                    }
-                    (WorkflowKind::DeleteVm, WorkflowOutcome::Succeeded) => {
-                        sqlx::query("UPDATE workflows SET vm_id = NULL WHERE vm_id = $1")
-                            .bind(vm_id)
-                            .execute(&mut *tx)
-                            .await?;
-                        sqlx::query("DELETE FROM vms WHERE id = $1")
-                            .bind(vm_id)
-                            .execute(&mut *tx)
-                            .await?;
-                        record(&mut tx, &actor, "vm.delete", &target, "ok", None).await?;
-                    }
-                    (WorkflowKind::DeleteVm, WorkflowOutcome::Failed(e)) => {
-                        let msg = format!("delete failed: {e}; run delete-vm again");
-                        sqlx::query("UPDATE vms SET status = 'failed', error = $2, updated_at = $3 WHERE id = $1")
-                            .bind(vm_id)
-                            .bind(&msg)
-                            .bind(now)
-                            .execute(&mut *tx)
-                            .await?;
-                        record(&mut tx, &actor, "vm.delete", &target, "failed", Some(e)).await?;
-                    }
-                }
-            }
-        }
+        apply_vm_outcome(&mut tx, &w, outcome, now).await?;
         let msg = match outcome {
-            WorkflowOutcome::Succeeded => format!("{} succeeded", w.kind),
-            WorkflowOutcome::Failed(e) => format!("{} failed: {e}", w.kind),
+            WorkflowOutcome::Succeeded => format!("{} succeeded", w.definition),
+            WorkflowOutcome::Failed(e) => format!("{} failed: {e}", w.definition),
+            WorkflowOutcome::Cancelled(e) => format!("{} cancelled: {e}", w.definition),
         };
-        let ev = event(&mut tx, wf, None, status, &msg).await?;
+        let mut evs = vec![event(&mut tx, wf, None, status, &msg).await?];
+        release_dependents(
+            &mut tx,
+            &w,
+            outcome != &WorkflowOutcome::Succeeded,
+            now,
+            &mut evs,
+        )
+        .await?;
         tx.commit().await?;
-        Ok(ev)
+        Ok(evs)
     }
+}
+
+/// Releases or skips the batch dependents of `w` (see [`Store::finish_workflow`]).
+async fn release_dependents(
+    conn: &mut SqliteConnection,
+    w: &Workflow,
+    failed: bool,
+    now: i64,
+    evs: &mut Vec<WorkflowEvent>,
+) -> Result<()> {
+    let mut queue = vec![(
+        w.id.clone(),
+        w.node.clone().unwrap_or_else(|| w.id.clone()),
+        failed,
+    )];
+    while let Some((id, name, failed)) = queue.pop() {
+        if failed {
+            // Hard dependents are skipped; soft ones only lose an edge to wait on.
+            let hard: Vec<String> = sqlx::query_scalar(
+                "SELECT d.workflow_id FROM workflow_deps d JOIN workflows o ON o.id = d.workflow_id
+                 WHERE d.depends_on = $1 AND d.hard = 1 AND o.status = 'pending'",
+            )
+            .bind(&id)
+            .fetch_all(&mut *conn)
+            .await?;
+            sqlx::query(
+                "UPDATE workflows SET waiting_on = waiting_on - 1 WHERE status = 'pending'
+                   AND id IN (SELECT workflow_id FROM workflow_deps WHERE depends_on = $1 AND hard = 0)",
+            )
+            .bind(&id)
+            .execute(&mut *conn)
+            .await?;
+            for d in hard {
+                let Some(dw) = Store::load_workflow(conn, &d).await? else {
+                    continue;
+                };
+                let reason = format!("skipped: requires {name}, which did not succeed");
+                sqlx::query(
+                    "UPDATE workflows SET status = 'cancelled', error = $2, updated_at = $3,
+                         finished_at = $3, lease_owner = NULL, lease_until = NULL WHERE id = $1",
+                )
+                .bind(&d)
+                .bind(&reason)
+                .bind(now)
+                .execute(&mut *conn)
+                .await?;
+                sqlx::query(
+                    "UPDATE workflow_steps SET status = 'skipped' WHERE workflow_id = $1 AND status = 'pending'",
+                )
+                .bind(&d)
+                .execute(&mut *conn)
+                .await?;
+                apply_vm_outcome(conn, &dw, &WorkflowOutcome::Cancelled(reason.clone()), now)
+                    .await?;
+                evs.push(event(conn, &d, None, "skipped", &reason).await?);
+                evs.push(event(conn, &d, None, "cancelled", &reason).await?);
+                queue.push((d, dw.node.unwrap_or_default(), true));
+            }
+        } else {
+            sqlx::query(
+                "UPDATE workflows SET waiting_on = waiting_on - 1 WHERE status = 'pending'
+                   AND id IN (SELECT workflow_id FROM workflow_deps WHERE depends_on = $1)",
+            )
+            .bind(&id)
+            .execute(&mut *conn)
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Applies a workflow's outcome to its VM record, with the audit record.
+async fn apply_vm_outcome(
+    conn: &mut SqliteConnection,
+    w: &Workflow,
+    outcome: &WorkflowOutcome,
+    now: i64,
+) -> Result<()> {
+    let Some(vm_id) = &w.vm_id else {
+        return Ok(());
+    };
+    let vm = sqlx::query("SELECT * FROM vms WHERE id = $1")
+        .bind(vm_id)
+        .fetch_optional(&mut *conn)
+        .await?
+        .map(|r| vm_from(&r))
+        .transpose()?;
+    let Some(vm) = vm else {
+        return Ok(());
+    };
+    let target = format!("{}/{}", vm.owner, vm.name);
+    let actor = Actor::engine();
+    match (w.kind, outcome) {
+        (WorkflowKind::CreateVm, WorkflowOutcome::Succeeded) => {
+            sqlx::query(
+                "UPDATE vms SET status = 'running', error = NULL, updated_at = $2 WHERE id = $1",
+            )
+            .bind(vm_id)
+            .bind(now)
+            .execute(&mut *conn)
+            .await?;
+            record(
+                conn,
+                &actor,
+                "vm.create",
+                &target,
+                "ok",
+                vm.ip_address.map(|i| i.to_string()).as_deref(),
+            )
+            .await?;
+        }
+        (WorkflowKind::CreateVm, WorkflowOutcome::Failed(e) | WorkflowOutcome::Cancelled(e)) => {
+            sqlx::query(
+                "UPDATE vms SET status = 'failed', error = $2, ip = NULL, updated_at = $3 WHERE id = $1",
+            )
+            .bind(vm_id)
+            .bind(e)
+            .bind(now)
+            .execute(&mut *conn)
+            .await?;
+            let result = if matches!(outcome, WorkflowOutcome::Cancelled(_)) {
+                "cancelled"
+            } else {
+                "failed"
+            };
+            record(conn, &actor, "vm.create", &target, result, Some(e)).await?;
+        }
+        (WorkflowKind::DeleteVm, WorkflowOutcome::Succeeded) => {
+            sqlx::query("UPDATE workflows SET vm_id = NULL WHERE vm_id = $1")
+                .bind(vm_id)
+                .execute(&mut *conn)
+                .await?;
+            sqlx::query("DELETE FROM vms WHERE id = $1")
+                .bind(vm_id)
+                .execute(&mut *conn)
+                .await?;
+            record(conn, &actor, "vm.delete", &target, "ok", None).await?;
+        }
+        (WorkflowKind::DeleteVm, WorkflowOutcome::Failed(e) | WorkflowOutcome::Cancelled(e)) => {
+            let msg = format!("delete failed: {e}; run delete-vm again");
+            sqlx::query(
+                "UPDATE vms SET status = 'failed', error = $2, updated_at = $3 WHERE id = $1",
+            )
+            .bind(vm_id)
+            .bind(&msg)
+            .bind(now)
+            .execute(&mut *conn)
+            .await?;
+            record(conn, &actor, "vm.delete", &target, "failed", Some(e)).await?;
+        }
+    }
+    Ok(())
 }

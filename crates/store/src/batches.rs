@@ -1,0 +1,251 @@
+//! Batches: a DAG of VM creates (and deletes) admitted in one transaction.
+//!
+//! Each node becomes an ordinary workflow tagged with the batch; its edges are rows of
+//! `workflow_deps`, and the claim query runs a node only once its dependencies ended and the
+//! batch has fewer than `parallelism` nodes in flight. A failed node skips the nodes that
+//! require it (see `Store::finish_workflow`).
+
+use crate::audit::record;
+use crate::vms::{AdmitError, VM_COLS, owner_limits, taken_ips, usage, vm_from};
+use crate::workflows::{NewWorkflow, WorkflowKind, add_dep, insert_new};
+use crate::{Actor, Store, now_ms};
+use basphere_core::{ImageName, NetworkPool, Spec, SpecName, Username, VmName, VmStatus};
+use serde::Serialize;
+use std::collections::HashMap;
+
+/// One VM to create as a batch node.
+#[derive(Debug, Clone)]
+pub struct BatchVm {
+    pub name: VmName,
+    pub os: ImageName,
+    pub login_user: String,
+    pub spec_name: SpecName,
+    pub spec: Spec,
+    /// Hard edges: node names in this batch, or existing VMs (waited for if still busy).
+    pub requires: Vec<String>,
+    /// Soft edges: node names in this batch (others are ignored).
+    pub optional: Vec<String>,
+}
+
+/// A planned batch to admit.
+#[derive(Debug, Clone)]
+pub struct BatchRequest {
+    pub owner: Username,
+    pub provider: String,
+    pub parallelism: u32,
+    pub creates: Vec<BatchVm>,
+    /// Existing VMs of the owner to delete.
+    pub deletes: Vec<VmName>,
+    pub create_steps: Vec<String>,
+    pub delete_steps: Vec<String>,
+}
+
+/// One node of an admitted batch.
+#[derive(Debug, Clone, Serialize)]
+pub struct BatchNodeRef {
+    pub node: String,
+    pub action: &'static str,
+    pub operation_id: String,
+}
+
+/// An admitted batch.
+#[derive(Debug, Clone, Serialize)]
+pub struct BatchAdmitted {
+    pub batch_id: String,
+    pub nodes: Vec<BatchNodeRef>,
+}
+
+/// Why a batch was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    #[error(transparent)]
+    Admit(#[from] AdmitError),
+    #[error("VM {0} is {1}; wait for its operation to finish, then apply again")]
+    Busy(String, VmStatus),
+}
+
+impl From<crate::StoreError> for BatchError {
+    fn from(e: crate::StoreError) -> Self {
+        BatchError::Admit(e.into())
+    }
+}
+
+impl From<sqlx::Error> for BatchError {
+    fn from(e: sqlx::Error) -> Self {
+        BatchError::Admit(e.into())
+    }
+}
+
+impl From<basphere_core::QuotaExceeded> for BatchError {
+    fn from(e: basphere_core::QuotaExceeded) -> Self {
+        BatchError::Admit(e.into())
+    }
+}
+
+impl Store {
+    /// Admits a whole batch or nothing: quota for every create at once, addresses, VM rows,
+    /// workflows, edges, the batch row and audit records, in one transaction.
+    pub async fn admit_batch(
+        &self,
+        req: &BatchRequest,
+        pool: &NetworkPool,
+        actor: &Actor,
+    ) -> std::result::Result<BatchAdmitted, BatchError> {
+        let mut tx = self.write().await?;
+        let owner = req.owner.as_str();
+        let (quota, block, admin) = owner_limits(&mut tx, owner, pool).await?;
+        let mut used = usage(&mut tx, owner).await?;
+        for v in &req.creates {
+            quota.admit(&used, 1, v.spec.vcpus, v.spec.memory_mib)?;
+            used.vms += 1;
+            used.ips += 1;
+            used.vcpus += v.spec.vcpus;
+            used.memory_mib += v.spec.memory_mib;
+        }
+        let existing: HashMap<String, (String, VmStatus)> = sqlx::query(sqlx::AssertSqlSafe(
+            format!("SELECT {VM_COLS} FROM vms WHERE owner = $1"),
+        ))
+        .bind(owner)
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|r| vm_from(r).map(|v| (v.name.to_string(), (v.id, v.status))))
+        .collect::<crate::Result<_>>()?;
+        let mut seen = std::collections::HashSet::new();
+        for v in &req.creates {
+            if !seen.insert(v.name.as_str()) {
+                return Err(AdmitError::DuplicateInRequest(v.name.clone()).into());
+            }
+            if existing.contains_key(v.name.as_str()) {
+                return Err(AdmitError::NameTaken(v.name.clone()).into());
+            }
+        }
+        let taken = taken_ips(&mut tx).await?;
+        let mut free = pool
+            .assignable_in(&block)
+            .filter(|a| !taken.contains(&a.to_string()));
+        let batch_id = uuid::Uuid::new_v4().to_string();
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO batches (id, owner, parallelism, nodes, created_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(&batch_id)
+        .bind(owner)
+        .bind(i64::from(req.parallelism.max(1)))
+        .bind((req.creates.len() + req.deletes.len()) as i64)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let mut nodes = Vec::with_capacity(req.creates.len() + req.deletes.len());
+        let mut op_of: HashMap<&str, String> = HashMap::new();
+        for v in &req.creates {
+            let ip = free
+                .next()
+                .ok_or_else(|| AdmitError::BlockFull(owner.to_string(), block.net.to_string()))?;
+            let id = uuid::Uuid::new_v4().to_string();
+            sqlx::query(
+                "INSERT INTO vms (id, owner, name, os, login_user, spec, vcpus, memory_mib,
+                    disk_gib, ip, status, provider, created_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'creating', $11, $12, $12)",
+            )
+            .bind(&id)
+            .bind(owner)
+            .bind(v.name.as_str())
+            .bind(v.os.as_str())
+            .bind(&v.login_user)
+            .bind(v.spec_name.as_str())
+            .bind(i64::from(v.spec.vcpus))
+            .bind(v.spec.memory_mib as i64)
+            .bind(v.spec.disk_gib as i64)
+            .bind(ip.to_string())
+            .bind(&req.provider)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            let mut w = NewWorkflow::new(WorkflowKind::CreateVm, owner, req.create_steps.clone());
+            w.vm_id = Some(id);
+            w.priority = if admin { 5 } else { 0 };
+            w.provider = Some(req.provider.clone());
+            w.batch = Some((batch_id.clone(), v.name.to_string()));
+            let op = insert_new(&mut tx, &w).await?;
+            record(
+                &mut tx,
+                actor,
+                "vm.create",
+                &format!("{owner}/{}", v.name),
+                "accepted",
+                Some(&format!(
+                    "ip={ip} spec={} os={} operation={op} batch={batch_id}",
+                    v.spec_name, v.os
+                )),
+            )
+            .await?;
+            op_of.insert(v.name.as_str(), op.clone());
+            nodes.push(BatchNodeRef {
+                node: v.name.to_string(),
+                action: "create",
+                operation_id: op,
+            });
+        }
+        for v in &req.creates {
+            let me = &op_of[v.name.as_str()];
+            for (deps, hard) in [(&v.requires, true), (&v.optional, false)] {
+                for d in deps {
+                    let target = match op_of.get(d.as_str()) {
+                        Some(op) => Some(op.clone()),
+                        None if existing.contains_key(d) => {
+                            // An existing VM still being made: wait for its operation.
+                            sqlx::query_scalar(
+                                "SELECT id FROM workflows WHERE vm_id = $1
+                                   AND status IN ('pending', 'running', 'undoing')
+                                 ORDER BY created_at DESC LIMIT 1",
+                            )
+                            .bind(&existing[d].0)
+                            .fetch_optional(&mut *tx)
+                            .await?
+                        }
+                        None => None,
+                    };
+                    if let Some(t) = target {
+                        add_dep(&mut tx, me, &t, hard).await?;
+                    }
+                }
+            }
+        }
+        for name in &req.deletes {
+            let Some((vm_id, status)) = existing.get(name.as_str()) else {
+                continue;
+            };
+            if matches!(status, VmStatus::Creating | VmStatus::Deleting) {
+                return Err(BatchError::Busy(name.to_string(), *status));
+            }
+            sqlx::query("UPDATE vms SET status = 'deleting', updated_at = $2 WHERE id = $1")
+                .bind(vm_id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            let mut w = NewWorkflow::new(WorkflowKind::DeleteVm, owner, req.delete_steps.clone());
+            w.vm_id = Some(vm_id.clone());
+            w.priority = 10;
+            w.provider = Some(req.provider.clone());
+            w.batch = Some((batch_id.clone(), name.to_string()));
+            let op = insert_new(&mut tx, &w).await?;
+            record(
+                &mut tx,
+                actor,
+                "vm.delete",
+                &format!("{owner}/{name}"),
+                "accepted",
+                Some(&format!("operation={op} batch={batch_id}")),
+            )
+            .await?;
+            nodes.push(BatchNodeRef {
+                node: name.to_string(),
+                action: "delete",
+                operation_id: op,
+            });
+        }
+        tx.commit().await?;
+        Ok(BatchAdmitted { batch_id, nodes })
+    }
+}
