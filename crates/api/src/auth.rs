@@ -1,9 +1,17 @@
-//! Who is calling: the kernel's peer credentials on the Unix socket, or a bearer token on TCP.
+//! Who is calling: the kernel's peer credentials on the Unix socket, or a bearer token on TCP,
+//! or (for the web portal's reads, e.g. EventSource) the portal's session cookie.
 //! A request header can never name a user.
+//!
+//! The session cookie carries the secret of a short-lived API token that the portal made at
+//! sign-in (stored hashed like every token; sign-out revokes it). It authenticates only safe
+//! methods (GET, HEAD) here, so a cross-site form can never change anything through the API;
+//! the portal's own forms check a CSRF token and then build their `Caller` with
+//! [`Caller::from_session`].
 
 use crate::envelope::ApiError;
 use crate::server::AppState;
 use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::HeaderMap;
 use axum::http::request::Parts;
 use axum::serve::IncomingStream;
 use basphere_core::{Role, UserStatus};
@@ -105,6 +113,39 @@ impl Caller {
     }
 }
 
+/// Name of the web portal's session cookie.
+pub const SESSION_COOKIE: &str = "bsp_session";
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+pub fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(axum::http::header::COOKIE)
+        .iter()
+        .filter_map(|h| h.to_str().ok())
+        .flat_map(|h| h.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim())
+        .filter(|v| !v.is_empty())
+}
+
+impl Caller {
+    /// The caller a web session stands for; `None` when the session is unknown, revoked or
+    /// expired. `source` is the connection (`tcp:ADDR`).
+    pub async fn from_session(
+        st: &AppState,
+        secret: &str,
+        source: &str,
+    ) -> Result<Option<Caller>, ApiError> {
+        Ok(st.store.authenticate(secret).await?.map(|owner| Caller {
+            name: owner.user.username.to_string(),
+            user: Some(owner.user),
+            source: format!("web:{source},session={}", owner.token_id),
+            local: false,
+        }))
+    }
+}
+
 fn unix_name(uid: u32) -> Option<String> {
     nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
         .ok()
@@ -150,6 +191,14 @@ impl FromRequestParts<AppState> for Caller {
             PeerInfo::Tcp(addr) => {
                 let source = format!("tcp:{addr}");
                 let Some(h) = parts.headers.get(axum::http::header::AUTHORIZATION) else {
+                    let safe = parts.method == axum::http::Method::GET
+                        || parts.method == axum::http::Method::HEAD;
+                    if let Some(secret) =
+                        cookie_value(&parts.headers, SESSION_COOKIE).filter(|_| safe)
+                        && let Some(c) = Caller::from_session(st, secret, &source).await?
+                    {
+                        return Ok(c);
+                    }
                     return Ok(Caller {
                         user: None,
                         name: "anonymous".into(),

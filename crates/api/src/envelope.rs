@@ -56,6 +56,8 @@ pub struct ApiError {
     pub message: String,
     pub errors: Vec<String>,
     pub data: Value,
+    /// The bad input fields of a 422, one by one (for forms that show errors inline).
+    pub fields: Vec<basphere_core::FieldError>,
 }
 
 impl ApiError {
@@ -65,6 +67,7 @@ impl ApiError {
             message: message.into(),
             errors: vec![],
             data: Value::Null,
+            fields: vec![],
         }
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -127,6 +130,9 @@ impl From<basphere_store::StoreError> for ApiError {
 
 impl From<basphere_core::FieldErrors> for ApiError {
     fn from(e: basphere_core::FieldErrors) -> Self {
-        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid input").with_errors(e.lines())
+        let mut err =
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid input").with_errors(e.lines());
+        err.fields = e.0;
+        err
     }
 }

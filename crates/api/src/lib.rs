@@ -10,10 +10,11 @@ mod accounts;
 mod auth;
 mod envelope;
 mod input;
-mod routes;
+pub mod routes;
 mod server;
 
 pub use accounts::UnixAccounts;
-pub use auth::{Caller, PeerInfo};
-pub use envelope::{ApiError, Envelope};
+pub use auth::{Caller, PeerInfo, SESSION_COOKIE, cookie_value};
+pub use envelope::{ApiError, Envelope, Ok200};
+pub use input::{Body, MAX_BODY};
 pub use server::{AppState, Listeners, router, serve};

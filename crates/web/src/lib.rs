@@ -1,9 +1,104 @@
 //! The web portal: server-rendered pages on the same listeners as the API.
+//!
+//! Architecture invariant: the portal decides nothing itself. Every change goes through the
+//! very `/api/v1` handler the CLI reaches (`basphere_api::routes::*`), with the same parsing,
+//! validation, authorization and store call; the portal only turns a form into the handler's
+//! JSON body and the handler's answer into a page. Reads for listings go to the store directly.
+//! Sessions and CSRF: see `session.rs`. Pages carry no inline script or style, so the
+//! Content-Security-Policy allows only this origin.
+
+mod admin;
+mod assets;
+mod html;
+mod public;
+mod session;
+mod user;
 
 use axum::Router;
-use basphere_api::AppState;
+use axum::http::HeaderValue;
+use axum::response::Response;
+use axum::routing::{get, post};
+use basphere_api::{ApiError, AppState, Body, Ok200};
+use serde_json::{Map, Value};
+use std::collections::HashMap;
+
+pub use session::SESSION_HOURS;
 
 /// The portal's routes, merged beside the API's by `basphere serve`.
 pub fn router(state: AppState) -> Router {
-    Router::new().with_state(state)
+    Router::new()
+        .route("/", get(public::home))
+        .route(
+            "/register",
+            get(public::register_form).post(public::register),
+        )
+        .route("/success", get(public::success))
+        .route("/ssh-guide", get(public::ssh_guide))
+        .route("/signin", get(public::signin_form).post(public::signin))
+        .route("/enroll", post(public::enroll))
+        .route("/signout", post(public::signout))
+        .route(
+            "/key-change",
+            get(user::key_change_form).post(user::key_change),
+        )
+        .route("/dashboard", get(user::dashboard))
+        .route("/vms", post(user::create))
+        .route("/vms/{name}", get(user::vm_page))
+        .route(
+            "/vms/{name}/delete",
+            get(user::delete_confirm).post(user::delete),
+        )
+        .route("/admin", get(admin::approvals))
+        .route(
+            "/admin/registrations/{u}/{decision}",
+            post(admin::decide_registration),
+        )
+        .route("/admin/key-changes/{u}/{decision}", post(admin::decide_key))
+        .route("/admin/users", get(admin::users))
+        .route("/admin/users/{u}/quota", post(admin::set_quota))
+        .route("/admin/users/{u}/{what}", post(admin::set_state))
+        .route("/admin/vms", get(admin::vms))
+        .route("/admin/audit", get(admin::audit))
+        .route("/static/{file}", get(assets::serve))
+        .layer(axum::middleware::map_response(security_headers))
+        .with_state(state)
+}
+
+/// Headers on every portal response: no inline code, no framing, no sniffing.
+async fn security_headers(mut r: Response) -> Response {
+    let h = r.headers_mut();
+    let set = |h: &mut axum::http::HeaderMap, k: &'static str, v: &'static str| {
+        h.insert(k, HeaderValue::from_static(v));
+    };
+    set(
+        h,
+        "content-security-policy",
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+         connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    );
+    set(h, "x-content-type-options", "nosniff");
+    set(h, "referrer-policy", "same-origin");
+    set(h, "x-frame-options", "DENY");
+    if !h.contains_key("cache-control") {
+        set(h, "cache-control", "no-store");
+    }
+    r
+}
+
+/// A form turned into the JSON body the API handler expects: every field but `csrf` as a
+/// string, blank optional fields left out.
+pub(crate) fn body_of(form: &HashMap<String, String>, keep_blank: &[&str]) -> Body {
+    let mut m = Map::new();
+    for (k, v) in form {
+        if k == "csrf" || (v.trim().is_empty() && !keep_blank.contains(&k.as_str())) {
+            continue;
+        }
+        m.insert(k.clone(), Value::String(v.clone()));
+    }
+    Body(m)
+}
+
+/// A handler's result as (message, data) or the error.
+pub(crate) fn outcome(r: Result<Ok200, ApiError>) -> Result<(String, Value), ApiError> {
+    r.map(|Ok200(_, msg, data)| (msg, data))
 }

@@ -1,6 +1,9 @@
-mod ops;
-mod users;
-mod vms;
+//! The `/api/v1` handlers. They are public so that the web portal calls the very same
+//! validation and store calls (a handler is a plain async fn of its extractors).
+
+pub mod ops;
+pub mod users;
+pub mod vms;
 
 use crate::envelope::{ApiError, ok};
 use crate::server::AppState;

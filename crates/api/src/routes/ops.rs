@@ -30,8 +30,8 @@ pub async fn show(
 #[derive(Deserialize)]
 pub struct ListQuery {
     #[serde(default)]
-    all: bool,
-    limit: Option<i64>,
+    pub all: bool,
+    pub limit: Option<i64>,
 }
 
 pub async fn list(

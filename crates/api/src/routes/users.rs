@@ -203,7 +203,7 @@ pub async fn pending_one(
 
 #[derive(Deserialize)]
 pub struct ListQuery {
-    status: Option<String>,
+    pub status: Option<String>,
 }
 
 pub async fn list(
@@ -326,7 +326,7 @@ pub async fn set_quota(
 #[derive(Deserialize)]
 pub struct DeleteQuery {
     #[serde(default)]
-    purge: bool,
+    pub purge: bool,
 }
 
 /// `DELETE /users/{u}`: deletes the user's VMs first (202 with their operations; call again
@@ -583,10 +583,10 @@ pub async fn enroll(
 
 #[derive(Deserialize)]
 pub struct AuditQuery {
-    actor: Option<String>,
-    action: Option<String>,
-    target: Option<String>,
-    limit: Option<i64>,
+    pub actor: Option<String>,
+    pub action: Option<String>,
+    pub target: Option<String>,
+    pub limit: Option<i64>,
 }
 
 pub async fn audit(

@@ -189,8 +189,8 @@ pub async fn create(
 #[derive(Deserialize)]
 pub struct ListQuery {
     #[serde(default)]
-    all: bool,
-    owner: Option<String>,
+    pub all: bool,
+    pub owner: Option<String>,
 }
 
 pub async fn list(
@@ -225,7 +225,7 @@ fn target_owner(
 
 #[derive(Deserialize)]
 pub struct OwnerQuery {
-    owner: Option<String>,
+    pub owner: Option<String>,
 }
 
 pub async fn show(

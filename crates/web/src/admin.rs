@@ -1,0 +1,383 @@
+//! Admin pages: pending registrations and key changes, users and quotas, all VMs, audit trail.
+
+use crate::html::{badge, esc, gib, url, when};
+use crate::session::Visitor;
+use crate::user::short_key;
+use crate::{body_of, outcome};
+use axum::Form;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use basphere_api::routes::{users, vms};
+use basphere_api::{AppState, Caller};
+use std::collections::HashMap;
+use std::fmt::Write;
+
+type Fields = HashMap<String, String>;
+
+/// The signed-in admin, or the page that says why not.
+fn admin(v: &Visitor) -> Result<Caller, Response> {
+    let c = v.signed_in()?;
+    match c.admin() {
+        Ok(_) => Ok(c.clone()),
+        Err(e) => Err(v.page(
+            e.status,
+            "Admins only",
+            &format!(r#"<p id="error-message">{}</p>"#, esc(&e.message)),
+        )),
+    }
+}
+
+macro_rules! admin_or_return {
+    ($v:expr) => {
+        match admin(&$v) {
+            Ok(c) => c,
+            Err(r) => return r,
+        }
+    };
+}
+
+fn decision_forms(v: &Visitor, kind: &str, u: &str) -> String {
+    let uu = url(u);
+    let eu = esc(u);
+    format!(
+        r#"<div class="decide">
+<form method="post" action="/admin/{kind}/{uu}/approve">{csrf}<button type="submit" id="approve-{kind}-{eu}">Approve {eu}</button></form>
+<form method="post" action="/admin/{kind}/{uu}/reject" class="reject">{csrf}<label for="reason-{kind}-{eu}">Reason</label><input id="reason-{kind}-{eu}" name="reason" type="text" placeholder="why not (shown to {eu})"><button type="submit" class="danger" id="reject-{kind}-{eu}">Reject</button></form>
+</div>"#,
+        csrf = v.csrf_field()
+    )
+}
+
+pub async fn approvals(State(st): State<AppState>, v: Visitor) -> Response {
+    let _ = admin_or_return!(v);
+    let regs = st.store.registrations(None).await.unwrap_or_default();
+    let keys: Vec<_> = st
+        .store
+        .key_changes(None)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|k| k.status == basphere_core::RegistrationStatus::Pending)
+        .collect();
+    let mut r = String::new();
+    for g in &regs {
+        let _ = write!(
+            r,
+            r#"<article class="card pending" data-user="{u}"><h3>{u}</h3><dl class="facts"><dt>Email</dt><dd>{e}</dd><dt>Team</dt><dd>{t}</dd><dt>Key</dt><dd><code class="key">{k}</code></dd><dt>Asked</dt><dd>{w}</dd></dl>{forms}</article>"#,
+            u = esc(&g.username),
+            e = esc(&g.email),
+            t = esc(&g.team),
+            k = esc(&short_key(&g.public_key)),
+            w = when(g.created_at),
+            forms = decision_forms(&v, "registrations", &g.username),
+        );
+    }
+    if regs.is_empty() {
+        r = r#"<p id="no-registrations">No registrations wait for review.</p>"#.into();
+    }
+    let mut k = String::new();
+    for c in &keys {
+        let _ = write!(
+            k,
+            r#"<article class="card pending" data-key-user="{u}"><h3>{u}</h3><dl class="facts"><dt>New key</dt><dd><code class="key">{key}</code></dd><dt>Asked</dt><dd>{w}</dd></dl>{forms}</article>"#,
+            u = esc(&c.username),
+            key = esc(&short_key(&c.public_key)),
+            w = when(c.created_at),
+            forms = decision_forms(&v, "key-changes", &c.username),
+        );
+    }
+    if keys.is_empty() {
+        k = r#"<p id="no-key-changes">No key changes wait for review.</p>"#.into();
+    }
+    let body = format!(
+        r#"<section aria-labelledby="regs-h"><h2 id="regs-h">Registrations ({})</h2>{r}</section>
+<section aria-labelledby="keys-h"><h2 id="keys-h">SSH key changes ({})</h2>{k}</section>"#,
+        regs.len(),
+        keys.len()
+    );
+    v.page(StatusCode::OK, "Approvals", &body)
+}
+
+pub async fn decide_registration(
+    State(st): State<AppState>,
+    v: Visitor,
+    Path((u, decision)): Path<(String, String)>,
+    Form(f): Form<Fields>,
+) -> Response {
+    if let Err(r) = v.check_csrf(&f) {
+        return r;
+    }
+    let caller = admin_or_return!(v);
+    let r = match decision.as_str() {
+        "approve" => users::approve(State(st), caller, Path(u.clone())).await,
+        "reject" => users::reject(State(st), caller, Path(u.clone()), body_of(&f, &[])).await,
+        _ => return v.redirect("/admin", Some(("error", "unknown decision"))),
+    };
+    match outcome(r) {
+        Ok((msg, data)) => {
+            let text = match data["enrollment_code"].as_str() {
+                Some(code) => format!(
+                    "User {u} approved. Give them this one-time enrollment code (sign-in page, \"First time\"): {code}"
+                ),
+                None => msg,
+            };
+            v.redirect("/admin", Some(("ok", &text)))
+        }
+        Err(e) => v.redirect("/admin", Some(("error", &e.message))),
+    }
+}
+
+pub async fn decide_key(
+    State(st): State<AppState>,
+    v: Visitor,
+    Path((u, decision)): Path<(String, String)>,
+    Form(f): Form<Fields>,
+) -> Response {
+    if let Err(r) = v.check_csrf(&f) {
+        return r;
+    }
+    let caller = admin_or_return!(v);
+    let body = body_of(&f, &[]);
+    let r = match decision.as_str() {
+        "approve" => users::key_approve(State(st), caller, Path(u), body).await,
+        "reject" => users::key_reject(State(st), caller, Path(u), body).await,
+        _ => return v.redirect("/admin", Some(("error", "unknown decision"))),
+    };
+    match outcome(r) {
+        Ok((msg, _)) => v.redirect("/admin", Some(("ok", &msg))),
+        Err(e) => v.redirect("/admin", Some(("error", &e.message))),
+    }
+}
+
+pub async fn users(State(st): State<AppState>, v: Visitor) -> Response {
+    let _ = admin_or_return!(v);
+    let all = st.store.users(None).await.unwrap_or_default();
+    let mut rows = String::new();
+    for u in &all {
+        let name = u.username.as_str();
+        let usage = st.store.usage(name).await.unwrap_or_default();
+        let id = esc(name);
+        let q = &u.quota;
+        let num = |k: &str, label: &str, val: String, max: &str| {
+            format!(
+                r#"<div class="qf"><label for="q-{id}-{k}">{label}</label><input id="q-{id}-{k}" name="{k}" type="number" min="0" {max} value="{val}" inputmode="numeric"></div>"#
+            )
+        };
+        let toggle = match u.status {
+            basphere_core::UserStatus::Active if u.role != basphere_core::Role::Admin => format!(
+                r#"<form method="post" action="/admin/users/{uu}/disable">{csrf}<button type="submit" class="danger small">Disable</button></form>"#,
+                uu = url(name),
+                csrf = v.csrf_field()
+            ),
+            basphere_core::UserStatus::Disabled => format!(
+                r#"<form method="post" action="/admin/users/{uu}/enable">{csrf}<button type="submit" class="small">Enable</button></form>"#,
+                uu = url(name),
+                csrf = v.csrf_field()
+            ),
+            _ => String::new(),
+        };
+        let _ = write!(
+            rows,
+            r#"<article class="card user" data-user="{id}">
+<h3>{id} {status} <span class="muted">{role} · team {team} · {email}</span></h3>
+<p class="usage">Using {vms} VM(s), {ips} IP(s), {vcpus} vCPU, {mem}.</p>
+<form method="post" action="/admin/users/{uu}/quota" class="quota-form">{csrf}
+{f1}{f2}{f3}{f4}
+<button type="submit" id="save-{id}">Save quota</button>
+</form>
+{toggle}
+</article>"#,
+            status = badge(u.status.to_string().as_str()),
+            role = u.role,
+            team = esc(&u.team),
+            email = esc(&u.email),
+            vms = usage.vms,
+            ips = usage.ips,
+            vcpus = usage.vcpus,
+            mem = gib(usage.memory_mib),
+            uu = url(name),
+            csrf = v.csrf_field(),
+            f1 = num(
+                "max_vms",
+                "Max VMs",
+                q.max_vms.to_string(),
+                r#"max="10000""#
+            ),
+            f2 = num(
+                "max_ips",
+                "Max IPs",
+                q.max_ips.to_string(),
+                &format!(r#"max="{}""#, st.config.network.block_size)
+            ),
+            f3 = num(
+                "max_vcpus",
+                "Max vCPUs",
+                q.max_vcpus.map(|x| x.to_string()).unwrap_or_default(),
+                ""
+            ),
+            f4 = num(
+                "max_memory_mib",
+                "Max memory (MiB)",
+                q.max_memory_mib.map(|x| x.to_string()).unwrap_or_default(),
+                ""
+            ),
+        );
+    }
+    let body = format!(
+        r#"<p>{} user(s). Blank vCPU and memory limits mean no limit.</p>{rows}"#,
+        all.len()
+    );
+    v.page(StatusCode::OK, "Users", &body)
+}
+
+pub async fn set_quota(
+    State(st): State<AppState>,
+    v: Visitor,
+    Path(u): Path<String>,
+    Form(f): Form<Fields>,
+) -> Response {
+    if let Err(r) = v.check_csrf(&f) {
+        return r;
+    }
+    let caller = admin_or_return!(v);
+    match outcome(users::set_quota(State(st), caller, Path(u.clone()), body_of(&f, &[])).await) {
+        Ok((msg, _)) => v.redirect("/admin/users", Some(("ok", &msg))),
+        Err(e) => {
+            let detail = if e.errors.is_empty() {
+                e.message.clone()
+            } else {
+                e.errors.join("; ")
+            };
+            v.redirect(
+                "/admin/users",
+                Some(("error", &format!("Quota of {u} not changed: {detail}"))),
+            )
+        }
+    }
+}
+
+pub async fn set_state(
+    State(st): State<AppState>,
+    v: Visitor,
+    Path((u, what)): Path<(String, String)>,
+    Form(f): Form<Fields>,
+) -> Response {
+    if let Err(r) = v.check_csrf(&f) {
+        return r;
+    }
+    let caller = admin_or_return!(v);
+    let r = match what.as_str() {
+        "disable" => users::disable(State(st), caller, Path(u)).await,
+        "enable" => users::enable(State(st), caller, Path(u)).await,
+        _ => return v.redirect("/admin/users", Some(("error", "unknown action"))),
+    };
+    match outcome(r) {
+        Ok((msg, _)) => v.redirect("/admin/users", Some(("ok", &msg))),
+        Err(e) => v.redirect("/admin/users", Some(("error", &e.message))),
+    }
+}
+
+pub async fn vms(State(st): State<AppState>, v: Visitor) -> Response {
+    let caller = admin_or_return!(v);
+    let list = outcome(
+        vms::list(
+            State(st),
+            caller,
+            Query(vms::ListQuery {
+                all: true,
+                owner: None,
+            }),
+        )
+        .await,
+    );
+    let list = match list {
+        Ok((_, d)) => d.as_array().cloned().unwrap_or_default(),
+        Err(e) => return v.page(e.status, "All VMs", &esc(&e.message)),
+    };
+    let mut rows = String::new();
+    for vm in &list {
+        let s = |k: &str| vm[k].as_str().map(esc).unwrap_or_else(|| "—".into());
+        let name = vm["name"].as_str().unwrap_or_default();
+        let owner = vm["owner"].as_str().unwrap_or_default();
+        let _ = write!(
+            rows,
+            r#"<tr data-vm="{n}"><th scope="row" data-label="Name"><a href="/vms/{nu}?owner={ou}">{n}</a></th><td data-label="Owner">{o}</td><td data-label="Status">{st}</td><td data-label="IP">{ip}</td><td data-label="Spec">{spec} · {vcpus} vCPU · {mem}</td><td data-label="OS">{os}</td><td data-label="Created">{created}</td></tr>"#,
+            n = esc(name),
+            nu = url(name),
+            ou = url(owner),
+            o = esc(owner),
+            st = badge(vm["status"].as_str().unwrap_or("")),
+            ip = s("ip_address"),
+            spec = s("spec"),
+            vcpus = vm["vcpus"],
+            mem = gib(vm["memory_mib"].as_u64().unwrap_or(0)),
+            os = s("os"),
+            created = s("created_at"),
+        );
+    }
+    let body = if list.is_empty() {
+        r#"<p id="no-vms">No VMs exist.</p>"#.to_string()
+    } else {
+        format!(
+            r#"<p>{} VM(s).</p><table class="vms"><thead><tr><th scope="col">Name</th><th scope="col">Owner</th><th scope="col">Status</th><th scope="col">IP</th><th scope="col">Spec</th><th scope="col">OS</th><th scope="col">Created</th></tr></thead><tbody>{rows}</tbody></table>"#,
+            list.len()
+        )
+    };
+    v.page(StatusCode::OK, "All VMs", &body)
+}
+
+pub async fn audit(State(st): State<AppState>, v: Visitor, Query(q): Query<Fields>) -> Response {
+    let caller = admin_or_return!(v);
+    let pick = |k: &str| {
+        q.get(k)
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+    };
+    let r = users::audit(
+        State(st),
+        caller,
+        Query(users::AuditQuery {
+            actor: pick("actor"),
+            action: pick("action"),
+            target: pick("target"),
+            limit: Some(200),
+        }),
+    )
+    .await;
+    let recs = match outcome(r) {
+        Ok((_, d)) => d.as_array().cloned().unwrap_or_default(),
+        Err(e) => return v.page(e.status, "Audit trail", &esc(&e.message)),
+    };
+    let mut rows = String::new();
+    for a in &recs {
+        let s = |k: &str| a[k].as_str().map(esc).unwrap_or_default();
+        let _ = write!(
+            rows,
+            r#"<tr><td data-label="When">{w}</td><td data-label="Who">{actor}</td><td data-label="From" class="muted">{src}</td><td data-label="Action">{act}</td><td data-label="Target">{tgt}</td><td data-label="Result">{res}</td><td data-label="Detail">{det}</td></tr>"#,
+            w = when(a["at"].as_i64().unwrap_or(0)),
+            actor = s("actor"),
+            src = s("source"),
+            act = s("action"),
+            tgt = s("target"),
+            res = s("result"),
+            det = s("detail"),
+        );
+    }
+    let val = |k: &str| esc(&pick(k).unwrap_or_default());
+    let body = format!(
+        r#"<form method="get" action="/admin/audit" class="card filters">
+<div class="field"><label for="f-actor">Who</label><input id="f-actor" name="actor" value="{a}"></div>
+<div class="field"><label for="f-action">Action starts with</label><input id="f-action" name="action" value="{b}" placeholder="vm."></div>
+<div class="field"><label for="f-target">Target</label><input id="f-target" name="target" value="{c}"></div>
+<button type="submit">Filter</button>
+</form>
+<p>{n} record(s), newest first.</p>
+<table class="vms audit" id="audit-table"><thead><tr><th scope="col">When</th><th scope="col">Who</th><th scope="col">From</th><th scope="col">Action</th><th scope="col">Target</th><th scope="col">Result</th><th scope="col">Detail</th></tr></thead><tbody>{rows}</tbody></table>"#,
+        a = val("actor"),
+        b = val("action"),
+        c = val("target"),
+        n = recs.len(),
+    );
+    v.page(StatusCode::OK, "Audit trail", &body)
+}

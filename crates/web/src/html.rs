@@ -1,0 +1,285 @@
+//! HTML building blocks: escaping, the page layout, form fields with inline errors.
+//!
+//! Invariant: every value that did not come from this file passes through [`esc`] before it is
+//! written into a page.
+
+use crate::session::Visitor;
+use basphere_core::FieldError;
+use std::fmt::Write;
+
+/// Escapes text for HTML element content and quoted attribute values.
+pub fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Percent-encodes a path segment or query value.
+pub fn url(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+/// A whole page: head, skip link, navigation for who is signed in, notices, then `body`.
+pub fn layout(v: &Visitor, title: &str, body: &str) -> String {
+    let mut nav = String::new();
+    let link = |nav: &mut String, href: &str, text: &str| {
+        let _ = write!(nav, r#"<li><a href="{href}">{text}</a></li>"#);
+    };
+    match v.caller.as_ref().and_then(|c| c.user.as_ref()) {
+        Some(u) => {
+            link(&mut nav, "/dashboard", "Dashboard");
+            link(&mut nav, "/key-change", "SSH key");
+            link(&mut nav, "/ssh-guide", "SSH guide");
+            if v.is_admin() {
+                link(&mut nav, "/admin", "Approvals");
+                link(&mut nav, "/admin/users", "Users");
+                link(&mut nav, "/admin/vms", "All VMs");
+                link(&mut nav, "/admin/audit", "Audit");
+            }
+            let _ = write!(
+                nav,
+                r#"<li class="who"><span>{}</span><form method="post" action="/signout">{}<button type="submit" class="link">Sign out</button></form></li>"#,
+                esc(u.username.as_str()),
+                v.csrf_field()
+            );
+        }
+        None => {
+            link(&mut nav, "/register", "Register");
+            link(&mut nav, "/ssh-guide", "SSH guide");
+            link(&mut nav, "/signin", "Sign in");
+        }
+    }
+    let notices = v
+        .flash
+        .as_ref()
+        .map(|(kind, text)| {
+            format!(
+                r#"<div class="notice {kind}" role="{role}" id="flash">{}</div>"#,
+                esc(text),
+                role = if kind == "error" { "alert" } else { "status" }
+            )
+        })
+        .unwrap_or_default();
+    format!(
+        r##"<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title} · Basphere</title>
+<link rel="icon" href="/static/icon.svg" type="image/svg+xml">
+<link rel="stylesheet" href="/static/app.css">
+<script src="/static/app.js" defer></script>
+</head>
+<body>
+<a class="skip" href="#main">Skip to content</a>
+<header class="top">
+<a class="brand" href="/">Basphere</a>
+<nav aria-label="Main"><ul>{nav}</ul></nav>
+</header>
+<main id="main" tabindex="-1">
+{notices}
+<h1>{title}</h1>
+{body}
+</main>
+<footer>Basphere · self-service VMs · <a href="/ssh-guide">SSH guide</a></footer>
+</body>
+</html>
+"##,
+        title = esc(title),
+    )
+}
+
+/// The messages for `field` among `errs`.
+pub fn field_errors<'a>(errs: &'a [FieldError], field: &str) -> Vec<&'a str> {
+    errs.iter()
+        .filter(|e| e.field == field)
+        .map(|e| e.message.as_str())
+        .collect()
+}
+
+/// What a text input looks like.
+pub struct Input<'a> {
+    pub name: &'a str,
+    pub label: &'a str,
+    pub value: &'a str,
+    pub hint: &'a str,
+    pub kind: &'a str,
+    pub attrs: &'a str,
+}
+
+impl<'a> Input<'a> {
+    pub fn text(name: &'a str, label: &'a str, value: &'a str) -> Self {
+        Self {
+            name,
+            label,
+            value,
+            hint: "",
+            kind: "text",
+            attrs: "",
+        }
+    }
+    pub fn hint(mut self, hint: &'a str) -> Self {
+        self.hint = hint;
+        self
+    }
+    pub fn kind(mut self, kind: &'a str) -> Self {
+        self.kind = kind;
+        self
+    }
+    pub fn attrs(mut self, attrs: &'a str) -> Self {
+        self.attrs = attrs;
+        self
+    }
+
+    /// A labelled field with its hint and inline errors (tied with aria-describedby), in a form
+    /// whose fields are prefixed `prefix` (ids must be unique on the page).
+    pub fn render(&self, prefix: &str, errs: &[FieldError]) -> String {
+        let id = format!("{prefix}{}", self.name);
+        let mine = field_errors(errs, self.name);
+        let mut described = vec![];
+        let mut extra = String::new();
+        if !self.hint.is_empty() {
+            described.push(format!("{id}-hint"));
+            let _ = write!(
+                extra,
+                r#"<p class="hint" id="{id}-hint">{}</p>"#,
+                esc(self.hint)
+            );
+        }
+        if !mine.is_empty() {
+            described.push(format!("{id}-error"));
+            let _ = write!(
+                extra,
+                r#"<p class="field-error" id="{id}-error" data-field="{}">{}</p>"#,
+                esc(self.name),
+                mine.iter().map(|m| esc(m)).collect::<Vec<_>>().join("<br>")
+            );
+        }
+        let aria = if described.is_empty() {
+            String::new()
+        } else {
+            format!(r#" aria-describedby="{}""#, described.join(" "))
+        };
+        let invalid = if mine.is_empty() {
+            ""
+        } else {
+            r#" aria-invalid="true""#
+        };
+        let control = if self.kind == "textarea" {
+            format!(
+                r#"<textarea id="{id}" name="{n}" rows="4"{aria}{invalid} {a}>{v}</textarea>"#,
+                n = esc(self.name),
+                a = self.attrs,
+                v = esc(self.value)
+            )
+        } else {
+            format!(
+                r#"<input id="{id}" name="{n}" type="{k}" value="{v}"{aria}{invalid} {a}>"#,
+                n = esc(self.name),
+                k = self.kind,
+                a = self.attrs,
+                v = esc(self.value)
+            )
+        };
+        format!(
+            r#"<div class="field{cls}"><label for="{id}">{l}</label>{control}{extra}</div>"#,
+            cls = if mine.is_empty() { "" } else { " has-error" },
+            l = esc(self.label)
+        )
+    }
+}
+
+/// A `<select>` with a label; `options` are (value, text).
+pub fn select(
+    prefix: &str,
+    name: &str,
+    label: &str,
+    options: &[(String, String)],
+    selected: &str,
+    errs: &[FieldError],
+) -> String {
+    let id = format!("{prefix}{name}");
+    let mine = field_errors(errs, name);
+    let opts: String = options
+        .iter()
+        .map(|(v, t)| {
+            format!(
+                r#"<option value="{}"{}>{}</option>"#,
+                esc(v),
+                if v == selected { " selected" } else { "" },
+                esc(t)
+            )
+        })
+        .collect();
+    let (aria, err) = if mine.is_empty() {
+        (String::new(), String::new())
+    } else {
+        (
+            format!(r#" aria-invalid="true" aria-describedby="{id}-error""#),
+            format!(
+                r#"<p class="field-error" id="{id}-error" data-field="{}">{}</p>"#,
+                esc(name),
+                mine.iter().map(|m| esc(m)).collect::<Vec<_>>().join("<br>")
+            ),
+        )
+    };
+    format!(
+        r#"<div class="field{cls}"><label for="{id}">{l}</label><select id="{id}" name="{n}"{aria}>{opts}</select>{err}</div>"#,
+        cls = if mine.is_empty() { "" } else { " has-error" },
+        l = esc(label),
+        n = esc(name),
+    )
+}
+
+/// An alert listing errors that belong to no field of the form.
+pub fn form_alert(message: Option<&str>) -> String {
+    match message {
+        Some(m) => format!(
+            r#"<div class="notice error" role="alert" id="form-error">{}</div>"#,
+            esc(m)
+        ),
+        None => String::new(),
+    }
+}
+
+/// A time in Unix milliseconds as `YYYY-MM-DD HH:MM:SS UTC`.
+pub fn when(ms: i64) -> String {
+    let s = basphere_store::format_ms(ms);
+    // RFC 3339 `2026-01-02T03:04:05.678Z` → readable.
+    match s.split_once('T') {
+        Some((d, t)) => format!("{d} {} UTC", t.get(..8).unwrap_or(t)),
+        None => s,
+    }
+}
+
+/// A status word as a badge.
+pub fn badge(status: &str) -> String {
+    format!(r#"<span class="badge s-{s}">{s}</span>"#, s = esc(status))
+}
+
+/// Memory in MiB as GiB text.
+pub fn gib(mib: u64) -> String {
+    if mib % 1024 == 0 {
+        format!("{} GiB", mib / 1024)
+    } else {
+        format!("{:.1} GiB", mib as f64 / 1024.0)
+    }
+}

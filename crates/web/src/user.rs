@@ -1,0 +1,657 @@
+//! A signed-in user's pages: dashboard (quota, VMs, create, live operations), one VM, delete
+//! with confirmation, SSH key change.
+
+use crate::html::{Input, badge, esc, form_alert, gib, select, url, when};
+use crate::session::Visitor;
+use crate::{body_of, outcome};
+use axum::Form;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use basphere_api::routes::{users, vms};
+use basphere_api::{AppState, Caller};
+use basphere_core::FieldError;
+use basphere_store::{Vm, Workflow, now_ms};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::fmt::Write;
+
+type Fields = HashMap<String, String>;
+
+/// How long a finished operation stays on the dashboard.
+const RECENT_MS: i64 = 60_000;
+
+fn meter(
+    id: &str,
+    label: &str,
+    used: u64,
+    max: Option<u64>,
+    unit: impl Fn(u64) -> String,
+) -> String {
+    match max {
+        Some(max) => {
+            let pct = if max == 0 { 100 } else { used * 100 / max };
+            let cls = if pct >= 90 { " full" } else { "" };
+            format!(
+                r#"<div class="quota{cls}"><label for="q-{id}">{label}</label><meter id="q-{id}" min="0" max="{max}" value="{used}" low="{low}" high="{high}" optimum="0">{used} of {max}</meter><span class="qtext">{u} of {m}</span></div>"#,
+                low = max * 7 / 10,
+                high = max * 9 / 10,
+                u = unit(used),
+                m = unit(max),
+            )
+        }
+        None => format!(
+            r#"<div class="quota"><span class="qlabel">{label}</span><span class="qtext">{} in use · no limit</span></div>"#,
+            unit(used)
+        ),
+    }
+}
+
+/// The steps of an operation, updated live by app.js through the SSE route when `live`.
+pub(crate) fn op_block(wf: &Workflow, vm_name: &str) -> String {
+    let live = !wf.status.is_terminal();
+    let verb = match wf.kind {
+        basphere_store::WorkflowKind::CreateVm => "Creating",
+        basphere_store::WorkflowKind::DeleteVm => "Deleting",
+    };
+    let mut steps = String::new();
+    for s in &wf.steps {
+        let _ = write!(
+            steps,
+            r#"<li data-step="{n}" class="st-{st}"><span class="sname">{n}</span> <span class="sstat">{st}</span></li>"#,
+            n = esc(&s.name),
+            st = s.status,
+        );
+    }
+    format!(
+        r#"<section class="card op" data-op="{id}" data-live="{live}" aria-label="{verb} {vm}">
+<h3>{verb} <strong>{vm}</strong> <span class="opstat" aria-live="polite">{status}</span></h3>
+<ol class="wsteps">{steps}</ol>
+<p class="opmsg" aria-live="polite">{err}</p>
+</section>"#,
+        id = esc(&wf.id),
+        vm = esc(vm_name),
+        status = badge(wf.status.as_str()),
+        err = wf.error.as_deref().map(esc).unwrap_or_default(),
+    )
+}
+
+fn ssh_cell(vm: &Vm, idx: usize) -> String {
+    match vm.ip_address {
+        Some(ip) if vm.status == basphere_core::VmStatus::Running => format!(
+            r#"<span class="copyline"><code id="ssh-{idx}">ssh {}@{ip}</code> <button type="button" class="copy" data-copy="ssh-{idx}" aria-label="Copy the ssh command of {}">Copy</button></span>"#,
+            esc(&vm.login_user),
+            esc(vm.name.as_str())
+        ),
+        _ => "—".into(),
+    }
+}
+
+fn spec_text(vm: &Vm) -> String {
+    format!(
+        "{} · {} vCPU · {} · {} GiB",
+        esc(&vm.spec),
+        vm.vcpus,
+        gib(vm.memory_mib),
+        vm.disk_gib
+    )
+}
+
+fn create_form(
+    st: &AppState,
+    v: &Visitor,
+    f: &Fields,
+    errs: &[FieldError],
+    alert: Option<&str>,
+) -> String {
+    let cfg = &st.config;
+    let specs: Vec<(String, String)> = cfg
+        .specs
+        .iter()
+        .map(|(n, s)| {
+            (
+                n.as_str().to_string(),
+                format!(
+                    "{n} — {} vCPU, {}, {} GiB disk",
+                    s.vcpus,
+                    gib(s.memory_mib),
+                    s.disk_gib,
+                    n = n.as_str()
+                ),
+            )
+        })
+        .collect();
+    let images: Vec<(String, String)> = cfg
+        .images
+        .iter()
+        .map(|(n, i)| {
+            (
+                n.as_str().to_string(),
+                format!("{} (login {})", n.as_str(), i.login_user),
+            )
+        })
+        .collect();
+    let spec_sel = f.get("spec").cloned().unwrap_or_else(|| {
+        if cfg.specs.keys().any(|k| k.as_str() == "small") {
+            "small".into()
+        } else {
+            specs.first().map(|s| s.0.clone()).unwrap_or_default()
+        }
+    });
+    let os_sel = f
+        .get("os")
+        .cloned()
+        .unwrap_or_else(|| cfg.default_image().to_string());
+    let g = |k: &str, d: &'static str| f.get(k).cloned().unwrap_or_else(|| d.to_string());
+    let name = g("name", "");
+    let count = g("count", "1");
+    format!(
+        r#"<section class="card" aria-labelledby="create-h"><h2 id="create-h">Create VMs</h2>
+{alert}
+<form method="post" action="/vms" class="form inline-form" id="create-form" novalidate>
+{csrf}
+{name}
+{spec}
+{os}
+{count}
+<button type="submit">Create</button>
+</form></section>"#,
+        alert = form_alert(alert),
+        csrf = v.csrf_field(),
+        name = Input::text("name", "Name", &name)
+            .hint("1–30 of a-z, 0-9, hyphens. With a count above 1: NAME-1 … NAME-N.")
+            .attrs(r#"autocapitalize="none" spellcheck="false" required"#)
+            .render("c-", errs),
+        spec = select("c-", "spec", "Size", &specs, &spec_sel, errs),
+        os = select("c-", "os", "Operating system", &images, &os_sel, errs),
+        count = Input::text("count", "Count", &count)
+            .kind("number")
+            .attrs(r#"min="1" max="10" inputmode="numeric" required"#)
+            .render("c-", errs),
+    )
+}
+
+async fn dashboard_page(
+    st: &AppState,
+    v: &Visitor,
+    caller: &Caller,
+    status: StatusCode,
+    f: &Fields,
+    errs: &[FieldError],
+    alert: Option<&str>,
+) -> Response {
+    let me = match caller.active() {
+        Ok(u) => u.clone(),
+        Err(e) => {
+            return v.page(
+                e.status,
+                "Dashboard",
+                &format!(r#"<p id="not-active">{}</p>"#, esc(&e.message)),
+            );
+        }
+    };
+    let owner = me.username.as_str();
+    let (vms, usage, wfs) = match tokio_join(st, owner).await {
+        Ok(x) => x,
+        Err(e) => return v.page(StatusCode::INTERNAL_SERVER_ERROR, "Dashboard", &esc(&e)),
+    };
+    let q = &me.quota;
+    let quota = format!(
+        r#"<section class="card" aria-labelledby="quota-h"><h2 id="quota-h">Quota</h2><div class="quotas">{}{}{}{}</div></section>"#,
+        meter(
+            "vms",
+            "VMs",
+            usage.vms.into(),
+            Some(q.max_vms.into()),
+            |x| x.to_string()
+        ),
+        meter(
+            "ips",
+            "IP addresses",
+            usage.ips.into(),
+            Some(q.max_ips.into()),
+            |x| x.to_string()
+        ),
+        meter(
+            "vcpus",
+            "vCPUs",
+            usage.vcpus.into(),
+            q.max_vcpus.map(u64::from),
+            |x| x.to_string()
+        ),
+        meter("mem", "Memory", usage.memory_mib, q.max_memory_mib, gib),
+    );
+    let now = now_ms();
+    let names: HashMap<&str, &str> = vms
+        .iter()
+        .map(|vm| (vm.id.as_str(), vm.name.as_str()))
+        .collect();
+    let ops: String = wfs
+        .iter()
+        .filter(|w| !w.status.is_terminal() || w.finished_at.is_some_and(|t| now - t < RECENT_MS))
+        .map(|w| {
+            let n = w
+                .vm_id
+                .as_deref()
+                .and_then(|id| names.get(id).copied())
+                .unwrap_or("a removed VM");
+            op_block(w, n)
+        })
+        .collect();
+    let ops = if ops.is_empty() {
+        String::new()
+    } else {
+        format!(
+            r#"<section aria-labelledby="ops-h" id="ops"><h2 id="ops-h">Operations</h2>{ops}</section>"#
+        )
+    };
+    let mut rows = String::new();
+    for (i, vm) in vms.iter().enumerate() {
+        let n = esc(vm.name.as_str());
+        let _ = write!(
+            rows,
+            r#"<tr data-vm="{n}"><th scope="row" data-label="Name"><a href="/vms/{nu}">{n}</a></th><td data-label="Status">{st}</td><td data-label="IP">{ip}</td><td data-label="Spec">{spec}</td><td data-label="OS">{os}</td><td data-label="SSH">{ssh}</td><td data-label="Actions">{act}</td></tr>"#,
+            nu = url(vm.name.as_str()),
+            st = badge(vm.status.as_str()),
+            ip = vm
+                .ip_address
+                .map(|i| i.to_string())
+                .unwrap_or_else(|| "—".into()),
+            spec = spec_text(vm),
+            os = esc(&vm.os),
+            ssh = ssh_cell(vm, i),
+            act = match vm.status {
+                basphere_core::VmStatus::Running | basphere_core::VmStatus::Failed => format!(
+                    r#"<a class="button danger small" href="/vms/{}/delete" aria-label="Delete {n}">Delete</a>"#,
+                    url(vm.name.as_str())
+                ),
+                _ => String::new(),
+            },
+        );
+    }
+    let table = if vms.is_empty() {
+        r#"<p id="no-vms">You have no VMs yet. Create one below.</p>"#.to_string()
+    } else {
+        format!(
+            r#"<table class="vms" id="vm-table"><caption class="sr-only">Your VMs</caption><thead><tr><th scope="col">Name</th><th scope="col">Status</th><th scope="col">IP</th><th scope="col">Spec</th><th scope="col">OS</th><th scope="col">SSH</th><th scope="col">Actions</th></tr></thead><tbody>{rows}</tbody></table>"#
+        )
+    };
+    let block = me
+        .ip_block
+        .and_then(|b| st.config.network.block(b))
+        .map(|b| format!(" Your addresses: <code>{}</code>.", b.net))
+        .unwrap_or_default();
+    let body = format!(
+        r#"<p>Signed in as <strong>{who}</strong> (team {team}).{block}</p>
+{quota}
+{ops}
+<section class="card" aria-labelledby="vms-h"><h2 id="vms-h">Your VMs</h2>{table}</section>
+{create}"#,
+        who = esc(owner),
+        team = esc(&me.team),
+        create = create_form(st, v, f, errs, alert),
+    );
+    v.page(status, "Dashboard", &body)
+}
+
+async fn tokio_join(
+    st: &AppState,
+    owner: &str,
+) -> Result<(Vec<Vm>, basphere_core::Usage, Vec<Workflow>), String> {
+    let vms = st.store.vms(Some(owner)).await.map_err(|e| e.to_string())?;
+    let usage = st.store.usage(owner).await.map_err(|e| e.to_string())?;
+    let wfs = st
+        .store
+        .workflows(Some(owner), 30)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((vms, usage, wfs))
+}
+
+pub async fn dashboard(State(st): State<AppState>, v: Visitor) -> Response {
+    let caller = match v.signed_in() {
+        Ok(c) => c.clone(),
+        Err(r) => return r,
+    };
+    dashboard_page(&st, &v, &caller, StatusCode::OK, &Fields::new(), &[], None).await
+}
+
+pub async fn create(State(st): State<AppState>, v: Visitor, Form(f): Form<Fields>) -> Response {
+    if let Err(r) = v.check_csrf(&f) {
+        return r;
+    }
+    let caller = match v.signed_in() {
+        Ok(c) => c.clone(),
+        Err(r) => return r,
+    };
+    let body = body_of(&f, &["name"]);
+    match outcome(vms::create(State(st.clone()), caller.clone(), body).await) {
+        Ok((_, data)) => {
+            let names: Vec<&str> = data["vms"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|v| v["name"].as_str()).collect())
+                .unwrap_or_default();
+            v.redirect(
+                "/dashboard",
+                Some(("ok", &format!("Creating {}.", names.join(", ")))),
+            )
+        }
+        Err(e) => {
+            let mut fields = e.fields.clone();
+            let mut alert = None;
+            if e.status == StatusCode::CONFLICT && fields.is_empty() {
+                fields.push(FieldError {
+                    field: "name".into(),
+                    message: e.message.clone(),
+                });
+            } else if fields.is_empty() {
+                alert = Some(e.message.as_str());
+            }
+            dashboard_page(&st, &v, &caller, e.status, &f, &fields, alert).await
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+pub struct OwnerQ {
+    owner: Option<String>,
+}
+
+/// The VM as the API shows it to this caller (404 for another user's VM).
+async fn visible_vm(
+    st: &AppState,
+    caller: Caller,
+    name: &str,
+    owner: Option<String>,
+) -> Result<Value, basphere_api::ApiError> {
+    outcome(
+        vms::show(
+            State(st.clone()),
+            caller,
+            Path(name.to_string()),
+            Query(vms::OwnerQuery { owner }),
+        )
+        .await,
+    )
+    .map(|(_, d)| d)
+}
+
+fn not_found(v: &Visitor, e: &basphere_api::ApiError) -> Response {
+    v.page(
+        e.status,
+        if e.status == StatusCode::NOT_FOUND {
+            "Not found"
+        } else {
+            "Refused"
+        },
+        &format!(
+            r#"<p id="error-message">{}</p><p><a href="/dashboard">Back to your dashboard</a></p>"#,
+            esc(&e.message)
+        ),
+    )
+}
+
+pub async fn vm_page(
+    State(st): State<AppState>,
+    v: Visitor,
+    Path(name): Path<String>,
+    Query(q): Query<OwnerQ>,
+) -> Response {
+    let caller = match v.signed_in() {
+        Ok(c) => c.clone(),
+        Err(r) => return r,
+    };
+    let vm = match visible_vm(&st, caller, &name, q.owner).await {
+        Ok(vm) => vm,
+        Err(e) => return not_found(&v, &e),
+    };
+    let s = |k: &str| vm[k].as_str().map(esc).unwrap_or_else(|| "—".into());
+    let owner = vm["owner"].as_str().unwrap_or_default().to_string();
+    let id = vm["id"].as_str().unwrap_or_default().to_string();
+    let ops: String = st
+        .store
+        .workflows(Some(&owner), 100)
+        .await
+        .unwrap_or_default()
+        .iter()
+        .filter(|w| w.vm_id.as_deref() == Some(id.as_str()))
+        .take(3)
+        .map(|w| op_block(w, &name))
+        .collect();
+    let ssh = match vm["ssh"].as_str() {
+        Some(c) if vm["status"] == "running" => format!(
+            r#"<span class="copyline"><code id="ssh-0">{}</code> <button type="button" class="copy" data-copy="ssh-0">Copy</button></span>"#,
+            esc(c)
+        ),
+        _ => "—".into(),
+    };
+    let owner_q = if v.caller.as_ref().is_some_and(|c| c.name != owner) {
+        format!("?owner={}", url(&owner))
+    } else {
+        String::new()
+    };
+    let body = format!(
+        r#"<dl class="card facts">
+<dt>Status</dt><dd id="vm-status">{status}</dd>
+<dt>Owner</dt><dd>{owner}</dd>
+<dt>IP address</dt><dd>{ip}</dd>
+<dt>SSH</dt><dd>{ssh}</dd>
+<dt>Spec</dt><dd>{spec} · {vcpus} vCPU · {mem} · {disk} GiB disk</dd>
+<dt>OS</dt><dd>{os} (login {login})</dd>
+<dt>Created</dt><dd>{created}</dd>
+<dt>Provider</dt><dd>{provider}</dd>
+{error}
+</dl>
+<h2>Operations</h2>
+{ops}
+<p><a class="button danger" href="/vms/{nu}/delete{owner_q}">Delete {n}</a> <a href="/dashboard">Back to the dashboard</a></p>"#,
+        status = badge(vm["status"].as_str().unwrap_or("")),
+        owner = esc(&owner),
+        ip = s("ip_address"),
+        spec = s("spec"),
+        vcpus = vm["vcpus"],
+        mem = gib(vm["memory_mib"].as_u64().unwrap_or(0)),
+        disk = vm["disk_gib"],
+        os = s("os"),
+        login = s("login_user"),
+        created = s("created_at"),
+        provider = s("provider"),
+        error = vm["error"]
+            .as_str()
+            .map(|e| format!("<dt>Error</dt><dd>{}</dd>", esc(e)))
+            .unwrap_or_default(),
+        nu = url(&name),
+        n = esc(&name),
+    );
+    v.page(StatusCode::OK, &format!("VM {name}"), &body)
+}
+
+pub async fn delete_confirm(
+    State(st): State<AppState>,
+    v: Visitor,
+    Path(name): Path<String>,
+    Query(q): Query<OwnerQ>,
+) -> Response {
+    let caller = match v.signed_in() {
+        Ok(c) => c.clone(),
+        Err(r) => return r,
+    };
+    let owner = q.owner.clone();
+    let vm = match visible_vm(&st, caller, &name, q.owner).await {
+        Ok(vm) => vm,
+        Err(e) => return not_found(&v, &e),
+    };
+    let owner_q = owner
+        .map(|o| format!("?owner={}", url(&o)))
+        .unwrap_or_default();
+    let body = format!(
+        r#"<div class="card danger-zone">
+<p id="confirm-text">Delete the VM <strong>{n}</strong> ({ip}) of {owner}? Its disk is destroyed and its address returns to the pool. This cannot be undone.</p>
+<form method="post" action="/vms/{nu}/delete{owner_q}">
+{csrf}
+<button type="submit" class="danger" id="confirm-delete">Delete {n}</button>
+<a href="/vms/{nu}{owner_q}">Cancel</a>
+</form></div>"#,
+        n = esc(&name),
+        nu = url(&name),
+        ip = vm["ip_address"]
+            .as_str()
+            .map(esc)
+            .unwrap_or_else(|| "no address".into()),
+        owner = esc(vm["owner"].as_str().unwrap_or_default()),
+        csrf = v.csrf_field(),
+    );
+    v.page(StatusCode::OK, &format!("Delete {name}?"), &body)
+}
+
+pub async fn delete(
+    State(st): State<AppState>,
+    v: Visitor,
+    Path(name): Path<String>,
+    Query(q): Query<OwnerQ>,
+    Form(f): Form<Fields>,
+) -> Response {
+    if let Err(r) = v.check_csrf(&f) {
+        return r;
+    }
+    let caller = match v.signed_in() {
+        Ok(c) => c.clone(),
+        Err(r) => return r,
+    };
+    let back = if q.owner.is_some() {
+        "/admin/vms"
+    } else {
+        "/dashboard"
+    };
+    match outcome(
+        vms::delete(
+            State(st),
+            caller,
+            Path(name.clone()),
+            Query(vms::OwnerQuery { owner: q.owner }),
+        )
+        .await,
+    ) {
+        Ok(_) => v.redirect(back, Some(("ok", &format!("Deleting {name}.")))),
+        Err(e) if e.status == StatusCode::NOT_FOUND => not_found(&v, &e),
+        Err(e) => v.redirect(back, Some(("error", &e.message))),
+    }
+}
+
+fn key_body(
+    v: &Visitor,
+    current: &str,
+    history: &[basphere_store::KeyChange],
+    f: &Fields,
+    errs: &[FieldError],
+) -> String {
+    let mut rows = String::new();
+    for k in history {
+        let _ = write!(
+            rows,
+            "<tr><td>{}</td><td>{}</td><td class=\"key\">{}</td><td>{}</td></tr>",
+            when(k.created_at),
+            badge(k.status.to_string().as_str()),
+            esc(&short_key(&k.public_key)),
+            esc(k.reject_reason.as_deref().unwrap_or(""))
+        );
+    }
+    let hist = if rows.is_empty() {
+        String::new()
+    } else {
+        format!(
+            r#"<h2>Your requests</h2><table class="plain"><thead><tr><th scope="col">Asked</th><th scope="col">Status</th><th scope="col">Key</th><th scope="col">Reason</th></tr></thead><tbody>{rows}</tbody></table>"#
+        )
+    };
+    format!(
+        r#"<p>Your current key: <code class="key">{cur}</code></p>
+<p>Lost your key or made a new one? Ask for a change; an admin approves it and it replaces the key on the bastion and for new VMs. See the <a href="/ssh-guide">SSH guide</a> for making a key.</p>
+<form method="post" action="/key-change" class="card form" novalidate>
+{csrf}
+{k}
+<button type="submit">Ask for the change</button>
+</form>
+{hist}"#,
+        cur = esc(&short_key(current)),
+        csrf = v.csrf_field(),
+        k = Input::text(
+            "public_key",
+            "New SSH public key",
+            f.get("public_key").map(String::as_str).unwrap_or("")
+        )
+        .kind("textarea")
+        .hint("One line, e.g. the content of ~/.ssh/id_ed25519.pub.")
+        .attrs(r#"spellcheck="false" required"#)
+        .render("k-", errs),
+    )
+}
+
+/// `ssh-ed25519 AAAA…last8 comment`.
+pub(crate) fn short_key(k: &str) -> String {
+    let mut parts = k.split_whitespace();
+    let kind = parts.next().unwrap_or("");
+    let blob = parts.next().unwrap_or("");
+    let comment: Vec<&str> = parts.collect();
+    let b = if blob.len() > 20 {
+        format!("{}…{}", &blob[..8], &blob[blob.len() - 8..])
+    } else {
+        blob.to_string()
+    };
+    format!("{kind} {b} {}", comment.join(" "))
+        .trim()
+        .to_string()
+}
+
+async fn key_page(
+    st: &AppState,
+    v: &Visitor,
+    status: StatusCode,
+    f: &Fields,
+    errs: &[FieldError],
+) -> Response {
+    let Some(me) = v.caller.as_ref().and_then(|c| c.user.as_ref()) else {
+        return v.redirect(
+            "/signin",
+            Some(("error", "Sign in to change your SSH key.")),
+        );
+    };
+    let history = st
+        .store
+        .key_changes(Some(me.username.as_str()))
+        .await
+        .unwrap_or_default();
+    let body = key_body(v, &me.public_key, &history, f, errs);
+    v.page(status, "Change your SSH key", &body)
+}
+
+pub async fn key_change_form(State(st): State<AppState>, v: Visitor) -> Response {
+    key_page(&st, &v, StatusCode::OK, &Fields::new(), &[]).await
+}
+
+pub async fn key_change(State(st): State<AppState>, v: Visitor, Form(f): Form<Fields>) -> Response {
+    if let Err(r) = v.check_csrf(&f) {
+        return r;
+    }
+    let caller = match v.signed_in() {
+        Ok(c) => c.clone(),
+        Err(r) => return r,
+    };
+    match outcome(users::key_change(State(st.clone()), caller, body_of(&f, &["public_key"])).await)
+    {
+        Ok(_) => v.redirect(
+            "/key-change",
+            Some(("ok", "Key change requested; an admin will review it.")),
+        ),
+        Err(e) => {
+            let errs = if e.fields.is_empty() {
+                vec![FieldError {
+                    field: "public_key".into(),
+                    message: e.message.clone(),
+                }]
+            } else {
+                e.fields.clone()
+            };
+            key_page(&st, &v, e.status, &f, &errs).await
+        }
+    }
+}
