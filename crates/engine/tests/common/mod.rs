@@ -1,0 +1,290 @@
+//! Shared parts of the engine tests: a "ledger" workflow definition whose steps record what
+//! they do, stores with a user, and engines with the do-nothing test provider.
+#![allow(dead_code)]
+
+use basphere_core::{NetworkPool, Quota, Username};
+use basphere_engine::{
+    Catalog, Engine, EngineConfig, RetryPolicy, StepCtx, StepError, StepSpec, WorkflowDef,
+};
+use basphere_provider::{NullProvider, Provider};
+use basphere_store::{Actor, NewRegistration, NewWorkflow, StepCommit, Store, WorkflowKind};
+use serde_json::json;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub const KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl test";
+
+pub fn now_ms() -> i64 {
+    basphere_store::now_ms()
+}
+
+/// A step definition driven by the workflow's input:
+/// `{"sleep_ms": [lo, hi], "fail_at": k, "slow_at": k, "slow_ms": n, "deadline_ms": n}`.
+/// Each run appends `start NODE WF IDX MS` and `end NODE WF IDX MS` to `log` (a file, so
+/// several processes can share it); in-process tests also read `calls`. A successful step
+/// commits one effect keyed by its idempotency key, atomically with its completion.
+pub struct Ledger {
+    pub node: String,
+    pub log: Option<PathBuf>,
+    pub calls: Mutex<Vec<String>>,
+    /// Fail `fail_at` only while this is set (retry tests clear it).
+    pub failing: std::sync::atomic::AtomicBool,
+}
+
+impl Ledger {
+    pub fn new(node: &str, log: Option<PathBuf>) -> Arc<Self> {
+        Arc::new(Self {
+            node: node.into(),
+            log,
+            calls: Mutex::new(vec![]),
+            failing: std::sync::atomic::AtomicBool::new(true),
+        })
+    }
+
+    fn note(&self, what: &str, ctx: &StepCtx<'_>) {
+        let line = format!(
+            "{what} {} {} {} {}",
+            self.node,
+            ctx.workflow.id,
+            ctx.idx,
+            now_ms()
+        );
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("{what} {}", ctx.idx));
+        if let Some(p) = &self.log {
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .unwrap();
+            f.write_all(format!("{line}\n").as_bytes()).unwrap();
+        }
+    }
+
+    pub fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+#[async_trait::async_trait]
+impl WorkflowDef for Ledger {
+    fn step(&self, _name: &str) -> StepSpec {
+        StepSpec {
+            deadline: Duration::from_secs(5),
+            retry: RetryPolicy {
+                max_attempts: 3,
+                base: Duration::from_millis(20),
+                max: Duration::from_millis(200),
+                jitter: 0.2,
+            },
+        }
+    }
+
+    async fn run(&self, ctx: &StepCtx<'_>) -> Result<StepCommit, StepError> {
+        let input = &ctx.workflow.input;
+        self.note("start", ctx);
+        let idx = i64::from(ctx.idx);
+        let mut ms = match input["sleep_ms"].as_array() {
+            Some(r) => {
+                let lo = r[0].as_u64().unwrap_or(0);
+                let hi = r[1].as_u64().unwrap_or(lo).max(lo);
+                lo + rand::random::<u64>() % (hi - lo + 1)
+            }
+            None => 0,
+        };
+        if input["slow_at"].as_i64() == Some(idx) {
+            ms = input["slow_ms"].as_u64().unwrap_or(1000);
+        }
+        if ms > 0 {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        if input["fail_at"].as_i64() == Some(idx)
+            && self.failing.load(std::sync::atomic::Ordering::SeqCst)
+        {
+            self.note("fail", ctx);
+            return Err(StepError::permanent(format!("step {idx} fails as told")));
+        }
+        self.note("end", ctx);
+        Ok(StepCommit {
+            output: Some(json!({"step": idx})),
+            effects: vec![(ctx.idem_key.to_string(), json!({"step": idx}))],
+        })
+    }
+
+    async fn undo(&self, ctx: &StepCtx<'_>) -> Result<(), StepError> {
+        self.note("undo", ctx);
+        Ok(())
+    }
+}
+
+/// A ledger workflow of `steps` steps with `input`.
+pub fn ledger_workflow(steps: usize, input: serde_json::Value) -> NewWorkflow {
+    let mut w = NewWorkflow::new(
+        WorkflowKind::CreateVm,
+        "tester",
+        (0..steps).map(|i| format!("s{i}")).collect(),
+    );
+    w.definition = Some("ledger".into());
+    w.input = input;
+    w
+}
+
+pub fn pool() -> NetworkPool {
+    NetworkPool {
+        cidr: "10.200.0.0/16".parse().unwrap(),
+        gateway: "10.200.0.1".parse().unwrap(),
+        dns: vec![],
+        mtu: 1500,
+        block_size: 1024,
+        reserved: vec![],
+    }
+}
+
+pub async fn open(dir: &Path) -> Store {
+    Store::open(&dir.join("basphere.db")).await.unwrap()
+}
+
+/// Registers and approves `name` with a quota of `vms` VMs.
+pub async fn user(store: &Store, name: &str, vms: u32) -> Username {
+    let u: Username = name.parse().unwrap();
+    let actor = Actor::new("test", "test");
+    let q = Quota {
+        max_vms: vms,
+        max_ips: vms,
+        ..Quota::default()
+    };
+    store
+        .register(
+            &NewRegistration {
+                username: u.clone(),
+                email: "t@example.org".parse().unwrap(),
+                team: "test".parse().unwrap(),
+                public_key: KEY.parse().unwrap(),
+            },
+            &q,
+            &actor,
+        )
+        .await
+        .unwrap();
+    store
+        .approve(&u, &pool(), false, None, &actor)
+        .await
+        .unwrap();
+    u
+}
+
+pub fn engine_cfg(node: &str) -> EngineConfig {
+    EngineConfig {
+        node_id: node.into(),
+        lease: Duration::from_secs(3),
+        max_parallel: 8,
+        max_attempts: 3,
+        backoff_base: Duration::from_millis(20),
+        backoff_max: Duration::from_millis(200),
+        ready_deadline: Duration::from_secs(5),
+        step_deadline: Duration::from_secs(5),
+        ..EngineConfig::default()
+    }
+}
+
+pub fn engine(store: &Store, provider: Arc<dyn Provider>, cfg: EngineConfig) -> Engine {
+    Engine::new(
+        store.clone(),
+        provider,
+        Catalog {
+            pool: pool(),
+            image_refs: Default::default(),
+        },
+        cfg,
+    )
+}
+
+/// Starts `e` in the background; drop the sender to keep it, send `true` to stop it.
+pub fn start(e: &Engine) -> tokio::sync::watch::Sender<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(e.clone().run(rx));
+    tx
+}
+
+pub fn null() -> Arc<NullProvider> {
+    Arc::new(NullProvider::default())
+}
+
+/// Waits until workflow `id` is terminal (at most `secs`), returning it.
+pub async fn wait_done(store: &Store, id: &str, secs: u64) -> basphere_store::Workflow {
+    let t0 = std::time::Instant::now();
+    loop {
+        let w = store.workflow(id).await.unwrap().unwrap();
+        if w.status.is_terminal() {
+            return w;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(secs),
+            "workflow {id} did not end within {secs}s: {w:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Starts this test binary again as an engine process (its `engine_process` test) on `db`.
+pub fn spawn_engine(db: &Path, node: &str, log: &Path, lease_ms: u64) -> std::process::Child {
+    std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "engine_process", "--ignored", "--nocapture"])
+        .env("BSP_DB", db)
+        .env("BSP_NODE", node)
+        .env("BSP_LOG", log)
+        .env("BSP_LEASE_MS", lease_ms.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Body of the child `engine_process` test: an engine with the ledger definition on `BSP_DB`
+/// until every workflow has ended (returns at once when not run as a child).
+pub async fn engine_process_main() {
+    let Ok(db) = std::env::var("BSP_DB") else {
+        return;
+    };
+    let node = std::env::var("BSP_NODE").unwrap();
+    let log = std::env::var("BSP_LOG").unwrap();
+    let lease: u64 = std::env::var("BSP_LEASE_MS").unwrap().parse().unwrap();
+    let store = Store::open(Path::new(&db)).await.unwrap();
+    let mut cfg = engine_cfg(&node);
+    cfg.lease = Duration::from_millis(lease);
+    let e = engine(&store, null(), cfg);
+    e.register("ledger", Ledger::new(&node, Some(log.into())));
+    let _stop = start(&e);
+    loop {
+        let ws = store.workflows(None, 1000).await.unwrap();
+        if ws.iter().all(|w| w.status.is_terminal()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Lines of the shared step log: (what, node, workflow, idx, ms).
+pub fn read_log(p: &Path) -> Vec<(String, String, String, u32, i64)> {
+    std::fs::read_to_string(p)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let v: Vec<&str> = l.split(' ').collect();
+            (v.len() == 5).then(|| {
+                (
+                    v[0].to_string(),
+                    v[1].to_string(),
+                    v[2].to_string(),
+                    v[3].parse().unwrap(),
+                    v[4].parse().unwrap(),
+                )
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,431 @@
+//! Undo, cancel, retry, batches and limits, with the engine in this process.
+mod common;
+use basphere_core::VmStatus;
+use basphere_provider::NullProvider;
+use basphere_store::{Actor, AdmitRequest, BatchRequest, BatchVm, StepStatus, WorkflowStatus};
+use common::*;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn admin() -> Actor {
+    Actor::new("test", "test")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn step_k_fails_permanently_done_steps_undone_in_reverse() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    let e = engine(&store, null(), engine_cfg("n1"));
+    let ledger = Ledger::new("n1", None);
+    e.register("ledger", ledger.clone());
+    let _stop = start(&e);
+    let id = store
+        .enqueue_workflow(&ledger_workflow(6, json!({"fail_at": 4})))
+        .await
+        .unwrap();
+    e.wake();
+    let w = wait_done(&store, &id, 10).await;
+    assert_eq!(w.status, WorkflowStatus::Failed);
+    assert_eq!(w.error.as_deref(), Some("s4: step 4 fails as told"));
+    assert_eq!(
+        ledger.calls(),
+        [
+            "start 0", "end 0", "start 1", "end 1", "start 2", "end 2", "start 3", "end 3",
+            "start 4", "fail 4", "undo 3", "undo 2", "undo 1", "undo 0"
+        ]
+    );
+    let st: Vec<StepStatus> = w.steps.iter().map(|s| s.status).collect();
+    use StepStatus::*;
+    assert_eq!(st, [Undone, Undone, Undone, Undone, Failed, Pending]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_create_failing_releases_address_and_quota_and_marks_the_vm_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    let u = user(&store, "alice", 5).await;
+    let mut provider = NullProvider::default();
+    provider.fail_phase = Some("wait_ready");
+    let provider = Arc::new(provider);
+    let e = engine(&store, provider.clone(), engine_cfg("n1"));
+    let _stop = start(&e);
+    let a = store
+        .admit_vms(
+            &AdmitRequest {
+                owner: u.clone(),
+                names: vec!["fail-web".parse().unwrap()],
+                os: "debian-12".parse().unwrap(),
+                login_user: "debian".into(),
+                spec_name: "tiny".parse().unwrap(),
+                spec: basphere_core::Spec {
+                    vcpus: 2,
+                    memory_mib: 4096,
+                    disk_gib: 50,
+                },
+                provider: "null".into(),
+                steps: basphere_engine::step_names(basphere_store::WorkflowKind::CreateVm),
+            },
+            &pool(),
+            &admin(),
+        )
+        .await
+        .unwrap();
+    e.wake();
+    let w = wait_done(&store, &a[0].operation_id, 10).await;
+    assert_eq!(w.status, WorkflowStatus::Failed);
+    let phases: Vec<&str> = provider.calls().iter().map(|c| c.phase).collect();
+    assert_eq!(phases, ["prepare", "start", "wait_ready", "stop", "remove"]);
+    let vm = store.vm(u.as_str(), "fail-web").await.unwrap().unwrap();
+    assert_eq!(vm.status, VmStatus::Failed);
+    assert!(vm.error.unwrap().contains("wait_ready fails"));
+    assert_eq!(vm.ip_address, None);
+    let used = store.usage(u.as_str()).await.unwrap();
+    assert_eq!((used.vms, used.ips), (0, 0));
+
+    // Retry: the address and quota come back, and it fails the same way again.
+    let evs = store
+        .retry_workflow(&w.id, &pool(), &admin())
+        .await
+        .unwrap();
+    e.publish(evs);
+    let vm = store.vm(u.as_str(), "fail-web").await.unwrap().unwrap();
+    assert_eq!(vm.status, VmStatus::Creating);
+    assert!(vm.ip_address.is_some());
+    let w = wait_done(&store, &w.id, 10).await;
+    assert_eq!(w.status, WorkflowStatus::Failed);
+    assert_eq!(store.usage(u.as_str()).await.unwrap().ips, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_waits_for_the_running_step_then_undoes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    let e = engine(&store, null(), engine_cfg("n1"));
+    let ledger = Ledger::new("n1", None);
+    e.register("ledger", ledger.clone());
+    let _stop = start(&e);
+    let id = store
+        .enqueue_workflow(&ledger_workflow(5, json!({"slow_at": 2, "slow_ms": 800})))
+        .await
+        .unwrap();
+    e.wake();
+    let t0 = Instant::now();
+    while !ledger.calls().contains(&"start 2".to_string()) {
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let asked = Instant::now();
+    e.publish([store.request_cancel(&id, &admin()).await.unwrap()]);
+    let w = wait_done(&store, &id, 10).await;
+    assert!(
+        asked.elapsed() >= Duration::from_millis(600),
+        "the running step was not cut short"
+    );
+    assert_eq!(w.status, WorkflowStatus::Cancelled);
+    assert_eq!(
+        ledger.calls(),
+        [
+            "start 0", "end 0", "start 1", "end 1", "start 2", "end 2", "undo 2", "undo 1",
+            "undo 0"
+        ]
+    );
+    let st: Vec<StepStatus> = w.steps.iter().map(|s| s.status).collect();
+    use StepStatus::*;
+    assert_eq!(st, [Undone, Undone, Undone, Skipped, Skipped]);
+    // A cancelled workflow can be retried from the start.
+    e.publish(store.retry_workflow(&id, &pool(), &admin()).await.unwrap());
+    let w = wait_done(&store, &id, 10).await;
+    assert_eq!(w.status, WorkflowStatus::Succeeded);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_of_a_hanging_step_waits_for_its_deadline() {
+    struct Hang;
+    #[async_trait::async_trait]
+    impl basphere_engine::WorkflowDef for Hang {
+        fn step(&self, _: &str) -> basphere_engine::StepSpec {
+            basphere_engine::StepSpec {
+                deadline: Duration::from_millis(700),
+                retry: basphere_engine::RetryPolicy {
+                    max_attempts: 10,
+                    base: Duration::from_secs(5),
+                    max: Duration::from_secs(5),
+                    jitter: 0.0,
+                },
+            }
+        }
+        async fn run(
+            &self,
+            ctx: &basphere_engine::StepCtx<'_>,
+        ) -> Result<basphere_store::StepCommit, basphere_engine::StepError> {
+            if ctx.idx == 1 {
+                std::future::pending::<()>().await;
+            }
+            Ok(Default::default())
+        }
+        async fn undo(
+            &self,
+            _: &basphere_engine::StepCtx<'_>,
+        ) -> Result<(), basphere_engine::StepError> {
+            Ok(())
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    let e = engine(&store, null(), engine_cfg("n1"));
+    e.register("hang", Arc::new(Hang));
+    let _stop = start(&e);
+    let mut w = ledger_workflow(3, json!({}));
+    w.definition = Some("hang".into());
+    let id = store.enqueue_workflow(&w).await.unwrap();
+    e.wake();
+    let t0 = Instant::now();
+    loop {
+        let w = store.workflow(&id).await.unwrap().unwrap();
+        if w.steps[1].status == StepStatus::Running {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    e.publish([store.request_cancel(&id, &admin()).await.unwrap()]);
+    let w = wait_done(&store, &id, 10).await;
+    let took = t0.elapsed();
+    assert_eq!(w.status, WorkflowStatus::Cancelled);
+    assert!(
+        took >= Duration::from_millis(650) && took < Duration::from_secs(4),
+        "ended at the step's deadline, not after the 5 s retry delay: {took:?}"
+    );
+    assert_eq!(w.steps[0].status, StepStatus::Undone);
+}
+
+fn tiny() -> basphere_core::Spec {
+    basphere_core::Spec {
+        vcpus: 1,
+        memory_mib: 512,
+        disk_gib: 10,
+    }
+}
+
+fn node(name: &str, requires: &[&str], optional: &[&str]) -> BatchVm {
+    BatchVm {
+        name: name.parse().unwrap(),
+        os: "debian-12".parse().unwrap(),
+        login_user: "debian".into(),
+        spec_name: "tiny".parse().unwrap(),
+        spec: tiny(),
+        requires: requires.iter().map(|s| s.to_string()).collect(),
+        optional: optional.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+fn batch(owner: &basphere_core::Username, parallelism: u32, creates: Vec<BatchVm>) -> BatchRequest {
+    BatchRequest {
+        owner: owner.clone(),
+        provider: "null".into(),
+        parallelism,
+        creates,
+        deletes: vec![],
+        create_steps: basphere_engine::step_names(basphere_store::WorkflowKind::CreateVm),
+        delete_steps: basphere_engine::step_names(basphere_store::WorkflowKind::DeleteVm),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_runs_in_dependency_order_and_a_failure_skips_its_dependents() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    let u = user(&store, "bob", 20).await;
+    let mut provider = NullProvider::new(Duration::from_millis(20));
+    provider.fail_phase = Some("start");
+    let provider = Arc::new(provider);
+    let e = engine(&store, provider.clone(), engine_cfg("n1"));
+    let _stop = start(&e);
+    // db ← app ← web; fail-cache ← worker (hard), ← report (soft); lone.
+    let b = store
+        .admit_batch(
+            &batch(
+                &u,
+                10,
+                vec![
+                    node("web", &["app"], &[]),
+                    node("app", &["db"], &["fail-cache"]),
+                    node("db", &[], &[]),
+                    node("fail-cache", &[], &[]),
+                    node("worker", &["fail-cache"], &[]),
+                    node("deep", &["worker"], &[]),
+                    node("report", &[], &["fail-cache"]),
+                    node("lone", &[], &[]),
+                ],
+            ),
+            &pool(),
+            &admin(),
+        )
+        .await
+        .unwrap();
+    e.wake();
+    let op = |n: &str| {
+        b.nodes
+            .iter()
+            .find(|x| x.node == n)
+            .unwrap()
+            .operation_id
+            .clone()
+    };
+    for n in [
+        "web",
+        "app",
+        "db",
+        "fail-cache",
+        "worker",
+        "deep",
+        "report",
+        "lone",
+    ] {
+        wait_done(&store, &op(n), 10).await;
+    }
+    let status = |n: &'static str| {
+        let store = store.clone();
+        let id = op(n);
+        async move { store.workflow(&id).await.unwrap().unwrap() }
+    };
+    for n in ["web", "app", "db", "report", "lone"] {
+        assert_eq!(status(n).await.status, WorkflowStatus::Succeeded, "{n}");
+    }
+    assert_eq!(status("fail-cache").await.status, WorkflowStatus::Failed);
+    for n in ["worker", "deep"] {
+        let w = status(n).await;
+        assert_eq!(w.status, WorkflowStatus::Cancelled, "{n}");
+        assert!(w.error.unwrap().starts_with("skipped: requires"), "{n}");
+        let vm = store.vm(u.as_str(), n).await.unwrap().unwrap();
+        assert_eq!(vm.status, VmStatus::Failed);
+        assert_eq!(vm.ip_address, None, "skipped node's address released");
+    }
+    // Order: a node's provider calls all come after its hard requirements finished.
+    let calls = provider.calls();
+    let vm_id = |n: &str| {
+        let store = store.clone();
+        let n = n.to_string();
+        let u = u.clone();
+        async move { store.vm(u.as_str(), &n).await.unwrap().unwrap().id }
+    };
+    let first = |id: &str| calls.iter().position(|c| c.instance == id).unwrap();
+    let last = |id: &str| calls.iter().rposition(|c| c.instance == id).unwrap();
+    let (db, app, web) = (vm_id("db").await, vm_id("app").await, vm_id("web").await);
+    let (cache, report) = (vm_id("fail-cache").await, vm_id("report").await);
+    assert!(last(&db) < first(&app));
+    assert!(last(&app) < first(&web));
+    assert!(last(&cache) < first(&app), "soft edge orders when present");
+    assert!(last(&cache) < first(&report));
+    assert_eq!(store.usage(u.as_str()).await.unwrap().vms, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_parallelism_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    let u = user(&store, "carol", 40).await;
+    let provider = Arc::new(NullProvider::new(Duration::from_millis(30)));
+    let mut cfg = engine_cfg("n1");
+    cfg.max_parallel = 16;
+    let e = engine(&store, provider.clone(), cfg);
+    let _stop = start(&e);
+    let nodes: Vec<BatchVm> = (0..24).map(|i| node(&format!("n{i}"), &[], &[])).collect();
+    let b = store
+        .admit_batch(&batch(&u, 3, nodes), &pool(), &admin())
+        .await
+        .unwrap();
+    e.wake();
+    let t0 = Instant::now();
+    let mut peak = 0;
+    loop {
+        let ws = store.batch_workflows(&b.batch_id).await.unwrap();
+        let running = ws
+            .iter()
+            .filter(|w| w.steps.iter().any(|s| s.status == StepStatus::Running))
+            .count();
+        peak = peak.max(running);
+        if ws.iter().all(|w| w.status.is_terminal()) {
+            assert!(ws.iter().all(|w| w.status == WorkflowStatus::Succeeded));
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30));
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    assert!(peak <= 3, "at most 3 nodes in flight, saw {peak}");
+    assert!(peak >= 2, "nodes did run in parallel ({peak})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletes_claim_before_creates() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    let mut w1 = ledger_workflow(1, json!({}));
+    w1.priority = 0;
+    let mut w2 = ledger_workflow(1, json!({}));
+    w2.priority = 10;
+    let a = store.enqueue_workflow(&w1).await.unwrap();
+    let b = store.enqueue_workflow(&w2).await.unwrap();
+    let got = store
+        .claim_workflow("n", 1000, &Default::default())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.id, b, "higher priority first although queued later");
+    let got = store
+        .claim_workflow("n", 1000, &Default::default())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.id, a);
+    assert!(
+        store
+            .claim_workflow("m", 1000, &Default::default())
+            .await
+            .unwrap()
+            .is_none(),
+        "leased workflows are not claimed twice"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_user_limit_holds_across_workflows() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    let mut cfg = engine_cfg("n1");
+    cfg.max_parallel = 16;
+    cfg.limits.per_user = Some(2);
+    let e = engine(&store, null(), cfg);
+    e.register("ledger", Ledger::new("n1", None));
+    let mut ids = vec![];
+    for _ in 0..8 {
+        ids.push(
+            store
+                .enqueue_workflow(&ledger_workflow(2, json!({"sleep_ms": [30, 30]})))
+                .await
+                .unwrap(),
+        );
+    }
+    let _stop = start(&e);
+    let t0 = Instant::now();
+    let mut peak = 0;
+    loop {
+        let ws = store.workflows(None, 100).await.unwrap();
+        let running = ws
+            .iter()
+            .filter(|w| w.steps.iter().any(|s| s.status == StepStatus::Running))
+            .count();
+        peak = peak.max(running);
+        if ws.iter().all(|w| w.status.is_terminal()) {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30));
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    assert!(
+        peak <= 2,
+        "at most 2 of one user's workflows at once, saw {peak}"
+    );
+    assert_eq!(peak, 2);
+}
