@@ -248,4 +248,24 @@ impl Store {
         tx.commit().await?;
         Ok(BatchAdmitted { batch_id, nodes })
     }
+
+    /// Names of `owner`'s VMs that a batch made (what `plan` may delete when they leave a
+    /// manifest; VMs made one by one are never touched by a plan).
+    pub async fn managed_vm_names(&self, owner: &str) -> crate::Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT DISTINCT v.name FROM vms v JOIN workflows w ON w.vm_id = v.id
+             WHERE v.owner = $1 AND w.kind = 'create_vm' AND w.batch_id IS NOT NULL",
+        )
+        .bind(owner)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// The owner of a batch, if it exists.
+    pub async fn batch_owner(&self, id: &str) -> crate::Result<Option<String>> {
+        Ok(sqlx::query_scalar("SELECT owner FROM batches WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
 }

@@ -1,6 +1,7 @@
 //! The `/api/v1` handlers. They are public so that the web portal calls the very same
 //! validation and store calls (a handler is a plain async fn of its extractors).
 
+pub mod batch;
 pub mod ops;
 pub mod users;
 pub mod vms;
@@ -43,6 +44,12 @@ pub(crate) fn all() -> Router<AppState> {
         .route("/operations", get(ops::list))
         .route("/operations/{id}", get(ops::show))
         .route("/operations/{id}/events", get(ops::events))
+        .route("/operations/{id}/cancel", post(batch::cancel))
+        .route("/operations/{id}/retry", post(batch::retry))
+        .route("/events", get(batch::events))
+        .route("/batches", post(batch::apply))
+        .route("/batches/plan", post(batch::plan))
+        .route("/batches/{id}", get(batch::show))
         .route("/clusters", get(clusters).post(clusters))
         .route("/clusters/quota", get(clusters))
         .route("/clusters/{name}", get(clusters).delete(clusters))
