@@ -156,7 +156,7 @@ await check("admin signs in with a token and approves dora", async () => {
 await check("dora enrolls with the code and is signed in", async () => {
   await go(user, "/signin");
   await user.getByLabel("Username").fill("dora");
-  await user.getByLabel("Enrollment code").fill(code);
+  await user.getByLabel("Enrollment code", { exact: true }).fill(code);
   const r = await submit(user, user.getByRole("button", { name: "Enroll and sign in" }));
   assert(r.status() === 200, `status ${r.status()}`);
   assert((await user.locator("#api-token").textContent()).startsWith("bsp_"), "token shown");
