@@ -97,9 +97,33 @@ pub enum Cmd {
     Quota,
     /// Show your IP block, quota, VMs and clusters (alias: list-resources).
     Resources,
-    /// Follow and inspect operations (workflows).
+    /// Follow, inspect, cancel and retry operations (workflows).
     #[command(subcommand)]
     Ops(OpsCmd),
+    /// Show what applying a manifest (TOML or YAML) would create, keep and delete.
+    Plan {
+        /// Manifest file (.toml, .yaml/.yml; - for stdin as TOML).
+        #[arg(short = 'f', long)]
+        file: String,
+        /// Nodes run at once (default: the manifest's, else 10).
+        #[arg(long)]
+        parallelism: Option<u32>,
+    },
+    /// Apply a manifest as one batch: independent nodes in parallel, dependents in order.
+    Apply {
+        /// Manifest file (.toml, .yaml/.yml; - for stdin as TOML).
+        #[arg(short = 'f', long)]
+        file: String,
+        /// Nodes run at once (default: the manifest's, else 10).
+        #[arg(long)]
+        parallelism: Option<u32>,
+        /// Do not ask before deleting VMs that left the manifest.
+        #[arg(short = 'y', long)]
+        yes: bool,
+        /// Return as soon as the batch is accepted.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Admin commands (alias: basphere-admin).
     #[command(subcommand)]
     Admin(AdminCmd),
@@ -202,9 +226,26 @@ pub enum OpsCmd {
     Show {
         id: String,
     },
-    /// Follow an operation's steps until it ends.
+    /// Follow an operation's steps (or a batch's nodes, with --batch) until it ends.
     Watch {
+        #[arg(required_unless_present = "batch")]
+        id: Option<String>,
+        /// A batch id (from `basphere apply`): multi-line progress of all its nodes.
+        #[arg(long, conflicts_with = "id")]
+        batch: Option<String>,
+    },
+    /// Cancel an operation: its running step finishes (or hits its deadline), then its done
+    /// steps are undone; batch nodes that require it are skipped.
+    Cancel {
         id: String,
+    },
+    /// Queue a failed or cancelled operation again from its first step not done (with its
+    /// skipped batch dependents).
+    Retry {
+        id: String,
+        /// Follow it until it ends.
+        #[arg(short = 'w', long)]
+        wait: bool,
     },
 }
 

@@ -9,6 +9,9 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+#[path = "batch.rs"]
+mod batch;
+
 fn expand_home(p: &str) -> PathBuf {
     match (p.strip_prefix("~/"), std::env::var_os("HOME")) {
         (Some(rest), Some(home)) => PathBuf::from(home).join(rest),
@@ -48,7 +51,7 @@ fn client(g: &Global) -> anyhow::Result<Client> {
 }
 
 /// Turns a refused request into an error with the server's message and field errors.
-fn check(r: Response) -> anyhow::Result<Value> {
+pub(crate) fn check(r: Response) -> anyhow::Result<Value> {
     if r.body.success {
         return Ok(r.body.data);
     }
@@ -101,7 +104,7 @@ fn prompt(question: &str) -> anyhow::Result<String> {
     Ok(line.trim().to_string())
 }
 
-fn confirm(question: &str) -> anyhow::Result<bool> {
+pub(crate) fn confirm(question: &str) -> anyhow::Result<bool> {
     Ok(matches!(
         prompt(&format!("{question} [y/N] "))?.as_str(),
         "y" | "Y" | "yes"
@@ -353,7 +356,11 @@ async fn client_cmd(g: &Global, out: Output, cmd: Cmd) -> anyhow::Result<ExitCod
                     );
                 }
             }
-            OpsCmd::Watch { id } => {
+            OpsCmd::Watch { id, batch } => {
+                if let Some(b) = batch {
+                    return batch::watch(&c, out, &b).await;
+                }
+                let id = id.unwrap_or_default();
                 let ok = follow(&c, out, &[(id.clone(), id)]).await?;
                 return Ok(if ok {
                     ExitCode::SUCCESS
@@ -361,7 +368,34 @@ async fn client_cmd(g: &Global, out: Output, cmd: Cmd) -> anyhow::Result<ExitCod
                     ExitCode::from(1)
                 });
             }
+            OpsCmd::Cancel { id } => {
+                let r = c
+                    .post(&format!("/api/v1/operations/{id}/cancel"), &json!({}))
+                    .await?;
+                let msg = r.body.message.clone();
+                let d = check(r)?;
+                say(out, &d, &format!("{msg}\nfollow with: basphere ops watch {id}"));
+            }
+            OpsCmd::Retry { id, wait } => {
+                let r = c
+                    .post(&format!("/api/v1/operations/{id}/retry"), &json!({}))
+                    .await?;
+                let msg = r.body.message.clone();
+                let d = check(r)?;
+                if !wait {
+                    say(out, &d, &format!("{msg}\nfollow with: basphere ops watch {id}"));
+                } else {
+                    return batch::wait_op(&c, out, &id).await;
+                }
+            }
         },
+        Cmd::Plan { file, parallelism } => return batch::plan(&c, out, &file, parallelism).await,
+        Cmd::Apply {
+            file,
+            parallelism,
+            yes,
+            no_wait,
+        } => return batch::apply(&c, out, &file, parallelism, yes, no_wait).await,
         Cmd::Admin(a) => admin_cmd(&c, out, a).await?,
         _ => unreachable!("server commands are handled before"),
     }

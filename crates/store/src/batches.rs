@@ -263,9 +263,11 @@ impl Store {
 
     /// The owner of a batch, if it exists.
     pub async fn batch_owner(&self, id: &str) -> crate::Result<Option<String>> {
-        Ok(sqlx::query_scalar("SELECT owner FROM batches WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT owner FROM batches WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
     }
 }

@@ -519,6 +519,14 @@ impl Store {
         rows.iter().map(event_from).collect()
     }
 
+    /// The newest event's sequence number (0 when there is none).
+    pub async fn last_event_seq(&self) -> Result<i64> {
+        let s: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM workflow_events")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(s.unwrap_or(0))
+    }
+
     /// Effects committed by a workflow's steps, in commit order.
     pub async fn step_effects(&self, wf: &str) -> Result<Vec<StepEffect>> {
         let rows = sqlx::query(

@@ -389,51 +389,38 @@ pub async fn events(
                 .json_data(ev)
                 .unwrap_or_default()
         };
-        // Replay from the store up to `boundary`, then pass on live events above it. Live
-        // events can arrive slightly out of sequence (transactions of different operations
-        // commit and broadcast independently), so above the boundary it dedupes by seq
-        // rather than dropping anything older than the last one sent.
-        let mut boundary = q.after.unwrap_or(0);
-        if q.after.is_some() || q.batch.is_some() {
-            loop {
-                let Ok(page) = st.store.events_since(boundary, 2000).await else {
+        // The store's event log is the source of truth (it also holds what admission and
+        // other server processes wrote); the engine's broadcast only says "look again".
+        // SQLite commits one writer at a time, so seq order is commit order. (PostgreSQL:
+        // sequence values can commit out of order; read with a short settle delay there.)
+        let mut last = match (q.after, &q.batch) {
+            (Some(a), _) => a,
+            (None, Some(_)) => 0,
+            (None, None) => st.store.last_event_seq().await.unwrap_or(0),
+        };
+        loop {
+            let Ok(page) = st.store.events_since(last, 1000).await else {
+                return;
+            };
+            for ev in &page {
+                last = ev.seq;
+                if show(ev, &mut shown).await && tx.send(Ok(send(ev))).await.is_err() {
                     return;
-                };
-                if page.is_empty() {
-                    break;
-                }
-                for ev in &page {
-                    boundary = ev.seq;
-                    if show(ev, &mut shown).await && tx.send(Ok(send(ev))).await.is_err() {
-                        return;
-                    }
                 }
             }
-        } else {
-            boundary = -1;
-        }
-        let mut sent = std::collections::HashSet::new();
-        loop {
-            let evs = match live.recv().await {
-                Ok(ev) => vec![ev],
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) if boundary < 0 => {
-                    continue;
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                    match st.store.events_since(boundary, 100_000).await {
-                        Ok(evs) => evs,
-                        Err(_) => return,
+            if page.len() == 1000 {
+                continue;
+            }
+            tokio::select! {
+                r = live.recv() => {
+                    if let Err(tokio::sync::broadcast::error::RecvError::Closed) = r {
+                        return;
                     }
+                    // Coalesce a burst of transitions into one read.
+                    while live.try_recv().is_ok() {}
                 }
-                Err(_) => return,
-            };
-            for ev in evs {
-                if ev.seq <= boundary || !sent.insert(ev.seq) {
-                    continue;
-                }
-                if show(&ev, &mut shown).await && tx.send(Ok(send(&ev))).await.is_err() {
-                    return;
-                }
+                _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+                _ = tx.closed() => return,
             }
         }
     });
