@@ -277,7 +277,7 @@ pub fn badge(status: &str) -> String {
 
 /// Memory in MiB as GiB text.
 pub fn gib(mib: u64) -> String {
-    if mib % 1024 == 0 {
+    if mib.is_multiple_of(1024) {
         format!("{} GiB", mib / 1024)
     } else {
         format!("{:.1} GiB", mib as f64 / 1024.0)

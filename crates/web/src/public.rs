@@ -91,6 +91,8 @@ pub async fn register(State(st): State<AppState>, v: Visitor, Form(f): Form<Fiel
                 });
             } else if fields.is_empty() {
                 alert = Some(e.message.as_str());
+            } else {
+                alert = Some("Registration not sent: please correct the fields marked below.");
             }
             let body = register_body(&v, &f, &fields, alert);
             v.page(e.status, "Register", &body)

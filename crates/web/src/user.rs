@@ -30,7 +30,7 @@ fn meter(
 ) -> String {
     match max {
         Some(max) => {
-            let pct = if max == 0 { 100 } else { used * 100 / max };
+            let pct = (used * 100).checked_div(max).unwrap_or(100);
             let cls = if pct >= 90 { " full" } else { "" };
             format!(
                 r#"<div class="quota{cls}"><label for="q-{id}">{label}</label><meter id="q-{id}" min="0" max="{max}" value="{used}" low="{low}" high="{high}" optimum="0">{used} of {max}</meter><span class="qtext">{u} of {m}</span></div>"#,
@@ -346,6 +346,8 @@ pub async fn create(State(st): State<AppState>, v: Visitor, Form(f): Form<Fields
                 });
             } else if fields.is_empty() {
                 alert = Some(e.message.as_str());
+            } else {
+                alert = Some("Nothing created: please correct the fields marked below.");
             }
             dashboard_page(&st, &v, &caller, e.status, &f, &fields, alert).await
         }
