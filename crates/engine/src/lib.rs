@@ -188,6 +188,7 @@ impl Engine {
             retry: cfg.default_retry(),
             ready_deadline: cfg.ready_deadline,
             step_deadline: cfg.step_deadline,
+            cache: Default::default(),
         });
         let mut defs = HashMap::new();
         defs.insert(WorkflowKind::CreateVm.to_string(), vm.clone());
@@ -272,19 +273,26 @@ impl Engine {
                 p = inner.slots.clone().acquire_owned() => p.expect("semaphore never closed"),
                 _ = shutdown.changed() => return,
             };
+            let deadline = |wf: &Workflow| {
+                let def = self.def(&wf.definition)?;
+                let rec = wf.steps.get(usize::try_from(wf.step).ok()?)?;
+                Some(def.step(&rec.name).deadline.as_millis() as i64)
+            };
             match inner
                 .store
-                .claim_workflow(
+                .claim_and_start(
                     &inner.cfg.node_id,
                     inner.cfg.lease.as_millis() as i64,
                     &inner.cfg.limits,
+                    &deadline,
                 )
                 .await
             {
-                Ok(Some(wf)) => {
+                Ok(Some((wf, evs, started))) => {
+                    self.emit_all(evs);
                     let me = self.clone();
                     tokio::spawn(async move {
-                        me.drive(wf).await;
+                        me.drive(wf, started).await;
                         drop(permit);
                         me.wake();
                     });
@@ -321,7 +329,7 @@ impl Engine {
     }
 
     /// Runs one claimed workflow as far as it goes now, renewing its lease meanwhile.
-    async fn drive(&self, wf: Workflow) {
+    async fn drive(&self, wf: Workflow, started: bool) {
         let (lost_tx, mut lost_rx) = watch::channel(false);
         let hb = {
             let store = self.inner.store.clone();
@@ -346,7 +354,7 @@ impl Engine {
         };
         let id = wf.id.clone();
         tokio::select! {
-            r = self.advance(wf) => {
+            r = self.advance(wf, started) => {
                 if let Err(e) = r {
                     if e.is_lease_lost() {
                         warn!(workflow = %id, "lost the lease; another node continues");
@@ -362,7 +370,7 @@ impl Engine {
         hb.abort();
     }
 
-    async fn advance(&self, wf: Workflow) -> Result<(), StoreError> {
+    async fn advance(&self, wf: Workflow, mut started: bool) -> Result<(), StoreError> {
         let store = &self.inner.store;
         let node = &self.inner.cfg.node_id;
         let Some(def) = self.def(&wf.definition) else {
@@ -383,7 +391,9 @@ impl Engine {
         }
         if !undoing {
             let n = wf.steps.len();
-            let mut started = false;
+            // Whether the loaded step record already counts the current attempt (the claim
+            // started it); steps started by a later commit are one attempt behind in `wf`.
+            let mut counted = started;
             while (step as usize) < n {
                 let rec = &wf.steps[step as usize];
                 let idx = rec.idx;
@@ -401,7 +411,12 @@ impl Engine {
                             .await?,
                     );
                 }
-                let attempts = rec.attempts + 1;
+                let attempts = if counted {
+                    rec.attempts
+                } else {
+                    rec.attempts + 1
+                };
+                counted = false;
                 let ctx = StepCtx {
                     workflow: &wf,
                     idx,
@@ -425,12 +440,16 @@ impl Engine {
                             name: &r.name,
                             deadline_ms: def.step(&r.name).deadline.as_millis() as i64,
                         });
+                        let last = next.is_none();
                         let (evs, cancel) = store
-                            .step_done(&wf.id, idx, &rec.name, node, &commit, next)
+                            .step_done_then(&wf.id, idx, &rec.name, node, &commit, next, true)
                             .await?;
                         self.emit_all(evs);
                         step += 1;
                         started = true;
+                        if last && !cancel {
+                            return Ok(());
+                        }
                         if cancel {
                             self.emit(
                                 store
@@ -541,6 +560,30 @@ impl Engine {
             step -= 1;
         }
         self.emit_all(store.finish_workflow(&wf.id, node, &end(reason)).await?);
+        Ok(())
+    }
+}
+
+/// A definition whose steps do nothing and never fail (benchmarks, tests of the engine itself).
+pub struct NoopWorkflow;
+
+#[async_trait::async_trait]
+impl WorkflowDef for NoopWorkflow {
+    fn step(&self, _: &str) -> StepSpec {
+        StepSpec {
+            deadline: Duration::from_secs(10),
+            retry: RetryPolicy {
+                max_attempts: 1,
+                base: Duration::from_millis(1),
+                max: Duration::from_millis(1),
+                jitter: 0.0,
+            },
+        }
+    }
+    async fn run(&self, _: &StepCtx<'_>) -> Result<StepCommit, StepError> {
+        Ok(StepCommit::default())
+    }
+    async fn undo(&self, _: &StepCtx<'_>) -> Result<(), StepError> {
         Ok(())
     }
 }

@@ -31,6 +31,9 @@ pub(crate) struct VmWorkflow {
     pub retry: RetryPolicy,
     pub ready_deadline: Duration,
     pub step_deadline: Duration,
+    /// Requests built during one claim of a workflow, keyed by (workflow, its `updated_at` at
+    /// the claim): the steps of one drive share one read of the VM and its owner.
+    pub cache: std::sync::Mutex<std::collections::HashMap<(String, i64), VmRequest>>,
 }
 
 impl VmWorkflow {
@@ -82,8 +85,19 @@ impl VmWorkflow {
     }
 
     async fn request(&self, ctx: &StepCtx<'_>) -> Result<VmRequest, StepError> {
+        let key = (ctx.workflow.id.clone(), ctx.workflow.updated_at);
+        if let Some(r) = self.cache.lock().expect("cache lock").get(&key) {
+            return Ok(r.clone());
+        }
         match self.request_for(ctx.workflow).await {
-            Ok(Some(r)) => Ok(r),
+            Ok(Some(r)) => {
+                let mut c = self.cache.lock().expect("cache lock");
+                if c.len() > 4096 {
+                    c.clear();
+                }
+                c.insert(key, r.clone());
+                Ok(r)
+            }
             Ok(None) => Err(StepError::permanent("its VM record is gone")),
             Err(e) => Err(StepError::retryable(format!("reading the VM record: {e}"))),
         }

@@ -373,6 +373,34 @@ impl StoreError {
     }
 }
 
+fn workflow_from(r: &SqliteRow, steps: Vec<StepRecord>) -> Result<Workflow> {
+    let input: String = r.try_get("input")?;
+    let kind: WorkflowKind = parse("workflows.kind", r.try_get("kind")?)?;
+    Ok(Workflow {
+        id: r.try_get("id")?,
+        kind,
+        definition: r
+            .try_get::<Option<String>, _>("definition")?
+            .unwrap_or_else(|| kind.to_string()),
+        vm_id: r.try_get("vm_id")?,
+        owner: r.try_get("owner")?,
+        status: parse("workflows.status", r.try_get("status")?)?,
+        step: r.try_get("step")?,
+        attempt: r.try_get::<i64, _>("attempt")? as u32,
+        priority: r.try_get("priority")?,
+        error: r.try_get("error")?,
+        input: serde_json::from_str(&input).unwrap_or(serde_json::Value::Null),
+        cancel_requested: r.try_get::<i64, _>("cancel_requested")? != 0,
+        batch_id: r.try_get("batch_id")?,
+        node: r.try_get("node")?,
+        waiting_on: r.try_get("waiting_on")?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+        finished_at: r.try_get("finished_at")?,
+        steps,
+    })
+}
+
 const WF_COLS: &str =
     "id, kind, definition, vm_id, owner, status, step, attempt, priority, error, input,
     cancel_requested, batch_id, node, waiting_on, created_at, updated_at, finished_at";
@@ -398,31 +426,7 @@ impl Store {
             .iter()
             .map(step_from)
             .collect::<Result<Vec<_>>>()?;
-        let input: String = r.try_get("input")?;
-        let kind: WorkflowKind = parse("workflows.kind", r.try_get("kind")?)?;
-        Ok(Some(Workflow {
-            id: r.try_get("id")?,
-            kind,
-            definition: r
-                .try_get::<Option<String>, _>("definition")?
-                .unwrap_or_else(|| kind.to_string()),
-            vm_id: r.try_get("vm_id")?,
-            owner: r.try_get("owner")?,
-            status: parse("workflows.status", r.try_get("status")?)?,
-            step: r.try_get("step")?,
-            attempt: r.try_get::<i64, _>("attempt")? as u32,
-            priority: r.try_get("priority")?,
-            error: r.try_get("error")?,
-            input: serde_json::from_str(&input).unwrap_or(serde_json::Value::Null),
-            cancel_requested: r.try_get::<i64, _>("cancel_requested")? != 0,
-            batch_id: r.try_get("batch_id")?,
-            node: r.try_get("node")?,
-            waiting_on: r.try_get("waiting_on")?,
-            created_at: r.try_get("created_at")?,
-            updated_at: r.try_get("updated_at")?,
-            finished_at: r.try_get("finished_at")?,
-            steps,
-        }))
+        Ok(Some(workflow_from(&r, steps)?))
     }
 
     /// One workflow with its steps.
@@ -444,15 +448,33 @@ impl Store {
         self.load_many(ids).await
     }
 
-    /// The workflows of a batch, in the order they were queued.
+    /// The workflows of a batch, in the order they were queued (two queries in all).
     pub async fn batch_workflows(&self, batch: &str) -> Result<Vec<Workflow>> {
-        let ids: Vec<String> = sqlx::query_scalar(
-            "SELECT id FROM workflows WHERE batch_id = $1 ORDER BY created_at, rowid",
+        let mut c = self.pool.acquire().await?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {WF_COLS} FROM workflows WHERE batch_id = $1 ORDER BY created_at, rowid"
+        )))
+        .bind(batch)
+        .fetch_all(&mut *c)
+        .await?;
+        let mut steps: std::collections::HashMap<String, Vec<StepRecord>> = Default::default();
+        for r in sqlx::query(
+            "SELECT s.* FROM workflow_steps s JOIN workflows w ON w.id = s.workflow_id
+             WHERE w.batch_id = $1 ORDER BY s.workflow_id, s.idx",
         )
         .bind(batch)
-        .fetch_all(&self.pool)
-        .await?;
-        self.load_many(ids).await
+        .fetch_all(&mut *c)
+        .await?
+        {
+            let wf: String = r.try_get("workflow_id")?;
+            steps.entry(wf).or_default().push(step_from(&r)?);
+        }
+        rows.iter()
+            .map(|r| {
+                let id: String = r.try_get("id")?;
+                workflow_from(r, steps.remove(&id).unwrap_or_default())
+            })
+            .collect()
     }
 
     async fn load_many(&self, ids: Vec<String>) -> Result<Vec<Workflow>> {
@@ -569,6 +591,23 @@ impl Store {
         lease_ms: i64,
         limits: &ClaimLimits,
     ) -> Result<Option<Workflow>> {
+        Ok(self
+            .claim_and_start(node, lease_ms, limits, &|_| None)
+            .await?
+            .map(|c| c.0))
+    }
+
+    /// [`Store::claim_workflow`], and in the same transaction starts the claimed workflow's
+    /// next step when `deadline_ms(&workflow)` gives its deadline (not when undoing or
+    /// cancelling). Returns the workflow as it is after that, the events, and whether it
+    /// started the step.
+    pub async fn claim_and_start(
+        &self,
+        node: &str,
+        lease_ms: i64,
+        limits: &ClaimLimits,
+        deadline_ms: &(dyn Fn(&Workflow) -> Option<i64> + Send + Sync),
+    ) -> Result<Option<(Workflow, Vec<WorkflowEvent>, bool)>> {
         let now = now_ms();
         let mut tx = self.write().await?;
         let id: Option<String> = sqlx::query_scalar(
@@ -603,9 +642,26 @@ impl Store {
         let Some(id) = id else {
             return Ok(None);
         };
-        let wf = Self::load_workflow(&mut tx, &id).await?;
+        let Some(mut wf) = Self::load_workflow(&mut tx, &id).await? else {
+            return Ok(None);
+        };
+        let mut evs = vec![];
+        let mut started = false;
+        let runnable = matches!(wf.status, WorkflowStatus::Running) && !wf.cancel_requested;
+        if let (true, Some(i)) = (runnable, usize::try_from(wf.step).ok())
+            && i < wf.steps.len()
+            && let Some(d) = deadline_ms(&wf)
+        {
+            let rec = &mut wf.steps[i];
+            evs.push(Self::mark_started(&mut tx, &id, rec.idx, &rec.name, d, now).await?);
+            rec.status = StepStatus::Running;
+            rec.attempts += 1;
+            rec.started_at = Some(now);
+            rec.deadline_at = Some(now + d);
+            started = true;
+        }
         tx.commit().await?;
-        Ok(wf)
+        Ok(Some((wf, evs, started)))
     }
 
     /// Milliseconds until the next workflow becomes due, if any is waiting.
@@ -730,6 +786,23 @@ impl Store {
         commit: &StepCommit,
         next: Option<NextStep<'_>>,
     ) -> Result<(Vec<WorkflowEvent>, bool)> {
+        self.step_done_then(wf, idx, name, node, commit, next, false)
+            .await
+    }
+
+    /// [`Store::step_done`]; with `finish` (and no `next`) the workflow also ends succeeded in
+    /// the same transaction unless a cancel was requested — one commit for the last step.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn step_done_then(
+        &self,
+        wf: &str,
+        idx: u32,
+        name: &str,
+        node: &str,
+        commit: &StepCommit,
+        next: Option<NextStep<'_>>,
+        finish: bool,
+    ) -> Result<(Vec<WorkflowEvent>, bool)> {
         let mut tx = self.write().await?;
         Self::guard(&mut tx, wf, node).await?;
         let now = now_ms();
@@ -778,6 +851,8 @@ impl Store {
         let cancel = cancel != 0;
         if let (Some(n), false) = (next, cancel) {
             evs.push(Self::mark_started(&mut tx, wf, n.idx, n.name, n.deadline_ms, now).await?);
+        } else if finish && next.is_none() && !cancel {
+            evs.extend(finish_in(&mut tx, wf, &WorkflowOutcome::Succeeded).await?);
         }
         tx.commit().await?;
         Ok((evs, cancel))
@@ -1128,49 +1203,84 @@ impl Store {
     ) -> Result<Vec<WorkflowEvent>> {
         let mut tx = self.write().await?;
         Self::guard(&mut tx, wf, node).await?;
-        let w = Self::load_workflow(&mut tx, wf)
-            .await?
-            .ok_or_else(|| lease_lost(wf))?;
-        let now = now_ms();
-        let (status, err) = match outcome {
-            WorkflowOutcome::Succeeded => ("succeeded", None),
-            WorkflowOutcome::Failed(e) => ("failed", Some(e.as_str())),
-            WorkflowOutcome::Cancelled(e) => ("cancelled", Some(e.as_str())),
-        };
-        sqlx::query(
-            "UPDATE workflows SET status = $2, error = COALESCE($3, error), lease_owner = NULL,
-                 lease_until = NULL, updated_at = $4, finished_at = $4 WHERE id = $1",
-        )
-        .bind(wf)
-        .bind(status)
-        .bind(err)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        apply_vm_outcome(&mut tx, &w, outcome, now).await?;
-        let msg = match outcome {
-            WorkflowOutcome::Succeeded => format!("{} succeeded", w.definition),
-            WorkflowOutcome::Failed(e) => format!("{} failed: {e}", w.definition),
-            WorkflowOutcome::Cancelled(e) => format!("{} cancelled: {e}", w.definition),
-        };
-        let mut evs = vec![event(&mut tx, wf, None, status, &msg).await?];
-        release_dependents(
-            &mut tx,
-            &w,
-            outcome != &WorkflowOutcome::Succeeded,
-            now,
-            &mut evs,
-        )
-        .await?;
+        let evs = finish_in(&mut tx, wf, outcome).await?;
         tx.commit().await?;
         Ok(evs)
     }
 }
 
+/// The parts of a workflow that ending it needs.
+struct Ending {
+    id: String,
+    kind: WorkflowKind,
+    definition: String,
+    vm_id: Option<String>,
+    node: Option<String>,
+}
+
+async fn ending(conn: &mut SqliteConnection, wf: &str) -> Result<Ending> {
+    let r = sqlx::query("SELECT kind, definition, vm_id, node FROM workflows WHERE id = $1")
+        .bind(wf)
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or_else(|| lease_lost(wf))?;
+    let kind: WorkflowKind = parse("workflows.kind", r.try_get("kind")?)?;
+    Ok(Ending {
+        id: wf.to_string(),
+        kind,
+        definition: r
+            .try_get::<Option<String>, _>("definition")?
+            .unwrap_or_else(|| kind.to_string()),
+        vm_id: r.try_get("vm_id")?,
+        node: r.try_get("node")?,
+    })
+}
+
+/// Ends workflow `wf` inside the caller's (lease-guarded) transaction.
+async fn finish_in(
+    conn: &mut SqliteConnection,
+    wf: &str,
+    outcome: &WorkflowOutcome,
+) -> Result<Vec<WorkflowEvent>> {
+    let w = ending(conn, wf).await?;
+    let now = now_ms();
+    let (status, err) = match outcome {
+        WorkflowOutcome::Succeeded => ("succeeded", None),
+        WorkflowOutcome::Failed(e) => ("failed", Some(e.as_str())),
+        WorkflowOutcome::Cancelled(e) => ("cancelled", Some(e.as_str())),
+    };
+    sqlx::query(
+        "UPDATE workflows SET status = $2, error = COALESCE($3, error), lease_owner = NULL,
+             lease_until = NULL, updated_at = $4, finished_at = $4 WHERE id = $1",
+    )
+    .bind(wf)
+    .bind(status)
+    .bind(err)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    apply_vm_outcome(conn, &w, outcome, now).await?;
+    let msg = match outcome {
+        WorkflowOutcome::Succeeded => format!("{} succeeded", w.definition),
+        WorkflowOutcome::Failed(e) => format!("{} failed: {e}", w.definition),
+        WorkflowOutcome::Cancelled(e) => format!("{} cancelled: {e}", w.definition),
+    };
+    let mut evs = vec![event(conn, wf, None, status, &msg).await?];
+    release_dependents(
+        conn,
+        &w,
+        outcome != &WorkflowOutcome::Succeeded,
+        now,
+        &mut evs,
+    )
+    .await?;
+    Ok(evs)
+}
+
 /// Releases or skips the batch dependents of `w` (see [`Store::finish_workflow`]).
 async fn release_dependents(
     conn: &mut SqliteConnection,
-    w: &Workflow,
+    w: &Ending,
     failed: bool,
     now: i64,
     evs: &mut Vec<WorkflowEvent>,
@@ -1198,9 +1308,7 @@ async fn release_dependents(
             .execute(&mut *conn)
             .await?;
             for d in hard {
-                let Some(dw) = Store::load_workflow(conn, &d).await? else {
-                    continue;
-                };
+                let dw = ending(conn, &d).await?;
                 let reason = format!("skipped: requires {name}, which did not succeed");
                 sqlx::query(
                     "UPDATE workflows SET status = 'cancelled', error = $2, updated_at = $3,
@@ -1239,7 +1347,7 @@ async fn release_dependents(
 /// Applies a workflow's outcome to its VM record, with the audit record.
 async fn apply_vm_outcome(
     conn: &mut SqliteConnection,
-    w: &Workflow,
+    w: &Ending,
     outcome: &WorkflowOutcome,
     now: i64,
 ) -> Result<()> {
