@@ -85,7 +85,9 @@ async fn two_engines_one_database_no_step_twice_and_takeover_after_lease_expiry(
     }
     let lines = read_log(&log);
     // Runs of one step never overlap (A's killed run ends at the kill).
-    let mut runs: BTreeMap<(String, u32), Vec<(String, i64, i64)>> = BTreeMap::new();
+    // (workflow, step) → runs as (node, start, end).
+    type Runs = BTreeMap<(String, u32), Vec<(String, i64, i64)>>;
+    let mut runs: Runs = BTreeMap::new();
     let mut started: BTreeMap<(String, String, u32), i64> = BTreeMap::new();
     for l in &lines {
         let k = (l.1.clone(), l.2.clone(), l.3);

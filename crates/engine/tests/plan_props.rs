@@ -5,7 +5,10 @@ use std::collections::{BTreeMap, HashMap};
 
 /// A random manifest: node i may require / optionally follow nodes j < i (acyclic), and
 /// optionally follow names that are absent.
-fn dag() -> impl Strategy<Value = (usize, Vec<(usize, usize, bool)>, Vec<(usize, usize)>)> {
+/// Node count, edges (dependent, dependency, hard), soft edges to absent names (node, k).
+type Dag = (usize, Vec<(usize, usize, bool)>, Vec<(usize, usize)>);
+
+fn dag() -> impl Strategy<Value = Dag> {
     (2usize..40).prop_flat_map(|n| {
         let edges =
             proptest::collection::vec((1..n, 0..n, any::<bool>()), 0..n * 2).prop_map(move |es| {
