@@ -180,9 +180,9 @@ pub async fn users(State(st): State<AppState>, v: Visitor) -> Response {
         let _ = write!(
             rows,
             r#"<article class="card user" data-user="{id}">
-<h3>{id} {status} <span class="muted">{role} · team {team} · {email}</span></h3>
+<h3>{id} {status} <span class="muted">{role} · team {team}{email}</span></h3>
 <p class="usage">Using {vms} VM(s), {ips} IP(s), {vcpus} vCPU, {mem}.</p>
-<form method="post" action="/admin/users/{uu}/quota" class="quota-form">{csrf}
+<form method="post" action="/admin/users/{uu}/quota" class="quota-form" aria-label="Quota of {id}">{csrf}
 {f1}{f2}{f3}{f4}
 <button type="submit" id="save-{id}">Save quota</button>
 </form>
@@ -191,7 +191,11 @@ pub async fn users(State(st): State<AppState>, v: Visitor) -> Response {
             status = badge(u.status.to_string().as_str()),
             role = u.role,
             team = esc(&u.team),
-            email = esc(&u.email),
+            email = if u.email.is_empty() {
+                String::new()
+            } else {
+                format!(" · {}", esc(&u.email))
+            },
             vms = usage.vms,
             ips = usage.ips,
             vcpus = usage.vcpus,

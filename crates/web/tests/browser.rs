@@ -91,7 +91,7 @@ async fn portal_in_chromium() {
         .await
         .unwrap();
     // Each provider phase takes a while, so that the page can show the steps moving.
-    let provider = Arc::new(NullProvider::new(Duration::from_millis(900)));
+    let provider = Arc::new(NullProvider::new(Duration::from_millis(1500)));
     let engine = Engine::new(
         store.clone(),
         provider,
