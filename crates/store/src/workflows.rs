@@ -330,6 +330,42 @@ pub(crate) async fn event(
     })
 }
 
+/// Two step events in one statement (in this order).
+async fn events2(
+    conn: &mut SqliteConnection,
+    wf: &str,
+    evs: [(&str, &str, &str); 2],
+) -> Result<Vec<WorkflowEvent>> {
+    let now = now_ms();
+    let mut seqs: Vec<i64> = sqlx::query_scalar(
+        "INSERT INTO workflow_events (workflow_id, at, step, kind, message)
+         VALUES ($1, $2, $3, $4, $5), ($1, $2, $6, $7, $8) RETURNING seq",
+    )
+    .bind(wf)
+    .bind(now)
+    .bind(evs[0].0)
+    .bind(evs[0].1)
+    .bind(evs[0].2)
+    .bind(evs[1].0)
+    .bind(evs[1].1)
+    .bind(evs[1].2)
+    .fetch_all(conn)
+    .await?;
+    seqs.sort_unstable();
+    Ok(seqs
+        .into_iter()
+        .zip(evs)
+        .map(|(seq, (step, kind, message))| WorkflowEvent {
+            seq,
+            operation_id: wf.to_string(),
+            at: now,
+            step: Some(step.to_string()),
+            kind: kind.to_string(),
+            message: message.to_string(),
+        })
+        .collect())
+}
+
 fn event_from(r: &SqliteRow) -> Result<WorkflowEvent> {
     Ok(WorkflowEvent {
         seq: r.try_get("seq")?,
@@ -610,7 +646,7 @@ impl Store {
     ) -> Result<Option<(Workflow, Vec<WorkflowEvent>, bool)>> {
         let now = now_ms();
         let mut tx = self.write().await?;
-        let id: Option<String> = sqlx::query_scalar(
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE workflows SET lease_owner = $1, lease_until = $2, updated_at = $3,
                  status = CASE WHEN status = 'pending' THEN 'running' ELSE status END
              WHERE id = (
@@ -629,8 +665,8 @@ impl Store {
                      < (SELECT b.parallelism FROM batches b WHERE b.id = w.batch_id))
                ORDER BY w.priority DESC, w.created_at
                LIMIT 1 /* PostgreSQL: FOR UPDATE SKIP LOCKED */)
-             RETURNING id",
-        )
+             RETURNING {WF_COLS}"
+        )))
         .bind(node)
         .bind(now + lease_ms)
         .bind(now)
@@ -639,12 +675,18 @@ impl Store {
         .bind(limits.per_host.map(i64::from))
         .fetch_optional(&mut *tx)
         .await?;
-        let Some(id) = id else {
+        let Some(row) = row else {
             return Ok(None);
         };
-        let Some(mut wf) = Self::load_workflow(&mut tx, &id).await? else {
-            return Ok(None);
-        };
+        let id: String = row.try_get("id")?;
+        let steps = sqlx::query("SELECT * FROM workflow_steps WHERE workflow_id = $1 ORDER BY idx")
+            .bind(&id)
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(step_from)
+            .collect::<Result<Vec<_>>>()?;
+        let mut wf = workflow_from(&row, steps)?;
         let mut evs = vec![];
         let mut started = false;
         let runnable = matches!(wf.status, WorkflowStatus::Running) && !wf.cancel_requested;
@@ -804,16 +846,38 @@ impl Store {
         finish: bool,
     ) -> Result<(Vec<WorkflowEvent>, bool)> {
         let mut tx = self.write().await?;
-        Self::guard(&mut tx, wf, node).await?;
         let now = now_ms();
+        // The lease guard, the move to the next step and the cancel flag in one statement.
+        let cancel: Option<i64> = sqlx::query_scalar(
+            "UPDATE workflows SET step = $2, attempt = 0, updated_at = $3
+             WHERE id = $1 AND lease_owner = $4 RETURNING cancel_requested",
+        )
+        .bind(wf)
+        .bind(i64::from(idx) + 1)
+        .bind(now)
+        .bind(node)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let cancel = cancel.ok_or_else(|| lease_lost(wf))? != 0;
+        let start = next.filter(|_| !cancel);
+        // This step done and the next one started, in one statement.
         sqlx::query(
-            "UPDATE workflow_steps SET status = 'done', error = NULL, finished_at = $3, output = $4
-             WHERE workflow_id = $1 AND idx = $2",
+            "UPDATE workflow_steps SET
+                 status = CASE WHEN idx = $2 THEN 'done' ELSE 'running' END,
+                 error = CASE WHEN idx = $2 THEN NULL ELSE error END,
+                 finished_at = CASE WHEN idx = $2 THEN $4 ELSE finished_at END,
+                 output = CASE WHEN idx = $2 THEN $5 ELSE output END,
+                 attempts = CASE WHEN idx = $2 THEN attempts ELSE attempts + 1 END,
+                 started_at = CASE WHEN idx = $2 THEN started_at ELSE $4 END,
+                 deadline_at = CASE WHEN idx = $2 THEN deadline_at ELSE $6 END
+             WHERE workflow_id = $1 AND idx IN ($2, $3)",
         )
         .bind(wf)
         .bind(i64::from(idx))
+        .bind(start.map(|n| i64::from(n.idx)).unwrap_or(-1))
         .bind(now)
         .bind(commit.output.as_ref().map(|o| o.to_string()))
+        .bind(now + start.map(|n| n.deadline_ms).unwrap_or(0))
         .execute(&mut *tx)
         .await?;
         for (key, payload) in &commit.effects {
@@ -829,29 +893,23 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
-        let cancel: i64 = sqlx::query_scalar(
-            "UPDATE workflows SET step = $2, attempt = 0, updated_at = $3 WHERE id = $1
-             RETURNING cancel_requested",
-        )
-        .bind(wf)
-        .bind(i64::from(idx) + 1)
-        .bind(now)
-        .fetch_one(&mut *tx)
-        .await?;
-        let mut evs = vec![
-            event(
-                &mut tx,
-                wf,
-                Some(name),
-                "step_done",
-                &format!("{name} done"),
-            )
-            .await?,
-        ];
-        let cancel = cancel != 0;
-        if let (Some(n), false) = (next, cancel) {
-            evs.push(Self::mark_started(&mut tx, wf, n.idx, n.name, n.deadline_ms, now).await?);
-        } else if finish && next.is_none() && !cancel {
+        let done_msg = format!("{name} done");
+        let mut evs = match start {
+            Some(n) => {
+                let started_msg = format!("{} started", n.name);
+                events2(
+                    &mut tx,
+                    wf,
+                    [
+                        (name, "step_done", done_msg.as_str()),
+                        (n.name, "step_started", started_msg.as_str()),
+                    ],
+                )
+                .await?
+            }
+            None => vec![event(&mut tx, wf, Some(name), "step_done", &done_msg).await?],
+        };
+        if finish && next.is_none() && !cancel {
             evs.extend(finish_in(&mut tx, wf, &WorkflowOutcome::Succeeded).await?);
         }
         tx.commit().await?;
