@@ -283,3 +283,44 @@ pub fn gib(mib: u64) -> String {
         format!("{:.1} GiB", mib as f64 / 1024.0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_markup_and_quotes() {
+        assert_eq!(
+            esc(r#"<a href="x">'&'</a>"#),
+            "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
+        );
+    }
+
+    #[test]
+    fn url_encodes_all_but_unreserved() {
+        assert_eq!(url("a b/c?d=é"), "a%20b%2Fc%3Fd%3D%C3%A9");
+        assert_eq!(url("web-1_x.y~"), "web-1_x.y~");
+    }
+
+    #[test]
+    fn inline_error_is_tied_to_its_field() {
+        let errs = vec![FieldError {
+            field: "email".into(),
+            message: "must look like <x>".into(),
+        }];
+        let h = Input::text("email", "Email", "a\"b").render("r-", &errs);
+        assert!(h.contains(r#"<label for="r-email">Email</label>"#));
+        assert!(h.contains(r#"aria-invalid="true""#));
+        assert!(h.contains(r#"aria-describedby="r-email-error""#));
+        assert!(h.contains("must look like &lt;x&gt;"));
+        assert!(h.contains(r#"value="a&quot;b""#));
+        let ok = Input::text("team", "Team", "").render("r-", &errs);
+        assert!(!ok.contains("aria-invalid"));
+    }
+
+    #[test]
+    fn memory_as_gib() {
+        assert_eq!(gib(8192), "8 GiB");
+        assert_eq!(gib(1536), "1.5 GiB");
+    }
+}

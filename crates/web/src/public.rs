@@ -352,3 +352,13 @@ pub async fn signout(State(st): State<AppState>, v: Visitor, Form(f): Form<Field
     }
     v.end_session(v.redirect("/signin", Some(("ok", "Signed out."))))
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ssh_config_host_pattern_from_cidr() {
+        assert_eq!(super::net_pattern("10.254.0.0/21"), "10.254.*");
+        assert_eq!(super::net_pattern("10.0.0.0/8"), "10.*");
+        assert_eq!(super::net_pattern("192.168.7.0/24"), "192.168.7.*");
+    }
+}

@@ -281,3 +281,20 @@ pub fn error_page_plain(status: StatusCode, message: &str) -> Response {
     )
         .into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn flash_text_round_trips_through_the_cookie() {
+        let text = "ok:User dora approved; code: ab12 (é)";
+        assert_eq!(super::decode(&crate::html::url(text)), text);
+        assert_eq!(super::decode("100%"), "100%");
+    }
+
+    #[test]
+    fn constant_time_compare() {
+        assert!(super::constant_eq(b"abc", b"abc"));
+        assert!(!super::constant_eq(b"abc", b"abd"));
+        assert!(!super::constant_eq(b"abc", b"ab"));
+    }
+}
