@@ -236,7 +236,7 @@ fn field(f: &str, m: impl Into<String>) -> Vec<FieldError> {
 /// Mints the session token for `caller` and answers with `resp` carrying its cookie.
 async fn open_session(
     st: &AppState,
-    v: &Visitor,
+    v: Visitor,
     caller: &Caller,
     resp: impl FnOnce(&Visitor) -> Response,
 ) -> Response {
@@ -253,7 +253,11 @@ async fn open_session(
         )
         .await
     {
-        Ok((_, secret)) => v.start_session(resp(v), &secret),
+        Ok((info, secret)) => {
+            // The answer already shows the visitor signed in (navigation, sign-out form).
+            let v = v.into_session(caller.clone(), info.id, secret.clone());
+            v.start_session(resp(&v), &secret)
+        }
         Err(e) => v.page(
             StatusCode::INTERNAL_SERVER_ERROR,
             "Sign in",
@@ -292,7 +296,7 @@ pub async fn signin(State(st): State<AppState>, v: Visitor, Form(f): Form<Fields
     }
     let caller = caller.expect("checked");
     let name = caller.name.clone();
-    open_session(&st, &v, &caller, |v| {
+    open_session(&st, v, &caller, |v| {
         v.redirect("/dashboard", Some(("ok", &format!("Signed in as {name}."))))
     })
     .await
@@ -337,7 +341,7 @@ chmod 600 ~/.config/basphere/token</code></pre>
 <p><a class="button" href="/dashboard">Go to your dashboard</a></p>"#,
         tok = esc(&secret)
     );
-    open_session(&st, &v, &caller, |v| {
+    open_session(&st, v, &caller, |v| {
         v.page(StatusCode::OK, "Enrolled", &page)
     })
     .await

@@ -213,6 +213,15 @@ impl Visitor {
         self.finish((status, [("content-type", "text/html; charset=utf-8")], html).into_response())
     }
 
+    /// This visitor, now signed in with the session `secret` (token `token_id`).
+    pub fn into_session(mut self, caller: Caller, token_id: String, secret: String) -> Self {
+        self.caller = Some(caller);
+        self.token_id = Some(token_id);
+        self.session = Some(secret);
+        self.stale_session = false;
+        self
+    }
+
     /// Sets the session cookie on `resp`.
     pub fn start_session(&self, mut resp: Response, secret: &str) -> Response {
         resp.headers_mut().append(
