@@ -362,11 +362,11 @@ pub async fn events(
     tokio::spawn(async move {
         // Workflow id → whether this stream shows it.
         let mut shown: HashMap<String, bool> = HashMap::new();
-        if let Some(b) = &q.batch {
-            if let Ok(ws) = st.store.batch_workflows(b).await {
-                for w in ws {
-                    shown.insert(w.id, true);
-                }
+        if let Some(b) = &q.batch
+            && let Ok(ws) = st.store.batch_workflows(b).await
+        {
+            for w in ws {
+                shown.insert(w.id, true);
             }
         }
         let batch = q.batch.clone();
