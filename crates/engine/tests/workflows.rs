@@ -429,3 +429,33 @@ async fn per_user_limit_holds_across_workflows() {
     );
     assert_eq!(peak, 2);
 }
+
+/// `cargo test -p basphere-engine --test workflows throughput -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a test"]
+async fn throughput() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    let ws: Vec<_> = (0..100)
+        .map(|_| {
+            let mut w = ledger_workflow(50, json!({}));
+            w.definition = Some("noop".into());
+            w
+        })
+        .collect();
+    store.enqueue_workflows(&ws, &[]).await.unwrap();
+    let mut cfg = engine_cfg("n1");
+    cfg.max_parallel = 32;
+    let e = engine(&store, null(), cfg);
+    e.register("noop", Arc::new(basphere_engine::NoopWorkflow));
+    let t0 = Instant::now();
+    let _stop = start(&e);
+    loop {
+        let ws = store.workflows(None, 200).await.unwrap();
+        if ws.iter().all(|w| w.status.is_terminal()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("{:.0} steps/s", 5000.0 / t0.elapsed().as_secs_f64());
+}

@@ -12,6 +12,7 @@
 
 mod audit;
 mod batches;
+mod commit;
 mod migrate;
 mod users;
 mod vms;
@@ -57,6 +58,8 @@ pub struct Store {
     /// millisecond steps) is what lets the engine commit thousands of step transitions a second.
     /// Other processes on the same file still wait in the busy handler.
     writer: Arc<tokio::sync::Mutex<()>>,
+    /// Queue of the group committer (step completions; see `commit`).
+    committer: tokio::sync::mpsc::UnboundedSender<commit::DoneJob>,
 }
 
 /// A write transaction holding this process's writer lock; derefs to the connection.
@@ -118,11 +121,15 @@ impl Store {
             .min_connections(1)
             .connect_with(opts)
             .await?;
-        let store = Self {
+        let (dead, _) = tokio::sync::mpsc::unbounded_channel();
+        let mut store = Self {
             pool,
             writer: Arc::new(tokio::sync::Mutex::new(())),
+            committer: dead,
         };
         migrate::run(&store.pool).await?;
+        // The committer holds a handle without a committer of its own (it commits directly).
+        store.committer = commit::spawn(store.clone());
         Ok(store)
     }
 

@@ -398,7 +398,7 @@ fn step_from(r: &SqliteRow) -> Result<StepRecord> {
 /// The lease on a workflow was lost to another node (or the workflow vanished).
 pub const LEASE_LOST: &str = "lease lost";
 
-fn lease_lost(wf: &str) -> StoreError {
+pub(crate) fn lease_lost(wf: &str) -> StoreError {
     StoreError::Corrupt("workflows.lease_owner", format!("{LEASE_LOST} on {wf}"))
 }
 
@@ -834,8 +834,39 @@ impl Store {
 
     /// [`Store::step_done`]; with `finish` (and no `next`) the workflow also ends succeeded in
     /// the same transaction unless a cancel was requested — one commit for the last step.
+    /// Completions arriving together share one transaction (see the `commit` module).
     #[allow(clippy::too_many_arguments)]
     pub async fn step_done_then(
+        &self,
+        wf: &str,
+        idx: u32,
+        name: &str,
+        node: &str,
+        commit: &StepCommit,
+        next: Option<NextStep<'_>>,
+        finish: bool,
+    ) -> Result<(Vec<WorkflowEvent>, bool)> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let job = crate::commit::DoneJob {
+            wf: wf.to_string(),
+            idx,
+            name: name.to_string(),
+            node: node.to_string(),
+            commit: commit.clone(),
+            next: next.map(|n| (n.idx, n.name.to_string(), n.deadline_ms)),
+            finish,
+            reply,
+        };
+        if self.committer.send(job).is_err() {
+            return Err(StoreError::Corrupt("store", "the store is closed".into()));
+        }
+        rx.await
+            .map_err(|_| StoreError::Corrupt("store", "the committer stopped".into()))?
+    }
+
+    /// One completion in its own transaction.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn step_done_single(
         &self,
         wf: &str,
         idx: u32,
@@ -1295,7 +1326,7 @@ async fn ending(conn: &mut SqliteConnection, wf: &str) -> Result<Ending> {
 }
 
 /// Ends workflow `wf` inside the caller's (lease-guarded) transaction.
-async fn finish_in(
+pub(crate) async fn finish_in(
     conn: &mut SqliteConnection,
     wf: &str,
     outcome: &WorkflowOutcome,

@@ -1,0 +1,237 @@
+//! Group commit of step completions.
+//!
+//! Every step completion is a write transaction, and with SQLite every statement is a hop to
+//! the connection's thread; per transaction those hops, not the disk, set the pace. So the
+//! completions that arrive while one commit runs are written together by one task: one
+//! `BEGIN IMMEDIATE`, one statement each for the lease guard, the step rows and the events of
+//! the whole group, then `COMMIT`. Each completion keeps its own meaning — lease-guarded,
+//! atomic with its effects, committed before its workflow's next step starts (its caller
+//! waits for the reply) — only the transaction is shared. If the group's transaction fails,
+//! each completion is retried alone so that one bad completion cannot fail the others.
+
+use crate::workflows::{
+    NextStep, StepCommit, WorkflowEvent, WorkflowOutcome, finish_in, lease_lost,
+};
+use crate::{Result, Store, now_ms};
+use sqlx::Row;
+use tokio::sync::{mpsc, oneshot};
+
+/// Most completions in one transaction.
+const MAX_GROUP: usize = 64;
+
+pub(crate) struct DoneJob {
+    pub wf: String,
+    pub idx: u32,
+    pub name: String,
+    pub node: String,
+    pub commit: StepCommit,
+    pub next: Option<(u32, String, i64)>,
+    pub finish: bool,
+    pub reply: oneshot::Sender<Result<(Vec<WorkflowEvent>, bool)>>,
+}
+
+pub(crate) fn spawn(store: Store) -> mpsc::UnboundedSender<DoneJob> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<DoneJob>();
+    tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            let mut group = vec![first];
+            while group.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(j) => group.push(j),
+                    Err(_) => break,
+                }
+            }
+            if group.len() == 1 {
+                let j = group.pop().expect("one");
+                let r = store.single(&j).await;
+                let _ = j.reply.send(r);
+                continue;
+            }
+            match store.group(&group).await {
+                Ok(results) => {
+                    for (j, r) in group.into_iter().zip(results) {
+                        let _ = j.reply.send(r);
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "group commit failed; committing one by one");
+                    for j in group {
+                        let r = store.single(&j).await;
+                        let _ = j.reply.send(r);
+                    }
+                }
+            }
+        }
+    });
+    tx
+}
+
+impl Store {
+    async fn single(&self, j: &DoneJob) -> Result<(Vec<WorkflowEvent>, bool)> {
+        self.step_done_single(
+            &j.wf,
+            j.idx,
+            &j.name,
+            &j.node,
+            &j.commit,
+            j.next.as_ref().map(|(idx, name, deadline_ms)| NextStep {
+                idx: *idx,
+                name,
+                deadline_ms: *deadline_ms,
+            }),
+            j.finish,
+        )
+        .await
+    }
+
+    /// Commits a group; per job its events and cancel flag, or its lease-lost error.
+    #[allow(clippy::type_complexity)]
+    async fn group(&self, jobs: &[DoneJob]) -> Result<Vec<Result<(Vec<WorkflowEvent>, bool)>>> {
+        let mut tx = self.write().await?;
+        let now = now_ms();
+        // 1. Lease guard and move on, for all at once.
+        let values = (0..jobs.len())
+            .map(|i| format!("(${}, ${}, ${})", 3 * i + 2, 3 * i + 3, 3 * i + 4))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "WITH v(id, step, node) AS (VALUES {values})
+             UPDATE workflows SET step = v.step, attempt = 0, updated_at = $1
+             FROM v WHERE workflows.id = v.id AND workflows.lease_owner = v.node
+             RETURNING workflows.id AS id, workflows.cancel_requested AS cancel"
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
+        for j in jobs {
+            q = q.bind(&j.wf).bind(i64::from(j.idx) + 1).bind(&j.node);
+        }
+        let mut held: std::collections::HashMap<String, bool> = Default::default();
+        for r in q.fetch_all(&mut *tx).await? {
+            held.insert(r.try_get("id")?, r.try_get::<i64, _>("cancel")? != 0);
+        }
+        // 2. Steps done, and next steps started (unless cancelled).
+        let mut rows: Vec<(&str, u32, i64, Option<String>, i64)> = vec![];
+        for j in jobs {
+            let Some(&cancel) = held.get(&j.wf) else {
+                continue;
+            };
+            rows.push((
+                &j.wf,
+                j.idx,
+                0,
+                j.commit.output.as_ref().map(|o| o.to_string()),
+                0,
+            ));
+            if let (Some((idx, _, dl)), false) = (&j.next, cancel) {
+                rows.push((&j.wf, *idx, 1, None, now + dl));
+            }
+        }
+        if !rows.is_empty() {
+            let values = (0..rows.len())
+                .map(|i| {
+                    let b = 5 * i + 2;
+                    format!("(${b}, ${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4)
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "WITH v(wf, idx, start, out, dl) AS (VALUES {values})
+                 UPDATE workflow_steps SET
+                     status = CASE WHEN v.start = 1 THEN 'running' ELSE 'done' END,
+                     error = CASE WHEN v.start = 1 THEN workflow_steps.error ELSE NULL END,
+                     finished_at = CASE WHEN v.start = 1 THEN workflow_steps.finished_at ELSE $1 END,
+                     output = CASE WHEN v.start = 1 THEN workflow_steps.output ELSE v.out END,
+                     attempts = workflow_steps.attempts + v.start,
+                     started_at = CASE WHEN v.start = 1 THEN $1 ELSE workflow_steps.started_at END,
+                     deadline_at = CASE WHEN v.start = 1 THEN v.dl ELSE workflow_steps.deadline_at END
+                 FROM v WHERE workflow_steps.workflow_id = v.wf AND workflow_steps.idx = v.idx"
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
+            for (wf, idx, start, out, dl) in &rows {
+                q = q
+                    .bind(*wf)
+                    .bind(i64::from(*idx))
+                    .bind(*start)
+                    .bind(out.clone())
+                    .bind(*dl);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        // 3. Effects (the outbox), each with its step.
+        for j in jobs.iter().filter(|j| held.contains_key(&j.wf)) {
+            for (key, payload) in &j.commit.effects {
+                sqlx::query(
+                    "INSERT INTO step_effects (workflow_id, idx, key, payload, at)
+                     VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(&j.wf)
+                .bind(i64::from(j.idx))
+                .bind(key)
+                .bind(payload.to_string())
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        // 4. Events, in one insert.
+        let mut evs: Vec<(usize, String, &'static str, String)> = vec![];
+        for (i, j) in jobs.iter().enumerate() {
+            let Some(&cancel) = held.get(&j.wf) else {
+                continue;
+            };
+            evs.push((i, j.name.clone(), "step_done", format!("{} done", j.name)));
+            if let (Some((_, name, _)), false) = (&j.next, cancel) {
+                evs.push((i, name.clone(), "step_started", format!("{name} started")));
+            }
+        }
+        let mut out: Vec<Result<(Vec<WorkflowEvent>, bool)>> = jobs
+            .iter()
+            .map(|j| match held.get(&j.wf) {
+                Some(&c) => Ok((vec![], c)),
+                None => Err(lease_lost(&j.wf)),
+            })
+            .collect();
+        if !evs.is_empty() {
+            let values = (0..evs.len())
+                .map(|i| {
+                    let b = 4 * i + 2;
+                    format!("(${b}, $1, ${}, ${}, ${})", b + 1, b + 2, b + 3)
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "INSERT INTO workflow_events (workflow_id, at, step, kind, message)
+                 VALUES {values} RETURNING seq"
+            );
+            let mut q = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql)).bind(now);
+            for (i, step, kind, msg) in &evs {
+                q = q.bind(&jobs[*i].wf).bind(step).bind(*kind).bind(msg);
+            }
+            let mut seqs = q.fetch_all(&mut *tx).await?;
+            seqs.sort_unstable();
+            for (seq, (i, step, kind, message)) in seqs.into_iter().zip(evs) {
+                if let Ok((v, _)) = &mut out[i] {
+                    v.push(WorkflowEvent {
+                        seq,
+                        operation_id: jobs[i].wf.clone(),
+                        at: now,
+                        step: Some(step),
+                        kind: kind.to_string(),
+                        message,
+                    });
+                }
+            }
+        }
+        // 5. Workflows whose last step this was end here.
+        for (i, j) in jobs.iter().enumerate() {
+            if let Ok((v, cancel)) = &mut out[i]
+                && j.finish
+                && j.next.is_none()
+                && !*cancel
+            {
+                v.extend(finish_in(&mut tx, &j.wf, &WorkflowOutcome::Succeeded).await?);
+            }
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+}
