@@ -11,8 +11,24 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[path = "bench_engine.rs"]
+mod engine;
+
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
+    /// Which figures: all, platform (create overhead, RSS, list), engine (throughput, batches
+    /// vs terraform, plan). `batch` is the child process the engine part starts.
+    #[arg(long, default_value = "all")]
+    pub part: String,
+    /// Nodes of the batch figures.
+    #[arg(long, default_value_t = 1000)]
+    pub batch_nodes: usize,
+    /// Batch parallelism (terraform gets the same -parallelism).
+    #[arg(long, default_value_t = 10)]
+    pub parallelism: u32,
+    /// Skip running terraform (print the figure on record instead).
+    #[arg(long)]
+    pub no_terraform: bool,
     /// Creates measured for the overhead figure.
     #[arg(long, default_value_t = 100)]
     pub creates: usize,
@@ -46,9 +62,25 @@ fn test_config(dir: &Path) -> anyhow::Result<Config> {
 }
 
 pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
+    if a.part == "batch" {
+        let dir = std::env::var_os("BASPHERE_BENCH_DIR")
+            .map(std::path::PathBuf::from)
+            .ok_or_else(|| anyhow::anyhow!("bench --part batch is started by bench itself"))?;
+        return engine::batch_child(&dir, a.batch_nodes, a.parallelism).await;
+    }
     let tmp = std::env::temp_dir().join(format!("basphere-bench-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
-    let r = run_in(&tmp, &a).await;
+    let r = async {
+        if a.part == "all" || a.part == "platform" {
+            run_in(&tmp, &a).await?;
+        }
+        if a.part == "all" || a.part == "engine" {
+            engine::run(&tmp.join("engine"), a.batch_nodes, a.parallelism, !a.no_terraform)
+                .await?;
+        }
+        anyhow::Ok(())
+    }
+    .await;
     let _ = std::fs::remove_dir_all(&tmp);
     r
 }
@@ -297,5 +329,5 @@ async fn run_in(dir: &Path, a: &BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-const BENCH_KEY: &str =
+pub(crate) const BENCH_KEY: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl bench";

@@ -1,0 +1,410 @@
+//! The engine's figures for `basphere bench`: no-op step throughput on SQLite, 1,000-node
+//! batches (independent, and 10 layers) side by side with `terraform apply` of 1,000
+//! `terraform_data` resources, and `plan` of a 1,000-node manifest against 1,000 VMs.
+//! The batch part runs in a child process (`bench --part batch`) so its peak RSS is its own.
+
+use basphere_api::{AppState, Listeners};
+use basphere_client::{Client, Endpoint};
+use basphere_config::Config;
+use basphere_engine::{Catalog, Engine, EngineConfig};
+use basphere_provider::NullProvider;
+use basphere_store::{Actor, NewWorkflow, Store, WorkflowKind};
+use serde_json::{Value, json};
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Terraform's figures on record (this machine kind, terraform 1.11), used when it is missing.
+const TF_RECORD_INDEPENDENT_S: f64 = 36.0;
+const TF_RECORD_CHAIN300_S: f64 = 14.0;
+
+fn catalog(cfg: &Config) -> Catalog {
+    Catalog {
+        pool: cfg.network.clone(),
+        image_refs: Default::default(),
+    }
+}
+
+/// No-op steps per second through the whole engine (claim, lease, per-step commits, events).
+pub async fn throughput(dir: &Path, workflows: usize, steps: usize) -> anyhow::Result<f64> {
+    std::fs::create_dir_all(dir)?;
+    let store = Store::open(&dir.join("basphere.db")).await?;
+    let ws: Vec<NewWorkflow> = (0..workflows)
+        .map(|_| {
+            let mut w = NewWorkflow::new(
+                WorkflowKind::CreateVm,
+                "bench",
+                (0..steps).map(|i| format!("s{i}")).collect(),
+            );
+            w.definition = Some("noop".into());
+            w
+        })
+        .collect();
+    let ids: HashSet<String> = store.enqueue_workflows(&ws, &[]).await?.into_iter().collect();
+    let engine = Engine::new(
+        store.clone(),
+        Arc::new(NullProvider::default()),
+        Catalog {
+            pool: basphere_core::NetworkPool {
+                cidr: "10.200.0.0/16".parse()?,
+                gateway: "10.200.0.1".parse()?,
+                dns: vec![],
+                mtu: 1500,
+                block_size: 32,
+                reserved: vec![],
+            },
+            image_refs: Default::default(),
+        },
+        EngineConfig {
+            max_parallel: 32,
+            ..EngineConfig::default()
+        },
+    );
+    engine.register("noop", Arc::new(basphere_engine::NoopWorkflow));
+    let mut rx = engine.subscribe();
+    let (tx, srx) = tokio::sync::watch::channel(false);
+    let t0 = Instant::now();
+    tokio::spawn(engine.clone().run(srx));
+    let mut left = ids.len();
+    while left > 0 {
+        match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
+            Ok(Ok(ev)) if ev.kind == "succeeded" && ids.contains(&ev.operation_id) => left -= 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {
+                left = ids.len()
+                    - store
+                        .workflows(None, (ids.len() + 10) as i64)
+                        .await?
+                        .iter()
+                        .filter(|w| w.status.is_terminal())
+                        .count();
+            }
+            _ => anyhow::bail!("the engine stalled with {left} workflows left"),
+        }
+    }
+    let dt = t0.elapsed();
+    let _ = tx.send(true);
+    store.close().await;
+    Ok((workflows * steps) as f64 / dt.as_secs_f64())
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
+        })
+        .and_then(|k| k.parse::<f64>().ok())
+        .map(|k| k / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn independent_manifest(n: usize) -> String {
+    let mut s = String::from("[defaults]\nspec = \"tiny\"\n");
+    for i in 0..n {
+        s.push_str(&format!("[vms.n{i}]\n"));
+    }
+    s
+}
+
+fn layered_manifest(layers: usize, width: usize) -> String {
+    let mut s = String::from("[defaults]\nspec = \"tiny\"\n");
+    for l in 0..layers {
+        for i in 0..width {
+            s.push_str(&format!("[vms.l{l}-{i}]\n"));
+            if l > 0 {
+                s.push_str(&format!(
+                    "requires = [\"l{}-{i}\", \"l{}-{}\"]\n",
+                    l - 1,
+                    l - 1,
+                    (i + 1) % width
+                ));
+            }
+        }
+    }
+    s
+}
+
+fn tf_independent(n: usize) -> String {
+    format!("resource \"terraform_data\" \"n\" {{\n  count = {n}\n  input = count.index\n}}\n")
+}
+
+fn tf_layered(layers: usize, width: usize) -> String {
+    let mut s = format!("resource \"terraform_data\" \"l0\" {{\n  count = {width}\n  input = count.index\n}}\n");
+    for l in 1..layers {
+        s.push_str(&format!(
+            "resource \"terraform_data\" \"l{l}\" {{\n  count = {width}\n  input = [terraform_data.l{p}[count.index].id, terraform_data.l{p}[(count.index + 1) % {width}].id]\n}}\n",
+            p = l - 1
+        ));
+    }
+    s
+}
+
+/// Seconds `terraform apply` takes for `main_tf` (after an untimed `init`), if terraform runs.
+fn terraform(dir: &Path, main_tf: &str, parallelism: u32) -> Option<f64> {
+    std::fs::create_dir_all(dir).ok()?;
+    std::fs::write(dir.join("main.tf"), main_tf).ok()?;
+    let tf = |args: &[&str]| {
+        std::process::Command::new("terraform")
+            .args(args)
+            .current_dir(dir)
+            .env("TF_IN_AUTOMATION", "1")
+            .env("CHECKPOINT_DISABLE", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .ok()
+            .filter(|s| s.success())
+    };
+    tf(&["init", "-input=false", "-no-color"])?;
+    let t0 = Instant::now();
+    tf(&[
+        "apply",
+        "-auto-approve",
+        "-input=false",
+        "-no-color",
+        &format!("-parallelism={parallelism}"),
+    ])?;
+    Some(t0.elapsed().as_secs_f64())
+}
+
+fn batch_config(dir: &Path) -> anyhow::Result<Config> {
+    let env = vec![
+        ("BASPHERE_DATA_DIR".to_string(), dir.display().to_string()),
+        ("BASPHERE_SERVER__SOCKET".into(), "\"\"".into()),
+        ("BASPHERE_SERVER__LISTEN".into(), "\"\"".into()),
+        ("BASPHERE_PROVIDER__KIND".into(), "null".into()),
+        ("BASPHERE_NETWORK__CIDR".into(), "10.64.0.0/12".into()),
+        ("BASPHERE_NETWORK__GATEWAY".into(), "10.64.0.1".into()),
+        ("BASPHERE_NETWORK__BLOCK_SIZE".into(), "4096".into()),
+    ];
+    Ok(Config::load(None, env)?)
+}
+
+/// The child process: an in-process server; applies 1,000-node batches over HTTP and plans
+/// one against 1,000 VMs; prints one JSON line of figures (with its own peak RSS).
+pub async fn batch_child(dir: &Path, nodes: usize, parallelism: u32) -> anyhow::Result<()> {
+    let cfg = Arc::new(batch_config(dir)?);
+    std::fs::create_dir_all(&cfg.data_dir)?;
+    let store = Store::open(&cfg.db_path()).await?;
+    let engine = Engine::new(
+        store.clone(),
+        Arc::new(NullProvider::default()),
+        catalog(&cfg),
+        EngineConfig {
+            max_parallel: 16,
+            ..EngineConfig::default()
+        },
+    );
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(engine.clone().run(rx.clone()));
+    let mut events = engine.subscribe();
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = tcp.local_addr()?.to_string();
+    let state = AppState {
+        store: store.clone(),
+        engine,
+        config: cfg.clone(),
+        accounts: None,
+    };
+    tokio::spawn(basphere_api::serve(
+        basphere_api::router(state),
+        Listeners {
+            unix: None,
+            tcp: Some(tcp),
+        },
+        rx,
+    ));
+    let admin = Actor::new("bench", "bench");
+    let key: basphere_core::SshPublicKey = crate::bench::BENCH_KEY.parse()?;
+    let mut clients = vec![];
+    for u in ["flat", "layered"] {
+        let name: basphere_core::Username = u.parse()?;
+        let q = basphere_core::Quota {
+            max_vms: 4000,
+            max_ips: 4000,
+            ..basphere_core::Quota::default()
+        };
+        store
+            .register(
+                &basphere_store::NewRegistration {
+                    username: name.clone(),
+                    email: "b@example.org".parse()?,
+                    team: "bench".parse()?,
+                    public_key: key.clone(),
+                },
+                &q,
+                &admin,
+            )
+            .await?;
+        store.approve(&name, &cfg.network, false, None, &admin).await?;
+        store.set_quota(&name, &q, &admin).await?;
+        let token = store.create_token(&name, "bench", None, &admin).await?.1;
+        clients.push(Client::new(Endpoint::Tcp {
+            addr: addr.clone(),
+            token: Some(token),
+        }));
+    }
+    let layers = 10;
+    let manifests = [
+        independent_manifest(nodes),
+        layered_manifest(layers, nodes / layers),
+    ];
+    let mut secs = vec![];
+    for (c, m) in clients.iter().zip(&manifests) {
+        let t0 = Instant::now();
+        let r = c
+            .post(
+                "/api/v1/batches",
+                &json!({"manifest": m, "parallelism": parallelism}),
+            )
+            .await?;
+        anyhow::ensure!(r.body.success, "apply refused: {} {:?}", r.body.message, r.body.errors);
+        let batch = r.body.data["batch_id"].as_str().unwrap_or_default().to_string();
+        let mut ops: HashSet<String> = r.body.data["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n["operation_id"].as_str().map(str::to_string))
+            .collect();
+        // Follow the engine's own transitions (as the SSE stream does), not by polling.
+        while !ops.is_empty() {
+            match tokio::time::timeout(Duration::from_secs(60), events.recv()).await {
+                Ok(Ok(ev)) if ev.kind == "succeeded" => {
+                    ops.remove(&ev.operation_id);
+                }
+                Ok(Ok(ev)) if ev.kind == "failed" || ev.kind == "cancelled" => {
+                    anyhow::bail!("node {} failed: {}", ev.operation_id, ev.message)
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {
+                    let d = c.get(&format!("/api/v1/batches/{batch}")).await?.body.data;
+                    for n in d["nodes"].as_array().into_iter().flatten() {
+                        if n["status"] == "succeeded" {
+                            ops.remove(n["operation_id"].as_str().unwrap_or_default());
+                        }
+                    }
+                }
+                _ => anyhow::bail!("batch {batch} stalled"),
+            }
+        }
+        secs.push(t0.elapsed().as_secs_f64());
+    }
+    // Plan the independent manifest again: 1,000 to keep against 1,000 VMs.
+    let mut plan_ms = vec![];
+    for _ in 0..10 {
+        let t0 = Instant::now();
+        let r = clients[0]
+            .post("/api/v1/batches/plan", &json!({"manifest": manifests[0]}))
+            .await?;
+        plan_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+        anyhow::ensure!(
+            r.body.data["plan"]["keep"].as_array().map(|a| a.len()) == Some(nodes),
+            "plan did not keep all {nodes}"
+        );
+    }
+    plan_ms.sort_by(f64::total_cmp);
+    // And end to end through the CLI process.
+    let mf = dir.join("flat.toml");
+    std::fs::write(&mf, &manifests[0])?;
+    let tokens_c = match clients[0].endpoint() {
+        Endpoint::Tcp { token, .. } => token.clone().unwrap_or_default(),
+        _ => String::new(),
+    };
+    let exe = std::env::current_exe()?;
+    let mut cli_ms = vec![];
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        let o = std::process::Command::new(&exe)
+            .args(["--url", &addr, "--token", &tokens_c, "plan", "-f"])
+            .arg(&mf)
+            .output()?;
+        cli_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+        anyhow::ensure!(o.status.success(), "plan failed: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    cli_ms.sort_by(f64::total_cmp);
+    println!(
+        "{}",
+        json!({
+            "independent_s": secs[0],
+            "layered_s": secs[1],
+            "plan_api_ms_p50": plan_ms[plan_ms.len() / 2],
+            "plan_cli_ms_p50": cli_ms[cli_ms.len() / 2],
+            "peak_rss_mb": peak_rss_mb(),
+        })
+    );
+    Ok(())
+}
+
+/// Prints the engine's figures (runs the batch child and terraform).
+pub async fn run(dir: &Path, nodes: usize, parallelism: u32, terraform_too: bool) -> anyhow::Result<()> {
+    let tput = throughput(&dir.join("throughput"), 200, 50).await?;
+    println!(
+        "engine throughput, no-op steps on SQLite (200 workflows × 50 steps): {tput:.0} steps/s (target ≥ 5,000)"
+    );
+    let exe = std::env::current_exe()?;
+    let o = std::process::Command::new(&exe)
+        .args([
+            "bench",
+            "--part",
+            "batch",
+            "--batch-nodes",
+            &nodes.to_string(),
+            "--parallelism",
+            &parallelism.to_string(),
+        ])
+        .env("BASPHERE_BENCH_DIR", dir.join("batch"))
+        .stderr(std::process::Stdio::inherit())
+        .output()?;
+    anyhow::ensure!(o.status.success(), "the batch bench child failed");
+    let line = String::from_utf8_lossy(&o.stdout);
+    let v: Value = serde_json::from_str(line.lines().last().unwrap_or("{}"))?;
+    let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    let (tf_ind, tf_lay) = if terraform_too {
+        (
+            terraform(&dir.join("tf-independent"), &tf_independent(nodes), parallelism),
+            terraform(&dir.join("tf-layered"), &tf_layered(10, nodes / 10), parallelism),
+        )
+    } else {
+        (None, None)
+    };
+    let side = |name: &str, ours: f64, tf: Option<f64>, record: &str, record_s: f64| {
+        match tf {
+            Some(t) => println!(
+                "{name}: basphere {ours:.2} s, terraform apply {t:.2} s → {:.0}× faster (target ≥ 30×)",
+                t / ours
+            ),
+            None => println!(
+                "{name}: basphere {ours:.2} s; terraform not run here — on record {record}: {record_s:.0} s → {:.0}× (target ≥ 30×)",
+                record_s / ours
+            ),
+        }
+    };
+    side(
+        &format!("batch of {nodes} independent VMs, parallelism {parallelism}, do-nothing test provider"),
+        f("independent_s"),
+        tf_ind,
+        "for 1,000 independent terraform_data",
+        TF_RECORD_INDEPENDENT_S,
+    );
+    side(
+        &format!("batch of {nodes} VMs in 10 layers (each node requires 2 of the layer before)"),
+        f("layered_s"),
+        tf_lay,
+        "for a chain of 300 terraform_data",
+        TF_RECORD_CHAIN300_S,
+    );
+    println!(
+        "peak RSS of the process serving the batches: {:.1} MB (target ≤ 50 MB)",
+        f("peak_rss_mb")
+    );
+    println!(
+        "`basphere plan` of a {nodes}-node manifest against {nodes} VMs: API p50 {:.1} ms, CLI end to end p50 {:.1} ms (target ≤ 200 ms)",
+        f("plan_api_ms_p50"),
+        f("plan_cli_ms_p50")
+    );
+    Ok(())
+}
