@@ -75,8 +75,13 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
             run_in(&tmp, &a).await?;
         }
         if a.part == "all" || a.part == "engine" {
-            engine::run(&tmp.join("engine"), a.batch_nodes, a.parallelism, !a.no_terraform)
-                .await?;
+            engine::run(
+                &tmp.join("engine"),
+                a.batch_nodes,
+                a.parallelism,
+                !a.no_terraform,
+            )
+            .await?;
         }
         anyhow::Ok(())
     }

@@ -41,7 +41,11 @@ pub async fn throughput(dir: &Path, workflows: usize, steps: usize) -> anyhow::R
             w
         })
         .collect();
-    let ids: HashSet<String> = store.enqueue_workflows(&ws, &[]).await?.into_iter().collect();
+    let ids: HashSet<String> = store
+        .enqueue_workflows(&ws, &[])
+        .await?
+        .into_iter()
+        .collect();
     let engine = Engine::new(
         store.clone(),
         Arc::new(NullProvider::default()),
@@ -133,7 +137,9 @@ fn tf_independent(n: usize) -> String {
 }
 
 fn tf_layered(layers: usize, width: usize) -> String {
-    let mut s = format!("resource \"terraform_data\" \"l0\" {{\n  count = {width}\n  input = count.index\n}}\n");
+    let mut s = format!(
+        "resource \"terraform_data\" \"l0\" {{\n  count = {width}\n  input = count.index\n}}\n"
+    );
     for l in 1..layers {
         s.push_str(&format!(
             "resource \"terraform_data\" \"l{l}\" {{\n  count = {width}\n  input = [terraform_data.l{p}[count.index].id, terraform_data.l{p}[(count.index + 1) % {width}].id]\n}}\n",
@@ -240,7 +246,9 @@ pub async fn batch_child(dir: &Path, nodes: usize, parallelism: u32) -> anyhow::
                 &admin,
             )
             .await?;
-        store.approve(&name, &cfg.network, false, None, &admin).await?;
+        store
+            .approve(&name, &cfg.network, false, None, &admin)
+            .await?;
         store.set_quota(&name, &q, &admin).await?;
         let token = store.create_token(&name, "bench", None, &admin).await?.1;
         clients.push(Client::new(Endpoint::Tcp {
@@ -262,8 +270,16 @@ pub async fn batch_child(dir: &Path, nodes: usize, parallelism: u32) -> anyhow::
                 &json!({"manifest": m, "parallelism": parallelism}),
             )
             .await?;
-        anyhow::ensure!(r.body.success, "apply refused: {} {:?}", r.body.message, r.body.errors);
-        let batch = r.body.data["batch_id"].as_str().unwrap_or_default().to_string();
+        anyhow::ensure!(
+            r.body.success,
+            "apply refused: {} {:?}",
+            r.body.message,
+            r.body.errors
+        );
+        let batch = r.body.data["batch_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         let mut ops: HashSet<String> = r.body.data["nodes"]
             .as_array()
             .into_iter()
@@ -323,7 +339,11 @@ pub async fn batch_child(dir: &Path, nodes: usize, parallelism: u32) -> anyhow::
             .arg(&mf)
             .output()?;
         cli_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
-        anyhow::ensure!(o.status.success(), "plan failed: {}", String::from_utf8_lossy(&o.stderr));
+        anyhow::ensure!(
+            o.status.success(),
+            "plan failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
     cli_ms.sort_by(f64::total_cmp);
     println!(
@@ -340,7 +360,12 @@ pub async fn batch_child(dir: &Path, nodes: usize, parallelism: u32) -> anyhow::
 }
 
 /// Prints the engine's figures (runs the batch child and terraform).
-pub async fn run(dir: &Path, nodes: usize, parallelism: u32, terraform_too: bool) -> anyhow::Result<()> {
+pub async fn run(
+    dir: &Path,
+    nodes: usize,
+    parallelism: u32,
+    terraform_too: bool,
+) -> anyhow::Result<()> {
     let tput = throughput(&dir.join("throughput"), 200, 50).await?;
     println!(
         "engine throughput, no-op steps on SQLite (200 workflows × 50 steps): {tput:.0} steps/s (target ≥ 5,000)"
@@ -365,26 +390,34 @@ pub async fn run(dir: &Path, nodes: usize, parallelism: u32, terraform_too: bool
     let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     let (tf_ind, tf_lay) = if terraform_too {
         (
-            terraform(&dir.join("tf-independent"), &tf_independent(nodes), parallelism),
-            terraform(&dir.join("tf-layered"), &tf_layered(10, nodes / 10), parallelism),
+            terraform(
+                &dir.join("tf-independent"),
+                &tf_independent(nodes),
+                parallelism,
+            ),
+            terraform(
+                &dir.join("tf-layered"),
+                &tf_layered(10, nodes / 10),
+                parallelism,
+            ),
         )
     } else {
         (None, None)
     };
-    let side = |name: &str, ours: f64, tf: Option<f64>, record: &str, record_s: f64| {
-        match tf {
-            Some(t) => println!(
-                "{name}: basphere {ours:.2} s, terraform apply {t:.2} s → {:.0}× faster (target ≥ 30×)",
-                t / ours
-            ),
-            None => println!(
-                "{name}: basphere {ours:.2} s; terraform not run here — on record {record}: {record_s:.0} s → {:.0}× (target ≥ 30×)",
-                record_s / ours
-            ),
-        }
+    let side = |name: &str, ours: f64, tf: Option<f64>, record: &str, record_s: f64| match tf {
+        Some(t) => println!(
+            "{name}: basphere {ours:.2} s, terraform apply {t:.2} s → {:.0}× faster (target ≥ 30×)",
+            t / ours
+        ),
+        None => println!(
+            "{name}: basphere {ours:.2} s; terraform not run here — on record {record}: {record_s:.0} s → {:.0}× (target ≥ 30×)",
+            record_s / ours
+        ),
     };
     side(
-        &format!("batch of {nodes} independent VMs, parallelism {parallelism}, do-nothing test provider"),
+        &format!(
+            "batch of {nodes} independent VMs, parallelism {parallelism}, do-nothing test provider"
+        ),
         f("independent_s"),
         tf_ind,
         "for 1,000 independent terraform_data",

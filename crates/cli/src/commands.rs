@@ -374,7 +374,11 @@ async fn client_cmd(g: &Global, out: Output, cmd: Cmd) -> anyhow::Result<ExitCod
                     .await?;
                 let msg = r.body.message.clone();
                 let d = check(r)?;
-                say(out, &d, &format!("{msg}\nfollow with: basphere ops watch {id}"));
+                say(
+                    out,
+                    &d,
+                    &format!("{msg}\nfollow with: basphere ops watch {id}"),
+                );
             }
             OpsCmd::Retry { id, wait } => {
                 let r = c
@@ -383,7 +387,11 @@ async fn client_cmd(g: &Global, out: Output, cmd: Cmd) -> anyhow::Result<ExitCod
                 let msg = r.body.message.clone();
                 let d = check(r)?;
                 if !wait {
-                    say(out, &d, &format!("{msg}\nfollow with: basphere ops watch {id}"));
+                    say(
+                        out,
+                        &d,
+                        &format!("{msg}\nfollow with: basphere ops watch {id}"),
+                    );
                 } else {
                     return batch::wait_op(&c, out, &id).await;
                 }

@@ -50,6 +50,7 @@ pub async fn init(flag: Option<&Path>, force: bool) -> anyhow::Result<()> {
     store
         .ensure_admin(&cfg.server.admin, &cfg.quota, &cfg.network)
         .await?;
+    give_admin_a_key(&store, &cfg).await?;
     let token_path = cfg.admin_token_path();
     if !token_path.exists() {
         let (_, secret) = store
@@ -74,6 +75,57 @@ pub async fn init(flag: Option<&Path>, force: bool) -> anyhow::Result<()> {
     }
     store.close().await;
     println!("data dir {} ready", cfg.data_dir.display());
+    Ok(())
+}
+
+/// The admin's VMs need an SSH key: use the invoking user's `~/.ssh/id_ed25519.pub`, making one
+/// with ssh-keygen when there is none, so `basphere ssh` works for the admin out of the box.
+async fn give_admin_a_key(store: &Store, cfg: &Config) -> anyhow::Result<()> {
+    let admin = store
+        .user(cfg.server.admin.as_str())
+        .await?
+        .context("the admin account is missing")?;
+    if !admin.public_key.is_empty() {
+        return Ok(());
+    }
+    let Some(home) = std::env::var_os("HOME").map(PathBuf::from) else {
+        return Ok(());
+    };
+    let private = home.join(".ssh/id_ed25519");
+    let public = home.join(".ssh/id_ed25519.pub");
+    if !public.exists() {
+        std::fs::create_dir_all(home.join(".ssh"))?;
+        let st = std::process::Command::new("ssh-keygen")
+            .args([
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                "basphere-admin",
+                "-f",
+            ])
+            .arg(&private)
+            .status()
+            .context("running ssh-keygen (apt-get install openssh-client)")?;
+        anyhow::ensure!(st.success(), "ssh-keygen failed");
+        println!("made an SSH key for the admin: {}", public.display());
+    }
+    let key: basphere_core::SshPublicKey = std::fs::read_to_string(&public)?
+        .trim()
+        .parse()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", public.display()))?;
+    let actor = Actor::new("basphere", "init");
+    store
+        .request_key_change(&cfg.server.admin, &key, &actor)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    store
+        .decide_key_change(&cfg.server.admin, true, None, &actor)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!("admin's VMs get the SSH key {}", public.display());
     Ok(())
 }
 

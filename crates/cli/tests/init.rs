@@ -9,10 +9,13 @@ async fn init_makes_the_first_admin_whose_token_works() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("etc/basphere.toml");
     let data = dir.path().join("data");
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
     let init = || {
         Command::new(BIN)
             .args(["--config", config.to_str().unwrap(), "init"])
             .env("BASPHERE_DATA_DIR", &data)
+            .env("HOME", &home)
             .output()
             .unwrap()
     };
