@@ -273,6 +273,14 @@ impl Engine {
                 p = inner.slots.clone().acquire_owned() => p.expect("semaphore never closed"),
                 _ = shutdown.changed() => return,
             };
+            // Claim for every free slot at once (one transaction).
+            let mut permits = vec![permit];
+            while permits.len() < 32 {
+                match inner.slots.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
             let deadline = |wf: &Workflow| {
                 let def = self.def(&wf.definition)?;
                 let rec = wf.steps.get(usize::try_from(wf.step).ok()?)?;
@@ -280,25 +288,29 @@ impl Engine {
             };
             match inner
                 .store
-                .claim_and_start(
+                .claim_many(
                     &inner.cfg.node_id,
                     inner.cfg.lease.as_millis() as i64,
                     &inner.cfg.limits,
+                    permits.len(),
                     &deadline,
                 )
                 .await
             {
-                Ok(Some((wf, evs, started))) => {
-                    self.emit_all(evs);
-                    let me = self.clone();
-                    tokio::spawn(async move {
-                        me.drive(wf, started).await;
-                        drop(permit);
-                        me.wake();
-                    });
+                Ok(claimed) if !claimed.is_empty() => {
+                    for (wf, evs, started) in claimed {
+                        self.emit_all(evs);
+                        let permit = permits.pop().expect("a permit per claim");
+                        let me = self.clone();
+                        tokio::spawn(async move {
+                            me.drive(wf, started).await;
+                            drop(permit);
+                            me.wake();
+                        });
+                    }
                 }
-                Ok(None) => {
-                    drop(permit);
+                Ok(_) => {
+                    drop(permits);
                     let idle = match inner.store.next_due_in().await {
                         Ok(Some(ms)) => Duration::from_millis(ms.clamp(5, 1000) as u64),
                         _ => Duration::from_secs(1),
@@ -310,7 +322,7 @@ impl Engine {
                     }
                 }
                 Err(e) => {
-                    drop(permit);
+                    drop(permits);
                     warn!(error = %e, "claiming a workflow failed; retrying");
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }

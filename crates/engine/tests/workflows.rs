@@ -350,7 +350,7 @@ async fn batch_parallelism_holds() {
             assert!(ws.iter().all(|w| w.status == WorkflowStatus::Succeeded));
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(30));
+        assert!(t0.elapsed() < Duration::from_secs(30), "stalled: {ws:?}");
         tokio::time::sleep(Duration::from_millis(3)).await;
     }
     assert!(peak <= 3, "at most 3 nodes in flight, saw {peak}");
@@ -458,4 +458,41 @@ async fn throughput() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     eprintln!("{:.0} steps/s", 5000.0 / t0.elapsed().as_secs_f64());
+}
+
+/// `cargo test -p basphere-engine --test workflows batch_speed -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a test"]
+async fn batch_speed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    let u = user(&store, "speedy", 1000).await;
+    let e = engine(&store, null(), engine_cfg("n1"));
+    let nodes: Vec<BatchVm> = (0..1000)
+        .map(|i| node(&format!("n{i}"), &[], &[]))
+        .collect();
+    let mut rx = e.subscribe();
+    let _stop = start(&e);
+    let t0 = Instant::now();
+    let b = store
+        .admit_batch(&batch(&u, 10, nodes), &pool(), &admin())
+        .await
+        .unwrap();
+    let t1 = t0.elapsed();
+    e.wake();
+    let mut left = b.nodes.len();
+    let mut first_claim = None;
+    while left > 0 {
+        let ev = rx.recv().await.unwrap();
+        if first_claim.is_none() && ev.kind == "step_started" {
+            first_claim = Some(t0.elapsed());
+        }
+        if ev.kind == "succeeded" {
+            left -= 1;
+        }
+    }
+    eprintln!(
+        "admit {t1:?}, first step {first_claim:?}, all {:?}",
+        t0.elapsed()
+    );
 }

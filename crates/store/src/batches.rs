@@ -245,6 +245,12 @@ impl Store {
                 operation_id: op,
             });
         }
+        // Every node waits for a slot; the first `parallelism` ready ones get one now.
+        sqlx::query("UPDATE workflows SET parked = 1 WHERE batch_id = $1")
+            .bind(&batch_id)
+            .execute(&mut *tx)
+            .await?;
+        crate::workflows::fill_batch(&mut tx, &batch_id).await?;
         tx.commit().await?;
         Ok(BatchAdmitted { batch_id, nodes })
     }

@@ -14,6 +14,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "engine",
         include_str!("../migrations/sqlite/0002_engine.sql"),
     ),
+    (
+        3,
+        "batch_slots",
+        include_str!("../migrations/sqlite/0003_batch_slots.sql"),
+    ),
 ];
 
 pub(crate) async fn run(pool: &SqlitePool) -> Result<()> {

@@ -277,6 +277,30 @@ pub(crate) async fn insert_new(conn: &mut SqliteConnection, w: &NewWorkflow) -> 
     Ok(id)
 }
 
+/// Hands free slots of batch `batch` to its ready parked nodes (in queue order).
+pub(crate) async fn fill_batch(conn: &mut SqliteConnection, batch: &str) -> Result<()> {
+    let free: i64 = sqlx::query_scalar(
+        "SELECT (SELECT parallelism FROM batches WHERE id = $1)
+              - (SELECT COUNT(*) FROM workflows WHERE batch_id = $1 AND parked = 0
+                   AND status IN ('pending', 'running', 'undoing'))",
+    )
+    .bind(batch)
+    .fetch_one(&mut *conn)
+    .await?;
+    if free > 0 {
+        sqlx::query(
+            "UPDATE workflows SET parked = 0 WHERE id IN (
+                 SELECT id FROM workflows WHERE batch_id = $1 AND parked = 1 AND waiting_on = 0
+                   AND status = 'pending' LIMIT $2)",
+        )
+        .bind(batch)
+        .bind(free)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
 /// Adds the edge `wf` runs after `depends_on`; counts it while `depends_on` has not ended.
 pub(crate) async fn add_dep(
     conn: &mut SqliteConnection,
@@ -610,17 +634,17 @@ impl Store {
 
     /// Claims the most urgent runnable workflow for `node` with a lease of `lease_ms`.
     ///
-    /// Runnable: unfinished, due, not leased (or its lease expired), and its batch dependencies
-    /// ended (or a cancel was asked for: cancelling needs no dependency). Among those, one whose
-    /// user, provider, host and batch are under their concurrency limits; highest priority
-    /// first, then oldest. Claiming a workflow claims its next step: steps of one workflow run
-    /// in order, so the workflow's lease is the step's lease.
+    /// Runnable: unfinished, due, not leased (or its lease expired), its batch dependencies
+    /// ended and a batch slot given (`parked = 0`) — or a cancel was asked for, which needs
+    /// neither. Among those, one whose user, provider and host are under their concurrency
+    /// limits; highest priority first, then oldest. Claiming a workflow claims its next step:
+    /// steps of one workflow run in order, so the workflow's lease is the step's lease.
     ///
-    /// SQLite: `BEGIN IMMEDIATE` makes the read-and-update one serialized write. PostgreSQL:
-    /// the inner SELECT ends with `FOR UPDATE SKIP LOCKED` so concurrent claimers pass over
-    /// each other's rows instead of waiting; the limit counts there are then per-snapshot, so
-    /// a limit can be overshot by at most one workflow per concurrently claiming node unless
-    /// the claim also takes `pg_advisory_xact_lock` on the limit keys.
+    /// SQLite: `BEGIN IMMEDIATE` makes the select-then-update one serialized write.
+    /// PostgreSQL: the SELECTs end with `FOR UPDATE SKIP LOCKED` so concurrent claimers pass
+    /// over each other's rows instead of waiting, then the same UPDATE; the limit counts there
+    /// are per-snapshot, so a limit can be overshot by at most one workflow per concurrently
+    /// claiming node unless the claim also takes `pg_advisory_xact_lock` on the limit keys.
     pub async fn claim_workflow(
         &self,
         node: &str,
@@ -644,66 +668,115 @@ impl Store {
         limits: &ClaimLimits,
         deadline_ms: &(dyn Fn(&Workflow) -> Option<i64> + Send + Sync),
     ) -> Result<Option<(Workflow, Vec<WorkflowEvent>, bool)>> {
+        Ok(self
+            .claim_many(node, lease_ms, limits, 1, deadline_ms)
+            .await?
+            .pop())
+    }
+
+    /// Claims up to `max` workflows in one transaction (see [`Store::claim_and_start`]).
+    /// With any concurrency limit set it claims one: the limit sets are computed per query.
+    #[allow(clippy::type_complexity)]
+    pub async fn claim_many(
+        &self,
+        node: &str,
+        lease_ms: i64,
+        limits: &ClaimLimits,
+        max: usize,
+        deadline_ms: &(dyn Fn(&Workflow) -> Option<i64> + Send + Sync),
+    ) -> Result<Vec<(Workflow, Vec<WorkflowEvent>, bool)>> {
+        let limited =
+            limits.per_user.is_some() || limits.per_provider.is_some() || limits.per_host.is_some();
+        let max = if limited { 1 } else { max.max(1) } as i64;
         let now = now_ms();
         let mut tx = self.write().await?;
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "UPDATE workflows SET lease_owner = $1, lease_until = $2, updated_at = $3,
-                 status = CASE WHEN status = 'pending' THEN 'running' ELSE status END
-             WHERE id = (
-               SELECT w.id FROM workflows w
-               WHERE w.status IN ('pending', 'running', 'undoing') AND w.next_run_at <= $3
-                 AND (w.lease_owner IS NULL OR w.lease_until < $3)
-                 AND (w.waiting_on = 0 OR w.cancel_requested = 1)
-                 AND ($4 IS NULL OR (SELECT COUNT(*) FROM workflows o
-                       WHERE o.owner = w.owner AND o.lease_until >= $3) < $4)
-                 AND ($5 IS NULL OR w.provider IS NULL OR (SELECT COUNT(*) FROM workflows o
-                       WHERE o.provider = w.provider AND o.lease_until >= $3) < $5)
-                 AND ($6 IS NULL OR w.host IS NULL OR (SELECT COUNT(*) FROM workflows o
-                       WHERE o.host = w.host AND o.lease_until >= $3) < $6)
-                 AND (w.batch_id IS NULL OR (SELECT COUNT(*) FROM workflows o
-                       WHERE o.batch_id = w.batch_id AND o.lease_until >= $3)
-                     < (SELECT b.parallelism FROM batches b WHERE b.id = w.batch_id))
-               ORDER BY w.priority DESC, w.created_at
-               LIMIT 1 /* PostgreSQL: FOR UPDATE SKIP LOCKED */)
-             RETURNING {WF_COLS}"
-        )))
-        .bind(node)
-        .bind(now + lease_ms)
+        // A cancel needs no dependency or slot: those first.
+        let mut ids: Vec<String> = sqlx::query_scalar(
+            "SELECT w.id FROM workflows w
+             WHERE w.cancel_requested = 1 AND w.status IN ('pending', 'running', 'undoing')
+               AND (w.lease_owner IS NULL OR w.lease_until < $1)
+             ORDER BY w.priority DESC, w.created_at LIMIT $2",
+        )
         .bind(now)
-        .bind(limits.per_user.map(i64::from))
-        .bind(limits.per_provider.map(i64::from))
-        .bind(limits.per_host.map(i64::from))
-        .fetch_optional(&mut *tx)
+        .bind(max)
+        .fetch_all(&mut *tx)
         .await?;
-        let Some(row) = row else {
-            return Ok(None);
-        };
-        let id: String = row.try_get("id")?;
-        let steps = sqlx::query("SELECT * FROM workflow_steps WHERE workflow_id = $1 ORDER BY idx")
+        if (ids.len() as i64) < max {
+            // Ready workflows in priority order (the partial index `workflows_ready`); the
+            // limits exclude keys already at their maximum, each set computed once.
+            let mut sql = String::from(
+                "SELECT w.id FROM workflows w
+                 WHERE w.status IN ('pending', 'running', 'undoing') AND w.waiting_on = 0
+                   AND w.parked = 0 AND w.next_run_at <= $1
+                   AND (w.lease_owner IS NULL OR w.lease_until < $1)
+                   AND w.cancel_requested = 0",
+            );
+            for (col, n, lim) in [
+                ("owner", 2, limits.per_user),
+                ("provider", 3, limits.per_provider),
+                ("host", 4, limits.per_host),
+            ] {
+                if lim.is_some() {
+                    sql.push_str(&format!(
+                        " AND (w.{col} IS NULL OR w.{col} NOT IN (SELECT o.{col} FROM workflows o
+                           WHERE o.lease_until >= $1 AND o.{col} IS NOT NULL
+                           GROUP BY o.{col} HAVING COUNT(*) >= ${n}))"
+                    ));
+                }
+            }
+            sql.push_str(" ORDER BY w.priority DESC, w.created_at LIMIT $5");
+            sql.push_str(" /* PostgreSQL: FOR UPDATE SKIP LOCKED */");
+            let more: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                .bind(now)
+                .bind(limits.per_user.map(i64::from))
+                .bind(limits.per_provider.map(i64::from))
+                .bind(limits.per_host.map(i64::from))
+                .bind(max - ids.len() as i64)
+                .fetch_all(&mut *tx)
+                .await?;
+            ids.extend(more);
+        }
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "UPDATE workflows SET lease_owner = $1, lease_until = $2, updated_at = $3,
+                     status = CASE WHEN status = 'pending' THEN 'running' ELSE status END
+                 WHERE id = $4 RETURNING {WF_COLS}"
+            )))
+            .bind(node)
+            .bind(now + lease_ms)
+            .bind(now)
             .bind(&id)
-            .fetch_all(&mut *tx)
-            .await?
-            .iter()
-            .map(step_from)
-            .collect::<Result<Vec<_>>>()?;
-        let mut wf = workflow_from(&row, steps)?;
-        let mut evs = vec![];
-        let mut started = false;
-        let runnable = matches!(wf.status, WorkflowStatus::Running) && !wf.cancel_requested;
-        if let (true, Some(i)) = (runnable, usize::try_from(wf.step).ok())
-            && i < wf.steps.len()
-            && let Some(d) = deadline_ms(&wf)
-        {
-            let rec = &mut wf.steps[i];
-            evs.push(Self::mark_started(&mut tx, &id, rec.idx, &rec.name, d, now).await?);
-            rec.status = StepStatus::Running;
-            rec.attempts += 1;
-            rec.started_at = Some(now);
-            rec.deadline_at = Some(now + d);
-            started = true;
+            .fetch_one(&mut *tx)
+            .await?;
+            let steps =
+                sqlx::query("SELECT * FROM workflow_steps WHERE workflow_id = $1 ORDER BY idx")
+                    .bind(&id)
+                    .fetch_all(&mut *tx)
+                    .await?
+                    .iter()
+                    .map(step_from)
+                    .collect::<Result<Vec<_>>>()?;
+            let mut wf = workflow_from(&row, steps)?;
+            let mut evs = vec![];
+            let mut started = false;
+            let runnable = matches!(wf.status, WorkflowStatus::Running) && !wf.cancel_requested;
+            if let (true, Some(i)) = (runnable, usize::try_from(wf.step).ok())
+                && i < wf.steps.len()
+                && let Some(d) = deadline_ms(&wf)
+            {
+                let rec = &mut wf.steps[i];
+                evs.push(Self::mark_started(&mut tx, &id, rec.idx, &rec.name, d, now).await?);
+                rec.status = StepStatus::Running;
+                rec.attempts += 1;
+                rec.started_at = Some(now);
+                rec.deadline_at = Some(now + d);
+                started = true;
+            }
+            out.push((wf, evs, started));
         }
         tx.commit().await?;
-        Ok(Some((wf, evs, started)))
+        Ok(out)
     }
 
     /// Milliseconds until the next workflow becomes due, if any is waiting.
@@ -712,7 +785,7 @@ impl Store {
             "SELECT MIN(CASE WHEN lease_owner IS NULL THEN next_run_at
                              ELSE MAX(next_run_at, lease_until) END)
              FROM workflows WHERE status IN ('pending', 'running', 'undoing')
-               AND (waiting_on = 0 OR cancel_requested = 1)",
+               AND waiting_on = 0 AND parked = 0",
         )
         .fetch_one(&self.pool)
         .await?;
@@ -1237,7 +1310,8 @@ impl Store {
             sqlx::query(
                 "UPDATE workflows SET status = 'pending', step = $2, attempt = 0, error = NULL,
                      cancel_requested = 0, lease_owner = NULL, lease_until = NULL, next_run_at = $3,
-                     updated_at = $3, finished_at = NULL, waiting_on = $4 WHERE id = $1",
+                     updated_at = $3, finished_at = NULL, waiting_on = $4, parked = 0
+                 WHERE id = $1",
             )
             .bind(&id)
             .bind(from)
@@ -1363,6 +1437,18 @@ pub(crate) async fn finish_in(
         &mut evs,
     )
     .await?;
+    // Its slot, and dependents it released, go to the next ready nodes of their batches.
+    let batches: Vec<String> = sqlx::query_scalar(
+        "SELECT batch_id FROM workflows WHERE id = $1 AND batch_id IS NOT NULL
+         UNION SELECT w.batch_id FROM workflow_deps d JOIN workflows w ON w.id = d.workflow_id
+               WHERE d.depends_on = $1 AND w.batch_id IS NOT NULL",
+    )
+    .bind(wf)
+    .fetch_all(&mut *conn)
+    .await?;
+    for b in batches {
+        fill_batch(conn, &b).await?;
+    }
     Ok(evs)
 }
 
