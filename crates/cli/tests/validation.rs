@@ -195,11 +195,13 @@ async fn bad_vm_requests_store_nothing() {
 
 #[test]
 fn bad_config_fails_at_start_with_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = default_config(dir.path());
     let out = std::process::Command::new(BIN)
         .arg("serve")
         .env("BASPHERE_DATA_DIR", "/tmp/bsp-never-created")
         .env("BASPHERE_NETWORK__GATEWAY", "192.0.2.1")
-        .env_remove("BASPHERE_CONFIG")
+        .env("BASPHERE_CONFIG", &config)
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -211,7 +213,7 @@ fn bad_config_fails_at_start_with_the_key() {
     let out = std::process::Command::new(BIN)
         .arg("serve")
         .env("BASPHERE_QUOTA__MAX_IPS", "64")
-        .env_remove("BASPHERE_CONFIG")
+        .env("BASPHERE_CONFIG", &config)
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

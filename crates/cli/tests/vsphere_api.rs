@@ -178,9 +178,10 @@ async fn credentials_readable_by_others_stop_the_server_at_start() {
     let cdir = tempfile::tempdir().unwrap();
     let creds = credentials(cdir.path(), 0o644);
     let data = tempfile::tempdir().unwrap();
+    let config = default_config(data.path());
     let out = Command::new(BIN)
         .arg("serve")
-        .env_remove("BASPHERE_CONFIG")
+        .env("BASPHERE_CONFIG", &config)
         .env("BASPHERE_DATA_DIR", data.path())
         .env(
             "BASPHERE_SERVER__SOCKET",
