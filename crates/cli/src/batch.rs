@@ -167,11 +167,7 @@ impl Node {
 }
 
 fn bar(done: usize, total: usize, width: usize) -> String {
-    let f = if total == 0 {
-        width
-    } else {
-        done * width / total
-    };
+    let f = (done * width).checked_div(total).unwrap_or(width).min(width);
     format!("{}{}", "█".repeat(f), "░".repeat(width - f))
 }
 

@@ -921,7 +921,10 @@ async fn ssh(g: &Global, name: &str, command: &[String]) -> anyhow::Result<ExitC
     let user = vm["login_user"].as_str().unwrap_or("root");
     let mut cmd = crate::providers::ssh_command(g.config.as_deref());
     // Addresses are reused by later VMs: pin each VM instance's host key under its own alias.
-    let alias = format!("HostKeyAlias=basphere-{}", vm["id"].as_str().unwrap_or(name));
+    let alias = format!(
+        "HostKeyAlias=basphere-{}",
+        vm["id"].as_str().unwrap_or(name)
+    );
     cmd.args([
         "-o",
         "StrictHostKeyChecking=accept-new",

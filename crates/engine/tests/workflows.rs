@@ -475,7 +475,18 @@ async fn batch_speed() {
     let _stop = start(&e);
     let t0 = Instant::now();
     let b = store
-        .admit_batch(&batch(&u, 10, nodes), &pool(), &admin())
+        .admit_batch(
+            &batch(
+                &u,
+                std::env::var("PAR")
+                    .ok()
+                    .and_then(|p| p.parse().ok())
+                    .unwrap_or(10),
+                nodes,
+            ),
+            &pool(),
+            &admin(),
+        )
         .await
         .unwrap();
     let t1 = t0.elapsed();

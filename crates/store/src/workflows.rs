@@ -279,25 +279,17 @@ pub(crate) async fn insert_new(conn: &mut SqliteConnection, w: &NewWorkflow) -> 
 
 /// Hands free slots of batch `batch` to its ready parked nodes (in queue order).
 pub(crate) async fn fill_batch(conn: &mut SqliteConnection, batch: &str) -> Result<()> {
-    let free: i64 = sqlx::query_scalar(
-        "SELECT (SELECT parallelism FROM batches WHERE id = $1)
-              - (SELECT COUNT(*) FROM workflows WHERE batch_id = $1 AND parked = 0
-                   AND status IN ('pending', 'running', 'undoing'))",
+    sqlx::query(
+        "UPDATE workflows SET parked = 0 WHERE id IN (
+             SELECT id FROM workflows WHERE batch_id = $1 AND parked = 1 AND waiting_on = 0
+               AND status = 'pending'
+             LIMIT MAX(0, (SELECT parallelism FROM batches WHERE id = $1)
+                 - (SELECT COUNT(*) FROM workflows WHERE batch_id = $1 AND parked = 0
+                      AND status IN ('pending', 'running', 'undoing'))))",
     )
     .bind(batch)
-    .fetch_one(&mut *conn)
+    .execute(&mut *conn)
     .await?;
-    if free > 0 {
-        sqlx::query(
-            "UPDATE workflows SET parked = 0 WHERE id IN (
-                 SELECT id FROM workflows WHERE batch_id = $1 AND parked = 1 AND waiting_on = 0
-                   AND status = 'pending' LIMIT $2)",
-        )
-        .bind(batch)
-        .bind(free)
-        .execute(&mut *conn)
-        .await?;
-    }
     Ok(())
 }
 
@@ -1379,14 +1371,16 @@ struct Ending {
     definition: String,
     vm_id: Option<String>,
     node: Option<String>,
+    batch_id: Option<String>,
 }
 
 async fn ending(conn: &mut SqliteConnection, wf: &str) -> Result<Ending> {
-    let r = sqlx::query("SELECT kind, definition, vm_id, node FROM workflows WHERE id = $1")
-        .bind(wf)
-        .fetch_optional(&mut *conn)
-        .await?
-        .ok_or_else(|| lease_lost(wf))?;
+    let r =
+        sqlx::query("SELECT kind, definition, vm_id, node, batch_id FROM workflows WHERE id = $1")
+            .bind(wf)
+            .fetch_optional(&mut *conn)
+            .await?
+            .ok_or_else(|| lease_lost(wf))?;
     let kind: WorkflowKind = parse("workflows.kind", r.try_get("kind")?)?;
     Ok(Ending {
         id: wf.to_string(),
@@ -1396,6 +1390,7 @@ async fn ending(conn: &mut SqliteConnection, wf: &str) -> Result<Ending> {
             .unwrap_or_else(|| kind.to_string()),
         vm_id: r.try_get("vm_id")?,
         node: r.try_get("node")?,
+        batch_id: r.try_get("batch_id")?,
     })
 }
 
@@ -1438,14 +1433,16 @@ pub(crate) async fn finish_in(
     )
     .await?;
     // Its slot, and dependents it released, go to the next ready nodes of their batches.
-    let batches: Vec<String> = sqlx::query_scalar(
-        "SELECT batch_id FROM workflows WHERE id = $1 AND batch_id IS NOT NULL
-         UNION SELECT w.batch_id FROM workflow_deps d JOIN workflows w ON w.id = d.workflow_id
-               WHERE d.depends_on = $1 AND w.batch_id IS NOT NULL",
+    let mut batches: Vec<String> = w.batch_id.iter().cloned().collect();
+    let others: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT w.batch_id FROM workflow_deps d JOIN workflows w ON w.id = d.workflow_id
+         WHERE d.depends_on = $1 AND w.batch_id IS NOT NULL AND w.batch_id IS NOT $2",
     )
     .bind(wf)
+    .bind(w.batch_id.as_deref())
     .fetch_all(&mut *conn)
     .await?;
+    batches.extend(others);
     for b in batches {
         fill_batch(conn, &b).await?;
     }
@@ -1529,6 +1526,31 @@ async fn apply_vm_outcome(
     let Some(vm_id) = &w.vm_id else {
         return Ok(());
     };
+    if (w.kind, outcome) == (WorkflowKind::CreateVm, &WorkflowOutcome::Succeeded) {
+        // The common case in one statement.
+        let r = sqlx::query(
+            "UPDATE vms SET status = 'running', error = NULL, updated_at = $2 WHERE id = $1
+             RETURNING owner, name, ip",
+        )
+        .bind(vm_id)
+        .bind(now)
+        .fetch_optional(&mut *conn)
+        .await?;
+        if let Some(r) = r {
+            let (owner, name): (String, String) = (r.try_get("owner")?, r.try_get("name")?);
+            let ip: Option<String> = r.try_get("ip")?;
+            record(
+                conn,
+                &Actor::engine(),
+                "vm.create",
+                &format!("{owner}/{name}"),
+                "ok",
+                ip.as_deref(),
+            )
+            .await?;
+        }
+        return Ok(());
+    }
     let vm = sqlx::query("SELECT * FROM vms WHERE id = $1")
         .bind(vm_id)
         .fetch_optional(&mut *conn)
