@@ -237,7 +237,14 @@ pub fn plan(m: &Manifest, existing: &[Existing]) -> Result<Plan, Vec<PlanError>>
                 deps[i].push(j);
                 hard[i].push(r.clone());
             } else if let Some(e) = ex.get(r.as_str()) {
-                if e.status == "failed" || e.status == "deleting" {
+                if e.managed {
+                    // Made by an earlier apply and gone from this manifest: this plan deletes it.
+                    errs.push(PlanError::RequirementFailed {
+                        node: name.clone(),
+                        other: r.clone(),
+                        status: "deleted by this plan (it left the manifest)".into(),
+                    });
+                } else if e.status == "failed" || e.status == "deleting" {
                     errs.push(PlanError::RequirementFailed {
                         node: name.clone(),
                         other: r.clone(),
