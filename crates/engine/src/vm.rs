@@ -41,14 +41,10 @@ impl VmWorkflow {
         let Some(vm_id) = &wf.vm_id else {
             return Ok(None);
         };
-        let Some(vm) = self.store.vm_by_id(vm_id).await? else {
+        let Some((vm, key)) = self.store.vm_and_key(vm_id).await? else {
             return Ok(None);
         };
-        let user = self.store.user(vm.owner.as_str()).await?;
-        let keys: Vec<SshPublicKey> = user
-            .and_then(|u| u.public_key.parse().ok())
-            .into_iter()
-            .collect();
+        let keys: Vec<SshPublicKey> = key.and_then(|k| k.parse().ok()).into_iter().collect();
         let pool = &self.catalog.pool;
         // A rolled-back VM has no address any more; stop/remove do not need one.
         let ip = vm.ip_address.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);

@@ -400,6 +400,20 @@ impl Store {
         row.as_ref().map(vm_from).transpose()
     }
 
+    /// One VM by id with its owner's SSH public key (one query, for the engine).
+    pub async fn vm_and_key(&self, id: &str) -> Result<Option<(Vm, Option<String>)>> {
+        let row = sqlx::query(
+            "SELECT v.*, u.public_key AS owner_key FROM vms v
+             LEFT JOIN users u ON u.username = v.owner WHERE v.id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref()
+            .map(|r| Ok((vm_from(r)?, r.try_get("owner_key")?)))
+            .transpose()
+    }
+
     /// One VM by id.
     pub async fn vm_by_id(&self, id: &str) -> Result<Option<Vm>> {
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(

@@ -1424,7 +1424,7 @@ pub(crate) async fn finish_in(
         WorkflowOutcome::Cancelled(e) => format!("{} cancelled: {e}", w.definition),
     };
     let mut evs = vec![event(conn, wf, None, status, &msg).await?];
-    release_dependents(
+    let touched = release_dependents(
         conn,
         &w,
         outcome != &WorkflowOutcome::Succeeded,
@@ -1434,14 +1434,18 @@ pub(crate) async fn finish_in(
     .await?;
     // Its slot, and dependents it released, go to the next ready nodes of their batches.
     let mut batches: Vec<String> = w.batch_id.iter().cloned().collect();
-    let others: Vec<String> = sqlx::query_scalar(
+    let others: Vec<String> = if !touched {
+        vec![]
+    } else {
+        sqlx::query_scalar(
         "SELECT DISTINCT w.batch_id FROM workflow_deps d JOIN workflows w ON w.id = d.workflow_id
          WHERE d.depends_on = $1 AND w.batch_id IS NOT NULL AND w.batch_id IS NOT $2",
     )
-    .bind(wf)
-    .bind(w.batch_id.as_deref())
-    .fetch_all(&mut *conn)
-    .await?;
+        .bind(wf)
+        .bind(w.batch_id.as_deref())
+        .fetch_all(&mut *conn)
+        .await?
+    };
     batches.extend(others);
     for b in batches {
         fill_batch(conn, &b).await?;
@@ -1456,7 +1460,9 @@ async fn release_dependents(
     failed: bool,
     now: i64,
     evs: &mut Vec<WorkflowEvent>,
-) -> Result<()> {
+) -> Result<bool> {
+    // Whether any dependent may have changed (then their batches get a fill).
+    let mut touched = failed;
     let mut queue = vec![(
         w.id.clone(),
         w.node.clone().unwrap_or_else(|| w.id.clone()),
@@ -1504,16 +1510,18 @@ async fn release_dependents(
                 queue.push((d, dw.node.unwrap_or_default(), true));
             }
         } else {
-            sqlx::query(
+            let n = sqlx::query(
                 "UPDATE workflows SET waiting_on = waiting_on - 1 WHERE status = 'pending'
                    AND id IN (SELECT workflow_id FROM workflow_deps WHERE depends_on = $1)",
             )
             .bind(&id)
             .execute(&mut *conn)
-            .await?;
+            .await?
+            .rows_affected();
+            touched |= n > 0;
         }
     }
-    Ok(())
+    Ok(touched)
 }
 
 /// Applies a workflow's outcome to its VM record, with the audit record.
