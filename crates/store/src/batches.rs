@@ -7,7 +7,7 @@
 
 use crate::audit::record;
 use crate::vms::{AdmitError, VM_COLS, owner_limits, taken_ips, usage, vm_from};
-use crate::workflows::{NewWorkflow, WorkflowKind, add_dep, insert_new};
+use crate::workflows::{NewWorkflow, WorkflowKind, insert_new};
 use crate::{Actor, Store, now_ms};
 use basphere_core::{ImageName, NetworkPool, Spec, SpecName, Username, VmName, VmStatus};
 use serde::Serialize;
@@ -53,6 +53,71 @@ pub struct BatchNodeRef {
 pub struct BatchAdmitted {
     pub batch_id: String,
     pub nodes: Vec<BatchNodeRef>,
+}
+
+/// One bound value of a multi-row insert.
+enum A {
+    S(String),
+    I(i64),
+}
+
+/// Inserts `rows` (each of the same width) with `head` (ending in `VALUES`); `tail` is the SQL
+/// of constant columns appended to every row (it may name `$n` of the row: `$k` is rewritten
+/// to the row's own parameter k). Chunks stay under SQLite's parameter limit.
+async fn insert_rows(
+    conn: &mut sqlx::SqliteConnection,
+    head: &str,
+    tail: &str,
+    rows: &[Vec<A>],
+) -> crate::Result<()> {
+    let Some(width) = rows.first().map(Vec::len) else {
+        return Ok(());
+    };
+    for chunk in rows.chunks((1_000 / width).max(1)) {
+        let mut sql = String::from(head);
+        for r in 0..chunk.len() {
+            let base = r * width;
+            let own: Vec<String> = (1..=width).map(|c| format!("${}", base + c)).collect();
+            let t = renumber(tail, base);
+            sql.push_str(if r == 0 { " (" } else { ", (" });
+            sql.push_str(&own.join(", "));
+            if !t.is_empty() {
+                sql.push_str(", ");
+                sql.push_str(&t);
+            }
+            sql.push(')');
+        }
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for row in chunk {
+            for a in row {
+                q = match a {
+                    A::S(s) => q.bind(s.clone()),
+                    A::I(i) => q.bind(*i),
+                };
+            }
+        }
+        q.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// `$k` in `sql` becomes `$(base + k)`.
+fn renumber(sql: &str, base: usize) -> String {
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '$' && chars.peek().is_some_and(|d| d.is_ascii_digit()) {
+            let mut n = 0usize;
+            while let Some(d) = chars.peek().and_then(|d| d.to_digit(10)) {
+                n = n * 10 + d as usize;
+                chars.next();
+            }
+            out.push_str(&format!("${}", base + n));
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Why a batch was refused.
@@ -138,48 +203,59 @@ impl Store {
         .await?;
         let mut nodes = Vec::with_capacity(req.creates.len() + req.deletes.len());
         let mut op_of: HashMap<&str, String> = HashMap::new();
+        // Rows for multi-row inserts: a 1,000-node batch is a few dozen statements.
+        let (mut vms, mut wfs, mut steps, mut evs, mut audit) =
+            (vec![], vec![], vec![], vec![], vec![]);
+        let priority = if admin { 5 } else { 0 };
         for v in &req.creates {
             let ip = free
                 .next()
                 .ok_or_else(|| AdmitError::BlockFull(owner.to_string(), block.net.to_string()))?;
             let id = uuid::Uuid::new_v4().to_string();
-            sqlx::query(
-                "INSERT INTO vms (id, owner, name, os, login_user, spec, vcpus, memory_mib,
-                    disk_gib, ip, status, provider, created_at, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'creating', $11, $12, $12)",
-            )
-            .bind(&id)
-            .bind(owner)
-            .bind(v.name.as_str())
-            .bind(v.os.as_str())
-            .bind(&v.login_user)
-            .bind(v.spec_name.as_str())
-            .bind(i64::from(v.spec.vcpus))
-            .bind(v.spec.memory_mib as i64)
-            .bind(v.spec.disk_gib as i64)
-            .bind(ip.to_string())
-            .bind(&req.provider)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            let mut w = NewWorkflow::new(WorkflowKind::CreateVm, owner, req.create_steps.clone());
-            w.vm_id = Some(id);
-            w.priority = if admin { 5 } else { 0 };
-            w.provider = Some(req.provider.clone());
-            w.batch = Some((batch_id.clone(), v.name.to_string()));
-            let op = insert_new(&mut tx, &w).await?;
-            record(
-                &mut tx,
-                actor,
-                "vm.create",
-                &format!("{owner}/{}", v.name),
-                "accepted",
-                Some(&format!(
+            let op = uuid::Uuid::new_v4().to_string();
+            vms.push(vec![
+                A::S(id.clone()),
+                A::S(owner.to_string()),
+                A::S(v.name.to_string()),
+                A::S(v.os.to_string()),
+                A::S(v.login_user.clone()),
+                A::S(v.spec_name.to_string()),
+                A::I(i64::from(v.spec.vcpus)),
+                A::I(v.spec.memory_mib as i64),
+                A::I(v.spec.disk_gib as i64),
+                A::S(ip.to_string()),
+                A::S(req.provider.clone()),
+                A::I(now),
+            ]);
+            wfs.push(vec![
+                A::S(op.clone()),
+                A::S(id),
+                A::S(owner.to_string()),
+                A::I(priority),
+                A::I(now),
+                A::S(req.provider.clone()),
+                A::S(batch_id.clone()),
+                A::S(v.name.to_string()),
+            ]);
+            for (i, name) in req.create_steps.iter().enumerate() {
+                steps.push(vec![
+                    A::S(op.clone()),
+                    A::I(i as i64),
+                    A::S(name.clone()),
+                    A::S(format!("{op}/{i}/{name}")),
+                ]);
+            }
+            evs.push(vec![A::S(op.clone()), A::I(now)]);
+            audit.push(vec![
+                A::I(now),
+                A::S(actor.name.clone()),
+                A::S(actor.source.clone()),
+                A::S(format!("{owner}/{}", v.name)),
+                A::S(format!(
                     "ip={ip} spec={} os={} operation={op} batch={batch_id}",
                     v.spec_name, v.os
                 )),
-            )
-            .await?;
+            ]);
             op_of.insert(v.name.as_str(), op.clone());
             nodes.push(BatchNodeRef {
                 node: v.name.to_string(),
@@ -187,6 +263,44 @@ impl Store {
                 operation_id: op,
             });
         }
+        insert_rows(
+            &mut tx,
+            "INSERT INTO vms (id, owner, name, os, login_user, spec, vcpus, memory_mib, disk_gib,
+                 ip, provider, created_at, updated_at, status) VALUES",
+            "$12, 'creating'",
+            &vms,
+        )
+        .await?;
+        insert_rows(
+            &mut tx,
+            "INSERT INTO workflows (id, vm_id, owner, priority, next_run_at, provider, batch_id,
+                 node, created_at, updated_at, kind, status, input, parked) VALUES",
+            "$5, $5, 'create_vm', 'pending', '{}', 1",
+            &wfs,
+        )
+        .await?;
+        insert_rows(
+            &mut tx,
+            "INSERT INTO workflow_steps (workflow_id, idx, name, idem_key, status) VALUES",
+            "'pending'",
+            &steps,
+        )
+        .await?;
+        insert_rows(
+            &mut tx,
+            "INSERT INTO workflow_events (workflow_id, at, step, kind, message) VALUES",
+            "NULL, 'queued', 'create_vm queued'",
+            &evs,
+        )
+        .await?;
+        insert_rows(
+            &mut tx,
+            "INSERT INTO audit (at, actor, source, target, detail, action, result) VALUES",
+            "'vm.create', 'accepted'",
+            &audit,
+        )
+        .await?;
+        let mut edges = vec![];
         for v in &req.creates {
             let me = &op_of[v.name.as_str()];
             for (deps, hard) in [(&v.requires, true), (&v.optional, false)] {
@@ -207,10 +321,29 @@ impl Store {
                         None => None,
                     };
                     if let Some(t) = target {
-                        add_dep(&mut tx, me, &t, hard).await?;
+                        edges.push(vec![A::S(me.clone()), A::S(t), A::I(hard as i64)]);
                     }
                 }
             }
+        }
+        insert_rows(
+            &mut tx,
+            "INSERT INTO workflow_deps (workflow_id, depends_on, hard) VALUES",
+            "",
+            &edges,
+        )
+        .await?;
+        if !edges.is_empty() {
+            sqlx::query(
+                "UPDATE workflows SET waiting_on = (
+                     SELECT COUNT(*) FROM workflow_deps d JOIN workflows o ON o.id = d.depends_on
+                     WHERE d.workflow_id = workflows.id
+                       AND o.status IN ('pending', 'running', 'undoing'))
+                 WHERE batch_id = $1",
+            )
+            .bind(&batch_id)
+            .execute(&mut *tx)
+            .await?;
         }
         for name in &req.deletes {
             let Some((vm_id, status)) = existing.get(name.as_str()) else {
@@ -275,5 +408,14 @@ impl Store {
                 .fetch_optional(&self.pool)
                 .await?,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn renumber_shifts_every_parameter() {
+        assert_eq!(super::renumber("$12, 'x', $5", 24), "$36, 'x', $29");
+        assert_eq!(super::renumber("'pending'", 8), "'pending'");
     }
 }
