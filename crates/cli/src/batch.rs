@@ -167,7 +167,10 @@ impl Node {
 }
 
 fn bar(done: usize, total: usize, width: usize) -> String {
-    let f = (done * width).checked_div(total).unwrap_or(width).min(width);
+    let f = (done * width)
+        .checked_div(total)
+        .unwrap_or(width)
+        .min(width);
     format!("{}{}", "█".repeat(f), "░".repeat(width - f))
 }
 
