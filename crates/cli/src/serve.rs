@@ -181,6 +181,11 @@ pub async fn serve(flag: Option<&Path>) -> anyhow::Result<()> {
         max_parallel: cfg.engine.max_parallel,
         max_attempts: cfg.engine.max_attempts,
         ready_deadline: Duration::from_secs(cfg.engine.ready_timeout_secs),
+        limits: basphere_store::ClaimLimits {
+            per_user: cfg.engine.max_per_user,
+            per_provider: cfg.engine.max_per_provider,
+            per_host: cfg.engine.max_per_host,
+        },
         ..EngineConfig::default()
     };
     let catalog = Catalog {

@@ -126,6 +126,15 @@ pub struct EngineSettings {
     pub max_attempts: u32,
     pub ready_timeout_secs: u64,
     pub lease_secs: u64,
+    /// Workflows of one user running at once, over every server (unset: no limit).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_per_user: Option<u32>,
+    /// Workflows of one provider running at once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_per_provider: Option<u32>,
+    /// Workflows on one hypervisor host running at once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_per_host: Option<u32>,
 }
 
 impl Default for EngineSettings {
@@ -135,6 +144,9 @@ impl Default for EngineSettings {
             max_attempts: 5,
             ready_timeout_secs: 300,
             lease_secs: 15,
+            max_per_user: None,
+            max_per_provider: None,
+            max_per_host: None,
         }
     }
 }

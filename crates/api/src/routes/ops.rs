@@ -76,12 +76,15 @@ pub async fn events(
         let Ok(past) = st.store.events(&id, 0).await else {
             return;
         };
-        for ev in &past {
+        // A retried operation's log holds its earlier ending: replay from the last retry on.
+        let from = past.iter().rposition(|e| e.kind == "retried").unwrap_or(0);
+        for ev in &past[from..] {
             last = ev.seq;
             if tx.send(Ok(send(ev))).await.is_err() || terminal(&ev.kind) {
                 return;
             }
         }
+        last = last.max(past.last().map_or(0, |e| e.seq));
         loop {
             match live.recv().await {
                 Ok(ev) if ev.operation_id == id && ev.seq > last => {
