@@ -102,6 +102,24 @@ impl Caller {
         }
     }
 
+    /// The caller, who must be `username` or an admin; others get 404, as if it did not exist.
+    pub fn self_or_admin(&self, username: &str) -> Result<&User, ApiError> {
+        let me = self.known()?;
+        if !self.is_admin() && me.username.as_str() != username {
+            return Err(ApiError::not_found(format!("user {username} not found")));
+        }
+        Ok(me)
+    }
+
+    /// Whose resource a request addresses: the caller's own, or `requested` when an admin names it.
+    pub fn owner_for(&self, requested: Option<String>) -> Result<String, ApiError> {
+        let me = self.active()?.username.to_string();
+        Ok(match requested {
+            Some(o) if self.is_admin() => o,
+            _ => me,
+        })
+    }
+
     /// The caller, who must be an active admin.
     pub fn admin(&self) -> Result<&User, ApiError> {
         let u = self.active()?;

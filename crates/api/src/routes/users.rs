@@ -225,10 +225,7 @@ pub async fn show(
     caller: Caller,
     Path(u): Path<String>,
 ) -> Result<Ok200, ApiError> {
-    let me = caller.known()?;
-    if !caller.is_admin() && me.username.as_str() != u {
-        return Err(ApiError::not_found(format!("user {u} not found")));
-    }
+    caller.self_or_admin(&u)?;
     let user = st
         .store
         .user(&u)
@@ -423,10 +420,7 @@ pub async fn key_changes_of(
     caller: Caller,
     Path(u): Path<String>,
 ) -> Result<Ok200, ApiError> {
-    let me = caller.known()?;
-    if !caller.is_admin() && me.username.as_str() != u {
-        return Err(ApiError::not_found(format!("user {u} not found")));
-    }
+    caller.self_or_admin(&u)?;
     let k = st.store.key_changes(Some(&u)).await?;
     Ok(ok(format!("{} key change(s) of {u}", k.len()), k))
 }

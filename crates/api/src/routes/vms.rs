@@ -234,12 +234,7 @@ pub async fn show(
     Path(name): Path<String>,
     Query(q): Query<OwnerQuery>,
 ) -> Result<Ok200, ApiError> {
-    let me = caller.active()?;
-    let owner = if caller.is_admin() {
-        q.owner.unwrap_or_else(|| me.username.to_string())
-    } else {
-        me.username.to_string()
-    };
+    let owner = caller.owner_for(q.owner)?;
     let vm = st
         .store
         .vm(&owner, &name)
@@ -254,12 +249,7 @@ pub async fn delete(
     Path(name): Path<String>,
     Query(q): Query<OwnerQuery>,
 ) -> Result<Ok200, ApiError> {
-    let me = caller.active()?;
-    let owner = if caller.is_admin() {
-        q.owner.unwrap_or_else(|| me.username.to_string())
-    } else {
-        me.username.to_string()
-    };
+    let owner = caller.owner_for(q.owner)?;
     let steps = basphere_engine::step_names(WorkflowKind::DeleteVm);
     let a = st
         .store
