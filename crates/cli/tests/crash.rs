@@ -144,3 +144,42 @@ async fn permanent_failure_undoes_in_reverse_and_releases_everything() {
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_operation_streams_from_its_retry() {
+    let s = Server::start(&[("BASPHERE_NULL_FAIL_PHASE", "start")]);
+    let token = s.user("retrier").await;
+    let c = s.with_token(&token);
+    let r = c
+        .post("/api/v1/vms", &json!({"name": "fail-again"}))
+        .await
+        .unwrap();
+    let op = r.body.data["operations"][0].as_str().unwrap().to_string();
+    wait_vm(&c, "fail-again", 20, "failed").await;
+    let r = c
+        .post(&format!("/api/v1/operations/{op}/retry"), &json!({}))
+        .await
+        .unwrap();
+    assert!(r.body.success, "{:?}", r.body);
+    let mut kinds = vec![];
+    c.follow(&format!("/api/v1/operations/{op}/events"), |k, _| {
+        kinds.push(k.to_string());
+        true
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        kinds.first().map(String::as_str),
+        Some("retried"),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.iter().any(|k| k == "step_started"),
+        "the retry ran again: {kinds:?}"
+    );
+    assert_eq!(kinds.last().map(String::as_str), Some("failed"));
+    let vm = wait_vm(&c, "fail-again", 20, "failed").await;
+    assert!(vm["ip_address"].is_null());
+    let q = c.get("/api/v1/quota").await.unwrap().body.data;
+    assert_eq!(q["usage"]["vms"], 0);
+}
