@@ -38,7 +38,7 @@
     step_failed: "failed",
     step_undone: "undone"
   };
-  var KINDS = ["started", "step_started", "step_done", "step_retry", "step_failed",
+  var KINDS = ["started", "retried", "step_started", "step_done", "step_retry", "step_failed",
     "undo_started", "step_undone", "succeeded", "failed", "cancelled"];
 
   function setBadge(box, status) {
@@ -64,7 +64,7 @@
           if (s) s.textContent = STEP[kind];
         });
       }
-      if (kind === "started") setBadge(box, "running");
+      if (kind === "started" || kind === "step_started" || kind === "retried") setBadge(box, "running");
       if (kind === "undo_started") setBadge(box, "undoing");
       if ((kind === "step_retry" || kind === "step_failed" || kind === "failed") && msg && ev.message) {
         msg.textContent = ev.message;
