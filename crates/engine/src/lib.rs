@@ -31,8 +31,8 @@ pub mod vm;
 use basphere_core::NetworkPool;
 use basphere_provider::{Provider, ProviderError};
 use basphere_store::{
-    ClaimLimits, NextStep, StepCommit, StepStatus, Store, StoreError, Workflow, WorkflowEvent,
-    WorkflowKind, WorkflowOutcome, WorkflowStatus,
+    ClaimLimits, Claimed, Handoff, NextStep, StepCommit, StepStatus, Store, StoreError, Workflow,
+    WorkflowEvent, WorkflowKind, WorkflowOutcome, WorkflowStatus,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
@@ -303,7 +303,14 @@ impl Engine {
                         let permit = permits.pop().expect("a permit per claim");
                         let me = self.clone();
                         tokio::spawn(async move {
-                            me.drive(wf, started).await;
+                            // A finishing batch node may hand this slot its batch's next node.
+                            let mut cur = Some((wf, started));
+                            while let Some((wf, started)) = cur.take() {
+                                if let Some((next, evs, started)) = me.drive(wf, started).await {
+                                    me.emit_all(evs);
+                                    cur = Some((next, started));
+                                }
+                            }
                             drop(permit);
                             me.wake();
                         });
@@ -340,8 +347,16 @@ impl Engine {
         }
     }
 
-    /// Runs one claimed workflow as far as it goes now, renewing its lease meanwhile.
-    async fn drive(&self, wf: Workflow, started: bool) {
+    /// The step deadline of a workflow's next step (for claims that start it).
+    fn deadline_ms(&self, wf: &Workflow) -> Option<i64> {
+        let def = self.def(&wf.definition)?;
+        let rec = wf.steps.get(usize::try_from(wf.step).ok()?)?;
+        Some(def.step(&rec.name).deadline.as_millis() as i64)
+    }
+
+    /// Runs one claimed workflow as far as it goes now, renewing its lease meanwhile. Returns
+    /// the batch node it handed its slot to, if any (leased to this node, to drive next).
+    async fn drive(&self, wf: Workflow, started: bool) -> Option<Claimed> {
         let (lost_tx, mut lost_rx) = watch::channel(false);
         let hb = {
             let store = self.inner.store.clone();
@@ -365,13 +380,17 @@ impl Engine {
             })
         };
         let id = wf.id.clone();
+        let mut handed = None;
         tokio::select! {
             r = self.advance(wf, started) => {
-                if let Err(e) = r {
+                match r {
+                    Ok(h) => handed = h,
+                    Err(e) => {
                     if e.is_lease_lost() {
                         warn!(workflow = %id, "lost the lease; another node continues");
                     } else {
                         warn!(workflow = %id, error = %e, "workflow stopped on a store error; it resumes when its lease expires");
+                    }
                     }
                 }
             }
@@ -380,16 +399,21 @@ impl Engine {
             }
         }
         hb.abort();
+        handed
     }
 
-    async fn advance(&self, wf: Workflow, mut started: bool) -> Result<(), StoreError> {
+    async fn advance(
+        &self,
+        wf: Workflow,
+        mut started: bool,
+    ) -> Result<Option<Claimed>, StoreError> {
         let store = &self.inner.store;
         let node = &self.inner.cfg.node_id;
         let Some(def) = self.def(&wf.definition) else {
             // Another node (a newer version) may know this definition; look again later.
             warn!(workflow = %wf.id, definition = %wf.definition, "no definition for this workflow here");
             store.release_workflow(&wf.id, node, 5_000).await?;
-            return Ok(());
+            return Ok(None);
         };
         let mut step = wf.step;
         let mut undoing = wf.status == WorkflowStatus::Undoing;
@@ -453,14 +477,28 @@ impl Engine {
                             deadline_ms: def.step(&r.name).deadline.as_millis() as i64,
                         });
                         let last = next.is_none();
-                        let (evs, cancel) = store
-                            .step_done_then(&wf.id, idx, &rec.name, node, &commit, next, true)
+                        // Without limits a finishing batch node leases its batch's next one.
+                        let l = &self.inner.cfg.limits;
+                        let unlimited = l.per_user.is_none()
+                            && l.per_provider.is_none()
+                            && l.per_host.is_none();
+                        let handoff = (last && unlimited && wf.batch_id.is_some()).then(|| {
+                            let me = self.clone();
+                            Handoff {
+                                lease_ms: self.inner.cfg.lease.as_millis() as i64,
+                                deadline_ms: Arc::new(move |w: &Workflow| me.deadline_ms(w)),
+                            }
+                        });
+                        let (evs, cancel, handed) = store
+                            .step_done_handoff(
+                                &wf.id, idx, &rec.name, node, &commit, next, true, handoff,
+                            )
                             .await?;
                         self.emit_all(evs);
                         step += 1;
                         started = true;
                         if last && !cancel {
-                            return Ok(());
+                            return Ok(handed);
                         }
                         if cancel {
                             self.emit(
@@ -487,7 +525,7 @@ impl Engine {
                                 .await?,
                         );
                         self.wake();
-                        return Ok(());
+                        return Ok(None);
                     }
                     Err(e) => {
                         let msg = if e.retryable {
@@ -507,10 +545,10 @@ impl Engine {
                         .finish_workflow(&wf.id, node, &WorkflowOutcome::Succeeded)
                         .await?,
                 );
-                return Ok(());
+                return Ok(None);
             }
         }
-        self.undo(&*def, &wf.id).await
+        self.undo(&*def, &wf.id).await.map(|()| None)
     }
 
     /// Undoes the done steps of an undoing workflow in reverse, then ends it.

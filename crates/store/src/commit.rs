@@ -10,7 +10,8 @@
 //! each completion is retried alone so that one bad completion cannot fail the others.
 
 use crate::workflows::{
-    NextStep, StepCommit, WorkflowEvent, WorkflowOutcome, finish_in, lease_lost,
+    Claimed, Deferred, Handoff, NextStep, StepCommit, WorkflowEvent, WorkflowOutcome,
+    finish_in_batch, lease_lost,
 };
 use crate::{Result, Store, now_ms};
 use sqlx::Row;
@@ -27,8 +28,12 @@ pub(crate) struct DoneJob {
     pub commit: StepCommit,
     pub next: Option<(u32, String, i64)>,
     pub finish: bool,
-    pub reply: oneshot::Sender<Result<(Vec<WorkflowEvent>, bool)>>,
+    pub handoff: Option<Handoff>,
+    pub reply: oneshot::Sender<Result<Done>>,
 }
+
+/// A completion's events, whether a cancel was requested, and the batch node handed to it.
+pub(crate) type Done = (Vec<WorkflowEvent>, bool, Option<Claimed>);
 
 pub(crate) fn spawn(store: Store) -> mpsc::UnboundedSender<DoneJob> {
     let (tx, mut rx) = mpsc::unbounded_channel::<DoneJob>();
@@ -67,7 +72,7 @@ pub(crate) fn spawn(store: Store) -> mpsc::UnboundedSender<DoneJob> {
 }
 
 impl Store {
-    async fn single(&self, j: &DoneJob) -> Result<(Vec<WorkflowEvent>, bool)> {
+    async fn single(&self, j: &DoneJob) -> Result<Done> {
         self.step_done_single(
             &j.wf,
             j.idx,
@@ -80,13 +85,14 @@ impl Store {
                 deadline_ms: *deadline_ms,
             }),
             j.finish,
+            j.handoff.as_ref(),
         )
         .await
     }
 
     /// Commits a group; per job its events and cancel flag, or its lease-lost error.
     #[allow(clippy::type_complexity)]
-    async fn group(&self, jobs: &[DoneJob]) -> Result<Vec<Result<(Vec<WorkflowEvent>, bool)>>> {
+    async fn group(&self, jobs: &[DoneJob]) -> Result<Vec<Result<Done>>> {
         let mut tx = self.write().await?;
         let now = now_ms();
         // 1. Lease guard and move on, for all at once.
@@ -172,24 +178,63 @@ impl Store {
                 .await?;
             }
         }
-        // 4. Events, in one insert.
-        let mut evs: Vec<(usize, String, &'static str, String)> = vec![];
+        let mut out: Vec<Result<Done>> = jobs
+            .iter()
+            .map(|j| match held.get(&j.wf) {
+                Some(&c) => Ok((vec![], c, None)),
+                None => Err(lease_lost(&j.wf)),
+            })
+            .collect();
+        // 4. Workflows whose last step this was end here (their end events and audit
+        //    records are written with the group's below), handing on their batch slots.
+        let mut deferred = Deferred::default();
+        let mut ends: Vec<Option<(&'static str, String)>> = vec![None; jobs.len()];
+        for (i, j) in jobs.iter().enumerate() {
+            if let Ok((v, cancel, next)) = &mut out[i]
+                && j.finish
+                && j.next.is_none()
+                && !*cancel
+            {
+                let (evs, batch) = finish_in_batch(
+                    &mut tx,
+                    &j.wf,
+                    &WorkflowOutcome::Succeeded,
+                    Some(&mut deferred),
+                )
+                .await?;
+                v.extend(evs);
+                ends[i] = deferred.events.pop().map(|(_, kind, msg)| (kind, msg));
+                if let (Some(h), Some(b)) = (&j.handoff, batch) {
+                    *next =
+                        Store::lease_batch_next(&mut tx, &b, &j.node, h.lease_ms, &*h.deadline_ms)
+                            .await?;
+                }
+            }
+        }
+        // 5. Events, in one insert: per job its step's, then its end.
+        let mut evs: Vec<(usize, Option<String>, &'static str, String)> = vec![];
         for (i, j) in jobs.iter().enumerate() {
             let Some(&cancel) = held.get(&j.wf) else {
                 continue;
             };
-            evs.push((i, j.name.clone(), "step_done", format!("{} done", j.name)));
+            evs.push((
+                i,
+                Some(j.name.clone()),
+                "step_done",
+                format!("{} done", j.name),
+            ));
             if let (Some((_, name, _)), false) = (&j.next, cancel) {
-                evs.push((i, name.clone(), "step_started", format!("{name} started")));
+                evs.push((
+                    i,
+                    Some(name.clone()),
+                    "step_started",
+                    format!("{name} started"),
+                ));
+            }
+            if let Some((kind, msg)) = ends[i].take() {
+                evs.push((i, None, kind, msg));
             }
         }
-        let mut out: Vec<Result<(Vec<WorkflowEvent>, bool)>> = jobs
-            .iter()
-            .map(|j| match held.get(&j.wf) {
-                Some(&c) => Ok((vec![], c)),
-                None => Err(lease_lost(&j.wf)),
-            })
-            .collect();
         if !evs.is_empty() {
             let values = (0..evs.len())
                 .map(|i| {
@@ -209,27 +254,39 @@ impl Store {
             let mut seqs = q.fetch_all(&mut *tx).await?;
             seqs.sort_unstable();
             for (seq, (i, step, kind, message)) in seqs.into_iter().zip(evs) {
-                if let Ok((v, _)) = &mut out[i] {
+                if let Ok((v, _, _)) = &mut out[i] {
                     v.push(WorkflowEvent {
                         seq,
                         operation_id: jobs[i].wf.clone(),
                         at: now,
-                        step: Some(step),
+                        step,
                         kind: kind.to_string(),
                         message,
                     });
                 }
             }
         }
-        // 5. Workflows whose last step this was end here.
-        for (i, j) in jobs.iter().enumerate() {
-            if let Ok((v, cancel)) = &mut out[i]
-                && j.finish
-                && j.next.is_none()
-                && !*cancel
-            {
-                v.extend(finish_in(&mut tx, &j.wf, &WorkflowOutcome::Succeeded).await?);
+        // 6. The audit records of the VMs that came up, in one insert.
+        if !deferred.audits.is_empty() {
+            let actor = crate::Actor::engine();
+            let values = (0..deferred.audits.len())
+                .map(|i| {
+                    let b = 2 * i + 4;
+                    format!("($1, $2, $3, 'vm.create', ${b}, 'ok', ${})", b + 1)
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "INSERT INTO audit (at, actor, source, action, target, result, detail) VALUES {values}"
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(now)
+                .bind(&actor.name)
+                .bind(&actor.source);
+            for (target, ip) in &deferred.audits {
+                q = q.bind(target).bind(ip);
             }
+            q.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(out)

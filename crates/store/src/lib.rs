@@ -26,8 +26,8 @@ pub use users::{
 };
 pub use vms::{AdmitError, AdmitRequest, Admitted, DeleteError, Vm};
 pub use workflows::{
-    ClaimLimits, NewWorkflow, NextStep, OpError, StepCommit, StepEffect, StepRecord, StepStatus,
-    Workflow, WorkflowEvent, WorkflowKind, WorkflowOutcome, WorkflowStatus,
+    ClaimLimits, Claimed, Handoff, NewWorkflow, NextStep, OpError, StepCommit, StepEffect,
+    StepRecord, StepStatus, Workflow, WorkflowEvent, WorkflowKind, WorkflowOutcome, WorkflowStatus,
 };
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -53,6 +53,9 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: SqlitePool,
+    /// The one connection write transactions use: its page cache stays warm (a write on
+    /// another connection would make SQLite drop that connection's cache).
+    wpool: SqlitePool,
     /// Serializes this process's write transactions. SQLite allows one writer at a time anyway;
     /// queueing here (FIFO, async) instead of in SQLite's busy handler (which sleeps in
     /// millisecond steps) is what lets the engine commit thousands of step transitions a second.
@@ -119,11 +122,19 @@ impl Store {
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .min_connections(1)
+            .connect_with(opts.clone())
+            .await?;
+        let wpool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
             .connect_with(opts)
             .await?;
         let (dead, _) = tokio::sync::mpsc::unbounded_channel();
         let mut store = Self {
             pool,
+            wpool,
             writer: Arc::new(tokio::sync::Mutex::new(())),
             committer: dead,
         };
@@ -135,6 +146,7 @@ impl Store {
 
     /// Closes all connections.
     pub async fn close(&self) {
+        self.wpool.close().await;
         self.pool.close().await;
     }
 
@@ -142,7 +154,7 @@ impl Store {
     async fn write(&self) -> Result<WriteTx> {
         let w = self.writer.clone().lock_owned().await;
         Ok(WriteTx {
-            tx: self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            tx: self.wpool.begin_with("BEGIN IMMEDIATE").await?,
             _writer: w,
         })
     }

@@ -453,6 +453,18 @@ fn workflow_from(r: &SqliteRow, steps: Vec<StepRecord>) -> Result<Workflow> {
     })
 }
 
+/// A claimed workflow, the events of its claim, and whether the claim started its step.
+pub type Claimed = (Workflow, Vec<WorkflowEvent>, bool);
+
+/// A finishing batch node hands its slot to the next ready node of its batch: leased to the
+/// same node in the finishing transaction, its first step started with `deadline_ms`.
+#[derive(Clone)]
+pub struct Handoff {
+    pub lease_ms: i64,
+    #[allow(clippy::type_complexity)]
+    pub deadline_ms: std::sync::Arc<dyn Fn(&Workflow) -> Option<i64> + Send + Sync>,
+}
+
 const WF_COLS: &str =
     "id, kind, definition, vm_id, owner, status, step, attempt, priority, error, input,
     cancel_requested, batch_id, node, waiting_on, created_at, updated_at, finished_at";
@@ -730,45 +742,103 @@ impl Store {
         }
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
-            let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "UPDATE workflows SET lease_owner = $1, lease_until = $2, updated_at = $3,
-                     status = CASE WHEN status = 'pending' THEN 'running' ELSE status END
-                 WHERE id = $4 RETURNING {WF_COLS}"
-            )))
-            .bind(node)
-            .bind(now + lease_ms)
-            .bind(now)
-            .bind(&id)
-            .fetch_one(&mut *tx)
+            let c = Self::lease_in(
+                &mut tx,
+                &format!("id = $4 RETURNING {WF_COLS}"),
+                &id,
+                node,
+                now + lease_ms,
+                now,
+                deadline_ms,
+            )
             .await?;
-            let steps =
-                sqlx::query("SELECT * FROM workflow_steps WHERE workflow_id = $1 ORDER BY idx")
-                    .bind(&id)
-                    .fetch_all(&mut *tx)
-                    .await?
-                    .iter()
-                    .map(step_from)
-                    .collect::<Result<Vec<_>>>()?;
-            let mut wf = workflow_from(&row, steps)?;
-            let mut evs = vec![];
-            let mut started = false;
-            let runnable = matches!(wf.status, WorkflowStatus::Running) && !wf.cancel_requested;
-            if let (true, Some(i)) = (runnable, usize::try_from(wf.step).ok())
-                && i < wf.steps.len()
-                && let Some(d) = deadline_ms(&wf)
-            {
-                let rec = &mut wf.steps[i];
-                evs.push(Self::mark_started(&mut tx, &id, rec.idx, &rec.name, d, now).await?);
-                rec.status = StepStatus::Running;
-                rec.attempts += 1;
-                rec.started_at = Some(now);
-                rec.deadline_at = Some(now + d);
-                started = true;
-            }
-            out.push((wf, evs, started));
+            out.extend(c);
         }
         tx.commit().await?;
         Ok(out)
+    }
+
+    /// Leases to `node` the workflow that `filter` (the rest of an `UPDATE … WHERE`, binding
+    /// the workflow or batch as `$4`, ending in `RETURNING` the workflow's columns) selects,
+    /// loads its steps and starts the next one when `deadline_ms` gives its deadline.
+    pub(crate) async fn lease_in(
+        conn: &mut SqliteConnection,
+        filter: &str,
+        key: &str,
+        node: &str,
+        lease_until: i64,
+        now: i64,
+        deadline_ms: &(dyn Fn(&Workflow) -> Option<i64> + Send + Sync),
+    ) -> Result<Option<Claimed>> {
+        let Some(row) = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE workflows SET lease_owner = $1, lease_until = $2, updated_at = $3,
+                 status = CASE WHEN status = 'pending' THEN 'running' ELSE status END
+             WHERE {filter}"
+        )))
+        .bind(node)
+        .bind(lease_until)
+        .bind(now)
+        .bind(key)
+        .fetch_optional(&mut *conn)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let id: String = row.try_get("id")?;
+        let steps = sqlx::query("SELECT * FROM workflow_steps WHERE workflow_id = $1 ORDER BY idx")
+            .bind(&id)
+            .fetch_all(&mut *conn)
+            .await?
+            .iter()
+            .map(step_from)
+            .collect::<Result<Vec<_>>>()?;
+        let mut wf = workflow_from(&row, steps)?;
+        let mut evs = vec![];
+        let mut started = false;
+        let runnable = matches!(wf.status, WorkflowStatus::Running) && !wf.cancel_requested;
+        if let (true, Some(i)) = (runnable, usize::try_from(wf.step).ok())
+            && i < wf.steps.len()
+            && let Some(d) = deadline_ms(&wf)
+        {
+            let rec = &mut wf.steps[i];
+            evs.push(Self::mark_started(conn, &id, rec.idx, &rec.name, d, now).await?);
+            rec.status = StepStatus::Running;
+            rec.attempts += 1;
+            rec.started_at = Some(now);
+            rec.deadline_at = Some(now + d);
+            started = true;
+        }
+        Ok(Some((wf, evs, started)))
+    }
+
+    /// Leases one ready node of `batch` to `node` inside the caller's transaction (a finishing
+    /// node hands its slot to the next one without a claim transaction of its own).
+    pub(crate) async fn lease_batch_next(
+        conn: &mut SqliteConnection,
+        batch: &str,
+        node: &str,
+        lease_ms: i64,
+        deadline_ms: &(dyn Fn(&Workflow) -> Option<i64> + Send + Sync),
+    ) -> Result<Option<Claimed>> {
+        let now = now_ms();
+        Self::lease_in(
+            conn,
+            &format!(
+                "id = (SELECT w.id FROM workflows w
+                   WHERE w.batch_id = $4 AND w.status IN ('pending', 'running', 'undoing')
+                     AND w.waiting_on = 0 AND w.parked = 0 AND w.next_run_at <= $3
+                     AND (w.lease_owner IS NULL OR w.lease_until < $3)
+                     AND w.cancel_requested = 0
+                   ORDER BY w.priority DESC, w.created_at LIMIT 1)
+                 RETURNING {WF_COLS}"
+            ),
+            batch,
+            node,
+            now + lease_ms,
+            now,
+            deadline_ms,
+        )
+        .await
     }
 
     /// Milliseconds until the next workflow becomes due, if any is waiting.
@@ -911,6 +981,27 @@ impl Store {
         next: Option<NextStep<'_>>,
         finish: bool,
     ) -> Result<(Vec<WorkflowEvent>, bool)> {
+        let (evs, cancel, _) = self
+            .step_done_handoff(wf, idx, name, node, commit, next, finish, None)
+            .await?;
+        Ok((evs, cancel))
+    }
+
+    /// [`Store::step_done_then`]; with a `handoff`, a finishing batch node also leases the
+    /// next ready node of its batch to `node` in the same transaction and returns it (claimed
+    /// as by [`Store::claim_many`]). Use it only when no concurrency limit is set.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn step_done_handoff(
+        &self,
+        wf: &str,
+        idx: u32,
+        name: &str,
+        node: &str,
+        commit: &StepCommit,
+        next: Option<NextStep<'_>>,
+        finish: bool,
+        handoff: Option<Handoff>,
+    ) -> Result<(Vec<WorkflowEvent>, bool, Option<Claimed>)> {
         let (reply, rx) = tokio::sync::oneshot::channel();
         let job = crate::commit::DoneJob {
             wf: wf.to_string(),
@@ -920,6 +1011,7 @@ impl Store {
             commit: commit.clone(),
             next: next.map(|n| (n.idx, n.name.to_string(), n.deadline_ms)),
             finish,
+            handoff,
             reply,
         };
         if self.committer.send(job).is_err() {
@@ -940,7 +1032,8 @@ impl Store {
         commit: &StepCommit,
         next: Option<NextStep<'_>>,
         finish: bool,
-    ) -> Result<(Vec<WorkflowEvent>, bool)> {
+        handoff: Option<&Handoff>,
+    ) -> Result<crate::commit::Done> {
         let mut tx = self.write().await?;
         let now = now_ms();
         // The lease guard, the move to the next step and the cancel flag in one statement.
@@ -1005,11 +1098,18 @@ impl Store {
             }
             None => vec![event(&mut tx, wf, Some(name), "step_done", &done_msg).await?],
         };
+        let mut claimed = None;
         if finish && next.is_none() && !cancel {
-            evs.extend(finish_in(&mut tx, wf, &WorkflowOutcome::Succeeded).await?);
+            let (fin, batch) =
+                finish_in_batch(&mut tx, wf, &WorkflowOutcome::Succeeded, None).await?;
+            evs.extend(fin);
+            if let (Some(h), Some(b)) = (handoff, batch) {
+                claimed =
+                    Self::lease_batch_next(&mut tx, &b, node, h.lease_ms, &*h.deadline_ms).await?;
+            }
         }
         tx.commit().await?;
-        Ok((evs, cancel))
+        Ok((evs, cancel, claimed))
     }
 
     /// Records a retryable failure: the step runs again after `delay_ms`, by any node.
@@ -1381,6 +1481,10 @@ async fn ending(conn: &mut SqliteConnection, wf: &str) -> Result<Ending> {
             .fetch_optional(&mut *conn)
             .await?
             .ok_or_else(|| lease_lost(wf))?;
+    ending_from(&r, wf)
+}
+
+fn ending_from(r: &SqliteRow, wf: &str) -> Result<Ending> {
     let kind: WorkflowKind = parse("workflows.kind", r.try_get("kind")?)?;
     Ok(Ending {
         id: wf.to_string(),
@@ -1400,41 +1504,89 @@ pub(crate) async fn finish_in(
     wf: &str,
     outcome: &WorkflowOutcome,
 ) -> Result<Vec<WorkflowEvent>> {
-    let w = ending(conn, wf).await?;
+    Ok(finish_in_batch(conn, wf, outcome, None).await?.0)
+}
+
+/// Rows a group commit writes for all its finishing workflows at once: the end events
+/// (workflow, kind, message) and the audit records (target, address) of created VMs.
+#[derive(Default)]
+pub(crate) struct Deferred {
+    pub events: Vec<(String, &'static str, String)>,
+    pub audits: Vec<(String, Option<String>)>,
+}
+
+/// [`finish_in`], also returning the workflow's batch. With `defer`, a success leaves its end
+/// event and its VM's audit record to the caller (then the events returned lack the end).
+pub(crate) async fn finish_in_batch(
+    conn: &mut SqliteConnection,
+    wf: &str,
+    outcome: &WorkflowOutcome,
+    defer: Option<&mut Deferred>,
+) -> Result<(Vec<WorkflowEvent>, Option<String>)> {
+    let defer = defer.filter(|_| outcome == &WorkflowOutcome::Succeeded);
     let now = now_ms();
     let (status, err) = match outcome {
         WorkflowOutcome::Succeeded => ("succeeded", None),
         WorkflowOutcome::Failed(e) => ("failed", Some(e.as_str())),
         WorkflowOutcome::Cancelled(e) => ("cancelled", Some(e.as_str())),
     };
-    sqlx::query(
+    // The end and what the rest of the ending needs, in one statement.
+    let r = sqlx::query(
         "UPDATE workflows SET status = $2, error = COALESCE($3, error), lease_owner = NULL,
-             lease_until = NULL, updated_at = $4, finished_at = $4 WHERE id = $1",
+             lease_until = NULL, updated_at = $4, finished_at = $4 WHERE id = $1
+         RETURNING kind, definition, vm_id, node, batch_id",
     )
     .bind(wf)
     .bind(status)
     .bind(err)
     .bind(now)
-    .execute(&mut *conn)
-    .await?;
-    apply_vm_outcome(conn, &w, outcome, now).await?;
+    .fetch_optional(&mut *conn)
+    .await?
+    .ok_or_else(|| lease_lost(wf))?;
+    let w = ending_from(&r, wf)?;
     let msg = match outcome {
         WorkflowOutcome::Succeeded => format!("{} succeeded", w.definition),
         WorkflowOutcome::Failed(e) => format!("{} failed: {e}", w.definition),
         WorkflowOutcome::Cancelled(e) => format!("{} cancelled: {e}", w.definition),
     };
-    let mut evs = vec![event(conn, wf, None, status, &msg).await?];
-    let touched = release_dependents(
-        conn,
-        &w,
-        outcome != &WorkflowOutcome::Succeeded,
-        now,
-        &mut evs,
-    )
-    .await?;
+    let mut evs = vec![];
+    match (defer, &w.vm_id) {
+        (Some(d), Some(vm_id)) if w.kind == WorkflowKind::CreateVm => {
+            let r = sqlx::query(
+                "UPDATE vms SET status = 'running', error = NULL, updated_at = $2 WHERE id = $1
+                 RETURNING owner, name, ip",
+            )
+            .bind(vm_id)
+            .bind(now)
+            .fetch_optional(&mut *conn)
+            .await?;
+            if let Some(r) = r {
+                let (owner, name): (String, String) = (r.try_get("owner")?, r.try_get("name")?);
+                d.audits.push((format!("{owner}/{name}"), r.try_get("ip")?));
+            }
+            d.events.push((wf.to_string(), status, msg));
+        }
+        (Some(d), _) => {
+            apply_vm_outcome(conn, &w, outcome, now).await?;
+            d.events.push((wf.to_string(), status, msg));
+        }
+        (None, _) => {
+            apply_vm_outcome(conn, &w, outcome, now).await?;
+            evs.push(event(conn, wf, None, status, &msg).await?);
+        }
+    }
+    let failed = outcome != &WorkflowOutcome::Succeeded;
+    let mut released = vec![];
+    let touched = release_dependents(conn, &w, failed, now, &mut evs, &mut released).await?;
     // Its slot, and dependents it released, go to the next ready nodes of their batches.
     let mut batches: Vec<String> = w.batch_id.iter().cloned().collect();
-    let others: Vec<String> = if !touched {
+    let others: Vec<String> = if !failed {
+        // The batches of the dependents a success released (from the release itself).
+        released.sort_unstable();
+        released.dedup();
+        released.retain(|b| Some(b) != w.batch_id.as_ref());
+        released
+    } else if !touched {
         vec![]
     } else {
         sqlx::query_scalar(
@@ -1450,7 +1602,7 @@ pub(crate) async fn finish_in(
     for b in batches {
         fill_batch(conn, &b).await?;
     }
-    Ok(evs)
+    Ok((evs, w.batch_id.clone()))
 }
 
 /// Releases or skips the batch dependents of `w` (see [`Store::finish_workflow`]).
@@ -1460,6 +1612,7 @@ async fn release_dependents(
     failed: bool,
     now: i64,
     evs: &mut Vec<WorkflowEvent>,
+    released: &mut Vec<String>,
 ) -> Result<bool> {
     // Whether any dependent may have changed (then their batches get a fill).
     let mut touched = failed;
@@ -1510,15 +1663,16 @@ async fn release_dependents(
                 queue.push((d, dw.node.unwrap_or_default(), true));
             }
         } else {
-            let n = sqlx::query(
+            let batches: Vec<Option<String>> = sqlx::query_scalar(
                 "UPDATE workflows SET waiting_on = waiting_on - 1 WHERE status = 'pending'
-                   AND id IN (SELECT workflow_id FROM workflow_deps WHERE depends_on = $1)",
+                   AND id IN (SELECT workflow_id FROM workflow_deps WHERE depends_on = $1)
+                 RETURNING batch_id",
             )
             .bind(&id)
-            .execute(&mut *conn)
-            .await?
-            .rows_affected();
-            touched |= n > 0;
+            .fetch_all(&mut *conn)
+            .await?;
+            touched |= !batches.is_empty();
+            released.extend(batches.into_iter().flatten());
         }
     }
     Ok(touched)
