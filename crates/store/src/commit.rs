@@ -10,8 +10,8 @@
 //! each completion is retried alone so that one bad completion cannot fail the others.
 
 use crate::workflows::{
-    Claimed, Deferred, Handoff, NextStep, StepCommit, WorkflowEvent, WorkflowOutcome,
-    finish_in_batch, lease_lost,
+    Claimed, Deferred, Ending, Handoff, NextStep, StepCommit, WorkflowEvent, WorkflowKind,
+    WorkflowOutcome, ending_from, fill_batch, finish_rest, lease_lost,
 };
 use crate::{Result, Store, now_ms};
 use sqlx::Row;
@@ -96,23 +96,50 @@ impl Store {
         let mut tx = self.write().await?;
         let now = now_ms();
         // 1. Lease guard and move on, for all at once.
+        //    A job whose last step this was also ends its workflow here (succeeded, lease
+        //    dropped) unless a cancel was requested: the rest of the ending follows in step 4.
         let values = (0..jobs.len())
-            .map(|i| format!("(${}, ${}, ${})", 3 * i + 2, 3 * i + 3, 3 * i + 4))
+            .map(|i| {
+                let b = 4 * i + 2;
+                format!("(${b}, ${}, ${}, ${})", b + 1, b + 2, b + 3)
+            })
             .collect::<Vec<_>>()
             .join(", ");
         let sql = format!(
-            "WITH v(id, step, node) AS (VALUES {values})
-             UPDATE workflows SET step = v.step, attempt = 0, updated_at = $1
+            "WITH v(id, step, node, fin) AS (VALUES {values})
+             UPDATE workflows SET step = v.step, attempt = 0, updated_at = $1,
+                 status = CASE WHEN v.fin = 1 AND cancel_requested = 0 THEN 'succeeded'
+                     ELSE status END,
+                 lease_owner = CASE WHEN v.fin = 1 AND cancel_requested = 0 THEN NULL
+                     ELSE lease_owner END,
+                 lease_until = CASE WHEN v.fin = 1 AND cancel_requested = 0 THEN NULL
+                     ELSE lease_until END,
+                 finished_at = CASE WHEN v.fin = 1 AND cancel_requested = 0 THEN $1
+                     ELSE finished_at END
              FROM v WHERE workflows.id = v.id AND workflows.lease_owner = v.node
-             RETURNING workflows.id AS id, workflows.cancel_requested AS cancel"
+             RETURNING workflows.id AS id, workflows.cancel_requested AS cancel,
+                 workflows.kind AS kind, workflows.definition AS definition,
+                 workflows.vm_id AS vm_id, workflows.node AS node,
+                 workflows.batch_id AS batch_id"
         );
+        let fin = |j: &DoneJob| j.finish && j.next.is_none();
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
         for j in jobs {
-            q = q.bind(&j.wf).bind(i64::from(j.idx) + 1).bind(&j.node);
+            q = q
+                .bind(&j.wf)
+                .bind(i64::from(j.idx) + 1)
+                .bind(&j.node)
+                .bind(i64::from(fin(j)));
         }
         let mut held: std::collections::HashMap<String, bool> = Default::default();
+        let mut endings: std::collections::HashMap<String, Ending> = Default::default();
         for r in q.fetch_all(&mut *tx).await? {
-            held.insert(r.try_get("id")?, r.try_get::<i64, _>("cancel")? != 0);
+            let id: String = r.try_get("id")?;
+            let cancel = r.try_get::<i64, _>("cancel")? != 0;
+            if !cancel {
+                endings.insert(id.clone(), ending_from(&r, &id)?);
+            }
+            held.insert(id, cancel);
         }
         // 2. Steps done, and next steps started (unless cancelled).
         let mut rows: Vec<(&str, u32, i64, Option<String>, i64)> = vec![];
@@ -185,30 +212,84 @@ impl Store {
                 None => Err(lease_lost(&j.wf)),
             })
             .collect();
-        // 4. Workflows whose last step this was end here (their end events and audit
-        //    records are written with the group's below), handing on their batch slots.
+        // 4. The rest of the endings: created VMs marked running, dependents released and
+        //    batch slots filled in a few statements for the whole group; anything else one
+        //    by one. Then each finishing batch node hands its slot on.
         let mut deferred = Deferred::default();
         let mut ends: Vec<Option<(&'static str, String)>> = vec![None; jobs.len()];
+        let mut vms: Vec<String> = vec![];
+        let mut finished: Vec<String> = vec![];
+        let mut batches: Vec<String> = vec![];
         for (i, j) in jobs.iter().enumerate() {
-            if let Ok((v, cancel, next)) = &mut out[i]
-                && j.finish
-                && j.next.is_none()
-                && !*cancel
-            {
-                let (evs, batch) = finish_in_batch(
-                    &mut tx,
-                    &j.wf,
-                    &WorkflowOutcome::Succeeded,
-                    Some(&mut deferred),
-                )
-                .await?;
-                v.extend(evs);
-                ends[i] = deferred.events.pop().map(|(_, kind, msg)| (kind, msg));
-                if let (Some(h), Some(b)) = (&j.handoff, batch) {
-                    *next =
-                        Store::lease_batch_next(&mut tx, &b, &j.node, h.lease_ms, &*h.deadline_ms)
-                            .await?;
+            if !fin(j) {
+                continue;
+            }
+            let (Ok((v, false, _)), Some(w)) = (&mut out[i], endings.get(&j.wf)) else {
+                continue;
+            };
+            match (&w.vm_id, w.kind) {
+                (Some(vm), WorkflowKind::CreateVm) => {
+                    vms.push(vm.clone());
+                    finished.push(j.wf.clone());
+                    batches.extend(w.batch_id.clone());
+                    ends[i] = Some(("succeeded", format!("{} succeeded", w.definition)));
                 }
+                _ => {
+                    let (evs, _) = finish_rest(
+                        &mut tx,
+                        w,
+                        &WorkflowOutcome::Succeeded,
+                        Some(&mut deferred),
+                        now,
+                    )
+                    .await?;
+                    v.extend(evs);
+                    ends[i] = deferred.events.pop().map(|(_, kind, msg)| (kind, msg));
+                }
+            }
+        }
+        if !vms.is_empty() {
+            let list = serde_json::to_string(&vms).unwrap_or_default();
+            for r in sqlx::query(
+                "UPDATE vms SET status = 'running', error = NULL, updated_at = $2
+                 WHERE id IN (SELECT value FROM json_each($1)) RETURNING owner, name, ip",
+            )
+            .bind(&list)
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await?
+            {
+                let (owner, name): (String, String) = (r.try_get("owner")?, r.try_get("name")?);
+                deferred
+                    .audits
+                    .push((format!("{owner}/{name}"), r.try_get("ip")?));
+            }
+            let list = serde_json::to_string(&finished).unwrap_or_default();
+            let released: Vec<Option<String>> = sqlx::query_scalar(
+                "UPDATE workflows SET waiting_on = waiting_on - (SELECT COUNT(*) FROM workflow_deps d
+                     WHERE d.workflow_id = workflows.id
+                       AND d.depends_on IN (SELECT value FROM json_each($1)))
+                 WHERE status = 'pending' AND id IN (SELECT workflow_id FROM workflow_deps
+                     WHERE depends_on IN (SELECT value FROM json_each($1)))
+                 RETURNING batch_id",
+            )
+            .bind(&list)
+            .fetch_all(&mut *tx)
+            .await?;
+            batches.extend(released.into_iter().flatten());
+            batches.sort_unstable();
+            batches.dedup();
+            for b in &batches {
+                fill_batch(&mut tx, b).await?;
+            }
+        }
+        for (i, j) in jobs.iter().enumerate() {
+            let (Some(h), Some(w)) = (&j.handoff, endings.get(&j.wf)) else {
+                continue;
+            };
+            if let (true, Ok((_, false, next)), Some(b)) = (fin(j), &mut out[i], &w.batch_id) {
+                *next = Store::lease_batch_next(&mut tx, b, &j.node, h.lease_ms, &*h.deadline_ms)
+                    .await?;
             }
         }
         // 5. Events, in one insert: per job its step's, then its end.

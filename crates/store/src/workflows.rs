@@ -1465,13 +1465,13 @@ impl Store {
 }
 
 /// The parts of a workflow that ending it needs.
-struct Ending {
-    id: String,
-    kind: WorkflowKind,
-    definition: String,
-    vm_id: Option<String>,
-    node: Option<String>,
-    batch_id: Option<String>,
+pub(crate) struct Ending {
+    pub id: String,
+    pub kind: WorkflowKind,
+    pub definition: String,
+    pub vm_id: Option<String>,
+    pub node: Option<String>,
+    pub batch_id: Option<String>,
 }
 
 async fn ending(conn: &mut SqliteConnection, wf: &str) -> Result<Ending> {
@@ -1484,7 +1484,7 @@ async fn ending(conn: &mut SqliteConnection, wf: &str) -> Result<Ending> {
     ending_from(&r, wf)
 }
 
-fn ending_from(r: &SqliteRow, wf: &str) -> Result<Ending> {
+pub(crate) fn ending_from(r: &SqliteRow, wf: &str) -> Result<Ending> {
     let kind: WorkflowKind = parse("workflows.kind", r.try_get("kind")?)?;
     Ok(Ending {
         id: wf.to_string(),
@@ -1544,6 +1544,25 @@ pub(crate) async fn finish_in_batch(
     .await?
     .ok_or_else(|| lease_lost(wf))?;
     let w = ending_from(&r, wf)?;
+    finish_rest(conn, &w, outcome, defer, now).await
+}
+
+/// The rest of an ending once the workflow row says so: the VM, the event, the dependents and
+/// the batch slots.
+pub(crate) async fn finish_rest(
+    conn: &mut SqliteConnection,
+    w: &Ending,
+    outcome: &WorkflowOutcome,
+    defer: Option<&mut Deferred>,
+    now: i64,
+) -> Result<(Vec<WorkflowEvent>, Option<String>)> {
+    let defer = defer.filter(|_| outcome == &WorkflowOutcome::Succeeded);
+    let wf = w.id.as_str();
+    let status = match outcome {
+        WorkflowOutcome::Succeeded => "succeeded",
+        WorkflowOutcome::Failed(_) => "failed",
+        WorkflowOutcome::Cancelled(_) => "cancelled",
+    };
     let msg = match outcome {
         WorkflowOutcome::Succeeded => format!("{} succeeded", w.definition),
         WorkflowOutcome::Failed(e) => format!("{} failed: {e}", w.definition),
@@ -1567,17 +1586,17 @@ pub(crate) async fn finish_in_batch(
             d.events.push((wf.to_string(), status, msg));
         }
         (Some(d), _) => {
-            apply_vm_outcome(conn, &w, outcome, now).await?;
+            apply_vm_outcome(conn, w, outcome, now).await?;
             d.events.push((wf.to_string(), status, msg));
         }
         (None, _) => {
-            apply_vm_outcome(conn, &w, outcome, now).await?;
+            apply_vm_outcome(conn, w, outcome, now).await?;
             evs.push(event(conn, wf, None, status, &msg).await?);
         }
     }
     let failed = outcome != &WorkflowOutcome::Succeeded;
     let mut released = vec![];
-    let touched = release_dependents(conn, &w, failed, now, &mut evs, &mut released).await?;
+    let touched = release_dependents(conn, w, failed, now, &mut evs, &mut released).await?;
     // Its slot, and dependents it released, go to the next ready nodes of their batches.
     let mut batches: Vec<String> = w.batch_id.iter().cloned().collect();
     let others: Vec<String> = if !failed {
