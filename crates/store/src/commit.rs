@@ -283,13 +283,29 @@ impl Store {
                 fill_batch(&mut tx, b).await?;
             }
         }
+        let mut wants: std::collections::BTreeMap<(&str, &str), Vec<usize>> = Default::default();
         for (i, j) in jobs.iter().enumerate() {
-            let (Some(h), Some(w)) = (&j.handoff, endings.get(&j.wf)) else {
+            let (Some(_), Some(w)) = (&j.handoff, endings.get(&j.wf)) else {
                 continue;
             };
-            if let (true, Ok((_, false, next)), Some(b)) = (fin(j), &mut out[i], &w.batch_id) {
-                *next = Store::lease_batch_next(&mut tx, b, &j.node, h.lease_ms, &*h.deadline_ms)
+            if let (true, Ok((_, false, _)), Some(b)) = (fin(j), &out[i], &w.batch_id) {
+                wants
+                    .entry((b.as_str(), j.node.as_str()))
+                    .or_default()
+                    .push(i);
+            }
+        }
+        for ((b, node), idxs) in wants {
+            let Some(h) = &jobs[idxs[0]].handoff else {
+                continue;
+            };
+            let claimed =
+                Store::lease_batch_many(&mut tx, b, node, h.lease_ms, idxs.len(), &*h.deadline_ms)
                     .await?;
+            for (i, c) in idxs.into_iter().zip(claimed) {
+                if let Ok((_, _, next)) = &mut out[i] {
+                    *next = Some(c);
+                }
             }
         }
         // 5. Events, in one insert: per job its step's, then its end.

@@ -841,6 +841,132 @@ impl Store {
         .await
     }
 
+    /// [`Store::lease_batch_next`] for up to `max` nodes at once, in four statements.
+    #[allow(clippy::type_complexity)]
+    pub(crate) async fn lease_batch_many(
+        conn: &mut SqliteConnection,
+        batch: &str,
+        node: &str,
+        lease_ms: i64,
+        max: usize,
+        deadline_ms: &(dyn Fn(&Workflow) -> Option<i64> + Send + Sync),
+    ) -> Result<Vec<Claimed>> {
+        let now = now_ms();
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE workflows SET lease_owner = $1, lease_until = $2, updated_at = $3,
+                 status = CASE WHEN status = 'pending' THEN 'running' ELSE status END
+             WHERE id IN (SELECT w.id FROM workflows w
+                   WHERE w.batch_id = $4 AND w.status IN ('pending', 'running', 'undoing')
+                     AND w.waiting_on = 0 AND w.parked = 0 AND w.next_run_at <= $3
+                     AND (w.lease_owner IS NULL OR w.lease_until < $3)
+                     AND w.cancel_requested = 0
+                   ORDER BY w.priority DESC, w.created_at LIMIT $5)
+             RETURNING {WF_COLS}"
+        )))
+        .bind(node)
+        .bind(now + lease_ms)
+        .bind(now)
+        .bind(batch)
+        .bind(max as i64)
+        .fetch_all(&mut *conn)
+        .await?;
+        if rows.is_empty() {
+            return Ok(vec![]);
+        }
+        let ids = rows
+            .iter()
+            .map(|r| r.try_get::<String, _>("id"))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let list = serde_json::to_string(&ids).unwrap_or_default();
+        let mut steps: std::collections::HashMap<String, Vec<StepRecord>> = Default::default();
+        for r in sqlx::query(
+            "SELECT * FROM workflow_steps WHERE workflow_id IN (SELECT value FROM json_each($1))
+             ORDER BY workflow_id, idx",
+        )
+        .bind(&list)
+        .fetch_all(&mut *conn)
+        .await?
+        {
+            steps
+                .entry(r.try_get("workflow_id")?)
+                .or_default()
+                .push(step_from(&r)?);
+        }
+        let mut out: Vec<Claimed> = vec![];
+        let mut starts: Vec<(usize, u32, String, i64)> = vec![];
+        for r in &rows {
+            let id: String = r.try_get("id")?;
+            let mut wf = workflow_from(r, steps.remove(&id).unwrap_or_default())?;
+            let mut started = false;
+            let runnable = matches!(wf.status, WorkflowStatus::Running) && !wf.cancel_requested;
+            if let (true, Some(i)) = (runnable, usize::try_from(wf.step).ok())
+                && i < wf.steps.len()
+                && let Some(d) = deadline_ms(&wf)
+            {
+                let rec = &mut wf.steps[i];
+                starts.push((out.len(), rec.idx, rec.name.clone(), now + d));
+                rec.status = StepStatus::Running;
+                rec.attempts += 1;
+                rec.started_at = Some(now);
+                rec.deadline_at = Some(now + d);
+                started = true;
+            }
+            out.push((wf, vec![], started));
+        }
+        if !starts.is_empty() {
+            let values = (0..starts.len())
+                .map(|i| {
+                    let b = 3 * i + 2;
+                    format!("(${b}, ${}, ${})", b + 1, b + 2)
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "WITH v(wf, idx, dl) AS (VALUES {values})
+                 UPDATE workflow_steps SET status = 'running', attempts = attempts + 1,
+                     started_at = $1, deadline_at = v.dl
+                 FROM v WHERE workflow_steps.workflow_id = v.wf AND workflow_steps.idx = v.idx"
+            )))
+            .bind(now);
+            for (k, idx, _, dl) in &starts {
+                q = q.bind(&out[*k].0.id).bind(i64::from(*idx)).bind(*dl);
+            }
+            q.execute(&mut *conn).await?;
+            let values = (0..starts.len())
+                .map(|i| {
+                    let b = 3 * i + 2;
+                    format!("(${b}, $1, ${}, 'step_started', ${})", b + 1, b + 2)
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            let mut q = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO workflow_events (workflow_id, at, step, kind, message)
+                 VALUES {values} RETURNING seq"
+            )))
+            .bind(now);
+            for (k, _, name, _) in &starts {
+                q = q
+                    .bind(&out[*k].0.id)
+                    .bind(name)
+                    .bind(format!("{name} started"));
+            }
+            let mut seqs = q.fetch_all(&mut *conn).await?;
+            seqs.sort_unstable();
+            for (seq, (k, _, name, _)) in seqs.into_iter().zip(starts) {
+                let (wf, evs, _) = &mut out[k];
+                evs.push(WorkflowEvent {
+                    seq,
+                    operation_id: wf.id.clone(),
+                    at: now,
+                    step: Some(name.clone()),
+                    kind: "step_started".into(),
+                    message: format!("{name} started"),
+                });
+            }
+        }
+        Ok(out)
+    }
+
     /// Milliseconds until the next workflow becomes due, if any is waiting.
     pub async fn next_due_in(&self) -> Result<Option<i64>> {
         let t: Option<i64> = sqlx::query_scalar(
