@@ -40,6 +40,8 @@ pub(crate) fn spawn(store: Store) -> mpsc::UnboundedSender<DoneJob> {
     tokio::spawn(async move {
         while let Some(first) = rx.recv().await {
             let mut group = vec![first];
+            // Let the tasks that are about to finish a step queue theirs into this group.
+            tokio::task::yield_now().await;
             while group.len() < MAX_GROUP {
                 match rx.try_recv() {
                     Ok(j) => group.push(j),
