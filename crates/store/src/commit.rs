@@ -143,70 +143,6 @@ impl Store {
             }
             held.insert(id, cancel);
         }
-        // 2. Steps done, and next steps started (unless cancelled).
-        let mut rows: Vec<(&str, u32, i64, Option<String>, i64)> = vec![];
-        for j in jobs {
-            let Some(&cancel) = held.get(&j.wf) else {
-                continue;
-            };
-            rows.push((
-                &j.wf,
-                j.idx,
-                0,
-                j.commit.output.as_ref().map(|o| o.to_string()),
-                0,
-            ));
-            if let (Some((idx, _, dl)), false) = (&j.next, cancel) {
-                rows.push((&j.wf, *idx, 1, None, now + dl));
-            }
-        }
-        if !rows.is_empty() {
-            let values = (0..rows.len())
-                .map(|i| {
-                    let b = 5 * i + 2;
-                    format!("(${b}, ${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4)
-                })
-                .collect::<Vec<_>>()
-                .join(", ");
-            let sql = format!(
-                "WITH v(wf, idx, start, out, dl) AS (VALUES {values})
-                 UPDATE workflow_steps SET
-                     status = CASE WHEN v.start = 1 THEN 'running' ELSE 'done' END,
-                     error = CASE WHEN v.start = 1 THEN workflow_steps.error ELSE NULL END,
-                     finished_at = CASE WHEN v.start = 1 THEN workflow_steps.finished_at ELSE $1 END,
-                     output = CASE WHEN v.start = 1 THEN workflow_steps.output ELSE v.out END,
-                     attempts = workflow_steps.attempts + v.start,
-                     started_at = CASE WHEN v.start = 1 THEN $1 ELSE workflow_steps.started_at END,
-                     deadline_at = CASE WHEN v.start = 1 THEN v.dl ELSE workflow_steps.deadline_at END
-                 FROM v WHERE workflow_steps.workflow_id = v.wf AND workflow_steps.idx = v.idx"
-            );
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
-            for (wf, idx, start, out, dl) in &rows {
-                q = q
-                    .bind(*wf)
-                    .bind(i64::from(*idx))
-                    .bind(*start)
-                    .bind(out.clone())
-                    .bind(*dl);
-            }
-            q.execute(&mut *tx).await?;
-        }
-        // 3. Effects (the outbox), each with its step.
-        for j in jobs.iter().filter(|j| held.contains_key(&j.wf)) {
-            for (key, payload) in &j.commit.effects {
-                sqlx::query(
-                    "INSERT INTO step_effects (workflow_id, idx, key, payload, at)
-                     VALUES ($1, $2, $3, $4, $5)",
-                )
-                .bind(&j.wf)
-                .bind(i64::from(j.idx))
-                .bind(key)
-                .bind(payload.to_string())
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-            }
-        }
         let mut out: Vec<Result<Done>> = jobs
             .iter()
             .map(|j| match held.get(&j.wf) {
@@ -214,7 +150,7 @@ impl Store {
                 None => Err(lease_lost(&j.wf)),
             })
             .collect();
-        // 4. The rest of the endings: created VMs marked running, dependents released and
+        // 2. The rest of the endings: created VMs marked running, dependents released and
         //    batch slots filled in a few statements for the whole group; anything else one
         //    by one. Then each finishing batch node hands its slot on.
         let mut deferred = Deferred::default();
@@ -285,6 +221,8 @@ impl Store {
                 fill_batch(&mut tx, b).await?;
             }
         }
+        // The first steps of the handed-on nodes: (job, workflow, step, name, deadline).
+        let mut starts: Vec<(usize, String, u32, String, i64)> = vec![];
         let mut wants: std::collections::BTreeMap<(&str, &str), Vec<usize>> = Default::default();
         for (i, j) in jobs.iter().enumerate() {
             let (Some(_), Some(w)) = (&j.handoff, endings.get(&j.wf)) else {
@@ -301,23 +239,95 @@ impl Store {
             let Some(h) = &jobs[idxs[0]].handoff else {
                 continue;
             };
-            let claimed =
+            let (claimed, started) =
                 Store::lease_batch_many(&mut tx, b, node, h.lease_ms, idxs.len(), &*h.deadline_ms)
                     .await?;
+            for (k, idx, name, dl) in started {
+                starts.push((idxs[k], claimed[k].0.id.clone(), idx, name, dl));
+            }
             for (i, c) in idxs.into_iter().zip(claimed) {
                 if let Ok((_, _, next)) = &mut out[i] {
                     *next = Some(c);
                 }
             }
         }
+        // 3. Steps done, and next steps started (unless cancelled), with the handed-on ones.
+        let mut rows: Vec<(&str, u32, i64, Option<String>, i64)> = vec![];
+        for j in jobs {
+            let Some(&cancel) = held.get(&j.wf) else {
+                continue;
+            };
+            rows.push((
+                &j.wf,
+                j.idx,
+                0,
+                j.commit.output.as_ref().map(|o| o.to_string()),
+                0,
+            ));
+            if let (Some((idx, _, dl)), false) = (&j.next, cancel) {
+                rows.push((&j.wf, *idx, 1, None, now + dl));
+            }
+        }
+        for (_, wf, idx, _, dl) in &starts {
+            rows.push((wf, *idx, 1, None, *dl));
+        }
+        if !rows.is_empty() {
+            let values = (0..rows.len())
+                .map(|i| {
+                    let b = 5 * i + 2;
+                    format!("(${b}, ${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4)
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "WITH v(wf, idx, start, out, dl) AS (VALUES {values})
+                 UPDATE workflow_steps SET
+                     status = CASE WHEN v.start = 1 THEN 'running' ELSE 'done' END,
+                     error = CASE WHEN v.start = 1 THEN workflow_steps.error ELSE NULL END,
+                     finished_at = CASE WHEN v.start = 1 THEN workflow_steps.finished_at ELSE $1 END,
+                     output = CASE WHEN v.start = 1 THEN workflow_steps.output ELSE v.out END,
+                     attempts = workflow_steps.attempts + v.start,
+                     started_at = CASE WHEN v.start = 1 THEN $1 ELSE workflow_steps.started_at END,
+                     deadline_at = CASE WHEN v.start = 1 THEN v.dl ELSE workflow_steps.deadline_at END
+                 FROM v WHERE workflow_steps.workflow_id = v.wf AND workflow_steps.idx = v.idx"
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
+            for (wf, idx, start, out, dl) in &rows {
+                q = q
+                    .bind(*wf)
+                    .bind(i64::from(*idx))
+                    .bind(*start)
+                    .bind(out.clone())
+                    .bind(*dl);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        // 4. Effects (the outbox), each with its step.
+        for j in jobs.iter().filter(|j| held.contains_key(&j.wf)) {
+            for (key, payload) in &j.commit.effects {
+                sqlx::query(
+                    "INSERT INTO step_effects (workflow_id, idx, key, payload, at)
+                     VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(&j.wf)
+                .bind(i64::from(j.idx))
+                .bind(key)
+                .bind(payload.to_string())
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
         // 5. Events, in one insert: per job its step's, then its end.
-        let mut evs: Vec<(usize, Option<String>, &'static str, String)> = vec![];
+        //    The handed-on nodes' start events go to their claims (`true`).
+        let mut evs: Vec<(usize, bool, Option<String>, &'static str, String)> = vec![];
         for (i, j) in jobs.iter().enumerate() {
             let Some(&cancel) = held.get(&j.wf) else {
                 continue;
             };
             evs.push((
                 i,
+                false,
                 Some(j.name.clone()),
                 "step_done",
                 format!("{} done", j.name),
@@ -325,15 +335,32 @@ impl Store {
             if let (Some((_, name, _)), false) = (&j.next, cancel) {
                 evs.push((
                     i,
+                    false,
                     Some(name.clone()),
                     "step_started",
                     format!("{name} started"),
                 ));
             }
             if let Some((kind, msg)) = ends[i].take() {
-                evs.push((i, None, kind, msg));
+                evs.push((i, false, None, kind, msg));
             }
         }
+        for (i, _, _, name, _) in &starts {
+            evs.push((
+                *i,
+                true,
+                Some(name.clone()),
+                "step_started",
+                format!("{name} started"),
+            ));
+        }
+        let wf_of = |i: usize, claim: bool| -> String {
+            match (&out[i], claim) {
+                (Ok((_, _, Some(c))), true) => c.0.id.clone(),
+                _ => jobs[i].wf.clone(),
+            }
+        };
+        let ids: Vec<String> = evs.iter().map(|e| wf_of(e.0, e.1)).collect();
         if !evs.is_empty() {
             let values = (0..evs.len())
                 .map(|i| {
@@ -347,21 +374,24 @@ impl Store {
                  VALUES {values} RETURNING seq"
             );
             let mut q = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql)).bind(now);
-            for (i, step, kind, msg) in &evs {
-                q = q.bind(&jobs[*i].wf).bind(step).bind(*kind).bind(msg);
+            for ((_, _, step, kind, msg), id) in evs.iter().zip(&ids) {
+                q = q.bind(id).bind(step).bind(*kind).bind(msg);
             }
             let mut seqs = q.fetch_all(&mut *tx).await?;
             seqs.sort_unstable();
-            for (seq, (i, step, kind, message)) in seqs.into_iter().zip(evs) {
-                if let Ok((v, _, _)) = &mut out[i] {
-                    v.push(WorkflowEvent {
-                        seq,
-                        operation_id: jobs[i].wf.clone(),
-                        at: now,
-                        step,
-                        kind: kind.to_string(),
-                        message,
-                    });
+            for ((seq, (i, claim, step, kind, message)), id) in seqs.into_iter().zip(evs).zip(ids) {
+                let ev = WorkflowEvent {
+                    seq,
+                    operation_id: id,
+                    at: now,
+                    step,
+                    kind: kind.to_string(),
+                    message,
+                };
+                match &mut out[i] {
+                    Ok((_, _, Some(c))) if claim => c.1.push(ev),
+                    Ok((v, _, _)) if !claim => v.push(ev),
+                    _ => {}
                 }
             }
         }

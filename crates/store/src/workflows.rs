@@ -841,7 +841,8 @@ impl Store {
         .await
     }
 
-    /// [`Store::lease_batch_next`] for up to `max` nodes at once, in four statements.
+    /// [`Store::lease_batch_next`] for up to `max` nodes at once, in two statements; the
+    /// caller records the steps it starts.
     #[allow(clippy::type_complexity)]
     pub(crate) async fn lease_batch_many(
         conn: &mut SqliteConnection,
@@ -850,7 +851,7 @@ impl Store {
         lease_ms: i64,
         max: usize,
         deadline_ms: &(dyn Fn(&Workflow) -> Option<i64> + Send + Sync),
-    ) -> Result<Vec<Claimed>> {
+    ) -> Result<(Vec<Claimed>, Vec<(usize, u32, String, i64)>)> {
         let now = now_ms();
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE workflows SET lease_owner = $1, lease_until = $2, updated_at = $3,
@@ -871,7 +872,7 @@ impl Store {
         .fetch_all(&mut *conn)
         .await?;
         if rows.is_empty() {
-            return Ok(vec![]);
+            return Ok((vec![], vec![]));
         }
         let ids = rows
             .iter()
@@ -913,58 +914,9 @@ impl Store {
             }
             out.push((wf, vec![], started));
         }
-        if !starts.is_empty() {
-            let values = (0..starts.len())
-                .map(|i| {
-                    let b = 3 * i + 2;
-                    format!("(${b}, ${}, ${})", b + 1, b + 2)
-                })
-                .collect::<Vec<_>>()
-                .join(", ");
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "WITH v(wf, idx, dl) AS (VALUES {values})
-                 UPDATE workflow_steps SET status = 'running', attempts = attempts + 1,
-                     started_at = $1, deadline_at = v.dl
-                 FROM v WHERE workflow_steps.workflow_id = v.wf AND workflow_steps.idx = v.idx"
-            )))
-            .bind(now);
-            for (k, idx, _, dl) in &starts {
-                q = q.bind(&out[*k].0.id).bind(i64::from(*idx)).bind(*dl);
-            }
-            q.execute(&mut *conn).await?;
-            let values = (0..starts.len())
-                .map(|i| {
-                    let b = 3 * i + 2;
-                    format!("(${b}, $1, ${}, 'step_started', ${})", b + 1, b + 2)
-                })
-                .collect::<Vec<_>>()
-                .join(", ");
-            let mut q = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(format!(
-                "INSERT INTO workflow_events (workflow_id, at, step, kind, message)
-                 VALUES {values} RETURNING seq"
-            )))
-            .bind(now);
-            for (k, _, name, _) in &starts {
-                q = q
-                    .bind(&out[*k].0.id)
-                    .bind(name)
-                    .bind(format!("{name} started"));
-            }
-            let mut seqs = q.fetch_all(&mut *conn).await?;
-            seqs.sort_unstable();
-            for (seq, (k, _, name, _)) in seqs.into_iter().zip(starts) {
-                let (wf, evs, _) = &mut out[k];
-                evs.push(WorkflowEvent {
-                    seq,
-                    operation_id: wf.id.clone(),
-                    at: now,
-                    step: Some(name.clone()),
-                    kind: "step_started".into(),
-                    message: format!("{name} started"),
-                });
-            }
-        }
-        Ok(out)
+        // The caller starts the steps (`starts`: which claim, step, name, deadline) and writes
+        // their events with its own.
+        Ok((out, starts))
     }
 
     /// Milliseconds until the next workflow becomes due, if any is waiting.
