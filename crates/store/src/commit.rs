@@ -188,20 +188,26 @@ impl Store {
         }
         if !vms.is_empty() {
             let list = serde_json::to_string(&vms).unwrap_or_default();
-            for r in sqlx::query(
+            sqlx::query(
                 "UPDATE vms SET status = 'running', error = NULL, updated_at = $2
-                 WHERE id IN (SELECT value FROM json_each($1)) RETURNING owner, name, ip",
+                 WHERE id IN (SELECT value FROM json_each($1))",
             )
             .bind(&list)
             .bind(now)
-            .fetch_all(&mut *tx)
-            .await?
-            {
-                let (owner, name): (String, String) = (r.try_get("owner")?, r.try_get("name")?);
-                deferred
-                    .audits
-                    .push((format!("{owner}/{name}"), r.try_get("ip")?));
-            }
+            .execute(&mut *tx)
+            .await?;
+            let actor = crate::Actor::engine();
+            sqlx::query(
+                "INSERT INTO audit (at, actor, source, action, target, result, detail)
+                 SELECT $2, $3, $4, 'vm.create', owner || '/' || name, 'ok', ip FROM vms
+                 WHERE id IN (SELECT value FROM json_each($1))",
+            )
+            .bind(&list)
+            .bind(now)
+            .bind(&actor.name)
+            .bind(&actor.source)
+            .execute(&mut *tx)
+            .await?;
             let list = serde_json::to_string(&finished).unwrap_or_default();
             let released: Vec<Option<String>> = sqlx::query_scalar(
                 "UPDATE workflows SET waiting_on = waiting_on - (SELECT COUNT(*) FROM workflow_deps d
@@ -371,15 +377,17 @@ impl Store {
                 .join(", ");
             let sql = format!(
                 "INSERT INTO workflow_events (workflow_id, at, step, kind, message)
-                 VALUES {values} RETURNING seq"
+                 VALUES {values}"
             );
-            let mut q = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql)).bind(now);
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
             for ((_, _, step, kind, msg), id) in evs.iter().zip(&ids) {
                 q = q.bind(id).bind(step).bind(*kind).bind(msg);
             }
-            let mut seqs = q.fetch_all(&mut *tx).await?;
-            seqs.sort_unstable();
-            for ((seq, (i, claim, step, kind, message)), id) in seqs.into_iter().zip(evs).zip(ids) {
+            // One statement under the write lock numbers its rows consecutively (no rows to
+            // ship back: the last number says them all).
+            let last = q.execute(&mut *tx).await?.last_insert_rowid();
+            let first = last + 1 - evs.len() as i64;
+            for ((seq, (i, claim, step, kind, message)), id) in (first..=last).zip(evs).zip(ids) {
                 let ev = WorkflowEvent {
                     seq,
                     operation_id: id,
