@@ -4,8 +4,8 @@ use basphere_core::{
     Email, NetworkPool, Quota, RegistrationStatus, Role, SshPublicKey, Team, UserStatus, Username,
 };
 use serde::Serialize;
-use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
+use sqlx::{Row, SqliteConnection};
 
 /// A Basphere account.
 #[derive(Debug, Clone, Serialize)]
@@ -140,6 +140,52 @@ fn key_change_from(r: &SqliteRow) -> Result<KeyChange> {
     })
 }
 
+/// The lowest block of `pool` no user holds yet.
+async fn lowest_free_block(conn: &mut SqliteConnection, pool: &NetworkPool) -> Result<Option<i64>> {
+    let used: Vec<i64> = sqlx::query_scalar(
+        "SELECT ip_block FROM users WHERE ip_block IS NOT NULL ORDER BY ip_block",
+    )
+    .fetch_all(conn)
+    .await?;
+    Ok((0..i64::from(pool.block_count())).find(|i| used.binary_search(i).is_err()))
+}
+
+/// A users row to insert.
+struct NewUserRow<'a> {
+    username: &'a str,
+    email: &'a str,
+    team: &'a str,
+    public_key: &'a str,
+    role: &'a str,
+    status: &'a str,
+    quota: &'a Quota,
+    ip_block: Option<i64>,
+}
+
+async fn insert_user(conn: &mut SqliteConnection, u: NewUserRow<'_>) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO users (username, email, team, public_key, role, status, max_vms,
+            max_clusters, max_ips, max_vcpus, max_memory_mib, created_at, updated_at, ip_block)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, $13)",
+    )
+    .bind(u.username)
+    .bind(u.email)
+    .bind(u.team)
+    .bind(u.public_key)
+    .bind(u.role)
+    .bind(u.status)
+    .bind(i64::from(u.quota.max_vms))
+    .bind(i64::from(u.quota.max_clusters))
+    .bind(i64::from(u.quota.max_ips))
+    .bind(u.quota.max_vcpus.map(i64::from))
+    .bind(u.quota.max_memory_mib.map(|v| v as i64))
+    .bind(now_ms())
+    .bind(u.ip_block)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// Business-rule refusals of user operations.
 #[derive(Debug, thiserror::Error)]
 pub enum UserError {
@@ -177,27 +223,20 @@ impl Store {
         if n > 0 {
             return Ok(false);
         }
-        let used: Vec<i64> = sqlx::query_scalar(
-            "SELECT ip_block FROM users WHERE ip_block IS NOT NULL ORDER BY ip_block",
+        let block = lowest_free_block(&mut tx, pool).await?;
+        insert_user(
+            &mut tx,
+            NewUserRow {
+                username: username.as_str(),
+                email: "",
+                team: "admins",
+                public_key: "",
+                role: "admin",
+                status: "active",
+                quota,
+                ip_block: block,
+            },
         )
-        .fetch_all(&mut *tx)
-        .await?;
-        let block = (0..i64::from(pool.block_count())).find(|i| used.binary_search(i).is_err());
-        let now = now_ms();
-        sqlx::query(
-            "INSERT INTO users (username, email, team, public_key, role, status, max_vms,
-                max_clusters, max_ips, max_vcpus, max_memory_mib, created_at, updated_at, ip_block)
-             VALUES ($1, '', 'admins', '', 'admin', 'active', $2, $3, $4, $5, $6, $7, $7, $8)",
-        )
-        .bind(username.as_str())
-        .bind(i64::from(quota.max_vms))
-        .bind(i64::from(quota.max_clusters))
-        .bind(i64::from(quota.max_ips))
-        .bind(quota.max_vcpus.map(i64::from))
-        .bind(quota.max_memory_mib.map(|v| v as i64))
-        .bind(now)
-        .bind(block)
-        .execute(&mut *tx)
         .await?;
         record(
             &mut tx,
@@ -242,22 +281,19 @@ impl Store {
             }
             Some(_) => return Err(UserError::Taken(reg.username.to_string())),
             None => {
-                sqlx::query(
-                    "INSERT INTO users (username, email, team, public_key, role, status, max_vms,
-                        max_clusters, max_ips, max_vcpus, max_memory_mib, created_at, updated_at)
-                     VALUES ($1, $2, $3, $4, 'user', 'pending', $5, $6, $7, $8, $9, $10, $10)",
+                insert_user(
+                    &mut tx,
+                    NewUserRow {
+                        username: reg.username.as_str(),
+                        email: reg.email.as_str(),
+                        team: reg.team.as_str(),
+                        public_key: reg.public_key.as_str(),
+                        role: "user",
+                        status: "pending",
+                        quota,
+                        ip_block: None,
+                    },
                 )
-                .bind(reg.username.as_str())
-                .bind(reg.email.as_str())
-                .bind(reg.team.as_str())
-                .bind(reg.public_key.as_str())
-                .bind(i64::from(quota.max_vms))
-                .bind(i64::from(quota.max_clusters))
-                .bind(i64::from(quota.max_ips))
-                .bind(quota.max_vcpus.map(i64::from))
-                .bind(quota.max_memory_mib.map(|v| v as i64))
-                .bind(now)
-                .execute(&mut *tx)
                 .await?;
             }
         }
@@ -344,13 +380,8 @@ impl Store {
                 )));
             }
         }
-        let used: Vec<i64> = sqlx::query_scalar(
-            "SELECT ip_block FROM users WHERE ip_block IS NOT NULL ORDER BY ip_block",
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        let block = (0..pool.block_count() as i64)
-            .find(|i| used.binary_search(i).is_err())
+        let block = lowest_free_block(&mut tx, pool)
+            .await?
             .ok_or(UserError::PoolFull)?;
         let now = now_ms();
         sqlx::query(
