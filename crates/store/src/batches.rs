@@ -189,7 +189,7 @@ impl Store {
         let mut free = pool
             .assignable_in(&block)
             .filter(|a| !taken.contains(&a.to_string()));
-        let batch_id = uuid::Uuid::new_v4().to_string();
+        let batch_id = uuid::Uuid::now_v7().to_string();
         let now = now_ms();
         sqlx::query(
             "INSERT INTO batches (id, owner, parallelism, nodes, created_at) VALUES ($1, $2, $3, $4, $5)",
@@ -211,8 +211,8 @@ impl Store {
             let ip = free
                 .next()
                 .ok_or_else(|| AdmitError::BlockFull(owner.to_string(), block.net.to_string()))?;
-            let id = uuid::Uuid::new_v4().to_string();
-            let op = uuid::Uuid::new_v4().to_string();
+            let id = uuid::Uuid::now_v7().to_string();
+            let op = uuid::Uuid::now_v7().to_string();
             vms.push(vec![
                 A::S(id.clone()),
                 A::S(owner.to_string()),

@@ -1,21 +1,31 @@
-//! Group commit of step completions.
+//! Group commit of step completions on a dedicated write thread.
 //!
-//! Every step completion is a write transaction, and with SQLite every statement is a hop to
-//! the connection's thread; per transaction those hops, not the disk, set the pace. So the
-//! completions that arrive while one commit runs are written together by one task: one
-//! `BEGIN IMMEDIATE`, one statement each for the lease guard, the step rows and the events of
-//! the whole group, then `COMMIT`. Each completion keeps its own meaning — lease-guarded,
-//! atomic with its effects, committed before its workflow's next step starts (its caller
-//! waits for the reply) — only the transaction is shared. If the group's transaction fails,
-//! each completion is retried alone so that one bad completion cannot fail the others.
+//! Every step completion is a write transaction; with sqlx each statement would be a hop
+//! between the async runtime and the connection's thread, and those hops, not SQLite, set
+//! the pace. So completions go to one OS thread that owns its own connection: it takes
+//! everything queued while its last transaction ran, writes it in one `BEGIN IMMEDIATE` with
+//! cached prepared statements, commits, and replies. Each completion keeps its own meaning —
+//! lease-guarded, atomic with its effects, committed before its workflow's next step starts
+//! (its caller waits for the reply) — only the transaction is shared. If a group fails, each
+//! completion is retried alone so that one bad completion cannot fail the others.
+//!
+//! The thread takes the store's writer lock around each transaction, so it never meets this
+//! process's sqlx writes in SQLite's busy handler. Its connection does not checkpoint the WAL;
+//! the checkpoint thread does that off the commit path.
 
 use crate::workflows::{
-    Claimed, Deferred, Ending, Handoff, NextStep, StepCommit, WorkflowEvent, WorkflowKind,
-    WorkflowOutcome, ending_from, fill_batch, finish_rest, lease_lost,
+    Claimed, Handoff, StepCommit, StepStatus, WF_COLS, Workflow, WorkflowEvent, WorkflowKind,
+    WorkflowStatus, lease_lost, step_from, workflow_from,
 };
-use crate::{Result, Store, now_ms};
-use sqlx::Row;
-use tokio::sync::{mpsc, oneshot};
+use crate::{Actor, Result, StoreError, now_ms, parse};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
+use tokio::sync::oneshot;
 
 /// Most completions in one transaction.
 const MAX_GROUP: usize = 64;
@@ -35,397 +45,423 @@ pub(crate) struct DoneJob {
 /// A completion's events, whether a cancel was requested, and the batch node handed to it.
 pub(crate) type Done = (Vec<WorkflowEvent>, bool, Option<Claimed>);
 
-pub(crate) fn spawn(store: Store) -> mpsc::UnboundedSender<DoneJob> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<DoneJob>();
-    tokio::spawn(async move {
-        while let Some(first) = rx.recv().await {
-            let mut group = vec![first];
-            // Let the tasks that are about to finish a step queue theirs into this group.
-            tokio::task::yield_now().await;
-            while group.len() < MAX_GROUP {
-                match rx.try_recv() {
-                    Ok(j) => group.push(j),
-                    Err(_) => break,
-                }
-            }
-            if group.len() == 1 {
-                let j = group.pop().expect("one");
-                let r = store.single(&j).await;
-                let _ = j.reply.send(r);
-                continue;
-            }
-            match store.group(&group).await {
-                Ok(results) => {
-                    for (j, r) in group.into_iter().zip(results) {
-                        let _ = j.reply.send(r);
-                    }
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "group commit failed; committing one by one");
-                    for j in group {
-                        let r = store.single(&j).await;
-                        let _ = j.reply.send(r);
-                    }
-                }
-            }
-        }
-    });
-    tx
+/// Opens a connection of this store's kind (WAL, foreign keys, busy timeout, no checkpoints).
+fn open(path: &Path) -> Result<Connection> {
+    let c = Connection::open(path)?;
+    c.busy_timeout(Duration::from_secs(30))?;
+    c.pragma_update(None, "synchronous", "NORMAL")?;
+    c.pragma_update(None, "foreign_keys", "ON")?;
+    c.pragma_update(None, "wal_autocheckpoint", 0)?;
+    c.set_prepared_statement_cache_capacity(64);
+    Ok(c)
 }
 
-impl Store {
-    async fn single(&self, j: &DoneJob) -> Result<Done> {
-        self.step_done_single(
-            &j.wf,
-            j.idx,
-            &j.name,
-            &j.node,
-            &j.commit,
-            j.next.as_ref().map(|(idx, name, deadline_ms)| NextStep {
-                idx: *idx,
-                name,
-                deadline_ms: *deadline_ms,
-            }),
-            j.finish,
-            j.handoff.as_ref(),
-        )
-        .await
-    }
-
-    /// Commits a group; per job its events and cancel flag, or its lease-lost error.
-    #[allow(clippy::type_complexity)]
-    async fn group(&self, jobs: &[DoneJob]) -> Result<Vec<Result<Done>>> {
-        let mut tx = self.write().await?;
-        let now = now_ms();
-        // 1. Lease guard and move on, for all at once.
-        //    A job whose last step this was also ends its workflow here (succeeded, lease
-        //    dropped) unless a cancel was requested: the rest of the ending follows in step 4.
-        let values = (0..jobs.len())
-            .map(|i| {
-                let b = 4 * i + 2;
-                format!("(${b}, ${}, ${}, ${})", b + 1, b + 2, b + 3)
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
-        let sql = format!(
-            "WITH v(id, step, node, fin) AS (VALUES {values})
-             UPDATE workflows SET step = v.step, attempt = 0, updated_at = $1,
-                 status = CASE WHEN v.fin = 1 AND cancel_requested = 0 THEN 'succeeded'
-                     ELSE status END,
-                 lease_owner = CASE WHEN v.fin = 1 AND cancel_requested = 0 THEN NULL
-                     ELSE lease_owner END,
-                 lease_until = CASE WHEN v.fin = 1 AND cancel_requested = 0 THEN NULL
-                     ELSE lease_until END,
-                 finished_at = CASE WHEN v.fin = 1 AND cancel_requested = 0 THEN $1
-                     ELSE finished_at END
-             FROM v WHERE workflows.id = v.id AND workflows.lease_owner = v.node
-             RETURNING workflows.id AS id, workflows.cancel_requested AS cancel,
-                 workflows.kind AS kind, workflows.definition AS definition,
-                 workflows.vm_id AS vm_id, workflows.node AS node,
-                 workflows.batch_id AS batch_id"
-        );
-        let fin = |j: &DoneJob| j.finish && j.next.is_none();
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
-        for j in jobs {
-            q = q
-                .bind(&j.wf)
-                .bind(i64::from(j.idx) + 1)
-                .bind(&j.node)
-                .bind(i64::from(fin(j)));
-        }
-        let mut held: std::collections::HashMap<String, bool> = Default::default();
-        let mut endings: std::collections::HashMap<String, Ending> = Default::default();
-        for r in q.fetch_all(&mut *tx).await? {
-            let id: String = r.try_get("id")?;
-            let cancel = r.try_get::<i64, _>("cancel")? != 0;
-            if !cancel {
-                endings.insert(id.clone(), ending_from(&r, &id)?);
-            }
-            held.insert(id, cancel);
-        }
-        let mut out: Vec<Result<Done>> = jobs
-            .iter()
-            .map(|j| match held.get(&j.wf) {
-                Some(&c) => Ok((vec![], c, None)),
-                None => Err(lease_lost(&j.wf)),
-            })
-            .collect();
-        // 2. The rest of the endings: created VMs marked running, dependents released and
-        //    batch slots filled in a few statements for the whole group; anything else one
-        //    by one. Then each finishing batch node hands its slot on.
-        let mut deferred = Deferred::default();
-        let mut ends: Vec<Option<(&'static str, String)>> = vec![None; jobs.len()];
-        let mut vms: Vec<String> = vec![];
-        let mut finished: Vec<String> = vec![];
-        let mut batches: Vec<String> = vec![];
-        for (i, j) in jobs.iter().enumerate() {
-            if !fin(j) {
-                continue;
-            }
-            let (Ok((v, false, _)), Some(w)) = (&mut out[i], endings.get(&j.wf)) else {
-                continue;
-            };
-            match (&w.vm_id, w.kind) {
-                (Some(vm), WorkflowKind::CreateVm) => {
-                    vms.push(vm.clone());
-                    finished.push(j.wf.clone());
-                    batches.extend(w.batch_id.clone());
-                    ends[i] = Some(("succeeded", format!("{} succeeded", w.definition)));
+/// Starts the write thread and the checkpoint thread for the database at `path`.
+pub(crate) fn spawn(
+    path: &Path,
+    lock: Arc<tokio::sync::Mutex<()>>,
+) -> Result<mpsc::Sender<DoneJob>> {
+    let mut conn = open(path)?;
+    let ckpt = open(path)?;
+    let wrote = Arc::new(AtomicU64::new(0));
+    let (tx, rx) = mpsc::channel::<DoneJob>();
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = wrote.clone();
+    let s = stop.clone();
+    std::thread::Builder::new()
+        .name("basphere-writer".into())
+        .spawn(move || {
+            while let Ok(first) = rx.recv() {
+                let mut group = vec![first];
+                while group.len() < MAX_GROUP {
+                    match rx.try_recv() {
+                        Ok(j) => group.push(j),
+                        Err(_) => break,
+                    }
                 }
-                _ => {
-                    let (evs, _) = finish_rest(
-                        &mut tx,
-                        w,
-                        &WorkflowOutcome::Succeeded,
-                        Some(&mut deferred),
-                        now,
-                    )
-                    .await?;
-                    v.extend(evs);
-                    ends[i] = deferred.events.pop().map(|(_, kind, msg)| (kind, msg));
-                }
-            }
-        }
-        if !vms.is_empty() {
-            let list = serde_json::to_string(&vms).unwrap_or_default();
-            sqlx::query(
-                "UPDATE vms SET status = 'running', error = NULL, updated_at = $2
-                 WHERE id IN (SELECT value FROM json_each($1))",
-            )
-            .bind(&list)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            let actor = crate::Actor::engine();
-            sqlx::query(
-                "INSERT INTO audit (at, actor, source, action, target, result, detail)
-                 SELECT $2, $3, $4, 'vm.create', owner || '/' || name, 'ok', ip FROM vms
-                 WHERE id IN (SELECT value FROM json_each($1))",
-            )
-            .bind(&list)
-            .bind(now)
-            .bind(&actor.name)
-            .bind(&actor.source)
-            .execute(&mut *tx)
-            .await?;
-            let list = serde_json::to_string(&finished).unwrap_or_default();
-            let released: Vec<Option<String>> = sqlx::query_scalar(
-                "UPDATE workflows SET waiting_on = waiting_on - (SELECT COUNT(*) FROM workflow_deps d
-                     WHERE d.workflow_id = workflows.id
-                       AND d.depends_on IN (SELECT value FROM json_each($1)))
-                 WHERE status = 'pending' AND id IN (SELECT workflow_id FROM workflow_deps
-                     WHERE depends_on IN (SELECT value FROM json_each($1)))
-                 RETURNING batch_id",
-            )
-            .bind(&list)
-            .fetch_all(&mut *tx)
-            .await?;
-            batches.extend(released.into_iter().flatten());
-            batches.sort_unstable();
-            batches.dedup();
-            for b in &batches {
-                fill_batch(&mut tx, b).await?;
-            }
-        }
-        // The first steps of the handed-on nodes: (job, workflow, step, name, deadline).
-        let mut starts: Vec<(usize, String, u32, String, i64)> = vec![];
-        let mut wants: std::collections::BTreeMap<(&str, &str), Vec<usize>> = Default::default();
-        for (i, j) in jobs.iter().enumerate() {
-            let (Some(_), Some(w)) = (&j.handoff, endings.get(&j.wf)) else {
-                continue;
-            };
-            if let (true, Ok((_, false, _)), Some(b)) = (fin(j), &out[i], &w.batch_id) {
-                wants
-                    .entry((b.as_str(), j.node.as_str()))
-                    .or_default()
-                    .push(i);
-            }
-        }
-        for ((b, node), idxs) in wants {
-            let Some(h) = &jobs[idxs[0]].handoff else {
-                continue;
-            };
-            let (claimed, started) =
-                Store::lease_batch_many(&mut tx, b, node, h.lease_ms, idxs.len(), &*h.deadline_ms)
-                    .await?;
-            for (k, idx, name, dl) in started {
-                starts.push((idxs[k], claimed[k].0.id.clone(), idx, name, dl));
-            }
-            for (i, c) in idxs.into_iter().zip(claimed) {
-                if let Ok((_, _, next)) = &mut out[i] {
-                    *next = Some(c);
-                }
-            }
-        }
-        // 3. Steps done, and next steps started (unless cancelled), with the handed-on ones.
-        let mut rows: Vec<(&str, u32, i64, Option<String>, i64)> = vec![];
-        for j in jobs {
-            let Some(&cancel) = held.get(&j.wf) else {
-                continue;
-            };
-            rows.push((
-                &j.wf,
-                j.idx,
-                0,
-                j.commit.output.as_ref().map(|o| o.to_string()),
-                0,
-            ));
-            if let (Some((idx, _, dl)), false) = (&j.next, cancel) {
-                rows.push((&j.wf, *idx, 1, None, now + dl));
-            }
-        }
-        for (_, wf, idx, _, dl) in &starts {
-            rows.push((wf, *idx, 1, None, *dl));
-        }
-        if !rows.is_empty() {
-            let values = (0..rows.len())
-                .map(|i| {
-                    let b = 5 * i + 2;
-                    format!("(${b}, ${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4)
-                })
-                .collect::<Vec<_>>()
-                .join(", ");
-            let sql = format!(
-                "WITH v(wf, idx, start, out, dl) AS (VALUES {values})
-                 UPDATE workflow_steps SET
-                     status = CASE WHEN v.start = 1 THEN 'running' ELSE 'done' END,
-                     error = CASE WHEN v.start = 1 THEN workflow_steps.error ELSE NULL END,
-                     finished_at = CASE WHEN v.start = 1 THEN workflow_steps.finished_at ELSE $1 END,
-                     output = CASE WHEN v.start = 1 THEN workflow_steps.output ELSE v.out END,
-                     attempts = workflow_steps.attempts + v.start,
-                     started_at = CASE WHEN v.start = 1 THEN $1 ELSE workflow_steps.started_at END,
-                     deadline_at = CASE WHEN v.start = 1 THEN v.dl ELSE workflow_steps.deadline_at END
-                 FROM v WHERE workflow_steps.workflow_id = v.wf AND workflow_steps.idx = v.idx"
-            );
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
-            for (wf, idx, start, out, dl) in &rows {
-                q = q
-                    .bind(*wf)
-                    .bind(i64::from(*idx))
-                    .bind(*start)
-                    .bind(out.clone())
-                    .bind(*dl);
-            }
-            q.execute(&mut *tx).await?;
-        }
-        // 4. Effects (the outbox), each with its step.
-        for j in jobs.iter().filter(|j| held.contains_key(&j.wf)) {
-            for (key, payload) in &j.commit.effects {
-                sqlx::query(
-                    "INSERT INTO step_effects (workflow_id, idx, key, payload, at)
-                     VALUES ($1, $2, $3, $4, $5)",
-                )
-                .bind(&j.wf)
-                .bind(i64::from(j.idx))
-                .bind(key)
-                .bind(payload.to_string())
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-            }
-        }
-        // 5. Events, in one insert: per job its step's, then its end.
-        //    The handed-on nodes' start events go to their claims (`true`).
-        let mut evs: Vec<(usize, bool, Option<String>, &'static str, String)> = vec![];
-        for (i, j) in jobs.iter().enumerate() {
-            let Some(&cancel) = held.get(&j.wf) else {
-                continue;
-            };
-            evs.push((
-                i,
-                false,
-                Some(j.name.clone()),
-                "step_done",
-                format!("{} done", j.name),
-            ));
-            if let (Some((_, name, _)), false) = (&j.next, cancel) {
-                evs.push((
-                    i,
-                    false,
-                    Some(name.clone()),
-                    "step_started",
-                    format!("{name} started"),
-                ));
-            }
-            if let Some((kind, msg)) = ends[i].take() {
-                evs.push((i, false, None, kind, msg));
-            }
-        }
-        for (i, _, _, name, _) in &starts {
-            evs.push((
-                *i,
-                true,
-                Some(name.clone()),
-                "step_started",
-                format!("{name} started"),
-            ));
-        }
-        let wf_of = |i: usize, claim: bool| -> String {
-            match (&out[i], claim) {
-                (Ok((_, _, Some(c))), true) => c.0.id.clone(),
-                _ => jobs[i].wf.clone(),
-            }
-        };
-        let ids: Vec<String> = evs.iter().map(|e| wf_of(e.0, e.1)).collect();
-        if !evs.is_empty() {
-            let values = (0..evs.len())
-                .map(|i| {
-                    let b = 4 * i + 2;
-                    format!("(${b}, $1, ${}, ${}, ${})", b + 1, b + 2, b + 3)
-                })
-                .collect::<Vec<_>>()
-                .join(", ");
-            let sql = format!(
-                "INSERT INTO workflow_events (workflow_id, at, step, kind, message)
-                 VALUES {values}"
-            );
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
-            for ((_, _, step, kind, msg), id) in evs.iter().zip(&ids) {
-                q = q.bind(id).bind(step).bind(*kind).bind(msg);
-            }
-            // One statement under the write lock numbers its rows consecutively (no rows to
-            // ship back: the last number says them all).
-            let last = q.execute(&mut *tx).await?.last_insert_rowid();
-            let first = last + 1 - evs.len() as i64;
-            for ((seq, (i, claim, step, kind, message)), id) in (first..=last).zip(evs).zip(ids) {
-                let ev = WorkflowEvent {
-                    seq,
-                    operation_id: id,
-                    at: now,
-                    step,
-                    kind: kind.to_string(),
-                    message,
+                let guard = lock.blocking_lock();
+                let results = match commit_group(&mut conn, &group) {
+                    Ok(r) => r,
+                    Err(e) if group.len() > 1 => {
+                        tracing::debug!(error = %e, "group commit failed; committing one by one");
+                        group
+                            .iter()
+                            .map(|j| {
+                                commit_group(&mut conn, std::slice::from_ref(j))
+                                    .and_then(|mut v| v.pop().expect("one result"))
+                            })
+                            .collect()
+                    }
+                    Err(e) => vec![Err(e)],
                 };
-                match &mut out[i] {
-                    Ok((_, _, Some(c))) if claim => c.1.push(ev),
-                    Ok((v, _, _)) if !claim => v.push(ev),
-                    _ => {}
+                drop(guard);
+                w.fetch_add(1, Ordering::Relaxed);
+                for (j, r) in group.into_iter().zip(results) {
+                    let _ = j.reply.send(r);
+                }
+            }
+            s.store(true, Ordering::Relaxed);
+        })
+        .map_err(|e| StoreError::Corrupt("store", format!("starting the write thread: {e}")))?;
+    std::thread::Builder::new()
+        .name("basphere-ckpt".into())
+        .spawn(move || checkpoints(ckpt, wrote, stop))
+        .map_err(|e| {
+            StoreError::Corrupt("store", format!("starting the checkpoint thread: {e}"))
+        })?;
+    Ok(tx)
+}
+
+/// Copies the WAL back into the database while the writer goes on (PASSIVE never blocks it).
+fn checkpoints(conn: Connection, wrote: Arc<AtomicU64>, stop: Arc<AtomicBool>) {
+    let mut seen = 0;
+    let mut idle = 0u32;
+    loop {
+        std::thread::sleep(Duration::from_millis(250));
+        let now = wrote.load(Ordering::Relaxed);
+        let stopping = stop.load(Ordering::Relaxed);
+        // Other writers (sqlx, other processes) do not count here, so look now and then anyway.
+        idle += 1;
+        if now != seen || idle >= 8 || stopping {
+            seen = now;
+            idle = 0;
+            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                tracing::debug!(error = %e, "WAL checkpoint failed; trying again later");
+            }
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+/// One group's transaction; per job its outcome (or lease-lost error).
+fn commit_group(conn: &mut Connection, jobs: &[DoneJob]) -> Result<Vec<Result<Done>>> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let now = now_ms();
+    let mut out: Vec<Result<Done>> = Vec::with_capacity(jobs.len());
+    // Batches whose free slots go to their next ready nodes, and (batch, node) → jobs that
+    // hand their slot on.
+    let mut fills: Vec<String> = vec![];
+    let mut wants: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
+    for (i, j) in jobs.iter().enumerate() {
+        let fin = j.finish && j.next.is_none();
+        // The lease guard and the move on; a last step also ends the workflow (success).
+        let held = tx
+            .prepare_cached(
+                "UPDATE workflows SET step = ?2, attempt = 0, updated_at = ?3,
+                     status = CASE WHEN ?4 AND cancel_requested = 0 THEN 'succeeded' ELSE status END,
+                     lease_owner = CASE WHEN ?4 AND cancel_requested = 0 THEN NULL ELSE lease_owner END,
+                     lease_until = CASE WHEN ?4 AND cancel_requested = 0 THEN NULL ELSE lease_until END,
+                     finished_at = CASE WHEN ?4 AND cancel_requested = 0 THEN ?3 ELSE finished_at END
+                 WHERE id = ?1 AND lease_owner = ?5
+                 RETURNING cancel_requested, kind, definition, vm_id, batch_id",
+            )?
+            .query_row(
+                params![j.wf, i64::from(j.idx) + 1, now, fin, j.node],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)? != 0,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, Option<String>>(2)?,
+                        r.get::<_, Option<String>>(3)?,
+                        r.get::<_, Option<String>>(4)?,
+                    ))
+                },
+            )
+            .optional()?;
+        let Some((cancel, kind, definition, vm_id, batch_id)) = held else {
+            out.push(Err(lease_lost(&j.wf)));
+            continue;
+        };
+        let mut evs = vec![];
+        tx.prepare_cached(
+            "UPDATE workflow_steps SET status = 'done', error = NULL, finished_at = ?3,
+                 output = ?4 WHERE workflow_id = ?1 AND idx = ?2",
+        )?
+        .execute(params![
+            j.wf,
+            j.idx,
+            now,
+            j.commit.output.as_ref().map(|o| o.to_string())
+        ])?;
+        for (key, payload) in &j.commit.effects {
+            tx.prepare_cached(
+                "INSERT INTO step_effects (workflow_id, idx, key, payload, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![j.wf, j.idx, key, payload.to_string(), now])?;
+        }
+        evs.push(event(
+            &tx,
+            &j.wf,
+            Some(&j.name),
+            "step_done",
+            &format!("{} done", j.name),
+            now,
+        )?);
+        if let (Some((idx, name, dl)), false) = (&j.next, cancel) {
+            start_step(&tx, &j.wf, *idx, now, now + dl)?;
+            evs.push(event(
+                &tx,
+                &j.wf,
+                Some(name),
+                "step_started",
+                &format!("{name} started"),
+                now,
+            )?);
+        }
+        if fin && !cancel {
+            let kind: WorkflowKind = parse("workflows.kind", &kind)?;
+            let definition = definition.unwrap_or_else(|| kind.to_string());
+            succeed(
+                &tx,
+                &j.wf,
+                kind,
+                &definition,
+                vm_id.as_deref(),
+                now,
+                &mut evs,
+                &mut fills,
+            )?;
+            if let Some(b) = batch_id {
+                fills.push(b.clone());
+                if j.handoff.is_some() {
+                    wants.entry((b, j.node.clone())).or_default().push(i);
                 }
             }
         }
-        // 6. The audit records of the VMs that came up, in one insert.
-        if !deferred.audits.is_empty() {
-            let actor = crate::Actor::engine();
-            let values = (0..deferred.audits.len())
-                .map(|i| {
-                    let b = 2 * i + 4;
-                    format!("($1, $2, $3, 'vm.create', ${b}, 'ok', ${})", b + 1)
-                })
-                .collect::<Vec<_>>()
-                .join(", ");
-            let sql = format!(
-                "INSERT INTO audit (at, actor, source, action, target, result, detail) VALUES {values}"
-            );
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(now)
-                .bind(&actor.name)
-                .bind(&actor.source);
-            for (target, ip) in &deferred.audits {
-                q = q.bind(target).bind(ip);
-            }
-            q.execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
-        Ok(out)
+        out.push(Ok((evs, cancel, None)));
     }
+    fills.sort_unstable();
+    fills.dedup();
+    for b in &fills {
+        tx.prepare_cached(
+            "UPDATE workflows SET parked = 0 WHERE id IN (
+                 SELECT id FROM workflows WHERE batch_id = ?1 AND parked = 1 AND waiting_on = 0
+                   AND status = 'pending'
+                 LIMIT MAX(0, (SELECT parallelism FROM batches WHERE id = ?1)
+                     - (SELECT COUNT(*) FROM workflows WHERE batch_id = ?1 AND parked = 0
+                          AND status IN ('pending', 'running', 'undoing'))))",
+        )?
+        .execute(params![b])?;
+    }
+    // Each finishing batch node hands its slot to the next ready node of its batch, leased
+    // to the same node, its first step started.
+    for ((batch, node), idxs) in wants {
+        let Some(h) = &jobs[idxs[0]].handoff else {
+            continue;
+        };
+        let claimed = lease_batch(&tx, &batch, &node, h, idxs.len(), now)?;
+        for (i, c) in idxs.into_iter().zip(claimed) {
+            if let Ok((_, _, next)) = &mut out[i] {
+                *next = Some(c);
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(out)
+}
+
+/// Marks step `idx` of `wf` running (one more attempt) until `deadline`.
+fn start_step(tx: &Connection, wf: &str, idx: u32, now: i64, deadline: i64) -> Result<()> {
+    tx.prepare_cached(
+        "UPDATE workflow_steps SET status = 'running', attempts = attempts + 1,
+             started_at = ?3, deadline_at = ?4 WHERE workflow_id = ?1 AND idx = ?2",
+    )?
+    .execute(params![wf, idx, now, deadline])?;
+    Ok(())
+}
+
+fn event(
+    tx: &Connection,
+    wf: &str,
+    step: Option<&str>,
+    kind: &str,
+    message: &str,
+    now: i64,
+) -> Result<WorkflowEvent> {
+    tx.prepare_cached(
+        "INSERT INTO workflow_events (workflow_id, at, step, kind, message)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![wf, now, step, kind, message])?;
+    Ok(WorkflowEvent {
+        seq: tx.last_insert_rowid(),
+        operation_id: wf.to_string(),
+        at: now,
+        step: step.map(str::to_string),
+        kind: kind.to_string(),
+        message: message.to_string(),
+    })
+}
+
+fn audit(
+    tx: &Connection,
+    action: &str,
+    target: &str,
+    detail: Option<&str>,
+    now: i64,
+) -> Result<()> {
+    let actor = Actor::engine();
+    tx.prepare_cached(
+        "INSERT INTO audit (at, actor, source, action, target, result, detail)
+         VALUES (?1, ?2, ?3, ?4, ?5, 'ok', ?6)",
+    )?
+    .execute(params![
+        now,
+        actor.name,
+        actor.source,
+        action,
+        target,
+        detail
+    ])?;
+    Ok(())
+}
+
+/// The rest of a success once the workflow row says so: its VM, its end event, and its
+/// dependents (their batches are added to `fills`).
+#[allow(clippy::too_many_arguments)]
+fn succeed(
+    tx: &Connection,
+    wf: &str,
+    kind: WorkflowKind,
+    definition: &str,
+    vm_id: Option<&str>,
+    now: i64,
+    evs: &mut Vec<WorkflowEvent>,
+    fills: &mut Vec<String>,
+) -> Result<()> {
+    match (kind, vm_id) {
+        (WorkflowKind::CreateVm, Some(vm)) => {
+            let row = tx
+                .prepare_cached(
+                    "UPDATE vms SET status = 'running', error = NULL, updated_at = ?2 WHERE id = ?1
+                     RETURNING owner, name, ip",
+                )?
+                .query_row(params![vm, now], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, Option<String>>(2)?,
+                    ))
+                })
+                .optional()?;
+            if let Some((owner, name, ip)) = row {
+                audit(
+                    tx,
+                    "vm.create",
+                    &format!("{owner}/{name}"),
+                    ip.as_deref(),
+                    now,
+                )?;
+            }
+        }
+        (WorkflowKind::DeleteVm, Some(vm)) => {
+            tx.prepare_cached("UPDATE workflows SET vm_id = NULL WHERE vm_id = ?1")?
+                .execute(params![vm])?;
+            let row = tx
+                .prepare_cached("DELETE FROM vms WHERE id = ?1 RETURNING owner, name")?
+                .query_row(params![vm], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+                })
+                .optional()?;
+            if let Some((owner, name)) = row {
+                audit(tx, "vm.delete", &format!("{owner}/{name}"), None, now)?;
+            }
+        }
+        (_, None) => {}
+    }
+    evs.push(event(
+        tx,
+        wf,
+        None,
+        "succeeded",
+        &format!("{definition} succeeded"),
+        now,
+    )?);
+    let mut st = tx.prepare_cached(
+        "UPDATE workflows SET waiting_on = waiting_on - 1 WHERE status = 'pending'
+           AND id IN (SELECT workflow_id FROM workflow_deps WHERE depends_on = ?1)
+         RETURNING batch_id",
+    )?;
+    let released = st.query_map(params![wf], |r| r.get::<_, Option<String>>(0))?;
+    for b in released {
+        fills.extend(b?);
+    }
+    Ok(())
+}
+
+/// Leases up to `max` ready nodes of `batch` to `node` and starts their current steps.
+fn lease_batch(
+    tx: &Connection,
+    batch: &str,
+    node: &str,
+    h: &Handoff,
+    max: usize,
+    now: i64,
+) -> Result<Vec<Claimed>> {
+    let mut wfs: Vec<Workflow> = {
+        let mut st = tx.prepare_cached(&format!(
+            "UPDATE workflows SET lease_owner = ?1, lease_until = ?2, updated_at = ?3,
+                 status = CASE WHEN status = 'pending' THEN 'running' ELSE status END
+             WHERE id IN (SELECT w.id FROM workflows w
+                   WHERE w.batch_id = ?4 AND w.status IN ('pending', 'running', 'undoing')
+                     AND w.waiting_on = 0 AND w.parked = 0 AND w.next_run_at <= ?3
+                     AND (w.lease_owner IS NULL OR w.lease_until < ?3)
+                     AND w.cancel_requested = 0
+                   ORDER BY w.priority DESC, w.created_at LIMIT ?5)
+             RETURNING {WF_COLS}"
+        ))?;
+        let mut rows = st.query(params![node, now + h.lease_ms, now, batch, max as i64])?;
+        let mut v = vec![];
+        while let Some(r) = rows.next()? {
+            v.push(workflow_from(r, vec![])?);
+        }
+        v
+    };
+    // RETURNING gives no order; keep the queue's.
+    wfs.sort_by(|a, b| {
+        b.priority
+            .cmp(&a.priority)
+            .then(a.created_at.cmp(&b.created_at))
+    });
+    let mut out = Vec::with_capacity(wfs.len());
+    for mut wf in wfs {
+        {
+            let mut st = tx.prepare_cached(
+                "SELECT * FROM workflow_steps WHERE workflow_id = ?1 ORDER BY idx",
+            )?;
+            let mut rows = st.query(params![wf.id])?;
+            while let Some(r) = rows.next()? {
+                wf.steps.push(step_from(r)?);
+            }
+        }
+        let mut evs = vec![];
+        let mut started = false;
+        let runnable = wf.status == WorkflowStatus::Running && !wf.cancel_requested;
+        if let (true, Ok(i)) = (runnable, usize::try_from(wf.step))
+            && i < wf.steps.len()
+            && let Some(d) = (h.deadline_ms)(&wf)
+        {
+            let rec = &mut wf.steps[i];
+            start_step(tx, &wf.id, rec.idx, now, now + d)?;
+            rec.status = StepStatus::Running;
+            rec.attempts += 1;
+            rec.started_at = Some(now);
+            rec.deadline_at = Some(now + d);
+            let msg = format!("{} started", rec.name);
+            evs.push(event(
+                tx,
+                &wf.id,
+                Some(&rec.name.clone()),
+                "step_started",
+                &msg,
+                now,
+            )?);
+            started = true;
+        }
+        out.push((wf, evs, started));
+    }
+    Ok(out)
 }

@@ -41,6 +41,9 @@ use std::time::Duration;
 pub enum StoreError {
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
+    /// From the engine's write thread (see `commit`).
+    #[error("database error: {0}")]
+    Write(#[from] rusqlite::Error),
     #[error("database holds an invalid value in {0}: {1}")]
     Corrupt(&'static str, String),
     #[error("{0}")]
@@ -61,8 +64,8 @@ pub struct Store {
     /// millisecond steps) is what lets the engine commit thousands of step transitions a second.
     /// Other processes on the same file still wait in the busy handler.
     writer: Arc<tokio::sync::Mutex<()>>,
-    /// Queue of the group committer (step completions; see `commit`).
-    committer: tokio::sync::mpsc::UnboundedSender<commit::DoneJob>,
+    /// Queue of the write thread that group-commits step completions (see `commit`).
+    committer: std::sync::mpsc::Sender<commit::DoneJob>,
 }
 
 /// A write transaction holding this process's writer lock; derefs to the connection.
@@ -118,7 +121,9 @@ impl Store {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(30));
+            .busy_timeout(Duration::from_secs(30))
+            // The checkpoint thread copies the WAL back, off every commit path (see `commit`).
+            .pragma("wal_autocheckpoint", "0");
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .min_connections(1)
@@ -131,17 +136,15 @@ impl Store {
             .max_lifetime(None)
             .connect_with(opts)
             .await?;
-        let (dead, _) = tokio::sync::mpsc::unbounded_channel();
-        let mut store = Self {
+        migrate::run(&pool).await?;
+        let writer = Arc::new(tokio::sync::Mutex::new(()));
+        let committer = commit::spawn(path, writer.clone())?;
+        Ok(Self {
             pool,
             wpool,
-            writer: Arc::new(tokio::sync::Mutex::new(())),
-            committer: dead,
-        };
-        migrate::run(&store.pool).await?;
-        // The committer holds a handle without a committer of its own (it commits directly).
-        store.committer = commit::spawn(store.clone());
-        Ok(store)
+            writer,
+            committer,
+        })
     }
 
     /// Closes all connections.

@@ -274,7 +274,7 @@ impl Store {
             let ip = free
                 .next()
                 .ok_or_else(|| AdmitError::BlockFull(owner.to_string(), block.net.to_string()))?;
-            let id = uuid::Uuid::new_v4().to_string();
+            let id = uuid::Uuid::now_v7().to_string();
             let row = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "INSERT INTO vms (id, owner, name, os, login_user, spec, vcpus, memory_mib,
                     disk_gib, ip, status, provider, created_at, updated_at)

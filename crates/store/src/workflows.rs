@@ -239,7 +239,7 @@ pub(crate) async fn insert_workflow(
 }
 
 pub(crate) async fn insert_new(conn: &mut SqliteConnection, w: &NewWorkflow) -> Result<String> {
-    let id = uuid::Uuid::new_v4().to_string();
+    let id = uuid::Uuid::now_v7().to_string();
     let now = now_ms();
     sqlx::query(
         "INSERT INTO workflows (id, kind, vm_id, owner, status, priority, input, next_run_at,
@@ -346,42 +346,6 @@ pub(crate) async fn event(
     })
 }
 
-/// Two step events in one statement (in this order).
-async fn events2(
-    conn: &mut SqliteConnection,
-    wf: &str,
-    evs: [(&str, &str, &str); 2],
-) -> Result<Vec<WorkflowEvent>> {
-    let now = now_ms();
-    let mut seqs: Vec<i64> = sqlx::query_scalar(
-        "INSERT INTO workflow_events (workflow_id, at, step, kind, message)
-         VALUES ($1, $2, $3, $4, $5), ($1, $2, $6, $7, $8) RETURNING seq",
-    )
-    .bind(wf)
-    .bind(now)
-    .bind(evs[0].0)
-    .bind(evs[0].1)
-    .bind(evs[0].2)
-    .bind(evs[1].0)
-    .bind(evs[1].1)
-    .bind(evs[1].2)
-    .fetch_all(conn)
-    .await?;
-    seqs.sort_unstable();
-    Ok(seqs
-        .into_iter()
-        .zip(evs)
-        .map(|(seq, (step, kind, message))| WorkflowEvent {
-            seq,
-            operation_id: wf.to_string(),
-            at: now,
-            step: Some(step.to_string()),
-            kind: kind.to_string(),
-            message: message.to_string(),
-        })
-        .collect())
-}
-
 fn event_from(r: &SqliteRow) -> Result<WorkflowEvent> {
     Ok(WorkflowEvent {
         seq: r.try_get("seq")?,
@@ -393,21 +357,59 @@ fn event_from(r: &SqliteRow) -> Result<WorkflowEvent> {
     })
 }
 
-fn step_from(r: &SqliteRow) -> Result<StepRecord> {
-    let output: Option<String> = r.try_get("output")?;
+/// Column access shared by sqlx rows and the write thread's rusqlite rows, so that both
+/// build workflows with the same mappers.
+pub(crate) trait Cols {
+    fn text(&self, col: &str) -> Result<String>;
+    fn opt_text(&self, col: &str) -> Result<Option<String>>;
+    fn int(&self, col: &str) -> Result<i64>;
+    fn opt_int(&self, col: &str) -> Result<Option<i64>>;
+}
+
+impl Cols for SqliteRow {
+    fn text(&self, col: &str) -> Result<String> {
+        Ok(self.try_get(col)?)
+    }
+    fn opt_text(&self, col: &str) -> Result<Option<String>> {
+        Ok(self.try_get(col)?)
+    }
+    fn int(&self, col: &str) -> Result<i64> {
+        Ok(self.try_get(col)?)
+    }
+    fn opt_int(&self, col: &str) -> Result<Option<i64>> {
+        Ok(self.try_get(col)?)
+    }
+}
+
+impl Cols for rusqlite::Row<'_> {
+    fn text(&self, col: &str) -> Result<String> {
+        Ok(self.get(col)?)
+    }
+    fn opt_text(&self, col: &str) -> Result<Option<String>> {
+        Ok(self.get(col)?)
+    }
+    fn int(&self, col: &str) -> Result<i64> {
+        Ok(self.get(col)?)
+    }
+    fn opt_int(&self, col: &str) -> Result<Option<i64>> {
+        Ok(self.get(col)?)
+    }
+}
+
+pub(crate) fn step_from(r: &impl Cols) -> Result<StepRecord> {
     Ok(StepRecord {
-        idx: r.try_get::<i64, _>("idx")? as u32,
-        name: r.try_get("name")?,
-        status: parse("workflow_steps.status", r.try_get("status")?)?,
-        attempts: r.try_get::<i64, _>("attempts")? as u32,
-        error: r.try_get("error")?,
-        started_at: r.try_get("started_at")?,
-        finished_at: r.try_get("finished_at")?,
-        idem_key: r
-            .try_get::<Option<String>, _>("idem_key")?
-            .unwrap_or_default(),
-        deadline_at: r.try_get("deadline_at")?,
-        output: output.and_then(|o| serde_json::from_str(&o).ok()),
+        idx: r.int("idx")? as u32,
+        name: r.text("name")?,
+        status: parse("workflow_steps.status", &r.text("status")?)?,
+        attempts: r.int("attempts")? as u32,
+        error: r.opt_text("error")?,
+        started_at: r.opt_int("started_at")?,
+        finished_at: r.opt_int("finished_at")?,
+        idem_key: r.opt_text("idem_key")?.unwrap_or_default(),
+        deadline_at: r.opt_int("deadline_at")?,
+        output: r
+            .opt_text("output")?
+            .and_then(|o| serde_json::from_str(&o).ok()),
     })
 }
 
@@ -425,30 +427,29 @@ impl StoreError {
     }
 }
 
-fn workflow_from(r: &SqliteRow, steps: Vec<StepRecord>) -> Result<Workflow> {
-    let input: String = r.try_get("input")?;
-    let kind: WorkflowKind = parse("workflows.kind", r.try_get("kind")?)?;
+pub(crate) fn workflow_from(r: &impl Cols, steps: Vec<StepRecord>) -> Result<Workflow> {
+    let kind: WorkflowKind = parse("workflows.kind", &r.text("kind")?)?;
     Ok(Workflow {
-        id: r.try_get("id")?,
+        id: r.text("id")?,
         kind,
         definition: r
-            .try_get::<Option<String>, _>("definition")?
+            .opt_text("definition")?
             .unwrap_or_else(|| kind.to_string()),
-        vm_id: r.try_get("vm_id")?,
-        owner: r.try_get("owner")?,
-        status: parse("workflows.status", r.try_get("status")?)?,
-        step: r.try_get("step")?,
-        attempt: r.try_get::<i64, _>("attempt")? as u32,
-        priority: r.try_get("priority")?,
-        error: r.try_get("error")?,
-        input: serde_json::from_str(&input).unwrap_or(serde_json::Value::Null),
-        cancel_requested: r.try_get::<i64, _>("cancel_requested")? != 0,
-        batch_id: r.try_get("batch_id")?,
-        node: r.try_get("node")?,
-        waiting_on: r.try_get("waiting_on")?,
-        created_at: r.try_get("created_at")?,
-        updated_at: r.try_get("updated_at")?,
-        finished_at: r.try_get("finished_at")?,
+        vm_id: r.opt_text("vm_id")?,
+        owner: r.text("owner")?,
+        status: parse("workflows.status", &r.text("status")?)?,
+        step: r.int("step")?,
+        attempt: r.int("attempt")? as u32,
+        priority: r.int("priority")?,
+        error: r.opt_text("error")?,
+        input: serde_json::from_str(&r.text("input")?).unwrap_or(serde_json::Value::Null),
+        cancel_requested: r.int("cancel_requested")? != 0,
+        batch_id: r.opt_text("batch_id")?,
+        node: r.opt_text("node")?,
+        waiting_on: r.int("waiting_on")?,
+        created_at: r.int("created_at")?,
+        updated_at: r.int("updated_at")?,
+        finished_at: r.opt_int("finished_at")?,
         steps,
     })
 }
@@ -465,7 +466,7 @@ pub struct Handoff {
     pub deadline_ms: std::sync::Arc<dyn Fn(&Workflow) -> Option<i64> + Send + Sync>,
 }
 
-const WF_COLS: &str =
+pub(crate) const WF_COLS: &str =
     "id, kind, definition, vm_id, owner, status, step, attempt, priority, error, input,
     cancel_requested, batch_id, node, waiting_on, created_at, updated_at, finished_at";
 
@@ -811,114 +812,6 @@ impl Store {
         Ok(Some((wf, evs, started)))
     }
 
-    /// Leases one ready node of `batch` to `node` inside the caller's transaction (a finishing
-    /// node hands its slot to the next one without a claim transaction of its own).
-    pub(crate) async fn lease_batch_next(
-        conn: &mut SqliteConnection,
-        batch: &str,
-        node: &str,
-        lease_ms: i64,
-        deadline_ms: &(dyn Fn(&Workflow) -> Option<i64> + Send + Sync),
-    ) -> Result<Option<Claimed>> {
-        let now = now_ms();
-        Self::lease_in(
-            conn,
-            &format!(
-                "id = (SELECT w.id FROM workflows w
-                   WHERE w.batch_id = $4 AND w.status IN ('pending', 'running', 'undoing')
-                     AND w.waiting_on = 0 AND w.parked = 0 AND w.next_run_at <= $3
-                     AND (w.lease_owner IS NULL OR w.lease_until < $3)
-                     AND w.cancel_requested = 0
-                   ORDER BY w.priority DESC, w.created_at LIMIT 1)
-                 RETURNING {WF_COLS}"
-            ),
-            batch,
-            node,
-            now + lease_ms,
-            now,
-            deadline_ms,
-        )
-        .await
-    }
-
-    /// [`Store::lease_batch_next`] for up to `max` nodes at once, in two statements; the
-    /// caller records the steps it starts.
-    #[allow(clippy::type_complexity)]
-    pub(crate) async fn lease_batch_many(
-        conn: &mut SqliteConnection,
-        batch: &str,
-        node: &str,
-        lease_ms: i64,
-        max: usize,
-        deadline_ms: &(dyn Fn(&Workflow) -> Option<i64> + Send + Sync),
-    ) -> Result<(Vec<Claimed>, Vec<(usize, u32, String, i64)>)> {
-        let now = now_ms();
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "UPDATE workflows SET lease_owner = $1, lease_until = $2, updated_at = $3,
-                 status = CASE WHEN status = 'pending' THEN 'running' ELSE status END
-             WHERE id IN (SELECT w.id FROM workflows w
-                   WHERE w.batch_id = $4 AND w.status IN ('pending', 'running', 'undoing')
-                     AND w.waiting_on = 0 AND w.parked = 0 AND w.next_run_at <= $3
-                     AND (w.lease_owner IS NULL OR w.lease_until < $3)
-                     AND w.cancel_requested = 0
-                   ORDER BY w.priority DESC, w.created_at LIMIT $5)
-             RETURNING {WF_COLS}"
-        )))
-        .bind(node)
-        .bind(now + lease_ms)
-        .bind(now)
-        .bind(batch)
-        .bind(max as i64)
-        .fetch_all(&mut *conn)
-        .await?;
-        if rows.is_empty() {
-            return Ok((vec![], vec![]));
-        }
-        let ids = rows
-            .iter()
-            .map(|r| r.try_get::<String, _>("id"))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        let list = serde_json::to_string(&ids).unwrap_or_default();
-        let mut steps: std::collections::HashMap<String, Vec<StepRecord>> = Default::default();
-        for r in sqlx::query(
-            "SELECT * FROM workflow_steps WHERE workflow_id IN (SELECT value FROM json_each($1))
-             ORDER BY workflow_id, idx",
-        )
-        .bind(&list)
-        .fetch_all(&mut *conn)
-        .await?
-        {
-            steps
-                .entry(r.try_get("workflow_id")?)
-                .or_default()
-                .push(step_from(&r)?);
-        }
-        let mut out: Vec<Claimed> = vec![];
-        let mut starts: Vec<(usize, u32, String, i64)> = vec![];
-        for r in &rows {
-            let id: String = r.try_get("id")?;
-            let mut wf = workflow_from(r, steps.remove(&id).unwrap_or_default())?;
-            let mut started = false;
-            let runnable = matches!(wf.status, WorkflowStatus::Running) && !wf.cancel_requested;
-            if let (true, Some(i)) = (runnable, usize::try_from(wf.step).ok())
-                && i < wf.steps.len()
-                && let Some(d) = deadline_ms(&wf)
-            {
-                let rec = &mut wf.steps[i];
-                starts.push((out.len(), rec.idx, rec.name.clone(), now + d));
-                rec.status = StepStatus::Running;
-                rec.attempts += 1;
-                rec.started_at = Some(now);
-                rec.deadline_at = Some(now + d);
-                started = true;
-            }
-            out.push((wf, vec![], started));
-        }
-        // The caller starts the steps (`starts`: which claim, step, name, deadline) and writes
-        // their events with its own.
-        Ok((out, starts))
-    }
-
     /// Milliseconds until the next workflow becomes due, if any is waiting.
     pub async fn next_due_in(&self) -> Result<Option<i64>> {
         let t: Option<i64> = sqlx::query_scalar(
@@ -1097,97 +990,6 @@ impl Store {
         }
         rx.await
             .map_err(|_| StoreError::Corrupt("store", "the committer stopped".into()))?
-    }
-
-    /// One completion in its own transaction.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) async fn step_done_single(
-        &self,
-        wf: &str,
-        idx: u32,
-        name: &str,
-        node: &str,
-        commit: &StepCommit,
-        next: Option<NextStep<'_>>,
-        finish: bool,
-        handoff: Option<&Handoff>,
-    ) -> Result<crate::commit::Done> {
-        let mut tx = self.write().await?;
-        let now = now_ms();
-        // The lease guard, the move to the next step and the cancel flag in one statement.
-        let cancel: Option<i64> = sqlx::query_scalar(
-            "UPDATE workflows SET step = $2, attempt = 0, updated_at = $3
-             WHERE id = $1 AND lease_owner = $4 RETURNING cancel_requested",
-        )
-        .bind(wf)
-        .bind(i64::from(idx) + 1)
-        .bind(now)
-        .bind(node)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let cancel = cancel.ok_or_else(|| lease_lost(wf))? != 0;
-        let start = next.filter(|_| !cancel);
-        // This step done and the next one started, in one statement.
-        sqlx::query(
-            "UPDATE workflow_steps SET
-                 status = CASE WHEN idx = $2 THEN 'done' ELSE 'running' END,
-                 error = CASE WHEN idx = $2 THEN NULL ELSE error END,
-                 finished_at = CASE WHEN idx = $2 THEN $4 ELSE finished_at END,
-                 output = CASE WHEN idx = $2 THEN $5 ELSE output END,
-                 attempts = CASE WHEN idx = $2 THEN attempts ELSE attempts + 1 END,
-                 started_at = CASE WHEN idx = $2 THEN started_at ELSE $4 END,
-                 deadline_at = CASE WHEN idx = $2 THEN deadline_at ELSE $6 END
-             WHERE workflow_id = $1 AND idx IN ($2, $3)",
-        )
-        .bind(wf)
-        .bind(i64::from(idx))
-        .bind(start.map(|n| i64::from(n.idx)).unwrap_or(-1))
-        .bind(now)
-        .bind(commit.output.as_ref().map(|o| o.to_string()))
-        .bind(now + start.map(|n| n.deadline_ms).unwrap_or(0))
-        .execute(&mut *tx)
-        .await?;
-        for (key, payload) in &commit.effects {
-            sqlx::query(
-                "INSERT INTO step_effects (workflow_id, idx, key, payload, at)
-                 VALUES ($1, $2, $3, $4, $5)",
-            )
-            .bind(wf)
-            .bind(i64::from(idx))
-            .bind(key)
-            .bind(payload.to_string())
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        }
-        let done_msg = format!("{name} done");
-        let mut evs = match start {
-            Some(n) => {
-                let started_msg = format!("{} started", n.name);
-                events2(
-                    &mut tx,
-                    wf,
-                    [
-                        (name, "step_done", done_msg.as_str()),
-                        (n.name, "step_started", started_msg.as_str()),
-                    ],
-                )
-                .await?
-            }
-            None => vec![event(&mut tx, wf, Some(name), "step_done", &done_msg).await?],
-        };
-        let mut claimed = None;
-        if finish && next.is_none() && !cancel {
-            let (fin, batch) =
-                finish_in_batch(&mut tx, wf, &WorkflowOutcome::Succeeded, None).await?;
-            evs.extend(fin);
-            if let (Some(h), Some(b)) = (handoff, batch) {
-                claimed =
-                    Self::lease_batch_next(&mut tx, &b, node, h.lease_ms, &*h.deadline_ms).await?;
-            }
-        }
-        tx.commit().await?;
-        Ok((evs, cancel, claimed))
     }
 
     /// Records a retryable failure: the step runs again after `delay_ms`, by any node.
@@ -1582,26 +1384,6 @@ pub(crate) async fn finish_in(
     wf: &str,
     outcome: &WorkflowOutcome,
 ) -> Result<Vec<WorkflowEvent>> {
-    Ok(finish_in_batch(conn, wf, outcome, None).await?.0)
-}
-
-/// Rows a group commit writes for all its finishing workflows at once: the end events
-/// (workflow, kind, message) and the audit records (target, address) of created VMs.
-#[derive(Default)]
-pub(crate) struct Deferred {
-    pub events: Vec<(String, &'static str, String)>,
-    pub audits: Vec<(String, Option<String>)>,
-}
-
-/// [`finish_in`], also returning the workflow's batch. With `defer`, a success leaves its end
-/// event and its VM's audit record to the caller (then the events returned lack the end).
-pub(crate) async fn finish_in_batch(
-    conn: &mut SqliteConnection,
-    wf: &str,
-    outcome: &WorkflowOutcome,
-    defer: Option<&mut Deferred>,
-) -> Result<(Vec<WorkflowEvent>, Option<String>)> {
-    let defer = defer.filter(|_| outcome == &WorkflowOutcome::Succeeded);
     let now = now_ms();
     let (status, err) = match outcome {
         WorkflowOutcome::Succeeded => ("succeeded", None),
@@ -1622,7 +1404,7 @@ pub(crate) async fn finish_in_batch(
     .await?
     .ok_or_else(|| lease_lost(wf))?;
     let w = ending_from(&r, wf)?;
-    finish_rest(conn, &w, outcome, defer, now).await
+    finish_rest(conn, &w, outcome, now).await
 }
 
 /// The rest of an ending once the workflow row says so: the VM, the event, the dependents and
@@ -1631,10 +1413,8 @@ pub(crate) async fn finish_rest(
     conn: &mut SqliteConnection,
     w: &Ending,
     outcome: &WorkflowOutcome,
-    defer: Option<&mut Deferred>,
     now: i64,
-) -> Result<(Vec<WorkflowEvent>, Option<String>)> {
-    let defer = defer.filter(|_| outcome == &WorkflowOutcome::Succeeded);
+) -> Result<Vec<WorkflowEvent>> {
     let wf = w.id.as_str();
     let status = match outcome {
         WorkflowOutcome::Succeeded => "succeeded",
@@ -1647,31 +1427,8 @@ pub(crate) async fn finish_rest(
         WorkflowOutcome::Cancelled(e) => format!("{} cancelled: {e}", w.definition),
     };
     let mut evs = vec![];
-    match (defer, &w.vm_id) {
-        (Some(d), Some(vm_id)) if w.kind == WorkflowKind::CreateVm => {
-            let r = sqlx::query(
-                "UPDATE vms SET status = 'running', error = NULL, updated_at = $2 WHERE id = $1
-                 RETURNING owner, name, ip",
-            )
-            .bind(vm_id)
-            .bind(now)
-            .fetch_optional(&mut *conn)
-            .await?;
-            if let Some(r) = r {
-                let (owner, name): (String, String) = (r.try_get("owner")?, r.try_get("name")?);
-                d.audits.push((format!("{owner}/{name}"), r.try_get("ip")?));
-            }
-            d.events.push((wf.to_string(), status, msg));
-        }
-        (Some(d), _) => {
-            apply_vm_outcome(conn, w, outcome, now).await?;
-            d.events.push((wf.to_string(), status, msg));
-        }
-        (None, _) => {
-            apply_vm_outcome(conn, w, outcome, now).await?;
-            evs.push(event(conn, wf, None, status, &msg).await?);
-        }
-    }
+    apply_vm_outcome(conn, w, outcome, now).await?;
+    evs.push(event(conn, wf, None, status, &msg).await?);
     let failed = outcome != &WorkflowOutcome::Succeeded;
     let mut released = vec![];
     let touched = release_dependents(conn, w, failed, now, &mut evs, &mut released).await?;
@@ -1699,7 +1456,7 @@ pub(crate) async fn finish_rest(
     for b in batches {
         fill_batch(conn, &b).await?;
     }
-    Ok((evs, w.batch_id.clone()))
+    Ok(evs)
 }
 
 /// Releases or skips the batch dependents of `w` (see [`Store::finish_workflow`]).
