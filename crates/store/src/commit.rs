@@ -146,29 +146,23 @@ fn commit_group(conn: &mut Connection, jobs: &[DoneJob]) -> Result<Vec<Result<Do
     let mut wants: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
     for (i, j) in jobs.iter().enumerate() {
         let fin = j.finish && j.next.is_none();
-        // The lease guard and the move on; a last step also ends the workflow (success).
+        // The lease guard and the move on. It sets no indexed column: the common case
+        // writes one row and no index.
         let held = tx
             .prepare_cached(
-                "UPDATE workflows SET step = ?2, attempt = 0, updated_at = ?3,
-                     status = CASE WHEN ?4 AND cancel_requested = 0 THEN 'succeeded' ELSE status END,
-                     lease_owner = CASE WHEN ?4 AND cancel_requested = 0 THEN NULL ELSE lease_owner END,
-                     lease_until = CASE WHEN ?4 AND cancel_requested = 0 THEN NULL ELSE lease_until END,
-                     finished_at = CASE WHEN ?4 AND cancel_requested = 0 THEN ?3 ELSE finished_at END
-                 WHERE id = ?1 AND lease_owner = ?5
+                "UPDATE workflows SET step = ?2, attempt = 0, updated_at = ?3
+                 WHERE id = ?1 AND lease_owner = ?4
                  RETURNING cancel_requested, kind, definition, vm_id, batch_id",
             )?
-            .query_row(
-                params![j.wf, i64::from(j.idx) + 1, now, fin, j.node],
-                |r| {
-                    Ok((
-                        r.get::<_, i64>(0)? != 0,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, Option<String>>(2)?,
-                        r.get::<_, Option<String>>(3)?,
-                        r.get::<_, Option<String>>(4)?,
-                    ))
-                },
-            )
+            .query_row(params![j.wf, i64::from(j.idx) + 1, now, j.node], |r| {
+                Ok((
+                    r.get::<_, i64>(0)? != 0,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, Option<String>>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                ))
+            })
             .optional()?;
         let Some((cancel, kind, definition, vm_id, batch_id)) = held else {
             out.push(Err(lease_lost(&j.wf)));
@@ -212,6 +206,11 @@ fn commit_group(conn: &mut Connection, jobs: &[DoneJob]) -> Result<Vec<Result<Do
             )?);
         }
         if fin && !cancel {
+            tx.prepare_cached(
+                "UPDATE workflows SET status = 'succeeded', lease_owner = NULL, lease_until = NULL,
+                     finished_at = ?2 WHERE id = ?1",
+            )?
+            .execute(params![j.wf, now])?;
             let kind: WorkflowKind = parse("workflows.kind", &kind)?;
             let definition = definition.unwrap_or_else(|| kind.to_string());
             succeed(
@@ -236,15 +235,7 @@ fn commit_group(conn: &mut Connection, jobs: &[DoneJob]) -> Result<Vec<Result<Do
     fills.sort_unstable();
     fills.dedup();
     for b in &fills {
-        tx.prepare_cached(
-            "UPDATE workflows SET parked = 0 WHERE id IN (
-                 SELECT id FROM workflows WHERE batch_id = ?1 AND parked = 1 AND waiting_on = 0
-                   AND status = 'pending'
-                 LIMIT MAX(0, (SELECT parallelism FROM batches WHERE id = ?1)
-                     - (SELECT COUNT(*) FROM workflows WHERE batch_id = ?1 AND parked = 0
-                          AND status IN ('pending', 'running', 'undoing'))))",
-        )?
-        .execute(params![b])?;
+        fill_batch(&tx, b)?;
     }
     // Each finishing batch node hands its slot to the next ready node of its batch, leased
     // to the same node, its first step started.
@@ -380,14 +371,45 @@ fn succeed(
         &format!("{definition} succeeded"),
         now,
     )?);
-    let mut st = tx.prepare_cached(
-        "UPDATE workflows SET waiting_on = waiting_on - 1 WHERE status = 'pending'
-           AND id IN (SELECT workflow_id FROM workflow_deps WHERE depends_on = ?1)
-         RETURNING batch_id",
-    )?;
-    let released = st.query_map(params![wf], |r| r.get::<_, Option<String>>(0))?;
-    for b in released {
-        fills.extend(b?);
+    let deps: Vec<String> = tx
+        .prepare_cached("SELECT workflow_id FROM workflow_deps WHERE depends_on = ?1")?
+        .query_map(params![wf], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for d in deps {
+        let batch: Option<Option<String>> = tx
+            .prepare_cached(
+                "UPDATE workflows SET waiting_on = waiting_on - 1 WHERE id = ?1 AND status = 'pending'
+                 RETURNING batch_id",
+            )?
+            .query_row(params![d], |r| r.get(0))
+            .optional()?;
+        fills.extend(batch.flatten());
+    }
+    Ok(())
+}
+
+/// Hands the free slots of `batch` to its ready parked nodes, in queue order.
+fn fill_batch(tx: &Connection, batch: &str) -> Result<()> {
+    let free: i64 = tx
+        .prepare_cached(
+            "SELECT COALESCE((SELECT parallelism FROM batches WHERE id = ?1), 0)
+                 - (SELECT COUNT(*) FROM workflows WHERE batch_id = ?1 AND parked = 0
+                      AND status IN ('pending', 'running', 'undoing'))",
+        )?
+        .query_row(params![batch], |r| r.get(0))?;
+    if free <= 0 {
+        return Ok(());
+    }
+    let ids: Vec<String> = tx
+        .prepare_cached(
+            "SELECT id FROM workflows WHERE batch_id = ?1 AND parked = 1 AND status = 'pending'
+               AND waiting_on = 0 ORDER BY rowid LIMIT ?2",
+        )?
+        .query_map(params![batch, free], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for id in ids {
+        tx.prepare_cached("UPDATE workflows SET parked = 0 WHERE id = ?1")?
+            .execute(params![id])?;
     }
     Ok(())
 }
@@ -401,31 +423,28 @@ fn lease_batch(
     max: usize,
     now: i64,
 ) -> Result<Vec<Claimed>> {
-    let mut wfs: Vec<Workflow> = {
+    let ids: Vec<String> = tx
+        .prepare_cached(
+            "SELECT id FROM workflows
+             WHERE batch_id = ?1 AND parked = 0 AND status IN ('pending', 'running', 'undoing')
+               AND waiting_on = 0 AND next_run_at <= ?2
+               AND (lease_owner IS NULL OR lease_until < ?2) AND cancel_requested = 0
+             ORDER BY priority DESC, created_at LIMIT ?3",
+        )?
+        .query_map(params![batch, now, max as i64], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut wfs: Vec<Workflow> = Vec::with_capacity(ids.len());
+    for id in ids {
         let mut st = tx.prepare_cached(&format!(
-            "UPDATE workflows SET lease_owner = ?1, lease_until = ?2, updated_at = ?3,
+            "UPDATE workflows SET lease_owner = ?2, lease_until = ?3, updated_at = ?4,
                  status = CASE WHEN status = 'pending' THEN 'running' ELSE status END
-             WHERE id IN (SELECT w.id FROM workflows w
-                   WHERE w.batch_id = ?4 AND w.status IN ('pending', 'running', 'undoing')
-                     AND w.waiting_on = 0 AND w.parked = 0 AND w.next_run_at <= ?3
-                     AND (w.lease_owner IS NULL OR w.lease_until < ?3)
-                     AND w.cancel_requested = 0
-                   ORDER BY w.priority DESC, w.created_at LIMIT ?5)
-             RETURNING {WF_COLS}"
+             WHERE id = ?1 RETURNING {WF_COLS}"
         ))?;
-        let mut rows = st.query(params![node, now + h.lease_ms, now, batch, max as i64])?;
-        let mut v = vec![];
-        while let Some(r) = rows.next()? {
-            v.push(workflow_from(r, vec![])?);
+        let mut rows = st.query(params![id, node, now + h.lease_ms, now])?;
+        if let Some(r) = rows.next()? {
+            wfs.push(workflow_from(r, vec![])?);
         }
-        v
-    };
-    // RETURNING gives no order; keep the queue's.
-    wfs.sort_by(|a, b| {
-        b.priority
-            .cmp(&a.priority)
-            .then(a.created_at.cmp(&b.created_at))
-    });
+    }
     let mut out = Vec::with_capacity(wfs.len());
     for mut wf in wfs {
         {

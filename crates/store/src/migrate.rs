@@ -19,6 +19,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "batch_slots",
         include_str!("../migrations/sqlite/0003_batch_slots.sql"),
     ),
+    (
+        4,
+        "lean_indexes",
+        include_str!("../migrations/sqlite/0004_lean_indexes.sql"),
+    ),
 ];
 
 pub(crate) async fn run(pool: &SqlitePool) -> Result<()> {

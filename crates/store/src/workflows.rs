@@ -724,7 +724,9 @@ impl Store {
                 if lim.is_some() {
                     sql.push_str(&format!(
                         " AND (w.{col} IS NULL OR w.{col} NOT IN (SELECT o.{col} FROM workflows o
-                           WHERE o.lease_until >= $1 AND o.{col} IS NOT NULL
+                           WHERE o.status IN ('pending', 'running', 'undoing')
+                             AND o.waiting_on = 0 AND o.parked = 0
+                             AND o.lease_until >= $1 AND o.{col} IS NOT NULL
                            GROUP BY o.{col} HAVING COUNT(*) >= ${n}))"
                     ));
                 }
