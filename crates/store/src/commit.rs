@@ -146,28 +146,44 @@ fn commit_group(conn: &mut Connection, jobs: &[DoneJob]) -> Result<Vec<Result<Do
     let mut wants: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
     for (i, j) in jobs.iter().enumerate() {
         let fin = j.finish && j.next.is_none();
-        // The lease guard and the move on. It sets no indexed column: the common case
-        // writes one row and no index.
-        let held = tx
+        // The lease guard, then the move on; a last step also ends the workflow unless a
+        // cancel was requested. (No RETURNING in this module: SQLite buffers its rows in a
+        // temporary b-tree it builds and drops per statement.)
+        let row = tx
             .prepare_cached(
-                "UPDATE workflows SET step = ?2, attempt = 0, updated_at = ?3
-                 WHERE id = ?1 AND lease_owner = ?4
-                 RETURNING cancel_requested, kind, definition, vm_id, batch_id",
+                "SELECT cancel_requested, kind, definition, vm_id, batch_id, lease_owner
+                 FROM workflows WHERE id = ?1",
             )?
-            .query_row(params![j.wf, i64::from(j.idx) + 1, now, j.node], |r| {
+            .query_row(params![j.wf], |r| {
                 Ok((
                     r.get::<_, i64>(0)? != 0,
                     r.get::<_, String>(1)?,
                     r.get::<_, Option<String>>(2)?,
                     r.get::<_, Option<String>>(3)?,
                     r.get::<_, Option<String>>(4)?,
+                    r.get::<_, Option<String>>(5)?,
                 ))
             })
             .optional()?;
-        let Some((cancel, kind, definition, vm_id, batch_id)) = held else {
+        let Some((cancel, kind, definition, vm_id, batch_id, _)) =
+            row.filter(|r| r.5.as_deref() == Some(j.node.as_str()))
+        else {
             out.push(Err(lease_lost(&j.wf)));
             continue;
         };
+        if fin && !cancel {
+            tx.prepare_cached(
+                "UPDATE workflows SET step = ?2, attempt = 0, updated_at = ?3, status = 'succeeded',
+                     lease_owner = NULL, lease_until = NULL, finished_at = ?3 WHERE id = ?1",
+            )?
+            .execute(params![j.wf, i64::from(j.idx) + 1, now])?;
+        } else {
+            // The common case sets no indexed column: one row, no index.
+            tx.prepare_cached(
+                "UPDATE workflows SET step = ?2, attempt = 0, updated_at = ?3 WHERE id = ?1",
+            )?
+            .execute(params![j.wf, i64::from(j.idx) + 1, now])?;
+        }
         let mut evs = vec![];
         tx.prepare_cached(
             "UPDATE workflow_steps SET status = 'done', error = NULL, finished_at = ?3,
@@ -186,31 +202,24 @@ fn commit_group(conn: &mut Connection, jobs: &[DoneJob]) -> Result<Vec<Result<Do
             )?
             .execute(params![j.wf, j.idx, key, payload.to_string(), now])?;
         }
-        evs.push(event(
-            &tx,
-            &j.wf,
-            Some(&j.name),
-            "step_done",
-            &format!("{} done", j.name),
-            now,
-        )?);
-        if let (Some((idx, name, dl)), false) = (&j.next, cancel) {
-            start_step(&tx, &j.wf, *idx, now, now + dl)?;
-            evs.push(event(
-                &tx,
-                &j.wf,
-                Some(name),
-                "step_started",
-                &format!("{name} started"),
-                now,
-            )?);
+        let done = format!("{} done", j.name);
+        match (&j.next, cancel) {
+            (Some((idx, name, dl)), false) => {
+                start_step(&tx, &j.wf, *idx, now, now + dl)?;
+                let started = format!("{name} started");
+                evs.extend(event_pair(
+                    &tx,
+                    &j.wf,
+                    [
+                        (j.name.as_str(), "step_done", done.as_str()),
+                        (name.as_str(), "step_started", started.as_str()),
+                    ],
+                    now,
+                )?);
+            }
+            _ => evs.push(event(&tx, &j.wf, Some(&j.name), "step_done", &done, now)?),
         }
         if fin && !cancel {
-            tx.prepare_cached(
-                "UPDATE workflows SET status = 'succeeded', lease_owner = NULL, lease_until = NULL,
-                     finished_at = ?2 WHERE id = ?1",
-            )?
-            .execute(params![j.wf, now])?;
             let kind: WorkflowKind = parse("workflows.kind", &kind)?;
             let definition = definition.unwrap_or_else(|| kind.to_string());
             succeed(
@@ -234,16 +243,19 @@ fn commit_group(conn: &mut Connection, jobs: &[DoneJob]) -> Result<Vec<Result<Do
     }
     fills.sort_unstable();
     fills.dedup();
-    for b in &fills {
-        fill_batch(&tx, b)?;
+    let mut unparked: BTreeMap<String, std::collections::VecDeque<String>> = BTreeMap::new();
+    for b in fills {
+        let ids = fill_batch(&tx, &b)?;
+        unparked.insert(b, ids.into());
     }
-    // Each finishing batch node hands its slot to the next ready node of its batch, leased
-    // to the same node, its first step started.
+    // Each finishing batch node hands its slot to the next ready node of its batch (the
+    // nodes just given slots first), leased to the same node, its first step started.
     for ((batch, node), idxs) in wants {
         let Some(h) = &jobs[idxs[0]].handoff else {
             continue;
         };
-        let claimed = lease_batch(&tx, &batch, &node, h, idxs.len(), now)?;
+        let fresh = unparked.entry(batch.clone()).or_default();
+        let claimed = lease_batch(&tx, &batch, fresh, &node, h, idxs.len(), now)?;
         for (i, c) in idxs.into_iter().zip(claimed) {
             if let Ok((_, _, next)) = &mut out[i] {
                 *next = Some(c);
@@ -287,6 +299,31 @@ fn event(
     })
 }
 
+/// Two events of one workflow in one statement (rows of one INSERT are numbered in order).
+fn event_pair(
+    tx: &Connection,
+    wf: &str,
+    evs: [(&str, &str, &str); 2],
+    now: i64,
+) -> Result<[WorkflowEvent; 2]> {
+    let [(s1, k1, m1), (s2, k2, m2)] = evs;
+    tx.prepare_cached(
+        "INSERT INTO workflow_events (workflow_id, at, step, kind, message)
+         VALUES (?1, ?2, ?3, ?4, ?5), (?1, ?2, ?6, ?7, ?8)",
+    )?
+    .execute(params![wf, now, s1, k1, m1, s2, k2, m2])?;
+    let last = tx.last_insert_rowid();
+    let ev = |seq, step: &str, kind: &str, message: &str| WorkflowEvent {
+        seq,
+        operation_id: wf.to_string(),
+        at: now,
+        step: Some(step.to_string()),
+        kind: kind.to_string(),
+        message: message.to_string(),
+    };
+    Ok([ev(last - 1, s1, k1, m1), ev(last, s2, k2, m2)])
+}
+
 fn audit(
     tx: &Connection,
     action: &str,
@@ -326,11 +363,8 @@ fn succeed(
     match (kind, vm_id) {
         (WorkflowKind::CreateVm, Some(vm)) => {
             let row = tx
-                .prepare_cached(
-                    "UPDATE vms SET status = 'running', error = NULL, updated_at = ?2 WHERE id = ?1
-                     RETURNING owner, name, ip",
-                )?
-                .query_row(params![vm, now], |r| {
+                .prepare_cached("SELECT owner, name, ip FROM vms WHERE id = ?1")?
+                .query_row(params![vm], |r| {
                     Ok((
                         r.get::<_, String>(0)?,
                         r.get::<_, String>(1)?,
@@ -339,6 +373,10 @@ fn succeed(
                 })
                 .optional()?;
             if let Some((owner, name, ip)) = row {
+                tx.prepare_cached(
+                    "UPDATE vms SET status = 'running', error = NULL, updated_at = ?2 WHERE id = ?1",
+                )?
+                .execute(params![vm, now])?;
                 audit(
                     tx,
                     "vm.create",
@@ -352,12 +390,14 @@ fn succeed(
             tx.prepare_cached("UPDATE workflows SET vm_id = NULL WHERE vm_id = ?1")?
                 .execute(params![vm])?;
             let row = tx
-                .prepare_cached("DELETE FROM vms WHERE id = ?1 RETURNING owner, name")?
+                .prepare_cached("SELECT owner, name FROM vms WHERE id = ?1")?
                 .query_row(params![vm], |r| {
                     Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
                 })
                 .optional()?;
             if let Some((owner, name)) = row {
+                tx.prepare_cached("DELETE FROM vms WHERE id = ?1")?
+                    .execute(params![vm])?;
                 audit(tx, "vm.delete", &format!("{owner}/{name}"), None, now)?;
             }
         }
@@ -376,73 +416,98 @@ fn succeed(
         .query_map(params![wf], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?;
     for d in deps {
-        let batch: Option<Option<String>> = tx
+        let released = tx
             .prepare_cached(
-                "UPDATE workflows SET waiting_on = waiting_on - 1 WHERE id = ?1 AND status = 'pending'
-                 RETURNING batch_id",
+                "UPDATE workflows SET waiting_on = waiting_on - 1 WHERE id = ?1 AND status = 'pending'",
             )?
-            .query_row(params![d], |r| r.get(0))
-            .optional()?;
-        fills.extend(batch.flatten());
+            .execute(params![d])?;
+        if released == 1 {
+            let batch: Option<String> = tx
+                .prepare_cached("SELECT batch_id FROM workflows WHERE id = ?1")?
+                .query_row(params![d], |r| r.get(0))?;
+            fills.extend(batch);
+        }
     }
     Ok(())
 }
 
-/// Hands the free slots of `batch` to its ready parked nodes, in queue order.
-fn fill_batch(tx: &Connection, batch: &str) -> Result<()> {
+/// Hands the free slots of `batch` to its ready parked nodes, in queue order; returns them.
+/// (No `IN` lists and no bound `LIMIT`: SQLite builds a table for the one and, with STAT4,
+/// re-prepares the statement for the other on every run.)
+fn fill_batch(tx: &Connection, batch: &str) -> Result<Vec<String>> {
     let free: i64 = tx
         .prepare_cached(
             "SELECT COALESCE((SELECT parallelism FROM batches WHERE id = ?1), 0)
-                 - (SELECT COUNT(*) FROM workflows WHERE batch_id = ?1 AND parked = 0
-                      AND status IN ('pending', 'running', 'undoing'))",
+                 - (SELECT COUNT(*) FROM workflows
+                      WHERE batch_id = ?1 AND parked = 0 AND status = 'pending')
+                 - (SELECT COUNT(*) FROM workflows
+                      WHERE batch_id = ?1 AND parked = 0 AND status = 'running')
+                 - (SELECT COUNT(*) FROM workflows
+                      WHERE batch_id = ?1 AND parked = 0 AND status = 'undoing')",
         )?
         .query_row(params![batch], |r| r.get(0))?;
     if free <= 0 {
-        return Ok(());
+        return Ok(vec![]);
     }
     let ids: Vec<String> = tx
         .prepare_cached(
             "SELECT id FROM workflows WHERE batch_id = ?1 AND parked = 1 AND status = 'pending'
-               AND waiting_on = 0 ORDER BY rowid LIMIT ?2",
+               AND waiting_on = 0 ORDER BY rowid",
         )?
-        .query_map(params![batch, free], |r| r.get(0))?
+        .query_map(params![batch], |r| r.get(0))?
+        .take(free as usize)
         .collect::<rusqlite::Result<_>>()?;
-    for id in ids {
+    for id in &ids {
         tx.prepare_cached("UPDATE workflows SET parked = 0 WHERE id = ?1")?
             .execute(params![id])?;
     }
-    Ok(())
+    Ok(ids)
 }
 
-/// Leases up to `max` ready nodes of `batch` to `node` and starts their current steps.
+/// Leases up to `max` ready nodes of `batch` to `node` and starts their current steps:
+/// the nodes in `fresh` (just given slots) first, then any other ready one.
 fn lease_batch(
     tx: &Connection,
     batch: &str,
+    fresh: &mut std::collections::VecDeque<String>,
     node: &str,
     h: &Handoff,
     max: usize,
     now: i64,
 ) -> Result<Vec<Claimed>> {
-    let ids: Vec<String> = tx
-        .prepare_cached(
-            "SELECT id FROM workflows
-             WHERE batch_id = ?1 AND parked = 0 AND status IN ('pending', 'running', 'undoing')
-               AND waiting_on = 0 AND next_run_at <= ?2
-               AND (lease_owner IS NULL OR lease_until < ?2) AND cancel_requested = 0
-             ORDER BY priority DESC, created_at LIMIT ?3",
-        )?
-        .query_map(params![batch, now, max as i64], |r| r.get(0))?
-        .collect::<rusqlite::Result<_>>()?;
+    let mut ids: Vec<String> = fresh.drain(..max.min(fresh.len())).collect();
+    if ids.len() < max {
+        let more: Vec<String> = tx
+            .prepare_cached(
+                "SELECT id FROM workflows
+                 WHERE batch_id = ?1 AND parked = 0 AND status IN ('pending', 'running', 'undoing')
+                   AND waiting_on = 0 AND next_run_at <= ?2
+                   AND (lease_owner IS NULL OR lease_until < ?2) AND cancel_requested = 0
+                 ORDER BY priority DESC, created_at",
+            )?
+            .query_map(params![batch, now], |r| r.get(0))?
+            .filter(|id| !matches!(id, Ok(id) if ids.contains(id)))
+            .take(max - ids.len())
+            .collect::<rusqlite::Result<_>>()?;
+        ids.extend(more);
+    }
     let mut wfs: Vec<Workflow> = Vec::with_capacity(ids.len());
     for id in ids {
-        let mut st = tx.prepare_cached(&format!(
-            "UPDATE workflows SET lease_owner = ?2, lease_until = ?3, updated_at = ?4,
-                 status = CASE WHEN status = 'pending' THEN 'running' ELSE status END
-             WHERE id = ?1 RETURNING {WF_COLS}"
-        ))?;
-        let mut rows = st.query(params![id, node, now + h.lease_ms, now])?;
-        if let Some(r) = rows.next()? {
-            wfs.push(workflow_from(r, vec![])?);
+        let leased = tx
+            .prepare_cached(
+                "UPDATE workflows SET lease_owner = ?2, lease_until = ?3, updated_at = ?4,
+                     status = CASE WHEN status = 'pending' THEN 'running' ELSE status END
+                 WHERE id = ?1 AND (lease_owner IS NULL OR lease_until < ?4)
+                   AND cancel_requested = 0",
+            )?
+            .execute(params![id, node, now + h.lease_ms, now])?;
+        if leased == 1 {
+            let mut st =
+                tx.prepare_cached(&format!("SELECT {WF_COLS} FROM workflows WHERE id = ?1"))?;
+            let mut rows = st.query(params![id])?;
+            if let Some(r) = rows.next()? {
+                wfs.push(workflow_from(r, vec![])?);
+            }
         }
     }
     let mut out = Vec::with_capacity(wfs.len());
