@@ -146,44 +146,55 @@ fn commit_group(conn: &mut Connection, jobs: &[DoneJob]) -> Result<Vec<Result<Do
     let mut wants: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
     for (i, j) in jobs.iter().enumerate() {
         let fin = j.finish && j.next.is_none();
-        // The lease guard, then the move on; a last step also ends the workflow unless a
-        // cancel was requested. (No RETURNING in this module: SQLite buffers its rows in a
-        // temporary b-tree it builds and drops per statement.)
-        let row = tx
-            .prepare_cached(
-                "SELECT cancel_requested, kind, definition, vm_id, batch_id, lease_owner
-                 FROM workflows WHERE id = ?1",
-            )?
-            .query_row(params![j.wf], |r| {
-                Ok((
-                    r.get::<_, i64>(0)? != 0,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, Option<String>>(2)?,
-                    r.get::<_, Option<String>>(3)?,
-                    r.get::<_, Option<String>>(4)?,
-                    r.get::<_, Option<String>>(5)?,
-                ))
-            })
-            .optional()?;
-        let Some((cancel, kind, definition, vm_id, batch_id, _)) =
-            row.filter(|r| r.5.as_deref() == Some(j.node.as_str()))
-        else {
-            out.push(Err(lease_lost(&j.wf)));
-            continue;
-        };
-        if fin && !cancel {
-            tx.prepare_cached(
-                "UPDATE workflows SET step = ?2, attempt = 0, updated_at = ?3, status = 'succeeded',
-                     lease_owner = NULL, lease_until = NULL, finished_at = ?3 WHERE id = ?1",
-            )?
-            .execute(params![j.wf, i64::from(j.idx) + 1, now])?;
+        // The lease guard and the move on in one statement when no cancel is pending and the
+        // workflow goes on (it sets no indexed column: one row, no index). Otherwise read the
+        // row first: a last step also ends the workflow unless a cancel was requested.
+        // (No RETURNING in this module: SQLite buffers its rows in a temporary b-tree it
+        // builds and drops per statement.)
+        let moved = !fin
+            && tx
+                .prepare_cached(
+                    "UPDATE workflows SET step = ?2, attempt = 0, updated_at = ?3
+                     WHERE id = ?1 AND lease_owner = ?4 AND cancel_requested = 0",
+                )?
+                .execute(params![j.wf, i64::from(j.idx) + 1, now, j.node])?
+                == 1;
+        let (cancel, end) = if moved {
+            (false, None)
         } else {
-            // The common case sets no indexed column: one row, no index.
-            tx.prepare_cached(
-                "UPDATE workflows SET step = ?2, attempt = 0, updated_at = ?3 WHERE id = ?1",
-            )?
-            .execute(params![j.wf, i64::from(j.idx) + 1, now])?;
-        }
+            let row = tx
+                .prepare_cached(
+                    "SELECT cancel_requested, kind, definition, vm_id, batch_id, lease_owner
+                     FROM workflows WHERE id = ?1",
+                )?
+                .query_row(params![j.wf], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)? != 0,
+                        (
+                            r.get::<_, String>(1)?,
+                            r.get::<_, Option<String>>(2)?,
+                            r.get::<_, Option<String>>(3)?,
+                            r.get::<_, Option<String>>(4)?,
+                        ),
+                        r.get::<_, Option<String>>(5)?,
+                    ))
+                })
+                .optional()?;
+            let Some((cancel, end, _)) = row.filter(|r| r.2.as_deref() == Some(j.node.as_str()))
+            else {
+                out.push(Err(lease_lost(&j.wf)));
+                continue;
+            };
+            let sql = if fin && !cancel {
+                "UPDATE workflows SET step = ?2, attempt = 0, updated_at = ?3, status = 'succeeded',
+                     lease_owner = NULL, lease_until = NULL, finished_at = ?3 WHERE id = ?1"
+            } else {
+                "UPDATE workflows SET step = ?2, attempt = 0, updated_at = ?3 WHERE id = ?1"
+            };
+            tx.prepare_cached(sql)?
+                .execute(params![j.wf, i64::from(j.idx) + 1, now])?;
+            (cancel, Some(end).filter(|_| fin && !cancel))
+        };
         let mut evs = vec![];
         tx.prepare_cached(
             "UPDATE workflow_steps SET status = 'done', error = NULL, finished_at = ?3,
@@ -203,41 +214,42 @@ fn commit_group(conn: &mut Connection, jobs: &[DoneJob]) -> Result<Vec<Result<Do
             .execute(params![j.wf, j.idx, key, payload.to_string(), now])?;
         }
         let done = format!("{} done", j.name);
-        match (&j.next, cancel) {
-            (Some((idx, name, dl)), false) => {
+        match (&j.next, cancel, end) {
+            (Some((idx, name, dl)), false, _) => {
                 start_step(&tx, &j.wf, *idx, now, now + dl)?;
                 let started = format!("{name} started");
                 evs.extend(event_pair(
                     &tx,
                     &j.wf,
                     [
-                        (j.name.as_str(), "step_done", done.as_str()),
-                        (name.as_str(), "step_started", started.as_str()),
+                        (Some(&j.name), "step_done", &done),
+                        (Some(name), "step_started", &started),
                     ],
                     now,
                 )?);
             }
-            _ => evs.push(event(&tx, &j.wf, Some(&j.name), "step_done", &done, now)?),
-        }
-        if fin && !cancel {
-            let kind: WorkflowKind = parse("workflows.kind", &kind)?;
-            let definition = definition.unwrap_or_else(|| kind.to_string());
-            succeed(
-                &tx,
-                &j.wf,
-                kind,
-                &definition,
-                vm_id.as_deref(),
-                now,
-                &mut evs,
-                &mut fills,
-            )?;
-            if let Some(b) = batch_id {
-                fills.push(b.clone());
-                if j.handoff.is_some() {
-                    wants.entry((b, j.node.clone())).or_default().push(i);
+            (_, _, Some((kind, definition, vm_id, batch_id))) => {
+                let kind: WorkflowKind = parse("workflows.kind", &kind)?;
+                let definition = definition.unwrap_or_else(|| kind.to_string());
+                let ended = format!("{definition} succeeded");
+                evs.extend(event_pair(
+                    &tx,
+                    &j.wf,
+                    [
+                        (Some(&j.name), "step_done", &done),
+                        (None, "succeeded", &ended),
+                    ],
+                    now,
+                )?);
+                succeed(&tx, &j.wf, kind, vm_id.as_deref(), now, &mut fills)?;
+                if let Some(b) = batch_id {
+                    fills.push(b.clone());
+                    if j.handoff.is_some() {
+                        wants.entry((b, j.node.clone())).or_default().push(i);
+                    }
                 }
             }
+            _ => evs.push(event(&tx, &j.wf, Some(&j.name), "step_done", &done, now)?),
         }
         out.push(Ok((evs, cancel, None)));
     }
@@ -245,7 +257,13 @@ fn commit_group(conn: &mut Connection, jobs: &[DoneJob]) -> Result<Vec<Result<Do
     fills.dedup();
     let mut unparked: BTreeMap<String, std::collections::VecDeque<String>> = BTreeMap::new();
     for b in fills {
-        let ids = fill_batch(&tx, &b)?;
+        // The nodes that will be handed on get their slot with their lease.
+        let handed: usize = wants
+            .iter()
+            .filter(|((wb, _), _)| *wb == b)
+            .map(|(_, v)| v.len())
+            .sum();
+        let ids = fill_batch(&tx, &b, handed)?;
         unparked.insert(b, ids.into());
     }
     // Each finishing batch node hands its slot to the next ready node of its batch (the
@@ -303,7 +321,7 @@ fn event(
 fn event_pair(
     tx: &Connection,
     wf: &str,
-    evs: [(&str, &str, &str); 2],
+    evs: [(Option<&String>, &str, &String); 2],
     now: i64,
 ) -> Result<[WorkflowEvent; 2]> {
     let [(s1, k1, m1), (s2, k2, m2)] = evs;
@@ -313,13 +331,13 @@ fn event_pair(
     )?
     .execute(params![wf, now, s1, k1, m1, s2, k2, m2])?;
     let last = tx.last_insert_rowid();
-    let ev = |seq, step: &str, kind: &str, message: &str| WorkflowEvent {
+    let ev = |seq, step: Option<&String>, kind: &str, message: &String| WorkflowEvent {
         seq,
         operation_id: wf.to_string(),
         at: now,
-        step: Some(step.to_string()),
+        step: step.cloned(),
         kind: kind.to_string(),
-        message: message.to_string(),
+        message: message.clone(),
     };
     Ok([ev(last - 1, s1, k1, m1), ev(last, s2, k2, m2)])
 }
@@ -347,17 +365,14 @@ fn audit(
     Ok(())
 }
 
-/// The rest of a success once the workflow row says so: its VM, its end event, and its
-/// dependents (their batches are added to `fills`).
-#[allow(clippy::too_many_arguments)]
+/// The rest of a success once the workflow row says so: its VM and its dependents (their
+/// batches are added to `fills`).
 fn succeed(
     tx: &Connection,
     wf: &str,
     kind: WorkflowKind,
-    definition: &str,
     vm_id: Option<&str>,
     now: i64,
-    evs: &mut Vec<WorkflowEvent>,
     fills: &mut Vec<String>,
 ) -> Result<()> {
     match (kind, vm_id) {
@@ -403,14 +418,6 @@ fn succeed(
         }
         (_, None) => {}
     }
-    evs.push(event(
-        tx,
-        wf,
-        None,
-        "succeeded",
-        &format!("{definition} succeeded"),
-        now,
-    )?);
     let deps: Vec<String> = tx
         .prepare_cached("SELECT workflow_id FROM workflow_deps WHERE depends_on = ?1")?
         .query_map(params![wf], |r| r.get(0))?
@@ -432,9 +439,10 @@ fn succeed(
 }
 
 /// Hands the free slots of `batch` to its ready parked nodes, in queue order; returns them.
+/// The first `handed` are left for [`lease_batch`] to unpark with their lease.
 /// (No `IN` lists and no bound `LIMIT`: SQLite builds a table for the one and, with STAT4,
 /// re-prepares the statement for the other on every run.)
-fn fill_batch(tx: &Connection, batch: &str) -> Result<Vec<String>> {
+fn fill_batch(tx: &Connection, batch: &str, handed: usize) -> Result<Vec<String>> {
     let free: i64 = tx
         .prepare_cached(
             "SELECT COALESCE((SELECT parallelism FROM batches WHERE id = ?1), 0)
@@ -457,11 +465,16 @@ fn fill_batch(tx: &Connection, batch: &str) -> Result<Vec<String>> {
         .query_map(params![batch], |r| r.get(0))?
         .take(free as usize)
         .collect::<rusqlite::Result<_>>()?;
-    for id in &ids {
-        tx.prepare_cached("UPDATE workflows SET parked = 0 WHERE id = ?1")?
-            .execute(params![id])?;
+    for id in ids.iter().skip(handed) {
+        unpark(tx, id)?;
     }
     Ok(ids)
+}
+
+fn unpark(tx: &Connection, id: &str) -> Result<()> {
+    tx.prepare_cached("UPDATE workflows SET parked = 0 WHERE id = ?1")?
+        .execute(params![id])?;
+    Ok(())
 }
 
 /// Leases up to `max` ready nodes of `batch` to `node` and starts their current steps:
@@ -476,6 +489,7 @@ fn lease_batch(
     now: i64,
 ) -> Result<Vec<Claimed>> {
     let mut ids: Vec<String> = fresh.drain(..max.min(fresh.len())).collect();
+    let n_fresh = ids.len();
     if ids.len() < max {
         let more: Vec<String> = tx
             .prepare_cached(
@@ -492,10 +506,10 @@ fn lease_batch(
         ids.extend(more);
     }
     let mut wfs: Vec<Workflow> = Vec::with_capacity(ids.len());
-    for id in ids {
+    for (k, id) in ids.into_iter().enumerate() {
         let leased = tx
             .prepare_cached(
-                "UPDATE workflows SET lease_owner = ?2, lease_until = ?3, updated_at = ?4,
+                "UPDATE workflows SET parked = 0, lease_owner = ?2, lease_until = ?3, updated_at = ?4,
                      status = CASE WHEN status = 'pending' THEN 'running' ELSE status END
                  WHERE id = ?1 AND (lease_owner IS NULL OR lease_until < ?4)
                    AND cancel_requested = 0",
@@ -508,6 +522,9 @@ fn lease_batch(
             if let Some(r) = rows.next()? {
                 wfs.push(workflow_from(r, vec![])?);
             }
+        } else if k < n_fresh {
+            // Not leasable after all (a cancel is pending): it keeps the slot fill gave it.
+            unpark(tx, &id)?;
         }
     }
     let mut out = Vec::with_capacity(wfs.len());
