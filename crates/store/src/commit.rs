@@ -112,19 +112,24 @@ pub(crate) fn spawn(
     Ok(tx)
 }
 
-/// Copies the WAL back into the database while the writer goes on (PASSIVE never blocks it).
+/// Copies the WAL back into the database. It waits for a quiet moment (a checkpoint then
+/// completes and the next commit starts the WAL over, which is also cheaper than appending),
+/// but not for longer than a few seconds of continuous writing; PASSIVE never blocks a writer.
 fn checkpoints(conn: Connection, wrote: Arc<AtomicU64>, stop: Arc<AtomicBool>) {
-    let mut seen = 0;
-    let mut idle = 0u32;
+    const TICK: Duration = Duration::from_millis(100);
+    let (mut seen, mut done) = (0, 0);
+    let mut ticks = 0u32;
     loop {
-        std::thread::sleep(Duration::from_millis(250));
+        std::thread::sleep(TICK);
         let now = wrote.load(Ordering::Relaxed);
         let stopping = stop.load(Ordering::Relaxed);
+        let quiet = now == seen;
+        seen = now;
+        ticks += 1;
         // Other writers (sqlx, other processes) do not count here, so look now and then anyway.
-        idle += 1;
-        if now != seen || idle >= 8 || stopping {
-            seen = now;
-            idle = 0;
+        if (quiet && now != done) || ticks >= 40 || stopping {
+            done = now;
+            ticks = 0;
             if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
                 tracing::debug!(error = %e, "WAL checkpoint failed; trying again later");
             }
