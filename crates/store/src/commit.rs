@@ -63,6 +63,8 @@ pub(crate) fn spawn(
 ) -> Result<mpsc::Sender<DoneJob>> {
     let mut conn = open(path)?;
     let ckpt = open(path)?;
+    // A checkpoint copies frames through its own buffer; this connection needs no page cache.
+    ckpt.pragma_update(None, "cache_size", -64)?;
     let wrote = Arc::new(AtomicU64::new(0));
     let (tx, rx) = mpsc::channel::<DoneJob>();
     let stop = Arc::new(AtomicBool::new(false));
