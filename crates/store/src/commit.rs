@@ -13,6 +13,7 @@
 //! process's sqlx writes in SQLite's busy handler. Its connection does not checkpoint the WAL;
 //! the checkpoint thread does that off the commit path.
 
+use crate::vms::{Prefetched, VM_AND_KEY, vm_from};
 use crate::workflows::{
     Claimed, Handoff, StepCommit, StepStatus, WF_COLS, Workflow, WorkflowEvent, WorkflowKind,
     WorkflowStatus, lease_lost, step_from, workflow_from,
@@ -60,6 +61,7 @@ fn open(path: &Path) -> Result<Connection> {
 pub(crate) fn spawn(
     path: &Path,
     lock: Arc<tokio::sync::Mutex<()>>,
+    prefetched: Arc<Prefetched>,
 ) -> Result<mpsc::Sender<DoneJob>> {
     let mut conn = open(path)?;
     let ckpt = open(path)?;
@@ -82,14 +84,14 @@ pub(crate) fn spawn(
                     }
                 }
                 let guard = lock.blocking_lock();
-                let results = match commit_group(&mut conn, &group) {
+                let results = match commit_group(&mut conn, &group, &prefetched) {
                     Ok(r) => r,
                     Err(e) if group.len() > 1 => {
                         tracing::debug!(error = %e, "group commit failed; committing one by one");
                         group
                             .iter()
                             .map(|j| {
-                                commit_group(&mut conn, std::slice::from_ref(j))
+                                commit_group(&mut conn, std::slice::from_ref(j), &prefetched)
                                     .and_then(|mut v| v.pop().expect("one result"))
                             })
                             .collect()
@@ -143,7 +145,11 @@ fn checkpoints(conn: Connection, wrote: Arc<AtomicU64>, stop: Arc<AtomicBool>) {
 }
 
 /// One group's transaction; per job its outcome (or lease-lost error).
-fn commit_group(conn: &mut Connection, jobs: &[DoneJob]) -> Result<Vec<Result<Done>>> {
+fn commit_group(
+    conn: &mut Connection,
+    jobs: &[DoneJob],
+    prefetched: &Prefetched,
+) -> Result<Vec<Result<Done>>> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let now = now_ms();
     let mut out: Vec<Result<Done>> = Vec::with_capacity(jobs.len());
@@ -281,6 +287,16 @@ fn commit_group(conn: &mut Connection, jobs: &[DoneJob]) -> Result<Vec<Result<Do
         };
         let fresh = unparked.entry(batch.clone()).or_default();
         let claimed = lease_batch(&tx, &batch, fresh, &node, h, idxs.len(), now)?;
+        // Their first step reads their VM: hand it over from here.
+        for (wf, _, _) in &claimed {
+            if let Some(vm) = &wf.vm_id {
+                let mut st = tx.prepare_cached(VM_AND_KEY)?;
+                let mut rows = st.query(params![vm])?;
+                if let Some(r) = rows.next()? {
+                    prefetched.put(vm_from(r)?, r.get("owner_key")?);
+                }
+            }
+        }
         for (i, c) in idxs.into_iter().zip(claimed) {
             if let Ok((_, _, next)) = &mut out[i] {
                 *next = Some(c);

@@ -66,6 +66,8 @@ pub struct Store {
     writer: Arc<tokio::sync::Mutex<()>>,
     /// Queue of the write thread that group-commits step completions (see `commit`).
     committer: std::sync::mpsc::Sender<commit::DoneJob>,
+    /// VMs the write thread read when it leased their workflows.
+    prefetched: Arc<vms::Prefetched>,
 }
 
 /// A write transaction holding this process's writer lock; derefs to the connection.
@@ -138,12 +140,14 @@ impl Store {
             .await?;
         migrate::run(&pool).await?;
         let writer = Arc::new(tokio::sync::Mutex::new(()));
-        let committer = commit::spawn(path, writer.clone())?;
+        let prefetched = Arc::new(vms::Prefetched::default());
+        let committer = commit::spawn(path, writer.clone(), prefetched.clone())?;
         Ok(Self {
             pool,
             wpool,
             writer,
             committer,
+            prefetched,
         })
     }
 

@@ -1,12 +1,11 @@
 use crate::audit::record;
-use crate::workflows::{WorkflowKind, insert_workflow};
+use crate::workflows::{Cols, WorkflowKind, insert_workflow};
 use crate::{Actor, Result, Store, StoreError, now_ms, parse};
 use basphere_core::{
     ImageName, NetworkPool, QuotaExceeded, Spec, SpecName, Usage, UserStatus, Username, VmName,
     VmStatus,
 };
 use serde::Serialize;
-use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection};
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
@@ -100,24 +99,55 @@ impl From<sqlx::Error> for DeleteError {
 pub(crate) const VM_COLS: &str = "id, name, owner, os, login_user, spec, vcpus, memory_mib, disk_gib, ip, \
      status, error, provider, created_at, updated_at";
 
-pub(crate) fn vm_from(r: &SqliteRow) -> Result<Vm> {
-    let ip: Option<String> = r.try_get("ip")?;
+/// A VM with its owner's public key (the provider request's inputs).
+pub(crate) const VM_AND_KEY: &str = "SELECT v.*, u.public_key AS owner_key FROM vms v
+     LEFT JOIN users u ON u.username = v.owner WHERE v.id = $1";
+
+/// VM records the write thread read while leasing their workflows, for the engine's first
+/// step to take instead of reading them again (each is taken once, and only while fresh).
+#[derive(Debug, Default)]
+pub(crate) struct Prefetched(
+    std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, (Vm, Option<String>))>>,
+);
+
+impl Prefetched {
+    const FRESH: std::time::Duration = std::time::Duration::from_secs(2);
+
+    pub(crate) fn put(&self, vm: Vm, key: Option<String>) {
+        let mut m = self.0.lock().expect("prefetch lock");
+        if m.len() >= 4096 {
+            m.retain(|_, (at, _)| at.elapsed() < Self::FRESH);
+        }
+        m.insert(vm.id.clone(), (std::time::Instant::now(), (vm, key)));
+    }
+
+    pub(crate) fn take(&self, id: &str) -> Option<(Vm, Option<String>)> {
+        let (at, hit) = self.0.lock().expect("prefetch lock").remove(id)?;
+        (at.elapsed() < Self::FRESH).then_some(hit)
+    }
+}
+
+pub(crate) fn vm_from(r: &impl Cols) -> Result<Vm> {
     Ok(Vm {
-        id: r.try_get("id")?,
-        name: parse("vms.name", r.try_get("name")?)?,
-        owner: parse("vms.owner", r.try_get("owner")?)?,
-        os: r.try_get("os")?,
-        login_user: r.try_get("login_user")?,
-        spec: r.try_get("spec")?,
-        vcpus: r.try_get::<i64, _>("vcpus")? as u32,
-        memory_mib: r.try_get::<i64, _>("memory_mib")? as u64,
-        disk_gib: r.try_get::<i64, _>("disk_gib")? as u64,
-        ip_address: ip.as_deref().map(|s| parse("vms.ip", s)).transpose()?,
-        status: parse("vms.status", r.try_get("status")?)?,
-        error: r.try_get("error")?,
-        provider: r.try_get("provider")?,
-        created_at: r.try_get("created_at")?,
-        updated_at: r.try_get("updated_at")?,
+        id: r.text("id")?,
+        name: parse("vms.name", &r.text("name")?)?,
+        owner: parse("vms.owner", &r.text("owner")?)?,
+        os: r.text("os")?,
+        login_user: r.text("login_user")?,
+        spec: r.text("spec")?,
+        vcpus: r.int("vcpus")? as u32,
+        memory_mib: r.int("memory_mib")? as u64,
+        disk_gib: r.int("disk_gib")? as u64,
+        ip_address: r
+            .opt_text("ip")?
+            .as_deref()
+            .map(|s| parse("vms.ip", s))
+            .transpose()?,
+        status: parse("vms.status", &r.text("status")?)?,
+        error: r.opt_text("error")?,
+        provider: r.text("provider")?,
+        created_at: r.int("created_at")?,
+        updated_at: r.int("updated_at")?,
     })
 }
 
@@ -402,13 +432,13 @@ impl Store {
 
     /// One VM by id with its owner's SSH public key (one query, for the engine).
     pub async fn vm_and_key(&self, id: &str) -> Result<Option<(Vm, Option<String>)>> {
-        let row = sqlx::query(
-            "SELECT v.*, u.public_key AS owner_key FROM vms v
-             LEFT JOIN users u ON u.username = v.owner WHERE v.id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
+        if let Some(hit) = self.prefetched.take(id) {
+            return Ok(Some(hit));
+        }
+        let row = sqlx::query(VM_AND_KEY)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
         row.as_ref()
             .map(|r| Ok((vm_from(r)?, r.try_get("owner_key")?)))
             .transpose()
