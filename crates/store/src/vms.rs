@@ -106,9 +106,10 @@ pub(crate) const VM_AND_KEY: &str = "SELECT v.*, u.public_key AS owner_key FROM 
 /// VM records the write thread read while leasing their workflows, for the engine's first
 /// step to take instead of reading them again (each is taken once, and only while fresh).
 #[derive(Debug, Default)]
-pub(crate) struct Prefetched(
-    std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, (Vm, Option<String>))>>,
-);
+pub(crate) struct Prefetched(std::sync::Mutex<std::collections::HashMap<String, Fetched>>);
+
+/// When a VM record was read, the record, and its owner's key.
+type Fetched = (std::time::Instant, (Vm, Option<String>));
 
 impl Prefetched {
     const FRESH: std::time::Duration = std::time::Duration::from_secs(2);
