@@ -8,7 +8,9 @@
 //! The embedded backend is SQLite in WAL mode; write transactions start with `BEGIN IMMEDIATE`
 //! so concurrent writers queue instead of failing at commit. The SQL is kept portable (`$n`
 //! parameters, `RETURNING`, `ON CONFLICT`) so that a PostgreSQL backend can serve the same API;
-//! there the claim queries take `FOR UPDATE SKIP LOCKED`.
+//! there the claim queries take `FOR UPDATE SKIP LOCKED`. The one SQLite-only part is `commit`,
+//! the engine's hot path: a write thread on its own rusqlite connection that group-commits step
+//! completions (a PostgreSQL backend would pipeline the same statements on one connection).
 
 mod audit;
 mod batches;
