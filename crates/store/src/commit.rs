@@ -15,8 +15,8 @@
 
 use crate::vms::{Prefetched, VM_AND_KEY, vm_from};
 use crate::workflows::{
-    Claimed, Handoff, StepCommit, StepStatus, WF_COLS, Workflow, WorkflowEvent, WorkflowKind,
-    WorkflowStatus, lease_lost, step_from, workflow_from,
+    Claimed, FREE_SLOTS, Handoff, PARKED_READY, StepCommit, StepStatus, UNPARK, WF_COLS, Workflow,
+    WorkflowEvent, WorkflowKind, WorkflowStatus, lease_lost, step_from, workflow_from,
 };
 use crate::{Actor, Result, StoreError, now_ms, parse};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
@@ -467,24 +467,14 @@ fn succeed(
 /// re-prepares the statement for the other on every run.)
 fn fill_batch(tx: &Connection, batch: &str, handed: usize) -> Result<Vec<String>> {
     let free: i64 = tx
-        .prepare_cached(
-            "SELECT COALESCE((SELECT parallelism FROM batches WHERE id = ?1), 0)
-                 - (SELECT COUNT(*) FROM workflows
-                      WHERE batch_id = ?1 AND parked = 0 AND status = 'pending')
-                 - (SELECT COUNT(*) FROM workflows
-                      WHERE batch_id = ?1 AND parked = 0 AND status = 'running')
-                 - (SELECT COUNT(*) FROM workflows
-                      WHERE batch_id = ?1 AND parked = 0 AND status = 'undoing')",
-        )?
+        .prepare_cached(FREE_SLOTS)?
         .query_row(params![batch], |r| r.get(0))?;
     if free <= 0 {
         return Ok(vec![]);
     }
+    // No bound LIMIT here: the rows are taken lazily instead.
     let ids: Vec<String> = tx
-        .prepare_cached(
-            "SELECT id FROM workflows WHERE batch_id = ?1 AND parked = 1 AND status = 'pending'
-               AND waiting_on = 0 ORDER BY rowid",
-        )?
+        .prepare_cached(PARKED_READY)?
         .query_map(params![batch], |r| r.get(0))?
         .take(free as usize)
         .collect::<rusqlite::Result<_>>()?;
@@ -495,8 +485,7 @@ fn fill_batch(tx: &Connection, batch: &str, handed: usize) -> Result<Vec<String>
 }
 
 fn unpark(tx: &Connection, id: &str) -> Result<()> {
-    tx.prepare_cached("UPDATE workflows SET parked = 0 WHERE id = ?1")?
-        .execute(params![id])?;
+    tx.prepare_cached(UNPARK)?.execute(params![id])?;
     Ok(())
 }
 

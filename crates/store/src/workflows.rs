@@ -277,19 +277,37 @@ pub(crate) async fn insert_new(conn: &mut SqliteConnection, w: &NewWorkflow) -> 
     Ok(id)
 }
 
+/// A batch's free slots: its parallelism less its unparked nodes that have not ended (three
+/// equality counts: an `IN` list would make SQLite build a table on every run). Shared with
+/// the write thread (`commit`), like the two statements below.
+pub(crate) const FREE_SLOTS: &str =
+    "SELECT COALESCE((SELECT parallelism FROM batches WHERE id = $1), 0)
+     - (SELECT COUNT(*) FROM workflows WHERE batch_id = $1 AND parked = 0 AND status = 'pending')
+     - (SELECT COUNT(*) FROM workflows WHERE batch_id = $1 AND parked = 0 AND status = 'running')
+     - (SELECT COUNT(*) FROM workflows WHERE batch_id = $1 AND parked = 0 AND status = 'undoing')";
+/// A batch's ready parked nodes, in queue order.
+pub(crate) const PARKED_READY: &str = "SELECT id FROM workflows
+     WHERE batch_id = $1 AND parked = 1 AND status = 'pending' AND waiting_on = 0 ORDER BY rowid";
+pub(crate) const UNPARK: &str = "UPDATE workflows SET parked = 0 WHERE id = $1";
+
 /// Hands free slots of batch `batch` to its ready parked nodes (in queue order).
 pub(crate) async fn fill_batch(conn: &mut SqliteConnection, batch: &str) -> Result<()> {
-    sqlx::query(
-        "UPDATE workflows SET parked = 0 WHERE id IN (
-             SELECT id FROM workflows WHERE batch_id = $1 AND parked = 1 AND waiting_on = 0
-               AND status = 'pending'
-             LIMIT MAX(0, (SELECT parallelism FROM batches WHERE id = $1)
-                 - (SELECT COUNT(*) FROM workflows WHERE batch_id = $1 AND parked = 0
-                      AND status IN ('pending', 'running', 'undoing'))))",
-    )
-    .bind(batch)
-    .execute(&mut *conn)
-    .await?;
+    let free: i64 = sqlx::query_scalar(FREE_SLOTS)
+        .bind(batch)
+        .fetch_one(&mut *conn)
+        .await?;
+    if free <= 0 {
+        return Ok(());
+    }
+    let ids: Vec<String> =
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("{PARKED_READY} LIMIT $2")))
+            .bind(batch)
+            .bind(free)
+            .fetch_all(&mut *conn)
+            .await?;
+    for id in ids {
+        sqlx::query(UNPARK).bind(id).execute(&mut *conn).await?;
+    }
     Ok(())
 }
 
@@ -1544,31 +1562,6 @@ async fn apply_vm_outcome(
     let Some(vm_id) = &w.vm_id else {
         return Ok(());
     };
-    if (w.kind, outcome) == (WorkflowKind::CreateVm, &WorkflowOutcome::Succeeded) {
-        // The common case in one statement.
-        let r = sqlx::query(
-            "UPDATE vms SET status = 'running', error = NULL, updated_at = $2 WHERE id = $1
-             RETURNING owner, name, ip",
-        )
-        .bind(vm_id)
-        .bind(now)
-        .fetch_optional(&mut *conn)
-        .await?;
-        if let Some(r) = r {
-            let (owner, name): (String, String) = (r.try_get("owner")?, r.try_get("name")?);
-            let ip: Option<String> = r.try_get("ip")?;
-            record(
-                conn,
-                &Actor::engine(),
-                "vm.create",
-                &format!("{owner}/{name}"),
-                "ok",
-                ip.as_deref(),
-            )
-            .await?;
-        }
-        return Ok(());
-    }
     let vm = sqlx::query("SELECT * FROM vms WHERE id = $1")
         .bind(vm_id)
         .fetch_optional(&mut *conn)
