@@ -172,6 +172,113 @@ async fn twenty_concurrent_creates_through_the_api_then_delete() {
     assert!(!log.contains("s3cret-vc-pass"));
 }
 
+/// VMs in Basphere's vCenter folder: (name, power state, annotation).
+async fn vcenter_vms(url: &str) -> Vec<(String, String, String)> {
+    let c = basphere_vsphere::Client::connect(
+        url,
+        &basphere_vsphere::TlsConfig {
+            ca_file: None,
+            insecure: true,
+        },
+        basphere_vsphere::Credentials {
+            username: "user".into(),
+            password: basphere_vsphere::Secret::new("pass"),
+        },
+    )
+    .await
+    .unwrap();
+    let folder = c
+        .find_by_inventory_path("DC0/vm/basphere/vms")
+        .await
+        .unwrap()
+        .unwrap();
+    let q = basphere_vsphere::soap::PropertyQuery {
+        props: vec![(
+            "VirtualMachine".into(),
+            vec![
+                "name".into(),
+                "runtime.powerState".into(),
+                "config.annotation".into(),
+            ],
+        )],
+        root: folder,
+        walk_folder: true,
+    };
+    let mut out: Vec<_> = c
+        .retrieve(&q, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|o| {
+            (
+                o.text("name").to_string(),
+                o.text("runtime.powerState").to_string(),
+                o.text("config.annotation").to_string(),
+            )
+        })
+        .collect();
+    out.sort();
+    c.logout().await.unwrap();
+    out
+}
+
+/// H3 through the real server: two users' `web`, created in the same second (UUIDv7 ids with the
+/// same first 8 hex digits, which the old vCenter names used), are two vCenter VMs, and deleting
+/// one leaves the other running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_users_web_in_the_same_second_are_two_vcenter_vms() {
+    let vc = vcsim();
+    let (s, _cdir) = start(&vc).await;
+    let (alice, bob) = (
+        s.with_token(&s.user("vcalice").await),
+        s.with_token(&s.user("vcbob").await),
+    );
+    let body = json!({"name": "web", "spec": "small"});
+    let (ra, rb) = tokio::join!(
+        alice.post("/api/v1/vms", &body),
+        bob.post("/api/v1/vms", &body)
+    );
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert_eq!((ra.status, rb.status), (202, 202), "{:?} {:?}", ra.body, rb.body);
+    let va = wait_vm(&alice, "web", 60, "running").await;
+    let vb = wait_vm(&bob, "web", 60, "running").await;
+    let (ia, ib) = (va["id"].as_str().unwrap(), vb["id"].as_str().unwrap());
+    assert_eq!(
+        ia[..8],
+        ib[..8],
+        "the two ids should share their time prefix (made 65 s apart?)"
+    );
+
+    let vms = vcenter_vms(&vc.url).await;
+    assert_eq!(vms.len(), 2, "{vms:#?}");
+    let mine = |user: &str, id: &str| {
+        vms.iter().any(|(name, power, note)| {
+            name.starts_with(&format!("web-{user}-"))
+                && power == "poweredOn"
+                && note.contains(id)
+                && note.contains(&format!("owner {user}"))
+        })
+    };
+    assert!(mine("vcalice", ia) && mine("vcbob", ib), "{vms:#?}");
+
+    assert_eq!(bob.delete("/api/v1/vms/web").await.unwrap().status, 202);
+    wait_vm(&bob, "web", 60, "gone").await;
+    let left = vcenter_vms(&vc.url).await;
+    assert_eq!(left.len(), 1, "{left:#?}");
+    assert!(
+        left[0].0.starts_with("web-vcalice-") && left[0].1 == "poweredOn" && left[0].2.contains(ia),
+        "{left:#?}"
+    );
+    assert_eq!(
+        wait_vm(&alice, "web", 5, "running").await["id"].as_str(),
+        Some(ia)
+    );
+
+    assert_eq!(alice.delete("/api/v1/vms/web").await.unwrap().status, 202);
+    wait_vm(&alice, "web", 60, "gone").await;
+    assert!(vcenter_vms(&vc.url).await.is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_readable_by_others_stop_the_server_at_start() {
     let vc = vcsim();

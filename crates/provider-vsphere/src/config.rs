@@ -46,6 +46,10 @@ pub struct VsphereConfig {
     /// `SET.guest.ipAddress`, standing in for VMware Tools. Never set this against a real vCenter.
     #[serde(default)]
     pub simulator_guest_ip: bool,
+    /// Accept an `http://` server URL. Plain HTTP carries the vCenter password and the session
+    /// cookie unencrypted, so this exists only for the vcsim simulator on a test machine.
+    #[serde(default)]
+    pub allow_insecure_http: bool,
 }
 
 /// One OS image on vSphere.
@@ -119,7 +123,14 @@ impl VsphereConfig {
     /// Checks what can be checked without talking to vCenter.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(format!("[vsphere] {m}")));
-        if !(self.server.starts_with("https://") || self.server.starts_with("http://")) {
+        if self.server.starts_with("http://") {
+            if !self.allow_insecure_http {
+                return bad(format!(
+                    "server = {:?}: plain HTTP would send the vCenter password and session cookie unencrypted; use the https:// URL of vCenter (with tls.ca_file for a private CA), or, only for the vcsim simulator on a test machine, set allow_insecure_http = true",
+                    self.server
+                ));
+            }
+        } else if !self.server.starts_with("https://") {
             return bad(format!(
                 "server = {:?}: must be an https:// URL",
                 self.server
@@ -261,6 +272,36 @@ nic = "ens192"
         assert!(toml::from_str::<VsphereConfig>(&bad).is_err());
         let table: toml::Table = toml::from_str(EXAMPLE).unwrap();
         assert_eq!(VsphereConfig::from_toml(table).unwrap(), c);
+    }
+
+    #[test]
+    fn plain_http_is_refused_unless_explicitly_allowed() {
+        let mut c: VsphereConfig = toml::from_str(EXAMPLE).unwrap();
+        c.server = "http://vcenter.example.com".into();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("http://vcenter.example.com")
+                && e.contains("unencrypted")
+                && e.contains("https://")
+                && e.contains("allow_insecure_http = true"),
+            "{e}"
+        );
+        let mut table: toml::Table = toml::from_str(EXAMPLE).unwrap();
+        table.insert("server".into(), "http://127.0.0.1:8989/sdk".into());
+        let e = VsphereConfig::from_toml(table.clone()).unwrap_err().to_string();
+        assert!(e.contains("allow_insecure_http = true"), "{e}");
+
+        table.insert("allow_insecure_http".into(), true.into());
+        let c = VsphereConfig::from_toml(table).unwrap();
+        assert!(c.allow_insecure_http);
+        assert_eq!(c.sdk_url(), "http://127.0.0.1:8989/sdk");
+
+        for server in ["ftp://vcenter.example.com", "vcenter.example.com", "HTTP://x"] {
+            let mut c = c.clone();
+            c.server = server.into();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("must be an https:// URL"), "{server}: {e}");
+        }
     }
 
     #[test]

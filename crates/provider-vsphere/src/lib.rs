@@ -17,5 +17,5 @@ pub mod xml;
 
 pub use config::{Credentials, Secret, TemplateConfig, TlsConfig, VsphereConfig};
 pub use error::Error;
-pub use provider::{MachineSummary, VsphereProvider};
+pub use provider::{INSTANCE_KEY, MachineSummary, VCENTER_NAME_MAX, VsphereProvider};
 pub use soap::{Client, MoRef, SoapStats, install_crypto_provider};

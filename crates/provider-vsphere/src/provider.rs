@@ -2,7 +2,7 @@
 //!
 //! | phase | vSphere |
 //! |---|---|
-//! | prepare | find `<name>-<instance[..8]>` in the folder, else clone the template (linked when it has a snapshot); ReconfigVM_Task: CPU, memory, NIC port group, cloud-init `guestinfo.*` |
+//! | prepare | find `<name>-<owner>-<instance tail>` in the folder, else clone the template (linked when it has a snapshot) marked with the instance id; ReconfigVM_Task: CPU, memory, NIC port group, cloud-init `guestinfo.*` |
 //! | start | PowerOnVM_Task; InvalidPowerState while already on is success |
 //! | wait_ready | poll `guest.ipAddress` / `guest.net` until the requested address shows |
 //! | stop | PowerOffVM_Task if on |
@@ -10,6 +10,9 @@
 //! | inspect | find by name: Absent / Stopped / Running |
 //!
 //! Every phase finds the VM by its inventory path, so a retry after a crash finds earlier work.
+//! A VM found by name is used (reconfigured, powered, destroyed) only when its `extraConfig` key
+//! [`INSTANCE_KEY`], written by the clone itself, holds the request's instance id: a VM someone
+//! else made under that name is reported, never touched.
 
 use crate::cloudinit;
 use crate::config::{Credentials, VsphereConfig};
@@ -26,6 +29,18 @@ use tokio::task::JoinHandle;
 /// How long a clone that outlived its deadline may keep running in the background.
 const BACKGROUND_CLONE_LIMIT: Duration = Duration::from_secs(3600);
 
+/// `extraConfig` key holding the Basphere instance id a VM was cloned for. It is set by the
+/// CloneVM_Task itself, so no VM of ours ever exists without it. Not a `guestinfo.*` key: the guest
+/// can set those from inside, but not this one.
+pub const INSTANCE_KEY: &str = "basphere.instance_id";
+
+/// Characters of the instance id in a VM's name: the id's last 16 hex digits, 62 random bits of
+/// a UUID (v4 or v7), so names never depend on the creation time.
+const NAME_ID_CHARS: usize = 16;
+
+/// Longest VM name vCenter accepts.
+pub const VCENTER_NAME_MAX: usize = 80;
+
 /// Object references resolved once at connect time.
 #[derive(Debug, Clone)]
 struct Inventory {
@@ -41,7 +56,7 @@ struct Inventory {
 /// A VM seen in Basphere's folder, for inventory sync.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MachineSummary {
-    /// The vSphere VM name (`<name>-<instance[..8]>`).
+    /// The vSphere VM name (`<name>-<owner>-<instance tail>`).
     pub name: String,
     /// The instance id from the VM's annotation, if Basphere made it.
     pub instance: Option<String>,
@@ -108,8 +123,28 @@ impl VsphereProvider {
         self.client.logout().await
     }
 
-    /// The vSphere name of a request's VM: `<name>-<first 8 characters of the instance id>`.
+    /// The vSphere name of a request's VM: `<name>-<owner>-<last 16 hex digits of the instance
+    /// id>`, e.g. `web-alice-9f3c2a1be04d7781`. At most 30 + 20 + 16 + 2 = 68 characters, within
+    /// vCenter's 80.
+    ///
+    /// Distinct VMs get distinct names: the owner and name together are unique among a user's
+    /// VMs, and the id's tail is random. (The first digits of a UUIDv7 are its timestamp, the
+    /// same for every VM made within 65 s; names built from them collided across users.)
     pub fn vm_name(vm: &VmRequest) -> String {
+        let id: Vec<char> = vm
+            .instance
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .map(|c| c.to_ascii_lowercase())
+            .collect();
+        let tail: String = id[id.len().saturating_sub(NAME_ID_CHARS)..].iter().collect();
+        format!("{}-{}-{tail}", vm.name, vm.owner)
+    }
+
+    /// The name older releases gave a VM: `<name>-<first 8 characters of the instance id>`.
+    /// Still looked up, so VMs made then can be stopped and removed; used only when the VM
+    /// carries this request's instance id.
+    fn legacy_vm_name(vm: &VmRequest) -> String {
         let short: String = vm
             .instance
             .chars()
@@ -139,11 +174,7 @@ impl VsphereProvider {
             .filter(|o| o.obj.kind == "VirtualMachine")
             .map(|o| MachineSummary {
                 name: o.text("name").to_string(),
-                instance: o
-                    .text("config.annotation")
-                    .split_once("instance ")
-                    .and_then(|(_, rest)| rest.split([',', ' ', '\n']).next())
-                    .map(str::to_string),
+                instance: annotation_instance(o.text("config.annotation")),
                 state: power_state(o.text("runtime.powerState")),
             })
             .collect())
@@ -153,9 +184,60 @@ impl VsphereProvider {
         self.config.task_deadline()
     }
 
+    /// This request's VM, found by name and checked to be ours.
+    ///
+    /// A VM under [`Self::vm_name`] that does not carry the request's instance id in
+    /// [`INSTANCE_KEY`] is a permanent error naming it; it is not touched. A VM under the legacy
+    /// name counts only when its instance id (key or, from older releases, the annotation)
+    /// matches: such names were shared across users, so anything else there is not ours.
     async fn find_vm(&self, vm: &VmRequest) -> Result<Option<MoRef>> {
         let path = format!("{}/{}", self.inv.folder_path, Self::vm_name(vm));
-        Ok(self.client.find_by_inventory_path(&path).await?)
+        if let Some(r) = self.client.find_by_inventory_path(&path).await? {
+            return match self.mark_of(&r).await? {
+                Mark::Gone => Ok(None),
+                Mark::Of { key: Some(id), .. } if id == vm.instance => Ok(Some(r)),
+                Mark::Of { .. } => Err(ProviderError::permanent(format!(
+                    "vsphere: VM {path} exists but was not made by Basphere for this VM (its extraConfig {INSTANCE_KEY} is not {}); Basphere leaves it untouched: find out who made it and rename or remove it in vCenter, then retry",
+                    vm.instance
+                ))),
+            };
+        }
+        let legacy = format!("{}/{}", self.inv.folder_path, Self::legacy_vm_name(vm));
+        if let Some(r) = self.client.find_by_inventory_path(&legacy).await? {
+            match self.mark_of(&r).await? {
+                Mark::Of { key, annotation } if key.or(annotation).as_deref() == Some(vm.instance.as_str()) => {
+                    return Ok(Some(r));
+                }
+                Mark::Of { .. } => {
+                    tracing::warn!(vm = %legacy, instance = %vm.instance, "VM under this instance's legacy name belongs to another instance; ignoring it");
+                }
+                Mark::Gone => {}
+            }
+        }
+        Ok(None)
+    }
+
+    /// Which Basphere instance a VM says it was made for.
+    async fn mark_of(&self, r: &MoRef) -> Result<Mark> {
+        let Some(p) = self
+            .client
+            .properties(r, &["config.extraConfig", "config.annotation"])
+            .await?
+        else {
+            return Ok(Mark::Gone);
+        };
+        let key = p.get("config.extraConfig").and_then(|extra| {
+            extra
+                .children
+                .iter()
+                .find(|o| o.child_text("key") == Some(INSTANCE_KEY))
+                .and_then(|o| o.child_text("value"))
+                .map(|v| v.trim().to_string())
+        });
+        Ok(Mark::Of {
+            key,
+            annotation: annotation_instance(p.text("config.annotation")),
+        })
     }
 
     /// Template path, NIC name and login user for a request.
@@ -228,6 +310,14 @@ impl VsphereProvider {
             self.inv.datastore.clone(),
         );
         let name_owned = name.to_string();
+        // The clone carries its owner's mark from its first moment: a prepare that resumes after
+        // a crash recognises it, and nobody else mistakes it for theirs.
+        let config = format!(
+            "<config>{}<extraConfig><key>{}</key><value xsi:type=\"xsd:string\">{}</value></extraConfig></config>",
+            annotation_xml(vm),
+            esc(INSTANCE_KEY),
+            esc(&vm.instance)
+        );
         let mut handle: CloneHandle = tokio::spawn(async move {
             let _guard = match &lock {
                 Some(l) => Some(l.lock().await),
@@ -247,7 +337,9 @@ impl VsphereProvider {
                 spec.push_str("<diskMoveType>createNewChildDiskBacking</diskMoveType>");
             }
             spec.push_str(&pool.xml("pool"));
-            spec.push_str("</location><template>false</template><powerOn>false</powerOn>");
+            spec.push_str("</location><template>false</template>");
+            spec.push_str(&config);
+            spec.push_str("<powerOn>false</powerOn>");
             if let Some(s) = &snapshot {
                 spec.push_str(&s.xml("snapshot"));
             }
@@ -283,11 +375,8 @@ impl VsphereProvider {
         devices: Option<&Node>,
     ) -> String {
         let mut spec = format!(
-            "<annotation>{}</annotation><numCPUs>{}</numCPUs><memoryMB>{}</memoryMB>",
-            esc(&format!(
-                "Managed by Basphere: instance {}, owner {}",
-                vm.instance, vm.owner
-            )),
+            "{}<numCPUs>{}</numCPUs><memoryMB>{}</memoryMB>",
+            annotation_xml(vm),
             vm.spec.vcpus,
             vm.spec.memory_mib
         );
@@ -314,6 +403,7 @@ impl VsphereProvider {
         request.login_user = login_user.to_string();
         let b64 = |s: String| base64::engine::general_purpose::STANDARD.encode(s);
         let mut extra = vec![
+            (INSTANCE_KEY, vm.instance.clone()),
             ("guestinfo.metadata", b64(cloudinit::metadata(vm, nic_name))),
             ("guestinfo.metadata.encoding", "base64".to_string()),
             ("guestinfo.userdata", b64(cloudinit::userdata(&request))),
@@ -331,6 +421,37 @@ impl VsphereProvider {
         }
         spec
     }
+}
+
+/// The `<annotation>` element naming a VM's instance and owner.
+fn annotation_xml(vm: &VmRequest) -> String {
+    format!(
+        "<annotation>{}</annotation>",
+        esc(&format!(
+            "Managed by Basphere: instance {}, owner {}",
+            vm.instance, vm.owner
+        ))
+    )
+}
+
+/// What a VM found by name says about its maker.
+enum Mark {
+    /// It was destroyed between the lookup and the read.
+    Gone,
+    /// Its [`INSTANCE_KEY`] value and the instance id in its annotation, where present.
+    Of {
+        key: Option<String>,
+        annotation: Option<String>,
+    },
+}
+
+/// The instance id in an annotation written by [`VsphereProvider::config_spec`].
+fn annotation_instance(annotation: &str) -> Option<String> {
+    annotation
+        .strip_prefix("Managed by Basphere: instance ")
+        .and_then(|rest| rest.split([',', ' ', '\n']).next())
+        .filter(|id| !id.is_empty())
+        .map(str::to_string)
 }
 
 fn power_state(s: &str) -> MachineState {
@@ -586,12 +707,12 @@ impl Provider for VsphereProvider {
         let want = vm.network.ip.to_string();
         let started = Instant::now();
         let mut pause = Duration::from_millis(10);
+        let Some(r) = self.find_vm(vm).await? else {
+            return Err(ProviderError::permanent(format!(
+                "vsphere: VM {name} vanished while waiting for it to boot"
+            )));
+        };
         loop {
-            let Some(r) = self.find_vm(vm).await? else {
-                return Err(ProviderError::permanent(format!(
-                    "vsphere: VM {name} vanished while waiting for it to boot"
-                )));
-            };
             let paths = [
                 "runtime.powerState",
                 "guest.ipAddress",

@@ -132,9 +132,11 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-fn http_client(tls: &TlsConfig) -> Result<reqwest::Client> {
+fn http_client(tls: &TlsConfig, https_only: bool) -> Result<reqwest::Client> {
     install_crypto_provider();
     let mut b = reqwest::Client::builder()
+        // An https:// endpoint is never left for plain HTTP, not even by a redirect.
+        .https_only(https_only)
         .connect_timeout(Duration::from_secs(10))
         // Task methods answer at once on vCenter; vcsim answers when the task is done.
         .timeout(Duration::from_secs(300))
@@ -210,7 +212,7 @@ fn method_fault(n: &Node) -> Fault {
 impl Client {
     /// Connects, reads the service content and logs in.
     pub async fn connect(url: &str, tls: &TlsConfig, credentials: Credentials) -> Result<Client> {
-        let http = http_client(tls)?;
+        let http = http_client(tls, url.starts_with("https://"))?;
         let mut client = Client {
             http,
             url: url.to_string(),

@@ -138,6 +138,7 @@ impl Vcsim {
             serialize_clones: true,
             task_deadline_secs: 10.0,
             simulator_guest_ip: true,
+            allow_insecure_http: self.url.starts_with("http://"),
         }
     }
 
@@ -190,10 +191,15 @@ impl Drop for Vcsim {
 
 /// A create request like the engine sends; `n` varies the address.
 pub fn request(name: &str, n: u8) -> VmRequest {
-    let instance = uuid::Uuid::new_v4().to_string();
+    request_as(name, "alice", &uuid::Uuid::new_v4().to_string(), n)
+}
+
+/// A create request of `owner` with the given instance id; `n` varies the address.
+pub fn request_as(name: &str, owner: &str, instance: &str, n: u8) -> VmRequest {
+    let instance = instance.to_string();
     VmRequest {
         name: name.parse().unwrap(),
-        owner: "alice".parse().unwrap(),
+        owner: owner.parse().unwrap(),
         image: IMAGE.parse().unwrap(),
         image_ref: TEMPLATE.into(),
         login_user: "debian".into(),
