@@ -288,7 +288,9 @@ nic = "ens192"
         );
         let mut table: toml::Table = toml::from_str(EXAMPLE).unwrap();
         table.insert("server".into(), "http://127.0.0.1:8989/sdk".into());
-        let e = VsphereConfig::from_toml(table.clone()).unwrap_err().to_string();
+        let e = VsphereConfig::from_toml(table.clone())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("allow_insecure_http = true"), "{e}");
 
         table.insert("allow_insecure_http".into(), true.into());
@@ -296,7 +298,11 @@ nic = "ens192"
         assert!(c.allow_insecure_http);
         assert_eq!(c.sdk_url(), "http://127.0.0.1:8989/sdk");
 
-        for server in ["ftp://vcenter.example.com", "vcenter.example.com", "HTTP://x"] {
+        for server in [
+            "ftp://vcenter.example.com",
+            "vcenter.example.com",
+            "HTTP://x",
+        ] {
             let mut c = c.clone();
             c.server = server.into();
             let e = c.validate().unwrap_err().to_string();

@@ -137,7 +137,9 @@ impl VsphereProvider {
             .filter(|c| c.is_ascii_alphanumeric())
             .map(|c| c.to_ascii_lowercase())
             .collect();
-        let tail: String = id[id.len().saturating_sub(NAME_ID_CHARS)..].iter().collect();
+        let tail: String = id[id.len().saturating_sub(NAME_ID_CHARS)..]
+            .iter()
+            .collect();
         format!("{}-{}-{tail}", vm.name, vm.owner)
     }
 
@@ -197,7 +199,7 @@ impl VsphereProvider {
                 Mark::Gone => Ok(None),
                 Mark::Of { key: Some(id), .. } if id == vm.instance => Ok(Some(r)),
                 Mark::Of { .. } => Err(ProviderError::permanent(format!(
-                    "vsphere: VM {path} exists but was not made by Basphere for this VM (its extraConfig {INSTANCE_KEY} is not {}); Basphere leaves it untouched: find out who made it and rename or remove it in vCenter, then retry",
+                    "vsphere: VM {path} exists but was not made by Basphere for this VM (its extraConfig {INSTANCE_KEY} is missing or is not {}); Basphere leaves it untouched: find out who made it and rename or remove it in vCenter, then retry",
                     vm.instance
                 ))),
             };
@@ -205,7 +207,9 @@ impl VsphereProvider {
         let legacy = format!("{}/{}", self.inv.folder_path, Self::legacy_vm_name(vm));
         if let Some(r) = self.client.find_by_inventory_path(&legacy).await? {
             match self.mark_of(&r).await? {
-                Mark::Of { key, annotation } if key.or(annotation).as_deref() == Some(vm.instance.as_str()) => {
+                Mark::Of { key, annotation }
+                    if key.as_ref().or(annotation.as_ref()) == Some(&vm.instance) =>
+                {
                     return Ok(Some(r));
                 }
                 Mark::Of { .. } => {

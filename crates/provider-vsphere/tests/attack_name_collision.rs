@@ -25,7 +25,11 @@ fn same_second_ids() -> (String, String) {
     let a = uuid::Uuid::new_v7(ts).to_string();
     let b = uuid::Uuid::new_v7(ts).to_string();
     assert_ne!(a, b);
-    assert_eq!(a[..8], b[..8], "the ids share the digits the old names used");
+    assert_eq!(
+        a[..8],
+        b[..8],
+        "the ids share the digits the old names used"
+    );
     (a, b)
 }
 
@@ -96,7 +100,10 @@ async fn plant(c: &Client, name: &str, instance: Option<&str>, annotation: &str)
         "<location>{}</location><template>false</template><config>{config}</config><powerOn>false</powerOn>",
         pool.xml("pool")
     );
-    let r = c.clone_vm(&template, &folder, name, &spec, D).await.unwrap();
+    let r = c
+        .clone_vm(&template, &folder, name, &spec, D)
+        .await
+        .unwrap();
     // vcsim ignores the annotation in a clone spec; set it as vCenter would have.
     let args = format!("<spec><annotation>{annotation}</annotation></spec>");
     c.run_task("ReconfigVM_Task", &r, &args, D).await.unwrap();
@@ -194,11 +201,23 @@ async fn a_foreign_vm_under_our_name_is_neither_reconfigured_nor_stopped_nor_des
                 err.message
             );
             if let Some(t) = marker {
-                assert!(!err.message.contains(t), "leaks the other id: {}", err.message);
+                assert!(
+                    !err.message.contains(t),
+                    "leaks the other id: {}",
+                    err.message
+                );
             }
         }
-        assert_eq!(snapshot(c, &r).await, before, "{label}: the foreign VM changed");
-        assert_eq!(p.list_machines().await.unwrap().len(), 1, "{label}: a clone was made");
+        assert_eq!(
+            snapshot(c, &r).await,
+            before,
+            "{label}: the foreign VM changed"
+        );
+        assert_eq!(
+            p.list_machines().await.unwrap().len(),
+            1,
+            "{label}: a clone was made"
+        );
 
         c.power_off(&r, D).await.unwrap();
         c.destroy(&r, D).await.unwrap();
@@ -233,7 +252,10 @@ async fn a_vm_under_the_old_shared_name_is_removed_only_by_its_own_instance() {
     // Alice's delete after the upgrade still finds and removes her VM.
     assert_eq!(p.inspect(&alice).await.unwrap(), MachineState::Running);
     p.remove(&alice).await.unwrap();
-    assert!(find(c, &legacy).await.is_none(), "Alice's VM was left behind");
+    assert!(
+        find(c, &legacy).await.is_none(),
+        "Alice's VM was left behind"
+    );
     assert!(sim.alive(), "vcsim died:\n{}", sim.log());
 }
 
@@ -249,7 +271,11 @@ async fn a_resumed_prepare_finishes_its_own_half_configured_clone() {
     c.power_off(&r, D).await.unwrap();
 
     p.prepare(&vm).await.unwrap();
-    assert_eq!(p.list_machines().await.unwrap().len(), 1, "a second clone was made");
+    assert_eq!(
+        p.list_machines().await.unwrap().len(),
+        1,
+        "a second clone was made"
+    );
     let props = c
         .properties(&r, &["config.hardware.numCPU", "config.extraConfig"])
         .await
@@ -261,7 +287,10 @@ async fn a_resumed_prepare_finishes_its_own_half_configured_clone() {
         .get("config.extraConfig")
         .unwrap()
         .descendants("key", &mut keys);
-    assert!(keys.iter().any(|k| k.text == "guestinfo.userdata"), "not configured");
+    assert!(
+        keys.iter().any(|k| k.text == "guestinfo.userdata"),
+        "not configured"
+    );
     p.start(&vm).await.unwrap();
     p.wait_ready(&vm, D).await.unwrap();
     p.remove(&vm).await.unwrap();
@@ -278,9 +307,16 @@ fn names_fit_vcenter_and_do_not_depend_on_the_creation_time() {
     let b = request_as(&longest_name, &longest_owner, &ib, 1);
     let (na, nb) = (VsphereProvider::vm_name(&a), VsphereProvider::vm_name(&b));
     assert_ne!(na, nb, "same name, owner and second must still differ");
-    assert!(na.len() <= basphere_vsphere::VCENTER_NAME_MAX, "{na}: {} chars", na.len());
+    assert!(
+        na.len() <= basphere_vsphere::VCENTER_NAME_MAX,
+        "{na}: {} chars",
+        na.len()
+    );
     let tail = ia.replace('-', "");
-    assert_eq!(na, format!("{longest_name}-{longest_owner}-{}", &tail[16..]));
+    assert_eq!(
+        na,
+        format!("{longest_name}-{longest_owner}-{}", &tail[16..])
+    );
     // Readable: name and owner lead.
     let web = request_as("web", "alice", &ia, 1);
     assert!(VsphereProvider::vm_name(&web).starts_with("web-alice-"));

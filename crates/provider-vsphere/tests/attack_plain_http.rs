@@ -29,7 +29,10 @@ async fn plain_http_is_refused_before_the_password_is_sent_unless_allowed() {
     // An operator points Basphere at vCenter over plain HTTP.
     config.allow_insecure_http = false;
     let err = VsphereProvider::connect(config.clone()).await.unwrap_err();
-    assert!(matches!(err, Error::Config(_)) && !err.is_retryable(), "{err:?}");
+    assert!(
+        matches!(err, Error::Config(_)) && !err.is_retryable(),
+        "{err:?}"
+    );
     let msg = err.to_string();
     assert!(
         msg.contains(&sim.url)
