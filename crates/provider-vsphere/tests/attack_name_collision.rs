@@ -123,15 +123,20 @@ async fn two_users_web_in_the_same_second_get_two_vms_and_deleting_one_spares_th
     let (ia, ib) = same_second_ids();
     let alice = request_as("web", "alice", &ia, 1);
     let bob = request_as("web", "bob", &ib, 2);
-    names_differ(&alice, &bob);
 
     for vm in [&alice, &bob] {
         p.prepare(vm).await.unwrap();
         p.start(vm).await.unwrap();
-        p.wait_ready(vm, D).await.unwrap();
     }
     let listed = p.list_machines().await.unwrap();
-    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert_eq!(
+        listed.len(),
+        2,
+        "Bob's prepare reused Alice's VM: {listed:?}"
+    );
+    for vm in [&alice, &bob] {
+        p.wait_ready(vm, D).await.unwrap();
+    }
     let c = p.client();
     let ra = find(c, &VsphereProvider::vm_name(&alice)).await.unwrap();
     let rb = find(c, &VsphereProvider::vm_name(&bob)).await.unwrap();
@@ -160,6 +165,7 @@ async fn two_users_web_in_the_same_second_get_two_vms_and_deleting_one_spares_th
 
     p.remove(&alice).await.unwrap();
     assert!(p.list_machines().await.unwrap().is_empty());
+    names_differ(&alice, &bob);
     assert!(sim.alive(), "vcsim died:\n{}", sim.log());
 }
 
