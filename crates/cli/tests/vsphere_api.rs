@@ -239,13 +239,8 @@ async fn two_users_web_in_the_same_second_are_two_vcenter_vms() {
         bob.post("/api/v1/vms", &body)
     );
     let (ra, rb) = (ra.unwrap(), rb.unwrap());
-    assert_eq!(
-        (ra.status, rb.status),
-        (202, 202),
-        "{:?} {:?}",
-        ra.body,
-        rb.body
-    );
+    assert_eq!(ra.status, 202, "{:?}", ra.body);
+    assert_eq!(rb.status, 202, "{:?}", rb.body);
     let va = wait_vm(&alice, "web", 60, "running").await;
     let vb = wait_vm(&bob, "web", 60, "running").await;
     let (ia, ib) = (va["id"].as_str().unwrap(), vb["id"].as_str().unwrap());
