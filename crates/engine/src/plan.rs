@@ -228,7 +228,9 @@ pub fn plan(m: &Manifest, existing: &[Existing]) -> Result<Plan, Vec<PlanError>>
     let mut soft: Vec<Vec<String>> = vec![vec![]; names.len()];
     let mut conflict_seen = HashSet::new();
     for (i, (name, node)) in m.vms.iter().enumerate() {
-        for r in &node.requires {
+        // A name listed twice is one edge (a second one would be a second dependency row).
+        let mut listed = HashSet::new();
+        for r in node.requires.iter().filter(|r| listed.insert(r.as_str())) {
             if r == name {
                 errs.push(PlanError::Cycle {
                     cycle: vec![name.clone(), name.clone()],
