@@ -411,6 +411,20 @@ mod tests {
     }
 
     #[test]
+    fn a_requirement_listed_twice_is_one_edge() {
+        let m = Manifest::parse(
+            "[vms.db]\n[vms.web]\nrequires = [\"db\", \"db\", \"old\", \"old\"]\noptional = [\"db\"]\n",
+            Format::Toml,
+        )
+        .unwrap();
+        let p = plan(&m, &[ex("old", false)]).unwrap();
+        assert_eq!(p.create[1].requires, vec!["db", "old"]);
+        assert!(p.create[1].optional.is_empty());
+        let m = Manifest::parse("[vms.a]\nrequires = [\"x\", \"x\"]\n", Format::Toml).unwrap();
+        assert_eq!(plan(&m, &[]).unwrap_err().len(), 1, "one error for one missing name");
+    }
+
+    #[test]
     fn cycle_is_named() {
         let m = Manifest::parse(
             "[vms.a]\nrequires = [\"b\"]\n[vms.b]\noptional = [\"c\"]\n[vms.c]\nrequires = [\"a\"]\n[vms.d]\n",
