@@ -195,13 +195,17 @@ pub struct ListQuery {
     pub owner: Option<String>,
 }
 
-/// The first page of [`list_page`] (of the most VMs a page holds), for the portal.
+/// The first page of [`list_page`] (of the most VMs a page holds) by owner and name, for the
+/// portal.
 pub async fn list(
     State(st): State<AppState>,
     caller: Caller,
     Query(q): Query<ListQuery>,
 ) -> Result<Ok200, ApiError> {
-    let vms = vms_of(&st, &caller, &q, None, MAX_LIMIT).await?;
+    let mut vms = vms_of(&st, &caller, &q, None, MAX_LIMIT).await?;
+    vms.sort_by(|a, b| {
+        (a["owner"].as_str(), a["name"].as_str()).cmp(&(b["owner"].as_str(), b["name"].as_str()))
+    });
     Ok(first(|n| format!("{n} VM(s)"), vms, MAX_LIMIT))
 }
 
