@@ -99,21 +99,30 @@ async fn a_flood_of_pending_registrations_is_answered_one_page_at_a_time() {
     let took = t0.elapsed();
     assert_eq!(st, 200, "{body}");
     assert_eq!(body["data"].as_array().unwrap().len(), 100, "default page");
-    assert!(took < Duration::from_millis(500), "GET /pending took {took:?}");
+    assert!(
+        took < Duration::from_millis(500),
+        "GET /pending took {took:?}"
+    );
     assert!(next_after(&head).is_some(), "{head}");
     let (_, _, body) = raw_get(&s, "/api/v1/pending?limit=1000");
     assert_eq!(body["data"].as_array().unwrap().len(), 1000, "the max page");
     for bad in ["limit=0", "limit=1001", "limit=5000", "after=abc"] {
         let (st, _, body) = raw_get(&s, &format!("/api/v1/pending?{bad}"));
         assert_eq!(st, 400, "{bad}: {body}");
-        assert!(body["message"].as_str().unwrap().contains("after"), "{body}");
+        assert!(
+            body["message"].as_str().unwrap().contains("after"),
+            "{body}"
+        );
     }
 
     // Following the cursor yields every row exactly once, newest first.
     let ids = walk(&s, "/api/v1/pending", "id", 1000);
     assert_eq!(ids.len(), 5000);
     let nums: Vec<i64> = ids.iter().map(|i| i.parse().unwrap()).collect();
-    assert!(nums.windows(2).all(|w| w[0] > w[1]), "newest first, no repeats");
+    assert!(
+        nums.windows(2).all(|w| w[0] > w[1]),
+        "newest first, no repeats"
+    );
 
     let users = walk(&s, "/api/v1/users?status=pending", "username", 777);
     assert_eq!(users.len(), 5000);

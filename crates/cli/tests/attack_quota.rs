@@ -100,10 +100,7 @@ async fn a_vm_whose_delete_failed_still_counts_against_the_quota() {
     std::fs::write(fails.path(), "remove\n").unwrap();
     let s = Server::start(&[
         ("BASPHERE_QUOTA__MAX_VMS", "1"),
-        (
-            "BASPHERE_NULL_FAIL_FILE",
-            fails.path().to_str().unwrap(),
-        ),
+        ("BASPHERE_NULL_FAIL_FILE", fails.path().to_str().unwrap()),
     ]);
     let token = s.user("mallory2").await;
     let c = s.with_token(&token);
@@ -133,10 +130,7 @@ async fn a_rollback_that_cannot_clean_up_keeps_its_address_until_a_delete_does()
     std::fs::write(fails.path(), "wait_ready\nremove\n").unwrap();
     let s = Server::start(&[
         ("BASPHERE_ENGINE__MAX_ATTEMPTS", "1"),
-        (
-            "BASPHERE_NULL_FAIL_FILE",
-            fails.path().to_str().unwrap(),
-        ),
+        ("BASPHERE_NULL_FAIL_FILE", fails.path().to_str().unwrap()),
     ]);
     let token = s.user("mallory3").await;
     let c = s.with_token(&token);
@@ -207,7 +201,12 @@ async fn retrying_a_failed_create_while_its_delete_runs_is_refused() {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|o| matches!(o["status"].as_str(), Some("pending" | "running" | "undoing")))
+        .filter(|o| {
+            matches!(
+                o["status"].as_str(),
+                Some("pending" | "running" | "undoing")
+            )
+        })
         .count();
     assert!(live <= 1, "two live workflows: {ops}");
 

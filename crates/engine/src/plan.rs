@@ -421,7 +421,11 @@ mod tests {
         assert_eq!(p.create[1].requires, vec!["db", "old"]);
         assert!(p.create[1].optional.is_empty());
         let m = Manifest::parse("[vms.a]\nrequires = [\"x\", \"x\"]\n", Format::Toml).unwrap();
-        assert_eq!(plan(&m, &[]).unwrap_err().len(), 1, "one error for one missing name");
+        assert_eq!(
+            plan(&m, &[]).unwrap_err().len(),
+            1,
+            "one error for one missing name"
+        );
     }
 
     #[test]

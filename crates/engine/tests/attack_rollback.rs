@@ -34,7 +34,10 @@ async fn admit(store: &Store, owner: &basphere_core::Username, name: &str) -> (S
         )
         .await
         .unwrap();
-    (a[0].operation_id.clone(), a[0].vm.ip_address.unwrap().to_string())
+    (
+        a[0].operation_id.clone(),
+        a[0].vm.ip_address.unwrap().to_string(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -60,7 +63,10 @@ async fn failed_cleanup_keeps_the_address_and_blocks_a_second_workflow() {
     let used = store.usage(u.as_str()).await.unwrap();
     assert_eq!((used.vms, used.ips), (1, 1));
     let (_, ip_b) = admit(&store, &u, "b").await;
-    assert_ne!(ip_b, ip, "the leftover machine's address was handed out again");
+    assert_ne!(
+        ip_b, ip,
+        "the leftover machine's address was handed out again"
+    );
 
     // With the engine stopped, a delete is queued: neither a retry of the create nor a
     // cancel of the delete may act on the VM now.

@@ -44,8 +44,7 @@ impl NullProvider {
     fn fails(&self, phase: &str) -> bool {
         self.fail_phase == Some(phase)
             || self.fail_file.as_ref().is_some_and(|f| {
-                std::fs::read_to_string(f)
-                    .is_ok_and(|t| t.lines().any(|l| l.trim() == phase))
+                std::fs::read_to_string(f).is_ok_and(|t| t.lines().any(|l| l.trim() == phase))
             })
     }
 

@@ -90,7 +90,11 @@ impl Store {
     }
 
     /// [`Store::audit_list`] from the record older than id `after` on (the next page).
-    pub async fn audit_page(&self, f: &AuditFilter, after: Option<i64>) -> Result<Vec<AuditRecord>> {
+    pub async fn audit_page(
+        &self,
+        f: &AuditFilter,
+        after: Option<i64>,
+    ) -> Result<Vec<AuditRecord>> {
         let rows = sqlx::query(
             "SELECT id, at, actor, source, action, target, result, detail FROM audit
              WHERE ($1 IS NULL OR actor = $1) AND ($2 IS NULL OR action LIKE $2 || '%')

@@ -538,7 +538,12 @@ pub async fn tokens(
         .store
         .tokens_page(me.username.as_str(), p.after.as_deref(), limit + 1)
         .await?;
-    Ok(page(|n| format!("{n} token(s)"), t, limit, |t| t.id.clone()))
+    Ok(page(
+        |n| format!("{n} token(s)"),
+        t,
+        limit,
+        |t| t.id.clone(),
+    ))
 }
 
 pub async fn token_create(

@@ -218,9 +218,12 @@ pub async fn list_page(
 ) -> Result<Response, ApiError> {
     let limit = p.limit()?;
     let vms = vms_of(&st, &caller, &q, p.after.as_deref(), limit + 1).await?;
-    Ok(page(|n| format!("{n} VM(s)"), vms, limit, |v| {
-        v["id"].as_str().unwrap_or_default().to_string()
-    }))
+    Ok(page(
+        |n| format!("{n} VM(s)"),
+        vms,
+        limit,
+        |v| v["id"].as_str().unwrap_or_default().to_string(),
+    ))
 }
 
 async fn vms_of(
