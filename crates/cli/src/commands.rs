@@ -621,7 +621,7 @@ async fn vm_cmd(c: &Client, out: Output, v: VmCmd) -> anyhow::Result<ExitCode> {
             });
         }
         VmCmd::List { all, json } => {
-            let mut d = get_all(&c, &format!("/api/v1/vms?all={all}"), "id", None).await?;
+            let mut d = get_all(c, &format!("/api/v1/vms?all={all}"), "id", None).await?;
             // Pages come in creation order; the table is by owner, then name.
             if let Some(v) = d.as_array_mut() {
                 v.sort_by(|a, b| {
@@ -724,7 +724,7 @@ async fn admin_cmd(c: &Client, out: Output, a: AdminCmd) -> anyhow::Result<()> {
             }
             UserCmd::List { status } => {
                 let q = status.map(|s| format!("?status={s}")).unwrap_or_default();
-                let d = get_all(&c, &format!("/api/v1/users{q}"), "username", None).await?;
+                let d = get_all(c, &format!("/api/v1/users{q}"), "username", None).await?;
                 output::table(out, &d, USER_COLS);
             }
             UserCmd::Show { username } => {
@@ -745,7 +745,7 @@ async fn admin_cmd(c: &Client, out: Output, a: AdminCmd) -> anyhow::Result<()> {
                 delete_user(c, out, &username, force, true).await?
             }
             UserCmd::Pending => {
-                let d = get_all(&c, "/api/v1/pending", "id", None).await?;
+                let d = get_all(c, "/api/v1/pending", "id", None).await?;
                 output::table(
                     out,
                     &d,
@@ -814,7 +814,7 @@ async fn admin_cmd(c: &Client, out: Output, a: AdminCmd) -> anyhow::Result<()> {
         },
         AdminCmd::Key(k) => match k {
             AdminKeyCmd::Pending => {
-                let d = get_all(&c, "/api/v1/key-changes", "id", None).await?;
+                let d = get_all(c, "/api/v1/key-changes", "id", None).await?;
                 output::table(
                     out,
                     &d,
@@ -859,7 +859,7 @@ async fn admin_cmd(c: &Client, out: Output, a: AdminCmd) -> anyhow::Result<()> {
                 }
             }
             let path = format!("/api/v1/audit{}", q.replacen('&', "?", 1));
-            let mut d = get_all(&c, &path, "id", Some(limit.max(1) as usize)).await?;
+            let mut d = get_all(c, &path, "id", Some(limit.max(1) as usize)).await?;
             if let Some(rows) = d.as_array_mut() {
                 for r in rows {
                     if let Some(ms) = r["at"].as_i64() {
