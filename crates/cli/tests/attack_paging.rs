@@ -97,6 +97,7 @@ async fn a_flood_of_pending_registrations_is_answered_one_page_at_a_time() {
     let t0 = Instant::now();
     let (st, head, body) = raw_get(&s, "/api/v1/pending");
     let took = t0.elapsed();
+    eprintln!("GET /api/v1/pending with 5000 pending: {took:?}");
     assert_eq!(st, 200, "{body}");
     assert_eq!(body["data"].as_array().unwrap().len(), 100, "default page");
     assert!(
