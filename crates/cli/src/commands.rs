@@ -50,6 +50,32 @@ fn client(g: &Global) -> anyhow::Result<Client> {
     Ok(Client::new(Endpoint::Unix(socket)))
 }
 
+/// Every item of a paged list route (up to `max`), following `?after=` with the `key` of
+/// each page's last item.
+async fn get_all(c: &Client, path: &str, key: &str, max: Option<usize>) -> anyhow::Result<Value> {
+    const PAGE: usize = 1000;
+    let sep = if path.contains('?') { '&' } else { '?' };
+    let mut all: Vec<Value> = vec![];
+    let mut after = String::new();
+    loop {
+        let want = max.map_or(PAGE, |m| (m - all.len()).min(PAGE));
+        let d = check(c.get(&format!("{path}{sep}limit={want}{after}")).await?)?;
+        let Value::Array(items) = d else {
+            return Ok(d);
+        };
+        let full = items.len() == want;
+        let last = items.last().map(|l| match &l[key] {
+            Value::String(s) => s.clone(),
+            v => v.to_string(),
+        });
+        all.extend(items);
+        match last {
+            Some(l) if full && max.is_none_or(|m| all.len() < m) => after = format!("&after={l}"),
+            _ => return Ok(Value::Array(all)),
+        }
+    }
+}
+
 /// Turns a refused request into an error with the server's message and field errors.
 pub(crate) fn check(r: Response) -> anyhow::Result<Value> {
     if r.body.success {
@@ -243,7 +269,7 @@ async fn client_cmd(g: &Global, out: Output, cmd: Cmd) -> anyhow::Result<ExitCod
                 say(out, &d, &format!("{}\n(shown once)", cell(&d["token"])));
             }
             TokenCmd::List => {
-                let d = check(c.get("/api/v1/tokens").await?)?;
+                let d = get_all(&c, "/api/v1/tokens", "id", None).await?;
                 output::table(
                     out,
                     &d,
@@ -595,7 +621,14 @@ async fn vm_cmd(c: &Client, out: Output, v: VmCmd) -> anyhow::Result<ExitCode> {
             });
         }
         VmCmd::List { all, json } => {
-            let d = check(c.get(&format!("/api/v1/vms?all={all}")).await?)?;
+            let mut d = get_all(c, &format!("/api/v1/vms?all={all}"), "id", None).await?;
+            // Pages come in creation order; the table is by owner, then name.
+            if let Some(v) = d.as_array_mut() {
+                v.sort_by(|a, b| {
+                    (a["owner"].as_str(), a["name"].as_str())
+                        .cmp(&(b["owner"].as_str(), b["name"].as_str()))
+                });
+            }
             let out = if json { Output::Json } else { out };
             let mut cols = VM_COLS.to_vec();
             if all {
@@ -691,7 +724,7 @@ async fn admin_cmd(c: &Client, out: Output, a: AdminCmd) -> anyhow::Result<()> {
             }
             UserCmd::List { status } => {
                 let q = status.map(|s| format!("?status={s}")).unwrap_or_default();
-                let d = check(c.get(&format!("/api/v1/users{q}")).await?)?;
+                let d = get_all(c, &format!("/api/v1/users{q}"), "username", None).await?;
                 output::table(out, &d, USER_COLS);
             }
             UserCmd::Show { username } => {
@@ -712,7 +745,7 @@ async fn admin_cmd(c: &Client, out: Output, a: AdminCmd) -> anyhow::Result<()> {
                 delete_user(c, out, &username, force, true).await?
             }
             UserCmd::Pending => {
-                let d = check(c.get("/api/v1/pending").await?)?;
+                let d = get_all(c, "/api/v1/pending", "id", None).await?;
                 output::table(
                     out,
                     &d,
@@ -781,7 +814,7 @@ async fn admin_cmd(c: &Client, out: Output, a: AdminCmd) -> anyhow::Result<()> {
         },
         AdminCmd::Key(k) => match k {
             AdminKeyCmd::Pending => {
-                let d = check(c.get("/api/v1/key-changes").await?)?;
+                let d = get_all(c, "/api/v1/key-changes", "id", None).await?;
                 output::table(
                     out,
                     &d,
@@ -819,13 +852,14 @@ async fn admin_cmd(c: &Client, out: Output, a: AdminCmd) -> anyhow::Result<()> {
             target,
             limit,
         } => {
-            let mut q = format!("?limit={limit}");
+            let mut q = String::new();
             for (k, v) in [("actor", actor), ("action", action), ("target", target)] {
                 if let Some(v) = v {
                     q.push_str(&format!("&{k}={v}"));
                 }
             }
-            let mut d = check(c.get(&format!("/api/v1/audit{q}")).await?)?;
+            let path = format!("/api/v1/audit{}", q.replacen('&', "?", 1));
+            let mut d = get_all(c, &path, "id", Some(limit.max(1) as usize)).await?;
             if let Some(rows) = d.as_array_mut() {
                 for r in rows {
                     if let Some(ms) = r["at"].as_i64() {

@@ -13,7 +13,8 @@
 //! the next step. Retryable failures are retried with exponential backoff and jitter, by
 //! whichever node claims the workflow next; a permanent failure (or exhausted attempts) undoes
 //! the done steps in reverse and ends the workflow failed, which releases the VM's address and
-//! quota in the same transaction. A cancel is honoured at the next step boundary (a running
+//! quota in the same transaction — unless an undo failed: then the VM keeps both, shown
+//! `failed` with the reason, until a delete confirms the cleanup. A cancel is honoured at the next step boundary (a running
 //! step finishes or hits its deadline first), then undoes likewise. A crashed node's workflows
 //! resume when its lease expires, or at once when the same node restarts.
 //!
@@ -597,7 +598,8 @@ impl Engine {
                         }
                         Err(e) => {
                             let msg = format!(
-                                "{reason}; and undoing {} failed too: {e} — clean up by hand, then delete the VM",
+                                "{reason}; and undoing {} failed too: {e} — the VM keeps its address \
+                                 until it is cleaned up: run delete-vm to retry the cleanup",
                                 rec.name
                             );
                             self.emit_all(store.finish_workflow(&wf.id, node, &end(msg)).await?);

@@ -228,7 +228,9 @@ pub fn plan(m: &Manifest, existing: &[Existing]) -> Result<Plan, Vec<PlanError>>
     let mut soft: Vec<Vec<String>> = vec![vec![]; names.len()];
     let mut conflict_seen = HashSet::new();
     for (i, (name, node)) in m.vms.iter().enumerate() {
-        for r in &node.requires {
+        // A name listed twice is one edge (a second one would be a second dependency row).
+        let mut listed = HashSet::new();
+        for r in node.requires.iter().filter(|r| listed.insert(r.as_str())) {
             if r == name {
                 errs.push(PlanError::Cycle {
                     cycle: vec![name.clone(), name.clone()],
@@ -406,6 +408,24 @@ mod tests {
         assert_eq!(p.keep[0].name, "db");
         assert_eq!(p.keep[0].differs, vec!["spec small → medium"]);
         assert_eq!(p.delete, vec!["old"], "unmanaged VMs are left alone");
+    }
+
+    #[test]
+    fn a_requirement_listed_twice_is_one_edge() {
+        let m = Manifest::parse(
+            "[vms.db]\n[vms.web]\nrequires = [\"db\", \"db\", \"old\", \"old\"]\noptional = [\"db\"]\n",
+            Format::Toml,
+        )
+        .unwrap();
+        let p = plan(&m, &[ex("old", false)]).unwrap();
+        assert_eq!(p.create[1].requires, vec!["db", "old"]);
+        assert!(p.create[1].optional.is_empty());
+        let m = Manifest::parse("[vms.a]\nrequires = [\"x\", \"x\"]\n", Format::Toml).unwrap();
+        assert_eq!(
+            plan(&m, &[]).unwrap_err().len(),
+            1,
+            "one error for one missing name"
+        );
     }
 
     #[test]

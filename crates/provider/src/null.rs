@@ -4,6 +4,7 @@
 
 use crate::{MachineState, Provider, ProviderError, Result, VmRequest};
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,10 @@ pub struct NullProvider {
     pub delay: Duration,
     /// Phase name → fail permanently when called for a VM whose name starts with `fail-`.
     pub fail_phase: Option<&'static str>,
+    /// A file of phase names, one a line, read at every call: those phases fail permanently
+    /// for `fail-*` VMs while they are listed (a test turns a failure on and off while the
+    /// server runs). [`NullProvider::new`] takes it from `BASPHERE_NULL_FAIL_FILE`.
+    pub fail_file: Option<PathBuf>,
     calls: Mutex<Vec<NullProviderCall>>,
     state: Mutex<HashMap<String, MachineState>>,
 }
@@ -30,8 +35,17 @@ impl NullProvider {
     pub fn new(delay: Duration) -> Self {
         Self {
             delay,
+            fail_file: std::env::var_os("BASPHERE_NULL_FAIL_FILE").map(PathBuf::from),
             ..Self::default()
         }
+    }
+
+    /// Whether `phase` is told to fail (see `fail_phase` and `fail_file`).
+    fn fails(&self, phase: &str) -> bool {
+        self.fail_phase == Some(phase)
+            || self.fail_file.as_ref().is_some_and(|f| {
+                std::fs::read_to_string(f).is_ok_and(|t| t.lines().any(|l| l.trim() == phase))
+            })
     }
 
     /// The calls received so far.
@@ -48,7 +62,7 @@ impl NullProvider {
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
         }
-        if self.fail_phase == Some(phase) && vm.name.as_str().starts_with("fail-") {
+        if vm.name.as_str().starts_with("fail-") && self.fails(phase) {
             return Err(ProviderError::permanent(format!(
                 "null provider: {phase} fails for {} as configured",
                 vm.name

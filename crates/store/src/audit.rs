@@ -86,10 +86,20 @@ impl Store {
 
     /// Audit records matching `f`, newest first.
     pub async fn audit_list(&self, f: &AuditFilter) -> Result<Vec<AuditRecord>> {
+        self.audit_page(f, None).await
+    }
+
+    /// [`Store::audit_list`] from the record older than id `after` on (the next page).
+    pub async fn audit_page(
+        &self,
+        f: &AuditFilter,
+        after: Option<i64>,
+    ) -> Result<Vec<AuditRecord>> {
         let rows = sqlx::query(
             "SELECT id, at, actor, source, action, target, result, detail FROM audit
              WHERE ($1 IS NULL OR actor = $1) AND ($2 IS NULL OR action LIKE $2 || '%')
                AND ($3 IS NULL OR target = $3) AND ($4 IS NULL OR at >= $4)
+               AND ($6 IS NULL OR id < $6)
              ORDER BY id DESC LIMIT $5",
         )
         .bind(&f.actor)
@@ -97,6 +107,7 @@ impl Store {
         .bind(&f.target)
         .bind(f.since_ms)
         .bind(f.limit.unwrap_or(100))
+        .bind(after)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()

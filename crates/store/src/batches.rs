@@ -11,7 +11,7 @@ use crate::workflows::{NewWorkflow, WorkflowKind, insert_new};
 use crate::{Actor, Store, now_ms};
 use basphere_core::{ImageName, NetworkPool, Spec, SpecName, Username, VmName, VmStatus};
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// One VM to create as a batch node.
 #[derive(Debug, Clone)]
@@ -277,6 +277,9 @@ impl Store {
         )
         .await?;
         let mut edges = vec![];
+        // One edge per pair (a name listed twice, or both required and optional, is one; the
+        // hard one wins): `workflow_deps` keys on the pair.
+        let mut paired = HashSet::new();
         for v in &req.creates {
             let me = &op_of[v.name.as_str()];
             for (deps, hard) in [(&v.requires, true), (&v.optional, false)] {
@@ -296,7 +299,7 @@ impl Store {
                         }
                         None => None,
                     };
-                    if let Some(t) = target {
+                    if let Some(t) = target.filter(|t| paired.insert((me.clone(), t.clone()))) {
                         edges.push(vec![A::S(me.clone()), A::S(t), A::I(hard as i64)]);
                     }
                 }

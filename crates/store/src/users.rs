@@ -343,6 +343,39 @@ impl Store {
         rows.iter().map(user_from).collect()
     }
 
+    /// One page of users with `status` (or all), by username: at most `limit` after `after`.
+    pub async fn users_page(
+        &self,
+        status: Option<UserStatus>,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<User>> {
+        let sql = format!(
+            "SELECT {USER_COLS} FROM users WHERE ($1 IS NULL OR status = $1)
+               AND ($2 IS NULL OR username > $2) ORDER BY username LIMIT $3"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(status.map(|s| s.as_str()))
+            .bind(after)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(user_from).collect()
+    }
+
+    /// One page of pending registrations, newest first: at most `limit` older than id `after`.
+    pub async fn pending_page(&self, after: Option<i64>, limit: i64) -> Result<Vec<Registration>> {
+        let rows = sqlx::query(
+            "SELECT * FROM registrations WHERE status = 'pending' AND ($1 IS NULL OR id < $1)
+             ORDER BY id DESC LIMIT $2",
+        )
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(registration_from).collect()
+    }
+
     /// The registrations of `username` (newest first), or all pending ones when `None`.
     pub async fn registrations(&self, username: Option<&str>) -> Result<Vec<Registration>> {
         let rows = sqlx::query(
@@ -646,6 +679,19 @@ impl Store {
         rows.iter().map(key_change_from).collect()
     }
 
+    /// One page of pending key changes, newest first: at most `limit` older than id `after`.
+    pub async fn key_changes_page(&self, after: Option<i64>, limit: i64) -> Result<Vec<KeyChange>> {
+        let rows = sqlx::query(
+            "SELECT * FROM key_changes WHERE status = 'pending' AND ($1 IS NULL OR id < $1)
+             ORDER BY id DESC LIMIT $2",
+        )
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(key_change_from).collect()
+    }
+
     /// Approves (replacing the user's key) or rejects the pending key change of `username`.
     pub async fn decide_key_change(
         &self,
@@ -738,6 +784,35 @@ impl Store {
              WHERE username = $1 ORDER BY created_at",
         )
         .bind(username)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(TokenInfo {
+                    id: r.try_get("id")?,
+                    name: r.try_get("name")?,
+                    created_at: r.try_get("created_at")?,
+                    last_used_at: r.try_get("last_used_at")?,
+                    expires_at: r.try_get("expires_at")?,
+                })
+            })
+            .collect()
+    }
+
+    /// One page of `username`'s tokens, by id: at most `limit` after id `after`.
+    pub async fn tokens_page(
+        &self,
+        username: &str,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<TokenInfo>> {
+        let rows = sqlx::query(
+            "SELECT id, name, created_at, last_used_at, expires_at FROM tokens
+             WHERE username = $1 AND ($2 IS NULL OR id > $2) ORDER BY id LIMIT $3",
+        )
+        .bind(username)
+        .bind(after)
+        .bind(limit)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()

@@ -152,12 +152,14 @@ pub(crate) fn vm_from(r: &impl Cols) -> Result<Vm> {
     })
 }
 
-/// What `owner` holds now: VMs and addresses that are not failed (failed ones were rolled back).
+/// What `owner` holds now: every VM that holds an address or may hold a machine. Only a failed
+/// create whose rollback was confirmed gives its address up, so only those are not counted (a
+/// failed delete, or a rollback that could not clean up, keeps its address and counts).
 pub(crate) async fn usage(conn: &mut SqliteConnection, owner: &str) -> Result<Usage> {
     let row = sqlx::query(
         "SELECT COUNT(*) AS vms, COUNT(ip) AS ips, COALESCE(SUM(vcpus), 0) AS vcpus,
                 COALESCE(SUM(memory_mib), 0) AS mem
-         FROM vms WHERE owner = $1 AND status <> 'failed'",
+         FROM vms WHERE owner = $1 AND (status <> 'failed' OR ip IS NOT NULL)",
     )
     .bind(owner)
     .fetch_one(conn)
@@ -235,8 +237,11 @@ pub(crate) async fn readmit(
     }
     let owner = vm.owner.as_str();
     let (quota, block, _) = owner_limits(conn, owner, pool).await?;
-    let used = usage(conn, owner).await?;
-    quota.admit(&used, 1, vm.vcpus, vm.memory_mib)?;
+    if vm.ip_address.is_none() {
+        // A VM that kept its address is counted already (see `usage`).
+        let used = usage(conn, owner).await?;
+        quota.admit(&used, 1, vm.vcpus, vm.memory_mib)?;
+    }
     let ip = match vm.ip_address {
         Some(ip) => ip,
         None => {
@@ -462,6 +467,26 @@ impl Store {
             "SELECT {VM_COLS} FROM vms WHERE ($1 IS NULL OR owner = $1) ORDER BY owner, name"
         )))
         .bind(owner)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(vm_from).collect()
+    }
+
+    /// One page of the VMs of `owner` (or everyone), in creation order (ids are UUIDv7): at
+    /// most `limit` after the VM with id `after`.
+    pub async fn vms_page(
+        &self,
+        owner: Option<&str>,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<Vm>> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {VM_COLS} FROM vms WHERE ($1 IS NULL OR owner = $1) AND ($2 IS NULL OR id > $2)
+             ORDER BY id LIMIT $3"
+        )))
+        .bind(owner)
+        .bind(after)
+        .bind(limit)
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(vm_from).collect()

@@ -531,6 +531,26 @@ impl Store {
         self.load_many(ids).await
     }
 
+    /// One page of the workflows of `owner` (or everyone), newest first (ids are UUIDv7): at
+    /// most `limit` older than id `after`.
+    pub async fn workflows_page(
+        &self,
+        owner: Option<&str>,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<Workflow>> {
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM workflows WHERE ($1 IS NULL OR owner = $1) AND ($2 IS NULL OR id < $2)
+             ORDER BY id DESC LIMIT $3",
+        )
+        .bind(owner)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        self.load_many(ids).await
+    }
+
     /// The workflows of a batch, in the order they were queued (two queries in all).
     pub async fn batch_workflows(&self, batch: &str) -> Result<Vec<Workflow>> {
         let mut c = self.pool.acquire().await?;
@@ -1206,6 +1226,13 @@ impl Store {
                 "operation {wf} is already being cancelled"
             )));
         }
+        if w.kind == WorkflowKind::DeleteVm && w.vm_id.is_some() {
+            // Its steps have no undo: a cancelled delete would leave a VM half taken apart.
+            return Err(OpError::Refused(format!(
+                "operation {wf} deletes a VM; a delete cannot be cancelled once accepted. \
+                 Wait for it to end (basphere ops watch {wf})"
+            )));
+        }
         sqlx::query("UPDATE workflows SET cancel_requested = 1, next_run_at = MIN(next_run_at, $2) WHERE id = $1")
             .bind(wf)
             .bind(now_ms())
@@ -1261,6 +1288,7 @@ impl Store {
             }
             first = false;
             if let Some(vm_id) = &w.vm_id {
+                vm_idle_and_failed(&mut tx, vm_id, &id).await?;
                 match w.kind {
                     WorkflowKind::CreateVm => crate::vms::readmit(&mut tx, vm_id, pool)
                         .await
@@ -1345,7 +1373,8 @@ impl Store {
     }
 
     /// Ends a workflow and applies its outcome to its VM in the same transaction:
-    /// create ok → running; create failed → failed with the reason, address and quota released;
+    /// create ok → running; create failed → failed with the reason, address and quota released
+    /// once every done step was undone (else both stay until a delete confirms the cleanup);
     /// delete ok → the record is gone (address and quota free); delete failed → failed.
     /// In a batch, dependents waiting on it are released (success, or a soft edge) or skipped
     /// (a hard edge to a failed or cancelled node), transitively, in the same transaction.
@@ -1362,6 +1391,45 @@ impl Store {
         tx.commit().await?;
         Ok(evs)
     }
+}
+
+/// Refuses a retry of `wf` unless its VM is failed and no other live workflow touches it
+/// (inside the retry's transaction, so nothing can start on the VM in between).
+async fn vm_idle_and_failed(
+    conn: &mut SqliteConnection,
+    vm_id: &str,
+    wf: &str,
+) -> std::result::Result<(), OpError> {
+    let live: Option<(String, String)> = sqlx::query_as(
+        "SELECT id, kind FROM workflows WHERE vm_id = $1 AND id <> $2
+           AND status IN ('pending', 'running', 'undoing') LIMIT 1",
+    )
+    .bind(vm_id)
+    .bind(wf)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let vm: Option<(String, String, String)> =
+        sqlx::query_as("SELECT owner, name, status FROM vms WHERE id = $1")
+            .bind(vm_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let Some((owner, name, status)) = vm else {
+        return Err(OpError::Refused(format!(
+            "operation {wf}'s VM is gone; create it again instead"
+        )));
+    };
+    if let Some((op, kind)) = live {
+        return Err(OpError::Refused(format!(
+            "VM {owner}/{name} has operation {op} ({kind}) in progress; wait for it to end \
+             (basphere ops watch {op}) before retrying {wf}"
+        )));
+    }
+    if status != "failed" {
+        return Err(OpError::Refused(format!(
+            "VM {owner}/{name} is {status}; only an operation of a failed VM can be retried"
+        )));
+    }
+    Ok(())
 }
 
 /// The parts of a workflow that ending it needs.
@@ -1593,12 +1661,22 @@ async fn apply_vm_outcome(
             .await?;
         }
         (WorkflowKind::CreateVm, WorkflowOutcome::Failed(e) | WorkflowOutcome::Cancelled(e)) => {
+            // A step still done was not undone: the machine may exist and use the address, so
+            // the VM keeps it (and counts) until a delete confirms the cleanup.
+            let left: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM workflow_steps WHERE workflow_id = $1 AND status = 'done'",
+            )
+            .bind(&w.id)
+            .fetch_one(&mut *conn)
+            .await?;
             sqlx::query(
-                "UPDATE vms SET status = 'failed', error = $2, ip = NULL, updated_at = $3 WHERE id = $1",
+                "UPDATE vms SET status = 'failed', error = $2, updated_at = $3,
+                     ip = CASE WHEN $4 THEN ip END WHERE id = $1",
             )
             .bind(vm_id)
             .bind(e)
             .bind(now)
+            .bind(left > 0)
             .execute(&mut *conn)
             .await?;
             let result = if matches!(outcome, WorkflowOutcome::Cancelled(_)) {

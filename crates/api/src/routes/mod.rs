@@ -3,6 +3,7 @@
 
 pub mod batch;
 pub mod ops;
+pub mod page;
 pub mod users;
 pub mod vms;
 
@@ -35,9 +36,9 @@ pub(crate) fn all() -> Router<AppState> {
         .route("/key-changes/{username}/reject", post(users::key_reject))
         .route("/tokens", get(users::tokens).post(users::token_create))
         .route("/tokens/{id}", axum::routing::delete(users::token_revoke))
-        .route("/audit", get(users::audit))
+        .route("/audit", get(users::audit_page))
         .route("/catalog", get(vms::catalog))
-        .route("/vms", get(vms::list).post(vms::create))
+        .route("/vms", get(vms::list_page).post(vms::create))
         .route("/vms/{name}", get(vms::show).delete(vms::delete))
         .route("/quota", get(vms::quota))
         .route("/resources", get(vms::resources))

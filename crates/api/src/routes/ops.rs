@@ -1,7 +1,9 @@
 use crate::auth::Caller;
 use crate::envelope::{ApiError, Ok200, ok};
+use crate::routes::page::{PageQuery, page};
 use crate::server::AppState;
 use axum::extract::{Path, Query, State};
+use axum::response::Response;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use basphere_store::Workflow;
 use futures_util::Stream;
@@ -31,14 +33,15 @@ pub async fn show(
 pub struct ListQuery {
     #[serde(default)]
     pub all: bool,
-    pub limit: Option<i64>,
 }
 
+/// `GET /operations?all=&limit=&after=`: operations, newest first (see `page`).
 pub async fn list(
     State(st): State<AppState>,
     caller: Caller,
     Query(q): Query<ListQuery>,
-) -> Result<Ok200, ApiError> {
+    Query(p): Query<PageQuery>,
+) -> Result<Response, ApiError> {
     let me = caller.active()?;
     if q.all && !caller.is_admin() {
         return Err(ApiError::forbidden(
@@ -46,11 +49,21 @@ pub async fn list(
         ));
     }
     let owner = (!q.all).then(|| me.username.to_string());
+    let limit = PageQuery {
+        limit: Some(p.limit.unwrap_or(50)),
+        after: None,
+    }
+    .limit()?;
     let w = st
         .store
-        .workflows(owner.as_deref(), q.limit.unwrap_or(50).clamp(1, 1000))
+        .workflows_page(owner.as_deref(), p.after.as_deref(), limit + 1)
         .await?;
-    Ok(ok(format!("{} operation(s)", w.len()), w))
+    Ok(page(
+        |n| format!("{n} operation(s)"),
+        w,
+        limit,
+        |w| w.id.clone(),
+    ))
 }
 
 /// `GET /operations/{id}/events`: Server-Sent Events, one per step transition, replayed from

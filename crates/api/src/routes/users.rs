@@ -1,9 +1,11 @@
 use crate::auth::Caller;
 use crate::envelope::{ApiError, Ok200, accepted, ok};
 use crate::input::Body;
+use crate::routes::page::{DEFAULT_LIMIT, PageQuery, first, page};
 use crate::server::AppState;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
+use axum::response::Response;
 use basphere_core::{Email, FieldErrors, Quota, SshPublicKey, Team, UserStatus, Username};
 use basphere_store::{AuditFilter, NewRegistration, UserError};
 use serde::Deserialize;
@@ -181,10 +183,21 @@ pub async fn me(State(st): State<AppState>, caller: Caller) -> Result<Ok200, Api
     ))
 }
 
-pub async fn pending(State(st): State<AppState>, caller: Caller) -> Result<Ok200, ApiError> {
+/// `GET /pending?limit=&after=`: pending registrations, newest first (see `page`).
+pub async fn pending(
+    State(st): State<AppState>,
+    caller: Caller,
+    Query(p): Query<PageQuery>,
+) -> Result<Response, ApiError> {
     caller.admin()?;
-    let r = st.store.registrations(None).await?;
-    Ok(ok(format!("{} pending registration(s)", r.len()), r))
+    let limit = p.limit()?;
+    let r = st.store.pending_page(p.after_num()?, limit + 1).await?;
+    Ok(page(
+        |n| format!("{n} pending registration(s)"),
+        r,
+        limit,
+        |r| r.id.to_string(),
+    ))
 }
 
 pub async fn pending_one(
@@ -206,18 +219,29 @@ pub struct ListQuery {
     pub status: Option<String>,
 }
 
+/// `GET /users?status=&limit=&after=`: users by username (see `page`).
 pub async fn list(
     State(st): State<AppState>,
     caller: Caller,
     Query(q): Query<ListQuery>,
-) -> Result<Ok200, ApiError> {
+    Query(p): Query<PageQuery>,
+) -> Result<Response, ApiError> {
     caller.admin()?;
     let status = q
         .status
         .map(|s| s.parse::<UserStatus>().map_err(ApiError::bad_request))
         .transpose()?;
-    let users = st.store.users(status).await?;
-    Ok(ok(format!("{} user(s)", users.len()), users))
+    let limit = p.limit()?;
+    let users = st
+        .store
+        .users_page(status, p.after.as_deref(), limit + 1)
+        .await?;
+    Ok(page(
+        |n| format!("{n} user(s)"),
+        users,
+        limit,
+        |u| u.username.to_string(),
+    ))
 }
 
 pub async fn show(
@@ -409,10 +433,21 @@ pub async fn key_change(
     ))
 }
 
-pub async fn key_changes(State(st): State<AppState>, caller: Caller) -> Result<Ok200, ApiError> {
+/// `GET /key-changes?limit=&after=`: pending key changes, newest first (see `page`).
+pub async fn key_changes(
+    State(st): State<AppState>,
+    caller: Caller,
+    Query(p): Query<PageQuery>,
+) -> Result<Response, ApiError> {
     caller.admin()?;
-    let k = st.store.key_changes(None).await?;
-    Ok(ok(format!("{} pending key change(s)", k.len()), k))
+    let limit = p.limit()?;
+    let k = st.store.key_changes_page(p.after_num()?, limit + 1).await?;
+    Ok(page(
+        |n| format!("{n} pending key change(s)"),
+        k,
+        limit,
+        |k| k.id.to_string(),
+    ))
 }
 
 pub async fn key_changes_of(
@@ -491,10 +526,24 @@ pub async fn key_reject(
     decide_key(st, caller, u, false, body).await
 }
 
-pub async fn tokens(State(st): State<AppState>, caller: Caller) -> Result<Ok200, ApiError> {
+/// `GET /tokens?limit=&after=`: the caller's tokens by id (see `page`).
+pub async fn tokens(
+    State(st): State<AppState>,
+    caller: Caller,
+    Query(p): Query<PageQuery>,
+) -> Result<Response, ApiError> {
     let me = caller.active()?;
-    let t = st.store.tokens(me.username.as_str()).await?;
-    Ok(ok(format!("{} token(s)", t.len()), t))
+    let limit = p.limit()?;
+    let t = st
+        .store
+        .tokens_page(me.username.as_str(), p.after.as_deref(), limit + 1)
+        .await?;
+    Ok(page(
+        |n| format!("{n} token(s)"),
+        t,
+        limit,
+        |t| t.id.clone(),
+    ))
 }
 
 pub async fn token_create(
@@ -588,16 +637,52 @@ pub async fn audit(
     caller: Caller,
     Query(q): Query<AuditQuery>,
 ) -> Result<Ok200, ApiError> {
+    let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
+    let recs = audit_records(&st, &caller, q, &PageQuery::default()).await?;
+    Ok(first(|n| format!("{n} audit record(s)"), recs, limit))
+}
+
+/// `GET /audit?actor=&action=&target=&limit=&after=`: audit records, newest first (see `page`).
+pub async fn audit_page(
+    State(st): State<AppState>,
+    caller: Caller,
+    Query(q): Query<AuditQuery>,
+    Query(p): Query<PageQuery>,
+) -> Result<Response, ApiError> {
+    let limit = p.limit()?;
+    let recs = audit_records(&st, &caller, q, &p).await?;
+    Ok(page(
+        |n| format!("{n} audit record(s)"),
+        recs,
+        limit,
+        |r| r.id.to_string(),
+    ))
+}
+
+/// Up to one more record than the page holds (`page` looks at it to know more follow).
+async fn audit_records(
+    st: &AppState,
+    caller: &Caller,
+    q: AuditQuery,
+    p: &PageQuery,
+) -> Result<Vec<basphere_store::AuditRecord>, ApiError> {
     caller.admin()?;
-    let recs = st
+    let limit = PageQuery {
+        limit: q.limit,
+        after: None,
+    }
+    .limit()?;
+    Ok(st
         .store
-        .audit_list(&AuditFilter {
-            actor: q.actor,
-            action: q.action,
-            target: q.target,
-            since_ms: None,
-            limit: Some(q.limit.unwrap_or(100).clamp(1, 10_000)),
-        })
-        .await?;
-    Ok(ok(format!("{} audit record(s)", recs.len()), recs))
+        .audit_page(
+            &AuditFilter {
+                actor: q.actor,
+                action: q.action,
+                target: q.target,
+                since_ms: None,
+                limit: Some(limit + 1),
+            },
+            p.after_num()?,
+        )
+        .await?)
 }

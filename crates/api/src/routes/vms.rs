@@ -1,9 +1,11 @@
 use crate::auth::Caller;
 use crate::envelope::{ApiError, Ok200, accepted, ok};
 use crate::input::Body;
+use crate::routes::page::{MAX_LIMIT, PageQuery, first, page};
 use crate::server::AppState;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
+use axum::response::Response;
 use basphere_core::{FieldErrors, ImageName, SpecName, VM_COUNT_RANGE, VmName};
 use basphere_store::{AdmitError, AdmitRequest, DeleteError, Vm, WorkflowKind, format_ms};
 use serde::Deserialize;
@@ -193,16 +195,48 @@ pub struct ListQuery {
     pub owner: Option<String>,
 }
 
+/// The first page of [`list_page`] (of the most VMs a page holds) by owner and name, for the
+/// portal.
 pub async fn list(
     State(st): State<AppState>,
     caller: Caller,
     Query(q): Query<ListQuery>,
 ) -> Result<Ok200, ApiError> {
+    let mut vms = vms_of(&st, &caller, &q, None, MAX_LIMIT).await?;
+    vms.sort_by(|a, b| {
+        (a["owner"].as_str(), a["name"].as_str()).cmp(&(b["owner"].as_str(), b["name"].as_str()))
+    });
+    Ok(first(|n| format!("{n} VM(s)"), vms, MAX_LIMIT))
+}
+
+/// `GET /vms?all=&owner=&limit=&after=`: VMs in creation order (see `page`).
+pub async fn list_page(
+    State(st): State<AppState>,
+    caller: Caller,
+    Query(q): Query<ListQuery>,
+    Query(p): Query<PageQuery>,
+) -> Result<Response, ApiError> {
+    let limit = p.limit()?;
+    let vms = vms_of(&st, &caller, &q, p.after.as_deref(), limit + 1).await?;
+    Ok(page(
+        |n| format!("{n} VM(s)"),
+        vms,
+        limit,
+        |v| v["id"].as_str().unwrap_or_default().to_string(),
+    ))
+}
+
+async fn vms_of(
+    st: &AppState,
+    caller: &Caller,
+    q: &ListQuery,
+    after: Option<&str>,
+    limit: i64,
+) -> Result<Vec<Value>, ApiError> {
     let me = caller.active()?;
-    let owner = target_owner(&caller, me.username.as_str(), q.owner.as_deref(), q.all)?;
-    let vms = st.store.vms(owner.as_deref()).await?;
-    let views: Vec<Value> = vms.iter().map(|v| vm_view(v, None)).collect();
-    Ok(ok(format!("{} VM(s)", views.len()), views))
+    let owner = target_owner(caller, me.username.as_str(), q.owner.as_deref(), q.all)?;
+    let vms = st.store.vms_page(owner.as_deref(), after, limit).await?;
+    Ok(vms.iter().map(|v| vm_view(v, None)).collect())
 }
 
 /// Whose VMs a request addresses: the caller's, unless an admin names another owner or all.
