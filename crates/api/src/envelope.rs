@@ -59,7 +59,7 @@ pub struct ApiError {
     /// The bad input fields of a 422, one by one (for forms that show errors inline).
     pub fields: Vec<basphere_core::FieldError>,
     /// Seconds the client should wait before trying again (`Retry-After`).
-    pub retry_after: Option<u64>,
+    pub retry_after: Option<u32>,
 }
 
 impl ApiError {
@@ -101,7 +101,7 @@ impl ApiError {
     }
     /// Adds `Retry-After: secs` (at least 1) to the response.
     pub fn with_retry_after(mut self, secs: u64) -> Self {
-        self.retry_after = Some(secs.max(1));
+        self.retry_after = Some(u32::try_from(secs).unwrap_or(u32::MAX).max(1));
         self
     }
     pub fn with_data(mut self, data: impl Serialize) -> Self {

@@ -105,12 +105,19 @@ impl Throttle {
     pub fn take(&self, key: ClientKey, per_sec: f64, burst: u32, now: Instant) -> Result<(), u64> {
         let burst = f64::from(burst.max(1));
         let mut b = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let full = |bk: &Bucket| bk.tokens + now.saturating_duration_since(bk.at).as_secs_f64() * per_sec >= burst;
-        if b.map.len() >= PRUNE_ABOVE && now.saturating_duration_since(b.pruned) >= Duration::from_secs(1) {
+        let full = |bk: &Bucket| {
+            bk.tokens + now.saturating_duration_since(bk.at).as_secs_f64() * per_sec >= burst
+        };
+        if b.map.len() >= PRUNE_ABOVE
+            && now.saturating_duration_since(b.pruned) >= Duration::from_secs(1)
+        {
             b.map.retain(|_, bk| !full(bk));
             b.pruned = now;
         }
-        let fresh = || Bucket { tokens: burst, at: now };
+        let fresh = || Bucket {
+            tokens: burst,
+            at: now,
+        };
         let bucket = if b.map.contains_key(&key) || b.map.len() < MAX_CLIENTS {
             b.map.entry(key).or_insert_with(fresh)
         } else {
@@ -340,12 +347,8 @@ fn has_body(h: &HeaderMap) -> bool {
     if h.contains_key(header::TRANSFER_ENCODING) {
         return true;
     }
-    h.get(header::CONTENT_LENGTH).is_some_and(|v| {
-        v.to_str()
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            != Some(0)
-    })
+    h.get(header::CONTENT_LENGTH)
+        .is_some_and(|v| v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()) != Some(0))
 }
 
 /// Middleware of the JSON routes: a request with a body (or any `Content-Type`) must say
@@ -353,7 +356,9 @@ fn has_body(h: &HeaderMap) -> bool {
 /// types, so this also shuts out cross-site form posts.
 pub async fn require_json(req: Request, next: Next) -> Response {
     let h = req.headers();
-    let ct = h.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap_or("?"));
+    let ct = h
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap_or("?"));
     let refused = match ct {
         Some(ct) if is_json(ct) => None,
         Some(ct) => Some(format!(
@@ -405,7 +410,12 @@ fn machine_name() -> Option<String> {
 
 impl HostPolicy {
     pub fn from_config(cfg: &Config) -> Self {
-        let mut names: Vec<String> = cfg.server.allowed_hosts.iter().map(|h| normalize(h)).collect();
+        let mut names: Vec<String> = cfg
+            .server
+            .allowed_hosts
+            .iter()
+            .map(|h| normalize(h))
+            .collect();
         let any = names.iter().any(|n| n == "*");
         names.extend(["localhost".to_string(), "basphere".to_string()]);
         names.push(normalize(&cfg.bastion.host));
@@ -486,7 +496,12 @@ mod tests {
         }
         assert!(t.tracked() <= MAX_CLIENTS);
         // Later, idle buckets are pruned.
-        let _ = t.take(ClientKey::Uid(u32::MAX), 1.0, 5, t0 + Duration::from_secs(60));
+        let _ = t.take(
+            ClientKey::Uid(u32::MAX),
+            1.0,
+            5,
+            t0 + Duration::from_secs(60),
+        );
         assert!(t.tracked() < PRUNE_ABOVE);
     }
 

@@ -19,22 +19,44 @@ async fn exists(s: &Server, user: &str) -> bool {
 #[tokio::test]
 async fn non_json_bodies_on_json_routes_are_refused() {
     let s = Server::start(&[("BASPHERE_LIMITS__ANON_BURST", "0")]);
-    let form = format!("username=formuser&email=f%40example.org&team=qa&public_key={}", KEY.replace(' ', "+"));
+    let form = format!(
+        "username=formuser&email=f%40example.org&team=qa&public_key={}",
+        KEY.replace(' ', "+")
+    );
     let json_text = registration("textuser").to_string();
     let cases: [(&str, &[u8], &str); 4] = [
-        ("application/x-www-form-urlencoded", form.as_bytes(), "formuser"),
+        (
+            "application/x-www-form-urlencoded",
+            form.as_bytes(),
+            "formuser",
+        ),
         ("text/plain", json_text.as_bytes(), "textuser"),
         ("multipart/form-data; boundary=x", b"--x--", "formuser"),
         ("", json_text.as_bytes(), "textuser"),
     ];
     for (ct, body, user) in cases {
-        let headers: Vec<(&str, &str)> = if ct.is_empty() { vec![] } else { vec![("Content-Type", ct)] };
-        let r = raw::send("127.0.0.1", &s.addr, "POST", "/api/v1/register", &headers, body).await;
+        let headers: Vec<(&str, &str)> = if ct.is_empty() {
+            vec![]
+        } else {
+            vec![("Content-Type", ct)]
+        };
+        let r = raw::send(
+            "127.0.0.1",
+            &s.addr,
+            "POST",
+            "/api/v1/register",
+            &headers,
+            body,
+        )
+        .await;
         assert_eq!(r.status, 415, "{ct}: {}", r.body);
         let env = r.json();
         assert_eq!(env["success"], false);
         assert!(
-            env["message"].as_str().unwrap().contains("application/json"),
+            env["message"]
+                .as_str()
+                .unwrap()
+                .contains("application/json"),
             "{env}"
         );
         assert!(!exists(&s, user).await, "{user} stored through {ct:?}");
@@ -65,12 +87,32 @@ async fn non_json_bodies_on_json_routes_are_refused() {
     )
     .await;
     assert_eq!(r.status, 201, "{}", r.body);
-    let r = raw::send("127.0.0.1", &s.addr, "POST", "/api/v1/users/jsonuser/approve", &[("Authorization", &auth)], b"").await;
-    assert_eq!(r.status, 403, "reaches the handler (not an admin): {}", r.body);
+    let r = raw::send(
+        "127.0.0.1",
+        &s.addr,
+        "POST",
+        "/api/v1/users/jsonuser/approve",
+        &[("Authorization", &auth)],
+        b"",
+    )
+    .await;
+    assert_eq!(
+        r.status, 403,
+        "reaches the handler (not an admin): {}",
+        r.body
+    );
     let out = s.cli(&["admin", "user", "approve", "jsonuser"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = s.cli(&["admin", "user", "list"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test]
@@ -84,9 +126,19 @@ async fn foreign_host_names_are_refused() {
     for (method, path, ct, body) in [
         ("GET", "/health", "", String::new()),
         ("GET", "/api/v1/catalog", "", String::new()),
-        ("POST", "/api/v1/register", "application/json", registration("rebound").to_string()),
+        (
+            "POST",
+            "/api/v1/register",
+            "application/json",
+            registration("rebound").to_string(),
+        ),
         ("GET", "/signin", "", String::new()),
-        ("POST", "/register", "application/x-www-form-urlencoded", "username=rebound2".to_string()),
+        (
+            "POST",
+            "/register",
+            "application/x-www-form-urlencoded",
+            "username=rebound2".to_string(),
+        ),
     ] {
         let mut h = vec![("Host", evil.as_str())];
         if !ct.is_empty() {
@@ -97,7 +149,10 @@ async fn foreign_host_names_are_refused() {
         let env = r.json();
         assert_eq!(env["success"], false);
         let m = env["message"].as_str().unwrap();
-        assert!(m.contains("rebind.attacker.example") && m.contains("allowed_hosts"), "{m}");
+        assert!(
+            m.contains("rebind.attacker.example") && m.contains("allowed_hosts"),
+            "{m}"
+        );
     }
     assert!(!exists(&s, "rebound").await);
     // Our own names (any port), IP literals, and the CLI's name pass.
@@ -108,12 +163,32 @@ async fn foreign_host_names_are_refused() {
         "bsp.example.org".to_string(),
         "basphere".to_string(),
     ] {
-        let r = raw::send("127.0.0.1", &s.addr, "GET", "/health", &[("Host", &host)], b"").await;
+        let r = raw::send(
+            "127.0.0.1",
+            &s.addr,
+            "GET",
+            "/health",
+            &[("Host", &host)],
+            b"",
+        )
+        .await;
         assert_eq!(r.status, 200, "{host}: {}", r.body);
-        let r = raw::send("127.0.0.1", &s.addr, "GET", "/signin", &[("Host", &host)], b"").await;
+        let r = raw::send(
+            "127.0.0.1",
+            &s.addr,
+            "GET",
+            "/signin",
+            &[("Host", &host)],
+            b"",
+        )
+        .await;
         assert_eq!(r.status, 200, "{host}");
     }
     // The CLI client over TCP (it sends `Host: basphere`) still works.
-    let r = s.anon().post("/api/v1/register", &registration("viacli")).await.unwrap();
+    let r = s
+        .anon()
+        .post("/api/v1/register", &registration("viacli"))
+        .await
+        .unwrap();
     assert_eq!(r.status, 201, "{:?}", r.body);
 }

@@ -11,7 +11,10 @@ use serde_json::json;
 const FORM: &str = "application/x-www-form-urlencoded";
 
 fn csrf_of(html: &str) -> String {
-    let at = html.find(r#"name="csrf" value=""#).expect("page has a CSRF field") + 19;
+    let at = html
+        .find(r#"name="csrf" value=""#)
+        .expect("page has a CSRF field")
+        + 19;
     html[at..].split('"').next().unwrap().to_string()
 }
 
@@ -29,7 +32,11 @@ fn enc(s: &str) -> String {
 
 /// Signs in to the portal with an admin token; returns the session cookie and a CSRF token.
 async fn admin_session(s: &Server) -> (String, String) {
-    let r = s.root().post("/api/v1/tokens", &json!({"name": "portal"})).await.unwrap();
+    let r = s
+        .root()
+        .post("/api/v1/tokens", &json!({"name": "portal"}))
+        .await
+        .unwrap();
     assert_eq!(r.status, 201, "{:?}", r.body);
     let token = r.body.data["token"].as_str().unwrap().to_string();
     let page = raw::send("127.0.0.1", &s.addr, "GET", "/signin", &[], b"").await;
@@ -47,8 +54,19 @@ async fn admin_session(s: &Server) -> (String, String) {
     )
     .await;
     assert_eq!(r.status, 303, "{}", r.body);
-    let session = format!("bsp_session={}", r.cookie("bsp_session").expect("session cookie"));
-    let admin = raw::send("127.0.0.1", &s.addr, "GET", "/admin", &[("Cookie", &session)], b"").await;
+    let session = format!(
+        "bsp_session={}",
+        r.cookie("bsp_session").expect("session cookie")
+    );
+    let admin = raw::send(
+        "127.0.0.1",
+        &s.addr,
+        "GET",
+        "/admin",
+        &[("Cookie", &session)],
+        b"",
+    )
+    .await;
     assert_eq!(admin.status, 200, "{}", admin.body);
     (session, csrf_of(&admin.body))
 }
@@ -58,21 +76,53 @@ async fn planted_notice_cookie_is_rendered_inert() {
     let s = Server::start(&[]);
     for (cookie, shown) in [
         // A made-up kind that breaks out of the class attribute.
-        (format!("bsp_flash={}", enc(r#"x"><script>alert(1)</script><b class=":hello"#)), false),
+        (
+            format!(
+                "bsp_flash={}",
+                enc(r#"x"><script>alert(1)</script><b class=":hello"#)
+            ),
+            false,
+        ),
         // A legitimate kind with markup in the text.
-        (format!("bsp_flash={}", enc("ok:<script>alert(2)</script>")), true),
+        (
+            format!("bsp_flash={}", enc("ok:<script>alert(2)</script>")),
+            true,
+        ),
     ] {
-        let r = raw::send("127.0.0.1", &s.addr, "GET", "/signin", &[("Cookie", &cookie)], b"").await;
+        let r = raw::send(
+            "127.0.0.1",
+            &s.addr,
+            "GET",
+            "/signin",
+            &[("Cookie", &cookie)],
+            b"",
+        )
+        .await;
         assert_eq!(r.status, 200);
-        assert!(!r.body.contains("<script>alert"), "markup injected: {}", r.body);
-        assert!(!r.body.contains(r#"x"><"#), "attribute broken out of: {}", r.body);
-        assert_eq!(r.body.contains(r#"id="flash""#), shown, "{cookie}: {}", r.body);
+        assert!(
+            !r.body.contains("<script>alert"),
+            "markup injected: {}",
+            r.body
+        );
+        assert!(
+            !r.body.contains(r#"x"><"#),
+            "attribute broken out of: {}",
+            r.body
+        );
+        assert_eq!(
+            r.body.contains(r#"id="flash""#),
+            shown,
+            "{cookie}: {}",
+            r.body
+        );
         if shown {
             assert!(r.body.contains("&lt;script&gt;alert(2)&lt;/script&gt;"));
         }
         // The notice is one-shot: the cookie is cleared whatever it held.
         assert!(
-            r.all("set-cookie").iter().any(|c| c.starts_with("bsp_flash=;")),
+            r.all("set-cookie")
+                .iter()
+                .any(|c| c.starts_with("bsp_flash=;")),
             "{:?}",
             r.headers
         );
@@ -82,7 +132,13 @@ async fn planted_notice_cookie_is_rendered_inert() {
 #[tokio::test]
 async fn approval_code_is_in_the_page_only_and_not_cached() {
     let s = Server::start(&[]);
-    let r = raw::post_json("127.0.0.1", &s.addr, "/api/v1/register", &registration("newbie")).await;
+    let r = raw::post_json(
+        "127.0.0.1",
+        &s.addr,
+        "/api/v1/register",
+        &registration("newbie"),
+    )
+    .await;
     assert_eq!(r.status, 201, "{}", r.body);
     let (session, csrf) = admin_session(&s).await;
     let r = raw::send(
@@ -95,7 +151,11 @@ async fn approval_code_is_in_the_page_only_and_not_cached() {
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let at = r.body.find(r#"id="enrollment-code">"#).expect("code shown in the page") + 21;
+    let at = r
+        .body
+        .find(r#"id="enrollment-code">"#)
+        .expect("code shown in the page")
+        + 21;
     let code = r.body[at..].split('<').next().unwrap().to_string();
     assert!(code.len() >= 16, "{code}");
     for c in r.all("set-cookie") {
@@ -153,5 +213,12 @@ async fn megabyte_forms_are_refused() {
     )
     .await;
     assert_eq!(r.status, 303, "{}", r.body);
-    assert_eq!(s.root().get("/api/v1/users/smallform").await.unwrap().status, 200);
+    assert_eq!(
+        s.root()
+            .get("/api/v1/users/smallform")
+            .await
+            .unwrap()
+            .status,
+        200
+    );
 }

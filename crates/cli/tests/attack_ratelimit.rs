@@ -24,7 +24,11 @@ fn start(env: &[(&'static str, String)]) -> Server {
 }
 
 async fn exists(s: &Server, user: &str) -> bool {
-    let r = s.root().get(&format!("/api/v1/users/{user}")).await.unwrap();
+    let r = s
+        .root()
+        .get(&format!("/api/v1/users/{user}"))
+        .await
+        .unwrap();
     r.status == 200
 }
 
@@ -35,7 +39,13 @@ async fn register_burst_from_one_address_is_cut_to_the_bucket() {
     let mut throttled = vec![];
     for i in 0..50 {
         let name = format!("flood{i}");
-        let r = raw::post_json("127.0.0.1", &s.addr, "/api/v1/register", &registration(&name)).await;
+        let r = raw::post_json(
+            "127.0.0.1",
+            &s.addr,
+            "/api/v1/register",
+            &registration(&name),
+        )
+        .await;
         match r.status {
             201 => ok.push(name),
             429 => {
@@ -48,7 +58,10 @@ async fn register_burst_from_one_address_is_cut_to_the_bucket() {
                 let env = r.json();
                 assert_eq!(env["success"], false);
                 assert!(
-                    env["message"].as_str().unwrap().contains("too many requests"),
+                    env["message"]
+                        .as_str()
+                        .unwrap()
+                        .contains("too many requests"),
                     "{env}"
                 );
                 throttled.push(name);
@@ -80,7 +93,13 @@ async fn register_burst_from_one_address_is_cut_to_the_bucket() {
     assert_eq!(r.status, 429, "{}", r.body);
     assert!(r.header("retry-after").is_some());
     // Another client is not throttled.
-    let r = raw::post_json("127.0.0.2", &s.addr, "/api/v1/register", &registration("neighbour")).await;
+    let r = raw::post_json(
+        "127.0.0.2",
+        &s.addr,
+        "/api/v1/register",
+        &registration("neighbour"),
+    )
+    .await;
     assert_eq!(r.status, 201, "{}", r.body);
     let r = raw::send(
         "127.0.0.3",
@@ -94,7 +113,13 @@ async fn register_burst_from_one_address_is_cut_to_the_bucket() {
     assert_eq!(r.status, 403, "not throttled, refused by CSRF: {}", r.body);
     // After the refill, the first address may register again.
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
-    let r = raw::post_json("127.0.0.1", &s.addr, "/api/v1/register", &registration("later")).await;
+    let r = raw::post_json(
+        "127.0.0.1",
+        &s.addr,
+        "/api/v1/register",
+        &registration("later"),
+    )
+    .await;
     assert_eq!(r.status, 201, "{}", r.body);
 }
 
@@ -121,15 +146,30 @@ async fn enroll_guessing_is_throttled_too() {
 async fn registrations_beyond_max_pending_are_refused() {
     let s = start(&limits("0", &[("BASPHERE_LIMITS__MAX_PENDING", "3")]));
     for i in 0..3 {
-        let r = raw::post_json("127.0.0.1", &s.addr, "/api/v1/register", &registration(&format!("wait{i}"))).await;
+        let r = raw::post_json(
+            "127.0.0.1",
+            &s.addr,
+            "/api/v1/register",
+            &registration(&format!("wait{i}")),
+        )
+        .await;
         assert_eq!(r.status, 201, "{}", r.body);
     }
     for i in 3..6 {
         let name = format!("wait{i}");
-        let r = raw::post_json("127.0.0.1", &s.addr, "/api/v1/register", &registration(&name)).await;
+        let r = raw::post_json(
+            "127.0.0.1",
+            &s.addr,
+            "/api/v1/register",
+            &registration(&name),
+        )
+        .await;
         assert_eq!(r.status, 503, "{}", r.body);
         let m = r.json()["message"].as_str().unwrap().to_string();
-        assert!(m.contains("registrations are closed") && m.contains("max_pending"), "{m}");
+        assert!(
+            m.contains("registrations are closed") && m.contains("max_pending"),
+            "{m}"
+        );
         assert!(r.header("retry-after").is_some());
         assert!(!exists(&s, &name).await);
     }
@@ -140,7 +180,13 @@ async fn registrations_beyond_max_pending_are_refused() {
         .await
         .unwrap();
     assert!(r.body.success, "{:?}", r.body);
-    let r = raw::post_json("127.0.0.1", &s.addr, "/api/v1/register", &registration("wait9")).await;
+    let r = raw::post_json(
+        "127.0.0.1",
+        &s.addr,
+        "/api/v1/register",
+        &registration("wait9"),
+    )
+    .await;
     assert_eq!(r.status, 201, "{}", r.body);
 }
 
@@ -180,7 +226,10 @@ async fn refused_enrollments_share_one_audit_record_per_client() {
     assert_eq!(first["result"], "refused");
     let detail = first["detail"].as_str().unwrap();
     assert!(detail.starts_with("attempts=200;"), "{detail}");
-    assert!(detail.contains("nobody0") && detail.contains("nobody2"), "{detail}");
+    assert!(
+        detail.contains("nobody0") && detail.contains("nobody2"),
+        "{detail}"
+    );
     // A good code still works, and is recorded as the token it made.
     let token = s.user("real").await;
     assert!(token.starts_with("bsp_"));
@@ -201,6 +250,12 @@ async fn socket_callers_are_counted_by_uid() {
     assert_eq!(&codes[..5], &[201; 5], "{codes:?}");
     assert!(codes[6..].iter().all(|&c| c == 429), "{codes:?}");
     // The TCP clients' buckets are separate from uid 0's.
-    let r = raw::post_json("127.0.0.1", &s.addr, "/api/v1/register", &registration("remote")).await;
+    let r = raw::post_json(
+        "127.0.0.1",
+        &s.addr,
+        "/api/v1/register",
+        &registration("remote"),
+    )
+    .await;
     assert_eq!(r.status, 201, "{}", r.body);
 }

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 async fn open_streams(s: &Server) -> u64 {
     let r = s.anon().get("/health").await.unwrap();
-    r.body.data["streams"].as_u64().expect("health counts streams")
+    r.body.data["streams"]
+        .as_u64()
+        .expect("health counts streams")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -53,12 +55,21 @@ async fn streams_are_capped_per_user_and_freed_when_the_client_goes() {
     }
     // Another user is not affected.
     let oauth = format!("Bearer {other}");
-    let mut theirs = raw::open_sse(&s.addr, "/api/v1/events", &[("Authorization", oauth.as_str())]).await;
+    let mut theirs = raw::open_sse(
+        &s.addr,
+        "/api/v1/events",
+        &[("Authorization", oauth.as_str())],
+    )
+    .await;
     assert_eq!(theirs.status, 200, "{}", theirs.head);
     assert_eq!(open_streams(&s).await, 4);
     // The per-operation stream replayed the operation's start and now waits.
     let kinds = held[0].events_for(Duration::from_millis(500)).await;
-    assert_eq!(kinds.first().map(String::as_str), Some("queued"), "{kinds:?}");
+    assert_eq!(
+        kinds.first().map(String::as_str),
+        Some("queued"),
+        "{kinds:?}"
+    );
     let _ = theirs.events_for(Duration::from_millis(10)).await;
     // Every client goes away (no FIN handshake games: the sockets are just dropped).
     held.clear();
@@ -76,7 +87,10 @@ async fn streams_are_capped_per_user_and_freed_when_the_client_goes() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    eprintln!("all stream tasks ended {:?} after the clients left", t0.elapsed());
+    eprintln!(
+        "all stream tasks ended {:?} after the clients left",
+        t0.elapsed()
+    );
     // The slots are free again.
     let again = raw::open_sse(&s.addr, "/api/v1/events", &h).await;
     assert_eq!(again.status, 200, "{}", again.head);
@@ -105,9 +119,16 @@ async fn replay_from_zero_is_bounded_and_says_so() {
     let mut st = raw::open_sse(&s.addr, "/api/v1/events?after=0", &h).await;
     assert_eq!(st.status, 200, "{}", st.head);
     let kinds = st.events_for(Duration::from_secs(2)).await;
-    assert_eq!(kinds.first().map(String::as_str), Some("truncated"), "{kinds:?}");
+    assert_eq!(
+        kinds.first().map(String::as_str),
+        Some("truncated"),
+        "{kinds:?}"
+    );
     let replayed = kinds.len() - 1;
-    assert!((1..=10).contains(&replayed), "replayed {replayed}: {kinds:?}");
+    assert!(
+        (1..=10).contains(&replayed),
+        "replayed {replayed}: {kinds:?}"
+    );
     // The whole log is longer than the bound (so the cut was real).
     let ops = c.get("/api/v1/operations").await.unwrap();
     assert_eq!(ops.body.data.as_array().unwrap().len(), 4);
@@ -119,6 +140,10 @@ async fn replay_from_zero_is_bounded_and_says_so() {
     )
     .await;
     let kinds = st.events_for(Duration::from_secs(1)).await;
-    assert_eq!(kinds.first().map(String::as_str), Some("truncated"), "{kinds:?}");
+    assert_eq!(
+        kinds.first().map(String::as_str),
+        Some("truncated"),
+        "{kinds:?}"
+    );
     assert!(kinds.len() <= 11, "{kinds:?}");
 }

@@ -113,7 +113,11 @@ pub async fn events(
         let mut from = past.iter().rposition(|e| e.kind == "retried").unwrap_or(0);
         if past.len() - from > bound as usize {
             let cut = past.len() - bound as usize;
-            if tx.send(Ok(truncated(0, past[cut - 1].seq, bound))).await.is_err() {
+            if tx
+                .send(Ok(truncated(0, past[cut - 1].seq, bound)))
+                .await
+                .is_err()
+            {
                 return;
             }
             from = cut;
@@ -238,7 +242,12 @@ pub async fn events_all(
                 .ok()
                 .and_then(|p| p.first().map(|e| e.seq <= oldest_kept))
                 .unwrap_or(false);
-            if skipped && tx.send(Ok(truncated(last, oldest_kept, bound))).await.is_err() {
+            if skipped
+                && tx
+                    .send(Ok(truncated(last, oldest_kept, bound)))
+                    .await
+                    .is_err()
+            {
                 return;
             }
             last = oldest_kept;

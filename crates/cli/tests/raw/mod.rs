@@ -55,7 +55,13 @@ pub async fn connect(from: &str, addr: &str) -> TcpStream {
 }
 
 /// A request's bytes; `Host` is the server's address unless `headers` names one.
-pub fn build(method: &str, path: &str, addr: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
+pub fn build(
+    method: &str,
+    path: &str,
+    addr: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Vec<u8> {
     let mut r = format!("{method} {path} HTTP/1.1\r\n");
     if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
         r.push_str(&format!("Host: {addr}\r\n"));
@@ -143,7 +149,12 @@ pub fn parse(buf: &[u8]) -> Resp {
     let split = buf
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("no complete response head: {:?}", String::from_utf8_lossy(buf)));
+        .unwrap_or_else(|| {
+            panic!(
+                "no complete response head: {:?}",
+                String::from_utf8_lossy(buf)
+            )
+        });
     let head = String::from_utf8_lossy(&buf[..split]).to_string();
     let mut lines = head.split("\r\n");
     let status = lines
@@ -218,8 +229,7 @@ impl Sse {
         let deadline = tokio::time::Instant::now() + dur;
         let mut buf = std::mem::take(&mut self.pending);
         let mut chunk = [0u8; 8192];
-        while let Ok(Ok(n)) =
-            tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await
+        while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await
         {
             if n == 0 {
                 break;
