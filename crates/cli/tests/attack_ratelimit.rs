@@ -140,6 +140,18 @@ async fn enroll_guessing_is_throttled_too() {
     let tried = statuses.iter().filter(|&&c| c == 401).count();
     let refused = statuses.iter().filter(|&&c| c == 429).count();
     assert!(tried <= 6 && tried + refused == 30, "{statuses:?}");
+    // Throttled attempts write nothing; the tried ones share one audit record.
+    let a = s
+        .root()
+        .get("/api/v1/audit?action=token.enroll&limit=10000")
+        .await
+        .unwrap();
+    assert_eq!(
+        a.body.data.as_array().unwrap().len(),
+        1,
+        "{:?}",
+        a.body.data
+    );
 }
 
 #[tokio::test]
