@@ -58,6 +58,8 @@ pub struct ApiError {
     pub data: Value,
     /// The bad input fields of a 422, one by one (for forms that show errors inline).
     pub fields: Vec<basphere_core::FieldError>,
+    /// Seconds the client should wait before trying again (`Retry-After`).
+    pub retry_after: Option<u32>,
 }
 
 impl ApiError {
@@ -68,6 +70,7 @@ impl ApiError {
             errors: vec![],
             data: Value::Null,
             fields: vec![],
+            retry_after: None,
         }
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -96,6 +99,11 @@ impl ApiError {
         self.errors = errors;
         self
     }
+    /// Adds `Retry-After: secs` (at least 1) to the response.
+    pub fn with_retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(u32::try_from(secs).unwrap_or(u32::MAX).max(1));
+        self
+    }
     pub fn with_data(mut self, data: impl Serialize) -> Self {
         self.data = serde_json::to_value(data).unwrap_or(Value::Null);
         self
@@ -109,7 +117,7 @@ impl IntoResponse for ApiError {
         } else {
             self.errors
         };
-        (
+        let mut r = (
             self.status,
             Json(Envelope {
                 success: false,
@@ -118,7 +126,12 @@ impl IntoResponse for ApiError {
                 errors,
             }),
         )
-            .into_response()
+            .into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, s.into());
+        }
+        r
     }
 }
 

@@ -10,6 +10,7 @@ mod accounts;
 mod auth;
 mod envelope;
 mod input;
+pub mod limits;
 pub mod routes;
 mod server;
 

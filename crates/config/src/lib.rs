@@ -32,6 +32,8 @@ pub struct Config {
     pub provider: ProviderConfig,
     #[serde(default)]
     pub engine: EngineSettings,
+    #[serde(default)]
+    pub limits: LimitsConfig,
     /// The `[qemu]` section, parsed by the qemu provider.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qemu: Option<toml::Table>,
@@ -50,6 +52,9 @@ pub struct ServerConfig {
     pub listen: String,
     /// Name of the first admin account made by `basphere init`.
     pub admin: Username,
+    /// Host names (without port) requests may name in `Host`, besides IP literals, `localhost`,
+    /// this machine's name, `bastion.host` and `basphere` (the CLI's name). `["*"]`: any.
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -58,6 +63,42 @@ impl Default for ServerConfig {
             socket: PathBuf::from("/run/basphere/basphere.sock"),
             listen: "127.0.0.1:8080".into(),
             admin: "admin".parse().expect("valid"),
+            allowed_hosts: vec![],
+        }
+    }
+}
+
+/// Request-level limits: anonymous request rate, pending registrations, event streams.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Anonymous-facing requests (register, enroll, portal sign-in/register/key-change forms)
+    /// per second per client IP (per uid on the Unix socket), refilled continuously.
+    pub anon_per_second: f64,
+    /// How many such requests a client may make at once before the rate applies; 0: no limit.
+    pub anon_burst: u32,
+    /// Registrations that may wait for review at once; more are refused with 503.
+    pub max_pending: u32,
+    /// Seconds over which refused enrollments from one client share one audit record.
+    pub enroll_audit_window_secs: u64,
+    /// Open event streams (SSE) per user.
+    pub streams_per_user: u32,
+    /// Open event streams (SSE) in total.
+    pub streams_total: u32,
+    /// Events a stream replays at most when it starts (`after=` further back is cut short).
+    pub stream_replay: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            anon_per_second: 1.0,
+            anon_burst: 5,
+            max_pending: 1000,
+            enroll_audit_window_secs: 600,
+            streams_per_user: 8,
+            streams_total: 512,
+            stream_replay: 1000,
         }
     }
 }
@@ -274,6 +315,19 @@ impl Config {
                 "max_parallel and max_attempts must be at least 1".into(),
             ));
         }
+        if !(self.limits.anon_per_second > 0.0 && self.limits.anon_per_second.is_finite()) {
+            return Err(bad(
+                "limits.anon_per_second",
+                "must be a positive number (set limits.anon_burst = 0 to turn the limit off)"
+                    .into(),
+            ));
+        }
+        if self.limits.streams_per_user == 0 || self.limits.streams_total == 0 {
+            return Err(bad(
+                "limits",
+                "streams_per_user and streams_total must be at least 1".into(),
+            ));
+        }
         if self.provider.kind == ProviderKind::Vsphere && self.vsphere.is_none() {
             return Err(bad(
                 "vsphere",
@@ -309,7 +363,7 @@ fn apply_env(
 ) -> Result<(), ConfigError> {
     const TOP: &[&str] = &[
         "data_dir", "server", "bastion", "network", "quota", "specs", "images", "provider",
-        "engine", "qemu", "vsphere",
+        "engine", "qemu", "vsphere", "limits",
     ];
     for (var, value) in env {
         let Some(rest) = var.strip_prefix("BASPHERE_") else {

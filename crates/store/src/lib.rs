@@ -15,6 +15,7 @@
 mod audit;
 mod batches;
 mod commit;
+mod limits;
 mod migrate;
 mod users;
 mod vms;

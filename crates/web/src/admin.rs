@@ -115,15 +115,25 @@ pub async fn decide_registration(
         _ => return v.redirect("/admin", Some(("error", "unknown decision"))),
     };
     match outcome(r) {
-        Ok((msg, data)) => {
-            let text = match data["enrollment_code"].as_str() {
-                Some(code) => format!(
-                    "User {u} approved. Give them this one-time enrollment code (sign-in page, \"First time\"): {code}"
-                ),
-                None => msg,
-            };
-            v.redirect("/admin", Some(("ok", &text)))
+        // The one-time code is shown in this answer only (never in a cookie, never cached).
+        Ok((_, data)) if data["enrollment_code"].is_string() => {
+            let code = data["enrollment_code"].as_str().unwrap_or_default();
+            let body = format!(
+                r#"<div class="notice ok" role="status" id="flash">User {eu} approved.</div>
+<p>Give {eu} this one-time enrollment code (sign-in page, "First time"). It is shown only here, now:</p>
+<div class="copyline"><code id="enrollment-code">{c}</code> <button type="button" class="copy" data-copy="enrollment-code">Copy</button></div>
+<p><a class="button" href="/admin">Back to approvals</a></p>"#,
+                eu = esc(&u),
+                c = esc(code)
+            );
+            let mut resp = v.page(StatusCode::OK, "User approved", &body);
+            resp.headers_mut().insert(
+                axum::http::header::CACHE_CONTROL,
+                axum::http::HeaderValue::from_static("no-store"),
+            );
+            resp
         }
+        Ok((msg, _)) => v.redirect("/admin", Some(("ok", &msg))),
         Err(e) => v.redirect("/admin", Some(("error", &e.message))),
     }
 }

@@ -70,10 +70,14 @@ pub fn layout(v: &Visitor, title: &str, body: &str) -> String {
         .flash
         .as_ref()
         .map(|(kind, text)| {
+            let (kind, role) = if kind == "error" {
+                ("error", "alert")
+            } else {
+                ("ok", "status")
+            };
             format!(
                 r#"<div class="notice {kind}" role="{role}" id="flash">{}</div>"#,
-                esc(text),
-                role = if kind == "error" { "alert" } else { "status" }
+                esc(text)
             )
         })
         .unwrap_or_default();

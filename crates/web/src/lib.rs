@@ -19,10 +19,13 @@ mod session;
 mod user;
 
 use axum::Router;
-use axum::http::HeaderValue;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::header::RETRY_AFTER;
+use axum::http::{HeaderValue, Method};
+use axum::middleware::Next;
 use axum::response::Response;
 use axum::routing::{get, post};
-use basphere_api::{ApiError, AppState, Body, Ok200};
+use basphere_api::{ApiError, AppState, Body, Ok200, PeerInfo};
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 
@@ -30,21 +33,29 @@ pub use session::SESSION_HOURS;
 
 /// The portal's routes, merged beside the API's by `basphere serve`.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/", get(public::home))
+    // Forms an anonymous visitor can send over and over: the API's per-client rate limit.
+    let throttled = Router::new()
         .route(
             "/register",
             get(public::register_form).post(public::register),
         )
-        .route("/success", get(public::success))
-        .route("/ssh-guide", get(public::ssh_guide))
         .route("/signin", get(public::signin_form).post(public::signin))
         .route("/enroll", post(public::enroll))
-        .route("/signout", post(public::signout))
         .route(
             "/key-change",
             get(user::key_change_form).post(user::key_change),
         )
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            throttle_posts,
+        ));
+    let cfg = state.config.clone();
+    let app = Router::new()
+        .merge(throttled)
+        .route("/", get(public::home))
+        .route("/success", get(public::success))
+        .route("/ssh-guide", get(public::ssh_guide))
+        .route("/signout", post(public::signout))
         .route("/dashboard", get(user::dashboard))
         .route("/vms", post(user::create))
         .route("/vms/{name}", get(user::vm_page))
@@ -65,7 +76,25 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/audit", get(admin::audit))
         .route("/static/{file}", get(assets::serve))
         .layer(axum::middleware::map_response(security_headers))
-        .with_state(state)
+        .with_state(state);
+    // The portal's own forms get the 64 KiB body limit and the Host check even where the
+    // server does not wrap the merged router in `basphere_api::limits::harden`.
+    basphere_api::limits::harden(app, &cfg)
+}
+
+/// Counts a POST against the sender's rate limit; over it, a 429 page with `Retry-After`.
+async fn throttle_posts(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    if req.method() == Method::POST
+        && let Some(ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<PeerInfo>>()
+        && let Err(e) = basphere_api::limits::throttle(&st.config, peer)
+    {
+        let mut r = session::error_page_plain(e.status, &e.message);
+        if let Some(s) = e.retry_after {
+            r.headers_mut().insert(RETRY_AFTER, s.into());
+        }
+        return r;
+    }
+    next.run(req).await
 }
 
 /// Headers on every portal response: no inline code, no framing, no sniffing.

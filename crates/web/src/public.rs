@@ -7,7 +7,7 @@ use axum::Form;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
-use basphere_api::routes::users;
+use basphere_api::limits;
 use basphere_api::{AppState, Caller};
 use basphere_core::FieldError;
 use basphere_store::Actor;
@@ -76,7 +76,7 @@ pub async fn register(State(st): State<AppState>, v: Visitor, Form(f): Form<Fiel
         return r;
     }
     let body = body_of(&f, &["username", "email", "team", "public_key"]);
-    match outcome(users::register(State(st), v.anonymous(), body).await) {
+    match outcome(limits::register_capped(st, v.anonymous(), body).await) {
         Ok(_) => {
             let u = f.get("username").map(|s| s.trim()).unwrap_or("");
             v.redirect(&format!("/success?u={}", crate::html::url(u)), None)
@@ -307,7 +307,7 @@ pub async fn enroll(State(st): State<AppState>, v: Visitor, Form(f): Form<Fields
         return r;
     }
     let body = body_of(&f, &["username", "code"]);
-    let (_, data) = match outcome(users::enroll(State(st.clone()), v.anonymous(), body).await) {
+    let (_, data) = match outcome(limits::enroll_as(&st, &v.anonymous(), v.client, body).await) {
         Ok(x) => x,
         Err(e) => {
             let errs = if e.fields.is_empty() {

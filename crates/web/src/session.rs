@@ -17,6 +17,7 @@ use axum::http::header::{LOCATION, SET_COOKIE};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use basphere_api::limits::ClientKey;
 use basphere_api::{AppState, Caller, PeerInfo, SESSION_COOKIE, cookie_value};
 use basphere_core::Role;
 use basphere_store::hash_secret;
@@ -37,13 +38,16 @@ pub struct Visitor {
     pre: String,
     new_pre: bool,
     stale_session: bool,
-    /// A one-shot notice `(kind, text)` left by the previous request (`ok` or `error`).
+    /// A one-shot notice `(kind, text)` left by the previous request; `kind` is `ok` or
+    /// `error` (the cookie is client-controlled: any other kind drops the notice).
     pub flash: Option<(String, String)>,
     had_flash: bool,
     /// Whether cookies get the Secure attribute.
     pub secure: bool,
     /// The connection, for the audit trail (`tcp:127.0.0.1:5000`).
     pub source: String,
+    /// The client as the rate limits count it.
+    pub client: ClientKey,
 }
 
 fn random_hex(n: usize) -> String {
@@ -77,15 +81,16 @@ impl FromRequestParts<AppState> for Visitor {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, Response> {
-        let source = match parts
+        let peer = parts
             .extensions
             .get::<ConnectInfo<PeerInfo>>()
-            .map(|c| &c.0)
-        {
+            .map(|c| &c.0);
+        let source = match peer {
             Some(PeerInfo::Tcp(a)) => format!("tcp:{a}"),
             Some(PeerInfo::Unix { uid, .. }) => format!("unix:uid={}", uid.unwrap_or(u32::MAX)),
             None => "unknown".into(),
         };
+        let client = peer.map_or(ClientKey::Unknown, ClientKey::of);
         let secure = parts
             .headers
             .get("x-forwarded-proto")
@@ -110,8 +115,10 @@ impl FromRequestParts<AppState> for Visitor {
         let flash = cookie_value(&parts.headers, FLASH_COOKIE).and_then(|v| {
             let v = decode(v);
             v.split_once(':')
+                .filter(|(k, _)| matches!(*k, "ok" | "error"))
                 .map(|(k, t)| (k.to_string(), t.to_string()))
         });
+        let had_flash = cookie_value(&parts.headers, FLASH_COOKIE).is_some();
         Ok(Visitor {
             caller,
             token_id,
@@ -119,10 +126,11 @@ impl FromRequestParts<AppState> for Visitor {
             pre: pre.unwrap_or_else(|| random_hex(32)),
             new_pre,
             stale_session,
-            had_flash: flash.is_some(),
+            had_flash,
             flash,
             secure,
             source,
+            client,
         })
     }
 }

@@ -62,6 +62,8 @@ fn config(dir: &Path) -> Config {
         ("BASPHERE_SERVER__LISTEN".into(), "\"\"".into()),
         ("BASPHERE_PROVIDER__KIND".into(), "null".into()),
         ("BASPHERE_BASTION__HOST".into(), BASTION.into()),
+        // The browser posts many forms in a few seconds; rate limits have their own tests.
+        ("BASPHERE_LIMITS__ANON_BURST".into(), "0".into()),
     ];
     Config::load(None, env).expect("test config")
 }

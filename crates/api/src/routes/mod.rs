@@ -8,6 +8,7 @@ pub mod users;
 pub mod vms;
 
 use crate::envelope::{ApiError, ok};
+use crate::limits;
 use crate::server::AppState;
 use axum::Router;
 use axum::http::StatusCode;
@@ -17,8 +18,8 @@ use axum::routing::{get, post, put};
 pub(crate) fn all() -> Router<AppState> {
     let v1 = Router::new()
         .route("/health", get(health))
-        .route("/register", post(users::register))
-        .route("/enroll", post(users::enroll))
+        .route("/register", post(limits::register))
+        .route("/enroll", post(limits::enroll))
         .route("/me", get(users::me))
         .route("/pending", get(users::pending))
         .route("/pending/{username}", get(users::pending_one))
@@ -47,7 +48,7 @@ pub(crate) fn all() -> Router<AppState> {
         .route("/operations/{id}/events", get(ops::events))
         .route("/operations/{id}/cancel", post(batch::cancel))
         .route("/operations/{id}/retry", post(batch::retry))
-        .route("/events", get(batch::events))
+        .route("/events", get(ops::events_all))
         .route("/batches", post(batch::apply))
         .route("/batches/plan", post(batch::plan))
         .route("/batches/{id}", get(batch::show))
@@ -55,7 +56,8 @@ pub(crate) fn all() -> Router<AppState> {
         .route("/clusters/quota", get(clusters))
         .route("/clusters/{name}", get(clusters).delete(clusters))
         .route("/clusters/{name}/kubeconfig", get(clusters))
-        .route("/clusters/{name}/status", get(clusters));
+        .route("/clusters/{name}/status", get(clusters))
+        .route_layer(axum::middleware::from_fn(limits::require_json));
     Router::new()
         .route("/health", get(health))
         .nest("/api/v1", v1)
@@ -65,7 +67,11 @@ pub(crate) fn all() -> Router<AppState> {
 async fn health() -> impl IntoResponse {
     ok(
         "ok",
-        serde_json::json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}),
+        serde_json::json!({
+            "status": "ok",
+            "version": env!("CARGO_PKG_VERSION"),
+            "streams": limits::open_streams(),
+        }),
     )
 }
 

@@ -1,0 +1,224 @@
+//! The portal: a planted notice cookie cannot inject markup (L2), the enrollment code of an
+//! approval never travels in a cookie and is never cached (L3), and a megabyte form is
+//! refused before it is read (L7).
+
+mod common;
+mod raw;
+
+use common::{KEY, Server, registration};
+use serde_json::json;
+
+const FORM: &str = "application/x-www-form-urlencoded";
+
+fn csrf_of(html: &str) -> String {
+    let at = html
+        .find(r#"name="csrf" value=""#)
+        .expect("page has a CSRF field")
+        + 19;
+    html[at..].split('"').next().unwrap().to_string()
+}
+
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// Signs in to the portal with an admin token; returns the session cookie and a CSRF token.
+async fn admin_session(s: &Server) -> (String, String) {
+    let r = s
+        .root()
+        .post("/api/v1/tokens", &json!({"name": "portal"}))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let token = r.body.data["token"].as_str().unwrap().to_string();
+    let page = raw::send("127.0.0.1", &s.addr, "GET", "/signin", &[], b"").await;
+    let pre = page.cookie("bsp_pre").expect("pre-session cookie");
+    let csrf = csrf_of(&page.body);
+    let cookie = format!("bsp_pre={pre}");
+    let body = format!("token={}&csrf={csrf}", enc(&token));
+    let r = raw::send(
+        "127.0.0.1",
+        &s.addr,
+        "POST",
+        "/signin",
+        &[("Content-Type", FORM), ("Cookie", &cookie)],
+        body.as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 303, "{}", r.body);
+    let session = format!(
+        "bsp_session={}",
+        r.cookie("bsp_session").expect("session cookie")
+    );
+    let admin = raw::send(
+        "127.0.0.1",
+        &s.addr,
+        "GET",
+        "/admin",
+        &[("Cookie", &session)],
+        b"",
+    )
+    .await;
+    assert_eq!(admin.status, 200, "{}", admin.body);
+    (session, csrf_of(&admin.body))
+}
+
+#[tokio::test]
+async fn planted_notice_cookie_is_rendered_inert() {
+    let s = Server::start(&[]);
+    for (cookie, shown) in [
+        // A made-up kind that breaks out of the class attribute.
+        (
+            format!(
+                "bsp_flash={}",
+                enc(r#"x"><script>alert(1)</script><b class=":hello"#)
+            ),
+            false,
+        ),
+        // A legitimate kind with markup in the text.
+        (
+            format!("bsp_flash={}", enc("ok:<script>alert(2)</script>")),
+            true,
+        ),
+    ] {
+        let r = raw::send(
+            "127.0.0.1",
+            &s.addr,
+            "GET",
+            "/signin",
+            &[("Cookie", &cookie)],
+            b"",
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        assert!(
+            !r.body.contains("<script>alert"),
+            "markup injected: {}",
+            r.body
+        );
+        assert!(
+            !r.body.contains(r#"x"><"#),
+            "attribute broken out of: {}",
+            r.body
+        );
+        assert_eq!(
+            r.body.contains(r#"id="flash""#),
+            shown,
+            "{cookie}: {}",
+            r.body
+        );
+        if shown {
+            assert!(r.body.contains("&lt;script&gt;alert(2)&lt;/script&gt;"));
+        }
+        // The notice is one-shot: the cookie is cleared whatever it held.
+        assert!(
+            r.all("set-cookie")
+                .iter()
+                .any(|c| c.starts_with("bsp_flash=;")),
+            "{:?}",
+            r.headers
+        );
+    }
+}
+
+#[tokio::test]
+async fn approval_code_is_in_the_page_only_and_not_cached() {
+    let s = Server::start(&[]);
+    let r = raw::post_json(
+        "127.0.0.1",
+        &s.addr,
+        "/api/v1/register",
+        &registration("newbie"),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let (session, csrf) = admin_session(&s).await;
+    let r = raw::send(
+        "127.0.0.1",
+        &s.addr,
+        "POST",
+        "/admin/registrations/newbie/approve",
+        &[("Content-Type", FORM), ("Cookie", &session)],
+        format!("csrf={csrf}").as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let at = r
+        .body
+        .find(r#"id="enrollment-code">"#)
+        .expect("code shown in the page")
+        + 21;
+    let code = r.body[at..].split('<').next().unwrap().to_string();
+    assert!(code.len() >= 16, "{code}");
+    for c in r.all("set-cookie") {
+        assert!(!c.contains(&code), "code in a cookie: {c}");
+    }
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    // The page's code is the real one.
+    let r = raw::post_json(
+        "127.0.0.1",
+        &s.addr,
+        "/api/v1/enroll",
+        &json!({"username": "newbie", "code": code}),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+}
+
+#[tokio::test]
+async fn megabyte_forms_are_refused() {
+    let s = Server::start(&[("BASPHERE_LIMITS__ANON_BURST", "0")]);
+    let page = raw::send("127.0.0.1", &s.addr, "GET", "/register", &[], b"").await;
+    let cookie = format!("bsp_pre={}", page.cookie("bsp_pre").unwrap());
+    let csrf = csrf_of(&page.body);
+    let pad = "a".repeat(1024 * 1024);
+    let body = format!(
+        "csrf={csrf}&username=bigform&email=b%40example.org&team=qa&public_key={}&pad={pad}",
+        enc(KEY)
+    );
+    for path in ["/register", "/signin", "/enroll"] {
+        let r = raw::send(
+            "127.0.0.1",
+            &s.addr,
+            "POST",
+            path,
+            &[("Content-Type", FORM), ("Cookie", &cookie)],
+            body.as_bytes(),
+        )
+        .await;
+        assert_eq!(r.status, 413, "{path}: {}", r.body);
+    }
+    let r = s.root().get("/api/v1/users/bigform").await.unwrap();
+    assert_eq!(r.status, 404, "stored: {:?}", r.body);
+    // The same form at a sane size goes through.
+    let body = format!(
+        "csrf={csrf}&username=smallform&email=b%40example.org&team=qa&public_key={}",
+        enc(KEY)
+    );
+    let r = raw::send(
+        "127.0.0.1",
+        &s.addr,
+        "POST",
+        "/register",
+        &[("Content-Type", FORM), ("Cookie", &cookie)],
+        body.as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 303, "{}", r.body);
+    assert_eq!(
+        s.root()
+            .get("/api/v1/users/smallform")
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+}
