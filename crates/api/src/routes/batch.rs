@@ -1,4 +1,5 @@
-//! Batches (plan/apply of manifests), operation cancel/retry, and the global event stream.
+//! Batches (plan/apply of manifests) and operation cancel/retry. The global event stream is
+//! `ops::events_all`.
 //!
 //! `POST /batches/plan` and `POST /batches` take `{"manifest": TEXT, "format": "toml"|"yaml",
 //! "parallelism": N}`; planning is `basphere_engine::plan`, admission one store transaction.
@@ -7,20 +8,12 @@ use crate::auth::Caller;
 use crate::envelope::{ApiError, Ok200, accepted, ok};
 use crate::input::Body;
 use crate::server::AppState;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::response::sse::{Event, KeepAlive, Sse};
 use basphere_core::FieldErrors;
 use basphere_engine::plan::{self, Existing, Format, Manifest};
-use basphere_store::{
-    BatchError, BatchRequest, BatchVm, OpError, Workflow, WorkflowEvent, WorkflowKind,
-};
-use futures_util::Stream;
-use serde::Deserialize;
+use basphere_store::{BatchError, BatchRequest, BatchVm, OpError, Workflow, WorkflowKind};
 use serde_json::{Value, json};
-use std::collections::HashMap;
-use std::convert::Infallible;
-use tokio_stream::wrappers::ReceiverStream;
 
 /// Largest `parallelism` accepted.
 const MAX_PARALLELISM: i64 = 256;
@@ -332,97 +325,4 @@ pub async fn retry(
         },
         w,
     ))
-}
-
-#[derive(Deserialize)]
-pub struct EventsQuery {
-    /// Only this batch's operations (replayed from its start).
-    batch: Option<String>,
-    /// Replay events after this sequence number first.
-    after: Option<i64>,
-}
-
-/// `GET /events`: Server-Sent Events for every operation the caller may see (admins: all),
-/// or one batch's. Each event's id is its sequence number, for `?after=` on reconnect.
-pub async fn events(
-    State(st): State<AppState>,
-    caller: Caller,
-    Query(q): Query<EventsQuery>,
-) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let me = caller.active()?.username.to_string();
-    let admin = caller.is_admin();
-    if let Some(b) = &q.batch {
-        match st.store.batch_owner(b).await? {
-            Some(o) if admin || o == me => {}
-            _ => return Err(ApiError::not_found(format!("batch {b} not found"))),
-        }
-    }
-    let mut live = st.engine.subscribe();
-    let (tx, rx) = tokio::sync::mpsc::channel(256);
-    tokio::spawn(async move {
-        // Workflow id → whether this stream shows it.
-        let mut shown: HashMap<String, bool> = HashMap::new();
-        if let Some(b) = &q.batch
-            && let Ok(ws) = st.store.batch_workflows(b).await
-        {
-            for w in ws {
-                shown.insert(w.id, true);
-            }
-        }
-        let batch = q.batch.clone();
-        let show = async |ev: &WorkflowEvent, shown: &mut HashMap<String, bool>| -> bool {
-            if let Some(s) = shown.get(&ev.operation_id) {
-                return *s;
-            }
-            let ok = batch.is_none()
-                && match st.store.workflow(&ev.operation_id).await {
-                    Ok(Some(w)) => admin || w.owner == me,
-                    _ => false,
-                };
-            shown.insert(ev.operation_id.clone(), ok);
-            ok
-        };
-        let send = |ev: &WorkflowEvent| {
-            Event::default()
-                .id(ev.seq.to_string())
-                .event(ev.kind.clone())
-                .json_data(ev)
-                .unwrap_or_default()
-        };
-        // The store's event log is the source of truth (it also holds what admission and
-        // other server processes wrote); the engine's broadcast only says "look again".
-        // SQLite commits one writer at a time, so seq order is commit order. (PostgreSQL:
-        // sequence values can commit out of order; read with a short settle delay there.)
-        let mut last = match (q.after, &q.batch) {
-            (Some(a), _) => a,
-            (None, Some(_)) => 0,
-            (None, None) => st.store.last_event_seq().await.unwrap_or(0),
-        };
-        loop {
-            let Ok(page) = st.store.events_since(last, 1000).await else {
-                return;
-            };
-            for ev in &page {
-                last = ev.seq;
-                if show(ev, &mut shown).await && tx.send(Ok(send(ev))).await.is_err() {
-                    return;
-                }
-            }
-            if page.len() == 1000 {
-                continue;
-            }
-            tokio::select! {
-                r = live.recv() => {
-                    if let Err(tokio::sync::broadcast::error::RecvError::Closed) = r {
-                        return;
-                    }
-                    // Coalesce a burst of transitions into one read.
-                    while live.try_recv().is_ok() {}
-                }
-                _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
-                _ = tx.closed() => return,
-            }
-        }
-    });
-    Ok(Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default()))
 }

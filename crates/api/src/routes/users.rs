@@ -596,34 +596,6 @@ pub async fn token_revoke(
     Ok(ok(format!("token {id} revoked"), json!({"id": id})))
 }
 
-pub async fn enroll(
-    State(st): State<AppState>,
-    caller: Caller,
-    body: Body,
-) -> Result<Ok200, ApiError> {
-    let mut errs = FieldErrors::new();
-    let u = body
-        .str("username", true, &mut errs)
-        .and_then(|s| errs.check("username", s.parse::<Username>()));
-    let code = body.str("code", true, &mut errs);
-    errs.into_result()?;
-    let u = u.expect("checked");
-    match st
-        .store
-        .enroll(&u, &code.expect("checked"), &caller.actor())
-        .await?
-    {
-        Some((info, secret)) => Ok(Ok200(
-            StatusCode::CREATED,
-            "enrolled; keep this token, it is shown only this once".into(),
-            json!({"token": secret, "info": info}),
-        )),
-        None => Err(ApiError::unauthorized(
-            "enrollment code is wrong, used or expired; ask an admin for a new approval",
-        )),
-    }
-}
-
 #[derive(Deserialize)]
 pub struct AuditQuery {
     pub actor: Option<String>,

@@ -54,6 +54,8 @@ impl Server {
             ("BASPHERE_SERVER__LISTEN".into(), format!("\"{addr}\"")),
             ("BASPHERE_PROVIDER__KIND".into(), "null".into()),
             ("BASPHERE_LOG".into(), "info".into()),
+            // Tests register users in bursts; the rate limit has its own attack tests.
+            ("BASPHERE_LIMITS__ANON_BURST".into(), "0".into()),
         ];
         for (k, v) in extra {
             env.push((k.to_string(), v.to_string()));
