@@ -50,6 +50,32 @@ pub struct ServerConfig {
     pub listen: String,
     /// Name of the first admin account made by `basphere init`.
     pub admin: Username,
+    /// Seconds a client has to send a request's headers (also how long an idle keep-alive
+    /// connection waits for its next request).
+    pub header_read_timeout_secs: u64,
+    /// Seconds a connection may move no byte in either direction before it is closed.
+    pub idle_timeout_secs: u64,
+    /// Connections served at once over both listeners; more are closed at once.
+    pub max_connections: usize,
+    /// Connections at once from one IP address (TCP) or one uid (Unix socket).
+    pub max_connections_per_ip: usize,
+    /// Native TLS on the TCP listener (certificate and key re-read on SIGHUP).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsFiles>,
+    /// Serve plain HTTP on a non-loopback `listen` address (warned at every start).
+    pub allow_plaintext: bool,
+    /// The URL users reach the server at; `https://…` makes the portal's cookies `Secure`.
+    pub public_url: String,
+    /// Proxies whose `X-Forwarded-Proto` is believed (CIDRs); nobody else's is.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+/// PEM files of the TCP listener's certificate chain and private key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl Default for ServerConfig {
@@ -58,7 +84,70 @@ impl Default for ServerConfig {
             socket: PathBuf::from("/run/basphere/basphere.sock"),
             listen: "127.0.0.1:8080".into(),
             admin: "admin".parse().expect("valid"),
+            header_read_timeout_secs: 10,
+            idle_timeout_secs: 60,
+            max_connections: 1024,
+            max_connections_per_ip: 64,
+            tls: None,
+            allow_plaintext: false,
+            public_url: String::new(),
+            trusted_proxies: Vec::new(),
         }
+    }
+}
+
+impl ServerConfig {
+    /// Whether `listen` only reaches this host (every address it names is loopback).
+    pub fn listen_is_loopback(&self) -> bool {
+        use std::net::ToSocketAddrs;
+        match self.listen.to_socket_addrs() {
+            Ok(addrs) => {
+                let addrs: Vec<_> = addrs.collect();
+                !addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback())
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Refuses a TCP listener that would carry tokens in clear to other hosts: a non-loopback
+    /// `listen` needs `tls` or an explicit `allow_plaintext = true`. Returns a warning to show
+    /// when plaintext is allowed that way. Checked before anything is bound.
+    pub fn check_plaintext(&self) -> Result<Option<String>, ConfigError> {
+        if self.listen.is_empty() || self.tls.is_some() || self.listen_is_loopback() {
+            return Ok(None);
+        }
+        let what = format!(
+            "listen = {:?} is reachable from other hosts but TLS is off, so tokens and cookies \
+             would cross the network in clear",
+            self.listen
+        );
+        if self.allow_plaintext {
+            return Ok(Some(format!(
+                "server.{what} (allowed by server.allow_plaintext = true)"
+            )));
+        }
+        Err(ConfigError::Invalid {
+            key: "server.listen".into(),
+            reason: format!(
+                "{what}. Set [server] tls = {{ cert = \"…\", key = \"…\" }} (`basphere init \
+                 --tls-cert HOSTNAME` writes a self-signed pair), or listen on 127.0.0.1 behind \
+                 a TLS proxy, or set server.allow_plaintext = true on a trusted network"
+            ),
+        })
+    }
+
+    /// Whether the portal's cookies get `Secure`: TLS here, an `https://` public URL, or a
+    /// trusted proxy (by `peer` address) that says the client used https.
+    pub fn cookies_secure(
+        &self,
+        peer: Option<std::net::IpAddr>,
+        forwarded_proto: Option<&str>,
+    ) -> bool {
+        if self.tls.is_some() || self.public_url.starts_with("https://") {
+            return true;
+        }
+        let trusted = peer.is_some_and(|ip| self.trusted_proxies.iter().any(|n| n.contains(&ip)));
+        trusted && forwarded_proto.is_some_and(|p| p.trim().eq_ignore_ascii_case("https"))
     }
 }
 
@@ -184,7 +273,7 @@ pub enum ConfigError {
 }
 
 /// Environment variables that configure the client, never config keys.
-const CLIENT_VARS: &[&str] = &["CONFIG", "SOCKET", "URL", "TOKEN", "OUTPUT", "LOG"];
+const CLIENT_VARS: &[&str] = &["CONFIG", "SOCKET", "URL", "TOKEN", "CA", "OUTPUT", "LOG"];
 
 impl Config {
     /// Reads `path` (or the embedded defaults when `None`), applies `env`, validates.
@@ -272,6 +361,39 @@ impl Config {
             return Err(bad(
                 "engine",
                 "max_parallel and max_attempts must be at least 1".into(),
+            ));
+        }
+        let srv = &self.server;
+        if srv.header_read_timeout_secs == 0 || srv.idle_timeout_secs == 0 {
+            return Err(bad(
+                "server",
+                "header_read_timeout_secs and idle_timeout_secs must be at least 1".into(),
+            ));
+        }
+        if srv.max_connections == 0
+            || srv.max_connections_per_ip == 0
+            || srv.max_connections_per_ip > srv.max_connections
+        {
+            return Err(bad(
+                "server.max_connections_per_ip",
+                "need 1 ≤ max_connections_per_ip ≤ max_connections".into(),
+            ));
+        }
+        if !srv.public_url.is_empty()
+            && !srv.public_url.starts_with("https://")
+            && !srv.public_url.starts_with("http://")
+        {
+            return Err(bad(
+                "server.public_url",
+                format!("{:?} must start with https:// or http://", srv.public_url),
+            ));
+        }
+        if let Some(t) = &srv.tls
+            && (t.cert.as_os_str().is_empty() || t.key.as_os_str().is_empty())
+        {
+            return Err(bad(
+                "server.tls",
+                "needs both cert and key (PEM file paths)".into(),
             ));
         }
         if self.provider.kind == ProviderKind::Vsphere && self.vsphere.is_none() {
