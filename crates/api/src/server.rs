@@ -148,11 +148,20 @@ pub enum TlsError {
 
 /// The TCP listener's certificate, swapped in place by [`TlsCerts::reload`]: connections made
 /// after a reload present the new one, the listener and open connections stay.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct TlsCerts {
     files: TlsFiles,
     current: Arc<CurrentCert>,
     acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl std::fmt::Debug for TlsCerts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsCerts")
+            .field("files", &self.files)
+            .field("fingerprint", &self.fingerprint())
+            .finish()
+    }
 }
 
 #[derive(Debug)]

@@ -509,6 +509,54 @@ mod tests {
     }
 
     #[test]
+    fn plaintext_needs_loopback_tls_or_consent() {
+        let srv = |listen: &str, extra: &[(&str, &str)]| {
+            let mut env = vec![("BASPHERE_SERVER__LISTEN", listen)];
+            env.extend_from_slice(extra);
+            load(DEFAULT_TOML, &env).unwrap().server
+        };
+        assert!(srv("\"127.0.0.1:8080\"", &[]).check_plaintext().unwrap().is_none());
+        assert!(srv("\"[::1]:8080\"", &[]).check_plaintext().unwrap().is_none());
+        assert!(srv("\"\"", &[]).check_plaintext().unwrap().is_none());
+        let e = srv("\"0.0.0.0:8080\"", &[]).check_plaintext().unwrap_err();
+        assert!(e.to_string().contains("allow_plaintext"), "{e}");
+        let w = srv("\"0.0.0.0:8080\"", &[("BASPHERE_SERVER__ALLOW_PLAINTEXT", "true")])
+            .check_plaintext()
+            .unwrap();
+        assert!(w.unwrap().contains("TLS is off"));
+        let tls = srv(
+            "\"0.0.0.0:8080\"",
+            &[("BASPHERE_SERVER__TLS", "{ cert = \"/c.pem\", key = \"/k.pem\" }")],
+        );
+        assert!(tls.check_plaintext().unwrap().is_none());
+    }
+
+    #[test]
+    fn cookies_secure_only_from_config() {
+        let ip = |s: &str| Some(s.parse::<std::net::IpAddr>().unwrap());
+        let plain = load(DEFAULT_TOML, &[]).unwrap().server;
+        assert!(!plain.cookies_secure(ip("127.0.0.1"), Some("https")));
+        let proxied = load(
+            DEFAULT_TOML,
+            &[("BASPHERE_SERVER__TRUSTED_PROXIES", "[\"10.0.0.0/8\"]")],
+        )
+        .unwrap()
+        .server;
+        assert!(proxied.cookies_secure(ip("10.1.2.3"), Some("HTTPS")));
+        assert!(!proxied.cookies_secure(ip("192.0.2.1"), Some("https")));
+        assert!(!proxied.cookies_secure(ip("10.1.2.3"), None));
+        let public = load(
+            DEFAULT_TOML,
+            &[("BASPHERE_SERVER__PUBLIC_URL", "\"https://x.example\"")],
+        )
+        .unwrap()
+        .server;
+        assert!(public.cookies_secure(None, None));
+        let e = load(DEFAULT_TOML, &[("BASPHERE_SERVER__PUBLIC_URL", "\"x.example\"")]);
+        assert!(e.unwrap_err().to_string().contains("server.public_url"));
+    }
+
+    #[test]
     fn bad_config_names_the_key() {
         let e = load(DEFAULT_TOML, &[("BASPHERE_NETWORK__GATEWAY", "192.0.2.1")]).unwrap_err();
         assert!(e.to_string().contains("network"), "{e}");
