@@ -221,7 +221,7 @@ async fn client_cmd(g: &Global, out: Output, cmd: Cmd) -> anyhow::Result<ExitCod
             save,
         } => {
             let d = check(
-                c.post(
+                c.without_token().post(
                     "/api/v1/enroll",
                     &json!({"username": username, "code": code}),
                 )

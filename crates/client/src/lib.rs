@@ -136,6 +136,16 @@ impl Client {
         }
     }
 
+    /// The same endpoint without a bearer token, for anonymous routes (a stale saved token
+    /// must not make them fail, nor travel where it is not needed).
+    pub fn without_token(&self) -> Self {
+        let mut c = self.clone();
+        if let Endpoint::Tcp { token, .. } = &mut c.endpoint {
+            *token = None;
+        }
+        c
+    }
+
     /// Talks TLS to the TCP endpoint, checking its certificate as `tls` says.
     pub fn with_tls(mut self, tls: TlsClient) -> Self {
         self.tls = Some(tls);
