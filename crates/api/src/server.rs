@@ -201,7 +201,12 @@ impl TlsCerts {
 
     /// SHA-256 of the leaf certificate (DER), as colon-separated hex.
     pub fn fingerprint(&self) -> String {
-        let ck = self.current.0.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let ck = self
+            .current
+            .0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         ck.cert.first().map(|c| fingerprint(c)).unwrap_or_default()
     }
 

@@ -221,11 +221,12 @@ async fn client_cmd(g: &Global, out: Output, cmd: Cmd) -> anyhow::Result<ExitCod
             save,
         } => {
             let d = check(
-                c.without_token().post(
-                    "/api/v1/enroll",
-                    &json!({"username": username, "code": code}),
-                )
-                .await?,
+                c.without_token()
+                    .post(
+                        "/api/v1/enroll",
+                        &json!({"username": username, "code": code}),
+                    )
+                    .await?,
             )?;
             let token = d["token"].as_str().unwrap_or_default().to_string();
             if save {

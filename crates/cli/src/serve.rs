@@ -34,10 +34,7 @@ pub async fn init(flag: Option<&Path>, force: bool, tls_host: Option<&str>) -> a
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
     let tls_files = tls_host.map(|_| {
-        let dir = path
-            .parent()
-            .unwrap_or_else(|| Path::new("."))
-            .join("tls");
+        let dir = path.parent().unwrap_or_else(|| Path::new(".")).join("tls");
         TlsFiles {
             cert: dir.join("cert.pem"),
             key: dir.join("key.pem"),
@@ -287,7 +284,7 @@ fn raise_fd_limit(cfg: &Config) {
         }
     }
     let need = cfg.server.max_connections as u64 + 256;
-    if (lim.rlim_cur as u64) < need {
+    if lim.rlim_cur < need {
         tracing::warn!(
             "open-file limit {} is below server.max_connections + 256 = {need}; \
              raise LimitNOFILE or lower max_connections",

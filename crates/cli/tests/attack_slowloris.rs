@@ -1,8 +1,9 @@
 //! M5: slow-connection denial of service. An attacker opens thousands of connections and
 //! sends each request's headers a byte at a time (slowloris), or just holds connections open.
 //! Each is closed within the header read timeout, connections over the global and per-peer
-//! caps are closed at once (TCP per IP, the Unix socket per uid), and `GET /health` on a fresh
-//! connection keeps answering fast throughout.
+//! caps are closed at once (TCP per IP, the Unix socket per uid), a connection that stalls
+//! after its headers is cut by the idle timeout, and `GET /health` on a fresh connection keeps
+//! answering fast throughout.
 
 mod attack_net;
 mod common;
@@ -120,9 +121,15 @@ async fn two_thousand_slowloris_connections_are_each_cut_at_the_header_timeout()
     );
     assert_eq!(held.len(), 2000);
     // Not refused (all under the caps) and not closed early: cut by the header timer…
-    assert!(min >= HEADER_TIMEOUT - Duration::from_millis(300), "{min:?}");
+    assert!(
+        min >= HEADER_TIMEOUT - Duration::from_millis(300),
+        "{min:?}"
+    );
     // …and each within it (plus scheduling slack), though every one kept sending bytes.
-    assert!(max <= HEADER_TIMEOUT + Duration::from_millis(1500), "{max:?}");
+    assert!(
+        max <= HEADER_TIMEOUT + Duration::from_millis(1500),
+        "{max:?}"
+    );
     assert!(lat.len() >= 20, "too few probes: {}", lat.len());
     let worst = pct(&mut lat, 1.0);
     assert!(
@@ -143,11 +150,13 @@ where
     for i in 0..n {
         streams.push(open(i).await);
     }
+    // A refused connection is closed right after accept; give the server 300 ms in all.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let mut refused = 0;
     let mut open_ones = vec![];
     for mut s in streams {
         let mut b = [0u8; 1];
-        match tokio::time::timeout(Duration::from_millis(300), s.read(&mut b)).await {
+        match tokio::time::timeout(Duration::from_millis(5), s.read(&mut b)).await {
             Err(_) => open_ones.push(s),
             Ok(_) => refused += 1,
         }
@@ -179,7 +188,11 @@ async fn connections_over_the_caps_are_closed_at_once() {
         async move { tokio::net::UnixStream::connect(&sock).await.unwrap() }
     })
     .await;
-    assert_eq!((refused, uid_0.len()), (5, 10), "per-uid cap on the Unix socket");
+    assert_eq!(
+        (refused, uid_0.len()),
+        (5, 10),
+        "per-uid cap on the Unix socket"
+    );
 
     // Another IP still gets in, and /health answers while IP A is at its cap.
     let resp = http_request(&s.addr, &get("/health", &[])).await;
@@ -215,7 +228,10 @@ async fn connections_over_the_caps_are_closed_at_once() {
         if matches!(&r, Ok(resp) if resp.starts_with("HTTP/1.1 200")) {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(5), "slots were not freed");
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "slots were not freed"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -261,5 +277,33 @@ async fn slowloris_on_the_unix_socket_and_idle_keepalive_are_cut() {
     })
     .await
     .expect("idle keep-alive connection was never closed");
-    assert!(closed <= HEADER_TIMEOUT + Duration::from_millis(1500), "{closed:?}");
+    assert!(
+        closed <= HEADER_TIMEOUT + Duration::from_millis(1500),
+        "{closed:?}"
+    );
+
+    // Headers complete, body promised and never sent (slow POST): the idle timeout (3 s)
+    // closes it, though the header timer no longer runs.
+    let mut c = tokio::net::TcpStream::connect(&s.addr).await.unwrap();
+    c.write_all(
+        b"POST /api/v1/register HTTP/1.1\r\nHost: localhost\r\n\
+          Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{",
+    )
+    .await
+    .unwrap();
+    let t0 = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match c.read(&mut buf).await {
+                Ok(0) | Err(_) => return t0.elapsed(),
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .expect("a stalled request body was never cut");
+    assert!(
+        closed >= Duration::from_millis(2700) && closed <= Duration::from_millis(4500),
+        "{closed:?}"
+    );
 }

@@ -93,7 +93,10 @@ async fn cli_trusts_the_self_signed_certificate_only_with_ca() {
     let other = init_cert(other_dir.path(), "other.example", false);
     let out = run(&["--ca", other.cert.to_str().unwrap()], None);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("certificate"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("certificate"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -111,7 +114,10 @@ fn plaintext_listener_on_a_non_loopback_address_refuses_to_start() {
         .arg("serve")
         .env("BASPHERE_CONFIG", &cfg)
         .env("BASPHERE_DATA_DIR", &data)
-        .env("BASPHERE_SERVER__SOCKET", format!("{:?}", socket.display().to_string()))
+        .env(
+            "BASPHERE_SERVER__SOCKET",
+            format!("{:?}", socket.display().to_string()),
+        )
         .env("BASPHERE_SERVER__LISTEN", format!("\"0.0.0.0:{port}\""))
         .env("BASPHERE_PROVIDER__KIND", "null")
         .stdin(Stdio::null())
@@ -165,18 +171,34 @@ async fn sighup_reload_presents_the_new_certificate_on_new_connections() {
     let good_key = std::fs::read(&first.key).unwrap();
     std::fs::write(&first.key, b"not a key").unwrap();
     let pid = s.child.as_ref().unwrap().id() as i32;
-    let log_has = |needle: &str| std::fs::read_to_string(s.log_path()).unwrap_or_default().matches(needle).count();
+    let log_has = |needle: &str| {
+        std::fs::read_to_string(s.log_path())
+            .unwrap_or_default()
+            .matches(needle)
+            .count()
+    };
     // SAFETY: signalling the server this test started, by its PID.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
     let t0 = Instant::now();
     while log_has("TLS reload failed") == 0 {
-        assert!(t0.elapsed() < Duration::from_secs(10), "no reload attempt logged");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no reload attempt logged"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (_, fp) = tls_request(&s.addr, "localhost", tls_client(&[&first_copy]), &get("/health", &[]))
-        .await
-        .unwrap();
-    assert_eq!(fp, first.fingerprint, "a bad file must not replace the certificate");
+    let (_, fp) = tls_request(
+        &s.addr,
+        "localhost",
+        tls_client(&[&first_copy]),
+        &get("/health", &[]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        fp, first.fingerprint,
+        "a bad file must not replace the certificate"
+    );
     std::fs::write(&first.key, good_key).unwrap();
 
     // New pair in place (init --force writes a fresh one over the same files).
@@ -193,12 +215,20 @@ async fn sighup_reload_presents_the_new_certificate_on_new_connections() {
     let (resp, fp) = tls_request(&s.addr, "localhost", trust, &get("/health", &[]))
         .await
         .unwrap();
-    assert_eq!(fp, second.fingerprint, "new connections see the new certificate");
+    assert_eq!(
+        fp, second.fingerprint,
+        "new connections see the new certificate"
+    );
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     // The old certificate is no longer trusted by a client that only knows it.
-    let e = tls_request(&s.addr, "localhost", tls_client(&[&first_copy]), &get("/health", &[]))
-        .await
-        .unwrap_err();
+    let e = tls_request(
+        &s.addr,
+        "localhost",
+        tls_client(&[&first_copy]),
+        &get("/health", &[]),
+    )
+    .await
+    .unwrap_err();
     assert!(e.contains("certificate"), "{e}");
     // Same process, same listener.
     assert!(s.child.as_ref().unwrap().id() as i32 == pid);

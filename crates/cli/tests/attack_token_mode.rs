@@ -55,7 +55,11 @@ async fn enroll_save_over_a_world_readable_token_file_makes_it_0600() {
 
     let c = code(&s, "modeuser").await;
     let out = enroll_save(&s, home.path(), "modeuser", &c);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(mode(&token), 0o600, "the old 0644 mode survived the write");
     let saved = std::fs::read_to_string(&token).unwrap();
     assert_ne!(saved.trim(), "old-token");
@@ -100,6 +104,10 @@ fn init_repairs_the_mode_of_an_existing_admin_token() {
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(mode(&token), 0o600);
 }

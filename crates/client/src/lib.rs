@@ -109,7 +109,10 @@ impl TlsClient {
         }
         let host = host.trim_start_matches('[').trim_end_matches(']');
         let name = rustls_pki_types::ServerName::try_from(host.to_string()).map_err(|e| {
-            ClientError::Tls(host.to_string(), format!("{host:?} is not a host name: {e}"))
+            ClientError::Tls(
+                host.to_string(),
+                format!("{host:?} is not a host name: {e}"),
+            )
         })?;
         let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),

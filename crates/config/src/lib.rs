@@ -515,18 +515,34 @@ mod tests {
             env.extend_from_slice(extra);
             load(DEFAULT_TOML, &env).unwrap().server
         };
-        assert!(srv("\"127.0.0.1:8080\"", &[]).check_plaintext().unwrap().is_none());
-        assert!(srv("\"[::1]:8080\"", &[]).check_plaintext().unwrap().is_none());
+        assert!(
+            srv("\"127.0.0.1:8080\"", &[])
+                .check_plaintext()
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            srv("\"[::1]:8080\"", &[])
+                .check_plaintext()
+                .unwrap()
+                .is_none()
+        );
         assert!(srv("\"\"", &[]).check_plaintext().unwrap().is_none());
         let e = srv("\"0.0.0.0:8080\"", &[]).check_plaintext().unwrap_err();
         assert!(e.to_string().contains("allow_plaintext"), "{e}");
-        let w = srv("\"0.0.0.0:8080\"", &[("BASPHERE_SERVER__ALLOW_PLAINTEXT", "true")])
-            .check_plaintext()
-            .unwrap();
+        let w = srv(
+            "\"0.0.0.0:8080\"",
+            &[("BASPHERE_SERVER__ALLOW_PLAINTEXT", "true")],
+        )
+        .check_plaintext()
+        .unwrap();
         assert!(w.unwrap().contains("TLS is off"));
         let tls = srv(
             "\"0.0.0.0:8080\"",
-            &[("BASPHERE_SERVER__TLS", "{ cert = \"/c.pem\", key = \"/k.pem\" }")],
+            &[(
+                "BASPHERE_SERVER__TLS",
+                "{ cert = \"/c.pem\", key = \"/k.pem\" }",
+            )],
         );
         assert!(tls.check_plaintext().unwrap().is_none());
     }
@@ -552,7 +568,10 @@ mod tests {
         .unwrap()
         .server;
         assert!(public.cookies_secure(None, None));
-        let e = load(DEFAULT_TOML, &[("BASPHERE_SERVER__PUBLIC_URL", "\"x.example\"")]);
+        let e = load(
+            DEFAULT_TOML,
+            &[("BASPHERE_SERVER__PUBLIC_URL", "\"x.example\"")],
+        );
         assert!(e.unwrap_err().to_string().contains("server.public_url"));
     }
 
