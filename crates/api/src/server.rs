@@ -100,6 +100,8 @@ pub struct ServeOptions {
     pub max_connections: usize,
     /// Connections at once from one peer: an IP address (IPv6: its /64) or a Unix uid.
     pub max_connections_per_peer: usize,
+    /// Peers exempt from the per-peer cap (the trusted proxies, which carry many clients).
+    pub uncapped: Vec<ipnet::IpNet>,
     /// TLS on the TCP listener.
     pub tls: Option<TlsCerts>,
 }
@@ -126,6 +128,7 @@ impl ServeOptions {
             idle_timeout: Duration::from_secs(cfg.idle_timeout_secs.max(1)),
             max_connections: cfg.max_connections.max(1),
             max_connections_per_peer: cfg.max_connections_per_ip.max(1),
+            uncapped: cfg.trusted_proxies.clone(),
             tls: None,
         }
     }
@@ -319,7 +322,12 @@ pub async fn serve_with(
                 match accepted {
                     Ok((stream, addr)) => {
                         let _ = stream.set_nodelay(true);
-                        let key = PeerKey::ip(addr.ip());
+                        let ip = addr.ip().to_canonical();
+                        let key = if ctx.opts.uncapped.iter().any(|n| n.contains(&ip)) {
+                            PeerKey::Uncapped
+                        } else {
+                            PeerKey::ip(ip)
+                        };
                         let peer = PeerInfo::Tcp(addr);
                         match ctx.opts.tls.clone() {
                             Some(tls) => ctx.admit_tls(stream, tls, key, peer),
@@ -361,6 +369,8 @@ enum PeerKey {
     /// The /64 of an IPv6 address: one subscriber usually holds a whole /64.
     V6Net(u64),
     Uid(u32),
+    /// A trusted proxy: only the global cap applies.
+    Uncapped,
 }
 
 impl PeerKey {
@@ -388,6 +398,13 @@ struct Slot {
 impl Caps {
     fn admit(self: &Arc<Self>, key: PeerKey) -> Option<Slot> {
         let permit = self.global.clone().try_acquire_owned().ok()?;
+        if key == PeerKey::Uncapped {
+            return Some(Slot {
+                caps: self.clone(),
+                key,
+                _permit: permit,
+            });
+        }
         let mut m = self.per_peer.lock().unwrap_or_else(|e| e.into_inner());
         let n = m.entry(key).or_insert(0);
         if *n >= self.max_per_peer {
@@ -632,5 +649,20 @@ mod tests {
         drop(s1);
         assert!(caps.admit(b2).is_some(), "freed slot reused");
         assert_eq!(b, b2, "one IPv6 /64 is one peer");
+    }
+
+    #[test]
+    fn a_trusted_proxy_meets_only_the_global_cap() {
+        let caps = Arc::new(Caps {
+            global: Arc::new(Semaphore::new(3)),
+            per_peer: Mutex::new(HashMap::new()),
+            max_per_peer: 1,
+        });
+        let held: Vec<_> = (0..3)
+            .map(|_| caps.admit(PeerKey::Uncapped).unwrap())
+            .collect();
+        assert!(caps.admit(PeerKey::Uncapped).is_none());
+        drop(held);
+        assert!(caps.per_peer.lock().unwrap().is_empty());
     }
 }

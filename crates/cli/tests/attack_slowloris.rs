@@ -171,6 +171,7 @@ async fn connections_over_the_caps_are_closed_at_once() {
         ("BASPHERE_SERVER__HEADER_READ_TIMEOUT_SECS", "20"),
         ("BASPHERE_SERVER__MAX_CONNECTIONS", "60"),
         ("BASPHERE_SERVER__MAX_CONNECTIONS_PER_IP", "10"),
+        ("BASPHERE_SERVER__TRUSTED_PROXIES", r#"["127.0.2.50/32"]"#),
     ]);
     let addr: SocketAddr = s.addr.parse().unwrap();
 
@@ -234,6 +235,13 @@ async fn connections_over_the_caps_are_closed_at_once() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+
+    // A trusted proxy carries many clients: only the global cap applies to it.
+    let (refused, proxied) = hold(15, |_| async move {
+        connect_from([127, 0, 2, 50], addr).await.unwrap()
+    })
+    .await;
+    assert_eq!((refused, proxied.len()), (0, 15), "trusted proxy");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

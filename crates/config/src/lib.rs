@@ -66,7 +66,8 @@ pub struct ServerConfig {
     pub allow_plaintext: bool,
     /// The URL users reach the server at; `https://…` makes the portal's cookies `Secure`.
     pub public_url: String,
-    /// Proxies whose `X-Forwarded-Proto` is believed (CIDRs); nobody else's is.
+    /// Proxies whose `X-Forwarded-Proto` is believed (CIDRs); nobody else's is. They carry many
+    /// clients, so only `max_connections` applies to them.
     pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
