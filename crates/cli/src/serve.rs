@@ -385,28 +385,34 @@ pub async fn serve(flag: Option<&Path>) -> anyhow::Result<()> {
         provider.kind()
     );
     let app = basphere_api::router(state.clone()).merge(basphere_web::router(state));
-    if let Some(tls) = serve_opts.tls.clone() {
+    let tls = serve_opts.tls.clone();
+    if let Some(tls) = &tls {
         eprintln!(
             "TLS certificate {} (SHA-256 {}); SIGHUP re-reads it",
             tls.files().cert.display(),
             tls.fingerprint()
         );
-        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-        tokio::spawn(async move {
-            while hup.recv().await.is_some() {
-                match tls.reload() {
-                    Ok(()) => {
-                        tracing::info!(fingerprint = %tls.fingerprint(), "TLS certificate reloaded");
-                        eprintln!("TLS certificate reloaded (SHA-256 {})", tls.fingerprint());
-                    }
-                    Err(e) => {
-                        tracing::error!("TLS reload failed, keeping the old certificate: {e}");
-                        eprintln!("error: TLS reload failed, keeping the old certificate: {e}");
-                    }
+    }
+    // SIGHUP re-reads the certificate; without TLS it is ignored (never the default: exit).
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            let Some(tls) = &tls else {
+                tracing::info!("SIGHUP: nothing to reload (TLS is off)");
+                continue;
+            };
+            match tls.reload() {
+                Ok(()) => {
+                    tracing::info!(fingerprint = %tls.fingerprint(), "TLS certificate reloaded");
+                    eprintln!("TLS certificate reloaded (SHA-256 {})", tls.fingerprint());
+                }
+                Err(e) => {
+                    tracing::error!("TLS reload failed, keeping the old certificate: {e}");
+                    eprintln!("error: TLS reload failed, keeping the old certificate: {e}");
                 }
             }
-        });
-    }
+        }
+    });
     let server = tokio::spawn(basphere_api::serve_with(app, listeners, serve_opts, rx));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
