@@ -18,4 +18,6 @@ pub use accounts::UnixAccounts;
 pub use auth::{Caller, PeerInfo, SESSION_COOKIE, cookie_value};
 pub use envelope::{ApiError, Envelope, Ok200};
 pub use input::{Body, MAX_BODY};
-pub use server::{AppState, Listeners, router, serve};
+pub use server::{
+    AppState, Listeners, ServeOptions, TlsCerts, TlsError, fingerprint, router, serve, serve_with,
+};

@@ -3,14 +3,30 @@ use crate::auth::PeerInfo;
 use crate::input::MAX_BODY;
 use crate::routes;
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
-use basphere_config::Config;
+use axum::extract::{ConnectInfo, DefaultBodyLimit};
+use axum::http::{HeaderValue, Request, header::STRICT_TRANSPORT_SECURITY};
+use basphere_config::{Config, ServerConfig, TlsFiles};
 use basphere_engine::Engine;
 use basphere_store::Store;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tower_service::Service;
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -30,8 +46,12 @@ pub struct Listeners {
 
 impl Listeners {
     /// Binds the configured Unix socket (mode 0666: the kernel authenticates callers) and TCP
-    /// address. A stale socket file left by a crash is replaced.
+    /// address. A stale socket file left by a crash is replaced. A non-loopback TCP address
+    /// without TLS is refused before anything is bound (see [`ServerConfig::check_plaintext`]).
     pub async fn bind(cfg: &Config) -> std::io::Result<Self> {
+        cfg.server
+            .check_plaintext()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e))?;
         let unix = if cfg.server.socket.as_os_str().is_empty() {
             None
         } else {
@@ -69,38 +89,580 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serves `app` (the API router, plus whatever is merged beside it) until `shutdown` turns true.
+/// How connections are served: slow-client timeouts, connection caps and TLS.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// Time to send a request's headers; also the keep-alive wait for the next request.
+    pub header_read_timeout: Duration,
+    /// Time a connection may move no byte in either direction.
+    pub idle_timeout: Duration,
+    /// Connections at once over all listeners.
+    pub max_connections: usize,
+    /// Connections at once from one peer: an IP address (IPv6: its /64) or a Unix uid.
+    pub max_connections_per_peer: usize,
+    /// Peers exempt from the per-peer cap (the trusted proxies, which carry many clients).
+    pub uncapped: Vec<ipnet::IpNet>,
+    /// TLS on the TCP listener.
+    pub tls: Option<TlsCerts>,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self::without_tls(&ServerConfig::default())
+    }
+}
+
+impl ServeOptions {
+    /// The `[server]` settings, with the TLS certificate loaded when one is configured.
+    pub fn from_config(cfg: &ServerConfig) -> Result<Self, TlsError> {
+        let tls = cfg.tls.as_ref().map(TlsCerts::load).transpose()?;
+        Ok(Self {
+            tls,
+            ..Self::without_tls(cfg)
+        })
+    }
+
+    fn without_tls(cfg: &ServerConfig) -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(cfg.header_read_timeout_secs.max(1)),
+            idle_timeout: Duration::from_secs(cfg.idle_timeout_secs.max(1)),
+            max_connections: cfg.max_connections.max(1),
+            max_connections_per_peer: cfg.max_connections_per_ip.max(1),
+            uncapped: cfg.trusted_proxies.clone(),
+            tls: None,
+        }
+    }
+}
+
+/// A certificate that cannot be used, with the file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("TLS certificate {0}: {1} (a PEM file with the certificate chain, leaf first)")]
+    Cert(PathBuf, String),
+    #[error("TLS key {0}: {1} (a PEM file with one PKCS#8, PKCS#1 or SEC1 private key)")]
+    Key(PathBuf, String),
+    #[error("TLS key {key} does not belong to certificate {cert}: {reason}")]
+    Mismatch {
+        cert: PathBuf,
+        key: PathBuf,
+        reason: String,
+    },
+}
+
+/// The TCP listener's certificate, swapped in place by [`TlsCerts::reload`]: connections made
+/// after a reload present the new one, the listener and open connections stay.
+#[derive(Clone)]
+pub struct TlsCerts {
+    files: TlsFiles,
+    current: Arc<CurrentCert>,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl std::fmt::Debug for TlsCerts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsCerts")
+            .field("files", &self.files)
+            .field("fingerprint", &self.fingerprint())
+            .finish()
+    }
+}
+
+#[derive(Debug)]
+struct CurrentCert(RwLock<Arc<CertifiedKey>>);
+
+impl ResolvesServerCert for CurrentCert {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+}
+
+impl TlsCerts {
+    /// Reads the certificate chain and key.
+    pub fn load(files: &TlsFiles) -> Result<Self, TlsError> {
+        let current = Arc::new(CurrentCert(RwLock::new(Arc::new(read_pair(files)?))));
+        let mut sc = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_no_client_auth()
+        .with_cert_resolver(current.clone());
+        sc.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Self {
+            files: files.clone(),
+            current,
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(sc)),
+        })
+    }
+
+    /// Re-reads the files; on any error the old certificate stays in use.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let new = Arc::new(read_pair(&self.files)?);
+        *self.current.0.write().unwrap_or_else(|e| e.into_inner()) = new;
+        Ok(())
+    }
+
+    /// SHA-256 of the leaf certificate (DER), as colon-separated hex.
+    pub fn fingerprint(&self) -> String {
+        let ck = self
+            .current
+            .0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        ck.cert.first().map(|c| fingerprint(c)).unwrap_or_default()
+    }
+
+    pub fn files(&self) -> &TlsFiles {
+        &self.files
+    }
+}
+
+/// SHA-256 of a DER certificate as `AB:CD:…`.
+pub fn fingerprint(der: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(der)
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn read_pair(files: &TlsFiles) -> Result<CertifiedKey, TlsError> {
+    let cert_err = |e: String| TlsError::Cert(files.cert.clone(), e);
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
+        .map_err(|e| cert_err(e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| cert_err(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(cert_err("no CERTIFICATE block found".into()));
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key)
+        .map_err(|e| TlsError::Key(files.key.clone(), e.to_string()))?;
+    let provider = rustls::crypto::ring::default_provider();
+    let signer = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| TlsError::Key(files.key.clone(), e.to_string()))?;
+    let ck = CertifiedKey::new(certs, signer);
+    ck.keys_match().map_err(|e| TlsError::Mismatch {
+        cert: files.cert.clone(),
+        key: files.key.clone(),
+        reason: e.to_string(),
+    })?;
+    Ok(ck)
+}
+
+/// Serves `app` (the API router, plus whatever is merged beside it) until `shutdown` turns
+/// true, with the default [`ServeOptions`] (no TLS).
 pub async fn serve(
     app: Router,
     listeners: Listeners,
     shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
+    serve_with(app, listeners, ServeOptions::default(), shutdown).await
+}
+
+/// Serves `app` on `listeners` until `shutdown` turns true, each connection under `opts`'
+/// timeouts and caps. On shutdown the listeners close at once and open connections finish
+/// their current request.
+pub async fn serve_with(
+    app: Router,
+    listeners: Listeners,
+    opts: ServeOptions,
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let caps = Arc::new(Caps {
+        global: Arc::new(Semaphore::new(opts.max_connections)),
+        per_peer: Mutex::new(HashMap::new()),
+        max_per_peer: opts.max_connections_per_peer,
+    });
+    let ctx = Arc::new(Ctx {
+        app,
+        opts,
+        caps: caps.clone(),
+        shutdown: shutdown.clone(),
+    });
     let mut tasks = tokio::task::JoinSet::new();
     if let Some((l, path)) = listeners.unix {
-        let app = app.clone();
+        let ctx = ctx.clone();
         let mut sd = shutdown.clone();
         tasks.spawn(async move {
-            let r = axum::serve(l, app.into_make_service_with_connect_info::<PeerInfo>())
-                .with_graceful_shutdown(async move {
-                    let _ = sd.wait_for(|s| *s).await;
-                })
-                .await;
+            loop {
+                let accepted = tokio::select! {
+                    a = l.accept() => a,
+                    _ = sd.wait_for(|s| *s) => break,
+                };
+                match accepted {
+                    Ok((stream, _)) => {
+                        let cred = stream.peer_cred().ok();
+                        let uid = cred.map(|c| c.uid());
+                        let peer = PeerInfo::Unix {
+                            uid,
+                            pid: cred.and_then(|c| c.pid()),
+                        };
+                        ctx.admit(stream, PeerKey::Uid(uid.unwrap_or(u32::MAX)), peer, false);
+                    }
+                    Err(e) => accept_failed(e).await,
+                }
+            }
+            drop(l);
             let _ = std::fs::remove_file(&path);
-            r
         });
     }
     if let Some(l) = listeners.tcp {
+        let ctx = ctx.clone();
         let mut sd = shutdown.clone();
         tasks.spawn(async move {
-            axum::serve(l, app.into_make_service_with_connect_info::<PeerInfo>())
-                .with_graceful_shutdown(async move {
-                    let _ = sd.wait_for(|s| *s).await;
-                })
-                .await
+            loop {
+                let accepted = tokio::select! {
+                    a = l.accept() => a,
+                    _ = sd.wait_for(|s| *s) => break,
+                };
+                match accepted {
+                    Ok((stream, addr)) => {
+                        let _ = stream.set_nodelay(true);
+                        let ip = addr.ip().to_canonical();
+                        let key = if ctx.opts.uncapped.iter().any(|n| n.contains(&ip)) {
+                            PeerKey::Uncapped
+                        } else {
+                            PeerKey::ip(ip)
+                        };
+                        let peer = PeerInfo::Tcp(addr);
+                        match ctx.opts.tls.clone() {
+                            Some(tls) => ctx.admit_tls(stream, tls, key, peer),
+                            None => ctx.admit(stream, key, peer, false),
+                        }
+                    }
+                    Err(e) => accept_failed(e).await,
+                }
+            }
         });
     }
     while let Some(r) = tasks.join_next().await {
-        r.map_err(std::io::Error::other)??;
+        r.map_err(std::io::Error::other)?;
     }
+    // Wait for open connections to finish (the caller bounds how long).
+    let all = u32::try_from(ctx.opts.max_connections).unwrap_or(u32::MAX);
+    let _ = caps.global.acquire_many(all).await;
     Ok(())
+}
+
+/// A failed `accept`: the peer's own failures are skipped; running out of descriptors (EMFILE)
+/// backs off briefly instead of spinning.
+async fn accept_failed(e: std::io::Error) {
+    use std::io::ErrorKind::*;
+    if matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | ConnectionRefused | Interrupted
+    ) {
+        return;
+    }
+    tracing::warn!(error = %e, "accepting a connection failed; retrying in 50 ms");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+/// Whom a connection counts against for the per-peer cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum PeerKey {
+    V4(std::net::Ipv4Addr),
+    /// The /64 of an IPv6 address: one subscriber usually holds a whole /64.
+    V6Net(u64),
+    Uid(u32),
+    /// A trusted proxy: only the global cap applies.
+    Uncapped,
+}
+
+impl PeerKey {
+    fn ip(ip: IpAddr) -> Self {
+        match ip.to_canonical() {
+            IpAddr::V4(a) => PeerKey::V4(a),
+            IpAddr::V6(a) => PeerKey::V6Net((u128::from(a) >> 64) as u64),
+        }
+    }
+}
+
+struct Caps {
+    global: Arc<Semaphore>,
+    per_peer: Mutex<HashMap<PeerKey, usize>>,
+    max_per_peer: usize,
+}
+
+/// One admitted connection's place under the caps; freed on drop.
+struct Slot {
+    caps: Arc<Caps>,
+    key: PeerKey,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Caps {
+    fn admit(self: &Arc<Self>, key: PeerKey) -> Option<Slot> {
+        let permit = self.global.clone().try_acquire_owned().ok()?;
+        if key == PeerKey::Uncapped {
+            return Some(Slot {
+                caps: self.clone(),
+                key,
+                _permit: permit,
+            });
+        }
+        let mut m = self.per_peer.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(key).or_insert(0);
+        if *n >= self.max_per_peer {
+            return None;
+        }
+        *n += 1;
+        Some(Slot {
+            caps: self.clone(),
+            key,
+            _permit: permit,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut m = self.caps.per_peer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.key);
+            }
+        }
+    }
+}
+
+struct Ctx {
+    app: Router,
+    opts: ServeOptions,
+    caps: Arc<Caps>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Ctx {
+    /// Serves `io` if the caps allow, else closes it at once.
+    fn admit<IO>(self: &Arc<Self>, io: IO, key: PeerKey, peer: PeerInfo, tls: bool)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Some(slot) = self.caps.admit(key) else {
+            tracing::debug!(?peer, "connection cap reached; closing");
+            return;
+        };
+        let ctx = self.clone();
+        tokio::spawn(async move {
+            ctx.serve_conn(io, peer, tls).await;
+            drop(slot);
+        });
+    }
+
+    /// Like [`Ctx::admit`], with a TLS handshake first (bounded by the header read timeout).
+    fn admit_tls(
+        self: &Arc<Self>,
+        io: tokio::net::TcpStream,
+        tls: TlsCerts,
+        key: PeerKey,
+        peer: PeerInfo,
+    ) {
+        let Some(slot) = self.caps.admit(key) else {
+            tracing::debug!(?peer, "connection cap reached; closing");
+            return;
+        };
+        let ctx = self.clone();
+        tokio::spawn(async move {
+            let hs = tokio::time::timeout(ctx.opts.header_read_timeout, tls.acceptor.accept(io));
+            match hs.await {
+                Ok(Ok(stream)) => ctx.serve_conn(stream, peer, true).await,
+                Ok(Err(e)) => tracing::debug!(?peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(?peer, "TLS handshake timed out"),
+            }
+            drop(slot);
+        });
+    }
+
+    async fn serve_conn<IO>(&self, io: IO, peer: PeerInfo, tls: bool)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let activity = Arc::new(Activity::new());
+        let io = Watched {
+            inner: io,
+            activity: activity.clone(),
+        };
+        let app = self.app.clone();
+        let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(peer.clone()));
+            let mut app = app.clone();
+            async move {
+                let mut resp = match app.call(req).await {
+                    Ok(r) => r,
+                    Err(never) => match never {},
+                };
+                if tls {
+                    resp.headers_mut().insert(
+                        STRICT_TRANSPORT_SECURITY,
+                        HeaderValue::from_static("max-age=31536000"),
+                    );
+                }
+                Ok::<_, Infallible>(resp)
+            }
+        });
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.opts.header_read_timeout)
+            .keep_alive(true);
+        let conn = builder.serve_connection(TokioIo::new(io), svc);
+        tokio::pin!(conn);
+        let mut sd = self.shutdown.clone();
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "connection ended");
+                    }
+                    break;
+                }
+                _ = sd.wait_for(|s| *s), if !closing => {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                _ = activity.idle_for(self.opts.idle_timeout) => {
+                    tracing::debug!("closing a connection idle for {:?}", self.opts.idle_timeout);
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// When a connection last moved a byte.
+struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Returns once no byte has moved for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let deadline = last + idle;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline.into()).await;
+        }
+    }
+}
+
+/// An IO that records each byte moved in [`Activity`].
+struct Watched<IO> {
+    inner: IO,
+    activity: Arc<Activity>,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        r
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_peer_cap_counts_and_frees() {
+        let caps = Arc::new(Caps {
+            global: Arc::new(Semaphore::new(3)),
+            per_peer: Mutex::new(HashMap::new()),
+            max_per_peer: 2,
+        });
+        let a = PeerKey::ip("10.0.0.1".parse().unwrap());
+        let b = PeerKey::ip("2001:db8::1".parse().unwrap());
+        let b2 = PeerKey::ip("2001:db8::ffff".parse().unwrap());
+        let s1 = caps.admit(a).unwrap();
+        let _s2 = caps.admit(a).unwrap();
+        assert!(caps.admit(a).is_none(), "third from one IP");
+        let _s3 = caps.admit(b).unwrap();
+        assert!(caps.admit(b2).is_none(), "global cap");
+        drop(s1);
+        assert!(caps.admit(b2).is_some(), "freed slot reused");
+        assert_eq!(b, b2, "one IPv6 /64 is one peer");
+    }
+
+    #[test]
+    fn a_trusted_proxy_meets_only_the_global_cap() {
+        let caps = Arc::new(Caps {
+            global: Arc::new(Semaphore::new(3)),
+            per_peer: Mutex::new(HashMap::new()),
+            max_per_peer: 1,
+        });
+        let held: Vec<_> = (0..3)
+            .map(|_| caps.admit(PeerKey::Uncapped).unwrap())
+            .collect();
+        assert!(caps.admit(PeerKey::Uncapped).is_none());
+        drop(held);
+        assert!(caps.per_peer.lock().unwrap().is_empty());
+    }
 }

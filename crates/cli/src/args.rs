@@ -27,9 +27,13 @@ pub struct Global {
     /// Server's Unix socket.
     #[arg(long, global = true, env = "BASPHERE_SOCKET")]
     pub socket: Option<PathBuf>,
-    /// Server's TCP address (host:port) for remote use with a token.
+    /// Server's address for remote use with a token: https://HOST:PORT (TLS) or HOST:PORT.
     #[arg(long, global = true, env = "BASPHERE_URL")]
     pub url: Option<String>,
+    /// PEM file of the CA (or self-signed certificate) an https:// --url must chain to
+    /// (default: the system's roots).
+    #[arg(long, global = true, env = "BASPHERE_CA")]
+    pub ca: Option<PathBuf>,
     /// API token for --url (default: ~/.config/basphere/token).
     #[arg(long, global = true, env = "BASPHERE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -48,9 +52,13 @@ pub enum Output {
 pub enum Cmd {
     /// Write a default config (if missing), create the data dir, database and first admin token.
     Init {
-        /// Replace an existing config file.
+        /// Replace an existing config file (and with --tls-cert, an existing certificate).
         #[arg(long)]
         force: bool,
+        /// Write a self-signed TLS certificate for HOSTNAME next to the config (tls/cert.pem,
+        /// tls/key.pem), turn on TLS in a newly written config, and print its fingerprint.
+        #[arg(long, value_name = "HOSTNAME")]
+        tls_cert: Option<String>,
     },
     /// Run the server: API on the Unix socket and TCP, and the workflow engine.
     Serve,

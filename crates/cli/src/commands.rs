@@ -25,20 +25,29 @@ fn token_file() -> Option<PathBuf> {
 
 fn client(g: &Global) -> anyhow::Result<Client> {
     if let Some(url) = &g.url {
-        let addr = url
-            .trim_start_matches("http://")
-            .trim_end_matches('/')
-            .to_string();
-        if addr.starts_with("https://") {
-            bail!(
-                "https is not supported by this client yet; use the server's http address on a trusted network or the Unix socket"
-            );
-        }
         let token = g.token.clone().or_else(|| {
             token_file()
                 .and_then(|p| std::fs::read_to_string(p).ok())
                 .map(|s| s.trim().to_string())
         });
+        if let Some(rest) = url.strip_prefix("https://") {
+            let addr = rest.trim_end_matches('/');
+            let (host, addr) = match addr.rsplit_once(':') {
+                Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => {
+                    (h.to_string(), addr.to_string())
+                }
+                _ => (addr.to_string(), format!("{addr}:443")),
+            };
+            let tls = basphere_client::TlsClient::new(&host, g.ca.as_deref())?;
+            return Ok(Client::new(Endpoint::Tcp { addr, token }).with_tls(tls));
+        }
+        if g.ca.is_some() {
+            bail!("--ca (BASPHERE_CA) needs an https:// --url");
+        }
+        let addr = url
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string();
         return Ok(Client::new(Endpoint::Tcp { addr, token }));
     }
     let socket = match &g.socket {
@@ -150,7 +159,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .init();
     }
     match cli.cmd {
-        Cmd::Init { force } => crate::serve::init(g.config.as_deref(), force).await?,
+        Cmd::Init { force, tls_cert } => {
+            crate::serve::init(g.config.as_deref(), force, tls_cert.as_deref()).await?
+        }
         Cmd::Serve => crate::serve::serve(g.config.as_deref()).await?,
         Cmd::InstallAliases { dir } => install_aliases(&dir)?,
         Cmd::Bench(a) => crate::bench::run(a).await?,
@@ -236,11 +247,12 @@ async fn client_cmd(g: &Global, out: Output, cmd: Cmd) -> anyhow::Result<ExitCod
             save,
         } => {
             let d = check(
-                c.post(
-                    "/api/v1/enroll",
-                    &json!({"username": username, "code": code}),
-                )
-                .await?,
+                c.without_token()
+                    .post(
+                        "/api/v1/enroll",
+                        &json!({"username": username, "code": code}),
+                    )
+                    .await?,
             )?;
             let token = d["token"].as_str().unwrap_or_default().to_string();
             if save {
@@ -436,19 +448,12 @@ async fn client_cmd(g: &Global, out: Output, cmd: Cmd) -> anyhow::Result<ExitCod
     Ok(ExitCode::SUCCESS)
 }
 
+/// Writes the token with mode 0600, also over an existing file with a wider mode.
 fn save_token(p: &Path, token: &str) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
     if let Some(d) = p.parent() {
         std::fs::create_dir_all(d)?;
     }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(p)?;
-    writeln!(f, "{token}")?;
-    Ok(())
+    crate::serve::write_private(p, format!("{token}\n").as_bytes())
 }
 
 const VM_COLS: &[(&str, &str)] = &[

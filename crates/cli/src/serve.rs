@@ -1,8 +1,8 @@
 //! `basphere init` and `basphere serve`.
 
 use anyhow::{Context, bail};
-use basphere_api::{AppState, Listeners, UnixAccounts};
-use basphere_config::{Config, DEFAULT_TOML};
+use basphere_api::{AppState, Listeners, ServeOptions, UnixAccounts};
+use basphere_config::{Config, DEFAULT_TOML, TlsFiles};
 use basphere_engine::{Catalog, Engine, EngineConfig};
 use basphere_store::{Actor, Store};
 use std::io::Write;
@@ -27,20 +27,34 @@ pub fn load_config(flag: Option<&Path>) -> anyhow::Result<Config> {
     Ok(Config::load(path.as_deref(), std::env::vars())?)
 }
 
-/// Writes the config (if missing), makes the data dir, database and first admin token.
-pub async fn init(flag: Option<&Path>, force: bool) -> anyhow::Result<()> {
+/// Writes the config (if missing), makes the data dir, database and first admin token, and
+/// with `tls_host` a self-signed TLS certificate for that host name.
+pub async fn init(flag: Option<&Path>, force: bool, tls_host: Option<&str>) -> anyhow::Result<()> {
     let path = flag
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+    let tls_files = tls_host.map(|_| {
+        let dir = path.parent().unwrap_or_else(|| Path::new(".")).join("tls");
+        TlsFiles {
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+        }
+    });
     if !path.exists() || force {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        std::fs::write(&path, DEFAULT_TOML)
-            .with_context(|| format!("writing {}", path.display()))?;
+        let text = match &tls_files {
+            Some(t) => with_tls_line(DEFAULT_TOML, t),
+            None => DEFAULT_TOML.to_string(),
+        };
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
         println!("wrote {}", path.display());
     } else {
         println!("keeping existing {}", path.display());
+    }
+    if let (Some(host), Some(files)) = (tls_host, &tls_files) {
+        self_signed(host, files, force)?;
     }
     let cfg = Config::load(Some(&path), std::env::vars())?;
     std::fs::create_dir_all(&cfg.data_dir)
@@ -61,20 +75,120 @@ pub async fn init(flag: Option<&Path>, force: bool) -> anyhow::Result<()> {
                 &Actor::new("basphere", "init"),
             )
             .await?;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&token_path)
-            .with_context(|| format!("writing {}", token_path.display()))?;
-        writeln!(f, "{secret}")?;
+        write_private(&token_path, format!("{secret}\n").as_bytes())?;
         println!(
             "admin token written to {} (mode 0600)",
             token_path.display()
         );
+    } else {
+        // An older install (or a hand-made file) may have left it readable by others.
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&token_path)
+            .with_context(|| format!("opening {}", token_path.display()))?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("making {} mode 0600", token_path.display()))?;
     }
     store.close().await;
     println!("data dir {} ready", cfg.data_dir.display());
+    Ok(())
+}
+
+/// `text` (the default config) with `tls = {…}` set in `[server]`.
+fn with_tls_line(text: &str, t: &TlsFiles) -> String {
+    let line = format!(
+        "tls = {{ cert = {:?}, key = {:?} }}",
+        t.cert.display().to_string(),
+        t.key.display().to_string()
+    );
+    let mut out = String::new();
+    let mut done = false;
+    for l in text.lines() {
+        if !done && l.trim_start().starts_with("# tls = {") {
+            out.push_str(&line);
+            done = true;
+        } else {
+            out.push_str(l);
+        }
+        out.push('\n');
+    }
+    if !done {
+        out = text.replacen("[server]\n", &format!("[server]\n{line}\n"), 1);
+    }
+    out
+}
+
+/// Writes a self-signed certificate for `host` (a DNS name or IP address) and its key (mode
+/// 0600) unless they exist (or `force`), and prints the certificate's SHA-256 fingerprint,
+/// which clients compare before trusting it with `--ca`.
+fn self_signed(host: &str, files: &TlsFiles, force: bool) -> anyhow::Result<()> {
+    if files.cert.exists() && !force {
+        let pem = std::fs::read(&files.cert)
+            .with_context(|| format!("reading {}", files.cert.display()))?;
+        use rustls_pki_types::pem::PemObject;
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(&pem)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", files.cert.display()))?;
+        println!(
+            "keeping existing TLS certificate {} (SHA-256 {})",
+            files.cert.display(),
+            basphere_api::fingerprint(&der)
+        );
+        return Ok(());
+    }
+    let mut names = vec![host.to_string()];
+    if host != "localhost" && host.parse::<std::net::IpAddr>().is_err() {
+        names.push("localhost".into());
+    }
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .context("generating the TLS key")?;
+    let mut params = rcgen::CertificateParams::new(names)
+        .with_context(|| format!("{host:?} is not a valid host name for a certificate"))?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, host);
+    params.not_before = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
+    params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(825);
+    let cert = params
+        .self_signed(&key)
+        .context("signing the TLS certificate")?;
+    if let Some(dir) = files.cert.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    write_private(&files.key, key.serialize_pem().as_bytes())?;
+    std::fs::write(&files.cert, cert.pem())
+        .with_context(|| format!("writing {}", files.cert.display()))?;
+    println!(
+        "wrote a self-signed TLS certificate for {host}: {} (key {})",
+        files.cert.display(),
+        files.key.display()
+    );
+    println!(
+        "certificate SHA-256 fingerprint: {}",
+        basphere_api::fingerprint(cert.der())
+    );
+    println!(
+        "clients: copy {} and use --url https://{host}:PORT --ca cert.pem (or BASPHERE_CA)",
+        files.cert.display()
+    );
+    Ok(())
+}
+
+/// Writes `bytes` to `p` with mode 0600, also when `p` existed with a wider mode; never
+/// through a symlink.
+pub(crate) fn write_private(p: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(p)
+        .with_context(|| format!("writing {}", p.display()))?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("making {} mode 0600", p.display()))?;
+    f.write_all(bytes)
+        .with_context(|| format!("writing {}", p.display()))?;
     Ok(())
 }
 
@@ -151,9 +265,44 @@ fn uuid_like() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// Every connection holds a descriptor: raise the soft limit to the hard one so the connection
+/// caps, not EMFILE, decide who is refused.
+fn raise_fd_limit(cfg: &Config) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        }
+    }
+    let need = cfg.server.max_connections as u64 + 256;
+    if lim.rlim_cur < need {
+        tracing::warn!(
+            "open-file limit {} is below server.max_connections + 256 = {need}; \
+             raise LimitNOFILE or lower max_connections",
+            lim.rlim_cur
+        );
+    }
+}
+
 /// Runs the server until SIGTERM/SIGINT.
 pub async fn serve(flag: Option<&Path>) -> anyhow::Result<()> {
     let cfg = Arc::new(load_config(flag)?);
+    // Before anything is bound: a non-loopback listener without TLS needs allow_plaintext.
+    if let Some(warning) = cfg.server.check_plaintext()? {
+        tracing::warn!("{warning}");
+        eprintln!("warning: {warning}");
+    }
+    let serve_opts = ServeOptions::from_config(&cfg.server)?;
+    raise_fd_limit(&cfg);
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
     // One server per data dir: the node id (and its leases) must not be shared.
@@ -227,14 +376,45 @@ pub async fn serve(flag: Option<&Path>) -> anyhow::Result<()> {
         env!("CARGO_PKG_VERSION"),
         cfg.server.socket.display(),
         if cfg.server.listen.is_empty() {
-            "off"
+            "off".to_string()
+        } else if serve_opts.tls.is_some() {
+            format!("https://{}", cfg.server.listen)
         } else {
-            &cfg.server.listen
+            format!("http://{}", cfg.server.listen)
         },
         provider.kind()
     );
     let app = basphere_api::router(state.clone()).merge(basphere_web::router(state));
-    let server = tokio::spawn(basphere_api::serve(app, listeners, rx));
+    let app = basphere_api::limits::harden(app, &cfg);
+    let tls = serve_opts.tls.clone();
+    if let Some(tls) = &tls {
+        eprintln!(
+            "TLS certificate {} (SHA-256 {}); SIGHUP re-reads it",
+            tls.files().cert.display(),
+            tls.fingerprint()
+        );
+    }
+    // SIGHUP re-reads the certificate; without TLS it is ignored (never the default: exit).
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            let Some(tls) = &tls else {
+                tracing::info!("SIGHUP: nothing to reload (TLS is off)");
+                continue;
+            };
+            match tls.reload() {
+                Ok(()) => {
+                    tracing::info!(fingerprint = %tls.fingerprint(), "TLS certificate reloaded");
+                    eprintln!("TLS certificate reloaded (SHA-256 {})", tls.fingerprint());
+                }
+                Err(e) => {
+                    tracing::error!("TLS reload failed, keeping the old certificate: {e}");
+                    eprintln!("error: TLS reload failed, keeping the old certificate: {e}");
+                }
+            }
+        }
+    });
+    let server = tokio::spawn(basphere_api::serve_with(app, listeners, serve_opts, rx));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}

@@ -1,5 +1,5 @@
 //! A small HTTP/1 client for the Basphere API, over the server's Unix socket (identity from
-//! the kernel, no token) or TCP with a bearer token.
+//! the kernel, no token) or TCP (plain or TLS) with a bearer token.
 
 use http_body_util::{BodyExt, Full};
 pub use hyper::Method;
@@ -8,7 +8,8 @@ use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::Value;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Where the server is.
 #[derive(Debug, Clone)]
@@ -46,6 +47,12 @@ pub enum ClientError {
         "cannot connect to the basphere server at {0}: {1} (is `basphere serve` running? set BASPHERE_SOCKET or BASPHERE_URL)"
     )]
     Connect(String, std::io::Error),
+    #[error(
+        "TLS with {0} failed: {1} (if the server's certificate is self-signed or from a private CA, pass that certificate with --ca FILE or BASPHERE_CA)"
+    )]
+    Tls(String, String),
+    #[error("cannot use CA file {0}: {1}")]
+    Ca(PathBuf, String),
     #[error("HTTP error talking to {0}: {1}")]
     Http(String, String),
     #[error("the server sent a response that is not Basphere's JSON envelope (status {0}): {1}")]
@@ -56,13 +63,96 @@ pub enum ClientError {
 #[derive(Debug, Clone)]
 pub struct Client {
     endpoint: Endpoint,
+    tls: Option<TlsClient>,
+}
+
+/// How a TCP endpoint's TLS certificate is checked: the name it must carry and the roots
+/// it must chain to.
+#[derive(Clone)]
+pub struct TlsClient {
+    config: Arc<rustls::ClientConfig>,
+    name: rustls_pki_types::ServerName<'static>,
+}
+
+impl std::fmt::Debug for TlsClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsClient")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl TlsClient {
+    /// Verifies `host` against the PEM certificates in `ca` (a private CA, or the server's
+    /// self-signed certificate), or against the system's roots when `ca` is `None`.
+    pub fn new(host: &str, ca: Option<&Path>) -> Result<Self, ClientError> {
+        use rustls_pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        match ca {
+            Some(path) => {
+                let bad = |e: String| ClientError::Ca(path.to_path_buf(), e);
+                let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
+                    .map_err(|e| bad(e.to_string()))?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| bad(e.to_string()))?;
+                if certs.is_empty() {
+                    return Err(bad("no PEM CERTIFICATE in it".into()));
+                }
+                for c in certs {
+                    roots.add(c).map_err(|e| bad(e.to_string()))?;
+                }
+            }
+            None => {
+                let found = rustls_native_certs::load_native_certs();
+                roots.add_parsable_certificates(found.certs);
+            }
+        }
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let name = rustls_pki_types::ServerName::try_from(host.to_string()).map_err(|e| {
+            ClientError::Tls(
+                host.to_string(),
+                format!("{host:?} is not a host name: {e}"),
+            )
+        })?;
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Self {
+            config: Arc::new(config),
+            name,
+        })
+    }
 }
 
 type Conn = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
 impl Client {
     pub fn new(endpoint: Endpoint) -> Self {
-        Self { endpoint }
+        Self {
+            endpoint,
+            tls: None,
+        }
+    }
+
+    /// The same endpoint without a bearer token, for anonymous routes (a stale saved token
+    /// must not make them fail, nor travel where it is not needed).
+    pub fn without_token(&self) -> Self {
+        let mut c = self.clone();
+        if let Endpoint::Tcp { token, .. } = &mut c.endpoint {
+            *token = None;
+        }
+        c
+    }
+
+    /// Talks TLS to the TCP endpoint, checking its certificate as `tls` says.
+    pub fn with_tls(mut self, tls: TlsClient) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     pub fn endpoint(&self) -> &Endpoint {
@@ -72,6 +162,7 @@ impl Client {
     fn shown(&self) -> String {
         match &self.endpoint {
             Endpoint::Unix(p) => p.display().to_string(),
+            Endpoint::Tcp { addr, .. } if self.tls.is_some() => format!("https://{addr}"),
             Endpoint::Tcp { addr, .. } => addr.clone(),
         }
     }
@@ -98,7 +189,16 @@ impl Client {
                 let s = tokio::net::TcpStream::connect(addr)
                     .await
                     .map_err(|e| ClientError::Connect(shown.clone(), e))?;
-                handshake!(s)
+                match &self.tls {
+                    Some(tls) => {
+                        let s = tokio_rustls::TlsConnector::from(tls.config.clone())
+                            .connect(tls.name.clone(), s)
+                            .await
+                            .map_err(|e| ClientError::Tls(shown.clone(), e.to_string()))?;
+                        handshake!(s)
+                    }
+                    None => handshake!(s),
+                }
             }
         }
     }

@@ -55,6 +55,33 @@ pub struct ServerConfig {
     /// Host names (without port) requests may name in `Host`, besides IP literals, `localhost`,
     /// this machine's name, `bastion.host` and `basphere` (the CLI's name). `["*"]`: any.
     pub allowed_hosts: Vec<String>,
+    /// Seconds a client has to send a request's headers (also how long an idle keep-alive
+    /// connection waits for its next request).
+    pub header_read_timeout_secs: u64,
+    /// Seconds a connection may move no byte in either direction before it is closed.
+    pub idle_timeout_secs: u64,
+    /// Connections served at once over both listeners; more are closed at once.
+    pub max_connections: usize,
+    /// Connections at once from one IP address (TCP) or one uid (Unix socket).
+    pub max_connections_per_ip: usize,
+    /// Native TLS on the TCP listener (certificate and key re-read on SIGHUP).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsFiles>,
+    /// Serve plain HTTP on a non-loopback `listen` address (warned at every start).
+    pub allow_plaintext: bool,
+    /// The URL users reach the server at; `https://…` makes the portal's cookies `Secure`.
+    pub public_url: String,
+    /// Proxies whose `X-Forwarded-Proto` is believed (CIDRs); nobody else's is. They carry many
+    /// clients, so only `max_connections` applies to them.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+/// PEM files of the TCP listener's certificate chain and private key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl Default for ServerConfig {
@@ -63,6 +90,14 @@ impl Default for ServerConfig {
             socket: PathBuf::from("/run/basphere/basphere.sock"),
             listen: "127.0.0.1:8080".into(),
             admin: "admin".parse().expect("valid"),
+            header_read_timeout_secs: 10,
+            idle_timeout_secs: 60,
+            max_connections: 1024,
+            max_connections_per_ip: 64,
+            tls: None,
+            allow_plaintext: false,
+            public_url: String::new(),
+            trusted_proxies: Vec::new(),
             allowed_hosts: vec![],
         }
     }
@@ -100,6 +135,61 @@ impl Default for LimitsConfig {
             streams_total: 512,
             stream_replay: 1000,
         }
+    }
+}
+
+impl ServerConfig {
+    /// Whether `listen` only reaches this host (every address it names is loopback).
+    pub fn listen_is_loopback(&self) -> bool {
+        use std::net::ToSocketAddrs;
+        match self.listen.to_socket_addrs() {
+            Ok(addrs) => {
+                let addrs: Vec<_> = addrs.collect();
+                !addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback())
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Refuses a TCP listener that would carry tokens in clear to other hosts: a non-loopback
+    /// `listen` needs `tls` or an explicit `allow_plaintext = true`. Returns a warning to show
+    /// when plaintext is allowed that way. Checked before anything is bound.
+    pub fn check_plaintext(&self) -> Result<Option<String>, ConfigError> {
+        if self.listen.is_empty() || self.tls.is_some() || self.listen_is_loopback() {
+            return Ok(None);
+        }
+        let what = format!(
+            "listen = {:?} is reachable from other hosts but TLS is off, so tokens and cookies \
+             would cross the network in clear",
+            self.listen
+        );
+        if self.allow_plaintext {
+            return Ok(Some(format!(
+                "server.{what} (allowed by server.allow_plaintext = true)"
+            )));
+        }
+        Err(ConfigError::Invalid {
+            key: "server.listen".into(),
+            reason: format!(
+                "{what}. Set [server] tls = {{ cert = \"…\", key = \"…\" }} (`basphere init \
+                 --tls-cert HOSTNAME` writes a self-signed pair), or listen on 127.0.0.1 behind \
+                 a TLS proxy, or set server.allow_plaintext = true on a trusted network"
+            ),
+        })
+    }
+
+    /// Whether the portal's cookies get `Secure`: TLS here, an `https://` public URL, or a
+    /// trusted proxy (by `peer` address) that says the client used https.
+    pub fn cookies_secure(
+        &self,
+        peer: Option<std::net::IpAddr>,
+        forwarded_proto: Option<&str>,
+    ) -> bool {
+        if self.tls.is_some() || self.public_url.starts_with("https://") {
+            return true;
+        }
+        let trusted = peer.is_some_and(|ip| self.trusted_proxies.iter().any(|n| n.contains(&ip)));
+        trusted && forwarded_proto.is_some_and(|p| p.trim().eq_ignore_ascii_case("https"))
     }
 }
 
@@ -225,7 +315,7 @@ pub enum ConfigError {
 }
 
 /// Environment variables that configure the client, never config keys.
-const CLIENT_VARS: &[&str] = &["CONFIG", "SOCKET", "URL", "TOKEN", "OUTPUT", "LOG"];
+const CLIENT_VARS: &[&str] = &["CONFIG", "SOCKET", "URL", "TOKEN", "CA", "OUTPUT", "LOG"];
 
 impl Config {
     /// Reads `path` (or the embedded defaults when `None`), applies `env`, validates.
@@ -326,6 +416,39 @@ impl Config {
             return Err(bad(
                 "limits",
                 "streams_per_user and streams_total must be at least 1".into(),
+            ));
+        }
+        let srv = &self.server;
+        if srv.header_read_timeout_secs == 0 || srv.idle_timeout_secs == 0 {
+            return Err(bad(
+                "server",
+                "header_read_timeout_secs and idle_timeout_secs must be at least 1".into(),
+            ));
+        }
+        if srv.max_connections == 0
+            || srv.max_connections_per_ip == 0
+            || srv.max_connections_per_ip > srv.max_connections
+        {
+            return Err(bad(
+                "server.max_connections_per_ip",
+                "need 1 ≤ max_connections_per_ip ≤ max_connections".into(),
+            ));
+        }
+        if !srv.public_url.is_empty()
+            && !srv.public_url.starts_with("https://")
+            && !srv.public_url.starts_with("http://")
+        {
+            return Err(bad(
+                "server.public_url",
+                format!("{:?} must start with https:// or http://", srv.public_url),
+            ));
+        }
+        if let Some(t) = &srv.tls
+            && (t.cert.as_os_str().is_empty() || t.key.as_os_str().is_empty())
+        {
+            return Err(bad(
+                "server.tls",
+                "needs both cert and key (PEM file paths)".into(),
             ));
         }
         if self.provider.kind == ProviderKind::Vsphere && self.vsphere.is_none() {
@@ -438,6 +561,73 @@ mod tests {
         assert_eq!(c.network.cidr.to_string(), "10.9.0.0/21");
         assert_eq!(c.quota.max_vms, 3);
         assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn plaintext_needs_loopback_tls_or_consent() {
+        let srv = |listen: &str, extra: &[(&str, &str)]| {
+            let mut env = vec![("BASPHERE_SERVER__LISTEN", listen)];
+            env.extend_from_slice(extra);
+            load(DEFAULT_TOML, &env).unwrap().server
+        };
+        assert!(
+            srv("\"127.0.0.1:8080\"", &[])
+                .check_plaintext()
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            srv("\"[::1]:8080\"", &[])
+                .check_plaintext()
+                .unwrap()
+                .is_none()
+        );
+        assert!(srv("\"\"", &[]).check_plaintext().unwrap().is_none());
+        let e = srv("\"0.0.0.0:8080\"", &[]).check_plaintext().unwrap_err();
+        assert!(e.to_string().contains("allow_plaintext"), "{e}");
+        let w = srv(
+            "\"0.0.0.0:8080\"",
+            &[("BASPHERE_SERVER__ALLOW_PLAINTEXT", "true")],
+        )
+        .check_plaintext()
+        .unwrap();
+        assert!(w.unwrap().contains("TLS is off"));
+        let tls = srv(
+            "\"0.0.0.0:8080\"",
+            &[(
+                "BASPHERE_SERVER__TLS",
+                "{ cert = \"/c.pem\", key = \"/k.pem\" }",
+            )],
+        );
+        assert!(tls.check_plaintext().unwrap().is_none());
+    }
+
+    #[test]
+    fn cookies_secure_only_from_config() {
+        let ip = |s: &str| Some(s.parse::<std::net::IpAddr>().unwrap());
+        let plain = load(DEFAULT_TOML, &[]).unwrap().server;
+        assert!(!plain.cookies_secure(ip("127.0.0.1"), Some("https")));
+        let proxied = load(
+            DEFAULT_TOML,
+            &[("BASPHERE_SERVER__TRUSTED_PROXIES", "[\"10.0.0.0/8\"]")],
+        )
+        .unwrap()
+        .server;
+        assert!(proxied.cookies_secure(ip("10.1.2.3"), Some("HTTPS")));
+        assert!(!proxied.cookies_secure(ip("192.0.2.1"), Some("https")));
+        assert!(!proxied.cookies_secure(ip("10.1.2.3"), None));
+        let public = load(
+            DEFAULT_TOML,
+            &[("BASPHERE_SERVER__PUBLIC_URL", "\"https://x.example\"")],
+        )
+        .unwrap()
+        .server;
+        assert!(public.cookies_secure(None, None));
+        let e = load(
+            DEFAULT_TOML,
+            &[("BASPHERE_SERVER__PUBLIC_URL", "\"x.example\"")],
+        );
+        assert!(e.unwrap_err().to_string().contains("server.public_url"));
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //!
 //! Sessions are server-side: signing in (with an API token, or an enrollment code) mints a new
 //! API token named `web session` that expires after [`SESSION_HOURS`]; its secret is the value of
-//! the `bsp_session` cookie (HttpOnly, SameSite=Strict, Secure when the request came over TLS,
-//! i.e. `X-Forwarded-Proto: https` from the TLS proxy in front). Like every token it is stored
+//! the `bsp_session` cookie (HttpOnly, SameSite=Strict, Secure when the server speaks TLS, its
+//! `public_url` is https, or a `trusted_proxies` peer says `X-Forwarded-Proto: https`; a
+//! header from anyone else changes nothing). Like every token it is stored
 //! only as a SHA-256 hash, shows in `basphere token list` and can be revoked there; signing out
 //! revokes it. So no signing key has to be kept, and a stolen cookie dies with the session.
 //!
@@ -91,11 +92,17 @@ impl FromRequestParts<AppState> for Visitor {
             None => "unknown".into(),
         };
         let client = peer.map_or(ClientKey::Unknown, ClientKey::of);
-        let secure = parts
-            .headers
-            .get("x-forwarded-proto")
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.eq_ignore_ascii_case("https"));
+        let peer_ip = match parts.extensions.get::<ConnectInfo<PeerInfo>>() {
+            Some(ConnectInfo(PeerInfo::Tcp(a))) => Some(a.ip().to_canonical()),
+            _ => None,
+        };
+        let secure = st.config.server.cookies_secure(
+            peer_ip,
+            parts
+                .headers
+                .get("x-forwarded-proto")
+                .and_then(|v| v.to_str().ok()),
+        );
         let session = cookie_value(&parts.headers, SESSION_COOKIE).map(str::to_string);
         let caller = match &session {
             Some(s) => Caller::from_session(st, s, &source)
