@@ -282,7 +282,9 @@ impl UnixAccounts {
             .arg(&self.group)
             .arg(user.as_str()))?;
         let made = lookup(user.as_str())?.ok_or_else(|| {
-            AccountError::Failed(format!("useradd {user} succeeded but the account is missing"))
+            AccountError::Failed(format!(
+                "useradd {user} succeeded but the account is missing"
+            ))
         });
         let result = made.and_then(|pw| {
             if !ordinary_uids().contains(&pw.uid.as_raw()) {

@@ -90,7 +90,10 @@ impl std::str::FromStr for SshPublicKey {
         }
         // Control or non-ASCII characters in the comment would reach authorized_keys and
         // cloud-init user data verbatim.
-        if let Some(c) = s.chars().find(|c| !(c.is_ascii_graphic() || *c == ' ' || *c == '\t')) {
+        if let Some(c) = s
+            .chars()
+            .find(|c| !(c.is_ascii_graphic() || *c == ' ' || *c == '\t'))
+        {
             return Err(SshKeyError::Unprintable(c));
         }
         let mut parts = s.split_whitespace();
@@ -209,7 +212,9 @@ mod tests {
 
     #[test]
     fn refuses_unprintable_comments() {
-        for bad in ['\u{1b}', '\0', '\u{7f}', '\u{b}', '\u{c}', '\u{85}', '\u{2028}', 'é'] {
+        for bad in [
+            '\u{1b}', '\0', '\u{7f}', '\u{b}', '\u{c}', '\u{85}', '\u{2028}', 'é',
+        ] {
             let line = format!("{ED} evil{bad}comment");
             assert_eq!(
                 line.parse::<SshPublicKey>(),
@@ -220,6 +225,9 @@ mod tests {
         let k: SshPublicKey = format!("{ED}\tand more: ~!@#$%^&*()[]{{}}")
             .parse()
             .unwrap();
-        assert!(k.as_str().ends_with("alice@laptop and more: ~!@#$%^&*()[]{}"));
+        assert!(
+            k.as_str()
+                .ends_with("alice@laptop and more: ~!@#$%^&*()[]{}")
+        );
     }
 }

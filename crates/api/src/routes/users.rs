@@ -328,8 +328,7 @@ async fn set_disabled(
                     .await
                     .map_err(user_err)?;
                 let what = if disabled { "locking" } else { "unlocking" };
-                let msg =
-                    format!("{what} the Unix account {u} failed, so {u} was not {done}: {e}");
+                let msg = format!("{what} the Unix account {u} failed, so {u} was not {done}: {e}");
                 return Err(match e {
                     AccountError::Refused(_) => ApiError::conflict(msg),
                     AccountError::Failed(_) => ApiError::internal(msg),
