@@ -10,8 +10,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-const GROUP: &str = "bspacc-users";
-
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
@@ -40,13 +38,24 @@ impl Drop for Account {
     }
 }
 
-fn managed_server(extra: &[(&str, &str)]) -> Server {
+/// Removes the managed group when the test ends (after its accounts, declared later).
+struct Group(String);
+impl Drop for Group {
+    fn drop(&mut self) {
+        let _ = Command::new("groupdel").arg(&self.0).output();
+    }
+}
+
+/// A server managing accounts in a group of its own.
+fn managed_server(extra: &[(&str, &str)]) -> (Group, Server) {
+    let group = Group(format!("{}-g", name()));
     let mut env = vec![
         ("BASPHERE_BASTION__MANAGE_ACCOUNTS", "true"),
-        ("BASPHERE_BASTION__GROUP", GROUP),
+        ("BASPHERE_BASTION__GROUP", group.0.as_str()),
     ];
     env.extend_from_slice(extra);
-    Server::start(&env)
+    let s = Server::start(&env);
+    (group, s)
 }
 
 fn passwd(name: &str) -> Option<nix::unistd::User> {
@@ -126,7 +135,7 @@ async fn key_change_approval_never_follows_planted_links_or_fifos() {
         eprintln!("SKIPPED: creating Unix accounts needs root");
         return;
     }
-    let s = managed_server(&[]);
+    let (_group, s) = managed_server(&[]);
     let user = name();
     let _acc = Account(user.clone());
     let pw = approved(&s, &user).await;
@@ -251,7 +260,7 @@ async fn existing_unix_accounts_cannot_be_taken_over() {
         eprintln!("SKIPPED: creating Unix accounts needs root");
         return;
     }
-    let s = managed_server(&[]);
+    let (_group, s) = managed_server(&[]);
     let colleague = name();
     let _c = Account(colleague.clone());
     let st = Command::new("useradd")
@@ -403,7 +412,7 @@ async fn disabling_a_user_locks_their_bastion_login() {
         eprintln!("SKIPPED: creating Unix accounts needs root");
         return;
     }
-    let s = managed_server(&[]);
+    let (_group, s) = managed_server(&[]);
     let user = name();
     let _a = Account(user.clone());
     let pw = approved(&s, &user).await;
@@ -481,7 +490,7 @@ async fn approval_decides_first_and_compensates() {
         return;
     }
     // one block only, and the admin holds it
-    let s = managed_server(&[("BASPHERE_NETWORK__CIDR", "\"10.254.0.0/27\"")]);
+    let (_group, s) = managed_server(&[("BASPHERE_NETWORK__CIDR", "\"10.254.0.0/27\"")]);
     let user = name();
     let _a = Account(user.clone());
     let r = s
@@ -503,7 +512,7 @@ async fn approval_decides_first_and_compensates() {
     drop(s);
 
     // the home is already a directory of someone else's: creation cannot be made safe
-    let s = managed_server(&[]);
+    let (_group2, s) = managed_server(&[]);
     let user = name();
     let _a = Account(user.clone());
     let home = PathBuf::from(format!("/home/{user}"));
