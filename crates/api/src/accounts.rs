@@ -71,11 +71,11 @@ pub fn ordinary_uids() -> std::ops::RangeInclusive<u32> {
     let defs = std::fs::read_to_string("/etc/login.defs").unwrap_or_default();
     let get = |key: &str, default: u32| {
         defs.lines()
-            .filter_map(|l| {
+            .rev()
+            .find_map(|l| {
                 let mut w = l.split_whitespace();
                 (w.next() == Some(key)).then(|| w.next()?.parse().ok())?
             })
-            .last()
             .unwrap_or(default)
     };
     get("UID_MIN", 1000)..=get("UID_MAX", 60000)

@@ -680,3 +680,142 @@ async fn keys_with_control_characters_are_refused() {
         .data;
     assert_eq!(kc.as_array().unwrap().len(), 0);
 }
+
+/// A real sshd on 127.0.0.1 (killed by PID on drop), configured like a bastion's.
+struct Sshd {
+    child: std::process::Child,
+    port: u16,
+}
+impl Sshd {
+    fn start(dir: &Path) -> Sshd {
+        let sshd = Path::new("/usr/sbin/sshd");
+        assert!(
+            sshd.exists(),
+            "this test needs a real sshd: apt-get install openssh-server"
+        );
+        std::fs::create_dir_all("/run/sshd").unwrap();
+        let hostkey = dir.join("ssh_host_ed25519_key");
+        let st = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&hostkey)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let conf = dir.join("sshd_config");
+        std::fs::write(
+            &conf,
+            format!(
+                "ListenAddress 127.0.0.1:{port}\nHostKey {}\nPidFile none\n\
+                 AuthorizedKeysFile .ssh/authorized_keys\nPubkeyAuthentication yes\n\
+                 PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM yes\n\
+                 StrictModes yes\n",
+                hostkey.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(sshd)
+            .arg("-D")
+            .arg("-f")
+            .arg(&conf)
+            .arg("-E")
+            .arg(dir.join("sshd.log"))
+            .spawn()
+            .unwrap();
+        let t0 = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(t0.elapsed() < Duration::from_secs(10), "sshd did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Sshd { child, port }
+    }
+
+    /// Whether `user` logs in with private key `key` and runs a command.
+    fn login(&self, user: &str, key: &Path) -> bool {
+        Command::new("ssh")
+            .args([
+                "-F",
+                "/dev/null",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "IdentitiesOnly=yes",
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "ConnectTimeout=10",
+                "-i",
+            ])
+            .arg(key)
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg(format!("{user}@127.0.0.1"))
+            .arg("true")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+            .status
+            .success()
+    }
+}
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// M4 against a real sshd: the user logs in, is disabled and cannot, is enabled and can again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disabled_user_cannot_log_in_over_ssh() {
+    if !is_root() {
+        eprintln!("SKIPPED: creating Unix accounts and running sshd needs root");
+        return;
+    }
+    let (_group, s) = managed_server(&[]);
+    let sshd = Sshd::start(s.dir.path());
+    let user = name();
+    let _a = Account(user.clone());
+    let (key, pubkey) = keygen(s.dir.path(), "login_key");
+    let r = s
+        .anon()
+        .post(
+            "/api/v1/register",
+            &json!({"username": user, "email": "l@example.org", "team": "qa", "public_key": pubkey}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let r = s
+        .root()
+        .post(&format!("/api/v1/users/{user}/approve"), &json!({}))
+        .await
+        .unwrap();
+    assert!(r.body.success, "{:?}", r.body);
+    let log = || std::fs::read_to_string(s.dir.path().join("sshd.log")).unwrap_or_default();
+    assert!(sshd.login(&user, &key), "approved user logs in: {}", log());
+    let r = s
+        .root()
+        .post(&format!("/api/v1/users/{user}/disable"), &json!({}))
+        .await
+        .unwrap();
+    assert!(r.body.success, "{:?}", r.body);
+    assert!(!sshd.login(&user, &key), "disabled user is refused");
+    let r = s
+        .root()
+        .post(&format!("/api/v1/users/{user}/enable"), &json!({}))
+        .await
+        .unwrap();
+    assert!(r.body.success, "{:?}", r.body);
+    assert!(
+        sshd.login(&user, &key),
+        "enabled user logs in again: {}",
+        log()
+    );
+}
