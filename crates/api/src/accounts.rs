@@ -68,9 +68,13 @@ fn lookup(name: &str) -> Result<Option<User>> {
 /// The ordinary-user uid range of this host (`UID_MIN`/`UID_MAX` of `/etc/login.defs`, default
 /// 1000..=60000).
 pub fn ordinary_uids() -> std::ops::RangeInclusive<u32> {
-    let defs = std::fs::read_to_string("/etc/login.defs").unwrap_or_default();
+    uid_range(&std::fs::read_to_string("/etc/login.defs").unwrap_or_default())
+}
+
+fn uid_range(login_defs: &str) -> std::ops::RangeInclusive<u32> {
     let get = |key: &str, default: u32| {
-        defs.lines()
+        login_defs
+            .lines()
             .rev()
             .find_map(|l| {
                 let mut w = l.split_whitespace();
@@ -374,5 +378,17 @@ impl UnixAccounts {
             cmd.arg("--remove");
         }
         run(cmd.arg(&pw.name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uid_range_reads_login_defs() {
+        assert_eq!(uid_range(""), 1000..=60000);
+        let defs = "# UID_MIN 1\nUID_MIN\t\t 500\n#SYS_UID_MIN 100\nUID_MAX 29999\nUID_MIN x\n";
+        assert_eq!(uid_range(defs), 500..=29999);
     }
 }
