@@ -21,9 +21,15 @@ fn user_err(e: UserError) -> ApiError {
 }
 
 fn account_err(e: AccountError) -> ApiError {
+    let msg = e.to_string();
+    account_failure(&e, msg)
+}
+
+/// `msg` (which explains `e`) as a 409 when the host refused, a 500 when it failed.
+fn account_failure(e: &AccountError, msg: String) -> ApiError {
     match e {
-        AccountError::Refused(m) => ApiError::conflict(m),
-        AccountError::Failed(m) => ApiError::internal(m),
+        AccountError::Refused(_) => ApiError::conflict(msg),
+        AccountError::Failed(_) => ApiError::internal(msg),
     }
 }
 
@@ -171,10 +177,7 @@ async fn approve_user(st: &AppState, caller: &Caller, u: &Username) -> Result<Ok
                     .await
                     .map_err(user_err)?;
                 let msg = format!("{reason}; {u} stays pending, approve again once it is fixed");
-                return Err(match e {
-                    AccountError::Refused(_) => ApiError::conflict(msg),
-                    AccountError::Failed(_) => ApiError::internal(msg),
-                });
+                return Err(account_failure(&e, msg));
             }
         }
     }
@@ -329,10 +332,7 @@ async fn set_disabled(
                     .map_err(user_err)?;
                 let what = if disabled { "locking" } else { "unlocking" };
                 let msg = format!("{what} the Unix account {u} failed, so {u} was not {done}: {e}");
-                return Err(match e {
-                    AccountError::Refused(_) => ApiError::conflict(msg),
-                    AccountError::Failed(_) => ApiError::internal(msg),
-                });
+                return Err(account_failure(&e, msg));
             }
         }
     }
@@ -566,10 +566,7 @@ async fn decide_key(
                 .await
                 .map_err(user_err)?;
             let msg = format!("{reason}; the key change stays pending");
-            return Err(match e {
-                AccountError::Refused(_) => ApiError::conflict(msg),
-                AccountError::Failed(_) => ApiError::internal(msg),
-            });
+            return Err(account_failure(&e, msg));
         }
     }
     Ok(ok(
