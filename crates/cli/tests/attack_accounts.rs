@@ -33,7 +33,14 @@ fn name() -> String {
 struct Account(String);
 impl Drop for Account {
     fn drop(&mut self) {
-        let _ = Command::new("userdel").args(["--remove", &self.0]).output();
+        // userdel refuses while a process of the account (an ssh session ending) still runs.
+        for _ in 0..50 {
+            let _ = Command::new("userdel").args(["--remove", &self.0]).output();
+            if passwd(&self.0).is_none() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let _ = std::fs::remove_dir_all(format!("/home/{}", self.0));
     }
 }
