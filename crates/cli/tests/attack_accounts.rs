@@ -103,6 +103,29 @@ async fn approved(s: &Server, user: &str) -> nix::unistd::User {
     passwd(user).expect("approval created the Unix account")
 }
 
+/// The account files a key change for a fresh key with the CLI over the socket; returns the key.
+fn request_key_change(s: &Server, pw: &nix::unistd::User) -> String {
+    let (_k, newkey) = keygen(s.dir.path(), "new_key");
+    let kf = s.dir.path().join("new_key.pub");
+    let out = Command::new(BIN)
+        .arg("--socket")
+        .arg(&s.socket)
+        .args(["key", "change", "-k", kf.to_str().unwrap()])
+        .uid(pw.uid.as_raw())
+        .gid(pw.gid.as_raw())
+        .env("HOME", &pw.dir)
+        .env_remove("BASPHERE_URL")
+        .env_remove("BASPHERE_TOKEN")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    newkey
+}
+
 /// A root-owned file and directory the attacker aims at, and their state to compare later.
 struct Canary {
     file: PathBuf,
@@ -150,24 +173,7 @@ async fn key_change_approval_never_follows_planted_links_or_fifos() {
     let before = canary.state();
     let home = pw.dir.display().to_string();
 
-    let (_k, newkey) = keygen(s.dir.path(), "new_key");
-    let kf = s.dir.path().join("new_key.pub");
-    let out = Command::new(BIN)
-        .arg("--socket")
-        .arg(&s.socket)
-        .args(["key", "change", "-k", kf.to_str().unwrap()])
-        .uid(pw.uid.as_raw())
-        .gid(pw.gid.as_raw())
-        .env("HOME", &pw.dir)
-        .env_remove("BASPHERE_URL")
-        .env_remove("BASPHERE_TOKEN")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let newkey = request_key_change(&s, &pw);
 
     let c = canary.file.display().to_string();
     let d = canary.dir.display().to_string();
@@ -426,6 +432,7 @@ async fn disabling_a_user_locks_their_bastion_login() {
     let keys = pw.dir.join(".ssh/authorized_keys");
     let (pass, expire) = shadow(&user);
     assert_eq!(expire, "");
+    let newkey = request_key_change(&s, &pw);
 
     let r = s
         .root()
@@ -444,6 +451,15 @@ async fn disabling_a_user_locks_their_bastion_login() {
     assert_eq!(std::fs::read_to_string(&aside).unwrap().trim(), KEY);
     let st = Command::new("passwd").args(["-S", &user]).output().unwrap();
     assert!(String::from_utf8_lossy(&st.stdout).contains(" L "));
+    // a key change filed before the disable, approved while disabled, stays aside too
+    let r = s
+        .root()
+        .post(&format!("/api/v1/key-changes/{user}/approve"), &json!({}))
+        .await
+        .unwrap();
+    assert!(r.body.success, "{:?}", r.body);
+    assert!(!keys.exists(), "approving a key does not reopen the login");
+    assert_eq!(std::fs::read_to_string(&aside).unwrap().trim(), newkey);
 
     let r = s
         .root()
@@ -452,7 +468,7 @@ async fn disabling_a_user_locks_their_bastion_login() {
         .unwrap();
     assert!(r.body.success, "{:?}", r.body);
     assert_eq!(shadow(&user), (pass, String::new()));
-    assert_eq!(std::fs::read_to_string(&keys).unwrap().trim(), KEY);
+    assert_eq!(std::fs::read_to_string(&keys).unwrap().trim(), newkey);
     assert!(!aside.exists());
 
     // disabling while the user planted a symlink where the key goes aside fails cleanly: the
