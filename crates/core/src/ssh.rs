@@ -29,6 +29,10 @@ pub enum SshKeyError {
     WeakRsa,
     #[error("is too long (over 16 KiB)")]
     TooLong,
+    #[error(
+        "may hold printable ASCII only; character {0:?} is not allowed (edit the comment at the end of the line)"
+    )]
+    Unprintable(char),
 }
 
 const TYPES: &[&str] = &[
@@ -83,6 +87,14 @@ impl std::str::FromStr for SshPublicKey {
         }
         if s.contains(['\n', '\r']) {
             return Err(SshKeyError::MultiLine);
+        }
+        // Control or non-ASCII characters in the comment would reach authorized_keys and
+        // cloud-init user data verbatim.
+        if let Some(c) = s
+            .chars()
+            .find(|c| !(c.is_ascii_graphic() || *c == ' ' || *c == '\t'))
+        {
+            return Err(SshKeyError::Unprintable(c));
         }
         let mut parts = s.split_whitespace();
         let ty = parts.next().ok_or(SshKeyError::Empty)?;
@@ -195,6 +207,27 @@ mod tests {
         assert_eq!(
             format!("{ED}\nssh-ed25519 AAAA").parse::<SshPublicKey>(),
             Err(SshKeyError::MultiLine)
+        );
+    }
+
+    #[test]
+    fn refuses_unprintable_comments() {
+        for bad in [
+            '\u{1b}', '\0', '\u{7f}', '\u{b}', '\u{c}', '\u{85}', '\u{2028}', 'é',
+        ] {
+            let line = format!("{ED} evil{bad}comment");
+            assert_eq!(
+                line.parse::<SshPublicKey>(),
+                Err(SshKeyError::Unprintable(bad)),
+                "{line:?}"
+            );
+        }
+        let k: SshPublicKey = format!("{ED}\tand more: ~!@#$%^&*()[]{{}}")
+            .parse()
+            .unwrap();
+        assert!(
+            k.as_str()
+                .ends_with("alice@laptop and more: ~!@#$%^&*()[]{}")
         );
     }
 }

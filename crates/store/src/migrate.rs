@@ -24,6 +24,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "lean_indexes",
         include_str!("../migrations/sqlite/0004_lean_indexes.sql"),
     ),
+    (
+        5,
+        "accounts",
+        include_str!("../migrations/sqlite/0005_accounts.sql"),
+    ),
 ];
 
 pub(crate) async fn run(pool: &SqlitePool) -> Result<()> {

@@ -21,6 +21,10 @@ pub struct User {
     pub ip_block: Option<u32>,
     /// Whether Basphere made a Unix account for this user on the bastion.
     pub unix_account: bool,
+    /// The uid of that account, recorded when Basphere created it (absent for accounts of
+    /// installs older than schema v5).
+    #[serde(skip)]
+    pub unix_uid: Option<u32>,
     pub created_at: i64,
 }
 
@@ -87,7 +91,7 @@ pub struct ApproveOutcome {
 }
 
 const USER_COLS: &str = "username, email, team, public_key, role, status, max_vms, max_clusters, \
-     max_ips, max_vcpus, max_memory_mib, ip_block, unix_account, created_at";
+     max_ips, max_vcpus, max_memory_mib, ip_block, unix_account, unix_uid, created_at";
 
 fn user_from(r: &SqliteRow) -> Result<User> {
     Ok(User {
@@ -108,6 +112,7 @@ fn user_from(r: &SqliteRow) -> Result<User> {
         },
         ip_block: r.try_get::<Option<i64>, _>("ip_block")?.map(|v| v as u32),
         unix_account: r.try_get::<i64, _>("unix_account")? != 0,
+        unix_uid: r.try_get::<Option<i64>, _>("unix_uid")?.map(|v| v as u32),
         created_at: r.try_get("created_at")?,
     })
 }
@@ -251,7 +256,8 @@ impl Store {
         Ok(true)
     }
 
-    /// Records a registration and a pending user. A rejected username may register again.
+    /// Records a registration and a pending user. A rejected username may register again, but
+    /// only with the email it was first registered with (otherwise an admin purges it first).
     pub async fn register(
         &self,
         reg: &NewRegistration,
@@ -259,14 +265,22 @@ impl Store {
         actor: &Actor,
     ) -> std::result::Result<Registration, UserError> {
         let mut tx = self.write().await?;
-        let existing: Option<String> =
-            sqlx::query_scalar("SELECT status FROM users WHERE username = $1")
+        let existing: Option<(String, String)> =
+            sqlx::query_as("SELECT status, email FROM users WHERE username = $1")
                 .bind(reg.username.as_str())
                 .fetch_optional(&mut *tx)
                 .await?;
         let now = now_ms();
-        match existing.as_deref() {
-            Some("rejected") => {
+        match existing.as_ref().map(|(s, e)| (s.as_str(), e)) {
+            Some(("rejected", email)) if !email.eq_ignore_ascii_case(reg.email.as_str()) => {
+                return Err(UserError::State(format!(
+                    "username {} was registered with another email and rejected; only that \
+                     email may register it again. Choose another username, or ask an admin to \
+                     purge it",
+                    reg.username
+                )));
+            }
+            Some(("rejected", _)) => {
                 sqlx::query(
                     "UPDATE users SET email = $2, team = $3, public_key = $4, status = 'pending',
                      updated_at = $5 WHERE username = $1",
@@ -903,5 +917,109 @@ impl Store {
         self.create_token(username, "enrollment", None, actor)
             .await
             .map(Some)
+    }
+}
+
+/// Compensations for host actions that failed after the store had decided.
+impl Store {
+    /// Records the uid of the Unix account Basphere created for `username`.
+    pub async fn set_unix_uid(&self, username: &Username, uid: u32) -> Result<()> {
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "UPDATE users SET unix_account = 1, unix_uid = $2, updated_at = $3 WHERE username = $1",
+        )
+        .bind(username.as_str())
+        .bind(i64::from(uid))
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Takes back an approval whose Unix account could not be made: the user is pending again,
+    /// without an IP block, and the audit log says why.
+    pub async fn undo_approval(
+        &self,
+        username: &Username,
+        reason: &str,
+        actor: &Actor,
+    ) -> std::result::Result<(), UserError> {
+        let mut tx = self.write().await?;
+        let n = sqlx::query(
+            "UPDATE users SET status = 'pending', ip_block = NULL, unix_account = 0,
+             unix_uid = NULL, updated_at = $2 WHERE username = $1 AND status = 'active'",
+        )
+        .bind(username.as_str())
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n == 0 {
+            return Err(UserError::State(format!(
+                "user {username} is not active; no approval to take back"
+            )));
+        }
+        sqlx::query(
+            "UPDATE registrations SET status = 'pending', processed_by = NULL, processed_at = NULL
+             WHERE id = (SELECT MAX(id) FROM registrations WHERE username = $1
+                         AND status = 'approved')",
+        )
+        .bind(username.as_str())
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM enrollment_codes WHERE username = $1 AND used_at IS NULL")
+            .bind(username.as_str())
+            .execute(&mut *tx)
+            .await?;
+        record(
+            &mut tx,
+            actor,
+            "user.approve",
+            username.as_str(),
+            "failed",
+            Some(reason),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Takes back the approval of key change `id` whose key could not be installed: the change
+    /// is pending again and the user keeps `old_key`.
+    pub async fn undo_key_approval(
+        &self,
+        username: &Username,
+        id: i64,
+        old_key: &str,
+        reason: &str,
+        actor: &Actor,
+    ) -> std::result::Result<(), UserError> {
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "UPDATE key_changes SET status = 'pending', processed_by = NULL, processed_at = NULL,
+             reject_reason = NULL WHERE id = $1 AND username = $2",
+        )
+        .bind(id)
+        .bind(username.as_str())
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE users SET public_key = $2, updated_at = $3 WHERE username = $1")
+            .bind(username.as_str())
+            .bind(old_key)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
+        record(
+            &mut tx,
+            actor,
+            "key.approve",
+            username.as_str(),
+            "failed",
+            Some(reason),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
     }
 }

@@ -1,3 +1,4 @@
+use crate::accounts::AccountError;
 use crate::auth::Caller;
 use crate::envelope::{ApiError, Ok200, accepted, ok};
 use crate::input::Body;
@@ -19,6 +20,28 @@ fn user_err(e: UserError) -> ApiError {
         UserError::PoolFull => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         UserError::Store(e) => ApiError::internal(e),
     }
+}
+
+fn account_err(e: AccountError) -> ApiError {
+    let msg = e.to_string();
+    account_failure(&e, msg)
+}
+
+/// `msg` (which explains `e`) as a 409 when the host refused, a 500 when it failed.
+fn account_failure(e: &AccountError, msg: String) -> ApiError {
+    match e {
+        AccountError::Refused(_) => ApiError::conflict(msg),
+        AccountError::Failed(_) => ApiError::internal(msg),
+    }
+}
+
+/// Runs host account work off the async workers.
+async fn on_host<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, AccountError> + Send + 'static,
+) -> Result<T, AccountError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(AccountError::Failed(format!("account task failed: {e}"))))
 }
 
 fn username(s: &str) -> Result<Username, ApiError> {
@@ -62,6 +85,12 @@ pub async fn register(
             caller.name
         )));
     }
+    if let Some(acc) = st.accounts.clone() {
+        let name = reg.username.clone();
+        on_host(move || acc.check_name_free(&name))
+            .await
+            .map_err(account_err)?;
+    }
     let r = st
         .store
         .register(&reg, &st.config.quota, &caller.actor())
@@ -85,6 +114,12 @@ pub async fn add(
 ) -> Result<Ok200, ApiError> {
     caller.admin()?;
     let reg = parse_registration(&body)?;
+    if let Some(acc) = st.accounts.clone() {
+        let name = reg.username.clone();
+        on_host(move || acc.check_name_free(&name))
+            .await
+            .map_err(account_err)?;
+    }
     let actor = caller.actor();
     st.store
         .register(&reg, &st.config.quota, &actor)
@@ -105,14 +140,16 @@ async fn approve_user(st: &AppState, caller: &Caller, u: &Username) -> Result<Ok
             user.status
         )));
     }
-    if let Some(acc) = &st.accounts {
-        let key: SshPublicKey = user
-            .public_key
-            .parse()
-            .map_err(|e| ApiError::internal(format!("stored key of {u} is invalid: {e}")))?;
-        acc.ensure(u, &key).map_err(|e| {
-            ApiError::internal(format!("creating the Unix account {u} failed: {e}"))
-        })?;
+    let key: SshPublicKey = user
+        .public_key
+        .parse()
+        .map_err(|e| ApiError::internal(format!("stored key of {u} is invalid: {e}")))?;
+    if let Some(acc) = st.accounts.clone() {
+        // The name may have become a Unix account since registration.
+        let name = u.clone();
+        on_host(move || acc.check_name_free(&name))
+            .await
+            .map_err(account_err)?;
     }
     let ttl = if st.accounts.is_none() {
         Some(i64::from(st.config.bastion.enrollment_ttl_hours) * 3_600_000)
@@ -130,6 +167,22 @@ async fn approve_user(st: &AppState, caller: &Caller, u: &Username) -> Result<Ok
         )
         .await
         .map_err(user_err)?;
+    // The store decided; now make the account, and take the approval back if that fails.
+    if let Some(acc) = st.accounts.clone() {
+        let name = u.clone();
+        match on_host(move || acc.create(&name, &key)).await {
+            Ok(uid) => st.store.set_unix_uid(u, uid).await?,
+            Err(e) => {
+                let reason = format!("creating the Unix account {u} failed: {e}");
+                st.store
+                    .undo_approval(u, &reason, &caller.actor())
+                    .await
+                    .map_err(user_err)?;
+                let msg = format!("{reason}; {u} stays pending, approve again once it is fixed");
+                return Err(account_failure(&e, msg));
+            }
+        }
+    }
     let block = out.user.ip_block.and_then(|b| st.config.network.block(b));
     let msg = match &out.enrollment_code {
         Some(_) => format!(
@@ -272,14 +325,42 @@ async fn set_disabled(
 ) -> Result<Ok200, ApiError> {
     caller.admin()?;
     let u = username(&u)?;
+    let actor = caller.actor();
     st.store
-        .set_disabled(&u, disabled, &caller.actor())
+        .set_disabled(&u, disabled, &actor)
         .await
         .map_err(user_err)?;
-    Ok(ok(
-        format!("user {u} {}", if disabled { "disabled" } else { "enabled" }),
-        json!({"username": u}),
-    ))
+    let done = if disabled { "disabled" } else { "enabled" };
+    let user = st.store.user(u.as_str()).await?;
+    if let Some((acc, user)) = st.accounts.clone().zip(user.filter(|u| u.unix_account)) {
+        let name = u.clone();
+        let r = on_host(move || match acc.managed(&name, user.unix_uid) {
+            Ok(pw) if disabled => acc.lock(&pw).map(|()| None),
+            Ok(pw) => acc.unlock(&pw).map(|()| None),
+            Err(AccountError::Refused(m)) => Ok(Some(m)),
+            Err(e) => Err(e),
+        })
+        .await;
+        match r {
+            Ok(None) => {}
+            Ok(Some(left_alone)) => {
+                return Ok(ok(
+                    format!("user {u} {done}; {left_alone}"),
+                    json!({"username": u}),
+                ));
+            }
+            Err(e) => {
+                st.store
+                    .set_disabled(&u, !disabled, &actor)
+                    .await
+                    .map_err(user_err)?;
+                let what = if disabled { "locking" } else { "unlocking" };
+                let msg = format!("{what} the Unix account {u} failed, so {u} was not {done}: {e}");
+                return Err(account_failure(&e, msg));
+            }
+        }
+    }
+    Ok(ok(format!("user {u} {done}"), json!({"username": u})))
 }
 
 pub async fn disable(
@@ -375,6 +456,16 @@ pub async fn delete(
                 .set_disabled(&u, true, &caller.actor())
                 .await
                 .map_err(user_err)?;
+            if let Some(acc) = st.accounts.clone().filter(|_| user.unix_account) {
+                let (name, uid) = (u.clone(), user.unix_uid);
+                on_host(move || acc.lock(&acc.managed(&name, uid)?))
+                    .await
+                    .map_err(|e| {
+                        ApiError::internal(format!(
+                            "user {u} disabled, but locking the Unix account failed: {e}"
+                        ))
+                    })?;
+            }
         }
         let mut ops = vec![];
         let steps = basphere_engine::step_names(basphere_store::WorkflowKind::DeleteVm);
@@ -396,18 +487,29 @@ pub async fn delete(
             json!({"operations": ops, "remaining_vms": vms.len()}),
         ));
     }
-    if let Some(acc) = st.accounts.as_ref().filter(|_| user.unix_account) {
-        acc.remove(&u)
-            .map_err(|e| ApiError::internal(format!("removing Unix account {u}: {e}")))?;
-    }
     st.store
         .delete_user(&u, q.purge, &caller.actor())
         .await
         .map_err(user_err)?;
-    Ok(ok(
-        format!("user {u} {}", if q.purge { "purged" } else { "deleted" }),
-        json!({"username": u}),
-    ))
+    let done = if q.purge { "purged" } else { "deleted" };
+    if let Some(acc) = st.accounts.clone().filter(|_| user.unix_account) {
+        let (name, uid) = (u.clone(), user.unix_uid);
+        match on_host(move || acc.remove(&name, uid)).await {
+            Ok(()) => {}
+            Err(AccountError::Refused(m)) => {
+                return Ok(ok(
+                    format!("user {u} {done}; {m}"),
+                    json!({"username": u, "unix_account": "left alone"}),
+                ));
+            }
+            Err(AccountError::Failed(m)) => {
+                return Err(ApiError::internal(format!(
+                    "user {u} {done}, but removing the Unix account failed: {m}; remove it with userdel"
+                )));
+            }
+        }
+    }
+    Ok(ok(format!("user {u} {done}"), json!({"username": u})))
 }
 
 pub async fn key_change(
@@ -472,33 +574,36 @@ async fn decide_key(
     let mut errs = FieldErrors::new();
     let reason = body.str("reason", false, &mut errs);
     errs.into_result()?;
-    let acc = st.accounts.as_ref().filter(|_| approve);
-    if let Some(acc) = acc {
-        let pending = st
-            .store
-            .key_changes(Some(u.as_str()))
-            .await?
-            .into_iter()
-            .find(|k| k.status == basphere_core::RegistrationStatus::Pending);
-        let managed = st
-            .store
-            .user(u.as_str())
-            .await?
-            .is_some_and(|u| u.unix_account);
-        if let Some(pending) = pending.filter(|_| managed) {
-            let key: SshPublicKey = pending
-                .public_key
-                .parse()
-                .map_err(|e| ApiError::internal(format!("stored key is invalid: {e}")))?;
-            acc.set_key(&u, &key)
-                .map_err(|e| ApiError::internal(format!("replacing the key of {u}: {e}")))?;
-        }
-    }
+    let before = st.store.user(u.as_str()).await?;
     let kc = st
         .store
         .decide_key_change(&u, approve, reason.as_deref(), &caller.actor())
         .await
         .map_err(user_err)?;
+    // The store decided; now install the key, and take the approval back if that fails.
+    let managed = before.filter(|b| approve && b.unix_account);
+    if let Some((acc, user)) = st.accounts.clone().zip(managed) {
+        let key: SshPublicKey = kc
+            .public_key
+            .parse()
+            .map_err(|e| ApiError::internal(format!("stored key is invalid: {e}")))?;
+        let name = u.clone();
+        let (uid, disabled) = (user.unix_uid, user.status == UserStatus::Disabled);
+        let r = on_host(move || {
+            let pw = acc.managed(&name, uid)?;
+            acc.set_key(&pw, &key, disabled)
+        })
+        .await;
+        if let Err(e) = r {
+            let reason = format!("installing the new key of {u} failed: {e}");
+            st.store
+                .undo_key_approval(&u, kc.id, &user.public_key, &reason, &caller.actor())
+                .await
+                .map_err(user_err)?;
+            let msg = format!("{reason}; the key change stays pending");
+            return Err(account_failure(&e, msg));
+        }
+    }
     Ok(ok(
         format!(
             "key change of {u} {}",
