@@ -29,14 +29,18 @@ pub fn load_config(flag: Option<&Path>) -> anyhow::Result<Config> {
 
 /// Writes the config (if missing), makes the data dir, database and first admin token.
 pub async fn init(flag: Option<&Path>, force: bool) -> anyhow::Result<()> {
+    crate::modes::private_umask();
     let path = flag
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
     if !path.exists() || force {
-        if let Some(dir) = path.parent() {
+        if let Some(dir) = path.parent().filter(|d| !d.exists()) {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            // Readable configuration (it holds no secrets) for the CLI of every bastion user.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
         }
         std::fs::write(&path, DEFAULT_TOML)
+            .and_then(|()| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)))
             .with_context(|| format!("writing {}", path.display()))?;
         println!("wrote {}", path.display());
     } else {
@@ -45,7 +49,8 @@ pub async fn init(flag: Option<&Path>, force: bool) -> anyhow::Result<()> {
     let cfg = Config::load(Some(&path), std::env::vars())?;
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
-    std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o711))?;
+    // Only root enters: the socket lives under /run/basphere, tokens of users in their homes.
+    std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700))?;
     let store = Store::open(&cfg.db_path()).await?;
     store
         .ensure_admin(&cfg.server.admin, &cfg.quota, &cfg.network)
@@ -153,9 +158,12 @@ fn uuid_like() -> String {
 
 /// Runs the server until SIGTERM/SIGINT.
 pub async fn serve(flag: Option<&Path>) -> anyhow::Result<()> {
+    crate::modes::private_umask();
     let cfg = Arc::new(load_config(flag)?);
+    crate::modes::socket_dir(&cfg.server.socket)?;
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
+    crate::modes::repair_install(&cfg)?;
     // One server per data dir: the node id (and its leases) must not be shared.
     let lock_file = std::fs::OpenOptions::new()
         .create(true)
