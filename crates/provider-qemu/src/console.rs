@@ -13,6 +13,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -144,37 +145,63 @@ pub fn helper_main() -> Option<ExitCode> {
     }
 }
 
-/// Starts the ring writer `helper` for `log` in a session of its own, reading a new pipe; its
-/// errors go to `stderr`. Returns the pipe's write end, to be handed to QEMU as its console.
-/// The writer is not waited for: tokio reaps it once it exits (QEMU closed the pipe).
-pub fn spawn_writer(
-    helper: &Path,
-    log: &Path,
-    cap: u64,
-    stderr: File,
-) -> io::Result<std::os::fd::OwnedFd> {
-    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
-    let mut cmd = tokio::process::Command::new(helper);
-    cmd.arg(HELPER_ARG)
-        .arg(log)
-        .arg(cap.max(MIN_CAP).to_string())
-        .stdin(std::process::Stdio::from(read))
-        .stdout(std::process::Stdio::null())
-        .stderr(stderr);
-    // SAFETY: setsid is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
+/// A VM's console pipe: its ring writer runs on the read end; QEMU gets the write end.
+#[derive(Debug)]
+pub struct ConsolePipe(OwnedFd);
+
+/// The descriptor a process attached with [`ConsolePipe::attach`] finds the console on.
+pub const CONSOLE_FD: RawFd = 3;
+
+impl ConsolePipe {
+    /// Starts the ring writer `helper` for `log` (at most `cap` bytes) in a session of its own,
+    /// reading a new pipe; its errors go to `stderr`. The writer is not waited for: tokio reaps
+    /// it once it exits, at end of file, when every process holding the write end is gone.
+    pub fn start(helper: &Path, log: &Path, cap: u64, stderr: File) -> io::Result<Self> {
+        let (read, write) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
+        let mut cmd = tokio::process::Command::new(helper);
+        cmd.arg(HELPER_ARG)
+            .arg(log)
+            .arg(cap.max(MIN_CAP).to_string())
+            .stdin(std::process::Stdio::from(read))
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr);
+        // SAFETY: setsid is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        cmd.spawn().map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot start the console writer {}: {e}", helper.display()),
+            )
+        })?;
+        Ok(Self(write))
     }
-    cmd.spawn().map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("cannot start the console writer {}: {e}", helper.display()),
-        )
-    })?;
-    Ok(write)
+
+    /// Makes `cmd` start in a session of its own with the console's write end as descriptor
+    /// [`CONSOLE_FD`] (`-serial file:/proc/self/fd/3`). Keep `self` until `cmd` is spawned.
+    pub fn attach(&self, cmd: &mut tokio::process::Command) {
+        let fd = self.0.as_raw_fd();
+        // SAFETY: only async-signal-safe calls (dup2, fcntl, setsid) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let r = if fd == CONSOLE_FD {
+                    libc::fcntl(fd, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(fd, CONSOLE_FD)
+                };
+                if r < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                libc::setsid();
+                Ok(())
+            });
+        }
+    }
 }
 
 /// At most the last `max` bytes of `path` (empty if unreadable), read without loading the rest.

@@ -32,7 +32,10 @@ mod qmp;
 mod seed;
 
 pub use config::{Accel, DEFAULT_RUN_AS, NetworkMode, QemuConfig};
-pub use console::{HELPER_ARG as CONSOLE_HELPER_ARG, RingLog, helper_main as console_helper_main};
+pub use console::{
+    CONSOLE_FD, ConsolePipe, HELPER_ARG as CONSOLE_HELPER_ARG, RingLog,
+    helper_main as console_helper_main, read_tail as console_tail,
+};
 pub use diagnose::{Diagnosis, diagnose};
 pub use image::{BUILDABLE, BuildError, Mirrors, build_image, mirrors_from_sources, prune_images};
 pub use machine::{
@@ -47,7 +50,6 @@ use basphere_provider::{MachineState, Provider, ProviderError, Result, VmRequest
 use machine::VmPaths;
 use std::ffi::OsStr;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -599,7 +601,7 @@ impl Provider for QemuProvider {
             f.try_clone()
                 .map_err(|e| io_err("cannot duplicate the log handle", e))
         };
-        let console = console::spawn_writer(
+        let console = ConsolePipe::start(
             &self.console_helper,
             &paths.serial,
             self.config.console_log_max_kib.saturating_mul(1024),
@@ -619,18 +621,11 @@ impl Provider for QemuProvider {
             .stdin(std::process::Stdio::null())
             .stdout(dup(&log)?)
             .stderr(log);
-        let console_fd = console.as_raw_fd();
-        // SAFETY: only async-signal-safe calls (dup2, fcntl, setsid) between fork and exec.
+        console.attach(&mut cmd);
+        // SAFETY: umask is async-signal-safe. QEMU's pidfile and sockets are then 0600/0700.
         unsafe {
-            cmd.pre_exec(move || {
-                if console_fd == machine::CONSOLE_FD {
-                    if libc::fcntl(console_fd, libc::F_SETFD, 0) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                } else if libc::dup2(console_fd, machine::CONSOLE_FD) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                libc::setsid();
+            cmd.pre_exec(|| {
+                libc::umask(0o077);
                 Ok(())
             });
         }

@@ -163,9 +163,6 @@ pub enum DropPrivileges {
     RunAs(String),
 }
 
-/// The console as QEMU sees it: the pipe to the ring writer, inherited as this descriptor.
-pub const CONSOLE_FD: i32 = 3;
-
 /// The seccomp filter QEMU runs under. `elevateprivileges=deny` would also block the
 /// setgid/setuid calls QEMU makes to drop root, killing it (SIGSYS), so it is denied only when
 /// QEMU stays root; once QEMU has switched to an unprivileged account those calls cannot regain
@@ -190,7 +187,7 @@ pub struct Launch<'a> {
 }
 
 /// The QEMU arguments (after the binary) for `l`: direct kernel boot with qboot, two virtio
-/// disks (root, seed), one virtio NIC on a tap, serial console to the pipe on [`CONSOLE_FD`],
+/// disks (root, seed), one virtio NIC on a tap, serial console to the pipe on descriptor 3,
 /// QMP on a socket, the seccomp sandbox, and the switch to an unprivileged account. QEMU runs in
 /// the foreground of its own session (`-daemonize` forks, which the sandbox forbids).
 pub fn qemu_args(l: &Launch<'_>) -> Vec<String> {
@@ -208,7 +205,10 @@ pub fn qemu_args(l: &Launch<'_>) -> Vec<String> {
     push(&["-m", &l.resources.memory_mib.to_string()]);
     push(&["-smp", &l.resources.vcpus.to_string()]);
     push(&["-display", "none", "-no-reboot"]);
-    push(&["-serial", &format!("file:/proc/self/fd/{CONSOLE_FD}")]);
+    push(&[
+        "-serial",
+        &format!("file:/proc/self/fd/{}", crate::console::CONSOLE_FD),
+    ]);
     push(&["-qmp", &format!("unix:{},server=on,wait=off", d(&p.qmp))]);
     push(&["-pidfile", &d(&p.pidfile)]);
     push(&["-sandbox", &sandbox(l.drop)]);
