@@ -148,6 +148,11 @@ mod tests {
         assert_eq!(mode(&root.join("basphere.db")), 0o600);
         assert_eq!(mode(&outside), 0o644, "a symlink's target is not ours");
         assert!(repair(&root).unwrap().tightened.is_empty());
-        assert!(repair(&t.path().join("missing")).unwrap().tightened.is_empty());
+        assert!(
+            repair(&t.path().join("missing"))
+                .unwrap()
+                .tightened
+                .is_empty()
+        );
     }
 }

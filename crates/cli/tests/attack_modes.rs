@@ -30,7 +30,12 @@ impl Account {
                 & 0xff_ffff
         );
         let st = Command::new("useradd")
-            .args(["--no-create-home", "--user-group", "--shell", "/usr/sbin/nologin"])
+            .args([
+                "--no-create-home",
+                "--user-group",
+                "--shell",
+                "/usr/sbin/nologin",
+            ])
             .arg(&name)
             .status()
             .expect("useradd (apt-get install passwd)");
@@ -205,14 +210,21 @@ async fn an_install_with_old_loose_modes_is_repaired_at_start() {
     // The attack works on the old install: this test can fail.
     let attacker = Account::create("o");
     let (ok, err) = attacker.read(&vm.join("disk.qcow2"));
-    assert!(ok, "the loose install should be readable before the repair: {err}");
+    assert!(
+        ok,
+        "the loose install should be readable before the repair: {err}"
+    );
     let (ok, _) = attacker.read(&data.join("basphere.db"));
     assert!(ok);
 
     s.spawn();
     let paths = assert_nothing_readable(&attacker, &data);
     assert!(paths.len() >= 12, "{paths:?}");
-    assert_eq!(mode(&outside), 0o644, "a symlink's target outside the data dir is not ours");
+    assert_eq!(
+        mode(&outside),
+        0o644,
+        "a symlink's target outside the data dir is not ours"
+    );
     let log = std::fs::read_to_string(s.log_path()).unwrap();
     assert!(
         log.contains("private to root"),

@@ -136,10 +136,7 @@ pub fn helper_main() -> Option<ExitCode> {
     match pump(io::stdin().lock(), Path::new(path), cap) {
         Ok(()) => Some(ExitCode::SUCCESS),
         Err(e) => {
-            eprintln!(
-                "console ring writer for {}: {e}",
-                Path::new(path).display()
-            );
+            eprintln!("console ring writer for {}: {e}", Path::new(path).display());
             Some(ExitCode::from(1))
         }
     }

@@ -2,8 +2,11 @@
 //!
 //! Per VM, under `state_dir/<instance>/`: a qcow2 linked clone of a base image, a cloud-init
 //! NoCloud seed ISO, the guest kernel and tiny initrd (direct kernel boot), QEMU's pidfile, QMP
-//! socket, serial console log and stderr log. QEMU runs daemonized; the pidfile is trusted only when
-//! `/proc/PID/cmdline` names that VM's directory, so a recycled PID is never signalled.
+//! socket, serial console log (bounded, see `console.rs`) and stderr log; directories 0700, files
+//! 0600, all root's. QEMU runs detached in a session of its own under its seccomp sandbox, opens
+//! those files as root and then switches to the unprivileged `run_as` account. The pidfile is
+//! trusted only when `/proc/PID/cmdline` names that VM's directory, so a recycled PID is never
+//! signalled.
 //!
 //! Networking ([`NetworkMode`]): by default a network namespace owned by Basphere ("lab") holds a
 //! bridge carrying the guests' gateway address and one tap per VM; QEMU runs inside it, and guests
@@ -152,9 +155,8 @@ impl QemuProvider {
             )));
         }
         let drop_privileges = drop_privileges(&config, &qemu)?;
-        let console_helper = std::env::current_exe().map_err(|e| {
-            QemuError::Config(format!("cannot find this program to run the console writer: {e}"))
-        })?;
+        // This very program, even after an upgrade replaced the file it was started from.
+        let console_helper = PathBuf::from("/proc/self/exe");
         let probe = host::probe_kvm(Duration::from_secs(2));
         let accel = machine::decide_accel(config.accel, probe).map_err(QemuError::Accel)?;
         tracing::info!(
@@ -352,7 +354,10 @@ impl QemuProvider {
 
 /// How QEMU gives up root for `config.run_as`: the option this QEMU understands, after making
 /// sure the account exists (created as a system account when running as root).
-fn drop_privileges(config: &QemuConfig, qemu: &Path) -> std::result::Result<DropPrivileges, QemuError> {
+fn drop_privileges(
+    config: &QemuConfig,
+    qemu: &Path,
+) -> std::result::Result<DropPrivileges, QemuError> {
     let user = config.run_as.as_str();
     if user.is_empty() {
         return Ok(DropPrivileges::None);
@@ -433,7 +438,12 @@ fn private_dir(dir: &Path) -> Result<()> {
         .mode(0o700)
         .create(dir)
         .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
-        .map_err(|e| io_err(format_args!("cannot create {} (mode 0700)", dir.display()), e))
+        .map_err(|e| {
+            io_err(
+                format_args!("cannot create {} (mode 0700)", dir.display()),
+                e,
+            )
+        })
 }
 
 /// Makes `file` readable and writable by its owner only: 0600.
@@ -650,7 +660,10 @@ impl Provider for QemuProvider {
                     Self::logs_tail(&paths)
                 )));
             }
-            if qmp::greeting(&paths.qmp, Duration::from_secs(2)).await.is_ok() {
+            if qmp::greeting(&paths.qmp, Duration::from_secs(2))
+                .await
+                .is_ok()
+            {
                 break;
             }
             if Instant::now() >= until {

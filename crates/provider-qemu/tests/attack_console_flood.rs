@@ -51,7 +51,10 @@ async fn a_console_flood_keeps_the_log_within_its_cap_and_keeps_the_tail() {
         largest = largest.max(len);
         assert!(len <= cap, "serial.log grew to {len} bytes, cap {cap}");
         samples += 1;
-        assert!(t0.elapsed() < Duration::from_secs(120), "the flood did not end");
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "the flood did not end"
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     assert!(guest.wait().await.unwrap().success());
@@ -87,7 +90,9 @@ async fn a_console_flood_keeps_the_log_within_its_cap_and_keeps_the_tail() {
     eprintln!(
         "wrote {} bytes of console in {:.1?}; serial.log peaked at {largest} bytes over {samples} \
          samples and ends at {len} bytes (cap {cap})",
-        (1..=LINES).map(|n| n.to_string().len() as u64 + 1).sum::<u64>(),
+        (1..=LINES)
+            .map(|n| n.to_string().len() as u64 + 1)
+            .sum::<u64>(),
         t0.elapsed()
     );
 }

@@ -33,7 +33,12 @@ impl Account {
             std::process::id() ^ std::time::UNIX_EPOCH.elapsed().unwrap().subsec_nanos()
         );
         let st = Command::new("useradd")
-            .args(["--no-create-home", "--user-group", "--shell", "/usr/sbin/nologin"])
+            .args([
+                "--no-create-home",
+                "--user-group",
+                "--shell",
+                "/usr/sbin/nologin",
+            ])
             .arg(&name)
             .status()
             .expect("useradd (apt-get install passwd)");
@@ -190,7 +195,14 @@ async fn another_account_reads_nothing_of_a_vm() {
         .expect_err("QEMU cannot boot a kernel of zeros");
     eprintln!("start failed as intended: {e}");
     let vm_dir = provider.vm_dir(&instance);
-    for f in ["disk.qcow2", "seed.iso", "vmlinuz", "initrd.img", "qemu.log", "serial.log"] {
+    for f in [
+        "disk.qcow2",
+        "seed.iso",
+        "vmlinuz",
+        "initrd.img",
+        "qemu.log",
+        "serial.log",
+    ] {
         assert!(vm_dir.join(f).is_file(), "{f} missing");
     }
     // Before the fix everything was 0644/0755 and this account read every disk.
@@ -208,7 +220,13 @@ async fn another_account_reads_nothing_of_a_vm() {
     for d in [data.join("vms"), vm_dir.clone()] {
         std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
-    for f in ["disk.qcow2", "serial.log", "seed.iso", "qemu.log", "vmlinuz"] {
+    for f in [
+        "disk.qcow2",
+        "serial.log",
+        "seed.iso",
+        "qemu.log",
+        "vmlinuz",
+    ] {
         let (ok, err) = attacker.read(&vm_dir.join(f));
         assert!(!ok && err.contains("Permission denied"), "{f}: {err}");
     }

@@ -197,7 +197,11 @@ async fn boots_debian_and_answers_ssh_in_the_lab_namespace() {
         .unwrap()
         .expect("the provider created the QEMU account");
     let uid = account.uid.to_string();
-    assert_eq!(field("Uid:"), format!("{uid} {uid} {uid} {uid}"), "{status}");
+    assert_eq!(
+        field("Uid:"),
+        format!("{uid} {uid} {uid} {uid}"),
+        "{status}"
+    );
     assert_eq!(field("Seccomp:"), "2", "{status}");
     assert_eq!(field("NoNewPrivs:"), "1", "{status}");
     assert_eq!(field("CapEff:"), "0000000000000000", "{status}");
