@@ -646,7 +646,7 @@ impl Provider for QemuProvider {
         drop(console);
         let mut child =
             child.map_err(|e| io_err(format_args!("cannot run {}", self.qemu.display()), e))?;
-        // Started = QEMU greets on QMP (it answers only once its main loop runs), or it exited.
+        // Started = QEMU answers a QMP command (only its main loop does that), or it exited.
         let until = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(Some(status)) = child.try_wait() {
@@ -660,10 +660,7 @@ impl Provider for QemuProvider {
                     Self::logs_tail(&paths)
                 )));
             }
-            if qmp::greeting(&paths.qmp, Duration::from_secs(2))
-                .await
-                .is_ok()
-            {
+            if qmp::ready(&paths.qmp, Duration::from_secs(2)).await.is_ok() {
                 break;
             }
             if Instant::now() >= until {

@@ -12,27 +12,12 @@ pub async fn quit(socket: &Path, timeout: Duration) -> Result<(), String> {
         .map_err(|_| format!("QMP on {} did not answer in {timeout:?}", socket.display()))?
 }
 
-/// Connects to `socket` and reads QEMU's greeting: QEMU is up and its main loop runs.
-pub async fn greeting(socket: &Path, timeout: Duration) -> Result<(), String> {
-    let greet = async {
-        let stream = UnixStream::connect(socket)
-            .await
-            .map_err(|e| format!("cannot connect to QMP socket {}: {e}", socket.display()))?;
-        let mut lines = BufReader::new(stream).lines();
-        let line = lines
-            .next_line()
-            .await
-            .map_err(|e| format!("QMP read failed: {e}"))?
-            .unwrap_or_default();
-        if line.contains("\"QMP\"") {
-            Ok(())
-        } else {
-            Err(format!("unexpected QMP greeting: {line}"))
-        }
-    };
-    tokio::time::timeout(timeout, greet)
+/// Asks the QEMU on `socket` for its status. QEMU runs QMP commands in its main loop, so an
+/// answer means it finished starting (and, with `-run-with user=`, has dropped root).
+pub async fn ready(socket: &Path, timeout: Duration) -> Result<(), String> {
+    tokio::time::timeout(timeout, execute(socket, "query-status"))
         .await
-        .map_err(|_| format!("QMP on {} did not greet in {timeout:?}", socket.display()))?
+        .map_err(|_| format!("QMP on {} did not answer in {timeout:?}", socket.display()))?
 }
 
 async fn execute(socket: &Path, command: &str) -> Result<(), String> {
