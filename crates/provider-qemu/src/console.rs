@@ -156,10 +156,23 @@ impl ConsolePipe {
     pub fn start(helper: &Path, log: &Path, cap: u64, stderr: File) -> io::Result<Self> {
         let (read, write) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
+        // Run in the log's directory and name it relatively: the VM directory is then in no
+        // command line but QEMU's, which is how a VM's QEMU is recognised (`pid_is_ours`).
+        let dir = log
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let name = log.file_name().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("console log {} has no file name", log.display()),
+            )
+        })?;
         let mut cmd = tokio::process::Command::new(helper);
         cmd.arg(HELPER_ARG)
-            .arg(log)
+            .arg(name)
             .arg(cap.max(MIN_CAP).to_string())
+            .current_dir(dir)
             .stdin(std::process::Stdio::from(read))
             .stdout(std::process::Stdio::null())
             .stderr(stderr);

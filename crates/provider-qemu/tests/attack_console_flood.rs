@@ -13,15 +13,16 @@ use std::time::{Duration, Instant};
 const HELPER: &str = env!("CARGO_BIN_EXE_basphere-console-ring");
 const LINES: u64 = 5_000_000;
 
-/// PIDs of processes whose command line mentions `needle`.
-fn processes_mentioning(needle: &str) -> Vec<u32> {
+/// PIDs of ring writers working in `dir`.
+fn writers_in(dir: &Path) -> Vec<u32> {
     std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                String::from_utf8_lossy(&c).contains(basphere_qemu::CONSOLE_HELPER_ARG)
+            }) && std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|d| d == dir)
         })
         .collect()
 }
@@ -42,6 +43,7 @@ async fn a_console_flood_keeps_the_log_within_its_cap_and_keeps_the_tail() {
     console.attach(&mut guest);
     let mut guest = guest.spawn().unwrap();
     drop(console);
+    assert_eq!(writers_in(dir.path()).len(), 1, "one ring writer runs");
 
     let t0 = Instant::now();
     let mut samples = 0;
@@ -64,7 +66,7 @@ async fn a_console_flood_keeps_the_log_within_its_cap_and_keeps_the_tail() {
     let t1 = Instant::now();
     loop {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if text.ends_with(&last) && processes_mentioning(&log.display().to_string()).is_empty() {
+        if text.ends_with(&last) && writers_in(dir.path()).is_empty() {
             break;
         }
         assert!(
