@@ -39,8 +39,8 @@ pub struct QemuConfig {
     /// root (`-run-with user=`). Created as a system account when missing. `""` keeps QEMU root
     /// (the seccomp sandbox then also denies set*uid calls).
     pub run_as: String,
-    /// Upper bound on `serial.log` in KiB: the console is written through a pipe by a small
-    /// ring writer that keeps the newest half when the file reaches this size.
+    /// Upper bound on `serial.log` in KiB (at least 64): the console is written through a pipe
+    /// by a small ring writer that keeps the newest half when the file reaches this size.
     pub console_log_max_kib: u64,
 }
 
