@@ -5,6 +5,7 @@
 mod args;
 mod bench;
 mod commands;
+mod modes;
 mod output;
 mod providers;
 mod serve;
@@ -40,6 +41,10 @@ fn expand_alias(mut argv: Vec<String>) -> Vec<String> {
 }
 
 fn main() -> ExitCode {
+    // The qemu provider starts this binary as each VM's console ring writer.
+    if let Some(code) = basphere_qemu::console_helper_main() {
+        return code;
+    }
     // glibc gives every thread that allocates its own arena; with a dozen threads (runtime,
     // SQLite workers, the write thread) a server then keeps ~10 MB of partly used heaps. Two
     // arenas keep the resident size close to what is live. Set before any thread starts.

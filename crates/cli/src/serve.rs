@@ -30,6 +30,7 @@ pub fn load_config(flag: Option<&Path>) -> anyhow::Result<Config> {
 /// Writes the config (if missing), makes the data dir, database and first admin token, and
 /// with `tls_host` a self-signed TLS certificate for that host name.
 pub async fn init(flag: Option<&Path>, force: bool, tls_host: Option<&str>) -> anyhow::Result<()> {
+    crate::modes::private_umask();
     let path = flag
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
@@ -41,14 +42,18 @@ pub async fn init(flag: Option<&Path>, force: bool, tls_host: Option<&str>) -> a
         }
     });
     if !path.exists() || force {
-        if let Some(dir) = path.parent() {
+        if let Some(dir) = path.parent().filter(|d| !d.exists()) {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            // Readable configuration (it holds no secrets) for the CLI of every bastion user.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
         }
         let text = match &tls_files {
             Some(t) => with_tls_line(DEFAULT_TOML, t),
             None => DEFAULT_TOML.to_string(),
         };
-        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(&path, text)
+            .and_then(|()| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)))
+            .with_context(|| format!("writing {}", path.display()))?;
         println!("wrote {}", path.display());
     } else {
         println!("keeping existing {}", path.display());
@@ -59,7 +64,8 @@ pub async fn init(flag: Option<&Path>, force: bool, tls_host: Option<&str>) -> a
     let cfg = Config::load(Some(&path), std::env::vars())?;
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
-    std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o711))?;
+    // Only root enters: the socket lives under /run/basphere, tokens of users in their homes.
+    std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700))?;
     let store = Store::open(&cfg.db_path()).await?;
     store
         .ensure_admin(&cfg.server.admin, &cfg.quota, &cfg.network)
@@ -295,6 +301,7 @@ fn raise_fd_limit(cfg: &Config) {
 
 /// Runs the server until SIGTERM/SIGINT.
 pub async fn serve(flag: Option<&Path>) -> anyhow::Result<()> {
+    crate::modes::private_umask();
     let cfg = Arc::new(load_config(flag)?);
     // Before anything is bound: a non-loopback listener without TLS needs allow_plaintext.
     if let Some(warning) = cfg.server.check_plaintext()? {
@@ -303,8 +310,10 @@ pub async fn serve(flag: Option<&Path>) -> anyhow::Result<()> {
     }
     let serve_opts = ServeOptions::from_config(&cfg.server)?;
     raise_fd_limit(&cfg);
+    crate::modes::socket_dir(&cfg.server.socket)?;
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
+    crate::modes::repair_install(&cfg)?;
     // One server per data dir: the node id (and its leases) must not be shared.
     let lock_file = std::fs::OpenOptions::new()
         .create(true)

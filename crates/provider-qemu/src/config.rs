@@ -3,6 +3,9 @@
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
+/// The account QEMU runs as by default.
+pub const DEFAULT_RUN_AS: &str = "basphere-qemu";
+
 /// Settings of the qemu provider. Every key has a default, so an empty table is valid.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -32,6 +35,13 @@ pub struct QemuConfig {
     pub ssh_ready_timeout_secs: u64,
     /// The QEMU system emulator to run (a name looked up in PATH, or a path).
     pub qemu_binary: String,
+    /// Unprivileged account QEMU switches to once it has opened its disks, tap and sockets as
+    /// root (`-run-with user=`). Created as a system account when missing. `""` keeps QEMU root
+    /// (the seccomp sandbox then also denies set*uid calls).
+    pub run_as: String,
+    /// Upper bound on `serial.log` in KiB (at least 64): the console is written through a pipe
+    /// by a small ring writer that keeps the newest half when the file reaches this size.
+    pub console_log_max_kib: u64,
 }
 
 impl Default for QemuConfig {
@@ -46,6 +56,8 @@ impl Default for QemuConfig {
             network: NetworkMode::default(),
             ssh_ready_timeout_secs: 300,
             qemu_binary: "qemu-system-x86_64".to_string(),
+            run_as: DEFAULT_RUN_AS.to_string(),
+            console_log_max_kib: 1024,
         }
     }
 }

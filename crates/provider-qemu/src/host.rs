@@ -129,11 +129,9 @@ fn kvm_works() -> bool {
     true
 }
 
-/// The last `n` lines of a text file, or an empty string.
+/// The last `n` lines of a text file (from its last 64 KiB), or an empty string.
 pub fn tail(path: &Path, n: usize) -> String {
-    let Ok(bytes) = std::fs::read(path) else {
-        return String::new();
-    };
+    let bytes = crate::console::read_tail(path, 64 * 1024);
     let text = String::from_utf8_lossy(&bytes);
     let lines: Vec<&str> = text
         .lines()

@@ -197,6 +197,7 @@ pub async fn build_image(
 
     tokio::fs::create_dir_all(images_dir)
         .await
+        .and_then(|()| private(images_dir, 0o700))
         .map_err(io(format!("cannot create {}", images_dir.display())))?;
     let stamp = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -223,6 +224,15 @@ pub async fn build_image(
     tokio::fs::write(scratch.join(RECIPE_FILE), format!("{recipe}\n"))
         .await
         .map_err(io("cannot record the recipe"))?;
+    // Only root reads images: QEMU opens its files before it drops root.
+    private(&scratch, 0o700)
+        .and_then(|()| {
+            IMAGE_FILES
+                .iter()
+                .chain([&RECIPE_FILE])
+                .try_for_each(|f| private(&scratch.join(f), 0o600))
+        })
+        .map_err(io("cannot make the image private"))?;
     let versioned_name = format!("{name}.{stamp}");
     let versioned = images_dir.join(&versioned_name);
     tokio::fs::rename(&scratch, &versioned)
@@ -253,6 +263,11 @@ pub async fn build_image(
         )))?;
     progress(&format!("image {name} ready at {}", link.display()));
     Ok(link)
+}
+
+fn private(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
 
 /// The backing file recorded in a qcow2 header, if any.

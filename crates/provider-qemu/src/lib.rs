@@ -2,8 +2,11 @@
 //!
 //! Per VM, under `state_dir/<instance>/`: a qcow2 linked clone of a base image, a cloud-init
 //! NoCloud seed ISO, the guest kernel and tiny initrd (direct kernel boot), QEMU's pidfile, QMP
-//! socket, serial console log and stderr log. QEMU runs daemonized; the pidfile is trusted only when
-//! `/proc/PID/cmdline` names that VM's directory, so a recycled PID is never signalled.
+//! socket, serial console log (bounded, see `console.rs`) and stderr log; directories 0700, files
+//! 0600, all root's. QEMU runs detached in a session of its own under its seccomp sandbox, opens
+//! those files as root and then switches to the unprivileged `run_as` account. The pidfile is
+//! trusted only when `/proc/PID/cmdline` names that VM's directory, so a recycled PID is never
+//! signalled.
 //!
 //! Networking ([`NetworkMode`]): by default a network namespace owned by Basphere ("lab") holds a
 //! bridge carrying the guests' gateway address and one tap per VM; QEMU runs inside it, and guests
@@ -22,6 +25,7 @@
 //! arrives in a [`VmRequest`]. Base images are only read, never modified, by VM operations.
 
 mod config;
+mod console;
 mod diagnose;
 mod host;
 mod image;
@@ -30,11 +34,16 @@ mod net;
 mod qmp;
 mod seed;
 
-pub use config::{Accel, NetworkMode, QemuConfig};
+pub use config::{Accel, DEFAULT_RUN_AS, NetworkMode, QemuConfig};
+pub use console::{
+    CONSOLE_FD, ConsolePipe, HELPER_ARG as CONSOLE_HELPER_ARG, RingLog,
+    helper_main as console_helper_main, read_tail as console_tail,
+};
 pub use diagnose::{Diagnosis, diagnose};
 pub use image::{BUILDABLE, BuildError, Mirrors, build_image, mirrors_from_sources, prune_images};
 pub use machine::{
-    AccelChoice, Resources, TCG_DEFAULT_MAX_MEMORY_MIB, TCG_DEFAULT_MAX_VCPUS, tap_name,
+    AccelChoice, DropPrivileges, Resources, TCG_DEFAULT_MAX_MEMORY_MIB, TCG_DEFAULT_MAX_VCPUS,
+    tap_name,
 };
 pub use net::Probe as SshProbe;
 pub use seed::{SeedFiles, render as render_seed};
@@ -44,8 +53,12 @@ use basphere_provider::{MachineState, Provider, ProviderError, Result, VmRequest
 use machine::VmPaths;
 use std::ffi::OsStr;
 use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+/// How much of the console's end `wait_ready` reads to explain a guest that is not ready.
+const DIAGNOSE_BYTES: u64 = 256 * 1024;
 
 /// The apt command that installs QEMU on a Debian 12 host of this kind.
 pub const QEMU_INSTALL_HINT: &str = "apt-get install -y -t bookworm-backports qemu-system-x86 \
@@ -70,6 +83,10 @@ pub struct QemuProvider {
     accel: AccelChoice,
     host_cpus: u32,
     host_memory_mib: Option<u64>,
+    /// How QEMU gives up root once it has opened its files.
+    drop_privileges: DropPrivileges,
+    /// The program run as the console ring writer (see [`console_helper_main`]).
+    console_helper: PathBuf,
     /// Serialises setup of the shared lab namespace and bridge within this process.
     net_lock: tokio::sync::Mutex<()>,
 }
@@ -137,6 +154,9 @@ impl QemuProvider {
                 config.state_dir.display()
             )));
         }
+        let drop_privileges = drop_privileges(&config, &qemu)?;
+        // This very program, even after an upgrade replaced the file it was started from.
+        let console_helper = PathBuf::from("/proc/self/exe");
         let probe = host::probe_kvm(Duration::from_secs(2));
         let accel = machine::decide_accel(config.accel, probe).map_err(QemuError::Accel)?;
         tracing::info!(
@@ -151,6 +171,8 @@ impl QemuProvider {
             accel,
             host_cpus: host::host_cpus(),
             host_memory_mib: host::host_memory_mib(),
+            drop_privileges,
+            console_helper,
             net_lock: tokio::sync::Mutex::new(()),
         })
     }
@@ -158,6 +180,18 @@ impl QemuProvider {
     /// The configuration in use.
     pub fn config(&self) -> &QemuConfig {
         &self.config
+    }
+
+    /// Runs `program` as the console ring writer instead of this executable. The program must
+    /// call [`console_helper_main`] first thing (for tests, whose executable is a test harness).
+    pub fn with_console_helper(mut self, program: impl Into<PathBuf>) -> Self {
+        self.console_helper = program.into();
+        self
+    }
+
+    /// How QEMU drops root (`-run-with user=` or `-runas`), if it does.
+    pub fn drop_privileges(&self) -> &DropPrivileges {
+        &self.drop_privileges
     }
 
     /// The accelerator VMs get.
@@ -318,6 +352,66 @@ impl QemuProvider {
     }
 }
 
+/// How QEMU gives up root for `config.run_as`: the option this QEMU understands, after making
+/// sure the account exists (created as a system account when running as root).
+fn drop_privileges(
+    config: &QemuConfig,
+    qemu: &Path,
+) -> std::result::Result<DropPrivileges, QemuError> {
+    let user = config.run_as.as_str();
+    if user.is_empty() {
+        return Ok(DropPrivileges::None);
+    }
+    let valid = user.len() <= 32
+        && user.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && user
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+    if !valid {
+        return Err(QemuError::Config(format!(
+            "run_as {user:?} is not a valid account name (1-32 of [a-z0-9_-], starting with a \
+             letter or '_'); use \"\" to keep QEMU root"
+        )));
+    }
+    if nix::unistd::Uid::effective().is_root()
+        && nix::unistd::User::from_name(user).ok().flatten().is_none()
+    {
+        let out = std::process::Command::new("useradd")
+            .args(["--system", "--user-group", "--no-create-home"])
+            .args(["--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin"])
+            .arg(user)
+            .output();
+        let created = nix::unistd::User::from_name(user).ok().flatten().is_some();
+        if !created {
+            let why = match out {
+                Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
+                Err(e) => e.to_string(),
+            };
+            return Err(QemuError::Config(format!(
+                "cannot create the system account {user:?} QEMU runs as (useradd: {why}): \
+                 create it yourself, or set [qemu] run_as = \"\" to keep QEMU root"
+            )));
+        }
+        tracing::info!(user, "created the system account QEMU runs as");
+    }
+    let help = std::process::Command::new(qemu)
+        .arg("-help")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    if help.contains("-run-with") && help.contains("user=") {
+        Ok(DropPrivileges::RunWith(user.to_string()))
+    } else if help.contains("-runas") {
+        Ok(DropPrivileges::RunAs(user.to_string()))
+    } else {
+        Err(QemuError::Config(format!(
+            "{} offers neither -run-with user= nor -runas: install a newer QEMU ({QEMU_INSTALL_HINT}) \
+             or set [qemu] run_as = \"\" to keep QEMU root",
+            qemu.display()
+        )))
+    }
+}
+
 fn check_ifname(key: &str, name: &str) -> std::result::Result<(), QemuError> {
     let ok = !name.is_empty()
         && name.len() <= 15
@@ -337,6 +431,27 @@ fn io_err(what: impl std::fmt::Display, e: std::io::Error) -> ProviderError {
     ProviderError::retryable(format!("{what}: {e}"))
 }
 
+/// Makes `dir` (and missing parents) a directory only root can enter: 0700.
+fn private_dir(dir: &Path) -> Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
+        .map_err(|e| {
+            io_err(
+                format_args!("cannot create {} (mode 0700)", dir.display()),
+                e,
+            )
+        })
+}
+
+/// Makes `file` readable and writable by its owner only: 0600.
+fn private_file(file: &Path) -> Result<()> {
+    std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| io_err(format_args!("cannot make {} private", file.display()), e))
+}
+
 /// Makes `dst` a copy of `src` (a hard link when possible), via a temporary name.
 async fn link_or_copy(src: &Path, dst: &Path) -> Result<()> {
     let tmp = dst.with_extension("tmp");
@@ -346,6 +461,8 @@ async fn link_or_copy(src: &Path, dst: &Path) -> Result<()> {
             .await
             .map_err(|e| io_err(format_args!("cannot copy {}", src.display()), e))?;
     }
+    // A hard link shares the image's inode: the image file becomes 0600 too.
+    private_file(&tmp)?;
     tokio::fs::rename(&tmp, dst)
         .await
         .map_err(|e| io_err(format_args!("cannot create {}", dst.display()), e))
@@ -388,9 +505,8 @@ impl Provider for QemuProvider {
 
     async fn prepare(&self, vm: &VmRequest) -> Result<()> {
         let paths = self.paths(vm)?;
-        tokio::fs::create_dir_all(&paths.dir)
-            .await
-            .map_err(|e| io_err(format_args!("cannot create {}", paths.dir.display()), e))?;
+        private_dir(&self.config.state_dir)?;
+        private_dir(&paths.dir)?;
 
         let needs_image =
             !paths.disk.is_file() || !paths.kernel.is_file() || !paths.initrd.is_file();
@@ -415,6 +531,7 @@ impl Provider for QemuProvider {
                 )
                 .await
                 .map_err(ProviderError::retryable)?;
+                private_file(&tmp)?;
                 tokio::fs::rename(&tmp, &paths.disk)
                     .await
                     .map_err(|e| io_err("cannot move the disk into place", e))?;
@@ -433,6 +550,7 @@ impl Provider for QemuProvider {
             seed::write_iso(&files, &paths.dir, &tmp)
                 .await
                 .map_err(ProviderError::retryable)?;
+            private_file(&tmp)?;
             tokio::fs::rename(&tmp, &paths.seed)
                 .await
                 .map_err(|e| io_err("cannot move the seed into place", e))?;
@@ -465,6 +583,7 @@ impl Provider for QemuProvider {
         for stale in [&paths.pidfile, &paths.qmp, &paths.serial] {
             let _ = tokio::fs::remove_file(stale).await;
         }
+        private_dir(&paths.dir)?;
         let resources = self.resources_for(vm);
         let args = machine::qemu_args(&machine::Launch {
             name: vm.name.as_str(),
@@ -473,16 +592,32 @@ impl Provider for QemuProvider {
             resources,
             tap: &tap,
             mac: &vm.network.mac,
+            drop: &self.drop_privileges,
         });
-        let log = std::fs::File::create(&paths.qemu_log).map_err(|e| {
-            io_err(
-                format_args!("cannot create {}", paths.qemu_log.display()),
-                e,
-            )
-        })?;
-        let log2 = log
-            .try_clone()
-            .map_err(|e| io_err("cannot duplicate the log handle", e))?;
+        let log = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&paths.qemu_log)
+            .map_err(|e| {
+                io_err(
+                    format_args!("cannot create {}", paths.qemu_log.display()),
+                    e,
+                )
+            })?;
+        let dup = |f: &std::fs::File| {
+            f.try_clone()
+                .map_err(|e| io_err("cannot duplicate the log handle", e))
+        };
+        let console = ConsolePipe::start(
+            &self.console_helper,
+            &paths.serial,
+            self.config.console_log_max_kib.saturating_mul(1024),
+            dup(&log)?,
+        )
+        .map_err(|e| ProviderError::permanent(e.to_string()))?;
         let mut cmd = match self.netns_name() {
             Some(ns) => {
                 let mut c = tokio::process::Command::new("ip");
@@ -494,30 +629,52 @@ impl Provider for QemuProvider {
         cmd.args(&args)
             .current_dir(&paths.dir)
             .stdin(std::process::Stdio::null())
-            .stdout(log)
-            .stderr(log2);
+            .stdout(dup(&log)?)
+            .stderr(log);
+        console.attach(&mut cmd);
+        // SAFETY: umask is async-signal-safe. QEMU's pidfile and sockets are then 0600/0700.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::umask(0o077);
+                Ok(())
+            });
+        }
         tracing::info!(vm = %vm.name, accel = self.accel.as_str(), vcpus = resources.vcpus,
             memory_mib = resources.memory_mib, tap, "starting qemu");
-        let status = tokio::time::timeout(Duration::from_secs(60), cmd.status())
-            .await
-            .map_err(|_| {
-                ProviderError::retryable(format!(
-                    "qemu for VM {} did not finish starting within 60 s",
-                    vm.name
-                ))
-            })?
-            .map_err(|e| io_err(format_args!("cannot run {}", self.qemu.display()), e))?;
-        if !status.success() {
-            // A concurrent start of the same VM may have won (its pidfile lock stops this one).
-            if Self::verified_pid(&paths).is_some() {
-                return Ok(());
+        let child = cmd.spawn();
+        // QEMU holds the pipe now; the writer sees end of file once QEMU is gone.
+        drop(console);
+        let mut child =
+            child.map_err(|e| io_err(format_args!("cannot run {}", self.qemu.display()), e))?;
+        // Started = QEMU answers a QMP command (only its main loop does that), or it exited.
+        let until = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                // A concurrent start of the same VM may have won (its pidfile lock stops this one).
+                if Self::verified_pid(&paths).is_some() {
+                    return Ok(());
+                }
+                return Err(ProviderError::permanent(format!(
+                    "qemu for VM {} failed to start ({status}): {}",
+                    vm.name,
+                    Self::logs_tail(&paths)
+                )));
             }
-            return Err(ProviderError::permanent(format!(
-                "qemu for VM {} failed to start ({status}): {}",
-                vm.name,
-                host::tail(&paths.qemu_log, 5)
-            )));
+            if qmp::ready(&paths.qmp, Duration::from_secs(2)).await.is_ok() {
+                break;
+            }
+            if Instant::now() >= until {
+                let _ = child.start_kill();
+                return Err(ProviderError::retryable(format!(
+                    "qemu for VM {} did not finish starting within 60 s: {}",
+                    vm.name,
+                    Self::logs_tail(&paths)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        // Not waited for: tokio reaps it once it exits.
+        drop(child);
         if Self::verified_pid(&paths).is_none() {
             return Err(ProviderError::permanent(format!(
                 "qemu for VM {} exited right after starting: {}",
@@ -558,7 +715,7 @@ impl Provider for QemuProvider {
                 .min(Duration::from_millis(500));
             tokio::time::sleep(pause).await;
         };
-        let serial = std::fs::read(&paths.serial).unwrap_or_default();
+        let serial = console::read_tail(&paths.serial, DIAGNOSE_BYTES);
         let serial = String::from_utf8_lossy(&serial);
         let why = diagnose(&serial, vm.network.ip, Some(&last)).explain(vm.network.ip);
         Err(ProviderError::retryable(format!(
@@ -609,13 +766,23 @@ impl Provider for QemuProvider {
         if Self::verified_pid(&paths).is_some() {
             self.stop(vm).await?;
         }
-        match tokio::fs::remove_dir_all(&paths.dir).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io_err(
-                format_args!("cannot remove {}", paths.dir.display()),
-                e,
-            )),
+        // The console writer may still be finishing its last rotation: retry a moment.
+        let mut attempt = 0;
+        loop {
+            match tokio::fs::remove_dir_all(&paths.dir).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(_) if attempt < 10 => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => {
+                    return Err(io_err(
+                        format_args!("cannot remove {}", paths.dir.display()),
+                        e,
+                    ));
+                }
+            }
         }
     }
 

@@ -152,6 +152,29 @@ pub fn tap_name(instance: &str) -> String {
 pub const KERNEL_CMDLINE: &str =
     "root=/dev/vda rw console=ttyS0 net.ifnames=0 quiet mitigations=off";
 
+/// How QEMU leaves root once it has opened its disks, tap, console and sockets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DropPrivileges {
+    /// QEMU stays root (`run_as = ""`).
+    None,
+    /// `-run-with user=NAME` (QEMU 9.1 and later).
+    RunWith(String),
+    /// `-runas NAME` (older QEMU).
+    RunAs(String),
+}
+
+/// The seccomp filter QEMU runs under. `elevateprivileges=deny` would also block the
+/// setgid/setuid calls QEMU makes to drop root, killing it (SIGSYS), so it is denied only when
+/// QEMU stays root; once QEMU has switched to an unprivileged account those calls cannot regain
+/// anything, and `spawn=deny` keeps it from executing set-uid programs.
+pub fn sandbox(drop: &DropPrivileges) -> String {
+    let elevate = match drop {
+        DropPrivileges::None => "deny",
+        DropPrivileges::RunWith(_) | DropPrivileges::RunAs(_) => "allow",
+    };
+    format!("on,obsolete=deny,elevateprivileges={elevate},spawn=deny,resourcecontrol=deny")
+}
+
 /// Everything that varies in a QEMU invocation.
 pub struct Launch<'a> {
     pub name: &'a str,
@@ -160,10 +183,13 @@ pub struct Launch<'a> {
     pub resources: Resources,
     pub tap: &'a str,
     pub mac: &'a str,
+    pub drop: &'a DropPrivileges,
 }
 
 /// The QEMU arguments (after the binary) for `l`: direct kernel boot with qboot, two virtio
-/// disks (root, seed), one virtio NIC on a tap, serial console to a file, QMP on a socket.
+/// disks (root, seed), one virtio NIC on a tap, serial console to the pipe on descriptor 3,
+/// QMP on a socket, the seccomp sandbox, and the switch to an unprivileged account. QEMU runs in
+/// the foreground of its own session (`-daemonize` forks, which the sandbox forbids).
 pub fn qemu_args(l: &Launch<'_>) -> Vec<String> {
     let p = l.paths;
     let d = |p: &Path| p.display().to_string();
@@ -179,9 +205,18 @@ pub fn qemu_args(l: &Launch<'_>) -> Vec<String> {
     push(&["-m", &l.resources.memory_mib.to_string()]);
     push(&["-smp", &l.resources.vcpus.to_string()]);
     push(&["-display", "none", "-no-reboot"]);
-    push(&["-serial", &format!("file:{}", d(&p.serial))]);
+    push(&[
+        "-serial",
+        &format!("file:/proc/self/fd/{}", crate::console::CONSOLE_FD),
+    ]);
     push(&["-qmp", &format!("unix:{},server=on,wait=off", d(&p.qmp))]);
-    push(&["-daemonize", "-pidfile", &d(&p.pidfile)]);
+    push(&["-pidfile", &d(&p.pidfile)]);
+    push(&["-sandbox", &sandbox(l.drop)]);
+    match l.drop {
+        DropPrivileges::None => {}
+        DropPrivileges::RunWith(user) => push(&["-run-with", &format!("user={user}")]),
+        DropPrivileges::RunAs(user) => push(&["-runas", user]),
+    }
     push(&["-kernel", &d(&p.kernel), "-initrd", &d(&p.initrd)]);
     push(&["-append", KERNEL_CMDLINE]);
     push(&[
@@ -306,12 +341,58 @@ mod tests {
             },
             tap: "bsp0123",
             mac: "52:54:00:00:00:01",
+            drop: &DropPrivileges::RunWith("basphere-qemu".into()),
         });
         let line = args.join(" ");
         assert!(line.contains(&paths.marker()));
         assert!(line.contains("-accel tcg,thread=multi,tb-size=256 -cpu max"));
         assert!(line.contains("virtio-net-pci,netdev=n0,mac=52:54:00:00:00:01"));
         assert!(line.contains("ifname=bsp0123,"));
-        assert!(line.contains("-daemonize -pidfile /var/lib/basphere/vms/abc/qemu.pid"));
+        assert!(line.contains("-pidfile /var/lib/basphere/vms/abc/qemu.pid"));
+        assert!(!line.contains("-daemonize"), "the sandbox forbids fork");
+    }
+
+    #[test]
+    fn qemu_runs_sandboxed_and_unprivileged() {
+        let paths = VmPaths::new(Path::new("/var/lib/basphere/vms"), "abc");
+        let launch = |drop: &DropPrivileges| {
+            qemu_args(&Launch {
+                name: "web",
+                paths: &paths,
+                accel: AccelChoice::Kvm,
+                resources: Resources {
+                    vcpus: 1,
+                    memory_mib: 512,
+                },
+                tap: "bsp0123",
+                mac: "52:54:00:00:00:01",
+                drop,
+            })
+        };
+        let pair = |args: &[String], flag: &str| -> Option<String> {
+            let i = args.iter().position(|a| a == flag)?;
+            args.get(i + 1).cloned()
+        };
+        let args = launch(&DropPrivileges::RunWith("basphere-qemu".into()));
+        assert_eq!(
+            pair(&args, "-sandbox").as_deref(),
+            Some("on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny")
+        );
+        assert_eq!(
+            pair(&args, "-run-with").as_deref(),
+            Some("user=basphere-qemu")
+        );
+        assert_eq!(
+            pair(&args, "-serial").as_deref(),
+            Some("file:/proc/self/fd/3")
+        );
+        let args = launch(&DropPrivileges::RunAs("qemu".into()));
+        assert_eq!(pair(&args, "-runas").as_deref(), Some("qemu"));
+        let args = launch(&DropPrivileges::None);
+        assert_eq!(
+            pair(&args, "-sandbox").as_deref(),
+            Some("on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny")
+        );
+        assert!(pair(&args, "-run-with").is_none() && pair(&args, "-runas").is_none());
     }
 }

@@ -12,6 +12,14 @@ pub async fn quit(socket: &Path, timeout: Duration) -> Result<(), String> {
         .map_err(|_| format!("QMP on {} did not answer in {timeout:?}", socket.display()))?
 }
 
+/// Asks the QEMU on `socket` for its status. QEMU runs QMP commands in its main loop, so an
+/// answer means it finished starting (and, with `-run-with user=`, has dropped root).
+pub async fn ready(socket: &Path, timeout: Duration) -> Result<(), String> {
+    tokio::time::timeout(timeout, execute(socket, "query-status"))
+        .await
+        .map_err(|_| format!("QMP on {} did not answer in {timeout:?}", socket.display()))?
+}
+
 async fn execute(socket: &Path, command: &str) -> Result<(), String> {
     let stream = UnixStream::connect(socket)
         .await

@@ -83,6 +83,10 @@ pub async fn write_iso(files: &SeedFiles, work: &Path, iso: &Path) -> Result<(),
     let _ = tokio::fs::remove_dir_all(&dir).await;
     tokio::fs::create_dir_all(&dir)
         .await
+        .and_then(|()| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+        })
         .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     for (name, text) in [
         ("meta-data", &files.meta_data),

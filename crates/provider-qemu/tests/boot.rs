@@ -8,6 +8,7 @@
 
 use basphere_provider::{GuestNetwork, MachineState, Provider, VmRequest, mac_for};
 use basphere_qemu::{NetworkMode, QemuConfig, QemuProvider};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -107,7 +108,9 @@ async fn boots_debian_and_answers_ssh_in_the_lab_namespace() {
         },
         ..QemuConfig::default()
     };
-    let provider = QemuProvider::new(config).expect("qemu provider");
+    let provider = QemuProvider::new(config)
+        .expect("qemu provider")
+        .with_console_helper(env!("CARGO_BIN_EXE_basphere-console-ring"));
     eprintln!("accelerator: {}", provider.accel().as_str());
     assert_eq!(provider.netns_name(), Some(namespace.as_str()));
 
@@ -180,6 +183,43 @@ async fn boots_debian_and_answers_ssh_in_the_lab_namespace() {
     );
     assert_eq!(provider.inspect(&vm).await.unwrap(), MachineState::Running);
     assert!(provider.tap_present(&vm).await);
+
+    // L10: QEMU runs under its seccomp sandbox, as the unprivileged account, with no way back.
+    let status = std::fs::read_to_string(format!("/proc/{qemu_pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    };
+    let account = nix::unistd::User::from_name(basphere_qemu::DEFAULT_RUN_AS)
+        .unwrap()
+        .expect("the provider created the QEMU account");
+    let uid = account.uid.to_string();
+    assert_eq!(
+        field("Uid:"),
+        format!("{uid} {uid} {uid} {uid}"),
+        "{status}"
+    );
+    assert_eq!(field("Seccomp:"), "2", "{status}");
+    assert_eq!(field("NoNewPrivs:"), "1", "{status}");
+    assert_eq!(field("CapEff:"), "0000000000000000", "{status}");
+    let cmdline = std::fs::read(format!("/proc/{qemu_pid}/cmdline")).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(
+        cmdline.contains(
+            "-sandbox on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny"
+        ),
+        "{cmdline}"
+    );
+    // H2: nothing of the VM is open to group or others.
+    for entry in std::fs::read_dir(&vm_dir).unwrap().flatten() {
+        let mode = entry.metadata().unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode & 0o077, 0, "{} is {mode:o}", entry.path().display());
+    }
+    let dir_mode = std::fs::metadata(&vm_dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(dir_mode, 0o700);
 
     // A deadline that expires before the guest prints anything is explained as such.
     let early = provider

@@ -120,6 +120,12 @@ pub fn format_ms(ms: i64) -> String {
 impl Store {
     /// Opens (creating if missing) the SQLite database at `path` and applies pending migrations.
     pub async fn open(path: &Path) -> Result<Self> {
+        private_files(path).map_err(|e| {
+            StoreError::Migration(format!(
+                "cannot make the database {} private (mode 0600): {e}",
+                path.display()
+            ))
+        })?;
         let opts = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -168,6 +174,32 @@ impl Store {
             _writer: w,
         })
     }
+}
+
+/// Creates the database file as 0600 when missing and takes group/other access from an existing
+/// one and its `-wal`/`-shm`. SQLite creates the `-wal` and `-shm` files with the database's mode.
+fn private_files(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        match std::fs::metadata(&p) {
+            Ok(m) if m.permissions().mode() & 0o077 != 0 => {
+                let mode = m.permissions().mode() & 0o7700;
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))?;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn parse<T: std::str::FromStr>(what: &'static str, s: &str) -> Result<T>

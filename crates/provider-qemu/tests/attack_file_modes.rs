@@ -1,0 +1,236 @@
+//! H2: another account on the host cannot read a VM's disk, seed, kernel, console or logs,
+//! whatever the umask of the process that made them.
+//!
+//! `prepare` runs for real (qemu-img linked clone, seed ISO) on a stand-in image; `start` runs
+//! QEMU for real in a private lab namespace (prefix `qemu-m`), with a kernel that does not boot,
+//! so QEMU exits after having created its console and log. A real unprivileged Unix account
+//! (prefix `bspmod`, removed afterwards) then tries to read every file.
+//!
+//! Needs root and the packages of `install-deps.sh`; skips only when not root.
+//!
+//!     cargo nextest run -p basphere-qemu --test attack_file_modes
+
+use basphere_provider::{GuestNetwork, Provider, VmRequest, mac_for};
+use basphere_qemu::{NetworkMode, QemuConfig, QemuProvider};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const HELPER: &str = env!("CARGO_BIN_EXE_basphere-console-ring");
+
+/// A Unix account made for this test, removed when dropped.
+struct Account {
+    name: String,
+    uid: u32,
+    gid: u32,
+}
+
+impl Account {
+    fn create() -> Account {
+        let name = format!(
+            "bspmod{:08x}",
+            std::process::id() ^ std::time::UNIX_EPOCH.elapsed().unwrap().subsec_nanos()
+        );
+        let st = Command::new("useradd")
+            .args([
+                "--no-create-home",
+                "--user-group",
+                "--shell",
+                "/usr/sbin/nologin",
+            ])
+            .arg(&name)
+            .status()
+            .expect("useradd (apt-get install passwd)");
+        assert!(st.success(), "useradd {name} failed");
+        let pw = nix::unistd::User::from_name(&name).unwrap().unwrap();
+        Account {
+            name,
+            uid: pw.uid.as_raw(),
+            gid: pw.gid.as_raw(),
+        }
+    }
+
+    /// Runs `program args` as this account; returns (success, stderr).
+    fn run(&self, program: &str, args: &[&Path]) -> (bool, String) {
+        let out = Command::new(program)
+            .args(args)
+            .uid(self.uid)
+            .gid(self.gid)
+            .env_clear()
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Tries to read `path` (a file's first byte, a directory's listing).
+    fn read(&self, path: &Path) -> (bool, String) {
+        if path.is_dir() {
+            self.run("/bin/ls", &[Path::new("-a"), path])
+        } else {
+            self.run("/usr/bin/head", &[Path::new("-c1"), path])
+        }
+    }
+}
+
+impl Drop for Account {
+    fn drop(&mut self) {
+        let _ = Command::new("userdel").arg(&self.name).output();
+    }
+}
+
+/// Every directory and file under `root` (itself included), symlinks left out.
+fn every_path(root: &Path) -> Vec<PathBuf> {
+    let mut out = vec![root.to_path_buf()];
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i].clone();
+        i += 1;
+        if std::fs::symlink_metadata(&p).unwrap().is_dir() {
+            for e in std::fs::read_dir(&p).unwrap().flatten() {
+                if !e.file_type().unwrap().is_symlink() {
+                    out.push(e.path());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Deletes the test's namespace, also on panic.
+struct Netns(String);
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if Path::new("/run/netns").join(&self.0).exists() {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_account_reads_nothing_of_a_vm() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("SKIPPED: needs root (Unix accounts, namespaces, taps)");
+        return;
+    }
+    // Run as a root with umask 022, as before the fix: the modes must not depend on the umask.
+    // SAFETY: changes only this process's file creation mask.
+    unsafe { libc::umask(0o022) };
+    let work = tempfile::Builder::new()
+        .prefix("bsp-modes-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let data = work.path().join("data");
+    let images = data.join("images");
+    let image = images.join("debian-12");
+    std::fs::create_dir_all(&image).unwrap();
+    // As `build_image` leaves an image: only root reads it (QEMU opens it before dropping root).
+    std::fs::set_permissions(&images, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(image.join("base.qcow2"))
+        .arg("64M")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // Not a kernel: QEMU refuses it and exits after creating its console and log.
+    std::fs::write(image.join("vmlinuz"), vec![0u8; 4096]).unwrap();
+    std::fs::write(image.join("initrd-tiny.img"), vec![0u8; 4096]).unwrap();
+
+    let namespace = format!("qemu-m{}", std::process::id());
+    let _netns = Netns(namespace.clone());
+    let config = QemuConfig {
+        images_dir: images.clone(),
+        state_dir: data.join("vms"),
+        accel: basphere_qemu::Accel::Tcg,
+        network: NetworkMode::Lab {
+            namespace: namespace.clone(),
+            bridge: "br0".into(),
+        },
+        ..QemuConfig::default()
+    };
+    let provider = QemuProvider::new(config)
+        .expect("qemu provider")
+        .with_console_helper(HELPER);
+    assert!(
+        matches!(
+            provider.drop_privileges(),
+            basphere_qemu::DropPrivileges::RunWith(u) if u == basphere_qemu::DEFAULT_RUN_AS
+        ),
+        "{:?}",
+        provider.drop_privileges()
+    );
+
+    let instance = uuid::Uuid::new_v4().to_string();
+    let vm = VmRequest {
+        instance: instance.clone(),
+        name: "secret".parse().unwrap(),
+        owner: "victim".parse().unwrap(),
+        image: "debian-12".parse().unwrap(),
+        image_ref: "debian-12".into(),
+        login_user: "victim".into(),
+        spec: basphere_core::Spec {
+            vcpus: 1,
+            memory_mib: 256,
+            disk_gib: 1,
+        },
+        network: GuestNetwork {
+            ip: "10.254.0.10".parse().unwrap(),
+            prefix_len: 24,
+            gateway: "10.254.0.1".parse().unwrap(),
+            dns: vec![],
+            mtu: 1500,
+            mac: mac_for(&instance),
+        },
+        ssh_keys: vec![],
+    };
+    provider.prepare(&vm).await.expect("prepare");
+    let e = provider
+        .start(&vm)
+        .await
+        .expect_err("QEMU cannot boot a kernel of zeros");
+    eprintln!("start failed as intended: {e}");
+    let vm_dir = provider.vm_dir(&instance);
+    for f in [
+        "disk.qcow2",
+        "seed.iso",
+        "vmlinuz",
+        "initrd.img",
+        "qemu.log",
+        "serial.log",
+    ] {
+        assert!(vm_dir.join(f).is_file(), "{f} missing");
+    }
+    // Before the fix everything was 0644/0755 and this account read every disk.
+    let attacker = Account::create();
+    let paths = every_path(&data.join("vms"));
+    assert!(paths.len() >= 8, "{paths:?}");
+    for p in &paths {
+        let mode = std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode & 0o077, 0, "{} is {mode:o}", p.display());
+        let (ok, err) = attacker.read(p);
+        assert!(!ok, "{} read {}", attacker.name, p.display());
+        assert!(err.contains("Permission denied"), "{}: {err}", p.display());
+    }
+    // Even with the directories opened up, each file refuses on its own mode.
+    for d in [data.join("vms"), vm_dir.clone()] {
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    for f in [
+        "disk.qcow2",
+        "serial.log",
+        "seed.iso",
+        "qemu.log",
+        "vmlinuz",
+    ] {
+        let (ok, err) = attacker.read(&vm_dir.join(f));
+        assert!(!ok && err.contains("Permission denied"), "{f}: {err}");
+    }
+
+    provider.remove(&vm).await.expect("remove");
+    assert!(provider.teardown_lab_network().await.unwrap());
+}
