@@ -105,6 +105,25 @@ pub async fn ensure_tap(
     Ok(())
 }
 
+/// Creates and attaches `pin`'s tap (see [`ensure_tap`]) and pins it to its VM's MAC and IP
+/// ([`crate::antispoof::install`]). Idempotent; the pin is re-derived from the VM at every start.
+pub async fn attach_pinned_tap(
+    namespace: Option<&str>,
+    bridge: &str,
+    pin: &crate::antispoof::PortPin,
+    mtu: u32,
+    isolate: bool,
+) -> Result<(), String> {
+    ensure_tap(namespace, bridge, pin.port(), mtu).await?;
+    crate::antispoof::install(namespace, pin, isolate).await
+}
+
+/// Deletes the tap and then its anti-spoofing rules. Succeeds when both are gone already.
+pub async fn release_tap(namespace: Option<&str>, tap: &str) -> Result<(), String> {
+    delete_tap(namespace, tap).await?;
+    crate::antispoof::remove(namespace, tap).await
+}
+
 /// Deletes the tap; succeeds if it (or the namespace) is gone already.
 pub async fn delete_tap(namespace: Option<&str>, tap: &str) -> Result<(), String> {
     if let Some(ns) = namespace
