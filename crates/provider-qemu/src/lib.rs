@@ -305,9 +305,15 @@ impl QemuProvider {
         }
         let pin = antispoof::PortPin::new(tap, &vm.network.mac, vm.network.ip)
             .map_err(ProviderError::permanent)?;
-        net::attach_pinned_tap(namespace, bridge, &pin, vm.network.mtu, self.config.isolate_ports)
-            .await
-            .map_err(ProviderError::retryable)
+        net::attach_pinned_tap(
+            namespace,
+            bridge,
+            &pin,
+            vm.network.mtu,
+            self.config.isolate_ports,
+        )
+        .await
+        .map_err(ProviderError::retryable)
     }
 
     /// Last lines of the console and of QEMU's own log, for error messages.

@@ -29,9 +29,7 @@ fn run(program: &str, args: &[&str]) -> Output {
         .args(args)
         .output()
         .unwrap_or_else(|e| {
-            panic!(
-                "cannot run {program}: {e} (install it: crates/provider-qemu/install-deps.sh)"
-            )
+            panic!("cannot run {program}: {e} (install it: crates/provider-qemu/install-deps.sh)")
         })
 }
 
@@ -312,7 +310,10 @@ async fn a_guest_cannot_spoof_another_guests_arp_ip_or_mac() {
     let gw = GW.to_string();
     let gw_mac = lab.gateway_mac();
     lab.assert_ordinary_traffic_flows();
-    assert_eq!(Lab::neighbour(&lab.ns, a.ip).as_deref(), Some(a.mac.as_str()));
+    assert_eq!(
+        Lab::neighbour(&lab.ns, a.ip).as_deref(),
+        Some(a.mac.as_str())
+    );
     assert_eq!(Lab::neighbour(&a.ns, GW).as_deref(), Some(gw_mac.as_str()));
     assert_eq!(lab.fdb_port(&a.mac).as_deref(), Some(a.tap.as_str()));
 
@@ -322,10 +323,6 @@ async fn a_guest_cannot_spoof_another_guests_arp_ip_or_mac() {
     b.arping(&["-U", "-S", &a.ip.to_string(), &gw]);
     b.arping(&["-A", "-S", &a.ip.to_string(), &gw]);
     b.arping(&["-A", "-S", &gw, &a.ip.to_string()]);
-    assert!(
-        lab.dropped(b, reason::ARP) >= before + 9,
-        "spoofed ARP was not dropped by the ARP rule"
-    );
     assert_eq!(
         Lab::neighbour(&lab.ns, a.ip).as_deref(),
         Some(a.mac.as_str()),
@@ -336,16 +333,32 @@ async fn a_guest_cannot_spoof_another_guests_arp_ip_or_mac() {
         Some(gw_mac.as_str()),
         "A's neighbour entry for the gateway was poisoned"
     );
+    assert!(
+        lab.dropped(b, reason::ARP) >= before + 9,
+        "spoofed ARP was not dropped by the ARP rule"
+    );
 
     // 2. IPv4 with A's source address (B configures A's address; its gateway entry is pinned so
     //    no ARP is needed).
     let a_ip = a.ip.to_string();
-    b.ip_cmd(&["neigh", "replace", &gw, "lladdr", &gw_mac, "dev", "eth0", "nud", "permanent"]);
+    b.ip_cmd(&[
+        "neigh",
+        "replace",
+        &gw,
+        "lladdr",
+        &gw_mac,
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ]);
     b.ip_cmd(&["addr", "add", &format!("{a_ip}/32"), "dev", "eth0"]);
     let before = lab.dropped(b, reason::IPV4_SOURCE);
     let out = in_ns(
         &b.ns,
-        &["ping", "-c", "3", "-i", "0.2", "-W", "1", "-q", "-I", &a_ip, &gw],
+        &[
+            "ping", "-c", "3", "-i", "0.2", "-W", "1", "-q", "-I", &a_ip, &gw,
+        ],
     );
     assert!(
         !out.status.success(),
@@ -361,16 +374,18 @@ async fn a_guest_cannot_spoof_another_guests_arp_ip_or_mac() {
     b.ip_cmd(&["addr", "add", &format!("{a_ip}/32"), "dev", "eth0"]);
     let out = in_ns(
         &b.ns,
-        &["ping", "-c", "2", "-i", "0.2", "-W", "1", "-q", "-I", &a_ip, &gw],
+        &[
+            "ping", "-c", "2", "-i", "0.2", "-W", "1", "-q", "-I", &a_ip, &gw,
+        ],
     );
     assert!(!out.status.success(), "B impersonating A was answered");
     b.ip_cmd(&["addr", "del", &format!("{a_ip}/32"), "dev", "eth0"]);
-    assert!(lab.dropped(b, reason::SOURCE_MAC) >= before + 4);
     assert_eq!(
         lab.fdb_port(&a.mac).as_deref(),
         Some(a.tap.as_str()),
         "the bridge learned A's MAC on B's port"
     );
+    assert!(lab.dropped(b, reason::SOURCE_MAC) >= before + 4);
     b.ip_cmd(&["link", "set", "eth0", "address", &b.mac]);
 
     // 4. Link-local group destination (LLDP) with A's MAC: the kernel bridge learns source MACs
@@ -386,12 +401,12 @@ async fn a_guest_cannot_spoof_another_guests_arp_ip_or_mac() {
         &b.ip.to_string(),
         &gw,
     ]);
-    assert!(lab.dropped(b, reason::LINK_LOCAL) >= before + 3);
     assert_eq!(
         lab.fdb_port(&a.mac).as_deref(),
         Some(a.tap.as_str()),
         "a link-local frame taught the bridge A's MAC on B's port"
     );
+    assert!(lab.dropped(b, reason::LINK_LOCAL) >= before + 3);
 
     // 5. IPv6: Basphere networks are IPv4-only, so nothing of it crosses a guest port.
     let before = lab.dropped(b, reason::IPV6);
@@ -410,8 +425,14 @@ async fn a_guest_cannot_spoof_another_guests_arp_ip_or_mac() {
     // Nothing above changed who is who, and ordinary traffic still flows.
     b.ip_cmd(&["neigh", "del", &gw, "dev", "eth0"]);
     lab.assert_ordinary_traffic_flows();
-    assert_eq!(Lab::neighbour(&lab.ns, a.ip).as_deref(), Some(a.mac.as_str()));
-    assert_eq!(Lab::neighbour(&lab.ns, b.ip).as_deref(), Some(b.mac.as_str()));
+    assert_eq!(
+        Lab::neighbour(&lab.ns, a.ip).as_deref(),
+        Some(a.mac.as_str())
+    );
+    assert_eq!(
+        Lab::neighbour(&lab.ns, b.ip).as_deref(),
+        Some(b.mac.as_str())
+    );
     assert_eq!(lab.fdb_port(&a.mac).as_deref(), Some(a.tap.as_str()));
     assert_eq!(lab.fdb_port(&b.mac).as_deref(), Some(b.tap.as_str()));
     // A never sent anything that was dropped.
@@ -435,7 +456,10 @@ async fn port_isolation_separates_guests_but_not_the_gateway() {
     let lab = Lab::new(true).await;
     let (a, b) = (&lab.a, &lab.b);
     let gw = GW.to_string();
-    assert!(a.pings(&gw) && b.pings(&gw), "isolated guests lost the gateway");
+    assert!(
+        a.pings(&gw) && b.pings(&gw),
+        "isolated guests lost the gateway"
+    );
     assert!(!a.pings(&b.ip.to_string()), "isolated A reached B");
     assert!(!b.pings(&a.ip.to_string()), "isolated B reached A");
     // Turning the option off (a restart with isolate_ports = false) reconnects them.
@@ -462,9 +486,7 @@ async fn rules_are_idempotent_fail_closed_and_leave_other_tables_alone() {
     };
     // Someone else's table in the same family.
     nft(&["add", "table", "bridge", "qnet_other"]);
-    nft(&[
-        "add chain bridge qnet_other c { type filter hook forward priority 0; policy accept; }",
-    ]);
+    nft(&["add chain bridge qnet_other c { type filter hook forward priority 0; policy accept; }"]);
     nft(&["add rule bridge qnet_other c meta mark 0x1234 accept comment \"theirs\""]);
     let theirs = || nft(&["list", "table", "bridge", "qnet_other"]);
     let before_theirs = theirs();
