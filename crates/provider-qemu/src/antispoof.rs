@@ -354,20 +354,92 @@ pub async fn remove(namespace: Option<&str>, port: &str) -> Result<(), String> {
     {
         return Ok(());
     }
-    let listed = crate::host::run(&mut command(
-        namespace,
-        "nft",
-        &["list".into(), "table".into(), "bridge".into(), TABLE.into()],
-    ))
-    .await;
-    match listed {
-        Ok(_) => {}
-        Err(e) if e.contains("No such file or directory") => return Ok(()),
-        Err(e) => return Err(format!("cannot read the {TABLE} nftables table: {e}")),
+    if !table_exists(namespace).await? {
+        return Ok(());
     }
     nft(namespace, &script)
         .await
         .map_err(|e| format!("cannot remove the rules of tap {port}: {e}"))
+}
+
+/// Whether the `basphere` table exists in `namespace` (the host's when `None`).
+async fn table_exists(namespace: Option<&str>) -> Result<bool, String> {
+    let out = command(
+        namespace,
+        "nft",
+        &["list".into(), "table".into(), "bridge".into(), TABLE.into()],
+    )
+    .stdin(Stdio::null())
+    .kill_on_drop(true)
+    .output()
+    .await
+    .map_err(|e| format!("cannot run nft (apt-get install -y nftables): {e}"))?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    match out.status.success() {
+        true => Ok(true),
+        false if err.contains("No such file or directory") => Ok(false),
+        false => Err(format!(
+            "cannot read the {TABLE} nftables table ({}): {}",
+            out.status,
+            err.trim()
+        )),
+    }
+}
+
+/// Pins `pin`'s port like [`install`]; when the table does not exist yet (first start after an
+/// upgrade to pinned taps, or after someone flushed the ruleset) it first pins the taps of the VMs
+/// already running from `state_dir`, which the table's fail-closed rule would otherwise cut off.
+pub async fn install_alongside_running(
+    namespace: Option<&str>,
+    pin: &PortPin,
+    isolate: bool,
+    state_dir: &std::path::Path,
+) -> Result<(), String> {
+    if !table_exists(namespace).await? {
+        for running in running_pins(state_dir) {
+            if running.port != pin.port && crate::net::tap_exists(namespace, &running.port).await {
+                install(namespace, &running, isolate).await?;
+                tracing::info!(tap = running.port, mac = %running.mac, ip = %running.ip,
+                    "pinned the tap of a VM that was running before its tap was pinned");
+            }
+        }
+    }
+    install(namespace, pin, isolate).await
+}
+
+/// Pins of the VMs whose QEMU runs from `state_dir`, re-derived from what is on disk: the MAC from
+/// QEMU's command line, the address from the VM's seed (`network-config`).
+fn running_pins(state_dir: &std::path::Path) -> Vec<PortPin> {
+    let Ok(entries) = std::fs::read_dir(state_dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let instance = e.file_name().into_string().ok()?;
+            crate::machine::check_instance(&instance).ok()?;
+            let paths = crate::machine::VmPaths::new(state_dir, &instance);
+            let pid = crate::host::read_pidfile(&paths.pidfile)?;
+            if !crate::host::pid_is_ours(pid, &paths.marker()) {
+                return None;
+            }
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            let mac = cmdline.split(",mac=").nth(1)?.get(..17)?;
+            let ip = seed_ip(&std::fs::read(&paths.seed).ok()?)?;
+            PortPin::new(&crate::machine::tap_name(&instance), mac, ip).ok()
+        })
+        .collect()
+}
+
+/// The guest address in a seed ISO: `addresses: ["IP/prefix"]` of its `network-config`, which
+/// ISO 9660 stores as plain bytes.
+fn seed_ip(iso: &[u8]) -> Option<Ipv4Addr> {
+    const KEY: &[u8] = b"addresses: [\"";
+    let at = iso.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let rest = &iso[at..iso.len().min(at + 16)];
+    let end = rest.iter().position(|&b| b == b'/')?;
+    std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
 }
 
 #[cfg(test)]
@@ -475,6 +547,15 @@ mod tests {
             );
             assert!(!line.starts_with("flush ruleset"), "{line}");
         }
+    }
+
+    #[test]
+    fn the_seed_gives_back_the_guest_address() {
+        // As `seed::render` writes it, inside an ISO image.
+        let mut iso = vec![0u8; 4096];
+        iso.extend_from_slice(b"ethernets:\n  nic0:\n    addresses: [\"10.77.3.201/24\"]\n");
+        assert_eq!(seed_ip(&iso), Some(Ipv4Addr::new(10, 77, 3, 201)));
+        assert_eq!(seed_ip(b"nothing here"), None);
     }
 
     #[test]

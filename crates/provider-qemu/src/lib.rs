@@ -311,6 +311,7 @@ impl QemuProvider {
             &pin,
             vm.network.mtu,
             self.config.isolate_ports,
+            &self.config.state_dir,
         )
         .await
         .map_err(ProviderError::retryable)

@@ -106,16 +106,18 @@ pub async fn ensure_tap(
 }
 
 /// Creates and attaches `pin`'s tap (see [`ensure_tap`]) and pins it to its VM's MAC and IP
-/// ([`crate::antispoof::install`]). Idempotent; the pin is re-derived from the VM at every start.
+/// ([`crate::antispoof::install_alongside_running`], which also pins VMs running from
+/// `state_dir` if the rules are missing). Idempotent; the pin is re-derived at every start.
 pub async fn attach_pinned_tap(
     namespace: Option<&str>,
     bridge: &str,
     pin: &crate::antispoof::PortPin,
     mtu: u32,
     isolate: bool,
+    state_dir: &std::path::Path,
 ) -> Result<(), String> {
     ensure_tap(namespace, bridge, pin.port(), mtu).await?;
-    crate::antispoof::install(namespace, pin, isolate).await
+    crate::antispoof::install_alongside_running(namespace, pin, isolate, state_dir).await
 }
 
 /// Deletes the tap and then its anti-spoofing rules. Succeeds when both are gone already.
@@ -270,9 +272,16 @@ mod tests {
             .unwrap()
         };
         for _ in 0..2 {
-            attach_pinned_tap(Some(ns), "br0", &pin, 1500, true)
-                .await
-                .unwrap();
+            attach_pinned_tap(
+                Some(ns),
+                "br0",
+                &pin,
+                1500,
+                true,
+                std::path::Path::new("/nonexistent"),
+            )
+            .await
+            .unwrap();
         }
         let rules = nft().await;
         assert!(

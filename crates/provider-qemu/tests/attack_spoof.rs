@@ -22,6 +22,7 @@ use basphere_provider::mac_for;
 use basphere_qemu::antispoof::{self, PortPin, reason};
 use basphere_qemu::{ensure_lab, tap_name};
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Output};
 
 const GW: Ipv4Addr = Ipv4Addr::new(10, 213, 0, 1);
@@ -176,6 +177,12 @@ struct Lab {
 
 impl Lab {
     async fn new(isolate: bool) -> Lab {
+        let unpinned = std::env::var_os("BASPHERE_TEST_UNPINNED").is_some();
+        Lab::build(!unpinned, isolate).await
+    }
+
+    /// The lab with both guests attached; `pinned`: with the provider's pins installed.
+    async fn build(pinned: bool, isolate: bool) -> Lab {
         let ns = format!("qnet-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
         let guest = |suffix: &str, host: u8| {
             let instance = uuid::Uuid::new_v4().to_string();
@@ -219,7 +226,7 @@ impl Lab {
             g.ip_cmd(&["route", "add", "default", "via", &GW.to_string()]);
             // BASPHERE_TEST_UNPINNED=1 leaves the ports unprotected: the attacks then succeed
             // and the test fails at the first poisoned table (proof that the test can fail).
-            if std::env::var_os("BASPHERE_TEST_UNPINNED").is_none() {
+            if pinned {
                 antispoof::install(Some(&lab.ns), &g.pin(), isolate)
                     .await
                     .unwrap();
@@ -594,4 +601,48 @@ async fn rules_are_idempotent_fail_closed_and_leave_other_tables_alone() {
     antispoof::remove(Some("qnet-no-such-namespace"), &a.tap)
         .await
         .unwrap();
+}
+
+/// A VM started before taps were pinned keeps running while its tap has no rules. The first pinned
+/// start must pin it too (re-derived from its QEMU command line and seed), not cut it off.
+#[tokio::test]
+async fn the_first_pinned_start_pins_vms_already_running() {
+    if !root_or_skip("the_first_pinned_start_pins_vms_already_running") {
+        return;
+    }
+    let lab = Lab::build(false, false).await;
+    let (a, b) = (&lab.a, &lab.b);
+    // A is "running": a process whose command line names A's VM directory and MAC, as QEMU's
+    // does, its pidfile, and its seed holding A's address.
+    let state = tempfile::Builder::new().prefix("qnet-").tempdir().unwrap();
+    let dir = state.path().join(&a.instance);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut qemu = Command::new("sh")
+        .args(["-c", "sleep 60", "qemu-stand-in"])
+        .process_group(0)
+        .arg(format!("file={}/disk.qcow2", dir.display()))
+        .arg(format!("virtio-net-pci,netdev=n0,mac={}", a.mac))
+        .spawn()
+        .unwrap();
+    std::fs::write(dir.join("qemu.pid"), qemu.id().to_string()).unwrap();
+    let mut seed = vec![0u8; 2048];
+    seed.extend_from_slice(format!("    addresses: [\"{}/24\"]\n", a.ip).as_bytes());
+    std::fs::write(dir.join("seed.iso"), seed).unwrap();
+
+    // B starts: the provider's tap path for B, with A running from the same state dir.
+    let started =
+        antispoof::install_alongside_running(Some(&lab.ns), &b.pin(), false, state.path()).await;
+    let group = nix::unistd::Pid::from_raw(qemu.id() as i32);
+    let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+    let _ = qemu.wait();
+    started.unwrap();
+    lab.assert_ordinary_traffic_flows();
+    // A is pinned, not merely let through: its spoofed ARP is dropped.
+    let before = lab.dropped(a, reason::ARP);
+    a.arping(&["-U", "-S", &b.ip.to_string(), &GW.to_string()]);
+    assert_eq!(
+        Lab::neighbour(&lab.ns, b.ip).as_deref(),
+        Some(b.mac.as_str())
+    );
+    assert!(lab.dropped(a, reason::ARP) > before);
 }
