@@ -23,8 +23,9 @@
 //!   port, so the forwarding database cannot be poisoned by any path (the kernel learns from
 //!   link-local frames before any netfilter hook); link-local group frames are sent down the
 //!   filtered forwarding path (`group_fwd_mask`) instead of that unhooked local path; BPDU guard
-//!   on; and, when configured, port isolation (guests then reach only non-isolated ports: the
-//!   gateway, an uplink).
+//!   on; no unknown-unicast flooding to the port (its own MAC is always known, so a flood there
+//!   is never for its guest and would only let it see others' traffic); and, when configured,
+//!   port isolation (guests then reach only non-isolated ports: the gateway, an uplink).
 //!
 //! The rules are generated as text by pure functions ([`install_script`], [`remove_script`],
 //! [`port_settings`]) and applied only by [`install`] and [`remove`]. Only the `basphere` table is
@@ -245,7 +246,8 @@ pub fn remove_script(port: &str) -> Result<String, String> {
 }
 
 /// Commands (program and arguments, without the namespace option) that configure the bridge port:
-/// learning off, link-local frames down the filtered path, BPDU guard, isolation as configured,
+/// learning off, link-local frames down the filtered path, BPDU guard, no unknown-unicast
+/// flooding, isolation as configured,
 /// and the VM's MAC as a static, sticky FDB entry on the port. Each is idempotent.
 pub fn port_settings(pin: &PortPin, isolate: bool) -> Vec<(&'static str, Vec<String>)> {
     let port = pin.port.clone();
@@ -266,6 +268,8 @@ pub fn port_settings(pin: &PortPin, isolate: bool) -> Vec<(&'static str, Vec<Str
                 GROUP_FWD_MASK,
                 "guard",
                 "on",
+                "flood",
+                "off",
                 "isolated",
                 if isolate { "on" } else { "off" },
             ]),
@@ -579,7 +583,7 @@ mod tests {
         assert_eq!(
             line(&on[0]),
             "ip link set dev bsp0123456789ab type bridge_slave learning off group_fwd_mask 0xfff8 \
-             guard on isolated on"
+             guard on flood off isolated on"
         );
         assert_eq!(
             line(&on[1]),

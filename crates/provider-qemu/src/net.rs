@@ -296,6 +296,7 @@ mod tests {
             "learning off",
             "isolated on",
             "guard on",
+            "flood off",
             "group_fwd_mask 0xfff8",
         ] {
             assert!(port.contains(setting), "{setting} missing: {port}");
