@@ -28,8 +28,13 @@
 //!   port isolation (guests then reach only non-isolated ports: the gateway, an uplink).
 //!
 //! The rules are generated as text by pure functions ([`install_script`], [`remove_script`],
-//! [`port_settings`]) and applied only by [`install`] and [`remove`]. Only the `basphere` table is
-//! ever created, flushed or changed; other tables are never touched.
+//! [`port_settings`]) and applied only by [`install`] and [`remove`] (the provider calls them
+//! through `net::attach_pinned_tap` at VM start and `net::release_tap` at stop/remove). Only the
+//! `basphere` table is ever created, flushed or changed; other tables are never touched.
+//!
+//! Upgrades: the fail-closed rule would cut off VMs started before taps were pinned, so when the
+//! table is missing, [`install_alongside_running`] first pins the VMs already running, re-derived
+//! from QEMU's command line (MAC) and the VM's seed (address).
 
 use std::fmt;
 use std::net::Ipv4Addr;
