@@ -116,8 +116,20 @@ pub async fn attach_pinned_tap(
     isolate: bool,
     state_dir: &std::path::Path,
 ) -> Result<(), String> {
+    if namespace.is_none() && host_bridge_filters_vlans(bridge) {
+        return Err(format!(
+            "bridge {bridge} has vlan_filtering on; Basphere pins guest MACs with VLAN-less \
+             forwarding entries (learning off), which such a bridge would not use, leaving \
+             guests unreachable: use a bridge without VLAN filtering for guests"
+        ));
+    }
     ensure_tap(namespace, bridge, pin.port(), mtu).await?;
     crate::antispoof::install_alongside_running(namespace, pin, isolate, state_dir).await
+}
+
+fn host_bridge_filters_vlans(bridge: &str) -> bool {
+    std::fs::read_to_string(format!("/sys/class/net/{bridge}/bridge/vlan_filtering"))
+        .is_ok_and(|v| v.trim() == "1")
 }
 
 /// Deletes the tap and then its anti-spoofing rules. Succeeds when both are gone already.
