@@ -391,16 +391,6 @@ async fn a_guest_cannot_spoof_another_guests_arp_ip_or_mac() {
     ]);
     b.ip_cmd(&["addr", "add", &format!("{a_ip}/32"), "dev", "eth0"]);
     let before = lab.dropped(b, reason::IPV4_SOURCE);
-    let out = in_ns(
-        &b.ns,
-        &[
-            "ping", "-c", "3", "-i", "0.2", "-W", "1", "-q", "-I", &a_ip, &gw,
-        ],
-    );
-    assert!(
-        !out.status.success(),
-        "the gateway answered B pinging as A's address"
-    );
     // The gateway's stack receives nothing sent as A, while B's own datagrams arrive.
     let service = SocketAddr::from((GW, 5555));
     let got = udp_receiver(&lab.ns, service);
@@ -416,7 +406,8 @@ async fn a_guest_cannot_spoof_another_guests_arp_ip_or_mac() {
     assert!(lab.dropped(b, reason::IPV4_SOURCE) > before);
     b.ip_cmd(&["addr", "del", &format!("{a_ip}/32"), "dev", "eth0"]);
 
-    // 3. A's MAC: with B's address, then with A's address too (full impersonation).
+    // 3. A's MAC: with B's address, then with A's address too (full impersonation: unfiltered,
+    //    the bridge moves A's MAC to B's port and the gateway's replies to A reach B).
     b.ip_cmd(&["link", "set", "eth0", "address", &a.mac]);
     // Changing the MAC flushed B's neighbours: pin the gateway again so IPv4 frames go out.
     b.ip_cmd(&[
