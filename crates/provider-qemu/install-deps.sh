@@ -8,6 +8,8 @@
 #   derived from the machine's own first deb822 source (same mirror), so no host name lives here.
 # - Image building: mmdebstrap e2fsprogs busybox-static cpio; seed ISOs: genisoimage.
 # - Guest access from inside the lab namespace: openssh-client; namespaces/taps: iproute2.
+# - Anti-spoofing rules on guest ports: nftables; its attack test (tests/attack_spoof.rs) also
+#   sends spoofed ARP with arping and pings with iputils-ping.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
@@ -41,6 +43,7 @@ else
 fi
 
 apt-get install -y -q --no-install-recommends \
-  mmdebstrap e2fsprogs busybox-static cpio gzip genisoimage iproute2 openssh-client
+  mmdebstrap e2fsprogs busybox-static cpio gzip genisoimage iproute2 openssh-client \
+  nftables arping iputils-ping
 
 qemu-system-x86_64 --version | head -1

@@ -31,6 +31,10 @@ pub struct QemuConfig {
     pub max_disk_gib: Option<u64>,
     /// Where guests' taps are attached.
     pub network: NetworkMode,
+    /// Bridge port isolation for guests' taps (`isolated on`): guests then reach only the
+    /// gateway and other non-isolated ports, never each other, even within one user. Off by
+    /// default. Spoofing protection (each tap pinned to its VM's MAC and IP) is always on.
+    pub isolate_ports: bool,
     /// Default for how long `wait_ready` callers should allow a guest to answer SSH.
     pub ssh_ready_timeout_secs: u64,
     /// The QEMU system emulator to run (a name looked up in PATH, or a path).
@@ -54,6 +58,7 @@ impl Default for QemuConfig {
             max_memory_mib: None,
             max_disk_gib: None,
             network: NetworkMode::default(),
+            isolate_ports: false,
             ssh_ready_timeout_secs: 300,
             qemu_binary: "qemu-system-x86_64".to_string(),
             run_as: DEFAULT_RUN_AS.to_string(),
@@ -129,6 +134,9 @@ mod tests {
             }
         );
         assert_eq!(c.qemu_binary, "qemu-system-x86_64");
+        assert!(!c.isolate_ports);
+        let c: QemuConfig = serde_json::from_str(r#"{"isolate_ports": true}"#).unwrap();
+        assert!(c.isolate_ports);
     }
 
     #[test]

@@ -24,6 +24,7 @@
 //! Architecture invariant: this crate knows nothing of users, quotas or the store; everything
 //! arrives in a [`VmRequest`]. Base images are only read, never modified, by VM operations.
 
+pub mod antispoof;
 mod config;
 mod console;
 mod diagnose;
@@ -46,6 +47,7 @@ pub use machine::{
     tap_name,
 };
 pub use net::Probe as SshProbe;
+pub use net::ensure_lab;
 pub use seed::{SeedFiles, render as render_seed};
 
 use basphere_core::ImageName;
@@ -112,6 +114,7 @@ impl QemuProvider {
             "apt-get install -y -t bookworm-backports qemu-utils",
         )?;
         need("ip", "apt-get install -y iproute2")?;
+        need("nft", "apt-get install -y nftables")?;
         if seed::iso_tool().is_none() {
             return Err(QemuError::MissingTool {
                 tool: "genisoimage".into(),
@@ -334,9 +337,18 @@ impl QemuProvider {
                 .await
                 .map_err(ProviderError::retryable)?;
         }
-        net::ensure_tap(namespace, bridge, tap, vm.network.mtu)
-            .await
-            .map_err(ProviderError::retryable)
+        let pin = antispoof::PortPin::new(tap, &vm.network.mac, vm.network.ip)
+            .map_err(ProviderError::permanent)?;
+        net::attach_pinned_tap(
+            namespace,
+            bridge,
+            &pin,
+            vm.network.mtu,
+            self.config.isolate_ports,
+            &self.config.state_dir,
+        )
+        .await
+        .map_err(ProviderError::retryable)
     }
 
     /// Last lines of the console and of QEMU's own log, for error messages.
@@ -752,7 +764,7 @@ impl Provider for QemuProvider {
             }
         }
         let (namespace, _) = self.network_for_tap();
-        net::delete_tap(namespace, &machine::tap_name(&vm.instance))
+        net::release_tap(namespace, &machine::tap_name(&vm.instance))
             .await
             .map_err(ProviderError::retryable)?;
         for f in [&paths.pidfile, &paths.qmp] {
@@ -763,9 +775,8 @@ impl Provider for QemuProvider {
 
     async fn remove(&self, vm: &VmRequest) -> Result<()> {
         let paths = self.paths(vm)?;
-        if Self::verified_pid(&paths).is_some() {
-            self.stop(vm).await?;
-        }
+        // Stopping also releases the tap and its rules, even when QEMU is gone already.
+        self.stop(vm).await?;
         // The console writer may still be finishing its last rotation: retry a moment.
         let mut attempt = 0;
         loop {

@@ -105,6 +105,39 @@ pub async fn ensure_tap(
     Ok(())
 }
 
+/// Creates and attaches `pin`'s tap (see [`ensure_tap`]) and pins it to its VM's MAC and IP
+/// ([`crate::antispoof::install_alongside_running`], which also pins VMs running from
+/// `state_dir` if the rules are missing). Idempotent; the pin is re-derived at every start.
+pub async fn attach_pinned_tap(
+    namespace: Option<&str>,
+    bridge: &str,
+    pin: &crate::antispoof::PortPin,
+    mtu: u32,
+    isolate: bool,
+    state_dir: &std::path::Path,
+) -> Result<(), String> {
+    if namespace.is_none() && host_bridge_filters_vlans(bridge) {
+        return Err(format!(
+            "bridge {bridge} has vlan_filtering on; Basphere pins guest MACs with VLAN-less \
+             forwarding entries (learning off), which such a bridge would not use, leaving \
+             guests unreachable: use a bridge without VLAN filtering for guests"
+        ));
+    }
+    ensure_tap(namespace, bridge, pin.port(), mtu).await?;
+    crate::antispoof::install_alongside_running(namespace, pin, isolate, state_dir).await
+}
+
+fn host_bridge_filters_vlans(bridge: &str) -> bool {
+    std::fs::read_to_string(format!("/sys/class/net/{bridge}/bridge/vlan_filtering"))
+        .is_ok_and(|v| v.trim() == "1")
+}
+
+/// Deletes the tap and then its anti-spoofing rules. Succeeds when both are gone already.
+pub async fn release_tap(namespace: Option<&str>, tap: &str) -> Result<(), String> {
+    delete_tap(namespace, tap).await?;
+    crate::antispoof::remove(namespace, tap).await
+}
+
 /// Deletes the tap; succeeds if it (or the namespace) is gone already.
 pub async fn delete_tap(namespace: Option<&str>, tap: &str) -> Result<(), String> {
     if let Some(ns) = namespace
@@ -217,6 +250,86 @@ fn probe_blocking(namespace: Option<&str>, addr: SocketAddr, timeout: Duration) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The provider's tap path (`start` → attach, `stop`/`remove` → release) on a real tap in a
+    /// private namespace: the tap is pinned when attached; after release tap and rules are gone.
+    #[tokio::test]
+    async fn attached_taps_are_pinned_and_released_taps_leave_no_rules() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("SKIPPED: needs root (network namespaces, taps)");
+            return;
+        }
+        struct Ns(String);
+        impl Drop for Ns {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("ip")
+                    .args(["netns", "del", &self.0])
+                    .status();
+            }
+        }
+        let ns = Ns(format!("qnet-u{}", std::process::id()));
+        let ns = ns.0.as_str();
+        let instance = format!("net-unit-{ns}");
+        let tap = crate::machine::tap_name(&instance);
+        let mac = basphere_provider::mac_for(&instance);
+        let pin = crate::antispoof::PortPin::new(&tap, &mac, Ipv4Addr::new(10, 9, 0, 5)).unwrap();
+        ensure_lab(ns, "br0", Ipv4Addr::new(10, 9, 0, 1), 24)
+            .await
+            .unwrap();
+        let nft = || async {
+            crate::host::run(tokio::process::Command::new("ip").args([
+                "netns", "exec", ns, "nft", "list", "table", "bridge", "basphere",
+            ]))
+            .await
+            .unwrap()
+        };
+        for _ in 0..2 {
+            attach_pinned_tap(
+                Some(ns),
+                "br0",
+                &pin,
+                1500,
+                true,
+                std::path::Path::new("/nonexistent"),
+            )
+            .await
+            .unwrap();
+        }
+        let rules = nft().await;
+        assert!(
+            rules.contains(&format!("\"{tap}\" : jump port-{tap}")),
+            "{rules}"
+        );
+        assert!(rules.contains(&format!("ether saddr != {mac}")), "{rules}");
+        let port = ip(&["-n", ns, "-d", "link", "show", "dev", &tap])
+            .await
+            .unwrap();
+        for setting in [
+            "learning off",
+            "isolated on",
+            "guard on",
+            "flood off",
+            "group_fwd_mask 0xfff8",
+        ] {
+            assert!(port.contains(setting), "{setting} missing: {port}");
+        }
+        let fdb = crate::host::run(
+            tokio::process::Command::new("bridge").args(["-n", ns, "fdb", "show", "dev", &tap]),
+        )
+        .await
+        .unwrap();
+        assert!(
+            fdb.lines()
+                .any(|l| l.starts_with(&mac) && l.contains("sticky") && l.contains("static")),
+            "{fdb}"
+        );
+        for _ in 0..2 {
+            release_tap(Some(ns), &tap).await.unwrap();
+        }
+        assert!(!tap_exists(Some(ns), &tap).await);
+        let rules = nft().await;
+        assert!(!rules.contains(&tap), "{rules}");
+    }
 
     #[tokio::test]
     async fn probe_reads_a_banner_and_sees_refusal() {
