@@ -8,95 +8,12 @@
 //!
 //!     cargo nextest run -p basphere --test attack_modes
 mod common;
+use basphere_testkit::{UnixAccount as Account, every_path};
 use common::*;
 use serde_json::json;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-/// A Unix account made for this test, removed when dropped.
-struct Account {
-    name: String,
-    uid: u32,
-    gid: u32,
-}
-
-impl Account {
-    fn create(tag: &str) -> Account {
-        let name = format!(
-            "bspmod{tag}{:06x}",
-            (std::process::id() ^ std::time::UNIX_EPOCH.elapsed().unwrap().subsec_nanos())
-                & 0xff_ffff
-        );
-        let st = Command::new("useradd")
-            .args([
-                "--no-create-home",
-                "--user-group",
-                "--shell",
-                "/usr/sbin/nologin",
-            ])
-            .arg(&name)
-            .status()
-            .expect("useradd (apt-get install passwd)");
-        assert!(st.success(), "useradd {name} failed");
-        let pw = nix::unistd::User::from_name(&name).unwrap().unwrap();
-        Account {
-            name,
-            uid: pw.uid.as_raw(),
-            gid: pw.gid.as_raw(),
-        }
-    }
-
-    /// Tries to read `path` as this account (a file's first byte, a directory's listing);
-    /// returns whether it worked and what went to stderr.
-    fn read(&self, path: &Path) -> (bool, String) {
-        let mut cmd = if path.is_dir() {
-            let mut c = Command::new("/bin/ls");
-            c.arg("-a");
-            c
-        } else {
-            let mut c = Command::new("/usr/bin/head");
-            c.arg("-c1");
-            c
-        };
-        let out = cmd
-            .arg(path)
-            .uid(self.uid)
-            .gid(self.gid)
-            .env_clear()
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-}
-
-impl Drop for Account {
-    fn drop(&mut self) {
-        let _ = Command::new("userdel").arg(&self.name).output();
-    }
-}
-
-/// Every directory and file under `root` (itself included), symlinks left out.
-fn every_path(root: &Path) -> Vec<PathBuf> {
-    let mut out = vec![root.to_path_buf()];
-    let mut i = 0;
-    while i < out.len() {
-        let p = out[i].clone();
-        i += 1;
-        if std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir()) {
-            for e in std::fs::read_dir(&p).unwrap().flatten() {
-                if !e.file_type().unwrap().is_symlink() {
-                    out.push(e.path());
-                }
-            }
-        }
-    }
-    out
-}
 
 fn mode(p: &Path) -> u32 {
     std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777
@@ -156,7 +73,7 @@ async fn another_account_reads_nothing_under_the_data_dir() {
     create_vms(&s).await;
     init(&s);
     let data = s.data_dir();
-    let attacker = Account::create("r");
+    let attacker = Account::create("bspmodr");
     let paths = assert_nothing_readable(&attacker, &data);
     let names: Vec<String> = paths
         .iter()
@@ -208,7 +125,7 @@ async fn an_install_with_old_loose_modes_is_repaired_at_start() {
     std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o644)).unwrap();
 
     // The attack works on the old install: this test can fail.
-    let attacker = Account::create("o");
+    let attacker = Account::create("bspmodo");
     let (ok, err) = attacker.read(&vm.join("disk.qcow2"));
     assert!(
         ok,

@@ -12,93 +12,12 @@
 
 use basphere_provider::{GuestNetwork, Provider, VmRequest, mac_for};
 use basphere_qemu::{NetworkMode, QemuConfig, QemuProvider};
+use basphere_testkit::{UnixAccount as Account, every_path};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 const HELPER: &str = env!("CARGO_BIN_EXE_basphere-console-ring");
-
-/// A Unix account made for this test, removed when dropped.
-struct Account {
-    name: String,
-    uid: u32,
-    gid: u32,
-}
-
-impl Account {
-    fn create() -> Account {
-        let name = format!(
-            "bspmod{:08x}",
-            std::process::id() ^ std::time::UNIX_EPOCH.elapsed().unwrap().subsec_nanos()
-        );
-        let st = Command::new("useradd")
-            .args([
-                "--no-create-home",
-                "--user-group",
-                "--shell",
-                "/usr/sbin/nologin",
-            ])
-            .arg(&name)
-            .status()
-            .expect("useradd (apt-get install passwd)");
-        assert!(st.success(), "useradd {name} failed");
-        let pw = nix::unistd::User::from_name(&name).unwrap().unwrap();
-        Account {
-            name,
-            uid: pw.uid.as_raw(),
-            gid: pw.gid.as_raw(),
-        }
-    }
-
-    /// Runs `program args` as this account; returns (success, stderr).
-    fn run(&self, program: &str, args: &[&Path]) -> (bool, String) {
-        let out = Command::new(program)
-            .args(args)
-            .uid(self.uid)
-            .gid(self.gid)
-            .env_clear()
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-
-    /// Tries to read `path` (a file's first byte, a directory's listing).
-    fn read(&self, path: &Path) -> (bool, String) {
-        if path.is_dir() {
-            self.run("/bin/ls", &[Path::new("-a"), path])
-        } else {
-            self.run("/usr/bin/head", &[Path::new("-c1"), path])
-        }
-    }
-}
-
-impl Drop for Account {
-    fn drop(&mut self) {
-        let _ = Command::new("userdel").arg(&self.name).output();
-    }
-}
-
-/// Every directory and file under `root` (itself included), symlinks left out.
-fn every_path(root: &Path) -> Vec<PathBuf> {
-    let mut out = vec![root.to_path_buf()];
-    let mut i = 0;
-    while i < out.len() {
-        let p = out[i].clone();
-        i += 1;
-        if std::fs::symlink_metadata(&p).unwrap().is_dir() {
-            for e in std::fs::read_dir(&p).unwrap().flatten() {
-                if !e.file_type().unwrap().is_symlink() {
-                    out.push(e.path());
-                }
-            }
-        }
-    }
-    out
-}
 
 /// Deletes the test's namespace, also on panic.
 struct Netns(String);
@@ -206,7 +125,7 @@ async fn another_account_reads_nothing_of_a_vm() {
         assert!(vm_dir.join(f).is_file(), "{f} missing");
     }
     // Before the fix everything was 0644/0755 and this account read every disk.
-    let attacker = Account::create();
+    let attacker = Account::create("bspmod");
     let paths = every_path(&data.join("vms"));
     assert!(paths.len() >= 8, "{paths:?}");
     for p in &paths {

@@ -132,6 +132,16 @@ fn registration_from(r: &SqliteRow) -> Result<Registration> {
     })
 }
 
+fn token_info_from(r: &SqliteRow) -> Result<TokenInfo> {
+    Ok(TokenInfo {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        created_at: r.try_get("created_at")?,
+        last_used_at: r.try_get("last_used_at")?,
+        expires_at: r.try_get("expires_at")?,
+    })
+}
+
 fn key_change_from(r: &SqliteRow) -> Result<KeyChange> {
     Ok(KeyChange {
         id: r.try_get("id")?,
@@ -345,16 +355,9 @@ impl Store {
         row.as_ref().map(user_from).transpose()
     }
 
-    /// All users, optionally only those in `status`.
+    /// All users, optionally only those in `status`, by username.
     pub async fn users(&self, status: Option<UserStatus>) -> Result<Vec<User>> {
-        let sql = format!(
-            "SELECT {USER_COLS} FROM users WHERE ($1 IS NULL OR status = $1) ORDER BY username"
-        );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(status.map(|s| s.as_str()))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(user_from).collect()
+        self.users_page(status, None, i64::MAX).await
     }
 
     /// One page of users with `status` (or all), by username: at most `limit` after `after`.
@@ -800,17 +803,7 @@ impl Store {
         .bind(username)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(TokenInfo {
-                    id: r.try_get("id")?,
-                    name: r.try_get("name")?,
-                    created_at: r.try_get("created_at")?,
-                    last_used_at: r.try_get("last_used_at")?,
-                    expires_at: r.try_get("expires_at")?,
-                })
-            })
-            .collect()
+        rows.iter().map(token_info_from).collect()
     }
 
     /// One page of `username`'s tokens, by id: at most `limit` after id `after`.
@@ -829,17 +822,7 @@ impl Store {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(TokenInfo {
-                    id: r.try_get("id")?,
-                    name: r.try_get("name")?,
-                    created_at: r.try_get("created_at")?,
-                    last_used_at: r.try_get("last_used_at")?,
-                    expires_at: r.try_get("expires_at")?,
-                })
-            })
-            .collect()
+        rows.iter().map(token_info_from).collect()
     }
 
     /// Revokes token `id` of `username`; false if there was none.

@@ -520,15 +520,7 @@ impl Store {
 
     /// Recent workflows of `owner` (or everyone), newest first.
     pub async fn workflows(&self, owner: Option<&str>, limit: i64) -> Result<Vec<Workflow>> {
-        let ids: Vec<String> = sqlx::query_scalar(
-            "SELECT id FROM workflows WHERE ($1 IS NULL OR owner = $1)
-             ORDER BY created_at DESC LIMIT $2",
-        )
-        .bind(owner)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        self.load_many(ids).await
+        self.workflows_page(owner, None, limit).await
     }
 
     /// One page of the workflows of `owner` (or everyone), newest first (ids are UUIDv7): at
