@@ -1,9 +1,73 @@
 //! Fixtures shared by Basphere's integration tests (test code only; never a dependency of the
-//! product). Issue 10's test kit grows here: keys, users, poll-until, the server harness.
+//! product): keys, Unix accounts, namespaces, poll-until, PID-safe kills, and the `basphere serve`
+//! and vcsim process harnesses.
+
+pub mod keys;
+pub mod process;
+pub mod server;
+pub mod vcsim;
+
+pub use keys::{SSH_BATCH_OPTS, TEST_KEY, keygen};
+pub use process::{kill_child, poll_until, poll_until_blocking, run_ok, signal_child, stop_child};
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
+
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// True (after printing `SKIPPED: why`) when not root: `if skip_unless_root("…") { return; }`.
+pub fn skip_unless_root(why: &str) -> bool {
+    if is_root() {
+        return false;
+    }
+    eprintln!("SKIPPED: {why}");
+    true
+}
+
+/// Where base images for real-VM tests are cached between runs (`BASPHERE_TEST_IMAGES`).
+pub fn test_images_dir() -> PathBuf {
+    std::env::var_os("BASPHERE_TEST_IMAGES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/basphere-test/images"))
+}
+
+/// Deletes network namespace `name` if it exists.
+pub fn delete_netns(name: &str) {
+    if Path::new("/run/netns").join(name).exists() {
+        let _ = Command::new("ip").args(["netns", "del", name]).status();
+    }
+}
+
+/// A network namespace the test made (or will make), deleted on drop, also on panic.
+pub struct Netns(pub String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        delete_netns(&self.0);
+    }
+}
+
+/// Removes Unix account `.0` and its home when dropped (an account something else made, e.g.
+/// the server's approval); retries while its processes (an ssh session ending) still run.
+pub struct AccountGuard(pub String);
+
+impl Drop for AccountGuard {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            let _ = Command::new("userdel").args(["--remove", &self.0]).output();
+            if !matches!(nix::unistd::User::from_name(&self.0), Ok(Some(_))) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = std::fs::remove_dir_all(format!("/home/{}", self.0));
+    }
+}
 
 /// An unprivileged Unix account made for one test (no home, no login shell), removed on drop.
 /// Needs root and `useradd` (Debian's `passwd`).
