@@ -6,7 +6,7 @@ use std::collections::HashSet;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fifty_concurrent_creates_admit_exactly_the_quota() {
-    let s = Server::start(&[]);
+    let s = server(&[]);
     let token = s.user("racer").await;
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..50 {
@@ -68,7 +68,7 @@ async fn fifty_concurrent_creates_admit_exactly_the_quota() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lifecycle_create_run_delete_returns_quota_and_address() {
-    let s = Server::start(&[]);
+    let s = server(&[]);
     let token = s.user("alice").await;
     let c = s.with_token(&token);
     let r = c
@@ -133,7 +133,7 @@ async fn lifecycle_create_run_delete_returns_quota_and_address() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_streams_every_step_and_ends() {
-    let s = Server::start(&[]);
+    let s = server(&[]);
     let token = s.user("watcher").await;
     let c = s.with_token(&token);
     let r = c.post("/api/v1/vms", &json!({"name": "w"})).await.unwrap();

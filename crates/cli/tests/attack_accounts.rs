@@ -10,10 +10,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
 /// A unique `bspacc…` account name.
 fn name() -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
@@ -27,22 +23,6 @@ fn name() -> String {
         (t ^ std::process::id()) & 0xfffff,
         N.fetch_add(1, Ordering::Relaxed)
     )
-}
-
-/// Removes a Unix account (and its home) when the test ends, whatever happens.
-struct Account(String);
-impl Drop for Account {
-    fn drop(&mut self) {
-        // userdel refuses while a process of the account (an ssh session ending) still runs.
-        for _ in 0..50 {
-            let _ = Command::new("userdel").args(["--remove", &self.0]).output();
-            if passwd(&self.0).is_none() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = std::fs::remove_dir_all(format!("/home/{}", self.0));
-    }
 }
 
 /// Removes the managed group when the test ends (after its accounts, declared later).
@@ -61,7 +41,7 @@ fn managed_server(extra: &[(&str, &str)]) -> (Group, Server) {
         ("BASPHERE_BASTION__GROUP", group.0.as_str()),
     ];
     env.extend_from_slice(extra);
-    let s = Server::start(&env);
+    let s = server(&env);
     (group, s)
 }
 
@@ -71,35 +51,20 @@ fn passwd(name: &str) -> Option<nix::unistd::User> {
 
 /// Runs `sh -c script` as the account, as the attacker would in their shell.
 fn as_user(pw: &nix::unistd::User, script: &str) {
-    let out = Command::new("sh")
-        .args(["-c", script])
-        .current_dir(&pw.dir)
-        .uid(pw.uid.as_raw())
-        .gid(pw.gid.as_raw())
-        .env("HOME", &pw.dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{script}: {}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new("sh")
+            .args(["-c", script])
+            .current_dir(&pw.dir)
+            .uid(pw.uid.as_raw())
+            .gid(pw.gid.as_raw())
+            .env("HOME", &pw.dir),
     );
 }
 
 /// Registers `user` over TCP and approves them; returns their passwd entry.
 async fn approved(s: &Server, user: &str) -> nix::unistd::User {
-    let r = s
-        .anon()
-        .post("/api/v1/register", &registration(user))
-        .await
-        .unwrap();
-    assert_eq!(r.status, 201, "{:?}", r.body);
-    let r = s
-        .root()
-        .post(&format!("/api/v1/users/{user}/approve"), &json!({}))
-        .await
-        .unwrap();
-    assert!(r.body.success, "{:?}", r.body);
+    s.register(user).await;
+    s.approve(user).await;
     passwd(user).expect("approval created the Unix account")
 }
 
@@ -107,17 +72,7 @@ async fn approved(s: &Server, user: &str) -> nix::unistd::User {
 fn request_key_change(s: &Server, pw: &nix::unistd::User) -> String {
     let (_k, newkey) = keygen(s.dir.path(), "new_key");
     let kf = s.dir.path().join("new_key.pub");
-    let out = Command::new(BIN)
-        .arg("--socket")
-        .arg(&s.socket)
-        .args(["key", "change", "-k", kf.to_str().unwrap()])
-        .uid(pw.uid.as_raw())
-        .gid(pw.gid.as_raw())
-        .env("HOME", &pw.dir)
-        .env_remove("BASPHERE_URL")
-        .env_remove("BASPHERE_TOKEN")
-        .output()
-        .unwrap();
+    let out = s.cli_as(pw, &["key", "change", "-k", kf.to_str().unwrap()]);
     assert!(
         out.status.success(),
         "{}",
@@ -161,13 +116,12 @@ impl Canary {
 /// hangs, and once the plant is gone the same key change goes through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_change_approval_never_follows_planted_links_or_fifos() {
-    if !is_root() {
-        eprintln!("SKIPPED: creating Unix accounts needs root");
+    if skip_unless_root("creating Unix accounts needs root") {
         return;
     }
     let (_group, s) = managed_server(&[]);
     let user = name();
-    let _acc = Account(user.clone());
+    let _acc = AccountGuard(user.clone());
     let pw = approved(&s, &user).await;
     let canary = Canary::new(s.dir.path());
     let before = canary.state();
@@ -269,13 +223,12 @@ async fn key_change_approval_never_follows_planted_links_or_fifos() {
 /// replaced behind Basphere's back is never removed by deleting the Basphere user.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn existing_unix_accounts_cannot_be_taken_over() {
-    if !is_root() {
-        eprintln!("SKIPPED: creating Unix accounts needs root");
+    if skip_unless_root("creating Unix accounts needs root") {
         return;
     }
     let (_group, s) = managed_server(&[]);
     let colleague = name();
-    let _c = Account(colleague.clone());
+    let _c = AccountGuard(colleague.clone());
     let st = Command::new("useradd")
         .args(["--create-home", &colleague])
         .status()
@@ -320,13 +273,8 @@ async fn existing_unix_accounts_cannot_be_taken_over() {
 
     // the account appears between registration and approval
     let late = name();
-    let _l = Account(late.clone());
-    let r = s
-        .anon()
-        .post("/api/v1/register", &registration(&late))
-        .await
-        .unwrap();
-    assert_eq!(r.status, 201, "{:?}", r.body);
+    let _l = AccountGuard(late.clone());
+    s.register(&late).await;
     assert!(
         Command::new("useradd")
             .args(["--create-home", &late])
@@ -356,7 +304,7 @@ async fn existing_unix_accounts_cannot_be_taken_over() {
 
     // a managed account replaced by someone else's (same name, new uid): delete leaves it
     let gone = name();
-    let _g = Account(gone.clone());
+    let _g = AccountGuard(gone.clone());
     let pw = approved(&s, &gone).await;
     assert!(
         Command::new("userdel")
@@ -391,7 +339,7 @@ async fn existing_unix_accounts_cannot_be_taken_over() {
     );
     // and a real Basphere account is still removed on delete
     let mine = name();
-    let _m = Account(mine.clone());
+    let _m = AccountGuard(mine.clone());
     approved(&s, &mine).await;
     let r = s
         .root()
@@ -421,13 +369,12 @@ fn shadow(user: &str) -> (String, String) {
 /// restores it exactly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disabling_a_user_locks_their_bastion_login() {
-    if !is_root() {
-        eprintln!("SKIPPED: creating Unix accounts needs root");
+    if skip_unless_root("creating Unix accounts needs root") {
         return;
     }
     let (_group, s) = managed_server(&[]);
     let user = name();
-    let _a = Account(user.clone());
+    let _a = AccountGuard(user.clone());
     let pw = approved(&s, &user).await;
     let keys = pw.dir.join(".ssh/authorized_keys");
     let (pass, expire) = shadow(&user);
@@ -508,20 +455,14 @@ async fn disabling_a_user_locks_their_bastion_login() {
 /// pending with the reason, and no account behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn approval_decides_first_and_compensates() {
-    if !is_root() {
-        eprintln!("SKIPPED: creating Unix accounts needs root");
+    if skip_unless_root("creating Unix accounts needs root") {
         return;
     }
     // one block only, and the admin holds it
     let (_group, s) = managed_server(&[("BASPHERE_NETWORK__CIDR", "\"10.254.0.0/27\"")]);
     let user = name();
-    let _a = Account(user.clone());
-    let r = s
-        .anon()
-        .post("/api/v1/register", &registration(&user))
-        .await
-        .unwrap();
-    assert_eq!(r.status, 201, "{:?}", r.body);
+    let _a = AccountGuard(user.clone());
+    s.register(&user).await;
     let r = s
         .root()
         .post(&format!("/api/v1/users/{user}/approve"), &json!({}))
@@ -537,16 +478,11 @@ async fn approval_decides_first_and_compensates() {
     // the home is already a directory of someone else's: creation cannot be made safe
     let (_group2, s) = managed_server(&[]);
     let user = name();
-    let _a = Account(user.clone());
+    let _a = AccountGuard(user.clone());
     let home = PathBuf::from(format!("/home/{user}"));
     std::fs::create_dir(&home).unwrap();
     std::fs::write(home.join("keep"), "root's").unwrap();
-    let r = s
-        .anon()
-        .post("/api/v1/register", &registration(&user))
-        .await
-        .unwrap();
-    assert_eq!(r.status, 201, "{:?}", r.body);
+    s.register(&user).await;
     let r = s
         .root()
         .post(&format!("/api/v1/users/{user}/approve"), &json!({}))
@@ -591,12 +527,7 @@ async fn approval_decides_first_and_compensates() {
     assert_eq!(audit[0]["result"], "failed", "{audit}");
     // fixed, the approval goes through
     std::fs::remove_dir_all(&home).unwrap();
-    let r = s
-        .root()
-        .post(&format!("/api/v1/users/{user}/approve"), &json!({}))
-        .await
-        .unwrap();
-    assert!(r.body.success, "{:?}", r.body);
+    s.approve(&user).await;
     assert!(passwd(&user).is_some());
 }
 
@@ -604,7 +535,7 @@ async fn approval_decides_first_and_compensates() {
 /// the email and key; the original registrant may register again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_name_cannot_be_reregistered_by_someone_else() {
-    let s = Server::start(&[]);
+    let s = server(&[]);
     let r = s
         .anon()
         .post("/api/v1/register", &registration("carol"))
@@ -655,7 +586,7 @@ async fn a_rejected_name_cannot_be_reregistered_by_someone_else() {
 /// key change, before they can reach authorized_keys or cloud-init.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_with_control_characters_are_refused() {
-    let s = Server::start(&[]);
+    let s = server(&[]);
     for evil in [
         "\u{1b}[2J",
         "x\u{0}y",
@@ -718,17 +649,12 @@ impl Sshd {
         );
         std::fs::create_dir_all("/run/sshd").unwrap();
         let hostkey = dir.join("ssh_host_ed25519_key");
-        let st = Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-            .arg(&hostkey)
-            .status()
-            .unwrap();
-        assert!(st.success());
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        run_ok(
+            Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(&hostkey),
+        );
+        let port = basphere_testkit::server::free_port();
         let conf = dir.join("sshd_config");
         std::fs::write(
             &conf,
@@ -749,32 +675,21 @@ impl Sshd {
             .arg(dir.join("sshd.log"))
             .spawn()
             .unwrap();
-        let t0 = std::time::Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(t0.elapsed() < Duration::from_secs(10), "sshd did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        basphere_testkit::poll_until_blocking(
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            || std::net::TcpStream::connect(("127.0.0.1", port)),
+        )
+        .expect("sshd did not start");
         Sshd { child, port }
     }
 
     /// Whether `user` logs in with private key `key` and runs a command.
     fn login(&self, user: &str, key: &Path) -> bool {
         Command::new("ssh")
-            .args([
-                "-F",
-                "/dev/null",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "IdentitiesOnly=yes",
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "ConnectTimeout=10",
-                "-i",
-            ])
+            .args(["-F", "/dev/null"])
+            .args(basphere_testkit::SSH_BATCH_OPTS)
+            .args(["-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=10", "-i"])
             .arg(key)
             .arg("-p")
             .arg(self.port.to_string())
@@ -789,38 +704,23 @@ impl Sshd {
 }
 impl Drop for Sshd {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        basphere_testkit::kill_child(&mut self.child);
     }
 }
 
 /// M4 against a real sshd: the user logs in, is disabled and cannot, is enabled and can again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disabled_user_cannot_log_in_over_ssh() {
-    if !is_root() {
-        eprintln!("SKIPPED: creating Unix accounts and running sshd needs root");
+    if skip_unless_root("creating Unix accounts and running sshd needs root") {
         return;
     }
     let (_group, s) = managed_server(&[]);
     let sshd = Sshd::start(s.dir.path());
     let user = name();
-    let _a = Account(user.clone());
+    let _a = AccountGuard(user.clone());
     let (key, pubkey) = keygen(s.dir.path(), "login_key");
-    let r = s
-        .anon()
-        .post(
-            "/api/v1/register",
-            &json!({"username": user, "email": "l@example.org", "team": "qa", "public_key": pubkey}),
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status, 201, "{:?}", r.body);
-    let r = s
-        .root()
-        .post(&format!("/api/v1/users/{user}/approve"), &json!({}))
-        .await
-        .unwrap();
-    assert!(r.body.success, "{:?}", r.body);
+    s.register_key(&user, &pubkey).await;
+    s.approve(&user).await;
     let log = || std::fs::read_to_string(s.dir.path().join("sshd.log")).unwrap_or_default();
     assert!(sshd.login(&user, &key), "approved user logs in: {}", log());
     let r = s

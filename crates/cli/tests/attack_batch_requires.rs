@@ -6,7 +6,7 @@ use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_requires_are_one_edge_not_a_server_error() {
-    let s = Server::start(&[]);
+    let s = server(&[]);
     let token = s.user("dupes").await;
     let c = s.with_token(&token);
     let manifest = r#"

@@ -7,7 +7,7 @@ mod attack_net;
 mod common;
 
 use attack_net::*;
-use common::Server;
+use common::{Server, server};
 
 fn secure(cookie: &str) -> bool {
     cookie
@@ -55,7 +55,7 @@ async fn sign_in(s: &Server, token: &str, extra: &[&str]) -> (String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_proto_from_an_untrusted_peer_does_not_make_cookies_secure() {
-    let s = Server::start(&[]);
+    let s = server(&[]);
     let token = s.user("cookieuser").await;
     let (pre, session) = sign_in(&s, &token, &["X-Forwarded-Proto: https"]).await;
     assert!(!secure(&pre), "{pre}");
@@ -65,7 +65,7 @@ async fn forwarded_proto_from_an_untrusted_peer_does_not_make_cookies_secure() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trusted_proxy_is_believed_and_only_it() {
     // The test client is the proxy at 127.0.0.1; a header from it counts.
-    let s = Server::start(&[("BASPHERE_SERVER__TRUSTED_PROXIES", r#"["127.0.0.1/32"]"#)]);
+    let s = server(&[("BASPHERE_SERVER__TRUSTED_PROXIES", r#"["127.0.0.1/32"]"#)]);
     let token = s.user("proxyuser").await;
     let (pre, session) = sign_in(&s, &token, &["X-Forwarded-Proto: https"]).await;
     assert!(secure(&pre) && secure(&session), "{pre} / {session}");
@@ -73,7 +73,7 @@ async fn a_trusted_proxy_is_believed_and_only_it() {
     assert!(!secure(&pre) && !secure(&session), "{pre} / {session}");
 
     // A proxy list that does not hold the peer: the header is ignored again.
-    let s = Server::start(&[("BASPHERE_SERVER__TRUSTED_PROXIES", r#"["10.9.9.0/24"]"#)]);
+    let s = server(&[("BASPHERE_SERVER__TRUSTED_PROXIES", r#"["10.9.9.0/24"]"#)]);
     let token = s.user("proxyuser").await;
     let (pre, session) = sign_in(&s, &token, &["X-Forwarded-Proto: https"]).await;
     assert!(!secure(&pre) && !secure(&session), "{pre} / {session}");
@@ -81,7 +81,7 @@ async fn a_trusted_proxy_is_believed_and_only_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_https_public_url_makes_cookies_secure() {
-    let s = Server::start(&[(
+    let s = server(&[(
         "BASPHERE_SERVER__PUBLIC_URL",
         r#""https://portal.example.org""#,
     )]);
@@ -94,7 +94,7 @@ async fn an_https_public_url_makes_cookies_secure() {
 async fn tls_makes_cookies_secure() {
     let dir = tempfile::tempdir().unwrap();
     let cert = init_cert(dir.path(), "localhost", false);
-    let s = Server::start(&[("BASPHERE_SERVER__TLS", &cert.env())]);
+    let s = server(&[("BASPHERE_SERVER__TLS", &cert.env())]);
     let (resp, _) = tls_request(
         &s.addr,
         "localhost",

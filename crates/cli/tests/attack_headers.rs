@@ -5,20 +5,11 @@
 mod common;
 mod raw;
 
-use common::{KEY, Server, registration};
-
-async fn exists(s: &Server, user: &str) -> bool {
-    s.root()
-        .get(&format!("/api/v1/users/{user}"))
-        .await
-        .unwrap()
-        .status
-        == 200
-}
+use common::{KEY, registration, server};
 
 #[tokio::test]
 async fn non_json_bodies_on_json_routes_are_refused() {
-    let s = Server::start(&[("BASPHERE_LIMITS__ANON_BURST", "0")]);
+    let s = server(&[("BASPHERE_LIMITS__ANON_BURST", "0")]);
     let form = format!(
         "username=formuser&email=f%40example.org&team=qa&public_key={}",
         KEY.replace(' ', "+")
@@ -59,7 +50,7 @@ async fn non_json_bodies_on_json_routes_are_refused() {
                 .contains("application/json"),
             "{env}"
         );
-        assert!(!exists(&s, user).await, "{user} stored through {ct:?}");
+        assert!(!s.user_exists(user).await, "{user} stored through {ct:?}");
     }
     // With a token too: an authenticated form post is refused just the same.
     let token = s.user("victim").await;
@@ -101,23 +92,13 @@ async fn non_json_bodies_on_json_routes_are_refused() {
         "reaches the handler (not an admin): {}",
         r.body
     );
-    let out = s.cli(&["admin", "user", "approve", "jsonuser"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = s.cli(&["admin", "user", "list"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    s.cli_ok(&["admin", "user", "approve", "jsonuser"]);
+    s.cli_ok(&["admin", "user", "list"]);
 }
 
 #[tokio::test]
 async fn foreign_host_names_are_refused() {
-    let s = Server::start(&[
+    let s = server(&[
         ("BASPHERE_LIMITS__ANON_BURST", "0"),
         ("BASPHERE_SERVER__ALLOWED_HOSTS", r#"["bsp.example.org"]"#),
     ]);
@@ -154,7 +135,7 @@ async fn foreign_host_names_are_refused() {
             "{m}"
         );
     }
-    assert!(!exists(&s, "rebound").await);
+    assert!(!s.user_exists("rebound").await);
     // Our own names (any port), IP literals, and the CLI's name pass.
     for host in [
         format!("localhost:{port}"),

@@ -50,26 +50,20 @@ async fn create_vms(s: &Server) {
 fn init(s: &Server) {
     let home = s.dir.path().join("home");
     std::fs::create_dir_all(&home).unwrap();
-    let out = Command::new(BIN)
-        .arg("init")
-        .envs(s.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .env("HOME", &home)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new(BIN)
+            .arg("init")
+            .envs(s.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("HOME", &home),
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_account_reads_nothing_under_the_data_dir() {
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("SKIPPED: creating Unix accounts needs root");
+    if skip_unless_root("creating Unix accounts needs root") {
         return;
     }
-    let s = Server::start(&[]);
+    let s = server(&[]);
     create_vms(&s).await;
     init(&s);
     let data = s.data_dir();
@@ -95,11 +89,10 @@ async fn another_account_reads_nothing_under_the_data_dir() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_install_with_old_loose_modes_is_repaired_at_start() {
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("SKIPPED: creating Unix accounts needs root");
+    if skip_unless_root("creating Unix accounts needs root") {
         return;
     }
-    let mut s = Server::start(&[]);
+    let mut s = server(&[]);
     create_vms(&s).await;
     s.kill9();
     // What an install made before the fix looks like: umask 022 everywhere, and the qemu

@@ -90,7 +90,7 @@ fn walk(s: &Server, path: &str, key: &str, limit: usize) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_pending_registrations_is_answered_one_page_at_a_time() {
-    let s = Server::start(&[]);
+    let s = server(&[]);
     flood(&s, 5000);
 
     // The attack's target: an admin listing what is pending.
@@ -132,15 +132,14 @@ async fn a_flood_of_pending_registrations_is_answered_one_page_at_a_time() {
     assert_eq!(audit.len(), 5000);
 
     // The CLI follows the pages.
-    let o = s.cli(&["--output", "json", "admin", "user", "pending"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = s.cli_ok(&["--output", "json", "admin", "user", "pending"]);
     let d: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(d.as_array().map(Vec::len), Some(5000));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_list_route_pages() {
-    let s = Server::start(&[]);
+    let s = server(&[]);
     let token = s.user("pager").await;
     let c = s.with_token(&token);
     for n in ["a", "b", "c"] {

@@ -5,7 +5,7 @@
 mod common;
 mod raw;
 
-use common::{KEY, Server, registration};
+use common::{KEY, Server, registration, server};
 use serde_json::json;
 
 const FORM: &str = "application/x-www-form-urlencoded";
@@ -73,7 +73,7 @@ async fn admin_session(s: &Server) -> (String, String) {
 
 #[tokio::test]
 async fn planted_notice_cookie_is_rendered_inert() {
-    let s = Server::start(&[]);
+    let s = server(&[]);
     for (cookie, shown) in [
         // A made-up kind that breaks out of the class attribute.
         (
@@ -131,7 +131,7 @@ async fn planted_notice_cookie_is_rendered_inert() {
 
 #[tokio::test]
 async fn approval_code_is_in_the_page_only_and_not_cached() {
-    let s = Server::start(&[]);
+    let s = server(&[]);
     let r = raw::post_json(
         "127.0.0.1",
         &s.addr,
@@ -175,7 +175,7 @@ async fn approval_code_is_in_the_page_only_and_not_cached() {
 
 #[tokio::test]
 async fn megabyte_forms_are_refused() {
-    let s = Server::start(&[("BASPHERE_LIMITS__ANON_BURST", "0")]);
+    let s = server(&[("BASPHERE_LIMITS__ANON_BURST", "0")]);
     let page = raw::send("127.0.0.1", &s.addr, "GET", "/register", &[], b"").await;
     let cookie = format!("bsp_pre={}", page.cookie("bsp_pre").unwrap());
     let csrf = csrf_of(&page.body);

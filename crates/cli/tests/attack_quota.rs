@@ -4,7 +4,6 @@
 mod common;
 use common::*;
 use serde_json::{Value, json};
-use std::time::{Duration, Instant};
 
 async fn usage(c: &basphere_client::Client) -> (u64, u64) {
     let q = c.get("/api/v1/quota").await.unwrap().body.data;
@@ -33,32 +32,19 @@ async fn names(c: &basphere_client::Client) -> Vec<String> {
 }
 
 /// Waits until operation `op` has ended, returning it.
-async fn wait_op(c: &basphere_client::Client, op: &str, secs: u64) -> Value {
-    let t0 = Instant::now();
-    loop {
-        let w = c
-            .get(&format!("/api/v1/operations/{op}"))
-            .await
-            .unwrap()
-            .body
-            .data;
-        if matches!(
+async fn wait_ended(c: &basphere_client::Client, op: &str, secs: u64) -> Value {
+    wait_op(c, op, secs, |w| {
+        matches!(
             w["status"].as_str(),
             Some("succeeded" | "failed" | "cancelled")
-        ) {
-            return w;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(secs),
-            "operation {op} did not end in {secs}s: {w}"
-        );
-        tokio::time::sleep(Duration::from_millis(30)).await;
-    }
+        )
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_ones_own_delete_is_refused_and_the_vm_keeps_counting() {
-    let s = Server::start(&[
+    let s = server(&[
         ("BASPHERE_QUOTA__MAX_VMS", "1"),
         ("BASPHERE_NULL_DELAY_MS", "400"),
     ]);
@@ -88,7 +74,7 @@ async fn cancelling_ones_own_delete_is_refused_and_the_vm_keeps_counting() {
     assert_eq!(names(&c).await, ["web"], "nothing was created");
 
     // The delete runs to its end; then the quota is free again.
-    assert_eq!(wait_op(&c, &op, 20).await["status"], "succeeded");
+    assert_eq!(wait_ended(&c, &op, 20).await["status"], "succeeded");
     wait_vm(&c, "web", 5, "gone").await;
     assert_eq!(usage(&c).await, (0, 0));
     assert_eq!(create(&c, "extra").await.status, 202);
@@ -98,7 +84,7 @@ async fn cancelling_ones_own_delete_is_refused_and_the_vm_keeps_counting() {
 async fn a_vm_whose_delete_failed_still_counts_against_the_quota() {
     let fails = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(fails.path(), "remove\n").unwrap();
-    let s = Server::start(&[
+    let s = server(&[
         ("BASPHERE_QUOTA__MAX_VMS", "1"),
         ("BASPHERE_NULL_FAIL_FILE", fails.path().to_str().unwrap()),
     ]);
@@ -128,7 +114,7 @@ async fn a_vm_whose_delete_failed_still_counts_against_the_quota() {
 async fn a_rollback_that_cannot_clean_up_keeps_its_address_until_a_delete_does() {
     let fails = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(fails.path(), "wait_ready\nremove\n").unwrap();
-    let s = Server::start(&[
+    let s = server(&[
         ("BASPHERE_ENGINE__MAX_ATTEMPTS", "1"),
         ("BASPHERE_NULL_FAIL_FILE", fails.path().to_str().unwrap()),
     ]);
@@ -165,7 +151,7 @@ async fn a_rollback_that_cannot_clean_up_keeps_its_address_until_a_delete_does()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retrying_a_failed_create_while_its_delete_runs_is_refused() {
-    let s = Server::start(&[
+    let s = server(&[
         ("BASPHERE_NULL_FAIL_PHASE", "start"),
         ("BASPHERE_NULL_DELAY_MS", "500"),
     ]);
@@ -210,7 +196,7 @@ async fn retrying_a_failed_create_while_its_delete_runs_is_refused() {
         .count();
     assert!(live <= 1, "two live workflows: {ops}");
 
-    assert_eq!(wait_op(&c, &delete_op, 20).await["status"], "succeeded");
+    assert_eq!(wait_ended(&c, &delete_op, 20).await["status"], "succeeded");
     wait_vm(&c, "fail-x", 5, "gone").await;
     let r = c
         .post(&format!("/api/v1/operations/{create_op}/retry"), &json!({}))

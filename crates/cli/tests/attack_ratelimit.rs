@@ -6,7 +6,7 @@
 mod common;
 mod raw;
 
-use common::{Server, registration};
+use common::{Server, registration, server};
 use serde_json::json;
 
 fn limits(burst: &str, extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, String)> {
@@ -20,16 +20,7 @@ fn limits(burst: &str, extra: &[(&'static str, &'static str)]) -> Vec<(&'static 
 
 fn start(env: &[(&'static str, String)]) -> Server {
     let e: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    Server::start(&e)
-}
-
-async fn exists(s: &Server, user: &str) -> bool {
-    let r = s
-        .root()
-        .get(&format!("/api/v1/users/{user}"))
-        .await
-        .unwrap();
-    r.status == 200
+    server(&e)
 }
 
 #[tokio::test]
@@ -78,7 +69,7 @@ async fn register_burst_from_one_address_is_cut_to_the_bucket() {
     let pending = s.root().get("/api/v1/users?status=pending").await.unwrap();
     assert_eq!(pending.body.data.as_array().unwrap().len(), ok.len());
     for n in throttled.iter().take(10) {
-        assert!(!exists(&s, n).await, "{n} stored although refused");
+        assert!(!s.user_exists(n).await, "{n} stored although refused");
     }
     // The portal's form draws from the same bucket: refused before its CSRF check.
     let r = raw::send(
@@ -183,7 +174,7 @@ async fn registrations_beyond_max_pending_are_refused() {
             "{m}"
         );
         assert!(r.header("retry-after").is_some());
-        assert!(!exists(&s, &name).await);
+        assert!(!s.user_exists(&name).await);
     }
     // An admin's decision makes room again.
     let r = s

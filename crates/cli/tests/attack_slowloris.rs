@@ -9,7 +9,7 @@ mod attack_net;
 mod common;
 
 use attack_net::*;
-use common::Server;
+use common::{Server, server};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -80,7 +80,7 @@ fn pct(v: &mut [Duration], p: f64) -> Duration {
 async fn two_thousand_slowloris_connections_are_each_cut_at_the_header_timeout() {
     let fds = raise_nofile();
     assert!(fds > 4500, "need ~4500 descriptors, have {fds}");
-    let s = Server::start(&[
+    let s = server(&[
         ("BASPHERE_SERVER__HEADER_READ_TIMEOUT_SECS", "2"),
         ("BASPHERE_SERVER__MAX_CONNECTIONS", "2500"),
         ("BASPHERE_SERVER__MAX_CONNECTIONS_PER_IP", "64"),
@@ -167,7 +167,7 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_caps_are_closed_at_once() {
     raise_nofile();
-    let s = Server::start(&[
+    let s = server(&[
         ("BASPHERE_SERVER__HEADER_READ_TIMEOUT_SECS", "20"),
         ("BASPHERE_SERVER__MAX_CONNECTIONS", "60"),
         ("BASPHERE_SERVER__MAX_CONNECTIONS_PER_IP", "10"),
@@ -246,7 +246,7 @@ async fn connections_over_the_caps_are_closed_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_on_the_unix_socket_and_idle_keepalive_are_cut() {
-    let s = Server::start(&[
+    let s = server(&[
         ("BASPHERE_SERVER__HEADER_READ_TIMEOUT_SECS", "2"),
         ("BASPHERE_SERVER__IDLE_TIMEOUT_SECS", "3"),
     ]);

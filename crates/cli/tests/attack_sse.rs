@@ -5,7 +5,8 @@
 mod common;
 mod raw;
 
-use common::{Server, wait_vm};
+use basphere_testkit::poll_until;
+use common::{Server, server, wait_vm};
 use serde_json::json;
 use std::time::{Duration, Instant};
 
@@ -18,7 +19,7 @@ async fn open_streams(s: &Server) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_are_capped_per_user_and_freed_when_the_client_goes() {
-    let s = Server::start(&[
+    let s = server(&[
         ("BASPHERE_LIMITS__ANON_BURST", "0"),
         ("BASPHERE_LIMITS__STREAMS_PER_USER", "3"),
         // Operations stay in their first step: a stream of one never ends by itself.
@@ -75,18 +76,23 @@ async fn streams_are_capped_per_user_and_freed_when_the_client_goes() {
     held.clear();
     drop(theirs);
     let t0 = Instant::now();
-    loop {
-        let n = open_streams(&s).await;
-        if n == 0 {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(25),
+    poll_until(
+        Duration::from_secs(25),
+        Duration::from_millis(200),
+        || async {
+            match open_streams(&s).await {
+                0 => Ok(()),
+                n => Err(n),
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|n| {
+        panic!(
             "{n} stream task(s) still alive {:?} after their clients left",
             t0.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        )
+    });
     eprintln!(
         "all stream tasks ended {:?} after the clients left",
         t0.elapsed()
@@ -98,7 +104,7 @@ async fn streams_are_capped_per_user_and_freed_when_the_client_goes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_from_zero_is_bounded_and_says_so() {
-    let s = Server::start(&[
+    let s = server(&[
         ("BASPHERE_LIMITS__ANON_BURST", "0"),
         ("BASPHERE_LIMITS__STREAM_REPLAY", "10"),
     ]);

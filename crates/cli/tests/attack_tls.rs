@@ -7,12 +7,13 @@ mod attack_net;
 mod common;
 
 use attack_net::*;
-use common::Server;
+use basphere_testkit::{poll_until, signal_child};
+use common::{Server, server};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn tls_server(cert: &Cert) -> Server {
-    Server::start(&[("BASPHERE_SERVER__TLS", &cert.env())])
+    server(&[("BASPHERE_SERVER__TLS", &cert.env())])
 }
 
 fn port(s: &Server) -> &str {
@@ -55,12 +56,7 @@ async fn cli_trusts_the_self_signed_certificate_only_with_ca() {
     assert!(!plain.contains("200 OK"), "{plain}");
 
     // The admin's token, minted over the Unix socket as root.
-    let out = s.cli(&["--output", "json", "token", "create", "--name", "tls"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = s.cli_ok(&["--output", "json", "token", "create", "--name", "tls"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let token = v["token"].as_str().expect("token in output").to_string();
 
@@ -115,11 +111,7 @@ fn plaintext_listener_on_a_non_loopback_address_refuses_to_start() {
     let cfg = common::default_config(dir.path());
     let socket = dir.path().join("basphere.sock");
     let data = dir.path().join("data");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = basphere_testkit::server::free_port();
     let mut child = Command::new(BIN)
         .arg("serve")
         .env("BASPHERE_CONFIG", &cfg)
@@ -141,8 +133,7 @@ fn plaintext_listener_on_a_non_loopback_address_refuses_to_start() {
             break st;
         }
         if t0.elapsed() > Duration::from_secs(10) {
-            let _ = child.kill();
-            let _ = child.wait();
+            basphere_testkit::kill_child(&mut child);
             panic!("the server started on 0.0.0.0 without TLS");
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -180,23 +171,28 @@ async fn sighup_reload_presents_the_new_certificate_on_new_connections() {
     // A broken file at reload keeps the old certificate.
     let good_key = std::fs::read(&first.key).unwrap();
     std::fs::write(&first.key, b"not a key").unwrap();
-    let pid = s.child.as_ref().unwrap().id() as i32;
     let log_has = |needle: &str| {
         std::fs::read_to_string(s.log_path())
             .unwrap_or_default()
             .matches(needle)
             .count()
     };
-    // SAFETY: signalling the server this test started, by its PID.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
-    let t0 = Instant::now();
-    while log_has("TLS reload failed") == 0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "no reload attempt logged"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let hup =
+        |s: &Server| signal_child(s.child.as_ref().unwrap(), nix::sys::signal::Signal::SIGHUP);
+    assert!(hup(&s));
+    let logged = |needle: &'static str| {
+        poll_until(
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            move || {
+                let n = log_has(needle);
+                async move { if n > 0 { Ok(()) } else { Err(()) } }
+            },
+        )
+    };
+    logged("TLS reload failed")
+        .await
+        .expect("no reload attempt logged");
     let (_, fp) = tls_request(
         &s.addr,
         "localhost",
@@ -214,13 +210,10 @@ async fn sighup_reload_presents_the_new_certificate_on_new_connections() {
     // New pair in place (init --force writes a fresh one over the same files).
     let second = init_cert(dir.path(), "localhost", true);
     assert_ne!(second.fingerprint, first.fingerprint);
-    // SAFETY: as above.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
-    let t0 = Instant::now();
-    while log_has("TLS certificate reloaded") == 0 {
-        assert!(t0.elapsed() < Duration::from_secs(10), "no reload logged");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(hup(&s));
+    logged("TLS certificate reloaded")
+        .await
+        .expect("no reload logged");
     let trust = tls_client(&[&first_copy, &second.cert]);
     let (resp, fp) = tls_request(&s.addr, "localhost", trust, &get("/health", &[]))
         .await

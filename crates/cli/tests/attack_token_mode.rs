@@ -4,13 +4,10 @@
 
 mod common;
 
-use common::Server;
-use serde_json::json;
+use common::{BIN, Server, run_ok, server};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::{Command, Stdio};
-
-const BIN: &str = env!("CARGO_BIN_EXE_basphere");
 
 fn mode(p: &Path) -> u32 {
     std::fs::symlink_metadata(p).unwrap().mode() & 0o777
@@ -18,35 +15,26 @@ fn mode(p: &Path) -> u32 {
 
 /// An approved user's enrollment code.
 async fn code(s: &Server, user: &str) -> String {
-    let r = s
-        .anon()
-        .post("/api/v1/register", &common::registration(user))
-        .await
-        .unwrap();
-    assert_eq!(r.status, 201, "{:?}", r.body);
-    let r = s
-        .root()
-        .post(&format!("/api/v1/users/{user}/approve"), &json!({}))
-        .await
-        .unwrap();
-    assert!(r.body.success, "{:?}", r.body);
-    r.body.data["enrollment_code"].as_str().unwrap().to_string()
+    s.register(user).await;
+    s.approve(user).await["enrollment_code"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
-fn enroll_save(s: &Server, home: &Path, user: &str, code: &str) -> std::process::Output {
-    Command::new(BIN)
-        .args(["--url", &s.addr, "enroll", "-u", user, "-c", code, "--save"])
+fn enroll_save(s: &Server, home: &Path, user: &str, code: &str) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--url", &s.addr, "enroll", "-u", user, "-c", code, "--save"])
         .env("HOME", home)
         .env_remove("BASPHERE_TOKEN")
         .env_remove("BASPHERE_CONFIG")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
+        .stdin(Stdio::null());
+    cmd
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enroll_save_over_a_world_readable_token_file_makes_it_0600() {
-    let s = Server::start(&[]);
+    let s = server(&[]);
     let home = tempfile::tempdir().unwrap();
     let token = home.path().join(".config/basphere/token");
     std::fs::create_dir_all(token.parent().unwrap()).unwrap();
@@ -54,12 +42,7 @@ async fn enroll_save_over_a_world_readable_token_file_makes_it_0600() {
     std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
 
     let c = code(&s, "modeuser").await;
-    let out = enroll_save(&s, home.path(), "modeuser", &c);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(&mut enroll_save(&s, home.path(), "modeuser", &c));
     assert_eq!(mode(&token), 0o600, "the old 0644 mode survived the write");
     let saved = std::fs::read_to_string(&token).unwrap();
     assert_ne!(saved.trim(), "old-token");
@@ -68,7 +51,7 @@ async fn enroll_save_over_a_world_readable_token_file_makes_it_0600() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enroll_save_does_not_follow_a_planted_symlink() {
-    let s = Server::start(&[]);
+    let s = server(&[]);
     let home = tempfile::tempdir().unwrap();
     let token = home.path().join(".config/basphere/token");
     std::fs::create_dir_all(token.parent().unwrap()).unwrap();
@@ -78,7 +61,9 @@ async fn enroll_save_does_not_follow_a_planted_symlink() {
     std::os::unix::fs::symlink(&canary, &token).unwrap();
 
     let c = code(&s, "linkuser").await;
-    let out = enroll_save(&s, home.path(), "linkuser", &c);
+    let out = enroll_save(&s, home.path(), "linkuser", &c)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains(&token.display().to_string()), "{err}");
@@ -94,20 +79,15 @@ fn init_repairs_the_mode_of_an_existing_admin_token() {
     let token = data.join("admin.token");
     std::fs::write(&token, "old-admin-token\n").unwrap();
     std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let out = Command::new(BIN)
-        .arg("--config")
-        .arg(dir.path().join("basphere.toml"))
-        .arg("init")
-        .env("HOME", dir.path())
-        .env("BASPHERE_DATA_DIR", &data)
-        .env_remove("BASPHERE_CONFIG")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new(BIN)
+            .arg("--config")
+            .arg(dir.path().join("basphere.toml"))
+            .arg("init")
+            .env("HOME", dir.path())
+            .env("BASPHERE_DATA_DIR", &data)
+            .env_remove("BASPHERE_CONFIG")
+            .stdin(Stdio::null()),
     );
     assert_eq!(mode(&token), 0o600);
 }

@@ -3,7 +3,7 @@
 mod common;
 use common::*;
 use serde_json::json;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn run(s: &Server, token: &str, args: &[&str]) -> (bool, String, String) {
     let o = std::process::Command::new(BIN)
@@ -22,7 +22,7 @@ fn run(s: &Server, token: &str, args: &[&str]) -> (bool, String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plan_apply_replan_and_refusals() {
-    let s = Server::start(&[("BASPHERE_NULL_DELAY_MS", "20")]);
+    let s = server(&[("BASPHERE_NULL_DELAY_MS", "20")]);
     let token = s.user("planner").await;
     let c = s.with_token(&token);
     let dir = s.dir.path();
@@ -76,14 +76,7 @@ requires = ["app"]
     assert!(err.contains("--yes"), "{err}");
     let (ok, out, err) = run(&s, &token, &["apply", "-f", &mf, "--yes"]);
     assert!(ok, "{out}{err}");
-    let t0 = Instant::now();
-    while c.get("/api/v1/vms/lone").await.unwrap().status.as_u16() != 404 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "lone never went away"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_vm(&c, "lone", 10, "gone").await;
 
     // A cycle is refused and named; so are conflicts and unknown requirements.
     let bad = dir.join("bad.yaml");
@@ -101,7 +94,7 @@ requires = ["app"]
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_and_retry_through_the_cli_and_the_global_stream() {
-    let s = Server::start(&[("BASPHERE_NULL_DELAY_MS", "700")]);
+    let s = server(&[("BASPHERE_NULL_DELAY_MS", "700")]);
     let token = s.user("canceller").await;
     let c = s.with_token(&token);
     // Watch the global stream from the start.

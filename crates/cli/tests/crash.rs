@@ -2,36 +2,22 @@
 mod common;
 use common::*;
 use serde_json::json;
-use std::time::{Duration, Instant};
 
+/// Waits until step `step` of operation `op` has status `kind`.
 async fn wait_event(c: &basphere_client::Client, op: &str, kind: &str, step: &str) {
-    let t0 = Instant::now();
-    loop {
-        let w = c
-            .get(&format!("/api/v1/operations/{op}"))
-            .await
-            .unwrap()
-            .body
-            .data;
-        let running = w["steps"]
+    wait_op(c, op, 20, |w| {
+        w["steps"]
             .as_array()
             .unwrap()
             .iter()
-            .any(|s| s["name"] == step && s["status"] == kind);
-        if running {
-            return;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "step {step} never became {kind}: {w}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+            .any(|s| s["name"] == step && s["status"] == kind)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_create_resumes_to_running_without_leaks() {
-    let mut s = Server::start(&[("BASPHERE_NULL_DELAY_MS", "1500")]);
+    let mut s = server(&[("BASPHERE_NULL_DELAY_MS", "1500")]);
     let token = s.user("crashy").await;
     let c = s.with_token(&token);
     let r = c
@@ -71,7 +57,7 @@ async fn sigkill_mid_create_resumes_to_running_without_leaks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn permanent_failure_undoes_in_reverse_and_releases_everything() {
-    let mut s = Server::start(&[
+    let mut s = server(&[
         ("BASPHERE_NULL_FAIL_PHASE", "wait_ready"),
         ("BASPHERE_NULL_DELAY_MS", "300"),
     ]);
@@ -147,7 +133,7 @@ async fn permanent_failure_undoes_in_reverse_and_releases_everything() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_operation_streams_from_its_retry() {
-    let s = Server::start(&[("BASPHERE_NULL_FAIL_PHASE", "start")]);
+    let s = server(&[("BASPHERE_NULL_FAIL_PHASE", "start")]);
     let token = s.user("retrier").await;
     let c = s.with_token(&token);
     let r = c

@@ -1,49 +1,31 @@
 //! End to end with a real VM: register → approve → create-vm → ssh → delete-vm, through the
 //! prototype's command names, the qemu provider and a guest that really boots (TCG here).
 mod common;
+use basphere_testkit::process::{kill_marked, pids_with};
+use basphere_testkit::{Netns, SSH_BATCH_OPTS, test_images_dir};
 use common::*;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-/// Where base images are cached between runs (built once, ~1-3 min).
-fn images_dir() -> PathBuf {
-    std::env::var_os("BASPHERE_TEST_IMAGES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/cache/basphere-test/images"))
-}
-
-/// Kills any QEMU left from this test's state dir (by PID) and deletes its namespace.
+/// Kills any QEMU left from this test's state dir (by PID, checked against its command line)
+/// and deletes its namespace.
 struct LabGuard {
-    ns: String,
+    _ns: Netns,
     state_dir: PathBuf,
 }
 
 fn qemu_pids_under(dir: &Path) -> Vec<i32> {
-    let needle = dir.display().to_string();
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains(&needle))
-                .unwrap_or(false)
-        })
-        .collect()
+    pids_with(&dir.display().to_string())
 }
 
 impl Drop for LabGuard {
     fn drop(&mut self) {
-        for pid in qemu_pids_under(&self.state_dir) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+        let marker = self.state_dir.display().to_string();
+        for pid in pids_with(&marker) {
+            kill_marked(pid, &marker);
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
     }
 }
 
@@ -57,8 +39,7 @@ fn have(tool: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn register_approve_create_ssh_delete_with_a_real_vm() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED: the qemu provider's lab network needs root");
+    if skip_unless_root("the qemu provider's lab network needs root") {
         return;
     }
     assert!(
@@ -66,9 +47,9 @@ async fn register_approve_create_ssh_delete_with_a_real_vm() {
         "qemu-system-x86_64 missing: run crates/provider-qemu/install-deps.sh"
     );
     let ns = format!("bspe2e{}", std::process::id());
-    let images = images_dir();
+    let images = test_images_dir();
     let network = format!("{{ mode = \"lab\", namespace = \"{ns}\", bridge = \"br0\" }}");
-    let s = Server::start(&[
+    let s = server(&[
         ("BASPHERE_PROVIDER__KIND", "qemu"),
         (
             "BASPHERE_QEMU__IMAGES_DIR",
@@ -79,7 +60,7 @@ async fn register_approve_create_ssh_delete_with_a_real_vm() {
     ]);
     let state_dir = s.data_dir().join("vms");
     let _guard = LabGuard {
-        ns: ns.clone(),
+        _ns: Netns(ns.clone()),
         state_dir: state_dir.clone(),
     };
 
@@ -90,37 +71,21 @@ async fn register_approve_create_ssh_delete_with_a_real_vm() {
         for (k, v) in &s.env {
             cmd.env(k, v);
         }
-        let st = cmd.status().unwrap();
-        assert!(st.success(), "image build failed");
+        run_ok(&mut cmd);
     }
 
     // aliases, as the prototype's users know them
     let bin = s.dir.path().join("bin");
-    let out = Command::new(BIN)
-        .args(["install-aliases"])
-        .arg(&bin)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(Command::new(BIN).args(["install-aliases"]).arg(&bin));
 
     // register with a real key, the admin approves, the user enrolls
     let (key, pubkey) = keygen(s.dir.path(), "e2e_key");
-    let r = s.anon().post("/api/v1/register", &json!({"username": "e2euser", "email": "e@example.org", "team": "qa", "public_key": pubkey})).await.unwrap();
-    assert_eq!(r.status, 201, "{:?}", r.body);
-    let out = Command::new(bin.join("basphere-admin"))
-        .args(["--socket"])
-        .arg(&s.socket)
-        .args(["user", "approve", "e2euser"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    s.register_key("e2euser", &pubkey).await;
+    let out = run_ok(
+        Command::new(bin.join("basphere-admin"))
+            .args(["--socket"])
+            .arg(&s.socket)
+            .args(["user", "approve", "e2euser"]),
     );
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let code = stdout
@@ -183,16 +148,8 @@ async fn register_approve_create_ssh_delete_with_a_real_vm() {
     let out = Command::new("ip")
         .args(["netns", "exec", &ns, "ssh", "-i"])
         .arg(&key)
-        .args([
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "ConnectTimeout=10",
-        ])
+        .args(SSH_BATCH_OPTS)
+        .args(["-o", "ConnectTimeout=10"])
         .arg(format!("debian@{ip}"))
         .arg("hostname")
         .output()

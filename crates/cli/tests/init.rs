@@ -12,19 +12,13 @@ async fn init_makes_the_first_admin_whose_token_works() {
     let home = dir.path().join("home");
     std::fs::create_dir_all(&home).unwrap();
     let init = || {
-        Command::new(BIN)
-            .args(["--config", config.to_str().unwrap(), "init"])
+        let mut cmd = Command::new(BIN);
+        cmd.args(["--config", config.to_str().unwrap(), "init"])
             .env("BASPHERE_DATA_DIR", &data)
-            .env("HOME", &home)
-            .output()
-            .unwrap()
+            .env("HOME", &home);
+        cmd
     };
-    let out = init();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(&mut init());
     let text = std::fs::read_to_string(&config).unwrap();
     assert!(
         text.contains("[network]") && text.contains("# "),
@@ -39,13 +33,12 @@ async fn init_makes_the_first_admin_whose_token_works() {
         .to_string();
     assert!(token.starts_with("bsp_"));
     // running init again changes nothing
-    let out = init();
-    assert!(out.status.success());
+    let out = run_ok(&mut init());
     assert!(String::from_utf8_lossy(&out.stdout).contains("keeping existing"));
     assert_eq!(std::fs::read_to_string(&token_file).unwrap().trim(), token);
 
     // the server on that data dir accepts the token as the admin
-    let mut s = Server::start(&[]);
+    let mut s = server(&[]);
     s.kill9();
     s.env.retain(|(k, _)| k != "BASPHERE_DATA_DIR");
     s.env

@@ -2,11 +2,10 @@
 mod common;
 use common::*;
 use serde_json::json;
-use std::os::unix::process::CommandExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_cannot_see_or_touch_each_other() {
-    let s = Server::start(&[]);
+    let s = server(&[]);
     let a = s.with_token(&s.user("usera").await);
     let b = s.with_token(&s.user("userb").await);
     assert_eq!(
@@ -93,14 +92,9 @@ async fn users_cannot_see_or_touch_each_other() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pending_rejected_and_disabled_users_can_only_read_their_status() {
-    let s = Server::start(&[]);
+    let s = server(&[]);
     // a pending user gets a token only through approval, so test via the admin-made token path:
-    let r = s
-        .anon()
-        .post("/api/v1/register", &registration("waiting"))
-        .await
-        .unwrap();
-    assert_eq!(r.status, 201);
+    s.register("waiting").await;
     // enrollment codes are single-use and tied to the user
     let t = s.user("active1").await;
     let c = s.with_token(&t);
@@ -168,19 +162,8 @@ async fn pending_rejected_and_disabled_users_can_only_read_their_status() {
         .collect();
     assert_eq!(actions, ["user.reject", "user.register"]);
     // a used enrollment code does not work twice
-    let r = s
-        .anon()
-        .post("/api/v1/register", &registration("twice"))
-        .await
-        .unwrap();
-    assert_eq!(r.status, 201);
-    let code = s
-        .root()
-        .post("/api/v1/users/twice/approve", &json!({}))
-        .await
-        .unwrap()
-        .body
-        .data["enrollment_code"]
+    s.register("twice").await;
+    let code = s.approve("twice").await["enrollment_code"]
         .as_str()
         .unwrap()
         .to_string();
@@ -222,39 +205,21 @@ async fn pending_rejected_and_disabled_users_can_only_read_their_status() {
     assert_eq!(c2.get("/api/v1/vms").await.unwrap().status, 401);
 }
 
-/// Removes a Unix account when the test ends, whatever happens.
-struct AccountGuard(String);
-impl Drop for AccountGuard {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("userdel")
-            .args(["--remove", &self.0])
-            .output();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_unix_socket_identifies_the_real_uid() {
-    if !nix_is_root() {
-        eprintln!("SKIPPED: creating Unix accounts needs root");
+    if skip_unless_root("creating Unix accounts needs root") {
         return;
     }
-    let s = Server::start(&[
+    let s = server(&[
         ("BASPHERE_BASTION__MANAGE_ACCOUNTS", "true"),
         ("BASPHERE_BASTION__GROUP", "bsp-test-users"),
     ]);
     let name = format!("bt{}", std::process::id());
     let _guard = AccountGuard(name.clone());
     let (_k, pubkey) = keygen(s.dir.path(), "user_key");
-    let r = s.anon().post("/api/v1/register", &json!({"username": name, "email": "u@example.org", "team": "qa", "public_key": pubkey})).await.unwrap();
-    assert_eq!(r.status, 201, "{:?}", r.body);
-    let r = s
-        .root()
-        .post(&format!("/api/v1/users/{name}/approve"), &json!({}))
-        .await
-        .unwrap();
-    assert!(r.body.success, "{:?}", r.body);
+    s.register_key(&name, &pubkey).await;
     assert!(
-        r.body.data["enrollment_code"].is_null(),
+        s.approve(&name).await["enrollment_code"].is_null(),
         "managed accounts need no enrollment code"
     );
     let pw = nix::unistd::User::from_name(&name)
@@ -268,51 +233,23 @@ async fn the_unix_socket_identifies_the_real_uid() {
     // a second managed account, whose VM the first must not see
     let other = format!("bu{}", std::process::id());
     let _guard2 = AccountGuard(other.clone());
-    let r = s.anon().post("/api/v1/register", &json!({"username": other, "email": "o@example.org", "team": "qa", "public_key": pubkey})).await.unwrap();
-    assert_eq!(r.status, 201);
-    assert!(
-        s.root()
-            .post(&format!("/api/v1/users/{other}/approve"), &json!({}))
-            .await
-            .unwrap()
-            .body
-            .success
-    );
+    s.register_key(&other, &pubkey).await;
+    s.approve(&other).await;
     let pw2 = nix::unistd::User::from_name(&other).unwrap().unwrap();
 
-    let run_as = |pw: &nix::unistd::User, args: &[&str]| {
-        std::process::Command::new(BIN)
-            .arg("--socket")
-            .arg(&s.socket)
-            .args(args)
-            .uid(pw.uid.as_raw())
-            .gid(pw.gid.as_raw())
-            .env("HOME", &pw.dir)
-            .env_remove("BASPHERE_URL")
-            .env_remove("BASPHERE_TOKEN")
-            .output()
-            .unwrap()
+    let ok = |out: std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
     };
-    let out = run_as(&pw2, &["vm", "create", "-n", "theirs", "--no-wait"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let as_user = |args: &[&str]| run_as(&pw, args);
-    let out = as_user(&["vm", "create", "-n", "mine", "-s", "tiny"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(s.cli_as(&pw2, &["vm", "create", "-n", "theirs", "--no-wait"]));
+    let as_user = |args: &[&str]| s.cli_as(&pw, args);
+    let out = ok(as_user(&["vm", "create", "-n", "mine", "-s", "tiny"]));
     assert!(String::from_utf8_lossy(&out.stdout).contains("mine is running: ssh debian@"));
-    let out = as_user(&["vm", "list", "-j"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = ok(as_user(&["vm", "list", "-j"]));
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let names: Vec<&str> = list
         .as_array()
@@ -330,12 +267,7 @@ async fn the_unix_socket_identifies_the_real_uid() {
     // key change approval replaces the key in authorized_keys
     let (_k2, newkey) = keygen(s.dir.path(), "user_key2");
     let kf = s.dir.path().join("user_key2.pub");
-    let out = as_user(&["key", "change", "-k", kf.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(as_user(&["key", "change", "-k", kf.to_str().unwrap()]));
     let r = s
         .root()
         .post(&format!("/api/v1/key-changes/{name}/approve"), &json!({}))
@@ -346,23 +278,12 @@ async fn the_unix_socket_identifies_the_real_uid() {
     assert_eq!(keys.trim(), newkey);
 
     // deleting the user deletes their VMs first, then the account
-    let out = s.cli(&["admin", "user", "delete", &name, "-f"]);
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    s.cli_ok(&["admin", "user", "delete", &name, "-f"]);
     assert!(
         nix::unistd::User::from_name(&name).unwrap().is_none(),
         "account removed"
     );
-    let out = s.cli(&["admin", "user", "purge", &other, "-f"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    s.cli_ok(&["admin", "user", "purge", &other, "-f"]);
     assert!(
         nix::unistd::User::from_name(&other).unwrap().is_none(),
         "account removed"
@@ -382,8 +303,4 @@ async fn the_unix_socket_identifies_the_real_uid() {
     let _ = std::process::Command::new("groupdel")
         .arg("bsp-test-users")
         .output();
-}
-
-fn nix_is_root() -> bool {
-    nix::unistd::geteuid().is_root()
 }

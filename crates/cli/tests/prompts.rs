@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_vm_prompts_on_a_terminal() {
-    let s = Server::start(&[]);
+    let s = server(&[]);
     // `script` runs the CLI on a pseudo-terminal and feeds it our answers.
     let cmd = format!("{BIN} --socket {} vm create --no-wait", s.socket.display());
     let mut child = Command::new("script")

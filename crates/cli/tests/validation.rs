@@ -37,7 +37,7 @@ async fn count_rows(s: &Server) -> (usize, usize, usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_registrations_store_nothing() {
-    let s = Server::start(&[]);
+    let s = server(&[]);
     let before = count_rows(&s).await;
     let long = "a".repeat(21);
     let bad_names = [
@@ -120,7 +120,7 @@ async fn bad_registrations_store_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_vm_requests_store_nothing() {
-    let s = Server::start(&[]);
+    let s = server(&[]);
     let token = s.user("bob").await;
     let c = s.with_token(&token);
     let long = "a".repeat(31);

@@ -1,64 +1,14 @@
 //! The vSphere provider behind the HTTP API, against the real vSphere API simulator (vcsim).
 mod common;
+use basphere_testkit::vcsim::Vcsim;
 use common::*;
 use serde_json::json;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-/// vcsim on 127.0.0.1, killed by PID when dropped.
-struct Vcsim {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Vcsim {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn vcsim() -> Vcsim {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../provider-vsphere/vcsim.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{} failed (needs root and Debian's package archive)",
-        script.display()
-    );
-    let bin = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
-    let mut child = Command::new(bin)
-        .args(["-l", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut r = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    let t0 = Instant::now();
-    let url = loop {
-        line.clear();
-        assert!(
-            r.read_line(&mut line).unwrap() > 0 && t0.elapsed() < Duration::from_secs(20),
-            "vcsim did not start"
-        );
-        if let Some(rest) = line.split("GOVC_URL=").nth(1) {
-            let u = rest.split_whitespace().next().unwrap();
-            let (scheme, rest) = u.split_once("://").unwrap();
-            break format!(
-                "{scheme}://{}",
-                rest.rsplit_once('@').map_or(rest, |(_, h)| h)
-            );
-        }
-    };
-    std::thread::spawn(move || for _ in r.lines() {});
-    Vcsim { child, url }
+    Vcsim::start(&[])
 }
 
 /// vcsim has no template: power off DC0_C0_RP0_VM1 and mark it as one.
@@ -107,7 +57,7 @@ async fn start(vc: &Vcsim) -> (Server, tempfile::TempDir) {
     let cdir = tempfile::tempdir().unwrap();
     let creds = credentials(cdir.path(), 0o600);
     let section = vsphere_section(&vc.url, &creds);
-    let s = Server::start(&[
+    let s = server(&[
         ("BASPHERE_PROVIDER__KIND", "vsphere"),
         ("BASPHERE_VSPHERE", &section),
     ]);

@@ -7,6 +7,8 @@
 //!     cargo nextest run -p basphere-qemu --test attack_console_flood
 
 use basphere_qemu::ConsolePipe;
+use basphere_testkit::poll_until;
+use basphere_testkit::process::pids_where;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -14,17 +16,11 @@ const HELPER: &str = env!("CARGO_BIN_EXE_basphere-console-ring");
 const LINES: u64 = 5_000_000;
 
 /// PIDs of ring writers working in `dir`.
-fn writers_in(dir: &Path) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
-                String::from_utf8_lossy(&c).contains(basphere_qemu::CONSOLE_HELPER_ARG)
-            }) && std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|d| d == dir)
-        })
-        .collect()
+fn writers_in(dir: &Path) -> Vec<i32> {
+    pids_where(|pid, cmdline| {
+        cmdline.contains(basphere_qemu::CONSOLE_HELPER_ARG)
+            && std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|d| d == dir)
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -63,19 +59,25 @@ async fn a_console_flood_keeps_the_log_within_its_cap_and_keeps_the_tail() {
 
     // The writer drains the pipe, then ends: the console's last line arrives.
     let last = format!("{LINES}\n");
-    let t1 = Instant::now();
-    loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if text.ends_with(&last) && writers_in(dir.path()).is_empty() {
-            break;
-        }
-        assert!(
-            t1.elapsed() < Duration::from_secs(30),
+    poll_until(
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        || async {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.ends_with(&last) && writers_in(dir.path()).is_empty() {
+                Ok(())
+            } else {
+                Err(())
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|()| {
+        panic!(
             "the ring writer did not finish: {:?}",
             std::fs::read_to_string(dir.path().join("writer.err"))
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        )
+    });
     let text = std::fs::read_to_string(&log).unwrap();
     let len = text.len() as u64;
     assert!(len <= cap, "{len} > {cap}");

@@ -12,27 +12,16 @@
 
 use basphere_provider::{GuestNetwork, Provider, VmRequest, mac_for};
 use basphere_qemu::{NetworkMode, QemuConfig, QemuProvider};
-use basphere_testkit::{UnixAccount as Account, every_path};
+use basphere_testkit::{Netns, UnixAccount as Account, every_path, run_ok, skip_unless_root};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
 const HELPER: &str = env!("CARGO_BIN_EXE_basphere-console-ring");
 
-/// Deletes the test's namespace, also on panic.
-struct Netns(String);
-impl Drop for Netns {
-    fn drop(&mut self) {
-        if Path::new("/run/netns").join(&self.0).exists() {
-            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_account_reads_nothing_of_a_vm() {
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("SKIPPED: needs root (Unix accounts, namespaces, taps)");
+    if skip_unless_root("needs root (Unix accounts, namespaces, taps)") {
         return;
     }
     // Run as a root with umask 022, as before the fix: the modes must not depend on the umask.
@@ -49,13 +38,12 @@ async fn another_account_reads_nothing_of_a_vm() {
     std::fs::create_dir_all(&image).unwrap();
     // As `build_image` leaves an image: only root reads it (QEMU opens it before dropping root).
     std::fs::set_permissions(&images, std::fs::Permissions::from_mode(0o700)).unwrap();
-    let st = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(image.join("base.qcow2"))
-        .arg("64M")
-        .status()
-        .unwrap();
-    assert!(st.success());
+    run_ok(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(image.join("base.qcow2"))
+            .arg("64M"),
+    );
     // Not a kernel: QEMU refuses it and exits after creating its console and log.
     std::fs::write(image.join("vmlinuz"), vec![0u8; 4096]).unwrap();
     std::fs::write(image.join("initrd-tiny.img"), vec![0u8; 4096]).unwrap();

@@ -21,6 +21,7 @@
 use basphere_provider::mac_for;
 use basphere_qemu::antispoof::{self, PortPin, reason};
 use basphere_qemu::{ensure_lab, tap_name};
+use basphere_testkit::{delete_netns, run_ok, skip_unless_root};
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Output};
@@ -38,14 +39,7 @@ fn run(program: &str, args: &[&str]) -> Output {
 }
 
 fn ok(program: &str, args: &[&str]) -> String {
-    let out = run(program, args);
-    assert!(
-        out.status.success(),
-        "{program} {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    String::from_utf8_lossy(&run_ok(Command::new(program).args(args)).stdout).into_owned()
 }
 
 fn in_ns(ns: &str, args: &[&str]) -> Output {
@@ -55,11 +49,9 @@ fn in_ns(ns: &str, args: &[&str]) -> Output {
 }
 
 fn root_or_skip(test: &str) -> bool {
-    if nix::unistd::Uid::effective().is_root() {
-        return true;
-    }
-    eprintln!("SKIPPED {test}: needs root (network namespaces, nftables); run as root");
-    false
+    !skip_unless_root(&format!(
+        "{test} needs root (network namespaces, nftables); run as root"
+    ))
 }
 
 /// Moves the calling thread into network namespace `ns`.
@@ -330,9 +322,7 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         for ns in [&self.a.ns, &self.b.ns, &self.ns] {
-            if std::path::Path::new("/run/netns").join(ns).exists() {
-                let _ = Command::new("ip").args(["netns", "del", ns]).status();
-            }
+            delete_netns(ns);
         }
     }
 }

@@ -8,27 +8,18 @@
 
 use basphere_provider::{GuestNetwork, MachineState, Provider, VmRequest, mac_for};
 use basphere_qemu::{NetworkMode, QemuConfig, QemuProvider};
+use basphere_testkit::process::{alive, kill_marked};
+use basphere_testkit::{
+    Netns, SSH_BATCH_OPTS, keygen, poll_until_blocking, skip_unless_root, test_images_dir,
+};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
-
-const DEFAULT_IMAGES: &str = "/var/cache/basphere-test/images";
-
-/// Whether `pid` is a live process whose command line contains `marker`.
-fn alive(pid: i32, marker: &str) -> bool {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let zombie = stat
-        .rsplit_once(')')
-        .is_none_or(|(_, r)| r.trim_start().starts_with('Z'));
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    !zombie && String::from_utf8_lossy(&cmdline).contains(marker)
-}
 
 /// Kills what the test started and deletes its namespace, whatever happened before.
 struct Cleanup {
     vm_dir: PathBuf,
-    namespace: String,
+    _namespace: Netns,
 }
 
 impl Drop for Cleanup {
@@ -40,22 +31,10 @@ impl Drop for Cleanup {
             && alive(pid, &marker)
         {
             eprintln!("cleanup: killing qemu pid {pid}");
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            for _ in 0..50 {
-                if !alive(pid, &marker) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-        if Path::new("/run/netns").join(&self.namespace).exists() {
-            eprintln!("cleanup: deleting namespace {}", self.namespace);
-            let _ = Command::new("ip")
-                .args(["netns", "del", &self.namespace])
-                .status();
+            kill_marked(pid, &marker);
+            let _ = poll_until_blocking(Duration::from_secs(5), Duration::from_millis(100), || {
+                if alive(pid, &marker) { Err(()) } else { Ok(()) }
+            });
         }
     }
 }
@@ -76,15 +55,12 @@ fn watch_first_serial_byte(path: PathBuf) -> tokio::task::JoinHandle<Option<Inst
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn boots_debian_and_answers_ssh_in_the_lab_namespace() {
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!(
-            "SKIPPED boots_debian_and_answers_ssh_in_the_lab_namespace: needs root (network namespaces, taps); run as root"
-        );
+    if skip_unless_root(
+        "boots_debian_and_answers_ssh_in_the_lab_namespace needs root (network namespaces, taps); run as root",
+    ) {
         return;
     }
-    let images = PathBuf::from(
-        std::env::var("BASPHERE_TEST_IMAGES").unwrap_or_else(|_| DEFAULT_IMAGES.to_string()),
-    );
+    let images = test_images_dir();
     let image: basphere_core::ImageName = "debian-12".parse().unwrap();
     let t = Instant::now();
     basphere_qemu::build_image(&image, &images, false, |step| eprintln!("image: {step}"))
@@ -115,14 +91,7 @@ async fn boots_debian_and_answers_ssh_in_the_lab_namespace() {
     assert_eq!(provider.netns_name(), Some(namespace.as_str()));
 
     // A fresh login key.
-    let key = work.path().join("id_ed25519");
-    let st = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "boot-test", "-f"])
-        .arg(&key)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    let (key, public) = keygen(work.path(), "boot-test");
 
     let instance = uuid::Uuid::new_v4().to_string();
     let vm = VmRequest {
@@ -150,7 +119,7 @@ async fn boots_debian_and_answers_ssh_in_the_lab_namespace() {
     let vm_dir = provider.vm_dir(&instance);
     let _cleanup = Cleanup {
         vm_dir: vm_dir.clone(),
-        namespace: namespace.clone(),
+        _namespace: Netns(namespace.clone()),
     };
 
     assert_eq!(provider.inspect(&vm).await.unwrap(), MachineState::Absent);
@@ -248,13 +217,8 @@ async fn boots_debian_and_answers_ssh_in_the_lab_namespace() {
             .network_command("ssh")
             .args(["-i"])
             .arg(&key)
+            .args(SSH_BATCH_OPTS)
             .args([
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "BatchMode=yes",
                 "-o",
                 "ConnectTimeout=20",
                 "-o",
@@ -293,11 +257,7 @@ async fn boots_debian_and_answers_ssh_in_the_lab_namespace() {
     provider.start(&vm).await.expect("restart");
     let second = provider.running_pid(&vm).expect("qemu runs again");
     assert_ne!(second, qemu_pid);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(second),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    assert!(kill_marked(second, &format!("{}/", vm_dir.display())));
     tokio::time::sleep(Duration::from_millis(300)).await;
     let t_dead = Instant::now();
     let dead = provider

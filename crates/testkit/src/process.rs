@@ -24,7 +24,11 @@ pub fn run_ok(cmd: &mut Command) -> Output {
 
 /// Calls `f` every `interval` until it returns `Ok`, for at most `timeout` (at least once);
 /// on timeout returns `f`'s last `Err`, which callers put in their failure message.
-pub async fn poll_until<T, E, F, Fut>(timeout: Duration, interval: Duration, mut f: F) -> Result<T, E>
+pub async fn poll_until<T, E, F, Fut>(
+    timeout: Duration,
+    interval: Duration,
+    mut f: F,
+) -> Result<T, E>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, E>>,
@@ -79,8 +83,7 @@ pub fn is_our_child(pid: u32) -> bool {
 
 /// Sends `sig` to `child` only while `/proc` shows it is still our child; whether it was sent.
 pub fn signal_child(child: &Child, sig: Signal) -> bool {
-    is_our_child(child.id())
-        && kill(Pid::from_raw(child.id() as i32), sig).is_ok()
+    is_our_child(child.id()) && kill(Pid::from_raw(child.id() as i32), sig).is_ok()
 }
 
 /// SIGKILLs `child` (PID-safe) and reaps it.

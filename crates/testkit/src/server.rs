@@ -97,7 +97,9 @@ impl Server {
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .envs(self.env.iter().map(|(k, v)| (k, v)));
-        let child = self.child.insert(cmd.spawn().expect("spawn basphere serve"));
+        let child = self
+            .child
+            .insert(cmd.spawn().expect("spawn basphere serve"));
         let up = poll_until_blocking(Duration::from_secs(20), Duration::from_millis(25), || {
             if let Some(st) = child.try_wait().unwrap() {
                 return Ok(Some(st));

@@ -1,100 +1,35 @@
-//! Test harness: one vcsim per test on 127.0.0.1, killed by PID when the guard drops.
+//! Test harness: one vcsim per test on 127.0.0.1 (`basphere_testkit::vcsim`), killed by PID when
+//! it drops, and the provider configuration and requests for it.
 #![allow(dead_code)]
 
 use basphere_provider::{GuestNetwork, VmRequest};
 use basphere_vsphere::{Client, Credentials, Secret, TemplateConfig, TlsConfig, VsphereConfig};
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Duration;
 
 pub const TEMPLATE: &str = "DC0_C0_RP0_VM1";
 pub const IMAGE: &str = "debian-12";
-pub const KEY: &str =
-    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl alice@laptop";
+pub use basphere_testkit::TEST_KEY as KEY;
 
-/// Path of the vcsim binary, built by `vcsim.sh` on first use when missing.
-pub fn vcsim_binary() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("vcsim.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run vcsim.sh");
-        assert!(
-            out.status.success(),
-            "{} failed: it needs root (apt-get) and the Debian package archive",
-            script.display()
-        );
-        let path = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
-        assert!(
-            path.exists(),
-            "vcsim.sh printed {path:?}, which does not exist"
-        );
-        path
-    })
-    .clone()
+/// A running vcsim (the kit's process harness) with this crate's configuration helpers.
+pub struct Vcsim(basphere_testkit::vcsim::Vcsim);
+
+impl std::ops::Deref for Vcsim {
+    type Target = basphere_testkit::vcsim::Vcsim;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
-/// A running vcsim; killed when dropped.
-pub struct Vcsim {
-    child: Child,
-    _stdout: BufReader<ChildStdout>,
-    /// SOAP endpoint, `https://127.0.0.1:PORT/sdk`.
-    pub url: String,
-    pub dir: tempfile::TempDir,
+impl std::ops::DerefMut for Vcsim {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
 }
 
 impl Vcsim {
     pub fn start(args: &[&str]) -> Vcsim {
-        let dir = tempfile::tempdir().unwrap();
-        let stderr = std::fs::File::create(dir.path().join("vcsim.err")).unwrap();
-        let mut child = Command::new(vcsim_binary())
-            .args(["-l", "127.0.0.1:0"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .expect("start vcsim");
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let started = Instant::now();
-        let mut line = String::new();
-        let url = loop {
-            line.clear();
-            if stdout.read_line(&mut line).unwrap() == 0
-                || started.elapsed() > Duration::from_secs(20)
-            {
-                let _ = child.kill();
-                panic!("vcsim exited before printing GOVC_URL");
-            }
-            if let Some(rest) = line.split("GOVC_URL=").nth(1) {
-                let url = rest.split_whitespace().next().unwrap();
-                // https://user:pass@127.0.0.1:PORT/sdk -> https://127.0.0.1:PORT/sdk
-                let (scheme, rest) = url.split_once("://").unwrap();
-                let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
-                break format!("{scheme}://{host}");
-            }
-        };
-        assert!(url.contains("://127.0.0.1:"), "vcsim listens on {url}");
-        Vcsim {
-            child,
-            _stdout: stdout,
-            url,
-            dir,
-        }
-    }
-
-    /// Whether the simulator is still running (it crashes on some races).
-    pub fn alive(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-
-    /// vcsim's own log, for failure messages.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("vcsim.err")).unwrap_or_default()
+        Vcsim(basphere_testkit::vcsim::Vcsim::start(args))
     }
 
     /// Writes a credentials file with the given mode and returns its path.
@@ -171,21 +106,6 @@ impl Vcsim {
         c.power_off(&vm, Duration::from_secs(10)).await.unwrap();
         c.mark_as_template(&vm).await.unwrap();
         c.logout().await.unwrap();
-    }
-}
-
-impl Drop for Vcsim {
-    fn drop(&mut self) {
-        if std::thread::panicking() || !self.alive() {
-            let log = self.log();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            eprintln!("--- vcsim log (last lines) ---");
-            for l in tail.iter().rev() {
-                eprintln!("{l}");
-            }
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
