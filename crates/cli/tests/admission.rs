@@ -44,19 +44,11 @@ async fn fifty_concurrent_creates_admit_exactly_the_quota() {
     }
     assert_eq!((ok, refused, ips.len()), (10, 40, 10));
     let c = s.with_token(&token);
-    let list = c.get("/api/v1/vms").await.unwrap().body.data;
+    let list = get_data(&c, "/api/v1/vms").await;
     assert_eq!(list.as_array().unwrap().len(), 10);
-    let q = c.get("/api/v1/quota").await.unwrap().body.data;
-    assert_eq!(q["usage"]["vms"], 10);
-    assert_eq!(q["usage"]["ips"], 10);
+    assert_eq!(quota_usage(&c).await, (10, 10));
     // every admitted VM is reachable in the user's block and the audit trail has each decision
-    let audit = s
-        .root()
-        .get("/api/v1/audit?action=vm.create&limit=1000")
-        .await
-        .unwrap()
-        .body
-        .data;
+    let audit = get_data(&s.root(), "/api/v1/audit?action=vm.create&limit=1000").await;
     let accepted = audit
         .as_array()
         .unwrap()
@@ -92,12 +84,7 @@ async fn lifecycle_create_run_delete_returns_quota_and_address() {
         format!("ssh debian@{}", vm["ip_address"].as_str().unwrap())
     );
     let op = vms[0]["operation_id"].as_str().unwrap();
-    let w = c
-        .get(&format!("/api/v1/operations/{op}"))
-        .await
-        .unwrap()
-        .body
-        .data;
+    let w = get_data(&c, &format!("/api/v1/operations/{op}")).await;
     assert_eq!(w["status"], "succeeded");
     let steps: Vec<&str> = w["steps"]
         .as_array()
@@ -120,9 +107,7 @@ async fn lifecycle_create_run_delete_returns_quota_and_address() {
     for n in &names {
         wait_vm(&c, n, 20, "gone").await;
     }
-    let q = c.get("/api/v1/quota").await.unwrap().body.data;
-    assert_eq!(q["usage"]["vms"], 0);
-    assert_eq!(q["usage"]["ips"], 0);
+    assert_eq!(quota_usage(&c).await, (0, 0));
     // the freed address is handed out again
     let r = c
         .post("/api/v1/vms", &json!({"name": "again"}))

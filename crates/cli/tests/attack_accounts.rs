@@ -180,13 +180,7 @@ async fn key_change_approval_never_follows_planted_links_or_fifos() {
             before,
             "{what}: the root-owned canary changed"
         );
-        let kc = s
-            .root()
-            .get(&format!("/api/v1/key-changes/{user}"))
-            .await
-            .unwrap()
-            .body
-            .data;
+        let kc = get_data(&s.root(), &format!("/api/v1/key-changes/{user}")).await;
         assert_eq!(
             kc[0]["status"], "pending",
             "{what}: the change stays pending"
@@ -517,13 +511,11 @@ async fn approval_decides_first_and_compensates() {
         .await
         .unwrap();
     assert_eq!(reg.body.data["status"], "pending");
-    let audit = s
-        .root()
-        .get(&format!("/api/v1/audit?target={user}&action=user.approve"))
-        .await
-        .unwrap()
-        .body
-        .data;
+    let audit = get_data(
+        &s.root(),
+        &format!("/api/v1/audit?target={user}&action=user.approve"),
+    )
+    .await;
     assert_eq!(audit[0]["result"], "failed", "{audit}");
     // fixed, the approval goes through
     std::fs::remove_dir_all(&home).unwrap();
@@ -566,7 +558,7 @@ async fn a_rejected_name_cannot_be_reregistered_by_someone_else() {
         "{}",
         r.body.message
     );
-    let u = s.root().get("/api/v1/users/carol").await.unwrap().body.data;
+    let u = get_data(&s.root(), "/api/v1/users/carol").await;
     assert_eq!(u["user"]["email"], "carol@example.org");
     assert_eq!(u["user"]["public_key"], KEY);
     assert_eq!(u["user"]["status"], "rejected");
@@ -625,13 +617,7 @@ async fn keys_with_control_characters_are_refused() {
         .await
         .unwrap();
     assert!(r.status == 400 || r.status == 422, "{:?}", r.body);
-    let kc = s
-        .root()
-        .get("/api/v1/key-changes/erin")
-        .await
-        .unwrap()
-        .body
-        .data;
+    let kc = get_data(&s.root(), "/api/v1/key-changes/erin").await;
     assert_eq!(kc.as_array().unwrap().len(), 0);
 }
 

@@ -5,14 +5,6 @@ mod common;
 use common::*;
 use serde_json::{Value, json};
 
-async fn usage(c: &basphere_client::Client) -> (u64, u64) {
-    let q = c.get("/api/v1/quota").await.unwrap().body.data;
-    (
-        q["usage"]["vms"].as_u64().unwrap(),
-        q["usage"]["ips"].as_u64().unwrap(),
-    )
-}
-
 async fn create(c: &basphere_client::Client, name: &str) -> basphere_client::Response {
     c.post("/api/v1/vms", &json!({"name": name, "spec": "tiny"}))
         .await
@@ -20,7 +12,7 @@ async fn create(c: &basphere_client::Client, name: &str) -> basphere_client::Res
 }
 
 async fn names(c: &basphere_client::Client) -> Vec<String> {
-    let d = c.get("/api/v1/vms").await.unwrap().body.data;
+    let d = get_data(&c, "/api/v1/vms").await;
     let mut v: Vec<String> = d
         .as_array()
         .unwrap()
@@ -67,7 +59,11 @@ async fn cancelling_ones_own_delete_is_refused_and_the_vm_keeps_counting() {
         "{:?}",
         r.body
     );
-    assert_eq!(usage(&c).await, (1, 1), "the VM being deleted still counts");
+    assert_eq!(
+        quota_usage(&c).await,
+        (1, 1),
+        "the VM being deleted still counts"
+    );
     let r = create(&c, "extra").await;
     assert_eq!(r.status, 403, "{:?}", r.body);
     assert!(r.body.message.contains("quota"), "{:?}", r.body);
@@ -76,7 +72,7 @@ async fn cancelling_ones_own_delete_is_refused_and_the_vm_keeps_counting() {
     // The delete runs to its end; then the quota is free again.
     assert_eq!(wait_ended(&c, &op, 20).await["status"], "succeeded");
     wait_vm(&c, "web", 5, "gone").await;
-    assert_eq!(usage(&c).await, (0, 0));
+    assert_eq!(quota_usage(&c).await, (0, 0));
     assert_eq!(create(&c, "extra").await.status, 202);
 }
 
@@ -97,7 +93,7 @@ async fn a_vm_whose_delete_failed_still_counts_against_the_quota() {
     assert!(vm["ip_address"].is_string(), "it keeps its address: {vm}");
 
     // The attack: a failed VM used to stop counting — create past the quota.
-    assert_eq!(usage(&c).await, (1, 1));
+    assert_eq!(quota_usage(&c).await, (1, 1));
     let r = create(&c, "b").await;
     assert_eq!(r.status, 403, "{:?}", r.body);
     assert_eq!(names(&c).await, ["fail-a"]);
@@ -106,7 +102,7 @@ async fn a_vm_whose_delete_failed_still_counts_against_the_quota() {
     std::fs::write(fails.path(), "").unwrap();
     assert_eq!(c.delete("/api/v1/vms/fail-a").await.unwrap().status, 202);
     wait_vm(&c, "fail-a", 20, "gone").await;
-    assert_eq!(usage(&c).await, (0, 0));
+    assert_eq!(quota_usage(&c).await, (0, 0));
     assert_eq!(create(&c, "b").await.status, 202);
 }
 
@@ -133,7 +129,7 @@ async fn a_rollback_that_cannot_clean_up_keeps_its_address_until_a_delete_does()
         "{err}"
     );
     assert!(err.contains("delete-vm"), "says what to do: {err}");
-    assert_eq!(usage(&c).await, (1, 1));
+    assert_eq!(quota_usage(&c).await, (1, 1));
 
     // A second create in the same block must not get the address the leftover machine holds.
     assert_eq!(create(&c, "b").await.status, 202);
@@ -144,7 +140,7 @@ async fn a_rollback_that_cannot_clean_up_keeps_its_address_until_a_delete_does()
     std::fs::write(fails.path(), "").unwrap();
     assert_eq!(c.delete("/api/v1/vms/fail-a").await.unwrap().status, 202);
     wait_vm(&c, "fail-a", 20, "gone").await;
-    assert_eq!(usage(&c).await, (1, 1));
+    assert_eq!(quota_usage(&c).await, (1, 1));
     let r = create(&c, "c").await;
     assert_eq!(r.body.data["vms"][0]["ip_address"], ip.as_str());
 }
@@ -175,14 +171,9 @@ async fn retrying_a_failed_create_while_its_delete_runs_is_refused() {
         "{:?}",
         r.body
     );
-    let w = c
-        .get(&format!("/api/v1/operations/{create_op}"))
-        .await
-        .unwrap()
-        .body
-        .data;
+    let w = get_data(&c, &format!("/api/v1/operations/{create_op}")).await;
     assert_eq!(w["status"], "failed", "the create was not queued again");
-    let ops = c.get("/api/v1/operations").await.unwrap().body.data;
+    let ops = get_data(&c, "/api/v1/operations").await;
     let live = ops
         .as_array()
         .unwrap()
@@ -203,5 +194,5 @@ async fn retrying_a_failed_create_while_its_delete_runs_is_refused() {
         .await
         .unwrap();
     assert_eq!(r.status, 409, "{:?}", r.body);
-    assert_eq!(usage(&c).await, (0, 0));
+    assert_eq!(quota_usage(&c).await, (0, 0));
 }

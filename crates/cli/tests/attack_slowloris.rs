@@ -9,7 +9,7 @@ mod attack_net;
 mod common;
 
 use attack_net::*;
-use common::{Server, server};
+use common::server;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

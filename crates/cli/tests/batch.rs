@@ -127,12 +127,7 @@ async fn cancel_and_retry_through_the_cli_and_the_global_stream() {
         serde_json::Value::Null,
         "address released"
     );
-    let w = c
-        .get(&format!("/api/v1/operations/{op}"))
-        .await
-        .unwrap()
-        .body
-        .data;
+    let w = get_data(&c, &format!("/api/v1/operations/{op}")).await;
     assert_eq!(w["status"], "cancelled", "{w}");
     let (ok, out, err) = run(&s, &token, &["ops", "retry", &op, "--wait"]);
     assert!(ok, "{out}{err}");

@@ -31,28 +31,13 @@ async fn sigkill_mid_create_resumes_to_running_without_leaks() {
     s.spawn();
     let vm = wait_vm(&c, "phoenix", 30, "running").await;
     assert_eq!(vm["ip_address"], ip, "same address after resume");
-    let w = c
-        .get(&format!("/api/v1/operations/{op}"))
-        .await
-        .unwrap()
-        .body
-        .data;
+    let w = get_data(&c, &format!("/api/v1/operations/{op}")).await;
     assert_eq!(w["status"], "succeeded");
     let start = &w["steps"][1];
     assert_eq!(start["attempts"], 2, "the interrupted step ran again: {w}");
-    let all = s
-        .root()
-        .get("/api/v1/vms?all=true")
-        .await
-        .unwrap()
-        .body
-        .data;
+    let all = get_data(&s.root(), "/api/v1/vms?all=true").await;
     assert_eq!(all.as_array().unwrap().len(), 1);
-    let q = c.get("/api/v1/quota").await.unwrap().body.data;
-    assert_eq!(
-        (q["usage"]["vms"].as_u64(), q["usage"]["ips"].as_u64()),
-        (Some(1), Some(1))
-    );
+    assert_eq!(quota_usage(&c).await, (1, 1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,9 +63,7 @@ async fn permanent_failure_undoes_in_reverse_and_releases_everything() {
         "{vm}"
     );
     assert!(vm["ip_address"].is_null(), "address released");
-    let q = c.get("/api/v1/quota").await.unwrap().body.data;
-    assert_eq!(q["usage"]["vms"], 0);
-    assert_eq!(q["usage"]["ips"], 0);
+    assert_eq!(quota_usage(&c).await, (0, 0));
     let mut kinds = vec![];
     c.follow(&format!("/api/v1/operations/{op}/events"), |k, e| {
         kinds.push(format!("{k}:{}", e["step"].as_str().unwrap_or("")));
@@ -101,13 +84,7 @@ async fn permanent_failure_undoes_in_reverse_and_releases_everything() {
     // a failed VM can be deleted, and its name reused
     assert_eq!(c.delete("/api/v1/vms/fail-one").await.unwrap().status, 202);
     wait_vm(&c, "fail-one", 20, "gone").await;
-    let audit = s
-        .root()
-        .get("/api/v1/audit?target=unlucky/fail-one")
-        .await
-        .unwrap()
-        .body
-        .data;
+    let audit = get_data(&s.root(), "/api/v1/audit?target=unlucky/fail-one").await;
     let results: Vec<String> = audit
         .as_array()
         .unwrap()
@@ -166,6 +143,6 @@ async fn a_retried_operation_streams_from_its_retry() {
     assert_eq!(kinds.last().map(String::as_str), Some("failed"));
     let vm = wait_vm(&c, "fail-again", 20, "failed").await;
     assert!(vm["ip_address"].is_null());
-    let q = c.get("/api/v1/quota").await.unwrap().body.data;
+    let q = get_data(&c, "/api/v1/quota").await;
     assert_eq!(q["usage"]["vms"], 0);
 }

@@ -186,11 +186,7 @@ async fn register_approve_create_ssh_delete_with_a_real_vm() {
     assert!(!state_dir.join(&instance).exists(), "disk and seed removed");
     let c = s.with_token(&token);
     assert_eq!(c.get("/api/v1/vms/e2e").await.unwrap().status, 404);
-    let q = c.get("/api/v1/quota").await.unwrap().body.data;
-    assert_eq!(
-        (q["usage"]["vms"].as_u64(), q["usage"]["ips"].as_u64()),
-        (Some(0), Some(0))
-    );
+    assert_eq!(quota_usage(&c).await, (0, 0));
     eprintln!("TIMINGS e2e: create-vm to running (incl. guest boot under TCG) {create_secs:.1} s");
 
     // Crash with a real VM: SIGKILL the server while the guest boots, restart, and the create
@@ -233,9 +229,5 @@ async fn register_approve_create_ssh_delete_with_a_real_vm() {
         "no QEMU process left"
     );
     assert!(!state_dir.join(&next_id).exists(), "disk and seed removed");
-    let q = c.get("/api/v1/quota").await.unwrap().body.data;
-    assert_eq!(
-        (q["usage"]["vms"].as_u64(), q["usage"]["ips"].as_u64()),
-        (Some(0), Some(0))
-    );
+    assert_eq!(quota_usage(&c).await, (0, 0));
 }

@@ -19,19 +19,12 @@ async fn users_cannot_see_or_touch_each_other() {
     assert_eq!(b.get("/api/v1/vms/secret").await.unwrap().status, 404);
     assert_eq!(b.delete("/api/v1/vms/secret").await.unwrap().status, 404);
     assert_eq!(
-        b.get("/api/v1/vms")
-            .await
-            .unwrap()
-            .body
-            .data
-            .as_array()
-            .unwrap()
-            .len(),
+        get_data(&b, "/api/v1/vms").await.as_array().unwrap().len(),
         0
     );
     assert_eq!(b.get("/api/v1/vms?all=true").await.unwrap().status, 403);
     assert_eq!(b.get("/api/v1/users/usera").await.unwrap().status, 404);
-    let op = a.get("/api/v1/operations").await.unwrap().body.data[0]["id"]
+    let op = get_data(&a, "/api/v1/operations").await[0]["id"]
         .as_str()
         .unwrap()
         .to_string();
@@ -137,23 +130,11 @@ async fn pending_rejected_and_disabled_users_can_only_read_their_status() {
         .await
         .unwrap();
     assert!(r.body.success);
-    let reg = s
-        .root()
-        .get("/api/v1/pending/waiting")
-        .await
-        .unwrap()
-        .body
-        .data;
+    let reg = get_data(&s.root(), "/api/v1/pending/waiting").await;
     assert_eq!(reg["status"], "rejected");
     assert_eq!(reg["reject_reason"], "unknown team");
     assert_eq!(reg["processed_by"], "admin");
-    let audit = s
-        .root()
-        .get("/api/v1/audit?target=waiting")
-        .await
-        .unwrap()
-        .body
-        .data;
+    let audit = get_data(&s.root(), "/api/v1/audit?target=waiting").await;
     let actions: Vec<&str> = audit
         .as_array()
         .unwrap()
@@ -192,7 +173,7 @@ async fn pending_rejected_and_disabled_users_can_only_read_their_status() {
     // tokens: listed without secrets, revocable, revoked ones stop working
     let t2 = s.user("tok").await;
     let c2 = s.with_token(&t2);
-    let list = c2.get("/api/v1/tokens").await.unwrap().body.data;
+    let list = get_data(&c2, "/api/v1/tokens").await;
     let id = list[0]["id"].as_str().unwrap().to_string();
     assert!(!list.to_string().contains(&t2));
     assert_eq!(
@@ -289,12 +270,8 @@ async fn the_unix_socket_identifies_the_real_uid() {
         "account removed"
     );
     assert_eq!(
-        s.root()
-            .get(&format!("/api/v1/vms?owner={name}"))
+        get_data(&s.root(), &format!("/api/v1/vms?owner={name}"))
             .await
-            .unwrap()
-            .body
-            .data
             .as_array()
             .unwrap()
             .len(),

@@ -30,7 +30,7 @@ async fn create_vm_prompts_on_a_terminal() {
         text.contains("VM name") && text.contains("spec [") && text.contains("count"),
         "{text}"
     );
-    let vms = s.root().get("/api/v1/vms").await.unwrap().body.data;
+    let vms = get_data(&s.root(), "/api/v1/vms").await;
     let got: Vec<(String, String)> = vms
         .as_array()
         .unwrap()

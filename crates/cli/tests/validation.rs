@@ -5,30 +5,18 @@ use serde_json::{Value, json};
 
 async fn count_rows(s: &Server) -> (usize, usize, usize) {
     let root = s.root();
-    let users = root
-        .get("/api/v1/users")
+    let users = get_data(&root, "/api/v1/users")
         .await
-        .unwrap()
-        .body
-        .data
         .as_array()
         .unwrap()
         .len();
-    let vms = root
-        .get("/api/v1/vms?all=true")
+    let vms = get_data(&root, "/api/v1/vms?all=true")
         .await
-        .unwrap()
-        .body
-        .data
         .as_array()
         .unwrap()
         .len();
-    let regs = root
-        .get("/api/v1/pending")
+    let regs = get_data(&root, "/api/v1/pending")
         .await
-        .unwrap()
-        .body
-        .data
         .as_array()
         .unwrap()
         .len();
@@ -175,21 +163,17 @@ async fn bad_vm_requests_store_nothing() {
         .await
         .unwrap();
     assert_eq!(r.status, 413);
-    let q = c.get("/api/v1/quota").await.unwrap().body.data;
+    let q = get_data(&c, "/api/v1/quota").await;
     assert_eq!(q["usage"]["vms"], 0);
     assert_eq!(
-        s.root()
-            .get("/api/v1/vms?all=true")
+        get_data(&s.root(), "/api/v1/vms?all=true")
             .await
-            .unwrap()
-            .body
-            .data
             .as_array()
             .unwrap()
             .len(),
         0
     );
-    let ops = c.get("/api/v1/operations").await.unwrap().body.data;
+    let ops = get_data(&c, "/api/v1/operations").await;
     assert_eq!(ops.as_array().unwrap().len(), 0);
 }
 

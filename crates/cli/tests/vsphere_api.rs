@@ -112,11 +112,7 @@ async fn twenty_concurrent_creates_through_the_api_then_delete() {
     for i in 0..20 {
         wait_vm(&c, &format!("vc{i}"), 120, "gone").await;
     }
-    let q = c.get("/api/v1/quota").await.unwrap().body.data;
-    assert_eq!(
-        (q["usage"]["vms"].as_u64(), q["usage"]["ips"].as_u64()),
-        (Some(0), Some(0))
-    );
+    assert_eq!(quota_usage(&c).await, (0, 0));
     // the password never reaches the server's log or its answers
     let log = std::fs::read_to_string(s.log_path()).unwrap();
     assert!(!log.contains("s3cret-vc-pass"));
@@ -283,12 +279,7 @@ async fn bench_100_creates_and_deletes_through_the_api() {
             let op = r.body.data["operations"][0].as_str().unwrap().to_string();
             wait_vm(&c, &format!("b{i}"), 300, "running").await;
             let total = t.elapsed();
-            let w = c
-                .get(&format!("/api/v1/operations/{op}"))
-                .await
-                .unwrap()
-                .body
-                .data;
+            let w = get_data(&c, &format!("/api/v1/operations/{op}")).await;
             let in_provider: i64 = w["steps"]
                 .as_array()
                 .unwrap()
@@ -340,12 +331,7 @@ async fn bench_100_creates_and_deletes_through_the_api() {
             .await
             .unwrap();
         let total = t.elapsed();
-        let w = c
-            .get(&format!("/api/v1/operations/{op}"))
-            .await
-            .unwrap()
-            .body
-            .data;
+        let w = get_data(&c, &format!("/api/v1/operations/{op}")).await;
         assert_eq!(w["status"], "succeeded");
         let in_provider: i64 = w["steps"]
             .as_array()

@@ -298,3 +298,17 @@ pub async fn wait_op(c: &Client, op: &str, secs: u64, done: impl Fn(&Value) -> b
     .await
     .unwrap_or_else(|w| panic!("operation {op} did not get there in {secs}s: {w}"))
 }
+
+/// `GET path` with `c`; the answer's `data` (the test asserts on it).
+pub async fn get_data(c: &Client, path: &str) -> Value {
+    c.get(path).await.unwrap().body.data
+}
+
+/// The caller's quota usage as (VMs, IPs).
+pub async fn quota_usage(c: &Client) -> (u64, u64) {
+    let q = get_data(c, "/api/v1/quota").await;
+    (
+        q["usage"]["vms"].as_u64().unwrap(),
+        q["usage"]["ips"].as_u64().unwrap(),
+    )
+}

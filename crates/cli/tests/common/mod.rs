@@ -4,7 +4,8 @@
 
 pub use basphere_testkit::keys::{TEST_KEY as KEY, keygen};
 pub use basphere_testkit::server::{
-    Server, default_config, registration, registration_with_key, wait_op, wait_vm,
+    Server, default_config, get_data, quota_usage, registration, registration_with_key, wait_op,
+    wait_vm,
 };
 pub use basphere_testkit::{AccountGuard, is_root, run_ok, skip_unless_root};
 
