@@ -14,7 +14,6 @@ use basphere_provider::{GuestNetwork, Provider, VmRequest, mac_for};
 use basphere_qemu::{NetworkMode, QemuConfig, QemuProvider};
 use basphere_testkit::{Netns, UnixAccount as Account, every_path, run_ok, skip_unless_root};
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::process::Command;
 
 const HELPER: &str = env!("CARGO_BIN_EXE_basphere-console-ring");
