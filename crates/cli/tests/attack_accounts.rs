@@ -197,12 +197,8 @@ async fn key_change_approval_never_follows_planted_links_or_fifos() {
     }
     // with the plant gone, the same change is approved and installed safely
     as_user(&pw, "rm -rf .ssh .ssh-real");
-    let r = s
-        .root()
-        .post(&format!("/api/v1/key-changes/{user}/approve"), &json!({}))
-        .await
-        .unwrap();
-    assert!(r.body.success, "{:?}", r.body);
+    s.admin_ok(&format!("/api/v1/key-changes/{user}/approve"))
+        .await;
     let keys = pw.dir.join(".ssh/authorized_keys");
     assert_eq!(std::fs::read_to_string(&keys).unwrap().trim(), newkey);
     let m = std::fs::symlink_metadata(&keys).unwrap();
@@ -375,12 +371,7 @@ async fn disabling_a_user_locks_their_bastion_login() {
     assert_eq!(expire, "");
     let newkey = request_key_change(&s, &pw);
 
-    let r = s
-        .root()
-        .post(&format!("/api/v1/users/{user}/disable"), &json!({}))
-        .await
-        .unwrap();
-    assert!(r.body.success, "{:?}", r.body);
+    s.admin_ok(&format!("/api/v1/users/{user}/disable")).await;
     let (locked, exp) = shadow(&user);
     assert_eq!(
         exp, "1",
@@ -393,21 +384,12 @@ async fn disabling_a_user_locks_their_bastion_login() {
     let st = Command::new("passwd").args(["-S", &user]).output().unwrap();
     assert!(String::from_utf8_lossy(&st.stdout).contains(" L "));
     // a key change filed before the disable, approved while disabled, stays aside too
-    let r = s
-        .root()
-        .post(&format!("/api/v1/key-changes/{user}/approve"), &json!({}))
-        .await
-        .unwrap();
-    assert!(r.body.success, "{:?}", r.body);
+    s.admin_ok(&format!("/api/v1/key-changes/{user}/approve"))
+        .await;
     assert!(!keys.exists(), "approving a key does not reopen the login");
     assert_eq!(std::fs::read_to_string(&aside).unwrap().trim(), newkey);
 
-    let r = s
-        .root()
-        .post(&format!("/api/v1/users/{user}/enable"), &json!({}))
-        .await
-        .unwrap();
-    assert!(r.body.success, "{:?}", r.body);
+    s.admin_ok(&format!("/api/v1/users/{user}/enable")).await;
     assert_eq!(shadow(&user), (pass, String::new()));
     assert_eq!(std::fs::read_to_string(&keys).unwrap().trim(), newkey);
     assert!(!aside.exists());
@@ -709,19 +691,9 @@ async fn a_disabled_user_cannot_log_in_over_ssh() {
     s.approve(&user).await;
     let log = || std::fs::read_to_string(s.dir.path().join("sshd.log")).unwrap_or_default();
     assert!(sshd.login(&user, &key), "approved user logs in: {}", log());
-    let r = s
-        .root()
-        .post(&format!("/api/v1/users/{user}/disable"), &json!({}))
-        .await
-        .unwrap();
-    assert!(r.body.success, "{:?}", r.body);
+    s.admin_ok(&format!("/api/v1/users/{user}/disable")).await;
     assert!(!sshd.login(&user, &key), "disabled user is refused");
-    let r = s
-        .root()
-        .post(&format!("/api/v1/users/{user}/enable"), &json!({}))
-        .await
-        .unwrap();
-    assert!(r.body.success, "{:?}", r.body);
+    s.admin_ok(&format!("/api/v1/users/{user}/enable")).await;
     assert!(
         sshd.login(&user, &key),
         "enabled user logs in again: {}",

@@ -5,7 +5,7 @@
 mod common;
 mod raw;
 
-use common::{KEY, Server, registration, server};
+use common::{KEY, Server, server};
 use serde_json::json;
 
 const FORM: &str = "application/x-www-form-urlencoded";
@@ -132,13 +132,7 @@ async fn planted_notice_cookie_is_rendered_inert() {
 #[tokio::test]
 async fn approval_code_is_in_the_page_only_and_not_cached() {
     let s = server(&[]);
-    let r = raw::post_json(
-        "127.0.0.1",
-        &s.addr,
-        "/api/v1/register",
-        &registration("newbie"),
-    )
-    .await;
+    let r = raw::register("127.0.0.1", &s.addr, "newbie").await;
     assert_eq!(r.status, 201, "{}", r.body);
     let (session, csrf) = admin_session(&s).await;
     let r = raw::send(

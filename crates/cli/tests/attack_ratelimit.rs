@@ -30,13 +30,7 @@ async fn register_burst_from_one_address_is_cut_to_the_bucket() {
     let mut throttled = vec![];
     for i in 0..50 {
         let name = format!("flood{i}");
-        let r = raw::post_json(
-            "127.0.0.1",
-            &s.addr,
-            "/api/v1/register",
-            &registration(&name),
-        )
-        .await;
+        let r = raw::register("127.0.0.1", &s.addr, &name).await;
         match r.status {
             201 => ok.push(name),
             429 => {
@@ -84,13 +78,7 @@ async fn register_burst_from_one_address_is_cut_to_the_bucket() {
     assert_eq!(r.status, 429, "{}", r.body);
     assert!(r.header("retry-after").is_some());
     // Another client is not throttled.
-    let r = raw::post_json(
-        "127.0.0.2",
-        &s.addr,
-        "/api/v1/register",
-        &registration("neighbour"),
-    )
-    .await;
+    let r = raw::register("127.0.0.2", &s.addr, "neighbour").await;
     assert_eq!(r.status, 201, "{}", r.body);
     let r = raw::send(
         "127.0.0.3",
@@ -104,13 +92,7 @@ async fn register_burst_from_one_address_is_cut_to_the_bucket() {
     assert_eq!(r.status, 403, "not throttled, refused by CSRF: {}", r.body);
     // After the refill, the first address may register again.
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
-    let r = raw::post_json(
-        "127.0.0.1",
-        &s.addr,
-        "/api/v1/register",
-        &registration("later"),
-    )
-    .await;
+    let r = raw::register("127.0.0.1", &s.addr, "later").await;
     assert_eq!(r.status, 201, "{}", r.body);
 }
 
@@ -149,24 +131,12 @@ async fn enroll_guessing_is_throttled_too() {
 async fn registrations_beyond_max_pending_are_refused() {
     let s = start(&limits("0", &[("BASPHERE_LIMITS__MAX_PENDING", "3")]));
     for i in 0..3 {
-        let r = raw::post_json(
-            "127.0.0.1",
-            &s.addr,
-            "/api/v1/register",
-            &registration(&format!("wait{i}")),
-        )
-        .await;
+        let r = raw::register("127.0.0.1", &s.addr, &format!("wait{i}")).await;
         assert_eq!(r.status, 201, "{}", r.body);
     }
     for i in 3..6 {
         let name = format!("wait{i}");
-        let r = raw::post_json(
-            "127.0.0.1",
-            &s.addr,
-            "/api/v1/register",
-            &registration(&name),
-        )
-        .await;
+        let r = raw::register("127.0.0.1", &s.addr, &name).await;
         assert_eq!(r.status, 503, "{}", r.body);
         let m = r.json()["message"].as_str().unwrap().to_string();
         assert!(
@@ -183,13 +153,7 @@ async fn registrations_beyond_max_pending_are_refused() {
         .await
         .unwrap();
     assert!(r.body.success, "{:?}", r.body);
-    let r = raw::post_json(
-        "127.0.0.1",
-        &s.addr,
-        "/api/v1/register",
-        &registration("wait9"),
-    )
-    .await;
+    let r = raw::register("127.0.0.1", &s.addr, "wait9").await;
     assert_eq!(r.status, 201, "{}", r.body);
 }
 
@@ -253,12 +217,6 @@ async fn socket_callers_are_counted_by_uid() {
     assert_eq!(&codes[..5], &[201; 5], "{codes:?}");
     assert!(codes[6..].iter().all(|&c| c == 429), "{codes:?}");
     // The TCP clients' buckets are separate from uid 0's.
-    let r = raw::post_json(
-        "127.0.0.1",
-        &s.addr,
-        "/api/v1/register",
-        &registration("remote"),
-    )
-    .await;
+    let r = raw::register("127.0.0.1", &s.addr, "remote").await;
     assert_eq!(r.status, 201, "{}", r.body);
 }

@@ -249,12 +249,8 @@ async fn the_unix_socket_identifies_the_real_uid() {
     let (_k2, newkey) = keygen(s.dir.path(), "user_key2");
     let kf = s.dir.path().join("user_key2.pub");
     ok(as_user(&["key", "change", "-k", kf.to_str().unwrap()]));
-    let r = s
-        .root()
-        .post(&format!("/api/v1/key-changes/{name}/approve"), &json!({}))
-        .await
-        .unwrap();
-    assert!(r.body.success, "{:?}", r.body);
+    s.admin_ok(&format!("/api/v1/key-changes/{name}/approve"))
+        .await;
     let keys = std::fs::read_to_string(pw.dir.join(".ssh/authorized_keys")).unwrap();
     assert_eq!(keys.trim(), newkey);
 

@@ -116,6 +116,21 @@ impl Guest {
         ok("ip", &all);
     }
 
+    /// A permanent neighbour entry `ip` → `mac` on eth0 (no ARP needed to reach it).
+    fn pin_neighbour(&self, ip: &str, mac: &str) {
+        self.ip_cmd(&[
+            "neigh",
+            "replace",
+            ip,
+            "lladdr",
+            mac,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ]);
+    }
+
     /// Runs arping on `eth0` of this guest; its exit status only says whether replies came.
     fn arping(&self, args: &[&str]) {
         let mut all = vec!["arping", "-i", "eth0", "-c", "3", "-W", "0.1", "-q"];
@@ -368,17 +383,7 @@ async fn a_guest_cannot_spoof_another_guests_arp_ip_or_mac() {
     // 2. IPv4 with A's source address (B configures A's address; its gateway entry is pinned so
     //    no ARP is needed).
     let a_ip = a.ip.to_string();
-    b.ip_cmd(&[
-        "neigh",
-        "replace",
-        &gw,
-        "lladdr",
-        &gw_mac,
-        "dev",
-        "eth0",
-        "nud",
-        "permanent",
-    ]);
+    b.pin_neighbour(&gw, &gw_mac);
     b.ip_cmd(&["addr", "add", &format!("{a_ip}/32"), "dev", "eth0"]);
     let before = lab.dropped(b, reason::IPV4_SOURCE);
     // The gateway's stack receives nothing sent as A, while B's own datagrams arrive.
@@ -400,17 +405,7 @@ async fn a_guest_cannot_spoof_another_guests_arp_ip_or_mac() {
     //    the bridge moves A's MAC to B's port and the gateway's replies to A reach B).
     b.ip_cmd(&["link", "set", "eth0", "address", &a.mac]);
     // Changing the MAC flushed B's neighbours: pin the gateway again so IPv4 frames go out.
-    b.ip_cmd(&[
-        "neigh",
-        "replace",
-        &gw,
-        "lladdr",
-        &gw_mac,
-        "dev",
-        "eth0",
-        "nud",
-        "permanent",
-    ]);
+    b.pin_neighbour(&gw, &gw_mac);
     let before = lab.dropped(b, reason::SOURCE_MAC);
     assert!(!b.pings(&gw), "the gateway answered B sending with A's MAC");
     b.ip_cmd(&["addr", "add", &format!("{a_ip}/32"), "dev", "eth0"]);

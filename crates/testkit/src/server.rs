@@ -191,16 +191,19 @@ impl Server {
         assert_eq!(r.status, 201, "{:?}", r.body);
     }
 
+    /// POSTs `{}` to `path` as the admin (approve, disable, …); asserts success and returns the
+    /// answer's data.
+    pub async fn admin_ok(&self, path: &str) -> Value {
+        let r = self.root().post(path, &json!({})).await.unwrap();
+        assert!(r.body.success, "{path}: {:?}", r.body);
+        r.body.data
+    }
+
     /// Approves `user` as the admin; asserts success and returns the answer's data (with the
     /// `enrollment_code`, unless accounts are managed).
     pub async fn approve(&self, user: &str) -> Value {
-        let r = self
-            .root()
-            .post(&format!("/api/v1/users/{user}/approve"), &json!({}))
+        self.admin_ok(&format!("/api/v1/users/{user}/approve"))
             .await
-            .unwrap();
-        assert!(r.body.success, "{:?}", r.body);
-        r.body.data
     }
 
     /// Registers and approves `user`, returning a token for them (via enrollment code).

@@ -122,6 +122,17 @@ pub async fn post_json(from: &str, addr: &str, path: &str, body: &serde_json::Va
     .await
 }
 
+/// Registers `user` (with the test key) from `from` with a raw JSON POST.
+pub async fn register(from: &str, addr: &str, user: &str) -> Resp {
+    post_json(
+        from,
+        addr,
+        "/api/v1/register",
+        &basphere_testkit::server::registration(user),
+    )
+    .await
+}
+
 fn dechunk(b: &[u8]) -> Vec<u8> {
     let mut out = vec![];
     let mut rest = b;
