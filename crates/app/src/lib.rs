@@ -90,9 +90,8 @@ impl App {
     /// Opens the store in `cfg.data_dir` (made if missing) and makes sure the admin account
     /// exists, builds the provider (unless overridden) and the engine.
     pub async fn build(cfg: Arc<Config>, o: Overrides) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
-            anyhow::anyhow!("creating data dir {}: {e}", cfg.data_dir.display())
-        })?;
+        std::fs::create_dir_all(&cfg.data_dir)
+            .map_err(|e| anyhow::anyhow!("creating data dir {}: {e}", cfg.data_dir.display()))?;
         let store = Store::open(&cfg.db_path()).await?;
         store
             .ensure_admin(&cfg.server.admin, &cfg.quota, &cfg.network)
@@ -105,12 +104,7 @@ impl App {
             Some(id) => id,
             None => node_id(&cfg.data_dir)?,
         };
-        let engine = engine(
-            &store,
-            provider.clone(),
-            &cfg,
-            engine_config(&cfg, node_id),
-        );
+        let engine = engine(&store, provider.clone(), &cfg, engine_config(&cfg, node_id));
         let accounts = cfg.bastion.manage_accounts.then(|| UnixAccounts {
             group: cfg.bastion.group.clone(),
         });
@@ -158,12 +152,7 @@ impl App {
     pub fn serve(self, listeners: Listeners, opts: ServeOptions) -> Running {
         let (stop, rx) = watch::channel(false);
         let engine = tokio::spawn(self.engine().clone().run(rx.clone()));
-        let server = tokio::spawn(basphere_api::serve_with(
-            self.router(),
-            listeners,
-            opts,
-            rx,
-        ));
+        let server = tokio::spawn(basphere_api::serve_with(self.router(), listeners, opts, rx));
         Running {
             app: self,
             stop,
@@ -242,7 +231,11 @@ mod tests {
         ]);
         let e = engine_config(&cfg, "n1".into());
         assert_eq!(e.node_id, "n1");
-        assert_eq!(e.lease, Duration::from_secs(3), "a lease under 3 s is raised");
+        assert_eq!(
+            e.lease,
+            Duration::from_secs(3),
+            "a lease under 3 s is raised"
+        );
         assert_eq!(e.max_parallel, 7);
         assert_eq!(e.max_attempts, 2);
         assert_eq!(e.ready_deadline, Duration::from_secs(9));

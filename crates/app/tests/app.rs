@@ -44,7 +44,11 @@ async fn tcp() -> (Listeners, SocketAddr) {
 fn status_of_root(addr: SocketAddr, host: &str) -> u16 {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(s, "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut head = [0u8; 12];
     s.read_exact(&mut head).unwrap();
     std::str::from_utf8(&head[9..12]).unwrap().parse().unwrap()
@@ -66,7 +70,11 @@ async fn serves_api_portal_and_engine_then_shuts_down() {
     .unwrap();
     let store = app.store().clone();
     assert!(
-        store.user(cfg.server.admin.as_str()).await.unwrap().is_some(),
+        store
+            .user(cfg.server.admin.as_str())
+            .await
+            .unwrap()
+            .is_some(),
         "the admin account exists once built"
     );
     let sys = Actor::new("test", "test");
@@ -88,7 +96,10 @@ async fn serves_api_portal_and_engine_then_shuts_down() {
         .approve(&alice, &cfg.network, false, None, &sys)
         .await
         .unwrap();
-    let (_, token) = store.create_token(&alice, "test", None, &sys).await.unwrap();
+    let (_, token) = store
+        .create_token(&alice, "test", None, &sys)
+        .await
+        .unwrap();
 
     let (listeners, addr) = tcp().await;
     let running = app.serve(listeners, ServeOptions::from_config(&cfg.server).unwrap());
@@ -150,7 +161,11 @@ async fn node_id_is_kept_across_restarts_unless_overridden() {
     first.serve(l, ServeOptions::default()).shutdown().await;
 
     let again = App::build(cfg.clone(), Overrides::default()).await.unwrap();
-    assert_eq!(again.engine().config().node_id, id, "a restart is the same node");
+    assert_eq!(
+        again.engine().config().node_id,
+        id,
+        "a restart is the same node"
+    );
     assert_eq!(again.provider().kind(), "null", "provider.kind decides");
     let (l, _) = tcp().await;
     again.serve(l, ServeOptions::default()).shutdown().await;

@@ -2,9 +2,11 @@
 //! they do, stores with a user, and engines with the do-nothing test provider.
 #![allow(dead_code)]
 
-use basphere_core::{NetworkPool, Quota, Username};
 use basphere_config::Config;
-use basphere_engine::{Engine, EngineConfig, RetryPolicy, StepCtx, StepError, StepSpec, WorkflowDef};
+use basphere_core::{NetworkPool, Quota, Username};
+use basphere_engine::{
+    Engine, EngineConfig, RetryPolicy, StepCtx, StepError, StepSpec, WorkflowDef,
+};
 use basphere_provider::{NullProvider, Provider};
 use basphere_store::{Actor, NewRegistration, NewWorkflow, StepCommit, Store, WorkflowKind};
 use serde_json::json;
