@@ -33,6 +33,16 @@ pub struct Overrides {
     pub node_id: Option<String>,
 }
 
+impl Overrides {
+    /// Only the provider overridden.
+    pub fn with_provider(p: Arc<dyn Provider>) -> Self {
+        Self {
+            provider: Some(p),
+            ..Self::default()
+        }
+    }
+}
+
 /// Engine tuning from `[engine]` for the node `node_id`; what the config has no key for
 /// (backoff, the deadline of steps other than `wait_ready`) keeps the engine's default.
 pub fn engine_config(cfg: &Config, node_id: String) -> EngineConfig {

@@ -7,7 +7,7 @@ use basphere_app::{App, Overrides};
 use basphere_client::{Client, Endpoint};
 use basphere_config::Config;
 use basphere_provider::NullProvider;
-use basphere_store::{Actor, NewRegistration};
+use basphere_store::Actor;
 use serde_json::json;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -59,15 +59,9 @@ async fn serves_api_portal_and_engine_then_shuts_down() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = config(tmp.path());
     let provider = Arc::new(NullProvider::default());
-    let app = App::build(
-        cfg.clone(),
-        Overrides {
-            provider: Some(provider.clone()),
-            ..Overrides::default()
-        },
-    )
-    .await
-    .unwrap();
+    let app = App::build(cfg.clone(), Overrides::with_provider(provider.clone()))
+        .await
+        .unwrap();
     let store = app.store().clone();
     assert!(
         store
@@ -78,35 +72,35 @@ async fn serves_api_portal_and_engine_then_shuts_down() {
         "the admin account exists once built"
     );
     let sys = Actor::new("test", "test");
-    let alice: basphere_core::Username = "alice".parse().unwrap();
-    store
-        .register(
-            &NewRegistration {
-                username: alice.clone(),
-                email: "alice@example.org".parse().unwrap(),
-                team: "app".parse().unwrap(),
-                public_key: KEY.parse().unwrap(),
-            },
-            &cfg.quota,
-            &sys,
-        )
-        .await
-        .unwrap();
-    store
-        .approve(&alice, &cfg.network, false, None, &sys)
-        .await
-        .unwrap();
-    let (_, token) = store
-        .create_token(&alice, "test", None, &sys)
+    let (_, admin_token) = store
+        .create_token(&cfg.server.admin, "test", None, &sys)
         .await
         .unwrap();
 
     let (listeners, addr) = tcp().await;
     let running = app.serve(listeners, ServeOptions::from_config(&cfg.server).unwrap());
-    let c = Client::new(Endpoint::Tcp {
-        addr: addr.to_string(),
-        token: Some(token),
-    });
+    let client = |token: String| {
+        Client::new(Endpoint::Tcp {
+            addr: addr.to_string(),
+            token: Some(token),
+        })
+    };
+    let added = client(admin_token)
+        .post(
+            "/api/v1/users",
+            &json!({"username": "alice", "email": "alice@example.org", "team": "app", "public_key": KEY}),
+        )
+        .await
+        .unwrap();
+    assert!(added.body.success, "{:?}", added.body);
+    let alice: basphere_core::Username = "alice".parse().unwrap();
+    let c = client(
+        store
+            .create_token(&alice, "test", None, &sys)
+            .await
+            .unwrap()
+            .1,
+    );
     let me = c.get("/api/v1/me").await.unwrap();
     assert!(me.body.success, "{:?}", me.body);
     assert_eq!(me.body.data["user"]["username"], "alice");

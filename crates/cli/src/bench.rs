@@ -94,14 +94,7 @@ async fn run_in(dir: &Path, a: &BenchArgs) -> anyhow::Result<()> {
     // 1. Overhead of a create: request sent → provider asked to start, in-process server.
     let cfg = Arc::new(test_config(&dir.join("overhead"))?);
     let provider = Arc::new(NullProvider::default());
-    let app = App::build(
-        cfg.clone(),
-        Overrides {
-            provider: Some(provider.clone()),
-            ..Overrides::default()
-        },
-    )
-    .await?;
+    let app = App::build(cfg.clone(), Overrides::with_provider(provider.clone())).await?;
     let store = app.store().clone();
     // The bench speaks as token holders, so over a TCP listener of its own.
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

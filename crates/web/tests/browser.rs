@@ -86,10 +86,7 @@ async fn portal_in_chromium() {
     // Each provider phase takes a while, so that the page can show the steps moving.
     let app = App::build(
         cfg.clone(),
-        Overrides {
-            provider: Some(Arc::new(NullProvider::new(Duration::from_millis(1500)))),
-            ..Overrides::default()
-        },
+        Overrides::with_provider(Arc::new(NullProvider::new(Duration::from_millis(1500)))),
     )
     .await
     .unwrap();
