@@ -1,9 +1,9 @@
 //! `basphere bench`: the platform's own figures, measured on this machine.
 
-use basphere_api::{AppState, Listeners};
+use basphere_api::{Listeners, ServeOptions};
+use basphere_app::{App, Overrides};
 use basphere_client::{Client, Endpoint};
 use basphere_config::Config;
-use basphere_engine::{Catalog, Engine, EngineConfig};
 use basphere_provider::NullProvider;
 use basphere_store::{Actor, Store};
 use serde_json::json;
@@ -93,35 +93,15 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
 async fn run_in(dir: &Path, a: &BenchArgs) -> anyhow::Result<()> {
     // 1. Overhead of a create: request sent → provider asked to start, in-process server.
     let cfg = Arc::new(test_config(&dir.join("overhead"))?);
-    std::fs::create_dir_all(&cfg.data_dir)?;
-    let store = Store::open(&cfg.db_path()).await?;
     let provider = Arc::new(NullProvider::default());
-    let engine = Engine::new(
-        store.clone(),
-        provider.clone(),
-        Catalog {
-            pool: cfg.network.clone(),
-            image_refs: Default::default(),
-        },
-        EngineConfig {
-            max_parallel: 64,
-            ..EngineConfig::default()
-        },
-    );
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(engine.clone().run(rx.clone()));
-    let listeners = Listeners::bind(&cfg).await?;
-    let state = AppState {
-        store: store.clone(),
-        engine,
-        config: cfg.clone(),
-        accounts: None,
-    };
-    tokio::spawn(basphere_api::serve(
-        basphere_api::router(state),
-        listeners,
-        rx,
-    ));
+    let app = App::build(cfg.clone(), Overrides::with_provider(provider.clone())).await?;
+    let store = app.store().clone();
+    // The bench speaks as token holders, so over a TCP listener of its own.
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = tcp.local_addr()?;
+    let mut listeners = Listeners::bind(&cfg).await?;
+    listeners.tcp = Some(tcp);
+    let server = app.serve(listeners, ServeOptions::from_config(&cfg.server)?);
     let users = a.creates.div_ceil(10);
     let admin = Actor::new("bench", "bench");
     let key: basphere_core::SshPublicKey = BENCH_KEY.parse()?;
@@ -146,34 +126,6 @@ async fn run_in(dir: &Path, a: &BenchArgs) -> anyhow::Result<()> {
         let u: basphere_core::Username = format!("bench{i}").parse()?;
         tokens.push(store.create_token(&u, "bench", None, &admin).await?.1);
     }
-    // Unix socket callers are identified by uid; the bench speaks as token holders over TCP-less
-    // in-process calls, so it uses a TCP listener of its own.
-    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = tcp.local_addr()?;
-    let state2 = AppState {
-        store: store.clone(),
-        engine: Engine::new(
-            store.clone(),
-            provider.clone(),
-            Catalog {
-                pool: cfg.network.clone(),
-                image_refs: Default::default(),
-            },
-            EngineConfig::default(),
-        ),
-        config: cfg.clone(),
-        accounts: None,
-    };
-    let (_tx2, rx2) = tokio::sync::watch::channel(false);
-    tokio::spawn(state2.engine.clone().run(rx2.clone()));
-    tokio::spawn(basphere_api::serve(
-        basphere_api::router(state2),
-        Listeners {
-            unix: None,
-            tcp: Some(tcp),
-        },
-        rx2,
-    ));
     let mut lat = vec![];
     for i in 0..a.creates {
         let c = Client::new(Endpoint::Tcp {
@@ -215,7 +167,7 @@ async fn run_in(dir: &Path, a: &BenchArgs) -> anyhow::Result<()> {
         ms(pct(&lat, 0.99)),
         ms(*lat.last().unwrap())
     );
-    let _ = tx.send(true);
+    server.shutdown().await;
 
     // 2. Idle RSS of `basphere serve` and list-vms -a -j with many VMs, as separate processes.
     let cfg2 = test_config(&dir.join("serve"))?;

@@ -3,10 +3,11 @@
 //! `terraform_data` resources, and `plan` of a 1,000-node manifest against 1,000 VMs.
 //! The batch part runs in a child process (`bench --part batch`) so its peak RSS is its own.
 
-use basphere_api::{AppState, Listeners};
+use basphere_api::{Listeners, ServeOptions};
+use basphere_app::{App, Overrides};
 use basphere_client::{Client, Endpoint};
 use basphere_config::Config;
-use basphere_engine::{Catalog, Engine, EngineConfig};
+use basphere_engine::EngineConfig;
 use basphere_provider::NullProvider;
 use basphere_store::{Actor, NewWorkflow, Store, WorkflowKind};
 use serde_json::{Value, json};
@@ -19,17 +20,11 @@ use std::time::{Duration, Instant};
 const TF_RECORD_INDEPENDENT_S: f64 = 36.0;
 const TF_RECORD_CHAIN300_S: f64 = 14.0;
 
-fn catalog(cfg: &Config) -> Catalog {
-    Catalog {
-        pool: cfg.network.clone(),
-        image_refs: Default::default(),
-    }
-}
-
 /// No-op steps per second through the whole engine (claim, lease, per-step commits, events).
 pub async fn throughput(dir: &Path, workflows: usize, steps: usize) -> anyhow::Result<f64> {
     std::fs::create_dir_all(dir)?;
-    let store = Store::open(&dir.join("basphere.db")).await?;
+    let cfg = batch_config(dir)?;
+    let store = Store::open(&cfg.db_path()).await?;
     let ws: Vec<NewWorkflow> = (0..workflows)
         .map(|_| {
             let mut w = NewWorkflow::new(
@@ -46,23 +41,13 @@ pub async fn throughput(dir: &Path, workflows: usize, steps: usize) -> anyhow::R
         .await?
         .into_iter()
         .collect();
-    let engine = Engine::new(
-        store.clone(),
+    let engine = basphere_app::engine(
+        &store,
         Arc::new(NullProvider::default()),
-        Catalog {
-            pool: basphere_core::NetworkPool {
-                cidr: "10.200.0.0/16".parse()?,
-                gateway: "10.200.0.1".parse()?,
-                dns: vec![],
-                mtu: 1500,
-                block_size: 32,
-                reserved: vec![],
-            },
-            image_refs: Default::default(),
-        },
+        &cfg,
         EngineConfig {
             max_parallel: 32,
-            ..EngineConfig::default()
+            ..basphere_app::engine_config(&cfg, "local".into())
         },
     );
     engine.register("noop", Arc::new(basphere_engine::NoopWorkflow));
@@ -194,36 +179,16 @@ fn batch_config(dir: &Path) -> anyhow::Result<Config> {
 /// one against 1,000 VMs; prints one JSON line of figures (with its own peak RSS).
 pub async fn batch_child(dir: &Path, nodes: usize, parallelism: u32) -> anyhow::Result<()> {
     let cfg = Arc::new(batch_config(dir)?);
-    std::fs::create_dir_all(&cfg.data_dir)?;
-    let store = Store::open(&cfg.db_path()).await?;
-    let engine = Engine::new(
-        store.clone(),
-        Arc::new(NullProvider::default()),
-        catalog(&cfg),
-        EngineConfig {
-            max_parallel: 16,
-            ..EngineConfig::default()
-        },
-    );
-    let (_tx, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(engine.clone().run(rx.clone()));
-    let mut events = engine.subscribe();
+    let app = App::build(cfg.clone(), Overrides::default()).await?;
+    let store = app.store().clone();
+    let mut events = app.engine().subscribe();
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = tcp.local_addr()?.to_string();
-    let state = AppState {
-        store: store.clone(),
-        engine,
-        config: cfg.clone(),
-        accounts: None,
+    let listeners = Listeners {
+        unix: None,
+        tcp: Some(tcp),
     };
-    tokio::spawn(basphere_api::serve(
-        basphere_api::router(state),
-        Listeners {
-            unix: None,
-            tcp: Some(tcp),
-        },
-        rx,
-    ));
+    let _server = app.serve(listeners, ServeOptions::from_config(&cfg.server)?);
     let admin = Actor::new("bench", "bench");
     let key: basphere_core::SshPublicKey = crate::bench::BENCH_KEY.parse()?;
     // Each shape is applied RUNS times (by its own user, so each apply starts from nothing);

@@ -1,15 +1,13 @@
 //! `basphere init` and `basphere serve`.
 
 use anyhow::{Context, bail};
-use basphere_api::{AppState, Listeners, ServeOptions, UnixAccounts};
+use basphere_api::{Listeners, ServeOptions};
 use basphere_config::{Config, DEFAULT_TOML, TlsFiles};
-use basphere_engine::{Catalog, Engine, EngineConfig};
 use basphere_store::{Actor, Store};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 /// Default place of the config file.
 pub const DEFAULT_CONFIG: &str = "/etc/basphere/basphere.toml";
@@ -249,28 +247,6 @@ async fn give_admin_a_key(store: &Store, cfg: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A stable id for this data dir's server, so a restart reclaims its own leases at once.
-fn node_id(data_dir: &Path) -> anyhow::Result<String> {
-    let p = data_dir.join("node-id");
-    if let Ok(s) = std::fs::read_to_string(&p) {
-        let s = s.trim().to_string();
-        if !s.is_empty() {
-            return Ok(s);
-        }
-    }
-    let id = format!("node-{}", &uuid_like()[..12]);
-    std::fs::write(&p, &id)?;
-    Ok(id)
-}
-
-fn uuid_like() -> String {
-    let mut b = [0u8; 16];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
-        .ok();
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 /// Every connection holds a descriptor: raise the soft limit to the hard one so the connection
 /// caps, not EMFILE, decide who is refused.
 fn raise_fd_limit(cfg: &Config) {
@@ -328,56 +304,14 @@ pub async fn serve(flag: Option<&Path>) -> anyhow::Result<()> {
                 cfg.data_dir.display()
             ),
         };
-    let store = Store::open(&cfg.db_path()).await?;
-    store
-        .ensure_admin(&cfg.server.admin, &cfg.quota, &cfg.network)
-        .await?;
-    let provider = crate::providers::build(&cfg).await?;
-    let engine_cfg = EngineConfig {
-        node_id: node_id(&cfg.data_dir)?,
-        lease: Duration::from_secs(cfg.engine.lease_secs.max(3)),
-        max_parallel: cfg.engine.max_parallel,
-        max_attempts: cfg.engine.max_attempts,
-        ready_deadline: Duration::from_secs(cfg.engine.ready_timeout_secs),
-        limits: basphere_store::ClaimLimits {
-            per_user: cfg.engine.max_per_user,
-            per_provider: cfg.engine.max_per_provider,
-            per_host: cfg.engine.max_per_host,
-        },
-        ..EngineConfig::default()
-    };
-    let catalog = Catalog {
-        pool: cfg.network.clone(),
-        image_refs: cfg
-            .images
-            .iter()
-            .map(|(n, i)| {
-                (
-                    n.to_string(),
-                    i.provider_ref.clone().unwrap_or_else(|| n.to_string()),
-                )
-            })
-            .collect(),
-    };
-    let engine = Engine::new(store.clone(), provider.clone(), catalog, engine_cfg);
-    let accounts = cfg.bastion.manage_accounts.then(|| UnixAccounts {
-        group: cfg.bastion.group.clone(),
-    });
+    let app = basphere_app::App::build(cfg.clone(), Default::default()).await?;
     let listeners = Listeners::bind(&cfg)
         .await
         .context("binding the server's sockets")?;
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    let engine_task = tokio::spawn(engine.clone().run(rx.clone()));
-    let state = AppState {
-        store: store.clone(),
-        engine,
-        config: cfg.clone(),
-        accounts,
-    };
     tracing::info!(
         socket = %cfg.server.socket.display(),
         listen = %cfg.server.listen,
-        provider = provider.kind(),
+        provider = app.provider().kind(),
         "basphere serving"
     );
     eprintln!(
@@ -391,10 +325,8 @@ pub async fn serve(flag: Option<&Path>) -> anyhow::Result<()> {
         } else {
             format!("http://{}", cfg.server.listen)
         },
-        provider.kind()
+        app.provider().kind()
     );
-    let app = basphere_api::router(state.clone()).merge(basphere_web::router(state));
-    let app = basphere_api::limits::harden(app, &cfg);
     let tls = serve_opts.tls.clone();
     if let Some(tls) = &tls {
         eprintln!(
@@ -423,16 +355,13 @@ pub async fn serve(flag: Option<&Path>) -> anyhow::Result<()> {
             }
         }
     });
-    let server = tokio::spawn(basphere_api::serve_with(app, listeners, serve_opts, rx));
+    let running = app.serve(listeners, serve_opts);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
     eprintln!("basphere: shutting down");
-    let _ = tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), engine_task).await;
-    store.close().await;
+    running.shutdown().await;
     Ok(())
 }

@@ -1,16 +1,17 @@
-//! The portal in real headless Chromium: an in-process server (store on a temp dir, engine with
-//! the do-nothing test provider `NullProvider`, API + portal routers on 127.0.0.1:0), driven by
+//! The portal in real headless Chromium: an in-process server built as `basphere serve` builds
+//! it (`basphere_app::App`: store on a temp dir, engine with the do-nothing test provider
+//! `NullProvider`, API + portal routers on 127.0.0.1:0), driven by
 //! `e2e/portal.mjs` (playwright-core + Debian's /usr/bin/chromium). Screenshots of every page at
 //! desktop and phone width land in `target/web-screenshots/`.
 //!
 //! Needs `crates/web/install-deps.sh` (run by `scripts/install-deps`); fails, never skips,
 //! when node, chromium or playwright-core is missing.
 
-use basphere_api::{AppState, Caller, Listeners};
+use basphere_api::{Caller, Listeners, ServeOptions};
+use basphere_app::{App, Overrides};
 use basphere_config::Config;
-use basphere_engine::{Catalog, Engine, EngineConfig};
 use basphere_provider::NullProvider;
-use basphere_store::{Actor, NewRegistration, Store};
+use basphere_store::{Actor, NewRegistration};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -82,35 +83,30 @@ async fn portal_in_chromium() {
 
     let tmp = tempfile::tempdir().unwrap();
     let cfg = Arc::new(config(tmp.path()));
-    let store = Store::open(&cfg.db_path()).await.unwrap();
-    store
-        .ensure_admin(&cfg.server.admin, &cfg.quota, &cfg.network)
-        .await
-        .unwrap();
+    // Each provider phase takes a while, so that the page can show the steps moving.
+    let app = App::build(
+        cfg.clone(),
+        Overrides::with_provider(Arc::new(NullProvider::new(Duration::from_millis(1500)))),
+    )
+    .await
+    .unwrap();
+    let store = app.store().clone();
+    let state = app.state().clone();
     let sys = Actor::new("test", "test");
     let (_, admin_token) = store
         .create_token(&cfg.server.admin, "test", None, &sys)
         .await
         .unwrap();
-    // Each provider phase takes a while, so that the page can show the steps moving.
-    let provider = Arc::new(NullProvider::new(Duration::from_millis(1500)));
-    let engine = Engine::new(
-        store.clone(),
-        provider,
-        Catalog {
-            pool: cfg.network.clone(),
-            image_refs: Default::default(),
+
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = tcp.local_addr().unwrap();
+    let server = app.serve(
+        Listeners {
+            unix: None,
+            tcp: Some(tcp),
         },
-        EngineConfig::default(),
+        ServeOptions::from_config(&cfg.server).unwrap(),
     );
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(engine.clone().run(rx.clone()));
-    let state = AppState {
-        store: store.clone(),
-        engine,
-        config: cfg.clone(),
-        accounts: None,
-    };
 
     // Another user, carol, with a VM that dora must not see.
     let carol: basphere_core::Username = "carol".parse().unwrap();
@@ -149,18 +145,6 @@ async fn portal_in_chromium() {
     .await
     .map_err(|e| e.message)
     .expect("carol's VM admitted");
-
-    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = tcp.local_addr().unwrap();
-    let app = basphere_api::router(state.clone()).merge(basphere_web::router(state.clone()));
-    let server = tokio::spawn(basphere_api::serve(
-        app,
-        Listeners {
-            unix: None,
-            tcp: Some(tcp),
-        },
-        rx,
-    ));
 
     let shots = screenshot_dir(&manifest);
     let _ = std::fs::remove_dir_all(&shots);
@@ -224,6 +208,5 @@ async fn portal_in_chromium() {
         "web actions are audited with their source"
     );
 
-    let _ = tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    server.shutdown().await;
 }

@@ -2,16 +2,17 @@
 //! they do, stores with a user, and engines with the do-nothing test provider.
 #![allow(dead_code)]
 
+use basphere_config::Config;
 use basphere_core::{NetworkPool, Quota, Username};
 use basphere_engine::{
-    Catalog, Engine, EngineConfig, RetryPolicy, StepCtx, StepError, StepSpec, WorkflowDef,
+    Engine, EngineConfig, RetryPolicy, StepCtx, StepError, StepSpec, WorkflowDef,
 };
 use basphere_provider::{NullProvider, Provider};
 use basphere_store::{Actor, NewRegistration, NewWorkflow, StepCommit, Store, WorkflowKind};
 use serde_json::json;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 pub const KEY: &str =
@@ -134,15 +135,26 @@ pub fn ledger_workflow(steps: usize, input: serde_json::Value) -> NewWorkflow {
     w
 }
 
+/// The tests' config: a /16 pool in blocks of 1,024 addresses, short leases and deadlines.
+pub fn config() -> &'static Config {
+    static CFG: OnceLock<Config> = OnceLock::new();
+    CFG.get_or_init(|| {
+        let env = [
+            ("BASPHERE_NETWORK__CIDR", "10.200.0.0/16"),
+            ("BASPHERE_NETWORK__GATEWAY", "10.200.0.1"),
+            ("BASPHERE_NETWORK__DNS", "[]"),
+            ("BASPHERE_NETWORK__BLOCK_SIZE", "1024"),
+            ("BASPHERE_ENGINE__LEASE_SECS", "3"),
+            ("BASPHERE_ENGINE__MAX_PARALLEL", "8"),
+            ("BASPHERE_ENGINE__MAX_ATTEMPTS", "3"),
+            ("BASPHERE_ENGINE__READY_TIMEOUT_SECS", "5"),
+        ];
+        Config::load(None, env.map(|(k, v)| (k.to_string(), v.to_string()))).unwrap()
+    })
+}
+
 pub fn pool() -> NetworkPool {
-    NetworkPool {
-        cidr: "10.200.0.0/16".parse().unwrap(),
-        gateway: "10.200.0.1".parse().unwrap(),
-        dns: vec![],
-        mtu: 1500,
-        block_size: 1024,
-        reserved: vec![],
-    }
+    config().network.clone()
 }
 
 pub async fn open(dir: &Path) -> Store {
@@ -178,30 +190,19 @@ pub async fn user(store: &Store, name: &str, vms: u32) -> Username {
     u
 }
 
+/// [`config`]'s engine tuning for `node`, with quick retries and a 5 s step deadline.
 pub fn engine_cfg(node: &str) -> EngineConfig {
     EngineConfig {
-        node_id: node.into(),
-        lease: Duration::from_secs(3),
-        max_parallel: 8,
-        max_attempts: 3,
         backoff_base: Duration::from_millis(20),
         backoff_max: Duration::from_millis(200),
-        ready_deadline: Duration::from_secs(5),
         step_deadline: Duration::from_secs(5),
-        ..EngineConfig::default()
+        ..basphere_app::engine_config(config(), node.into())
     }
 }
 
+/// An engine as the server builds it, over `store` with [`config`]'s catalog.
 pub fn engine(store: &Store, provider: Arc<dyn Provider>, cfg: EngineConfig) -> Engine {
-    Engine::new(
-        store.clone(),
-        provider,
-        Catalog {
-            pool: pool(),
-            image_refs: Default::default(),
-        },
-        cfg,
-    )
+    basphere_app::engine(store, provider, config(), cfg)
 }
 
 /// Starts `e` in the background; drop the sender to keep it, send `true` to stop it.

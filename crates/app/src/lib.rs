@@ -1,0 +1,276 @@
+//! The composition root: from one [`Config`], the store, the provider, the engine, the
+//! handlers' [`AppState`] and the merged, hardened router, served and shut down in one order.
+//!
+//! Invariant: this is the only place that wires these parts together. `basphere serve`, the
+//! benches and the tests build their server here, so what they run is what production runs;
+//! a test changes only what [`Overrides`] (or the config) lets it change.
+
+pub mod providers;
+
+use axum::Router;
+use basphere_api::{AppState, Listeners, ServeOptions, UnixAccounts};
+use basphere_config::Config;
+use basphere_engine::{Catalog, Engine, EngineConfig};
+use basphere_provider::Provider;
+use basphere_store::{ClaimLimits, Store};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// How long a shutdown waits for open requests to finish, then for the engine's steps.
+const SERVER_GRACE: Duration = Duration::from_secs(10);
+const ENGINE_GRACE: Duration = Duration::from_secs(5);
+
+/// What a test or bench sets that the config does not say; the default changes nothing.
+#[derive(Default, Clone)]
+pub struct Overrides {
+    /// This provider instead of the one `provider.kind` names (e.g. a slow `NullProvider`, or
+    /// one whose calls a bench reads).
+    pub provider: Option<Arc<dyn Provider>>,
+    /// This node id instead of the one stored in the data dir's `node-id` file.
+    pub node_id: Option<String>,
+}
+
+impl Overrides {
+    /// Only the provider overridden.
+    pub fn with_provider(p: Arc<dyn Provider>) -> Self {
+        Self {
+            provider: Some(p),
+            ..Self::default()
+        }
+    }
+}
+
+/// Engine tuning from `[engine]` for the node `node_id`; what the config has no key for
+/// (backoff, the deadline of steps other than `wait_ready`) keeps the engine's default.
+pub fn engine_config(cfg: &Config, node_id: String) -> EngineConfig {
+    let e = &cfg.engine;
+    EngineConfig {
+        node_id,
+        lease: Duration::from_secs(e.lease_secs.max(3)),
+        max_parallel: e.max_parallel,
+        max_attempts: e.max_attempts,
+        ready_deadline: Duration::from_secs(e.ready_timeout_secs),
+        limits: ClaimLimits {
+            per_user: e.max_per_user,
+            per_provider: e.max_per_provider,
+            per_host: e.max_per_host,
+        },
+        ..EngineConfig::default()
+    }
+}
+
+/// The network pool and each image's provider reference (its `provider_ref`, else its name).
+pub fn catalog(cfg: &Config) -> Catalog {
+    Catalog {
+        pool: cfg.network.clone(),
+        image_refs: cfg
+            .images
+            .iter()
+            .map(|(n, i)| {
+                let name = n.to_string();
+                (name.clone(), i.provider_ref.clone().unwrap_or(name))
+            })
+            .collect(),
+    }
+}
+
+/// An engine over `store` driving `provider`, with `cfg`'s catalog and the given tuning
+/// (usually [`engine_config`]); not yet running.
+pub fn engine(
+    store: &Store,
+    provider: Arc<dyn Provider>,
+    cfg: &Config,
+    tuning: EngineConfig,
+) -> Engine {
+    Engine::new(store.clone(), provider, catalog(cfg), tuning)
+}
+
+/// A server built from a config and not yet serving: its store is open (with the admin
+/// account), its provider ready and its engine registered, so definitions can still be added
+/// (`app.engine().register(…)`) before [`App::serve`].
+pub struct App {
+    state: AppState,
+    provider: Arc<dyn Provider>,
+}
+
+impl App {
+    /// Opens the store in `cfg.data_dir` (made if missing) and makes sure the admin account
+    /// exists, builds the provider (unless overridden) and the engine.
+    pub async fn build(cfg: Arc<Config>, o: Overrides) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&cfg.data_dir)
+            .map_err(|e| anyhow::anyhow!("creating data dir {}: {e}", cfg.data_dir.display()))?;
+        let store = Store::open(&cfg.db_path()).await?;
+        store
+            .ensure_admin(&cfg.server.admin, &cfg.quota, &cfg.network)
+            .await?;
+        let provider = match o.provider {
+            Some(p) => p,
+            None => providers::build(&cfg).await?,
+        };
+        let node_id = match o.node_id {
+            Some(id) => id,
+            None => node_id(&cfg.data_dir)?,
+        };
+        let engine = engine(&store, provider.clone(), &cfg, engine_config(&cfg, node_id));
+        let accounts = cfg.bastion.manage_accounts.then(|| UnixAccounts {
+            group: cfg.bastion.group.clone(),
+        });
+        Ok(Self {
+            state: AppState {
+                store,
+                engine,
+                config: cfg,
+                accounts,
+            },
+            provider,
+        })
+    }
+
+    /// What every handler reaches (store, engine, config, Unix accounts).
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.state.store
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.state.engine
+    }
+
+    pub fn config(&self) -> &Arc<Config> {
+        &self.state.config
+    }
+
+    pub fn provider(&self) -> &Arc<dyn Provider> {
+        &self.provider
+    }
+
+    /// The API and the portal on one router, with the `Host` check and body limit over both.
+    pub fn router(&self) -> Router {
+        let app = basphere_api::router(self.state.clone())
+            .merge(basphere_web::router(self.state.clone()));
+        basphere_api::limits::harden(app, &self.state.config)
+    }
+
+    /// Starts the engine, then serves [`App::router`] on `listeners` under `opts`, both until
+    /// [`Running::shutdown`].
+    pub fn serve(self, listeners: Listeners, opts: ServeOptions) -> Running {
+        let (stop, rx) = watch::channel(false);
+        let engine = tokio::spawn(self.engine().clone().run(rx.clone()));
+        let server = tokio::spawn(basphere_api::serve_with(self.router(), listeners, opts, rx));
+        Running {
+            app: self,
+            stop,
+            engine,
+            server,
+        }
+    }
+}
+
+/// A serving [`App`]. Dropping it without [`Running::shutdown`] stops serving too (the
+/// listeners close when the shutdown channel does) but leaves the store open.
+pub struct Running {
+    app: App,
+    stop: watch::Sender<bool>,
+    engine: JoinHandle<()>,
+    server: JoinHandle<std::io::Result<()>>,
+}
+
+impl Running {
+    pub fn app(&self) -> &App {
+        &self.app
+    }
+
+    /// Stops accepting, lets open requests finish (at most 10 s), lets the engine's running
+    /// steps end (at most 5 s), then closes the store.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(SERVER_GRACE, self.server).await;
+        let _ = tokio::time::timeout(ENGINE_GRACE, self.engine).await;
+        self.app.state.store.close().await;
+    }
+}
+
+/// A stable id for this data dir's server, so a restart reclaims its own leases at once.
+fn node_id(data_dir: &Path) -> anyhow::Result<String> {
+    let p = data_dir.join("node-id");
+    if let Ok(s) = std::fs::read_to_string(&p) {
+        let s = s.trim().to_string();
+        if !s.is_empty() {
+            return Ok(s);
+        }
+    }
+    let id = format!("node-{}", &random_hex()[..12]);
+    std::fs::write(&p, &id).map_err(|e| anyhow::anyhow!("writing {}: {e}", p.display()))?;
+    Ok(id)
+}
+
+fn random_hex() -> String {
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .ok();
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(env: &[(&str, &str)]) -> Config {
+        Config::load(
+            None,
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn engine_tuning_comes_from_the_engine_section() {
+        let cfg = config(&[
+            ("BASPHERE_ENGINE__LEASE_SECS", "1"),
+            ("BASPHERE_ENGINE__MAX_PARALLEL", "7"),
+            ("BASPHERE_ENGINE__MAX_ATTEMPTS", "2"),
+            ("BASPHERE_ENGINE__READY_TIMEOUT_SECS", "9"),
+            ("BASPHERE_ENGINE__MAX_PER_USER", "4"),
+        ]);
+        let e = engine_config(&cfg, "n1".into());
+        assert_eq!(e.node_id, "n1");
+        assert_eq!(
+            e.lease,
+            Duration::from_secs(3),
+            "a lease under 3 s is raised"
+        );
+        assert_eq!(e.max_parallel, 7);
+        assert_eq!(e.max_attempts, 2);
+        assert_eq!(e.ready_deadline, Duration::from_secs(9));
+        assert_eq!(e.limits.per_user, Some(4));
+        assert_eq!(e.limits.per_provider, None);
+    }
+
+    #[test]
+    fn images_map_to_their_provider_reference() {
+        let cfg = config(&[]);
+        let c = catalog(&cfg);
+        assert_eq!(c.pool, cfg.network);
+        assert!(!cfg.images.is_empty());
+        for (name, img) in &cfg.images {
+            let want = img.provider_ref.clone().unwrap_or_else(|| name.to_string());
+            assert_eq!(c.image_refs[name.as_str()], want);
+        }
+    }
+
+    #[test]
+    fn the_node_id_is_kept_in_the_data_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = node_id(dir.path()).unwrap();
+        assert!(a.starts_with("node-") && a.len() == 17, "{a}");
+        assert_eq!(node_id(dir.path()).unwrap(), a);
+        assert_ne!(node_id(tempfile::tempdir().unwrap().path()).unwrap(), a);
+    }
+}
