@@ -66,7 +66,7 @@ async fn planned(st: &AppState, caller: &Caller, body: &Body) -> Result<Planned,
         .map(|v| Existing {
             managed: managed.contains(v.name.as_str()),
             name: v.name.to_string(),
-            status: v.status.to_string(),
+            status: v.status,
             os: v.os,
             spec: v.spec,
         })
