@@ -6,7 +6,6 @@
 //! Every JSON response is the prototype's envelope `{success, message, data, errors}`.
 //! API Boundary: routes under `/api/v1` are a compatibility contract with the prototype.
 
-mod accounts;
 mod auth;
 mod envelope;
 mod input;
@@ -14,8 +13,8 @@ pub mod limits;
 pub mod routes;
 mod server;
 
-pub use accounts::UnixAccounts;
 pub use auth::{Caller, PeerInfo, SESSION_COOKIE, cookie_value};
+pub use basphere_accounts::UnixAccounts;
 pub use envelope::{ApiError, Envelope, Ok200};
 pub use input::{Body, MAX_BODY};
 pub use server::{

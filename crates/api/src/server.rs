@@ -1,10 +1,10 @@
-use crate::accounts::UnixAccounts;
 use crate::auth::PeerInfo;
 use crate::input::MAX_BODY;
 use crate::routes;
 use axum::Router;
 use axum::extract::{ConnectInfo, DefaultBodyLimit};
 use axum::http::{HeaderValue, Request, header::STRICT_TRANSPORT_SECURITY};
+use basphere_accounts::UnixAccounts;
 use basphere_config::{Config, ServerConfig, TlsFiles};
 use basphere_engine::Engine;
 use basphere_store::Store;

@@ -11,6 +11,7 @@ mod quota;
 mod spec;
 mod ssh;
 mod state;
+mod text_enum;
 
 pub use error::{FieldError, FieldErrors};
 pub use ipam::{IpBlock, NetworkPool, NetworkPoolError};
@@ -18,7 +19,15 @@ pub use names::{Email, ImageName, NameError, Team, Username, VmName};
 pub use quota::{Quota, QuotaExceeded, QuotaLimit, Usage};
 pub use spec::{Spec, SpecName};
 pub use ssh::{SshKeyError, SshPublicKey};
-pub use state::{RegistrationStatus, Role, UserStatus, VmStatus};
+pub use state::{
+    RegistrationStatus, Role, StepStatus, UserStatus, VmStatus, WorkflowKind, WorkflowStatus,
+};
+pub use text_enum::UnknownVariant;
+
+#[doc(hidden)]
+pub mod __private {
+    pub use serde;
+}
 
 /// Smallest and largest number of VMs one create request may ask for.
 pub const VM_COUNT_RANGE: std::ops::RangeInclusive<u32> = 1..=10;

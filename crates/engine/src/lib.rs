@@ -26,7 +26,8 @@
 //! Architecture invariant: the engine never decides admission and never writes SQL; it moves
 //! workflows through the store's lease-guarded transitions and calls the definitions.
 
-pub mod plan;
+/// Batch planning, re-exported so `basphere_engine::plan` keeps naming it.
+pub use basphere_plan as plan;
 pub mod vm;
 
 use basphere_core::NetworkPool;

@@ -250,7 +250,7 @@ fn commit_group(
                     &j.wf,
                     [
                         (Some(&j.name), "step_done", &done),
-                        (None, "succeeded", &ended),
+                        (None, WorkflowStatus::Succeeded.as_str(), &ended),
                     ],
                     now,
                 )?);

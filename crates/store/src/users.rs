@@ -246,8 +246,8 @@ impl Store {
                 email: "",
                 team: "admins",
                 public_key: "",
-                role: "admin",
-                status: "active",
+                role: Role::Admin.as_str(),
+                status: UserStatus::Active.as_str(),
                 quota,
                 ip_block: block,
             },
@@ -312,8 +312,8 @@ impl Store {
                         email: reg.email.as_str(),
                         team: reg.team.as_str(),
                         public_key: reg.public_key.as_str(),
-                        role: "user",
-                        status: "pending",
+                        role: Role::User.as_str(),
+                        status: UserStatus::Pending.as_str(),
                         quota,
                         ip_block: None,
                     },
@@ -546,17 +546,17 @@ impl Store {
         actor: &Actor,
     ) -> std::result::Result<(), UserError> {
         let (from, to, action) = if disabled {
-            ("active", "disabled", "user.disable")
+            (UserStatus::Active, UserStatus::Disabled, "user.disable")
         } else {
-            ("disabled", "active", "user.enable")
+            (UserStatus::Disabled, UserStatus::Active, "user.enable")
         };
         let mut tx = self.write().await?;
         let n = sqlx::query(
             "UPDATE users SET status = $3, updated_at = $4 WHERE username = $1 AND status = $2",
         )
         .bind(username.as_str())
-        .bind(from)
-        .bind(to)
+        .bind(from.as_str())
+        .bind(to.as_str())
         .bind(now_ms())
         .execute(&mut *tx)
         .await?

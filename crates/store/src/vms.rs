@@ -2,8 +2,8 @@ use crate::audit::record;
 use crate::workflows::{Cols, WorkflowKind, insert_workflow};
 use crate::{Actor, Result, Store, StoreError, now_ms, parse};
 use basphere_core::{
-    ImageName, NetworkPool, QuotaExceeded, Spec, SpecName, Usage, UserStatus, Username, VmName,
-    VmStatus,
+    ImageName, NetworkPool, QuotaExceeded, Role, Spec, SpecName, Usage, UserStatus, Username,
+    VmName, VmStatus,
 };
 use serde::Serialize;
 use sqlx::{Row, SqliteConnection};
@@ -203,7 +203,7 @@ pub(crate) async fn owner_limits(
         .try_get::<Option<i64>, _>("ip_block")?
         .and_then(|b| pool.block(b as u32))
         .ok_or_else(|| AdmitError::NoBlock(owner.to_string()))?;
-    let admin = user.try_get::<String, _>("role")? == "admin";
+    let admin = user.try_get::<String, _>("role")? == Role::Admin.as_str();
     Ok((quota, block, admin))
 }
 

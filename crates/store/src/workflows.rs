@@ -12,54 +12,7 @@ use serde::Serialize;
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection};
 
-macro_rules! text_enum {
-    ($name:ident { $($var:ident = $s:literal),+ $(,)? }) => {
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-        #[serde(rename_all = "snake_case")]
-        pub enum $name { $($var),+ }
-        impl $name {
-            pub fn as_str(self) -> &'static str { match self { $($name::$var => $s),+ } }
-        }
-        impl std::str::FromStr for $name {
-            type Err = String;
-            fn from_str(s: &str) -> std::result::Result<Self, String> {
-                match s { $($s => Ok($name::$var),)+ o => Err(format!("unknown {}: {o}", stringify!($name))) }
-            }
-        }
-        impl std::fmt::Display for $name {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result { f.write_str(self.as_str()) }
-        }
-    };
-}
-
-// What a workflow does to its resource. Kept closed (other crates match it exhaustively);
-// which code runs the steps is `Workflow::definition`, so new kinds of work (clusters,
-// bare-metal setup, tests, benchmarks) need no new variant until they need a new verb here.
-text_enum!(WorkflowKind { CreateVm = "create_vm", DeleteVm = "delete_vm" });
-
-text_enum!(WorkflowStatus {
-    Pending = "pending",
-    Running = "running",
-    Undoing = "undoing",
-    Succeeded = "succeeded",
-    Failed = "failed",
-    Cancelled = "cancelled",
-});
-text_enum!(StepStatus {
-    Pending = "pending",
-    Running = "running",
-    Done = "done",
-    Failed = "failed",
-    Undone = "undone",
-    Skipped = "skipped",
-});
-
-impl WorkflowStatus {
-    /// Whether the workflow will not change any more (until someone retries it).
-    pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
-    }
-}
+pub use basphere_core::{StepStatus, WorkflowKind, WorkflowStatus};
 
 /// One step of a workflow as recorded.
 #[derive(Debug, Clone, Serialize)]
@@ -128,6 +81,17 @@ pub enum WorkflowOutcome {
     Failed(String),
     /// Cancelled on request (after its done steps were undone).
     Cancelled(String),
+}
+
+impl WorkflowOutcome {
+    /// The status a workflow ending this way records.
+    pub fn status(&self) -> WorkflowStatus {
+        match self {
+            Self::Succeeded => WorkflowStatus::Succeeded,
+            Self::Failed(_) => WorkflowStatus::Failed,
+            Self::Cancelled(_) => WorkflowStatus::Cancelled,
+        }
+    }
 }
 
 /// A workflow to queue.
@@ -1465,10 +1429,10 @@ pub(crate) async fn finish_in(
     outcome: &WorkflowOutcome,
 ) -> Result<Vec<WorkflowEvent>> {
     let now = now_ms();
-    let (status, err) = match outcome {
-        WorkflowOutcome::Succeeded => ("succeeded", None),
-        WorkflowOutcome::Failed(e) => ("failed", Some(e.as_str())),
-        WorkflowOutcome::Cancelled(e) => ("cancelled", Some(e.as_str())),
+    let status = outcome.status().as_str();
+    let err = match outcome {
+        WorkflowOutcome::Succeeded => None,
+        WorkflowOutcome::Failed(e) | WorkflowOutcome::Cancelled(e) => Some(e.as_str()),
     };
     // The end and what the rest of the ending needs, in one statement.
     let r = sqlx::query(
@@ -1496,11 +1460,7 @@ pub(crate) async fn finish_rest(
     now: i64,
 ) -> Result<Vec<WorkflowEvent>> {
     let wf = w.id.as_str();
-    let status = match outcome {
-        WorkflowOutcome::Succeeded => "succeeded",
-        WorkflowOutcome::Failed(_) => "failed",
-        WorkflowOutcome::Cancelled(_) => "cancelled",
-    };
+    let status = outcome.status().as_str();
     let msg = match outcome {
         WorkflowOutcome::Succeeded => format!("{} succeeded", w.definition),
         WorkflowOutcome::Failed(e) => format!("{} failed: {e}", w.definition),
@@ -1671,11 +1631,7 @@ async fn apply_vm_outcome(
             .bind(left > 0)
             .execute(&mut *conn)
             .await?;
-            let result = if matches!(outcome, WorkflowOutcome::Cancelled(_)) {
-                "cancelled"
-            } else {
-                "failed"
-            };
+            let result = outcome.status().as_str();
             record(conn, &actor, "vm.create", &target, result, Some(e)).await?;
         }
         (WorkflowKind::DeleteVm, WorkflowOutcome::Succeeded) => {

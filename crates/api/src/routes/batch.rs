@@ -2,7 +2,7 @@
 //! `ops::events_all`.
 //!
 //! `POST /batches/plan` and `POST /batches` take `{"manifest": TEXT, "format": "toml"|"yaml",
-//! "parallelism": N}`; planning is `basphere_engine::plan`, admission one store transaction.
+//! "parallelism": N}`; planning is `basphere_plan`, admission one store transaction.
 
 use crate::auth::Caller;
 use crate::envelope::{ApiError, Ok200, accepted, ok};
@@ -11,7 +11,7 @@ use crate::server::AppState;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use basphere_core::FieldErrors;
-use basphere_engine::plan::{self, Existing, Format, Manifest};
+use basphere_plan::{self as plan, Existing, Format, Manifest};
 use basphere_store::{BatchError, BatchRequest, BatchVm, OpError, Workflow, WorkflowKind};
 use serde_json::{Value, json};
 
@@ -66,7 +66,7 @@ async fn planned(st: &AppState, caller: &Caller, body: &Body) -> Result<Planned,
         .map(|v| Existing {
             managed: managed.contains(v.name.as_str()),
             name: v.name.to_string(),
-            status: v.status.to_string(),
+            status: v.status,
             os: v.os,
             spec: v.spec,
         })

@@ -1,4 +1,3 @@
-use crate::accounts::AccountError;
 use crate::auth::Caller;
 use crate::envelope::{ApiError, Ok200, accepted, ok};
 use crate::input::Body;
@@ -7,6 +6,7 @@ use crate::server::AppState;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
+use basphere_accounts::AccountError;
 use basphere_core::{Email, FieldErrors, Quota, SshPublicKey, Team, UserStatus, Username};
 use basphere_store::{AuditFilter, NewRegistration, UserError};
 use serde::Deserialize;

@@ -1,5 +1,6 @@
 //! Property tests of batch planning on random DAGs.
-use basphere_engine::plan::{Existing, Manifest, PlanError, VmNode, plan};
+use basphere_core::VmStatus;
+use basphere_plan::{Existing, Manifest, PlanError, VmNode, plan};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, HashMap};
 
@@ -122,7 +123,7 @@ proptest! {
         m.vms.get_mut(&name(a)).unwrap().conflicts.push(other.clone());
         let ex = vec![Existing {
             name: "legacy".into(),
-            status: "running".into(),
+            status: VmStatus::Running,
             os: "debian-12".into(),
             spec: "small".into(),
             managed: false,
@@ -149,7 +150,7 @@ proptest! {
         prop_assert!(missing, "{:?}", errs);
         let ex = vec![Existing {
             name: "elsewhere".into(),
-            status: "running".into(),
+            status: VmStatus::Running,
             os: "debian-12".into(),
             spec: "small".into(),
             managed: false,

@@ -21,8 +21,10 @@
 //! conflicts = ["legacy-web"]
 //! ```
 //!
-//! Architecture invariant: no IO here; the API reads what exists and the store admits the plan.
+//! Architecture invariant: no IO here and no dependency on the store or the engine; the API
+//! reads what exists and the store admits the plan.
 
+use basphere_core::VmStatus;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -105,7 +107,7 @@ impl Manifest {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Existing {
     pub name: String,
-    pub status: String,
+    pub status: VmStatus,
     pub os: String,
     pub spec: String,
     /// Made by an earlier apply: deleted when it leaves the manifest.
@@ -154,7 +156,7 @@ pub struct Create {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Keep {
     pub name: String,
-    pub status: String,
+    pub status: VmStatus,
     /// Declared values that differ from the VM's (not changed by apply).
     pub differs: Vec<String>,
 }
@@ -246,11 +248,11 @@ pub fn plan(m: &Manifest, existing: &[Existing]) -> Result<Plan, Vec<PlanError>>
                         other: r.clone(),
                         status: "deleted by this plan (it left the manifest)".into(),
                     });
-                } else if e.status == "failed" || e.status == "deleting" {
+                } else if matches!(e.status, VmStatus::Failed | VmStatus::Deleting) {
                     errs.push(PlanError::RequirementFailed {
                         node: name.clone(),
                         other: r.clone(),
-                        status: e.status.clone(),
+                        status: e.status.to_string(),
                     });
                 } else {
                     hard[i].push(r.clone());
@@ -337,7 +339,7 @@ pub fn plan(m: &Manifest, existing: &[Existing]) -> Result<Plan, Vec<PlanError>>
                 }
                 p.keep.push(Keep {
                     name: name.to_string(),
-                    status: e.status.clone(),
+                    status: e.status,
                     differs,
                 });
             }
@@ -353,7 +355,7 @@ pub fn plan(m: &Manifest, existing: &[Existing]) -> Result<Plan, Vec<PlanError>>
     }
     p.delete = existing
         .iter()
-        .filter(|e| e.managed && !m.vms.contains_key(&e.name) && e.status != "deleting")
+        .filter(|e| e.managed && !m.vms.contains_key(&e.name) && e.status != VmStatus::Deleting)
         .map(|e| e.name.clone())
         .collect();
     Ok(p)
@@ -366,7 +368,7 @@ mod tests {
     fn ex(name: &str, managed: bool) -> Existing {
         Existing {
             name: name.into(),
-            status: "running".into(),
+            status: VmStatus::Running,
             os: "debian-12".into(),
             spec: "small".into(),
             managed,

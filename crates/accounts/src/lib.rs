@@ -5,6 +5,10 @@
 //! when it ran `useradd`. Files in a user's home are touched only through directory fds opened
 //! with `O_NOFOLLOW`, after checking the user owns them, so a symlink, FIFO or foreign directory
 //! the user planted is refused rather than followed as root.
+//!
+//! Architecture invariant: this crate changes the host and nothing else; it knows no HTTP and no
+//! store (the caller decides, records and reports), and it takes only validated `basphere_core`
+//! names and keys.
 
 use basphere_core::{SshPublicKey, Username};
 use nix::errno::Errno;
