@@ -1,8 +1,13 @@
-//! The interface between Basphere's engine and the machines it makes.
+//! The interface between Basphere's engine and the machines it makes, split by capability.
 //!
-//! A provider turns a [`VmRequest`] into a running machine in three idempotent phases —
-//! [`Provider::prepare`], [`Provider::start`], [`Provider::wait_ready`] — and takes it apart with
-//! [`Provider::stop`] and [`Provider::remove`]. The engine persists which phase finished, so after a
+//! - [`Machines`]: machine lifecycle. A provider turns a [`VmRequest`] into a running machine in
+//!   three idempotent phases — [`Machines::prepare`], [`Machines::start`],
+//!   [`Machines::wait_ready`] — and takes it apart with [`Machines::stop`] and [`Machines::remove`].
+//! - [`NodeCommands`]: running a command on a node, whether a VM or a bare-metal machine.
+//! - [`Provider`]: what the engine and the composition root hold: a named backend with the
+//!   [`Machines`] capability that may offer others ([`Provider::commands`]).
+//!
+//! The lifecycle phases are idempotent: the engine persists which phase finished, so after a
 //! crash any phase may be called again for the same request: each must notice work already done
 //! (find the disk, the process or the cloned VM by [`VmRequest::instance`]) and neither duplicate
 //! nor fail on it. `stop` and `remove` must succeed when there is nothing left to stop or remove.
@@ -12,7 +17,7 @@
 
 use basphere_core::{ImageName, Spec, SshPublicKey, Username, VmName};
 use serde::{Deserialize, Serialize};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 mod null;
@@ -87,12 +92,20 @@ impl ProviderError {
 
 pub type Result<T> = std::result::Result<T, ProviderError>;
 
-/// A hypervisor backend. See the crate documentation for the idempotency contract.
-#[async_trait::async_trait]
-pub trait Provider: Send + Sync + 'static {
+/// A backend the engine holds: a name, the [`Machines`] capability, and optional others.
+pub trait Provider: Machines {
     /// Short name used in config and logs: `qemu`, `vsphere`, `null`.
     fn kind(&self) -> &'static str;
 
+    /// Command execution on the nodes this backend makes, if it offers it.
+    fn commands(&self) -> Option<&dyn NodeCommands> {
+        None
+    }
+}
+
+/// Machine lifecycle. See the crate documentation for the idempotency contract.
+#[async_trait::async_trait]
+pub trait Machines: Send + Sync + 'static {
     /// Makes the machine's disks/definition (clone, seed, reconfigure); does not start it.
     async fn prepare(&self, vm: &VmRequest) -> Result<()>;
 
@@ -111,6 +124,84 @@ pub trait Provider: Send + Sync + 'static {
 
     /// What exists of the machine now.
     async fn inspect(&self, vm: &VmRequest) -> Result<MachineState>;
+}
+
+/// Command execution on a node: the place where task services run. VMs (over SSH to their
+/// login user) and bare-metal nodes will implement it; today only [`NullProvider`] does.
+///
+/// `run` is not idempotent: a caller that retries after a retryable error must use commands that
+/// tolerate running twice.
+#[async_trait::async_trait]
+pub trait NodeCommands: Send + Sync + 'static {
+    /// Runs `cmd` on `node` and returns how it ended. A non-zero exit is an `Ok` output, not an
+    /// error; errors are failures to run it at all (unreachable node, refused login: retryable
+    /// where trying again may help) or running past `cmd.timeout` (retryable).
+    async fn run(&self, node: &NodeRef, cmd: &NodeCommand) -> Result<CommandOutput>;
+}
+
+/// The node a command runs on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRef {
+    /// Where the node answers (its SSH endpoint for VMs).
+    pub address: SocketAddr,
+    /// The account commands run as.
+    pub login_user: String,
+    /// The id of the VM or bare-metal node record (see [`VmRequest::instance`]).
+    pub instance: String,
+}
+
+/// One command to run on a node: a program and its arguments, never a shell string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeCommand {
+    argv: Vec<String>,
+    /// Bytes written to the command's standard input, which is then closed.
+    pub stdin: Option<Vec<u8>>,
+    /// How long the command may run before it is killed and `run` fails.
+    pub timeout: Duration,
+}
+
+impl NodeCommand {
+    /// `program` with `args`, no stdin.
+    pub fn new(
+        program: impl Into<String>,
+        args: impl IntoIterator<Item = impl Into<String>>,
+        timeout: Duration,
+    ) -> Self {
+        let mut argv = vec![program.into()];
+        argv.extend(args.into_iter().map(Into::into));
+        Self {
+            argv,
+            stdin: None,
+            timeout,
+        }
+    }
+
+    /// The same command with `stdin` written to its standard input.
+    pub fn with_stdin(mut self, stdin: impl Into<Vec<u8>>) -> Self {
+        self.stdin = Some(stdin.into());
+        self
+    }
+
+    /// The program followed by its arguments; never empty.
+    pub fn argv(&self) -> &[String] {
+        &self.argv
+    }
+}
+
+/// How a command on a node ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandOutput {
+    /// The exit code; `None` if the command ended without one (killed by a signal).
+    pub exit_code: Option<i32>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl CommandOutput {
+    /// Whether the command exited with code 0.
+    pub fn success(&self) -> bool {
+        self.exit_code == Some(0)
+    }
 }
 
 /// A MAC address in the locally administered range, stable for an instance id.

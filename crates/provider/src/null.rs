@@ -1,8 +1,12 @@
 //! The do-nothing test provider: records calls, optionally sleeps or fails on command.
 //! It never makes a machine; it exists so admission and engine behaviour can be tested and
 //! benchmarked without a hypervisor. It is selected only by `provider = "null"` in the config.
+//! It also offers [`NodeCommands`], answering every command with [`NullProvider::command_output`].
 
-use crate::{MachineState, Provider, ProviderError, Result, VmRequest};
+use crate::{
+    CommandOutput, Machines, MachineState, NodeCommand, NodeCommands, NodeRef, Provider,
+    ProviderError, Result, VmRequest,
+};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -27,6 +31,8 @@ pub struct NullProvider {
     /// for `fail-*` VMs while they are listed (a test turns a failure on and off while the
     /// server runs). [`NullProvider::new`] takes it from `BASPHERE_NULL_FAIL_FILE`.
     pub fail_file: Option<PathBuf>,
+    /// What every [`NodeCommands::run`] returns (default: exit 0, no output).
+    pub command_output: CommandOutput,
     calls: Mutex<Vec<NullProviderCall>>,
     state: Mutex<HashMap<String, MachineState>>,
 }
@@ -76,11 +82,30 @@ impl NullProvider {
     }
 }
 
-#[async_trait::async_trait]
 impl Provider for NullProvider {
     fn kind(&self) -> &'static str {
         "null"
     }
+    fn commands(&self) -> Option<&dyn NodeCommands> {
+        Some(self)
+    }
+}
+
+/// Records a `run` call (phase `"run"`, the node's instance) and returns the canned output.
+#[async_trait::async_trait]
+impl NodeCommands for NullProvider {
+    async fn run(&self, node: &NodeRef, _cmd: &NodeCommand) -> Result<CommandOutput> {
+        self.calls.lock().unwrap().push(NullProviderCall {
+            phase: "run",
+            instance: node.instance.clone(),
+            at: Instant::now(),
+        });
+        Ok(self.command_output.clone())
+    }
+}
+
+#[async_trait::async_trait]
+impl Machines for NullProvider {
     async fn prepare(&self, vm: &VmRequest) -> Result<()> {
         self.record("prepare", vm).await?;
         self.set(vm, MachineState::Stopped);
@@ -114,5 +139,51 @@ impl Provider for NullProvider {
             .unwrap()
             .get(&vm.instance)
             .unwrap_or(&MachineState::Absent))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node() -> NodeRef {
+        NodeRef {
+            address: "127.0.0.1:22".parse().unwrap(),
+            login_user: "basphere".into(),
+            instance: "3f2a".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn null_provider_runs_commands_with_the_canned_output() {
+        let canned = CommandOutput {
+            exit_code: Some(3),
+            stdout: b"out".to_vec(),
+            stderr: b"err".to_vec(),
+        };
+        let p = NullProvider {
+            command_output: canned.clone(),
+            ..NullProvider::new(Duration::ZERO)
+        };
+        let provider: &dyn Provider = &p;
+        let commands = provider.commands().expect("the null provider offers NodeCommands");
+        let cmd = NodeCommand::new("systemctl", ["start", "svc"], Duration::from_secs(5))
+            .with_stdin("input");
+        assert_eq!(cmd.argv(), ["systemctl", "start", "svc"]);
+        let out = commands.run(&node(), &cmd).await.unwrap();
+        assert_eq!(out, canned);
+        assert!(!out.success());
+        let calls = p.calls();
+        assert_eq!(calls.len(), 1);
+        assert_eq!((calls[0].phase, calls[0].instance.as_str()), ("run", "3f2a"));
+    }
+
+    #[tokio::test]
+    async fn null_provider_command_output_defaults_to_success() {
+        let p = NullProvider::new(Duration::ZERO);
+        let cmd = NodeCommand::new("true", Vec::<String>::new(), Duration::from_secs(1));
+        let out = p.run(&node(), &cmd).await.unwrap();
+        assert!(out.success());
+        assert!(out.stdout.is_empty() && out.stderr.is_empty());
     }
 }
