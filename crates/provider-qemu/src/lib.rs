@@ -51,7 +51,7 @@ pub use net::ensure_lab;
 pub use seed::{SeedFiles, render as render_seed};
 
 use basphere_core::ImageName;
-use basphere_provider::{MachineState, Provider, ProviderError, Result, VmRequest};
+use basphere_provider::{MachineState, Machines, Provider, ProviderError, Result, VmRequest};
 use machine::VmPaths;
 use std::ffi::OsStr;
 use std::net::SocketAddr;
@@ -509,12 +509,14 @@ fn pid_gone_within(pid: i32, marker: &str, limit: Duration) -> impl Future<Outpu
     }
 }
 
-#[async_trait::async_trait]
 impl Provider for QemuProvider {
     fn kind(&self) -> &'static str {
         "qemu"
     }
+}
 
+#[async_trait::async_trait]
+impl Machines for QemuProvider {
     async fn prepare(&self, vm: &VmRequest) -> Result<()> {
         let paths = self.paths(vm)?;
         private_dir(&self.config.state_dir)?;

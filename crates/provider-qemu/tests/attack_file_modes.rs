@@ -10,7 +10,7 @@
 //!
 //!     cargo nextest run -p basphere-qemu --test attack_file_modes
 
-use basphere_provider::{GuestNetwork, Provider, VmRequest, mac_for};
+use basphere_provider::{GuestNetwork, Machines, VmRequest, mac_for};
 use basphere_qemu::{NetworkMode, QemuConfig, QemuProvider};
 use basphere_testkit::{Netns, UnixAccount as Account, every_path, run_ok, skip_unless_root};
 use std::os::unix::fs::PermissionsExt;

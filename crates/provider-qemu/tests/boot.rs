@@ -6,7 +6,7 @@
 //!
 //!     cargo test -p basphere-qemu --test boot -- --nocapture
 
-use basphere_provider::{GuestNetwork, MachineState, Provider, VmRequest, mac_for};
+use basphere_provider::{GuestNetwork, MachineState, Machines, VmRequest, mac_for};
 use basphere_qemu::{NetworkMode, QemuConfig, QemuProvider};
 use basphere_testkit::process::{alive, kill_marked};
 use basphere_testkit::{

@@ -20,7 +20,7 @@ use crate::error::Error;
 use crate::soap::{Client, MoRef, PropertyQuery, SoapStats};
 use crate::xml::{Node, esc};
 use base64::Engine;
-use basphere_provider::{MachineState, Provider, ProviderError, Result, VmRequest};
+use basphere_provider::{MachineState, Machines, Provider, ProviderError, Result, VmRequest};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -610,12 +610,14 @@ async fn resolve_inventory(
     })
 }
 
-#[async_trait::async_trait]
 impl Provider for VsphereProvider {
     fn kind(&self) -> &'static str {
         "vsphere"
     }
+}
 
+#[async_trait::async_trait]
+impl Machines for VsphereProvider {
     async fn prepare(&self, vm: &VmRequest) -> Result<()> {
         let (template, nic_name, login_user) = self.template(vm)?;
         let name = Self::vm_name(vm);

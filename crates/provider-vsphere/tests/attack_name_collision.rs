@@ -3,7 +3,7 @@
 
 mod common;
 
-use basphere_provider::{MachineState, Provider, VmRequest};
+use basphere_provider::{MachineState, Machines, VmRequest};
 use basphere_vsphere::{Client, MoRef, VsphereProvider};
 use common::{Vcsim, request_as};
 use std::time::Duration;

@@ -3,7 +3,7 @@
 
 mod common;
 
-use basphere_provider::{MachineState, Provider};
+use basphere_provider::{MachineState, Machines};
 use basphere_vsphere::{Error, VsphereProvider};
 use common::{Vcsim, request};
 use std::time::Duration;

@@ -7,7 +7,7 @@
 
 mod common;
 
-use basphere_provider::Provider;
+use basphere_provider::Machines;
 use basphere_vsphere::VsphereProvider;
 use common::{Vcsim, request};
 use std::sync::Arc;

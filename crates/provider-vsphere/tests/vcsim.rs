@@ -5,7 +5,7 @@
 mod common;
 
 use base64::Engine;
-use basphere_provider::{MachineState, Provider};
+use basphere_provider::{MachineState, Machines};
 use basphere_vsphere::{Error, MoRef, VsphereProvider};
 use common::{Vcsim, request};
 use std::sync::Arc;

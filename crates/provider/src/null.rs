@@ -4,7 +4,7 @@
 //! It also offers [`NodeCommands`], answering every command with [`NullProvider::command_output`].
 
 use crate::{
-    CommandOutput, Machines, MachineState, NodeCommand, NodeCommands, NodeRef, Provider,
+    CommandOutput, MachineState, Machines, NodeCommand, NodeCommands, NodeRef, Provider,
     ProviderError, Result, VmRequest,
 };
 use std::collections::HashMap;
@@ -166,7 +166,9 @@ mod tests {
             ..NullProvider::new(Duration::ZERO)
         };
         let provider: &dyn Provider = &p;
-        let commands = provider.commands().expect("the null provider offers NodeCommands");
+        let commands = provider
+            .commands()
+            .expect("the null provider offers NodeCommands");
         let cmd = NodeCommand::new("systemctl", ["start", "svc"], Duration::from_secs(5))
             .with_stdin("input");
         assert_eq!(cmd.argv(), ["systemctl", "start", "svc"]);
@@ -175,7 +177,10 @@ mod tests {
         assert!(!out.success());
         let calls = p.calls();
         assert_eq!(calls.len(), 1);
-        assert_eq!((calls[0].phase, calls[0].instance.as_str()), ("run", "3f2a"));
+        assert_eq!(
+            (calls[0].phase, calls[0].instance.as_str()),
+            ("run", "3f2a")
+        );
     }
 
     #[tokio::test]
