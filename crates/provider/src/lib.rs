@@ -188,13 +188,23 @@ impl NodeCommand {
     }
 }
 
-/// How a command on a node ended.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// How a command on a node ended. The default is a successful exit with no output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommandOutput {
     /// The exit code; `None` if the command ended without one (killed by a signal).
     pub exit_code: Option<i32>,
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
+}
+
+impl Default for CommandOutput {
+    fn default() -> Self {
+        Self {
+            exit_code: Some(0),
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+        }
+    }
 }
 
 impl CommandOutput {
