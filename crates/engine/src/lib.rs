@@ -371,7 +371,7 @@ impl Engine {
                         .renew_lease(&id, &node, lease.as_millis() as i64)
                         .await
                     {
-                        if e.is_lease_lost() {
+                        if matches!(e, StoreError::LeaseLost(_)) {
                             let _ = lost_tx.send(true);
                             return;
                         }
@@ -387,7 +387,7 @@ impl Engine {
                 match r {
                     Ok(h) => handed = h,
                     Err(e) => {
-                    if e.is_lease_lost() {
+                    if matches!(e, StoreError::LeaseLost(_)) {
                         warn!(workflow = %id, "lost the lease; another node continues");
                     } else {
                         warn!(workflow = %id, error = %e, "workflow stopped on a store error; it resumes when its lease expires");
