@@ -28,10 +28,11 @@
 
 /// Batch planning, re-exported so `basphere_engine::plan` keeps naming it.
 pub use basphere_plan as plan;
+mod error;
 pub mod vm;
 
 use basphere_core::NetworkPool;
-use basphere_provider::{Provider, ProviderError};
+use basphere_provider::Provider;
 use basphere_store::{
     ClaimLimits, Claimed, Handoff, NextStep, StepCommit, StepStatus, Store, StoreError, Workflow,
     WorkflowEvent, WorkflowKind, WorkflowOutcome, WorkflowStatus,
@@ -42,10 +43,8 @@ use std::time::Duration;
 use tokio::sync::{Notify, Semaphore, broadcast, watch};
 use tracing::{info, warn};
 
+pub use error::{StepError, StepErrorKind};
 pub use vm::{CREATE_STEPS, DELETE_STEPS, step_names};
-
-/// A step's failure: whether trying again may help, and one line saying what failed.
-pub type StepError = ProviderError;
 
 /// When and how often a failed step is tried again.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -372,7 +371,7 @@ impl Engine {
                         .renew_lease(&id, &node, lease.as_millis() as i64)
                         .await
                     {
-                        if e.is_lease_lost() {
+                        if matches!(e, StoreError::LeaseLost(_)) {
                             let _ = lost_tx.send(true);
                             return;
                         }
@@ -388,7 +387,7 @@ impl Engine {
                 match r {
                     Ok(h) => handed = h,
                     Err(e) => {
-                    if e.is_lease_lost() {
+                    if matches!(e, StoreError::LeaseLost(_)) {
                         warn!(workflow = %id, "lost the lease; another node continues");
                     } else {
                         warn!(workflow = %id, error = %e, "workflow stopped on a store error; it resumes when its lease expires");
@@ -512,7 +511,7 @@ impl Engine {
                             break;
                         }
                     }
-                    Err(e) if e.retryable && attempts < spec.retry.max_attempts => {
+                    Err(e) if e.is_retryable() && attempts < spec.retry.max_attempts => {
                         let delay = spec.retry.delay(attempts);
                         self.emit(
                             store
@@ -521,7 +520,7 @@ impl Engine {
                                     idx,
                                     &rec.name,
                                     node,
-                                    &e.message,
+                                    e.message(),
                                     delay.as_millis() as i64,
                                 )
                                 .await?,
@@ -530,10 +529,10 @@ impl Engine {
                         return Ok(None);
                     }
                     Err(e) => {
-                        let msg = if e.retryable {
-                            format!("{} (gave up after {attempts} attempts)", e.message)
+                        let msg = if e.is_retryable() {
+                            format!("{} (gave up after {attempts} attempts)", e.message())
                         } else {
-                            e.message.clone()
+                            e.message().to_string()
                         };
                         self.emit(store.begin_undo(&wf.id, idx, &rec.name, node, &msg).await?);
                         undoing = true;

@@ -140,9 +140,10 @@ impl WorkflowDef for VmWorkflow {
             Err(e) => return Err(StepError::retryable(format!("reading the VM record: {e}"))),
         };
         match ctx.name {
-            "prepare" => self.provider.remove(&req).await,
-            "start" => self.provider.stop(&req).await,
-            _ => Ok(()),
+            "prepare" => self.provider.remove(&req).await?,
+            "start" => self.provider.stop(&req).await?,
+            _ => {}
         }
+        Ok(())
     }
 }

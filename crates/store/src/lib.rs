@@ -51,6 +51,13 @@ pub enum StoreError {
     Corrupt(&'static str, String),
     #[error("{0}")]
     Migration(String),
+    /// Another node now holds the lease on this workflow (or the workflow is gone): this node
+    /// must stop driving it and write nothing more for it.
+    #[error("lease lost on {0}: another node continues this workflow")]
+    LeaseLost(String),
+    /// The store was shut down; nothing more can be written through this handle.
+    #[error("the store is closed")]
+    Closed,
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;

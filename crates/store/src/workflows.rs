@@ -396,16 +396,14 @@ pub(crate) fn step_from(r: &impl Cols) -> Result<StepRecord> {
 }
 
 /// The lease on a workflow was lost to another node (or the workflow vanished).
-pub const LEASE_LOST: &str = "lease lost";
-
 pub(crate) fn lease_lost(wf: &str) -> StoreError {
-    StoreError::Corrupt("workflows.lease_owner", format!("{LEASE_LOST} on {wf}"))
+    StoreError::LeaseLost(wf.to_string())
 }
 
 impl StoreError {
     /// Whether this error means another node now owns the workflow.
     pub fn is_lease_lost(&self) -> bool {
-        matches!(self, StoreError::Corrupt(_, m) if m.starts_with(LEASE_LOST))
+        matches!(self, StoreError::LeaseLost(_))
     }
 }
 
@@ -982,7 +980,7 @@ impl Store {
             reply,
         };
         if self.committer.send(job).is_err() {
-            return Err(StoreError::Corrupt("store", "the store is closed".into()));
+            return Err(StoreError::Closed);
         }
         rx.await
             .map_err(|_| StoreError::Corrupt("store", "the committer stopped".into()))?
@@ -1659,4 +1657,27 @@ async fn apply_vm_outcome(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn renewing_a_lease_one_does_not_hold_is_lease_lost() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("db.sqlite"))
+            .await
+            .expect("open store");
+        let e = store
+            .renew_lease("no-such-workflow", "node-a", 1000)
+            .await
+            .expect_err("no node holds a lease on a missing workflow");
+        assert!(
+            matches!(&e, StoreError::LeaseLost(wf) if wf == "no-such-workflow"),
+            "{e:?}"
+        );
+        assert!(e.is_lease_lost());
+        store.close().await;
+    }
 }
