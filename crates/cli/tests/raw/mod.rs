@@ -35,6 +35,12 @@ impl Resp {
         serde_json::from_str(&self.body)
             .unwrap_or_else(|e| panic!("not JSON ({e}): {} {}", self.status, self.body))
     }
+    /// The envelope of a refusal (`success: false`); returns its message.
+    pub fn refusal_message(&self) -> String {
+        let env = self.json();
+        assert_eq!(env["success"], false, "{env}");
+        env["message"].as_str().expect("a message").to_string()
+    }
     /// The value `Set-Cookie: name=value` sets, if any.
     pub fn cookie(&self, name: &str) -> Option<String> {
         self.all("set-cookie").into_iter().find_map(|c| {
