@@ -33,6 +33,8 @@ use tower_service::Service;
 pub struct AppState {
     pub store: Store,
     pub engine: Engine,
+    /// The provider the VM workflows drive (its kind is shown to users).
+    pub provider: Arc<dyn basphere_provider::Provider>,
     pub config: Arc<Config>,
     /// Present when Basphere manages Unix accounts on this bastion.
     pub accounts: Option<UnixAccounts>,

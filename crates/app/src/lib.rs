@@ -10,7 +10,8 @@ pub mod providers;
 use axum::Router;
 use basphere_api::{AppState, Listeners, ServeOptions, UnixAccounts};
 use basphere_config::Config;
-use basphere_engine::{Catalog, Engine, EngineConfig};
+use basphere_engine::{Engine, EngineConfig};
+use basphere_vm_workflows::Catalog;
 use basphere_provider::Provider;
 use basphere_store::{ClaimLimits, Store};
 use std::path::Path;
@@ -77,15 +78,18 @@ pub fn catalog(cfg: &Config) -> Catalog {
     }
 }
 
-/// An engine over `store` driving `provider`, with `cfg`'s catalog and the given tuning
-/// (usually [`engine_config`]); not yet running.
+/// An engine over `store` with the VM workflows registered, driving `provider` with `cfg`'s
+/// catalog and the given tuning (usually [`engine_config`]); not yet running.
 pub fn engine(
     store: &Store,
     provider: Arc<dyn Provider>,
     cfg: &Config,
     tuning: EngineConfig,
 ) -> Engine {
-    Engine::new(store.clone(), provider, catalog(cfg), tuning)
+    let engine = Engine::new(store.clone(), tuning);
+    let tuning = engine.config().clone();
+    basphere_vm_workflows::register(&engine, provider, catalog(cfg), &tuning);
+    engine
 }
 
 /// A server built from a config and not yet serving: its store is open (with the admin
@@ -122,6 +126,7 @@ impl App {
             state: AppState {
                 store,
                 engine,
+                provider: provider.clone(),
                 config: cfg,
                 accounts,
             },

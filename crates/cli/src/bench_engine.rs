@@ -9,7 +9,7 @@ use basphere_client::{Client, Endpoint};
 use basphere_config::Config;
 use basphere_engine::EngineConfig;
 use basphere_provider::NullProvider;
-use basphere_store::{Actor, NewWorkflow, Store, WorkflowKind};
+use basphere_store::{Actor, NewWorkflow, Store};
 use serde_json::{Value, json};
 use std::collections::HashSet;
 use std::path::Path;
@@ -27,12 +27,11 @@ pub async fn throughput(dir: &Path, workflows: usize, steps: usize) -> anyhow::R
     let store = Store::open(&cfg.db_path()).await?;
     let ws: Vec<NewWorkflow> = (0..workflows)
         .map(|_| {
-            let mut w = NewWorkflow::new(
-                WorkflowKind::CreateVm,
+            let w = NewWorkflow::new(
+                "noop",
                 "bench",
                 (0..steps).map(|i| format!("s{i}")).collect(),
             );
-            w.definition = Some("noop".into());
             w
         })
         .collect();

@@ -20,7 +20,8 @@ pub use quota::{Quota, QuotaExceeded, QuotaLimit, Usage};
 pub use spec::{Spec, SpecName};
 pub use ssh::{SshKeyError, SshPublicKey};
 pub use state::{
-    RegistrationStatus, Role, StepStatus, UserStatus, VmStatus, WorkflowKind, WorkflowStatus,
+    RegistrationStatus, ResourceRef, Role, StepStatus, UserStatus, VmOperation, VmStatus,
+    WorkflowStatus,
 };
 pub use text_enum::UnknownVariant;
 

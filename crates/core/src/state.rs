@@ -43,12 +43,42 @@ crate::text_enum! {
 }
 
 crate::text_enum! {
-    /// What a workflow does to its resource. Kept closed (other crates match it exhaustively);
-    /// which code runs the steps is the workflow's definition, so new kinds of work (clusters,
-    /// bare-metal setup, tests, benchmarks) need no new variant until they need a new verb here.
-    pub enum WorkflowKind {
-        CreateVm = "create_vm",
-        DeleteVm = "delete_vm",
+    /// The workflow definitions of a VM: what a workflow whose resource is a VM does to it.
+    /// The ledger knows only definition names (strings); this is the VM's own vocabulary,
+    /// shared by the store's VM records, the VM workflows and the API.
+    pub enum VmOperation {
+        Create = "create_vm",
+        Delete = "delete_vm",
+    }
+}
+
+/// The resource a workflow acts on, by kind and id (`vm`/`<uuid>`); the ledger stores it
+/// without knowing the kind.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct ResourceRef {
+    pub kind: String,
+    pub id: String,
+}
+
+impl ResourceRef {
+    /// The resource kind of VM records.
+    pub const VM: &'static str = "vm";
+
+    pub fn new(kind: impl Into<String>, id: impl Into<String>) -> Self {
+        Self {
+            kind: kind.into(),
+            id: id.into(),
+        }
+    }
+
+    /// A VM by its record id.
+    pub fn vm(id: impl Into<String>) -> Self {
+        Self::new(Self::VM, id)
+    }
+
+    /// The id, when this names a resource of `kind`.
+    pub fn id_of(&self, kind: &str) -> Option<&str> {
+        (self.kind == kind).then_some(self.id.as_str())
     }
 }
 

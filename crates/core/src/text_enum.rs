@@ -110,18 +110,18 @@ macro_rules! text_enum {
 
 #[cfg(test)]
 mod tests {
-    use crate::{StepStatus, WorkflowKind};
+    use crate::{StepStatus, VmOperation};
 
     #[test]
     fn strings_round_trip_through_every_form() {
-        for &k in WorkflowKind::ALL {
-            assert_eq!(k.as_str().parse::<WorkflowKind>(), Ok(k));
+        for &k in VmOperation::ALL {
+            assert_eq!(k.as_str().parse::<VmOperation>(), Ok(k));
             assert_eq!(k.to_string(), k.as_str());
             let j = serde_json::to_string(&k).unwrap();
             assert_eq!(j, format!("\"{}\"", k.as_str()));
-            assert_eq!(serde_json::from_str::<WorkflowKind>(&j).unwrap(), k);
+            assert_eq!(serde_json::from_str::<VmOperation>(&j).unwrap(), k);
         }
-        assert_eq!(WorkflowKind::STRINGS, ["create_vm", "delete_vm"]);
+        assert_eq!(VmOperation::STRINGS, ["create_vm", "delete_vm"]);
     }
 
     #[test]

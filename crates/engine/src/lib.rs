@@ -4,18 +4,24 @@
 //! is a [`WorkflowDef`] registered with the engine: for each step its deadline and
 //! [`RetryPolicy`] ([`StepSpec`]), how to run it and how to undo it. Every step has an
 //! idempotency key (`<workflow>/<idx>/<name>`, stable across attempts, restarts and nodes)
-//! that it names its outside work after. VM create and delete ([`vm`]) are definitions like
-//! any other; clusters and bare-metal setup add theirs with [`Engine::register`].
+//! that it names its outside work after. Every definition — VM create and delete
+//! (`basphere-vm-workflows`), clusters, bare-metal setup, tests — is added with
+//! [`Engine::register`], together with its hooks on its resource (run by the store in the
+//! transaction that ends or retries a workflow).
+//!
+//! **Children.** A step may spawn child workflows ([`StepCommit::children`]), queued in the
+//! transaction that completes it; the parent then waits, unleased, until every child has
+//! ended, and its next step (typically one that reads [`Store::children`]) runs after that.
+//! A parent undoes a child that succeeded with [`Engine::roll_back`].
 //!
 //! **Execution.** A worker claims a runnable workflow with a lease (renewed by a heartbeat at a
 //! third of it); claiming a workflow claims its next step. Each step's outcome — and the
 //! effects it commits ([`basphere_store::StepCommit`]) — is one transaction, which also starts
 //! the next step. Retryable failures are retried with exponential backoff and jitter, by
 //! whichever node claims the workflow next; a permanent failure (or exhausted attempts) undoes
-//! the done steps in reverse and ends the workflow failed, which releases the VM's address and
-//! quota in the same transaction — unless an undo failed: then the VM keeps both, shown
-//! `failed` with the reason, until a delete confirms the cleanup. A cancel is honoured at the next step boundary (a running
-//! step finishes or hits its deadline first), then undoes likewise. A crashed node's workflows
+//! the done steps in reverse and ends the workflow failed; the definition's hooks apply that to
+//! its resource in the same transaction. A cancel is honoured at the next step boundary (a
+//! running step finishes or hits its deadline first), then undoes likewise. A crashed node's workflows
 //! resume when its lease expires, or at once when the same node restarts.
 //!
 //! **Exactly once.** A step's effect is exactly-once when it is either committed with the
@@ -23,28 +29,25 @@
 //! idempotent under the step's key (a provider finds its earlier work). Everything else is
 //! at-least-once, which the key makes harmless.
 //!
-//! Architecture invariant: the engine never decides admission and never writes SQL; it moves
-//! workflows through the store's lease-guarded transitions and calls the definitions.
+//! Architecture invariant: the engine never decides admission, never writes SQL and never
+//! names a resource kind; it moves workflows through the store's lease-guarded transitions and
+//! calls the definitions registered with it.
 
 /// Batch planning, re-exported so `basphere_engine::plan` keeps naming it.
 pub use basphere_plan as plan;
 mod error;
-pub mod vm;
 
-use basphere_core::NetworkPool;
-use basphere_provider::Provider;
 use basphere_store::{
-    ClaimLimits, Claimed, Handoff, NextStep, StepCommit, StepStatus, Store, StoreError, Workflow,
-    WorkflowEvent, WorkflowKind, WorkflowOutcome, WorkflowStatus,
+    ClaimLimits, Claimed, Handoff, Hooks, NextStep, Reopen, StepCommit, StepStatus, Store,
+    StoreError, Workflow, WorkflowEvent, WorkflowOutcome, WorkflowStatus,
 };
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::{Notify, Semaphore, broadcast, watch};
 use tracing::{info, warn};
 
 pub use error::{StepError, StepErrorKind};
-pub use vm::{CREATE_STEPS, DELETE_STEPS, step_names};
 
 /// When and how often a failed step is tried again.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -79,6 +82,8 @@ pub struct StepSpec {
 
 /// What a step sees when it runs or is undone.
 pub struct StepCtx<'a> {
+    /// The engine running it (to read children, or roll one back).
+    pub engine: &'a Engine,
     pub workflow: &'a Workflow,
     pub idx: u32,
     pub name: &'a str,
@@ -92,6 +97,11 @@ pub struct StepCtx<'a> {
 /// What the steps of one workflow kind do.
 #[async_trait::async_trait]
 pub trait WorkflowDef: Send + Sync + 'static {
+    /// What ending or retrying a workflow registered as `definition` does to its resource
+    /// (none: nothing outside the ledger).
+    fn hooks(&self, _definition: &str) -> Option<Hooks> {
+        None
+    }
     /// Deadline and retry policy of the step called `name`.
     fn step(&self, name: &str) -> StepSpec;
     /// Runs a step. Anything in the returned commit is recorded atomically with its completion.
@@ -148,14 +158,6 @@ impl EngineConfig {
     }
 }
 
-/// What the engine needs to turn a VM record into a provider request.
-#[derive(Debug, Clone)]
-pub struct Catalog {
-    pub pool: NetworkPool,
-    /// OS image name → the provider's reference for it.
-    pub image_refs: BTreeMap<String, String>,
-}
-
 /// The running engine; clone handles freely.
 #[derive(Clone)]
 pub struct Engine {
@@ -164,7 +166,6 @@ pub struct Engine {
 
 struct Inner {
     store: Store,
-    provider: Arc<dyn Provider>,
     cfg: EngineConfig,
     defs: RwLock<HashMap<String, Arc<dyn WorkflowDef>>>,
     wake: Notify,
@@ -173,33 +174,15 @@ struct Inner {
 }
 
 impl Engine {
-    /// An engine running VM workflows through `provider` (register other kinds before `run`).
-    pub fn new(
-        store: Store,
-        provider: Arc<dyn Provider>,
-        catalog: Catalog,
-        cfg: EngineConfig,
-    ) -> Self {
+    /// An engine over `store` with no definitions yet ([`Engine::register`] them before `run`).
+    pub fn new(store: Store, cfg: EngineConfig) -> Self {
         let (events, _) = broadcast::channel(16384);
         let slots = Arc::new(Semaphore::new(cfg.max_parallel.max(1)));
-        let vm: Arc<dyn WorkflowDef> = Arc::new(vm::VmWorkflow {
-            store: store.clone(),
-            provider: provider.clone(),
-            catalog,
-            retry: cfg.default_retry(),
-            ready_deadline: cfg.ready_deadline,
-            step_deadline: cfg.step_deadline,
-            cache: Default::default(),
-        });
-        let mut defs = HashMap::new();
-        defs.insert(WorkflowKind::CreateVm.to_string(), vm.clone());
-        defs.insert(WorkflowKind::DeleteVm.to_string(), vm);
         Self {
             inner: Arc::new(Inner {
                 store,
-                provider,
                 cfg,
-                defs: RwLock::new(defs),
+                defs: RwLock::new(HashMap::new()),
                 wake: Notify::new(),
                 events,
                 slots,
@@ -207,8 +190,12 @@ impl Engine {
         }
     }
 
-    /// Adds (or replaces) the definition called `name` (workflows name it in `definition`).
+    /// Adds (or replaces) the definition called `name` (workflows name it in `definition`),
+    /// and gives the store its hooks.
     pub fn register(&self, name: &str, def: Arc<dyn WorkflowDef>) {
+        if let Some(h) = def.hooks(name) {
+            self.inner.store.set_hooks(name, h);
+        }
         self.inner
             .defs
             .write()
@@ -241,10 +228,6 @@ impl Engine {
     /// Tells the engine new work was queued (saves it a poll interval).
     pub fn wake(&self) {
         self.inner.wake.notify_one();
-    }
-
-    pub fn provider(&self) -> &Arc<dyn Provider> {
-        &self.inner.provider
     }
 
     pub fn store(&self) -> &Store {
@@ -455,6 +438,7 @@ impl Engine {
                 };
                 counted = false;
                 let ctx = StepCtx {
+                    engine: self,
                     workflow: &wf,
                     idx,
                     name: &rec.name,
@@ -471,6 +455,28 @@ impl Engine {
                     ))),
                 };
                 match result {
+                    Ok(commit) if !commit.children.is_empty() => {
+                        // The parent waits, unleased, for its children; it is claimed again
+                        // (by any node) when the last one ends.
+                        let (evs, cancel, _) = store
+                            .step_done_handoff(
+                                &wf.id, idx, &rec.name, node, &commit, None, false, None,
+                            )
+                            .await?;
+                        self.emit_all(evs);
+                        self.wake();
+                        if !cancel {
+                            return Ok(None);
+                        }
+                        step += 1;
+                        self.emit(
+                            store
+                                .begin_cancel(&wf.id, node, step - 1, "cancelled on request")
+                                .await?,
+                        );
+                        undoing = true;
+                        break;
+                    }
                     Ok(commit) => {
                         let next = wf.steps.get(step as usize + 1).map(|r| NextStep {
                             idx: r.idx,
@@ -552,6 +558,43 @@ impl Engine {
         self.undo(&*def, &wf.id).await.map(|()| None)
     }
 
+    /// Rolls back workflow `id` — a child its caller spawned — undoing its done steps in
+    /// reverse with its own definition, on this node; it ends `cancelled` with `reason` (its
+    /// hooks apply that to its resource). Nothing to do if it failed or was cancelled already.
+    /// A child still running is asked to cancel and gives a retryable error, as does one that
+    /// another node is undoing: the caller's undo tries again.
+    pub async fn roll_back(&self, id: &str, reason: &str) -> Result<(), StepError> {
+        let node = &self.inner.cfg.node_id;
+        let lease = self.inner.cfg.lease.as_millis() as i64;
+        let wf = match self
+            .inner
+            .store
+            .reopen_for_undo(id, node, lease, reason)
+            .await
+        {
+            Ok(Some(wf)) => wf,
+            Ok(None) => return Ok(()),
+            Err(Reopen::Busy(_)) => {
+                self.wake();
+                return Err(StepError::retryable(format!(
+                    "child {id} is still running or being undone elsewhere"
+                )));
+            }
+            Err(Reopen::Store(e)) => {
+                return Err(StepError::retryable(format!("rolling back {id}: {e}")));
+            }
+        };
+        let Some(def) = self.def(&wf.definition) else {
+            return Err(StepError::permanent(format!(
+                "child {id} has definition {} that this node does not know",
+                wf.definition
+            )));
+        };
+        self.undo(&*def, id)
+            .await
+            .map_err(|e| StepError::retryable(format!("rolling back {id}: {e}")))
+    }
+
     /// Undoes the done steps of an undoing workflow in reverse, then ends it.
     async fn undo(&self, def: &dyn WorkflowDef, id: &str) -> Result<(), StoreError> {
         let store = &self.inner.store;
@@ -575,6 +618,7 @@ impl Engine {
                 let mut attempt = 0;
                 loop {
                     let ctx = StepCtx {
+                        engine: self,
                         workflow: &wf,
                         idx: rec.idx,
                         name: &rec.name,
@@ -598,8 +642,8 @@ impl Engine {
                         }
                         Err(e) => {
                             let msg = format!(
-                                "{reason}; and undoing {} failed too: {e} — the VM keeps its address \
-                                 until it is cleaned up: run delete-vm to retry the cleanup",
+                                "{reason}; and undoing {} failed too: {e} — what it made is left \
+                                 in place",
                                 rec.name
                             );
                             self.emit_all(store.finish_workflow(&wf.id, node, &end(msg)).await?);

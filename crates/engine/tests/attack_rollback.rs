@@ -4,7 +4,7 @@
 mod common;
 use basphere_core::VmStatus;
 use basphere_provider::NullProvider;
-use basphere_store::{Actor, AdmitRequest, OpError, Store, WorkflowKind, WorkflowStatus};
+use basphere_store::{Actor, AdmitRequest, OpError, Store, WorkflowStatus};
 use common::*;
 use std::sync::Arc;
 
@@ -27,7 +27,7 @@ async fn admit(store: &Store, owner: &basphere_core::Username, name: &str) -> (S
                     disk_gib: 5,
                 },
                 provider: "null".into(),
-                steps: basphere_engine::step_names(WorkflowKind::CreateVm),
+                steps: basphere_vm_workflows::step_names(basphere_core::VmOperation::Create),
             },
             &pool(),
             &admin(),
@@ -72,12 +72,12 @@ async fn failed_cleanup_keeps_the_address_and_blocks_a_second_workflow() {
     // cancel of the delete may act on the VM now.
     stop.send(true).unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    let steps = basphere_engine::step_names(WorkflowKind::DeleteVm);
+    let steps = basphere_vm_workflows::step_names(basphere_core::VmOperation::Delete);
     let d = store
         .begin_delete_vm(u.as_str(), "fail-a", &steps, &admin())
         .await
         .unwrap();
-    let r = store.retry_workflow(&op, &pool(), &admin()).await;
+    let r = store.retry_workflow(&op, &basphere_store::RetryCtx { pool: &pool() }, &admin()).await;
     assert!(
         matches!(&r, Err(OpError::Refused(m)) if m.contains(&d.operation_id)),
         "{r:?}"

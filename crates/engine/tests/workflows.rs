@@ -64,7 +64,7 @@ async fn vm_create_failing_releases_address_and_quota_and_marks_the_vm_failed() 
                     disk_gib: 50,
                 },
                 provider: "null".into(),
-                steps: basphere_engine::step_names(basphere_store::WorkflowKind::CreateVm),
+                steps: basphere_vm_workflows::step_names(basphere_core::VmOperation::Create),
             },
             &pool(),
             &admin(),
@@ -85,7 +85,7 @@ async fn vm_create_failing_releases_address_and_quota_and_marks_the_vm_failed() 
 
     // Retry: the address and quota come back, and it fails the same way again.
     let evs = store
-        .retry_workflow(&w.id, &pool(), &admin())
+        .retry_workflow(&w.id, &basphere_store::RetryCtx { pool: &pool() }, &admin())
         .await
         .unwrap();
     e.publish(evs);
@@ -134,7 +134,7 @@ async fn cancel_waits_for_the_running_step_then_undoes() {
     use StepStatus::*;
     assert_eq!(st, [Undone, Undone, Undone, Skipped, Skipped]);
     // A cancelled workflow can be retried from the start.
-    e.publish(store.retry_workflow(&id, &pool(), &admin()).await.unwrap());
+    e.publish(store.retry_workflow(&id, &basphere_store::RetryCtx { pool: &pool() }, &admin()).await.unwrap());
     let w = wait_done(&store, &id, 10).await;
     assert_eq!(w.status, WorkflowStatus::Succeeded);
 }
@@ -177,7 +177,7 @@ async fn cancel_of_a_hanging_step_waits_for_its_deadline() {
     e.register("hang", Arc::new(Hang));
     let _stop = start(&e);
     let mut w = ledger_workflow(3, json!({}));
-    w.definition = Some("hang".into());
+    w.definition = "hang".into();
     let id = store.enqueue_workflow(&w).await.unwrap();
     e.wake();
     let t0 = Instant::now();
@@ -227,8 +227,8 @@ fn batch(owner: &basphere_core::Username, parallelism: u32, creates: Vec<BatchVm
         parallelism,
         creates,
         deletes: vec![],
-        create_steps: basphere_engine::step_names(basphere_store::WorkflowKind::CreateVm),
-        delete_steps: basphere_engine::step_names(basphere_store::WorkflowKind::DeleteVm),
+        create_steps: basphere_vm_workflows::step_names(basphere_core::VmOperation::Create),
+        delete_steps: basphere_vm_workflows::step_names(basphere_core::VmOperation::Delete),
     }
 }
 
@@ -439,7 +439,7 @@ async fn throughput() {
     let ws: Vec<_> = (0..100)
         .map(|_| {
             let mut w = ledger_workflow(50, json!({}));
-            w.definition = Some("noop".into());
+            w.definition = "noop".into();
             w
         })
         .collect();

@@ -7,9 +7,11 @@
 
 use crate::audit::record;
 use crate::vms::{AdmitError, VM_COLS, owner_limits, taken_ips, usage, vm_from};
-use crate::workflows::{NewWorkflow, WorkflowKind, insert_new};
+use crate::workflows::{NewWorkflow, insert_new};
 use crate::{Actor, Store, now_ms};
-use basphere_core::{ImageName, NetworkPool, Spec, SpecName, Username, VmName, VmStatus};
+use basphere_core::{
+    ImageName, NetworkPool, ResourceRef, Spec, SpecName, Username, VmName, VmOperation, VmStatus,
+};
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
 
@@ -249,9 +251,10 @@ impl Store {
         .await?;
         insert_rows(
             &mut tx,
-            "INSERT INTO workflows (id, vm_id, owner, priority, next_run_at, provider, batch_id,
-                 node, created_at, updated_at, kind, status, input, parked) VALUES",
-            "'create_vm', 'pending', '{}', 1",
+            "INSERT INTO workflows (id, resource_id, owner, priority, next_run_at, provider,
+                 batch_id, node, created_at, updated_at, definition, resource_kind, status, input,
+                 parked) VALUES",
+            "'create_vm', 'vm', 'pending', '{}', 1",
             &wfs,
         )
         .await?;
@@ -289,7 +292,7 @@ impl Store {
                         None if existing.contains_key(d) => {
                             // An existing VM still being made: wait for its operation.
                             sqlx::query_scalar(
-                                "SELECT id FROM workflows WHERE vm_id = $1
+                                "SELECT id FROM workflows WHERE resource_id = $1
                                    AND status IN ('pending', 'running', 'undoing')
                                  ORDER BY created_at DESC LIMIT 1",
                             )
@@ -336,8 +339,9 @@ impl Store {
                 .bind(now)
                 .execute(&mut *tx)
                 .await?;
-            let mut w = NewWorkflow::new(WorkflowKind::DeleteVm, owner, req.delete_steps.clone());
-            w.vm_id = Some(vm_id.clone());
+            let mut w =
+                NewWorkflow::new(VmOperation::Delete.as_str(), owner, req.delete_steps.clone());
+            w.resource = Some(ResourceRef::vm(vm_id));
             w.priority = 10;
             w.provider = Some(req.provider.clone());
             w.batch = Some((batch_id.clone(), name.to_string()));
@@ -372,8 +376,8 @@ impl Store {
     /// manifest; VMs made one by one are never touched by a plan).
     pub async fn managed_vm_names(&self, owner: &str) -> crate::Result<Vec<String>> {
         Ok(sqlx::query_scalar(
-            "SELECT DISTINCT v.name FROM vms v JOIN workflows w ON w.vm_id = v.id
-             WHERE v.owner = $1 AND w.kind = 'create_vm' AND w.batch_id IS NOT NULL",
+            "SELECT DISTINCT v.name FROM vms v JOIN workflows w ON w.resource_id = v.id
+             WHERE v.owner = $1 AND w.definition = 'create_vm' AND w.batch_id IS NOT NULL",
         )
         .bind(owner)
         .fetch_all(&self.pool)

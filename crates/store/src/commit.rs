@@ -13,13 +13,16 @@
 //! process's sqlx writes in SQLite's busy handler. Its connection does not checkpoint the WAL;
 //! the checkpoint thread does that off the commit path.
 
+use crate::hooks::Registry;
+use crate::stmt::run_blocking;
 use crate::vms::{Prefetched, VM_AND_KEY, vm_from};
 use crate::workflows::{
-    Claimed, FREE_SLOTS, Handoff, PARKED_READY, StepCommit, StepStatus, UNPARK, WF_COLS, Workflow,
-    WorkflowEvent, WorkflowKind, WorkflowStatus, lease_lost, step_from, workflow_from,
+    Claimed, ENDING_COLS, Ending, FREE_SLOTS, Handoff, PARKED_READY, ResourceRef, StepCommit,
+    StepStatus, UNPARK, WF_COLS, Workflow, WorkflowEvent, WorkflowOutcome, WorkflowStatus,
+    ending_from, insert_stmts, lease_lost, step_from, workflow_from,
 };
-use crate::{Actor, Result, StoreError, now_ms, parse};
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use crate::{Result, StoreError, now_ms};
+use rusqlite::{Connection, TransactionBehavior, params};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -62,6 +65,7 @@ pub(crate) fn spawn(
     path: &Path,
     lock: Arc<tokio::sync::Mutex<()>>,
     prefetched: Arc<Prefetched>,
+    hooks: Registry,
 ) -> Result<mpsc::Sender<DoneJob>> {
     let mut conn = open(path)?;
     let ckpt = open(path)?;
@@ -84,14 +88,19 @@ pub(crate) fn spawn(
                     }
                 }
                 let guard = lock.blocking_lock();
-                let results = match commit_group(&mut conn, &group, &prefetched) {
+                let results = match commit_group(&mut conn, &group, &prefetched, &hooks) {
                     Ok(r) => r,
                     Err(e) if group.len() > 1 => {
                         tracing::debug!(error = %e, "group commit failed; committing one by one");
                         group
                             .iter()
                             .map(|j| {
-                                commit_group(&mut conn, std::slice::from_ref(j), &prefetched)
+                                commit_group(
+                                    &mut conn,
+                                    std::slice::from_ref(j),
+                                    &prefetched,
+                                    &hooks,
+                                )
                                     .and_then(|mut v| v.pop().expect("one result"))
                             })
                             .collect()
@@ -149,6 +158,7 @@ fn commit_group(
     conn: &mut Connection,
     jobs: &[DoneJob],
     prefetched: &Prefetched,
+    hooks: &Registry,
 ) -> Result<Vec<Result<Done>>> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let now = now_ms();
@@ -158,13 +168,15 @@ fn commit_group(
     let mut fills: Vec<String> = vec![];
     let mut wants: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
     for (i, j) in jobs.iter().enumerate() {
-        let fin = j.finish && j.next.is_none();
+        let fin = j.finish && j.next.is_none() && j.commit.children.is_empty();
+        let spawns = !j.commit.children.is_empty();
         // The lease guard and the move on in one statement when no cancel is pending and the
         // workflow goes on (it sets no indexed column: one row, no index). Otherwise read the
         // row first: a last step also ends the workflow unless a cancel was requested.
         // (No RETURNING in this module: SQLite buffers its rows in a temporary b-tree it
         // builds and drops per statement.)
         let moved = !fin
+            && !spawns
             && tx
                 .prepare_cached(
                     "UPDATE workflows SET step = ?2, attempt = 0, updated_at = ?3
@@ -175,37 +187,43 @@ fn commit_group(
         let (cancel, end) = if moved {
             (false, None)
         } else {
-            let row = tx
-                .prepare_cached(
-                    "SELECT cancel_requested, kind, definition, vm_id, batch_id, lease_owner
-                     FROM workflows WHERE id = ?1",
-                )?
-                .query_row(params![j.wf], |r| {
-                    Ok((
-                        r.get::<_, i64>(0)? != 0,
-                        (
-                            r.get::<_, String>(1)?,
-                            r.get::<_, Option<String>>(2)?,
-                            r.get::<_, Option<String>>(3)?,
-                            r.get::<_, Option<String>>(4)?,
-                        ),
-                        r.get::<_, Option<String>>(5)?,
-                    ))
-                })
-                .optional()?;
+            let row = {
+                let mut st = tx.prepare_cached(&format!(
+                    "SELECT cancel_requested, lease_owner, {ENDING_COLS} FROM workflows WHERE id = ?1"
+                ))?;
+                let mut rows = st.query(params![j.wf])?;
+                match rows.next()? {
+                    Some(r) => Some((
+                        r.get::<_, i64>("cancel_requested")? != 0,
+                        ending_from(r, &j.wf)?,
+                        r.get::<_, Option<String>>("lease_owner")?,
+                    )),
+                    None => None,
+                }
+            };
             let Some((cancel, end, _)) = row.filter(|r| r.2.as_deref() == Some(j.node.as_str()))
             else {
                 out.push(Err(lease_lost(&j.wf)));
                 continue;
             };
-            let sql = if fin && !cancel {
+            let sql = if spawns && !cancel {
+                // The parent waits, unleased, for the children queued below.
+                "UPDATE workflows SET step = ?2, attempt = 0, updated_at = ?3, lease_owner = NULL,
+                     lease_until = NULL, next_run_at = ?3, waiting_on = waiting_on + ?4
+                 WHERE id = ?1"
+            } else if fin && !cancel {
                 "UPDATE workflows SET step = ?2, attempt = 0, updated_at = ?3, status = 'succeeded',
                      lease_owner = NULL, lease_until = NULL, finished_at = ?3 WHERE id = ?1"
             } else {
                 "UPDATE workflows SET step = ?2, attempt = 0, updated_at = ?3 WHERE id = ?1"
             };
-            tx.prepare_cached(sql)?
-                .execute(params![j.wf, i64::from(j.idx) + 1, now])?;
+            let mut st = tx.prepare_cached(sql)?;
+            if spawns && !cancel {
+                let n = j.commit.children.len() as i64;
+                st.execute(params![j.wf, i64::from(j.idx) + 1, now, n])?;
+            } else {
+                st.execute(params![j.wf, i64::from(j.idx) + 1, now])?;
+            }
             (cancel, Some(end).filter(|_| fin && !cancel))
         };
         let mut evs = vec![];
@@ -227,6 +245,27 @@ fn commit_group(
             .execute(params![j.wf, j.idx, key, payload.to_string(), now])?;
         }
         let done = format!("{} done", j.name);
+        if spawns && !cancel {
+            // Queued with the step's completion: a crash keeps both or neither. (A cancel
+            // asked for meanwhile wins: the parent undoes instead of spawning.)
+            for c in &j.commit.children {
+                let id = uuid::Uuid::now_v7().to_string();
+                run_blocking(&tx, &insert_stmts(c, &id, Some(&j.wf), now))?;
+            }
+            let n = j.commit.children.len();
+            let spawned = format!("{} spawned {n} child workflows; waiting for them", j.name);
+            evs.extend(event_pair(
+                &tx,
+                &j.wf,
+                [
+                    (Some(&j.name), "step_done", &done),
+                    (Some(&j.name), "spawned", &spawned),
+                ],
+                now,
+            )?);
+            out.push(Ok((evs, cancel, None)));
+            continue;
+        }
         match (&j.next, cancel, end) {
             (Some((idx, name, dl)), false, _) => {
                 start_step(&tx, &j.wf, *idx, now, now + dl)?;
@@ -241,10 +280,8 @@ fn commit_group(
                     now,
                 )?);
             }
-            (_, _, Some((kind, definition, vm_id, batch_id))) => {
-                let kind: WorkflowKind = parse("workflows.kind", &kind)?;
-                let definition = definition.unwrap_or_else(|| kind.to_string());
-                let ended = format!("{definition} succeeded");
+            (_, _, Some(end)) => {
+                let ended = format!("{} succeeded", end.definition);
                 evs.extend(event_pair(
                     &tx,
                     &j.wf,
@@ -254,8 +291,8 @@ fn commit_group(
                     ],
                     now,
                 )?);
-                succeed(&tx, &j.wf, kind, vm_id.as_deref(), now, &mut fills)?;
-                if let Some(b) = batch_id {
+                succeed(&tx, hooks, &end, now, &mut fills)?;
+                if let Some(b) = end.batch_id {
                     fills.push(b.clone());
                     if j.handoff.is_some() {
                         wants.entry((b, j.node.clone())).or_default().push(i);
@@ -289,7 +326,7 @@ fn commit_group(
         let claimed = lease_batch(&tx, &batch, fresh, &node, h, idxs.len(), now)?;
         // Their first step reads their VM: hand it over from here.
         for (wf, _, _) in &claimed {
-            if let Some(vm) = &wf.vm_id {
+            if let Some(vm) = wf.resource.as_ref().and_then(|r| r.id_of(ResourceRef::VM)) {
                 let mut st = tx.prepare_cached(VM_AND_KEY)?;
                 let mut rows = st.query(params![vm])?;
                 if let Some(r) = rows.next()? {
@@ -365,85 +402,19 @@ fn event_pair(
     Ok([ev(last - 1, s1, k1, m1), ev(last, s2, k2, m2)])
 }
 
-fn audit(
-    tx: &Connection,
-    action: &str,
-    target: &str,
-    detail: Option<&str>,
-    now: i64,
-) -> Result<()> {
-    let actor = Actor::engine();
-    tx.prepare_cached(
-        "INSERT INTO audit (at, actor, source, action, target, result, detail)
-         VALUES (?1, ?2, ?3, ?4, ?5, 'ok', ?6)",
-    )?
-    .execute(params![
-        now,
-        actor.name,
-        actor.source,
-        action,
-        target,
-        detail
-    ])?;
-    Ok(())
-}
-
-/// The rest of a success once the workflow row says so: its VM and its dependents (their
-/// batches are added to `fills`).
+/// The rest of a success once the workflow row says so: its definition's hooks and its
+/// dependents (their batches are added to `fills`).
 fn succeed(
     tx: &Connection,
-    wf: &str,
-    kind: WorkflowKind,
-    vm_id: Option<&str>,
+    hooks: &Registry,
+    end: &Ending,
     now: i64,
     fills: &mut Vec<String>,
 ) -> Result<()> {
-    match (kind, vm_id) {
-        (WorkflowKind::CreateVm, Some(vm)) => {
-            let row = tx
-                .prepare_cached("SELECT owner, name, ip FROM vms WHERE id = ?1")?
-                .query_row(params![vm], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, Option<String>>(2)?,
-                    ))
-                })
-                .optional()?;
-            if let Some((owner, name, ip)) = row {
-                tx.prepare_cached(
-                    "UPDATE vms SET status = 'running', error = NULL, updated_at = ?2 WHERE id = ?1",
-                )?
-                .execute(params![vm, now])?;
-                audit(
-                    tx,
-                    "vm.create",
-                    &format!("{owner}/{name}"),
-                    ip.as_deref(),
-                    now,
-                )?;
-            }
-        }
-        (WorkflowKind::DeleteVm, Some(vm)) => {
-            tx.prepare_cached("UPDATE workflows SET vm_id = NULL WHERE vm_id = ?1")?
-                .execute(params![vm])?;
-            let row = tx
-                .prepare_cached("SELECT owner, name FROM vms WHERE id = ?1")?
-                .query_row(params![vm], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-                })
-                .optional()?;
-            if let Some((owner, name)) = row {
-                tx.prepare_cached("DELETE FROM vms WHERE id = ?1")?
-                    .execute(params![vm])?;
-                audit(tx, "vm.delete", &format!("{owner}/{name}"), None, now)?;
-            }
-        }
-        (_, None) => {}
-    }
+    run_blocking(tx, &hooks.ending(end, &WorkflowOutcome::Succeeded, now))?;
     let deps: Vec<String> = tx
         .prepare_cached("SELECT workflow_id FROM workflow_deps WHERE depends_on = ?1")?
-        .query_map(params![wf], |r| r.get(0))?
+        .query_map(params![end.id], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?;
     for d in deps {
         let released = tx

@@ -15,13 +15,16 @@
 mod audit;
 mod batches;
 mod commit;
+mod hooks;
 mod limits;
 mod migrate;
+mod stmt;
 mod users;
 mod vms;
 mod workflows;
 
 pub use audit::{Actor, AuditFilter, AuditRecord};
+pub use hooks::{Hooks, RetryCtx};
 pub use batches::{BatchAdmitted, BatchError, BatchNodeRef, BatchRequest, BatchVm};
 pub use users::{
     ApproveOutcome, KeyChange, NewRegistration, Registration, TokenInfo, TokenOwner, User,
@@ -29,8 +32,9 @@ pub use users::{
 };
 pub use vms::{AdmitError, AdmitRequest, Admitted, DeleteError, Vm};
 pub use workflows::{
-    ClaimLimits, Claimed, Handoff, NewWorkflow, NextStep, OpError, StepCommit, StepEffect,
-    StepRecord, StepStatus, Workflow, WorkflowEvent, WorkflowKind, WorkflowOutcome, WorkflowStatus,
+    ClaimLimits, Claimed, Handoff, NewWorkflow, NextStep, OpError, Reopen, ResourceRef,
+    StepCommit, StepEffect, StepRecord, StepStatus, Workflow, WorkflowEvent, WorkflowOutcome,
+    WorkflowStatus,
 };
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -78,6 +82,8 @@ pub struct Store {
     committer: std::sync::mpsc::Sender<commit::DoneJob>,
     /// VMs the write thread read when it leased their workflows.
     prefetched: Arc<vms::Prefetched>,
+    /// Each definition's hooks on its resource (shared with the write thread).
+    hooks: hooks::Registry,
 }
 
 /// A write transaction holding this process's writer lock; derefs to the connection.
@@ -157,13 +163,15 @@ impl Store {
         migrate::run(&pool).await?;
         let writer = Arc::new(tokio::sync::Mutex::new(()));
         let prefetched = Arc::new(vms::Prefetched::default());
-        let committer = commit::spawn(path, writer.clone(), prefetched.clone())?;
+        let hooks = hooks::Registry::default();
+        let committer = commit::spawn(path, writer.clone(), prefetched.clone(), hooks.clone())?;
         Ok(Self {
             pool,
             wpool,
             writer,
             committer,
             prefetched,
+            hooks,
         })
     }
 

@@ -29,6 +29,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "accounts",
         include_str!("../migrations/sqlite/0005_accounts.sql"),
     ),
+    (
+        6,
+        "ledger",
+        include_str!("../migrations/sqlite/0006_ledger.sql"),
+    ),
 ];
 
 pub(crate) async fn run(pool: &SqlitePool) -> Result<()> {

@@ -1,9 +1,13 @@
 use crate::audit::record;
-use crate::workflows::{Cols, WorkflowKind, insert_workflow};
+use crate::hooks::{Hooks, ResourceHooks, RetryCtx};
+use crate::stmt::{Stmt, stmt};
+use crate::workflows::{
+    Cols, Ending, NewWorkflow, OpError, Workflow, WorkflowOutcome, insert_new,
+};
 use crate::{Actor, Result, Store, StoreError, now_ms, parse};
 use basphere_core::{
-    ImageName, NetworkPool, QuotaExceeded, Role, Spec, SpecName, Usage, UserStatus, Username,
-    VmName, VmStatus,
+    ImageName, NetworkPool, QuotaExceeded, ResourceRef, Role, Spec, SpecName, Usage, UserStatus,
+    Username, VmName, VmOperation, VmStatus,
 };
 use serde::Serialize;
 use sqlx::{Row, SqliteConnection};
@@ -332,16 +336,10 @@ impl Store {
             .fetch_one(&mut *tx)
             .await?;
             let vm = vm_from(&row)?;
-            let operation_id = insert_workflow(
-                &mut tx,
-                WorkflowKind::CreateVm,
-                Some(&id),
-                owner,
-                if admin { 5 } else { 0 },
-                &serde_json::json!({}),
-                &req.steps,
-            )
-            .await?;
+            let mut w = NewWorkflow::new(VmOperation::Create.as_str(), owner, req.steps.clone());
+            w.resource = Some(ResourceRef::vm(&id));
+            w.priority = if admin { 5 } else { 0 };
+            let operation_id = insert_new(&mut tx, &w).await?;
             let detail = format!(
                 "ip={ip} spec={} os={} operation={operation_id}",
                 req.spec_name, req.os
@@ -381,7 +379,8 @@ impl Store {
         let vm = vm_from(&row)?;
         if matches!(vm.status, VmStatus::Creating | VmStatus::Deleting) {
             let op: String = sqlx::query_scalar(
-                "SELECT id FROM workflows WHERE vm_id = $1 AND status IN ('pending','running','undoing')
+                "SELECT id FROM workflows WHERE resource_id = $1
+                   AND status IN ('pending','running','undoing')
                  ORDER BY created_at DESC LIMIT 1",
             )
             .bind(&vm.id)
@@ -395,16 +394,10 @@ impl Store {
             .bind(now_ms())
             .execute(&mut *tx)
             .await?;
-        let operation_id = insert_workflow(
-            &mut tx,
-            WorkflowKind::DeleteVm,
-            Some(&vm.id),
-            owner,
-            10,
-            &serde_json::json!({}),
-            steps,
-        )
-        .await?;
+        let mut w = NewWorkflow::new(VmOperation::Delete.as_str(), owner, steps.to_vec());
+        w.resource = Some(ResourceRef::vm(&vm.id));
+        w.priority = 10;
+        let operation_id = insert_new(&mut tx, &w).await?;
         record(
             &mut tx,
             actor,
@@ -497,4 +490,185 @@ impl Store {
         let mut c = self.pool.acquire().await?;
         usage(&mut c, owner).await
     }
+}
+
+/// What a VM's workflows do to it when they end or are retried (registered by the VM
+/// definitions as [`Hooks::vm`]):
+/// create ok → running; create failed → failed with the reason, address and quota released
+/// once every done step was undone (else both stay until a delete confirms the cleanup);
+/// delete ok → the record is gone (address and quota free); delete failed → failed.
+/// Each ending writes its audit record; a retry gives a failed create its address and quota
+/// back (refused if they are gone) and marks a failed delete deleting again.
+struct VmHooks(VmOperation);
+
+impl Hooks {
+    /// The hooks of the VM operation `op` on its VM record.
+    pub fn vm(op: VmOperation) -> Self {
+        Hooks(std::sync::Arc::new(VmHooks(op)))
+    }
+}
+
+/// The engine's audit record about VM `?1`, named `owner/name` (none if the VM is gone).
+const VM_AUDIT: &str = "INSERT INTO audit (at, actor, source, action, target, result, detail)
+     SELECT ?2, ?3, ?4, ?5, owner || '/' || name, ?6, ?7 FROM vms WHERE id = ?1";
+
+fn vm_audit(vm: &str, now: i64, action: &str, result: &str, detail: Option<&str>) -> Stmt {
+    let actor = Actor::engine();
+    stmt!(VM_AUDIT, vm, now, actor.name, actor.source, action, result, detail)
+}
+
+#[async_trait::async_trait]
+impl ResourceHooks for VmHooks {
+    fn ended(&self, w: &Ending, outcome: &WorkflowOutcome, now: i64) -> Vec<Stmt> {
+        let Some(vm) = w.resource.as_ref().and_then(|r| r.id_of(ResourceRef::VM)) else {
+            return vec![];
+        };
+        let result = outcome.status().as_str();
+        match (self.0, outcome) {
+            (VmOperation::Create, WorkflowOutcome::Succeeded) => vec![
+                stmt!(
+                    "UPDATE vms SET status = 'running', error = NULL, updated_at = ?2 WHERE id = ?1",
+                    vm,
+                    now
+                ),
+                stmt!(
+                    "INSERT INTO audit (at, actor, source, action, target, result, detail)
+                     SELECT ?2, ?3, ?4, 'vm.create', owner || '/' || name, 'ok', ip
+                     FROM vms WHERE id = ?1",
+                    vm,
+                    now,
+                    Actor::engine().name,
+                    Actor::engine().source,
+                ),
+            ],
+            // A step still done was not undone: the machine may exist and use the address,
+            // so the VM keeps it (and counts) until a delete confirms the cleanup.
+            (VmOperation::Create, WorkflowOutcome::Failed(e) | WorkflowOutcome::Cancelled(e)) => {
+                vec![
+                    stmt!(
+                        "UPDATE vms SET status = 'failed', updated_at = ?3,
+                             error = ?2 || CASE WHEN EXISTS (SELECT 1 FROM workflow_steps
+                                 WHERE workflow_id = ?4 AND status = 'done')
+                               THEN ' — the VM keeps its address until it is cleaned up: \
+run delete-vm to retry the cleanup' ELSE '' END,
+                             ip = CASE WHEN EXISTS (SELECT 1 FROM workflow_steps
+                                 WHERE workflow_id = ?4 AND status = 'done') THEN ip END
+                         WHERE id = ?1",
+                        vm,
+                        e.as_str(),
+                        now,
+                        w.id.as_str(),
+                    ),
+                    vm_audit(vm, now, "vm.create", result, Some(e)),
+                ]
+            }
+            (VmOperation::Delete, WorkflowOutcome::Succeeded) => vec![
+                vm_audit(vm, now, "vm.delete", "ok", None),
+                stmt!(
+                    "UPDATE workflows SET resource_kind = NULL, resource_id = NULL
+                     WHERE resource_id = ?1",
+                    vm
+                ),
+                stmt!("DELETE FROM vms WHERE id = ?1", vm),
+            ],
+            (VmOperation::Delete, WorkflowOutcome::Failed(e) | WorkflowOutcome::Cancelled(e)) => {
+                vec![
+                    stmt!(
+                        "UPDATE vms SET status = 'failed', error = ?2, updated_at = ?3 WHERE id = ?1",
+                        vm,
+                        format!("delete failed: {e}; run delete-vm again"),
+                        now,
+                    ),
+                    vm_audit(vm, now, "vm.delete", "failed", Some(e)),
+                ]
+            }
+        }
+    }
+
+    fn cancellable(&self, w: &Workflow) -> std::result::Result<(), String> {
+        match (self.0, &w.resource) {
+            // Its steps have no undo: a cancelled delete would leave a VM half taken apart.
+            (VmOperation::Delete, Some(_)) => Err(format!(
+                "operation {0} deletes a VM; a delete cannot be cancelled once accepted. \
+                 Wait for it to end (basphere ops watch {0})",
+                w.id
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    async fn retrying(
+        &self,
+        conn: &mut SqliteConnection,
+        w: &Workflow,
+        ctx: &RetryCtx<'_>,
+    ) -> std::result::Result<(), OpError> {
+        let gone = || {
+            OpError::Refused(format!(
+                "operation {}'s VM is gone; create it again instead",
+                w.id
+            ))
+        };
+        let vm_id = w
+            .resource
+            .as_ref()
+            .and_then(|r| r.id_of(ResourceRef::VM))
+            .ok_or_else(gone)?;
+        vm_idle_and_failed(conn, vm_id, &w.id).await?;
+        match self.0 {
+            VmOperation::Create => readmit(conn, vm_id, ctx.pool)
+                .await
+                .map_err(|e| OpError::Refused(e.to_string()))?,
+            VmOperation::Delete => {
+                sqlx::query(
+                    "UPDATE vms SET status = 'deleting', error = NULL, updated_at = $2 WHERE id = $1",
+                )
+                .bind(vm_id)
+                .bind(now_ms())
+                .execute(&mut *conn)
+                .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Refuses a retry of `wf` unless its VM is failed and no other live workflow touches it
+/// (inside the retry's transaction, so nothing can start on the VM in between).
+async fn vm_idle_and_failed(
+    conn: &mut SqliteConnection,
+    vm_id: &str,
+    wf: &str,
+) -> std::result::Result<(), OpError> {
+    let live: Option<(String, Option<String>)> = sqlx::query_as(
+        "SELECT id, definition FROM workflows WHERE resource_id = $1 AND id <> $2
+           AND status IN ('pending', 'running', 'undoing') LIMIT 1",
+    )
+    .bind(vm_id)
+    .bind(wf)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let vm: Option<(String, String, String)> =
+        sqlx::query_as("SELECT owner, name, status FROM vms WHERE id = $1")
+            .bind(vm_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let Some((owner, name, status)) = vm else {
+        return Err(OpError::Refused(format!(
+            "operation {wf}'s VM is gone; create it again instead"
+        )));
+    };
+    if let Some((op, def)) = live {
+        return Err(OpError::Refused(format!(
+            "VM {owner}/{name} has operation {op} ({}) in progress; wait for it to end \
+             (basphere ops watch {op}) before retrying {wf}",
+            def.unwrap_or_default()
+        )));
+    }
+    if status != "failed" {
+        return Err(OpError::Refused(format!(
+            "VM {owner}/{name} is {status}; only an operation of a failed VM can be retried"
+        )));
+    }
+    Ok(())
 }

@@ -6,13 +6,14 @@
 //! stalls past its lease can still finish running a step but can never record its outcome.
 
 use crate::audit::record;
-use crate::vms::vm_from;
+use crate::hooks::{Registry, RetryCtx};
+use crate::stmt::{Stmt, run_async, stmt};
 use crate::{Actor, Result, Store, StoreError, now_ms, parse};
 use serde::Serialize;
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection};
 
-pub use basphere_core::{StepStatus, WorkflowKind, WorkflowStatus};
+pub use basphere_core::{ResourceRef, StepStatus, WorkflowStatus};
 
 /// One step of a workflow as recorded.
 #[derive(Debug, Clone, Serialize)]
@@ -36,10 +37,12 @@ pub struct StepRecord {
 #[derive(Debug, Clone, Serialize)]
 pub struct Workflow {
     pub id: String,
-    pub kind: WorkflowKind,
-    /// The engine definition that runs the steps: `create_vm`, `delete_vm`, or a registered one.
+    /// The engine definition that runs the steps (`create_vm`, `delete_vm`, or any registered).
     pub definition: String,
-    pub vm_id: Option<String>,
+    /// What it acts on, if anything (cleared when the resource is gone).
+    pub resource: Option<ResourceRef>,
+    /// The workflow whose step spawned this one.
+    pub parent_id: Option<String>,
     pub owner: String,
     pub status: WorkflowStatus,
     /// Forward: the next step to run. Undoing: the next step to undo.
@@ -97,10 +100,9 @@ impl WorkflowOutcome {
 /// A workflow to queue.
 #[derive(Debug, Clone)]
 pub struct NewWorkflow {
-    pub kind: WorkflowKind,
-    /// The engine definition to run it (default: the kind's own, `create_vm`/`delete_vm`).
-    pub definition: Option<String>,
-    pub vm_id: Option<String>,
+    /// The engine definition that runs it.
+    pub definition: String,
+    pub resource: Option<ResourceRef>,
     pub owner: String,
     /// Higher runs first (deletes 10, admins 5, others 0).
     pub priority: i64,
@@ -115,11 +117,10 @@ pub struct NewWorkflow {
 }
 
 impl NewWorkflow {
-    pub fn new(kind: WorkflowKind, owner: impl Into<String>, steps: Vec<String>) -> Self {
+    pub fn new(definition: impl Into<String>, owner: impl Into<String>, steps: Vec<String>) -> Self {
         Self {
-            kind,
-            definition: None,
-            vm_id: None,
+            definition: definition.into(),
+            resource: None,
             owner: owner.into(),
             priority: 0,
             input: serde_json::json!({}),
@@ -147,6 +148,9 @@ pub struct StepCommit {
     pub output: Option<serde_json::Value>,
     /// Appended to the effect outbox (`step_effects`) in the same transaction: (key, payload).
     pub effects: Vec<(String, serde_json::Value)>,
+    /// Child workflows queued in the same transaction. The parent then waits, unleased, until
+    /// every child has ended; its next step runs after that.
+    pub children: Vec<NewWorkflow>,
 }
 
 /// The step to start right after one finishes (saves a transaction per step).
@@ -176,6 +180,22 @@ impl From<sqlx::Error> for OpError {
     }
 }
 
+/// Why [`Store::reopen_for_undo`] could not take a workflow back now.
+#[derive(Debug, thiserror::Error)]
+pub enum Reopen {
+    /// It is still running (a cancel was asked for) or another node is undoing it: try later.
+    #[error("operation {0} is still running or being undone elsewhere; try again shortly")]
+    Busy(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<sqlx::Error> for Reopen {
+    fn from(e: sqlx::Error) -> Self {
+        Reopen::Store(e.into())
+    }
+}
+
 /// One committed effect of a step (see [`StepCommit::effects`]).
 #[derive(Debug, Clone, Serialize)]
 pub struct StepEffect {
@@ -186,59 +206,53 @@ pub struct StepEffect {
     pub payload: serde_json::Value,
 }
 
-pub(crate) async fn insert_workflow(
-    conn: &mut SqliteConnection,
-    kind: WorkflowKind,
-    vm_id: Option<&str>,
-    owner: &str,
-    priority: i64,
-    input: &serde_json::Value,
-    steps: &[String],
-) -> Result<String> {
-    let mut w = NewWorkflow::new(kind, owner, steps.to_vec());
-    w.vm_id = vm_id.map(str::to_string);
-    w.priority = priority;
-    w.input = input.clone();
-    insert_new(conn, &w).await
-}
-
 pub(crate) async fn insert_new(conn: &mut SqliteConnection, w: &NewWorkflow) -> Result<String> {
     let id = uuid::Uuid::now_v7().to_string();
-    let now = now_ms();
-    sqlx::query(
-        "INSERT INTO workflows (id, kind, vm_id, owner, status, priority, input, next_run_at,
-            created_at, updated_at, provider, host, batch_id, node, definition)
-         VALUES ($1, $2, $3, $4, 'pending', $5, $6, $7, $7, $7, $8, $9, $10, $11, $12)",
-    )
-    .bind(&id)
-    .bind(w.kind.as_str())
-    .bind(w.vm_id.as_deref())
-    .bind(&w.owner)
-    .bind(w.priority)
-    .bind(w.input.to_string())
-    .bind(now)
-    .bind(w.provider.as_deref())
-    .bind(w.host.as_deref())
-    .bind(w.batch.as_ref().map(|b| b.0.as_str()))
-    .bind(w.batch.as_ref().map(|b| b.1.as_str()))
-    .bind(w.definition.as_deref())
-    .execute(&mut *conn)
-    .await?;
-    for (i, name) in w.steps.iter().enumerate() {
-        sqlx::query(
-            "INSERT INTO workflow_steps (workflow_id, idx, name, status, idem_key)
-             VALUES ($1, $2, $3, 'pending', $4)",
-        )
-        .bind(&id)
-        .bind(i as i64)
-        .bind(name)
-        .bind(format!("{id}/{i}/{name}"))
-        .execute(&mut *conn)
-        .await?;
-    }
-    let what = w.definition.as_deref().unwrap_or(w.kind.as_str());
-    event(conn, &id, None, "queued", &format!("{what} queued")).await?;
+    run_async(conn, &insert_stmts(w, &id, None, now_ms())).await?;
     Ok(id)
+}
+
+/// Queues `w` as workflow `id` (a child of `parent`, if given): its row, its steps and its
+/// `queued` event.
+pub(crate) fn insert_stmts(w: &NewWorkflow, id: &str, parent: Option<&str>, now: i64) -> Vec<Stmt> {
+    let mut out = Vec::with_capacity(w.steps.len() + 2);
+    out.push(stmt!(
+        "INSERT INTO workflows (id, definition, resource_kind, resource_id, parent_id, owner,
+            status, priority, input, next_run_at, created_at, updated_at, provider, host,
+            batch_id, node)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?8, ?9, ?9, ?9, ?10, ?11, ?12, ?13)",
+        id,
+        w.definition.as_str(),
+        w.resource.as_ref().map(|r| r.kind.as_str()),
+        w.resource.as_ref().map(|r| r.id.as_str()),
+        parent,
+        w.owner.as_str(),
+        w.priority,
+        w.input.to_string(),
+        now,
+        w.provider.as_deref(),
+        w.host.as_deref(),
+        w.batch.as_ref().map(|b| b.0.as_str()),
+        w.batch.as_ref().map(|b| b.1.as_str()),
+    ));
+    for (i, name) in w.steps.iter().enumerate() {
+        out.push(stmt!(
+            "INSERT INTO workflow_steps (workflow_id, idx, name, status, idem_key)
+             VALUES (?1, ?2, ?3, 'pending', ?4)",
+            id,
+            i as i64,
+            name.as_str(),
+            format!("{id}/{i}/{name}"),
+        ));
+    }
+    out.push(stmt!(
+        "INSERT INTO workflow_events (workflow_id, at, step, kind, message)
+         VALUES (?1, ?2, NULL, 'queued', ?3)",
+        id,
+        now,
+        format!("{} queued", w.definition),
+    ));
+    out
 }
 
 /// A batch's free slots: its parallelism less its unparked nodes that have not ended (three
@@ -407,15 +421,19 @@ impl StoreError {
     }
 }
 
+pub(crate) fn resource_from(r: &impl Cols) -> Result<Option<ResourceRef>> {
+    Ok(match (r.opt_text("resource_kind")?, r.opt_text("resource_id")?) {
+        (Some(kind), Some(id)) => Some(ResourceRef { kind, id }),
+        _ => None,
+    })
+}
+
 pub(crate) fn workflow_from(r: &impl Cols, steps: Vec<StepRecord>) -> Result<Workflow> {
-    let kind: WorkflowKind = parse("workflows.kind", &r.text("kind")?)?;
     Ok(Workflow {
         id: r.text("id")?,
-        kind,
-        definition: r
-            .opt_text("definition")?
-            .unwrap_or_else(|| kind.to_string()),
-        vm_id: r.opt_text("vm_id")?,
+        definition: r.opt_text("definition")?.unwrap_or_default(),
+        resource: resource_from(r)?,
+        parent_id: r.opt_text("parent_id")?,
         owner: r.text("owner")?,
         status: parse("workflows.status", &r.text("status")?)?,
         step: r.int("step")?,
@@ -447,7 +465,7 @@ pub struct Handoff {
 }
 
 pub(crate) const WF_COLS: &str =
-    "id, kind, definition, vm_id, owner, status, step, attempt, priority, error, input,
+    "id, definition, resource_kind, resource_id, parent_id, owner, status, step, attempt, priority, error, input,
     cancel_requested, batch_id, node, waiting_on, created_at, updated_at, finished_at";
 
 impl Store {
@@ -1180,14 +1198,14 @@ impl Store {
                 "operation {wf} is already being cancelled"
             )));
         }
-        if w.kind == WorkflowKind::DeleteVm && w.vm_id.is_some() {
-            // Its steps have no undo: a cancelled delete would leave a VM half taken apart.
-            return Err(OpError::Refused(format!(
-                "operation {wf} deletes a VM; a delete cannot be cancelled once accepted. \
-                 Wait for it to end (basphere ops watch {wf})"
-            )));
+        if let Some(h) = self.hooks.get(&w.definition) {
+            h.0.cancellable(&w).map_err(OpError::Refused)?;
         }
-        sqlx::query("UPDATE workflows SET cancel_requested = 1, next_run_at = MIN(next_run_at, $2) WHERE id = $1")
+        sqlx::query(
+            "UPDATE workflows SET cancel_requested = 1,
+                 next_run_at = CASE WHEN next_run_at < $2 THEN next_run_at ELSE $2 END
+             WHERE id = $1",
+        )
             .bind(wf)
             .bind(now_ms())
             .execute(&mut *tx)
@@ -1206,7 +1224,7 @@ impl Store {
             "operation.cancel",
             wf,
             "accepted",
-            Some(w.kind.as_str()),
+            Some(&w.definition),
         )
         .await?;
         tx.commit().await?;
@@ -1214,12 +1232,13 @@ impl Store {
     }
 
     /// Queues a failed or cancelled workflow again from its first step that is not done (after
-    /// a rollback, that is the first step). A VM create gets its address and quota back first
-    /// (refused if they are gone); a batch node's skipped dependents are queued again with it.
+    /// a rollback, that is the first step). Its definition's hooks make the resource ready
+    /// first (a VM create gets its address and quota back, or the retry is refused); a batch
+    /// node's skipped dependents are queued again with it.
     pub async fn retry_workflow(
         &self,
         wf: &str,
-        pool: &basphere_core::NetworkPool,
+        ctx: &RetryCtx<'_>,
         actor: &Actor,
     ) -> std::result::Result<Vec<WorkflowEvent>, OpError> {
         let mut tx = self.write().await?;
@@ -1241,24 +1260,8 @@ impl Store {
                 continue;
             }
             first = false;
-            if let Some(vm_id) = &w.vm_id {
-                vm_idle_and_failed(&mut tx, vm_id, &id).await?;
-                match w.kind {
-                    WorkflowKind::CreateVm => crate::vms::readmit(&mut tx, vm_id, pool)
-                        .await
-                        .map_err(|e| OpError::Refused(e.to_string()))?,
-                    WorkflowKind::DeleteVm => {
-                        sqlx::query("UPDATE vms SET status = 'deleting', error = NULL, updated_at = $2 WHERE id = $1")
-                            .bind(vm_id)
-                            .bind(now_ms())
-                            .execute(&mut *tx)
-                            .await?;
-                    }
-                }
-            } else if w.definition == w.kind.as_str() {
-                return Err(OpError::Refused(format!(
-                    "operation {id}'s VM is gone; create it again instead"
-                )));
+            if let Some(h) = self.hooks.get(&w.definition) {
+                h.0.retrying(&mut tx, &w, ctx).await?;
             }
             let now = now_ms();
             sqlx::query(
@@ -1309,7 +1312,7 @@ impl Store {
                 "operation.retry",
                 &id,
                 "accepted",
-                Some(w.kind.as_str()),
+                Some(&w.definition),
             )
             .await?;
             // Skipped dependents come back too; each waits for this one again.
@@ -1326,11 +1329,8 @@ impl Store {
         Ok(evs)
     }
 
-    /// Ends a workflow and applies its outcome to its VM in the same transaction:
-    /// create ok → running; create failed → failed with the reason, address and quota released
-    /// once every done step was undone (else both stay until a delete confirms the cleanup);
-    /// delete ok → the record is gone (address and quota free); delete failed → failed.
-    /// In a batch, dependents waiting on it are released (success, or a soft edge) or skipped
+    /// Ends a workflow; its definition's hooks apply the outcome to its resource in the same
+    /// transaction (see `vms` for a VM's), and a child's parent stops waiting for it. In a batch, dependents waiting on it are released (success, or a soft edge) or skipped
     /// (a hard edge to a failed or cancelled node), transitively, in the same transaction.
     /// Returns the events written, the workflow's final one first.
     pub async fn finish_workflow(
@@ -1341,88 +1341,144 @@ impl Store {
     ) -> Result<Vec<WorkflowEvent>> {
         let mut tx = self.write().await?;
         Self::guard(&mut tx, wf, node).await?;
-        let evs = finish_in(&mut tx, wf, outcome).await?;
+        let evs = finish_in(&mut tx, &self.hooks, wf, outcome).await?;
         tx.commit().await?;
         Ok(evs)
     }
-}
 
-/// Refuses a retry of `wf` unless its VM is failed and no other live workflow touches it
-/// (inside the retry's transaction, so nothing can start on the VM in between).
-async fn vm_idle_and_failed(
-    conn: &mut SqliteConnection,
-    vm_id: &str,
-    wf: &str,
-) -> std::result::Result<(), OpError> {
-    let live: Option<(String, String)> = sqlx::query_as(
-        "SELECT id, kind FROM workflows WHERE vm_id = $1 AND id <> $2
-           AND status IN ('pending', 'running', 'undoing') LIMIT 1",
-    )
-    .bind(vm_id)
-    .bind(wf)
-    .fetch_optional(&mut *conn)
-    .await?;
-    let vm: Option<(String, String, String)> =
-        sqlx::query_as("SELECT owner, name, status FROM vms WHERE id = $1")
-            .bind(vm_id)
-            .fetch_optional(&mut *conn)
-            .await?;
-    let Some((owner, name, status)) = vm else {
-        return Err(OpError::Refused(format!(
-            "operation {wf}'s VM is gone; create it again instead"
-        )));
-    };
-    if let Some((op, kind)) = live {
-        return Err(OpError::Refused(format!(
-            "VM {owner}/{name} has operation {op} ({kind}) in progress; wait for it to end \
-             (basphere ops watch {op}) before retrying {wf}"
-        )));
+    /// Registers what ending or retrying a workflow of `definition` does to its resource.
+    pub fn set_hooks(&self, definition: &str, hooks: crate::Hooks) {
+        self.hooks.set(definition, hooks);
     }
-    if status != "failed" {
-        return Err(OpError::Refused(format!(
-            "VM {owner}/{name} is {status}; only an operation of a failed VM can be retried"
-        )));
+
+    /// The children a workflow's steps spawned, in the order they were queued.
+    pub async fn children(&self, parent: &str) -> Result<Vec<Workflow>> {
+        let ids: Vec<String> =
+            sqlx::query_scalar("SELECT id FROM workflows WHERE parent_id = $1 ORDER BY id")
+                .bind(parent)
+                .fetch_all(&self.pool)
+                .await?;
+        self.load_many(ids).await
     }
-    Ok(())
+
+    /// Takes a workflow back so `node` can undo its done steps (a parent rolling back a child
+    /// that succeeded): a succeeded one turns undoing, cancelled with `reason`, leased to
+    /// `node`; an undoing one whose lease is free (or `node`'s) is leased to `node`. Returns it
+    /// then, or `None` when there is nothing to undo (it failed or was cancelled: its own
+    /// rollback ran). A workflow still running forward is asked to cancel and gives `Busy`.
+    pub async fn reopen_for_undo(
+        &self,
+        wf: &str,
+        node: &str,
+        lease_ms: i64,
+        reason: &str,
+    ) -> std::result::Result<Option<Workflow>, Reopen> {
+        let mut tx = self.write().await?;
+        let w = Self::load_workflow(&mut tx, wf)
+            .await?
+            .ok_or_else(|| Reopen::Store(lease_lost(wf)))?;
+        let now = now_ms();
+        let free = w.status == WorkflowStatus::Undoing
+            && sqlx::query_scalar::<_, i64>(
+                "SELECT COUNT(*) FROM workflows WHERE id = $1
+                   AND (lease_owner IS NULL OR lease_owner = $2 OR lease_until < $3)",
+            )
+            .bind(wf)
+            .bind(node)
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await?
+                == 1;
+        let last = w.steps.len() as i64 - 1;
+        match w.status {
+            WorkflowStatus::Failed | WorkflowStatus::Cancelled => return Ok(None),
+            WorkflowStatus::Succeeded => {
+                sqlx::query(
+                    "UPDATE workflows SET status = 'undoing', step = $2, attempt = 0, error = $3,
+                         cancel_requested = 1, finished_at = NULL, updated_at = $4,
+                         lease_owner = $5, lease_until = $6
+                     WHERE id = $1",
+                )
+                .bind(wf)
+                .bind(last)
+                .bind(reason)
+                .bind(now)
+                .bind(node)
+                .bind(now + lease_ms)
+                .execute(&mut *tx)
+                .await?;
+                let ev = format!("{reason}; undoing completed steps");
+                event(&mut tx, wf, None, "undo_started", &ev).await?;
+            }
+            WorkflowStatus::Undoing if free => {
+                sqlx::query(
+                    "UPDATE workflows SET lease_owner = $2, lease_until = $3 WHERE id = $1",
+                )
+                .bind(wf)
+                .bind(node)
+                .bind(now + lease_ms)
+                .execute(&mut *tx)
+                .await?;
+            }
+            WorkflowStatus::Undoing => return Err(Reopen::Busy(wf.to_string())),
+            WorkflowStatus::Pending | WorkflowStatus::Running => {
+                if !w.cancel_requested {
+                    sqlx::query("UPDATE workflows SET cancel_requested = 1 WHERE id = $1")
+                        .bind(wf)
+                        .execute(&mut *tx)
+                        .await?;
+                    let msg = format!("cancel requested: {reason}");
+                    event(&mut tx, wf, None, "cancel_requested", &msg).await?;
+                }
+                tx.commit().await?;
+                return Err(Reopen::Busy(wf.to_string()));
+            }
+        }
+        let w = Self::load_workflow(&mut tx, wf).await?;
+        tx.commit().await?;
+        Ok(w)
+    }
 }
 
 /// The parts of a workflow that ending it needs.
 pub(crate) struct Ending {
     pub id: String,
-    pub kind: WorkflowKind,
     pub definition: String,
-    pub vm_id: Option<String>,
+    pub resource: Option<ResourceRef>,
     pub node: Option<String>,
     pub batch_id: Option<String>,
+    pub has_parent: bool,
 }
 
+/// The columns [`Ending`] is read from.
+pub(crate) const ENDING_COLS: &str = "definition, resource_kind, resource_id, node, batch_id, parent_id";
+
 async fn ending(conn: &mut SqliteConnection, wf: &str) -> Result<Ending> {
-    let r =
-        sqlx::query("SELECT kind, definition, vm_id, node, batch_id FROM workflows WHERE id = $1")
-            .bind(wf)
-            .fetch_optional(&mut *conn)
-            .await?
-            .ok_or_else(|| lease_lost(wf))?;
+    let r = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {ENDING_COLS} FROM workflows WHERE id = $1"
+    )))
+    .bind(wf)
+    .fetch_optional(&mut *conn)
+    .await?
+    .ok_or_else(|| lease_lost(wf))?;
     ending_from(&r, wf)
 }
 
-pub(crate) fn ending_from(r: &SqliteRow, wf: &str) -> Result<Ending> {
-    let kind: WorkflowKind = parse("workflows.kind", r.try_get("kind")?)?;
+pub(crate) fn ending_from(r: &impl Cols, wf: &str) -> Result<Ending> {
     Ok(Ending {
         id: wf.to_string(),
-        kind,
-        definition: r
-            .try_get::<Option<String>, _>("definition")?
-            .unwrap_or_else(|| kind.to_string()),
-        vm_id: r.try_get("vm_id")?,
-        node: r.try_get("node")?,
-        batch_id: r.try_get("batch_id")?,
+        definition: r.opt_text("definition")?.unwrap_or_default(),
+        resource: resource_from(r)?,
+        node: r.opt_text("node")?,
+        batch_id: r.opt_text("batch_id")?,
+        has_parent: r.opt_text("parent_id")?.is_some(),
     })
 }
 
 /// Ends workflow `wf` inside the caller's (lease-guarded) transaction.
 pub(crate) async fn finish_in(
     conn: &mut SqliteConnection,
+    hooks: &Registry,
     wf: &str,
     outcome: &WorkflowOutcome,
 ) -> Result<Vec<WorkflowEvent>> {
@@ -1433,11 +1489,11 @@ pub(crate) async fn finish_in(
         WorkflowOutcome::Failed(e) | WorkflowOutcome::Cancelled(e) => Some(e.as_str()),
     };
     // The end and what the rest of the ending needs, in one statement.
-    let r = sqlx::query(
+    let r = sqlx::query(sqlx::AssertSqlSafe(format!(
         "UPDATE workflows SET status = $2, error = COALESCE($3, error), lease_owner = NULL,
              lease_until = NULL, updated_at = $4, finished_at = $4 WHERE id = $1
-         RETURNING kind, definition, vm_id, node, batch_id",
-    )
+         RETURNING {ENDING_COLS}"
+    )))
     .bind(wf)
     .bind(status)
     .bind(err)
@@ -1446,13 +1502,14 @@ pub(crate) async fn finish_in(
     .await?
     .ok_or_else(|| lease_lost(wf))?;
     let w = ending_from(&r, wf)?;
-    finish_rest(conn, &w, outcome, now).await
+    finish_rest(conn, hooks, &w, outcome, now).await
 }
 
-/// The rest of an ending once the workflow row says so: the VM, the event, the dependents and
-/// the batch slots.
+/// The rest of an ending once the workflow row says so: the hooks, the event, the dependents
+/// and the batch slots.
 pub(crate) async fn finish_rest(
     conn: &mut SqliteConnection,
+    hooks: &Registry,
     w: &Ending,
     outcome: &WorkflowOutcome,
     now: i64,
@@ -1465,11 +1522,12 @@ pub(crate) async fn finish_rest(
         WorkflowOutcome::Cancelled(e) => format!("{} cancelled: {e}", w.definition),
     };
     let mut evs = vec![];
-    apply_vm_outcome(conn, w, outcome, now).await?;
+    run_async(conn, &hooks.ending(w, outcome, now)).await?;
     evs.push(event(conn, wf, None, status, &msg).await?);
     let failed = outcome != &WorkflowOutcome::Succeeded;
     let mut released = vec![];
-    let touched = release_dependents(conn, w, failed, now, &mut evs, &mut released).await?;
+    let touched =
+        release_dependents(conn, hooks, w, failed, now, &mut evs, &mut released).await?;
     // Its slot, and dependents it released, go to the next ready nodes of their batches.
     let mut batches: Vec<String> = w.batch_id.iter().cloned().collect();
     let others: Vec<String> = if !failed {
@@ -1483,7 +1541,8 @@ pub(crate) async fn finish_rest(
     } else {
         sqlx::query_scalar(
         "SELECT DISTINCT w.batch_id FROM workflow_deps d JOIN workflows w ON w.id = d.workflow_id
-         WHERE d.depends_on = $1 AND w.batch_id IS NOT NULL AND w.batch_id IS NOT $2",
+         WHERE d.depends_on = $1 AND w.batch_id IS NOT NULL
+           AND ($2 IS NULL OR w.batch_id <> $2)",
     )
         .bind(wf)
         .bind(w.batch_id.as_deref())
@@ -1500,6 +1559,7 @@ pub(crate) async fn finish_rest(
 /// Releases or skips the batch dependents of `w` (see [`Store::finish_workflow`]).
 async fn release_dependents(
     conn: &mut SqliteConnection,
+    hooks: &Registry,
     w: &Ending,
     failed: bool,
     now: i64,
@@ -1548,8 +1608,8 @@ async fn release_dependents(
                 .bind(&d)
                 .execute(&mut *conn)
                 .await?;
-                apply_vm_outcome(conn, &dw, &WorkflowOutcome::Cancelled(reason.clone()), now)
-                    .await?;
+                let skipped = WorkflowOutcome::Cancelled(reason.clone());
+                run_async(conn, &hooks.ending(&dw, &skipped, now)).await?;
                 evs.push(event(conn, &d, None, "skipped", &reason).await?);
                 evs.push(event(conn, &d, None, "cancelled", &reason).await?);
                 queue.push((d, dw.node.unwrap_or_default(), true));
@@ -1568,95 +1628,6 @@ async fn release_dependents(
         }
     }
     Ok(touched)
-}
-
-/// Applies a workflow's outcome to its VM record, with the audit record.
-async fn apply_vm_outcome(
-    conn: &mut SqliteConnection,
-    w: &Ending,
-    outcome: &WorkflowOutcome,
-    now: i64,
-) -> Result<()> {
-    let Some(vm_id) = &w.vm_id else {
-        return Ok(());
-    };
-    let vm = sqlx::query("SELECT * FROM vms WHERE id = $1")
-        .bind(vm_id)
-        .fetch_optional(&mut *conn)
-        .await?
-        .map(|r| vm_from(&r))
-        .transpose()?;
-    let Some(vm) = vm else {
-        return Ok(());
-    };
-    let target = format!("{}/{}", vm.owner, vm.name);
-    let actor = Actor::engine();
-    match (w.kind, outcome) {
-        (WorkflowKind::CreateVm, WorkflowOutcome::Succeeded) => {
-            sqlx::query(
-                "UPDATE vms SET status = 'running', error = NULL, updated_at = $2 WHERE id = $1",
-            )
-            .bind(vm_id)
-            .bind(now)
-            .execute(&mut *conn)
-            .await?;
-            record(
-                conn,
-                &actor,
-                "vm.create",
-                &target,
-                "ok",
-                vm.ip_address.map(|i| i.to_string()).as_deref(),
-            )
-            .await?;
-        }
-        (WorkflowKind::CreateVm, WorkflowOutcome::Failed(e) | WorkflowOutcome::Cancelled(e)) => {
-            // A step still done was not undone: the machine may exist and use the address, so
-            // the VM keeps it (and counts) until a delete confirms the cleanup.
-            let left: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM workflow_steps WHERE workflow_id = $1 AND status = 'done'",
-            )
-            .bind(&w.id)
-            .fetch_one(&mut *conn)
-            .await?;
-            sqlx::query(
-                "UPDATE vms SET status = 'failed', error = $2, updated_at = $3,
-                     ip = CASE WHEN $4 THEN ip END WHERE id = $1",
-            )
-            .bind(vm_id)
-            .bind(e)
-            .bind(now)
-            .bind(left > 0)
-            .execute(&mut *conn)
-            .await?;
-            let result = outcome.status().as_str();
-            record(conn, &actor, "vm.create", &target, result, Some(e)).await?;
-        }
-        (WorkflowKind::DeleteVm, WorkflowOutcome::Succeeded) => {
-            sqlx::query("UPDATE workflows SET vm_id = NULL WHERE vm_id = $1")
-                .bind(vm_id)
-                .execute(&mut *conn)
-                .await?;
-            sqlx::query("DELETE FROM vms WHERE id = $1")
-                .bind(vm_id)
-                .execute(&mut *conn)
-                .await?;
-            record(conn, &actor, "vm.delete", &target, "ok", None).await?;
-        }
-        (WorkflowKind::DeleteVm, WorkflowOutcome::Failed(e) | WorkflowOutcome::Cancelled(e)) => {
-            let msg = format!("delete failed: {e}; run delete-vm again");
-            sqlx::query(
-                "UPDATE vms SET status = 'failed', error = $2, updated_at = $3 WHERE id = $1",
-            )
-            .bind(vm_id)
-            .bind(&msg)
-            .bind(now)
-            .execute(&mut *conn)
-            .await?;
-            record(conn, &actor, "vm.delete", &target, "failed", Some(e)).await?;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

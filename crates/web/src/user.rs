@@ -47,12 +47,20 @@ fn meter(
     }
 }
 
+/// The VM an operation acts on, if any.
+fn vm_of(w: &Workflow) -> Option<&str> {
+    w.resource
+        .as_ref()
+        .and_then(|r| r.id_of(basphere_core::ResourceRef::VM))
+}
+
 /// The steps of an operation, updated live by app.js through the SSE route when `live`.
 pub(crate) fn op_block(wf: &Workflow, vm_name: &str) -> String {
     let live = !wf.status.is_terminal();
-    let verb = match wf.kind {
-        basphere_store::WorkflowKind::CreateVm => "Creating",
-        basphere_store::WorkflowKind::DeleteVm => "Deleting",
+    let verb = match wf.definition.parse() {
+        Ok(basphere_core::VmOperation::Create) => "Creating",
+        Ok(basphere_core::VmOperation::Delete) => "Deleting",
+        Err(_) => "Running",
     };
     let mut steps = String::new();
     for s in &wf.steps {
@@ -230,9 +238,7 @@ async fn dashboard_page(
         .iter()
         .filter(|w| !w.status.is_terminal() || w.finished_at.is_some_and(|t| now - t < RECENT_MS))
         .map(|w| {
-            let n = w
-                .vm_id
-                .as_deref()
+            let n = vm_of(w)
                 .and_then(|id| names.get(id).copied())
                 .unwrap_or("a removed VM");
             op_block(w, n)
@@ -416,7 +422,7 @@ pub async fn vm_page(
         .await
         .unwrap_or_default()
         .iter()
-        .filter(|w| w.vm_id.as_deref() == Some(id.as_str()))
+        .filter(|w| vm_of(w) == Some(id.as_str()))
         .take(3)
         .map(|w| op_block(w, &name))
         .collect();

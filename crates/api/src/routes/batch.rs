@@ -12,7 +12,8 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use basphere_core::FieldErrors;
 use basphere_plan::{self as plan, Existing, Format, Manifest};
-use basphere_store::{BatchError, BatchRequest, BatchVm, OpError, Workflow, WorkflowKind};
+use basphere_core::VmOperation;
+use basphere_store::{BatchError, BatchRequest, BatchVm, OpError, Workflow};
 use serde_json::{Value, json};
 
 /// Largest `parallelism` accepted.
@@ -194,7 +195,7 @@ pub async fn apply(
     }
     let req = BatchRequest {
         owner: me.username.clone(),
-        provider: st.engine.provider().kind().to_string(),
+        provider: st.provider.kind().to_string(),
         parallelism: p.parallelism,
         creates: p.creates,
         deletes: p
@@ -203,8 +204,8 @@ pub async fn apply(
             .iter()
             .filter_map(|n| n.parse().ok())
             .collect(),
-        create_steps: basphere_engine::step_names(WorkflowKind::CreateVm),
-        delete_steps: basphere_engine::step_names(WorkflowKind::DeleteVm),
+        create_steps: basphere_vm_workflows::step_names(VmOperation::Create),
+        delete_steps: basphere_vm_workflows::step_names(VmOperation::Delete),
     };
     let b = st
         .store
@@ -236,7 +237,7 @@ fn node_view(w: &Workflow) -> Value {
     json!({
         "node": w.node,
         "operation_id": w.id,
-        "action": match w.kind { WorkflowKind::CreateVm => "create", WorkflowKind::DeleteVm => "delete" },
+        "action": match w.definition.parse() { Ok(VmOperation::Create) => "create", Ok(VmOperation::Delete) => "delete", Err(_) => w.definition.as_str() },
         "status": w.status,
         "step": w.step,
         "steps": w.steps.iter().map(|s| json!({"name": s.name, "status": s.status})).collect::<Vec<_>>(),
@@ -293,7 +294,7 @@ pub async fn cancel(
         .await
         .map_err(op_error)?;
     st.engine.publish([ev]);
-    let w = st.store.workflow(&id).await?;
+    let w = st.store.workflow(&id).await?.as_ref().map(super::ops::operation_view);
     Ok(accepted(
         format!(
             "cancelling {id}: a running step finishes (or reaches its deadline), then done steps are undone"
@@ -311,12 +312,18 @@ pub async fn retry(
     visible(&st, &caller, &id).await?;
     let evs = st
         .store
-        .retry_workflow(&id, &st.config.network, &caller.actor())
+        .retry_workflow(
+            &id,
+            &basphere_store::RetryCtx {
+                pool: &st.config.network,
+            },
+            &caller.actor(),
+        )
         .await
         .map_err(op_error)?;
     let n = evs.len();
     st.engine.publish(evs);
-    let w = st.store.workflow(&id).await?;
+    let w = st.store.workflow(&id).await?.as_ref().map(super::ops::operation_view);
     Ok(accepted(
         if n > 1 {
             format!("retrying {id} and {} skipped dependent(s)", n - 1)

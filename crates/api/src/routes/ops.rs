@@ -7,13 +7,25 @@ use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::response::sse::{Event, KeepAlive, Sse};
-use basphere_store::{Workflow, WorkflowEvent};
+use basphere_store::{ResourceRef, Workflow, WorkflowEvent};
 use futures_util::Stream;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::time::Duration;
 use tokio_stream::wrappers::ReceiverStream;
+
+/// An operation as `/api/v1` shows it: the workflow, with its definition as `kind` and its VM
+/// (if it acts on one) as `vm_id`.
+pub fn operation_view(w: &Workflow) -> serde_json::Value {
+    let mut v = serde_json::to_value(w).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        o.insert("kind".into(), w.definition.clone().into());
+        let vm = w.resource.as_ref().and_then(|r| r.id_of(ResourceRef::VM));
+        o.insert("vm_id".into(), vm.into());
+    }
+    v
+}
 
 async fn visible(st: &AppState, caller: &Caller, id: &str) -> Result<Workflow, ApiError> {
     let me = caller.active()?;
@@ -30,7 +42,7 @@ pub async fn show(
     Path(id): Path<String>,
 ) -> Result<Ok200, ApiError> {
     let w = visible(&st, &caller, &id).await?;
-    Ok(ok(format!("operation {id}: {}", w.status), w))
+    Ok(ok(format!("operation {id}: {}", w.status), operation_view(&w)))
 }
 
 #[derive(Deserialize)]
@@ -62,11 +74,12 @@ pub async fn list(
         .store
         .workflows_page(owner.as_deref(), p.after.as_deref(), limit + 1)
         .await?;
+    let views: Vec<serde_json::Value> = w.iter().map(operation_view).collect();
     Ok(page(
         |n| format!("{n} operation(s)"),
-        w,
+        views,
         limit,
-        |w| w.id.clone(),
+        |v| v["id"].as_str().unwrap_or_default().to_string(),
     ))
 }
 

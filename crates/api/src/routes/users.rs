@@ -8,6 +8,7 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use basphere_accounts::AccountError;
 use basphere_core::{Email, FieldErrors, Quota, SshPublicKey, Team, UserStatus, Username};
+use basphere_core::VmOperation;
 use basphere_store::{AuditFilter, NewRegistration, UserError};
 use serde::Deserialize;
 use serde_json::json;
@@ -468,7 +469,7 @@ pub async fn delete(
             }
         }
         let mut ops = vec![];
-        let steps = basphere_engine::step_names(basphere_store::WorkflowKind::DeleteVm);
+        let steps = basphere_vm_workflows::step_names(VmOperation::Delete);
         for vm in &vms {
             if let Ok(a) = st
                 .store

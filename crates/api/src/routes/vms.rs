@@ -7,7 +7,8 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use basphere_core::{FieldErrors, ImageName, SpecName, VM_COUNT_RANGE, VmName};
-use basphere_store::{AdmitError, AdmitRequest, DeleteError, Vm, WorkflowKind, format_ms};
+use basphere_core::VmOperation;
+use basphere_store::{AdmitError, AdmitRequest, DeleteError, Vm, format_ms};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -46,7 +47,7 @@ pub async fn catalog(State(st): State<AppState>, caller: Caller) -> Result<Ok200
             "images": c.images.iter().map(|(n, i)| json!({"name": n, "login_user": i.login_user, "default": i.default})).collect::<Vec<_>>(),
             "default_image": c.default_image(),
             "count": {"min": VM_COUNT_RANGE.start(), "max": VM_COUNT_RANGE.end()},
-            "provider": st.engine.provider().kind(),
+            "provider": st.provider.kind(),
         }),
     ))
 }
@@ -153,8 +154,8 @@ pub async fn create(
         os,
         spec_name,
         spec,
-        provider: st.engine.provider().kind().to_string(),
-        steps: basphere_engine::step_names(WorkflowKind::CreateVm),
+        provider: st.provider.kind().to_string(),
+        steps: basphere_vm_workflows::step_names(VmOperation::Create),
     };
     let admitted = st
         .store
@@ -284,7 +285,7 @@ pub async fn delete(
     Query(q): Query<OwnerQuery>,
 ) -> Result<Ok200, ApiError> {
     let owner = caller.owner_for(q.owner)?;
-    let steps = basphere_engine::step_names(WorkflowKind::DeleteVm);
+    let steps = basphere_vm_workflows::step_names(VmOperation::Delete);
     let a = st
         .store
         .begin_delete_vm(&owner, &name, &steps, &caller.actor())

@@ -8,7 +8,7 @@ use basphere_engine::{
     Engine, EngineConfig, RetryPolicy, StepCtx, StepError, StepSpec, WorkflowDef,
 };
 use basphere_provider::{NullProvider, Provider};
-use basphere_store::{Actor, NewRegistration, NewWorkflow, StepCommit, Store, WorkflowKind};
+use basphere_store::{Actor, NewRegistration, NewWorkflow, StepCommit, Store};
 use serde_json::json;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -114,6 +114,7 @@ impl WorkflowDef for Ledger {
         Ok(StepCommit {
             output: Some(json!({"step": idx})),
             effects: vec![(ctx.idem_key.to_string(), json!({"step": idx}))],
+            ..StepCommit::default()
         })
     }
 
@@ -126,11 +127,10 @@ impl WorkflowDef for Ledger {
 /// A ledger workflow of `steps` steps with `input`.
 pub fn ledger_workflow(steps: usize, input: serde_json::Value) -> NewWorkflow {
     let mut w = NewWorkflow::new(
-        WorkflowKind::CreateVm,
+        "ledger",
         "tester",
         (0..steps).map(|i| format!("s{i}")).collect(),
     );
-    w.definition = Some("ledger".into());
     w.input = input;
     w
 }

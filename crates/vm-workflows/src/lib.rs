@@ -1,13 +1,46 @@
 //! The VM workflows (create: prepare → start → wait_ready; delete: stop → remove) as
-//! definitions of the general step model. The provider's idempotency key is the VM's instance
-//! id (every phase finds its earlier work by it); the step's own key is recorded beside it.
+//! definitions of the engine's general step model, registered by the composition root. The
+//! provider's idempotency key is the VM's instance id (every phase finds its earlier work by
+//! it); the step's own key is recorded beside it. What their endings do to the VM record is
+//! the store's VM hooks ([`Hooks::vm`]), which these definitions register.
 
-use crate::{Catalog, RetryPolicy, StepCtx, StepError, StepSpec, WorkflowDef};
-use basphere_core::SshPublicKey;
+use basphere_core::{NetworkPool, ResourceRef, SshPublicKey, VmOperation};
+use basphere_engine::{Engine, EngineConfig, RetryPolicy, StepCtx, StepError, StepSpec, WorkflowDef};
 use basphere_provider::{GuestNetwork, Provider, VmRequest, mac_for};
-use basphere_store::{StepCommit, Store, StoreError, Workflow, WorkflowKind};
+use basphere_store::{Hooks, StepCommit, Store, StoreError, Workflow};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// What the VM workflows need to turn a VM record into a provider request.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    pub pool: NetworkPool,
+    /// OS image name → the provider's reference for it.
+    pub image_refs: BTreeMap<String, String>,
+}
+
+/// Registers the VM create and delete definitions (and their hooks) with `engine`, driving
+/// `provider`; step deadlines and retries come from `tuning`.
+pub fn register(
+    engine: &Engine,
+    provider: Arc<dyn Provider>,
+    catalog: Catalog,
+    tuning: &EngineConfig,
+) {
+    let vm: Arc<dyn WorkflowDef> = Arc::new(VmWorkflow {
+        store: engine.store().clone(),
+        provider,
+        catalog,
+        retry: tuning.default_retry(),
+        ready_deadline: tuning.ready_deadline,
+        step_deadline: tuning.step_deadline,
+        cache: Default::default(),
+    });
+    for op in VmOperation::ALL {
+        engine.register(op.as_str(), vm.clone());
+    }
+}
 
 /// Steps of a VM create, in order.
 pub const CREATE_STEPS: &[&str] = &["prepare", "start", "wait_ready"];
@@ -15,30 +48,30 @@ pub const CREATE_STEPS: &[&str] = &["prepare", "start", "wait_ready"];
 pub const DELETE_STEPS: &[&str] = &["stop", "remove"];
 
 /// Step names as owned strings, for the store.
-pub fn step_names(kind: WorkflowKind) -> Vec<String> {
-    let s: &[&str] = match kind {
-        WorkflowKind::CreateVm => CREATE_STEPS,
-        WorkflowKind::DeleteVm => DELETE_STEPS,
+pub fn step_names(op: VmOperation) -> Vec<String> {
+    let s: &[&str] = match op {
+        VmOperation::Create => CREATE_STEPS,
+        VmOperation::Delete => DELETE_STEPS,
     };
     s.iter().map(|s| s.to_string()).collect()
 }
 
 /// Create or delete of one VM through a provider.
-pub(crate) struct VmWorkflow {
-    pub store: Store,
-    pub provider: Arc<dyn Provider>,
-    pub catalog: Catalog,
-    pub retry: RetryPolicy,
-    pub ready_deadline: Duration,
-    pub step_deadline: Duration,
+struct VmWorkflow {
+    store: Store,
+    provider: Arc<dyn Provider>,
+    catalog: Catalog,
+    retry: RetryPolicy,
+    ready_deadline: Duration,
+    step_deadline: Duration,
     /// Requests built during one claim of a workflow, keyed by (workflow, its `updated_at` at
     /// the claim): the steps of one drive share one read of the VM and its owner.
-    pub cache: std::sync::Mutex<std::collections::HashMap<(String, i64), VmRequest>>,
+    cache: std::sync::Mutex<std::collections::HashMap<(String, i64), VmRequest>>,
 }
 
 impl VmWorkflow {
     async fn request_for(&self, wf: &Workflow) -> Result<Option<VmRequest>, StoreError> {
-        let Some(vm_id) = &wf.vm_id else {
+        let Some(vm_id) = wf.resource.as_ref().and_then(|r| r.id_of(ResourceRef::VM)) else {
             return Ok(None);
         };
         let Some((vm, key)) = self.store.vm_and_key(vm_id).await? else {
@@ -102,6 +135,10 @@ impl VmWorkflow {
 
 #[async_trait::async_trait]
 impl WorkflowDef for VmWorkflow {
+    fn hooks(&self, definition: &str) -> Option<Hooks> {
+        definition.parse().ok().map(Hooks::vm)
+    }
+
     fn step(&self, name: &str) -> StepSpec {
         let deadline = if name == "wait_ready" {
             self.ready_deadline + Duration::from_secs(30)
@@ -115,23 +152,22 @@ impl WorkflowDef for VmWorkflow {
     }
 
     async fn run(&self, ctx: &StepCtx<'_>) -> Result<StepCommit, StepError> {
+        let op = operation(ctx.workflow)?;
         let req = self.request(ctx).await?;
         let p = &self.provider;
-        match (ctx.workflow.kind, ctx.name) {
-            (WorkflowKind::CreateVm, "prepare") => p.prepare(&req).await?,
-            (WorkflowKind::CreateVm, "start") => p.start(&req).await?,
-            (WorkflowKind::CreateVm, "wait_ready") => {
-                p.wait_ready(&req, self.ready_deadline).await?
-            }
-            (WorkflowKind::DeleteVm, "stop") => p.stop(&req).await?,
-            (WorkflowKind::DeleteVm, "remove") => p.remove(&req).await?,
+        match (op, ctx.name) {
+            (VmOperation::Create, "prepare") => p.prepare(&req).await?,
+            (VmOperation::Create, "start") => p.start(&req).await?,
+            (VmOperation::Create, "wait_ready") => p.wait_ready(&req, self.ready_deadline).await?,
+            (VmOperation::Delete, "stop") => p.stop(&req).await?,
+            (VmOperation::Delete, "remove") => p.remove(&req).await?,
             (k, s) => return Err(StepError::permanent(format!("unknown step {s} of {k}"))),
         }
         Ok(StepCommit::default())
     }
 
     async fn undo(&self, ctx: &StepCtx<'_>) -> Result<(), StepError> {
-        if ctx.workflow.kind != WorkflowKind::CreateVm {
+        if operation(ctx.workflow)? != VmOperation::Create {
             return Ok(());
         }
         let req = match self.request_for(ctx.workflow).await {
@@ -146,4 +182,11 @@ impl WorkflowDef for VmWorkflow {
         }
         Ok(())
     }
+}
+
+/// Which VM operation a workflow of these definitions is.
+fn operation(wf: &Workflow) -> Result<VmOperation, StepError> {
+    wf.definition
+        .parse()
+        .map_err(|e| StepError::permanent(format!("not a VM workflow: {e}")))
 }

@@ -1,0 +1,93 @@
+//! What happens to a workflow's resource when the workflow ends or is retried.
+//!
+//! The ledger (`workflows`, `commit`) knows no resource kind: it ends a workflow and runs the
+//! hooks its definition registered, inside the same transaction. Each resource kind's hooks
+//! live beside its records (the VM's in `vms`). A definition without hooks changes nothing
+//! outside the ledger.
+
+use crate::stmt::{Stmt, stmt};
+use crate::workflows::{Ending, OpError, Workflow, WorkflowOutcome};
+use basphere_core::NetworkPool;
+use sqlx::SqliteConnection;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+/// What a retry's hooks may need from the caller's configuration.
+pub struct RetryCtx<'a> {
+    /// The network pool a resource gets its address from again.
+    pub pool: &'a NetworkPool,
+}
+
+/// One definition's hooks on its resource.
+#[async_trait::async_trait]
+pub(crate) trait ResourceHooks: Send + Sync {
+    /// Statements that apply `outcome` to the resource; they run in the ending transaction.
+    fn ended(&self, w: &Ending, outcome: &WorkflowOutcome, now: i64) -> Vec<Stmt>;
+
+    /// Refuses a cancel (with what to do instead) when the definition's steps cannot be undone.
+    fn cancellable(&self, _w: &Workflow) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Makes the resource ready for a retry of `w`, inside the retry's transaction; an error
+    /// refuses the retry and changes nothing.
+    async fn retrying(
+        &self,
+        _conn: &mut SqliteConnection,
+        _w: &Workflow,
+        _ctx: &RetryCtx<'_>,
+    ) -> Result<(), OpError> {
+        Ok(())
+    }
+}
+
+/// A set of resource hooks a workflow definition registers (`Engine::register`).
+#[derive(Clone)]
+pub struct Hooks(pub(crate) Arc<dyn ResourceHooks>);
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hooks")
+    }
+}
+
+/// Definition name → its hooks; shared by the async side and the write thread.
+#[derive(Clone, Default)]
+pub(crate) struct Registry(Arc<RwLock<HashMap<String, Hooks>>>);
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Registry")
+    }
+}
+
+impl Registry {
+    pub fn set(&self, definition: &str, hooks: Hooks) {
+        self.0
+            .write()
+            .expect("hooks lock")
+            .insert(definition.to_string(), hooks);
+    }
+
+    pub fn get(&self, definition: &str) -> Option<Hooks> {
+        self.0.read().expect("hooks lock").get(definition).cloned()
+    }
+
+    /// Everything ending `w` writes besides its own row, event and batch edges: the
+    /// resource's hooks, then the parent's wait for its children.
+    pub fn ending(&self, w: &Ending, outcome: &WorkflowOutcome, now: i64) -> Vec<Stmt> {
+        let mut out = self
+            .get(&w.definition)
+            .map(|h| h.0.ended(w, outcome, now))
+            .unwrap_or_default();
+        if w.has_parent {
+            out.push(stmt!(
+                "UPDATE workflows SET waiting_on = waiting_on - 1, updated_at = ?2
+                 WHERE id = (SELECT parent_id FROM workflows WHERE id = ?1) AND waiting_on > 0",
+                w.id.as_str(),
+                now,
+            ));
+        }
+        out
+    }
+}
