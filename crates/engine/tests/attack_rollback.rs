@@ -77,7 +77,9 @@ async fn failed_cleanup_keeps_the_address_and_blocks_a_second_workflow() {
         .begin_delete_vm(u.as_str(), "fail-a", &steps, &admin())
         .await
         .unwrap();
-    let r = store.retry_workflow(&op, &basphere_store::RetryCtx { pool: &pool() }, &admin()).await;
+    let r = store
+        .retry_workflow(&op, &basphere_store::RetryCtx { pool: &pool() }, &admin())
+        .await;
     assert!(
         matches!(&r, Err(OpError::Refused(m)) if m.contains(&d.operation_id)),
         "{r:?}"

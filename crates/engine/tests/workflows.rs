@@ -134,7 +134,12 @@ async fn cancel_waits_for_the_running_step_then_undoes() {
     use StepStatus::*;
     assert_eq!(st, [Undone, Undone, Undone, Skipped, Skipped]);
     // A cancelled workflow can be retried from the start.
-    e.publish(store.retry_workflow(&id, &basphere_store::RetryCtx { pool: &pool() }, &admin()).await.unwrap());
+    e.publish(
+        store
+            .retry_workflow(&id, &basphere_store::RetryCtx { pool: &pool() }, &admin())
+            .await
+            .unwrap(),
+    );
     let w = wait_done(&store, &id, 10).await;
     assert_eq!(w.status, WorkflowStatus::Succeeded);
 }

@@ -339,8 +339,11 @@ impl Store {
                 .bind(now)
                 .execute(&mut *tx)
                 .await?;
-            let mut w =
-                NewWorkflow::new(VmOperation::Delete.as_str(), owner, req.delete_steps.clone());
+            let mut w = NewWorkflow::new(
+                VmOperation::Delete.as_str(),
+                owner,
+                req.delete_steps.clone(),
+            );
             w.resource = Some(ResourceRef::vm(vm_id));
             w.priority = 10;
             w.provider = Some(req.provider.clone());

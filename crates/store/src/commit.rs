@@ -101,7 +101,7 @@ pub(crate) fn spawn(
                                     &prefetched,
                                     &hooks,
                                 )
-                                    .and_then(|mut v| v.pop().expect("one result"))
+                                .and_then(|mut v| v.pop().expect("one result"))
                             })
                             .collect()
                     }

@@ -24,17 +24,16 @@ mod vms;
 mod workflows;
 
 pub use audit::{Actor, AuditFilter, AuditRecord};
-pub use hooks::{Hooks, RetryCtx};
 pub use batches::{BatchAdmitted, BatchError, BatchNodeRef, BatchRequest, BatchVm};
+pub use hooks::{Hooks, RetryCtx};
 pub use users::{
     ApproveOutcome, KeyChange, NewRegistration, Registration, TokenInfo, TokenOwner, User,
     UserError,
 };
 pub use vms::{AdmitError, AdmitRequest, Admitted, DeleteError, Vm};
 pub use workflows::{
-    ClaimLimits, Claimed, Handoff, NewWorkflow, NextStep, OpError, Reopen, ResourceRef,
-    StepCommit, StepEffect, StepRecord, StepStatus, Workflow, WorkflowEvent, WorkflowOutcome,
-    WorkflowStatus,
+    ClaimLimits, Claimed, Handoff, NewWorkflow, NextStep, OpError, Reopen, ResourceRef, StepCommit,
+    StepEffect, StepRecord, StepStatus, Workflow, WorkflowEvent, WorkflowOutcome, WorkflowStatus,
 };
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};

@@ -1,9 +1,7 @@
 use crate::audit::record;
 use crate::hooks::{Hooks, ResourceHooks, RetryCtx};
 use crate::stmt::{Stmt, stmt};
-use crate::workflows::{
-    Cols, Ending, NewWorkflow, OpError, Workflow, WorkflowOutcome, insert_new,
-};
+use crate::workflows::{Cols, Ending, NewWorkflow, OpError, Workflow, WorkflowOutcome, insert_new};
 use crate::{Actor, Result, Store, StoreError, now_ms, parse};
 use basphere_core::{
     ImageName, NetworkPool, QuotaExceeded, ResourceRef, Role, Spec, SpecName, Usage, UserStatus,
@@ -514,7 +512,16 @@ const VM_AUDIT: &str = "INSERT INTO audit (at, actor, source, action, target, re
 
 fn vm_audit(vm: &str, now: i64, action: &str, result: &str, detail: Option<&str>) -> Stmt {
     let actor = Actor::engine();
-    stmt!(VM_AUDIT, vm, now, actor.name, actor.source, action, result, detail)
+    stmt!(
+        VM_AUDIT,
+        vm,
+        now,
+        actor.name,
+        actor.source,
+        action,
+        result,
+        detail
+    )
 }
 
 #[async_trait::async_trait]

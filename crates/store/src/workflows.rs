@@ -117,7 +117,11 @@ pub struct NewWorkflow {
 }
 
 impl NewWorkflow {
-    pub fn new(definition: impl Into<String>, owner: impl Into<String>, steps: Vec<String>) -> Self {
+    pub fn new(
+        definition: impl Into<String>,
+        owner: impl Into<String>,
+        steps: Vec<String>,
+    ) -> Self {
         Self {
             definition: definition.into(),
             resource: None,
@@ -422,10 +426,12 @@ impl StoreError {
 }
 
 pub(crate) fn resource_from(r: &impl Cols) -> Result<Option<ResourceRef>> {
-    Ok(match (r.opt_text("resource_kind")?, r.opt_text("resource_id")?) {
-        (Some(kind), Some(id)) => Some(ResourceRef { kind, id }),
-        _ => None,
-    })
+    Ok(
+        match (r.opt_text("resource_kind")?, r.opt_text("resource_id")?) {
+            (Some(kind), Some(id)) => Some(ResourceRef { kind, id }),
+            _ => None,
+        },
+    )
 }
 
 pub(crate) fn workflow_from(r: &impl Cols, steps: Vec<StepRecord>) -> Result<Workflow> {
@@ -1206,10 +1212,10 @@ impl Store {
                  next_run_at = CASE WHEN next_run_at < $2 THEN next_run_at ELSE $2 END
              WHERE id = $1",
         )
-            .bind(wf)
-            .bind(now_ms())
-            .execute(&mut *tx)
-            .await?;
+        .bind(wf)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
         let ev = event(
             &mut tx,
             wf,
@@ -1451,7 +1457,8 @@ pub(crate) struct Ending {
 }
 
 /// The columns [`Ending`] is read from.
-pub(crate) const ENDING_COLS: &str = "definition, resource_kind, resource_id, node, batch_id, parent_id";
+pub(crate) const ENDING_COLS: &str =
+    "definition, resource_kind, resource_id, node, batch_id, parent_id";
 
 async fn ending(conn: &mut SqliteConnection, wf: &str) -> Result<Ending> {
     let r = sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -1526,8 +1533,7 @@ pub(crate) async fn finish_rest(
     evs.push(event(conn, wf, None, status, &msg).await?);
     let failed = outcome != &WorkflowOutcome::Succeeded;
     let mut released = vec![];
-    let touched =
-        release_dependents(conn, hooks, w, failed, now, &mut evs, &mut released).await?;
+    let touched = release_dependents(conn, hooks, w, failed, now, &mut evs, &mut released).await?;
     // Its slot, and dependents it released, go to the next ready nodes of their batches.
     let mut batches: Vec<String> = w.batch_id.iter().cloned().collect();
     let others: Vec<String> = if !failed {

@@ -5,7 +5,9 @@
 //! the store's VM hooks ([`Hooks::vm`]), which these definitions register.
 
 use basphere_core::{NetworkPool, ResourceRef, SshPublicKey, VmOperation};
-use basphere_engine::{Engine, EngineConfig, RetryPolicy, StepCtx, StepError, StepSpec, WorkflowDef};
+use basphere_engine::{
+    Engine, EngineConfig, RetryPolicy, StepCtx, StepError, StepSpec, WorkflowDef,
+};
 use basphere_provider::{GuestNetwork, Provider, VmRequest, mac_for};
 use basphere_store::{Hooks, StepCommit, Store, StoreError, Workflow};
 use std::collections::BTreeMap;

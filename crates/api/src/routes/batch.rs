@@ -11,8 +11,8 @@ use crate::server::AppState;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use basphere_core::FieldErrors;
-use basphere_plan::{self as plan, Existing, Format, Manifest};
 use basphere_core::VmOperation;
+use basphere_plan::{self as plan, Existing, Format, Manifest};
 use basphere_store::{BatchError, BatchRequest, BatchVm, OpError, Workflow};
 use serde_json::{Value, json};
 
@@ -294,7 +294,12 @@ pub async fn cancel(
         .await
         .map_err(op_error)?;
     st.engine.publish([ev]);
-    let w = st.store.workflow(&id).await?.as_ref().map(super::ops::operation_view);
+    let w = st
+        .store
+        .workflow(&id)
+        .await?
+        .as_ref()
+        .map(super::ops::operation_view);
     Ok(accepted(
         format!(
             "cancelling {id}: a running step finishes (or reaches its deadline), then done steps are undone"
@@ -323,7 +328,12 @@ pub async fn retry(
         .map_err(op_error)?;
     let n = evs.len();
     st.engine.publish(evs);
-    let w = st.store.workflow(&id).await?.as_ref().map(super::ops::operation_view);
+    let w = st
+        .store
+        .workflow(&id)
+        .await?
+        .as_ref()
+        .map(super::ops::operation_view);
     Ok(accepted(
         if n > 1 {
             format!("retrying {id} and {} skipped dependent(s)", n - 1)

@@ -42,7 +42,10 @@ pub async fn show(
     Path(id): Path<String>,
 ) -> Result<Ok200, ApiError> {
     let w = visible(&st, &caller, &id).await?;
-    Ok(ok(format!("operation {id}: {}", w.status), operation_view(&w)))
+    Ok(ok(
+        format!("operation {id}: {}", w.status),
+        operation_view(&w),
+    ))
 }
 
 #[derive(Deserialize)]
