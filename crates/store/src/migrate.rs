@@ -70,3 +70,55 @@ pub(crate) async fn run(pool: &SqlitePool) -> Result<()> {
     tx.commit().await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::MIGRATIONS;
+    use crate::{ResourceRef, Store};
+
+    /// A database made by an older basphere (schema 5: `kind` + `vm_id`) opens with each
+    /// workflow's definition and resource kept.
+    #[tokio::test]
+    async fn workflows_of_schema_5_keep_their_definition_and_vm() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        {
+            let c = rusqlite::Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE schema_migrations (
+                    version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)",
+            )
+            .unwrap();
+            for (v, name, sql) in MIGRATIONS.iter().filter(|m| m.0 <= 5) {
+                c.execute_batch(sql).unwrap();
+                c.execute(
+                    "INSERT INTO schema_migrations VALUES (?1, ?2, 0)",
+                    rusqlite::params![v, name],
+                )
+                .unwrap();
+            }
+            for (id, kind, vm, def) in [
+                ("w1", "create_vm", Some("vm-1"), None),
+                ("w2", "delete_vm", None, None),
+                ("w3", "create_vm", None, Some("ledger")),
+            ] {
+                c.execute(
+                    "INSERT INTO workflows (id, kind, vm_id, definition, owner, status, input,
+                         next_run_at, created_at, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, 'alice', 'succeeded', '{}', 0, 0, 0)",
+                    rusqlite::params![id, kind, vm, def],
+                )
+                .unwrap();
+            }
+        }
+        let store = Store::open(&path).await.unwrap();
+        let w1 = store.workflow("w1").await.unwrap().unwrap();
+        assert_eq!(w1.definition, "create_vm");
+        assert_eq!(w1.resource, Some(ResourceRef::vm("vm-1")));
+        let w2 = store.workflow("w2").await.unwrap().unwrap();
+        assert_eq!((w2.definition.as_str(), w2.resource), ("delete_vm", None));
+        let w3 = store.workflow("w3").await.unwrap().unwrap();
+        assert_eq!((w3.definition.as_str(), w3.resource), ("ledger", None));
+        store.close().await;
+    }
+}
