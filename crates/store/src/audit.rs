@@ -80,7 +80,7 @@ impl Store {
         result: &str,
         detail: Option<&str>,
     ) -> Result<()> {
-        let mut c = self.pool.acquire().await?;
+        let mut c = self.lg()?.pool.acquire().await?;
         record(&mut c, actor, action, target, result, detail).await
     }
 
@@ -108,7 +108,7 @@ impl Store {
         .bind(f.since_ms)
         .bind(f.limit.unwrap_or(100))
         .bind(after)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.lg()?.pool)
         .await?;
         rows.iter()
             .map(|r| {

@@ -383,7 +383,7 @@ impl Store {
              WHERE v.owner = $1 AND w.definition = 'create_vm' AND w.batch_id IS NOT NULL",
         )
         .bind(owner)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.lg()?.pool)
         .await?)
     }
 
@@ -392,7 +392,7 @@ impl Store {
         Ok(
             sqlx::query_scalar("SELECT owner FROM batches WHERE id = $1")
                 .bind(id)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.lg()?.pool)
                 .await?,
         )
     }

@@ -14,7 +14,7 @@
 //! the checkpoint thread does that off the commit path.
 
 use crate::hooks::Registry;
-use crate::stmt::run_blocking;
+use crate::db::sqlite::run_on;
 use crate::vms::{Prefetched, VM_AND_KEY, vm_from};
 use crate::workflows::{
     Claimed, ENDING_COLS, Ending, FREE_SLOTS, Handoff, PARKED_READY, ResourceRef, StepCommit,
@@ -49,15 +49,11 @@ pub(crate) struct DoneJob {
 /// A completion's events, whether a cancel was requested, and the batch node handed to it.
 pub(crate) type Done = (Vec<WorkflowEvent>, bool, Option<Claimed>);
 
-/// Opens a connection of this store's kind (WAL, foreign keys, busy timeout, no checkpoints).
-fn open(path: &Path) -> Result<Connection> {
-    let c = Connection::open(path)?;
-    c.busy_timeout(Duration::from_secs(30))?;
-    c.pragma_update(None, "synchronous", "NORMAL")?;
-    c.pragma_update(None, "foreign_keys", "ON")?;
-    c.pragma_update(None, "wal_autocheckpoint", 0)?;
-    c.set_prepared_statement_cache_capacity(64);
-    Ok(c)
+/// What the write thread does: a step completion (grouped with others queued at the same
+/// time), or one whole write transaction of the store's (see `db::sqlite`).
+pub(crate) enum Job {
+    Done(DoneJob),
+    Tx(Box<dyn FnOnce(&mut Connection) + Send>),
 }
 
 /// Starts the write thread and the checkpoint thread for the database at `path`.
@@ -66,24 +62,39 @@ pub(crate) fn spawn(
     lock: Arc<tokio::sync::Mutex<()>>,
     prefetched: Arc<Prefetched>,
     hooks: Registry,
-) -> Result<mpsc::Sender<DoneJob>> {
-    let mut conn = open(path)?;
-    let ckpt = open(path)?;
+) -> Result<mpsc::Sender<Job>> {
+    let mut conn = crate::db::sqlite::open(path)?;
+    let ckpt = crate::db::sqlite::open(path)?;
     // A checkpoint copies frames through its own buffer; this connection needs no page cache.
     ckpt.pragma_update(None, "cache_size", -64)?;
     let wrote = Arc::new(AtomicU64::new(0));
-    let (tx, rx) = mpsc::channel::<DoneJob>();
+    let (tx, rx) = mpsc::channel::<Job>();
     let stop = Arc::new(AtomicBool::new(false));
     let w = wrote.clone();
     let s = stop.clone();
     std::thread::Builder::new()
         .name("basphere-writer".into())
         .spawn(move || {
-            while let Ok(first) = rx.recv() {
+            let mut next = None;
+            while let Some(first) = next.take().or_else(|| rx.recv().ok()) {
+                let first = match first {
+                    Job::Tx(f) => {
+                        let guard = lock.blocking_lock();
+                        f(&mut conn);
+                        drop(guard);
+                        w.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    Job::Done(j) => j,
+                };
                 let mut group = vec![first];
                 while group.len() < MAX_GROUP {
                     match rx.try_recv() {
-                        Ok(j) => group.push(j),
+                        Ok(Job::Done(j)) => group.push(j),
+                        Ok(tx_job) => {
+                            next = Some(tx_job);
+                            break;
+                        }
                         Err(_) => break,
                     }
                 }
@@ -250,7 +261,7 @@ fn commit_group(
             // asked for meanwhile wins: the parent undoes instead of spawning.)
             for c in &j.commit.children {
                 let id = uuid::Uuid::now_v7().to_string();
-                run_blocking(&tx, &insert_stmts(c, &id, Some(&j.wf), now))?;
+                run_on(&tx, &insert_stmts(c, &id, Some(&j.wf), now))?;
             }
             let n = j.commit.children.len();
             let spawned = format!("{} spawned {n} child workflows; waiting for them", j.name);
@@ -411,7 +422,7 @@ fn succeed(
     now: i64,
     fills: &mut Vec<String>,
 ) -> Result<()> {
-    run_blocking(tx, &hooks.ending(end, &WorkflowOutcome::Succeeded, now))?;
+    run_on(tx, &hooks.ending(end, &WorkflowOutcome::Succeeded, now))?;
     let deps: Vec<String> = tx
         .prepare_cached("SELECT workflow_id FROM workflow_deps WHERE depends_on = ?1")?
         .query_map(params![end.id], |r| r.get(0))?

@@ -5,7 +5,7 @@
 //! live beside its records (the VM's in `vms`). A definition without hooks changes nothing
 //! outside the ledger.
 
-use crate::stmt::{Stmt, stmt};
+use crate::db::{Stmt, stmt};
 use crate::workflows::{Ending, OpError, Workflow, WorkflowOutcome};
 use basphere_core::NetworkPool;
 use sqlx::SqliteConnection;
@@ -82,8 +82,8 @@ impl Registry {
             .unwrap_or_default();
         if w.has_parent {
             out.push(stmt!(
-                "UPDATE workflows SET waiting_on = waiting_on - 1, updated_at = ?2
-                 WHERE id = (SELECT parent_id FROM workflows WHERE id = ?1) AND waiting_on > 0",
+                "UPDATE workflows SET waiting_on = waiting_on - 1, updated_at = $2
+                 WHERE id = (SELECT parent_id FROM workflows WHERE id = $1) AND waiting_on > 0",
                 w.id.as_str(),
                 now,
             ));

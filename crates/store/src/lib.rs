@@ -5,20 +5,22 @@
 //! Nothing above this crate reads, decides and then writes in separate steps. Every change a
 //! user or admin makes writes its audit record in the same transaction as the change.
 //!
-//! The embedded backend is SQLite in WAL mode; write transactions start with `BEGIN IMMEDIATE`
-//! so concurrent writers queue instead of failing at commit. The SQL is kept portable (`$n`
-//! parameters, `RETURNING`, `ON CONFLICT`) so that a PostgreSQL backend can serve the same API;
-//! there the claim queries take `FOR UPDATE SKIP LOCKED`. The one SQLite-only part is `commit`,
-//! the engine's hot path: a write thread on its own rusqlite connection that group-commits step
-//! completions (a PostgreSQL backend would pipeline the same statements on one connection).
+//! Two backends sit behind one `Store` (see `db`): the embedded SQLite file (the default) and
+//! PostgreSQL (`[database] url`), which several replicas share. On SQLite every write
+//! transaction runs on one write thread that also group-commits the engine's step completions
+//! (`commit`); reads use a small pool of their own connections, in WAL mode.
+//!
+//! Transition: the domain modules move onto `db::Tx` one by one (written once, for both
+//! backends); those not moved yet still speak sqlx to SQLite and answer
+//! [`StoreError::Unsupported`] on PostgreSQL.
 
 mod audit;
 mod batches;
 mod commit;
+mod db;
 mod hooks;
 mod limits;
 mod migrate;
-mod stmt;
 mod users;
 mod vms;
 mod workflows;
@@ -61,6 +63,14 @@ pub enum StoreError {
     /// The store was shut down; nothing more can be written through this handle.
     #[error("the store is closed")]
     Closed,
+    #[error("database error: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// The database server cannot be reached (or its url is wrong).
+    #[error("{0}")]
+    Unavailable(String),
+    /// An operation whose domain module is not yet on the PostgreSQL backend.
+    #[error("{0} is not available on PostgreSQL yet; use the embedded SQLite database")]
+    Unsupported(&'static str),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -68,21 +78,26 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 /// Handle to the database; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Store {
-    pool: SqlitePool,
-    /// The one connection write transactions use: its page cache stays warm (a write on
-    /// another connection would make SQLite drop that connection's cache).
-    wpool: SqlitePool,
-    /// Serializes this process's write transactions. SQLite allows one writer at a time anyway;
-    /// queueing here (FIFO, async) instead of in SQLite's busy handler (which sleeps in
-    /// millisecond steps) is what lets the engine commit thousands of step transitions a second.
-    /// Other processes on the same file still wait in the busy handler.
-    writer: Arc<tokio::sync::Mutex<()>>,
-    /// Queue of the write thread that group-commits step completions (see `commit`).
-    committer: std::sync::mpsc::Sender<commit::DoneJob>,
+    db: db::Db,
+    /// sqlx's connections to the SQLite file, for the domain modules not yet on `db`.
+    legacy: Option<Legacy>,
     /// VMs the write thread read when it leased their workflows.
     prefetched: Arc<vms::Prefetched>,
     /// Each definition's hooks on its resource (shared with the write thread).
     hooks: hooks::Registry,
+}
+
+#[derive(Clone, Debug)]
+struct Legacy {
+    pool: SqlitePool,
+    /// The one connection write transactions use: its page cache stays warm (a write on
+    /// another connection would make SQLite drop that connection's cache).
+    wpool: SqlitePool,
+    /// Serializes this process's write transactions with the write thread's. SQLite allows one
+    /// writer at a time anyway; queueing here (FIFO, async) instead of in SQLite's busy
+    /// handler (which sleeps in millisecond steps) is what lets the engine commit thousands of
+    /// step transitions a second. Other processes on the same file wait in the busy handler.
+    writer: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// A write transaction holding this process's writer lock; derefs to the connection.
@@ -147,6 +162,12 @@ impl Store {
             .busy_timeout(Duration::from_secs(30))
             // The checkpoint thread copies the WAL back, off every commit path (see `commit`).
             .pragma("wal_autocheckpoint", "0");
+        let writer = Arc::new(tokio::sync::Mutex::new(()));
+        let prefetched = Arc::new(vms::Prefetched::default());
+        let hooks = hooks::Registry::default();
+        let jobs = commit::spawn(path, writer.clone(), prefetched.clone(), hooks.clone())?;
+        let db = db::Db::Sqlite(db::sqlite::Sqlite::new(path, jobs));
+        migrate::run(&db).await?;
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .min_connections(1)
@@ -159,32 +180,60 @@ impl Store {
             .max_lifetime(None)
             .connect_with(opts)
             .await?;
-        migrate::run(&pool).await?;
-        let writer = Arc::new(tokio::sync::Mutex::new(()));
-        let prefetched = Arc::new(vms::Prefetched::default());
-        let hooks = hooks::Registry::default();
-        let committer = commit::spawn(path, writer.clone(), prefetched.clone(), hooks.clone())?;
         Ok(Self {
-            pool,
-            wpool,
-            writer,
-            committer,
+            db,
+            legacy: Some(Legacy {
+                pool,
+                wpool,
+                writer,
+            }),
             prefetched,
             hooks,
         })
     }
 
+    /// Connects to the PostgreSQL database at `url` (`postgres://user@host:port/db`) and
+    /// applies pending migrations. Several servers (replicas) may share it.
+    pub async fn open_postgres(url: &str) -> Result<Self> {
+        let db = db::Db::Postgres(db::postgres::Postgres::new(url)?);
+        migrate::run(&db).await?;
+        Ok(Self {
+            db,
+            legacy: None,
+            prefetched: Arc::new(vms::Prefetched::default()),
+            hooks: hooks::Registry::default(),
+        })
+    }
+
+    /// Which backend this store runs on: `sqlite` or `postgres`.
+    pub fn backend(&self) -> &'static str {
+        match self.db {
+            db::Db::Sqlite(_) => "sqlite",
+            db::Db::Postgres(_) => "postgres",
+        }
+    }
+
     /// Closes all connections.
     pub async fn close(&self) {
-        self.wpool.close().await;
-        self.pool.close().await;
+        if let Some(l) = &self.legacy {
+            l.wpool.close().await;
+            l.pool.close().await;
+        }
+    }
+
+    /// sqlx's connections, for the domain modules not yet on the backend seam.
+    fn lg(&self) -> Result<&Legacy> {
+        self.legacy
+            .as_ref()
+            .ok_or(StoreError::Unsupported("this operation"))
     }
 
     /// A write transaction that holds the database's write lock from its first statement.
     async fn write(&self) -> Result<WriteTx> {
-        let w = self.writer.clone().lock_owned().await;
+        let l = self.lg()?;
+        let w = l.writer.clone().lock_owned().await;
         Ok(WriteTx {
-            tx: self.wpool.begin_with("BEGIN IMMEDIATE").await?,
+            tx: l.wpool.begin_with("BEGIN IMMEDIATE").await?,
             _writer: w,
         })
     }

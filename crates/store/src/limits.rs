@@ -16,7 +16,7 @@ impl Store {
     pub async fn pending_count(&self) -> Result<i64> {
         Ok(
             sqlx::query_scalar("SELECT COUNT(*) FROM users WHERE status = 'pending'")
-                .fetch_one(&self.pool)
+                .fetch_one(&self.lg()?.pool)
                 .await?,
         )
     }

@@ -1,79 +1,79 @@
-//! Versioned migrations, embedded in the binary and applied in order at open.
+//! Versioned migrations per backend, embedded in the binary and applied in order at open, in
+//! one transaction (on PostgreSQL under an advisory lock, so replicas starting together apply
+//! them once).
 
+use crate::db::{Db, Dialect, Tx, stmt};
 use crate::{Result, StoreError, now_ms};
-use sqlx::{Executor, SqlitePool};
 
-const MIGRATIONS: &[(i64, &str, &str)] = &[
-    (
-        1,
-        "initial",
-        include_str!("../migrations/sqlite/0001_initial.sql"),
-    ),
-    (
-        2,
-        "engine",
-        include_str!("../migrations/sqlite/0002_engine.sql"),
-    ),
-    (
-        3,
-        "batch_slots",
-        include_str!("../migrations/sqlite/0003_batch_slots.sql"),
-    ),
-    (
-        4,
-        "lean_indexes",
-        include_str!("../migrations/sqlite/0004_lean_indexes.sql"),
-    ),
-    (
-        5,
-        "accounts",
-        include_str!("../migrations/sqlite/0005_accounts.sql"),
-    ),
-    (
-        6,
-        "ledger",
-        include_str!("../migrations/sqlite/0006_ledger.sql"),
-    ),
+type Migration = (i64, &'static str, &'static str);
+
+const SQLITE: &[Migration] = &[
+    (1, "initial", include_str!("../migrations/sqlite/0001_initial.sql")),
+    (2, "engine", include_str!("../migrations/sqlite/0002_engine.sql")),
+    (3, "batch_slots", include_str!("../migrations/sqlite/0003_batch_slots.sql")),
+    (4, "lean_indexes", include_str!("../migrations/sqlite/0004_lean_indexes.sql")),
+    (5, "accounts", include_str!("../migrations/sqlite/0005_accounts.sql")),
+    (6, "ledger", include_str!("../migrations/sqlite/0006_ledger.sql")),
 ];
 
-pub(crate) async fn run(pool: &SqlitePool) -> Result<()> {
-    pool.execute(
+/// PostgreSQL starts at SQLite's schema 6 in one file; later changes get a file each on both.
+const POSTGRES: &[Migration] = &[(6, "schema", include_str!("../migrations/postgres/0001_schema.sql"))];
+
+/// The migrations of `dialect`, oldest first.
+fn migrations(dialect: Dialect) -> &'static [Migration] {
+    match dialect {
+        Dialect::Sqlite => SQLITE,
+        Dialect::Postgres => POSTGRES,
+    }
+}
+
+/// Applies the pending migrations of `db`'s backend.
+pub(crate) async fn run(db: &Db) -> Result<()> {
+    db.write(|tx| Box::pin(apply(tx))).await
+}
+
+async fn apply(tx: &mut dyn Tx) -> Result<()> {
+    let dialect = tx.dialect();
+    if dialect == Dialect::Postgres {
+        tx.query(&stmt!("SELECT pg_advisory_xact_lock(4242000001)"))
+            .await?;
+    }
+    tx.script(
         "CREATE TABLE IF NOT EXISTS schema_migrations (
-            version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)",
+            version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)",
     )
     .await?;
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-    let current: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM schema_migrations")
-        .fetch_one(&mut *tx)
-        .await?;
-    let current = current.unwrap_or(0);
-    let newest = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
+    let current = tx
+        .query_one(&stmt!("SELECT MAX(version) FROM schema_migrations"))
+        .await?
+        .first_int()?
+        .unwrap_or(0);
+    let all = migrations(dialect);
+    let newest = all.last().map(|m| m.0).unwrap_or(0);
     if current > newest {
         return Err(StoreError::Migration(format!(
             "the database is at schema version {current} but this basphere knows only up to {newest}; \
              run a newer basphere or restore a backup"
         )));
     }
-    for (version, name, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
-        tx.execute(sqlx::raw_sql(*sql)).await.map_err(|e| {
+    for (version, name, sql) in all.iter().filter(|m| m.0 > current) {
+        tx.script(sql).await.map_err(|e| {
             StoreError::Migration(format!("migration {version} ({name}) failed: {e}"))
         })?;
-        sqlx::query(
+        tx.exec(&stmt!(
             "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
-        )
-        .bind(version)
-        .bind(name)
-        .bind(now_ms())
-        .execute(&mut *tx)
+            *version,
+            *name,
+            now_ms(),
+        ))
         .await?;
     }
-    tx.commit().await?;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
-    use super::MIGRATIONS;
+    use super::SQLITE as MIGRATIONS;
     use crate::{ResourceRef, Store};
 
     /// A database made by an older basphere (schema 5: `kind` + `vm_id`) opens with each

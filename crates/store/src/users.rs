@@ -350,7 +350,7 @@ impl Store {
         let sql = format!("SELECT {USER_COLS} FROM users WHERE username = $1");
         let row = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(username)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.lg()?.pool)
             .await?;
         row.as_ref().map(user_from).transpose()
     }
@@ -375,7 +375,7 @@ impl Store {
             .bind(status.map(|s| s.as_str()))
             .bind(after)
             .bind(limit)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.lg()?.pool)
             .await?;
         rows.iter().map(user_from).collect()
     }
@@ -388,7 +388,7 @@ impl Store {
         )
         .bind(after)
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.lg()?.pool)
         .await?;
         rows.iter().map(registration_from).collect()
     }
@@ -400,7 +400,7 @@ impl Store {
              WHERE ($1 IS NULL AND status = 'pending') OR username = $1 ORDER BY id DESC",
         )
         .bind(username)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.lg()?.pool)
         .await?;
         rows.iter().map(registration_from).collect()
     }
@@ -691,7 +691,7 @@ impl Store {
              WHERE ($1 IS NULL AND status = 'pending') OR username = $1 ORDER BY id DESC",
         )
         .bind(username)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.lg()?.pool)
         .await?;
         rows.iter().map(key_change_from).collect()
     }
@@ -704,7 +704,7 @@ impl Store {
         )
         .bind(after)
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.lg()?.pool)
         .await?;
         rows.iter().map(key_change_from).collect()
     }
@@ -801,7 +801,7 @@ impl Store {
              WHERE username = $1 ORDER BY created_at",
         )
         .bind(username)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.lg()?.pool)
         .await?;
         rows.iter().map(token_info_from).collect()
     }
@@ -820,7 +820,7 @@ impl Store {
         .bind(username)
         .bind(after)
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.lg()?.pool)
         .await?;
         rows.iter().map(token_info_from).collect()
     }
@@ -848,7 +848,7 @@ impl Store {
             "SELECT id, username, expires_at, last_used_at FROM tokens WHERE hash = $1",
         )
         .bind(&hash)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.lg()?.pool)
         .await?;
         let Some(row) = row else { return Ok(None) };
         let now = now_ms();
@@ -862,7 +862,7 @@ impl Store {
             sqlx::query("UPDATE tokens SET last_used_at = $2 WHERE id = $1")
                 .bind(&id)
                 .bind(now)
-                .execute(&self.pool)
+                .execute(&self.lg()?.pool)
                 .await?;
         }
         let username: String = row.try_get("username")?;

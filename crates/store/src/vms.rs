@@ -1,7 +1,8 @@
 use crate::audit::record;
 use crate::hooks::{Hooks, ResourceHooks, RetryCtx};
-use crate::stmt::{Stmt, stmt};
-use crate::workflows::{Cols, Ending, NewWorkflow, OpError, Workflow, WorkflowOutcome, insert_new};
+use crate::db::{Stmt, stmt};
+use crate::db::Cols;
+use crate::workflows::{Ending, NewWorkflow, OpError, Workflow, WorkflowOutcome, insert_new};
 use crate::{Actor, Result, Store, StoreError, now_ms, parse};
 use basphere_core::{
     ImageName, NetworkPool, QuotaExceeded, ResourceRef, Role, Spec, SpecName, Usage, UserStatus,
@@ -422,7 +423,7 @@ impl Store {
         )))
         .bind(owner)
         .bind(name)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.lg()?.pool)
         .await?;
         row.as_ref().map(vm_from).transpose()
     }
@@ -434,7 +435,7 @@ impl Store {
         }
         let row = sqlx::query(VM_AND_KEY)
             .bind(id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.lg()?.pool)
             .await?;
         row.as_ref()
             .map(|r| Ok((vm_from(r)?, r.try_get("owner_key")?)))
@@ -447,7 +448,7 @@ impl Store {
             "SELECT {VM_COLS} FROM vms WHERE id = $1"
         )))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.lg()?.pool)
         .await?;
         row.as_ref().map(vm_from).transpose()
     }
@@ -458,7 +459,7 @@ impl Store {
             "SELECT {VM_COLS} FROM vms WHERE ($1 IS NULL OR owner = $1) ORDER BY owner, name"
         )))
         .bind(owner)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.lg()?.pool)
         .await?;
         rows.iter().map(vm_from).collect()
     }
@@ -478,14 +479,14 @@ impl Store {
         .bind(owner)
         .bind(after)
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.lg()?.pool)
         .await?;
         rows.iter().map(vm_from).collect()
     }
 
     /// What `owner` holds now.
     pub async fn usage(&self, owner: &str) -> Result<Usage> {
-        let mut c = self.pool.acquire().await?;
+        let mut c = self.lg()?.pool.acquire().await?;
         usage(&mut c, owner).await
     }
 }
@@ -506,9 +507,9 @@ impl Hooks {
     }
 }
 
-/// The engine's audit record about VM `?1`, named `owner/name` (none if the VM is gone).
+/// The engine's audit record about VM `$1`, named `owner/name` (none if the VM is gone).
 const VM_AUDIT: &str = "INSERT INTO audit (at, actor, source, action, target, result, detail)
-     SELECT ?2, ?3, ?4, ?5, owner || '/' || name, ?6, ?7 FROM vms WHERE id = ?1";
+     SELECT $2, $3, $4, $5, owner || '/' || name, $6, $7 FROM vms WHERE id = $1";
 
 fn vm_audit(vm: &str, now: i64, action: &str, result: &str, detail: Option<&str>) -> Stmt {
     let actor = Actor::engine();
@@ -534,14 +535,14 @@ impl ResourceHooks for VmHooks {
         match (self.0, outcome) {
             (VmOperation::Create, WorkflowOutcome::Succeeded) => vec![
                 stmt!(
-                    "UPDATE vms SET status = 'running', error = NULL, updated_at = ?2 WHERE id = ?1",
+                    "UPDATE vms SET status = 'running', error = NULL, updated_at = $2 WHERE id = $1",
                     vm,
                     now
                 ),
                 stmt!(
                     "INSERT INTO audit (at, actor, source, action, target, result, detail)
-                     SELECT ?2, ?3, ?4, 'vm.create', owner || '/' || name, 'ok', ip
-                     FROM vms WHERE id = ?1",
+                     SELECT $2, $3, $4, 'vm.create', owner || '/' || name, 'ok', ip
+                     FROM vms WHERE id = $1",
                     vm,
                     now,
                     Actor::engine().name,
@@ -553,14 +554,14 @@ impl ResourceHooks for VmHooks {
             (VmOperation::Create, WorkflowOutcome::Failed(e) | WorkflowOutcome::Cancelled(e)) => {
                 vec![
                     stmt!(
-                        "UPDATE vms SET status = 'failed', updated_at = ?3,
-                             error = ?2 || CASE WHEN EXISTS (SELECT 1 FROM workflow_steps
-                                 WHERE workflow_id = ?4 AND status = 'done')
+                        "UPDATE vms SET status = 'failed', updated_at = $3,
+                             error = $2 || CASE WHEN EXISTS (SELECT 1 FROM workflow_steps
+                                 WHERE workflow_id = $4 AND status = 'done')
                                THEN ' — the VM keeps its address until it is cleaned up: \
 run delete-vm to retry the cleanup' ELSE '' END,
                              ip = CASE WHEN EXISTS (SELECT 1 FROM workflow_steps
-                                 WHERE workflow_id = ?4 AND status = 'done') THEN ip END
-                         WHERE id = ?1",
+                                 WHERE workflow_id = $4 AND status = 'done') THEN ip END
+                         WHERE id = $1",
                         vm,
                         e.as_str(),
                         now,
@@ -573,15 +574,15 @@ run delete-vm to retry the cleanup' ELSE '' END,
                 vm_audit(vm, now, "vm.delete", "ok", None),
                 stmt!(
                     "UPDATE workflows SET resource_kind = NULL, resource_id = NULL
-                     WHERE resource_id = ?1",
+                     WHERE resource_id = $1",
                     vm
                 ),
-                stmt!("DELETE FROM vms WHERE id = ?1", vm),
+                stmt!("DELETE FROM vms WHERE id = $1", vm),
             ],
             (VmOperation::Delete, WorkflowOutcome::Failed(e) | WorkflowOutcome::Cancelled(e)) => {
                 vec![
                     stmt!(
-                        "UPDATE vms SET status = 'failed', error = ?2, updated_at = ?3 WHERE id = ?1",
+                        "UPDATE vms SET status = 'failed', error = $2, updated_at = $3 WHERE id = $1",
                         vm,
                         format!("delete failed: {e}; run delete-vm again"),
                         now,

@@ -7,7 +7,8 @@
 
 use crate::audit::record;
 use crate::hooks::{Registry, RetryCtx};
-use crate::stmt::{Stmt, run_async, stmt};
+use crate::db::sqlite::run_sqlx as run_async;
+use crate::db::{Cols, Stmt, stmt};
 use crate::{Actor, Result, Store, StoreError, now_ms, parse};
 use serde::Serialize;
 use sqlx::sqlite::SqliteRow;
@@ -224,7 +225,7 @@ pub(crate) fn insert_stmts(w: &NewWorkflow, id: &str, parent: Option<&str>, now:
         "INSERT INTO workflows (id, definition, resource_kind, resource_id, parent_id, owner,
             status, priority, input, next_run_at, created_at, updated_at, provider, host,
             batch_id, node)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?8, ?9, ?9, ?9, ?10, ?11, ?12, ?13)",
+         VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $8, $9, $9, $9, $10, $11, $12, $13)",
         id,
         w.definition.as_str(),
         w.resource.as_ref().map(|r| r.kind.as_str()),
@@ -242,7 +243,7 @@ pub(crate) fn insert_stmts(w: &NewWorkflow, id: &str, parent: Option<&str>, now:
     for (i, name) in w.steps.iter().enumerate() {
         out.push(stmt!(
             "INSERT INTO workflow_steps (workflow_id, idx, name, status, idem_key)
-             VALUES (?1, ?2, ?3, 'pending', ?4)",
+             VALUES ($1, $2, $3, 'pending', $4)",
             id,
             i as i64,
             name.as_str(),
@@ -251,7 +252,7 @@ pub(crate) fn insert_stmts(w: &NewWorkflow, id: &str, parent: Option<&str>, now:
     }
     out.push(stmt!(
         "INSERT INTO workflow_events (workflow_id, at, step, kind, message)
-         VALUES (?1, ?2, NULL, 'queued', ?3)",
+         VALUES ($1, $2, NULL, 'queued', $3)",
         id,
         now,
         format!("{} queued", w.definition),
@@ -355,45 +356,6 @@ fn event_from(r: &SqliteRow) -> Result<WorkflowEvent> {
         kind: r.try_get("kind")?,
         message: r.try_get("message")?,
     })
-}
-
-/// Column access shared by sqlx rows and the write thread's rusqlite rows, so that both
-/// build workflows with the same mappers.
-pub(crate) trait Cols {
-    fn text(&self, col: &str) -> Result<String>;
-    fn opt_text(&self, col: &str) -> Result<Option<String>>;
-    fn int(&self, col: &str) -> Result<i64>;
-    fn opt_int(&self, col: &str) -> Result<Option<i64>>;
-}
-
-impl Cols for SqliteRow {
-    fn text(&self, col: &str) -> Result<String> {
-        Ok(self.try_get(col)?)
-    }
-    fn opt_text(&self, col: &str) -> Result<Option<String>> {
-        Ok(self.try_get(col)?)
-    }
-    fn int(&self, col: &str) -> Result<i64> {
-        Ok(self.try_get(col)?)
-    }
-    fn opt_int(&self, col: &str) -> Result<Option<i64>> {
-        Ok(self.try_get(col)?)
-    }
-}
-
-impl Cols for rusqlite::Row<'_> {
-    fn text(&self, col: &str) -> Result<String> {
-        Ok(self.get(col)?)
-    }
-    fn opt_text(&self, col: &str) -> Result<Option<String>> {
-        Ok(self.get(col)?)
-    }
-    fn int(&self, col: &str) -> Result<i64> {
-        Ok(self.get(col)?)
-    }
-    fn opt_int(&self, col: &str) -> Result<Option<i64>> {
-        Ok(self.get(col)?)
-    }
 }
 
 pub(crate) fn step_from(r: &impl Cols) -> Result<StepRecord> {
@@ -500,7 +462,7 @@ impl Store {
 
     /// One workflow with its steps.
     pub async fn workflow(&self, id: &str) -> Result<Option<Workflow>> {
-        let mut c = self.pool.acquire().await?;
+        let mut c = self.lg()?.pool.acquire().await?;
         Self::load_workflow(&mut c, id).await
     }
 
@@ -524,14 +486,14 @@ impl Store {
         .bind(owner)
         .bind(after)
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.lg()?.pool)
         .await?;
         self.load_many(ids).await
     }
 
     /// The workflows of a batch, in the order they were queued (two queries in all).
     pub async fn batch_workflows(&self, batch: &str) -> Result<Vec<Workflow>> {
-        let mut c = self.pool.acquire().await?;
+        let mut c = self.lg()?.pool.acquire().await?;
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {WF_COLS} FROM workflows WHERE batch_id = $1 ORDER BY created_at, rowid"
         )))
@@ -559,7 +521,7 @@ impl Store {
     }
 
     async fn load_many(&self, ids: Vec<String>) -> Result<Vec<Workflow>> {
-        let mut c = self.pool.acquire().await?;
+        let mut c = self.lg()?.pool.acquire().await?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             if let Some(w) = Self::load_workflow(&mut c, &id).await? {
@@ -604,7 +566,7 @@ impl Store {
         )
         .bind(id)
         .bind(after_seq)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.lg()?.pool)
         .await?;
         rows.iter().map(event_from).collect()
     }
@@ -617,7 +579,7 @@ impl Store {
         )
         .bind(after_seq)
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.lg()?.pool)
         .await?;
         rows.iter().map(event_from).collect()
     }
@@ -625,7 +587,7 @@ impl Store {
     /// The newest event's sequence number (0 when there is none).
     pub async fn last_event_seq(&self) -> Result<i64> {
         let s: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM workflow_events")
-            .fetch_one(&self.pool)
+            .fetch_one(&self.lg()?.pool)
             .await?;
         Ok(s.unwrap_or(0))
     }
@@ -637,7 +599,7 @@ impl Store {
              WHERE workflow_id = $1 ORDER BY seq",
         )
         .bind(wf)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.lg()?.pool)
         .await?;
         rows.iter()
             .map(|r| {
@@ -838,7 +800,7 @@ impl Store {
              FROM workflows WHERE status IN ('pending', 'running', 'undoing')
                AND waiting_on = 0 AND parked = 0",
         )
-        .fetch_one(&self.pool)
+        .fetch_one(&self.lg()?.pool)
         .await?;
         Ok(t.map(|t| (t - now_ms()).max(0)))
     }
@@ -850,7 +812,7 @@ impl Store {
                 .bind(wf)
                 .bind(node)
                 .bind(now_ms() + lease_ms)
-                .execute(&self.pool)
+                .execute(&self.lg()?.pool)
                 .await?
                 .rows_affected();
         if n == 0 { Err(lease_lost(wf)) } else { Ok(()) }
@@ -862,7 +824,7 @@ impl Store {
             "UPDATE workflows SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1",
         )
         .bind(node)
-        .execute(&self.pool)
+        .execute(&self.lg()?.pool)
         .await?
         .rows_affected())
     }
@@ -877,7 +839,7 @@ impl Store {
         .bind(wf)
         .bind(node)
         .bind(now + delay_ms)
-        .execute(&self.pool)
+        .execute(&self.lg()?.pool)
         .await?;
         Ok(())
     }
@@ -1003,8 +965,9 @@ impl Store {
             handoff,
             reply,
         };
-        if self.committer.send(job).is_err() {
-            return Err(StoreError::Closed);
+        match &self.db {
+            crate::db::Db::Sqlite(d) => d.send(crate::commit::Job::Done(job))?,
+            crate::db::Db::Postgres(_) => return Err(StoreError::Unsupported("step completion")),
         }
         rx.await
             .map_err(|_| StoreError::Corrupt("store", "the committer stopped".into()))?
@@ -1362,7 +1325,7 @@ impl Store {
         let ids: Vec<String> =
             sqlx::query_scalar("SELECT id FROM workflows WHERE parent_id = $1 ORDER BY id")
                 .bind(parent)
-                .fetch_all(&self.pool)
+                .fetch_all(&self.lg()?.pool)
                 .await?;
         self.load_many(ids).await
     }

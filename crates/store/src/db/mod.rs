@@ -1,0 +1,249 @@
+//! The store's seam to its databases: statements as values, rows, and a transaction trait
+//! that each backend's driver implements — SQLite (`sqlite`: rusqlite, every write on the one
+//! write thread) and PostgreSQL (`postgres`: tokio-postgres over a deadpool pool).
+//!
+//! Domain transactions are written once, as async functions over `&mut dyn Tx`, in the
+//! store's domain modules; the SQL they send is portable (`$n` parameters, `RETURNING`,
+//! `ON CONFLICT`, `CAST`, `CASE` instead of two-argument `MIN`/`MAX`), and the few places where
+//! the dialects differ ask [`Tx::dialect`]. Only this module and the drivers below it touch a
+//! database library.
+
+pub(crate) mod postgres;
+pub(crate) mod sqlite;
+
+use crate::{Result, StoreError};
+use std::borrow::Cow;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+/// Which SQL a transaction speaks, for the few statements that differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+/// One bound argument or column value.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Value {
+    Text(String),
+    Int(i64),
+    Null,
+}
+
+impl From<&str> for Value {
+    fn from(s: &str) -> Self {
+        Value::Text(s.to_string())
+    }
+}
+
+impl From<String> for Value {
+    fn from(s: String) -> Self {
+        Value::Text(s)
+    }
+}
+
+impl From<&String> for Value {
+    fn from(s: &String) -> Self {
+        Value::Text(s.clone())
+    }
+}
+
+impl From<i64> for Value {
+    fn from(n: i64) -> Self {
+        Value::Int(n)
+    }
+}
+
+impl From<u32> for Value {
+    fn from(n: u32) -> Self {
+        Value::Int(i64::from(n))
+    }
+}
+
+impl From<bool> for Value {
+    fn from(b: bool) -> Self {
+        Value::Int(i64::from(b))
+    }
+}
+
+impl<T: Into<Value>> From<Option<T>> for Value {
+    fn from(o: Option<T>) -> Self {
+        o.map_or(Value::Null, Into::into)
+    }
+}
+
+/// A statement with its arguments (`$1` is the first).
+#[derive(Debug, Clone)]
+pub(crate) struct Stmt {
+    pub sql: Cow<'static, str>,
+    pub args: Vec<Value>,
+}
+
+impl Stmt {
+    pub fn new(sql: impl Into<Cow<'static, str>>, args: Vec<Value>) -> Self {
+        Self {
+            sql: sql.into(),
+            args,
+        }
+    }
+}
+
+/// `Stmt::new(sql, vec![a.into(), b.into(), …])`.
+macro_rules! stmt {
+    ($sql:expr $(, $arg:expr)* $(,)?) => {
+        $crate::db::Stmt::new($sql, vec![$($crate::db::Value::from($arg)),*])
+    };
+}
+pub(crate) use stmt;
+
+/// A result row: its columns' names and values.
+#[derive(Debug, Clone)]
+pub(crate) struct Row {
+    names: Arc<[String]>,
+    vals: Vec<Value>,
+}
+
+impl Row {
+    pub fn new(names: Arc<[String]>, vals: Vec<Value>) -> Self {
+        Self { names, vals }
+    }
+
+    fn get(&self, col: &str) -> Result<&Value> {
+        self.names
+            .iter()
+            .position(|n| n == col)
+            .map(|i| &self.vals[i])
+            .ok_or_else(|| StoreError::Corrupt("row", format!("no column {col}")))
+    }
+
+    /// The first column as an integer (`COUNT(*)`, `MAX(…)`); `None` when NULL.
+    pub fn first_int(&self) -> Result<Option<i64>> {
+        match self.vals.first() {
+            Some(Value::Int(n)) => Ok(Some(*n)),
+            Some(Value::Null) => Ok(None),
+            v => Err(StoreError::Corrupt("row", format!("not an integer: {v:?}"))),
+        }
+    }
+
+    /// The first column as text.
+    pub fn first_text(&self) -> Result<Option<String>> {
+        match self.vals.first() {
+            Some(Value::Text(s)) => Ok(Some(s.clone())),
+            Some(Value::Null) => Ok(None),
+            v => Err(StoreError::Corrupt("row", format!("not text: {v:?}"))),
+        }
+    }
+}
+
+/// Column access by name, shared by every row type the store reads.
+pub(crate) trait Cols {
+    fn text(&self, col: &str) -> Result<String>;
+    fn opt_text(&self, col: &str) -> Result<Option<String>>;
+    fn int(&self, col: &str) -> Result<i64>;
+    fn opt_int(&self, col: &str) -> Result<Option<i64>>;
+}
+
+impl Cols for Row {
+    fn text(&self, col: &str) -> Result<String> {
+        self.opt_text(col)?
+            .ok_or_else(|| StoreError::Corrupt("row", format!("{col} is NULL")))
+    }
+    fn opt_text(&self, col: &str) -> Result<Option<String>> {
+        match self.get(col)? {
+            Value::Text(s) => Ok(Some(s.clone())),
+            Value::Null => Ok(None),
+            Value::Int(n) => Err(StoreError::Corrupt("row", format!("{col} is {n}, not text"))),
+        }
+    }
+    fn int(&self, col: &str) -> Result<i64> {
+        self.opt_int(col)?
+            .ok_or_else(|| StoreError::Corrupt("row", format!("{col} is NULL")))
+    }
+    fn opt_int(&self, col: &str) -> Result<Option<i64>> {
+        match self.get(col)? {
+            Value::Int(n) => Ok(Some(*n)),
+            Value::Null => Ok(None),
+            Value::Text(s) => Err(StoreError::Corrupt("row", format!("{col} is {s:?}, not an integer"))),
+        }
+    }
+}
+
+/// A boxed future borrowing a transaction.
+pub(crate) type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// One open transaction (or, for reads, one connection) of either backend.
+#[async_trait::async_trait]
+pub(crate) trait Tx: Send {
+    fn dialect(&self) -> Dialect;
+    /// Runs a statement; the number of rows it changed.
+    async fn exec(&mut self, s: &Stmt) -> Result<u64>;
+    /// Runs a query; every row.
+    async fn query(&mut self, s: &Stmt) -> Result<Vec<Row>>;
+    /// Runs several statements in order (PostgreSQL sends them in one round trip).
+    async fn run(&mut self, stmts: &[Stmt]) -> Result<()> {
+        for s in stmts {
+            self.exec(s).await?;
+        }
+        Ok(())
+    }
+    /// Runs a script of statements without arguments (migrations).
+    async fn script(&mut self, sql: &str) -> Result<()>;
+
+    /// The first row, if any.
+    async fn query_opt(&mut self, s: &Stmt) -> Result<Option<Row>> {
+        Ok(self.query(s).await?.into_iter().next())
+    }
+    /// The first row; `Corrupt` when there is none.
+    async fn query_one(&mut self, s: &Stmt) -> Result<Row> {
+        self.query_opt(s)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("query", format!("no row from {}", s.sql)))
+    }
+}
+
+/// The open database of either backend.
+#[derive(Clone)]
+pub(crate) enum Db {
+    Sqlite(sqlite::Sqlite),
+    Postgres(postgres::Postgres),
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Db::Sqlite(_) => "Db::Sqlite",
+            Db::Postgres(_) => "Db::Postgres",
+        })
+    }
+}
+
+impl Db {
+    /// Runs `f` in one write transaction: committed when it returns `Ok`, rolled back on `Err`.
+    /// On SQLite it runs on the write thread (every write does); on PostgreSQL on a pooled
+    /// connection.
+    pub async fn write<T, E, F>(&self, f: F) -> std::result::Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+        F: for<'a> FnOnce(&'a mut dyn Tx) -> BoxFut<'a, std::result::Result<T, E>> + Send + 'static,
+    {
+        match self {
+            Db::Sqlite(d) => d.write(f).await,
+            Db::Postgres(d) => d.write(f).await,
+        }
+    }
+
+    /// Runs `f` on a reading connection (one consistent snapshot on both backends).
+    pub async fn read<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: for<'a> FnOnce(&'a mut dyn Tx) -> BoxFut<'a, Result<T>> + Send + 'static,
+    {
+        match self {
+            Db::Sqlite(d) => d.read(f).await,
+            Db::Postgres(d) => d.read(f).await,
+        }
+    }
+}
