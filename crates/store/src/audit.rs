@@ -1,6 +1,7 @@
+use crate::db::sqlite::run_sqlx;
+use crate::db::{Cols, Row, Stmt, stmt};
 use crate::{Result, Store, now_ms};
 use serde::Serialize;
-use sqlx::{Row, SqliteConnection};
 
 /// Who made a change and from where (`unix:uid=1001`, `tcp:127.0.0.1:5123`, `engine`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -46,28 +47,50 @@ pub struct AuditFilter {
     pub limit: Option<i64>,
 }
 
+/// The statement that writes one audit record (inside the caller's transaction).
+pub(crate) fn audit_stmt(
+    actor: &Actor,
+    action: &str,
+    target: &str,
+    result: &str,
+    detail: Option<&str>,
+) -> Stmt {
+    stmt!(
+        "INSERT INTO audit (at, actor, source, action, target, result, detail)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        now_ms(),
+        actor.name.as_str(),
+        actor.source.as_str(),
+        action,
+        target,
+        result,
+        detail,
+    )
+}
+
+/// [`audit_stmt`] on a sqlx transaction (for the modules not yet on `db::Tx`).
 pub(crate) async fn record(
-    conn: &mut SqliteConnection,
+    conn: &mut sqlx::SqliteConnection,
     actor: &Actor,
     action: &str,
     target: &str,
     result: &str,
     detail: Option<&str>,
 ) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO audit (at, actor, source, action, target, result, detail)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
-    )
-    .bind(now_ms())
-    .bind(&actor.name)
-    .bind(&actor.source)
-    .bind(action)
-    .bind(target)
-    .bind(result)
-    .bind(detail)
-    .execute(conn)
-    .await?;
-    Ok(())
+    run_sqlx(conn, &[audit_stmt(actor, action, target, result, detail)]).await
+}
+
+fn record_from(r: &Row) -> Result<AuditRecord> {
+    Ok(AuditRecord {
+        id: r.int("id")?,
+        at: r.int("at")?,
+        actor: r.text("actor")?,
+        source: r.text("source")?,
+        action: r.text("action")?,
+        target: r.text("target")?,
+        result: r.text("result")?,
+        detail: r.opt_text("detail")?,
+    })
 }
 
 impl Store {
@@ -80,8 +103,10 @@ impl Store {
         result: &str,
         detail: Option<&str>,
     ) -> Result<()> {
-        let mut c = self.lg()?.pool.acquire().await?;
-        record(&mut c, actor, action, target, result, detail).await
+        let s = audit_stmt(actor, action, target, result, detail);
+        self.db
+            .write(move |tx| Box::pin(async move { tx.exec(&s).await.map(drop) }))
+            .await
     }
 
     /// Audit records matching `f`, newest first.
@@ -95,34 +120,25 @@ impl Store {
         f: &AuditFilter,
         after: Option<i64>,
     ) -> Result<Vec<AuditRecord>> {
-        let rows = sqlx::query(
+        let s = stmt!(
             "SELECT id, at, actor, source, action, target, result, detail FROM audit
-             WHERE ($1 IS NULL OR actor = $1) AND ($2 IS NULL OR action LIKE $2 || '%')
-               AND ($3 IS NULL OR target = $3) AND ($4 IS NULL OR at >= $4)
-               AND ($6 IS NULL OR id < $6)
+             WHERE (CAST($1 AS TEXT) IS NULL OR actor = $1)
+               AND (CAST($2 AS TEXT) IS NULL OR action LIKE $2 || '%')
+               AND (CAST($3 AS TEXT) IS NULL OR target = $3)
+               AND (CAST($4 AS BIGINT) IS NULL OR at >= $4)
+               AND (CAST($6 AS BIGINT) IS NULL OR id < $6)
              ORDER BY id DESC LIMIT $5",
-        )
-        .bind(&f.actor)
-        .bind(&f.action)
-        .bind(&f.target)
-        .bind(f.since_ms)
-        .bind(f.limit.unwrap_or(100))
-        .bind(after)
-        .fetch_all(&self.lg()?.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(AuditRecord {
-                    id: r.try_get("id")?,
-                    at: r.try_get("at")?,
-                    actor: r.try_get("actor")?,
-                    source: r.try_get("source")?,
-                    action: r.try_get("action")?,
-                    target: r.try_get("target")?,
-                    result: r.try_get("result")?,
-                    detail: r.try_get("detail")?,
-                })
+            f.actor.as_deref(),
+            f.action.as_deref(),
+            f.target.as_deref(),
+            f.since_ms,
+            f.limit.unwrap_or(100),
+            after,
+        );
+        self.db
+            .read(move |tx| {
+                Box::pin(async move { tx.query(&s).await?.iter().map(record_from).collect() })
             })
-            .collect()
+            .await
     }
 }
