@@ -6,6 +6,7 @@
 //! and the store backend is chosen in one place ([`Backend`]).
 
 pub mod engine;
+pub mod pg_probe;
 pub mod platform;
 
 use basphere_config::Config;
@@ -20,7 +21,8 @@ pub const BENCH_KEY: &str =
 #[command(name = "basphere-bench", version, max_term_width = 100)]
 pub struct Args {
     /// Which figures: all (platform and engine), platform (create overhead, RSS, list), engine
-    /// (throughput, batches vs terraform, plan).
+    /// (throughput, batches vs terraform, plan), pg-probe (step completions per second on a
+    /// PostgreSQL 15 the probe starts itself; not part of `all`).
     #[arg(long, value_enum, default_value_t = Part::All)]
     pub part: Part,
     /// The store the figures are measured on.
@@ -45,6 +47,9 @@ pub struct Args {
     /// VMs in the store for the list figure.
     #[arg(long, default_value_t = 1000)]
     pub list_vms: usize,
+    /// Step completions per mode of the PostgreSQL probe.
+    #[arg(long, default_value_t = 20_000)]
+    pub probe_steps: usize,
 }
 
 /// A set of figures.
@@ -56,6 +61,7 @@ pub enum Part {
     /// The child process the engine part starts (its peak RSS is the batches' own).
     #[value(hide = true)]
     Batch,
+    PgProbe,
 }
 
 /// The store backend a bench's servers use. Each variant only adds config settings
@@ -128,6 +134,9 @@ pub fn product_binary(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 
 /// Runs the parts `a` names and prints their figures.
 pub async fn run(a: Args) -> anyhow::Result<()> {
+    if a.part == Part::PgProbe {
+        return pg_probe::run(a.probe_steps).await;
+    }
     let bench = Bench {
         backend: a.backend,
         basphere: product_binary(a.basphere.clone())?,
