@@ -16,7 +16,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::{BENCH_KEY, Bench};
+use crate::{Bench, approved_user};
 
 /// Terraform's figures on record (this machine kind, terraform 1.11), used when it is missing.
 const TF_RECORD_INDEPENDENT_S: f64 = 36.0;
@@ -198,7 +198,6 @@ pub async fn batch_child(
     };
     let _server = app.serve(listeners, ServeOptions::from_config(&cfg.server)?);
     let admin = Actor::new("bench", "bench");
-    let key: basphere_core::SshPublicKey = BENCH_KEY.parse()?;
     // Each shape is applied RUNS times (by its own user, so each apply starts from nothing);
     // the figure is the median, since a 2-core machine's run-to-run noise is ±15%.
     const RUNS: usize = 3;
@@ -208,27 +207,12 @@ pub async fn batch_child(
         .collect();
     let mut clients = vec![];
     for u in &users {
-        let name: basphere_core::Username = u.parse()?;
         let q = basphere_core::Quota {
             max_vms: 4000,
             max_ips: 4000,
             ..basphere_core::Quota::default()
         };
-        store
-            .register(
-                &basphere_store::NewRegistration {
-                    username: name.clone(),
-                    email: "b@example.org".parse()?,
-                    team: "bench".parse()?,
-                    public_key: key.clone(),
-                },
-                &q,
-                &admin,
-            )
-            .await?;
-        store
-            .approve(&name, &cfg.network, false, None, &admin)
-            .await?;
+        let name = approved_user(&store, &cfg, u, &q).await?;
         store.set_quota(&name, &q, &admin).await?;
         let token = store.create_token(&name, "bench", None, &admin).await?.1;
         clients.push(Client::new(Endpoint::Tcp {

@@ -10,6 +10,8 @@ pub mod pg_probe;
 pub mod platform;
 
 use basphere_config::Config;
+use basphere_core::{Quota, Username};
+use basphere_store::{Actor, NewRegistration, Store};
 use std::path::{Path, PathBuf};
 
 /// The SSH key the benches' users register with.
@@ -115,6 +117,33 @@ impl Bench {
         env.extend(settings.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         Ok(Config::load(None, env)?)
     }
+}
+
+/// Registers `name` (with [`BENCH_KEY`] and `quota`) and approves it, as the bench's admin.
+pub async fn approved_user(
+    store: &Store,
+    cfg: &Config,
+    name: &str,
+    quota: &Quota,
+) -> anyhow::Result<Username> {
+    let admin = Actor::new("bench", "bench");
+    let user: Username = name.parse()?;
+    store
+        .register(
+            &NewRegistration {
+                username: user.clone(),
+                email: "b@example.org".parse()?,
+                team: "bench".parse()?,
+                public_key: BENCH_KEY.parse()?,
+            },
+            quota,
+            &admin,
+        )
+        .await?;
+    store
+        .approve(&user, &cfg.network, false, None, &admin)
+        .await?;
+    Ok(user)
 }
 
 /// `explicit`, else the `basphere` binary beside this executable; an error says how to build it.

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::{Args, BENCH_KEY, Bench};
+use crate::{Args, Bench, approved_user};
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -51,27 +51,13 @@ pub async fn run(bench: &Bench, dir: &Path, a: &Args) -> anyhow::Result<()> {
     let server = app.serve(listeners, ServeOptions::from_config(&cfg.server)?);
     let users = a.creates.div_ceil(10);
     let admin = Actor::new("bench", "bench");
-    let key: basphere_core::SshPublicKey = BENCH_KEY.parse()?;
+    let mut names = vec![];
     for i in 0..users {
-        let u: basphere_core::Username = format!("bench{i}").parse()?;
-        store
-            .register(
-                &basphere_store::NewRegistration {
-                    username: u.clone(),
-                    email: "b@example.org".parse()?,
-                    team: "bench".parse()?,
-                    public_key: key.clone(),
-                },
-                &cfg.quota,
-                &admin,
-            )
-            .await?;
-        store.approve(&u, &cfg.network, false, None, &admin).await?;
+        names.push(approved_user(&store, &cfg, &format!("bench{i}"), &cfg.quota).await?);
     }
     let mut tokens = vec![];
-    for i in 0..users {
-        let u: basphere_core::Username = format!("bench{i}").parse()?;
-        tokens.push(store.create_token(&u, "bench", None, &admin).await?.1);
+    for u in &names {
+        tokens.push(store.create_token(u, "bench", None, &admin).await?.1);
     }
     let mut lat = vec![];
     for i in 0..a.creates {
@@ -122,22 +108,7 @@ pub async fn run(bench: &Bench, dir: &Path, a: &Args) -> anyhow::Result<()> {
     let store2 = app2.store();
     let per_user = 10;
     for i in 0..a.list_vms.div_ceil(per_user) {
-        let u: basphere_core::Username = format!("list{i}").parse()?;
-        store2
-            .register(
-                &basphere_store::NewRegistration {
-                    username: u.clone(),
-                    email: "b@example.org".parse()?,
-                    team: "bench".parse()?,
-                    public_key: key.clone(),
-                },
-                &cfg2.quota,
-                &admin,
-            )
-            .await?;
-        store2
-            .approve(&u, &cfg2.network, false, None, &admin)
-            .await?;
+        let u = approved_user(store2, &cfg2, &format!("list{i}"), &cfg2.quota).await?;
         let spec = cfg2.specs[&"tiny".parse()?];
         store2
             .admit_vms(
