@@ -145,7 +145,9 @@ pub enum Cmd {
         #[arg(trailing_var_arg = true)]
         command: Vec<String>,
     },
-    /// Measure the platform's own overhead and print the figures.
+    /// Measure the platform's own overhead and print the figures: runs `basphere-bench ARGS`
+    /// (`cargo build --release -p basphere-bench`; `basphere bench --help` for its options).
+    #[command(disable_help_flag = true)]
     Bench(crate::bench::BenchArgs),
 }
 

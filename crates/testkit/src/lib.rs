@@ -1,13 +1,15 @@
 //! Fixtures shared by Basphere's integration tests (test code only; never a dependency of the
-//! product): keys, Unix accounts, namespaces, poll-until, PID-safe kills, and the `basphere serve`
-//! and vcsim process harnesses.
+//! product): keys, Unix accounts, namespaces, poll-until, PID-safe kills, and the `basphere serve`,
+//! vcsim and PostgreSQL 15 process harnesses.
 
 pub mod keys;
+pub mod postgres;
 pub mod process;
 pub mod server;
 pub mod vcsim;
 
 pub use keys::{SSH_BATCH_OPTS, TEST_KEY, keygen};
+pub use postgres::Postgres;
 pub use process::{kill_child, poll_until, poll_until_blocking, run_ok, signal_child, stop_child};
 
 use std::os::unix::process::CommandExt;

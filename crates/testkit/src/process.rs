@@ -94,7 +94,12 @@ pub fn kill_child(child: &mut Child) {
 
 /// SIGTERMs `child` (PID-safe), waits up to `grace` for it to exit, then SIGKILLs and reaps it.
 pub fn stop_child(child: &mut Child, grace: Duration) {
-    signal_child(child, Signal::SIGTERM);
+    stop_child_with(child, Signal::SIGTERM, grace);
+}
+
+/// [`stop_child`] with `sig` as the polite signal (e.g. SIGINT, PostgreSQL's fast shutdown).
+pub fn stop_child_with(child: &mut Child, sig: Signal, grace: Duration) {
+    signal_child(child, sig);
     let exited = poll_until_blocking(grace, Duration::from_millis(20), || {
         match child.try_wait() {
             Ok(Some(_)) | Err(_) => Ok(()),
@@ -104,6 +109,11 @@ pub fn stop_child(child: &mut Child, grace: Duration) {
     if exited.is_err() {
         kill_child(child);
     }
+}
+
+/// PIDs of the live processes whose parent is `pid` (read from `/proc`).
+pub fn children_of(pid: u32) -> Vec<i32> {
+    pids_where(|p, _| stat(p).is_some_and(|(state, ppid)| ppid == pid && state != 'Z'))
 }
 
 /// Whether `pid` is a live (not zombie) process whose command line contains `marker`.

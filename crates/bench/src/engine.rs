@@ -1,30 +1,41 @@
-//! The engine's figures for `basphere bench`: no-op step throughput on SQLite, 1,000-node
+//! The engine's figures: no-op step throughput on the bench's backend, 1,000-node
 //! batches (independent, and 10 layers) side by side with `terraform apply` of 1,000
 //! `terraform_data` resources, and `plan` of a 1,000-node manifest against 1,000 VMs.
-//! The batch part runs in a child process (`bench --part batch`) so its peak RSS is its own.
+//! The batch part runs in a child process (`basphere-bench --part batch`) so its peak RSS is
+//! its own.
 
 use basphere_api::{Listeners, ServeOptions};
 use basphere_app::{App, Overrides};
 use basphere_client::{Client, Endpoint};
 use basphere_config::Config;
-use basphere_engine::EngineConfig;
 use basphere_provider::NullProvider;
-use basphere_store::{Actor, NewWorkflow, Store};
+use basphere_store::{Actor, NewWorkflow};
 use serde_json::{Value, json};
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::{Bench, approved_user};
+
 /// Terraform's figures on record (this machine kind, terraform 1.11), used when it is missing.
 const TF_RECORD_INDEPENDENT_S: f64 = 36.0;
 const TF_RECORD_CHAIN300_S: f64 = 14.0;
 
 /// No-op steps per second through the whole engine (claim, lease, per-step commits, events).
-pub async fn throughput(dir: &Path, workflows: usize, steps: usize) -> anyhow::Result<f64> {
-    std::fs::create_dir_all(dir)?;
-    let cfg = batch_config(dir)?;
-    let store = Store::open(&cfg.db_path()).await?;
+pub async fn throughput(
+    bench: &Bench,
+    dir: &Path,
+    workflows: usize,
+    steps: usize,
+) -> anyhow::Result<f64> {
+    let cfg = batch_config(bench, dir, &[("BASPHERE_ENGINE__MAX_PARALLEL", "32")])?;
+    let app = App::build(
+        Arc::new(cfg),
+        Overrides::with_provider(Arc::new(NullProvider::default())),
+    )
+    .await?;
+    let store = app.store();
     let ws: Vec<NewWorkflow> = (0..workflows)
         .map(|_| {
             let w = NewWorkflow::new(
@@ -40,15 +51,7 @@ pub async fn throughput(dir: &Path, workflows: usize, steps: usize) -> anyhow::R
         .await?
         .into_iter()
         .collect();
-    let engine = basphere_app::engine(
-        &store,
-        Arc::new(NullProvider::default()),
-        &cfg,
-        EngineConfig {
-            max_parallel: 32,
-            ..basphere_app::engine_config(&cfg, "local".into())
-        },
-    );
+    let engine = app.engine();
     engine.register("noop", Arc::new(basphere_engine::NoopWorkflow));
     let mut rx = engine.subscribe();
     let (tx, srx) = tokio::sync::watch::channel(false);
@@ -161,23 +164,28 @@ fn terraform(dir: &Path, main_tf: &str, parallelism: u32) -> Option<f64> {
     Some(t0.elapsed().as_secs_f64())
 }
 
-fn batch_config(dir: &Path) -> anyhow::Result<Config> {
-    let env = vec![
-        ("BASPHERE_DATA_DIR".to_string(), dir.display().to_string()),
-        ("BASPHERE_SERVER__SOCKET".into(), "\"\"".into()),
-        ("BASPHERE_SERVER__LISTEN".into(), "\"\"".into()),
-        ("BASPHERE_PROVIDER__KIND".into(), "null".into()),
-        ("BASPHERE_NETWORK__CIDR".into(), "10.64.0.0/12".into()),
-        ("BASPHERE_NETWORK__GATEWAY".into(), "10.64.0.1".into()),
-        ("BASPHERE_NETWORK__BLOCK_SIZE".into(), "4096".into()),
+/// A config with no listeners (the caller binds its own) and room for many VMs, plus `extra`.
+fn batch_config(bench: &Bench, dir: &Path, extra: &[(&str, &str)]) -> anyhow::Result<Config> {
+    let mut settings = vec![
+        ("BASPHERE_SERVER__SOCKET", "\"\""),
+        ("BASPHERE_SERVER__LISTEN", "\"\""),
+        ("BASPHERE_NETWORK__CIDR", "10.64.0.0/12"),
+        ("BASPHERE_NETWORK__GATEWAY", "10.64.0.1"),
+        ("BASPHERE_NETWORK__BLOCK_SIZE", "4096"),
     ];
-    Ok(Config::load(None, env)?)
+    settings.extend_from_slice(extra);
+    bench.config(dir, &settings)
 }
 
 /// The child process: an in-process server; applies 1,000-node batches over HTTP and plans
 /// one against 1,000 VMs; prints one JSON line of figures (with its own peak RSS).
-pub async fn batch_child(dir: &Path, nodes: usize, parallelism: u32) -> anyhow::Result<()> {
-    let cfg = Arc::new(batch_config(dir)?);
+pub async fn batch_child(
+    bench: &Bench,
+    dir: &Path,
+    nodes: usize,
+    parallelism: u32,
+) -> anyhow::Result<()> {
+    let cfg = Arc::new(batch_config(bench, dir, &[])?);
     let app = App::build(cfg.clone(), Overrides::default()).await?;
     let store = app.store().clone();
     let mut events = app.engine().subscribe();
@@ -189,7 +197,6 @@ pub async fn batch_child(dir: &Path, nodes: usize, parallelism: u32) -> anyhow::
     };
     let _server = app.serve(listeners, ServeOptions::from_config(&cfg.server)?);
     let admin = Actor::new("bench", "bench");
-    let key: basphere_core::SshPublicKey = crate::bench::BENCH_KEY.parse()?;
     // Each shape is applied RUNS times (by its own user, so each apply starts from nothing);
     // the figure is the median, since a 2-core machine's run-to-run noise is ±15%.
     const RUNS: usize = 3;
@@ -199,27 +206,12 @@ pub async fn batch_child(dir: &Path, nodes: usize, parallelism: u32) -> anyhow::
         .collect();
     let mut clients = vec![];
     for u in &users {
-        let name: basphere_core::Username = u.parse()?;
         let q = basphere_core::Quota {
             max_vms: 4000,
             max_ips: 4000,
             ..basphere_core::Quota::default()
         };
-        store
-            .register(
-                &basphere_store::NewRegistration {
-                    username: name.clone(),
-                    email: "b@example.org".parse()?,
-                    team: "bench".parse()?,
-                    public_key: key.clone(),
-                },
-                &q,
-                &admin,
-            )
-            .await?;
-        store
-            .approve(&name, &cfg.network, false, None, &admin)
-            .await?;
+        let name = approved_user(&store, &cfg, u, &q).await?;
         store.set_quota(&name, &q, &admin).await?;
         let token = store.create_token(&name, "bench", None, &admin).await?.1;
         clients.push(Client::new(Endpoint::Tcp {
@@ -304,11 +296,10 @@ pub async fn batch_child(dir: &Path, nodes: usize, parallelism: u32) -> anyhow::
         Endpoint::Tcp { token, .. } => token.clone().unwrap_or_default(),
         _ => String::new(),
     };
-    let exe = std::env::current_exe()?;
     let mut cli_ms = vec![];
     for _ in 0..5 {
         let t0 = Instant::now();
-        let o = std::process::Command::new(&exe)
+        let o = std::process::Command::new(&bench.basphere)
             .args(["--url", &addr, "--token", &tokens_c, "plan", "-f"])
             .arg(&mf)
             .output()?;
@@ -346,21 +337,25 @@ pub async fn batch_child(dir: &Path, nodes: usize, parallelism: u32) -> anyhow::
 
 /// Prints the engine's figures (runs the batch child and terraform).
 pub async fn run(
+    bench: &Bench,
     dir: &Path,
     nodes: usize,
     parallelism: u32,
     terraform_too: bool,
 ) -> anyhow::Result<()> {
-    let tput = throughput(&dir.join("throughput"), 200, 50).await?;
+    let tput = throughput(bench, &dir.join("throughput"), 200, 50).await?;
     println!(
-        "engine throughput, no-op steps on SQLite (200 workflows × 50 steps): {tput:.0} steps/s (target ≥ 5,000)"
+        "engine throughput, no-op steps on {} (200 workflows × 50 steps): {tput:.0} steps/s (target ≥ 5,000)",
+        bench.backend.label()
     );
-    let exe = std::env::current_exe()?;
-    let o = std::process::Command::new(&exe)
+    let o = std::process::Command::new(std::env::current_exe()?)
         .args([
-            "bench",
             "--part",
             "batch",
+            "--backend",
+            bench.backend.as_arg(),
+            "--basphere",
+            &bench.basphere.display().to_string(),
             "--batch-nodes",
             &nodes.to_string(),
             "--parallelism",

@@ -1,0 +1,200 @@
+//! Basphere's own figures, measured on this machine, from a binary of their own
+//! (`basphere-bench`) so the product binary carries no bench code.
+//!
+//! Every server, store and engine a bench uses is built by [`basphere_app::App`] from a
+//! [`Config`] that [`Bench::config`] makes, so what is measured is what `basphere serve` runs,
+//! and the store backend is chosen in one place ([`Backend`]).
+
+pub mod engine;
+pub mod pg_probe;
+pub mod platform;
+
+use basphere_config::Config;
+use basphere_core::{Quota, Username};
+use basphere_store::{Actor, NewRegistration, Store};
+use std::path::{Path, PathBuf};
+
+/// The SSH key the benches' users register with.
+pub const BENCH_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl bench";
+
+/// `basphere-bench`: prints the platform's and the engine's figures.
+#[derive(clap::Parser, Debug)]
+#[command(name = "basphere-bench", version, max_term_width = 100)]
+pub struct Args {
+    /// Which figures: all (platform and engine), platform (create overhead, RSS, list), engine
+    /// (throughput, batches vs terraform, plan), pg-probe (step completions per second on a
+    /// PostgreSQL 15 the probe starts itself; not part of `all`).
+    #[arg(long, value_enum, default_value_t = Part::All)]
+    pub part: Part,
+    /// The store the figures are measured on.
+    #[arg(long, value_enum, default_value_t = Backend::Sqlite)]
+    pub backend: Backend,
+    /// The product binary the figures start (`serve`, `vm list`, `plan`)
+    /// [default: `basphere` beside this executable].
+    #[arg(long, value_name = "PATH")]
+    pub basphere: Option<PathBuf>,
+    /// Nodes of the batch figures.
+    #[arg(long, default_value_t = 1000)]
+    pub batch_nodes: usize,
+    /// Batch parallelism (terraform gets the same -parallelism).
+    #[arg(long, default_value_t = 10)]
+    pub parallelism: u32,
+    /// Skip running terraform (print the figure on record instead).
+    #[arg(long)]
+    pub no_terraform: bool,
+    /// Creates measured for the overhead figure.
+    #[arg(long, default_value_t = 100)]
+    pub creates: usize,
+    /// VMs in the store for the list figure.
+    #[arg(long, default_value_t = 1000)]
+    pub list_vms: usize,
+    /// Step completions per mode of the PostgreSQL probe.
+    #[arg(long, default_value_t = 20_000)]
+    pub probe_steps: usize,
+}
+
+/// A set of figures.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    All,
+    Platform,
+    Engine,
+    /// The child process the engine part starts (its peak RSS is the batches' own).
+    #[value(hide = true)]
+    Batch,
+    PgProbe,
+}
+
+/// The store backend a bench's servers use. Each variant only adds config settings
+/// ([`Backend::settings`]); everything else is built from the config by `basphere-app`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// The embedded SQLite file in the data dir (no `[database] url`).
+    Sqlite,
+}
+
+impl Backend {
+    /// The name the figures are printed with.
+    pub fn label(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "SQLite",
+        }
+    }
+
+    /// The `--backend` value that names this backend (for the child processes a bench starts).
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+        }
+    }
+
+    /// The config settings (`BASPHERE_*` keys) that select this backend.
+    pub fn settings(self) -> Vec<(String, String)> {
+        match self {
+            Backend::Sqlite => vec![],
+        }
+    }
+}
+
+/// What every part needs: the backend and the product binary.
+#[derive(Clone, Debug)]
+pub struct Bench {
+    pub backend: Backend,
+    /// The `basphere` binary, started as a separate process where a figure is end to end.
+    pub basphere: PathBuf,
+}
+
+impl Bench {
+    /// A config for a server on the do-nothing test provider with its data in `dir`, on this
+    /// bench's backend, with `settings` (`BASPHERE_*` keys) on top.
+    pub fn config(&self, dir: &Path, settings: &[(&str, &str)]) -> anyhow::Result<Config> {
+        let mut env = vec![
+            ("BASPHERE_DATA_DIR".to_string(), dir.display().to_string()),
+            ("BASPHERE_PROVIDER__KIND".into(), "null".into()),
+        ];
+        env.extend(self.backend.settings());
+        env.extend(settings.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Ok(Config::load(None, env)?)
+    }
+}
+
+/// Registers `name` (with [`BENCH_KEY`] and `quota`) and approves it, as the bench's admin.
+pub async fn approved_user(
+    store: &Store,
+    cfg: &Config,
+    name: &str,
+    quota: &Quota,
+) -> anyhow::Result<Username> {
+    let admin = Actor::new("bench", "bench");
+    let user: Username = name.parse()?;
+    store
+        .register(
+            &NewRegistration {
+                username: user.clone(),
+                email: "b@example.org".parse()?,
+                team: "bench".parse()?,
+                public_key: BENCH_KEY.parse()?,
+            },
+            quota,
+            &admin,
+        )
+        .await?;
+    store
+        .approve(&user, &cfg.network, false, None, &admin)
+        .await?;
+    Ok(user)
+}
+
+/// `explicit`, else the `basphere` binary beside this executable; an error says how to build it.
+pub fn product_binary(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let path = match explicit {
+        Some(p) => p,
+        None => std::env::current_exe()?.with_file_name("basphere"),
+    };
+    anyhow::ensure!(
+        path.is_file(),
+        "the benches start the product binary, and there is none at {}: build it with \
+         `cargo build --release -p basphere` (or pass --basphere PATH)",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// Runs the parts `a` names and prints their figures.
+pub async fn run(a: Args) -> anyhow::Result<()> {
+    if a.part == Part::PgProbe {
+        return pg_probe::run(a.probe_steps).await;
+    }
+    let bench = Bench {
+        backend: a.backend,
+        basphere: product_binary(a.basphere.clone())?,
+    };
+    if a.part == Part::Batch {
+        let dir = std::env::var_os("BASPHERE_BENCH_DIR")
+            .map(PathBuf::from)
+            .ok_or_else(|| anyhow::anyhow!("--part batch is started by the engine part itself"))?;
+        return engine::batch_child(&bench, &dir, a.batch_nodes, a.parallelism).await;
+    }
+    let tmp = std::env::temp_dir().join(format!("basphere-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp)?;
+    let r = async {
+        if matches!(a.part, Part::All | Part::Platform) {
+            platform::run(&bench, &tmp, &a).await?;
+        }
+        if matches!(a.part, Part::All | Part::Engine) {
+            engine::run(
+                &bench,
+                &tmp.join("engine"),
+                a.batch_nodes,
+                a.parallelism,
+                !a.no_terraform,
+            )
+            .await?;
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&tmp);
+    r
+}

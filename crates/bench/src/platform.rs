@@ -1,0 +1,202 @@
+//! The platform's figures: create overhead, idle `basphere serve` RSS, and `list-vms -a -j`
+//! with many VMs end to end.
+
+use basphere_api::{Listeners, ServeOptions};
+use basphere_app::{App, Overrides};
+use basphere_client::{Client, Endpoint};
+use basphere_provider::NullProvider;
+use basphere_store::Actor;
+use serde_json::json;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::{Args, Bench, approved_user};
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// A config for an in-process or `basphere serve` server with its data (and socket) in `dir`.
+fn config(bench: &Bench, dir: &Path) -> anyhow::Result<basphere_config::Config> {
+    let socket = format!("\"{}\"", dir.join("b.sock").display());
+    bench.config(
+        dir,
+        &[
+            ("BASPHERE_SERVER__SOCKET", &socket),
+            ("BASPHERE_SERVER__LISTEN", "\"\""),
+            ("BASPHERE_NETWORK__CIDR", "10.200.0.0/16"),
+            ("BASPHERE_NETWORK__GATEWAY", "10.200.0.1"),
+        ],
+    )
+}
+
+/// Prints the platform's figures, measured in servers whose data is under `dir`.
+pub async fn run(bench: &Bench, dir: &Path, a: &Args) -> anyhow::Result<()> {
+    // 1. Overhead of a create: request sent → provider asked to start, in-process server.
+    let cfg = Arc::new(config(bench, &dir.join("overhead"))?);
+    let provider = Arc::new(NullProvider::default());
+    let app = App::build(cfg.clone(), Overrides::with_provider(provider.clone())).await?;
+    let store = app.store().clone();
+    // The bench speaks as token holders, so over a TCP listener of its own.
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = tcp.local_addr()?;
+    let mut listeners = Listeners::bind(&cfg).await?;
+    listeners.tcp = Some(tcp);
+    let server = app.serve(listeners, ServeOptions::from_config(&cfg.server)?);
+    let users = a.creates.div_ceil(10);
+    let admin = Actor::new("bench", "bench");
+    let mut names = vec![];
+    for i in 0..users {
+        names.push(approved_user(&store, &cfg, &format!("bench{i}"), &cfg.quota).await?);
+    }
+    let mut tokens = vec![];
+    for u in &names {
+        tokens.push(store.create_token(u, "bench", None, &admin).await?.1);
+    }
+    let mut lat = vec![];
+    for i in 0..a.creates {
+        let c = Client::new(Endpoint::Tcp {
+            addr: addr.to_string(),
+            token: Some(tokens[i / 10].clone()),
+        });
+        let t0 = Instant::now();
+        let r = c
+            .post(
+                "/api/v1/vms",
+                &json!({"name": format!("vm{i}"), "spec": "tiny"}),
+            )
+            .await?;
+        anyhow::ensure!(r.body.success, "create failed: {}", r.body.message);
+        let inst = r.body.data["vms"][0]["id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        loop {
+            if let Some(call) = provider
+                .calls()
+                .into_iter()
+                .find(|c| c.instance == inst && c.phase == "start")
+            {
+                lat.push(call.at.duration_since(t0));
+                break;
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+    }
+    lat.sort();
+    println!(
+        "create overhead (request sent → provider start), {} creates, do-nothing test provider:",
+        a.creates
+    );
+    println!(
+        "  p50 {}   p99 {}   max {}",
+        ms(pct(&lat, 0.5)),
+        ms(pct(&lat, 0.99)),
+        ms(*lat.last().unwrap())
+    );
+    server.shutdown().await;
+
+    // 2. Idle RSS of `basphere serve` and list-vms -a -j with many VMs, as separate processes.
+    let cfg2 = Arc::new(config(bench, &dir.join("serve"))?);
+    let app2 = App::build(cfg2.clone(), Overrides::default()).await?;
+    let store2 = app2.store();
+    let per_user = 10;
+    for i in 0..a.list_vms.div_ceil(per_user) {
+        let u = approved_user(store2, &cfg2, &format!("list{i}"), &cfg2.quota).await?;
+        let spec = cfg2.specs[&"tiny".parse()?];
+        store2
+            .admit_vms(
+                &basphere_store::AdmitRequest {
+                    owner: u,
+                    names: (0..per_user)
+                        .map(|j| format!("vm{j}").parse())
+                        .collect::<Result<_, _>>()?,
+                    os: "debian-12".parse()?,
+                    login_user: "debian".into(),
+                    spec_name: "tiny".parse()?,
+                    spec,
+                    provider: "null".into(),
+                    steps: vec![],
+                },
+                &cfg2.network,
+                &admin,
+            )
+            .await?;
+    }
+    store2.close().await;
+    let exe = &bench.basphere;
+    let toml_path = dir.join("serve.toml");
+    std::fs::write(&toml_path, toml::to_string(&*cfg2)?)?;
+    let mut child = std::process::Command::new(exe)
+        .args(["--config", &toml_path.display().to_string(), "serve"])
+        .env("BASPHERE_LOG", "warn")
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let sock = cfg2.server.socket.clone();
+    for _ in 0..200 {
+        if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss = std::fs::read_to_string(format!("/proc/{}/status", child.id()))?
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .map(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .unwrap_or("0")
+                .parse::<u64>()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0);
+    println!(
+        "idle `basphere serve` RSS: {:.1} MB (target ≤ 30 MB)",
+        rss as f64 / 1024.0
+    );
+    let mut times = vec![];
+    for _ in 0..10 {
+        let t0 = Instant::now();
+        let o = std::process::Command::new(exe)
+            .args([
+                "--socket",
+                &sock.display().to_string(),
+                "vm",
+                "list",
+                "-a",
+                "-j",
+            ])
+            .output()?;
+        times.push(t0.elapsed());
+        anyhow::ensure!(
+            o.status.success(),
+            "list failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+        anyhow::ensure!(
+            v.as_array().map(|a| a.len()) == Some(a.list_vms),
+            "list returned the wrong count"
+        );
+    }
+    times.sort();
+    println!(
+        "`list-vms -a -j` with {} VMs, end to end (process start to exit): p50 {}  max {} (target ≤ 50 ms)",
+        a.list_vms,
+        ms(pct(&times, 0.5)),
+        ms(*times.last().unwrap())
+    );
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = child.wait();
+    Ok(())
+}
