@@ -50,6 +50,7 @@ fn value(r: &tokio_postgres::Row, i: usize) -> Result<Value> {
         Type::INT2 => r.try_get::<_, Option<i16>>(i)?.map(|n| Value::Int(n.into())),
         Type::BOOL => r.try_get::<_, Option<bool>>(i)?.map(|b| Value::Int(b.into())),
         Type::FLOAT8 => r.try_get::<_, Option<f64>>(i)?.map(|f| Value::Int(f as i64)),
+        Type::VOID => None,
         _ => r.try_get::<_, Option<String>>(i)?.map(Value::Text),
     };
     Ok(v.unwrap_or(Value::Null))
