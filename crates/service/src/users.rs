@@ -227,7 +227,7 @@ impl Services {
         Ok(Paged::of(r, limit, |r| r.id.to_string()).map(|r| convert::registration(&r)))
     }
 
-    /// Every registration (pending ones by default, see the store), for the review page.
+    /// Every pending registration, newest first, for the review page.
     pub async fn registrations(&self) -> Result<Vec<wire::Registration>> {
         let r = self.store.registrations(None).await?;
         Ok(r.iter().map(convert::registration).collect())
