@@ -162,7 +162,8 @@ impl From<basphere_service::ServiceError> for ApiError {
                 errors,
                 data,
             } => {
-                let err = ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, message).with_errors(errors);
+                let err =
+                    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, message).with_errors(errors);
                 match data {
                     Some(d) => err.with_data(d),
                     None => err,

@@ -18,8 +18,8 @@ mod server;
 pub use auth::{Caller, PeerInfo, SESSION_COOKIE, cookie_value};
 pub use basphere_service::{Services, UnixAccounts};
 pub use envelope::{ApiError, Envelope, Ok200};
-pub use routes::page::PageQuery;
 pub use input::{Body, MAX_BODY};
+pub use routes::page::PageQuery;
 pub use server::{
     AppState, Listeners, ServeOptions, TlsCerts, TlsError, fingerprint, router, serve, serve_with,
 };

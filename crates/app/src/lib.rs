@@ -1,5 +1,6 @@
 //! The composition root: from one [`Config`], the store, the provider, the engine, the
-//! application [`Services`] in the handlers' [`AppState`] and the merged, hardened router, served and shut down in one order.
+//! application [`Services`] in the handlers' [`AppState`] and the merged, hardened router,
+//! served and shut down in one order.
 //!
 //! Invariant: this is the only place that wires these parts together. `basphere serve`, the
 //! benches and the tests build their server here, so what they run is what production runs;

@@ -1,9 +1,9 @@
 //! `basphere plan -f`, `basphere apply -f` and batch progress (`ops watch --batch`).
 
 use crate::args::Output;
+use crate::commands::typed;
 use anyhow::{Context, bail};
 use basphere_client::Client;
-use crate::commands::typed;
 use basphere_client::wire;
 use basphere_core::WorkflowStatus;
 use serde::Deserialize;

@@ -891,7 +891,10 @@ fn approved(out: Output, username: &str, d: &Value) -> anyhow::Result<()> {
         return Ok(());
     }
     let a: wire::Approved = typed(d)?;
-    println!("{username} approved; IP block {}", or_dash(a.ip_block.as_deref()));
+    println!(
+        "{username} approved; IP block {}",
+        or_dash(a.ip_block.as_deref())
+    );
     if let Some(code) = a.enrollment_code.as_deref() {
         println!("enrollment code (works once): {code}");
         println!("the user runs: basphere enroll --username {username} --code {code} --save");

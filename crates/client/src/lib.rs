@@ -21,9 +21,9 @@ pub enum Endpoint {
     },
 }
 
+pub use basphere_wire as wire;
 /// The prototype's response envelope; its `data` is one of the `basphere_wire` types.
 pub use basphere_wire::Envelope;
-pub use basphere_wire as wire;
 
 /// A response: HTTP status and envelope.
 #[derive(Debug, Clone)]

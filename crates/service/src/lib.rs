@@ -9,8 +9,8 @@
 //! Results are `/api/v1` wire types (`basphere-wire`), converted from store rows only in
 //! [`convert`]; every refusal is a [`ServiceError`] variant that says what to do.
 
-pub mod convert;
 mod check;
+pub mod convert;
 mod error;
 mod ops;
 mod paging;

@@ -46,7 +46,9 @@ pub enum BatchOutcome {
 impl From<BatchError> for ServiceError {
     fn from(e: BatchError) -> Self {
         match e {
-            BatchError::Admit(e @ (AdmitError::Quota(_) | AdmitError::Store(_) | AdmitError::NotActive(..))) => e.into(),
+            BatchError::Admit(
+                e @ (AdmitError::Quota(_) | AdmitError::Store(_) | AdmitError::NotActive(..)),
+            ) => e.into(),
             e => ServiceError::Conflict(e.to_string()),
         }
     }

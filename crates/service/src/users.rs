@@ -6,9 +6,7 @@ use crate::error::Result;
 use crate::{Done, Paged, Paging, Principal, ServiceError, Services, convert};
 use basphere_accounts::AccountError;
 use basphere_core::{Email, Quota, Role, SshPublicKey, Team, UserStatus, Username, VmStatus};
-use basphere_store::{
-    Actor, AuditFilter, DeleteError, NewRegistration, User, WorkflowKind,
-};
+use basphere_store::{Actor, AuditFilter, DeleteError, NewRegistration, User, WorkflowKind};
 use basphere_wire as wire;
 
 /// Runs host account work off the async workers.
@@ -109,10 +107,7 @@ impl Services {
             )));
         }
         self.check_name_free(&reg.username).await?;
-        let r = self
-            .store
-            .register(&reg, &self.config.quota, actor)
-            .await?;
+        let r = self.store.register(&reg, &self.config.quota, actor).await?;
         Ok(Done {
             message: format!(
                 "registration of {} received; an admin will review it",
@@ -126,9 +121,7 @@ impl Services {
     pub async fn add_user(&self, actor: &Actor, req: &wire::RegisterRequest) -> Result<Approval> {
         let reg = registration(req)?;
         self.check_name_free(&reg.username).await?;
-        self.store
-            .register(&reg, &self.config.quota, actor)
-            .await?;
+        self.store.register(&reg, &self.config.quota, actor).await?;
         self.approve(actor, &reg.username).await
     }
 
@@ -159,13 +152,7 @@ impl Services {
         };
         let out = self
             .store
-            .approve(
-                u,
-                &self.config.network,
-                self.accounts.is_some(),
-                ttl,
-                actor,
-            )
+            .approve(u, &self.config.network, self.accounts.is_some(), ttl, actor)
             .await?;
         if let Some(acc) = self.accounts.clone() {
             let name = u.clone();
@@ -244,7 +231,10 @@ impl Services {
     /// Users by username, optionally of one status (given as text, as a query has it).
     pub async fn users(&self, status: Option<&str>, p: &Paging) -> Result<Paged<wire::User>> {
         let status = status
-            .map(|s| s.parse::<UserStatus>().map_err(|e| ServiceError::BadRequest(e.into())))
+            .map(|s| {
+                s.parse::<UserStatus>()
+                    .map_err(|e| ServiceError::BadRequest(e.into()))
+            })
             .transpose()?;
         let limit = p.limit()?;
         let users = self
@@ -394,7 +384,12 @@ impl Services {
     /// already being deleted reports its running delete), and the answer lists each operation
     /// and every VM whose delete could not be started, with the reason. The user stays
     /// disabled until a later call finds no VMs left, so nothing is ever half-deleted.
-    pub async fn delete_user(&self, actor: &Actor, u: &Username, purge: bool) -> Result<UserDeletion> {
+    pub async fn delete_user(
+        &self,
+        actor: &Actor,
+        u: &Username,
+        purge: bool,
+    ) -> Result<UserDeletion> {
         let user = self
             .store
             .user(u.as_str())
@@ -484,12 +479,11 @@ impl Services {
                     operation_id: a.operation_id,
                 }),
                 // Already being deleted: follow the delete under way.
-                Err(DeleteError::Busy(_, VmStatus::Deleting, op)) if !op.is_empty() => {
-                    operations.push(wire::VmOperation {
+                Err(DeleteError::Busy(_, VmStatus::Deleting, op)) if !op.is_empty() => operations
+                    .push(wire::VmOperation {
                         vm: vm.name.clone(),
                         operation_id: op,
-                    })
-                }
+                    }),
                 // Gone in the meantime.
                 Err(DeleteError::NotFound(_)) => {}
                 Err(e) => refused.push(wire::VmRefusal {
@@ -626,7 +620,9 @@ impl Services {
         req: &wire::TokenRequest,
     ) -> Result<Done<wire::TokenCreated>> {
         let mut c = Check::new(&req.unreadable);
-        let name = c.opt("name", req.name.clone()).unwrap_or_else(|| "cli".into());
+        let name = c
+            .opt("name", req.name.clone())
+            .unwrap_or_else(|| "cli".into());
         if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
             c.errs.push("name", "must be 1 to 64 printable characters");
         }
@@ -719,8 +715,7 @@ impl Services {
                 },
             }),
             None => Err(ServiceError::Unauthorized(
-                "enrollment code is wrong, used or expired; ask an admin for a new approval"
-                    .into(),
+                "enrollment code is wrong, used or expired; ask an admin for a new approval".into(),
             )),
         }
     }

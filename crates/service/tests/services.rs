@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
-const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl t";
+const KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl t";
 
 struct World {
     _dir: tempfile::TempDir,
@@ -150,9 +151,16 @@ async fn deleting_a_user_with_a_vm_being_created_changes_nothing_and_names_it() 
         msg.contains("web-1") && msg.contains("web-2") && msg.contains("nothing was changed"),
         "{msg}"
     );
-    assert_eq!(w.status("bob").await, Some(UserStatus::Active), "not disabled");
+    assert_eq!(
+        w.status("bob").await,
+        Some(UserStatus::Active),
+        "not disabled"
+    );
     let vms = w.store.vms(Some("bob")).await.unwrap();
-    assert!(vms.iter().all(|v| v.status == VmStatus::Creating), "{vms:?}");
+    assert!(
+        vms.iter().all(|v| v.status == VmStatus::Creating),
+        "{vms:?}"
+    );
     let ops = w.store.workflows(Some("bob"), 10).await.unwrap();
     assert_eq!(ops.len(), 2, "no delete was started: {ops:?}");
 }
@@ -189,7 +197,11 @@ async fn deleting_a_user_deletes_every_vm_first_then_the_account() {
         panic!("the VMs are still being deleted");
     };
     let ids = |d: &basphere_wire::UserVmsDeleting| {
-        let mut v: Vec<String> = d.operations.iter().map(|o| o.operation_id.clone()).collect();
+        let mut v: Vec<String> = d
+            .operations
+            .iter()
+            .map(|o| o.operation_id.clone())
+            .collect();
         v.sort();
         v
     };
@@ -285,7 +297,10 @@ async fn approval_without_unix_accounts_gives_a_one_time_code() {
         .approve(&World::admin(), &bob.user.username)
         .await
         .unwrap_err();
-    assert!(matches!(e, ServiceError::Conflict(ref m) if m.contains("not pending")), "{e:?}");
+    assert!(
+        matches!(e, ServiceError::Conflict(ref m) if m.contains("not pending")),
+        "{e:?}"
+    );
     // A rejection reason of the wrong type is reported, and nothing is rejected.
     let body = json!({"reason": 7});
     let e = w
@@ -318,6 +333,9 @@ async fn quota_refusals_carry_the_limit() {
         ..Default::default()
     };
     let e = w.services.create_vms(&bob, &req).await.unwrap_err();
-    assert!(matches!(e, ServiceError::Quota(ref q) if q.max == 1), "{e:?}");
+    assert!(
+        matches!(e, ServiceError::Quota(ref q) if q.max == 1),
+        "{e:?}"
+    );
     assert!(w.store.vms(Some("bob")).await.unwrap().is_empty());
 }

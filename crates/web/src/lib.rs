@@ -133,6 +133,8 @@ pub(crate) fn body_of(form: &HashMap<String, String>, keep_blank: &[&str]) -> Ma
 }
 
 /// A service's result with its refusal as the API would answer it.
-pub(crate) fn api<T>(r: Result<T, basphere_service::ServiceError>) -> Result<T, basphere_api::ApiError> {
+pub(crate) fn api<T>(
+    r: Result<T, basphere_service::ServiceError>,
+) -> Result<T, basphere_api::ApiError> {
     r.map_err(basphere_api::ApiError::from)
 }

@@ -78,11 +78,10 @@ pub async fn register(State(st): State<AppState>, v: Visitor, Form(f): Form<Fiel
     }
     let req = RegisterRequest::read(&body_of(&f, &["username", "email", "team", "public_key"]));
     let registered = match limits::admit_registration(&st).await {
-        Ok(()) => api(
-            st.services
-                .register(&v.anonymous().actor(), None, &req)
-                .await,
-        ),
+        Ok(()) => api(st
+            .services
+            .register(&v.anonymous().actor(), None, &req)
+            .await),
         Err(e) => Err(e),
     };
     match registered {

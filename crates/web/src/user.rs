@@ -510,7 +510,10 @@ pub async fn delete(
     } else {
         "/dashboard"
     };
-    let deleted = match caller.owner_for(q.owner).and_then(|o| Ok((o, caller.principal()?))) {
+    let deleted = match caller
+        .owner_for(q.owner)
+        .and_then(|o| Ok((o, caller.principal()?)))
+    {
         Ok((owner, me)) => api(st.services.delete_vm(&me, &owner, &name).await),
         Err(e) => Err(e),
     };

@@ -44,10 +44,7 @@ pub async fn show(
 ) -> Result<Ok200, ApiError> {
     let me = caller.principal()?;
     let (b, done) = st.services.batch(&me, &id).await?;
-    Ok(ok(
-        format!("batch {id}: {done}/{} ended", b.nodes.len()),
-        b,
-    ))
+    Ok(ok(format!("batch {id}: {done}/{} ended", b.nodes.len()), b))
 }
 
 /// `POST /operations/{id}/cancel`: stops at the next step boundary and undoes (202).

@@ -9,8 +9,8 @@
 use crate::envelope::ok;
 use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
-use basphere_service::{Paged, Paging};
 pub use basphere_service::{DEFAULT_LIMIT, MAX_LIMIT};
+use basphere_service::{Paged, Paging};
 use serde::{Deserialize, Serialize};
 
 /// The response header naming the `after` of the next page.

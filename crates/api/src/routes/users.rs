@@ -58,7 +58,11 @@ pub async fn reject(
     caller.admin()?;
     let d = st
         .services
-        .reject(&caller.actor(), &username(&u)?, &ReasonRequest::read(&body.0))
+        .reject(
+            &caller.actor(),
+            &username(&u)?,
+            &ReasonRequest::read(&body.0),
+        )
         .await?;
     Ok(ok(d.message, d.data))
 }
@@ -156,7 +160,11 @@ pub async fn set_quota(
     caller.admin()?;
     let d = st
         .services
-        .set_quota(&caller.actor(), &username(&u)?, &QuotaRequest::read(&body.0))
+        .set_quota(
+            &caller.actor(),
+            &username(&u)?,
+            &QuotaRequest::read(&body.0),
+        )
         .await?;
     Ok(ok(d.message, d.data))
 }
@@ -316,4 +324,3 @@ pub async fn audit_page(
         .await?;
     Ok(page(|n| format!("{n} audit record(s)"), recs))
 }
-
