@@ -37,7 +37,8 @@ impl Paging {
         }
     }
 
-    pub(crate) fn limit(&self) -> Result<i64, ServiceError> {
+    /// The page size asked for ([`DEFAULT_LIMIT`] when none), refused outside `1..=MAX_LIMIT`.
+    pub fn limit(&self) -> Result<i64, ServiceError> {
         self.limit_or(DEFAULT_LIMIT)
     }
 

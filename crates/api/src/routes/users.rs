@@ -317,6 +317,7 @@ pub async fn audit_page(
     Query(q): Query<AuditQuery>,
     Query(p): Query<PageQuery>,
 ) -> Result<Response, ApiError> {
+    p.paging().limit()?;
     caller.admin()?;
     let recs = st
         .services

@@ -43,6 +43,7 @@ pub async fn list_page(
     Query(q): Query<ListQuery>,
     Query(p): Query<PageQuery>,
 ) -> Result<Response, ApiError> {
+    p.paging().limit()?;
     let owner = target_owner(&caller, q.owner.as_deref(), q.all)?;
     let vms = st.services.vms(owner.as_deref(), &p.paging()).await?;
     Ok(page(|n| format!("{n} VM(s)"), vms))
