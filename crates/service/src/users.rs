@@ -47,6 +47,21 @@ fn registration(req: &wire::RegisterRequest) -> Result<NewRegistration> {
     })
 }
 
+/// A new token's secret (shown this once) and what is kept of it.
+fn token_created(
+    message: &str,
+    info: &basphere_store::TokenInfo,
+    secret: String,
+) -> Done<wire::TokenCreated> {
+    Done {
+        message: message.into(),
+        data: wire::TokenCreated {
+            token: secret,
+            info: convert::token_info(info),
+        },
+    }
+}
+
 /// An approved user, and the one-time enrollment code when there is one.
 #[derive(Debug, Clone)]
 pub struct Approval(pub wire::Approved);
@@ -640,13 +655,11 @@ impl Services {
                 &me.actor,
             )
             .await?;
-        Ok(Done {
-            message: "token created; it is shown only this once".into(),
-            data: wire::TokenCreated {
-                token: secret,
-                info: convert::token_info(&info),
-            },
-        })
+        Ok(token_created(
+            "token created; it is shown only this once",
+            &info,
+            secret,
+        ))
     }
 
     /// A token for a web session of `user`, valid `ttl_ms`: `(token id, secret)`.
@@ -707,13 +720,11 @@ impl Services {
             )
             .await?
         {
-            Some((info, secret)) => Ok(Done {
-                message: "enrolled; keep this token, it is shown only this once".into(),
-                data: wire::TokenCreated {
-                    token: secret,
-                    info: convert::token_info(&info),
-                },
-            }),
+            Some((info, secret)) => Ok(token_created(
+                "enrolled; keep this token, it is shown only this once",
+                &info,
+                secret,
+            )),
             None => Err(ServiceError::Unauthorized(
                 "enrollment code is wrong, used or expired; ask an admin for a new approval".into(),
             )),

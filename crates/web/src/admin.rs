@@ -1,6 +1,6 @@
 //! Admin pages: pending registrations and key changes, users and quotas, all VMs, audit trail.
 
-use crate::html::{badge, esc, gib, url, when};
+use crate::html::{badge, esc, gib, ip, url, when};
 use crate::session::Visitor;
 use crate::user::short_key;
 use crate::{api, body_of};
@@ -345,10 +345,7 @@ pub async fn vms(State(st): State<AppState>, v: Visitor) -> Response {
             ou = url(owner),
             o = esc(owner),
             st = badge(vm.status.as_str()),
-            ip = vm
-                .ip_address
-                .map(|i| esc(&i.to_string()))
-                .unwrap_or_else(|| "—".into()),
+            ip = ip(vm.ip_address),
             spec = esc(&vm.spec),
             vcpus = vm.vcpus,
             mem = gib(vm.memory_mib),

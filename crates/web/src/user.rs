@@ -1,7 +1,7 @@
 //! A signed-in user's pages: dashboard (quota, VMs, create, live operations), one VM, delete
 //! with confirmation, SSH key change.
 
-use crate::html::{Input, badge, esc, form_alert, gib, select, url, when};
+use crate::html::{Input, badge, esc, form_alert, gib, ip, select, url, when};
 use crate::session::Visitor;
 use crate::{api, body_of};
 use axum::Form;
@@ -259,10 +259,7 @@ async fn dashboard_page(
             r#"<tr data-vm="{n}"><th scope="row" data-label="Name"><a href="/vms/{nu}">{n}</a></th><td data-label="Status">{st}</td><td data-label="IP">{ip}</td><td data-label="Spec">{spec}</td><td data-label="OS">{os}</td><td data-label="SSH">{ssh}</td><td data-label="Actions">{act}</td></tr>"#,
             nu = url(vm.name.as_str()),
             st = badge(vm.status.as_str()),
-            ip = vm
-                .ip_address
-                .map(|i| i.to_string())
-                .unwrap_or_else(|| "—".into()),
+            ip = ip(vm.ip_address),
             spec = spec_text(vm),
             os = esc(&vm.os),
             ssh = ssh_cell(vm, i),
@@ -430,10 +427,7 @@ pub async fn vm_page(
 <p><a class="button danger" href="/vms/{nu}/delete{owner_q}">Delete {n}</a> <a href="/dashboard">Back to the dashboard</a></p>"#,
         status = badge(vm.status.as_str()),
         owner = esc(&owner),
-        ip = vm
-            .ip_address
-            .map(|i| esc(&i.to_string()))
-            .unwrap_or_else(|| "—".into()),
+        ip = ip(vm.ip_address),
         spec = esc(&vm.spec),
         vcpus = vm.vcpus,
         mem = gib(vm.memory_mib),
