@@ -339,3 +339,60 @@ async fn quota_refusals_carry_the_limit() {
     );
     assert!(w.store.vms(Some("bob")).await.unwrap().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_are_their_owners_and_admins_only() {
+    let w = World::new(Duration::ZERO).await;
+    let bob = w.user("bob").await;
+    let carol = w.user("carol").await;
+    w.create(&bob, "web", 1).await;
+    let id = w.store.workflows(Some("bob"), 1).await.unwrap()[0]
+        .id
+        .clone();
+    let e = w.services.operation(&carol, &id).await.unwrap_err();
+    assert!(matches!(e, ServiceError::NotFound(_)), "{e:?}");
+    let e = w.services.cancel(&carol, &id).await.unwrap_err();
+    assert!(matches!(e, ServiceError::NotFound(_)), "{e:?}");
+    let admin = Principal {
+        admin: true,
+        ..carol.clone()
+    };
+    assert_eq!(
+        w.services.operation(&admin, &id).await.unwrap().owner,
+        "bob"
+    );
+    let d = w.services.cancel(&bob, &id).await.unwrap();
+    assert!(
+        d.message.starts_with(&format!("cancelling {id}")),
+        "{}",
+        d.message
+    );
+    assert_eq!(d.data.expect("the operation").id, id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_come_in_pages_with_the_key_of_the_next() {
+    let w = World::new(Duration::ZERO).await;
+    let bob = w.user("bob").await;
+    w.create(&bob, "web", 3).await;
+    let page = |limit, after: Option<String>| basphere_service::Paging {
+        limit: Some(limit),
+        after,
+    };
+    let first = w.services.vms(Some("bob"), &page(2, None)).await.unwrap();
+    assert_eq!(first.items.len(), 2);
+    let next = first.next_after.clone().expect("more follow");
+    assert_eq!(next, first.items[1].id);
+    let second = w
+        .services
+        .vms(Some("bob"), &page(2, Some(next)))
+        .await
+        .unwrap();
+    assert_eq!(second.items.len(), 1);
+    assert_eq!(
+        second.next_after, None,
+        "the last page says nothing follows"
+    );
+    let e = w.services.vms(None, &page(0, None)).await.unwrap_err();
+    assert!(matches!(e, ServiceError::BadRequest(_)), "{e:?}");
+}
