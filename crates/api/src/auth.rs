@@ -15,6 +15,7 @@ use axum::http::HeaderMap;
 use axum::http::request::Parts;
 use axum::serve::IncomingStream;
 use basphere_core::{Role, UserStatus};
+use basphere_service::Principal;
 use basphere_store::{Actor, User};
 use tokio::net::{TcpListener, UnixListener};
 
@@ -117,6 +118,16 @@ impl Caller {
         Ok(match requested {
             Some(o) if self.is_admin() => o,
             _ => me,
+        })
+    }
+
+    /// The caller as the services take it: an active account.
+    pub fn principal(&self) -> Result<Principal, ApiError> {
+        let user = self.active()?.clone();
+        Ok(Principal {
+            user,
+            admin: self.is_admin(),
+            actor: self.actor(),
         })
     }
 

@@ -1,17 +1,9 @@
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+pub use basphere_wire::Envelope;
 use serde::Serialize;
 use serde_json::Value;
-
-/// The prototype's response body.
-#[derive(Debug, Serialize)]
-pub struct Envelope {
-    pub success: bool,
-    pub message: String,
-    pub data: Value,
-    pub errors: Vec<String>,
-}
 
 /// A successful response: status, message and data.
 pub struct Ok200(pub StatusCode, pub String, pub Value);
@@ -35,6 +27,15 @@ impl IntoResponse for Ok200 {
 pub fn ok(message: impl Into<String>, data: impl Serialize) -> Ok200 {
     Ok200(
         StatusCode::OK,
+        message.into(),
+        serde_json::to_value(data).unwrap_or(Value::Null),
+    )
+}
+
+/// Builds a 201 Created response.
+pub fn created(message: impl Into<String>, data: impl Serialize) -> Ok200 {
+    Ok200(
+        StatusCode::CREATED,
         message.into(),
         serde_json::to_value(data).unwrap_or(Value::Null),
     )
@@ -147,5 +148,44 @@ impl From<basphere_core::FieldErrors> for ApiError {
             ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid input").with_errors(e.lines());
         err.fields = e.0;
         err
+    }
+}
+
+/// The one place a service's refusal becomes a status code and an envelope.
+impl From<basphere_service::ServiceError> for ApiError {
+    fn from(e: basphere_service::ServiceError) -> Self {
+        use basphere_service::ServiceError as E;
+        match e {
+            E::Invalid(fields) => fields.into(),
+            E::Unprocessable {
+                message,
+                errors,
+                data,
+            } => {
+                let err =
+                    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, message).with_errors(errors);
+                match data {
+                    Some(d) => err.with_data(d),
+                    None => err,
+                }
+            }
+            E::BadRequest(m) => ApiError::bad_request(m),
+            E::Unauthorized(m) => ApiError::unauthorized(m),
+            E::Forbidden(m) => ApiError::forbidden(m),
+            E::NotFound(m) => ApiError::not_found(m),
+            E::Conflict(m) => ApiError::conflict(m),
+            E::Quota(q) => ApiError::new(StatusCode::FORBIDDEN, q.to_string()).with_data(q),
+            E::Unavailable {
+                message,
+                retry_after,
+            } => {
+                let err = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message);
+                match retry_after {
+                    Some(s) => err.with_retry_after(s),
+                    None => err,
+                }
+            }
+            E::Internal(m) => ApiError::internal(m),
+        }
     }
 }

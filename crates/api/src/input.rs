@@ -1,11 +1,10 @@
-//! Request bodies: size-limited, JSON-checked, and read field by field so that every bad
-//! field is reported at once.
+//! Request bodies: size-limited and JSON-checked. Their fields are read into the wire request
+//! types (`basphere_wire::*Request::read`), which report every field of the wrong type at once.
 
 use crate::envelope::ApiError;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
-use basphere_core::FieldErrors;
 use serde_json::{Map, Value};
 
 /// Largest request body accepted.
@@ -34,50 +33,6 @@ impl<S: Send + Sync> FromRequest<S> for Body {
             Ok(Value::Object(m)) => Ok(Body(m)),
             Ok(_) => Err(ApiError::bad_request("request body must be a JSON object")),
             Err(e) => Err(ApiError::bad_request(format!("malformed JSON: {e}"))),
-        }
-    }
-}
-
-impl Body {
-    /// A string field; records an error if present with another type, or absent when `required`.
-    pub fn str(&self, key: &str, required: bool, errs: &mut FieldErrors) -> Option<String> {
-        match self.0.get(key) {
-            Some(Value::String(s)) => Some(s.clone()),
-            None | Some(Value::Null) => {
-                if required {
-                    errs.push(key, "is required");
-                }
-                None
-            }
-            Some(_) => {
-                errs.push(key, "must be a string");
-                None
-            }
-        }
-    }
-
-    /// A whole-number field.
-    pub fn int(&self, key: &str, errs: &mut FieldErrors) -> Option<i64> {
-        match self.0.get(key) {
-            Some(Value::Number(n)) => match n.as_i64() {
-                Some(v) => Some(v),
-                None => {
-                    errs.push(key, "must be a whole number");
-                    None
-                }
-            },
-            Some(Value::String(s)) => match s.parse() {
-                Ok(v) => Some(v),
-                Err(_) => {
-                    errs.push(key, "must be a whole number");
-                    None
-                }
-            },
-            None | Some(Value::Null) => None,
-            Some(_) => {
-                errs.push(key, "must be a whole number");
-                None
-            }
         }
     }
 }

@@ -1,8 +1,10 @@
 //! Basphere's HTTP server.
 //!
-//! Architecture invariant: handlers parse and validate raw input into `basphere_core` types,
-//! identify the caller (never from a header it could forge: from the kernel's peer credentials on
-//! the Unix socket, or from a bearer token), and hand the decision to the store in one call.
+//! Architecture invariant: handlers never orchestrate. Each one reads its input into a wire
+//! request type, identifies and authorizes the caller (never from a header it could forge: from
+//! the kernel's peer credentials on the Unix socket, or from a bearer token), calls one
+//! `basphere_service` method and turns its typed result into the envelope; a service's refusal
+//! becomes a status code in one place (`envelope.rs`).
 //! Every JSON response is the prototype's envelope `{success, message, data, errors}`.
 //! API Boundary: routes under `/api/v1` are a compatibility contract with the prototype.
 
@@ -14,9 +16,10 @@ pub mod routes;
 mod server;
 
 pub use auth::{Caller, PeerInfo, SESSION_COOKIE, cookie_value};
-pub use basphere_accounts::UnixAccounts;
+pub use basphere_service::{Services, UnixAccounts};
 pub use envelope::{ApiError, Envelope, Ok200};
 pub use input::{Body, MAX_BODY};
+pub use routes::page::PageQuery;
 pub use server::{
     AppState, Listeners, ServeOptions, TlsCerts, TlsError, fingerprint, router, serve, serve_with,
 };

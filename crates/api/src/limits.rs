@@ -18,8 +18,6 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use basphere_config::Config;
-use basphere_core::{FieldErrors, Username};
-use serde_json::json;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, LazyLock, Mutex};
@@ -238,36 +236,12 @@ pub async fn enroll_as(
     client: ClientKey,
     body: Body,
 ) -> Result<Ok200, ApiError> {
-    let mut errs = FieldErrors::new();
-    let u = body
-        .str("username", true, &mut errs)
-        .and_then(|s| errs.check("username", s.parse::<Username>()));
-    let code = body.str("code", true, &mut errs);
-    errs.into_result()?;
-    let u = u.expect("checked");
-    let window = i64::try_from(st.config.limits.enroll_audit_window_secs)
-        .unwrap_or(i64::MAX / 1000)
-        .saturating_mul(1000);
-    match st
-        .store
-        .enroll_folding_refusals(
-            &u,
-            &code.expect("checked"),
-            &caller.actor(),
-            &client.to_string(),
-            window,
-        )
-        .await?
-    {
-        Some((info, secret)) => Ok(Ok200(
-            StatusCode::CREATED,
-            "enrolled; keep this token, it is shown only this once".into(),
-            json!({"token": secret, "info": info}),
-        )),
-        None => Err(ApiError::unauthorized(
-            "enrollment code is wrong, used or expired; ask an admin for a new approval",
-        )),
-    }
+    let req = basphere_wire::EnrollRequest::read(&body.0);
+    let d = st
+        .services
+        .enroll(&caller.actor(), &client.to_string(), &req)
+        .await?;
+    Ok(crate::envelope::created(d.message, d.data))
 }
 
 /// Open event streams: in total and per user.

@@ -4,9 +4,9 @@ use crate::routes;
 use axum::Router;
 use axum::extract::{ConnectInfo, DefaultBodyLimit};
 use axum::http::{HeaderValue, Request, header::STRICT_TRANSPORT_SECURITY};
-use basphere_accounts::UnixAccounts;
 use basphere_config::{Config, ServerConfig, TlsFiles};
 use basphere_engine::Engine;
+use basphere_service::{Services, UnixAccounts};
 use basphere_store::Store;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -28,16 +28,39 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tower_service::Service;
 
-/// What every handler can reach.
+/// What every handler can reach. Handlers act only through `services`; `store` is read to
+/// authenticate callers and to stream events, `engine` to subscribe to its broadcast.
 #[derive(Clone)]
 pub struct AppState {
+    pub services: Services,
     pub store: Store,
     pub engine: Engine,
-    /// The provider the VM workflows drive (its kind is shown to users).
-    pub provider: Arc<dyn basphere_provider::Provider>,
     pub config: Arc<Config>,
-    /// Present when Basphere manages Unix accounts on this bastion.
-    pub accounts: Option<UnixAccounts>,
+}
+
+impl AppState {
+    /// The state of a server over `store` and `engine`, with services that manage Unix
+    /// accounts when `accounts` is given.
+    pub fn new(
+        store: Store,
+        engine: Engine,
+        provider: Arc<dyn basphere_provider::Provider>,
+        config: Arc<Config>,
+        accounts: Option<UnixAccounts>,
+    ) -> Self {
+        Self {
+            services: Services::new(
+                store.clone(),
+                engine.clone(),
+                provider,
+                config.clone(),
+                accounts,
+            ),
+            store,
+            engine,
+            config,
+        }
+    }
 }
 
 /// The sockets the server answers on.

@@ -1,5 +1,6 @@
 //! The composition root: from one [`Config`], the store, the provider, the engine, the
-//! handlers' [`AppState`] and the merged, hardened router, served and shut down in one order.
+//! application [`Services`] in the handlers' [`AppState`] and the merged, hardened router,
+//! served and shut down in one order.
 //!
 //! Invariant: this is the only place that wires these parts together. `basphere serve`, the
 //! benches and the tests build their server here, so what they run is what production runs;
@@ -8,7 +9,7 @@
 pub mod providers;
 
 use axum::Router;
-use basphere_api::{AppState, Listeners, ServeOptions, UnixAccounts};
+use basphere_api::{AppState, Listeners, ServeOptions, Services, UnixAccounts};
 use basphere_config::Config;
 use basphere_engine::{Engine, EngineConfig};
 use basphere_provider::Provider;
@@ -123,20 +124,19 @@ impl App {
             group: cfg.bastion.group.clone(),
         });
         Ok(Self {
-            state: AppState {
-                store,
-                engine,
-                provider: provider.clone(),
-                config: cfg,
-                accounts,
-            },
+            state: AppState::new(store, engine, provider.clone(), cfg, accounts),
             provider,
         })
     }
 
-    /// What every handler reaches (store, engine, config, Unix accounts).
+    /// What every handler reaches (the services, and the store and engine for streams).
     pub fn state(&self) -> &AppState {
         &self.state
+    }
+
+    /// The application services the API and the portal call.
+    pub fn services(&self) -> &Services {
+        &self.state.services
     }
 
     pub fn store(&self) -> &Store {

@@ -1,15 +1,18 @@
 //! `basphere plan -f`, `basphere apply -f` and batch progress (`ops watch --batch`).
 
 use crate::args::Output;
+use crate::commands::typed;
 use anyhow::{Context, bail};
 use basphere_client::Client;
-use serde_json::{Value, json};
+use basphere_client::wire;
+use basphere_core::WorkflowStatus;
+use serde::Deserialize;
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::Instant;
 
-fn body(file: &str, parallelism: Option<u32>) -> anyhow::Result<Value> {
+fn body(file: &str, parallelism: Option<u32>) -> anyhow::Result<wire::BatchRequest> {
     let text = if file == "-" {
         std::io::read_to_string(std::io::stdin()).context("reading the manifest from stdin")?
     } else {
@@ -20,34 +23,28 @@ fn body(file: &str, parallelism: Option<u32>) -> anyhow::Result<Value> {
     } else {
         "toml"
     };
-    Ok(json!({"manifest": text, "format": format, "parallelism": parallelism}))
-}
-
-fn s(v: &Value) -> &str {
-    v.as_str().unwrap_or("")
+    Ok(wire::BatchRequest {
+        manifest: Some(text),
+        format: Some(format.into()),
+        parallelism: parallelism.map(i64::from),
+        ..Default::default()
+    })
 }
 
 /// Prints a plan like Terraform: `+` create, `=` keep, `-` delete.
-fn print_plan(p: &Value) {
-    for c in p["create"].as_array().into_iter().flatten() {
-        let after: Vec<String> = c["requires"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|r| s(r).to_string())
-            .chain(
-                c["optional"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|r| format!("{}?", s(r))),
-            )
+fn print_plan(p: &wire::Plan) {
+    for c in &p.create {
+        let after: Vec<String> = c
+            .requires
+            .iter()
+            .cloned()
+            .chain(c.optional.iter().map(|r| format!("{r}?")))
             .collect();
         println!(
             "  + {:<24} {:<8} {:<12}{}",
-            s(&c["name"]),
-            c["spec"].as_str().unwrap_or("-"),
-            c["os"].as_str().unwrap_or("(default)"),
+            c.name,
+            c.spec.as_deref().unwrap_or("-"),
+            c.os.as_deref().unwrap_or("(default)"),
             if after.is_empty() {
                 String::new()
             } else {
@@ -55,37 +52,30 @@ fn print_plan(p: &Value) {
             }
         );
     }
-    for k in p["keep"].as_array().into_iter().flatten() {
-        let differs: Vec<&str> = k["differs"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(s)
-            .collect();
+    for k in &p.keep {
         println!(
             "  = {:<24} {}{}",
-            s(&k["name"]),
-            s(&k["status"]),
-            if differs.is_empty() {
+            k.name,
+            k.status,
+            if k.differs.is_empty() {
                 String::new()
             } else {
                 format!(
                     "  (differs: {}; not changed — delete it and apply again)",
-                    differs.join(", ")
+                    k.differs.join(", ")
                 )
             }
         );
     }
-    for d in p["delete"].as_array().into_iter().flatten() {
-        println!("  - {}", s(d));
+    for d in &p.delete {
+        println!("  - {d}");
     }
-    let n = |k: &str| p[k].as_array().map(|a| a.len()).unwrap_or(0);
     println!(
         "Plan: {} to create, {} to keep, {} to delete ({} layer(s)).",
-        n("create"),
-        n("keep"),
-        n("delete"),
-        p["layers"]
+        p.create.len(),
+        p.keep.len(),
+        p.delete.len(),
+        p.layers
     );
 }
 
@@ -102,7 +92,7 @@ pub async fn plan(
     if out == Output::Json {
         println!("{}", serde_json::to_string_pretty(&d)?);
     } else {
-        print_plan(&d["plan"]);
+        print_plan(&typed::<wire::Planned>(&d)?.plan);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -117,9 +107,10 @@ pub async fn apply(
 ) -> anyhow::Result<ExitCode> {
     let b = body(file, parallelism)?;
     let d = crate::commands::check(c.post("/api/v1/batches/plan", &b).await?)?;
-    let deletes = d["plan"]["delete"].as_array().map(|a| a.len()).unwrap_or(0);
+    let planned: wire::Planned = typed(&d)?;
+    let deletes = planned.plan.delete.len();
     if out == Output::Table {
-        print_plan(&d["plan"]);
+        print_plan(&planned.plan);
     }
     if deletes > 0 && !yes {
         if !std::io::stdin().is_terminal() {
@@ -130,7 +121,8 @@ pub async fn apply(
         }
     }
     let r = crate::commands::check(c.post("/api/v1/batches", &b).await?)?;
-    let Some(batch) = r["batch_id"].as_str() else {
+    let applied: wire::BatchApplied = typed(&r)?;
+    let Some(batch) = applied.batch_id.as_deref() else {
         if out == Output::Json {
             println!("{}", serde_json::to_string_pretty(&r)?);
         } else {
@@ -232,22 +224,19 @@ pub async fn watch(c: &Client, out: Output, batch: &str) -> anyhow::Result<ExitC
     let d = crate::commands::check(c.get(&format!("/api/v1/batches/{batch}")).await?)?;
     let mut order = vec![];
     let mut nodes: HashMap<String, Node> = HashMap::new();
-    for n in d["nodes"].as_array().into_iter().flatten() {
-        let id = s(&n["operation_id"]).to_string();
-        let steps = n["steps"].as_array().map(|a| a.len()).unwrap_or(0);
+    for n in typed::<wire::Batch>(&d)?.nodes {
         // The stream replays the batch's events from its start: counts are rebuilt from it.
-        let done = 0;
-        order.push(id.clone());
+        order.push(n.operation_id.clone());
         nodes.insert(
-            id,
+            n.operation_id,
             Node {
-                name: s(&n["node"]).to_string(),
-                action: s(&n["action"]).to_string(),
-                status: s(&n["status"]).to_string(),
-                steps,
-                done,
+                name: n.node.unwrap_or_default(),
+                action: n.action,
+                status: n.status.to_string(),
+                steps: n.steps.len(),
+                done: 0,
                 current: String::new(),
-                error: n["error"].as_str().map(str::to_string),
+                error: n.error,
             },
         );
     }
@@ -267,10 +256,14 @@ pub async fn watch(c: &Client, out: Output, batch: &str) -> anyhow::Result<ExitC
         let started = screen.started;
         let r = c
             .follow(&format!("/api/v1/events?batch={batch}"), |kind, ev| {
-                let Some(n) = nodes.get_mut(s(&ev["operation_id"])) else {
+                // Events of the batch's operations (a `truncated` notice is not one).
+                let Ok(ev) = wire::Event::deserialize(ev) else {
                     return true;
                 };
-                let step = s(&ev["step"]).to_string();
+                let Some(n) = nodes.get_mut(&ev.operation_id) else {
+                    return true;
+                };
+                let step = ev.step.clone().unwrap_or_default();
                 match kind {
                     "step_started" => n.current = step,
                     "step_done" => {
@@ -284,7 +277,7 @@ pub async fn watch(c: &Client, out: Output, batch: &str) -> anyhow::Result<ExitC
                         n.status = kind.to_string();
                         n.current.clear();
                         if kind != "succeeded" {
-                            n.error = Some(s(&ev["message"]).to_string());
+                            n.error = Some(ev.message.clone());
                         }
                         if !tty && out == Output::Table {
                             let mark = if kind == "succeeded" { "✓" } else { "✗" };
@@ -293,7 +286,7 @@ pub async fn watch(c: &Client, out: Output, batch: &str) -> anyhow::Result<ExitC
                                 started.elapsed().as_secs_f64(),
                                 n.action,
                                 n.name,
-                                s(&ev["message"])
+                                ev.message
                             );
                         }
                     }
@@ -314,8 +307,11 @@ pub async fn watch(c: &Client, out: Output, batch: &str) -> anyhow::Result<ExitC
     if out == Output::Json {
         println!("{}", serde_json::to_string_pretty(&d)?);
     }
-    let list = d["nodes"].as_array().cloned().unwrap_or_default();
-    let failed: Vec<&Value> = list.iter().filter(|n| n["status"] != "succeeded").collect();
+    let list = typed::<wire::Batch>(&d)?.nodes;
+    let failed: Vec<&wire::BatchNode> = list
+        .iter()
+        .filter(|n| n.status != WorkflowStatus::Succeeded)
+        .collect();
     if out == Output::Table {
         let ok = list.len() - failed.len();
         println!(
@@ -326,10 +322,10 @@ pub async fn watch(c: &Client, out: Output, batch: &str) -> anyhow::Result<ExitC
         for n in &failed {
             println!(
                 "  ✗ {} {} {}: {}",
-                s(&n["action"]),
-                s(&n["node"]),
-                s(&n["status"]),
-                n["error"].as_str().unwrap_or("")
+                n.action,
+                n.node.as_deref().unwrap_or(""),
+                n.status,
+                n.error.as_deref().unwrap_or("")
             );
         }
     }
@@ -347,8 +343,9 @@ pub async fn wait_op(c: &Client, out: Output, id: &str) -> anyhow::Result<ExitCo
     let mut seen: HashMap<String, String> = HashMap::new();
     loop {
         let w = crate::commands::check(c.get(&format!("/api/v1/operations/{id}")).await?)?;
-        for st in w["steps"].as_array().into_iter().flatten() {
-            let (name, status) = (s(&st["name"]).to_string(), s(&st["status"]).to_string());
+        let op: wire::Operation = typed(&w)?;
+        for st in &op.steps {
+            let (name, status) = (st.name.clone(), st.status.to_string());
             if seen.get(&name) != Some(&status) {
                 if out == Output::Table && status != "pending" {
                     eprintln!(
@@ -359,15 +356,15 @@ pub async fn wait_op(c: &Client, out: Output, id: &str) -> anyhow::Result<ExitCo
                 seen.insert(name, status);
             }
         }
-        let status = s(&w["status"]);
-        if matches!(status, "succeeded" | "failed" | "cancelled") {
+        let status = op.status.as_str();
+        if op.status.is_terminal() {
             if out == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&w)?);
             } else {
                 println!(
                     "{id}: {status}{}",
-                    w["error"]
-                        .as_str()
+                    op.error
+                        .as_deref()
                         .map(|e| format!(": {e}"))
                         .unwrap_or_default()
                 );

@@ -3,7 +3,7 @@
 use crate::args::*;
 use crate::output::{self, cell};
 use anyhow::{Context, anyhow, bail};
-use basphere_client::{Client, Endpoint, Response};
+use basphere_client::{Client, Endpoint, Response, wire};
 use serde_json::{Value, json};
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -110,6 +110,16 @@ pub(crate) fn check(r: Response) -> anyhow::Result<Value> {
         _ => "",
     };
     Err(anyhow!("{msg}{hint}"))
+}
+
+/// `data` as the route's wire type.
+pub(crate) fn typed<T: serde::de::DeserializeOwned>(data: &Value) -> anyhow::Result<T> {
+    T::deserialize(data).context("the server's answer is not in the shape this client knows")
+}
+
+/// `-` for an absent value, as `cell` shows JSON's null.
+fn or_dash(v: Option<impl std::fmt::Display>) -> String {
+    v.map_or_else(|| "-".into(), |v| v.to_string())
 }
 
 fn say(out: Output, data: &Value, message: &str) {
@@ -227,14 +237,17 @@ async fn client_cmd(g: &Global, out: Output, cmd: Cmd) -> anyhow::Result<ExitCod
             if out == Output::Json {
                 output::fields(out, &d);
             } else {
-                let u = &d["user"];
-                println!("username  {}", cell(&u["username"]));
-                println!("status    {}", cell(&u["status"]));
-                println!("role      {}", cell(&u["role"]));
-                println!("team      {}", cell(&u["team"]));
-                println!("ip block  {}", cell(&d["ip_block"]));
-                if let Some(r) = d["registration"]["reject_reason"]
-                    .as_str()
+                let me: wire::Me = typed(&d)?;
+                let u = &me.user;
+                println!("username  {}", u.username);
+                println!("status    {}", u.status);
+                println!("role      {}", u.role);
+                println!("team      {}", u.team);
+                println!("ip block  {}", or_dash(me.ip_block.as_deref()));
+                if let Some(r) = me
+                    .registration
+                    .as_ref()
+                    .and_then(|r| r.reject_reason.as_deref())
                     .filter(|s| !s.is_empty())
                 {
                     println!("rejected  {r}");
@@ -254,7 +267,7 @@ async fn client_cmd(g: &Global, out: Output, cmd: Cmd) -> anyhow::Result<ExitCod
                     )
                     .await?,
             )?;
-            let token = d["token"].as_str().unwrap_or_default().to_string();
+            let token = typed::<wire::TokenCreated>(&d)?.token;
             if save {
                 let p = token_file().ok_or_else(|| anyhow!("HOME is not set"))?;
                 save_token(&p, &token)?;
@@ -278,7 +291,8 @@ async fn client_cmd(g: &Global, out: Output, cmd: Cmd) -> anyhow::Result<ExitCod
                     )
                     .await?,
                 )?;
-                say(out, &d, &format!("{}\n(shown once)", cell(&d["token"])));
+                let t: wire::TokenCreated = typed(&d)?;
+                say(out, &d, &format!("{}\n(shown once)", t.token));
             }
             TokenCmd::List => {
                 let d = get_all(&c, "/api/v1/tokens", "id", None).await?;
@@ -312,27 +326,17 @@ async fn client_cmd(g: &Global, out: Output, cmd: Cmd) -> anyhow::Result<ExitCod
             if out == Output::Json {
                 output::fields(out, &d);
             } else {
-                let (q, u) = (&d["quota"], &d["usage"]);
-                println!("quota of {}", cell(&d["username"]));
-                println!(
-                    "  VMs       {:>4} / {}",
-                    cell(&u["vms"]),
-                    cell(&q["max_vms"])
-                );
-                println!(
-                    "  IPs       {:>4} / {}",
-                    cell(&u["ips"]),
-                    cell(&q["max_ips"])
-                );
-                println!(
-                    "  clusters  {:>4} / {}",
-                    cell(&u["clusters"]),
-                    cell(&q["max_clusters"])
-                );
+                let v: wire::QuotaView = typed(&d)?;
+                let (q, u) = (&v.quota, &v.usage);
+                println!("quota of {}", v.username);
+                println!("  VMs       {:>4} / {}", u.vms, q.max_vms);
+                println!("  IPs       {:>4} / {}", u.ips, q.max_ips);
+                println!("  clusters  {:>4} / {}", u.clusters, q.max_clusters);
                 println!(
                     "  vCPUs     {:>4} / {}",
-                    cell(&u["vcpus"]),
-                    q.get("max_vcpus").map(cell).unwrap_or("unlimited".into())
+                    u.vcpus,
+                    q.max_vcpus
+                        .map_or_else(|| "unlimited".into(), |m| m.to_string())
                 );
             }
         }
@@ -341,17 +345,14 @@ async fn client_cmd(g: &Global, out: Output, cmd: Cmd) -> anyhow::Result<ExitCod
             if out == Output::Json {
                 output::fields(out, &d);
             } else {
-                println!("user      {}", cell(&d["username"]));
+                let r: wire::Resources = typed(&d)?;
+                println!("user      {}", r.username);
                 println!(
                     "ip block  {} (gateway {})",
-                    cell(&d["ip_block"]),
-                    cell(&d["gateway"])
+                    or_dash(r.ip_block.as_deref()),
+                    r.gateway
                 );
-                println!(
-                    "VMs       {} / {}",
-                    cell(&d["usage"]["vms"]),
-                    cell(&d["quota"]["max_vms"])
-                );
+                println!("VMs       {} / {}", r.usage.vms, r.quota.max_vms);
                 output::table(out, &d["vms"], VM_COLS);
                 println!("clusters  none");
             }
@@ -376,12 +377,8 @@ async fn client_cmd(g: &Global, out: Output, cmd: Cmd) -> anyhow::Result<ExitCod
                 if out == Output::Json {
                     output::fields(out, &d);
                 } else {
-                    println!(
-                        "{} {} ({})",
-                        cell(&d["kind"]),
-                        cell(&d["id"]),
-                        cell(&d["status"])
-                    );
+                    let op: wire::Operation = typed(&d)?;
+                    println!("{} {} ({})", op.kind, op.id, op.status);
                     output::table(
                         out,
                         &d["steps"],
@@ -531,24 +528,16 @@ async fn vm_cmd(c: &Client, out: Output, v: VmCmd) -> anyhow::Result<ExitCode> {
         } => {
             let tty = std::io::stdin().is_terminal();
             let (name, os, spec, count) = if name.is_none() && tty {
-                let cat = check(c.get("/api/v1/catalog").await?)?;
+                let cat: wire::Catalog = typed(&check(c.get("/api/v1/catalog").await?)?)?;
                 let name = prompt("VM name (1-30 of a-z 0-9 -): ")?;
-                let images: Vec<String> = cat["images"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|i| i["name"].as_str().map(String::from))
-                    .collect();
+                let images: Vec<String> = cat.images.iter().map(|i| i.name.clone()).collect();
                 let os = os.or_else(|| {
-                    let def = cat["default_image"].as_str().unwrap_or_default();
+                    let def = &cat.default_image;
                     prompt(&format!("OS [{}] (default {def}): ", images.join(", ")))
                         .ok()
                         .filter(|s| !s.is_empty())
                 });
-                let specs: Vec<String> = cat["specs"]
-                    .as_object()
-                    .map(|m| m.keys().cloned().collect())
-                    .unwrap_or_default();
+                let specs: Vec<String> = cat.specs.keys().map(|k| k.to_string()).collect();
                 let spec = spec.or_else(|| {
                     prompt(&format!("spec [{}] (default small): ", specs.join(", ")))
                         .ok()
@@ -566,14 +555,15 @@ async fn vm_cmd(c: &Client, out: Output, v: VmCmd) -> anyhow::Result<ExitCode> {
             let Some(name) = name else {
                 bail!("missing -n NAME (e.g. create-vm -n web -s small); see create-vm --help");
             };
-            let r = c
-                .post(
-                    "/api/v1/vms",
-                    &json!({"name": name, "os": os, "spec": spec, "count": count.unwrap_or(1)}),
-                )
-                .await?;
-            let d = check(r)?;
-            let vms = d["vms"].as_array().cloned().unwrap_or_default();
+            let req = wire::CreateVmsRequest {
+                name: Some(name),
+                os,
+                spec,
+                count: Some(i64::from(count.unwrap_or(1))),
+                ..Default::default()
+            };
+            let d = check(c.post("/api/v1/vms", &req).await?)?;
+            let vms = typed::<wire::VmsCreated>(&d)?.vms;
             if no_wait {
                 if out == Output::Json {
                     output::fields(out, &d);
@@ -581,9 +571,9 @@ async fn vm_cmd(c: &Client, out: Output, v: VmCmd) -> anyhow::Result<ExitCode> {
                     for vm in &vms {
                         println!(
                             "{} accepted (ip {}), operation {}",
-                            cell(&vm["name"]),
-                            cell(&vm["ip_address"]),
-                            cell(&vm["operation_id"])
+                            vm.name,
+                            or_dash(vm.ip_address),
+                            or_dash(vm.operation_id.as_deref())
                         );
                     }
                 }
@@ -591,10 +581,10 @@ async fn vm_cmd(c: &Client, out: Output, v: VmCmd) -> anyhow::Result<ExitCode> {
             }
             let ops: Vec<(String, String)> = vms
                 .iter()
-                .map(|v| (cell(&v["operation_id"]), cell(&v["name"])))
+                .map(|v| (or_dash(v.operation_id.as_deref()), v.name.to_string()))
                 .collect();
             let ok = follow(c, out, &ops).await?;
-            let mut finals = vec![];
+            let mut finals: Vec<Value> = vec![];
             for (_, n) in &ops {
                 if let Ok(d) = check(c.get(&format!("/api/v1/vms/{n}")).await?) {
                     finals.push(d);
@@ -607,14 +597,15 @@ async fn vm_cmd(c: &Client, out: Output, v: VmCmd) -> anyhow::Result<ExitCode> {
                 );
             } else {
                 for vm in &finals {
-                    if vm["status"] == "running" {
-                        println!("{} is running: {}", cell(&vm["name"]), cell(&vm["ssh"]));
+                    let vm: wire::Vm = typed(vm)?;
+                    if vm.status == basphere_core::VmStatus::Running {
+                        println!("{} is running: {}", vm.name, or_dash(vm.ssh.as_deref()));
                     } else {
                         println!(
                             "{} is {}: {}",
-                            cell(&vm["name"]),
-                            cell(&vm["status"]),
-                            cell(&vm["error"])
+                            vm.name,
+                            vm.status,
+                            or_dash(vm.error.as_deref())
                         );
                     }
                 }
@@ -659,14 +650,14 @@ async fn vm_cmd(c: &Client, out: Output, v: VmCmd) -> anyhow::Result<ExitCode> {
                         "not on a terminal, so cannot ask for confirmation; pass -f to delete {name}"
                     );
                 }
-                let vm = check(c.get(&format!("/api/v1/vms/{name}{q}")).await?)?;
-                if !confirm(&format!("Delete VM {name} ({})?", cell(&vm["ip_address"])))? {
+                let vm: wire::Vm = typed(&check(c.get(&format!("/api/v1/vms/{name}{q}")).await?)?)?;
+                if !confirm(&format!("Delete VM {name} ({})?", or_dash(vm.ip_address)))? {
                     println!("not deleted");
                     return Ok(ExitCode::SUCCESS);
                 }
             }
             let d = check(c.delete(&format!("/api/v1/vms/{name}{q}")).await?)?;
-            let op = cell(&d["operation_id"]);
+            let op = typed::<wire::VmDeleting>(&d)?.operation_id;
             if no_wait {
                 say(out, &d, &format!("deleting {name}, operation {op}"));
                 return Ok(ExitCode::SUCCESS);
@@ -688,16 +679,20 @@ async fn vm_cmd(c: &Client, out: Output, v: VmCmd) -> anyhow::Result<ExitCode> {
             if out == Output::Json {
                 output::fields(out, &d);
             } else {
+                let cat: wire::Catalog = typed(&d)?;
                 println!("specs:");
-                for (n, s) in d["specs"].as_object().into_iter().flatten() {
+                for (n, s) in &cat.specs {
                     println!(
-                        "  {n:8} {} vCPU  {} MiB  {} GiB",
-                        s["vcpus"], s["memory_mib"], s["disk_gib"]
+                        "  {:8} {} vCPU  {} MiB  {} GiB",
+                        n.as_str(),
+                        s.vcpus,
+                        s.memory_mib,
+                        s.disk_gib
                     );
                 }
-                println!("images (default {}):", cell(&d["default_image"]));
-                for i in d["images"].as_array().into_iter().flatten() {
-                    println!("  {:12} login {}", cell(&i["name"]), cell(&i["login_user"]));
+                println!("images (default {}):", cat.default_image);
+                for i in &cat.images {
+                    println!("  {:12} login {}", i.name, i.login_user);
                 }
             }
         }
@@ -725,7 +720,7 @@ async fn admin_cmd(c: &Client, out: Output, a: AdminCmd) -> anyhow::Result<()> {
             } => {
                 let key = read_key(&key_file)?;
                 let d = check(c.post("/api/v1/users", &json!({"username": username, "email": email, "team": team, "public_key": key})).await?)?;
-                approved(out, &username, &d);
+                approved(out, &username, &d)?;
             }
             UserCmd::List { status } => {
                 let q = status.map(|s| format!("?status={s}")).unwrap_or_default();
@@ -767,7 +762,7 @@ async fn admin_cmd(c: &Client, out: Output, a: AdminCmd) -> anyhow::Result<()> {
                     c.post(&format!("/api/v1/users/{username}/approve"), &json!({}))
                         .await?,
                 )?;
-                approved(out, &username, &d);
+                approved(out, &username, &d)?;
             }
             UserCmd::Reject { username, reason } => {
                 let d = check(
@@ -890,16 +885,21 @@ async fn admin_cmd(c: &Client, out: Output, a: AdminCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn approved(out: Output, username: &str, d: &Value) {
+fn approved(out: Output, username: &str, d: &Value) -> anyhow::Result<()> {
     if out == Output::Json {
         output::fields(out, d);
-        return;
+        return Ok(());
     }
-    println!("{username} approved; IP block {}", cell(&d["ip_block"]));
-    if let Some(code) = d["enrollment_code"].as_str() {
+    let a: wire::Approved = typed(d)?;
+    println!(
+        "{username} approved; IP block {}",
+        or_dash(a.ip_block.as_deref())
+    );
+    if let Some(code) = a.enrollment_code.as_deref() {
         println!("enrollment code (works once): {code}");
         println!("the user runs: basphere enroll --username {username} --code {code} --save");
     }
+    Ok(())
 }
 
 async fn delete_user(
@@ -926,11 +926,14 @@ async fn delete_user(
         let status = r.status.as_u16();
         let d = check(r)?;
         if status == 202 {
-            let ops: Vec<(String, String)> = d["operations"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|o| (cell(&o["operation_id"]), cell(&o["vm"])))
+            let deleting: wire::UserVmsDeleting = typed(&d)?;
+            for r in &deleting.refused {
+                eprintln!("cannot delete {} now: {}", r.vm, r.reason);
+            }
+            let ops: Vec<(String, String)> = deleting
+                .operations
+                .iter()
+                .map(|o| (o.operation_id.clone(), o.vm.to_string()))
                 .collect();
             if out == Output::Table {
                 eprintln!("deleting {} VM(s) of {username} first", ops.len());
@@ -953,17 +956,14 @@ async fn delete_user(
 
 async fn ssh(g: &Global, name: &str, command: &[String]) -> anyhow::Result<ExitCode> {
     let c = client(g)?;
-    let vm = check(c.get(&format!("/api/v1/vms/{name}")).await?)?;
-    let ip = vm["ip_address"]
-        .as_str()
-        .ok_or_else(|| anyhow!("VM {name} has no address (status {})", cell(&vm["status"])))?;
-    let user = vm["login_user"].as_str().unwrap_or("root");
+    let vm: wire::Vm = typed(&check(c.get(&format!("/api/v1/vms/{name}")).await?)?)?;
+    let ip = vm
+        .ip_address
+        .ok_or_else(|| anyhow!("VM {name} has no address (status {})", vm.status))?;
+    let user = vm.login_user.as_str();
     let mut cmd = crate::providers::ssh_command(g.config.as_deref());
     // Addresses are reused by later VMs: pin each VM instance's host key under its own alias.
-    let alias = format!(
-        "HostKeyAlias=basphere-{}",
-        vm["id"].as_str().unwrap_or(name)
-    );
+    let alias = format!("HostKeyAlias=basphere-{}", vm.id);
     cmd.args([
         "-o",
         "StrictHostKeyChecking=accept-new",

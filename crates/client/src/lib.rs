@@ -6,7 +6,6 @@ pub use hyper::Method;
 use hyper::body::Bytes;
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use serde::Deserialize;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,22 +21,22 @@ pub enum Endpoint {
     },
 }
 
-/// The prototype's response envelope.
-#[derive(Debug, Clone, Deserialize)]
-pub struct Envelope {
-    pub success: bool,
-    pub message: String,
-    #[serde(default)]
-    pub data: Value,
-    #[serde(default)]
-    pub errors: Vec<String>,
-}
+pub use basphere_wire as wire;
+/// The prototype's response envelope; its `data` is one of the `basphere_wire` types.
+pub use basphere_wire::Envelope;
 
 /// A response: HTTP status and envelope.
 #[derive(Debug, Clone)]
 pub struct Response {
     pub status: StatusCode,
     pub body: Envelope,
+}
+
+impl Response {
+    /// The envelope's `data` as the route's wire type.
+    pub fn data<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        T::deserialize(&self.body.data)
+    }
 }
 
 /// Could not talk to the server at all.
@@ -269,8 +268,15 @@ impl Client {
         self.call(Method::GET, path, None).await
     }
 
-    pub async fn post(&self, path: &str, body: &Value) -> Result<Response, ClientError> {
-        self.call(Method::POST, path, Some(body)).await
+    /// POSTs `body` (a `basphere_wire` request type, or any JSON).
+    pub async fn post(
+        &self,
+        path: &str,
+        body: &(impl serde::Serialize + ?Sized),
+    ) -> Result<Response, ClientError> {
+        let body = serde_json::to_value(body)
+            .map_err(|e| ClientError::Http(self.shown(), format!("cannot encode the body: {e}")))?;
+        self.call(Method::POST, path, Some(&body)).await
     }
 
     pub async fn delete(&self, path: &str) -> Result<Response, ClientError> {

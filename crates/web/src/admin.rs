@@ -1,15 +1,16 @@
 //! Admin pages: pending registrations and key changes, users and quotas, all VMs, audit trail.
 
-use crate::html::{badge, esc, gib, url, when};
+use crate::html::{badge, esc, gib, ip, url, when};
 use crate::session::Visitor;
 use crate::user::short_key;
-use crate::{body_of, outcome};
+use crate::{api, body_of};
 use axum::Form;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
-use basphere_api::routes::{users, vms};
 use basphere_api::{AppState, Caller};
+use basphere_service::{Paging, username};
+use basphere_wire::{QuotaRequest, ReasonRequest};
 use std::collections::HashMap;
 use std::fmt::Write;
 
@@ -51,9 +52,9 @@ fn decision_forms(v: &Visitor, kind: &str, u: &str) -> String {
 
 pub async fn approvals(State(st): State<AppState>, v: Visitor) -> Response {
     let _ = admin_or_return!(v);
-    let regs = st.store.registrations(None).await.unwrap_or_default();
+    let regs = st.services.registrations().await.unwrap_or_default();
     let keys: Vec<_> = st
-        .store
+        .services
         .key_changes(None)
         .await
         .unwrap_or_default()
@@ -109,22 +110,36 @@ pub async fn decide_registration(
         return r;
     }
     let caller = admin_or_return!(v);
+    let actor = caller.actor();
     let r = match decision.as_str() {
-        "approve" => users::approve(State(st), caller, Path(u.clone())).await,
-        "reject" => users::reject(State(st), caller, Path(u.clone()), body_of(&f, &[])).await,
+        "approve" => match username(&u) {
+            Ok(name) => st
+                .services
+                .approve(&actor, &name)
+                .await
+                .map(|a| (a.message(), a.0.enrollment_code)),
+            Err(e) => Err(e),
+        },
+        "reject" => match username(&u) {
+            Ok(name) => st
+                .services
+                .reject(&actor, &name, &ReasonRequest::read(&body_of(&f, &[])))
+                .await
+                .map(|d| (d.message, None)),
+            Err(e) => Err(e),
+        },
         _ => return v.redirect("/admin", Some(("error", "unknown decision"))),
     };
-    match outcome(r) {
+    match api(r) {
         // The one-time code is shown in this answer only (never in a cookie, never cached).
-        Ok((_, data)) if data["enrollment_code"].is_string() => {
-            let code = data["enrollment_code"].as_str().unwrap_or_default();
+        Ok((_, Some(code))) => {
             let body = format!(
                 r#"<div class="notice ok" role="status" id="flash">User {eu} approved.</div>
 <p>Give {eu} this one-time enrollment code (sign-in page, "First time"). It is shown only here, now:</p>
 <div class="copyline"><code id="enrollment-code">{c}</code> <button type="button" class="copy" data-copy="enrollment-code">Copy</button></div>
 <p><a class="button" href="/admin">Back to approvals</a></p>"#,
                 eu = esc(&u),
-                c = esc(code)
+                c = esc(&code)
             );
             let mut resp = v.page(StatusCode::OK, "User approved", &body);
             resp.headers_mut().insert(
@@ -133,7 +148,7 @@ pub async fn decide_registration(
             );
             resp
         }
-        Ok((msg, _)) => v.redirect("/admin", Some(("ok", &msg))),
+        Ok((msg, None)) => v.redirect("/admin", Some(("ok", &msg))),
         Err(e) => v.redirect("/admin", Some(("error", &e.message))),
     }
 }
@@ -148,25 +163,32 @@ pub async fn decide_key(
         return r;
     }
     let caller = admin_or_return!(v);
-    let body = body_of(&f, &[]);
-    let r = match decision.as_str() {
-        "approve" => users::key_approve(State(st), caller, Path(u), body).await,
-        "reject" => users::key_reject(State(st), caller, Path(u), body).await,
+    let req = ReasonRequest::read(&body_of(&f, &[]));
+    let approve = match decision.as_str() {
+        "approve" => true,
+        "reject" => false,
         _ => return v.redirect("/admin", Some(("error", "unknown decision"))),
     };
-    match outcome(r) {
-        Ok((msg, _)) => v.redirect("/admin", Some(("ok", &msg))),
+    let r = match username(&u) {
+        Ok(name) => {
+            st.services
+                .decide_key(&caller.actor(), &name, approve, &req)
+                .await
+        }
+        Err(e) => Err(e),
+    };
+    match api(r) {
+        Ok(d) => v.redirect("/admin", Some(("ok", &d.message))),
         Err(e) => v.redirect("/admin", Some(("error", &e.message))),
     }
 }
 
 pub async fn users(State(st): State<AppState>, v: Visitor) -> Response {
     let _ = admin_or_return!(v);
-    let all = st.store.users(None).await.unwrap_or_default();
+    let all = st.services.users_with_usage().await.unwrap_or_default();
     let mut rows = String::new();
-    for u in &all {
+    for (u, usage) in &all {
         let name = u.username.as_str();
-        let usage = st.store.usage(name).await.unwrap_or_default();
         let id = esc(name);
         let q = &u.quota;
         let num = |k: &str, label: &str, val: String, max: &str| {
@@ -255,8 +277,13 @@ pub async fn set_quota(
         return r;
     }
     let caller = admin_or_return!(v);
-    match outcome(users::set_quota(State(st), caller, Path(u.clone()), body_of(&f, &[])).await) {
-        Ok((msg, _)) => v.redirect("/admin/users", Some(("ok", &msg))),
+    let req = QuotaRequest::read(&body_of(&f, &[]));
+    let r = match username(&u) {
+        Ok(name) => st.services.set_quota(&caller.actor(), &name, &req).await,
+        Err(e) => Err(e),
+    };
+    match api(r) {
+        Ok(d) => v.redirect("/admin/users", Some(("ok", &d.message))),
         Err(e) => {
             let detail = if e.errors.is_empty() {
                 e.message.clone()
@@ -281,39 +308,35 @@ pub async fn set_state(
         return r;
     }
     let caller = admin_or_return!(v);
-    let r = match what.as_str() {
-        "disable" => users::disable(State(st), caller, Path(u)).await,
-        "enable" => users::enable(State(st), caller, Path(u)).await,
+    let disabled = match what.as_str() {
+        "disable" => true,
+        "enable" => false,
         _ => return v.redirect("/admin/users", Some(("error", "unknown action"))),
     };
-    match outcome(r) {
-        Ok((msg, _)) => v.redirect("/admin/users", Some(("ok", &msg))),
+    let r = match username(&u) {
+        Ok(name) => {
+            st.services
+                .set_disabled(&caller.actor(), &name, disabled)
+                .await
+        }
+        Err(e) => Err(e),
+    };
+    match api(r) {
+        Ok(d) => v.redirect("/admin/users", Some(("ok", &d.message))),
         Err(e) => v.redirect("/admin/users", Some(("error", &e.message))),
     }
 }
 
 pub async fn vms(State(st): State<AppState>, v: Visitor) -> Response {
-    let caller = admin_or_return!(v);
-    let list = outcome(
-        vms::list(
-            State(st),
-            caller,
-            Query(vms::ListQuery {
-                all: true,
-                owner: None,
-            }),
-        )
-        .await,
-    );
-    let list = match list {
-        Ok((_, d)) => d.as_array().cloned().unwrap_or_default(),
+    let _ = admin_or_return!(v);
+    let list = match api(st.services.vms_by_name(None).await) {
+        Ok(l) => l,
         Err(e) => return v.page(e.status, "All VMs", &esc(&e.message)),
     };
     let mut rows = String::new();
     for vm in &list {
-        let s = |k: &str| vm[k].as_str().map(esc).unwrap_or_else(|| "—".into());
-        let name = vm["name"].as_str().unwrap_or_default();
-        let owner = vm["owner"].as_str().unwrap_or_default();
+        let name = vm.name.as_str();
+        let owner = vm.owner.as_str();
         let _ = write!(
             rows,
             r#"<tr data-vm="{n}"><th scope="row" data-label="Name"><a href="/vms/{nu}?owner={ou}">{n}</a></th><td data-label="Owner">{o}</td><td data-label="Status">{st}</td><td data-label="IP">{ip}</td><td data-label="Spec">{spec} · {vcpus} vCPU · {mem}</td><td data-label="OS">{os}</td><td data-label="Created">{created}</td></tr>"#,
@@ -321,13 +344,13 @@ pub async fn vms(State(st): State<AppState>, v: Visitor) -> Response {
             nu = url(name),
             ou = url(owner),
             o = esc(owner),
-            st = badge(vm["status"].as_str().unwrap_or("")),
-            ip = s("ip_address"),
-            spec = s("spec"),
-            vcpus = vm["vcpus"],
-            mem = gib(vm["memory_mib"].as_u64().unwrap_or(0)),
-            os = s("os"),
-            created = s("created_at"),
+            st = badge(vm.status.as_str()),
+            ip = ip(vm.ip_address),
+            spec = esc(&vm.spec),
+            vcpus = vm.vcpus,
+            mem = gib(vm.memory_mib),
+            os = esc(&vm.os),
+            created = esc(&vm.created_at),
         );
     }
     let body = if list.is_empty() {
@@ -342,40 +365,37 @@ pub async fn vms(State(st): State<AppState>, v: Visitor) -> Response {
 }
 
 pub async fn audit(State(st): State<AppState>, v: Visitor, Query(q): Query<Fields>) -> Response {
-    let caller = admin_or_return!(v);
+    let _ = admin_or_return!(v);
     let pick = |k: &str| {
         q.get(k)
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty())
     };
-    let r = users::audit(
-        State(st),
-        caller,
-        Query(users::AuditQuery {
-            actor: pick("actor"),
-            action: pick("action"),
-            target: pick("target"),
-            limit: Some(200),
-        }),
-    )
-    .await;
-    let recs = match outcome(r) {
-        Ok((_, d)) => d.as_array().cloned().unwrap_or_default(),
+    let r = st
+        .services
+        .audit(
+            pick("actor"),
+            pick("action"),
+            pick("target"),
+            &Paging::first(200),
+        )
+        .await;
+    let recs = match api(r) {
+        Ok(p) => p.items,
         Err(e) => return v.page(e.status, "Audit trail", &esc(&e.message)),
     };
     let mut rows = String::new();
     for a in &recs {
-        let s = |k: &str| a[k].as_str().map(esc).unwrap_or_default();
         let _ = write!(
             rows,
             r#"<tr><td data-label="When">{w}</td><td data-label="Who">{actor}</td><td data-label="From" class="muted">{src}</td><td data-label="Action">{act}</td><td data-label="Target">{tgt}</td><td data-label="Result">{res}</td><td data-label="Detail">{det}</td></tr>"#,
-            w = when(a["at"].as_i64().unwrap_or(0)),
-            actor = s("actor"),
-            src = s("source"),
-            act = s("action"),
-            tgt = s("target"),
-            res = s("result"),
-            det = s("detail"),
+            w = when(a.at),
+            actor = esc(&a.actor),
+            src = esc(&a.source),
+            act = esc(&a.action),
+            tgt = esc(&a.target),
+            res = esc(&a.result),
+            det = a.detail.as_deref().map(esc).unwrap_or_default(),
         );
     }
     let val = |k: &str| esc(&pick(k).unwrap_or_default());

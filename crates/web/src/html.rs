@@ -279,6 +279,12 @@ pub fn badge(status: &str) -> String {
     format!(r#"<span class="badge s-{s}">{s}</span>"#, s = esc(status))
 }
 
+/// An address, or `—` when there is none.
+pub fn ip(ip: Option<std::net::Ipv4Addr>) -> String {
+    ip.map(|i| esc(&i.to_string()))
+        .unwrap_or_else(|| "—".into())
+}
+
 /// Memory in MiB as GiB text.
 pub fn gib(mib: u64) -> String {
     if mib.is_multiple_of(1024) {

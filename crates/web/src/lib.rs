@@ -1,9 +1,10 @@
 //! The web portal: server-rendered pages on the same listeners as the API.
 //!
-//! Architecture invariant: the portal decides nothing itself. Every change goes through the
-//! very `/api/v1` handler the CLI reaches (`basphere_api::routes::*`), with the same parsing,
-//! validation, authorization and store call; the portal only turns a form into the handler's
-//! JSON body and the handler's answer into a page. Reads for listings go to the store directly.
+//! Architecture invariant: the portal decides nothing itself. Every change and every listing
+//! goes through the same application service the `/api/v1` handlers call (`basphere_service`),
+//! with the same validation and audit; the portal reads a form into the same wire request type
+//! (`basphere_wire`), checks the same authorization on its `Caller`, and turns the typed result
+//! (or the `ApiError` the API would answer with) into a page.
 //! Sessions and CSRF: see `session.rs`. Pages carry no inline script or style, so the
 //! Content-Security-Policy allows only this origin.
 
@@ -25,7 +26,7 @@ use axum::http::{HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::routing::{get, post};
-use basphere_api::{ApiError, AppState, Body, Ok200, PeerInfo};
+use basphere_api::{AppState, PeerInfo};
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 
@@ -118,9 +119,9 @@ async fn security_headers(mut r: Response) -> Response {
     r
 }
 
-/// A form turned into the JSON body the API handler expects: every field but `csrf` as a
-/// string, blank optional fields left out.
-pub(crate) fn body_of(form: &HashMap<String, String>, keep_blank: &[&str]) -> Body {
+/// A form as the JSON object the API would get (for a wire request type's `read`): every field
+/// but `csrf` as a string, blank optional fields left out.
+pub(crate) fn body_of(form: &HashMap<String, String>, keep_blank: &[&str]) -> Map<String, Value> {
     let mut m = Map::new();
     for (k, v) in form {
         if k == "csrf" || (v.trim().is_empty() && !keep_blank.contains(&k.as_str())) {
@@ -128,10 +129,12 @@ pub(crate) fn body_of(form: &HashMap<String, String>, keep_blank: &[&str]) -> Bo
         }
         m.insert(k.clone(), Value::String(v.clone()));
     }
-    Body(m)
+    m
 }
 
-/// A handler's result as (message, data) or the error.
-pub(crate) fn outcome(r: Result<Ok200, ApiError>) -> Result<(String, Value), ApiError> {
-    r.map(|Ok200(_, msg, data)| (msg, data))
+/// A service's result with its refusal as the API would answer it.
+pub(crate) fn api<T>(
+    r: Result<T, basphere_service::ServiceError>,
+) -> Result<T, basphere_api::ApiError> {
+    r.map_err(basphere_api::ApiError::from)
 }

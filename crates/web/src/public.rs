@@ -2,7 +2,7 @@
 
 use crate::html::{Input, esc, form_alert};
 use crate::session::{SESSION_HOURS, Visitor};
-use crate::{body_of, outcome};
+use crate::{api, body_of};
 use axum::Form;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
@@ -11,6 +11,7 @@ use basphere_api::limits;
 use basphere_api::{AppState, Caller};
 use basphere_core::FieldError;
 use basphere_store::Actor;
+use basphere_wire::{EnrollRequest, RegisterRequest};
 use std::collections::HashMap;
 
 type Fields = HashMap<String, String>;
@@ -75,8 +76,15 @@ pub async fn register(State(st): State<AppState>, v: Visitor, Form(f): Form<Fiel
     if let Err(r) = v.check_csrf(&f) {
         return r;
     }
-    let body = body_of(&f, &["username", "email", "team", "public_key"]);
-    match outcome(limits::register_capped(st, v.anonymous(), body).await) {
+    let req = RegisterRequest::read(&body_of(&f, &["username", "email", "team", "public_key"]));
+    let registered = match limits::admit_registration(&st).await {
+        Ok(()) => api(st
+            .services
+            .register(&v.anonymous().actor(), None, &req)
+            .await),
+        Err(e) => Err(e),
+    };
+    match registered {
         Ok(_) => {
             let u = f.get("username").map(|s| s.trim()).unwrap_or("");
             v.redirect(&format!("/success?u={}", crate::html::url(u)), None)
@@ -244,18 +252,17 @@ async fn open_session(
         return v.page(StatusCode::UNAUTHORIZED, "Sign in", "<p>No account.</p>");
     };
     match st
-        .store
-        .create_token(
+        .services
+        .session_token(
             &user.username,
-            "web session",
-            Some(SESSION_HOURS * 3_600_000),
+            SESSION_HOURS * 3_600_000,
             &Actor::new(user.username.as_str(), format!("web:{}", v.source)),
         )
         .await
     {
-        Ok((info, secret)) => {
+        Ok((token_id, secret)) => {
             // The answer already shows the visitor signed in (navigation, sign-out form).
-            let v = v.into_session(caller.clone(), info.id, secret.clone());
+            let v = v.into_session(caller.clone(), token_id, secret.clone());
             v.start_session(resp(&v), &secret)
         }
         Err(e) => v.page(
@@ -306,9 +313,13 @@ pub async fn enroll(State(st): State<AppState>, v: Visitor, Form(f): Form<Fields
     if let Err(r) = v.check_csrf(&f) {
         return r;
     }
-    let body = body_of(&f, &["username", "code"]);
-    let (_, data) = match outcome(limits::enroll_as(&st, &v.anonymous(), v.client, body).await) {
-        Ok(x) => x,
+    let req = EnrollRequest::read(&body_of(&f, &["username", "code"]));
+    let enrolled = st
+        .services
+        .enroll(&v.anonymous().actor(), &v.client.to_string(), &req)
+        .await;
+    let secret = match api(enrolled) {
+        Ok(d) => d.data.token,
         Err(e) => {
             let errs = if e.fields.is_empty() {
                 field("code", e.message)
@@ -319,7 +330,6 @@ pub async fn enroll(State(st): State<AppState>, v: Visitor, Form(f): Form<Fields
             return v.page(e.status, "Sign in", &body);
         }
     };
-    let secret = data["token"].as_str().unwrap_or_default().to_string();
     let caller = match Caller::from_session(&st, &secret, &v.source).await {
         Ok(Some(c)) => c,
         _ => {
@@ -352,7 +362,7 @@ pub async fn signout(State(st): State<AppState>, v: Visitor, Form(f): Form<Field
         return r;
     }
     if let (Some(c), Some(id)) = (&v.caller, &v.token_id) {
-        let _ = st.store.revoke_token(&c.name, id, &c.actor()).await;
+        let _ = st.services.revoke_token(&c.name, id, &c.actor()).await;
     }
     v.end_session(v.redirect("/signin", Some(("ok", "Signed out."))))
 }

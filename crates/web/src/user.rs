@@ -1,18 +1,17 @@
 //! A signed-in user's pages: dashboard (quota, VMs, create, live operations), one VM, delete
 //! with confirmation, SSH key change.
 
-use crate::html::{Input, badge, esc, form_alert, gib, select, url, when};
+use crate::html::{Input, badge, esc, form_alert, gib, ip, select, url, when};
 use crate::session::Visitor;
-use crate::{body_of, outcome};
+use crate::{api, body_of};
 use axum::Form;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
-use basphere_api::routes::{users, vms};
-use basphere_api::{AppState, Caller};
+use basphere_api::{ApiError, AppState, Caller};
 use basphere_core::FieldError;
-use basphere_store::{Vm, Workflow, now_ms};
-use serde_json::Value;
+use basphere_store::now_ms;
+use basphere_wire::{CreateVmsRequest, KeyChangeRequest, Operation, Vm};
 use std::collections::HashMap;
 use std::fmt::Write;
 
@@ -47,17 +46,10 @@ fn meter(
     }
 }
 
-/// The VM an operation acts on, if any.
-fn vm_of(w: &Workflow) -> Option<&str> {
-    w.resource
-        .as_ref()
-        .and_then(|r| r.id_of(basphere_core::ResourceRef::VM))
-}
-
 /// The steps of an operation, updated live by app.js through the SSE route when `live`.
-pub(crate) fn op_block(wf: &Workflow, vm_name: &str) -> String {
+pub(crate) fn op_block(wf: &Operation, vm_name: &str) -> String {
     let live = !wf.status.is_terminal();
-    let verb = match wf.definition.parse() {
+    let verb = match wf.kind.parse() {
         Ok(basphere_core::VmOperation::Create) => "Creating",
         Ok(basphere_core::VmOperation::Delete) => "Deleting",
         Err(_) => "Running",
@@ -188,8 +180,8 @@ async fn dashboard_page(
     errs: &[FieldError],
     alert: Option<&str>,
 ) -> Response {
-    let me = match caller.active() {
-        Ok(u) => u.clone(),
+    let principal = match caller.principal() {
+        Ok(p) => p,
         Err(e) => {
             return v.page(
                 e.status,
@@ -198,10 +190,17 @@ async fn dashboard_page(
             );
         }
     };
+    let me = &principal.user;
     let owner = me.username.as_str();
-    let (vms, usage, wfs) = match tokio_join(st, owner).await {
-        Ok(x) => x,
-        Err(e) => return v.page(StatusCode::INTERNAL_SERVER_ERROR, "Dashboard", &esc(&e)),
+    let (vms, usage, wfs) = match st.services.dashboard(&principal).await {
+        Ok(d) => (d.vms, d.usage, d.operations),
+        Err(e) => {
+            return v.page(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Dashboard",
+                &esc(&e.to_string()),
+            );
+        }
     };
     let q = &me.quota;
     let quota = format!(
@@ -238,7 +237,9 @@ async fn dashboard_page(
         .iter()
         .filter(|w| !w.status.is_terminal() || w.finished_at.is_some_and(|t| now - t < RECENT_MS))
         .map(|w| {
-            let n = vm_of(w)
+            let n = w
+                .vm_id
+                .as_deref()
                 .and_then(|id| names.get(id).copied())
                 .unwrap_or("a removed VM");
             op_block(w, n)
@@ -259,10 +260,7 @@ async fn dashboard_page(
             r#"<tr data-vm="{n}"><th scope="row" data-label="Name"><a href="/vms/{nu}">{n}</a></th><td data-label="Status">{st}</td><td data-label="IP">{ip}</td><td data-label="Spec">{spec}</td><td data-label="OS">{os}</td><td data-label="SSH">{ssh}</td><td data-label="Actions">{act}</td></tr>"#,
             nu = url(vm.name.as_str()),
             st = badge(vm.status.as_str()),
-            ip = vm
-                .ip_address
-                .map(|i| i.to_string())
-                .unwrap_or_else(|| "—".into()),
+            ip = ip(vm.ip_address),
             spec = spec_text(vm),
             os = esc(&vm.os),
             ssh = ssh_cell(vm, i),
@@ -300,20 +298,6 @@ async fn dashboard_page(
     v.page(status, "Dashboard", &body)
 }
 
-async fn tokio_join(
-    st: &AppState,
-    owner: &str,
-) -> Result<(Vec<Vm>, basphere_core::Usage, Vec<Workflow>), String> {
-    let vms = st.store.vms(Some(owner)).await.map_err(|e| e.to_string())?;
-    let usage = st.store.usage(owner).await.map_err(|e| e.to_string())?;
-    let wfs = st
-        .store
-        .workflows(Some(owner), 30)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok((vms, usage, wfs))
-}
-
 pub async fn dashboard(State(st): State<AppState>, v: Visitor) -> Response {
     let caller = match v.signed_in() {
         Ok(c) => c.clone(),
@@ -330,13 +314,14 @@ pub async fn create(State(st): State<AppState>, v: Visitor, Form(f): Form<Fields
         Ok(c) => c.clone(),
         Err(r) => return r,
     };
-    let body = body_of(&f, &["name"]);
-    match outcome(vms::create(State(st.clone()), caller.clone(), body).await) {
-        Ok((_, data)) => {
-            let names: Vec<&str> = data["vms"]
-                .as_array()
-                .map(|a| a.iter().filter_map(|v| v["name"].as_str()).collect())
-                .unwrap_or_default();
+    let req = CreateVmsRequest::read(&body_of(&f, &["name"]));
+    let created = match caller.principal() {
+        Ok(me) => api(st.services.create_vms(&me, &req).await),
+        Err(e) => Err(e),
+    };
+    match created {
+        Ok(d) => {
+            let names: Vec<&str> = d.data.vms.iter().map(|v| v.name.as_str()).collect();
             v.redirect(
                 "/dashboard",
                 Some(("ok", &format!("Creating {}.", names.join(", ")))),
@@ -371,20 +356,12 @@ async fn visible_vm(
     caller: Caller,
     name: &str,
     owner: Option<String>,
-) -> Result<Value, basphere_api::ApiError> {
-    outcome(
-        vms::show(
-            State(st.clone()),
-            caller,
-            Path(name.to_string()),
-            Query(vms::OwnerQuery { owner }),
-        )
-        .await,
-    )
-    .map(|(_, d)| d)
+) -> Result<Vm, ApiError> {
+    let owner = caller.owner_for(owner)?;
+    api(st.services.vm(&owner, name).await)
 }
 
-fn not_found(v: &Visitor, e: &basphere_api::ApiError) -> Response {
+fn not_found(v: &Visitor, e: &ApiError) -> Response {
     v.page(
         e.status,
         if e.status == StatusCode::NOT_FOUND {
@@ -413,21 +390,17 @@ pub async fn vm_page(
         Ok(vm) => vm,
         Err(e) => return not_found(&v, &e),
     };
-    let s = |k: &str| vm[k].as_str().map(esc).unwrap_or_else(|| "—".into());
-    let owner = vm["owner"].as_str().unwrap_or_default().to_string();
-    let id = vm["id"].as_str().unwrap_or_default().to_string();
+    let owner = vm.owner.to_string();
     let ops: String = st
-        .store
-        .workflows(Some(&owner), 100)
+        .services
+        .vm_operations(&owner, &vm.id, 3)
         .await
         .unwrap_or_default()
         .iter()
-        .filter(|w| vm_of(w) == Some(id.as_str()))
-        .take(3)
         .map(|w| op_block(w, &name))
         .collect();
-    let ssh = match vm["ssh"].as_str() {
-        Some(c) if vm["status"] == "running" => format!(
+    let ssh = match vm.ssh.as_deref() {
+        Some(c) if vm.status == basphere_core::VmStatus::Running => format!(
             r#"<span class="copyline"><code id="ssh-0">{}</code> <button type="button" class="copy" data-copy="ssh-0">Copy</button></span>"#,
             esc(c)
         ),
@@ -453,19 +426,20 @@ pub async fn vm_page(
 <h2>Operations</h2>
 {ops}
 <p><a class="button danger" href="/vms/{nu}/delete{owner_q}">Delete {n}</a> <a href="/dashboard">Back to the dashboard</a></p>"#,
-        status = badge(vm["status"].as_str().unwrap_or("")),
+        status = badge(vm.status.as_str()),
         owner = esc(&owner),
-        ip = s("ip_address"),
-        spec = s("spec"),
-        vcpus = vm["vcpus"],
-        mem = gib(vm["memory_mib"].as_u64().unwrap_or(0)),
-        disk = vm["disk_gib"],
-        os = s("os"),
-        login = s("login_user"),
-        created = s("created_at"),
-        provider = s("provider"),
-        error = vm["error"]
-            .as_str()
+        ip = ip(vm.ip_address),
+        spec = esc(&vm.spec),
+        vcpus = vm.vcpus,
+        mem = gib(vm.memory_mib),
+        disk = vm.disk_gib,
+        os = esc(&vm.os),
+        login = esc(&vm.login_user),
+        created = esc(&vm.created_at),
+        provider = esc(&vm.provider),
+        error = vm
+            .error
+            .as_deref()
             .map(|e| format!("<dt>Error</dt><dd>{}</dd>", esc(e)))
             .unwrap_or_default(),
         nu = url(&name),
@@ -502,11 +476,11 @@ pub async fn delete_confirm(
 </form></div>"#,
         n = esc(&name),
         nu = url(&name),
-        ip = vm["ip_address"]
-            .as_str()
-            .map(esc)
+        ip = vm
+            .ip_address
+            .map(|i| esc(&i.to_string()))
             .unwrap_or_else(|| "no address".into()),
-        owner = esc(vm["owner"].as_str().unwrap_or_default()),
+        owner = esc(vm.owner.as_str()),
         csrf = v.csrf_field(),
     );
     v.page(StatusCode::OK, &format!("Delete {name}?"), &body)
@@ -531,15 +505,14 @@ pub async fn delete(
     } else {
         "/dashboard"
     };
-    match outcome(
-        vms::delete(
-            State(st),
-            caller,
-            Path(name.clone()),
-            Query(vms::OwnerQuery { owner: q.owner }),
-        )
-        .await,
-    ) {
+    let deleted = match caller
+        .owner_for(q.owner)
+        .and_then(|o| Ok((o, caller.principal()?)))
+    {
+        Ok((owner, me)) => api(st.services.delete_vm(&me, &owner, &name).await),
+        Err(e) => Err(e),
+    };
+    match deleted {
         Ok(_) => v.redirect(back, Some(("ok", &format!("Deleting {name}.")))),
         Err(e) if e.status == StatusCode::NOT_FOUND => not_found(&v, &e),
         Err(e) => v.redirect(back, Some(("error", &e.message))),
@@ -549,7 +522,7 @@ pub async fn delete(
 fn key_body(
     v: &Visitor,
     current: &str,
-    history: &[basphere_store::KeyChange],
+    history: &[basphere_wire::KeyChange],
     f: &Fields,
     errs: &[FieldError],
 ) -> String {
@@ -624,7 +597,7 @@ async fn key_page(
         );
     };
     let history = st
-        .store
+        .services
         .key_changes(Some(me.username.as_str()))
         .await
         .unwrap_or_default();
@@ -644,8 +617,12 @@ pub async fn key_change(State(st): State<AppState>, v: Visitor, Form(f): Form<Fi
         Ok(c) => c.clone(),
         Err(r) => return r,
     };
-    match outcome(users::key_change(State(st.clone()), caller, body_of(&f, &["public_key"])).await)
-    {
+    let req = KeyChangeRequest::read(&body_of(&f, &["public_key"]));
+    let requested = match caller.principal() {
+        Ok(me) => api(st.services.request_key_change(&me, &req).await),
+        Err(e) => Err(e),
+    };
+    match requested {
         Ok(_) => v.redirect(
             "/key-change",
             Some(("ok", "Key change requested; an admin will review it.")),

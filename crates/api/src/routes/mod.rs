@@ -1,5 +1,4 @@
-//! The `/api/v1` handlers. They are public so that the web portal calls the very same
-//! validation and store calls (a handler is a plain async fn of its extractors).
+//! The `/api/v1` handlers: parse → authorize → one `basphere_service` call → envelope.
 
 pub mod batch;
 pub mod ops;
@@ -67,11 +66,11 @@ pub(crate) fn all() -> Router<AppState> {
 async fn health() -> impl IntoResponse {
     ok(
         "ok",
-        serde_json::json!({
-            "status": "ok",
-            "version": env!("CARGO_PKG_VERSION"),
-            "streams": limits::open_streams(),
-        }),
+        basphere_wire::Health {
+            status: "ok".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            streams: limits::open_streams(),
+        },
     )
 }
 

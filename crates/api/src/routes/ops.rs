@@ -1,3 +1,6 @@
+//! Operations and their event streams. The SSE streams read the store's event log and the
+//! engine's broadcast directly: a service wrapper would only pass them through.
+
 use crate::auth::Caller;
 use crate::envelope::{ApiError, Ok200, ok};
 use crate::limits::StreamSlot;
@@ -7,7 +10,8 @@ use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::response::sse::{Event, KeepAlive, Sse};
-use basphere_store::{ResourceRef, Workflow, WorkflowEvent};
+use basphere_service::convert;
+use basphere_store::WorkflowEvent;
 use futures_util::Stream;
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -15,37 +19,14 @@ use std::convert::Infallible;
 use std::time::Duration;
 use tokio_stream::wrappers::ReceiverStream;
 
-/// An operation as `/api/v1` shows it: the workflow, with its definition as `kind` and its VM
-/// (if it acts on one) as `vm_id`.
-pub fn operation_view(w: &Workflow) -> serde_json::Value {
-    let mut v = serde_json::to_value(w).unwrap_or_default();
-    if let Some(o) = v.as_object_mut() {
-        o.insert("kind".into(), w.definition.clone().into());
-        let vm = w.resource.as_ref().and_then(|r| r.id_of(ResourceRef::VM));
-        o.insert("vm_id".into(), vm.into());
-    }
-    v
-}
-
-async fn visible(st: &AppState, caller: &Caller, id: &str) -> Result<Workflow, ApiError> {
-    let me = caller.active()?;
-    let wf = st.store.workflow(id).await?;
-    match wf {
-        Some(w) if caller.is_admin() || w.owner == me.username.as_str() => Ok(w),
-        _ => Err(ApiError::not_found(format!("operation {id} not found"))),
-    }
-}
-
 pub async fn show(
     State(st): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Ok200, ApiError> {
-    let w = visible(&st, &caller, &id).await?;
-    Ok(ok(
-        format!("operation {id}: {}", w.status),
-        operation_view(&w),
-    ))
+    let me = caller.principal()?;
+    let w = st.services.operation(&me, &id).await?;
+    Ok(ok(format!("operation {id}: {}", w.status), w))
 }
 
 #[derive(Deserialize)]
@@ -61,29 +42,15 @@ pub async fn list(
     Query(q): Query<ListQuery>,
     Query(p): Query<PageQuery>,
 ) -> Result<Response, ApiError> {
-    let me = caller.active()?;
-    if q.all && !caller.is_admin() {
+    let me = caller.principal()?;
+    if q.all && !me.admin {
         return Err(ApiError::forbidden(
             "listing everyone's operations needs an admin",
         ));
     }
-    let owner = (!q.all).then(|| me.username.to_string());
-    let limit = PageQuery {
-        limit: Some(p.limit.unwrap_or(50)),
-        after: None,
-    }
-    .limit()?;
-    let w = st
-        .store
-        .workflows_page(owner.as_deref(), p.after.as_deref(), limit + 1)
-        .await?;
-    let views: Vec<serde_json::Value> = w.iter().map(operation_view).collect();
-    Ok(page(
-        |n| format!("{n} operation(s)"),
-        views,
-        limit,
-        |v| v["id"].as_str().unwrap_or_default().to_string(),
-    ))
+    let owner = (!q.all).then(|| me.name());
+    let w = st.services.operations(owner, &p.paging()).await?;
+    Ok(page(|n| format!("{n} operation(s)"), w))
 }
 
 /// The first event of a stream whose replay was cut short: events up to `skipped_through`
@@ -108,7 +75,7 @@ fn event_of(ev: &WorkflowEvent) -> Event {
     Event::default()
         .id(ev.seq.to_string())
         .event(ev.kind.clone())
-        .json_data(ev)
+        .json_data(convert::event(ev))
         .unwrap_or_default()
 }
 
@@ -127,7 +94,7 @@ pub async fn events(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    visible(&st, &caller, &id).await?;
+    st.services.operation(&caller.principal()?, &id).await?;
     let slot = StreamSlot::open(&st.config, &caller.name)?;
     let bound = st.config.limits.stream_replay;
     let mut live = st.engine.subscribe();
@@ -207,13 +174,10 @@ pub async fn events_all(
     headers: HeaderMap,
     Query(q): Query<EventsQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let me = caller.active()?.username.to_string();
-    let admin = caller.is_admin();
+    let principal = caller.principal()?;
+    let (me, admin) = (principal.name().to_string(), principal.admin);
     if let Some(b) = &q.batch {
-        match st.store.batch_owner(b).await? {
-            Some(o) if admin || o == me => {}
-            _ => return Err(ApiError::not_found(format!("batch {b} not found"))),
-        }
+        st.services.check_batch(&principal, b).await?;
     }
     let after = q.after.or_else(|| {
         headers

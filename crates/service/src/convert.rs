@@ -1,0 +1,232 @@
+//! Store rows into wire types: the one place per type where the `/api/v1` shape of a stored
+//! thing is decided.
+
+use basphere_store as store;
+use basphere_wire as wire;
+
+pub fn user(u: &store::User) -> wire::User {
+    wire::User {
+        username: u.username.clone(),
+        email: u.email.clone(),
+        team: u.team.clone(),
+        public_key: u.public_key.clone(),
+        role: u.role,
+        status: u.status,
+        quota: u.quota,
+        ip_block: u.ip_block,
+        unix_account: u.unix_account,
+        created_at: u.created_at,
+    }
+}
+
+pub fn registration(r: &store::Registration) -> wire::Registration {
+    wire::Registration {
+        id: r.id,
+        username: r.username.clone(),
+        email: r.email.clone(),
+        team: r.team.clone(),
+        public_key: r.public_key.clone(),
+        status: r.status,
+        created_at: r.created_at,
+        processed_by: r.processed_by.clone(),
+        processed_at: r.processed_at,
+        reject_reason: r.reject_reason.clone(),
+    }
+}
+
+pub fn key_change(k: &store::KeyChange) -> wire::KeyChange {
+    wire::KeyChange {
+        id: k.id,
+        username: k.username.clone(),
+        public_key: k.public_key.clone(),
+        status: k.status,
+        created_at: k.created_at,
+        processed_by: k.processed_by.clone(),
+        processed_at: k.processed_at,
+        reject_reason: k.reject_reason.clone(),
+    }
+}
+
+pub fn token_info(t: &store::TokenInfo) -> wire::TokenInfo {
+    wire::TokenInfo {
+        id: t.id.clone(),
+        name: t.name.clone(),
+        created_at: t.created_at,
+        last_used_at: t.last_used_at,
+        expires_at: t.expires_at,
+    }
+}
+
+pub fn audit_record(a: &store::AuditRecord) -> wire::AuditRecord {
+    wire::AuditRecord {
+        id: a.id,
+        at: a.at,
+        actor: a.actor.clone(),
+        source: a.source.clone(),
+        action: a.action.clone(),
+        target: a.target.clone(),
+        result: a.result.clone(),
+        detail: a.detail.clone(),
+    }
+}
+
+/// A VM as the VM routes show it, with the operation just started on it.
+pub fn vm(vm: &store::Vm, operation_id: Option<&str>) -> wire::Vm {
+    wire::Vm {
+        id: vm.id.clone(),
+        name: vm.name.clone(),
+        owner: vm.owner.clone(),
+        os: vm.os.clone(),
+        login_user: vm.login_user.clone(),
+        spec: vm.spec.clone(),
+        vcpus: vm.vcpus,
+        memory_mib: vm.memory_mib,
+        disk_gib: vm.disk_gib,
+        ip_address: vm.ip_address,
+        status: vm.status,
+        error: vm.error.clone(),
+        provider: vm.provider.clone(),
+        created_at: store::format_ms(vm.created_at),
+        ssh: vm
+            .ip_address
+            .map(|ip| format!("ssh {}@{}", vm.login_user, ip)),
+        operation_id: operation_id.map(str::to_string),
+    }
+}
+
+pub fn vm_record(vm: &store::Vm) -> wire::VmRecord {
+    wire::VmRecord {
+        id: vm.id.clone(),
+        name: vm.name.clone(),
+        owner: vm.owner.clone(),
+        os: vm.os.clone(),
+        login_user: vm.login_user.clone(),
+        spec: vm.spec.clone(),
+        vcpus: vm.vcpus,
+        memory_mib: vm.memory_mib,
+        disk_gib: vm.disk_gib,
+        ip_address: vm.ip_address,
+        status: vm.status,
+        error: vm.error.clone(),
+        provider: vm.provider.clone(),
+        created_at: vm.created_at,
+        updated_at: vm.updated_at,
+    }
+}
+
+/// An operation: the only place that reads a stored workflow's shape (its kind and VM).
+pub fn operation(w: &store::Workflow) -> wire::Operation {
+    wire::Operation {
+        id: w.id.clone(),
+        kind: w.definition.clone(),
+        definition: w.definition.clone(),
+        vm_id: w
+            .resource
+            .as_ref()
+            .and_then(|r| r.id_of(basphere_core::ResourceRef::VM))
+            .map(str::to_string),
+        owner: w.owner.clone(),
+        status: w.status,
+        step: w.step,
+        attempt: w.attempt,
+        priority: w.priority,
+        error: w.error.clone(),
+        input: w.input.clone(),
+        cancel_requested: w.cancel_requested,
+        batch_id: w.batch_id.clone(),
+        node: w.node.clone(),
+        waiting_on: w.waiting_on,
+        created_at: w.created_at,
+        updated_at: w.updated_at,
+        finished_at: w.finished_at,
+        steps: w
+            .steps
+            .iter()
+            .map(|s| wire::Step {
+                idx: s.idx,
+                name: s.name.clone(),
+                status: s.status,
+                attempts: s.attempts,
+                error: s.error.clone(),
+                started_at: s.started_at,
+                finished_at: s.finished_at,
+                idem_key: s.idem_key.clone(),
+                deadline_at: s.deadline_at,
+                output: s.output.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// A batch node's state, from its operation.
+pub fn batch_node(op: &wire::Operation) -> wire::BatchNode {
+    wire::BatchNode {
+        node: op.node.clone(),
+        operation_id: op.id.clone(),
+        action: match op.kind.parse() {
+            Ok(basphere_core::VmOperation::Create) => "create",
+            Ok(basphere_core::VmOperation::Delete) => "delete",
+            Err(_) => op.kind.as_str(),
+        }
+        .to_string(),
+        status: op.status,
+        step: op.step,
+        steps: op
+            .steps
+            .iter()
+            .map(|s| wire::StepState {
+                name: s.name.clone(),
+                status: s.status,
+            })
+            .collect(),
+        waiting_on: op.waiting_on,
+        error: op.error.clone(),
+    }
+}
+
+pub fn event(e: &store::WorkflowEvent) -> wire::Event {
+    wire::Event {
+        seq: e.seq,
+        operation_id: e.operation_id.clone(),
+        at: e.at,
+        step: e.step.clone(),
+        kind: e.kind.clone(),
+        message: e.message.clone(),
+    }
+}
+
+pub fn plan(p: &basphere_plan::Plan) -> wire::Plan {
+    wire::Plan {
+        create: p
+            .create
+            .iter()
+            .map(|c| wire::PlanCreate {
+                name: c.name.clone(),
+                os: c.os.clone(),
+                spec: c.spec.clone(),
+                requires: c.requires.clone(),
+                optional: c.optional.clone(),
+                layer: c.layer,
+            })
+            .collect(),
+        keep: p
+            .keep
+            .iter()
+            .map(|k| wire::PlanKeep {
+                name: k.name.clone(),
+                status: k.status,
+                differs: k.differs.clone(),
+            })
+            .collect(),
+        delete: p.delete.clone(),
+        layers: p.layers,
+    }
+}
+
+pub fn batch_node_ref(n: &store::BatchNodeRef) -> wire::BatchNodeRef {
+    wire::BatchNodeRef {
+        node: n.node.clone(),
+        action: n.action.to_string(),
+        operation_id: n.operation_id.clone(),
+    }
+}

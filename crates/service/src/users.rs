@@ -1,0 +1,759 @@
+//! Users: registration, approval (with the Unix account made on the bastion, or the approval
+//! taken back), disable/enable, quota, deletion, key changes, tokens, audit.
+
+use crate::check::Check;
+use crate::error::Result;
+use crate::{Done, Paged, Paging, Principal, ServiceError, Services, convert};
+use basphere_accounts::AccountError;
+use basphere_core::{Email, Quota, Role, SshPublicKey, Team, UserStatus, Username, VmStatus};
+use basphere_core::VmOperation;
+use basphere_store::{Actor, AuditFilter, DeleteError, NewRegistration, User};
+use basphere_wire as wire;
+
+/// Runs host account work off the async workers.
+async fn on_host<T: Send + 'static>(
+    f: impl FnOnce() -> std::result::Result<T, AccountError> + Send + 'static,
+) -> std::result::Result<T, AccountError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(AccountError::Failed(format!("account task failed: {e}"))))
+}
+
+/// A username from a route's path; a bad one is a user that does not exist.
+pub fn username(s: &str) -> Result<Username> {
+    s.parse()
+        .map_err(|e| ServiceError::NotFound(format!("user {s:?} not found ({e})")))
+}
+
+fn registration(req: &wire::RegisterRequest) -> Result<NewRegistration> {
+    let mut c = Check::new(&req.unreadable);
+    let u = c
+        .req("username", req.username.as_deref())
+        .and_then(|s| c.errs.check("username", s.parse::<Username>()));
+    let e = c
+        .req("email", req.email.as_deref())
+        .and_then(|s| c.errs.check("email", s.parse::<Email>()));
+    let t = c
+        .req("team", req.team.as_deref())
+        .and_then(|s| c.errs.check("team", s.parse::<Team>()));
+    let k = c
+        .req("public_key", req.public_key.as_deref())
+        .and_then(|s| c.errs.check("public_key", s.parse::<SshPublicKey>()));
+    c.finish()?;
+    Ok(NewRegistration {
+        username: u.expect("checked"),
+        email: e.expect("checked"),
+        team: t.expect("checked"),
+        public_key: k.expect("checked"),
+    })
+}
+
+/// A new token's secret (shown this once) and what is kept of it.
+fn token_created(
+    message: &str,
+    info: &basphere_store::TokenInfo,
+    secret: String,
+) -> Done<wire::TokenCreated> {
+    Done {
+        message: message.into(),
+        data: wire::TokenCreated {
+            token: secret,
+            info: convert::token_info(info),
+        },
+    }
+}
+
+/// An approved user, and the one-time enrollment code when there is one.
+#[derive(Debug, Clone)]
+pub struct Approval(pub wire::Approved);
+
+impl Approval {
+    pub fn message(&self) -> String {
+        let u = &self.0.user.username;
+        match &self.0.enrollment_code {
+            Some(_) => format!(
+                "user {u} approved; give them the enrollment code (works once): basphere enroll --username {u} --code <code>"
+            ),
+            None => format!("user {u} approved; Unix account created"),
+        }
+    }
+}
+
+/// What disabling or enabling did.
+#[derive(Debug, Clone)]
+pub struct DisableOutcome {
+    pub message: String,
+    pub data: wire::UserRef,
+}
+
+/// What a key-change decision recorded.
+pub type KeyDecision = Done<wire::KeyChange>;
+
+/// What deleting a user did.
+#[derive(Debug, Clone)]
+pub enum UserDeletion {
+    /// The user holds VMs: the user is disabled and every VM's delete is under way (or was
+    /// refused, listed in `refused`); call again once they are gone.
+    VmsDeleting(Done<wire::UserVmsDeleting>),
+    /// The user (and, with purge, their registrations) is gone.
+    Deleted(Done<wire::UserRef>),
+}
+
+impl Services {
+    async fn check_name_free(&self, name: &Username) -> Result<()> {
+        if let Some(acc) = self.accounts.clone() {
+            let name = name.clone();
+            on_host(move || acc.check_name_free(&name)).await?;
+        }
+        Ok(())
+    }
+
+    /// Files a registration. `only_name`: the one name the caller may register (a local
+    /// caller registers only their own Unix account name).
+    pub async fn register(
+        &self,
+        actor: &Actor,
+        only_name: Option<&str>,
+        req: &wire::RegisterRequest,
+    ) -> Result<Done<wire::Registration>> {
+        let reg = registration(req)?;
+        if let Some(me) = only_name.filter(|me| *me != reg.username.as_str()) {
+            return Err(ServiceError::Forbidden(format!(
+                "on this host you can register only your own account name {me:?}"
+            )));
+        }
+        self.check_name_free(&reg.username).await?;
+        let r = self.store.register(&reg, &self.config.quota, actor).await?;
+        Ok(Done {
+            message: format!(
+                "registration of {} received; an admin will review it",
+                r.username
+            ),
+            data: convert::registration(&r),
+        })
+    }
+
+    /// Registers and approves a user in one go (an admin adding someone).
+    pub async fn add_user(&self, actor: &Actor, req: &wire::RegisterRequest) -> Result<Approval> {
+        let reg = registration(req)?;
+        self.check_name_free(&reg.username).await?;
+        self.store.register(&reg, &self.config.quota, actor).await?;
+        self.approve(actor, &reg.username).await
+    }
+
+    /// Approves a pending registration: the store decides (active, an address block), then
+    /// the Unix account is made; if that fails the approval is taken back.
+    pub async fn approve(&self, actor: &Actor, u: &Username) -> Result<Approval> {
+        let user = self
+            .store
+            .user(u.as_str())
+            .await?
+            .ok_or_else(|| ServiceError::NotFound(format!("user {u} not found")))?;
+        if user.status != UserStatus::Pending {
+            return Err(ServiceError::Conflict(format!(
+                "user {u} is {}, not pending; nothing to approve",
+                user.status
+            )));
+        }
+        let key: SshPublicKey = user
+            .public_key
+            .parse()
+            .map_err(|e| ServiceError::Internal(format!("stored key of {u} is invalid: {e}")))?;
+        // The name may have become a Unix account since registration.
+        self.check_name_free(u).await?;
+        let ttl = if self.accounts.is_none() {
+            Some(i64::from(self.config.bastion.enrollment_ttl_hours) * 3_600_000)
+        } else {
+            None
+        };
+        let out = self
+            .store
+            .approve(u, &self.config.network, self.accounts.is_some(), ttl, actor)
+            .await?;
+        if let Some(acc) = self.accounts.clone() {
+            let name = u.clone();
+            match on_host(move || acc.create(&name, &key)).await {
+                Ok(uid) => self.store.set_unix_uid(u, uid).await?,
+                Err(e) => {
+                    let reason = format!("creating the Unix account {u} failed: {e}");
+                    self.store.undo_approval(u, &reason, actor).await?;
+                    let msg =
+                        format!("{reason}; {u} stays pending, approve again once it is fixed");
+                    return Err(ServiceError::account(&e, msg));
+                }
+            }
+        }
+        Ok(Approval(wire::Approved {
+            user: convert::user(&out.user),
+            ip_block: self.block(out.user.ip_block),
+            enrollment_code: out.enrollment_code,
+        }))
+    }
+
+    /// Rejects a pending registration with an optional reason.
+    pub async fn reject(
+        &self,
+        actor: &Actor,
+        u: &Username,
+        req: &wire::ReasonRequest,
+    ) -> Result<Done<wire::Rejected>> {
+        let mut c = Check::new(&req.unreadable);
+        let reason = c.opt("reason", req.reason.clone()).unwrap_or_default();
+        c.finish()?;
+        self.store.reject(u, &reason, actor).await?;
+        Ok(Done {
+            message: format!("registration of {u} rejected"),
+            data: wire::Rejected {
+                username: u.clone(),
+                reason,
+            },
+        })
+    }
+
+    /// The caller's own account, address block and newest registration.
+    pub async fn me(&self, user: &User) -> Result<wire::Me> {
+        let regs = self
+            .store
+            .registrations(Some(user.username.as_str()))
+            .await?;
+        Ok(wire::Me {
+            user: convert::user(user),
+            ip_block: self.block(user.ip_block),
+            registration: regs.first().map(convert::registration),
+        })
+    }
+
+    /// Pending registrations, newest first.
+    pub async fn pending(&self, p: &Paging) -> Result<Paged<wire::Registration>> {
+        let limit = p.limit()?;
+        let r = self.store.pending_page(p.after_num()?, limit + 1).await?;
+        Ok(Paged::of(r, limit, |r| r.id.to_string()).map(|r| convert::registration(&r)))
+    }
+
+    /// Every pending registration, newest first, for the review page.
+    pub async fn registrations(&self) -> Result<Vec<wire::Registration>> {
+        let r = self.store.registrations(None).await?;
+        Ok(r.iter().map(convert::registration).collect())
+    }
+
+    /// The newest registration of `u`.
+    pub async fn registration_of(&self, u: &str) -> Result<wire::Registration> {
+        let r = self.store.registrations(Some(u)).await?;
+        r.first()
+            .map(convert::registration)
+            .ok_or_else(|| ServiceError::NotFound(format!("no registration for {u}")))
+    }
+
+    /// Users by username, optionally of one status (given as text, as a query has it).
+    pub async fn users(&self, status: Option<&str>, p: &Paging) -> Result<Paged<wire::User>> {
+        let status = status
+            .map(|s| {
+                s.parse::<UserStatus>()
+                    .map_err(|e| ServiceError::BadRequest(e.into()))
+            })
+            .transpose()?;
+        let limit = p.limit()?;
+        let users = self
+            .store
+            .users_page(status, p.after.as_deref(), limit + 1)
+            .await?;
+        Ok(Paged::of(users, limit, |u| u.username.to_string()).map(|u| convert::user(&u)))
+    }
+
+    /// Every user with what they hold, for the admin's user page.
+    pub async fn users_with_usage(&self) -> Result<Vec<(wire::User, basphere_core::Usage)>> {
+        let mut out = vec![];
+        for u in self.store.users(None).await? {
+            let usage = self
+                .store
+                .usage(u.username.as_str())
+                .await
+                .unwrap_or_default();
+            out.push((convert::user(&u), usage));
+        }
+        Ok(out)
+    }
+
+    /// One user with usage, VMs and address block.
+    pub async fn user(&self, u: &str) -> Result<wire::UserDetail> {
+        let user = self
+            .store
+            .user(u)
+            .await?
+            .ok_or_else(|| ServiceError::NotFound(format!("user {u} not found")))?;
+        let usage = self.store.usage(u).await?;
+        let vms = self.store.vms(Some(u)).await?;
+        Ok(wire::UserDetail {
+            ip_block: self.block(user.ip_block),
+            user: convert::user(&user),
+            usage,
+            vms: vms.iter().map(convert::vm_record).collect(),
+        })
+    }
+
+    /// Disables (or enables) a user, then locks (or unlocks) their Unix account; if that
+    /// fails the status is set back.
+    pub async fn set_disabled(
+        &self,
+        actor: &Actor,
+        u: &Username,
+        disabled: bool,
+    ) -> Result<DisableOutcome> {
+        self.store.set_disabled(u, disabled, actor).await?;
+        let done = if disabled { "disabled" } else { "enabled" };
+        let data = wire::UserRef {
+            username: u.clone(),
+            unix_account: None,
+        };
+        let user = self.store.user(u.as_str()).await?;
+        if let Some((acc, user)) = self.accounts.clone().zip(user.filter(|u| u.unix_account)) {
+            let name = u.clone();
+            let r = on_host(move || match acc.managed(&name, user.unix_uid) {
+                Ok(pw) if disabled => acc.lock(&pw).map(|()| None),
+                Ok(pw) => acc.unlock(&pw).map(|()| None),
+                Err(AccountError::Refused(m)) => Ok(Some(m)),
+                Err(e) => Err(e),
+            })
+            .await;
+            match r {
+                Ok(None) => {}
+                Ok(Some(left_alone)) => {
+                    return Ok(DisableOutcome {
+                        message: format!("user {u} {done}; {left_alone}"),
+                        data,
+                    });
+                }
+                Err(e) => {
+                    self.store.set_disabled(u, !disabled, actor).await?;
+                    let what = if disabled { "locking" } else { "unlocking" };
+                    let msg =
+                        format!("{what} the Unix account {u} failed, so {u} was not {done}: {e}");
+                    return Err(ServiceError::account(&e, msg));
+                }
+            }
+        }
+        Ok(DisableOutcome {
+            message: format!("user {u} {done}"),
+            data,
+        })
+    }
+
+    /// Replaces the fields of `u`'s quota that `req` names.
+    pub async fn set_quota(
+        &self,
+        actor: &Actor,
+        u: &Username,
+        req: &wire::QuotaRequest,
+    ) -> Result<Done<Quota>> {
+        let cur = self
+            .store
+            .user(u.as_str())
+            .await?
+            .ok_or_else(|| ServiceError::NotFound(format!("user {u} not found")))?
+            .quota;
+        let mut c = Check::new(&req.unreadable);
+        let mut bounded = |k: &str, v: Option<i64>, cur: u32, max: u32| -> u32 {
+            match c.opt(k, v) {
+                Some(v) if v >= 0 && v <= i64::from(max) => v as u32,
+                Some(_) => {
+                    c.errs.push(k, format!("must be between 0 and {max}"));
+                    cur
+                }
+                None => cur,
+            }
+        };
+        let max_vms = bounded("max_vms", req.max_vms, cur.max_vms, 10_000);
+        let max_clusters = bounded("max_clusters", req.max_clusters, cur.max_clusters, 10_000);
+        let max_ips = bounded(
+            "max_ips",
+            req.max_ips,
+            cur.max_ips,
+            self.config.network.block_size,
+        );
+        let q = Quota {
+            max_vms,
+            max_clusters,
+            max_ips,
+            max_vcpus: c
+                .opt("max_vcpus", req.max_vcpus)
+                .map(|v| v.max(0) as u32)
+                .or(cur.max_vcpus),
+            max_memory_mib: c
+                .opt("max_memory_mib", req.max_memory_mib)
+                .map(|v| v.max(0) as u64)
+                .or(cur.max_memory_mib),
+        };
+        c.finish()?;
+        self.store.set_quota(u, &q, actor).await?;
+        Ok(Done {
+            message: format!("quota of {u} updated"),
+            data: q,
+        })
+    }
+
+    /// Deletes a user: the account only once it holds no VMs.
+    ///
+    /// The rule: a user is removed (with their Unix account) only when they hold no VMs. A user
+    /// who holds VMs is first checked as a whole: if any VM is being created, nothing changes
+    /// and the refusal names every such VM (wait for them, then delete again). Otherwise the
+    /// user is disabled (and their Unix account locked), every VM's delete is started (a VM
+    /// already being deleted reports its running delete), and the answer lists each operation
+    /// and every VM whose delete could not be started, with the reason. The user stays
+    /// disabled until a later call finds no VMs left, so nothing is ever half-deleted.
+    pub async fn delete_user(
+        &self,
+        actor: &Actor,
+        u: &Username,
+        purge: bool,
+    ) -> Result<UserDeletion> {
+        let user = self
+            .store
+            .user(u.as_str())
+            .await?
+            .ok_or_else(|| ServiceError::NotFound(format!("user {u} not found")))?;
+        if user.role == Role::Admin {
+            return Err(ServiceError::Conflict(
+                "admin accounts cannot be deleted here".into(),
+            ));
+        }
+        let vms = self.store.vms(Some(u.as_str())).await?;
+        if !vms.is_empty() {
+            return self.delete_vms_of(actor, &user, &vms).await;
+        }
+        self.store.delete_user(u, purge, actor).await?;
+        let done = if purge { "purged" } else { "deleted" };
+        let mut data = wire::UserRef {
+            username: u.clone(),
+            unix_account: None,
+        };
+        if let Some(acc) = self.accounts.clone().filter(|_| user.unix_account) {
+            let (name, uid) = (u.clone(), user.unix_uid);
+            match on_host(move || acc.remove(&name, uid)).await {
+                Ok(()) => {}
+                Err(AccountError::Refused(m)) => {
+                    data.unix_account = Some("left alone".into());
+                    return Ok(UserDeletion::Deleted(Done {
+                        message: format!("user {u} {done}; {m}"),
+                        data,
+                    }));
+                }
+                Err(AccountError::Failed(m)) => {
+                    return Err(ServiceError::Internal(format!(
+                        "user {u} {done}, but removing the Unix account failed: {m}; remove it with userdel"
+                    )));
+                }
+            }
+        }
+        Ok(UserDeletion::Deleted(Done {
+            message: format!("user {u} {done}"),
+            data,
+        }))
+    }
+
+    async fn delete_vms_of(
+        &self,
+        actor: &Actor,
+        user: &User,
+        vms: &[basphere_store::Vm],
+    ) -> Result<UserDeletion> {
+        let u = &user.username;
+        let creating: Vec<String> = vms
+            .iter()
+            .filter(|v| v.status == VmStatus::Creating)
+            .map(|v| v.name.to_string())
+            .collect();
+        if !creating.is_empty() {
+            return Err(ServiceError::Conflict(format!(
+                "user {u} has VMs being created: {}; wait for them to finish, then delete the \
+                 user again (nothing was changed)",
+                creating.join(", ")
+            )));
+        }
+        if user.status == UserStatus::Active {
+            self.store.set_disabled(u, true, actor).await?;
+            if let Some(acc) = self.accounts.clone().filter(|_| user.unix_account) {
+                let (name, uid) = (u.clone(), user.unix_uid);
+                on_host(move || acc.lock(&acc.managed(&name, uid)?))
+                    .await
+                    .map_err(|e| {
+                        ServiceError::Internal(format!(
+                            "user {u} disabled, but locking the Unix account failed: {e}"
+                        ))
+                    })?;
+            }
+        }
+        let steps = basphere_vm_workflows::step_names(VmOperation::Delete);
+        let (mut operations, mut refused) = (vec![], vec![]);
+        for vm in vms {
+            match self
+                .store
+                .begin_delete_vm(u.as_str(), vm.name.as_str(), &steps, actor)
+                .await
+            {
+                Ok(a) => operations.push(wire::VmOperation {
+                    vm: a.vm.name,
+                    operation_id: a.operation_id,
+                }),
+                // Already being deleted: follow the delete under way.
+                Err(DeleteError::Busy(_, VmStatus::Deleting, op)) if !op.is_empty() => operations
+                    .push(wire::VmOperation {
+                        vm: vm.name.clone(),
+                        operation_id: op,
+                    }),
+                // Gone in the meantime.
+                Err(DeleteError::NotFound(_)) => {}
+                Err(e) => refused.push(wire::VmRefusal {
+                    vm: vm.name.to_string(),
+                    reason: e.to_string(),
+                }),
+            }
+        }
+        self.engine.wake();
+        let mut message = format!(
+            "user {u} disabled; deleting {} VM(s) first — run the delete again when they are gone",
+            vms.len()
+        );
+        if !refused.is_empty() {
+            message.push_str(&format!(
+                "; {} VM(s) could not be deleted now: {}",
+                refused.len(),
+                refused
+                    .iter()
+                    .map(|r| r.reason.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ));
+        }
+        Ok(UserDeletion::VmsDeleting(Done {
+            message,
+            data: wire::UserVmsDeleting {
+                operations,
+                remaining_vms: vms.len(),
+                refused,
+            },
+        }))
+    }
+
+    /// Files a key change for the (active) principal.
+    pub async fn request_key_change(
+        &self,
+        me: &Principal,
+        req: &wire::KeyChangeRequest,
+    ) -> Result<Done<wire::KeyChange>> {
+        let mut c = Check::new(&req.unreadable);
+        let key = c
+            .req("public_key", req.public_key.as_deref())
+            .and_then(|s| c.errs.check("public_key", s.parse::<SshPublicKey>()));
+        c.finish()?;
+        let kc = self
+            .store
+            .request_key_change(&me.user.username, &key.expect("checked"), &me.actor)
+            .await?;
+        Ok(Done {
+            message: "key change requested; an admin will review it".into(),
+            data: convert::key_change(&kc),
+        })
+    }
+
+    /// Pending key changes, newest first.
+    pub async fn pending_key_changes(&self, p: &Paging) -> Result<Paged<wire::KeyChange>> {
+        let limit = p.limit()?;
+        let k = self
+            .store
+            .key_changes_page(p.after_num()?, limit + 1)
+            .await?;
+        Ok(Paged::of(k, limit, |k| k.id.to_string()).map(|k| convert::key_change(&k)))
+    }
+
+    /// Key changes of one user (`None`: everyone's).
+    pub async fn key_changes(&self, u: Option<&str>) -> Result<Vec<wire::KeyChange>> {
+        let k = self.store.key_changes(u).await?;
+        Ok(k.iter().map(convert::key_change).collect())
+    }
+
+    /// Approves or rejects `u`'s pending key change; an approved key is installed in their
+    /// Unix account, and the approval taken back if that fails.
+    pub async fn decide_key(
+        &self,
+        actor: &Actor,
+        u: &Username,
+        approve: bool,
+        req: &wire::ReasonRequest,
+    ) -> Result<KeyDecision> {
+        let mut c = Check::new(&req.unreadable);
+        let reason = c.opt("reason", req.reason.clone());
+        c.finish()?;
+        let before = self.store.user(u.as_str()).await?;
+        let kc = self
+            .store
+            .decide_key_change(u, approve, reason.as_deref(), actor)
+            .await?;
+        let managed = before.filter(|b| approve && b.unix_account);
+        if let Some((acc, user)) = self.accounts.clone().zip(managed) {
+            let key: SshPublicKey = kc
+                .public_key
+                .parse()
+                .map_err(|e| ServiceError::Internal(format!("stored key is invalid: {e}")))?;
+            let name = u.clone();
+            let (uid, disabled) = (user.unix_uid, user.status == UserStatus::Disabled);
+            let r = on_host(move || {
+                let pw = acc.managed(&name, uid)?;
+                acc.set_key(&pw, &key, disabled)
+            })
+            .await;
+            if let Err(e) = r {
+                let reason = format!("installing the new key of {u} failed: {e}");
+                self.store
+                    .undo_key_approval(u, kc.id, &user.public_key, &reason, actor)
+                    .await?;
+                let msg = format!("{reason}; the key change stays pending");
+                return Err(ServiceError::account(&e, msg));
+            }
+        }
+        Ok(Done {
+            message: format!(
+                "key change of {u} {}",
+                if approve { "approved" } else { "rejected" }
+            ),
+            data: convert::key_change(&kc),
+        })
+    }
+
+    /// The principal's tokens by id.
+    pub async fn tokens(&self, me: &Principal, p: &Paging) -> Result<Paged<wire::TokenInfo>> {
+        let limit = p.limit()?;
+        let t = self
+            .store
+            .tokens_page(me.name(), p.after.as_deref(), limit + 1)
+            .await?;
+        Ok(Paged::of(t, limit, |t| t.id.clone()).map(|t| convert::token_info(&t)))
+    }
+
+    /// Makes a token for the principal; its secret is in the answer only.
+    pub async fn create_token(
+        &self,
+        me: &Principal,
+        req: &wire::TokenRequest,
+    ) -> Result<Done<wire::TokenCreated>> {
+        let mut c = Check::new(&req.unreadable);
+        let name = c
+            .opt("name", req.name.clone())
+            .unwrap_or_else(|| "cli".into());
+        if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
+            c.errs.push("name", "must be 1 to 64 printable characters");
+        }
+        let ttl_days = c.opt("ttl_days", req.ttl_days);
+        if ttl_days.is_some_and(|d| !(1..=3650).contains(&d)) {
+            c.errs.push("ttl_days", "must be between 1 and 3650");
+        }
+        c.finish()?;
+        let (info, secret) = self
+            .store
+            .create_token(
+                &me.user.username,
+                &name,
+                ttl_days.map(|d| d * 86_400_000),
+                &me.actor,
+            )
+            .await?;
+        Ok(token_created(
+            "token created; it is shown only this once",
+            &info,
+            secret,
+        ))
+    }
+
+    /// A token for a web session of `user`, valid `ttl_ms`: `(token id, secret)`.
+    pub async fn session_token(
+        &self,
+        user: &Username,
+        ttl_ms: i64,
+        actor: &Actor,
+    ) -> Result<(String, String)> {
+        let (info, secret) = self
+            .store
+            .create_token(user, "web session", Some(ttl_ms), actor)
+            .await?;
+        Ok((info.id, secret))
+    }
+
+    /// Revokes one of `owner`'s tokens.
+    pub async fn revoke_token(
+        &self,
+        owner: &str,
+        id: &str,
+        actor: &Actor,
+    ) -> Result<Done<wire::TokenRevoked>> {
+        if !self.store.revoke_token(owner, id, actor).await? {
+            return Err(ServiceError::NotFound(format!("token {id} not found")));
+        }
+        Ok(Done {
+            message: format!("token {id} revoked"),
+            data: wire::TokenRevoked { id: id.to_string() },
+        })
+    }
+
+    /// Exchanges `u`'s one-time enrollment code for a token. Refusals from `client` within
+    /// `limits.enroll_audit_window_secs` share one audit record that counts them.
+    pub async fn enroll(
+        &self,
+        actor: &Actor,
+        client: &str,
+        req: &wire::EnrollRequest,
+    ) -> Result<Done<wire::TokenCreated>> {
+        let mut c = Check::new(&req.unreadable);
+        let u = c
+            .req("username", req.username.as_deref())
+            .and_then(|s| c.errs.check("username", s.parse::<Username>()));
+        let code = c.req("code", req.code.clone());
+        c.finish()?;
+        let window = i64::try_from(self.config.limits.enroll_audit_window_secs)
+            .unwrap_or(i64::MAX / 1000)
+            .saturating_mul(1000);
+        match self
+            .store
+            .enroll_folding_refusals(
+                &u.expect("checked"),
+                &code.expect("checked"),
+                actor,
+                client,
+                window,
+            )
+            .await?
+        {
+            Some((info, secret)) => Ok(token_created(
+                "enrolled; keep this token, it is shown only this once",
+                &info,
+                secret,
+            )),
+            None => Err(ServiceError::Unauthorized(
+                "enrollment code is wrong, used or expired; ask an admin for a new approval".into(),
+            )),
+        }
+    }
+
+    /// Audit records matching `f` (its `limit` is the page size), newest first.
+    pub async fn audit(
+        &self,
+        actor: Option<String>,
+        action: Option<String>,
+        target: Option<String>,
+        p: &Paging,
+    ) -> Result<Paged<wire::AuditRecord>> {
+        let limit = p.limit()?;
+        let recs = self
+            .store
+            .audit_page(
+                &AuditFilter {
+                    actor,
+                    action,
+                    target,
+                    since_ms: None,
+                    limit: Some(limit + 1),
+                },
+                p.after_num()?,
+            )
+            .await?;
+        Ok(Paged::of(recs, limit, |r| r.id.to_string()).map(|r| convert::audit_record(&r)))
+    }
+}

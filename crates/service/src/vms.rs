@@ -1,0 +1,285 @@
+//! VMs: the catalog, create (admission in one store transaction, then the engine is woken),
+//! delete, listings, quota and resources.
+
+use crate::check::Check;
+use crate::error::Result;
+use crate::{Done, MAX_LIMIT, Paged, Paging, Principal, ServiceError, Services, convert};
+use basphere_core::{ImageName, SpecName, Usage, VM_COUNT_RANGE, VmName};
+use basphere_core::VmOperation;
+use basphere_store::{AdmitError, AdmitRequest, DeleteError};
+use basphere_wire as wire;
+
+/// What a user's dashboard shows: their VMs, usage and latest operations.
+#[derive(Debug, Clone)]
+pub struct Dashboard {
+    pub vms: Vec<wire::Vm>,
+    pub usage: Usage,
+    pub operations: Vec<wire::Operation>,
+}
+
+impl From<AdmitError> for ServiceError {
+    fn from(e: AdmitError) -> Self {
+        match e {
+            AdmitError::Quota(q) => ServiceError::Quota(q),
+            AdmitError::NotActive(..) => ServiceError::Forbidden(e.to_string()),
+            AdmitError::NameTaken(_)
+            | AdmitError::DuplicateInRequest(_)
+            | AdmitError::NoUser(_)
+            | AdmitError::NoBlock(_)
+            | AdmitError::BlockFull(..) => ServiceError::Conflict(e.to_string()),
+            AdmitError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<DeleteError> for ServiceError {
+    fn from(e: DeleteError) -> Self {
+        match e {
+            DeleteError::NotFound(_) => ServiceError::NotFound(e.to_string()),
+            DeleteError::Busy(..) => ServiceError::Conflict(e.to_string()),
+            DeleteError::Store(e) => e.into(),
+        }
+    }
+}
+
+fn known(keys: impl Iterator<Item = impl AsRef<str>>) -> String {
+    keys.map(|k| k.as_ref().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl Services {
+    /// Sizes, images and the VM count range one create may ask for.
+    pub fn catalog(&self) -> wire::Catalog {
+        let c = &self.config;
+        wire::Catalog {
+            specs: c.specs.clone(),
+            images: c
+                .images
+                .iter()
+                .map(|(n, i)| wire::CatalogImage {
+                    name: n.to_string(),
+                    login_user: i.login_user.clone(),
+                    default: i.default,
+                })
+                .collect(),
+            default_image: c.default_image().to_string(),
+            count: wire::CountRange {
+                min: *VM_COUNT_RANGE.start(),
+                max: *VM_COUNT_RANGE.end(),
+            },
+            provider: self.provider.kind().to_string(),
+        }
+    }
+
+    /// Checks a create request against the catalog: the VMs' names, image and size.
+    fn admit_request(&self, me: &Principal, req: &wire::CreateVmsRequest) -> Result<AdmitRequest> {
+        let cfg = &self.config;
+        let mut c = Check::new(&req.unreadable);
+        let name = c
+            .req("name", req.name.as_deref())
+            .and_then(|s| c.errs.check("name", s.parse::<VmName>()));
+        let spec_name = c
+            .opt("spec", req.spec.clone())
+            .unwrap_or_else(|| "small".into());
+        let spec = match spec_name.parse::<SpecName>() {
+            Ok(n) => match cfg.specs.get(&n) {
+                Some(s) => Some((n, *s)),
+                None => {
+                    c.errs.push(
+                        "spec",
+                        format!(
+                            "unknown spec {spec_name:?}; choose one of: {}",
+                            known(cfg.specs.keys().map(|k| k.as_str()))
+                        ),
+                    );
+                    None
+                }
+            },
+            Err(e) => {
+                c.errs.push("spec", e.to_string());
+                None
+            }
+        };
+        let os_name = c
+            .opt("os", req.os.clone())
+            .unwrap_or_else(|| cfg.default_image().to_string());
+        let os = match os_name.parse::<ImageName>() {
+            Ok(n) if cfg.images.contains_key(&n) => Some(n),
+            _ => {
+                c.errs.push(
+                    "os",
+                    format!(
+                        "unknown OS {os_name:?}; choose one of: {}",
+                        known(cfg.images.keys().map(|k| k.as_str()))
+                    ),
+                );
+                None
+            }
+        };
+        let count = c.opt("count", req.count).unwrap_or(1);
+        let (lo, hi) = (*VM_COUNT_RANGE.start(), *VM_COUNT_RANGE.end());
+        if !(i64::from(lo)..=i64::from(hi)).contains(&count) {
+            c.errs.push(
+                "count",
+                format!("must be between {lo} and {hi} (got {count})"),
+            );
+        }
+        let names: Vec<VmName> = match &name {
+            Some(n) if count == 1 => vec![n.clone()],
+            Some(n) if (2..=10).contains(&count) => {
+                let mut v = vec![];
+                for i in 1..=count {
+                    match format!("{n}-{i}").parse() {
+                        Ok(x) => v.push(x),
+                        Err(_) => {
+                            c.errs.push(
+                                "name",
+                                format!(
+                                    "{n}-{i} (name with count suffix) is longer than 30 characters"
+                                ),
+                            );
+                            break;
+                        }
+                    }
+                }
+                v
+            }
+            _ => vec![],
+        };
+        c.finish()?;
+        let (spec_name, spec) = spec.expect("checked");
+        let os = os.expect("checked");
+        Ok(AdmitRequest {
+            owner: me.user.username.clone(),
+            names,
+            login_user: cfg.images[&os].login_user.clone(),
+            os,
+            spec_name,
+            spec,
+            provider: self.provider.kind().to_string(),
+            steps: basphere_vm_workflows::step_names(VmOperation::Create),
+        })
+    }
+
+    /// Admits the VMs in one transaction and wakes the engine; an operation per VM.
+    pub async fn create_vms(
+        &self,
+        me: &Principal,
+        req: &wire::CreateVmsRequest,
+    ) -> Result<Done<wire::VmsCreated>> {
+        let req = self.admit_request(me, req)?;
+        let admitted = self
+            .store
+            .admit_vms(&req, &self.config.network, &me.actor)
+            .await?;
+        self.engine.wake();
+        let names: Vec<&str> = admitted.iter().map(|a| a.vm.name.as_str()).collect();
+        Ok(Done {
+            message: format!(
+                "creating {}; follow with: basphere ops watch <operation_id>",
+                names.join(", ")
+            ),
+            data: wire::VmsCreated {
+                vms: admitted
+                    .iter()
+                    .map(|a| convert::vm(&a.vm, Some(&a.operation_id)))
+                    .collect(),
+                operations: admitted.iter().map(|a| a.operation_id.clone()).collect(),
+            },
+        })
+    }
+
+    /// VMs of `owner` (`None`: everyone's) in creation order.
+    pub async fn vms(&self, owner: Option<&str>, p: &Paging) -> Result<Paged<wire::Vm>> {
+        let limit = p.limit()?;
+        let vms = self
+            .store
+            .vms_page(owner, p.after.as_deref(), limit + 1)
+            .await?;
+        Ok(Paged::of(vms, limit, |v| v.id.clone()).map(|v| convert::vm(&v, None)))
+    }
+
+    /// The first page (of the most a page holds) of [`Services::vms`], by owner and name.
+    pub async fn vms_by_name(&self, owner: Option<&str>) -> Result<Vec<wire::Vm>> {
+        let mut vms = self
+            .store
+            .vms_page(owner, None, MAX_LIMIT)
+            .await?
+            .iter()
+            .map(|v| convert::vm(v, None))
+            .collect::<Vec<_>>();
+        vms.sort_by(|a, b| (&a.owner, &a.name).cmp(&(&b.owner, &b.name)));
+        Ok(vms)
+    }
+
+    /// One VM of `owner`.
+    pub async fn vm(&self, owner: &str, name: &str) -> Result<wire::Vm> {
+        let vm = self
+            .store
+            .vm(owner, name)
+            .await?
+            .ok_or_else(|| ServiceError::NotFound(format!("VM {name} not found")))?;
+        Ok(convert::vm(&vm, None))
+    }
+
+    /// Starts deleting `owner`'s VM `name` and wakes the engine.
+    pub async fn delete_vm(
+        &self,
+        me: &Principal,
+        owner: &str,
+        name: &str,
+    ) -> Result<Done<wire::VmDeleting>> {
+        let steps = basphere_vm_workflows::step_names(VmOperation::Delete);
+        let a = self
+            .store
+            .begin_delete_vm(owner, name, &steps, &me.actor)
+            .await?;
+        self.engine.wake();
+        Ok(Done {
+            message: format!("deleting {name}"),
+            data: wire::VmDeleting {
+                vm: convert::vm(&a.vm, Some(&a.operation_id)),
+                operation_id: a.operation_id,
+            },
+        })
+    }
+
+    /// The principal's quota and usage.
+    pub async fn quota(&self, me: &Principal) -> Result<wire::QuotaView> {
+        let usage = self.store.usage(me.name()).await?;
+        Ok(wire::QuotaView {
+            username: me.user.username.clone(),
+            quota: me.user.quota,
+            usage,
+        })
+    }
+
+    /// Everything the principal holds: address block, quota, usage, VMs.
+    pub async fn resources(&self, me: &Principal) -> Result<wire::Resources> {
+        let usage = self.store.usage(me.name()).await?;
+        let vms = self.store.vms(Some(me.name())).await?;
+        Ok(wire::Resources {
+            username: me.user.username.clone(),
+            ip_block: self.block(me.user.ip_block),
+            gateway: self.config.network.gateway,
+            quota: me.user.quota,
+            usage,
+            vms: vms.iter().map(|v| convert::vm(v, None)).collect(),
+            clusters: vec![],
+        })
+    }
+
+    /// The principal's VMs, usage and 30 latest operations.
+    pub async fn dashboard(&self, me: &Principal) -> Result<Dashboard> {
+        let owner = me.name();
+        let vms = self.store.vms(Some(owner)).await?;
+        let usage = self.store.usage(owner).await?;
+        let wfs = self.store.workflows(Some(owner), 30).await?;
+        Ok(Dashboard {
+            vms: vms.iter().map(|v| convert::vm(v, None)).collect(),
+            usage,
+            operations: wfs.iter().map(convert::operation).collect(),
+        })
+    }
+}

@@ -1,0 +1,81 @@
+//! Reading a request body (a JSON object) field by field, so that every field of the wrong
+//! JSON type is reported at once. What a well-typed value means (a valid name, a known spec)
+//! is the service's to decide.
+
+use basphere_core::FieldErrors;
+use serde_json::{Map, Value};
+
+/// A JSON object being read; the fields of the wrong type collect in `errors`.
+pub struct Object<'a> {
+    map: &'a Map<String, Value>,
+    pub errors: FieldErrors,
+}
+
+impl<'a> Object<'a> {
+    pub fn new(map: &'a Map<String, Value>) -> Self {
+        Self {
+            map,
+            errors: FieldErrors::new(),
+        }
+    }
+
+    /// A string field: `None` when absent, `null` or of another type (then recorded).
+    pub fn str(&mut self, key: &str) -> Option<String> {
+        match self.map.get(key) {
+            Some(Value::String(s)) => Some(s.clone()),
+            None | Some(Value::Null) => None,
+            Some(_) => {
+                self.errors.push(key, "must be a string");
+                None
+            }
+        }
+    }
+
+    /// A whole-number field (a JSON number, or a string holding one, as forms send).
+    pub fn int(&mut self, key: &str) -> Option<i64> {
+        let bad = |o: &mut Self| {
+            o.errors.push(key, "must be a whole number");
+            None
+        };
+        match self.map.get(key) {
+            Some(Value::Number(n)) => match n.as_i64() {
+                Some(v) => Some(v),
+                None => bad(self),
+            },
+            Some(Value::String(s)) => match s.parse() {
+                Ok(v) => Some(v),
+                Err(_) => bad(self),
+            },
+            None | Some(Value::Null) => None,
+            Some(_) => bad(self),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn wrong_types_are_recorded_per_field() {
+        let v = json!({"a": "x", "b": 5, "c": "7", "d": "seven", "e": null, "f": [1]});
+        let mut o = Object::new(v.as_object().unwrap());
+        assert_eq!(o.str("a").as_deref(), Some("x"));
+        assert_eq!(o.str("b"), None);
+        assert_eq!(o.int("b"), Some(5));
+        assert_eq!(o.int("c"), Some(7));
+        assert_eq!(o.int("d"), None);
+        assert_eq!(o.str("e"), None);
+        assert_eq!(o.int("f"), None);
+        assert_eq!(o.str("missing"), None);
+        assert_eq!(
+            o.errors.lines(),
+            [
+                "b: must be a string",
+                "d: must be a whole number",
+                "f: must be a whole number"
+            ]
+        );
+    }
+}

@@ -1,0 +1,125 @@
+//! Request bodies. Every field is optional on the wire: which are required, and what a valid
+//! value is, the server's services decide (reporting every bad field at once). `read` takes a
+//! JSON object (the API's body, or the portal's form) and keeps the fields of the wrong JSON
+//! type in `unreadable`, which never goes on the wire.
+
+use crate::read::Object;
+use basphere_core::FieldErrors;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Declares a request body: its fields (strings or whole numbers) and its `read`.
+macro_rules! request {
+    ($(#[$m:meta])* $name:ident { $($(#[$fm:meta])* $field:ident : $kind:ident),* $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+        pub struct $name {
+            $($(#[$fm])*
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub $field: Option<request!(@ty $kind)>,)*
+            /// Fields that were present with the wrong JSON type, as field errors.
+            #[serde(skip)]
+            pub unreadable: FieldErrors,
+        }
+
+        impl $name {
+            /// Reads the fields out of a JSON object.
+            pub fn read(map: &Map<String, Value>) -> Self {
+                let mut o = Object::new(map);
+                $(let $field = o.$kind(stringify!($field));)*
+                Self { $($field,)* unreadable: o.errors }
+            }
+        }
+    };
+    (@ty str) => { String };
+    (@ty int) => { i64 };
+}
+
+request!(
+    /// `POST /register` and `POST /users`.
+    RegisterRequest {
+        username: str,
+        email: str,
+        team: str,
+        public_key: str,
+    }
+);
+
+request!(
+    /// `POST /enroll`: exchanges a one-time code for a token.
+    EnrollRequest { username: str, code: str }
+);
+
+request!(
+    /// `POST /users/{u}/reject`, `POST /key-changes/{u}/approve|reject`.
+    ReasonRequest { reason: str }
+);
+
+request!(
+    /// `PUT /users/{u}/quota`: absent fields keep their value.
+    QuotaRequest {
+        max_vms: int,
+        max_clusters: int,
+        max_ips: int,
+        max_vcpus: int,
+        max_memory_mib: int,
+    }
+);
+
+request!(
+    /// `POST /key-change`.
+    KeyChangeRequest { public_key: str }
+);
+
+request!(
+    /// `POST /tokens`.
+    TokenRequest {
+        /// Default `cli`.
+        name: str,
+        ttl_days: int,
+    }
+);
+
+request!(
+    /// `POST /vms`.
+    CreateVmsRequest {
+        name: str,
+        /// Default `small`.
+        spec: str,
+        /// Default: the configured default image.
+        os: str,
+        /// Default 1; above 1 the VMs are named `NAME-1` … `NAME-N`.
+        count: int,
+    }
+);
+
+request!(
+    /// `POST /batches/plan` and `POST /batches`.
+    BatchRequest {
+        /// The manifest's text.
+        manifest: str,
+        /// `toml` (default) or `yaml`.
+        format: str,
+        parallelism: int,
+    }
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn reads_and_writes_the_same_fields() {
+        let v = json!({"name": "web", "count": "3", "os": 7});
+        let r = CreateVmsRequest::read(v.as_object().unwrap());
+        assert_eq!(r.name.as_deref(), Some("web"));
+        assert_eq!(r.count, Some(3));
+        assert_eq!(r.os, None);
+        assert_eq!(r.unreadable.lines(), ["os: must be a string"]);
+        assert_eq!(
+            serde_json::to_value(&r).unwrap(),
+            json!({"name": "web", "count": 3})
+        );
+    }
+}
