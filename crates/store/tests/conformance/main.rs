@@ -5,6 +5,9 @@
 //! Add a case to a domain module's `cases()`; it runs on both backends.
 
 mod audit;
+mod users;
+mod vms;
+mod workflows;
 
 use basphere_store::Store;
 use std::future::Future;
@@ -17,6 +20,9 @@ pub type Case = (&'static str, fn(Store) -> Fut);
 fn all() -> Vec<Case> {
     let mut v = vec![];
     v.extend(audit::cases());
+    v.extend(users::cases());
+    v.extend(vms::cases());
+    v.extend(workflows::cases());
     v
 }
 
