@@ -16,6 +16,9 @@ use std::pin::Pin;
 pub type Fut = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// A named case: it gets a fresh store.
 pub type Case = (&'static str, fn(Store) -> Fut);
+/// A named case run on two stores over one fresh database, as two servers (replicas) would
+/// share it: two handles on one SQLite file, or two pools on one PostgreSQL database.
+pub type ReplicaCase = (&'static str, fn(Store, Store) -> Fut);
 
 fn all() -> Vec<Case> {
     let mut v = vec![];
@@ -23,6 +26,14 @@ fn all() -> Vec<Case> {
     v.extend(users::cases());
     v.extend(vms::cases());
     v.extend(workflows::cases());
+    v
+}
+
+fn all_replicated() -> Vec<ReplicaCase> {
+    let mut v = vec![];
+    v.extend(users::replica_cases());
+    v.extend(vms::replica_cases());
+    v.extend(workflows::replica_cases());
     v
 }
 
@@ -36,6 +47,15 @@ async fn every_case_on_sqlite() {
         case(store.clone()).await;
         store.close().await;
     }
+    for (name, case) in all_replicated() {
+        eprintln!("case {name} on two sqlite handles");
+        let dir = tempfile::tempdir().unwrap();
+        let a = Store::open(&dir.path().join("basphere.db")).await.unwrap();
+        let b = Store::open(&dir.path().join("basphere.db")).await.unwrap();
+        case(a.clone(), b.clone()).await;
+        a.close().await;
+        b.close().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -48,5 +68,14 @@ async fn every_case_on_postgres() {
         assert_eq!(store.backend(), "postgres");
         case(store.clone()).await;
         store.close().await;
+    }
+    for (i, (name, case)) in all_replicated().into_iter().enumerate() {
+        eprintln!("case {name} on two postgres replicas");
+        let url = pg.create_database(&format!("replicas{i}"));
+        let a = Store::open_postgres(&url).await.unwrap();
+        let b = Store::open_postgres(&url).await.unwrap();
+        case(a.clone(), b.clone()).await;
+        a.close().await;
+        b.close().await;
     }
 }

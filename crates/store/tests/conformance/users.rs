@@ -1,6 +1,10 @@
 //! Users, registrations, key changes, tokens and enrollment.
-use crate::Case;
+use crate::{Case, ReplicaCase};
 
 pub fn cases() -> Vec<Case> {
+    vec![]
+}
+
+pub fn replica_cases() -> Vec<ReplicaCase> {
     vec![]
 }
