@@ -363,6 +363,16 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.database.url
+            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            return Err(ConfigError::Invalid {
+                key: "database.url".into(),
+                reason: "must be a PostgreSQL URL (postgres://user@host:port/db); leave it \
+                         unset for the embedded SQLite database"
+                    .into(),
+            });
+        }
         let bad = |key: &str, reason: String| ConfigError::Invalid {
             key: key.into(),
             reason,
