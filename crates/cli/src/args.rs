@@ -138,6 +138,9 @@ pub enum Cmd {
     /// Build OS base images for the qemu provider.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// The database: apply migrations, or copy this install into an empty PostgreSQL.
+    #[command(subcommand)]
+    Db(DbCmd),
     /// SSH into one of your VMs (enters the lab network namespace when needed).
     Ssh {
         name: String,
@@ -149,6 +152,20 @@ pub enum Cmd {
     /// (`cargo build --release -p basphere-bench`; `basphere bench --help` for its options).
     #[command(disable_help_flag = true)]
     Bench(crate::bench::BenchArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DbCmd {
+    /// Apply pending migrations to the configured database ([database] url, else the embedded
+    /// SQLite file) and print its schema version.
+    Migrate,
+    /// Copy every row of the configured database (users, tokens, VMs, workflows, audit) into an
+    /// empty PostgreSQL database, then point `[database] url` at it. Stop the server first.
+    Copy {
+        /// The target: postgres://user@host:port/db (must be empty; migrated here).
+        #[arg(long, value_name = "URL")]
+        to: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]

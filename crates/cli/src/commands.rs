@@ -178,6 +178,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Image(ImageCmd::Build { name, force }) => {
             crate::providers::build_image(g.config.as_deref(), &name, force).await?
         }
+        Cmd::Db(c) => crate::db::run(g.config.as_deref(), out, c).await?,
         Cmd::Ssh { name, command } => return ssh(&g, &name, &command).await,
         cmd => return client_cmd(&g, out, cmd).await,
     }

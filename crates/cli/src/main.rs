@@ -5,6 +5,7 @@
 mod args;
 mod bench;
 mod commands;
+mod db;
 mod modes;
 mod output;
 mod providers;

@@ -17,6 +17,7 @@
 mod audit;
 mod batches;
 mod commit;
+mod copy;
 mod db;
 mod hooks;
 mod limits;
@@ -27,6 +28,7 @@ mod workflows;
 
 pub use audit::{Actor, AuditFilter, AuditRecord};
 pub use batches::{BatchAdmitted, BatchError, BatchNodeRef, BatchRequest, BatchVm};
+pub use copy::CopyReport;
 pub use hooks::{Hooks, RetryCtx};
 pub use users::{
     ApproveOutcome, KeyChange, NewRegistration, Registration, TokenInfo, TokenOwner, User,

@@ -118,6 +118,16 @@ impl Row {
             .ok_or_else(|| StoreError::Corrupt("row", format!("no column {col}")))
     }
 
+    /// The columns' names, in order.
+    pub fn columns(&self) -> &[String] {
+        &self.names
+    }
+
+    /// The values, in column order.
+    pub fn values(&self) -> &[Value] {
+        &self.vals
+    }
+
     /// The first column as an integer (`COUNT(*)`, `MAX(…)`); `None` when NULL.
     pub fn first_int(&self) -> Result<Option<i64>> {
         match self.vals.first() {
