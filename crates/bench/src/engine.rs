@@ -28,7 +28,7 @@ pub async fn throughput(
     dir: &Path,
     workflows: usize,
     steps: usize,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<(f64, f64)> {
     let cfg = batch_config(bench, dir, &[("BASPHERE_ENGINE__MAX_PARALLEL", "32")])?;
     let app = App::build(
         Arc::new(cfg),
@@ -55,6 +55,7 @@ pub async fn throughput(
     engine.register("noop", Arc::new(basphere_engine::NoopWorkflow));
     let mut rx = engine.subscribe();
     let (tx, srx) = tokio::sync::watch::channel(false);
+    let commits0 = store.commits();
     let t0 = Instant::now();
     tokio::spawn(engine.clone().run(srx));
     let mut left = ids.len();
@@ -75,9 +76,11 @@ pub async fn throughput(
         }
     }
     let dt = t0.elapsed();
+    let commits = store.commits() - commits0;
     let _ = tx.send(true);
     store.close().await;
-    Ok((workflows * steps) as f64 / dt.as_secs_f64())
+    let n = (workflows * steps) as f64;
+    Ok((n / dt.as_secs_f64(), commits as f64 * 1000.0 / n))
 }
 
 fn peak_rss_mb() -> f64 {
@@ -343,9 +346,10 @@ pub async fn run(
     parallelism: u32,
     terraform_too: bool,
 ) -> anyhow::Result<()> {
-    let tput = throughput(bench, &dir.join("throughput"), 200, 50).await?;
+    let (tput, per_k) = throughput(bench, &dir.join("throughput"), 200, 50).await?;
     println!(
-        "engine throughput, no-op steps on {} (200 workflows × 50 steps): {tput:.0} steps/s (target ≥ 5,000)",
+        "engine throughput, no-op steps on {} (200 workflows × 50 steps): {tput:.0} steps/s, \
+         {per_k:.1} commits per 1,000 steps",
         bench.backend.label()
     );
     let o = std::process::Command::new(std::env::current_exe()?)
@@ -354,6 +358,8 @@ pub async fn run(
             "batch",
             "--backend",
             bench.backend.as_arg(),
+            "--pg-server",
+            bench.pg_server.as_deref().unwrap_or(""),
             "--basphere",
             &bench.basphere.display().to_string(),
             "--batch-nodes",

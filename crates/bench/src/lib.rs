@@ -27,9 +27,13 @@ pub struct Args {
     /// PostgreSQL 15 the probe starts itself; not part of `all`).
     #[arg(long, value_enum, default_value_t = Part::All)]
     pub part: Part,
-    /// The store the figures are measured on.
+    /// The store the figures are measured on (`both`: every figure on SQLite, then on a
+    /// PostgreSQL 15 the bench starts itself, durable as in production).
     #[arg(long, value_enum, default_value_t = Backend::Sqlite)]
     pub backend: Backend,
+    /// The PostgreSQL server the child processes use (set by the bench itself).
+    #[arg(long, hide = true)]
+    pub pg_server: Option<String>,
     /// The product binary the figures start (`serve`, `vm list`, `plan`)
     /// [default: `basphere` beside this executable].
     #[arg(long, value_name = "PATH")]
@@ -72,6 +76,10 @@ pub enum Part {
 pub enum Backend {
     /// The embedded SQLite file in the data dir (no `[database] url`).
     Sqlite,
+    /// A PostgreSQL 15 database (`[database] url`), a fresh one per server.
+    Postgres,
+    /// SQLite, then PostgreSQL, in one run.
+    Both,
 }
 
 impl Backend {
@@ -79,6 +87,8 @@ impl Backend {
     pub fn label(self) -> &'static str {
         match self {
             Backend::Sqlite => "SQLite",
+            Backend::Postgres => "PostgreSQL",
+            Backend::Both => "SQLite and PostgreSQL",
         }
     }
 
@@ -86,13 +96,8 @@ impl Backend {
     pub fn as_arg(self) -> &'static str {
         match self {
             Backend::Sqlite => "sqlite",
-        }
-    }
-
-    /// The config settings (`BASPHERE_*` keys) that select this backend.
-    pub fn settings(self) -> Vec<(String, String)> {
-        match self {
-            Backend::Sqlite => vec![],
+            Backend::Postgres => "postgres",
+            Backend::Both => "both",
         }
     }
 }
@@ -101,6 +106,8 @@ impl Backend {
 #[derive(Clone, Debug)]
 pub struct Bench {
     pub backend: Backend,
+    /// The PostgreSQL server (`postgres://…/postgres`) fresh databases are made on.
+    pub pg_server: Option<String>,
     /// The `basphere` binary, started as a separate process where a figure is end to end.
     pub basphere: PathBuf,
 }
@@ -113,7 +120,13 @@ impl Bench {
             ("BASPHERE_DATA_DIR".to_string(), dir.display().to_string()),
             ("BASPHERE_PROVIDER__KIND".into(), "null".into()),
         ];
-        env.extend(self.backend.settings());
+        if self.backend == Backend::Postgres {
+            let server = self
+                .pg_server
+                .as_deref()
+                .ok_or_else(|| anyhow::anyhow!("no PostgreSQL server for the bench"))?;
+            env.push(("BASPHERE_DATABASE__URL".into(), fresh_database(server)?));
+        }
         env.extend(settings.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         Ok(Config::load(None, env)?)
     }
@@ -166,21 +179,58 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     if a.part == Part::PgProbe {
         return pg_probe::run(a.probe_steps).await;
     }
-    let bench = Bench {
-        backend: a.backend,
-        basphere: product_binary(a.basphere.clone())?,
-    };
+    let basphere = product_binary(a.basphere.clone())?;
     if a.part == Part::Batch {
+        let bench = Bench {
+            backend: a.backend,
+            pg_server: a.pg_server.clone(),
+            basphere,
+        };
         let dir = std::env::var_os("BASPHERE_BENCH_DIR")
             .map(PathBuf::from)
             .ok_or_else(|| anyhow::anyhow!("--part batch is started by the engine part itself"))?;
         return engine::batch_child(&bench, &dir, a.batch_nodes, a.parallelism).await;
     }
-    let tmp = std::env::temp_dir().join(format!("basphere-bench-{}", std::process::id()));
+    let backends = match a.backend {
+        Backend::Both => vec![Backend::Sqlite, Backend::Postgres],
+        b => vec![b],
+    };
+    // Durable, as a production server runs it: the figures include the cost of a commit.
+    let pg = if backends.contains(&Backend::Postgres) {
+        let o = basphere_testkit::postgres::Options {
+            durable: true,
+            ..Default::default()
+        };
+        Some(
+            basphere_testkit::postgres::Postgres::start_with(&o)
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        )
+    } else {
+        None
+    };
+    for backend in backends {
+        let bench = Bench {
+            backend,
+            pg_server: pg.as_ref().map(|p| p.url()),
+            basphere: basphere.clone(),
+        };
+        println!("== {}", backend.label());
+        run_parts(&a, &bench).await?;
+    }
+    Ok(())
+}
+
+async fn run_parts(a: &Args, bench: &Bench) -> anyhow::Result<()> {
+    let bench = bench.clone();
+    let tmp = std::env::temp_dir().join(format!(
+        "basphere-bench-{}-{}",
+        std::process::id(),
+        bench.backend.as_arg()
+    ));
     std::fs::create_dir_all(&tmp)?;
     let r = async {
         if matches!(a.part, Part::All | Part::Platform) {
-            platform::run(&bench, &tmp, &a).await?;
+            platform::run(&bench, &tmp, a).await?;
         }
         if matches!(a.part, Part::All | Part::Engine) {
             engine::run(
@@ -197,4 +247,36 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     .await;
     let _ = std::fs::remove_dir_all(&tmp);
     r
+}
+
+/// A new, empty database on the PostgreSQL `server`; its URL.
+fn fresh_database(server: &str) -> anyhow::Result<String> {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let name = format!(
+        "bench_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let base = server
+        .rsplit_once('/')
+        .map(|(b, _)| b)
+        .unwrap_or(server)
+        .to_string();
+    let server = server.to_string();
+    let n = name.clone();
+    // Its own thread and runtime: callers may be inside a runtime or not.
+    std::thread::spawn(move || -> anyhow::Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let (c, conn) = tokio_postgres::connect(&server, tokio_postgres::NoTls).await?;
+            tokio::spawn(conn);
+            c.batch_execute(&format!("CREATE DATABASE {n}")).await?;
+            anyhow::Ok(())
+        })
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("creating a database panicked"))??;
+    Ok(format!("{base}/{name}"))
 }

@@ -82,7 +82,7 @@ pub(crate) fn spawn(
     lock: Arc<tokio::sync::Mutex<()>>,
     prefetched: Arc<Prefetched>,
     hooks: Registry,
-) -> Result<mpsc::Sender<Job>> {
+) -> Result<(mpsc::Sender<Job>, Arc<AtomicU64>)> {
     let mut conn = crate::db::sqlite::open(path)?;
     let ckpt = crate::db::sqlite::open(path)?;
     // A checkpoint copies frames through its own buffer; this connection needs no page cache.
@@ -91,6 +91,7 @@ pub(crate) fn spawn(
     let (tx, rx) = mpsc::channel::<Job>();
     let stop = Arc::new(AtomicBool::new(false));
     let w = wrote.clone();
+    let commits = wrote.clone();
     let s = stop.clone();
     std::thread::Builder::new()
         .name("basphere-writer".into())
@@ -137,7 +138,7 @@ pub(crate) fn spawn(
         .map_err(|e| {
             StoreError::Corrupt("store", format!("starting the checkpoint thread: {e}"))
         })?;
-    Ok(tx)
+    Ok((tx, commits))
 }
 
 /// One group on the write thread's connection, each completion alone if the group fails.

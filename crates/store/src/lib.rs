@@ -172,8 +172,9 @@ impl Store {
         let writer = Arc::new(tokio::sync::Mutex::new(()));
         let prefetched = Arc::new(vms::Prefetched::default());
         let hooks = hooks::Registry::default();
-        let jobs = commit::spawn(path, writer.clone(), prefetched.clone(), hooks.clone())?;
-        let db = db::Db::Sqlite(db::sqlite::Sqlite::new(path, jobs));
+        let (jobs, commits) =
+            commit::spawn(path, writer.clone(), prefetched.clone(), hooks.clone())?;
+        let db = db::Db::Sqlite(db::sqlite::Sqlite::new(path, jobs, commits));
         migrate::run(&db).await?;
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
@@ -238,6 +239,15 @@ impl Store {
     /// `None` on SQLite, where one process writes.
     pub fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<()>> {
         self.changes.as_ref().map(|(tx, _)| tx.subscribe())
+    }
+
+    /// Write transactions committed so far by this handle (a benchmark's commits per step).
+    pub fn commits(&self) -> u64 {
+        use std::sync::atomic::Ordering;
+        match &self.db {
+            db::Db::Sqlite(d) => d.commits.load(Ordering::Relaxed),
+            db::Db::Postgres(d) => d.commits.load(Ordering::Relaxed),
+        }
     }
 
     /// Closes all connections.

@@ -188,6 +188,8 @@ impl Tx for PgTx<'_> {
 pub(crate) struct Postgres {
     pool: Pool,
     url: String,
+    /// Transactions committed through this pool.
+    pub commits: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Postgres {
@@ -210,6 +212,7 @@ impl Postgres {
         Ok(Self {
             pool,
             url: url.to_string(),
+            commits: Default::default(),
         })
     }
 
@@ -244,6 +247,8 @@ impl Postgres {
                         .map_err(|e| E::from(e.into()))?;
                 }
                 t.tx.commit().await.map_err(|e| E::from(e.into()))?;
+                self.commits
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Ok(v)
             }
             Err(e) => {

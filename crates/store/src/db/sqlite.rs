@@ -166,12 +166,19 @@ impl Readers {
 pub(crate) struct Sqlite {
     jobs: mpsc::Sender<Job>,
     readers: Arc<Readers>,
+    /// Transactions the write thread ran.
+    pub commits: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Sqlite {
-    pub fn new(path: &Path, jobs: mpsc::Sender<Job>) -> Self {
+    pub fn new(
+        path: &Path,
+        jobs: mpsc::Sender<Job>,
+        commits: Arc<std::sync::atomic::AtomicU64>,
+    ) -> Self {
         Self {
             jobs,
+            commits,
             readers: Arc::new(Readers {
                 path: path.to_path_buf(),
                 idle: Mutex::new(vec![]),
