@@ -116,12 +116,6 @@ pub enum UserError {
     Store(#[from] StoreError),
 }
 
-impl From<sqlx::Error> for UserError {
-    fn from(e: sqlx::Error) -> Self {
-        UserError::Store(e.into())
-    }
-}
-
 const USER_COLS: &str = "username, email, team, public_key, role, status, max_vms, max_clusters, \
      max_ips, max_vcpus, max_memory_mib, ip_block, unix_account, unix_uid, created_at";
 
