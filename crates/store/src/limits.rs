@@ -18,7 +18,9 @@ impl Store {
             .read(move |tx| {
                 Box::pin(async move {
                     let r = tx
-                        .query_one(&stmt!("SELECT COUNT(*) FROM users WHERE status = 'pending'"))
+                        .query_one(&stmt!(
+                            "SELECT COUNT(*) FROM users WHERE status = 'pending'"
+                        ))
                         .await?;
                     Ok(r.first_int()?.unwrap_or(0))
                 })
@@ -84,13 +86,7 @@ impl Store {
                         }
                         None => {
                             let detail = detail_text(1, std::slice::from_ref(&name));
-                            audit_stmt(
-                                &refused_by,
-                                "token.enroll",
-                                &name,
-                                "refused",
-                                Some(&detail),
-                            )
+                            audit_stmt(&refused_by, "token.enroll", &name, "refused", Some(&detail))
                         }
                     };
                     tx.exec(&write).await?;

@@ -99,7 +99,10 @@ impl Store {
                 Box::pin(async move {
                     user_row_locked(tx, "username", &u).await?;
                     let vms = tx
-                        .query_one(&stmt!("SELECT COUNT(*) FROM vms WHERE owner = $1", u.as_str()))
+                        .query_one(&stmt!(
+                            "SELECT COUNT(*) FROM vms WHERE owner = $1",
+                            u.as_str()
+                        ))
                         .await?
                         .first_int()?
                         .unwrap_or(0);

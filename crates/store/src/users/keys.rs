@@ -30,7 +30,11 @@ impl Store {
         key: &SshPublicKey,
         actor: &Actor,
     ) -> std::result::Result<KeyChange, UserError> {
-        let (u, key, actor) = (username.to_string(), key.as_str().to_string(), actor.clone());
+        let (u, key, actor) = (
+            username.to_string(),
+            key.as_str().to_string(),
+            actor.clone(),
+        );
         self.db
             .write(move |tx| {
                 Box::pin(async move {

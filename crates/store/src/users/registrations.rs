@@ -174,9 +174,7 @@ impl Store {
     async fn registrations_of(&self, s: crate::db::Stmt) -> Result<Vec<Registration>> {
         self.db
             .read(move |tx| {
-                Box::pin(
-                    async move { tx.query(&s).await?.iter().map(registration_from).collect() },
-                )
+                Box::pin(async move { tx.query(&s).await?.iter().map(registration_from).collect() })
             })
             .await
     }

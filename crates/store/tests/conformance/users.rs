@@ -6,18 +6,34 @@ use futures_util::future::join_all;
 
 pub fn cases() -> Vec<Case> {
     vec![
-        ("users_ensure_admin_once", |s| Box::pin(ensure_admin_once(s)) as Fut),
-        ("users_register_and_list", |s| Box::pin(register_and_list(s)) as Fut),
-        ("users_register_refusals", |s| Box::pin(register_refusals(s)) as Fut),
-        ("users_approve_blocks_and_undo", |s| Box::pin(approve_blocks_and_undo(s)) as Fut),
-        ("users_approve_refusals", |s| Box::pin(approve_refusals(s)) as Fut),
+        ("users_ensure_admin_once", |s| {
+            Box::pin(ensure_admin_once(s)) as Fut
+        }),
+        ("users_register_and_list", |s| {
+            Box::pin(register_and_list(s)) as Fut
+        }),
+        ("users_register_refusals", |s| {
+            Box::pin(register_refusals(s)) as Fut
+        }),
+        ("users_approve_blocks_and_undo", |s| {
+            Box::pin(approve_blocks_and_undo(s)) as Fut
+        }),
+        ("users_approve_refusals", |s| {
+            Box::pin(approve_refusals(s)) as Fut
+        }),
         ("users_reject", |s| Box::pin(reject(s)) as Fut),
-        ("users_disable_quota_uid", |s| Box::pin(disable_quota_uid(s)) as Fut),
-        ("users_delete_and_purge", |s| Box::pin(delete_and_purge(s)) as Fut),
+        ("users_disable_quota_uid", |s| {
+            Box::pin(disable_quota_uid(s)) as Fut
+        }),
+        ("users_delete_and_purge", |s| {
+            Box::pin(delete_and_purge(s)) as Fut
+        }),
         ("users_key_changes", |s| Box::pin(key_changes(s)) as Fut),
         ("users_tokens", |s| Box::pin(tokens(s)) as Fut),
         ("users_enroll", |s| Box::pin(enroll(s)) as Fut),
-        ("users_enroll_folding_refusals", |s| Box::pin(enroll_folding(s)) as Fut),
+        ("users_enroll_folding_refusals", |s| {
+            Box::pin(enroll_folding(s)) as Fut
+        }),
     ]
 }
 
@@ -32,11 +48,14 @@ pub fn replica_cases() -> Vec<ReplicaCase> {
         ("users_concurrent_ensure_admin_one_admin", |a, b| {
             Box::pin(concurrent_ensure_admin(a, b)) as Fut
         }),
-        ("users_token_across_replicas", |a, b| Box::pin(token_across(a, b)) as Fut),
+        ("users_token_across_replicas", |a, b| {
+            Box::pin(token_across(a, b)) as Fut
+        }),
     ]
 }
 
-const KEY_A: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl alice@laptop";
+const KEY_A: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl alice@laptop";
 const KEY_B: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAILKtw/tZItwmjgEmEIc/ymtUEk9ORXHX7+gZ8e0PFosh bob@host";
 
@@ -76,9 +95,13 @@ async fn audits(s: &Store, action: &str) -> Vec<basphere_store::AuditRecord> {
 }
 
 async fn pending(s: &Store, name: &str) {
-    s.register(&reg(name, &format!("{name}@example.org")), &Quota::default(), &admin())
-        .await
-        .unwrap();
+    s.register(
+        &reg(name, &format!("{name}@example.org")),
+        &Quota::default(),
+        &admin(),
+    )
+    .await
+    .unwrap();
 }
 
 async fn active(s: &Store, name: &str) {
@@ -90,13 +113,27 @@ async fn active(s: &Store, name: &str) {
 
 async fn ensure_admin_once(s: Store) {
     let root = "root".parse().unwrap();
-    assert!(s.ensure_admin(&root, &Quota::default(), &pool(4)).await.unwrap());
-    assert!(!s.ensure_admin(&"other".parse().unwrap(), &Quota::default(), &pool(4)).await.unwrap());
+    assert!(
+        s.ensure_admin(&root, &Quota::default(), &pool(4))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.ensure_admin(&"other".parse().unwrap(), &Quota::default(), &pool(4))
+            .await
+            .unwrap()
+    );
     let u = s.user("root").await.unwrap().unwrap();
-    assert_eq!((u.role, u.status, u.ip_block), (Role::Admin, UserStatus::Active, Some(0)));
+    assert_eq!(
+        (u.role, u.status, u.ip_block),
+        (Role::Admin, UserStatus::Active, Some(0))
+    );
     assert!(s.user("other").await.unwrap().is_none());
     let a = audits(&s, "user.create_admin").await;
-    assert_eq!((a.len(), a[0].target.as_str(), a[0].source.as_str()), (1, "root", "init"));
+    assert_eq!(
+        (a.len(), a[0].target.as_str(), a[0].source.as_str()),
+        (1, "root", "init")
+    );
 }
 
 async fn register_and_list(s: Store) {
@@ -105,19 +142,37 @@ async fn register_and_list(s: Store) {
         max_memory_mib: Some(8192),
         ..Quota::default()
     };
-    let r = s.register(&reg("alice", "alice@example.org"), &q, &admin()).await.unwrap();
-    assert_eq!((r.username.as_str(), r.status), ("alice", RegistrationStatus::Pending));
-    assert_eq!((r.email.as_str(), r.team.as_str(), r.public_key.as_str()), ("alice@example.org", "lab", KEY_A));
+    let r = s
+        .register(&reg("alice", "alice@example.org"), &q, &admin())
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.username.as_str(), r.status),
+        ("alice", RegistrationStatus::Pending)
+    );
+    assert_eq!(
+        (r.email.as_str(), r.team.as_str(), r.public_key.as_str()),
+        ("alice@example.org", "lab", KEY_A)
+    );
     assert!(r.processed_by.is_none() && r.processed_at.is_none() && r.reject_reason.is_none());
     let u = s.user("alice").await.unwrap().unwrap();
-    assert_eq!((u.status, u.role, u.quota, u.ip_block, u.unix_account), (UserStatus::Pending, Role::User, q, None, false));
+    assert_eq!(
+        (u.status, u.role, u.quota, u.ip_block, u.unix_account),
+        (UserStatus::Pending, Role::User, q, None, false)
+    );
     for n in ["bob", "carol", "dave"] {
         pending(&s, n).await;
     }
     assert_eq!(s.pending_count().await.unwrap(), 4);
     assert_eq!(s.users(Some(UserStatus::Pending)).await.unwrap().len(), 4);
     assert!(s.users(Some(UserStatus::Active)).await.unwrap().is_empty());
-    let names: Vec<_> = s.users(None).await.unwrap().into_iter().map(|u| u.username.to_string()).collect();
+    let names: Vec<_> = s
+        .users(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|u| u.username.to_string())
+        .collect();
     assert_eq!(names, ["alice", "bob", "carol", "dave"]);
     let page = s.users_page(None, Some("bob"), 1).await.unwrap();
     assert_eq!(page[0].username.as_str(), "carol");
@@ -137,29 +192,54 @@ async fn register_and_list(s: Store) {
 
 async fn register_refusals(s: Store) {
     pending(&s, "alice").await;
-    let again = s.register(&reg("alice", "alice@example.org"), &Quota::default(), &admin()).await;
+    let again = s
+        .register(
+            &reg("alice", "alice@example.org"),
+            &Quota::default(),
+            &admin(),
+        )
+        .await;
     assert_eq!(msg(again), "username alice is already taken");
-    s.approve(&"alice".parse().unwrap(), &pool(4), false, None, &admin()).await.unwrap();
-    let active = s.register(&reg("alice", "x@example.org"), &Quota::default(), &admin()).await;
+    s.approve(&"alice".parse().unwrap(), &pool(4), false, None, &admin())
+        .await
+        .unwrap();
+    let active = s
+        .register(&reg("alice", "x@example.org"), &Quota::default(), &admin())
+        .await;
     assert!(matches!(active, Err(UserError::Taken(ref n)) if n == "alice"));
 
     // A rejected name may come back, only with its first email.
     pending(&s, "bob").await;
-    s.reject(&"bob".parse().unwrap(), "unknown", &admin()).await.unwrap();
-    let other = s.register(&reg("bob", "eve@example.org"), &Quota::default(), &admin()).await;
+    s.reject(&"bob".parse().unwrap(), "unknown", &admin())
+        .await
+        .unwrap();
+    let other = s
+        .register(&reg("bob", "eve@example.org"), &Quota::default(), &admin())
+        .await;
     assert_eq!(
         msg(other),
         "username bob was registered with another email and rejected; only that email may \
          register it again. Choose another username, or ask an admin to purge it"
     );
-    assert_eq!(s.user("bob").await.unwrap().unwrap().status, UserStatus::Rejected);
+    assert_eq!(
+        s.user("bob").await.unwrap().unwrap().status,
+        UserStatus::Rejected
+    );
     let mut back = reg("bob", "BOB@example.org");
     back.public_key = KEY_B.parse().unwrap();
-    s.register(&back, &Quota::default(), &admin()).await.unwrap();
+    s.register(&back, &Quota::default(), &admin())
+        .await
+        .unwrap();
     let u = s.user("bob").await.unwrap().unwrap();
-    assert_eq!((u.status, u.email.as_str(), u.public_key.as_str()), (UserStatus::Pending, "BOB@example.org", KEY_B));
+    assert_eq!(
+        (u.status, u.email.as_str(), u.public_key.as_str()),
+        (UserStatus::Pending, "BOB@example.org", KEY_B)
+    );
     let regs = s.registrations(Some("bob")).await.unwrap();
-    assert_eq!(regs.iter().map(|r| r.status).collect::<Vec<_>>(), [RegistrationStatus::Pending, RegistrationStatus::Rejected]);
+    assert_eq!(
+        regs.iter().map(|r| r.status).collect::<Vec<_>>(),
+        [RegistrationStatus::Pending, RegistrationStatus::Rejected]
+    );
 }
 
 async fn approve_blocks_and_undo(s: Store) {
@@ -167,85 +247,181 @@ async fn approve_blocks_and_undo(s: Store) {
         pending(&s, n).await;
     }
     let p = pool(4);
-    let a = s.approve(&"alice".parse().unwrap(), &p, true, None, &admin()).await.unwrap();
-    assert_eq!((a.user.status, a.user.ip_block, a.user.unix_account), (UserStatus::Active, Some(0), true));
+    let a = s
+        .approve(&"alice".parse().unwrap(), &p, true, None, &admin())
+        .await
+        .unwrap();
+    assert_eq!(
+        (a.user.status, a.user.ip_block, a.user.unix_account),
+        (UserStatus::Active, Some(0), true)
+    );
     assert!(a.enrollment_code.is_none());
-    let b = s.approve(&"bob".parse().unwrap(), &p, false, Some(60_000), &admin()).await.unwrap();
+    let b = s
+        .approve(&"bob".parse().unwrap(), &p, false, Some(60_000), &admin())
+        .await
+        .unwrap();
     assert_eq!(b.user.ip_block, Some(1));
-    assert!(b.enrollment_code.as_deref().is_some_and(|c| c.starts_with("bspe_")));
+    assert!(
+        b.enrollment_code
+            .as_deref()
+            .is_some_and(|c| c.starts_with("bspe_"))
+    );
     let r = s.registrations(Some("bob")).await.unwrap();
-    assert_eq!((r[0].status, r[0].processed_by.as_deref()), (RegistrationStatus::Approved, Some("admin")));
+    assert_eq!(
+        (r[0].status, r[0].processed_by.as_deref()),
+        (RegistrationStatus::Approved, Some("admin"))
+    );
     assert!(r[0].processed_at.is_some());
     let approved = audits(&s, "user.approve").await;
     assert_eq!(approved[0].detail.as_deref(), Some("ip_block=1"));
 
     // Taking back alice's approval frees block 0 for the next approval.
-    s.set_unix_uid(&"alice".parse().unwrap(), 1234).await.unwrap();
-    s.undo_approval(&"alice".parse().unwrap(), "useradd failed", &admin()).await.unwrap();
+    s.set_unix_uid(&"alice".parse().unwrap(), 1234)
+        .await
+        .unwrap();
+    s.undo_approval(&"alice".parse().unwrap(), "useradd failed", &admin())
+        .await
+        .unwrap();
     let u = s.user("alice").await.unwrap().unwrap();
-    assert_eq!((u.status, u.ip_block, u.unix_account, u.unix_uid), (UserStatus::Pending, None, false, None));
+    assert_eq!(
+        (u.status, u.ip_block, u.unix_account, u.unix_uid),
+        (UserStatus::Pending, None, false, None)
+    );
     let r = s.registrations(Some("alice")).await.unwrap();
-    assert_eq!((r[0].status, r[0].processed_by.as_deref()), (RegistrationStatus::Pending, None));
+    assert_eq!(
+        (r[0].status, r[0].processed_by.as_deref()),
+        (RegistrationStatus::Pending, None)
+    );
     let undone = audits(&s, "user.approve").await;
-    assert_eq!((undone[0].result.as_str(), undone[0].detail.as_deref()), ("failed", Some("useradd failed")));
-    let c = s.approve(&"carol".parse().unwrap(), &p, false, None, &admin()).await.unwrap();
+    assert_eq!(
+        (undone[0].result.as_str(), undone[0].detail.as_deref()),
+        ("failed", Some("useradd failed"))
+    );
+    let c = s
+        .approve(&"carol".parse().unwrap(), &p, false, None, &admin())
+        .await
+        .unwrap();
     assert_eq!(c.user.ip_block, Some(0));
-    let again = s.undo_approval(&"alice".parse().unwrap(), "x", &admin()).await;
-    assert_eq!(msg(again), "user alice is not active; no approval to take back");
+    let again = s
+        .undo_approval(&"alice".parse().unwrap(), "x", &admin())
+        .await;
+    assert_eq!(
+        msg(again),
+        "user alice is not active; no approval to take back"
+    );
 
     // Undoing bob's approval drops his unused enrollment code.
     let code = b.enrollment_code.unwrap();
-    s.undo_approval(&"bob".parse().unwrap(), "useradd failed", &admin()).await.unwrap();
+    s.undo_approval(&"bob".parse().unwrap(), "useradd failed", &admin())
+        .await
+        .unwrap();
     let bob = "bob".parse().unwrap();
     assert!(s.enroll(&bob, &code, &admin()).await.unwrap().is_none());
 }
 
 async fn approve_refusals(s: Store) {
-    let nobody = s.approve(&"nobody".parse().unwrap(), &pool(2), false, None, &admin()).await;
+    let nobody = s
+        .approve(&"nobody".parse().unwrap(), &pool(2), false, None, &admin())
+        .await;
     assert_eq!(msg(nobody), "user nobody not found");
     active(&s, "alice").await;
-    let twice = s.approve(&"alice".parse().unwrap(), &pool(2), false, None, &admin()).await;
-    assert_eq!(msg(twice), "user alice is active, not pending; nothing to approve");
+    let twice = s
+        .approve(&"alice".parse().unwrap(), &pool(2), false, None, &admin())
+        .await;
+    assert_eq!(
+        msg(twice),
+        "user alice is active, not pending; nothing to approve"
+    );
     active(&s, "bob").await;
     pending(&s, "carol").await;
-    let full = s.approve(&"carol".parse().unwrap(), &pool(2), false, None, &admin()).await;
+    let full = s
+        .approve(&"carol".parse().unwrap(), &pool(2), false, None, &admin())
+        .await;
     assert!(matches!(full, Err(UserError::PoolFull)));
     assert_eq!(
-        msg(s.approve(&"carol".parse().unwrap(), &pool(2), false, None, &admin()).await),
+        msg(s
+            .approve(&"carol".parse().unwrap(), &pool(2), false, None, &admin())
+            .await),
         "the network pool has no free block of addresses left; enlarge network.cidr"
     );
-    assert_eq!(s.user("carol").await.unwrap().unwrap().status, UserStatus::Pending);
+    assert_eq!(
+        s.user("carol").await.unwrap().unwrap().status,
+        UserStatus::Pending
+    );
 }
 
 async fn reject(s: Store) {
     pending(&s, "alice").await;
-    s.reject(&"alice".parse().unwrap(), "not a member", &admin()).await.unwrap();
-    assert_eq!(s.user("alice").await.unwrap().unwrap().status, UserStatus::Rejected);
+    s.reject(&"alice".parse().unwrap(), "not a member", &admin())
+        .await
+        .unwrap();
+    assert_eq!(
+        s.user("alice").await.unwrap().unwrap().status,
+        UserStatus::Rejected
+    );
     let r = &s.registrations(Some("alice")).await.unwrap()[0];
-    assert_eq!((r.status, r.reject_reason.as_deref(), r.processed_by.as_deref()), (RegistrationStatus::Rejected, Some("not a member"), Some("admin")));
+    assert_eq!(
+        (
+            r.status,
+            r.reject_reason.as_deref(),
+            r.processed_by.as_deref()
+        ),
+        (
+            RegistrationStatus::Rejected,
+            Some("not a member"),
+            Some("admin")
+        )
+    );
     assert_eq!(s.pending_count().await.unwrap(), 0);
     let rec = &audits(&s, "user.reject").await[0];
-    assert_eq!((rec.target.as_str(), rec.detail.as_deref()), ("alice", Some("not a member")));
+    assert_eq!(
+        (rec.target.as_str(), rec.detail.as_deref()),
+        ("alice", Some("not a member"))
+    );
 
     let nobody = s.reject(&"nobody".parse().unwrap(), "x", &admin()).await;
     assert_eq!(msg(nobody), "user nobody not found");
     active(&s, "bob").await;
     let act = s.reject(&"bob".parse().unwrap(), "x", &admin()).await;
-    assert_eq!(msg(act), "user bob is active, not pending; nothing to reject");
+    assert_eq!(
+        msg(act),
+        "user bob is active, not pending; nothing to reject"
+    );
     let twice = s.reject(&"alice".parse().unwrap(), "x", &admin()).await;
-    assert_eq!(msg(twice), "user alice is rejected, not pending; nothing to reject");
+    assert_eq!(
+        msg(twice),
+        "user alice is rejected, not pending; nothing to reject"
+    );
 }
 
 async fn disable_quota_uid(s: Store) {
     active(&s, "alice").await;
     let alice = "alice".parse().unwrap();
     s.set_disabled(&alice, true, &admin()).await.unwrap();
-    assert_eq!(s.user("alice").await.unwrap().unwrap().status, UserStatus::Disabled);
-    assert_eq!(msg(s.set_disabled(&alice, true, &admin()).await), "user alice is not active; nothing changed");
+    assert_eq!(
+        s.user("alice").await.unwrap().unwrap().status,
+        UserStatus::Disabled
+    );
+    assert_eq!(
+        msg(s.set_disabled(&alice, true, &admin()).await),
+        "user alice is not active; nothing changed"
+    );
     s.set_disabled(&alice, false, &admin()).await.unwrap();
-    assert_eq!(s.user("alice").await.unwrap().unwrap().status, UserStatus::Active);
-    assert_eq!(msg(s.set_disabled(&alice, false, &admin()).await), "user alice is not disabled; nothing changed");
-    assert_eq!((audits(&s, "user.disable").await.len(), audits(&s, "user.enable").await.len()), (1, 1));
+    assert_eq!(
+        s.user("alice").await.unwrap().unwrap().status,
+        UserStatus::Active
+    );
+    assert_eq!(
+        msg(s.set_disabled(&alice, false, &admin()).await),
+        "user alice is not disabled; nothing changed"
+    );
+    assert_eq!(
+        (
+            audits(&s, "user.disable").await.len(),
+            audits(&s, "user.enable").await.len()
+        ),
+        (1, 1)
+    );
 
     let q = Quota {
         max_vms: 2,
@@ -256,8 +432,14 @@ async fn disable_quota_uid(s: Store) {
     };
     s.set_quota(&alice, &q, &admin()).await.unwrap();
     assert_eq!(s.user("alice").await.unwrap().unwrap().quota, q);
-    assert_eq!(audits(&s, "user.quota").await[0].detail, Some(serde_json::to_string(&q).unwrap()));
-    assert_eq!(msg(s.set_quota(&"nobody".parse().unwrap(), &q, &admin()).await), "user nobody not found");
+    assert_eq!(
+        audits(&s, "user.quota").await[0].detail,
+        Some(serde_json::to_string(&q).unwrap())
+    );
+    assert_eq!(
+        msg(s.set_quota(&"nobody".parse().unwrap(), &q, &admin()).await),
+        "user nobody not found"
+    );
 
     s.set_unix_uid(&alice, 4_000_000_000).await.unwrap();
     let u = s.user("alice").await.unwrap().unwrap();
@@ -265,25 +447,60 @@ async fn disable_quota_uid(s: Store) {
 }
 
 async fn delete_and_purge(s: Store) {
-    s.ensure_admin(&"root".parse().unwrap(), &Quota::default(), &pool(4)).await.unwrap();
+    s.ensure_admin(&"root".parse().unwrap(), &Quota::default(), &pool(4))
+        .await
+        .unwrap();
     active(&s, "alice").await;
     active(&s, "bob").await;
-    s.create_token(&"alice".parse().unwrap(), "ci", None, &admin()).await.unwrap();
-    s.request_key_change(&"alice".parse().unwrap(), &KEY_B.parse().unwrap(), &admin()).await.unwrap();
-    s.delete_user(&"alice".parse().unwrap(), false, &admin()).await.unwrap();
+    s.create_token(&"alice".parse().unwrap(), "ci", None, &admin())
+        .await
+        .unwrap();
+    s.request_key_change(&"alice".parse().unwrap(), &KEY_B.parse().unwrap(), &admin())
+        .await
+        .unwrap();
+    s.delete_user(&"alice".parse().unwrap(), false, &admin())
+        .await
+        .unwrap();
     assert!(s.user("alice").await.unwrap().is_none());
     assert!(s.tokens("alice").await.unwrap().is_empty());
     assert!(s.key_changes(Some("alice")).await.unwrap().is_empty());
-    assert_eq!(s.registrations(Some("alice")).await.unwrap().len(), 1, "kept without purge");
-    assert_eq!(msg(s.delete_user(&"alice".parse().unwrap(), false, &admin()).await), "user alice not found");
-    assert_eq!(msg(s.delete_user(&"root".parse().unwrap(), true, &admin()).await), "user root not found");
-    assert!(s.user("root").await.unwrap().is_some(), "admins are not deleted");
+    assert_eq!(
+        s.registrations(Some("alice")).await.unwrap().len(),
+        1,
+        "kept without purge"
+    );
+    assert_eq!(
+        msg(s
+            .delete_user(&"alice".parse().unwrap(), false, &admin())
+            .await),
+        "user alice not found"
+    );
+    assert_eq!(
+        msg(s
+            .delete_user(&"root".parse().unwrap(), true, &admin())
+            .await),
+        "user root not found"
+    );
+    assert!(
+        s.user("root").await.unwrap().is_some(),
+        "admins are not deleted"
+    );
 
-    s.delete_user(&"bob".parse().unwrap(), true, &admin()).await.unwrap();
+    s.delete_user(&"bob".parse().unwrap(), true, &admin())
+        .await
+        .unwrap();
     assert!(s.registrations(Some("bob")).await.unwrap().is_empty());
-    assert_eq!((audits(&s, "user.delete").await.len(), audits(&s, "user.purge").await.len()), (1, 1));
+    assert_eq!(
+        (
+            audits(&s, "user.delete").await.len(),
+            audits(&s, "user.purge").await.len()
+        ),
+        (1, 1)
+    );
     // A purged name is free again, with any email.
-    s.register(&reg("bob", "new@example.org"), &Quota::default(), &admin()).await.unwrap();
+    s.register(&reg("bob", "new@example.org"), &Quota::default(), &admin())
+        .await
+        .unwrap();
 }
 
 async fn key_changes(s: Store) {
@@ -291,17 +508,31 @@ async fn key_changes(s: Store) {
     let alice = "alice".parse().unwrap();
     let new: SshPublicKey = KEY_B.parse().unwrap();
     let kc = s.request_key_change(&alice, &new, &admin()).await.unwrap();
-    assert_eq!((kc.username.as_str(), kc.public_key.as_str(), kc.status), ("alice", KEY_B, RegistrationStatus::Pending));
+    assert_eq!(
+        (kc.username.as_str(), kc.public_key.as_str(), kc.status),
+        ("alice", KEY_B, RegistrationStatus::Pending)
+    );
     assert_eq!(
         msg(s.request_key_change(&alice, &new, &admin()).await),
         "user alice already has a key change waiting for an admin"
     );
     assert_eq!(s.key_changes(None).await.unwrap().len(), 1);
     assert_eq!(s.key_changes_page(None, 10).await.unwrap()[0].id, kc.id);
-    assert!(s.key_changes_page(Some(kc.id), 10).await.unwrap().is_empty());
+    assert!(
+        s.key_changes_page(Some(kc.id), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
-    let done = s.decide_key_change(&alice, true, None, &admin()).await.unwrap();
-    assert_eq!((done.id, done.status, done.processed_by.as_deref()), (kc.id, RegistrationStatus::Approved, Some("admin")));
+    let done = s
+        .decide_key_change(&alice, true, None, &admin())
+        .await
+        .unwrap();
+    assert_eq!(
+        (done.id, done.status, done.processed_by.as_deref()),
+        (kc.id, RegistrationStatus::Approved, Some("admin"))
+    );
     assert_eq!(s.user("alice").await.unwrap().unwrap().public_key, KEY_B);
     assert!(s.key_changes(None).await.unwrap().is_empty());
     assert_eq!(
@@ -310,15 +541,35 @@ async fn key_changes(s: Store) {
     );
 
     // The key could not be installed: the change is pending again, the old key back.
-    s.undo_key_approval(&alice, kc.id, KEY_A, "authorized_keys not writable", &admin()).await.unwrap();
+    s.undo_key_approval(
+        &alice,
+        kc.id,
+        KEY_A,
+        "authorized_keys not writable",
+        &admin(),
+    )
+    .await
+    .unwrap();
     assert_eq!(s.user("alice").await.unwrap().unwrap().public_key, KEY_A);
     let back = &s.key_changes(None).await.unwrap()[0];
-    assert_eq!((back.id, back.status, back.processed_by.as_deref()), (kc.id, RegistrationStatus::Pending, None));
+    assert_eq!(
+        (back.id, back.status, back.processed_by.as_deref()),
+        (kc.id, RegistrationStatus::Pending, None)
+    );
     let rec = &audits(&s, "key.approve").await[0];
-    assert_eq!((rec.result.as_str(), rec.detail.as_deref()), ("failed", Some("authorized_keys not writable")));
+    assert_eq!(
+        (rec.result.as_str(), rec.detail.as_deref()),
+        ("failed", Some("authorized_keys not writable"))
+    );
 
-    let no = s.decide_key_change(&alice, false, Some("not yours"), &admin()).await.unwrap();
-    assert_eq!((no.status, no.reject_reason.as_deref()), (RegistrationStatus::Rejected, Some("not yours")));
+    let no = s
+        .decide_key_change(&alice, false, Some("not yours"), &admin())
+        .await
+        .unwrap();
+    assert_eq!(
+        (no.status, no.reject_reason.as_deref()),
+        (RegistrationStatus::Rejected, Some("not yours"))
+    );
     assert_eq!(s.user("alice").await.unwrap().unwrap().public_key, KEY_A);
     assert_eq!(s.key_changes(Some("alice")).await.unwrap().len(), 1);
     assert_eq!(audits(&s, "key.reject").await.len(), 1);
@@ -328,10 +579,19 @@ async fn key_changes(s: Store) {
 async fn tokens(s: Store) {
     active(&s, "alice").await;
     let alice = "alice".parse().unwrap();
-    let (t1, secret) = s.create_token(&alice, "laptop", None, &admin()).await.unwrap();
+    let (t1, secret) = s
+        .create_token(&alice, "laptop", None, &admin())
+        .await
+        .unwrap();
     assert!(secret.starts_with("bsp_"));
-    assert_eq!((t1.name.as_str(), t1.last_used_at, t1.expires_at), ("laptop", None, None));
-    let (t2, _) = s.create_token(&alice, "ci", Some(3_600_000), &admin()).await.unwrap();
+    assert_eq!(
+        (t1.name.as_str(), t1.last_used_at, t1.expires_at),
+        ("laptop", None, None)
+    );
+    let (t2, _) = s
+        .create_token(&alice, "ci", Some(3_600_000), &admin())
+        .await
+        .unwrap();
     assert_eq!(t2.expires_at, Some(t2.created_at + 3_600_000));
     assert_eq!(s.tokens("alice").await.unwrap().len(), 2);
     let mut ids = vec![t1.id.clone(), t2.id.clone()];
@@ -342,17 +602,32 @@ async fn tokens(s: Store) {
     assert_eq!(p2.len(), 1);
 
     let owner = s.authenticate(&secret).await.unwrap().unwrap();
-    assert_eq!((owner.user.username.as_str(), owner.token_id.as_str()), ("alice", t1.id.as_str()));
+    assert_eq!(
+        (owner.user.username.as_str(), owner.token_id.as_str()),
+        ("alice", t1.id.as_str())
+    );
     assert_eq!(owner.user.status, UserStatus::Active);
-    let used = s.tokens("alice").await.unwrap().into_iter().find(|t| t.id == t1.id).unwrap();
+    let used = s
+        .tokens("alice")
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|t| t.id == t1.id)
+        .unwrap();
     assert!(used.last_used_at.is_some(), "authenticate records the use");
     assert!(s.authenticate(&secret).await.unwrap().is_some());
     assert!(s.authenticate("bsp_nothing").await.unwrap().is_none());
 
-    let (_, expired) = s.create_token(&alice, "old", Some(-1), &admin()).await.unwrap();
+    let (_, expired) = s
+        .create_token(&alice, "old", Some(-1), &admin())
+        .await
+        .unwrap();
     assert!(s.authenticate(&expired).await.unwrap().is_none());
 
-    assert!(!s.revoke_token("bob", &t1.id, &admin()).await.unwrap(), "not bob's");
+    assert!(
+        !s.revoke_token("bob", &t1.id, &admin()).await.unwrap(),
+        "not bob's"
+    );
     assert!(s.revoke_token("alice", &t1.id, &admin()).await.unwrap());
     assert!(!s.revoke_token("alice", &t1.id, &admin()).await.unwrap());
     assert!(s.authenticate(&secret).await.unwrap().is_none());
@@ -363,50 +638,104 @@ async fn tokens(s: Store) {
 async fn enroll(s: Store) {
     pending(&s, "alice").await;
     let alice = "alice".parse().unwrap();
-    let out = s.approve(&alice, &pool(4), false, Some(60_000), &admin()).await.unwrap();
+    let out = s
+        .approve(&alice, &pool(4), false, Some(60_000), &admin())
+        .await
+        .unwrap();
     let code = out.enrollment_code.unwrap();
-    assert!(s.enroll(&alice, "bspe_wrong", &admin()).await.unwrap().is_none());
-    assert!(s.enroll(&"bob".parse().unwrap(), &code, &admin()).await.unwrap().is_none(), "another user's code");
+    assert!(
+        s.enroll(&alice, "bspe_wrong", &admin())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        s.enroll(&"bob".parse().unwrap(), &code, &admin())
+            .await
+            .unwrap()
+            .is_none(),
+        "another user's code"
+    );
     let refused = audits(&s, "token.enroll").await;
     assert_eq!(refused.len(), 2);
     assert_eq!(refused[0].result, "refused");
 
     let (info, secret) = s.enroll(&alice, &code, &admin()).await.unwrap().unwrap();
     assert_eq!(info.name, "enrollment");
-    assert_eq!(s.authenticate(&secret).await.unwrap().unwrap().token_id, info.id);
-    assert!(s.enroll(&alice, &code, &admin()).await.unwrap().is_none(), "a code works once");
+    assert_eq!(
+        s.authenticate(&secret).await.unwrap().unwrap().token_id,
+        info.id
+    );
+    assert!(
+        s.enroll(&alice, &code, &admin()).await.unwrap().is_none(),
+        "a code works once"
+    );
 
     pending(&s, "bob").await;
     let bob = "bob".parse().unwrap();
-    let late = s.approve(&bob, &pool(4), false, Some(-1), &admin()).await.unwrap();
-    assert!(s.enroll(&bob, &late.enrollment_code.unwrap(), &admin()).await.unwrap().is_none(), "expired");
+    let late = s
+        .approve(&bob, &pool(4), false, Some(-1), &admin())
+        .await
+        .unwrap();
+    assert!(
+        s.enroll(&bob, &late.enrollment_code.unwrap(), &admin())
+            .await
+            .unwrap()
+            .is_none(),
+        "expired"
+    );
 }
 
 async fn enroll_folding(s: Store) {
     pending(&s, "alice").await;
     let alice = "alice".parse().unwrap();
-    let code = s.approve(&alice, &pool(4), false, Some(60_000), &admin()).await.unwrap().enrollment_code.unwrap();
+    let code = s
+        .approve(&alice, &pool(4), false, Some(60_000), &admin())
+        .await
+        .unwrap()
+        .enrollment_code
+        .unwrap();
     let anon = Actor::new("anonymous", "tcp:127.0.0.1:5555");
     for name in ["alice", "bob", "alice"] {
         let got = s
-            .enroll_folding_refusals(&name.parse().unwrap(), "bspe_bad", &anon, "127.0.0.1", 60_000)
+            .enroll_folding_refusals(
+                &name.parse().unwrap(),
+                "bspe_bad",
+                &anon,
+                "127.0.0.1",
+                60_000,
+            )
             .await
             .unwrap();
         assert!(got.is_none());
     }
-    s.enroll_folding_refusals(&alice, "bspe_bad", &anon, "127.0.0.2", 60_000).await.unwrap();
+    s.enroll_folding_refusals(&alice, "bspe_bad", &anon, "127.0.0.2", 60_000)
+        .await
+        .unwrap();
     let recs = audits(&s, "token.enroll").await;
     assert_eq!(recs.len(), 2, "one record per client and window");
-    let one = recs.iter().find(|r| r.source == "refusals:127.0.0.1").unwrap();
-    assert_eq!((one.actor.as_str(), one.result.as_str()), ("anonymous", "refused"));
-    assert_eq!(one.detail.as_deref(), Some("attempts=3; usernames=alice,bob"));
+    let one = recs
+        .iter()
+        .find(|r| r.source == "refusals:127.0.0.1")
+        .unwrap();
+    assert_eq!(
+        (one.actor.as_str(), one.result.as_str()),
+        ("anonymous", "refused")
+    );
+    assert_eq!(
+        one.detail.as_deref(),
+        Some("attempts=3; usernames=alice,bob")
+    );
 
     let (info, secret) = s
         .enroll_folding_refusals(&alice, &code, &anon, "127.0.0.1", 60_000)
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(s.authenticate(&secret).await.unwrap().unwrap().token_id, info.id);
+    assert_eq!(
+        s.authenticate(&secret).await.unwrap().unwrap().token_id,
+        info.id
+    );
 }
 
 async fn concurrent_approvals(a: Store, b: Store) {
@@ -426,15 +755,23 @@ async fn concurrent_approvals(a: Store, b: Store) {
         .map(|r| r.expect("no approval is refused").user.ip_block.unwrap())
         .collect();
     blocks.sort();
-    assert_eq!(blocks, (0..20).collect::<Vec<_>>(), "20 distinct blocks, the lowest ones");
+    assert_eq!(
+        blocks,
+        (0..20).collect::<Vec<_>>(),
+        "20 distinct blocks, the lowest ones"
+    );
 }
 
 async fn concurrent_registrations(a: Store, b: Store) {
     let results = join_all((0..10).map(|i| {
         let s = if i % 2 == 0 { a.clone() } else { b.clone() };
         async move {
-            s.register(&reg("popular", &format!("p{i}@example.org")), &Quota::default(), &admin())
-                .await
+            s.register(
+                &reg("popular", &format!("p{i}@example.org")),
+                &Quota::default(),
+                &admin(),
+            )
+            .await
         }
     }))
     .await;
@@ -449,7 +786,14 @@ async fn concurrent_registrations(a: Store, b: Store) {
 async fn concurrent_ensure_admin(a: Store, b: Store) {
     let results = join_all((0..6).map(|i| {
         let s = if i % 2 == 0 { a.clone() } else { b.clone() };
-        async move { s.ensure_admin(&format!("root{i}").parse().unwrap(), &Quota::default(), &pool(4)).await }
+        async move {
+            s.ensure_admin(
+                &format!("root{i}").parse().unwrap(),
+                &Quota::default(),
+                &pool(4),
+            )
+            .await
+        }
     }))
     .await;
     let made = results.into_iter().filter(|r| *r.as_ref().unwrap()).count();
@@ -459,9 +803,15 @@ async fn concurrent_ensure_admin(a: Store, b: Store) {
 
 async fn token_across(a: Store, b: Store) {
     active(&a, "alice").await;
-    let (info, secret) = a.create_token(&"alice".parse().unwrap(), "ci", None, &admin()).await.unwrap();
+    let (info, secret) = a
+        .create_token(&"alice".parse().unwrap(), "ci", None, &admin())
+        .await
+        .unwrap();
     let owner = b.authenticate(&secret).await.unwrap().unwrap();
-    assert_eq!((owner.user.username.as_str(), owner.token_id), ("alice", info.id.clone()));
+    assert_eq!(
+        (owner.user.username.as_str(), owner.token_id),
+        ("alice", info.id.clone())
+    );
     assert!(b.revoke_token("alice", &info.id, &admin()).await.unwrap());
     assert!(a.authenticate(&secret).await.unwrap().is_none());
 }
