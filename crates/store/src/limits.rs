@@ -75,7 +75,7 @@ impl Store {
                         Some(row) => {
                             let detail = row.opt_text("detail")?;
                             let (count, mut names) = parse_detail(detail.as_deref().unwrap_or(""));
-                            if names.len() < NAMES_SHOWN && !names.iter().any(|n| *n == name) {
+                            if names.len() < NAMES_SHOWN && !names.contains(&name) {
                                 names.push(name);
                             }
                             stmt!(
