@@ -1,7 +1,7 @@
 use crate::audit::record;
-use crate::hooks::{Hooks, ResourceHooks, RetryCtx};
-use crate::db::{Stmt, stmt};
 use crate::db::Cols;
+use crate::db::{Stmt, stmt};
+use crate::hooks::{Hooks, ResourceHooks, RetryCtx};
 use crate::workflows::{Ending, NewWorkflow, OpError, Workflow, WorkflowOutcome, insert_new};
 use crate::{Actor, Result, Store, StoreError, now_ms, parse};
 use basphere_core::{
