@@ -169,8 +169,9 @@ async fn user_row_locked(tx: &mut dyn Tx, cols: &str, username: &str) -> Result<
 /// (`pg_advisory_xact_lock`, released at commit or rollback). A block is picked by reading which
 /// blocks are used: without the lock two replicas approving at once would read the same free
 /// block, and one would fail on `UNIQUE (ip_block)`. No row lock can express "no other user
-/// takes this block", hence a lock over the whole decision. (4242000001 is the migrations'.)
-pub(crate) const IP_BLOCK_LOCK: i64 = 4_242_000_002;
+/// takes this block", hence a lock over the whole decision. (Taken keys: 4242000001
+/// migrations, 4242000002 the ledger's claims.)
+pub(crate) const IP_BLOCK_LOCK: i64 = 4_242_000_003;
 
 /// The lowest block of a pool of `blocks` no user holds yet. On PostgreSQL, first takes
 /// [`IP_BLOCK_LOCK`] (held until the transaction ends, so the caller can then write the block).
