@@ -2,11 +2,11 @@
 //! refused enrollments folded into one audit record per client and window (so a flood of bad
 //! codes cannot flood the audit trail).
 
-use crate::audit::{Actor, record};
-use crate::users::TokenInfo;
-use crate::{Result, Store, hash_secret, now_ms};
+use crate::audit::{Actor, audit_stmt};
+use crate::db::{Cols, Dialect, stmt};
+use crate::users::{TokenInfo, token_stmts, use_code_stmt};
+use crate::{Result, Store, now_ms};
 use basphere_core::Username;
-use sqlx::Row;
 
 /// Usernames listed in an aggregated refusal record, at most.
 const NAMES_SHOWN: usize = 10;
@@ -14,16 +14,26 @@ const NAMES_SHOWN: usize = 10;
 impl Store {
     /// Registrations waiting for an admin's review.
     pub async fn pending_count(&self) -> Result<i64> {
-        Ok(
-            sqlx::query_scalar("SELECT COUNT(*) FROM users WHERE status = 'pending'")
-                .fetch_one(&self.lg()?.pool)
-                .await?,
-        )
+        self.db
+            .read(move |tx| {
+                Box::pin(async move {
+                    let r = tx
+                        .query_one(&stmt!(
+                            "SELECT COUNT(*) FROM users WHERE status = 'pending'"
+                        ))
+                        .await?;
+                    Ok(r.first_int()?.unwrap_or(0))
+                })
+            })
+            .await
     }
 
     /// Exchanges a one-time enrollment code of `username` for a new token, like
     /// [`Store::enroll`]; a refusal adds to the audit record of `client` (an IP address or uid,
     /// without port) for the current `window_ms` instead of writing one record per attempt.
+    ///
+    /// On PostgreSQL the open record is read `FOR UPDATE`, so refusals counted on several
+    /// replicas at once are all counted.
     pub async fn enroll_folding_refusals(
         &self,
         username: &Username,
@@ -32,64 +42,58 @@ impl Store {
         client: &str,
         window_ms: i64,
     ) -> Result<Option<(TokenInfo, String)>> {
-        let mut tx = self.write().await?;
         let now = now_ms();
-        let n = sqlx::query(
-            "UPDATE enrollment_codes SET used_at = $3
-             WHERE hash = $1 AND username = $2 AND used_at IS NULL AND expires_at >= $3",
-        )
-        .bind(hash_secret(code))
-        .bind(username.as_str())
-        .bind(now)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if n > 0 {
-            tx.commit().await?;
-            return self
-                .create_token(username, "enrollment", None, actor)
-                .await
-                .map(Some);
-        }
+        let use_code = use_code_stmt(username.as_str(), code, now);
+        let (info, secret, stmts) = token_stmts(username.as_str(), "enrollment", None, actor);
         let source = format!("refusals:{client}");
-        let open = sqlx::query(
-            "SELECT id, detail FROM audit
-             WHERE at >= $1 AND source = $2 AND action = 'token.enroll' AND result = 'refused'
-             ORDER BY id DESC LIMIT 1",
-        )
-        .bind(now - window_ms.max(1))
-        .bind(&source)
-        .fetch_optional(&mut *tx)
-        .await?;
-        match open {
-            Some(row) => {
-                let id: i64 = row.try_get("id")?;
-                let detail: Option<String> = row.try_get("detail")?;
-                let (count, mut names) = parse_detail(detail.as_deref().unwrap_or(""));
-                if names.len() < NAMES_SHOWN && !names.iter().any(|n| n == username.as_str()) {
-                    names.push(username.to_string());
-                }
-                sqlx::query("UPDATE audit SET detail = $2 WHERE id = $1")
-                    .bind(id)
-                    .bind(detail_text(count + 1, &names))
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            None => {
-                let detail = detail_text(1, &[username.to_string()]);
-                record(
-                    &mut tx,
-                    &Actor::new(&actor.name, &source),
-                    "token.enroll",
-                    username.as_str(),
-                    "refused",
-                    Some(&detail),
-                )
-                .await?;
-            }
-        }
-        tx.commit().await?;
-        Ok(None)
+        let refused_by = Actor::new(&actor.name, &source);
+        let name = username.to_string();
+        self.db
+            .write(move |tx| {
+                Box::pin(async move {
+                    if tx.exec(&use_code).await? > 0 {
+                        tx.run(&stmts).await?;
+                        return Ok(Some((info, secret)));
+                    }
+                    let lock = match tx.dialect() {
+                        Dialect::Postgres => " FOR UPDATE",
+                        Dialect::Sqlite => "",
+                    };
+                    let open = tx
+                        .query_opt(&stmt!(
+                            format!(
+                                "SELECT id, detail FROM audit
+                                 WHERE at >= $1 AND source = $2 AND action = 'token.enroll'
+                                   AND result = 'refused'
+                                 ORDER BY id DESC LIMIT 1{lock}"
+                            ),
+                            now - window_ms.max(1),
+                            source.as_str(),
+                        ))
+                        .await?;
+                    let write = match open {
+                        Some(row) => {
+                            let detail = row.opt_text("detail")?;
+                            let (count, mut names) = parse_detail(detail.as_deref().unwrap_or(""));
+                            if names.len() < NAMES_SHOWN && !names.contains(&name) {
+                                names.push(name);
+                            }
+                            stmt!(
+                                "UPDATE audit SET detail = $2 WHERE id = $1",
+                                row.int("id")?,
+                                detail_text(count + 1, &names),
+                            )
+                        }
+                        None => {
+                            let detail = detail_text(1, std::slice::from_ref(&name));
+                            audit_stmt(&refused_by, "token.enroll", &name, "refused", Some(&detail))
+                        }
+                    };
+                    tx.exec(&write).await?;
+                    Ok(None)
+                })
+            })
+            .await
     }
 }
 
