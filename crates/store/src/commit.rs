@@ -63,7 +63,7 @@ pub(crate) type Done = (Vec<WorkflowEvent>, bool, Option<Claimed>);
 /// What the SQLite write thread does: a step completion (grouped with others queued at the
 /// same time), or one whole write transaction of the store's (see `db::sqlite`).
 pub(crate) enum Job {
-    Done(DoneJob),
+    Done(Box<DoneJob>),
     Tx(Box<dyn FnOnce(&mut Connection) + Send>),
 }
 
@@ -106,12 +106,12 @@ pub(crate) fn spawn(
                         w.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
-                    Job::Done(j) => j,
+                    Job::Done(j) => *j,
                 };
                 let mut group = vec![first];
                 while group.len() < MAX_GROUP {
                     match rx.try_recv() {
-                        Ok(Job::Done(j)) => group.push(j),
+                        Ok(Job::Done(j)) => group.push(*j),
                         Ok(tx_job) => {
                             next = Some(tx_job);
                             break;

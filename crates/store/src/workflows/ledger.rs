@@ -406,7 +406,7 @@ impl Store {
             reply,
         };
         match (&self.db, &self.committer) {
-            (crate::db::Db::Sqlite(d), _) => d.send(crate::commit::Job::Done(job))?,
+            (crate::db::Db::Sqlite(d), _) => d.send(crate::commit::Job::Done(Box::new(job)))?,
             (_, crate::commit::Committer::Task(t)) => {
                 t.send(job).map_err(|_| StoreError::Closed)?
             }
@@ -688,7 +688,7 @@ impl Store {
             .write(move |tx| Box::pin(reopen(tx, wf, node, lease_ms, reason)))
             .await?
         {
-            Reopened::Taken(w) => Ok(Some(w)),
+            Reopened::Taken(w) => Ok(Some(*w)),
             Reopened::NothingToUndo => Ok(None),
             Reopened::Busy => Err(Reopen::Busy(busy)),
         }
@@ -697,7 +697,7 @@ impl Store {
 
 /// What [`reopen`] found; committed in every case (a cancel request it made stands).
 enum Reopened {
-    Taken(Workflow),
+    Taken(Box<Workflow>),
     NothingToUndo,
     Busy,
 }
@@ -760,7 +760,7 @@ async fn reopen(
         }
     }
     match load(tx, wf).await? {
-        Some(w) => Ok(Reopened::Taken(w)),
+        Some(w) => Ok(Reopened::Taken(Box::new(w))),
         None => Err(lease_lost(wf)),
     }
 }
