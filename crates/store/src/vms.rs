@@ -1,15 +1,14 @@
-use crate::audit::record;
+use crate::audit::audit_stmt;
+use crate::db::{Cols, Dialect, Row as DbRow, Stmt, Tx, Value, stmt};
 use crate::hooks::{Hooks, ResourceHooks, RetryCtx};
-use crate::db::{Stmt, stmt};
-use crate::db::Cols;
-use crate::workflows::{Ending, NewWorkflow, OpError, Workflow, WorkflowOutcome, insert_new};
+use crate::workflows::{Ending, NewWorkflow, OpError, Workflow, WorkflowOutcome, insert_stmts};
 use crate::{Actor, Result, Store, StoreError, now_ms, parse};
 use basphere_core::{
     ImageName, NetworkPool, QuotaExceeded, ResourceRef, Role, Spec, SpecName, Usage, UserStatus,
     Username, VmName, VmOperation, VmStatus,
 };
 use serde::Serialize;
-use sqlx::{Row, SqliteConnection};
+use sqlx::SqliteConnection;
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
 
@@ -76,12 +75,6 @@ pub enum AdmitError {
     Store(#[from] StoreError),
 }
 
-impl From<sqlx::Error> for AdmitError {
-    fn from(e: sqlx::Error) -> Self {
-        AdmitError::Store(e.into())
-    }
-}
-
 /// Why a delete was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum DeleteError {
@@ -91,12 +84,6 @@ pub enum DeleteError {
     Busy(String, VmStatus, String),
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-impl From<sqlx::Error> for DeleteError {
-    fn from(e: sqlx::Error) -> Self {
-        DeleteError::Store(e.into())
-    }
 }
 
 pub(crate) const VM_COLS: &str = "id, name, owner, os, login_user, spec, vcpus, memory_mib, disk_gib, ip, \
@@ -158,204 +145,319 @@ pub(crate) fn vm_from(r: &impl Cols) -> Result<Vm> {
 /// What `owner` holds now: every VM that holds an address or may hold a machine. Only a failed
 /// create whose rollback was confirmed gives its address up, so only those are not counted (a
 /// failed delete, or a rollback that could not clean up, keeps its address and counts).
-pub(crate) async fn usage(conn: &mut SqliteConnection, owner: &str) -> Result<Usage> {
-    let row = sqlx::query(
-        "SELECT COUNT(*) AS vms, COUNT(ip) AS ips, COALESCE(SUM(vcpus), 0) AS vcpus,
-                COALESCE(SUM(memory_mib), 0) AS mem
-         FROM vms WHERE owner = $1 AND (status <> 'failed' OR ip IS NOT NULL)",
-    )
-    .bind(owner)
-    .fetch_one(conn)
-    .await?;
+pub(crate) async fn usage(tx: &mut dyn Tx, owner: &str) -> Result<Usage> {
+    let row = tx
+        .query_one(&stmt!(
+            "SELECT COUNT(*) AS vms, COUNT(ip) AS ips,
+                    CAST(COALESCE(SUM(vcpus), 0) AS BIGINT) AS vcpus,
+                    CAST(COALESCE(SUM(memory_mib), 0) AS BIGINT) AS mem
+             FROM vms WHERE owner = $1 AND (status <> 'failed' OR ip IS NOT NULL)",
+            owner
+        ))
+        .await?;
     Ok(Usage {
-        vms: row.try_get::<i64, _>("vms")? as u32,
+        vms: row.int("vms")? as u32,
         clusters: 0,
-        ips: row.try_get::<i64, _>("ips")? as u32,
-        vcpus: row.try_get::<i64, _>("vcpus")? as u32,
-        memory_mib: row.try_get::<i64, _>("mem")? as u64,
+        ips: row.int("ips")? as u32,
+        vcpus: row.int("vcpus")? as u32,
+        memory_mib: row.int("mem")? as u64,
     })
 }
 
 /// The owner's quota and IP block, checking the owner may create; and whether they are admin.
+///
+/// On PostgreSQL this takes the owner's row lock (`FOR UPDATE`) until the transaction ends:
+/// every per-user decision that follows (quota, "name taken") reads what the owner's other
+/// admissions committed before it, on any replica, and none can commit in between. (SQLite's
+/// one write thread already runs every write transaction alone.)
 pub(crate) async fn owner_limits(
-    conn: &mut SqliteConnection,
+    tx: &mut dyn Tx,
     owner: &str,
     pool: &NetworkPool,
 ) -> std::result::Result<(basphere_core::Quota, basphere_core::IpBlock, bool), AdmitError> {
-    let user = sqlx::query("SELECT status, role, max_vms, max_clusters, max_ips, max_vcpus, max_memory_mib, ip_block FROM users WHERE username = $1")
-        .bind(owner)
-        .fetch_optional(&mut *conn)
+    let sql = match tx.dialect() {
+        Dialect::Sqlite => OWNER_LIMITS,
+        Dialect::Postgres => OWNER_LIMITS_LOCKED,
+    };
+    let user = tx
+        .query_opt(&stmt!(sql, owner))
         .await?
         .ok_or_else(|| AdmitError::NoUser(owner.to_string()))?;
-    let status: UserStatus = parse("users.status", user.try_get("status")?)?;
+    let status: UserStatus = parse("users.status", &user.text("status")?)?;
     if status != UserStatus::Active {
         return Err(AdmitError::NotActive(owner.to_string(), status));
     }
     let quota = basphere_core::Quota {
-        max_vms: user.try_get::<i64, _>("max_vms")? as u32,
-        max_clusters: user.try_get::<i64, _>("max_clusters")? as u32,
-        max_ips: user.try_get::<i64, _>("max_ips")? as u32,
-        max_vcpus: user
-            .try_get::<Option<i64>, _>("max_vcpus")?
-            .map(|v| v as u32),
-        max_memory_mib: user
-            .try_get::<Option<i64>, _>("max_memory_mib")?
-            .map(|v| v as u64),
+        max_vms: user.int("max_vms")? as u32,
+        max_clusters: user.int("max_clusters")? as u32,
+        max_ips: user.int("max_ips")? as u32,
+        max_vcpus: user.opt_int("max_vcpus")?.map(|v| v as u32),
+        max_memory_mib: user.opt_int("max_memory_mib")?.map(|v| v as u64),
     };
     let block = user
-        .try_get::<Option<i64>, _>("ip_block")?
+        .opt_int("ip_block")?
         .and_then(|b| pool.block(b as u32))
         .ok_or_else(|| AdmitError::NoBlock(owner.to_string()))?;
-    let admin = user.try_get::<String, _>("role")? == Role::Admin.as_str();
+    let admin = user.text("role")? == Role::Admin.as_str();
     Ok((quota, block, admin))
 }
 
-/// Every address leased to a VM now.
-pub(crate) async fn taken_ips(conn: &mut SqliteConnection) -> Result<HashSet<String>> {
-    Ok(
-        sqlx::query_scalar("SELECT ip FROM vms WHERE ip IS NOT NULL")
-            .fetch_all(&mut *conn)
-            .await?
-            .into_iter()
-            .collect(),
-    )
+const OWNER_LIMITS: &str = "SELECT status, role, max_vms, max_clusters, max_ips, max_vcpus, \
+     max_memory_mib, ip_block FROM users WHERE username = $1";
+const OWNER_LIMITS_LOCKED: &str = "SELECT status, role, max_vms, max_clusters, max_ips, \
+     max_vcpus, max_memory_mib, ip_block FROM users WHERE username = $1 FOR UPDATE";
+
+/// The key of the PostgreSQL transaction-level advisory lock that serializes address picking
+/// over every replica ("bsph-ip").
+const ADDRESS_LOCK: i64 = 0x6273_7068_2d69_70;
+
+/// Every address leased to a VM now, for the caller to pick free ones from.
+///
+/// Addresses are unique over all users (a block may still hold a previous owner's VM, and a
+/// retried create picks again), so picking is a global decision: on PostgreSQL this first
+/// takes the transaction-level advisory lock [`ADDRESS_LOCK`], held until commit, so two
+/// replicas never read the same free address. It is taken after the owner's row lock
+/// ([`owner_limits`]) by every caller, so the two locks are always taken in one order. SQLite's
+/// one write thread needs no lock.
+pub(crate) async fn taken_ips(tx: &mut dyn Tx) -> Result<HashSet<String>> {
+    if tx.dialect() == Dialect::Postgres {
+        tx.query(&stmt!("SELECT pg_advisory_xact_lock($1)", ADDRESS_LOCK))
+            .await?;
+    }
+    tx.query(&stmt!("SELECT ip FROM vms WHERE ip IS NOT NULL"))
+        .await?
+        .iter()
+        .map(|r| r.text("ip"))
+        .collect()
 }
 
 /// Gives a rolled-back (failed) VM its quota and an address again, for a retried create.
 pub(crate) async fn readmit(
-    conn: &mut SqliteConnection,
+    tx: &mut dyn Tx,
     vm_id: &str,
     pool: &NetworkPool,
 ) -> std::result::Result<(), AdmitError> {
-    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {VM_COLS} FROM vms WHERE id = $1"
-    )))
-    .bind(vm_id)
-    .fetch_optional(&mut *conn)
-    .await?
-    .ok_or_else(|| AdmitError::NoUser(format!("of VM {vm_id} (the VM is gone)")))?;
-    let vm = vm_from(&row)?;
+    let vm = vm_where_id(tx, vm_id)
+        .await?
+        .ok_or_else(|| AdmitError::NoUser(format!("of VM {vm_id} (the VM is gone)")))?;
     if vm.status != VmStatus::Failed {
         return Ok(());
     }
     let owner = vm.owner.as_str();
-    let (quota, block, _) = owner_limits(conn, owner, pool).await?;
+    let (quota, block, _) = owner_limits(tx, owner, pool).await?;
     if vm.ip_address.is_none() {
         // A VM that kept its address is counted already (see `usage`).
-        let used = usage(conn, owner).await?;
+        let used = usage(tx, owner).await?;
         quota.admit(&used, 1, vm.vcpus, vm.memory_mib)?;
     }
     let ip = match vm.ip_address {
         Some(ip) => ip,
         None => {
-            let taken = taken_ips(conn).await?;
+            let taken = taken_ips(tx).await?;
             pool.assignable_in(&block)
                 .find(|a| !taken.contains(&a.to_string()))
                 .ok_or_else(|| AdmitError::BlockFull(owner.to_string(), block.net.to_string()))?
         }
     };
-    sqlx::query(
+    tx.exec(&stmt!(
         "UPDATE vms SET status = 'creating', error = NULL, ip = $2, updated_at = $3 WHERE id = $1",
-    )
-    .bind(vm_id)
-    .bind(ip.to_string())
-    .bind(now_ms())
-    .execute(&mut *conn)
+        vm_id,
+        ip.to_string(),
+        now_ms(),
+    ))
     .await?;
     Ok(())
+}
+
+async fn vm_where_id(tx: &mut dyn Tx, id: &str) -> Result<Option<Vm>> {
+    tx.query_opt(&stmt!(SELECT_BY_ID, id))
+        .await?
+        .as_ref()
+        .map(vm_from)
+        .transpose()
+}
+
+const SELECT_BY_ID: &str = "SELECT id, name, owner, os, login_user, spec, vcpus, memory_mib, \
+     disk_gib, ip, status, error, provider, created_at, updated_at FROM vms WHERE id = $1";
+const SELECT_BY_NAME: &str = "SELECT id, name, owner, os, login_user, spec, vcpus, memory_mib, \
+     disk_gib, ip, status, error, provider, created_at, updated_at FROM vms \
+     WHERE owner = $1 AND name = $2";
+
+/// The newest live operation on resource `id` (none when it has none).
+pub(crate) fn live_op_stmt(id: &str) -> Stmt {
+    stmt!(
+        "SELECT id FROM workflows WHERE resource_id = $1
+           AND status IN ('pending', 'running', 'undoing')
+         ORDER BY created_at DESC LIMIT 1",
+        id
+    )
+}
+
+/// Admits the VMs of `req` (see [`Store::admit_vms`]).
+async fn admit(
+    tx: &mut dyn Tx,
+    req: &AdmitRequest,
+    pool: &NetworkPool,
+    actor: &Actor,
+) -> std::result::Result<Vec<Admitted>, AdmitError> {
+    let owner = req.owner.as_str();
+    let (quota, block, admin) = owner_limits(tx, owner, pool).await?;
+    let mut seen = HashSet::new();
+    for n in &req.names {
+        if !seen.insert(n) {
+            return Err(AdmitError::DuplicateInRequest(n.clone()));
+        }
+    }
+    let used = usage(tx, owner).await?;
+    quota.admit(
+        &used,
+        req.names.len() as u32,
+        req.spec.vcpus,
+        req.spec.memory_mib,
+    )?;
+    let existing = tx
+        .query(&stmt!("SELECT name FROM vms WHERE owner = $1", owner))
+        .await?
+        .iter()
+        .map(|r| r.text("name"))
+        .collect::<Result<HashSet<String>>>()?;
+    if let Some(taken) = req.names.iter().find(|n| existing.contains(n.as_str())) {
+        return Err(AdmitError::NameTaken(taken.clone()));
+    }
+    let taken_ips = taken_ips(tx).await?;
+    let mut free = pool
+        .assignable_in(&block)
+        .filter(|a| !taken_ips.contains(&a.to_string()));
+
+    let now = now_ms();
+    let mut out = Vec::with_capacity(req.names.len());
+    for name in &req.names {
+        let ip = free
+            .next()
+            .ok_or_else(|| AdmitError::BlockFull(owner.to_string(), block.net.to_string()))?;
+        let id = uuid::Uuid::now_v7().to_string();
+        let row = tx
+            .query_one(&stmt!(
+                "INSERT INTO vms (id, owner, name, os, login_user, spec, vcpus, memory_mib,
+                    disk_gib, ip, status, provider, created_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'creating', $11, $12, $12)
+                 RETURNING id, name, owner, os, login_user, spec, vcpus, memory_mib, disk_gib,
+                    ip, status, error, provider, created_at, updated_at",
+                id.as_str(),
+                owner,
+                name.as_str(),
+                req.os.as_str(),
+                req.login_user.as_str(),
+                req.spec_name.as_str(),
+                req.spec.vcpus,
+                req.spec.memory_mib as i64,
+                req.spec.disk_gib as i64,
+                ip.to_string(),
+                req.provider.as_str(),
+                now,
+            ))
+            .await?;
+        let vm = vm_from(&row)?;
+        let mut w = NewWorkflow::new(VmOperation::Create.as_str(), owner, req.steps.clone());
+        w.resource = Some(ResourceRef::vm(&id));
+        w.priority = if admin { 5 } else { 0 };
+        let operation_id = uuid::Uuid::now_v7().to_string();
+        let mut stmts = insert_stmts(&w, &operation_id, None, now);
+        let detail = format!(
+            "ip={ip} spec={} os={} operation={operation_id}",
+            req.spec_name, req.os
+        );
+        stmts.push(audit_stmt(
+            actor,
+            "vm.create",
+            &format!("{owner}/{name}"),
+            "accepted",
+            Some(&detail),
+        ));
+        tx.run(&stmts).await?;
+        out.push(Admitted { vm, operation_id });
+    }
+    Ok(out)
+}
+
+/// Marks a VM deleting and queues its delete workflow (see [`Store::begin_delete_vm`]).
+///
+/// On PostgreSQL it first takes the owner's row lock, as admissions do: two deletes of one VM
+/// on two replicas (or a delete and a batch that deletes it) run one after the other, and the
+/// second sees the VM deleting.
+async fn begin_delete(
+    tx: &mut dyn Tx,
+    owner: &str,
+    name: &str,
+    steps: &[String],
+    actor: &Actor,
+) -> std::result::Result<Admitted, DeleteError> {
+    if tx.dialect() == Dialect::Postgres {
+        tx.query(&stmt!(
+            "SELECT username FROM users WHERE username = $1 FOR UPDATE",
+            owner
+        ))
+        .await?;
+    }
+    let vm = tx
+        .query_opt(&stmt!(SELECT_BY_NAME, owner, name))
+        .await?
+        .as_ref()
+        .map(vm_from)
+        .transpose()?
+        .ok_or_else(|| DeleteError::NotFound(name.to_string()))?;
+    if matches!(vm.status, VmStatus::Creating | VmStatus::Deleting) {
+        let op = tx
+            .query_opt(&live_op_stmt(&vm.id))
+            .await?
+            .map(|r| r.text("id"))
+            .transpose()?
+            .unwrap_or_default();
+        return Err(DeleteError::Busy(name.to_string(), vm.status, op));
+    }
+    tx.exec(&stmt!(
+        "UPDATE vms SET status = 'deleting', updated_at = $2 WHERE id = $1",
+        vm.id.as_str(),
+        now_ms()
+    ))
+    .await?;
+    let mut w = NewWorkflow::new(VmOperation::Delete.as_str(), owner, steps.to_vec());
+    w.resource = Some(ResourceRef::vm(&vm.id));
+    w.priority = 10;
+    let operation_id = uuid::Uuid::now_v7().to_string();
+    let mut stmts = insert_stmts(&w, &operation_id, None, now_ms());
+    stmts.push(audit_stmt(
+        actor,
+        "vm.delete",
+        &format!("{owner}/{name}"),
+        "accepted",
+        Some(&format!("operation={operation_id}")),
+    ));
+    tx.run(&stmts).await?;
+    Ok(Admitted {
+        vm: Vm {
+            status: VmStatus::Deleting,
+            ..vm
+        },
+        operation_id,
+    })
 }
 
 impl Store {
     /// Admits VMs in one transaction: checks the owner's state and quota, allocates addresses
     /// from the owner's block, inserts the VM rows (creating), their create workflows and the
-    /// audit record. Either all requested VMs are admitted or none.
+    /// audit record. Either all requested VMs are admitted or none. Exact across replicas
+    /// sharing a PostgreSQL database: see [`owner_limits`] and [`taken_ips`] for the locks.
     pub async fn admit_vms(
         &self,
         req: &AdmitRequest,
         pool: &NetworkPool,
         actor: &Actor,
     ) -> std::result::Result<Vec<Admitted>, AdmitError> {
-        let mut tx = self.write().await?;
-        let owner = req.owner.as_str();
-        let (quota, block, admin) = owner_limits(&mut tx, owner, pool).await?;
-        let mut seen = HashSet::new();
-        for n in &req.names {
-            if !seen.insert(n) {
-                return Err(AdmitError::DuplicateInRequest(n.clone()));
-            }
-        }
-        let used = usage(&mut tx, owner).await?;
-        quota.admit(
-            &used,
-            req.names.len() as u32,
-            req.spec.vcpus,
-            req.spec.memory_mib,
-        )?;
-        let existing: Vec<String> = sqlx::query_scalar("SELECT name FROM vms WHERE owner = $1")
-            .bind(owner)
-            .fetch_all(&mut *tx)
-            .await?;
-        if let Some(taken) = req
-            .names
-            .iter()
-            .find(|n| existing.iter().any(|e| e == n.as_str()))
-        {
-            return Err(AdmitError::NameTaken(taken.clone()));
-        }
-        let taken_ips = taken_ips(&mut tx).await?;
-        let mut free = pool
-            .assignable_in(&block)
-            .filter(|a| !taken_ips.contains(&a.to_string()));
-
-        let now = now_ms();
-        let mut out = Vec::with_capacity(req.names.len());
-        for name in &req.names {
-            let ip = free
-                .next()
-                .ok_or_else(|| AdmitError::BlockFull(owner.to_string(), block.net.to_string()))?;
-            let id = uuid::Uuid::now_v7().to_string();
-            let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "INSERT INTO vms (id, owner, name, os, login_user, spec, vcpus, memory_mib,
-                    disk_gib, ip, status, provider, created_at, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'creating', $11, $12, $12)
-                 RETURNING {VM_COLS}"
-            )))
-            .bind(&id)
-            .bind(owner)
-            .bind(name.as_str())
-            .bind(req.os.as_str())
-            .bind(&req.login_user)
-            .bind(req.spec_name.as_str())
-            .bind(i64::from(req.spec.vcpus))
-            .bind(req.spec.memory_mib as i64)
-            .bind(req.spec.disk_gib as i64)
-            .bind(ip.to_string())
-            .bind(&req.provider)
-            .bind(now)
-            .fetch_one(&mut *tx)
-            .await?;
-            let vm = vm_from(&row)?;
-            let mut w = NewWorkflow::new(VmOperation::Create.as_str(), owner, req.steps.clone());
-            w.resource = Some(ResourceRef::vm(&id));
-            w.priority = if admin { 5 } else { 0 };
-            let operation_id = insert_new(&mut tx, &w).await?;
-            let detail = format!(
-                "ip={ip} spec={} os={} operation={operation_id}",
-                req.spec_name, req.os
-            );
-            record(
-                &mut tx,
-                actor,
-                "vm.create",
-                &format!("{owner}/{name}"),
-                "accepted",
-                Some(&detail),
-            )
-            .await?;
-            out.push(Admitted { vm, operation_id });
-        }
-        tx.commit().await?;
-        Ok(out)
+        let (req, pool, actor) = (req.clone(), pool.clone(), actor.clone());
+        self.db
+            .write(move |tx| Box::pin(async move { admit(tx, &req, &pool, &actor).await }))
+            .await
     }
 
     /// Marks a VM deleting and queues its delete workflow; returns the VM and operation id.
@@ -366,66 +468,27 @@ impl Store {
         steps: &[String],
         actor: &Actor,
     ) -> std::result::Result<Admitted, DeleteError> {
-        let mut tx = self.write().await?;
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {VM_COLS} FROM vms WHERE owner = $1 AND name = $2"
-        )))
-        .bind(owner)
-        .bind(name)
-        .fetch_optional(&mut *tx)
-        .await?
-        .ok_or_else(|| DeleteError::NotFound(name.to_string()))?;
-        let vm = vm_from(&row)?;
-        if matches!(vm.status, VmStatus::Creating | VmStatus::Deleting) {
-            let op: String = sqlx::query_scalar(
-                "SELECT id FROM workflows WHERE resource_id = $1
-                   AND status IN ('pending','running','undoing')
-                 ORDER BY created_at DESC LIMIT 1",
-            )
-            .bind(&vm.id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .unwrap_or_default();
-            return Err(DeleteError::Busy(name.to_string(), vm.status, op));
-        }
-        sqlx::query("UPDATE vms SET status = 'deleting', updated_at = $2 WHERE id = $1")
-            .bind(&vm.id)
-            .bind(now_ms())
-            .execute(&mut *tx)
-            .await?;
-        let mut w = NewWorkflow::new(VmOperation::Delete.as_str(), owner, steps.to_vec());
-        w.resource = Some(ResourceRef::vm(&vm.id));
-        w.priority = 10;
-        let operation_id = insert_new(&mut tx, &w).await?;
-        record(
-            &mut tx,
-            actor,
-            "vm.delete",
-            &format!("{owner}/{name}"),
-            "accepted",
-            Some(&format!("operation={operation_id}")),
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(Admitted {
-            vm: Vm {
-                status: VmStatus::Deleting,
-                ..vm
-            },
-            operation_id,
-        })
+        let (owner, name, steps, actor) = (
+            owner.to_string(),
+            name.to_string(),
+            steps.to_vec(),
+            actor.clone(),
+        );
+        self.db
+            .write(move |tx| {
+                Box::pin(async move { begin_delete(tx, &owner, &name, &steps, &actor).await })
+            })
+            .await
     }
 
     /// One VM by owner and name.
     pub async fn vm(&self, owner: &str, name: &str) -> Result<Option<Vm>> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {VM_COLS} FROM vms WHERE owner = $1 AND name = $2"
-        )))
-        .bind(owner)
-        .bind(name)
-        .fetch_optional(&self.lg()?.pool)
-        .await?;
-        row.as_ref().map(vm_from).transpose()
+        let s = stmt!(SELECT_BY_NAME, owner, name);
+        self.db
+            .read(move |tx| {
+                Box::pin(async move { tx.query_opt(&s).await?.as_ref().map(vm_from).transpose() })
+            })
+            .await
     }
 
     /// One VM by id with its owner's SSH public key (one query, for the engine).
@@ -433,35 +496,50 @@ impl Store {
         if let Some(hit) = self.prefetched.take(id) {
             return Ok(Some(hit));
         }
-        let row = sqlx::query(VM_AND_KEY)
-            .bind(id)
-            .fetch_optional(&self.lg()?.pool)
-            .await?;
-        row.as_ref()
-            .map(|r| Ok((vm_from(r)?, r.try_get("owner_key")?)))
-            .transpose()
+        let s = stmt!(VM_AND_KEY, id);
+        self.db
+            .read(move |tx| {
+                Box::pin(async move {
+                    tx.query_opt(&s)
+                        .await?
+                        .as_ref()
+                        .map(|r| Ok((vm_from(r)?, r.opt_text("owner_key")?)))
+                        .transpose()
+                })
+            })
+            .await
     }
 
     /// One VM by id.
     pub async fn vm_by_id(&self, id: &str) -> Result<Option<Vm>> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {VM_COLS} FROM vms WHERE id = $1"
-        )))
-        .bind(id)
-        .fetch_optional(&self.lg()?.pool)
-        .await?;
-        row.as_ref().map(vm_from).transpose()
+        let id = id.to_string();
+        self.db
+            .read(move |tx| Box::pin(async move { vm_where_id(tx, &id).await }))
+            .await
     }
 
-    /// VMs of `owner`, or of everyone when `None`, by owner then name.
+    /// VMs of `owner`, or of everyone when `None`, by owner then name (byte order on both
+    /// backends).
     pub async fn vms(&self, owner: Option<&str>) -> Result<Vec<Vm>> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {VM_COLS} FROM vms WHERE ($1 IS NULL OR owner = $1) ORDER BY owner, name"
-        )))
-        .bind(owner)
-        .fetch_all(&self.lg()?.pool)
-        .await?;
-        rows.iter().map(vm_from).collect()
+        let owner = owner.map(str::to_string);
+        self.db
+            .read(move |tx| {
+                Box::pin(async move {
+                    let order = match tx.dialect() {
+                        Dialect::Sqlite => "owner, name",
+                        Dialect::Postgres => "owner COLLATE \"C\", name COLLATE \"C\"",
+                    };
+                    let s = stmt!(
+                        format!(
+                            "SELECT {VM_COLS} FROM vms
+                             WHERE (CAST($1 AS TEXT) IS NULL OR owner = $1) ORDER BY {order}"
+                        ),
+                        owner
+                    );
+                    tx.query(&s).await?.iter().map(vm_from).collect()
+                })
+            })
+            .await
     }
 
     /// One page of the VMs of `owner` (or everyone), in creation order (ids are UUIDv7): at
@@ -472,22 +550,30 @@ impl Store {
         after: Option<&str>,
         limit: i64,
     ) -> Result<Vec<Vm>> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {VM_COLS} FROM vms WHERE ($1 IS NULL OR owner = $1) AND ($2 IS NULL OR id > $2)
-             ORDER BY id LIMIT $3"
-        )))
-        .bind(owner)
-        .bind(after)
-        .bind(limit)
-        .fetch_all(&self.lg()?.pool)
-        .await?;
-        rows.iter().map(vm_from).collect()
+        let s = stmt!(
+            format!(
+                "SELECT {VM_COLS} FROM vms
+                 WHERE (CAST($1 AS TEXT) IS NULL OR owner = $1)
+                   AND (CAST($2 AS TEXT) IS NULL OR id > $2)
+                 ORDER BY id LIMIT $3"
+            ),
+            owner,
+            after,
+            limit,
+        );
+        self.db
+            .read(move |tx| {
+                Box::pin(async move { tx.query(&s).await?.iter().map(vm_from).collect() })
+            })
+            .await
     }
 
     /// What `owner` holds now.
     pub async fn usage(&self, owner: &str) -> Result<Usage> {
-        let mut c = self.lg()?.pool.acquire().await?;
-        usage(&mut c, owner).await
+        let owner = owner.to_string();
+        self.db
+            .read(move |tx| Box::pin(async move { usage(tx, &owner).await }))
+            .await
     }
 }
 
@@ -611,6 +697,20 @@ run delete-vm to retry the cleanup' ELSE '' END,
         w: &Workflow,
         ctx: &RetryCtx<'_>,
     ) -> std::result::Result<(), OpError> {
+        self.retrying_tx(&mut SqlxTx(conn), w, ctx.pool).await
+    }
+}
+
+impl VmHooks {
+    /// Makes the VM ready for a retry of `w`, inside the retry's transaction: a failed create
+    /// gets its quota and an address again ([`readmit`]), a failed delete is deleting again.
+    /// What `ResourceHooks::retrying` becomes once the ledger runs on [`Tx`].
+    async fn retrying_tx(
+        &self,
+        tx: &mut dyn Tx,
+        w: &Workflow,
+        pool: &NetworkPool,
+    ) -> std::result::Result<(), OpError> {
         let gone = || {
             OpError::Refused(format!(
                 "operation {}'s VM is gone; create it again instead",
@@ -622,18 +722,17 @@ run delete-vm to retry the cleanup' ELSE '' END,
             .as_ref()
             .and_then(|r| r.id_of(ResourceRef::VM))
             .ok_or_else(gone)?;
-        vm_idle_and_failed(conn, vm_id, &w.id).await?;
+        vm_idle_and_failed(tx, vm_id, &w.id).await?;
         match self.0 {
-            VmOperation::Create => readmit(conn, vm_id, ctx.pool)
+            VmOperation::Create => readmit(tx, vm_id, pool)
                 .await
                 .map_err(|e| OpError::Refused(e.to_string()))?,
             VmOperation::Delete => {
-                sqlx::query(
+                tx.exec(&stmt!(
                     "UPDATE vms SET status = 'deleting', error = NULL, updated_at = $2 WHERE id = $1",
-                )
-                .bind(vm_id)
-                .bind(now_ms())
-                .execute(&mut *conn)
+                    vm_id,
+                    now_ms()
+                ))
                 .await?;
             }
         }
@@ -644,29 +743,32 @@ run delete-vm to retry the cleanup' ELSE '' END,
 /// Refuses a retry of `wf` unless its VM is failed and no other live workflow touches it
 /// (inside the retry's transaction, so nothing can start on the VM in between).
 async fn vm_idle_and_failed(
-    conn: &mut SqliteConnection,
+    tx: &mut dyn Tx,
     vm_id: &str,
     wf: &str,
 ) -> std::result::Result<(), OpError> {
-    let live: Option<(String, Option<String>)> = sqlx::query_as(
-        "SELECT id, definition FROM workflows WHERE resource_id = $1 AND id <> $2
-           AND status IN ('pending', 'running', 'undoing') LIMIT 1",
-    )
-    .bind(vm_id)
-    .bind(wf)
-    .fetch_optional(&mut *conn)
-    .await?;
-    let vm: Option<(String, String, String)> =
-        sqlx::query_as("SELECT owner, name, status FROM vms WHERE id = $1")
-            .bind(vm_id)
-            .fetch_optional(&mut *conn)
-            .await?;
-    let Some((owner, name, status)) = vm else {
+    let live = tx
+        .query_opt(&stmt!(
+            "SELECT id, definition FROM workflows WHERE resource_id = $1 AND id <> $2
+               AND status IN ('pending', 'running', 'undoing') LIMIT 1",
+            vm_id,
+            wf
+        ))
+        .await?;
+    let vm = tx
+        .query_opt(&stmt!(
+            "SELECT owner, name, status FROM vms WHERE id = $1",
+            vm_id
+        ))
+        .await?;
+    let Some(vm) = vm else {
         return Err(OpError::Refused(format!(
             "operation {wf}'s VM is gone; create it again instead"
         )));
     };
-    if let Some((op, def)) = live {
+    let (owner, name, status) = (vm.text("owner")?, vm.text("name")?, vm.text("status")?);
+    if let Some(l) = live {
+        let (op, def) = (l.text("id")?, l.opt_text("definition")?);
         return Err(OpError::Refused(format!(
             "VM {owner}/{name} has operation {op} ({}) in progress; wait for it to end \
              (basphere ops watch {op}) before retrying {wf}",
@@ -679,4 +781,58 @@ async fn vm_idle_and_failed(
         )));
     }
     Ok(())
+}
+
+/// [`Tx`] over the ledger's sqlx retry transaction: the bridge that lets the retry hook run
+/// its one implementation there until `ResourceHooks::retrying` takes a [`Tx`].
+struct SqlxTx<'c>(&'c mut SqliteConnection);
+
+fn sqlx_stmt(s: &Stmt) -> sqlx::query::Query<'_, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(s.sql.to_string()));
+    for a in &s.args {
+        q = match a {
+            Value::Text(t) => q.bind(t.clone()),
+            Value::Int(n) => q.bind(*n),
+            Value::Null => q.bind(None::<String>),
+        };
+    }
+    q
+}
+
+#[async_trait::async_trait]
+impl Tx for SqlxTx<'_> {
+    fn dialect(&self) -> Dialect {
+        Dialect::Sqlite
+    }
+    async fn exec(&mut self, s: &Stmt) -> Result<u64> {
+        Ok(sqlx_stmt(s).execute(&mut *self.0).await?.rows_affected())
+    }
+    async fn query(&mut self, s: &Stmt) -> Result<Vec<DbRow>> {
+        use sqlx::{Column, Row};
+        let rows = sqlx_stmt(s).fetch_all(&mut *self.0).await?;
+        let Some(first) = rows.first() else {
+            return Ok(vec![]);
+        };
+        let names: std::sync::Arc<[String]> =
+            first.columns().iter().map(|c| c.name().to_string()).collect();
+        rows.iter()
+            .map(|r| {
+                let vals = (0..names.len())
+                    .map(|i| match r.try_get::<Option<i64>, _>(i) {
+                        Ok(n) => Ok(n.map_or(Value::Null, Value::Int)),
+                        Err(_) => Ok(r
+                            .try_get::<Option<String>, _>(i)?
+                            .map_or(Value::Null, Value::Text)),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(DbRow::new(names.clone(), vals))
+            })
+            .collect()
+    }
+    async fn script(&mut self, sql: &str) -> Result<()> {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string()))
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
+    }
 }
