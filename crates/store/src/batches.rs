@@ -145,7 +145,11 @@ const AUDIT_ROW: &[Col] = &[
     ("target", false),
     ("detail", false),
 ];
-const EDGE_ROW: &[Col] = &[("workflow_id", false), ("depends_on", false), ("hard", true)];
+const EDGE_ROW: &[Col] = &[
+    ("workflow_id", false),
+    ("depends_on", false),
+    ("hard", true),
+];
 
 /// Why a batch was refused.
 #[derive(Debug, thiserror::Error)]
@@ -463,7 +467,9 @@ impl Store {
         );
         self.db
             .read(move |tx| {
-                Box::pin(async move { tx.query(&s).await?.iter().map(|r| r.text("name")).collect() })
+                Box::pin(
+                    async move { tx.query(&s).await?.iter().map(|r| r.text("name")).collect() },
+                )
             })
             .await
     }
@@ -473,7 +479,9 @@ impl Store {
         let s = stmt!("SELECT owner FROM batches WHERE id = $1", id);
         self.db
             .read(move |tx| {
-                Box::pin(async move { tx.query_opt(&s).await?.map(|r| r.text("owner")).transpose() })
+                Box::pin(
+                    async move { tx.query_opt(&s).await?.map(|r| r.text("owner")).transpose() },
+                )
             })
             .await
     }

@@ -244,8 +244,11 @@ impl Tx for SqlxTx<'_> {
         let Some(first) = rows.first() else {
             return Ok(vec![]);
         };
-        let names: std::sync::Arc<[String]> =
-            first.columns().iter().map(|c| c.name().to_string()).collect();
+        let names: std::sync::Arc<[String]> = first
+            .columns()
+            .iter()
+            .map(|c| c.name().to_string())
+            .collect();
         rows.iter()
             .map(|r| {
                 let vals = (0..names.len())
