@@ -212,7 +212,7 @@ const OWNER_LIMITS_LOCKED: &str = "SELECT status, role, max_vms, max_clusters, m
 
 /// The key of the PostgreSQL transaction-level advisory lock that serializes address picking
 /// over every replica ("bsph-ip").
-const ADDRESS_LOCK: i64 = 0x6273_7068_2d69_70;
+const ADDRESS_LOCK: i64 = 0x0062_7370_682d_6970;
 
 /// Every address leased to a VM now, for the caller to pick free ones from.
 ///
