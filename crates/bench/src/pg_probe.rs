@@ -79,7 +79,7 @@ pub async fn run(steps: usize) -> anyhow::Result<()> {
             "fsync=off (the tests' setting)"
         };
         println!(
-            "PostgreSQL 15 probe, one connection, {steps} step completions (UPDATE + INSERT event) per row, {setting}:"
+            "PostgreSQL 15 probe, one connection, {steps} step completions (UPDATE + INSERT event) per mode, {setting}:"
         );
         let modes = std::iter::once(Mode::Sequential).chain(GROUPS.map(Mode::Pipelined));
         for mode in modes {

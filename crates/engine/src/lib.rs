@@ -38,8 +38,8 @@ pub use basphere_plan as plan;
 mod error;
 
 use basphere_store::{
-    ClaimLimits, Claimed, Handoff, Hooks, NextStep, Reopen, StepCommit, StepStatus, Store,
-    StoreError, Workflow, WorkflowEvent, WorkflowOutcome, WorkflowStatus,
+    ClaimLimits, Claimed, DeadlineFn, Handoff, Hooks, NextStep, Reopen, StepCommit, StepStatus,
+    Store, StoreError, Workflow, WorkflowEvent, WorkflowOutcome, WorkflowStatus,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -265,11 +265,8 @@ impl Engine {
                     Err(_) => break,
                 }
             }
-            let deadline = |wf: &Workflow| {
-                let def = self.def(&wf.definition)?;
-                let rec = wf.steps.get(usize::try_from(wf.step).ok()?)?;
-                Some(def.step(&rec.name).deadline.as_millis() as i64)
-            };
+            let me = self.clone();
+            let deadline: DeadlineFn = Arc::new(move |wf: &Workflow| me.deadline_ms(wf));
             match inner
                 .store
                 .claim_many(
@@ -277,7 +274,7 @@ impl Engine {
                     inner.cfg.lease.as_millis() as i64,
                     &inner.cfg.limits,
                     permits.len(),
-                    &deadline,
+                    deadline,
                 )
                 .await
             {

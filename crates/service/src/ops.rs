@@ -3,8 +3,8 @@
 use crate::check::Check;
 use crate::error::Result;
 use crate::{Done, Paged, Paging, Principal, ServiceError, Services, convert};
-use basphere_plan::{self as plan, Existing, Format, Manifest};
 use basphere_core::{ResourceRef, VmOperation};
+use basphere_plan::{self as plan, Existing, Format, Manifest};
 use basphere_store::{AdmitError, BatchError, BatchVm, Workflow};
 use basphere_wire as wire;
 use std::collections::HashSet;

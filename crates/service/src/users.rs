@@ -5,8 +5,8 @@ use crate::check::Check;
 use crate::error::Result;
 use crate::{Done, Paged, Paging, Principal, ServiceError, Services, convert};
 use basphere_accounts::AccountError;
-use basphere_core::{Email, Quota, Role, SshPublicKey, Team, UserStatus, Username, VmStatus};
 use basphere_core::VmOperation;
+use basphere_core::{Email, Quota, Role, SshPublicKey, Team, UserStatus, Username, VmStatus};
 use basphere_store::{Actor, AuditFilter, DeleteError, NewRegistration, User};
 use basphere_wire as wire;
 

@@ -4,8 +4,8 @@
 use crate::check::Check;
 use crate::error::Result;
 use crate::{Done, MAX_LIMIT, Paged, Paging, Principal, ServiceError, Services, convert};
-use basphere_core::{ImageName, SpecName, Usage, VM_COUNT_RANGE, VmName};
 use basphere_core::VmOperation;
+use basphere_core::{ImageName, SpecName, Usage, VM_COUNT_RANGE, VmName};
 use basphere_store::{AdmitError, AdmitRequest, DeleteError};
 use basphere_wire as wire;
 

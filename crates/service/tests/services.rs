@@ -4,10 +4,10 @@
 use basphere_config::Config;
 use basphere_core::{UserStatus, Username, VmStatus};
 use basphere_engine::{Engine, EngineConfig};
-use basphere_vm_workflows::Catalog;
 use basphere_provider::NullProvider;
 use basphere_service::{Actor, Principal, ServiceError, Services, UserDeletion};
 use basphere_store::{NewRegistration, Store};
+use basphere_vm_workflows::Catalog;
 use basphere_wire::{CreateVmsRequest, ReasonRequest, RegisterRequest};
 use serde_json::json;
 use std::sync::Arc;

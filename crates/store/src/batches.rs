@@ -8,7 +8,7 @@
 use crate::audit::audit_stmt;
 use crate::db::{Cols, Dialect, Stmt, Tx, stmt};
 use crate::vms::{AdmitError, VM_COLS, live_op_stmt, owner_limits, taken_ips, usage, vm_from};
-use crate::workflows::{FREE_SLOTS, NewWorkflow, PARKED_READY, UNPARK, insert_stmts};
+use crate::workflows::{NewWorkflow, fill_batch_in, insert_stmts};
 use crate::{Actor, Store, now_ms};
 use basphere_core::{
     ImageName, NetworkPool, ResourceRef, Spec, SpecName, Username, VmName, VmOperation, VmStatus,
@@ -406,39 +406,8 @@ async fn admit(
         batch_id.as_str()
     ));
     tx.run(&later).await?;
-    fill_slots(tx, &batch_id).await?;
+    fill_batch_in(tx, &batch_id).await?;
     Ok(BatchAdmitted { batch_id, nodes })
-}
-
-/// Hands the new batch's free slots to its ready parked nodes, in queue order (SQLite's
-/// insertion order; on PostgreSQL, which has no `rowid`, the ids' order: UUIDv7, made in the
-/// order the nodes were queued). The ledger's `workflows::fill_batch` on [`Tx`].
-async fn fill_slots(tx: &mut dyn Tx, batch: &str) -> crate::Result<()> {
-    let free = tx
-        .query_one(&stmt!(FREE_SLOTS, batch))
-        .await?
-        .first_int()?
-        .unwrap_or(0);
-    if free <= 0 {
-        return Ok(());
-    }
-    let ready = match tx.dialect() {
-        Dialect::Sqlite => stmt!(format!("{PARKED_READY} LIMIT $2"), batch, free),
-        Dialect::Postgres => stmt!(
-            "SELECT id FROM workflows
-             WHERE batch_id = $1 AND parked = 1 AND status = 'pending' AND waiting_on = 0
-             ORDER BY id LIMIT $2",
-            batch,
-            free
-        ),
-    };
-    let unpark = tx
-        .query(&ready)
-        .await?
-        .iter()
-        .map(|r| Ok(stmt!(UNPARK, r.text("id")?)))
-        .collect::<crate::Result<Vec<_>>>()?;
-    tx.run(&unpark).await
 }
 
 impl Store {

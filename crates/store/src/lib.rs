@@ -34,8 +34,9 @@ pub use users::{
 };
 pub use vms::{AdmitError, AdmitRequest, Admitted, DeleteError, Vm};
 pub use workflows::{
-    ClaimLimits, Claimed, Handoff, NewWorkflow, NextStep, OpError, Reopen, ResourceRef, StepCommit,
-    StepEffect, StepRecord, StepStatus, Workflow, WorkflowEvent, WorkflowOutcome, WorkflowStatus,
+    ClaimLimits, Claimed, DeadlineFn, Handoff, NewWorkflow, NextStep, OpError, Reopen, ResourceRef,
+    StepCommit, StepEffect, StepRecord, StepStatus, Workflow, WorkflowEvent, WorkflowOutcome,
+    WorkflowStatus,
 };
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -85,6 +86,8 @@ pub struct Store {
     prefetched: Arc<vms::Prefetched>,
     /// Each definition's hooks on its resource (shared with the write thread).
     hooks: hooks::Registry,
+    /// Where step completions go to be group-committed.
+    committer: commit::Committer,
 }
 
 #[derive(Clone, Debug)]
@@ -189,6 +192,7 @@ impl Store {
             }),
             prefetched,
             hooks,
+            committer: commit::Committer::Thread,
         })
     }
 
@@ -197,11 +201,19 @@ impl Store {
     pub async fn open_postgres(url: &str) -> Result<Self> {
         let db = db::Db::Postgres(db::postgres::Postgres::new(url)?);
         migrate::run(&db).await?;
+        let prefetched = Arc::new(vms::Prefetched::default());
+        let hooks = hooks::Registry::default();
+        let committer = commit::Committer::Task(commit::spawn_pg(
+            db.clone(),
+            prefetched.clone(),
+            hooks.clone(),
+        ));
         Ok(Self {
             db,
             legacy: None,
-            prefetched: Arc::new(vms::Prefetched::default()),
-            hooks: hooks::Registry::default(),
+            prefetched,
+            hooks,
+            committer,
         })
     }
 

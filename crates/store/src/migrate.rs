@@ -8,16 +8,44 @@ use crate::{Result, StoreError, now_ms};
 type Migration = (i64, &'static str, &'static str);
 
 const SQLITE: &[Migration] = &[
-    (1, "initial", include_str!("../migrations/sqlite/0001_initial.sql")),
-    (2, "engine", include_str!("../migrations/sqlite/0002_engine.sql")),
-    (3, "batch_slots", include_str!("../migrations/sqlite/0003_batch_slots.sql")),
-    (4, "lean_indexes", include_str!("../migrations/sqlite/0004_lean_indexes.sql")),
-    (5, "accounts", include_str!("../migrations/sqlite/0005_accounts.sql")),
-    (6, "ledger", include_str!("../migrations/sqlite/0006_ledger.sql")),
+    (
+        1,
+        "initial",
+        include_str!("../migrations/sqlite/0001_initial.sql"),
+    ),
+    (
+        2,
+        "engine",
+        include_str!("../migrations/sqlite/0002_engine.sql"),
+    ),
+    (
+        3,
+        "batch_slots",
+        include_str!("../migrations/sqlite/0003_batch_slots.sql"),
+    ),
+    (
+        4,
+        "lean_indexes",
+        include_str!("../migrations/sqlite/0004_lean_indexes.sql"),
+    ),
+    (
+        5,
+        "accounts",
+        include_str!("../migrations/sqlite/0005_accounts.sql"),
+    ),
+    (
+        6,
+        "ledger",
+        include_str!("../migrations/sqlite/0006_ledger.sql"),
+    ),
 ];
 
 /// PostgreSQL starts at SQLite's schema 6 in one file; later changes get a file each on both.
-const POSTGRES: &[Migration] = &[(6, "schema", include_str!("../migrations/postgres/0001_schema.sql"))];
+const POSTGRES: &[Migration] = &[(
+    6,
+    "schema",
+    include_str!("../migrations/postgres/0001_schema.sql"),
+)];
 
 /// The migrations of `dialect`, oldest first.
 fn migrations(dialect: Dialect) -> &'static [Migration] {

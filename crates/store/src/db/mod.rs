@@ -154,7 +154,10 @@ impl Cols for Row {
         match self.get(col)? {
             Value::Text(s) => Ok(Some(s.clone())),
             Value::Null => Ok(None),
-            Value::Int(n) => Err(StoreError::Corrupt("row", format!("{col} is {n}, not text"))),
+            Value::Int(n) => Err(StoreError::Corrupt(
+                "row",
+                format!("{col} is {n}, not text"),
+            )),
         }
     }
     fn int(&self, col: &str) -> Result<i64> {
@@ -165,7 +168,10 @@ impl Cols for Row {
         match self.get(col)? {
             Value::Int(n) => Ok(Some(*n)),
             Value::Null => Ok(None),
-            Value::Text(s) => Err(StoreError::Corrupt("row", format!("{col} is {s:?}, not an integer"))),
+            Value::Text(s) => Err(StoreError::Corrupt(
+                "row",
+                format!("{col} is {s:?}, not an integer"),
+            )),
         }
     }
 }
@@ -190,6 +196,23 @@ pub(crate) trait Tx: Send {
     }
     /// Runs a script of statements without arguments (migrations).
     async fn script(&mut self, sql: &str) -> Result<()>;
+    /// Runs several queries in order (PostgreSQL sends them in one round trip); each one's rows.
+    async fn query_many(&mut self, stmts: &[Stmt]) -> Result<Vec<Vec<Row>>> {
+        let mut out = Vec::with_capacity(stmts.len());
+        for s in stmts {
+            out.push(self.query(s).await?);
+        }
+        Ok(out)
+    }
+    /// Runs several statements in order (PostgreSQL sends them in one round trip); each one's
+    /// count of changed rows.
+    async fn exec_many(&mut self, stmts: &[Stmt]) -> Result<Vec<u64>> {
+        let mut out = Vec::with_capacity(stmts.len());
+        for s in stmts {
+            out.push(self.exec(s).await?);
+        }
+        Ok(out)
+    }
 
     /// The first row, if any.
     async fn query_opt(&mut self, s: &Stmt) -> Result<Option<Row>> {

@@ -46,10 +46,18 @@ fn value(r: &tokio_postgres::Row, i: usize) -> Result<Value> {
     let ty = r.columns()[i].type_();
     let v = match *ty {
         Type::INT8 => r.try_get::<_, Option<i64>>(i)?.map(Value::Int),
-        Type::INT4 => r.try_get::<_, Option<i32>>(i)?.map(|n| Value::Int(n.into())),
-        Type::INT2 => r.try_get::<_, Option<i16>>(i)?.map(|n| Value::Int(n.into())),
-        Type::BOOL => r.try_get::<_, Option<bool>>(i)?.map(|b| Value::Int(b.into())),
-        Type::FLOAT8 => r.try_get::<_, Option<f64>>(i)?.map(|f| Value::Int(f as i64)),
+        Type::INT4 => r
+            .try_get::<_, Option<i32>>(i)?
+            .map(|n| Value::Int(n.into())),
+        Type::INT2 => r
+            .try_get::<_, Option<i16>>(i)?
+            .map(|n| Value::Int(n.into())),
+        Type::BOOL => r
+            .try_get::<_, Option<bool>>(i)?
+            .map(|b| Value::Int(b.into())),
+        Type::FLOAT8 => r
+            .try_get::<_, Option<f64>>(i)?
+            .map(|f| Value::Int(f as i64)),
         Type::VOID => None,
         _ => r.try_get::<_, Option<String>>(i)?.map(Value::Text),
     };
@@ -118,6 +126,36 @@ impl Tx for PgTx<'_> {
         Ok(())
     }
 
+    async fn query_many(&mut self, stmts: &[Stmt]) -> Result<Vec<Vec<Row>>> {
+        let tx = &self.tx;
+        let mut prepared = Vec::with_capacity(stmts.len());
+        for s in stmts {
+            prepared.push(tx.prepare_cached(&s.sql).await?);
+        }
+        let params: Vec<_> = stmts.iter().map(params).collect();
+        let res = futures_util::future::try_join_all(
+            prepared.iter().zip(&params).map(|(st, p)| tx.query(st, p)),
+        )
+        .await?;
+        res.into_iter().map(rows).collect()
+    }
+
+    async fn exec_many(&mut self, stmts: &[Stmt]) -> Result<Vec<u64>> {
+        let tx = &self.tx;
+        let mut prepared = Vec::with_capacity(stmts.len());
+        for s in stmts {
+            prepared.push(tx.prepare_cached(&s.sql).await?);
+        }
+        let params: Vec<_> = stmts.iter().map(params).collect();
+        Ok(futures_util::future::try_join_all(
+            prepared
+                .iter()
+                .zip(&params)
+                .map(|(st, p)| tx.execute(st, p)),
+        )
+        .await?)
+    }
+
     async fn script(&mut self, sql: &str) -> Result<()> {
         Ok(self.tx.batch_execute(sql).await?)
     }
@@ -132,9 +170,9 @@ pub(crate) struct Postgres {
 impl Postgres {
     /// A pool for `url` (`postgres://user@host:port/db`); connects lazily.
     pub fn new(url: &str) -> Result<Self> {
-        let cfg: tokio_postgres::Config = url.parse().map_err(|e| {
-            StoreError::Unavailable(format!("the database url is not valid: {e}"))
-        })?;
+        let cfg: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| StoreError::Unavailable(format!("the database url is not valid: {e}")))?;
         let mgr = Manager::from_config(
             cfg,
             NoTls,
@@ -163,10 +201,7 @@ impl Postgres {
         F: for<'a> FnOnce(&'a mut dyn Tx) -> BoxFut<'a, std::result::Result<T, E>> + Send + 'static,
     {
         let mut client = self.client().await?;
-        let tx = client
-            .transaction()
-            .await
-            .map_err(|e| E::from(e.into()))?;
+        let tx = client.transaction().await.map_err(|e| E::from(e.into()))?;
         let mut t = PgTx { tx };
         match f(&mut t).await {
             Ok(v) => {

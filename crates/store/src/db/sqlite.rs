@@ -75,14 +75,6 @@ pub(crate) fn exec_on(conn: &Connection, s: &Stmt) -> Result<u64> {
     Ok(st.raw_execute()? as u64)
 }
 
-/// Runs statements in order on `conn` (in its open transaction).
-pub(crate) fn run_on(conn: &Connection, stmts: &[Stmt]) -> Result<()> {
-    for s in stmts {
-        exec_on(conn, s)?;
-    }
-    Ok(())
-}
-
 /// Runs a query on `conn`; every row.
 pub(crate) fn query_on(conn: &Connection, s: &Stmt) -> Result<Vec<Row>> {
     {
@@ -141,9 +133,9 @@ pub(crate) fn run_ready<F: Future>(f: F) -> F::Output {
     let mut f = std::pin::pin!(f);
     match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
         Poll::Ready(v) => v,
-        Poll::Pending => panic!(
-            "a store transaction on SQLite awaited something other than its connection"
-        ),
+        Poll::Pending => {
+            panic!("a store transaction on SQLite awaited something other than its connection")
+        }
     }
 }
 
@@ -287,4 +279,3 @@ impl Cols for rusqlite::Row<'_> {
         Ok(self.get(col)?)
     }
 }
-

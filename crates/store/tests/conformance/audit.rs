@@ -3,9 +3,9 @@ use crate::{Case, Fut};
 use basphere_store::{Actor, AuditFilter, Store};
 
 pub fn cases() -> Vec<Case> {
-    vec![
-        ("audit_records_filter_and_page", |s| Box::pin(filter_and_page(s)) as Fut),
-    ]
+    vec![("audit_records_filter_and_page", |s| {
+        Box::pin(filter_and_page(s)) as Fut
+    })]
 }
 
 async fn filter_and_page(store: Store) {
@@ -13,9 +13,15 @@ async fn filter_and_page(store: Store) {
     let admin = Actor::new("admin", "tcp:127.0.0.1:4000");
     for i in 0..5 {
         let t = format!("alice/vm{i}");
-        store.audit(&alice, "vm.create", &t, "accepted", Some("ip=10.0.0.5")).await.unwrap();
+        store
+            .audit(&alice, "vm.create", &t, "accepted", Some("ip=10.0.0.5"))
+            .await
+            .unwrap();
     }
-    store.audit(&admin, "user.approve", "alice", "ok", None).await.unwrap();
+    store
+        .audit(&admin, "user.approve", "alice", "ok", None)
+        .await
+        .unwrap();
 
     let all = store.audit_list(&AuditFilter::default()).await.unwrap();
     assert_eq!(all.len(), 6);

@@ -1,0 +1,225 @@
+//! What ending a workflow writes, in the transaction that ends it: its row and event, its
+//! definition's hooks on its resource (and its parent's wait), its batch dependents released
+//! or skipped, and batch slots handed on.
+
+use super::{WorkflowEvent, WorkflowOutcome, event, lease_lost, resource_from};
+use crate::Result;
+use crate::db::{Cols, Stmt, Tx, stmt};
+use crate::hooks::Registry;
+use crate::workflows::ResourceRef;
+
+/// The parts of a workflow that ending it needs.
+pub(crate) struct Ending {
+    pub id: String,
+    pub definition: String,
+    pub resource: Option<ResourceRef>,
+    pub node: Option<String>,
+    pub batch_id: Option<String>,
+    pub has_parent: bool,
+}
+
+/// The columns [`Ending`] is read from.
+pub(crate) const ENDING_COLS: &str =
+    "definition, resource_kind, resource_id, node, batch_id, parent_id";
+
+pub(crate) fn ending_from(r: &impl Cols, wf: &str) -> Result<Ending> {
+    Ok(Ending {
+        id: wf.to_string(),
+        definition: r.opt_text("definition")?.unwrap_or_default(),
+        resource: resource_from(r)?,
+        node: r.opt_text("node")?,
+        batch_id: r.opt_text("batch_id")?,
+        has_parent: r.opt_text("parent_id")?.is_some(),
+    })
+}
+
+async fn ending(tx: &mut dyn Tx, wf: &str) -> Result<Ending> {
+    let sql = format!("SELECT {ENDING_COLS} FROM workflows WHERE id = $1");
+    let r = tx
+        .query_opt(&stmt!(sql, wf))
+        .await?
+        .ok_or_else(|| lease_lost(wf))?;
+    ending_from(&r, wf)
+}
+
+/// A batch's free slots: its parallelism less its unparked nodes that have not ended, given
+/// to its ready parked nodes in queue order — one statement.
+const FILL: &str = "UPDATE workflows SET parked = 0 WHERE id IN (
+     SELECT id FROM workflows
+     WHERE batch_id = $1 AND parked = 1 AND status = 'pending' AND waiting_on = 0
+     ORDER BY created_at, id
+     LIMIT (SELECT CASE WHEN free > 0 THEN free ELSE 0 END FROM (
+         SELECT COALESCE((SELECT parallelism FROM batches WHERE id = $1), 0)
+         - (SELECT COUNT(*) FROM workflows WHERE batch_id = $1 AND parked = 0 AND status = 'pending')
+         - (SELECT COUNT(*) FROM workflows WHERE batch_id = $1 AND parked = 0 AND status = 'running')
+         - (SELECT COUNT(*) FROM workflows WHERE batch_id = $1 AND parked = 0 AND status = 'undoing')
+         AS free) AS slots))";
+
+/// The statement that hands free slots of batch `batch` to its ready parked nodes.
+pub(crate) fn fill_stmt(batch: &str) -> Stmt {
+    stmt!(FILL, batch)
+}
+
+/// Hands free slots of batch `batch` to its ready parked nodes (in queue order).
+pub(crate) async fn fill_batch_in(tx: &mut dyn Tx, batch: &str) -> Result<()> {
+    tx.exec(&fill_stmt(batch)).await?;
+    Ok(())
+}
+
+/// Adds the edge `wf` runs after `depends_on`; counts it while `depends_on` has not ended.
+pub(crate) async fn add_dep(tx: &mut dyn Tx, wf: &str, depends_on: &str, hard: bool) -> Result<()> {
+    tx.run(&[
+        stmt!(
+            "INSERT INTO workflow_deps (workflow_id, depends_on, hard) VALUES ($1, $2, $3)",
+            wf,
+            depends_on,
+            hard,
+        ),
+        stmt!(
+            "UPDATE workflows SET waiting_on = waiting_on + 1 WHERE id = $1
+               AND (SELECT status FROM workflows WHERE id = $2) IN ('pending', 'running', 'undoing')",
+            wf,
+            depends_on,
+        ),
+    ])
+    .await
+}
+
+/// Ends workflow `wf` inside the caller's (lease-guarded) transaction; the events written,
+/// the workflow's final one first.
+pub(crate) async fn finish_in(
+    tx: &mut dyn Tx,
+    hooks: &Registry,
+    wf: &str,
+    outcome: &WorkflowOutcome,
+    now: i64,
+) -> Result<Vec<WorkflowEvent>> {
+    let status = outcome.status().as_str();
+    let err = match outcome {
+        WorkflowOutcome::Succeeded => None,
+        WorkflowOutcome::Failed(e) | WorkflowOutcome::Cancelled(e) => Some(e.as_str()),
+    };
+    // The end and what the rest of the ending needs, in one statement.
+    let sql = format!(
+        "UPDATE workflows SET status = $2, error = COALESCE($3, error), lease_owner = NULL,
+             lease_until = NULL, updated_at = $4, finished_at = $4 WHERE id = $1
+         RETURNING {ENDING_COLS}"
+    );
+    let r = tx
+        .query_opt(&stmt!(sql, wf, status, err, now))
+        .await?
+        .ok_or_else(|| lease_lost(wf))?;
+    let w = ending_from(&r, wf)?;
+    finish_rest(tx, hooks, &w, outcome, now).await
+}
+
+/// The rest of an ending once the workflow row says so: the hooks, the event, the dependents
+/// and the batch slots.
+pub(crate) async fn finish_rest(
+    tx: &mut dyn Tx,
+    hooks: &Registry,
+    w: &Ending,
+    outcome: &WorkflowOutcome,
+    now: i64,
+) -> Result<Vec<WorkflowEvent>> {
+    let wf = w.id.as_str();
+    let status = outcome.status().as_str();
+    let msg = match outcome {
+        WorkflowOutcome::Succeeded => format!("{} succeeded", w.definition),
+        WorkflowOutcome::Failed(e) => format!("{} failed: {e}", w.definition),
+        WorkflowOutcome::Cancelled(e) => format!("{} cancelled: {e}", w.definition),
+    };
+    tx.run(&hooks.ending(w, outcome, now)).await?;
+    let mut evs = vec![event(tx, wf, None, status, &msg, now).await?];
+    let failed = outcome != &WorkflowOutcome::Succeeded;
+    let mut batches: Vec<String> = w.batch_id.iter().cloned().collect();
+    batches.extend(release_dependents(tx, hooks, w, failed, now, &mut evs).await?);
+    batches.sort_unstable();
+    batches.dedup();
+    // Its slot, and dependents it released, go to the next ready nodes of their batches.
+    for b in batches {
+        fill_batch_in(tx, &b).await?;
+    }
+    Ok(evs)
+}
+
+/// Releases or skips the batch dependents of `w`: on success each waits for one edge less;
+/// on failure hard dependents are skipped (cancelled, transitively) and soft ones only lose
+/// the edge. Returns the batches whose nodes changed.
+async fn release_dependents(
+    tx: &mut dyn Tx,
+    hooks: &Registry,
+    w: &Ending,
+    failed: bool,
+    now: i64,
+    evs: &mut Vec<WorkflowEvent>,
+) -> Result<Vec<String>> {
+    let mut batches = vec![];
+    let mut queue = vec![(
+        w.id.clone(),
+        w.node.clone().unwrap_or_else(|| w.id.clone()),
+        failed,
+    )];
+    while let Some((id, name, failed)) = queue.pop() {
+        if !failed {
+            for r in tx
+                .query(&stmt!(
+                    "UPDATE workflows SET waiting_on = waiting_on - 1 WHERE status = 'pending'
+                       AND id IN (SELECT workflow_id FROM workflow_deps WHERE depends_on = $1)
+                     RETURNING batch_id",
+                    id.as_str()
+                ))
+                .await?
+            {
+                batches.extend(r.opt_text("batch_id")?);
+            }
+            continue;
+        }
+        let hard = tx
+            .query(&stmt!(
+                "SELECT d.workflow_id, o.batch_id FROM workflow_deps d
+                   JOIN workflows o ON o.id = d.workflow_id
+                 WHERE d.depends_on = $1 AND d.hard = 1 AND o.status = 'pending'",
+                id.as_str()
+            ))
+            .await?;
+        for r in tx
+            .query(&stmt!(
+                "UPDATE workflows SET waiting_on = waiting_on - 1 WHERE status = 'pending'
+                   AND id IN (SELECT workflow_id FROM workflow_deps WHERE depends_on = $1 AND hard = 0)
+                 RETURNING batch_id",
+                id.as_str()
+            ))
+            .await?
+        {
+            batches.extend(r.opt_text("batch_id")?);
+        }
+        for r in hard {
+            let d = r.text("workflow_id")?;
+            batches.extend(r.opt_text("batch_id")?);
+            let dw = ending(tx, &d).await?;
+            let reason = format!("skipped: requires {name}, which did not succeed");
+            tx.run(&[
+                stmt!(
+                    "UPDATE workflows SET status = 'cancelled', error = $2, updated_at = $3,
+                         finished_at = $3, lease_owner = NULL, lease_until = NULL WHERE id = $1",
+                    d.as_str(),
+                    reason.as_str(),
+                    now,
+                ),
+                stmt!(
+                    "UPDATE workflow_steps SET status = 'skipped'
+                     WHERE workflow_id = $1 AND status = 'pending'",
+                    d.as_str()
+                ),
+            ])
+            .await?;
+            let skipped = WorkflowOutcome::Cancelled(reason.clone());
+            tx.run(&hooks.ending(&dw, &skipped, now)).await?;
+            evs.push(event(tx, &d, None, "skipped", &reason, now).await?);
+            evs.push(event(tx, &d, None, "cancelled", &reason, now).await?);
+            queue.push((d, dw.node.unwrap_or_default(), true));
+        }
+    }
+    Ok(batches)
+}
