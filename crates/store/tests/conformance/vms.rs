@@ -681,7 +681,9 @@ async fn batch_refusals(store: Store) {
     let tiny = pool_of("10.254.0.0/24", 4);
     // Bob's block is the second of four addresses (alice holds the first): five do not fit.
     let bob = user_in(&store, "bob", 10, &tiny).await;
-    let five = ["a", "b", "c", "d", "e"].map(|n| node(n, &[], &[])).to_vec();
+    let five = ["a", "b", "c", "d", "e"]
+        .map(|n| node(n, &[], &[]))
+        .to_vec();
     let r = batch_req(&bob, 2, five, &[]);
     let e = store.admit_batch(&r, &tiny, &actor()).await.unwrap_err();
     assert!(
