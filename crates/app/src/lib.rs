@@ -79,6 +79,17 @@ pub fn catalog(cfg: &Config) -> Catalog {
     }
 }
 
+/// Opens the database `[database] url` names (PostgreSQL), else the embedded SQLite file in
+/// the data dir, applying pending migrations.
+pub async fn open_store(cfg: &Config) -> anyhow::Result<Store> {
+    Ok(match &cfg.database.url {
+        Some(url) => Store::open_postgres(url)
+            .await
+            .map_err(|e| anyhow::anyhow!("opening the database at [database] url: {e}"))?,
+        None => Store::open(&cfg.db_path()).await?,
+    })
+}
+
 /// An engine over `store` with the VM workflows registered, driving `provider` with `cfg`'s
 /// catalog and the given tuning (usually [`engine_config`]); not yet running.
 pub fn engine(
@@ -107,7 +118,7 @@ impl App {
     pub async fn build(cfg: Arc<Config>, o: Overrides) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&cfg.data_dir)
             .map_err(|e| anyhow::anyhow!("creating data dir {}: {e}", cfg.data_dir.display()))?;
-        let store = Store::open(&cfg.db_path()).await?;
+        let store = open_store(&cfg).await?;
         store
             .ensure_admin(&cfg.server.admin, &cfg.quota, &cfg.network)
             .await?;

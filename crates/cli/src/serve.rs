@@ -64,7 +64,7 @@ pub async fn init(flag: Option<&Path>, force: bool, tls_host: Option<&str>) -> a
         .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
     // Only root enters: the socket lives under /run/basphere, tokens of users in their homes.
     std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700))?;
-    let store = Store::open(&cfg.db_path()).await?;
+    let store = basphere_app::open_store(&cfg).await?;
     store
         .ensure_admin(&cfg.server.admin, &cfg.quota, &cfg.network)
         .await?;

@@ -34,12 +34,24 @@ pub struct Config {
     pub engine: EngineSettings,
     #[serde(default)]
     pub limits: LimitsConfig,
+    #[serde(default)]
+    pub database: DatabaseConfig,
     /// The `[qemu]` section, parsed by the qemu provider.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qemu: Option<toml::Table>,
     /// The `[vsphere]` section, parsed by the vsphere provider.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsphere: Option<toml::Table>,
+}
+
+/// Which database holds the state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// `postgres://user@host:port/db`: a PostgreSQL database that several servers (replicas)
+    /// may share. Unset: the embedded SQLite file `<data_dir>/basphere.db`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
 }
 
 /// Where the server listens.
@@ -351,6 +363,16 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.database.url
+            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            return Err(ConfigError::Invalid {
+                key: "database.url".into(),
+                reason: "must be a PostgreSQL URL (postgres://user@host:port/db); leave it \
+                         unset for the embedded SQLite database"
+                    .into(),
+            });
+        }
         let bad = |key: &str, reason: String| ConfigError::Invalid {
             key: key.into(),
             reason,

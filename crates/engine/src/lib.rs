@@ -249,6 +249,8 @@ impl Engine {
             Ok(_) => {}
             Err(e) => warn!(error = %e, "could not release stale leases"),
         }
+        // Work another replica queues or releases wakes this one (PostgreSQL).
+        let mut changes = inner.store.changes();
         loop {
             if *shutdown.borrow() {
                 return;
@@ -305,6 +307,7 @@ impl Engine {
                     };
                     tokio::select! {
                         _ = inner.wake.notified() => {}
+                        _ = other_replicas(&mut changes) => {}
                         _ = tokio::time::sleep(idle) => {}
                         _ = shutdown.changed() => return,
                     }
@@ -654,6 +657,17 @@ impl Engine {
         }
         self.emit_all(store.finish_workflow(&wf.id, node, &end(reason)).await?);
         Ok(())
+    }
+}
+
+/// Until another replica commits work (never, without replicas).
+async fn other_replicas(changes: &mut Option<broadcast::Receiver<()>>) {
+    match changes {
+        Some(rx) => match rx.recv().await {
+            Ok(()) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+        },
+        None => std::future::pending().await,
     }
 }
 

@@ -88,6 +88,8 @@ pub struct Store {
     hooks: hooks::Registry,
     /// Where step completions go to be group-committed.
     committer: commit::Committer,
+    /// PostgreSQL: told whenever any replica commits events (see [`Store::changes`]).
+    changes: Option<(tokio::sync::broadcast::Sender<()>, tokio::task::AbortHandle)>,
 }
 
 #[derive(Clone, Debug)]
@@ -193,13 +195,16 @@ impl Store {
             prefetched,
             hooks,
             committer: commit::Committer::Thread,
+            changes: None,
         })
     }
 
     /// Connects to the PostgreSQL database at `url` (`postgres://user@host:port/db`) and
     /// applies pending migrations. Several servers (replicas) may share it.
     pub async fn open_postgres(url: &str) -> Result<Self> {
-        let db = db::Db::Postgres(db::postgres::Postgres::new(url)?);
+        let pg = db::postgres::Postgres::new(url)?;
+        let changes = Some(pg.listen());
+        let db = db::Db::Postgres(pg);
         migrate::run(&db).await?;
         let prefetched = Arc::new(vms::Prefetched::default());
         let hooks = hooks::Registry::default();
@@ -214,6 +219,7 @@ impl Store {
             prefetched,
             hooks,
             committer,
+            changes,
         })
     }
 
@@ -225,8 +231,18 @@ impl Store {
         }
     }
 
+    /// On PostgreSQL, a signal for every transaction any replica commits with events (queued,
+    /// claimed, finished work): the engine wakes on it and event streams read what is new.
+    /// `None` on SQLite, where one process writes.
+    pub fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<()>> {
+        self.changes.as_ref().map(|(tx, _)| tx.subscribe())
+    }
+
     /// Closes all connections.
     pub async fn close(&self) {
+        if let Some((_, task)) = &self.changes {
+            task.abort();
+        }
         if let Some(l) = &self.legacy {
             l.wpool.close().await;
             l.pool.close().await;

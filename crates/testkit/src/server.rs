@@ -19,6 +19,15 @@ pub struct Server {
     pub socket: PathBuf,
     pub addr: String,
     pub env: Vec<(String, String)>,
+    /// The PostgreSQL server of this test when `BASPHERE_TEST_BACKEND=postgres` (stopped after
+    /// the basphere server).
+    pub pg: Option<crate::postgres::Postgres>,
+}
+
+/// Which backend the servers of this test run use: `postgres` when `BASPHERE_TEST_BACKEND`
+/// says so (each server then gets a PostgreSQL 15 of its own), else the embedded SQLite.
+pub fn test_backend_is_postgres() -> bool {
+    std::env::var("BASPHERE_TEST_BACKEND").is_ok_and(|b| b == "postgres")
 }
 
 /// A TCP port free on 127.0.0.1 at the time of asking.
@@ -61,6 +70,13 @@ impl Server {
             // Tests register users in bursts; the rate limit has its own attack tests.
             ("BASPHERE_LIMITS__ANON_BURST".into(), "0".into()),
         ];
+        let pg = test_backend_is_postgres().then(crate::postgres::Postgres::start);
+        if let Some(pg) = &pg {
+            env.push((
+                "BASPHERE_DATABASE__URL".into(),
+                pg.create_database("basphere"),
+            ));
+        }
         for (k, v) in extra {
             env.push((k.to_string(), v.to_string()));
         }
@@ -71,6 +87,7 @@ impl Server {
             socket,
             addr,
             env,
+            pg,
         };
         s.spawn();
         s

@@ -234,9 +234,20 @@ pub async fn wait_done(store: &Store, id: &str, secs: u64) -> basphere_store::Wo
 
 /// Starts this test binary again as an engine process (its `engine_process` test) on `db`.
 pub fn spawn_engine(db: &Path, node: &str, log: &Path, lease_ms: u64) -> std::process::Child {
+    spawn_engine_with(&[("BSP_DB", db.to_str().unwrap())], node, log, lease_ms)
+}
+
+/// [`spawn_engine`] with other settings: `BSP_PG_URL` (a PostgreSQL database instead of
+/// `BSP_DB`), `BSP_PER_USER` (a per-user claim limit).
+pub fn spawn_engine_with(
+    env: &[(&str, &str)],
+    node: &str,
+    log: &Path,
+    lease_ms: u64,
+) -> std::process::Child {
     std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "engine_process", "--ignored", "--nocapture"])
-        .env("BSP_DB", db)
+        .envs(env.iter().copied())
         .env("BSP_NODE", node)
         .env("BSP_LOG", log)
         .env("BSP_LEASE_MS", lease_ms.to_string())
@@ -249,15 +260,19 @@ pub fn spawn_engine(db: &Path, node: &str, log: &Path, lease_ms: u64) -> std::pr
 /// Body of the child `engine_process` test: an engine with the ledger definition on `BSP_DB`
 /// until every workflow has ended (returns at once when not run as a child).
 pub async fn engine_process_main() {
-    let Ok(db) = std::env::var("BSP_DB") else {
-        return;
+    let store = match (std::env::var("BSP_DB"), std::env::var("BSP_PG_URL")) {
+        (Ok(db), _) => Store::open(Path::new(&db)).await.unwrap(),
+        (_, Ok(url)) => Store::open_postgres(&url).await.unwrap(),
+        _ => return,
     };
     let node = std::env::var("BSP_NODE").unwrap();
     let log = std::env::var("BSP_LOG").unwrap();
     let lease: u64 = std::env::var("BSP_LEASE_MS").unwrap().parse().unwrap();
-    let store = Store::open(Path::new(&db)).await.unwrap();
     let mut cfg = engine_cfg(&node);
     cfg.lease = Duration::from_millis(lease);
+    if let Ok(n) = std::env::var("BSP_PER_USER") {
+        cfg.limits.per_user = Some(n.parse().unwrap());
+    }
     let e = engine(&store, null(), cfg);
     e.register("ledger", Ledger::new(&node, Some(log.into())));
     let _stop = start(&e);

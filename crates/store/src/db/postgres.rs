@@ -90,7 +90,18 @@ fn params(s: &Stmt) -> Vec<&(dyn ToSql + Sync)> {
 /// A transaction on one pooled connection.
 pub(crate) struct PgTx<'c> {
     tx: deadpool_postgres::Transaction<'c>,
+    /// Whether it appended to the event log (then its commit notifies the other replicas).
+    wrote_events: bool,
 }
+
+impl PgTx<'_> {
+    fn note(&mut self, s: &Stmt) {
+        self.wrote_events |= s.sql.contains("INTO workflow_events");
+    }
+}
+
+/// The channel replicas are told on that events (and so work) were committed.
+pub(crate) const CHANNEL: &str = "basphere";
 
 #[async_trait::async_trait]
 impl Tx for PgTx<'_> {
@@ -99,16 +110,21 @@ impl Tx for PgTx<'_> {
     }
 
     async fn exec(&mut self, s: &Stmt) -> Result<u64> {
+        self.note(s);
         let st = self.tx.prepare_cached(&s.sql).await?;
         Ok(self.tx.execute(&st, &params(s)).await?)
     }
 
     async fn query(&mut self, s: &Stmt) -> Result<Vec<Row>> {
+        self.note(s);
         let st = self.tx.prepare_cached(&s.sql).await?;
         rows(self.tx.query(&st, &params(s)).await?)
     }
 
     async fn run(&mut self, stmts: &[Stmt]) -> Result<()> {
+        for s in stmts {
+            self.note(s);
+        }
         let tx = &self.tx;
         let mut prepared = Vec::with_capacity(stmts.len());
         for s in stmts {
@@ -127,6 +143,9 @@ impl Tx for PgTx<'_> {
     }
 
     async fn query_many(&mut self, stmts: &[Stmt]) -> Result<Vec<Vec<Row>>> {
+        for s in stmts {
+            self.note(s);
+        }
         let tx = &self.tx;
         let mut prepared = Vec::with_capacity(stmts.len());
         for s in stmts {
@@ -141,6 +160,9 @@ impl Tx for PgTx<'_> {
     }
 
     async fn exec_many(&mut self, stmts: &[Stmt]) -> Result<Vec<u64>> {
+        for s in stmts {
+            self.note(s);
+        }
         let tx = &self.tx;
         let mut prepared = Vec::with_capacity(stmts.len());
         for s in stmts {
@@ -165,6 +187,7 @@ impl Tx for PgTx<'_> {
 #[derive(Clone)]
 pub(crate) struct Postgres {
     pool: Pool,
+    url: String,
 }
 
 impl Postgres {
@@ -184,9 +207,14 @@ impl Postgres {
             .max_size(POOL_SIZE)
             .build()
             .map_err(|e| StoreError::Unavailable(format!("building the pool: {e}")))?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            url: url.to_string(),
+        })
     }
 
+    /// Listens on [`CHANNEL`] on a connection of its own (reconnecting after a loss) and
+    /// passes each notification on: a replica learns that another committed events or work.
     async fn client(&self) -> Result<deadpool_postgres::Object> {
         self.pool
             .get()
@@ -202,9 +230,19 @@ impl Postgres {
     {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(|e| E::from(e.into()))?;
-        let mut t = PgTx { tx };
+        let mut t = PgTx {
+            tx,
+            wrote_events: false,
+        };
         match f(&mut t).await {
             Ok(v) => {
+                if t.wrote_events {
+                    // Delivered at commit, once per transaction (never per step).
+                    let notify = format!("NOTIFY {CHANNEL}");
+                    t.tx.batch_execute(&notify)
+                        .await
+                        .map_err(|e| E::from(e.into()))?;
+                }
                 t.tx.commit().await.map_err(|e| E::from(e.into()))?;
                 Ok(v)
             }
@@ -228,9 +266,55 @@ impl Postgres {
             .read_only(true)
             .start()
             .await?;
-        let mut t = PgTx { tx };
+        let mut t = PgTx {
+            tx,
+            wrote_events: false,
+        };
         let out = f(&mut t).await;
         let _ = t.tx.commit().await;
         out
     }
+
+    pub fn listen(&self) -> (tokio::sync::broadcast::Sender<()>, tokio::task::AbortHandle) {
+        let (out, _) = tokio::sync::broadcast::channel(64);
+        let (url, tx) = (self.url.clone(), out.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                if let Err(e) = listen_once(&url, &tx).await {
+                    tracing::warn!(error = %e, "listening for other replicas' commits failed; retrying");
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        });
+        (out, task.abort_handle())
+    }
+}
+
+/// One listening connection, until it is lost.
+async fn listen_once(url: &str, out: &tokio::sync::broadcast::Sender<()>) -> Result<()> {
+    use futures_util::StreamExt;
+    let (client, mut conn) = tokio_postgres::connect(url, NoTls).await?;
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let pump = tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(m) = messages.next().await {
+            match m {
+                Ok(tokio_postgres::AsyncMessage::Notification(_)) => {
+                    if seen_tx.send(()).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+    // A lost connection may have dropped notifications: wake everyone once.
+    let _ = out.send(());
+    while seen.recv().await.is_some() {
+        let _ = out.send(());
+    }
+    pump.abort();
+    Ok(())
 }

@@ -7,7 +7,7 @@ use super::{
     event, finish_in, insert_stmts, lease_lost, load, load_steps, skip_locked, workflow_from,
 };
 use crate::audit::audit_stmt;
-use crate::db::{Dialect, Tx, stmt};
+use crate::db::{Dialect, Stmt, Tx, Value, stmt};
 use crate::workflows::OpError;
 use crate::{Actor, Result, Store, StoreError};
 
@@ -147,12 +147,15 @@ async fn claim_in(
                AND (w.lease_owner IS NULL OR w.lease_until < $1)
                AND w.cancel_requested = 0",
         );
-        for (col, n, lim) in [
-            ("owner", 2, limits.per_user),
-            ("provider", 3, limits.per_provider),
-            ("host", 4, limits.per_host),
+        let mut args: Vec<Value> = vec![now.into()];
+        for (col, lim) in [
+            ("owner", limits.per_user),
+            ("provider", limits.per_provider),
+            ("host", limits.per_host),
         ] {
-            if lim.is_some() {
+            if let Some(max) = lim {
+                args.push(max.into());
+                let n = args.len();
                 sql.push_str(&format!(
                     " AND (w.{col} IS NULL OR w.{col} NOT IN (SELECT o.{col} FROM workflows o
                        WHERE o.status IN ('pending', 'running', 'undoing')
@@ -162,19 +165,12 @@ async fn claim_in(
                 ));
             }
         }
+        args.push((max - todo.len() as i64).into());
         sql.push_str(&format!(
-            " ORDER BY w.priority DESC, w.created_at LIMIT $5{lock}"
+            " ORDER BY w.priority DESC, w.created_at LIMIT ${}{lock}",
+            args.len()
         ));
-        let more = tx
-            .query(&stmt!(
-                sql,
-                now,
-                limits.per_user.map(i64::from).unwrap_or(0),
-                limits.per_provider.map(i64::from).unwrap_or(0),
-                limits.per_host.map(i64::from).unwrap_or(0),
-                max - todo.len() as i64,
-            ))
-            .await?;
+        let more = tx.query(&Stmt::new(sql, args)).await?;
         todo.extend(ids(more)?);
     }
     let mut out = Vec::with_capacity(todo.len());
@@ -452,7 +448,8 @@ impl Store {
                         stmt!(
                             "UPDATE workflows SET attempt = attempt + 1, lease_owner = NULL,
                                  lease_until = NULL,
-                                 next_run_at = CASE WHEN cancel_requested = 1 THEN $3 ELSE $2 END,
+                                 next_run_at = CASE WHEN cancel_requested = 1 THEN CAST($3 AS BIGINT)
+                                     ELSE CAST($2 AS BIGINT) END,
                                  updated_at = $3 WHERE id = $1",
                             wf.as_str(),
                             now + delay_ms,

@@ -1,10 +1,474 @@
 //! The workflow ledger: queueing, claims, leases, step transitions, endings, children.
-use crate::{Case, ReplicaCase};
+use crate::{Case, Fut, ReplicaCase};
+use basphere_store::{
+    Actor, ClaimLimits, DeadlineFn, NewWorkflow, NextStep, OpError, StepCommit, StepStatus, Store,
+    StoreError, WorkflowOutcome, WorkflowStatus,
+};
+use serde_json::json;
+use std::collections::HashSet;
+use std::sync::Arc;
 
 pub fn cases() -> Vec<Case> {
-    vec![]
+    vec![
+        ("ledger_runs_a_workflow_step_by_step", |s| {
+            Box::pin(step_by_step(s)) as Fut
+        }),
+        ("ledger_guards_every_transition_by_the_lease", |s| {
+            Box::pin(lease_guard(s)) as Fut
+        }),
+        ("ledger_undo_and_cancel", |s| {
+            Box::pin(undo_and_cancel(s)) as Fut
+        }),
+        ("ledger_children_block_the_parent", |s| {
+            Box::pin(children(s)) as Fut
+        }),
+        ("ledger_batch_edges_release_and_skip", |s| {
+            Box::pin(edges(s)) as Fut
+        }),
+        ("ledger_claims_respect_the_per_user_limit", |s| {
+            Box::pin(per_user(s)) as Fut
+        }),
+    ]
 }
 
 pub fn replica_cases() -> Vec<ReplicaCase> {
-    vec![]
+    vec![(
+        "ledger_two_replicas_never_claim_one_workflow_twice",
+        |a, b| Box::pin(two_claimers(a, b)) as Fut,
+    )]
+}
+
+fn wf(owner: &str, steps: usize) -> NewWorkflow {
+    NewWorkflow::new(
+        "ledger",
+        owner,
+        (0..steps).map(|i| format!("s{i}")).collect(),
+    )
+}
+
+fn deadline(ms: i64) -> DeadlineFn {
+    Arc::new(move |_| Some(ms))
+}
+
+const NONE: ClaimLimits = ClaimLimits {
+    per_user: None,
+    per_provider: None,
+    per_host: None,
+};
+
+async fn step_by_step(store: Store) {
+    let id = store.enqueue_workflow(&wf("alice", 3)).await.unwrap();
+    let w = store.workflow(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (w.status, w.step, w.steps.len()),
+        (WorkflowStatus::Pending, 0, 3)
+    );
+    assert_eq!(w.steps[1].idem_key, format!("{id}/1/s1"));
+    assert!(store.next_due_in().await.unwrap().is_some());
+
+    let claimed = store
+        .claim_many("n1", 10_000, &NONE, 8, deadline(5_000))
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    let (w, evs, started) = &claimed[0];
+    assert!(started);
+    assert_eq!(w.status, WorkflowStatus::Running);
+    assert_eq!(w.steps[0].status, StepStatus::Running);
+    assert_eq!(evs[0].kind, "step_started");
+    assert!(
+        store
+            .claim_many("n2", 10_000, &NONE, 8, deadline(5_000))
+            .await
+            .unwrap()
+            .is_empty(),
+        "a leased workflow is not claimed again"
+    );
+
+    // Step 0 done with an effect and output, step 1 started in the same commit.
+    let commit = StepCommit {
+        output: Some(json!({"made": 1})),
+        effects: vec![(format!("{id}/0/s0"), json!({"x": 1}))],
+        ..StepCommit::default()
+    };
+    let next = NextStep {
+        idx: 1,
+        name: "s1",
+        deadline_ms: 5_000,
+    };
+    let (evs, cancel, _) = store
+        .step_done_handoff(&id, 0, "s0", "n1", &commit, Some(next), true, None)
+        .await
+        .unwrap();
+    assert!(!cancel);
+    assert_eq!(
+        evs.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(),
+        ["step_done", "step_started"]
+    );
+    assert!(evs[0].seq < evs[1].seq, "{evs:?}");
+    store.renew_lease(&id, "n1", 10_000).await.unwrap();
+    // A retryable failure of step 1 gives the workflow back.
+    store
+        .step_retry(&id, 1, "s1", "n1", "flaky", 0)
+        .await
+        .unwrap();
+    let c = store
+        .claim_many("n2", 10_000, &NONE, 8, deadline(5_000))
+        .await
+        .unwrap();
+    assert_eq!(c.len(), 1, "any node takes it after a retry");
+    assert_eq!(c[0].0.steps[1].attempts, 2);
+    let (evs, _, _) = store
+        .step_done_handoff(
+            &id,
+            1,
+            "s1",
+            "n2",
+            &StepCommit::default(),
+            Some(NextStep {
+                idx: 2,
+                name: "s2",
+                deadline_ms: 5_000,
+            }),
+            true,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(evs.len(), 2);
+    let (evs, _, _) = store
+        .step_done_handoff(&id, 2, "s2", "n2", &StepCommit::default(), None, true, None)
+        .await
+        .unwrap();
+    assert_eq!(evs.last().unwrap().kind, "succeeded");
+    let w = store.workflow(&id).await.unwrap().unwrap();
+    assert_eq!(w.status, WorkflowStatus::Succeeded);
+    assert!(w.steps.iter().all(|s| s.status == StepStatus::Done));
+    assert_eq!(w.steps[0].output, Some(json!({"made": 1})));
+    let eff = store.step_effects(&id).await.unwrap();
+    assert_eq!((eff.len(), eff[0].payload.clone()), (1, json!({"x": 1})));
+    let all = store.events(&id, 0).await.unwrap();
+    assert_eq!(all.first().unwrap().kind, "queued");
+    assert_eq!(all.last().unwrap().kind, "succeeded");
+    assert!(all.windows(2).all(|w| w[0].seq < w[1].seq));
+    assert_eq!(
+        store.last_event_seq().await.unwrap(),
+        all.last().unwrap().seq
+    );
+    let since = store.events_since(all[2].seq, 100).await.unwrap();
+    assert_eq!(since.len(), all.len() - 3);
+    assert_eq!(
+        store.next_due_in().await.unwrap(),
+        None,
+        "nothing left to run"
+    );
+    let page = store.workflows_page(Some("alice"), None, 10).await.unwrap();
+    assert_eq!(page.len(), 1);
+    assert!(
+        store
+            .workflows_page(Some("bob"), None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn lease_guard(store: Store) {
+    let id = store.enqueue_workflow(&wf("alice", 2)).await.unwrap();
+    store
+        .claim_many("n1", 10_000, &NONE, 1, deadline(5_000))
+        .await
+        .unwrap();
+    let lost = |r: Result<_, StoreError>| matches!(r, Err(StoreError::LeaseLost(w)) if w == id);
+    assert!(lost(store.renew_lease(&id, "n2", 1000).await));
+    assert!(lost(
+        store.step_started(&id, 0, "s0", "n2", 1000).await.map(drop)
+    ));
+    assert!(lost(
+        store.step_retry(&id, 0, "s0", "n2", "x", 0).await.map(drop)
+    ));
+    assert!(lost(
+        store.begin_undo(&id, 0, "s0", "n2", "x").await.map(drop)
+    ));
+    assert!(lost(
+        store
+            .finish_workflow(&id, "n2", &WorkflowOutcome::Succeeded)
+            .await
+            .map(drop)
+    ));
+    assert!(lost(
+        store
+            .step_done_handoff(&id, 0, "s0", "n2", &StepCommit::default(), None, true, None)
+            .await
+            .map(drop)
+    ));
+    let w = store.workflow(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (w.status, w.step),
+        (WorkflowStatus::Running, 0),
+        "nothing changed"
+    );
+    // An expired lease is taken over by another node; the old holder is fenced out.
+    store.renew_lease(&id, "n1", -1).await.unwrap();
+    let c = store
+        .claim_many("n2", 10_000, &NONE, 1, deadline(5_000))
+        .await
+        .unwrap();
+    assert_eq!(c.len(), 1);
+    assert!(lost(store.renew_lease(&id, "n1", 1000).await));
+    assert_eq!(store.release_leases("n2").await.unwrap(), 1);
+}
+
+async fn undo_and_cancel(store: Store) {
+    let actor = Actor::new("alice", "test");
+    let id = store.enqueue_workflow(&wf("alice", 3)).await.unwrap();
+    store
+        .claim_many("n1", 10_000, &NONE, 1, deadline(5_000))
+        .await
+        .unwrap();
+    store
+        .step_done_handoff(
+            &id,
+            0,
+            "s0",
+            "n1",
+            &StepCommit::default(),
+            Some(NextStep {
+                idx: 1,
+                name: "s1",
+                deadline_ms: 5_000,
+            }),
+            true,
+            None,
+        )
+        .await
+        .unwrap();
+    store.begin_undo(&id, 1, "s1", "n1", "boom").await.unwrap();
+    let w = store.workflow(&id).await.unwrap().unwrap();
+    assert_eq!((w.status, w.step), (WorkflowStatus::Undoing, 0));
+    assert_eq!(w.error.as_deref(), Some("s1: boom"));
+    store.step_undone(&id, 0, "s0", "n1").await.unwrap();
+    let evs = store
+        .finish_workflow(&id, "n1", &WorkflowOutcome::Failed("s1: boom".into()))
+        .await
+        .unwrap();
+    assert_eq!(evs[0].kind, "failed");
+    let w = store.workflow(&id).await.unwrap().unwrap();
+    assert_eq!(w.status, WorkflowStatus::Failed);
+    assert_eq!(w.steps[0].status, StepStatus::Undone);
+    assert!(matches!(
+        store.request_cancel(&id, &actor).await,
+        Err(OpError::State(_, WorkflowStatus::Failed, _))
+    ));
+
+    // A cancel request on a running workflow: the next completion reports it.
+    let id = store.enqueue_workflow(&wf("alice", 2)).await.unwrap();
+    store
+        .claim_many("n1", 10_000, &NONE, 1, deadline(5_000))
+        .await
+        .unwrap();
+    let ev = store.request_cancel(&id, &actor).await.unwrap();
+    assert_eq!(ev.kind, "cancel_requested");
+    assert!(matches!(
+        store.request_cancel(&id, &actor).await,
+        Err(OpError::Refused(_))
+    ));
+    let (_, cancel, _) = store
+        .step_done_handoff(
+            &id,
+            0,
+            "s0",
+            "n1",
+            &StepCommit::default(),
+            Some(NextStep {
+                idx: 1,
+                name: "s1",
+                deadline_ms: 5_000,
+            }),
+            true,
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(cancel, "the completion sees the cancel");
+    store
+        .begin_cancel(&id, "n1", 0, "cancelled on request")
+        .await
+        .unwrap();
+    let w = store.workflow(&id).await.unwrap().unwrap();
+    assert_eq!(
+        w.steps[1].status,
+        StepStatus::Skipped,
+        "the next step never started"
+    );
+    store.step_undone(&id, 0, "s0", "n1").await.unwrap();
+    store
+        .finish_workflow(
+            &id,
+            "n1",
+            &WorkflowOutcome::Cancelled("cancelled on request".into()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.workflow(&id).await.unwrap().unwrap().status,
+        WorkflowStatus::Cancelled
+    );
+}
+
+async fn children(store: Store) {
+    let parent = store.enqueue_workflow(&wf("alice", 2)).await.unwrap();
+    store
+        .claim_many("n1", 10_000, &NONE, 1, deadline(5_000))
+        .await
+        .unwrap();
+    let commit = StepCommit {
+        children: (0..3).map(|_| wf("alice", 1)).collect(),
+        ..StepCommit::default()
+    };
+    let (evs, _, _) = store
+        .step_done_handoff(&parent, 0, "s0", "n1", &commit, None, false, None)
+        .await
+        .unwrap();
+    assert_eq!(evs.last().unwrap().kind, "spawned");
+    let p = store.workflow(&parent).await.unwrap().unwrap();
+    assert_eq!(
+        (p.waiting_on, p.step),
+        (3, 1),
+        "waits for its three children"
+    );
+    let kids = store.children(&parent).await.unwrap();
+    assert_eq!(kids.len(), 3);
+    assert!(
+        kids.iter()
+            .all(|k| k.parent_id.as_deref() == Some(parent.as_str()))
+    );
+    // Only the children are claimable while the parent waits.
+    let c = store
+        .claim_many("n2", 10_000, &NONE, 8, deadline(5_000))
+        .await
+        .unwrap();
+    let ids: HashSet<String> = c.iter().map(|c| c.0.id.clone()).collect();
+    assert_eq!(ids, kids.iter().map(|k| k.id.clone()).collect());
+    for k in &kids {
+        store
+            .step_done_handoff(
+                &k.id,
+                0,
+                "s0",
+                "n2",
+                &StepCommit::default(),
+                None,
+                true,
+                None,
+            )
+            .await
+            .unwrap();
+    }
+    let p = store.workflow(&parent).await.unwrap().unwrap();
+    assert_eq!(p.waiting_on, 0, "every child ended");
+    let c = store
+        .claim_many("n1", 10_000, &NONE, 8, deadline(5_000))
+        .await
+        .unwrap();
+    assert_eq!((c.len(), c[0].0.id.as_str()), (1, parent.as_str()));
+    // A parent takes a succeeded child back to undo it.
+    let back = store
+        .reopen_for_undo(&kids[0].id, "n1", 10_000, "the cluster failed")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back.status, WorkflowStatus::Undoing);
+    assert!(back.cancel_requested);
+}
+
+async fn edges(store: Store) {
+    // c requires a (hard), b optionally (soft).
+    let ids = store
+        .enqueue_workflows(
+            &[wf("alice", 1), wf("alice", 1), wf("alice", 1)],
+            &[(2, 0, true), (2, 1, false)],
+        )
+        .await
+        .unwrap();
+    let (a, b, c) = (&ids[0], &ids[1], &ids[2]);
+    assert_eq!(store.workflow(c).await.unwrap().unwrap().waiting_on, 2);
+    let claimed = store
+        .claim_many("n1", 10_000, &NONE, 8, deadline(5_000))
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 2, "c waits");
+    store
+        .step_done_handoff(b, 0, "s0", "n1", &StepCommit::default(), None, true, None)
+        .await
+        .unwrap();
+    assert_eq!(store.workflow(c).await.unwrap().unwrap().waiting_on, 1);
+    store.begin_undo(a, 0, "s0", "n1", "boom").await.unwrap();
+    let evs = store
+        .finish_workflow(a, "n1", &WorkflowOutcome::Failed("boom".into()))
+        .await
+        .unwrap();
+    assert!(
+        evs.iter()
+            .any(|e| e.kind == "skipped" && &e.operation_id == c),
+        "{evs:?}"
+    );
+    let cw = store.workflow(c).await.unwrap().unwrap();
+    assert_eq!(cw.status, WorkflowStatus::Cancelled);
+    assert!(cw.error.unwrap().starts_with("skipped: requires"));
+}
+
+async fn per_user(store: Store) {
+    let ws: Vec<_> = (0..4)
+        .map(|_| wf("alice", 1))
+        .chain([wf("bob", 1)])
+        .collect();
+    store.enqueue_workflows(&ws, &[]).await.unwrap();
+    let lim = ClaimLimits {
+        per_user: Some(2),
+        ..NONE
+    };
+    let mut owners = vec![];
+    for _ in 0..5 {
+        for c in store
+            .claim_many("n1", 10_000, &lim, 8, deadline(5_000))
+            .await
+            .unwrap()
+        {
+            owners.push(c.0.owner);
+        }
+    }
+    owners.sort();
+    assert_eq!(
+        owners,
+        ["alice", "alice", "bob"],
+        "at most 2 of alice's at once"
+    );
+}
+
+async fn two_claimers(a: Store, b: Store) {
+    let ws: Vec<_> = (0..60).map(|_| wf("alice", 1)).collect();
+    a.enqueue_workflows(&ws, &[]).await.unwrap();
+    let claim = |s: Store, node: &'static str| async move {
+        let mut got = vec![];
+        for _ in 0..20 {
+            for c in s
+                .claim_many(node, 60_000, &NONE, 4, deadline(5_000))
+                .await
+                .unwrap()
+            {
+                got.push(c.0.id);
+            }
+        }
+        got
+    };
+    let (x, y, z) = tokio::join!(
+        claim(a.clone(), "n1"),
+        claim(b.clone(), "n2"),
+        claim(b.clone(), "n3")
+    );
+    let all: Vec<String> = x.into_iter().chain(y).chain(z).collect();
+    let distinct: HashSet<&String> = all.iter().collect();
+    assert_eq!(all.len(), 60, "every workflow claimed");
+    assert_eq!(distinct.len(), 60, "none claimed twice");
 }

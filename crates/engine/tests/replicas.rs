@@ -1,0 +1,202 @@
+//! Three replicas on one PostgreSQL: engine processes (different node ids) sharing a real
+//! PostgreSQL 15 database work one queue. Every step's effect is committed once, no step runs
+//! on two replicas at once, a replica SIGKILLed mid-step has its step taken over within the
+//! lease plus 2 s, and a per-user limit holds over all three.
+//!
+//! The replicas are this test binary re-executed (`--exact engine_process --ignored`) with
+//! `BSP_PG_URL` set; each appends `start|end NODE WF IDX MS` lines to a shared log.
+mod common;
+use basphere_store::{NewWorkflow, Store, WorkflowStatus};
+use basphere_testkit::postgres::Postgres;
+use common::*;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const LEASE_MS: u64 = 1500;
+
+/// The child: runs an engine with the ledger definition until every workflow has ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by the replica tests as a child process"]
+async fn engine_process() {
+    engine_process_main().await;
+}
+
+fn replica(url: &str, node: &str, log: &Path, extra: &[(&str, &str)]) -> std::process::Child {
+    let mut env = vec![("BSP_PG_URL", url)];
+    env.extend_from_slice(extra);
+    spawn_engine_with(&env, node, log, LEASE_MS)
+}
+
+fn wait_all(children: &mut [std::process::Child], secs: u64) {
+    let t0 = Instant::now();
+    for c in children.iter_mut() {
+        while c.try_wait().unwrap().is_none() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(secs),
+                "replicas never finished"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_300_workflows_every_effect_once_no_overlap_and_takeover_after_sigkill() {
+    let pg = Postgres::start();
+    let url = pg.create_database("replicas");
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("steps.log");
+    let store = Store::open_postgres(&url).await.unwrap();
+    let ws: Vec<NewWorkflow> = (0..300)
+        .map(|_| ledger_workflow(4, json!({"sleep_ms": [5, 40]})))
+        .collect();
+    let ids = store.enqueue_workflows(&ws, &[]).await.unwrap();
+
+    let mut a = replica(&url, "node-a", &log, &[]);
+    let mut others = vec![
+        replica(&url, "node-b", &log, &[]),
+        replica(&url, "node-c", &log, &[]),
+    ];
+    // Kill A inside a step: one of its starts without an end.
+    let t0 = Instant::now();
+    let (killed_at, open) = loop {
+        assert!(t0.elapsed() < Duration::from_secs(60), "node-a never ran");
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        let lines = read_log(&log);
+        if lines
+            .iter()
+            .filter(|l| l.1 == "node-a" && l.0 == "end")
+            .count()
+            < 20
+        {
+            continue;
+        }
+        let mut open: BTreeMap<(String, u32), i64> = BTreeMap::new();
+        for l in lines.iter().filter(|l| l.1 == "node-a") {
+            if l.0 == "start" {
+                open.insert((l.2.clone(), l.3), l.4);
+            } else {
+                open.remove(&(l.2.clone(), l.3));
+            }
+        }
+        if !open.is_empty() {
+            kill(Pid::from_raw(a.id() as i32), Signal::SIGKILL).unwrap();
+            break (now_ms(), open);
+        }
+    };
+    a.wait().unwrap();
+    wait_all(&mut others, 120);
+
+    // Every workflow ended, and every step's effect is there exactly once.
+    for id in &ids {
+        let w = store.workflow(id).await.unwrap().unwrap();
+        assert_eq!(w.status, WorkflowStatus::Succeeded, "{w:?}");
+        let effects = store.step_effects(id).await.unwrap();
+        let idxs: Vec<u32> = effects.iter().map(|e| e.idx).collect();
+        assert_eq!(
+            idxs,
+            [0, 1, 2, 3],
+            "each step's effect once, in order: {id}"
+        );
+    }
+    // No step ran on two replicas at once: a step's runs do not overlap in time.
+    let lines = read_log(&log);
+    let mut runs: BTreeMap<(String, u32), Vec<(String, i64, Option<i64>)>> = BTreeMap::new();
+    for l in &lines {
+        let e = runs.entry((l.2.clone(), l.3)).or_default();
+        match l.0.as_str() {
+            "start" => e.push((l.1.clone(), l.4, None)),
+            _ => {
+                if let Some(r) = e.iter_mut().rev().find(|r| r.0 == l.1 && r.2.is_none()) {
+                    r.2 = Some(l.4);
+                }
+            }
+        }
+    }
+    let nodes: std::collections::BTreeSet<&str> = lines.iter().map(|l| l.1.as_str()).collect();
+    assert_eq!(nodes.len(), 3, "all three replicas worked: {nodes:?}");
+    for (step, rs) in &runs {
+        for (i, x) in rs.iter().enumerate() {
+            for y in &rs[i + 1..] {
+                // A run without an end is the killed replica's: it ends at the kill.
+                let (xe, ye) = (x.2.unwrap_or(killed_at), y.2.unwrap_or(killed_at));
+                assert!(
+                    xe <= y.1 || ye <= x.1,
+                    "step {step:?} ran on two replicas at once: {x:?} and {y:?}"
+                );
+            }
+        }
+    }
+    // The killed replica's open steps were taken over within the lease plus 2 s.
+    for ((wf, idx), _) in &open {
+        let taken = runs[&(wf.clone(), *idx)]
+            .iter()
+            .filter(|r| r.0 != "node-a" && r.1 >= killed_at - 5)
+            .map(|r| r.1)
+            .min()
+            .expect("another replica ran the killed step");
+        let after = taken - killed_at;
+        eprintln!("step {wf}/{idx} taken over {after} ms after the kill");
+        assert!(
+            after <= LEASE_MS as i64 + 2000,
+            "taken over after {after} ms (lease {LEASE_MS} ms)"
+        );
+    }
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_user_limit_of_two_holds_across_three_replicas() {
+    let pg = Postgres::start();
+    let url = pg.create_database("limits");
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("steps.log");
+    let store = Store::open_postgres(&url).await.unwrap();
+    let ws: Vec<NewWorkflow> = (0..18)
+        .map(|_| ledger_workflow(2, json!({"sleep_ms": [30, 60]})))
+        .collect();
+    let ids = store.enqueue_workflows(&ws, &[]).await.unwrap();
+    let mut rs: Vec<_> = ["node-a", "node-b", "node-c"]
+        .iter()
+        .map(|n| replica(&url, n, &log, &[("BSP_PER_USER", "2")]))
+        .collect();
+    wait_all(&mut rs, 120);
+    for id in &ids {
+        let w = store.workflow(id).await.unwrap().unwrap();
+        assert_eq!(w.status, WorkflowStatus::Succeeded, "{w:?}");
+    }
+    // Each workflow holds its slot from its first step's start to its last step's end.
+    let mut span: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+    let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
+    for l in read_log(&log) {
+        let e = span.entry(l.2.clone()).or_insert((i64::MAX, 0));
+        if l.0 == "start" {
+            e.0 = e.0.min(l.4);
+            *per_node.entry(l.1.clone()).or_default() += 1;
+        } else {
+            e.1 = e.1.max(l.4);
+        }
+    }
+    let mut edges: Vec<(i64, i32)> = span
+        .values()
+        .flat_map(|&(s, e)| [(s, 1), (e, -1)])
+        .collect();
+    edges.sort();
+    let (mut now, mut most) = (0, 0);
+    for (_, d) in edges {
+        now += d;
+        most = most.max(now);
+    }
+    eprintln!("at most {most} of the user's workflows at once; starts per replica {per_node:?}");
+    assert!(most <= 2, "the per-user limit of 2 was exceeded: {most}");
+    assert_eq!(most, 2, "the limit was reached (the test can fail)");
+    assert!(
+        per_node.len() >= 2,
+        "more than one replica took work: {per_node:?}"
+    );
+    store.close().await;
+}
