@@ -5,14 +5,16 @@
 //! batch has fewer than `parallelism` nodes in flight. A failed node skips the nodes that
 //! require it (see `Store::finish_workflow`).
 
-use crate::audit::record;
-use crate::vms::{AdmitError, VM_COLS, owner_limits, taken_ips, usage, vm_from};
-use crate::workflows::{NewWorkflow, insert_new};
+use crate::audit::audit_stmt;
+use crate::db::{Cols, Dialect, Stmt, Tx, stmt};
+use crate::vms::{AdmitError, VM_COLS, live_op_stmt, owner_limits, taken_ips, usage, vm_from};
+use crate::workflows::{NewWorkflow, fill_batch_in, insert_stmts};
 use crate::{Actor, Store, now_ms};
 use basphere_core::{
     ImageName, NetworkPool, ResourceRef, Spec, SpecName, Username, VmName, VmOperation, VmStatus,
 };
 use serde::Serialize;
+use serde_json::json;
 use std::collections::{HashMap, HashSet};
 
 /// One VM to create as a batch node.
@@ -57,43 +59,97 @@ pub struct BatchAdmitted {
     pub nodes: Vec<BatchNodeRef>,
 }
 
-/// One bound value of a multi-row insert.
-enum A {
-    S(String),
-    I(i64),
+/// A column of a bulk insert: its name, and whether its values are integers.
+type Col = (&'static str, bool);
+
+/// One statement inserting every row of `rows` (each a JSON array, one value per column of
+/// `cols`) into `table`, whatever their number; `consts` are columns set to the same SQL
+/// constant in every row. The rows travel as one JSON parameter, read with SQLite's
+/// `json_each` or PostgreSQL's `jsonb_array_elements` (the only difference between the two),
+/// so neither backend's parameter limit applies and SQLite binds one value, not thousands.
+/// Rows are inserted in order.
+fn bulk_insert(
+    dialect: Dialect,
+    table: &str,
+    cols: &[Col],
+    consts: &[(&str, &str)],
+    rows: Vec<serde_json::Value>,
+) -> Option<Stmt> {
+    if rows.is_empty() {
+        return None;
+    }
+    let names = cols
+        .iter()
+        .map(|c| c.0)
+        .chain(consts.iter().map(|c| c.0))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let values = cols
+        .iter()
+        .enumerate()
+        .map(|(i, (_, int))| match int {
+            true => format!("CAST(r.value ->> {i} AS BIGINT)"),
+            false => format!("r.value ->> {i}"),
+        })
+        .chain(consts.iter().map(|c| c.1.to_string()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let from = match dialect {
+        Dialect::Sqlite => "json_each($1) AS r",
+        Dialect::Postgres => "jsonb_array_elements(CAST(CAST($1 AS TEXT) AS JSONB)) AS r(value)",
+    };
+    Some(stmt!(
+        format!("INSERT INTO {table} ({names}) SELECT {values} FROM {from}"),
+        serde_json::Value::Array(rows).to_string(),
+    ))
 }
 
-/// Inserts `rows` (each of the same width) with `head` (ending in `VALUES`); `tail` is SQL of
-/// constants appended to every row. Parameters are anonymous (`?`): SQLite looks a named one up
-/// by a linear scan, which made binding a 1,000-parameter statement quadratic.
-async fn insert_rows(
-    conn: &mut sqlx::SqliteConnection,
-    head: &str,
-    tail: &str,
-    rows: &[Vec<A>],
-) -> crate::Result<()> {
-    let Some(width) = rows.first().map(Vec::len) else {
-        return Ok(());
-    };
-    let mut one = vec!["?"; width].join(", ");
-    if !tail.is_empty() {
-        one = format!("{one}, {tail}");
-    }
-    for chunk in rows.chunks((1_000 / width).max(1)) {
-        let sql = format!("{head} ({})", vec![one.as_str(); chunk.len()].join("), ("));
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for row in chunk {
-            for a in row {
-                q = match a {
-                    A::S(s) => q.bind(s.clone()),
-                    A::I(i) => q.bind(*i),
-                };
-            }
-        }
-        q.execute(&mut *conn).await?;
-    }
-    Ok(())
-}
+const VM_ROW: &[Col] = &[
+    ("id", false),
+    ("owner", false),
+    ("name", false),
+    ("os", false),
+    ("login_user", false),
+    ("spec", false),
+    ("vcpus", true),
+    ("memory_mib", true),
+    ("disk_gib", true),
+    ("ip", false),
+    ("provider", false),
+    ("created_at", true),
+    ("updated_at", true),
+];
+const WORKFLOW_ROW: &[Col] = &[
+    ("id", false),
+    ("resource_id", false),
+    ("owner", false),
+    ("priority", true),
+    ("next_run_at", true),
+    ("provider", false),
+    ("batch_id", false),
+    ("node", false),
+    ("created_at", true),
+    ("updated_at", true),
+];
+const STEP_ROW: &[Col] = &[
+    ("workflow_id", false),
+    ("idx", true),
+    ("name", false),
+    ("idem_key", false),
+];
+const EVENT_ROW: &[Col] = &[("workflow_id", false), ("at", true)];
+const AUDIT_ROW: &[Col] = &[
+    ("at", true),
+    ("actor", false),
+    ("source", false),
+    ("target", false),
+    ("detail", false),
+];
+const EDGE_ROW: &[Col] = &[
+    ("workflow_id", false),
+    ("depends_on", false),
+    ("hard", true),
+];
 
 /// Why a batch was refused.
 #[derive(Debug, thiserror::Error)]
@@ -110,290 +166,292 @@ impl From<crate::StoreError> for BatchError {
     }
 }
 
-impl From<sqlx::Error> for BatchError {
-    fn from(e: sqlx::Error) -> Self {
-        BatchError::Admit(e.into())
-    }
-}
-
 impl From<basphere_core::QuotaExceeded> for BatchError {
     fn from(e: basphere_core::QuotaExceeded) -> Self {
         BatchError::Admit(e.into())
     }
 }
 
+/// Admits the batch `req` (see [`Store::admit_batch`]).
+async fn admit(
+    tx: &mut dyn Tx,
+    req: &BatchRequest,
+    pool: &NetworkPool,
+    actor: &Actor,
+) -> std::result::Result<BatchAdmitted, BatchError> {
+    let owner = req.owner.as_str();
+    let (quota, block, admin) = owner_limits(tx, owner, pool).await?;
+    let mut used = usage(tx, owner).await?;
+    for v in &req.creates {
+        quota.admit(&used, 1, v.spec.vcpus, v.spec.memory_mib)?;
+        used.vms += 1;
+        used.ips += 1;
+        used.vcpus += v.spec.vcpus;
+        used.memory_mib += v.spec.memory_mib;
+    }
+    let existing: HashMap<String, (String, VmStatus)> = tx
+        .query(&stmt!(
+            format!("SELECT {VM_COLS} FROM vms WHERE owner = $1"),
+            owner
+        ))
+        .await?
+        .iter()
+        .map(|r| vm_from(r).map(|v| (v.name.to_string(), (v.id, v.status))))
+        .collect::<crate::Result<_>>()?;
+    let mut seen = HashSet::new();
+    for v in &req.creates {
+        if !seen.insert(v.name.as_str()) {
+            return Err(AdmitError::DuplicateInRequest(v.name.clone()).into());
+        }
+        if existing.contains_key(v.name.as_str()) {
+            return Err(AdmitError::NameTaken(v.name.clone()).into());
+        }
+    }
+    let taken = taken_ips(tx).await?;
+    let mut free = pool
+        .assignable_in(&block)
+        .filter(|a| !taken.contains(&a.to_string()));
+    let batch_id = uuid::Uuid::now_v7().to_string();
+    let now = now_ms();
+    tx.exec(&stmt!(
+        "INSERT INTO batches (id, owner, parallelism, nodes, created_at) VALUES ($1, $2, $3, $4, $5)",
+        batch_id.as_str(),
+        owner,
+        req.parallelism.max(1),
+        (req.creates.len() + req.deletes.len()) as i64,
+        now,
+    ))
+    .await?;
+    let mut nodes = Vec::with_capacity(req.creates.len() + req.deletes.len());
+    let mut op_of: HashMap<&str, String> = HashMap::new();
+    // Rows of one statement per table: a 1,000-node batch is a handful of statements.
+    let (mut vms, mut wfs, mut steps, mut evs, mut audit) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    let priority = if admin { 5 } else { 0 };
+    for v in &req.creates {
+        let ip = free
+            .next()
+            .ok_or_else(|| AdmitError::BlockFull(owner.to_string(), block.net.to_string()))?;
+        let id = uuid::Uuid::now_v7().to_string();
+        let op = uuid::Uuid::now_v7().to_string();
+        vms.push(json!([
+            id,
+            owner,
+            v.name.as_str(),
+            v.os.as_str(),
+            v.login_user,
+            v.spec_name.as_str(),
+            v.spec.vcpus,
+            v.spec.memory_mib,
+            v.spec.disk_gib,
+            ip.to_string(),
+            req.provider,
+            now,
+            now,
+        ]));
+        wfs.push(json!([
+            op,
+            id,
+            owner,
+            priority,
+            now,
+            req.provider,
+            batch_id,
+            v.name.as_str(),
+            now,
+            now,
+        ]));
+        for (i, name) in req.create_steps.iter().enumerate() {
+            steps.push(json!([op, i, name, format!("{op}/{i}/{name}")]));
+        }
+        evs.push(json!([op, now]));
+        audit.push(json!([
+            now,
+            actor.name,
+            actor.source,
+            format!("{owner}/{}", v.name),
+            format!(
+                "ip={ip} spec={} os={} operation={op} batch={batch_id}",
+                v.spec_name, v.os
+            ),
+        ]));
+        op_of.insert(v.name.as_str(), op.clone());
+        nodes.push(BatchNodeRef {
+            node: v.name.to_string(),
+            action: "create",
+            operation_id: op,
+        });
+    }
+    let d = tx.dialect();
+    let inserts = [
+        bulk_insert(d, "vms", VM_ROW, &[("status", "'creating'")], vms),
+        bulk_insert(
+            d,
+            "workflows",
+            WORKFLOW_ROW,
+            &[
+                ("definition", "'create_vm'"),
+                ("resource_kind", "'vm'"),
+                ("status", "'pending'"),
+                ("input", "'{}'"),
+                ("parked", "1"),
+            ],
+            wfs,
+        ),
+        bulk_insert(
+            d,
+            "workflow_steps",
+            STEP_ROW,
+            &[("status", "'pending'")],
+            steps,
+        ),
+        bulk_insert(
+            d,
+            "workflow_events",
+            EVENT_ROW,
+            &[
+                ("step", "NULL"),
+                ("kind", "'queued'"),
+                ("message", "'create_vm queued'"),
+            ],
+            evs,
+        ),
+        bulk_insert(
+            d,
+            "audit",
+            AUDIT_ROW,
+            &[("action", "'vm.create'"), ("result", "'accepted'")],
+            audit,
+        ),
+    ];
+    tx.run(&inserts.into_iter().flatten().collect::<Vec<_>>())
+        .await?;
+    let mut edges = vec![];
+    // One edge per pair (a name listed twice, or both required and optional, is one; the
+    // hard one wins): `workflow_deps` keys on the pair.
+    let mut paired = HashSet::new();
+    for v in &req.creates {
+        let me = &op_of[v.name.as_str()];
+        for (deps, hard) in [(&v.requires, true), (&v.optional, false)] {
+            for d in deps {
+                let target = match op_of.get(d.as_str()) {
+                    Some(op) => Some(op.clone()),
+                    // An existing VM still being made: wait for its operation.
+                    None if existing.contains_key(d) => tx
+                        .query_opt(&live_op_stmt(&existing[d].0))
+                        .await?
+                        .map(|r| r.text("id"))
+                        .transpose()?,
+                    None => None,
+                };
+                if let Some(t) = target.filter(|t| paired.insert((me.clone(), t.clone()))) {
+                    edges.push(json!([me, t, i64::from(hard)]));
+                }
+            }
+        }
+    }
+    if let Some(s) = bulk_insert(d, "workflow_deps", EDGE_ROW, &[], edges) {
+        tx.exec(&s).await?;
+        tx.exec(&stmt!(
+            "UPDATE workflows SET waiting_on = (
+                 SELECT COUNT(*) FROM workflow_deps d JOIN workflows o ON o.id = d.depends_on
+                 WHERE d.workflow_id = workflows.id
+                   AND o.status IN ('pending', 'running', 'undoing'))
+             WHERE batch_id = $1",
+            batch_id.as_str()
+        ))
+        .await?;
+    }
+    let mut later = vec![];
+    for name in &req.deletes {
+        let Some((vm_id, status)) = existing.get(name.as_str()) else {
+            continue;
+        };
+        if matches!(status, VmStatus::Creating | VmStatus::Deleting) {
+            return Err(BatchError::Busy(name.to_string(), *status));
+        }
+        later.push(stmt!(
+            "UPDATE vms SET status = 'deleting', updated_at = $2 WHERE id = $1",
+            vm_id.as_str(),
+            now
+        ));
+        let mut w = NewWorkflow::new(
+            VmOperation::Delete.as_str(),
+            owner,
+            req.delete_steps.clone(),
+        );
+        w.resource = Some(ResourceRef::vm(vm_id));
+        w.priority = 10;
+        w.provider = Some(req.provider.clone());
+        w.batch = Some((batch_id.clone(), name.to_string()));
+        let op = uuid::Uuid::now_v7().to_string();
+        later.extend(insert_stmts(&w, &op, None, now_ms()));
+        later.push(audit_stmt(
+            actor,
+            "vm.delete",
+            &format!("{owner}/{name}"),
+            "accepted",
+            Some(&format!("operation={op} batch={batch_id}")),
+        ));
+        nodes.push(BatchNodeRef {
+            node: name.to_string(),
+            action: "delete",
+            operation_id: op,
+        });
+    }
+    // Every node waits for a slot (creates were inserted parked); the first `parallelism`
+    // ready ones get one now.
+    later.push(stmt!(
+        "UPDATE workflows SET parked = 1 WHERE batch_id = $1 AND parked = 0",
+        batch_id.as_str()
+    ));
+    tx.run(&later).await?;
+    fill_batch_in(tx, &batch_id).await?;
+    Ok(BatchAdmitted { batch_id, nodes })
+}
+
 impl Store {
     /// Admits a whole batch or nothing: quota for every create at once, addresses, VM rows,
-    /// workflows, edges, the batch row and audit records, in one transaction.
+    /// workflows, edges, the batch row and audit records, in one transaction (exact across
+    /// replicas: it takes the locks [`Store::admit_vms`] takes).
     pub async fn admit_batch(
         &self,
         req: &BatchRequest,
         pool: &NetworkPool,
         actor: &Actor,
     ) -> std::result::Result<BatchAdmitted, BatchError> {
-        let mut tx = self.write().await?;
-        let owner = req.owner.as_str();
-        let (quota, block, admin) = owner_limits(&mut tx, owner, pool).await?;
-        let mut used = usage(&mut tx, owner).await?;
-        for v in &req.creates {
-            quota.admit(&used, 1, v.spec.vcpus, v.spec.memory_mib)?;
-            used.vms += 1;
-            used.ips += 1;
-            used.vcpus += v.spec.vcpus;
-            used.memory_mib += v.spec.memory_mib;
-        }
-        let existing: HashMap<String, (String, VmStatus)> = sqlx::query(sqlx::AssertSqlSafe(
-            format!("SELECT {VM_COLS} FROM vms WHERE owner = $1"),
-        ))
-        .bind(owner)
-        .fetch_all(&mut *tx)
-        .await?
-        .iter()
-        .map(|r| vm_from(r).map(|v| (v.name.to_string(), (v.id, v.status))))
-        .collect::<crate::Result<_>>()?;
-        let mut seen = std::collections::HashSet::new();
-        for v in &req.creates {
-            if !seen.insert(v.name.as_str()) {
-                return Err(AdmitError::DuplicateInRequest(v.name.clone()).into());
-            }
-            if existing.contains_key(v.name.as_str()) {
-                return Err(AdmitError::NameTaken(v.name.clone()).into());
-            }
-        }
-        let taken = taken_ips(&mut tx).await?;
-        let mut free = pool
-            .assignable_in(&block)
-            .filter(|a| !taken.contains(&a.to_string()));
-        let batch_id = uuid::Uuid::now_v7().to_string();
-        let now = now_ms();
-        sqlx::query(
-            "INSERT INTO batches (id, owner, parallelism, nodes, created_at) VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(&batch_id)
-        .bind(owner)
-        .bind(i64::from(req.parallelism.max(1)))
-        .bind((req.creates.len() + req.deletes.len()) as i64)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        let mut nodes = Vec::with_capacity(req.creates.len() + req.deletes.len());
-        let mut op_of: HashMap<&str, String> = HashMap::new();
-        // Rows for multi-row inserts: a 1,000-node batch is a few dozen statements.
-        let (mut vms, mut wfs, mut steps, mut evs, mut audit) =
-            (vec![], vec![], vec![], vec![], vec![]);
-        let priority = if admin { 5 } else { 0 };
-        for v in &req.creates {
-            let ip = free
-                .next()
-                .ok_or_else(|| AdmitError::BlockFull(owner.to_string(), block.net.to_string()))?;
-            let id = uuid::Uuid::now_v7().to_string();
-            let op = uuid::Uuid::now_v7().to_string();
-            vms.push(vec![
-                A::S(id.clone()),
-                A::S(owner.to_string()),
-                A::S(v.name.to_string()),
-                A::S(v.os.to_string()),
-                A::S(v.login_user.clone()),
-                A::S(v.spec_name.to_string()),
-                A::I(i64::from(v.spec.vcpus)),
-                A::I(v.spec.memory_mib as i64),
-                A::I(v.spec.disk_gib as i64),
-                A::S(ip.to_string()),
-                A::S(req.provider.clone()),
-                A::I(now),
-                A::I(now),
-            ]);
-            wfs.push(vec![
-                A::S(op.clone()),
-                A::S(id),
-                A::S(owner.to_string()),
-                A::I(priority),
-                A::I(now),
-                A::S(req.provider.clone()),
-                A::S(batch_id.clone()),
-                A::S(v.name.to_string()),
-                A::I(now),
-                A::I(now),
-            ]);
-            for (i, name) in req.create_steps.iter().enumerate() {
-                steps.push(vec![
-                    A::S(op.clone()),
-                    A::I(i as i64),
-                    A::S(name.clone()),
-                    A::S(format!("{op}/{i}/{name}")),
-                ]);
-            }
-            evs.push(vec![A::S(op.clone()), A::I(now)]);
-            audit.push(vec![
-                A::I(now),
-                A::S(actor.name.clone()),
-                A::S(actor.source.clone()),
-                A::S(format!("{owner}/{}", v.name)),
-                A::S(format!(
-                    "ip={ip} spec={} os={} operation={op} batch={batch_id}",
-                    v.spec_name, v.os
-                )),
-            ]);
-            op_of.insert(v.name.as_str(), op.clone());
-            nodes.push(BatchNodeRef {
-                node: v.name.to_string(),
-                action: "create",
-                operation_id: op,
-            });
-        }
-        insert_rows(
-            &mut tx,
-            "INSERT INTO vms (id, owner, name, os, login_user, spec, vcpus, memory_mib, disk_gib,
-                 ip, provider, created_at, updated_at, status) VALUES",
-            "'creating'",
-            &vms,
-        )
-        .await?;
-        insert_rows(
-            &mut tx,
-            "INSERT INTO workflows (id, resource_id, owner, priority, next_run_at, provider,
-                 batch_id, node, created_at, updated_at, definition, resource_kind, status, input,
-                 parked) VALUES",
-            "'create_vm', 'vm', 'pending', '{}', 1",
-            &wfs,
-        )
-        .await?;
-        insert_rows(
-            &mut tx,
-            "INSERT INTO workflow_steps (workflow_id, idx, name, idem_key, status) VALUES",
-            "'pending'",
-            &steps,
-        )
-        .await?;
-        insert_rows(
-            &mut tx,
-            "INSERT INTO workflow_events (workflow_id, at, step, kind, message) VALUES",
-            "NULL, 'queued', 'create_vm queued'",
-            &evs,
-        )
-        .await?;
-        insert_rows(
-            &mut tx,
-            "INSERT INTO audit (at, actor, source, target, detail, action, result) VALUES",
-            "'vm.create', 'accepted'",
-            &audit,
-        )
-        .await?;
-        let mut edges = vec![];
-        // One edge per pair (a name listed twice, or both required and optional, is one; the
-        // hard one wins): `workflow_deps` keys on the pair.
-        let mut paired = HashSet::new();
-        for v in &req.creates {
-            let me = &op_of[v.name.as_str()];
-            for (deps, hard) in [(&v.requires, true), (&v.optional, false)] {
-                for d in deps {
-                    let target = match op_of.get(d.as_str()) {
-                        Some(op) => Some(op.clone()),
-                        None if existing.contains_key(d) => {
-                            // An existing VM still being made: wait for its operation.
-                            sqlx::query_scalar(
-                                "SELECT id FROM workflows WHERE resource_id = $1
-                                   AND status IN ('pending', 'running', 'undoing')
-                                 ORDER BY created_at DESC LIMIT 1",
-                            )
-                            .bind(&existing[d].0)
-                            .fetch_optional(&mut *tx)
-                            .await?
-                        }
-                        None => None,
-                    };
-                    if let Some(t) = target.filter(|t| paired.insert((me.clone(), t.clone()))) {
-                        edges.push(vec![A::S(me.clone()), A::S(t), A::I(hard as i64)]);
-                    }
-                }
-            }
-        }
-        insert_rows(
-            &mut tx,
-            "INSERT INTO workflow_deps (workflow_id, depends_on, hard) VALUES",
-            "",
-            &edges,
-        )
-        .await?;
-        if !edges.is_empty() {
-            sqlx::query(
-                "UPDATE workflows SET waiting_on = (
-                     SELECT COUNT(*) FROM workflow_deps d JOIN workflows o ON o.id = d.depends_on
-                     WHERE d.workflow_id = workflows.id
-                       AND o.status IN ('pending', 'running', 'undoing'))
-                 WHERE batch_id = $1",
-            )
-            .bind(&batch_id)
-            .execute(&mut *tx)
-            .await?;
-        }
-        for name in &req.deletes {
-            let Some((vm_id, status)) = existing.get(name.as_str()) else {
-                continue;
-            };
-            if matches!(status, VmStatus::Creating | VmStatus::Deleting) {
-                return Err(BatchError::Busy(name.to_string(), *status));
-            }
-            sqlx::query("UPDATE vms SET status = 'deleting', updated_at = $2 WHERE id = $1")
-                .bind(vm_id)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-            let mut w = NewWorkflow::new(
-                VmOperation::Delete.as_str(),
-                owner,
-                req.delete_steps.clone(),
-            );
-            w.resource = Some(ResourceRef::vm(vm_id));
-            w.priority = 10;
-            w.provider = Some(req.provider.clone());
-            w.batch = Some((batch_id.clone(), name.to_string()));
-            let op = insert_new(&mut tx, &w).await?;
-            record(
-                &mut tx,
-                actor,
-                "vm.delete",
-                &format!("{owner}/{name}"),
-                "accepted",
-                Some(&format!("operation={op} batch={batch_id}")),
-            )
-            .await?;
-            nodes.push(BatchNodeRef {
-                node: name.to_string(),
-                action: "delete",
-                operation_id: op,
-            });
-        }
-        // Every node waits for a slot (creates were inserted parked); the first `parallelism`
-        // ready ones get one now.
-        sqlx::query("UPDATE workflows SET parked = 1 WHERE batch_id = $1 AND parked = 0")
-            .bind(&batch_id)
-            .execute(&mut *tx)
-            .await?;
-        crate::workflows::fill_batch(&mut tx, &batch_id).await?;
-        tx.commit().await?;
-        Ok(BatchAdmitted { batch_id, nodes })
+        let (req, pool, actor) = (req.clone(), pool.clone(), actor.clone());
+        self.db
+            .write(move |tx| Box::pin(async move { admit(tx, &req, &pool, &actor).await }))
+            .await
     }
 
     /// Names of `owner`'s VMs that a batch made (what `plan` may delete when they leave a
     /// manifest; VMs made one by one are never touched by a plan).
     pub async fn managed_vm_names(&self, owner: &str) -> crate::Result<Vec<String>> {
-        Ok(sqlx::query_scalar(
+        let s = stmt!(
             "SELECT DISTINCT v.name FROM vms v JOIN workflows w ON w.resource_id = v.id
              WHERE v.owner = $1 AND w.definition = 'create_vm' AND w.batch_id IS NOT NULL",
-        )
-        .bind(owner)
-        .fetch_all(&self.lg()?.pool)
-        .await?)
+            owner
+        );
+        self.db
+            .read(move |tx| {
+                Box::pin(
+                    async move { tx.query(&s).await?.iter().map(|r| r.text("name")).collect() },
+                )
+            })
+            .await
     }
 
     /// The owner of a batch, if it exists.
     pub async fn batch_owner(&self, id: &str) -> crate::Result<Option<String>> {
-        Ok(
-            sqlx::query_scalar("SELECT owner FROM batches WHERE id = $1")
-                .bind(id)
-                .fetch_optional(&self.lg()?.pool)
-                .await?,
-        )
+        let s = stmt!("SELECT owner FROM batches WHERE id = $1", id);
+        self.db
+            .read(move |tx| {
+                Box::pin(
+                    async move { tx.query_opt(&s).await?.map(|r| r.text("owner")).transpose() },
+                )
+            })
+            .await
     }
 }

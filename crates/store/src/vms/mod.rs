@@ -1,0 +1,581 @@
+//! VM records: admission (quota, names, addresses) and deletes in one transaction each,
+//! listings, usage; on SQLite and PostgreSQL alike.
+
+mod hooks;
+
+use crate::audit::audit_stmt;
+use crate::db::{Cols, Dialect, Stmt, Tx, stmt};
+use crate::workflows::{NewWorkflow, insert_stmts};
+use crate::{Actor, Result, Store, StoreError, now_ms, parse};
+use basphere_core::{
+    ImageName, NetworkPool, QuotaExceeded, ResourceRef, Role, Spec, SpecName, Usage, UserStatus,
+    Username, VmName, VmOperation, VmStatus,
+};
+use serde::Serialize;
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+
+/// A VM record.
+#[derive(Debug, Clone, Serialize)]
+pub struct Vm {
+    pub id: String,
+    pub name: VmName,
+    pub owner: Username,
+    pub os: String,
+    pub login_user: String,
+    pub spec: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+    pub ip_address: Option<Ipv4Addr>,
+    pub status: VmStatus,
+    pub error: Option<String>,
+    pub provider: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// A request to create `names.len()` VMs of one kind for `owner`.
+#[derive(Debug, Clone)]
+pub struct AdmitRequest {
+    pub owner: Username,
+    pub names: Vec<VmName>,
+    pub os: ImageName,
+    pub login_user: String,
+    pub spec_name: SpecName,
+    pub spec: Spec,
+    pub provider: String,
+    /// Step names of the create workflow, in order.
+    pub steps: Vec<String>,
+}
+
+/// One admitted VM and the workflow that builds it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Admitted {
+    pub vm: Vm,
+    pub operation_id: String,
+}
+
+/// Why a create was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AdmitError {
+    #[error("user {0} is {1}; only active users can create VMs")]
+    NotActive(String, UserStatus),
+    #[error("user {0} not found")]
+    NoUser(String),
+    #[error("user {0} has no IP block yet (approve the user first)")]
+    NoBlock(String),
+    #[error("a VM named {0} already exists")]
+    NameTaken(VmName),
+    #[error("the same name {0} appears twice in the request")]
+    DuplicateInRequest(VmName),
+    #[error(transparent)]
+    Quota(#[from] QuotaExceeded),
+    #[error("no free address left in user {0}'s block {1}")]
+    BlockFull(String, String),
+
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why a delete was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum DeleteError {
+    #[error("VM {0} not found")]
+    NotFound(String),
+    #[error("VM {0} is {1}; wait for its operation {2} to finish, then delete it")]
+    Busy(String, VmStatus, String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+pub(crate) const VM_COLS: &str = "id, name, owner, os, login_user, spec, vcpus, memory_mib, disk_gib, ip, \
+     status, error, provider, created_at, updated_at";
+
+/// A VM with its owner's public key (the provider request's inputs).
+pub(crate) const VM_AND_KEY: &str = "SELECT v.*, u.public_key AS owner_key FROM vms v
+     LEFT JOIN users u ON u.username = v.owner WHERE v.id = $1";
+
+/// VM records the write thread read while leasing their workflows, for the engine's first
+/// step to take instead of reading them again (each is taken once, and only while fresh).
+#[derive(Debug, Default)]
+pub(crate) struct Prefetched(std::sync::Mutex<std::collections::HashMap<String, Fetched>>);
+
+/// When a VM record was read, the record, and its owner's key.
+type Fetched = (std::time::Instant, (Vm, Option<String>));
+
+impl Prefetched {
+    const FRESH: std::time::Duration = std::time::Duration::from_secs(2);
+
+    pub(crate) fn put(&self, vm: Vm, key: Option<String>) {
+        let mut m = self.0.lock().expect("prefetch lock");
+        if m.len() >= 4096 {
+            m.retain(|_, (at, _)| at.elapsed() < Self::FRESH);
+        }
+        m.insert(vm.id.clone(), (std::time::Instant::now(), (vm, key)));
+    }
+
+    pub(crate) fn take(&self, id: &str) -> Option<(Vm, Option<String>)> {
+        let (at, hit) = self.0.lock().expect("prefetch lock").remove(id)?;
+        (at.elapsed() < Self::FRESH).then_some(hit)
+    }
+}
+
+pub(crate) fn vm_from(r: &impl Cols) -> Result<Vm> {
+    Ok(Vm {
+        id: r.text("id")?,
+        name: parse("vms.name", &r.text("name")?)?,
+        owner: parse("vms.owner", &r.text("owner")?)?,
+        os: r.text("os")?,
+        login_user: r.text("login_user")?,
+        spec: r.text("spec")?,
+        vcpus: r.int("vcpus")? as u32,
+        memory_mib: r.int("memory_mib")? as u64,
+        disk_gib: r.int("disk_gib")? as u64,
+        ip_address: r
+            .opt_text("ip")?
+            .as_deref()
+            .map(|s| parse("vms.ip", s))
+            .transpose()?,
+        status: parse("vms.status", &r.text("status")?)?,
+        error: r.opt_text("error")?,
+        provider: r.text("provider")?,
+        created_at: r.int("created_at")?,
+        updated_at: r.int("updated_at")?,
+    })
+}
+
+/// What `owner` holds now: every VM that holds an address or may hold a machine. Only a failed
+/// create whose rollback was confirmed gives its address up, so only those are not counted (a
+/// failed delete, or a rollback that could not clean up, keeps its address and counts).
+pub(crate) async fn usage(tx: &mut dyn Tx, owner: &str) -> Result<Usage> {
+    let row = tx
+        .query_one(&stmt!(
+            "SELECT COUNT(*) AS vms, COUNT(ip) AS ips,
+                    CAST(COALESCE(SUM(vcpus), 0) AS BIGINT) AS vcpus,
+                    CAST(COALESCE(SUM(memory_mib), 0) AS BIGINT) AS mem
+             FROM vms WHERE owner = $1 AND (status <> 'failed' OR ip IS NOT NULL)",
+            owner
+        ))
+        .await?;
+    Ok(Usage {
+        vms: row.int("vms")? as u32,
+        clusters: 0,
+        ips: row.int("ips")? as u32,
+        vcpus: row.int("vcpus")? as u32,
+        memory_mib: row.int("mem")? as u64,
+    })
+}
+
+/// The owner's quota and IP block, checking the owner may create; and whether they are admin.
+///
+/// On PostgreSQL this takes the owner's row lock (`FOR UPDATE`) until the transaction ends:
+/// every per-user decision that follows (quota, "name taken") reads what the owner's other
+/// admissions committed before it, on any replica, and none can commit in between. (SQLite's
+/// one write thread already runs every write transaction alone.)
+pub(crate) async fn owner_limits(
+    tx: &mut dyn Tx,
+    owner: &str,
+    pool: &NetworkPool,
+) -> std::result::Result<(basphere_core::Quota, basphere_core::IpBlock, bool), AdmitError> {
+    let sql = match tx.dialect() {
+        Dialect::Sqlite => OWNER_LIMITS,
+        Dialect::Postgres => OWNER_LIMITS_LOCKED,
+    };
+    let user = tx
+        .query_opt(&stmt!(sql, owner))
+        .await?
+        .ok_or_else(|| AdmitError::NoUser(owner.to_string()))?;
+    let status: UserStatus = parse("users.status", &user.text("status")?)?;
+    if status != UserStatus::Active {
+        return Err(AdmitError::NotActive(owner.to_string(), status));
+    }
+    let quota = basphere_core::Quota {
+        max_vms: user.int("max_vms")? as u32,
+        max_clusters: user.int("max_clusters")? as u32,
+        max_ips: user.int("max_ips")? as u32,
+        max_vcpus: user.opt_int("max_vcpus")?.map(|v| v as u32),
+        max_memory_mib: user.opt_int("max_memory_mib")?.map(|v| v as u64),
+    };
+    let block = user
+        .opt_int("ip_block")?
+        .and_then(|b| pool.block(b as u32))
+        .ok_or_else(|| AdmitError::NoBlock(owner.to_string()))?;
+    let admin = user.text("role")? == Role::Admin.as_str();
+    Ok((quota, block, admin))
+}
+
+const OWNER_LIMITS: &str = "SELECT status, role, max_vms, max_clusters, max_ips, max_vcpus, \
+     max_memory_mib, ip_block FROM users WHERE username = $1";
+const OWNER_LIMITS_LOCKED: &str = "SELECT status, role, max_vms, max_clusters, max_ips, \
+     max_vcpus, max_memory_mib, ip_block FROM users WHERE username = $1 FOR UPDATE";
+
+/// The key of the PostgreSQL transaction-level advisory lock that serializes address picking
+/// over every replica ("bsph-ip").
+const ADDRESS_LOCK: i64 = 0x0062_7370_682d_6970;
+
+/// Every address leased to a VM now, for the caller to pick free ones from.
+///
+/// Addresses are unique over all users (a block may still hold a previous owner's VM, and a
+/// retried create picks again), so picking is a global decision: on PostgreSQL this first
+/// takes the transaction-level advisory lock [`ADDRESS_LOCK`], held until commit, so two
+/// replicas never read the same free address. It is taken after the owner's row lock
+/// ([`owner_limits`]) by every caller, so the two locks are always taken in one order. SQLite's
+/// one write thread needs no lock.
+pub(crate) async fn taken_ips(tx: &mut dyn Tx) -> Result<HashSet<String>> {
+    if tx.dialect() == Dialect::Postgres {
+        tx.query(&stmt!("SELECT pg_advisory_xact_lock($1)", ADDRESS_LOCK))
+            .await?;
+    }
+    tx.query(&stmt!("SELECT ip FROM vms WHERE ip IS NOT NULL"))
+        .await?
+        .iter()
+        .map(|r| r.text("ip"))
+        .collect()
+}
+
+/// Gives a rolled-back (failed) VM its quota and an address again, for a retried create.
+pub(crate) async fn readmit(
+    tx: &mut dyn Tx,
+    vm_id: &str,
+    pool: &NetworkPool,
+) -> std::result::Result<(), AdmitError> {
+    let vm = vm_where_id(tx, vm_id)
+        .await?
+        .ok_or_else(|| AdmitError::NoUser(format!("of VM {vm_id} (the VM is gone)")))?;
+    if vm.status != VmStatus::Failed {
+        return Ok(());
+    }
+    let owner = vm.owner.as_str();
+    let (quota, block, _) = owner_limits(tx, owner, pool).await?;
+    if vm.ip_address.is_none() {
+        // A VM that kept its address is counted already (see `usage`).
+        let used = usage(tx, owner).await?;
+        quota.admit(&used, 1, vm.vcpus, vm.memory_mib)?;
+    }
+    let ip = match vm.ip_address {
+        Some(ip) => ip,
+        None => {
+            let taken = taken_ips(tx).await?;
+            pool.assignable_in(&block)
+                .find(|a| !taken.contains(&a.to_string()))
+                .ok_or_else(|| AdmitError::BlockFull(owner.to_string(), block.net.to_string()))?
+        }
+    };
+    tx.exec(&stmt!(
+        "UPDATE vms SET status = 'creating', error = NULL, ip = $2, updated_at = $3 WHERE id = $1",
+        vm_id,
+        ip.to_string(),
+        now_ms(),
+    ))
+    .await?;
+    Ok(())
+}
+
+async fn vm_where_id(tx: &mut dyn Tx, id: &str) -> Result<Option<Vm>> {
+    tx.query_opt(&stmt!(SELECT_BY_ID, id))
+        .await?
+        .as_ref()
+        .map(vm_from)
+        .transpose()
+}
+
+const SELECT_BY_ID: &str = "SELECT id, name, owner, os, login_user, spec, vcpus, memory_mib, \
+     disk_gib, ip, status, error, provider, created_at, updated_at FROM vms WHERE id = $1";
+const SELECT_BY_NAME: &str = "SELECT id, name, owner, os, login_user, spec, vcpus, memory_mib, \
+     disk_gib, ip, status, error, provider, created_at, updated_at FROM vms \
+     WHERE owner = $1 AND name = $2";
+
+/// The newest live operation on resource `id` (none when it has none).
+pub(crate) fn live_op_stmt(id: &str) -> Stmt {
+    stmt!(
+        "SELECT id FROM workflows WHERE resource_id = $1
+           AND status IN ('pending', 'running', 'undoing')
+         ORDER BY created_at DESC LIMIT 1",
+        id
+    )
+}
+
+/// Admits the VMs of `req` (see [`Store::admit_vms`]).
+async fn admit(
+    tx: &mut dyn Tx,
+    req: &AdmitRequest,
+    pool: &NetworkPool,
+    actor: &Actor,
+) -> std::result::Result<Vec<Admitted>, AdmitError> {
+    let owner = req.owner.as_str();
+    let (quota, block, admin) = owner_limits(tx, owner, pool).await?;
+    let mut seen = HashSet::new();
+    for n in &req.names {
+        if !seen.insert(n) {
+            return Err(AdmitError::DuplicateInRequest(n.clone()));
+        }
+    }
+    let used = usage(tx, owner).await?;
+    quota.admit(
+        &used,
+        req.names.len() as u32,
+        req.spec.vcpus,
+        req.spec.memory_mib,
+    )?;
+    let existing = tx
+        .query(&stmt!("SELECT name FROM vms WHERE owner = $1", owner))
+        .await?
+        .iter()
+        .map(|r| r.text("name"))
+        .collect::<Result<HashSet<String>>>()?;
+    if let Some(taken) = req.names.iter().find(|n| existing.contains(n.as_str())) {
+        return Err(AdmitError::NameTaken(taken.clone()));
+    }
+    let taken_ips = taken_ips(tx).await?;
+    let mut free = pool
+        .assignable_in(&block)
+        .filter(|a| !taken_ips.contains(&a.to_string()));
+
+    let now = now_ms();
+    let mut out = Vec::with_capacity(req.names.len());
+    for name in &req.names {
+        let ip = free
+            .next()
+            .ok_or_else(|| AdmitError::BlockFull(owner.to_string(), block.net.to_string()))?;
+        let id = uuid::Uuid::now_v7().to_string();
+        let row = tx
+            .query_one(&stmt!(
+                "INSERT INTO vms (id, owner, name, os, login_user, spec, vcpus, memory_mib,
+                    disk_gib, ip, status, provider, created_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'creating', $11, $12, $12)
+                 RETURNING id, name, owner, os, login_user, spec, vcpus, memory_mib, disk_gib,
+                    ip, status, error, provider, created_at, updated_at",
+                id.as_str(),
+                owner,
+                name.as_str(),
+                req.os.as_str(),
+                req.login_user.as_str(),
+                req.spec_name.as_str(),
+                req.spec.vcpus,
+                req.spec.memory_mib as i64,
+                req.spec.disk_gib as i64,
+                ip.to_string(),
+                req.provider.as_str(),
+                now,
+            ))
+            .await?;
+        let vm = vm_from(&row)?;
+        let mut w = NewWorkflow::new(VmOperation::Create.as_str(), owner, req.steps.clone());
+        w.resource = Some(ResourceRef::vm(&id));
+        w.priority = if admin { 5 } else { 0 };
+        let operation_id = uuid::Uuid::now_v7().to_string();
+        let mut stmts = insert_stmts(&w, &operation_id, None, now);
+        let detail = format!(
+            "ip={ip} spec={} os={} operation={operation_id}",
+            req.spec_name, req.os
+        );
+        stmts.push(audit_stmt(
+            actor,
+            "vm.create",
+            &format!("{owner}/{name}"),
+            "accepted",
+            Some(&detail),
+        ));
+        tx.run(&stmts).await?;
+        out.push(Admitted { vm, operation_id });
+    }
+    Ok(out)
+}
+
+/// Marks a VM deleting and queues its delete workflow (see [`Store::begin_delete_vm`]).
+///
+/// On PostgreSQL it first takes the owner's row lock, as admissions do: two deletes of one VM
+/// on two replicas (or a delete and a batch that deletes it) run one after the other, and the
+/// second sees the VM deleting.
+async fn begin_delete(
+    tx: &mut dyn Tx,
+    owner: &str,
+    name: &str,
+    steps: &[String],
+    actor: &Actor,
+) -> std::result::Result<Admitted, DeleteError> {
+    if tx.dialect() == Dialect::Postgres {
+        tx.query(&stmt!(
+            "SELECT username FROM users WHERE username = $1 FOR UPDATE",
+            owner
+        ))
+        .await?;
+    }
+    let vm = tx
+        .query_opt(&stmt!(SELECT_BY_NAME, owner, name))
+        .await?
+        .as_ref()
+        .map(vm_from)
+        .transpose()?
+        .ok_or_else(|| DeleteError::NotFound(name.to_string()))?;
+    if matches!(vm.status, VmStatus::Creating | VmStatus::Deleting) {
+        let op = tx
+            .query_opt(&live_op_stmt(&vm.id))
+            .await?
+            .map(|r| r.text("id"))
+            .transpose()?
+            .unwrap_or_default();
+        return Err(DeleteError::Busy(name.to_string(), vm.status, op));
+    }
+    tx.exec(&stmt!(
+        "UPDATE vms SET status = 'deleting', updated_at = $2 WHERE id = $1",
+        vm.id.as_str(),
+        now_ms()
+    ))
+    .await?;
+    let mut w = NewWorkflow::new(VmOperation::Delete.as_str(), owner, steps.to_vec());
+    w.resource = Some(ResourceRef::vm(&vm.id));
+    w.priority = 10;
+    let operation_id = uuid::Uuid::now_v7().to_string();
+    let mut stmts = insert_stmts(&w, &operation_id, None, now_ms());
+    stmts.push(audit_stmt(
+        actor,
+        "vm.delete",
+        &format!("{owner}/{name}"),
+        "accepted",
+        Some(&format!("operation={operation_id}")),
+    ));
+    tx.run(&stmts).await?;
+    Ok(Admitted {
+        vm: Vm {
+            status: VmStatus::Deleting,
+            ..vm
+        },
+        operation_id,
+    })
+}
+
+impl Store {
+    /// Admits VMs in one transaction: checks the owner's state and quota, allocates addresses
+    /// from the owner's block, inserts the VM rows (creating), their create workflows and the
+    /// audit record. Either all requested VMs are admitted or none. Exact across replicas
+    /// sharing a PostgreSQL database: see [`owner_limits`] and [`taken_ips`] for the locks.
+    pub async fn admit_vms(
+        &self,
+        req: &AdmitRequest,
+        pool: &NetworkPool,
+        actor: &Actor,
+    ) -> std::result::Result<Vec<Admitted>, AdmitError> {
+        let (req, pool, actor) = (req.clone(), pool.clone(), actor.clone());
+        self.db
+            .write(move |tx| Box::pin(async move { admit(tx, &req, &pool, &actor).await }))
+            .await
+    }
+
+    /// Marks a VM deleting and queues its delete workflow; returns the VM and operation id.
+    pub async fn begin_delete_vm(
+        &self,
+        owner: &str,
+        name: &str,
+        steps: &[String],
+        actor: &Actor,
+    ) -> std::result::Result<Admitted, DeleteError> {
+        let (owner, name, steps, actor) = (
+            owner.to_string(),
+            name.to_string(),
+            steps.to_vec(),
+            actor.clone(),
+        );
+        self.db
+            .write(move |tx| {
+                Box::pin(async move { begin_delete(tx, &owner, &name, &steps, &actor).await })
+            })
+            .await
+    }
+
+    /// One VM by owner and name.
+    pub async fn vm(&self, owner: &str, name: &str) -> Result<Option<Vm>> {
+        let s = stmt!(SELECT_BY_NAME, owner, name);
+        self.db
+            .read(move |tx| {
+                Box::pin(async move { tx.query_opt(&s).await?.as_ref().map(vm_from).transpose() })
+            })
+            .await
+    }
+
+    /// One VM by id with its owner's SSH public key (one query, for the engine).
+    pub async fn vm_and_key(&self, id: &str) -> Result<Option<(Vm, Option<String>)>> {
+        if let Some(hit) = self.prefetched.take(id) {
+            return Ok(Some(hit));
+        }
+        let s = stmt!(VM_AND_KEY, id);
+        self.db
+            .read(move |tx| {
+                Box::pin(async move {
+                    tx.query_opt(&s)
+                        .await?
+                        .as_ref()
+                        .map(|r| Ok((vm_from(r)?, r.opt_text("owner_key")?)))
+                        .transpose()
+                })
+            })
+            .await
+    }
+
+    /// One VM by id.
+    pub async fn vm_by_id(&self, id: &str) -> Result<Option<Vm>> {
+        let id = id.to_string();
+        self.db
+            .read(move |tx| Box::pin(async move { vm_where_id(tx, &id).await }))
+            .await
+    }
+
+    /// VMs of `owner`, or of everyone when `None`, by owner then name (byte order on both
+    /// backends).
+    pub async fn vms(&self, owner: Option<&str>) -> Result<Vec<Vm>> {
+        let owner = owner.map(str::to_string);
+        self.db
+            .read(move |tx| {
+                Box::pin(async move {
+                    let order = match tx.dialect() {
+                        Dialect::Sqlite => "owner, name",
+                        Dialect::Postgres => "owner COLLATE \"C\", name COLLATE \"C\"",
+                    };
+                    let s = stmt!(
+                        format!(
+                            "SELECT {VM_COLS} FROM vms
+                             WHERE (CAST($1 AS TEXT) IS NULL OR owner = $1) ORDER BY {order}"
+                        ),
+                        owner
+                    );
+                    tx.query(&s).await?.iter().map(vm_from).collect()
+                })
+            })
+            .await
+    }
+
+    /// One page of the VMs of `owner` (or everyone), in creation order (ids are UUIDv7): at
+    /// most `limit` after the VM with id `after`.
+    pub async fn vms_page(
+        &self,
+        owner: Option<&str>,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<Vm>> {
+        let s = stmt!(
+            format!(
+                "SELECT {VM_COLS} FROM vms
+                 WHERE (CAST($1 AS TEXT) IS NULL OR owner = $1)
+                   AND (CAST($2 AS TEXT) IS NULL OR id > $2)
+                 ORDER BY id LIMIT $3"
+            ),
+            owner,
+            after,
+            limit,
+        );
+        self.db
+            .read(move |tx| {
+                Box::pin(async move { tx.query(&s).await?.iter().map(vm_from).collect() })
+            })
+            .await
+    }
+
+    /// What `owner` holds now.
+    pub async fn usage(&self, owner: &str) -> Result<Usage> {
+        let owner = owner.to_string();
+        self.db
+            .read(move |tx| Box::pin(async move { usage(tx, &owner).await }))
+            .await
+    }
+}
