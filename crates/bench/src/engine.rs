@@ -38,12 +38,11 @@ pub async fn throughput(
     let store = app.store();
     let ws: Vec<NewWorkflow> = (0..workflows)
         .map(|_| {
-            let w = NewWorkflow::new(
+            NewWorkflow::new(
                 "noop",
                 "bench",
                 (0..steps).map(|i| format!("s{i}")).collect(),
-            );
-            w
+            )
         })
         .collect();
     let ids: HashSet<String> = store

@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 
 const LEASE_MS: u64 = 1500;
 
+/// One run of a step: the replica, its start and (unless it was killed) its end.
+type Run = (String, i64, Option<i64>);
+
 /// The child: runs an engine with the ledger definition until every workflow has ended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "run by the replica tests as a child process"]
@@ -105,7 +108,7 @@ async fn three_replicas_300_workflows_every_effect_once_no_overlap_and_takeover_
     }
     // No step ran on two replicas at once: a step's runs do not overlap in time.
     let lines = read_log(&log);
-    let mut runs: BTreeMap<(String, u32), Vec<(String, i64, Option<i64>)>> = BTreeMap::new();
+    let mut runs: BTreeMap<(String, u32), Vec<Run>> = BTreeMap::new();
     for l in &lines {
         let e = runs.entry((l.2.clone(), l.3)).or_default();
         match l.0.as_str() {
@@ -132,7 +135,7 @@ async fn three_replicas_300_workflows_every_effect_once_no_overlap_and_takeover_
         }
     }
     // The killed replica's open steps were taken over within the lease plus 2 s.
-    for ((wf, idx), _) in &open {
+    for (wf, idx) in open.keys() {
         let taken = runs[&(wf.clone(), *idx)]
             .iter()
             .filter(|r| r.0 != "node-a" && r.1 >= killed_at - 5)

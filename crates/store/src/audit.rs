@@ -1,4 +1,3 @@
-use crate::db::sqlite::run_sqlx;
 use crate::db::{Cols, Row, Stmt, stmt};
 use crate::{Result, Store, now_ms};
 use serde::Serialize;
@@ -66,18 +65,6 @@ pub(crate) fn audit_stmt(
         result,
         detail,
     )
-}
-
-/// [`audit_stmt`] on a sqlx transaction (for the modules not yet on `db::Tx`).
-pub(crate) async fn record(
-    conn: &mut sqlx::SqliteConnection,
-    actor: &Actor,
-    action: &str,
-    target: &str,
-    result: &str,
-    detail: Option<&str>,
-) -> Result<()> {
-    run_sqlx(conn, &[audit_stmt(actor, action, target, result, detail)]).await
 }
 
 fn record_from(r: &Row) -> Result<AuditRecord> {

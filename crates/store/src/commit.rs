@@ -10,9 +10,9 @@
 //!
 //! - SQLite: one OS thread owns the write connection. It runs every write transaction of the
 //!   store ([`Job::Tx`]) and groups the completions queued while its last transaction ran
-//!   ([`Job::Done`]). It takes the store's writer lock around each transaction, so it never
-//!   meets this process's remaining sqlx writes in SQLite's busy handler. A second thread
-//!   checkpoints the WAL in quiet moments, off every commit path.
+//!   ([`Job::Done`]); being the only writer of this process, it never waits in SQLite's busy
+//!   handler for itself. A second thread checkpoints the WAL in quiet moments, off every
+//!   commit path.
 //! - PostgreSQL: a task groups the completions likewise and commits up to two groups at once on
 //!   pooled connections (a group does not wait for the previous one's commit).
 
@@ -79,7 +79,6 @@ pub(crate) enum Committer {
 /// Starts the SQLite write thread and the checkpoint thread for the database at `path`.
 pub(crate) fn spawn(
     path: &Path,
-    lock: Arc<tokio::sync::Mutex<()>>,
     prefetched: Arc<Prefetched>,
     hooks: Registry,
 ) -> Result<(mpsc::Sender<Job>, Arc<AtomicU64>)> {
@@ -100,9 +99,7 @@ pub(crate) fn spawn(
             while let Some(first) = next.take().or_else(|| rx.recv().ok()) {
                 let first = match first {
                     Job::Tx(f) => {
-                        let guard = lock.blocking_lock();
                         f(&mut conn);
-                        drop(guard);
                         w.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
@@ -119,11 +116,9 @@ pub(crate) fn spawn(
                         Err(_) => break,
                     }
                 }
-                let guard = lock.blocking_lock();
                 let (reqs, replies): (Vec<_>, Vec<_>) =
                     group.into_iter().map(|j| (j.req, j.reply)).unzip();
                 let results = sqlite_group(&mut conn, &reqs, &prefetched, &hooks);
-                drop(guard);
                 w.fetch_add(1, Ordering::Relaxed);
                 for (reply, r) in replies.into_iter().zip(results) {
                     let _ = reply.send(r);
@@ -256,7 +251,7 @@ fn checkpoints(conn: Connection, wrote: Arc<AtomicU64>, stop: Arc<AtomicBool>) {
         let quiet = now == seen;
         seen = now;
         ticks += 1;
-        // Other writers (sqlx, other processes) do not count here, so look now and then anyway.
+        // Other processes' writes do not count here, so look now and then anyway.
         if (quiet && now != done) || ticks >= 40 || stopping {
             done = now;
             ticks = 0;

@@ -5,10 +5,9 @@
 //! live beside its records (the VM's in `vms`). A definition without hooks changes nothing
 //! outside the ledger.
 
-use crate::db::{Stmt, stmt};
+use crate::db::{Stmt, Tx, stmt};
 use crate::workflows::{Ending, OpError, Workflow, WorkflowOutcome};
 use basphere_core::NetworkPool;
-use sqlx::SqliteConnection;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
@@ -33,7 +32,7 @@ pub(crate) trait ResourceHooks: Send + Sync {
     /// refuses the retry and changes nothing.
     async fn retrying(
         &self,
-        _conn: &mut SqliteConnection,
+        _tx: &mut dyn Tx,
         _w: &Workflow,
         _ctx: &RetryCtx<'_>,
     ) -> Result<(), OpError> {

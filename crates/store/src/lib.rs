@@ -9,10 +9,6 @@
 //! PostgreSQL (`[database] url`), which several replicas share. On SQLite every write
 //! transaction runs on one write thread that also group-commits the engine's step completions
 //! (`commit`); reads use a small pool of their own connections, in WAL mode.
-//!
-//! Transition: the domain modules move onto `db::Tx` one by one (written once, for both
-//! backends); those not moved yet still speak sqlx to SQLite and answer
-//! [`StoreError::Unsupported`] on PostgreSQL.
 
 mod audit;
 mod batches;
@@ -41,20 +37,14 @@ pub use workflows::{
     WorkflowStatus,
 };
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Sqlite, SqliteConnection, SqlitePool, Transaction};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 /// A failure of the database itself (not of a business rule).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database error: {0}")]
-    Db(#[from] sqlx::Error),
-    /// From the engine's write thread (see `commit`).
-    #[error("database error: {0}")]
-    Write(#[from] rusqlite::Error),
+    Sqlite(#[from] rusqlite::Error),
     #[error("database holds an invalid value in {0}: {1}")]
     Corrupt(&'static str, String),
     #[error("{0}")]
@@ -71,9 +61,6 @@ pub enum StoreError {
     /// The database server cannot be reached (or its url is wrong).
     #[error("{0}")]
     Unavailable(String),
-    /// An operation whose domain module is not yet on the PostgreSQL backend.
-    #[error("{0} is not available on PostgreSQL yet; use the embedded SQLite database")]
-    Unsupported(&'static str),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -82,8 +69,6 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 #[derive(Clone, Debug)]
 pub struct Store {
     db: db::Db,
-    /// sqlx's connections to the SQLite file, for the domain modules not yet on `db`.
-    legacy: Option<Legacy>,
     /// VMs the write thread read when it leased their workflows.
     prefetched: Arc<vms::Prefetched>,
     /// Each definition's hooks on its resource (shared with the write thread).
@@ -92,44 +77,6 @@ pub struct Store {
     committer: commit::Committer,
     /// PostgreSQL: told whenever any replica commits events (see [`Store::changes`]).
     changes: Option<(tokio::sync::broadcast::Sender<()>, tokio::task::AbortHandle)>,
-}
-
-#[derive(Clone, Debug)]
-struct Legacy {
-    pool: SqlitePool,
-    /// The one connection write transactions use: its page cache stays warm (a write on
-    /// another connection would make SQLite drop that connection's cache).
-    wpool: SqlitePool,
-    /// Serializes this process's write transactions with the write thread's. SQLite allows one
-    /// writer at a time anyway; queueing here (FIFO, async) instead of in SQLite's busy
-    /// handler (which sleeps in millisecond steps) is what lets the engine commit thousands of
-    /// step transitions a second. Other processes on the same file wait in the busy handler.
-    writer: Arc<tokio::sync::Mutex<()>>,
-}
-
-/// A write transaction holding this process's writer lock; derefs to the connection.
-pub(crate) struct WriteTx {
-    tx: Transaction<'static, Sqlite>,
-    _writer: tokio::sync::OwnedMutexGuard<()>,
-}
-
-impl std::ops::Deref for WriteTx {
-    type Target = SqliteConnection;
-    fn deref(&self) -> &SqliteConnection {
-        &self.tx
-    }
-}
-
-impl std::ops::DerefMut for WriteTx {
-    fn deref_mut(&mut self) -> &mut SqliteConnection {
-        &mut self.tx
-    }
-}
-
-impl WriteTx {
-    pub(crate) async fn commit(self) -> std::result::Result<(), sqlx::Error> {
-        self.tx.commit().await
-    }
 }
 
 /// Milliseconds since the Unix epoch.
@@ -160,41 +107,13 @@ impl Store {
                 path.display()
             ))
         })?;
-        let opts = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(30))
-            // The checkpoint thread copies the WAL back, off every commit path (see `commit`).
-            .pragma("wal_autocheckpoint", "0");
-        let writer = Arc::new(tokio::sync::Mutex::new(()));
         let prefetched = Arc::new(vms::Prefetched::default());
         let hooks = hooks::Registry::default();
-        let (jobs, commits) =
-            commit::spawn(path, writer.clone(), prefetched.clone(), hooks.clone())?;
+        let (jobs, commits) = commit::spawn(path, prefetched.clone(), hooks.clone())?;
         let db = db::Db::Sqlite(db::sqlite::Sqlite::new(path, jobs, commits));
         migrate::run(&db).await?;
-        let pool = SqlitePoolOptions::new()
-            .max_connections(8)
-            .min_connections(1)
-            .connect_with(opts.clone())
-            .await?;
-        let wpool = SqlitePoolOptions::new()
-            .max_connections(1)
-            .min_connections(1)
-            .idle_timeout(None)
-            .max_lifetime(None)
-            .connect_with(opts)
-            .await?;
         Ok(Self {
             db,
-            legacy: Some(Legacy {
-                pool,
-                wpool,
-                writer,
-            }),
             prefetched,
             hooks,
             committer: commit::Committer::Thread,
@@ -218,7 +137,6 @@ impl Store {
         ));
         Ok(Self {
             db,
-            legacy: None,
             prefetched,
             hooks,
             committer,
@@ -255,27 +173,6 @@ impl Store {
         if let Some((_, task)) = &self.changes {
             task.abort();
         }
-        if let Some(l) = &self.legacy {
-            l.wpool.close().await;
-            l.pool.close().await;
-        }
-    }
-
-    /// sqlx's connections, for the domain modules not yet on the backend seam.
-    fn lg(&self) -> Result<&Legacy> {
-        self.legacy
-            .as_ref()
-            .ok_or(StoreError::Unsupported("this operation"))
-    }
-
-    /// A write transaction that holds the database's write lock from its first statement.
-    async fn write(&self) -> Result<WriteTx> {
-        let l = self.lg()?;
-        let w = l.writer.clone().lock_owned().await;
-        Ok(WriteTx {
-            tx: l.wpool.begin_with("BEGIN IMMEDIATE").await?,
-            _writer: w,
-        })
     }
 }
 

@@ -94,23 +94,6 @@ pub(crate) fn query_on(conn: &Connection, s: &Stmt) -> Result<Vec<Row>> {
     }
 }
 
-/// Runs statements in order on an async (sqlx) connection, inside the caller's transaction:
-/// the bridge for the domain modules not yet moved onto [`Tx`].
-pub(crate) async fn run_sqlx(conn: &mut sqlx::SqliteConnection, stmts: &[Stmt]) -> Result<()> {
-    for s in stmts {
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(s.sql.to_string()));
-        for a in &s.args {
-            q = match a {
-                Value::Text(t) => q.bind(t.clone()),
-                Value::Int(n) => q.bind(*n),
-                Value::Null => q.bind(None::<String>),
-            };
-        }
-        q.execute(&mut *conn).await?;
-    }
-    Ok(())
-}
-
 #[async_trait::async_trait]
 impl Tx for SqliteTx<'_> {
     fn dialect(&self) -> Dialect {
@@ -248,41 +231,5 @@ where
             let _ = conn.execute_batch("ROLLBACK");
             Err(e)
         }
-    }
-}
-
-// Column access on the rows of both SQLite libraries (sqlx until every domain module runs on
-// [`Tx`]), so that the same mappers read them.
-use super::Cols;
-use sqlx::Row as _;
-use sqlx::sqlite::SqliteRow;
-
-impl Cols for SqliteRow {
-    fn text(&self, col: &str) -> Result<String> {
-        Ok(self.try_get(col)?)
-    }
-    fn opt_text(&self, col: &str) -> Result<Option<String>> {
-        Ok(self.try_get(col)?)
-    }
-    fn int(&self, col: &str) -> Result<i64> {
-        Ok(self.try_get(col)?)
-    }
-    fn opt_int(&self, col: &str) -> Result<Option<i64>> {
-        Ok(self.try_get(col)?)
-    }
-}
-
-impl Cols for rusqlite::Row<'_> {
-    fn text(&self, col: &str) -> Result<String> {
-        Ok(self.get(col)?)
-    }
-    fn opt_text(&self, col: &str) -> Result<Option<String>> {
-        Ok(self.get(col)?)
-    }
-    fn int(&self, col: &str) -> Result<i64> {
-        Ok(self.get(col)?)
-    }
-    fn opt_int(&self, col: &str) -> Result<Option<i64>> {
-        Ok(self.get(col)?)
     }
 }

@@ -1,12 +1,11 @@
 //! The VM's workflow hooks: what ending or retrying a create or delete does to its record.
 
 use super::readmit;
-use crate::db::{Cols, Dialect, Row as DbRow, Stmt, Tx, Value, stmt};
+use crate::db::{Cols, Stmt, Tx, stmt};
 use crate::hooks::{Hooks, ResourceHooks, RetryCtx};
 use crate::workflows::{Ending, OpError, Workflow, WorkflowOutcome};
-use crate::{Actor, Result, now_ms};
+use crate::{Actor, now_ms};
 use basphere_core::{NetworkPool, ResourceRef, VmOperation};
-use sqlx::SqliteConnection;
 
 /// What a VM's workflows do to it when they end or are retried (registered by the VM
 /// definitions as [`Hooks::vm`]):
@@ -124,18 +123,17 @@ run delete-vm to retry the cleanup' ELSE '' END,
 
     async fn retrying(
         &self,
-        conn: &mut SqliteConnection,
+        tx: &mut dyn Tx,
         w: &Workflow,
         ctx: &RetryCtx<'_>,
     ) -> std::result::Result<(), OpError> {
-        self.retrying_tx(&mut SqlxTx(conn), w, ctx.pool).await
+        self.retrying_tx(tx, w, ctx.pool).await
     }
 }
 
 impl VmHooks {
     /// Makes the VM ready for a retry of `w`, inside the retry's transaction: a failed create
     /// gets its quota and an address again ([`readmit`]), a failed delete is deleting again.
-    /// What `ResourceHooks::retrying` becomes once the ledger runs on [`Tx`].
     async fn retrying_tx(
         &self,
         tx: &mut dyn Tx,
@@ -212,61 +210,4 @@ async fn vm_idle_and_failed(
         )));
     }
     Ok(())
-}
-
-/// [`Tx`] over the ledger's sqlx retry transaction: the bridge that lets the retry hook run
-/// its one implementation there until `ResourceHooks::retrying` takes a [`Tx`].
-struct SqlxTx<'c>(&'c mut SqliteConnection);
-
-fn sqlx_stmt(s: &Stmt) -> sqlx::query::Query<'_, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
-    let mut q = sqlx::query(sqlx::AssertSqlSafe(s.sql.to_string()));
-    for a in &s.args {
-        q = match a {
-            Value::Text(t) => q.bind(t.clone()),
-            Value::Int(n) => q.bind(*n),
-            Value::Null => q.bind(None::<String>),
-        };
-    }
-    q
-}
-
-#[async_trait::async_trait]
-impl Tx for SqlxTx<'_> {
-    fn dialect(&self) -> Dialect {
-        Dialect::Sqlite
-    }
-    async fn exec(&mut self, s: &Stmt) -> Result<u64> {
-        Ok(sqlx_stmt(s).execute(&mut *self.0).await?.rows_affected())
-    }
-    async fn query(&mut self, s: &Stmt) -> Result<Vec<DbRow>> {
-        use sqlx::{Column, Row};
-        let rows = sqlx_stmt(s).fetch_all(&mut *self.0).await?;
-        let Some(first) = rows.first() else {
-            return Ok(vec![]);
-        };
-        let names: std::sync::Arc<[String]> = first
-            .columns()
-            .iter()
-            .map(|c| c.name().to_string())
-            .collect();
-        rows.iter()
-            .map(|r| {
-                let vals = (0..names.len())
-                    .map(|i| match r.try_get::<Option<i64>, _>(i) {
-                        Ok(n) => Ok(n.map_or(Value::Null, Value::Int)),
-                        Err(_) => Ok(r
-                            .try_get::<Option<String>, _>(i)?
-                            .map_or(Value::Null, Value::Text)),
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                Ok(DbRow::new(names.clone(), vals))
-            })
-            .collect()
-    }
-    async fn script(&mut self, sql: &str) -> Result<()> {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string()))
-            .execute(&mut *self.0)
-            .await?;
-        Ok(())
-    }
 }

@@ -186,12 +186,6 @@ pub enum OpError {
     Store(#[from] StoreError),
 }
 
-impl From<sqlx::Error> for OpError {
-    fn from(e: sqlx::Error) -> Self {
-        OpError::Store(e.into())
-    }
-}
-
 /// Why [`Store::reopen_for_undo`] could not take a workflow back now.
 #[derive(Debug, thiserror::Error)]
 pub enum Reopen {
@@ -210,21 +204,6 @@ pub struct StepEffect {
     pub idx: u32,
     pub key: String,
     pub payload: serde_json::Value,
-}
-
-/// Queues `w` in a sqlx transaction (for the modules not yet on `db::Tx`).
-pub(crate) async fn insert_new(
-    conn: &mut sqlx::SqliteConnection,
-    w: &NewWorkflow,
-) -> Result<String> {
-    let id = uuid::Uuid::now_v7().to_string();
-    crate::db::sqlite::run_sqlx(conn, &insert_stmts(w, &id, None, now_ms())).await?;
-    Ok(id)
-}
-
-/// [`fill_batch_in`] in a sqlx transaction (for the modules not yet on `db::Tx`).
-pub(crate) async fn fill_batch(conn: &mut sqlx::SqliteConnection, batch: &str) -> Result<()> {
-    crate::db::sqlite::run_sqlx(conn, &[ending::fill_stmt(batch)]).await
 }
 
 /// Queues `w` as workflow `id` (a child of `parent`, if given): its row, its steps and its
