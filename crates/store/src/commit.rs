@@ -65,6 +65,8 @@ pub(crate) type Done = (Vec<WorkflowEvent>, bool, Option<Claimed>);
 pub(crate) enum Job {
     Done(Box<DoneJob>),
     Tx(Box<dyn FnOnce(&mut Connection) + Send>),
+    /// The store is closing: the thread ends (later sends fail as `Closed`).
+    Stop,
 }
 
 /// Where a store sends its step completions.
@@ -103,6 +105,7 @@ pub(crate) fn spawn(
                         w.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
+                    Job::Stop => break,
                     Job::Done(j) => *j,
                 };
                 let mut group = vec![first];

@@ -173,6 +173,10 @@ impl Store {
         if let Some((_, task)) = &self.changes {
             task.abort();
         }
+        match &self.db {
+            db::Db::Sqlite(d) => d.close(),
+            db::Db::Postgres(d) => d.close(),
+        }
     }
 }
 

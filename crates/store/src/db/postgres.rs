@@ -218,7 +218,15 @@ impl Postgres {
 
     /// Listens on [`CHANNEL`] on a connection of its own (reconnecting after a loss) and
     /// passes each notification on: a replica learns that another committed events or work.
+    /// Closes the pool; every later call is `Closed`.
+    pub fn close(&self) {
+        self.pool.close();
+    }
+
     async fn client(&self) -> Result<deadpool_postgres::Object> {
+        if self.pool.is_closed() {
+            return Err(StoreError::Closed);
+        }
         self.pool
             .get()
             .await

@@ -149,6 +149,7 @@ impl Readers {
 pub(crate) struct Sqlite {
     jobs: mpsc::Sender<Job>,
     readers: Arc<Readers>,
+    closed: Arc<std::sync::atomic::AtomicBool>,
     /// Transactions the write thread ran.
     pub commits: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -162,6 +163,7 @@ impl Sqlite {
         Self {
             jobs,
             commits,
+            closed: Default::default(),
             readers: Arc::new(Readers {
                 path: path.to_path_buf(),
                 idle: Mutex::new(vec![]),
@@ -171,7 +173,18 @@ impl Sqlite {
 
     /// Queues a job on the write thread.
     pub fn send(&self, job: Job) -> Result<()> {
+        if self.closed.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(StoreError::Closed);
+        }
         self.jobs.send(job).map_err(|_| StoreError::Closed)
+    }
+
+    /// Ends the write thread after the jobs queued before; every later call is `Closed`.
+    pub fn close(&self) {
+        if !self.closed.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            let _ = self.jobs.send(Job::Stop);
+            self.readers.idle.lock().expect("readers lock").clear();
+        }
     }
 
     pub async fn write<T, E, F>(&self, f: F) -> std::result::Result<T, E>
@@ -193,6 +206,9 @@ impl Sqlite {
         T: Send + 'static,
         F: for<'a> FnOnce(&'a mut dyn Tx) -> BoxFut<'a, Result<T>> + Send + 'static,
     {
+        if self.closed.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(StoreError::Closed);
+        }
         let readers = self.readers.clone();
         tokio::task::spawn_blocking(move || {
             let mut c = readers.take()?;
