@@ -89,7 +89,23 @@ impl Server {
             env,
             pg,
         };
-        s.spawn();
+        // The port was free when picked; another test may have taken it since.
+        for attempt in 0.. {
+            match s.try_spawn() {
+                Ok(()) => break,
+                Err(log) if attempt < 3 && log.contains("Address already in use") => {
+                    s.addr = format!("127.0.0.1:{}", free_port());
+                    let listen = format!("\"{}\"", s.addr);
+                    for (k, v) in s.env.iter_mut() {
+                        if k == "BASPHERE_SERVER__LISTEN" && v.contains("127.0.0.1:") {
+                            *v = listen.clone();
+                        }
+                    }
+                    let _ = std::fs::remove_file(s.log_path());
+                }
+                Err(log) => panic!("{log}"),
+            }
+        }
         s
     }
 
@@ -103,6 +119,13 @@ impl Server {
 
     /// Starts (or restarts) the server process and waits until it answers.
     pub fn spawn(&mut self) {
+        if let Err(e) = self.try_spawn() {
+            panic!("{e}");
+        }
+    }
+
+    /// [`Server::spawn`], giving the reason (with the server's log) when it does not come up.
+    fn try_spawn(&mut self) -> Result<(), String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -129,9 +152,12 @@ impl Server {
             Err(())
         });
         match up {
-            Ok(None) => {}
-            Ok(Some(st)) => panic!("server exited with {st}: {}", self.log()),
-            Err(()) => panic!("server did not come up: {}", self.log()),
+            Ok(None) => Ok(()),
+            Ok(Some(st)) => {
+                self.child = None;
+                Err(format!("server exited with {st}: {}", self.log()))
+            }
+            Err(()) => Err(format!("server did not come up: {}", self.log())),
         }
     }
 
