@@ -108,7 +108,10 @@ async fn an_embedded_install_moves_to_postgres_with_nothing_lost() {
     assert!(err.contains("the server is running"), "{err}");
 
     s.kill9();
-    let out = ok(operator(&s, &["db", "copy", "--to", &url, "--output", "json"]));
+    let out = ok(operator(
+        &s,
+        &["db", "copy", "--to", &url, "--output", "json"],
+    ));
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["copied"]["vms"], 1000, "{report}");
     assert_eq!(report["copied"]["users"], 4, "{report}");

@@ -98,6 +98,16 @@ impl PgTx<'_> {
     fn note(&mut self, s: &Stmt) {
         self.wrote_events |= s.sql.contains("INTO workflow_events");
     }
+
+    /// Each statement prepared (once per connection, then from the cache), noted.
+    async fn prepare_all(&mut self, stmts: &[Stmt]) -> Result<Vec<tokio_postgres::Statement>> {
+        let mut out = Vec::with_capacity(stmts.len());
+        for s in stmts {
+            self.note(s);
+            out.push(self.tx.prepare_cached(&s.sql).await?);
+        }
+        Ok(out)
+    }
 }
 
 /// The channel replicas are told on that events (and so work) were committed.
@@ -122,36 +132,14 @@ impl Tx for PgTx<'_> {
     }
 
     async fn run(&mut self, stmts: &[Stmt]) -> Result<()> {
-        for s in stmts {
-            self.note(s);
-        }
-        let tx = &self.tx;
-        let mut prepared = Vec::with_capacity(stmts.len());
-        for s in stmts {
-            prepared.push(tx.prepare_cached(&s.sql).await?);
-        }
-        // Issued together, the statements are pipelined on the connection, in order.
-        let params: Vec<_> = stmts.iter().map(params).collect();
-        futures_util::future::try_join_all(
-            prepared
-                .iter()
-                .zip(&params)
-                .map(|(st, p)| tx.execute(st, p)),
-        )
-        .await?;
-        Ok(())
+        self.exec_many(stmts).await.map(drop)
     }
 
     async fn query_many(&mut self, stmts: &[Stmt]) -> Result<Vec<Vec<Row>>> {
-        for s in stmts {
-            self.note(s);
-        }
+        let prepared = self.prepare_all(stmts).await?;
         let tx = &self.tx;
-        let mut prepared = Vec::with_capacity(stmts.len());
-        for s in stmts {
-            prepared.push(tx.prepare_cached(&s.sql).await?);
-        }
         let params: Vec<_> = stmts.iter().map(params).collect();
+        // Issued together, the statements are pipelined on the connection, in order.
         let res = futures_util::future::try_join_all(
             prepared.iter().zip(&params).map(|(st, p)| tx.query(st, p)),
         )
@@ -160,14 +148,8 @@ impl Tx for PgTx<'_> {
     }
 
     async fn exec_many(&mut self, stmts: &[Stmt]) -> Result<Vec<u64>> {
-        for s in stmts {
-            self.note(s);
-        }
+        let prepared = self.prepare_all(stmts).await?;
         let tx = &self.tx;
-        let mut prepared = Vec::with_capacity(stmts.len());
-        for s in stmts {
-            prepared.push(tx.prepare_cached(&s.sql).await?);
-        }
         let params: Vec<_> = stmts.iter().map(params).collect();
         Ok(futures_util::future::try_join_all(
             prepared
