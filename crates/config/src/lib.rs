@@ -508,7 +508,7 @@ fn apply_env(
 ) -> Result<(), ConfigError> {
     const TOP: &[&str] = &[
         "data_dir", "server", "bastion", "network", "quota", "specs", "images", "provider",
-        "engine", "qemu", "vsphere", "limits",
+        "engine", "qemu", "vsphere", "limits", "database",
     ];
     for (var, value) in env {
         let Some(rest) = var.strip_prefix("BASPHERE_") else {
@@ -556,6 +556,22 @@ mod tests {
             Path::new("t.toml"),
             env.iter().map(|(a, b)| (a.to_string(), b.to_string())),
         )
+    }
+
+    #[test]
+    fn the_database_url_comes_from_the_environment_and_must_be_postgres() {
+        let c = load(
+            DEFAULT_TOML,
+            &[("BASPHERE_DATABASE__URL", "postgres://b@127.0.0.1:5432/b")],
+        )
+        .unwrap();
+        assert_eq!(
+            c.database.url.as_deref(),
+            Some("postgres://b@127.0.0.1:5432/b")
+        );
+        assert_eq!(load(DEFAULT_TOML, &[]).unwrap().database.url, None);
+        let e = load(DEFAULT_TOML, &[("BASPHERE_DATABASE__URL", "mysql://x/y")]).unwrap_err();
+        assert!(e.to_string().contains("database.url"), "{e}");
     }
 
     #[test]

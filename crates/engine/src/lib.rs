@@ -171,6 +171,34 @@ struct Inner {
     wake: Notify,
     events: broadcast::Sender<WorkflowEvent>,
     slots: Arc<Semaphore>,
+    /// Events this node broadcast lately (by seq), so the relay of other replicas' events
+    /// (PostgreSQL) passes each event on once.
+    emitted: std::sync::Mutex<Recent>,
+}
+
+/// A bounded set of recent event sequence numbers.
+#[derive(Default)]
+struct Recent {
+    set: std::collections::HashSet<i64>,
+    order: std::collections::VecDeque<i64>,
+}
+
+impl Recent {
+    const KEEP: usize = 65_536;
+
+    /// Whether `seq` is new (then it is remembered).
+    fn insert(&mut self, seq: i64) -> bool {
+        if !self.set.insert(seq) {
+            return false;
+        }
+        self.order.push_back(seq);
+        if self.order.len() > Self::KEEP
+            && let Some(old) = self.order.pop_front()
+        {
+            self.set.remove(&old);
+        }
+        true
+    }
 }
 
 impl Engine {
@@ -186,6 +214,7 @@ impl Engine {
                 wake: Notify::new(),
                 events,
                 slots,
+                emitted: Default::default(),
             }),
         }
     }
@@ -249,8 +278,10 @@ impl Engine {
             Ok(_) => {}
             Err(e) => warn!(error = %e, "could not release stale leases"),
         }
-        // Work another replica queues or releases wakes this one (PostgreSQL).
+        // Work another replica queues or releases wakes this one, and its events reach this
+        // node's streams (PostgreSQL).
         let mut changes = inner.store.changes();
+        tokio::spawn(self.clone().relay(shutdown.clone()));
         loop {
             if *shutdown.borrow() {
                 return;
@@ -322,7 +353,52 @@ impl Engine {
     }
 
     fn emit(&self, ev: WorkflowEvent) {
-        let _ = self.inner.events.send(ev);
+        if self
+            .inner
+            .emitted
+            .lock()
+            .expect("emitted lock")
+            .insert(ev.seq)
+        {
+            let _ = self.inner.events.send(ev);
+        }
+    }
+
+    /// Passes on the events other replicas commit (PostgreSQL): on each of the store's
+    /// `changes`, and every second in case a notification was lost, it reads the event log from
+    /// a little before the newest it has seen (sequence values can commit out of order) and
+    /// broadcasts what this node has not. Nothing to do on SQLite (one process writes).
+    async fn relay(self, mut shutdown: watch::Receiver<bool>) {
+        let Some(mut changes) = self.inner.store.changes() else {
+            return;
+        };
+        const LOOKBACK: i64 = 1024;
+        let mut newest = self.inner.store.last_event_seq().await.unwrap_or(0);
+        loop {
+            tokio::select! {
+                r = changes.recv() => {
+                    if matches!(r, Err(broadcast::error::RecvError::Closed)) {
+                        return;
+                    }
+                }
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.changed() => return,
+            }
+            match self
+                .inner
+                .store
+                .events_since((newest - LOOKBACK).max(0), 4096)
+                .await
+            {
+                Ok(evs) => {
+                    for ev in evs {
+                        newest = newest.max(ev.seq);
+                        self.emit(ev);
+                    }
+                }
+                Err(e) => warn!(error = %e, "reading other replicas' events failed"),
+            }
+        }
     }
 
     fn emit_all(&self, evs: Vec<WorkflowEvent>) {
