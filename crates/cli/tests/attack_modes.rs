@@ -60,6 +60,10 @@ fn init(s: &Server) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_account_reads_nothing_under_the_data_dir() {
+    if basphere_testkit::server::test_backend_is_postgres() {
+        eprintln!("this test is about the embedded SQLite file; it runs in the SQLite pass");
+        return;
+    }
     if skip_unless_root("creating Unix accounts needs root") {
         return;
     }
@@ -89,6 +93,10 @@ async fn another_account_reads_nothing_under_the_data_dir() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_install_with_old_loose_modes_is_repaired_at_start() {
+    if basphere_testkit::server::test_backend_is_postgres() {
+        eprintln!("this test is about the embedded SQLite file; it runs in the SQLite pass");
+        return;
+    }
     if skip_unless_root("creating Unix accounts needs root") {
         return;
     }

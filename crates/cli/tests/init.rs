@@ -6,6 +6,10 @@ use std::process::Command;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn init_makes_the_first_admin_whose_token_works() {
+    if basphere_testkit::server::test_backend_is_postgres() {
+        eprintln!("this test is about the embedded SQLite file; it runs in the SQLite pass");
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("etc/basphere.toml");
     let data = dir.path().join("data");
