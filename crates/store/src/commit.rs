@@ -186,12 +186,7 @@ pub(crate) fn spawn_pg(
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<DoneJob>();
     let slots = Arc::new(tokio::sync::Semaphore::new(PG_IN_FLIGHT));
     tokio::spawn(async move {
-        // A group forms while the groups in flight commit: take a slot first, then everything
-        // that queued meanwhile.
-        while let Ok(permit) = slots.clone().acquire_owned().await {
-            let Some(first) = rx.recv().await else {
-                return;
-            };
+        while let Some(first) = rx.recv().await {
             let mut group = vec![first];
             while group.len() < MAX_GROUP {
                 match rx.try_recv() {
@@ -199,6 +194,9 @@ pub(crate) fn spawn_pg(
                     Err(_) => break,
                 }
             }
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
             let (db, prefetched, hooks) = (db.clone(), prefetched.clone(), hooks.clone());
             tokio::spawn(async move {
                 let (reqs, replies): (Vec<_>, Vec<_>) =
