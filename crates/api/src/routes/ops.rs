@@ -245,16 +245,38 @@ pub async fn events_all(
             }
             last = oldest_kept;
         }
+        // PostgreSQL: sequence values can commit out of order (concurrent transactions,
+        // replicas), so each read looks back a little and skips what was sent already.
+        let lookback = if st.store.backend() == "postgres" {
+            256
+        } else {
+            0
+        };
+        let mut sent: std::collections::BTreeSet<i64> = Default::default();
+        let start = last;
         loop {
-            let Ok(page) = st.store.events_since(last, 1000).await else {
+            let Ok(page) = st.store.events_since((last - lookback).max(0), 1000).await else {
                 return;
             };
             for ev in &page {
-                last = ev.seq;
+                let seen = if lookback == 0 {
+                    ev.seq <= last
+                } else {
+                    ev.seq <= start || sent.contains(&ev.seq)
+                };
+                if seen {
+                    continue;
+                }
+                last = last.max(ev.seq);
+                if lookback > 0 {
+                    sent.insert(ev.seq);
+                }
                 if show(ev, &mut shown).await && tx.send(Ok(event_of(ev))).await.is_err() {
                     return;
                 }
             }
+            // Forget what fell out of the window.
+            sent = sent.split_off(&(last - lookback));
             if page.len() == 1000 {
                 continue;
             }
