@@ -7,7 +7,7 @@ use super::{
     event, finish_in, insert_stmts, lease_lost, load, load_steps, skip_locked, workflow_from,
 };
 use crate::audit::audit_stmt;
-use crate::db::{Dialect, Stmt, Tx, Value, stmt};
+use crate::db::{BoxFut, Dialect, Stmt, Tx, Value, stmt};
 use crate::workflows::OpError;
 use crate::{Actor, Result, Store, StoreError};
 
@@ -181,6 +181,25 @@ async fn claim_in(
 }
 
 impl Store {
+    /// Runs `f` in one write transaction once `node` is known to hold `wf`'s lease, with the
+    /// workflow's id and the database's time: the opening every lease-guarded transition shares.
+    async fn guarded<T, F>(&self, wf: &str, node: &str, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: for<'a> FnOnce(&'a mut dyn Tx, String, i64) -> BoxFut<'a, Result<T>> + Send + 'static,
+    {
+        let (wf, node) = (wf.to_string(), node.to_string());
+        self.db
+            .write(move |tx| {
+                Box::pin(async move {
+                    guard(tx, &wf, &node).await?;
+                    let now = clock(tx).await?;
+                    f(tx, wf, now).await
+                })
+            })
+            .await
+    }
+
     /// Queues a workflow of any definition (VM workflows are queued by admission instead).
     pub async fn enqueue_workflow(&self, w: &NewWorkflow) -> Result<String> {
         Ok(self
@@ -328,16 +347,11 @@ impl Store {
         node: &str,
         deadline_ms: i64,
     ) -> Result<WorkflowEvent> {
-        let (wf, name, node) = (wf.to_string(), name.to_string(), node.to_string());
-        self.db
-            .write(move |tx| {
-                Box::pin(async move {
-                    guard(tx, &wf, &node).await?;
-                    let now = clock(tx).await?;
-                    mark_started(tx, &wf, idx, &name, deadline_ms, now).await
-                })
-            })
-            .await
+        let name = name.to_string();
+        self.guarded(wf, node, move |tx, wf, now| {
+            Box::pin(async move { mark_started(tx, &wf, idx, &name, deadline_ms, now).await })
+        })
+        .await
     }
 
     /// Records that step `idx` finished — with its output and effects, atomically — moves the
@@ -426,45 +440,37 @@ impl Store {
         error: &str,
         delay_ms: i64,
     ) -> Result<WorkflowEvent> {
-        let (wf, name, node, error) = (
-            wf.to_string(),
-            name.to_string(),
-            node.to_string(),
-            error.to_string(),
-        );
-        self.db
-            .write(move |tx| {
-                Box::pin(async move {
-                    guard(tx, &wf, &node).await?;
-                    let now = clock(tx).await?;
-                    tx.run(&[
-                        stmt!(
-                            "UPDATE workflow_steps SET status = 'pending', error = $3
-                             WHERE workflow_id = $1 AND idx = $2",
-                            wf.as_str(),
-                            idx,
-                            error.as_str(),
-                        ),
-                        stmt!(
-                            "UPDATE workflows SET attempt = attempt + 1, lease_owner = NULL,
-                                 lease_until = NULL,
-                                 next_run_at = CASE WHEN cancel_requested = 1 THEN CAST($3 AS BIGINT)
-                                     ELSE CAST($2 AS BIGINT) END,
-                                 updated_at = $3 WHERE id = $1",
-                            wf.as_str(),
-                            now + delay_ms,
-                            now,
-                        ),
-                    ])
-                    .await?;
-                    let msg = format!(
-                        "{name} failed, retrying in {:.1}s: {error}",
-                        delay_ms as f64 / 1000.0
-                    );
-                    event(tx, &wf, Some(&name), "step_retry", &msg, now).await
-                })
+        let (name, error) = (name.to_string(), error.to_string());
+        self.guarded(wf, node, move |tx, wf, now| {
+            Box::pin(async move {
+                tx.run(&[
+                    stmt!(
+                        "UPDATE workflow_steps SET status = 'pending', error = $3
+                         WHERE workflow_id = $1 AND idx = $2",
+                        wf.as_str(),
+                        idx,
+                        error.as_str(),
+                    ),
+                    stmt!(
+                        "UPDATE workflows SET attempt = attempt + 1, lease_owner = NULL,
+                             lease_until = NULL,
+                             next_run_at = CASE WHEN cancel_requested = 1 THEN CAST($3 AS BIGINT)
+                                 ELSE CAST($2 AS BIGINT) END,
+                             updated_at = $3 WHERE id = $1",
+                        wf.as_str(),
+                        now + delay_ms,
+                        now,
+                    ),
+                ])
+                .await?;
+                let msg = format!(
+                    "{name} failed, retrying in {:.1}s: {error}",
+                    delay_ms as f64 / 1000.0
+                );
+                event(tx, &wf, Some(&name), "step_retry", &msg, now).await
             })
-            .await
+        })
+        .await
     }
 
     /// Records a permanent failure of step `idx` and turns the workflow to undoing its done
@@ -477,42 +483,42 @@ impl Store {
         node: &str,
         error: &str,
     ) -> Result<WorkflowEvent> {
-        let (wf, name, node, error) = (
-            wf.to_string(),
-            name.to_string(),
-            node.to_string(),
-            error.to_string(),
-        );
-        self.db
-            .write(move |tx| {
-                Box::pin(async move {
-                    guard(tx, &wf, &node).await?;
-                    let now = clock(tx).await?;
-                    tx.run(&[
-                        stmt!(
-                            "UPDATE workflow_steps SET status = 'failed', error = $3, finished_at = $4
-                             WHERE workflow_id = $1 AND idx = $2",
-                            wf.as_str(),
-                            idx,
-                            error.as_str(),
-                            now,
-                        ),
-                        stmt!(
-                            "UPDATE workflows SET status = 'undoing', step = $2, attempt = 0,
-                                 error = $3, updated_at = $4 WHERE id = $1",
-                            wf.as_str(),
-                            i64::from(idx) - 1,
-                            format!("{name}: {error}"),
-                            now,
-                        ),
-                    ])
-                    .await?;
-                    let msg = format!("{name} failed: {error}");
-                    event(tx, &wf, Some(&name), "step_failed", &msg, now).await?;
-                    event(tx, &wf, None, "undo_started", "undoing completed steps", now).await
-                })
+        let (name, error) = (name.to_string(), error.to_string());
+        self.guarded(wf, node, move |tx, wf, now| {
+            Box::pin(async move {
+                tx.run(&[
+                    stmt!(
+                        "UPDATE workflow_steps SET status = 'failed', error = $3, finished_at = $4
+                         WHERE workflow_id = $1 AND idx = $2",
+                        wf.as_str(),
+                        idx,
+                        error.as_str(),
+                        now,
+                    ),
+                    stmt!(
+                        "UPDATE workflows SET status = 'undoing', step = $2, attempt = 0,
+                             error = $3, updated_at = $4 WHERE id = $1",
+                        wf.as_str(),
+                        i64::from(idx) - 1,
+                        format!("{name}: {error}"),
+                        now,
+                    ),
+                ])
+                .await?;
+                let msg = format!("{name} failed: {error}");
+                event(tx, &wf, Some(&name), "step_failed", &msg, now).await?;
+                event(
+                    tx,
+                    &wf,
+                    None,
+                    "undo_started",
+                    "undoing completed steps",
+                    now,
+                )
+                .await
             })
-            .await
+        })
+        .await
     }
 
     /// Turns a cancelled workflow to undoing, starting with step `undo_from` (the last done).
@@ -523,33 +529,30 @@ impl Store {
         undo_from: i64,
         reason: &str,
     ) -> Result<WorkflowEvent> {
-        let (wf, node, reason) = (wf.to_string(), node.to_string(), reason.to_string());
-        self.db
-            .write(move |tx| {
-                Box::pin(async move {
-                    guard(tx, &wf, &node).await?;
-                    let now = clock(tx).await?;
-                    tx.run(&[
-                        stmt!(
-                            "UPDATE workflow_steps SET status = 'skipped'
-                             WHERE workflow_id = $1 AND status IN ('pending', 'running')",
-                            wf.as_str()
-                        ),
-                        stmt!(
-                            "UPDATE workflows SET status = 'undoing', step = $2, attempt = 0,
-                                 error = $3, updated_at = $4 WHERE id = $1",
-                            wf.as_str(),
-                            undo_from,
-                            reason.as_str(),
-                            now,
-                        ),
-                    ])
-                    .await?;
-                    let msg = format!("{reason}; undoing completed steps");
-                    event(tx, &wf, None, "undo_started", &msg, now).await
-                })
+        let reason = reason.to_string();
+        self.guarded(wf, node, move |tx, wf, now| {
+            Box::pin(async move {
+                tx.run(&[
+                    stmt!(
+                        "UPDATE workflow_steps SET status = 'skipped'
+                         WHERE workflow_id = $1 AND status IN ('pending', 'running')",
+                        wf.as_str()
+                    ),
+                    stmt!(
+                        "UPDATE workflows SET status = 'undoing', step = $2, attempt = 0,
+                             error = $3, updated_at = $4 WHERE id = $1",
+                        wf.as_str(),
+                        undo_from,
+                        reason.as_str(),
+                        now,
+                    ),
+                ])
+                .await?;
+                let msg = format!("{reason}; undoing completed steps");
+                event(tx, &wf, None, "undo_started", &msg, now).await
             })
-            .await
+        })
+        .await
     }
 
     /// Records that the done step `idx` was undone; the next one to undo is `idx - 1`.
@@ -560,32 +563,29 @@ impl Store {
         name: &str,
         node: &str,
     ) -> Result<WorkflowEvent> {
-        let (wf, name, node) = (wf.to_string(), name.to_string(), node.to_string());
-        self.db
-            .write(move |tx| {
-                Box::pin(async move {
-                    guard(tx, &wf, &node).await?;
-                    let now = clock(tx).await?;
-                    tx.run(&[
-                        stmt!(
-                            "UPDATE workflow_steps SET status = 'undone', finished_at = $3
-                             WHERE workflow_id = $1 AND idx = $2",
-                            wf.as_str(),
-                            idx,
-                            now,
-                        ),
-                        stmt!(
-                            "UPDATE workflows SET step = $2, attempt = 0, updated_at = $3 WHERE id = $1",
-                            wf.as_str(),
-                            i64::from(idx) - 1,
-                            now,
-                        ),
-                    ])
-                    .await?;
-                    event(tx, &wf, Some(&name), "step_undone", &format!("{name} undone"), now).await
-                })
+        let name = name.to_string();
+        self.guarded(wf, node, move |tx, wf, now| {
+            Box::pin(async move {
+                tx.run(&[
+                    stmt!(
+                        "UPDATE workflow_steps SET status = 'undone', finished_at = $3
+                         WHERE workflow_id = $1 AND idx = $2",
+                        wf.as_str(),
+                        idx,
+                        now,
+                    ),
+                    stmt!(
+                        "UPDATE workflows SET step = $2, attempt = 0, updated_at = $3 WHERE id = $1",
+                        wf.as_str(),
+                        i64::from(idx) - 1,
+                        now,
+                    ),
+                ])
+                .await?;
+                event(tx, &wf, Some(&name), "step_undone", &format!("{name} undone"), now).await
             })
-            .await
+        })
+        .await
     }
 
     /// Asks for a workflow to be cancelled. The engine stops it at the next step boundary (a
@@ -652,21 +652,11 @@ impl Store {
         node: &str,
         outcome: &WorkflowOutcome,
     ) -> Result<Vec<WorkflowEvent>> {
-        let (wf, node, outcome, hooks) = (
-            wf.to_string(),
-            node.to_string(),
-            outcome.clone(),
-            self.hooks.clone(),
-        );
-        self.db
-            .write(move |tx| {
-                Box::pin(async move {
-                    guard(tx, &wf, &node).await?;
-                    let now = clock(tx).await?;
-                    finish_in(tx, &hooks, &wf, &outcome, now).await
-                })
-            })
-            .await
+        let (outcome, hooks) = (outcome.clone(), self.hooks.clone());
+        self.guarded(wf, node, move |tx, wf, now| {
+            Box::pin(async move { finish_in(tx, &hooks, &wf, &outcome, now).await })
+        })
+        .await
     }
 
     /// Takes a workflow back so `node` can undo its done steps (a parent rolling back a child
