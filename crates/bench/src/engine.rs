@@ -28,6 +28,7 @@ pub async fn throughput(
     dir: &Path,
     workflows: usize,
     steps: usize,
+    statements: bool,
 ) -> anyhow::Result<(f64, f64)> {
     let cfg = batch_config(bench, dir, &[("BASPHERE_ENGINE__MAX_PARALLEL", "32")])?;
     let app = App::build(
@@ -76,6 +77,9 @@ pub async fn throughput(
     }
     let dt = t0.elapsed();
     let commits = store.commits() - commits0;
+    if statements && let Some(url) = &app.config().database.url {
+        print_statements(url).await?;
+    }
     let _ = tx.send(true);
     store.close().await;
     let n = (workflows * steps) as f64;
@@ -337,6 +341,46 @@ pub async fn batch_child(
     Ok(())
 }
 
+/// The statements that took the most server time on the database at `url` (needs
+/// `pg_stat_statements` preloaded), one line each: calls, total time, rows, the statement.
+async fn print_statements(url: &str) -> anyhow::Result<()> {
+    let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    c.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .await?;
+    println!("  statements by server time (calls, ms, rows, statement):");
+    let rows = c
+        .query(
+            "SELECT calls, round(total_exec_time::numeric, 1)::text, rows,
+                    left(regexp_replace(query, '\\s+', ' ', 'g'), 100)
+             FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 12",
+            &[],
+        )
+        .await?;
+    for r in rows {
+        println!(
+            "  {:>7} {:>9} {:>7}  {}",
+            r.get::<_, i64>(0),
+            r.get::<_, String>(1),
+            r.get::<_, i64>(2),
+            r.get::<_, String>(3)
+        );
+    }
+    Ok(())
+}
+
+/// Prints the no-op step throughput (and, on PostgreSQL with `statements`, where the
+/// server's time went).
+pub async fn print_throughput(bench: &Bench, dir: &Path, statements: bool) -> anyhow::Result<()> {
+    let (tput, per_k) = throughput(bench, &dir.join("throughput"), 200, 50, statements).await?;
+    println!(
+        "engine throughput, no-op steps on {} (200 workflows × 50 steps): {tput:.0} steps/s, \
+         {per_k:.1} commits per 1,000 steps",
+        bench.backend.label()
+    );
+    Ok(())
+}
+
 /// Prints the engine's figures (runs the batch child and terraform).
 pub async fn run(
     bench: &Bench,
@@ -345,12 +389,7 @@ pub async fn run(
     parallelism: u32,
     terraform_too: bool,
 ) -> anyhow::Result<()> {
-    let (tput, per_k) = throughput(bench, &dir.join("throughput"), 200, 50).await?;
-    println!(
-        "engine throughput, no-op steps on {} (200 workflows × 50 steps): {tput:.0} steps/s, \
-         {per_k:.1} commits per 1,000 steps",
-        bench.backend.label()
-    );
+    print_throughput(bench, dir, false).await?;
     let o = std::process::Command::new(std::env::current_exe()?)
         .args([
             "--part",

@@ -23,7 +23,8 @@ pub const BENCH_KEY: &str =
 #[command(name = "basphere-bench", version, max_term_width = 100)]
 pub struct Args {
     /// Which figures: all (platform and engine), platform (create overhead, RSS, list), engine
-    /// (throughput, batches vs terraform, plan), pg-probe (step completions per second on a
+    /// (throughput, batches vs terraform, plan), throughput (the engine's no-op steps only),
+    /// pg-probe (step completions per second on a
     /// PostgreSQL 15 the probe starts itself; not part of `all`).
     #[arg(long, value_enum, default_value_t = Part::All)]
     pub part: Part,
@@ -53,6 +54,10 @@ pub struct Args {
     /// VMs in the store for the list figure.
     #[arg(long, default_value_t = 1000)]
     pub list_vms: usize,
+    /// After the throughput figure on PostgreSQL, print the statements that took the most
+    /// server time (pg_stat_statements): where to look when the figure drops.
+    #[arg(long)]
+    pub pg_statements: bool,
     /// Step completions per mode of the PostgreSQL probe.
     #[arg(long, default_value_t = 20_000)]
     pub probe_steps: usize,
@@ -64,6 +69,8 @@ pub enum Part {
     All,
     Platform,
     Engine,
+    /// Only the no-op step throughput (of `engine`).
+    Throughput,
     /// The child process the engine part starts (its peak RSS is the batches' own).
     #[value(hide = true)]
     Batch,
@@ -197,10 +204,16 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     };
     // Durable, as a production server runs it: the figures include the cost of a commit.
     let pg = if backends.contains(&Backend::Postgres) {
-        let o = basphere_testkit::postgres::Options {
+        let mut o = basphere_testkit::postgres::Options {
             durable: true,
             ..Default::default()
         };
+        if a.pg_statements {
+            o.settings = vec![
+                "shared_preload_libraries=pg_stat_statements".into(),
+                "pg_stat_statements.track=all".into(),
+            ];
+        }
         Some(
             basphere_testkit::postgres::Postgres::start_with(&o)
                 .map_err(|e| anyhow::anyhow!("{e}"))?,
@@ -231,6 +244,9 @@ async fn run_parts(a: &Args, bench: &Bench) -> anyhow::Result<()> {
     let r = async {
         if matches!(a.part, Part::All | Part::Platform) {
             platform::run(&bench, &tmp, a).await?;
+        }
+        if a.part == Part::Throughput {
+            engine::print_throughput(&bench, &tmp.join("engine"), a.pg_statements).await?;
         }
         if matches!(a.part, Part::All | Part::Engine) {
             engine::run(

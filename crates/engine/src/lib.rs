@@ -364,32 +364,34 @@ impl Engine {
         }
     }
 
-    /// Passes on the events other replicas commit (PostgreSQL): on each of the store's
-    /// `changes`, and every second in case a notification was lost, it reads the event log from
-    /// a little before the newest it has seen (sequence values can commit out of order) and
-    /// broadcasts what this node has not. Nothing to do on SQLite (one process writes).
+    /// Passes on the events other replicas commit (PostgreSQL): each of the store's `changes`
+    /// names the events one commit appended, and those are read and broadcast. When a change
+    /// cannot say (the listening connection was remade), and every few seconds in case, it
+    /// reads the log from a little before the newest event seen (sequence values can commit
+    /// out of order) and broadcasts what this node has not. Nothing to do on SQLite (one
+    /// process writes).
     async fn relay(self, mut shutdown: watch::Receiver<bool>) {
         let Some(mut changes) = self.inner.store.changes() else {
             return;
         };
         const LOOKBACK: i64 = 1024;
-        let mut newest = self.inner.store.last_event_seq().await.unwrap_or(0);
+        let store = &self.inner.store;
+        let mut newest = store.last_event_seq().await.unwrap_or(0);
         loop {
-            tokio::select! {
-                r = changes.recv() => {
-                    if matches!(r, Err(broadcast::error::RecvError::Closed)) {
-                        return;
-                    }
-                }
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            let change = tokio::select! {
+                r = changes.recv() => match r {
+                    Ok(c) => c.events,
+                    Err(broadcast::error::RecvError::Lagged(_)) => None,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+                _ = tokio::time::sleep(Duration::from_secs(5)) => None,
                 _ = shutdown.changed() => return,
-            }
-            match self
-                .inner
-                .store
-                .events_since((newest - LOOKBACK).max(0), 4096)
-                .await
-            {
+            };
+            let read = match change {
+                Some((lo, hi)) => store.events_between(lo, hi).await,
+                None => store.events_since((newest - LOOKBACK).max(0), 4096).await,
+            };
+            match read {
                 Ok(evs) => {
                     for ev in evs {
                         newest = newest.max(ev.seq);
@@ -737,10 +739,10 @@ impl Engine {
 }
 
 /// Until another replica commits work (never, without replicas).
-async fn other_replicas(changes: &mut Option<broadcast::Receiver<()>>) {
+async fn other_replicas(changes: &mut Option<broadcast::Receiver<basphere_store::Change>>) {
     match changes {
         Some(rx) => match rx.recv().await {
-            Ok(()) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
             Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
         },
         None => std::future::pending().await,

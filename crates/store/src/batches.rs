@@ -6,7 +6,7 @@
 //! require it (see `Store::finish_workflow`).
 
 use crate::audit::audit_stmt;
-use crate::db::{Cols, Dialect, Stmt, Tx, stmt};
+use crate::db::{Col, Cols, Dialect, RowSet, Stmt, Tx, stmt};
 use crate::vms::{AdmitError, VM_COLS, live_op_stmt, owner_limits, taken_ips, usage, vm_from};
 use crate::workflows::{NewWorkflow, fill_batch_in, insert_stmts};
 use crate::{Actor, Store, now_ms};
@@ -59,19 +59,13 @@ pub struct BatchAdmitted {
     pub nodes: Vec<BatchNodeRef>,
 }
 
-/// A column of a bulk insert: its name, and whether its values are integers.
-type Col = (&'static str, bool);
-
 /// One statement inserting every row of `rows` (each a JSON array, one value per column of
-/// `cols`) into `table`, whatever their number; `consts` are columns set to the same SQL
-/// constant in every row. The rows travel as one JSON parameter, read with SQLite's
-/// `json_each` or PostgreSQL's `jsonb_array_elements` (the only difference between the two),
-/// so neither backend's parameter limit applies and SQLite binds one value, not thousands.
-/// Rows are inserted in order.
+/// `cols`) into `table`, whatever their number (a [`RowSet`]); `consts` are columns set to
+/// the same SQL constant in every row. Rows are inserted in order.
 fn bulk_insert(
     dialect: Dialect,
     table: &str,
-    cols: &[Col],
+    cols: &'static [Col],
     consts: &[(&str, &str)],
     rows: Vec<serde_json::Value>,
 ) -> Option<Stmt> {
@@ -86,22 +80,23 @@ fn bulk_insert(
         .join(", ");
     let values = cols
         .iter()
-        .enumerate()
-        .map(|(i, (_, int))| match int {
-            true => format!("CAST(r.value ->> {i} AS BIGINT)"),
-            false => format!("r.value ->> {i}"),
-        })
+        .map(|c| format!("v.{}", c.0))
         .chain(consts.iter().map(|c| c.1.to_string()))
         .collect::<Vec<_>>()
         .join(", ");
-    let from = match dialect {
-        Dialect::Sqlite => "json_each($1) AS r",
-        Dialect::Postgres => "jsonb_array_elements(CAST(CAST($1 AS TEXT) AS JSONB)) AS r(value)",
-    };
-    Some(stmt!(
-        format!("INSERT INTO {table} ({names}) SELECT {values} FROM {from}"),
-        serde_json::Value::Array(rows).to_string(),
-    ))
+    let mut set = RowSet::new(cols);
+    for r in &rows {
+        set.push_json(r);
+    }
+    let mut sql = format!(
+        "INSERT INTO {table} ({names}) SELECT {values} FROM {}",
+        set.relation(dialect, 1)
+    );
+    if table == "workflow_events" {
+        // Appends to the event log say which sequence numbers they took (see `db::postgres`).
+        sql.push_str(" RETURNING seq");
+    }
+    Some(Stmt::new(sql, set.args(dialect)))
 }
 
 const VM_ROW: &[Col] = &[

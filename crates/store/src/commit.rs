@@ -17,7 +17,7 @@
 //!   pooled connections (a group does not wait for the previous one's commit).
 
 use crate::db::sqlite::{SqliteTx, run_ready};
-use crate::db::{Db, Row, Stmt, Tx, stmt};
+use crate::db::{Col, Db, Dialect, Row, RowSet, Stmt, Tx, Value, stmt};
 use crate::hooks::Registry;
 use crate::vms::{Prefetched, VM_AND_KEY, vm_from};
 use crate::workflows::{
@@ -186,7 +186,12 @@ pub(crate) fn spawn_pg(
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<DoneJob>();
     let slots = Arc::new(tokio::sync::Semaphore::new(PG_IN_FLIGHT));
     tokio::spawn(async move {
-        while let Some(first) = rx.recv().await {
+        // A group forms while the groups in flight commit: a slot first, then everything
+        // queued meanwhile.
+        while let Ok(permit) = slots.clone().acquire_owned().await {
+            let Some(first) = rx.recv().await else {
+                return;
+            };
             let mut group = vec![first];
             while group.len() < MAX_GROUP {
                 match rx.try_recv() {
@@ -194,9 +199,6 @@ pub(crate) fn spawn_pg(
                     Err(_) => break,
                 }
             }
-            let Ok(permit) = slots.clone().acquire_owned().await else {
-                return;
-            };
             let (db, prefetched, hooks) = (db.clone(), prefetched.clone(), hooks.clone());
             tokio::spawn(async move {
                 let (reqs, replies): (Vec<_>, Vec<_>) =
@@ -276,61 +278,124 @@ struct Found {
 
 /// How each completion's results are read back from the batch of writes.
 struct Plan {
-    /// Index of the event insert in the batch, and the events it wrote (seq filled in after).
-    events: (usize, Vec<WorkflowEvent>),
+    /// The events it wrote (seq filled in after).
+    events: Vec<WorkflowEvent>,
     /// Index of the statement releasing its dependents (RETURNING their batches), if any.
     released: Option<usize>,
     cancel: bool,
 }
 
+/// `sql` (the time `$1`, the rows' parameters from `$2` on) over `rows`; none when empty.
+fn set_stmt(d: Dialect, rows: RowSet, sql: impl FnOnce(&str) -> String, now: i64) -> Option<Stmt> {
+    if rows.is_empty() {
+        return None;
+    }
+    let sql = sql(&rows.relation(d, 2));
+    let mut args = vec![Value::Int(now)];
+    args.extend(rows.args(d));
+    Some(Stmt::new(sql, args))
+}
+
+const MOVE_ROW: &[Col] = &[("wf", false), ("step", true), ("node", false)];
+const STEP_DONE_ROW: &[Col] = &[("wf", false), ("idx", true), ("output", false)];
+const STEP_START_ROW: &[Col] = &[("wf", false), ("idx", true), ("deadline", true)];
+const EFFECT_ROW: &[Col] = &[
+    ("wf", false),
+    ("idx", true),
+    ("key", false),
+    ("payload", false),
+];
+const EVENT_ROW: &[Col] = &[
+    ("ord", true),
+    ("wf", false),
+    ("step", false),
+    ("kind", false),
+    ("message", false),
+];
+
 /// Records a group of completions in the caller's transaction; per completion its outcome or
-/// `LeaseLost`.
+/// `LeaseLost`. Whatever the group's size, it is a fixed number of set-wise statements (each
+/// over a [`RowSet`]) plus a few per workflow that ends or spawns children.
 pub(crate) async fn commit_group(
     tx: &mut dyn Tx,
     reqs: &[DoneReq],
     prefetched: &Prefetched,
     hooks: &Registry,
 ) -> Result<Vec<Result<Done>>> {
+    let d = tx.dialect();
     let now = clock(tx).await?;
     let fin = |j: &DoneReq| j.finish && j.next.is_none() && j.commit.children.is_empty();
     let spawns = |j: &DoneReq| !j.commit.children.is_empty();
 
     // 1. The lease guard and the move on in one statement when no cancel is pending and the
     //    workflow goes on (it sets no indexed column: the update stays HOT on PostgreSQL).
-    let fast: Vec<usize> = (0..reqs.len())
-        .filter(|&i| !fin(&reqs[i]) && !spawns(&reqs[i]))
-        .collect();
-    let moves: Vec<Stmt> = fast
-        .iter()
-        .map(|&i| {
-            let j = &reqs[i];
-            stmt!(
-                "UPDATE workflows SET step = $2, attempt = 0, updated_at = $3
-                 WHERE id = $1 AND lease_owner = $4 AND cancel_requested = 0",
-                j.wf.as_str(),
-                i64::from(j.idx) + 1,
-                now,
-                j.node.as_str(),
-            )
-        })
-        .collect();
+    let mut moves = RowSet::new(MOVE_ROW);
+    for j in reqs.iter().filter(|j| !fin(j) && !spawns(j)) {
+        moves.push(vec![
+            j.wf.as_str().into(),
+            (i64::from(j.idx) + 1).into(),
+            j.node.as_str().into(),
+        ]);
+    }
     let mut moved = vec![false; reqs.len()];
-    for (&i, n) in fast.iter().zip(tx.exec_many(&moves).await?) {
-        moved[i] = n == 1;
+    let st = set_stmt(
+        d,
+        moves,
+        |v| match d {
+            Dialect::Sqlite => format!(
+                "UPDATE workflows SET step = v.step, attempt = 0, updated_at = $1 FROM {v}
+                 WHERE workflows.id = v.wf AND workflows.lease_owner = v.node
+                   AND workflows.cancel_requested = 0
+                 RETURNING id"
+            ),
+            // Not a join: its plan would rest on the table's statistics (a fresh table's
+            // made PostgreSQL rescan the rows per workflow). `id = ANY` is an index lookup
+            // whatever they say, and each row finds its values by its position.
+            Dialect::Postgres => "UPDATE workflows
+                 SET step = (CAST($3 AS BIGINT[]))[array_position(CAST($2 AS TEXT[]), id)],
+                     attempt = 0, updated_at = $1
+                 WHERE id = ANY(CAST($2 AS TEXT[])) AND cancel_requested = 0
+                   AND lease_owner = (CAST($4 AS TEXT[]))[array_position(CAST($2 AS TEXT[]), id)]
+                 RETURNING id"
+                .to_string(),
+        },
+        now,
+    );
+    if let Some(st) = st {
+        let ids = tx
+            .query(&st)
+            .await?
+            .iter()
+            .map(|r| r_text(r, "id"))
+            .collect::<Result<std::collections::HashSet<_>>>()?;
+        for (i, j) in reqs.iter().enumerate() {
+            moved[i] = ids.contains(&j.wf);
+        }
     }
 
     // 2. The others' rows: the lease, a pending cancel, what an ending needs.
-    let slow: Vec<usize> = (0..reqs.len()).filter(|&i| !moved[i]).collect();
-    let sql =
-        format!("SELECT cancel_requested, lease_owner, {ENDING_COLS} FROM workflows WHERE id = $1");
-    let reads: Vec<Stmt> = slow
-        .iter()
-        .map(|&i| stmt!(sql.clone(), reqs[i].wf.as_str()))
+    let slow: Vec<&str> = (0..reqs.len())
+        .filter(|&i| !moved[i])
+        .map(|i| reqs[i].wf.as_str())
         .collect();
+    let mut rows: BTreeMap<String, Row> = BTreeMap::new();
+    if !slow.is_empty() {
+        let mut ids = RowSet::new(&[("wf", false)]);
+        for w in &slow {
+            ids.push(vec![(*w).into()]);
+        }
+        let sql = format!(
+            "SELECT id, cancel_requested, lease_owner, {ENDING_COLS} FROM workflows
+             WHERE id IN (SELECT v.wf FROM {})",
+            ids.relation(d, 1)
+        );
+        for r in tx.query(&Stmt::new(sql, ids.args(d))).await? {
+            rows.insert(r_text(&r, "id")?, r);
+        }
+    }
     let mut found: Vec<Option<Result<Found>>> = (0..reqs.len()).map(|_| None).collect();
-    for (&i, rows) in slow.iter().zip(tx.query_many(&reads).await?) {
-        let j = &reqs[i];
-        found[i] = Some(match rows.first() {
+    for (i, j) in reqs.iter().enumerate().filter(|(i, _)| !moved[*i]) {
+        found[i] = Some(match rows.get(&j.wf) {
             Some(r) if r_opt_text(r, "lease_owner")?.as_deref() == Some(j.node.as_str()) => {
                 Ok(Found {
                     cancel: r_int(r, "cancel_requested")? != 0,
@@ -341,8 +406,13 @@ pub(crate) async fn commit_group(
         });
     }
 
-    // 3. Every write of every completion, in one batch.
+    // 3. Every write of every completion, in one batch: the rare ones row by row (endings,
+    //    children), then one statement each for the steps done, the effects, the steps
+    //    started and the events.
     let mut batch: Vec<Stmt> = vec![];
+    let (mut done_rows, mut start_rows) = (RowSet::new(STEP_DONE_ROW), RowSet::new(STEP_START_ROW));
+    let (mut effect_rows, mut event_rows) = (RowSet::new(EFFECT_ROW), RowSet::new(EVENT_ROW));
+    let mut n_events = 0i64;
     let mut plans: Vec<Option<Plan>> = Vec::with_capacity(reqs.len());
     let mut fills: Vec<String> = vec![];
     let mut wants: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
@@ -391,24 +461,18 @@ pub(crate) async fn commit_group(
                 )
             });
         }
-        batch.push(stmt!(
-            "UPDATE workflow_steps SET status = 'done', error = NULL, finished_at = $3,
-                 output = $4 WHERE workflow_id = $1 AND idx = $2",
-            wf,
-            j.idx,
-            now,
-            j.commit.output.as_ref().map(|o| o.to_string()),
-        ));
+        done_rows.push(vec![
+            wf.into(),
+            j.idx.into(),
+            j.commit.output.as_ref().map(|o| o.to_string()).into(),
+        ]);
         for (key, payload) in &j.commit.effects {
-            batch.push(stmt!(
-                "INSERT INTO step_effects (workflow_id, idx, key, payload, at)
-                 VALUES ($1, $2, $3, $4, $5)",
-                wf,
-                j.idx,
-                key.as_str(),
-                payload.to_string(),
-                now,
-            ));
+            effect_rows.push(vec![
+                wf.into(),
+                j.idx.into(),
+                key.as_str().into(),
+                payload.to_string().into(),
+            ]);
         }
         let ev = |step: Option<&str>, kind: &str, message: String| WorkflowEvent {
             seq: 0,
@@ -431,14 +495,7 @@ pub(crate) async fn commit_group(
             let msg = format!("{} spawned {n} child workflows; waiting for them", j.name);
             vec![done, ev(Some(&j.name), "spawned", msg)]
         } else if let (Some((idx, name, dl)), false) = (&j.next, cancel) {
-            batch.push(stmt!(
-                "UPDATE workflow_steps SET status = 'running', attempts = attempts + 1,
-                     started_at = $3, deadline_at = $4 WHERE workflow_id = $1 AND idx = $2",
-                wf,
-                *idx,
-                now,
-                now + dl,
-            ));
+            start_rows.push(vec![wf.into(), (*idx).into(), (now + dl).into()]);
             vec![
                 done,
                 ev(Some(name), "step_started", format!("{name} started")),
@@ -466,20 +523,88 @@ pub(crate) async fn commit_group(
         } else {
             vec![done]
         };
-        let at = batch.len();
-        batch.push(event_insert(&evs));
+        for e in &evs {
+            event_rows.push(vec![
+                n_events.into(),
+                wf.into(),
+                e.step.clone().into(),
+                e.kind.as_str().into(),
+                e.message.as_str().into(),
+            ]);
+            n_events += 1;
+        }
         plans.push(Some(Plan {
-            events: (at, evs),
+            events: evs,
             released,
             cancel,
         }));
     }
+    let sets = [
+        set_stmt(
+            d,
+            done_rows,
+            |v| {
+                format!(
+                    "UPDATE workflow_steps SET status = 'done', error = NULL, finished_at = $1,
+                         output = v.output
+                     FROM {v}
+                     WHERE workflow_steps.workflow_id = v.wf AND workflow_steps.idx = v.idx"
+                )
+            },
+            now,
+        ),
+        set_stmt(
+            d,
+            effect_rows,
+            |v| {
+                format!(
+                    "INSERT INTO step_effects (workflow_id, idx, key, payload, at)
+                     SELECT v.wf, v.idx, v.key, v.payload, $1 FROM {v}"
+                )
+            },
+            now,
+        ),
+        set_stmt(
+            d,
+            start_rows,
+            |v| {
+                format!(
+                    "UPDATE workflow_steps SET status = 'running', attempts = attempts + 1,
+                         started_at = $1, deadline_at = v.deadline
+                     FROM {v}
+                     WHERE workflow_steps.workflow_id = v.wf AND workflow_steps.idx = v.idx"
+                )
+            },
+            now,
+        ),
+    ];
+    batch.extend(sets.into_iter().flatten());
+    // Rows of one INSERT are numbered in the order they are selected in.
+    let events_at = batch.len();
+    batch.extend(set_stmt(
+        d,
+        event_rows,
+        |v| {
+            format!(
+                "INSERT INTO workflow_events (workflow_id, at, step, kind, message)
+                 SELECT v.wf, $1, v.step, v.kind, v.message FROM {v} ORDER BY v.ord
+                 RETURNING seq, workflow_id"
+            )
+        },
+        now,
+    ));
     let results = tx.query_many(&batch).await?;
+    let mut seqs: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for r in results.get(events_at).into_iter().flatten() {
+        seqs.entry(r_text(r, "workflow_id")?)
+            .or_default()
+            .push(r_int(r, "seq")?);
+    }
 
     let mut out: Vec<Result<Done>> = Vec::with_capacity(reqs.len());
     for (i, plan) in plans.into_iter().enumerate() {
         let Some(Plan {
-            events: (at, mut evs),
+            mut events,
             released,
             cancel,
         }) = plan
@@ -489,12 +614,9 @@ pub(crate) async fn commit_group(
                 .unwrap_or_else(|| lease_lost(&reqs[i].wf))));
             continue;
         };
-        let mut seqs = results[at]
-            .iter()
-            .map(|r| r_int(r, "seq"))
-            .collect::<Result<Vec<_>>>()?;
-        seqs.sort_unstable();
-        for (e, s) in evs.iter_mut().zip(seqs) {
+        let mut mine = seqs.remove(&reqs[i].wf).unwrap_or_default();
+        mine.sort_unstable();
+        for (e, s) in events.iter_mut().zip(mine) {
             e.seq = s;
         }
         if let Some(k) = released {
@@ -502,7 +624,7 @@ pub(crate) async fn commit_group(
                 fills.extend(r_opt_text(r, "batch_id")?);
             }
         }
-        out.push(Ok((evs, cancel, None)));
+        out.push(Ok((events, cancel, None)));
     }
 
     // 4. Batch slots: freed slots go to the next ready nodes, and each finishing batch node
@@ -534,34 +656,8 @@ pub(crate) async fn commit_group(
     Ok(out)
 }
 
-/// One INSERT of a completion's events (rows of one INSERT are numbered in order).
-fn event_insert(evs: &[WorkflowEvent]) -> Stmt {
-    let mut sql =
-        String::from("INSERT INTO workflow_events (workflow_id, at, step, kind, message) VALUES ");
-    let mut args = vec![];
-    for (k, e) in evs.iter().enumerate() {
-        let b = k * 5;
-        if k > 0 {
-            sql.push_str(", ");
-        }
-        sql.push_str(&format!(
-            "(${}, ${}, ${}, ${}, ${})",
-            b + 1,
-            b + 2,
-            b + 3,
-            b + 4,
-            b + 5
-        ));
-        args.extend([
-            e.operation_id.as_str().into(),
-            e.at.into(),
-            e.step.clone().into(),
-            e.kind.as_str().into(),
-            e.message.as_str().into(),
-        ]);
-    }
-    sql.push_str(" RETURNING seq");
-    Stmt::new(sql, args)
+fn r_text(r: &Row, c: &str) -> Result<String> {
+    crate::db::Cols::text(r, c)
 }
 
 fn r_int(r: &Row, c: &str) -> Result<i64> {

@@ -65,6 +65,14 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+/// A commit another replica made with events (PostgreSQL; see [`Store::changes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Change {
+    /// The lowest and highest event `seq` it appended; `None` when unknown (read from the
+    /// last event seen then, e.g. after the listening connection was lost and remade).
+    pub events: Option<(i64, i64)>,
+}
+
 /// Handle to the database; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -76,7 +84,10 @@ pub struct Store {
     /// Where step completions go to be group-committed.
     committer: commit::Committer,
     /// PostgreSQL: told whenever any replica commits events (see [`Store::changes`]).
-    changes: Option<(tokio::sync::broadcast::Sender<()>, tokio::task::AbortHandle)>,
+    changes: Option<(
+        tokio::sync::broadcast::Sender<Change>,
+        tokio::task::AbortHandle,
+    )>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -152,10 +163,10 @@ impl Store {
         }
     }
 
-    /// On PostgreSQL, a signal for every transaction any replica commits with events (queued,
-    /// claimed, finished work): the engine wakes on it and event streams read what is new.
-    /// `None` on SQLite, where one process writes.
-    pub fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<()>> {
+    /// On PostgreSQL, every transaction another replica commits with events (queued, claimed,
+    /// finished work), with the range of event numbers it appended: the engine wakes on it and
+    /// passes those events on. `None` on SQLite, where one process writes.
+    pub fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<Change>> {
         self.changes.as_ref().map(|(tx, _)| tx.subscribe())
     }
 

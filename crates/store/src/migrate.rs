@@ -41,11 +41,18 @@ const SQLITE: &[Migration] = &[
 ];
 
 /// PostgreSQL starts at SQLite's schema 6 in one file; later changes get a file each on both.
-const POSTGRES: &[Migration] = &[(
-    6,
-    "schema",
-    include_str!("../migrations/postgres/0001_schema.sql"),
-)];
+const POSTGRES: &[Migration] = &[
+    (
+        6,
+        "schema",
+        include_str!("../migrations/postgres/0001_schema.sql"),
+    ),
+    (
+        8,
+        "lean_event_log",
+        include_str!("../migrations/postgres/0003_lean_event_log.sql"),
+    ),
+];
 
 /// The migrations of `dialect`, oldest first.
 fn migrations(dialect: Dialect) -> &'static [Migration] {

@@ -36,6 +36,8 @@ pub struct Options {
     pub durable: bool,
     /// `max_connections` (default 250: pools of several replicas in one test).
     pub max_connections: u32,
+    /// More server settings (`name=value`), e.g. to preload `pg_stat_statements`.
+    pub settings: Vec<String>,
 }
 
 impl Default for Options {
@@ -43,6 +45,7 @@ impl Default for Options {
         Self {
             durable: false,
             max_connections: 250,
+            settings: vec![],
         }
     }
 }
@@ -289,6 +292,7 @@ fn start_server(
     if !o.durable {
         settings.extend(["fsync=off", "full_page_writes=off"].map(String::from));
     }
+    settings.extend(o.settings.iter().cloned());
     let mut cmd = owner.command(&bin.join("postgres"), dir);
     cmd.arg("-D")
         .arg(dir.join("data"))

@@ -30,6 +30,8 @@ pub(crate) enum Value {
     Text(String),
     Int(i64),
     Null,
+    /// The values of one column of a [`RowSet`] (PostgreSQL only: an array parameter).
+    List(Vec<Value>),
 }
 
 impl From<&str> for Value {
@@ -164,9 +166,9 @@ impl Cols for Row {
         match self.get(col)? {
             Value::Text(s) => Ok(Some(s.clone())),
             Value::Null => Ok(None),
-            Value::Int(n) => Err(StoreError::Corrupt(
+            v => Err(StoreError::Corrupt(
                 "row",
-                format!("{col} is {n}, not text"),
+                format!("{col} is {v:?}, not text"),
             )),
         }
     }
@@ -178,10 +180,119 @@ impl Cols for Row {
         match self.get(col)? {
             Value::Int(n) => Ok(Some(*n)),
             Value::Null => Ok(None),
-            Value::Text(s) => Err(StoreError::Corrupt(
+            v => Err(StoreError::Corrupt(
                 "row",
-                format!("{col} is {s:?}, not an integer"),
+                format!("{col} is {v:?}, not an integer"),
             )),
+        }
+    }
+}
+
+/// A column of a [`RowSet`]: its name, and whether its values are integers.
+pub(crate) type Col = (&'static str, bool);
+
+/// Rows for one set-wise statement (an update joined to them, an insert selecting them), so
+/// a statement takes any number of rows on either backend and PostgreSQL runs one statement,
+/// not one per row. SQLite reads them from one JSON parameter with `json_each`; PostgreSQL
+/// from one array parameter per column with `unnest` (whose row estimate is the array's, so
+/// a join to them stays on the index).
+pub(crate) struct RowSet {
+    cols: &'static [Col],
+    rows: Vec<Vec<Value>>,
+}
+
+impl RowSet {
+    pub fn new(cols: &'static [Col]) -> Self {
+        Self { cols, rows: vec![] }
+    }
+
+    /// Adds a row: one value per column, in order.
+    pub fn push(&mut self, row: Vec<Value>) {
+        debug_assert_eq!(row.len(), self.cols.len());
+        self.rows.push(row);
+    }
+
+    /// Adds a row given as a JSON array (strings, integers, nulls), one value per column.
+    pub fn push_json(&mut self, row: &serde_json::Value) {
+        let v = |j: &serde_json::Value| match j {
+            serde_json::Value::Null => Value::Null,
+            serde_json::Value::String(s) => Value::Text(s.clone()),
+            serde_json::Value::Number(n) => {
+                n.as_i64().map_or(Value::Text(n.to_string()), Value::Int)
+            }
+            other => Value::Text(other.to_string()),
+        };
+        self.push(
+            row.as_array()
+                .map(|a| a.iter().map(v).collect())
+                .unwrap_or_default(),
+        );
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// The rows as a relation named `v` (`FROM {relation}`), reading this set's parameters
+    /// from `$param` on: one on SQLite, one per column on PostgreSQL.
+    pub fn relation(&self, dialect: Dialect, param: usize) -> String {
+        match dialect {
+            Dialect::Sqlite => {
+                let sel = self
+                    .cols
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (name, _))| format!("r.value ->> {i} AS {name}"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                format!("(SELECT {sel} FROM json_each(${param}) AS r) AS v")
+            }
+            Dialect::Postgres => {
+                let arrays = self
+                    .cols
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (_, int))| {
+                        let ty = if *int { "BIGINT[]" } else { "TEXT[]" };
+                        format!("CAST(${} AS {ty})", param + i)
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let names = self.cols.iter().map(|c| c.0).collect::<Vec<_>>().join(", ");
+                format!("unnest({arrays}) AS v({names})")
+            }
+        }
+    }
+
+    /// The parameters [`RowSet::relation`] reads.
+    pub fn args(self, dialect: Dialect) -> Vec<Value> {
+        match dialect {
+            Dialect::Sqlite => {
+                let json = |v: &Value| match v {
+                    Value::Text(s) => serde_json::Value::from(s.as_str()),
+                    Value::Int(n) => serde_json::Value::from(*n),
+                    Value::Null | Value::List(_) => serde_json::Value::Null,
+                };
+                let rows: Vec<serde_json::Value> = self
+                    .rows
+                    .iter()
+                    .map(|r| r.iter().map(json).collect())
+                    .collect();
+                vec![Value::Text(serde_json::Value::Array(rows).to_string())]
+            }
+            Dialect::Postgres => {
+                let mut cols: Vec<Vec<Value>> = self
+                    .cols
+                    .iter()
+                    .map(|_| Vec::with_capacity(self.rows.len()))
+                    .collect();
+                for row in self.rows {
+                    for (c, v) in cols.iter_mut().zip(row) {
+                        c.push(v);
+                    }
+                }
+                cols.into_iter().map(Value::List).collect()
+            }
         }
     }
 }

@@ -3,7 +3,7 @@
 //! ([`Tx::run`]), which is how a connection keeps up with the engine's step completions.
 
 use super::{BoxFut, Dialect, Row, Stmt, Tx, Value};
-use crate::{Result, StoreError};
+use crate::{Change, Result, StoreError};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use std::sync::Arc;
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
@@ -31,6 +31,29 @@ impl ToSql for Value {
             Value::Text(s) => match *ty {
                 Type::INT8 => s.parse::<i64>()?.to_sql(ty, out),
                 _ => s.as_str().to_sql(ty, out),
+            },
+            Value::List(items) => match *ty {
+                Type::INT8_ARRAY => items
+                    .iter()
+                    .map(|v| match v {
+                        Value::Int(n) => Ok(Some(*n)),
+                        Value::Null => Ok(None),
+                        Value::Text(s) => s.parse::<i64>().map(Some).map_err(|e| e.to_string()),
+                        Value::List(_) => Err("a list inside a list".to_string()),
+                    })
+                    .collect::<std::result::Result<Vec<Option<i64>>, _>>()?
+                    .to_sql(ty, out),
+                Type::TEXT_ARRAY | Type::VARCHAR_ARRAY => items
+                    .iter()
+                    .map(|v| match v {
+                        Value::Text(s) => Ok(Some(s.clone())),
+                        Value::Int(n) => Ok(Some(n.to_string())),
+                        Value::Null => Ok(None),
+                        Value::List(_) => Err("a list inside a list".to_string()),
+                    })
+                    .collect::<std::result::Result<Vec<Option<String>>, _>>()?
+                    .to_sql(ty, out),
+                _ => Err(format!("cannot bind a list as {ty}").into()),
             },
         }
     }
@@ -90,20 +113,59 @@ fn params(s: &Stmt) -> Vec<&(dyn ToSql + Sync)> {
 /// A transaction on one pooled connection.
 pub(crate) struct PgTx<'c> {
     tx: deadpool_postgres::Transaction<'c>,
-    /// Whether it appended to the event log (then its commit notifies the other replicas).
-    wrote_events: bool,
+    /// What it appended to the event log (then its commit tells the other replicas).
+    events: Appended,
+}
+
+/// What a transaction appended to the event log.
+#[derive(Default)]
+struct Appended {
+    any: bool,
+    /// An append that did not say its numbers (`RETURNING seq`) happened.
+    unknown: bool,
+    /// Lowest and highest `seq` taken.
+    range: Option<(i64, i64)>,
+}
+
+impl Appended {
+    fn note(&mut self, s: &Stmt) {
+        if appends(s) {
+            self.any = true;
+            self.unknown |= !s.sql.contains("RETURNING seq");
+        }
+    }
+
+    fn take(&mut self, rows: &[tokio_postgres::Row]) {
+        for r in rows {
+            let Some(i) = r.columns().iter().position(|c| c.name() == "seq") else {
+                continue;
+            };
+            if let Ok(seq) = r.try_get::<_, i64>(i) {
+                let (lo, hi) = self.range.unwrap_or((seq, seq));
+                self.range = Some((lo.min(seq), hi.max(seq)));
+            }
+        }
+    }
+
+    /// The notification's payload: the origin, then the range when it is known.
+    fn payload(&self, origin: &str) -> String {
+        match (self.range, self.unknown) {
+            (Some((lo, hi)), false) => format!("{origin} {lo} {hi}"),
+            _ => origin.to_string(),
+        }
+    }
+}
+
+fn appends(s: &Stmt) -> bool {
+    s.sql.contains("INTO workflow_events")
 }
 
 impl PgTx<'_> {
-    fn note(&mut self, s: &Stmt) {
-        self.wrote_events |= s.sql.contains("INTO workflow_events");
-    }
-
     /// Each statement prepared (once per connection, then from the cache), noted.
     async fn prepare_all(&mut self, stmts: &[Stmt]) -> Result<Vec<tokio_postgres::Statement>> {
         let mut out = Vec::with_capacity(stmts.len());
         for s in stmts {
-            self.note(s);
+            self.events.note(s);
             out.push(self.tx.prepare_cached(&s.sql).await?);
         }
         Ok(out)
@@ -120,15 +182,17 @@ impl Tx for PgTx<'_> {
     }
 
     async fn exec(&mut self, s: &Stmt) -> Result<u64> {
-        self.note(s);
-        let st = self.tx.prepare_cached(&s.sql).await?;
-        Ok(self.tx.execute(&st, &params(s)).await?)
+        Ok(self.exec_many(std::slice::from_ref(s)).await?[0])
     }
 
     async fn query(&mut self, s: &Stmt) -> Result<Vec<Row>> {
-        self.note(s);
+        self.events.note(s);
         let st = self.tx.prepare_cached(&s.sql).await?;
-        rows(self.tx.query(&st, &params(s)).await?)
+        let rs = self.tx.query(&st, &params(s)).await?;
+        if appends(s) {
+            self.events.take(&rs);
+        }
+        rows(rs)
     }
 
     async fn run(&mut self, stmts: &[Stmt]) -> Result<()> {
@@ -144,6 +208,11 @@ impl Tx for PgTx<'_> {
             prepared.iter().zip(&params).map(|(st, p)| tx.query(st, p)),
         )
         .await?;
+        for (s, rs) in stmts.iter().zip(&res) {
+            if appends(s) {
+                self.events.take(rs);
+            }
+        }
         res.into_iter().map(rows).collect()
     }
 
@@ -151,13 +220,24 @@ impl Tx for PgTx<'_> {
         let prepared = self.prepare_all(stmts).await?;
         let tx = &self.tx;
         let params: Vec<_> = stmts.iter().map(params).collect();
-        Ok(futures_util::future::try_join_all(
-            prepared
-                .iter()
-                .zip(&params)
-                .map(|(st, p)| tx.execute(st, p)),
-        )
-        .await?)
+        // Appends to the event log are read for the numbers they took.
+        let res = futures_util::future::try_join_all(prepared.iter().zip(&params).zip(stmts).map(
+            |((st, p), s)| async move {
+                if appends(s) {
+                    let rs = tx.query(st, p).await?;
+                    Ok::<_, tokio_postgres::Error>((rs.len() as u64, rs))
+                } else {
+                    Ok((tx.execute(st, p).await?, vec![]))
+                }
+            },
+        ))
+        .await?;
+        let mut out = Vec::with_capacity(res.len());
+        for (n, rs) in res {
+            self.events.take(&rs);
+            out.push(n);
+        }
+        Ok(out)
     }
 
     async fn script(&mut self, sql: &str) -> Result<()> {
@@ -170,6 +250,8 @@ impl Tx for PgTx<'_> {
 pub(crate) struct Postgres {
     pool: Pool,
     url: String,
+    /// Names this pool's commits in notifications (its own are not news to it).
+    origin: Arc<str>,
     /// Transactions committed through this pool.
     pub commits: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -194,6 +276,7 @@ impl Postgres {
         Ok(Self {
             pool,
             url: url.to_string(),
+            origin: uuid::Uuid::new_v4().simple().to_string().into(),
             commits: Default::default(),
         })
     }
@@ -225,14 +308,15 @@ impl Postgres {
         let tx = client.transaction().await.map_err(|e| E::from(e.into()))?;
         let mut t = PgTx {
             tx,
-            wrote_events: false,
+            events: Appended::default(),
         };
         match f(&mut t).await {
             Ok(v) => {
-                if t.wrote_events {
-                    // Delivered at commit, once per transaction (never per step).
-                    let notify = format!("NOTIFY {CHANNEL}");
-                    t.tx.batch_execute(&notify)
+                if t.events.any {
+                    // Delivered at commit, once per transaction (never per step), with the
+                    // numbers its appends took: other replicas read exactly those.
+                    let payload = t.events.payload(&self.origin);
+                    t.tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload])
                         .await
                         .map_err(|e| E::from(e.into()))?;
                 }
@@ -263,19 +347,24 @@ impl Postgres {
             .await?;
         let mut t = PgTx {
             tx,
-            wrote_events: false,
+            events: Appended::default(),
         };
         let out = f(&mut t).await;
         let _ = t.tx.commit().await;
         out
     }
 
-    pub fn listen(&self) -> (tokio::sync::broadcast::Sender<()>, tokio::task::AbortHandle) {
-        let (out, _) = tokio::sync::broadcast::channel(64);
-        let (url, tx) = (self.url.clone(), out.clone());
+    pub fn listen(
+        &self,
+    ) -> (
+        tokio::sync::broadcast::Sender<Change>,
+        tokio::task::AbortHandle,
+    ) {
+        let (out, _) = tokio::sync::broadcast::channel(1024);
+        let (url, tx, origin) = (self.url.clone(), out.clone(), self.origin.clone());
         let task = tokio::spawn(async move {
             loop {
-                if let Err(e) = listen_once(&url, &tx).await {
+                if let Err(e) = listen_once(&url, &origin, &tx).await {
                     tracing::warn!(error = %e, "listening for other replicas' commits failed; retrying");
                 }
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
@@ -285,17 +374,35 @@ impl Postgres {
     }
 }
 
+/// A notification's payload as a change, unless it is one of this pool's own commits.
+fn change_of(payload: &str, origin: &str) -> Option<Change> {
+    let mut parts = payload.split(' ');
+    if parts.next() == Some(origin) {
+        return None;
+    }
+    let lo = parts.next().and_then(|p| p.parse().ok());
+    let hi = parts.next().and_then(|p| p.parse().ok());
+    Some(Change { events: lo.zip(hi) })
+}
+
 /// One listening connection, until it is lost.
-async fn listen_once(url: &str, out: &tokio::sync::broadcast::Sender<()>) -> Result<()> {
+async fn listen_once(
+    url: &str,
+    origin: &str,
+    out: &tokio::sync::broadcast::Sender<Change>,
+) -> Result<()> {
     use futures_util::StreamExt;
     let (client, mut conn) = tokio_postgres::connect(url, NoTls).await?;
-    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<Change>();
+    let origin = origin.to_string();
     let pump = tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
         while let Some(m) = messages.next().await {
             match m {
-                Ok(tokio_postgres::AsyncMessage::Notification(_)) => {
-                    if seen_tx.send(()).is_err() {
+                Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                    if let Some(c) = change_of(n.payload(), &origin)
+                        && seen_tx.send(c).is_err()
+                    {
                         return;
                     }
                 }
@@ -305,11 +412,31 @@ async fn listen_once(url: &str, out: &tokio::sync::broadcast::Sender<()>) -> Res
         }
     });
     client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
-    // A lost connection may have dropped notifications: wake everyone once.
-    let _ = out.send(());
-    while seen.recv().await.is_some() {
-        let _ = out.send(());
+    // A lost connection may have dropped notifications: everyone reads again once.
+    let _ = out.send(Change { events: None });
+    while let Some(c) = seen.recv().await {
+        let _ = out.send(c);
     }
     pump.abort();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_commits_are_not_news_and_ranges_round_trip() {
+        assert!(change_of("me 1 5", "me").is_none());
+        assert_eq!(change_of("them 3 9", "me").unwrap().events, Some((3, 9)));
+        assert_eq!(change_of("them", "me").unwrap().events, None);
+        let a = Appended {
+            any: true,
+            unknown: false,
+            range: Some((4, 7)),
+        };
+        assert_eq!(a.payload("me"), "me 4 7");
+        let b = Appended { unknown: true, ..a };
+        assert_eq!(b.payload("me"), "me");
+    }
 }

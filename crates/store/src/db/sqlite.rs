@@ -53,6 +53,12 @@ fn bind(st: &mut rusqlite::CachedStatement<'_>, args: &[Value]) -> Result<()> {
             Value::Text(t) => st.raw_bind_parameter(idx, t)?,
             Value::Int(n) => st.raw_bind_parameter(idx, n)?,
             Value::Null => st.raw_bind_parameter(idx, rusqlite::types::Null)?,
+            Value::List(_) => {
+                return Err(StoreError::Corrupt(
+                    "statement",
+                    "a list parameter on SQLite (row sets travel as JSON there)".into(),
+                ));
+            }
         }
     }
     Ok(())
@@ -72,6 +78,12 @@ fn value(v: rusqlite::types::ValueRef<'_>) -> Value {
 pub(crate) fn exec_on(conn: &Connection, s: &Stmt) -> Result<u64> {
     let mut st = conn.prepare_cached(&s.sql)?;
     bind(&mut st, &s.args)?;
+    if st.column_count() > 0 {
+        // Run for its effect (a RETURNING the caller does not read): step through its rows.
+        let mut rows = st.raw_query();
+        while rows.next()?.is_some() {}
+        return Ok(conn.changes());
+    }
     Ok(st.raw_execute()? as u64)
 }
 

@@ -111,8 +111,17 @@ impl Store {
                             "user {u} still has {vms} VM(s); they are being deleted first"
                         )));
                     }
-                    tx.exec(&stmt!("DELETE FROM workflows WHERE owner = $1", u.as_str()))
-                        .await?;
+                    // The event log has no foreign key on PostgreSQL (it is appended to on
+                    // every step): its rows go first, by hand.
+                    tx.run(&[
+                        stmt!(
+                            "DELETE FROM workflow_events WHERE workflow_id IN
+                               (SELECT id FROM workflows WHERE owner = $1)",
+                            u.as_str()
+                        ),
+                        stmt!("DELETE FROM workflows WHERE owner = $1", u.as_str()),
+                    ])
+                    .await?;
                     let n = tx
                         .exec(&stmt!(
                             "DELETE FROM users WHERE username = $1 AND role <> 'admin'",

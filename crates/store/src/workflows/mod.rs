@@ -241,7 +241,7 @@ pub(crate) fn insert_stmts(w: &NewWorkflow, id: &str, parent: Option<&str>, now:
     }
     out.push(stmt!(
         "INSERT INTO workflow_events (workflow_id, at, step, kind, message)
-         VALUES ($1, $2, NULL, 'queued', $3)",
+         VALUES ($1, $2, NULL, 'queued', $3) RETURNING seq",
         id,
         now,
         format!("{} queued", w.definition),
@@ -549,6 +549,22 @@ impl Store {
              WHERE seq > $1 ORDER BY seq LIMIT $2",
             after_seq,
             limit,
+        );
+        self.db
+            .read(move |tx| {
+                Box::pin(async move { tx.query(&s).await?.iter().map(event_from).collect() })
+            })
+            .await
+    }
+
+    /// The events numbered `lo` to `hi` (both included) that are committed, oldest first: what
+    /// one commit appended (see [`crate::Change`]).
+    pub async fn events_between(&self, lo: i64, hi: i64) -> Result<Vec<WorkflowEvent>> {
+        let s = stmt!(
+            "SELECT seq, workflow_id, at, step, kind, message FROM workflow_events
+             WHERE seq >= $1 AND seq <= $2 ORDER BY seq",
+            lo,
+            hi,
         );
         self.db
             .read(move |tx| {

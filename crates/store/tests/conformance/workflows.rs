@@ -32,10 +32,97 @@ pub fn cases() -> Vec<Case> {
 }
 
 pub fn replica_cases() -> Vec<ReplicaCase> {
-    vec![(
-        "ledger_two_replicas_never_claim_one_workflow_twice",
-        |a, b| Box::pin(two_claimers(a, b)) as Fut,
-    )]
+    vec![
+        (
+            "ledger_two_replicas_never_claim_one_workflow_twice",
+            |a, b| Box::pin(two_claimers(a, b)) as Fut,
+        ),
+        (
+            "ledger_each_commit_names_its_events_to_the_other_replicas",
+            |a, b| Box::pin(changes_name_their_events(a, b)) as Fut,
+        ),
+    ]
+}
+
+/// A replica hears of every commit another makes with the exact events it appended (so it
+/// reads those, not a window of the log), and never of its own.
+async fn changes_name_their_events(a: Store, b: Store) {
+    let (Some(mut mine), Some(mut theirs)) = (a.changes(), b.changes()) else {
+        assert!(
+            a.changes().is_none() && b.changes().is_none(),
+            "SQLite has no feed"
+        );
+        return;
+    };
+    let next = async |rx: &mut tokio::sync::broadcast::Receiver<basphere_store::Change>| {
+        loop {
+            let c = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+                .await
+                .expect("a change within 5 s")
+                .unwrap();
+            // Connecting says "read again" once; commits carry their range.
+            if c.events.is_some() {
+                return c;
+            }
+        }
+    };
+    let id = a.enqueue_workflow(&wf("alice", 2)).await.unwrap();
+    let c = next(&mut theirs).await;
+    let queued = a.events(&id, 0).await.unwrap();
+    assert_eq!(c.events, Some((queued[0].seq, queued[0].seq)));
+
+    // A group completion: the step's end and the next one's start, one commit, one range.
+    let claimed = a
+        .claim_many("n1", 10_000, &NONE, 1, deadline(5_000))
+        .await
+        .unwrap();
+    let c = next(&mut theirs).await;
+    let (lo, hi) = c.events.unwrap();
+    assert_eq!(
+        b.events_between(lo, hi).await.unwrap().len() as i64,
+        hi - lo + 1
+    );
+    assert_eq!(claimed.len(), 1);
+    let step1 = NextStep {
+        idx: 1,
+        name: "s1",
+        deadline_ms: 5_000,
+    };
+    let (evs, _, _) = a
+        .step_done_handoff(
+            &id,
+            0,
+            "s0",
+            "n1",
+            &StepCommit::default(),
+            Some(step1),
+            true,
+            None,
+        )
+        .await
+        .unwrap();
+    let c = next(&mut theirs).await;
+    assert_eq!(c.events, Some((evs[0].seq, evs[1].seq)));
+    let key = |e: &basphere_store::WorkflowEvent| (e.seq, e.kind.clone(), e.message.clone());
+    let read = b.events_between(evs[0].seq, evs[1].seq).await.unwrap();
+    assert_eq!(
+        read.iter().map(key).collect::<Vec<_>>(),
+        evs.iter().map(key).collect::<Vec<_>>(),
+        "the other replica reads exactly what was committed"
+    );
+    // Its own commits are not news to a replica.
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(300), async {
+            loop {
+                if mine.recv().await.unwrap().events.is_some() {
+                    return;
+                }
+            }
+        })
+        .await
+        .is_err(),
+        "a replica was told of its own commit"
+    );
 }
 
 fn wf(owner: &str, steps: usize) -> NewWorkflow {
