@@ -38,14 +38,26 @@ const SQLITE: &[Migration] = &[
         "ledger",
         include_str!("../migrations/sqlite/0006_ledger.sql"),
     ),
+    (
+        7,
+        "compat",
+        include_str!("../migrations/sqlite/0007_compat.sql"),
+    ),
 ];
 
 /// PostgreSQL starts at SQLite's schema 6 in one file; later changes get a file each on both.
-const POSTGRES: &[Migration] = &[(
-    6,
-    "schema",
-    include_str!("../migrations/postgres/0001_schema.sql"),
-)];
+const POSTGRES: &[Migration] = &[
+    (
+        6,
+        "schema",
+        include_str!("../migrations/postgres/0001_schema.sql"),
+    ),
+    (
+        7,
+        "compat",
+        include_str!("../migrations/postgres/0002_compat.sql"),
+    ),
+];
 
 /// The migrations of `dialect`, oldest first.
 fn migrations(dialect: Dialect) -> &'static [Migration] {

@@ -266,11 +266,14 @@ pub fn form_alert(message: Option<&str>) -> String {
 
 /// A time in Unix milliseconds as `YYYY-MM-DD HH:MM:SS UTC`.
 pub fn when(ms: i64) -> String {
-    let s = basphere_store::format_ms(ms);
-    // RFC 3339 `2026-01-02T03:04:05.678Z` → readable.
+    when_rfc3339(&basphere_store::format_ms(ms))
+}
+
+/// RFC 3339 `2026-01-02T03:04:05.678Z` → readable.
+pub fn when_rfc3339(s: &str) -> String {
     match s.split_once('T') {
         Some((d, t)) => format!("{d} {} UTC", t.get(..8).unwrap_or(t)),
-        None => s,
+        None => s.to_string(),
     }
 }
 

@@ -1,7 +1,7 @@
 //! A signed-in user's pages: dashboard (quota, VMs, create, live operations), one VM, delete
 //! with confirmation, SSH key change.
 
-use crate::html::{Input, badge, esc, form_alert, gib, ip, select, url, when};
+use crate::html::{Input, badge, esc, form_alert, gib, ip, select, url, when_rfc3339};
 use crate::session::Visitor;
 use crate::{api, body_of};
 use axum::Form;
@@ -531,7 +531,7 @@ fn key_body(
         let _ = write!(
             rows,
             "<tr><td>{}</td><td>{}</td><td class=\"key\">{}</td><td>{}</td></tr>",
-            when(k.created_at),
+            when_rfc3339(&k.created_at),
             badge(k.status.to_string().as_str()),
             esc(&short_key(&k.public_key)),
             esc(k.reject_reason.as_deref().unwrap_or(""))
