@@ -589,7 +589,7 @@ fn apply_env(
 ) -> Result<(), ConfigError> {
     const TOP: &[&str] = &[
         "data_dir", "server", "bastion", "network", "quota", "specs", "images", "provider",
-        "engine", "qemu", "vsphere", "limits", "database",
+        "engine", "qemu", "vsphere", "limits", "database", "registration", "recaptcha",
     ];
     for (var, value) in env {
         let Some(rest) = var.strip_prefix("BASPHERE_") else {

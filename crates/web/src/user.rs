@@ -605,7 +605,12 @@ async fn key_page(
     v.page(status, "Change your SSH key", &body)
 }
 
+/// `GET /key-change`: a signed-in user's key page; for anyone else the form that asks with
+/// username and registered email (the prototype's, for someone who lost their key).
 pub async fn key_change_form(State(st): State<AppState>, v: Visitor) -> Response {
+    if v.caller.is_none() {
+        return crate::public::key_change_unsigned_page(&st, &v, StatusCode::OK, &Fields::new(), &[], None);
+    }
     key_page(&st, &v, StatusCode::OK, &Fields::new(), &[]).await
 }
 
@@ -613,9 +618,8 @@ pub async fn key_change(State(st): State<AppState>, v: Visitor, Form(f): Form<Fi
     if let Err(r) = v.check_csrf(&f) {
         return r;
     }
-    let caller = match v.signed_in() {
-        Ok(c) => c.clone(),
-        Err(r) => return r,
+    let Some(caller) = v.caller.clone() else {
+        return crate::public::key_change_unsigned(&st, &v, &f).await;
     };
     let req = KeyChangeRequest::read(&body_of(&f, &["public_key"]));
     let requested = match caller.principal() {
