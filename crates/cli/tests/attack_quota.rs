@@ -13,7 +13,7 @@ async fn create(c: &basphere_client::Client, name: &str) -> basphere_client::Res
 
 async fn names(c: &basphere_client::Client) -> Vec<String> {
     let d = get_data(c, "/api/v1/vms").await;
-    let mut v: Vec<String> = d
+    let mut v: Vec<String> = d["vms"]
         .as_array()
         .unwrap()
         .iter()

@@ -36,7 +36,7 @@ async fn sigkill_mid_create_resumes_to_running_without_leaks() {
     let start = &w["steps"][1];
     assert_eq!(start["attempts"], 2, "the interrupted step ran again: {w}");
     let all = get_data(&s.root(), "/api/v1/vms?all=true").await;
-    assert_eq!(all.as_array().unwrap().len(), 1);
+    assert_eq!(all["vms"].as_array().unwrap().len(), 1);
     assert_eq!(quota_usage(&c).await, (1, 1));
 }
 
