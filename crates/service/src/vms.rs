@@ -258,13 +258,18 @@ impl Services {
         p: &Paging,
     ) -> Result<(Paged<wire::Vm>, wire::QuotaSummary)> {
         let page = self.vms(owner, p).await?;
+        // An owner who is gone (an admin looking after a delete) holds nothing: no quota.
         let quota = match owner.filter(|o| *o != me.username.as_str()) {
-            Some(o) => self
-                .store
-                .user(o)
-                .await?
-                .map(|u| u.quota)
-                .ok_or_else(|| ServiceError::NotFound(format!("user {o} not found")))?,
+            Some(o) => self.store.user(o).await?.map_or(
+                basphere_core::Quota {
+                    max_vms: 0,
+                    max_clusters: 0,
+                    max_ips: 0,
+                    max_vcpus: None,
+                    max_memory_mib: None,
+                },
+                |u| u.quota,
+            ),
             None => me.quota,
         };
         let usage = self
