@@ -74,8 +74,9 @@ pub enum Cmd {
         username: Option<String>,
         #[arg(long, short = 'e')]
         email: String,
+        /// Your team (optional).
         #[arg(long, short = 't')]
-        team: String,
+        team: Option<String>,
         /// Your SSH public key file.
         #[arg(long, short = 'k', default_value = "~/.ssh/id_ed25519.pub")]
         key_file: String,
@@ -303,8 +304,9 @@ pub enum UserCmd {
         username: String,
         #[arg(long, short = 'e')]
         email: String,
+        /// The user's team (optional).
         #[arg(long, short = 't')]
-        team: String,
+        team: Option<String>,
         #[arg(long, short = 'k')]
         key_file: String,
     },

@@ -94,7 +94,9 @@ fn is_rfc3339(v: &Value) -> bool {
 fn is_request_id(v: &Value, prefix: &str) -> bool {
     v.as_str().is_some_and(|s| {
         s.strip_prefix(prefix).is_some_and(|h| {
-            h.len() >= 8 && h.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+            h.len() >= 8
+                && h.bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
         })
     })
 }
@@ -174,11 +176,7 @@ async fn post_form(s: &Server, path: &str, fields: &[(&str, &str)]) -> Resp {
 
 /// Whether the admin finds a registration of `u`.
 async fn registered(s: &Server, u: &str) -> bool {
-    let r = s
-        .root()
-        .get(&format!("/api/v1/pending/{u}"))
-        .await
-        .unwrap();
+    let r = s.root().get(&format!("/api/v1/pending/{u}")).await.unwrap();
     r.status == 200
 }
 
@@ -189,9 +187,12 @@ async fn registered(s: &Server, u: &str) -> bool {
 /// [`STAND_IN_SECRET`], `{"success": false}` to anything else, and records every form it got.
 struct VerifyStandIn {
     url: String,
-    forms: Arc<Mutex<Vec<Vec<(String, String)>>>>,
+    forms: Forms,
     task: tokio::task::JoinHandle<()>,
 }
+
+/// Every form the stand-in got, as `(name, value)` pairs.
+type Forms = Arc<Mutex<Vec<Vec<(String, String)>>>>;
 
 const STAND_IN_SECRET: &str = "stand-in secret/+=";
 const STAND_IN_SITE_KEY: &str = "stand-in-site-key";
@@ -223,8 +224,11 @@ fn form_decode(s: &str) -> String {
 impl VerifyStandIn {
     async fn start() -> VerifyStandIn {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/recaptcha/api/siteverify", l.local_addr().unwrap());
-        let forms: Arc<Mutex<Vec<Vec<(String, String)>>>> = Arc::default();
+        let url = format!(
+            "http://{}/recaptcha/api/siteverify",
+            l.local_addr().unwrap()
+        );
+        let forms: Forms = Arc::default();
         let seen = forms.clone();
         let task = tokio::spawn(async move {
             loop {
@@ -264,12 +268,9 @@ impl VerifyStandIn {
                         .filter_map(|kv| kv.split_once('='))
                         .map(|(k, v)| (form_decode(k), form_decode(v)))
                         .collect();
-                    let get = |k: &str| {
-                        form.iter()
-                            .find(|(n, _)| n == k)
-                            .map(|(_, v)| v.as_str())
-                    };
-                    let ok = get("secret") == Some(STAND_IN_SECRET) && get("response") == Some(PASS);
+                    let get = |k: &str| form.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+                    let ok =
+                        get("secret") == Some(STAND_IN_SECRET) && get("response") == Some(PASS);
                     let answer = if ok {
                         r#"{"success": true, "hostname": "stand-in"}"#.to_string()
                     } else {
@@ -322,7 +323,10 @@ async fn every_answer_and_every_error_carries_the_envelope() {
     let t = Some(token.as_str());
 
     // TestHealthCheck: 200, success.
-    let v = envelope(&call(&s, "127.0.0.1", "GET", "/health", None, None).await, 200);
+    let v = envelope(
+        &call(&s, "127.0.0.1", "GET", "/health", None, None).await,
+        200,
+    );
     assert_eq!(v["success"], true);
 
     // 404: an unknown route, inside and outside /api/v1.
@@ -336,7 +340,10 @@ async fn every_answer_and_every_error_carries_the_envelope() {
     assert!(r.header("allow").is_some(), "{:?}", r.headers);
     // 413: a body over the limit.
     let big = json!({"name": "x", "pad": "y".repeat(70 * 1024)});
-    envelope(&call(&s, "127.0.0.1", "POST", "/api/v1/vms", t, Some(&big)).await, 413);
+    envelope(
+        &call(&s, "127.0.0.1", "POST", "/api/v1/vms", t, Some(&big)).await,
+        413,
+    );
     // 400 "Invalid JSON" (TestAPIRegister_InvalidJSON), and a body that is no object.
     for body in [&b"invalid json"[..], b"[1, 2]"] {
         let r = raw::send(
@@ -386,8 +393,14 @@ async fn every_answer_and_every_error_carries_the_envelope() {
         400,
     );
     // 401, 403, 415.
-    envelope(&call(&s, "127.0.0.1", "GET", "/api/v1/vms", None, None).await, 401);
-    envelope(&call(&s, "127.0.0.1", "GET", "/api/v1/pending", t, None).await, 403);
+    envelope(
+        &call(&s, "127.0.0.1", "GET", "/api/v1/vms", None, None).await,
+        401,
+    );
+    envelope(
+        &call(&s, "127.0.0.1", "GET", "/api/v1/pending", t, None).await,
+        403,
+    );
     let r = raw::send(
         "127.0.0.1",
         &s.addr,
@@ -445,7 +458,10 @@ async fn registration_requests_answer_as_the_prototype() {
     assert_eq!(d["team"], "platform");
     assert_eq!(d["public_key"], KEY);
     assert_eq!(d["status"], "pending");
-    assert!(is_rfc3339(&d["created_at"]) && is_rfc3339(&d["updated_at"]), "{d}");
+    assert!(
+        is_rfc3339(&d["created_at"]) && is_rfc3339(&d["updated_at"]),
+        "{d}"
+    );
     assert_eq!(d["updated_at"], d["created_at"]);
     let first_id = d["id"].clone();
 
@@ -465,11 +481,26 @@ async fn registration_requests_answer_as_the_prototype() {
 
     // TestAPIRegister_ValidationError: 400 "Validation failed", each entry names its field.
     let cases = [
-        (json!({"username": "", "email": "a@example.org", "public_key": KEY}), "username"),
-        (json!({"username": "Invalid_User", "email": "a@example.org", "public_key": KEY}), "username"),
-        (json!({"username": "gooduser", "email": "invalid-email", "public_key": KEY}), "email"),
-        (json!({"username": "gooduser", "email": "a@example.org", "public_key": "not-a-valid-key"}), "public_key"),
-        (json!({"username": "gooduser", "email": "a@example.org"}), "public_key"),
+        (
+            json!({"username": "", "email": "a@example.org", "public_key": KEY}),
+            "username",
+        ),
+        (
+            json!({"username": "Invalid_User", "email": "a@example.org", "public_key": KEY}),
+            "username",
+        ),
+        (
+            json!({"username": "gooduser", "email": "invalid-email", "public_key": KEY}),
+            "email",
+        ),
+        (
+            json!({"username": "gooduser", "email": "a@example.org", "public_key": "not-a-valid-key"}),
+            "public_key",
+        ),
+        (
+            json!({"username": "gooduser", "email": "a@example.org"}),
+            "public_key",
+        ),
     ];
     for (body, field) in cases {
         let v = envelope(&anon_post(&s, "/api/v1/register", &body).await, 400);
@@ -487,7 +518,11 @@ async fn registration_requests_answer_as_the_prototype() {
         .await,
         400,
     );
-    assert_eq!(v["errors"].as_array().unwrap().len(), 3, "one per bad field: {v}");
+    assert_eq!(
+        v["errors"].as_array().unwrap().len(),
+        3,
+        "one per bad field: {v}"
+    );
     // TestAPIRegister_InvalidJSON.
     let r = raw::send(
         "127.0.0.1",
@@ -521,22 +556,52 @@ async fn registration_requests_answer_as_the_prototype() {
         200,
     );
     let list = v["data"].as_array().expect("data is a list");
-    let names: BTreeSet<&str> = list.iter().map(|r| r["username"].as_str().unwrap()).collect();
+    let names: BTreeSet<&str> = list
+        .iter()
+        .map(|r| r["username"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["noteam", "testuser", "user3"].into_iter().collect());
     for item in list {
-        has_all(item, &["id", "username", "email", "public_key", "status", "created_at", "updated_at"]);
+        has_all(
+            item,
+            &[
+                "id",
+                "username",
+                "email",
+                "public_key",
+                "status",
+                "created_at",
+                "updated_at",
+            ],
+        );
         assert_eq!(item["status"], "pending");
     }
 
     // TestAPIGetPending_Found / _NotFound.
     let v = envelope(
-        &call(&s, "127.0.0.1", "GET", "/api/v1/pending/testuser", adm, None).await,
+        &call(
+            &s,
+            "127.0.0.1",
+            "GET",
+            "/api/v1/pending/testuser",
+            adm,
+            None,
+        )
+        .await,
         200,
     );
     assert_eq!(v["data"]["id"], first_id);
     assert_eq!(v["data"]["username"], "testuser");
     envelope(
-        &call(&s, "127.0.0.1", "GET", "/api/v1/pending/nonexistent", adm, None).await,
+        &call(
+            &s,
+            "127.0.0.1",
+            "GET",
+            "/api/v1/pending/nonexistent",
+            adm,
+            None,
+        )
+        .await,
         404,
     );
 
@@ -553,20 +618,48 @@ async fn registration_requests_answer_as_the_prototype() {
     .await;
     let d = envelope(&r, 200)["data"].clone();
     has_all(&d, REQUEST_FIELDS);
-    has_all(&d, &["processed_by", "processed_at", "user", "ip_block", "enrollment_code"]);
+    has_all(
+        &d,
+        &[
+            "processed_by",
+            "processed_at",
+            "user",
+            "ip_block",
+            "enrollment_code",
+        ],
+    );
     assert_eq!(d["id"], first_id);
     assert_eq!(d["status"], "approved");
-    assert!(d["processed_by"].as_str().is_some_and(|p| !p.is_empty()), "{d}");
+    assert!(
+        d["processed_by"].as_str().is_some_and(|p| !p.is_empty()),
+        "{d}"
+    );
     assert!(is_rfc3339(&d["processed_at"]), "{d}");
     assert_eq!(d["updated_at"], d["processed_at"]);
     assert_eq!(d["user"]["status"], "active");
     // TestAPIApprove_AlreadyProcessed: 400. TestAPIApprove_NotFound: 404.
     envelope(
-        &call(&s, "127.0.0.1", "POST", "/api/v1/users/testuser/approve", adm, None).await,
+        &call(
+            &s,
+            "127.0.0.1",
+            "POST",
+            "/api/v1/users/testuser/approve",
+            adm,
+            None,
+        )
+        .await,
         400,
     );
     envelope(
-        &call(&s, "127.0.0.1", "POST", "/api/v1/users/nonexistent/approve", adm, None).await,
+        &call(
+            &s,
+            "127.0.0.1",
+            "POST",
+            "/api/v1/users/nonexistent/approve",
+            adm,
+            None,
+        )
+        .await,
         404,
     );
 
@@ -593,7 +686,15 @@ async fn registration_requests_answer_as_the_prototype() {
     assert_eq!(stored["status"], "rejected");
     assert_eq!(stored["reject_reason"], "Invalid request");
     envelope(
-        &call(&s, "127.0.0.1", "POST", "/api/v1/users/user3/reject", adm, None).await,
+        &call(
+            &s,
+            "127.0.0.1",
+            "POST",
+            "/api/v1/users/user3/reject",
+            adm,
+            None,
+        )
+        .await,
         400,
     );
 
@@ -612,7 +713,10 @@ async fn registration_requests_answer_as_the_prototype() {
     // Paging by the request ids the list shows.
     let page = call(&s, "127.0.0.1", "GET", "/api/v1/pending?limit=1", adm, None).await;
     let next = page.header("x-next-after").map(str::to_string);
-    assert!(next.is_none(), "one pending request fits one page: {next:?}");
+    assert!(
+        next.is_none(),
+        "one pending request fits one page: {next:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -648,7 +752,10 @@ fn check_vm(vm: &Value, owner: &str) {
     has_all(vm, &["id", "vcpus", "memory_mib", "disk_gib", "provider"]);
     assert_eq!(vm["owner"], owner);
     assert!(vm["vsphere_vm_name"].is_string(), "{vm}");
-    assert!(vm["ip_address"].is_string(), "a string, \"\" until known: {vm}");
+    assert!(
+        vm["ip_address"].is_string(),
+        "a string, \"\" until known: {vm}"
+    );
     assert!(is_rfc3339(&vm["created_at"]), "{vm}");
     for k in ["extra_disks", "extra_networks"] {
         assert!(vm.get(k).is_none_or(|d| d.is_array()), "{vm}");
@@ -669,7 +776,10 @@ async fn vms_and_quota_answer_as_the_prototype() {
     let t = Some(token.as_str());
 
     // GET /vms before any: {vms: [], total: 0, quota}.
-    let d = envelope(&call(&s, "127.0.0.1", "GET", "/api/v1/vms", t, None).await, 200)["data"]
+    let d = envelope(
+        &call(&s, "127.0.0.1", "GET", "/api/v1/vms", t, None).await,
+        200,
+    )["data"]
         .clone();
     has_all(&d, &["vms", "total", "quota"]);
     assert_eq!(d["vms"], json!([]));
@@ -726,7 +836,10 @@ async fn vms_and_quota_answer_as_the_prototype() {
     );
 
     // GET /vms: every VM, total, the quota in use.
-    let d = envelope(&call(&s, "127.0.0.1", "GET", "/api/v1/vms", t, None).await, 200)["data"]
+    let d = envelope(
+        &call(&s, "127.0.0.1", "GET", "/api/v1/vms", t, None).await,
+        200,
+    )["data"]
         .clone();
     let vms = d["vms"].as_array().unwrap();
     assert_eq!(vms.len(), 4);
@@ -754,12 +867,25 @@ async fn vms_and_quota_answer_as_the_prototype() {
     );
 
     // GET /quota: the prototype's four figures, plus ours.
-    let d = envelope(&call(&s, "127.0.0.1", "GET", "/api/v1/quota", t, None).await, 200)["data"]
+    let d = envelope(
+        &call(&s, "127.0.0.1", "GET", "/api/v1/quota", t, None).await,
+        200,
+    )["data"]
         .clone();
     check_quota(&d);
     assert_eq!(d["used_vms"], 4);
     assert_eq!(d["used_ips"], 4);
-    has_all(&d, &["max_clusters", "used_vcpus", "used_memory_mib", "username", "quota", "usage"]);
+    has_all(
+        &d,
+        &[
+            "max_clusters",
+            "used_vcpus",
+            "used_memory_mib",
+            "username",
+            "quota",
+            "usage",
+        ],
+    );
     assert_eq!(d["max_vms"], d["quota"]["max_vms"]);
 
     // DELETE /vms/{name}: 202, the VM (deleting) with its operation; then it is gone.
@@ -768,7 +894,10 @@ async fn vms_and_quota_answer_as_the_prototype() {
     check_vm(&d, "vmuser");
     assert_eq!(d["name"], "myvm");
     assert_eq!(d["status"], "deleting");
-    assert!(d["operation_id"].as_str().is_some_and(|o| !o.is_empty()), "{d}");
+    assert!(
+        d["operation_id"].as_str().is_some_and(|o| !o.is_empty()),
+        "{d}"
+    );
     wait_vm(&c, "myvm", 30, "gone").await;
     envelope(
         &call(&s, "127.0.0.1", "DELETE", "/api/v1/vms/myvm", t, None).await,
@@ -792,7 +921,16 @@ async fn key_change_without_a_key_waits_for_an_admin() {
     let d = envelope(&anon_post(&s, "/api/v1/key-change", &body).await, 200)["data"].clone();
     has_all(
         &d,
-        &["id", "username", "email", "new_public_key", "reason", "status", "created_at", "updated_at"],
+        &[
+            "id",
+            "username",
+            "email",
+            "new_public_key",
+            "reason",
+            "status",
+            "created_at",
+            "updated_at",
+        ],
     );
     assert!(is_request_id(&d["id"], "keychange-"), "{d}");
     assert_eq!(d["username"], "bob");
@@ -845,13 +983,29 @@ async fn key_change_without_a_key_waits_for_an_admin() {
     );
     assert_eq!(v["data"][0]["id"], d["id"]);
     let v = envelope(
-        &call(&s, "127.0.0.1", "POST", "/api/v1/key-changes/bob/approve", adm, None).await,
+        &call(
+            &s,
+            "127.0.0.1",
+            "POST",
+            "/api/v1/key-changes/bob/approve",
+            adm,
+            None,
+        )
+        .await,
         200,
     );
     assert_eq!(v["data"]["status"], "approved");
     assert!(is_rfc3339(&v["data"]["processed_at"]), "{v}");
     envelope(
-        &call(&s, "127.0.0.1", "POST", "/api/v1/key-changes/bob/approve", adm, None).await,
+        &call(
+            &s,
+            "127.0.0.1",
+            "POST",
+            "/api/v1/key-changes/bob/approve",
+            adm,
+            None,
+        )
+        .await,
         400,
     );
     let me = envelope(
@@ -882,7 +1036,11 @@ async fn key_change_without_a_key_waits_for_an_admin() {
     // The portal's form, for a visitor who is not signed in.
     let page = raw::send("127.0.0.1", &s.addr, "GET", "/key-change", &[], b"").await;
     assert_eq!(page.status, 200, "{}", page.body);
-    assert!(page.body.contains(r#"name="new_public_key""#), "{}", page.body);
+    assert!(
+        page.body.contains(r#"name="new_public_key""#),
+        "{}",
+        page.body
+    );
     let _dave = s.user("dave").await;
     let k4 = fresh_key("contract-dave");
     let r = post_form(
@@ -910,7 +1068,15 @@ async fn key_change_without_a_key_waits_for_an_admin() {
     assert_eq!(ok.status, 200);
     assert!(ok.body.contains("key-change-received"), "{}", ok.body);
     let v = envelope(
-        &call(&s, "127.0.0.1", "GET", "/api/v1/key-changes/dave", adm, None).await,
+        &call(
+            &s,
+            "127.0.0.1",
+            "GET",
+            "/api/v1/key-changes/dave",
+            adm,
+            None,
+        )
+        .await,
         200,
     );
     assert_eq!(v["data"][0]["reason"], "rotation");
@@ -938,7 +1104,10 @@ async fn registration_guards_hold_on_the_api_and_the_web_form() {
     let secret = format!("\"{STAND_IN_SECRET}\"");
     let site = format!("\"{STAND_IN_SITE_KEY}\"");
     let s = server(&[
-        ("BASPHERE_REGISTRATION__ALLOWED_EMAIL_DOMAINS", r#"["Example.ORG", "corp.example"]"#),
+        (
+            "BASPHERE_REGISTRATION__ALLOWED_EMAIL_DOMAINS",
+            r#"["Example.ORG", "corp.example"]"#,
+        ),
         ("BASPHERE_RECAPTCHA__SITE_KEY", &site),
         ("BASPHERE_RECAPTCHA__SECRET_KEY", &secret),
         ("BASPHERE_RECAPTCHA__VERIFY_URL", &url),
@@ -956,18 +1125,29 @@ async fn registration_guards_hold_on_the_api_and_the_web_form() {
         400,
     );
     assert!(
-        v["errors"][0].as_str().unwrap().starts_with("g-recaptcha-response"),
+        v["errors"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("g-recaptcha-response"),
         "{v}"
     );
     assert_eq!(captcha.calls(), 0);
     assert!(!registered(&s, "nocap").await);
     // A wrong answer → refused after asking the endpoint with our secret.
     envelope(
-        &anon_post(&s, "/api/v1/register", &with(registration("badcap"), Some("robot"))).await,
+        &anon_post(
+            &s,
+            "/api/v1/register",
+            &with(registration("badcap"), Some("robot")),
+        )
+        .await,
         400,
     );
     assert_eq!(captcha.calls(), 1);
-    assert_eq!(captcha.last(), (STAND_IN_SECRET.to_string(), "robot".to_string()));
+    assert_eq!(
+        captcha.last(),
+        (STAND_IN_SECRET.to_string(), "robot".to_string())
+    );
     assert!(!registered(&s, "badcap").await);
     // A verified answer with a disallowed domain → 400 with the reason, nothing stored.
     let mut other = registration("outsider");
@@ -978,12 +1158,18 @@ async fn registration_guards_hold_on_the_api_and_the_web_form() {
     );
     assert_eq!(v["message"], "Validation failed");
     let why = v["errors"][0].as_str().unwrap();
-    assert!(why.starts_with("email") && why.contains("elsewhere.example"), "{why}");
+    assert!(
+        why.starts_with("email") && why.contains("elsewhere.example"),
+        "{why}"
+    );
     assert!(!registered(&s, "outsider").await);
     // A subdomain is not the domain (exact match).
     let mut sub = registration("subby");
     sub["email"] = json!("subby@mail.example.org");
-    envelope(&anon_post(&s, "/api/v1/register", &with(sub, Some(PASS))).await, 400);
+    envelope(
+        &anon_post(&s, "/api/v1/register", &with(sub, Some(PASS))).await,
+        400,
+    );
     assert!(!registered(&s, "subby").await);
     // Verified, allowed domain (any case) → 200, stored.
     let mut fine = registration("insider");
@@ -1010,7 +1196,11 @@ async fn registration_guards_hold_on_the_api_and_the_web_form() {
     // The web form: the widget and its script are on the page, the CSP lets them in.
     let page = raw::send("127.0.0.1", &s.addr, "GET", "/register", &[], b"").await;
     assert_eq!(page.status, 200);
-    assert!(page.body.contains(r#"class="g-recaptcha""#), "{}", page.body);
+    assert!(
+        page.body.contains(r#"class="g-recaptcha""#),
+        "{}",
+        page.body
+    );
     assert!(page.body.contains(STAND_IN_SITE_KEY), "{}", page.body);
     let csp = page.header("content-security-policy").unwrap();
     assert!(csp.contains("https://www.google.com/recaptcha/"), "{csp}");
@@ -1048,12 +1238,20 @@ async fn registration_guards_hold_on_the_api_and_the_web_form() {
     assert!(registered(&s, "webok").await);
 
     // Key change without a key: reCAPTCHA on the JSON route and the form alike.
-    let _ = s.root().post("/api/v1/users/insider/approve", &json!({})).await.unwrap();
+    let _ = s
+        .root()
+        .post("/api/v1/users/insider/approve", &json!({}))
+        .await
+        .unwrap();
     let k = fresh_key("contract-guard");
-    let body = json!({"username": "insider", "email": "insider@example.org", "new_public_key": k.trim()});
+    let body =
+        json!({"username": "insider", "email": "insider@example.org", "new_public_key": k.trim()});
     let v = envelope(&anon_post(&s, "/api/v1/key-change", &body).await, 400);
     assert!(
-        v["errors"][0].as_str().unwrap().starts_with("g-recaptcha-response"),
+        v["errors"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("g-recaptcha-response"),
         "{v}"
     );
     envelope(

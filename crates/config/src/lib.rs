@@ -588,8 +588,21 @@ fn apply_env(
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<(), ConfigError> {
     const TOP: &[&str] = &[
-        "data_dir", "server", "bastion", "network", "quota", "specs", "images", "provider",
-        "engine", "qemu", "vsphere", "limits", "database", "registration", "recaptcha",
+        "data_dir",
+        "server",
+        "bastion",
+        "network",
+        "quota",
+        "specs",
+        "images",
+        "provider",
+        "engine",
+        "qemu",
+        "vsphere",
+        "limits",
+        "database",
+        "registration",
+        "recaptcha",
     ];
     for (var, value) in env {
         let Some(rest) = var.strip_prefix("BASPHERE_") else {

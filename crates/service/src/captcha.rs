@@ -85,8 +85,7 @@ impl Services {
         let unavailable = |e: String| {
             tracing::warn!(error = %e, "reCAPTCHA check not made");
             ServiceError::Unavailable {
-                message: "the reCAPTCHA check could not be made now; try again in a minute"
-                    .into(),
+                message: "the reCAPTCHA check could not be made now; try again in a minute".into(),
                 retry_after: Some(60),
             }
         };

@@ -286,8 +286,10 @@ impl Services {
     pub async fn pending(&self, p: &Paging) -> Result<Paged<wire::Registration>> {
         let limit = p.limit()?;
         let r = self.store.pending_page(p.after_num()?, limit + 1).await?;
-        Ok(Paged::of(r, limit, |r| wire::request_id(wire::REGISTRATION_ID, r.id))
-            .map(|r| convert::registration(&r)))
+        Ok(
+            Paged::of(r, limit, |r| wire::request_id(wire::REGISTRATION_ID, r.id))
+                .map(|r| convert::registration(&r)),
+        )
     }
 
     /// Every pending registration, newest first, for the review page.
@@ -677,8 +679,10 @@ impl Services {
             .store
             .key_changes_page(p.after_num()?, limit + 1)
             .await?;
-        Ok(Paged::of(k, limit, |k| wire::request_id(wire::KEY_CHANGE_ID, k.id))
-            .map(|k| convert::key_change(&k)))
+        Ok(
+            Paged::of(k, limit, |k| wire::request_id(wire::KEY_CHANGE_ID, k.id))
+                .map(|k| convert::key_change(&k)),
+        )
     }
 
     /// Key changes of one user (`None`: everyone's).

@@ -86,11 +86,11 @@ pub async fn register(State(st): State<AppState>, v: Visitor, Form(f): Form<Fiel
     }
     let req = RegisterRequest::read(&body_of(&f, &["username", "email", "public_key"]));
     let registered = match limits::admit_registration(&st).await {
-        Ok(()) => match api(
-            st.services
-                .verify_captcha(f.get(CAPTCHA_FIELD).map(String::as_str), None)
-                .await,
-        ) {
+        Ok(()) => match api(st
+            .services
+            .verify_captcha(f.get(CAPTCHA_FIELD).map(String::as_str), None)
+            .await)
+        {
             Ok(()) => api(st
                 .services
                 .register(&v.anonymous().actor(), None, &req)
@@ -108,8 +108,14 @@ pub async fn register(State(st): State<AppState>, v: Visitor, Form(f): Form<Fiel
             let mut fields = e.fields.clone();
             let mut alert = None;
             if e.status == StatusCode::CONFLICT {
+                // A pending registration with this email, or the name taken.
+                let field = if e.message.contains("with email") {
+                    "email"
+                } else {
+                    "username"
+                };
                 fields.push(FieldError {
-                    field: "username".into(),
+                    field: field.into(),
                     message: e.message.clone(),
                 });
             } else if fields.is_empty() {
@@ -385,16 +391,6 @@ pub async fn signout(State(st): State<AppState>, v: Visitor, Form(f): Form<Field
     v.end_session(v.redirect("/signin", Some(("ok", "Signed out."))))
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn ssh_config_host_pattern_from_cidr() {
-        assert_eq!(super::net_pattern("10.254.0.0/21"), "10.254.*");
-        assert_eq!(super::net_pattern("10.0.0.0/8"), "10.*");
-        assert_eq!(super::net_pattern("192.168.7.0/24"), "192.168.7.*");
-    }
-}
-
 fn key_change_unsigned_body(
     st: &AppState,
     v: &Visitor,
@@ -457,11 +453,11 @@ pub(crate) async fn key_change_unsigned(st: &AppState, v: &Visitor, f: &Fields) 
         f,
         &["username", "email", "new_public_key"],
     ));
-    let done = match api(
-        st.services
-            .verify_captcha(f.get(CAPTCHA_FIELD).map(String::as_str), None)
-            .await,
-    ) {
+    let done = match api(st
+        .services
+        .verify_captcha(f.get(CAPTCHA_FIELD).map(String::as_str), None)
+        .await)
+    {
         Ok(()) => api(st
             .services
             .request_key_change_unsigned(&v.anonymous().actor(), &req)
@@ -470,7 +466,10 @@ pub(crate) async fn key_change_unsigned(st: &AppState, v: &Visitor, f: &Fields) 
     };
     match done {
         Ok(d) => v.redirect(
-            &format!("/key-change-success?u={}", crate::html::url(&d.data.username)),
+            &format!(
+                "/key-change-success?u={}",
+                crate::html::url(&d.data.username)
+            ),
             None,
         ),
         Err(e) => {
@@ -494,8 +493,18 @@ pub async fn key_change_success(v: Visitor, Query(q): Query<Fields>) -> Response
         .unwrap_or_default();
     let body = format!(
         r#"<p id="key-change-received">Thank you{who}. Your request for a new SSH key was received and waits for an admin's review.</p>
-<p>Once an admin approves it, the new key is the one the bastion and your VMs accept for new logins. Until then the old key (if you still have it) keeps working.</p>
+<p>Once an admin approves it, your account's key is the new one: the bastion accepts it, and VMs you create from then on get it. Until then your old key (if you still have it) keeps working.</p>
 <p><a href="/ssh-guide">SSH guide</a></p>"#
     );
     v.page(StatusCode::OK, "Key change requested", &body)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ssh_config_host_pattern_from_cidr() {
+        assert_eq!(super::net_pattern("10.254.0.0/21"), "10.254.*");
+        assert_eq!(super::net_pattern("10.0.0.0/8"), "10.*");
+        assert_eq!(super::net_pattern("192.168.7.0/24"), "192.168.7.*");
+    }
 }

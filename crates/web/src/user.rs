@@ -609,7 +609,14 @@ async fn key_page(
 /// username and registered email (the prototype's, for someone who lost their key).
 pub async fn key_change_form(State(st): State<AppState>, v: Visitor) -> Response {
     if v.caller.is_none() {
-        return crate::public::key_change_unsigned_page(&st, &v, StatusCode::OK, &Fields::new(), &[], None);
+        return crate::public::key_change_unsigned_page(
+            &st,
+            &v,
+            StatusCode::OK,
+            &Fields::new(),
+            &[],
+            None,
+        );
     }
     key_page(&st, &v, StatusCode::OK, &Fields::new(), &[]).await
 }

@@ -76,7 +76,9 @@ async fn envelope_errors(req: Request, next: Next) -> Response {
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.starts_with("application/json") || ct.starts_with("text/event-stream"));
+        .is_some_and(|ct| {
+            ct.starts_with("application/json") || ct.starts_with("text/event-stream")
+        });
     if !(r.status().is_client_error() || r.status().is_server_error()) || json {
         return r;
     }

@@ -1,9 +1,9 @@
 //! Users, registrations, key changes, tokens and the audit trail.
 
 use crate::auth::{Caller, PeerInfo};
-use crate::limits;
 use crate::envelope::{ApiError, Ok200, accepted, created, ok};
 use crate::input::Body;
+use crate::limits;
 use crate::routes::page::{PageQuery, page};
 use crate::server::AppState;
 use axum::extract::{ConnectInfo, Path, Query, State};

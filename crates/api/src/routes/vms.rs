@@ -58,7 +58,10 @@ pub async fn list_page(
         vms: vms.items,
         quota,
     };
-    Ok(with_next(ok(format!("{n} VM(s)"), list).into_response(), next))
+    Ok(with_next(
+        ok(format!("{n} VM(s)"), list).into_response(),
+        next,
+    ))
 }
 
 /// Whose VMs a request addresses: the caller's, unless an admin names another owner or all

@@ -88,7 +88,11 @@ impl Store {
         reason: Option<&str>,
         actor: &Actor,
     ) -> std::result::Result<KeyChange, UserError> {
-        let (u, key, actor) = (username.to_string(), key.as_str().to_string(), actor.clone());
+        let (u, key, actor) = (
+            username.to_string(),
+            key.as_str().to_string(),
+            actor.clone(),
+        );
         let claimed = claimed_email.map(str::to_string);
         let reason = reason.map(str::to_string);
         self.db

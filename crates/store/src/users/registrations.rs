@@ -150,7 +150,11 @@ impl Store {
 
     /// The username of a pending registration filed with `email` (case-insensitively) under
     /// another name than `username`, if there is one.
-    pub async fn pending_email_holder(&self, email: &str, username: &str) -> Result<Option<String>> {
+    pub async fn pending_email_holder(
+        &self,
+        email: &str,
+        username: &str,
+    ) -> Result<Option<String>> {
         let s = stmt!(
             "SELECT username FROM registrations
              WHERE status = 'pending' AND LOWER(email) = LOWER($1) AND username <> $2
