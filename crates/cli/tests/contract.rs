@@ -327,7 +327,7 @@ async fn every_answer_and_every_error_carries_the_envelope() {
         &call(&s, "127.0.0.1", "GET", "/health", None, None).await,
         200,
     );
-    assert_eq!(v["success"], true);
+    assert_eq!(v["message"], "OK");
 
     // 404: an unknown route, inside and outside /api/v1.
     for path in ["/api/v1/nothing-here", "/no/such/page"] {

@@ -116,8 +116,9 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
 }
 
 async fn health() -> impl IntoResponse {
+    // The prototype's message (`TestHealthCheck`).
     ok(
-        "ok",
+        "OK",
         basphere_wire::Health {
             status: "ok".into(),
             version: env!("CARGO_PKG_VERSION").into(),
