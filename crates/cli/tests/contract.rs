@@ -899,6 +899,24 @@ async fn vms_and_quota_answer_as_the_prototype() {
         "{d}"
     );
     wait_vm(&c, "myvm", 30, "gone").await;
+
+    // Over the quota: 403, said plainly, with the figures as data.
+    let r = call(
+        &s,
+        "127.0.0.1",
+        "POST",
+        "/api/v1/vms",
+        t,
+        Some(&json!({"name": "many", "spec": "tiny", "count": 10})),
+    )
+    .await;
+    let v = envelope(&r, 403);
+    assert_eq!(
+        v["message"],
+        "quota exceeded: you use 3 VMs and asked for 10 more, but your limit is 10 VMs; delete \
+         some or ask an admin to raise the limit"
+    );
+    assert_eq!(v["data"]["limit"], "vms");
     envelope(
         &call(&s, "127.0.0.1", "DELETE", "/api/v1/vms/myvm", t, None).await,
         404,
