@@ -81,9 +81,11 @@ pub async fn approvals(State(st): State<AppState>, v: Visitor) -> Response {
     for c in &keys {
         let _ = write!(
             k,
-            r#"<article class="card pending" data-key-user="{u}"><h3>{u}</h3><dl class="facts"><dt>New key</dt><dd><code class="key">{key}</code></dd><dt>Asked</dt><dd>{w}</dd></dl>{forms}</article>"#,
+            r#"<article class="card pending" data-key-user="{u}"><h3>{u}</h3><dl class="facts"><dt>Email</dt><dd>{e}</dd><dt>New key</dt><dd><code class="key">{key}</code></dd><dt>Reason</dt><dd>{why}</dd><dt>Asked</dt><dd>{w}</dd></dl>{forms}</article>"#,
             u = esc(&c.username),
-            key = esc(&short_key(&c.public_key)),
+            e = esc(&c.email),
+            why = esc(c.reason.as_deref().unwrap_or("-")),
+            key = esc(&short_key(&c.new_public_key)),
             w = when_rfc3339(&c.created_at),
             forms = decision_forms(&v, "key-changes", &c.username),
         );
