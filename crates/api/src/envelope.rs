@@ -50,6 +50,12 @@ pub fn accepted(message: impl Into<String>, data: impl Serialize) -> Ok200 {
     )
 }
 
+/// The prototype's message of a 400 whose `errors` name each bad field.
+pub const VALIDATION_FAILED: &str = "Validation failed";
+
+/// The prototype's message of a 400 whose body is not a JSON object.
+pub const INVALID_JSON: &str = "Invalid JSON";
+
 /// A refused or failed request.
 #[derive(Debug)]
 pub struct ApiError {
@@ -57,7 +63,8 @@ pub struct ApiError {
     pub message: String,
     pub errors: Vec<String>,
     pub data: Value,
-    /// The bad input fields of a 422, one by one (for forms that show errors inline).
+    /// The bad input fields of a validation failure, one by one (for forms that show errors
+    /// inline).
     pub fields: Vec<basphere_core::FieldError>,
     /// Seconds the client should wait before trying again (`Retry-After`).
     pub retry_after: Option<u32>,
@@ -144,8 +151,7 @@ impl From<basphere_store::StoreError> for ApiError {
 
 impl From<basphere_core::FieldErrors> for ApiError {
     fn from(e: basphere_core::FieldErrors) -> Self {
-        let mut err =
-            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid input").with_errors(e.lines());
+        let mut err = ApiError::bad_request(VALIDATION_FAILED).with_errors(e.lines());
         err.fields = e.0;
         err
     }

@@ -1,7 +1,7 @@
 //! Request bodies: size-limited and JSON-checked. Their fields are read into the wire request
 //! types (`basphere_wire::*Request::read`), which report every field of the wrong type at once.
 
-use crate::envelope::ApiError;
+use crate::envelope::{ApiError, INVALID_JSON};
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
@@ -31,8 +31,10 @@ impl<S: Send + Sync> FromRequest<S> for Body {
         }
         match serde_json::from_slice::<Value>(&bytes) {
             Ok(Value::Object(m)) => Ok(Body(m)),
-            Ok(_) => Err(ApiError::bad_request("request body must be a JSON object")),
-            Err(e) => Err(ApiError::bad_request(format!("malformed JSON: {e}"))),
+            Ok(_) => Err(ApiError::bad_request(INVALID_JSON)
+                .with_errors(vec!["the request body must be a JSON object".into()])),
+            Err(e) => Err(ApiError::bad_request(INVALID_JSON)
+                .with_errors(vec![format!("the request body is not valid JSON: {e}")])),
         }
     }
 }

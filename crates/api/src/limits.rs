@@ -205,16 +205,25 @@ pub async fn admit_registration(st: &AppState) -> Result<(), ApiError> {
 pub async fn register(
     _t: Throttled,
     State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<PeerInfo>,
     caller: Caller,
     body: Body,
 ) -> Result<Ok200, ApiError> {
-    register_capped(st, caller, body).await
+    admit_registration(&st).await?;
+    users::register(State(st), ConnectInfo(peer), caller, body).await
 }
 
-/// A registration under the pending cap (the portal's form, already throttled).
-pub async fn register_capped(st: AppState, caller: Caller, body: Body) -> Result<Ok200, ApiError> {
-    admit_registration(&st).await?;
-    users::register(State(st), caller, body).await
+/// The address of a TCP peer (what reCAPTCHA's `remoteip` names).
+pub fn peer_ip(peer: &PeerInfo) -> Option<IpAddr> {
+    match peer {
+        PeerInfo::Tcp(a) => Some(a.ip()),
+        PeerInfo::Unix { .. } => None,
+    }
+}
+
+/// Whether a caller is anonymous: on TCP with no account (the kernel names every local one).
+pub fn anonymous(caller: &Caller) -> bool {
+    !caller.local && caller.user.is_none()
 }
 
 /// `POST /enroll`, throttled; refusals are folded per client (see [`enroll_as`]).

@@ -19,26 +19,30 @@ pub struct Cli {
     pub cmd: Cmd,
 }
 
+/// The heading the global (connection and output) options are listed under, apart from each
+/// command's own.
+pub const GLOBAL: &str = "Global options";
+
 #[derive(Args, Debug, Clone)]
 pub struct Global {
     /// Config file (server commands; clients read the socket path from it).
-    #[arg(long, global = true, env = "BASPHERE_CONFIG")]
+    #[arg(long, global = true, help_heading = GLOBAL, env = "BASPHERE_CONFIG")]
     pub config: Option<PathBuf>,
     /// Server's Unix socket.
-    #[arg(long, global = true, env = "BASPHERE_SOCKET")]
+    #[arg(long, global = true, help_heading = GLOBAL, env = "BASPHERE_SOCKET")]
     pub socket: Option<PathBuf>,
     /// Server's address for remote use with a token: https://HOST:PORT (TLS) or HOST:PORT.
-    #[arg(long, global = true, env = "BASPHERE_URL")]
+    #[arg(long, global = true, help_heading = GLOBAL, env = "BASPHERE_URL")]
     pub url: Option<String>,
     /// PEM file of the CA (or self-signed certificate) an https:// --url must chain to
     /// (default: the system's roots).
-    #[arg(long, global = true, env = "BASPHERE_CA")]
+    #[arg(long, global = true, help_heading = GLOBAL, env = "BASPHERE_CA")]
     pub ca: Option<PathBuf>,
     /// API token for --url (default: ~/.config/basphere/token).
-    #[arg(long, global = true, env = "BASPHERE_TOKEN", hide_env_values = true)]
+    #[arg(long, global = true, help_heading = GLOBAL, env = "BASPHERE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// Output format.
-    #[arg(long, global = true, value_enum, default_value_t = Output::Table, env = "BASPHERE_OUTPUT")]
+    #[arg(long, global = true, help_heading = GLOBAL, value_enum, default_value_t = Output::Table, env = "BASPHERE_OUTPUT")]
     pub output: Output,
 }
 
@@ -74,8 +78,9 @@ pub enum Cmd {
         username: Option<String>,
         #[arg(long, short = 'e')]
         email: String,
+        /// Your team (optional).
         #[arg(long, short = 't')]
-        team: String,
+        team: Option<String>,
         /// Your SSH public key file.
         #[arg(long, short = 'k', default_value = "~/.ssh/id_ed25519.pub")]
         key_file: String,
@@ -177,10 +182,10 @@ pub enum TokenCmd {
         #[arg(long)]
         ttl_days: Option<u32>,
     },
+    /// List your tokens (never their secrets).
     List,
-    Revoke {
-        id: String,
-    },
+    /// Revoke one of your tokens.
+    Revoke { id: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -205,7 +210,8 @@ pub enum VmCmd {
         /// Size: tiny, small, medium, large, huge.
         #[arg(short = 's', long)]
         spec: Option<String>,
-        /// How many (1-10).
+        /// How many (1-10; 0 or absent: 1). More than one are named NAME-1 … NAME-N, as the
+        /// prototype's create-vm names them.
         #[arg(short = 'c', long)]
         count: Option<u32>,
         /// Return as soon as the request is accepted.
@@ -246,13 +252,13 @@ pub enum VmCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum OpsCmd {
+    /// List your operations, newest first.
     List {
         #[arg(short = 'a', long)]
         all: bool,
     },
-    Show {
-        id: String,
-    },
+    /// Show one operation with its steps.
+    Show { id: String },
     /// Follow an operation's steps (or a batch's nodes, with --batch) until it ends.
     Watch {
         #[arg(required_unless_present = "batch")]
@@ -263,9 +269,7 @@ pub enum OpsCmd {
     },
     /// Cancel an operation: its running step finishes (or hits its deadline), then its done
     /// steps are undone; batch nodes that require it are skipped.
-    Cancel {
-        id: String,
-    },
+    Cancel { id: String },
     /// Queue a failed or cancelled operation again from its first step not done (with its
     /// skipped batch dependents).
     Retry {
@@ -278,8 +282,10 @@ pub enum OpsCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum AdminCmd {
+    /// Users: registrations, approval, quota, disable, delete.
     #[command(subcommand)]
     User(UserCmd),
+    /// SSH key changes waiting for a decision.
     #[command(subcommand)]
     Key(AdminKeyCmd),
     /// The audit trail, newest first.
@@ -303,18 +309,19 @@ pub enum UserCmd {
         username: String,
         #[arg(long, short = 'e')]
         email: String,
+        /// The user's team (optional).
         #[arg(long, short = 't')]
-        team: String,
+        team: Option<String>,
         #[arg(long, short = 'k')]
         key_file: String,
     },
+    /// List users (optionally of one status: pending, active, disabled, rejected).
     List {
         #[arg(long)]
         status: Option<String>,
     },
-    Show {
-        username: String,
-    },
+    /// Show one user with usage, VMs and IP block.
+    Show { username: String },
     /// Delete a user: their VMs first, then the account.
     Delete {
         username: String,
@@ -329,20 +336,18 @@ pub enum UserCmd {
     },
     /// Registrations waiting for a decision.
     Pending,
-    Approve {
-        username: String,
-    },
+    /// Approve a registration (the account and its IP block are made).
+    Approve { username: String },
+    /// Reject a registration, with a reason the user sees.
     Reject {
         username: String,
         #[arg(long, default_value = "")]
         reason: String,
     },
-    Disable {
-        username: String,
-    },
-    Enable {
-        username: String,
-    },
+    /// Disable a user (their login is locked; VMs stay).
+    Disable { username: String },
+    /// Enable a disabled user again.
+    Enable { username: String },
     /// Change a user's quota.
     Quota {
         username: String,
@@ -361,10 +366,11 @@ pub enum UserCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum AdminKeyCmd {
+    /// Key changes waiting for a decision.
     Pending,
-    Approve {
-        username: String,
-    },
+    /// Approve a user's key change (the new key is installed).
+    Approve { username: String },
+    /// Reject a user's key change, with a reason.
     Reject {
         username: String,
         #[arg(long, default_value = "")]

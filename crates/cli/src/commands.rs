@@ -62,13 +62,28 @@ fn client(g: &Global) -> anyhow::Result<Client> {
 /// Every item of a paged list route (up to `max`), following `?after=` with the `key` of
 /// each page's last item.
 async fn get_all(c: &Client, path: &str, key: &str, max: Option<usize>) -> anyhow::Result<Value> {
+    get_all_in(c, path, None, key, max).await
+}
+
+/// [`get_all`] of a list answered as the array `data[list]` (`GET /vms`: `{vms, total,
+/// quota}`); the arrays of every page, joined.
+async fn get_all_in(
+    c: &Client,
+    path: &str,
+    list: Option<&str>,
+    key: &str,
+    max: Option<usize>,
+) -> anyhow::Result<Value> {
     const PAGE: usize = 1000;
     let sep = if path.contains('?') { '&' } else { '?' };
     let mut all: Vec<Value> = vec![];
     let mut after = String::new();
     loop {
         let want = max.map_or(PAGE, |m| (m - all.len()).min(PAGE));
-        let d = check(c.get(&format!("{path}{sep}limit={want}{after}")).await?)?;
+        let mut d = check(c.get(&format!("{path}{sep}limit={want}{after}")).await?)?;
+        if let Some(l) = list {
+            d = d[l].take();
+        }
         let Value::Array(items) = d else {
             return Ok(d);
         };
@@ -618,7 +633,8 @@ async fn vm_cmd(c: &Client, out: Output, v: VmCmd) -> anyhow::Result<ExitCode> {
             });
         }
         VmCmd::List { all, json } => {
-            let mut d = get_all(c, &format!("/api/v1/vms?all={all}"), "id", None).await?;
+            let path = format!("/api/v1/vms?all={all}");
+            let mut d = get_all_in(c, &path, Some("vms"), "id", None).await?;
             // Pages come in creation order; the table is by owner, then name.
             if let Some(v) = d.as_array_mut() {
                 v.sort_by(|a, b| {
@@ -658,7 +674,9 @@ async fn vm_cmd(c: &Client, out: Output, v: VmCmd) -> anyhow::Result<ExitCode> {
                 }
             }
             let d = check(c.delete(&format!("/api/v1/vms/{name}{q}")).await?)?;
-            let op = typed::<wire::VmDeleting>(&d)?.operation_id;
+            let op = typed::<wire::Vm>(&d)?
+                .operation_id
+                .context("the server's answer names no delete operation")?;
             if no_wait {
                 say(out, &d, &format!("deleting {name}, operation {op}"));
                 return Ok(ExitCode::SUCCESS);

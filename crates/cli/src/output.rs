@@ -2,10 +2,12 @@ use crate::args::Output;
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use serde_json::Value;
 
-/// A cell's text for a JSON value.
+/// A cell's text for a JSON value (`-` for nothing: null, or the empty string the prototype's
+/// shapes send for an unknown address).
 pub fn cell(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
+        Value::String(s) if s.is_empty() => "-".into(),
         Value::String(s) => s.clone(),
         other => other.to_string(),
     }

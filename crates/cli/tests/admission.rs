@@ -45,7 +45,7 @@ async fn fifty_concurrent_creates_admit_exactly_the_quota() {
     assert_eq!((ok, refused, ips.len()), (10, 40, 10));
     let c = s.with_token(&token);
     let list = get_data(&c, "/api/v1/vms").await;
-    assert_eq!(list.as_array().unwrap().len(), 10);
+    assert_eq!(list["vms"].as_array().unwrap().len(), 10);
     assert_eq!(quota_usage(&c).await, (10, 10));
     // every admitted VM is reachable in the user's block and the audit trail has each decision
     let audit = get_data(&s.root(), "/api/v1/audit?action=vm.create&limit=1000").await;

@@ -59,7 +59,7 @@ async fn non_json_bodies_on_json_routes_are_refused() {
     .await;
     assert_eq!(r.status, 415, "{}", r.body);
     let vms = s.with_token(&token).get("/api/v1/vms").await.unwrap();
-    assert_eq!(vms.body.data.as_array().unwrap().len(), 0);
+    assert_eq!(vms.body.data["vms"].as_array().unwrap().len(), 0);
     // JSON, with parameters, is fine; so is a body-less POST and the CLI client.
     let r = raw::send(
         "127.0.0.1",
@@ -70,7 +70,7 @@ async fn non_json_bodies_on_json_routes_are_refused() {
         registration("jsonuser").to_string().as_bytes(),
     )
     .await;
-    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.status, 200, "{}", r.body);
     let r = raw::send(
         "127.0.0.1",
         &s.addr,
@@ -162,5 +162,5 @@ async fn foreign_host_names_are_refused() {
         .post("/api/v1/register", &registration("viacli"))
         .await
         .unwrap();
-    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(r.status, 200, "{:?}", r.body);
 }

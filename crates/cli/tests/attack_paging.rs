@@ -67,7 +67,11 @@ fn walk(s: &Server, path: &str, key: &str, limit: usize) -> Vec<String> {
     loop {
         let (st, head, body) = raw_get(s, &format!("{path}{sep}limit={limit}{after}"));
         assert_eq!(st, 200, "{body}");
-        let items = body["data"].as_array().unwrap();
+        // `GET /vms` answers `{vms, total, quota}`; the other lists an array.
+        let items = body["data"]
+            .as_array()
+            .or_else(|| body["data"]["vms"].as_array())
+            .unwrap();
         assert!(items.len() <= limit, "{path}: {} > {limit}", items.len());
         let keys: Vec<String> = items
             .iter()
@@ -123,7 +127,10 @@ async fn a_flood_of_pending_registrations_is_answered_one_page_at_a_time() {
     // Following the cursor yields every row exactly once, newest first.
     let ids = walk(&s, "/api/v1/pending", "id", 1000);
     assert_eq!(ids.len(), 5000);
-    let nums: Vec<i64> = ids.iter().map(|i| i.parse().unwrap()).collect();
+    let nums: Vec<i64> = ids
+        .iter()
+        .map(|i| i64::from_str_radix(i.strip_prefix("req-").unwrap(), 16).unwrap())
+        .collect();
     assert!(
         nums.windows(2).all(|w| w[0] > w[1]),
         "newest first, no repeats"
@@ -185,7 +192,8 @@ async fn every_list_route_pages() {
     }
     assert!(seen.len() >= 3, "enrollment token and two more: {seen:?}");
     let r = c.get("/api/v1/vms?limit=2").await.unwrap();
-    assert_eq!(r.body.data.as_array().unwrap().len(), 2);
+    assert_eq!(r.body.data["vms"].as_array().unwrap().len(), 2);
+    assert_eq!(r.body.data["total"], 2);
     let r = c.get("/api/v1/vms?limit=100000").await.unwrap();
     assert_eq!(r.status, 400, "{:?}", r.body);
 }

@@ -89,7 +89,7 @@ async fn an_embedded_install_moves_to_postgres_with_nothing_lost() {
         std::time::Duration::from_millis(200),
         || async {
             let vms = get_data(&admin, "/api/v1/vms?all=true&limit=1000").await;
-            let n = vms.as_array().map_or(0, |v| {
+            let n = vms["vms"].as_array().map_or(0, |v| {
                 v.iter().filter(|vm| vm["status"] == "running").count()
             });
             if n == 1000 { Ok(()) } else { Err(n) }

@@ -19,7 +19,10 @@ async fn users_cannot_see_or_touch_each_other() {
     assert_eq!(b.get("/api/v1/vms/secret").await.unwrap().status, 404);
     assert_eq!(b.delete("/api/v1/vms/secret").await.unwrap().status, 404);
     assert_eq!(
-        get_data(&b, "/api/v1/vms").await.as_array().unwrap().len(),
+        get_data(&b, "/api/v1/vms").await["vms"]
+            .as_array()
+            .unwrap()
+            .len(),
         0
     );
     assert_eq!(b.get("/api/v1/vms?all=true").await.unwrap().status, 403);
@@ -266,8 +269,7 @@ async fn the_unix_socket_identifies_the_real_uid() {
         "account removed"
     );
     assert_eq!(
-        get_data(&s.root(), &format!("/api/v1/vms?owner={name}"))
-            .await
+        get_data(&s.root(), &format!("/api/v1/vms?owner={name}")).await["vms"]
             .as_array()
             .unwrap()
             .len(),

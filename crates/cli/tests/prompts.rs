@@ -31,7 +31,7 @@ async fn create_vm_prompts_on_a_terminal() {
         "{text}"
     );
     let vms = get_data(&s.root(), "/api/v1/vms").await;
-    let got: Vec<(String, String)> = vms
+    let got: Vec<(String, String)> = vms["vms"]
         .as_array()
         .unwrap()
         .iter()

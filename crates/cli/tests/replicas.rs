@@ -66,7 +66,7 @@ async fn fifty_creates_over_three_replicas_admit_exactly_the_quota() {
     // Every replica sees the same ten.
     for s in &rs {
         let list = get_data(&s.with_token(&token), "/api/v1/vms").await;
-        assert_eq!(list.as_array().unwrap().len(), 10);
+        assert_eq!(list["vms"].as_array().unwrap().len(), 10);
     }
     drop(rs);
     drop(pg);

@@ -36,6 +36,10 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub database: DatabaseConfig,
+    #[serde(default)]
+    pub registration: RegistrationConfig,
+    #[serde(default)]
+    pub recaptcha: RecaptchaConfig,
     /// The `[qemu]` section, parsed by the qemu provider.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qemu: Option<toml::Table>,
@@ -112,6 +116,59 @@ impl Default for ServerConfig {
             trusted_proxies: Vec::new(),
             allowed_hosts: vec![],
         }
+    }
+}
+
+/// Who may register.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrationConfig {
+    /// Email domains a registration may use (exact domain, any case); empty: every domain.
+    pub allowed_email_domains: Vec<String>,
+}
+
+impl RegistrationConfig {
+    /// Whether `email`'s domain may register.
+    pub fn allows_email(&self, email: &str) -> bool {
+        let domain = email.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
+        self.allowed_email_domains.is_empty()
+            || self
+                .allowed_email_domains
+                .iter()
+                .any(|a| a.trim().eq_ignore_ascii_case(domain))
+    }
+}
+
+/// Google's reCAPTCHA verification endpoint.
+pub const RECAPTCHA_VERIFY_URL: &str = "https://www.google.com/recaptcha/api/siteverify";
+
+/// reCAPTCHA v2 on the anonymous forms and JSON routes (register, key change): on when both
+/// keys are set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecaptchaConfig {
+    /// The site key the pages embed.
+    pub site_key: String,
+    /// The secret the server verifies answers with.
+    pub secret_key: String,
+    /// Where answers are verified.
+    pub verify_url: String,
+}
+
+impl Default for RecaptchaConfig {
+    fn default() -> Self {
+        Self {
+            site_key: String::new(),
+            secret_key: String::new(),
+            verify_url: RECAPTCHA_VERIFY_URL.into(),
+        }
+    }
+}
+
+impl RecaptchaConfig {
+    /// Whether answers are required (both keys set).
+    pub fn enabled(&self) -> bool {
+        !self.site_key.is_empty() && !self.secret_key.is_empty()
     }
 }
 
@@ -392,6 +449,30 @@ impl Config {
         if self.specs.is_empty() {
             return Err(bad("specs", "at least one VM size is needed".into()));
         }
+        let rc = &self.recaptcha;
+        if rc.site_key.is_empty() != rc.secret_key.is_empty() {
+            return Err(bad(
+                "recaptcha",
+                "set both site_key and secret_key (reCAPTCHA on), or neither (off)".into(),
+            ));
+        }
+        if !(rc.verify_url.starts_with("https://") || rc.verify_url.starts_with("http://")) {
+            return Err(bad(
+                "recaptcha.verify_url",
+                format!("{:?} is not an http(s) URL", rc.verify_url),
+            ));
+        }
+        if let Some(d) = self
+            .registration
+            .allowed_email_domains
+            .iter()
+            .find(|d| d.trim().is_empty() || d.contains('@'))
+        {
+            return Err(bad(
+                "registration.allowed_email_domains",
+                format!("{d:?} is not a domain (write example.org, without @)"),
+            ));
+        }
         for (name, s) in &self.specs {
             if s.vcpus == 0 || s.memory_mib < 128 || s.disk_gib == 0 {
                 return Err(bad(
@@ -507,8 +588,21 @@ fn apply_env(
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<(), ConfigError> {
     const TOP: &[&str] = &[
-        "data_dir", "server", "bastion", "network", "quota", "specs", "images", "provider",
-        "engine", "qemu", "vsphere", "limits", "database",
+        "data_dir",
+        "server",
+        "bastion",
+        "network",
+        "quota",
+        "specs",
+        "images",
+        "provider",
+        "engine",
+        "qemu",
+        "vsphere",
+        "limits",
+        "database",
+        "registration",
+        "recaptcha",
     ];
     for (var, value) in env {
         let Some(rest) = var.strip_prefix("BASPHERE_") else {

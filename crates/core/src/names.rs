@@ -172,6 +172,13 @@ impl std::str::FromStr for Email {
     }
 }
 
+impl Team {
+    /// No team given (the team is optional at registration); stored and shown as empty.
+    pub fn none() -> Self {
+        Self(String::new())
+    }
+}
+
 impl std::str::FromStr for Team {
     type Err = NameError;
     fn from_str(s: &str) -> Result<Self, NameError> {

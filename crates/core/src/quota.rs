@@ -49,11 +49,21 @@ pub enum QuotaLimit {
     Clusters,
 }
 
+impl QuotaLimit {
+    /// What the limit counts, as one and as many: `("VM", "VMs")`.
+    pub fn nouns(self) -> (&'static str, &'static str) {
+        match self {
+            QuotaLimit::Vms => ("VM", "VMs"),
+            QuotaLimit::Ips => ("IP address", "IP addresses"),
+            QuotaLimit::Vcpus => ("vCPU", "vCPUs"),
+            QuotaLimit::MemoryMib => ("MiB of memory", "MiB of memory"),
+            QuotaLimit::Clusters => ("cluster", "clusters"),
+        }
+    }
+}
+
 /// A request refused because it would exceed a limit.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
-#[error(
-    "quota exceeded: {limit:?} would be {requested_total} but the limit is {max} ({used} in use, {requested} requested)"
-)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QuotaExceeded {
     pub limit: QuotaLimit,
     pub used: u64,
@@ -61,6 +71,26 @@ pub struct QuotaExceeded {
     pub requested_total: u64,
     pub max: u64,
 }
+
+impl std::fmt::Display for QuotaExceeded {
+    /// `quota exceeded: you use 10 VMs and asked for 1 more, but your limit is 10 VMs; …`
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (one, many) = self.limit.nouns();
+        let noun = |n: u64| if n == 1 { one } else { many };
+        write!(
+            f,
+            "quota exceeded: you use {} {} and asked for {} more, but your limit is {} {}; \
+             delete some or ask an admin to raise the limit",
+            self.used,
+            noun(self.used),
+            self.requested,
+            self.max,
+            noun(self.max)
+        )
+    }
+}
+
+impl std::error::Error for QuotaExceeded {}
 
 impl Quota {
     /// Checks that adding `count` VMs of `vcpus`/`memory_mib` each to `usage` stays within limits.
@@ -111,6 +141,34 @@ impl Quota {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_read_naturally() {
+        let q = Quota::default();
+        let u = Usage {
+            vms: 10,
+            ..Usage::default()
+        };
+        let e = q.admit(&u, 1, 2, 4096).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "quota exceeded: you use 10 VMs and asked for 1 more, but your limit is 10 VMs; \
+             delete some or ask an admin to raise the limit"
+        );
+        let one = QuotaExceeded {
+            limit: QuotaLimit::Ips,
+            used: 1,
+            requested: 2,
+            requested_total: 3,
+            max: 1,
+        };
+        assert!(
+            one.to_string().contains(
+                "you use 1 IP address and asked for 2 more, but your limit is 1 IP address;"
+            ),
+            "{one}"
+        );
+    }
 
     #[test]
     fn admits_up_to_the_limit() {

@@ -21,29 +21,34 @@ pub fn user(u: &store::User) -> wire::User {
 
 pub fn registration(r: &store::Registration) -> wire::Registration {
     wire::Registration {
-        id: r.id,
+        id: wire::request_id(wire::REGISTRATION_ID, r.id),
         username: r.username.clone(),
         email: r.email.clone(),
         team: r.team.clone(),
         public_key: r.public_key.clone(),
         status: r.status,
-        created_at: r.created_at,
+        created_at: store::format_ms(r.created_at),
+        updated_at: store::format_ms(r.processed_at.unwrap_or(r.created_at)),
         processed_by: r.processed_by.clone(),
-        processed_at: r.processed_at,
-        reject_reason: r.reject_reason.clone(),
+        processed_at: r.processed_at.map(store::format_ms),
+        reject_reason: r.reject_reason.clone().filter(|s| !s.is_empty()),
     }
 }
 
 pub fn key_change(k: &store::KeyChange) -> wire::KeyChange {
     wire::KeyChange {
-        id: k.id,
+        id: wire::request_id(wire::KEY_CHANGE_ID, k.id),
         username: k.username.clone(),
-        public_key: k.public_key.clone(),
+        email: k.email.clone().unwrap_or_default(),
+        new_public_key: k.public_key.clone(),
+        reason: k.reason.clone().filter(|s| !s.is_empty()),
         status: k.status,
-        created_at: k.created_at,
+        created_at: store::format_ms(k.created_at),
+        updated_at: store::format_ms(k.processed_at.unwrap_or(k.created_at)),
         processed_by: k.processed_by.clone(),
-        processed_at: k.processed_at,
-        reject_reason: k.reject_reason.clone(),
+        processed_at: k.processed_at.map(store::format_ms),
+        reject_reason: k.reject_reason.clone().filter(|s| !s.is_empty()),
+        public_key: k.public_key.clone(),
     }
 }
 
@@ -73,25 +78,45 @@ pub fn audit_record(a: &store::AuditRecord) -> wire::AuditRecord {
 /// A VM as the VM routes show it, with the operation just started on it.
 pub fn vm(vm: &store::Vm, operation_id: Option<&str>) -> wire::Vm {
     wire::Vm {
-        id: vm.id.clone(),
         name: vm.name.clone(),
+        vsphere_vm_name: vsphere_vm_name(vm),
         owner: vm.owner.clone(),
         os: vm.os.clone(),
         login_user: vm.login_user.clone(),
         spec: vm.spec.clone(),
+        ip_address: vm.ip_address,
+        extra_disks: vec![],
+        extra_networks: vec![],
+        status: vm.status,
+        created_at: store::format_ms(vm.created_at),
+        id: vm.id.clone(),
         vcpus: vm.vcpus,
         memory_mib: vm.memory_mib,
         disk_gib: vm.disk_gib,
-        ip_address: vm.ip_address,
-        status: vm.status,
         error: vm.error.clone(),
         provider: vm.provider.clone(),
-        created_at: store::format_ms(vm.created_at),
         ssh: vm
             .ip_address
             .map(|ip| format!("ssh {}@{}", vm.login_user, ip)),
         operation_id: operation_id.map(str::to_string),
     }
+}
+
+/// The name the vSphere provider gives a VM in vCenter (`<name>-<owner>-<last 16 alphanumerics
+/// of its id>`, the rule of `basphere_vsphere::VsphereProvider::vm_name`); empty for VMs of
+/// other providers.
+fn vsphere_vm_name(vm: &store::Vm) -> String {
+    if vm.provider != "vsphere" {
+        return String::new();
+    }
+    let id: Vec<char> = vm
+        .id
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    let tail: String = id[id.len().saturating_sub(16)..].iter().collect();
+    format!("{}-{}-{tail}", vm.name, vm.owner)
 }
 
 pub fn vm_record(vm: &store::Vm) -> wire::VmRecord {

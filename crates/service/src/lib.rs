@@ -9,6 +9,7 @@
 //! Results are `/api/v1` wire types (`basphere-wire`), converted from store rows only in
 //! [`convert`]; every refusal is a [`ServiceError`] variant that says what to do.
 
+mod captcha;
 mod check;
 pub mod convert;
 mod error;
@@ -17,6 +18,7 @@ mod paging;
 mod users;
 mod vms;
 
+pub use captcha::CAPTCHA_FIELD;
 pub use error::ServiceError;
 pub use ops::{BatchOutcome, PlanOutcome};
 pub use paging::{DEFAULT_LIMIT, MAX_LIMIT, Paged, Paging};

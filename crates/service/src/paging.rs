@@ -42,12 +42,13 @@ impl Paging {
         self.limit_or(DEFAULT_LIMIT)
     }
 
-    /// `after` where the list's key is a number.
+    /// `after` where the list's key is a number (or a request id such as `req-0000002a`,
+    /// which stands for its number).
     pub(crate) fn after_num(&self) -> Result<Option<i64>, ServiceError> {
         self.after
             .as_deref()
             .map(|a| {
-                a.parse().map_err(|_| {
+                basphere_wire::request_seq(a).ok_or_else(|| {
                     ServiceError::BadRequest(format!(
                         "after must be the id (a number) of the last item of the previous page \
                          (got {a:?})"

@@ -7,7 +7,7 @@ use crate::{Done, Paged, Paging, Principal, ServiceError, Services, convert};
 use basphere_accounts::AccountError;
 use basphere_core::VmOperation;
 use basphere_core::{Email, Quota, Role, SshPublicKey, Team, UserStatus, Username, VmStatus};
-use basphere_store::{Actor, AuditFilter, DeleteError, NewRegistration, User};
+use basphere_store::{Actor, AuditFilter, DeleteError, NewRegistration, User, UserError};
 use basphere_wire as wire;
 
 /// Runs host account work off the async workers.
@@ -33,12 +33,13 @@ fn registration(req: &wire::RegisterRequest) -> Result<NewRegistration> {
     let e = c
         .req("email", req.email.as_deref())
         .and_then(|s| c.errs.check("email", s.parse::<Email>()));
-    let t = c
-        .req("team", req.team.as_deref())
-        .and_then(|s| c.errs.check("team", s.parse::<Team>()));
+    let t = match c.opt("team", req.team.as_deref()) {
+        Some(s) if !s.trim().is_empty() => c.errs.check("team", s.parse::<Team>()),
+        _ => Some(Team::none()),
+    };
     let k = c
         .req("public_key", req.public_key.as_deref())
-        .and_then(|s| c.errs.check("public_key", s.parse::<SshPublicKey>()));
+        .and_then(|s| c.errs.check("public_key", ssh_key(s)));
     c.finish()?;
     Ok(NewRegistration {
         username: u.expect("checked"),
@@ -46,6 +47,42 @@ fn registration(req: &wire::RegisterRequest) -> Result<NewRegistration> {
         team: t.expect("checked"),
         public_key: k.expect("checked"),
     })
+}
+
+/// An SSH public key as pasted: Windows line endings are accepted (every CR is dropped).
+fn ssh_key(s: &str) -> std::result::Result<SshPublicKey, basphere_core::SshKeyError> {
+    s.replace('\r', "").parse()
+}
+
+/// Refuses an email whose domain `[registration] allowed_email_domains` does not list.
+fn check_email_domain(email: &Email, cfg: &basphere_config::RegistrationConfig) -> Result<()> {
+    if cfg.allows_email(email.as_str()) {
+        return Ok(());
+    }
+    let domain = email.as_str().rsplit_once('@').map_or("", |(_, d)| d);
+    let mut errs = basphere_core::FieldErrors::new();
+    errs.push(
+        "email",
+        format!(
+            "addresses at {domain} may not register here; use an address at {} \
+             (registration.allowed_email_domains)",
+            cfg.allowed_email_domains.join(", ")
+        ),
+    );
+    Err(ServiceError::Invalid(errs))
+}
+
+/// The one refusal of a key change asked for without a key when the username is unknown or
+/// the email is not the registered one.
+pub const NO_SUCH_ACCOUNT: &str = "no account matches this username and email; check both \
+     (the email must be the one you registered with), or ask an admin";
+
+/// A decision on a request that is no longer pending is a bad request (the prototype's 400).
+fn not_pending(e: UserError) -> ServiceError {
+    match e {
+        UserError::State(m) => ServiceError::BadRequest(m),
+        e => e.into(),
+    }
 }
 
 /// A new token's secret (shown this once) and what is kept of it.
@@ -122,7 +159,19 @@ impl Services {
                 "on this host you can register only your own account name {me:?}"
             )));
         }
+        check_email_domain(&reg.email, &self.config.registration)?;
         self.check_name_free(&reg.username).await?;
+        if let Some(other) = self
+            .store
+            .pending_email_holder(reg.email.as_str(), reg.username.as_str())
+            .await?
+        {
+            return Err(ServiceError::Conflict(format!(
+                "a registration with email {} already waits for review (as {other}); wait for \
+                 the admin's decision, or register with another email",
+                reg.email
+            )));
+        }
         let r = self.store.register(&reg, &self.config.quota, actor).await?;
         Ok(Done {
             message: format!(
@@ -131,6 +180,11 @@ impl Services {
             ),
             data: convert::registration(&r),
         })
+    }
+
+    /// The newest registration request of `u`, as stored now.
+    async fn request_of(&self, u: &Username) -> Result<wire::Registration> {
+        self.registration_of(u.as_str()).await
     }
 
     /// Registers and approves a user in one go (an admin adding someone).
@@ -150,8 +204,8 @@ impl Services {
             .await?
             .ok_or_else(|| ServiceError::NotFound(format!("user {u} not found")))?;
         if user.status != UserStatus::Pending {
-            return Err(ServiceError::Conflict(format!(
-                "user {u} is {}, not pending; nothing to approve",
+            return Err(ServiceError::BadRequest(format!(
+                "the registration of {u} is not pending (the user is {}); nothing to approve",
                 user.status
             )));
         }
@@ -169,7 +223,8 @@ impl Services {
         let out = self
             .store
             .approve(u, &self.config.network, self.accounts.is_some(), ttl, actor)
-            .await?;
+            .await
+            .map_err(not_pending)?;
         if let Some(acc) = self.accounts.clone() {
             let name = u.clone();
             match on_host(move || acc.create(&name, &key)).await {
@@ -184,6 +239,7 @@ impl Services {
             }
         }
         Ok(Approval(wire::Approved {
+            request: self.request_of(u).await?,
             user: convert::user(&out.user),
             ip_block: self.block(out.user.ip_block),
             enrollment_code: out.enrollment_code,
@@ -200,11 +256,14 @@ impl Services {
         let mut c = Check::new(&req.unreadable);
         let reason = c.opt("reason", req.reason.clone()).unwrap_or_default();
         c.finish()?;
-        self.store.reject(u, &reason, actor).await?;
+        self.store
+            .reject(u, &reason, actor)
+            .await
+            .map_err(not_pending)?;
         Ok(Done {
             message: format!("registration of {u} rejected"),
             data: wire::Rejected {
-                username: u.clone(),
+                request: self.request_of(u).await?,
                 reason,
             },
         })
@@ -227,7 +286,10 @@ impl Services {
     pub async fn pending(&self, p: &Paging) -> Result<Paged<wire::Registration>> {
         let limit = p.limit()?;
         let r = self.store.pending_page(p.after_num()?, limit + 1).await?;
-        Ok(Paged::of(r, limit, |r| r.id.to_string()).map(|r| convert::registration(&r)))
+        Ok(
+            Paged::of(r, limit, |r| wire::request_id(wire::REGISTRATION_ID, r.id))
+                .map(|r| convert::registration(&r)),
+        )
     }
 
     /// Every pending registration, newest first, for the review page.
@@ -534,23 +596,78 @@ impl Services {
         }))
     }
 
-    /// Files a key change for the (active) principal.
+    /// Files a key change for the (active) principal: `public_key` (or the prototype's
+    /// `new_public_key`) and an optional `reason`.
     pub async fn request_key_change(
         &self,
         me: &Principal,
         req: &wire::KeyChangeRequest,
     ) -> Result<Done<wire::KeyChange>> {
         let mut c = Check::new(&req.unreadable);
+        let given = c.opt("public_key", req.public_key.as_deref());
+        let given = given.or(c.opt("new_public_key", req.new_public_key.as_deref()));
         let key = c
-            .req("public_key", req.public_key.as_deref())
-            .and_then(|s| c.errs.check("public_key", s.parse::<SshPublicKey>()));
+            .req("public_key", given)
+            .and_then(|s| c.errs.check("public_key", ssh_key(s)));
+        let reason = c.opt("reason", req.reason.as_deref()).map(str::trim);
         c.finish()?;
         let kc = self
             .store
-            .request_key_change(&me.user.username, &key.expect("checked"), &me.actor)
+            .request_key_change_with(
+                me.name(),
+                &key.expect("checked"),
+                None,
+                reason.filter(|r| !r.is_empty()),
+                &me.actor,
+            )
             .await?;
         Ok(Done {
             message: "key change requested; an admin will review it".into(),
+            data: convert::key_change(&kc),
+        })
+    }
+
+    /// Files a key change for someone who may hold no credential at all (the prototype's
+    /// form): `username`, `email` (which must be the registered one), `new_public_key`, and
+    /// an optional `reason`. An unknown user and a wrong email get the same refusal, so the
+    /// answer tells nobody which accounts exist. An admin decides, as for every key change.
+    pub async fn request_key_change_unsigned(
+        &self,
+        actor: &Actor,
+        req: &wire::KeyChangeRequest,
+    ) -> Result<Done<wire::KeyChange>> {
+        let mut c = Check::new(&req.unreadable);
+        let u = c
+            .req("username", req.username.as_deref())
+            .and_then(|s| c.errs.check("username", s.parse::<Username>()));
+        let e = c
+            .req("email", req.email.as_deref())
+            .and_then(|s| c.errs.check("email", s.parse::<Email>()));
+        let key = c
+            .req("new_public_key", req.new_public_key.as_deref())
+            .and_then(|s| c.errs.check("new_public_key", ssh_key(s)));
+        let reason = c.opt("reason", req.reason.as_deref()).map(str::trim);
+        if reason.is_some_and(|r| r.chars().count() > 500) {
+            c.errs.push("reason", "must be at most 500 characters");
+        }
+        c.finish()?;
+        let (u, e) = (u.expect("checked"), e.expect("checked"));
+        let kc = self
+            .store
+            .request_key_change_with(
+                u.as_str(),
+                &key.expect("checked"),
+                Some(e.as_str()),
+                reason.filter(|r| !r.is_empty()),
+                actor,
+            )
+            .await
+            .map_err(|err| match err {
+                UserError::NotFound(_) => ServiceError::Conflict(NO_SUCH_ACCOUNT.into()),
+                err => err.into(),
+            })?;
+        Ok(Done {
+            message: "Key change request submitted; an admin will review it".into(),
             data: convert::key_change(&kc),
         })
     }
@@ -562,7 +679,10 @@ impl Services {
             .store
             .key_changes_page(p.after_num()?, limit + 1)
             .await?;
-        Ok(Paged::of(k, limit, |k| k.id.to_string()).map(|k| convert::key_change(&k)))
+        Ok(
+            Paged::of(k, limit, |k| wire::request_id(wire::KEY_CHANGE_ID, k.id))
+                .map(|k| convert::key_change(&k)),
+        )
     }
 
     /// Key changes of one user (`None`: everyone's).
@@ -587,7 +707,8 @@ impl Services {
         let kc = self
             .store
             .decide_key_change(u, approve, reason.as_deref(), actor)
-            .await?;
+            .await
+            .map_err(not_pending)?;
         let managed = before.filter(|b| approve && b.unix_account);
         if let Some((acc, user)) = self.accounts.clone().zip(managed) {
             let key: SshPublicKey = kc

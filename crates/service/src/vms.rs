@@ -6,7 +6,7 @@ use crate::error::Result;
 use crate::{Done, MAX_LIMIT, Paged, Paging, Principal, ServiceError, Services, convert};
 use basphere_core::VmOperation;
 use basphere_core::{ImageName, SpecName, Usage, VM_COUNT_RANGE, VmName};
-use basphere_store::{AdmitError, AdmitRequest, DeleteError};
+use basphere_store::{AdmitError, AdmitRequest, DeleteError, User};
 use basphere_wire as wire;
 
 /// What a user's dashboard shows: their VMs, usage and latest operations.
@@ -117,7 +117,11 @@ impl Services {
                 None
             }
         };
-        let count = c.opt("count", req.count).unwrap_or(1);
+        // The prototype's rule: an omitted or 0 count means one VM.
+        let count = match c.opt("count", req.count) {
+            None | Some(0) => 1,
+            Some(n) => n,
+        };
         let (lo, hi) = (*VM_COUNT_RANGE.start(), *VM_COUNT_RANGE.end());
         if !(i64::from(lo)..=i64::from(hi)).contains(&count) {
             c.errs.push(
@@ -185,6 +189,9 @@ impl Services {
                     .iter()
                     .map(|a| convert::vm(&a.vm, Some(&a.operation_id)))
                     .collect(),
+                created: admitted.len(),
+                failed: 0,
+                errors: vec![],
                 operations: admitted.iter().map(|a| a.operation_id.clone()).collect(),
             },
         })
@@ -229,7 +236,7 @@ impl Services {
         me: &Principal,
         owner: &str,
         name: &str,
-    ) -> Result<Done<wire::VmDeleting>> {
+    ) -> Result<Done<wire::Vm>> {
         let steps = basphere_vm_workflows::step_names(VmOperation::Delete);
         let a = self
             .store
@@ -238,17 +245,45 @@ impl Services {
         self.engine.wake();
         Ok(Done {
             message: format!("deleting {name}"),
-            data: wire::VmDeleting {
-                vm: convert::vm(&a.vm, Some(&a.operation_id)),
-                operation_id: a.operation_id,
-            },
+            data: convert::vm(&a.vm, Some(&a.operation_id)),
         })
+    }
+
+    /// VMs of `owner` (`None`: everyone's) in creation order, and the quota of `owner` (of
+    /// `me` when listing everyone's): the prototype's list answer, one page of it.
+    pub async fn vm_list(
+        &self,
+        me: &User,
+        owner: Option<&str>,
+        p: &Paging,
+    ) -> Result<(Paged<wire::Vm>, wire::QuotaSummary)> {
+        let page = self.vms(owner, p).await?;
+        // An owner who is gone (an admin looking after a delete) holds nothing: no quota.
+        let quota = match owner.filter(|o| *o != me.username.as_str()) {
+            Some(o) => self.store.user(o).await?.map_or(
+                basphere_core::Quota {
+                    max_vms: 0,
+                    max_clusters: 0,
+                    max_ips: 0,
+                    max_vcpus: None,
+                    max_memory_mib: None,
+                },
+                |u| u.quota,
+            ),
+            None => me.quota,
+        };
+        let usage = self
+            .store
+            .usage(owner.unwrap_or(me.username.as_str()))
+            .await?;
+        Ok((page, wire::QuotaSummary::of(&quota, &usage)))
     }
 
     /// The principal's quota and usage.
     pub async fn quota(&self, me: &Principal) -> Result<wire::QuotaView> {
         let usage = self.store.usage(me.name()).await?;
         Ok(wire::QuotaView {
+            summary: wire::QuotaSummary::of(&me.user.quota, &usage),
             username: me.user.username.clone(),
             quota: me.user.quota,
             usage,

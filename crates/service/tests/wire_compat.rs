@@ -1,4 +1,6 @@
-//! The wire types give the JSON the store rows gave when they were the `/api/v1` format.
+//! The wire types give the JSON the store rows gave when they were the `/api/v1` format, except
+//! where the prototype's contract defines another shape (registration and key-change requests,
+//! the VM view): there they give the prototype's fields, ours beside them.
 
 use basphere_core::{Quota, RegistrationStatus, Role, StepStatus, UserStatus, VmStatus};
 use basphere_service::convert;
@@ -38,18 +40,39 @@ fn users_registrations_keys_tokens_and_audit_keep_their_row_shape() {
         processed_at: None,
         reject_reason: Some("no".into()),
     };
-    assert_eq!(value(convert::registration(&r)), value(&r));
+    // The prototype's `RegistrationRequest`: a `req-` id, RFC 3339 times, empty fields left out.
+    assert_eq!(
+        value(convert::registration(&r)),
+        json!({
+            "id": "req-00000007", "username": "bob", "email": "b@x.org", "team": "t",
+            "public_key": "k", "status": "rejected", "created_at": "1970-01-01T00:00:00.001Z",
+            "updated_at": "1970-01-01T00:00:00.001Z", "processed_by": "root",
+            "reject_reason": "no",
+        })
+    );
     let k = store::KeyChange {
         id: 8,
         username: "bob".into(),
         public_key: "k".into(),
-        status: RegistrationStatus::Pending,
+        email: Some("b@x.org".into()),
+        reason: Some("lost".into()),
+        status: RegistrationStatus::Approved,
         created_at: 2,
-        processed_by: None,
-        processed_at: None,
+        processed_by: Some("root".into()),
+        processed_at: Some(3),
         reject_reason: None,
     };
-    assert_eq!(value(convert::key_change(&k)), value(&k));
+    // The prototype's `KeyChangeRequest`, plus `public_key` as before.
+    assert_eq!(
+        value(convert::key_change(&k)),
+        json!({
+            "id": "keychange-00000008", "username": "bob", "email": "b@x.org",
+            "new_public_key": "k", "reason": "lost", "status": "approved",
+            "created_at": "1970-01-01T00:00:00.002Z", "updated_at": "1970-01-01T00:00:00.003Z",
+            "processed_by": "root", "processed_at": "1970-01-01T00:00:00.003Z",
+            "public_key": "k",
+        })
+    );
     let t = store::TokenInfo {
         id: "t1".into(),
         name: "cli".into(),
@@ -98,13 +121,24 @@ fn a_vm_keeps_its_row_shape_and_its_view() {
     assert_eq!(
         value(convert::vm(&v, Some("op1"))),
         json!({
-            "id": "v1", "name": "web", "owner": "bob", "os": "debian-13",
+            "id": "v1", "name": "web", "vsphere_vm_name": "", "owner": "bob", "os": "debian-13",
             "login_user": "debian", "spec": "small", "vcpus": 1, "memory_mib": 1024,
             "disk_gib": 10, "ip_address": "10.254.0.10", "status": "running", "error": null,
             "provider": "null", "created_at": "1970-01-01T00:00:00Z",
             "ssh": "ssh debian@10.254.0.10", "operation_id": "op1",
         })
     );
+    // No address yet: `""`, as the prototype sends it; a vSphere VM names its clone.
+    let mut v = vm();
+    v.ip_address = None;
+    v.provider = "vsphere".into();
+    v.id = "0190f5c2-7b1e-7c3d-9f3c-2a1be04d7781".into();
+    let view = value(convert::vm(&v, None));
+    assert_eq!(view["ip_address"], "");
+    assert_eq!(view["vsphere_vm_name"], "web-bob-9f3c2a1be04d7781");
+    assert_eq!(view["ssh"], Value::Null);
+    let back: basphere_wire::Vm = serde_json::from_value(view).unwrap();
+    assert_eq!(back.ip_address, None);
 }
 
 #[test]

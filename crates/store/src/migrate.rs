@@ -38,14 +38,25 @@ const SQLITE: &[Migration] = &[
         "ledger",
         include_str!("../migrations/sqlite/0006_ledger.sql"),
     ),
+    (
+        7,
+        "compat",
+        include_str!("../migrations/sqlite/0007_compat.sql"),
+    ),
 ];
 
-/// PostgreSQL starts at SQLite's schema 6 in one file; later changes get a file each on both.
+/// PostgreSQL starts at SQLite's schema 6 in one file; later changes get a file each, on both
+/// backends or on the one that needs it (8: PostgreSQL's event log without a foreign key).
 const POSTGRES: &[Migration] = &[
     (
         6,
         "schema",
         include_str!("../migrations/postgres/0001_schema.sql"),
+    ),
+    (
+        7,
+        "compat",
+        include_str!("../migrations/postgres/0002_compat.sql"),
     ),
     (
         8,

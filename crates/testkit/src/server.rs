@@ -219,19 +219,19 @@ impl Server {
             .unwrap()
     }
 
-    /// Registers `user` with [`TEST_KEY`] over TCP; asserts it was accepted (201).
+    /// Registers `user` with [`TEST_KEY`] over TCP; asserts it was accepted (200).
     pub async fn register(&self, user: &str) {
         self.register_with(&registration(user)).await;
     }
 
-    /// Registers `user` with public key `key` over TCP; asserts it was accepted (201).
+    /// Registers `user` with public key `key` over TCP; asserts it was accepted (200).
     pub async fn register_key(&self, user: &str, key: &str) {
         self.register_with(&registration_with_key(user, key)).await;
     }
 
     async fn register_with(&self, body: &Value) {
         let r = self.anon().post("/api/v1/register", body).await.unwrap();
-        assert_eq!(r.status, 201, "{:?}", r.body);
+        assert_eq!(r.status, 200, "{:?}", r.body);
     }
 
     /// POSTs `{}` to `path` as the admin (approve, disable, …); asserts success and returns the

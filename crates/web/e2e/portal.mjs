@@ -101,12 +101,15 @@ await check("bad registration shows every field's error inline and keeps the inp
   await user.getByLabel("SSH public key").fill("ssh-ed25519 not-base64!!");
   expectedStatus.add("/register");
   const r = await submit(user, user.getByRole("button", { name: "Register" }));
-  assert(r.status() === 422, `status ${r.status()}`);
-  for (const f of ["email", "team", "public_key"]) {
+  assert(r.status() === 400, `status ${r.status()}`);
+  for (const f of ["email", "public_key"]) {
     const n = await user.locator(`.field-error[data-field="${f}"]`).count();
     assert(n === 1, `no inline error for ${f}`);
   }
-  assert((await user.locator('.field-error[data-field="username"]').count()) === 0, "username was valid");
+  for (const f of ["username", "team"]) {
+    const n = await user.locator(`.field-error[data-field="${f}"]`).count();
+    assert(n === 0, `${f} was valid (team is optional)`);
+  }
   assert((await user.getByLabel("Username").inputValue()) === "dora-bad", "input kept");
   assert((await user.getByLabel("Email").getAttribute("aria-invalid")) === "true", "aria-invalid");
   await shot(user, "02-register-errors");
@@ -242,7 +245,7 @@ await check("bad create input shows inline errors", async () => {
   await user.getByLabel("Count").fill("11");
   expectedStatus.add("/vms");
   const r = await submit(user, user.getByRole("button", { name: "Create" }));
-  assert(r.status() === 422, `status ${r.status()}`);
+  assert(r.status() === 400, `status ${r.status()}`);
   assert((await user.locator('.field-error[data-field="name"]').count()) === 1, "name error");
   assert((await user.locator('.field-error[data-field="count"]').count()) === 1, "count error");
   await shot(user, "15-create-errors");
@@ -308,6 +311,20 @@ await check("sign out ends the session", async () => {
   assert(user.url().endsWith("/signin"), user.url());
   const api = await user.request.get(`${BASE}/api/v1/vms`);
   assert(api.status() === 401, `api after sign-out ${api.status()}`);
+});
+
+await check("signed out, a lost key is replaced by asking with username and email", async () => {
+  await go(user, "/key-change");
+  assert(user.url().endsWith("/key-change"), user.url());
+  await user.getByLabel("Username").fill("dora");
+  await user.getByLabel("Registered email").fill("dora@example.org");
+  await user.getByLabel("New SSH public key").fill(ed25519Key("dora@found-laptop"));
+  await user.getByLabel("Reason (optional)").fill("lost laptop");
+  const r = await submit(user, user.getByRole("button", { name: "Ask for the new key" }));
+  assert(r.status() === 200, `status ${r.status()}`);
+  assert(user.url().includes("/key-change-success"), user.url());
+  assert((await user.locator("#key-change-received").textContent()).includes("dora"), "thanks dora");
+  await shot(user, "18-key-change-signed-out");
 });
 
 await check("no console errors on any page", async () => {

@@ -1,6 +1,6 @@
 //! Admin pages: pending registrations and key changes, users and quotas, all VMs, audit trail.
 
-use crate::html::{badge, esc, gib, ip, url, when};
+use crate::html::{badge, esc, gib, ip, url, when, when_rfc3339};
 use crate::session::Visitor;
 use crate::user::short_key;
 use crate::{api, body_of};
@@ -70,7 +70,7 @@ pub async fn approvals(State(st): State<AppState>, v: Visitor) -> Response {
             e = esc(&g.email),
             t = esc(&g.team),
             k = esc(&short_key(&g.public_key)),
-            w = when(g.created_at),
+            w = when_rfc3339(&g.created_at),
             forms = decision_forms(&v, "registrations", &g.username),
         );
     }
@@ -81,10 +81,12 @@ pub async fn approvals(State(st): State<AppState>, v: Visitor) -> Response {
     for c in &keys {
         let _ = write!(
             k,
-            r#"<article class="card pending" data-key-user="{u}"><h3>{u}</h3><dl class="facts"><dt>New key</dt><dd><code class="key">{key}</code></dd><dt>Asked</dt><dd>{w}</dd></dl>{forms}</article>"#,
+            r#"<article class="card pending" data-key-user="{u}"><h3>{u}</h3><dl class="facts"><dt>Email</dt><dd>{e}</dd><dt>New key</dt><dd><code class="key">{key}</code></dd><dt>Reason</dt><dd>{why}</dd><dt>Asked</dt><dd>{w}</dd></dl>{forms}</article>"#,
             u = esc(&c.username),
-            key = esc(&short_key(&c.public_key)),
-            w = when(c.created_at),
+            e = esc(&c.email),
+            why = esc(c.reason.as_deref().unwrap_or("-")),
+            key = esc(&short_key(&c.new_public_key)),
+            w = when_rfc3339(&c.created_at),
             forms = decision_forms(&v, "key-changes", &c.username),
         );
     }

@@ -264,13 +264,39 @@ pub fn form_alert(message: Option<&str>) -> String {
     }
 }
 
+/// The reCAPTCHA v2 widget of a form (nothing when reCAPTCHA is off), with the error of its
+/// answer, if any.
+pub fn captcha(site_key: Option<&str>, errs: &[basphere_core::FieldError]) -> String {
+    let Some(key) = site_key else {
+        return String::new();
+    };
+    let err = errs
+        .iter()
+        .find(|e| e.field == basphere_service::CAPTCHA_FIELD)
+        .map(|e| {
+            format!(
+                r#"<p class="field-error" id="captcha-error">reCAPTCHA {}</p>"#,
+                esc(&e.message)
+            )
+        })
+        .unwrap_or_default();
+    format!(
+        r#"<div class="field"><div class="g-recaptcha" data-sitekey="{k}"></div>{err}</div>
+<script src="https://www.google.com/recaptcha/api.js" async defer></script>"#,
+        k = esc(key)
+    )
+}
+
 /// A time in Unix milliseconds as `YYYY-MM-DD HH:MM:SS UTC`.
 pub fn when(ms: i64) -> String {
-    let s = basphere_store::format_ms(ms);
-    // RFC 3339 `2026-01-02T03:04:05.678Z` → readable.
+    when_rfc3339(&basphere_store::format_ms(ms))
+}
+
+/// RFC 3339 `2026-01-02T03:04:05.678Z` → readable.
+pub fn when_rfc3339(s: &str) -> String {
     match s.split_once('T') {
         Some((d, t)) => format!("{d} {} UTC", t.get(..8).unwrap_or(t)),
-        None => s,
+        None => s.to_string(),
     }
 }
 

@@ -55,6 +55,7 @@ pub fn router(state: AppState) -> Router {
         .merge(throttled)
         .route("/", get(public::home))
         .route("/success", get(public::success))
+        .route("/key-change-success", get(public::key_change_success))
         .route("/ssh-guide", get(public::ssh_guide))
         .route("/signout", post(public::signout))
         .route("/dashboard", get(user::dashboard))
@@ -76,7 +77,10 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/vms", get(admin::vms))
         .route("/admin/audit", get(admin::audit))
         .route("/static/{file}", get(assets::serve))
-        .layer(axum::middleware::map_response(security_headers))
+        .layer(axum::middleware::map_response_with_state(
+            state.clone(),
+            security_headers,
+        ))
         .with_state(state);
     // The portal's own forms get the 64 KiB body limit and the Host check even where the
     // server does not wrap the merged router in `basphere_api::limits::harden`.
@@ -98,18 +102,29 @@ async fn throttle_posts(State(st): State<AppState>, req: Request, next: Next) ->
     next.run(req).await
 }
 
+/// The Content-Security-Policy of every page: this origin only.
+const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+     connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+/// [`CSP`] plus Google's reCAPTCHA script and frame (when reCAPTCHA is on).
+const CSP_RECAPTCHA: &str = "default-src 'self'; \
+     script-src 'self' https://www.google.com/recaptcha/ https://www.gstatic.com/recaptcha/; \
+     frame-src https://www.google.com/recaptcha/ https://recaptcha.google.com/recaptcha/; \
+     style-src 'self'; img-src 'self' data:; connect-src 'self'; form-action 'self'; \
+     frame-ancestors 'none'; base-uri 'none'";
+
 /// Headers on every portal response: no inline code, no framing, no sniffing.
-async fn security_headers(mut r: Response) -> Response {
+async fn security_headers(State(st): State<AppState>, mut r: Response) -> Response {
     let h = r.headers_mut();
     let set = |h: &mut axum::http::HeaderMap, k: &'static str, v: &'static str| {
         h.insert(k, HeaderValue::from_static(v));
     };
-    set(
-        h,
-        "content-security-policy",
-        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
-         connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-    );
+    let csp = if st.config.recaptcha.enabled() {
+        CSP_RECAPTCHA
+    } else {
+        CSP
+    };
+    set(h, "content-security-policy", csp);
     set(h, "x-content-type-options", "nosniff");
     set(h, "referrer-policy", "same-origin");
     set(h, "x-frame-options", "DENY");

@@ -1,6 +1,6 @@
 //! Pages anyone can open: home, registration, the SSH guide, sign-in, enrollment, sign-out.
 
-use crate::html::{Input, esc, form_alert};
+use crate::html::{Input, captcha, esc, form_alert};
 use crate::session::{SESSION_HOURS, Visitor};
 use crate::{api, body_of};
 use axum::Form;
@@ -10,6 +10,7 @@ use axum::response::Response;
 use basphere_api::limits;
 use basphere_api::{AppState, Caller};
 use basphere_core::FieldError;
+use basphere_service::CAPTCHA_FIELD;
 use basphere_store::Actor;
 use basphere_wire::{EnrollRequest, RegisterRequest};
 use std::collections::HashMap;
@@ -32,7 +33,13 @@ pub async fn home(v: Visitor) -> Response {
     )
 }
 
-fn register_body(v: &Visitor, f: &Fields, errs: &[FieldError], alert: Option<&str>) -> String {
+fn register_body(
+    st: &AppState,
+    v: &Visitor,
+    f: &Fields,
+    errs: &[FieldError],
+    alert: Option<&str>,
+) -> String {
     let g = |k: &str| f.get(k).map(String::as_str).unwrap_or("");
     format!(
         r#"<p>Ask for an account. An admin reviews every registration; you can then sign in and create VMs. New to SSH keys? Read the <a href="/ssh-guide">SSH guide</a> first.</p>
@@ -43,9 +50,11 @@ fn register_body(v: &Visitor, f: &Fields, errs: &[FieldError], alert: Option<&st
 {e}
 {t}
 {k}
+{captcha}
 <button type="submit">Register</button>
 </form>"#,
         alert = form_alert(alert),
+        captcha = captcha(st.services.captcha_site_key(), errs),
         csrf = v.csrf_field(),
         u = Input::text("username", "Username", g("username"))
             .hint("3 to 20 characters: lowercase letters, digits and hyphens. On the bastion this is your login name.")
@@ -55,9 +64,8 @@ fn register_body(v: &Visitor, f: &Fields, errs: &[FieldError], alert: Option<&st
             .kind("email")
             .attrs(r#"autocomplete="email" required"#)
             .render("r-", errs),
-        t = Input::text("team", "Team", g("team"))
+        t = Input::text("team", "Team (optional)", g("team"))
             .hint("The team you work in, e.g. payments.")
-            .attrs("required")
             .render("r-", errs),
         k = Input::text("public_key", "SSH public key", g("public_key"))
             .kind("textarea")
@@ -67,8 +75,8 @@ fn register_body(v: &Visitor, f: &Fields, errs: &[FieldError], alert: Option<&st
     )
 }
 
-pub async fn register_form(v: Visitor) -> Response {
-    let body = register_body(&v, &Fields::new(), &[], None);
+pub async fn register_form(State(st): State<AppState>, v: Visitor) -> Response {
+    let body = register_body(&st, &v, &Fields::new(), &[], None);
     v.page(StatusCode::OK, "Register", &body)
 }
 
@@ -76,12 +84,19 @@ pub async fn register(State(st): State<AppState>, v: Visitor, Form(f): Form<Fiel
     if let Err(r) = v.check_csrf(&f) {
         return r;
     }
-    let req = RegisterRequest::read(&body_of(&f, &["username", "email", "team", "public_key"]));
+    let req = RegisterRequest::read(&body_of(&f, &["username", "email", "public_key"]));
     let registered = match limits::admit_registration(&st).await {
-        Ok(()) => api(st
+        Ok(()) => match api(st
             .services
-            .register(&v.anonymous().actor(), None, &req)
-            .await),
+            .verify_captcha(f.get(CAPTCHA_FIELD).map(String::as_str), None)
+            .await)
+        {
+            Ok(()) => api(st
+                .services
+                .register(&v.anonymous().actor(), None, &req)
+                .await),
+            Err(e) => Err(e),
+        },
         Err(e) => Err(e),
     };
     match registered {
@@ -93,8 +108,14 @@ pub async fn register(State(st): State<AppState>, v: Visitor, Form(f): Form<Fiel
             let mut fields = e.fields.clone();
             let mut alert = None;
             if e.status == StatusCode::CONFLICT {
+                // A pending registration with this email, or the name taken.
+                let field = if e.message.contains("with email") {
+                    "email"
+                } else {
+                    "username"
+                };
                 fields.push(FieldError {
-                    field: "username".into(),
+                    field: field.into(),
                     message: e.message.clone(),
                 });
             } else if fields.is_empty() {
@@ -102,7 +123,10 @@ pub async fn register(State(st): State<AppState>, v: Visitor, Form(f): Form<Fiel
             } else {
                 alert = Some("Registration not sent: please correct the fields marked below.");
             }
-            let body = register_body(&v, &f, &fields, alert);
+            if fields.iter().any(|e| e.field == CAPTCHA_FIELD) {
+                alert = Some("Registration not sent: please complete the reCAPTCHA.");
+            }
+            let body = register_body(&st, &v, &f, &fields, alert);
             v.page(e.status, "Register", &body)
         }
     }
@@ -365,6 +389,114 @@ pub async fn signout(State(st): State<AppState>, v: Visitor, Form(f): Form<Field
         let _ = st.services.revoke_token(&c.name, id, &c.actor()).await;
     }
     v.end_session(v.redirect("/signin", Some(("ok", "Signed out."))))
+}
+
+fn key_change_unsigned_body(
+    st: &AppState,
+    v: &Visitor,
+    f: &Fields,
+    errs: &[FieldError],
+    alert: Option<&str>,
+) -> String {
+    let g = |k: &str| f.get(k).map(String::as_str).unwrap_or("");
+    format!(
+        r#"<p>Lost your SSH key, or want another? Ask for a new one here with your username and the email you registered with. An admin reviews every request. Signed in already? <a href="/signin">Sign in</a> and change it from your account instead.</p>
+{alert}
+<form method="post" action="/key-change" class="card form" novalidate>
+{csrf}
+{u}
+{e}
+{k}
+{r}
+{captcha}
+<button type="submit">Ask for the new key</button>
+</form>"#,
+        alert = form_alert(alert),
+        csrf = v.csrf_field(),
+        u = Input::text("username", "Username", g("username"))
+            .attrs(r#"autocomplete="username" autocapitalize="none" spellcheck="false" required"#)
+            .render("kc-", errs),
+        e = Input::text("email", "Registered email", g("email"))
+            .kind("email")
+            .hint("The email you registered with.")
+            .attrs(r#"autocomplete="email" required"#)
+            .render("kc-", errs),
+        k = Input::text("new_public_key", "New SSH public key", g("new_public_key"))
+            .kind("textarea")
+            .hint("The one line in ~/.ssh/id_ed25519.pub, starting with ssh-ed25519.")
+            .attrs(r#"spellcheck="false" required"#)
+            .render("kc-", errs),
+        r = Input::text("reason", "Reason (optional)", g("reason"))
+            .hint("E.g. lost laptop, key rotation.")
+            .render("kc-", errs),
+        captcha = captcha(st.services.captcha_site_key(), errs),
+    )
+}
+
+/// The key-change form for a visitor who is not signed in.
+pub(crate) fn key_change_unsigned_page(
+    st: &AppState,
+    v: &Visitor,
+    status: StatusCode,
+    f: &Fields,
+    errs: &[FieldError],
+    alert: Option<&str>,
+) -> Response {
+    let body = key_change_unsigned_body(st, v, f, errs, alert);
+    v.page(status, "Ask for a new SSH key", &body)
+}
+
+/// `POST /key-change` from a visitor who is not signed in (CSRF checked by the caller): the
+/// same service as the anonymous JSON route; then `/key-change-success`.
+pub(crate) async fn key_change_unsigned(st: &AppState, v: &Visitor, f: &Fields) -> Response {
+    let req = basphere_wire::KeyChangeRequest::read(&body_of(
+        f,
+        &["username", "email", "new_public_key"],
+    ));
+    let done = match api(st
+        .services
+        .verify_captcha(f.get(CAPTCHA_FIELD).map(String::as_str), None)
+        .await)
+    {
+        Ok(()) => api(st
+            .services
+            .request_key_change_unsigned(&v.anonymous().actor(), &req)
+            .await),
+        Err(e) => Err(e),
+    };
+    match done {
+        Ok(d) => v.redirect(
+            &format!(
+                "/key-change-success?u={}",
+                crate::html::url(&d.data.username)
+            ),
+            None,
+        ),
+        Err(e) => {
+            let alert = if e.fields.iter().any(|x| x.field == CAPTCHA_FIELD) {
+                "Request not sent: please complete the reCAPTCHA."
+            } else if e.fields.is_empty() {
+                e.message.as_str()
+            } else {
+                "Request not sent: please correct the fields marked below."
+            };
+            key_change_unsigned_page(st, v, e.status, f, &e.fields, Some(alert))
+        }
+    }
+}
+
+/// `GET /key-change-success`: the request was received.
+pub async fn key_change_success(v: Visitor, Query(q): Query<Fields>) -> Response {
+    let who = q
+        .get("u")
+        .map(|u| format!(", <strong>{}</strong>", esc(u)))
+        .unwrap_or_default();
+    let body = format!(
+        r#"<p id="key-change-received">Thank you{who}. Your request for a new SSH key was received and waits for an admin's review.</p>
+<p>Once an admin approves it, your account's key is the new one: the bastion accepts it, and VMs you create from then on get it. Until then your old key (if you still have it) keeps working.</p>
+<p><a href="/ssh-guide">SSH guide</a></p>"#
+    );
+    v.page(StatusCode::OK, "Key change requested", &body)
 }
 
 #[cfg(test)]

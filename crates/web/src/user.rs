@@ -1,7 +1,7 @@
 //! A signed-in user's pages: dashboard (quota, VMs, create, live operations), one VM, delete
 //! with confirmation, SSH key change.
 
-use crate::html::{Input, badge, esc, form_alert, gib, ip, select, url, when};
+use crate::html::{Input, badge, esc, form_alert, gib, ip, select, url, when_rfc3339};
 use crate::session::Visitor;
 use crate::{api, body_of};
 use axum::Form;
@@ -531,7 +531,7 @@ fn key_body(
         let _ = write!(
             rows,
             "<tr><td>{}</td><td>{}</td><td class=\"key\">{}</td><td>{}</td></tr>",
-            when(k.created_at),
+            when_rfc3339(&k.created_at),
             badge(k.status.to_string().as_str()),
             esc(&short_key(&k.public_key)),
             esc(k.reject_reason.as_deref().unwrap_or(""))
@@ -605,7 +605,19 @@ async fn key_page(
     v.page(status, "Change your SSH key", &body)
 }
 
+/// `GET /key-change`: a signed-in user's key page; for anyone else the form that asks with
+/// username and registered email (the prototype's, for someone who lost their key).
 pub async fn key_change_form(State(st): State<AppState>, v: Visitor) -> Response {
+    if v.caller.is_none() {
+        return crate::public::key_change_unsigned_page(
+            &st,
+            &v,
+            StatusCode::OK,
+            &Fields::new(),
+            &[],
+            None,
+        );
+    }
     key_page(&st, &v, StatusCode::OK, &Fields::new(), &[]).await
 }
 
@@ -613,9 +625,8 @@ pub async fn key_change(State(st): State<AppState>, v: Visitor, Form(f): Form<Fi
     if let Err(r) = v.check_csrf(&f) {
         return r;
     }
-    let caller = match v.signed_in() {
-        Ok(c) => c.clone(),
-        Err(r) => return r,
+    let Some(caller) = v.caller.clone() else {
+        return crate::public::key_change_unsigned(&st, &v, &f).await;
     };
     let req = KeyChangeRequest::read(&body_of(&f, &["public_key"]));
     let requested = match caller.principal() {

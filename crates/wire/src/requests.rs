@@ -36,7 +36,7 @@ macro_rules! request {
 }
 
 request!(
-    /// `POST /register` and `POST /users`.
+    /// `POST /register` and `POST /users` (`team` optional).
     RegisterRequest {
         username: str,
         email: str,
@@ -67,8 +67,16 @@ request!(
 );
 
 request!(
-    /// `POST /key-change`.
-    KeyChangeRequest { public_key: str }
+    /// `POST /key-change`: either a signed-in user's `public_key`, or the prototype's form for
+    /// someone who may have lost every credential: `username`, `email` (the registered one),
+    /// `new_public_key` and an optional `reason`.
+    KeyChangeRequest {
+        public_key: str,
+        username: str,
+        email: str,
+        new_public_key: str,
+        reason: str,
+    }
 );
 
 request!(
@@ -88,7 +96,7 @@ request!(
         spec: str,
         /// Default: the configured default image.
         os: str,
-        /// Default 1; above 1 the VMs are named `NAME-1` … `NAME-N`.
+        /// Absent or 0: 1. Above 1 the VMs are named `NAME-1` … `NAME-N`.
         count: int,
     }
 );

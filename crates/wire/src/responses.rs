@@ -29,32 +29,77 @@ pub struct User {
     pub created_at: i64,
 }
 
-/// A registration and what became of it (`GET /pending`).
+/// A registration request and what became of it (`POST /register`, `GET /pending`): the
+/// prototype's `RegistrationRequest`. Times are RFC 3339; `updated_at` is when it was decided
+/// (or filed, while pending).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Registration {
-    pub id: i64,
+    /// `req-` and the stored row's number in 8+ hex digits ([`request_id`]).
+    pub id: String,
     pub username: String,
     pub email: String,
+    /// Absent when none was given.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub team: String,
     pub public_key: String,
     pub status: RegistrationStatus,
-    pub created_at: i64,
+    pub created_at: String,
+    pub updated_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub processed_by: Option<String>,
-    pub processed_at: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processed_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reject_reason: Option<String>,
 }
 
-/// A request to replace a user's SSH key (`GET /key-changes`).
+/// A request to replace a user's SSH key (`POST /key-change`, `GET /key-changes`): the
+/// prototype's `KeyChangeRequest`, plus `public_key` (the same key, as older clients read it).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct KeyChange {
-    pub id: i64,
+    /// `keychange-` and the stored row's number in 8+ hex digits ([`request_id`]).
+    pub id: String,
     pub username: String,
-    pub public_key: String,
+    /// The registered email of the user (as given, when the request was made without a key).
+    #[serde(default)]
+    pub email: String,
+    pub new_public_key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     pub status: RegistrationStatus,
-    pub created_at: i64,
+    pub created_at: String,
+    pub updated_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub processed_by: Option<String>,
-    pub processed_at: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processed_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reject_reason: Option<String>,
+    /// Ours: the same key as `new_public_key`.
+    pub public_key: String,
+}
+
+/// Prefix of a registration's id.
+pub const REGISTRATION_ID: &str = "req";
+/// Prefix of a key change's id.
+pub const KEY_CHANGE_ID: &str = "keychange";
+
+/// The id a request of kind `prefix` shows for stored row `n`: `req-0000002a`. Stable (the
+/// same row always has the same id) and unique per kind.
+pub fn request_id(prefix: &str, n: i64) -> String {
+    format!("{prefix}-{n:08x}")
+}
+
+/// The stored row number of a [`request_id`] (of any prefix), or of a plain number.
+pub fn request_seq(id: &str) -> Option<i64> {
+    if let Ok(n) = id.parse() {
+        return Some(n);
+    }
+    let (prefix, hex) = id.rsplit_once('-')?;
+    if prefix.is_empty() || !prefix.chars().all(|c| c.is_ascii_lowercase()) || hex.len() < 8 {
+        return None;
+    }
+    i64::from_str_radix(hex, 16).ok().filter(|n| *n >= 0)
 }
 
 /// An API token as listed (never the secret).
@@ -103,19 +148,24 @@ pub struct Me {
     pub registration: Option<Registration>,
 }
 
-/// `POST /users/{u}/approve` and `POST /users`.
+/// `POST /users/{u}/approve` and `POST /users`: the updated registration request (the
+/// prototype's answer), plus the account it made.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Approved {
+    #[serde(flatten)]
+    pub request: Registration,
     pub user: User,
     pub ip_block: Option<String>,
     /// One-time code (when the server manages no Unix accounts), shown only here.
     pub enrollment_code: Option<String>,
 }
 
-/// `POST /users/{u}/reject`.
+/// `POST /users/{u}/reject`: the updated registration request (with `reject_reason`), plus
+/// `reason` (the same text, as older clients read it).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Rejected {
-    pub username: Username,
+    #[serde(flatten)]
+    pub request: Registration,
     pub reason: String,
 }
 
@@ -166,28 +216,67 @@ pub struct VmRefusal {
 
 // ---- VMs ---------------------------------------------------------------------------------
 
-/// A VM as the VM routes show it: the prototype's fields plus what the async model adds.
+/// A VM as the VM routes show it: the prototype's `VM` plus what the async model adds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Vm {
-    pub id: String,
     pub name: VmName,
+    /// The VM's name in vCenter (empty for other providers).
+    #[serde(default)]
+    pub vsphere_vm_name: String,
     pub owner: Username,
     pub os: String,
     pub login_user: String,
     pub spec: String,
+    /// `""` until the VM has an address (as the prototype sends it).
+    #[serde(default, with = "ip_or_empty")]
+    pub ip_address: Option<Ipv4Addr>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_disks: Vec<ExtraDisk>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_networks: Vec<String>,
+    pub status: VmStatus,
+    /// RFC 3339.
+    pub created_at: String,
+    // Ours.
+    pub id: String,
     pub vcpus: u32,
     pub memory_mib: u64,
     pub disk_gib: u64,
-    pub ip_address: Option<Ipv4Addr>,
-    pub status: VmStatus,
     pub error: Option<String>,
     pub provider: String,
-    /// RFC 3339.
-    pub created_at: String,
     /// `ssh LOGIN@IP`, once the VM has an address.
     pub ssh: Option<String>,
     /// The operation just started on it (create, delete), in that operation's answer.
     pub operation_id: Option<String>,
+}
+
+/// A disk added to a VM beside its boot disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExtraDisk {
+    pub size_gb: u32,
+    /// `auto` (formatted and mounted) or `raw`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub mode: String,
+}
+
+/// An address that is `""` on the wire when there is none.
+mod ip_or_empty {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::net::Ipv4Addr;
+
+    pub fn serialize<S: Serializer>(ip: &Option<Ipv4Addr>, s: S) -> Result<S::Ok, S::Error> {
+        match ip {
+            Some(ip) => s.collect_str(ip),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Ipv4Addr>, D::Error> {
+        match Option::<String>::deserialize(d)?.as_deref() {
+            None | Some("") => Ok(None),
+            Some(s) => s.parse().map(Some).map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 /// A VM as `GET /users/{u}` lists it (timestamps in milliseconds, no derived fields).
@@ -210,23 +299,72 @@ pub struct VmRecord {
     pub updated_at: i64,
 }
 
-/// `POST /vms` (202).
+/// `POST /vms` (202: the VMs are admitted, their creation runs on): the prototype's
+/// `CreateVMResponse` plus the operation of each VM. Admission is all or nothing, so
+/// `failed` is 0 and `errors` empty in every 202 (a refusal is an error answer).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmsCreated {
     pub vms: Vec<Vm>,
+    pub created: usize,
+    pub failed: usize,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
+    /// Ours: the create operation of each VM, in the order of `vms`.
     pub operations: Vec<String>,
 }
 
-/// `DELETE /vms/{name}` (202).
+/// `GET /vms`: the prototype's `VMListResponse`. `total` counts the VMs of this answer (a
+/// further page, if any, is named by the `X-Next-After` header).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct VmDeleting {
-    pub vm: Vm,
-    pub operation_id: String,
+pub struct VmList {
+    pub vms: Vec<Vm>,
+    pub total: usize,
+    /// The quota of the owner listed (the caller's, when an admin lists everyone's).
+    pub quota: QuotaSummary,
 }
 
-/// `GET /quota`.
+/// The prototype's `Quota` (`max_vms, used_vms, max_ips, used_ips`) plus our other limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QuotaSummary {
+    pub max_vms: u32,
+    pub used_vms: u32,
+    pub max_ips: u32,
+    pub used_ips: u32,
+    pub max_clusters: u32,
+    pub used_clusters: u32,
+    /// Absent: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_vcpus: Option<u32>,
+    pub used_vcpus: u32,
+    /// Absent: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_memory_mib: Option<u64>,
+    pub used_memory_mib: u64,
+}
+
+impl QuotaSummary {
+    pub fn of(q: &Quota, u: &Usage) -> Self {
+        Self {
+            max_vms: q.max_vms,
+            used_vms: u.vms,
+            max_ips: q.max_ips,
+            used_ips: u.ips,
+            max_clusters: q.max_clusters,
+            used_clusters: u.clusters,
+            max_vcpus: q.max_vcpus,
+            used_vcpus: u.vcpus,
+            max_memory_mib: q.max_memory_mib,
+            used_memory_mib: u.memory_mib,
+        }
+    }
+}
+
+/// `GET /quota`: the prototype's `Quota` fields at the top, plus the user and the same
+/// figures as `quota` and `usage` objects (as older clients read them).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct QuotaView {
+    #[serde(flatten)]
+    pub summary: QuotaSummary,
     pub username: Username,
     pub quota: Quota,
     pub usage: Usage,

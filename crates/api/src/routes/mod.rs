@@ -10,8 +10,10 @@ use crate::envelope::{ApiError, ok};
 use crate::limits;
 use crate::server::AppState;
 use axum::Router;
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::extract::Request;
+use axum::http::{Method, StatusCode, Uri, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 
 pub(crate) fn all() -> Router<AppState> {
@@ -60,12 +62,63 @@ pub(crate) fn all() -> Router<AppState> {
     Router::new()
         .route("/health", get(health))
         .nest("/api/v1", v1)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(envelope_errors))
         .fallback(not_found)
 }
 
+/// Middleware: an error answered by something other than a handler (axum's rejection of a
+/// path or query, a body over the limit, a method the route lacks) gets the envelope too, with
+/// its text as the message; its status and headers (`Allow`, `Retry-After`) are kept.
+async fn envelope_errors(req: Request, next: Next) -> Response {
+    let r = next.run(req).await;
+    let json = r
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| {
+            ct.starts_with("application/json") || ct.starts_with("text/event-stream")
+        });
+    if !(r.status().is_client_error() || r.status().is_server_error()) || json {
+        return r;
+    }
+    let (parts, body) = r.into_parts();
+    let text = axum::body::to_bytes(body, 16 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        parts
+            .status
+            .canonical_reason()
+            .unwrap_or("request refused")
+            .to_string()
+    } else {
+        text
+    };
+    let mut out = ApiError::new(parts.status, message).into_response();
+    for (k, v) in &parts.headers {
+        if k != header::CONTENT_TYPE && k != header::CONTENT_LENGTH {
+            out.headers_mut().insert(k, v.clone());
+        }
+    }
+    out
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!(
+            "{method} is not allowed on {}; see the header Allow for the methods it takes",
+            uri.path()
+        ),
+    )
+}
+
 async fn health() -> impl IntoResponse {
+    // The prototype's message (`TestHealthCheck`).
     ok(
-        "ok",
+        "OK",
         basphere_wire::Health {
             status: "ok".into(),
             version: env!("CARGO_PKG_VERSION").into(),

@@ -34,8 +34,13 @@ impl PageQuery {
 
 /// One page as the envelope's `data` array, with the next page's `after` in the header.
 pub fn page<T: Serialize>(message: impl FnOnce(usize) -> String, p: Paged<T>) -> Response {
-    let mut r = ok(message(p.items.len()), p.items).into_response();
-    if let Some(v) = p.next_after.and_then(|n| HeaderValue::from_str(&n).ok()) {
+    let r = ok(message(p.items.len()), p.items).into_response();
+    with_next(r, p.next_after)
+}
+
+/// `r` with the next page's `after` (if more follow) in the header.
+pub fn with_next(mut r: Response, next_after: Option<String>) -> Response {
+    if let Some(v) = next_after.and_then(|n| HeaderValue::from_str(&n).ok()) {
         r.headers_mut().insert(NEXT_AFTER, v);
     }
     r

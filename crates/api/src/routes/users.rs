@@ -1,28 +1,42 @@
 //! Users, registrations, key changes, tokens and the audit trail.
 
-use crate::auth::Caller;
+use crate::auth::{Caller, PeerInfo};
 use crate::envelope::{ApiError, Ok200, accepted, created, ok};
 use crate::input::Body;
+use crate::limits;
 use crate::routes::page::{PageQuery, page};
 use crate::server::AppState;
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::response::Response;
-use basphere_service::{UserDeletion, username};
+use basphere_service::{CAPTCHA_FIELD, UserDeletion, username};
 use basphere_wire::{KeyChangeRequest, QuotaRequest, ReasonRequest, RegisterRequest, TokenRequest};
 use serde::Deserialize;
 
-/// `POST /register`: anyone; a local caller registers only their own Unix account name.
+/// The reCAPTCHA answer a JSON body carries (`g-recaptcha-response`, as the form field).
+fn captcha_answer(body: &Body) -> Option<&str> {
+    body.0.get(CAPTCHA_FIELD).and_then(|v| v.as_str())
+}
+
+/// `POST /register`: anyone; a local caller registers only their own Unix account name; an
+/// anonymous (TCP) caller answers the reCAPTCHA when it is on. 200 with the registration
+/// request, as the prototype answers.
 pub async fn register(
     State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<PeerInfo>,
     caller: Caller,
     body: Body,
 ) -> Result<Ok200, ApiError> {
+    if limits::anonymous(&caller) {
+        st.services
+            .verify_captcha(captcha_answer(&body), limits::peer_ip(&peer))
+            .await?;
+    }
     let only = (caller.local && !caller.is_admin()).then_some(caller.name.as_str());
     let d = st
         .services
         .register(&caller.actor(), only, &RegisterRequest::read(&body.0))
         .await?;
-    Ok(created(d.message, d.data))
+    Ok(ok(d.message, d.data))
 }
 
 /// `POST /users`: an admin adds and approves a user in one go.
@@ -194,17 +208,37 @@ pub async fn delete(
     }
 }
 
+/// `POST /key-change`: a signed-in user's `public_key`, as always; or the prototype's form
+/// (`username`, `email`, `new_public_key`, `reason`) from anyone, even without any
+/// credential: throttled like registration, reCAPTCHA when on and the caller is anonymous,
+/// and the email must be the registered one. Either waits for an admin.
 pub async fn key_change(
     State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<PeerInfo>,
     caller: Caller,
     body: Body,
 ) -> Result<Ok200, ApiError> {
-    let me = caller.principal()?;
-    let d = st
-        .services
-        .request_key_change(&me, &KeyChangeRequest::read(&body.0))
-        .await?;
-    Ok(created(d.message, d.data))
+    let req = KeyChangeRequest::read(&body.0);
+    let signed = caller.user.as_ref().is_some_and(|u| {
+        req.username
+            .as_deref()
+            .is_none_or(|n| n == u.username.as_str())
+    });
+    let d = if signed {
+        let me = caller.principal()?;
+        st.services.request_key_change(&me, &req).await?
+    } else {
+        limits::throttle(&st.config, &peer)?;
+        if limits::anonymous(&caller) {
+            st.services
+                .verify_captcha(captcha_answer(&body), limits::peer_ip(&peer))
+                .await?;
+        }
+        st.services
+            .request_key_change_unsigned(&caller.actor(), &req)
+            .await?
+    };
+    Ok(ok(d.message, d.data))
 }
 
 /// `GET /key-changes?limit=&after=`: pending key changes, newest first (see `page`).

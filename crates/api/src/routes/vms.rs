@@ -3,10 +3,10 @@
 use crate::auth::Caller;
 use crate::envelope::{ApiError, Ok200, accepted, ok};
 use crate::input::Body;
-use crate::routes::page::{PageQuery, page};
+use crate::routes::page::{PageQuery, with_next};
 use crate::server::AppState;
 use axum::extract::{Path, Query, State};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use basphere_wire::CreateVmsRequest;
 use serde::Deserialize;
 
@@ -36,7 +36,8 @@ pub struct ListQuery {
     pub owner: Option<String>,
 }
 
-/// `GET /vms?all=&owner=&limit=&after=`: VMs in creation order (see `page`).
+/// `GET /vms?all=&owner=&limit=&after=`: the prototype's `{vms, total, quota}`, VMs in
+/// creation order, one page of them (the next page's `after` in `X-Next-After`, see `page`).
 pub async fn list_page(
     State(st): State<AppState>,
     caller: Caller,
@@ -45,8 +46,22 @@ pub async fn list_page(
 ) -> Result<Response, ApiError> {
     p.paging().limit()?;
     let owner = target_owner(&caller, q.owner.as_deref(), q.all)?;
-    let vms = st.services.vms(owner.as_deref(), &p.paging()).await?;
-    Ok(page(|n| format!("{n} VM(s)"), vms))
+    let me = caller.active()?;
+    let (vms, quota) = st
+        .services
+        .vm_list(me, owner.as_deref(), &p.paging())
+        .await?;
+    let n = vms.items.len();
+    let next = vms.next_after.clone();
+    let list = basphere_wire::VmList {
+        total: n,
+        vms: vms.items,
+        quota,
+    };
+    Ok(with_next(
+        ok(format!("{n} VM(s)"), list).into_response(),
+        next,
+    ))
 }
 
 /// Whose VMs a request addresses: the caller's, unless an admin names another owner or all

@@ -11,6 +11,8 @@ fn key_change_from(r: &Row) -> Result<KeyChange> {
         id: r.int("id")?,
         username: r.text("username")?,
         public_key: r.text("public_key")?,
+        email: r.opt_text("email")?,
+        reason: r.opt_text("reason")?,
         status: parse("key_changes.status", &r.text("status")?)?,
         created_at: r.int("created_at")?,
         processed_by: r.opt_text("processed_by")?,
@@ -63,6 +65,79 @@ impl Store {
                         ))
                         .await?;
                     tx.exec(&audit_stmt(&actor, "key.request", &u, "ok", None))
+                        .await?;
+                    Ok(key_change_from(&row)?)
+                })
+            })
+            .await
+    }
+
+    /// Files a key-change request with the user's email and an optional reason. With
+    /// `claimed_email` (a request made without any credential), the user must be active or
+    /// disabled and that email must be their registered one (case-insensitively); otherwise
+    /// the refusal is `NotFound`, the same as for an unknown user, so a caller cannot tell
+    /// which of the two was wrong.
+    ///
+    /// The user's row is locked first (PostgreSQL), so two requests on two replicas cannot
+    /// both find none pending.
+    pub async fn request_key_change_with(
+        &self,
+        username: &str,
+        key: &SshPublicKey,
+        claimed_email: Option<&str>,
+        reason: Option<&str>,
+        actor: &Actor,
+    ) -> std::result::Result<KeyChange, UserError> {
+        let (u, key, actor) = (
+            username.to_string(),
+            key.as_str().to_string(),
+            actor.clone(),
+        );
+        let claimed = claimed_email.map(str::to_string);
+        let reason = reason.map(str::to_string);
+        self.db
+            .write(move |tx| {
+                Box::pin(async move {
+                    let row = user_row_locked(tx, "status, email", &u).await?;
+                    let Some(row) = row else {
+                        return Err(UserError::NotFound(u));
+                    };
+                    let email = row.text("email")?;
+                    if let Some(claimed) = &claimed {
+                        let status = row.text("status")?;
+                        let holds_key = status == "active" || status == "disabled";
+                        if !holds_key || email.is_empty() || !email.eq_ignore_ascii_case(claimed) {
+                            return Err(UserError::NotFound(u));
+                        }
+                    }
+                    let pending = tx
+                        .query_one(&stmt!(
+                            "SELECT COUNT(*) FROM key_changes
+                             WHERE username = $1 AND status = 'pending'",
+                            u.as_str()
+                        ))
+                        .await?
+                        .first_int()?
+                        .unwrap_or(0);
+                    if pending > 0 {
+                        return Err(UserError::State(format!(
+                            "user {u} already has a key change waiting for an admin"
+                        )));
+                    }
+                    let row = tx
+                        .query_one(&stmt!(
+                            "INSERT INTO key_changes (username, public_key, status, created_at,
+                                email, reason)
+                             VALUES ($1, $2, 'pending', $3, $4, $5) RETURNING *",
+                            u.as_str(),
+                            key,
+                            now_ms(),
+                            email.as_str(),
+                            reason.as_deref(),
+                        ))
+                        .await?;
+                    let detail = claimed.is_some().then_some("without a key (email checked)");
+                    tx.exec(&audit_stmt(&actor, "key.request", &u, "ok", detail))
                         .await?;
                     Ok(key_change_from(&row)?)
                 })

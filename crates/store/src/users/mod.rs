@@ -69,6 +69,10 @@ pub struct KeyChange {
     pub id: i64,
     pub username: String,
     pub public_key: String,
+    /// The email a key change asked for without a key was checked against.
+    pub email: Option<String>,
+    /// Why the user asked, when they said.
+    pub reason: Option<String>,
     pub status: RegistrationStatus,
     pub created_at: i64,
     pub processed_by: Option<String>,

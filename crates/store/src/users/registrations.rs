@@ -148,6 +148,32 @@ impl Store {
             .await
     }
 
+    /// The username of a pending registration filed with `email` (case-insensitively) under
+    /// another name than `username`, if there is one.
+    pub async fn pending_email_holder(
+        &self,
+        email: &str,
+        username: &str,
+    ) -> Result<Option<String>> {
+        let s = stmt!(
+            "SELECT username FROM registrations
+             WHERE status = 'pending' AND LOWER(email) = LOWER($1) AND username <> $2
+             ORDER BY id LIMIT 1",
+            email,
+            username,
+        );
+        self.db
+            .read(move |tx| {
+                Box::pin(async move {
+                    tx.query_opt(&s)
+                        .await?
+                        .map(|r| r.text("username"))
+                        .transpose()
+                })
+            })
+            .await
+    }
+
     /// One page of pending registrations, newest first: at most `limit` older than id `after`.
     pub async fn pending_page(&self, after: Option<i64>, limit: i64) -> Result<Vec<Registration>> {
         let s = stmt!(
