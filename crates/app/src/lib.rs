@@ -76,6 +76,19 @@ pub fn catalog(cfg: &Config) -> Catalog {
                 (name.clone(), i.provider_ref.clone().unwrap_or(name))
             })
             .collect(),
+        networks: cfg
+            .networks
+            .iter()
+            .map(|(n, d)| {
+                let net = basphere_vm_workflows::CatalogNetwork {
+                    prefix_len: d.cidr.prefix_len(),
+                    gateway: d.gateway,
+                    bridge: d.bridge.clone(),
+                    port_group: d.port_group.clone(),
+                };
+                (n.clone(), net)
+            })
+            .collect(),
     }
 }
 

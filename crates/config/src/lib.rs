@@ -40,6 +40,12 @@ pub struct Config {
     pub registration: RegistrationConfig,
     #[serde(default)]
     pub recaptcha: RecaptchaConfig,
+    /// Limits on what one create may add to a VM (`[vms.extra_disks]`, `[vms.extra_networks]`).
+    #[serde(default)]
+    pub vms: VmsConfig,
+    /// The extra networks VMs may join, by name (`[networks.NAME]`).
+    #[serde(default)]
+    pub networks: BTreeMap<String, NetworkDef>,
     /// The `[qemu]` section, parsed by the qemu provider.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qemu: Option<toml::Table>,
@@ -301,6 +307,80 @@ pub struct ImageConfig {
     pub default: bool,
 }
 
+/// `[vms]`: what a create may add beside the spec, and the disk space a user may hold.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmsConfig {
+    pub extra_disks: ExtraDiskLimits,
+    pub extra_networks: ExtraNetworkLimits,
+    /// GiB of disk (boot disks and extra disks) one user may hold over all their VMs; unset:
+    /// no limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_disk_gib: Option<u64>,
+}
+
+/// `[vms.extra_disks]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExtraDiskLimits {
+    /// Extra disks per VM (0: none may be asked for).
+    pub max_count: u32,
+    pub min_gb: u32,
+    pub max_gb: u32,
+}
+
+impl Default for ExtraDiskLimits {
+    fn default() -> Self {
+        Self {
+            max_count: 3,
+            min_gb: 10,
+            max_gb: 500,
+        }
+    }
+}
+
+/// `[vms.extra_networks]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExtraNetworkLimits {
+    /// Extra networks per VM.
+    pub max_count: u32,
+}
+
+impl Default for ExtraNetworkLimits {
+    fn default() -> Self {
+        Self { max_count: 1 }
+    }
+}
+
+/// `[networks.NAME]`: an extra network VMs may join beside their own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkDef {
+    /// The network's own address range; static addresses are leased from it (lowest free).
+    pub cidr: ipnet::Ipv4Net,
+    /// The network's gateway, kept out of the pool (in qemu lab mode the bridge holds it).
+    #[serde(default)]
+    pub gateway: Option<std::net::Ipv4Addr>,
+    /// `true`: the guest asks DHCP for its address and none is leased here.
+    #[serde(default)]
+    pub dhcp: bool,
+    /// qemu: the bridge its taps join (lab mode: made inside the lab namespace).
+    #[serde(default)]
+    pub bridge: Option<String>,
+    /// vSphere: the port group its NICs join.
+    #[serde(default)]
+    pub port_group: Option<String>,
+}
+
+impl NetworkDef {
+    /// The addresses a guest may get, lowest first: the range without its network and
+    /// broadcast addresses and the gateway.
+    pub fn assignable(&self) -> impl Iterator<Item = std::net::Ipv4Addr> + '_ {
+        self.cidr.hosts().filter(move |a| Some(*a) != self.gateway)
+    }
+}
+
 /// Which provider builds VMs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -448,6 +528,49 @@ impl Config {
         }
         if self.specs.is_empty() {
             return Err(bad("specs", "at least one VM size is needed".into()));
+        }
+        let d = &self.vms.extra_disks;
+        if d.min_gb == 0 || d.min_gb > d.max_gb {
+            return Err(bad(
+                "vms.extra_disks",
+                format!(
+                    "min_gb ({}) must be at least 1 and at most max_gb ({})",
+                    d.min_gb, d.max_gb
+                ),
+            ));
+        }
+        for (name, n) in &self.networks {
+            let key = format!("networks.{name}");
+            let ok_name = !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+            if !ok_name {
+                return Err(bad(&key, "a network name is 1-64 of [A-Za-z0-9._-]".into()));
+            }
+            if let Some(g) = n.gateway
+                && !n.cidr.contains(&g)
+            {
+                return Err(bad(&key, format!("gateway {g} is outside cidr {}", n.cidr)));
+            }
+            if n.cidr.trunc() != n.cidr {
+                return Err(bad(&key, format!("cidr {} has host bits set", n.cidr)));
+            }
+            if n.cidr.contains(&self.network.cidr.network())
+                || self.network.cidr.contains(&n.cidr.network())
+            {
+                return Err(bad(
+                    &key,
+                    format!(
+                        "cidr {} overlaps the VM network {}",
+                        n.cidr, self.network.cidr
+                    ),
+                ));
+            }
+            if !n.dhcp && n.assignable().next().is_none() {
+                return Err(bad(&key, format!("cidr {} holds no guest address", n.cidr)));
+            }
         }
         let rc = &self.recaptcha;
         if rc.site_key.is_empty() != rc.secret_key.is_empty() {

@@ -5,6 +5,7 @@
 //! types first, so a `VmName` or `SshPublicKey` held anywhere is already valid.
 
 mod error;
+mod extra;
 mod ipam;
 mod names;
 mod quota;
@@ -14,6 +15,7 @@ mod state;
 mod text_enum;
 
 pub use error::{FieldError, FieldErrors};
+pub use extra::{DiskMode, ExtraDisk, ExtraNic, disk_serial, mount_point};
 pub use ipam::{IpBlock, NetworkPool, NetworkPoolError};
 pub use names::{Email, ImageName, NameError, Team, Username, VmName};
 pub use quota::{Quota, QuotaExceeded, QuotaLimit, Usage};

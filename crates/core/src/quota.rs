@@ -47,6 +47,8 @@ pub enum QuotaLimit {
     Vcpus,
     MemoryMib,
     Clusters,
+    /// GiB of disk, boot and extra disks together (`[vms] max_disk_gib`).
+    DiskGib,
 }
 
 impl QuotaLimit {
@@ -58,6 +60,7 @@ impl QuotaLimit {
             QuotaLimit::Vcpus => ("vCPU", "vCPUs"),
             QuotaLimit::MemoryMib => ("MiB of memory", "MiB of memory"),
             QuotaLimit::Clusters => ("cluster", "clusters"),
+            QuotaLimit::DiskGib => ("GiB of disk", "GiB of disk"),
         }
     }
 }

@@ -146,6 +146,8 @@ mod tests {
                     .parse()
                     .unwrap(),
             ],
+            extra_disks: vec![],
+            extra_nics: vec![],
         }
     }
 

@@ -93,6 +93,8 @@ async fn another_account_reads_nothing_of_a_vm() {
             mac: mac_for(&instance),
         },
         ssh_keys: vec![],
+        extra_disks: vec![],
+        extra_nics: vec![],
     };
     provider.prepare(&vm).await.expect("prepare");
     let e = provider

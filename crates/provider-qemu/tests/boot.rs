@@ -115,6 +115,8 @@ async fn boots_debian_and_answers_ssh_in_the_lab_namespace() {
             mac: mac_for(&instance),
         },
         ssh_keys: vec![public.trim().parse().unwrap()],
+        extra_disks: vec![],
+        extra_nics: vec![],
     };
     let vm_dir = provider.vm_dir(&instance);
     let _cleanup = Cleanup {

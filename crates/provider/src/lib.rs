@@ -15,7 +15,7 @@
 //! Architecture invariant: providers never touch the store; everything they need arrives in the
 //! request, and everything they report goes back as return values.
 
-use basphere_core::{ImageName, Spec, SshPublicKey, Username, VmName};
+use basphere_core::{DiskMode, ImageName, Spec, SshPublicKey, Username, VmName};
 use serde::{Deserialize, Serialize};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -39,6 +39,53 @@ pub struct VmRequest {
     pub spec: Spec,
     pub network: GuestNetwork,
     pub ssh_keys: Vec<SshPublicKey>,
+    /// Disks beside the boot disk, in order (the guest sees them in this order).
+    #[serde(default)]
+    pub extra_disks: Vec<DiskRequest>,
+    /// Interfaces on catalog networks beside `network`, in order (`eth1`, `eth2`, …).
+    #[serde(default)]
+    pub extra_nics: Vec<NicRequest>,
+}
+
+/// One extra disk of a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskRequest {
+    /// Stable id ([`basphere_core::disk_serial`]): the virtio serial (qemu), so the guest finds
+    /// the disk at `/dev/disk/by-id/virtio-<serial>`, and the file name.
+    pub serial: String,
+    pub size_gib: u32,
+    pub mode: DiskMode,
+    /// Where an `auto` disk is mounted (`/data`, `/data2`, …); `None` for `raw`.
+    pub mount: Option<String>,
+}
+
+/// One interface of a VM on a catalog network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicRequest {
+    /// The catalog network's name.
+    pub network: String,
+    /// Locally administered MAC derived from the instance id and the interface's position.
+    pub mac: String,
+    /// `Some`: a static address with the network's prefix length; `None`: DHCP.
+    pub address: Option<NicAddress>,
+    /// Its gateway (held by the qemu lab bridge); never a default route in the guest.
+    pub gateway: Option<Ipv4Addr>,
+    /// qemu: the bridge the tap joins.
+    pub bridge: Option<String>,
+    /// vSphere: the port group the NIC joins.
+    pub port_group: Option<String>,
+}
+
+/// A static address on an extra network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicAddress {
+    pub ip: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+/// The guest's name of its `index`-th (from 0) extra interface: `eth1`, `eth2`, …
+pub fn extra_nic_name(index: usize) -> String {
+    format!("eth{}", index + 1)
 }
 
 /// The static network configuration of one guest.

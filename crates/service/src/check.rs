@@ -29,6 +29,18 @@ impl Check {
         found
     }
 
+    /// An optional list field: its readable entries, after moving the read errors of the
+    /// field and of its entries (`key[i]…`) into the report in order.
+    pub fn opt_list<T>(&mut self, key: &str, v: Option<Vec<T>>) -> Vec<T> {
+        let entry = format!("{key}[");
+        let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.unreadable.0)
+            .into_iter()
+            .partition(|e| e.field == key || e.field.starts_with(&entry));
+        self.unreadable.0 = rest;
+        self.errs.0.extend(mine);
+        v.unwrap_or_default()
+    }
+
     /// An optional field: its value when it was readable.
     pub fn opt<T>(&mut self, key: &str, v: Option<T>) -> Option<T> {
         if self.unreadable(key) { None } else { v }

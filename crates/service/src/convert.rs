@@ -85,8 +85,15 @@ pub fn vm(vm: &store::Vm, operation_id: Option<&str>) -> wire::Vm {
         login_user: vm.login_user.clone(),
         spec: vm.spec.clone(),
         ip_address: vm.ip_address,
-        extra_disks: vec![],
-        extra_networks: vec![],
+        extra_disks: vm
+            .extra_disks
+            .iter()
+            .map(|d| wire::ExtraDisk {
+                size_gb: d.size_gib,
+                mode: d.mode.to_string(),
+            })
+            .collect(),
+        extra_networks: vm.extra_nics.iter().map(|n| n.network.clone()).collect(),
         status: vm.status,
         created_at: store::format_ms(vm.created_at),
         id: vm.id.clone(),
@@ -99,6 +106,14 @@ pub fn vm(vm: &store::Vm, operation_id: Option<&str>) -> wire::Vm {
             .ip_address
             .map(|ip| format!("ssh {}@{}", vm.login_user, ip)),
         operation_id: operation_id.map(str::to_string),
+        extra_nics: vm
+            .extra_nics
+            .iter()
+            .map(|n| wire::VmNic {
+                network: n.network.clone(),
+                ip_address: n.ip,
+            })
+            .collect(),
     }
 }
 

@@ -5,8 +5,9 @@ use crate::check::Check;
 use crate::error::Result;
 use crate::{Done, MAX_LIMIT, Paged, Paging, Principal, ServiceError, Services, convert};
 use basphere_core::VmOperation;
+use basphere_core::{DiskMode, ExtraDisk};
 use basphere_core::{ImageName, SpecName, Usage, VM_COUNT_RANGE, VmName};
-use basphere_store::{AdmitError, AdmitRequest, DeleteError, User};
+use basphere_store::{AdmitError, AdmitExtras, AdmitRequest, DeleteError, ExtraNetwork, User};
 use basphere_wire as wire;
 
 /// What a user's dashboard shows: their VMs, usage and latest operations.
@@ -26,7 +27,8 @@ impl From<AdmitError> for ServiceError {
             | AdmitError::DuplicateInRequest(_)
             | AdmitError::NoUser(_)
             | AdmitError::NoBlock(_)
-            | AdmitError::BlockFull(..) => ServiceError::Conflict(e.to_string()),
+            | AdmitError::BlockFull(..)
+            | AdmitError::NetworkFull(_) => ServiceError::Conflict(e.to_string()),
             AdmitError::Store(e) => e.into(),
         }
     }
@@ -72,8 +74,98 @@ impl Services {
         }
     }
 
+    /// Checks a create request's extra disks and networks against `[vms]` and `[networks]`,
+    /// naming each bad entry by its position.
+    fn extras(&self, c: &mut Check, req: &wire::CreateVmsRequest) -> AdmitExtras {
+        let cfg = &self.config;
+        let lim = cfg.vms.extra_disks;
+        let asked = c.opt_list("extra_disks", req.extra_disks.clone());
+        if asked.len() > lim.max_count as usize {
+            c.errs.push(
+                "extra_disks",
+                format!(
+                    "at most {} extra disks per VM (got {})",
+                    lim.max_count,
+                    asked.len()
+                ),
+            );
+        }
+        let mut disks = vec![];
+        for (i, d) in asked.iter().enumerate() {
+            let at = format!("extra_disks[{i}]");
+            let range = i64::from(lim.min_gb)..=i64::from(lim.max_gb);
+            let size = if range.contains(&d.size_gb) {
+                Some(d.size_gb as u32)
+            } else {
+                c.errs.push(
+                    &format!("{at}.size_gb"),
+                    format!(
+                        "must be between {} and {} GiB (got {})",
+                        lim.min_gb, lim.max_gb, d.size_gb
+                    ),
+                );
+                None
+            };
+            let mode = match d.mode.as_deref() {
+                None | Some("") => Some(DiskMode::Auto),
+                Some(m) => c.errs.check(&format!("{at}.mode"), m.parse::<DiskMode>()),
+            };
+            if let (Some(size_gib), Some(mode)) = (size, mode) {
+                disks.push(ExtraDisk { size_gib, mode });
+            }
+        }
+        let names = c.opt_list("extra_networks", req.extra_networks.clone());
+        let max_nets = cfg.vms.extra_networks.max_count as usize;
+        if names.len() > max_nets {
+            c.errs.push(
+                "extra_networks",
+                format!(
+                    "at most {max_nets} extra networks per VM (got {})",
+                    names.len()
+                ),
+            );
+        }
+        let mut networks: Vec<ExtraNetwork> = vec![];
+        for (i, n) in names.iter().enumerate() {
+            let at = format!("extra_networks[{i}]");
+            match cfg.networks.get(n) {
+                None if cfg.networks.is_empty() => c.errs.push(
+                    &at,
+                    format!("unknown network {n:?}; this server offers no extra networks"),
+                ),
+                None => c.errs.push(
+                    &at,
+                    format!(
+                        "unknown network {n:?}; choose one of: {}",
+                        known(cfg.networks.keys())
+                    ),
+                ),
+                Some(_) if networks.iter().any(|x| &x.name == n) => {
+                    c.errs.push(&at, format!("network {n:?} is listed twice"))
+                }
+                Some(def) => networks.push(ExtraNetwork {
+                    name: n.clone(),
+                    pool: if def.dhcp {
+                        vec![]
+                    } else {
+                        def.assignable().collect()
+                    },
+                }),
+            }
+        }
+        AdmitExtras {
+            disks,
+            networks,
+            max_disk_gib: cfg.vms.max_disk_gib,
+        }
+    }
+
     /// Checks a create request against the catalog: the VMs' names, image and size.
-    fn admit_request(&self, me: &Principal, req: &wire::CreateVmsRequest) -> Result<AdmitRequest> {
+    fn admit_request(
+        &self,
+        me: &Principal,
+        req: &wire::CreateVmsRequest,
+    ) -> Result<(AdmitRequest, AdmitExtras)> {
         let cfg = &self.config;
         let mut c = Check::new(&req.unreadable);
         let name = c
@@ -151,10 +243,11 @@ impl Services {
             }
             _ => vec![],
         };
+        let extras = self.extras(&mut c, req);
         c.finish()?;
         let (spec_name, spec) = spec.expect("checked");
         let os = os.expect("checked");
-        Ok(AdmitRequest {
+        let admit = AdmitRequest {
             owner: me.user.username.clone(),
             names,
             login_user: cfg.images[&os].login_user.clone(),
@@ -163,7 +256,8 @@ impl Services {
             spec,
             provider: self.provider.kind().to_string(),
             steps: basphere_vm_workflows::step_names(VmOperation::Create),
-        })
+        };
+        Ok((admit, extras))
     }
 
     /// Admits the VMs in one transaction and wakes the engine; an operation per VM.
@@ -172,10 +266,10 @@ impl Services {
         me: &Principal,
         req: &wire::CreateVmsRequest,
     ) -> Result<Done<wire::VmsCreated>> {
-        let req = self.admit_request(me, req)?;
+        let (req, extras) = self.admit_request(me, req)?;
         let admitted = self
             .store
-            .admit_vms(&req, &self.config.network, &me.actor)
+            .admit_vms_with(&req, &extras, &self.config.network, &me.actor)
             .await?;
         self.engine.wake();
         let names: Vec<&str> = admitted.iter().map(|a| a.vm.name.as_str()).collect();

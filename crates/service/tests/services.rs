@@ -38,6 +38,7 @@ impl World {
                 .keys()
                 .map(|n| (n.to_string(), n.to_string()))
                 .collect(),
+            networks: Default::default(),
         };
         let tuning = EngineConfig {
             node_id: "test".into(),

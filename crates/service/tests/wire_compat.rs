@@ -111,6 +111,8 @@ fn vm() -> store::Vm {
         provider: "null".into(),
         created_at: 0,
         updated_at: 5,
+        extra_disks: vec![],
+        extra_nics: vec![],
     }
 }
 

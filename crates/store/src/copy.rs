@@ -14,6 +14,7 @@ const TABLES: &[(&str, &str)] = &[
     ("tokens", "id"),
     ("enrollment_codes", "hash"),
     ("vms", "id"),
+    ("vm_nic_leases", "network, ip"),
     ("batches", "id"),
     ("workflows", "id"),
     ("workflow_steps", "workflow_id, idx"),

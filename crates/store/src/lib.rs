@@ -30,7 +30,7 @@ pub use users::{
     ApproveOutcome, KeyChange, NewRegistration, Registration, TokenInfo, TokenOwner, User,
     UserError,
 };
-pub use vms::{AdmitError, AdmitRequest, Admitted, DeleteError, Vm};
+pub use vms::{AdmitError, AdmitExtras, AdmitRequest, Admitted, DeleteError, ExtraNetwork, Vm};
 pub use workflows::{
     ClaimLimits, Claimed, DeadlineFn, Handoff, NewWorkflow, NextStep, OpError, Reopen, ResourceRef,
     StepCommit, StepEffect, StepRecord, StepStatus, Workflow, WorkflowEvent, WorkflowOutcome,

@@ -43,6 +43,11 @@ const SQLITE: &[Migration] = &[
         "compat",
         include_str!("../migrations/sqlite/0007_compat.sql"),
     ),
+    (
+        8,
+        "extra",
+        include_str!("../migrations/sqlite/0008_extra.sql"),
+    ),
 ];
 
 /// PostgreSQL starts at SQLite's schema 6 in one file; later changes get a file each, on both
@@ -62,6 +67,11 @@ const POSTGRES: &[Migration] = &[
         8,
         "lean_event_log",
         include_str!("../migrations/postgres/0003_lean_event_log.sql"),
+    ),
+    (
+        9,
+        "extra",
+        include_str!("../migrations/postgres/0004_extra.sql"),
     ),
 ];
 

@@ -8,7 +8,9 @@ use basphere_core::{NetworkPool, ResourceRef, SshPublicKey, VmOperation};
 use basphere_engine::{
     Engine, EngineConfig, RetryPolicy, StepCtx, StepError, StepSpec, WorkflowDef,
 };
-use basphere_provider::{GuestNetwork, Provider, VmRequest, mac_for};
+use basphere_provider::{
+    DiskRequest, GuestNetwork, NicAddress, NicRequest, Provider, VmRequest, mac_for,
+};
 use basphere_store::{Hooks, StepCommit, Store, StoreError, Workflow};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -20,6 +22,17 @@ pub struct Catalog {
     pub pool: NetworkPool,
     /// OS image name → the provider's reference for it.
     pub image_refs: BTreeMap<String, String>,
+    /// The extra networks (`[networks.NAME]`) by name.
+    pub networks: BTreeMap<String, CatalogNetwork>,
+}
+
+/// What a provider needs to know of an extra network.
+#[derive(Debug, Clone, Default)]
+pub struct CatalogNetwork {
+    pub prefix_len: u8,
+    pub gateway: Option<std::net::Ipv4Addr>,
+    pub bridge: Option<String>,
+    pub port_group: Option<String>,
 }
 
 /// Registers the VM create and delete definitions (and their hooks) with `engine`, driving
@@ -112,7 +125,37 @@ impl VmWorkflow {
                 mac: mac_for(&vm.id),
             },
             ssh_keys: keys,
+            extra_disks: disks(&vm),
+            extra_nics: self.nics(&vm),
         }))
+    }
+
+    /// The VM's interfaces on catalog networks; a network no longer in the catalog keeps its
+    /// leased address but gets no bridge or port group (the provider then refuses it).
+    fn nics(&self, vm: &basphere_store::Vm) -> Vec<NicRequest> {
+        vm.extra_nics
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let def = self
+                    .catalog
+                    .networks
+                    .get(&n.network)
+                    .cloned()
+                    .unwrap_or_default();
+                NicRequest {
+                    network: n.network.clone(),
+                    mac: mac_for(&format!("{}#nic{}", vm.id, i + 1)),
+                    address: n.ip.map(|ip| NicAddress {
+                        ip,
+                        prefix_len: def.prefix_len,
+                    }),
+                    gateway: def.gateway,
+                    bridge: def.bridge,
+                    port_group: def.port_group,
+                }
+            })
+            .collect()
     }
 
     async fn request(&self, ctx: &StepCtx<'_>) -> Result<VmRequest, StepError> {
@@ -184,6 +227,25 @@ impl WorkflowDef for VmWorkflow {
         }
         Ok(())
     }
+}
+
+/// The VM's extra disks with their stable serials and mount points (`/data`, `/data2`, … in
+/// the order of the `auto` disks).
+fn disks(vm: &basphere_store::Vm) -> Vec<DiskRequest> {
+    let mut autos = 0;
+    vm.extra_disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| DiskRequest {
+            serial: basphere_core::disk_serial(&vm.id, i),
+            size_gib: d.size_gib,
+            mode: d.mode,
+            mount: (d.mode == basphere_core::DiskMode::Auto).then(|| {
+                autos += 1;
+                basphere_core::mount_point(autos - 1)
+            }),
+        })
+        .collect()
 }
 
 /// Which VM operation a workflow of these definitions is.

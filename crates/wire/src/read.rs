@@ -52,6 +52,91 @@ impl<'a> Object<'a> {
     }
 }
 
+impl Object<'_> {
+    /// A list of extra disks: `[{"size_gb": 20, "mode": "raw"}, …]`, or (as a form sends it)
+    /// one string of comma-separated `SIZE[G][:MODE]`. Bad entries are recorded by position.
+    pub fn disks(&mut self, key: &str) -> Option<Vec<crate::DiskRequest>> {
+        match self.map.get(key) {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => {
+                let mut out = vec![];
+                for (i, part) in s
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|p| !p.is_empty())
+                    .enumerate()
+                {
+                    match crate::DiskRequest::parse(part) {
+                        Ok(d) => out.push(d),
+                        Err(e) => self.errors.push(&format!("{key}[{i}]"), e),
+                    }
+                }
+                Some(out)
+            }
+            Some(Value::Array(items)) => {
+                let mut out = vec![];
+                for (i, item) in items.iter().enumerate() {
+                    let at = format!("{key}[{i}]");
+                    let Value::Object(m) = item else {
+                        self.errors.push(
+                            &at,
+                            "must be an object {\"size_gb\": N, \"mode\": \"auto\"|\"raw\"}",
+                        );
+                        continue;
+                    };
+                    let mut o = Object::new(m);
+                    let size_gb = o.int("size_gb");
+                    let mode = o.str("mode");
+                    for e in &o.errors.0 {
+                        self.errors
+                            .push(&format!("{at}.{}", e.field), e.message.clone());
+                    }
+                    match size_gb {
+                        Some(size_gb) => out.push(crate::DiskRequest { size_gb, mode }),
+                        None if !m.contains_key("size_gb") => {
+                            self.errors.push(&format!("{at}.size_gb"), "is required")
+                        }
+                        None => {}
+                    }
+                }
+                Some(out)
+            }
+            Some(_) => {
+                self.errors.push(key, "must be a list of {size_gb, mode}");
+                None
+            }
+        }
+    }
+
+    /// A list of strings, or (as a form sends it) one string of comma-separated items.
+    pub fn strs(&mut self, key: &str) -> Option<Vec<String>> {
+        match self.map.get(key) {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(
+                s.split(',')
+                    .map(str::trim)
+                    .filter(|p| !p.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+            ),
+            Some(Value::Array(items)) => {
+                let mut out = vec![];
+                for (i, item) in items.iter().enumerate() {
+                    match item {
+                        Value::String(s) => out.push(s.clone()),
+                        _ => self.errors.push(&format!("{key}[{i}]"), "must be a string"),
+                    }
+                }
+                Some(out)
+            }
+            Some(_) => {
+                self.errors.push(key, "must be a list of strings");
+                None
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

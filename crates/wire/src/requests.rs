@@ -33,6 +33,8 @@ macro_rules! request {
     };
     (@ty str) => { String };
     (@ty int) => { i64 };
+    (@ty disks) => { Vec<DiskRequest> };
+    (@ty strs) => { Vec<String> };
 }
 
 request!(
@@ -98,8 +100,40 @@ request!(
         os: str,
         /// Absent or 0: 1. Above 1 the VMs are named `NAME-1` … `NAME-N`.
         count: int,
+        /// Disks beside the boot disk: `[{size_gb, mode: "auto"|"raw"}]` (each VM gets them).
+        extra_disks: disks,
+        /// Catalog networks (`[networks.NAME]`) each VM joins beside its own.
+        extra_networks: strs,
     }
 );
+
+/// One extra disk as a request asks for it; the server checks size and mode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskRequest {
+    pub size_gb: i64,
+    /// `auto` (default: formatted and mounted) or `raw`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+}
+
+impl DiskRequest {
+    /// Parses the command line's and the form's `SIZE[G][:MODE]`: `20G`, `20`, `50G:raw`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (size, mode) = match s.split_once(':') {
+            Some((size, mode)) => (size, Some(mode.trim().to_string())),
+            None => (s, None),
+        };
+        let size = size.trim();
+        let digits = size
+            .strip_suffix(['G', 'g'])
+            .map(|d| d.strip_suffix(['i']).unwrap_or(d))
+            .unwrap_or(size);
+        let size_gb = digits.parse::<i64>().map_err(|_| {
+            format!("{s:?} is not SIZE[G][:MODE] (e.g. 20G or 50G:raw); SIZE is whole GiB")
+        })?;
+        Ok(Self { size_gb, mode })
+    }
+}
 
 request!(
     /// `POST /batches/plan` and `POST /batches`.
@@ -129,5 +163,41 @@ mod tests {
             serde_json::to_value(&r).unwrap(),
             json!({"name": "web", "count": 3})
         );
+    }
+
+    #[test]
+    fn extra_disks_and_networks_read_from_json_and_forms() {
+        let v = json!({"extra_disks": [{"size_gb": 20}, {"size_gb": "50", "mode": "raw"},
+            {"mode": "auto"}, 7, {"size_gb": "x"}], "extra_networks": ["storage", 3]});
+        let r = CreateVmsRequest::read(v.as_object().unwrap());
+        assert_eq!(
+            r.extra_disks.unwrap(),
+            [
+                DiskRequest {
+                    size_gb: 20,
+                    mode: None
+                },
+                DiskRequest {
+                    size_gb: 50,
+                    mode: Some("raw".into())
+                }
+            ]
+        );
+        assert_eq!(r.extra_networks.unwrap(), ["storage"]);
+        assert_eq!(
+            r.unreadable.lines(),
+            [
+                "extra_disks[2].size_gb: is required",
+                "extra_disks[3]: must be an object {\"size_gb\": N, \"mode\": \"auto\"|\"raw\"}",
+                "extra_disks[4].size_gb: must be a whole number",
+                "extra_networks[1]: must be a string",
+            ]
+        );
+        let form = json!({"extra_disks": "20G, 50g:raw", "extra_networks": "storage"});
+        let r = CreateVmsRequest::read(form.as_object().unwrap());
+        assert_eq!(r.extra_disks.unwrap().len(), 2);
+        assert_eq!(r.extra_networks.unwrap(), ["storage"]);
+        assert!(DiskRequest::parse("big").is_err());
+        assert_eq!(DiskRequest::parse("20GiB").unwrap().size_gb, 20);
     }
 }

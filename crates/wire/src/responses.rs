@@ -248,6 +248,18 @@ pub struct Vm {
     pub ssh: Option<String>,
     /// The operation just started on it (create, delete), in that operation's answer.
     pub operation_id: Option<String>,
+    /// Its interfaces on `extra_networks`, in order, with their addresses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_nics: Vec<VmNic>,
+}
+
+/// A VM's interface on an extra network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmNic {
+    pub network: String,
+    /// `""` on a DHCP network (the guest's own business).
+    #[serde(default, with = "ip_or_empty")]
+    pub ip_address: Option<Ipv4Addr>,
 }
 
 /// A disk added to a VM beside its boot disk.

@@ -137,6 +137,8 @@ pub fn request_as(name: &str, owner: &str, instance: &str, n: u8) -> VmRequest {
             mac: basphere_provider::mac_for(&instance),
         },
         ssh_keys: vec![KEY.parse().unwrap()],
+        extra_disks: vec![],
+        extra_nics: vec![],
         instance,
     }
 }

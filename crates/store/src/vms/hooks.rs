@@ -93,6 +93,7 @@ run delete-vm to retry the cleanup' ELSE '' END,
                      WHERE resource_id = $1",
                     vm
                 ),
+                stmt!("DELETE FROM vm_nic_leases WHERE vm_id = $1", vm),
                 stmt!("DELETE FROM vms WHERE id = $1", vm),
             ],
             (VmOperation::Delete, WorkflowOutcome::Failed(e) | WorkflowOutcome::Cancelled(e)) => {

@@ -8,8 +8,8 @@ use crate::db::{Cols, Dialect, Stmt, Tx, stmt};
 use crate::workflows::{NewWorkflow, insert_stmts};
 use crate::{Actor, Result, Store, StoreError, now_ms, parse};
 use basphere_core::{
-    ImageName, NetworkPool, QuotaExceeded, ResourceRef, Role, Spec, SpecName, Usage, UserStatus,
-    Username, VmName, VmOperation, VmStatus,
+    ExtraDisk, ExtraNic, ImageName, NetworkPool, QuotaExceeded, QuotaLimit, ResourceRef, Role,
+    Spec, SpecName, Usage, UserStatus, Username, VmName, VmOperation, VmStatus,
 };
 use serde::Serialize;
 use std::collections::HashSet;
@@ -33,6 +33,29 @@ pub struct Vm {
     pub provider: String,
     pub created_at: i64,
     pub updated_at: i64,
+    /// Disks beside the boot disk, in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub extra_disks: Vec<ExtraDisk>,
+    /// Interfaces on catalog networks, in order, with their leased addresses.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub extra_nics: Vec<ExtraNic>,
+}
+
+/// What each VM of an admission gets beside its spec, and the disk limit it is admitted under.
+#[derive(Debug, Clone, Default)]
+pub struct AdmitExtras {
+    pub disks: Vec<ExtraDisk>,
+    pub networks: Vec<ExtraNetwork>,
+    /// GiB of disk (boot and extra disks) the owner may hold over all VMs; `None`: no limit.
+    pub max_disk_gib: Option<u64>,
+}
+
+/// A catalog network a VM joins, as the admission needs it.
+#[derive(Debug, Clone)]
+pub struct ExtraNetwork {
+    pub name: String,
+    /// The addresses to lease from, lowest first; empty: the network uses DHCP.
+    pub pool: Vec<Ipv4Addr>,
 }
 
 /// A request to create `names.len()` VMs of one kind for `owner`.
@@ -73,6 +96,8 @@ pub enum AdmitError {
     Quota(#[from] QuotaExceeded),
     #[error("no free address left in user {0}'s block {1}")]
     BlockFull(String, String),
+    #[error("no free address left on network {0}; ask an admin to widen it")]
+    NetworkFull(String),
 
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -90,7 +115,7 @@ pub enum DeleteError {
 }
 
 pub(crate) const VM_COLS: &str = "id, name, owner, os, login_user, spec, vcpus, memory_mib, disk_gib, ip, \
-     status, error, provider, created_at, updated_at";
+     status, error, provider, created_at, updated_at, extra_disks, extra_nics";
 
 /// A VM with its owner's public key (the provider request's inputs).
 pub(crate) const VM_AND_KEY: &str = "SELECT v.*, u.public_key AS owner_key FROM vms v
@@ -142,7 +167,79 @@ pub(crate) fn vm_from(r: &impl Cols) -> Result<Vm> {
         provider: r.text("provider")?,
         created_at: r.int("created_at")?,
         updated_at: r.int("updated_at")?,
+        extra_disks: json_col(r, "extra_disks")?,
+        extra_nics: json_col(r, "extra_nics")?,
     })
+}
+
+/// A JSON list column the store wrote (`[]` when empty).
+fn json_col<T: serde::de::DeserializeOwned>(r: &impl Cols, col: &'static str) -> Result<Vec<T>> {
+    match r.opt_text(col)? {
+        None => Ok(vec![]),
+        Some(s) => {
+            serde_json::from_str(&s).map_err(|e| StoreError::Corrupt("vms", format!("{col}: {e}")))
+        }
+    }
+}
+
+/// GiB of disk `owner` holds now (boot and extra disks), counted as [`usage`] counts VMs.
+pub(crate) async fn disk_used(tx: &mut dyn Tx, owner: &str) -> Result<u64> {
+    let row = tx
+        .query_one(&stmt!(
+            "SELECT CAST(COALESCE(SUM(disk_gib + extra_disk_gib), 0) AS BIGINT) AS gib
+             FROM vms WHERE owner = $1 AND (status <> 'failed' OR ip IS NOT NULL)",
+            owner
+        ))
+        .await?;
+    Ok(row.int("gib")? as u64)
+}
+
+/// The key of the PostgreSQL transaction-level advisory lock that serializes address picking on
+/// the extra networks over every replica ("bsp-nic").
+const NIC_LOCK: i64 = 0x0062_7370_2d6e_6963;
+
+/// Leases the lowest free address of `net` to VM `vm_id` (`None` on a DHCP network).
+///
+/// Picking is global (any user's VM may hold an address of a network), so on PostgreSQL it
+/// first takes the advisory lock [`NIC_LOCK`] until commit (after the owner's row lock and
+/// [`ADDRESS_LOCK`], always in that order); the primary key `(network, ip)` is the lease
+/// itself, so a bug here fails the transaction rather than sharing an address.
+async fn lease_nic(
+    tx: &mut dyn Tx,
+    net: &ExtraNetwork,
+    vm_id: &str,
+    locked: &mut bool,
+) -> std::result::Result<Option<Ipv4Addr>, AdmitError> {
+    if net.pool.is_empty() {
+        return Ok(None);
+    }
+    if tx.dialect() == Dialect::Postgres && !*locked {
+        tx.query(&stmt!("SELECT pg_advisory_xact_lock($1)", NIC_LOCK))
+            .await?;
+        *locked = true;
+    }
+    let taken = tx
+        .query(&stmt!(
+            "SELECT ip FROM vm_nic_leases WHERE network = $1",
+            net.name.as_str()
+        ))
+        .await?
+        .iter()
+        .map(|r| r.text("ip"))
+        .collect::<Result<HashSet<String>>>()?;
+    let ip = net
+        .pool
+        .iter()
+        .find(|a| !taken.contains(&a.to_string()))
+        .ok_or_else(|| AdmitError::NetworkFull(net.name.clone()))?;
+    tx.exec(&stmt!(
+        "INSERT INTO vm_nic_leases (network, ip, vm_id) VALUES ($1, $2, $3)",
+        net.name.as_str(),
+        ip.to_string(),
+        vm_id,
+    ))
+    .await?;
+    Ok(Some(*ip))
 }
 
 /// What `owner` holds now: every VM that holds an address or may hold a machine. Only a failed
@@ -281,10 +378,11 @@ async fn vm_where_id(tx: &mut dyn Tx, id: &str) -> Result<Option<Vm>> {
 }
 
 const SELECT_BY_ID: &str = "SELECT id, name, owner, os, login_user, spec, vcpus, memory_mib, \
-     disk_gib, ip, status, error, provider, created_at, updated_at FROM vms WHERE id = $1";
+     disk_gib, ip, status, error, provider, created_at, updated_at, extra_disks, extra_nics \
+     FROM vms WHERE id = $1";
 const SELECT_BY_NAME: &str = "SELECT id, name, owner, os, login_user, spec, vcpus, memory_mib, \
-     disk_gib, ip, status, error, provider, created_at, updated_at FROM vms \
-     WHERE owner = $1 AND name = $2";
+     disk_gib, ip, status, error, provider, created_at, updated_at, extra_disks, extra_nics \
+     FROM vms WHERE owner = $1 AND name = $2";
 
 /// The newest live operation on resource `id` (none when it has none).
 pub(crate) fn live_op_stmt(id: &str) -> Stmt {
@@ -300,6 +398,7 @@ pub(crate) fn live_op_stmt(id: &str) -> Stmt {
 async fn admit(
     tx: &mut dyn Tx,
     req: &AdmitRequest,
+    extras: &AdmitExtras,
     pool: &NetworkPool,
     actor: &Actor,
 ) -> std::result::Result<Vec<Admitted>, AdmitError> {
@@ -318,6 +417,24 @@ async fn admit(
         req.spec.vcpus,
         req.spec.memory_mib,
     )?;
+    let extra_gib: u64 = extras.disks.iter().map(|d| u64::from(d.size_gib)).sum();
+    if let Some(max) = extras.max_disk_gib {
+        let used = disk_used(tx, owner).await?;
+        let requested = (req.spec.disk_gib + extra_gib) * req.names.len() as u64;
+        if used + requested > max {
+            return Err(QuotaExceeded {
+                limit: QuotaLimit::DiskGib,
+                used,
+                requested,
+                requested_total: used + requested,
+                max,
+            }
+            .into());
+        }
+    }
+    let disks_json = serde_json::to_string(&extras.disks)
+        .map_err(|e| StoreError::Corrupt("vms", format!("extra_disks: {e}")))?;
+    let mut nic_locked = false;
     let existing = tx
         .query(&stmt!("SELECT name FROM vms WHERE owner = $1", owner))
         .await?
@@ -339,13 +456,25 @@ async fn admit(
             .next()
             .ok_or_else(|| AdmitError::BlockFull(owner.to_string(), block.net.to_string()))?;
         let id = uuid::Uuid::now_v7().to_string();
+        let mut nics = Vec::with_capacity(extras.networks.len());
+        for net in &extras.networks {
+            let ip = lease_nic(tx, net, &id, &mut nic_locked).await?;
+            nics.push(ExtraNic {
+                network: net.name.clone(),
+                ip,
+            });
+        }
+        let nics_json = serde_json::to_string(&nics)
+            .map_err(|e| StoreError::Corrupt("vms", format!("extra_nics: {e}")))?;
         let row = tx
             .query_one(&stmt!(
                 "INSERT INTO vms (id, owner, name, os, login_user, spec, vcpus, memory_mib,
-                    disk_gib, ip, status, provider, created_at, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'creating', $11, $12, $12)
+                    disk_gib, ip, status, provider, created_at, updated_at, extra_disks,
+                    extra_nics, extra_disk_gib)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'creating', $11, $12, $12,
+                    $13, $14, $15)
                  RETURNING id, name, owner, os, login_user, spec, vcpus, memory_mib, disk_gib,
-                    ip, status, error, provider, created_at, updated_at",
+                    ip, status, error, provider, created_at, updated_at, extra_disks, extra_nics",
                 id.as_str(),
                 owner,
                 name.as_str(),
@@ -358,6 +487,9 @@ async fn admit(
                 ip.to_string(),
                 req.provider.as_str(),
                 now,
+                disks_json.as_str(),
+                nics_json,
+                extra_gib as i64,
             ))
             .await?;
         let vm = vm_from(&row)?;
@@ -457,9 +589,24 @@ impl Store {
         pool: &NetworkPool,
         actor: &Actor,
     ) -> std::result::Result<Vec<Admitted>, AdmitError> {
-        let (req, pool, actor) = (req.clone(), pool.clone(), actor.clone());
+        self.admit_vms_with(req, &AdmitExtras::default(), pool, actor)
+            .await
+    }
+
+    /// [`Store::admit_vms`] with extra disks and networks for each VM: the disk limit is
+    /// checked in the same transaction as the others (on PostgreSQL under the owner's row
+    /// lock), and each static address on an extra network is leased there too (see
+    /// [`lease_nic`]), so either every VM gets all of it or nothing is stored.
+    pub async fn admit_vms_with(
+        &self,
+        req: &AdmitRequest,
+        extras: &AdmitExtras,
+        pool: &NetworkPool,
+        actor: &Actor,
+    ) -> std::result::Result<Vec<Admitted>, AdmitError> {
+        let (req, extras, pool, actor) = (req.clone(), extras.clone(), pool.clone(), actor.clone());
         self.db
-            .write(move |tx| Box::pin(async move { admit(tx, &req, &pool, &actor).await }))
+            .write(move |tx| Box::pin(async move { admit(tx, &req, &extras, &pool, &actor).await }))
             .await
     }
 
