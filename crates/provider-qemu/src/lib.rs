@@ -351,6 +351,67 @@ impl QemuProvider {
         .map_err(ProviderError::retryable)
     }
 
+    /// Makes and pins the tap of each extra NIC on its network's bridge (lab mode: a bridge in
+    /// the lab namespace holding the network's gateway, made here); returns (tap, MAC) of each.
+    /// Each tap is pinned to its NIC's MAC and static address like the first one, so a NIC on
+    /// a DHCP network (no address to pin) is refused.
+    async fn ensure_extra_networks(&self, vm: &VmRequest) -> Result<Vec<(String, String)>> {
+        let mut out = vec![];
+        if vm.extra_nics.is_empty() {
+            return Ok(out);
+        }
+        let _guard = self.net_lock.lock().await;
+        let (namespace, main_bridge) = self.network_for_tap();
+        for (i, nic) in vm.extra_nics.iter().enumerate() {
+            let bridge = nic.bridge.as_deref().ok_or_else(|| {
+                ProviderError::permanent(format!(
+                    "network {} has no bridge for the qemu provider: set [networks.{}] bridge",
+                    nic.network, nic.network
+                ))
+            })?;
+            let addr = nic.address.ok_or_else(|| {
+                ProviderError::permanent(format!(
+                    "network {} uses DHCP, which the qemu provider cannot pin a tap to (each \
+                     tap may send only its VM's address): give it a static pool (dhcp = false)",
+                    nic.network
+                ))
+            })?;
+            if bridge == main_bridge {
+                return Err(ProviderError::permanent(format!(
+                    "network {} names the VM network's own bridge {bridge}",
+                    nic.network
+                )));
+            }
+            if let Some(ns) = namespace {
+                let gateway = nic.gateway.ok_or_else(|| {
+                    ProviderError::permanent(format!(
+                        "network {} needs a gateway in lab mode (the lab bridge holds it): \
+                         set [networks.{}] gateway",
+                        nic.network, nic.network
+                    ))
+                })?;
+                net::ensure_lab(ns, bridge, gateway, addr.prefix_len)
+                    .await
+                    .map_err(ProviderError::retryable)?;
+            }
+            let tap = machine::extra_tap_name(&vm.instance, i);
+            let pin = antispoof::PortPin::new(&tap, &nic.mac, addr.ip)
+                .map_err(ProviderError::permanent)?;
+            net::attach_pinned_tap(
+                namespace,
+                bridge,
+                &pin,
+                vm.network.mtu,
+                self.config.isolate_ports,
+                &self.config.state_dir,
+            )
+            .await
+            .map_err(ProviderError::retryable)?;
+            out.push((tap, nic.mac.clone()));
+        }
+        Ok(out)
+    }
+
     /// Last lines of the console and of QEMU's own log, for error messages.
     fn logs_tail(paths: &VmPaths) -> String {
         let serial = host::tail(&paths.serial, 5);
@@ -437,6 +498,31 @@ fn check_ifname(key: &str, name: &str) -> std::result::Result<(), QemuError> {
             "{key} {name:?} is not a valid interface name (1-15 of [A-Za-z0-9._-])"
         )))
     }
+}
+
+/// Checks what of an extra disk or NIC becomes a file name, an interface name or a guest
+/// command: disk serials, mount points and bridge names.
+fn check_extras(vm: &VmRequest) -> Result<()> {
+    for d in &vm.extra_disks {
+        machine::check_serial(&d.serial).map_err(ProviderError::permanent)?;
+        if let Some(m) = &d.mount {
+            let ok = m
+                .strip_prefix("/data")
+                .is_some_and(|n| n.chars().all(|c| c.is_ascii_digit()));
+            if !ok {
+                return Err(ProviderError::permanent(format!(
+                    "mount point {m:?} must be /data or /dataN"
+                )));
+            }
+        }
+    }
+    for n in &vm.extra_nics {
+        if let Some(b) = &n.bridge {
+            check_ifname(&format!("networks.{}.bridge", n.network), b)
+                .map_err(|e| ProviderError::permanent(e.to_string()))?;
+        }
+    }
+    Ok(())
 }
 
 fn io_err(what: impl std::fmt::Display, e: std::io::Error) -> ProviderError {
@@ -558,6 +644,29 @@ impl Machines for QemuProvider {
             }
         }
 
+        check_extras(vm)?;
+        for d in &vm.extra_disks {
+            let file = machine::extra_disk_path(&paths.dir, &d.serial);
+            if file.is_file() {
+                continue;
+            }
+            let tmp = file.with_extension("qcow2.tmp");
+            let _ = tokio::fs::remove_file(&tmp).await;
+            let bytes = u64::from(d.size_gib).saturating_mul(1 << 30);
+            host::run(
+                tokio::process::Command::new("qemu-img")
+                    .args(["create", "-q", "-f", "qcow2"])
+                    .arg(&tmp)
+                    .arg(bytes.to_string()),
+            )
+            .await
+            .map_err(ProviderError::retryable)?;
+            private_file(&tmp)?;
+            tokio::fs::rename(&tmp, &file)
+                .await
+                .map_err(|e| io_err("cannot move an extra disk into place", e))?;
+        }
+
         if !paths.seed.is_file() {
             let files = seed::render(vm);
             let tmp = paths.dir.join("seed.iso.tmp");
@@ -591,8 +700,27 @@ impl Machines for QemuProvider {
                 )));
             }
         }
+        check_extras(vm)?;
+        let extra_disks: Vec<(PathBuf, String)> = vm
+            .extra_disks
+            .iter()
+            .map(|d| {
+                (
+                    machine::extra_disk_path(&paths.dir, &d.serial),
+                    d.serial.clone(),
+                )
+            })
+            .collect();
+        if let Some((f, _)) = extra_disks.iter().find(|(f, _)| !f.is_file()) {
+            return Err(ProviderError::permanent(format!(
+                "VM {} is not prepared: {} is missing (run prepare first)",
+                vm.name,
+                f.display()
+            )));
+        }
         let tap = machine::tap_name(&vm.instance);
         self.ensure_network(vm, &tap).await?;
+        let extra_nics = self.ensure_extra_networks(vm).await?;
 
         for stale in [&paths.pidfile, &paths.qmp, &paths.serial] {
             let _ = tokio::fs::remove_file(stale).await;
@@ -607,6 +735,8 @@ impl Machines for QemuProvider {
             tap: &tap,
             mac: &vm.network.mac,
             drop: &self.drop_privileges,
+            extra_disks: &extra_disks,
+            extra_nics: &extra_nics,
         });
         let log = std::fs::OpenOptions::new()
             .write(true)
@@ -769,6 +899,11 @@ impl Machines for QemuProvider {
         net::release_tap(namespace, &machine::tap_name(&vm.instance))
             .await
             .map_err(ProviderError::retryable)?;
+        for i in 0..vm.extra_nics.len() {
+            net::release_tap(namespace, &machine::extra_tap_name(&vm.instance, i))
+                .await
+                .map_err(ProviderError::retryable)?;
+        }
         for f in [&paths.pidfile, &paths.qmp] {
             let _ = tokio::fs::remove_file(f).await;
         }

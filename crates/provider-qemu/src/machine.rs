@@ -184,6 +184,34 @@ pub struct Launch<'a> {
     pub tap: &'a str,
     pub mac: &'a str,
     pub drop: &'a DropPrivileges,
+    /// Extra disks: (qcow2 file, virtio serial), in order.
+    pub extra_disks: &'a [(PathBuf, String)],
+    /// Extra NICs: (tap, MAC), in order.
+    pub extra_nics: &'a [(String, String)],
+}
+
+/// The qcow2 file of the extra disk with `serial` in `dir`.
+pub fn extra_disk_path(dir: &Path, serial: &str) -> PathBuf {
+    dir.join(format!("disk-{serial}.qcow2"))
+}
+
+/// Checks a disk serial: it becomes a file name and a QEMU option value (1-20 of [a-z0-9]).
+pub fn check_serial(serial: &str) -> Result<(), String> {
+    let ok = !serial.is_empty()
+        && serial.len() <= 20
+        && serial
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("disk serial {serial:?} must be 1-20 of [a-z0-9]"))
+    }
+}
+
+/// The tap of the `index`-th (from 0) extra NIC of an instance.
+pub fn extra_tap_name(instance: &str, index: usize) -> String {
+    tap_name(&format!("{instance}#nic{}", index + 1))
 }
 
 /// The QEMU arguments (after the binary) for `l`: direct kernel boot with qboot, two virtio
@@ -240,6 +268,27 @@ pub fn qemu_args(l: &Launch<'_>) -> Vec<String> {
         "-device",
         &format!("virtio-net-pci,netdev=n0,mac={}", l.mac),
     ]);
+    for (i, (file, serial)) in l.extra_disks.iter().enumerate() {
+        let id = format!("x{}", i + 1);
+        push(&[
+            "-drive",
+            &format!(
+                "file={},if=none,id={id},format=qcow2,discard=unmap",
+                d(file)
+            ),
+            "-device",
+            &format!("virtio-blk-pci,drive={id},serial={serial}"),
+        ]);
+    }
+    for (i, (tap, mac)) in l.extra_nics.iter().enumerate() {
+        let id = format!("n{}", i + 1);
+        push(&[
+            "-netdev",
+            &format!("tap,id={id},ifname={tap},script=no,downscript=no"),
+            "-device",
+            &format!("virtio-net-pci,netdev={id},mac={mac}"),
+        ]);
+    }
     a
 }
 
@@ -342,8 +391,21 @@ mod tests {
             tap: "bsp0123",
             mac: "52:54:00:00:00:01",
             drop: &DropPrivileges::RunWith("basphere-qemu".into()),
+            extra_disks: &[(paths.dir.join("disk-bspd1.qcow2"), "bspd1".into())],
+            extra_nics: &[("bsp4567".into(), "52:54:00:00:00:02".into())],
         });
         let line = args.join(" ");
+        assert!(line.contains("virtio-blk-pci,drive=x1,serial=bspd1"));
+        assert!(line.contains("tap,id=n1,ifname=bsp4567,"));
+        assert!(line.contains("virtio-net-pci,netdev=n1,mac=52:54:00:00:00:02"));
+        // The first NIC's MAC comes first: the anti-spoofing re-pin reads it from here.
+        assert!(
+            line.split(",mac=")
+                .nth(1)
+                .unwrap()
+                .starts_with("52:54:00:00:00:01"),
+            "{line}"
+        );
         assert!(line.contains(&paths.marker()));
         assert!(line.contains("-accel tcg,thread=multi,tb-size=256 -cpu max"));
         assert!(line.contains("virtio-net-pci,netdev=n0,mac=52:54:00:00:00:01"));
@@ -367,6 +429,8 @@ mod tests {
                 tap: "bsp0123",
                 mac: "52:54:00:00:00:01",
                 drop,
+                extra_disks: &[],
+                extra_nics: &[],
             })
         };
         let pair = |args: &[String], flag: &str| -> Option<String> {

@@ -39,6 +39,17 @@ pub fn render(vm: &VmRequest) -> SeedFiles {
     for key in &vm.ssh_keys {
         user_data.push_str(&format!("      - {}\n", q(key.as_str())));
     }
+    let mounts: Vec<String> = vm
+        .extra_disks
+        .iter()
+        .filter_map(|d| d.mount.as_deref().map(|m| mount_script(&d.serial, m)))
+        .collect();
+    if !mounts.is_empty() {
+        user_data.push_str("runcmd:\n");
+        for m in mounts {
+            user_data.push_str(&format!("  - [\"sh\", \"-c\", {}]\n", q(&m)));
+        }
+    }
 
     let n = &vm.network;
     let mut network_config = String::from("version: 2\nethernets:\n  nic0:\n");
@@ -63,11 +74,45 @@ pub fn render(vm: &VmRequest) -> SeedFiles {
         ));
     }
 
+    for (i, nic) in vm.extra_nics.iter().enumerate() {
+        network_config.push_str(&format!("  nic{}:\n", i + 1));
+        network_config.push_str(&format!(
+            "    match:\n      macaddress: {}\n",
+            q(&nic.mac.to_ascii_lowercase())
+        ));
+        network_config.push_str(&format!(
+            "    set-name: {}\n",
+            q(&basphere_provider::extra_nic_name(i))
+        ));
+        match nic.address {
+            Some(a) => network_config.push_str(&format!(
+                "    addresses: [{}]\n",
+                q(&format!("{}/{}", a.ip, a.prefix_len))
+            )),
+            None => network_config.push_str("    dhcp4: true\n"),
+        }
+    }
+
     SeedFiles {
         meta_data,
         user_data,
         network_config,
     }
+}
+
+/// The first-boot shell command that formats (only if it holds no filesystem yet) and mounts
+/// the extra disk with virtio serial `serial` at `mount`, found by that stable id, and records
+/// it in `/etc/fstab` (`nofail`, so a missing disk never stops a boot). `serial` is
+/// `[a-z0-9]` and `mount` `/data[0-9]*` (checked by the provider before rendering).
+pub fn mount_script(serial: &str, mount: &str) -> String {
+    let dev = format!("/dev/disk/by-id/virtio-{serial}");
+    let label = &serial[serial.len().saturating_sub(16)..];
+    format!(
+        "d={dev}; i=0; while [ ! -b $d ] && [ $i -lt 120 ]; do sleep 1; i=$((i+1)); done; \
+         blkid $d >/dev/null 2>&1 || mkfs.ext4 -q -L {label} $d; mkdir -p {mount}; \
+         grep -q ' {mount} ' /etc/fstab || echo \"$d {mount} ext4 defaults,nofail 0 2\" >> /etc/fstab; \
+         mountpoint -q {mount} || mount {mount}"
+    )
 }
 
 /// Which ISO writer is installed: `genisoimage` (preferred) or `xorriso`.
@@ -149,6 +194,56 @@ mod tests {
             extra_disks: vec![],
             extra_nics: vec![],
         }
+    }
+
+    #[test]
+    fn extra_disks_are_mounted_by_serial_and_extra_nics_get_their_address() {
+        use basphere_core::DiskMode;
+        use basphere_provider::{DiskRequest, NicAddress, NicRequest};
+        let mut vm = request();
+        vm.extra_disks = vec![
+            DiskRequest {
+                serial: "bspabc123d1".into(),
+                size_gib: 10,
+                mode: DiskMode::Auto,
+                mount: Some("/data".into()),
+            },
+            DiskRequest {
+                serial: "bspabc123d2".into(),
+                size_gib: 10,
+                mode: DiskMode::Raw,
+                mount: None,
+            },
+        ];
+        vm.extra_nics = vec![NicRequest {
+            network: "storage".into(),
+            mac: "52:54:00:AA:00:02".into(),
+            address: Some(NicAddress {
+                ip: "10.77.0.2".parse().unwrap(),
+                prefix_len: 24,
+            }),
+            gateway: Some("10.77.0.1".parse().unwrap()),
+            bridge: Some("bspstor0".into()),
+            port_group: None,
+        }];
+        let s = render(&vm);
+        assert!(
+            s.user_data
+                .contains("runcmd:\n  - [\"sh\", \"-c\", \"d=/dev/disk/by-id/virtio-bspabc123d1;")
+        );
+        assert!(s.user_data.contains("mkfs.ext4 -q -L bspabc123d1"));
+        assert!(
+            !s.user_data.contains("bspabc123d2"),
+            "a raw disk is left alone"
+        );
+        assert!(s.network_config.contains(
+            "  nic1:\n    match:\n      macaddress: \"52:54:00:aa:00:02\"\n    set-name: \"eth1\"\n    addresses: [\"10.77.0.2/24\"]\n"
+        ));
+        // No second default route: the extra network's gateway is not the guest's.
+        assert_eq!(s.network_config.matches("gateway4").count(), 1);
+        // The first NIC's address stays the first in the file (the anti-spoofing re-pin reads it).
+        let first = s.network_config.find("addresses: [").unwrap();
+        assert!(s.network_config[first..].starts_with("addresses: [\"10.254.0.34/21\"]"));
     }
 
     #[test]
