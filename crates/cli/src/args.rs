@@ -214,6 +214,13 @@ pub enum VmCmd {
         /// prototype's create-vm names them.
         #[arg(short = 'c', long)]
         count: Option<u32>,
+        /// An extra disk of SIZE GiB (repeatable): `20G` is formatted ext4 and mounted at
+        /// /data (then /data2, …), `20G:raw` left unformatted.
+        #[arg(long = "disk", value_name = "SIZE[G][:raw]")]
+        disks: Vec<String>,
+        /// Also join the extra network NAME (repeatable; see `basphere vm catalog`).
+        #[arg(long = "net", value_name = "NAME")]
+        nets: Vec<String>,
         /// Return as soon as the request is accepted.
         #[arg(long)]
         no_wait: bool,

@@ -540,8 +540,14 @@ async fn vm_cmd(c: &Client, out: Output, v: VmCmd) -> anyhow::Result<ExitCode> {
             os,
             spec,
             count,
+            disks,
+            nets,
             no_wait,
         } => {
+            let extra_disks = disks
+                .iter()
+                .map(|d| wire::DiskRequest::parse(d).map_err(|e| anyhow::anyhow!("--disk: {e}")))
+                .collect::<anyhow::Result<Vec<_>>>()?;
             let tty = std::io::stdin().is_terminal();
             let (name, os, spec, count) = if name.is_none() && tty {
                 let cat: wire::Catalog = typed(&check(c.get("/api/v1/catalog").await?)?)?;
@@ -576,6 +582,8 @@ async fn vm_cmd(c: &Client, out: Output, v: VmCmd) -> anyhow::Result<ExitCode> {
                 os,
                 spec,
                 count: Some(i64::from(count.unwrap_or(1))),
+                extra_disks: (!extra_disks.is_empty()).then_some(extra_disks),
+                extra_networks: (!nets.is_empty()).then_some(nets),
                 ..Default::default()
             };
             let d = check(c.post("/api/v1/vms", &req).await?)?;

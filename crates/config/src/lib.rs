@@ -726,6 +726,8 @@ fn apply_env(
         "database",
         "registration",
         "recaptcha",
+        "vms",
+        "networks",
     ];
     for (var, value) in env {
         let Some(rest) = var.strip_prefix("BASPHERE_") else {
@@ -895,5 +897,40 @@ mod tests {
         assert!(e.to_string().contains("bogus"), "{e}");
         let e = load(DEFAULT_TOML, &[("BASPHERE_SPECS__TINY__VCPUS", "0")]).unwrap_err();
         assert!(e.to_string().contains("specs.tiny"), "{e}");
+    }
+
+    #[test]
+    fn extra_networks_and_disk_limits_load_and_are_checked() {
+        let c = load(
+            DEFAULT_TOML,
+            &[
+                (
+                    "BASPHERE_NETWORKS__STORAGE",
+                    r#"{ cidr = "10.77.0.0/29", gateway = "10.77.0.1", bridge = "bspst0" }"#,
+                ),
+                ("BASPHERE_VMS__MAX_DISK_GIB", "100"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.vms.extra_disks, ExtraDiskLimits::default());
+        assert_eq!(c.vms.extra_networks.max_count, 1);
+        assert_eq!(c.vms.max_disk_gib, Some(100));
+        let n = &c.networks["storage"];
+        let pool: Vec<String> = n.assignable().map(|a| a.to_string()).collect();
+        assert_eq!(pool[0], "10.77.0.2", "the gateway is not leased");
+        assert_eq!(pool.len(), 5);
+        let e = load(
+            DEFAULT_TOML,
+            &[("BASPHERE_NETWORKS__X", r#"{ cidr = "10.254.1.0/24" }"#)],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("networks.x"), "{e}");
+        assert!(e.to_string().contains("overlaps"), "{e}");
+        let e = load(
+            DEFAULT_TOML,
+            &[("BASPHERE_VMS__EXTRA_DISKS__MIN_GB", "900")],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("vms.extra_disks"), "{e}");
     }
 }
