@@ -100,19 +100,11 @@ pub fn render(vm: &VmRequest) -> SeedFiles {
     }
 }
 
-/// The first-boot shell command that formats (only if it holds no filesystem yet) and mounts
-/// the extra disk with virtio serial `serial` at `mount`, found by that stable id, and records
-/// it in `/etc/fstab` (`nofail`, so a missing disk never stops a boot). `serial` is
-/// `[a-z0-9]` and `mount` `/data[0-9]*` (checked by the provider before rendering).
+/// The first-boot command for the extra disk with virtio serial `serial`, found by that
+/// stable id (see [`basphere_provider::mount_script`]).
 pub fn mount_script(serial: &str, mount: &str) -> String {
     let dev = format!("/dev/disk/by-id/virtio-{serial}");
-    let label = &serial[serial.len().saturating_sub(16)..];
-    format!(
-        "d={dev}; i=0; while [ ! -b $d ] && [ $i -lt 120 ]; do sleep 1; i=$((i+1)); done; \
-         blkid $d >/dev/null 2>&1 || mkfs.ext4 -q -L {label} $d; mkdir -p {mount}; \
-         grep -q ' {mount} ' /etc/fstab || echo \"$d {mount} ext4 defaults,nofail 0 2\" >> /etc/fstab; \
-         mountpoint -q {mount} || mount {mount}"
-    )
+    basphere_provider::mount_script(&dev, &serial[serial.len().saturating_sub(16)..], mount)
 }
 
 /// Which ISO writer is installed: `genisoimage` (preferred) or `xorriso`.
@@ -227,10 +219,9 @@ mod tests {
             port_group: None,
         }];
         let s = render(&vm);
-        assert!(
-            s.user_data
-                .contains("runcmd:\n  - [\"sh\", \"-c\", \"d=/dev/disk/by-id/virtio-bspabc123d1;")
-        );
+        assert!(s.user_data.contains(
+            "runcmd:\n  - [\"sh\", \"-c\", \"d=$(ls -d /dev/disk/by-id/virtio-bspabc123d1 "
+        ));
         assert!(s.user_data.contains("mkfs.ext4 -q -L bspabc123d1"));
         assert!(
             !s.user_data.contains("bspabc123d2"),

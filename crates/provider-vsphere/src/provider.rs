@@ -377,7 +377,8 @@ impl VsphereProvider {
         nic_name: &str,
         login_user: &str,
         devices: Option<&Node>,
-    ) -> String {
+        extra_backings: &[String],
+    ) -> Result<String> {
         let mut spec = format!(
             "{}<numCPUs>{}</numCPUs><memoryMB>{}</memoryMB>",
             annotation_xml(vm),
@@ -403,6 +404,9 @@ impl VsphereProvider {
             device.to_xml(&mut spec);
             spec.push_str("</deviceChange>");
         }
+        if let Some(devices) = devices {
+            spec.push_str(&self.added_devices(vm, devices, extra_backings)?);
+        }
         let mut request = vm.clone();
         request.login_user = login_user.to_string();
         let b64 = |s: String| base64::engine::general_purpose::STANDARD.encode(s);
@@ -423,7 +427,105 @@ impl VsphereProvider {
                 esc(&v)
             ));
         }
-        spec
+        Ok(spec)
+    }
+
+    /// `add` device changes for the extra disks (thin, on the configured datastore, on the
+    /// boot disk's controller at [`cloudinit::extra_disk_unit`]) and extra NICs (vmxnet3 with
+    /// the MAC cloud-init matches, on their port groups) the VM does not have yet: a retried
+    /// prepare that finds them added already adds nothing twice.
+    fn added_devices(
+        &self,
+        vm: &VmRequest,
+        devices: &Node,
+        extra_backings: &[String],
+    ) -> Result<String> {
+        let mut out = String::new();
+        let disks: Vec<&Node> = devices
+            .children
+            .iter()
+            .filter(|d| d.xsi_type.as_deref() == Some("VirtualDisk"))
+            .collect();
+        if !vm.extra_disks.is_empty() {
+            let boot = disks.first().ok_or_else(|| {
+                ProviderError::permanent("vsphere: the template has no disk to add disks beside")
+            })?;
+            let controller = boot.child_text("controllerKey").unwrap_or_default().trim();
+            let used: Vec<u32> = devices
+                .children
+                .iter()
+                .filter(|d| d.child_text("controllerKey").map(str::trim) == Some(controller))
+                .filter_map(|d| d.child_text("unitNumber")?.trim().parse().ok())
+                .collect();
+            let have_extra = disks.len() - 1;
+            for (i, d) in vm.extra_disks.iter().enumerate().skip(have_extra) {
+                let unit = cloudinit::extra_disk_unit(i);
+                if used.contains(&unit) {
+                    return Err(ProviderError::permanent(format!(
+                        "vsphere: unit {unit} of the template's disk controller is taken; extra \
+                         disks go at units 1, 2, … (use a template with one disk)"
+                    )));
+                }
+                out.push_str(&format!(
+                    "<deviceChange><operation>add</operation><fileOperation>create</fileOperation>\
+                     <device xsi:type=\"VirtualDisk\"><key>{}</key>\
+                     <backing xsi:type=\"VirtualDiskFlatVer2BackingInfo\"><fileName>[{}]</fileName>{}\
+                     <diskMode>persistent</diskMode><thinProvisioned>true</thinProvisioned></backing>\
+                     <controllerKey>{}</controllerKey><unitNumber>{unit}</unitNumber>\
+                     <capacityInKB>{}</capacityInKB></device></deviceChange>",
+                    -101 - i as i64,
+                    esc(&self.config.datastore),
+                    self.inv.datastore.xml("datastore"),
+                    esc(controller),
+                    u64::from(d.size_gib) * 1024 * 1024,
+                ));
+            }
+        }
+        let nics = devices
+            .children
+            .iter()
+            .filter(|d| d.child("addressType").is_some() || d.child("macAddress").is_some())
+            .count();
+        for (i, (nic, backing)) in vm
+            .extra_nics
+            .iter()
+            .zip(extra_backings)
+            .enumerate()
+            .skip(nics.saturating_sub(1))
+        {
+            out.push_str(&format!(
+                "<deviceChange><operation>add</operation><device xsi:type=\"VirtualVmxnet3\">\
+                 <key>{}</key>{backing}<addressType>manual</addressType>\
+                 <macAddress>{}</macAddress></device></deviceChange>",
+                -201 - i as i64,
+                cloudinit::vmware_mac(&nic.mac),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// The `<backing>` of each extra NIC's port group, looked up by name.
+    async fn extra_backings(&self, vm: &VmRequest) -> Result<Vec<String>> {
+        let mut out = vec![];
+        for nic in &vm.extra_nics {
+            let pg = nic.port_group.as_deref().ok_or_else(|| {
+                ProviderError::permanent(format!(
+                    "network {} has no port group for vSphere: set [networks.{}] port_group",
+                    nic.network, nic.network
+                ))
+            })?;
+            let key = format!("networks.{}.port_group", nic.network);
+            out.push(
+                nic_backing(
+                    &self.client,
+                    self.config.datacenter.trim_matches('/'),
+                    pg,
+                    &key,
+                )
+                .await?,
+            );
+        }
+        Ok(out)
     }
 }
 
@@ -504,6 +606,52 @@ fn not_found(key: &str, path: &str) -> Error {
     ))
 }
 
+/// The `<backing>` element (carrying the xsi namespace, as it is parsed again) for NICs on the
+/// port group `name` of datacenter `dc`; `key` names the setting in errors.
+async fn nic_backing(
+    client: &Client,
+    dc: &str,
+    name: &str,
+    key: &str,
+) -> std::result::Result<String, Error> {
+    let net_path = format!("{dc}/network/{name}");
+    let network = client
+        .find_by_inventory_path(&net_path)
+        .await?
+        .ok_or_else(|| not_found(key, &net_path))?;
+    let nic_backing = if network.kind == "DistributedVirtualPortgroup" {
+        let pg = client
+            .properties(&network, &["key", "config.distributedVirtualSwitch"])
+            .await?
+            .ok_or_else(|| not_found(key, &net_path))?;
+        let switch = pg
+            .get("config.distributedVirtualSwitch")
+            .and_then(MoRef::from_node)
+            .ok_or_else(|| not_found(&format!("{key} (its switch)"), &net_path))?;
+        let uuid = client
+            .properties(&switch, &["uuid"])
+            .await?
+            .map(|o| o.text("uuid").to_string())
+            .unwrap_or_default();
+        format!(
+            "<backing xsi:type=\"VirtualEthernetCardDistributedVirtualPortBackingInfo\"><port><switchUuid>{}</switchUuid><portgroupKey>{}</portgroupKey></port></backing>",
+            esc(&uuid),
+            esc(pg.text("key"))
+        )
+    } else {
+        format!(
+            "<backing xsi:type=\"VirtualEthernetCardNetworkBackingInfo\"><deviceName>{}</deviceName>{}</backing>",
+            esc(name),
+            network.xml("network")
+        )
+    };
+    Ok(nic_backing.replacen(
+        "<backing ",
+        "<backing xmlns:xsi=\"http://www.w3.org/2001/XMLSchema-instance\" ",
+        1,
+    ))
+}
+
 async fn resolve_inventory(
     client: &Client,
     c: &VsphereConfig,
@@ -564,43 +712,7 @@ async fn resolve_inventory(
         .find_by_inventory_path(&ds_path)
         .await?
         .ok_or_else(|| not_found("datastore", &ds_path))?;
-    let net_path = format!("{dc}/network/{}", c.network);
-    let network = client
-        .find_by_inventory_path(&net_path)
-        .await?
-        .ok_or_else(|| not_found("network", &net_path))?;
-    let nic_backing = if network.kind == "DistributedVirtualPortgroup" {
-        let pg = client
-            .properties(&network, &["key", "config.distributedVirtualSwitch"])
-            .await?
-            .ok_or_else(|| not_found("network", &net_path))?;
-        let switch = pg
-            .get("config.distributedVirtualSwitch")
-            .and_then(MoRef::from_node)
-            .ok_or_else(|| not_found("network (its switch)", &net_path))?;
-        let uuid = client
-            .properties(&switch, &["uuid"])
-            .await?
-            .map(|o| o.text("uuid").to_string())
-            .unwrap_or_default();
-        format!(
-            "<backing xsi:type=\"VirtualEthernetCardDistributedVirtualPortBackingInfo\"><port><switchUuid>{}</switchUuid><portgroupKey>{}</portgroupKey></port></backing>",
-            esc(&uuid),
-            esc(pg.text("key"))
-        )
-    } else {
-        format!(
-            "<backing xsi:type=\"VirtualEthernetCardNetworkBackingInfo\"><deviceName>{}</deviceName>{}</backing>",
-            esc(&c.network),
-            network.xml("network")
-        )
-    };
-    // The backing is parsed again when a spec is built; it has to carry the xsi namespace then.
-    let nic_backing = nic_backing.replacen(
-        "<backing ",
-        "<backing xmlns:xsi=\"http://www.w3.org/2001/XMLSchema-instance\" ",
-        1,
-    );
+    let nic_backing = nic_backing(client, dc, &c.network, "network").await?;
     Ok(Inventory {
         folder_path: path,
         folder,
@@ -641,6 +753,7 @@ impl Machines for VsphereProvider {
         // they are. vcsim 0.24 shares device objects between clones of one template, so a disk
         // read during another clone can name a file that is not there yet (FileNotFound): read
         // again and retry.
+        let extra_backings = self.extra_backings(vm).await?;
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -660,7 +773,7 @@ impl Machines for VsphereProvider {
             if attempt == 1 && devices.and_then(first_nic).is_none() {
                 tracing::warn!(vm = %name, "template has no network card; the port group is not set");
             }
-            let spec = self.config_spec(vm, &nic_name, &login_user, devices);
+            let spec = self.config_spec(vm, &nic_name, &login_user, devices, &extra_backings)?;
             match self
                 .client
                 .reconfigure_vm(&vm_ref, &spec, self.deadline())

@@ -83,6 +83,21 @@ pub struct NicAddress {
     pub prefix_len: u8,
 }
 
+/// The first-boot shell command (for cloud-init's `runcmd`) that waits for block device `dev`,
+/// formats it ext4 labelled `label` only if it holds no filesystem yet, and mounts it at
+/// `mount`, recorded in `/etc/fstab` by `dev` with `nofail` (a missing disk never stops a
+/// boot). Every argument must be shell-safe (`[A-Za-z0-9/_.:*-]`): providers build them from
+/// checked serials and `/dataN` mount points.
+pub fn mount_script(dev: &str, label: &str, mount: &str) -> String {
+    format!(
+        "d=$(ls -d {dev} 2>/dev/null | head -1); i=0; while [ -z \"$d\" ] && [ $i -lt 120 ]; do \
+         sleep 1; i=$((i+1)); d=$(ls -d {dev} 2>/dev/null | head -1); done; [ -b \"$d\" ] || exit 1; \
+         blkid $d >/dev/null 2>&1 || mkfs.ext4 -q -L {label} $d; mkdir -p {mount}; \
+         grep -q ' {mount} ' /etc/fstab || echo \"$d {mount} ext4 defaults,nofail 0 2\" >> /etc/fstab; \
+         mountpoint -q {mount} || mount {mount}"
+    )
+}
+
 /// The guest's name of its `index`-th (from 0) extra interface: `eth1`, `eth2`, …
 pub fn extra_nic_name(index: usize) -> String {
     format!("eth{}", index + 1)

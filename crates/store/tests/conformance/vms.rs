@@ -1,11 +1,12 @@
 //! VM admission, deletes, listings and batches.
 use crate::{Case, Fut, ReplicaCase};
 use basphere_core::{
-    NetworkPool, Quota, QuotaLimit, Spec, Username, VmName, VmOperation, VmStatus,
+    DiskMode, ExtraDisk, NetworkPool, Quota, QuotaLimit, Spec, Username, VmName, VmOperation,
+    VmStatus,
 };
 use basphere_store::{
-    Actor, AdmitError, AdmitRequest, BatchError, BatchRequest, BatchVm, ClaimLimits, DeleteError,
-    Hooks, NewRegistration, RetryCtx, Store, WorkflowOutcome,
+    Actor, AdmitError, AdmitExtras, AdmitRequest, BatchError, BatchRequest, BatchVm, ClaimLimits,
+    DeleteError, ExtraNetwork, Hooks, NewRegistration, RetryCtx, Store, WorkflowOutcome,
 };
 use std::collections::HashSet;
 
@@ -36,6 +37,12 @@ pub fn cases() -> Vec<Case> {
         ("batch_refusals_change_nothing", |s| {
             Box::pin(batch_refusals(s)) as Fut
         }),
+        ("vms_extras_stored_leased_and_released", |s| {
+            Box::pin(extras_stored(s)) as Fut
+        }),
+        ("vms_extras_refusals_change_nothing", |s| {
+            Box::pin(extras_refusals(s)) as Fut
+        }),
     ]
 }
 
@@ -47,6 +54,10 @@ pub fn replica_cases() -> Vec<ReplicaCase> {
         ("vms_two_users_at_once_never_share_an_address", |a, b| {
             Box::pin(two_users_at_once(a, b)) as Fut
         }),
+        (
+            "vms_disk_quota_and_nic_leases_exact_on_two_replicas",
+            |a, b| Box::pin(extras_at_once(a, b)) as Fut,
+        ),
     ]
 }
 
@@ -748,4 +759,218 @@ async fn two_users_at_once(a: Store, b: Store) {
     assert_eq!(all.len(), 40);
     let ips: HashSet<_> = all.iter().map(|v| v.ip_address.unwrap()).collect();
     assert_eq!(ips.len(), 40);
+}
+
+// ---- extra disks and networks ----------------------------------------------------------------
+
+fn extras(disks: &[u32], nets: &[(&str, &[&str])], max_disk_gib: Option<u64>) -> AdmitExtras {
+    AdmitExtras {
+        disks: disks
+            .iter()
+            .map(|&size_gib| ExtraDisk {
+                size_gib,
+                mode: DiskMode::Auto,
+            })
+            .collect(),
+        networks: nets
+            .iter()
+            .map(|(name, pool)| ExtraNetwork {
+                name: name.to_string(),
+                pool: pool.iter().map(|a| a.parse().unwrap()).collect(),
+            })
+            .collect(),
+        max_disk_gib,
+    }
+}
+
+async fn admit_x(
+    store: &Store,
+    owner: &Username,
+    ns: &[&str],
+    x: &AdmitExtras,
+) -> Result<Vec<basphere_store::Admitted>, AdmitError> {
+    store
+        .admit_vms_with(&req(owner, ns, small()), x, &pool(), &actor())
+        .await
+}
+
+const STORAGE: &[&str] = &["10.77.0.2", "10.77.0.3", "10.77.0.4"];
+
+/// Extras are stored with the VM and read back by every reader; static addresses are leased
+/// lowest first, a DHCP network gets none; a finished delete gives the address back.
+async fn extras_stored(store: Store) {
+    vm_hooks(&store);
+    let alice = user(&store, "alice", 5).await;
+    let x = extras(&[20, 30], &[("storage", STORAGE), ("lab", &[])], Some(200));
+    let got = admit_x(&store, &alice, &["a", "b"], &x).await.unwrap();
+    let a = &got[0].vm;
+    assert_eq!(a.extra_disks, x.disks);
+    let ips: Vec<_> = got
+        .iter()
+        .map(|g| {
+            g.vm.extra_nics
+                .iter()
+                .map(|n| (n.network.clone(), n.ip))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(
+        ips,
+        [
+            vec![
+                ("storage".to_string(), Some("10.77.0.2".parse().unwrap())),
+                ("lab".to_string(), None)
+            ],
+            vec![
+                ("storage".to_string(), Some("10.77.0.3".parse().unwrap())),
+                ("lab".to_string(), None)
+            ],
+        ]
+    );
+    // Every reader sees them: by name, by id, listings, the engine's read.
+    let by_name = store.vm("alice", "a").await.unwrap().unwrap();
+    assert_eq!(
+        (&by_name.extra_disks, &by_name.extra_nics),
+        (&a.extra_disks, &a.extra_nics)
+    );
+    assert_eq!(
+        store.vm_by_id(&a.id).await.unwrap().unwrap().extra_nics,
+        a.extra_nics
+    );
+    assert_eq!(
+        store
+            .vm_and_key(&a.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .0
+            .extra_disks,
+        a.extra_disks
+    );
+    let listed = store.vms(Some("alice")).await.unwrap();
+    assert_eq!(listed[0].extra_nics, a.extra_nics);
+    let page = store.vms_page(Some("alice"), None, 10).await.unwrap();
+    assert_eq!(page[1].extra_disks, x.disks);
+    // A VM without extras has none.
+    let plain = admit(&store, &alice, &["plain"]).await.unwrap();
+    assert!(plain[0].vm.extra_disks.is_empty() && plain[0].vm.extra_nics.is_empty());
+
+    // Deleting `a` gives 10.77.0.2 back: the next VM gets it.
+    end(&store, &got[0].operation_id, WorkflowOutcome::Succeeded).await;
+    let d = store
+        .begin_delete_vm("alice", "a", &["destroy".to_string()], &actor())
+        .await
+        .unwrap();
+    end(&store, &d.operation_id, WorkflowOutcome::Succeeded).await;
+    let again = admit_x(
+        &store,
+        &alice,
+        &["c"],
+        &extras(&[], &[("storage", STORAGE)], None),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        again[0].vm.extra_nics[0].ip,
+        Some("10.77.0.2".parse().unwrap())
+    );
+}
+
+/// Over the disk quota, or a network with no address left: refused, nothing stored (no VM, no
+/// lease taken).
+async fn extras_refusals(store: Store) {
+    let alice = user(&store, "alice", 5).await;
+    // 2 × (50 boot + 20 extra) = 140 > 139.
+    let e = admit_x(&store, &alice, &["a", "b"], &extras(&[20], &[], Some(139)))
+        .await
+        .unwrap_err();
+    match &e {
+        AdmitError::Quota(q) => {
+            assert_eq!(
+                (q.limit, q.used, q.requested, q.max),
+                (QuotaLimit::DiskGib, 0, 140, 139)
+            );
+        }
+        other => panic!("{other}"),
+    }
+    assert!(e.to_string().contains("GiB of disk"), "{e}");
+    assert!(store.vms(Some("alice")).await.unwrap().is_empty());
+    // Exactly at the limit: admitted; then one GiB more is refused, counting what is held.
+    admit_x(&store, &alice, &["a", "b"], &extras(&[20], &[], Some(140)))
+        .await
+        .unwrap();
+    let e = admit_x(&store, &alice, &["c"], &extras(&[], &[], Some(189)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, AdmitError::Quota(q) if q.limit == QuotaLimit::DiskGib && q.used == 140),
+        "{e}"
+    );
+    // Two VMs on a one-address network: the second finds none, and neither is stored nor
+    // leased (the first VM's lease is rolled back with it).
+    let one = &["10.77.0.9"][..];
+    let e = admit_x(
+        &store,
+        &alice,
+        &["d", "e"],
+        &extras(&[], &[("storage", one)], None),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&e, AdmitError::NetworkFull(n) if n == "storage"),
+        "{e}"
+    );
+    assert_eq!(
+        e.to_string(),
+        "no free address left on network storage; ask an admin to widen it"
+    );
+    assert_eq!(store.vms(Some("alice")).await.unwrap().len(), 2);
+    let got = admit_x(
+        &store,
+        &alice,
+        &["d"],
+        &extras(&[], &[("storage", one)], None),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        got[0].vm.extra_nics[0].ip,
+        Some("10.77.0.9".parse().unwrap())
+    );
+}
+
+/// 40 admissions at once on two replicas: the disk quota holds exactly and no extra-network
+/// address is leased twice.
+async fn extras_at_once(a: Store, b: Store) {
+    let alice = user(&a, "alice", 30).await;
+    let bob = user(&b, "bob", 30).await;
+    let pool: Vec<String> = (2..=254).map(|i| format!("10.77.0.{i}")).collect();
+    let pool: Vec<&str> = pool.iter().map(String::as_str).collect();
+    let tries = (0..40).map(|i| {
+        let (store, owner) = match i % 4 {
+            0 => (a.clone(), &alice),
+            1 => (b.clone(), &alice),
+            2 => (a.clone(), &bob),
+            _ => (b.clone(), &bob),
+        };
+        // 50 + 10 = 60 GiB a VM, at most 600 GiB a user: 10 of each user's 20 tries.
+        let x = extras(&[10], &[("storage", &pool)], Some(600));
+        let r = req(owner, &[&format!("vm{i}")], small());
+        async move { store.admit_vms_with(&r, &x, &pool(), &actor()).await }
+    });
+    let out = futures_util::future::join_all(tries).await;
+    let (ok, refused): (Vec<_>, Vec<_>) = out.into_iter().partition(Result::is_ok);
+    for e in refused.iter().map(|r| r.as_ref().unwrap_err()) {
+        assert!(
+            matches!(e, AdmitError::Quota(q) if q.limit == QuotaLimit::DiskGib),
+            "{e}"
+        );
+    }
+    assert_eq!((ok.len(), refused.len()), (20, 20));
+    let mut held = a.vms(Some("alice")).await.unwrap();
+    held.extend(b.vms(Some("bob")).await.unwrap());
+    assert_eq!(held.len(), 20);
+    let leased: HashSet<_> = held.iter().map(|v| v.extra_nics[0].ip.unwrap()).collect();
+    assert_eq!(leased.len(), 20, "no address leased twice");
 }

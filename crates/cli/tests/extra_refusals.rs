@@ -1,0 +1,182 @@
+//! Extra disks and networks at the API edge (do-nothing provider): what is accepted is stored
+//! and shown; too many disks, sizes out of range, unknown modes or networks are 400
+//! "Validation failed" naming the bad entry; over `[vms] max_disk_gib` is 403; a refusal stores
+//! nothing.
+mod common;
+use common::*;
+use serde_json::{Value, json};
+
+fn srv() -> Server {
+    server(&[
+        (
+            "BASPHERE_NETWORKS__STORAGE",
+            r#"{ cidr = "10.77.0.0/24", gateway = "10.77.0.1", bridge = "bspst0" }"#,
+        ),
+        (
+            "BASPHERE_NETWORKS__BACKUP",
+            r#"{ cidr = "10.78.0.0/24", dhcp = true, port_group = "Backup" }"#,
+        ),
+        ("BASPHERE_VMS__EXTRA_NETWORKS__MAX_COUNT", "2"),
+        // tiny: 50 GiB boot disk.
+        ("BASPHERE_VMS__MAX_DISK_GIB", "200"),
+    ])
+}
+
+async fn vms(c: &basphere_client::Client) -> Vec<Value> {
+    get_data(c, "/api/v1/vms").await["vms"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extras_are_stored_and_shown() {
+    let s = srv();
+    let c = s.with_token(&s.user("xok").await);
+    let r = c
+        .post(
+            "/api/v1/vms",
+            &json!({"name": "db", "spec": "tiny", "extra_disks": [{"size_gb": 20},
+                {"size_gb": 30, "mode": "raw"}], "extra_networks": ["storage", "backup"]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    let vm = &r.body.data["vms"][0];
+    assert_eq!(
+        vm["extra_disks"],
+        json!([{"size_gb": 20, "mode": "auto"}, {"size_gb": 30, "mode": "raw"}])
+    );
+    assert_eq!(vm["extra_networks"], json!(["storage", "backup"]));
+    assert_eq!(
+        vm["extra_nics"],
+        json!([{"network": "storage", "ip_address": "10.77.0.2"},
+               {"network": "backup", "ip_address": ""}])
+    );
+    let shown = get_data(&c, "/api/v1/vms/db").await;
+    assert_eq!(shown["extra_disks"], vm["extra_disks"]);
+    assert_eq!(shown["extra_nics"], vm["extra_nics"]);
+    // The CLI's --disk/--net reach the same request.
+    let tok = s.user("xcli").await;
+    let out = std::process::Command::new(BIN)
+        .args(["--url", &s.addr, "--token", &tok])
+        .args([
+            "vm",
+            "create",
+            "-n",
+            "web",
+            "-s",
+            "tiny",
+            "--disk",
+            "10G:raw",
+            "--net",
+            "storage",
+            "--no-wait",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let web = get_data(&s.with_token(&tok), "/api/v1/vms/web").await;
+    assert_eq!(web["extra_disks"], json!([{"size_gb": 10, "mode": "raw"}]));
+    assert_eq!(web["extra_nics"][0]["ip_address"], "10.77.0.3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_extras_are_refused_by_entry_and_nothing_is_stored() {
+    let s = srv();
+    let c = s.with_token(&s.user("xbad").await);
+    let cases: &[(Value, &[&str])] = &[
+        (
+            json!({"extra_disks": [{"size_gb": 10}, {"size_gb": 10}, {"size_gb": 10},
+                {"size_gb": 10}]}),
+            &["extra_disks: at most 3 extra disks per VM (got 4)"],
+        ),
+        (
+            json!({"extra_disks": [{"size_gb": 10}, {"size_gb": 9}, {"size_gb": 501}]}),
+            &[
+                "extra_disks[1].size_gb: must be between 10 and 500 GiB (got 9)",
+                "extra_disks[2].size_gb: must be between 10 and 500 GiB (got 501)",
+            ],
+        ),
+        (
+            json!({"extra_disks": [{"size_gb": 10, "mode": "xfs"}]}),
+            &["extra_disks[0].mode: unknown"],
+        ),
+        (
+            json!({"extra_disks": [{"size_gb": "ten"}]}),
+            &["extra_disks[0].size_gb: must be a whole number"],
+        ),
+        (
+            json!({"extra_networks": ["nope"]}),
+            &["extra_networks[0]: unknown network \"nope\"; choose one of: backup, storage"],
+        ),
+        (
+            json!({"extra_networks": ["storage", "storage"]}),
+            &["extra_networks[1]: network \"storage\" is listed twice"],
+        ),
+        (
+            json!({"extra_networks": ["storage", "backup", "storage"]}),
+            &["extra_networks: at most 2 extra networks per VM (got 3)"],
+        ),
+    ];
+    for (extra, want) in cases {
+        let mut body = json!({"name": "x", "spec": "tiny"});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let r = c.post("/api/v1/vms", &body).await.unwrap();
+        assert_eq!(r.status, 400, "{body}: {:?}", r.body);
+        assert_eq!(r.body.message, "Validation failed");
+        for w in *want {
+            assert!(
+                r.body.errors.iter().any(|e| e.starts_with(w)),
+                "{body}: want {w:?} in {:?}",
+                r.body.errors
+            );
+        }
+    }
+    assert!(vms(&c).await.is_empty(), "nothing stored");
+
+    // Over max_disk_gib (200): 3 × (50 + 20) = 210 → 403, nothing stored.
+    let r = c
+        .post(
+            "/api/v1/vms",
+            &json!({"name": "big", "spec": "tiny", "count": 3,
+                "extra_disks": [{"size_gb": 20}], "extra_networks": ["storage"]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 403, "{:?}", r.body);
+    assert!(
+        r.body.message.contains("GiB of disk") && r.body.message.contains("200"),
+        "{}",
+        r.body.message
+    );
+    assert!(vms(&c).await.is_empty(), "nothing stored");
+    // The refused admission leased no address: the next VM gets the network's first.
+    let r = c
+        .post(
+            "/api/v1/vms",
+            &json!({"name": "ok", "spec": "tiny", "count": 2,
+                "extra_disks": [{"size_gb": 50}], "extra_networks": ["storage"]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    assert_eq!(
+        r.body.data["vms"][0]["extra_nics"][0]["ip_address"],
+        "10.77.0.2"
+    );
+    // 200 GiB held now: one GiB more is over.
+    let r = c
+        .post("/api/v1/vms", &json!({"name": "more", "spec": "tiny"}))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 403, "{:?}", r.body);
+    assert_eq!(vms(&c).await.len(), 2);
+}
