@@ -390,7 +390,12 @@ impl VsphereProvider {
             disk.to_xml(&mut spec);
             spec.push_str("</deviceChange>");
         }
-        if let Some(nic) = devices.and_then(first_nic) {
+        let extra_macs: Vec<String> = vm
+            .extra_nics
+            .iter()
+            .map(|n| cloudinit::vmware_mac(&n.mac))
+            .collect();
+        if let Some(nic) = devices.and_then(|d| first_nic(d, &extra_macs)) {
             let mut device = nic.clone();
             device.name = "device".into();
             let backing = crate::xml::parse(&self.inv.nic_backing).ok();
@@ -481,24 +486,22 @@ impl VsphereProvider {
                 ));
             }
         }
-        let nics = devices
+        let macs: Vec<String> = devices
             .children
             .iter()
-            .filter(|d| d.child("addressType").is_some() || d.child("macAddress").is_some())
-            .count();
-        for (i, (nic, backing)) in vm
-            .extra_nics
-            .iter()
-            .zip(extra_backings)
-            .enumerate()
-            .skip(nics.saturating_sub(1))
-        {
+            .filter_map(|d| d.child_text("macAddress"))
+            .map(|m| m.trim().to_ascii_lowercase())
+            .collect();
+        for (i, (nic, backing)) in vm.extra_nics.iter().zip(extra_backings).enumerate() {
+            let mac = cloudinit::vmware_mac(&nic.mac);
+            if macs.contains(&mac) {
+                continue;
+            }
             out.push_str(&format!(
                 "<deviceChange><operation>add</operation><device xsi:type=\"VirtualVmxnet3\">\
                  <key>{}</key>{backing}<addressType>manual</addressType>\
-                 <macAddress>{}</macAddress></device></deviceChange>",
+                 <macAddress>{mac}</macAddress></device></deviceChange>",
                 -201 - i as i64,
-                cloudinit::vmware_mac(&nic.mac),
             ));
         }
         Ok(out)
@@ -592,12 +595,15 @@ fn grown_disk(devices: &Node, gib: u64) -> Option<Node> {
     Some(disk)
 }
 
-/// The first network card in a `config.hardware.device` value.
-fn first_nic(devices: &Node) -> Option<&Node> {
-    devices
-        .children
-        .iter()
-        .find(|d| d.child("addressType").is_some() || d.child("macAddress").is_some())
+/// The first network card in a `config.hardware.device` value that is not one of the extra
+/// NICs (`extra_macs`) Basphere added.
+fn first_nic<'a>(devices: &'a Node, extra_macs: &[String]) -> Option<&'a Node> {
+    devices.children.iter().find(|d| {
+        (d.child("addressType").is_some() || d.child("macAddress").is_some())
+            && !d
+                .child_text("macAddress")
+                .is_some_and(|m| extra_macs.contains(&m.trim().to_ascii_lowercase()))
+    })
 }
 
 fn not_found(key: &str, path: &str) -> Error {
@@ -770,7 +776,7 @@ impl Machines for VsphereProvider {
                 return Ok(()); // prepared and started before
             }
             let devices = props.get("config.hardware.device");
-            if attempt == 1 && devices.and_then(first_nic).is_none() {
+            if attempt == 1 && devices.and_then(|d| first_nic(d, &[])).is_none() {
                 tracing::warn!(vm = %name, "template has no network card; the port group is not set");
             }
             let spec = self.config_spec(vm, &nic_name, &login_user, devices, &extra_backings)?;
