@@ -945,8 +945,8 @@ async fn extras_refusals(store: Store) {
 async fn extras_at_once(a: Store, b: Store) {
     let alice = user(&a, "alice", 30).await;
     let bob = user(&b, "bob", 30).await;
-    let pool: Vec<String> = (2..=254).map(|i| format!("10.77.0.{i}")).collect();
-    let pool: Vec<&str> = pool.iter().map(String::as_str).collect();
+    let addrs: Vec<String> = (2..=254).map(|i| format!("10.77.0.{i}")).collect();
+    let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
     let tries = (0..40).map(|i| {
         let (store, owner) = match i % 4 {
             0 => (a.clone(), &alice),
@@ -955,7 +955,7 @@ async fn extras_at_once(a: Store, b: Store) {
             _ => (b.clone(), &bob),
         };
         // 50 + 10 = 60 GiB a VM, at most 600 GiB a user: 10 of each user's 20 tries.
-        let x = extras(&[10], &[("storage", &pool)], Some(600));
+        let x = extras(&[10], &[("storage", &addrs)], Some(600));
         let r = req(owner, &[&format!("vm{i}")], small());
         async move { store.admit_vms_with(&r, &x, &pool(), &actor()).await }
     });
