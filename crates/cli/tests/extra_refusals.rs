@@ -3,6 +3,7 @@
 //! "Validation failed" naming the bad entry; over `[vms] max_disk_gib` is 403; a refusal stores
 //! nothing.
 mod common;
+mod raw;
 use common::*;
 use serde_json::{Value, json};
 
@@ -179,4 +180,106 @@ async fn bad_extras_are_refused_by_entry_and_nothing_is_stored() {
         .unwrap();
     assert_eq!(r.status, 403, "{:?}", r.body);
     assert_eq!(vms(&c).await.len(), 2);
+}
+
+const FORM: &str = "application/x-www-form-urlencoded";
+
+fn csrf_of(html: &str) -> String {
+    let at = html
+        .find(r#"name="csrf" value=""#)
+        .expect("page has a CSRF field")
+        + 19;
+    html[at..].split('"').next().unwrap().to_string()
+}
+
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// The portal's create form carries the extras into the same service: a bad size is shown at
+/// the form's field (nothing stored), a good one creates the VM with its disk and network.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_portal_form_takes_extra_disks_and_a_network() {
+    let s = srv();
+    let token = s.user("xweb").await;
+    let page = raw::send("127.0.0.1", &s.addr, "GET", "/signin", &[], b"").await;
+    let cookie = format!("bsp_pre={}", page.cookie("bsp_pre").unwrap());
+    let body = format!("token={}&csrf={}", enc(&token), csrf_of(&page.body));
+    let r = raw::send(
+        "127.0.0.1",
+        &s.addr,
+        "POST",
+        "/signin",
+        &[("Content-Type", FORM), ("Cookie", &cookie)],
+        body.as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 303, "{}", r.body);
+    let session = format!("bsp_session={}", r.cookie("bsp_session").unwrap());
+    let dash = raw::send(
+        "127.0.0.1",
+        &s.addr,
+        "GET",
+        "/dashboard",
+        &[("Cookie", &session)],
+        b"",
+    )
+    .await;
+    assert!(
+        dash.body.contains(r#"name="extra_disks""#),
+        "the form asks for disks"
+    );
+    assert!(
+        dash.body.contains(r#"value="storage""#),
+        "and offers the networks"
+    );
+    let csrf = csrf_of(&dash.body);
+    let post = |form: String| {
+        let session = session.clone();
+        let addr = s.addr.clone();
+        async move {
+            raw::send(
+                "127.0.0.1",
+                &addr,
+                "POST",
+                "/vms",
+                &[("Content-Type", FORM), ("Cookie", &session)],
+                form.as_bytes(),
+            )
+            .await
+        }
+    };
+    let r = post(format!(
+        "csrf={csrf}&name=web&spec=tiny&count=1&extra_disks={}&extra_networks=storage",
+        enc("20G, 5G")
+    ))
+    .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(
+        r.body
+            .contains("extra_disks[1].size_gb: must be between 10 and 500 GiB (got 5)"),
+        "shown at the field"
+    );
+    let c = s.with_token(&token);
+    assert!(vms(&c).await.is_empty(), "nothing stored");
+    let r = post(format!(
+        "csrf={csrf}&name=web&spec=tiny&count=1&extra_disks={}&extra_networks=storage",
+        enc("20G, 30G:raw")
+    ))
+    .await;
+    assert_eq!(r.status, 303, "{}", r.body);
+    let vm = get_data(&c, "/api/v1/vms/web").await;
+    assert_eq!(
+        vm["extra_disks"],
+        json!([{"size_gb": 20, "mode": "auto"}, {"size_gb": 30, "mode": "raw"}])
+    );
+    assert_eq!(vm["extra_networks"], json!(["storage"]));
 }

@@ -145,6 +145,33 @@ fn create_form(
     let g = |k: &str, d: &'static str| f.get(k).cloned().unwrap_or_else(|| d.to_string());
     let name = g("name", "");
     let count = g("count", "1");
+    let lim = cfg.vms.extra_disks;
+    let disks = if lim.max_count == 0 {
+        String::new()
+    } else {
+        Input::text("extra_disks", "Extra disks", &g("extra_disks", ""))
+            .hint(&format!(
+                "Optional, up to {}: sizes in GiB, {}–{} each, comma-separated; 20G is formatted \
+                 and mounted at /data (then /data2, …), 20G:raw is left blank.",
+                lim.max_count, lim.min_gb, lim.max_gb
+            ))
+            .attrs(r#"autocapitalize="none" spellcheck="false" placeholder="20G, 50G:raw""#)
+            .render("c-", errs)
+    };
+    let nets = if cfg.networks.is_empty() || cfg.vms.extra_networks.max_count == 0 {
+        String::new()
+    } else {
+        let mut opts = vec![(String::new(), "none".to_string())];
+        opts.extend(cfg.networks.keys().map(|n| (n.clone(), n.clone())));
+        select(
+            "c-",
+            "extra_networks",
+            "Extra network",
+            &opts,
+            &g("extra_networks", ""),
+            errs,
+        )
+    };
     format!(
         r#"<section class="card" aria-labelledby="create-h"><h2 id="create-h">Create VMs</h2>
 {alert}
@@ -154,6 +181,8 @@ fn create_form(
 {spec}
 {os}
 {count}
+{disks}
+{nets}
 <button type="submit">Create</button>
 </form></section>"#,
         alert = form_alert(alert),
@@ -328,7 +357,18 @@ pub async fn create(State(st): State<AppState>, v: Visitor, Form(f): Form<Fields
             )
         }
         Err(e) => {
-            let mut fields = e.fields.clone();
+            // An entry's error (`extra_disks[1].size_gb`) shows at its form field.
+            let mut fields: Vec<FieldError> = e
+                .fields
+                .iter()
+                .map(|f| match f.field.split_once('[') {
+                    Some((base, _)) if base.starts_with("extra_") => FieldError {
+                        field: base.to_string(),
+                        message: format!("{}: {}", f.field, f.message),
+                    },
+                    _ => f.clone(),
+                })
+                .collect();
             let mut alert = None;
             if e.status == StatusCode::CONFLICT && fields.is_empty() {
                 fields.push(FieldError {
