@@ -721,6 +721,19 @@ async fn vm_cmd(c: &Client, out: Output, v: VmCmd) -> anyhow::Result<ExitCode> {
                 for i in &cat.images {
                     println!("  {:12} login {}", i.name, i.login_user);
                 }
+                if let Some(d) = cat.extra_disks.filter(|d| d.max_count > 0) {
+                    println!(
+                        "extra disks: up to {}, {}-{} GiB each (--disk 20G, --disk 20G:raw)",
+                        d.max_count, d.min_gb, d.max_gb
+                    );
+                }
+                if !cat.networks.is_empty() {
+                    println!(
+                        "extra networks (up to {} per VM, --net NAME): {}",
+                        cat.max_extra_networks,
+                        cat.networks.join(", ")
+                    );
+                }
             }
         }
     }

@@ -71,6 +71,13 @@ impl Services {
                 max: *VM_COUNT_RANGE.end(),
             },
             provider: self.provider.kind().to_string(),
+            extra_disks: Some(wire::ExtraDiskRange {
+                max_count: c.vms.extra_disks.max_count,
+                min_gb: c.vms.extra_disks.min_gb,
+                max_gb: c.vms.extra_disks.max_gb,
+            }),
+            networks: c.networks.keys().cloned().collect(),
+            max_extra_networks: c.vms.extra_networks.max_count,
         }
     }
 

@@ -403,6 +403,23 @@ pub struct Catalog {
     pub default_image: String,
     pub count: CountRange,
     pub provider: String,
+    /// What each VM may add: extra disks (`max_count`, `min_gb`, `max_gb`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extra_disks: Option<ExtraDiskRange>,
+    /// The extra networks VMs may join (`extra_networks`), by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub networks: Vec<String>,
+    /// How many extra networks one VM may join.
+    #[serde(default)]
+    pub max_extra_networks: u32,
+}
+
+/// How many extra disks a VM may have, and their sizes in GiB.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct ExtraDiskRange {
+    pub max_count: u32,
+    pub min_gb: u32,
+    pub max_gb: u32,
 }
 
 /// An image VMs can be made of.
