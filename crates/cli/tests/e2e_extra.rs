@@ -120,6 +120,17 @@ async fn a_vm_with_an_auto_disk_and_an_extra_network_boots_mounts_and_is_removed
     let disks = files_under(&state_dir.join(&instance), ".qcow2");
     assert_eq!(disks.len(), 2, "boot disk and one extra disk: {disks:?}");
 
+    // The extra tap is pinned like the first: the bridge table names its address.
+    let rules = Command::new("ip")
+        .args(["netns", "exec", &ns, "nft", "list", "table", "bridge", "basphere"])
+        .output()
+        .unwrap();
+    let rules = String::from_utf8_lossy(&rules.stdout);
+    assert!(
+        rules.contains("10.77.0.2") && rules.contains(&ip),
+        "both taps pinned: {rules}"
+    );
+
     let ssh = |to: &str, cmd: &str| {
         Command::new("ip")
             .args(["netns", "exec", &ns, "ssh", "-i"])
