@@ -122,7 +122,9 @@ async fn a_vm_with_an_auto_disk_and_an_extra_network_boots_mounts_and_is_removed
 
     // The extra tap is pinned like the first: the bridge table names its address.
     let rules = Command::new("ip")
-        .args(["netns", "exec", &ns, "nft", "list", "table", "bridge", "basphere"])
+        .args([
+            "netns", "exec", &ns, "nft", "list", "table", "bridge", "basphere",
+        ])
         .output()
         .unwrap();
     let rules = String::from_utf8_lossy(&rules.stdout);

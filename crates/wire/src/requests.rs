@@ -124,10 +124,12 @@ impl DiskRequest {
             None => (s, None),
         };
         let size = size.trim();
-        let digits = size
-            .strip_suffix(['G', 'g'])
-            .map(|d| d.strip_suffix(['i']).unwrap_or(d))
-            .unwrap_or(size);
+        let lower = size.to_ascii_lowercase();
+        let digits = ["gib", "gb", "g"]
+            .iter()
+            .find_map(|u| lower.strip_suffix(u))
+            .unwrap_or(&lower)
+            .trim();
         let size_gb = digits.parse::<i64>().map_err(|_| {
             format!("{s:?} is not SIZE[G][:MODE] (e.g. 20G or 50G:raw); SIZE is whole GiB")
         })?;
