@@ -354,6 +354,12 @@ async fn client_cmd(g: &Global, out: Output, cmd: Cmd) -> anyhow::Result<ExitCod
                     q.max_vcpus
                         .map_or_else(|| "unlimited".into(), |m| m.to_string())
                 );
+                println!(
+                    "  disk GiB  {:>4} / {}",
+                    v.used_disk_gib,
+                    v.max_disk_gib
+                        .map_or_else(|| "unlimited".into(), |m| m.to_string())
+                );
             }
         }
         Cmd::Resources => {

@@ -173,6 +173,11 @@ async fn bad_extras_are_refused_by_entry_and_nothing_is_stored() {
         r.body.data["vms"][0]["extra_nics"][0]["ip_address"],
         "10.77.0.2"
     );
+    let q = get_data(&c, "/api/v1/quota").await;
+    assert_eq!(
+        (q["used_disk_gib"].as_u64(), q["max_disk_gib"].as_u64()),
+        (Some(200), Some(200))
+    );
     // 200 GiB held now: one GiB more is over.
     let r = c
         .post("/api/v1/vms", &json!({"name": "more", "spec": "tiny"}))

@@ -388,6 +388,8 @@ impl Services {
             username: me.user.username.clone(),
             quota: me.user.quota,
             usage,
+            max_disk_gib: self.config.vms.max_disk_gib,
+            used_disk_gib: self.store.disk_usage(me.name()).await?,
         })
     }
 

@@ -380,6 +380,13 @@ pub struct QuotaView {
     pub username: Username,
     pub quota: Quota,
     pub usage: Usage,
+    /// `[vms] max_disk_gib`: GiB of disk (boot and extra disks) a user may hold; absent: no
+    /// limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_disk_gib: Option<u64>,
+    /// GiB of disk held now (boot and extra disks).
+    #[serde(default)]
+    pub used_disk_gib: u64,
 }
 
 /// `GET /resources`.

@@ -718,6 +718,15 @@ impl Store {
             .await
     }
 
+    /// GiB of disk (boot and extra disks) `owner` holds now, counted as [`Store::usage`]
+    /// counts VMs.
+    pub async fn disk_usage(&self, owner: &str) -> Result<u64> {
+        let owner = owner.to_string();
+        self.db
+            .read(move |tx| Box::pin(async move { disk_used(tx, &owner).await }))
+            .await
+    }
+
     /// What `owner` holds now.
     pub async fn usage(&self, owner: &str) -> Result<Usage> {
         let owner = owner.to_string();
