@@ -24,6 +24,8 @@ pub struct Catalog {
     pub image_refs: BTreeMap<String, String>,
     /// The extra networks (`[networks.NAME]`) by name.
     pub networks: BTreeMap<String, CatalogNetwork>,
+    /// `[vms] max_disk_gib`, checked again when a rolled-back create is retried.
+    pub max_disk_gib: Option<u64>,
 }
 
 /// What a provider needs to know of an extra network.
@@ -181,7 +183,10 @@ impl VmWorkflow {
 #[async_trait::async_trait]
 impl WorkflowDef for VmWorkflow {
     fn hooks(&self, definition: &str) -> Option<Hooks> {
-        definition.parse().ok().map(Hooks::vm)
+        definition
+            .parse()
+            .ok()
+            .map(|op| Hooks::vm_with_disk_limit(op, self.catalog.max_disk_gib))
     }
 
     fn step(&self, name: &str) -> StepSpec {

@@ -14,12 +14,18 @@ use basphere_core::{NetworkPool, ResourceRef, VmOperation};
 /// delete ok → the record is gone (address and quota free); delete failed → failed.
 /// Each ending writes its audit record; a retry gives a failed create its address and quota
 /// back (refused if they are gone) and marks a failed delete deleting again.
-struct VmHooks(VmOperation);
+struct VmHooks(VmOperation, Option<u64>);
 
 impl Hooks {
     /// The hooks of the VM operation `op` on its VM record.
     pub fn vm(op: VmOperation) -> Self {
-        Hooks(std::sync::Arc::new(VmHooks(op)))
+        Hooks(std::sync::Arc::new(VmHooks(op, None)))
+    }
+
+    /// [`Hooks::vm`] whose retry of a rolled-back create also checks `[vms] max_disk_gib`
+    /// (`max_disk_gib`: GiB of disk the owner may hold; `None`: no limit).
+    pub fn vm_with_disk_limit(op: VmOperation, max_disk_gib: Option<u64>) -> Self {
+        Hooks(std::sync::Arc::new(VmHooks(op, max_disk_gib)))
     }
 }
 
@@ -154,7 +160,7 @@ impl VmHooks {
             .ok_or_else(gone)?;
         vm_idle_and_failed(tx, vm_id, &w.id).await?;
         match self.0 {
-            VmOperation::Create => readmit(tx, vm_id, pool)
+            VmOperation::Create => readmit(tx, vm_id, pool, self.1)
                 .await
                 .map_err(|e| OpError::Refused(e.to_string()))?,
             VmOperation::Delete => {

@@ -336,6 +336,7 @@ pub(crate) async fn readmit(
     tx: &mut dyn Tx,
     vm_id: &str,
     pool: &NetworkPool,
+    max_disk_gib: Option<u64>,
 ) -> std::result::Result<(), AdmitError> {
     let vm = vm_where_id(tx, vm_id)
         .await?
@@ -349,6 +350,24 @@ pub(crate) async fn readmit(
         // A VM that kept its address is counted already (see `usage`).
         let used = usage(tx, owner).await?;
         quota.admit(&used, 1, vm.vcpus, vm.memory_mib)?;
+        if let Some(max) = max_disk_gib {
+            let used = disk_used(tx, owner).await?;
+            let requested = vm.disk_gib
+                + vm.extra_disks
+                    .iter()
+                    .map(|d| u64::from(d.size_gib))
+                    .sum::<u64>();
+            if used + requested > max {
+                return Err(QuotaExceeded {
+                    limit: QuotaLimit::DiskGib,
+                    used,
+                    requested,
+                    requested_total: used + requested,
+                    max,
+                }
+                .into());
+            }
+        }
     }
     let ip = match vm.ip_address {
         Some(ip) => ip,

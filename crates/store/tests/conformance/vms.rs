@@ -43,6 +43,9 @@ pub fn cases() -> Vec<Case> {
         ("vms_extras_refusals_change_nothing", |s| {
             Box::pin(extras_refusals(s)) as Fut
         }),
+        ("vms_retry_rechecks_the_disk_limit", |s| {
+            Box::pin(retry_rechecks_disk(s)) as Fut
+        }),
     ]
 }
 
@@ -973,4 +976,37 @@ async fn extras_at_once(a: Store, b: Store) {
     assert_eq!(held.len(), 20);
     let leased: HashSet<_> = held.iter().map(|v| v.extra_nics[0].ip.unwrap()).collect();
     assert_eq!(leased.len(), 20, "no address leased twice");
+}
+
+/// A rolled-back create gave its disk space back; retrying it takes the space again, so it is
+/// refused when other VMs hold it meanwhile (with the hooks the VM definitions register).
+async fn retry_rechecks_disk(store: Store) {
+    store.set_hooks(
+        "create_vm",
+        Hooks::vm_with_disk_limit(VmOperation::Create, Some(100)),
+    );
+    store.set_hooks("delete_vm", Hooks::vm(VmOperation::Delete));
+    let alice = user(&store, "alice", 5).await;
+    let x = extras(&[30], &[], Some(100));
+    let got = admit_x(&store, &alice, &["web"], &x).await.unwrap();
+    let op = got[0].operation_id.clone();
+    end(&store, &op, WorkflowOutcome::Failed("boom".into())).await;
+    assert_eq!(store.disk_usage("alice").await.unwrap(), 0, "released");
+    let other = admit_x(&store, &alice, &["db"], &x).await.unwrap();
+    let p = pool();
+    let ctx = RetryCtx { pool: &p };
+    let e = store.retry_workflow(&op, &ctx, &actor()).await.unwrap_err();
+    assert!(e.to_string().contains("GiB of disk"), "{e}");
+    assert_eq!(
+        store.vm("alice", "web").await.unwrap().unwrap().status,
+        VmStatus::Failed
+    );
+    end(
+        &store,
+        &other[0].operation_id,
+        WorkflowOutcome::Failed("boom".into()),
+    )
+    .await;
+    store.retry_workflow(&op, &ctx, &actor()).await.unwrap();
+    assert_eq!(store.disk_usage("alice").await.unwrap(), 80);
 }
