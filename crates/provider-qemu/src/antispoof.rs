@@ -416,8 +416,8 @@ pub async fn install_alongside_running(
     install(namespace, pin, isolate).await
 }
 
-/// Pins of the VMs whose QEMU runs from `state_dir`, re-derived from what is on disk: the MAC from
-/// QEMU's command line, the address from the VM's seed (`network-config`).
+/// Pins of the VMs whose QEMU runs from `state_dir`, re-derived from what is on disk: each
+/// tap and MAC from QEMU's command line, the addresses from the VM's seed (`network-config`).
 fn running_pins(state_dir: &std::path::Path) -> Vec<PortPin> {
     let Ok(entries) = std::fs::read_dir(state_dir) else {
         return Vec::new();
@@ -433,22 +433,65 @@ fn running_pins(state_dir: &std::path::Path) -> Vec<PortPin> {
                 return None;
             }
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-            let cmdline = String::from_utf8_lossy(&cmdline);
-            let mac = cmdline.split(",mac=").nth(1)?.get(..17)?;
-            let ip = seed_ip(&std::fs::read(&paths.seed).ok()?)?;
-            PortPin::new(&crate::machine::tap_name(&instance), mac, ip).ok()
+            let seed = std::fs::read(&paths.seed).ok()?;
+            Some(pins_of(&String::from_utf8_lossy(&cmdline), &seed))
         })
+        .flatten()
+        .collect()
+}
+
+/// The pins of one VM: its taps (`ifname=`) and MACs (`,mac=`) in the order of QEMU's command
+/// line (the VM's own NIC first, then the extra ones), paired with the seed's addresses in the
+/// same order. Only Basphere's taps are pinned; a VM whose counts disagree gets none (its
+/// taps stay cut off by the table's fail-closed rule until it is started again).
+fn pins_of(cmdline: &str, seed: &[u8]) -> Vec<PortPin> {
+    let taps: Vec<&str> = cmdline
+        .split("ifname=")
+        .skip(1)
+        .filter_map(|r| r.split([',', '\0']).next())
+        .collect();
+    let macs: Vec<&str> = cmdline
+        .split(",mac=")
+        .skip(1)
+        .filter_map(|r| r.get(..17))
+        .collect();
+    let ips = seed_ips(seed);
+    if taps.len() != macs.len() || taps.len() != ips.len() {
+        return Vec::new();
+    }
+    taps.iter()
+        .zip(&macs)
+        .zip(&ips)
+        .filter_map(|((t, m), ip)| PortPin::new(t, m, *ip).ok())
         .collect()
 }
 
 /// The guest address in a seed ISO: `addresses: ["IP/prefix"]` of its `network-config`, which
 /// ISO 9660 stores as plain bytes.
+#[cfg(test)]
 fn seed_ip(iso: &[u8]) -> Option<Ipv4Addr> {
+    seed_ips(iso).first().copied()
+}
+
+/// Every `addresses: ["IP/prefix"]` of a seed's `network-config`, in order (the VM's own NIC
+/// first).
+fn seed_ips(iso: &[u8]) -> Vec<Ipv4Addr> {
     const KEY: &[u8] = b"addresses: [\"";
-    let at = iso.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
-    let rest = &iso[at..iso.len().min(at + 16)];
-    let end = rest.iter().position(|&b| b == b'/')?;
-    std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
+    let mut out = vec![];
+    let mut from = 0;
+    while let Some(at) = iso[from..].windows(KEY.len()).position(|w| w == KEY) {
+        let start = from + at + KEY.len();
+        let rest = &iso[start..iso.len().min(start + 16)];
+        if let Some(ip) = rest
+            .iter()
+            .position(|&b| b == b'/')
+            .and_then(|end| std::str::from_utf8(&rest[..end]).ok()?.parse().ok())
+        {
+            out.push(ip);
+        }
+        from = start;
+    }
+    out
 }
 
 #[cfg(test)]
@@ -565,6 +608,49 @@ mod tests {
         iso.extend_from_slice(b"ethernets:\n  nic0:\n    addresses: [\"10.77.3.201/24\"]\n");
         assert_eq!(seed_ip(&iso), Some(Ipv4Addr::new(10, 77, 3, 201)));
         assert_eq!(seed_ip(b"nothing here"), None);
+    }
+
+    #[test]
+    fn a_running_vm_with_an_extra_nic_gets_both_pins_back() {
+        let cmdline = "qemu\0-netdev\0tap,id=n0,ifname=bsp0123456789ab,script=no\0-device\0\
+             virtio-net-pci,netdev=n0,mac=52:54:00:00:00:01\0-drive\0file=/x,serial=bspd1\0\
+             -netdev\0tap,id=n1,ifname=bspfedcba987654,script=no\0-device\0\
+             virtio-net-pci,netdev=n1,mac=52:54:00:00:00:02\0";
+        let mut iso = vec![0u8; 4096];
+        iso.extend_from_slice(
+            b"ethernets:\n  nic0:\n    addresses: [\"10.254.0.10/24\"]\n    gateway4: \"10.254.0.1\"\n  \
+              nic1:\n    addresses: [\"10.77.0.2/24\"]\n",
+        );
+        let pins = pins_of(cmdline, &iso);
+        let got: Vec<_> = pins
+            .iter()
+            .map(|p| {
+                (
+                    p.port().to_string(),
+                    p.mac().to_string(),
+                    p.ip().to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "bsp0123456789ab".into(),
+                    "52:54:00:00:00:01".into(),
+                    "10.254.0.10".into()
+                ),
+                (
+                    "bspfedcba987654".into(),
+                    "52:54:00:00:00:02".into(),
+                    "10.77.0.2".into()
+                ),
+            ]
+        );
+        // Counts that disagree (a seed from before the extra NIC): no pin is guessed.
+        let mut one = vec![0u8; 16];
+        one.extend_from_slice(b"addresses: [\"10.254.0.10/24\"]");
+        assert!(pins_of(cmdline, &one).is_empty());
     }
 
     #[test]
