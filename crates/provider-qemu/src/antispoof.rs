@@ -416,8 +416,8 @@ pub async fn install_alongside_running(
     install(namespace, pin, isolate).await
 }
 
-/// Pins of the VMs whose QEMU runs from `state_dir`, re-derived from what is on disk: each
-/// tap and MAC from QEMU's command line, the addresses from the VM's seed (`network-config`).
+/// Pins of the VMs whose QEMU runs from `state_dir`, re-derived from what is on disk: the MACs
+/// from QEMU's command line, the addresses from the VM's seed (`network-config`).
 fn running_pins(state_dir: &std::path::Path) -> Vec<PortPin> {
     let Ok(entries) = std::fs::read_dir(state_dir) else {
         return Vec::new();
@@ -434,35 +434,30 @@ fn running_pins(state_dir: &std::path::Path) -> Vec<PortPin> {
             }
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
             let seed = std::fs::read(&paths.seed).ok()?;
-            Some(pins_of(&String::from_utf8_lossy(&cmdline), &seed))
+            Some(pins_of(
+                &instance,
+                &String::from_utf8_lossy(&cmdline),
+                &seed,
+            ))
         })
         .flatten()
         .collect()
 }
 
-/// The pins of one VM: its taps (`ifname=`) and MACs (`,mac=`) in the order of QEMU's command
-/// line (the VM's own NIC first, then the extra ones), paired with the seed's addresses in the
-/// same order. Only Basphere's taps are pinned; a VM whose counts disagree gets none (its
-/// taps stay cut off by the table's fail-closed rule until it is started again).
-fn pins_of(cmdline: &str, seed: &[u8]) -> Vec<PortPin> {
-    let taps: Vec<&str> = cmdline
-        .split("ifname=")
-        .skip(1)
-        .filter_map(|r| r.split([',', '\0']).next())
-        .collect();
-    let macs: Vec<&str> = cmdline
-        .split(",mac=")
-        .skip(1)
-        .filter_map(|r| r.get(..17))
-        .collect();
-    let ips = seed_ips(seed);
-    if taps.len() != macs.len() || taps.len() != ips.len() {
-        return Vec::new();
-    }
-    taps.iter()
-        .zip(&macs)
-        .zip(&ips)
-        .filter_map(|((t, m), ip)| PortPin::new(t, m, *ip).ok())
+/// The pins of one VM: its taps (named after the instance: its own, then
+/// [`crate::machine::extra_tap_name`]) with the MACs (`,mac=`) in the order of QEMU's command
+/// line and the seed's addresses in the same order (the VM's own NIC first).
+fn pins_of(instance: &str, cmdline: &str, seed: &[u8]) -> Vec<PortPin> {
+    let macs = cmdline.split(",mac=").skip(1).filter_map(|r| r.get(..17));
+    macs.zip(seed_ips(seed))
+        .enumerate()
+        .filter_map(|(i, (mac, ip))| {
+            let tap = match i {
+                0 => crate::machine::tap_name(instance),
+                n => crate::machine::extra_tap_name(instance, n - 1),
+            };
+            PortPin::new(&tap, mac, ip).ok()
+        })
         .collect()
 }
 
@@ -612,17 +607,17 @@ mod tests {
 
     #[test]
     fn a_running_vm_with_an_extra_nic_gets_both_pins_back() {
-        let cmdline = "qemu\0-netdev\0tap,id=n0,ifname=bsp0123456789ab,script=no\0-device\0\
+        let instance = "6f1c2a9e-0c3b-4d2e-9a51-7d0e5c1b2a33";
+        let cmdline = "qemu\0-netdev\0tap,id=n0,script=no\0-device\0\
              virtio-net-pci,netdev=n0,mac=52:54:00:00:00:01\0-drive\0file=/x,serial=bspd1\0\
-             -netdev\0tap,id=n1,ifname=bspfedcba987654,script=no\0-device\0\
+             -netdev\0tap,id=n1,script=no\0-device\0\
              virtio-net-pci,netdev=n1,mac=52:54:00:00:00:02\0";
         let mut iso = vec![0u8; 4096];
         iso.extend_from_slice(
             b"ethernets:\n  nic0:\n    addresses: [\"10.254.0.10/24\"]\n    gateway4: \"10.254.0.1\"\n  \
               nic1:\n    addresses: [\"10.77.0.2/24\"]\n",
         );
-        let pins = pins_of(cmdline, &iso);
-        let got: Vec<_> = pins
+        let got: Vec<_> = pins_of(instance, cmdline, &iso)
             .iter()
             .map(|p| {
                 (
@@ -636,21 +631,21 @@ mod tests {
             got,
             [
                 (
-                    "bsp0123456789ab".into(),
+                    crate::machine::tap_name(instance),
                     "52:54:00:00:00:01".into(),
                     "10.254.0.10".into()
                 ),
                 (
-                    "bspfedcba987654".into(),
+                    crate::machine::extra_tap_name(instance, 0),
                     "52:54:00:00:00:02".into(),
                     "10.77.0.2".into()
                 ),
             ]
         );
-        // Counts that disagree (a seed from before the extra NIC): no pin is guessed.
+        // A seed from before the extra NIC: only the VM's own tap is pinned.
         let mut one = vec![0u8; 16];
         one.extend_from_slice(b"addresses: [\"10.254.0.10/24\"]");
-        assert!(pins_of(cmdline, &one).is_empty());
+        assert_eq!(pins_of(instance, cmdline, &one).len(), 1);
     }
 
     #[test]
