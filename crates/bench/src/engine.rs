@@ -125,6 +125,18 @@ fn layered_manifest(layers: usize, width: usize) -> String {
     s
 }
 
+/// Each node requires the one before it.
+fn chain_manifest(n: usize) -> String {
+    let mut s = String::from("[defaults]\nspec = \"tiny\"\n");
+    for i in 0..n {
+        s.push_str(&format!("[vms.c{i}]\n"));
+        if i > 0 {
+            s.push_str(&format!("requires = [\"c{}\"]\n", i - 1));
+        }
+    }
+    s
+}
+
 fn tf_independent(n: usize) -> String {
     format!("resource \"terraform_data\" \"n\" {{\n  count = {n}\n  input = count.index\n}}\n")
 }
@@ -206,10 +218,12 @@ pub async fn batch_child(
     // Each shape is applied RUNS times (by its own user, so each apply starts from nothing);
     // the figure is the median, since a 2-core machine's run-to-run noise is ±15%.
     const RUNS: usize = 3;
-    let users: Vec<String> = ["flat", "layered"]
+    let mut users: Vec<String> = ["flat", "layered"]
         .iter()
         .flat_map(|u| (0..RUNS).map(move |r| format!("{u}{r}")))
         .collect();
+    // The chain runs once: its time is a sum of 1,000 hand-offs, steady from run to run.
+    users.push("chain0".into());
     let mut clients = vec![];
     for u in &users {
         let q = basphere_core::Quota {
@@ -232,7 +246,11 @@ pub async fn batch_child(
     ];
     let mut secs = vec![];
     let mut admit_ms = vec![];
-    let runs = manifests.iter().flat_map(|m| std::iter::repeat_n(m, RUNS));
+    let chain = chain_manifest(nodes);
+    let runs = manifests
+        .iter()
+        .flat_map(|m| std::iter::repeat_n(m, RUNS))
+        .chain([&chain]);
     for (c, m) in clients.iter().zip(runs) {
         let t0 = Instant::now();
         let r = c
@@ -322,6 +340,8 @@ pub async fn batch_child(
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
+    let chain_s = secs.pop().unwrap_or(f64::NAN);
+    admit_ms.pop();
     let (ind, lay) = secs.split_at(RUNS);
     let (ind_admit, lay_admit) = admit_ms.split_at(RUNS);
     println!(
@@ -329,6 +349,7 @@ pub async fn batch_child(
         json!({
             "independent_s": median(ind),
             "layered_s": median(lay),
+            "chain_s": chain_s,
             "independent_runs_s": ind,
             "layered_runs_s": lay,
             "independent_admit_ms": median(ind_admit),
@@ -462,6 +483,11 @@ pub async fn run(
         tf_lay,
         "for a chain of 300 terraform_data",
         TF_RECORD_CHAIN300_S,
+    );
+    println!(
+        "batch of a chain of {nodes} VMs (each requires the one before): basphere {:.3} s ({:.2} ms per link); terraform on record: {TF_RECORD_CHAIN300_S:.0} s for a chain of 300",
+        f("chain_s"),
+        f("chain_s") * 1000.0 / nodes as f64
     );
     println!(
         "  basphere's times are the median of 3 applies (independent: {} s; layered: {} s)",
