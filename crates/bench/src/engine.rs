@@ -16,27 +16,36 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::{Bench, approved_user};
+use crate::{Backend, Bench, approved_user};
 
 /// Terraform's figures on record (this machine kind, terraform 1.11), used when it is missing.
 const TF_RECORD_INDEPENDENT_S: f64 = 36.0;
 const TF_RECORD_CHAIN300_S: f64 = 14.0;
 
-/// No-op steps per second through the whole engine (claim, lease, per-step commits, events).
+/// No-op steps per second through the whole engine (claim, lease, per-step commits, events),
+/// with `replicas` engines (each its own store pool and node id) on the bench's database.
 pub async fn throughput(
     bench: &Bench,
     dir: &Path,
     workflows: usize,
     steps: usize,
+    replicas: usize,
     statements: bool,
 ) -> anyhow::Result<(f64, f64)> {
-    let cfg = batch_config(bench, dir, &[("BASPHERE_ENGINE__MAX_PARALLEL", "32")])?;
-    let app = App::build(
-        Arc::new(cfg),
-        Overrides::with_provider(Arc::new(NullProvider::default())),
-    )
-    .await?;
-    let store = app.store();
+    let cfg = Arc::new(batch_config(
+        bench,
+        dir,
+        &[("BASPHERE_ENGINE__MAX_PARALLEL", "32")],
+    )?);
+    let mut apps = vec![];
+    for r in 0..replicas {
+        let o = Overrides {
+            node_id: Some(format!("bench{r}")),
+            ..Overrides::with_provider(Arc::new(NullProvider::default()))
+        };
+        apps.push(App::build(cfg.clone(), o).await?);
+    }
+    let store = apps[0].store().clone();
     let ws: Vec<NewWorkflow> = (0..workflows)
         .map(|_| {
             NewWorkflow::new(
@@ -51,13 +60,16 @@ pub async fn throughput(
         .await?
         .into_iter()
         .collect();
-    let engine = app.engine();
-    engine.register("noop", Arc::new(basphere_engine::NoopWorkflow));
-    let mut rx = engine.subscribe();
+    // Every replica's events reach the first one's broadcast (relayed on PostgreSQL).
+    let mut rx = apps[0].engine().subscribe();
     let (tx, srx) = tokio::sync::watch::channel(false);
-    let commits0 = store.commits();
+    let commits0: u64 = apps.iter().map(|a| a.store().commits()).sum();
     let t0 = Instant::now();
-    tokio::spawn(engine.clone().run(srx));
+    for a in &apps {
+        let engine = a.engine();
+        engine.register("noop", Arc::new(basphere_engine::NoopWorkflow));
+        tokio::spawn(engine.clone().run(srx.clone()));
+    }
     let mut left = ids.len();
     while left > 0 {
         match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
@@ -76,12 +88,14 @@ pub async fn throughput(
         }
     }
     let dt = t0.elapsed();
-    let commits = store.commits() - commits0;
-    if statements && let Some(url) = &app.config().database.url {
+    let commits: u64 = apps.iter().map(|a| a.store().commits()).sum::<u64>() - commits0;
+    if statements && let Some(url) = &cfg.database.url {
         print_statements(url).await?;
     }
     let _ = tx.send(true);
-    store.close().await;
+    for a in &apps {
+        a.store().close().await;
+    }
     let n = (workflows * steps) as f64;
     Ok((n / dt.as_secs_f64(), commits as f64 * 1000.0 / n))
 }
@@ -391,14 +405,33 @@ async fn print_statements(url: &str) -> anyhow::Result<()> {
 }
 
 /// Prints the no-op step throughput (and, on PostgreSQL with `statements`, where the
-/// server's time went).
+/// server's time went); on PostgreSQL also with three replicas.
 pub async fn print_throughput(bench: &Bench, dir: &Path, statements: bool) -> anyhow::Result<()> {
-    let (tput, per_k) = throughput(bench, &dir.join("throughput"), 200, 50, statements).await?;
-    println!(
-        "engine throughput, no-op steps on {} (200 workflows × 50 steps): {tput:.0} steps/s, \
-         {per_k:.1} commits per 1,000 steps",
-        bench.backend.label()
-    );
+    let replicas: &[usize] = if bench.backend == Backend::Postgres {
+        &[1, 3]
+    } else {
+        &[1]
+    };
+    for &r in replicas {
+        let (tput, per_k) = throughput(
+            bench,
+            &dir.join(format!("throughput{r}")),
+            200,
+            50,
+            r,
+            statements && r == 1,
+        )
+        .await?;
+        let on = if r == 1 {
+            bench.backend.label().to_string()
+        } else {
+            format!("{} with {r} replicas", bench.backend.label())
+        };
+        println!(
+            "engine throughput, no-op steps on {on} (200 workflows × 50 steps): {tput:.0} steps/s, \
+             {per_k:.1} commits per 1,000 steps"
+        );
+    }
     Ok(())
 }
 
