@@ -16,27 +16,36 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::{Bench, approved_user};
+use crate::{Backend, Bench, approved_user};
 
 /// Terraform's figures on record (this machine kind, terraform 1.11), used when it is missing.
 const TF_RECORD_INDEPENDENT_S: f64 = 36.0;
 const TF_RECORD_CHAIN300_S: f64 = 14.0;
 
-/// No-op steps per second through the whole engine (claim, lease, per-step commits, events).
+/// No-op steps per second through the whole engine (claim, lease, per-step commits, events),
+/// with `replicas` engines (each its own store pool and node id) on the bench's database.
 pub async fn throughput(
     bench: &Bench,
     dir: &Path,
     workflows: usize,
     steps: usize,
+    replicas: usize,
     statements: bool,
 ) -> anyhow::Result<(f64, f64)> {
-    let cfg = batch_config(bench, dir, &[("BASPHERE_ENGINE__MAX_PARALLEL", "32")])?;
-    let app = App::build(
-        Arc::new(cfg),
-        Overrides::with_provider(Arc::new(NullProvider::default())),
-    )
-    .await?;
-    let store = app.store();
+    let cfg = Arc::new(batch_config(
+        bench,
+        dir,
+        &[("BASPHERE_ENGINE__MAX_PARALLEL", "32")],
+    )?);
+    let mut apps = vec![];
+    for r in 0..replicas {
+        let o = Overrides {
+            node_id: Some(format!("bench{r}")),
+            ..Overrides::with_provider(Arc::new(NullProvider::default()))
+        };
+        apps.push(App::build(cfg.clone(), o).await?);
+    }
+    let store = apps[0].store().clone();
     let ws: Vec<NewWorkflow> = (0..workflows)
         .map(|_| {
             NewWorkflow::new(
@@ -51,13 +60,16 @@ pub async fn throughput(
         .await?
         .into_iter()
         .collect();
-    let engine = app.engine();
-    engine.register("noop", Arc::new(basphere_engine::NoopWorkflow));
-    let mut rx = engine.subscribe();
+    // Every replica's events reach the first one's broadcast (relayed on PostgreSQL).
+    let mut rx = apps[0].engine().subscribe();
     let (tx, srx) = tokio::sync::watch::channel(false);
-    let commits0 = store.commits();
+    let commits0: u64 = apps.iter().map(|a| a.store().commits()).sum();
     let t0 = Instant::now();
-    tokio::spawn(engine.clone().run(srx));
+    for a in &apps {
+        let engine = a.engine();
+        engine.register("noop", Arc::new(basphere_engine::NoopWorkflow));
+        tokio::spawn(engine.clone().run(srx.clone()));
+    }
     let mut left = ids.len();
     while left > 0 {
         match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
@@ -76,12 +88,14 @@ pub async fn throughput(
         }
     }
     let dt = t0.elapsed();
-    let commits = store.commits() - commits0;
-    if statements && let Some(url) = &app.config().database.url {
+    let commits: u64 = apps.iter().map(|a| a.store().commits()).sum::<u64>() - commits0;
+    if statements && let Some(url) = &cfg.database.url {
         print_statements(url).await?;
     }
     let _ = tx.send(true);
-    store.close().await;
+    for a in &apps {
+        a.store().close().await;
+    }
     let n = (workflows * steps) as f64;
     Ok((n / dt.as_secs_f64(), commits as f64 * 1000.0 / n))
 }
@@ -120,6 +134,18 @@ fn layered_manifest(layers: usize, width: usize) -> String {
                     (i + 1) % width
                 ));
             }
+        }
+    }
+    s
+}
+
+/// Each node requires the one before it.
+fn chain_manifest(n: usize) -> String {
+    let mut s = String::from("[defaults]\nspec = \"tiny\"\n");
+    for i in 0..n {
+        s.push_str(&format!("[vms.c{i}]\n"));
+        if i > 0 {
+            s.push_str(&format!("requires = [\"c{}\"]\n", i - 1));
         }
     }
     s
@@ -206,10 +232,12 @@ pub async fn batch_child(
     // Each shape is applied RUNS times (by its own user, so each apply starts from nothing);
     // the figure is the median, since a 2-core machine's run-to-run noise is ±15%.
     const RUNS: usize = 3;
-    let users: Vec<String> = ["flat", "layered"]
+    let mut users: Vec<String> = ["flat", "layered"]
         .iter()
         .flat_map(|u| (0..RUNS).map(move |r| format!("{u}{r}")))
         .collect();
+    // The chain runs once: its time is a sum of 1,000 hand-offs, steady from run to run.
+    users.push("chain0".into());
     let mut clients = vec![];
     for u in &users {
         let q = basphere_core::Quota {
@@ -232,7 +260,11 @@ pub async fn batch_child(
     ];
     let mut secs = vec![];
     let mut admit_ms = vec![];
-    let runs = manifests.iter().flat_map(|m| std::iter::repeat_n(m, RUNS));
+    let chain = chain_manifest(nodes);
+    let runs = manifests
+        .iter()
+        .flat_map(|m| std::iter::repeat_n(m, RUNS))
+        .chain([&chain]);
     for (c, m) in clients.iter().zip(runs) {
         let t0 = Instant::now();
         let r = c
@@ -322,6 +354,8 @@ pub async fn batch_child(
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
+    let chain_s = secs.pop().unwrap_or(f64::NAN);
+    admit_ms.pop();
     let (ind, lay) = secs.split_at(RUNS);
     let (ind_admit, lay_admit) = admit_ms.split_at(RUNS);
     println!(
@@ -329,6 +363,7 @@ pub async fn batch_child(
         json!({
             "independent_s": median(ind),
             "layered_s": median(lay),
+            "chain_s": chain_s,
             "independent_runs_s": ind,
             "layered_runs_s": lay,
             "independent_admit_ms": median(ind_admit),
@@ -370,14 +405,33 @@ async fn print_statements(url: &str) -> anyhow::Result<()> {
 }
 
 /// Prints the no-op step throughput (and, on PostgreSQL with `statements`, where the
-/// server's time went).
+/// server's time went); on PostgreSQL also with three replicas.
 pub async fn print_throughput(bench: &Bench, dir: &Path, statements: bool) -> anyhow::Result<()> {
-    let (tput, per_k) = throughput(bench, &dir.join("throughput"), 200, 50, statements).await?;
-    println!(
-        "engine throughput, no-op steps on {} (200 workflows × 50 steps): {tput:.0} steps/s, \
-         {per_k:.1} commits per 1,000 steps",
-        bench.backend.label()
-    );
+    let replicas: &[usize] = if bench.backend == Backend::Postgres {
+        &[1, 3]
+    } else {
+        &[1]
+    };
+    for &r in replicas {
+        let (tput, per_k) = throughput(
+            bench,
+            &dir.join(format!("throughput{r}")),
+            200,
+            50,
+            r,
+            statements && r == 1,
+        )
+        .await?;
+        let on = if r == 1 {
+            bench.backend.label().to_string()
+        } else {
+            format!("{} with {r} replicas", bench.backend.label())
+        };
+        println!(
+            "engine throughput, no-op steps on {on} (200 workflows × 50 steps): {tput:.0} steps/s, \
+             {per_k:.1} commits per 1,000 steps"
+        );
+    }
     Ok(())
 }
 
@@ -462,6 +516,11 @@ pub async fn run(
         tf_lay,
         "for a chain of 300 terraform_data",
         TF_RECORD_CHAIN300_S,
+    );
+    println!(
+        "batch of a chain of {nodes} VMs (each requires the one before): basphere {:.3} s ({:.2} ms per link); terraform on record: {TF_RECORD_CHAIN300_S:.0} s for a chain of 300",
+        f("chain_s"),
+        f("chain_s") * 1000.0 / nodes as f64
     );
     println!(
         "  basphere's times are the median of 3 applies (independent: {} s; layered: {} s)",

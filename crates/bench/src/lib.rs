@@ -51,9 +51,9 @@ pub struct Args {
     /// Creates measured for the overhead figure.
     #[arg(long, default_value_t = 100)]
     pub creates: usize,
-    /// VMs in the store for the list figure.
-    #[arg(long, default_value_t = 1000)]
-    pub list_vms: usize,
+    /// VMs in the store for the list figures (one figure per count).
+    #[arg(long, value_delimiter = ',', default_values_t = [1000, 10_000])]
+    pub list_vms: Vec<usize>,
     /// After the throughput figure on PostgreSQL, print the statements that took the most
     /// server time (pg_stat_statements): where to look when the figure drops.
     #[arg(long)]

@@ -17,7 +17,7 @@
 //!   pooled connections (a group does not wait for the previous one's commit).
 
 use crate::db::sqlite::{SqliteTx, run_ready};
-use crate::db::{Col, Db, Dialect, Row, RowSet, Stmt, Tx, Value, stmt};
+use crate::db::{Col, Db, Dialect, Durability, Row, RowSet, Stmt, Tx, Value, stmt};
 use crate::hooks::Registry;
 use crate::vms::{Prefetched, VM_AND_KEY, vm_from};
 use crate::workflows::{
@@ -238,8 +238,10 @@ async fn pg_group(
     hooks: &Registry,
 ) -> Result<Vec<Result<Done>>> {
     let (prefetched, hooks) = (prefetched.clone(), hooks.clone());
-    db.write(move |tx| Box::pin(async move { commit_group(tx, &reqs, &prefetched, &hooks).await }))
-        .await
+    db.write_with(Durability::Replayable, move |tx| {
+        Box::pin(async move { commit_group(tx, &reqs, &prefetched, &hooks).await })
+    })
+    .await
 }
 
 /// Copies the WAL back into the database. It waits for a quiet moment (a checkpoint then

@@ -363,6 +363,21 @@ impl std::fmt::Debug for Db {
     }
 }
 
+/// How durable a committed write transaction must be before its commit returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Durability {
+    /// On disk (PostgreSQL: flushed; SQLite's WAL: written, synced at checkpoints).
+    Flushed,
+    /// A transition of the engine that is safe to lose with a database server crash: a claim,
+    /// a lease renewal, a step's start or completion. Losing it puts the workflow back to
+    /// before it, and the step runs again under its idempotency key (with the effects it
+    /// committed, which are lost with it). PostgreSQL then commits without waiting for the
+    /// flush (`synchronous_commit = off`: visible at once, flushed within milliseconds, and
+    /// never reordered before a later flushed commit) — as SQLite's WAL does every commit.
+    /// Admissions, approvals and everything a user is told was accepted stay `Flushed`.
+    Replayable,
+}
+
 impl Db {
     /// Runs `f` in one write transaction: committed when it returns `Ok`, rolled back on `Err`.
     /// On SQLite it runs on the write thread (every write does); on PostgreSQL on a pooled
@@ -373,9 +388,23 @@ impl Db {
         E: From<StoreError> + Send + 'static,
         F: for<'a> FnOnce(&'a mut dyn Tx) -> BoxFut<'a, std::result::Result<T, E>> + Send + 'static,
     {
+        self.write_with(Durability::Flushed, f).await
+    }
+
+    /// [`Db::write`] with the given [`Durability`].
+    pub async fn write_with<T, E, F>(
+        &self,
+        durability: Durability,
+        f: F,
+    ) -> std::result::Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+        F: for<'a> FnOnce(&'a mut dyn Tx) -> BoxFut<'a, std::result::Result<T, E>> + Send + 'static,
+    {
         match self {
             Db::Sqlite(d) => d.write(f).await,
-            Db::Postgres(d) => d.write(f).await,
+            Db::Postgres(d) => d.write(durability, f).await,
         }
     }
 

@@ -2,7 +2,7 @@
 //! per connection; several statements of one transaction go out in one round trip
 //! ([`Tx::run`]), which is how a connection keeps up with the engine's step completions.
 
-use super::{BoxFut, Dialect, Row, Stmt, Tx, Value};
+use super::{BoxFut, Dialect, Durability, Row, Stmt, Tx, Value};
 use crate::{Change, Result, StoreError};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use std::sync::Arc;
@@ -298,7 +298,7 @@ impl Postgres {
             .map_err(|e| StoreError::Unavailable(format!("cannot reach PostgreSQL: {e}")))
     }
 
-    pub async fn write<T, E, F>(&self, f: F) -> std::result::Result<T, E>
+    pub async fn write<T, E, F>(&self, durability: Durability, f: F) -> std::result::Result<T, E>
     where
         T: Send + 'static,
         E: From<StoreError> + Send + 'static,
@@ -306,6 +306,11 @@ impl Postgres {
     {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(|e| E::from(e.into()))?;
+        if durability == Durability::Replayable {
+            tx.batch_execute("SET LOCAL synchronous_commit TO OFF")
+                .await
+                .map_err(|e| E::from(e.into()))?;
+        }
         let mut t = PgTx {
             tx,
             events: Appended::default(),

@@ -7,7 +7,7 @@ use super::{
     event, finish_in, insert_stmts, lease_lost, load, load_steps, skip_locked, workflow_from,
 };
 use crate::audit::audit_stmt;
-use crate::db::{BoxFut, Dialect, Stmt, Tx, Value, stmt};
+use crate::db::{BoxFut, Dialect, Durability, Stmt, Tx, Value, stmt};
 use crate::workflows::OpError;
 use crate::{Actor, Result, Store, StoreError};
 
@@ -188,9 +188,24 @@ impl Store {
         T: Send + 'static,
         F: for<'a> FnOnce(&'a mut dyn Tx, String, i64) -> BoxFut<'a, Result<T>> + Send + 'static,
     {
+        self.guarded_with(Durability::Flushed, wf, node, f).await
+    }
+
+    /// [`Store::guarded`] committed with `durability`.
+    async fn guarded_with<T, F>(
+        &self,
+        durability: Durability,
+        wf: &str,
+        node: &str,
+        f: F,
+    ) -> Result<T>
+    where
+        T: Send + 'static,
+        F: for<'a> FnOnce(&'a mut dyn Tx, String, i64) -> BoxFut<'a, Result<T>> + Send + 'static,
+    {
         let (wf, node) = (wf.to_string(), node.to_string());
         self.db
-            .write(move |tx| {
+            .write_with(durability, move |tx| {
                 Box::pin(async move {
                     guard(tx, &wf, &node).await?;
                     let now = clock(tx).await?;
@@ -276,7 +291,7 @@ impl Store {
         let max = if limited { 1 } else { max.max(1) } as i64;
         let (node, limits) = (node.to_string(), *limits);
         self.db
-            .write(move |tx| {
+            .write_with(Durability::Replayable, move |tx| {
                 Box::pin(
                     async move { claim_in(tx, &node, lease_ms, limits, max, &deadline_ms).await },
                 )
@@ -288,7 +303,7 @@ impl Store {
     pub async fn renew_lease(&self, wf: &str, node: &str, lease_ms: i64) -> Result<()> {
         let (wf, node) = (wf.to_string(), node.to_string());
         self.db
-            .write(move |tx| {
+            .write_with(Durability::Replayable, move |tx| {
                 Box::pin(async move {
                     let now = clock(tx).await?;
                     let n = tx
@@ -348,7 +363,7 @@ impl Store {
         deadline_ms: i64,
     ) -> Result<WorkflowEvent> {
         let name = name.to_string();
-        self.guarded(wf, node, move |tx, wf, now| {
+        self.guarded_with(Durability::Replayable, wf, node, move |tx, wf, now| {
             Box::pin(async move { mark_started(tx, &wf, idx, &name, deadline_ms, now).await })
         })
         .await
