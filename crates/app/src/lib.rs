@@ -6,6 +6,7 @@
 //! benches and the tests build their server here, so what they run is what production runs;
 //! a test changes only what [`Overrides`] (or the config) lets it change.
 
+pub mod doctor;
 pub mod providers;
 
 use axum::Router;
@@ -122,6 +123,7 @@ impl App {
         store
             .ensure_admin(&cfg.server.admin, &cfg.quota, &cfg.network)
             .await?;
+        let schema = store.schema_version().await?;
         let provider = match o.provider {
             Some(p) => p,
             None => providers::build(&cfg).await?,
@@ -134,10 +136,9 @@ impl App {
         let accounts = cfg.bastion.manage_accounts.then(|| UnixAccounts {
             group: cfg.bastion.group.clone(),
         });
-        Ok(Self {
-            state: AppState::new(store, engine, provider.clone(), cfg, accounts),
-            provider,
-        })
+        let state = AppState::new(store, engine, provider.clone(), cfg, accounts);
+        state.services.readiness_state().expect_schema(schema);
+        Ok(Self { state, provider })
     }
 
     /// What every handler reaches (the services, and the store and engine for streams).
@@ -177,7 +178,20 @@ impl App {
     /// [`Running::shutdown`].
     pub fn serve(self, listeners: Listeners, opts: ServeOptions) -> Running {
         let (stop, rx) = watch::channel(false);
-        let engine = tokio::spawn(self.engine().clone().run(rx.clone()));
+        let readiness = self.services().readiness_state().clone();
+        let run = self.engine().clone().run(rx.clone());
+        let engine = tokio::spawn(async move {
+            // `/ready` reports the engine stopped when its loop ends, a panic included.
+            struct Stopped(basphere_service::Readiness);
+            impl Drop for Stopped {
+                fn drop(&mut self) {
+                    self.0.engine_stopped();
+                }
+            }
+            let _stopped = Stopped(readiness.clone());
+            readiness.engine_started();
+            run.await;
+        });
         let server = tokio::spawn(basphere_api::serve_with(self.router(), listeners, opts, rx));
         Running {
             app: self,
