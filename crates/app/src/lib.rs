@@ -171,7 +171,7 @@ impl App {
     pub fn router(&self) -> Router {
         let app = basphere_api::router(self.state.clone())
             .merge(basphere_web::router(self.state.clone()));
-        basphere_api::limits::harden(app, &self.state.config)
+        basphere_api::observe(basphere_api::limits::harden(app, &self.state.config))
     }
 
     /// Starts the engine, then serves [`App::router`] on `listeners` under `opts`, both until

@@ -8,6 +8,7 @@ mod commands;
 mod db;
 mod doctor;
 mod extra;
+mod logging;
 mod modes;
 mod output;
 mod providers;
@@ -136,6 +137,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    logging::init(matches!(&cli, Parsed::Cli(c) if matches!(c.cmd, args::Cmd::Serve)));
     let done = match cli {
         Parsed::Cli(cli) => rt.block_on(commands::run(cli)),
         Parsed::Extra(e, g) => rt.block_on(extra::run(e, g)),
