@@ -7,6 +7,7 @@
 //! a test changes only what [`Overrides`] (or the config) lets it change.
 
 pub mod doctor;
+pub mod metrics;
 pub mod providers;
 
 use axum::Router;
@@ -111,6 +112,8 @@ pub fn engine(
 pub struct App {
     state: AppState,
     provider: Arc<dyn Provider>,
+    /// `[metrics] listen`, bound at build so a taken port stops the start.
+    metrics: Option<tokio::net::TcpListener>,
 }
 
 impl App {
@@ -138,7 +141,23 @@ impl App {
         });
         let state = AppState::new(store, engine, provider.clone(), cfg, accounts);
         state.services.readiness_state().expect_schema(schema);
-        Ok(Self { state, provider })
+        let metrics = match state.config.metrics.listen.as_str() {
+            "" => None,
+            listen => {
+                metrics::recorder()?;
+                metrics::build_info(state.store.backend(), provider.kind());
+                let l = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("binding [metrics] listen = {listen:?}: {e}"))?;
+                tracing::info!(listen, "metrics served at /metrics");
+                Some(l)
+            }
+        };
+        Ok(Self {
+            state,
+            provider,
+            metrics,
+        })
     }
 
     /// What every handler reaches (the services, and the store and engine for streams).
@@ -176,8 +195,20 @@ impl App {
 
     /// Starts the engine, then serves [`App::router`] on `listeners` under `opts`, both until
     /// [`Running::shutdown`].
-    pub fn serve(self, listeners: Listeners, opts: ServeOptions) -> Running {
+    pub fn serve(mut self, listeners: Listeners, opts: ServeOptions) -> Running {
         let (stop, rx) = watch::channel(false);
+        let metrics = self.metrics.take().map(|l| {
+            let app = metrics::router(self.state.store.clone(), self.state.config.clone());
+            let mut rx = rx.clone();
+            tokio::spawn(async move {
+                let stopped = async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                };
+                if let Err(e) = axum::serve(l, app).with_graceful_shutdown(stopped).await {
+                    tracing::error!(error = %e, "the metrics listener failed");
+                }
+            })
+        });
         let readiness = self.services().readiness_state().clone();
         let run = self.engine().clone().run(rx.clone());
         let engine = tokio::spawn(async move {
@@ -198,6 +229,7 @@ impl App {
             stop,
             engine,
             server,
+            metrics,
         }
     }
 }
@@ -209,6 +241,7 @@ pub struct Running {
     stop: watch::Sender<bool>,
     engine: JoinHandle<()>,
     server: JoinHandle<std::io::Result<()>>,
+    metrics: Option<JoinHandle<()>>,
 }
 
 impl Running {
@@ -222,6 +255,9 @@ impl Running {
         let _ = self.stop.send(true);
         let _ = tokio::time::timeout(SERVER_GRACE, self.server).await;
         let _ = tokio::time::timeout(ENGINE_GRACE, self.engine).await;
+        if let Some(m) = self.metrics {
+            let _ = tokio::time::timeout(SERVER_GRACE, m).await;
+        }
         self.app.state.store.close().await;
     }
 }
