@@ -54,6 +54,8 @@ pub fn build_info(backend: &'static str, provider: &'static str) {
         "provider" => provider,
     )
     .set(1.0);
+    // Present from the first scrape, so alert rules over it are never about a missing series.
+    metrics::counter!("basphere_metrics_state_errors_total").increment(0);
 }
 
 /// The `/metrics` router: the state's gauges refreshed from `store`, then every metric.
