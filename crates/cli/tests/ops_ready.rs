@@ -172,3 +172,50 @@ fn doctor_without_a_server_checks_the_install_itself() {
     assert!(text.contains("ok    database"), "{text}");
     assert!(text.contains("ok    files.admin_token"), "{text}");
 }
+
+/// The database going away turns `/ready` into a 503 naming it; `/health` stays 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_goes_away_makes_the_server_unready() {
+    if skip_unless_root("PostgreSQL runs as the postgres account") {
+        return;
+    }
+    if basphere_testkit::postgres::bin_dir().is_err() {
+        eprintln!("SKIPPED: PostgreSQL 15 is not installed (scripts/install-deps)");
+        return;
+    }
+    let pg = basphere_testkit::Postgres::start();
+    let url = pg.create_database("opsready");
+    let s = server(&[("BASPHERE_DATABASE__URL", &url)]);
+    let r = s.root().get("/ready").await.unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert!(
+        r.body.data["checks"][0]["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("postgres"),
+        "{:?}",
+        r.body
+    );
+    drop(pg);
+    let body = basphere_testkit::poll_until(
+        std::time::Duration::from_secs(30),
+        std::time::Duration::from_millis(200),
+        || async {
+            let r = s.root().get("/ready").await.unwrap();
+            if r.status == 503 {
+                Ok(r.body)
+            } else {
+                Err(r.body)
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|b| panic!("still ready without its database: {b:?}"));
+    assert!(body.message.starts_with("not ready: database"), "{body:?}");
+    assert!(
+        body.errors[0].starts_with("database: postgres does not answer"),
+        "{body:?}"
+    );
+    let h = s.anon().get("/health").await.unwrap();
+    assert_eq!(h.status, 200, "alive, if not ready");
+}
