@@ -6,7 +6,7 @@
 //!
 //! The route is the template (`/api/v1/vms/{name}`), never the raw path, so the metrics stay a
 //! fixed set of series whatever clients send; requests that match no route count as
-//! `unmatched`.
+//! `unmatched`. An event stream's request is answered (and timed) when its headers go out.
 
 use axum::Router;
 use axum::extract::{MatchedPath, Request};

@@ -211,16 +211,11 @@ impl App {
         });
         let readiness = self.services().readiness_state().clone();
         let run = self.engine().clone().run(rx.clone());
+        // Started before any request can ask; stopped when the loop ends, a panic included.
+        readiness.engine_started();
+        let stopped = EngineStopped(readiness);
         let engine = tokio::spawn(async move {
-            // `/ready` reports the engine stopped when its loop ends, a panic included.
-            struct Stopped(basphere_service::Readiness);
-            impl Drop for Stopped {
-                fn drop(&mut self) {
-                    self.0.engine_stopped();
-                }
-            }
-            let _stopped = Stopped(readiness.clone());
-            readiness.engine_started();
+            let _stopped = stopped;
             run.await;
         });
         let server = tokio::spawn(basphere_api::serve_with(self.router(), listeners, opts, rx));
@@ -231,6 +226,15 @@ impl App {
             server,
             metrics,
         }
+    }
+}
+
+/// Tells `/ready` the engine stopped when dropped with the engine's task.
+struct EngineStopped(basphere_service::Readiness);
+
+impl Drop for EngineStopped {
+    fn drop(&mut self) {
+        self.0.engine_stopped();
     }
 }
 
