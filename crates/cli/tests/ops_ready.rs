@@ -67,12 +67,11 @@ async fn a_missing_bridge_makes_the_server_unready_and_doctor_names_the_fix() {
         );
         return;
     }
-    if std::process::Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("SKIPPED: QEMU is not installed (crates/provider-qemu/install-deps.sh)");
+    let tools = basphere_qemu::host_checks(&basphere_qemu::QemuConfig::default()).await;
+    if tools.iter().any(|c| c.name == "qemu.tools" && c.failed()) {
+        eprintln!(
+            "SKIPPED: QEMU's tools are missing (crates/provider-qemu/install-deps.sh): {tools:?}"
+        );
         return;
     }
     let s = server(&[
