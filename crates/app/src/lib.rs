@@ -131,6 +131,12 @@ impl App {
             Some(p) => p,
             None => providers::build(&cfg).await?,
         };
+        // With metrics on, every provider call is timed and counted.
+        let provider: Arc<dyn Provider> = if cfg.metrics.listen.is_empty() {
+            provider
+        } else {
+            Arc::new(metrics::Metered(provider))
+        };
         let node_id = match o.node_id {
             Some(id) => id,
             None => node_id(&cfg.data_dir)?,

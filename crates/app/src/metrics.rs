@@ -158,3 +158,83 @@ async fn state_gauges(store: &Store, cfg: &Config) -> anyhow::Result<()> {
         .set(at(&|u, q| u.1 >= u64::from(q.max_ips)));
     Ok(())
 }
+
+/// A provider whose every lifecycle call is timed and counted:
+/// `basphere_provider_call_duration_seconds{provider,phase,outcome}` and
+/// `basphere_provider_calls_total{provider,phase,outcome}`, outcome `ok`, `retryable` or
+/// `permanent`.
+pub struct Metered(pub std::sync::Arc<dyn basphere_provider::Provider>);
+
+impl Metered {
+    async fn timed<T>(
+        &self,
+        phase: &'static str,
+        call: impl std::future::Future<Output = basphere_provider::Result<T>>,
+    ) -> basphere_provider::Result<T> {
+        let start = std::time::Instant::now();
+        let r = call.await;
+        let outcome = match &r {
+            Ok(_) => "ok",
+            Err(e) if e.retryable => "retryable",
+            Err(_) => "permanent",
+        };
+        let provider = self.0.kind();
+        metrics::histogram!(
+            "basphere_provider_call_duration_seconds",
+            "provider" => provider,
+            "phase" => phase,
+            "outcome" => outcome,
+        )
+        .record(start.elapsed().as_secs_f64());
+        metrics::counter!(
+            "basphere_provider_calls_total",
+            "provider" => provider,
+            "phase" => phase,
+            "outcome" => outcome,
+        )
+        .increment(1);
+        r
+    }
+}
+
+impl basphere_provider::Provider for Metered {
+    fn kind(&self) -> &'static str {
+        self.0.kind()
+    }
+    fn commands(&self) -> Option<&dyn basphere_provider::NodeCommands> {
+        self.0.commands()
+    }
+    fn readiness(&self) -> basphere_provider::ReadinessFuture<'_> {
+        self.0.readiness()
+    }
+}
+
+#[async_trait::async_trait]
+impl basphere_provider::Machines for Metered {
+    async fn prepare(&self, vm: &basphere_provider::VmRequest) -> basphere_provider::Result<()> {
+        self.timed("prepare", self.0.prepare(vm)).await
+    }
+    async fn start(&self, vm: &basphere_provider::VmRequest) -> basphere_provider::Result<()> {
+        self.timed("start", self.0.start(vm)).await
+    }
+    async fn wait_ready(
+        &self,
+        vm: &basphere_provider::VmRequest,
+        deadline: std::time::Duration,
+    ) -> basphere_provider::Result<()> {
+        self.timed("wait_ready", self.0.wait_ready(vm, deadline))
+            .await
+    }
+    async fn stop(&self, vm: &basphere_provider::VmRequest) -> basphere_provider::Result<()> {
+        self.timed("stop", self.0.stop(vm)).await
+    }
+    async fn remove(&self, vm: &basphere_provider::VmRequest) -> basphere_provider::Result<()> {
+        self.timed("remove", self.0.remove(vm)).await
+    }
+    async fn inspect(
+        &self,
+        vm: &basphere_provider::VmRequest,
+    ) -> basphere_provider::Result<basphere_provider::MachineState> {
+        self.timed("inspect", self.0.inspect(vm)).await
+    }
+}

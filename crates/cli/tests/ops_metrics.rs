@@ -115,6 +115,18 @@ async fn metrics_have_their_own_listener_and_cover_the_rules() {
         "{text}"
     );
     assert!(!text.contains("opsmet"), "no user names in labels");
+    assert_eq!(
+        sample(
+            &text,
+            r#"basphere_provider_calls_total{provider="null",phase="prepare",outcome="ok"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"basphere_provider_call_duration_seconds_count{provider="null",phase="wait_ready",outcome="ok"} 1"#),
+        "{text}"
+    );
 
     let rules = std::fs::read_to_string(rules_file()).unwrap();
     let used = names_in_rules(&rules);

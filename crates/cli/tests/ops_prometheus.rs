@@ -141,7 +141,7 @@ async fn prometheus_scrapes_the_server_and_evaluates_the_rules() {
     )
     .await
     .unwrap_or_else(|v| panic!("rules did not evaluate: {v}"));
-    assert!(rules.len() >= 14, "{rules:?}");
+    assert!(rules.len() >= 17, "{rules:?}");
     for r in &rules {
         assert_eq!(r["health"], "ok", "rule {} fails: {r}", r["name"]);
     }
