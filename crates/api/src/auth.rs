@@ -186,78 +186,85 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
-        let c = identify(parts, st).await?;
+        let c = Caller::identify(parts, st).await?;
         // The request's span (`observe.rs`) names who called, for its log lines.
         tracing::Span::current().record("user", c.name.as_str());
         Ok(c)
     }
 }
 
-/// Who calls: the kernel's word on the socket, the token or session cookie on TCP.
-async fn identify(parts: &mut Parts, st: &AppState) -> Result<Caller, ApiError> {
-    let peer = parts
-        .extensions
-        .get::<ConnectInfo<PeerInfo>>()
-        .map(|c| c.0.clone())
-        .ok_or_else(|| ApiError::internal("connection has no peer information"))?;
-    match peer {
-        PeerInfo::Unix { uid, pid } => {
-            let uid = uid.ok_or_else(|| {
-                ApiError::unauthorized("the kernel did not say who is calling on the socket")
-            })?;
-            let source = match pid {
-                Some(p) => format!("unix:uid={uid},pid={p}"),
-                None => format!("unix:uid={uid}"),
-            };
-            let name = if uid == 0 {
-                st.config.server.admin.to_string()
-            } else {
-                unix_name(uid).ok_or_else(|| {
-                    ApiError::unauthorized(format!("uid {uid} has no account name on this host"))
-                })?
-            };
-            let user = st.store.user(&name).await?;
-            Ok(Caller {
-                user,
-                name,
-                source,
-                local: true,
-            })
-        }
-        PeerInfo::Tcp(addr) => {
-            let source = format!("tcp:{addr}");
-            let Some(h) = parts.headers.get(axum::http::header::AUTHORIZATION) else {
-                let safe = parts.method == axum::http::Method::GET
-                    || parts.method == axum::http::Method::HEAD;
-                if let Some(secret) = cookie_value(&parts.headers, SESSION_COOKIE).filter(|_| safe)
-                    && let Some(c) = Caller::from_session(st, secret, &source).await?
-                {
-                    return Ok(c);
-                }
-                return Ok(Caller {
-                    user: None,
-                    name: "anonymous".into(),
+impl Caller {
+    /// Who calls: the kernel's word on the socket, the token or session cookie on TCP.
+    async fn identify(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<PeerInfo>>()
+            .map(|c| c.0.clone())
+            .ok_or_else(|| ApiError::internal("connection has no peer information"))?;
+        match peer {
+            PeerInfo::Unix { uid, pid } => {
+                let uid = uid.ok_or_else(|| {
+                    ApiError::unauthorized("the kernel did not say who is calling on the socket")
+                })?;
+                let source = match pid {
+                    Some(p) => format!("unix:uid={uid},pid={p}"),
+                    None => format!("unix:uid={uid}"),
+                };
+                let name = if uid == 0 {
+                    st.config.server.admin.to_string()
+                } else {
+                    unix_name(uid).ok_or_else(|| {
+                        ApiError::unauthorized(format!(
+                            "uid {uid} has no account name on this host"
+                        ))
+                    })?
+                };
+                let user = st.store.user(&name).await?;
+                Ok(Caller {
+                    user,
+                    name,
                     source,
+                    local: true,
+                })
+            }
+            PeerInfo::Tcp(addr) => {
+                let source = format!("tcp:{addr}");
+                let Some(h) = parts.headers.get(axum::http::header::AUTHORIZATION) else {
+                    let safe = parts.method == axum::http::Method::GET
+                        || parts.method == axum::http::Method::HEAD;
+                    if let Some(secret) =
+                        cookie_value(&parts.headers, SESSION_COOKIE).filter(|_| safe)
+                        && let Some(c) = Caller::from_session(st, secret, &source).await?
+                    {
+                        return Ok(c);
+                    }
+                    return Ok(Caller {
+                        user: None,
+                        name: "anonymous".into(),
+                        source,
+                        local: false,
+                    });
+                };
+                let token = h
+                    .to_str()
+                    .ok()
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .map(str::trim)
+                    .ok_or_else(|| {
+                        ApiError::unauthorized("Authorization must be `Bearer <token>`")
+                    })?;
+                let owner = st.store.authenticate(token).await?.ok_or_else(|| {
+                    ApiError::unauthorized(
+                        "invalid or expired token; make a new one with basphere token create",
+                    )
+                })?;
+                Ok(Caller {
+                    name: owner.user.username.to_string(),
+                    user: Some(owner.user),
+                    source: format!("{source},token={}", owner.token_id),
                     local: false,
-                });
-            };
-            let token = h
-                .to_str()
-                .ok()
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .map(str::trim)
-                .ok_or_else(|| ApiError::unauthorized("Authorization must be `Bearer <token>`"))?;
-            let owner = st.store.authenticate(token).await?.ok_or_else(|| {
-                ApiError::unauthorized(
-                    "invalid or expired token; make a new one with basphere token create",
-                )
-            })?;
-            Ok(Caller {
-                name: owner.user.username.to_string(),
-                user: Some(owner.user),
-                source: format!("{source},token={}", owner.token_id),
-                local: false,
-            })
+                })
+            }
         }
     }
 }
