@@ -186,6 +186,16 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
+        let c = Caller::identify(parts, st).await?;
+        // The request's span (`observe.rs`) names who called, for its log lines.
+        tracing::Span::current().record("user", c.name.as_str());
+        Ok(c)
+    }
+}
+
+impl Caller {
+    /// Who calls: the kernel's word on the socket, the token or session cookie on TCP.
+    async fn identify(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
         let peer = parts
             .extensions
             .get::<ConnectInfo<PeerInfo>>()

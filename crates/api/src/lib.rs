@@ -12,6 +12,7 @@ mod auth;
 mod envelope;
 mod input;
 pub mod limits;
+mod observe;
 pub mod routes;
 mod server;
 
@@ -19,6 +20,7 @@ pub use auth::{Caller, PeerInfo, SESSION_COOKIE, cookie_value};
 pub use basphere_service::{Services, UnixAccounts};
 pub use envelope::{ApiError, Envelope, Ok200};
 pub use input::{Body, MAX_BODY};
+pub use observe::{REQUEST_ID, observe};
 pub use routes::page::PageQuery;
 pub use server::{
     AppState, Listeners, ServeOptions, TlsCerts, TlsError, fingerprint, router, serve, serve_with,

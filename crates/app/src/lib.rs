@@ -6,6 +6,8 @@
 //! benches and the tests build their server here, so what they run is what production runs;
 //! a test changes only what [`Overrides`] (or the config) lets it change.
 
+pub mod doctor;
+pub mod metrics;
 pub mod providers;
 
 use axum::Router;
@@ -124,6 +126,8 @@ pub fn engine(
 pub struct App {
     state: AppState,
     provider: Arc<dyn Provider>,
+    /// `[metrics] listen`, bound at build so a taken port stops the start.
+    metrics: Option<tokio::net::TcpListener>,
 }
 
 impl App {
@@ -136,9 +140,16 @@ impl App {
         store
             .ensure_admin(&cfg.server.admin, &cfg.quota, &cfg.network)
             .await?;
+        let schema = store.schema_version().await?;
         let provider = match o.provider {
             Some(p) => p,
             None => providers::build(&cfg).await?,
+        };
+        // With metrics on, every provider call is timed and counted.
+        let provider: Arc<dyn Provider> = if cfg.metrics.listen.is_empty() {
+            provider
+        } else {
+            Arc::new(metrics::Metered(provider))
         };
         let node_id = match o.node_id {
             Some(id) => id,
@@ -148,9 +159,24 @@ impl App {
         let accounts = cfg.bastion.manage_accounts.then(|| UnixAccounts {
             group: cfg.bastion.group.clone(),
         });
+        let state = AppState::new(store, engine, provider.clone(), cfg, accounts);
+        state.services.readiness_state().expect_schema(schema);
+        let metrics = match state.config.metrics.listen.as_str() {
+            "" => None,
+            listen => {
+                metrics::recorder()?;
+                metrics::build_info(state.store.backend(), provider.kind());
+                let l = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("binding [metrics] listen = {listen:?}: {e}"))?;
+                tracing::info!(listen, "metrics served at /metrics");
+                Some(l)
+            }
+        };
         Ok(Self {
-            state: AppState::new(store, engine, provider.clone(), cfg, accounts),
+            state,
             provider,
+            metrics,
         })
     }
 
@@ -184,21 +210,51 @@ impl App {
     pub fn router(&self) -> Router {
         let app = basphere_api::router(self.state.clone())
             .merge(basphere_web::router(self.state.clone()));
-        basphere_api::limits::harden(app, &self.state.config)
+        basphere_api::observe(basphere_api::limits::harden(app, &self.state.config))
     }
 
     /// Starts the engine, then serves [`App::router`] on `listeners` under `opts`, both until
     /// [`Running::shutdown`].
-    pub fn serve(self, listeners: Listeners, opts: ServeOptions) -> Running {
+    pub fn serve(mut self, listeners: Listeners, opts: ServeOptions) -> Running {
         let (stop, rx) = watch::channel(false);
-        let engine = tokio::spawn(self.engine().clone().run(rx.clone()));
+        let metrics = self.metrics.take().map(|l| {
+            let app = metrics::router(self.state.store.clone(), self.state.config.clone());
+            let mut rx = rx.clone();
+            tokio::spawn(async move {
+                let stopped = async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                };
+                if let Err(e) = axum::serve(l, app).with_graceful_shutdown(stopped).await {
+                    tracing::error!(error = %e, "the metrics listener failed");
+                }
+            })
+        });
+        let readiness = self.services().readiness_state().clone();
+        let run = self.engine().clone().run(rx.clone());
+        // Started before any request can ask; stopped when the loop ends, a panic included.
+        readiness.engine_started();
+        let stopped = EngineStopped(readiness);
+        let engine = tokio::spawn(async move {
+            let _stopped = stopped;
+            run.await;
+        });
         let server = tokio::spawn(basphere_api::serve_with(self.router(), listeners, opts, rx));
         Running {
             app: self,
             stop,
             engine,
             server,
+            metrics,
         }
+    }
+}
+
+/// Tells `/ready` the engine stopped when dropped with the engine's task.
+struct EngineStopped(basphere_service::Readiness);
+
+impl Drop for EngineStopped {
+    fn drop(&mut self) {
+        self.0.engine_stopped();
     }
 }
 
@@ -209,6 +265,7 @@ pub struct Running {
     stop: watch::Sender<bool>,
     engine: JoinHandle<()>,
     server: JoinHandle<std::io::Result<()>>,
+    metrics: Option<JoinHandle<()>>,
 }
 
 impl Running {
@@ -222,6 +279,9 @@ impl Running {
         let _ = self.stop.send(true);
         let _ = tokio::time::timeout(SERVER_GRACE, self.server).await;
         let _ = tokio::time::timeout(ENGINE_GRACE, self.engine).await;
+        if let Some(m) = self.metrics {
+            let _ = tokio::time::timeout(SERVER_GRACE, m).await;
+        }
         self.app.state.store.close().await;
     }
 }

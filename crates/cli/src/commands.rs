@@ -174,15 +174,6 @@ pub(crate) fn confirm(question: &str) -> anyhow::Result<bool> {
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let g = cli.global.clone();
     let out = g.output;
-    if std::env::var_os("BASPHERE_LOG").is_some() || matches!(cli.cmd, Cmd::Serve) {
-        tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_env("BASPHERE_LOG")
-                    .unwrap_or_else(|_| "info".into()),
-            )
-            .with_writer(std::io::stderr)
-            .init();
-    }
     match cli.cmd {
         Cmd::Init { force, tls_cert } => {
             crate::serve::init(g.config.as_deref(), force, tls_cert.as_deref()).await?

@@ -6,6 +6,9 @@ mod args;
 mod bench;
 mod commands;
 mod db;
+mod doctor;
+mod extra;
+mod logging;
 mod modes;
 mod output;
 mod providers;
@@ -94,10 +97,19 @@ fn shown_as(cmd: Command, name: &str) -> Command {
     cmd
 }
 
+/// What the command line asks for.
+enum Parsed {
+    Cli(args::Cli),
+    Extra(extra::Extra, args::Global),
+}
+
 /// Parses the command line (exits with clap's message on an error or for `--help`).
-fn parse(argv: Vec<String>) -> args::Cli {
-    let matches = command_for(&argv).get_matches_from(expand_alias(argv));
-    args::Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+fn parse(argv: Vec<String>) -> Parsed {
+    let matches = extra::augment(command_for(&argv)).get_matches_from(expand_alias(argv));
+    if let Some((e, g)) = extra::from_matches(&matches) {
+        return Parsed::Extra(e, g);
+    }
+    Parsed::Cli(args::Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit()))
 }
 
 fn main() -> ExitCode {
@@ -125,7 +137,12 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match rt.block_on(commands::run(cli)) {
+    logging::init(matches!(&cli, Parsed::Cli(c) if matches!(c.cmd, args::Cmd::Serve)));
+    let done = match cli {
+        Parsed::Cli(cli) => rt.block_on(commands::run(cli)),
+        Parsed::Extra(e, g) => rt.block_on(extra::run(e, g)),
+    };
+    match done {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");

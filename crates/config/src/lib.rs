@@ -46,6 +46,8 @@ pub struct Config {
     /// The extra networks VMs may join, by name (`[networks.NAME]`).
     #[serde(default)]
     pub networks: BTreeMap<String, NetworkDef>,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// The `[qemu]` section, parsed by the qemu provider.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qemu: Option<toml::Table>,
@@ -62,6 +64,14 @@ pub struct DatabaseConfig {
     /// may share. Unset: the embedded SQLite file `<data_dir>/basphere.db`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+}
+
+/// The Prometheus endpoint: `/metrics` on a listener of its own, never on the API's.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `host:port` serving `GET /metrics` (e.g. `127.0.0.1:9464`); `""` (the default) = off.
+    pub listen: String,
 }
 
 /// Where the server listens.
@@ -728,6 +738,7 @@ fn apply_env(
         "recaptcha",
         "vms",
         "networks",
+        "metrics",
     ];
     for (var, value) in env {
         let Some(rest) = var.strip_prefix("BASPHERE_") else {

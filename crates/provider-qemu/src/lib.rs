@@ -33,6 +33,7 @@ mod image;
 mod machine;
 mod net;
 mod qmp;
+mod ready;
 mod seed;
 
 pub use config::{Accel, DEFAULT_RUN_AS, NetworkMode, QemuConfig};
@@ -48,6 +49,7 @@ pub use machine::{
 };
 pub use net::Probe as SshProbe;
 pub use net::ensure_lab;
+pub use ready::host_checks;
 pub use seed::{SeedFiles, render as render_seed};
 
 use basphere_core::ImageName;
@@ -598,6 +600,9 @@ fn pid_gone_within(pid: i32, marker: &str, limit: Duration) -> impl Future<Outpu
 impl Provider for QemuProvider {
     fn kind(&self) -> &'static str {
         "qemu"
+    }
+    fn readiness(&self) -> basphere_provider::ReadinessFuture<'_> {
+        Box::pin(ready::provider_checks(self))
     }
 }
 

@@ -12,10 +12,12 @@ mod cloudinit;
 pub mod config;
 mod error;
 mod provider;
+mod ready;
 pub mod soap;
 pub mod xml;
 
 pub use config::{Credentials, Secret, TemplateConfig, TlsConfig, VsphereConfig};
 pub use error::Error;
 pub use provider::{INSTANCE_KEY, MachineSummary, VCENTER_NAME_MAX, VsphereProvider};
+pub use ready::config_checks;
 pub use soap::{Client, MoRef, SoapStats, install_crypto_provider};

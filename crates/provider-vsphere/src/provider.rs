@@ -732,6 +732,9 @@ impl Provider for VsphereProvider {
     fn kind(&self) -> &'static str {
         "vsphere"
     }
+    fn readiness(&self) -> basphere_provider::ReadinessFuture<'_> {
+        Box::pin(crate::ready::provider_checks(self))
+    }
 }
 
 #[async_trait::async_trait]

@@ -21,7 +21,9 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 mod null;
+mod ready;
 pub use null::{NullProvider, NullProviderCall};
+pub use ready::{Check, CheckStatus, ReadinessFuture, all_ready};
 
 /// Everything a provider needs to build one VM.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -162,6 +164,14 @@ pub trait Provider: Machines {
     /// Command execution on the nodes this backend makes, if it offers it.
     fn commands(&self) -> Option<&dyn NodeCommands> {
         None
+    }
+
+    /// What this backend needs to make machines (a vCenter session, QEMU and its network),
+    /// checked now, for `/ready` and `basphere doctor`. Each check is bounded in time. Default:
+    /// one ok check, for backends with nothing outside the process to reach.
+    fn readiness(&self) -> ReadinessFuture<'_> {
+        let detail = format!("{}: nothing outside this process to reach", self.kind());
+        Box::pin(async move { vec![Check::ok("provider", detail)] })
     }
 }
 

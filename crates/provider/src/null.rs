@@ -89,6 +89,14 @@ impl Provider for NullProvider {
     fn commands(&self) -> Option<&dyn NodeCommands> {
         Some(self)
     }
+    fn readiness(&self) -> crate::ReadinessFuture<'_> {
+        Box::pin(async {
+            vec![crate::Check::ok(
+                "provider",
+                "null: the do-nothing test provider makes no machines",
+            )]
+        })
+    }
 }
 
 /// Records a `run` call (phase `"run"`, the node's instance) and returns the canned output.

@@ -15,6 +15,7 @@ pub mod convert;
 mod error;
 mod ops;
 mod paging;
+mod ready;
 mod users;
 mod vms;
 
@@ -22,6 +23,7 @@ pub use captcha::CAPTCHA_FIELD;
 pub use error::ServiceError;
 pub use ops::{BatchOutcome, PlanOutcome};
 pub use paging::{DEFAULT_LIMIT, MAX_LIMIT, Paged, Paging};
+pub use ready::{Readiness, database_check, provider_checks};
 pub use users::{Approval, DisableOutcome, KeyDecision, UserDeletion, username};
 pub use vms::Dashboard;
 
@@ -44,6 +46,8 @@ pub struct Services {
     config: Arc<Config>,
     /// Present when Basphere manages Unix accounts on this bastion.
     accounts: Option<UnixAccounts>,
+    /// What `/ready` remembers between its checks.
+    readiness: ready::Readiness,
 }
 
 impl Services {
@@ -60,6 +64,7 @@ impl Services {
             provider,
             config,
             accounts,
+            readiness: ready::Readiness::default(),
         }
     }
 

@@ -3,6 +3,7 @@
 pub mod batch;
 pub mod ops;
 pub mod page;
+mod ready;
 pub mod users;
 pub mod vms;
 
@@ -19,6 +20,7 @@ use axum::routing::{get, post, put};
 pub(crate) fn all() -> Router<AppState> {
     let v1 = Router::new()
         .route("/health", get(health))
+        .route("/ready", get(ready::ready))
         .route("/register", post(limits::register))
         .route("/enroll", post(limits::enroll))
         .route("/me", get(users::me))
@@ -61,6 +63,7 @@ pub(crate) fn all() -> Router<AppState> {
         .route_layer(axum::middleware::from_fn(limits::require_json));
     Router::new()
         .route("/health", get(health))
+        .route("/ready", get(ready::ready))
         .nest("/api/v1", v1)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(envelope_errors))
