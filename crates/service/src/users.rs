@@ -161,17 +161,6 @@ impl Services {
         }
         check_email_domain(&reg.email, &self.config.registration)?;
         self.check_name_free(&reg.username).await?;
-        if let Some(other) = self
-            .store
-            .pending_email_holder(reg.email.as_str(), reg.username.as_str())
-            .await?
-        {
-            return Err(ServiceError::Conflict(format!(
-                "a registration with email {} already waits for review (as {other}); wait for \
-                 the admin's decision, or register with another email",
-                reg.email
-            )));
-        }
         let r = self.store.register(&reg, &self.config.quota, actor).await?;
         Ok(Done {
             message: format!(

@@ -5,7 +5,7 @@ use super::{
     lowest_free_block, user_in, user_row_locked,
 };
 use crate::audit::audit_stmt;
-use crate::db::{Cols, Row, stmt};
+use crate::db::{Cols, Dialect, Row, stmt};
 use crate::{Actor, Result, Store, hash_secret, now_ms, parse, random_hex};
 use basphere_core::{NetworkPool, Quota, Role, UserStatus, Username};
 
@@ -90,6 +90,34 @@ impl Store {
                     let taken = || UserError::Taken(reg.username.to_string());
                     let now = now_ms();
                     let existing = user_row_locked(tx, "status, email", name).await?;
+                    // One pending registration per email, exact under concurrency: the write
+                    // thread serializes SQLite; on PostgreSQL registrations of one email take
+                    // one transaction-level advisory lock (keyed by a hash of the email).
+                    if tx.dialect() == Dialect::Postgres {
+                        tx.query(&stmt!(
+                            "SELECT pg_advisory_xact_lock(hashtextextended(LOWER($1), 4242000005))",
+                            reg.email.as_str()
+                        ))
+                        .await?;
+                    }
+                    if let Some(other) = tx
+                        .query_opt(&stmt!(
+                            "SELECT username FROM registrations
+                             WHERE status = 'pending' AND LOWER(email) = LOWER($1)
+                               AND username <> $2
+                             ORDER BY id LIMIT 1",
+                            reg.email.as_str(),
+                            name,
+                        ))
+                        .await?
+                    {
+                        return Err(UserError::State(format!(
+                            "a registration with email {} already waits for review (as {}); \
+                             wait for the admin's decision, or register with another email",
+                            reg.email,
+                            other.text("username")?
+                        )));
+                    }
                     match existing {
                         Some(r) if r.text("status")? == "rejected" => {
                             if !r.text("email")?.eq_ignore_ascii_case(reg.email.as_str()) {
@@ -143,32 +171,6 @@ impl Store {
                     tx.exec(&audit_stmt(&actor, "user.register", name, "ok", None))
                         .await?;
                     Ok(registration_from(&row)?)
-                })
-            })
-            .await
-    }
-
-    /// The username of a pending registration filed with `email` (case-insensitively) under
-    /// another name than `username`, if there is one.
-    pub async fn pending_email_holder(
-        &self,
-        email: &str,
-        username: &str,
-    ) -> Result<Option<String>> {
-        let s = stmt!(
-            "SELECT username FROM registrations
-             WHERE status = 'pending' AND LOWER(email) = LOWER($1) AND username <> $2
-             ORDER BY id LIMIT 1",
-            email,
-            username,
-        );
-        self.db
-            .read(move |tx| {
-                Box::pin(async move {
-                    tx.query_opt(&s)
-                        .await?
-                        .map(|r| r.text("username"))
-                        .transpose()
                 })
             })
             .await

@@ -8,7 +8,8 @@ mod replicas;
 
 use credentials::{enroll, enroll_folding, key_changes, tokens};
 use replicas::{
-    concurrent_approvals, concurrent_ensure_admin, concurrent_registrations, token_across,
+    concurrent_approvals, concurrent_ensure_admin, concurrent_registrations, concurrent_same_email,
+    token_across,
 };
 
 pub fn cases() -> Vec<Case> {
@@ -52,6 +53,10 @@ pub fn replica_cases() -> Vec<ReplicaCase> {
         ("users_concurrent_registrations_one_wins", |a, b| {
             Box::pin(concurrent_registrations(a, b)) as Fut
         }),
+        (
+            "users_concurrent_registrations_one_per_pending_email",
+            |a, b| Box::pin(concurrent_same_email(a, b)) as Fut,
+        ),
         ("users_concurrent_ensure_admin_one_admin", |a, b| {
             Box::pin(concurrent_ensure_admin(a, b)) as Fut
         }),

@@ -49,6 +49,42 @@ pub(super) async fn concurrent_registrations(a: Store, b: Store) {
     assert_eq!(b.registrations(Some("popular")).await.unwrap().len(), 1);
 }
 
+/// Ten names registering one email at once (in either case) on two replicas: one waits for
+/// review, the others are told so, and nothing else is stored.
+pub(super) async fn concurrent_same_email(a: Store, b: Store) {
+    let results = join_all((0..10).map(|i| {
+        let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let email = if i % 2 == 0 {
+            "Shared@Example.org"
+        } else {
+            "shared@example.org"
+        };
+        async move {
+            s.register(
+                &reg(&format!("sharer{i}"), email),
+                &Quota::default(),
+                &admin(),
+            )
+            .await
+        }
+    }))
+    .await;
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(
+        ok, 1,
+        "exactly one pending registration of the email: {results:?}"
+    );
+    for r in results.into_iter().filter(Result::is_err) {
+        assert!(msg(r).contains("already waits for review"));
+    }
+    let pending = b.registrations(None).await.unwrap();
+    let sharers = pending
+        .iter()
+        .filter(|r| r.username.as_str().starts_with("sharer"))
+        .count();
+    assert_eq!(sharers, 1, "nothing stored for the refused ones");
+}
+
 pub(super) async fn concurrent_ensure_admin(a: Store, b: Store) {
     let results = join_all((0..6).map(|i| {
         let s = if i % 2 == 0 { a.clone() } else { b.clone() };
