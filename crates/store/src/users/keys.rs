@@ -22,53 +22,15 @@ fn key_change_from(r: &Row) -> Result<KeyChange> {
 }
 
 impl Store {
-    /// Files a key-change request for an active user.
-    ///
-    /// The user's row is locked first (PostgreSQL), so two requests on two replicas cannot
-    /// both find none pending.
+    /// Files a key-change request for a user who holds a credential (see
+    /// [`Store::request_key_change_with`]).
     pub async fn request_key_change(
         &self,
         username: &Username,
         key: &SshPublicKey,
         actor: &Actor,
     ) -> std::result::Result<KeyChange, UserError> {
-        let (u, key, actor) = (
-            username.to_string(),
-            key.as_str().to_string(),
-            actor.clone(),
-        );
-        self.db
-            .write(move |tx| {
-                Box::pin(async move {
-                    user_row_locked(tx, "username", &u).await?;
-                    let pending = tx
-                        .query_one(&stmt!(
-                            "SELECT COUNT(*) FROM key_changes
-                             WHERE username = $1 AND status = 'pending'",
-                            u.as_str()
-                        ))
-                        .await?
-                        .first_int()?
-                        .unwrap_or(0);
-                    if pending > 0 {
-                        return Err(UserError::State(format!(
-                            "user {u} already has a key change waiting for an admin"
-                        )));
-                    }
-                    let row = tx
-                        .query_one(&stmt!(
-                            "INSERT INTO key_changes (username, public_key, status, created_at)
-                             VALUES ($1, $2, 'pending', $3) RETURNING *",
-                            u.as_str(),
-                            key,
-                            now_ms(),
-                        ))
-                        .await?;
-                    tx.exec(&audit_stmt(&actor, "key.request", &u, "ok", None))
-                        .await?;
-                    Ok(key_change_from(&row)?)
-                })
-            })
+        self.request_key_change_with(username.as_str(), key, None, None, actor)
             .await
     }
 
