@@ -5,30 +5,10 @@
 mod common;
 mod raw;
 
+use raw::{FORM, csrf_of, enc};
+
 use common::{KEY, Server, server};
 use serde_json::json;
-
-const FORM: &str = "application/x-www-form-urlencoded";
-
-fn csrf_of(html: &str) -> String {
-    let at = html
-        .find(r#"name="csrf" value=""#)
-        .expect("page has a CSRF field")
-        + 19;
-    html[at..].split('"').next().unwrap().to_string()
-}
-
-fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
 
 /// Signs in to the portal with an admin token; returns the session cookie and a CSRF token.
 async fn admin_session(s: &Server) -> (String, String) {

@@ -13,14 +13,14 @@
 mod common;
 mod raw;
 
+use raw::{FORM, csrf_of, enc};
+
 use common::{KEY, Server, server, wait_vm};
 use raw::Resp;
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const FORM: &str = "application/x-www-form-urlencoded";
 
 // ---- helpers -----------------------------------------------------------------------------
 
@@ -131,26 +131,6 @@ async fn admin_token(s: &Server) -> String {
         .await
         .unwrap();
     r.body.data["token"].as_str().unwrap().to_string()
-}
-
-fn csrf_of(html: &str) -> String {
-    let at = html
-        .find(r#"name="csrf" value=""#)
-        .expect("page has a CSRF field")
-        + 19;
-    html[at..].split('"').next().unwrap().to_string()
-}
-
-fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }
 
 /// Opens the portal form at `path` as a new visitor and posts `fields` to it; the answer.

@@ -4,7 +4,9 @@
 //! nothing.
 mod common;
 mod raw;
+
 use common::*;
+use raw::{FORM, csrf_of, enc};
 use serde_json::{Value, json};
 
 fn srv() -> Server {
@@ -185,28 +187,6 @@ async fn bad_extras_are_refused_by_entry_and_nothing_is_stored() {
         .unwrap();
     assert_eq!(r.status, 403, "{:?}", r.body);
     assert_eq!(vms(&c).await.len(), 2);
-}
-
-const FORM: &str = "application/x-www-form-urlencoded";
-
-fn csrf_of(html: &str) -> String {
-    let at = html
-        .find(r#"name="csrf" value=""#)
-        .expect("page has a CSRF field")
-        + 19;
-    html[at..].split('"').next().unwrap().to_string()
-}
-
-fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }
 
 /// The portal's create form carries the extras into the same service: a bad size is shown at

@@ -260,3 +260,28 @@ impl Sse {
             .collect()
     }
 }
+
+/// The media type of the portal's forms.
+pub const FORM: &str = "application/x-www-form-urlencoded";
+
+/// The CSRF token a portal page carries in its form.
+pub fn csrf_of(html: &str) -> String {
+    let at = html
+        .find(r#"name="csrf" value=""#)
+        .expect("page has a CSRF field")
+        + 19;
+    html[at..].split('"').next().unwrap().to_string()
+}
+
+/// `s` percent-encoded for a form body (all but the unreserved characters).
+pub fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
