@@ -91,7 +91,6 @@ pub fn catalog(cfg: &Config) -> Catalog {
                 (n.clone(), net)
             })
             .collect(),
-        max_disk_gib: cfg.vms.max_disk_gib,
     }
 }
 

@@ -91,7 +91,8 @@ async fn state_gauges(store: &Store, cfg: &Config) -> anyhow::Result<()> {
     let users = store.users(None).await?;
     let mut by_state: HashMap<VmStatus, (u64, u64, u64)> = HashMap::new();
     let mut used: HashMap<&str, (u64, u64)> = HashMap::new();
-    let (mut used_vms, mut used_ips, mut used_vcpus, mut used_mem) = (0u64, 0u64, 0u64, 0u64);
+    let (mut used_vms, mut used_ips, mut used_vcpus, mut used_mem, mut used_disk) =
+        (0u64, 0u64, 0u64, 0u64, 0u64);
     for vm in &vms {
         let e = by_state.entry(vm.status).or_default();
         e.0 += 1;
@@ -101,6 +102,11 @@ async fn state_gauges(store: &Store, cfg: &Config) -> anyhow::Result<()> {
             used_vms += 1;
             used_vcpus += u64::from(vm.vcpus);
             used_mem += vm.memory_mib;
+            used_disk += vm.disk_gib
+                + vm.extra_disks
+                    .iter()
+                    .map(|d| u64::from(d.size_gib))
+                    .sum::<u64>();
             let u = used.entry(vm.owner.as_str()).or_default();
             u.0 += 1;
             if vm.ip_address.is_some() {
@@ -139,6 +145,7 @@ async fn state_gauges(store: &Store, cfg: &Config) -> anyhow::Result<()> {
         ("ips", used_ips, sum(&|q| Some(q.max_ips.into()))),
         ("vcpus", used_vcpus, sum(&|q| q.max_vcpus.map(u64::from))),
         ("memory_mib", used_mem, sum(&|q| q.max_memory_mib)),
+        ("disk_gib", used_disk, sum(&|q| q.max_disk_gib)),
     ] {
         metrics::gauge!("basphere_quota_used", "resource" => resource).set(used as f64);
         metrics::gauge!("basphere_quota_limit", "resource" => resource).set(limit as f64);

@@ -368,6 +368,9 @@ pub enum UserCmd {
         max_vcpus: Option<u32>,
         #[arg(long)]
         max_memory_mib: Option<u64>,
+        /// GiB of disk (boot and extra disks) over all the user's VMs.
+        #[arg(long)]
+        max_disk_gib: Option<u64>,
     },
 }
 

@@ -832,8 +832,11 @@ async fn admin_cmd(c: &Client, out: Output, a: AdminCmd) -> anyhow::Result<()> {
                 max_clusters,
                 max_vcpus,
                 max_memory_mib,
+                max_disk_gib,
             } => {
-                let body = json!({"max_vms": max_vms, "max_ips": max_ips, "max_clusters": max_clusters, "max_vcpus": max_vcpus, "max_memory_mib": max_memory_mib});
+                let body = json!({"max_vms": max_vms, "max_ips": max_ips,
+                    "max_clusters": max_clusters, "max_vcpus": max_vcpus,
+                    "max_memory_mib": max_memory_mib, "max_disk_gib": max_disk_gib});
                 let d = c
                     .call(
                         basphere_client::Method::PUT,

@@ -1,7 +1,7 @@
 //! Extra disks and networks at the API edge (do-nothing provider): what is accepted is stored
 //! and shown; too many disks, sizes out of range, unknown modes or networks are 400
-//! "Validation failed" naming the bad entry; over `[vms] max_disk_gib` is 403; a refusal stores
-//! nothing.
+//! "Validation failed" naming the bad entry; over the user's `max_disk_gib` quota is 403; a
+//! refusal stores nothing. Manifests take the same extras, checked the same way.
 mod common;
 mod raw;
 
@@ -20,8 +20,8 @@ fn srv() -> Server {
             r#"{ cidr = "10.78.0.0/24", dhcp = true, port_group = "Backup" }"#,
         ),
         ("BASPHERE_VMS__EXTRA_NETWORKS__MAX_COUNT", "2"),
-        // tiny: 50 GiB boot disk.
-        ("BASPHERE_VMS__MAX_DISK_GIB", "200"),
+        // New users' disk quota (tiny: a 50 GiB boot disk).
+        ("BASPHERE_QUOTA__MAX_DISK_GIB", "200"),
     ])
 }
 
@@ -187,6 +187,76 @@ async fn bad_extras_are_refused_by_entry_and_nothing_is_stored() {
         .unwrap();
     assert_eq!(r.status, 403, "{:?}", r.body);
     assert_eq!(vms(&c).await.len(), 2);
+    // The limit is the user's own: an admin raises it, and the same create is admitted.
+    let out = s.cli_ok(&["admin", "user", "quota", "xbad", "--max-disk-gib", "250"]);
+    assert!(out.status.success());
+    let q = get_data(&c, "/api/v1/quota").await;
+    assert_eq!(q["max_disk_gib"].as_u64(), Some(250));
+    let r = c
+        .post("/api/v1/vms", &json!({"name": "more", "spec": "tiny"}))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 202, "{:?}", r.body);
+}
+
+/// A manifest's nodes take extra disks and networks (both disk forms, `[defaults]` too); a bad
+/// entry refuses the whole apply naming the node and the field; over the disk quota, nothing
+/// is admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manifests_take_extras() {
+    let s = srv();
+    let c = s.with_token(&s.user("xbatch").await);
+    let apply = |manifest: &str| {
+        let c = &c;
+        let body = json!({"manifest": manifest});
+        async move { c.post("/api/v1/batches", &body).await.unwrap() }
+    };
+    let r = apply(
+        "[defaults]\nspec = \"tiny\"\nextra_networks = [\"storage\"]\n\
+         [vms.db]\nextra_disks = [\"20G\", { size_gb = 10, mode = \"raw\" }]\n\
+         [vms.web]\nextra_disks = [\"5G\", \"30G:nope\"]\nextra_networks = [\"nosuch\"]\n",
+    )
+    .await;
+    assert_eq!(r.status, 422, "{:?}", r.body);
+    for want in [
+        "web: extra_disks[0].size_gb: must be between 10 and 500",
+        "web: extra_disks[1].mode",
+        "web: extra_networks[0]: unknown network \"nosuch\"",
+    ] {
+        assert!(
+            r.body.errors.iter().any(|e| e.starts_with(want)),
+            "want {want:?} in {:?}",
+            r.body.errors
+        );
+    }
+    assert!(vms(&c).await.is_empty(), "nothing admitted");
+    // 4 × 50 boot + 20 + 10 = 230 > 200.
+    let over = "[defaults]\nspec = \"tiny\"\n[vms.a]\nextra_disks = [\"20G\", \"10G:raw\"]\n\
+                [vms.b]\n[vms.c]\n[vms.d]\n";
+    let r = apply(over).await;
+    assert_eq!(r.status, 403, "{:?}", r.body);
+    assert!(r.body.message.contains("GiB of disk"), "{}", r.body.message);
+    assert!(vms(&c).await.is_empty(), "nothing admitted");
+    let r = apply(
+        "[defaults]\nspec = \"tiny\"\nextra_networks = [\"storage\"]\n\
+         [vms.db]\nextra_disks = [\"20G\", { size_gb = 10, mode = \"raw\" }]\n[vms.web]\n",
+    )
+    .await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    let db = get_data(&c, "/api/v1/vms/db").await;
+    assert_eq!(
+        db["extra_disks"],
+        json!([{"size_gb": 20, "mode": "auto"}, {"size_gb": 10, "mode": "raw"}])
+    );
+    assert_eq!(db["extra_networks"], json!(["storage"]));
+    let web = get_data(&c, "/api/v1/vms/web").await;
+    assert_eq!(web["extra_networks"], json!(["storage"]), "from [defaults]");
+    assert_ne!(
+        db["extra_nics"][0]["ip_address"], web["extra_nics"][0]["ip_address"],
+        "each node leased its own address"
+    );
+    let q = get_data(&c, "/api/v1/quota").await;
+    assert_eq!(q["used_disk_gib"].as_u64(), Some(130));
 }
 
 /// The portal's create form carries the extras into the same service: a bad size is shown at

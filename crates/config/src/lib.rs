@@ -317,16 +317,13 @@ pub struct ImageConfig {
     pub default: bool,
 }
 
-/// `[vms]`: what a create may add beside the spec, and the disk space a user may hold.
+/// `[vms]`: what a create may add beside the spec (the disk space a user may hold is their
+/// quota's `max_disk_gib`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct VmsConfig {
     pub extra_disks: ExtraDiskLimits,
     pub extra_networks: ExtraNetworkLimits,
-    /// GiB of disk (boot disks and extra disks) one user may hold over all their VMs; unset:
-    /// no limit.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_disk_gib: Option<u64>,
 }
 
 /// `[vms.extra_disks]`.
@@ -919,13 +916,13 @@ mod tests {
                     "BASPHERE_NETWORKS__STORAGE",
                     r#"{ cidr = "10.77.0.0/29", gateway = "10.77.0.1", bridge = "bspst0" }"#,
                 ),
-                ("BASPHERE_VMS__MAX_DISK_GIB", "100"),
+                ("BASPHERE_QUOTA__MAX_DISK_GIB", "100"),
             ],
         )
         .unwrap();
         assert_eq!(c.vms.extra_disks, ExtraDiskLimits::default());
         assert_eq!(c.vms.extra_networks.max_count, 1);
-        assert_eq!(c.vms.max_disk_gib, Some(100));
+        assert_eq!(c.quota.max_disk_gib, Some(100), "the default for new users");
         let n = &c.networks["storage"];
         let pool: Vec<String> = n.assignable().map(|a| a.to_string()).collect();
         assert_eq!(pool[0], "10.77.0.2", "the gateway is not leased");

@@ -1,3 +1,4 @@
+use crate::Spec;
 use serde::{Deserialize, Serialize};
 
 /// Limits on what one user may hold at once.
@@ -13,6 +14,9 @@ pub struct Quota {
     /// Sum of memory in MiB over the user's VMs; `None` means no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_memory_mib: Option<u64>,
+    /// GiB of disk (boot and extra disks) over the user's VMs; `None` means no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_disk_gib: Option<u64>,
 }
 
 impl Default for Quota {
@@ -24,6 +28,7 @@ impl Default for Quota {
             max_ips: 32,
             max_vcpus: None,
             max_memory_mib: None,
+            max_disk_gib: None,
         }
     }
 }
@@ -36,6 +41,9 @@ pub struct Usage {
     pub ips: u32,
     pub vcpus: u32,
     pub memory_mib: u64,
+    /// GiB of disk, boot and extra disks together.
+    #[serde(default)]
+    pub disk_gib: u64,
 }
 
 /// Which limit a request would break.
@@ -47,7 +55,7 @@ pub enum QuotaLimit {
     Vcpus,
     MemoryMib,
     Clusters,
-    /// GiB of disk, boot and extra disks together (`[vms] max_disk_gib`).
+    /// GiB of disk, boot and extra disks together.
     DiskGib,
 }
 
@@ -96,14 +104,9 @@ impl std::fmt::Display for QuotaExceeded {
 impl std::error::Error for QuotaExceeded {}
 
 impl Quota {
-    /// Checks that adding `count` VMs of `vcpus`/`memory_mib` each to `usage` stays within limits.
-    pub fn admit(
-        &self,
-        usage: &Usage,
-        count: u32,
-        vcpus: u32,
-        memory_mib: u64,
-    ) -> Result<(), QuotaExceeded> {
+    /// Checks that adding `count` VMs, each of size `each` (its `disk_gib` counting boot and
+    /// extra disks), to `usage` stays within limits.
+    pub fn admit(&self, usage: &Usage, count: u32, each: &Spec) -> Result<(), QuotaExceeded> {
         let check = |limit, used: u64, requested: u64, max: Option<u64>| match max {
             Some(max) if used + requested > max => Err(QuotaExceeded {
                 limit,
@@ -114,29 +117,26 @@ impl Quota {
             }),
             _ => Ok(()),
         };
-        check(
-            QuotaLimit::Vms,
-            usage.vms.into(),
-            count.into(),
-            Some(self.max_vms.into()),
-        )?;
-        check(
-            QuotaLimit::Ips,
-            usage.ips.into(),
-            count.into(),
-            Some(self.max_ips.into()),
-        )?;
+        let n = u64::from(count);
+        check(QuotaLimit::Vms, usage.vms.into(), n, Some(self.max_vms.into()))?;
+        check(QuotaLimit::Ips, usage.ips.into(), n, Some(self.max_ips.into()))?;
         check(
             QuotaLimit::Vcpus,
             usage.vcpus.into(),
-            u64::from(count) * u64::from(vcpus),
+            n * u64::from(each.vcpus),
             self.max_vcpus.map(u64::from),
         )?;
         check(
             QuotaLimit::MemoryMib,
             usage.memory_mib,
-            u64::from(count) * memory_mib,
+            n * each.memory_mib,
             self.max_memory_mib,
+        )?;
+        check(
+            QuotaLimit::DiskGib,
+            usage.disk_gib,
+            n * each.disk_gib,
+            self.max_disk_gib,
         )
     }
 }
@@ -145,6 +145,12 @@ impl Quota {
 mod tests {
     use super::*;
 
+    const SIZE: Spec = Spec {
+        vcpus: 2,
+        memory_mib: 4096,
+        disk_gib: 50,
+    };
+
     #[test]
     fn refusals_read_naturally() {
         let q = Quota::default();
@@ -152,7 +158,7 @@ mod tests {
             vms: 10,
             ..Usage::default()
         };
-        let e = q.admit(&u, 1, 2, 4096).unwrap_err();
+        let e = q.admit(&u, 1, &SIZE).unwrap_err();
         assert_eq!(
             e.to_string(),
             "quota exceeded: you use 10 VMs and asked for 1 more, but your limit is 10 VMs; \
@@ -177,11 +183,11 @@ mod tests {
     fn admits_up_to_the_limit() {
         let q = Quota::default();
         let mut u = Usage::default();
-        assert!(q.admit(&u, 10, 2, 4096).is_ok());
+        assert!(q.admit(&u, 10, &SIZE).is_ok());
         u.vms = 9;
         u.ips = 9;
-        assert!(q.admit(&u, 1, 2, 4096).is_ok());
-        let e = q.admit(&u, 2, 2, 4096).unwrap_err();
+        assert!(q.admit(&u, 1, &SIZE).is_ok());
+        let e = q.admit(&u, 2, &SIZE).unwrap_err();
         assert_eq!(e.limit, QuotaLimit::Vms);
         assert_eq!((e.used, e.requested, e.max), (9, 2, 10));
     }
@@ -193,8 +199,29 @@ mod tests {
             ..Quota::default()
         };
         assert_eq!(
-            q.admit(&Usage::default(), 3, 2, 1).unwrap_err().limit,
+            q.admit(&Usage::default(), 3, &SIZE).unwrap_err().limit,
             QuotaLimit::Vcpus
         );
+    }
+
+    #[test]
+    fn disk_counts_boot_and_extra_disks_of_every_vm() {
+        let q = Quota {
+            max_disk_gib: Some(200),
+            ..Quota::default()
+        };
+        let u = Usage {
+            disk_gib: 60,
+            ..Usage::default()
+        };
+        let each = Spec {
+            disk_gib: 70,
+            ..SIZE
+        };
+        assert!(q.admit(&u, 2, &each).is_ok(), "60 + 2 × 70 = 200");
+        let e = q.admit(&u, 3, &each).unwrap_err();
+        assert_eq!(e.limit, QuotaLimit::DiskGib);
+        assert_eq!((e.used, e.requested, e.max), (60, 210, 200));
+        assert!(e.to_string().contains("limit is 200 GiB of disk"), "{e}");
     }
 }

@@ -222,6 +222,7 @@ fn node(name: &str, requires: &[&str], optional: &[&str]) -> BatchVm {
         spec: tiny(),
         requires: requires.iter().map(|s| s.to_string()).collect(),
         optional: optional.iter().map(|s| s.to_string()).collect(),
+        extras: Default::default(),
     }
 }
 

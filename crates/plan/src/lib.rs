@@ -15,6 +15,8 @@
 //! spec = "small"
 //! [vms.db]
 //! spec = "medium"
+//! extra_disks = ["100G", { size_gb = 20, mode = "raw" }]
+//! extra_networks = ["storage"]
 //! [vms.web]
 //! requires = ["db"]
 //! optional = ["cache"]
@@ -34,6 +36,21 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 pub struct Defaults {
     pub os: Option<String>,
     pub spec: Option<String>,
+    pub extra_disks: Option<Vec<DiskEntry>>,
+    pub extra_networks: Option<Vec<String>>,
+}
+
+/// An extra disk as a manifest writes it: `"SIZE[G][:MODE]"` or `{ size_gb, mode }`. The
+/// server checks sizes, modes and network names as it does for `create-vm`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum DiskEntry {
+    Short(String),
+    Full {
+        size_gb: i64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mode: Option<String>,
+    },
 }
 
 /// One VM node of a manifest.
@@ -42,6 +59,10 @@ pub struct Defaults {
 pub struct VmNode {
     pub os: Option<String>,
     pub spec: Option<String>,
+    /// Disks beside the boot disk (replaces `[defaults] extra_disks` when set).
+    pub extra_disks: Option<Vec<DiskEntry>>,
+    /// Catalog networks to join (replaces `[defaults] extra_networks` when set).
+    pub extra_networks: Option<Vec<String>>,
     #[serde(default)]
     pub requires: Vec<String>,
     #[serde(default)]
@@ -103,6 +124,23 @@ impl Manifest {
     }
 }
 
+impl Manifest {
+    /// The extra disks and networks of `node` after defaults.
+    pub fn extras(&self, node: &VmNode) -> (Vec<DiskEntry>, Vec<String>) {
+        let d = &self.defaults;
+        (
+            node.extra_disks
+                .clone()
+                .or_else(|| d.extra_disks.clone())
+                .unwrap_or_default(),
+            node.extra_networks
+                .clone()
+                .or_else(|| d.extra_networks.clone())
+                .unwrap_or_default(),
+        )
+    }
+}
+
 /// A VM that exists now, as planning sees it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Existing {
@@ -144,6 +182,10 @@ pub struct Create {
     pub name: String,
     pub os: Option<String>,
     pub spec: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub extra_disks: Vec<DiskEntry>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub extra_networks: Vec<String>,
     /// Hard edges (to manifest nodes or existing VMs).
     pub requires: Vec<String>,
     /// Soft edges that apply (to manifest nodes).
@@ -343,14 +385,19 @@ pub fn plan(m: &Manifest, existing: &[Existing]) -> Result<Plan, Vec<PlanError>>
                     differs,
                 });
             }
-            None => p.create.push(Create {
-                name: name.to_string(),
-                os,
-                spec,
-                requires: hard[i].clone(),
-                optional: soft[i].clone(),
-                layer: layer[i],
-            }),
+            None => {
+                let (extra_disks, extra_networks) = m.extras(node);
+                p.create.push(Create {
+                    name: name.to_string(),
+                    os,
+                    spec,
+                    extra_disks,
+                    extra_networks,
+                    requires: hard[i].clone(),
+                    optional: soft[i].clone(),
+                    layer: layer[i],
+                })
+            }
         }
     }
     p.delete = existing
@@ -389,6 +436,43 @@ mod tests {
         .unwrap();
         assert_eq!(t, y);
         assert!(Manifest::parse("[vms.a]\nbogus = 1\n", Format::Toml).is_err());
+    }
+
+    #[test]
+    fn extra_disks_and_networks_take_both_forms_and_the_defaults() {
+        let t = Manifest::parse(
+            "[defaults]\nextra_networks = [\"storage\"]\nextra_disks = [\"20G\"]\n\
+             [vms.db]\nextra_disks = [\"100G\", { size_gb = 50, mode = \"raw\" }]\n\
+             [vms.web]\nextra_networks = []\n",
+            Format::Toml,
+        )
+        .unwrap();
+        let y = Manifest::parse(
+            "defaults:\n  extra_networks: [storage]\n  extra_disks: [20G]\nvms:\n  db:\n    \
+             extra_disks: [100G, {size_gb: 50, mode: raw}]\n  web:\n    extra_networks: []\n",
+            Format::Yaml,
+        )
+        .unwrap();
+        assert_eq!(t, y);
+        let p = plan(&t, &[]).unwrap();
+        let db = p.create.iter().find(|c| c.name == "db").unwrap();
+        assert_eq!(
+            db.extra_disks,
+            [
+                DiskEntry::Short("100G".into()),
+                DiskEntry::Full {
+                    size_gb: 50,
+                    mode: Some("raw".into())
+                }
+            ]
+        );
+        assert_eq!(db.extra_networks, ["storage"], "from the defaults");
+        let web = p.create.iter().find(|c| c.name == "web").unwrap();
+        assert_eq!(web.extra_disks, [DiskEntry::Short("20G".into())]);
+        assert!(web.extra_networks.is_empty(), "a node's empty list wins");
+        assert!(
+            Manifest::parse("[vms.a]\nextra_disks = [{ size = 5 }]\n", Format::Toml).is_err()
+        );
     }
 
     #[test]

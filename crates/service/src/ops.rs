@@ -3,9 +3,9 @@
 use crate::check::Check;
 use crate::error::Result;
 use crate::{Done, Paged, Paging, Principal, ServiceError, Services, convert};
-use basphere_core::{ResourceRef, VmOperation};
-use basphere_plan::{self as plan, Existing, Format, Manifest};
-use basphere_store::{AdmitError, BatchError, BatchVm, Workflow};
+use basphere_core::{FieldErrors, ResourceRef, VmOperation};
+use basphere_plan::{self as plan, DiskEntry, Existing, Format, Manifest};
+use basphere_store::{AdmitError, AdmitExtras, BatchError, BatchVm, Workflow};
 use basphere_wire as wire;
 use std::collections::HashSet;
 
@@ -240,6 +240,8 @@ impl Services {
                 .as_ref()
                 .and_then(|s| s.parse().ok())
                 .and_then(|s| cfg.specs.get_key_value(&s));
+            let (extras, extra_errs) = self.manifest_extras(c);
+            bad.extend(extra_errs);
             match (&name, &os, spec) {
                 (Ok(name), Some(os), Some((spec_name, spec))) => creates.push(BatchVm {
                     name: Clone::clone(name),
@@ -249,6 +251,7 @@ impl Services {
                     spec: *spec,
                     requires: c.requires.clone(),
                     optional: c.optional.clone(),
+                    extras,
                 }),
                 _ => {
                     if let Err(e) = &name {
@@ -292,6 +295,34 @@ impl Services {
             creates,
             parallelism,
         })
+    }
+
+    /// A manifest node's extra disks and networks, checked as `create-vm`'s are; the
+    /// problems as `node: field: message`.
+    fn manifest_extras(&self, node: &plan::Create) -> (AdmitExtras, Vec<String>) {
+        let mut c = Check::new(&FieldErrors::new());
+        let disks = node
+            .extra_disks
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| match d {
+                DiskEntry::Short(s) => wire::DiskRequest::parse(s)
+                    .map_err(|e| c.errs.push(&format!("extra_disks[{i}]"), e))
+                    .ok(),
+                DiskEntry::Full { size_gb, mode } => Some(wire::DiskRequest {
+                    size_gb: *size_gb,
+                    mode: mode.clone(),
+                }),
+            })
+            .collect();
+        let extras = self.extras(&mut c, Some(disks), Some(node.extra_networks.clone()));
+        let errs = c
+            .errs
+            .0
+            .iter()
+            .map(|e| format!("{}: {}: {}", node.name, e.field, e.message))
+            .collect();
+        (extras, errs)
     }
 
     /// Plans the manifest and admits it as one batch (quota for every create at once).

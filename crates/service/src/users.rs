@@ -433,6 +433,10 @@ impl Services {
                 .opt("max_memory_mib", req.max_memory_mib)
                 .map(|v| v.max(0) as u64)
                 .or(cur.max_memory_mib),
+            max_disk_gib: c
+                .opt("max_disk_gib", req.max_disk_gib)
+                .map(|v| v.max(0) as u64)
+                .or(cur.max_disk_gib),
         };
         c.finish()?;
         self.store.set_quota(u, &q, actor).await?;

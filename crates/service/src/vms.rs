@@ -28,7 +28,8 @@ impl From<AdmitError> for ServiceError {
             | AdmitError::NoUser(_)
             | AdmitError::NoBlock(_)
             | AdmitError::BlockFull(..)
-            | AdmitError::NetworkFull(_) => ServiceError::Conflict(e.to_string()),
+            | AdmitError::NetworkFull(_)
+            | AdmitError::NicTaken(..) => ServiceError::Conflict(e.to_string()),
             AdmitError::Store(e) => e.into(),
         }
     }
@@ -81,12 +82,17 @@ impl Services {
         }
     }
 
-    /// Checks a create request's extra disks and networks against `[vms]` and `[networks]`,
-    /// naming each bad entry by its position.
-    fn extras(&self, c: &mut Check, req: &wire::CreateVmsRequest) -> AdmitExtras {
+    /// Checks a create's extra disks and networks against `[vms]` and `[networks]`, naming
+    /// each bad entry by its position.
+    pub(crate) fn extras(
+        &self,
+        c: &mut Check,
+        disks: Option<Vec<wire::DiskRequest>>,
+        networks: Option<Vec<String>>,
+    ) -> AdmitExtras {
         let cfg = &self.config;
         let lim = cfg.vms.extra_disks;
-        let asked = c.opt_list("extra_disks", req.extra_disks.clone());
+        let asked = c.opt_list("extra_disks", disks);
         if asked.len() > lim.max_count as usize {
             c.errs.push(
                 "extra_disks",
@@ -121,7 +127,7 @@ impl Services {
                 disks.push(ExtraDisk { size_gib, mode });
             }
         }
-        let names = c.opt_list("extra_networks", req.extra_networks.clone());
+        let names = c.opt_list("extra_networks", networks);
         let max_nets = cfg.vms.extra_networks.max_count as usize;
         if names.len() > max_nets {
             c.errs.push(
@@ -160,11 +166,7 @@ impl Services {
                 }),
             }
         }
-        AdmitExtras {
-            disks,
-            networks,
-            max_disk_gib: cfg.vms.max_disk_gib,
-        }
+        AdmitExtras { disks, networks }
     }
 
     /// Checks a create request against the catalog: the VMs' names, image and size.
@@ -250,7 +252,11 @@ impl Services {
             }
             _ => vec![],
         };
-        let extras = self.extras(&mut c, req);
+        let extras = self.extras(
+            &mut c,
+            req.extra_disks.clone(),
+            req.extra_networks.clone(),
+        );
         c.finish()?;
         let (spec_name, spec) = spec.expect("checked");
         let os = os.expect("checked");
@@ -368,6 +374,7 @@ impl Services {
                     max_ips: 0,
                     max_vcpus: None,
                     max_memory_mib: None,
+                    max_disk_gib: None,
                 },
                 |u| u.quota,
             ),
@@ -387,9 +394,9 @@ impl Services {
             summary: wire::QuotaSummary::of(&me.user.quota, &usage),
             username: me.user.username.clone(),
             quota: me.user.quota,
+            max_disk_gib: me.user.quota.max_disk_gib,
+            used_disk_gib: usage.disk_gib,
             usage,
-            max_disk_gib: self.config.vms.max_disk_gib,
-            used_disk_gib: self.store.disk_usage(me.name()).await?,
         })
     }
 

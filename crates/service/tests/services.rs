@@ -39,7 +39,6 @@ impl World {
                 .map(|n| (n.to_string(), n.to_string()))
                 .collect(),
             networks: Default::default(),
-            max_disk_gib: None,
         };
         let tuning = EngineConfig {
             node_id: "test".into(),

@@ -7,11 +7,14 @@
 
 use crate::audit::audit_stmt;
 use crate::db::{Col, Cols, Dialect, RowSet, Stmt, Tx, stmt};
-use crate::vms::{AdmitError, VM_COLS, live_op_stmt, owner_limits, taken_ips, usage, vm_from};
+use crate::vms::{
+    AdmitError, AdmitExtras, VM_COLS, lease_nic, live_op_stmt, owner_limits, taken_ips, usage,
+    vm_from,
+};
 use crate::workflows::{NewWorkflow, fill_batch_in, insert_stmts};
 use crate::{Actor, Store, now_ms};
 use basphere_core::{
-    ImageName, NetworkPool, ResourceRef, Spec, SpecName, Username, VmName, VmOperation, VmStatus,
+    ExtraNic, ImageName, NetworkPool, ResourceRef, Spec, SpecName, Username, VmName, VmOperation, VmStatus,
 };
 use serde::Serialize;
 use serde_json::json;
@@ -29,6 +32,8 @@ pub struct BatchVm {
     pub requires: Vec<String>,
     /// Soft edges: node names in this batch (others are ignored).
     pub optional: Vec<String>,
+    /// Extra disks and networks beside the spec.
+    pub extras: AdmitExtras,
 }
 
 /// A planned batch to admit.
@@ -113,6 +118,9 @@ const VM_ROW: &[Col] = &[
     ("provider", false),
     ("created_at", true),
     ("updated_at", true),
+    ("extra_disks", false),
+    ("extra_nics", false),
+    ("extra_disk_gib", true),
 ];
 const WORKFLOW_ROW: &[Col] = &[
     ("id", false),
@@ -178,11 +186,16 @@ async fn admit(
     let (quota, block, admin) = owner_limits(tx, owner, pool).await?;
     let mut used = usage(tx, owner).await?;
     for v in &req.creates {
-        quota.admit(&used, 1, v.spec.vcpus, v.spec.memory_mib)?;
+        let each = Spec {
+            disk_gib: v.spec.disk_gib + v.extras.disk_gib(),
+            ..v.spec
+        };
+        quota.admit(&used, 1, &each)?;
         used.vms += 1;
         used.ips += 1;
-        used.vcpus += v.spec.vcpus;
-        used.memory_mib += v.spec.memory_mib;
+        used.vcpus += each.vcpus;
+        used.memory_mib += each.memory_mib;
+        used.disk_gib += each.disk_gib;
     }
     let existing: HashMap<String, (String, VmStatus)> = tx
         .query(&stmt!(
@@ -218,6 +231,7 @@ async fn admit(
     ))
     .await?;
     let mut nodes = Vec::with_capacity(req.creates.len() + req.deletes.len());
+    let mut nic_locked = false;
     let mut op_of: HashMap<&str, String> = HashMap::new();
     // Rows of one statement per table: a 1,000-node batch is a handful of statements.
     let (mut vms, mut wfs, mut steps, mut evs, mut audit) =
@@ -229,6 +243,14 @@ async fn admit(
             .ok_or_else(|| AdmitError::BlockFull(owner.to_string(), block.net.to_string()))?;
         let id = uuid::Uuid::now_v7().to_string();
         let op = uuid::Uuid::now_v7().to_string();
+        let mut nics = Vec::with_capacity(v.extras.networks.len());
+        for net in &v.extras.networks {
+            let ip = lease_nic(tx, net, &id, &mut nic_locked).await?;
+            nics.push(ExtraNic {
+                network: net.name.clone(),
+                ip,
+            });
+        }
         vms.push(json!([
             id,
             owner,
@@ -243,6 +265,9 @@ async fn admit(
             req.provider,
             now,
             now,
+            json!(v.extras.disks).to_string(),
+            json!(nics).to_string(),
+            v.extras.disk_gib(),
         ]));
         wfs.push(json!([
             op,

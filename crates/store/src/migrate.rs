@@ -48,6 +48,11 @@ const SQLITE: &[Migration] = &[
         "extra",
         include_str!("../migrations/sqlite/0008_extra.sql"),
     ),
+    (
+        9,
+        "disk_quota",
+        include_str!("../migrations/sqlite/0009_disk_quota.sql"),
+    ),
 ];
 
 /// PostgreSQL starts at SQLite's schema 6 in one file; later changes get a file each, on both
@@ -72,6 +77,11 @@ const POSTGRES: &[Migration] = &[
         9,
         "extra",
         include_str!("../migrations/postgres/0004_extra.sql"),
+    ),
+    (
+        10,
+        "disk_quota",
+        include_str!("../migrations/postgres/0005_disk_quota.sql"),
     ),
 ];
 

@@ -24,8 +24,6 @@ pub struct Catalog {
     pub image_refs: BTreeMap<String, String>,
     /// The extra networks (`[networks.NAME]`) by name.
     pub networks: BTreeMap<String, CatalogNetwork>,
-    /// `[vms] max_disk_gib`, checked again when a rolled-back create is retried.
-    pub max_disk_gib: Option<u64>,
 }
 
 /// What a provider needs to know of an extra network.
@@ -186,7 +184,7 @@ impl WorkflowDef for VmWorkflow {
         definition
             .parse()
             .ok()
-            .map(|op| Hooks::vm_with_disk_limit(op, self.catalog.max_disk_gib))
+            .map(Hooks::vm)
     }
 
     fn step(&self, name: &str) -> StepSpec {

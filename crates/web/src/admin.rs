@@ -215,9 +215,9 @@ pub async fn users(State(st): State<AppState>, v: Visitor) -> Response {
             rows,
             r#"<article class="card user" data-user="{id}">
 <h3>{id} {status} <span class="muted">{role} · team {team}{email}</span></h3>
-<p class="usage">Using {vms} VM(s), {ips} IP(s), {vcpus} vCPU, {mem}.</p>
+<p class="usage">Using {vms} VM(s), {ips} IP(s), {vcpus} vCPU, {mem}, {disk} GiB of disk.</p>
 <form method="post" action="/admin/users/{uu}/quota" class="quota-form" aria-label="Quota of {id}">{csrf}
-{f1}{f2}{f3}{f4}
+{f1}{f2}{f3}{f4}{f5}
 <button type="submit" id="save-{id}">Save quota</button>
 </form>
 {toggle}
@@ -234,6 +234,7 @@ pub async fn users(State(st): State<AppState>, v: Visitor) -> Response {
             ips = usage.ips,
             vcpus = usage.vcpus,
             mem = gib(usage.memory_mib),
+            disk = usage.disk_gib,
             uu = url(name),
             csrf = v.csrf_field(),
             f1 = num(
@@ -260,10 +261,16 @@ pub async fn users(State(st): State<AppState>, v: Visitor) -> Response {
                 q.max_memory_mib.map(|x| x.to_string()).unwrap_or_default(),
                 ""
             ),
+            f5 = num(
+                "max_disk_gib",
+                "Max disk (GiB)",
+                q.max_disk_gib.map(|x| x.to_string()).unwrap_or_default(),
+                ""
+            ),
         );
     }
     let body = format!(
-        r#"<p>{} user(s). Blank vCPU and memory limits mean no limit.</p>{rows}"#,
+        r#"<p>{} user(s). Blank vCPU, memory and disk limits mean no limit.</p>{rows}"#,
         all.len()
     );
     v.page(StatusCode::OK, "Users", &body)

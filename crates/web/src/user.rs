@@ -233,7 +233,7 @@ async fn dashboard_page(
     };
     let q = &me.quota;
     let quota = format!(
-        r#"<section class="card" aria-labelledby="quota-h"><h2 id="quota-h">Quota</h2><div class="quotas">{}{}{}{}</div></section>"#,
+        r#"<section class="card" aria-labelledby="quota-h"><h2 id="quota-h">Quota</h2><div class="quotas">{}{}{}{}{}</div></section>"#,
         meter(
             "vms",
             "VMs",
@@ -256,6 +256,13 @@ async fn dashboard_page(
             |x| x.to_string()
         ),
         meter("mem", "Memory", usage.memory_mib, q.max_memory_mib, gib),
+        meter(
+            "disk",
+            "Disk",
+            usage.disk_gib,
+            q.max_disk_gib,
+            |x| format!("{x} GiB")
+        ),
     );
     let now = now_ms();
     let names: HashMap<&str, &str> = vms

@@ -65,6 +65,7 @@ request!(
         max_ips: int,
         max_vcpus: int,
         max_memory_mib: int,
+        max_disk_gib: int,
     }
 );
 

@@ -380,7 +380,7 @@ pub struct QuotaView {
     pub username: Username,
     pub quota: Quota,
     pub usage: Usage,
-    /// `[vms] max_disk_gib`: GiB of disk (boot and extra disks) a user may hold; absent: no
+    /// GiB of disk (boot and extra disks) the user may hold (their quota's); absent: no
     /// limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_disk_gib: Option<u64>,

@@ -1,5 +1,5 @@
 -- Extra disks and extra networks of a VM (issue 11): what it was admitted with, as JSON lists
--- the store alone writes, and the disk space they add (counted toward [vms] max_disk_gib).
+-- the store alone writes, and the disk space they add (counted toward the owner's max_disk_gib).
 ALTER TABLE vms ADD COLUMN extra_disks TEXT NOT NULL DEFAULT '[]';
 ALTER TABLE vms ADD COLUMN extra_nics TEXT NOT NULL DEFAULT '[]';
 ALTER TABLE vms ADD COLUMN extra_disk_gib INTEGER NOT NULL DEFAULT 0;

@@ -60,7 +60,8 @@ impl Store {
                     let n = tx
                         .exec(&stmt!(
                             "UPDATE users SET max_vms = $2, max_clusters = $3, max_ips = $4,
-                             max_vcpus = $5, max_memory_mib = $6, updated_at = $7
+                             max_vcpus = $5, max_memory_mib = $6, max_disk_gib = $7,
+                             updated_at = $8
                              WHERE username = $1",
                             u.as_str(),
                             q.max_vms,
@@ -68,6 +69,7 @@ impl Store {
                             q.max_ips,
                             q.max_vcpus,
                             q.max_memory_mib.map(|v| v as i64),
+                            q.max_disk_gib.map(|v| v as i64),
                             now_ms(),
                         ))
                         .await?;

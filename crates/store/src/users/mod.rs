@@ -121,7 +121,19 @@ pub enum UserError {
 }
 
 const USER_COLS: &str = "username, email, team, public_key, role, status, max_vms, max_clusters, \
-     max_ips, max_vcpus, max_memory_mib, ip_block, unix_account, unix_uid, created_at";
+     max_ips, max_vcpus, max_memory_mib, max_disk_gib, ip_block, unix_account, unix_uid, created_at";
+
+/// The quota columns of a `users` row.
+pub(crate) fn quota_from(r: &Row) -> Result<Quota> {
+    Ok(Quota {
+        max_vms: r.int("max_vms")? as u32,
+        max_clusters: r.int("max_clusters")? as u32,
+        max_ips: r.int("max_ips")? as u32,
+        max_vcpus: r.opt_int("max_vcpus")?.map(|v| v as u32),
+        max_memory_mib: r.opt_int("max_memory_mib")?.map(|v| v as u64),
+        max_disk_gib: r.opt_int("max_disk_gib")?.map(|v| v as u64),
+    })
+}
 
 fn user_from(r: &Row) -> Result<User> {
     Ok(User {
@@ -131,13 +143,7 @@ fn user_from(r: &Row) -> Result<User> {
         public_key: r.text("public_key")?,
         role: parse("users.role", &r.text("role")?)?,
         status: parse("users.status", &r.text("status")?)?,
-        quota: Quota {
-            max_vms: r.int("max_vms")? as u32,
-            max_clusters: r.int("max_clusters")? as u32,
-            max_ips: r.int("max_ips")? as u32,
-            max_vcpus: r.opt_int("max_vcpus")?.map(|v| v as u32),
-            max_memory_mib: r.opt_int("max_memory_mib")?.map(|v| v as u64),
-        },
+        quota: quota_from(r)?,
         ip_block: r.opt_int("ip_block")?.map(|v| v as u32),
         unix_account: r.int("unix_account")? != 0,
         unix_uid: r.opt_int("unix_uid")?.map(|v| v as u32),
@@ -218,8 +224,9 @@ fn insert_user(u: NewUserRow<'_>, if_free: bool) -> Stmt {
     stmt!(
         format!(
             "INSERT INTO users (username, email, team, public_key, role, status, max_vms,
-                max_clusters, max_ips, max_vcpus, max_memory_mib, created_at, updated_at, ip_block)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, $13){conflict}"
+                max_clusters, max_ips, max_vcpus, max_memory_mib, max_disk_gib, created_at,
+                updated_at, ip_block)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13, $14){conflict}"
         ),
         u.username,
         u.email,
@@ -232,6 +239,7 @@ fn insert_user(u: NewUserRow<'_>, if_free: bool) -> Stmt {
         u.quota.max_ips,
         u.quota.max_vcpus,
         u.quota.max_memory_mib.map(|v| v as i64),
+        u.quota.max_disk_gib.map(|v| v as i64),
         now_ms(),
         u.ip_block,
     )

@@ -9,23 +9,17 @@ use basphere_core::{NetworkPool, ResourceRef, VmOperation};
 
 /// What a VM's workflows do to it when they end or are retried (registered by the VM
 /// definitions as [`Hooks::vm`]):
-/// create ok → running; create failed → failed with the reason, address and quota released
-/// once every done step was undone (else both stay until a delete confirms the cleanup);
+/// create ok → running; create failed → failed with the reason, addresses (its own and on
+/// extra networks) and quota released once every done step was undone (else both stay until a delete confirms the cleanup);
 /// delete ok → the record is gone (address and quota free); delete failed → failed.
 /// Each ending writes its audit record; a retry gives a failed create its address and quota
 /// back (refused if they are gone) and marks a failed delete deleting again.
-struct VmHooks(VmOperation, Option<u64>);
+struct VmHooks(VmOperation);
 
 impl Hooks {
     /// The hooks of the VM operation `op` on its VM record.
     pub fn vm(op: VmOperation) -> Self {
-        Hooks(std::sync::Arc::new(VmHooks(op, None)))
-    }
-
-    /// [`Hooks::vm`] whose retry of a rolled-back create also checks `[vms] max_disk_gib`
-    /// (`max_disk_gib`: GiB of disk the owner may hold; `None`: no limit).
-    pub fn vm_with_disk_limit(op: VmOperation, max_disk_gib: Option<u64>) -> Self {
-        Hooks(std::sync::Arc::new(VmHooks(op, max_disk_gib)))
+        Hooks(std::sync::Arc::new(VmHooks(op)))
     }
 }
 
@@ -87,6 +81,12 @@ run delete-vm to retry the cleanup' ELSE '' END,
                         vm,
                         e.as_str(),
                         now,
+                        w.id.as_str(),
+                    ),
+                    stmt!(
+                        "DELETE FROM vm_nic_leases WHERE vm_id = $1 AND NOT EXISTS (
+                             SELECT 1 FROM workflow_steps WHERE workflow_id = $2 AND status = 'done')",
+                        vm,
                         w.id.as_str(),
                     ),
                     vm_audit(vm, now, "vm.create", result, Some(e)),
@@ -160,7 +160,7 @@ impl VmHooks {
             .ok_or_else(gone)?;
         vm_idle_and_failed(tx, vm_id, &w.id).await?;
         match self.0 {
-            VmOperation::Create => readmit(tx, vm_id, pool, self.1)
+            VmOperation::Create => readmit(tx, vm_id, pool)
                 .await
                 .map_err(|e| OpError::Refused(e.to_string()))?,
             VmOperation::Delete => {

@@ -8,7 +8,7 @@ use crate::db::{Cols, Dialect, Stmt, Tx, stmt};
 use crate::workflows::{NewWorkflow, insert_stmts};
 use crate::{Actor, Result, Store, StoreError, now_ms, parse};
 use basphere_core::{
-    ExtraDisk, ExtraNic, ImageName, NetworkPool, QuotaExceeded, QuotaLimit, ResourceRef, Role,
+    ExtraDisk, ExtraNic, ImageName, NetworkPool, QuotaExceeded, ResourceRef, Role,
     Spec, SpecName, Usage, UserStatus, Username, VmName, VmOperation, VmStatus,
 };
 use serde::Serialize;
@@ -41,13 +41,18 @@ pub struct Vm {
     pub extra_nics: Vec<ExtraNic>,
 }
 
-/// What each VM of an admission gets beside its spec, and the disk limit it is admitted under.
+/// What each VM of an admission gets beside its spec.
 #[derive(Debug, Clone, Default)]
 pub struct AdmitExtras {
     pub disks: Vec<ExtraDisk>,
     pub networks: Vec<ExtraNetwork>,
-    /// GiB of disk (boot and extra disks) the owner may hold over all VMs; `None`: no limit.
-    pub max_disk_gib: Option<u64>,
+}
+
+impl AdmitExtras {
+    /// GiB the extra disks add to each VM.
+    pub fn disk_gib(&self) -> u64 {
+        self.disks.iter().map(|d| u64::from(d.size_gib)).sum()
+    }
 }
 
 /// A catalog network a VM joins, as the admission needs it.
@@ -98,6 +103,11 @@ pub enum AdmitError {
     BlockFull(String, String),
     #[error("no free address left on network {0}; ask an admin to widen it")]
     NetworkFull(String),
+    #[error(
+        "address {1} on network {0}, which this VM was created with, was leased to another VM \
+         meanwhile; delete the VM and create it again"
+    )]
+    NicTaken(String, Ipv4Addr),
 
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -182,18 +192,6 @@ fn json_col<T: serde::de::DeserializeOwned>(r: &impl Cols, col: &'static str) ->
     }
 }
 
-/// GiB of disk `owner` holds now (boot and extra disks), counted as [`usage`] counts VMs.
-pub(crate) async fn disk_used(tx: &mut dyn Tx, owner: &str) -> Result<u64> {
-    let row = tx
-        .query_one(&stmt!(
-            "SELECT CAST(COALESCE(SUM(disk_gib + extra_disk_gib), 0) AS BIGINT) AS gib
-             FROM vms WHERE owner = $1 AND (status <> 'failed' OR ip IS NOT NULL)",
-            owner
-        ))
-        .await?;
-    Ok(row.int("gib")? as u64)
-}
-
 /// The key of the PostgreSQL transaction-level advisory lock that serializes address picking on
 /// the extra networks over every replica ("bsp-nic").
 const NIC_LOCK: i64 = 0x0062_7370_2d6e_6963;
@@ -204,7 +202,7 @@ const NIC_LOCK: i64 = 0x0062_7370_2d6e_6963;
 /// first takes the advisory lock [`NIC_LOCK`] until commit (after the owner's row lock and
 /// [`ADDRESS_LOCK`], always in that order); the primary key `(network, ip)` is the lease
 /// itself, so a bug here fails the transaction rather than sharing an address.
-async fn lease_nic(
+pub(crate) async fn lease_nic(
     tx: &mut dyn Tx,
     net: &ExtraNetwork,
     vm_id: &str,
@@ -250,7 +248,8 @@ pub(crate) async fn usage(tx: &mut dyn Tx, owner: &str) -> Result<Usage> {
         .query_one(&stmt!(
             "SELECT COUNT(*) AS vms, COUNT(ip) AS ips,
                     CAST(COALESCE(SUM(vcpus), 0) AS BIGINT) AS vcpus,
-                    CAST(COALESCE(SUM(memory_mib), 0) AS BIGINT) AS mem
+                    CAST(COALESCE(SUM(memory_mib), 0) AS BIGINT) AS mem,
+                    CAST(COALESCE(SUM(disk_gib + extra_disk_gib), 0) AS BIGINT) AS disk
              FROM vms WHERE owner = $1 AND (status <> 'failed' OR ip IS NOT NULL)",
             owner
         ))
@@ -261,6 +260,7 @@ pub(crate) async fn usage(tx: &mut dyn Tx, owner: &str) -> Result<Usage> {
         ips: row.int("ips")? as u32,
         vcpus: row.int("vcpus")? as u32,
         memory_mib: row.int("mem")? as u64,
+        disk_gib: row.int("disk")? as u64,
     })
 }
 
@@ -287,13 +287,7 @@ pub(crate) async fn owner_limits(
     if status != UserStatus::Active {
         return Err(AdmitError::NotActive(owner.to_string(), status));
     }
-    let quota = basphere_core::Quota {
-        max_vms: user.int("max_vms")? as u32,
-        max_clusters: user.int("max_clusters")? as u32,
-        max_ips: user.int("max_ips")? as u32,
-        max_vcpus: user.opt_int("max_vcpus")?.map(|v| v as u32),
-        max_memory_mib: user.opt_int("max_memory_mib")?.map(|v| v as u64),
-    };
+    let quota = crate::users::quota_from(&user)?;
     let block = user
         .opt_int("ip_block")?
         .and_then(|b| pool.block(b as u32))
@@ -303,9 +297,9 @@ pub(crate) async fn owner_limits(
 }
 
 const OWNER_LIMITS: &str = "SELECT status, role, max_vms, max_clusters, max_ips, max_vcpus, \
-     max_memory_mib, ip_block FROM users WHERE username = $1";
+     max_memory_mib, max_disk_gib, ip_block FROM users WHERE username = $1";
 const OWNER_LIMITS_LOCKED: &str = "SELECT status, role, max_vms, max_clusters, max_ips, \
-     max_vcpus, max_memory_mib, ip_block FROM users WHERE username = $1 FOR UPDATE";
+     max_vcpus, max_memory_mib, max_disk_gib, ip_block FROM users WHERE username = $1 FOR UPDATE";
 
 /// The key of the PostgreSQL transaction-level advisory lock that serializes address picking
 /// over every replica ("bsph-ip").
@@ -331,12 +325,48 @@ pub(crate) async fn taken_ips(tx: &mut dyn Tx) -> Result<HashSet<String>> {
         .collect()
 }
 
+/// Leases a rolled-back VM's addresses on its extra networks again, the same ones it was
+/// admitted with (its record and its machine's configuration name them); refused when one
+/// was leased to another VM meanwhile.
+async fn lease_nics_again(tx: &mut dyn Tx, vm: &Vm) -> std::result::Result<(), AdmitError> {
+    let mut locked = false;
+    for nic in &vm.extra_nics {
+        let Some(ip) = nic.ip else { continue };
+        if tx.dialect() == Dialect::Postgres && !locked {
+            tx.query(&stmt!("SELECT pg_advisory_xact_lock($1)", NIC_LOCK))
+                .await?;
+            locked = true;
+        }
+        let leased = tx
+            .exec(&stmt!(
+                "INSERT INTO vm_nic_leases (network, ip, vm_id) VALUES ($1, $2, $3)
+                 ON CONFLICT (network, ip) DO NOTHING",
+                nic.network.as_str(),
+                ip.to_string(),
+                vm.id.as_str(),
+            ))
+            .await?;
+        if leased == 0 {
+            let holder = tx
+                .query_opt(&stmt!(
+                    "SELECT vm_id FROM vm_nic_leases WHERE network = $1 AND ip = $2",
+                    nic.network.as_str(),
+                    ip.to_string()
+                ))
+                .await?;
+            if holder.map(|r| r.text("vm_id")).transpose()?.as_deref() != Some(vm.id.as_str()) {
+                return Err(AdmitError::NicTaken(nic.network.clone(), ip));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Gives a rolled-back (failed) VM its quota and an address again, for a retried create.
 pub(crate) async fn readmit(
     tx: &mut dyn Tx,
     vm_id: &str,
     pool: &NetworkPool,
-    max_disk_gib: Option<u64>,
 ) -> std::result::Result<(), AdmitError> {
     let vm = vm_where_id(tx, vm_id)
         .await?
@@ -349,25 +379,14 @@ pub(crate) async fn readmit(
     if vm.ip_address.is_none() {
         // A VM that kept its address is counted already (see `usage`).
         let used = usage(tx, owner).await?;
-        quota.admit(&used, 1, vm.vcpus, vm.memory_mib)?;
-        if let Some(max) = max_disk_gib {
-            let used = disk_used(tx, owner).await?;
-            let requested = vm.disk_gib
-                + vm.extra_disks
-                    .iter()
-                    .map(|d| u64::from(d.size_gib))
-                    .sum::<u64>();
-            if used + requested > max {
-                return Err(QuotaExceeded {
-                    limit: QuotaLimit::DiskGib,
-                    used,
-                    requested,
-                    requested_total: used + requested,
-                    max,
-                }
-                .into());
-            }
-        }
+        let extra: u64 = vm.extra_disks.iter().map(|d| u64::from(d.size_gib)).sum();
+        let each = basphere_core::Spec {
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
+            disk_gib: vm.disk_gib + extra,
+        };
+        quota.admit(&used, 1, &each)?;
+        lease_nics_again(tx, &vm).await?;
     }
     let ip = match vm.ip_address {
         Some(ip) => ip,
@@ -430,27 +449,11 @@ async fn admit(
         }
     }
     let used = usage(tx, owner).await?;
-    quota.admit(
-        &used,
-        req.names.len() as u32,
-        req.spec.vcpus,
-        req.spec.memory_mib,
-    )?;
-    let extra_gib: u64 = extras.disks.iter().map(|d| u64::from(d.size_gib)).sum();
-    if let Some(max) = extras.max_disk_gib {
-        let used = disk_used(tx, owner).await?;
-        let requested = (req.spec.disk_gib + extra_gib) * req.names.len() as u64;
-        if used + requested > max {
-            return Err(QuotaExceeded {
-                limit: QuotaLimit::DiskGib,
-                used,
-                requested,
-                requested_total: used + requested,
-                max,
-            }
-            .into());
-        }
-    }
+    let each = basphere_core::Spec {
+        disk_gib: req.spec.disk_gib + extras.disk_gib(),
+        ..req.spec
+    };
+    quota.admit(&used, req.names.len() as u32, &each)?;
     let disks_json = serde_json::to_string(&extras.disks)
         .map_err(|e| StoreError::Corrupt("vms", format!("extra_disks: {e}")))?;
     let mut nic_locked = false;
@@ -508,7 +511,7 @@ async fn admit(
                 now,
                 disks_json.as_str(),
                 nics_json,
-                extra_gib as i64,
+                extras.disk_gib() as i64,
             ))
             .await?;
         let vm = vm_from(&row)?;
@@ -734,15 +737,6 @@ impl Store {
             .read(move |tx| {
                 Box::pin(async move { tx.query(&s).await?.iter().map(vm_from).collect() })
             })
-            .await
-    }
-
-    /// GiB of disk (boot and extra disks) `owner` holds now, counted as [`Store::usage`]
-    /// counts VMs.
-    pub async fn disk_usage(&self, owner: &str) -> Result<u64> {
-        let owner = owner.to_string();
-        self.db
-            .read(move |tx| Box::pin(async move { disk_used(tx, &owner).await }))
             .await
     }
 

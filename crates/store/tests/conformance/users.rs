@@ -441,6 +441,7 @@ async fn disable_quota_uid(s: Store) {
         max_ips: 4,
         max_vcpus: Some(4),
         max_memory_mib: Some(1 << 33),
+        max_disk_gib: Some(500),
     };
     s.set_quota(&alice, &q, &admin()).await.unwrap();
     assert_eq!(s.user("alice").await.unwrap().unwrap().quota, q);

@@ -46,6 +46,12 @@ pub fn cases() -> Vec<Case> {
         ("vms_retry_rechecks_the_disk_limit", |s| {
             Box::pin(retry_rechecks_disk(s)) as Fut
         }),
+        ("vms_rolled_back_create_gives_its_network_address_back", |s| {
+            Box::pin(rollback_frees_nic(s)) as Fut
+        }),
+        ("batch_nodes_take_extras_and_the_disk_quota", |s| {
+            Box::pin(batch_extras(s)) as Fut
+        }),
     ]
 }
 
@@ -523,6 +529,7 @@ fn node(name: &str, requires: &[&str], optional: &[&str]) -> BatchVm {
         spec: small(),
         requires: requires.iter().map(|s| s.to_string()).collect(),
         optional: optional.iter().map(|s| s.to_string()).collect(),
+        extras: Default::default(),
     }
 }
 
@@ -766,7 +773,14 @@ async fn two_users_at_once(a: Store, b: Store) {
 
 // ---- extra disks and networks ----------------------------------------------------------------
 
-fn extras(disks: &[u32], nets: &[(&str, &[&str])], max_disk_gib: Option<u64>) -> AdmitExtras {
+/// Sets `owner`'s disk quota to `gib`.
+async fn disk_limit(store: &Store, owner: &Username, gib: u64) {
+    let mut q = store.user(owner.as_str()).await.unwrap().unwrap().quota;
+    q.max_disk_gib = Some(gib);
+    store.set_quota(owner, &q, &actor()).await.unwrap();
+}
+
+fn extras(disks: &[u32], nets: &[(&str, &[&str])]) -> AdmitExtras {
     AdmitExtras {
         disks: disks
             .iter()
@@ -782,7 +796,6 @@ fn extras(disks: &[u32], nets: &[(&str, &[&str])], max_disk_gib: Option<u64>) ->
                 pool: pool.iter().map(|a| a.parse().unwrap()).collect(),
             })
             .collect(),
-        max_disk_gib,
     }
 }
 
@@ -804,7 +817,7 @@ const STORAGE: &[&str] = &["10.77.0.2", "10.77.0.3", "10.77.0.4"];
 async fn extras_stored(store: Store) {
     vm_hooks(&store);
     let alice = user(&store, "alice", 5).await;
-    let x = extras(&[20, 30], &[("storage", STORAGE), ("lab", &[])], Some(200));
+    let x = extras(&[20, 30], &[("storage", STORAGE), ("lab", &[])]);
     let got = admit_x(&store, &alice, &["a", "b"], &x).await.unwrap();
     let a = &got[0].vm;
     assert_eq!(a.extra_disks, x.disks);
@@ -869,7 +882,7 @@ async fn extras_stored(store: Store) {
         &store,
         &alice,
         &["c"],
-        &extras(&[], &[("storage", STORAGE)], None),
+        &extras(&[], &[("storage", STORAGE)]),
     )
     .await
     .unwrap();
@@ -884,7 +897,8 @@ async fn extras_stored(store: Store) {
 async fn extras_refusals(store: Store) {
     let alice = user(&store, "alice", 5).await;
     // 2 × (50 boot + 20 extra) = 140 > 139.
-    let e = admit_x(&store, &alice, &["a", "b"], &extras(&[20], &[], Some(139)))
+    disk_limit(&store, &alice, 139).await;
+    let e = admit_x(&store, &alice, &["a", "b"], &extras(&[20], &[]))
         .await
         .unwrap_err();
     match &e {
@@ -899,10 +913,12 @@ async fn extras_refusals(store: Store) {
     assert!(e.to_string().contains("GiB of disk"), "{e}");
     assert!(store.vms(Some("alice")).await.unwrap().is_empty());
     // Exactly at the limit: admitted; then one GiB more is refused, counting what is held.
-    admit_x(&store, &alice, &["a", "b"], &extras(&[20], &[], Some(140)))
+    disk_limit(&store, &alice, 140).await;
+    admit_x(&store, &alice, &["a", "b"], &extras(&[20], &[]))
         .await
         .unwrap();
-    let e = admit_x(&store, &alice, &["c"], &extras(&[], &[], Some(189)))
+    disk_limit(&store, &alice, 189).await;
+    let e = admit_x(&store, &alice, &["c"], &extras(&[], &[]))
         .await
         .unwrap_err();
     assert!(
@@ -911,12 +927,13 @@ async fn extras_refusals(store: Store) {
     );
     // Two VMs on a one-address network: the second finds none, and neither is stored nor
     // leased (the first VM's lease is rolled back with it).
+    disk_limit(&store, &alice, 1000).await;
     let one = &["10.77.0.9"][..];
     let e = admit_x(
         &store,
         &alice,
         &["d", "e"],
-        &extras(&[], &[("storage", one)], None),
+        &extras(&[], &[("storage", one)]),
     )
     .await
     .unwrap_err();
@@ -933,7 +950,7 @@ async fn extras_refusals(store: Store) {
         &store,
         &alice,
         &["d"],
-        &extras(&[], &[("storage", one)], None),
+        &extras(&[], &[("storage", one)]),
     )
     .await
     .unwrap();
@@ -948,6 +965,8 @@ async fn extras_refusals(store: Store) {
 async fn extras_at_once(a: Store, b: Store) {
     let alice = user(&a, "alice", 30).await;
     let bob = user(&b, "bob", 30).await;
+    disk_limit(&a, &alice, 600).await;
+    disk_limit(&b, &bob, 600).await;
     let addrs: Vec<String> = (2..=254).map(|i| format!("10.77.0.{i}")).collect();
     let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
     let tries = (0..40).map(|i| {
@@ -958,7 +977,7 @@ async fn extras_at_once(a: Store, b: Store) {
             _ => (b.clone(), &bob),
         };
         // 50 + 10 = 60 GiB a VM, at most 600 GiB a user: 10 of each user's 20 tries.
-        let x = extras(&[10], &[("storage", &addrs)], Some(600));
+        let x = extras(&[10], &[("storage", &addrs)]);
         let r = req(owner, &[&format!("vm{i}")], small());
         async move { store.admit_vms_with(&r, &x, &pool(), &actor()).await }
     });
@@ -983,15 +1002,16 @@ async fn extras_at_once(a: Store, b: Store) {
 async fn retry_rechecks_disk(store: Store) {
     store.set_hooks(
         "create_vm",
-        Hooks::vm_with_disk_limit(VmOperation::Create, Some(100)),
+        Hooks::vm(VmOperation::Create),
     );
     store.set_hooks("delete_vm", Hooks::vm(VmOperation::Delete));
     let alice = user(&store, "alice", 5).await;
-    let x = extras(&[30], &[], Some(100));
+    disk_limit(&store, &alice, 100).await;
+    let x = extras(&[30], &[]);
     let got = admit_x(&store, &alice, &["web"], &x).await.unwrap();
     let op = got[0].operation_id.clone();
     end(&store, &op, WorkflowOutcome::Failed("boom".into())).await;
-    assert_eq!(store.disk_usage("alice").await.unwrap(), 0, "released");
+    assert_eq!(store.usage("alice").await.unwrap().disk_gib, 0, "released");
     let other = admit_x(&store, &alice, &["db"], &x).await.unwrap();
     let p = pool();
     let ctx = RetryCtx { pool: &p };
@@ -1008,5 +1028,83 @@ async fn retry_rechecks_disk(store: Store) {
     )
     .await;
     store.retry_workflow(&op, &ctx, &actor()).await.unwrap();
-    assert_eq!(store.disk_usage("alice").await.unwrap(), 80);
+    assert_eq!(store.usage("alice").await.unwrap().disk_gib, 80);
+}
+
+/// A create rolled back with no step done gives its extra-network address back with its own
+/// (no lease is left behind); a retry leases the same address again, and is refused while
+/// another VM holds it.
+async fn rollback_frees_nic(store: Store) {
+    vm_hooks(&store);
+    let alice = user(&store, "alice", 5).await;
+    let one = &["10.77.0.9"][..];
+    let x = extras(&[], &[("storage", one)]);
+    let a = admit_x(&store, &alice, &["a"], &x).await.unwrap();
+    end(&store, &a[0].operation_id, WorkflowOutcome::Failed("boom".into())).await;
+    let b = admit_x(&store, &alice, &["b"], &x)
+        .await
+        .expect("a's address is free again");
+    assert_eq!(b[0].vm.extra_nics[0].ip, Some("10.77.0.9".parse().unwrap()));
+    let p = pool();
+    let ctx = RetryCtx { pool: &p };
+    let e = store
+        .retry_workflow(&a[0].operation_id, &ctx, &actor())
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("10.77.0.9 on network storage"),
+        "{e}"
+    );
+    let vm = store.vm("alice", "a").await.unwrap().unwrap();
+    assert_eq!((vm.status, vm.ip_address), (VmStatus::Failed, None), "unchanged");
+    // Once b is gone, the retry takes the address again.
+    end(&store, &b[0].operation_id, WorkflowOutcome::Succeeded).await;
+    let d = store
+        .begin_delete_vm("alice", "b", &["destroy".to_string()], &actor())
+        .await
+        .unwrap();
+    end(&store, &d.operation_id, WorkflowOutcome::Succeeded).await;
+    store
+        .retry_workflow(&a[0].operation_id, &ctx, &actor())
+        .await
+        .unwrap();
+    let e = admit_x(&store, &alice, &["c"], &x).await.unwrap_err();
+    assert!(matches!(&e, AdmitError::NetworkFull(_)), "a holds it: {e}");
+}
+
+/// Batch nodes carry extra disks and networks like single creates, and the disk quota counts
+/// every node's boot and extra disks: over it, nothing is admitted.
+async fn batch_extras(store: Store) {
+    vm_hooks(&store);
+    let alice = user(&store, "alice", 10).await;
+    disk_limit(&store, &alice, 200).await;
+    let with = |name: &str, disks: &[u32]| BatchVm {
+        extras: extras(disks, &[("storage", STORAGE)]),
+        ..node(name, &[], &[])
+    };
+    // 3 × 50 boot + 30 + 30 = 210 > 200.
+    let e = store
+        .admit_batch(
+            &batch_req(&alice, 2, vec![with("a", &[30]), with("b", &[30]), with("c", &[])], &[]),
+            &pool(),
+            &actor(),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("GiB of disk"), "{e}");
+    assert!(store.vms(Some("alice")).await.unwrap().is_empty());
+    store
+        .admit_batch(
+            &batch_req(&alice, 2, vec![with("a", &[30]), with("b", &[20])], &[]),
+            &pool(),
+            &actor(),
+        )
+        .await
+        .unwrap();
+    let vms = store.vms(Some("alice")).await.unwrap();
+    let a = vms.iter().find(|v| v.name.as_str() == "a").unwrap();
+    assert_eq!(a.extra_disks, extras(&[30], &[]).disks);
+    let nics: HashSet<_> = vms.iter().map(|v| v.extra_nics[0].ip.unwrap()).collect();
+    assert_eq!(nics.len(), 2, "each node leased its own address");
+    assert_eq!(store.usage("alice").await.unwrap().disk_gib, 150);
 }
