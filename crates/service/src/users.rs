@@ -684,6 +684,14 @@ impl Services {
         Ok(k.iter().map(convert::key_change).collect())
     }
 
+    /// `u`'s newest key change request (the prototype's `GET /key-changes/{u}`).
+    pub async fn key_change_of(&self, u: &str) -> Result<wire::KeyChange> {
+        let k = self.store.key_changes(Some(u)).await?;
+        k.first()
+            .map(convert::key_change)
+            .ok_or_else(|| ServiceError::NotFound(format!("no key change request for {u}")))
+    }
+
     /// Approves or rejects `u`'s pending key change; an approved key is installed in their
     /// Unix account, and the approval taken back if that fails.
     pub async fn decide_key(

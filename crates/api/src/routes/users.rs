@@ -252,14 +252,16 @@ pub async fn key_changes(
     Ok(page(|n| format!("{n} pending key change(s)"), k))
 }
 
+/// `GET /key-changes/{u}`: `u`'s newest key change request (404 when none), as the
+/// prototype answers.
 pub async fn key_changes_of(
     State(st): State<AppState>,
     caller: Caller,
     Path(u): Path<String>,
 ) -> Result<Ok200, ApiError> {
     caller.self_or_admin(&u)?;
-    let k = st.services.key_changes(Some(&u)).await?;
-    Ok(ok(format!("{} key change(s) of {u}", k.len()), k))
+    let k = st.services.key_change_of(&u).await?;
+    Ok(ok(format!("key change of {u}: {}", k.status), k))
 }
 
 async fn decide_key(
