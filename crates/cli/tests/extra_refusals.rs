@@ -260,7 +260,8 @@ async fn manifests_take_extras() {
 }
 
 /// The portal's create form carries the extras into the same service: a bad size is shown at
-/// the form's field (nothing stored), a good one creates the VM with its disk and network.
+/// the form's field (nothing stored), a good one creates the VM with its disks and every
+/// network ticked (up to `[vms.extra_networks] max_count`, here 2).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_portal_form_takes_extra_disks_and_a_network() {
     let s = srv();
@@ -292,10 +293,13 @@ async fn the_portal_form_takes_extra_disks_and_a_network() {
         dash.body.contains(r#"name="extra_disks""#),
         "the form asks for disks"
     );
-    assert!(
-        dash.body.contains(r#"value="storage""#),
-        "and offers the networks"
-    );
+    for net in ["storage", "backup"] {
+        assert!(
+            dash.body
+                .contains(&format!(r#"name="extra_networks.{net}" value="on""#)),
+            "and offers every network to tick"
+        );
+    }
     let csrf = csrf_of(&dash.body);
     let post = |form: String| {
         let session = session.clone();
@@ -313,7 +317,7 @@ async fn the_portal_form_takes_extra_disks_and_a_network() {
         }
     };
     let r = post(format!(
-        "csrf={csrf}&name=web&spec=tiny&count=1&extra_disks={}&extra_networks=storage",
+        "csrf={csrf}&name=web&spec=tiny&count=1&extra_disks={}&extra_networks.storage=on",
         enc("20G, 5G")
     ))
     .await;
@@ -324,9 +328,14 @@ async fn the_portal_form_takes_extra_disks_and_a_network() {
         "shown at the field"
     );
     let c = s.with_token(&token);
+    assert!(
+        r.body.contains(r#"name="extra_networks.storage" value="on" checked"#),
+        "the ticked network stays ticked"
+    );
     assert!(vms(&c).await.is_empty(), "nothing stored");
     let r = post(format!(
-        "csrf={csrf}&name=web&spec=tiny&count=1&extra_disks={}&extra_networks=storage",
+        "csrf={csrf}&name=web&spec=tiny&count=1&extra_disks={}&extra_networks.storage=on\
+         &extra_networks.backup=on",
         enc("20G, 30G:raw")
     ))
     .await;
@@ -336,5 +345,5 @@ async fn the_portal_form_takes_extra_disks_and_a_network() {
         vm["extra_disks"],
         json!([{"size_gb": 20, "mode": "auto"}, {"size_gb": 30, "mode": "raw"}])
     );
-    assert_eq!(vm["extra_networks"], json!(["storage"]));
+    assert_eq!(vm["extra_networks"], json!(["backup", "storage"]));
 }

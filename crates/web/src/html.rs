@@ -253,6 +253,61 @@ pub fn select(
     )
 }
 
+/// A group of checkboxes for a list field: box `v` is named `{name}.{v}` (see
+/// [`fold_checked`]); `checked` are the values ticked.
+pub fn checkboxes(
+    prefix: &str,
+    name: &str,
+    label: &str,
+    options: &[String],
+    checked: &[&str],
+    errs: &[FieldError],
+) -> String {
+    let mine = field_errors(errs, name);
+    let boxes: String = options
+        .iter()
+        .map(|v| {
+            format!(
+                r#"<label class="check"><input type="checkbox" id="{prefix}{n}-{v}" name="{n}.{v}" value="on"{c}> {v}</label>"#,
+                n = esc(name),
+                v = esc(v),
+                c = if checked.contains(&v.as_str()) { " checked" } else { "" },
+            )
+        })
+        .collect();
+    let err = if mine.is_empty() {
+        String::new()
+    } else {
+        format!(
+            r#"<p class="field-error" id="{prefix}{n}-error" data-field="{n}">{}</p>"#,
+            mine.iter().map(|m| esc(m)).collect::<Vec<_>>().join("<br>"),
+            n = esc(name),
+        )
+    };
+    format!(
+        r#"<fieldset class="field{cls}" id="{prefix}{n}"><legend>{l}</legend>{boxes}{err}</fieldset>"#,
+        cls = if mine.is_empty() { "" } else { " has-error" },
+        n = esc(name),
+        l = esc(label),
+    )
+}
+
+/// Folds the ticked boxes of [`checkboxes`] group `name` into one comma-separated field
+/// `name`, as a list field reads from a form.
+pub fn fold_checked(form: &mut std::collections::HashMap<String, String>, name: &str) {
+    let prefix = format!("{name}.");
+    let mut ticked: Vec<String> = form
+        .keys()
+        .filter_map(|k| k.strip_prefix(&prefix).map(str::to_string))
+        .collect();
+    if ticked.is_empty() {
+        return;
+    }
+    form.retain(|k, _| !k.starts_with(&prefix));
+    ticked.sort();
+    form.insert(name.to_string(), ticked.join(","));
+}
+
 /// An alert listing errors that belong to no field of the form.
 pub fn form_alert(message: Option<&str>) -> String {
     match message {

@@ -1,7 +1,9 @@
 //! A signed-in user's pages: dashboard (quota, VMs, create, live operations), one VM, delete
 //! with confirmation, SSH key change.
 
-use crate::html::{Input, badge, esc, form_alert, gib, ip, select, url, when_rfc3339};
+use crate::html::{
+    Input, badge, checkboxes, esc, fold_checked, form_alert, gib, ip, select, url, when_rfc3339,
+};
 use crate::session::Visitor;
 use crate::{api, body_of};
 use axum::Form;
@@ -158,8 +160,21 @@ fn create_form(
             .attrs(r#"autocapitalize="none" spellcheck="false" placeholder="20G, 50G:raw""#)
             .render("c-", errs)
     };
-    let nets = if cfg.networks.is_empty() || cfg.vms.extra_networks.max_count == 0 {
+    let max_nets = cfg.vms.extra_networks.max_count;
+    let nets = if cfg.networks.is_empty() || max_nets == 0 {
         String::new()
+    } else if max_nets > 1 && cfg.networks.len() > 1 {
+        let names: Vec<String> = cfg.networks.keys().cloned().collect();
+        let picked = g("extra_networks", "");
+        let picked: Vec<&str> = picked.split(',').map(str::trim).collect();
+        checkboxes(
+            "c-",
+            "extra_networks",
+            &format!("Extra networks (up to {max_nets})"),
+            &names,
+            &picked,
+            errs,
+        )
     } else {
         let mut opts = vec![(String::new(), "none".to_string())];
         opts.extend(cfg.networks.keys().map(|n| (n.clone(), n.clone())));
@@ -342,10 +357,11 @@ pub async fn dashboard(State(st): State<AppState>, v: Visitor) -> Response {
     dashboard_page(&st, &v, &caller, StatusCode::OK, &Fields::new(), &[], None).await
 }
 
-pub async fn create(State(st): State<AppState>, v: Visitor, Form(f): Form<Fields>) -> Response {
+pub async fn create(State(st): State<AppState>, v: Visitor, Form(mut f): Form<Fields>) -> Response {
     if let Err(r) = v.check_csrf(&f) {
         return r;
     }
+    fold_checked(&mut f, "extra_networks");
     let caller = match v.signed_in() {
         Ok(c) => c.clone(),
         Err(r) => return r,
