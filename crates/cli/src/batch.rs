@@ -40,11 +40,22 @@ fn print_plan(p: &wire::Plan) {
             .cloned()
             .chain(c.optional.iter().map(|r| format!("{r}?")))
             .collect();
+        let extras: Vec<String> = c
+            .extra_disks
+            .iter()
+            .map(|d| format!("disk {d}"))
+            .chain(c.extra_networks.iter().map(|n| format!("net {n}")))
+            .collect();
         println!(
-            "  + {:<24} {:<8} {:<12}{}",
+            "  + {:<24} {:<8} {:<12}{}{}",
             c.name,
             c.spec.as_deref().unwrap_or("-"),
             c.os.as_deref().unwrap_or("(default)"),
+            if extras.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", extras.join(", "))
+            },
             if after.is_empty() {
                 String::new()
             } else {

@@ -257,6 +257,18 @@ async fn manifests_take_extras() {
     );
     let q = get_data(&c, "/api/v1/quota").await;
     assert_eq!(q["used_disk_gib"].as_u64(), Some(130));
+    // `basphere plan` shows what each node adds.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("infra.yaml");
+    std::fs::write(
+        &file,
+        "vms:\n  store:\n    spec: tiny\n    extra_disks: [{size_gb: 40, mode: raw}]\n    \
+         extra_networks: [backup]\n",
+    )
+    .unwrap();
+    let out = s.cli_ok(&["plan", "-f", file.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("[disk 40G:raw, net backup]"), "{text}");
 }
 
 /// The portal's create form carries the extras into the same service: a bad size is shown at

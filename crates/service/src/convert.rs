@@ -247,6 +247,18 @@ pub fn plan(p: &basphere_plan::Plan) -> wire::Plan {
                 requires: c.requires.clone(),
                 optional: c.optional.clone(),
                 layer: c.layer,
+                extra_disks: c
+                    .extra_disks
+                    .iter()
+                    .map(|d| match d {
+                        basphere_plan::DiskEntry::Short(s) => s.clone(),
+                        basphere_plan::DiskEntry::Full { size_gb, mode } => match mode {
+                            Some(m) => format!("{size_gb}G:{m}"),
+                            None => format!("{size_gb}G"),
+                        },
+                    })
+                    .collect(),
+                extra_networks: c.extra_networks.clone(),
             })
             .collect(),
         keep: p

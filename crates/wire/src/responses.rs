@@ -524,6 +524,11 @@ pub struct PlanCreate {
     pub requires: Vec<String>,
     pub optional: Vec<String>,
     pub layer: usize,
+    /// Extra disks as the manifest asks for them: `20G`, `50G:raw`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_disks: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_networks: Vec<String>,
 }
 
 /// A declared node that exists already.
