@@ -181,10 +181,7 @@ async fn key_change_approval_never_follows_planted_links_or_fifos() {
             "{what}: the root-owned canary changed"
         );
         let kc = get_data(&s.root(), &format!("/api/v1/key-changes/{user}")).await;
-        assert_eq!(
-            kc["status"], "pending",
-            "{what}: the change stays pending"
-        );
+        assert_eq!(kc["status"], "pending", "{what}: the change stays pending");
         let u = s
             .root()
             .get(&format!("/api/v1/users/{user}"))

@@ -979,9 +979,20 @@ async fn key_change_without_a_key_waits_for_an_admin() {
         &call(&s, "127.0.0.1", "GET", "/api/v1/key-changes/bob", adm, None).await,
         200,
     );
-    assert_eq!(v["data"]["id"], d["id"], "one request, as the prototype answers");
+    assert_eq!(
+        v["data"]["id"], d["id"],
+        "one request, as the prototype answers"
+    );
     envelope(
-        &call(&s, "127.0.0.1", "GET", "/api/v1/key-changes/carol", adm, None).await,
+        &call(
+            &s,
+            "127.0.0.1",
+            "GET",
+            "/api/v1/key-changes/carol",
+            adm,
+            None,
+        )
+        .await,
         404,
     );
     let v = envelope(

@@ -341,7 +341,8 @@ async fn the_portal_form_takes_extra_disks_and_a_network() {
     );
     let c = s.with_token(&token);
     assert!(
-        r.body.contains(r#"name="extra_networks.storage" value="on" checked"#),
+        r.body
+            .contains(r#"name="extra_networks.storage" value="on" checked"#),
         "the ticked network stays ticked"
     );
     assert!(vms(&c).await.is_empty(), "nothing stored");

@@ -118,8 +118,18 @@ impl Quota {
             _ => Ok(()),
         };
         let n = u64::from(count);
-        check(QuotaLimit::Vms, usage.vms.into(), n, Some(self.max_vms.into()))?;
-        check(QuotaLimit::Ips, usage.ips.into(), n, Some(self.max_ips.into()))?;
+        check(
+            QuotaLimit::Vms,
+            usage.vms.into(),
+            n,
+            Some(self.max_vms.into()),
+        )?;
+        check(
+            QuotaLimit::Ips,
+            usage.ips.into(),
+            n,
+            Some(self.max_ips.into()),
+        )?;
         check(
             QuotaLimit::Vcpus,
             usage.vcpus.into(),

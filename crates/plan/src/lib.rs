@@ -470,9 +470,7 @@ mod tests {
         let web = p.create.iter().find(|c| c.name == "web").unwrap();
         assert_eq!(web.extra_disks, [DiskEntry::Short("20G".into())]);
         assert!(web.extra_networks.is_empty(), "a node's empty list wins");
-        assert!(
-            Manifest::parse("[vms.a]\nextra_disks = [{ size = 5 }]\n", Format::Toml).is_err()
-        );
+        assert!(Manifest::parse("[vms.a]\nextra_disks = [{ size = 5 }]\n", Format::Toml).is_err());
     }
 
     #[test]

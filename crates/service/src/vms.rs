@@ -252,11 +252,7 @@ impl Services {
             }
             _ => vec![],
         };
-        let extras = self.extras(
-            &mut c,
-            req.extra_disks.clone(),
-            req.extra_networks.clone(),
-        );
+        let extras = self.extras(&mut c, req.extra_disks.clone(), req.extra_networks.clone());
         c.finish()?;
         let (spec_name, spec) = spec.expect("checked");
         let os = os.expect("checked");

@@ -14,7 +14,8 @@ use crate::vms::{
 use crate::workflows::{NewWorkflow, fill_batch_in, insert_stmts};
 use crate::{Actor, Store, now_ms};
 use basphere_core::{
-    ExtraNic, ImageName, NetworkPool, ResourceRef, Spec, SpecName, Username, VmName, VmOperation, VmStatus,
+    ExtraNic, ImageName, NetworkPool, ResourceRef, Spec, SpecName, Username, VmName, VmOperation,
+    VmStatus,
 };
 use serde::Serialize;
 use serde_json::json;

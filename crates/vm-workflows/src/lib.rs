@@ -181,10 +181,7 @@ impl VmWorkflow {
 #[async_trait::async_trait]
 impl WorkflowDef for VmWorkflow {
     fn hooks(&self, definition: &str) -> Option<Hooks> {
-        definition
-            .parse()
-            .ok()
-            .map(Hooks::vm)
+        definition.parse().ok().map(Hooks::vm)
     }
 
     fn step(&self, name: &str) -> StepSpec {

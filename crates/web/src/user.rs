@@ -271,13 +271,9 @@ async fn dashboard_page(
             |x| x.to_string()
         ),
         meter("mem", "Memory", usage.memory_mib, q.max_memory_mib, gib),
-        meter(
-            "disk",
-            "Disk",
-            usage.disk_gib,
-            q.max_disk_gib,
-            |x| format!("{x} GiB")
-        ),
+        meter("disk", "Disk", usage.disk_gib, q.max_disk_gib, |x| format!(
+            "{x} GiB"
+        )),
     );
     let now = now_ms();
     let names: HashMap<&str, &str> = vms

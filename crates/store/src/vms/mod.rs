@@ -8,8 +8,8 @@ use crate::db::{Cols, Dialect, Stmt, Tx, stmt};
 use crate::workflows::{NewWorkflow, insert_stmts};
 use crate::{Actor, Result, Store, StoreError, now_ms, parse};
 use basphere_core::{
-    ExtraDisk, ExtraNic, ImageName, NetworkPool, QuotaExceeded, ResourceRef, Role,
-    Spec, SpecName, Usage, UserStatus, Username, VmName, VmOperation, VmStatus,
+    ExtraDisk, ExtraNic, ImageName, NetworkPool, QuotaExceeded, ResourceRef, Role, Spec, SpecName,
+    Usage, UserStatus, Username, VmName, VmOperation, VmStatus,
 };
 use serde::Serialize;
 use std::collections::HashSet;

@@ -46,9 +46,10 @@ pub fn cases() -> Vec<Case> {
         ("vms_retry_rechecks_the_disk_limit", |s| {
             Box::pin(retry_rechecks_disk(s)) as Fut
         }),
-        ("vms_rolled_back_create_gives_its_network_address_back", |s| {
-            Box::pin(rollback_frees_nic(s)) as Fut
-        }),
+        (
+            "vms_rolled_back_create_gives_its_network_address_back",
+            |s| Box::pin(rollback_frees_nic(s)) as Fut,
+        ),
         ("batch_nodes_take_extras_and_the_disk_quota", |s| {
             Box::pin(batch_extras(s)) as Fut
         }),
@@ -946,14 +947,9 @@ async fn extras_refusals(store: Store) {
         "no free address left on network storage; ask an admin to widen it"
     );
     assert_eq!(store.vms(Some("alice")).await.unwrap().len(), 2);
-    let got = admit_x(
-        &store,
-        &alice,
-        &["d"],
-        &extras(&[], &[("storage", one)]),
-    )
-    .await
-    .unwrap();
+    let got = admit_x(&store, &alice, &["d"], &extras(&[], &[("storage", one)]))
+        .await
+        .unwrap();
     assert_eq!(
         got[0].vm.extra_nics[0].ip,
         Some("10.77.0.9".parse().unwrap())
@@ -1000,10 +996,7 @@ async fn extras_at_once(a: Store, b: Store) {
 /// A rolled-back create gave its disk space back; retrying it takes the space again, so it is
 /// refused when other VMs hold it meanwhile (with the hooks the VM definitions register).
 async fn retry_rechecks_disk(store: Store) {
-    store.set_hooks(
-        "create_vm",
-        Hooks::vm(VmOperation::Create),
-    );
+    store.set_hooks("create_vm", Hooks::vm(VmOperation::Create));
     store.set_hooks("delete_vm", Hooks::vm(VmOperation::Delete));
     let alice = user(&store, "alice", 5).await;
     disk_limit(&store, &alice, 100).await;
@@ -1040,7 +1033,12 @@ async fn rollback_frees_nic(store: Store) {
     let one = &["10.77.0.9"][..];
     let x = extras(&[], &[("storage", one)]);
     let a = admit_x(&store, &alice, &["a"], &x).await.unwrap();
-    end(&store, &a[0].operation_id, WorkflowOutcome::Failed("boom".into())).await;
+    end(
+        &store,
+        &a[0].operation_id,
+        WorkflowOutcome::Failed("boom".into()),
+    )
+    .await;
     let b = admit_x(&store, &alice, &["b"], &x)
         .await
         .expect("a's address is free again");
@@ -1056,7 +1054,11 @@ async fn rollback_frees_nic(store: Store) {
         "{e}"
     );
     let vm = store.vm("alice", "a").await.unwrap().unwrap();
-    assert_eq!((vm.status, vm.ip_address), (VmStatus::Failed, None), "unchanged");
+    assert_eq!(
+        (vm.status, vm.ip_address),
+        (VmStatus::Failed, None),
+        "unchanged"
+    );
     // Once b is gone, the retry takes the address again.
     end(&store, &b[0].operation_id, WorkflowOutcome::Succeeded).await;
     let d = store
@@ -1085,7 +1087,12 @@ async fn batch_extras(store: Store) {
     // 3 × 50 boot + 30 + 30 = 210 > 200.
     let e = store
         .admit_batch(
-            &batch_req(&alice, 2, vec![with("a", &[30]), with("b", &[30]), with("c", &[])], &[]),
+            &batch_req(
+                &alice,
+                2,
+                vec![with("a", &[30]), with("b", &[30]), with("c", &[])],
+                &[],
+            ),
             &pool(),
             &actor(),
         )
