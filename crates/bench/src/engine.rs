@@ -51,7 +51,7 @@ pub async fn throughput(
             NewWorkflow::new(
                 "noop",
                 "bench",
-                (0..steps).map(|i| format!("s{i}")).collect(),
+                (0..steps).map(|i| format!("s{i}").into()).collect(),
             )
         })
         .collect();

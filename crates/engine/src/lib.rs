@@ -38,8 +38,8 @@ pub use basphere_plan as plan;
 mod error;
 
 use basphere_store::{
-    ClaimLimits, Claimed, DeadlineFn, Handoff, Hooks, NextStep, Reopen, StepCommit, StepStatus,
-    Store, StoreError, Workflow, WorkflowEvent, WorkflowOutcome, WorkflowStatus,
+    ClaimLimits, Claimed, Handoff, Hooks, NewStep, NextStep, Reopen, StepCommit, StepStatus, Store,
+    StoreError, Workflow, WorkflowEvent, WorkflowOutcome, WorkflowStatus,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -232,6 +232,19 @@ impl Engine {
             .insert(name.to_string(), def);
     }
 
+    /// The steps `names` of `definition` to queue, each with its deadline from the registered
+    /// definition ([`NewStep::DEFAULT_TIMEOUT_MS`] for a definition not registered here).
+    pub fn steps(&self, definition: &str, names: &[&str]) -> Vec<NewStep> {
+        let def = self.def(definition);
+        names
+            .iter()
+            .map(|n| match &def {
+                Some(d) => NewStep::new(*n, d.step(n).deadline),
+                None => NewStep::from(*n),
+            })
+            .collect()
+    }
+
     fn def(&self, definition: &str) -> Option<Arc<dyn WorkflowDef>> {
         self.inner
             .defs
@@ -298,8 +311,13 @@ impl Engine {
                     Err(_) => break,
                 }
             }
-            let me = self.clone();
-            let deadline: DeadlineFn = Arc::new(move |wf: &Workflow| me.deadline_ms(wf));
+            let runs: Vec<String> = inner
+                .defs
+                .read()
+                .expect("definitions lock")
+                .keys()
+                .cloned()
+                .collect();
             match inner
                 .store
                 .claim_many(
@@ -307,7 +325,7 @@ impl Engine {
                     inner.cfg.lease.as_millis() as i64,
                     &inner.cfg.limits,
                     permits.len(),
-                    deadline,
+                    &runs,
                 )
                 .await
             {
@@ -409,13 +427,6 @@ impl Engine {
         }
     }
 
-    /// The step deadline of a workflow's next step (for claims that start it).
-    fn deadline_ms(&self, wf: &Workflow) -> Option<i64> {
-        let def = self.def(&wf.definition)?;
-        let rec = wf.steps.get(usize::try_from(wf.step).ok()?)?;
-        Some(def.step(&rec.name).deadline.as_millis() as i64)
-    }
-
     /// Runs one claimed workflow as far as it goes now, renewing its lease meanwhile. Returns
     /// the batch node it handed its slot to, if any (leased to this node, to drive next).
     async fn drive(&self, wf: Workflow, started: bool) -> Option<Claimed> {
@@ -496,16 +507,12 @@ impl Engine {
                 let rec = &wf.steps[step as usize];
                 let idx = rec.idx;
                 let spec = def.step(&rec.name);
+                // The timeout stored when the workflow was queued, not today's definition.
+                let deadline = Duration::from_millis(rec.timeout_ms.max(0) as u64);
                 if !started {
                     self.emit(
                         store
-                            .step_started(
-                                &wf.id,
-                                idx,
-                                &rec.name,
-                                node,
-                                spec.deadline.as_millis() as i64,
-                            )
+                            .step_started(&wf.id, idx, &rec.name, node, rec.timeout_ms)
                             .await?,
                     );
                 }
@@ -522,14 +529,14 @@ impl Engine {
                     name: &rec.name,
                     idem_key: &rec.idem_key,
                     attempt: attempts,
-                    deadline: spec.deadline,
+                    deadline,
                 };
-                let result = match tokio::time::timeout(spec.deadline, def.run(&ctx)).await {
+                let result = match tokio::time::timeout(deadline, def.run(&ctx)).await {
                     Ok(r) => r,
                     Err(_) => Err(StepError::retryable(format!(
                         "{} did not finish within {}s",
                         rec.name,
-                        spec.deadline.as_secs_f64()
+                        deadline.as_secs_f64()
                     ))),
                 };
                 match result {
@@ -559,7 +566,7 @@ impl Engine {
                         let next = wf.steps.get(step as usize + 1).map(|r| NextStep {
                             idx: r.idx,
                             name: &r.name,
-                            deadline_ms: def.step(&r.name).deadline.as_millis() as i64,
+                            deadline_ms: r.timeout_ms,
                         });
                         let last = next.is_none();
                         // Without limits a finishing batch node leases its batch's next one.
@@ -567,13 +574,10 @@ impl Engine {
                         let unlimited = l.per_user.is_none()
                             && l.per_provider.is_none()
                             && l.per_host.is_none();
-                        let handoff = (last && unlimited && wf.batch_id.is_some()).then(|| {
-                            let me = self.clone();
-                            Handoff {
+                        let handoff =
+                            (last && unlimited && wf.batch_id.is_some()).then(|| Handoff {
                                 lease_ms: self.inner.cfg.lease.as_millis() as i64,
-                                deadline_ms: Arc::new(move |w: &Workflow| me.deadline_ms(w)),
-                            }
-                        });
+                            });
                         let (evs, cancel, handed) = store
                             .step_done_handoff(
                                 &wf.id, idx, &rec.name, node, &commit, next, true, handoff,

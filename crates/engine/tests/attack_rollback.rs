@@ -27,7 +27,7 @@ async fn admit(store: &Store, owner: &basphere_core::Username, name: &str) -> (S
                     disk_gib: 5,
                 },
                 provider: "null".into(),
-                steps: basphere_vm_workflows::step_names(basphere_core::VmOperation::Create),
+                steps: vm_steps(basphere_core::VmOperation::Create),
             },
             &pool(),
             &admin(),
@@ -72,7 +72,7 @@ async fn failed_cleanup_keeps_the_address_and_blocks_a_second_workflow() {
     // cancel of the delete may act on the VM now.
     stop.send(true).unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    let steps = basphere_vm_workflows::step_names(basphere_core::VmOperation::Delete);
+    let steps = vm_steps(basphere_core::VmOperation::Delete);
     let d = store
         .begin_delete_vm(u.as_str(), "fail-a", &steps, &admin())
         .await

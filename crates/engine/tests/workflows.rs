@@ -64,7 +64,7 @@ async fn vm_create_failing_releases_address_and_quota_and_marks_the_vm_failed() 
                     disk_gib: 50,
                 },
                 provider: "null".into(),
-                steps: basphere_vm_workflows::step_names(basphere_core::VmOperation::Create),
+                steps: vm_steps(basphere_core::VmOperation::Create),
             },
             &pool(),
             &admin(),
@@ -183,6 +183,9 @@ async fn cancel_of_a_hanging_step_waits_for_its_deadline() {
     let _stop = start(&e);
     let mut w = ledger_workflow(3, json!({}));
     w.definition = "hang".into();
+    // Queued with the definition's deadlines: 700 ms a step.
+    w.steps = e.steps("hang", &["s0", "s1", "s2"]);
+    assert_eq!(w.steps[1].timeout_ms, 700);
     let id = store.enqueue_workflow(&w).await.unwrap();
     e.wake();
     let t0 = Instant::now();
@@ -233,8 +236,8 @@ fn batch(owner: &basphere_core::Username, parallelism: u32, creates: Vec<BatchVm
         parallelism,
         creates,
         deletes: vec![],
-        create_steps: basphere_vm_workflows::step_names(basphere_core::VmOperation::Create),
-        delete_steps: basphere_vm_workflows::step_names(basphere_core::VmOperation::Delete),
+        create_steps: vm_steps(basphere_core::VmOperation::Create),
+        delete_steps: vm_steps(basphere_core::VmOperation::Delete),
     }
 }
 

@@ -351,8 +351,8 @@ impl Services {
                 .iter()
                 .filter_map(|n| n.parse().ok())
                 .collect(),
-            create_steps: basphere_vm_workflows::step_names(VmOperation::Create),
-            delete_steps: basphere_vm_workflows::step_names(VmOperation::Delete),
+            create_steps: basphere_vm_workflows::steps(&self.engine, VmOperation::Create),
+            delete_steps: basphere_vm_workflows::steps(&self.engine, VmOperation::Delete),
         };
         let b = self
             .store

@@ -537,7 +537,7 @@ impl Services {
                     })?;
             }
         }
-        let steps = basphere_vm_workflows::step_names(VmOperation::Delete);
+        let steps = basphere_vm_workflows::steps(&self.engine, VmOperation::Delete);
         let (mut operations, mut refused) = (vec![], vec![]);
         for vm in vms {
             match self

@@ -264,7 +264,7 @@ impl Services {
             spec_name,
             spec,
             provider: self.provider.kind().to_string(),
-            steps: basphere_vm_workflows::step_names(VmOperation::Create),
+            steps: basphere_vm_workflows::steps(&self.engine, VmOperation::Create),
         };
         Ok((admit, extras))
     }
@@ -340,7 +340,7 @@ impl Services {
         owner: &str,
         name: &str,
     ) -> Result<Done<wire::Vm>> {
-        let steps = basphere_vm_workflows::step_names(VmOperation::Delete);
+        let steps = basphere_vm_workflows::steps(&self.engine, VmOperation::Delete);
         let a = self
             .store
             .begin_delete_vm(owner, name, &steps, &me.actor)

@@ -174,6 +174,7 @@ fn an_operation_keeps_its_kind_and_vm() {
             finished_at: Some(2),
             idem_key: "w1/0/stop".into(),
             deadline_at: None,
+            timeout_ms: 60_000,
             output: None,
         }],
     };

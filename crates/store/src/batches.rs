@@ -11,7 +11,7 @@ use crate::vms::{
     AdmitError, AdmitExtras, VM_COLS, lease_nic, live_op_stmt, owner_limits, taken_ips, usage,
     vm_from,
 };
-use crate::workflows::{NewWorkflow, fill_batch_in, insert_stmts};
+use crate::workflows::{NewStep, NewWorkflow, fill_batch_in, insert_stmts};
 use crate::{Actor, Store, now_ms};
 use basphere_core::{
     ExtraNic, ImageName, NetworkPool, ResourceRef, Spec, SpecName, Username, VmName, VmOperation,
@@ -46,8 +46,8 @@ pub struct BatchRequest {
     pub creates: Vec<BatchVm>,
     /// Existing VMs of the owner to delete.
     pub deletes: Vec<VmName>,
-    pub create_steps: Vec<String>,
-    pub delete_steps: Vec<String>,
+    pub create_steps: Vec<NewStep>,
+    pub delete_steps: Vec<NewStep>,
 }
 
 /// One node of an admitted batch.
@@ -140,6 +140,7 @@ const STEP_ROW: &[Col] = &[
     ("idx", true),
     ("name", false),
     ("idem_key", false),
+    ("timeout_ms", true),
 ];
 const EVENT_ROW: &[Col] = &[("workflow_id", false), ("at", true)];
 const AUDIT_ROW: &[Col] = &[
@@ -282,8 +283,14 @@ async fn admit(
             now,
             now,
         ]));
-        for (i, name) in req.create_steps.iter().enumerate() {
-            steps.push(json!([op, i, name, format!("{op}/{i}/{name}")]));
+        for (i, s) in req.create_steps.iter().enumerate() {
+            steps.push(json!([
+                op,
+                i,
+                s.name,
+                format!("{op}/{i}/{}", s.name),
+                s.timeout_ms
+            ]));
         }
         evs.push(json!([op, now]));
         audit.push(json!([

@@ -695,10 +695,7 @@ async fn lease_batch(
         .collect::<Result<Vec<_>>>()?;
     let mut out = Vec::with_capacity(ids.len());
     for id in ids {
-        out.extend(
-            crate::workflows::lease_in(tx, &id, node, now + h.lease_ms, now, &h.deadline_ms)
-                .await?,
-        );
+        out.extend(crate::workflows::lease_in(tx, &id, node, now + h.lease_ms, now, true).await?);
     }
     Ok(out)
 }

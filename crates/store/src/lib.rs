@@ -32,7 +32,7 @@ pub use users::{
 };
 pub use vms::{AdmitError, AdmitExtras, AdmitRequest, Admitted, DeleteError, ExtraNetwork, Vm};
 pub use workflows::{
-    ClaimLimits, Claimed, DeadlineFn, Handoff, NewWorkflow, NextStep, OpError, Reopen, ResourceRef,
+    ClaimLimits, Claimed, Handoff, NewStep, NewWorkflow, NextStep, OpError, Reopen, ResourceRef,
     StepCommit, StepEffect, StepRecord, StepStatus, Workflow, WorkflowEvent, WorkflowOutcome,
     WorkflowStatus,
 };

@@ -53,6 +53,11 @@ const SQLITE: &[Migration] = &[
         "disk_quota",
         include_str!("../migrations/sqlite/0009_disk_quota.sql"),
     ),
+    (
+        10,
+        "step_timeouts",
+        include_str!("../migrations/sqlite/0010_step_timeouts.sql"),
+    ),
 ];
 
 /// PostgreSQL starts at SQLite's schema 6 in one file; later changes get a file each, on both
@@ -82,6 +87,11 @@ const POSTGRES: &[Migration] = &[
         10,
         "disk_quota",
         include_str!("../migrations/postgres/0005_disk_quota.sql"),
+    ),
+    (
+        11,
+        "step_timeouts",
+        include_str!("../migrations/postgres/0006_step_timeouts.sql"),
     ),
 ];
 

@@ -11,7 +11,7 @@ use basphere_engine::{
 use basphere_provider::{
     DiskRequest, GuestNetwork, NicAddress, NicRequest, Provider, VmRequest, mac_for,
 };
-use basphere_store::{Hooks, StepCommit, Store, StoreError, Workflow};
+use basphere_store::{Hooks, NewStep, StepCommit, Store, StoreError, Workflow};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,12 +63,16 @@ pub const CREATE_STEPS: &[&str] = &["prepare", "start", "wait_ready"];
 pub const DELETE_STEPS: &[&str] = &["stop", "remove"];
 
 /// Step names as owned strings, for the store.
-pub fn step_names(op: VmOperation) -> Vec<String> {
-    let s: &[&str] = match op {
+pub fn step_names(op: VmOperation) -> &'static [&'static str] {
+    match op {
         VmOperation::Create => CREATE_STEPS,
         VmOperation::Delete => DELETE_STEPS,
-    };
-    s.iter().map(|s| s.to_string()).collect()
+    }
+}
+
+/// The steps of `op` to queue, with the deadlines `engine`'s registered VM definitions give.
+pub fn steps(engine: &Engine, op: VmOperation) -> Vec<NewStep> {
+    engine.steps(op.as_str(), step_names(op))
 }
 
 /// Create or delete of one VM through a provider.

@@ -124,12 +124,20 @@ impl WorkflowDef for Ledger {
     }
 }
 
+/// The steps of VM operation `op`, with the default timeout.
+pub fn vm_steps(op: basphere_core::VmOperation) -> Vec<basphere_store::NewStep> {
+    basphere_vm_workflows::step_names(op)
+        .iter()
+        .map(|s| (*s).into())
+        .collect()
+}
+
 /// A ledger workflow of `steps` steps with `input`.
 pub fn ledger_workflow(steps: usize, input: serde_json::Value) -> NewWorkflow {
     let mut w = NewWorkflow::new(
         "ledger",
         "tester",
-        (0..steps).map(|i| format!("s{i}")).collect(),
+        (0..steps).map(|i| format!("s{i}").into()).collect(),
     );
     w.input = input;
     w

@@ -5,7 +5,7 @@ mod hooks;
 
 use crate::audit::audit_stmt;
 use crate::db::{Cols, Dialect, Stmt, Tx, stmt};
-use crate::workflows::{NewWorkflow, insert_stmts};
+use crate::workflows::{NewStep, NewWorkflow, insert_stmts};
 use crate::{Actor, Result, Store, StoreError, now_ms, parse};
 use basphere_core::{
     ExtraDisk, ExtraNic, ImageName, NetworkPool, QuotaExceeded, ResourceRef, Role, Spec, SpecName,
@@ -74,7 +74,7 @@ pub struct AdmitRequest {
     pub spec: Spec,
     pub provider: String,
     /// Step names of the create workflow, in order.
-    pub steps: Vec<String>,
+    pub steps: Vec<NewStep>,
 }
 
 /// One admitted VM and the workflow that builds it.
@@ -546,7 +546,7 @@ async fn begin_delete(
     tx: &mut dyn Tx,
     owner: &str,
     name: &str,
-    steps: &[String],
+    steps: &[NewStep],
     actor: &Actor,
 ) -> std::result::Result<Admitted, DeleteError> {
     if tx.dialect() == Dialect::Postgres {
@@ -637,7 +637,7 @@ impl Store {
         &self,
         owner: &str,
         name: &str,
-        steps: &[String],
+        steps: &[NewStep],
         actor: &Actor,
     ) -> std::result::Result<Admitted, DeleteError> {
         let (owner, name, steps, actor) = (

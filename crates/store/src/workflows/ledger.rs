@@ -2,18 +2,21 @@
 //! cancel, ending, children. Each is one transaction, guarded by the caller's lease.
 
 use super::{
-    ClaimLimits, Claimed, DeadlineFn, Handoff, NewWorkflow, NextStep, Reopen, StepCommit,
-    StepStatus, WF_COLS, Workflow, WorkflowEvent, WorkflowOutcome, WorkflowStatus, add_dep, clock,
-    event, finish_in, insert_stmts, lease_lost, load, load_steps, skip_locked, workflow_from,
+    ClaimLimits, Claimed, Handoff, NewWorkflow, NextStep, Reopen, StepCommit, StepStatus, WF_COLS,
+    Workflow, WorkflowEvent, WorkflowOutcome, WorkflowStatus, add_dep, clock, event, finish_in,
+    insert_stmts, lease_lost, load, load_steps, skip_locked, workflow_from,
 };
 use crate::audit::audit_stmt;
-use crate::db::{BoxFut, Dialect, Durability, Stmt, Tx, Value, stmt};
+use crate::db::{BoxFut, Col, Dialect, Durability, RowSet, Stmt, Tx, Value, stmt};
 use crate::workflows::OpError;
 use crate::{Actor, Result, Store, StoreError};
 
 /// Advisory lock key of limited claims on PostgreSQL: with a per-user, -provider or -host
 /// limit set, claims of all replicas take turns, so the limit counts are exact.
 const CLAIM_LOCK: i64 = 4_242_000_002;
+
+/// The one column of the set of definitions a node runs.
+const DEFINITION: &[Col] = &[("definition", false)];
 
 /// `LeaseLost` unless `node` holds the lease on `wf`.
 async fn guard(tx: &mut dyn Tx, wf: &str, node: &str) -> Result<()> {
@@ -63,15 +66,15 @@ async fn mark_started(
     .await
 }
 
-/// Leases workflow `id` to `node` (when it is still claimable), loads its steps and starts the
-/// next one when `deadline_ms` gives its deadline.
+/// Leases workflow `id` to `node` (when it is still claimable), loads its steps and, with
+/// `start`, starts the next one (not when undoing or cancelling) with its stored timeout.
 pub(crate) async fn lease_in(
     tx: &mut dyn Tx,
     id: &str,
     node: &str,
     lease_until: i64,
     now: i64,
-    deadline_ms: &DeadlineFn,
+    start: bool,
 ) -> Result<Option<Claimed>> {
     let sql = format!(
         "UPDATE workflows SET lease_owner = $1, lease_until = $2, updated_at = $3, parked = 0,
@@ -89,11 +92,11 @@ pub(crate) async fn lease_in(
     let mut wf = workflow_from(&row, steps)?;
     let mut evs = vec![];
     let mut started = false;
-    let runnable = wf.status == WorkflowStatus::Running && !wf.cancel_requested;
+    let runnable = start && wf.status == WorkflowStatus::Running && !wf.cancel_requested;
     if let (true, Ok(i)) = (runnable, usize::try_from(wf.step))
         && i < wf.steps.len()
-        && let Some(d) = deadline_ms(&wf)
     {
+        let d = wf.steps[i].timeout_ms;
         let (idx, name) = (wf.steps[i].idx, wf.steps[i].name.clone());
         evs.push(mark_started(tx, id, idx, &name, d, now).await?);
         let rec = &mut wf.steps[i];
@@ -119,7 +122,7 @@ async fn claim_in(
     lease_ms: i64,
     limits: ClaimLimits,
     max: i64,
-    deadline_ms: &DeadlineFn,
+    runs: Option<&[String]>,
 ) -> Result<Vec<Claimed>> {
     let limited =
         limits.per_user.is_some() || limits.per_provider.is_some() || limits.per_host.is_some();
@@ -129,14 +132,39 @@ async fn claim_in(
     }
     let now = clock(tx).await?;
     let lock = skip_locked(tx);
+    // Only definitions this node runs: `AND w.definition IN (…)` reading parameter `$n`.
+    let d = tx.dialect();
+    let only = |n: usize| match runs {
+        Some(_) => {
+            let set = RowSet::new(DEFINITION);
+            format!(
+                " AND w.definition IN (SELECT v.definition FROM {})",
+                set.relation(d, n)
+            )
+        }
+        None => String::new(),
+    };
+    let defs = || -> Vec<Value> {
+        let mut set = RowSet::new(DEFINITION);
+        for r in runs.unwrap_or_default() {
+            set.push(vec![Value::Text(r.clone())]);
+        }
+        match runs {
+            Some(_) => set.args(d),
+            None => vec![],
+        }
+    };
     // A cancel needs no dependency or slot: those first.
     let sql = format!(
         "SELECT w.id FROM workflows w
          WHERE w.cancel_requested = 1 AND w.status IN ('pending', 'running', 'undoing')
-           AND (w.lease_owner IS NULL OR w.lease_until < $1)
-         ORDER BY w.priority DESC, w.created_at LIMIT $2{lock}"
+           AND (w.lease_owner IS NULL OR w.lease_until < $1){}
+         ORDER BY w.priority DESC, w.created_at LIMIT $2{lock}",
+        only(3)
     );
-    let mut todo = ids(tx.query(&stmt!(sql, now, max)).await?)?;
+    let mut args = vec![now.into(), max.into()];
+    args.extend(defs());
+    let mut todo = ids(tx.query(&Stmt::new(sql, args)).await?)?;
     if (todo.len() as i64) < max {
         // Ready workflows in priority order (the partial index `workflows_ready`); the limits
         // exclude keys already at their maximum, each set computed once.
@@ -165,6 +193,10 @@ async fn claim_in(
                 ));
             }
         }
+        if runs.is_some() {
+            sql.push_str(&only(args.len() + 1));
+            args.extend(defs());
+        }
         args.push((max - todo.len() as i64).into());
         sql.push_str(&format!(
             " ORDER BY w.priority DESC, w.created_at LIMIT ${}{lock}",
@@ -175,7 +207,7 @@ async fn claim_in(
     }
     let mut out = Vec::with_capacity(todo.len());
     for id in todo {
-        out.extend(lease_in(tx, &id, node, now + lease_ms, now, deadline_ms).await?);
+        out.extend(lease_in(tx, &id, node, now + lease_ms, now, runs.is_some()).await?);
     }
     Ok(out)
 }
@@ -265,18 +297,18 @@ impl Store {
         limits: &ClaimLimits,
     ) -> Result<Option<Workflow>> {
         Ok(self
-            .claim_many(node, lease_ms, limits, 1, std::sync::Arc::new(|_| None))
+            .claim(node, lease_ms, limits, 1, None)
             .await?
             .pop()
             .map(|c| c.0))
     }
 
-    /// Claims up to `max` workflows in one transaction (see [`Store::claim_workflow`]) and
-    /// starts each claimed workflow's next step when `deadline_ms(&workflow)` gives its
-    /// deadline (not when undoing or cancelling). Returns each workflow as it is after that,
-    /// the events, and whether it started the step. With any concurrency limit set it claims
-    /// one. On PostgreSQL the SELECTs take `FOR UPDATE SKIP LOCKED`, so replicas claiming at
-    /// once pass over each other's rows; limited claims also take an advisory lock
+    /// Claims up to `max` workflows of the `definitions` this node runs in one transaction
+    /// (see [`Store::claim_workflow`]) and starts each one's next step with the timeout stored
+    /// when it was queued (not when undoing or cancelling). Returns each workflow as it is
+    /// after that, the events, and whether it started the step. With any concurrency limit
+    /// set it claims one. On PostgreSQL the SELECTs take `FOR UPDATE SKIP LOCKED`, so replicas
+    /// claiming at once pass over each other's rows; limited claims also take an advisory lock
     /// ([`CLAIM_LOCK`]) so that the counts behind the limits are exact across replicas.
     pub async fn claim_many(
         &self,
@@ -284,7 +316,21 @@ impl Store {
         lease_ms: i64,
         limits: &ClaimLimits,
         max: usize,
-        deadline_ms: DeadlineFn,
+        definitions: &[String],
+    ) -> Result<Vec<Claimed>> {
+        self.claim(node, lease_ms, limits, max, Some(definitions.to_vec()))
+            .await
+    }
+
+    /// Claims as [`Store::claim_many`] does with `runs`; without, of any definition and
+    /// starting no step.
+    async fn claim(
+        &self,
+        node: &str,
+        lease_ms: i64,
+        limits: &ClaimLimits,
+        max: usize,
+        runs: Option<Vec<String>>,
     ) -> Result<Vec<Claimed>> {
         let limited =
             limits.per_user.is_some() || limits.per_provider.is_some() || limits.per_host.is_some();
@@ -292,9 +338,9 @@ impl Store {
         let (node, limits) = (node.to_string(), *limits);
         self.db
             .write_with(Durability::Replayable, move |tx| {
-                Box::pin(
-                    async move { claim_in(tx, &node, lease_ms, limits, max, &deadline_ms).await },
-                )
+                Box::pin(async move {
+                    claim_in(tx, &node, lease_ms, limits, max, runs.as_deref()).await
+                })
             })
             .await
     }

@@ -37,6 +37,8 @@ pub struct StepRecord {
     pub idem_key: String,
     /// When the current (or last) attempt's deadline expires.
     pub deadline_at: Option<i64>,
+    /// How long one attempt may take, fixed when the workflow was queued.
+    pub timeout_ms: i64,
     /// What the step reported when it finished, if anything.
     pub output: Option<serde_json::Value>,
 }
@@ -115,7 +117,7 @@ pub struct NewWorkflow {
     /// Higher runs first (deletes 10, admins 5, others 0).
     pub priority: i64,
     pub input: serde_json::Value,
-    pub steps: Vec<String>,
+    pub steps: Vec<NewStep>,
     /// Key of the per-provider concurrency limit.
     pub provider: Option<String>,
     /// Key of the per-host concurrency limit.
@@ -124,11 +126,48 @@ pub struct NewWorkflow {
     pub batch: Option<(String, String)>,
 }
 
+/// A step of a workflow to queue, with how long one attempt may take (stored with it, so
+/// whichever node starts the step reads its deadline from the ledger).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewStep {
+    pub name: String,
+    pub timeout_ms: i64,
+}
+
+impl NewStep {
+    /// The timeout of a step queued without one, and of steps queued before timeouts were
+    /// stored (10 minutes).
+    pub const DEFAULT_TIMEOUT_MS: i64 = 600_000;
+
+    pub fn new(name: impl Into<String>, timeout: std::time::Duration) -> Self {
+        Self {
+            name: name.into(),
+            timeout_ms: timeout.as_millis() as i64,
+        }
+    }
+}
+
+impl From<&str> for NewStep {
+    /// A step with [`NewStep::DEFAULT_TIMEOUT_MS`].
+    fn from(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            timeout_ms: Self::DEFAULT_TIMEOUT_MS,
+        }
+    }
+}
+
+impl From<String> for NewStep {
+    fn from(name: String) -> Self {
+        name.as_str().into()
+    }
+}
+
 impl NewWorkflow {
     pub fn new(
         definition: impl Into<String>,
         owner: impl Into<String>,
-        steps: Vec<String>,
+        steps: Vec<NewStep>,
     ) -> Self {
         Self {
             definition: definition.into(),
@@ -229,14 +268,15 @@ pub(crate) fn insert_stmts(w: &NewWorkflow, id: &str, parent: Option<&str>, now:
         w.batch.as_ref().map(|b| b.0.as_str()),
         w.batch.as_ref().map(|b| b.1.as_str()),
     ));
-    for (i, name) in w.steps.iter().enumerate() {
+    for (i, s) in w.steps.iter().enumerate() {
         out.push(stmt!(
-            "INSERT INTO workflow_steps (workflow_id, idx, name, status, idem_key)
-             VALUES ($1, $2, $3, 'pending', $4)",
+            "INSERT INTO workflow_steps (workflow_id, idx, name, status, idem_key, timeout_ms)
+             VALUES ($1, $2, $3, 'pending', $4, $5)",
             id,
             i as i64,
-            name.as_str(),
-            format!("{id}/{i}/{name}"),
+            s.name.as_str(),
+            format!("{id}/{i}/{}", s.name),
+            s.timeout_ms,
         ));
     }
     out.push(stmt!(
@@ -338,6 +378,9 @@ pub(crate) fn step_from(r: &impl Cols) -> Result<StepRecord> {
         finished_at: r.opt_int("finished_at")?,
         idem_key: r.opt_text("idem_key")?.unwrap_or_default(),
         deadline_at: r.opt_int("deadline_at")?,
+        timeout_ms: r
+            .opt_int("timeout_ms")?
+            .unwrap_or(NewStep::DEFAULT_TIMEOUT_MS),
         output: r
             .opt_text("output")?
             .and_then(|o| serde_json::from_str(&o).ok()),
@@ -380,16 +423,11 @@ pub(crate) fn workflow_from(r: &impl Cols, steps: Vec<StepRecord>) -> Result<Wor
 /// A claimed workflow, the events of its claim, and whether the claim started its step.
 pub type Claimed = (Workflow, Vec<WorkflowEvent>, bool);
 
-/// The deadline of a workflow's next step in milliseconds, if it has one to start (asked of
-/// the engine's definitions when a claim or a hand-off starts a step).
-pub type DeadlineFn = std::sync::Arc<dyn Fn(&Workflow) -> Option<i64> + Send + Sync>;
-
 /// A finishing batch node hands its slot to the next ready node of its batch: leased to the
-/// same node in the finishing transaction, its first step started with `deadline_ms`.
-#[derive(Clone)]
+/// same node in the finishing transaction (for `lease_ms`), its first step started.
+#[derive(Debug, Clone, Copy)]
 pub struct Handoff {
     pub lease_ms: i64,
-    pub deadline_ms: DeadlineFn,
 }
 
 pub(crate) const WF_COLS: &str =

@@ -327,7 +327,7 @@ async fn block_full(store: Store) {
 async fn delete(store: Store) {
     vm_hooks(&store);
     let alice = user(&store, "alice", 3).await;
-    let steps = vec!["destroy".to_string()];
+    let steps = vec!["destroy".into()];
     let e = store
         .begin_delete_vm("alice", "nope", &steps, &actor())
         .await
@@ -875,7 +875,7 @@ async fn extras_stored(store: Store) {
     // Deleting `a` gives 10.77.0.2 back: the next VM gets it.
     end(&store, &got[0].operation_id, WorkflowOutcome::Succeeded).await;
     let d = store
-        .begin_delete_vm("alice", "a", &["destroy".to_string()], &actor())
+        .begin_delete_vm("alice", "a", &["destroy".into()], &actor())
         .await
         .unwrap();
     end(&store, &d.operation_id, WorkflowOutcome::Succeeded).await;
@@ -1062,7 +1062,7 @@ async fn rollback_frees_nic(store: Store) {
     // Once b is gone, the retry takes the address again.
     end(&store, &b[0].operation_id, WorkflowOutcome::Succeeded).await;
     let d = store
-        .begin_delete_vm("alice", "b", &["destroy".to_string()], &actor())
+        .begin_delete_vm("alice", "b", &["destroy".into()], &actor())
         .await
         .unwrap();
     end(&store, &d.operation_id, WorkflowOutcome::Succeeded).await;

@@ -1,12 +1,11 @@
 //! The workflow ledger: queueing, claims, leases, step transitions, endings, children.
 use crate::{Case, Fut, ReplicaCase};
 use basphere_store::{
-    Actor, ClaimLimits, DeadlineFn, NewWorkflow, NextStep, OpError, StepCommit, StepStatus, Store,
+    Actor, ClaimLimits, NewStep, NewWorkflow, NextStep, OpError, StepCommit, StepStatus, Store,
     StoreError, WorkflowOutcome, WorkflowStatus,
 };
 use serde_json::json;
 use std::collections::HashSet;
-use std::sync::Arc;
 
 pub fn cases() -> Vec<Case> {
     vec![
@@ -27,6 +26,9 @@ pub fn cases() -> Vec<Case> {
         }),
         ("ledger_claims_respect_the_per_user_limit", |s| {
             Box::pin(per_user(s)) as Fut
+        }),
+        ("ledger_claims_what_a_node_runs_with_stored_timeouts", |s| {
+            Box::pin(stored_timeouts(s)) as Fut
         }),
     ]
 }
@@ -72,10 +74,7 @@ async fn changes_name_their_events(a: Store, b: Store) {
     assert_eq!(c.events, Some((queued[0].seq, queued[0].seq)));
 
     // A group completion: the step's end and the next one's start, one commit, one range.
-    let claimed = a
-        .claim_many("n1", 10_000, &NONE, 1, deadline(5_000))
-        .await
-        .unwrap();
+    let claimed = a.claim_many("n1", 10_000, &NONE, 1, &runs()).await.unwrap();
     let c = next(&mut theirs).await;
     let (lo, hi) = c.events.unwrap();
     assert_eq!(
@@ -125,16 +124,23 @@ async fn changes_name_their_events(a: Store, b: Store) {
     );
 }
 
+/// A workflow of `steps` steps of 5 s each.
 fn wf(owner: &str, steps: usize) -> NewWorkflow {
     NewWorkflow::new(
         "ledger",
         owner,
-        (0..steps).map(|i| format!("s{i}")).collect(),
+        (0..steps)
+            .map(|i| NewStep {
+                name: format!("s{i}"),
+                timeout_ms: 5_000,
+            })
+            .collect(),
     )
 }
 
-fn deadline(ms: i64) -> DeadlineFn {
-    Arc::new(move |_| Some(ms))
+/// The definitions the tests' nodes run.
+fn runs() -> Vec<String> {
+    vec!["ledger".to_string()]
 }
 
 const NONE: ClaimLimits = ClaimLimits {
@@ -154,7 +160,7 @@ async fn step_by_step(store: Store) {
     assert!(store.next_due_in().await.unwrap().is_some());
 
     let claimed = store
-        .claim_many("n1", 10_000, &NONE, 8, deadline(5_000))
+        .claim_many("n1", 10_000, &NONE, 8, &runs())
         .await
         .unwrap();
     assert_eq!(claimed.len(), 1);
@@ -165,7 +171,7 @@ async fn step_by_step(store: Store) {
     assert_eq!(evs[0].kind, "step_started");
     assert!(
         store
-            .claim_many("n2", 10_000, &NONE, 8, deadline(5_000))
+            .claim_many("n2", 10_000, &NONE, 8, &runs())
             .await
             .unwrap()
             .is_empty(),
@@ -200,7 +206,7 @@ async fn step_by_step(store: Store) {
         .await
         .unwrap();
     let c = store
-        .claim_many("n2", 10_000, &NONE, 8, deadline(5_000))
+        .claim_many("n2", 10_000, &NONE, 8, &runs())
         .await
         .unwrap();
     assert_eq!(c.len(), 1, "any node takes it after a retry");
@@ -263,7 +269,7 @@ async fn step_by_step(store: Store) {
 async fn lease_guard(store: Store) {
     let id = store.enqueue_workflow(&wf("alice", 2)).await.unwrap();
     store
-        .claim_many("n1", 10_000, &NONE, 1, deadline(5_000))
+        .claim_many("n1", 10_000, &NONE, 1, &runs())
         .await
         .unwrap();
     let lost = |r: Result<_, StoreError>| matches!(r, Err(StoreError::LeaseLost(w)) if w == id);
@@ -298,7 +304,7 @@ async fn lease_guard(store: Store) {
     // An expired lease is taken over by another node; the old holder is fenced out.
     store.renew_lease(&id, "n1", -1).await.unwrap();
     let c = store
-        .claim_many("n2", 10_000, &NONE, 1, deadline(5_000))
+        .claim_many("n2", 10_000, &NONE, 1, &runs())
         .await
         .unwrap();
     assert_eq!(c.len(), 1);
@@ -310,7 +316,7 @@ async fn undo_and_cancel(store: Store) {
     let actor = Actor::new("alice", "test");
     let id = store.enqueue_workflow(&wf("alice", 3)).await.unwrap();
     store
-        .claim_many("n1", 10_000, &NONE, 1, deadline(5_000))
+        .claim_many("n1", 10_000, &NONE, 1, &runs())
         .await
         .unwrap();
     store
@@ -351,7 +357,7 @@ async fn undo_and_cancel(store: Store) {
     // A cancel request on a running workflow: the next completion reports it.
     let id = store.enqueue_workflow(&wf("alice", 2)).await.unwrap();
     store
-        .claim_many("n1", 10_000, &NONE, 1, deadline(5_000))
+        .claim_many("n1", 10_000, &NONE, 1, &runs())
         .await
         .unwrap();
     let ev = store.request_cancel(&id, &actor).await.unwrap();
@@ -406,7 +412,7 @@ async fn undo_and_cancel(store: Store) {
 async fn children(store: Store) {
     let parent = store.enqueue_workflow(&wf("alice", 2)).await.unwrap();
     store
-        .claim_many("n1", 10_000, &NONE, 1, deadline(5_000))
+        .claim_many("n1", 10_000, &NONE, 1, &runs())
         .await
         .unwrap();
     let commit = StepCommit {
@@ -432,7 +438,7 @@ async fn children(store: Store) {
     );
     // Only the children are claimable while the parent waits.
     let c = store
-        .claim_many("n2", 10_000, &NONE, 8, deadline(5_000))
+        .claim_many("n2", 10_000, &NONE, 8, &runs())
         .await
         .unwrap();
     let ids: HashSet<String> = c.iter().map(|c| c.0.id.clone()).collect();
@@ -455,7 +461,7 @@ async fn children(store: Store) {
     let p = store.workflow(&parent).await.unwrap().unwrap();
     assert_eq!(p.waiting_on, 0, "every child ended");
     let c = store
-        .claim_many("n1", 10_000, &NONE, 8, deadline(5_000))
+        .claim_many("n1", 10_000, &NONE, 8, &runs())
         .await
         .unwrap();
     assert_eq!((c.len(), c[0].0.id.as_str()), (1, parent.as_str()));
@@ -481,7 +487,7 @@ async fn edges(store: Store) {
     let (a, b, c) = (&ids[0], &ids[1], &ids[2]);
     assert_eq!(store.workflow(c).await.unwrap().unwrap().waiting_on, 2);
     let claimed = store
-        .claim_many("n1", 10_000, &NONE, 8, deadline(5_000))
+        .claim_many("n1", 10_000, &NONE, 8, &runs())
         .await
         .unwrap();
     assert_eq!(claimed.len(), 2, "c waits");
@@ -518,7 +524,7 @@ async fn per_user(store: Store) {
     let mut owners = vec![];
     for _ in 0..5 {
         for c in store
-            .claim_many("n1", 10_000, &lim, 8, deadline(5_000))
+            .claim_many("n1", 10_000, &lim, 8, &runs())
             .await
             .unwrap()
         {
@@ -539,11 +545,7 @@ async fn two_claimers(a: Store, b: Store) {
     let claim = |s: Store, node: &'static str| async move {
         let mut got = vec![];
         for _ in 0..20 {
-            for c in s
-                .claim_many(node, 60_000, &NONE, 4, deadline(5_000))
-                .await
-                .unwrap()
-            {
+            for c in s.claim_many(node, 60_000, &NONE, 4, &runs()).await.unwrap() {
                 got.push(c.0.id);
             }
         }
@@ -558,4 +560,56 @@ async fn two_claimers(a: Store, b: Store) {
     let distinct: HashSet<&String> = all.iter().collect();
     assert_eq!(all.len(), 60, "every workflow claimed");
     assert_eq!(distinct.len(), 60, "none claimed twice");
+}
+
+/// A node claims only the definitions it runs, and a claim starts the step with the timeout
+/// stored when the workflow was queued (whatever the node would give it today).
+async fn stored_timeouts(store: Store) {
+    let ledger = store.enqueue_workflow(&wf("alice", 2)).await.unwrap();
+    let mut other = NewWorkflow::new(
+        "other",
+        "alice",
+        vec![NewStep {
+            name: "only".into(),
+            timeout_ms: 7_000,
+        }],
+    );
+    other.priority = 9;
+    let other = store.enqueue_workflow(&other).await.unwrap();
+    let claimed = store
+        .claim_many("n1", 10_000, &NONE, 8, &runs())
+        .await
+        .unwrap();
+    let ids: Vec<&str> = claimed.iter().map(|c| c.0.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [ledger.as_str()],
+        "not the other definition, though it ranks first"
+    );
+    let s0 = &claimed[0].0.steps[0];
+    assert_eq!(s0.timeout_ms, 5_000);
+    assert_eq!(s0.deadline_at, s0.started_at.map(|t| t + 5_000));
+    assert!(claimed[0].2, "the claim started the step");
+    let claimed = store
+        .claim_many("n2", 10_000, &NONE, 8, &["other".to_string()])
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].0.id, other);
+    let only = &claimed[0].0.steps[0];
+    assert_eq!(only.deadline_at, only.started_at.map(|t| t + 7_000));
+    // Read back: the stored timeout and the deadline it gave.
+    let w = store.workflow(&other).await.unwrap().unwrap();
+    assert_eq!(
+        (w.steps[0].timeout_ms, w.steps[0].status),
+        (7_000, StepStatus::Running)
+    );
+    assert!(
+        store
+            .claim_many("n3", 10_000, &NONE, 8, &[])
+            .await
+            .unwrap()
+            .is_empty(),
+        "a node that runs nothing claims nothing"
+    );
 }
