@@ -637,7 +637,7 @@ pub(crate) async fn commit_group(
         fill_batch_in(tx, b).await?;
     }
     for ((batch_id, node), idxs) in wants {
-        let Some(h) = reqs[idxs[0]].handoff.clone() else {
+        let Some(h) = reqs[idxs[0]].handoff else {
             continue;
         };
         let claimed = lease_batch(tx, &batch_id, &node, &h, idxs.len(), now).await?;
