@@ -2,7 +2,9 @@
 mod common;
 use basphere_core::VmStatus;
 use basphere_provider::NullProvider;
-use basphere_store::{Actor, AdmitRequest, BatchRequest, BatchVm, StepStatus, WorkflowStatus};
+use basphere_store::{
+    Actor, AdmitRequest, BatchRequest, BatchVm, BatchWork, StepStatus, WorkflowStatus,
+};
 use common::*;
 use serde_json::json;
 use std::sync::Arc;
@@ -328,6 +330,76 @@ async fn batch_runs_in_dependency_order_and_a_failure_skips_its_dependents() {
     assert!(last(&cache) < first(&app), "soft edge orders when present");
     assert!(last(&cache) < first(&report));
     assert_eq!(store.usage(u.as_str()).await.unwrap().vms, 5);
+}
+
+/// A batch of another definition than VMs (the engine's ledger workflows): edges order it,
+/// a failed node skips what requires it, a soft edge only orders, and its parallelism holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_any_definition_runs_like_a_vm_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    let e = engine(&store, null(), engine_cfg("n1"));
+    e.register("ledger", Ledger::new("n1", None));
+    let _stop = start(&e);
+    let work = |node: &str, requires: &[&str], optional: &[&str], input: serde_json::Value| {
+        let mut w = BatchWork::new(node, "ledger", ledger_workflow(2, input));
+        w.requires = requires.iter().map(|s| s.to_string()).collect();
+        w.optional = optional.iter().map(|s| s.to_string()).collect();
+        w
+    };
+    let slow = json!({"sleep_ms": [40, 40]});
+    let mut works = vec![
+        work("a", &[], &[], slow.clone()),
+        work("b", &["a"], &[], slow.clone()),
+        work("c", &["b"], &[], json!({"fail_at": 1})),
+        work("d", &["c"], &[], slow.clone()),
+        work("e", &[], &["c"], slow.clone()),
+    ];
+    works.extend((0..4).map(|i| work(&format!("lone{i}"), &[], &[], slow.clone())));
+    let b = store.enqueue_batch("tester", 2, works).await.unwrap();
+    e.wake();
+    let mut ws = vec![];
+    for n in &b.nodes {
+        assert_eq!(n.action, "ledger");
+        ws.push((n.node.clone(), wait_done(&store, &n.operation_id, 20).await));
+    }
+    let get = |n: &str| &ws.iter().find(|(x, _)| x == n).unwrap().1;
+    for n in ["a", "b", "e", "lone0", "lone3"] {
+        assert_eq!(get(n).status, WorkflowStatus::Succeeded, "{n}");
+    }
+    assert_eq!(get("c").status, WorkflowStatus::Failed);
+    assert_eq!(get("d").status, WorkflowStatus::Cancelled);
+    assert!(
+        get("d")
+            .error
+            .as_deref()
+            .unwrap()
+            .starts_with("skipped: requires")
+    );
+    assert!(
+        get("d").steps.iter().all(|s| s.attempts == 0),
+        "d never ran"
+    );
+    let span = |w: &basphere_store::Workflow| {
+        let start = w.steps.iter().filter_map(|s| s.started_at).min().unwrap();
+        let end = w.steps.iter().filter_map(|s| s.finished_at).max().unwrap();
+        (start, end)
+    };
+    assert!(span(get("a")).1 <= span(get("b")).0, "b after a");
+    assert!(
+        span(get("c")).1 <= span(get("e")).0,
+        "the soft edge orders e after c"
+    );
+    // No more than 2 nodes ever ran at once.
+    let spans: Vec<(i64, i64)> = ws
+        .iter()
+        .filter(|(_, w)| w.steps.iter().any(|s| s.started_at.is_some()))
+        .map(|(_, w)| span(w))
+        .collect();
+    for (s, _) in &spans {
+        let at_once = spans.iter().filter(|(a, b)| a <= s && s < b).count();
+        assert!(at_once <= 2, "{at_once} nodes in flight at {s}: {spans:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

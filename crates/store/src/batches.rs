@@ -1,60 +1,57 @@
-//! Batches: a DAG of VM creates (and deletes) admitted in one transaction.
+//! Batches of workflows of any definition: a DAG admitted in one transaction.
 //!
-//! Each node becomes an ordinary workflow tagged with the batch; its edges are rows of
+//! Each node is an ordinary workflow tagged with its batch; its edges are rows of
 //! `workflow_deps`, and the claim query runs a node only once its dependencies ended and the
 //! batch has fewer than `parallelism` nodes in flight. A failed node skips the nodes that
-//! require it (see `Store::finish_workflow`).
+//! require it (see `Store::finish_workflow`). What a node does to a resource before it is
+//! queued (a VM's row, quota, address) is its resource's admission, in the same transaction
+//! (`vms::batch`).
 
-use crate::audit::audit_stmt;
 use crate::db::{Col, Cols, Dialect, RowSet, Stmt, Tx, stmt};
-use crate::vms::{
-    AdmitError, AdmitExtras, VM_COLS, lease_nic, live_op_stmt, owner_limits, taken_ips, usage,
-    vm_from,
-};
-use crate::workflows::{NewStep, NewWorkflow, fill_batch_in, insert_stmts};
-use crate::{Actor, Store, now_ms};
-use basphere_core::{
-    ExtraNic, ImageName, NetworkPool, ResourceRef, Spec, SpecName, Username, VmName, VmOperation,
-    VmStatus,
-};
+use crate::workflows::{NewWorkflow, fill_batch_in};
+use crate::{Result, Store, now_ms};
 use serde::Serialize;
 use serde_json::json;
 use std::collections::{HashMap, HashSet};
 
-/// One VM to create as a batch node.
+/// One node of a batch: a workflow to queue, and what it runs after.
 #[derive(Debug, Clone)]
-pub struct BatchVm {
-    pub name: VmName,
-    pub os: ImageName,
-    pub login_user: String,
-    pub spec_name: SpecName,
-    pub spec: Spec,
-    /// Hard edges: node names in this batch, or existing VMs (waited for if still busy).
+pub struct BatchWork {
+    /// The operation id it is queued under (a UUIDv7, made by [`BatchWork::new`]: nodes made
+    /// in order get slots in that order).
+    pub id: String,
+    /// Its name in the batch (unique there).
+    pub node: String,
+    /// What the node's reference reports it does (`create`, `delete`, a definition's name).
+    pub action: String,
+    pub workflow: NewWorkflow,
+    /// Hard edges to other nodes of this batch (a failed one skips this node).
     pub requires: Vec<String>,
-    /// Soft edges: node names in this batch (others are ignored).
+    /// Soft edges to other nodes of this batch (order only; others are ignored).
     pub optional: Vec<String>,
-    /// Extra disks and networks beside the spec.
-    pub extras: AdmitExtras,
+    /// Hard edges to workflows outside the batch, by operation id (waited for while live).
+    pub after: Vec<String>,
 }
 
-/// A planned batch to admit.
-#[derive(Debug, Clone)]
-pub struct BatchRequest {
-    pub owner: Username,
-    pub provider: String,
-    pub parallelism: u32,
-    pub creates: Vec<BatchVm>,
-    /// Existing VMs of the owner to delete.
-    pub deletes: Vec<VmName>,
-    pub create_steps: Vec<NewStep>,
-    pub delete_steps: Vec<NewStep>,
+impl BatchWork {
+    pub fn new(node: impl Into<String>, action: impl Into<String>, workflow: NewWorkflow) -> Self {
+        Self {
+            id: uuid::Uuid::now_v7().to_string(),
+            node: node.into(),
+            action: action.into(),
+            workflow,
+            requires: vec![],
+            optional: vec![],
+            after: vec![],
+        }
+    }
 }
 
 /// One node of an admitted batch.
 #[derive(Debug, Clone, Serialize)]
 pub struct BatchNodeRef {
     pub node: String,
-    pub action: &'static str,
+    pub action: String,
     pub operation_id: String,
 }
 
@@ -68,7 +65,7 @@ pub struct BatchAdmitted {
 /// One statement inserting every row of `rows` (each a JSON array, one value per column of
 /// `cols`) into `table`, whatever their number (a [`RowSet`]); `consts` are columns set to
 /// the same SQL constant in every row. Rows are inserted in order.
-fn bulk_insert(
+pub(crate) fn bulk_insert(
     dialect: Dialect,
     table: &str,
     cols: &'static [Col],
@@ -105,31 +102,17 @@ fn bulk_insert(
     Some(Stmt::new(sql, set.args(dialect)))
 }
 
-const VM_ROW: &[Col] = &[
-    ("id", false),
-    ("owner", false),
-    ("name", false),
-    ("os", false),
-    ("login_user", false),
-    ("spec", false),
-    ("vcpus", true),
-    ("memory_mib", true),
-    ("disk_gib", true),
-    ("ip", false),
-    ("provider", false),
-    ("created_at", true),
-    ("updated_at", true),
-    ("extra_disks", false),
-    ("extra_nics", false),
-    ("extra_disk_gib", true),
-];
 const WORKFLOW_ROW: &[Col] = &[
     ("id", false),
+    ("definition", false),
+    ("resource_kind", false),
     ("resource_id", false),
     ("owner", false),
     ("priority", true),
+    ("input", false),
     ("next_run_at", true),
     ("provider", false),
+    ("host", false),
     ("batch_id", false),
     ("node", false),
     ("created_at", true),
@@ -142,148 +125,61 @@ const STEP_ROW: &[Col] = &[
     ("idem_key", false),
     ("timeout_ms", true),
 ];
-const EVENT_ROW: &[Col] = &[("workflow_id", false), ("at", true)];
-const AUDIT_ROW: &[Col] = &[
-    ("at", true),
-    ("actor", false),
-    ("source", false),
-    ("target", false),
-    ("detail", false),
-];
+const EVENT_ROW: &[Col] = &[("workflow_id", false), ("at", true), ("message", false)];
 const EDGE_ROW: &[Col] = &[
     ("workflow_id", false),
     ("depends_on", false),
     ("hard", true),
 ];
 
-/// Why a batch was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum BatchError {
-    #[error(transparent)]
-    Admit(#[from] AdmitError),
-    #[error("VM {0} is {1}; wait for its operation to finish, then apply again")]
-    Busy(String, VmStatus),
-}
-
-impl From<crate::StoreError> for BatchError {
-    fn from(e: crate::StoreError) -> Self {
-        BatchError::Admit(e.into())
-    }
-}
-
-impl From<basphere_core::QuotaExceeded> for BatchError {
-    fn from(e: basphere_core::QuotaExceeded) -> Self {
-        BatchError::Admit(e.into())
-    }
-}
-
-/// Admits the batch `req` (see [`Store::admit_batch`]).
-async fn admit(
+/// Queues `works` as batch `batch_id` of `owner` inside the caller's transaction: the batch
+/// row, every workflow with its steps and queued event (a handful of statements whatever the
+/// number of nodes), the edges, and the first `parallelism` ready nodes given a slot. Node
+/// names are unique; edges to names not in the batch are ignored.
+pub(crate) async fn enqueue_in(
     tx: &mut dyn Tx,
-    req: &BatchRequest,
-    pool: &NetworkPool,
-    actor: &Actor,
-) -> std::result::Result<BatchAdmitted, BatchError> {
-    let owner = req.owner.as_str();
-    let (quota, block, admin) = owner_limits(tx, owner, pool).await?;
-    let mut used = usage(tx, owner).await?;
-    for v in &req.creates {
-        let each = Spec {
-            disk_gib: v.spec.disk_gib + v.extras.disk_gib(),
-            ..v.spec
-        };
-        quota.admit(&used, 1, &each)?;
-        used.vms += 1;
-        used.ips += 1;
-        used.vcpus += each.vcpus;
-        used.memory_mib += each.memory_mib;
-        used.disk_gib += each.disk_gib;
-    }
-    let existing: HashMap<String, (String, VmStatus)> = tx
-        .query(&stmt!(
-            format!("SELECT {VM_COLS} FROM vms WHERE owner = $1"),
-            owner
-        ))
-        .await?
-        .iter()
-        .map(|r| vm_from(r).map(|v| (v.name.to_string(), (v.id, v.status))))
-        .collect::<crate::Result<_>>()?;
-    let mut seen = HashSet::new();
-    for v in &req.creates {
-        if !seen.insert(v.name.as_str()) {
-            return Err(AdmitError::DuplicateInRequest(v.name.clone()).into());
-        }
-        if existing.contains_key(v.name.as_str()) {
-            return Err(AdmitError::NameTaken(v.name.clone()).into());
-        }
-    }
-    let taken = taken_ips(tx).await?;
-    let mut free = pool
-        .assignable_in(&block)
-        .filter(|a| !taken.contains(&a.to_string()));
-    let batch_id = uuid::Uuid::now_v7().to_string();
+    batch_id: &str,
+    owner: &str,
+    parallelism: u32,
+    works: &[BatchWork],
+) -> Result<Vec<BatchNodeRef>> {
     let now = now_ms();
     tx.exec(&stmt!(
         "INSERT INTO batches (id, owner, parallelism, nodes, created_at) VALUES ($1, $2, $3, $4, $5)",
-        batch_id.as_str(),
+        batch_id,
         owner,
-        req.parallelism.max(1),
-        (req.creates.len() + req.deletes.len()) as i64,
+        parallelism.max(1),
+        works.len() as i64,
         now,
     ))
     .await?;
-    let mut nodes = Vec::with_capacity(req.creates.len() + req.deletes.len());
-    let mut nic_locked = false;
-    let mut op_of: HashMap<&str, String> = HashMap::new();
-    // Rows of one statement per table: a 1,000-node batch is a handful of statements.
-    let (mut vms, mut wfs, mut steps, mut evs, mut audit) =
-        (vec![], vec![], vec![], vec![], vec![]);
-    let priority = if admin { 5 } else { 0 };
-    for v in &req.creates {
-        let ip = free
-            .next()
-            .ok_or_else(|| AdmitError::BlockFull(owner.to_string(), block.net.to_string()))?;
-        let id = uuid::Uuid::now_v7().to_string();
-        let op = uuid::Uuid::now_v7().to_string();
-        let mut nics = Vec::with_capacity(v.extras.networks.len());
-        for net in &v.extras.networks {
-            let ip = lease_nic(tx, net, &id, &mut nic_locked).await?;
-            nics.push(ExtraNic {
-                network: net.name.clone(),
-                ip,
-            });
-        }
-        vms.push(json!([
-            id,
-            owner,
-            v.name.as_str(),
-            v.os.as_str(),
-            v.login_user,
-            v.spec_name.as_str(),
-            v.spec.vcpus,
-            v.spec.memory_mib,
-            v.spec.disk_gib,
-            ip.to_string(),
-            req.provider,
-            now,
-            now,
-            json!(v.extras.disks).to_string(),
-            json!(nics).to_string(),
-            v.extras.disk_gib(),
-        ]));
+    let op_of: HashMap<&str, &str> = works
+        .iter()
+        .map(|w| (w.node.as_str(), w.id.as_str()))
+        .collect();
+    let (mut wfs, mut steps, mut evs, mut edges) = (vec![], vec![], vec![], vec![]);
+    // One edge per pair (a name listed twice, or both required and optional, is one; the
+    // hard one wins): `workflow_deps` keys on the pair.
+    let mut paired = HashSet::new();
+    for b in works {
+        let (op, w) = (&b.id, &b.workflow);
         wfs.push(json!([
             op,
-            id,
-            owner,
-            priority,
+            w.definition,
+            w.resource.as_ref().map(|r| r.kind.as_str()),
+            w.resource.as_ref().map(|r| r.id.as_str()),
+            w.owner,
+            w.priority,
+            w.input.to_string(),
             now,
-            req.provider,
+            w.provider,
+            w.host,
             batch_id,
-            v.name.as_str(),
+            b.node,
             now,
             now,
         ]));
-        for (i, s) in req.create_steps.iter().enumerate() {
+        for (i, s) in w.steps.iter().enumerate() {
             steps.push(json!([
                 op,
                 i,
@@ -292,38 +188,29 @@ async fn admit(
                 s.timeout_ms
             ]));
         }
-        evs.push(json!([op, now]));
-        audit.push(json!([
-            now,
-            actor.name,
-            actor.source,
-            format!("{owner}/{}", v.name),
-            format!(
-                "ip={ip} spec={} os={} operation={op} batch={batch_id}",
-                v.spec_name, v.os
-            ),
-        ]));
-        op_of.insert(v.name.as_str(), op.clone());
-        nodes.push(BatchNodeRef {
-            node: v.name.to_string(),
-            action: "create",
-            operation_id: op,
-        });
+        evs.push(json!([op, now, format!("{} queued", w.definition)]));
+        let inside = b
+            .requires
+            .iter()
+            .map(|r| (op_of.get(r.as_str()).copied(), true));
+        let soft = b
+            .optional
+            .iter()
+            .map(|r| (op_of.get(r.as_str()).copied(), false));
+        let outside = b.after.iter().map(|a| (Some(a.as_str()), true));
+        for (target, hard) in inside.chain(outside).chain(soft) {
+            if let Some(t) = target.filter(|t| paired.insert((op.as_str(), *t))) {
+                edges.push(json!([op, t, i64::from(hard)]));
+            }
+        }
     }
     let d = tx.dialect();
     let inserts = [
-        bulk_insert(d, "vms", VM_ROW, &[("status", "'creating'")], vms),
         bulk_insert(
             d,
             "workflows",
             WORKFLOW_ROW,
-            &[
-                ("definition", "'create_vm'"),
-                ("resource_kind", "'vm'"),
-                ("status", "'pending'"),
-                ("input", "'{}'"),
-                ("parked", "1"),
-            ],
+            &[("status", "'pending'"), ("parked", "1")],
             wfs,
         ),
         bulk_insert(
@@ -337,142 +224,61 @@ async fn admit(
             d,
             "workflow_events",
             EVENT_ROW,
-            &[
-                ("step", "NULL"),
-                ("kind", "'queued'"),
-                ("message", "'create_vm queued'"),
-            ],
+            &[("step", "NULL"), ("kind", "'queued'")],
             evs,
         ),
-        bulk_insert(
-            d,
-            "audit",
-            AUDIT_ROW,
-            &[("action", "'vm.create'"), ("result", "'accepted'")],
-            audit,
-        ),
+        bulk_insert(d, "workflow_deps", EDGE_ROW, &[], edges),
     ];
+    let has_edges = inserts[3].is_some();
     tx.run(&inserts.into_iter().flatten().collect::<Vec<_>>())
         .await?;
-    let mut edges = vec![];
-    // One edge per pair (a name listed twice, or both required and optional, is one; the
-    // hard one wins): `workflow_deps` keys on the pair.
-    let mut paired = HashSet::new();
-    for v in &req.creates {
-        let me = &op_of[v.name.as_str()];
-        for (deps, hard) in [(&v.requires, true), (&v.optional, false)] {
-            for d in deps {
-                let target = match op_of.get(d.as_str()) {
-                    Some(op) => Some(op.clone()),
-                    // An existing VM still being made: wait for its operation.
-                    None if existing.contains_key(d) => tx
-                        .query_opt(&live_op_stmt(&existing[d].0))
-                        .await?
-                        .map(|r| r.text("id"))
-                        .transpose()?,
-                    None => None,
-                };
-                if let Some(t) = target.filter(|t| paired.insert((me.clone(), t.clone()))) {
-                    edges.push(json!([me, t, i64::from(hard)]));
-                }
-            }
-        }
-    }
-    if let Some(s) = bulk_insert(d, "workflow_deps", EDGE_ROW, &[], edges) {
-        tx.exec(&s).await?;
+    if has_edges {
         tx.exec(&stmt!(
             "UPDATE workflows SET waiting_on = (
                  SELECT COUNT(*) FROM workflow_deps d JOIN workflows o ON o.id = d.depends_on
                  WHERE d.workflow_id = workflows.id
                    AND o.status IN ('pending', 'running', 'undoing'))
              WHERE batch_id = $1",
-            batch_id.as_str()
+            batch_id
         ))
         .await?;
     }
-    let mut later = vec![];
-    for name in &req.deletes {
-        let Some((vm_id, status)) = existing.get(name.as_str()) else {
-            continue;
-        };
-        if matches!(status, VmStatus::Creating | VmStatus::Deleting) {
-            return Err(BatchError::Busy(name.to_string(), *status));
-        }
-        later.push(stmt!(
-            "UPDATE vms SET status = 'deleting', updated_at = $2 WHERE id = $1",
-            vm_id.as_str(),
-            now
-        ));
-        let mut w = NewWorkflow::new(
-            VmOperation::Delete.as_str(),
-            owner,
-            req.delete_steps.clone(),
-        );
-        w.resource = Some(ResourceRef::vm(vm_id));
-        w.priority = 10;
-        w.provider = Some(req.provider.clone());
-        w.batch = Some((batch_id.clone(), name.to_string()));
-        let op = uuid::Uuid::now_v7().to_string();
-        later.extend(insert_stmts(&w, &op, None, now_ms()));
-        later.push(audit_stmt(
-            actor,
-            "vm.delete",
-            &format!("{owner}/{name}"),
-            "accepted",
-            Some(&format!("operation={op} batch={batch_id}")),
-        ));
-        nodes.push(BatchNodeRef {
-            node: name.to_string(),
-            action: "delete",
-            operation_id: op,
-        });
-    }
-    // Every node waits for a slot (creates were inserted parked); the first `parallelism`
-    // ready ones get one now.
-    later.push(stmt!(
-        "UPDATE workflows SET parked = 1 WHERE batch_id = $1 AND parked = 0",
-        batch_id.as_str()
-    ));
-    tx.run(&later).await?;
-    fill_batch_in(tx, &batch_id).await?;
-    Ok(BatchAdmitted { batch_id, nodes })
+    // Every node waits for a slot (all were inserted parked); the first `parallelism` ready
+    // ones get one now.
+    fill_batch_in(tx, batch_id).await?;
+    Ok(works
+        .iter()
+        .map(|b| BatchNodeRef {
+            node: b.node.clone(),
+            action: b.action.clone(),
+            operation_id: b.id.clone(),
+        })
+        .collect())
 }
 
 impl Store {
-    /// Admits a whole batch or nothing: quota for every create at once, addresses, VM rows,
-    /// workflows, edges, the batch row and audit records, in one transaction (exact across
-    /// replicas: it takes the locks [`Store::admit_vms`] takes).
-    pub async fn admit_batch(
+    /// Queues `works` as one batch of `owner`'s, in one transaction, for workflows of any
+    /// registered definition (VM batches add their admission: [`Store::admit_batch`]).
+    pub async fn enqueue_batch(
         &self,
-        req: &BatchRequest,
-        pool: &NetworkPool,
-        actor: &Actor,
-    ) -> std::result::Result<BatchAdmitted, BatchError> {
-        let (req, pool, actor) = (req.clone(), pool.clone(), actor.clone());
+        owner: &str,
+        parallelism: u32,
+        works: Vec<BatchWork>,
+    ) -> Result<BatchAdmitted> {
+        let owner = owner.to_string();
         self.db
-            .write(move |tx| Box::pin(async move { admit(tx, &req, &pool, &actor).await }))
-            .await
-    }
-
-    /// Names of `owner`'s VMs that a batch made (what `plan` may delete when they leave a
-    /// manifest; VMs made one by one are never touched by a plan).
-    pub async fn managed_vm_names(&self, owner: &str) -> crate::Result<Vec<String>> {
-        let s = stmt!(
-            "SELECT DISTINCT v.name FROM vms v JOIN workflows w ON w.resource_id = v.id
-             WHERE v.owner = $1 AND w.definition = 'create_vm' AND w.batch_id IS NOT NULL",
-            owner
-        );
-        self.db
-            .read(move |tx| {
-                Box::pin(
-                    async move { tx.query(&s).await?.iter().map(|r| r.text("name")).collect() },
-                )
+            .write(move |tx| {
+                Box::pin(async move {
+                    let batch_id = uuid::Uuid::now_v7().to_string();
+                    let nodes = enqueue_in(tx, &batch_id, &owner, parallelism, &works).await?;
+                    Ok(BatchAdmitted { batch_id, nodes })
+                })
             })
             .await
     }
 
     /// The owner of a batch, if it exists.
-    pub async fn batch_owner(&self, id: &str) -> crate::Result<Option<String>> {
+    pub async fn batch_owner(&self, id: &str) -> Result<Option<String>> {
         let s = stmt!("SELECT owner FROM batches WHERE id = $1", id);
         self.db
             .read(move |tx| {

@@ -23,13 +23,14 @@ mod vms;
 mod workflows;
 
 pub use audit::{Actor, AuditFilter, AuditRecord};
-pub use batches::{BatchAdmitted, BatchError, BatchNodeRef, BatchRequest, BatchVm};
+pub use batches::{BatchAdmitted, BatchNodeRef, BatchWork};
 pub use copy::CopyReport;
 pub use hooks::{Hooks, RetryCtx};
 pub use users::{
     ApproveOutcome, KeyChange, NewRegistration, Registration, TokenInfo, TokenOwner, User,
     UserError,
 };
+pub use vms::batch::{BatchError, BatchRequest, BatchVm};
 pub use vms::{AdmitError, AdmitExtras, AdmitRequest, Admitted, DeleteError, ExtraNetwork, Vm};
 pub use workflows::{
     ClaimLimits, Claimed, Handoff, NewStep, NewWorkflow, NextStep, OpError, Reopen, ResourceRef,

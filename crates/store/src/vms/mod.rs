@@ -1,6 +1,7 @@
 //! VM records: admission (quota, names, addresses) and deletes in one transaction each,
 //! listings, usage; on SQLite and PostgreSQL alike.
 
+pub(crate) mod batch;
 mod hooks;
 
 use crate::audit::audit_stmt;
