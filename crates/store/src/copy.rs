@@ -7,7 +7,7 @@ use crate::db::{Dialect, Row, Stmt, Tx, Value, stmt};
 use crate::{Result, Store, StoreError};
 
 /// Every table, parents before children, with the column that orders its rows.
-const TABLES: &[(&str, &str)] = &[
+pub(crate) const TABLES: &[(&str, &str)] = &[
     ("users", "username"),
     ("registrations", "id"),
     ("key_changes", "id"),
