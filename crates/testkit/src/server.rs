@@ -135,7 +135,7 @@ impl Server {
         self.dir.path().join("server.log")
     }
 
-    fn log(&self) -> String {
+    pub fn log(&self) -> String {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
@@ -148,12 +148,25 @@ impl Server {
 
     /// [`Server::spawn`], giving the reason (with the server's log) when it does not come up.
     fn try_spawn(&mut self) -> Result<(), String> {
+        self.spawn_via(&[])
+    }
+
+    /// Starts the server as `launcher… basphere serve` (e.g. `systemd-socket-activate -l
+    /// SOCKET`) and waits until it answers; the reason, with its log, when it does not.
+    pub fn spawn_via(&mut self, launcher: &[&str]) -> Result<(), String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.log_path())
             .unwrap();
-        let mut cmd = Command::new(&self.bin);
+        let mut cmd = match launcher {
+            [] => Command::new(&self.bin),
+            [program, args @ ..] => {
+                let mut c = Command::new(program);
+                c.args(args).arg(&self.bin);
+                c
+            }
+        };
         cmd.arg("serve")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
