@@ -70,17 +70,22 @@ fn commands(text: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// `basphere WORDS --help`: succeeds only when every subcommand and option in WORDS exists.
+fn help_of(words: &[String]) -> std::process::Output {
+    std::process::Command::new(BIN)
+        .args(words)
+        .arg("--help")
+        .env_remove("BASPHERE_OUTPUT")
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn every_command_in_the_runbook_exists() {
     let cmds = commands(&runbook());
     assert!(cmds.len() > 20, "found only {cmds:?}");
     for c in &cmds {
-        let out = std::process::Command::new(BIN)
-            .args(c)
-            .arg("--help")
-            .env_remove("BASPHERE_OUTPUT")
-            .output()
-            .unwrap();
+        let out = help_of(c);
         assert!(
             out.status.success(),
             "`basphere {}` does not parse: {}",
@@ -94,12 +99,7 @@ fn every_command_in_the_runbook_exists() {
 fn a_misspelt_command_is_caught() {
     let cmds = commands("run `basphere ops shw ID` and\n```\nbasphere backup --overwrite F\n```\n");
     for c in &cmds {
-        let out = std::process::Command::new(BIN)
-            .args(c)
-            .arg("--help")
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "{c:?} parsed");
+        assert!(!help_of(c).status.success(), "{c:?} parsed");
     }
     assert_eq!(cmds.len(), 2);
 }

@@ -40,7 +40,13 @@ async fn the_smoke_test_passes_on_a_live_install_and_fails_on_the_first_broken_s
     let out = smoke(&s, &["--metrics", &url]);
     let said = text(&out);
     assert!(out.status.success(), "{said}");
-    for step in ["ok: health", "ok: ready", "ok: create VM", "ok: delete VM", "ok: metrics"] {
+    for step in [
+        "ok: health",
+        "ok: ready",
+        "ok: create VM",
+        "ok: delete VM",
+        "ok: metrics",
+    ] {
         assert!(said.contains(step), "{step}: {said}");
     }
     let vms = get_data(&s.root(), "/api/v1/vms?all=true").await;
@@ -51,7 +57,10 @@ async fn the_smoke_test_passes_on_a_live_install_and_fails_on_the_first_broken_s
     let said = text(&out);
     assert_eq!(out.status.code(), Some(1), "{said}");
     assert!(said.contains("FAIL: create"), "{said}");
-    assert!(!said.contains("ok: delete"), "stopped at the first failure: {said}");
+    assert!(
+        !said.contains("ok: delete"),
+        "stopped at the first failure: {said}"
+    );
 
     s.kill9();
     let out = smoke(&s, &[]);

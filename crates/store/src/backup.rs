@@ -7,8 +7,8 @@
 //! was; it then migrates the restored database and drops the leases its workflows held (the
 //! nodes holding them do not run here), so the first server started on it resumes them at once.
 
-use crate::copy::TABLES;
-use crate::db::{Db, Stmt, Tx, pg_tools, postgres::Postgres, sqlite_backup, stmt};
+use crate::copy::row_counts;
+use crate::db::{Db, Tx, pg_tools, postgres::Postgres, sqlite_backup, stmt};
 use crate::workflows::WorkflowStatus;
 use crate::{Result, Store, StoreError};
 use std::path::{Path, PathBuf};
@@ -75,15 +75,11 @@ async fn summarize(tx: &mut dyn Tx) -> Result<Summary> {
         .await?
         .first_int()?
         .unwrap_or(0);
-    let mut tables = Vec::with_capacity(TABLES.len());
-    for (t, _) in TABLES {
-        let n = tx
-            .query_one(&Stmt::new(format!("SELECT COUNT(*) FROM {t}"), vec![]))
-            .await?
-            .first_int()?
-            .unwrap_or(0);
-        tables.push((t.to_string(), n as u64));
-    }
+    let tables = row_counts(tx)
+        .await?
+        .into_iter()
+        .map(|(t, n)| (t.to_string(), n))
+        .collect();
     let unfinished = tx
         .query_one(&stmt!(
             "SELECT COUNT(*) FROM workflows WHERE status IN ($1, $2, $3)",
@@ -208,49 +204,8 @@ impl Location {
     /// failure the target is left as it was.
     pub async fn restore(&self, file: &Path) -> Result<RestoreReport> {
         let backup_schema_version = match self {
-            Location::Sqlite(dest) => {
-                for suffix in ["", "-wal", "-shm"] {
-                    let mut p = dest.as_os_str().to_owned();
-                    p.push(suffix);
-                    if Path::new(&p).exists() {
-                        return Err(StoreError::Backup(format!(
-                            "{} exists: restore only into an empty data dir",
-                            Path::new(&p).display()
-                        )));
-                    }
-                }
-                let (file, dest) = (file.to_path_buf(), dest.clone());
-                let version = tokio::task::spawn_blocking(move || {
-                    sqlite_backup::restore(&file, &dest, |tx| {
-                        Box::pin(async move {
-                            let s = summarize(tx).await?;
-                            check_version(crate::db::Dialect::Sqlite, s.schema_version)?;
-                            Ok(s.schema_version)
-                        })
-                    })
-                })
-                .await
-                .map_err(|e| StoreError::Backup(format!("the restore stopped: {e}")))??;
-                version
-            }
-            Location::Postgres(url) => {
-                let version = pg_tools::schema_version(file).await?;
-                check_version(crate::db::Dialect::Postgres, version)?;
-                let db = Db::Postgres(Postgres::new(url)?);
-                let tables = db.read(|tx| Box::pin(user_tables(tx))).await;
-                close(&db);
-                match tables? {
-                    0 => {}
-                    n => {
-                        return Err(StoreError::Backup(format!(
-                            "the database at [database] url is not empty ({n} tables): restore \
-                             only into a new, empty database (CREATE DATABASE …)"
-                        )));
-                    }
-                }
-                pg_tools::restore(url, file).await?;
-                version
-            }
+            Location::Sqlite(dest) => restore_sqlite(file, dest).await?,
+            Location::Postgres(url) => restore_postgres(file, url).await?,
         };
         let store = self.open().await?;
         let done = async {
@@ -269,6 +224,53 @@ impl Location {
         store.close().await;
         done
     }
+}
+
+/// Restores `file` into the new SQLite database `dest`; the backup's schema version.
+async fn restore_sqlite(file: &Path, dest: &Path) -> Result<i64> {
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = dest.as_os_str().to_owned();
+        p.push(suffix);
+        if Path::new(&p).exists() {
+            return Err(StoreError::Backup(format!(
+                "{} exists: restore only into an empty data dir",
+                Path::new(&p).display()
+            )));
+        }
+    }
+    let (file, dest) = (file.to_path_buf(), dest.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        sqlite_backup::restore(&file, &dest, |tx| {
+            Box::pin(async move {
+                let s = summarize(tx).await?;
+                check_version(crate::db::Dialect::Sqlite, s.schema_version)?;
+                Ok(s.schema_version)
+            })
+        })
+    })
+    .await
+    .map_err(|e| StoreError::Backup(format!("the restore stopped: {e}")))?
+}
+
+/// Restores the `pg_dump` archive `file` into the empty database of `url`; the backup's schema
+/// version.
+async fn restore_postgres(file: &Path, url: &str) -> Result<i64> {
+    let version = pg_tools::schema_version(file).await?;
+    check_version(crate::db::Dialect::Postgres, version)?;
+    let db = Db::Postgres(Postgres::new(url)?);
+    let tables = db.read(|tx| Box::pin(user_tables(tx))).await;
+    close(&db);
+    match tables? {
+        0 => {}
+        n => {
+            return Err(StoreError::Backup(format!(
+                "the database at [database] url is not empty ({n} tables): restore only into a \
+                 new, empty database (CREATE DATABASE …)"
+            )));
+        }
+    }
+    pg_tools::restore(url, file).await?;
+    Ok(version)
 }
 
 /// Tables in the database's own schemas (not PostgreSQL's catalogs).
