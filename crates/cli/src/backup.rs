@@ -54,7 +54,7 @@ pub async fn backup(config: Option<&Path>, out: Output, file: &Path) -> anyhow::
     let report = location
         .backup(file)
         .await
-        .context("backup failed (no backup file was left)")?;
+        .context("backup failed (nothing was written)")?;
     let seconds = started.elapsed().as_secs_f64();
     match out {
         Output::Json => {
@@ -115,15 +115,21 @@ pub async fn restore(config: Option<&Path>, out: Output, file: &Path) -> anyhow:
         Output::Table => {
             print_tables(&s.tables);
             println!(
-                "restored: {} schema version {} (the backup's: {}), {} unfinished workflows \
-                 ({} leases released): `basphere serve` resumes them.\n\
+                "restored: {} schema version {} (the backup's: {}), {} unfinished workflows{}.\n\
                  The admin token file is not part of a backup: `basphere init` writes a new one \
                  (it keeps the restored database).",
                 s.backend,
                 s.schema_version,
                 report.backup_schema_version,
                 s.unfinished_workflows,
-                report.leases_released,
+                if s.unfinished_workflows > 0 {
+                    format!(
+                        " ({} leases released): `basphere serve` resumes them",
+                        report.leases_released
+                    )
+                } else {
+                    String::new()
+                },
             );
         }
     }
