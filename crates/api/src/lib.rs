@@ -8,6 +8,7 @@
 //! Every JSON response is the prototype's envelope `{success, message, data, errors}`.
 //! API Boundary: routes under `/api/v1` are a compatibility contract with the prototype.
 
+mod activation;
 mod auth;
 mod envelope;
 mod input;

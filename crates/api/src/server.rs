@@ -17,7 +17,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -65,19 +65,34 @@ impl AppState {
 
 /// The sockets the server answers on.
 pub struct Listeners {
-    pub unix: Option<(UnixListener, PathBuf)>,
+    /// The local API socket, with the file this server made and removes at shutdown (`None`
+    /// when systemd passed the socket: its file is the socket unit's).
+    pub unix: Option<(UnixListener, Option<PathBuf>)>,
     pub tcp: Option<TcpListener>,
 }
 
 impl Listeners {
     /// Binds the configured Unix socket (mode 0666: the kernel authenticates callers) and TCP
-    /// address. A stale socket file left by a crash is replaced. A non-loopback TCP address
+    /// address. A stale socket file left by a crash is replaced. A Unix socket systemd passed
+    /// (socket activation, `contrib/basphere.socket`) is used instead of binding one. A non-loopback TCP address
     /// without TLS is refused before anything is bound (see [`ServerConfig::check_plaintext`]).
     pub async fn bind(cfg: &Config) -> std::io::Result<Self> {
         cfg.server
             .check_plaintext()
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e))?;
-        let unix = if cfg.server.socket.as_os_str().is_empty() {
+        let unix = if let Some(l) = crate::activation::inherited_unix_listener()? {
+            let l = UnixListener::from_std(l)?;
+            let passed = l.local_addr()?.as_pathname().map(Path::to_path_buf);
+            if passed.as_deref() != Some(cfg.server.socket.as_path()) {
+                tracing::warn!(
+                    passed = ?passed,
+                    configured = %cfg.server.socket.display(),
+                    "systemd passed a socket at another path than [server] socket; clients \
+                     find the server through the configured one"
+                );
+            }
+            Some((l, None))
+        } else if cfg.server.socket.as_os_str().is_empty() {
             None
         } else {
             let path = cfg.server.socket.clone();
@@ -96,7 +111,7 @@ impl Listeners {
             let l = UnixListener::bind(&path)?;
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))?;
-            Some((l, path))
+            Some((l, Some(path)))
         };
         let tcp = if cfg.server.listen.is_empty() {
             None
@@ -332,7 +347,9 @@ pub async fn serve_with(
                 }
             }
             drop(l);
-            let _ = std::fs::remove_file(&path);
+            if let Some(path) = path {
+                let _ = std::fs::remove_file(&path);
+            }
         });
     }
     if let Some(l) = listeners.tcp {

@@ -15,7 +15,7 @@ use basphere_api::{AppState, Listeners, ServeOptions, Services, UnixAccounts};
 use basphere_config::Config;
 use basphere_engine::{Engine, EngineConfig};
 use basphere_provider::Provider;
-use basphere_store::{ClaimLimits, Store};
+use basphere_store::{ClaimLimits, Location, Store};
 use basphere_vm_workflows::Catalog;
 use std::path::Path;
 use std::sync::Arc;
@@ -97,12 +97,19 @@ pub fn catalog(cfg: &Config) -> Catalog {
 /// Opens the database `[database] url` names (PostgreSQL), else the embedded SQLite file in
 /// the data dir, applying pending migrations.
 pub async fn open_store(cfg: &Config) -> anyhow::Result<Store> {
-    Ok(match &cfg.database.url {
-        Some(url) => Store::open_postgres(url)
-            .await
-            .map_err(|e| anyhow::anyhow!("opening the database at [database] url: {e}"))?,
-        None => Store::open(&cfg.db_path()).await?,
+    let location = database(cfg);
+    location.open().await.map_err(|e| match location {
+        Location::Postgres(_) => anyhow::anyhow!("opening the database at [database] url: {e}"),
+        Location::Sqlite(_) => e.into(),
     })
+}
+
+/// Where `cfg`'s database lives: `[database] url`, else the SQLite file in the data dir.
+pub fn database(cfg: &Config) -> Location {
+    match &cfg.database.url {
+        Some(url) => Location::Postgres(url.clone()),
+        None => Location::Sqlite(cfg.db_path()),
+    }
 }
 
 /// An engine over `store` with the VM workflows registered, driving `provider` with `cfg`'s

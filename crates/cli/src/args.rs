@@ -146,6 +146,19 @@ pub enum Cmd {
     /// The database: apply migrations, or copy this install into an empty PostgreSQL.
     #[command(subcommand)]
     Db(DbCmd),
+    /// Write a consistent snapshot of the database into FILE while the server runs (SQLite: a
+    /// database file; PostgreSQL: a pg_dump custom-format archive). Never overwrites FILE.
+    Backup {
+        /// The new backup file (mode 0600).
+        file: PathBuf,
+    },
+    /// Restore a backup (from `basphere backup`) into this config's database, which must be
+    /// empty: a new data dir (SQLite) or a new database (PostgreSQL). Then start the server:
+    /// it resumes the workflows that were unfinished at the backup.
+    Restore {
+        /// The backup file.
+        file: PathBuf,
+    },
     /// SSH into one of your VMs (enters the lab network namespace when needed).
     Ssh {
         name: String,

@@ -185,6 +185,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             crate::providers::build_image(g.config.as_deref(), &name, force).await?
         }
         Cmd::Db(c) => crate::db::run(g.config.as_deref(), out, c).await?,
+        Cmd::Backup { file } => crate::backup::backup(g.config.as_deref(), out, &file).await?,
+        Cmd::Restore { file } => crate::backup::restore(g.config.as_deref(), out, &file).await?,
         Cmd::Ssh { name, command } => return ssh(&g, &name, &command).await,
         cmd => return client_cmd(&g, out, cmd).await,
     }

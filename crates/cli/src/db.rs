@@ -45,17 +45,13 @@ pub async fn run(config: Option<&Path>, out: Output, cmd: DbCmd) -> anyhow::Resu
             target.close().await;
             match out {
                 Output::Json => {
-                    let tables: serde_json::Map<String, serde_json::Value> = report
-                        .tables
-                        .iter()
-                        .map(|(t, n)| (t.clone(), (*n).into()))
-                        .collect();
-                    println!("{}", serde_json::json!({"copied": tables}));
+                    println!(
+                        "{}",
+                        serde_json::json!({"copied": crate::backup::tables_json(&report.tables)})
+                    );
                 }
                 Output::Table => {
-                    for (t, n) in &report.tables {
-                        println!("{t:<18} {n:>8} rows");
-                    }
+                    crate::backup::print_tables(&report.tables);
                     println!(
                         "copied. Now set in the config:\n\n[database]\nurl = \"{to}\"\n\n\
                          and start the server (the SQLite file stays as it was)."

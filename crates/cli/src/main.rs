@@ -3,6 +3,7 @@
 //! basphere-admin) it behaves as those commands.
 
 mod args;
+mod backup;
 mod bench;
 mod commands;
 mod db;

@@ -8,16 +8,6 @@ use basphere_testkit::server::test_backend_is_postgres;
 use common::*;
 use serde_json::{Value, json};
 
-/// `basphere ARGS` as the server's operator: with the server's config and data dir.
-fn operator(s: &Server, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(BIN)
-        .args(args)
-        .envs(s.env.iter().map(|(k, v)| (k, v)))
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap()
-}
-
 fn ok(out: std::process::Output) -> std::process::Output {
     assert!(
         out.status.success(),
@@ -102,21 +92,18 @@ async fn an_embedded_install_moves_to_postgres_with_nothing_lost() {
     let pg = Postgres::start();
     let url = pg.create_database("moved");
     // Refused while the server runs: its writes would be lost.
-    let out = operator(&s, &["db", "copy", "--to", &url]);
+    let out = s.operator(&["db", "copy", "--to", &url]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("the server is running"), "{err}");
 
     s.kill9();
-    let out = ok(operator(
-        &s,
-        &["db", "copy", "--to", &url, "--output", "json"],
-    ));
+    let out = ok(s.operator(&["db", "copy", "--to", &url, "--output", "json"]));
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["copied"]["vms"], 1000, "{report}");
     assert_eq!(report["copied"]["users"], 4, "{report}");
     // A second copy into the same (now populated) database is refused and changes nothing.
-    let again = operator(&s, &["db", "copy", "--to", &url]);
+    let again = s.operator(&["db", "copy", "--to", &url]);
     assert!(!again.status.success());
     assert!(
         String::from_utf8_lossy(&again.stderr).contains("not empty"),

@@ -56,13 +56,22 @@ async fn read_all(tx: &mut dyn Tx) -> Result<Vec<(&'static str, Vec<Row>)>> {
     Ok(out)
 }
 
-async fn write_all(tx: &mut dyn Tx, data: Vec<(&'static str, Vec<Row>)>) -> Result<CopyReport> {
+/// Rows of every table, in [`TABLES`] order.
+pub(crate) async fn row_counts(tx: &mut dyn Tx) -> Result<Vec<(&'static str, u64)>> {
+    let mut out = Vec::with_capacity(TABLES.len());
     for (t, _) in TABLES {
         let n = tx
             .query_one(&Stmt::new(format!("SELECT COUNT(*) FROM {t}"), vec![]))
             .await?
             .first_int()?
             .unwrap_or(0);
+        out.push((*t, n.max(0) as u64));
+    }
+    Ok(out)
+}
+
+async fn write_all(tx: &mut dyn Tx, data: Vec<(&'static str, Vec<Row>)>) -> Result<CopyReport> {
+    for (t, n) in row_counts(tx).await? {
         if n > 0 {
             return Err(StoreError::Migration(format!(
                 "the target database is not empty ({t} has {n} rows); copy into a new, empty database"

@@ -11,6 +11,7 @@
 //! (`commit`); reads use a small pool of their own connections, in WAL mode.
 
 mod audit;
+mod backup;
 mod batches;
 mod commit;
 mod copy;
@@ -23,6 +24,7 @@ mod vms;
 mod workflows;
 
 pub use audit::{Actor, AuditFilter, AuditRecord};
+pub use backup::{BackupReport, Location, RestoreReport, Summary};
 pub use batches::{BatchAdmitted, BatchNodeRef, BatchWork};
 pub use copy::CopyReport;
 pub use hooks::{Hooks, RetryCtx};
@@ -59,6 +61,9 @@ pub enum StoreError {
     Closed,
     #[error("database error: {0}")]
     Postgres(#[from] tokio_postgres::Error),
+    /// A backup could not be made or restored; says why and what to do.
+    #[error("{0}")]
+    Backup(String),
     /// The database server cannot be reached (or its url is wrong).
     #[error("{0}")]
     Unavailable(String),

@@ -103,6 +103,11 @@ fn migrations(dialect: Dialect) -> &'static [Migration] {
     }
 }
 
+/// The newest schema version this binary knows for `dialect`.
+pub(crate) fn newest(dialect: Dialect) -> i64 {
+    migrations(dialect).last().map_or(0, |m| m.0)
+}
+
 /// Applies the pending migrations of `db`'s backend.
 pub(crate) async fn run(db: &Db) -> Result<()> {
     db.write(|tx| Box::pin(apply(tx))).await
@@ -125,7 +130,7 @@ async fn apply(tx: &mut dyn Tx) -> Result<()> {
         .first_int()?
         .unwrap_or(0);
     let all = migrations(dialect);
-    let newest = all.last().map(|m| m.0).unwrap_or(0);
+    let newest = newest(dialect);
     if current > newest {
         return Err(StoreError::Migration(format!(
             "the database is at schema version {current} but this basphere knows only up to {newest}; \

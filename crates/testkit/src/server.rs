@@ -42,6 +42,14 @@ pub fn free_port() -> u16 {
 impl Server {
     /// Starts `bin serve` with the do-nothing test provider and `extra` BASPHERE_* settings.
     pub fn start(bin: impl AsRef<Path>, extra: &[(&str, &str)]) -> Server {
+        let mut s = Server::new(bin, extra);
+        s.spawn_first();
+        s
+    }
+
+    /// A server's config, data dir (not yet made) and database (on PostgreSQL: a new, empty
+    /// one), not started: [`Server::spawn_first`] starts it.
+    pub fn new(bin: impl AsRef<Path>, extra: &[(&str, &str)]) -> Server {
         let dir = tempfile::Builder::new()
             .prefix("bsp-test-")
             .tempdir()
@@ -80,7 +88,7 @@ impl Server {
         for (k, v) in extra {
             env.push((k.to_string(), v.to_string()));
         }
-        let mut s = Server {
+        Server {
             bin: bin.as_ref().to_path_buf(),
             dir,
             child: None,
@@ -88,32 +96,46 @@ impl Server {
             addr,
             env,
             pg,
-        };
-        // The port was free when picked; another test may have taken it since.
+        }
+    }
+
+    /// Starts a [`Server::new`] and waits until it answers, moving to another port when the
+    /// one picked was taken meanwhile.
+    pub fn spawn_first(&mut self) {
         for attempt in 0.. {
-            match s.try_spawn() {
+            match self.try_spawn() {
                 Ok(()) => break,
                 Err(log) if attempt < 3 && log.contains("Address already in use") => {
-                    s.addr = format!("127.0.0.1:{}", free_port());
-                    let listen = format!("\"{}\"", s.addr);
-                    for (k, v) in s.env.iter_mut() {
+                    self.addr = format!("127.0.0.1:{}", free_port());
+                    let listen = format!("\"{}\"", self.addr);
+                    for (k, v) in self.env.iter_mut() {
                         if k == "BASPHERE_SERVER__LISTEN" && v.contains("127.0.0.1:") {
                             *v = listen.clone();
                         }
                     }
-                    let _ = std::fs::remove_file(s.log_path());
+                    let _ = std::fs::remove_file(self.log_path());
                 }
                 Err(log) => panic!("{log}"),
             }
         }
-        s
+    }
+
+    /// Runs `bin ARGS` as this server's operator: with its config, data dir and database (no
+    /// socket option: the command reads the config).
+    pub fn operator(&self, args: &[&str]) -> Output {
+        Command::new(&self.bin)
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
     }
 
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("server.log")
     }
 
-    fn log(&self) -> String {
+    pub fn log(&self) -> String {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
@@ -126,12 +148,25 @@ impl Server {
 
     /// [`Server::spawn`], giving the reason (with the server's log) when it does not come up.
     fn try_spawn(&mut self) -> Result<(), String> {
+        self.spawn_via(&[])
+    }
+
+    /// Starts the server as `launcher… basphere serve` (e.g. `systemd-socket-activate -l
+    /// SOCKET`) and waits until it answers; the reason, with its log, when it does not.
+    pub fn spawn_via(&mut self, launcher: &[&str]) -> Result<(), String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.log_path())
             .unwrap();
-        let mut cmd = Command::new(&self.bin);
+        let mut cmd = match launcher {
+            [] => Command::new(&self.bin),
+            [program, args @ ..] => {
+                let mut c = Command::new(program);
+                c.args(args).arg(&self.bin);
+                c
+            }
+        };
         cmd.arg("serve")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())

@@ -8,8 +8,10 @@
 //! the dialects differ ask [`Tx::dialect`]. Only this module and the drivers below it touch a
 //! database library.
 
+pub(crate) mod pg_tools;
 pub(crate) mod postgres;
 pub(crate) mod sqlite;
+pub(crate) mod sqlite_backup;
 
 use crate::{Result, StoreError};
 use std::borrow::Cow;

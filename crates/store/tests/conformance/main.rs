@@ -5,6 +5,7 @@
 //! Add a case to a domain module's `cases()`; it runs on both backends.
 
 mod audit;
+mod backup;
 mod users;
 mod vms;
 mod workflows;

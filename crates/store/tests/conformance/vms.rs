@@ -130,7 +130,7 @@ async fn user_in(store: &Store, name: &str, vms: u32, pool: &NetworkPool) -> Use
     u
 }
 
-async fn user(store: &Store, name: &str, vms: u32) -> Username {
+pub(crate) async fn user(store: &Store, name: &str, vms: u32) -> Username {
     user_in(store, name, vms, &pool()).await
 }
 
@@ -151,7 +151,7 @@ fn req(owner: &Username, ns: &[&str], spec: Spec) -> AdmitRequest {
     }
 }
 
-async fn admit(
+pub(crate) async fn admit(
     store: &Store,
     owner: &Username,
     ns: &[&str],
