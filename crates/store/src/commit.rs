@@ -18,10 +18,10 @@
 
 use crate::db::sqlite::{SqliteTx, run_ready};
 use crate::db::{Col, Db, Dialect, Durability, Row, RowSet, Stmt, Tx, Value, stmt};
+use crate::hooks::Prefetch;
 use crate::hooks::Registry;
-use crate::vms::{Prefetched, VM_AND_KEY, vm_from};
 use crate::workflows::{
-    Claimed, ENDING_COLS, Ending, Handoff, ResourceRef, StepCommit, WorkflowEvent, WorkflowOutcome,
+    Claimed, ENDING_COLS, Ending, Handoff, StepCommit, WorkflowEvent, WorkflowOutcome,
     WorkflowStatus, clock, ending_from, fill_batch_in, insert_stmts, lease_lost, skip_locked,
 };
 use crate::{Result, StoreError};
@@ -81,7 +81,7 @@ pub(crate) enum Committer {
 /// Starts the SQLite write thread and the checkpoint thread for the database at `path`.
 pub(crate) fn spawn(
     path: &Path,
-    prefetched: Arc<Prefetched>,
+    prefetched: Arc<Prefetch>,
     hooks: Registry,
 ) -> Result<(mpsc::Sender<Job>, Arc<AtomicU64>)> {
     let mut conn = crate::db::sqlite::open(path)?;
@@ -143,7 +143,7 @@ pub(crate) fn spawn(
 fn sqlite_group(
     conn: &mut Connection,
     reqs: &[DoneReq],
-    prefetched: &Prefetched,
+    prefetched: &Prefetch,
     hooks: &Registry,
 ) -> Vec<Result<Done>> {
     let once = |conn: &mut Connection, reqs: &[DoneReq]| -> Result<Vec<Result<Done>>> {
@@ -180,7 +180,7 @@ fn sqlite_group(
 /// Starts the PostgreSQL grouping task over `db`.
 pub(crate) fn spawn_pg(
     db: Db,
-    prefetched: Arc<Prefetched>,
+    prefetched: Arc<Prefetch>,
     hooks: Registry,
 ) -> tokio::sync::mpsc::UnboundedSender<DoneJob> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<DoneJob>();
@@ -234,7 +234,7 @@ pub(crate) fn spawn_pg(
 async fn pg_group(
     db: &Db,
     reqs: Arc<Vec<DoneReq>>,
-    prefetched: &Arc<Prefetched>,
+    prefetched: &Arc<Prefetch>,
     hooks: &Registry,
 ) -> Result<Vec<Result<Done>>> {
     let (prefetched, hooks) = (prefetched.clone(), hooks.clone());
@@ -321,7 +321,7 @@ const EVENT_ROW: &[Col] = &[
 pub(crate) async fn commit_group(
     tx: &mut dyn Tx,
     reqs: &[DoneReq],
-    prefetched: &Prefetched,
+    prefetched: &Prefetch,
     hooks: &Registry,
 ) -> Result<Vec<Result<Done>>> {
     let d = tx.dialect();
@@ -641,12 +641,10 @@ pub(crate) async fn commit_group(
             continue;
         };
         let claimed = lease_batch(tx, &batch_id, &node, &h, idxs.len(), now).await?;
-        // Their first step reads their VM: hand it over from here.
+        // Their first step starts at once: their definitions' hooks may read ahead for it.
         for (wf, _, _) in &claimed {
-            if let Some(vm) = wf.resource.as_ref().and_then(|r| r.id_of(ResourceRef::VM))
-                && let Some(r) = tx.query_opt(&stmt!(VM_AND_KEY, vm)).await?
-            {
-                prefetched.put(vm_from(&r)?, r_opt_text(&r, "owner_key")?);
+            if let Some(h) = hooks.get(&wf.definition) {
+                h.0.handed_off(tx, wf, prefetched).await?;
             }
         }
         for (i, c) in idxs.into_iter().zip(claimed) {

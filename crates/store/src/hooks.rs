@@ -8,8 +8,41 @@
 use crate::db::{Stmt, Tx, stmt};
 use crate::workflows::{Ending, OpError, Workflow, WorkflowOutcome};
 use basphere_core::NetworkPool;
+use std::any::Any;
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+/// What hooks read inside a transaction for the engine's next step to take instead of reading
+/// it again, by key (each entry taken once, and only while fresh).
+#[derive(Default)]
+pub(crate) struct Prefetch(Mutex<HashMap<String, (Instant, Box<dyn Any + Send>)>>);
+
+impl std::fmt::Debug for Prefetch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Prefetch")
+    }
+}
+
+impl Prefetch {
+    const FRESH: Duration = Duration::from_secs(2);
+
+    pub(crate) fn put<T: Any + Send>(&self, key: String, value: T) {
+        let mut m = self.0.lock().expect("prefetch lock");
+        if m.len() >= 4096 {
+            m.retain(|_, (at, _)| at.elapsed() < Self::FRESH);
+        }
+        m.insert(key, (Instant::now(), Box::new(value)));
+    }
+
+    pub(crate) fn take<T: Any>(&self, key: &str) -> Option<T> {
+        let (at, hit) = self.0.lock().expect("prefetch lock").remove(key)?;
+        if at.elapsed() >= Self::FRESH {
+            return None;
+        }
+        hit.downcast::<T>().ok().map(|b| *b)
+    }
+}
 
 /// What a retry's hooks may need from the caller's configuration.
 pub struct RetryCtx<'a> {
@@ -25,6 +58,17 @@ pub(crate) trait ResourceHooks: Send + Sync {
 
     /// Refuses a cancel (with what to do instead) when the definition's steps cannot be undone.
     fn cancellable(&self, _w: &Workflow) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// `w` was leased by a hand-off inside this transaction and its step starts at once: the
+    /// hooks may read what that step needs into `cache`.
+    async fn handed_off(
+        &self,
+        _tx: &mut dyn Tx,
+        _w: &Workflow,
+        _cache: &Prefetch,
+    ) -> crate::Result<()> {
         Ok(())
     }
 

@@ -84,7 +84,7 @@ pub struct Change {
 pub struct Store {
     db: db::Db,
     /// VMs the write thread read when it leased their workflows.
-    prefetched: Arc<vms::Prefetched>,
+    prefetched: Arc<hooks::Prefetch>,
     /// Each definition's hooks on its resource (shared with the write thread).
     hooks: hooks::Registry,
     /// Where step completions go to be group-committed.
@@ -124,7 +124,7 @@ impl Store {
                 path.display()
             ))
         })?;
-        let prefetched = Arc::new(vms::Prefetched::default());
+        let prefetched = Arc::new(hooks::Prefetch::default());
         let hooks = hooks::Registry::default();
         let (jobs, commits) = commit::spawn(path, prefetched.clone(), hooks.clone())?;
         let db = db::Db::Sqlite(db::sqlite::Sqlite::new(path, jobs, commits));
@@ -145,7 +145,7 @@ impl Store {
         let changes = Some(pg.listen());
         let db = db::Db::Postgres(pg);
         migrate::run(&db).await?;
-        let prefetched = Arc::new(vms::Prefetched::default());
+        let prefetched = Arc::new(hooks::Prefetch::default());
         let hooks = hooks::Registry::default();
         let committer = commit::Committer::Task(commit::spawn_pg(
             db.clone(),

@@ -1,10 +1,10 @@
 //! The VM's workflow hooks: what ending or retrying a create or delete does to its record.
 
-use super::readmit;
+use super::{VM_AND_KEY, readmit, vm_from};
 use crate::db::{Cols, Stmt, Tx, stmt};
-use crate::hooks::{Hooks, ResourceHooks, RetryCtx};
+use crate::hooks::{Hooks, Prefetch, ResourceHooks, RetryCtx};
 use crate::workflows::{Ending, OpError, Workflow, WorkflowOutcome};
-use crate::{Actor, now_ms};
+use crate::{Actor, Result, now_ms};
 use basphere_core::{NetworkPool, ResourceRef, VmOperation};
 
 /// What a VM's workflows do to it when they end or are retried (registered by the VM
@@ -135,6 +135,17 @@ run delete-vm to retry the cleanup' ELSE '' END,
         ctx: &RetryCtx<'_>,
     ) -> std::result::Result<(), OpError> {
         self.retrying_tx(tx, w, ctx.pool).await
+    }
+
+    /// The step about to start reads the VM with its owner's key: read it here, in the
+    /// hand-off's transaction (`Store::vm_and_key` takes it).
+    async fn handed_off(&self, tx: &mut dyn Tx, w: &Workflow, cache: &Prefetch) -> Result<()> {
+        if let Some(vm) = w.resource.as_ref().and_then(|r| r.id_of(ResourceRef::VM))
+            && let Some(r) = tx.query_opt(&stmt!(VM_AND_KEY, vm)).await?
+        {
+            cache.put(vm.to_string(), (vm_from(&r)?, r.opt_text("owner_key")?));
+        }
+        Ok(())
     }
 }
 

@@ -132,31 +132,6 @@ pub(crate) const VM_COLS: &str = "id, name, owner, os, login_user, spec, vcpus, 
 pub(crate) const VM_AND_KEY: &str = "SELECT v.*, u.public_key AS owner_key FROM vms v
      LEFT JOIN users u ON u.username = v.owner WHERE v.id = $1";
 
-/// VM records the write thread read while leasing their workflows, for the engine's first
-/// step to take instead of reading them again (each is taken once, and only while fresh).
-#[derive(Debug, Default)]
-pub(crate) struct Prefetched(std::sync::Mutex<std::collections::HashMap<String, Fetched>>);
-
-/// When a VM record was read, the record, and its owner's key.
-type Fetched = (std::time::Instant, (Vm, Option<String>));
-
-impl Prefetched {
-    const FRESH: std::time::Duration = std::time::Duration::from_secs(2);
-
-    pub(crate) fn put(&self, vm: Vm, key: Option<String>) {
-        let mut m = self.0.lock().expect("prefetch lock");
-        if m.len() >= 4096 {
-            m.retain(|_, (at, _)| at.elapsed() < Self::FRESH);
-        }
-        m.insert(vm.id.clone(), (std::time::Instant::now(), (vm, key)));
-    }
-
-    pub(crate) fn take(&self, id: &str) -> Option<(Vm, Option<String>)> {
-        let (at, hit) = self.0.lock().expect("prefetch lock").remove(id)?;
-        (at.elapsed() < Self::FRESH).then_some(hit)
-    }
-}
-
 pub(crate) fn vm_from(r: &impl Cols) -> Result<Vm> {
     Ok(Vm {
         id: r.text("id")?,
@@ -666,7 +641,7 @@ impl Store {
 
     /// One VM by id with its owner's SSH public key (one query, for the engine).
     pub async fn vm_and_key(&self, id: &str) -> Result<Option<(Vm, Option<String>)>> {
-        if let Some(hit) = self.prefetched.take(id) {
+        if let Some(hit) = self.prefetched.take::<(Vm, Option<String>)>(id) {
             return Ok(Some(hit));
         }
         let s = stmt!(VM_AND_KEY, id);
