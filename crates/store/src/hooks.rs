@@ -16,7 +16,10 @@ use std::time::{Duration, Instant};
 /// What hooks read inside a transaction for the engine's next step to take instead of reading
 /// it again, by key (each entry taken once, and only while fresh).
 #[derive(Default)]
-pub(crate) struct Prefetch(Mutex<HashMap<String, (Instant, Box<dyn Any + Send>)>>);
+pub(crate) struct Prefetch(Mutex<HashMap<String, Fetched>>);
+
+/// When an entry was read, and the entry.
+type Fetched = (Instant, Box<dyn Any + Send>);
 
 impl std::fmt::Debug for Prefetch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
