@@ -142,6 +142,10 @@ impl App {
     pub async fn build(cfg: Arc<Config>, o: Overrides) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&cfg.data_dir)
             .map_err(|e| anyhow::anyhow!("creating data dir {}: {e}", cfg.data_dir.display()))?;
+        if !cfg.metrics.listen.is_empty() {
+            // Before anything records (the engine's registrations set series to 0).
+            metrics::recorder()?;
+        }
         let store = open_store(&cfg).await?;
         store
             .ensure_admin(&cfg.server.admin, &cfg.quota, &cfg.network)
@@ -170,7 +174,6 @@ impl App {
         let metrics = match state.config.metrics.listen.as_str() {
             "" => None,
             listen => {
-                metrics::recorder()?;
                 metrics::build_info(state.store.backend(), provider.kind());
                 let l = tokio::net::TcpListener::bind(listen)
                     .await

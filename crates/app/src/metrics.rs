@@ -8,11 +8,13 @@
 //! histograms in seconds ending in `_seconds` (buckets [`BUCKETS`]); labels are bounded sets
 //! (route templates, states, definitions, outcomes), never user names, ids or raw paths.
 //!
-//! The gauges of the state (VMs and their resources by state, addresses, users, quota) are
-//! read from the store at each scrape, aggregated over all users.
+//! The gauges of the state (workflows by definition and status and the ready queue, VMs and
+//! their resources by state, addresses, users, quota) are read from the store at each scrape,
+//! aggregated over all users. The engine records step durations, retries and lease takeovers;
+//! the store its group commits' latency and size.
 
 use basphere_config::Config;
-use basphere_core::{UserStatus, VmStatus};
+use basphere_core::{UserStatus, VmStatus, WorkflowStatus};
 use basphere_store::Store;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::collections::HashMap;
@@ -24,6 +26,9 @@ pub const BUCKETS: &[f64] = &[
     120.0, 300.0,
 ];
 
+/// Buckets of `basphere_store_group_commit_size` (completions per group commit).
+const GROUP_SIZES: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// The process's recorder, installed on first use (one per process: servers built in one test
@@ -34,6 +39,10 @@ pub fn recorder() -> anyhow::Result<&'static PrometheusHandle> {
     }
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)?
+        .set_buckets_for_metric(
+            Matcher::Full("basphere_store_group_commit_size".into()),
+            GROUP_SIZES,
+        )?
         .install_recorder()
         .or_else(|e| {
             // Another thread installed it meanwhile.
@@ -87,6 +96,27 @@ pub fn router(store: Store, cfg: std::sync::Arc<Config>) -> axum::Router {
 /// admission counts it: VMs not failed, or failed but still holding their address) and the
 /// limits of active users, summed; active users at their VM or address limit.
 async fn state_gauges(store: &Store, cfg: &Config) -> anyhow::Result<()> {
+    let wf = store.workflow_counts().await?;
+    {
+        // Every status of every definition seen since start, so a drained status reads 0.
+        static SEEN: std::sync::Mutex<std::collections::BTreeSet<String>> =
+            std::sync::Mutex::new(std::collections::BTreeSet::new());
+        let mut seen = SEEN.lock().expect("metrics lock");
+        let counts: HashMap<(&str, WorkflowStatus), u64> = wf
+            .by_status
+            .iter()
+            .map(|(d, st, n)| ((d.as_str(), *st), *n))
+            .collect();
+        seen.extend(wf.by_status.iter().map(|(d, _, _)| d.clone()));
+        for d in seen.iter() {
+            for st in WorkflowStatus::ALL {
+                let n = counts.get(&(d.as_str(), *st)).copied().unwrap_or(0);
+                metrics::gauge!("basphere_workflows", "definition" => d.clone(), "status" => st.as_str())
+                    .set(n as f64);
+            }
+        }
+    }
+    metrics::gauge!("basphere_workflows_ready").set(wf.ready as f64);
     let vms = store.vms(None).await?;
     let users = store.users(None).await?;
     let mut by_state: HashMap<VmStatus, (u64, u64, u64)> = HashMap::new();

@@ -1,6 +1,7 @@
 //! `/metrics`: its own listener (never the API's), route templates instead of raw paths, the
-//! state's gauges, and every metric the shipped Prometheus rules use present in a real scrape;
-//! `promtool check rules` accepts the rules.
+//! state's, the engine's and the store's metrics, and every metric the shipped Prometheus rules
+//! and the Grafana dashboard use present in a real scrape; `promtool check rules` accepts the
+//! rules.
 mod common;
 use common::*;
 use std::collections::BTreeSet;
@@ -8,6 +9,23 @@ use std::path::PathBuf;
 
 fn rules_file() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../contrib/prometheus/rules.yml")
+}
+
+fn dashboard_file() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../contrib/grafana/basphere.json")
+}
+
+/// Every PromQL expression of the dashboard's panels.
+fn dashboard_exprs() -> Vec<String> {
+    let d: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dashboard_file()).unwrap()).unwrap();
+    d["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .map(|t| t["expr"].as_str().unwrap().to_string())
+        .collect()
 }
 
 async fn scrape(addr: &str) -> String {
@@ -78,6 +96,15 @@ async fn metrics_have_their_own_listener_and_cover_the_rules() {
         .unwrap();
     assert_eq!(r.status, 202, "{:?}", r.body);
     wait_vm(&admin, "opsm", 30, "running").await;
+    // A refused admission, counted by its reason.
+    let r = admin
+        .post(
+            "/api/v1/vms",
+            &serde_json::json!({"name": "opsm2", "spec": "nosuch"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400, "{:?}", r.body);
 
     let text = scrape(&metrics).await;
     assert_eq!(
@@ -128,14 +155,57 @@ async fn metrics_have_their_own_listener_and_cover_the_rules() {
         "{text}"
     );
 
-    let rules = std::fs::read_to_string(rules_file()).unwrap();
-    let used = names_in_rules(&rules);
-    assert!(used.len() >= 8, "{used:?}");
+    // The engine's and the store's.
+    assert_eq!(
+        sample(
+            &text,
+            r#"basphere_workflows{definition="create_vm",status="succeeded"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"basphere_workflows{definition="create_vm",status="pending"}"#
+        ),
+        Some(0.0),
+        "every status of a definition is exported: {text}"
+    );
+    assert_eq!(sample(&text, "basphere_workflows_ready"), Some(0.0));
+    assert!(
+        text.contains(r#"basphere_step_duration_seconds_count{definition="create_vm",step="wait_ready",outcome="ok"} 1"#),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"basphere_lease_takeovers_total{definition="create_vm"}"#
+        ),
+        Some(0.0),
+        "{text}"
+    );
+    assert!(
+        text.contains("basphere_store_group_commit_size_bucket{backend=\""),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"basphere_admissions_refused_total{reason="invalid"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+
     let exported: BTreeSet<&str> = text
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
         .map(|l| l.split(['{', ' ']).next().unwrap())
         .collect();
+    let rules = std::fs::read_to_string(rules_file()).unwrap();
+    let used = names_in_rules(&rules);
+    assert!(used.len() >= 8, "{used:?}");
     let missing: Vec<&String> = used
         .iter()
         .filter(|n| !exported.contains(n.as_str()))
@@ -144,6 +214,50 @@ async fn metrics_have_their_own_listener_and_cover_the_rules() {
         missing.is_empty(),
         "rules use metrics the server does not export: {missing:?}"
     );
+    // Every expression of the Grafana dashboard names only exported metrics.
+    let exprs = dashboard_exprs();
+    assert!(exprs.len() >= 16, "{exprs:?}");
+    for e in &exprs {
+        let names = names_in_rules(e);
+        assert!(!names.is_empty(), "an expression without a Basphere metric: {e}");
+        let missing: Vec<&String> = names
+            .iter()
+            .filter(|n| !exported.contains(n.as_str()))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "the dashboard's {e:?} uses metrics the server does not export: {missing:?}"
+        );
+    }
+}
+
+/// The dashboard is Grafana's JSON model: a title, a uid, a Prometheus datasource variable
+/// every panel uses, and panels that do not overlap.
+#[test]
+fn the_dashboard_is_well_formed() {
+    let d: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dashboard_file()).unwrap()).unwrap();
+    assert_eq!(d["uid"], "basphere-overview");
+    assert_eq!(d["templating"]["list"][0]["type"], "datasource");
+    let panels = d["panels"].as_array().unwrap();
+    let mut cells = BTreeSet::new();
+    for p in panels {
+        assert_eq!(p["datasource"]["uid"], "${datasource}", "{p}");
+        assert!(!p["targets"].as_array().unwrap().is_empty(), "{p}");
+        let g = &p["gridPos"];
+        let (x, y, w, h) = (
+            g["x"].as_u64().unwrap(),
+            g["y"].as_u64().unwrap(),
+            g["w"].as_u64().unwrap(),
+            g["h"].as_u64().unwrap(),
+        );
+        assert!(x + w <= 24, "{p}");
+        for cx in x..x + w {
+            for cy in y..y + h {
+                assert!(cells.insert((cx, cy)), "panels overlap at {cx},{cy}");
+            }
+        }
+    }
 }
 
 #[test]

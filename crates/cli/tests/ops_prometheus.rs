@@ -1,6 +1,7 @@
 //! A real Prometheus (Debian's `prometheus`) on 127.0.0.1 scrapes a server's `/metrics` with
-//! the shipped rules loaded: the scrape is healthy, every rule evaluates without error, and a
-//! PromQL query returns the server's request counts.
+//! the shipped rules loaded: the scrape is healthy, every rule evaluates without error, and
+//! PromQL queries return the server's request counts and, scraped while a batch runs, its
+//! workflow counts.
 mod common;
 use common::*;
 use serde_json::Value;
@@ -84,7 +85,11 @@ impl Prometheus {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_scrapes_the_server_and_evaluates_the_rules() {
     let metrics = format!("127.0.0.1:{}", basphere_testkit::server::free_port());
-    let s = server(&[("BASPHERE_METRICS__LISTEN", &format!("\"{metrics}\""))]);
+    let s = server(&[
+        ("BASPHERE_METRICS__LISTEN", &format!("\"{metrics}\"")),
+        // Each provider phase takes 150 ms: the batch below runs for a few scrapes.
+        ("BASPHERE_NULL_DELAY_MS", "150"),
+    ]);
     let Some(prom) = Prometheus::start(&metrics) else {
         eprintln!("SKIPPED: prometheus is not installed (scripts/install-deps installs it)");
         return;
@@ -112,6 +117,59 @@ async fn prometheus_scrapes_the_server_and_evaluates_the_rules() {
     .await
     .unwrap_or_else(|v| panic!("Prometheus never saw the 3 requests: {v:?}"));
     assert_eq!(found["data"]["result"][0]["metric"]["method"], "GET");
+
+    // A batch of 8 VMs, 2 at a time: Prometheus sees it running, then all 8 succeeded.
+    let manifest: String = std::iter::once("[defaults]\nspec = \"tiny\"\n".to_string())
+        .chain((0..8).map(|i| format!("[vms.prom{i}]\n")))
+        .collect();
+    let r = s
+        .root()
+        .post(
+            "/api/v1/batches",
+            &serde_json::json!({"manifest": manifest, "parallelism": 2}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    let value = |v: &Option<Value>| {
+        v.as_ref().and_then(|v| {
+            v["data"]["result"][0]["value"][1]
+                .as_str()
+                .map(str::to_string)
+        })
+    };
+    let done = "/api/v1/query?query=basphere_workflows%7Bdefinition%3D%22create_vm%22%2Cstatus%3D%22succeeded%22%7D";
+    basphere_testkit::poll_until(
+        Duration::from_secs(90),
+        Duration::from_millis(500),
+        || async {
+            let v = prom.get(done).await;
+            if value(&v).as_deref() == Some("8") {
+                Ok(())
+            } else {
+                Err(v)
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|v| panic!("Prometheus never saw 8 succeeded creates: {v:?}"));
+    // Scraped while it ran: some scrape saw creates running, none saw more than the
+    // batch's parallelism.
+    let peak = "/api/v1/query?query=max_over_time(basphere_workflows%7Bdefinition%3D%22create_vm%22%2Cstatus%3D%22running%22%7D%5B5m%5D)";
+    let peak = value(&prom.get(peak).await).expect("a running series");
+    assert!(
+        ["1", "2"].contains(&peak.as_str()),
+        "peak of running creates: {peak}"
+    );
+    let steps = "/api/v1/query?query=sum(basphere_step_duration_seconds_count%7Bdefinition%3D%22create_vm%22%2Coutcome%3D%22ok%22%7D)";
+    let steps: f64 = value(&prom.get(steps).await)
+        .expect("step durations")
+        .parse()
+        .unwrap();
+    assert!(
+        steps >= 8.0 * 3.0,
+        "every create's steps were timed: {steps}"
+    );
 
     let targets = prom.get("/api/v1/targets").await.unwrap();
     assert_eq!(

@@ -222,6 +222,9 @@ impl Engine {
     /// Adds (or replaces) the definition called `name` (workflows name it in `definition`),
     /// and gives the store its hooks.
     pub fn register(&self, name: &str, def: Arc<dyn WorkflowDef>) {
+        // Present from the start, so a rate over it needs no first takeover.
+        metrics::counter!("basphere_lease_takeovers_total", "definition" => name.to_string())
+            .increment(0);
         if let Some(h) = def.hooks(name) {
             self.inner.store.set_hooks(name, h);
         }
@@ -531,6 +534,7 @@ impl Engine {
                     attempt: attempts,
                     deadline,
                 };
+                let t0 = std::time::Instant::now();
                 let result = match tokio::time::timeout(deadline, def.run(&ctx)).await {
                     Ok(r) => r,
                     Err(_) => Err(StepError::retryable(format!(
@@ -539,6 +543,12 @@ impl Engine {
                         deadline.as_secs_f64()
                     ))),
                 };
+                let outcome = match &result {
+                    Ok(_) => "ok",
+                    Err(e) if e.is_retryable() && attempts < spec.retry.max_attempts => "retry",
+                    Err(_) => "failed",
+                };
+                step_metrics(&wf.definition, &rec.name, outcome, t0.elapsed());
                 match result {
                     Ok(commit) if !commit.children.is_empty() => {
                         // The parent waits, unleased, for its children; it is claimed again
@@ -740,6 +750,14 @@ impl Engine {
         self.emit_all(store.finish_workflow(&wf.id, node, &end(reason)).await?);
         Ok(())
     }
+}
+
+/// A step run's duration by definition, step and outcome (`ok`; `retry`: failed, to be tried
+/// again — the retries are this histogram's count with that outcome; `failed`: given up).
+fn step_metrics(definition: &str, step: &str, outcome: &'static str, took: Duration) {
+    metrics::histogram!("basphere_step_duration_seconds",
+        "definition" => definition.to_string(), "step" => step.to_string(), "outcome" => outcome)
+    .record(took.as_secs_f64());
 }
 
 /// Until another replica commits work (never, without replicas).

@@ -18,8 +18,32 @@ pub struct Dashboard {
     pub operations: Vec<wire::Operation>,
 }
 
+/// Counts a refused admission by its reason (`basphere_admissions_refused_total`): which
+/// quota limit, or what else stood in the way. Every refusal of an admission (create, batch,
+/// retry) passes here.
+fn refused(e: &AdmitError) {
+    let reason = match e {
+        AdmitError::Quota(q) => match q.limit {
+            basphere_core::QuotaLimit::Vms => "quota_vms",
+            basphere_core::QuotaLimit::Ips => "quota_ips",
+            basphere_core::QuotaLimit::Vcpus => "quota_vcpus",
+            basphere_core::QuotaLimit::MemoryMib => "quota_memory",
+            basphere_core::QuotaLimit::Clusters => "quota_clusters",
+            basphere_core::QuotaLimit::DiskGib => "quota_disk",
+        },
+        AdmitError::NotActive(..) => "not_active",
+        AdmitError::NameTaken(_) | AdmitError::DuplicateInRequest(_) => "name_taken",
+        AdmitError::NoUser(_) | AdmitError::NoBlock(_) => "no_user",
+        AdmitError::BlockFull(..) => "block_full",
+        AdmitError::NetworkFull(_) | AdmitError::NicTaken(..) => "network_full",
+        AdmitError::Store(_) => return,
+    };
+    metrics::counter!("basphere_admissions_refused_total", "reason" => reason).increment(1);
+}
+
 impl From<AdmitError> for ServiceError {
     fn from(e: AdmitError) -> Self {
+        refused(&e);
         match e {
             AdmitError::Quota(q) => ServiceError::Quota(q),
             AdmitError::NotActive(..) => ServiceError::Forbidden(e.to_string()),
@@ -275,7 +299,10 @@ impl Services {
         me: &Principal,
         req: &wire::CreateVmsRequest,
     ) -> Result<Done<wire::VmsCreated>> {
-        let (req, extras) = self.admit_request(me, req)?;
+        let (req, extras) = self.admit_request(me, req).inspect_err(|_| {
+            metrics::counter!("basphere_admissions_refused_total", "reason" => "invalid")
+                .increment(1);
+        })?;
         let admitted = self
             .store
             .admit_vms_with(&req, &extras, &self.config.network, &me.actor)

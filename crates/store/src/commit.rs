@@ -121,7 +121,9 @@ pub(crate) fn spawn(
                 }
                 let (reqs, replies): (Vec<_>, Vec<_>) =
                     group.into_iter().map(|j| (j.req, j.reply)).unzip();
+                let t0 = std::time::Instant::now();
                 let results = sqlite_group(&mut conn, &reqs, &prefetched, &hooks);
+                observe_group("sqlite", reqs.len(), t0.elapsed());
                 w.fetch_add(1, Ordering::Relaxed);
                 for (reply, r) in replies.into_iter().zip(results) {
                     let _ = reply.send(r);
@@ -177,6 +179,14 @@ fn sqlite_group(
     }
 }
 
+/// A group commit's size and how long it took (`basphere_store_group_commit_*`).
+fn observe_group(backend: &'static str, size: usize, took: Duration) {
+    metrics::histogram!("basphere_store_group_commit_seconds", "backend" => backend)
+        .record(took.as_secs_f64());
+    metrics::histogram!("basphere_store_group_commit_size", "backend" => backend)
+        .record(size as f64);
+}
+
 /// Starts the PostgreSQL grouping task over `db`.
 pub(crate) fn spawn_pg(
     db: Db,
@@ -204,7 +214,10 @@ pub(crate) fn spawn_pg(
                 let (reqs, replies): (Vec<_>, Vec<_>) =
                     group.into_iter().map(|j| (j.req, j.reply)).unzip();
                 let reqs = Arc::new(reqs);
-                let results = match pg_group(&db, reqs.clone(), &prefetched, &hooks).await {
+                let t0 = std::time::Instant::now();
+                let first = pg_group(&db, reqs.clone(), &prefetched, &hooks).await;
+                observe_group("postgres", reqs.len(), t0.elapsed());
+                let results = match first {
                     Ok(v) => v,
                     Err(e) if reqs.len() > 1 => {
                         tracing::debug!(error = %e, "group commit failed; committing one by one");

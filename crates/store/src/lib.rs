@@ -36,8 +36,8 @@ pub use vms::batch::{BatchError, BatchRequest, BatchVm};
 pub use vms::{AdmitError, AdmitExtras, AdmitRequest, Admitted, DeleteError, ExtraNetwork, Vm};
 pub use workflows::{
     ClaimLimits, Claimed, Handoff, NewStep, NewWorkflow, NextStep, OpError, Reopen, ResourceRef,
-    StepCommit, StepEffect, StepRecord, StepStatus, Workflow, WorkflowEvent, WorkflowOutcome,
-    WorkflowStatus,
+    StepCommit, StepEffect, StepRecord, StepStatus, Workflow, WorkflowCounts, WorkflowEvent,
+    WorkflowOutcome, WorkflowStatus,
 };
 
 use std::path::Path;

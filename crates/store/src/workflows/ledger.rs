@@ -92,6 +92,13 @@ pub(crate) async fn lease_in(
     let mut wf = workflow_from(&row, steps)?;
     let mut evs = vec![];
     let mut started = false;
+    if let Some(rec) = usize::try_from(wf.step).ok().and_then(|i| wf.steps.get(i))
+        && rec.status == StepStatus::Running
+    {
+        // Its step was started under a lease that ran out before the step ended.
+        metrics::counter!("basphere_lease_takeovers_total", "definition" => wf.definition.clone())
+            .increment(1);
+    }
     let runnable = start && wf.status == WorkflowStatus::Running && !wf.cancel_requested;
     if let (true, Ok(i)) = (runnable, usize::try_from(wf.step))
         && i < wf.steps.len()

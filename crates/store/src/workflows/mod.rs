@@ -13,6 +13,9 @@
 mod ending;
 mod ledger;
 mod retry;
+mod stats;
+
+pub use stats::WorkflowCounts;
 
 pub(crate) use ending::{ENDING_COLS, Ending, add_dep, ending_from, fill_batch_in, finish_in};
 pub(crate) use ledger::lease_in;
