@@ -219,7 +219,10 @@ async fn metrics_have_their_own_listener_and_cover_the_rules() {
     assert!(exprs.len() >= 16, "{exprs:?}");
     for e in &exprs {
         let names = names_in_rules(e);
-        assert!(!names.is_empty(), "an expression without a Basphere metric: {e}");
+        assert!(
+            !names.is_empty(),
+            "an expression without a Basphere metric: {e}"
+        );
         let missing: Vec<&String> = names
             .iter()
             .filter(|n| !exported.contains(n.as_str()))
