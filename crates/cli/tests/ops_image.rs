@@ -3,8 +3,8 @@
 //! container runtime: its config runs a non-root user with a health check and volumes, and
 //! agrees with the Containerfile; its rootfs holds no package manager and no shell; its
 //! entrypoint, run as its user with `unshare`/`chroot` and the volumes bind-mounted from temp
-//! dirs (TCP on 127.0.0.1 only), starts, answers `/ready`, passes its own health check, and
-//! writes nothing outside its volumes. The compose file passes `docker-compose config` and
+//! dirs (TCP on 127.0.0.1 only), starts, answers `/ready`, passes its own health check, mints
+//! an operator's token for root on its socket, and writes nothing outside its volumes. The compose file passes `docker-compose config` and
 //! keeps its secrets in files.
 mod image;
 use basphere_testkit::process::{children_of, poll_until_blocking, stop_child};
@@ -63,7 +63,7 @@ fn the_image_runs_as_its_user_and_writes_only_to_its_volumes() {
     let said = || std::fs::read_to_string(&errs).unwrap_or_default();
 
     let ready = poll_until_blocking(Duration::from_secs(60), Duration::from_millis(200), || {
-        http_status(port, "/ready")
+        http_status(port, "/ready", None)
     });
     assert_eq!(
         ready.ok(),
@@ -82,6 +82,25 @@ fn the_image_runs_as_its_user_and_writes_only_to_its_volumes() {
     let probe = img.command(&mounts, &[], &health[1..]).output().unwrap();
     let shown = String::from_utf8_lossy(&probe.stdout);
     assert!(probe.status.success() && shown.contains("ready"), "{shown}");
+
+    // The operator's first token: root on the socket is the admin (`docker exec --user 0`).
+    let mint: Vec<String> = ["token", "create", "--name", "ops"]
+        .map(String::from)
+        .to_vec();
+    let argv_mint = [&img.list("/Entrypoint")[..], &mint].concat();
+    let minted = img
+        .command_as((0, 0), &mounts, &[], &argv_mint)
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&minted.stdout);
+    assert!(
+        minted.status.success(),
+        "{shown}{}",
+        String::from_utf8_lossy(&minted.stderr)
+    );
+    let token = shown.lines().next().unwrap().trim();
+    assert_eq!(http_status(port, "/api/v1/tokens", Some(token)), Ok(200));
+    assert_eq!(http_status(port, "/api/v1/tokens", None), Ok(401));
 
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(server),
@@ -307,13 +326,15 @@ fn field(status: &str, name: &str) -> Vec<String> {
         .collect()
 }
 
-/// The status code of `GET path` on 127.0.0.1:`port`.
-fn http_status(port: u16, path: &str) -> Result<u16, String> {
+/// The status code of `GET path` on 127.0.0.1:`port`, with `token` as the bearer if given.
+fn http_status(port: u16, path: &str, token: Option<&str>) -> Result<u16, String> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n"));
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{}Connection: close\r\n\r\n",
+        auth.unwrap_or_default()
     )
     .map_err(|e| e.to_string())?;
     let mut answer = String::new();

@@ -102,6 +102,17 @@ impl Image {
         env: &[(&str, &str)],
         argv: &[String],
     ) -> Command {
+        self.command_as(self.user(), mounts, env, argv)
+    }
+
+    /// [`Image::command`] as `uid:gid` (`docker exec --user` in a runtime).
+    pub fn command_as(
+        &self,
+        (uid, gid): (u32, u32),
+        mounts: &BTreeMap<String, PathBuf>,
+        env: &[(&str, &str)],
+        argv: &[String],
+    ) -> Command {
         let root = self.rootfs.display().to_string();
         let mut script = String::from("set -e\n");
         for (inside, host) in mounts {
@@ -110,7 +121,6 @@ impl Image {
                 host.display()
             );
         }
-        let (uid, gid) = self.user();
         script += &format!(
             "/usr/bin/mount -t proc proc '{root}/proc'\n\
              exec /usr/sbin/chroot --userspec={uid}:{gid} '{root}' \"$@\"\n"
