@@ -1,4 +1,5 @@
-//! Operator commands that need no server: `doctor`, `completions` and `man`. They are added
+//! Operator commands: `doctor` (runs with or without a server), `ready` (a running server's
+//! `/ready`, the container image's health check), `completions` and `man`. They are added
 //! beside the commands of [`crate::args::Cli`] (see [`augment`]) and run before any of them.
 
 use crate::args::{Cli, Global, Output};
