@@ -23,7 +23,8 @@ fn token_file() -> Option<PathBuf> {
     std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config/basphere/token"))
 }
 
-fn client(g: &Global) -> anyhow::Result<Client> {
+/// The client the global options name: `--url` (TCP with a token) or the Unix socket.
+pub(crate) fn client(g: &Global) -> anyhow::Result<Client> {
     if let Some(url) = &g.url {
         let token = g.token.clone().or_else(|| {
             token_file()

@@ -1,4 +1,5 @@
-//! Operator commands that need no server: `doctor`, `completions` and `man`. They are added
+//! Operator commands: `doctor` (runs with or without a server), `ready` (a running server's
+//! `/ready`, the container image's health check), `completions` and `man`. They are added
 //! beside the commands of [`crate::args::Cli`] (see [`augment`]) and run before any of them.
 
 use crate::args::{Cli, Global, Output};
@@ -12,6 +13,9 @@ pub enum Extra {
     /// Check this install (database, engine, provider, files) and say how to fix each problem;
     /// exits 1 when a check fails.
     Doctor,
+    /// Ask the running server's /ready (on its socket, or --url) and print each check; exits 1
+    /// unless it answers ready (the container image's health check).
+    Ready,
     /// Print a shell completion script (bash, zsh or fish) to standard output.
     Completions {
         #[arg(value_enum)]
@@ -56,6 +60,7 @@ pub fn from_matches(matches: &clap::ArgMatches) -> Option<(Extra, Global)> {
 pub async fn run(extra: Extra, g: Global) -> anyhow::Result<ExitCode> {
     match extra {
         Extra::Doctor => return crate::doctor::run(&g).await,
+        Extra::Ready => return ready(&g).await,
         Extra::Completions { shell } => {
             let shell = match shell {
                 Shell::Bash => clap_complete::Shell::Bash,
@@ -78,6 +83,41 @@ pub async fn run(extra: Extra, g: Global) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// How long `basphere ready` waits for the answer (the server bounds its own checks at 15 s).
+const READY_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+async fn ready(g: &Global) -> anyhow::Result<ExitCode> {
+    let client = crate::commands::client(g)?;
+    let answer = match tokio::time::timeout(READY_WAIT, client.get("/ready")).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            eprintln!("not ready: {e}");
+            return Ok(ExitCode::from(1));
+        }
+        Err(_) => {
+            eprintln!(
+                "not ready: the server did not answer /ready within {}s",
+                READY_WAIT.as_secs()
+            );
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let checks: Vec<Check> = answer
+        .body
+        .data
+        .get("checks")
+        .and_then(|c| serde_json::from_value(c.clone()).ok())
+        .unwrap_or_default();
+    if checks.is_empty() {
+        eprintln!(
+            "not ready: /ready answered {} without checks: {}",
+            answer.status, answer.body.message
+        );
+        return Ok(ExitCode::from(1));
+    }
+    Ok(print_checks(g.output, &checks))
 }
 
 /// Writes `bytes` to standard output; a reader that went away (`| head`) is no error.

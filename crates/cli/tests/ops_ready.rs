@@ -1,5 +1,7 @@
 //! `/ready` and `basphere doctor`: the same checks, 200 or 503 naming the failing one; details
-//! only on the Unix socket; doctor prints each problem with its fix and exits 1.
+//! only on the Unix socket; doctor prints each problem with its fix and exits 1. `basphere
+//! ready` (the container image's health check) asks a running server's `/ready`, on the socket
+//! or over TCP, and exits 1 unless it is ready.
 mod common;
 use common::*;
 use serde_json::Value;
@@ -55,6 +57,14 @@ async fn a_healthy_server_is_ready_and_tcp_callers_see_no_details() {
     ] {
         assert!(text.contains(line), "{line:?} in {text}");
     }
+
+    for via in [vec![], vec!["--url", s.addr.as_str()]] {
+        let out = s.cli(&[&["ready"], &via[..]].concat());
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "ready {via:?}: {text}");
+        assert!(text.contains("ok    database"), "{text}");
+        assert!(text.contains("ready: 0 failed"), "{text}");
+    }
 }
 
 /// The qemu provider over a host bridge that does not exist: the server starts (the bridge is
@@ -98,6 +108,15 @@ async fn a_missing_bridge_makes_the_server_unready_and_doctor_names_the_fix() {
         ["qemu.network: failed"],
         "no host names over TCP"
     );
+
+    let out = s.cli(&["ready", "--url", &s.addr]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "ready fails with a failing check"
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("fail  qemu.network"), "{text}");
 
     let out = s
         .cli_command(&["doctor", "--output", "json"])

@@ -2,13 +2,17 @@
 //!
 //! Loading is three steps: parse the file, apply `BASPHERE_*` environment overrides
 //! (`BASPHERE_NETWORK__CIDR=10.9.0.0/21` sets `network.cidr`: `__` separates levels), then
-//! check every rule. A bad config fails with the key at fault and why. Provider sections
+//! check every rule. Secrets may be read from files (`database.url_file`,
+//! `recaptcha.secret_key_file`: [`SECRET_FILE_KEYS`]). A bad config fails with the key at fault and why. Provider sections
 //! (`[qemu]`, `[vsphere]`) are kept as TOML here and parsed by the provider that owns them.
 
 use basphere_core::{ImageName, NetworkPool, Quota, Spec, SpecName, Username};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+
+mod secret_files;
+pub use secret_files::SECRET_FILE_KEYS;
 
 /// The whole configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -499,6 +503,7 @@ impl Config {
             .parse()
             .map_err(|e: toml::de::Error| ConfigError::Parse(shown.to_path_buf(), e.to_string()))?;
         apply_env(&mut table, env)?;
+        secret_files::resolve(&mut table)?;
         let cfg: Config = table
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::Parse(shown.to_path_buf(), e.to_string()))?;

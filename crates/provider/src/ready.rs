@@ -33,7 +33,8 @@ pub struct Check {
     /// Dotted name, part first: `database`, `engine`, `provider.session`, `qemu.kvm`.
     pub name: String,
     pub status: CheckStatus,
-    /// What was found, in one line (never a secret).
+    /// What was found, in one line (never a secret); empty in `/ready` answers over TCP.
+    #[serde(default)]
     pub detail: String,
     /// What an operator does about it; absent when ok.
     #[serde(default, skip_serializing_if = "Option::is_none")]
