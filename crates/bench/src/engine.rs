@@ -35,7 +35,7 @@ pub async fn throughput(
     let cfg = Arc::new(batch_config(
         bench,
         dir,
-        &[("BASPHERE_ENGINE__MAX_PARALLEL", "32")],
+        &[("BASPHERE_ENGINE__MAX_PARALLEL", "128")],
     )?);
     let mut apps = vec![];
     for r in 0..replicas {
