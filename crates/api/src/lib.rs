@@ -13,6 +13,7 @@ mod envelope;
 mod input;
 pub mod limits;
 mod observe;
+pub mod openapi;
 pub mod routes;
 mod server;
 

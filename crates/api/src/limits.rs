@@ -202,6 +202,19 @@ pub async fn admit_registration(st: &AppState) -> Result<(), ApiError> {
 }
 
 /// `POST /register`, throttled and capped (see `routes::users::register`).
+#[utoipa::path(
+    post, path = "/register", tag = "users", operation_id = "register",
+    summary = "Ask for an account (anyone; an admin reviews it)",
+    security((), ("bearer" = [])),
+    request_body = basphere_wire::RegisterRequest,
+    responses(
+        (status = 200, description = "The registration, waiting for an admin", body = crate::openapi::Answer<basphere_wire::Registration>),
+        (status = 403, response = crate::openapi::Forbidden),
+        (status = 409, response = crate::openapi::Conflict),
+        (status = 429, response = crate::openapi::TooManyRequests),
+        (status = 503, response = crate::openapi::Unavailable),
+    ),
+)]
 pub async fn register(
     _t: Throttled,
     State(st): State<AppState>,
@@ -227,6 +240,16 @@ pub fn anonymous(caller: &Caller) -> bool {
 }
 
 /// `POST /enroll`, throttled; refusals are folded per client (see [`enroll_as`]).
+#[utoipa::path(
+    post, path = "/enroll", tag = "tokens", operation_id = "enroll",
+    summary = "Exchange a one-time enrollment code for a token",
+    security((), ("bearer" = [])),
+    request_body = basphere_wire::EnrollRequest,
+    responses(
+        (status = 201, description = "The token and its secret", body = crate::openapi::Answer<basphere_wire::TokenCreated>),
+        (status = 429, response = crate::openapi::TooManyRequests),
+    ),
+)]
 pub async fn enroll(
     _t: Throttled,
     State(st): State<AppState>,

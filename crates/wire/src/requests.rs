@@ -8,15 +8,15 @@ use basphere_core::FieldErrors;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-/// Declares a request body: its fields (strings or whole numbers) and its `read`.
+/// Declares a request body: its fields (each read by its type's [`Field`]) and its `read`.
 macro_rules! request {
-    ($(#[$m:meta])* $name:ident { $($(#[$fm:meta])* $field:ident : $kind:ident),* $(,)? }) => {
+    ($(#[$m:meta])* $name:ident { $($(#[$fm:meta])* $field:ident : $ty:ty),* $(,)? }) => {
         $(#[$m])*
-        #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+        #[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
         pub struct $name {
             $($(#[$fm])*
             #[serde(default, skip_serializing_if = "Option::is_none")]
-            pub $field: Option<request!(@ty $kind)>,)*
+            pub $field: Option<$ty>,)*
             /// Fields that were present with the wrong JSON type, as field errors.
             #[serde(skip)]
             pub unreadable: FieldErrors,
@@ -26,45 +26,70 @@ macro_rules! request {
             /// Reads the fields out of a JSON object.
             pub fn read(map: &Map<String, Value>) -> Self {
                 let mut o = Object::new(map);
-                $(let $field = o.$kind(stringify!($field));)*
+                $(let $field = <$ty as Field>::read(&mut o, stringify!($field));)*
                 Self { $($field,)* unreadable: o.errors }
             }
         }
     };
-    (@ty str) => { String };
-    (@ty int) => { i64 };
-    (@ty disks) => { Vec<DiskRequest> };
-    (@ty strs) => { Vec<String> };
+}
+
+/// A type a request field is read as, out of a JSON object (wrong types recorded).
+trait Field: Sized {
+    fn read(o: &mut Object, key: &str) -> Option<Self>;
+}
+
+impl Field for String {
+    fn read(o: &mut Object, key: &str) -> Option<Self> {
+        o.str(key)
+    }
+}
+
+impl Field for i64 {
+    fn read(o: &mut Object, key: &str) -> Option<Self> {
+        o.int(key)
+    }
+}
+
+impl Field for Vec<DiskRequest> {
+    fn read(o: &mut Object, key: &str) -> Option<Self> {
+        o.disks(key)
+    }
+}
+
+impl Field for Vec<String> {
+    fn read(o: &mut Object, key: &str) -> Option<Self> {
+        o.strs(key)
+    }
 }
 
 request!(
     /// `POST /register` and `POST /users` (`team` optional).
     RegisterRequest {
-        username: str,
-        email: str,
-        team: str,
-        public_key: str,
+        username: String,
+        email: String,
+        team: String,
+        public_key: String,
     }
 );
 
 request!(
     /// `POST /enroll`: exchanges a one-time code for a token.
-    EnrollRequest { username: str, code: str }
+    EnrollRequest { username: String, code: String }
 );
 
 request!(
     /// `POST /users/{u}/reject`, `POST /key-changes/{u}/approve|reject`.
-    ReasonRequest { reason: str }
+    ReasonRequest { reason: String }
 );
 
 request!(
     /// `PUT /users/{u}/quota`: absent fields keep their value.
     QuotaRequest {
-        max_vms: int,
-        max_clusters: int,
-        max_ips: int,
-        max_vcpus: int,
-        max_memory_mib: int,
+        max_vms: i64,
+        max_clusters: i64,
+        max_ips: i64,
+        max_vcpus: i64,
+        max_memory_mib: i64,
     }
 );
 
@@ -73,11 +98,11 @@ request!(
     /// someone who may have lost every credential: `username`, `email` (the registered one),
     /// `new_public_key` and an optional `reason`.
     KeyChangeRequest {
-        public_key: str,
-        username: str,
-        email: str,
-        new_public_key: str,
-        reason: str,
+        public_key: String,
+        username: String,
+        email: String,
+        new_public_key: String,
+        reason: String,
     }
 );
 
@@ -85,30 +110,30 @@ request!(
     /// `POST /tokens`.
     TokenRequest {
         /// Default `cli`.
-        name: str,
-        ttl_days: int,
+        name: String,
+        ttl_days: i64,
     }
 );
 
 request!(
     /// `POST /vms`.
     CreateVmsRequest {
-        name: str,
+        name: String,
         /// Default `small`.
-        spec: str,
+        spec: String,
         /// Default: the configured default image.
-        os: str,
+        os: String,
         /// Absent or 0: 1. Above 1 the VMs are named `NAME-1` … `NAME-N`.
-        count: int,
+        count: i64,
         /// Disks beside the boot disk: `[{size_gb, mode: "auto"|"raw"}]` (each VM gets them).
-        extra_disks: disks,
+        extra_disks: Vec<DiskRequest>,
         /// Catalog networks (`[networks.NAME]`) each VM joins beside its own.
-        extra_networks: strs,
+        extra_networks: Vec<String>,
     }
 );
 
 /// One extra disk as a request asks for it; the server checks size and mode.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DiskRequest {
     pub size_gb: i64,
     /// `auto` (default: formatted and mounted) or `raw`.
@@ -141,10 +166,10 @@ request!(
     /// `POST /batches/plan` and `POST /batches`.
     BatchRequest {
         /// The manifest's text.
-        manifest: str,
+        manifest: String,
         /// `toml` (default) or `yaml`.
-        format: str,
-        parallelism: int,
+        format: String,
+        parallelism: i64,
     }
 );
 
