@@ -208,7 +208,11 @@ pub async fn admit_registration(st: &AppState) -> Result<(), ApiError> {
     security((), ("bearer" = [])),
     request_body = basphere_wire::RegisterRequest,
     responses(
-        (status = 200, description = "The registration, waiting for an admin", body = crate::openapi::Answer<basphere_wire::Registration>),
+        (status = 200, description = "The registration, waiting for an admin", body = crate::openapi::Answer<basphere_wire::Registration>, links(
+            ("registration" = (operation_id = "show_registration", parameters(("username" = "$response.body#/data/username")))),
+            ("approve" = (operation_id = "approve_user", parameters(("username" = "$response.body#/data/username")))),
+            ("reject" = (operation_id = "reject_user", parameters(("username" = "$response.body#/data/username")))),
+        )),
         (status = 403, response = crate::openapi::Forbidden),
         (status = 409, response = crate::openapi::Conflict),
         (status = 429, response = crate::openapi::TooManyRequests),

@@ -26,6 +26,18 @@ pub struct Answer<T> {
     pub errors: Vec<String>,
 }
 
+/// One Server-Sent Event of an event stream.
+#[derive(ToSchema)]
+pub struct StreamEvent {
+    /// The event's sequence number (for `?after=` or `Last-Event-ID` on reconnect).
+    pub id: Option<String>,
+    /// Its kind: `queued`, `step_started`, `step_done`, …, `succeeded`, `failed`,
+    /// `cancelled`; `truncated` first when a replay was cut short.
+    pub event: Option<String>,
+    /// Its JSON: an `Event`, or for `truncated` what was left out and what to do.
+    pub data: String,
+}
+
 /// Declares the refusals every route draws from: each is the envelope with `success: false`,
 /// `message` saying what went wrong and what to do, and `errors` one line per problem.
 macro_rules! refusals {
@@ -175,10 +187,40 @@ fn operations_mut(
 
 /// The document as JSON, built once.
 static DOCUMENT: LazyLock<String> = LazyLock::new(|| {
-    ApiDoc::openapi()
-        .to_json()
-        .expect("the OpenAPI document serializes")
+    let mut v = serde_json::to_value(ApiDoc::openapi()).expect("the OpenAPI document serializes");
+    camel_case_links(&mut v);
+    v.to_string()
 });
+
+/// Names the fields of every response link as OpenAPI spells them (`operationId`, …): utoipa
+/// 5 writes them in snake case.
+fn camel_case_links(doc: &mut serde_json::Value) {
+    let Some(paths) = doc.get_mut("paths").and_then(|p| p.as_object_mut()) else {
+        return;
+    };
+    let responses = paths
+        .values_mut()
+        .filter_map(|item| item.as_object_mut())
+        .flat_map(|item| item.values_mut())
+        .filter_map(|op| op.get_mut("responses").and_then(|r| r.as_object_mut()))
+        .flat_map(|r| r.values_mut());
+    for response in responses {
+        let Some(links) = response.get_mut("links").and_then(|l| l.as_object_mut()) else {
+            continue;
+        };
+        for link in links.values_mut().filter_map(|l| l.as_object_mut()) {
+            for (from, to) in [
+                ("operation_id", "operationId"),
+                ("operation_ref", "operationRef"),
+                ("request_body", "requestBody"),
+            ] {
+                if let Some(v) = link.remove(from) {
+                    link.insert(to.to_string(), v);
+                }
+            }
+        }
+    }
+}
 
 /// The OpenAPI 3.1 document of `/api/v1`.
 pub fn document() -> openapi::OpenApi {

@@ -42,7 +42,10 @@ pub async fn plan(
     request_body = wire::BatchRequest,
     responses(
         (status = 200, description = "Nothing to do: no batch", body = Answer<wire::BatchApplied>),
-        (status = 202, description = "Admitted: an operation per node", body = Answer<wire::BatchApplied>),
+        (status = 202, description = "Admitted: an operation per node", body = Answer<wire::BatchApplied>, links(
+            ("show" = (operation_id = "show_batch", parameters(("id" = "$response.body#/data/batch_id")))),
+            ("operation" = (operation_id = "show_operation", parameters(("id" = "$response.body#/data/nodes/0/operation_id")))),
+        )),
         (status = 403, response = doc::Forbidden),
         (status = 409, response = doc::Conflict),
         (status = 422, response = doc::Unprocessable),

@@ -119,7 +119,7 @@ const KEEP_ALIVE: Duration = Duration::from_secs(10);
     summary = "An operation's events as Server-Sent Events, until it ends",
     params(("id" = String, Path, description = "The operation's id")),
     responses(
-        (status = 200, description = "`text/event-stream`: one event per transition (its `data` an `Event`), replayed from the start; the stream ends after the final one", content_type = "text/event-stream", body = String),
+        (status = 200, description = "`text/event-stream`: one event per transition (its `data` an `Event`), replayed from the start; the stream ends after the final one", content_type = "text/event-stream", body = doc::StreamEvent),
         (status = 403, response = doc::Forbidden),
         (status = 404, response = doc::NotFound),
         (status = 429, response = doc::TooManyRequests),
@@ -210,7 +210,7 @@ pub struct EventsQuery {
     summary = "Events of every operation the caller may see, as Server-Sent Events",
     params(EventsQuery),
     responses(
-        (status = 200, description = "`text/event-stream`: one event per transition (its `data` an `Event`, its id the sequence number); open until the client goes away", content_type = "text/event-stream", body = String),
+        (status = 200, description = "`text/event-stream`: one event per transition (its `data` an `Event`, its id the sequence number); open until the client goes away", content_type = "text/event-stream", body = doc::StreamEvent),
         (status = 400, response = doc::BadRequest),
         (status = 403, response = doc::Forbidden),
         (status = 404, response = doc::NotFound),

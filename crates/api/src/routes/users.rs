@@ -48,7 +48,13 @@ pub async fn register(
     summary = "Add and approve a user (admin)",
     request_body = wire::RegisterRequest,
     responses(
-        (status = 200, description = "The approved registration and the account it made", body = Answer<wire::Approved>),
+        (status = 200, description = "The approved registration and the account it made", body = Answer<wire::Approved>, links(
+            ("show" = (operation_id = "show_user", parameters(("username" = "$response.body#/data/username")))),
+            ("quota" = (operation_id = "set_quota", parameters(("username" = "$response.body#/data/username")))),
+            ("disable" = (operation_id = "disable_user", parameters(("username" = "$response.body#/data/username")))),
+            ("enable" = (operation_id = "enable_user", parameters(("username" = "$response.body#/data/username")))),
+            ("delete" = (operation_id = "delete_user", parameters(("username" = "$response.body#/data/username")))),
+        )),
         (status = 403, response = doc::Forbidden),
         (status = 409, response = doc::Conflict),
         (status = 503, response = doc::Unavailable),
@@ -355,7 +361,11 @@ pub async fn delete(
     security((), ("bearer" = [])),
     request_body = wire::KeyChangeRequest,
     responses(
-        (status = 200, description = "The key change, waiting for an admin", body = Answer<wire::KeyChange>),
+        (status = 200, description = "The key change, waiting for an admin", body = Answer<wire::KeyChange>, links(
+            ("of" = (operation_id = "key_changes_of", parameters(("username" = "$response.body#/data/username")))),
+            ("approve" = (operation_id = "approve_key_change", parameters(("username" = "$response.body#/data/username")))),
+            ("reject" = (operation_id = "reject_key_change", parameters(("username" = "$response.body#/data/username")))),
+        )),
         (status = 403, response = doc::Forbidden),
         (status = 404, response = doc::NotFound),
         (status = 409, response = doc::Conflict),
@@ -520,7 +530,9 @@ pub async fn tokens(
     summary = "Make a token for the caller (its secret is shown once)",
     request_body = wire::TokenRequest,
     responses(
-        (status = 201, description = "The token and its secret", body = Answer<wire::TokenCreated>),
+        (status = 201, description = "The token and its secret", body = Answer<wire::TokenCreated>, links(
+            ("revoke" = (operation_id = "revoke_token", parameters(("id" = "$response.body#/data/info/id")))),
+        )),
         (status = 403, response = doc::Forbidden),
     ),
 )]

@@ -29,7 +29,13 @@ pub async fn catalog(State(st): State<AppState>, caller: Caller) -> Result<Ok200
     summary = "Create VMs (admitted at once; created in the background)",
     request_body = wire::CreateVmsRequest,
     responses(
-        (status = 202, description = "Admitted: an operation per VM to follow", body = Answer<wire::VmsCreated>),
+        (status = 202, description = "Admitted: an operation per VM to follow", body = Answer<wire::VmsCreated>, links(
+            ("show" = (operation_id = "show_vm", parameters(("name" = "$response.body#/data/vms/0/name")))),
+            ("delete" = (operation_id = "delete_vm", parameters(("name" = "$response.body#/data/vms/0/name")))),
+            ("operation" = (operation_id = "show_operation", parameters(("id" = "$response.body#/data/operations/0")))),
+            ("events" = (operation_id = "operation_events", parameters(("id" = "$response.body#/data/operations/0")))),
+            ("cancel" = (operation_id = "cancel_operation", parameters(("id" = "$response.body#/data/operations/0")))),
+        )),
         (status = 403, response = doc::Forbidden),
         (status = 409, response = doc::Conflict),
         (status = 503, response = doc::Unavailable),
@@ -148,7 +154,10 @@ pub async fn show(
     summary = "Delete a VM (in the background)",
     params(("name" = String, Path, description = "The VM's name"), OwnerQuery),
     responses(
-        (status = 202, description = "The delete started: the VM with its operation", body = Answer<wire::Vm>),
+        (status = 202, description = "The delete started: the VM with its operation", body = Answer<wire::Vm>, links(
+            ("operation" = (operation_id = "show_operation", parameters(("id" = "$response.body#/data/operation_id")))),
+            ("retry" = (operation_id = "retry_operation", parameters(("id" = "$response.body#/data/operation_id")))),
+        )),
         (status = 403, response = doc::Forbidden),
         (status = 404, response = doc::NotFound),
         (status = 409, response = doc::Conflict),
