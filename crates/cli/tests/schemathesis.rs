@@ -34,15 +34,17 @@ fn schemathesis() -> Option<PathBuf> {
          scripts/install-deps, installs it)",
         venv.display()
     );
-    assert!(std::env::var_os("CI").is_none(), "{why}; CI must run this test");
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{why}; CI must run this test"
+    );
     eprintln!("SKIPPED: {why}");
     None
 }
 
 /// Runs schemathesis against `addr` with `token`; panics with its report unless it passed.
 fn fuzz(bin: &Path, workdir: &Path, addr: &str, who: &str, token: &str) {
-    let examples =
-        std::env::var("BASPHERE_SCHEMATHESIS_EXAMPLES").unwrap_or_else(|_| "25".into());
+    let examples = std::env::var("BASPHERE_SCHEMATHESIS_EXAMPLES").unwrap_or_else(|_| "25".into());
     let mut cmd = Command::new(bin);
     cmd.current_dir(workdir)
         .env("NO_COLOR", "1")
