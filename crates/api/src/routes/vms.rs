@@ -130,7 +130,7 @@ pub struct OwnerQuery {
 
 #[utoipa::path(
     get, path = "/vms/{name}", tag = "vms", operation_id = "show_vm",
-    summary = "A VM of the caller (or, for an admin, of `owner`)",
+    summary = "A VM of the caller (or, for an admin, of the owner named)",
     params(("name" = String, Path, description = "The VM's name"), OwnerQuery),
     responses(
         (status = 200, description = "The VM", body = Answer<wire::Vm>),
