@@ -93,7 +93,8 @@ impl Object<'_> {
                     }
                     match size_gb {
                         Some(size_gb) => out.push(crate::DiskRequest { size_gb, mode }),
-                        None if !m.contains_key("size_gb") => {
+                        // Absent or null (a wrong type was recorded by `int`).
+                        None if m.get("size_gb").is_none_or(Value::is_null) => {
                             self.errors.push(&format!("{at}.size_gb"), "is required")
                         }
                         None => {}

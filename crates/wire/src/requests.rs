@@ -7,15 +7,20 @@ use crate::read::Object;
 use basphere_core::FieldErrors;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use utoipa::PartialSchema;
+use utoipa::openapi::schema::{
+    ArrayBuilder, KnownFormat, ObjectBuilder, OneOfBuilder, Schema, SchemaFormat, SchemaType, Type,
+};
 
 /// Declares a request body: its fields (each read by its type's [`Field`]) and its `read`.
 macro_rules! request {
     ($(#[$m:meta])* $name:ident { $($(#[$fm:meta])* $field:ident : $ty:ty),* $(,)? }) => {
-        $(#[$m])*
         #[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+        $(#[$m])*
         pub struct $name {
             $($(#[$fm])*
             #[serde(default, skip_serializing_if = "Option::is_none")]
+            #[schema(schema_with = field_schema::<$ty>)]
             pub $field: Option<$ty>,)*
             /// Fields that were present with the wrong JSON type, as field errors.
             #[serde(skip)]
@@ -33,14 +38,22 @@ macro_rules! request {
     };
 }
 
-/// A type a request field is read as, out of a JSON object (wrong types recorded).
+/// A type a request field is read as, out of a JSON object (wrong types recorded), and what it
+/// takes on the wire: `null` reads as absent, and a whole number or a list may come as a string
+/// (as the portal's forms send them).
 trait Field: Sized {
     fn read(o: &mut Object, key: &str) -> Option<Self>;
+    fn schema() -> Schema;
 }
 
 impl Field for String {
     fn read(o: &mut Object, key: &str) -> Option<Self> {
         o.str(key)
+    }
+    fn schema() -> Schema {
+        ObjectBuilder::new()
+            .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
+            .into()
     }
 }
 
@@ -48,11 +61,21 @@ impl Field for i64 {
     fn read(o: &mut Object, key: &str) -> Option<Self> {
         o.int(key)
     }
+    fn schema() -> Schema {
+        one_of_or_null([whole_number_text(), whole_number_json()])
+    }
 }
 
 impl Field for Vec<DiskRequest> {
     fn read(o: &mut Object, key: &str) -> Option<Self> {
         o.disks(key)
+    }
+    fn schema() -> Schema {
+        let list = ArrayBuilder::new().items(DiskRequest::schema());
+        let text = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .description(Some("Comma-separated `SIZE[G][:MODE]`: `20G, 50G:raw`"));
+        one_of_or_null([list.into(), text.into()])
     }
 }
 
@@ -60,10 +83,56 @@ impl Field for Vec<String> {
     fn read(o: &mut Object, key: &str) -> Option<Self> {
         o.strs(key)
     }
+    fn schema() -> Schema {
+        let list = ArrayBuilder::new().items(ObjectBuilder::new().schema_type(Type::String));
+        let text = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .description(Some("Comma-separated names"));
+        one_of_or_null([list.into(), text.into()])
+    }
+}
+
+/// The schema of a request field of type `T`.
+fn field_schema<T: Field>() -> Schema {
+    T::schema()
+}
+
+fn one_of_or_null<const N: usize>(alternatives: [Schema; N]) -> Schema {
+    let mut b = OneOfBuilder::new();
+    for a in alternatives {
+        b = b.item(a);
+    }
+    b.item(ObjectBuilder::new().schema_type(Type::Null)).into()
+}
+
+/// A whole number as JSON.
+fn whole_number_json() -> Schema {
+    ObjectBuilder::new()
+        .schema_type(Type::Integer)
+        .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+        .into()
+}
+
+/// A whole number as text, as a form sends it.
+fn whole_number_text() -> Schema {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some("^[+-]?[0-9]{1,18}$"))
+        .into()
+}
+
+/// A whole number, as JSON or as text.
+fn whole_number() -> Schema {
+    OneOfBuilder::new()
+        .item(whole_number_json())
+        .item(whole_number_text())
+        .into()
 }
 
 request!(
     /// `POST /register` and `POST /users` (`team` optional).
+    #[schema(example = json!({"username": "dora", "email": "dora@example.org", "team": "payments",
+        "public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8g dora@laptop"}))]
     RegisterRequest {
         username: String,
         email: String,
@@ -79,11 +148,13 @@ request!(
 
 request!(
     /// `POST /users/{u}/reject`, `POST /key-changes/{u}/approve|reject`.
+    #[schema(example = json!({"reason": "not a member of the team"}))]
     ReasonRequest { reason: String }
 );
 
 request!(
     /// `PUT /users/{u}/quota`: absent fields keep their value.
+    #[schema(example = json!({"max_vms": 20, "max_vcpus": 64}))]
     QuotaRequest {
         max_vms: i64,
         max_clusters: i64,
@@ -97,6 +168,7 @@ request!(
     /// `POST /key-change`: either a signed-in user's `public_key`, or the prototype's form for
     /// someone who may have lost every credential: `username`, `email` (the registered one),
     /// `new_public_key` and an optional `reason`.
+    #[schema(example = json!({"public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8g dora@laptop"}))]
     KeyChangeRequest {
         public_key: String,
         username: String,
@@ -108,6 +180,7 @@ request!(
 
 request!(
     /// `POST /tokens`.
+    #[schema(example = json!({"name": "laptop", "ttl_days": 30}))]
     TokenRequest {
         /// Default `cli`.
         name: String,
@@ -117,6 +190,7 @@ request!(
 
 request!(
     /// `POST /vms`.
+    #[schema(example = json!({"name": "web", "spec": "small", "count": 1}))]
     CreateVmsRequest {
         name: String,
         /// Default `small`.
@@ -135,6 +209,7 @@ request!(
 /// One extra disk as a request asks for it; the server checks size and mode.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DiskRequest {
+    #[schema(schema_with = whole_number)]
     pub size_gb: i64,
     /// `auto` (default: formatted and mounted) or `raw`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -164,6 +239,8 @@ impl DiskRequest {
 
 request!(
     /// `POST /batches/plan` and `POST /batches`.
+    #[schema(example = json!({"manifest": "[vms.db]\nspec = \"tiny\"\n[vms.app]\nrequires = [\"db\"]\n",
+        "format": "toml", "parallelism": 2}))]
     BatchRequest {
         /// The manifest's text.
         manifest: String,
@@ -195,7 +272,8 @@ mod tests {
     #[test]
     fn extra_disks_and_networks_read_from_json_and_forms() {
         let v = json!({"extra_disks": [{"size_gb": 20}, {"size_gb": "50", "mode": "raw"},
-            {"mode": "auto"}, 7, {"size_gb": "x"}], "extra_networks": ["storage", 3]});
+            {"mode": "auto"}, 7, {"size_gb": "x"}, {"size_gb": null}],
+            "extra_networks": ["storage", 3]});
         let r = CreateVmsRequest::read(v.as_object().unwrap());
         assert_eq!(
             r.extra_disks.unwrap(),
@@ -217,6 +295,7 @@ mod tests {
                 "extra_disks[2].size_gb: is required",
                 "extra_disks[3]: must be an object {\"size_gb\": N, \"mode\": \"auto\"|\"raw\"}",
                 "extra_disks[4].size_gb: must be a whole number",
+                "extra_disks[5].size_gb: is required",
                 "extra_networks[1]: must be a string",
             ]
         );

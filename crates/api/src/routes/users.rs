@@ -76,7 +76,7 @@ pub async fn add(
 #[utoipa::path(
     post, path = "/users/{username}/approve", tag = "users", operation_id = "approve_user",
     summary = "Approve a pending registration (admin)",
-    params(("username" = String, Path, description = "The user's name")),
+    params(("username" = String, Path, description = "The user's name", example = "dora")),
     responses(
         (status = 200, description = "The approved registration and the account it made", body = Answer<wire::Approved>),
         (status = 400, response = doc::BadRequest),
@@ -99,7 +99,7 @@ pub async fn approve(
 #[utoipa::path(
     post, path = "/users/{username}/reject", tag = "users", operation_id = "reject_user",
     summary = "Reject a pending registration (admin)",
-    params(("username" = String, Path, description = "The user's name")),
+    params(("username" = String, Path, description = "The user's name", example = "dora")),
     request_body = wire::ReasonRequest,
     responses(
         (status = 200, description = "The rejected registration", body = Answer<wire::Rejected>),
@@ -162,7 +162,7 @@ pub async fn pending(
 #[utoipa::path(
     get, path = "/pending/{username}", tag = "users", operation_id = "show_registration",
     summary = "A user's newest registration (admin)",
-    params(("username" = String, Path, description = "The user's name")),
+    params(("username" = String, Path, description = "The user's name", example = "dora")),
     responses(
         (status = 200, description = "The registration", body = Answer<wire::Registration>),
         (status = 403, response = doc::Forbidden),
@@ -212,7 +212,7 @@ pub async fn list(
 #[utoipa::path(
     get, path = "/users/{username}", tag = "users", operation_id = "show_user",
     summary = "A user, their usage and VMs (themselves or an admin)",
-    params(("username" = String, Path, description = "The user's name")),
+    params(("username" = String, Path, description = "The user's name", example = "dora")),
     responses(
         (status = 200, description = "The user", body = Answer<wire::UserDetail>),
         (status = 404, response = doc::NotFound),
@@ -245,7 +245,7 @@ async fn set_disabled(
 #[utoipa::path(
     post, path = "/users/{username}/disable", tag = "users", operation_id = "disable_user",
     summary = "Disable a user (admin)",
-    params(("username" = String, Path, description = "The user's name")),
+    params(("username" = String, Path, description = "The user's name", example = "dora")),
     responses(
         (status = 200, description = "The user disabled", body = Answer<wire::UserRef>),
         (status = 400, response = doc::BadRequest),
@@ -265,7 +265,7 @@ pub async fn disable(
 #[utoipa::path(
     post, path = "/users/{username}/enable", tag = "users", operation_id = "enable_user",
     summary = "Enable a disabled user (admin)",
-    params(("username" = String, Path, description = "The user's name")),
+    params(("username" = String, Path, description = "The user's name", example = "dora")),
     responses(
         (status = 200, description = "The user enabled", body = Answer<wire::UserRef>),
         (status = 400, response = doc::BadRequest),
@@ -285,7 +285,7 @@ pub async fn enable(
 #[utoipa::path(
     put, path = "/users/{username}/quota", tag = "users", operation_id = "set_quota",
     summary = "Change a user's quota (admin)",
-    params(("username" = String, Path, description = "The user's name")),
+    params(("username" = String, Path, description = "The user's name", example = "dora")),
     request_body = wire::QuotaRequest,
     responses(
         (status = 200, description = "The new quota", body = Answer<basphere_core::Quota>),
@@ -324,7 +324,7 @@ pub struct DeleteQuery {
 #[utoipa::path(
     delete, path = "/users/{username}", tag = "users", operation_id = "delete_user",
     summary = "Delete a user (admin): their VMs first, then the account",
-    params(("username" = String, Path, description = "The user's name"), DeleteQuery),
+    params(("username" = String, Path, description = "The user's name", example = "dora"), DeleteQuery),
     responses(
         (status = 200, description = "The user is gone", body = Answer<wire::UserRef>),
         (status = 202, description = "The user holds VMs: they are disabled and the VMs' deletes started; call again when they are gone", body = Answer<wire::UserVmsDeleting>),
@@ -426,7 +426,7 @@ pub async fn key_changes(
 #[utoipa::path(
     get, path = "/key-changes/{username}", tag = "keys", operation_id = "key_changes_of",
     summary = "A user's key changes (themselves or an admin)",
-    params(("username" = String, Path, description = "The user's name")),
+    params(("username" = String, Path, description = "The user's name", example = "dora")),
     responses(
         (status = 200, description = "The user's key changes", body = Answer<Vec<wire::KeyChange>>),
         (status = 404, response = doc::NotFound),
@@ -465,7 +465,7 @@ async fn decide_key(
 #[utoipa::path(
     post, path = "/key-changes/{username}/approve", tag = "keys", operation_id = "approve_key_change",
     summary = "Approve a user's pending key change (admin)",
-    params(("username" = String, Path, description = "The user's name")),
+    params(("username" = String, Path, description = "The user's name", example = "dora")),
     request_body = wire::ReasonRequest,
     responses(
         (status = 200, description = "The key change, approved", body = Answer<wire::KeyChange>),
@@ -486,7 +486,7 @@ pub async fn key_approve(
 #[utoipa::path(
     post, path = "/key-changes/{username}/reject", tag = "keys", operation_id = "reject_key_change",
     summary = "Reject a user's pending key change (admin)",
-    params(("username" = String, Path, description = "The user's name")),
+    params(("username" = String, Path, description = "The user's name", example = "dora")),
     request_body = wire::ReasonRequest,
     responses(
         (status = 200, description = "The key change, rejected", body = Answer<wire::KeyChange>),

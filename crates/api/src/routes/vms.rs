@@ -131,7 +131,7 @@ pub struct OwnerQuery {
 #[utoipa::path(
     get, path = "/vms/{name}", tag = "vms", operation_id = "show_vm",
     summary = "A VM of the caller (or, for an admin, of the owner named)",
-    params(("name" = String, Path, description = "The VM's name"), OwnerQuery),
+    params(("name" = String, Path, description = "The VM's name", example = "web"), OwnerQuery),
     responses(
         (status = 200, description = "The VM", body = Answer<wire::Vm>),
         (status = 403, response = doc::Forbidden),
@@ -152,7 +152,7 @@ pub async fn show(
 #[utoipa::path(
     delete, path = "/vms/{name}", tag = "vms", operation_id = "delete_vm",
     summary = "Delete a VM (in the background)",
-    params(("name" = String, Path, description = "The VM's name"), OwnerQuery),
+    params(("name" = String, Path, description = "The VM's name", example = "web"), OwnerQuery),
     responses(
         (status = 202, description = "The delete started: the VM with its operation", body = Answer<wire::Vm>, links(
             ("operation" = (operation_id = "show_operation", parameters(("id" = "$response.body#/data/operation_id")))),
