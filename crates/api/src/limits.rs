@@ -469,14 +469,31 @@ pub async fn check_host(State(p): State<Arc<HostPolicy>>, req: Request, next: Ne
     next.run(req).await
 }
 
-/// The limits for a whole router, API and portal merged: the `Host` check and request bodies
-/// of at most [`MAX_BODY`]. `basphere serve` applies it to the merged router.
+/// Middleware: a URL whose path or query holds an encoded NUL character (`%00`) gets 400: no
+/// name, id or filter holds one, and no database stores it in text.
+pub async fn refuse_nul(req: Request, next: Next) -> Response {
+    if req
+        .uri()
+        .path_and_query()
+        .is_some_and(|pq| pq.as_str().contains("%00"))
+    {
+        return ApiError::bad_request(
+            "the URL holds a NUL character (%00); no path or query value may contain one",
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+/// The limits for a whole router, API and portal merged: the `Host` check, no NUL in the URL,
+/// and request bodies of at most [`MAX_BODY`]. `basphere serve` applies it to the merged router.
 pub fn harden(app: Router, cfg: &Config) -> Router {
-    app.layer(axum::middleware::from_fn_with_state(
-        Arc::new(HostPolicy::from_config(cfg)),
-        check_host,
-    ))
-    .layer(DefaultBodyLimit::max(MAX_BODY))
+    app.layer(axum::middleware::from_fn(refuse_nul))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(HostPolicy::from_config(cfg)),
+            check_host,
+        ))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
 }
 
 #[cfg(test)]

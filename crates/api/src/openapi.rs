@@ -2,8 +2,8 @@
 //! attributes and the wire types' schemas, served at `GET /api/v1/openapi.json`.
 //!
 //! Each route names the answers particular to it (403, 404, 409, …); the ones that follow from
-//! a route's shape are added here ([`Shape`]): 401 where a token is taken, and 400/413/415 where
-//! a JSON body is. The test below holds the document to the router's table
+//! a route's shape are added here ([`Shape`]): 400 everywhere, 401 where a token is taken, and
+//! 413/415 where a JSON body is. The test below holds the document to the router's table
 //! (`routes::V1_ROUTES`), so a route cannot go undocumented.
 
 use crate::limits;
@@ -127,8 +127,9 @@ refusals! {
 )]
 struct ApiDoc;
 
-/// Adds what follows from each route's shape: the bearer scheme, 401 wherever a token is
-/// taken, and 400/413/415 wherever a JSON body is (which may be empty: it reads as `{}`).
+/// Adds what follows from each route's shape: the bearer scheme, 400 everywhere (a NUL in the
+/// URL), 401 wherever a token is taken, and 413/415 wherever a JSON body is (which may be
+/// empty: it reads as `{}`).
 struct Shape;
 
 fn reference(name: &str) -> RefOr<openapi::Response> {
@@ -154,11 +155,12 @@ impl Modify for Shape {
                         .entry(status.to_string())
                         .or_insert_with(|| reference(name));
                 };
+                // Any URL may hold a NUL (`limits::refuse_nul`).
+                add("400", "BadRequest");
                 if takes_token {
                     add("401", "Unauthorized");
                 }
                 if op.request_body.is_some() {
-                    add("400", "BadRequest");
                     add("413", "TooLarge");
                     add("415", "UnsupportedMediaType");
                 }

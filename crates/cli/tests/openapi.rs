@@ -108,3 +108,32 @@ async fn a_huge_vcpu_quota_saturates() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["data"]["max_vcpus"], u32::MAX);
 }
+
+/// Found by fuzzing on PostgreSQL (which stores no NUL in text): a `%00` in a query or path,
+/// or a `\u0000` in a body's text, was a 500. Now each is a 400, on both backends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nul_character_is_refused_as_bad_input() {
+    let s = server(&[]);
+    for path in [
+        "/api/v1/users?after=a%00b",
+        "/api/v1/pending/a%00b",
+        "/api/v1/audit?actor=%00",
+    ] {
+        let r = s.root().get(path).await.unwrap();
+        assert_eq!(r.status, 400, "{path}: {:?}", r.body);
+        assert!(r.body.message.contains("NUL"), "{path}: {:?}", r.body);
+    }
+    s.register("nadia").await;
+    let r = s
+        .root()
+        .post("/api/v1/users/nadia/reject", &json!({"reason": "a\u{0}b"}))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    assert_eq!(
+        r.body.errors,
+        ["reason: must not contain a NUL character (\\u0000)"]
+    );
+    let pending = get_data(&s.root(), "/api/v1/pending/nadia").await;
+    assert_eq!(pending["status"], "pending");
+}
