@@ -83,16 +83,7 @@ async fn cluster_routes_ask_for_a_token_before_saying_not_yet() {
 async fn a_huge_vcpu_quota_saturates() {
     let s = server(&[]);
     s.user("vera").await;
-    let admin = s
-        .root()
-        .post("/api/v1/tokens", &json!({"name": "t"}))
-        .await
-        .unwrap()
-        .body
-        .data["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let admin = s.admin_token("t").await;
     let r = raw::send(
         "127.0.0.1",
         &s.addr,

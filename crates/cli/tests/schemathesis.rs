@@ -11,7 +11,6 @@
 mod common;
 
 use common::*;
-use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -110,13 +109,7 @@ async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
         ("BASPHERE_NETWORK__DNS", "[\"10.64.0.1\"]"),
     ]);
     let user = s.user("fuzzer").await;
-    let r = s
-        .root()
-        .post("/api/v1/tokens", &json!({"name": "schemathesis"}))
-        .await
-        .unwrap();
-    assert_eq!(r.status, 201, "{:?}", r.body);
-    let admin = r.body.data["token"].as_str().unwrap().to_string();
+    let admin = s.admin_token("schemathesis").await;
     let work = tempfile::tempdir().unwrap();
     // The user first: the admin's run may delete that user.
     fuzz(&bin, work.path(), &s.addr, "user", &user);
