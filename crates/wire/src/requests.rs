@@ -134,16 +134,24 @@ request!(
     #[schema(example = json!({"username": "dora", "email": "dora@example.org", "team": "payments",
         "public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8g dora@laptop"}))]
     RegisterRequest {
+        #[schema(required = true)]
         username: String,
+        #[schema(required = true)]
         email: String,
         team: String,
+        #[schema(required = true)]
         public_key: String,
     }
 );
 
 request!(
     /// `POST /enroll`: exchanges a one-time code for a token.
-    EnrollRequest { username: String, code: String }
+    EnrollRequest {
+        #[schema(required = true)]
+        username: String,
+        #[schema(required = true)]
+        code: String,
+    }
 );
 
 request!(
@@ -192,6 +200,7 @@ request!(
     /// `POST /vms`.
     #[schema(example = json!({"name": "web", "spec": "small", "count": 1}))]
     CreateVmsRequest {
+        #[schema(required = true)]
         name: String,
         /// Default `small`.
         spec: String,
@@ -243,6 +252,7 @@ request!(
         "format": "toml", "parallelism": 2}))]
     BatchRequest {
         /// The manifest's text.
+        #[schema(required = true)]
         manifest: String,
         /// `toml` (default) or `yaml`.
         format: String,
