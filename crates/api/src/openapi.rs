@@ -2,8 +2,8 @@
 //! attributes and the wire types' schemas, served at `GET /api/v1/openapi.json`.
 //!
 //! Each route names the answers particular to it (403, 404, 409, …); the ones that follow from
-//! a route's shape are added here ([`Shape`]): 400 everywhere, 401 where a token is taken, and
-//! 413/415 where a JSON body is. The test below holds the document to the router's table
+//! a route's shape are added here ([`Shape`]): 400/415/421 everywhere, 401 where a token is
+//! taken, and 413 where a JSON body is. The test below holds the document to the router's table
 //! (`routes::V1_ROUTES`), so a route cannot go undocumented.
 
 use crate::limits;
@@ -64,8 +64,10 @@ refusals! {
     Conflict,
     /// The request body is larger than 64 KiB.
     TooLarge,
-    /// A request body must be `Content-Type: application/json`.
+    /// A request body (and any `Content-Type` sent) must be `application/json`.
     UnsupportedMediaType,
+    /// The `Host` header names none of this server's names (`[server] allowed_hosts`).
+    Misdirected,
     /// Well-formed input that cannot be acted on (a manifest's problems, each in `errors`).
     Unprocessable,
     /// Too many requests from this client, or too many open event streams; try again after
@@ -111,7 +113,7 @@ refusals! {
     ),
     components(responses(
         BadRequest, Unauthorized, Forbidden, NotFound, Conflict, TooLarge, UnsupportedMediaType,
-        Unprocessable, TooManyRequests, Unavailable, NotImplemented,
+        Misdirected, Unprocessable, TooManyRequests, Unavailable, NotImplemented,
     )),
     tags(
         (name = "meta", description = "Health, readiness and this document"),
@@ -127,9 +129,9 @@ refusals! {
 )]
 struct ApiDoc;
 
-/// Adds what follows from each route's shape: the bearer scheme, 400 everywhere (a NUL in the
-/// URL), 401 wherever a token is taken, and 413/415 wherever a JSON body is (which may be
-/// empty: it reads as `{}`).
+/// Adds what follows from each route's shape: the bearer scheme, 400/415/421 everywhere (the
+/// checks every request passes), 401 wherever a token is taken, and 413 wherever a JSON body
+/// is (which may be empty: it reads as `{}`).
 struct Shape;
 
 fn reference(name: &str) -> RefOr<openapi::Response> {
@@ -155,14 +157,16 @@ impl Modify for Shape {
                         .entry(status.to_string())
                         .or_insert_with(|| reference(name));
                 };
-                // Any URL may hold a NUL (`limits::refuse_nul`).
+                // Every route: a NUL in the URL (`limits::refuse_nul`), a `Content-Type` other
+                // than JSON (`limits::require_json`), a foreign `Host` (`limits::check_host`).
                 add("400", "BadRequest");
+                add("415", "UnsupportedMediaType");
+                add("421", "Misdirected");
                 if takes_token {
                     add("401", "Unauthorized");
                 }
                 if op.request_body.is_some() {
                     add("413", "TooLarge");
-                    add("415", "UnsupportedMediaType");
                 }
                 if let Some(body) = op.request_body.as_mut() {
                     // An empty body reads as `{}`.
