@@ -46,8 +46,6 @@ fn fuzz(bin: &Path, workdir: &Path, addr: &str, who: &str, token: &str) {
     let examples = std::env::var("BASPHERE_SCHEMATHESIS_EXAMPLES").unwrap_or_else(|_| "25".into());
     let mut cmd = Command::new(bin);
     cmd.current_dir(workdir)
-        .env("NO_COLOR", "1")
-        .env("SCHEMATHESIS_COLOR", "false")
         .arg("--config-file")
         .arg(CONFIG)
         .arg("run")
