@@ -165,10 +165,11 @@ impl Modify for Shape {
                 if takes_token {
                     add("401", "Unauthorized");
                 }
-                if op.request_body.is_some() {
-                    add("413", "TooLarge");
-                }
                 if let Some(body) = op.request_body.as_mut() {
+                    op.responses
+                        .responses
+                        .entry("413".into())
+                        .or_insert_with(|| reference("TooLarge"));
                     // An empty body reads as `{}`.
                     body.required = Some(Required::False);
                 }
@@ -229,7 +230,7 @@ fn camel_case_links(doc: &mut serde_json::Value) {
 }
 
 /// The OpenAPI 3.1 document of `/api/v1`.
-pub fn document() -> openapi::OpenApi {
+fn document() -> openapi::OpenApi {
     ApiDoc::openapi()
 }
 
@@ -256,7 +257,6 @@ pub struct OperationInfo {
     /// The full path, `/api/v1/vms/{name}`.
     pub path: String,
     pub summary: String,
-    pub description: String,
     pub tag: String,
     /// Whether it answers without a token.
     pub anonymous: bool,
@@ -288,7 +288,6 @@ pub fn operations() -> Vec<OperationInfo> {
                 method,
                 path: format!("{base}{path}"),
                 summary: op.summary.clone().unwrap_or_default(),
-                description: op.description.clone().unwrap_or_default(),
                 tag: op
                     .tags
                     .as_ref()

@@ -79,7 +79,6 @@ mod tests {
             method: "GET",
             path: "/x/<script>".into(),
             summary: "a & b".into(),
-            description: String::new(),
             tag: "x\"y".into(),
             anonymous: true,
             statuses: vec!["200".into()],
