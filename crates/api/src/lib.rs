@@ -14,6 +14,7 @@ mod envelope;
 mod input;
 pub mod limits;
 mod observe;
+pub mod openapi;
 pub mod routes;
 mod server;
 

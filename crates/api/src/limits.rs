@@ -202,6 +202,23 @@ pub async fn admit_registration(st: &AppState) -> Result<(), ApiError> {
 }
 
 /// `POST /register`, throttled and capped (see `routes::users::register`).
+#[utoipa::path(
+    post, path = "/register", tag = "users", operation_id = "register",
+    summary = "Ask for an account (anyone; an admin reviews it)",
+    security((), ("bearer" = [])),
+    request_body = basphere_wire::RegisterRequest,
+    responses(
+        (status = 200, description = "The registration, waiting for an admin", body = crate::openapi::Answer<basphere_wire::Registration>, links(
+            ("registration" = (operation_id = "show_registration", parameters(("username" = "$response.body#/data/username")))),
+            ("approve" = (operation_id = "approve_user", parameters(("username" = "$response.body#/data/username")))),
+            ("reject" = (operation_id = "reject_user", parameters(("username" = "$response.body#/data/username")))),
+        )),
+        (status = 403, response = crate::openapi::Forbidden),
+        (status = 409, response = crate::openapi::Conflict),
+        (status = 429, response = crate::openapi::TooManyRequests),
+        (status = 503, response = crate::openapi::Unavailable),
+    ),
+)]
 pub async fn register(
     _t: Throttled,
     State(st): State<AppState>,
@@ -227,6 +244,16 @@ pub fn anonymous(caller: &Caller) -> bool {
 }
 
 /// `POST /enroll`, throttled; refusals are folded per client (see [`enroll_as`]).
+#[utoipa::path(
+    post, path = "/enroll", tag = "tokens", operation_id = "enroll",
+    summary = "Exchange a one-time enrollment code for a token",
+    security((), ("bearer" = [])),
+    request_body = basphere_wire::EnrollRequest,
+    responses(
+        (status = 201, description = "The token and its secret", body = crate::openapi::Answer<basphere_wire::TokenCreated>),
+        (status = 429, response = crate::openapi::TooManyRequests),
+    ),
+)]
 pub async fn enroll(
     _t: Throttled,
     State(st): State<AppState>,
@@ -442,14 +469,31 @@ pub async fn check_host(State(p): State<Arc<HostPolicy>>, req: Request, next: Ne
     next.run(req).await
 }
 
-/// The limits for a whole router, API and portal merged: the `Host` check and request bodies
-/// of at most [`MAX_BODY`]. `basphere serve` applies it to the merged router.
+/// Middleware: a URL whose path or query holds an encoded NUL character (`%00`) gets 400: no
+/// name, id or filter holds one, and no database stores it in text.
+pub async fn refuse_nul(req: Request, next: Next) -> Response {
+    if req
+        .uri()
+        .path_and_query()
+        .is_some_and(|pq| pq.as_str().contains("%00"))
+    {
+        return ApiError::bad_request(
+            "the URL holds a NUL character (%00); no path or query value may contain one",
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+/// The limits for a whole router, API and portal merged: the `Host` check, no NUL in the URL,
+/// and request bodies of at most [`MAX_BODY`]. `basphere serve` applies it to the merged router.
 pub fn harden(app: Router, cfg: &Config) -> Router {
-    app.layer(axum::middleware::from_fn_with_state(
-        Arc::new(HostPolicy::from_config(cfg)),
-        check_host,
-    ))
-    .layer(DefaultBodyLimit::max(MAX_BODY))
+    app.layer(axum::middleware::from_fn(refuse_nul))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(HostPolicy::from_config(cfg)),
+            check_host,
+        ))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
 }
 
 #[cfg(test)]

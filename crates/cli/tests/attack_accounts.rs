@@ -580,7 +580,13 @@ async fn keys_with_control_characters_are_refused() {
             r.body
         );
         let text = format!("{} {:?}", r.body.message, r.body.errors);
-        assert!(text.contains("printable ASCII"), "{text}");
+        // A NUL is refused as the body is read, before the key is looked at.
+        let why = if evil.contains('\0') {
+            "NUL"
+        } else {
+            "printable ASCII"
+        };
+        assert!(text.contains(why), "{text}");
         assert_eq!(
             s.root().get("/api/v1/pending/dave").await.unwrap().status,
             404

@@ -12,13 +12,7 @@ use serde_json::json;
 
 /// Signs in to the portal with an admin token; returns the session cookie and a CSRF token.
 async fn admin_session(s: &Server) -> (String, String) {
-    let r = s
-        .root()
-        .post("/api/v1/tokens", &json!({"name": "portal"}))
-        .await
-        .unwrap();
-    assert_eq!(r.status, 201, "{:?}", r.body);
-    let token = r.body.data["token"].as_str().unwrap().to_string();
+    let token = s.admin_token("portal").await;
     let page = raw::send("127.0.0.1", &s.addr, "GET", "/signin", &[], b"").await;
     let pre = page.cookie("bsp_pre").expect("pre-session cookie");
     let csrf = csrf_of(&page.body);

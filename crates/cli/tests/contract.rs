@@ -123,16 +123,6 @@ fn registration(user: &str) -> Value {
     json!({"username": user, "email": format!("{user}@example.org"), "team": "platform", "public_key": KEY})
 }
 
-/// The admin's token (TCP), made over the socket.
-async fn admin_token(s: &Server) -> String {
-    let r = s
-        .root()
-        .post("/api/v1/tokens", &json!({"name": "contract"}))
-        .await
-        .unwrap();
-    r.body.data["token"].as_str().unwrap().to_string()
-}
-
 /// Opens the portal form at `path` as a new visitor and posts `fields` to it; the answer.
 async fn post_form(s: &Server, path: &str, fields: &[(&str, &str)]) -> Resp {
     let page = raw::send("127.0.0.1", &s.addr, "GET", path, &[], b"").await;
@@ -529,7 +519,7 @@ async fn registration_requests_answer_as_the_prototype() {
     anon_post(&s, "/api/v1/register", &registration("user3")).await;
     let r = call(&s, "127.0.0.1", "GET", "/api/v1/pending", None, None).await;
     envelope(&r, 401);
-    let token = admin_token(&s).await;
+    let token = &s.admin_token("contract").await;
     let adm = Some(token.as_str());
     let v = envelope(
         &call(&s, "127.0.0.1", "GET", "/api/v1/pending", adm, None).await,
@@ -910,7 +900,7 @@ async fn key_change_without_a_key_waits_for_an_admin() {
     let s = server(&[]);
     let bob_token = s.user("bob").await;
     let carol_token = s.user("carol").await;
-    let admin = admin_token(&s).await;
+    let admin = &s.admin_token("contract").await;
     let adm = Some(admin.as_str());
     let new_key = fresh_key("contract-new");
 

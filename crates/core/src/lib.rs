@@ -30,6 +30,7 @@ pub use text_enum::UnknownVariant;
 #[doc(hidden)]
 pub mod __private {
     pub use serde;
+    pub use utoipa;
 }
 
 /// Smallest and largest number of VMs one create request may ask for.

@@ -38,6 +38,21 @@ fn check_dns_label(s: &str, min: usize, max: usize, edge_hyphen_ok: bool) -> Res
     Ok(())
 }
 
+/// The OpenAPI schema of a type sent as a plain string (its rules are checked by the server).
+macro_rules! string_schema {
+    ($name:ident) => {
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                utoipa::openapi::schema::ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::schema::Type::String)
+                    .into()
+            }
+        }
+        impl utoipa::ToSchema for $name {}
+    };
+}
+pub(crate) use string_schema;
+
 macro_rules! string_newtype {
     ($(#[$m:meta])* $name:ident) => {
         $(#[$m])*
@@ -71,6 +86,7 @@ macro_rules! string_newtype {
                 &self.0
             }
         }
+        crate::names::string_schema!($name);
     };
 }
 

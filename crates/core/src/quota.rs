@@ -2,7 +2,7 @@ use crate::Spec;
 use serde::{Deserialize, Serialize};
 
 /// Limits on what one user may hold at once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Quota {
     pub max_vms: u32,
@@ -34,7 +34,7 @@ impl Default for Quota {
 }
 
 /// What a user holds now.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Usage {
     pub vms: u32,
     pub clusters: u32,
@@ -47,7 +47,7 @@ pub struct Usage {
 }
 
 /// Which limit a request would break.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum QuotaLimit {
     Vms,
@@ -74,7 +74,7 @@ impl QuotaLimit {
 }
 
 /// A request refused because it would exceed a limit.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct QuotaExceeded {
     pub limit: QuotaLimit,
     pub used: u64,

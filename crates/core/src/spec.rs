@@ -39,6 +39,8 @@ impl From<SpecName> for String {
     }
 }
 
+crate::names::string_schema!(SpecName);
+
 impl std::fmt::Display for SpecName {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
@@ -46,7 +48,7 @@ impl std::fmt::Display for SpecName {
 }
 
 /// Resources of one VM size.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Spec {
     pub vcpus: u32,

@@ -22,8 +22,8 @@ impl From<UnknownVariant> for String {
 /// on the wire, in URLs).
 ///
 /// Generates `as_str`, `Display`, `FromStr` (erring with [`UnknownVariant`]), serde as the
-/// string, `ALL` (every variant) and `STRINGS` (every string, in the same order): the one string
-/// table of the type.
+/// string, its OpenAPI schema (a string enum), `ALL` (every variant) and `STRINGS` (every
+/// string, in the same order): the one string table of the type.
 ///
 /// ```
 /// basphere_core::text_enum! {
@@ -83,6 +83,19 @@ macro_rules! text_enum {
                 s.serialize_str(self.as_str())
             }
         }
+
+        impl $crate::__private::utoipa::PartialSchema for $name {
+            fn schema() -> $crate::__private::utoipa::openapi::RefOr<
+                $crate::__private::utoipa::openapi::schema::Schema,
+            > {
+                $crate::__private::utoipa::openapi::schema::ObjectBuilder::new()
+                    .schema_type($crate::__private::utoipa::openapi::schema::Type::String)
+                    .enum_values(Some($name::STRINGS.iter().copied()))
+                    .into()
+            }
+        }
+
+        impl $crate::__private::utoipa::ToSchema for $name {}
 
         impl<'de> $crate::__private::serde::Deserialize<'de> for $name {
             fn deserialize<D>(d: D) -> ::std::result::Result<Self, D::Error>

@@ -350,6 +350,17 @@ impl Services {
         u: &Username,
         disabled: bool,
     ) -> Result<DisableOutcome> {
+        if disabled
+            && let Some(user) = self.store.user(u.as_str()).await?
+            && user.role == Role::Admin
+        {
+            // The server's admin is also who root is on the socket: disabled, nobody could
+            // enable it again.
+            return Err(ServiceError::Conflict(format!(
+                "{u} is an admin account; admin accounts cannot be disabled (it would lock the \
+                 admin out of the API and the socket)"
+            )));
+        }
         self.store.set_disabled(u, disabled, actor).await?;
         let done = if disabled { "disabled" } else { "enabled" };
         let data = wire::UserRef {
@@ -427,7 +438,7 @@ impl Services {
             max_ips,
             max_vcpus: c
                 .opt("max_vcpus", req.max_vcpus)
-                .map(|v| v.max(0) as u32)
+                .map(|v| u32::try_from(v.max(0)).unwrap_or(u32::MAX))
                 .or(cur.max_vcpus),
             max_memory_mib: c
                 .opt("max_memory_mib", req.max_memory_mib)

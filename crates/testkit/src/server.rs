@@ -300,6 +300,17 @@ impl Server {
         r.body.data["token"].as_str().unwrap().to_string()
     }
 
+    /// A token of the admin for TCP, named `name`, made over the socket.
+    pub async fn admin_token(&self, name: &str) -> String {
+        let r = self
+            .root()
+            .post("/api/v1/tokens", &json!({ "name": name }))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 201, "{:?}", r.body);
+        r.body.data["token"].as_str().unwrap().to_string()
+    }
+
     /// Whether the admin sees user `user`.
     pub async fn user_exists(&self, user: &str) -> bool {
         self.root()

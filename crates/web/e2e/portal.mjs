@@ -137,6 +137,19 @@ await check("SSH guide names the bastion for Linux, macOS and Windows", async ()
   await shot(user, "04-ssh-guide");
 });
 
+await check("the API page, from the navigation, lists the operations of the OpenAPI document", async () => {
+  await go(user, "/ssh-guide");
+  await user.getByRole("navigation", { name: "Main" }).getByRole("link", { name: "API", exact: true }).click();
+  await user.waitForLoadState();
+  assert(user.url().endsWith("/api-docs"), user.url());
+  const doc = await (await user.request.get(`${BASE}/api/v1/openapi.json`)).json();
+  const rows = await user.locator("table.api tbody tr").count();
+  const ops = Object.values(doc.paths).reduce((n, item) => n + Object.keys(item).length, 0);
+  assert(rows === ops, `${rows} rows for ${ops} operations`);
+  assert((await user.locator("main").textContent()).includes("POST /api/v1/vms"), "POST /vms listed");
+  await shot(user, "04b-api-docs");
+});
+
 await check("admin signs in with a token and approves dora", async () => {
   await go(admin, "/signin");
   await shot(admin, "05-signin");

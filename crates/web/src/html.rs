@@ -47,6 +47,7 @@ pub fn layout(v: &Visitor, title: &str, body: &str) -> String {
             link(&mut nav, "/dashboard", "Dashboard");
             link(&mut nav, "/key-change", "SSH key");
             link(&mut nav, "/ssh-guide", "SSH guide");
+            link(&mut nav, "/api-docs", "API");
             if v.is_admin() {
                 link(&mut nav, "/admin", "Approvals");
                 link(&mut nav, "/admin/users", "Users");
@@ -63,6 +64,7 @@ pub fn layout(v: &Visitor, title: &str, body: &str) -> String {
         None => {
             link(&mut nav, "/register", "Register");
             link(&mut nav, "/ssh-guide", "SSH guide");
+            link(&mut nav, "/api-docs", "API");
             link(&mut nav, "/signin", "Sign in");
         }
     }

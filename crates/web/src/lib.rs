@@ -13,6 +13,7 @@
 #![allow(clippy::result_large_err)]
 
 mod admin;
+mod api_docs;
 mod assets;
 mod html;
 mod public;
@@ -57,6 +58,7 @@ pub fn router(state: AppState) -> Router {
         .route("/success", get(public::success))
         .route("/key-change-success", get(public::key_change_success))
         .route("/ssh-guide", get(public::ssh_guide))
+        .route("/api-docs", get(api_docs::page))
         .route("/signout", post(public::signout))
         .route("/dashboard", get(user::dashboard))
         .route("/vms", post(user::create))

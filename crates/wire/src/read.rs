@@ -5,6 +5,9 @@
 use basphere_core::FieldErrors;
 use serde_json::{Map, Value};
 
+/// The refusal of text holding a NUL character.
+const NUL: &str = "must not contain a NUL character (\\u0000)";
+
 /// A JSON object being read; the fields of the wrong type collect in `errors`.
 pub struct Object<'a> {
     map: &'a Map<String, Value>,
@@ -19,9 +22,14 @@ impl<'a> Object<'a> {
         }
     }
 
-    /// A string field: `None` when absent, `null` or of another type (then recorded).
+    /// A string field: `None` when absent, `null`, of another type or holding a NUL character
+    /// (then recorded: no database stores that in text).
     pub fn str(&mut self, key: &str) -> Option<String> {
         match self.map.get(key) {
+            Some(Value::String(s)) if s.contains('\0') => {
+                self.errors.push(key, NUL);
+                None
+            }
             Some(Value::String(s)) => Some(s.clone()),
             None | Some(Value::Null) => None,
             Some(_) => {
@@ -93,7 +101,8 @@ impl Object<'_> {
                     }
                     match size_gb {
                         Some(size_gb) => out.push(crate::DiskRequest { size_gb, mode }),
-                        None if !m.contains_key("size_gb") => {
+                        // Absent or null (a wrong type was recorded by `int`).
+                        None if m.get("size_gb").is_none_or(Value::is_null) => {
                             self.errors.push(&format!("{at}.size_gb"), "is required")
                         }
                         None => {}
@@ -112,6 +121,10 @@ impl Object<'_> {
     pub fn strs(&mut self, key: &str) -> Option<Vec<String>> {
         match self.map.get(key) {
             None | Some(Value::Null) => None,
+            Some(Value::String(s)) if s.contains('\0') => {
+                self.errors.push(key, NUL);
+                None
+            }
             Some(Value::String(s)) => Some(
                 s.split(',')
                     .map(str::trim)
@@ -123,6 +136,9 @@ impl Object<'_> {
                 let mut out = vec![];
                 for (i, item) in items.iter().enumerate() {
                     match item {
+                        Value::String(s) if s.contains('\0') => {
+                            self.errors.push(&format!("{key}[{i}]"), NUL)
+                        }
                         Value::String(s) => out.push(s.clone()),
                         _ => self.errors.push(&format!("{key}[{i}]"), "must be a string"),
                     }
@@ -144,7 +160,8 @@ mod tests {
 
     #[test]
     fn wrong_types_are_recorded_per_field() {
-        let v = json!({"a": "x", "b": 5, "c": "7", "d": "seven", "e": null, "f": [1]});
+        let v = json!({"a": "x", "b": 5, "c": "7", "d": "seven", "e": null, "f": [1],
+            "g": "a\u{0}b", "h": ["ok", "n\u{0}"]});
         let mut o = Object::new(v.as_object().unwrap());
         assert_eq!(o.str("a").as_deref(), Some("x"));
         assert_eq!(o.str("b"), None);
@@ -154,12 +171,16 @@ mod tests {
         assert_eq!(o.str("e"), None);
         assert_eq!(o.int("f"), None);
         assert_eq!(o.str("missing"), None);
+        assert_eq!(o.str("g"), None);
+        assert_eq!(o.strs("h"), Some(vec!["ok".to_string()]));
         assert_eq!(
             o.errors.lines(),
             [
                 "b: must be a string",
                 "d: must be a whole number",
-                "f: must be a whole number"
+                "f: must be a whole number",
+                "g: must not contain a NUL character (\\u0000)",
+                "h[1]: must not contain a NUL character (\\u0000)",
             ]
         );
     }

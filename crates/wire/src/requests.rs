@@ -7,16 +7,21 @@ use crate::read::Object;
 use basphere_core::FieldErrors;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use utoipa::PartialSchema;
+use utoipa::openapi::schema::{
+    ArrayBuilder, KnownFormat, ObjectBuilder, OneOfBuilder, Schema, SchemaFormat, SchemaType, Type,
+};
 
-/// Declares a request body: its fields (strings or whole numbers) and its `read`.
+/// Declares a request body: its fields (each read by its type's [`Field`]) and its `read`.
 macro_rules! request {
-    ($(#[$m:meta])* $name:ident { $($(#[$fm:meta])* $field:ident : $kind:ident),* $(,)? }) => {
+    ($(#[$m:meta])* $name:ident { $($(#[$fm:meta])* $field:ident : $ty:ty),* $(,)? }) => {
+        #[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
         $(#[$m])*
-        #[derive(Debug, Clone, Default, Serialize, Deserialize)]
         pub struct $name {
             $($(#[$fm])*
             #[serde(default, skip_serializing_if = "Option::is_none")]
-            pub $field: Option<request!(@ty $kind)>,)*
+            #[schema(schema_with = field_schema::<$ty>)]
+            pub $field: Option<$ty>,)*
             /// Fields that were present with the wrong JSON type, as field errors.
             #[serde(skip)]
             pub unreadable: FieldErrors,
@@ -26,46 +31,145 @@ macro_rules! request {
             /// Reads the fields out of a JSON object.
             pub fn read(map: &Map<String, Value>) -> Self {
                 let mut o = Object::new(map);
-                $(let $field = o.$kind(stringify!($field));)*
+                $(let $field = <$ty as Field>::read(&mut o, stringify!($field));)*
                 Self { $($field,)* unreadable: o.errors }
             }
         }
     };
-    (@ty str) => { String };
-    (@ty int) => { i64 };
-    (@ty disks) => { Vec<DiskRequest> };
-    (@ty strs) => { Vec<String> };
+}
+
+/// A type a request field is read as, out of a JSON object (wrong types recorded), and what it
+/// takes on the wire: `null` reads as absent, and a whole number or a list may come as a string
+/// (as the portal's forms send them).
+trait Field: Sized {
+    fn read(o: &mut Object, key: &str) -> Option<Self>;
+    fn schema() -> Schema;
+}
+
+impl Field for String {
+    fn read(o: &mut Object, key: &str) -> Option<Self> {
+        o.str(key)
+    }
+    fn schema() -> Schema {
+        ObjectBuilder::new()
+            .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
+            .into()
+    }
+}
+
+impl Field for i64 {
+    fn read(o: &mut Object, key: &str) -> Option<Self> {
+        o.int(key)
+    }
+    fn schema() -> Schema {
+        one_of_or_null([whole_number_text(), whole_number_json()])
+    }
+}
+
+impl Field for Vec<DiskRequest> {
+    fn read(o: &mut Object, key: &str) -> Option<Self> {
+        o.disks(key)
+    }
+    fn schema() -> Schema {
+        let list = ArrayBuilder::new().items(DiskRequest::schema());
+        let text = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .description(Some("Comma-separated `SIZE[G][:MODE]`: `20G, 50G:raw`"));
+        one_of_or_null([list.into(), text.into()])
+    }
+}
+
+impl Field for Vec<String> {
+    fn read(o: &mut Object, key: &str) -> Option<Self> {
+        o.strs(key)
+    }
+    fn schema() -> Schema {
+        let list = ArrayBuilder::new().items(ObjectBuilder::new().schema_type(Type::String));
+        let text = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .description(Some("Comma-separated names"));
+        one_of_or_null([list.into(), text.into()])
+    }
+}
+
+/// The schema of a request field of type `T`.
+fn field_schema<T: Field>() -> Schema {
+    T::schema()
+}
+
+fn one_of_or_null<const N: usize>(alternatives: [Schema; N]) -> Schema {
+    let mut b = OneOfBuilder::new();
+    for a in alternatives {
+        b = b.item(a);
+    }
+    b.item(ObjectBuilder::new().schema_type(Type::Null)).into()
+}
+
+/// A whole number as JSON.
+fn whole_number_json() -> Schema {
+    ObjectBuilder::new()
+        .schema_type(Type::Integer)
+        .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+        .into()
+}
+
+/// A whole number as text, as a form sends it.
+fn whole_number_text() -> Schema {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some("^[+-]?[0-9]{1,18}$"))
+        .into()
+}
+
+/// A whole number, as JSON or as text.
+fn whole_number() -> Schema {
+    OneOfBuilder::new()
+        .item(whole_number_json())
+        .item(whole_number_text())
+        .into()
 }
 
 request!(
     /// `POST /register` and `POST /users` (`team` optional).
+    #[schema(example = json!({"username": "dora", "email": "dora@example.org", "team": "payments",
+        "public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8g dora@laptop"}))]
     RegisterRequest {
-        username: str,
-        email: str,
-        team: str,
-        public_key: str,
+        #[schema(required = true)]
+        username: String,
+        #[schema(required = true)]
+        email: String,
+        team: String,
+        #[schema(required = true)]
+        public_key: String,
     }
 );
 
 request!(
     /// `POST /enroll`: exchanges a one-time code for a token.
-    EnrollRequest { username: str, code: str }
+    EnrollRequest {
+        #[schema(required = true)]
+        username: String,
+        #[schema(required = true)]
+        code: String,
+    }
 );
 
 request!(
     /// `POST /users/{u}/reject`, `POST /key-changes/{u}/approve|reject`.
-    ReasonRequest { reason: str }
+    #[schema(example = json!({"reason": "not a member of the team"}))]
+    ReasonRequest { reason: String }
 );
 
 request!(
     /// `PUT /users/{u}/quota`: absent fields keep their value.
+    #[schema(example = json!({"max_vms": 20, "max_vcpus": 64}))]
     QuotaRequest {
-        max_vms: int,
-        max_clusters: int,
-        max_ips: int,
-        max_vcpus: int,
-        max_memory_mib: int,
-        max_disk_gib: int,
+        max_vms: i64,
+        max_clusters: i64,
+        max_ips: i64,
+        max_vcpus: i64,
+        max_memory_mib: i64,
+        max_disk_gib: i64,
     }
 );
 
@@ -73,44 +177,49 @@ request!(
     /// `POST /key-change`: either a signed-in user's `public_key`, or the prototype's form for
     /// someone who may have lost every credential: `username`, `email` (the registered one),
     /// `new_public_key` and an optional `reason`.
+    #[schema(example = json!({"public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8g dora@laptop"}))]
     KeyChangeRequest {
-        public_key: str,
-        username: str,
-        email: str,
-        new_public_key: str,
-        reason: str,
+        public_key: String,
+        username: String,
+        email: String,
+        new_public_key: String,
+        reason: String,
     }
 );
 
 request!(
     /// `POST /tokens`.
+    #[schema(example = json!({"name": "laptop", "ttl_days": 30}))]
     TokenRequest {
         /// Default `cli`.
-        name: str,
-        ttl_days: int,
+        name: String,
+        ttl_days: i64,
     }
 );
 
 request!(
     /// `POST /vms`.
+    #[schema(example = json!({"name": "web", "spec": "small", "count": 1}))]
     CreateVmsRequest {
-        name: str,
+        #[schema(required = true)]
+        name: String,
         /// Default `small`.
-        spec: str,
+        spec: String,
         /// Default: the configured default image.
-        os: str,
+        os: String,
         /// Absent or 0: 1. Above 1 the VMs are named `NAME-1` … `NAME-N`.
-        count: int,
+        count: i64,
         /// Disks beside the boot disk: `[{size_gb, mode: "auto"|"raw"}]` (each VM gets them).
-        extra_disks: disks,
+        extra_disks: Vec<DiskRequest>,
         /// Catalog networks (`[networks.NAME]`) each VM joins beside its own.
-        extra_networks: strs,
+        extra_networks: Vec<String>,
     }
 );
 
 /// One extra disk as a request asks for it; the server checks size and mode.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DiskRequest {
+    #[schema(schema_with = whole_number)]
     pub size_gb: i64,
     /// `auto` (default: formatted and mounted) or `raw`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -140,12 +249,15 @@ impl DiskRequest {
 
 request!(
     /// `POST /batches/plan` and `POST /batches`.
+    #[schema(example = json!({"manifest": "[vms.db]\nspec = \"tiny\"\n[vms.app]\nrequires = [\"db\"]\n",
+        "format": "toml", "parallelism": 2}))]
     BatchRequest {
         /// The manifest's text.
-        manifest: str,
+        #[schema(required = true)]
+        manifest: String,
         /// `toml` (default) or `yaml`.
-        format: str,
-        parallelism: int,
+        format: String,
+        parallelism: i64,
     }
 );
 
@@ -171,7 +283,8 @@ mod tests {
     #[test]
     fn extra_disks_and_networks_read_from_json_and_forms() {
         let v = json!({"extra_disks": [{"size_gb": 20}, {"size_gb": "50", "mode": "raw"},
-            {"mode": "auto"}, 7, {"size_gb": "x"}], "extra_networks": ["storage", 3]});
+            {"mode": "auto"}, 7, {"size_gb": "x"}, {"size_gb": null}],
+            "extra_networks": ["storage", 3]});
         let r = CreateVmsRequest::read(v.as_object().unwrap());
         assert_eq!(
             r.extra_disks.unwrap(),
@@ -193,6 +306,7 @@ mod tests {
                 "extra_disks[2].size_gb: is required",
                 "extra_disks[3]: must be an object {\"size_gb\": N, \"mode\": \"auto\"|\"raw\"}",
                 "extra_disks[4].size_gb: must be a whole number",
+                "extra_disks[5].size_gb: is required",
                 "extra_networks[1]: must be a string",
             ]
         );

@@ -9,11 +9,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use utoipa::ToSchema;
 
 // ---- users -------------------------------------------------------------------------------
 
 /// A Basphere account (`GET /users`, `GET /me`, …).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct User {
     pub username: Username,
     pub email: String,
@@ -32,7 +33,7 @@ pub struct User {
 /// A registration request and what became of it (`POST /register`, `GET /pending`): the
 /// prototype's `RegistrationRequest`. Times are RFC 3339; `updated_at` is when it was decided
 /// (or filed, while pending).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Registration {
     /// `req-` and the stored row's number in 8+ hex digits ([`request_id`]).
     pub id: String,
@@ -55,7 +56,7 @@ pub struct Registration {
 
 /// A request to replace a user's SSH key (`POST /key-change`, `GET /key-changes`): the
 /// prototype's `KeyChangeRequest`, plus `public_key` (the same key, as older clients read it).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct KeyChange {
     /// `keychange-` and the stored row's number in 8+ hex digits ([`request_id`]).
     pub id: String,
@@ -103,7 +104,7 @@ pub fn request_seq(id: &str) -> Option<i64> {
 }
 
 /// An API token as listed (never the secret).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct TokenInfo {
     pub id: String,
     pub name: String,
@@ -113,20 +114,20 @@ pub struct TokenInfo {
 }
 
 /// `POST /tokens` and `POST /enroll`: the secret, shown this once.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct TokenCreated {
     pub token: String,
     pub info: TokenInfo,
 }
 
 /// `DELETE /tokens/{id}`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct TokenRevoked {
     pub id: String,
 }
 
 /// One line of the audit trail (`GET /audit`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct AuditRecord {
     pub id: i64,
     pub at: i64,
@@ -139,7 +140,7 @@ pub struct AuditRecord {
 }
 
 /// `GET /me`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Me {
     pub user: User,
     /// The user's address block (CIDR), once approved.
@@ -150,7 +151,7 @@ pub struct Me {
 
 /// `POST /users/{u}/approve` and `POST /users`: the updated registration request (the
 /// prototype's answer), plus the account it made.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Approved {
     #[serde(flatten)]
     pub request: Registration,
@@ -162,7 +163,7 @@ pub struct Approved {
 
 /// `POST /users/{u}/reject`: the updated registration request (with `reject_reason`), plus
 /// `reason` (the same text, as older clients read it).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Rejected {
     #[serde(flatten)]
     pub request: Registration,
@@ -170,7 +171,7 @@ pub struct Rejected {
 }
 
 /// `GET /users/{u}`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct UserDetail {
     pub user: User,
     pub usage: Usage,
@@ -179,7 +180,7 @@ pub struct UserDetail {
 }
 
 /// The user a change was made to (disable, enable, delete).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct UserRef {
     pub username: Username,
     /// `"left alone"` when the deleted user's Unix account was not Basphere's to remove.
@@ -189,7 +190,7 @@ pub struct UserRef {
 
 /// `DELETE /users/{u}` of a user who holds VMs (202): their deletes started; call again
 /// once they are gone.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct UserVmsDeleting {
     /// The delete operation of each VM, to follow.
     pub operations: Vec<VmOperation>,
@@ -201,14 +202,14 @@ pub struct UserVmsDeleting {
 }
 
 /// A VM and an operation on it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct VmOperation {
     pub vm: VmName,
     pub operation_id: String,
 }
 
 /// A VM an operation could not act on.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct VmRefusal {
     pub vm: String,
     pub reason: String,
@@ -217,7 +218,7 @@ pub struct VmRefusal {
 // ---- VMs ---------------------------------------------------------------------------------
 
 /// A VM as the VM routes show it: the prototype's `VM` plus what the async model adds.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Vm {
     pub name: VmName,
     /// The VM's name in vCenter (empty for other providers).
@@ -229,6 +230,7 @@ pub struct Vm {
     pub spec: String,
     /// `""` until the VM has an address (as the prototype sends it).
     #[serde(default, with = "ip_or_empty")]
+    #[schema(value_type = String)]
     pub ip_address: Option<Ipv4Addr>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub extra_disks: Vec<ExtraDisk>,
@@ -254,16 +256,17 @@ pub struct Vm {
 }
 
 /// A VM's interface on an extra network.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct VmNic {
     pub network: String,
     /// `""` on a DHCP network (the guest's own business).
     #[serde(default, with = "ip_or_empty")]
+    #[schema(value_type = String)]
     pub ip_address: Option<Ipv4Addr>,
 }
 
 /// A disk added to a VM beside its boot disk.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ExtraDisk {
     pub size_gb: u32,
     /// `auto` (formatted and mounted) or `raw`.
@@ -292,7 +295,7 @@ mod ip_or_empty {
 }
 
 /// A VM as `GET /users/{u}` lists it (timestamps in milliseconds, no derived fields).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct VmRecord {
     pub id: String,
     pub name: VmName,
@@ -303,6 +306,7 @@ pub struct VmRecord {
     pub vcpus: u32,
     pub memory_mib: u64,
     pub disk_gib: u64,
+    #[schema(value_type = Option<String>, format = Ipv4)]
     pub ip_address: Option<Ipv4Addr>,
     pub status: VmStatus,
     pub error: Option<String>,
@@ -314,7 +318,7 @@ pub struct VmRecord {
 /// `POST /vms` (202: the VMs are admitted, their creation runs on): the prototype's
 /// `CreateVMResponse` plus the operation of each VM. Admission is all or nothing, so
 /// `failed` is 0 and `errors` empty in every 202 (a refusal is an error answer).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct VmsCreated {
     pub vms: Vec<Vm>,
     pub created: usize,
@@ -327,7 +331,7 @@ pub struct VmsCreated {
 
 /// `GET /vms`: the prototype's `VMListResponse`. `total` counts the VMs of this answer (a
 /// further page, if any, is named by the `X-Next-After` header).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct VmList {
     pub vms: Vec<Vm>,
     pub total: usize,
@@ -336,7 +340,7 @@ pub struct VmList {
 }
 
 /// The prototype's `Quota` (`max_vms, used_vms, max_ips, used_ips`) plus our other limits.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct QuotaSummary {
     pub max_vms: u32,
     pub used_vms: u32,
@@ -373,7 +377,7 @@ impl QuotaSummary {
 
 /// `GET /quota`: the prototype's `Quota` fields at the top, plus the user and the same
 /// figures as `quota` and `usage` objects (as older clients read them).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct QuotaView {
     #[serde(flatten)]
     pub summary: QuotaSummary,
@@ -390,10 +394,11 @@ pub struct QuotaView {
 }
 
 /// `GET /resources`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Resources {
     pub username: Username,
     pub ip_block: Option<String>,
+    #[schema(value_type = String, format = Ipv4)]
     pub gateway: Ipv4Addr,
     pub quota: Quota,
     pub usage: Usage,
@@ -403,7 +408,7 @@ pub struct Resources {
 }
 
 /// `GET /catalog`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Catalog {
     pub specs: BTreeMap<SpecName, Spec>,
     pub images: Vec<CatalogImage>,
@@ -422,7 +427,7 @@ pub struct Catalog {
 }
 
 /// How many extra disks a VM may have, and their sizes in GiB.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
 pub struct ExtraDiskRange {
     pub max_count: u32,
     pub min_gb: u32,
@@ -430,7 +435,7 @@ pub struct ExtraDiskRange {
 }
 
 /// An image VMs can be made of.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct CatalogImage {
     pub name: String,
     pub login_user: String,
@@ -438,7 +443,7 @@ pub struct CatalogImage {
 }
 
 /// How many VMs one create may ask for.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
 pub struct CountRange {
     pub min: u32,
     pub max: u32,
@@ -447,7 +452,7 @@ pub struct CountRange {
 // ---- operations --------------------------------------------------------------------------
 
 /// An operation (a workflow) with its steps.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Operation {
     pub id: String,
     /// The definition that runs it (`create_vm`, `delete_vm`, …).
@@ -476,7 +481,7 @@ pub struct Operation {
 }
 
 /// One step of an operation.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Step {
     pub idx: u32,
     pub name: String,
@@ -492,7 +497,7 @@ pub struct Step {
 }
 
 /// One entry of an operation's event log, as SSE streams send it (`data:` of each event).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Event {
     pub seq: i64,
     pub operation_id: String,
@@ -506,7 +511,7 @@ pub struct Event {
 // ---- batches -----------------------------------------------------------------------------
 
 /// What applying a manifest would do.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct Plan {
     /// In a topological order.
     pub create: Vec<PlanCreate>,
@@ -516,7 +521,7 @@ pub struct Plan {
 }
 
 /// A node to create.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct PlanCreate {
     pub name: String,
     pub os: Option<String>,
@@ -532,7 +537,7 @@ pub struct PlanCreate {
 }
 
 /// A declared node that exists already.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct PlanKeep {
     pub name: String,
     pub status: VmStatus,
@@ -540,14 +545,14 @@ pub struct PlanKeep {
 }
 
 /// `POST /batches/plan`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Planned {
     pub plan: Plan,
     pub parallelism: u32,
 }
 
 /// `POST /batches` (202, or 200 with no batch when nothing is to be done).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct BatchApplied {
     pub batch_id: Option<String>,
     pub nodes: Vec<BatchNodeRef>,
@@ -557,7 +562,7 @@ pub struct BatchApplied {
 }
 
 /// One node of an admitted batch.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct BatchNodeRef {
     pub node: String,
     /// `create` or `delete`.
@@ -566,14 +571,14 @@ pub struct BatchNodeRef {
 }
 
 /// `GET /batches/{id}`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Batch {
     pub batch_id: String,
     pub nodes: Vec<BatchNode>,
 }
 
 /// A batch node's state.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct BatchNode {
     pub node: Option<String>,
     pub operation_id: String,
@@ -587,14 +592,37 @@ pub struct BatchNode {
 }
 
 /// A step's name and status.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct StepState {
     pub name: String,
     pub status: StepStatus,
 }
 
+/// `GET /ready`: whether the server can do its work, and each check (detail and fix only on
+/// the Unix socket).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Readiness {
+    pub ready: bool,
+    pub checks: Vec<ReadyCheck>,
+}
+
+/// One readiness check.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ReadyCheck {
+    /// Dotted name: `database`, `engine`, `provider.session`, …
+    pub name: String,
+    /// `ok`, `warn` or `fail`.
+    pub status: String,
+    /// What was found (Unix socket only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// What to do about it, when it is not ok (Unix socket only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
 /// `GET /health`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Health {
     pub status: String,
     pub version: String,

@@ -1,66 +1,86 @@
 //! The `/api/v1` handlers: parse → authorize → one `basphere_service` call → envelope.
 
 pub mod batch;
+pub(crate) mod clusters;
 pub mod ops;
 pub mod page;
-mod ready;
+pub(crate) mod ready;
 pub mod users;
 pub mod vms;
 
 use crate::envelope::{ApiError, ok};
 use crate::limits;
+use crate::openapi::Answer;
 use crate::server::AppState;
 use axum::Router;
 use axum::extract::Request;
 use axum::http::{Method, StatusCode, Uri, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
+
+/// Declares the `/api/v1` routes once: the router is built from this table, and
+/// [`V1_ROUTES`] names each path with its methods, for the test that holds the OpenAPI
+/// document (`crate::openapi`) and the router to the same routes.
+macro_rules! v1_routes {
+    ($($path:literal => $m0:ident($h0:expr) $(. $m:ident($h:expr))*;)+) => {
+        /// Every `/api/v1` route: its path (below `/api/v1`) and its methods, lowercase.
+        pub const V1_ROUTES: &[(&str, &[&str])] =
+            &[$(($path, &[stringify!($m0) $(, stringify!($m))*])),+];
+
+        fn v1_router() -> Router<AppState> {
+            Router::new()$(.route($path, $m0($h0)$(.$m($h))*))+
+        }
+    };
+}
+
+v1_routes! {
+    "/health" => get(health);
+    "/ready" => get(ready::ready);
+    "/openapi.json" => get(crate::openapi::serve);
+    "/register" => post(limits::register);
+    "/enroll" => post(limits::enroll);
+    "/me" => get(users::me);
+    "/pending" => get(users::pending);
+    "/pending/{username}" => get(users::pending_one);
+    "/users" => get(users::list).post(users::add);
+    "/users/{username}" => get(users::show).delete(users::delete);
+    "/users/{username}/approve" => post(users::approve);
+    "/users/{username}/reject" => post(users::reject);
+    "/users/{username}/disable" => post(users::disable);
+    "/users/{username}/enable" => post(users::enable);
+    "/users/{username}/quota" => put(users::set_quota);
+    "/key-change" => post(users::key_change);
+    "/key-changes" => get(users::key_changes);
+    "/key-changes/{username}" => get(users::key_changes_of);
+    "/key-changes/{username}/approve" => post(users::key_approve);
+    "/key-changes/{username}/reject" => post(users::key_reject);
+    "/tokens" => get(users::tokens).post(users::token_create);
+    "/tokens/{id}" => delete(users::token_revoke);
+    "/audit" => get(users::audit_page);
+    "/catalog" => get(vms::catalog);
+    "/vms" => get(vms::list_page).post(vms::create);
+    "/vms/{name}" => get(vms::show).delete(vms::delete);
+    "/quota" => get(vms::quota);
+    "/resources" => get(vms::resources);
+    "/operations" => get(ops::list);
+    "/operations/{id}" => get(ops::show);
+    "/operations/{id}/events" => get(ops::events);
+    "/operations/{id}/cancel" => post(batch::cancel);
+    "/operations/{id}/retry" => post(batch::retry);
+    "/events" => get(ops::events_all);
+    "/batches" => post(batch::apply);
+    "/batches/plan" => post(batch::plan);
+    "/batches/{id}" => get(batch::show);
+    "/clusters" => get(clusters::list).post(clusters::create);
+    "/clusters/quota" => get(clusters::quota);
+    "/clusters/{name}" => get(clusters::show).delete(clusters::delete);
+    "/clusters/{name}/kubeconfig" => get(clusters::kubeconfig);
+    "/clusters/{name}/status" => get(clusters::status);
+}
 
 pub(crate) fn all() -> Router<AppState> {
-    let v1 = Router::new()
-        .route("/health", get(health))
-        .route("/ready", get(ready::ready))
-        .route("/register", post(limits::register))
-        .route("/enroll", post(limits::enroll))
-        .route("/me", get(users::me))
-        .route("/pending", get(users::pending))
-        .route("/pending/{username}", get(users::pending_one))
-        .route("/users", get(users::list).post(users::add))
-        .route("/users/{username}", get(users::show).delete(users::delete))
-        .route("/users/{username}/approve", post(users::approve))
-        .route("/users/{username}/reject", post(users::reject))
-        .route("/users/{username}/disable", post(users::disable))
-        .route("/users/{username}/enable", post(users::enable))
-        .route("/users/{username}/quota", put(users::set_quota))
-        .route("/key-change", post(users::key_change))
-        .route("/key-changes", get(users::key_changes))
-        .route("/key-changes/{username}", get(users::key_changes_of))
-        .route("/key-changes/{username}/approve", post(users::key_approve))
-        .route("/key-changes/{username}/reject", post(users::key_reject))
-        .route("/tokens", get(users::tokens).post(users::token_create))
-        .route("/tokens/{id}", axum::routing::delete(users::token_revoke))
-        .route("/audit", get(users::audit_page))
-        .route("/catalog", get(vms::catalog))
-        .route("/vms", get(vms::list_page).post(vms::create))
-        .route("/vms/{name}", get(vms::show).delete(vms::delete))
-        .route("/quota", get(vms::quota))
-        .route("/resources", get(vms::resources))
-        .route("/operations", get(ops::list))
-        .route("/operations/{id}", get(ops::show))
-        .route("/operations/{id}/events", get(ops::events))
-        .route("/operations/{id}/cancel", post(batch::cancel))
-        .route("/operations/{id}/retry", post(batch::retry))
-        .route("/events", get(ops::events_all))
-        .route("/batches", post(batch::apply))
-        .route("/batches/plan", post(batch::plan))
-        .route("/batches/{id}", get(batch::show))
-        .route("/clusters", get(clusters).post(clusters))
-        .route("/clusters/quota", get(clusters))
-        .route("/clusters/{name}", get(clusters).delete(clusters))
-        .route("/clusters/{name}/kubeconfig", get(clusters))
-        .route("/clusters/{name}/status", get(clusters))
-        .route_layer(axum::middleware::from_fn(limits::require_json));
+    let v1 = v1_router().route_layer(axum::middleware::from_fn(limits::require_json));
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready::ready))
@@ -118,7 +138,13 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     )
 }
 
-async fn health() -> impl IntoResponse {
+/// Always 200 while the process serves; `/ready` says whether it can do its work.
+#[utoipa::path(
+    get, path = "/health", tag = "meta", operation_id = "health", summary = "Liveness",
+    security(()),
+    responses((status = 200, description = "The server is alive", body = Answer<basphere_wire::Health>)),
+)]
+pub(crate) async fn health() -> impl IntoResponse {
     // The prototype's message (`TestHealthCheck`).
     ok(
         "OK",
@@ -127,13 +153,6 @@ async fn health() -> impl IntoResponse {
             version: env!("CARGO_PKG_VERSION").into(),
             streams: limits::open_streams(),
         },
-    )
-}
-
-async fn clusters() -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "clusters are not available yet (they arrive with Stage 2); use VMs for now",
     )
 }
 

@@ -4,6 +4,7 @@
 use crate::auth::Caller;
 use crate::envelope::{ApiError, Ok200, ok};
 use crate::limits::StreamSlot;
+use crate::openapi::{self as doc, Answer};
 use crate::routes::page::{PageQuery, page};
 use crate::server::AppState;
 use axum::extract::{Path, Query, State};
@@ -12,13 +13,25 @@ use axum::response::Response;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use basphere_service::convert;
 use basphere_store::WorkflowEvent;
+use basphere_wire as wire;
 use futures_util::Stream;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::time::Duration;
 use tokio_stream::wrappers::ReceiverStream;
+use utoipa::IntoParams;
 
+#[utoipa::path(
+    get, path = "/operations/{id}", tag = "operations", operation_id = "show_operation",
+    summary = "An operation with its steps",
+    params(("id" = String, Path, description = "The operation's id")),
+    responses(
+        (status = 200, description = "The operation", body = Answer<wire::Operation>),
+        (status = 403, response = doc::Forbidden),
+        (status = 404, response = doc::NotFound),
+    ),
+)]
 pub async fn show(
     State(st): State<AppState>,
     caller: Caller,
@@ -29,13 +42,25 @@ pub async fn show(
     Ok(ok(format!("operation {id}: {}", w.status), w))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Everyone's operations (admin).
     #[serde(default)]
     pub all: bool,
 }
 
 /// `GET /operations?all=&limit=&after=`: operations, newest first (see `page`).
+#[utoipa::path(
+    get, path = "/operations", tag = "operations", operation_id = "list_operations",
+    summary = "Operations, newest first (everyone's: admin)",
+    params(ListQuery, PageQuery),
+    responses(
+        (status = 200, description = "One page of operations", body = Answer<Vec<wire::Operation>>, headers(("X-Next-After" = String, description = "The `after` of the next page, when more follow"))),
+        (status = 400, response = doc::BadRequest),
+        (status = 403, response = doc::Forbidden),
+    ),
+)]
 pub async fn list(
     State(st): State<AppState>,
     caller: Caller,
@@ -89,6 +114,17 @@ const KEEP_ALIVE: Duration = Duration::from_secs(10);
 /// `GET /operations/{id}/events`: Server-Sent Events, one per step transition, replayed from
 /// the start (at most `limits.stream_replay` of them), ending after the operation's final
 /// event or when the client goes away.
+#[utoipa::path(
+    get, path = "/operations/{id}/events", tag = "operations", operation_id = "operation_events",
+    summary = "An operation's events as Server-Sent Events, until it ends",
+    params(("id" = String, Path, description = "The operation's id")),
+    responses(
+        (status = 200, description = "`text/event-stream`: one event per transition (its `data` an `Event`), replayed from the start; the stream ends after the final one", content_type = "text/event-stream", body = doc::StreamEvent),
+        (status = 403, response = doc::Forbidden),
+        (status = 404, response = doc::NotFound),
+        (status = 429, response = doc::TooManyRequests),
+    ),
+)]
 pub async fn events(
     State(st): State<AppState>,
     caller: Caller,
@@ -156,7 +192,8 @@ pub async fn events(
     Ok(Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct EventsQuery {
     /// Only this batch's operations.
     batch: Option<String>,
@@ -168,6 +205,18 @@ pub struct EventsQuery {
 /// or one batch's. Each event's id is its sequence number, for `?after=` (or the browser's
 /// `Last-Event-ID`) on reconnect. Replays at most `limits.stream_replay` events; an older
 /// `after` starts the stream with a `truncated` event. Ends when the client goes away.
+#[utoipa::path(
+    get, path = "/events", tag = "operations", operation_id = "events",
+    summary = "Events of every operation the caller may see, as Server-Sent Events",
+    params(EventsQuery),
+    responses(
+        (status = 200, description = "`text/event-stream`: one event per transition (its `data` an `Event`, its id the sequence number); open until the client goes away", content_type = "text/event-stream", body = doc::StreamEvent),
+        (status = 400, response = doc::BadRequest),
+        (status = 403, response = doc::Forbidden),
+        (status = 404, response = doc::NotFound),
+        (status = 429, response = doc::TooManyRequests),
+    ),
+)]
 pub async fn events_all(
     State(st): State<AppState>,
     caller: Caller,

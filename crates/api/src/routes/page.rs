@@ -12,14 +12,19 @@ use axum::response::{IntoResponse, Response};
 pub use basphere_service::{DEFAULT_LIMIT, MAX_LIMIT};
 use basphere_service::{Paged, Paging};
 use serde::{Deserialize, Serialize};
+use utoipa::IntoParams;
 
 /// The response header naming the `after` of the next page.
 pub const NEXT_AFTER: &str = "x-next-after";
 
 /// `?limit=&after=` of a list route.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct PageQuery {
+    /// Items per page, 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<i64>,
+    /// The key of the last item of the previous page (its `X-Next-After` header).
     pub after: Option<String>,
 }
 

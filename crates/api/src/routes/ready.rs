@@ -5,31 +5,43 @@
 
 use crate::auth::PeerInfo;
 use crate::envelope::{ApiError, ok};
+use crate::openapi::Answer;
 use crate::server::AppState;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use basphere_provider::{Check, all_ready};
-use serde_json::json;
+use basphere_wire::{Envelope, Readiness, ReadyCheck};
 
+#[utoipa::path(
+    get, path = "/ready", tag = "meta", operation_id = "ready", summary = "Readiness",
+    security(()),
+    responses(
+        (status = 200, description = "Ready: every check passes", body = Answer<Readiness>),
+        (status = 503, description = "Not ready: `message` names the failing checks, `data` \
+            holds every check", body = Envelope),
+    ),
+)]
 pub(crate) async fn ready(State(st): State<AppState>, req: Request) -> Response {
     let local = matches!(
         req.extensions().get::<ConnectInfo<PeerInfo>>(),
         Some(ConnectInfo(PeerInfo::Unix { .. }))
     );
     let checks = st.services.readiness().await;
-    let shown: Vec<serde_json::Value> = checks
+    let shown = checks
         .iter()
-        .map(|c| {
-            if local {
-                serde_json::to_value(c).unwrap_or_default()
-            } else {
-                json!({"name": c.name, "status": c.status})
-            }
+        .map(|c| ReadyCheck {
+            name: c.name.clone(),
+            status: c.status.as_str().to_string(),
+            detail: local.then(|| c.detail.clone()),
+            fix: c.fix.clone().filter(|_| local),
         })
         .collect();
     let ready = all_ready(&checks);
-    let data = json!({"ready": ready, "checks": shown});
+    let data = Readiness {
+        ready,
+        checks: shown,
+    };
     if ready {
         return ok("ready", data).into_response();
     }

@@ -3,19 +3,44 @@
 use crate::auth::Caller;
 use crate::envelope::{ApiError, Ok200, accepted, ok};
 use crate::input::Body;
+use crate::openapi::{self as doc, Answer};
 use crate::routes::page::{PageQuery, with_next};
 use crate::server::AppState;
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
+use basphere_wire as wire;
 use basphere_wire::CreateVmsRequest;
 use serde::Deserialize;
+use utoipa::IntoParams;
 
+#[utoipa::path(
+    get, path = "/catalog", tag = "vms", operation_id = "catalog",
+    summary = "What VMs can be made of: specs, images, counts, disks, networks",
+    responses((status = 200, description = "The catalog", body = Answer<wire::Catalog>)),
+)]
 pub async fn catalog(State(st): State<AppState>, caller: Caller) -> Result<Ok200, ApiError> {
     caller.known()?;
     Ok(ok("catalog", st.services.catalog()))
 }
 
 /// `POST /vms`: admits the VMs in one transaction and answers 202 with an operation per VM.
+#[utoipa::path(
+    post, path = "/vms", tag = "vms", operation_id = "create_vms",
+    summary = "Create VMs (admitted at once; created in the background)",
+    request_body = wire::CreateVmsRequest,
+    responses(
+        (status = 202, description = "Admitted: an operation per VM to follow", body = Answer<wire::VmsCreated>, links(
+            ("show" = (operation_id = "show_vm", parameters(("name" = "$response.body#/data/vms/0/name")))),
+            ("delete" = (operation_id = "delete_vm", parameters(("name" = "$response.body#/data/vms/0/name")))),
+            ("operation" = (operation_id = "show_operation", parameters(("id" = "$response.body#/data/operations/0")))),
+            ("events" = (operation_id = "operation_events", parameters(("id" = "$response.body#/data/operations/0")))),
+            ("cancel" = (operation_id = "cancel_operation", parameters(("id" = "$response.body#/data/operations/0")))),
+        )),
+        (status = 403, response = doc::Forbidden),
+        (status = 409, response = doc::Conflict),
+        (status = 503, response = doc::Unavailable),
+    ),
+)]
 pub async fn create(
     State(st): State<AppState>,
     caller: Caller,
@@ -29,15 +54,28 @@ pub async fn create(
     Ok(accepted(d.message, d.data))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Everyone's VMs (admin).
     #[serde(default)]
     pub all: bool,
+    /// This user's VMs (admin).
     pub owner: Option<String>,
 }
 
 /// `GET /vms?all=&owner=&limit=&after=`: the prototype's `{vms, total, quota}`, VMs in
 /// creation order, one page of them (the next page's `after` in `X-Next-After`, see `page`).
+#[utoipa::path(
+    get, path = "/vms", tag = "vms", operation_id = "list_vms",
+    summary = "VMs in creation order, with the owner's quota",
+    params(ListQuery, PageQuery),
+    responses(
+        (status = 200, description = "One page of VMs", body = Answer<wire::VmList>, headers(("X-Next-After" = String, description = "The `after` of the next page, when more follow"))),
+        (status = 400, response = doc::BadRequest),
+        (status = 403, response = doc::Forbidden),
+    ),
+)]
 pub async fn list_page(
     State(st): State<AppState>,
     caller: Caller,
@@ -83,11 +121,23 @@ pub fn target_owner(
     Ok(Some(owner.unwrap_or(me.username.as_str()).to_string()))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct OwnerQuery {
+    /// The VM's owner, when an admin addresses another user's VM.
     pub owner: Option<String>,
 }
 
+#[utoipa::path(
+    get, path = "/vms/{name}", tag = "vms", operation_id = "show_vm",
+    summary = "A VM of the caller (or, for an admin, of the owner named)",
+    params(("name" = String, Path, description = "The VM's name", example = "web"), OwnerQuery),
+    responses(
+        (status = 200, description = "The VM", body = Answer<wire::Vm>),
+        (status = 403, response = doc::Forbidden),
+        (status = 404, response = doc::NotFound),
+    ),
+)]
 pub async fn show(
     State(st): State<AppState>,
     caller: Caller,
@@ -99,6 +149,20 @@ pub async fn show(
     Ok(ok(format!("VM {name}: {}", vm.status), vm))
 }
 
+#[utoipa::path(
+    delete, path = "/vms/{name}", tag = "vms", operation_id = "delete_vm",
+    summary = "Delete a VM (in the background)",
+    params(("name" = String, Path, description = "The VM's name", example = "web"), OwnerQuery),
+    responses(
+        (status = 202, description = "The delete started: the VM with its operation", body = Answer<wire::Vm>, links(
+            ("operation" = (operation_id = "show_operation", parameters(("id" = "$response.body#/data/operation_id")))),
+            ("retry" = (operation_id = "retry_operation", parameters(("id" = "$response.body#/data/operation_id")))),
+        )),
+        (status = 403, response = doc::Forbidden),
+        (status = 404, response = doc::NotFound),
+        (status = 409, response = doc::Conflict),
+    ),
+)]
 pub async fn delete(
     State(st): State<AppState>,
     caller: Caller,
@@ -111,12 +175,28 @@ pub async fn delete(
     Ok(accepted(d.message, d.data))
 }
 
+#[utoipa::path(
+    get, path = "/quota", tag = "vms", operation_id = "quota",
+    summary = "The caller's quota and usage",
+    responses(
+        (status = 200, description = "Quota and usage", body = Answer<wire::QuotaView>),
+        (status = 403, response = doc::Forbidden),
+    ),
+)]
 pub async fn quota(State(st): State<AppState>, caller: Caller) -> Result<Ok200, ApiError> {
     let me = caller.principal()?;
     let q = st.services.quota(&me).await?;
     Ok(ok(format!("quota of {}", me.name()), q))
 }
 
+#[utoipa::path(
+    get, path = "/resources", tag = "vms", operation_id = "resources",
+    summary = "The caller's addresses, quota, usage and VMs",
+    responses(
+        (status = 200, description = "The caller's resources", body = Answer<wire::Resources>),
+        (status = 403, response = doc::Forbidden),
+    ),
+)]
 pub async fn resources(State(st): State<AppState>, caller: Caller) -> Result<Ok200, ApiError> {
     let me = caller.principal()?;
     let r = st.services.resources(&me).await?;
