@@ -34,10 +34,7 @@ pub async fn init(flag: Option<&Path>, force: bool, tls_host: Option<&str>) -> a
         .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
     let tls_files = tls_host.map(|_| {
         let dir = path.parent().unwrap_or_else(|| Path::new(".")).join("tls");
-        TlsFiles {
-            cert: dir.join("cert.pem"),
-            key: dir.join("key.pem"),
-        }
+        TlsFiles::new(dir.join("cert.pem"), dir.join("key.pem"))
     });
     if !path.exists() || force {
         if let Some(dir) = path.parent().filter(|d| !d.exists()) {
