@@ -331,8 +331,18 @@ pub async fn serve(flag: Option<&Path>) -> anyhow::Result<()> {
             tls.files().cert.display(),
             tls.fingerprint()
         );
+        if let Some(ca) = &tls.files().client_ca {
+            eprintln!(
+                "client certificates required on TCP (CA {}; {} mapped identities; tokens on \
+                 TCP {})",
+                ca.display(),
+                tls.files().client_users.len(),
+                if tls.files().tokens { "on" } else { "off" }
+            );
+        }
     }
-    // SIGHUP re-reads the certificate; without TLS it is ignored (never the default: exit).
+    // SIGHUP re-reads the certificate and client CA; without TLS it is ignored (never the
+    // default: exit).
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     tokio::spawn(async move {
         while hup.recv().await.is_some() {

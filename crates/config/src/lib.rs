@@ -472,7 +472,9 @@ pub enum ConfigError {
 }
 
 /// Environment variables that configure the client, never config keys.
-const CLIENT_VARS: &[&str] = &["CONFIG", "SOCKET", "URL", "TOKEN", "CA", "OUTPUT", "LOG"];
+const CLIENT_VARS: &[&str] = &[
+    "CONFIG", "SOCKET", "URL", "TOKEN", "CA", "CERT", "KEY", "OUTPUT", "LOG",
+];
 
 impl Config {
     /// Reads `path` (or the embedded defaults when `None`), applies `env`, validates.
