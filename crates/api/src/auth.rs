@@ -1,6 +1,13 @@
-//! Who is calling: the kernel's peer credentials on the Unix socket, or a bearer token on TCP,
-//! or (for the web portal's reads, e.g. EventSource) the portal's session cookie.
+//! Who is calling: the kernel's peer credentials on the Unix socket; on TCP a client
+//! certificate (mTLS, mapped by `[server.tls.client_users]`), a bearer token, or (for the web
+//! portal's reads, e.g. EventSource) the portal's session cookie.
 //! A request header can never name a user.
+//!
+//! On TCP a mapped client certificate is the caller. A token sent with it must be that same
+//! user's (another user's is refused: 401); a certificate the map does not name, or that names
+//! a user who is not active, leaves the caller anonymous, and a route that needs a user answers
+//! 401 saying why — unless a token (or session) identifies the caller, which `tls.tokens =
+//! false` forbids on TCP.
 //!
 //! The session cookie carries the secret of a short-lived API token that the portal made at
 //! sign-in (stored hashed like every token; sign-out revokes it). It authenticates only safe
@@ -8,6 +15,7 @@
 //! the portal's own forms check a CSRF token and then build their `Caller` with
 //! [`Caller::from_session`].
 
+use crate::client_cert::{CertUser, ClientCert};
 use crate::envelope::ApiError;
 use crate::server::AppState;
 use axum::extract::{ConnectInfo, FromRequestParts};
@@ -57,7 +65,15 @@ pub struct Caller {
     pub source: String,
     /// Whether the caller came over the Unix socket.
     pub local: bool,
+    /// Why a TCP caller with a client certificate is anonymous (the answer to a route that
+    /// needs a user).
+    pub unidentified: Option<String>,
 }
+
+/// The refusal of a token on TCP when `[server] tls.tokens = false`.
+const TOKENS_OFF: &str = "tokens are not accepted on TCP here (server.tls.tokens = false): \
+                          your client certificate is the credential; send no token, or use \
+                          the Unix socket";
 
 impl Caller {
     pub fn actor(&self) -> Actor {
@@ -78,6 +94,8 @@ impl Caller {
                     "Unix account {} is not registered with Basphere; register first (basphere register)",
                     self.name
                 ))
+            } else if let Some(why) = &self.unidentified {
+                ApiError::unauthorized(why.clone())
             } else {
                 ApiError::unauthorized(
                     "missing token: send `Authorization: Bearer <token>` (basphere token create)",
@@ -160,17 +178,22 @@ pub fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 impl Caller {
     /// The caller a web session stands for; `None` when the session is unknown, revoked or
-    /// expired. `source` is the connection (`tcp:ADDR`).
+    /// expired. `source` is the connection (`tcp:ADDR`); on TCP with `tls.tokens = false` no
+    /// session is accepted (401).
     pub async fn from_session(
         st: &AppState,
         secret: &str,
         source: &str,
     ) -> Result<Option<Caller>, ApiError> {
+        if source.starts_with("tcp:") && !st.config.server.tcp_tokens() {
+            return Err(ApiError::unauthorized(TOKENS_OFF));
+        }
         Ok(st.store.authenticate(secret).await?.map(|owner| Caller {
             name: owner.user.username.to_string(),
             user: Some(owner.user),
             source: format!("web:{source},session={}", owner.token_id),
             local: false,
+            unidentified: None,
         }))
     }
 }
@@ -225,46 +248,92 @@ impl Caller {
                     name,
                     source,
                     local: true,
+                    unidentified: None,
                 })
             }
             PeerInfo::Tcp(addr) => {
-                let source = format!("tcp:{addr}");
-                let Some(h) = parts.headers.get(axum::http::header::AUTHORIZATION) else {
-                    let safe = parts.method == axum::http::Method::GET
-                        || parts.method == axum::http::Method::HEAD;
-                    if let Some(secret) =
-                        cookie_value(&parts.headers, SESSION_COOKIE).filter(|_| safe)
-                        && let Some(c) = Caller::from_session(st, secret, &source).await?
-                    {
-                        return Ok(c);
-                    }
-                    return Ok(Caller {
-                        user: None,
-                        name: "anonymous".into(),
-                        source,
-                        local: false,
-                    });
-                };
-                let token = h
-                    .to_str()
-                    .ok()
-                    .and_then(|v| v.strip_prefix("Bearer "))
-                    .map(str::trim)
-                    .ok_or_else(|| {
-                        ApiError::unauthorized("Authorization must be `Bearer <token>`")
-                    })?;
-                let owner = st.store.authenticate(token).await?.ok_or_else(|| {
-                    ApiError::unauthorized(
-                        "invalid or expired token; make a new one with basphere token create",
-                    )
-                })?;
-                Ok(Caller {
-                    name: owner.user.username.to_string(),
-                    user: Some(owner.user),
-                    source: format!("{source},token={}", owner.token_id),
-                    local: false,
-                })
+                let cert = parts
+                    .extensions
+                    .get::<std::sync::Arc<ClientCert>>()
+                    .cloned();
+                Caller::over_tcp(parts, st, format!("tcp:{addr}"), cert.as_deref()).await
             }
         }
+    }
+
+    /// Who calls on TCP: the client certificate, the token, the session cookie (see the
+    /// module's doc for how they combine).
+    async fn over_tcp(
+        parts: &Parts,
+        st: &AppState,
+        source: String,
+        cert: Option<&ClientCert>,
+    ) -> Result<Self, ApiError> {
+        let by_cert = match cert {
+            Some(c) => Some(c.user(st).await?),
+            None => None,
+        };
+        if let Some(h) = parts.headers.get(axum::http::header::AUTHORIZATION) {
+            if !st.config.server.tcp_tokens() {
+                return Err(ApiError::unauthorized(TOKENS_OFF));
+            }
+            let token = h
+                .to_str()
+                .ok()
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(str::trim)
+                .ok_or_else(|| ApiError::unauthorized("Authorization must be `Bearer <token>`"))?;
+            let owner = st.store.authenticate(token).await?.ok_or_else(|| {
+                ApiError::unauthorized(
+                    "invalid or expired token; make a new one with basphere token create",
+                )
+            })?;
+            let mut source = format!("{source},token={}", owner.token_id);
+            if let Some(CertUser::Active { user, by }) = &by_cert {
+                if user.username != owner.user.username {
+                    return Err(ApiError::unauthorized(format!(
+                        "the token belongs to {} but the client certificate is mapped to {}; \
+                         send no token (the certificate is enough) or one of {}'s",
+                        owner.user.username, user.username, user.username
+                    )));
+                }
+                source = format!("{source},{by}");
+            }
+            return Ok(Caller {
+                name: owner.user.username.to_string(),
+                user: Some(owner.user),
+                source,
+                local: false,
+                unidentified: None,
+            });
+        }
+        let unidentified = match by_cert {
+            Some(CertUser::Active { user, by }) => {
+                return Ok(Caller {
+                    name: user.username.to_string(),
+                    user: Some(user),
+                    source: format!("{source},{by}"),
+                    local: false,
+                    unidentified: None,
+                });
+            }
+            Some(CertUser::Refused(why)) => Some(why),
+            None => None,
+        };
+        let safe =
+            parts.method == axum::http::Method::GET || parts.method == axum::http::Method::HEAD;
+        if st.config.server.tcp_tokens()
+            && let Some(secret) = cookie_value(&parts.headers, SESSION_COOKIE).filter(|_| safe)
+            && let Some(c) = Caller::from_session(st, secret, &source).await?
+        {
+            return Ok(c);
+        }
+        Ok(Caller {
+            user: None,
+            name: "anonymous".into(),
+            source,
+            local: false,
+            unidentified,
+        })
     }
 }

@@ -10,6 +10,7 @@
 
 mod activation;
 mod auth;
+mod client_cert;
 mod envelope;
 mod input;
 pub mod limits;
@@ -17,13 +18,14 @@ mod observe;
 pub mod openapi;
 pub mod routes;
 mod server;
+mod tls;
 
 pub use auth::{Caller, PeerInfo, SESSION_COOKIE, cookie_value};
 pub use basphere_service::{Services, UnixAccounts};
+pub use client_cert::ClientCert;
 pub use envelope::{ApiError, Envelope, Ok200};
 pub use input::{Body, MAX_BODY};
 pub use observe::{REQUEST_ID, observe};
 pub use routes::page::PageQuery;
-pub use server::{
-    AppState, Listeners, ServeOptions, TlsCerts, TlsError, fingerprint, router, serve, serve_with,
-};
+pub use server::{AppState, Listeners, ServeOptions, router, serve, serve_with};
+pub use tls::{TlsCerts, TlsError, fingerprint};

@@ -1,32 +1,31 @@
 use crate::auth::PeerInfo;
+use crate::client_cert::ClientCert;
 use crate::input::MAX_BODY;
 use crate::routes;
 use axum::Router;
 use axum::extract::{ConnectInfo, DefaultBodyLimit};
 use axum::http::{HeaderValue, Request, header::STRICT_TRANSPORT_SECURITY};
-use basphere_config::{Config, ServerConfig, TlsFiles};
+use basphere_config::{Config, ServerConfig};
 use basphere_engine::Engine;
 use basphere_service::{Services, UnixAccounts};
 use basphere_store::Store;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use rustls::server::{ClientHello, ResolvesServerCert};
-use rustls::sign::CertifiedKey;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tower_service::Service;
+
+pub use crate::tls::{TlsCerts, TlsError};
 
 /// What every handler can reach. Handlers act only through `services`; `store` is read to
 /// authenticate callers and to stream events, `engine` to subscribe to its broadcast.
@@ -172,125 +171,6 @@ impl ServeOptions {
             tls: None,
         }
     }
-}
-
-/// A certificate that cannot be used, with the file at fault.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("TLS certificate {0}: {1} (a PEM file with the certificate chain, leaf first)")]
-    Cert(PathBuf, String),
-    #[error("TLS key {0}: {1} (a PEM file with one PKCS#8, PKCS#1 or SEC1 private key)")]
-    Key(PathBuf, String),
-    #[error("TLS key {key} does not belong to certificate {cert}: {reason}")]
-    Mismatch {
-        cert: PathBuf,
-        key: PathBuf,
-        reason: String,
-    },
-}
-
-/// The TCP listener's certificate, swapped in place by [`TlsCerts::reload`]: connections made
-/// after a reload present the new one, the listener and open connections stay.
-#[derive(Clone)]
-pub struct TlsCerts {
-    files: TlsFiles,
-    current: Arc<CurrentCert>,
-    acceptor: tokio_rustls::TlsAcceptor,
-}
-
-impl std::fmt::Debug for TlsCerts {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsCerts")
-            .field("files", &self.files)
-            .field("fingerprint", &self.fingerprint())
-            .finish()
-    }
-}
-
-#[derive(Debug)]
-struct CurrentCert(RwLock<Arc<CertifiedKey>>);
-
-impl ResolvesServerCert for CurrentCert {
-    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.read().unwrap_or_else(|e| e.into_inner()).clone())
-    }
-}
-
-impl TlsCerts {
-    /// Reads the certificate chain and key.
-    pub fn load(files: &TlsFiles) -> Result<Self, TlsError> {
-        let current = Arc::new(CurrentCert(RwLock::new(Arc::new(read_pair(files)?))));
-        let mut sc = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default protocol versions")
-        .with_no_client_auth()
-        .with_cert_resolver(current.clone());
-        sc.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(Self {
-            files: files.clone(),
-            current,
-            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(sc)),
-        })
-    }
-
-    /// Re-reads the files; on any error the old certificate stays in use.
-    pub fn reload(&self) -> Result<(), TlsError> {
-        let new = Arc::new(read_pair(&self.files)?);
-        *self.current.0.write().unwrap_or_else(|e| e.into_inner()) = new;
-        Ok(())
-    }
-
-    /// SHA-256 of the leaf certificate (DER), as colon-separated hex.
-    pub fn fingerprint(&self) -> String {
-        let ck = self
-            .current
-            .0
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        ck.cert.first().map(|c| fingerprint(c)).unwrap_or_default()
-    }
-
-    pub fn files(&self) -> &TlsFiles {
-        &self.files
-    }
-}
-
-/// SHA-256 of a DER certificate as `AB:CD:…`.
-pub fn fingerprint(der: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(der)
-        .iter()
-        .map(|b| format!("{b:02X}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-fn read_pair(files: &TlsFiles) -> Result<CertifiedKey, TlsError> {
-    let cert_err = |e: String| TlsError::Cert(files.cert.clone(), e);
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
-        .map_err(|e| cert_err(e.to_string()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| cert_err(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(cert_err("no CERTIFICATE block found".into()));
-    }
-    let key = PrivateKeyDer::from_pem_file(&files.key)
-        .map_err(|e| TlsError::Key(files.key.clone(), e.to_string()))?;
-    let provider = rustls::crypto::ring::default_provider();
-    let signer = provider
-        .key_provider
-        .load_private_key(key)
-        .map_err(|e| TlsError::Key(files.key.clone(), e.to_string()))?;
-    let ck = CertifiedKey::new(certs, signer);
-    ck.keys_match().map_err(|e| TlsError::Mismatch {
-        cert: files.cert.clone(),
-        key: files.key.clone(),
-        reason: e.to_string(),
-    })?;
-    Ok(ck)
 }
 
 /// Serves `app` (the API router, plus whatever is merged beside it) until `shutdown` turns
@@ -492,12 +372,13 @@ impl Ctx {
         };
         let ctx = self.clone();
         tokio::spawn(async move {
-            ctx.serve_conn(io, peer, tls).await;
+            ctx.serve_conn(io, peer, tls, None).await;
             drop(slot);
         });
     }
 
-    /// Like [`Ctx::admit`], with a TLS handshake first (bounded by the header read timeout).
+    /// Like [`Ctx::admit`], with a TLS handshake first (bounded by the header read timeout);
+    /// the client certificate it verified, if any, goes with every request.
     fn admit_tls(
         self: &Arc<Self>,
         io: tokio::net::TcpStream,
@@ -511,17 +392,31 @@ impl Ctx {
         };
         let ctx = self.clone();
         tokio::spawn(async move {
-            let hs = tokio::time::timeout(ctx.opts.header_read_timeout, tls.acceptor.accept(io));
+            let hs = tokio::time::timeout(
+                ctx.opts.header_read_timeout,
+                tls.acceptor().accept(io).into_fallible(),
+            );
             match hs.await {
-                Ok(Ok(stream)) => ctx.serve_conn(stream, peer, true).await,
-                Ok(Err(e)) => tracing::debug!(?peer, error = %e, "TLS handshake failed"),
+                Ok(Ok(stream)) => {
+                    let cert = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .map(|der| Arc::new(ClientCert::from_der(der)));
+                    ctx.serve_conn(stream, peer, true, cert).await
+                }
+                Ok(Err((e, io))) => {
+                    tracing::debug!(?peer, error = %e, "TLS handshake failed");
+                    linger(io).await;
+                }
                 Err(_) => tracing::debug!(?peer, "TLS handshake timed out"),
             }
             drop(slot);
         });
     }
 
-    async fn serve_conn<IO>(&self, io: IO, peer: PeerInfo, tls: bool)
+    async fn serve_conn<IO>(&self, io: IO, peer: PeerInfo, tls: bool, cert: Option<Arc<ClientCert>>)
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -533,6 +428,9 @@ impl Ctx {
         let app = self.app.clone();
         let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
             req.extensions_mut().insert(ConnectInfo(peer.clone()));
+            if let Some(c) = &cert {
+                req.extensions_mut().insert(c.clone());
+            }
             let mut app = app.clone();
             async move {
                 let mut resp = match app.call(req).await {
@@ -576,6 +474,18 @@ impl Ctx {
             }
         }
     }
+}
+
+/// Closes a connection whose TLS handshake failed so that the client reads the alert sent: the
+/// write side first, then what the client still sends (a TLS 1.3 client writes its request
+/// before it learns its certificate was refused) is read and dropped for up to a second —
+/// closing with unread data would reset the connection, and a reset can discard the alert.
+async fn linger(mut io: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = io.shutdown().await;
+    let mut buf = [0u8; 4096];
+    let drain = async { while matches!(io.read(&mut buf).await, Ok(n) if n > 0) {} };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }
 
 /// When a connection last moved a byte.

@@ -38,6 +38,13 @@ pub struct Global {
     /// (default: the system's roots).
     #[arg(long, global = true, help_heading = GLOBAL, env = "BASPHERE_CA")]
     pub ca: Option<PathBuf>,
+    /// PEM file of the client certificate (chain) to present to an https:// --url that
+    /// requires one (mTLS); with it, no token is read from ~/.config/basphere/token.
+    #[arg(long, global = true, help_heading = GLOBAL, env = "BASPHERE_CERT", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// PEM file of the private key of --cert.
+    #[arg(long, global = true, help_heading = GLOBAL, env = "BASPHERE_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
     /// API token for --url (default: ~/.config/basphere/token).
     #[arg(long, global = true, help_heading = GLOBAL, env = "BASPHERE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,

@@ -26,8 +26,13 @@ fn token_file() -> Option<PathBuf> {
 /// The client the global options name: `--url` (TCP with a token) or the Unix socket.
 pub(crate) fn client(g: &Global) -> anyhow::Result<Client> {
     if let Some(url) = &g.url {
+        // With a client certificate the token file is not read: the certificate may be the
+        // only credential the server accepts.
         let token = g.token.clone().or_else(|| {
-            token_file()
+            g.cert
+                .is_none()
+                .then(token_file)
+                .flatten()
                 .and_then(|p| std::fs::read_to_string(p).ok())
                 .map(|s| s.trim().to_string())
         });
@@ -39,11 +44,12 @@ pub(crate) fn client(g: &Global) -> anyhow::Result<Client> {
                 }
                 _ => (addr.to_string(), format!("{addr}:443")),
             };
-            let tls = basphere_client::TlsClient::new(&host, g.ca.as_deref())?;
+            let identity = g.cert.as_deref().zip(g.key.as_deref());
+            let tls = basphere_client::TlsClient::new(&host, g.ca.as_deref(), identity)?;
             return Ok(Client::new(Endpoint::Tcp { addr, token }).with_tls(tls));
         }
-        if g.ca.is_some() {
-            bail!("--ca (BASPHERE_CA) needs an https:// --url");
+        if g.ca.is_some() || g.cert.is_some() {
+            bail!("--ca and --cert (BASPHERE_CA, BASPHERE_CERT) need an https:// --url");
         }
         let addr = url
             .trim_start_matches("http://")

@@ -34,10 +34,7 @@ pub async fn init(flag: Option<&Path>, force: bool, tls_host: Option<&str>) -> a
         .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
     let tls_files = tls_host.map(|_| {
         let dir = path.parent().unwrap_or_else(|| Path::new(".")).join("tls");
-        TlsFiles {
-            cert: dir.join("cert.pem"),
-            key: dir.join("key.pem"),
-        }
+        TlsFiles::new(dir.join("cert.pem"), dir.join("key.pem"))
     });
     if !path.exists() || force {
         if let Some(dir) = path.parent().filter(|d| !d.exists()) {
@@ -334,8 +331,18 @@ pub async fn serve(flag: Option<&Path>) -> anyhow::Result<()> {
             tls.files().cert.display(),
             tls.fingerprint()
         );
+        if let Some(ca) = &tls.files().client_ca {
+            eprintln!(
+                "client certificates required on TCP (CA {}; {} mapped identities; tokens on \
+                 TCP {})",
+                ca.display(),
+                tls.files().client_users.len(),
+                if tls.files().tokens { "on" } else { "off" }
+            );
+        }
     }
-    // SIGHUP re-reads the certificate; without TLS it is ignored (never the default: exit).
+    // SIGHUP re-reads the certificate and client CA; without TLS it is ignored (never the
+    // default: exit).
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     tokio::spawn(async move {
         while hup.recv().await.is_some() {

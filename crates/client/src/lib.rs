@@ -8,7 +8,11 @@ use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Where the server is.
 #[derive(Debug, Clone)]
@@ -52,6 +56,12 @@ pub enum ClientError {
     Tls(String, String),
     #[error("cannot use CA file {0}: {1}")]
     Ca(PathBuf, String),
+    #[error(
+        "the server at {0} ended TLS: {1} (a server that requires client certificates needs --cert FILE and --key FILE, or BASPHERE_CERT and BASPHERE_KEY, from a CA it trusts)"
+    )]
+    TlsRefused(String, String),
+    #[error("cannot use client certificate {0}: {1} (--cert FILE and --key FILE: PEM files)")]
+    ClientCert(PathBuf, String),
     #[error("HTTP error talking to {0}: {1}")]
     Http(String, String),
     #[error("the server sent a response that is not Basphere's JSON envelope (status {0}): {1}")]
@@ -83,8 +93,13 @@ impl std::fmt::Debug for TlsClient {
 
 impl TlsClient {
     /// Verifies `host` against the PEM certificates in `ca` (a private CA, or the server's
-    /// self-signed certificate), or against the system's roots when `ca` is `None`.
-    pub fn new(host: &str, ca: Option<&Path>) -> Result<Self, ClientError> {
+    /// self-signed certificate), or against the system's roots when `ca` is `None`; presents
+    /// the client certificate `identity` (PEM chain and key files) when the server asks.
+    pub fn new(
+        host: &str,
+        ca: Option<&Path>,
+        identity: Option<(&Path, &Path)>,
+    ) -> Result<Self, ClientError> {
         use rustls_pki_types::pem::PemObject;
         let mut roots = rustls::RootCertStore::empty();
         match ca {
@@ -113,13 +128,21 @@ impl TlsClient {
                 format!("{host:?} is not a host name: {e}"),
             )
         })?;
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .expect("ring supports the default protocol versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+        let mut config = match identity {
+            Some((cert, key)) => {
+                let (chain, key) = read_identity(cert, key)?;
+                config
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| ClientError::ClientCert(cert.to_path_buf(), e.to_string()))?
+            }
+            None => config.with_no_client_auth(),
+        };
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Self {
             config: Arc::new(config),
@@ -128,7 +151,123 @@ impl TlsClient {
     }
 }
 
-type Conn = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+/// A client certificate chain and its private key, from PEM files.
+fn read_identity(
+    cert: &Path,
+    key: &Path,
+) -> Result<
+    (
+        Vec<rustls_pki_types::CertificateDer<'static>>,
+        rustls_pki_types::PrivateKeyDer<'static>,
+    ),
+    ClientError,
+> {
+    use rustls_pki_types::pem::PemObject;
+    let bad = |p: &Path, e: String| ClientError::ClientCert(p.to_path_buf(), e);
+    let chain = rustls_pki_types::CertificateDer::pem_file_iter(cert)
+        .map_err(|e| bad(cert, e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(cert, e.to_string()))?;
+    if chain.is_empty() {
+        return Err(bad(cert, "no PEM CERTIFICATE in it".into()));
+    }
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| bad(key, format!("key: {e}")))?;
+    Ok((chain, key))
+}
+
+/// One connection: where requests go, and the task driving it (whose error says why the
+/// connection ended, e.g. a TLS alert).
+struct Conn {
+    send: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    driver: tokio::task::JoinHandle<Result<(), hyper::Error>>,
+    /// The TLS error a read met (hyper closes an idle connection quietly on one, so a
+    /// server's alert would otherwise be lost).
+    tls_error: Arc<std::sync::Mutex<Option<String>>>,
+    shown: String,
+}
+
+/// An IO that keeps the TLS error a read meets.
+struct NoteTls<IO> {
+    inner: IO,
+    seen: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for NoteTls<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Err(e)) = &r
+            && let Some(tls) = tls_cause(e)
+        {
+            *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(tls.to_string());
+        }
+        r
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for NoteTls<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl Conn {
+    async fn send(
+        &mut self,
+        req: Request<Full<Bytes>>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
+        match self.send.send_request(req).await {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                let _ = tokio::time::timeout(Duration::from_secs(1), &mut self.driver).await;
+                let seen = self
+                    .tls_error
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take();
+                if let Some(tls) = seen {
+                    return Err(ClientError::TlsRefused(self.shown.clone(), tls));
+                }
+                Err(ClientError::Http(self.shown.clone(), e.to_string()))
+            }
+        }
+    }
+}
+
+/// The TLS error somewhere in `e`'s causes (an alert the server sent, …).
+fn tls_cause(e: &std::io::Error) -> Option<&rustls::Error> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(t) = err.downcast_ref::<rustls::Error>() {
+            return Some(t);
+        }
+        if let Some(t) = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Some(t);
+        }
+        cur = err.source();
+    }
+    None
+}
 
 impl Client {
     pub fn new(endpoint: Endpoint) -> Self {
@@ -170,11 +309,20 @@ impl Client {
         let shown = self.shown();
         macro_rules! handshake {
             ($stream:expr) => {{
-                let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new($stream))
+                let tls_error = Arc::new(std::sync::Mutex::new(None));
+                let io = NoteTls {
+                    inner: $stream,
+                    seen: tls_error.clone(),
+                };
+                let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
                     .await
                     .map_err(|e| ClientError::Http(shown.clone(), e.to_string()))?;
-                tokio::spawn(conn);
-                Ok(send)
+                Ok(Conn {
+                    send,
+                    driver: tokio::spawn(conn),
+                    tls_error,
+                    shown: shown.clone(),
+                })
             }};
         }
         match &self.endpoint {
@@ -245,9 +393,8 @@ impl Client {
     ) -> Result<Response, ClientError> {
         let mut conn = self.connect().await?;
         let resp = conn
-            .send_request(self.request_raw(method, path, body.map(Bytes::from)))
-            .await
-            .map_err(|e| ClientError::Http(self.shown(), e.to_string()))?;
+            .send(self.request_raw(method, path, body.map(Bytes::from)))
+            .await?;
         let status = resp.status();
         let bytes = resp
             .into_body()
@@ -294,10 +441,7 @@ impl Client {
         let mut req = self.request(Method::GET, path, None);
         req.headers_mut()
             .insert("accept", "text/event-stream".parse().expect("valid"));
-        let resp = conn
-            .send_request(req)
-            .await
-            .map_err(|e| ClientError::Http(self.shown(), e.to_string()))?;
+        let resp = conn.send(req).await?;
         if !resp.status().is_success() {
             let status = resp.status();
             let bytes = resp

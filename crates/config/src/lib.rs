@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 
 mod secret_files;
 pub use secret_files::SECRET_FILE_KEYS;
+mod tls;
+pub use tls::{CertField, CertIdentity, TlsFiles, Unmapped};
 
 /// The whole configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -100,7 +102,8 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Connections at once from one IP address (TCP) or one uid (Unix socket).
     pub max_connections_per_ip: usize,
-    /// Native TLS on the TCP listener (certificate and key re-read on SIGHUP).
+    /// Native TLS on the TCP listener (certificate, key and client CA re-read on SIGHUP),
+    /// optionally requiring client certificates (mTLS).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsFiles>,
     /// Serve plain HTTP on a non-loopback `listen` address (warned at every start).
@@ -110,14 +113,6 @@ pub struct ServerConfig {
     /// Proxies whose `X-Forwarded-Proto` is believed (CIDRs); nobody else's is. They carry many
     /// clients, so only `max_connections` applies to them.
     pub trusted_proxies: Vec<ipnet::IpNet>,
-}
-
-/// PEM files of the TCP listener's certificate chain and private key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
 }
 
 impl Default for ServerConfig {
@@ -265,6 +260,11 @@ impl ServerConfig {
                  a TLS proxy, or set server.allow_plaintext = true on a trusted network"
             ),
         })
+    }
+
+    /// Whether bearer tokens and portal sessions authenticate on TCP (`tls.tokens`).
+    pub fn tcp_tokens(&self) -> bool {
+        self.tls.as_ref().is_none_or(|t| t.tokens)
     }
 
     /// Whether the portal's cookies get `Secure`: TLS here, an `https://` public URL, or a
@@ -475,7 +475,9 @@ pub enum ConfigError {
 }
 
 /// Environment variables that configure the client, never config keys.
-const CLIENT_VARS: &[&str] = &["CONFIG", "SOCKET", "URL", "TOKEN", "CA", "OUTPUT", "LOG"];
+const CLIENT_VARS: &[&str] = &[
+    "CONFIG", "SOCKET", "URL", "TOKEN", "CA", "CERT", "KEY", "OUTPUT", "LOG",
+];
 
 impl Config {
     /// Reads `path` (or the embedded defaults when `None`), applies `env`, validates.
@@ -681,13 +683,8 @@ impl Config {
                 format!("{:?} must start with https:// or http://", srv.public_url),
             ));
         }
-        if let Some(t) = &srv.tls
-            && (t.cert.as_os_str().is_empty() || t.key.as_os_str().is_empty())
-        {
-            return Err(bad(
-                "server.tls",
-                "needs both cert and key (PEM file paths)".into(),
-            ));
+        if let Some(t) = &srv.tls {
+            t.validate().map_err(|(key, reason)| bad(key, reason))?;
         }
         if self.provider.kind == ProviderKind::Vsphere && self.vsphere.is_none() {
             return Err(bad(
@@ -870,6 +867,43 @@ mod tests {
             )],
         );
         assert!(tls.check_plaintext().unwrap().is_none());
+    }
+
+    #[test]
+    fn client_certificate_settings_errors_name_the_key() {
+        let tls = |v: &str| load(DEFAULT_TOML, &[("BASPHERE_SERVER__TLS", v)]);
+        let ok = tls(
+            "{ cert = \"/c\", key = \"/k\", client_ca = \"/ca\", tokens = false, \
+                      client_users = { \"cn:Alice\" = \"alice\" } }",
+        )
+        .unwrap();
+        let t = ok.server.tls.as_ref().unwrap();
+        assert!(!t.tokens && !ok.server.tcp_tokens());
+        assert_eq!(t.client_users.len(), 1);
+        for (value, needle) in [
+            (
+                "{ cert = \"/c\", key = \"/k\", client_ca = \"/ca\", \
+                 client_users = { \"cn:alice\" = \"Not A User\" } }",
+                "client_users",
+            ),
+            (
+                "{ cert = \"/c\", key = \"/k\", client_ca = \"/ca\", \
+                 client_users = { \"alice\" = \"alice\" } }",
+                "server.tls.client_users",
+            ),
+            (
+                "{ cert = \"/c\", key = \"/k\", tokens = false }",
+                "server.tls.tokens",
+            ),
+            (
+                "{ cert = \"/c\", key = \"/k\", client_users = { \"cn:a\" = \"alice\" } }",
+                "server.tls.client_ca",
+            ),
+        ] {
+            let e = tls(value).unwrap_err().to_string();
+            assert!(e.contains(needle), "{value}: {e}");
+        }
+        assert!(load(DEFAULT_TOML, &[]).unwrap().server.tcp_tokens());
     }
 
     #[test]

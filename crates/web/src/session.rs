@@ -107,7 +107,7 @@ impl FromRequestParts<AppState> for Visitor {
         let caller = match &session {
             Some(s) => Caller::from_session(st, s, &source)
                 .await
-                .map_err(|e| error_page_plain(StatusCode::INTERNAL_SERVER_ERROR, &e.message))?,
+                .map_err(|e| error_page_plain(e.status, &e.message))?,
             None => None,
         };
         let token_id = caller
@@ -193,6 +193,7 @@ impl Visitor {
             name: "anonymous".into(),
             source: format!("web:{}", self.source),
             local: false,
+            unidentified: None,
         }
     }
 

@@ -134,6 +134,7 @@ async fn portal_in_chromium() {
         name: "carol".into(),
         source: "test".into(),
         local: false,
+        unidentified: None,
     };
     let mut body = serde_json::Map::new();
     body.insert("name".into(), "carol-db".into());
