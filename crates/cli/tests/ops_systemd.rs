@@ -126,7 +126,7 @@ async fn the_server_takes_the_socket_systemd_passes() {
     // signal handler is in place).
     let mut own = server(&[]);
     assert_eq!(own.root().get("/api/v1/me").await.unwrap().status, 200);
-    stop_child(own.child.as_mut().unwrap(), Duration::from_secs(10));
+    stop_child(own.child.as_mut().unwrap(), Duration::from_secs(30));
     own.child = None;
     assert!(!own.socket.exists(), "{}", own.log());
 }
