@@ -4,50 +4,51 @@ use axum::response::{IntoResponse, Response};
 pub use basphere_wire::Envelope;
 use serde::Serialize;
 use serde_json::Value;
+use serde_json::value::RawValue;
 
-/// A successful response: status, message and data.
-pub struct Ok200(pub StatusCode, pub String, pub Value);
+/// A successful response: status, message and data, the data already serialized (straight
+/// from the route's wire type: no `Value` tree in between).
+pub struct Ok200(pub StatusCode, pub String, pub Box<RawValue>);
+
+/// The envelope of an [`Ok200`], written as [`Envelope`] writes it.
+#[derive(Serialize)]
+struct OkBody<'a> {
+    success: bool,
+    message: &'a str,
+    data: &'a RawValue,
+    errors: &'a [String],
+}
 
 impl IntoResponse for Ok200 {
     fn into_response(self) -> Response {
-        (
-            self.0,
-            Json(Envelope {
-                success: true,
-                message: self.1,
-                data: self.2,
-                errors: vec![],
-            }),
-        )
-            .into_response()
+        let body = OkBody {
+            success: true,
+            message: &self.1,
+            data: &self.2,
+            errors: &[],
+        };
+        (self.0, Json(body)).into_response()
     }
+}
+
+fn raw(data: impl Serialize) -> Box<RawValue> {
+    serde_json::value::to_raw_value(&data)
+        .unwrap_or_else(|_| RawValue::from_string("null".into()).expect("null is JSON"))
 }
 
 /// Builds a 200 response with `data` serialized.
 pub fn ok(message: impl Into<String>, data: impl Serialize) -> Ok200 {
-    Ok200(
-        StatusCode::OK,
-        message.into(),
-        serde_json::to_value(data).unwrap_or(Value::Null),
-    )
+    Ok200(StatusCode::OK, message.into(), raw(data))
 }
 
 /// Builds a 201 Created response.
 pub fn created(message: impl Into<String>, data: impl Serialize) -> Ok200 {
-    Ok200(
-        StatusCode::CREATED,
-        message.into(),
-        serde_json::to_value(data).unwrap_or(Value::Null),
-    )
+    Ok200(StatusCode::CREATED, message.into(), raw(data))
 }
 
 /// Builds a 202 Accepted response (work continues in the background).
 pub fn accepted(message: impl Into<String>, data: impl Serialize) -> Ok200 {
-    Ok200(
-        StatusCode::ACCEPTED,
-        message.into(),
-        serde_json::to_value(data).unwrap_or(Value::Null),
-    )
+    Ok200(StatusCode::ACCEPTED, message.into(), raw(data))
 }
 
 /// The prototype's message of a 400 whose `errors` name each bad field.

@@ -647,6 +647,10 @@ async fn vm_cmd(c: &Client, out: Output, v: VmCmd) -> anyhow::Result<ExitCode> {
             });
         }
         VmCmd::List { all, json } => {
+            if json || out == Output::Json {
+                crate::listing::vms_json(c, all).await?;
+                return Ok(ExitCode::SUCCESS);
+            }
             let path = format!("/api/v1/vms?all={all}");
             let mut d = get_all_in(c, &path, Some("vms"), "id", None).await?;
             // Pages come in creation order; the table is by owner, then name.
@@ -656,7 +660,6 @@ async fn vm_cmd(c: &Client, out: Output, v: VmCmd) -> anyhow::Result<ExitCode> {
                         .cmp(&(b["owner"].as_str(), b["name"].as_str()))
                 });
             }
-            let out = if json { Output::Json } else { out };
             let mut cols = VM_COLS.to_vec();
             if all {
                 cols.insert(1, ("OWNER", "/owner"));

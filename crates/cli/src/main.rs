@@ -9,6 +9,7 @@ mod commands;
 mod db;
 mod doctor;
 mod extra;
+mod listing;
 mod logging;
 mod modes;
 mod output;

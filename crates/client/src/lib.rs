@@ -384,6 +384,27 @@ impl Client {
             .await
     }
 
+    /// Sends one request and returns the answer unparsed: status, headers and body bytes
+    /// (for callers that pass large answers through without building a JSON tree).
+    pub async fn send_raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, hyper::HeaderMap, Bytes), ClientError> {
+        let mut conn = self.connect().await?;
+        let resp = conn
+            .send(self.request_raw(method, path, body.map(Bytes::from)))
+            .await?;
+        let (parts, body) = resp.into_parts();
+        let bytes = body
+            .collect()
+            .await
+            .map_err(|e| ClientError::Http(self.shown(), e.to_string()))?
+            .to_bytes();
+        Ok((parts.status, parts.headers, bytes))
+    }
+
     /// Sends one request with a body of raw bytes (sent as `application/json`).
     pub async fn call_raw(
         &self,
@@ -391,17 +412,7 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Response, ClientError> {
-        let mut conn = self.connect().await?;
-        let resp = conn
-            .send(self.request_raw(method, path, body.map(Bytes::from)))
-            .await?;
-        let status = resp.status();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| ClientError::Http(self.shown(), e.to_string()))?
-            .to_bytes();
+        let (status, _, bytes) = self.send_raw(method, path, body).await?;
         let body: Envelope = serde_json::from_slice(&bytes).map_err(|_| {
             ClientError::Body(
                 status,

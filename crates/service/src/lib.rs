@@ -25,7 +25,7 @@ pub use ops::{BatchOutcome, PlanOutcome};
 pub use paging::{DEFAULT_LIMIT, MAX_LIMIT, Paged, Paging};
 pub use ready::{Readiness, database_check, provider_checks};
 pub use users::{Approval, DisableOutcome, KeyDecision, UserDeletion, username};
-pub use vms::Dashboard;
+pub use vms::{Dashboard, VmOrder};
 
 pub use basphere_accounts::UnixAccounts;
 pub use basphere_store::Actor;

@@ -10,6 +10,16 @@ use basphere_core::{ImageName, SpecName, Usage, VM_COUNT_RANGE, VmName};
 use basphere_store::{AdmitError, AdmitExtras, AdmitRequest, DeleteError, ExtraNetwork, User};
 use basphere_wire as wire;
 
+/// The order of a VM listing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VmOrder {
+    /// Oldest first (the prototype's order).
+    #[default]
+    Created,
+    /// By owner, then name (what `list-vms` shows).
+    Name,
+}
+
 /// What a user's dashboard shows: their VMs, usage and latest operations.
 #[derive(Debug, Clone)]
 pub struct Dashboard {
@@ -327,6 +337,32 @@ impl Services {
         })
     }
 
+    /// VMs of `owner` (`None`: everyone's) in `order`: by creation (`after` an id), or by owner
+    /// and name (`after` is `owner/name`).
+    pub async fn vms_in(
+        &self,
+        owner: Option<&str>,
+        order: VmOrder,
+        p: &Paging,
+    ) -> Result<Paged<wire::Vm>> {
+        if order == VmOrder::Created {
+            return self.vms(owner, p).await;
+        }
+        let limit = p.limit()?;
+        let after = match p.after.as_deref() {
+            None => None,
+            Some(a) => Some(a.split_once('/').ok_or_else(|| {
+                ServiceError::BadRequest(format!(
+                    "after={a:?}: with sort=name, after is OWNER/NAME (the X-Next-After of the \
+                     previous page)"
+                ))
+            })?),
+        };
+        let vms = self.store.vms_page_by_name(owner, after, limit + 1).await?;
+        Ok(Paged::of(vms, limit, |v| format!("{}/{}", v.owner, v.name))
+            .map(|v| convert::vm(&v, None)))
+    }
+
     /// VMs of `owner` (`None`: everyone's) in creation order.
     pub async fn vms(&self, owner: Option<&str>, p: &Paging) -> Result<Paged<wire::Vm>> {
         let limit = p.limit()?;
@@ -385,9 +421,10 @@ impl Services {
         &self,
         me: &User,
         owner: Option<&str>,
+        order: VmOrder,
         p: &Paging,
     ) -> Result<(Paged<wire::Vm>, wire::QuotaSummary)> {
-        let page = self.vms(owner, p).await?;
+        let page = self.vms_in(owner, order, p).await?;
         // An owner who is gone (an admin looking after a delete) holds nothing: no quota.
         let quota = match owner.filter(|o| *o != me.username.as_str()) {
             Some(o) => self.store.user(o).await?.map_or(

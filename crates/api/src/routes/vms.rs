@@ -8,6 +8,7 @@ use crate::routes::page::{PageQuery, with_next};
 use crate::server::AppState;
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
+use basphere_service::VmOrder;
 use basphere_wire as wire;
 use basphere_wire::CreateVmsRequest;
 use serde::Deserialize;
@@ -62,13 +63,18 @@ pub struct ListQuery {
     pub all: bool,
     /// This user's VMs (admin).
     pub owner: Option<String>,
+    /// `created` (default: oldest first, `after` an id) or `name` (by owner, then name;
+    /// `after` is `OWNER/NAME`).
+    #[param(value_type = Option<String>, pattern = "^(created|name)$")]
+    pub sort: Option<String>,
 }
 
-/// `GET /vms?all=&owner=&limit=&after=`: the prototype's `{vms, total, quota}`, VMs in
-/// creation order, one page of them (the next page's `after` in `X-Next-After`, see `page`).
+/// `GET /vms?all=&owner=&sort=&limit=&after=`: the prototype's `{vms, total, quota}`, VMs in
+/// creation order (or by owner and name), one page of them (the next page's `after` in
+/// `X-Next-After`, see `page`).
 #[utoipa::path(
     get, path = "/vms", tag = "vms", operation_id = "list_vms",
-    summary = "VMs in creation order, with the owner's quota",
+    summary = "VMs in creation order (or by owner and name), with the owner's quota",
     params(ListQuery, PageQuery),
     responses(
         (status = 200, description = "One page of VMs", body = Answer<wire::VmList>, headers(("X-Next-After" = String, description = "The `after` of the next page, when more follow"))),
@@ -83,11 +89,20 @@ pub async fn list_page(
     Query(p): Query<PageQuery>,
 ) -> Result<Response, ApiError> {
     p.paging().limit()?;
+    let order = match q.sort.as_deref() {
+        None | Some("created") => VmOrder::Created,
+        Some("name") => VmOrder::Name,
+        Some(s) => {
+            return Err(ApiError::bad_request(format!(
+                "sort={s:?}: choose created (the default) or name"
+            )));
+        }
+    };
     let owner = target_owner(&caller, q.owner.as_deref(), q.all)?;
     let me = caller.active()?;
     let (vms, quota) = st
         .services
-        .vm_list(me, owner.as_deref(), &p.paging())
+        .vm_list(me, owner.as_deref(), order, &p.paging())
         .await?;
     let n = vms.items.len();
     let next = vms.next_after.clone();

@@ -716,6 +716,33 @@ impl Store {
             .await
     }
 
+    /// Up to `limit` VMs of `owner` (`None`: everyone's) by owner, then name, after the VM
+    /// `after` names (`(owner, name)`), on the `(owner, name)` key.
+    pub async fn vms_page_by_name(
+        &self,
+        owner: Option<&str>,
+        after: Option<(&str, &str)>,
+        limit: i64,
+    ) -> Result<Vec<Vm>> {
+        let s = stmt!(
+            format!(
+                "SELECT {VM_COLS} FROM vms
+                 WHERE (CAST($1 AS TEXT) IS NULL OR owner = $1)
+                   AND (CAST($2 AS TEXT) IS NULL OR owner > $2 OR (owner = $2 AND name > $3))
+                 ORDER BY owner, name LIMIT $4"
+            ),
+            owner,
+            after.map(|a| a.0),
+            after.map(|a| a.1),
+            limit,
+        );
+        self.db
+            .read(move |tx| {
+                Box::pin(async move { tx.query(&s).await?.iter().map(vm_from).collect() })
+            })
+            .await
+    }
+
     /// What `owner` holds now.
     pub async fn usage(&self, owner: &str) -> Result<Usage> {
         let owner = owner.to_string();
