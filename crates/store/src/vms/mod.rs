@@ -709,38 +709,57 @@ impl Store {
             after,
             limit,
         );
+        self.read_vms(move |_| s).await
+    }
+
+    /// The VMs the statement `select(dialect)` selects (`VM_COLS`), in its order.
+    async fn read_vms(
+        &self,
+        select: impl FnOnce(Dialect) -> Stmt + Send + 'static,
+    ) -> Result<Vec<Vm>> {
         self.db
             .read(move |tx| {
-                Box::pin(async move { tx.query(&s).await?.iter().map(vm_from).collect() })
+                Box::pin(async move {
+                    let s = select(tx.dialect());
+                    tx.query(&s).await?.iter().map(vm_from).collect()
+                })
             })
             .await
     }
 
     /// Up to `limit` VMs of `owner` (`None`: everyone's) by owner, then name, after the VM
-    /// `after` names (`(owner, name)`), on the `(owner, name)` key.
+    /// `after` names (`(owner, name)`). Byte order on both backends (PostgreSQL compares with
+    /// `COLLATE "C"`, whatever the database's collation), as [`Store::vms`] sorts.
     pub async fn vms_page_by_name(
         &self,
         owner: Option<&str>,
         after: Option<(&str, &str)>,
         limit: i64,
     ) -> Result<Vec<Vm>> {
-        let s = stmt!(
-            format!(
-                "SELECT {VM_COLS} FROM vms
-                 WHERE (CAST($1 AS TEXT) IS NULL OR owner = $1)
-                   AND (CAST($2 AS TEXT) IS NULL OR owner > $2 OR (owner = $2 AND name > $3))
-                 ORDER BY owner, name LIMIT $4"
-            ),
-            owner,
-            after.map(|a| a.0),
-            after.map(|a| a.1),
-            limit,
+        let (owner, after) = (
+            owner.map(str::to_string),
+            after.map(|(o, n)| (o.to_string(), n.to_string())),
         );
-        self.db
-            .read(move |tx| {
-                Box::pin(async move { tx.query(&s).await?.iter().map(vm_from).collect() })
-            })
-            .await
+        self.read_vms(move |d| {
+            let c = match d {
+                Dialect::Sqlite => "",
+                Dialect::Postgres => " COLLATE \"C\"",
+            };
+            stmt!(
+                format!(
+                    "SELECT {VM_COLS} FROM vms
+                     WHERE (CAST($1 AS TEXT) IS NULL OR owner = $1)
+                       AND (CAST($2 AS TEXT) IS NULL OR owner{c} > $2
+                            OR (owner = $2 AND name{c} > $3))
+                     ORDER BY owner{c}, name{c} LIMIT $4"
+                ),
+                owner,
+                after.as_ref().map(|a| a.0.as_str()),
+                after.as_ref().map(|a| a.1.as_str()),
+                limit,
+            )
+        })
+        .await
     }
 
     /// What `owner` holds now.
