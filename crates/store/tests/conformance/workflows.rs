@@ -68,6 +68,25 @@ async fn changes_name_their_events(a: Store, b: Store) {
             }
         }
     };
+    // b's feed starts listening in the background after it opens; a commit before that is
+    // not news to it (the engine re-reads the log on the "read again" it gets on connecting).
+    // Commit probes (of a definition nobody claims here) until b hears one.
+    let mut hears = false;
+    for _ in 0..100 {
+        let probe = NewWorkflow::new("probe", "alice", vec!["p".into()]);
+        a.enqueue_workflow(&probe).await.unwrap();
+        let wait = std::time::Duration::from_millis(500);
+        if let Ok(Ok(c)) = tokio::time::timeout(wait, theirs.recv()).await
+            && c.events.is_some()
+        {
+            hears = true;
+            break;
+        }
+    }
+    assert!(hears, "the other replica never heard a commit");
+    // A later probe's notice may still be on its way: let it land, then forget them all.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    while theirs.try_recv().is_ok() {}
     let id = a.enqueue_workflow(&wf("alice", 2)).await.unwrap();
     let c = next(&mut theirs).await;
     let queued = a.events(&id, 0).await.unwrap();
