@@ -15,6 +15,7 @@ mod modes;
 mod output;
 mod providers;
 mod serve;
+mod vm;
 
 use clap::{Args, Command, CommandFactory, FromArgMatches};
 use std::process::ExitCode;
