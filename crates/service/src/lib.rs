@@ -12,6 +12,7 @@
 mod captcha;
 mod check;
 pub mod convert;
+mod credentials;
 mod error;
 mod ops;
 mod paging;
@@ -20,11 +21,12 @@ mod users;
 mod vms;
 
 pub use captcha::CAPTCHA_FIELD;
+pub use credentials::KeyDecision;
 pub use error::ServiceError;
 pub use ops::{BatchOutcome, PlanOutcome};
 pub use paging::{DEFAULT_LIMIT, MAX_LIMIT, Paged, Paging};
 pub use ready::{Readiness, database_check, provider_checks};
-pub use users::{Approval, DisableOutcome, KeyDecision, UserDeletion, username};
+pub use users::{Approval, DisableOutcome, UserDeletion, username};
 pub use vms::{Dashboard, VmOrder};
 
 pub use basphere_accounts::UnixAccounts;
