@@ -2,7 +2,7 @@
 //! (the server sorts), without building a JSON tree of them.
 
 use crate::commands::check;
-use basphere_client::{Client, Method, Response, wire};
+use basphere_client::{Client, Method};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::io::Write;
@@ -33,16 +33,7 @@ pub async fn vms_json(c: &Client, all: bool) -> anyhow::Result<()> {
             Ok(p) if status.is_success() => p,
             // A refusal (or an answer not shaped as a page) says what went wrong.
             _ => {
-                let body: wire::Envelope = serde_json::from_slice(&bytes).map_err(|_| {
-                    anyhow::anyhow!(
-                        "the server answered {status} with a body that is not Basphere's: {}",
-                        String::from_utf8_lossy(&bytes)
-                            .chars()
-                            .take(200)
-                            .collect::<String>()
-                    )
-                })?;
-                check(Response { status, body })?;
+                check(Client::response(status, &bytes)?)?;
                 anyhow::bail!("the server answered {status} without a page of VMs");
             }
         };

@@ -413,10 +413,15 @@ impl Client {
         body: Option<Vec<u8>>,
     ) -> Result<Response, ClientError> {
         let (status, _, bytes) = self.send_raw(method, path, body).await?;
-        let body: Envelope = serde_json::from_slice(&bytes).map_err(|_| {
+        Self::response(status, &bytes)
+    }
+
+    /// An answer's envelope, from its status and body bytes (of [`Client::send_raw`]).
+    pub fn response(status: StatusCode, bytes: &[u8]) -> Result<Response, ClientError> {
+        let body: Envelope = serde_json::from_slice(bytes).map_err(|_| {
             ClientError::Body(
                 status,
-                String::from_utf8_lossy(&bytes).chars().take(200).collect(),
+                String::from_utf8_lossy(bytes).chars().take(200).collect(),
             )
         })?;
         Ok(Response { status, body })

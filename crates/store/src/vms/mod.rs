@@ -172,6 +172,16 @@ fn json_col<T: serde::de::DeserializeOwned>(r: &impl Cols, col: &'static str) ->
 /// the extra networks over every replica ("bsp-nic").
 const NIC_LOCK: i64 = 0x0062_7370_2d6e_6963;
 
+/// Takes [`NIC_LOCK`] on PostgreSQL, once per transaction (`locked` remembers it).
+async fn nic_lock(tx: &mut dyn Tx, locked: &mut bool) -> Result<()> {
+    if tx.dialect() == Dialect::Postgres && !*locked {
+        tx.query(&stmt!("SELECT pg_advisory_xact_lock($1)", NIC_LOCK))
+            .await?;
+        *locked = true;
+    }
+    Ok(())
+}
+
 /// Leases the lowest free address of `net` to VM `vm_id` (`None` on a DHCP network).
 ///
 /// Picking is global (any user's VM may hold an address of a network), so on PostgreSQL it
@@ -187,11 +197,7 @@ pub(crate) async fn lease_nic(
     if net.pool.is_empty() {
         return Ok(None);
     }
-    if tx.dialect() == Dialect::Postgres && !*locked {
-        tx.query(&stmt!("SELECT pg_advisory_xact_lock($1)", NIC_LOCK))
-            .await?;
-        *locked = true;
-    }
+    nic_lock(tx, locked).await?;
     let taken = tx
         .query(&stmt!(
             "SELECT ip FROM vm_nic_leases WHERE network = $1",
@@ -308,11 +314,7 @@ async fn lease_nics_again(tx: &mut dyn Tx, vm: &Vm) -> std::result::Result<(), A
     let mut locked = false;
     for nic in &vm.extra_nics {
         let Some(ip) = nic.ip else { continue };
-        if tx.dialect() == Dialect::Postgres && !locked {
-            tx.query(&stmt!("SELECT pg_advisory_xact_lock($1)", NIC_LOCK))
-                .await?;
-            locked = true;
-        }
+        nic_lock(tx, &mut locked).await?;
         let leased = tx
             .exec(&stmt!(
                 "INSERT INTO vm_nic_leases (network, ip, vm_id) VALUES ($1, $2, $3)

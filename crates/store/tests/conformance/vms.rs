@@ -383,6 +383,22 @@ async fn delete(store: Store) {
     assert_eq!(store.usage("alice").await.unwrap().vms, 0);
 }
 
+/// A retry of the failed create `op` (alice's VM `web`) is refused with `why` and leaves the VM
+/// failed while `other` holds what it needs; once `other` has failed (and given it back), the
+/// retry is accepted.
+async fn refused_until_freed(store: &Store, op: &str, other: &str, why: &str) {
+    let p = pool();
+    let ctx = RetryCtx { pool: &p };
+    let e = store.retry_workflow(op, &ctx, &actor()).await.unwrap_err();
+    assert!(e.to_string().contains(why), "{e}");
+    assert_eq!(
+        store.vm("alice", "web").await.unwrap().unwrap().status,
+        VmStatus::Failed
+    );
+    end(store, other, WorkflowOutcome::Failed("boom".into())).await;
+    store.retry_workflow(op, &ctx, &actor()).await.unwrap();
+}
+
 async fn retry_readmits(store: Store) {
     vm_hooks(&store);
     let alice = user(&store, "alice", 1).await;
@@ -393,25 +409,10 @@ async fn retry_readmits(store: Store) {
     let vm = store.vm("alice", "web").await.unwrap().unwrap();
     assert_eq!((vm.status, vm.ip_address), (VmStatus::Failed, None));
     assert_eq!(store.usage("alice").await.unwrap().vms, 0);
-    let p = pool();
-    let ctx = RetryCtx { pool: &p };
 
     // The quota went to another VM meanwhile: the retry is refused and changes nothing.
     let other = admit(&store, &alice, &["db"]).await.unwrap();
-    let e = store.retry_workflow(&op, &ctx, &actor()).await.unwrap_err();
-    assert!(e.to_string().starts_with("quota exceeded"), "{e}");
-    assert_eq!(
-        store.vm("alice", "web").await.unwrap().unwrap().status,
-        VmStatus::Failed
-    );
-    end(
-        &store,
-        &other[0].operation_id,
-        WorkflowOutcome::Failed("boom".into()),
-    )
-    .await;
-
-    store.retry_workflow(&op, &ctx, &actor()).await.unwrap();
+    refused_until_freed(&store, &op, &other[0].operation_id, "quota exceeded").await;
     let vm = store.vm("alice", "web").await.unwrap().unwrap();
     assert_eq!(vm.status, VmStatus::Creating);
     assert_eq!(vm.ip_address, Some("10.254.0.2".parse().unwrap()));
@@ -1006,21 +1007,7 @@ async fn retry_rechecks_disk(store: Store) {
     end(&store, &op, WorkflowOutcome::Failed("boom".into())).await;
     assert_eq!(store.usage("alice").await.unwrap().disk_gib, 0, "released");
     let other = admit_x(&store, &alice, &["db"], &x).await.unwrap();
-    let p = pool();
-    let ctx = RetryCtx { pool: &p };
-    let e = store.retry_workflow(&op, &ctx, &actor()).await.unwrap_err();
-    assert!(e.to_string().contains("GiB of disk"), "{e}");
-    assert_eq!(
-        store.vm("alice", "web").await.unwrap().unwrap().status,
-        VmStatus::Failed
-    );
-    end(
-        &store,
-        &other[0].operation_id,
-        WorkflowOutcome::Failed("boom".into()),
-    )
-    .await;
-    store.retry_workflow(&op, &ctx, &actor()).await.unwrap();
+    refused_until_freed(&store, &op, &other[0].operation_id, "GiB of disk").await;
     assert_eq!(store.usage("alice").await.unwrap().disk_gib, 80);
 }
 
