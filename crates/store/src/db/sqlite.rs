@@ -16,8 +16,8 @@ use tokio::sync::oneshot;
 /// Most idle reading connections kept.
 const READERS: usize = 8;
 
-/// Opens a connection of this store's kind (WAL, foreign keys, busy timeout, no checkpoints:
-/// the checkpoint thread makes them).
+/// Opens a connection of this store's kind (WAL, foreign keys, busy timeout, temporary data in
+/// memory, no checkpoints: the checkpoint thread makes them).
 pub(crate) fn open(path: &Path) -> Result<Connection> {
     let c = Connection::open(path)?;
     c.busy_timeout(Duration::from_secs(30))?;
@@ -25,6 +25,9 @@ pub(crate) fn open(path: &Path) -> Result<Connection> {
     c.pragma_update(None, "synchronous", "NORMAL")?;
     c.pragma_update(None, "foreign_keys", "ON")?;
     c.pragma_update(None, "wal_autocheckpoint", 0)?;
+    // Statement journals (every multi-row write under foreign keys) and sorts stay in memory:
+    // on disk each group commit created, wrote and deleted temporary files.
+    c.pragma_update(None, "temp_store", "MEMORY")?;
     c.set_prepared_statement_cache_capacity(128);
     Ok(c)
 }
