@@ -306,6 +306,10 @@ pub(crate) type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 #[async_trait::async_trait]
 pub(crate) trait Tx: Send {
     fn dialect(&self) -> Dialect;
+    /// The database's clock (ms) when this transaction began, if the backend read it then.
+    fn began_at(&self) -> Option<i64> {
+        None
+    }
     /// Runs a statement; the number of rows it changed.
     async fn exec(&mut self, s: &Stmt) -> Result<u64>;
     /// Runs a query; every row.

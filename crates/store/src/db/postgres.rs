@@ -7,7 +7,7 @@ use crate::{Change, Result, StoreError};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use std::sync::Arc;
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
-use tokio_postgres::{IsolationLevel, NoTls};
+use tokio_postgres::NoTls;
 
 /// Connections per pool (per replica).
 const POOL_SIZE: usize = 16;
@@ -112,10 +112,60 @@ fn params(s: &Stmt) -> Vec<&(dyn ToSql + Sync)> {
 
 /// A transaction on one pooled connection.
 pub(crate) struct PgTx<'c> {
-    tx: deadpool_postgres::Transaction<'c>,
+    tx: &'c deadpool_postgres::ClientWrapper,
     /// What it appended to the event log (then its commit tells the other replicas).
     events: Appended,
+    /// The database's clock (ms) when the transaction began, read with its `BEGIN`.
+    now: i64,
 }
+
+/// A pooled connection with a transaction open on it. Dropped before [`Open::end`] (its future
+/// was cancelled mid-transaction), the connection is closed rather than pooled: the server
+/// then rolls the transaction back.
+struct Open(Option<deadpool_postgres::Object>);
+
+impl Open {
+    /// Begins a transaction with `begin` (statements ending with one that reads the clock),
+    /// in one round trip; the connection and the clock.
+    async fn begin(obj: deadpool_postgres::Object, begin: &str) -> Result<(Self, i64)> {
+        let open = Self(Some(obj));
+        let msgs = open.client().simple_query(begin).await?;
+        let now = msgs
+            .iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0)?.parse::<i64>().ok(),
+                _ => None,
+            })
+            .ok_or_else(|| StoreError::Corrupt("clock", "no time from the database".into()))?;
+        Ok((open, now))
+    }
+
+    fn client(&self) -> &deadpool_postgres::ClientWrapper {
+        self.0.as_ref().expect("a connection until the transaction ends")
+    }
+
+    /// Runs `end` (ending the transaction; `ROLLBACK` after a failed one), then pools the
+    /// connection.
+    async fn end(mut self, end: &str) -> Result<()> {
+        let r = self.client().batch_execute(end).await;
+        if r.is_err() {
+            let _ = self.client().batch_execute("ROLLBACK").await;
+        }
+        drop(self.0.take());
+        Ok(r?)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        if let Some(obj) = self.0.take() {
+            drop(deadpool_postgres::Object::take(obj));
+        }
+    }
+}
+
+/// The database's clock in ms, as the last statement of a `BEGIN`.
+const READ_CLOCK: &str = "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)";
 
 /// What a transaction appended to the event log.
 #[derive(Default)]
@@ -179,6 +229,10 @@ pub(crate) const CHANNEL: &str = "basphere";
 impl Tx for PgTx<'_> {
     fn dialect(&self) -> Dialect {
         Dialect::Postgres
+    }
+
+    fn began_at(&self) -> Option<i64> {
+        Some(self.now)
     }
 
     async fn exec(&mut self, s: &Stmt) -> Result<u64> {
@@ -304,37 +358,36 @@ impl Postgres {
         E: From<StoreError> + Send + 'static,
         F: for<'a> FnOnce(&'a mut dyn Tx) -> BoxFut<'a, std::result::Result<T, E>> + Send + 'static,
     {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(|e| E::from(e.into()))?;
-        if durability == Durability::Replayable {
-            tx.batch_execute("SET LOCAL synchronous_commit TO OFF")
-                .await
-                .map_err(|e| E::from(e.into()))?;
-        }
-        let mut t = PgTx {
-            tx,
-            events: Appended::default(),
+        let begin = match durability {
+            Durability::Replayable => {
+                format!("BEGIN; SET LOCAL synchronous_commit TO OFF; {READ_CLOCK}")
+            }
+            Durability::Flushed => format!("BEGIN; {READ_CLOCK}"),
         };
-        match f(&mut t).await {
-            Ok(v) => {
-                if t.events.any {
-                    // Delivered at commit, once per transaction (never per step), with the
-                    // numbers its appends took: other replicas read exactly those.
-                    let payload = t.events.payload(&self.origin);
-                    t.tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload])
-                        .await
-                        .map_err(|e| E::from(e.into()))?;
-                }
-                t.tx.commit().await.map_err(|e| E::from(e.into()))?;
-                self.commits
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                Ok(v)
-            }
-            Err(e) => {
-                let _ = t.tx.rollback().await;
-                Err(e)
-            }
-        }
+        let (open, now) = Open::begin(self.client().await?, &begin).await?;
+        let mut t = PgTx {
+            tx: open.client(),
+            events: Appended::default(),
+            now,
+        };
+        let out = f(&mut t).await;
+        let events = std::mem::take(&mut t.events);
+        let Ok(v) = out else {
+            let _ = open.end("ROLLBACK").await;
+            return out;
+        };
+        let end = if events.any {
+            // Delivered at commit, once per transaction (never per step), with the numbers
+            // its appends took: other replicas read exactly those. Sent with the COMMIT.
+            let payload = events.payload(&self.origin).replace('\'', "''");
+            format!("SELECT pg_notify('{CHANNEL}', '{payload}'); COMMIT")
+        } else {
+            "COMMIT".to_string()
+        };
+        open.end(&end).await?;
+        self.commits
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(v)
     }
 
     pub async fn read<T, F>(&self, f: F) -> Result<T>
@@ -342,20 +395,16 @@ impl Postgres {
         T: Send + 'static,
         F: for<'a> FnOnce(&'a mut dyn Tx) -> BoxFut<'a, Result<T>> + Send + 'static,
     {
-        let mut client = self.client().await?;
         // One snapshot for every statement of the read.
-        let tx = client
-            .build_transaction()
-            .isolation_level(IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await?;
+        let begin = format!("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {READ_CLOCK}");
+        let (open, now) = Open::begin(self.client().await?, &begin).await?;
         let mut t = PgTx {
-            tx,
+            tx: open.client(),
             events: Appended::default(),
+            now,
         };
         let out = f(&mut t).await;
-        let _ = t.tx.commit().await;
+        let _ = open.end("COMMIT").await;
         out
     }
 
