@@ -17,12 +17,14 @@
 //!   pooled connections (a group does not wait for the previous one's commit).
 
 use crate::db::sqlite::{SqliteTx, run_ready};
-use crate::db::{Col, Db, Dialect, Durability, Row, RowSet, Stmt, Tx, Value, stmt};
+use crate::db::{Col, Db, Dialect, Durability, Row, RowSet, Stmt, Tx, stmt};
 use crate::hooks::Prefetch;
 use crate::hooks::Registry;
+use crate::workflows::sets::{EVENT_ROW, STEP_START_ROW, append_events, set_stmt, start_steps};
 use crate::workflows::{
     Claimed, ENDING_COLS, Ending, Handoff, StepCommit, WorkflowEvent, WorkflowOutcome,
-    WorkflowStatus, clock, ending_from, fill_batch_in, insert_stmts, lease_lost, skip_locked,
+    WorkflowStatus, clock, ending_from, fill_batch_in, insert_stmts, lease_lost, lease_many,
+    skip_locked,
 };
 use crate::{Result, StoreError};
 use rusqlite::Connection;
@@ -300,32 +302,13 @@ struct Plan {
     cancel: bool,
 }
 
-/// `sql` (the time `$1`, the rows' parameters from `$2` on) over `rows`; none when empty.
-fn set_stmt(d: Dialect, rows: RowSet, sql: impl FnOnce(&str) -> String, now: i64) -> Option<Stmt> {
-    if rows.is_empty() {
-        return None;
-    }
-    let sql = sql(&rows.relation(d, 2));
-    let mut args = vec![Value::Int(now)];
-    args.extend(rows.args(d));
-    Some(Stmt::new(sql, args))
-}
-
 const MOVE_ROW: &[Col] = &[("wf", false), ("step", true), ("node", false)];
 const STEP_DONE_ROW: &[Col] = &[("wf", false), ("idx", true), ("output", false)];
-const STEP_START_ROW: &[Col] = &[("wf", false), ("idx", true), ("deadline", true)];
 const EFFECT_ROW: &[Col] = &[
     ("wf", false),
     ("idx", true),
     ("key", false),
     ("payload", false),
-];
-const EVENT_ROW: &[Col] = &[
-    ("ord", true),
-    ("wf", false),
-    ("step", false),
-    ("kind", false),
-    ("message", false),
 ];
 
 /// Records a group of completions in the caller's transaction; per completion its outcome or
@@ -579,35 +562,12 @@ pub(crate) async fn commit_group(
             },
             now,
         ),
-        set_stmt(
-            d,
-            start_rows,
-            |v| {
-                format!(
-                    "UPDATE workflow_steps SET status = 'running', attempts = attempts + 1,
-                         started_at = $1, deadline_at = v.deadline
-                     FROM {v}
-                     WHERE workflow_steps.workflow_id = v.wf AND workflow_steps.idx = v.idx"
-                )
-            },
-            now,
-        ),
+        start_steps(d, start_rows, now),
     ];
     batch.extend(sets.into_iter().flatten());
     // Rows of one INSERT are numbered in the order they are selected in.
     let events_at = batch.len();
-    batch.extend(set_stmt(
-        d,
-        event_rows,
-        |v| {
-            format!(
-                "INSERT INTO workflow_events (workflow_id, at, step, kind, message)
-                 SELECT v.wf, $1, v.step, v.kind, v.message FROM {v} ORDER BY v.ord
-                 RETURNING seq, workflow_id"
-            )
-        },
-        now,
-    ));
+    batch.extend(append_events(d, event_rows, now));
     let results = tx.query_many(&batch).await?;
     let mut seqs: BTreeMap<String, Vec<i64>> = BTreeMap::new();
     for r in results.get(events_at).into_iter().flatten() {
@@ -704,9 +664,5 @@ async fn lease_batch(
         .iter()
         .map(|r| r.first_text().map(Option::unwrap_or_default))
         .collect::<Result<Vec<_>>>()?;
-    let mut out = Vec::with_capacity(ids.len());
-    for id in ids {
-        out.extend(crate::workflows::lease_in(tx, &id, node, now + h.lease_ms, now, true).await?);
-    }
-    Ok(out)
+    lease_many(tx, &ids, node, now + h.lease_ms, now, true).await
 }

@@ -235,6 +235,10 @@ impl RowSet {
         self.rows.is_empty()
     }
 
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
     /// The rows as a relation named `v` (`FROM {relation}`), reading this set's parameters
     /// from `$param` on: one on SQLite, one per column on PostgreSQL.
     pub fn relation(&self, dialect: Dialect, param: usize) -> String {

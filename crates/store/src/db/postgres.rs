@@ -6,8 +6,8 @@ use super::{BoxFut, Dialect, Durability, Row, Stmt, Tx, Value};
 use crate::{Change, Result, StoreError};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use std::sync::Arc;
-use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres::NoTls;
+use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 
 /// Connections per pool (per replica).
 const POOL_SIZE: usize = 16;
@@ -141,7 +141,9 @@ impl Open {
     }
 
     fn client(&self) -> &deadpool_postgres::ClientWrapper {
-        self.0.as_ref().expect("a connection until the transaction ends")
+        self.0
+            .as_ref()
+            .expect("a connection until the transaction ends")
     }
 
     /// Runs `end` (ending the transaction; `ROLLBACK` after a failed one), then pools the

@@ -4,7 +4,7 @@
 
 use super::{WorkflowEvent, WorkflowOutcome, event, lease_lost, resource_from};
 use crate::Result;
-use crate::db::{Cols, Stmt, Tx, stmt};
+use crate::db::{Cols, Dialect, Stmt, Tx, stmt};
 use crate::hooks::Registry;
 use crate::workflows::ResourceRef;
 
@@ -61,9 +61,22 @@ pub(crate) fn fill_stmt(batch: &str) -> Stmt {
 }
 
 /// Hands free slots of batch `batch` to its ready parked nodes (in queue order).
+///
+/// On PostgreSQL the fills of one batch take turns on its row: a fill counts the free slots
+/// with every ending committed before it. Two at once each saw only its own ending, handed
+/// the same parked node its slot (leaving the other slot idle until a later fill) and could
+/// deadlock on the nodes both unparked. (SQLite's one writer serializes them anyway.)
 pub(crate) async fn fill_batch_in(tx: &mut dyn Tx, batch: &str) -> Result<()> {
-    tx.exec(&fill_stmt(batch)).await?;
-    Ok(())
+    match tx.dialect() {
+        Dialect::Postgres => {
+            tx.run(&[
+                stmt!("SELECT 1 FROM batches WHERE id = $1 FOR UPDATE", batch),
+                fill_stmt(batch),
+            ])
+            .await
+        }
+        Dialect::Sqlite => tx.exec(&fill_stmt(batch)).await.map(drop),
+    }
 }
 
 /// Adds the edge `wf` runs after `depends_on`; counts it while `depends_on` has not ended.

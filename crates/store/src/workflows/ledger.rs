@@ -1,15 +1,17 @@
 //! The ledger's transitions: queueing, claims and leases, step starts and outcomes, undo,
 //! cancel, ending, children. Each is one transaction, guarded by the caller's lease.
 
+use super::sets::{EVENT_ROW, STEP_START_ROW, append_events, id_in, ids_arg, start_steps};
 use super::{
-    ClaimLimits, Claimed, Handoff, NewWorkflow, NextStep, Reopen, StepCommit, StepStatus, WF_COLS,
-    Workflow, WorkflowEvent, WorkflowOutcome, WorkflowStatus, add_dep, clock, event, finish_in,
-    insert_stmts, lease_lost, load, load_steps, skip_locked, workflow_from,
+    ClaimLimits, Claimed, Handoff, NewWorkflow, NextStep, Reopen, StepCommit, StepRecord,
+    StepStatus, WF_COLS, Workflow, WorkflowEvent, WorkflowOutcome, WorkflowStatus, add_dep, clock,
+    event, finish_in, insert_stmts, lease_lost, load, skip_locked, step_from, workflow_from,
 };
 use crate::audit::audit_stmt;
-use crate::db::{BoxFut, Col, Dialect, Durability, RowSet, Stmt, Tx, Value, stmt};
+use crate::db::{BoxFut, Col, Cols, Dialect, Durability, RowSet, Stmt, Tx, Value, stmt};
 use crate::workflows::OpError;
 use crate::{Actor, Result, Store, StoreError};
+use std::collections::HashMap;
 
 /// Advisory lock key of limited claims on PostgreSQL: with a per-user, -provider or -host
 /// limit set, claims of all replicas take turns, so the limit counts are exact.
@@ -66,54 +68,118 @@ async fn mark_started(
     .await
 }
 
-/// Leases workflow `id` to `node` (when it is still claimable), loads its steps and, with
-/// `start`, starts the next one (not when undoing or cancelling) with its stored timeout.
-pub(crate) async fn lease_in(
+/// Leases the workflows `ids` to `node` (those still claimable, in their order), loads their
+/// steps and, with `start`, starts each one's next step (not when undoing or cancelling) with
+/// its stored timeout: a fixed number of statements, whatever their count.
+pub(crate) async fn lease_many(
     tx: &mut dyn Tx,
-    id: &str,
+    ids: &[String],
     node: &str,
     lease_until: i64,
     now: i64,
     start: bool,
-) -> Result<Option<Claimed>> {
+) -> Result<Vec<Claimed>> {
+    if ids.is_empty() {
+        return Ok(vec![]);
+    }
+    let d = tx.dialect();
     let sql = format!(
         "UPDATE workflows SET lease_owner = $1, lease_until = $2, updated_at = $3, parked = 0,
              status = CASE WHEN status = 'pending' THEN 'running' ELSE status END
-         WHERE id = $4 AND (lease_owner IS NULL OR lease_until < $3)
-         RETURNING {WF_COLS}"
+         WHERE {} AND (lease_owner IS NULL OR lease_until < $3)
+         RETURNING {WF_COLS}",
+        id_in(d, "id", 4)
     );
-    let Some(row) = tx
-        .query_opt(&stmt!(sql, node, lease_until, now, id))
-        .await?
-    else {
-        return Ok(None);
-    };
-    let steps = load_steps(tx, id).await?;
-    let mut wf = workflow_from(&row, steps)?;
-    let mut evs = vec![];
-    let mut started = false;
-    if let Some(rec) = usize::try_from(wf.step).ok().and_then(|i| wf.steps.get(i))
-        && rec.status == StepStatus::Running
-    {
-        // Its step was started under a lease that ran out before the step ended.
-        metrics::counter!("basphere_lease_takeovers_total", "definition" => wf.definition.clone())
-            .increment(1);
+    let rows = tx
+        .query(&Stmt::new(
+            sql,
+            vec![node.into(), lease_until.into(), now.into(), ids_arg(d, ids)],
+        ))
+        .await?;
+    if rows.is_empty() {
+        return Ok(vec![]);
     }
-    let runnable = start && wf.status == WorkflowStatus::Running && !wf.cancel_requested;
-    if let (true, Ok(i)) = (runnable, usize::try_from(wf.step))
-        && i < wf.steps.len()
-    {
-        let d = wf.steps[i].timeout_ms;
-        let (idx, name) = (wf.steps[i].idx, wf.steps[i].name.clone());
-        evs.push(mark_started(tx, id, idx, &name, d, now).await?);
-        let rec = &mut wf.steps[i];
-        rec.status = StepStatus::Running;
-        rec.attempts += 1;
-        rec.started_at = Some(now);
-        rec.deadline_at = Some(now + d);
-        started = true;
+    let leased: Vec<String> = rows.iter().map(|r| r.text("id")).collect::<Result<_>>()?;
+    let mut steps: HashMap<String, Vec<StepRecord>> = HashMap::new();
+    let sql = format!(
+        "SELECT * FROM workflow_steps WHERE {} ORDER BY workflow_id, idx",
+        id_in(d, "workflow_id", 1)
+    );
+    for r in tx.query(&Stmt::new(sql, vec![ids_arg(d, &leased)])).await? {
+        steps
+            .entry(r.text("workflow_id")?)
+            .or_default()
+            .push(step_from(&r)?);
     }
-    Ok(Some((wf, evs, started)))
+    let mut by_id: HashMap<String, Workflow> = HashMap::new();
+    for r in &rows {
+        let id = r.text("id")?;
+        let wf = workflow_from(r, steps.remove(&id).unwrap_or_default())?;
+        by_id.insert(id, wf);
+    }
+    let (mut starts, mut events) = (RowSet::new(STEP_START_ROW), RowSet::new(EVENT_ROW));
+    let mut out: Vec<Claimed> = Vec::with_capacity(by_id.len());
+    for id in ids {
+        let Some(mut wf) = by_id.remove(id) else {
+            continue;
+        };
+        if let Some(rec) = usize::try_from(wf.step).ok().and_then(|i| wf.steps.get(i))
+            && rec.status == StepStatus::Running
+        {
+            // Its step was started under a lease that ran out before the step ended.
+            metrics::counter!("basphere_lease_takeovers_total", "definition" => wf.definition.clone())
+                .increment(1);
+        }
+        let runnable = start && wf.status == WorkflowStatus::Running && !wf.cancel_requested;
+        let mut evs = vec![];
+        let mut started = false;
+        if let (true, Ok(i)) = (runnable, usize::try_from(wf.step))
+            && i < wf.steps.len()
+        {
+            let rec = &mut wf.steps[i];
+            let d = rec.timeout_ms;
+            starts.push(vec![id.as_str().into(), rec.idx.into(), (now + d).into()]);
+            let message = format!("{} started", rec.name);
+            events.push(vec![
+                (events.len() as i64).into(),
+                id.as_str().into(),
+                rec.name.as_str().into(),
+                "step_started".into(),
+                message.as_str().into(),
+            ]);
+            evs.push(WorkflowEvent {
+                seq: 0,
+                operation_id: id.clone(),
+                at: now,
+                step: Some(rec.name.clone()),
+                kind: "step_started".into(),
+                message,
+            });
+            rec.status = StepStatus::Running;
+            rec.attempts += 1;
+            rec.started_at = Some(now);
+            rec.deadline_at = Some(now + d);
+            started = true;
+        }
+        out.push((wf, evs, started));
+    }
+    let mut batch: Vec<Stmt> = start_steps(d, starts, now).into_iter().collect();
+    let appended = batch.len();
+    batch.extend(append_events(d, events, now));
+    if appended == batch.len() {
+        return Ok(out);
+    }
+    let results = tx.query_many(&batch).await?;
+    let mut seqs: HashMap<String, i64> = HashMap::new();
+    for r in &results[appended] {
+        seqs.insert(r.text("workflow_id")?, r.int("seq")?);
+    }
+    for (wf, evs, _) in &mut out {
+        for e in evs {
+            e.seq = seqs.get(&wf.id).copied().unwrap_or_default();
+        }
+    }
+    Ok(out)
 }
 
 /// Each row's first column as text.
@@ -212,11 +278,7 @@ async fn claim_in(
         let more = tx.query(&Stmt::new(sql, args)).await?;
         todo.extend(ids(more)?);
     }
-    let mut out = Vec::with_capacity(todo.len());
-    for id in todo {
-        out.extend(lease_in(tx, &id, node, now + lease_ms, now, runs.is_some()).await?);
-    }
-    Ok(out)
+    lease_many(tx, &todo, node, now + lease_ms, now, runs.is_some()).await
 }
 
 impl Store {

@@ -13,12 +13,13 @@
 mod ending;
 mod ledger;
 mod retry;
+pub(crate) mod sets;
 mod stats;
 
 pub use stats::WorkflowCounts;
 
 pub(crate) use ending::{ENDING_COLS, Ending, add_dep, ending_from, fill_batch_in, finish_in};
-pub(crate) use ledger::lease_in;
+pub(crate) use ledger::lease_many;
 
 use crate::db::{Cols, Dialect, Row, Stmt, Tx, stmt};
 use crate::{Result, Store, StoreError, now_ms, parse};
