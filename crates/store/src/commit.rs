@@ -20,11 +20,13 @@ use crate::db::sqlite::{SqliteTx, run_ready};
 use crate::db::{Col, Db, Dialect, Durability, Row, RowSet, Stmt, Tx, stmt};
 use crate::hooks::Prefetch;
 use crate::hooks::Registry;
-use crate::workflows::sets::{EVENT_ROW, STEP_START_ROW, append_events, set_stmt, start_steps};
+use crate::workflows::sets::{
+    EVENT_ROW, STEP_START_ROW, append_events, id_in, ids_arg, set_stmt, start_steps,
+};
 use crate::workflows::{
     Claimed, ENDING_COLS, Ending, Handoff, StepCommit, WorkflowEvent, WorkflowOutcome,
     WorkflowStatus, clock, ending_from, fill_batch_in, insert_stmts, lease_lost, lease_many,
-    skip_locked,
+    release_stmt, skip_locked,
 };
 use crate::{Result, StoreError};
 use rusqlite::Connection;
@@ -378,16 +380,12 @@ pub(crate) async fn commit_group(
         .collect();
     let mut rows: BTreeMap<String, Row> = BTreeMap::new();
     if !slow.is_empty() {
-        let mut ids = RowSet::new(&[("wf", false)]);
-        for w in &slow {
-            ids.push(vec![(*w).into()]);
-        }
+        let slow: Vec<String> = slow.iter().map(|w| w.to_string()).collect();
         let sql = format!(
-            "SELECT id, cancel_requested, lease_owner, {ENDING_COLS} FROM workflows
-             WHERE id IN (SELECT v.wf FROM {})",
-            ids.relation(d, 1)
+            "SELECT id, cancel_requested, lease_owner, {ENDING_COLS} FROM workflows WHERE {}",
+            id_in(d, "id", 1)
         );
-        for r in tx.query(&Stmt::new(sql, ids.args(d))).await? {
+        for r in tx.query(&Stmt::new(sql, vec![ids_arg(d, &slow)])).await? {
             rows.insert(r_text(&r, "id")?, r);
         }
     }
@@ -501,12 +499,7 @@ pub(crate) async fn commit_group(
         } else if let (Some(end), true, false) = (&end, fin(j), cancel) {
             batch.extend(hooks.ending(end, &WorkflowOutcome::Succeeded, now));
             released = Some(batch.len());
-            batch.push(stmt!(
-                "UPDATE workflows SET waiting_on = waiting_on - 1 WHERE status = 'pending'
-                   AND id IN (SELECT workflow_id FROM workflow_deps WHERE depends_on = $1)
-                 RETURNING batch_id",
-                wf
-            ));
+            batch.push(release_stmt(d, wf, false));
             if let Some(b) = &end.batch_id {
                 fills.push(b.clone());
                 if j.handoff.is_some() {

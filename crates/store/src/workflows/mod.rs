@@ -18,7 +18,9 @@ mod stats;
 
 pub use stats::WorkflowCounts;
 
-pub(crate) use ending::{ENDING_COLS, Ending, add_dep, ending_from, fill_batch_in, finish_in};
+pub(crate) use ending::{
+    ENDING_COLS, Ending, add_dep, ending_from, fill_batch_in, finish_in, release_stmt,
+};
 pub(crate) use ledger::lease_many;
 
 use crate::db::{Cols, Dialect, Row, Stmt, Tx, stmt};
