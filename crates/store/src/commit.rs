@@ -25,7 +25,7 @@ use crate::workflows::sets::{
 };
 use crate::workflows::{
     Claimed, ENDING_COLS, Ending, Handoff, StepCommit, WorkflowEvent, WorkflowOutcome,
-    WorkflowStatus, clock, ending_from, fill_batch_in, insert_stmts, lease_lost, lease_many,
+    WorkflowStatus, clock, ending_from, fill_stmts, insert_stmts, lease_lost, lease_many,
     release_stmt, skip_locked,
 };
 use crate::{Result, StoreError};
@@ -597,25 +597,41 @@ pub(crate) async fn commit_group(
 
     // 4. Batch slots: freed slots go to the next ready nodes, and each finishing batch node
     //    with a hand-off leases the next ready node of its batch.
+    //    A batch's fill and the reads of its ready nodes go in one round trip.
     fills.sort_unstable();
     fills.dedup();
     for b in &fills {
-        fill_batch_in(tx, b).await?;
-    }
-    for ((batch_id, node), idxs) in wants {
-        let Some(h) = reqs[idxs[0]].handoff else {
-            continue;
-        };
-        let claimed = lease_batch(tx, &batch_id, &node, &h, idxs.len(), now).await?;
-        // Their first step starts at once: their definitions' hooks may read ahead for it.
-        for (wf, _, _) in &claimed {
-            if let Some(h) = hooks.get(&wf.definition) {
-                h.0.handed_off(tx, wf, prefetched).await?;
+        let mut stmts = fill_stmts(d, b);
+        let filled = stmts.len();
+        let mine: Vec<(&String, &Vec<usize>)> = wants
+            .iter()
+            .filter(|((batch, _), _)| batch == b)
+            .map(|((_, node), idxs)| (node, idxs))
+            .collect();
+        stmts.extend(
+            mine.iter()
+                .map(|(_, idxs)| ready_nodes(tx, b, idxs.len(), now)),
+        );
+        let results = tx.query_many(&stmts).await?;
+        for ((node, idxs), rows) in mine.into_iter().zip(&results[filled..]) {
+            let Some(h) = reqs[idxs[0]].handoff else {
+                continue;
+            };
+            let ids = rows
+                .iter()
+                .map(|r| r.first_text().map(Option::unwrap_or_default))
+                .collect::<Result<Vec<_>>>()?;
+            let claimed = lease_many(tx, &ids, node, now + h.lease_ms, now, true).await?;
+            // Their first step starts at once: their definitions' hooks may read ahead for it.
+            for (wf, _, _) in &claimed {
+                if let Some(h) = hooks.get(&wf.definition) {
+                    h.0.handed_off(tx, wf, prefetched).await?;
+                }
             }
-        }
-        for (i, c) in idxs.into_iter().zip(claimed) {
-            if let Ok((_, _, next)) = &mut out[i] {
-                *next = Some(c);
+            for (&i, c) in idxs.iter().zip(claimed) {
+                if let Ok((_, _, next)) = &mut out[i] {
+                    *next = Some(c);
+                }
             }
         }
     }
@@ -634,15 +650,9 @@ fn r_opt_text(r: &Row, c: &str) -> Result<Option<String>> {
     crate::db::Cols::opt_text(r, c)
 }
 
-/// Leases up to `max` ready nodes of `batch` to `node` and starts their current steps.
-async fn lease_batch(
-    tx: &mut dyn Tx,
-    batch: &str,
-    node: &str,
-    h: &Handoff,
-    max: usize,
-    now: i64,
-) -> Result<Vec<Claimed>> {
+/// The query for up to `max` ready nodes of `batch`, in queue order (locked on PostgreSQL,
+/// passing over those another transaction holds).
+fn ready_nodes(tx: &dyn Tx, batch: &str, max: usize, now: i64) -> Stmt {
     let sql = format!(
         "SELECT id FROM workflows
          WHERE batch_id = $1 AND parked = 0 AND status IN ('pending', 'running', 'undoing')
@@ -651,11 +661,5 @@ async fn lease_batch(
          ORDER BY priority DESC, created_at LIMIT $3{}",
         skip_locked(tx)
     );
-    let ids = tx
-        .query(&stmt!(sql, batch, now, max as i64))
-        .await?
-        .iter()
-        .map(|r| r.first_text().map(Option::unwrap_or_default))
-        .collect::<Result<Vec<_>>>()?;
-    lease_many(tx, &ids, node, now + h.lease_ms, now, true).await
+    stmt!(sql, batch, now, max as i64)
 }

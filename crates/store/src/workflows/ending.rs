@@ -91,23 +91,27 @@ pub(crate) fn release_stmt(d: Dialect, wf: &str, soft_only: bool) -> Stmt {
     stmt!(sql, wf)
 }
 
-/// Hands free slots of batch `batch` to its ready parked nodes (in queue order).
+/// The statements that hand free slots of batch `batch` to its ready parked nodes (in queue
+/// order).
 ///
 /// On PostgreSQL the fills of one batch take turns on its row: a fill counts the free slots
 /// with every ending committed before it. Two at once each saw only its own ending, handed
 /// the same parked node its slot (leaving the other slot idle until a later fill) and could
 /// deadlock on the nodes both unparked. (SQLite's one writer serializes them anyway.)
-pub(crate) async fn fill_batch_in(tx: &mut dyn Tx, batch: &str) -> Result<()> {
-    match tx.dialect() {
-        Dialect::Postgres => {
-            tx.run(&[
-                stmt!("SELECT 1 FROM batches WHERE id = $1 FOR UPDATE", batch),
-                fill_stmt(Dialect::Postgres, batch),
-            ])
-            .await
-        }
-        Dialect::Sqlite => tx.exec(&fill_stmt(Dialect::Sqlite, batch)).await.map(drop),
+pub(crate) fn fill_stmts(d: Dialect, batch: &str) -> Vec<Stmt> {
+    match d {
+        Dialect::Postgres => vec![
+            stmt!("SELECT 1 FROM batches WHERE id = $1 FOR UPDATE", batch),
+            fill_stmt(d, batch),
+        ],
+        Dialect::Sqlite => vec![fill_stmt(d, batch)],
     }
+}
+
+/// Runs [`fill_stmts`] (in one round trip on PostgreSQL).
+pub(crate) async fn fill_batch_in(tx: &mut dyn Tx, batch: &str) -> Result<()> {
+    let stmts = fill_stmts(tx.dialect(), batch);
+    tx.run(&stmts).await
 }
 
 /// Adds the edge `wf` runs after `depends_on`; counts it while `depends_on` has not ended.

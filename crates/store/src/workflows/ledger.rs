@@ -90,26 +90,32 @@ pub(crate) async fn lease_many(
          RETURNING {WF_COLS}",
         id_in(d, "id", 4)
     );
-    let rows = tx
-        .query(&Stmt::new(
-            sql,
-            vec![node.into(), lease_until.into(), now.into(), ids_arg(d, ids)],
-        ))
-        .await?;
-    if rows.is_empty() {
-        return Ok(vec![]);
-    }
-    let leased: Vec<String> = rows.iter().map(|r| r.text("id")).collect::<Result<_>>()?;
-    let mut steps: HashMap<String, Vec<StepRecord>> = HashMap::new();
-    let sql = format!(
+    // The steps of every one asked for are read in the same round trip (those of a workflow
+    // no longer claimable are dropped).
+    let steps_sql = format!(
         "SELECT * FROM workflow_steps WHERE {} ORDER BY workflow_id, idx",
         id_in(d, "workflow_id", 1)
     );
-    for r in tx.query(&Stmt::new(sql, vec![ids_arg(d, &leased)])).await? {
+    let mut res = tx
+        .query_many(&[
+            Stmt::new(
+                sql,
+                vec![node.into(), lease_until.into(), now.into(), ids_arg(d, ids)],
+            ),
+            Stmt::new(steps_sql, vec![ids_arg(d, ids)]),
+        ])
+        .await?;
+    let step_rows = res.pop().unwrap_or_default();
+    let rows = res.pop().unwrap_or_default();
+    if rows.is_empty() {
+        return Ok(vec![]);
+    }
+    let mut steps: HashMap<String, Vec<StepRecord>> = HashMap::new();
+    for r in &step_rows {
         steps
             .entry(r.text("workflow_id")?)
             .or_default()
-            .push(step_from(&r)?);
+            .push(step_from(r)?);
     }
     let mut by_id: HashMap<String, Workflow> = HashMap::new();
     for r in &rows {

@@ -19,7 +19,7 @@ mod stats;
 pub use stats::WorkflowCounts;
 
 pub(crate) use ending::{
-    ENDING_COLS, Ending, add_dep, ending_from, fill_batch_in, finish_in, release_stmt,
+    ENDING_COLS, Ending, add_dep, ending_from, fill_batch_in, fill_stmts, finish_in, release_stmt,
 };
 pub(crate) use ledger::lease_many;
 
