@@ -495,4 +495,54 @@ mod tests {
         let b = Appended { unknown: true, ..a };
         assert_eq!(b.payload("me"), "me");
     }
+
+    /// A write whose future is dropped mid-transaction (a client went away, a timeout) leaves
+    /// nothing behind: its change is not committed, its row lock is gone, and the pool still
+    /// serves writes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_transaction_is_rolled_back_and_releases_its_locks() {
+        use super::super::stmt;
+        use std::time::Duration;
+        let pg = basphere_testkit::postgres::Postgres::start();
+        let db = Postgres::new(&pg.create_database("dropped")).unwrap();
+        db.write(Durability::Flushed, |tx| {
+            Box::pin(async move {
+                tx.script("CREATE TABLE t (id INT PRIMARY KEY, v INT); INSERT INTO t VALUES (1, 0)")
+                    .await
+            })
+        })
+        .await
+        .unwrap();
+        let dropped = tokio::time::timeout(
+            Duration::from_millis(300),
+            db.write(Durability::Replayable, |tx| {
+                Box::pin(async move {
+                    tx.exec(&stmt!("UPDATE t SET v = 1 WHERE id = 1")).await?;
+                    std::future::pending::<()>().await;
+                    Ok::<_, StoreError>(())
+                })
+            }),
+        )
+        .await;
+        assert!(dropped.is_err(), "the write should still be waiting");
+        for _ in 0..POOL_SIZE + 1 {
+            let v = tokio::time::timeout(
+                Duration::from_secs(10),
+                db.write(Durability::Flushed, |tx| {
+                    Box::pin(async move {
+                        tx.exec(&stmt!("UPDATE t SET v = v + 10 WHERE id = 1"))
+                            .await?;
+                        tx.query_one(&stmt!("SELECT v FROM t WHERE id = 1"))
+                            .await?
+                            .first_int()
+                    })
+                }),
+            )
+            .await
+            .expect("the dropped transaction's row lock is gone")
+            .unwrap()
+            .unwrap();
+            assert_eq!(v % 10, 0, "the dropped transaction's change was committed");
+        }
+    }
 }
