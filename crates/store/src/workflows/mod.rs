@@ -7,9 +7,11 @@
 //! stalls past its lease can still finish running a step but can never record its outcome.
 //! On PostgreSQL every lease time is the database's clock (`clock`), never a replica's.
 //!
-//! `ledger` holds the transitions, `ending` what ending a workflow writes, and `crate::commit`
-//! the group commit of step completions.
+//! `ledger` holds the transitions, `claims` the claims and leases, `ending` what ending a
+//! workflow writes, `sets` the set-wise statements they share, and `crate::commit` the group
+//! commit of step completions.
 
+mod claims;
 mod ending;
 mod ledger;
 mod retry;
@@ -18,10 +20,10 @@ mod stats;
 
 pub use stats::WorkflowCounts;
 
+pub(crate) use claims::lease_many;
 pub(crate) use ending::{
     ENDING_COLS, Ending, add_dep, ending_from, fill_batch_in, fill_stmts, finish_in, release_stmt,
 };
-pub(crate) use ledger::lease_many;
 
 use crate::db::{Cols, Dialect, Row, Stmt, Tx, stmt};
 use crate::{Result, Store, StoreError, now_ms, parse};

@@ -1,0 +1,354 @@
+//! Claims and leases: which workflows a node takes, in one transaction each, and how it
+//! keeps or gives back their leases.
+
+use super::sets::{EVENT_ROW, STEP_START_ROW, append_events, id_in, ids_arg, start_steps};
+use super::{
+    ClaimLimits, Claimed, StepRecord, StepStatus, WF_COLS, Workflow, WorkflowEvent, WorkflowStatus,
+    clock, lease_lost, skip_locked, step_from, workflow_from,
+};
+use crate::db::{Col, Cols, Dialect, Durability, RowSet, Stmt, Tx, Value, stmt};
+use crate::{Result, Store};
+use std::collections::HashMap;
+/// Advisory lock key of limited claims on PostgreSQL: with a per-user, -provider or -host
+/// limit set, claims of all replicas take turns, so the limit counts are exact.
+const CLAIM_LOCK: i64 = 4_242_000_002;
+
+/// The one column of the set of definitions a node runs.
+const DEFINITION: &[Col] = &[("definition", false)];
+
+/// Leases the workflows `ids` to `node` (those still claimable, in their order), loads their
+/// steps and, with `start`, starts each one's next step (not when undoing or cancelling) with
+/// its stored timeout: a fixed number of statements, whatever their count.
+pub(crate) async fn lease_many(
+    tx: &mut dyn Tx,
+    ids: &[String],
+    node: &str,
+    lease_until: i64,
+    now: i64,
+    start: bool,
+) -> Result<Vec<Claimed>> {
+    if ids.is_empty() {
+        return Ok(vec![]);
+    }
+    let d = tx.dialect();
+    let sql = format!(
+        "UPDATE workflows SET lease_owner = $1, lease_until = $2, updated_at = $3, parked = 0,
+             status = CASE WHEN status = 'pending' THEN 'running' ELSE status END
+         WHERE {} AND (lease_owner IS NULL OR lease_until < $3)
+         RETURNING {WF_COLS}",
+        id_in(d, "id", 4)
+    );
+    // The steps of every one asked for are read in the same round trip (those of a workflow
+    // no longer claimable are dropped).
+    let steps_sql = format!(
+        "SELECT * FROM workflow_steps WHERE {} ORDER BY workflow_id, idx",
+        id_in(d, "workflow_id", 1)
+    );
+    let mut res = tx
+        .query_many(&[
+            Stmt::new(
+                sql,
+                vec![node.into(), lease_until.into(), now.into(), ids_arg(d, ids)],
+            ),
+            Stmt::new(steps_sql, vec![ids_arg(d, ids)]),
+        ])
+        .await?;
+    let step_rows = res.pop().unwrap_or_default();
+    let rows = res.pop().unwrap_or_default();
+    if rows.is_empty() {
+        return Ok(vec![]);
+    }
+    let mut steps: HashMap<String, Vec<StepRecord>> = HashMap::new();
+    for r in &step_rows {
+        steps
+            .entry(r.text("workflow_id")?)
+            .or_default()
+            .push(step_from(r)?);
+    }
+    let mut by_id: HashMap<String, Workflow> = HashMap::new();
+    for r in &rows {
+        let id = r.text("id")?;
+        let wf = workflow_from(r, steps.remove(&id).unwrap_or_default())?;
+        by_id.insert(id, wf);
+    }
+    let (mut starts, mut events) = (RowSet::new(STEP_START_ROW), RowSet::new(EVENT_ROW));
+    let mut out: Vec<Claimed> = Vec::with_capacity(by_id.len());
+    for id in ids {
+        let Some(mut wf) = by_id.remove(id) else {
+            continue;
+        };
+        if let Some(rec) = usize::try_from(wf.step).ok().and_then(|i| wf.steps.get(i))
+            && rec.status == StepStatus::Running
+        {
+            // Its step was started under a lease that ran out before the step ended.
+            metrics::counter!("basphere_lease_takeovers_total", "definition" => wf.definition.clone())
+                .increment(1);
+        }
+        let runnable = start && wf.status == WorkflowStatus::Running && !wf.cancel_requested;
+        let mut evs = vec![];
+        let mut started = false;
+        if let (true, Ok(i)) = (runnable, usize::try_from(wf.step))
+            && i < wf.steps.len()
+        {
+            let rec = &mut wf.steps[i];
+            let d = rec.timeout_ms;
+            starts.push(vec![id.as_str().into(), rec.idx.into(), (now + d).into()]);
+            let message = format!("{} started", rec.name);
+            events.push(vec![
+                (events.len() as i64).into(),
+                id.as_str().into(),
+                rec.name.as_str().into(),
+                "step_started".into(),
+                message.as_str().into(),
+            ]);
+            evs.push(WorkflowEvent {
+                seq: 0,
+                operation_id: id.clone(),
+                at: now,
+                step: Some(rec.name.clone()),
+                kind: "step_started".into(),
+                message,
+            });
+            rec.status = StepStatus::Running;
+            rec.attempts += 1;
+            rec.started_at = Some(now);
+            rec.deadline_at = Some(now + d);
+            started = true;
+        }
+        out.push((wf, evs, started));
+    }
+    let mut batch: Vec<Stmt> = start_steps(d, starts, now).into_iter().collect();
+    let appended = batch.len();
+    batch.extend(append_events(d, events, now));
+    if appended == batch.len() {
+        return Ok(out);
+    }
+    let results = tx.query_many(&batch).await?;
+    let mut seqs: HashMap<String, i64> = HashMap::new();
+    for r in &results[appended] {
+        seqs.insert(r.text("workflow_id")?, r.int("seq")?);
+    }
+    for (wf, evs, _) in &mut out {
+        for e in evs {
+            e.seq = seqs.get(&wf.id).copied().unwrap_or_default();
+        }
+    }
+    Ok(out)
+}
+
+/// Each row's first column as text.
+fn ids(rows: Vec<crate::db::Row>) -> Result<Vec<String>> {
+    rows.iter()
+        .map(|r| r.first_text().map(Option::unwrap_or_default))
+        .collect()
+}
+
+async fn claim_in(
+    tx: &mut dyn Tx,
+    node: &str,
+    lease_ms: i64,
+    limits: ClaimLimits,
+    max: i64,
+    runs: Option<&[String]>,
+) -> Result<Vec<Claimed>> {
+    let limited =
+        limits.per_user.is_some() || limits.per_provider.is_some() || limits.per_host.is_some();
+    if limited && tx.dialect() == Dialect::Postgres {
+        tx.query(&stmt!("SELECT pg_advisory_xact_lock($1)", CLAIM_LOCK))
+            .await?;
+    }
+    let now = clock(tx).await?;
+    let lock = skip_locked(tx);
+    // Only definitions this node runs: `AND w.definition IN (…)` reading parameter `$n`.
+    let d = tx.dialect();
+    let only = |n: usize| match runs {
+        Some(_) => {
+            let set = RowSet::new(DEFINITION);
+            format!(
+                " AND w.definition IN (SELECT v.definition FROM {})",
+                set.relation(d, n)
+            )
+        }
+        None => String::new(),
+    };
+    let defs = || -> Vec<Value> {
+        let mut set = RowSet::new(DEFINITION);
+        for r in runs.unwrap_or_default() {
+            set.push(vec![Value::Text(r.clone())]);
+        }
+        match runs {
+            Some(_) => set.args(d),
+            None => vec![],
+        }
+    };
+    // A cancel needs no dependency or slot: those first.
+    let sql = format!(
+        "SELECT w.id FROM workflows w
+         WHERE w.cancel_requested = 1 AND w.status IN ('pending', 'running', 'undoing')
+           AND (w.lease_owner IS NULL OR w.lease_until < $1){}
+         ORDER BY w.priority DESC, w.created_at LIMIT $2{lock}",
+        only(3)
+    );
+    let mut args = vec![now.into(), max.into()];
+    args.extend(defs());
+    let mut todo = ids(tx.query(&Stmt::new(sql, args)).await?)?;
+    if (todo.len() as i64) < max {
+        // Ready workflows in priority order (the partial index `workflows_ready`); the limits
+        // exclude keys already at their maximum, each set computed once.
+        let mut sql = String::from(
+            "SELECT w.id FROM workflows w
+             WHERE w.status IN ('pending', 'running', 'undoing') AND w.waiting_on = 0
+               AND w.parked = 0 AND w.next_run_at <= $1
+               AND (w.lease_owner IS NULL OR w.lease_until < $1)
+               AND w.cancel_requested = 0",
+        );
+        let mut args: Vec<Value> = vec![now.into()];
+        for (col, lim) in [
+            ("owner", limits.per_user),
+            ("provider", limits.per_provider),
+            ("host", limits.per_host),
+        ] {
+            if let Some(max) = lim {
+                args.push(max.into());
+                let n = args.len();
+                sql.push_str(&format!(
+                    " AND (w.{col} IS NULL OR w.{col} NOT IN (SELECT o.{col} FROM workflows o
+                       WHERE o.status IN ('pending', 'running', 'undoing')
+                         AND o.waiting_on = 0 AND o.parked = 0
+                         AND o.lease_until >= $1 AND o.{col} IS NOT NULL
+                       GROUP BY o.{col} HAVING COUNT(*) >= ${n}))"
+                ));
+            }
+        }
+        if runs.is_some() {
+            sql.push_str(&only(args.len() + 1));
+            args.extend(defs());
+        }
+        args.push((max - todo.len() as i64).into());
+        sql.push_str(&format!(
+            " ORDER BY w.priority DESC, w.created_at LIMIT ${}{lock}",
+            args.len()
+        ));
+        let more = tx.query(&Stmt::new(sql, args)).await?;
+        todo.extend(ids(more)?);
+    }
+    lease_many(tx, &todo, node, now + lease_ms, now, runs.is_some()).await
+}
+
+impl Store {
+    /// Claims the most urgent runnable workflow for `node` with a lease of `lease_ms`.
+    ///
+    /// Runnable: unfinished, due, not leased (or its lease expired), its batch dependencies
+    /// ended and a batch slot given (`parked = 0`) — or a cancel was asked for, which needs
+    /// neither. Among those, one whose user, provider and host are under their concurrency
+    /// limits; highest priority first, then oldest. Claiming a workflow claims its next step:
+    /// steps of one workflow run in order, so the workflow's lease is the step's lease.
+    pub async fn claim_workflow(
+        &self,
+        node: &str,
+        lease_ms: i64,
+        limits: &ClaimLimits,
+    ) -> Result<Option<Workflow>> {
+        Ok(self
+            .claim(node, lease_ms, limits, 1, None)
+            .await?
+            .pop()
+            .map(|c| c.0))
+    }
+
+    /// Claims up to `max` workflows of the `definitions` this node runs in one transaction
+    /// (see [`Store::claim_workflow`]) and starts each one's next step with the timeout stored
+    /// when it was queued (not when undoing or cancelling). Returns each workflow as it is
+    /// after that, the events, and whether it started the step. With any concurrency limit
+    /// set it claims one. On PostgreSQL the SELECTs take `FOR UPDATE SKIP LOCKED`, so replicas
+    /// claiming at once pass over each other's rows; limited claims also take an advisory lock
+    /// ([`CLAIM_LOCK`]) so that the counts behind the limits are exact across replicas.
+    pub async fn claim_many(
+        &self,
+        node: &str,
+        lease_ms: i64,
+        limits: &ClaimLimits,
+        max: usize,
+        definitions: &[String],
+    ) -> Result<Vec<Claimed>> {
+        self.claim(node, lease_ms, limits, max, Some(definitions.to_vec()))
+            .await
+    }
+
+    /// Claims as [`Store::claim_many`] does with `runs`; without, of any definition and
+    /// starting no step.
+    async fn claim(
+        &self,
+        node: &str,
+        lease_ms: i64,
+        limits: &ClaimLimits,
+        max: usize,
+        runs: Option<Vec<String>>,
+    ) -> Result<Vec<Claimed>> {
+        let limited =
+            limits.per_user.is_some() || limits.per_provider.is_some() || limits.per_host.is_some();
+        let max = if limited { 1 } else { max.max(1) } as i64;
+        let (node, limits) = (node.to_string(), *limits);
+        self.db
+            .write_with(Durability::Replayable, move |tx| {
+                Box::pin(async move {
+                    claim_in(tx, &node, lease_ms, limits, max, runs.as_deref()).await
+                })
+            })
+            .await
+    }
+
+    /// Extends `node`'s lease; `LeaseLost` if another node holds it now.
+    pub async fn renew_lease(&self, wf: &str, node: &str, lease_ms: i64) -> Result<()> {
+        let (wf, node) = (wf.to_string(), node.to_string());
+        self.db
+            .write_with(Durability::Replayable, move |tx| {
+                Box::pin(async move {
+                    let now = clock(tx).await?;
+                    let n = tx
+                        .exec(&stmt!(
+                            "UPDATE workflows SET lease_until = $3 WHERE id = $1 AND lease_owner = $2",
+                            wf.as_str(),
+                            node.as_str(),
+                            now + lease_ms,
+                        ))
+                        .await?;
+                    if n == 0 { Err(lease_lost(&wf)) } else { Ok(()) }
+                })
+            })
+            .await
+    }
+
+    /// Drops every lease `node` holds (a restarted node reclaims its own work at once).
+    pub async fn release_leases(&self, node: &str) -> Result<u64> {
+        let s = stmt!(
+            "UPDATE workflows SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1",
+            node
+        );
+        self.db
+            .write(move |tx| Box::pin(async move { tx.exec(&s).await }))
+            .await
+    }
+
+    /// Gives a claimed workflow back without changing it (e.g. its definition is unknown
+    /// here), to be claimed again after `delay_ms`.
+    pub async fn release_workflow(&self, wf: &str, node: &str, delay_ms: i64) -> Result<()> {
+        let (wf, node) = (wf.to_string(), node.to_string());
+        self.db
+            .write(move |tx| {
+                Box::pin(async move {
+                    let now = clock(tx).await?;
+                    tx.exec(&stmt!(
+                        "UPDATE workflows SET lease_owner = NULL, lease_until = NULL, next_run_at = $3
+                         WHERE id = $1 AND lease_owner = $2",
+                        wf.as_str(),
+                        node.as_str(),
+                        now + delay_ms,
+                    ))
+                    .await?;
+                    Ok(())
+                })
+            })
+            .await
+    }
+}
