@@ -1,4 +1,4 @@
-use crate::db::{Cols, Row, Stmt, stmt};
+use crate::db::{Cols, Filter, Row, Stmt, stmt};
 use crate::{Result, Store, now_ms};
 use serde::Serialize;
 
@@ -107,21 +107,19 @@ impl Store {
         f: &AuditFilter,
         after: Option<i64>,
     ) -> Result<Vec<AuditRecord>> {
-        let s = stmt!(
-            "SELECT id, at, actor, source, action, target, result, detail FROM audit
-             WHERE (CAST($1 AS TEXT) IS NULL OR actor = $1)
-               AND (CAST($2 AS TEXT) IS NULL OR action LIKE $2 || '%')
-               AND (CAST($3 AS TEXT) IS NULL OR target = $3)
-               AND (CAST($4 AS BIGINT) IS NULL OR at >= $4)
-               AND (CAST($6 AS BIGINT) IS NULL OR id < $6)
-             ORDER BY id DESC LIMIT $5",
-            f.actor.as_deref(),
-            f.action.as_deref(),
-            f.target.as_deref(),
-            f.since_ms,
-            f.limit.unwrap_or(100),
-            after,
+        let mut w = Filter::default();
+        w.given(f.actor.as_deref(), |p| format!("actor = {p}"))
+            .given(f.action.as_deref(), |p| format!("action LIKE {p} || '%'"))
+            .given(f.target.as_deref(), |p| format!("target = {p}"))
+            .given(f.since_ms, |p| format!("at >= {p}"))
+            .given(after, |p| format!("id < {p}"));
+        let limit = w.arg(f.limit.unwrap_or(100));
+        let sql = format!(
+            "SELECT id, at, actor, source, action, target, result, detail FROM audit{}
+             ORDER BY id DESC LIMIT {limit}",
+            w.clause()
         );
+        let s = w.stmt(sql);
         self.db
             .read(move |tx| {
                 Box::pin(async move { tx.query(&s).await?.iter().map(record_from).collect() })

@@ -213,6 +213,7 @@ impl Location {
                 .db
                 .write(|tx| Box::pin(release_all_leases(tx)))
                 .await?;
+            store.analyze().await?;
             let summary = store.db.read(|tx| Box::pin(summarize(tx))).await?;
             Ok(RestoreReport {
                 backup_schema_version,

@@ -120,10 +120,24 @@ impl Store {
     /// not copied.
     pub async fn copy_into(&self, target: &Store) -> Result<CopyReport> {
         let data = self.db.read(|tx| Box::pin(read_all(tx))).await?;
-        target
+        let report = target
             .db
             .write(move |tx| Box::pin(write_all(tx, data)))
-            .await
+            .await?;
+        target.analyze().await?;
+        Ok(report)
+    }
+
+    /// Gives PostgreSQL's planner the statistics of tables just filled in bulk (a copy, a
+    /// restore), which autovacuum would gather only a minute or more later; until then it
+    /// plans as if it knew nothing of them. Nothing to do on SQLite.
+    pub(crate) async fn analyze(&self) -> Result<()> {
+        if let crate::db::Db::Postgres(_) = &self.db {
+            self.db
+                .write(|tx| Box::pin(async move { tx.script("ANALYZE").await }))
+                .await?;
+        }
+        Ok(())
     }
 
     /// The schema version the database is at.

@@ -93,6 +93,11 @@ const POSTGRES: &[Migration] = &[
         "step_timeouts",
         include_str!("../migrations/postgres/0006_step_timeouts.sql"),
     ),
+    (
+        12,
+        "vm_name_order",
+        include_str!("../migrations/postgres/0007_vm_name_order.sql"),
+    ),
 ];
 
 /// The migrations of `dialect`, oldest first.

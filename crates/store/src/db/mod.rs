@@ -94,6 +94,57 @@ impl Stmt {
     }
 }
 
+/// The conditions of a query whose filters are optional: each is in the SQL only when its
+/// value is given (never `$n IS NULL OR …`). Each combination is then its own statement, and
+/// PostgreSQL plans it with the index that fits: a cached generic plan of
+/// `($2 IS NULL OR id > $2) ORDER BY id` reads the table from its start on every page.
+#[derive(Default)]
+pub(crate) struct Filter {
+    conds: Vec<String>,
+    args: Vec<Value>,
+}
+
+impl Filter {
+    /// Binds `v`; its placeholder (`$n`).
+    pub fn arg(&mut self, v: impl Into<Value>) -> String {
+        self.args.push(v.into());
+        format!("${}", self.args.len())
+    }
+
+    /// The condition `cond` (its arguments bound with [`Filter::arg`]).
+    pub fn and(&mut self, cond: impl Into<String>) -> &mut Self {
+        self.conds.push(cond.into());
+        self
+    }
+
+    /// The condition `cond(p)`, `p` the placeholder of `v`, when `v` is given.
+    pub fn given<T: Into<Value>>(
+        &mut self,
+        v: Option<T>,
+        cond: impl FnOnce(&str) -> String,
+    ) -> &mut Self {
+        if let Some(v) = v {
+            let p = self.arg(v);
+            self.and(cond(&p));
+        }
+        self
+    }
+
+    /// ` WHERE a AND b …`, or nothing without conditions.
+    pub fn clause(&self) -> String {
+        if self.conds.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", self.conds.join(" AND "))
+        }
+    }
+
+    /// The statement `sql` with the arguments bound so far.
+    pub fn stmt(self, sql: String) -> Stmt {
+        Stmt::new(sql, self.args)
+    }
+}
+
 /// `Stmt::new(sql, vec![a.into(), b.into(), …])`.
 macro_rules! stmt {
     ($sql:expr $(, $arg:expr)* $(,)?) => {

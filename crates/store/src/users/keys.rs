@@ -2,7 +2,7 @@
 
 use super::{KeyChange, UserError, user_row_locked};
 use crate::audit::audit_stmt;
-use crate::db::{Cols, Row, Stmt, stmt};
+use crate::db::{Cols, Filter, Row, Stmt, stmt};
 use crate::{Actor, Result, Store, now_ms, parse};
 use basphere_core::{SshPublicKey, Username};
 
@@ -120,13 +120,15 @@ impl Store {
 
     /// One page of pending key changes, newest first: at most `limit` older than id `after`.
     pub async fn key_changes_page(&self, after: Option<i64>, limit: i64) -> Result<Vec<KeyChange>> {
-        let s = stmt!(
-            "SELECT * FROM key_changes
-             WHERE status = 'pending' AND (CAST($1 AS BIGINT) IS NULL OR id < $1)
-             ORDER BY id DESC LIMIT $2",
-            after,
-            limit,
+        let mut f = Filter::default();
+        f.and("status = 'pending'")
+            .given(after, |p| format!("id < {p}"));
+        let limit = f.arg(limit);
+        let sql = format!(
+            "SELECT * FROM key_changes{} ORDER BY id DESC LIMIT {limit}",
+            f.clause()
         );
+        let s = f.stmt(sql);
         self.key_changes_of(s).await
     }
 

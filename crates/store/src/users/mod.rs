@@ -13,7 +13,7 @@ mod tokens;
 
 pub(crate) use tokens::{token_stmts, use_code_stmt};
 
-use crate::db::{Cols, Dialect, Row, Stmt, Tx, stmt};
+use crate::db::{Cols, Dialect, Filter, Row, Stmt, Tx, stmt};
 use crate::{Result, Store, StoreError, now_ms, parse};
 use basphere_core::{Quota, RegistrationStatus, Role, UserStatus, Username};
 use serde::Serialize;
@@ -266,15 +266,15 @@ impl Store {
         after: Option<&str>,
         limit: i64,
     ) -> Result<Vec<User>> {
-        let s = stmt!(
-            format!(
-                "SELECT {USER_COLS} FROM users WHERE (CAST($1 AS TEXT) IS NULL OR status = $1)
-                   AND (CAST($2 AS TEXT) IS NULL OR username > $2) ORDER BY username LIMIT $3"
-            ),
-            status.map(|s| s.as_str()),
-            after,
-            limit,
+        let mut f = Filter::default();
+        f.given(status.map(|s| s.as_str()), |p| format!("status = {p}"))
+            .given(after, |p| format!("username > {p}"));
+        let limit = f.arg(limit);
+        let sql = format!(
+            "SELECT {USER_COLS} FROM users{} ORDER BY username LIMIT {limit}",
+            f.clause()
         );
+        let s = f.stmt(sql);
         self.db
             .read(move |tx| {
                 Box::pin(async move { tx.query(&s).await?.iter().map(user_from).collect() })

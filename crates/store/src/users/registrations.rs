@@ -5,7 +5,7 @@ use super::{
     lowest_free_block, user_in, user_row_locked,
 };
 use crate::audit::audit_stmt;
-use crate::db::{Cols, Dialect, Row, stmt};
+use crate::db::{Cols, Dialect, Filter, Row, stmt};
 use crate::{Actor, Result, Store, hash_secret, now_ms, parse, random_hex};
 use basphere_core::{NetworkPool, Quota, Role, UserStatus, Username};
 
@@ -178,13 +178,15 @@ impl Store {
 
     /// One page of pending registrations, newest first: at most `limit` older than id `after`.
     pub async fn pending_page(&self, after: Option<i64>, limit: i64) -> Result<Vec<Registration>> {
-        let s = stmt!(
-            "SELECT * FROM registrations
-             WHERE status = 'pending' AND (CAST($1 AS BIGINT) IS NULL OR id < $1)
-             ORDER BY id DESC LIMIT $2",
-            after,
-            limit,
+        let mut f = Filter::default();
+        f.and("status = 'pending'")
+            .given(after, |p| format!("id < {p}"));
+        let limit = f.arg(limit);
+        let sql = format!(
+            "SELECT * FROM registrations{} ORDER BY id DESC LIMIT {limit}",
+            f.clause()
         );
+        let s = f.stmt(sql);
         self.registrations_of(s).await
     }
 

@@ -3,7 +3,7 @@
 
 use super::{TokenInfo, TokenOwner, USER_COLS, user_from};
 use crate::audit::audit_stmt;
-use crate::db::{Cols, Row, Stmt, stmt};
+use crate::db::{Cols, Filter, Row, Stmt, stmt};
 use crate::{Actor, Result, Store, hash_secret, now_ms, random_hex};
 use basphere_core::Username;
 
@@ -100,13 +100,16 @@ impl Store {
         after: Option<&str>,
         limit: i64,
     ) -> Result<Vec<TokenInfo>> {
-        let s = stmt!(
-            "SELECT id, name, created_at, last_used_at, expires_at FROM tokens
-             WHERE username = $1 AND (CAST($2 AS TEXT) IS NULL OR id > $2) ORDER BY id LIMIT $3",
-            username,
-            after,
-            limit,
+        let mut f = Filter::default();
+        f.given(Some(username), |p| format!("username = {p}"))
+            .given(after, |p| format!("id > {p}"));
+        let limit = f.arg(limit);
+        let sql = format!(
+            "SELECT id, name, created_at, last_used_at, expires_at FROM tokens{}
+             ORDER BY id LIMIT {limit}",
+            f.clause()
         );
+        let s = f.stmt(sql);
         self.tokens_of(s).await
     }
 

@@ -5,7 +5,7 @@ pub(crate) mod batch;
 mod hooks;
 
 use crate::audit::audit_stmt;
-use crate::db::{Cols, Dialect, Stmt, Tx, stmt};
+use crate::db::{Cols, Dialect, Filter, Stmt, Tx, stmt};
 use crate::workflows::{NewStep, NewWorkflow, insert_stmts};
 use crate::{Actor, Result, Store, StoreError, now_ms, parse};
 use basphere_core::{
@@ -679,14 +679,10 @@ impl Store {
                         Dialect::Sqlite => "owner, name",
                         Dialect::Postgres => "owner COLLATE \"C\", name COLLATE \"C\"",
                     };
-                    let s = stmt!(
-                        format!(
-                            "SELECT {VM_COLS} FROM vms
-                             WHERE (CAST($1 AS TEXT) IS NULL OR owner = $1) ORDER BY {order}"
-                        ),
-                        owner
-                    );
-                    tx.query(&s).await?.iter().map(vm_from).collect()
+                    let mut f = Filter::default();
+                    f.given(owner, |p| format!("owner = {p}"));
+                    let sql = format!("SELECT {VM_COLS} FROM vms{} ORDER BY {order}", f.clause());
+                    tx.query(&f.stmt(sql)).await?.iter().map(vm_from).collect()
                 })
             })
             .await
@@ -700,21 +696,23 @@ impl Store {
         after: Option<&str>,
         limit: i64,
     ) -> Result<Vec<Vm>> {
-        let s = stmt!(
-            format!(
-                "SELECT {VM_COLS} FROM vms
-                 WHERE (CAST($1 AS TEXT) IS NULL OR owner = $1)
-                   AND (CAST($2 AS TEXT) IS NULL OR id > $2)
-                 ORDER BY id LIMIT $3"
-            ),
-            owner,
-            after,
-            limit,
+        let mut f = Filter::default();
+        f.given(owner, |p| format!("owner = {p}"))
+            .given(after, |p| format!("id > {p}"));
+        let limit = f.arg(limit);
+        let sql = format!(
+            "SELECT {VM_COLS} FROM vms{} ORDER BY id LIMIT {limit}",
+            f.clause()
         );
+        let s = f.stmt(sql);
         self.read_vms(move |_| s).await
     }
 
-    /// The VMs the statement `select(dialect)` selects (`VM_COLS`), in its order.
+    /// The page of VMs the statement `select(dialect)` selects (`VM_COLS`), in its order.
+    ///
+    /// Its order is an index's, so a page is an index range. PostgreSQL is told not to sort
+    /// instead: without statistics (a table just filled, before autovacuum's first `ANALYZE`)
+    /// it guesses that a third of the table matches and sorts all of it for every page.
     async fn read_vms(
         &self,
         select: impl FnOnce(Dialect) -> Stmt + Send + 'static,
@@ -723,7 +721,17 @@ impl Store {
             .read(move |tx| {
                 Box::pin(async move {
                     let s = select(tx.dialect());
-                    tx.query(&s).await?.iter().map(vm_from).collect()
+                    let rows = match tx.dialect() {
+                        Dialect::Sqlite => tx.query(&s).await?,
+                        Dialect::Postgres => {
+                            let no_sort = stmt!("SET LOCAL enable_sort = off");
+                            tx.query_many(&[no_sort, s])
+                                .await?
+                                .pop()
+                                .unwrap_or_default()
+                        }
+                    };
+                    rows.iter().map(vm_from).collect()
                 })
             })
             .await
@@ -747,19 +755,18 @@ impl Store {
                 Dialect::Sqlite => "",
                 Dialect::Postgres => " COLLATE \"C\"",
             };
-            stmt!(
-                format!(
-                    "SELECT {VM_COLS} FROM vms
-                     WHERE (CAST($1 AS TEXT) IS NULL OR owner = $1)
-                       AND (CAST($2 AS TEXT) IS NULL OR owner{c} > $2
-                            OR (owner = $2 AND name{c} > $3))
-                     ORDER BY owner{c}, name{c} LIMIT $4"
-                ),
-                owner,
-                after.as_ref().map(|a| a.0.as_str()),
-                after.as_ref().map(|a| a.1.as_str()),
-                limit,
-            )
+            let mut f = Filter::default();
+            f.given(owner, |p| format!("owner = {p}"));
+            if let Some((o, n)) = after {
+                let (o, n) = (f.arg(o), f.arg(n));
+                f.and(format!("(owner{c}, name{c}) > ({o}, {n})"));
+            }
+            let limit = f.arg(limit);
+            let sql = format!(
+                "SELECT {VM_COLS} FROM vms{} ORDER BY owner{c}, name{c} LIMIT {limit}",
+                f.clause()
+            );
+            f.stmt(sql)
         })
         .await
     }

@@ -25,7 +25,7 @@ pub(crate) use ending::{
     ENDING_COLS, Ending, add_dep, ending_from, fill_batch_in, fill_stmts, finish_in, release_stmt,
 };
 
-use crate::db::{Cols, Dialect, Row, Stmt, Tx, stmt};
+use crate::db::{Cols, Dialect, Filter, Row, Stmt, Tx, stmt};
 use crate::{Result, Store, StoreError, now_ms, parse};
 use serde::Serialize;
 
@@ -508,15 +508,15 @@ impl Store {
         after: Option<&str>,
         limit: i64,
     ) -> Result<Vec<Workflow>> {
-        let s = stmt!(
-            "SELECT id FROM workflows
-             WHERE (CAST($1 AS TEXT) IS NULL OR owner = $1)
-               AND (CAST($2 AS TEXT) IS NULL OR id < $2)
-             ORDER BY id DESC LIMIT $3",
-            owner,
-            after,
-            limit,
+        let mut f = Filter::default();
+        f.given(owner, |p| format!("owner = {p}"))
+            .given(after, |p| format!("id < {p}"));
+        let limit = f.arg(limit);
+        let sql = format!(
+            "SELECT id FROM workflows{} ORDER BY id DESC LIMIT {limit}",
+            f.clause()
         );
+        let s = f.stmt(sql);
         self.db
             .read(move |tx| {
                 Box::pin(async move {
