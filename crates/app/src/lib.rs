@@ -6,6 +6,7 @@
 //! benches and the tests build their server here, so what they run is what production runs;
 //! a test changes only what [`Overrides`] (or the config) lets it change.
 
+pub mod alloc;
 pub mod doctor;
 pub mod metrics;
 pub mod providers;

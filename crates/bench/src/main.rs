@@ -4,13 +4,8 @@ use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    // As in `basphere` itself (the figures include the batch child's peak RSS): two malloc
-    // arenas, set before any thread starts.
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator tuning; no other thread exists yet.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
+    // As in `basphere` itself (the figures include the batch child's peak RSS).
+    basphere_app::alloc::tune();
     let args = basphere_bench::Args::parse();
     if std::env::var_os("BASPHERE_LOG").is_some() {
         tracing_subscriber::fmt()

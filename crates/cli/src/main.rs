@@ -120,14 +120,7 @@ fn main() -> ExitCode {
     if let Some(code) = basphere_qemu::console_helper_main() {
         return code;
     }
-    // glibc gives every thread that allocates its own arena; with a dozen threads (runtime,
-    // SQLite workers, the write thread) a server then keeps ~10 MB of partly used heaps. Two
-    // arenas keep the resident size close to what is live. Set before any thread starts.
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator tuning; no other thread exists yet.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
+    basphere_app::alloc::tune();
     let cli = parse(std::env::args().collect());
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
