@@ -113,13 +113,11 @@ impl Store {
             .given(f.target.as_deref(), |p| format!("target = {p}"))
             .given(f.since_ms, |p| format!("at >= {p}"))
             .given(after, |p| format!("id < {p}"));
-        let limit = w.arg(f.limit.unwrap_or(100));
-        let sql = format!(
-            "SELECT id, at, actor, source, action, target, result, detail FROM audit{}
-             ORDER BY id DESC LIMIT {limit}",
-            w.clause()
+        let s = w.page(
+            "SELECT id, at, actor, source, action, target, result, detail FROM audit",
+            "id DESC",
+            f.limit.unwrap_or(100),
         );
-        let s = w.stmt(sql);
         self.db
             .read(move |tx| {
                 Box::pin(async move { tx.query(&s).await?.iter().map(record_from).collect() })

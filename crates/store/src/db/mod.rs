@@ -143,6 +143,13 @@ impl Filter {
     pub fn stmt(self, sql: String) -> Stmt {
         Stmt::new(sql, self.args)
     }
+
+    /// One page: `select` with these conditions, in `order`, at most `limit` rows.
+    pub fn page(mut self, select: &str, order: &str, limit: i64) -> Stmt {
+        let limit = self.arg(limit);
+        let sql = format!("{select}{} ORDER BY {order} LIMIT {limit}", self.clause());
+        self.stmt(sql)
+    }
 }
 
 /// `Stmt::new(sql, vec![a.into(), b.into(), …])`.

@@ -123,12 +123,7 @@ impl Store {
         let mut f = Filter::default();
         f.and("status = 'pending'")
             .given(after, |p| format!("id < {p}"));
-        let limit = f.arg(limit);
-        let sql = format!(
-            "SELECT * FROM key_changes{} ORDER BY id DESC LIMIT {limit}",
-            f.clause()
-        );
-        let s = f.stmt(sql);
+        let s = f.page("SELECT * FROM key_changes", "id DESC", limit);
         self.key_changes_of(s).await
     }
 

@@ -269,12 +269,7 @@ impl Store {
         let mut f = Filter::default();
         f.given(status.map(|s| s.as_str()), |p| format!("status = {p}"))
             .given(after, |p| format!("username > {p}"));
-        let limit = f.arg(limit);
-        let sql = format!(
-            "SELECT {USER_COLS} FROM users{} ORDER BY username LIMIT {limit}",
-            f.clause()
-        );
-        let s = f.stmt(sql);
+        let s = f.page(&format!("SELECT {USER_COLS} FROM users"), "username", limit);
         self.db
             .read(move |tx| {
                 Box::pin(async move { tx.query(&s).await?.iter().map(user_from).collect() })

@@ -181,12 +181,7 @@ impl Store {
         let mut f = Filter::default();
         f.and("status = 'pending'")
             .given(after, |p| format!("id < {p}"));
-        let limit = f.arg(limit);
-        let sql = format!(
-            "SELECT * FROM registrations{} ORDER BY id DESC LIMIT {limit}",
-            f.clause()
-        );
-        let s = f.stmt(sql);
+        let s = f.page("SELECT * FROM registrations", "id DESC", limit);
         self.registrations_of(s).await
     }
 

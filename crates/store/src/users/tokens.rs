@@ -103,13 +103,11 @@ impl Store {
         let mut f = Filter::default();
         f.given(Some(username), |p| format!("username = {p}"))
             .given(after, |p| format!("id > {p}"));
-        let limit = f.arg(limit);
-        let sql = format!(
-            "SELECT id, name, created_at, last_used_at, expires_at FROM tokens{}
-             ORDER BY id LIMIT {limit}",
-            f.clause()
+        let s = f.page(
+            "SELECT id, name, created_at, last_used_at, expires_at FROM tokens",
+            "id",
+            limit,
         );
-        let s = f.stmt(sql);
         self.tokens_of(s).await
     }
 

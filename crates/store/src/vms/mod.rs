@@ -699,12 +699,7 @@ impl Store {
         let mut f = Filter::default();
         f.given(owner, |p| format!("owner = {p}"))
             .given(after, |p| format!("id > {p}"));
-        let limit = f.arg(limit);
-        let sql = format!(
-            "SELECT {VM_COLS} FROM vms{} ORDER BY id LIMIT {limit}",
-            f.clause()
-        );
-        let s = f.stmt(sql);
+        let s = f.page(&format!("SELECT {VM_COLS} FROM vms"), "id", limit);
         self.read_vms(move |_| s).await
     }
 
@@ -761,12 +756,8 @@ impl Store {
                 let (o, n) = (f.arg(o), f.arg(n));
                 f.and(format!("(owner{c}, name{c}) > ({o}, {n})"));
             }
-            let limit = f.arg(limit);
-            let sql = format!(
-                "SELECT {VM_COLS} FROM vms{} ORDER BY owner{c}, name{c} LIMIT {limit}",
-                f.clause()
-            );
-            f.stmt(sql)
+            let order = format!("owner{c}, name{c}");
+            f.page(&format!("SELECT {VM_COLS} FROM vms"), &order, limit)
         })
         .await
     }

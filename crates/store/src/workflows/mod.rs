@@ -511,12 +511,7 @@ impl Store {
         let mut f = Filter::default();
         f.given(owner, |p| format!("owner = {p}"))
             .given(after, |p| format!("id < {p}"));
-        let limit = f.arg(limit);
-        let sql = format!(
-            "SELECT id FROM workflows{} ORDER BY id DESC LIMIT {limit}",
-            f.clause()
-        );
-        let s = f.stmt(sql);
+        let s = f.page("SELECT id FROM workflows", "id DESC", limit);
         self.db
             .read(move |tx| {
                 Box::pin(async move {
