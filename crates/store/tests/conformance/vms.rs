@@ -465,6 +465,24 @@ async fn listing(store: Store) {
         }
         assert_eq!(seen, want, "{owner:?}");
     }
+    // Pages of two by owner, then name (byte order: "a-c" before "ab"), each page going on
+    // after the last one's (owner, name), across owners and for one owner.
+    for (owner, want) in [
+        (None, by_name.clone()),
+        (Some("alice"), by_name[..5].to_vec()),
+    ] {
+        let mut seen = vec![];
+        let mut after: Option<(String, String)> = None;
+        loop {
+            let at = after.as_ref().map(|(o, n)| (o.as_str(), n.as_str()));
+            let page = store.vms_page_by_name(owner, at, 2).await.unwrap();
+            assert!(page.len() <= 2);
+            let Some(last) = page.last() else { break };
+            after = Some((last.owner.to_string(), last.name.to_string()));
+            seen.extend(page.iter().map(|v| format!("{}/{}", v.owner, v.name)));
+        }
+        assert_eq!(seen, want, "{owner:?}");
+    }
     let bobs = store.vms_page(Some("bob"), None, 10).await.unwrap();
     assert_eq!(
         bobs.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(),
