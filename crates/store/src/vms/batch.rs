@@ -6,8 +6,7 @@ use crate::audit::audit_stmt;
 use crate::batches::{BatchAdmitted, BatchWork, bulk_insert, enqueue_in};
 use crate::db::{Col, Cols, Tx, stmt};
 use crate::vms::{
-    AdmitError, AdmitExtras, VM_COLS, lease_nic, live_op_stmt, owner_limits, taken_ips, usage,
-    vm_from,
+    AdmitError, AdmitExtras, Holdings, VM_COLS, holdings, lease_nic, live_op_stmt, vm_from,
 };
 use crate::workflows::{NewStep, NewWorkflow};
 use crate::{Actor, Store, now_ms};
@@ -101,8 +100,15 @@ async fn admit(
     actor: &Actor,
 ) -> std::result::Result<BatchAdmitted, BatchError> {
     let owner = req.owner.as_str();
-    let (quota, block, admin) = owner_limits(tx, owner, pool).await?;
-    let mut used = usage(tx, owner).await?;
+    let vms = stmt!(format!("SELECT {VM_COLS} FROM vms WHERE owner = $1"), owner);
+    let Holdings {
+        quota,
+        block,
+        admin,
+        mut used,
+        rows,
+        taken,
+    } = holdings(tx, owner, pool, vms).await?;
     for v in &req.creates {
         let each = Spec {
             disk_gib: v.spec.disk_gib + v.extras.disk_gib(),
@@ -115,12 +121,7 @@ async fn admit(
         used.memory_mib += each.memory_mib;
         used.disk_gib += each.disk_gib;
     }
-    let existing: HashMap<String, (String, VmStatus)> = tx
-        .query(&stmt!(
-            format!("SELECT {VM_COLS} FROM vms WHERE owner = $1"),
-            owner
-        ))
-        .await?
+    let existing: HashMap<String, (String, VmStatus)> = rows
         .iter()
         .map(|r| vm_from(r).map(|v| (v.name.to_string(), (v.id, v.status))))
         .collect::<crate::Result<_>>()?;
@@ -133,7 +134,6 @@ async fn admit(
             return Err(AdmitError::NameTaken(v.name.clone()).into());
         }
     }
-    let taken = taken_ips(tx).await?;
     let mut free = pool
         .assignable_in(&block)
         .filter(|a| !taken.contains(&a.to_string()));

@@ -5,7 +5,7 @@ pub(crate) mod batch;
 mod hooks;
 
 use crate::audit::audit_stmt;
-use crate::db::{Cols, Dialect, Filter, Stmt, Tx, stmt};
+use crate::db::{Cols, Dialect, Filter, Row, Stmt, Tx, stmt};
 use crate::workflows::{NewStep, NewWorkflow, insert_stmts};
 use crate::{Actor, Result, Store, StoreError, now_ms, parse};
 use basphere_core::{
@@ -226,16 +226,21 @@ pub(crate) async fn lease_nic(
 /// create whose rollback was confirmed gives its address up, so only those are not counted (a
 /// failed delete, or a rollback that could not clean up, keeps its address and counts).
 pub(crate) async fn usage(tx: &mut dyn Tx, owner: &str) -> Result<Usage> {
-    let row = tx
-        .query_one(&stmt!(
-            "SELECT COUNT(*) AS vms, COUNT(ip) AS ips,
-                    CAST(COALESCE(SUM(vcpus), 0) AS BIGINT) AS vcpus,
-                    CAST(COALESCE(SUM(memory_mib), 0) AS BIGINT) AS mem,
-                    CAST(COALESCE(SUM(disk_gib + extra_disk_gib), 0) AS BIGINT) AS disk
-             FROM vms WHERE owner = $1 AND (status <> 'failed' OR ip IS NOT NULL)",
-            owner
-        ))
-        .await?;
+    usage_from(&tx.query_one(&usage_stmt(owner)).await?)
+}
+
+fn usage_stmt(owner: &str) -> Stmt {
+    stmt!(
+        "SELECT COUNT(*) AS vms, COUNT(ip) AS ips,
+                CAST(COALESCE(SUM(vcpus), 0) AS BIGINT) AS vcpus,
+                CAST(COALESCE(SUM(memory_mib), 0) AS BIGINT) AS mem,
+                CAST(COALESCE(SUM(disk_gib + extra_disk_gib), 0) AS BIGINT) AS disk
+         FROM vms WHERE owner = $1 AND (status <> 'failed' OR ip IS NOT NULL)",
+        owner
+    )
+}
+
+fn usage_from(row: &Row) -> Result<Usage> {
     Ok(Usage {
         vms: row.int("vms")? as u32,
         clusters: 0,
@@ -257,19 +262,31 @@ pub(crate) async fn owner_limits(
     owner: &str,
     pool: &NetworkPool,
 ) -> std::result::Result<(basphere_core::Quota, basphere_core::IpBlock, bool), AdmitError> {
-    let sql = match tx.dialect() {
+    let user = tx
+        .query_opt(&owner_limits_stmt(tx.dialect(), owner))
+        .await?;
+    limits_from(user.as_ref(), owner, pool)
+}
+
+fn owner_limits_stmt(d: Dialect, owner: &str) -> Stmt {
+    let sql = match d {
         Dialect::Sqlite => OWNER_LIMITS,
         Dialect::Postgres => OWNER_LIMITS_LOCKED,
     };
-    let user = tx
-        .query_opt(&stmt!(sql, owner))
-        .await?
-        .ok_or_else(|| AdmitError::NoUser(owner.to_string()))?;
+    stmt!(sql, owner)
+}
+
+fn limits_from(
+    user: Option<&Row>,
+    owner: &str,
+    pool: &NetworkPool,
+) -> std::result::Result<(basphere_core::Quota, basphere_core::IpBlock, bool), AdmitError> {
+    let user = user.ok_or_else(|| AdmitError::NoUser(owner.to_string()))?;
     let status: UserStatus = parse("users.status", &user.text("status")?)?;
     if status != UserStatus::Active {
         return Err(AdmitError::NotActive(owner.to_string(), status));
     }
-    let quota = crate::users::quota_from(&user)?;
+    let quota = crate::users::quota_from(user)?;
     let block = user
         .opt_int("ip_block")?
         .and_then(|b| pool.block(b as u32))
@@ -296,15 +313,67 @@ const ADDRESS_LOCK: i64 = 0x0062_7370_682d_6970;
 /// ([`owner_limits`]) by every caller, so the two locks are always taken in one order. SQLite's
 /// one write thread needs no lock.
 pub(crate) async fn taken_ips(tx: &mut dyn Tx) -> Result<HashSet<String>> {
-    if tx.dialect() == Dialect::Postgres {
-        tx.query(&stmt!("SELECT pg_advisory_xact_lock($1)", ADDRESS_LOCK))
-            .await?;
+    let taken = tx.query_many(&taken_ips_stmts(tx.dialect())).await?;
+    ips_from(taken.last().map_or(&[][..], Vec::as_slice))
+}
+
+/// [`taken_ips`]' statements: the address lock (PostgreSQL), then the addresses.
+fn taken_ips_stmts(d: Dialect) -> Vec<Stmt> {
+    let mut stmts = vec![];
+    if d == Dialect::Postgres {
+        stmts.push(stmt!("SELECT pg_advisory_xact_lock($1)", ADDRESS_LOCK));
     }
-    tx.query(&stmt!("SELECT ip FROM vms WHERE ip IS NOT NULL"))
-        .await?
-        .iter()
-        .map(|r| r.text("ip"))
-        .collect()
+    stmts.push(stmt!("SELECT ip FROM vms WHERE ip IS NOT NULL"));
+    stmts
+}
+
+fn ips_from(rows: &[Row]) -> Result<HashSet<String>> {
+    rows.iter().map(|r| r.text("ip")).collect()
+}
+
+/// What an admission of `owner`'s VMs decides on.
+pub(crate) struct Holdings {
+    pub quota: basphere_core::Quota,
+    pub block: basphere_core::IpBlock,
+    pub admin: bool,
+    /// What the owner holds now ([`usage`]).
+    pub used: Usage,
+    /// The rows of the caller's own statement (e.g. the owner's VMs).
+    pub rows: Vec<Row>,
+    /// Every address leased to a VM ([`taken_ips`]).
+    pub taken: HashSet<String>,
+}
+
+/// [`owner_limits`], [`usage`], the rows of `rows` and [`taken_ips`] in one round trip. The
+/// server runs the statements in the order sent, so the owner's row lock and then the address
+/// lock are taken before the reads they guard, as when they went one at a time.
+pub(crate) async fn holdings(
+    tx: &mut dyn Tx,
+    owner: &str,
+    pool: &NetworkPool,
+    rows: Stmt,
+) -> std::result::Result<Holdings, AdmitError> {
+    let d = tx.dialect();
+    let mut stmts = vec![owner_limits_stmt(d, owner), usage_stmt(owner), rows];
+    stmts.extend(taken_ips_stmts(d));
+    let mut res = tx.query_many(&stmts).await?.into_iter();
+    let mut next = || res.next().unwrap_or_default();
+    let (quota, block, admin) = limits_from(next().first(), owner, pool)?;
+    let used = next()
+        .first()
+        .map(usage_from)
+        .transpose()?
+        .ok_or_else(|| StoreError::Corrupt("vms", "no usage row".into()))?;
+    let rows = next();
+    let taken = ips_from(&res.last().unwrap_or_default())?;
+    Ok(Holdings {
+        quota,
+        block,
+        admin,
+        used,
+        rows,
+        taken,
+    })
 }
 
 /// Leases a rolled-back VM's addresses on its extra networks again, the same ones it was
@@ -419,14 +488,21 @@ async fn admit(
     actor: &Actor,
 ) -> std::result::Result<Vec<Admitted>, AdmitError> {
     let owner = req.owner.as_str();
-    let (quota, block, admin) = owner_limits(tx, owner, pool).await?;
+    let names = stmt!("SELECT name FROM vms WHERE owner = $1", owner);
+    let Holdings {
+        quota,
+        block,
+        admin,
+        used,
+        rows,
+        taken: taken_ips,
+    } = holdings(tx, owner, pool, names).await?;
     let mut seen = HashSet::new();
     for n in &req.names {
         if !seen.insert(n) {
             return Err(AdmitError::DuplicateInRequest(n.clone()));
         }
     }
-    let used = usage(tx, owner).await?;
     let each = basphere_core::Spec {
         disk_gib: req.spec.disk_gib + extras.disk_gib(),
         ..req.spec
@@ -435,22 +511,20 @@ async fn admit(
     let disks_json = serde_json::to_string(&extras.disks)
         .map_err(|e| StoreError::Corrupt("vms", format!("extra_disks: {e}")))?;
     let mut nic_locked = false;
-    let existing = tx
-        .query(&stmt!("SELECT name FROM vms WHERE owner = $1", owner))
-        .await?
+    let existing = rows
         .iter()
         .map(|r| r.text("name"))
         .collect::<Result<HashSet<String>>>()?;
     if let Some(taken) = req.names.iter().find(|n| existing.contains(n.as_str())) {
         return Err(AdmitError::NameTaken(taken.clone()));
     }
-    let taken_ips = taken_ips(tx).await?;
     let mut free = pool
         .assignable_in(&block)
         .filter(|a| !taken_ips.contains(&a.to_string()));
 
     let now = now_ms();
-    let mut out = Vec::with_capacity(req.names.len());
+    // Every VM's rows go in one batch (PostgreSQL pipelines it): its row, its workflow, audit.
+    let (mut writes, mut admitted) = (vec![], vec![]);
     for name in &req.names {
         let ip = free
             .next()
@@ -466,53 +540,62 @@ async fn admit(
         }
         let nics_json = serde_json::to_string(&nics)
             .map_err(|e| StoreError::Corrupt("vms", format!("extra_nics: {e}")))?;
-        let row = tx
-            .query_one(&stmt!(
-                "INSERT INTO vms (id, owner, name, os, login_user, spec, vcpus, memory_mib,
+        let at = writes.len();
+        writes.push(stmt!(
+            "INSERT INTO vms (id, owner, name, os, login_user, spec, vcpus, memory_mib,
                     disk_gib, ip, status, provider, created_at, updated_at, extra_disks,
                     extra_nics, extra_disk_gib)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'creating', $11, $12, $12,
                     $13, $14, $15)
                  RETURNING id, name, owner, os, login_user, spec, vcpus, memory_mib, disk_gib,
                     ip, status, error, provider, created_at, updated_at, extra_disks, extra_nics",
-                id.as_str(),
-                owner,
-                name.as_str(),
-                req.os.as_str(),
-                req.login_user.as_str(),
-                req.spec_name.as_str(),
-                req.spec.vcpus,
-                req.spec.memory_mib as i64,
-                req.spec.disk_gib as i64,
-                ip.to_string(),
-                req.provider.as_str(),
-                now,
-                disks_json.as_str(),
-                nics_json,
-                extras.disk_gib() as i64,
-            ))
-            .await?;
-        let vm = vm_from(&row)?;
+            id.as_str(),
+            owner,
+            name.as_str(),
+            req.os.as_str(),
+            req.login_user.as_str(),
+            req.spec_name.as_str(),
+            req.spec.vcpus,
+            req.spec.memory_mib as i64,
+            req.spec.disk_gib as i64,
+            ip.to_string(),
+            req.provider.as_str(),
+            now,
+            disks_json.as_str(),
+            nics_json,
+            extras.disk_gib() as i64,
+        ));
         let mut w = NewWorkflow::new(VmOperation::Create.as_str(), owner, req.steps.clone());
         w.resource = Some(ResourceRef::vm(&id));
         w.priority = if admin { 5 } else { 0 };
         let operation_id = uuid::Uuid::now_v7().to_string();
-        let mut stmts = insert_stmts(&w, &operation_id, None, now);
+        writes.extend(insert_stmts(&w, &operation_id, None, now));
         let detail = format!(
             "ip={ip} spec={} os={} operation={operation_id}",
             req.spec_name, req.os
         );
-        stmts.push(audit_stmt(
+        writes.push(audit_stmt(
             actor,
             "vm.create",
             &format!("{owner}/{name}"),
             "accepted",
             Some(&detail),
         ));
-        tx.run(&stmts).await?;
-        out.push(Admitted { vm, operation_id });
+        admitted.push((at, operation_id));
     }
-    Ok(out)
+    let rows = tx.query_many(&writes).await?;
+    admitted
+        .into_iter()
+        .map(|(i, operation_id)| {
+            let row = rows[i]
+                .first()
+                .ok_or_else(|| StoreError::Corrupt("vms", "the insert returned no row".into()))?;
+            Ok(Admitted {
+                vm: vm_from(row)?,
+                operation_id,
+            })
+        })
+        .collect()
 }
 
 /// Marks a VM deleting and queues its delete workflow (see [`Store::begin_delete_vm`]).
