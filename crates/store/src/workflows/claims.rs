@@ -191,10 +191,12 @@ async fn claim_in(
     );
     let mut args = vec![now.into(), max.into()];
     args.extend(defs());
-    let mut todo = ids(tx.query(&Stmt::new(sql, args)).await?)?;
-    if (todo.len() as i64) < max {
-        // Ready workflows in priority order (the partial index `workflows_ready`); the limits
-        // exclude keys already at their maximum, each set computed once.
+    let cancels = Stmt::new(sql, args);
+    // Then ready workflows in priority order (the partial index `workflows_ready`); the limits
+    // exclude keys already at their maximum, each set computed once. Both queries go in one
+    // round trip, each up to `max` (cancels are rare: the few extra rows a claim may lock
+    // then stay unleased and are free again at its commit).
+    let ready = {
         let mut sql = String::from(
             "SELECT w.id FROM workflows w
              WHERE w.status IN ('pending', 'running', 'undoing') AND w.waiting_on = 0
@@ -224,14 +226,18 @@ async fn claim_in(
             sql.push_str(&only(args.len() + 1));
             args.extend(defs());
         }
-        args.push((max - todo.len() as i64).into());
+        args.push(max.into());
         sql.push_str(&format!(
             " ORDER BY w.priority DESC, w.created_at LIMIT ${}{lock}",
             args.len()
         ));
-        let more = tx.query(&Stmt::new(sql, args)).await?;
-        todo.extend(ids(more)?);
+        Stmt::new(sql, args)
+    };
+    let mut todo = vec![];
+    for rows in tx.query_many(&[cancels, ready]).await? {
+        todo.extend(ids(rows)?);
     }
+    todo.truncate(max as usize);
     lease_many(tx, &todo, node, now + lease_ms, now, runs.is_some()).await
 }
 
