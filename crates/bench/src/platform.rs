@@ -59,7 +59,7 @@ pub async fn run(bench: &Bench, dir: &Path, a: &Args) -> anyhow::Result<()> {
     for u in &names {
         tokens.push(store.create_token(u, "bench", None, &admin).await?.1);
     }
-    let mut lat = vec![];
+    let (mut lat, mut replied) = (vec![], vec![]);
     for i in 0..a.creates {
         let c = Client::new(Endpoint::Tcp {
             addr: addr.to_string(),
@@ -72,6 +72,7 @@ pub async fn run(bench: &Bench, dir: &Path, a: &Args) -> anyhow::Result<()> {
                 &json!({"name": format!("vm{i}"), "spec": "tiny"}),
             )
             .await?;
+        replied.push(t0.elapsed());
         anyhow::ensure!(r.body.success, "create failed: {}", r.body.message);
         let inst = r.body.data["vms"][0]["id"]
             .as_str()
@@ -90,6 +91,7 @@ pub async fn run(bench: &Bench, dir: &Path, a: &Args) -> anyhow::Result<()> {
         }
     }
     lat.sort();
+    replied.sort();
     println!(
         "create overhead (request sent → provider start), {} creates, do-nothing test provider:",
         a.creates
@@ -99,6 +101,11 @@ pub async fn run(bench: &Bench, dir: &Path, a: &Args) -> anyhow::Result<()> {
         ms(pct(&lat, 0.5)),
         ms(pct(&lat, 0.99)),
         ms(*lat.last().unwrap())
+    );
+    println!(
+        "  of which the request until its reply (admission): p50 {}   p99 {}",
+        ms(pct(&replied, 0.5)),
+        ms(pct(&replied, 0.99)),
     );
     server.shutdown().await;
 

@@ -38,13 +38,13 @@ pub use basphere_plan as plan;
 mod error;
 
 use basphere_store::{
-    ClaimLimits, Claimed, Handoff, Hooks, NewStep, NextStep, Reopen, StepCommit, StepStatus, Store,
-    StoreError, Workflow, WorkflowEvent, WorkflowOutcome, WorkflowStatus,
+    ClaimLimits, Claimed, Handoff, Hooks, LeaseTo, NewStep, NextStep, Reopen, StepCommit,
+    StepStatus, Store, StoreError, Workflow, WorkflowEvent, WorkflowOutcome, WorkflowStatus,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
-use tokio::sync::{Notify, Semaphore, broadcast, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, watch};
 use tracing::{info, warn};
 
 pub use error::{StepError, StepErrorKind};
@@ -158,6 +158,24 @@ impl EngineConfig {
     }
 }
 
+/// Slots of an engine's held for workflows a transaction is about to queue and lease.
+pub struct Reservation {
+    permits: Vec<OwnedSemaphorePermit>,
+    node: String,
+    lease_ms: i64,
+}
+
+impl Reservation {
+    /// The lease the queuing transaction takes: this node's, one workflow per slot.
+    pub fn lease(&self) -> LeaseTo {
+        LeaseTo {
+            node: self.node.clone(),
+            lease_ms: self.lease_ms,
+            max: self.permits.len(),
+        }
+    }
+}
+
 /// The running engine; clone handles freely.
 #[derive(Clone)]
 pub struct Engine {
@@ -171,6 +189,8 @@ struct Inner {
     wake: Notify,
     events: broadcast::Sender<WorkflowEvent>,
     slots: Arc<Semaphore>,
+    /// Whether [`Engine::run`] is running (only then does it take work at admission).
+    running: std::sync::atomic::AtomicBool,
     /// Events this node broadcast lately (by seq), so the relay of other replicas' events
     /// (PostgreSQL) passes each event on once.
     emitted: std::sync::Mutex<Recent>,
@@ -214,6 +234,7 @@ impl Engine {
                 wake: Notify::new(),
                 events,
                 slots,
+                running: Default::default(),
                 emitted: Default::default(),
             }),
         }
@@ -283,8 +304,79 @@ impl Engine {
         &self.inner.cfg
     }
 
+    /// Free slots of this engine's (up to `n`) for workflows about to be queued, when it runs
+    /// and has no concurrency limits: the transaction that queues them leases them to this
+    /// node ([`Reservation::lease`]), and [`Engine::adopt`] runs them, saving each a claim.
+    /// Dropped unused, the slots are free again.
+    pub fn reserve(&self, n: usize) -> Option<Reservation> {
+        let inner = &self.inner;
+        let l = &inner.cfg.limits;
+        let limited = l.per_user.is_some() || l.per_provider.is_some() || l.per_host.is_some();
+        if limited || !inner.running.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        let mut permits = vec![];
+        while permits.len() < n {
+            match inner.slots.clone().try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
+            }
+        }
+        (!permits.is_empty()).then(|| Reservation {
+            permits,
+            node: inner.cfg.node_id.clone(),
+            lease_ms: inner.cfg.lease.as_millis() as i64,
+        })
+    }
+
+    /// Runs the workflows a transaction leased with `slots` (see [`Engine::reserve`]).
+    pub fn adopt(&self, mut slots: Reservation, claimed: Vec<Claimed>) {
+        for (wf, evs, started) in claimed {
+            self.emit_all(evs);
+            match slots.permits.pop() {
+                Some(p) => self.spawn_drive(p, wf, started),
+                // Never more than reserved; were it so, its lease runs out and any node
+                // claims it.
+                None => warn!(workflow = %wf.id, "leased at admission without a slot"),
+            }
+        }
+    }
+
+    /// Drives a claimed workflow on its own task, holding `permit`, then any batch node it
+    /// hands its slot to.
+    fn spawn_drive(&self, permit: OwnedSemaphorePermit, wf: Workflow, started: bool) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut cur = Some((wf, started));
+            while let Some((wf, started)) = cur.take() {
+                if let Some((next, evs, started)) = me.drive(wf, started).await {
+                    me.emit_all(evs);
+                    cur = Some((next, started));
+                }
+            }
+            drop(permit);
+            me.wake();
+        });
+    }
+
     /// Runs until `shutdown` turns true. Reclaims this node's stale leases first.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
+        /// Marks the engine running while alive (also when `run`'s future is dropped).
+        struct Running<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, std::sync::atomic::Ordering::Release);
+            }
+        }
+        let inner = self.inner.clone();
+        inner
+            .running
+            .store(true, std::sync::atomic::Ordering::Release);
+        let _running = Running(&inner.running);
+        self.run_loop(shutdown).await;
+    }
+
+    async fn run_loop(self, mut shutdown: watch::Receiver<bool>) {
         let inner = &self.inner;
         match inner.store.release_leases(&inner.cfg.node_id).await {
             Ok(n) if n > 0 => info!(
@@ -336,19 +428,7 @@ impl Engine {
                     for (wf, evs, started) in claimed {
                         self.emit_all(evs);
                         let permit = permits.pop().expect("a permit per claim");
-                        let me = self.clone();
-                        tokio::spawn(async move {
-                            // A finishing batch node may hand this slot its batch's next node.
-                            let mut cur = Some((wf, started));
-                            while let Some((wf, started)) = cur.take() {
-                                if let Some((next, evs, started)) = me.drive(wf, started).await {
-                                    me.emit_all(evs);
-                                    cur = Some((next, started));
-                                }
-                            }
-                            drop(permit);
-                            me.wake();
-                        });
+                        self.spawn_drive(permit, wf, started);
                     }
                 }
                 Ok(_) => {

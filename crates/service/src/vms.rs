@@ -313,10 +313,28 @@ impl Services {
             metrics::counter!("basphere_admissions_refused_total", "reason" => "invalid")
                 .increment(1);
         })?;
-        let admitted = self
-            .store
-            .admit_vms_with(&req, &extras, &self.config.network, &me.actor)
-            .await?;
+        // This node's free engine slots take the new workflows in the admitting transaction
+        // (no claim after it). On a task of its own: a caller gone mid-way cannot leave
+        // leased work undriven.
+        let slots = self.engine.reserve(req.names.len());
+        let (store, engine, pool, actor) = (
+            self.store.clone(),
+            self.engine.clone(),
+            self.config.network.clone(),
+            me.actor.clone(),
+        );
+        let admitted = tokio::spawn(async move {
+            let lease = slots.as_ref().map(|s| s.lease());
+            let (admitted, claimed) = store
+                .admit_vms_leased(&req, &extras, &pool, &actor, lease)
+                .await?;
+            if let Some(slots) = slots {
+                engine.adopt(slots, claimed);
+            }
+            Ok::<_, basphere_store::AdmitError>(admitted)
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("the admission task failed: {e}")))??;
         self.engine.wake();
         let names: Vec<&str> = admitted.iter().map(|a| a.vm.name.as_str()).collect();
         Ok(Done {

@@ -35,9 +35,9 @@ pub use users::{
 pub use vms::batch::{BatchError, BatchRequest, BatchVm};
 pub use vms::{AdmitError, AdmitExtras, AdmitRequest, Admitted, DeleteError, ExtraNetwork, Vm};
 pub use workflows::{
-    ClaimLimits, Claimed, Handoff, NewStep, NewWorkflow, NextStep, OpError, Reopen, ResourceRef,
-    StepCommit, StepEffect, StepRecord, StepStatus, Workflow, WorkflowCounts, WorkflowEvent,
-    WorkflowOutcome, WorkflowStatus,
+    ClaimLimits, Claimed, Handoff, LeaseTo, NewStep, NewWorkflow, NextStep, OpError, Reopen,
+    ResourceRef, StepCommit, StepEffect, StepRecord, StepStatus, Workflow, WorkflowCounts,
+    WorkflowEvent, WorkflowOutcome, WorkflowStatus,
 };
 
 use std::path::Path;

@@ -110,13 +110,16 @@ fn params(s: &Stmt) -> Vec<&(dyn ToSql + Sync)> {
     s.args.iter().map(|a| a as &(dyn ToSql + Sync)).collect()
 }
 
-/// A transaction on one pooled connection.
+/// A transaction on one pooled connection. Its `BEGIN` is not sent on its own: it goes
+/// with the transaction's first statements, in their round trip.
 pub(crate) struct PgTx<'c> {
     tx: &'c deadpool_postgres::ClientWrapper,
     /// What it appended to the event log (then its commit tells the other replicas).
     events: Appended,
+    /// The `BEGIN` (statements ending with one that reads the clock) not sent yet.
+    begin: Option<String>,
     /// The database's clock (ms) when the transaction began, read with its `BEGIN`.
-    now: i64,
+    now: Option<i64>,
 }
 
 /// A pooled connection with a transaction open on it. Dropped before [`Open::end`] (its future
@@ -125,25 +128,15 @@ pub(crate) struct PgTx<'c> {
 struct Open(Option<deadpool_postgres::Object>);
 
 impl Open {
-    /// Begins a transaction with `begin` (statements ending with one that reads the clock),
-    /// in one round trip; the connection and the clock.
-    async fn begin(obj: deadpool_postgres::Object, begin: &str) -> Result<(Self, i64)> {
-        let open = Self(Some(obj));
-        let msgs = open.client().simple_query(begin).await?;
-        let now = msgs
-            .iter()
-            .find_map(|m| match m {
-                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0)?.parse::<i64>().ok(),
-                _ => None,
-            })
-            .ok_or_else(|| StoreError::Corrupt("clock", "no time from the database".into()))?;
-        Ok((open, now))
-    }
-
     fn client(&self) -> &deadpool_postgres::ClientWrapper {
         self.0
             .as_ref()
             .expect("a connection until the transaction ends")
+    }
+
+    /// Pools the connection of a transaction that never began.
+    fn release(mut self) {
+        drop(self.0.take());
     }
 
     /// Runs `end` (ending the transaction; `ROLLBACK` after a failed one), then pools the
@@ -166,8 +159,35 @@ impl Drop for Open {
     }
 }
 
-/// The database's clock in ms, as the last statement of a `BEGIN`.
-const READ_CLOCK: &str = "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)";
+/// The database's clock in ms when the transaction began (the same value all through it), as
+/// the last statement of a `BEGIN`.
+pub(crate) const READ_CLOCK: &str = "SELECT CAST(EXTRACT(EPOCH FROM now()) * 1000 AS BIGINT)";
+
+/// The clock a `BEGIN` ending with [`READ_CLOCK`] answered.
+fn clock_of(msgs: &[tokio_postgres::SimpleQueryMessage]) -> Result<i64> {
+    msgs.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0)?.parse::<i64>().ok(),
+            _ => None,
+        })
+        .ok_or_else(|| StoreError::Corrupt("clock", "no time from the database".into()))
+}
+
+/// Runs `work` on `tx`, preceded in the same round trip by `begin` if it was not sent yet
+/// (the client sends requests in the order they are first polled); the clock `begin` read.
+async fn begun<T>(
+    tx: &deadpool_postgres::ClientWrapper,
+    begin: Option<String>,
+    work: impl std::future::Future<Output = std::result::Result<T, tokio_postgres::Error>>,
+) -> Result<(T, Option<i64>)> {
+    match begin {
+        None => Ok((work.await?, None)),
+        Some(b) => {
+            let (msgs, v) = futures_util::future::try_join(tx.simple_query(&b), work).await?;
+            Ok((v, Some(clock_of(&msgs)?)))
+        }
+    }
+}
 
 /// What a transaction appended to the event log.
 #[derive(Default)]
@@ -213,14 +233,34 @@ fn appends(s: &Stmt) -> bool {
 }
 
 impl PgTx<'_> {
+    /// Runs `work` with the `BEGIN` if it was not sent yet.
+    async fn first<T>(
+        &mut self,
+        work: impl std::future::Future<Output = std::result::Result<T, tokio_postgres::Error>>,
+    ) -> Result<T> {
+        let (v, now) = begun(self.tx, self.begin.take(), work).await?;
+        if now.is_some() {
+            self.now = now;
+        }
+        Ok(v)
+    }
+
+    /// Whether the transaction began (a statement was sent in it).
+    fn began(&self) -> bool {
+        self.begin.is_none()
+    }
+
     /// Each statement prepared (once per connection, then from the cache), noted.
     async fn prepare_all(&mut self, stmts: &[Stmt]) -> Result<Vec<tokio_postgres::Statement>> {
-        let mut out = Vec::with_capacity(stmts.len());
         for s in stmts {
             self.events.note(s);
-            out.push(self.tx.prepare_cached(&s.sql).await?);
         }
-        Ok(out)
+        // Those not in the cache yet are prepared in one round trip.
+        let tx = self.tx;
+        Ok(
+            futures_util::future::try_join_all(stmts.iter().map(|s| tx.prepare_cached(&s.sql)))
+                .await?,
+        )
     }
 }
 
@@ -234,7 +274,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn began_at(&self) -> Option<i64> {
-        Some(self.now)
+        self.now
     }
 
     async fn exec(&mut self, s: &Stmt) -> Result<u64> {
@@ -244,7 +284,8 @@ impl Tx for PgTx<'_> {
     async fn query(&mut self, s: &Stmt) -> Result<Vec<Row>> {
         self.events.note(s);
         let st = self.tx.prepare_cached(&s.sql).await?;
-        let rs = self.tx.query(&st, &params(s)).await?;
+        let tx = self.tx;
+        let rs = self.first(tx.query(&st, &params(s))).await?;
         if appends(s) {
             self.events.take(&rs);
         }
@@ -257,13 +298,14 @@ impl Tx for PgTx<'_> {
 
     async fn query_many(&mut self, stmts: &[Stmt]) -> Result<Vec<Vec<Row>>> {
         let prepared = self.prepare_all(stmts).await?;
-        let tx = &self.tx;
+        let tx = self.tx;
         let params: Vec<_> = stmts.iter().map(params).collect();
         // Issued together, the statements are pipelined on the connection, in order.
-        let res = futures_util::future::try_join_all(
-            prepared.iter().zip(&params).map(|(st, p)| tx.query(st, p)),
-        )
-        .await?;
+        let res = self
+            .first(futures_util::future::try_join_all(
+                prepared.iter().zip(&params).map(|(st, p)| tx.query(st, p)),
+            ))
+            .await?;
         for (s, rs) in stmts.iter().zip(&res) {
             if appends(s) {
                 self.events.take(rs);
@@ -274,20 +316,25 @@ impl Tx for PgTx<'_> {
 
     async fn exec_many(&mut self, stmts: &[Stmt]) -> Result<Vec<u64>> {
         let prepared = self.prepare_all(stmts).await?;
-        let tx = &self.tx;
+        let tx = self.tx;
         let params: Vec<_> = stmts.iter().map(params).collect();
         // Appends to the event log are read for the numbers they took.
-        let res = futures_util::future::try_join_all(prepared.iter().zip(&params).zip(stmts).map(
-            |((st, p), s)| async move {
-                if appends(s) {
-                    let rs = tx.query(st, p).await?;
-                    Ok::<_, tokio_postgres::Error>((rs.len() as u64, rs))
-                } else {
-                    Ok((tx.execute(st, p).await?, vec![]))
-                }
-            },
-        ))
-        .await?;
+        let res = self
+            .first(futures_util::future::try_join_all(
+                prepared
+                    .iter()
+                    .zip(&params)
+                    .zip(stmts)
+                    .map(|((st, p), s)| async move {
+                        if appends(s) {
+                            let rs = tx.query(st, p).await?;
+                            Ok::<_, tokio_postgres::Error>((rs.len() as u64, rs))
+                        } else {
+                            Ok((tx.execute(st, p).await?, vec![]))
+                        }
+                    }),
+            ))
+            .await?;
         let mut out = Vec::with_capacity(res.len());
         for (n, rs) in res {
             self.events.take(&rs);
@@ -297,7 +344,8 @@ impl Tx for PgTx<'_> {
     }
 
     async fn script(&mut self, sql: &str) -> Result<()> {
-        Ok(self.tx.batch_execute(sql).await?)
+        let tx = self.tx;
+        self.first(tx.batch_execute(sql)).await
     }
 }
 
@@ -366,14 +414,20 @@ impl Postgres {
             }
             Durability::Flushed => format!("BEGIN; {READ_CLOCK}"),
         };
-        let (open, now) = Open::begin(self.client().await?, &begin).await?;
+        let open = Open(Some(self.client().await?));
         let mut t = PgTx {
             tx: open.client(),
             events: Appended::default(),
-            now,
+            begin: Some(begin),
+            now: None,
         };
         let out = f(&mut t).await;
         let events = std::mem::take(&mut t.events);
+        if !t.began() {
+            // Nothing was sent: there is nothing to end.
+            open.release();
+            return out;
+        }
         let Ok(v) = out else {
             let _ = open.end("ROLLBACK").await;
             return out;
@@ -399,14 +453,23 @@ impl Postgres {
     {
         // One snapshot for every statement of the read.
         let begin = format!("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {READ_CLOCK}");
-        let (open, now) = Open::begin(self.client().await?, &begin).await?;
+        let open = Open(Some(self.client().await?));
         let mut t = PgTx {
             tx: open.client(),
             events: Appended::default(),
-            now,
+            begin: Some(begin),
+            now: None,
         };
         let out = f(&mut t).await;
-        let _ = open.end("COMMIT").await;
+        if t.began() {
+            // The answer does not wait for the end of a read-only transaction; the
+            // connection is pooled after it.
+            tokio::spawn(async move {
+                let _ = open.end("COMMIT").await;
+            });
+        } else {
+            open.release();
+        }
         out
     }
 

@@ -108,6 +108,7 @@ async fn admit(
         mut used,
         rows,
         taken,
+        ..
     } = holdings(tx, owner, pool, vms).await?;
     for v in &req.creates {
         let each = Spec {

@@ -6,7 +6,7 @@ mod hooks;
 
 use crate::audit::audit_stmt;
 use crate::db::{Cols, Dialect, Filter, Row, Stmt, Tx, stmt};
-use crate::workflows::{NewStep, NewWorkflow, insert_stmts};
+use crate::workflows::{Claimed, LeaseNew, LeaseTo, NewStep, NewWorkflow, clock, insert_stmts};
 use crate::{Actor, Result, Store, StoreError, now_ms, parse};
 use basphere_core::{
     ExtraDisk, ExtraNic, ImageName, NetworkPool, QuotaExceeded, ResourceRef, Role, Spec, SpecName,
@@ -296,9 +296,10 @@ fn limits_from(
 }
 
 const OWNER_LIMITS: &str = "SELECT status, role, max_vms, max_clusters, max_ips, max_vcpus, \
-     max_memory_mib, max_disk_gib, ip_block FROM users WHERE username = $1";
+     max_memory_mib, max_disk_gib, ip_block, public_key FROM users WHERE username = $1";
 const OWNER_LIMITS_LOCKED: &str = "SELECT status, role, max_vms, max_clusters, max_ips, \
-     max_vcpus, max_memory_mib, max_disk_gib, ip_block FROM users WHERE username = $1 FOR UPDATE";
+     max_vcpus, max_memory_mib, max_disk_gib, ip_block, public_key FROM users \
+     WHERE username = $1 FOR UPDATE";
 
 /// The key of the PostgreSQL transaction-level advisory lock that serializes address picking
 /// over every replica ("bsph-ip").
@@ -342,6 +343,8 @@ pub(crate) struct Holdings {
     pub rows: Vec<Row>,
     /// Every address leased to a VM ([`taken_ips`]).
     pub taken: HashSet<String>,
+    /// The owner's SSH public key.
+    pub key: Option<String>,
 }
 
 /// [`owner_limits`], [`usage`], the rows of `rows` and [`taken_ips`] in one round trip. The
@@ -358,7 +361,13 @@ pub(crate) async fn holdings(
     stmts.extend(taken_ips_stmts(d));
     let mut res = tx.query_many(&stmts).await?.into_iter();
     let mut next = || res.next().unwrap_or_default();
-    let (quota, block, admin) = limits_from(next().first(), owner, pool)?;
+    let user = next();
+    let (quota, block, admin) = limits_from(user.first(), owner, pool)?;
+    let key = user
+        .first()
+        .map(|u| u.opt_text("public_key"))
+        .transpose()?
+        .flatten();
     let used = next()
         .first()
         .map(usage_from)
@@ -373,6 +382,7 @@ pub(crate) async fn holdings(
         used,
         rows,
         taken,
+        key,
     })
 }
 
@@ -486,7 +496,8 @@ async fn admit(
     extras: &AdmitExtras,
     pool: &NetworkPool,
     actor: &Actor,
-) -> std::result::Result<Vec<Admitted>, AdmitError> {
+    lease: Option<&LeaseTo>,
+) -> std::result::Result<(Vec<Admitted>, Vec<Claimed>, Option<String>), AdmitError> {
     let owner = req.owner.as_str();
     let names = stmt!("SELECT name FROM vms WHERE owner = $1", owner);
     let Holdings {
@@ -496,6 +507,7 @@ async fn admit(
         used,
         rows,
         taken: taken_ips,
+        key,
     } = holdings(tx, owner, pool, names).await?;
     let mut seen = HashSet::new();
     for n in &req.names {
@@ -583,8 +595,28 @@ async fn admit(
         ));
         admitted.push((at, operation_id));
     }
+    // The first `lease.max` workflows leased to the caller's node, their first step started.
+    let leased = match (lease, req.steps.first()) {
+        (Some(l), Some(first)) if l.max > 0 => {
+            let now = clock(tx).await?;
+            let new: Vec<(String, String, i64)> = admitted
+                .iter()
+                .take(l.max)
+                .map(|(_, op)| (op.clone(), first.name.clone(), first.timeout_ms))
+                .collect();
+            let at = writes.len();
+            let l = LeaseNew::new(tx.dialect(), &new, &l.node, now + l.lease_ms, now);
+            writes.extend_from_slice(l.stmts());
+            Some((at, l, now))
+        }
+        _ => None,
+    };
     let rows = tx.query_many(&writes).await?;
-    admitted
+    let claimed = match &leased {
+        Some((at, l, now)) => l.leased(&rows[*at..], *now)?,
+        None => vec![],
+    };
+    let admitted = admitted
         .into_iter()
         .map(|(i, operation_id)| {
             let row = rows[i]
@@ -595,7 +627,8 @@ async fn admit(
                 operation_id,
             })
         })
-        .collect()
+        .collect::<std::result::Result<Vec<_>, AdmitError>>()?;
+    Ok((admitted, claimed, key))
 }
 
 /// Marks a VM deleting and queues its delete workflow (see [`Store::begin_delete_vm`]).
@@ -687,10 +720,39 @@ impl Store {
         pool: &NetworkPool,
         actor: &Actor,
     ) -> std::result::Result<Vec<Admitted>, AdmitError> {
+        Ok(self
+            .admit_vms_leased(req, extras, pool, actor, None)
+            .await?
+            .0)
+    }
+
+    /// [`Store::admit_vms_with`] that also leases the first VMs' workflows to `lease`'s node
+    /// and starts their first step, in the same transaction; those workflows as claimed. The
+    /// step reads its VM without asking the database again.
+    pub async fn admit_vms_leased(
+        &self,
+        req: &AdmitRequest,
+        extras: &AdmitExtras,
+        pool: &NetworkPool,
+        actor: &Actor,
+        lease: Option<LeaseTo>,
+    ) -> std::result::Result<(Vec<Admitted>, Vec<Claimed>), AdmitError> {
         let (req, extras, pool, actor) = (req.clone(), extras.clone(), pool.clone(), actor.clone());
-        self.db
-            .write(move |tx| Box::pin(async move { admit(tx, &req, &extras, &pool, &actor).await }))
-            .await
+        let (admitted, claimed, key) = self
+            .db
+            .write(move |tx| {
+                Box::pin(
+                    async move { admit(tx, &req, &extras, &pool, &actor, lease.as_ref()).await },
+                )
+            })
+            .await?;
+        for (wf, _, _) in &claimed {
+            if let Some(a) = admitted.iter().find(|a| a.operation_id == wf.id) {
+                self.prefetched
+                    .put(a.vm.id.clone(), (a.vm.clone(), key.clone()));
+            }
+        }
+        Ok((admitted, claimed))
     }
 
     /// Marks a VM deleting and queues its delete workflow; returns the VM and operation id.

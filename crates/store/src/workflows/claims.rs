@@ -136,6 +136,117 @@ pub(crate) async fn lease_many(
     Ok(out)
 }
 
+/// Workflows just queued in the caller's transaction, to lease to `node` with their first
+/// step started, as [`lease_many`] would, but known runnable: its statements go in the caller's
+/// batch of writes (no round trip of their own). [`leased_new`] reads what they returned.
+pub(crate) struct LeaseNew {
+    stmts: Vec<Stmt>,
+    /// Each workflow's first step's name.
+    first: HashMap<String, String>,
+}
+
+impl LeaseNew {
+    /// `new`: each workflow's id, its first step's name and timeout (ms).
+    pub(crate) fn new(
+        d: Dialect,
+        new: &[(String, String, i64)],
+        node: &str,
+        lease_until: i64,
+        now: i64,
+    ) -> Self {
+        let ids: Vec<String> = new.iter().map(|(id, _, _)| id.clone()).collect();
+        let (mut starts, mut events) = (RowSet::new(STEP_START_ROW), RowSet::new(EVENT_ROW));
+        for (i, (id, step, timeout)) in new.iter().enumerate() {
+            starts.push(vec![
+                id.as_str().into(),
+                0i64.into(),
+                (now + timeout).into(),
+            ]);
+            events.push(vec![
+                (i as i64).into(),
+                id.as_str().into(),
+                step.as_str().into(),
+                "step_started".into(),
+                format!("{step} started").into(),
+            ]);
+        }
+        let lease = Stmt::new(
+            format!(
+                "UPDATE workflows SET lease_owner = $1, lease_until = $2, updated_at = $3,
+                     status = 'running'
+                 WHERE {} RETURNING {WF_COLS}",
+                id_in(d, "id", 4)
+            ),
+            vec![
+                node.into(),
+                lease_until.into(),
+                now.into(),
+                ids_arg(d, &ids),
+            ],
+        );
+        let steps = Stmt::new(
+            format!(
+                "SELECT * FROM workflow_steps WHERE {} ORDER BY workflow_id, idx",
+                id_in(d, "workflow_id", 1)
+            ),
+            vec![ids_arg(d, &ids)],
+        );
+        let mut stmts = vec![lease];
+        stmts.extend(start_steps(d, starts, now));
+        stmts.extend(append_events(d, events, now));
+        stmts.push(steps);
+        Self {
+            stmts,
+            first: new
+                .iter()
+                .map(|(id, step, _)| (id.clone(), step.clone()))
+                .collect(),
+        }
+    }
+
+    pub(crate) fn stmts(&self) -> &[Stmt] {
+        &self.stmts
+    }
+
+    /// The leased workflows from the rows of [`LeaseNew::stmts`] (in their order), at `now`.
+    pub(crate) fn leased(&self, results: &[Vec<crate::db::Row>], now: i64) -> Result<Vec<Claimed>> {
+        let [lease, _, events, steps] = results else {
+            return Err(crate::StoreError::Corrupt(
+                "workflows",
+                "a lease of new workflows returned the wrong number of results".into(),
+            ));
+        };
+        let mut by_wf: HashMap<String, Vec<StepRecord>> = HashMap::new();
+        for r in steps {
+            by_wf
+                .entry(r.text("workflow_id")?)
+                .or_default()
+                .push(step_from(r)?);
+        }
+        let seqs: HashMap<String, i64> = events
+            .iter()
+            .map(|r| Ok((r.text("workflow_id")?, r.int("seq")?)))
+            .collect::<Result<_>>()?;
+        lease
+            .iter()
+            .map(|r| {
+                let id = r.text("id")?;
+                let wf = workflow_from(r, by_wf.remove(&id).unwrap_or_default())?;
+                let step = self.first.get(&id).cloned().unwrap_or_default();
+                let ev = WorkflowEvent {
+                    seq: seqs.get(&id).copied().unwrap_or_default(),
+                    operation_id: id,
+                    at: now,
+                    message: format!("{step} started"),
+                    step: Some(step),
+                    kind: "step_started".into(),
+                };
+                Ok((wf, vec![ev], true))
+            })
+            .collect()
+    }
+}
+
 /// Each row's first column as text.
 fn ids(rows: Vec<crate::db::Row>) -> Result<Vec<String>> {
     rows.iter()

@@ -20,7 +20,7 @@ mod stats;
 
 pub use stats::WorkflowCounts;
 
-pub(crate) use claims::lease_many;
+pub(crate) use claims::{LeaseNew, lease_many};
 pub(crate) use ending::{
     ENDING_COLS, Ending, add_dep, ending_from, fill_batch_in, fill_stmts, finish_in, release_stmt,
 };
@@ -306,9 +306,7 @@ pub(crate) async fn clock(tx: &mut dyn Tx) -> Result<i64> {
     match tx.dialect() {
         Dialect::Sqlite => Ok(now_ms()),
         Dialect::Postgres => tx
-            .query_one(&stmt!(
-                "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)"
-            ))
+            .query_one(&stmt!(crate::db::postgres::READ_CLOCK))
             .await?
             .first_int()?
             .ok_or_else(|| StoreError::Corrupt("clock", "no time from the database".into())),
@@ -433,6 +431,16 @@ pub(crate) fn workflow_from(r: &impl Cols, steps: Vec<StepRecord>) -> Result<Wor
 
 /// A claimed workflow, the events of its claim, and whether the claim started its step.
 pub type Claimed = (Workflow, Vec<WorkflowEvent>, bool);
+
+/// A lease the transaction that queues workflows also takes on them for `node` (whose
+/// engine holds a free slot for each), starting their first step: the claim that would
+/// otherwise follow is saved. At most `max` are leased; the rest wait to be claimed.
+#[derive(Debug, Clone)]
+pub struct LeaseTo {
+    pub node: String,
+    pub lease_ms: i64,
+    pub max: usize,
+}
 
 /// A finishing batch node hands its slot to the next ready node of its batch: leased to the
 /// same node in the finishing transaction (for `lease_ms`), its first step started.

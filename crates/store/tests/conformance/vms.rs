@@ -6,7 +6,8 @@ use basphere_core::{
 };
 use basphere_store::{
     Actor, AdmitError, AdmitExtras, AdmitRequest, BatchError, BatchRequest, BatchVm, ClaimLimits,
-    DeleteError, ExtraNetwork, Hooks, NewRegistration, RetryCtx, Store, WorkflowOutcome,
+    DeleteError, ExtraNetwork, Hooks, LeaseTo, NewRegistration, RetryCtx, StepStatus, Store,
+    WorkflowOutcome, WorkflowStatus,
 };
 use std::collections::HashSet;
 
@@ -52,6 +53,9 @@ pub fn cases() -> Vec<Case> {
         ),
         ("batch_nodes_take_extras_and_the_disk_quota", |s| {
             Box::pin(batch_extras(s)) as Fut
+        }),
+        ("vms_admission_leases_its_first_workflows", |s| {
+            Box::pin(admission_leases(s)) as Fut
         }),
     ]
 }
@@ -1119,4 +1123,115 @@ async fn batch_extras(store: Store) {
     let nics: HashSet<_> = vms.iter().map(|v| v.extra_nics[0].ip.unwrap()).collect();
     assert_eq!(nics.len(), 2, "each node leased its own address");
     assert_eq!(store.usage("alice").await.unwrap().disk_gib, 150);
+}
+
+/// An admission that leases its first workflows to a node (whose engine holds a slot for
+/// each): they are running with their first step started, exactly as a claim leaves them; the
+/// others are left for any node to claim; a refused admission leases nothing.
+async fn admission_leases(store: Store) {
+    vm_hooks(&store);
+    let alice = user(&store, "alice", 4).await;
+    let lease = |max| LeaseTo {
+        node: "n1".into(),
+        lease_ms: 60_000,
+        max,
+    };
+    let r = req(&alice, &["a", "b", "c"], small());
+    let (admitted, claimed) = store
+        .admit_vms_leased(
+            &r,
+            &AdmitExtras::default(),
+            &pool(),
+            &actor(),
+            Some(lease(2)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(admitted.len(), 3);
+    assert_eq!(claimed.len(), 2);
+    let ops: HashSet<&str> = admitted[..2]
+        .iter()
+        .map(|a| a.operation_id.as_str())
+        .collect();
+    for (wf, evs, started) in &claimed {
+        assert!(
+            ops.contains(wf.id.as_str()),
+            "leased {} not among the first two",
+            wf.id
+        );
+        assert!(*started);
+        assert_eq!((wf.status, wf.step), (WorkflowStatus::Running, 0));
+        assert_eq!(wf.steps.len(), 2);
+        assert_eq!(
+            (wf.steps[0].status, wf.steps[0].attempts),
+            (StepStatus::Running, 1)
+        );
+        assert_eq!(wf.steps[1].status, StepStatus::Pending);
+        // What it returned is what is stored, and its event is in the log.
+        let stored = store.workflow(&wf.id).await.unwrap().unwrap();
+        assert_eq!(stored.status, WorkflowStatus::Running);
+        assert_eq!(stored.steps[0].status, StepStatus::Running);
+        assert_eq!(stored.steps[0].deadline_at, wf.steps[0].deadline_at);
+        assert_eq!(evs.len(), 1);
+        assert_eq!(
+            (evs[0].kind.as_str(), evs[0].step.as_deref()),
+            ("step_started", Some("clone"))
+        );
+        let log = store.events(&wf.id, 0).await.unwrap();
+        assert!(
+            log.iter()
+                .any(|e| e.seq == evs[0].seq && e.kind == "step_started"),
+            "{log:?}"
+        );
+        // The first step reads its VM (and the owner's key) without asking again.
+        let vm = wf.resource.as_ref().unwrap().id.clone();
+        let (v, key) = store.vm_and_key(&vm).await.unwrap().unwrap();
+        assert_eq!((v.id.as_str(), key.as_deref()), (vm.as_str(), Some(KEY)));
+    }
+    // Leased to n1: another node claims only the third.
+    let runs = vec!["create_vm".to_string()];
+    let other = store
+        .claim_many("n2", 60_000, &ClaimLimits::default(), 8, &runs)
+        .await
+        .unwrap();
+    assert_eq!(
+        other.iter().map(|c| c.0.id.as_str()).collect::<Vec<_>>(),
+        vec![admitted[2].operation_id.as_str()]
+    );
+    // Refused (over the quota of 4): nothing stored, nothing leased.
+    let e = store
+        .admit_vms_leased(
+            &req(&alice, &["d", "e"], small()),
+            &AdmitExtras::default(),
+            &pool(),
+            &actor(),
+            Some(lease(2)),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, AdmitError::Quota(..)), "{e:?}");
+    assert!(
+        store
+            .claim_many("n2", 60_000, &ClaimLimits::default(), 8, &runs)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // No slot to give: queued, not leased.
+    let (one, none) = store
+        .admit_vms_leased(
+            &req(&alice, &["d"], small()),
+            &AdmitExtras::default(),
+            &pool(),
+            &actor(),
+            Some(lease(0)),
+        )
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+    let got = store
+        .claim_many("n2", 60_000, &ClaimLimits::default(), 8, &runs)
+        .await
+        .unwrap();
+    assert_eq!(got[0].0.id, one[0].operation_id);
 }
