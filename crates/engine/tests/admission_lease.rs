@@ -1,27 +1,10 @@
 //! Work leased at admission: the admitting transaction leases new workflows to this node's
 //! free engine slots, and the engine runs them without claiming them.
 mod common;
-use basphere_core::{VmOperation, VmStatus};
-use basphere_store::{Actor, AdmitExtras, AdmitRequest, ClaimLimits, WorkflowStatus};
+use basphere_core::VmStatus;
+use basphere_store::{Actor, AdmitExtras, ClaimLimits, WorkflowStatus};
 use common::*;
 use std::time::Duration;
-
-fn req(owner: &basphere_core::Username, names: &[&str]) -> AdmitRequest {
-    AdmitRequest {
-        owner: owner.clone(),
-        names: names.iter().map(|n| n.parse().unwrap()).collect(),
-        os: "debian-12".parse().unwrap(),
-        login_user: "debian".into(),
-        spec_name: "tiny".parse().unwrap(),
-        spec: basphere_core::Spec {
-            vcpus: 1,
-            memory_mib: 1024,
-            disk_gib: 10,
-        },
-        provider: "null".into(),
-        steps: vm_steps(VmOperation::Create),
-    }
-}
 
 /// Reserves up to `n` slots once the engine runs.
 async fn reserve(e: &basphere_engine::Engine, n: usize) -> basphere_engine::Reservation {
@@ -56,7 +39,7 @@ async fn leased_at_admission_the_engine_runs_each_once() {
     assert_eq!((lease.node.as_str(), lease.max), ("n1", 2));
     let (admitted, claimed) = store
         .admit_vms_leased(
-            &req(&u, &["a", "b", "c"]),
+            &create_req(&u, &["a", "b", "c"]),
             &AdmitExtras::default(),
             &pool(),
             &Actor::new("test", "test"),

@@ -4,7 +4,7 @@
 mod common;
 use basphere_core::VmStatus;
 use basphere_provider::NullProvider;
-use basphere_store::{Actor, AdmitRequest, OpError, Store, WorkflowStatus};
+use basphere_store::{Actor, OpError, Store, WorkflowStatus};
 use common::*;
 use std::sync::Arc;
 
@@ -14,24 +14,7 @@ fn admin() -> Actor {
 
 async fn admit(store: &Store, owner: &basphere_core::Username, name: &str) -> (String, String) {
     let a = store
-        .admit_vms(
-            &AdmitRequest {
-                owner: owner.clone(),
-                names: vec![name.parse().unwrap()],
-                os: "debian-12".parse().unwrap(),
-                login_user: "debian".into(),
-                spec_name: "tiny".parse().unwrap(),
-                spec: basphere_core::Spec {
-                    vcpus: 1,
-                    memory_mib: 512,
-                    disk_gib: 5,
-                },
-                provider: "null".into(),
-                steps: vm_steps(basphere_core::VmOperation::Create),
-            },
-            &pool(),
-            &admin(),
-        )
+        .admit_vms(&create_req(owner, &[name]), &pool(), &admin())
         .await
         .unwrap();
     (

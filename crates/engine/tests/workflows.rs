@@ -2,9 +2,7 @@
 mod common;
 use basphere_core::VmStatus;
 use basphere_provider::NullProvider;
-use basphere_store::{
-    Actor, AdmitRequest, BatchRequest, BatchVm, BatchWork, StepStatus, WorkflowStatus,
-};
+use basphere_store::{Actor, BatchRequest, BatchVm, BatchWork, StepStatus, WorkflowStatus};
 use common::*;
 use serde_json::json;
 use std::sync::Arc;
@@ -53,24 +51,7 @@ async fn vm_create_failing_releases_address_and_quota_and_marks_the_vm_failed() 
     let e = engine(&store, provider.clone(), engine_cfg("n1"));
     let _stop = start(&e);
     let a = store
-        .admit_vms(
-            &AdmitRequest {
-                owner: u.clone(),
-                names: vec!["fail-web".parse().unwrap()],
-                os: "debian-12".parse().unwrap(),
-                login_user: "debian".into(),
-                spec_name: "tiny".parse().unwrap(),
-                spec: basphere_core::Spec {
-                    vcpus: 2,
-                    memory_mib: 4096,
-                    disk_gib: 50,
-                },
-                provider: "null".into(),
-                steps: vm_steps(basphere_core::VmOperation::Create),
-            },
-            &pool(),
-            &admin(),
-        )
+        .admit_vms(&create_req(&u, &["fail-web"]), &pool(), &admin())
         .await
         .unwrap();
     e.wake();

@@ -132,6 +132,25 @@ pub fn vm_steps(op: basphere_core::VmOperation) -> Vec<basphere_store::NewStep> 
         .collect()
 }
 
+/// A create of VMs `names` of `owner` (1 vCPU, 1 GiB, 10 GiB) on the null provider.
+#[allow(dead_code)]
+pub fn create_req(owner: &Username, names: &[&str]) -> basphere_store::AdmitRequest {
+    basphere_store::AdmitRequest {
+        owner: owner.clone(),
+        names: names.iter().map(|n| n.parse().unwrap()).collect(),
+        os: "debian-12".parse().unwrap(),
+        login_user: "debian".into(),
+        spec_name: "tiny".parse().unwrap(),
+        spec: basphere_core::Spec {
+            vcpus: 1,
+            memory_mib: 1024,
+            disk_gib: 10,
+        },
+        provider: "null".into(),
+        steps: vm_steps(basphere_core::VmOperation::Create),
+    }
+}
+
 /// A ledger workflow of `steps` steps with `input`.
 pub fn ledger_workflow(steps: usize, input: serde_json::Value) -> NewWorkflow {
     let mut w = NewWorkflow::new(

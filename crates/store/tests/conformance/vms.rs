@@ -1199,14 +1199,7 @@ async fn admission_leases(store: Store) {
         vec![admitted[2].operation_id.as_str()]
     );
     // Refused (over the quota of 4): nothing stored, nothing leased.
-    let e = store
-        .admit_vms_leased(
-            &req(&alice, &["d", "e"], small()),
-            &AdmitExtras::default(),
-            &pool(),
-            &actor(),
-            Some(lease(2)),
-        )
+    let e = admit_leased(&store, &alice, &["d", "e"], 2)
         .await
         .unwrap_err();
     assert!(matches!(e, AdmitError::Quota(..)), "{e:?}");
@@ -1218,20 +1211,34 @@ async fn admission_leases(store: Store) {
             .is_empty()
     );
     // No slot to give: queued, not leased.
-    let (one, none) = store
-        .admit_vms_leased(
-            &req(&alice, &["d"], small()),
-            &AdmitExtras::default(),
-            &pool(),
-            &actor(),
-            Some(lease(0)),
-        )
-        .await
-        .unwrap();
+    let (one, none) = admit_leased(&store, &alice, &["d"], 0).await.unwrap();
     assert!(none.is_empty());
     let got = store
         .claim_many("n2", 60_000, &ClaimLimits::default(), 8, &runs)
         .await
         .unwrap();
     assert_eq!(got[0].0.id, one[0].operation_id);
+}
+
+/// Admits `ns` of `owner`, leasing up to `max` of their workflows to node `n1`.
+async fn admit_leased(
+    store: &Store,
+    owner: &Username,
+    ns: &[&str],
+    max: usize,
+) -> Result<(Vec<basphere_store::Admitted>, Vec<basphere_store::Claimed>), AdmitError> {
+    let lease = LeaseTo {
+        node: "n1".into(),
+        lease_ms: 60_000,
+        max,
+    };
+    store
+        .admit_vms_leased(
+            &req(owner, ns, small()),
+            &AdmitExtras::default(),
+            &pool(),
+            &actor(),
+            Some(lease),
+        )
+        .await
 }
