@@ -372,6 +372,11 @@ pub(crate) trait Tx: Send {
     fn began_at(&self) -> Option<i64> {
         None
     }
+    /// Begins the transaction now if the backend defers it to the first statements (then
+    /// [`Tx::began_at`] knows the clock without a statement of its own).
+    async fn begin_now(&mut self) -> Result<()> {
+        Ok(())
+    }
     /// Runs a statement; the number of rows it changed.
     async fn exec(&mut self, s: &Stmt) -> Result<u64>;
     /// Runs a query; every row.

@@ -277,6 +277,10 @@ impl Tx for PgTx<'_> {
         self.now
     }
 
+    async fn begin_now(&mut self) -> Result<()> {
+        self.first(async { Ok(()) }).await
+    }
+
     async fn exec(&mut self, s: &Stmt) -> Result<u64> {
         Ok(self.exec_many(std::slice::from_ref(s)).await?[0])
     }

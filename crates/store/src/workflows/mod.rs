@@ -300,6 +300,10 @@ pub(crate) fn insert_stmts(w: &NewWorkflow, id: &str, parent: Option<&str>, now:
 /// The current time in Unix milliseconds by the database's clock on PostgreSQL (leases of
 /// several replicas compare against one clock), by this machine's on SQLite.
 pub(crate) async fn clock(tx: &mut dyn Tx) -> Result<i64> {
+    if tx.began_at().is_none() {
+        // A transaction asking for the clock first begins alone: its `BEGIN` reads it.
+        tx.begin_now().await?;
+    }
     if let Some(now) = tx.began_at() {
         return Ok(now);
     }
