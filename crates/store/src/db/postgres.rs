@@ -110,8 +110,9 @@ fn params(s: &Stmt) -> Vec<&(dyn ToSql + Sync)> {
     s.args.iter().map(|a| a as &(dyn ToSql + Sync)).collect()
 }
 
-/// A transaction on one pooled connection. Its `BEGIN` is not sent on its own: it goes
-/// with the transaction's first statements, in their round trip.
+/// A transaction on one pooled connection. Its `BEGIN` goes with the transaction's first
+/// statements, in their round trip, unless the transaction asks for the clock first
+/// ([`Tx::begin_now`]).
 pub(crate) struct PgTx<'c> {
     tx: &'c deadpool_postgres::ClientWrapper,
     /// What it appended to the event log (then its commit tells the other replicas).
