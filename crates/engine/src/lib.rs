@@ -310,9 +310,7 @@ impl Engine {
     /// Dropped unused, the slots are free again.
     pub fn reserve(&self, n: usize) -> Option<Reservation> {
         let inner = &self.inner;
-        let l = &inner.cfg.limits;
-        let limited = l.per_user.is_some() || l.per_provider.is_some() || l.per_host.is_some();
-        if limited || !inner.running.load(std::sync::atomic::Ordering::Acquire) {
+        if inner.cfg.limits.any() || !inner.running.load(std::sync::atomic::Ordering::Acquire) {
             return None;
         }
         let mut permits = vec![];
@@ -660,10 +658,7 @@ impl Engine {
                         });
                         let last = next.is_none();
                         // Without limits a finishing batch node leases its batch's next one.
-                        let l = &self.inner.cfg.limits;
-                        let unlimited = l.per_user.is_none()
-                            && l.per_provider.is_none()
-                            && l.per_host.is_none();
+                        let unlimited = !self.inner.cfg.limits.any();
                         let handoff =
                             (last && unlimited && wf.batch_id.is_some()).then(|| Handoff {
                                 lease_ms: self.inner.cfg.lease.as_millis() as i64,

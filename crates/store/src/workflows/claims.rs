@@ -92,23 +92,16 @@ pub(crate) async fn lease_many(
         {
             let rec = &mut wf.steps[i];
             let d = rec.timeout_ms;
-            starts.push(vec![id.as_str().into(), rec.idx.into(), (now + d).into()]);
-            let message = format!("{} started", rec.name);
-            events.push(vec![
-                (events.len() as i64).into(),
-                id.as_str().into(),
-                rec.name.as_str().into(),
-                "step_started".into(),
-                message.as_str().into(),
-            ]);
-            evs.push(WorkflowEvent {
-                seq: 0,
-                operation_id: id.clone(),
-                at: now,
-                step: Some(rec.name.clone()),
-                kind: "step_started".into(),
-                message,
-            });
+            let idx = i64::from(rec.idx);
+            evs.push(start_one(
+                &mut starts,
+                &mut events,
+                id,
+                idx,
+                &rec.name,
+                d,
+                now,
+            ));
             rec.status = StepStatus::Running;
             rec.attempts += 1;
             rec.started_at = Some(now);
@@ -141,8 +134,8 @@ pub(crate) async fn lease_many(
 /// batch of writes (no round trip of their own). [`leased_new`] reads what they returned.
 pub(crate) struct LeaseNew {
     stmts: Vec<Stmt>,
-    /// Each workflow's first step's name.
-    first: HashMap<String, String>,
+    /// Each workflow's `step_started` event (its number comes with the results).
+    started: HashMap<String, WorkflowEvent>,
 }
 
 impl LeaseNew {
@@ -156,20 +149,13 @@ impl LeaseNew {
     ) -> Self {
         let ids: Vec<String> = new.iter().map(|(id, _, _)| id.clone()).collect();
         let (mut starts, mut events) = (RowSet::new(STEP_START_ROW), RowSet::new(EVENT_ROW));
-        for (i, (id, step, timeout)) in new.iter().enumerate() {
-            starts.push(vec![
-                id.as_str().into(),
-                0i64.into(),
-                (now + timeout).into(),
-            ]);
-            events.push(vec![
-                (i as i64).into(),
-                id.as_str().into(),
-                step.as_str().into(),
-                "step_started".into(),
-                format!("{step} started").into(),
-            ]);
-        }
+        let started = new
+            .iter()
+            .map(|(id, step, timeout)| {
+                let ev = start_one(&mut starts, &mut events, id, 0, step, *timeout, now);
+                (id.clone(), ev)
+            })
+            .collect();
         let lease = Stmt::new(
             format!(
                 "UPDATE workflows SET lease_owner = $1, lease_until = $2, updated_at = $3,
@@ -195,21 +181,15 @@ impl LeaseNew {
         stmts.extend(start_steps(d, starts, now));
         stmts.extend(append_events(d, events, now));
         stmts.push(steps);
-        Self {
-            stmts,
-            first: new
-                .iter()
-                .map(|(id, step, _)| (id.clone(), step.clone()))
-                .collect(),
-        }
+        Self { stmts, started }
     }
 
     pub(crate) fn stmts(&self) -> &[Stmt] {
         &self.stmts
     }
 
-    /// The leased workflows from the rows of [`LeaseNew::stmts`] (in their order), at `now`.
-    pub(crate) fn leased(&self, results: &[Vec<crate::db::Row>], now: i64) -> Result<Vec<Claimed>> {
+    /// The leased workflows from the rows of [`LeaseNew::stmts`] (in their order).
+    pub(crate) fn leased(&self, results: &[Vec<crate::db::Row>]) -> Result<Vec<Claimed>> {
         let [lease, _, events, steps] = results else {
             return Err(crate::StoreError::Corrupt(
                 "workflows",
@@ -232,18 +212,43 @@ impl LeaseNew {
             .map(|r| {
                 let id = r.text("id")?;
                 let wf = workflow_from(r, by_wf.remove(&id).unwrap_or_default())?;
-                let step = self.first.get(&id).cloned().unwrap_or_default();
-                let ev = WorkflowEvent {
-                    seq: seqs.get(&id).copied().unwrap_or_default(),
-                    operation_id: id,
-                    at: now,
-                    message: format!("{step} started"),
-                    step: Some(step),
-                    kind: "step_started".into(),
-                };
-                Ok((wf, vec![ev], true))
+                let evs = self.started.get(&id).cloned().map(|mut ev| {
+                    ev.seq = seqs.get(&id).copied().unwrap_or_default();
+                    ev
+                });
+                Ok((wf, evs.into_iter().collect(), true))
             })
             .collect()
+    }
+}
+
+/// Adds the start of step `idx` (`name`, its timeout `timeout_ms`) of workflow `id` at `now`
+/// to `starts`, and its `step_started` event to `events`; the event (numbered when appended).
+fn start_one(
+    starts: &mut RowSet,
+    events: &mut RowSet,
+    id: &str,
+    idx: i64,
+    name: &str,
+    timeout_ms: i64,
+    now: i64,
+) -> WorkflowEvent {
+    starts.push(vec![id.into(), idx.into(), (now + timeout_ms).into()]);
+    let message = format!("{name} started");
+    events.push(vec![
+        (events.len() as i64).into(),
+        id.into(),
+        name.into(),
+        "step_started".into(),
+        message.as_str().into(),
+    ]);
+    WorkflowEvent {
+        seq: 0,
+        operation_id: id.to_string(),
+        at: now,
+        step: Some(name.to_string()),
+        kind: "step_started".into(),
+        message,
     }
 }
 
@@ -262,8 +267,7 @@ async fn claim_in(
     max: i64,
     runs: Option<&[String]>,
 ) -> Result<Vec<Claimed>> {
-    let limited =
-        limits.per_user.is_some() || limits.per_provider.is_some() || limits.per_host.is_some();
+    let limited = limits.any();
     if limited && tx.dialect() == Dialect::Postgres {
         tx.query(&stmt!("SELECT pg_advisory_xact_lock($1)", CLAIM_LOCK))
             .await?;
@@ -402,8 +406,7 @@ impl Store {
         max: usize,
         runs: Option<Vec<String>>,
     ) -> Result<Vec<Claimed>> {
-        let limited =
-            limits.per_user.is_some() || limits.per_provider.is_some() || limits.per_host.is_some();
+        let limited = limits.any();
         let max = if limited { 1 } else { max.max(1) } as i64;
         let (node, limits) = (node.to_string(), *limits);
         self.db

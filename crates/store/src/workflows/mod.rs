@@ -200,6 +200,13 @@ pub struct ClaimLimits {
     pub per_host: Option<u32>,
 }
 
+impl ClaimLimits {
+    /// Whether any limit is set (then every workflow goes through a counted claim).
+    pub fn any(&self) -> bool {
+        self.per_user.is_some() || self.per_provider.is_some() || self.per_host.is_some()
+    }
+}
+
 /// What a finished step commits together with its completion.
 #[derive(Debug, Clone, Default)]
 pub struct StepCommit {
