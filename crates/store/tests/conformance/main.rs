@@ -6,6 +6,8 @@
 
 mod audit;
 mod backup;
+mod batches;
+mod extras;
 mod users;
 mod vms;
 mod workflows;
@@ -26,6 +28,8 @@ fn all() -> Vec<Case> {
     v.extend(audit::cases());
     v.extend(users::cases());
     v.extend(vms::cases());
+    v.extend(batches::cases());
+    v.extend(extras::cases());
     v.extend(workflows::cases());
     v
 }
@@ -34,6 +38,7 @@ fn all_replicated() -> Vec<ReplicaCase> {
     let mut v = vec![];
     v.extend(users::replica_cases());
     v.extend(vms::replica_cases());
+    v.extend(extras::replica_cases());
     v.extend(workflows::replica_cases());
     v
 }

@@ -1,0 +1,338 @@
+//! Advancing one workflow: its steps in order under a lease, and undoing them in reverse.
+
+use crate::{Engine, StepCtx, StepError, WorkflowDef};
+use basphere_store::{
+    Claimed, Handoff, NextStep, Reopen, StepStatus, StoreError, Workflow, WorkflowOutcome,
+    WorkflowStatus,
+};
+use std::time::Duration;
+use tokio::sync::watch;
+use tracing::warn;
+
+impl Engine {
+    /// Runs one claimed workflow as far as it goes now, renewing its lease meanwhile. Returns
+    /// the batch node it handed its slot to, if any (leased to this node, to drive next).
+    pub(crate) async fn drive(&self, wf: Workflow, started: bool) -> Option<Claimed> {
+        let (lost_tx, mut lost_rx) = watch::channel(false);
+        let hb = {
+            let store = self.inner.store.clone();
+            let node = self.inner.cfg.node_id.clone();
+            let lease = self.inner.cfg.lease;
+            let id = wf.id.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(lease / 3).await;
+                    if let Err(e) = store
+                        .renew_lease(&id, &node, lease.as_millis() as i64)
+                        .await
+                    {
+                        if matches!(e, StoreError::LeaseLost(_)) {
+                            let _ = lost_tx.send(true);
+                            return;
+                        }
+                        warn!(workflow = %id, error = %e, "lease renewal failed");
+                    }
+                }
+            })
+        };
+        let id = wf.id.clone();
+        let mut handed = None;
+        tokio::select! {
+            r = self.advance(wf, started) => {
+                match r {
+                    Ok(h) => handed = h,
+                    Err(e) => {
+                    if matches!(e, StoreError::LeaseLost(_)) {
+                        warn!(workflow = %id, "lost the lease; another node continues");
+                    } else {
+                        warn!(workflow = %id, error = %e, "workflow stopped on a store error; it resumes when its lease expires");
+                    }
+                    }
+                }
+            }
+            _ = lost_rx.wait_for(|l| *l) => {
+                warn!(workflow = %id, "lease lost mid-step; abandoning it to the new holder");
+            }
+        }
+        hb.abort();
+        handed
+    }
+
+    async fn advance(
+        &self,
+        wf: Workflow,
+        mut started: bool,
+    ) -> Result<Option<Claimed>, StoreError> {
+        let store = &self.inner.store;
+        let node = &self.inner.cfg.node_id;
+        let Some(def) = self.def(&wf.definition) else {
+            // Another node (a newer version) may know this definition; look again later.
+            warn!(workflow = %wf.id, definition = %wf.definition, "no definition for this workflow here");
+            store.release_workflow(&wf.id, node, 5_000).await?;
+            return Ok(None);
+        };
+        let mut step = wf.step;
+        let mut undoing = wf.status == WorkflowStatus::Undoing;
+        if !undoing && wf.cancel_requested {
+            self.emit(
+                store
+                    .begin_cancel(&wf.id, node, step - 1, "cancelled on request")
+                    .await?,
+            );
+            undoing = true;
+        }
+        if !undoing {
+            let n = wf.steps.len();
+            // Whether the loaded step record already counts the current attempt (the claim
+            // started it); steps started by a later commit are one attempt behind in `wf`.
+            let mut counted = started;
+            while (step as usize) < n {
+                let rec = &wf.steps[step as usize];
+                let idx = rec.idx;
+                let spec = def.step(&rec.name);
+                // The timeout stored when the workflow was queued, not today's definition.
+                let deadline = Duration::from_millis(rec.timeout_ms.max(0) as u64);
+                if !started {
+                    self.emit(
+                        store
+                            .step_started(&wf.id, idx, &rec.name, node, rec.timeout_ms)
+                            .await?,
+                    );
+                }
+                let attempts = if counted {
+                    rec.attempts
+                } else {
+                    rec.attempts + 1
+                };
+                counted = false;
+                let ctx = StepCtx {
+                    engine: self,
+                    workflow: &wf,
+                    idx,
+                    name: &rec.name,
+                    idem_key: &rec.idem_key,
+                    attempt: attempts,
+                    deadline,
+                };
+                let t0 = std::time::Instant::now();
+                let result = match tokio::time::timeout(deadline, def.run(&ctx)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(StepError::retryable(format!(
+                        "{} did not finish within {}s",
+                        rec.name,
+                        deadline.as_secs_f64()
+                    ))),
+                };
+                let outcome = match &result {
+                    Ok(_) => "ok",
+                    Err(e) if e.is_retryable() && attempts < spec.retry.max_attempts => "retry",
+                    Err(_) => "failed",
+                };
+                step_metrics(&wf.definition, &rec.name, outcome, t0.elapsed());
+                match result {
+                    Ok(commit) if !commit.children.is_empty() => {
+                        // The parent waits, unleased, for its children; it is claimed again
+                        // (by any node) when the last one ends.
+                        let (evs, cancel, _) = store
+                            .step_done_handoff(
+                                &wf.id, idx, &rec.name, node, &commit, None, false, None,
+                            )
+                            .await?;
+                        self.emit_all(evs);
+                        self.wake();
+                        if !cancel {
+                            return Ok(None);
+                        }
+                        step += 1;
+                        self.emit(
+                            store
+                                .begin_cancel(&wf.id, node, step - 1, "cancelled on request")
+                                .await?,
+                        );
+                        undoing = true;
+                        break;
+                    }
+                    Ok(commit) => {
+                        let next = wf.steps.get(step as usize + 1).map(|r| NextStep {
+                            idx: r.idx,
+                            name: &r.name,
+                            deadline_ms: r.timeout_ms,
+                        });
+                        let last = next.is_none();
+                        // Without limits a finishing batch node leases its batch's next one.
+                        let unlimited = !self.inner.cfg.limits.any();
+                        let handoff =
+                            (last && unlimited && wf.batch_id.is_some()).then(|| Handoff {
+                                lease_ms: self.inner.cfg.lease.as_millis() as i64,
+                            });
+                        let (evs, cancel, handed) = store
+                            .step_done_handoff(
+                                &wf.id, idx, &rec.name, node, &commit, next, true, handoff,
+                            )
+                            .await?;
+                        self.emit_all(evs);
+                        step += 1;
+                        started = true;
+                        if last && !cancel {
+                            return Ok(handed);
+                        }
+                        if cancel {
+                            self.emit(
+                                store
+                                    .begin_cancel(&wf.id, node, step - 1, "cancelled on request")
+                                    .await?,
+                            );
+                            undoing = true;
+                            break;
+                        }
+                    }
+                    Err(e) if e.is_retryable() && attempts < spec.retry.max_attempts => {
+                        let delay = spec.retry.delay(attempts);
+                        self.emit(
+                            store
+                                .step_retry(
+                                    &wf.id,
+                                    idx,
+                                    &rec.name,
+                                    node,
+                                    e.message(),
+                                    delay.as_millis() as i64,
+                                )
+                                .await?,
+                        );
+                        self.wake();
+                        return Ok(None);
+                    }
+                    Err(e) => {
+                        let msg = if e.is_retryable() {
+                            format!("{} (gave up after {attempts} attempts)", e.message())
+                        } else {
+                            e.message().to_string()
+                        };
+                        self.emit(store.begin_undo(&wf.id, idx, &rec.name, node, &msg).await?);
+                        undoing = true;
+                        break;
+                    }
+                }
+            }
+            if !undoing {
+                self.emit_all(
+                    store
+                        .finish_workflow(&wf.id, node, &WorkflowOutcome::Succeeded)
+                        .await?,
+                );
+                return Ok(None);
+            }
+        }
+        self.undo(&*def, &wf.id).await.map(|()| None)
+    }
+
+    /// Rolls back workflow `id` — a child its caller spawned — undoing its done steps in
+    /// reverse with its own definition, on this node; it ends `cancelled` with `reason` (its
+    /// hooks apply that to its resource). Nothing to do if it failed or was cancelled already.
+    /// A child still running is asked to cancel and gives a retryable error, as does one that
+    /// another node is undoing: the caller's undo tries again.
+    pub async fn roll_back(&self, id: &str, reason: &str) -> Result<(), StepError> {
+        let node = &self.inner.cfg.node_id;
+        let lease = self.inner.cfg.lease.as_millis() as i64;
+        let wf = match self
+            .inner
+            .store
+            .reopen_for_undo(id, node, lease, reason)
+            .await
+        {
+            Ok(Some(wf)) => wf,
+            Ok(None) => return Ok(()),
+            Err(Reopen::Busy(_)) => {
+                self.wake();
+                return Err(StepError::retryable(format!(
+                    "child {id} is still running or being undone elsewhere"
+                )));
+            }
+            Err(Reopen::Store(e)) => {
+                return Err(StepError::retryable(format!("rolling back {id}: {e}")));
+            }
+        };
+        let Some(def) = self.def(&wf.definition) else {
+            return Err(StepError::permanent(format!(
+                "child {id} has definition {} that this node does not know",
+                wf.definition
+            )));
+        };
+        self.undo(&*def, id)
+            .await
+            .map_err(|e| StepError::retryable(format!("rolling back {id}: {e}")))
+    }
+
+    /// Undoes the done steps of an undoing workflow in reverse, then ends it.
+    async fn undo(&self, def: &dyn WorkflowDef, id: &str) -> Result<(), StoreError> {
+        let store = &self.inner.store;
+        let node = &self.inner.cfg.node_id;
+        let wf = store.workflow(id).await?.ok_or_else(|| {
+            StoreError::Corrupt("workflows", "workflow vanished while undoing".into())
+        })?;
+        let reason = wf.error.clone().unwrap_or_else(|| "failed".into());
+        let end = |msg: String| {
+            if wf.cancel_requested {
+                WorkflowOutcome::Cancelled(msg)
+            } else {
+                WorkflowOutcome::Failed(msg)
+            }
+        };
+        let mut step = wf.step.min(wf.steps.len() as i64 - 1);
+        while step >= 0 {
+            let rec = &wf.steps[step as usize];
+            if rec.status == StepStatus::Done {
+                let spec = def.step(&rec.name);
+                let mut attempt = 0;
+                loop {
+                    let ctx = StepCtx {
+                        engine: self,
+                        workflow: &wf,
+                        idx: rec.idx,
+                        name: &rec.name,
+                        idem_key: &rec.idem_key,
+                        attempt: attempt + 1,
+                        deadline: spec.deadline,
+                    };
+                    let r = match tokio::time::timeout(spec.deadline, def.undo(&ctx)).await {
+                        Ok(r) => r,
+                        Err(_) => Err(StepError::retryable(format!(
+                            "undo of {} timed out",
+                            rec.name
+                        ))),
+                    };
+                    match r {
+                        Ok(()) => break,
+                        Err(e) if attempt + 1 < spec.retry.max_attempts => {
+                            attempt += 1;
+                            warn!(workflow = %wf.id, step = %rec.name, error = %e, "undo failed; retrying");
+                            tokio::time::sleep(spec.retry.delay(attempt)).await;
+                        }
+                        Err(e) => {
+                            let msg = format!(
+                                "{reason}; and undoing {} failed too: {e} — what it made is left \
+                                 in place",
+                                rec.name
+                            );
+                            self.emit_all(store.finish_workflow(&wf.id, node, &end(msg)).await?);
+                            return Ok(());
+                        }
+                    }
+                }
+                self.emit(store.step_undone(&wf.id, rec.idx, &rec.name, node).await?);
+            }
+            step -= 1;
+        }
+        self.emit_all(store.finish_workflow(&wf.id, node, &end(reason)).await?);
+        Ok(())
+    }
+}
+
+/// A step run's duration by definition, step and outcome (`ok`; `retry`: failed, to be tried
+/// again — the retries are this histogram's count with that outcome; `failed`: given up).
+fn step_metrics(definition: &str, step: &str, outcome: &'static str, took: Duration) {
+    metrics::histogram!("basphere_step_duration_seconds",
+        "definition" => definition.to_string(), "step" => step.to_string(), "outcome" => outcome)
+    .record(took.as_secs_f64());
+}
