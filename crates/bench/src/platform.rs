@@ -78,17 +78,7 @@ pub async fn run(bench: &Bench, dir: &Path, a: &Args) -> anyhow::Result<()> {
             .as_str()
             .unwrap_or_default()
             .to_string();
-        loop {
-            if let Some(call) = provider
-                .calls()
-                .into_iter()
-                .find(|c| c.instance == inst && c.phase == "start")
-            {
-                lat.push(call.at.duration_since(t0));
-                break;
-            }
-            tokio::time::sleep(Duration::from_micros(200)).await;
-        }
+        lat.push(provider.called(&inst, "start").await.duration_since(t0));
     }
     lat.sort();
     replied.sort();

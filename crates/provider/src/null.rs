@@ -34,6 +34,8 @@ pub struct NullProvider {
     /// What every [`NodeCommands::run`] returns (default: exit 0, no output).
     pub command_output: CommandOutput,
     calls: Mutex<Vec<NullProviderCall>>,
+    /// Woken at every call recorded ([`NullProvider::called`] waits on it).
+    recorded: tokio::sync::Notify,
     state: Mutex<HashMap<String, MachineState>>,
 }
 
@@ -59,12 +61,33 @@ impl NullProvider {
         self.calls.lock().unwrap().clone()
     }
 
+    /// When `instance` was first asked for `phase`, waiting until it is: a watcher costs
+    /// nothing while it waits (unlike polling [`NullProvider::calls`], which copies them all).
+    pub async fn called(&self, instance: &str, phase: &str) -> Instant {
+        loop {
+            let mut woken = std::pin::pin!(self.recorded.notified());
+            woken.as_mut().enable();
+            let at = self
+                .calls
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|c| c.instance == instance && c.phase == phase)
+                .map(|c| c.at);
+            if let Some(at) = at {
+                return at;
+            }
+            woken.await;
+        }
+    }
+
     async fn record(&self, phase: &'static str, vm: &VmRequest) -> Result<()> {
         self.calls.lock().unwrap().push(NullProviderCall {
             phase,
             instance: vm.instance.clone(),
             at: Instant::now(),
         });
+        self.recorded.notify_waiters();
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
         }
