@@ -73,6 +73,29 @@ async fn leased_at_admission_the_engine_runs_each_once() {
             .collect();
         assert_eq!(phases.iter().filter(|ph| **ph == "start").count(), 1);
     }
+    // A delete leased at its admission runs likewise, once.
+    let slots = reserve(&e, 1).await;
+    let (del, claimed) = store
+        .begin_delete_vm_leased(
+            "alice",
+            "a",
+            &vm_steps(basphere_core::VmOperation::Delete),
+            &Actor::new("test", "test"),
+            Some(slots.lease()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    e.adopt(slots, claimed);
+    let w = wait_done(&store, &del.operation_id, 20).await;
+    assert_eq!(w.status, WorkflowStatus::Succeeded, "{w:?}");
+    assert!(store.vm_by_id(&admitted[0].vm.id).await.unwrap().is_none());
+    let removes = p
+        .calls()
+        .into_iter()
+        .filter(|c| c.instance == admitted[0].vm.id && c.phase == "remove")
+        .count();
+    assert_eq!(removes, 1, "{:?}", p.calls());
     let _ = stop.send(true);
 }
 

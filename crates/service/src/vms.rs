@@ -422,10 +422,23 @@ impl Services {
         name: &str,
     ) -> Result<Done<wire::Vm>> {
         let steps = basphere_vm_workflows::steps(&self.engine, VmOperation::Delete);
-        let a = self
-            .store
-            .begin_delete_vm(owner, name, &steps, &me.actor)
-            .await?;
+        // As for creates: a free slot of this node's takes the workflow in the same
+        // transaction, on a task of its own.
+        let slots = self.engine.reserve(1);
+        let (store, engine, actor) = (self.store.clone(), self.engine.clone(), me.actor.clone());
+        let (whose, which) = (owner.to_string(), name.to_string());
+        let a = tokio::spawn(async move {
+            let lease = slots.as_ref().map(|s| s.lease());
+            let (a, claimed) = store
+                .begin_delete_vm_leased(&whose, &which, &steps, &actor, lease)
+                .await?;
+            if let Some(slots) = slots {
+                engine.adopt(slots, claimed);
+            }
+            Ok::<_, basphere_store::DeleteError>(a)
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("the delete task failed: {e}")))??;
         self.engine.wake();
         Ok(Done {
             message: format!("deleting {name}"),

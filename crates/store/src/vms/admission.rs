@@ -409,21 +409,14 @@ pub(super) async fn admit(
         admitted.push((at, operation_id));
     }
     // The first `lease.max` workflows leased to the caller's node, their first step started.
-    let leased = match (lease, req.steps.first()) {
-        (Some(l), Some(first)) if l.max > 0 => {
-            let now = clock(tx).await?;
-            let new: Vec<(String, String, i64)> = admitted
-                .iter()
-                .take(l.max)
-                .map(|(_, op)| (op.clone(), first.name.clone(), first.timeout_ms))
-                .collect();
+    let ops: Vec<String> = admitted.iter().map(|(_, op)| op.clone()).collect();
+    let leased = LeaseNew::first(tx, &ops, &req.steps, lease)
+        .await?
+        .map(|l| {
             let at = writes.len();
-            let l = LeaseNew::new(tx.dialect(), &new, &l.node, now + l.lease_ms, now);
             writes.extend_from_slice(l.stmts());
-            Some((at, l))
-        }
-        _ => None,
-    };
+            (at, l)
+        });
     let rows = tx.query_many(&writes).await?;
     let claimed = match &leased {
         Some((at, l)) => l.leased(&rows[*at..])?,

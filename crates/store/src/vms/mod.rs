@@ -9,7 +9,7 @@ pub(crate) use admission::*;
 
 use crate::audit::audit_stmt;
 use crate::db::{Cols, Dialect, Filter, Row, Stmt, Tx, stmt};
-use crate::workflows::{Claimed, LeaseNew, LeaseTo, NewStep, NewWorkflow, clock, insert_stmts};
+use crate::workflows::{Claimed, LeaseNew, LeaseTo, NewStep, NewWorkflow, insert_stmts};
 use crate::{Actor, Result, Store, StoreError, now_ms, parse};
 use basphere_core::{
     ExtraDisk, ExtraNic, ImageName, NetworkPool, QuotaExceeded, ResourceRef, Role, Spec, SpecName,
@@ -207,7 +207,8 @@ async fn begin_delete(
     name: &str,
     steps: &[NewStep],
     actor: &Actor,
-) -> std::result::Result<Admitted, DeleteError> {
+    lease: Option<&LeaseTo>,
+) -> std::result::Result<(Admitted, Vec<Claimed>), DeleteError> {
     if tx.dialect() == Dialect::Postgres {
         tx.query(&stmt!(
             "SELECT username FROM users WHERE username = $1 FOR UPDATE",
@@ -249,14 +250,22 @@ async fn begin_delete(
         "accepted",
         Some(&format!("operation={operation_id}")),
     ));
-    tx.run(&stmts).await?;
-    Ok(Admitted {
-        vm: Vm {
-            status: VmStatus::Deleting,
-            ..vm
-        },
-        operation_id,
-    })
+    // Leased to the caller's node with its first step started, when it holds a slot.
+    let leased = LeaseNew::first(tx, std::slice::from_ref(&operation_id), steps, lease).await?;
+    let at = stmts.len();
+    if let Some(l) = &leased {
+        stmts.extend_from_slice(l.stmts());
+    }
+    let rows = tx.query_many(&stmts).await?;
+    let claimed = match &leased {
+        Some(l) => l.leased(&rows[at..])?,
+        None => vec![],
+    };
+    let vm = Vm {
+        status: VmStatus::Deleting,
+        ..vm
+    };
+    Ok((Admitted { vm, operation_id }, claimed))
 }
 
 impl Store {
@@ -328,6 +337,22 @@ impl Store {
         steps: &[NewStep],
         actor: &Actor,
     ) -> std::result::Result<Admitted, DeleteError> {
+        let (a, _) = self
+            .begin_delete_vm_leased(owner, name, steps, actor, None)
+            .await?;
+        Ok(a)
+    }
+
+    /// [`Store::begin_delete_vm`], leasing the delete workflow to `lease`'s node with its
+    /// first step started (as [`Store::admit_vms_leased`] does for creates).
+    pub async fn begin_delete_vm_leased(
+        &self,
+        owner: &str,
+        name: &str,
+        steps: &[NewStep],
+        actor: &Actor,
+        lease: Option<LeaseTo>,
+    ) -> std::result::Result<(Admitted, Vec<Claimed>), DeleteError> {
         let (owner, name, steps, actor) = (
             owner.to_string(),
             name.to_string(),
@@ -336,7 +361,9 @@ impl Store {
         );
         self.db
             .write(move |tx| {
-                Box::pin(async move { begin_delete(tx, &owner, &name, &steps, &actor).await })
+                Box::pin(async move {
+                    begin_delete(tx, &owner, &name, &steps, &actor, lease.as_ref()).await
+                })
             })
             .await
     }

@@ -184,6 +184,35 @@ impl LeaseNew {
         Self { stmts, started }
     }
 
+    /// The lease of the first `lease.max` of the workflows `ids`, just queued with `steps`:
+    /// none without a lease, a slot or a step.
+    pub(crate) async fn first(
+        tx: &mut dyn Tx,
+        ids: &[String],
+        steps: &[super::NewStep],
+        lease: Option<&super::LeaseTo>,
+    ) -> Result<Option<Self>> {
+        let (Some(l), Some(first)) = (lease, steps.first()) else {
+            return Ok(None);
+        };
+        if l.max == 0 || ids.is_empty() {
+            return Ok(None);
+        }
+        let now = clock(tx).await?;
+        let new: Vec<(String, String, i64)> = ids
+            .iter()
+            .take(l.max)
+            .map(|id| (id.clone(), first.name.clone(), first.timeout_ms))
+            .collect();
+        Ok(Some(Self::new(
+            tx.dialect(),
+            &new,
+            &l.node,
+            now + l.lease_ms,
+            now,
+        )))
+    }
+
     pub(crate) fn stmts(&self) -> &[Stmt] {
         &self.stmts
     }

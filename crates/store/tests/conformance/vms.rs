@@ -33,6 +33,9 @@ pub fn cases() -> Vec<Case> {
         ("vms_admission_leases_its_first_workflows", |s| {
             Box::pin(admission_leases(s)) as Fut
         }),
+        ("vms_delete_leases_its_workflow", |s| {
+            Box::pin(delete_leases(s)) as Fut
+        }),
     ]
 }
 
@@ -663,6 +666,77 @@ async fn admission_leases(store: Store) {
         .await
         .unwrap();
     assert_eq!(got[0].0.id, one[0].operation_id);
+}
+
+/// A delete that leases its workflow to a node with a slot: running, its first step started,
+/// its event in the log, and no other node claims it; a refused delete leases nothing; with
+/// no slot it is queued for any node.
+async fn delete_leases(store: Store) {
+    vm_hooks(&store);
+    let alice = user(&store, "alice", 4).await;
+    let made = admit(&store, &alice, &["a", "b"]).await.unwrap();
+    for m in &made {
+        end(&store, &m.operation_id, WorkflowOutcome::Succeeded).await;
+    }
+    let steps = ["destroy".into(), "forget".into()];
+    let lease = |max| LeaseTo {
+        node: "n1".into(),
+        lease_ms: 60_000,
+        max,
+    };
+    let (a, claimed) = store
+        .begin_delete_vm_leased("alice", "a", &steps, &actor(), Some(lease(1)))
+        .await
+        .unwrap();
+    assert_eq!(a.vm.status, VmStatus::Deleting);
+    let [(wf, evs, started)] = &claimed[..] else {
+        panic!("one workflow leased, got {}", claimed.len());
+    };
+    assert!(*started);
+    assert_eq!(wf.id, a.operation_id);
+    assert_eq!(wf.definition, "delete_vm");
+    assert_eq!((wf.status, wf.step), (WorkflowStatus::Running, 0));
+    assert_eq!(
+        (wf.steps[0].status, wf.steps[0].attempts),
+        (StepStatus::Running, 1)
+    );
+    let stored = store.workflow(&wf.id).await.unwrap().unwrap();
+    assert_eq!(stored.status, WorkflowStatus::Running);
+    assert_eq!(stored.steps[0].status, StepStatus::Running);
+    assert_eq!(evs[0].kind, "step_started");
+    assert!(
+        store
+            .events(&wf.id, 0)
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| e.seq == evs[0].seq && e.kind == "step_started")
+    );
+    let runs = vec!["delete_vm".to_string(), "create_vm".to_string()];
+    let none = ClaimLimits::default();
+    let claim = || store.claim_many("n2", 60_000, &none, 8, &runs);
+    assert!(claim().await.unwrap().is_empty(), "leased to n1 alone");
+    // Refused (being deleted already; unknown): nothing queued, nothing leased.
+    let e = store
+        .begin_delete_vm_leased("alice", "a", &steps, &actor(), Some(lease(1)))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, DeleteError::Busy(..)), "{e:?}");
+    let e = store
+        .begin_delete_vm_leased("alice", "zz", &steps, &actor(), Some(lease(1)))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, DeleteError::NotFound(..)), "{e:?}");
+    assert!(claim().await.unwrap().is_empty());
+    // No slot: queued, and any node claims it.
+    let (b, leased) = store
+        .begin_delete_vm_leased("alice", "b", &steps, &actor(), Some(lease(0)))
+        .await
+        .unwrap();
+    assert!(leased.is_empty());
+    let got = claim().await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0.id, b.operation_id);
 }
 
 /// Admits `ns` of `owner`, leasing up to `max` of their workflows to node `n1`.
