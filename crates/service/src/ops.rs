@@ -354,10 +354,27 @@ impl Services {
             create_steps: basphere_vm_workflows::steps(&self.engine, VmOperation::Create),
             delete_steps: basphere_vm_workflows::steps(&self.engine, VmOperation::Delete),
         };
-        let b = self
-            .store
-            .admit_batch(&req, &self.config.network, &me.actor)
-            .await?;
+        // As for creates: this node's free slots take the first nodes in the admitting
+        // transaction, on a task of its own.
+        let slots = self
+            .engine
+            .reserve((req.parallelism as usize).min(req.creates.len() + req.deletes.len()));
+        let (store, engine, pool, actor) = (
+            self.store.clone(),
+            self.engine.clone(),
+            self.config.network.clone(),
+            me.actor.clone(),
+        );
+        let b = tokio::spawn(async move {
+            let lease = slots.as_ref().map(|s| s.lease());
+            let mut b = store.admit_batch_leased(&req, &pool, &actor, lease).await?;
+            if let Some(slots) = slots {
+                engine.adopt(slots, std::mem::take(&mut b.leased));
+            }
+            Ok::<_, basphere_store::BatchError>(b)
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("the admission task failed: {e}")))??;
         self.engine.wake();
         Ok(BatchOutcome::Admitted(Done {
             message: format!(

@@ -8,7 +8,9 @@
 //! (`vms::batch`).
 
 use crate::db::{Col, Cols, Dialect, RowSet, Stmt, Tx, stmt};
-use crate::workflows::{NewWorkflow, fill_batch_in};
+use crate::workflows::{
+    Claimed, LeaseTo, NewWorkflow, clock, fill_batch_in, lease_many, ready_nodes,
+};
 use crate::{Result, Store, now_ms};
 use serde::Serialize;
 use serde_json::json;
@@ -60,6 +62,10 @@ pub struct BatchNodeRef {
 pub struct BatchAdmitted {
     pub batch_id: String,
     pub nodes: Vec<BatchNodeRef>,
+    /// The nodes the admission leased to the caller's node, their first step started (none
+    /// without a lease): the caller's engine runs them ([`crate::LeaseTo`]).
+    #[serde(skip)]
+    pub leased: Vec<Claimed>,
 }
 
 /// One statement inserting every row of `rows` (each a JSON array, one value per column of
@@ -142,7 +148,8 @@ pub(crate) async fn enqueue_in(
     owner: &str,
     parallelism: u32,
     works: &[BatchWork],
-) -> Result<Vec<BatchNodeRef>> {
+    lease: Option<&LeaseTo>,
+) -> Result<BatchAdmitted> {
     let now = now_ms();
     tx.exec(&stmt!(
         "INSERT INTO batches (id, owner, parallelism, nodes, created_at) VALUES ($1, $2, $3, $4, $5)",
@@ -246,14 +253,35 @@ pub(crate) async fn enqueue_in(
     // Every node waits for a slot (all were inserted parked); the first `parallelism` ready
     // ones get one now.
     fill_batch_in(tx, batch_id).await?;
-    Ok(works
-        .iter()
-        .map(|b| BatchNodeRef {
-            node: b.node.clone(),
-            action: b.action.clone(),
-            operation_id: b.id.clone(),
-        })
-        .collect())
+    // The caller's node takes up to `lease.max` of the nodes given a slot, saving each a
+    // claim. They were inserted ready at `now` (this machine's clock); their lease runs by
+    // the database's.
+    let leased = match lease.filter(|l| l.max > 0) {
+        Some(l) => {
+            let ready = ready_nodes(tx, batch_id, l.max, now);
+            let ids = tx
+                .query(&ready)
+                .await?
+                .iter()
+                .map(|r| r.text("id"))
+                .collect::<Result<Vec<_>>>()?;
+            let at = clock(tx).await?;
+            lease_many(tx, &ids, &l.node, at + l.lease_ms, at, true).await?
+        }
+        None => vec![],
+    };
+    Ok(BatchAdmitted {
+        batch_id: batch_id.to_string(),
+        nodes: works
+            .iter()
+            .map(|b| BatchNodeRef {
+                node: b.node.clone(),
+                action: b.action.clone(),
+                operation_id: b.id.clone(),
+            })
+            .collect(),
+        leased,
+    })
 }
 
 impl Store {
@@ -270,8 +298,7 @@ impl Store {
             .write(move |tx| {
                 Box::pin(async move {
                     let batch_id = uuid::Uuid::now_v7().to_string();
-                    let nodes = enqueue_in(tx, &batch_id, &owner, parallelism, &works).await?;
-                    Ok(BatchAdmitted { batch_id, nodes })
+                    enqueue_in(tx, &batch_id, &owner, parallelism, &works, None).await
                 })
             })
             .await

@@ -26,7 +26,7 @@ use crate::workflows::sets::{
 use crate::workflows::{
     Claimed, ENDING_COLS, Ending, Handoff, StepCommit, WorkflowEvent, WorkflowOutcome,
     WorkflowStatus, clock, ending_from, fill_stmts, insert_stmts, lease_lost, lease_many,
-    release_stmt, skip_locked,
+    ready_nodes, release_stmt,
 };
 use crate::{Result, StoreError};
 use rusqlite::Connection;
@@ -648,18 +648,4 @@ fn r_int(r: &Row, c: &str) -> Result<i64> {
 
 fn r_opt_text(r: &Row, c: &str) -> Result<Option<String>> {
     crate::db::Cols::opt_text(r, c)
-}
-
-/// The query for up to `max` ready nodes of `batch`, in queue order (locked on PostgreSQL,
-/// passing over those another transaction holds).
-fn ready_nodes(tx: &dyn Tx, batch: &str, max: usize, now: i64) -> Stmt {
-    let sql = format!(
-        "SELECT id FROM workflows
-         WHERE batch_id = $1 AND parked = 0 AND status IN ('pending', 'running', 'undoing')
-           AND waiting_on = 0 AND next_run_at <= $2
-           AND (lease_owner IS NULL OR lease_until < $2) AND cancel_requested = 0
-         ORDER BY priority DESC, created_at LIMIT $3{}",
-        skip_locked(tx)
-    );
-    stmt!(sql, batch, now, max as i64)
 }

@@ -8,7 +8,7 @@ use crate::db::{Col, Cols, Tx, stmt};
 use crate::vms::{
     AdmitError, AdmitExtras, Holdings, VM_COLS, holdings, lease_nic, live_op_stmt, vm_from,
 };
-use crate::workflows::{NewStep, NewWorkflow};
+use crate::workflows::{LeaseTo, NewStep, NewWorkflow};
 use crate::{Actor, Store, now_ms};
 use basphere_core::{
     ExtraNic, ImageName, NetworkPool, ResourceRef, Spec, SpecName, Username, VmName, VmOperation,
@@ -98,6 +98,7 @@ async fn admit(
     req: &BatchRequest,
     pool: &NetworkPool,
     actor: &Actor,
+    lease: Option<&LeaseTo>,
 ) -> std::result::Result<BatchAdmitted, BatchError> {
     let owner = req.owner.as_str();
     let vms = stmt!(format!("SELECT {VM_COLS} FROM vms WHERE owner = $1"), owner);
@@ -253,8 +254,7 @@ async fn admit(
     ];
     later.extend(inserts.into_iter().flatten());
     tx.run(&later).await?;
-    let nodes = enqueue_in(tx, &batch_id, owner, req.parallelism, &works).await?;
-    Ok(BatchAdmitted { batch_id, nodes })
+    Ok(enqueue_in(tx, &batch_id, owner, req.parallelism, &works, lease).await?)
 }
 
 impl Store {
@@ -267,9 +267,24 @@ impl Store {
         pool: &NetworkPool,
         actor: &Actor,
     ) -> std::result::Result<BatchAdmitted, BatchError> {
+        self.admit_batch_leased(req, pool, actor, None).await
+    }
+
+    /// [`Store::admit_batch`], leasing up to `lease.max` of the nodes given a slot to `lease`'s
+    /// node with their first step started ([`BatchAdmitted::leased`]), as
+    /// [`Store::admit_vms_leased`] does for creates.
+    pub async fn admit_batch_leased(
+        &self,
+        req: &BatchRequest,
+        pool: &NetworkPool,
+        actor: &Actor,
+        lease: Option<LeaseTo>,
+    ) -> std::result::Result<BatchAdmitted, BatchError> {
         let (req, pool, actor) = (req.clone(), pool.clone(), actor.clone());
         self.db
-            .write(move |tx| Box::pin(async move { admit(tx, &req, &pool, &actor).await }))
+            .write(move |tx| {
+                Box::pin(async move { admit(tx, &req, &pool, &actor, lease.as_ref()).await })
+            })
             .await
     }
 

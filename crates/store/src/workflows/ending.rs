@@ -2,7 +2,7 @@
 //! definition's hooks on its resource (and its parent's wait), its batch dependents released
 //! or skipped, and batch slots handed on.
 
-use super::{WorkflowEvent, WorkflowOutcome, event, lease_lost, resource_from};
+use super::{WorkflowEvent, WorkflowOutcome, event, lease_lost, resource_from, skip_locked};
 use crate::Result;
 use crate::db::{Cols, Dialect, Stmt, Tx, stmt};
 use crate::hooks::Registry;
@@ -106,6 +106,20 @@ pub(crate) fn fill_stmts(d: Dialect, batch: &str) -> Vec<Stmt> {
         ],
         Dialect::Sqlite => vec![fill_stmt(d, batch)],
     }
+}
+
+/// The query for up to `max` ready nodes of `batch`, in queue order (locked on PostgreSQL,
+/// passing over those another transaction holds).
+pub(crate) fn ready_nodes(tx: &dyn Tx, batch: &str, max: usize, now: i64) -> Stmt {
+    let sql = format!(
+        "SELECT id FROM workflows
+         WHERE batch_id = $1 AND parked = 0 AND status IN ('pending', 'running', 'undoing')
+           AND waiting_on = 0 AND next_run_at <= $2
+           AND (lease_owner IS NULL OR lease_until < $2) AND cancel_requested = 0
+         ORDER BY priority DESC, created_at LIMIT $3{}",
+        skip_locked(tx)
+    );
+    stmt!(sql, batch, now, max as i64)
 }
 
 /// Runs [`fill_stmts`] (in one round trip on PostgreSQL).

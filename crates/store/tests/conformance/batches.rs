@@ -4,7 +4,8 @@ use crate::vms::{actor, admit, names, pool, pool_of, small, user, user_in, vm_ho
 use crate::{Case, Fut};
 use basphere_core::{Username, VmStatus};
 use basphere_store::{
-    AdmitError, BatchError, BatchRequest, BatchVm, ClaimLimits, Store, WorkflowOutcome,
+    AdmitError, BatchError, BatchRequest, BatchVm, ClaimLimits, LeaseTo, StepStatus, Store,
+    WorkflowOutcome, WorkflowStatus,
 };
 use std::collections::HashSet;
 
@@ -18,6 +19,9 @@ pub fn cases() -> Vec<Case> {
         }),
         ("batch_nodes_take_extras_and_the_disk_quota", |s| {
             Box::pin(batch_extras(s)) as Fut
+        }),
+        ("batch_admission_leases_nodes_given_a_slot", |s| {
+            Box::pin(batch_leases(s)) as Fut
         }),
     ]
 }
@@ -259,4 +263,108 @@ async fn batch_extras(store: Store) {
     let nics: HashSet<_> = vms.iter().map(|v| v.extra_nics[0].ip.unwrap()).collect();
     assert_eq!(nics.len(), 2, "each node leased its own address");
     assert_eq!(store.usage("alice").await.unwrap().disk_gib, 150);
+}
+
+/// A batch admission that leases to a node with slots: only nodes given a batch slot are
+/// leased (at most as many as the node offers), running with their first step started; the
+/// other slotted nodes are left for any node to claim, and nodes with no slot for none.
+async fn batch_leases(store: Store) {
+    vm_hooks(&store);
+    let alice = user(&store, "alice", 10).await;
+    let lease = |max| LeaseTo {
+        node: "n1".into(),
+        lease_ms: 60_000,
+        max,
+    };
+    let creates = vec![
+        node("a", &[], &[]),
+        node("b", &[], &[]),
+        node("c", &[], &[]),
+        node("d", &["a"], &[]),
+    ];
+    // Parallelism 2, a node offering 1 slot: `a` leased; `b` slotted; `c` and `d` wait.
+    let got = store
+        .admit_batch_leased(
+            &batch_req(&alice, 2, creates, &[]),
+            &pool(),
+            &actor(),
+            Some(lease(1)),
+        )
+        .await
+        .unwrap();
+    let op = |n: &str| {
+        got.nodes
+            .iter()
+            .find(|x| x.node == n)
+            .unwrap()
+            .operation_id
+            .clone()
+    };
+    let [(wf, evs, started)] = &got.leased[..] else {
+        panic!("one node leased, got {}", got.leased.len());
+    };
+    assert_eq!(wf.id, op("a"));
+    assert!(*started);
+    assert_eq!((wf.status, wf.step), (WorkflowStatus::Running, 0));
+    assert_eq!(
+        (wf.steps[0].status, wf.steps[0].attempts),
+        (StepStatus::Running, 1)
+    );
+    assert_eq!(
+        (evs[0].kind.as_str(), evs[0].step.as_deref()),
+        ("step_started", Some("clone"))
+    );
+    let stored = store.workflow(&wf.id).await.unwrap().unwrap();
+    assert_eq!(stored.steps[0].status, StepStatus::Running);
+    let runs = vec!["create_vm".to_string()];
+    let none = ClaimLimits::default();
+    let other = store
+        .claim_many("n2", 60_000, &none, 8, &runs)
+        .await
+        .unwrap();
+    assert_eq!(
+        other.iter().map(|c| c.0.id.clone()).collect::<Vec<_>>(),
+        [op("b")],
+        "the batch's other slot, and nothing beyond its parallelism"
+    );
+    // Offered more slots than the batch has: only its parallelism's worth is leased.
+    let more = vec![
+        node("e", &[], &[]),
+        node("f", &[], &[]),
+        node("g", &[], &[]),
+    ];
+    let got = store
+        .admit_batch_leased(
+            &batch_req(&alice, 2, more, &[]),
+            &pool(),
+            &actor(),
+            Some(lease(8)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(got.leased.len(), 2);
+    assert!(
+        got.leased
+            .iter()
+            .all(|(w, _, s)| *s && w.status == WorkflowStatus::Running)
+    );
+    assert!(
+        store
+            .claim_many("n2", 60_000, &none, 8, &runs)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // A refused batch leases nothing.
+    let over: Vec<BatchVm> = (0..5).map(|i| node(&format!("x{i}"), &[], &[])).collect();
+    let e = store
+        .admit_batch_leased(
+            &batch_req(&alice, 2, over, &[]),
+            &pool(),
+            &actor(),
+            Some(lease(2)),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, BatchError::Admit(AdmitError::Quota(_))), "{e}");
 }
