@@ -404,9 +404,10 @@ async fn print_statements(url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs of each throughput figure: it swings by a third from run to run on a 2-core machine,
-/// so the median is printed with the range.
-const THROUGHPUT_RUNS: usize = 3;
+/// Runs of each throughput figure: it swings by a third from run to run on a 2-core machine
+/// (more between minutes, with the host's load), so the median of five is printed with the
+/// range.
+const THROUGHPUT_RUNS: usize = 5;
 
 /// Prints the no-op step throughput (the median of [`THROUGHPUT_RUNS`], each on a fresh
 /// database, and, on PostgreSQL with `statements`, where the server's time went in the first);
