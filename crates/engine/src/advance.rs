@@ -74,11 +74,7 @@ impl Engine {
         let mut step = wf.step;
         let mut undoing = wf.status == WorkflowStatus::Undoing;
         if !undoing && wf.cancel_requested {
-            self.emit(
-                store
-                    .begin_cancel(&wf.id, node, step - 1, "cancelled on request")
-                    .await?,
-            );
+            self.cancel_from(&wf.id, step - 1).await?;
             undoing = true;
         }
         if !undoing {
@@ -144,11 +140,7 @@ impl Engine {
                             return Ok(None);
                         }
                         step += 1;
-                        self.emit(
-                            store
-                                .begin_cancel(&wf.id, node, step - 1, "cancelled on request")
-                                .await?,
-                        );
+                        self.cancel_from(&wf.id, step - 1).await?;
                         undoing = true;
                         break;
                     }
@@ -177,11 +169,7 @@ impl Engine {
                             return Ok(handed);
                         }
                         if cancel {
-                            self.emit(
-                                store
-                                    .begin_cancel(&wf.id, node, step - 1, "cancelled on request")
-                                    .await?,
-                            );
+                            self.cancel_from(&wf.id, step - 1).await?;
                             undoing = true;
                             break;
                         }
@@ -225,6 +213,18 @@ impl Engine {
             }
         }
         self.undo(&*def, &wf.id).await.map(|()| None)
+    }
+
+    /// Starts undoing workflow `id`, whose cancel was asked for, from step `last_done` down.
+    async fn cancel_from(&self, id: &str, last_done: i64) -> Result<(), StoreError> {
+        let node = &self.inner.cfg.node_id;
+        let ev = self
+            .inner
+            .store
+            .begin_cancel(id, node, last_done, "cancelled on request")
+            .await?;
+        self.emit(ev);
+        Ok(())
     }
 
     /// Rolls back workflow `id` — a child its caller spawned — undoing its done steps in

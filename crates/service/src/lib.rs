@@ -14,6 +14,7 @@ mod check;
 pub mod convert;
 mod credentials;
 mod error;
+mod lease;
 mod ops;
 mod paging;
 mod ready;

@@ -2,6 +2,7 @@
 
 use crate::check::Check;
 use crate::error::Result;
+use crate::lease::admit_leased;
 use crate::{Done, Paged, Paging, Principal, ServiceError, Services, convert};
 use basphere_core::{FieldErrors, ResourceRef, VmOperation};
 use basphere_plan::{self as plan, DiskEntry, Existing, Format, Manifest};
@@ -355,27 +356,19 @@ impl Services {
             delete_steps: basphere_vm_workflows::steps(&self.engine, VmOperation::Delete),
         };
         // As for creates: this node's free slots take the first nodes in the admitting
-        // transaction, on a task of its own.
-        let slots = self
-            .engine
-            .reserve((req.parallelism as usize).min(req.creates.len() + req.deletes.len()));
-        let (store, engine, pool, actor) = (
+        // transaction.
+        let (store, pool, actor) = (
             self.store.clone(),
-            self.engine.clone(),
             self.config.network.clone(),
             me.actor.clone(),
         );
-        let b = tokio::spawn(async move {
-            let lease = slots.as_ref().map(|s| s.lease());
+        let n = (req.parallelism as usize).min(req.creates.len() + req.deletes.len());
+        let b = admit_leased(&self.engine, n, move |lease| async move {
             let mut b = store.admit_batch_leased(&req, &pool, &actor, lease).await?;
-            if let Some(slots) = slots {
-                engine.adopt(slots, std::mem::take(&mut b.leased));
-            }
-            Ok::<_, basphere_store::BatchError>(b)
+            let leased = std::mem::take(&mut b.leased);
+            Ok::<_, basphere_store::BatchError>((b, leased))
         })
-        .await
-        .map_err(|e| ServiceError::Internal(format!("the admission task failed: {e}")))??;
-        self.engine.wake();
+        .await??;
         Ok(BatchOutcome::Admitted(Done {
             message: format!(
                 "batch {} accepted: {summary}; follow with: basphere ops watch --batch {}",

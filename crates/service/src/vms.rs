@@ -3,6 +3,7 @@
 
 use crate::check::Check;
 use crate::error::Result;
+use crate::lease::admit_leased;
 use crate::{Done, MAX_LIMIT, Paged, Paging, Principal, ServiceError, Services, convert};
 use basphere_core::VmOperation;
 use basphere_core::{DiskMode, ExtraDisk};
@@ -314,28 +315,18 @@ impl Services {
                 .increment(1);
         })?;
         // This node's free engine slots take the new workflows in the admitting transaction
-        // (no claim after it). On a task of its own: a caller gone mid-way cannot leave
-        // leased work undriven.
-        let slots = self.engine.reserve(req.names.len());
-        let (store, engine, pool, actor) = (
+        // (no claim after it).
+        let (store, pool, actor) = (
             self.store.clone(),
-            self.engine.clone(),
             self.config.network.clone(),
             me.actor.clone(),
         );
-        let admitted = tokio::spawn(async move {
-            let lease = slots.as_ref().map(|s| s.lease());
-            let (admitted, claimed) = store
+        let admitted = admit_leased(&self.engine, req.names.len(), move |lease| async move {
+            store
                 .admit_vms_leased(&req, &extras, &pool, &actor, lease)
-                .await?;
-            if let Some(slots) = slots {
-                engine.adopt(slots, claimed);
-            }
-            Ok::<_, basphere_store::AdmitError>(admitted)
+                .await
         })
-        .await
-        .map_err(|e| ServiceError::Internal(format!("the admission task failed: {e}")))??;
-        self.engine.wake();
+        .await??;
         let names: Vec<&str> = admitted.iter().map(|a| a.vm.name.as_str()).collect();
         Ok(Done {
             message: format!(
@@ -423,23 +414,15 @@ impl Services {
     ) -> Result<Done<wire::Vm>> {
         let steps = basphere_vm_workflows::steps(&self.engine, VmOperation::Delete);
         // As for creates: a free slot of this node's takes the workflow in the same
-        // transaction, on a task of its own.
-        let slots = self.engine.reserve(1);
-        let (store, engine, actor) = (self.store.clone(), self.engine.clone(), me.actor.clone());
+        // transaction.
+        let (store, actor) = (self.store.clone(), me.actor.clone());
         let (whose, which) = (owner.to_string(), name.to_string());
-        let a = tokio::spawn(async move {
-            let lease = slots.as_ref().map(|s| s.lease());
-            let (a, claimed) = store
+        let a = admit_leased(&self.engine, 1, move |lease| async move {
+            store
                 .begin_delete_vm_leased(&whose, &which, &steps, &actor, lease)
-                .await?;
-            if let Some(slots) = slots {
-                engine.adopt(slots, claimed);
-            }
-            Ok::<_, basphere_store::DeleteError>(a)
+                .await
         })
-        .await
-        .map_err(|e| ServiceError::Internal(format!("the delete task failed: {e}")))??;
-        self.engine.wake();
+        .await??;
         Ok(Done {
             message: format!("deleting {name}"),
             data: convert::vm(&a.vm, Some(&a.operation_id)),

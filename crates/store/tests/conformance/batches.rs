@@ -39,6 +39,14 @@ fn node(name: &str, requires: &[&str], optional: &[&str]) -> BatchVm {
     }
 }
 
+/// The operation of node `n` of batch `b`.
+fn op_of(b: &basphere_store::BatchAdmitted, n: &str) -> String {
+    let node = b.nodes.iter().find(|x| x.node == n);
+    node.unwrap_or_else(|| panic!("no node {n}"))
+        .operation_id
+        .clone()
+}
+
 fn batch_req(
     owner: &Username,
     parallelism: u32,
@@ -87,14 +95,7 @@ async fn batch(store: Store) {
     assert!(vms.iter().all(|v| v.status == VmStatus::Creating));
     assert_eq!(store.usage("alice").await.unwrap().vcpus, 10);
 
-    let op = |n: &str| {
-        got.nodes
-            .iter()
-            .find(|x| x.node == n)
-            .unwrap()
-            .operation_id
-            .clone()
-    };
+    let op = |n: &str| op_of(&got, n);
     let waits = |w: &basphere_store::Workflow| w.waiting_on;
     let wb = store.workflow(&op("b")).await.unwrap().unwrap();
     assert_eq!(
@@ -271,10 +272,19 @@ async fn batch_extras(store: Store) {
 async fn batch_leases(store: Store) {
     vm_hooks(&store);
     let alice = user(&store, "alice", 10).await;
-    let lease = |max| LeaseTo {
-        node: "n1".into(),
-        lease_ms: 60_000,
-        max,
+    // `alice`'s batch of `nodes` at parallelism 2, leasing up to `max` to node n1.
+    let apply = |nodes: Vec<BatchVm>, max: usize| {
+        let (store, r) = (store.clone(), batch_req(&alice, 2, nodes, &[]));
+        let lease = LeaseTo {
+            node: "n1".into(),
+            lease_ms: 60_000,
+            max,
+        };
+        async move {
+            store
+                .admit_batch_leased(&r, &pool(), &actor(), Some(lease))
+                .await
+        }
     };
     let creates = vec![
         node("a", &[], &[]),
@@ -283,23 +293,8 @@ async fn batch_leases(store: Store) {
         node("d", &["a"], &[]),
     ];
     // Parallelism 2, a node offering 1 slot: `a` leased; `b` slotted; `c` and `d` wait.
-    let got = store
-        .admit_batch_leased(
-            &batch_req(&alice, 2, creates, &[]),
-            &pool(),
-            &actor(),
-            Some(lease(1)),
-        )
-        .await
-        .unwrap();
-    let op = |n: &str| {
-        got.nodes
-            .iter()
-            .find(|x| x.node == n)
-            .unwrap()
-            .operation_id
-            .clone()
-    };
+    let got = apply(creates, 1).await.unwrap();
+    let op = |n: &str| op_of(&got, n);
     let [(wf, evs, started)] = &got.leased[..] else {
         panic!("one node leased, got {}", got.leased.len());
     };
@@ -333,15 +328,7 @@ async fn batch_leases(store: Store) {
         node("f", &[], &[]),
         node("g", &[], &[]),
     ];
-    let got = store
-        .admit_batch_leased(
-            &batch_req(&alice, 2, more, &[]),
-            &pool(),
-            &actor(),
-            Some(lease(8)),
-        )
-        .await
-        .unwrap();
+    let got = apply(more, 8).await.unwrap();
     assert_eq!(got.leased.len(), 2);
     assert!(
         got.leased
@@ -357,14 +344,6 @@ async fn batch_leases(store: Store) {
     );
     // A refused batch leases nothing.
     let over: Vec<BatchVm> = (0..5).map(|i| node(&format!("x{i}"), &[], &[])).collect();
-    let e = store
-        .admit_batch_leased(
-            &batch_req(&alice, 2, over, &[]),
-            &pool(),
-            &actor(),
-            Some(lease(2)),
-        )
-        .await
-        .unwrap_err();
+    let e = apply(over, 2).await.unwrap_err();
     assert!(matches!(e, BatchError::Admit(AdmitError::Quota(_))), "{e}");
 }
