@@ -2,8 +2,10 @@
 //! free engine slots, and the engine runs them without claiming them.
 mod common;
 use basphere_core::VmStatus;
+use basphere_provider::NullProvider;
 use basphere_store::{Actor, AdmitExtras, ClaimLimits, WorkflowStatus};
 use common::*;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Reserves up to `n` slots once the engine runs.
@@ -96,6 +98,72 @@ async fn leased_at_admission_the_engine_runs_each_once() {
         .filter(|c| c.instance == admitted[0].vm.id && c.phase == "remove")
         .count();
     assert_eq!(removes, 1, "{:?}", p.calls());
+    let _ = stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_leased_at_admission_runs_each_node_once_within_its_parallelism() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    let p = Arc::new(NullProvider::new(Duration::from_millis(30)));
+    let e = engine(&store, p.clone(), engine_cfg("n1"));
+    let stop = start(&e);
+    let u = user(&store, "alice", 10).await;
+    let nodes = ["a", "b", "c", "d", "e"]
+        .map(|n| node(n, &[], &[]))
+        .to_vec();
+    let slots = reserve(&e, 8).await;
+    let b = store
+        .admit_batch_leased(
+            &batch(&u, 2, nodes),
+            &pool(),
+            &Actor::new("test", "test"),
+            Some(slots.lease()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(b.leased.len(), 2, "only the batch's two slots are leased");
+    e.adopt(slots, b.leased.clone());
+    e.wake();
+    for n in &b.nodes {
+        let w = wait_done(&store, &n.operation_id, 30).await;
+        assert_eq!(w.status, WorkflowStatus::Succeeded, "{w:?}");
+    }
+    // Each node's VM started once, and never more than two at once.
+    let calls = p.calls();
+    let vms: Vec<String> = store
+        .vms(Some("alice"))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| v.id)
+        .collect();
+    assert_eq!(vms.len(), 5);
+    for vm in &vms {
+        let starts = calls
+            .iter()
+            .filter(|c| &c.instance == vm && c.phase == "start")
+            .count();
+        assert_eq!(starts, 1, "{vm}: {calls:?}");
+    }
+    let (mut running, mut most) = (0i32, 0i32);
+    let mut marks: Vec<(std::time::Instant, i32)> = vec![];
+    for c in &calls {
+        match c.phase {
+            "prepare" => marks.push((c.at, 1)),
+            "wait_ready" => marks.push((c.at + Duration::from_millis(30), -1)),
+            _ => {}
+        }
+    }
+    marks.sort_by_key(|m| (m.0, m.1));
+    for (_, d) in marks {
+        running += d;
+        most = most.max(running);
+    }
+    assert_eq!(
+        most, 2,
+        "nodes at once, at parallelism 2 with both slots leased"
+    );
     let _ = stop.send(true);
 }
 

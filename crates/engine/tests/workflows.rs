@@ -2,7 +2,7 @@
 mod common;
 use basphere_core::VmStatus;
 use basphere_provider::NullProvider;
-use basphere_store::{Actor, BatchRequest, BatchVm, BatchWork, StepStatus, WorkflowStatus};
+use basphere_store::{Actor, BatchVm, BatchWork, StepStatus, WorkflowStatus};
 use common::*;
 use serde_json::json;
 use std::sync::Arc;
@@ -189,39 +189,6 @@ async fn cancel_of_a_hanging_step_waits_for_its_deadline() {
         "ended at the step's deadline, not after the 5 s retry delay: {took:?}"
     );
     assert_eq!(w.steps[0].status, StepStatus::Undone);
-}
-
-fn tiny() -> basphere_core::Spec {
-    basphere_core::Spec {
-        vcpus: 1,
-        memory_mib: 512,
-        disk_gib: 10,
-    }
-}
-
-fn node(name: &str, requires: &[&str], optional: &[&str]) -> BatchVm {
-    BatchVm {
-        name: name.parse().unwrap(),
-        os: "debian-12".parse().unwrap(),
-        login_user: "debian".into(),
-        spec_name: "tiny".parse().unwrap(),
-        spec: tiny(),
-        requires: requires.iter().map(|s| s.to_string()).collect(),
-        optional: optional.iter().map(|s| s.to_string()).collect(),
-        extras: Default::default(),
-    }
-}
-
-fn batch(owner: &basphere_core::Username, parallelism: u32, creates: Vec<BatchVm>) -> BatchRequest {
-    BatchRequest {
-        owner: owner.clone(),
-        provider: "null".into(),
-        parallelism,
-        creates,
-        deletes: vec![],
-        create_steps: vm_steps(basphere_core::VmOperation::Create),
-        delete_steps: vm_steps(basphere_core::VmOperation::Delete),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -151,6 +151,49 @@ pub fn create_req(owner: &Username, names: &[&str]) -> basphere_store::AdmitRequ
     }
 }
 
+/// 1 vCPU, 512 MiB, 10 GiB.
+#[allow(dead_code)]
+pub fn tiny() -> basphere_core::Spec {
+    basphere_core::Spec {
+        vcpus: 1,
+        memory_mib: 512,
+        disk_gib: 10,
+    }
+}
+
+/// A batch node `name` (tiny, debian-12) with its edges.
+#[allow(dead_code)]
+pub fn node(name: &str, requires: &[&str], optional: &[&str]) -> basphere_store::BatchVm {
+    basphere_store::BatchVm {
+        name: name.parse().unwrap(),
+        os: "debian-12".parse().unwrap(),
+        login_user: "debian".into(),
+        spec_name: "tiny".parse().unwrap(),
+        spec: tiny(),
+        requires: requires.iter().map(|s| s.to_string()).collect(),
+        optional: optional.iter().map(|s| s.to_string()).collect(),
+        extras: Default::default(),
+    }
+}
+
+/// A batch of `owner`'s creates on the null provider.
+#[allow(dead_code)]
+pub fn batch(
+    owner: &basphere_core::Username,
+    parallelism: u32,
+    creates: Vec<basphere_store::BatchVm>,
+) -> basphere_store::BatchRequest {
+    basphere_store::BatchRequest {
+        owner: owner.clone(),
+        provider: "null".into(),
+        parallelism,
+        creates,
+        deletes: vec![],
+        create_steps: vm_steps(basphere_core::VmOperation::Create),
+        delete_steps: vm_steps(basphere_core::VmOperation::Delete),
+    }
+}
+
 /// A ledger workflow of `steps` steps with `input`.
 pub fn ledger_workflow(steps: usize, input: serde_json::Value) -> NewWorkflow {
     let mut w = NewWorkflow::new(
