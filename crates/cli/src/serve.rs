@@ -362,10 +362,14 @@ pub async fn serve(flag: Option<&Path>) -> anyhow::Result<()> {
             }
         }
     });
+    // Handled from before the first request is answered: a SIGTERM that came after it but
+    // before these were registered ended the process at once, leaving its socket file behind.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let running = app.serve(listeners, serve_opts);
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
+        _ = int.recv() => {}
         _ = term.recv() => {}
     }
     eprintln!("basphere: shutting down");
