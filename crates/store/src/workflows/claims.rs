@@ -139,20 +139,21 @@ pub(crate) struct LeaseNew {
 }
 
 impl LeaseNew {
-    /// `new`: each workflow's id, its first step's name and timeout (ms).
-    pub(crate) fn new(
+    /// The lease of workflows `ids` to `node`, each starting its first step `first`.
+    fn new(
         d: Dialect,
-        new: &[(String, String, i64)],
+        ids: &[String],
+        first: &super::NewStep,
         node: &str,
         lease_until: i64,
         now: i64,
     ) -> Self {
-        let ids: Vec<String> = new.iter().map(|(id, _, _)| id.clone()).collect();
         let (mut starts, mut events) = (RowSet::new(STEP_START_ROW), RowSet::new(EVENT_ROW));
-        let started = new
+        let started = ids
             .iter()
-            .map(|(id, step, timeout)| {
-                let ev = start_one(&mut starts, &mut events, id, 0, step, *timeout, now);
+            .map(|id| {
+                let (name, timeout) = (&first.name, first.timeout_ms);
+                let ev = start_one(&mut starts, &mut events, id, 0, name, timeout, now);
                 (id.clone(), ev)
             })
             .collect();
@@ -163,19 +164,14 @@ impl LeaseNew {
                  WHERE {} RETURNING {WF_COLS}",
                 id_in(d, "id", 4)
             ),
-            vec![
-                node.into(),
-                lease_until.into(),
-                now.into(),
-                ids_arg(d, &ids),
-            ],
+            vec![node.into(), lease_until.into(), now.into(), ids_arg(d, ids)],
         );
         let steps = Stmt::new(
             format!(
                 "SELECT * FROM workflow_steps WHERE {} ORDER BY workflow_id, idx",
                 id_in(d, "workflow_id", 1)
             ),
-            vec![ids_arg(d, &ids)],
+            vec![ids_arg(d, ids)],
         );
         let mut stmts = vec![lease];
         stmts.extend(start_steps(d, starts, now));
@@ -199,14 +195,11 @@ impl LeaseNew {
             return Ok(None);
         }
         let now = clock(tx).await?;
-        let new: Vec<(String, String, i64)> = ids
-            .iter()
-            .take(l.max)
-            .map(|id| (id.clone(), first.name.clone(), first.timeout_ms))
-            .collect();
+        let ids = &ids[..ids.len().min(l.max)];
         Ok(Some(Self::new(
             tx.dialect(),
-            &new,
+            ids,
+            first,
             &l.node,
             now + l.lease_ms,
             now,
