@@ -58,6 +58,7 @@ pub fn engine_config(cfg: &Config, node_id: String) -> EngineConfig {
         max_parallel: e.max_parallel,
         max_attempts: e.max_attempts,
         ready_deadline: Duration::from_secs(e.ready_timeout_secs),
+        fuse_window: Duration::from_millis(e.fuse_window_ms),
         limits: ClaimLimits {
             per_user: e.max_per_user,
             per_provider: e.max_per_provider,

@@ -22,20 +22,26 @@ use crate::{Backend, Bench, approved_user};
 const TF_RECORD_INDEPENDENT_S: f64 = 36.0;
 const TF_RECORD_CHAIN300_S: f64 = 14.0;
 
-/// No-op steps per second through the whole engine (claim, lease, per-step commits, events),
-/// with `replicas` engines (each its own store pool and node id) on the bench's database.
+/// No-op steps per second through the whole engine (claim, lease, step commits, events),
+/// with `replicas` engines (each its own store pool and node id) on the bench's database;
+/// `fuse_ms` is the engine's fuse window (0: every step its own completion commit).
 pub async fn throughput(
     bench: &Bench,
     dir: &Path,
     workflows: usize,
     steps: usize,
     replicas: usize,
+    fuse_ms: u64,
     statements: bool,
 ) -> anyhow::Result<(f64, f64)> {
+    let fuse = fuse_ms.to_string();
     let cfg = Arc::new(batch_config(
         bench,
         dir,
-        &[("BASPHERE_ENGINE__MAX_PARALLEL", "128")],
+        &[
+            ("BASPHERE_ENGINE__MAX_PARALLEL", "128"),
+            ("BASPHERE_ENGINE__FUSE_WINDOW_MS", &fuse),
+        ],
     )?);
     let mut apps = vec![];
     for r in 0..replicas {
@@ -418,17 +424,23 @@ pub async fn print_throughput(bench: &Bench, dir: &Path, statements: bool) -> an
     } else {
         &[1]
     };
-    for &r in replicas {
+    // Every step its own completion commit (the figure comparable to job queues'), then with
+    // the default fuse window, where a workflow's quick steps share one.
+    for (fuse_ms, &r) in [0, 20]
+        .into_iter()
+        .flat_map(|f| replicas.iter().map(move |r| (f, r)))
+    {
         let mut runs = vec![];
         for i in 0..THROUGHPUT_RUNS {
             runs.push(
                 throughput(
                     bench,
-                    &dir.join(format!("throughput{r}-{i}")),
+                    &dir.join(format!("throughput{r}-{fuse_ms}-{i}")),
                     200,
                     50,
                     r,
-                    statements && r == 1 && i == 0,
+                    fuse_ms,
+                    statements && r == 1 && i == 0 && fuse_ms == 0,
                 )
                 .await?,
             );
@@ -441,9 +453,14 @@ pub async fn print_throughput(bench: &Bench, dir: &Path, statements: bool) -> an
         } else {
             format!("{} with {r} replicas", bench.backend.label())
         };
+        let how = if fuse_ms == 0 {
+            "each step its own commit".to_string()
+        } else {
+            format!("quick steps fused, fuse_window_ms = {fuse_ms}")
+        };
         println!(
-            "engine throughput, no-op steps on {on} (200 workflows × 50 steps): {tput:.0} steps/s \
-             (median of {THROUGHPUT_RUNS}, {range}), {per_k:.1} commits per 1,000 steps"
+            "engine throughput, no-op steps on {on} (200 workflows × 50 steps, {how}): {tput:.0} \
+             steps/s (median of {THROUGHPUT_RUNS}, {range}), {per_k:.1} commits per 1,000 steps"
         );
     }
     Ok(())

@@ -217,6 +217,9 @@ pub struct EngineSettings {
     pub max_attempts: u32,
     pub ready_timeout_secs: u64,
     pub lease_secs: u64,
+    /// Steps of one workflow finishing within this many milliseconds of the first of them
+    /// are recorded in one commit (0: every step in its own).
+    pub fuse_window_ms: u64,
     /// Workflows of one user running at once, over every server (unset: no limit).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_per_user: Option<u32>,
@@ -235,6 +238,7 @@ impl Default for EngineSettings {
             max_attempts: 5,
             ready_timeout_secs: 300,
             lease_secs: 15,
+            fuse_window_ms: 20,
             max_per_user: None,
             max_per_provider: None,
             max_per_host: None,

@@ -2,10 +2,10 @@
 
 use crate::{Engine, StepCtx, StepError, WorkflowDef};
 use basphere_store::{
-    Claimed, Handoff, NextStep, Reopen, StepStatus, StoreError, Workflow, WorkflowOutcome,
-    WorkflowStatus,
+    Claimed, Handoff, NextStep, Reopen, StepCommit, StepStatus, StoreError, Workflow,
+    WorkflowOutcome, WorkflowStatus,
 };
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::warn;
 
@@ -79,9 +79,15 @@ impl Engine {
         }
         if !undoing {
             let n = wf.steps.len();
+            let window = self.inner.cfg.fuse_window;
             // Whether the loaded step record already counts the current attempt (the claim
             // started it); steps started by a later commit are one attempt behind in `wf`.
             let mut counted = started;
+            // Steps done but not recorded yet (the first is the one recorded running), and
+            // when the first began: the steps that finish within `window` of it, committing
+            // nothing of their own, are recorded in one commit. A crash re-runs them.
+            let mut ran: Vec<(u32, String)> = vec![];
+            let mut since = Instant::now();
             while (step as usize) < n {
                 let rec = &wf.steps[step as usize];
                 let idx = rec.idx;
@@ -101,6 +107,9 @@ impl Engine {
                     rec.attempts + 1
                 };
                 counted = false;
+                if ran.is_empty() {
+                    since = Instant::now();
+                }
                 let ctx = StepCtx {
                     engine: self,
                     workflow: &wf,
@@ -110,14 +119,54 @@ impl Engine {
                     attempt: attempts,
                     deadline,
                 };
-                let t0 = std::time::Instant::now();
-                let result = match tokio::time::timeout(deadline, def.run(&ctx)).await {
-                    Ok(r) => r,
-                    Err(_) => Err(StepError::retryable(format!(
-                        "{} did not finish within {}s",
-                        rec.name,
-                        deadline.as_secs_f64()
-                    ))),
+                let t0 = Instant::now();
+                let run = async {
+                    match tokio::time::timeout(deadline, def.run(&ctx)).await {
+                        Ok(r) => r,
+                        Err(_) => Err(StepError::retryable(format!(
+                            "{} did not finish within {}s",
+                            rec.name,
+                            deadline.as_secs_f64()
+                        ))),
+                    }
+                };
+                let this = NextStep {
+                    idx,
+                    name: &rec.name,
+                    deadline_ms: rec.timeout_ms,
+                };
+                let result = if ran.is_empty() {
+                    run.await
+                } else {
+                    tokio::pin!(run);
+                    tokio::select! {
+                        biased;
+                        r = &mut run => r,
+                        _ = tokio::time::sleep(window.saturating_sub(since.elapsed())) => {
+                            // A slower step: the ones before it, and its start, are recorded
+                            // while it runs.
+                            let (cancel, r) = tokio::join!(self.record_ran(&wf.id, &mut ran, this), &mut run);
+                            if cancel? {
+                                // It ran unrecorded: recorded done now, it is undone too.
+                                let last_done = match &r {
+                                    Ok(c) => {
+                                        let (evs, _, _) = store
+                                            .step_done_handoff(
+                                                &wf.id, idx, &rec.name, node, c, None, false, None,
+                                            )
+                                            .await?;
+                                        self.emit_all(evs);
+                                        step
+                                    }
+                                    Err(_) => step - 1,
+                                };
+                                self.cancel_from(&wf.id, last_done).await?;
+                                undoing = true;
+                                break;
+                            }
+                            r
+                        }
+                    }
                 };
                 let outcome = match &result {
                     Ok(_) => "ok",
@@ -125,13 +174,23 @@ impl Engine {
                     Err(_) => "failed",
                 };
                 step_metrics(&wf.definition, &rec.name, outcome, t0.elapsed());
+                if result.is_err()
+                    && !ran.is_empty()
+                    && self.record_ran(&wf.id, &mut ran, this).await?
+                {
+                    // Cancelled meanwhile; this step failed, so undo from the one before.
+                    self.cancel_from(&wf.id, step - 1).await?;
+                    undoing = true;
+                    break;
+                }
+                let before: Vec<(u32, &str)> = ran.iter().map(|(i, n)| (*i, n.as_str())).collect();
                 match result {
                     Ok(commit) if !commit.children.is_empty() => {
                         // The parent waits, unleased, for its children; it is claimed again
                         // (by any node) when the last one ends.
                         let (evs, cancel, _) = store
-                            .step_done_handoff(
-                                &wf.id, idx, &rec.name, node, &commit, None, false, None,
+                            .steps_done_handoff(
+                                &wf.id, &before, idx, &rec.name, node, &commit, None, false, None,
                             )
                             .await?;
                         self.emit_all(evs);
@@ -151,6 +210,13 @@ impl Engine {
                             deadline_ms: r.timeout_ms,
                         });
                         let last = next.is_none();
+                        if !last && commit.is_empty() && since.elapsed() < window {
+                            drop(before);
+                            ran.push((idx, rec.name.clone()));
+                            step += 1;
+                            started = true;
+                            continue;
+                        }
                         // Without limits a finishing batch node leases its batch's next one.
                         let unlimited = !self.inner.cfg.limits.any();
                         let handoff =
@@ -158,10 +224,12 @@ impl Engine {
                                 lease_ms: self.inner.cfg.lease.as_millis() as i64,
                             });
                         let (evs, cancel, handed) = store
-                            .step_done_handoff(
-                                &wf.id, idx, &rec.name, node, &commit, next, true, handoff,
+                            .steps_done_handoff(
+                                &wf.id, &before, idx, &rec.name, node, &commit, next, true, handoff,
                             )
                             .await?;
+                        drop(before);
+                        ran.clear();
                         self.emit_all(evs);
                         step += 1;
                         started = true;
@@ -213,6 +281,37 @@ impl Engine {
             }
         }
         self.undo(&*def, &wf.id).await.map(|()| None)
+    }
+
+    /// Records the steps that `ran` unrecorded done (see [`basphere_store::Store::steps_done_handoff`])
+    /// and starts `next`; whether a cancel was asked for meanwhile (then `next` did not start).
+    async fn record_ran(
+        &self,
+        wf: &str,
+        ran: &mut Vec<(u32, String)>,
+        next: NextStep<'_>,
+    ) -> Result<bool, StoreError> {
+        let (idx, name) = ran.pop().expect("a step ran");
+        let before: Vec<(u32, &str)> = ran.iter().map(|(i, n)| (*i, n.as_str())).collect();
+        let (evs, cancel, _) = self
+            .inner
+            .store
+            .steps_done_handoff(
+                wf,
+                &before,
+                idx,
+                &name,
+                &self.inner.cfg.node_id,
+                &StepCommit::default(),
+                Some(next),
+                false,
+                None,
+            )
+            .await?;
+        drop(before);
+        ran.clear();
+        self.emit_all(evs);
+        Ok(cancel)
     }
 
     /// Starts undoing workflow `id`, whose cancel was asked for, from step `last_done` down.

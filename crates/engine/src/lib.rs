@@ -127,6 +127,10 @@ pub struct EngineConfig {
     pub step_deadline: Duration,
     /// Concurrency limits per user, provider and host, over every node.
     pub limits: ClaimLimits,
+    /// Steps of one workflow that finish within this long of the first of them are recorded
+    /// in one commit (zero: each step in its own). A slower step's predecessors are recorded
+    /// when the window closes, while it runs.
+    pub fuse_window: Duration,
 }
 
 impl Default for EngineConfig {
@@ -141,6 +145,7 @@ impl Default for EngineConfig {
             ready_deadline: Duration::from_secs(300),
             step_deadline: Duration::from_secs(600),
             limits: ClaimLimits::default(),
+            fuse_window: Duration::from_millis(20),
         }
     }
 }

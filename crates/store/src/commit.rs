@@ -1,9 +1,9 @@
 //! Group commit of step completions, written once over `db::Tx`, and the two ways it runs.
 //!
 //! Every step completion is a write transaction. Completions that arrive together share one:
-//! each keeps its own meaning — lease-guarded, atomic with its effects and children, committed
-//! before its workflow's next step starts (its caller waits for the reply) — only the
-//! transaction is shared. If a group fails, each completion is retried alone so that one bad
+//! each keeps its own meaning — lease-guarded, atomic with its effects and children — only the
+//! transaction is shared. One completion may record several steps of its workflow that ran one
+//! after another (`DoneReq::ran`; the engine's fuse window). If a group fails, each completion is retried alone so that one bad
 //! completion cannot fail the others. [`commit_group`] sends each group in a few batches of
 //! statements (the lease-guarded moves, the rows of the others, then every write), which
 //! PostgreSQL pipelines in one round trip each.
@@ -43,10 +43,14 @@ const MAX_GROUP: usize = 64;
 /// Groups committing at once on PostgreSQL.
 const PG_IN_FLIGHT: usize = 2;
 
-/// One step completion to record.
+/// One step completion to record: step `idx`, and before it the steps `ran` (the first the
+/// one recorded running; the others ran unrecorded after it, see [`Store::steps_done_handoff`]).
+///
+/// [`Store::steps_done_handoff`]: crate::Store::steps_done_handoff
 #[derive(Clone)]
 pub(crate) struct DoneReq {
     pub wf: String,
+    pub ran: Vec<(u32, String)>,
     pub idx: u32,
     pub name: String,
     pub node: String,
@@ -305,7 +309,13 @@ struct Plan {
 }
 
 const MOVE_ROW: &[Col] = &[("wf", false), ("step", true), ("node", false)];
-const STEP_DONE_ROW: &[Col] = &[("wf", false), ("idx", true), ("output", false)];
+/// A step done: `ran` 1 for one that ran unrecorded (it is counted started too).
+const STEP_DONE_ROW: &[Col] = &[
+    ("wf", false),
+    ("idx", true),
+    ("output", false),
+    ("ran", true),
+];
 const EFFECT_ROW: &[Col] = &[
     ("wf", false),
     ("idx", true),
@@ -457,10 +467,19 @@ pub(crate) async fn commit_group(
                 )
             });
         }
+        for (k, (idx, _)) in j.ran.iter().enumerate() {
+            done_rows.push(vec![
+                wf.into(),
+                (*idx).into(),
+                None::<String>.into(),
+                i64::from(k > 0).into(),
+            ]);
+        }
         done_rows.push(vec![
             wf.into(),
             j.idx.into(),
             j.commit.output.as_ref().map(|o| o.to_string()).into(),
+            i64::from(!j.ran.is_empty()).into(),
         ]);
         for (key, payload) in &j.commit.effects {
             effect_rows.push(vec![
@@ -478,9 +497,15 @@ pub(crate) async fn commit_group(
             kind: kind.to_string(),
             message,
         };
-        let done = ev(Some(&j.name), "step_done", format!("{} done", j.name));
+        let mut evs = vec![];
+        for (k, name) in j.ran.iter().map(|(_, n)| n).chain([&j.name]).enumerate() {
+            if k > 0 {
+                evs.push(ev(Some(name), "step_started", format!("{name} started")));
+            }
+            evs.push(ev(Some(name), "step_done", format!("{name} done")));
+        }
         let mut released = None;
-        let evs = if spawns(j) && !cancel {
+        let then = if spawns(j) && !cancel {
             // Queued with the step's completion: a crash keeps both or neither. (A cancel
             // asked for meanwhile wins: the parent undoes instead of spawning.)
             for c in &j.commit.children {
@@ -489,13 +514,10 @@ pub(crate) async fn commit_group(
             }
             let n = j.commit.children.len();
             let msg = format!("{} spawned {n} child workflows; waiting for them", j.name);
-            vec![done, ev(Some(&j.name), "spawned", msg)]
+            Some(ev(Some(&j.name), "spawned", msg))
         } else if let (Some((idx, name, dl)), false) = (&j.next, cancel) {
             start_rows.push(vec![wf.into(), (*idx).into(), (now + dl).into()]);
-            vec![
-                done,
-                ev(Some(name), "step_started", format!("{name} started")),
-            ]
+            Some(ev(Some(name), "step_started", format!("{name} started")))
         } else if let (Some(end), true, false) = (&end, fin(j), cancel) {
             batch.extend(hooks.ending(end, &WorkflowOutcome::Succeeded, now));
             released = Some(batch.len());
@@ -510,10 +532,11 @@ pub(crate) async fn commit_group(
                 }
             }
             let ended = format!("{} succeeded", end.definition);
-            vec![done, ev(None, WorkflowStatus::Succeeded.as_str(), ended)]
+            Some(ev(None, WorkflowStatus::Succeeded.as_str(), ended))
         } else {
-            vec![done]
+            None
         };
+        evs.extend(then);
         for e in &evs {
             event_rows.push(vec![
                 n_events.into(),
@@ -537,7 +560,8 @@ pub(crate) async fn commit_group(
             |v| {
                 format!(
                     "UPDATE workflow_steps SET status = 'done', error = NULL, finished_at = $1,
-                         output = v.output
+                         output = v.output, attempts = attempts + v.ran,
+                         started_at = CASE WHEN v.ran = 1 THEN $1 ELSE started_at END
                      FROM {v}
                      WHERE workflow_steps.workflow_id = v.wf AND workflow_steps.idx = v.idx"
                 )

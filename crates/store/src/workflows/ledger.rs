@@ -198,10 +198,33 @@ impl Store {
         finish: bool,
         handoff: Option<Handoff>,
     ) -> Result<(Vec<WorkflowEvent>, bool, Option<Claimed>)> {
+        self.steps_done_handoff(wf, &[], idx, name, node, commit, next, finish, handoff)
+            .await
+    }
+
+    /// [`Store::step_done_handoff`] for several steps at once: `ran` are the steps before
+    /// `idx`, in order, the first of them the one recorded running; the others, and `idx`,
+    /// ran after it unrecorded. Each is recorded started (one more attempt) and done, with
+    /// its events, in the one transaction; `commit` is `idx`'s (the others committed nothing).
+    /// With a cancel pending, all of them are still recorded done (their undo then runs too).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn steps_done_handoff(
+        &self,
+        wf: &str,
+        ran: &[(u32, &str)],
+        idx: u32,
+        name: &str,
+        node: &str,
+        commit: &StepCommit,
+        next: Option<NextStep<'_>>,
+        finish: bool,
+        handoff: Option<Handoff>,
+    ) -> Result<(Vec<WorkflowEvent>, bool, Option<Claimed>)> {
         let (reply, rx) = tokio::sync::oneshot::channel();
         let job = crate::commit::DoneJob {
             req: crate::commit::DoneReq {
                 wf: wf.to_string(),
+                ran: ran.iter().map(|(i, n)| (*i, n.to_string())).collect(),
                 idx,
                 name: name.to_string(),
                 node: node.to_string(),

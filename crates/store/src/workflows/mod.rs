@@ -220,6 +220,13 @@ pub struct StepCommit {
     pub children: Vec<NewWorkflow>,
 }
 
+impl StepCommit {
+    /// Whether it commits nothing but the step's completion (no output, effects or children).
+    pub fn is_empty(&self) -> bool {
+        self.output.is_none() && self.effects.is_empty() && self.children.is_empty()
+    }
+}
+
 /// The step to start right after one finishes (saves a transaction per step).
 #[derive(Debug, Clone, Copy)]
 pub struct NextStep<'a> {

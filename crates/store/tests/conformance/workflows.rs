@@ -18,6 +18,9 @@ pub fn cases() -> Vec<Case> {
         ("ledger_undo_and_cancel", |s| {
             Box::pin(undo_and_cancel(s)) as Fut
         }),
+        ("ledger_records_steps_that_ran_together", |s| {
+            Box::pin(ran_together(s)) as Fut
+        }),
         ("ledger_children_block_the_parent", |s| {
             Box::pin(children(s)) as Fut
         }),
@@ -631,4 +634,142 @@ async fn stored_timeouts(store: Store) {
             .is_empty(),
         "a node that runs nothing claims nothing"
     );
+}
+
+/// Steps that ran one after another unrecorded are recorded in one completion: each started
+/// (one attempt) and done, with its events in order; a cancel pending still records them all
+/// done (so their undo runs), and a wrong node records none.
+async fn ran_together(store: Store) {
+    let id = store.enqueue_workflow(&wf("alice", 4)).await.unwrap();
+    store
+        .claim_many("n1", 10_000, &NONE, 8, &runs())
+        .await
+        .unwrap();
+    let next = |idx, name| NextStep {
+        idx,
+        name,
+        deadline_ms: 5_000,
+    };
+    let commit = StepCommit {
+        output: Some(json!({"made": 2})),
+        effects: vec![(format!("{id}/2/s2"), json!({"x": 2}))],
+        ..StepCommit::default()
+    };
+    let ran = [(0, "s0"), (1, "s1")];
+    assert!(
+        store
+            .steps_done_handoff(
+                &id,
+                &ran,
+                2,
+                "s2",
+                "n2",
+                &commit,
+                Some(next(3, "s3")),
+                false,
+                None
+            )
+            .await
+            .unwrap_err()
+            .is_lease_lost(),
+        "another node's completion is refused"
+    );
+    let before = store.workflow(&id).await.unwrap().unwrap();
+    assert_eq!(before.step, 0);
+    assert_eq!(before.steps[1].status, StepStatus::Pending);
+    let (evs, cancel, _) = store
+        .steps_done_handoff(
+            &id,
+            &ran,
+            2,
+            "s2",
+            "n1",
+            &commit,
+            Some(next(3, "s3")),
+            false,
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(!cancel);
+    let seen: Vec<(&str, &str)> = evs
+        .iter()
+        .map(|e| (e.kind.as_str(), e.step.as_deref().unwrap_or("")))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("step_done", "s0"),
+            ("step_started", "s1"),
+            ("step_done", "s1"),
+            ("step_started", "s2"),
+            ("step_done", "s2"),
+            ("step_started", "s3"),
+        ]
+    );
+    assert!(evs.windows(2).all(|w| w[0].seq < w[1].seq), "{evs:?}");
+    let w = store.workflow(&id).await.unwrap().unwrap();
+    assert_eq!((w.status, w.step), (WorkflowStatus::Running, 3));
+    for s in &w.steps[..3] {
+        assert_eq!((s.status, s.attempts), (StepStatus::Done, 1), "{s:?}");
+        assert!(s.started_at.is_some() && s.finished_at.is_some(), "{s:?}");
+    }
+    assert_eq!(w.steps[3].status, StepStatus::Running);
+    assert_eq!(w.steps[0].output, None);
+    assert_eq!(w.steps[2].output, Some(json!({"made": 2})));
+    let eff = store.step_effects(&id).await.unwrap();
+    assert_eq!((eff.len(), eff[0].idx), (1, 2));
+    let (evs, _, _) = store
+        .steps_done_handoff(
+            &id,
+            &[],
+            3,
+            "s3",
+            "n1",
+            &StepCommit::default(),
+            None,
+            true,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(evs.last().unwrap().kind, "succeeded");
+
+    // A cancel asked for meanwhile: every step that ran is recorded done, the next not started.
+    let actor = Actor::new("alice", "test");
+    let id = store.enqueue_workflow(&wf("alice", 3)).await.unwrap();
+    store
+        .claim_many("n1", 10_000, &NONE, 8, &runs())
+        .await
+        .unwrap();
+    store.request_cancel(&id, &actor).await.unwrap();
+    let (evs, cancel, _) = store
+        .steps_done_handoff(
+            &id,
+            &[(0, "s0")],
+            1,
+            "s1",
+            "n1",
+            &StepCommit::default(),
+            Some(next(2, "s2")),
+            false,
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(cancel, "the completion sees the cancel");
+    assert_eq!(
+        evs.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(),
+        ["step_done", "step_started", "step_done"]
+    );
+    store
+        .begin_cancel(&id, "n1", 1, "cancelled on request")
+        .await
+        .unwrap();
+    let w = store.workflow(&id).await.unwrap().unwrap();
+    assert_eq!(
+        w.steps.iter().map(|s| s.status).collect::<Vec<_>>(),
+        [StepStatus::Done, StepStatus::Done, StepStatus::Skipped]
+    );
+    assert_eq!(w.status, WorkflowStatus::Undoing);
 }
