@@ -24,9 +24,8 @@ use crate::workflows::sets::{
     EVENT_ROW, STEP_START_ROW, append_events, id_in, ids_arg, set_stmt, start_steps,
 };
 use crate::workflows::{
-    Claimed, ENDING_COLS, Ending, Handoff, StepCommit, WorkflowEvent, WorkflowOutcome,
-    WorkflowStatus, clock, ending_from, fill_stmts, insert_stmts, lease_lost, lease_many,
-    ready_nodes, release_stmt,
+    Claimed, ENDING_COLS, Ending, Handoff, StepCommit, WorkflowEvent, WorkflowStatus, clock,
+    ending_from, fill_stmts, insert_stmts, lease_lost, lease_many, ready_nodes, release_stmt,
 };
 use crate::{Result, StoreError};
 use rusqlite::Connection;
@@ -309,6 +308,8 @@ struct Plan {
 }
 
 const MOVE_ROW: &[Col] = &[("wf", false), ("step", true), ("node", false)];
+/// A workflow ending succeeded, and the step it ends on.
+const END_ROW: &[Col] = &[("wf", false), ("step", true)];
 /// A step done: `ran` 1 for one that ran unrecorded (it is counted started too).
 const STEP_DONE_ROW: &[Col] = &[
     ("wf", false),
@@ -423,6 +424,9 @@ pub(crate) async fn commit_group(
     let mut fills: Vec<String> = vec![];
     let mut wants: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
     let mut failed: Vec<Option<StoreError>> = (0..reqs.len()).map(|_| None).collect();
+    // The workflows that end succeeded (their new step), and their endings.
+    let mut ends = RowSet::new(END_ROW);
+    let mut succeeded: Vec<Ending> = vec![];
     for (i, j) in reqs.iter().enumerate() {
         let (cancel, end) = match found[i].take() {
             None => (false, None),
@@ -435,7 +439,10 @@ pub(crate) async fn commit_group(
         };
         let wf = j.wf.as_str();
         let step = i64::from(j.idx) + 1;
-        if !moved[i] {
+        if !moved[i] && fin(j) && !cancel {
+            // Ended set-wise after this loop, with their resources' hooks.
+            ends.push(vec![wf.into(), step.into()]);
+        } else if !moved[i] {
             batch.push(if spawns(j) && !cancel {
                 // The parent waits, unleased, for the children queued below.
                 stmt!(
@@ -447,16 +454,6 @@ pub(crate) async fn commit_group(
                     step,
                     now,
                     j.commit.children.len() as i64,
-                )
-            } else if fin(j) && !cancel {
-                stmt!(
-                    "UPDATE workflows SET step = $2, attempt = 0, updated_at = $3,
-                         status = 'succeeded', lease_owner = NULL, lease_until = NULL,
-                         finished_at = $3
-                     WHERE id = $1",
-                    wf,
-                    step,
-                    now,
                 )
             } else {
                 stmt!(
@@ -519,7 +516,7 @@ pub(crate) async fn commit_group(
             start_rows.push(vec![wf.into(), (*idx).into(), (now + dl).into()]);
             Some(ev(Some(name), "step_started", format!("{name} started")))
         } else if let (Some(end), true, false) = (&end, fin(j), cancel) {
-            batch.extend(hooks.ending(end, &WorkflowOutcome::Succeeded, now));
+            succeeded.push(end.clone());
             released = Some(batch.len());
             batch.push(release_stmt(d, wf, false));
             if let Some(b) = &end.batch_id {
@@ -553,6 +550,27 @@ pub(crate) async fn commit_group(
             cancel,
         }));
     }
+    batch.extend(set_stmt(
+        d,
+        ends,
+        |v| match d {
+            Dialect::Sqlite => format!(
+                "UPDATE workflows SET step = v.step, attempt = 0, updated_at = $1,
+                     status = 'succeeded', lease_owner = NULL, lease_until = NULL, finished_at = $1
+                 FROM {v} WHERE workflows.id = v.wf"
+            ),
+            // By key, as the move on above.
+            Dialect::Postgres => "UPDATE workflows
+                 SET step = (CAST($3 AS BIGINT[]))[array_position(CAST($2 AS TEXT[]), id)],
+                     attempt = 0, updated_at = $1, status = 'succeeded', lease_owner = NULL,
+                     lease_until = NULL, finished_at = $1
+                 WHERE id = ANY(CAST($2 AS TEXT[]))"
+                .to_string(),
+        },
+        now,
+    ));
+    let ended: Vec<&Ending> = succeeded.iter().collect();
+    batch.extend(hooks.succeeded(d, &ended, now));
     let sets = [
         set_stmt(
             d,

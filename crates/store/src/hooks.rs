@@ -5,11 +5,11 @@
 //! live beside its records (the VM's in `vms`). A definition without hooks changes nothing
 //! outside the ledger.
 
-use crate::db::{Stmt, Tx, stmt};
+use crate::db::{Dialect, Stmt, Tx, stmt};
 use crate::workflows::{Ending, OpError, Workflow, WorkflowOutcome};
 use basphere_core::NetworkPool;
 use std::any::Any;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -58,6 +58,15 @@ pub struct RetryCtx<'a> {
 pub(crate) trait ResourceHooks: Send + Sync {
     /// Statements that apply `outcome` to the resource; they run in the ending transaction.
     fn ended(&self, w: &Ending, outcome: &WorkflowOutcome, now: i64) -> Vec<Stmt>;
+
+    /// Statements that apply success to the resources of `ws` (this definition's workflows
+    /// ending together), as few as can: by default [`ResourceHooks::ended`] for each.
+    fn succeeded_many(&self, d: Dialect, ws: &[&Ending], now: i64) -> Vec<Stmt> {
+        let _ = d;
+        ws.iter()
+            .flat_map(|w| self.ended(w, &WorkflowOutcome::Succeeded, now))
+            .collect()
+    }
 
     /// Refuses a cancel (with what to do instead) when the definition's steps cannot be undone.
     fn cancellable(&self, _w: &Workflow) -> Result<(), String> {
@@ -126,14 +135,36 @@ impl Registry {
             .get(&w.definition)
             .map(|h| h.0.ended(w, outcome, now))
             .unwrap_or_default();
-        if w.has_parent {
-            out.push(stmt!(
-                "UPDATE workflows SET waiting_on = waiting_on - 1, updated_at = $2
-                 WHERE id = (SELECT parent_id FROM workflows WHERE id = $1) AND waiting_on > 0",
-                w.id.as_str(),
-                now,
-            ));
-        }
+        out.extend(parent_wait(w, now));
         out
     }
+
+    /// [`Registry::ending`] of several workflows that succeeded together: each definition's
+    /// hooks once for all of its own ([`ResourceHooks::succeeded_many`]), then the parents'.
+    pub fn succeeded(&self, d: Dialect, ws: &[&Ending], now: i64) -> Vec<Stmt> {
+        let mut by_def: BTreeMap<&str, Vec<&Ending>> = BTreeMap::new();
+        for w in ws {
+            by_def.entry(w.definition.as_str()).or_default().push(w);
+        }
+        let mut out = vec![];
+        for (def, group) in by_def {
+            if let Some(h) = self.get(def) {
+                out.extend(h.0.succeeded_many(d, &group, now));
+            }
+        }
+        out.extend(ws.iter().filter_map(|w| parent_wait(w, now)));
+        out
+    }
+}
+
+/// A child's ending counts down its parent's wait.
+fn parent_wait(w: &Ending, now: i64) -> Option<Stmt> {
+    w.has_parent.then(|| {
+        stmt!(
+            "UPDATE workflows SET waiting_on = waiting_on - 1, updated_at = $2
+             WHERE id = (SELECT parent_id FROM workflows WHERE id = $1) AND waiting_on > 0",
+            w.id.as_str(),
+            now,
+        )
+    })
 }

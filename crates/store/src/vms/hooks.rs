@@ -1,8 +1,9 @@
 //! The VM's workflow hooks: what ending or retrying a create or delete does to its record.
 
 use super::{VM_AND_KEY, readmit, vm_from};
-use crate::db::{Cols, Stmt, Tx, stmt};
+use crate::db::{Cols, Dialect, Stmt, Tx, stmt};
 use crate::hooks::{Hooks, Prefetch, ResourceHooks, RetryCtx};
+use crate::workflows::sets::{id_in, ids_arg};
 use crate::workflows::{Ending, OpError, Workflow, WorkflowOutcome};
 use crate::{Actor, Result, now_ms};
 use basphere_core::{NetworkPool, ResourceRef, VmOperation};
@@ -114,6 +115,48 @@ run delete-vm to retry the cleanup' ELSE '' END,
                 ]
             }
         }
+    }
+
+    fn succeeded_many(&self, d: Dialect, ws: &[&Ending], now: i64) -> Vec<Stmt> {
+        if self.0 != VmOperation::Create {
+            return ws
+                .iter()
+                .flat_map(|w| self.ended(w, &WorkflowOutcome::Succeeded, now))
+                .collect();
+        }
+        // Created: one statement for every VM and one for their audit records.
+        let vms: Vec<String> = ws
+            .iter()
+            .filter_map(|w| w.resource.as_ref().and_then(|r| r.id_of(ResourceRef::VM)))
+            .map(str::to_string)
+            .collect();
+        if vms.is_empty() {
+            return vec![];
+        }
+        let actor = Actor::engine();
+        vec![
+            Stmt::new(
+                format!(
+                    "UPDATE vms SET status = 'running', error = NULL, updated_at = $1 WHERE {}",
+                    id_in(d, "id", 2)
+                ),
+                vec![now.into(), ids_arg(d, &vms)],
+            ),
+            Stmt::new(
+                format!(
+                    "INSERT INTO audit (at, actor, source, action, target, result, detail)
+                     SELECT $1, $3, $4, 'vm.create', owner || '/' || name, 'ok', ip
+                     FROM vms WHERE {}",
+                    id_in(d, "id", 2)
+                ),
+                vec![
+                    now.into(),
+                    ids_arg(d, &vms),
+                    actor.name.into(),
+                    actor.source.into(),
+                ],
+            ),
+        ]
     }
 
     fn cancellable(&self, w: &Workflow) -> std::result::Result<(), String> {

@@ -9,6 +9,7 @@ use crate::hooks::Registry;
 use crate::workflows::ResourceRef;
 
 /// The parts of a workflow that ending it needs.
+#[derive(Clone)]
 pub(crate) struct Ending {
     pub id: String,
     pub definition: String,
