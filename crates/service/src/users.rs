@@ -3,6 +3,7 @@
 
 use crate::check::Check;
 use crate::error::Result;
+use crate::lease::admit_leased;
 use crate::{Done, Paged, Paging, ServiceError, Services, convert};
 use basphere_accounts::AccountError;
 use basphere_core::VmOperation;
@@ -528,11 +529,16 @@ impl Services {
         let steps = basphere_vm_workflows::steps(&self.engine, VmOperation::Delete);
         let (mut operations, mut refused) = (vec![], vec![]);
         for vm in vms {
-            match self
-                .store
-                .begin_delete_vm(u.as_str(), vm.name.as_str(), &steps, actor)
-                .await
-            {
+            // Each as `delete_vm`'s: leased in its own transaction to a free slot here.
+            let (store, steps, actor) = (self.store.clone(), steps.clone(), actor.clone());
+            let (whose, which) = (u.to_string(), vm.name.to_string());
+            let admitted = admit_leased(&self.engine, 1, move |lease| async move {
+                store
+                    .begin_delete_vm_leased(&whose, &which, &steps, &actor, lease)
+                    .await
+            })
+            .await?;
+            match admitted {
                 Ok(a) => operations.push(wire::VmOperation {
                     vm: a.vm.name,
                     operation_id: a.operation_id,
