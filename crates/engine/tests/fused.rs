@@ -68,6 +68,29 @@ fn engine_with(store: &Store, window: Duration) -> (basphere_engine::Engine, Arc
     (e, def)
 }
 
+/// Runs `a`, `b`, `slow`, `d` with fuse window `window` until `slow` has begun: the data
+/// dir, store, workflow id, definition and the engine's stop switch.
+async fn until_slow(
+    window: Duration,
+) -> (
+    tempfile::TempDir,
+    Store,
+    String,
+    Arc<Steps>,
+    tokio::sync::watch::Sender<bool>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    let (e, def) = engine_with(&store, window);
+    let id = store
+        .enqueue_workflow(&workflow(&["a", "b", "slow", "d"]))
+        .await
+        .unwrap();
+    let stop = start(&e);
+    def.entered.notified().await;
+    (dir, store, id, def, stop)
+}
+
 /// Polls workflow `id` until `ok` holds (at most 10 s).
 async fn until(store: &Store, id: &str, ok: impl Fn(&Workflow) -> bool) -> Workflow {
     let t0 = Instant::now();
@@ -141,15 +164,7 @@ async fn quick_steps_share_one_commit_with_every_event_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_step_has_the_quick_ones_before_it_recorded_while_it_runs() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path()).await;
-    let (e, def) = engine_with(&store, Duration::from_millis(50));
-    let id = store
-        .enqueue_workflow(&workflow(&["a", "b", "slow", "d"]))
-        .await
-        .unwrap();
-    let _stop = start(&e);
-    def.entered.notified().await;
+    let (_dir, store, id, def, _stop) = until_slow(Duration::from_millis(50)).await;
     // The window closes while `slow` runs: `a` and `b` are recorded done, `slow` running.
     let w = until(&store, &id, |w| w.step == 2).await;
     let st: Vec<StepStatus> = w.steps.iter().map(|s| s.status).collect();
@@ -171,16 +186,8 @@ async fn a_slow_step_has_the_quick_ones_before_it_recorded_while_it_runs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_before_the_quick_steps_are_recorded_still_undoes_every_step_that_ran() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path()).await;
     // A window long enough for the cancel to land before anything after the claim is recorded.
-    let (e, def) = engine_with(&store, Duration::from_millis(1500));
-    let id = store
-        .enqueue_workflow(&workflow(&["a", "b", "slow", "d"]))
-        .await
-        .unwrap();
-    let _stop = start(&e);
-    def.entered.notified().await;
+    let (_dir, store, id, def, _stop) = until_slow(Duration::from_millis(1500)).await;
     let w = store.workflow(&id).await.unwrap().unwrap();
     assert_eq!(w.step, 0, "nothing recorded yet but the claim: {w:?}");
     store
