@@ -90,7 +90,19 @@ pub async fn throughput(
                         .filter(|w| w.status.is_terminal())
                         .count();
             }
-            _ => anyhow::bail!("the engine stalled with {left} workflows left"),
+            _ => {
+                let open: Vec<String> = store
+                    .workflows(None, (ids.len() + 10) as i64)
+                    .await?
+                    .iter()
+                    .filter(|w| ids.contains(&w.id) && !w.status.is_terminal())
+                    .map(|w| format!("{} {} at step {}", w.id, w.status, w.step))
+                    .collect();
+                anyhow::bail!(
+                    "no event for 60 s with {left} workflows not seen ending; not ended in the \
+                     store: {open:?}"
+                )
+            }
         }
     }
     let dt = t0.elapsed();

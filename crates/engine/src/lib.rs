@@ -180,6 +180,9 @@ struct Inner {
     /// Events this node broadcast lately (by seq), so the relay of other replicas' events
     /// (PostgreSQL) passes each event on once.
     emitted: std::sync::Mutex<Recent>,
+    /// The store's changes, listened to from the engine's creation on: the relay takes them
+    /// when it starts, so that no other replica's commit made in between goes unrelayed.
+    changes: std::sync::Mutex<Option<broadcast::Receiver<basphere_store::Change>>>,
 }
 
 /// A bounded set of recent event sequence numbers.
@@ -211,6 +214,7 @@ impl Engine {
     /// An engine over `store` with no definitions yet ([`Engine::register`] them before `run`).
     pub fn new(store: Store, cfg: EngineConfig) -> Self {
         let (events, _) = broadcast::channel(16384);
+        let changes = std::sync::Mutex::new(store.changes());
         let slots = Arc::new(Semaphore::new(cfg.max_parallel.max(1)));
         Self {
             inner: Arc::new(Inner {
@@ -222,6 +226,7 @@ impl Engine {
                 slots,
                 running: Default::default(),
                 emitted: Default::default(),
+                changes,
             }),
         }
     }

@@ -179,7 +179,8 @@ impl Engine {
     /// out of order) and broadcasts what this node has not. Nothing to do on SQLite (one
     /// process writes).
     async fn relay(self, mut shutdown: watch::Receiver<bool>) {
-        let Some(mut changes) = self.inner.store.changes() else {
+        let held = self.inner.changes.lock().expect("changes lock").take();
+        let Some(mut changes) = held.or_else(|| self.inner.store.changes()) else {
             return;
         };
         const LOOKBACK: i64 = 1024;
