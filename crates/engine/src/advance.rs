@@ -183,7 +183,7 @@ impl Engine {
                     undoing = true;
                     break;
                 }
-                let before: Vec<(u32, &str)> = ran.iter().map(|(i, n)| (*i, n.as_str())).collect();
+                let before = refs(&ran);
                 match result {
                     Ok(commit) if !commit.children.is_empty() => {
                         // The parent waits, unleased, for its children; it is claimed again
@@ -292,7 +292,7 @@ impl Engine {
         next: NextStep<'_>,
     ) -> Result<bool, StoreError> {
         let (idx, name) = ran.pop().expect("a step ran");
-        let before: Vec<(u32, &str)> = ran.iter().map(|(i, n)| (*i, n.as_str())).collect();
+        let before = refs(ran);
         let (evs, cancel, _) = self
             .inner
             .store
@@ -434,4 +434,9 @@ fn step_metrics(definition: &str, step: &str, outcome: &'static str, took: Durat
     metrics::histogram!("basphere_step_duration_seconds",
         "definition" => definition.to_string(), "step" => step.to_string(), "outcome" => outcome)
     .record(took.as_secs_f64());
+}
+
+/// Steps that ran unrecorded, as [`basphere_store::Store::steps_done_handoff`] takes them.
+fn refs(ran: &[(u32, String)]) -> Vec<(u32, &str)> {
+    ran.iter().map(|(i, n)| (*i, n.as_str())).collect()
 }

@@ -61,11 +61,8 @@ pub(crate) trait ResourceHooks: Send + Sync {
 
     /// Statements that apply success to the resources of `ws` (this definition's workflows
     /// ending together), as few as can: by default [`ResourceHooks::ended`] for each.
-    fn succeeded_many(&self, d: Dialect, ws: &[&Ending], now: i64) -> Vec<Stmt> {
-        let _ = d;
-        ws.iter()
-            .flat_map(|w| self.ended(w, &WorkflowOutcome::Succeeded, now))
-            .collect()
+    fn succeeded_many(&self, _d: Dialect, ws: &[&Ending], now: i64) -> Vec<Stmt> {
+        each_succeeded(self, ws, now)
     }
 
     /// Refuses a cancel (with what to do instead) when the definition's steps cannot be undone.
@@ -155,6 +152,17 @@ impl Registry {
         out.extend(ws.iter().filter_map(|w| parent_wait(w, now)));
         out
     }
+}
+
+/// [`ResourceHooks::ended`] with success, for each of `ws` in turn.
+pub(crate) fn each_succeeded<H: ResourceHooks + ?Sized>(
+    h: &H,
+    ws: &[&Ending],
+    now: i64,
+) -> Vec<Stmt> {
+    ws.iter()
+        .flat_map(|w| h.ended(w, &WorkflowOutcome::Succeeded, now))
+        .collect()
 }
 
 /// A child's ending counts down its parent's wait.

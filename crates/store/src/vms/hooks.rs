@@ -2,7 +2,7 @@
 
 use super::{VM_AND_KEY, readmit, vm_from};
 use crate::db::{Cols, Dialect, Stmt, Tx, stmt};
-use crate::hooks::{Hooks, Prefetch, ResourceHooks, RetryCtx};
+use crate::hooks::{Hooks, Prefetch, ResourceHooks, RetryCtx, each_succeeded};
 use crate::workflows::sets::{id_in, ids_arg};
 use crate::workflows::{Ending, OpError, Workflow, WorkflowOutcome};
 use crate::{Actor, Result, now_ms};
@@ -119,10 +119,7 @@ run delete-vm to retry the cleanup' ELSE '' END,
 
     fn succeeded_many(&self, d: Dialect, ws: &[&Ending], now: i64) -> Vec<Stmt> {
         if self.0 != VmOperation::Create {
-            return ws
-                .iter()
-                .flat_map(|w| self.ended(w, &WorkflowOutcome::Succeeded, now))
-                .collect();
+            return each_succeeded(self, ws, now);
         }
         // Created: one statement for every VM and one for their audit records.
         let vms: Vec<String> = ws
