@@ -32,8 +32,10 @@ pub struct Args {
     /// PostgreSQL 15 the bench starts itself, durable as in production).
     #[arg(long, value_enum, default_value_t = Backend::Sqlite)]
     pub backend: Backend,
-    /// The PostgreSQL server the child processes use (set by the bench itself).
-    #[arg(long, hide = true)]
+    /// Measure on this PostgreSQL server (`postgres://…/postgres`; the bench makes a fresh
+    /// database per server on it) instead of one the bench starts itself: for profiling with
+    /// the server's own tools. The bench also passes it to its child processes.
+    #[arg(long, value_name = "URL")]
     pub pg_server: Option<String>,
     /// The product binary the figures start (`serve`, `vm list`, `plan`)
     /// [default: `basphere` beside this executable].
@@ -203,7 +205,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         b => vec![b],
     };
     // Durable, as a production server runs it: the figures include the cost of a commit.
-    let pg = if backends.contains(&Backend::Postgres) {
+    let pg = if backends.contains(&Backend::Postgres) && a.pg_server.is_none() {
         let mut o = basphere_testkit::postgres::Options {
             durable: true,
             ..Default::default()
@@ -224,7 +226,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     for backend in backends {
         let bench = Bench {
             backend,
-            pg_server: pg.as_ref().map(|p| p.url()),
+            pg_server: pg.as_ref().map(|p| p.url()).or_else(|| a.pg_server.clone()),
             basphere: basphere.clone(),
         };
         println!("== {}", backend.label());

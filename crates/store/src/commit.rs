@@ -25,7 +25,7 @@ use crate::workflows::sets::{
 };
 use crate::workflows::{
     Claimed, ENDING_COLS, Ending, Handoff, StepCommit, WorkflowEvent, WorkflowStatus, clock,
-    ending_from, fill_stmts, insert_stmts, lease_lost, lease_many, ready_nodes, release_stmt,
+    ending_from, fill_stmts, insert_stmts, lease_lost, lease_many, ready_nodes, release_many_stmt,
 };
 use crate::{Result, StoreError};
 use rusqlite::Connection;
@@ -302,8 +302,6 @@ struct Found {
 struct Plan {
     /// The events it wrote (seq filled in after).
     events: Vec<WorkflowEvent>,
-    /// Index of the statement releasing its dependents (RETURNING their batches), if any.
-    released: Option<usize>,
     cancel: bool,
 }
 
@@ -501,7 +499,6 @@ pub(crate) async fn commit_group(
             }
             evs.push(ev(Some(name), "step_done", format!("{name} done")));
         }
-        let mut released = None;
         let then = if spawns(j) && !cancel {
             // Queued with the step's completion: a crash keeps both or neither. (A cancel
             // asked for meanwhile wins: the parent undoes instead of spawning.)
@@ -517,8 +514,6 @@ pub(crate) async fn commit_group(
             Some(ev(Some(name), "step_started", format!("{name} started")))
         } else if let (Some(end), true, false) = (&end, fin(j), cancel) {
             succeeded.push(end.clone());
-            released = Some(batch.len());
-            batch.push(release_stmt(d, wf, false));
             if let Some(b) = &end.batch_id {
                 fills.push(b.clone());
                 if j.handoff.is_some() {
@@ -546,7 +541,6 @@ pub(crate) async fn commit_group(
         }
         plans.push(Some(Plan {
             events: evs,
-            released,
             cancel,
         }));
     }
@@ -571,6 +565,12 @@ pub(crate) async fn commit_group(
     ));
     let ended: Vec<&Ending> = succeeded.iter().collect();
     batch.extend(hooks.succeeded(d, &ended, now));
+    // Their dependents wait for them no more (RETURNING the dependents' batches).
+    let released = (!succeeded.is_empty()).then(|| {
+        let ids: Vec<String> = succeeded.iter().map(|e| e.id.clone()).collect();
+        batch.push(release_many_stmt(d, &ids));
+        batch.len() - 1
+    });
     let sets = [
         set_stmt(
             d,
@@ -611,14 +611,14 @@ pub(crate) async fn commit_group(
             .push(r_int(r, "seq")?);
     }
 
+    if let Some(k) = released {
+        for r in &results[k] {
+            fills.extend(r_opt_text(r, "batch_id")?);
+        }
+    }
     let mut out: Vec<Result<Done>> = Vec::with_capacity(reqs.len());
     for (i, plan) in plans.into_iter().enumerate() {
-        let Some(Plan {
-            mut events,
-            released,
-            cancel,
-        }) = plan
-        else {
+        let Some(Plan { mut events, cancel }) = plan else {
             out.push(Err(failed[i]
                 .take()
                 .unwrap_or_else(|| lease_lost(&reqs[i].wf))));
@@ -628,11 +628,6 @@ pub(crate) async fn commit_group(
         mine.sort_unstable();
         for (e, s) in events.iter_mut().zip(mine) {
             e.seq = s;
-        }
-        if let Some(k) = released {
-            for r in &results[k] {
-                fills.extend(r_opt_text(r, "batch_id")?);
-            }
         }
         out.push(Ok((events, cancel, None)));
     }

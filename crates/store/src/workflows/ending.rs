@@ -2,6 +2,7 @@
 //! definition's hooks on its resource (and its parent's wait), its batch dependents released
 //! or skipped, and batch slots handed on.
 
+use super::sets::{id_in, ids_arg};
 use super::{WorkflowEvent, WorkflowOutcome, event, lease_lost, resource_from, skip_locked};
 use crate::Result;
 use crate::db::{Cols, Dialect, Stmt, Tx, stmt};
@@ -56,20 +57,24 @@ fn update_ids(d: Dialect, set: &str, select: &str, rest: &str) -> String {
 }
 
 /// A batch's free slots: its parallelism less its unparked nodes that have not ended, given
-/// to its ready parked nodes in queue order — one statement.
+/// to its ready parked nodes in queue order — one statement. (`{max}`: the dialect's larger
+/// of two values; a `CASE` would count the nodes twice.)
 const FILL_IDS: &str = "SELECT id FROM workflows
      WHERE batch_id = $1 AND parked = 1 AND status = 'pending' AND waiting_on = 0
      ORDER BY created_at, id
-     LIMIT (SELECT CASE WHEN free > 0 THEN free ELSE 0 END FROM (
-         SELECT COALESCE((SELECT parallelism FROM batches WHERE id = $1), 0)
+     LIMIT (SELECT {max}(0, COALESCE((SELECT parallelism FROM batches WHERE id = $1), 0)
          - (SELECT COUNT(*) FROM workflows WHERE batch_id = $1 AND parked = 0 AND status = 'pending')
          - (SELECT COUNT(*) FROM workflows WHERE batch_id = $1 AND parked = 0 AND status = 'running')
-         - (SELECT COUNT(*) FROM workflows WHERE batch_id = $1 AND parked = 0 AND status = 'undoing')
-         AS free) AS slots)";
+         - (SELECT COUNT(*) FROM workflows WHERE batch_id = $1 AND parked = 0 AND status = 'undoing')))";
 
 /// The statement that hands free slots of batch `batch` to its ready parked nodes.
 fn fill_stmt(d: Dialect, batch: &str) -> Stmt {
-    stmt!(update_ids(d, "parked = 0", FILL_IDS, ""), batch)
+    let max = match d {
+        Dialect::Sqlite => "max",
+        Dialect::Postgres => "GREATEST",
+    };
+    let ids = FILL_IDS.replace("{max}", max);
+    stmt!(update_ids(d, "parked = 0", &ids, ""), batch)
 }
 
 /// The statement by which the pending dependents of `wf` (only its soft ones with
@@ -90,6 +95,27 @@ pub(crate) fn release_stmt(d: Dialect, wf: &str, soft_only: bool) -> Stmt {
         &format!(" AND {pending} RETURNING batch_id"),
     );
     stmt!(sql, wf)
+}
+
+/// The statement by which the pending dependents of the workflows `ended` (all succeeded in
+/// one transaction) wait for as many edges less as they had on them; it returns their
+/// batches. One statement for a group commit's endings, where [`release_stmt`] is one each.
+pub(crate) fn release_many_stmt(d: Dialect, ended: &[String]) -> Stmt {
+    let pending = match d {
+        Dialect::Sqlite => "status = 'pending'",
+        Dialect::Postgres => "status || '' = 'pending'",
+    };
+    let on = id_in(d, "depends_on", 1);
+    let sql = update_ids(
+        d,
+        &format!(
+            "waiting_on = waiting_on - (SELECT COUNT(*) FROM workflow_deps \
+             WHERE workflow_id = workflows.id AND {on})"
+        ),
+        &format!("SELECT workflow_id FROM workflow_deps WHERE {on}"),
+        &format!(" AND {pending} RETURNING batch_id"),
+    );
+    Stmt::new(sql, vec![ids_arg(d, ended)])
 }
 
 /// The statements that hand free slots of batch `batch` to its ready parked nodes (in queue

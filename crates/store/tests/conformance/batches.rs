@@ -4,8 +4,8 @@ use crate::vms::{actor, admit, names, pool, pool_of, small, user, user_in, vm_ho
 use crate::{Case, Fut};
 use basphere_core::{Username, VmStatus};
 use basphere_store::{
-    AdmitError, BatchError, BatchRequest, BatchVm, ClaimLimits, LeaseTo, StepStatus, Store,
-    WorkflowOutcome, WorkflowStatus,
+    AdmitError, BatchError, BatchRequest, BatchVm, ClaimLimits, LeaseTo, StepCommit, StepStatus,
+    Store, WorkflowOutcome, WorkflowStatus,
 };
 use std::collections::HashSet;
 
@@ -23,6 +23,10 @@ pub fn cases() -> Vec<Case> {
         ("batch_admission_leases_nodes_given_a_slot", |s| {
             Box::pin(batch_leases(s)) as Fut
         }),
+        (
+            "batch_dependencies_ending_together_release_each_edge",
+            |s| Box::pin(ending_together(s)) as Fut,
+        ),
     ]
 }
 
@@ -346,4 +350,98 @@ async fn batch_leases(store: Store) {
     let over: Vec<BatchVm> = (0..5).map(|i| node(&format!("x{i}"), &[], &[])).collect();
     let e = apply(over, 2).await.unwrap_err();
     assert!(matches!(e, BatchError::Admit(AdmitError::Quota(_))), "{e}");
+}
+
+/// Nodes whose two dependencies end at the same moment (their completions sent together, so
+/// that they share group commits): each dependent waits for no edge any more, exactly once
+/// each, and only then is it claimed.
+async fn ending_together(store: Store) {
+    vm_hooks(&store);
+    let alice = user(&store, "alice", 12).await;
+    let mut creates = vec![];
+    for i in 0..3 {
+        let (a, b) = (format!("a{i}"), format!("b{i}"));
+        creates.push(node(&a, &[], &[]));
+        creates.push(node(&b, &[], &[]));
+        creates.push(node(&format!("c{i}"), &[&a, &b], &[]));
+    }
+    let got = store
+        .admit_batch(&batch_req(&alice, 9, creates, &[]), &pool(), &actor())
+        .await
+        .unwrap();
+    let op = |n: &str| op_of(&got, n);
+    let runs = vec!["create_vm".to_string()];
+    let none = ClaimLimits::default();
+    let claimed = store
+        .claim_many("n1", 60_000, &none, 9, &runs)
+        .await
+        .unwrap();
+    let mut ids: Vec<String> = claimed.iter().map(|c| c.0.id.clone()).collect();
+    ids.sort();
+    let mut parents: Vec<String> = (0..3)
+        .flat_map(|i| [op(&format!("a{i}")), op(&format!("b{i}"))])
+        .collect();
+    parents.sort();
+    assert_eq!(ids, parents, "only the nodes with no edge are claimed");
+    for i in 0..3 {
+        assert_eq!(
+            store
+                .workflow(&op(&format!("c{i}")))
+                .await
+                .unwrap()
+                .unwrap()
+                .waiting_on,
+            2
+        );
+    }
+    let done = StepCommit::default();
+    let ends = parents.iter().map(|id| {
+        let (store, done) = (store.clone(), done.clone());
+        let id = id.clone();
+        async move {
+            store
+                .steps_done_handoff(
+                    &id,
+                    &[(0, "clone")],
+                    1,
+                    "boot",
+                    "n1",
+                    &done,
+                    None,
+                    true,
+                    None,
+                )
+                .await
+        }
+    });
+    for r in futures_util::future::join_all(ends).await {
+        r.unwrap();
+    }
+    for id in &parents {
+        let w = store.workflow(id).await.unwrap().unwrap();
+        assert_eq!(w.status, WorkflowStatus::Succeeded);
+    }
+    for i in 0..3 {
+        let c = store
+            .workflow(&op(&format!("c{i}")))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (c.status, c.waiting_on),
+            (WorkflowStatus::Pending, 0),
+            "c{i}"
+        );
+    }
+    let mut next: Vec<String> = store
+        .claim_many("n1", 60_000, &none, 9, &runs)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.0.id)
+        .collect();
+    next.sort();
+    let mut want: Vec<String> = (0..3).map(|i| op(&format!("c{i}"))).collect();
+    want.sort();
+    assert_eq!(next, want);
 }
