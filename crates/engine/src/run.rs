@@ -176,7 +176,7 @@ impl Engine {
     /// names the events one commit appended, and those are read and broadcast. When a change
     /// cannot say (the listening connection was remade), and every few seconds in case, it
     /// reads the log from a little before the newest event seen (sequence values can commit
-    /// out of order) and broadcasts what this node has not. Nothing to do on SQLite (one
+    /// out of order) to its end, page by page, and broadcasts what this node has not. Nothing to do on SQLite (one
     /// process writes).
     async fn relay(self, mut shutdown: watch::Receiver<bool>) {
         let held = self.inner.changes.lock().expect("changes lock").take();
@@ -184,6 +184,7 @@ impl Engine {
             return;
         };
         const LOOKBACK: i64 = 1024;
+        const PAGE: i64 = 4096;
         let store = &self.inner.store;
         let mut newest = store.last_event_seq().await.unwrap_or(0);
         loop {
@@ -196,18 +197,38 @@ impl Engine {
                 _ = tokio::time::sleep(Duration::from_secs(5)) => None,
                 _ = shutdown.changed() => return,
             };
-            let read = match change {
-                Some((lo, hi)) => store.events_between(lo, hi).await,
-                None => store.events_since((newest - LOOKBACK).max(0), 4096).await,
-            };
-            match read {
-                Ok(evs) => {
-                    for ev in evs {
-                        newest = newest.max(ev.seq);
-                        self.emit(ev);
+            if let Some((lo, hi)) = change {
+                match store.events_between(lo, hi).await {
+                    Ok(evs) => {
+                        for ev in evs {
+                            newest = newest.max(ev.seq);
+                            self.emit(ev);
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "reading other replicas' events failed"),
+                }
+                continue;
+            }
+            // Page forward to the end of the log: however much was committed unheard.
+            let mut from = (newest - LOOKBACK).max(0);
+            loop {
+                match store.events_since(from, PAGE).await {
+                    Ok(evs) => {
+                        let full = evs.len() as i64 == PAGE;
+                        for ev in evs {
+                            from = ev.seq;
+                            newest = newest.max(ev.seq);
+                            self.emit(ev);
+                        }
+                        if !full {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "reading other replicas' events failed");
+                        break;
                     }
                 }
-                Err(e) => warn!(error = %e, "reading other replicas' events failed"),
             }
         }
     }

@@ -203,3 +203,62 @@ async fn a_per_user_limit_of_two_holds_across_three_replicas() {
     );
     store.close().await;
 }
+
+/// Another replica's commit made after an engine was created but before it runs reaches the
+/// engine's subscribers as soon as it runs (the commit's notification was kept for it), not
+/// only at the relay's periodic look-back five seconds later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_committed_between_engine_creation_and_run_are_relayed() {
+    let pg = Postgres::start();
+    let url = pg.create_database("relay");
+    let here = Store::open_postgres(&url).await.unwrap();
+    let other = Store::open_postgres(&url).await.unwrap();
+    // The engine here knows no `ledger` definition: only the other replica runs it.
+    let e = engine(&here, null(), engine_cfg("node-a"));
+    let mut rx = e.subscribe();
+    let id = other
+        .enqueue_workflow(&ledger_workflow(2, json!({})))
+        .await
+        .unwrap();
+    let runs = ["ledger".to_string()];
+    let limits = basphere_store::ClaimLimits::default();
+    let claimed = other
+        .claim_many("node-b", 10_000, &limits, 1, &runs)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    let next = basphere_store::NextStep {
+        idx: 1,
+        name: "s1",
+        deadline_ms: 5_000,
+    };
+    let done = basphere_store::StepCommit::default();
+    other
+        .step_done(&id, 0, "s0", "node-b", &done, Some(next))
+        .await
+        .unwrap();
+    let want: Vec<i64> = other
+        .events(&id, 0)
+        .await
+        .unwrap()
+        .iter()
+        .map(|ev| ev.seq)
+        .collect();
+    assert!(want.len() >= 3, "the other replica's events: {want:?}");
+    // Its notifications reach this store meanwhile, before the engine runs.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _stop = start(&e);
+    let t0 = Instant::now();
+    let mut got = vec![];
+    while got.len() < want.len() {
+        let left = Duration::from_secs(3).saturating_sub(t0.elapsed());
+        match tokio::time::timeout(left, rx.recv()).await {
+            Ok(Ok(ev)) if ev.operation_id == id => got.push(ev.seq),
+            Ok(Ok(_)) => {}
+            r => panic!("relayed {got:?} of {want:?} in 3 s: {r:?}"),
+        }
+    }
+    assert_eq!(got, want);
+    here.close().await;
+    other.close().await;
+}
