@@ -324,7 +324,8 @@ const EFFECT_ROW: &[Col] = &[
 
 /// Records a group of completions in the caller's transaction; per completion its outcome or
 /// `LeaseLost`. Whatever the group's size, it is a fixed number of set-wise statements (each
-/// over a [`RowSet`]) plus a few per workflow that ends or spawns children.
+/// over a [`RowSet`]; the workflows that end succeeded, their hooks and the release of their
+/// dependents too) plus the rows of spawned children and a few per batch whose slots it fills.
 pub(crate) async fn commit_group(
     tx: &mut dyn Tx,
     reqs: &[DoneReq],
