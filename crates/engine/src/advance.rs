@@ -2,7 +2,7 @@
 
 use crate::{Engine, StepCtx, StepError, WorkflowDef};
 use basphere_store::{
-    Claimed, Handoff, NextStep, Reopen, StepCommit, StepStatus, StoreError, Workflow,
+    Claimed, Completion, Handoff, NextStep, Reopen, StepCommit, StepStatus, StoreError, Workflow,
     WorkflowOutcome, WorkflowStatus,
 };
 use std::time::{Duration, Instant};
@@ -151,9 +151,7 @@ impl Engine {
                                 let last_done = match &r {
                                     Ok(c) => {
                                         let (evs, _, _) = store
-                                            .step_done_handoff(
-                                                &wf.id, idx, &rec.name, node, c, None, false, None,
-                                            )
+                                            .complete(Completion::of(&wf.id, node, idx, &rec.name, c))
                                             .await?;
                                         self.emit_all(evs);
                                         step
@@ -189,9 +187,10 @@ impl Engine {
                         // The parent waits, unleased, for its children; it is claimed again
                         // (by any node) when the last one ends.
                         let (evs, cancel, _) = store
-                            .steps_done_handoff(
-                                &wf.id, &before, idx, &rec.name, node, &commit, None, false, None,
-                            )
+                            .complete(Completion {
+                                ran: &before,
+                                ..Completion::of(&wf.id, node, idx, &rec.name, &commit)
+                            })
                             .await?;
                         self.emit_all(evs);
                         self.wake();
@@ -224,9 +223,13 @@ impl Engine {
                                 lease_ms: self.inner.cfg.lease.as_millis() as i64,
                             });
                         let (evs, cancel, handed) = store
-                            .steps_done_handoff(
-                                &wf.id, &before, idx, &rec.name, node, &commit, next, true, handoff,
-                            )
+                            .complete(Completion {
+                                ran: &before,
+                                next,
+                                finish: true,
+                                handoff,
+                                ..Completion::of(&wf.id, node, idx, &rec.name, &commit)
+                            })
                             .await?;
                         drop(before);
                         ran.clear();
@@ -283,7 +286,7 @@ impl Engine {
         self.undo(&*def, &wf.id).await.map(|()| None)
     }
 
-    /// Records the steps that `ran` unrecorded done (see [`basphere_store::Store::steps_done_handoff`])
+    /// Records the steps that `ran` unrecorded done (see [`basphere_store::Store::complete`])
     /// and starts `next`; whether a cancel was asked for meanwhile (then `next` did not start).
     async fn record_ran(
         &self,
@@ -296,17 +299,17 @@ impl Engine {
         let (evs, cancel, _) = self
             .inner
             .store
-            .steps_done_handoff(
-                wf,
-                &before,
-                idx,
-                &name,
-                &self.inner.cfg.node_id,
-                &StepCommit::default(),
-                Some(next),
-                false,
-                None,
-            )
+            .complete(Completion {
+                ran: &before,
+                next: Some(next),
+                ..Completion::of(
+                    wf,
+                    &self.inner.cfg.node_id,
+                    idx,
+                    &name,
+                    &StepCommit::default(),
+                )
+            })
             .await?;
         drop(before);
         ran.clear();
@@ -436,7 +439,7 @@ fn step_metrics(definition: &str, step: &str, outcome: &'static str, took: Durat
     .record(took.as_secs_f64());
 }
 
-/// Steps that ran unrecorded, as [`basphere_store::Store::steps_done_handoff`] takes them.
+/// Steps that ran unrecorded, as [`basphere_store::Store::complete`] takes them.
 fn refs(ran: &[(u32, String)]) -> Vec<(u32, &str)> {
     ran.iter().map(|(i, n)| (*i, n.as_str())).collect()
 }

@@ -6,7 +6,7 @@
 //! The replicas are this test binary re-executed (`--exact engine_process --ignored`) with
 //! `BSP_PG_URL` set; each appends `start|end NODE WF IDX MS` lines to a shared log.
 mod common;
-use basphere_store::{NewWorkflow, Store, WorkflowStatus};
+use basphere_store::{Completion, NewWorkflow, Store, WorkflowStatus};
 use basphere_testkit::postgres::Postgres;
 use common::*;
 use nix::sys::signal::{Signal, kill};
@@ -234,7 +234,10 @@ async fn events_committed_between_engine_creation_and_run_are_relayed() {
     };
     let done = basphere_store::StepCommit::default();
     other
-        .step_done(&id, 0, "s0", "node-b", &done, Some(next))
+        .complete(Completion {
+            next: Some(next),
+            ..Completion::of(&id, "node-b", 0, "s0", &done)
+        })
         .await
         .unwrap();
     let want: Vec<i64> = other

@@ -43,9 +43,9 @@ const MAX_GROUP: usize = 64;
 const PG_IN_FLIGHT: usize = 2;
 
 /// One step completion to record: step `idx`, and before it the steps `ran` (the first the
-/// one recorded running; the others ran unrecorded after it, see [`Store::steps_done_handoff`]).
+/// one recorded running; the others ran unrecorded after it, see [`Store::complete`]).
 ///
-/// [`Store::steps_done_handoff`]: crate::Store::steps_done_handoff
+/// [`Store::complete`]: crate::Store::complete
 #[derive(Clone)]
 pub(crate) struct DoneReq {
     pub wf: String,

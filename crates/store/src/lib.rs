@@ -35,8 +35,8 @@ pub use users::{
 pub use vms::batch::{BatchError, BatchRequest, BatchVm};
 pub use vms::{AdmitError, AdmitExtras, AdmitRequest, Admitted, DeleteError, ExtraNetwork, Vm};
 pub use workflows::{
-    ClaimLimits, Claimed, Handoff, LeaseTo, NewStep, NewWorkflow, NextStep, OpError, Reopen,
-    ResourceRef, StepCommit, StepEffect, StepRecord, StepStatus, Workflow, WorkflowCounts,
+    ClaimLimits, Claimed, Completion, Handoff, LeaseTo, NewStep, NewWorkflow, NextStep, OpError,
+    Reopen, ResourceRef, StepCommit, StepEffect, StepRecord, StepStatus, Workflow, WorkflowCounts,
     WorkflowEvent, WorkflowOutcome, WorkflowStatus,
 };
 

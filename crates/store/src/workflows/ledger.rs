@@ -3,9 +3,8 @@
 //! caller's lease.
 
 use super::{
-    Claimed, Handoff, NewWorkflow, NextStep, Reopen, StepCommit, Workflow, WorkflowEvent,
-    WorkflowOutcome, WorkflowStatus, add_dep, clock, event, finish_in, insert_stmts, lease_lost,
-    load,
+    Claimed, Completion, NewWorkflow, Reopen, Workflow, WorkflowEvent, WorkflowOutcome,
+    WorkflowStatus, add_dep, clock, event, finish_in, insert_stmts, lease_lost, load,
 };
 use crate::audit::audit_stmt;
 use crate::db::{BoxFut, Durability, Tx, stmt};
@@ -147,79 +146,28 @@ impl Store {
         .await
     }
 
-    /// Records that step `idx` finished — with its output and effects, atomically — moves the
-    /// workflow on, and starts `next` in the same transaction. Returns the events and whether
-    /// a cancel was requested meanwhile (then `next` was not started).
-    pub async fn step_done(
+    /// Records a step completion (see [`Completion`]): the step done with its output and
+    /// effects, atomically; the workflow moved on, `next` started, or the workflow ended — all
+    /// in one transaction. Completions arriving together share one (see the `commit` module).
+    /// Returns the events, whether a cancel was requested meanwhile (then `next` was not
+    /// started and the workflow did not end; every step that ran is recorded done, so its undo
+    /// runs), and the batch node handed off (claimed as by [`Store::claim_many`]; use a
+    /// hand-off only when no concurrency limit is set).
+    pub async fn complete(
         &self,
-        wf: &str,
-        idx: u32,
-        name: &str,
-        node: &str,
-        commit: &StepCommit,
-        next: Option<NextStep<'_>>,
-    ) -> Result<(Vec<WorkflowEvent>, bool)> {
-        self.step_done_then(wf, idx, name, node, commit, next, false)
-            .await
-    }
-
-    /// [`Store::step_done`]; with `finish` (and no `next`) the workflow also ends succeeded in
-    /// the same transaction unless a cancel was requested — one commit for the last step.
-    /// Completions arriving together share one transaction (see the `commit` module).
-    #[allow(clippy::too_many_arguments)]
-    pub async fn step_done_then(
-        &self,
-        wf: &str,
-        idx: u32,
-        name: &str,
-        node: &str,
-        commit: &StepCommit,
-        next: Option<NextStep<'_>>,
-        finish: bool,
-    ) -> Result<(Vec<WorkflowEvent>, bool)> {
-        let (evs, cancel, _) = self
-            .step_done_handoff(wf, idx, name, node, commit, next, finish, None)
-            .await?;
-        Ok((evs, cancel))
-    }
-
-    /// [`Store::step_done_then`]; with a `handoff`, a finishing batch node also leases the
-    /// next ready node of its batch to `node` in the same transaction and returns it (claimed
-    /// as by [`Store::claim_many`]). Use it only when no concurrency limit is set.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn step_done_handoff(
-        &self,
-        wf: &str,
-        idx: u32,
-        name: &str,
-        node: &str,
-        commit: &StepCommit,
-        next: Option<NextStep<'_>>,
-        finish: bool,
-        handoff: Option<Handoff>,
+        c: Completion<'_>,
     ) -> Result<(Vec<WorkflowEvent>, bool, Option<Claimed>)> {
-        self.steps_done_handoff(wf, &[], idx, name, node, commit, next, finish, handoff)
-            .await
-    }
-
-    /// [`Store::step_done_handoff`] for several steps at once: `ran` are the steps before
-    /// `idx`, in order, the first of them the one recorded running; the others, and `idx`,
-    /// ran after it unrecorded. Each is recorded started (one more attempt) and done, with
-    /// its events, in the one transaction; `commit` is `idx`'s (the others committed nothing).
-    /// With a cancel pending, all of them are still recorded done (their undo then runs too).
-    #[allow(clippy::too_many_arguments)]
-    pub async fn steps_done_handoff(
-        &self,
-        wf: &str,
-        ran: &[(u32, &str)],
-        idx: u32,
-        name: &str,
-        node: &str,
-        commit: &StepCommit,
-        next: Option<NextStep<'_>>,
-        finish: bool,
-        handoff: Option<Handoff>,
-    ) -> Result<(Vec<WorkflowEvent>, bool, Option<Claimed>)> {
+        let Completion {
+            wf,
+            node,
+            idx,
+            name,
+            commit,
+            ran,
+            next,
+            finish,
+            handoff,
+        } = c;
         let (reply, rx) = tokio::sync::oneshot::channel();
         let job = crate::commit::DoneJob {
             req: crate::commit::DoneReq {

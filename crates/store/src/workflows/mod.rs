@@ -235,6 +235,46 @@ pub struct NextStep<'a> {
     pub deadline_ms: i64,
 }
 
+/// One step completion for [`Store::complete`]: step `idx` of workflow `wf` is done, by
+/// `node` (which must hold its lease), committing `commit` with it.
+#[derive(Debug, Clone, Copy)]
+pub struct Completion<'a> {
+    pub wf: &'a str,
+    pub node: &'a str,
+    pub idx: u32,
+    pub name: &'a str,
+    pub commit: &'a StepCommit,
+    /// Steps before `idx`, in order, that ran in one go with it: the first is the one recorded
+    /// running, the others (and `idx`) ran after it unrecorded. Empty: `idx` was recorded
+    /// running itself.
+    pub ran: &'a [(u32, &'a str)],
+    /// The step to start in the same transaction.
+    pub next: Option<NextStep<'a>>,
+    /// With no `next`: the workflow ends succeeded in the same transaction (unless a cancel
+    /// was requested).
+    pub finish: bool,
+    /// A finishing batch node leases the next ready node of its batch to `node`.
+    pub handoff: Option<Handoff>,
+}
+
+impl<'a> Completion<'a> {
+    /// Step `idx` (`name`) of `wf` done by `node` with `commit`; nothing ran with it, nothing
+    /// starts next, the workflow does not end.
+    pub fn of(wf: &'a str, node: &'a str, idx: u32, name: &'a str, commit: &'a StepCommit) -> Self {
+        Self {
+            wf,
+            node,
+            idx,
+            name,
+            commit,
+            ran: &[],
+            next: None,
+            finish: false,
+            handoff: None,
+        }
+    }
+}
+
 /// Why a workflow cannot be cancelled or retried.
 #[derive(Debug, thiserror::Error)]
 pub enum OpError {

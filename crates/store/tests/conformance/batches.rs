@@ -4,8 +4,8 @@ use crate::vms::{actor, admit, names, pool, pool_of, small, user, user_in, vm_ho
 use crate::{Case, Fut};
 use basphere_core::{Username, VmStatus};
 use basphere_store::{
-    AdmitError, BatchError, BatchRequest, BatchVm, ClaimLimits, LeaseTo, StepCommit, StepStatus,
-    Store, WorkflowOutcome, WorkflowStatus,
+    AdmitError, BatchError, BatchRequest, BatchVm, ClaimLimits, Completion, LeaseTo, StepCommit,
+    StepStatus, Store, WorkflowOutcome, WorkflowStatus,
 };
 use std::collections::HashSet;
 
@@ -400,17 +400,11 @@ async fn ending_together(store: Store) {
         let id = id.clone();
         async move {
             store
-                .steps_done_handoff(
-                    &id,
-                    &[(0, "clone")],
-                    1,
-                    "boot",
-                    "n1",
-                    &done,
-                    None,
-                    true,
-                    None,
-                )
+                .complete(Completion {
+                    ran: &[(0, "clone")],
+                    finish: true,
+                    ..Completion::of(&id, "n1", 1, "boot", &done)
+                })
                 .await
         }
     });

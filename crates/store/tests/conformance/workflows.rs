@@ -1,8 +1,8 @@
 //! The workflow ledger: queueing, claims, leases, step transitions, endings, children.
 use crate::{Case, Fut, ReplicaCase};
 use basphere_store::{
-    Actor, ClaimLimits, NewStep, NewWorkflow, NextStep, OpError, StepCommit, StepStatus, Store,
-    StoreError, WorkflowOutcome, WorkflowStatus,
+    Actor, ClaimLimits, Completion, NewStep, NewWorkflow, NextStep, OpError, StepCommit,
+    StepStatus, Store, StoreError, WorkflowOutcome, WorkflowStatus,
 };
 use serde_json::json;
 use std::collections::HashSet;
@@ -110,16 +110,11 @@ async fn changes_name_their_events(a: Store, b: Store) {
         deadline_ms: 5_000,
     };
     let (evs, _, _) = a
-        .step_done_handoff(
-            &id,
-            0,
-            "s0",
-            "n1",
-            &StepCommit::default(),
-            Some(step1),
-            true,
-            None,
-        )
+        .complete(Completion {
+            next: Some(step1),
+            finish: true,
+            ..Completion::of(&id, "n1", 0, "s0", &StepCommit::default())
+        })
         .await
         .unwrap();
     let c = next(&mut theirs).await;
@@ -212,7 +207,11 @@ async fn step_by_step(store: Store) {
         deadline_ms: 5_000,
     };
     let (evs, cancel, _) = store
-        .step_done_handoff(&id, 0, "s0", "n1", &commit, Some(next), true, None)
+        .complete(Completion {
+            next: Some(next),
+            finish: true,
+            ..Completion::of(&id, "n1", 0, "s0", &commit)
+        })
         .await
         .unwrap();
     assert!(!cancel);
@@ -234,25 +233,23 @@ async fn step_by_step(store: Store) {
     assert_eq!(c.len(), 1, "any node takes it after a retry");
     assert_eq!(c[0].0.steps[1].attempts, 2);
     let (evs, _, _) = store
-        .step_done_handoff(
-            &id,
-            1,
-            "s1",
-            "n2",
-            &StepCommit::default(),
-            Some(NextStep {
+        .complete(Completion {
+            next: Some(NextStep {
                 idx: 2,
                 name: "s2",
                 deadline_ms: 5_000,
             }),
-            true,
-            None,
-        )
+            finish: true,
+            ..Completion::of(&id, "n2", 1, "s1", &StepCommit::default())
+        })
         .await
         .unwrap();
     assert_eq!(evs.len(), 2);
     let (evs, _, _) = store
-        .step_done_handoff(&id, 2, "s2", "n2", &StepCommit::default(), None, true, None)
+        .complete(Completion {
+            finish: true,
+            ..Completion::of(&id, "n2", 2, "s2", &StepCommit::default())
+        })
         .await
         .unwrap();
     assert_eq!(evs.last().unwrap().kind, "succeeded");
@@ -313,7 +310,10 @@ async fn lease_guard(store: Store) {
     ));
     assert!(lost(
         store
-            .step_done_handoff(&id, 0, "s0", "n2", &StepCommit::default(), None, true, None)
+            .complete(Completion {
+                finish: true,
+                ..Completion::of(&id, "n2", 0, "s0", &StepCommit::default())
+            })
             .await
             .map(drop)
     ));
@@ -342,20 +342,15 @@ async fn undo_and_cancel(store: Store) {
         .await
         .unwrap();
     store
-        .step_done_handoff(
-            &id,
-            0,
-            "s0",
-            "n1",
-            &StepCommit::default(),
-            Some(NextStep {
+        .complete(Completion {
+            next: Some(NextStep {
                 idx: 1,
                 name: "s1",
                 deadline_ms: 5_000,
             }),
-            true,
-            None,
-        )
+            finish: true,
+            ..Completion::of(&id, "n1", 0, "s0", &StepCommit::default())
+        })
         .await
         .unwrap();
     store.begin_undo(&id, 1, "s1", "n1", "boom").await.unwrap();
@@ -389,20 +384,15 @@ async fn undo_and_cancel(store: Store) {
         Err(OpError::Refused(_))
     ));
     let (_, cancel, _) = store
-        .step_done_handoff(
-            &id,
-            0,
-            "s0",
-            "n1",
-            &StepCommit::default(),
-            Some(NextStep {
+        .complete(Completion {
+            next: Some(NextStep {
                 idx: 1,
                 name: "s1",
                 deadline_ms: 5_000,
             }),
-            true,
-            None,
-        )
+            finish: true,
+            ..Completion::of(&id, "n1", 0, "s0", &StepCommit::default())
+        })
         .await
         .unwrap();
     assert!(cancel, "the completion sees the cancel");
@@ -442,7 +432,7 @@ async fn children(store: Store) {
         ..StepCommit::default()
     };
     let (evs, _, _) = store
-        .step_done_handoff(&parent, 0, "s0", "n1", &commit, None, false, None)
+        .complete(Completion::of(&parent, "n1", 0, "s0", &commit))
         .await
         .unwrap();
     assert_eq!(evs.last().unwrap().kind, "spawned");
@@ -467,16 +457,10 @@ async fn children(store: Store) {
     assert_eq!(ids, kids.iter().map(|k| k.id.clone()).collect());
     for k in &kids {
         store
-            .step_done_handoff(
-                &k.id,
-                0,
-                "s0",
-                "n2",
-                &StepCommit::default(),
-                None,
-                true,
-                None,
-            )
+            .complete(Completion {
+                finish: true,
+                ..Completion::of(&k.id, "n2", 0, "s0", &StepCommit::default())
+            })
             .await
             .unwrap();
     }
@@ -514,7 +498,10 @@ async fn edges(store: Store) {
         .unwrap();
     assert_eq!(claimed.len(), 2, "c waits");
     store
-        .step_done_handoff(b, 0, "s0", "n1", &StepCommit::default(), None, true, None)
+        .complete(Completion {
+            finish: true,
+            ..Completion::of(b, "n1", 0, "s0", &StepCommit::default())
+        })
         .await
         .unwrap();
     assert_eq!(store.workflow(c).await.unwrap().unwrap().waiting_on, 1);
@@ -658,17 +645,11 @@ async fn ran_together(store: Store) {
     let ran = [(0, "s0"), (1, "s1")];
     assert!(
         store
-            .steps_done_handoff(
-                &id,
-                &ran,
-                2,
-                "s2",
-                "n2",
-                &commit,
-                Some(next(3, "s3")),
-                false,
-                None
-            )
+            .complete(Completion {
+                ran: &ran,
+                next: Some(next(3, "s3")),
+                ..Completion::of(&id, "n2", 2, "s2", &commit)
+            })
             .await
             .unwrap_err()
             .is_lease_lost(),
@@ -678,17 +659,11 @@ async fn ran_together(store: Store) {
     assert_eq!(before.step, 0);
     assert_eq!(before.steps[1].status, StepStatus::Pending);
     let (evs, cancel, _) = store
-        .steps_done_handoff(
-            &id,
-            &ran,
-            2,
-            "s2",
-            "n1",
-            &commit,
-            Some(next(3, "s3")),
-            false,
-            None,
-        )
+        .complete(Completion {
+            ran: &ran,
+            next: Some(next(3, "s3")),
+            ..Completion::of(&id, "n1", 2, "s2", &commit)
+        })
         .await
         .unwrap();
     assert!(!cancel);
@@ -720,17 +695,10 @@ async fn ran_together(store: Store) {
     let eff = store.step_effects(&id).await.unwrap();
     assert_eq!((eff.len(), eff[0].idx), (1, 2));
     let (evs, _, _) = store
-        .steps_done_handoff(
-            &id,
-            &[],
-            3,
-            "s3",
-            "n1",
-            &StepCommit::default(),
-            None,
-            true,
-            None,
-        )
+        .complete(Completion {
+            finish: true,
+            ..Completion::of(&id, "n1", 3, "s3", &StepCommit::default())
+        })
         .await
         .unwrap();
     assert_eq!(evs.last().unwrap().kind, "succeeded");
@@ -744,17 +712,11 @@ async fn ran_together(store: Store) {
         .unwrap();
     store.request_cancel(&id, &actor).await.unwrap();
     let (evs, cancel, _) = store
-        .steps_done_handoff(
-            &id,
-            &[(0, "s0")],
-            1,
-            "s1",
-            "n1",
-            &StepCommit::default(),
-            Some(next(2, "s2")),
-            false,
-            None,
-        )
+        .complete(Completion {
+            ran: &[(0, "s0")],
+            next: Some(next(2, "s2")),
+            ..Completion::of(&id, "n1", 1, "s1", &StepCommit::default())
+        })
         .await
         .unwrap();
     assert!(cancel, "the completion sees the cancel");
