@@ -143,24 +143,63 @@ pub(super) const ADDRESS_LOCK: i64 = 0x0062_7370_682d_6970;
 /// Every address leased to a VM now, for the caller to pick free ones from.
 ///
 /// Addresses are unique over all users (a block may still hold a previous owner's VM, and a
-/// retried create picks again), so picking is a global decision: on PostgreSQL this first
-/// takes the transaction-level advisory lock [`ADDRESS_LOCK`], held until commit, so two
-/// replicas never read the same free address. It is taken after the owner's row lock
+/// retried create picks again), so picking is a global decision: on PostgreSQL it first takes
+/// the transaction-level advisory lock [`ADDRESS_LOCK`], held until commit, so two replicas
+/// never read the same free address. It is taken after the owner's row lock
 /// ([`owner_limits`]) by every caller, so the two locks are always taken in one order. SQLite's
 /// one write thread needs no lock.
-pub(crate) async fn taken_ips(tx: &mut dyn Tx) -> Result<HashSet<String>> {
-    let taken = tx.query_many(&taken_ips_stmts(tx.dialect())).await?;
-    ips_from(taken.last().map_or(&[][..], Vec::as_slice))
+pub(super) fn address_lock_stmts(d: Dialect) -> Vec<Stmt> {
+    match d {
+        Dialect::Postgres => vec![stmt!("SELECT pg_advisory_xact_lock($1)", ADDRESS_LOCK)],
+        Dialect::Sqlite => vec![],
+    }
 }
 
-/// [`taken_ips`]' statements: the address lock (PostgreSQL), then the addresses.
-pub(super) fn taken_ips_stmts(d: Dialect) -> Vec<Stmt> {
-    let mut stmts = vec![];
-    if d == Dialect::Postgres {
-        stmts.push(stmt!("SELECT pg_advisory_xact_lock($1)", ADDRESS_LOCK));
+/// The first `n` assignable addresses of `block` that no VM holds, in the pool's order (fewer
+/// when the block is full). Candidates are looked up by key, a growing window at a time, so
+/// the cost follows the owner's block, not how many VMs the installation has. Take the address
+/// lock first ([`address_lock_stmts`]).
+pub(crate) async fn free_ips(
+    tx: &mut dyn Tx,
+    pool: &NetworkPool,
+    block: &basphere_core::IpBlock,
+    n: usize,
+) -> Result<Vec<Ipv4Addr>> {
+    let d = tx.dialect();
+    let mut candidates = pool.assignable_in(block);
+    let mut window = (n + 32).max(64);
+    let mut free = Vec::with_capacity(n);
+    while free.len() < n {
+        let chunk: Vec<(Ipv4Addr, String)> = candidates
+            .by_ref()
+            .take(window)
+            .map(|a| (a, a.to_string()))
+            .collect();
+        if chunk.is_empty() {
+            break;
+        }
+        let ips: Vec<String> = chunk.iter().map(|(_, s)| s.clone()).collect();
+        let sql = format!(
+            "SELECT ip FROM vms WHERE {}",
+            crate::workflows::sets::id_in(d, "ip", 1)
+        );
+        let rows = tx
+            .query(&Stmt::new(
+                sql,
+                vec![crate::workflows::sets::ids_arg(d, &ips)],
+            ))
+            .await?;
+        let taken = ips_from(&rows)?;
+        free.extend(
+            chunk
+                .into_iter()
+                .filter(|(_, s)| !taken.contains(s))
+                .map(|(a, _)| a)
+                .take(n - free.len()),
+        );
+        window = (window * 4).min(4096);
     }
-    stmts.push(stmt!("SELECT ip FROM vms WHERE ip IS NOT NULL"));
-    stmts
+    Ok(free)
 }
 
 pub(super) fn ips_from(rows: &[Row]) -> Result<HashSet<String>> {
@@ -176,15 +215,14 @@ pub(crate) struct Holdings {
     pub used: Usage,
     /// The rows of the caller's own statement (e.g. the owner's VMs).
     pub rows: Vec<Row>,
-    /// Every address leased to a VM ([`taken_ips`]).
-    pub taken: HashSet<String>,
     /// The owner's SSH public key.
     pub key: Option<String>,
 }
 
-/// [`owner_limits`], [`usage`], the rows of `rows` and [`taken_ips`] in one round trip. The
-/// server runs the statements in the order sent, so the owner's row lock and then the address
-/// lock are taken before the reads they guard, as when they went one at a time.
+/// [`owner_limits`], [`usage`], the rows of `rows` and the address lock
+/// ([`address_lock_stmts`]) in one round trip. The server runs the statements in the order
+/// sent, so the owner's row lock and then the address lock are taken before the reads they
+/// guard (and before [`free_ips`]), as when they went one at a time.
 pub(crate) async fn holdings(
     tx: &mut dyn Tx,
     owner: &str,
@@ -193,7 +231,7 @@ pub(crate) async fn holdings(
 ) -> std::result::Result<Holdings, AdmitError> {
     let d = tx.dialect();
     let mut stmts = vec![owner_limits_stmt(d, owner), usage_stmt(owner), rows];
-    stmts.extend(taken_ips_stmts(d));
+    stmts.extend(address_lock_stmts(d));
     let mut res = tx.query_many(&stmts).await?.into_iter();
     let mut next = || res.next().unwrap_or_default();
     let user = next();
@@ -209,14 +247,12 @@ pub(crate) async fn holdings(
         .transpose()?
         .ok_or_else(|| StoreError::Corrupt("vms", "no usage row".into()))?;
     let rows = next();
-    let taken = ips_from(&res.last().unwrap_or_default())?;
     Ok(Holdings {
         quota,
         block,
         admin,
         used,
         rows,
-        taken,
         key,
     })
 }
@@ -286,9 +322,10 @@ pub(crate) async fn readmit(
     let ip = match vm.ip_address {
         Some(ip) => ip,
         None => {
-            let taken = taken_ips(tx).await?;
-            pool.assignable_in(&block)
-                .find(|a| !taken.contains(&a.to_string()))
+            tx.run(&address_lock_stmts(tx.dialect())).await?;
+            free_ips(tx, pool, &block, 1)
+                .await?
+                .pop()
                 .ok_or_else(|| AdmitError::BlockFull(owner.to_string(), block.net.to_string()))?
         }
     };
@@ -319,7 +356,6 @@ pub(super) async fn admit(
         admin,
         used,
         rows,
-        taken: taken_ips,
         key,
     } = holdings(tx, owner, pool, names).await?;
     let mut seen = HashSet::new();
@@ -343,9 +379,9 @@ pub(super) async fn admit(
     if let Some(taken) = req.names.iter().find(|n| existing.contains(n.as_str())) {
         return Err(AdmitError::NameTaken(taken.clone()));
     }
-    let mut free = pool
-        .assignable_in(&block)
-        .filter(|a| !taken_ips.contains(&a.to_string()));
+    let mut free = free_ips(tx, pool, &block, req.names.len())
+        .await?
+        .into_iter();
 
     let now = now_ms();
     // Every VM's rows go in one batch (PostgreSQL pipelines it): its row, its workflow, audit.

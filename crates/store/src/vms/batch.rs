@@ -6,7 +6,8 @@ use crate::audit::audit_stmt;
 use crate::batches::{BatchAdmitted, BatchWork, bulk_insert, enqueue_in};
 use crate::db::{Col, Cols, Tx, stmt};
 use crate::vms::{
-    AdmitError, AdmitExtras, Holdings, VM_COLS, holdings, lease_nic, live_op_stmt, vm_from,
+    AdmitError, AdmitExtras, Holdings, VM_COLS, free_ips, holdings, lease_nic, live_op_stmt,
+    vm_from,
 };
 use crate::workflows::{LeaseTo, NewStep, NewWorkflow};
 use crate::{Actor, Store, now_ms};
@@ -108,7 +109,6 @@ async fn admit(
         admin,
         mut used,
         rows,
-        taken,
         ..
     } = holdings(tx, owner, pool, vms).await?;
     for v in &req.creates {
@@ -136,9 +136,9 @@ async fn admit(
             return Err(AdmitError::NameTaken(v.name.clone()).into());
         }
     }
-    let mut free = pool
-        .assignable_in(&block)
-        .filter(|a| !taken.contains(&a.to_string()));
+    let mut free = free_ips(tx, pool, &block, req.creates.len())
+        .await?
+        .into_iter();
     let batch_id = uuid::Uuid::now_v7().to_string();
     let now = now_ms();
     let mut nic_locked = false;

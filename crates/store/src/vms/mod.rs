@@ -272,7 +272,7 @@ impl Store {
     /// Admits VMs in one transaction: checks the owner's state and quota, allocates addresses
     /// from the owner's block, inserts the VM rows (creating), their create workflows and the
     /// audit record. Either all requested VMs are admitted or none. Exact across replicas
-    /// sharing a PostgreSQL database: see [`owner_limits`] and [`taken_ips`] for the locks.
+    /// sharing a PostgreSQL database: see [`owner_limits`] and [`address_lock_stmts`] for the locks.
     pub async fn admit_vms(
         &self,
         req: &AdmitRequest,

@@ -20,6 +20,9 @@ pub fn cases() -> Vec<Case> {
         ("vms_block_full_and_no_block", |s| {
             Box::pin(block_full(s)) as Fut
         }),
+        ("vms_addresses_past_the_first_candidates", |s| {
+            Box::pin(addresses_past_first_candidates(s)) as Fut
+        }),
         ("vms_delete_busy_unknown_then_done", |s| {
             Box::pin(delete(s)) as Fut
         }),
@@ -259,6 +262,46 @@ async fn admit_refusals(store: Store) {
     let e = admit(&store, &alice, &["d"]).await.unwrap_err();
     assert!(matches!(e, AdmitError::Quota(_)), "{e}");
     assert_eq!(store.usage("alice").await.unwrap().vms, 3);
+}
+
+/// An owner whose block's low addresses are all held still gets the lowest free one (the
+/// free addresses are looked up a window of candidates at a time, the next window wider),
+/// and a block filled to its last address refuses the next create.
+async fn addresses_past_first_candidates(store: Store) {
+    let wide = pool_of("10.254.0.0/23", 256);
+    let alice = user_in(&store, "alice", 300, &wide).await;
+    let names: Vec<String> = (0..100).map(|i| format!("v{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let got = store
+        .admit_vms(&req(&alice, &refs, small()), &wide, &actor())
+        .await
+        .unwrap();
+    let ips: Vec<String> = got
+        .iter()
+        .map(|a| a.vm.ip_address.unwrap().to_string())
+        .collect();
+    let want: Vec<String> = (2..102).map(|i| format!("10.254.0.{i}")).collect();
+    assert_eq!(
+        ips, want,
+        "the block's lowest assignable addresses, in order"
+    );
+    // One more: the first window of candidates (64) is all held.
+    let one = |name: &'static str| {
+        let (store, r, wide) = (store.clone(), req(&alice, &[name], small()), wide.clone());
+        async move { store.admit_vms(&r, &wide, &actor()).await }
+    };
+    let next = one("w").await.unwrap();
+    assert_eq!(next[0].vm.ip_address.unwrap().to_string(), "10.254.0.102");
+    // Block 0 of a /23 in blocks of 256: .0 and the gateway .1 are not assignable, so 254;
+    // 101 are held, 153 more fit and the next is refused.
+    let rest: Vec<String> = (0..153).map(|i| format!("r{i}")).collect();
+    let refs: Vec<&str> = rest.iter().map(String::as_str).collect();
+    store
+        .admit_vms(&req(&alice, &refs, small()), &wide, &actor())
+        .await
+        .unwrap();
+    let e = one("y").await.unwrap_err();
+    assert!(matches!(e, AdmitError::BlockFull(..)), "{e}");
 }
 
 async fn block_full(store: Store) {
