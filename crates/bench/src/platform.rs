@@ -49,39 +49,15 @@ pub async fn run(bench: &Bench, dir: &Path, a: &Args) -> anyhow::Result<()> {
     let mut listeners = Listeners::bind(&cfg).await?;
     listeners.tcp = Some(tcp);
     let server = app.serve(listeners, ServeOptions::from_config(&cfg.server)?);
-    let users = a.creates.div_ceil(10);
-    let admin = Actor::new("bench", "bench");
-    let mut names = vec![];
-    for i in 0..users {
-        names.push(approved_user(&store, &cfg, &format!("bench{i}"), &cfg.quota).await?);
-    }
-    let mut tokens = vec![];
-    for u in &names {
-        tokens.push(store.create_token(u, "bench", None, &admin).await?.1);
-    }
-    let (mut lat, mut replied) = (vec![], vec![]);
-    for i in 0..a.creates {
-        let c = Client::new(Endpoint::Tcp {
-            addr: addr.to_string(),
-            token: Some(tokens[i / 10].clone()),
-        });
-        let t0 = Instant::now();
-        let r = c
-            .post(
-                "/api/v1/vms",
-                &json!({"name": format!("vm{i}"), "spec": "tiny"}),
-            )
-            .await?;
-        replied.push(t0.elapsed());
-        anyhow::ensure!(r.body.success, "create failed: {}", r.body.message);
-        let inst = r.body.data["vms"][0]["id"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        lat.push(provider.called(&inst, "start").await.duration_since(t0));
-    }
-    lat.sort();
-    replied.sort();
+    let (lat, replied) = create_times(
+        &store,
+        &cfg,
+        &provider,
+        &addr.to_string(),
+        a.creates,
+        "bench",
+    )
+    .await?;
     println!(
         "create overhead (request sent → provider start), {} creates, do-nothing test provider:",
         a.creates
@@ -98,6 +74,7 @@ pub async fn run(bench: &Bench, dir: &Path, a: &Args) -> anyhow::Result<()> {
         ms(pct(&replied, 0.99)),
     );
     server.shutdown().await;
+    let admin = Actor::new("bench", "bench");
 
     // 2. Idle RSS of `basphere serve` and list-vms -a -j with many VMs, as separate processes.
     let cfg2 = Arc::new(config(bench, &dir.join("serve"))?);
@@ -153,6 +130,30 @@ pub async fn run(bench: &Bench, dir: &Path, a: &Args) -> anyhow::Result<()> {
             ms(pct(&times, 0.5)),
             ms(*times.last().unwrap())
         );
+    }
+    // 3. The create overhead again, with the list figures' VMs in the store: an admission
+    //    reads its owner's rows and block, never every VM.
+    if let Some(&count) = a.list_vms.last() {
+        let provider = Arc::new(NullProvider::default());
+        let app = App::build(cfg2.clone(), Overrides::with_provider(provider.clone())).await?;
+        let store = app.store().clone();
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = tcp.local_addr()?;
+        let listeners = Listeners {
+            unix: None,
+            tcp: Some(tcp),
+        };
+        let server = app.serve(listeners, ServeOptions::from_config(&cfg2.server)?);
+        let creates = a.creates.min(50);
+        let (lat, replied) =
+            create_times(&store, &cfg2, &provider, &addr.to_string(), creates, "late").await?;
+        println!(
+            "create overhead with {count} VMs in the store, {creates} creates: p50 {}   p99 {} (reply: p50 {})",
+            ms(pct(&lat, 0.5)),
+            ms(pct(&lat, 0.99)),
+            ms(pct(&replied, 0.5)),
+        );
+        server.shutdown().await;
     }
     Ok(())
 }
@@ -254,4 +255,47 @@ async fn list_times(
     .await;
     stop(&mut child);
     r
+}
+
+/// Times `creates` VM creates over HTTP at `addr` (ten per user, users `{prefix}N` made here):
+/// request sent → provider start, and request sent → reply; each sorted.
+async fn create_times(
+    store: &basphere_store::Store,
+    cfg: &basphere_config::Config,
+    provider: &NullProvider,
+    addr: &str,
+    creates: usize,
+    prefix: &str,
+) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
+    let users = creates.div_ceil(10);
+    let admin = Actor::new("bench", "bench");
+    let mut tokens = vec![];
+    for i in 0..users {
+        let u = approved_user(store, cfg, &format!("{prefix}{i}"), &cfg.quota).await?;
+        tokens.push(store.create_token(&u, "bench", None, &admin).await?.1);
+    }
+    let (mut lat, mut replied) = (vec![], vec![]);
+    for i in 0..creates {
+        let c = Client::new(Endpoint::Tcp {
+            addr: addr.to_string(),
+            token: Some(tokens[i / 10].clone()),
+        });
+        let t0 = Instant::now();
+        let r = c
+            .post(
+                "/api/v1/vms",
+                &json!({"name": format!("vm{i}"), "spec": "tiny"}),
+            )
+            .await?;
+        replied.push(t0.elapsed());
+        anyhow::ensure!(r.body.success, "create failed: {}", r.body.message);
+        let inst = r.body.data["vms"][0]["id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        lat.push(provider.called(&inst, "start").await.duration_since(t0));
+    }
+    lat.sort();
+    replied.sort();
+    Ok((lat, replied))
 }
