@@ -2,6 +2,7 @@
 //! the locks that make them exact across replicas) and the admission itself.
 
 use super::*;
+use crate::workflows::sets::{id_in, ids_arg};
 
 /// The key of the PostgreSQL transaction-level advisory lock that serializes address picking on
 /// the extra networks over every replica ("bsp-nic").
@@ -33,19 +34,17 @@ pub(crate) async fn lease_nic(
         return Ok(None);
     }
     nic_lock(tx, locked).await?;
-    let taken = tx
-        .query(&stmt!(
-            "SELECT ip FROM vm_nic_leases WHERE network = $1",
-            net.name.as_str()
-        ))
+    let d = tx.dialect();
+    let held = |ips: Vec<String>| {
+        let sql = format!(
+            "SELECT ip FROM vm_nic_leases WHERE network = $2 AND {}",
+            id_in(d, "ip", 1)
+        );
+        Stmt::new(sql, vec![ids_arg(d, &ips), net.name.as_str().into()])
+    };
+    let ip = first_free(tx, net.pool.iter().copied(), 1, held)
         .await?
-        .iter()
-        .map(|r| r.text("ip"))
-        .collect::<Result<HashSet<String>>>()?;
-    let ip = net
-        .pool
-        .iter()
-        .find(|a| !taken.contains(&a.to_string()))
+        .pop()
         .ok_or_else(|| AdmitError::NetworkFull(net.name.clone()))?;
     tx.exec(&stmt!(
         "INSERT INTO vm_nic_leases (network, ip, vm_id) VALUES ($1, $2, $3)",
@@ -54,7 +53,7 @@ pub(crate) async fn lease_nic(
         vm_id,
     ))
     .await?;
-    Ok(Some(*ip))
+    Ok(Some(ip))
 }
 
 /// What `owner` holds now: every VM that holds an address or may hold a machine. Only a failed
@@ -156,9 +155,8 @@ pub(super) fn address_lock_stmts(d: Dialect) -> Vec<Stmt> {
 }
 
 /// The first `n` assignable addresses of `block` that no VM holds, in the pool's order (fewer
-/// when the block is full). Candidates are looked up by key, a growing window at a time, so
-/// the cost follows the owner's block, not how many VMs the installation has. Take the address
-/// lock first ([`address_lock_stmts`]).
+/// when the block is full), so the cost follows the owner's block, not how many VMs the
+/// installation has. Take the address lock first ([`address_lock_stmts`]).
 pub(crate) async fn free_ips(
     tx: &mut dyn Tx,
     pool: &NetworkPool,
@@ -166,7 +164,22 @@ pub(crate) async fn free_ips(
     n: usize,
 ) -> Result<Vec<Ipv4Addr>> {
     let d = tx.dialect();
-    let mut candidates = pool.assignable_in(block);
+    let held = |ips: Vec<String>| {
+        let sql = format!("SELECT ip FROM vms WHERE {}", id_in(d, "ip", 1));
+        Stmt::new(sql, vec![ids_arg(d, &ips)])
+    };
+    first_free(tx, pool.assignable_in(block), n, held).await
+}
+
+/// The first `n` of `candidates` (in order) that `held` does not return: the candidates are
+/// looked up by key, a growing window at a time (`held` gets a window's addresses as
+/// parameter `$1` and returns those of them taken, as `ip`), never a whole table.
+async fn first_free(
+    tx: &mut dyn Tx,
+    mut candidates: impl Iterator<Item = Ipv4Addr>,
+    n: usize,
+    held: impl Fn(Vec<String>) -> Stmt,
+) -> Result<Vec<Ipv4Addr>> {
     let mut window = (n + 32).max(64);
     let mut free = Vec::with_capacity(n);
     while free.len() < n {
@@ -179,17 +192,7 @@ pub(crate) async fn free_ips(
             break;
         }
         let ips: Vec<String> = chunk.iter().map(|(_, s)| s.clone()).collect();
-        let sql = format!(
-            "SELECT ip FROM vms WHERE {}",
-            crate::workflows::sets::id_in(d, "ip", 1)
-        );
-        let rows = tx
-            .query(&Stmt::new(
-                sql,
-                vec![crate::workflows::sets::ids_arg(d, &ips)],
-            ))
-            .await?;
-        let taken = ips_from(&rows)?;
+        let taken = ips_from(&tx.query(&held(ips)).await?)?;
         free.extend(
             chunk
                 .into_iter()
