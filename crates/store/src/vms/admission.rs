@@ -139,7 +139,7 @@ pub(super) const OWNER_LIMITS_LOCKED: &str = "SELECT status, role, max_vms, max_
 /// over every replica ("bsph-ip").
 pub(super) const ADDRESS_LOCK: i64 = 0x0062_7370_682d_6970;
 
-/// Every address leased to a VM now, for the caller to pick free ones from.
+/// The statements that take the address lock before free addresses are read ([`free_ips`]).
 ///
 /// Addresses are unique over all users (a block may still hold a previous owner's VM, and a
 /// retried create picks again), so picking is a global decision: on PostgreSQL it first takes
