@@ -4,7 +4,6 @@
 //! The batch part runs in a child process (`basphere-bench --part batch`) so its peak RSS is
 //! its own.
 
-use basphere_api::{Listeners, ServeOptions};
 use basphere_app::{App, Overrides};
 use basphere_client::{Client, Endpoint};
 use basphere_config::Config;
@@ -16,7 +15,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::{Backend, Bench, approved_user};
+use crate::{Backend, Bench, approved_user, serve_tcp};
 
 /// Terraform's figures on record (this machine kind, terraform 1.11), used when it is missing.
 const TF_RECORD_INDEPENDENT_S: f64 = 36.0;
@@ -239,13 +238,7 @@ pub async fn batch_child(
     let app = App::build(cfg.clone(), Overrides::default()).await?;
     let store = app.store().clone();
     let mut events = app.engine().subscribe();
-    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = tcp.local_addr()?.to_string();
-    let listeners = Listeners {
-        unix: None,
-        tcp: Some(tcp),
-    };
-    let _server = app.serve(listeners, ServeOptions::from_config(&cfg.server)?);
+    let (addr, _server) = serve_tcp(app, &cfg).await?;
     let admin = Actor::new("bench", "bench");
     // Each shape is applied RUNS times (by its own user, so each apply starts from nothing);
     // the figure is the median, since a 2-core machine's run-to-run noise is ±15%.

@@ -168,6 +168,22 @@ pub async fn approved_user(
     Ok(user)
 }
 
+/// Serves `app` (built from `cfg`) on a TCP listener of its own on loopback, with no Unix
+/// socket: the listener's address and the running server.
+pub async fn serve_tcp(
+    app: basphere_app::App,
+    cfg: &Config,
+) -> anyhow::Result<(String, basphere_app::Running)> {
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = tcp.local_addr()?.to_string();
+    let listeners = basphere_api::Listeners {
+        unix: None,
+        tcp: Some(tcp),
+    };
+    let opts = basphere_api::ServeOptions::from_config(&cfg.server)?;
+    Ok((addr, app.serve(listeners, opts)))
+}
+
 /// `explicit`, else the `basphere` binary beside this executable; an error says how to build it.
 pub fn product_binary(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     let path = match explicit {

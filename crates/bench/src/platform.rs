@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::{Args, Bench, approved_user};
+use crate::{Args, Bench, approved_user, serve_tcp};
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -137,16 +137,9 @@ pub async fn run(bench: &Bench, dir: &Path, a: &Args) -> anyhow::Result<()> {
         let provider = Arc::new(NullProvider::default());
         let app = App::build(cfg2.clone(), Overrides::with_provider(provider.clone())).await?;
         let store = app.store().clone();
-        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = tcp.local_addr()?;
-        let listeners = Listeners {
-            unix: None,
-            tcp: Some(tcp),
-        };
-        let server = app.serve(listeners, ServeOptions::from_config(&cfg2.server)?);
+        let (addr, server) = serve_tcp(app, &cfg2).await?;
         let creates = a.creates.min(50);
-        let (lat, replied) =
-            create_times(&store, &cfg2, &provider, &addr.to_string(), creates, "late").await?;
+        let (lat, replied) = create_times(&store, &cfg2, &provider, &addr, creates, "late").await?;
         println!(
             "create overhead with {count} VMs in the store, {creates} creates: p50 {}   p99 {} (reply: p50 {})",
             ms(pct(&lat, 0.5)),

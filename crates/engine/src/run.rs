@@ -176,8 +176,8 @@ impl Engine {
     /// names the events one commit appended, and those are read and broadcast. When a change
     /// cannot say (the listening connection was remade), and every few seconds in case, it
     /// reads the log from a little before the newest event seen (sequence values can commit
-    /// out of order) to its end, page by page, and broadcasts what this node has not. Nothing to do on SQLite (one
-    /// process writes).
+    /// out of order) to its end, page by page, and broadcasts what this node has not. Nothing
+    /// to do on SQLite (one process writes).
     async fn relay(self, mut shutdown: watch::Receiver<bool>) {
         let held = self.inner.changes.lock().expect("changes lock").take();
         let Some(mut changes) = held.or_else(|| self.inner.store.changes()) else {
@@ -197,37 +197,29 @@ impl Engine {
                 _ = tokio::time::sleep(Duration::from_secs(5)) => None,
                 _ = shutdown.changed() => return,
             };
-            if let Some((lo, hi)) = change {
-                match store.events_between(lo, hi).await {
-                    Ok(evs) => {
-                        for ev in evs {
-                            newest = newest.max(ev.seq);
-                            self.emit(ev);
-                        }
-                    }
-                    Err(e) => warn!(error = %e, "reading other replicas' events failed"),
-                }
-                continue;
-            }
-            // Page forward to the end of the log: however much was committed unheard.
+            // What the commit appended; else the log from a little before the newest event
+            // seen to its end, page by page (however much was committed unheard).
             let mut from = (newest - LOOKBACK).max(0);
             loop {
-                match store.events_since(from, PAGE).await {
-                    Ok(evs) => {
-                        let full = evs.len() as i64 == PAGE;
-                        for ev in evs {
-                            from = ev.seq;
-                            newest = newest.max(ev.seq);
-                            self.emit(ev);
-                        }
-                        if !full {
-                            break;
-                        }
-                    }
+                let read = match change {
+                    Some((lo, hi)) => store.events_between(lo, hi).await,
+                    None => store.events_since(from, PAGE).await,
+                };
+                let evs = match read {
+                    Ok(evs) => evs,
                     Err(e) => {
                         warn!(error = %e, "reading other replicas' events failed");
                         break;
                     }
+                };
+                let more = change.is_none() && evs.len() as i64 == PAGE;
+                for ev in evs {
+                    from = ev.seq;
+                    newest = newest.max(ev.seq);
+                    self.emit(ev);
+                }
+                if !more {
+                    break;
                 }
             }
         }

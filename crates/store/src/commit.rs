@@ -25,7 +25,7 @@ use crate::workflows::sets::{
 };
 use crate::workflows::{
     Claimed, ENDING_COLS, Ending, Handoff, StepCommit, WorkflowEvent, WorkflowStatus, clock,
-    ending_from, fill_stmts, insert_stmts, lease_lost, lease_many, ready_nodes, release_many_stmt,
+    ending_from, fill_stmts, insert_stmts, lease_lost, lease_many, ready_nodes, release_stmt,
 };
 use crate::{Result, StoreError};
 use rusqlite::Connection;
@@ -569,7 +569,7 @@ pub(crate) async fn commit_group(
     // Their dependents wait for them no more (RETURNING the dependents' batches).
     let released = (!succeeded.is_empty()).then(|| {
         let ids: Vec<String> = succeeded.iter().map(|e| e.id.clone()).collect();
-        batch.push(release_many_stmt(d, &ids));
+        batch.push(release_stmt(d, &ids, false));
         batch.len() - 1
     });
     let sets = [

@@ -77,9 +77,10 @@ fn fill_stmt(d: Dialect, batch: &str) -> Stmt {
     stmt!(update_ids(d, "parked = 0", &ids, ""), batch)
 }
 
-/// The statement by which the pending dependents of `wf` (only its soft ones with
-/// `soft_only`) wait for one edge less; it returns their batches.
-pub(crate) fn release_stmt(d: Dialect, wf: &str, soft_only: bool) -> Stmt {
+/// The statement by which the pending dependents of the workflows `ended` (only their soft
+/// dependents with `soft_only`) wait for as many edges less as they had on them; it returns
+/// their batches. One statement for any number of endings (a group commit's, or one).
+pub(crate) fn release_stmt(d: Dialect, ended: &[String], soft_only: bool) -> Stmt {
     let hard = if soft_only { " AND hard = 0" } else { "" };
     // On PostgreSQL `status || ''` is not a condition an index answers, so the dependents are
     // found by key: with a young table's statistics the planner otherwise scanned every
@@ -88,24 +89,7 @@ pub(crate) fn release_stmt(d: Dialect, wf: &str, soft_only: bool) -> Stmt {
         Dialect::Sqlite => "status = 'pending'",
         Dialect::Postgres => "status || '' = 'pending'",
     };
-    let sql = update_ids(
-        d,
-        "waiting_on = waiting_on - 1",
-        &format!("SELECT workflow_id FROM workflow_deps WHERE depends_on = $1{hard}"),
-        &format!(" AND {pending} RETURNING batch_id"),
-    );
-    stmt!(sql, wf)
-}
-
-/// The statement by which the pending dependents of the workflows `ended` (all succeeded in
-/// one transaction) wait for as many edges less as they had on them; it returns their
-/// batches. One statement for a group commit's endings, where [`release_stmt`] is one each.
-pub(crate) fn release_many_stmt(d: Dialect, ended: &[String]) -> Stmt {
-    let pending = match d {
-        Dialect::Sqlite => "status = 'pending'",
-        Dialect::Postgres => "status || '' = 'pending'",
-    };
-    let on = id_in(d, "depends_on", 1);
+    let on = format!("{}{hard}", id_in(d, "depends_on", 1));
     let sql = update_ids(
         d,
         &format!(
@@ -251,7 +235,14 @@ async fn release_dependents(
     )];
     while let Some((id, name, failed)) = queue.pop() {
         if !failed {
-            for r in tx.query(&release_stmt(tx.dialect(), &id, false)).await? {
+            for r in tx
+                .query(&release_stmt(
+                    tx.dialect(),
+                    std::slice::from_ref(&id),
+                    false,
+                ))
+                .await?
+            {
                 batches.extend(r.opt_text("batch_id")?);
             }
             continue;
@@ -264,7 +255,10 @@ async fn release_dependents(
                 id.as_str()
             ))
             .await?;
-        for r in tx.query(&release_stmt(tx.dialect(), &id, true)).await? {
+        for r in tx
+            .query(&release_stmt(tx.dialect(), std::slice::from_ref(&id), true))
+            .await?
+        {
             batches.extend(r.opt_text("batch_id")?);
         }
         for r in hard {

@@ -23,7 +23,7 @@ pub use stats::WorkflowCounts;
 pub(crate) use claims::{LeaseNew, lease_many};
 pub(crate) use ending::{
     ENDING_COLS, Ending, add_dep, ending_from, fill_batch_in, fill_stmts, finish_in, ready_nodes,
-    release_many_stmt,
+    release_stmt,
 };
 
 use crate::db::{Cols, Dialect, Filter, Row, Stmt, Tx, stmt};

@@ -383,16 +383,12 @@ async fn ending_together(store: Store) {
         .collect();
     parents.sort();
     assert_eq!(ids, parents, "only the nodes with no edge are claimed");
+    let child = |i: usize| {
+        let (store, id) = (store.clone(), op(&format!("c{i}")));
+        async move { store.workflow(&id).await.unwrap().unwrap() }
+    };
     for i in 0..3 {
-        assert_eq!(
-            store
-                .workflow(&op(&format!("c{i}")))
-                .await
-                .unwrap()
-                .unwrap()
-                .waiting_on,
-            2
-        );
+        assert_eq!(child(i).await.waiting_on, 2);
     }
     let done = StepCommit::default();
     let ends = parents.iter().map(|id| {
@@ -416,11 +412,7 @@ async fn ending_together(store: Store) {
         assert_eq!(w.status, WorkflowStatus::Succeeded);
     }
     for i in 0..3 {
-        let c = store
-            .workflow(&op(&format!("c{i}")))
-            .await
-            .unwrap()
-            .unwrap();
+        let c = child(i).await;
         assert_eq!(
             (c.status, c.waiting_on),
             (WorkflowStatus::Pending, 0),

@@ -4,6 +4,7 @@
 //!
 //! Add a case to a domain module's `cases()`; it runs on both backends.
 
+mod addresses;
 mod audit;
 mod backup;
 mod batches;
@@ -28,6 +29,7 @@ fn all() -> Vec<Case> {
     v.extend(audit::cases());
     v.extend(users::cases());
     v.extend(vms::cases());
+    v.extend(addresses::cases());
     v.extend(batches::cases());
     v.extend(extras::cases());
     v.extend(workflows::cases());
@@ -38,6 +40,7 @@ fn all_replicated() -> Vec<ReplicaCase> {
     let mut v = vec![];
     v.extend(users::replica_cases());
     v.extend(vms::replica_cases());
+    v.extend(addresses::replica_cases());
     v.extend(extras::replica_cases());
     v.extend(workflows::replica_cases());
     v
