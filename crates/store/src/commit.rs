@@ -16,6 +16,7 @@
 //! - PostgreSQL: a task groups the completions likewise and commits up to two groups at once on
 //!   pooled connections (a group does not wait for the previous one's commit).
 
+use crate::db::postgres::TX_CLOCK;
 use crate::db::sqlite::{SqliteTx, run_ready};
 use crate::db::{Col, Db, Dialect, Durability, Row, RowSet, Stmt, Tx, stmt};
 use crate::hooks::Prefetch;
@@ -333,12 +334,18 @@ pub(crate) async fn commit_group(
     hooks: &Registry,
 ) -> Result<Vec<Result<Done>>> {
     let d = tx.dialect();
-    let now = clock(tx).await?;
     let fin = |j: &DoneReq| j.finish && j.next.is_none() && j.commit.children.is_empty();
     let spawns = |j: &DoneReq| !j.commit.children.is_empty();
 
     // 1. The lease guard and the move on in one statement when no cancel is pending and the
     //    workflow goes on (it sets no indexed column: the update stays HOT on PostgreSQL).
+    //    With it, the rows of those that end or spawn: the lease, a pending cancel, what an
+    //    ending needs. On PostgreSQL both go with the `BEGIN`, in its round trip, and read the
+    //    clock in SQL (the transaction's, as the `BEGIN` reads it).
+    let known_now = match d {
+        Dialect::Sqlite => Some(clock(tx).await?),
+        Dialect::Postgres => tx.began_at(),
+    };
     let mut moves = RowSet::new(MOVE_ROW);
     for j in reqs.iter().filter(|j| !fin(j) && !spawns(j)) {
         moves.push(vec![
@@ -347,57 +354,83 @@ pub(crate) async fn commit_group(
             j.node.as_str().into(),
         ]);
     }
+    let moves = match d {
+        Dialect::Sqlite => set_stmt(
+            d,
+            moves,
+            |v| {
+                format!(
+                    "UPDATE workflows SET step = v.step, attempt = 0, updated_at = $1 FROM {v}
+                     WHERE workflows.id = v.wf AND workflows.lease_owner = v.node
+                       AND workflows.cancel_requested = 0
+                     RETURNING id"
+                )
+            },
+            known_now.unwrap_or_default(),
+        ),
+        // Not a join: its plan would rest on the table's statistics (a fresh table's made
+        // PostgreSQL rescan the rows per workflow). `id = ANY` is an index lookup whatever
+        // they say, and each row finds its values by its position.
+        Dialect::Postgres => (!moves.is_empty()).then(|| {
+            Stmt::new(
+                format!(
+                    "UPDATE workflows
+                     SET step = (CAST($2 AS BIGINT[]))[array_position(CAST($1 AS TEXT[]), id)],
+                         attempt = 0, updated_at = {TX_CLOCK}
+                     WHERE id = ANY(CAST($1 AS TEXT[])) AND cancel_requested = 0
+                       AND lease_owner = (CAST($3 AS TEXT[]))[array_position(CAST($1 AS TEXT[]), id)]
+                     RETURNING id"
+                ),
+                moves.args(d),
+            )
+        }),
+    };
+    let rows_of = |ids: Vec<String>| {
+        let sql = format!(
+            "SELECT id, cancel_requested, lease_owner, {ENDING_COLS} FROM workflows WHERE {}",
+            id_in(d, "id", 1)
+        );
+        Stmt::new(sql, vec![ids_arg(d, &ids)])
+    };
+    let others: Vec<String> = reqs
+        .iter()
+        .filter(|j| fin(j) || spawns(j))
+        .map(|j| j.wf.clone())
+        .collect();
+    let mut first: Vec<Stmt> = moves.into_iter().collect();
+    let moving = !first.is_empty();
+    if !others.is_empty() {
+        first.push(rows_of(others));
+    }
+    let mut res = tx.query_many(&first).await?.into_iter();
+    let now = clock(tx).await?;
     let mut moved = vec![false; reqs.len()];
-    let st = set_stmt(
-        d,
-        moves,
-        |v| match d {
-            Dialect::Sqlite => format!(
-                "UPDATE workflows SET step = v.step, attempt = 0, updated_at = $1 FROM {v}
-                 WHERE workflows.id = v.wf AND workflows.lease_owner = v.node
-                   AND workflows.cancel_requested = 0
-                 RETURNING id"
-            ),
-            // Not a join: its plan would rest on the table's statistics (a fresh table's
-            // made PostgreSQL rescan the rows per workflow). `id = ANY` is an index lookup
-            // whatever they say, and each row finds its values by its position.
-            Dialect::Postgres => "UPDATE workflows
-                 SET step = (CAST($3 AS BIGINT[]))[array_position(CAST($2 AS TEXT[]), id)],
-                     attempt = 0, updated_at = $1
-                 WHERE id = ANY(CAST($2 AS TEXT[])) AND cancel_requested = 0
-                   AND lease_owner = (CAST($4 AS TEXT[]))[array_position(CAST($2 AS TEXT[]), id)]
-                 RETURNING id"
-                .to_string(),
-        },
-        now,
-    );
-    if let Some(st) = st {
-        let ids = tx
-            .query(&st)
-            .await?
+    let mut rows: BTreeMap<String, Row> = BTreeMap::new();
+    if moving {
+        let ids = res
+            .next()
+            .unwrap_or_default()
             .iter()
             .map(|r| r_text(r, "id"))
             .collect::<Result<std::collections::HashSet<_>>>()?;
         for (i, j) in reqs.iter().enumerate() {
             moved[i] = ids.contains(&j.wf);
         }
-    }
-
-    // 2. The others' rows: the lease, a pending cancel, what an ending needs.
-    let slow: Vec<&str> = (0..reqs.len())
-        .filter(|&i| !moved[i])
-        .map(|i| reqs[i].wf.as_str())
-        .collect();
-    let mut rows: BTreeMap<String, Row> = BTreeMap::new();
-    if !slow.is_empty() {
-        let slow: Vec<String> = slow.iter().map(|w| w.to_string()).collect();
-        let sql = format!(
-            "SELECT id, cancel_requested, lease_owner, {ENDING_COLS} FROM workflows WHERE {}",
-            id_in(d, "id", 1)
-        );
-        for r in tx.query(&Stmt::new(sql, vec![ids_arg(d, &slow)])).await? {
-            rows.insert(r_text(&r, "id")?, r);
+        // 2. Those that did not move (a lease lost, a cancel pending), read as the others.
+        let stuck: Vec<String> = reqs
+            .iter()
+            .enumerate()
+            .filter(|&(i, j)| !moved[i] && !fin(j) && !spawns(j))
+            .map(|(_, j)| j.wf.clone())
+            .collect();
+        if !stuck.is_empty() {
+            for r in tx.query(&rows_of(stuck)).await? {
+                rows.insert(r_text(&r, "id")?, r);
+            }
         }
+    }
+    for r in res.next().unwrap_or_default() {
+        rows.insert(r_text(&r, "id")?, r);
     }
     let mut found: Vec<Option<Result<Found>>> = (0..reqs.len()).map(|_| None).collect();
     for (i, j) in reqs.iter().enumerate().filter(|(i, _)| !moved[*i]) {
@@ -604,6 +637,19 @@ pub(crate) async fn commit_group(
     // Rows of one INSERT are numbered in the order they are selected in.
     let events_at = batch.len();
     batch.extend(append_events(d, event_rows, now));
+    // 4. Batch slots, after the writes in the same round trip: the slots freed by these
+    //    endings go to the next ready nodes of their batches, and each finishing batch node
+    //    with a hand-off reads the next ready node of its batch to lease.
+    fills.sort_unstable();
+    fills.dedup();
+    let mut ready_at: Vec<(String, Vec<usize>, usize)> = vec![];
+    for b in &fills {
+        batch.extend(fill_stmts(d, b));
+        for ((batch_id, node), idxs) in wants.iter().filter(|((batch_id, _), _)| batch_id == b) {
+            ready_at.push((node.clone(), idxs.clone(), batch.len()));
+            batch.push(ready_nodes(tx, batch_id, idxs.len(), now));
+        }
+    }
     let results = tx.query_many(&batch).await?;
     let mut seqs: BTreeMap<String, Vec<i64>> = BTreeMap::new();
     for r in results.get(events_at).into_iter().flatten() {
@@ -611,11 +657,18 @@ pub(crate) async fn commit_group(
             .or_default()
             .push(r_int(r, "seq")?);
     }
-
+    // A dependent in a batch none of these endings was in gets its slot in a round trip of
+    // its own.
+    let mut more: Vec<String> = vec![];
     if let Some(k) = released {
         for r in &results[k] {
-            fills.extend(r_opt_text(r, "batch_id")?);
+            more.extend(r_opt_text(r, "batch_id")?.filter(|b| !fills.contains(b)));
         }
+    }
+    more.sort_unstable();
+    more.dedup();
+    for b in &more {
+        tx.run(&fill_stmts(d, b)).await?;
     }
     let mut out: Vec<Result<Done>> = Vec::with_capacity(reqs.len());
     for (i, plan) in plans.into_iter().enumerate() {
@@ -633,44 +686,32 @@ pub(crate) async fn commit_group(
         out.push(Ok((events, cancel, None)));
     }
 
-    // 4. Batch slots: freed slots go to the next ready nodes, and each finishing batch node
-    //    with a hand-off leases the next ready node of its batch.
-    //    A batch's fill and the reads of its ready nodes go in one round trip.
-    fills.sort_unstable();
-    fills.dedup();
-    for b in &fills {
-        let mut stmts = fill_stmts(d, b);
-        let filled = stmts.len();
-        let mine: Vec<(&String, &Vec<usize>)> = wants
+    // 5. The hand-offs lease the ready nodes read; their first steps start at once, so their
+    //    definitions' hooks may read ahead for them (one round trip per definition).
+    let mut handed: Vec<(usize, Claimed)> = vec![];
+    for (node, idxs, at) in ready_at {
+        let Some(h) = reqs[idxs[0]].handoff else {
+            continue;
+        };
+        let ids = results[at]
             .iter()
-            .filter(|((batch, _), _)| batch == b)
-            .map(|((_, node), idxs)| (node, idxs))
-            .collect();
-        stmts.extend(
-            mine.iter()
-                .map(|(_, idxs)| ready_nodes(tx, b, idxs.len(), now)),
-        );
-        let results = tx.query_many(&stmts).await?;
-        for ((node, idxs), rows) in mine.into_iter().zip(&results[filled..]) {
-            let Some(h) = reqs[idxs[0]].handoff else {
-                continue;
-            };
-            let ids = rows
-                .iter()
-                .map(|r| r.first_text().map(Option::unwrap_or_default))
-                .collect::<Result<Vec<_>>>()?;
-            let claimed = lease_many(tx, &ids, node, now + h.lease_ms, now, true).await?;
-            // Their first step starts at once: their definitions' hooks may read ahead for it.
-            for (wf, _, _) in &claimed {
-                if let Some(h) = hooks.get(&wf.definition) {
-                    h.0.handed_off(tx, wf, prefetched).await?;
-                }
-            }
-            for (&i, c) in idxs.iter().zip(claimed) {
-                if let Ok((_, _, next)) = &mut out[i] {
-                    *next = Some(c);
-                }
-            }
+            .map(|r| r.first_text().map(Option::unwrap_or_default))
+            .collect::<Result<Vec<_>>>()?;
+        let claimed = lease_many(tx, &ids, &node, now + h.lease_ms, now, true).await?;
+        handed.extend(idxs.into_iter().zip(claimed));
+    }
+    let mut by_def: BTreeMap<&str, Vec<&crate::workflows::Workflow>> = BTreeMap::new();
+    for (_, (wf, _, _)) in &handed {
+        by_def.entry(wf.definition.as_str()).or_default().push(wf);
+    }
+    for (def, ws) in by_def {
+        if let Some(h) = hooks.get(def) {
+            h.0.handed_off(tx, &ws, prefetched).await?;
+        }
+    }
+    for (i, c) in handed {
+        if let Ok((_, _, next)) = &mut out[i] {
+            *next = Some(c);
         }
     }
     Ok(out)

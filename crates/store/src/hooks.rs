@@ -70,12 +70,13 @@ pub(crate) trait ResourceHooks: Send + Sync {
         Ok(())
     }
 
-    /// `w` was leased by a hand-off inside this transaction and its step starts at once: the
-    /// hooks may read what that step needs into `cache`.
+    /// `ws` (this definition's workflows) were leased by a hand-off inside this transaction
+    /// and their steps start at once: the hooks may read what those steps need into `cache`
+    /// (for all of them in one round trip).
     async fn handed_off(
         &self,
         _tx: &mut dyn Tx,
-        _w: &Workflow,
+        _ws: &[&Workflow],
         _cache: &Prefetch,
     ) -> crate::Result<()> {
         Ok(())

@@ -160,9 +160,19 @@ impl Drop for Open {
     }
 }
 
+macro_rules! tx_clock {
+    () => {
+        "CAST(EXTRACT(EPOCH FROM now()) * 1000 AS BIGINT)"
+    };
+}
+
 /// The database's clock in ms when the transaction began (the same value all through it), as
 /// the last statement of a `BEGIN`.
-pub(crate) const READ_CLOCK: &str = "SELECT CAST(EXTRACT(EPOCH FROM now()) * 1000 AS BIGINT)";
+pub(crate) const READ_CLOCK: &str = concat!("SELECT ", tx_clock!());
+
+/// The database's clock in ms when the transaction began, as an expression: what
+/// [`READ_CLOCK`] reads, for statements sent before its answer came.
+pub(crate) const TX_CLOCK: &str = tx_clock!();
 
 /// The clock a `BEGIN` ending with [`READ_CLOCK`] answered.
 fn clock_of(msgs: &[tokio_postgres::SimpleQueryMessage]) -> Result<i64> {

@@ -1,6 +1,6 @@
 //! The VM's workflow hooks: what ending or retrying a create or delete does to its record.
 
-use super::{VM_AND_KEY, readmit, vm_from};
+use super::{VMS_AND_KEYS, readmit, vm_from};
 use crate::db::{Cols, Dialect, Stmt, Tx, stmt};
 use crate::hooks::{Hooks, Prefetch, ResourceHooks, RetryCtx, each_succeeded};
 use crate::workflows::sets::{id_in, ids_arg};
@@ -177,13 +177,21 @@ run delete-vm to retry the cleanup' ELSE '' END,
         self.retrying_tx(tx, w, ctx.pool).await
     }
 
-    /// The step about to start reads the VM with its owner's key: read it here, in the
-    /// hand-off's transaction (`Store::vm_and_key` takes it).
-    async fn handed_off(&self, tx: &mut dyn Tx, w: &Workflow, cache: &Prefetch) -> Result<()> {
-        if let Some(vm) = w.resource.as_ref().and_then(|r| r.id_of(ResourceRef::VM))
-            && let Some(r) = tx.query_opt(&stmt!(VM_AND_KEY, vm)).await?
-        {
-            cache.put(vm.to_string(), (vm_from(&r)?, r.opt_text("owner_key")?));
+    /// The steps about to start read their VMs with their owners' keys: read them here, in
+    /// the hand-off's transaction, in one query (`Store::vm_and_key` takes each).
+    async fn handed_off(&self, tx: &mut dyn Tx, ws: &[&Workflow], cache: &Prefetch) -> Result<()> {
+        let vms: Vec<String> = ws
+            .iter()
+            .filter_map(|w| w.resource.as_ref()?.id_of(ResourceRef::VM))
+            .map(str::to_string)
+            .collect();
+        if vms.is_empty() {
+            return Ok(());
+        }
+        let d = tx.dialect();
+        let sql = format!("{VMS_AND_KEYS} WHERE {}", id_in(d, "v.id", 1));
+        for r in tx.query(&Stmt::new(sql, vec![ids_arg(d, &vms)])).await? {
+            cache.put(r.text("id")?, (vm_from(&r)?, r.opt_text("owner_key")?));
         }
         Ok(())
     }

@@ -132,8 +132,9 @@ pub(crate) const VM_COLS: &str = "id, name, owner, os, login_user, spec, vcpus, 
      status, error, provider, created_at, updated_at, extra_disks, extra_nics";
 
 /// A VM with its owner's public key (the provider request's inputs).
-pub(crate) const VM_AND_KEY: &str = "SELECT v.*, u.public_key AS owner_key FROM vms v
-     LEFT JOIN users u ON u.username = v.owner WHERE v.id = $1";
+/// VMs with their owners' SSH public keys (`owner_key`); a `WHERE` on `v` follows.
+pub(crate) const VMS_AND_KEYS: &str =
+    "SELECT v.*, u.public_key AS owner_key FROM vms v LEFT JOIN users u ON u.username = v.owner";
 
 pub(crate) fn vm_from(r: &impl Cols) -> Result<Vm> {
     Ok(Vm {
@@ -383,7 +384,7 @@ impl Store {
         if let Some(hit) = self.prefetched.take::<(Vm, Option<String>)>(id) {
             return Ok(Some(hit));
         }
-        let s = stmt!(VM_AND_KEY, id);
+        let s = stmt!(format!("{VMS_AND_KEYS} WHERE v.id = $1"), id);
         self.db
             .read(move |tx| {
                 Box::pin(async move {
