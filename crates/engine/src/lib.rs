@@ -180,6 +180,9 @@ struct Inner {
     /// Events this node broadcast lately (by seq), so the relay of other replicas' events
     /// (PostgreSQL) passes each event on once.
     emitted: std::sync::Mutex<Recent>,
+    /// The event numbers below the newest this node has not seen (PostgreSQL; `None` until
+    /// the relay starts): what the relay looks for when a commit was not heard of.
+    seen: std::sync::Mutex<Option<run::Gaps>>,
     /// The store's changes, listened to from the engine's creation on: the relay takes them
     /// when it starts, so that no other replica's commit made in between goes unrelayed.
     changes: std::sync::Mutex<Option<broadcast::Receiver<basphere_store::Change>>>,
@@ -226,6 +229,7 @@ impl Engine {
                 slots,
                 running: Default::default(),
                 emitted: Default::default(),
+                seen: Default::default(),
                 changes,
             }),
         }
@@ -296,13 +300,16 @@ impl Engine {
     }
 
     fn emit(&self, ev: WorkflowEvent) {
-        if self
+        let new = self
             .inner
             .emitted
             .lock()
             .expect("emitted lock")
-            .insert(ev.seq)
-        {
+            .insert(ev.seq);
+        if let Some(g) = self.inner.seen.lock().expect("seen lock").as_mut() {
+            g.saw(ev.seq, std::time::Instant::now());
+        }
+        if new {
             let _ = self.inner.events.send(ev);
         }
     }

@@ -174,10 +174,11 @@ impl Engine {
 
     /// Passes on the events other replicas commit (PostgreSQL): each of the store's `changes`
     /// names the events one commit appended, and those are read and broadcast. When a change
-    /// cannot say (the listening connection was remade), and every few seconds in case, it
-    /// reads the log from a little before the newest event seen (sequence values can commit
-    /// out of order) to its end, page by page, and broadcasts what this node has not. Nothing
-    /// to do on SQLite (one process writes).
+    /// cannot say (the listening connection was remade, the receiver lagged), and every few
+    /// seconds in case, it reads the numbers it has not seen below the newest it has (an
+    /// append takes its number before it commits: a late commit fills a gap, see [`Gaps`]),
+    /// then the log past the newest to its end, page by page. At its start it reads a little
+    /// of the log before the newest event. Nothing to do on SQLite (one process writes).
     async fn relay(self, mut shutdown: watch::Receiver<bool>) {
         let held = self.inner.changes.lock().expect("changes lock").take();
         let Some(mut changes) = held.or_else(|| self.inner.store.changes()) else {
@@ -186,9 +187,23 @@ impl Engine {
         const LOOKBACK: i64 = 1024;
         const PAGE: i64 = 4096;
         let store = &self.inner.store;
-        let mut newest = store.last_event_seq().await.unwrap_or(0);
+        let newest = store.last_event_seq().await.unwrap_or(0);
+        // Until the first read, the numbers just before the newest count as seen: that read
+        // starts from them. Every event broadcast from then on is noted (`Engine::emit`).
+        *self.inner.seen.lock().expect("seen lock") = Some(Gaps::new((newest - LOOKBACK).max(0)));
+        let mut change = None;
         loop {
-            let change = tokio::select! {
+            let read = match change {
+                Some((lo, hi)) => store
+                    .events_between(lo, hi)
+                    .await
+                    .map(|evs| self.emit_all(evs)),
+                None => self.relay_unheard(PAGE).await,
+            };
+            if let Err(e) = read {
+                warn!(error = %e, "reading other replicas' events failed");
+            }
+            change = tokio::select! {
                 r = changes.recv() => match r {
                     Ok(c) => c.events,
                     Err(broadcast::error::RecvError::Lagged(_)) => None,
@@ -197,32 +212,89 @@ impl Engine {
                 _ = tokio::time::sleep(Duration::from_secs(5)) => None,
                 _ = shutdown.changed() => return,
             };
-            // What the commit appended; else the log from a little before the newest event
-            // seen to its end, page by page (however much was committed unheard).
-            let mut from = (newest - LOOKBACK).max(0);
-            loop {
-                let read = match change {
-                    Some((lo, hi)) => store.events_between(lo, hi).await,
-                    None => store.events_since(from, PAGE).await,
-                };
-                let evs = match read {
-                    Ok(evs) => evs,
-                    Err(e) => {
-                        warn!(error = %e, "reading other replicas' events failed");
-                        break;
-                    }
-                };
-                let more = change.is_none() && evs.len() as i64 == PAGE;
-                for ev in evs {
-                    from = ev.seq;
-                    newest = newest.max(ev.seq);
-                    self.emit(ev);
-                }
-                if !more {
-                    break;
-                }
+        }
+    }
+
+    /// Broadcasts what was committed unheard of: the numbers not seen below the newest seen,
+    /// then the log past it to its end, `page` events at a time.
+    async fn relay_unheard(&self, page: i64) -> basphere_store::Result<()> {
+        let (open, mut from) = {
+            let mut seen = self.inner.seen.lock().expect("seen lock");
+            let g = seen.get_or_insert_with(|| Gaps::new(0));
+            g.expire(std::time::Instant::now());
+            (g.open(), g.newest())
+        };
+        if !open.is_empty() {
+            self.emit_all(self.inner.store.events_numbered(&open).await?);
+        }
+        loop {
+            let evs = self.inner.store.events_since(from, page).await?;
+            let more = evs.len() as i64 == page;
+            if let Some(last) = evs.last() {
+                from = last.seq;
+            }
+            self.emit_all(evs);
+            if !more {
+                return Ok(());
             }
         }
+    }
+}
+
+/// The event numbers the relay has not seen below the newest it has. A number is taken when
+/// an append runs and becomes visible when its transaction commits, so numbers commit out of
+/// order: a gap is a transaction still open (its commit fills it) or one rolled back (it
+/// never fills). A gap is looked for until [`Gaps::TTL`] after it was noticed, and at most
+/// [`Gaps::MAX`] are kept (the oldest go first).
+#[derive(Debug)]
+pub(crate) struct Gaps {
+    newest: i64,
+    open: std::collections::BTreeMap<i64, std::time::Instant>,
+}
+
+impl Gaps {
+    /// Longer than any transaction of the store's holds an appended event uncommitted.
+    const TTL: Duration = Duration::from_secs(600);
+    const MAX: usize = 16_384;
+
+    /// Every number up to `newest` seen.
+    pub(crate) fn new(newest: i64) -> Self {
+        Self {
+            newest,
+            open: Default::default(),
+        }
+    }
+
+    fn newest(&self) -> i64 {
+        self.newest
+    }
+
+    /// `seq` was read (at `now`): a gap filled, or the newest, past any numbers skipped.
+    pub(crate) fn saw(&mut self, seq: i64, now: std::time::Instant) {
+        if seq <= self.newest {
+            self.open.remove(&seq);
+            return;
+        }
+        // More skipped than can be kept: only the newest of them.
+        let from = (self.newest + 1).max(seq - Self::MAX as i64);
+        for s in from..seq {
+            self.open.insert(s, now);
+        }
+        self.newest = seq;
+        while self.open.len() > Self::MAX {
+            self.open.pop_first();
+        }
+    }
+
+    /// Forgets the gaps noticed more than [`Gaps::TTL`] before `now`.
+    fn expire(&mut self, now: std::time::Instant) {
+        self.open
+            .retain(|_, at| now.saturating_duration_since(*at) < Self::TTL);
+    }
+
+    /// The numbers not seen yet, lowest first.
+    fn open(&self) -> Vec<i64> {
+        self.open.keys().copied().collect()
     }
 }
 
@@ -234,5 +306,46 @@ async fn other_replicas(changes: &mut Option<broadcast::Receiver<basphere_store:
             Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
         },
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Gaps;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn skipped_numbers_stay_open_until_read_or_expired() {
+        let t0 = Instant::now();
+        let mut g = Gaps::new(10);
+        g.saw(11, t0);
+        g.saw(14, t0);
+        assert_eq!(g.open(), vec![12, 13]);
+        assert_eq!(g.newest(), 14);
+        // A late commit fills its gap; one already seen changes nothing.
+        g.saw(13, t0);
+        g.saw(11, t0);
+        assert_eq!(g.open(), vec![12]);
+        g.saw(20, t0 + Duration::from_secs(1));
+        assert_eq!(g.open(), vec![12, 15, 16, 17, 18, 19]);
+        g.expire(t0 + Gaps::TTL);
+        assert_eq!(g.open(), vec![15, 16, 17, 18, 19]);
+        g.expire(t0 + Gaps::TTL + Duration::from_secs(1));
+        assert!(g.open().is_empty());
+    }
+
+    #[test]
+    fn at_most_max_gaps_are_kept_the_newest() {
+        let t0 = Instant::now();
+        let mut g = Gaps::new(0);
+        let far = 3 * Gaps::MAX as i64;
+        g.saw(far, t0);
+        let open = g.open();
+        assert_eq!(open.len(), Gaps::MAX);
+        assert_eq!(open.first(), Some(&(far - Gaps::MAX as i64)));
+        assert_eq!(open.last(), Some(&(far - 1)));
+        g.saw(far + 2, t0);
+        assert_eq!(g.open().len(), Gaps::MAX);
+        assert_eq!(g.open().last(), Some(&(far + 1)));
     }
 }

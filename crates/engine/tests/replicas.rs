@@ -265,3 +265,65 @@ async fn events_committed_between_engine_creation_and_run_are_relayed() {
     here.close().await;
     other.close().await;
 }
+
+/// An append committed unheard of (no notification names it: here a writer of raw SQL) is
+/// relayed however far behind the newest event its number is: it was a gap the relay kept
+/// looking for. (The relay once looked back 1,024 events only.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unheard_commit_far_behind_the_newest_event_is_relayed() {
+    let pg = Postgres::start();
+    let url = pg.create_database("gap");
+    let here = Store::open_postgres(&url).await.unwrap();
+    let other = Store::open_postgres(&url).await.unwrap();
+    let e = engine(&here, null(), engine_cfg("node-a"));
+    let mut rx = e.subscribe();
+    let id = other
+        .enqueue_workflow(&ledger_workflow(2, json!({})))
+        .await
+        .unwrap();
+    let _stop = start(&e);
+    let append = |kind: &str, message: &str| {
+        format!(
+            "INSERT INTO workflow_events (workflow_id, at, step, kind, message)
+             SELECT '{id}', 0, NULL, '{kind}', {message}"
+        )
+    };
+    // One transaction takes an event number and holds it uncommitted...
+    let late = basphere_testkit::postgres::connect(&url).await.unwrap();
+    late.batch_execute(&format!("BEGIN; {}", append("late", "'committed late'")))
+        .await
+        .unwrap();
+    // ...while 2,000 events after it commit, and are relayed (their notification names none).
+    let bulk = basphere_testkit::postgres::connect(&url).await.unwrap();
+    bulk.batch_execute(&format!(
+        "{} FROM generate_series(1, 2000) g; SELECT pg_notify('basphere', 'elsewhere')",
+        append("bulk", "'n' || g")
+    ))
+    .await
+    .unwrap();
+    relayed(&mut rx, "bulk", 2000, Duration::from_secs(10)).await;
+    // Then it commits, and no notification tells of it: the relay's next look finds it.
+    late.batch_execute("COMMIT").await.unwrap();
+    relayed(&mut rx, "late", 1, Duration::from_secs(8)).await;
+    here.close().await;
+    other.close().await;
+}
+
+/// Waits until `n` events of `kind` were broadcast on `rx`, for at most `within`.
+async fn relayed(
+    rx: &mut tokio::sync::broadcast::Receiver<basphere_store::WorkflowEvent>,
+    kind: &str,
+    n: usize,
+    within: Duration,
+) {
+    let t0 = Instant::now();
+    let mut got = 0;
+    while got < n {
+        let left = within.saturating_sub(t0.elapsed());
+        match tokio::time::timeout(left, rx.recv()).await {
+            Ok(Ok(ev)) if ev.kind == kind => got += 1,
+            Ok(Ok(_)) => {}
+            r => panic!("{got} of {n} `{kind}` events relayed in {within:?}: {r:?}"),
+        }
+    }
+}

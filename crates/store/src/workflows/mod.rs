@@ -26,7 +26,7 @@ pub(crate) use ending::{
     release_stmt,
 };
 
-use crate::db::{Cols, Dialect, Filter, Row, Stmt, Tx, stmt};
+use crate::db::{Cols, Dialect, Filter, Row, Stmt, Tx, Value, stmt};
 use crate::{Result, Store, StoreError, now_ms, parse};
 use serde::Serialize;
 
@@ -680,6 +680,37 @@ impl Store {
         self.db
             .read(move |tx| {
                 Box::pin(async move { tx.query(&s).await?.iter().map(event_from).collect() })
+            })
+            .await
+    }
+
+    /// The committed events among the numbers `seqs`, oldest first (the relay's look for
+    /// numbers taken by appends it had not seen commit).
+    pub async fn events_numbered(&self, seqs: &[i64]) -> Result<Vec<WorkflowEvent>> {
+        let seqs = seqs.to_vec();
+        self.db
+            .read(move |tx| {
+                Box::pin(async move {
+                    let (cond, arg) = match tx.dialect() {
+                        Dialect::Sqlite => (
+                            "seq IN (SELECT value FROM json_each($1))",
+                            Value::Text(serde_json::Value::from(seqs).to_string()),
+                        ),
+                        Dialect::Postgres => (
+                            "seq = ANY(CAST($1 AS BIGINT[]))",
+                            Value::List(seqs.into_iter().map(Value::Int).collect()),
+                        ),
+                    };
+                    let sql = format!(
+                        "SELECT seq, workflow_id, at, step, kind, message FROM workflow_events
+                         WHERE {cond} ORDER BY seq"
+                    );
+                    tx.query(&Stmt::new(sql, vec![arg]))
+                        .await?
+                        .iter()
+                        .map(event_from)
+                        .collect()
+                })
             })
             .await
     }
