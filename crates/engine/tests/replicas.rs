@@ -209,17 +209,15 @@ async fn a_per_user_limit_of_two_holds_across_three_replicas() {
 /// only at the relay's periodic look-back five seconds later.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_committed_between_engine_creation_and_run_are_relayed() {
-    let pg = Postgres::start();
-    let url = pg.create_database("relay");
-    let here = Store::open_postgres(&url).await.unwrap();
-    let other = Store::open_postgres(&url).await.unwrap();
-    // The engine here knows no `ledger` definition: only the other replica runs it.
-    let e = engine(&here, null(), engine_cfg("node-a"));
-    let mut rx = e.subscribe();
-    let id = other
-        .enqueue_workflow(&ledger_workflow(2, json!({})))
-        .await
-        .unwrap();
+    let Relay {
+        _pg,
+        here,
+        other,
+        e,
+        mut rx,
+        id,
+        ..
+    } = relay_fixture("relay").await;
     let runs = ["ledger".to_string()];
     let limits = basphere_store::ClaimLimits::default();
     let claimed = other
@@ -271,16 +269,15 @@ async fn events_committed_between_engine_creation_and_run_are_relayed() {
 /// looking for. (The relay once looked back 1,024 events only.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unheard_commit_far_behind_the_newest_event_is_relayed() {
-    let pg = Postgres::start();
-    let url = pg.create_database("gap");
-    let here = Store::open_postgres(&url).await.unwrap();
-    let other = Store::open_postgres(&url).await.unwrap();
-    let e = engine(&here, null(), engine_cfg("node-a"));
-    let mut rx = e.subscribe();
-    let id = other
-        .enqueue_workflow(&ledger_workflow(2, json!({})))
-        .await
-        .unwrap();
+    let Relay {
+        _pg,
+        url,
+        here,
+        other,
+        e,
+        mut rx,
+        id,
+    } = relay_fixture("gap").await;
     let _stop = start(&e);
     let append = |kind: &str, message: &str| {
         format!(
@@ -325,5 +322,40 @@ async fn relayed(
             Ok(Ok(_)) => {}
             r => panic!("{got} of {n} `{kind}` events relayed in {within:?}: {r:?}"),
         }
+    }
+}
+
+/// Two stores on one fresh database, an engine over the first with a subscriber, and a
+/// `ledger` workflow queued through the second. The engine knows no `ledger` definition: only
+/// the other replica could run it.
+struct Relay {
+    _pg: Postgres,
+    url: String,
+    here: Store,
+    other: Store,
+    e: basphere_engine::Engine,
+    rx: tokio::sync::broadcast::Receiver<basphere_store::WorkflowEvent>,
+    id: String,
+}
+
+async fn relay_fixture(db: &str) -> Relay {
+    let pg = Postgres::start();
+    let url = pg.create_database(db);
+    let here = Store::open_postgres(&url).await.unwrap();
+    let other = Store::open_postgres(&url).await.unwrap();
+    let e = engine(&here, null(), engine_cfg("node-a"));
+    let rx = e.subscribe();
+    let id = other
+        .enqueue_workflow(&ledger_workflow(2, json!({})))
+        .await
+        .unwrap();
+    Relay {
+        _pg: pg,
+        url,
+        here,
+        other,
+        e,
+        rx,
+        id,
     }
 }
