@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use crate::{Backend, Bench, approved_user, serve_tcp};
 
 /// Terraform's figures on record, used when it is missing: `terraform apply -parallelism=10`
-/// (terraform 1.11) on this machine kind, 2026-12-03 (1,000 independent took 6.2–9.4 s over
-/// the earlier runs; the chain was measured once, in stage 1).
+/// (terraform 1.11) on this machine kind, 2026-12-03 afternoon. Its speed drifts: 1,000
+/// independent took 6.2–11.3 s over stops 21–23. The chain was measured once, in stage 1.
 const TF_RECORD_INDEPENDENT_S: f64 = 6.5;
 const TF_RECORD_LAYERED_S: f64 = 29.1;
 const TF_RECORD_CHAIN300_S: f64 = 14.0;
