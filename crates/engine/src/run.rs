@@ -220,7 +220,10 @@ impl Engine {
     async fn relay_unheard(&self, page: i64) -> basphere_store::Result<()> {
         let (open, mut from) = {
             let mut seen = self.inner.seen.lock().expect("seen lock");
-            let g = seen.get_or_insert_with(|| Gaps::new(0));
+            // `relay` notes what is seen before it first calls this.
+            let Some(g) = seen.as_mut() else {
+                return Ok(());
+            };
             g.expire(std::time::Instant::now());
             (g.open(), g.newest())
         };

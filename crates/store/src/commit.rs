@@ -26,7 +26,8 @@ use crate::workflows::sets::{
 };
 use crate::workflows::{
     Claimed, ENDING_COLS, Ending, Handoff, StepCommit, WorkflowEvent, WorkflowStatus, clock,
-    ending_from, fill_stmts, insert_stmts, lease_lost, lease_many, ready_nodes, release_stmt,
+    ending_from, fill_batch_in, fill_stmts, insert_stmts, lease_lost, lease_many, ready_nodes,
+    release_stmt,
 };
 use crate::{Result, StoreError};
 use rusqlite::Connection;
@@ -342,9 +343,10 @@ pub(crate) async fn commit_group(
     //    With it, the rows of those that end or spawn: the lease, a pending cancel, what an
     //    ending needs. On PostgreSQL both go with the `BEGIN`, in its round trip, and read the
     //    clock in SQL (the transaction's, as the `BEGIN` reads it).
-    let known_now = match d {
+    //    SQLite knows the time without asking; it is read once, for the whole group.
+    let sqlite_now = match d {
         Dialect::Sqlite => Some(clock(tx).await?),
-        Dialect::Postgres => tx.began_at(),
+        Dialect::Postgres => None,
     };
     let mut moves = RowSet::new(MOVE_ROW);
     for j in reqs.iter().filter(|j| !fin(j) && !spawns(j)) {
@@ -366,7 +368,7 @@ pub(crate) async fn commit_group(
                      RETURNING id"
                 )
             },
-            known_now.unwrap_or_default(),
+            sqlite_now.unwrap_or_default(),
         ),
         // Not a join: its plan would rest on the table's statistics (a fresh table's made
         // PostgreSQL rescan the rows per workflow). `id = ANY` is an index lookup whatever
@@ -403,7 +405,10 @@ pub(crate) async fn commit_group(
         first.push(rows_of(others));
     }
     let mut res = tx.query_many(&first).await?.into_iter();
-    let now = clock(tx).await?;
+    let now = match sqlite_now {
+        Some(now) => now,
+        None => clock(tx).await?,
+    };
     let mut moved = vec![false; reqs.len()];
     let mut rows: BTreeMap<String, Row> = BTreeMap::new();
     if moving {
@@ -668,7 +673,7 @@ pub(crate) async fn commit_group(
     more.sort_unstable();
     more.dedup();
     for b in &more {
-        tx.run(&fill_stmts(d, b)).await?;
+        fill_batch_in(tx, b).await?;
     }
     let mut out: Vec<Result<Done>> = Vec::with_capacity(reqs.len());
     for (i, plan) in plans.into_iter().enumerate() {

@@ -235,6 +235,9 @@ pub struct NextStep<'a> {
     pub deadline_ms: i64,
 }
 
+/// The event log's columns an event is read from; a `WHERE` follows.
+const EVENTS: &str = "SELECT seq, workflow_id, at, step, kind, message FROM workflow_events";
+
 /// One step completion for [`Store::complete`]: step `idx` of workflow `wf` is done, by
 /// `node` (which must hold its lease), committing `commit` with it.
 #[derive(Debug, Clone, Copy)]
@@ -640,76 +643,72 @@ impl Store {
 
     /// Events of a workflow after `after_seq`, in order.
     pub async fn events(&self, id: &str, after_seq: i64) -> Result<Vec<WorkflowEvent>> {
-        let s = stmt!(
-            "SELECT seq, workflow_id, at, step, kind, message FROM workflow_events
-             WHERE workflow_id = $1 AND seq > $2 ORDER BY seq",
-            id,
-            after_seq,
-        );
-        self.db
-            .read(move |tx| {
-                Box::pin(async move { tx.query(&s).await?.iter().map(event_from).collect() })
-            })
-            .await
+        let (id, s) = (id.to_string(), after_seq);
+        self.read_events(move |_| {
+            stmt!(
+                format!("{EVENTS} WHERE workflow_id = $1 AND seq > $2 ORDER BY seq"),
+                id,
+                s
+            )
+        })
+        .await
     }
 
     /// Every workflow's events after `after_seq`, oldest first, at most `limit`.
     pub async fn events_since(&self, after_seq: i64, limit: i64) -> Result<Vec<WorkflowEvent>> {
-        let s = stmt!(
-            "SELECT seq, workflow_id, at, step, kind, message FROM workflow_events
-             WHERE seq > $1 ORDER BY seq LIMIT $2",
-            after_seq,
-            limit,
-        );
-        self.db
-            .read(move |tx| {
-                Box::pin(async move { tx.query(&s).await?.iter().map(event_from).collect() })
-            })
-            .await
+        self.read_events(move |_| {
+            stmt!(
+                format!("{EVENTS} WHERE seq > $1 ORDER BY seq LIMIT $2"),
+                after_seq,
+                limit
+            )
+        })
+        .await
     }
 
     /// The events numbered `lo` to `hi` (both included) that are committed, oldest first: what
     /// one commit appended (see [`crate::Change`]).
     pub async fn events_between(&self, lo: i64, hi: i64) -> Result<Vec<WorkflowEvent>> {
-        let s = stmt!(
-            "SELECT seq, workflow_id, at, step, kind, message FROM workflow_events
-             WHERE seq >= $1 AND seq <= $2 ORDER BY seq",
-            lo,
-            hi,
-        );
-        self.db
-            .read(move |tx| {
-                Box::pin(async move { tx.query(&s).await?.iter().map(event_from).collect() })
-            })
-            .await
+        self.read_events(move |_| {
+            stmt!(
+                format!("{EVENTS} WHERE seq >= $1 AND seq <= $2 ORDER BY seq"),
+                lo,
+                hi
+            )
+        })
+        .await
     }
 
     /// The committed events among the numbers `seqs`, oldest first (the relay's look for
     /// numbers taken by appends it had not seen commit).
     pub async fn events_numbered(&self, seqs: &[i64]) -> Result<Vec<WorkflowEvent>> {
         let seqs = seqs.to_vec();
+        self.read_events(move |d| {
+            let (cond, arg) = match d {
+                Dialect::Sqlite => (
+                    "seq IN (SELECT value FROM json_each($1))",
+                    Value::Text(serde_json::Value::from(seqs).to_string()),
+                ),
+                Dialect::Postgres => (
+                    "seq = ANY(CAST($1 AS BIGINT[]))",
+                    Value::List(seqs.into_iter().map(Value::Int).collect()),
+                ),
+            };
+            Stmt::new(format!("{EVENTS} WHERE {cond} ORDER BY seq"), vec![arg])
+        })
+        .await
+    }
+
+    /// The events the statement `query` (given the backend's dialect) selects.
+    async fn read_events(
+        &self,
+        query: impl FnOnce(Dialect) -> Stmt + Send + 'static,
+    ) -> Result<Vec<WorkflowEvent>> {
         self.db
             .read(move |tx| {
                 Box::pin(async move {
-                    let (cond, arg) = match tx.dialect() {
-                        Dialect::Sqlite => (
-                            "seq IN (SELECT value FROM json_each($1))",
-                            Value::Text(serde_json::Value::from(seqs).to_string()),
-                        ),
-                        Dialect::Postgres => (
-                            "seq = ANY(CAST($1 AS BIGINT[]))",
-                            Value::List(seqs.into_iter().map(Value::Int).collect()),
-                        ),
-                    };
-                    let sql = format!(
-                        "SELECT seq, workflow_id, at, step, kind, message FROM workflow_events
-                         WHERE {cond} ORDER BY seq"
-                    );
-                    tx.query(&Stmt::new(sql, vec![arg]))
-                        .await?
-                        .iter()
-                        .map(event_from)
-                        .collect()
+                    let s = query(tx.dialect());
+                    tx.query(&s).await?.iter().map(event_from).collect()
                 })
             })
             .await
