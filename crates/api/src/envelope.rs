@@ -1,54 +1,63 @@
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 pub use basphere_wire::Envelope;
 use serde::Serialize;
 use serde_json::Value;
-use serde_json::value::RawValue;
 
-/// A successful response: status, message and data, the data already serialized (straight
-/// from the route's wire type: no `Value` tree in between).
-pub struct Ok200(pub StatusCode, pub String, pub Box<RawValue>);
+/// A successful response: its status and its body, the envelope with the data serialized
+/// straight from the route's wire type into it (no `Value` tree, no second copy).
+pub struct Ok200(pub StatusCode, Vec<u8>);
 
-/// The envelope of an [`Ok200`], written as [`Envelope`] writes it.
-#[derive(Serialize)]
-struct OkBody<'a> {
-    success: bool,
-    message: &'a str,
-    data: &'a RawValue,
-    errors: &'a [String],
+impl Ok200 {
+    fn new(status: StatusCode, message: &str, data: impl Serialize) -> Self {
+        Ok200(status, body(message, &data))
+    }
 }
 
 impl IntoResponse for Ok200 {
     fn into_response(self) -> Response {
-        let body = OkBody {
-            success: true,
-            message: &self.1,
-            data: &self.2,
-            errors: &[],
-        };
-        (self.0, Json(body)).into_response()
+        (
+            self.0,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            self.1,
+        )
+            .into_response()
     }
 }
 
-fn raw(data: impl Serialize) -> Box<RawValue> {
-    serde_json::value::to_raw_value(&data)
-        .unwrap_or_else(|_| RawValue::from_string("null".into()).expect("null is JSON"))
+/// `{"success":true,"message":…,"data":…,"errors":[]}`, as [`Envelope`] writes it; data that
+/// cannot be serialized is `null`.
+fn body(message: &str, data: &impl Serialize) -> Vec<u8> {
+    let mut b = Vec::with_capacity(512);
+    b.extend_from_slice(br#"{"success":true,"message":"#);
+    serde_json::to_writer(&mut b, message).expect("a string serializes");
+    b.extend_from_slice(br#","data":"#);
+    let at = b.len();
+    if serde_json::to_writer(&mut b, data).is_err() {
+        b.truncate(at);
+        b.extend_from_slice(b"null");
+    }
+    b.extend_from_slice(br#","errors":[]}"#);
+    b
 }
 
 /// Builds a 200 response with `data` serialized.
-pub fn ok(message: impl Into<String>, data: impl Serialize) -> Ok200 {
-    Ok200(StatusCode::OK, message.into(), raw(data))
+pub fn ok(message: impl AsRef<str>, data: impl Serialize) -> Ok200 {
+    Ok200::new(StatusCode::OK, message.as_ref(), data)
 }
 
 /// Builds a 201 Created response.
-pub fn created(message: impl Into<String>, data: impl Serialize) -> Ok200 {
-    Ok200(StatusCode::CREATED, message.into(), raw(data))
+pub fn created(message: impl AsRef<str>, data: impl Serialize) -> Ok200 {
+    Ok200::new(StatusCode::CREATED, message.as_ref(), data)
 }
 
 /// Builds a 202 Accepted response (work continues in the background).
-pub fn accepted(message: impl Into<String>, data: impl Serialize) -> Ok200 {
-    Ok200(StatusCode::ACCEPTED, message.into(), raw(data))
+pub fn accepted(message: impl AsRef<str>, data: impl Serialize) -> Ok200 {
+    Ok200::new(StatusCode::ACCEPTED, message.as_ref(), data)
 }
 
 /// The prototype's message of a 400 whose `errors` name each bad field.

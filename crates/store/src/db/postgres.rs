@@ -96,14 +96,15 @@ fn rows(rs: Vec<tokio_postgres::Row>) -> Result<Vec<Row>> {
         .iter()
         .map(|c| c.name().to_string())
         .collect();
-    rs.iter()
-        .map(|r| {
-            let vals = (0..names.len())
-                .map(|i| value(r, i))
-                .collect::<Result<Vec<_>>>()?;
-            Ok(Row::new(names.clone(), vals))
-        })
-        .collect()
+    let mut out = Vec::with_capacity(rs.len());
+    for r in &rs {
+        let mut vals = Vec::with_capacity(names.len());
+        for i in 0..names.len() {
+            vals.push(value(r, i)?);
+        }
+        out.push(Row::new(names.clone(), vals));
+    }
+    Ok(out)
 }
 
 fn params(s: &Stmt) -> Vec<&(dyn ToSql + Sync)> {

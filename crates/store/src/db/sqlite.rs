@@ -100,9 +100,10 @@ pub(crate) fn query_on(conn: &Connection, s: &Stmt) -> Result<Vec<Row>> {
         let mut rows = st.raw_query();
         let mut out = vec![];
         while let Some(r) = rows.next()? {
-            let vals = (0..n)
-                .map(|i| r.get_ref(i).map(value))
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let mut vals = Vec::with_capacity(n);
+            for i in 0..n {
+                vals.push(value(r.get_ref(i)?));
+            }
             out.push(Row::new(names.clone(), vals));
         }
         Ok(out)
