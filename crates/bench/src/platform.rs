@@ -243,6 +243,14 @@ async fn list_times(
             );
         }
         times.sort();
+        // A profiler's window on the idle, filled server (`BASPHERE_BENCH_HOLD` seconds).
+        if let Some(s) = std::env::var("BASPHERE_BENCH_HOLD")
+            .ok()
+            .and_then(|s| s.parse().ok())
+        {
+            eprintln!("holding the server (pid {}) for {s} s", child.id());
+            tokio::time::sleep(Duration::from_secs(s)).await;
+        }
         anyhow::Ok((times, rss))
     }
     .await;

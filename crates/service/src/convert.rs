@@ -76,15 +76,12 @@ pub fn audit_record(a: &store::AuditRecord) -> wire::AuditRecord {
 }
 
 /// A VM as the VM routes show it, with the operation just started on it.
-pub fn vm(vm: &store::Vm, operation_id: Option<&str>) -> wire::Vm {
+pub fn vm(vm: store::Vm, operation_id: Option<&str>) -> wire::Vm {
     wire::Vm {
-        name: vm.name.clone(),
-        vsphere_vm_name: vsphere_vm_name(vm),
-        owner: vm.owner.clone(),
-        os: vm.os.clone(),
-        login_user: vm.login_user.clone(),
-        spec: vm.spec.clone(),
-        ip_address: vm.ip_address,
+        vsphere_vm_name: vsphere_vm_name(&vm),
+        ssh: vm
+            .ip_address
+            .map(|ip| format!("ssh {}@{}", vm.login_user, ip)),
         extra_disks: vm
             .extra_disks
             .iter()
@@ -94,26 +91,29 @@ pub fn vm(vm: &store::Vm, operation_id: Option<&str>) -> wire::Vm {
             })
             .collect(),
         extra_networks: vm.extra_nics.iter().map(|n| n.network.clone()).collect(),
-        status: vm.status,
         created_at: store::format_ms(vm.created_at),
-        id: vm.id.clone(),
-        vcpus: vm.vcpus,
-        memory_mib: vm.memory_mib,
-        disk_gib: vm.disk_gib,
-        error: vm.error.clone(),
-        provider: vm.provider.clone(),
-        ssh: vm
-            .ip_address
-            .map(|ip| format!("ssh {}@{}", vm.login_user, ip)),
         operation_id: operation_id.map(str::to_string),
         extra_nics: vm
             .extra_nics
-            .iter()
+            .into_iter()
             .map(|n| wire::VmNic {
-                network: n.network.clone(),
+                network: n.network,
                 ip_address: n.ip,
             })
             .collect(),
+        name: vm.name,
+        owner: vm.owner,
+        os: vm.os,
+        login_user: vm.login_user,
+        spec: vm.spec,
+        ip_address: vm.ip_address,
+        status: vm.status,
+        id: vm.id,
+        vcpus: vm.vcpus,
+        memory_mib: vm.memory_mib,
+        disk_gib: vm.disk_gib,
+        error: vm.error,
+        provider: vm.provider,
     }
 }
 

@@ -336,7 +336,7 @@ impl Services {
             data: wire::VmsCreated {
                 vms: admitted
                     .iter()
-                    .map(|a| convert::vm(&a.vm, Some(&a.operation_id)))
+                    .map(|a| convert::vm(a.vm.clone(), Some(&a.operation_id)))
                     .collect(),
                 created: admitted.len(),
                 failed: 0,
@@ -369,7 +369,7 @@ impl Services {
         };
         let vms = self.store.vms_page_by_name(owner, after, limit + 1).await?;
         Ok(Paged::of(vms, limit, |v| format!("{}/{}", v.owner, v.name))
-            .map(|v| convert::vm(&v, None)))
+            .map(|v| convert::vm(v, None)))
     }
 
     /// VMs of `owner` (`None`: everyone's) in creation order.
@@ -379,7 +379,7 @@ impl Services {
             .store
             .vms_page(owner, p.after.as_deref(), limit + 1)
             .await?;
-        Ok(Paged::of(vms, limit, |v| v.id.clone()).map(|v| convert::vm(&v, None)))
+        Ok(Paged::of(vms, limit, |v| v.id.clone()).map(|v| convert::vm(v, None)))
     }
 
     /// The first page (of the most a page holds) of [`Services::vms`], by owner and name.
@@ -388,7 +388,7 @@ impl Services {
             .store
             .vms_page(owner, None, MAX_LIMIT)
             .await?
-            .iter()
+            .into_iter()
             .map(|v| convert::vm(v, None))
             .collect::<Vec<_>>();
         vms.sort_by(|a, b| (&a.owner, &a.name).cmp(&(&b.owner, &b.name)));
@@ -402,7 +402,7 @@ impl Services {
             .vm(owner, name)
             .await?
             .ok_or_else(|| ServiceError::NotFound(format!("VM {name} not found")))?;
-        Ok(convert::vm(&vm, None))
+        Ok(convert::vm(vm, None))
     }
 
     /// Starts deleting `owner`'s VM `name` and wakes the engine.
@@ -425,7 +425,7 @@ impl Services {
         .await??;
         Ok(Done {
             message: format!("deleting {name}"),
-            data: convert::vm(&a.vm, Some(&a.operation_id)),
+            data: convert::vm(a.vm, Some(&a.operation_id)),
         })
     }
 
@@ -484,7 +484,7 @@ impl Services {
             gateway: self.config.network.gateway,
             quota: me.user.quota,
             usage,
-            vms: vms.iter().map(|v| convert::vm(v, None)).collect(),
+            vms: vms.into_iter().map(|v| convert::vm(v, None)).collect(),
             clusters: vec![],
         })
     }
@@ -496,7 +496,7 @@ impl Services {
         let usage = self.store.usage(owner).await?;
         let wfs = self.store.workflows(Some(owner), 30).await?;
         Ok(Dashboard {
-            vms: vms.iter().map(|v| convert::vm(v, None)).collect(),
+            vms: vms.into_iter().map(|v| convert::vm(v, None)).collect(),
             usage,
             operations: wfs.iter().map(convert::operation).collect(),
         })

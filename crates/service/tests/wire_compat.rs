@@ -121,7 +121,7 @@ fn a_vm_keeps_its_row_shape_and_its_view() {
     let v = vm();
     assert_eq!(value(convert::vm_record(&v)), value(&v));
     assert_eq!(
-        value(convert::vm(&v, Some("op1"))),
+        value(convert::vm(v.clone(), Some("op1"))),
         json!({
             "id": "v1", "name": "web", "vsphere_vm_name": "", "owner": "bob", "os": "debian-13",
             "login_user": "debian", "spec": "small", "vcpus": 1, "memory_mib": 1024,
@@ -135,7 +135,7 @@ fn a_vm_keeps_its_row_shape_and_its_view() {
     v.ip_address = None;
     v.provider = "vsphere".into();
     v.id = "0190f5c2-7b1e-7c3d-9f3c-2a1be04d7781".into();
-    let view = value(convert::vm(&v, None));
+    let view = value(convert::vm(v, None));
     assert_eq!(view["ip_address"], "");
     assert_eq!(view["vsphere_vm_name"], "web-bob-9f3c2a1be04d7781");
     assert_eq!(view["ssh"], Value::Null);

@@ -172,12 +172,34 @@ impl Row {
         Self { names, vals }
     }
 
-    fn get(&self, col: &str) -> Result<&Value> {
+    fn at(&self, col: &str) -> Result<usize> {
         self.names
             .iter()
             .position(|n| n == col)
-            .map(|i| &self.vals[i])
             .ok_or_else(|| StoreError::Corrupt("row", format!("no column {col}")))
+    }
+
+    fn get(&self, col: &str) -> Result<&Value> {
+        Ok(&self.vals[self.at(col)?])
+    }
+
+    /// Moves the text of `col` out (leaving NULL): a row read once needs no copy.
+    pub fn take_opt_text(&mut self, col: &str) -> Result<Option<String>> {
+        let i = self.at(col)?;
+        match std::mem::replace(&mut self.vals[i], Value::Null) {
+            Value::Text(s) => Ok(Some(s)),
+            Value::Null => Ok(None),
+            v => Err(StoreError::Corrupt(
+                "row",
+                format!("{col} is {v:?}, not text"),
+            )),
+        }
+    }
+
+    /// [`Row::take_opt_text`] of a column that is never NULL.
+    pub fn take_text(&mut self, col: &str) -> Result<String> {
+        self.take_opt_text(col)?
+            .ok_or_else(|| StoreError::Corrupt("row", format!("{col} is NULL")))
     }
 
     /// The columns' names, in order.

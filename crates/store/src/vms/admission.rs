@@ -456,7 +456,7 @@ pub(super) async fn admit(
             writes.extend_from_slice(l.stmts());
             (at, l)
         });
-    let rows = tx.query_many(&writes).await?;
+    let mut rows = tx.query_many(&writes).await?;
     let claimed = match &leased {
         Some((at, l)) => l.leased(&rows[*at..])?,
         None => vec![],
@@ -464,8 +464,9 @@ pub(super) async fn admit(
     let admitted = admitted
         .into_iter()
         .map(|(i, operation_id)| {
-            let row = rows[i]
-                .first()
+            let row = std::mem::take(&mut rows[i])
+                .into_iter()
+                .next()
                 .ok_or_else(|| StoreError::Corrupt("vms", "the insert returned no row".into()))?;
             Ok(Admitted {
                 vm: vm_from(row)?,

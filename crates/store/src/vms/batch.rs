@@ -124,7 +124,7 @@ async fn admit(
         used.disk_gib += each.disk_gib;
     }
     let existing: HashMap<String, (String, VmStatus)> = rows
-        .iter()
+        .into_iter()
         .map(|r| vm_from(r).map(|v| (v.name.to_string(), (v.id, v.status))))
         .collect::<crate::Result<_>>()?;
     let mut seen = HashSet::new();

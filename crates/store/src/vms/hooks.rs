@@ -1,6 +1,6 @@
 //! The VM's workflow hooks: what ending or retrying a create or delete does to its record.
 
-use super::{VMS_AND_KEYS, readmit, vm_from};
+use super::{VMS_AND_KEYS, readmit, vm_and_key_from};
 use crate::db::{Cols, Dialect, Stmt, Tx, stmt};
 use crate::hooks::{Hooks, Prefetch, ResourceHooks, RetryCtx, each_succeeded};
 use crate::workflows::sets::{id_in, ids_arg};
@@ -191,7 +191,8 @@ run delete-vm to retry the cleanup' ELSE '' END,
         let d = tx.dialect();
         let sql = format!("{VMS_AND_KEYS} WHERE {}", id_in(d, "v.id", 1));
         for r in tx.query(&Stmt::new(sql, vec![ids_arg(d, &vms)])).await? {
-            cache.put(r.text("id")?, (vm_from(&r)?, r.opt_text("owner_key")?));
+            let (vm, key) = vm_and_key_from(r)?;
+            cache.put(vm.id.clone(), (vm, key));
         }
         Ok(())
     }

@@ -136,14 +136,14 @@ pub(crate) const VM_COLS: &str = "id, name, owner, os, login_user, spec, vcpus, 
 pub(crate) const VMS_AND_KEYS: &str =
     "SELECT v.*, u.public_key AS owner_key FROM vms v LEFT JOIN users u ON u.username = v.owner";
 
-pub(crate) fn vm_from(r: &impl Cols) -> Result<Vm> {
+pub(crate) fn vm_from(mut r: Row) -> Result<Vm> {
     Ok(Vm {
-        id: r.text("id")?,
+        id: r.take_text("id")?,
         name: parse("vms.name", &r.text("name")?)?,
         owner: parse("vms.owner", &r.text("owner")?)?,
-        os: r.text("os")?,
-        login_user: r.text("login_user")?,
-        spec: r.text("spec")?,
+        os: r.take_text("os")?,
+        login_user: r.take_text("login_user")?,
+        spec: r.take_text("spec")?,
         vcpus: r.int("vcpus")? as u32,
         memory_mib: r.int("memory_mib")? as u64,
         disk_gib: r.int("disk_gib")? as u64,
@@ -153,13 +153,19 @@ pub(crate) fn vm_from(r: &impl Cols) -> Result<Vm> {
             .map(|s| parse("vms.ip", s))
             .transpose()?,
         status: parse("vms.status", &r.text("status")?)?,
-        error: r.opt_text("error")?,
-        provider: r.text("provider")?,
+        error: r.take_opt_text("error")?,
+        provider: r.take_text("provider")?,
         created_at: r.int("created_at")?,
         updated_at: r.int("updated_at")?,
-        extra_disks: json_col(r, "extra_disks")?,
-        extra_nics: json_col(r, "extra_nics")?,
+        extra_disks: json_col(&r, "extra_disks")?,
+        extra_nics: json_col(&r, "extra_nics")?,
     })
+}
+
+/// A VM and its owner's key, from a row of [`VMS_AND_KEYS`].
+pub(crate) fn vm_and_key_from(mut r: Row) -> Result<(Vm, Option<String>)> {
+    let key = r.take_opt_text("owner_key")?;
+    Ok((vm_from(r)?, key))
 }
 
 /// A JSON list column the store wrote (`[]` when empty).
@@ -175,7 +181,6 @@ fn json_col<T: serde::de::DeserializeOwned>(r: &impl Cols, col: &'static str) ->
 async fn vm_where_id(tx: &mut dyn Tx, id: &str) -> Result<Option<Vm>> {
     tx.query_opt(&stmt!(SELECT_BY_ID, id))
         .await?
-        .as_ref()
         .map(vm_from)
         .transpose()
 }
@@ -220,7 +225,6 @@ async fn begin_delete(
     let vm = tx
         .query_opt(&stmt!(SELECT_BY_NAME, owner, name))
         .await?
-        .as_ref()
         .map(vm_from)
         .transpose()?
         .ok_or_else(|| DeleteError::NotFound(name.to_string()))?;
@@ -374,7 +378,7 @@ impl Store {
         let s = stmt!(SELECT_BY_NAME, owner, name);
         self.db
             .read(move |tx| {
-                Box::pin(async move { tx.query_opt(&s).await?.as_ref().map(vm_from).transpose() })
+                Box::pin(async move { tx.query_opt(&s).await?.map(vm_from).transpose() })
             })
             .await
     }
@@ -387,13 +391,7 @@ impl Store {
         let s = stmt!(format!("{VMS_AND_KEYS} WHERE v.id = $1"), id);
         self.db
             .read(move |tx| {
-                Box::pin(async move {
-                    tx.query_opt(&s)
-                        .await?
-                        .as_ref()
-                        .map(|r| Ok((vm_from(r)?, r.opt_text("owner_key")?)))
-                        .transpose()
-                })
+                Box::pin(async move { tx.query_opt(&s).await?.map(vm_and_key_from).transpose() })
             })
             .await
     }
@@ -420,7 +418,11 @@ impl Store {
                     let mut f = Filter::default();
                     f.given(owner, |p| format!("owner = {p}"));
                     let sql = format!("SELECT {VM_COLS} FROM vms{} ORDER BY {order}", f.clause());
-                    tx.query(&f.stmt(sql)).await?.iter().map(vm_from).collect()
+                    tx.query(&f.stmt(sql))
+                        .await?
+                        .into_iter()
+                        .map(vm_from)
+                        .collect()
                 })
             })
             .await
@@ -464,7 +466,7 @@ impl Store {
                                 .unwrap_or_default()
                         }
                     };
-                    rows.iter().map(vm_from).collect()
+                    rows.into_iter().map(vm_from).collect()
                 })
             })
             .await
