@@ -205,3 +205,31 @@ impl From<basphere_service::ServiceError> for ApiError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_success_body_is_the_envelope_byte_for_byte() {
+        let message = "2 VM(s) \"web\"\n\u{1}é";
+        let data = json!({"vms": [{"name": "a"}, {"name": "b"}], "total": 2});
+        let b = body(message, &data);
+        let e: Envelope = serde_json::from_slice(&b).expect("the body is an envelope");
+        assert!(e.success);
+        assert_eq!(e.message, message);
+        assert_eq!(e.data, data);
+        assert!(e.errors.is_empty());
+        assert_eq!(serde_json::to_vec(&e).unwrap(), b, "as Envelope writes it");
+    }
+
+    #[test]
+    fn data_that_cannot_be_serialized_is_null() {
+        // JSON object keys must be strings: a map keyed by pairs fails part way through.
+        let data: std::collections::BTreeMap<(u8, u8), u8> = [((1, 2), 3)].into();
+        let e: Envelope = serde_json::from_slice(&body("m", &data)).expect("still JSON");
+        assert_eq!(e.data, Value::Null);
+        assert_eq!(e.message, "m");
+    }
+}
