@@ -24,6 +24,26 @@ async fn vm_ref(p: &VsphereProvider, vm: &basphere_provider::VmRequest) -> Optio
     p.client().find_by_inventory_path(&path).await.unwrap()
 }
 
+#[test]
+fn the_simulator_keeps_its_datastores_in_its_own_directory_and_takes_them_along() {
+    let sim = Vcsim::start(&[]);
+    let dir = sim.dir.path().to_path_buf();
+    let stores = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            name.to_string_lossy().starts_with("govcsim-")
+        })
+        .count();
+    assert!(stores > 0, "vcsim's datastores are under {}", dir.display());
+    drop(sim);
+    assert!(
+        !dir.exists(),
+        "{} is removed with the simulator",
+        dir.display()
+    );
+}
+
 #[tokio::test]
 async fn create_runs_with_ip_then_delete_leaves_nothing() {
     let (mut sim, p) = setup(&[]).await;

@@ -47,7 +47,10 @@ impl Vcsim {
     pub fn start(args: &[&str]) -> Vcsim {
         let dir = tempfile::tempdir().unwrap();
         let stderr = std::fs::File::create(dir.path().join("vcsim.err")).unwrap();
+        // vcsim makes its datastores' directories under the temporary directory and never
+        // removes them; under `dir` they go with it.
         let mut child = Command::new(vcsim_binary())
+            .env("TMPDIR", dir.path())
             .args(["-l", "127.0.0.1:0"])
             .args(args)
             .stdout(Stdio::piped())
