@@ -186,20 +186,12 @@ impl Row {
     /// Moves the text of `col` out (leaving NULL): a row read once needs no copy.
     pub fn take_opt_text(&mut self, col: &str) -> Result<Option<String>> {
         let i = self.at(col)?;
-        match std::mem::replace(&mut self.vals[i], Value::Null) {
-            Value::Text(s) => Ok(Some(s)),
-            Value::Null => Ok(None),
-            v => Err(StoreError::Corrupt(
-                "row",
-                format!("{col} is {v:?}, not text"),
-            )),
-        }
+        text_of(col, std::mem::replace(&mut self.vals[i], Value::Null))
     }
 
     /// [`Row::take_opt_text`] of a column that is never NULL.
     pub fn take_text(&mut self, col: &str) -> Result<String> {
-        self.take_opt_text(col)?
-            .ok_or_else(|| StoreError::Corrupt("row", format!("{col} is NULL")))
+        not_null(col, self.take_opt_text(col)?)
     }
 
     /// The columns' names, in order.
@@ -239,24 +231,32 @@ pub(crate) trait Cols {
     fn opt_int(&self, col: &str) -> Result<Option<i64>>;
 }
 
+/// The text of column `col`, whose value is `v`; `None` when NULL.
+fn text_of(col: &str, v: Value) -> Result<Option<String>> {
+    match v {
+        Value::Text(s) => Ok(Some(s)),
+        Value::Null => Ok(None),
+        v => Err(StoreError::Corrupt(
+            "row",
+            format!("{col} is {v:?}, not text"),
+        )),
+    }
+}
+
+/// The value of column `col`, which must not be NULL.
+fn not_null<T>(col: &str, v: Option<T>) -> Result<T> {
+    v.ok_or_else(|| StoreError::Corrupt("row", format!("{col} is NULL")))
+}
+
 impl Cols for Row {
     fn text(&self, col: &str) -> Result<String> {
-        self.opt_text(col)?
-            .ok_or_else(|| StoreError::Corrupt("row", format!("{col} is NULL")))
+        not_null(col, self.opt_text(col)?)
     }
     fn opt_text(&self, col: &str) -> Result<Option<String>> {
-        match self.get(col)? {
-            Value::Text(s) => Ok(Some(s.clone())),
-            Value::Null => Ok(None),
-            v => Err(StoreError::Corrupt(
-                "row",
-                format!("{col} is {v:?}, not text"),
-            )),
-        }
+        text_of(col, self.get(col)?.clone())
     }
     fn int(&self, col: &str) -> Result<i64> {
-        self.opt_int(col)?
-            .ok_or_else(|| StoreError::Corrupt("row", format!("{col} is NULL")))
+        not_null(col, self.opt_int(col)?)
     }
     fn opt_int(&self, col: &str) -> Result<Option<i64>> {
         match self.get(col)? {
