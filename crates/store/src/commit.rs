@@ -94,6 +94,9 @@ pub(crate) fn spawn(
     hooks: Registry,
 ) -> Result<(mpsc::Sender<Job>, Arc<AtomicU64>)> {
     let mut conn = crate::db::sqlite::open(path)?;
+    if let Err(e) = crate::db::sqlite::reserve_wal(&conn, path, crate::db::sqlite::WAL_RESERVE) {
+        tracing::warn!(error = %e, "cannot write the WAL file ahead; commits grow it instead");
+    }
     let ckpt = crate::db::sqlite::open(path)?;
     // A checkpoint copies frames through its own buffer; this connection needs no page cache.
     ckpt.pragma_update(None, "cache_size", -64)?;
