@@ -331,7 +331,7 @@ impl RowSet {
                     .map(|(i, (name, _))| format!("r.value ->> {i} AS {name}"))
                     .collect::<Vec<_>>()
                     .join(", ");
-                format!("(SELECT {sel} FROM json_each(${param}) AS r) AS v")
+                format!("(SELECT {sel} FROM jsonb_each(${param}) AS r) AS v")
             }
             Dialect::Postgres => {
                 let arrays = self
