@@ -98,6 +98,11 @@ const POSTGRES: &[Migration] = &[
         "vm_name_order",
         include_str!("../migrations/postgres/0007_vm_name_order.sql"),
     ),
+    (
+        13,
+        "batch_queue_order",
+        include_str!("../migrations/postgres/0008_batch_queue_order.sql"),
+    ),
 ];
 
 /// The migrations of `dialect`, oldest first.
