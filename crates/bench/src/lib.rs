@@ -33,8 +33,9 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = Backend::Sqlite)]
     pub backend: Backend,
     /// Measure on this PostgreSQL server (`postgres://…/postgres`; the bench makes a fresh
-    /// database per server on it) instead of one the bench starts itself: for profiling with
-    /// the server's own tools. The bench also passes it to its child processes.
+    /// database per server on it, `bench_PID_N`, and leaves them there: use a scratch server)
+    /// instead of one the bench starts itself: for profiling with the server's own tools. The
+    /// bench also passes it to its child processes.
     #[arg(long, value_name = "URL")]
     pub pg_server: Option<String>,
     /// The product binary the figures start (`serve`, `vm list`, `plan`)
@@ -130,10 +131,13 @@ impl Bench {
             ("BASPHERE_PROVIDER__KIND".into(), "null".into()),
         ];
         if self.backend == Backend::Postgres {
-            let server = self
-                .pg_server
-                .as_deref()
-                .ok_or_else(|| anyhow::anyhow!("no PostgreSQL server for the bench"))?;
+            let server = self.pg_server.as_deref().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no PostgreSQL server for the bench: give --pg-server URL (a bench part \
+                         started alone, such as --part batch, does not start one; --part engine \
+                         and the others start a PostgreSQL 15 of their own when it is missing)"
+                )
+            })?;
             env.push(("BASPHERE_DATABASE__URL".into(), fresh_database(server)?));
         }
         env.extend(settings.iter().map(|(k, v)| (k.to_string(), v.to_string())));
