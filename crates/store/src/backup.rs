@@ -108,9 +108,7 @@ async fn release_all_leases(tx: &mut dyn Tx) -> Result<u64> {
 
 /// The file a backup is written to until it is whole (then renamed to its name).
 fn partial(file: &Path) -> PathBuf {
-    let mut p = file.as_os_str().to_owned();
-    p.push(".partial");
-    PathBuf::from(p)
+    crate::with_suffix(file, ".partial")
 }
 
 impl Location {
@@ -230,12 +228,11 @@ impl Location {
 /// Restores `file` into the new SQLite database `dest`; the backup's schema version.
 async fn restore_sqlite(file: &Path, dest: &Path) -> Result<i64> {
     for suffix in ["", "-wal", "-shm"] {
-        let mut p = dest.as_os_str().to_owned();
-        p.push(suffix);
-        if Path::new(&p).exists() {
+        let p = crate::with_suffix(dest, suffix);
+        if p.exists() {
             return Err(StoreError::Backup(format!(
                 "{} exists: restore only into an empty data dir",
-                Path::new(&p).display()
+                p.display()
             )));
         }
     }

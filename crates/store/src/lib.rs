@@ -40,7 +40,7 @@ pub use workflows::{
     WorkflowEvent, WorkflowOutcome, WorkflowStatus,
 };
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// A failure of the database itself (not of a business rule).
@@ -208,8 +208,7 @@ fn private_files(path: &Path) -> std::io::Result<()> {
         .mode(0o600)
         .open(path)?;
     for suffix in ["", "-wal", "-shm"] {
-        let mut p = path.as_os_str().to_owned();
-        p.push(suffix);
+        let p = with_suffix(path, suffix);
         match std::fs::metadata(&p) {
             Ok(m) if m.permissions().mode() & 0o077 != 0 => {
                 let mode = m.permissions().mode() & 0o7700;
@@ -221,6 +220,13 @@ fn private_files(path: &Path) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `path` with `suffix` appended to its file name (`db` → `db-wal`, `file` → `file.partial`).
+pub(crate) fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(suffix);
+    p.into()
 }
 
 pub(crate) fn parse<T: std::str::FromStr>(what: &'static str, s: &str) -> Result<T>

@@ -37,7 +37,7 @@ pub(crate) fn open(path: &Path) -> Result<Connection> {
 /// (PostgreSQL keeps 80 MB of WAL segments by default, zero-filled ahead, for the same reason).
 pub(crate) const WAL_RESERVE: u64 = 64 << 20;
 
-/// Extends the WAL file of the database at `path` with zeros up to `bytes`; the bytes added.
+/// Extends the WAL file of the database at `path` with zeros up to `bytes`.
 ///
 /// A commit appends frames of a page plus 24 bytes; past the file's end each one makes the
 /// kernel allocate a block and a page-cache page and zero what the frame does not cover, on
@@ -51,20 +51,19 @@ pub(crate) fn reserve_wal(
     conn: &Connection,
     path: &Path,
     bytes: u64,
-) -> std::result::Result<u64, String> {
+) -> std::result::Result<(), String> {
     use std::os::unix::fs::{FileExt, OpenOptionsExt};
     conn.execute_batch("BEGIN IMMEDIATE")
         .map_err(|e| format!("taking the write lock: {e}"))?;
-    let mut wal = path.as_os_str().to_owned();
-    wal.push("-wal");
-    let extend = || -> std::io::Result<u64> {
+    let wal = crate::with_suffix(path, "-wal");
+    let extend = || -> std::io::Result<()> {
         let f = match std::fs::OpenOptions::new()
             .write(true)
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(&wal)
         {
             Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e),
         };
         let m = f.metadata()?;
@@ -78,11 +77,11 @@ pub(crate) fn reserve_wal(
             f.write_all_at(&zeros[..n], at)?;
             at += n as u64;
         }
-        Ok(at.saturating_sub(m.len()))
+        Ok(())
     };
     let r = extend();
     let _ = conn.execute_batch("ROLLBACK");
-    r.map_err(|e| format!("{}: {e}", std::path::Path::new(&wal).display()))
+    r.map_err(|e| format!("{}: {e}", wal.display()))
 }
 
 /// A transaction (or read snapshot) on one rusqlite connection.
@@ -325,9 +324,7 @@ mod tests {
     use crate::{Actor, AuditFilter, Store};
 
     fn wal_of(db: &Path) -> PathBuf {
-        let mut w = db.as_os_str().to_owned();
-        w.push("-wal");
-        w.into()
+        crate::with_suffix(db, "-wal")
     }
 
     async fn audited(store: &Store) -> usize {

@@ -118,9 +118,7 @@ pub(crate) fn restore<T>(
 ) -> Result<T> {
     let mut from = verify(file)?;
     let out = read(&mut from, check)?;
-    let mut tmp = dest.as_os_str().to_owned();
-    tmp.push(".restoring");
-    let tmp = std::path::PathBuf::from(tmp);
+    let tmp = crate::with_suffix(dest, ".restoring");
     let copied = (|| -> Result<()> {
         let mut to = Connection::open(&tmp)?;
         copy_pages(&from, &mut to)?;
@@ -131,9 +129,7 @@ pub(crate) fn restore<T>(
     })();
     if copied.is_err() {
         for suffix in ["", "-wal", "-shm", "-journal"] {
-            let mut p = tmp.as_os_str().to_owned();
-            p.push(suffix);
-            let _ = std::fs::remove_file(p);
+            let _ = std::fs::remove_file(crate::with_suffix(&tmp, suffix));
         }
     }
     copied.map(|()| out)
