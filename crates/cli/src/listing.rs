@@ -1,53 +1,53 @@
-//! `list-vms -j`: every page of VMs passed through to stdout as it arrives, in owner/name order
-//! (the server sorts), without building a JSON tree of them.
+//! `list-vms -j`: every VM passed through to stdout as it arrives, in owner/name order (the
+//! server sorts), without building a JSON tree of them.
 
 use crate::commands::check;
-use basphere_client::{Client, Method};
-use serde::Deserialize;
-use serde_json::value::RawValue;
+use basphere_client::Client;
 use std::io::Write;
 
-/// A page of `GET /vms`, its VMs left as the server wrote them.
-#[derive(Deserialize)]
-struct Page<'a> {
-    #[serde(borrow)]
-    data: Data<'a>,
-}
-
-#[derive(Deserialize)]
-struct Data<'a> {
-    #[serde(borrow)]
-    vms: Vec<&'a RawValue>,
-}
-
-/// Prints the caller's VMs (`all`: everyone's) as one JSON array, one VM per line.
+/// Prints the caller's VMs (`all`: everyone's) as one JSON array, one VM per line: the
+/// server's NDJSON stream of every VM passed through as it arrives.
 pub async fn vms_json(c: &Client, all: bool) -> anyhow::Result<()> {
     let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
-    let mut after = String::new();
+    let mut r = c
+        .open(&format!("/api/v1/vms?all={all}&sort=name"), NDJSON)
+        .await?;
+    let streamed = r
+        .headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with(NDJSON));
+    if !(r.status.is_success() && streamed) {
+        let (status, bytes) = (r.status, r.bytes().await?);
+        check(Client::response(status, &bytes)?)?;
+        anyhow::bail!(
+            "the server answered {status} without a stream of VMs (a server older than this \
+             client? `basphere vm list -a` shows them as a table)"
+        );
+    }
     let mut first = true;
+    let mut rest: Vec<u8> = vec![];
     out.write_all(b"[")?;
-    loop {
-        let path = format!("/api/v1/vms?all={all}&sort=name&limit=1000{after}");
-        let (status, headers, bytes) = c.send_raw(Method::GET, &path, None).await?;
-        let page = match serde_json::from_slice::<Page>(&bytes) {
-            Ok(p) if status.is_success() => p,
-            // A refusal (or an answer not shaped as a page) says what went wrong.
-            _ => {
-                check(Client::response(status, &bytes)?)?;
-                anyhow::bail!("the server answered {status} without a page of VMs");
-            }
+    while let Some(chunk) = r.chunk().await? {
+        rest.extend_from_slice(&chunk);
+        let end = match rest.iter().rposition(|&b| b == b'\n') {
+            Some(i) => i + 1,
+            None => continue,
         };
-        for vm in page.data.vms {
+        for vm in rest[..end].split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
             out.write_all(if first { b"\n" } else { b",\n" })?;
-            out.write_all(vm.get().as_bytes())?;
+            out.write_all(vm)?;
             first = false;
         }
-        match headers.get("x-next-after").and_then(|v| v.to_str().ok()) {
-            Some(next) => after = format!("&after={next}"),
-            None => break,
-        }
+        rest.drain(..end);
     }
+    anyhow::ensure!(
+        rest.is_empty(),
+        "the server's list of VMs ended in the middle of one; try again"
+    );
     out.write_all(if first { b"]\n" } else { b"\n]\n" })?;
     out.flush()?;
     Ok(())
 }
+
+const NDJSON: &str = "application/x-ndjson";

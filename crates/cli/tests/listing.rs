@@ -1,6 +1,7 @@
 //! VM listings in owner/name order: `GET /vms?sort=name` pages on the `(owner, name)` key
 //! (`after` is `OWNER/NAME`, named by `X-Next-After`), and `list-vms -j` passes those pages
-//! through as one JSON array, every VM once, in that order; a bad `sort` or `after` is a 400.
+//! through as one JSON array, every VM once, in that order (read from the same listing as an
+//! NDJSON stream); a bad `sort` or `after` is a 400.
 mod common;
 use common::*;
 use serde_json::{Value, json};
@@ -8,8 +9,10 @@ use serde_json::{Value, json};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vms_list_by_owner_and_name_across_pages() {
     let s = server(&[]);
+    let mut clients = std::collections::HashMap::new();
     for (user, names) in [("lzoe", ["b", "a", "c"]), ("lamy", ["y", "x", "z"])] {
         let c = s.with_token(&s.user(user).await);
+        clients.insert(user, c.clone());
         for n in names {
             let r = c
                 .post("/api/v1/vms", &json!({"name": n, "spec": "tiny"}))
@@ -63,6 +66,48 @@ async fn vms_list_by_owner_and_name_across_pages() {
     let out = s.cli_ok(&["--output", "json", "vm", "list"]);
     let mine: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(mine, json!([]), "root's own VMs: none");
+
+    // The NDJSON stream the CLI reads: every VM, one per line, as the pages show them.
+    let ndjson = |c: basphere_client::Client, path: &'static str| async move {
+        let mut r = c.open(path, "application/x-ndjson").await.unwrap();
+        let status = r.status.as_u16();
+        let kind = r.headers["content-type"].to_str().unwrap().to_string();
+        let mut body = vec![];
+        while let Some(chunk) = r.chunk().await.unwrap() {
+            body.extend_from_slice(&chunk);
+        }
+        (status, kind, String::from_utf8(body).unwrap())
+    };
+    let (status, kind, body) = ndjson(admin.clone(), "/api/v1/vms?all=true&sort=name").await;
+    assert_eq!((status, kind.as_str()), (200, "application/x-ndjson"));
+    assert!(body.ends_with('\n'), "{body}");
+    let lines: Vec<Value> = body
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.iter().map(key).collect::<Vec<_>>(), want);
+    assert_eq!(lines[0], first["data"]["vms"][0], "the VMs a page shows");
+    let (_, _, rest) = ndjson(admin.clone(), "/api/v1/vms?all=true&sort=name&after=lzoe/a").await;
+    let rest: Vec<String> = rest
+        .lines()
+        .map(|l| key(&serde_json::from_str(l).unwrap()))
+        .collect();
+    assert_eq!(rest, ["lzoe/b", "lzoe/c"]);
+    // Its own VMs for a user; everyone's only for an admin; no limit on a stream.
+    let zoe = clients["lzoe"].clone();
+    let (_, _, own) = ndjson(zoe.clone(), "/api/v1/vms?sort=name").await;
+    assert_eq!(own.lines().count(), 3, "{own}");
+    assert!(
+        own.lines().all(|l| l.contains(r#""owner":"lzoe""#)),
+        "{own}"
+    );
+    let (status, _, body) = ndjson(zoe, "/api/v1/vms?all=true").await;
+    assert_eq!(status, 403, "{body}");
+    let (status, kind, body) = ndjson(admin.clone(), "/api/v1/vms?all=true&limit=2").await;
+    assert_eq!((status, kind.as_str()), (400, "application/json"), "{body}");
+    assert!(body.contains("drop limit"), "{body}");
+    let (status, _, body) = ndjson(admin.clone(), "/api/v1/vms?all=true&sort=name&after=x").await;
+    assert_eq!(status, 400, "{body}");
 
     for bad in [
         "/api/v1/vms?all=true&sort=size",

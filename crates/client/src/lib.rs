@@ -178,6 +178,43 @@ fn read_identity(
 
 /// One connection: where requests go, and the task driving it (whose error says why the
 /// connection ended, e.g. a TLS alert).
+/// An answer whose body is read piece by piece as it arrives ([`Client::open`]).
+pub struct Streamed {
+    pub status: StatusCode,
+    pub headers: hyper::HeaderMap,
+    body: hyper::body::Incoming,
+    shown: String,
+}
+
+impl Streamed {
+    /// The next piece of the body; `None` at its end. A connection that closed before the
+    /// body's end is an error, not an end.
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>, ClientError> {
+        loop {
+            match self.body.frame().await {
+                None => return Ok(None),
+                Some(Err(e)) => return Err(ClientError::Http(self.shown.clone(), e.to_string())),
+                Some(Ok(f)) => {
+                    if let Ok(data) = f.into_data() {
+                        return Ok(Some(data));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The rest of the body, whole.
+    pub async fn bytes(self) -> Result<Bytes, ClientError> {
+        let shown = self.shown;
+        Ok(self
+            .body
+            .collect()
+            .await
+            .map_err(|e| ClientError::Http(shown, e.to_string()))?
+            .to_bytes())
+    }
+}
+
 struct Conn {
     send: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
     driver: tokio::task::JoinHandle<Result<(), hyper::Error>>,
@@ -403,6 +440,24 @@ impl Client {
             .map_err(|e| ClientError::Http(self.shown(), e.to_string()))?
             .to_bytes();
         Ok((parts.status, parts.headers, bytes))
+    }
+
+    /// Sends a GET that accepts `accept` and returns the answer with its body unread, to be
+    /// taken as it comes ([`Streamed::chunk`]).
+    pub async fn open(&self, path: &str, accept: &'static str) -> Result<Streamed, ClientError> {
+        let mut conn = self.connect().await?;
+        let mut req = self.request_raw(Method::GET, path, None);
+        req.headers_mut().insert(
+            hyper::header::ACCEPT,
+            hyper::header::HeaderValue::from_static(accept),
+        );
+        let (parts, body) = conn.send(req).await?.into_parts();
+        Ok(Streamed {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+            shown: self.shown(),
+        })
     }
 
     /// Sends one request with a body of raw bytes (sent as `application/json`).

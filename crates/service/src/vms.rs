@@ -52,6 +52,20 @@ fn refused(e: &AdmitError) {
     metrics::counter!("basphere_admissions_refused_total", "reason" => reason).increment(1);
 }
 
+/// The `(owner, name)` a `sort=name` listing continues after (`after` is `OWNER/NAME`).
+fn name_key(after: Option<&str>) -> Result<Option<(&str, &str)>> {
+    after
+        .map(|a| {
+            a.split_once('/').ok_or_else(|| {
+                ServiceError::BadRequest(format!(
+                    "after={a:?}: with sort=name, after is OWNER/NAME (the X-Next-After of the \
+                     previous page)"
+                ))
+            })
+        })
+        .transpose()
+}
+
 impl From<AdmitError> for ServiceError {
     fn from(e: AdmitError) -> Self {
         refused(&e);
@@ -354,32 +368,72 @@ impl Services {
         order: VmOrder,
         p: &Paging,
     ) -> Result<Paged<wire::Vm>> {
-        if order == VmOrder::Created {
-            return self.vms(owner, p).await;
-        }
         let limit = p.limit()?;
-        let after = match p.after.as_deref() {
-            None => None,
-            Some(a) => Some(a.split_once('/').ok_or_else(|| {
-                ServiceError::BadRequest(format!(
-                    "after={a:?}: with sort=name, after is OWNER/NAME (the X-Next-After of the \
-                     previous page)"
-                ))
-            })?),
-        };
-        let vms = self.store.vms_page_by_name(owner, after, limit + 1).await?;
-        Ok(Paged::of(vms, limit, |v| format!("{}/{}", v.owner, v.name))
-            .map(|v| convert::vm(v, None)))
+        self.vm_page(owner, order, p.after.as_deref(), limit).await
     }
 
     /// VMs of `owner` (`None`: everyone's) in creation order.
     pub async fn vms(&self, owner: Option<&str>, p: &Paging) -> Result<Paged<wire::Vm>> {
-        let limit = p.limit()?;
-        let vms = self
-            .store
-            .vms_page(owner, p.after.as_deref(), limit + 1)
-            .await?;
-        Ok(Paged::of(vms, limit, |v| v.id.clone()).map(|v| convert::vm(v, None)))
+        self.vms_in(owner, VmOrder::Created, p).await
+    }
+
+    /// Every VM of `owner` (`None`: everyone's) in `order` after the key `after` (as in
+    /// [`Services::vms_in`]), in chunks of at most [`MAX_LIMIT`]: a task reads the next chunk
+    /// while the receiver writes the last one out (the channel holds one), so a long listing
+    /// keeps two cores busy and never more than three chunks in memory. Each chunk is read as
+    /// a page is (its own snapshot); a failed read is the last item. A bad `after` is refused
+    /// before anything is read.
+    pub fn vm_stream(
+        &self,
+        owner: Option<String>,
+        order: VmOrder,
+        after: Option<String>,
+    ) -> Result<tokio::sync::mpsc::Receiver<Result<Vec<wire::Vm>>>> {
+        if order == VmOrder::Name {
+            name_key(after.as_deref())?;
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut after = after;
+            loop {
+                let page = me
+                    .vm_page(owner.as_deref(), order, after.as_deref(), MAX_LIMIT)
+                    .await;
+                let (items, next) = match page {
+                    Ok(p) => (Ok(p.items), p.next_after),
+                    Err(e) => (Err(e), None),
+                };
+                // The receiver gone (the client hung up) ends the reads too.
+                if tx.send(items).await.is_err() || next.is_none() {
+                    return;
+                }
+                after = next;
+            }
+        });
+        Ok(rx)
+    }
+
+    /// One page of at most `limit` VMs in `order` after the key `after`, and the next page's key.
+    async fn vm_page(
+        &self,
+        owner: Option<&str>,
+        order: VmOrder,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Paged<wire::Vm>> {
+        let page = match order {
+            VmOrder::Created => {
+                let vms = self.store.vms_page(owner, after, limit + 1).await?;
+                Paged::of(vms, limit, |v| v.id.clone())
+            }
+            VmOrder::Name => {
+                let after = name_key(after)?;
+                let vms = self.store.vms_page_by_name(owner, after, limit + 1).await?;
+                Paged::of(vms, limit, |v| format!("{}/{}", v.owner, v.name))
+            }
+        };
+        Ok(page.map(|v| convert::vm(v, None)))
     }
 
     /// The first page (of the most a page holds) of [`Services::vms`], by owner and name.

@@ -28,8 +28,14 @@ struct World {
 impl World {
     /// A store on a temp dir and services over it; the engine runs only after [`World::run`].
     async fn new(provider_delay: Duration) -> Self {
+        Self::with(provider_delay, &[]).await
+    }
+
+    /// [`World::new`] with config settings (`BASPHERE_*` keys) on top of the defaults.
+    async fn with(provider_delay: Duration, settings: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = Arc::new(Config::load(None, std::iter::empty()).unwrap());
+        let env = settings.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let cfg = Arc::new(Config::load(None, env).unwrap());
         let store = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
         let catalog = Catalog {
             pool: cfg.network.clone(),
@@ -407,5 +413,92 @@ async fn lists_come_in_pages_with_the_key_of_the_next() {
         "the last page says nothing follows"
     );
     let e = w.services.vms(None, &page(0, None)).await.unwrap_err();
+    assert!(matches!(e, ServiceError::BadRequest(_)), "{e:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_stream_holds_every_vm_once_in_order_across_chunks() {
+    let w = World::with(
+        Duration::ZERO,
+        &[
+            ("BASPHERE_NETWORK__CIDR", "10.200.0.0/16"),
+            ("BASPHERE_NETWORK__GATEWAY", "10.200.0.1"),
+        ],
+    )
+    .await;
+    // 1,010 VMs (a chunk holds 1,000), 10 per owner, admitted straight into the store.
+    let cfg = w.services.config().clone();
+    let spec = cfg.specs[&"tiny".parse().unwrap()];
+    for i in 0..101 {
+        let owner = w.user(&format!("u{i:03}")).await.user.username;
+        let names = (0..10).map(|j| format!("vm{j}").parse().unwrap()).collect();
+        let req = basphere_store::AdmitRequest {
+            owner,
+            names,
+            os: "debian-12".parse().unwrap(),
+            login_user: "debian".into(),
+            spec_name: "tiny".parse().unwrap(),
+            spec,
+            provider: "null".into(),
+            steps: vec![],
+        };
+        w.store
+            .admit_vms(&req, &cfg.network, &World::admin())
+            .await
+            .unwrap();
+    }
+    let drain = |order, owner: Option<&str>, after: Option<&str>| {
+        let rx = w
+            .services
+            .vm_stream(owner.map(str::to_string), order, after.map(str::to_string));
+        async move {
+            let mut rx = rx.unwrap();
+            let mut chunks = vec![];
+            while let Some(c) = rx.recv().await {
+                chunks.push(c.unwrap());
+            }
+            chunks
+        }
+    };
+    let key = |v: &basphere_wire::Vm| format!("{}/{}", v.owner, v.name);
+    let chunks = drain(basphere_service::VmOrder::Name, None, None).await;
+    assert_eq!(
+        chunks.iter().map(Vec::len).collect::<Vec<_>>(),
+        [1000, 10],
+        "chunks of the most a page holds"
+    );
+    let got: Vec<String> = chunks.iter().flatten().map(key).collect();
+    let mut want: Vec<String> = (0..101)
+        .flat_map(|i| (0..10).map(move |j| format!("u{i:03}/vm{j}")))
+        .collect();
+    want.sort();
+    assert_eq!(got, want, "every VM once, by owner and name");
+
+    // From a key on, and in creation order for one owner (what a page of it shows).
+    let rest = drain(basphere_service::VmOrder::Name, None, Some("u099/vm4")).await;
+    let rest: Vec<String> = rest.iter().flatten().map(key).collect();
+    assert_eq!(rest, want[want.len() - 15..]);
+    let created = drain(basphere_service::VmOrder::Created, Some("u042"), None).await;
+    let page = w
+        .services
+        .vms(
+            Some("u042"),
+            &basphere_service::Paging {
+                limit: Some(1000),
+                after: None,
+            },
+        )
+        .await
+        .unwrap();
+    let ids = |vms: &[basphere_wire::Vm]| vms.iter().map(|v| v.id.clone()).collect::<Vec<_>>();
+    assert_eq!(created.len(), 1);
+    assert_eq!(ids(&created[0]), ids(&page.items));
+    assert_eq!(page.items.len(), 10);
+
+    // A bad key is refused before anything is read.
+    let e = w
+        .services
+        .vm_stream(None, basphere_service::VmOrder::Name, Some("nosep".into()))
+        .unwrap_err();
     assert!(matches!(e, ServiceError::BadRequest(_)), "{e:?}");
 }

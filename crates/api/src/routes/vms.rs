@@ -7,11 +7,13 @@ use crate::openapi::{self as doc, Answer};
 use crate::routes::page::{PageQuery, with_next};
 use crate::server::AppState;
 use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use basphere_service::VmOrder;
 use basphere_wire as wire;
 use basphere_wire::CreateVmsRequest;
 use serde::Deserialize;
+use tokio_stream::StreamExt;
 use utoipa::IntoParams;
 
 #[utoipa::path(
@@ -71,13 +73,18 @@ pub struct ListQuery {
 
 /// `GET /vms?all=&owner=&sort=&limit=&after=`: the prototype's `{vms, total, quota}`, VMs in
 /// creation order (or by owner and name), one page of them (the next page's `after` in
-/// `X-Next-After`, see `page`).
+/// `X-Next-After`, see `page`). Asked with `Accept: application/x-ndjson`, every VM instead
+/// (after `after`), one JSON object per line, streamed as it is read.
 #[utoipa::path(
     get, path = "/vms", tag = "vms", operation_id = "list_vms",
     summary = "VMs in creation order (or by owner and name), with the owner's quota",
+    description = "One page as JSON; or, with `Accept: application/x-ndjson`, every VM (after `after`; no `limit`), one per line, streamed: a stream cut short (a connection closed before its last chunk) is a failed listing.",
     params(ListQuery, PageQuery),
     responses(
-        (status = 200, description = "One page of VMs", body = Answer<wire::VmList>, headers(("X-Next-After" = String, description = "The `after` of the next page, when more follow"))),
+        (status = 200, description = "One page of VMs (or, as NDJSON, every VM)", headers(("X-Next-After" = String, description = "The `after` of the next page, when more follow (JSON pages only)")), content(
+            (Answer<wire::VmList> = "application/json"),
+            (wire::Vm = "application/x-ndjson"),
+        )),
         (status = 400, response = doc::BadRequest),
         (status = 403, response = doc::Forbidden),
     ),
@@ -85,9 +92,17 @@ pub struct ListQuery {
 pub async fn list_page(
     State(st): State<AppState>,
     caller: Caller,
+    headers: HeaderMap,
     Query(q): Query<ListQuery>,
     Query(p): Query<PageQuery>,
 ) -> Result<Response, ApiError> {
+    let streamed = wants_ndjson(&headers);
+    if streamed && p.paging().limit.is_some() {
+        return Err(ApiError::bad_request(
+            "a streamed list (Accept: application/x-ndjson) holds every VM: drop limit, or ask \
+             for application/json pages",
+        ));
+    }
     p.paging().limit()?;
     let order = match q.sort.as_deref() {
         None | Some("created") => VmOrder::Created,
@@ -100,6 +115,10 @@ pub async fn list_page(
     };
     let owner = target_owner(&caller, q.owner.as_deref(), q.all)?;
     let me = caller.active()?;
+    if streamed {
+        let chunks = st.services.vm_stream(owner, order, p.paging().after)?;
+        return Ok(ndjson(chunks));
+    }
     let (vms, quota) = st
         .services
         .vm_list(me, owner.as_deref(), order, &p.paging())
@@ -115,6 +134,43 @@ pub async fn list_page(
         ok(format!("{n} VM(s)"), list).into_response(),
         next,
     ))
+}
+
+const NDJSON: &str = "application/x-ndjson";
+
+/// Whether the request's `Accept` names NDJSON.
+fn wants_ndjson(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.split(';').next().unwrap_or("").trim() == NDJSON)
+}
+
+/// A 200 whose body is each chunk's VMs, one JSON object per line, written as the chunks
+/// come. A chunk that failed to be read ends the body with an error, so the connection closes
+/// before the last chunk of the answer and the client sees a broken listing, not a short one.
+fn ndjson(
+    chunks: tokio::sync::mpsc::Receiver<Result<Vec<wire::Vm>, basphere_service::ServiceError>>,
+) -> Response {
+    let lines = tokio_stream::wrappers::ReceiverStream::new(chunks).map(|chunk| {
+        let vms = chunk.map_err(|e| {
+            tracing::error!(error = %e, "a streamed VM listing failed part way");
+            std::io::Error::other(e.to_string())
+        })?;
+        let mut b = Vec::with_capacity(vms.len() * 512);
+        for vm in &vms {
+            serde_json::to_writer(&mut b, vm).map_err(std::io::Error::other)?;
+            b.push(b'\n');
+        }
+        Ok::<_, std::io::Error>(axum::body::Bytes::from(b))
+    });
+    (
+        [(header::CONTENT_TYPE, HeaderValue::from_static(NDJSON))],
+        axum::body::Body::from_stream(lines),
+    )
+        .into_response()
 }
 
 /// Whose VMs a request addresses: the caller's, unless an admin names another owner or all
