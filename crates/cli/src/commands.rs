@@ -69,28 +69,13 @@ pub(crate) fn client(g: &Global) -> anyhow::Result<Client> {
 /// Every item of a paged list route (up to `max`), following `?after=` with the `key` of
 /// each page's last item.
 async fn get_all(c: &Client, path: &str, key: &str, max: Option<usize>) -> anyhow::Result<Value> {
-    get_all_in(c, path, None, key, max).await
-}
-
-/// [`get_all`] of a list answered as the array `data[list]` (`GET /vms`: `{vms, total,
-/// quota}`); the arrays of every page, joined.
-pub(crate) async fn get_all_in(
-    c: &Client,
-    path: &str,
-    list: Option<&str>,
-    key: &str,
-    max: Option<usize>,
-) -> anyhow::Result<Value> {
     const PAGE: usize = 1000;
     let sep = if path.contains('?') { '&' } else { '?' };
     let mut all: Vec<Value> = vec![];
     let mut after = String::new();
     loop {
         let want = max.map_or(PAGE, |m| (m - all.len()).min(PAGE));
-        let mut d = check(c.get(&format!("{path}{sep}limit={want}{after}")).await?)?;
-        if let Some(l) = list {
-            d = d[l].take();
-        }
+        let d = check(c.get(&format!("{path}{sep}limit={want}{after}")).await?)?;
         let Value::Array(items) = d else {
             return Ok(d);
         };

@@ -2,7 +2,7 @@
 //! `basphere ssh`.
 
 use crate::args::*;
-use crate::commands::{check, client, confirm, get_all_in, or_dash, prompt, say, typed};
+use crate::commands::{check, client, confirm, or_dash, prompt, say, typed};
 use crate::output;
 use anyhow::{Context, anyhow, bail};
 use basphere_client::{Client, wire};
@@ -191,15 +191,7 @@ pub(crate) async fn vm_cmd(c: &Client, out: Output, v: VmCmd) -> anyhow::Result<
                 crate::listing::vms_json(c, all).await?;
                 return Ok(ExitCode::SUCCESS);
             }
-            let path = format!("/api/v1/vms?all={all}");
-            let mut d = get_all_in(c, &path, Some("vms"), "id", None).await?;
-            // Pages come in creation order; the table is by owner, then name.
-            if let Some(v) = d.as_array_mut() {
-                v.sort_by(|a, b| {
-                    (a["owner"].as_str(), a["name"].as_str())
-                        .cmp(&(b["owner"].as_str(), b["name"].as_str()))
-                });
-            }
+            let d = serde_json::Value::Array(crate::listing::vms(c, all).await?);
             let mut cols = VM_COLS.to_vec();
             if all {
                 cols.insert(1, ("OWNER", "/owner"));

@@ -63,6 +63,18 @@ async fn vms_list_by_owner_and_name_across_pages() {
     let got: Vec<String> = all.as_array().unwrap().iter().map(key).collect();
     assert_eq!(got, want);
     assert_eq!(all[0]["spec"], "tiny", "whole VMs, as the API shows them");
+    // The table: the same order, a row per VM under its header.
+    let out = s.cli_ok(&["vm", "list", "-a"]);
+    let table = String::from_utf8(out.stdout).unwrap();
+    let rows: Vec<String> = table
+        .lines()
+        .filter(|l| l.starts_with('│') && !l.contains("NAME"))
+        .map(|l| {
+            let cols: Vec<&str> = l.split(['│', '┆']).map(str::trim).collect();
+            format!("{}/{}", cols[2], cols[1])
+        })
+        .collect();
+    assert_eq!(rows, want, "{table}");
     let out = s.cli_ok(&["--output", "json", "vm", "list"]);
     let mine: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(mine, json!([]), "root's own VMs: none");
