@@ -492,10 +492,26 @@ impl Services {
         order: VmOrder,
         p: &Paging,
     ) -> Result<(Paged<wire::Vm>, wire::QuotaSummary)> {
-        let page = self.vms_in(owner, order, p).await?;
+        // The page, the owner's quota and their usage: three reads at once.
+        let other = owner.filter(|o| *o != me.username.as_str());
+        let (page, holder, usage) = tokio::try_join!(
+            self.vms_in(owner, order, p),
+            async {
+                match other {
+                    Some(o) => Ok(self.store.user(o).await?),
+                    None => Ok(None),
+                }
+            },
+            async {
+                Ok(self
+                    .store
+                    .usage(owner.unwrap_or(me.username.as_str()))
+                    .await?)
+            },
+        )?;
         // An owner who is gone (an admin looking after a delete) holds nothing: no quota.
-        let quota = match owner.filter(|o| *o != me.username.as_str()) {
-            Some(o) => self.store.user(o).await?.map_or(
+        let quota = match other {
+            Some(_) => holder.map_or(
                 basphere_core::Quota {
                     max_vms: 0,
                     max_clusters: 0,
@@ -508,10 +524,6 @@ impl Services {
             ),
             None => me.quota,
         };
-        let usage = self
-            .store
-            .usage(owner.unwrap_or(me.username.as_str()))
-            .await?;
         Ok((page, wire::QuotaSummary::of(&quota, &usage)))
     }
 
