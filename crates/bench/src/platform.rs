@@ -6,6 +6,7 @@ use basphere_app::{App, Overrides};
 use basphere_client::{Client, Endpoint};
 use basphere_provider::NullProvider;
 use basphere_store::Actor;
+use basphere_testkit::process::ChildGuard;
 use serde_json::json;
 use std::path::Path;
 use std::sync::Arc;
@@ -159,19 +160,16 @@ async fn list_times(
     sock: &Path,
     count: usize,
 ) -> anyhow::Result<(Vec<Duration>, u64)> {
-    let mut child = std::process::Command::new(exe)
-        .args(["--config", &toml_path.display().to_string(), "serve"])
-        .env("BASPHERE_LOG", "warn")
-        .stderr(std::process::Stdio::null())
-        .spawn()?;
-    let stop = |child: &mut std::process::Child| {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = child.wait();
-    };
-    let r = async {
+    // Stopped however this returns (an error, or a panic on a closed stdout).
+    let child = ChildGuard::new(
+        std::process::Command::new(exe)
+            .args(["--config", &toml_path.display().to_string(), "serve"])
+            .env("BASPHERE_LOG", "warn")
+            .stderr(std::process::Stdio::null())
+            .spawn()?,
+        Duration::from_secs(10),
+    );
+    async {
         for _ in 0..400 {
             if std::os::unix::net::UnixStream::connect(sock).is_ok() {
                 break;
@@ -253,9 +251,7 @@ async fn list_times(
         }
         anyhow::Ok((times, rss))
     }
-    .await;
-    stop(&mut child);
-    r
+    .await
 }
 
 /// Times `creates` VM creates over HTTP at `addr` (ten per user, users `{prefix}N` made here):

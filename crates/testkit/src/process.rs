@@ -111,6 +111,30 @@ pub fn stop_child_with(child: &mut Child, sig: Signal, grace: Duration) {
     }
 }
 
+/// A child process that is stopped ([`stop_child`] with `grace`) when the guard is dropped:
+/// also when the code that holds it returns early or panics (a bench whose output pipe
+/// closed panics on its next line).
+pub struct ChildGuard {
+    child: Child,
+    grace: Duration,
+}
+
+impl ChildGuard {
+    pub fn new(child: Child, grace: Duration) -> Self {
+        Self { child, grace }
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        stop_child(&mut self.child, self.grace);
+    }
+}
+
 /// PIDs of the live processes whose parent is `pid` (read from `/proc`).
 pub fn children_of(pid: u32) -> Vec<i32> {
     pids_where(|p, _| stat(p).is_some_and(|(state, ppid)| ppid == pid && state != 'Z'))
