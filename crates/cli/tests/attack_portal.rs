@@ -1,6 +1,7 @@
 //! The portal: a planted notice cookie cannot inject markup (L2), the enrollment code of an
-//! approval never travels in a cookie and is never cached (L3), and a megabyte form is
-//! refused before it is read (L7).
+//! approval never travels in a cookie and is never cached (L3), a megabyte form is refused
+//! before it is read (L7), and the admin's VM list pages by owner and name (its `after`
+//! shown inert, a bad `limit` or `after` a 400 page).
 
 mod common;
 mod raw;
@@ -188,5 +189,84 @@ async fn megabyte_forms_are_refused() {
             .unwrap()
             .status,
         200
+    );
+}
+
+#[tokio::test]
+async fn the_admin_vm_list_pages_by_owner_and_name() {
+    let s = server(&[]);
+    let pia = s.with_token(&s.user("pia").await);
+    for n in ["c", "a", "b"] {
+        let r = pia
+            .post("/api/v1/vms", &json!({"name": n, "spec": "tiny"}))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 202, "{:?}", r.body);
+    }
+    let (session, _) = admin_session(&s).await;
+    let get = |path: String| {
+        let (addr, session) = (s.addr.clone(), session.clone());
+        async move {
+            raw::send(
+                "127.0.0.1",
+                &addr,
+                "GET",
+                &path,
+                &[("Cookie", &session)],
+                b"",
+            )
+            .await
+        }
+    };
+    let rows = |body: &str| -> Vec<String> {
+        body.split(r#"<tr data-vm=""#)
+            .skip(1)
+            .map(|r| r.split('"').next().unwrap().to_string())
+            .collect()
+    };
+    let first = get("/admin/vms?limit=2".into()).await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    assert_eq!(rows(&first.body), ["a", "b"]);
+    assert!(
+        first.body.contains("2 VM(s), by owner and name"),
+        "{}",
+        first.body
+    );
+    let at = first
+        .body
+        .find(r#"id="next-page" href=""#)
+        .expect("a next page")
+        + 21;
+    let next = first.body[at..]
+        .split('"')
+        .next()
+        .unwrap()
+        .replace("&amp;", "&");
+    assert_eq!(next, "/admin/vms?after=pia%2Fb&limit=2");
+    let second = get(next).await;
+    assert_eq!(second.status, 200, "{}", second.body);
+    assert_eq!(rows(&second.body), ["c"]);
+    assert!(!second.body.contains("next-page"), "{}", second.body);
+    let all = get("/admin/vms".into()).await;
+    assert_eq!(rows(&all.body), ["a", "b", "c"]);
+    assert!(!all.body.contains("next-page"), "{}", all.body);
+
+    for bad in ["limit=x", "limit=0", "limit=5000", "after=nosep"] {
+        let r = get(format!("/admin/vms?{bad}")).await;
+        assert_eq!(r.status, 400, "{bad}: {}", r.body);
+        assert!(
+            r.body.contains(r#"id="error-message""#),
+            "{bad}: {}",
+            r.body
+        );
+    }
+    // The key it continues after is shown, never as markup.
+    let r = get("/admin/vms?after=%3Cscript%3Ealert(1)%3C%2Fscript%3E%2Fx".into()).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(!r.body.contains("<script>alert(1)"), "{}", r.body);
+    assert!(
+        r.body.contains("after &lt;script&gt;alert(1)"),
+        "{}",
+        r.body
     );
 }

@@ -436,19 +436,6 @@ impl Services {
         Ok(page.map(|v| convert::vm(v, None)))
     }
 
-    /// The first page (of the most a page holds) of [`Services::vms`], by owner and name.
-    pub async fn vms_by_name(&self, owner: Option<&str>) -> Result<Vec<wire::Vm>> {
-        let mut vms = self
-            .store
-            .vms_page(owner, None, MAX_LIMIT)
-            .await?
-            .into_iter()
-            .map(|v| convert::vm(v, None))
-            .collect::<Vec<_>>();
-        vms.sort_by(|a, b| (&a.owner, &a.name).cmp(&(&b.owner, &b.name)));
-        Ok(vms)
-    }
-
     /// One VM of `owner`.
     pub async fn vm(&self, owner: &str, name: &str) -> Result<wire::Vm> {
         let vm = self

@@ -336,11 +336,38 @@ pub async fn set_state(
     }
 }
 
-pub async fn vms(State(st): State<AppState>, v: Visitor) -> Response {
+/// VMs the admin's list shows on one page unless `limit` says otherwise.
+const VM_PAGE: i64 = 500;
+
+/// `/admin/vms?after=OWNER/NAME&limit=N`: every owner's VMs by owner and name, a page at a
+/// time, with a link to the next page while more follow.
+pub async fn vms(State(st): State<AppState>, v: Visitor, Query(q): Query<Fields>) -> Response {
     let _ = admin_or_return!(v);
-    let list = match api(st.services.vms_by_name(None).await) {
-        Ok(l) => l,
-        Err(e) => return v.page(e.status, "All VMs", &esc(&e.message)),
+    let fail = |status, message: &str| {
+        let msg = format!(r#"<p id="error-message">{}</p>"#, esc(message));
+        v.page(status, "All VMs", &msg)
+    };
+    let limit = match q.get("limit").map(|l| l.parse::<i64>()) {
+        None => VM_PAGE,
+        Some(Ok(n)) => n,
+        Some(Err(_)) => {
+            return fail(
+                StatusCode::BAD_REQUEST,
+                "limit must be a number of VMs per page",
+            );
+        }
+    };
+    let paging = Paging {
+        limit: Some(limit),
+        after: q.get("after").cloned().filter(|a| !a.is_empty()),
+    };
+    let page = st
+        .services
+        .vms_in(None, basphere_service::VmOrder::Name, &paging)
+        .await;
+    let (list, next) = match api(page) {
+        Ok(p) => (p.items, p.next_after),
+        Err(e) => return fail(e.status, &e.message),
     };
     let mut rows = String::new();
     for vm in &list {
@@ -362,11 +389,29 @@ pub async fn vms(State(st): State<AppState>, v: Visitor) -> Response {
             created = esc(&vm.created_at),
         );
     }
-    let body = if list.is_empty() {
+    let from = paging
+        .after
+        .as_deref()
+        .map(|a| format!(" after {}", esc(a)))
+        .unwrap_or_default();
+    let more = next
+        .map(|n| {
+            let limit = if limit == VM_PAGE {
+                String::new()
+            } else {
+                format!("&amp;limit={limit}")
+            };
+            format!(
+                r#"<p><a id="next-page" href="/admin/vms?after={}{limit}">Next page →</a></p>"#,
+                url(&n)
+            )
+        })
+        .unwrap_or_default();
+    let body = if list.is_empty() && paging.after.is_none() {
         r#"<p id="no-vms">No VMs exist.</p>"#.to_string()
     } else {
         format!(
-            r#"<p>{} VM(s).</p><table class="vms"><thead><tr><th scope="col">Name</th><th scope="col">Owner</th><th scope="col">Status</th><th scope="col">IP</th><th scope="col">Spec</th><th scope="col">OS</th><th scope="col">Created</th></tr></thead><tbody>{rows}</tbody></table>"#,
+            r#"<p id="vm-count">{} VM(s){from}, by owner and name.</p><table class="vms"><thead><tr><th scope="col">Name</th><th scope="col">Owner</th><th scope="col">Status</th><th scope="col">IP</th><th scope="col">Spec</th><th scope="col">OS</th><th scope="col">Created</th></tr></thead><tbody>{rows}</tbody></table>{more}"#,
             list.len()
         )
     };
