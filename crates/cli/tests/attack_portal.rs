@@ -1,7 +1,8 @@
 //! The portal: a planted notice cookie cannot inject markup (L2), the enrollment code of an
 //! approval never travels in a cookie and is never cached (L3), a megabyte form is refused
-//! before it is read (L7), and the admin's VM list pages by owner and name (its `after`
-//! shown inert, a bad `limit` or `after` a 400 page).
+//! before it is read (L7), and the admin's VM list and audit trail come in pages with a link
+//! to the next (its `after` shown inert, the filters kept, a bad `limit` or `after` a 400
+//! page).
 
 mod common;
 mod raw;
@@ -193,7 +194,7 @@ async fn megabyte_forms_are_refused() {
 }
 
 #[tokio::test]
-async fn the_admin_vm_list_pages_by_owner_and_name() {
+async fn the_admin_vm_list_and_audit_trail_come_in_pages() {
     let s = server(&[]);
     let pia = s.with_token(&s.user("pia").await);
     for n in ["c", "a", "b"] {
@@ -269,4 +270,32 @@ async fn the_admin_vm_list_pages_by_owner_and_name() {
         "{}",
         r.body
     );
+
+    // The audit trail: newest first, a page at a time, the filter kept in the link.
+    let records = |body: &str| body.matches(r#"data-label="When""#).count();
+    let href = |body: &str| {
+        let at = body.find(r#"id="next-page" href=""#).expect("a next page") + 21;
+        body[at..].split('"').next().unwrap().replace("&amp;", "&")
+    };
+    // (Registration records: none is written while the test pages through them.)
+    let all = get("/admin/audit?action=user.".into()).await;
+    let n = records(&all.body);
+    assert!(n >= 2, "{}", all.body);
+    assert!(!all.body.contains("next-page"), "{}", all.body);
+    let first = get(format!("/admin/audit?action=user.&limit={}", n - 1)).await;
+    assert_eq!(records(&first.body), n - 1, "{}", first.body);
+    let next = href(&first.body);
+    assert!(
+        next.starts_with("/admin/audit?action=user.&after=")
+            && next.ends_with(&format!("&limit={}", n - 1)),
+        "{next}"
+    );
+    let second = get(next).await;
+    assert_eq!(records(&second.body), 1, "{}", second.body);
+    assert!(second.body.contains("older than record"), "{}", second.body);
+    assert!(!second.body.contains("next-page"), "{}", second.body);
+    for bad in ["limit=x", "after=yesterday"] {
+        let r = get(format!("/admin/audit?{bad}")).await;
+        assert_eq!(r.status, 400, "{bad}: {}", r.body);
+    }
 }

@@ -21,11 +21,7 @@ fn admin(v: &Visitor) -> Result<Caller, Response> {
     let c = v.signed_in()?;
     match c.admin() {
         Ok(_) => Ok(c.clone()),
-        Err(e) => Err(v.page(
-            e.status,
-            "Admins only",
-            &format!(r#"<p id="error-message">{}</p>"#, esc(&e.message)),
-        )),
+        Err(e) => Err(error_page(v, e.status, "Admins only", &e.message)),
     }
 }
 
@@ -336,30 +332,60 @@ pub async fn set_state(
     }
 }
 
+/// A page titled `title` that says `message` (`id="error-message"`).
+fn error_page(v: &Visitor, status: StatusCode, title: &str, message: &str) -> Response {
+    let msg = format!(r#"<p id="error-message">{}</p>"#, esc(message));
+    v.page(status, title, &msg)
+}
+
+/// The `limit` (`default` when absent) and `after` of a paged list, from its page's query.
+fn paging_of(q: &Fields, default: i64) -> Result<Paging, &'static str> {
+    let limit = match q.get("limit").map(|l| l.parse::<i64>()) {
+        None => default,
+        Some(Ok(n)) => n,
+        Some(Err(_)) => return Err("limit must be a number of items per page"),
+    };
+    Ok(Paging {
+        limit: Some(limit),
+        after: q.get("after").cloned().filter(|a| !a.is_empty()),
+    })
+}
+
+/// A link (`id="next-page"`) to the page of `path` after the key `next`, keeping the rest of
+/// the query `q` (filters, `limit`); nothing when no page follows.
+fn next_link(path: &str, q: &Fields, next: Option<String>, label: &str) -> String {
+    let Some(next) = next else {
+        return String::new();
+    };
+    let mut params: Vec<(&str, &str)> = q
+        .iter()
+        .filter(|(k, v)| k.as_str() != "after" && !v.is_empty())
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    params.push(("after", &next));
+    params.sort_unstable();
+    let query = params
+        .iter()
+        .map(|(k, v)| format!("{}={}", url(k), url(v)))
+        .collect::<Vec<_>>()
+        .join("&amp;");
+    format!(r#"<p><a id="next-page" href="{path}?{query}">{label}</a></p>"#)
+}
+
 /// VMs the admin's list shows on one page unless `limit` says otherwise.
 const VM_PAGE: i64 = 500;
+
+/// Audit records the admin's trail shows on one page unless `limit` says otherwise.
+const AUDIT_PAGE: i64 = 200;
 
 /// `/admin/vms?after=OWNER/NAME&limit=N`: every owner's VMs by owner and name, a page at a
 /// time, with a link to the next page while more follow.
 pub async fn vms(State(st): State<AppState>, v: Visitor, Query(q): Query<Fields>) -> Response {
     let _ = admin_or_return!(v);
-    let fail = |status, message: &str| {
-        let msg = format!(r#"<p id="error-message">{}</p>"#, esc(message));
-        v.page(status, "All VMs", &msg)
-    };
-    let limit = match q.get("limit").map(|l| l.parse::<i64>()) {
-        None => VM_PAGE,
-        Some(Ok(n)) => n,
-        Some(Err(_)) => {
-            return fail(
-                StatusCode::BAD_REQUEST,
-                "limit must be a number of VMs per page",
-            );
-        }
-    };
-    let paging = Paging {
-        limit: Some(limit),
-        after: q.get("after").cloned().filter(|a| !a.is_empty()),
+    let fail = |status, message: &str| error_page(&v, status, "All VMs", message);
+    let paging = match paging_of(&q, VM_PAGE) {
+        Ok(p) => p,
+        Err(e) => return fail(StatusCode::BAD_REQUEST, e),
     };
     let page = st
         .services
@@ -394,19 +420,7 @@ pub async fn vms(State(st): State<AppState>, v: Visitor, Query(q): Query<Fields>
         .as_deref()
         .map(|a| format!(" after {}", esc(a)))
         .unwrap_or_default();
-    let more = next
-        .map(|n| {
-            let limit = if limit == VM_PAGE {
-                String::new()
-            } else {
-                format!("&amp;limit={limit}")
-            };
-            format!(
-                r#"<p><a id="next-page" href="/admin/vms?after={}{limit}">Next page →</a></p>"#,
-                url(&n)
-            )
-        })
-        .unwrap_or_default();
+    let more = next_link("/admin/vms", &q, next, "Next page →");
     let body = if list.is_empty() && paging.after.is_none() {
         r#"<p id="no-vms">No VMs exist.</p>"#.to_string()
     } else {
@@ -425,19 +439,25 @@ pub async fn audit(State(st): State<AppState>, v: Visitor, Query(q): Query<Field
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty())
     };
+    let fail = |status, message: &str| error_page(&v, status, "Audit trail", message);
+    let paging = match paging_of(&q, AUDIT_PAGE) {
+        Ok(p) => p,
+        Err(e) => return fail(StatusCode::BAD_REQUEST, e),
+    };
     let r = st
         .services
-        .audit(
-            pick("actor"),
-            pick("action"),
-            pick("target"),
-            &Paging::first(200),
-        )
+        .audit(pick("actor"), pick("action"), pick("target"), &paging)
         .await;
-    let recs = match api(r) {
-        Ok(p) => p.items,
-        Err(e) => return v.page(e.status, "Audit trail", &esc(&e.message)),
+    let (recs, next) = match api(r) {
+        Ok(p) => (p.items, p.next_after),
+        Err(e) => return fail(e.status, &e.message),
     };
+    let older = next_link("/admin/audit", &q, next, "Older records →");
+    let from = paging
+        .after
+        .as_deref()
+        .map(|a| format!(", older than record {}", esc(a)))
+        .unwrap_or_default();
     let mut rows = String::new();
     for a in &recs {
         let _ = write!(
@@ -460,8 +480,8 @@ pub async fn audit(State(st): State<AppState>, v: Visitor, Query(q): Query<Field
 <div class="field"><label for="f-target">Target</label><input id="f-target" name="target" value="{c}"></div>
 <button type="submit">Filter</button>
 </form>
-<p>{n} record(s), newest first.</p>
-<table class="vms audit" id="audit-table"><thead><tr><th scope="col">When</th><th scope="col">Who</th><th scope="col">From</th><th scope="col">Action</th><th scope="col">Target</th><th scope="col">Result</th><th scope="col">Detail</th></tr></thead><tbody>{rows}</tbody></table>"#,
+<p id="record-count">{n} record(s){from}, newest first.</p>
+<table class="vms audit" id="audit-table"><thead><tr><th scope="col">When</th><th scope="col">Who</th><th scope="col">From</th><th scope="col">Action</th><th scope="col">Target</th><th scope="col">Result</th><th scope="col">Detail</th></tr></thead><tbody>{rows}</tbody></table>{older}"#,
         a = val("actor"),
         b = val("action"),
         c = val("target"),
