@@ -1,8 +1,8 @@
 //! The portal: a planted notice cookie cannot inject markup (L2), the enrollment code of an
 //! approval never travels in a cookie and is never cached (L3), a megabyte form is refused
-//! before it is read (L7), and the admin's VM list and audit trail come in pages with a link
-//! to the next (its `after` shown inert, the filters kept, a bad `limit` or `after` a 400
-//! page).
+//! before it is read (L7), and the admin's VM list, users and audit trail come in pages with
+//! a link to the next (its `after` shown inert, the filters kept, a bad `limit` or `after` a
+//! 400 page).
 
 mod common;
 mod raw;
@@ -194,7 +194,7 @@ async fn megabyte_forms_are_refused() {
 }
 
 #[tokio::test]
-async fn the_admin_vm_list_and_audit_trail_come_in_pages() {
+async fn the_admin_lists_come_in_pages() {
     let s = server(&[]);
     let pia = s.with_token(&s.user("pia").await);
     for n in ["c", "a", "b"] {
@@ -270,6 +270,48 @@ async fn the_admin_vm_list_and_audit_trail_come_in_pages() {
         "{}",
         r.body
     );
+
+    // Users by name, each with what they hold.
+    let cards = |body: &str| -> Vec<String> {
+        body.split(r#"<article class="card user" data-user=""#)
+            .skip(1)
+            .map(|r| r.split('"').next().unwrap().to_string())
+            .collect()
+    };
+    let users = get("/admin/users".into()).await;
+    let names = cards(&users.body);
+    assert!(
+        names.len() >= 2 && names.contains(&"pia".to_string()),
+        "{}",
+        users.body
+    );
+    let mut sorted = names.clone();
+    sorted.sort();
+    assert_eq!(names, sorted, "by name");
+    let pia = users.body.split(r#"data-user="pia""#).nth(1).unwrap();
+    assert!(pia.contains("Using 3 VM(s), 3 IP(s)"), "{pia}");
+    let mut walked = vec![];
+    let mut path = "/admin/users?limit=1".to_string();
+    loop {
+        let r = get(path).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let page = cards(&r.body);
+        assert_eq!(page.len(), 1, "{}", r.body);
+        walked.extend(page);
+        match r.body.find(r#"id="next-page" href=""#) {
+            Some(at) => {
+                path = r.body[at + 21..]
+                    .split('"')
+                    .next()
+                    .unwrap()
+                    .replace("&amp;", "&")
+            }
+            None => break,
+        }
+    }
+    assert_eq!(walked, names, "every user once, a page at a time");
+    let r = get("/admin/users?limit=-1".into()).await;
+    assert_eq!(r.status, 400, "{}", r.body);
 
     // The audit trail: newest first, a page at a time, the filter kept in the link.
     let records = |body: &str| body.matches(r#"data-label="When""#).count();

@@ -289,18 +289,24 @@ impl Services {
         Ok(Paged::of(users, limit, |u| u.username.to_string()).map(|u| convert::user(&u)))
     }
 
-    /// Every user with what they hold, for the admin's user page.
-    pub async fn users_with_usage(&self) -> Result<Vec<(wire::User, basphere_core::Usage)>> {
-        let mut out = vec![];
-        for u in self.store.users(None).await? {
-            let usage = self
-                .store
-                .usage(u.username.as_str())
-                .await
-                .unwrap_or_default();
-            out.push((convert::user(&u), usage));
-        }
-        Ok(out)
+    /// A page of users (by username, as [`Services::users`]) with what each holds, for the
+    /// admin's user page: two reads, whatever the page's size.
+    pub async fn users_with_usage(
+        &self,
+        p: &Paging,
+    ) -> Result<Paged<(wire::User, basphere_core::Usage)>> {
+        let limit = p.limit()?;
+        let users = self
+            .store
+            .users_page(None, p.after.as_deref(), limit + 1)
+            .await?;
+        let page = Paged::of(users, limit, |u| u.username.to_string());
+        let owners = page.items.iter().map(|u| u.username.to_string()).collect();
+        let usages = self.store.usages(owners).await?;
+        Ok(Paged {
+            items: page.items.iter().map(convert::user).zip(usages).collect(),
+            next_after: page.next_after,
+        })
     }
 
     /// One user with usage, VMs and address block.

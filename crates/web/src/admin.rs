@@ -181,9 +181,25 @@ pub async fn decide_key(
     }
 }
 
-pub async fn users(State(st): State<AppState>, v: Visitor) -> Response {
+/// Users the admin's user page shows on one page unless `limit` says otherwise.
+const USER_PAGE: i64 = 100;
+
+/// `/admin/users?after=USERNAME&limit=N`: users by name with what they hold and their quota
+/// forms, a page at a time, with a link to the next page while more follow.
+pub async fn users(
+    State(st): State<AppState>,
+    v: Visitor,
+    Query(query): Query<Fields>,
+) -> Response {
     let _ = admin_or_return!(v);
-    let all = st.services.users_with_usage().await.unwrap_or_default();
+    let paging = match paging_of(&query, USER_PAGE) {
+        Ok(p) => p,
+        Err(e) => return error_page(&v, StatusCode::BAD_REQUEST, "Users", e),
+    };
+    let (all, next) = match api(st.services.users_with_usage(&paging).await) {
+        Ok(p) => (p.items, p.next_after),
+        Err(e) => return error_page(&v, e.status, "Users", &e.message),
+    };
     let mut rows = String::new();
     for (u, usage) in &all {
         let name = u.username.as_str();
@@ -265,8 +281,14 @@ pub async fn users(State(st): State<AppState>, v: Visitor) -> Response {
             ),
         );
     }
+    let from = paging
+        .after
+        .as_deref()
+        .map(|a| format!(" after {}", esc(a)))
+        .unwrap_or_default();
+    let more = next_link("/admin/users", &query, next, "Next page →");
     let body = format!(
-        r#"<p>{} user(s). Blank vCPU, memory and disk limits mean no limit.</p>{rows}"#,
+        r#"<p id="user-count">{} user(s){from}, by name. Blank vCPU, memory and disk limits mean no limit.</p>{rows}{more}"#,
         all.len()
     );
     v.page(StatusCode::OK, "Users", &body)

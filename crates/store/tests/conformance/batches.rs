@@ -98,6 +98,14 @@ async fn batch(store: Store) {
     assert_eq!((vms.len(), ips.len()), (5, 5));
     assert!(vms.iter().all(|v| v.status == VmStatus::Creating));
     assert_eq!(store.usage("alice").await.unwrap().vcpus, 10);
+    // Several owners' usage in one read: each as read alone, in the order asked.
+    let held = store.usage("alice").await.unwrap();
+    let many = ["alice", "nobody", "alice"].map(String::from).to_vec();
+    assert_eq!(
+        store.usages(many).await.unwrap(),
+        [held, basphere_core::Usage::default(), held]
+    );
+    assert!(store.usages(vec![]).await.unwrap().is_empty());
 
     let op = |n: &str| op_of(&got, n);
     let waits = |w: &basphere_store::Workflow| w.waiting_on;
