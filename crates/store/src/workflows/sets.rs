@@ -78,7 +78,9 @@ pub(crate) fn id_in(d: Dialect, col: &str, param: usize) -> String {
 /// The parameter [`id_in`] reads.
 pub(crate) fn ids_arg(d: Dialect, ids: &[String]) -> Value {
     match d {
-        Dialect::Sqlite => Value::Text(serde_json::Value::from(ids.to_vec()).to_string()),
+        Dialect::Sqlite => {
+            Value::Text(serde_json::to_string(ids).expect("a list of strings serializes"))
+        }
         Dialect::Postgres => Value::List(ids.iter().map(|s| Value::Text(s.clone())).collect()),
     }
 }
