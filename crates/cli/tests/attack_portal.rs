@@ -204,7 +204,7 @@ async fn the_admin_lists_come_in_pages() {
             .unwrap();
         assert_eq!(r.status, 202, "{:?}", r.body);
     }
-    let (session, _) = admin_session(&s).await;
+    let (session, csrf) = admin_session(&s).await;
     let get = |path: String| {
         let (addr, session) = (s.addr.clone(), session.clone());
         async move {
@@ -310,6 +310,41 @@ async fn the_admin_lists_come_in_pages() {
         }
     }
     assert_eq!(walked, names, "every user once, a page at a time");
+    // A quota saved on a page comes back to that page, and only ever to the users page.
+    let at = names.iter().position(|n| n == "pia").unwrap();
+    let after = if at == 0 {
+        String::new()
+    } else {
+        format!("after={}&", names[at - 1])
+    };
+    let page = get(format!("/admin/users?{after}limit=1")).await;
+    let action = format!(
+        r#"action="/admin/users/pia/quota?{}limit=1""#,
+        after.replace('&', "&amp;")
+    );
+    assert!(page.body.contains(&action), "{action} in {}", page.body);
+    for (query, back) in [
+        (
+            format!("{after}limit=1"),
+            format!("/admin/users?{after}limit=1"),
+        ),
+        (
+            "after=//evil.example/x".to_string(),
+            "/admin/users?after=%2F%2Fevil.example%2Fx".to_string(),
+        ),
+    ] {
+        let r = raw::send(
+            "127.0.0.1",
+            &s.addr,
+            "POST",
+            &format!("/admin/users/pia/quota?{query}"),
+            &[("Content-Type", FORM), ("Cookie", &session)],
+            format!("csrf={csrf}&max_vms=7").as_bytes(),
+        )
+        .await;
+        assert_eq!(r.status, 303, "{}", r.body);
+        assert_eq!(r.header("location"), Some(back.as_str()));
+    }
     let r = get("/admin/users?limit=-1".into()).await;
     assert_eq!(r.status, 400, "{}", r.body);
 

@@ -200,6 +200,8 @@ pub async fn users(
         Ok(p) => (p.items, p.next_after),
         Err(e) => return error_page(&v, e.status, "Users", &e.message),
     };
+    // The forms bring the admin back to this page.
+    let here = esc(&back_to("", &query));
     let mut rows = String::new();
     for (u, usage) in &all {
         let name = u.username.as_str();
@@ -212,12 +214,12 @@ pub async fn users(
         };
         let toggle = match u.status {
             basphere_core::UserStatus::Active if u.role != basphere_core::Role::Admin => format!(
-                r#"<form method="post" action="/admin/users/{uu}/disable">{csrf}<button type="submit" class="danger small">Disable</button></form>"#,
+                r#"<form method="post" action="/admin/users/{uu}/disable{here}">{csrf}<button type="submit" class="danger small">Disable</button></form>"#,
                 uu = url(name),
                 csrf = v.csrf_field()
             ),
             basphere_core::UserStatus::Disabled => format!(
-                r#"<form method="post" action="/admin/users/{uu}/enable">{csrf}<button type="submit" class="small">Enable</button></form>"#,
+                r#"<form method="post" action="/admin/users/{uu}/enable{here}">{csrf}<button type="submit" class="small">Enable</button></form>"#,
                 uu = url(name),
                 csrf = v.csrf_field()
             ),
@@ -228,7 +230,7 @@ pub async fn users(
             r#"<article class="card user" data-user="{id}">
 <h3>{id} {status} <span class="muted">{role} · team {team}{email}</span></h3>
 <p class="usage">Using {vms} VM(s), {ips} IP(s), {vcpus} vCPU, {mem}, {disk} GiB of disk.</p>
-<form method="post" action="/admin/users/{uu}/quota" class="quota-form" aria-label="Quota of {id}">{csrf}
+<form method="post" action="/admin/users/{uu}/quota{here}" class="quota-form" aria-label="Quota of {id}">{csrf}
 {f1}{f2}{f3}{f4}{f5}
 <button type="submit" id="save-{id}">Save quota</button>
 </form>
@@ -298,19 +300,21 @@ pub async fn set_quota(
     State(st): State<AppState>,
     v: Visitor,
     Path(u): Path<String>,
+    Query(page): Query<Fields>,
     Form(f): Form<Fields>,
 ) -> Response {
     if let Err(r) = v.check_csrf(&f) {
         return r;
     }
     let caller = admin_or_return!(v);
+    let back = back_to("/admin/users", &page);
     let req = QuotaRequest::read(&body_of(&f, &[]));
     let r = match username(&u) {
         Ok(name) => st.services.set_quota(&caller.actor(), &name, &req).await,
         Err(e) => Err(e),
     };
     match api(r) {
-        Ok(d) => v.redirect("/admin/users", Some(("ok", &d.message))),
+        Ok(d) => v.redirect(&back, Some(("ok", &d.message))),
         Err(e) => {
             let detail = if e.errors.is_empty() {
                 e.message.clone()
@@ -318,7 +322,7 @@ pub async fn set_quota(
                 e.errors.join("; ")
             };
             v.redirect(
-                "/admin/users",
+                &back,
                 Some(("error", &format!("Quota of {u} not changed: {detail}"))),
             )
         }
@@ -329,16 +333,18 @@ pub async fn set_state(
     State(st): State<AppState>,
     v: Visitor,
     Path((u, what)): Path<(String, String)>,
+    Query(page): Query<Fields>,
     Form(f): Form<Fields>,
 ) -> Response {
     if let Err(r) = v.check_csrf(&f) {
         return r;
     }
     let caller = admin_or_return!(v);
+    let back = back_to("/admin/users", &page);
     let disabled = match what.as_str() {
         "disable" => true,
         "enable" => false,
-        _ => return v.redirect("/admin/users", Some(("error", "unknown action"))),
+        _ => return v.redirect(&back, Some(("error", "unknown action"))),
     };
     let r = match username(&u) {
         Ok(name) => {
@@ -349,8 +355,26 @@ pub async fn set_state(
         Err(e) => Err(e),
     };
     match api(r) {
-        Ok(d) => v.redirect("/admin/users", Some(("ok", &d.message))),
-        Err(e) => v.redirect("/admin/users", Some(("error", &e.message))),
+        Ok(d) => v.redirect(&back, Some(("ok", &d.message))),
+        Err(e) => v.redirect(&back, Some(("error", &e.message))),
+    }
+}
+
+/// `path` with the paging keys (`after`, `limit`) of the query `q`, URL-encoded: the page of
+/// a list that an action on it sends the admin back to (never anywhere but `path`).
+fn back_to(path: &str, q: &Fields) -> String {
+    let params: Vec<String> = ["after", "limit"]
+        .iter()
+        .filter_map(|k| {
+            q.get(*k)
+                .filter(|v| !v.is_empty())
+                .map(|v| format!("{k}={}", url(v)))
+        })
+        .collect();
+    if params.is_empty() {
+        path.to_string()
+    } else {
+        format!("{path}?{}", params.join("&"))
     }
 }
 
