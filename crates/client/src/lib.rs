@@ -176,8 +176,6 @@ fn read_identity(
     Ok((chain, key))
 }
 
-/// One connection: where requests go, and the task driving it (whose error says why the
-/// connection ended, e.g. a TLS alert).
 /// An answer whose body is read piece by piece as it arrives ([`Client::open`]).
 pub struct Streamed {
     pub status: StatusCode,
@@ -215,6 +213,8 @@ impl Streamed {
     }
 }
 
+/// One connection: where requests go, and the task driving it (whose error says why the
+/// connection ended, e.g. a TLS alert).
 struct Conn {
     send: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
     driver: tokio::task::JoinHandle<Result<(), hyper::Error>>,
@@ -429,28 +429,27 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(StatusCode, hyper::HeaderMap, Bytes), ClientError> {
-        let mut conn = self.connect().await?;
-        let resp = conn
-            .send(self.request_raw(method, path, body.map(Bytes::from)))
+        let r = self
+            .start(self.request_raw(method, path, body.map(Bytes::from)))
             .await?;
-        let (parts, body) = resp.into_parts();
-        let bytes = body
-            .collect()
-            .await
-            .map_err(|e| ClientError::Http(self.shown(), e.to_string()))?
-            .to_bytes();
-        Ok((parts.status, parts.headers, bytes))
+        let (status, headers) = (r.status, r.headers.clone());
+        Ok((status, headers, r.bytes().await?))
     }
 
     /// Sends a GET that accepts `accept` and returns the answer with its body unread, to be
     /// taken as it comes ([`Streamed::chunk`]).
     pub async fn open(&self, path: &str, accept: &'static str) -> Result<Streamed, ClientError> {
-        let mut conn = self.connect().await?;
         let mut req = self.request_raw(Method::GET, path, None);
         req.headers_mut().insert(
             hyper::header::ACCEPT,
             hyper::header::HeaderValue::from_static(accept),
         );
+        self.start(req).await
+    }
+
+    /// Sends `req` on a connection of its own; the answer with its body unread.
+    async fn start(&self, req: Request<Full<Bytes>>) -> Result<Streamed, ClientError> {
+        let mut conn = self.connect().await?;
         let (parts, body) = conn.send(req).await?.into_parts();
         Ok(Streamed {
             status: parts.status,

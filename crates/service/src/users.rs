@@ -295,16 +295,11 @@ impl Services {
         &self,
         p: &Paging,
     ) -> Result<Paged<(wire::User, basphere_core::Usage)>> {
-        let limit = p.limit()?;
-        let users = self
-            .store
-            .users_page(None, p.after.as_deref(), limit + 1)
-            .await?;
-        let page = Paged::of(users, limit, |u| u.username.to_string());
+        let page = self.users(None, p).await?;
         let owners = page.items.iter().map(|u| u.username.to_string()).collect();
         let usages = self.store.usages(owners).await?;
         Ok(Paged {
-            items: page.items.iter().map(convert::user).zip(usages).collect(),
+            items: page.items.into_iter().zip(usages).collect(),
             next_after: page.next_after,
         })
     }

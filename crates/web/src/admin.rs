@@ -192,9 +192,9 @@ pub async fn users(
     Query(query): Query<Fields>,
 ) -> Response {
     let _ = admin_or_return!(v);
-    let paging = match paging_of(&query, USER_PAGE) {
+    let paging = match paging_of(&v, "Users", &query, USER_PAGE) {
         Ok(p) => p,
-        Err(e) => return error_page(&v, StatusCode::BAD_REQUEST, "Users", e),
+        Err(page) => return page,
     };
     let (all, next) = match api(st.services.users_with_usage(&paging).await) {
         Ok(p) => (p.items, p.next_after),
@@ -283,11 +283,7 @@ pub async fn users(
             ),
         );
     }
-    let from = paging
-        .after
-        .as_deref()
-        .map(|a| format!(" after {}", esc(a)))
-        .unwrap_or_default();
+    let from = after_note(" after", paging.after.as_deref());
     let more = next_link("/admin/users", &query, next, "Next page →");
     let body = format!(
         r#"<p id="user-count">{} user(s){from}, by name. Blank vCPU, memory and disk limits mean no limit.</p>{rows}{more}"#,
@@ -360,22 +356,30 @@ pub async fn set_state(
     }
 }
 
-/// `path` with the paging keys (`after`, `limit`) of the query `q`, URL-encoded: the page of
-/// a list that an action on it sends the admin back to (never anywhere but `path`).
-fn back_to(path: &str, q: &Fields) -> String {
-    let params: Vec<String> = ["after", "limit"]
-        .iter()
-        .filter_map(|k| {
-            q.get(*k)
-                .filter(|v| !v.is_empty())
-                .map(|v| format!("{k}={}", url(v)))
-        })
-        .collect();
+/// `path` with the query `params` (URL-encoded, by key, blank values left out).
+fn with_query(path: &str, mut params: Vec<(&str, &str)>) -> String {
+    params.retain(|(_, v)| !v.is_empty());
+    params.sort_unstable();
     if params.is_empty() {
-        path.to_string()
-    } else {
-        format!("{path}?{}", params.join("&"))
+        return path.to_string();
     }
+    let query = params
+        .iter()
+        .map(|(k, v)| format!("{}={}", url(k), url(v)))
+        .collect::<Vec<_>>()
+        .join("&");
+    format!("{path}?{query}")
+}
+
+/// `path` with the paging keys (`after`, `limit`) of the query `q`: the page of a list that an
+/// action on it sends the admin back to (never anywhere but `path`).
+fn back_to(path: &str, q: &Fields) -> String {
+    let keep = ["after", "limit"].iter();
+    with_query(
+        path,
+        keep.filter_map(|k| q.get(*k).map(|v| (*k, v.as_str())))
+            .collect(),
+    )
 }
 
 /// A page titled `title` that says `message` (`id="error-message"`).
@@ -384,17 +388,28 @@ fn error_page(v: &Visitor, status: StatusCode, title: &str, message: &str) -> Re
     v.page(status, title, &msg)
 }
 
-/// The `limit` (`default` when absent) and `after` of a paged list, from its page's query.
-fn paging_of(q: &Fields, default: i64) -> Result<Paging, &'static str> {
+/// The `limit` (`default` when absent) and `after` of a paged list, from its page's query;
+/// else the 400 page titled `title` that says why.
+fn paging_of(v: &Visitor, title: &str, q: &Fields, default: i64) -> Result<Paging, Response> {
     let limit = match q.get("limit").map(|l| l.parse::<i64>()) {
         None => default,
         Some(Ok(n)) => n,
-        Some(Err(_)) => return Err("limit must be a number of items per page"),
+        Some(Err(_)) => {
+            let why = "limit must be a number of items per page";
+            return Err(error_page(v, StatusCode::BAD_REQUEST, title, why));
+        }
     };
     Ok(Paging {
         limit: Some(limit),
         after: q.get("after").cloned().filter(|a| !a.is_empty()),
     })
+}
+
+/// `{words} KEY` when the page continues after the key `after` (escaped), else nothing.
+fn after_note(words: &str, after: Option<&str>) -> String {
+    after
+        .map(|a| format!("{words} {}", esc(a)))
+        .unwrap_or_default()
 }
 
 /// A link (`id="next-page"`) to the page of `path` after the key `next`, keeping the rest of
@@ -405,17 +420,12 @@ fn next_link(path: &str, q: &Fields, next: Option<String>, label: &str) -> Strin
     };
     let mut params: Vec<(&str, &str)> = q
         .iter()
-        .filter(|(k, v)| k.as_str() != "after" && !v.is_empty())
+        .filter(|(k, _)| k.as_str() != "after")
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
     params.push(("after", &next));
-    params.sort_unstable();
-    let query = params
-        .iter()
-        .map(|(k, v)| format!("{}={}", url(k), url(v)))
-        .collect::<Vec<_>>()
-        .join("&amp;");
-    format!(r#"<p><a id="next-page" href="{path}?{query}">{label}</a></p>"#)
+    let href = esc(&with_query(path, params));
+    format!(r#"<p><a id="next-page" href="{href}">{label}</a></p>"#)
 }
 
 /// VMs the admin's list shows on one page unless `limit` says otherwise.
@@ -428,10 +438,9 @@ const AUDIT_PAGE: i64 = 200;
 /// time, with a link to the next page while more follow.
 pub async fn vms(State(st): State<AppState>, v: Visitor, Query(q): Query<Fields>) -> Response {
     let _ = admin_or_return!(v);
-    let fail = |status, message: &str| error_page(&v, status, "All VMs", message);
-    let paging = match paging_of(&q, VM_PAGE) {
+    let paging = match paging_of(&v, "All VMs", &q, VM_PAGE) {
         Ok(p) => p,
-        Err(e) => return fail(StatusCode::BAD_REQUEST, e),
+        Err(page) => return page,
     };
     let page = st
         .services
@@ -439,7 +448,7 @@ pub async fn vms(State(st): State<AppState>, v: Visitor, Query(q): Query<Fields>
         .await;
     let (list, next) = match api(page) {
         Ok(p) => (p.items, p.next_after),
-        Err(e) => return fail(e.status, &e.message),
+        Err(e) => return error_page(&v, e.status, "All VMs", &e.message),
     };
     let mut rows = String::new();
     for vm in &list {
@@ -461,11 +470,7 @@ pub async fn vms(State(st): State<AppState>, v: Visitor, Query(q): Query<Fields>
             created = esc(&vm.created_at),
         );
     }
-    let from = paging
-        .after
-        .as_deref()
-        .map(|a| format!(" after {}", esc(a)))
-        .unwrap_or_default();
+    let from = after_note(" after", paging.after.as_deref());
     let more = next_link("/admin/vms", &q, next, "Next page →");
     let body = if list.is_empty() && paging.after.is_none() {
         r#"<p id="no-vms">No VMs exist.</p>"#.to_string()
@@ -485,10 +490,9 @@ pub async fn audit(State(st): State<AppState>, v: Visitor, Query(q): Query<Field
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty())
     };
-    let fail = |status, message: &str| error_page(&v, status, "Audit trail", message);
-    let paging = match paging_of(&q, AUDIT_PAGE) {
+    let paging = match paging_of(&v, "Audit trail", &q, AUDIT_PAGE) {
         Ok(p) => p,
-        Err(e) => return fail(StatusCode::BAD_REQUEST, e),
+        Err(page) => return page,
     };
     let r = st
         .services
@@ -496,14 +500,10 @@ pub async fn audit(State(st): State<AppState>, v: Visitor, Query(q): Query<Field
         .await;
     let (recs, next) = match api(r) {
         Ok(p) => (p.items, p.next_after),
-        Err(e) => return fail(e.status, &e.message),
+        Err(e) => return error_page(&v, e.status, "Audit trail", &e.message),
     };
     let older = next_link("/admin/audit", &q, next, "Older records →");
-    let from = paging
-        .after
-        .as_deref()
-        .map(|a| format!(", older than record {}", esc(a)))
-        .unwrap_or_default();
+    let from = after_note(", older than record", paging.after.as_deref());
     let mut rows = String::new();
     for a in &recs {
         let _ = write!(

@@ -74,6 +74,13 @@ pub(super) fn usage_stmt(owner: &str) -> Stmt {
     )
 }
 
+/// The usage [`usage_stmt`] answered with.
+pub(super) fn usage_of(rows: &[Row]) -> Result<Usage> {
+    rows.first()
+        .map(usage_from)
+        .unwrap_or_else(|| Err(StoreError::Corrupt("vms", "no usage row".into())))
+}
+
 pub(super) fn usage_from(row: &Row) -> Result<Usage> {
     Ok(Usage {
         vms: row.int("vms")? as u32,
@@ -244,11 +251,7 @@ pub(crate) async fn holdings(
         .map(|u| u.opt_text("public_key"))
         .transpose()?
         .flatten();
-    let used = next()
-        .first()
-        .map(usage_from)
-        .transpose()?
-        .ok_or_else(|| StoreError::Corrupt("vms", "no usage row".into()))?;
+    let used = usage_of(&next())?;
     let rows = next();
     Ok(Holdings {
         quota,

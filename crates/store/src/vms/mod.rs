@@ -523,11 +523,7 @@ impl Store {
                     tx.query_many(&stmts)
                         .await?
                         .iter()
-                        .map(|rows| {
-                            rows.first().map(usage_from).unwrap_or_else(|| {
-                                Err(StoreError::Corrupt("vms", "no usage row".into()))
-                            })
-                        })
+                        .map(|rows| usage_of(rows))
                         .collect()
                 })
             })
