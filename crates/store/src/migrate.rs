@@ -58,6 +58,11 @@ const SQLITE: &[Migration] = &[
         "step_timeouts",
         include_str!("../migrations/sqlite/0010_step_timeouts.sql"),
     ),
+    (
+        11,
+        "batch_queue_order",
+        include_str!("../migrations/sqlite/0011_batch_queue_order.sql"),
+    ),
 ];
 
 /// PostgreSQL starts at SQLite's schema 6 in one file; later changes get a file each, on both

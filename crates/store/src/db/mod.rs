@@ -26,6 +26,13 @@ pub(crate) enum Dialect {
     Postgres,
 }
 
+/// `LIMIT` by the parameter `param` (`"$3"`). Cast, not bare: SQLite (3.51) plans with a bare
+/// parameter's value there, so each new binding made it parse and plan the statement again
+/// (every hand-off's read of ready batch nodes, every claim).
+pub(crate) fn limit_by(param: &str) -> String {
+    format!("LIMIT CAST({param} AS BIGINT)")
+}
+
 /// One bound argument or column value.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Value {
@@ -147,7 +154,11 @@ impl Filter {
     /// One page: `select` with these conditions, in `order`, at most `limit` rows.
     pub fn page(mut self, select: &str, order: &str, limit: i64) -> Stmt {
         let limit = self.arg(limit);
-        let sql = format!("{select}{} ORDER BY {order} LIMIT {limit}", self.clause());
+        let sql = format!(
+            "{select}{} ORDER BY {order} {}",
+            self.clause(),
+            limit_by(&limit)
+        );
         self.stmt(sql)
     }
 }

@@ -413,4 +413,72 @@ mod tests {
         let e = reserve_wal(&c, &path, 1 << 20).unwrap_err();
         assert!(e.contains("db.sqlite-wal"), "{e}");
     }
+
+    /// Runs `s` on `conn` three times, each with the parameters `args(k)`; how many times
+    /// SQLite parsed and planned it again.
+    fn reprepared(conn: &Connection, s: &Stmt, args: impl Fn(i64) -> Vec<Value>) -> i32 {
+        let mut st = conn.prepare_cached(&s.sql).unwrap();
+        for k in 0..3 {
+            bind(&mut st, &args(k)).unwrap();
+            let mut rows = st.raw_query();
+            while rows.next().unwrap().is_some() {}
+        }
+        st.get_status(rusqlite::StatementStatus::RePrepare)
+    }
+
+    /// The reads that take a count as their `LIMIT` (a hand-off's ready batch nodes; pages)
+    /// are planned once, not at every new binding, as SQLite does with a bare `LIMIT $n`.
+    #[tokio::test]
+    async fn a_limit_by_parameter_is_planned_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let store = Store::open(&path).await.unwrap();
+        let mut conn = open(&path).unwrap();
+        let ready = crate::workflows::ready_nodes(&SqliteTx { conn: &mut conn }, "b", 5, 0);
+        let args = |k: i64| vec![format!("b{k}").into(), (1000 + k).into(), (k + 1).into()];
+        assert_eq!(reprepared(&conn, &ready, args), 0, "{}", ready.sql);
+        let bare = Stmt::new(
+            ready.sql.replace(&super::super::limit_by("$3"), "LIMIT $3"),
+            vec![],
+        );
+        assert_ne!(bare.sql, ready.sql);
+        assert!(
+            reprepared(&conn, &bare, args) > 0,
+            "this SQLite plans a bare LIMIT parameter once: `limit_by` may go"
+        );
+        let mut f = super::super::Filter::default();
+        let owner = f.arg("pia");
+        f.and(format!("owner = {owner}"));
+        let page = f.page("SELECT id FROM vms", "name", 10);
+        let args = |k: i64| vec![format!("u{k}").into(), (k + 1).into()];
+        assert_eq!(reprepared(&conn, &page, args), 0, "{}", page.sql);
+        store.close().await;
+    }
+
+    /// A slot fill reads a batch's first parked nodes in queue order from its index: no sort
+    /// of every parked node (a 1,000-node batch sorted ~990 rows at each fill).
+    #[tokio::test]
+    async fn a_slot_fill_reads_the_queue_in_index_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let store = Store::open(&path).await.unwrap();
+        let conn = open(&path).unwrap();
+        for s in crate::workflows::fill_stmts(super::super::Dialect::Sqlite, "b") {
+            let mut st = conn
+                .prepare_cached(&format!("EXPLAIN QUERY PLAN {}", s.sql))
+                .unwrap();
+            bind(&mut st, &s.args).unwrap();
+            let mut rows = st.raw_query();
+            let mut plan = vec![];
+            while let Some(r) = rows.next().unwrap() {
+                plan.push(r.get::<_, String>(3).unwrap());
+            }
+            assert!(
+                plan.iter().any(|l| l.contains("workflows_batch_nodes")),
+                "{plan:?}"
+            );
+            assert!(!plan.iter().any(|l| l.contains("TEMP B-TREE")), "{plan:?}");
+        }
+        store.close().await;
+    }
 }

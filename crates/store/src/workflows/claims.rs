@@ -6,7 +6,7 @@ use super::{
     ClaimLimits, Claimed, StepRecord, StepStatus, WF_COLS, Workflow, WorkflowEvent, WorkflowStatus,
     clock, lease_lost, skip_locked, step_from, workflow_from,
 };
-use crate::db::{Col, Cols, Dialect, Durability, RowSet, Stmt, Tx, Value, stmt};
+use crate::db::{Col, Cols, Dialect, Durability, RowSet, Stmt, Tx, Value, limit_by, stmt};
 use crate::{Result, Store};
 use std::collections::HashMap;
 /// Advisory lock key of limited claims on PostgreSQL: with a per-user, -provider or -host
@@ -323,8 +323,9 @@ async fn claim_in(
         "SELECT w.id FROM workflows w
          WHERE w.cancel_requested = 1 AND w.status IN ('pending', 'running', 'undoing')
            AND (w.lease_owner IS NULL OR w.lease_until < $1){}
-         ORDER BY w.priority DESC, w.created_at LIMIT $2{lock}",
-        only(3)
+         ORDER BY w.priority DESC, w.created_at {}{lock}",
+        only(3),
+        limit_by("$2")
     );
     let mut args = vec![now.into(), max.into()];
     args.extend(defs());
@@ -365,8 +366,8 @@ async fn claim_in(
         }
         args.push(max.into());
         sql.push_str(&format!(
-            " ORDER BY w.priority DESC, w.created_at LIMIT ${}{lock}",
-            args.len()
+            " ORDER BY w.priority DESC, w.created_at {}{lock}",
+            limit_by(&format!("${}", args.len()))
         ));
         Stmt::new(sql, args)
     };

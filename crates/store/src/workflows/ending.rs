@@ -5,7 +5,7 @@
 use super::sets::{id_in, ids_arg};
 use super::{WorkflowEvent, WorkflowOutcome, event, lease_lost, resource_from, skip_locked};
 use crate::Result;
-use crate::db::{Cols, Dialect, Stmt, Tx, stmt};
+use crate::db::{Cols, Dialect, Stmt, Tx, limit_by, stmt};
 use crate::hooks::Registry;
 use crate::workflows::ResourceRef;
 
@@ -127,7 +127,8 @@ pub(crate) fn ready_nodes(tx: &dyn Tx, batch: &str, max: usize, now: i64) -> Stm
          WHERE batch_id = $1 AND parked = 0 AND status IN ('pending', 'running', 'undoing')
            AND waiting_on = 0 AND next_run_at <= $2
            AND (lease_owner IS NULL OR lease_until < $2) AND cancel_requested = 0
-         ORDER BY priority DESC, created_at LIMIT $3{}",
+         ORDER BY priority DESC, created_at {}{}",
+        limit_by("$3"),
         skip_locked(tx)
     );
     stmt!(sql, batch, now, max as i64)

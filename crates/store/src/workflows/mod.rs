@@ -26,7 +26,7 @@ pub(crate) use ending::{
     release_stmt,
 };
 
-use crate::db::{Cols, Dialect, Filter, Row, Stmt, Tx, Value, stmt};
+use crate::db::{Cols, Dialect, Filter, Row, Stmt, Tx, Value, limit_by, stmt};
 use crate::{Result, Store, StoreError, now_ms, parse};
 use serde::Serialize;
 
@@ -658,7 +658,7 @@ impl Store {
     pub async fn events_since(&self, after_seq: i64, limit: i64) -> Result<Vec<WorkflowEvent>> {
         self.read_events(move |_| {
             stmt!(
-                format!("{EVENTS} WHERE seq > $1 ORDER BY seq LIMIT $2"),
+                format!("{EVENTS} WHERE seq > $1 ORDER BY seq {}", limit_by("$2")),
                 after_seq,
                 limit
             )
