@@ -93,7 +93,7 @@ pub(crate) fn spawn(
     prefetched: Arc<Prefetch>,
     hooks: Registry,
 ) -> Result<(mpsc::Sender<Job>, Arc<AtomicU64>)> {
-    let mut conn = crate::db::sqlite::open(path)?;
+    let mut conn = crate::db::sqlite::open_writer(path)?;
     if let Err(e) = crate::db::sqlite::reserve_wal(&conn, path, crate::db::sqlite::WAL_RESERVE) {
         tracing::warn!(error = %e, "cannot write the WAL file ahead; commits grow it instead");
     }

@@ -12,6 +12,7 @@ pub(crate) mod pg_tools;
 pub(crate) mod postgres;
 pub(crate) mod sqlite;
 pub(crate) mod sqlite_backup;
+mod sqlite_wal_writes;
 
 use crate::{Result, StoreError};
 use std::borrow::Cow;

@@ -20,7 +20,26 @@ const READERS: usize = 8;
 /// Opens a connection of this store's kind (WAL, foreign keys, busy timeout, temporary data in
 /// memory, no checkpoints: the checkpoint thread makes them).
 pub(crate) fn open(path: &Path) -> Result<Connection> {
-    let c = Connection::open(path)?;
+    settle(Connection::open(path)?)
+}
+
+/// Opens the write thread's connection: as [`open`], its WAL appends gathered into one write
+/// per commit ([`super::sqlite_wal_writes`]), or as [`open`] if that VFS cannot be registered.
+pub(crate) fn open_writer(path: &Path) -> Result<Connection> {
+    match super::sqlite_wal_writes::register() {
+        Ok(()) => settle(Connection::open_with_flags_and_vfs(
+            path,
+            rusqlite::OpenFlags::default(),
+            super::sqlite_wal_writes::NAME,
+        )?),
+        Err(e) => {
+            tracing::warn!(error = %e, "writing WAL frames one by one");
+            open(path)
+        }
+    }
+}
+
+fn settle(c: Connection) -> Result<Connection> {
     c.busy_timeout(Duration::from_secs(30))?;
     c.pragma_update(None, "journal_mode", "WAL")?;
     c.pragma_update(None, "synchronous", "NORMAL")?;
