@@ -209,56 +209,52 @@ unsafe extern "C" fn write(
     ffi::SQLITE_OK
 }
 
+/// Writes what is gathered for `f`, then runs `then` on the default VFS's file.
+///
+/// # Safety
+/// As [`parts`].
+unsafe fn flushed(
+    f: *mut ffi::sqlite3_file,
+    then: impl FnOnce(*mut ffi::sqlite3_file, &ffi::sqlite3_io_methods) -> c_int,
+) -> c_int {
+    let (w, m) = unsafe { parts(f) };
+    match flush(w, m) {
+        ffi::SQLITE_OK => then(w.real, m),
+        rc => rc,
+    }
+}
+
 unsafe extern "C" fn read(
     f: *mut ffi::sqlite3_file,
     data: *mut c_void,
     n: c_int,
     offset: i64,
 ) -> c_int {
-    let (w, m) = unsafe { parts(f) };
-    let rc = flush(w, m);
-    if rc != ffi::SQLITE_OK {
-        return rc;
+    unsafe {
+        flushed(f, |r, m| {
+            m.xRead.expect("a file is read")(r, data, n, offset)
+        })
     }
-    unsafe { m.xRead.expect("a file is read")(w.real, data, n, offset) }
 }
 
 unsafe extern "C" fn truncate(f: *mut ffi::sqlite3_file, size: i64) -> c_int {
-    let (w, m) = unsafe { parts(f) };
-    let rc = flush(w, m);
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    unsafe { m.xTruncate.expect("a file is truncated")(w.real, size) }
+    unsafe { flushed(f, |r, m| m.xTruncate.expect("a file is truncated")(r, size)) }
 }
 
 unsafe extern "C" fn sync(f: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
-    let (w, m) = unsafe { parts(f) };
-    let rc = flush(w, m);
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    unsafe { m.xSync.expect("a file is synced")(w.real, flags) }
+    unsafe { flushed(f, |r, m| m.xSync.expect("a file is synced")(r, flags)) }
 }
 
 unsafe extern "C" fn file_size(f: *mut ffi::sqlite3_file, size: *mut i64) -> c_int {
-    let (w, m) = unsafe { parts(f) };
-    let rc = flush(w, m);
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    unsafe { m.xFileSize.expect("a file has a size")(w.real, size) }
+    unsafe { flushed(f, |r, m| m.xFileSize.expect("a file has a size")(r, size)) }
 }
 
 unsafe extern "C" fn file_control(f: *mut ffi::sqlite3_file, op: c_int, arg: *mut c_void) -> c_int {
-    let (w, m) = unsafe { parts(f) };
-    let rc = flush(w, m);
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    match m.xFileControl {
-        Some(fc) => unsafe { fc(w.real, op, arg) },
-        None => ffi::SQLITE_NOTFOUND,
+    unsafe {
+        flushed(f, |r, m| match m.xFileControl {
+            Some(fc) => fc(r, op, arg),
+            None => ffi::SQLITE_NOTFOUND,
+        })
     }
 }
 
