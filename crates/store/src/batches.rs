@@ -13,7 +13,6 @@ use crate::workflows::{
 };
 use crate::{Result, Store, now_ms};
 use serde::Serialize;
-use serde_json::json;
 use std::collections::{HashMap, HashSet};
 
 /// One node of a batch: a workflow to queue, and what it runs after.
@@ -68,19 +67,18 @@ pub struct BatchAdmitted {
     pub leased: Vec<Claimed>,
 }
 
-/// One statement inserting every row of `rows` (each a JSON array, one value per column of
-/// `cols`) into `table`, whatever their number (a [`RowSet`]); `consts` are columns set to
-/// the same SQL constant in every row. Rows are inserted in order.
+/// One statement inserting every row of `set` into `table`, whatever their number;
+/// `consts` are columns set to the same SQL constant in every row. Rows are inserted in order.
 pub(crate) fn bulk_insert(
     dialect: Dialect,
     table: &str,
-    cols: &'static [Col],
     consts: &[(&str, &str)],
-    rows: Vec<serde_json::Value>,
+    set: RowSet,
 ) -> Option<Stmt> {
-    if rows.is_empty() {
+    if set.is_empty() {
         return None;
     }
+    let cols = set.cols();
     let names = cols
         .iter()
         .map(|c| c.0)
@@ -93,10 +91,6 @@ pub(crate) fn bulk_insert(
         .chain(consts.iter().map(|c| c.1.to_string()))
         .collect::<Vec<_>>()
         .join(", ");
-    let mut set = RowSet::new(cols);
-    for r in &rows {
-        set.push_json(r);
-    }
     let mut sql = format!(
         "INSERT INTO {table} ({names}) SELECT {values} FROM {}",
         set.relation(dialect, 1)
@@ -164,38 +158,43 @@ pub(crate) async fn enqueue_in(
         .iter()
         .map(|w| (w.node.as_str(), w.id.as_str()))
         .collect();
-    let (mut wfs, mut steps, mut evs, mut edges) = (vec![], vec![], vec![], vec![]);
+    let (mut wfs, mut steps) = (RowSet::new(WORKFLOW_ROW), RowSet::new(STEP_ROW));
+    let (mut evs, mut edges) = (RowSet::new(EVENT_ROW), RowSet::new(EDGE_ROW));
     // One edge per pair (a name listed twice, or both required and optional, is one; the
     // hard one wins): `workflow_deps` keys on the pair.
     let mut paired = HashSet::new();
     for b in works {
         let (op, w) = (&b.id, &b.workflow);
-        wfs.push(json!([
-            op,
-            w.definition,
-            w.resource.as_ref().map(|r| r.kind.as_str()),
-            w.resource.as_ref().map(|r| r.id.as_str()),
-            w.owner,
-            w.priority,
-            w.input.to_string(),
-            now,
-            w.provider,
-            w.host,
-            batch_id,
-            b.node,
-            now,
-            now,
-        ]));
+        wfs.push(vec![
+            op.into(),
+            (&w.definition).into(),
+            w.resource.as_ref().map(|r| r.kind.as_str()).into(),
+            w.resource.as_ref().map(|r| r.id.as_str()).into(),
+            (&w.owner).into(),
+            w.priority.into(),
+            w.input.to_string().into(),
+            now.into(),
+            w.provider.as_ref().into(),
+            w.host.as_ref().into(),
+            batch_id.into(),
+            (&b.node).into(),
+            now.into(),
+            now.into(),
+        ]);
         for (i, s) in w.steps.iter().enumerate() {
-            steps.push(json!([
-                op,
-                i,
-                s.name,
-                format!("{op}/{i}/{}", s.name),
-                s.timeout_ms
-            ]));
+            steps.push(vec![
+                op.into(),
+                (i as i64).into(),
+                (&s.name).into(),
+                format!("{op}/{i}/{}", s.name).into(),
+                s.timeout_ms.into(),
+            ]);
         }
-        evs.push(json!([op, now, format!("{} queued", w.definition)]));
+        evs.push(vec![
+            op.into(),
+            now.into(),
+            format!("{} queued", w.definition).into(),
+        ]);
         let inside = b
             .requires
             .iter()
@@ -207,7 +206,7 @@ pub(crate) async fn enqueue_in(
         let outside = b.after.iter().map(|a| (Some(a.as_str()), true));
         for (target, hard) in inside.chain(outside).chain(soft) {
             if let Some(t) = target.filter(|t| paired.insert((op.as_str(), *t))) {
-                edges.push(json!([op, t, i64::from(hard)]));
+                edges.push(vec![op.into(), t.into(), hard.into()]);
             }
         }
     }
@@ -216,25 +215,17 @@ pub(crate) async fn enqueue_in(
         bulk_insert(
             d,
             "workflows",
-            WORKFLOW_ROW,
             &[("status", "'pending'"), ("parked", "1")],
             wfs,
         ),
-        bulk_insert(
-            d,
-            "workflow_steps",
-            STEP_ROW,
-            &[("status", "'pending'")],
-            steps,
-        ),
+        bulk_insert(d, "workflow_steps", &[("status", "'pending'")], steps),
         bulk_insert(
             d,
             "workflow_events",
-            EVENT_ROW,
             &[("step", "NULL"), ("kind", "'queued'")],
             evs,
         ),
-        bulk_insert(d, "workflow_deps", EDGE_ROW, &[], edges),
+        bulk_insert(d, "workflow_deps", &[], edges),
     ];
     let has_edges = inserts[3].is_some();
     tx.run(&inserts.into_iter().flatten().collect::<Vec<_>>())

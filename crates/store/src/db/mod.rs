@@ -306,21 +306,9 @@ impl RowSet {
         self.rows.push(row);
     }
 
-    /// Adds a row given as a JSON array (strings, integers, nulls), one value per column.
-    pub fn push_json(&mut self, row: &serde_json::Value) {
-        let v = |j: &serde_json::Value| match j {
-            serde_json::Value::Null => Value::Null,
-            serde_json::Value::String(s) => Value::Text(s.clone()),
-            serde_json::Value::Number(n) => {
-                n.as_i64().map_or(Value::Text(n.to_string()), Value::Int)
-            }
-            other => Value::Text(other.to_string()),
-        };
-        self.push(
-            row.as_array()
-                .map(|a| a.iter().map(v).collect())
-                .unwrap_or_default(),
-        );
+    /// The columns, in order.
+    pub fn cols(&self) -> &'static [Col] {
+        self.cols
     }
 
     pub fn is_empty(&self) -> bool {
@@ -366,17 +354,9 @@ impl RowSet {
     pub fn args(self, dialect: Dialect) -> Vec<Value> {
         match dialect {
             Dialect::Sqlite => {
-                let json = |v: &Value| match v {
-                    Value::Text(s) => serde_json::Value::from(s.as_str()),
-                    Value::Int(n) => serde_json::Value::from(*n),
-                    Value::Null | Value::List(_) => serde_json::Value::Null,
-                };
-                let rows: Vec<serde_json::Value> = self
-                    .rows
-                    .iter()
-                    .map(|r| r.iter().map(json).collect())
-                    .collect();
-                vec![Value::Text(serde_json::Value::Array(rows).to_string())]
+                let json = serde_json::to_string(&JsonRows(&self.rows))
+                    .expect("rows of text and integers serialize");
+                vec![Value::Text(json)]
             }
             Dialect::Postgres => {
                 let mut cols: Vec<Vec<Value>> = self
@@ -392,6 +372,37 @@ impl RowSet {
                 cols.into_iter().map(Value::List).collect()
             }
         }
+    }
+}
+
+/// Rows as a JSON array of arrays (text, integers, nulls), written straight from the values.
+struct JsonRows<'a>(&'a [Vec<Value>]);
+
+impl serde::Serialize for JsonRows<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut rows = s.serialize_seq(Some(self.0.len()))?;
+        for r in self.0 {
+            rows.serialize_element(&JsonRow(r))?;
+        }
+        rows.end()
+    }
+}
+
+struct JsonRow<'a>(&'a [Value]);
+
+impl serde::Serialize for JsonRow<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut row = s.serialize_seq(Some(self.0.len()))?;
+        for v in self.0 {
+            match v {
+                Value::Text(t) => row.serialize_element(t.as_str())?,
+                Value::Int(n) => row.serialize_element(n)?,
+                Value::Null | Value::List(_) => row.serialize_element(&())?,
+            }
+        }
+        row.end()
     }
 }
 

@@ -4,7 +4,7 @@
 
 use crate::audit::audit_stmt;
 use crate::batches::{BatchAdmitted, BatchWork, bulk_insert, enqueue_in};
-use crate::db::{Col, Cols, Tx, stmt};
+use crate::db::{Col, Cols, RowSet, Tx, stmt};
 use crate::vms::{
     AdmitError, AdmitExtras, Holdings, VM_COLS, free_ips, holdings, lease_nic, live_op_stmt,
     vm_from,
@@ -144,7 +144,7 @@ async fn admit(
     let mut nic_locked = false;
     let mut works = Vec::with_capacity(req.creates.len() + req.deletes.len());
     // VM rows and audit records in one statement each: a 1,000-node batch is a handful.
-    let (mut vms, mut audit) = (vec![], vec![]);
+    let (mut vms, mut audit) = (RowSet::new(VM_ROW), RowSet::new(AUDIT_ROW));
     let priority = if admin { 5 } else { 0 };
     for v in &req.creates {
         let ip = free
@@ -159,24 +159,24 @@ async fn admit(
                 ip,
             });
         }
-        vms.push(json!([
-            id,
-            owner,
-            v.name.as_str(),
-            v.os.as_str(),
-            v.login_user,
-            v.spec_name.as_str(),
-            v.spec.vcpus,
-            v.spec.memory_mib,
-            v.spec.disk_gib,
-            ip.to_string(),
-            req.provider,
-            now,
-            now,
-            json!(v.extras.disks).to_string(),
-            json!(nics).to_string(),
-            v.extras.disk_gib(),
-        ]));
+        vms.push(vec![
+            (&id).into(),
+            owner.into(),
+            v.name.as_str().into(),
+            v.os.as_str().into(),
+            (&v.login_user).into(),
+            v.spec_name.as_str().into(),
+            i64::from(v.spec.vcpus).into(),
+            (v.spec.memory_mib as i64).into(),
+            (v.spec.disk_gib as i64).into(),
+            ip.to_string().into(),
+            (&req.provider).into(),
+            now.into(),
+            now.into(),
+            json!(v.extras.disks).to_string().into(),
+            json!(nics).to_string().into(),
+            (v.extras.disk_gib() as i64).into(),
+        ]);
         let mut w = NewWorkflow::new(
             VmOperation::Create.as_str(),
             owner,
@@ -186,16 +186,17 @@ async fn admit(
         w.priority = priority;
         w.provider = Some(req.provider.clone());
         let mut work = BatchWork::new(v.name.as_str(), "create", w);
-        audit.push(json!([
-            now,
-            actor.name,
-            actor.source,
-            format!("{owner}/{}", v.name),
+        audit.push(vec![
+            now.into(),
+            (&actor.name).into(),
+            (&actor.source).into(),
+            format!("{owner}/{}", v.name).into(),
             format!(
                 "ip={ip} spec={} os={} operation={} batch={batch_id}",
                 v.spec_name, v.os, work.id
-            ),
-        ]));
+            )
+            .into(),
+        ]);
         work.optional = v.optional.clone();
         for r in &v.requires {
             match existing.get(r) {
@@ -243,11 +244,10 @@ async fn admit(
     }
     let d = tx.dialect();
     let inserts = [
-        bulk_insert(d, "vms", VM_ROW, &[("status", "'creating'")], vms),
+        bulk_insert(d, "vms", &[("status", "'creating'")], vms),
         bulk_insert(
             d,
             "audit",
-            AUDIT_ROW,
             &[("action", "'vm.create'"), ("result", "'accepted'")],
             audit,
         ),
