@@ -8,7 +8,10 @@
 //! no reader can see a commit whose frames are not in the file. Everything else on the WAL —
 //! a read, a write elsewhere, a sync, a truncate, its size, a file control, its close — first
 //! writes what is gathered. Durability is SQLite's own: with `synchronous = NORMAL` a commit
-//! is in the kernel when `COMMIT` returns, as it was.
+//! is in the kernel when `COMMIT` returns, as it was. Frames of a transaction that rolls back
+//! stay gathered until the next write, which writes them first: SQLite itself would have
+//! written them (past the last commit frame, where readers and recovery never look), and the
+//! next transaction's frames then overwrite them.
 
 use rusqlite::ffi;
 use std::ffi::{CStr, c_char, c_int, c_void};
