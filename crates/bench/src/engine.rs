@@ -37,6 +37,10 @@ pub async fn throughput(
     statements: bool,
 ) -> anyhow::Result<(f64, f64)> {
     let fuse = fuse_ms.to_string();
+    let sqlite_statements = statements && bench.backend == Backend::Sqlite;
+    if sqlite_statements {
+        basphere_store::statement_profile::start();
+    }
     let cfg = Arc::new(batch_config(
         bench,
         dir,
@@ -111,6 +115,9 @@ pub async fn throughput(
     let commits: u64 = apps.iter().map(|a| a.store().commits()).sum::<u64>() - commits0;
     if statements && let Some(url) = &cfg.database.url {
         print_statements(url).await?;
+    }
+    if sqlite_statements {
+        println!("{}", sqlite_statements_text());
     }
     let _ = tx.send(true);
     for a in &apps {
@@ -236,7 +243,12 @@ pub async fn batch_child(
     dir: &Path,
     nodes: usize,
     parallelism: u32,
+    statements: bool,
 ) -> anyhow::Result<()> {
+    let sqlite_statements = statements && bench.backend == Backend::Sqlite;
+    if sqlite_statements {
+        basphere_store::statement_profile::start();
+    }
     let cfg = Arc::new(batch_config(bench, dir, &[])?);
     let app = App::build(cfg.clone(), Overrides::default()).await?;
     let store = app.store().clone();
@@ -329,6 +341,13 @@ pub async fn batch_child(
     }
     // The batches' peak, before the plans below add theirs (and this client's parse of them).
     let batches_rss = peak_rss_mb();
+    if sqlite_statements {
+        // On stderr: the parent reads this process's last line of stdout.
+        eprintln!(
+            "the batch applies' {}",
+            sqlite_statements_text().trim_start()
+        );
+    }
     // Plan the independent manifest again: 1,000 to keep against 1,000 VMs.
     let mut plan_ms = vec![];
     for _ in 0..10 {
@@ -421,6 +440,23 @@ async fn print_statements(url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The SQLite statements recorded since [`basphere_store::statement_profile::start`] that took
+/// the most time, one line each: calls, total ms, µs per call, the statement (stops recording).
+fn sqlite_statements_text() -> String {
+    let mut out = String::from("  SQLite statements by time (calls, ms, µs per call, statement):");
+    for s in basphere_store::statement_profile::stop().iter().take(15) {
+        let ms = s.total.as_secs_f64() * 1000.0;
+        let sql: String = s.sql.chars().take(100).collect();
+        out.push_str(&format!(
+            "\n  {:>7} {:>9.1} {:>7.1}  {sql}",
+            s.calls,
+            ms,
+            ms * 1000.0 / s.calls.max(1) as f64
+        ));
+    }
+    out
+}
+
 /// Runs of each throughput figure: it swings by a third from run to run on a 2-core machine
 /// (more between minutes, with the host's load), so the median of five is printed with the
 /// range.
@@ -484,9 +520,14 @@ pub async fn run(
     nodes: usize,
     parallelism: u32,
     terraform_too: bool,
+    statements: bool,
 ) -> anyhow::Result<()> {
     print_throughput(bench, dir, false).await?;
-    let o = std::process::Command::new(std::env::current_exe()?)
+    let mut child = std::process::Command::new(std::env::current_exe()?);
+    if statements {
+        child.arg("--statements");
+    }
+    let o = child
         .args([
             "--part",
             "batch",

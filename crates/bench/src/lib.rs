@@ -57,10 +57,12 @@ pub struct Args {
     /// VMs in the store for the list figures (one figure per count).
     #[arg(long, value_delimiter = ',', default_values_t = [1000, 10_000])]
     pub list_vms: Vec<usize>,
-    /// After the throughput figure on PostgreSQL, print the statements that took the most
-    /// server time (pg_stat_statements): where to look when the figure drops.
-    #[arg(long)]
-    pub pg_statements: bool,
+    /// Print the statements that took the most time: after the first throughput run
+    /// (PostgreSQL: server time from pg_stat_statements; SQLite: each statement's run on this
+    /// process's connections), and after the batch child's applies (SQLite). Where to look
+    /// when a figure drops.
+    #[arg(long, alias = "pg-statements")]
+    pub statements: bool,
     /// Step completions per mode of the PostgreSQL probe.
     #[arg(long, default_value_t = 20_000)]
     pub probe_steps: usize,
@@ -218,7 +220,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         let dir = std::env::var_os("BASPHERE_BENCH_DIR")
             .map(PathBuf::from)
             .ok_or_else(|| anyhow::anyhow!("--part batch is started by the engine part itself"))?;
-        return engine::batch_child(&bench, &dir, a.batch_nodes, a.parallelism).await;
+        return engine::batch_child(&bench, &dir, a.batch_nodes, a.parallelism, a.statements).await;
     }
     let backends = match a.backend {
         Backend::Both => vec![Backend::Sqlite, Backend::Postgres],
@@ -230,7 +232,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             durable: true,
             ..Default::default()
         };
-        if a.pg_statements {
+        if a.statements {
             o.settings = vec![
                 "shared_preload_libraries=pg_stat_statements".into(),
                 "pg_stat_statements.track=all".into(),
@@ -268,7 +270,7 @@ async fn run_parts(a: &Args, bench: &Bench) -> anyhow::Result<()> {
             platform::run(&bench, &tmp, a).await?;
         }
         if a.part == Part::Throughput {
-            engine::print_throughput(&bench, &tmp.join("engine"), a.pg_statements).await?;
+            engine::print_throughput(&bench, &tmp.join("engine"), a.statements).await?;
         }
         if matches!(a.part, Part::All | Part::Engine) {
             engine::run(
@@ -277,6 +279,7 @@ async fn run_parts(a: &Args, bench: &Bench) -> anyhow::Result<()> {
                 a.batch_nodes,
                 a.parallelism,
                 !a.no_terraform,
+                a.statements,
             )
             .await?;
         }

@@ -168,6 +168,7 @@ fn sqlite_group(
             prefetched,
             hooks,
         ));
+        let _timed = crate::statement_profile::time("COMMIT");
         match r.and_then(|v| conn.execute_batch("COMMIT").map(|()| v).map_err(Into::into)) {
             Ok(v) => Ok(v),
             Err(e) => {

@@ -150,6 +150,7 @@ fn value(v: rusqlite::types::ValueRef<'_>) -> Value {
 
 /// Runs one statement on `conn` (in its open transaction); the rows it changed.
 pub(crate) fn exec_on(conn: &Connection, s: &Stmt) -> Result<u64> {
+    let _timed = statement_profile::time(&s.sql);
     let mut st = conn.prepare_cached(&s.sql)?;
     bind(&mut st, &s.args)?;
     if st.column_count() > 0 {
@@ -163,6 +164,7 @@ pub(crate) fn exec_on(conn: &Connection, s: &Stmt) -> Result<u64> {
 
 /// Runs a query on `conn`; every row.
 pub(crate) fn query_on(conn: &Connection, s: &Stmt) -> Result<Vec<Row>> {
+    let _timed = statement_profile::time(&s.sql);
     {
         let mut st = conn.prepare_cached(&s.sql)?;
         bind(&mut st, &s.args)?;
@@ -322,6 +324,7 @@ where
     conn.execute_batch("BEGIN IMMEDIATE")
         .map_err(|e| E::from(e.into()))?;
     let out = run_ready(f(&mut SqliteTx { conn: &mut *conn }));
+    let _timed = statement_profile::time("COMMIT");
     match out {
         Ok(v) => match conn.execute_batch("COMMIT") {
             Ok(()) => Ok(v),
@@ -334,6 +337,73 @@ where
             let _ = conn.execute_batch("ROLLBACK");
             Err(e)
         }
+    }
+}
+
+/// Time per statement on this process's SQLite connections (and per write commit), for
+/// benchmarks: off unless [`start`](statement_profile::start)ed.
+pub mod statement_profile {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    static ON: AtomicBool = AtomicBool::new(false);
+    static TIMES: Mutex<Option<HashMap<String, (u64, Duration)>>> = Mutex::new(None);
+
+    /// One statement's runs: its text (whitespace folded), how many, and their total time.
+    #[derive(Debug, Clone)]
+    pub struct StatementTime {
+        pub sql: String,
+        pub calls: u64,
+        pub total: Duration,
+    }
+
+    /// Times `sql` until the guard drops, if recording.
+    pub(crate) fn time(sql: &str) -> Option<Timed<'_>> {
+        ON.load(Ordering::Relaxed)
+            .then(|| Timed(sql, std::time::Instant::now()))
+    }
+
+    pub(crate) struct Timed<'a>(&'a str, std::time::Instant);
+
+    impl Drop for Timed<'_> {
+        fn drop(&mut self) {
+            let took = self.1.elapsed();
+            let mut t = TIMES.lock().expect("statement times lock");
+            let e = t
+                .get_or_insert_with(HashMap::new)
+                .entry(self.0.to_string())
+                .or_default();
+            e.0 += 1;
+            e.1 += took;
+        }
+    }
+
+    /// Starts recording (and clears what was recorded).
+    pub fn start() {
+        *TIMES.lock().expect("statement times lock") = None;
+        ON.store(true, Ordering::Relaxed);
+    }
+
+    /// Stops recording; what was recorded since [`start`], the most total time first.
+    pub fn stop() -> Vec<StatementTime> {
+        ON.store(false, Ordering::Relaxed);
+        let t = TIMES.lock().expect("statement times lock").take();
+        let mut by_text: HashMap<String, StatementTime> = HashMap::new();
+        for (sql, (calls, total)) in t.unwrap_or_default() {
+            let text = sql.split_whitespace().collect::<Vec<_>>().join(" ");
+            let e = by_text.entry(text.clone()).or_insert(StatementTime {
+                sql: text,
+                calls: 0,
+                total: Duration::ZERO,
+            });
+            e.calls += calls;
+            e.total += total;
+        }
+        let mut v: Vec<StatementTime> = by_text.into_values().collect();
+        v.sort_by_key(|t| std::cmp::Reverse(t.total));
+        v
     }
 }
 
@@ -499,5 +569,28 @@ mod tests {
             assert!(!plan.iter().any(|l| l.contains("TEMP B-TREE")), "{plan:?}");
         }
         store.close().await;
+    }
+
+    /// The bench's statement profile counts each statement's runs while started, and nothing
+    /// before or after.
+    #[test]
+    fn the_statement_profile_counts_runs_only_while_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = open(&dir.path().join("db.sqlite")).unwrap();
+        exec_on(&c, &Stmt::new("CREATE TABLE t (x)", vec![])).unwrap();
+        let insert = Stmt::new("INSERT INTO t (x) VALUES ($1)", vec![Value::Int(1)]);
+        exec_on(&c, &insert).unwrap();
+        statement_profile::start();
+        for _ in 0..3 {
+            exec_on(&c, &insert).unwrap();
+        }
+        query_on(&c, &Stmt::new("SELECT   x\n FROM t", vec![])).unwrap();
+        let times = statement_profile::stop();
+        exec_on(&c, &insert).unwrap();
+        let calls = |sql: &str| times.iter().find(|t| t.sql == sql).map(|t| t.calls);
+        assert_eq!(calls("INSERT INTO t (x) VALUES ($1)"), Some(3), "{times:?}");
+        assert_eq!(calls("SELECT x FROM t"), Some(1), "{times:?}");
+        assert_eq!(times.len(), 2, "{times:?}");
+        assert!(statement_profile::stop().is_empty());
     }
 }
