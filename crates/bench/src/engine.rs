@@ -37,10 +37,7 @@ pub async fn throughput(
     statements: bool,
 ) -> anyhow::Result<(f64, f64)> {
     let fuse = fuse_ms.to_string();
-    let sqlite_statements = statements && bench.backend == Backend::Sqlite;
-    if sqlite_statements {
-        basphere_store::statement_profile::start();
-    }
+    let sqlite_statements = start_sqlite_statements(bench, statements);
     let cfg = Arc::new(batch_config(
         bench,
         dir,
@@ -245,10 +242,7 @@ pub async fn batch_child(
     parallelism: u32,
     statements: bool,
 ) -> anyhow::Result<()> {
-    let sqlite_statements = statements && bench.backend == Backend::Sqlite;
-    if sqlite_statements {
-        basphere_store::statement_profile::start();
-    }
+    let sqlite_statements = start_sqlite_statements(bench, statements);
     let cfg = Arc::new(batch_config(bench, dir, &[])?);
     let app = App::build(cfg.clone(), Overrides::default()).await?;
     let store = app.store().clone();
@@ -438,6 +432,15 @@ async fn print_statements(url: &str) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Starts the store's statement profile if `statements` are asked for on SQLite; whether it did.
+fn start_sqlite_statements(bench: &Bench, statements: bool) -> bool {
+    let on = statements && bench.backend == Backend::Sqlite;
+    if on {
+        basphere_store::statement_profile::start();
+    }
+    on
 }
 
 /// The SQLite statements recorded since [`basphere_store::statement_profile::start`] that took

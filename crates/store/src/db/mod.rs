@@ -44,6 +44,18 @@ pub(crate) enum Value {
     List(Vec<Value>),
 }
 
+/// A value as JSON (a row set's rows travel to SQLite as JSON arrays).
+impl serde::Serialize for Value {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Value::Text(t) => s.serialize_str(t),
+            Value::Int(n) => s.serialize_i64(*n),
+            Value::Null => s.serialize_unit(),
+            Value::List(l) => s.collect_seq(l),
+        }
+    }
+}
+
 impl From<&str> for Value {
     fn from(s: &str) -> Self {
         Value::Text(s.to_string())
@@ -354,8 +366,8 @@ impl RowSet {
     pub fn args(self, dialect: Dialect) -> Vec<Value> {
         match dialect {
             Dialect::Sqlite => {
-                let json = serde_json::to_string(&JsonRows(&self.rows))
-                    .expect("rows of text and integers serialize");
+                let json =
+                    serde_json::to_string(&self.rows).expect("rows of text and integers serialize");
                 vec![Value::Text(json)]
             }
             Dialect::Postgres => {
@@ -372,37 +384,6 @@ impl RowSet {
                 cols.into_iter().map(Value::List).collect()
             }
         }
-    }
-}
-
-/// Rows as a JSON array of arrays (text, integers, nulls), written straight from the values.
-struct JsonRows<'a>(&'a [Vec<Value>]);
-
-impl serde::Serialize for JsonRows<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        use serde::ser::SerializeSeq;
-        let mut rows = s.serialize_seq(Some(self.0.len()))?;
-        for r in self.0 {
-            rows.serialize_element(&JsonRow(r))?;
-        }
-        rows.end()
-    }
-}
-
-struct JsonRow<'a>(&'a [Value]);
-
-impl serde::Serialize for JsonRow<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        use serde::ser::SerializeSeq;
-        let mut row = s.serialize_seq(Some(self.0.len()))?;
-        for v in self.0 {
-            match v {
-                Value::Text(t) => row.serialize_element(t.as_str())?,
-                Value::Int(n) => row.serialize_element(n)?,
-                Value::Null | Value::List(_) => row.serialize_element(&())?,
-            }
-        }
-        row.end()
     }
 }
 
