@@ -6,7 +6,7 @@
 //! The replicas are this test binary re-executed (`--exact engine_process --ignored`) with
 //! `BSP_PG_URL` set; each appends `start|end NODE WF IDX MS` lines to a shared log.
 mod common;
-use basphere_store::{Completion, NewWorkflow, Store, WorkflowStatus};
+use basphere_store::{BatchWork, Completion, NewWorkflow, Store, WorkflowStatus};
 use basphere_testkit::postgres::Postgres;
 use common::*;
 use nix::sys::signal::{Signal, kill};
@@ -172,10 +172,80 @@ async fn a_per_user_limit_of_two_holds_across_three_replicas() {
         let w = store.workflow(id).await.unwrap().unwrap();
         assert_eq!(w.status, WorkflowStatus::Succeeded, "{w:?}");
     }
-    // Each workflow holds its slot from its first step's start to its last step's end.
+    let (most, per_node) = most_at_once(&read_log(&log));
+    eprintln!("at most {most} of the user's workflows at once; starts per replica {per_node:?}");
+    assert!(most <= 2, "the per-user limit of 2 was exceeded: {most}");
+    assert_eq!(most, 2, "the limit was reached (the test can fail)");
+    assert!(
+        per_node.len() >= 2,
+        "more than one replica took work: {per_node:?}"
+    );
+    store.close().await;
+}
+
+/// A batch's slots pass from node to node across three replicas (on PostgreSQL without turns
+/// on the batch row): never more of its nodes at once than its parallelism, every slot used,
+/// and every node run — the layered ones too, made ready by endings on other replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batchs_parallelism_holds_across_three_replicas() {
+    let pg = Postgres::start();
+    let url = pg.create_database("batch_slots");
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("steps.log");
+    let store = Store::open_postgres(&url).await.unwrap();
+    let work = |node: String, requires: Vec<String>| {
+        let mut w = BatchWork::new(
+            node,
+            "ledger",
+            ledger_workflow(2, json!({"sleep_ms": [5, 25]})),
+        );
+        w.requires = requires;
+        w
+    };
+    let mut works: Vec<BatchWork> = (0..30).map(|i| work(format!("n{i}"), vec![])).collect();
+    // Three layers of six after them, each node requiring two of the layer before.
+    for layer in 0..3 {
+        for i in 0..6 {
+            let before = |j: usize| match layer {
+                0 => format!("n{j}"),
+                _ => format!("l{}-{j}", layer - 1),
+            };
+            works.push(work(
+                format!("l{layer}-{i}"),
+                vec![before(i), before((i + 1) % 6)],
+            ));
+        }
+    }
+    let b = store.enqueue_batch("tester", 4, works).await.unwrap();
+    let mut rs: Vec<_> = ["node-a", "node-b", "node-c"]
+        .iter()
+        .map(|n| replica(&url, n, &log, &[]))
+        .collect();
+    wait_all(&mut rs, 120);
+    for n in &b.nodes {
+        let w = store.workflow(&n.operation_id).await.unwrap().unwrap();
+        assert_eq!(w.status, WorkflowStatus::Succeeded, "{}: {w:?}", n.node);
+    }
+    let (most, per_node) = most_at_once(&read_log(&log));
+    eprintln!("at most {most} of the batch's nodes at once; starts per replica {per_node:?}");
+    assert!(
+        most <= 4,
+        "the batch's parallelism of 4 was exceeded: {most}"
+    );
+    assert_eq!(most, 4, "every slot was used (the test can fail)");
+    assert!(
+        per_node.len() >= 2,
+        "more than one replica took work: {per_node:?}"
+    );
+    store.close().await;
+}
+
+/// The most workflows of `log` running at once (each holds its slot from its first step's
+/// start to its last step's end), and the starts per replica.
+fn most_at_once(log: &[(String, String, String, u32, i64)]) -> (i32, BTreeMap<String, usize>) {
     let mut span: BTreeMap<String, (i64, i64)> = BTreeMap::new();
     let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
-    for l in read_log(&log) {
+    for l in log {
         let e = span.entry(l.2.clone()).or_insert((i64::MAX, 0));
         if l.0 == "start" {
             e.0 = e.0.min(l.4);
@@ -194,14 +264,7 @@ async fn a_per_user_limit_of_two_holds_across_three_replicas() {
         now += d;
         most = most.max(now);
     }
-    eprintln!("at most {most} of the user's workflows at once; starts per replica {per_node:?}");
-    assert!(most <= 2, "the per-user limit of 2 was exceeded: {most}");
-    assert_eq!(most, 2, "the limit was reached (the test can fail)");
-    assert!(
-        per_node.len() >= 2,
-        "more than one replica took work: {per_node:?}"
-    );
-    store.close().await;
+    (most, per_node)
 }
 
 /// Another replica's commit made after an engine was created but before it runs reaches the

@@ -25,9 +25,9 @@ use crate::workflows::sets::{
     EVENT_ROW, STEP_START_ROW, append_events, id_in, ids_arg, set_stmt, start_steps,
 };
 use crate::workflows::{
-    Claimed, ENDING_COLS, Ending, Handoff, StepCommit, WorkflowEvent, WorkflowStatus, clock,
-    ending_from, fill_batch_in, fill_stmts, insert_stmts, lease_lost, lease_many, ready_nodes,
-    release_stmt,
+    Claimed, ENDING_COLS, Ending, Handoff, Leased, StepCommit, WorkflowEvent, WorkflowStatus,
+    clock, ending_from, fill_batch_in, fill_stmts, insert_stmts, lease_lost, lease_ready,
+    pass_slots, release_stmt,
 };
 use crate::{Result, StoreError};
 use rusqlite::Connection;
@@ -462,7 +462,8 @@ pub(crate) async fn commit_group(
     let (mut effect_rows, mut event_rows) = (RowSet::new(EFFECT_ROW), RowSet::new(EVENT_ROW));
     let mut n_events = 0i64;
     let mut plans: Vec<Option<Plan>> = Vec::with_capacity(reqs.len());
-    let mut fills: Vec<String> = vec![];
+    // Per batch, how many of its nodes succeed here (each frees a slot).
+    let mut fills: BTreeMap<String, usize> = BTreeMap::new();
     let mut wants: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
     let mut failed: Vec<Option<StoreError>> = (0..reqs.len()).map(|_| None).collect();
     // The workflows that end succeeded (their new step), and their endings.
@@ -558,7 +559,7 @@ pub(crate) async fn commit_group(
         } else if let (Some(end), true, false) = (&end, fin(j), cancel) {
             succeeded.push(end.clone());
             if let Some(b) = &end.batch_id {
-                fills.push(b.clone());
+                *fills.entry(b.clone()).or_default() += 1;
                 if j.handoff.is_some() {
                     wants
                         .entry((b.clone(), j.node.clone()))
@@ -647,19 +648,40 @@ pub(crate) async fn commit_group(
     let events_at = batch.len();
     batch.extend(append_events(d, event_rows, now));
     // 4. Batch slots, after the writes in the same round trip: the slots freed by these
-    //    endings go to the next ready nodes of their batches, and each finishing batch node
-    //    with a hand-off reads the next ready node of its batch to lease.
-    fills.sort_unstable();
-    fills.dedup();
-    let mut ready_at: Vec<(String, Vec<usize>, usize)> = vec![];
-    for b in &fills {
-        batch.extend(fill_stmts(d, b));
+    //    endings go to the next ready nodes of their batches (on PostgreSQL passed on, a
+    //    counted fill after only where the queue looked empty), and each finishing batch
+    //    node with a hand-off reads the next ready node of its batch to lease.
+    let mut passes: Vec<(&str, usize, usize)> = vec![];
+    let mut ready_at: Vec<(Vec<usize>, usize)> = vec![];
+    for (b, &freed) in &fills {
+        match d {
+            Dialect::Postgres => {
+                passes.push((b, freed, batch.len()));
+                batch.push(pass_slots(b, freed));
+            }
+            Dialect::Sqlite => batch.extend(fill_stmts(d, b)),
+        }
         for ((batch_id, node), idxs) in wants.iter().filter(|((batch_id, _), _)| batch_id == b) {
-            ready_at.push((node.clone(), idxs.clone(), batch.len()));
-            batch.push(ready_nodes(tx, batch_id, idxs.len(), now));
+            let Some(h) = reqs[idxs[0]].handoff else {
+                continue;
+            };
+            ready_at.push((idxs.clone(), batch.len()));
+            batch.extend(lease_ready(
+                tx,
+                batch_id,
+                idxs.len(),
+                node,
+                now + h.lease_ms,
+                now,
+            ));
         }
     }
     let results = tx.query_many(&batch).await?;
+    for &(b, freed, at) in &passes {
+        if results[at].len() < freed {
+            fill_batch_in(tx, b).await?;
+        }
+    }
     let mut seqs: BTreeMap<String, Vec<i64>> = BTreeMap::new();
     for r in results.get(events_at).into_iter().flatten() {
         seqs.entry(r_text(r, "workflow_id")?)
@@ -671,7 +693,7 @@ pub(crate) async fn commit_group(
     let mut more: Vec<String> = vec![];
     if let Some(k) = released {
         for r in &results[k] {
-            more.extend(r_opt_text(r, "batch_id")?.filter(|b| !fills.contains(b)));
+            more.extend(r_opt_text(r, "batch_id")?.filter(|b| !fills.contains_key(b)));
         }
     }
     more.sort_unstable();
@@ -695,32 +717,47 @@ pub(crate) async fn commit_group(
         out.push(Ok((events, cancel, None)));
     }
 
-    // 5. The hand-offs lease the ready nodes read; their first steps start at once, so their
-    //    definitions' hooks may read ahead for them (one round trip per definition).
-    let mut handed: Vec<(usize, Claimed)> = vec![];
-    for (node, idxs, at) in ready_at {
-        let Some(h) = reqs[idxs[0]].handoff else {
-            continue;
-        };
-        let ids = results[at]
-            .iter()
-            .map(|r| r.first_text().map(Option::unwrap_or_default))
-            .collect::<Result<Vec<_>>>()?;
-        let claimed = lease_many(tx, &ids, &node, now + h.lease_ms, now, true).await?;
-        handed.extend(idxs.into_iter().zip(claimed));
-    }
-    let mut by_def: BTreeMap<&str, Vec<&crate::workflows::Workflow>> = BTreeMap::new();
-    for (_, (wf, _, _)) in &handed {
-        by_def.entry(wf.definition.as_str()).or_default().push(wf);
-    }
-    for (def, ws) in by_def {
-        if let Some(h) = hooks.get(def) {
-            h.0.handed_off(tx, &ws, prefetched).await?;
+    // 5. The hand-offs leased their batches' next ready nodes in the batch above; those
+    //    nodes' steps start now, and their definitions' hooks read ahead for them, in one
+    //    more round trip.
+    let mut leases: Vec<(Vec<usize>, Leased)> = vec![];
+    for (idxs, at) in ready_at {
+        if let Some(l) = Leased::read(&results[at..at + 2], None, true, now)? {
+            leases.push((idxs, l));
         }
     }
-    for (i, c) in handed {
-        if let Ok((_, _, next)) = &mut out[i] {
-            *next = Some(c);
+    if leases.is_empty() {
+        return Ok(out);
+    }
+    let mut stmts: Vec<Stmt> = vec![];
+    let mut spans = vec![];
+    for (_, l) in &mut leases {
+        let s = l.stmts(d, now);
+        spans.push(stmts.len()..stmts.len() + s.len());
+        stmts.extend(s);
+    }
+    let mut by_def: BTreeMap<&str, Vec<&crate::workflows::Workflow>> = BTreeMap::new();
+    for wf in leases.iter().flat_map(|(_, l)| l.workflows()) {
+        by_def.entry(wf.definition.as_str()).or_default().push(wf);
+    }
+    let mut reads = vec![];
+    for (def, ws) in by_def {
+        if let Some(h) = hooks.get(def)
+            && let Some(s) = h.0.handed_off_read(d, &ws)
+        {
+            reads.push((h, stmts.len()));
+            stmts.push(s);
+        }
+    }
+    let res = tx.query_many(&stmts).await?;
+    for (h, at) in reads {
+        h.0.handed_off_rows(&res[at], prefetched)?;
+    }
+    for ((idxs, l), span) in leases.into_iter().zip(spans) {
+        for (i, c) in idxs.into_iter().zip(l.claimed(&res[span])?) {
+            if let Ok((_, _, next)) = &mut out[i] {
+                *next = Some(c);
+            }
         }
     }
     Ok(out)

@@ -5,7 +5,7 @@
 //! live beside its records (the VM's in `vms`). A definition without hooks changes nothing
 //! outside the ledger.
 
-use crate::db::{Dialect, Stmt, Tx, stmt};
+use crate::db::{Dialect, Row, Stmt, Tx, stmt};
 use crate::workflows::{Ending, OpError, Workflow, WorkflowOutcome};
 use basphere_core::NetworkPool;
 use std::any::Any;
@@ -71,14 +71,14 @@ pub(crate) trait ResourceHooks: Send + Sync {
     }
 
     /// `ws` (this definition's workflows) were leased by a hand-off inside this transaction
-    /// and their steps start at once: the hooks may read what those steps need into `cache`
-    /// (for all of them in one round trip).
-    async fn handed_off(
-        &self,
-        _tx: &mut dyn Tx,
-        _ws: &[&Workflow],
-        _cache: &Prefetch,
-    ) -> crate::Result<()> {
+    /// and their steps start at once: a read of what those steps need, for all of them, sent
+    /// with their starts; its rows go to [`ResourceHooks::handed_off_rows`].
+    fn handed_off_read(&self, _d: Dialect, _ws: &[&Workflow]) -> Option<Stmt> {
+        None
+    }
+
+    /// Keeps what [`ResourceHooks::handed_off_read`] read in `cache`, for the steps to take.
+    fn handed_off_rows(&self, _rows: &[Row], _cache: &Prefetch) -> crate::Result<()> {
         Ok(())
     }
 

@@ -1,7 +1,7 @@
 //! The VM's workflow hooks: what ending or retrying a create or delete does to its record.
 
 use super::{VMS_AND_KEYS, readmit, vm_and_key_from};
-use crate::db::{Cols, Dialect, Stmt, Tx, stmt};
+use crate::db::{Cols, Dialect, Row, Stmt, Tx, stmt};
 use crate::hooks::{Hooks, Prefetch, ResourceHooks, RetryCtx, each_succeeded};
 use crate::workflows::sets::{id_in, ids_arg};
 use crate::workflows::{Ending, OpError, Workflow, WorkflowOutcome};
@@ -179,19 +179,21 @@ run delete-vm to retry the cleanup' ELSE '' END,
 
     /// The steps about to start read their VMs with their owners' keys: read them here, in
     /// the hand-off's transaction, in one query (`Store::vm_and_key` takes each).
-    async fn handed_off(&self, tx: &mut dyn Tx, ws: &[&Workflow], cache: &Prefetch) -> Result<()> {
+    fn handed_off_read(&self, d: Dialect, ws: &[&Workflow]) -> Option<Stmt> {
         let vms: Vec<String> = ws
             .iter()
             .filter_map(|w| w.resource.as_ref()?.id_of(ResourceRef::VM))
             .map(str::to_string)
             .collect();
-        if vms.is_empty() {
-            return Ok(());
-        }
-        let d = tx.dialect();
-        let sql = format!("{VMS_AND_KEYS} WHERE {}", id_in(d, "v.id", 1));
-        for r in tx.query(&Stmt::new(sql, vec![ids_arg(d, &vms)])).await? {
-            let (vm, key) = vm_and_key_from(r)?;
+        (!vms.is_empty()).then(|| {
+            let sql = format!("{VMS_AND_KEYS} WHERE {}", id_in(d, "v.id", 1));
+            Stmt::new(sql, vec![ids_arg(d, &vms)])
+        })
+    }
+
+    fn handed_off_rows(&self, rows: &[Row], cache: &Prefetch) -> Result<()> {
+        for r in rows {
+            let (vm, key) = vm_and_key_from(r.clone())?;
             cache.put(vm.id.clone(), (vm, key));
         }
         Ok(())

@@ -4,7 +4,7 @@
 use super::sets::{EVENT_ROW, STEP_START_ROW, append_events, id_in, ids_arg, start_steps};
 use super::{
     ClaimLimits, Claimed, StepRecord, StepStatus, WF_COLS, Workflow, WorkflowEvent, WorkflowStatus,
-    clock, lease_lost, skip_locked, step_from, workflow_from,
+    clock, lease_lost, ready_nodes, skip_locked, step_from, workflow_from,
 };
 use crate::db::{Col, Cols, Dialect, Durability, RowSet, Stmt, Tx, Value, limit_by, stmt};
 use crate::{Result, Store};
@@ -17,8 +17,8 @@ const CLAIM_LOCK: i64 = 4_242_000_002;
 const DEFINITION: &[Col] = &[("definition", false)];
 
 /// Leases the workflows `ids` to `node` (those still claimable, in their order), loads their
-/// steps and, with `start`, starts each one's next step (not when undoing or cancelling) with
-/// its stored timeout: a fixed number of statements, whatever their count.
+/// steps and, with `start`, starts the current step of each that runs forward (not one that is
+/// undoing or has a cancel pending): two round trips.
 pub(crate) async fn lease_many(
     tx: &mut dyn Tx,
     ids: &[String],
@@ -44,7 +44,7 @@ pub(crate) async fn lease_many(
         "SELECT * FROM workflow_steps WHERE {} ORDER BY workflow_id, idx",
         id_in(d, "workflow_id", 1)
     );
-    let mut res = tx
+    let res = tx
         .query_many(&[
             Stmt::new(
                 sql,
@@ -53,80 +53,185 @@ pub(crate) async fn lease_many(
             Stmt::new(steps_sql, vec![ids_arg(d, ids)]),
         ])
         .await?;
-    let step_rows = res.pop().unwrap_or_default();
-    let rows = res.pop().unwrap_or_default();
-    if rows.is_empty() {
+    let Some(mut leased) = Leased::read(&res, Some(ids), start, now)? else {
         return Ok(vec![]);
+    };
+    let stmts = leased.stmts(d, now);
+    if stmts.is_empty() {
+        return leased.claimed(&[]);
     }
-    let mut steps: HashMap<String, Vec<StepRecord>> = HashMap::new();
-    for r in &step_rows {
-        steps
-            .entry(r.text("workflow_id")?)
-            .or_default()
-            .push(step_from(r)?);
-    }
-    let mut by_id: HashMap<String, Workflow> = HashMap::new();
-    for r in &rows {
-        let id = r.text("id")?;
-        let wf = workflow_from(r, steps.remove(&id).unwrap_or_default())?;
-        by_id.insert(id, wf);
-    }
-    let (mut starts, mut events) = (RowSet::new(STEP_START_ROW), RowSet::new(EVENT_ROW));
-    let mut out: Vec<Claimed> = Vec::with_capacity(by_id.len());
-    for id in ids {
-        let Some(mut wf) = by_id.remove(id) else {
-            continue;
-        };
-        if let Some(rec) = usize::try_from(wf.step).ok().and_then(|i| wf.steps.get(i))
-            && rec.status == StepStatus::Running
-        {
-            // Its step was started under a lease that ran out before the step ended.
-            metrics::counter!("basphere_lease_takeovers_total", "definition" => wf.definition.clone())
-                .increment(1);
-        }
-        let runnable = start && wf.status == WorkflowStatus::Running && !wf.cancel_requested;
-        let mut evs = vec![];
-        let mut started = false;
-        if let (true, Ok(i)) = (runnable, usize::try_from(wf.step))
-            && i < wf.steps.len()
-        {
-            let rec = &mut wf.steps[i];
-            let d = rec.timeout_ms;
-            let idx = i64::from(rec.idx);
-            evs.push(start_one(
-                &mut starts,
-                &mut events,
-                id,
-                idx,
-                &rec.name,
-                d,
-                now,
+    let results = tx.query_many(&stmts).await?;
+    leased.claimed(&results)
+}
+
+/// The hand-off's lease of up to `max` ready nodes of `batch` to `node` (those another
+/// transaction holds passed over), and the steps of the nodes it leased (with some others'
+/// of `node`'s in that batch, which [`Leased::read`] drops): two statements for the caller's
+/// batch of writes, saving the round trip that would read the nodes first.
+pub(crate) fn lease_ready(
+    tx: &dyn Tx,
+    batch: &str,
+    max: usize,
+    node: &str,
+    lease_until: i64,
+    now: i64,
+) -> [Stmt; 2] {
+    let d = tx.dialect();
+    let ready = ready_nodes(tx, batch, max, now);
+    let lease = Stmt::new(
+        format!(
+            "UPDATE workflows SET lease_owner = $4, lease_until = $5, updated_at = $2, parked = 0,
+                 status = CASE WHEN status = 'pending' THEN 'running' ELSE status END
+             WHERE {} AND (lease_owner IS NULL OR lease_until < $2)
+             RETURNING {WF_COLS}",
+            match d {
+                Dialect::Sqlite => format!("id IN ({})", ready.sql),
+                Dialect::Postgres => format!("id = ANY(ARRAY({}))", ready.sql),
+            }
+        ),
+        ready
+            .args
+            .iter()
+            .cloned()
+            .chain([node.into(), lease_until.into()])
+            .collect(),
+    );
+    let mine = "SELECT id FROM workflows
+         WHERE batch_id = $1 AND parked = 0 AND status IN ('running', 'undoing')
+           AND lease_owner = $2 AND lease_until = $3";
+    // By key on PostgreSQL: as a join its plan rests on the tables' statistics.
+    let of = match d {
+        Dialect::Sqlite => format!("workflow_id IN ({mine})"),
+        Dialect::Postgres => format!("workflow_id = ANY(ARRAY({mine}))"),
+    };
+    let steps = stmt!(
+        format!("SELECT * FROM workflow_steps WHERE {of} ORDER BY workflow_id, idx"),
+        batch,
+        node,
+        lease_until,
+    );
+    [lease, steps]
+}
+
+/// Workflows just leased, read from their rows, with the starts of their current steps to
+/// write ([`Leased::stmts`]); then, from what those returned, claimed ([`Leased::claimed`]).
+pub(crate) struct Leased {
+    out: Vec<(Workflow, Vec<WorkflowEvent>, bool)>,
+    starts: RowSet,
+    events: RowSet,
+}
+
+impl Leased {
+    /// The workflows of a lease's rows `[leased, steps]` (in the order of `ids` if given);
+    /// with `start` the current step of each that runs forward is started. None if none.
+    pub(crate) fn read(
+        res: &[Vec<crate::db::Row>],
+        ids: Option<&[String]>,
+        start: bool,
+        now: i64,
+    ) -> Result<Option<Leased>> {
+        let [rows, step_rows] = res else {
+            return Err(crate::StoreError::Corrupt(
+                "workflows",
+                "a lease returned the wrong number of results".into(),
             ));
-            rec.status = StepStatus::Running;
-            rec.attempts += 1;
-            rec.started_at = Some(now);
-            rec.deadline_at = Some(now + d);
-            started = true;
+        };
+        if rows.is_empty() {
+            return Ok(None);
         }
-        out.push((wf, evs, started));
-    }
-    let mut batch: Vec<Stmt> = start_steps(d, starts, now).into_iter().collect();
-    let appended = batch.len();
-    batch.extend(append_events(d, events, now));
-    if appended == batch.len() {
-        return Ok(out);
-    }
-    let results = tx.query_many(&batch).await?;
-    let mut seqs: HashMap<String, i64> = HashMap::new();
-    for r in &results[appended] {
-        seqs.insert(r.text("workflow_id")?, r.int("seq")?);
-    }
-    for (wf, evs, _) in &mut out {
-        for e in evs {
-            e.seq = seqs.get(&wf.id).copied().unwrap_or_default();
+        let mut by_id: HashMap<String, Option<Workflow>> = HashMap::new();
+        let mut order = vec![];
+        for r in rows {
+            let id = r.text("id")?;
+            by_id.insert(id.clone(), Some(workflow_from(r, vec![])?));
+            order.push(id);
         }
+        for r in step_rows {
+            if let Some(Some(wf)) = by_id.get_mut(&r.text("workflow_id")?) {
+                wf.steps.push(step_from(r)?);
+            }
+        }
+        let order: Vec<&String> = match ids {
+            Some(ids) => ids.iter().collect(),
+            None => order.iter().collect(),
+        };
+        let (mut starts, mut events) = (RowSet::new(STEP_START_ROW), RowSet::new(EVENT_ROW));
+        let mut out = Vec::with_capacity(by_id.len());
+        for id in order {
+            let Some(mut wf) = by_id.get_mut(id).and_then(Option::take) else {
+                continue;
+            };
+            if let Some(rec) = usize::try_from(wf.step).ok().and_then(|i| wf.steps.get(i))
+                && rec.status == StepStatus::Running
+            {
+                // Its step was started under a lease that ran out before the step ended.
+                metrics::counter!("basphere_lease_takeovers_total", "definition" => wf.definition.clone())
+                    .increment(1);
+            }
+            let runnable = start && wf.status == WorkflowStatus::Running && !wf.cancel_requested;
+            let mut evs = vec![];
+            let mut started = false;
+            if let (true, Ok(i)) = (runnable, usize::try_from(wf.step))
+                && i < wf.steps.len()
+            {
+                let rec = &mut wf.steps[i];
+                let d = rec.timeout_ms;
+                let idx = i64::from(rec.idx);
+                evs.push(start_one(
+                    &mut starts,
+                    &mut events,
+                    &wf.id,
+                    idx,
+                    &rec.name,
+                    d,
+                    now,
+                ));
+                rec.status = StepStatus::Running;
+                rec.attempts += 1;
+                rec.started_at = Some(now);
+                rec.deadline_at = Some(now + d);
+                started = true;
+            }
+            out.push((wf, evs, started));
+        }
+        Ok(Some(Leased {
+            out,
+            starts,
+            events,
+        }))
     }
-    Ok(out)
+
+    /// The starts to write: the steps, then their events (returning their numbers). Empty if
+    /// none starts.
+    pub(crate) fn stmts(&mut self, d: Dialect, now: i64) -> Vec<Stmt> {
+        let starts = std::mem::replace(&mut self.starts, RowSet::new(STEP_START_ROW));
+        let events = std::mem::replace(&mut self.events, RowSet::new(EVENT_ROW));
+        start_steps(d, starts, now)
+            .into_iter()
+            .chain(append_events(d, events, now))
+            .collect()
+    }
+
+    /// The workflows just leased.
+    pub(crate) fn workflows(&self) -> impl Iterator<Item = &Workflow> {
+        self.out.iter().map(|(w, _, _)| w)
+    }
+
+    /// The claimed workflows, their events numbered from `results`, the results of
+    /// [`Leased::stmts`] (the events' are the last).
+    pub(crate) fn claimed(self, results: &[Vec<crate::db::Row>]) -> Result<Vec<Claimed>> {
+        let mut seqs: HashMap<String, i64> = HashMap::new();
+        for r in results.last().into_iter().flatten() {
+            seqs.insert(r.text("workflow_id")?, r.int("seq")?);
+        }
+        let mut out = self.out;
+        for (wf, evs, _) in &mut out {
+            for e in evs {
+                e.seq = seqs.get(&wf.id).copied().unwrap_or_default();
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// Workflows just queued in the caller's transaction, to lease to `node` with their first

@@ -58,23 +58,45 @@ fn update_ids(d: Dialect, set: &str, select: &str, rest: &str) -> String {
 
 /// A batch's free slots: its parallelism less its unparked nodes that have not ended, given
 /// to its ready parked nodes in queue order — one statement. (`{max}`: the dialect's larger
-/// of two values; a `CASE` would count the nodes twice.)
+/// of two values; a `CASE` would count the nodes twice. `{lock}`: on PostgreSQL the nodes
+/// another transaction holds are passed over: a slot pass ([`pass_slots`]) is giving them
+/// theirs, and the ending it passes from still counts as running here.)
 const FILL_IDS: &str = "SELECT id FROM workflows
      WHERE batch_id = $1 AND parked = 1 AND status = 'pending' AND waiting_on = 0
      ORDER BY created_at, id
      LIMIT (SELECT {max}(0, COALESCE((SELECT parallelism FROM batches WHERE id = $1), 0)
          - (SELECT COUNT(*) FROM workflows WHERE batch_id = $1 AND parked = 0 AND status = 'pending')
          - (SELECT COUNT(*) FROM workflows WHERE batch_id = $1 AND parked = 0 AND status = 'running')
-         - (SELECT COUNT(*) FROM workflows WHERE batch_id = $1 AND parked = 0 AND status = 'undoing')))";
+         - (SELECT COUNT(*) FROM workflows WHERE batch_id = $1 AND parked = 0 AND status = 'undoing'))){lock}";
 
 /// The statement that hands free slots of batch `batch` to its ready parked nodes.
 fn fill_stmt(d: Dialect, batch: &str) -> Stmt {
-    let max = match d {
-        Dialect::Sqlite => "max",
-        Dialect::Postgres => "GREATEST",
+    let (max, lock) = match d {
+        Dialect::Sqlite => ("max", ""),
+        Dialect::Postgres => ("GREATEST", " FOR UPDATE SKIP LOCKED"),
     };
-    let ids = FILL_IDS.replace("{max}", max);
+    let ids = FILL_IDS.replace("{max}", max).replace("{lock}", lock);
     stmt!(update_ids(d, "parked = 0", &ids, ""), batch)
+}
+
+/// PostgreSQL's way for the slots of `freed` nodes of `batch` that succeeded in this
+/// transaction: each passes straight to the next ready parked node (queue order), without
+/// the turns on the batch row a counted fill takes. One slot freed, one filled: the number
+/// of running nodes stays what it was, whatever commits meanwhile, and `SKIP LOCKED` keeps
+/// two passes off one node. It returns the nodes given a slot. Fewer than `freed` means the
+/// queue looked empty, or held by others: the caller then runs the counted fill
+/// ([`fill_batch_in`]), which sees every ending committed before its turn, so a node made
+/// ready meanwhile by another transaction does not wait for a slot left free.
+pub(crate) fn pass_slots(batch: &str, freed: usize) -> Stmt {
+    stmt!(
+        "UPDATE workflows SET parked = 0 WHERE id = ANY(ARRAY(
+             SELECT id FROM workflows
+             WHERE batch_id = $1 AND parked = 1 AND status = 'pending' AND waiting_on = 0
+             ORDER BY created_at, id LIMIT CAST($2 AS BIGINT) FOR UPDATE SKIP LOCKED))
+         RETURNING id",
+        batch,
+        freed as i64,
+    )
 }
 
 /// The statement by which the pending dependents of the workflows `ended` (only their soft
@@ -105,10 +127,11 @@ pub(crate) fn release_stmt(d: Dialect, ended: &[String], soft_only: bool) -> Stm
 /// The statements that hand free slots of batch `batch` to its ready parked nodes (in queue
 /// order).
 ///
-/// On PostgreSQL the fills of one batch take turns on its row: a fill counts the free slots
-/// with every ending committed before it. Two at once each saw only its own ending, handed
-/// the same parked node its slot (leaving the other slot idle until a later fill) and could
-/// deadlock on the nodes both unparked. (SQLite's one writer serializes them anyway.)
+/// On PostgreSQL the counted fills of one batch take turns on its row: a fill counts the free
+/// slots with every ending committed before it. Two at once each saw only its own ending,
+/// handed the same parked node its slot (leaving the other slot idle until a later fill) and
+/// could deadlock on the nodes both unparked. (SQLite's one writer serializes them anyway.)
+/// A node that succeeds passes its slot on without turns instead ([`pass_slots`]).
 pub(crate) fn fill_stmts(d: Dialect, batch: &str) -> Vec<Stmt> {
     match d {
         Dialect::Postgres => vec![

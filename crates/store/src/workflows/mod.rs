@@ -20,10 +20,10 @@ mod stats;
 
 pub use stats::WorkflowCounts;
 
-pub(crate) use claims::{LeaseNew, lease_many};
+pub(crate) use claims::{LeaseNew, Leased, lease_many, lease_ready};
 pub(crate) use ending::{
-    ENDING_COLS, Ending, add_dep, ending_from, fill_batch_in, fill_stmts, finish_in, ready_nodes,
-    release_stmt,
+    ENDING_COLS, Ending, add_dep, ending_from, fill_batch_in, fill_stmts, finish_in, pass_slots,
+    ready_nodes, release_stmt,
 };
 
 use crate::db::{Cols, Dialect, Filter, Row, Stmt, Tx, Value, limit_by, stmt};
