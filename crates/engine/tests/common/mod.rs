@@ -343,6 +343,9 @@ pub async fn engine_process_main() {
     if let Ok(n) = std::env::var("BSP_PER_USER") {
         cfg.limits.per_user = Some(n.parse().unwrap());
     }
+    if let Ok(n) = std::env::var("BSP_MAX_PARALLEL") {
+        cfg.max_parallel = n.parse().unwrap();
+    }
     let e = engine(&store, null(), cfg);
     e.register("ledger", Ledger::new(&node, Some(log.into())));
     let _stop = start(&e);
