@@ -650,7 +650,7 @@ pub(crate) async fn commit_group(
     // 4. Batch slots, after the writes in the same round trip: the slots freed by these
     //    endings go to the next ready nodes of their batches (on PostgreSQL passed on, a
     //    counted fill after only where the queue looked empty), and each finishing batch
-    //    node with a hand-off reads the next ready node of its batch to lease.
+    //    node with a hand-off leases the next ready node of its batch.
     let mut passes: Vec<(&str, usize, usize)> = vec![];
     let mut ready_at: Vec<(Vec<usize>, usize)> = vec![];
     for (b, &freed) in &fills {
