@@ -22,7 +22,7 @@ async fn reserve(e: &basphere_engine::Engine, n: usize) -> basphere_engine::Rese
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leased_at_admission_the_engine_runs_each_once() {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path()).await;
+    let (store, _pg) = open(dir.path()).await;
     let p = null();
     let e = engine(&store, p.clone(), engine_cfg("n1"));
     assert!(
@@ -104,7 +104,7 @@ async fn leased_at_admission_the_engine_runs_each_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_leased_at_admission_runs_each_node_once_within_its_parallelism() {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path()).await;
+    let (store, _pg) = open(dir.path()).await;
     let p = Arc::new(NullProvider::new(Duration::from_millis(30)));
     let e = engine(&store, p.clone(), engine_cfg("n1"));
     let stop = start(&e);
@@ -170,7 +170,7 @@ async fn a_batch_leased_at_admission_runs_each_node_once_within_its_parallelism(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_concurrency_limits_nothing_is_leased_at_admission() {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path()).await;
+    let (store, _pg) = open(dir.path()).await;
     let mut cfg = engine_cfg("n1");
     cfg.limits = ClaimLimits {
         per_user: Some(1),

@@ -26,7 +26,7 @@ async fn admit(store: &Store, owner: &basphere_core::Username, name: &str) -> (S
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_cleanup_keeps_the_address_and_blocks_a_second_workflow() {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path()).await;
+    let (store, _pg) = open(dir.path()).await;
     let u = user(&store, "eve", 3).await;
     let fails = dir.path().join("fails");
     std::fs::write(&fails, "wait_ready\nremove\n").unwrap();

@@ -170,7 +170,7 @@ fn engine_with(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_nodes_all_up_then_the_parent_joins_and_succeeds() {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path()).await;
+    let (store, _pg) = open(dir.path()).await;
     let (e, log) = engine_with(&store, "n1", &["cluster", "cluster_node"], Duration::ZERO);
     let _stop = start(&e);
     let id = store.enqueue_workflow(&cluster(json!({}))).await.unwrap();
@@ -205,7 +205,7 @@ async fn five_nodes_all_up_then_the_parent_joins_and_succeeds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_node_failing_rolls_the_others_back_in_reverse_and_fails_the_parent_with_its_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path()).await;
+    let (store, _pg) = open(dir.path()).await;
     let (e, log) = engine_with(&store, "n1", &["cluster", "cluster_node"], Duration::ZERO);
     let _stop = start(&e);
     let id = store
@@ -311,7 +311,7 @@ async fn until(what: &str, secs: u64, mut f: impl AsyncFnMut() -> bool) {
 async fn sigkill_before_and_after_the_spawn_commits_leaves_exactly_five_children() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("basphere.db");
-    let store = open(dir.path()).await;
+    let store = open_sqlite(dir.path()).await;
     let id = store.enqueue_workflow(&cluster(json!({}))).await.unwrap();
     let spawn_started = async |store: &Store| {
         let w = store.workflow(&id).await.unwrap().unwrap();

@@ -24,7 +24,7 @@ async fn sigkill_20_times_every_effect_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("basphere.db");
     let log = dir.path().join("steps.log");
-    let store = open(dir.path()).await;
+    let store = open_sqlite(dir.path()).await;
     let id = store
         .enqueue_workflow(&ledger_workflow(20, json!({"sleep_ms": [100, 250]})))
         .await

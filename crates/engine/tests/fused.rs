@@ -69,18 +69,22 @@ fn engine_with(store: &Store, window: Duration) -> (basphere_engine::Engine, Arc
 }
 
 /// Runs `a`, `b`, `slow`, `d` with fuse window `window` until `slow` has begun: the data
-/// dir, store, workflow id, definition and the engine's stop switch.
+/// dir with the PostgreSQL server if any, store, workflow id, definition and the engine's
+/// stop switch.
 async fn until_slow(
     window: Duration,
 ) -> (
-    tempfile::TempDir,
+    (
+        tempfile::TempDir,
+        Option<basphere_testkit::postgres::Postgres>,
+    ),
     Store,
     String,
     Arc<Steps>,
     tokio::sync::watch::Sender<bool>,
 ) {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path()).await;
+    let (store, pg) = open(dir.path()).await;
     let (e, def) = engine_with(&store, window);
     let id = store
         .enqueue_workflow(&workflow(&["a", "b", "slow", "d"]))
@@ -88,7 +92,7 @@ async fn until_slow(
         .unwrap();
     let stop = start(&e);
     def.entered.notified().await;
-    (dir, store, id, def, stop)
+    ((dir, pg), store, id, def, stop)
 }
 
 /// Polls workflow `id` until `ok` holds (at most 10 s).
@@ -107,7 +111,7 @@ async fn until(store: &Store, id: &str, ok: impl Fn(&Workflow) -> bool) -> Workf
 /// Runs a workflow of five quick steps; returns its record, events and the commits it took.
 async fn five_quick(window: Duration) -> (Workflow, Vec<(String, String, i64)>, u64) {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path()).await;
+    let (store, _pg) = open(dir.path()).await;
     let (e, def) = engine_with(&store, window);
     let id = store
         .enqueue_workflow(&workflow(&["a", "b", "c", "d", "e"]))

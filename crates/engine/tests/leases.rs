@@ -25,7 +25,7 @@ async fn two_engines_one_database_no_step_twice_and_takeover_after_lease_expiry(
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("basphere.db");
     let log = dir.path().join("steps.log");
-    let store = open(dir.path()).await;
+    let store = open_sqlite(dir.path()).await;
     let mut ids = vec![];
     for _ in 0..12 {
         ids.push(

@@ -15,7 +15,7 @@ fn admin() -> Actor {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn step_k_fails_permanently_done_steps_undone_in_reverse() {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path()).await;
+    let (store, _pg) = open(dir.path()).await;
     let e = engine(&store, null(), engine_cfg("n1"));
     let ledger = Ledger::new("n1", None);
     e.register("ledger", ledger.clone());
@@ -43,7 +43,7 @@ async fn step_k_fails_permanently_done_steps_undone_in_reverse() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vm_create_failing_releases_address_and_quota_and_marks_the_vm_failed() {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path()).await;
+    let (store, _pg) = open(dir.path()).await;
     let u = user(&store, "alice", 5).await;
     let mut provider = NullProvider::default();
     provider.fail_phase = Some("wait_ready");
@@ -83,7 +83,7 @@ async fn vm_create_failing_releases_address_and_quota_and_marks_the_vm_failed() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_waits_for_the_running_step_then_undoes() {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path()).await;
+    let (store, _pg) = open(dir.path()).await;
     let e = engine(&store, null(), engine_cfg("n1"));
     let ledger = Ledger::new("n1", None);
     e.register("ledger", ledger.clone());
@@ -160,7 +160,7 @@ async fn cancel_of_a_hanging_step_waits_for_its_deadline() {
         }
     }
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path()).await;
+    let (store, _pg) = open(dir.path()).await;
     let e = engine(&store, null(), engine_cfg("n1"));
     e.register("hang", Arc::new(Hang));
     let _stop = start(&e);
@@ -194,7 +194,7 @@ async fn cancel_of_a_hanging_step_waits_for_its_deadline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_runs_in_dependency_order_and_a_failure_skips_its_dependents() {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path()).await;
+    let (store, _pg) = open(dir.path()).await;
     let u = user(&store, "bob", 20).await;
     let mut provider = NullProvider::new(Duration::from_millis(20));
     provider.fail_phase = Some("start");
@@ -285,7 +285,7 @@ async fn batch_runs_in_dependency_order_and_a_failure_skips_its_dependents() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_of_any_definition_runs_like_a_vm_batch() {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path()).await;
+    let (store, _pg) = open(dir.path()).await;
     let e = engine(&store, null(), engine_cfg("n1"));
     e.register("ledger", Ledger::new("n1", None));
     let _stop = start(&e);
@@ -353,7 +353,7 @@ async fn a_batch_of_any_definition_runs_like_a_vm_batch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_parallelism_holds() {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path()).await;
+    let (store, _pg) = open(dir.path()).await;
     let u = user(&store, "carol", 40).await;
     let provider = Arc::new(NullProvider::new(Duration::from_millis(30)));
     let mut cfg = engine_cfg("n1");
@@ -389,7 +389,7 @@ async fn batch_parallelism_holds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deletes_claim_before_creates() {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path()).await;
+    let (store, _pg) = open(dir.path()).await;
     let mut w1 = ledger_workflow(1, json!({}));
     w1.priority = 0;
     let mut w2 = ledger_workflow(1, json!({}));
@@ -421,7 +421,7 @@ async fn deletes_claim_before_creates() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_user_limit_holds_across_workflows() {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path()).await;
+    let (store, _pg) = open(dir.path()).await;
     let mut cfg = engine_cfg("n1");
     cfg.max_parallel = 16;
     cfg.limits.per_user = Some(2);
@@ -464,7 +464,7 @@ async fn per_user_limit_holds_across_workflows() {
 #[ignore = "a measurement, not a test"]
 async fn throughput() {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path()).await;
+    let (store, _pg) = open(dir.path()).await;
     let ws: Vec<_> = (0..100)
         .map(|_| {
             let mut w = ledger_workflow(50, json!({}));
@@ -494,7 +494,7 @@ async fn throughput() {
 #[ignore = "a measurement, not a test"]
 async fn batch_speed() {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path()).await;
+    let (store, _pg) = open(dir.path()).await;
     let u = user(&store, "speedy", 1000).await;
     let e = engine(&store, null(), engine_cfg("n1"));
     let nodes: Vec<BatchVm> = (0..1000)

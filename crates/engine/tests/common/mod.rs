@@ -9,6 +9,7 @@ use basphere_engine::{
 };
 use basphere_provider::{NullProvider, Provider};
 use basphere_store::{Actor, NewRegistration, NewWorkflow, StepCommit, Store};
+use basphere_testkit::postgres::Postgres;
 use serde_json::json;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -227,8 +228,21 @@ pub fn pool() -> NetworkPool {
     config().network.clone()
 }
 
-pub async fn open(dir: &Path) -> Store {
+/// The embedded SQLite store in `dir`: for tests whose engines in child processes open the same
+/// file (`BSP_DB`).
+pub async fn open_sqlite(dir: &Path) -> Store {
     Store::open(&dir.join("basphere.db")).await.unwrap()
+}
+
+/// A store on the backend the test run picks (`BASPHERE_TEST_BACKEND=postgres`: a PostgreSQL 15
+/// of this test's own, returned beside it to stop when dropped; else SQLite in `dir`).
+pub async fn open(dir: &Path) -> (Store, Option<Postgres>) {
+    if basphere_testkit::server::test_backend_is_postgres() {
+        let pg = Postgres::start();
+        let url = pg.create_database("engine");
+        return (Store::open_postgres(&url).await.unwrap(), Some(pg));
+    }
+    (open_sqlite(dir).await, None)
 }
 
 /// Registers and approves `name` with a quota of `vms` VMs.
