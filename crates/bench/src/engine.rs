@@ -37,7 +37,7 @@ pub async fn throughput(
     statements: bool,
 ) -> anyhow::Result<(f64, f64)> {
     let fuse = fuse_ms.to_string();
-    let sqlite_statements = start_sqlite_statements(bench, statements);
+    let profiling = start_profile(statements);
     let cfg = Arc::new(batch_config(
         bench,
         dir,
@@ -113,8 +113,8 @@ pub async fn throughput(
     if statements && let Some(url) = &cfg.database.url {
         print_statements(url).await?;
     }
-    if sqlite_statements {
-        println!("{}", sqlite_statements_text());
+    if profiling {
+        println!("{}", profile_text(bench));
     }
     let _ = tx.send(true);
     for a in &apps {
@@ -242,7 +242,7 @@ pub async fn batch_child(
     parallelism: u32,
     statements: bool,
 ) -> anyhow::Result<()> {
-    let sqlite_statements = start_sqlite_statements(bench, statements);
+    let profiling = start_profile(statements);
     let cfg = Arc::new(batch_config(bench, dir, &[])?);
     let app = App::build(cfg.clone(), Overrides::default()).await?;
     let store = app.store().clone();
@@ -335,12 +335,9 @@ pub async fn batch_child(
     }
     // The batches' peak, before the plans below add theirs (and this client's parse of them).
     let batches_rss = peak_rss_mb();
-    if sqlite_statements {
+    if profiling {
         // On stderr: the parent reads this process's last line of stdout.
-        eprintln!(
-            "the batch applies' {}",
-            sqlite_statements_text().trim_start()
-        );
+        eprintln!("the batch applies' {}", profile_text(bench).trim_start());
     }
     // Plan the independent manifest again: 1,000 to keep against 1,000 VMs.
     let mut plan_ms = vec![];
@@ -434,22 +431,29 @@ async fn print_statements(url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts the store's statement profile if `statements` are asked for on SQLite; whether it did.
-fn start_sqlite_statements(bench: &Bench, statements: bool) -> bool {
-    let on = statements && bench.backend == Backend::Sqlite;
-    if on {
+/// Starts the store's statement profile if `statements` are asked for; whether it did.
+fn start_profile(statements: bool) -> bool {
+    if statements {
         basphere_store::statement_profile::start();
     }
-    on
+    statements
 }
 
-/// The SQLite statements recorded since [`basphere_store::statement_profile::start`] that took
-/// the most time, one line each: calls, total ms, µs per call, the statement (stops recording).
-fn sqlite_statements_text() -> String {
-    let mut out = String::from("  SQLite statements by time (calls, ms, µs per call, statement):");
+/// What the store's statement profile recorded since [`start_profile`] that took the most time,
+/// one line each: calls, total ms, µs per call, and the statement (SQLite) or the round trip
+/// with its first statement (PostgreSQL: how long this process waited for it, queueing
+/// included). Stops recording.
+fn profile_text(bench: &Bench) -> String {
+    let mut out = match bench.backend {
+        Backend::Postgres => String::from(
+            "  PostgreSQL round trips by the time this process waited (calls, ms, µs per call, \
+             what went):",
+        ),
+        _ => String::from("  SQLite statements by time (calls, ms, µs per call, statement):"),
+    };
     for s in basphere_store::statement_profile::stop().iter().take(15) {
         let ms = s.total.as_secs_f64() * 1000.0;
-        let sql: String = s.sql.chars().take(100).collect();
+        let sql: String = s.sql.chars().take(110).collect();
         out.push_str(&format!(
             "\n  {:>7} {:>9.1} {:>7.1}  {sql}",
             s.calls,

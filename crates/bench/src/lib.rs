@@ -59,8 +59,9 @@ pub struct Args {
     pub list_vms: Vec<usize>,
     /// Print the statements that took the most time: after the first throughput run
     /// (PostgreSQL: server time from pg_stat_statements; SQLite: each statement's run on this
-    /// process's connections), and after the batch child's applies (SQLite). Where to look
-    /// when a figure drops.
+    /// process's connections), and after the batch child's applies; on PostgreSQL also each
+    /// kind of round trip, by how long this process waited for it. Where to look when a
+    /// figure drops.
     #[arg(long, alias = "pg-statements")]
     pub statements: bool,
     /// Step completions per mode of the PostgreSQL probe.

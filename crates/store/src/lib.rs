@@ -27,7 +27,7 @@ pub use audit::{Actor, AuditFilter, AuditRecord};
 pub use backup::{BackupReport, Location, RestoreReport, Summary};
 pub use batches::{BatchAdmitted, BatchNodeRef, BatchWork};
 pub use copy::CopyReport;
-pub use db::sqlite::statement_profile;
+pub use db::statement_profile;
 pub use hooks::{Hooks, RetryCtx};
 pub use users::{
     ApproveOutcome, KeyChange, NewRegistration, Registration, TokenInfo, TokenOwner, User,

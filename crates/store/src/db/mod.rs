@@ -13,6 +13,7 @@ pub(crate) mod postgres;
 pub(crate) mod sqlite;
 pub(crate) mod sqlite_backup;
 mod sqlite_wal_writes;
+pub mod statement_profile;
 
 use crate::{Result, StoreError};
 use std::borrow::Cow;

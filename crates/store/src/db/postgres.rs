@@ -262,6 +262,23 @@ impl PgTx<'_> {
         self.begin.is_none()
     }
 
+    /// Times the round trip of `stmts` while the statement profile records: labelled by its
+    /// first statement and how many went with it (and the `BEGIN`, if it goes too).
+    fn round_trip(&self, stmts: &[Stmt]) -> Option<crate::statement_profile::TimedOwned> {
+        crate::statement_profile::time_with(|| {
+            let first = stmts
+                .first()
+                .map(|s| s.sql.split_whitespace().collect::<Vec<_>>().join(" "))
+                .unwrap_or_default();
+            let first: String = first.chars().take(70).collect();
+            let begin = if self.began() { "" } else { "BEGIN + " };
+            match stmts.len() {
+                0 | 1 => format!("round trip: {begin}{first}"),
+                n => format!("round trip: {begin}{first} (+{} more)", n - 1),
+            }
+        })
+    }
+
     /// Each statement prepared (once per connection, then from the cache), noted.
     async fn prepare_all(&mut self, stmts: &[Stmt]) -> Result<Vec<tokio_postgres::Statement>> {
         for s in stmts {
@@ -299,6 +316,7 @@ impl Tx for PgTx<'_> {
 
     async fn query(&mut self, s: &Stmt) -> Result<Vec<Row>> {
         self.events.note(s);
+        let _timed = self.round_trip(std::slice::from_ref(s));
         let st = self.tx.prepare_cached(&s.sql).await?;
         let tx = self.tx;
         let rs = self.first(tx.query(&st, &params(s))).await?;
@@ -313,6 +331,7 @@ impl Tx for PgTx<'_> {
     }
 
     async fn query_many(&mut self, stmts: &[Stmt]) -> Result<Vec<Vec<Row>>> {
+        let _timed = self.round_trip(stmts);
         let prepared = self.prepare_all(stmts).await?;
         let tx = self.tx;
         let params: Vec<_> = stmts.iter().map(params).collect();
@@ -331,6 +350,7 @@ impl Tx for PgTx<'_> {
     }
 
     async fn exec_many(&mut self, stmts: &[Stmt]) -> Result<Vec<u64>> {
+        let _timed = self.round_trip(stmts);
         let prepared = self.prepare_all(stmts).await?;
         let tx = self.tx;
         let params: Vec<_> = stmts.iter().map(params).collect();
@@ -456,7 +476,13 @@ impl Postgres {
         } else {
             "COMMIT".to_string()
         };
-        open.end(&end).await?;
+        {
+            let _timed = crate::statement_profile::time_with(|| {
+                let notify = if events.any { " (+ NOTIFY)" } else { "" };
+                format!("round trip: COMMIT{notify}")
+            });
+            open.end(&end).await?;
+        }
         self.commits
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(v)

@@ -3,7 +3,7 @@
 //! pool of reading connections off the async runtime. WAL mode lets both go on at once. The
 //! write thread keeps [`WAL_RESERVE`] bytes of WAL file written ahead ([`reserve_wal`]).
 
-use super::{BoxFut, Dialect, Row, Stmt, Tx, Value};
+use super::{BoxFut, Dialect, Row, Stmt, Tx, Value, statement_profile};
 use crate::commit::Job;
 use crate::{Result, StoreError};
 use rusqlite::Connection;
@@ -337,73 +337,6 @@ where
             let _ = conn.execute_batch("ROLLBACK");
             Err(e)
         }
-    }
-}
-
-/// Time per statement on this process's SQLite connections (and per write commit), for
-/// benchmarks: off unless [`start`](statement_profile::start)ed.
-pub mod statement_profile {
-    use std::collections::HashMap;
-    use std::sync::Mutex;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::time::Duration;
-
-    static ON: AtomicBool = AtomicBool::new(false);
-    static TIMES: Mutex<Option<HashMap<String, (u64, Duration)>>> = Mutex::new(None);
-
-    /// One statement's runs: its text (whitespace folded), how many, and their total time.
-    #[derive(Debug, Clone)]
-    pub struct StatementTime {
-        pub sql: String,
-        pub calls: u64,
-        pub total: Duration,
-    }
-
-    /// Times `sql` until the guard drops, if recording.
-    pub(crate) fn time(sql: &str) -> Option<Timed<'_>> {
-        ON.load(Ordering::Relaxed)
-            .then(|| Timed(sql, std::time::Instant::now()))
-    }
-
-    pub(crate) struct Timed<'a>(&'a str, std::time::Instant);
-
-    impl Drop for Timed<'_> {
-        fn drop(&mut self) {
-            let took = self.1.elapsed();
-            let mut t = TIMES.lock().expect("statement times lock");
-            let e = t
-                .get_or_insert_with(HashMap::new)
-                .entry(self.0.to_string())
-                .or_default();
-            e.0 += 1;
-            e.1 += took;
-        }
-    }
-
-    /// Starts recording (and clears what was recorded).
-    pub fn start() {
-        *TIMES.lock().expect("statement times lock") = None;
-        ON.store(true, Ordering::Relaxed);
-    }
-
-    /// Stops recording; what was recorded since [`start`], the most total time first.
-    pub fn stop() -> Vec<StatementTime> {
-        ON.store(false, Ordering::Relaxed);
-        let t = TIMES.lock().expect("statement times lock").take();
-        let mut by_text: HashMap<String, StatementTime> = HashMap::new();
-        for (sql, (calls, total)) in t.unwrap_or_default() {
-            let text = sql.split_whitespace().collect::<Vec<_>>().join(" ");
-            let e = by_text.entry(text.clone()).or_insert(StatementTime {
-                sql: text,
-                calls: 0,
-                total: Duration::ZERO,
-            });
-            e.calls += calls;
-            e.total += total;
-        }
-        let mut v: Vec<StatementTime> = by_text.into_values().collect();
-        v.sort_by_key(|t| std::cmp::Reverse(t.total));
-        v
     }
 }
 

@@ -33,7 +33,32 @@ pub fn cases() -> Vec<Case> {
         ("ledger_claims_what_a_node_runs_with_stored_timeouts", |s| {
             Box::pin(stored_timeouts(s)) as Fut
         }),
+        ("the_statement_profile_times_writes_while_started", |s| {
+            Box::pin(profile(s)) as Fut
+        }),
     ]
+}
+
+/// While started, the statement profile times a write's statements and its commit (on
+/// PostgreSQL each round trip, as the process waited for it); stopped, nothing.
+async fn profile(store: Store) {
+    use basphere_store::statement_profile;
+    statement_profile::start();
+    store.enqueue_workflow(&wf("alice", 2)).await.unwrap();
+    let times = statement_profile::stop();
+    let names: Vec<&str> = times.iter().map(|t| t.sql.as_str()).collect();
+    let (commit, other) = match store.backend() {
+        "postgres" => (
+            "round trip: COMMIT",
+            "round trip: BEGIN + INSERT INTO workflows",
+        ),
+        _ => ("COMMIT", "INSERT INTO workflows"),
+    };
+    assert!(names.iter().any(|n| n.starts_with(commit)), "{names:?}");
+    assert!(names.iter().any(|n| n.starts_with(other)), "{names:?}");
+    assert!(times.iter().all(|t| t.calls >= 1), "{times:?}");
+    store.enqueue_workflow(&wf("alice", 2)).await.unwrap();
+    assert!(statement_profile::stop().is_empty(), "nothing after stop");
 }
 
 pub fn replica_cases() -> Vec<ReplicaCase> {
