@@ -8,6 +8,7 @@
 //! (`vms::batch`).
 
 use crate::db::{Col, Cols, Dialect, RowSet, Stmt, Tx, stmt};
+use crate::workflows::sets::ids_arg;
 use crate::workflows::{
     Claimed, LeaseTo, NewWorkflow, clock, fill_batch_in, lease_many, ready_nodes,
 };
@@ -230,6 +231,25 @@ pub(crate) async fn enqueue_in(
     let has_edges = inserts[3].is_some();
     tx.run(&inserts.into_iter().flatten().collect::<Vec<_>>())
         .await?;
+    // On PostgreSQL the workflows outside the batch that its nodes wait for are share-locked
+    // (in id order) before they are counted: one ending meanwhile has either committed, and is
+    // counted as ended, or waits for this commit and then releases these edges. Unlocked, an
+    // ending that had found no edges to release could commit after the count saw it live,
+    // and its dependents would wait for it forever. (SQLite's one writer orders them anyway.)
+    let mut outside: Vec<&str> = works
+        .iter()
+        .flat_map(|b| b.after.iter().map(String::as_str))
+        .collect();
+    outside.sort_unstable();
+    outside.dedup();
+    if d == Dialect::Postgres && !outside.is_empty() {
+        let ids: Vec<String> = outside.iter().map(|s| s.to_string()).collect();
+        tx.exec(&Stmt::new(
+            "SELECT 1 FROM workflows WHERE id = ANY(CAST($1 AS TEXT[])) ORDER BY id FOR SHARE",
+            vec![ids_arg(d, &ids)],
+        ))
+        .await?;
+    }
     if has_edges {
         tx.exec(&stmt!(
             "UPDATE workflows SET waiting_on = (
