@@ -8,7 +8,7 @@
 //! (`vms::batch`).
 
 use crate::db::{Col, Cols, Dialect, RowSet, Stmt, Tx, stmt};
-use crate::workflows::sets::ids_arg;
+use crate::workflows::sets::{id_in, ids_arg};
 use crate::workflows::{
     Claimed, LeaseTo, NewWorkflow, clock, fill_batch_in, lease_many, ready_nodes,
 };
@@ -236,19 +236,15 @@ pub(crate) async fn enqueue_in(
     // counted as ended, or waits for this commit and then releases these edges. Unlocked, an
     // ending that had found no edges to release could commit after the count saw it live,
     // and its dependents would wait for it forever. (SQLite's one writer orders them anyway.)
-    let mut outside: Vec<&str> = works
-        .iter()
-        .flat_map(|b| b.after.iter().map(String::as_str))
-        .collect();
+    let mut outside: Vec<String> = works.iter().flat_map(|b| b.after.clone()).collect();
     outside.sort_unstable();
     outside.dedup();
     if d == Dialect::Postgres && !outside.is_empty() {
-        let ids: Vec<String> = outside.iter().map(|s| s.to_string()).collect();
-        tx.exec(&Stmt::new(
-            "SELECT 1 FROM workflows WHERE id = ANY(CAST($1 AS TEXT[])) ORDER BY id FOR SHARE",
-            vec![ids_arg(d, &ids)],
-        ))
-        .await?;
+        let sql = format!(
+            "SELECT 1 FROM workflows WHERE {} ORDER BY id FOR SHARE",
+            id_in(d, "id", 1)
+        );
+        tx.exec(&Stmt::new(sql, vec![ids_arg(d, &outside)])).await?;
     }
     if has_edges {
         tx.exec(&stmt!(

@@ -264,7 +264,7 @@ impl PgTx<'_> {
 
     /// Times the round trip of `stmts` while the statement profile records: labelled by its
     /// first statement and how many went with it (and the `BEGIN`, if it goes too).
-    fn round_trip(&self, stmts: &[Stmt]) -> Option<crate::statement_profile::TimedOwned> {
+    fn round_trip(&self, stmts: &[Stmt]) -> Option<crate::statement_profile::Timed<'static>> {
         crate::statement_profile::time_with(|| {
             let first = stmts
                 .first()

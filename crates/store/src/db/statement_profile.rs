@@ -2,6 +2,7 @@
 //! round trip to PostgreSQL as this process waits for it, for benchmarks: off unless
 //! [`start`]ed.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,27 +22,19 @@ pub struct StatementTime {
 /// Times `sql` until the guard drops, if recording.
 pub(crate) fn time(sql: &str) -> Option<Timed<'_>> {
     ON.load(Ordering::Relaxed)
-        .then(|| Timed(sql, std::time::Instant::now()))
-}
-
-pub(crate) struct Timed<'a>(&'a str, std::time::Instant);
-
-impl Drop for Timed<'_> {
-    fn drop(&mut self) {
-        note(self.0, self.1.elapsed());
-    }
+        .then(|| Timed(Cow::Borrowed(sql), std::time::Instant::now()))
 }
 
 /// Times what `label` makes until the guard drops, if recording (the label is only made
 /// then): a PostgreSQL round trip, as this process waits for it.
-pub(crate) fn time_with(label: impl FnOnce() -> String) -> Option<TimedOwned> {
+pub(crate) fn time_with(label: impl FnOnce() -> String) -> Option<Timed<'static>> {
     ON.load(Ordering::Relaxed)
-        .then(|| TimedOwned(label(), std::time::Instant::now()))
+        .then(|| Timed(Cow::Owned(label()), std::time::Instant::now()))
 }
 
-pub(crate) struct TimedOwned(String, std::time::Instant);
+pub(crate) struct Timed<'a>(Cow<'a, str>, std::time::Instant);
 
-impl Drop for TimedOwned {
+impl Drop for Timed<'_> {
     fn drop(&mut self) {
         note(&self.0, self.1.elapsed());
     }
