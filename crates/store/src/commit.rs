@@ -652,7 +652,7 @@ pub(crate) async fn commit_group(
     //    counted fill after only where the queue looked empty), and each finishing batch
     //    node with a hand-off leases the next ready node of its batch.
     let mut passes: Vec<(&str, usize, usize)> = vec![];
-    let mut ready_at: Vec<(Vec<usize>, usize)> = vec![];
+    let mut ready_at: Vec<(Vec<usize>, std::ops::Range<usize>)> = vec![];
     for (b, &freed) in &fills {
         match d {
             Dialect::Postgres => {
@@ -665,15 +665,9 @@ pub(crate) async fn commit_group(
             let Some(h) = reqs[idxs[0]].handoff else {
                 continue;
             };
-            ready_at.push((idxs.clone(), batch.len()));
-            batch.extend(lease_ready(
-                tx,
-                batch_id,
-                idxs.len(),
-                node,
-                now + h.lease_ms,
-                now,
-            ));
+            let lease = lease_ready(tx, batch_id, idxs.len(), node, now + h.lease_ms, now);
+            ready_at.push((idxs.clone(), batch.len()..batch.len() + lease.len()));
+            batch.extend(lease);
         }
     }
     let results = tx.query_many(&batch).await?;
@@ -722,7 +716,7 @@ pub(crate) async fn commit_group(
     //    more round trip.
     let mut leases: Vec<(Vec<usize>, Leased)> = vec![];
     for (idxs, at) in ready_at {
-        if let Some(l) = Leased::read(&results[at..at + 2], None, true, now)? {
+        if let Some(l) = Leased::read(&results[at], None, true, now)? {
             leases.push((idxs, l));
         }
     }

@@ -295,6 +295,36 @@ impl Cols for Row {
     }
 }
 
+/// A row the database gave as a JSON object (`json_agg` of a table's rows).
+impl Cols for serde_json::Map<String, serde_json::Value> {
+    fn text(&self, col: &str) -> Result<String> {
+        not_null(col, self.opt_text(col)?)
+    }
+    fn opt_text(&self, col: &str) -> Result<Option<String>> {
+        match self.get(col) {
+            Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+            Some(serde_json::Value::Null) => Ok(None),
+            v => Err(StoreError::Corrupt(
+                "row",
+                format!("{col} is {v:?}, not text"),
+            )),
+        }
+    }
+    fn int(&self, col: &str) -> Result<i64> {
+        not_null(col, self.opt_int(col)?)
+    }
+    fn opt_int(&self, col: &str) -> Result<Option<i64>> {
+        match self.get(col) {
+            Some(serde_json::Value::Number(n)) if n.is_i64() => Ok(n.as_i64()),
+            Some(serde_json::Value::Null) => Ok(None),
+            v => Err(StoreError::Corrupt(
+                "row",
+                format!("{col} is {v:?}, not an integer"),
+            )),
+        }
+    }
+}
+
 /// A column of a [`RowSet`]: its name, and whether its values are integers.
 pub(crate) type Col = (&'static str, bool);
 

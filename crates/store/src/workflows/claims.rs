@@ -65,9 +65,11 @@ pub(crate) async fn lease_many(
 }
 
 /// The hand-off's lease of up to `max` ready nodes of `batch` to `node` (those another
-/// transaction holds passed over), and the steps of the nodes it leased (with some others'
-/// of `node`'s in that batch, which [`Leased::read`] drops): two statements for the caller's
-/// batch of writes, saving the round trip that would read the nodes first.
+/// transaction holds passed over), with the steps of the nodes it leased, for the caller's
+/// batch of writes (saving the round trip that would read the nodes first); [`Leased::read`]
+/// reads what they return. On PostgreSQL one statement: each leased row carries its steps
+/// (`steps_json`), read by key. On SQLite two: the lease, then the steps of the batch's
+/// nodes `node` holds with this lease (some others' among them, which `read` drops).
 pub(crate) fn lease_ready(
     tx: &dyn Tx,
     batch: &str,
@@ -75,42 +77,61 @@ pub(crate) fn lease_ready(
     node: &str,
     lease_until: i64,
     now: i64,
-) -> [Stmt; 2] {
+) -> Vec<Stmt> {
     let d = tx.dialect();
     let ready = ready_nodes(tx, batch, max, now);
-    let lease = Stmt::new(
-        format!(
-            "UPDATE workflows SET lease_owner = $4, lease_until = $5, updated_at = $2, parked = 0,
-                 status = CASE WHEN status = 'pending' THEN 'running' ELSE status END
-             WHERE {} AND (lease_owner IS NULL OR lease_until < $2)
-             RETURNING {WF_COLS}",
-            match d {
-                Dialect::Sqlite => format!("id IN ({})", ready.sql),
-                Dialect::Postgres => format!("id = ANY(ARRAY({}))", ready.sql),
-            }
-        ),
-        ready
-            .args
-            .iter()
-            .cloned()
-            .chain([node.into(), lease_until.into()])
-            .collect(),
-    );
-    let mine = "SELECT id FROM workflows
-         WHERE batch_id = $1 AND parked = 0 AND status IN ('running', 'undoing')
-           AND lease_owner = $2 AND lease_until = $3";
-    // By key on PostgreSQL: as a join its plan rests on the tables' statistics.
-    let of = match d {
-        Dialect::Sqlite => format!("workflow_id IN ({mine})"),
-        Dialect::Postgres => format!("workflow_id = ANY(ARRAY({mine}))"),
-    };
-    let steps = stmt!(
-        format!("SELECT * FROM workflow_steps WHERE {of} ORDER BY workflow_id, idx"),
-        batch,
-        node,
-        lease_until,
-    );
-    [lease, steps]
+    let set =
+        "UPDATE workflows SET lease_owner = $4, lease_until = $5, updated_at = $2, parked = 0,
+                 status = CASE WHEN status = 'pending' THEN 'running' ELSE status END";
+    let guard = "(lease_owner IS NULL OR lease_until < $2)";
+    let args: Vec<Value> = ready
+        .args
+        .iter()
+        .cloned()
+        .chain([node.into(), lease_until.into()])
+        .collect();
+    match d {
+        // Finding the leased rows again for a second statement meant an index scan over
+        // the batch's running nodes (and their dead versions), the most costly statement of
+        // a hand-off.
+        Dialect::Postgres => vec![Stmt::new(
+            format!(
+                "WITH l AS ({set} WHERE id = ANY(ARRAY({})) AND {guard} RETURNING {WF_COLS})
+                 SELECT l.*, (SELECT CAST(json_agg(s ORDER BY s.idx) AS TEXT)
+                              FROM workflow_steps s WHERE s.workflow_id = l.id) AS steps_json
+                 FROM l",
+                ready.sql
+            ),
+            args,
+        )],
+        Dialect::Sqlite => {
+            let lease = Stmt::new(
+                format!(
+                    "{set} WHERE id IN ({}) AND {guard} RETURNING {WF_COLS}",
+                    ready.sql
+                ),
+                args,
+            );
+            let steps = stmt!(
+                "SELECT * FROM workflow_steps WHERE workflow_id IN (
+                     SELECT id FROM workflows
+                     WHERE batch_id = $1 AND parked = 0 AND status IN ('running', 'undoing')
+                       AND lease_owner = $2 AND lease_until = $3)
+                 ORDER BY workflow_id, idx",
+                batch,
+                node,
+                lease_until,
+            );
+            vec![lease, steps]
+        }
+    }
+}
+
+/// A workflow's steps as `json_agg` of its `workflow_steps` rows gives them.
+fn steps_of_json(json: &str) -> Result<Vec<crate::StepRecord>> {
+    let rows: Vec<serde_json::Map<String, serde_json::Value>> = serde_json::from_str(json)
+        .map_err(|e| crate::StoreError::Corrupt("workflow_steps", e.to_string()))?;
+    rows.iter().map(step_from).collect()
 }
 
 /// Workflows just leased, read from their rows, with the starts of their current steps to
@@ -130,11 +151,16 @@ impl Leased {
         start: bool,
         now: i64,
     ) -> Result<Option<Leased>> {
-        let [rows, step_rows] = res else {
-            return Err(crate::StoreError::Corrupt(
-                "workflows",
-                "a lease returned the wrong number of results".into(),
-            ));
+        let (rows, step_rows) = match res {
+            [rows, step_rows] => (rows, Some(step_rows)),
+            // Each row with its steps ([`lease_ready`] on PostgreSQL).
+            [rows] => (rows, None),
+            _ => {
+                return Err(crate::StoreError::Corrupt(
+                    "workflows",
+                    "a lease returned the wrong number of results".into(),
+                ));
+            }
         };
         if rows.is_empty() {
             return Ok(None);
@@ -143,10 +169,14 @@ impl Leased {
         let mut order = vec![];
         for r in rows {
             let id = r.text("id")?;
-            by_id.insert(id.clone(), Some(workflow_from(r, vec![])?));
+            let steps = match step_rows {
+                Some(_) => vec![],
+                None => steps_of_json(&r.text("steps_json")?)?,
+            };
+            by_id.insert(id.clone(), Some(workflow_from(r, steps)?));
             order.push(id);
         }
-        for r in step_rows {
+        for r in step_rows.into_iter().flatten() {
             if let Some(Some(wf)) = by_id.get_mut(&r.text("workflow_id")?) {
                 wf.steps.push(step_from(r)?);
             }
@@ -598,5 +628,43 @@ impl Store {
                 })
             })
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::steps_of_json;
+
+    #[test]
+    fn steps_read_from_json_agg_keep_nulls_numbers_and_order() {
+        let json = r#"[
+            {"workflow_id": "w", "idx": 0, "name": "prepare", "status": "done", "attempts": 1,
+             "error": null, "started_at": 1733300000000, "finished_at": 1733300000001,
+             "idem_key": "k0", "deadline_at": null, "output": "{\"ip\":\"10.0.0.2\"}",
+             "timeout_ms": 600000},
+            {"workflow_id": "w", "idx": 1, "name": "boot", "status": "pending", "attempts": 0,
+             "error": null, "started_at": null, "finished_at": null, "idem_key": null,
+             "deadline_at": null, "output": null, "timeout_ms": null}
+        ]"#;
+        let steps = steps_of_json(json).unwrap();
+        assert_eq!(steps.len(), 2);
+        assert_eq!((steps[0].idx, steps[0].name.as_str()), (0, "prepare"));
+        assert_eq!(steps[0].finished_at, Some(1_733_300_000_001));
+        assert_eq!(steps[0].output, Some(serde_json::json!({"ip": "10.0.0.2"})));
+        assert_eq!(steps[1].timeout_ms, crate::NewStep::DEFAULT_TIMEOUT_MS);
+        assert_eq!(steps[1].idem_key, "");
+        assert!(steps[1].started_at.is_none());
+    }
+
+    #[test]
+    fn a_step_row_of_the_wrong_shape_is_an_error_not_a_default() {
+        let text_for_int = r#"[{"workflow_id": "w", "idx": "0", "name": "a", "status": "done",
+            "attempts": 1, "timeout_ms": 1}]"#;
+        let e = steps_of_json(text_for_int).unwrap_err().to_string();
+        assert!(e.contains("idx"), "{e}");
+        let missing_name = r#"[{"workflow_id": "w", "idx": 0, "status": "done", "attempts": 1}]"#;
+        let e = steps_of_json(missing_name).unwrap_err().to_string();
+        assert!(e.contains("name"), "{e}");
+        assert!(steps_of_json("not json").is_err());
     }
 }
