@@ -97,7 +97,7 @@ pub(crate) fn lease_ready(
         Dialect::Postgres => vec![Stmt::new(
             format!(
                 "WITH l AS ({set} WHERE id = ANY(ARRAY({})) AND {guard} RETURNING {WF_COLS})
-                 SELECT l.*, (SELECT CAST(json_agg(s ORDER BY s.idx) AS TEXT)
+                 SELECT l.*, (SELECT COALESCE(CAST(json_agg(s ORDER BY s.idx) AS TEXT), '[]')
                               FROM workflow_steps s WHERE s.workflow_id = l.id) AS steps_json
                  FROM l",
                 ready.sql
