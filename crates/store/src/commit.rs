@@ -648,31 +648,42 @@ pub(crate) async fn commit_group(
     let events_at = batch.len();
     batch.extend(append_events(d, event_rows, now));
     // 4. Batch slots, after the writes in the same round trip: the slots freed by these
-    //    endings go to the next ready nodes of their batches (on PostgreSQL passed on, a
-    //    counted fill after only where the queue looked empty), and each finishing batch
-    //    node with a hand-off leases the next ready node of its batch.
-    let mut passes: Vec<(&str, usize, usize)> = vec![];
+    //    endings go to the next ready nodes of their batches, and each finishing batch node
+    //    with a hand-off leases the next ready node of its batch. On PostgreSQL a hand-off
+    //    takes its slot with its lease and the other freed slots pass on, a counted fill
+    //    after only where the queue looked empty; on SQLite a counted fill, then the leases.
+    let mut passes: Vec<(&str, usize, Vec<usize>)> = vec![];
     let mut ready_at: Vec<(Vec<usize>, std::ops::Range<usize>)> = vec![];
     for (b, &freed) in &fills {
-        match d {
-            Dialect::Postgres => {
-                passes.push((b, freed, batch.len()));
-                batch.push(pass_slots(b, freed));
-            }
-            Dialect::Sqlite => batch.extend(fill_stmts(d, b)),
+        if d == Dialect::Sqlite {
+            batch.extend(fill_stmts(d, b));
         }
+        // On PostgreSQL the hand-offs take their slots with their leases; the rest pass on.
+        let (mut left, mut given) = (freed, vec![]);
         for ((batch_id, node), idxs) in wants.iter().filter(|((batch_id, _), _)| batch_id == b) {
             let Some(h) = reqs[idxs[0]].handoff else {
                 continue;
             };
-            let lease = lease_ready(tx, batch_id, idxs.len(), node, now + h.lease_ms, now);
+            let n = idxs.len().min(left);
+            if d == Dialect::Postgres {
+                left -= n;
+                given.push(batch.len());
+            }
+            let lease = lease_ready(tx, batch_id, n, node, now + h.lease_ms, now);
             ready_at.push((idxs.clone(), batch.len()..batch.len() + lease.len()));
             batch.extend(lease);
         }
+        if d == Dialect::Postgres {
+            if left > 0 {
+                given.push(batch.len());
+                batch.push(pass_slots(b, left));
+            }
+            passes.push((b, freed, given));
+        }
     }
     let results = tx.query_many(&batch).await?;
-    for &(b, freed, at) in &passes {
-        if results[at].len() < freed {
+    for (b, freed, given) in &passes {
+        if given.iter().map(|&at| results[at].len()).sum::<usize>() < *freed {
             fill_batch_in(tx, b).await?;
         }
     }

@@ -64,12 +64,19 @@ pub(crate) async fn lease_many(
     leased.claimed(&results)
 }
 
-/// The hand-off's lease of up to `max` ready nodes of `batch` to `node` (those another
+/// A hand-off's lease of up to `max` ready nodes of `batch` to `node` (those another
 /// transaction holds passed over), with the steps of the nodes it leased, for the caller's
-/// batch of writes (saving the round trip that would read the nodes first); [`Leased::read`]
-/// reads what they return. On PostgreSQL one statement: each leased row carries its steps
-/// (`steps_json`), read by key. On SQLite two: the lease, then the steps of the batch's
-/// nodes `node` holds with this lease (some others' among them, which `read` drops).
+/// batch of writes after the slots of its endings were handed on (saving the round trip that
+/// would read the nodes first); [`Leased::read`] reads what they return.
+///
+/// On PostgreSQL one statement takes the slots straight from the queue: the next parked ready
+/// nodes (queue order, as [`pass_slots`](super::ending::pass_slots) takes them) are unparked
+/// and leased in one update — one row version each, not two, and one search of the queue —
+/// and each row carries its steps (`steps_json`, read by key: finding the leased nodes again
+/// for a second statement meant an index scan over the batch's running nodes and their dead
+/// versions). The caller passes on only the slots it frees beyond `max`. On SQLite, after the
+/// counted fill unparked them: the lease of the ready unparked nodes, then the steps of the
+/// batch's nodes `node` holds with this lease (some others' among them, which `read` drops).
 pub(crate) fn lease_ready(
     tx: &dyn Tx,
     batch: &str,
@@ -78,39 +85,45 @@ pub(crate) fn lease_ready(
     lease_until: i64,
     now: i64,
 ) -> Vec<Stmt> {
-    let d = tx.dialect();
-    let ready = ready_nodes(tx, batch, max, now);
-    let set =
-        "UPDATE workflows SET lease_owner = $4, lease_until = $5, updated_at = $2, parked = 0,
-                 status = CASE WHEN status = 'pending' THEN 'running' ELSE status END";
-    let guard = "(lease_owner IS NULL OR lease_until < $2)";
-    let args: Vec<Value> = ready
-        .args
-        .iter()
-        .cloned()
-        .chain([node.into(), lease_until.into()])
-        .collect();
-    match d {
-        // Finding the leased rows again for a second statement meant an index scan over
-        // the batch's running nodes (and their dead versions), the most costly statement of
-        // a hand-off.
-        Dialect::Postgres => vec![Stmt::new(
+    match tx.dialect() {
+        Dialect::Postgres => vec![stmt!(
             format!(
-                "WITH l AS ({set} WHERE id = ANY(ARRAY({})) AND {guard} RETURNING {WF_COLS})
+                "WITH l AS (
+                     UPDATE workflows SET parked = 0, status = 'running', lease_owner = $3,
+                         lease_until = $4, updated_at = $5
+                     WHERE id = ANY(ARRAY(
+                         SELECT id FROM workflows
+                         WHERE batch_id = $1 AND parked = 1 AND status = 'pending'
+                           AND waiting_on = 0 AND next_run_at <= $5
+                         ORDER BY created_at, id LIMIT CAST($2 AS BIGINT) FOR UPDATE SKIP LOCKED))
+                     RETURNING {WF_COLS})
                  SELECT l.*, (SELECT COALESCE(CAST(json_agg(s ORDER BY s.idx) AS TEXT), '[]')
                               FROM workflow_steps s WHERE s.workflow_id = l.id) AS steps_json
-                 FROM l",
-                ready.sql
+                 FROM l"
             ),
-            args,
+            batch,
+            max as i64,
+            node,
+            lease_until,
+            now,
         )],
         Dialect::Sqlite => {
+            let ready = ready_nodes(tx, batch, max, now);
             let lease = Stmt::new(
                 format!(
-                    "{set} WHERE id IN ({}) AND {guard} RETURNING {WF_COLS}",
+                    "UPDATE workflows SET lease_owner = $4, lease_until = $5, updated_at = $2,
+                         parked = 0,
+                         status = CASE WHEN status = 'pending' THEN 'running' ELSE status END
+                     WHERE id IN ({}) AND (lease_owner IS NULL OR lease_until < $2)
+                     RETURNING {WF_COLS}",
                     ready.sql
                 ),
-                args,
+                ready
+                    .args
+                    .iter()
+                    .cloned()
+                    .chain([node.into(), lease_until.into()])
+                    .collect(),
             );
             let steps = stmt!(
                 "SELECT * FROM workflow_steps WHERE workflow_id IN (
