@@ -13,7 +13,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::json;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 const LEASE_MS: u64 = 1500;
@@ -47,29 +47,75 @@ fn wait_all(children: &mut [std::process::Child], secs: u64) {
     }
 }
 
+/// A PostgreSQL 15 of the test's own with one database, a store on it, and the log the
+/// replicas append their steps to.
+struct Shared {
+    _pg: Postgres,
+    _dir: tempfile::TempDir,
+    url: String,
+    log: PathBuf,
+    store: Store,
+}
+
+impl Shared {
+    async fn new(db: &str) -> Self {
+        let pg = Postgres::start();
+        let url = pg.create_database(db);
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("steps.log");
+        let store = Store::open_postgres(&url).await.unwrap();
+        Self {
+            _pg: pg,
+            _dir: dir,
+            url,
+            log,
+            store,
+        }
+    }
+
+    /// Runs replicas node-a, node-b and node-c (with `extra` in their environment) until
+    /// they exit, two minutes at most.
+    fn run_three(&self, extra: &[(&str, &str)]) {
+        let mut rs: Vec<_> = ["node-a", "node-b", "node-c"]
+            .iter()
+            .map(|n| replica(&self.url, n, &self.log, extra))
+            .collect();
+        wait_all(&mut rs, 120);
+    }
+
+    async fn assert_succeeded(&self, ids: impl IntoIterator<Item = &String>) {
+        for id in ids {
+            let w = self.store.workflow(id).await.unwrap().unwrap();
+            assert_eq!(w.status, WorkflowStatus::Succeeded, "{id}: {w:?}");
+        }
+    }
+
+    /// [`most_at_once`] of the replicas' log.
+    fn most_at_once(&self) -> (i32, BTreeMap<String, usize>) {
+        most_at_once(&read_log(&self.log))
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_300_workflows_every_effect_once_no_overlap_and_takeover_after_sigkill() {
-    let pg = Postgres::start();
-    let url = pg.create_database("replicas");
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("steps.log");
-    let store = Store::open_postgres(&url).await.unwrap();
+    let sh = Shared::new("replicas").await;
+    let (url, log, store) = (&sh.url, &sh.log, &sh.store);
     let ws: Vec<NewWorkflow> = (0..300)
         .map(|_| ledger_workflow(4, json!({"sleep_ms": [5, 40]})))
         .collect();
     let ids = store.enqueue_workflows(&ws, &[]).await.unwrap();
 
-    let mut a = replica(&url, "node-a", &log, &[]);
+    let mut a = replica(url, "node-a", log, &[]);
     let mut others = vec![
-        replica(&url, "node-b", &log, &[]),
-        replica(&url, "node-c", &log, &[]),
+        replica(url, "node-b", log, &[]),
+        replica(url, "node-c", log, &[]),
     ];
     // Kill A inside a step: one of its starts without an end.
     let t0 = Instant::now();
     let (killed_at, open) = loop {
         assert!(t0.elapsed() < Duration::from_secs(60), "node-a never ran");
         tokio::time::sleep(Duration::from_millis(3)).await;
-        let lines = read_log(&log);
+        let lines = read_log(log);
         if lines
             .iter()
             .filter(|l| l.1 == "node-a" && l.0 == "end")
@@ -107,7 +153,7 @@ async fn three_replicas_300_workflows_every_effect_once_no_overlap_and_takeover_
         );
     }
     // No step ran on two replicas at once: a step's runs do not overlap in time.
-    let lines = read_log(&log);
+    let lines = read_log(log);
     let mut runs: BTreeMap<(String, u32), Vec<Run>> = BTreeMap::new();
     for l in &lines {
         let e = runs.entry((l.2.clone(), l.3)).or_default();
@@ -154,25 +200,14 @@ async fn three_replicas_300_workflows_every_effect_once_no_overlap_and_takeover_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_per_user_limit_of_two_holds_across_three_replicas() {
-    let pg = Postgres::start();
-    let url = pg.create_database("limits");
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("steps.log");
-    let store = Store::open_postgres(&url).await.unwrap();
+    let sh = Shared::new("limits").await;
     let ws: Vec<NewWorkflow> = (0..18)
         .map(|_| ledger_workflow(2, json!({"sleep_ms": [30, 60]})))
         .collect();
-    let ids = store.enqueue_workflows(&ws, &[]).await.unwrap();
-    let mut rs: Vec<_> = ["node-a", "node-b", "node-c"]
-        .iter()
-        .map(|n| replica(&url, n, &log, &[("BSP_PER_USER", "2")]))
-        .collect();
-    wait_all(&mut rs, 120);
-    for id in &ids {
-        let w = store.workflow(id).await.unwrap().unwrap();
-        assert_eq!(w.status, WorkflowStatus::Succeeded, "{w:?}");
-    }
-    let (most, per_node) = most_at_once(&read_log(&log));
+    let ids = sh.store.enqueue_workflows(&ws, &[]).await.unwrap();
+    sh.run_three(&[("BSP_PER_USER", "2")]);
+    sh.assert_succeeded(&ids).await;
+    let (most, per_node) = sh.most_at_once();
     eprintln!("at most {most} of the user's workflows at once; starts per replica {per_node:?}");
     assert!(most <= 2, "the per-user limit of 2 was exceeded: {most}");
     assert_eq!(most, 2, "the limit was reached (the test can fail)");
@@ -180,7 +215,7 @@ async fn a_per_user_limit_of_two_holds_across_three_replicas() {
         per_node.len() >= 2,
         "more than one replica took work: {per_node:?}"
     );
-    store.close().await;
+    sh.store.close().await;
 }
 
 /// A batch's slots pass from node to node across three replicas (on PostgreSQL without turns
@@ -188,11 +223,7 @@ async fn a_per_user_limit_of_two_holds_across_three_replicas() {
 /// and every node run — the layered ones too, made ready by endings on other replicas.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batchs_parallelism_holds_across_three_replicas() {
-    let pg = Postgres::start();
-    let url = pg.create_database("batch_slots");
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("steps.log");
-    let store = Store::open_postgres(&url).await.unwrap();
+    let sh = Shared::new("batch_slots").await;
     let work = |node: String, requires: Vec<String>| {
         let mut w = BatchWork::new(
             node,
@@ -216,19 +247,13 @@ async fn a_batchs_parallelism_holds_across_three_replicas() {
             ));
         }
     }
-    let b = store.enqueue_batch("tester", 4, works).await.unwrap();
+    let b = sh.store.enqueue_batch("tester", 4, works).await.unwrap();
     // Two at a time each: a replica passes a slot on to a node it leases itself, so the
     // batch's four are held by two replicas or three, whose passes race.
-    let mut rs: Vec<_> = ["node-a", "node-b", "node-c"]
-        .iter()
-        .map(|n| replica(&url, n, &log, &[("BSP_MAX_PARALLEL", "2")]))
-        .collect();
-    wait_all(&mut rs, 120);
-    for n in &b.nodes {
-        let w = store.workflow(&n.operation_id).await.unwrap().unwrap();
-        assert_eq!(w.status, WorkflowStatus::Succeeded, "{}: {w:?}", n.node);
-    }
-    let (most, per_node) = most_at_once(&read_log(&log));
+    sh.run_three(&[("BSP_MAX_PARALLEL", "2")]);
+    sh.assert_succeeded(b.nodes.iter().map(|n| &n.operation_id))
+        .await;
+    let (most, per_node) = sh.most_at_once();
     eprintln!("at most {most} of the batch's nodes at once; starts per replica {per_node:?}");
     assert!(
         most <= 4,
@@ -239,7 +264,7 @@ async fn a_batchs_parallelism_holds_across_three_replicas() {
         per_node.len() >= 2,
         "more than one replica took work: {per_node:?}"
     );
-    store.close().await;
+    sh.store.close().await;
 }
 
 /// The most workflows of `log` running at once (each holds its slot from its first step's
