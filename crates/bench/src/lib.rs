@@ -8,6 +8,7 @@
 pub mod engine;
 pub mod pg_probe;
 pub mod platform;
+pub mod takeover;
 
 use basphere_config::Config;
 use basphere_core::{Quota, Username};
@@ -22,7 +23,8 @@ pub const BENCH_KEY: &str =
 #[derive(clap::Parser, Debug)]
 #[command(name = "basphere-bench", version, max_term_width = 100)]
 pub struct Args {
-    /// Which figures: all (platform and engine), platform (create overhead, RSS, list), engine
+    /// Which figures: all (platform and engine), platform (create overhead, RSS, list,
+    /// takeover after a SIGKILL), engine
     /// (throughput, batches vs terraform, plan), throughput (the engine's no-op steps only),
     /// pg-probe (step completions per second on a
     /// PostgreSQL 15 the probe starts itself; not part of `all`).
@@ -77,6 +79,8 @@ pub enum Part {
     Engine,
     /// Only the no-op step throughput (of `engine`).
     Throughput,
+    /// Only the takeover of a SIGKILLed server's step (of `platform`).
+    Takeover,
     /// The child process the engine part starts (its peak RSS is the batches' own).
     #[value(hide = true)]
     Batch,
@@ -269,6 +273,9 @@ async fn run_parts(a: &Args, bench: &Bench) -> anyhow::Result<()> {
     let r = async {
         if matches!(a.part, Part::All | Part::Platform) {
             platform::run(&bench, &tmp, a).await?;
+        }
+        if a.part == Part::Takeover {
+            platform::takeover(&bench, &tmp.join("takeover")).await?;
         }
         if a.part == Part::Throughput {
             engine::print_throughput(&bench, &tmp.join("engine"), a.statements).await?;

@@ -1,5 +1,5 @@
-//! The platform's figures: create overhead, idle `basphere serve` RSS, and `list-vms -a -j`
-//! with many VMs end to end.
+//! The platform's figures: create overhead, idle `basphere serve` RSS, `list-vms -a -j` with
+//! many VMs end to end, and the takeover of a killed server's step.
 
 use basphere_api::{Listeners, ServeOptions};
 use basphere_app::{App, Overrides};
@@ -149,7 +149,13 @@ pub async fn run(bench: &Bench, dir: &Path, a: &Args) -> anyhow::Result<()> {
         );
         server.shutdown().await;
     }
-    Ok(())
+    // 3. Takeover after a SIGKILL inside a step.
+    takeover(bench, &dir.join("takeover")).await
+}
+
+/// Prints the takeover figure ([`crate::takeover`]) with servers whose data is under `dir`.
+pub async fn takeover(bench: &Bench, dir: &Path) -> anyhow::Result<()> {
+    crate::takeover::run(bench, &config(bench, dir)?, dir).await
 }
 
 /// Starts `basphere serve` on the config at `toml_path`, times `list-vms -a -j` (expecting
