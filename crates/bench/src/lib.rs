@@ -241,6 +241,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             o.settings = vec![
                 "shared_preload_libraries=pg_stat_statements".into(),
                 "pg_stat_statements.track=all".into(),
+                "pg_stat_statements.track_planning=on".into(),
             ];
         }
         Some(
