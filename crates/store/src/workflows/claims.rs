@@ -3,8 +3,9 @@
 
 use super::sets::{EVENT_ROW, STEP_START_ROW, append_events, id_in, ids_arg, start_steps};
 use super::{
-    ClaimLimits, Claimed, StepRecord, StepStatus, WF_COLS, Workflow, WorkflowEvent, WorkflowStatus,
-    clock, lease_lost, ready_nodes, skip_locked, step_from, workflow_from,
+    ClaimLimits, Claimed, SKIP_HELD, StepRecord, StepStatus, WF_COLS, Workflow, WorkflowEvent,
+    WorkflowStatus, clock, lease_lost, parked_queue, ready_nodes, skip_locked, step_from,
+    workflow_from,
 };
 use crate::db::{Col, Cols, Dialect, Durability, RowSet, Stmt, Tx, Value, limit_by, stmt};
 use crate::{Result, Store};
@@ -91,15 +92,12 @@ pub(crate) fn lease_ready(
                 "WITH l AS (
                      UPDATE workflows SET parked = 0, status = 'running', lease_owner = $3,
                          lease_until = $4, updated_at = $5
-                     WHERE id = ANY(ARRAY(
-                         SELECT id FROM workflows
-                         WHERE batch_id = $1 AND parked = 1 AND status = 'pending'
-                           AND waiting_on = 0 AND next_run_at <= $5
-                         ORDER BY created_at, id LIMIT CAST($2 AS BIGINT) FOR UPDATE SKIP LOCKED))
+                     WHERE id = ANY(ARRAY({}))
                      RETURNING {WF_COLS})
                  SELECT l.*, (SELECT COALESCE(CAST(json_agg(s ORDER BY s.idx) AS TEXT), '[]')
                               FROM workflow_steps s WHERE s.workflow_id = l.id) AS steps_json
-                 FROM l"
+                 FROM l",
+                parked_queue("CAST($2 AS BIGINT)", SKIP_HELD)
             ),
             batch,
             max as i64,

@@ -56,26 +56,37 @@ fn update_ids(d: Dialect, set: &str, select: &str, rest: &str) -> String {
     }
 }
 
-/// A batch's free slots: its parallelism less its unparked nodes that have not ended, given
-/// to its ready parked nodes in queue order — one statement. (`{max}`: the dialect's larger
-/// of two values; a `CASE` would count the nodes twice. `{lock}`: on PostgreSQL the nodes
-/// another transaction holds are passed over: a slot pass ([`pass_slots`]) is giving them
-/// theirs, and the ending it passes from still counts as running here.)
-const FILL_IDS: &str = "SELECT id FROM workflows
-     WHERE batch_id = $1 AND parked = 1 AND status = 'pending' AND waiting_on = 0
-     ORDER BY created_at, id
-     LIMIT (SELECT {max}(0, COALESCE((SELECT parallelism FROM batches WHERE id = $1), 0)
+/// A batch's ready parked nodes (`$1` the batch) in queue order, at most `limit`, locked by
+/// `lock`: the nodes a counted fill, a slot pass and a hand-off's lease give slots to.
+pub(crate) fn parked_queue(limit: &str, lock: &str) -> String {
+    format!(
+        "SELECT id FROM workflows
+         WHERE batch_id = $1 AND parked = 1 AND status = 'pending' AND waiting_on = 0
+         ORDER BY created_at, id LIMIT {limit}{lock}"
+    )
+}
+
+/// On PostgreSQL a slot pass and a hand-off pass over the queued nodes another transaction
+/// holds (it is giving them their slots).
+pub(crate) const SKIP_HELD: &str = " FOR UPDATE SKIP LOCKED";
+
+/// A batch's free slots: its parallelism less its unparked nodes that have not ended.
+/// (`{max}`: the dialect's larger of two values; a `CASE` would count the nodes twice.)
+const FREE_SLOTS: &str = "(SELECT {max}(0, COALESCE((SELECT parallelism FROM batches WHERE id = $1), 0)
          - (SELECT COUNT(*) FROM workflows WHERE batch_id = $1 AND parked = 0 AND status = 'pending')
          - (SELECT COUNT(*) FROM workflows WHERE batch_id = $1 AND parked = 0 AND status = 'running')
-         - (SELECT COUNT(*) FROM workflows WHERE batch_id = $1 AND parked = 0 AND status = 'undoing'))){lock}";
+         - (SELECT COUNT(*) FROM workflows WHERE batch_id = $1 AND parked = 0 AND status = 'undoing')))";
 
-/// The statement that hands free slots of batch `batch` to its ready parked nodes.
+/// The statement that hands the free slots of batch `batch` to its ready parked nodes, in
+/// queue order — one statement. On PostgreSQL the nodes another transaction holds are passed
+/// over: a slot pass ([`pass_slots`]) is giving them theirs, and the ending it passes from
+/// still counts as running here.
 fn fill_stmt(d: Dialect, batch: &str) -> Stmt {
     let (max, lock) = match d {
         Dialect::Sqlite => ("max", ""),
-        Dialect::Postgres => ("GREATEST", " FOR UPDATE SKIP LOCKED"),
+        Dialect::Postgres => ("GREATEST", SKIP_HELD),
     };
-    let ids = FILL_IDS.replace("{max}", max).replace("{lock}", lock);
+    let ids = parked_queue(&FREE_SLOTS.replace("{max}", max), lock);
     stmt!(update_ids(d, "parked = 0", &ids, ""), batch)
 }
 
@@ -89,11 +100,10 @@ fn fill_stmt(d: Dialect, batch: &str) -> Stmt {
 /// ready meanwhile by another transaction does not wait for a slot left free.
 pub(crate) fn pass_slots(batch: &str, freed: usize) -> Stmt {
     stmt!(
-        "UPDATE workflows SET parked = 0 WHERE id = ANY(ARRAY(
-             SELECT id FROM workflows
-             WHERE batch_id = $1 AND parked = 1 AND status = 'pending' AND waiting_on = 0
-             ORDER BY created_at, id LIMIT CAST($2 AS BIGINT) FOR UPDATE SKIP LOCKED))
-         RETURNING id",
+        format!(
+            "UPDATE workflows SET parked = 0 WHERE id = ANY(ARRAY({})) RETURNING id",
+            parked_queue("CAST($2 AS BIGINT)", SKIP_HELD)
+        ),
         batch,
         freed as i64,
     )

@@ -22,8 +22,8 @@ pub use stats::WorkflowCounts;
 
 pub(crate) use claims::{LeaseNew, Leased, lease_many, lease_ready};
 pub(crate) use ending::{
-    ENDING_COLS, Ending, add_dep, ending_from, fill_batch_in, fill_stmts, finish_in, pass_slots,
-    ready_nodes, release_stmt,
+    ENDING_COLS, Ending, SKIP_HELD, add_dep, ending_from, fill_batch_in, fill_stmts, finish_in,
+    parked_queue, pass_slots, ready_nodes, release_stmt,
 };
 
 use crate::db::{Cols, Dialect, Filter, Row, Stmt, Tx, Value, limit_by, stmt};
