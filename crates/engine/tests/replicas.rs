@@ -375,6 +375,18 @@ async fn an_unheard_commit_far_behind_the_newest_event_is_relayed() {
              SELECT '{id}', 0, NULL, '{kind}', {message}"
         )
     };
+    // The relay has started once it relays an event: what it reads from then on is what this
+    // test is about (at its start it looks back only so far, and 2,000 events committed
+    // before it read its starting point would mostly lie behind that).
+    let first = basphere_testkit::postgres::connect(&url).await.unwrap();
+    first
+        .batch_execute(&format!(
+            "{}; SELECT pg_notify('basphere', 'elsewhere')",
+            append("ready", "'relay running'")
+        ))
+        .await
+        .unwrap();
+    relayed(&mut rx, "ready", 1, Duration::from_secs(10)).await;
     // One transaction takes an event number and holds it uncommitted...
     let late = basphere_testkit::postgres::connect(&url).await.unwrap();
     late.batch_execute(&format!("BEGIN; {}", append("late", "'committed late'")))
