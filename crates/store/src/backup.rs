@@ -65,6 +65,14 @@ pub struct RestoreReport {
     pub summary: Summary,
 }
 
+impl Store {
+    /// What the database holds: its schema version, the rows of every table, the workflows
+    /// not yet ended.
+    pub async fn summary(&self) -> Result<Summary> {
+        self.db.read(|tx| Box::pin(summarize(tx))).await
+    }
+}
+
 async fn summarize(tx: &mut dyn Tx) -> Result<Summary> {
     let backend = match tx.dialect() {
         crate::db::Dialect::Sqlite => "sqlite",
@@ -212,7 +220,7 @@ impl Location {
                 .write(|tx| Box::pin(release_all_leases(tx)))
                 .await?;
             store.analyze().await?;
-            let summary = store.db.read(|tx| Box::pin(summarize(tx))).await?;
+            let summary = store.summary().await?;
             Ok(RestoreReport {
                 backup_schema_version,
                 leases_released,

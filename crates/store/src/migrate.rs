@@ -108,6 +108,11 @@ const POSTGRES: &[Migration] = &[
         "batch_queue_order",
         include_str!("../migrations/postgres/0008_batch_queue_order.sql"),
     ),
+    (
+        14,
+        "lean_steps",
+        include_str!("../migrations/postgres/0009_lean_steps.sql"),
+    ),
 ];
 
 /// The migrations of `dialect`, oldest first.

@@ -113,14 +113,20 @@ impl Store {
                             "user {u} still has {vms} VM(s); they are being deleted first"
                         )));
                     }
-                    // The event log has no foreign key on PostgreSQL (it is appended to on
-                    // every step): its rows go first, by hand.
-                    tx.run(&[
+                    // The event log, the steps and the edges have no foreign key on
+                    // PostgreSQL (the store writes them with their workflows, thousands a
+                    // second): their rows go first, by hand.
+                    let of_user = |sql: &str| {
                         stmt!(
-                            "DELETE FROM workflow_events WHERE workflow_id IN
-                               (SELECT id FROM workflows WHERE owner = $1)",
+                            format!("{sql} IN (SELECT id FROM workflows WHERE owner = $1)"),
                             u.as_str()
-                        ),
+                        )
+                    };
+                    tx.run(&[
+                        of_user("DELETE FROM workflow_events WHERE workflow_id"),
+                        of_user("DELETE FROM workflow_steps WHERE workflow_id"),
+                        of_user("DELETE FROM workflow_deps WHERE workflow_id"),
+                        of_user("DELETE FROM workflow_deps WHERE depends_on"),
                         stmt!("DELETE FROM workflows WHERE owner = $1", u.as_str()),
                     ])
                     .await?;

@@ -36,6 +36,9 @@ pub fn cases() -> Vec<Case> {
         ("users_delete_and_purge", |s| {
             Box::pin(delete_and_purge(s)) as Fut
         }),
+        ("users_delete_leaves_no_workflow_rows", |s| {
+            Box::pin(delete_leaves_no_workflow_rows(s)) as Fut
+        }),
         ("users_key_changes", |s| Box::pin(key_changes(s)) as Fut),
         ("users_tokens", |s| Box::pin(tokens(s)) as Fut),
         ("users_enroll", |s| Box::pin(enroll(s)) as Fut),
@@ -457,6 +460,41 @@ async fn disable_quota_uid(s: Store) {
     s.set_unix_uid(&alice, 4_000_000_000).await.unwrap();
     let u = s.user("alice").await.unwrap().unwrap();
     assert_eq!((u.unix_account, u.unix_uid), (true, Some(4_000_000_000)));
+}
+
+/// A deleted user's workflows go with every row that hangs off them (steps, batch edges,
+/// events), though on PostgreSQL no foreign key cascades to those.
+async fn delete_leaves_no_workflow_rows(s: Store) {
+    use basphere_store::{BatchWork, NewWorkflow};
+    active(&s, "dave").await;
+    let wf = || NewWorkflow::new("ledger", "dave", vec!["a".into(), "b".into()]);
+    let first = BatchWork::new("first", "ledger", wf());
+    let mut second = BatchWork::new("second", "ledger", wf());
+    second.requires.push("first".into());
+    s.enqueue_batch("dave", 1, vec![first, second])
+        .await
+        .unwrap();
+    let before = s.summary().await.unwrap();
+    for t in [
+        "workflows",
+        "workflow_steps",
+        "workflow_deps",
+        "workflow_events",
+    ] {
+        assert!(before.rows(t) > 0, "the batch wrote no {t} row");
+    }
+    s.delete_user(&"dave".parse().unwrap(), false, &admin())
+        .await
+        .unwrap();
+    let after = s.summary().await.unwrap();
+    for t in [
+        "workflows",
+        "workflow_steps",
+        "workflow_deps",
+        "workflow_events",
+    ] {
+        assert_eq!(after.rows(t), 0, "{t} rows left behind");
+    }
 }
 
 async fn delete_and_purge(s: Store) {
