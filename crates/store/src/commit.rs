@@ -25,9 +25,9 @@ use crate::workflows::sets::{
     EVENT_ROW, STEP_START_ROW, append_events, id_in, ids_arg, set_stmt, start_steps,
 };
 use crate::workflows::{
-    Claimed, ENDING_COLS, Ending, Handoff, Leased, StepCommit, WorkflowEvent, WorkflowStatus,
-    clock, ending_from, fill_batch_in, fill_stmts, insert_stmts, lease_lost, lease_ready,
-    pass_slots, release_stmt,
+    Claimed, ENDING_COLS, Ending, Handoff, Leased, Start, StepCommit, WorkflowEvent,
+    WorkflowStatus, clock, ending_from, fill_batch_in, fill_stmts, insert_stmts, lease_lost,
+    lease_ready, leased_by, pass_slots, release_stmt,
 };
 use crate::{Result, StoreError};
 use rusqlite::Connection;
@@ -464,7 +464,8 @@ pub(crate) async fn commit_group(
     let mut plans: Vec<Option<Plan>> = Vec::with_capacity(reqs.len());
     // Per batch, how many of its nodes succeed here (each frees a slot).
     let mut fills: BTreeMap<String, usize> = BTreeMap::new();
-    let mut wants: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
+    // Per batch and node, the completions handing off there, and the first one's definition.
+    let mut wants: BTreeMap<(String, String), (Vec<usize>, String)> = BTreeMap::new();
     let mut failed: Vec<Option<StoreError>> = (0..reqs.len()).map(|_| None).collect();
     // The workflows that end succeeded (their new step), and their endings.
     let mut ends = RowSet::new(END_ROW);
@@ -563,7 +564,8 @@ pub(crate) async fn commit_group(
                 if j.handoff.is_some() {
                     wants
                         .entry((b.clone(), j.node.clone()))
-                        .or_default()
+                        .or_insert_with(|| (vec![], end.definition.clone()))
+                        .0
                         .push(i);
                 }
             }
@@ -652,15 +654,20 @@ pub(crate) async fn commit_group(
     //    with a hand-off leases the next ready node of its batch. On PostgreSQL a hand-off
     //    takes its slot with its lease and the other freed slots pass on, a counted fill
     //    after only where the queue looked empty; on SQLite a counted fill, then the leases.
+    //    On PostgreSQL the lease also starts the leased nodes' steps, and the finishing
+    //    node's hooks read ahead for them right after it.
     let mut passes: Vec<(&str, usize, Vec<usize>)> = vec![];
-    let mut ready_at: Vec<(Vec<usize>, std::ops::Range<usize>)> = vec![];
+    type Read = Option<(crate::hooks::Hooks, usize)>;
+    let mut ready_at: Vec<(Vec<usize>, std::ops::Range<usize>, Read)> = vec![];
     for (b, &freed) in &fills {
         if d == Dialect::Sqlite {
             batch.extend(fill_stmts(d, b));
         }
         // On PostgreSQL the hand-offs take their slots with their leases; the rest pass on.
         let (mut left, mut given) = (freed, vec![]);
-        for ((batch_id, node), idxs) in wants.iter().filter(|((batch_id, _), _)| batch_id == b) {
+        for ((batch_id, node), (idxs, def)) in
+            wants.iter().filter(|((batch_id, _), _)| batch_id == b)
+        {
             let Some(h) = reqs[idxs[0]].handoff else {
                 continue;
             };
@@ -669,9 +676,19 @@ pub(crate) async fn commit_group(
                 left -= n;
                 given.push(batch.len());
             }
-            let lease = lease_ready(tx, batch_id, n, node, now + h.lease_ms, now);
-            ready_at.push((idxs.clone(), batch.len()..batch.len() + lease.len()));
+            let until = now + h.lease_ms;
+            let lease = lease_ready(tx, batch_id, n, node, until, now);
+            let at = batch.len()..batch.len() + lease.len();
             batch.extend(lease);
+            let mut read = None;
+            if d == Dialect::Postgres
+                && let Some(hk) = hooks.get(def)
+                && let Some(s) = hk.0.handed_off_read(&leased_by(batch_id, node, until))
+            {
+                read = Some((hk, batch.len()));
+                batch.push(s);
+            }
+            ready_at.push((idxs.clone(), at, read));
         }
         if d == Dialect::Postgres {
             if left > 0 {
@@ -722,17 +739,22 @@ pub(crate) async fn commit_group(
         out.push(Ok((events, cancel, None)));
     }
 
-    // 5. The hand-offs leased their batches' next ready nodes in the batch above; those
-    //    nodes' steps start now, and their definitions' hooks read ahead for them, in one
-    //    more round trip.
+    // 5. The hand-offs leased their batches' next ready nodes in the batch above. On
+    //    PostgreSQL that was all: their steps started and their hooks read ahead there. On
+    //    SQLite those nodes' steps start now, and their definitions' hooks read ahead for
+    //    them, in one more round trip.
+    let start = match d {
+        Dialect::Postgres => Start::Done,
+        Dialect::Sqlite => Start::Write,
+    };
     let mut leases: Vec<(Vec<usize>, Leased)> = vec![];
-    for (idxs, at) in ready_at {
-        if let Some(l) = Leased::read(&results[at], None, true, now)? {
+    for (idxs, at, read) in ready_at {
+        if let Some((h, k)) = read {
+            h.0.handed_off_rows(&results[k], prefetched)?;
+        }
+        if let Some(l) = Leased::read(&results[at], None, start, now)? {
             leases.push((idxs, l));
         }
-    }
-    if leases.is_empty() {
-        return Ok(out);
     }
     let mut stmts: Vec<Stmt> = vec![];
     let mut spans = vec![];
@@ -741,25 +763,41 @@ pub(crate) async fn commit_group(
         spans.push(stmts.len()..stmts.len() + s.len());
         stmts.extend(s);
     }
-    let mut by_def: BTreeMap<&str, Vec<&crate::workflows::Workflow>> = BTreeMap::new();
-    for wf in leases.iter().flat_map(|(_, l)| l.workflows()) {
-        by_def.entry(wf.definition.as_str()).or_default().push(wf);
-    }
     let mut reads = vec![];
-    for (def, ws) in by_def {
-        if let Some(h) = hooks.get(def)
-            && let Some(s) = h.0.handed_off_read(d, &ws)
-        {
-            reads.push((h, stmts.len()));
-            stmts.push(s);
+    if d == Dialect::Sqlite {
+        let mut by_def: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for wf in leases.iter().flat_map(|(_, l)| l.workflows()) {
+            by_def
+                .entry(wf.definition.as_str())
+                .or_default()
+                .push(wf.id.clone());
+        }
+        for (def, ids) in by_def {
+            let leased = Stmt::new(
+                format!(
+                    "SELECT resource_kind, resource_id FROM workflows WHERE {}",
+                    id_in(d, "id", 1)
+                ),
+                vec![ids_arg(d, &ids)],
+            );
+            if let Some(h) = hooks.get(def)
+                && let Some(s) = h.0.handed_off_read(&leased)
+            {
+                reads.push((h, stmts.len()));
+                stmts.push(s);
+            }
         }
     }
-    let res = tx.query_many(&stmts).await?;
+    let res = match stmts.is_empty() {
+        true => vec![],
+        false => tx.query_many(&stmts).await?,
+    };
     for (h, at) in reads {
         h.0.handed_off_rows(&res[at], prefetched)?;
     }
     for ((idxs, l), span) in leases.into_iter().zip(spans) {
-        for (i, c) in idxs.into_iter().zip(l.claimed(&res[span])?) {
+        let started = if span.is_empty() { &[][..] } else { &res[span] };
+        for (i, c) in idxs.into_iter().zip(l.claimed(started)?) {
             if let Ok((_, _, next)) = &mut out[i] {
                 *next = Some(c);
             }

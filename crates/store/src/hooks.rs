@@ -70,10 +70,12 @@ pub(crate) trait ResourceHooks: Send + Sync {
         Ok(())
     }
 
-    /// `ws` (this definition's workflows) were leased by a hand-off inside this transaction
-    /// and their steps start at once: a read of what those steps need, for all of them, sent
-    /// with their starts; its rows go to [`ResourceHooks::handed_off_rows`].
-    fn handed_off_read(&self, _d: Dialect, _ws: &[&Workflow]) -> Option<Stmt> {
+    /// A hand-off leased workflows inside this transaction and their steps start at once:
+    /// a read of what those steps need, for all of them, in the same round trip. `leased`
+    /// selects their `resource_kind` and `resource_id` (its parameters first: the read's own
+    /// follow them), and may run before the lease is answered; the rows go to
+    /// [`ResourceHooks::handed_off_rows`].
+    fn handed_off_read(&self, _leased: &Stmt) -> Option<Stmt> {
         None
     }
 

@@ -179,16 +179,14 @@ run delete-vm to retry the cleanup' ELSE '' END,
 
     /// The steps about to start read their VMs with their owners' keys: read them here, in
     /// the hand-off's transaction, in one query (`Store::vm_and_key` takes each).
-    fn handed_off_read(&self, d: Dialect, ws: &[&Workflow]) -> Option<Stmt> {
-        let vms: Vec<String> = ws
-            .iter()
-            .filter_map(|w| w.resource.as_ref()?.id_of(ResourceRef::VM))
-            .map(str::to_string)
-            .collect();
-        (!vms.is_empty()).then(|| {
-            let sql = format!("{VMS_AND_KEYS} WHERE {}", id_in(d, "v.id", 1));
-            Stmt::new(sql, vec![ids_arg(d, &vms)])
-        })
+    fn handed_off_read(&self, leased: &Stmt) -> Option<Stmt> {
+        let sql = format!(
+            "{VMS_AND_KEYS} WHERE v.id IN (SELECT h.resource_id FROM ({}) h
+                                            WHERE h.resource_kind = '{}')",
+            leased.sql,
+            ResourceRef::VM
+        );
+        Some(Stmt::new(sql, leased.args.clone()))
     }
 
     fn handed_off_rows(&self, rows: &[Row], cache: &Prefetch) -> Result<()> {

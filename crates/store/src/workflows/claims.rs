@@ -54,6 +54,7 @@ pub(crate) async fn lease_many(
             Stmt::new(steps_sql, vec![ids_arg(d, ids)]),
         ])
         .await?;
+    let start = if start { Start::Write } else { Start::No };
     let Some(mut leased) = Leased::read(&res, Some(ids), start, now)? else {
         return Ok(vec![]);
     };
@@ -87,17 +88,33 @@ pub(crate) fn lease_ready(
     now: i64,
 ) -> Vec<Stmt> {
     match tx.dialect() {
+        // The lease starts each leased node's current step too, and appends its event:
+        // the rows come back with their steps as they were (`read` marks the one started)
+        // and the event's number (`seq`; none where no step starts: a cancel is pending).
         Dialect::Postgres => vec![stmt!(
             format!(
                 "WITH l AS (
                      UPDATE workflows SET parked = 0, status = 'running', lease_owner = $3,
                          lease_until = $4, updated_at = $5
                      WHERE id = ANY(ARRAY({}))
-                     RETURNING {WF_COLS})
-                 SELECT l.*, (SELECT COALESCE(CAST(json_agg(s ORDER BY s.idx) AS TEXT), '[]')
-                              FROM workflow_steps s WHERE s.workflow_id = l.id) AS steps_json
+                     RETURNING {WF_COLS}),
+                 s AS (
+                     UPDATE workflow_steps st SET status = 'running', attempts = st.attempts + 1,
+                         started_at = $5, deadline_at = $5 + COALESCE(st.timeout_ms, {})
+                     FROM l WHERE st.workflow_id = l.id AND st.idx = l.step
+                       AND l.cancel_requested = 0
+                     RETURNING st.workflow_id, st.name),
+                 e AS (
+                     INSERT INTO workflow_events (workflow_id, at, step, kind, message)
+                     SELECT s.workflow_id, $5, s.name, 'step_started', s.name || ' started'
+                     FROM s
+                     RETURNING seq, workflow_id)
+                 SELECT l.*, (SELECT COALESCE(CAST(json_agg(st ORDER BY st.idx) AS TEXT), '[]')
+                              FROM workflow_steps st WHERE st.workflow_id = l.id) AS steps_json,
+                        (SELECT e.seq FROM e WHERE e.workflow_id = l.id) AS seq
                  FROM l",
-                parked_queue("CAST($2 AS BIGINT)", SKIP_HELD)
+                parked_queue("CAST($2 AS BIGINT)", SKIP_HELD),
+                super::NewStep::DEFAULT_TIMEOUT_MS,
             ),
             batch,
             max as i64,
@@ -138,11 +155,37 @@ pub(crate) fn lease_ready(
     }
 }
 
+/// The resources of the nodes of `batch` a hand-off in this transaction leased to `node`
+/// until `lease_until` (`resource_kind`, `resource_id`): what their hooks read ahead for the
+/// steps they start (`ResourceHooks::handed_off_read`), in the lease's round trip.
+pub(crate) fn leased_by(batch: &str, node: &str, lease_until: i64) -> Stmt {
+    stmt!(
+        "SELECT resource_kind, resource_id FROM workflows
+         WHERE batch_id = $1 AND parked = 0 AND status = 'running'
+           AND lease_owner = $2 AND lease_until = $3",
+        batch,
+        node,
+        lease_until,
+    )
+}
+
 /// A workflow's steps as `json_agg` of its `workflow_steps` rows gives them.
 fn steps_of_json(json: &str) -> Result<Vec<crate::StepRecord>> {
     let rows: Vec<serde_json::Map<String, serde_json::Value>> = serde_json::from_str(json)
         .map_err(|e| crate::StoreError::Corrupt("workflow_steps", e.to_string()))?;
     rows.iter().map(step_from).collect()
+}
+
+/// What [`Leased::read`] does about the current step of each workflow that runs forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Start {
+    /// Nothing: it is not started here.
+    No,
+    /// Starts it: [`Leased::stmts`] writes the starts.
+    Write,
+    /// The lease's statement started it: its row's `seq` numbers the start's event (none
+    /// where it started nothing).
+    Done,
 }
 
 /// Workflows just leased, read from their rows, with the starts of their current steps to
@@ -154,12 +197,12 @@ pub(crate) struct Leased {
 }
 
 impl Leased {
-    /// The workflows of a lease's rows `[leased, steps]` (in the order of `ids` if given);
-    /// with `start` the current step of each that runs forward is started. None if none.
+    /// The workflows of a lease's rows `[leased, steps]` (in the order of `ids` if given),
+    /// with the current step of each that runs forward started as `start` says. None if none.
     pub(crate) fn read(
         res: &[Vec<crate::db::Row>],
         ids: Option<&[String]>,
-        start: bool,
+        start: Start,
         now: i64,
     ) -> Result<Option<Leased>> {
         let (rows, step_rows) = match res {
@@ -178,8 +221,14 @@ impl Leased {
         }
         let mut by_id: HashMap<String, Option<Workflow>> = HashMap::new();
         let mut order = vec![];
+        let mut started_seq: HashMap<String, i64> = HashMap::new();
         for r in rows {
             let id = r.text("id")?;
+            if start == Start::Done
+                && let Some(seq) = r.opt_int("seq")?
+            {
+                started_seq.insert(id.clone(), seq);
+            }
             let steps = match step_rows {
                 Some(_) => vec![],
                 None => steps_of_json(&r.text("steps_json")?)?,
@@ -209,7 +258,11 @@ impl Leased {
                 metrics::counter!("basphere_lease_takeovers_total", "definition" => wf.definition.clone())
                     .increment(1);
             }
-            let runnable = start && wf.status == WorkflowStatus::Running && !wf.cancel_requested;
+            let runnable = match start {
+                Start::No => false,
+                Start::Write => wf.status == WorkflowStatus::Running && !wf.cancel_requested,
+                Start::Done => started_seq.contains_key(&wf.id),
+            };
             let mut evs = vec![];
             let mut started = false;
             if let (true, Ok(i)) = (runnable, usize::try_from(wf.step))
@@ -217,16 +270,21 @@ impl Leased {
             {
                 let rec = &mut wf.steps[i];
                 let d = rec.timeout_ms;
-                let idx = i64::from(rec.idx);
-                evs.push(start_one(
-                    &mut starts,
-                    &mut events,
-                    &wf.id,
-                    idx,
-                    &rec.name,
-                    d,
-                    now,
-                ));
+                evs.push(match started_seq.get(&wf.id) {
+                    Some(&seq) => WorkflowEvent {
+                        seq,
+                        ..started_event(&wf.id, &rec.name, now)
+                    },
+                    None => start_one(
+                        &mut starts,
+                        &mut events,
+                        &wf.id,
+                        i64::from(rec.idx),
+                        &rec.name,
+                        d,
+                        now,
+                    ),
+                });
                 rec.status = StepStatus::Running;
                 rec.attempts += 1;
                 rec.started_at = Some(now);
@@ -259,7 +317,7 @@ impl Leased {
     }
 
     /// The claimed workflows, their events numbered from `results`, the results of
-    /// [`Leased::stmts`] (the events' are the last).
+    /// [`Leased::stmts`] (the events' are the last; none when the lease started them).
     pub(crate) fn claimed(self, results: &[Vec<crate::db::Row>]) -> Result<Vec<Claimed>> {
         let mut seqs: HashMap<String, i64> = HashMap::new();
         for r in results.last().into_iter().flatten() {
@@ -267,8 +325,10 @@ impl Leased {
         }
         let mut out = self.out;
         for (wf, evs, _) in &mut out {
-            for e in evs {
-                e.seq = seqs.get(&wf.id).copied().unwrap_or_default();
+            if let Some(&seq) = seqs.get(&wf.id) {
+                for e in evs {
+                    e.seq = seq;
+                }
             }
         }
         Ok(out)
@@ -402,21 +462,27 @@ fn start_one(
     now: i64,
 ) -> WorkflowEvent {
     starts.push(vec![id.into(), idx.into(), (now + timeout_ms).into()]);
-    let message = format!("{name} started");
+    let ev = started_event(id, name, now);
     events.push(vec![
         (events.len() as i64).into(),
         id.into(),
         name.into(),
-        "step_started".into(),
-        message.as_str().into(),
+        ev.kind.as_str().into(),
+        ev.message.as_str().into(),
     ]);
+    ev
+}
+
+/// The event of step `name` of workflow `id` started at `now` (its number once appended).
+/// [`lease_ready`] writes the same on PostgreSQL.
+fn started_event(id: &str, name: &str, now: i64) -> WorkflowEvent {
     WorkflowEvent {
         seq: 0,
         operation_id: id.to_string(),
         at: now,
         step: Some(name.to_string()),
         kind: "step_started".into(),
-        message,
+        message: format!("{name} started"),
     }
 }
 

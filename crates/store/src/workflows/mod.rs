@@ -20,7 +20,7 @@ mod stats;
 
 pub use stats::WorkflowCounts;
 
-pub(crate) use claims::{LeaseNew, Leased, lease_many, lease_ready};
+pub(crate) use claims::{LeaseNew, Leased, Start, lease_many, lease_ready, leased_by};
 pub(crate) use ending::{
     ENDING_COLS, Ending, SKIP_HELD, add_dep, ending_from, fill_batch_in, fill_stmts, finish_in,
     parked_queue, pass_slots, ready_nodes, release_stmt,
