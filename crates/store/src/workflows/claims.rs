@@ -76,7 +76,8 @@ pub(crate) async fn lease_many(
 /// and leased in one update — one row version each, not two, and one search of the queue —
 /// and each row carries its steps (`steps_json`, read by key: finding the leased nodes again
 /// for a second statement meant an index scan over the batch's running nodes and their dead
-/// versions). The caller passes on only the slots it frees beyond `max`. On SQLite, after the
+/// versions), and it starts their current steps, appending the starts' events ([`Start::Done`]
+/// for `read`). The caller passes on only the slots it frees beyond `max`. On SQLite, after the
 /// counted fill unparked them: the lease of the ready unparked nodes, then the steps of the
 /// batch's nodes `node` holds with this lease (some others' among them, which `read` drops).
 pub(crate) fn lease_ready(
@@ -88,9 +89,8 @@ pub(crate) fn lease_ready(
     now: i64,
 ) -> Vec<Stmt> {
     match tx.dialect() {
-        // The lease starts each leased node's current step too, and appends its event:
-        // the rows come back with their steps as they were (`read` marks the one started)
-        // and the event's number (`seq`; none where no step starts: a cancel is pending).
+        // The rows come back with their steps as they were (`read` marks the one started) and
+        // the start's event number (`seq`; none where no step starts: a cancel is pending).
         Dialect::Postgres => vec![stmt!(
             format!(
                 "WITH l AS (

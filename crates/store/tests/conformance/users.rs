@@ -474,27 +474,26 @@ async fn delete_leaves_no_workflow_rows(s: Store) {
     s.enqueue_batch("dave", 1, vec![first, second])
         .await
         .unwrap();
-    let before = s.summary().await.unwrap();
-    for t in [
+    let tables = [
         "workflows",
         "workflow_steps",
         "workflow_deps",
         "workflow_events",
-    ] {
-        assert!(before.rows(t) > 0, "the batch wrote no {t} row");
-    }
+    ];
+    let rows = |s: basphere_store::Summary| tables.map(|t| (t, s.rows(t)));
+    let before = rows(s.summary().await.unwrap());
+    assert!(
+        before.iter().all(|&(_, n)| n > 0),
+        "a table got no row: {before:?}"
+    );
     s.delete_user(&"dave".parse().unwrap(), false, &admin())
         .await
         .unwrap();
-    let after = s.summary().await.unwrap();
-    for t in [
-        "workflows",
-        "workflow_steps",
-        "workflow_deps",
-        "workflow_events",
-    ] {
-        assert_eq!(after.rows(t), 0, "{t} rows left behind");
-    }
+    let after = rows(s.summary().await.unwrap());
+    assert!(
+        after.iter().all(|&(_, n)| n == 0),
+        "rows left behind: {after:?}"
+    );
 }
 
 async fn delete_and_purge(s: Store) {
