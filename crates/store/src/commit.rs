@@ -22,7 +22,8 @@ use crate::db::{Col, Db, Dialect, Durability, Row, RowSet, Stmt, Tx, stmt};
 use crate::hooks::Prefetch;
 use crate::hooks::Registry;
 use crate::workflows::sets::{
-    EVENT_ROW, STEP_START_ROW, append_events, id_in, ids_arg, set_stmt, start_steps,
+    EVENT_ROW, STEP_START_ROW, SetSql, append_events, id_in, ids_arg, set_stmt, set_stmts,
+    start_steps,
 };
 use crate::workflows::{
     Claimed, ENDING_COLS, Ending, Handoff, Leased, Start, StepCommit, WorkflowEvent,
@@ -617,38 +618,19 @@ pub(crate) async fn commit_group(
         batch.push(release_stmt(d, &ids, false));
         batch.len() - 1
     });
-    let sets = [
-        set_stmt(
-            d,
-            done_rows,
-            |v| {
-                format!(
-                    "UPDATE workflow_steps SET status = 'done', error = NULL, finished_at = $1,
-                         output = v.output, attempts = attempts + v.ran,
-                         started_at = CASE WHEN v.ran = 1 THEN $1 ELSE started_at END
-                     FROM {v}
-                     WHERE workflow_steps.workflow_id = v.wf AND workflow_steps.idx = v.idx"
-                )
-            },
-            now,
-        ),
-        set_stmt(
-            d,
-            effect_rows,
-            |v| {
-                format!(
-                    "INSERT INTO step_effects (workflow_id, idx, key, payload, at)
-                     SELECT v.wf, v.idx, v.key, v.payload, $1 FROM {v}"
-                )
-            },
-            now,
-        ),
-        start_steps(d, start_rows, now),
-    ];
-    batch.extend(sets.into_iter().flatten());
-    // Rows of one INSERT are numbered in the order they are selected in.
-    let events_at = batch.len();
-    batch.extend(append_events(d, event_rows, now));
+    // One statement on PostgreSQL; the events' numbers are what the last one returns.
+    let writes = set_stmts(
+        d,
+        vec![
+            (done_rows, steps_done as SetSql),
+            (effect_rows, effects),
+            (start_rows, start_steps),
+            (event_rows, append_events),
+        ],
+        now,
+    );
+    let events_at = batch.len() + writes.len();
+    batch.extend(writes);
     // 4. Batch slots, after the writes in the same round trip: the slots freed by these
     //    endings go to the next ready nodes of their batches, and each finishing batch node
     //    with a hand-off leases the next ready node of its batch. On PostgreSQL a hand-off
@@ -705,7 +687,12 @@ pub(crate) async fn commit_group(
         }
     }
     let mut seqs: BTreeMap<String, Vec<i64>> = BTreeMap::new();
-    for r in results.get(events_at).into_iter().flatten() {
+    for r in events_at
+        .checked_sub(1)
+        .and_then(|k| results.get(k))
+        .into_iter()
+        .flatten()
+    {
         seqs.entry(r_text(r, "workflow_id")?)
             .or_default()
             .push(r_int(r, "seq")?);
@@ -804,6 +791,25 @@ pub(crate) async fn commit_group(
         }
     }
     Ok(out)
+}
+
+/// Records the steps of rows `v` ([`STEP_DONE_ROW`]) done.
+fn steps_done(v: &str) -> String {
+    format!(
+        "UPDATE workflow_steps SET status = 'done', error = NULL, finished_at = $1,
+             output = v.output, attempts = attempts + v.ran,
+             started_at = CASE WHEN v.ran = 1 THEN $1 ELSE started_at END
+         FROM {v}
+         WHERE workflow_steps.workflow_id = v.wf AND workflow_steps.idx = v.idx"
+    )
+}
+
+/// Records the effects of rows `v` ([`EFFECT_ROW`]).
+fn effects(v: &str) -> String {
+    format!(
+        "INSERT INTO step_effects (workflow_id, idx, key, payload, at)
+         SELECT v.wf, v.idx, v.key, v.payload, $1 FROM {v}"
+    )
 }
 
 fn r_text(r: &Row, c: &str) -> Result<String> {

@@ -1,7 +1,7 @@
 //! Claims and leases: which workflows a node takes, in one transaction each, and how it
 //! keeps or gives back their leases.
 
-use super::sets::{EVENT_ROW, STEP_START_ROW, append_events, id_in, ids_arg, start_steps};
+use super::sets::{EVENT_ROW, STEP_START_ROW, id_in, ids_arg, starts_with_events};
 use super::{
     ClaimLimits, Claimed, SKIP_HELD, StepRecord, StepStatus, WF_COLS, Workflow, WorkflowEvent,
     WorkflowStatus, clock, lease_lost, parked_queue, ready_nodes, skip_locked, step_from,
@@ -305,10 +305,7 @@ impl Leased {
     pub(crate) fn stmts(&mut self, d: Dialect, now: i64) -> Vec<Stmt> {
         let starts = std::mem::replace(&mut self.starts, RowSet::new(STEP_START_ROW));
         let events = std::mem::replace(&mut self.events, RowSet::new(EVENT_ROW));
-        start_steps(d, starts, now)
-            .into_iter()
-            .chain(append_events(d, events, now))
-            .collect()
+        starts_with_events(d, starts, events, now)
     }
 
     /// The workflows just leased.
@@ -380,8 +377,7 @@ impl LeaseNew {
             vec![ids_arg(d, ids)],
         );
         let mut stmts = vec![lease];
-        stmts.extend(start_steps(d, starts, now));
-        stmts.extend(append_events(d, events, now));
+        stmts.extend(starts_with_events(d, starts, events, now));
         stmts.push(steps);
         Self { stmts, started }
     }
@@ -418,12 +414,16 @@ impl LeaseNew {
 
     /// The leased workflows from the rows of [`LeaseNew::stmts`] (in their order).
     pub(crate) fn leased(&self, results: &[Vec<crate::db::Row>]) -> Result<Vec<Claimed>> {
-        let [lease, _, events, steps] = results else {
+        // The lease, the starts with their events (one statement or two), the steps.
+        let (Some(lease), Some(steps), true) =
+            (results.first(), results.last(), results.len() >= 3)
+        else {
             return Err(crate::StoreError::Corrupt(
                 "workflows",
                 "a lease of new workflows returned the wrong number of results".into(),
             ));
         };
+        let events = &results[results.len() - 2];
         let mut by_wf: HashMap<String, Vec<StepRecord>> = HashMap::new();
         for r in steps {
             by_wf

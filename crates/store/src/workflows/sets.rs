@@ -31,37 +31,69 @@ pub(crate) fn set_stmt(
     Some(Stmt::new(sql, args))
 }
 
-/// Starts the steps `rows` ([`STEP_START_ROW`]) at `now`: one more attempt each.
-pub(crate) fn start_steps(d: Dialect, rows: RowSet, now: i64) -> Option<Stmt> {
-    set_stmt(
-        d,
-        rows,
-        |v| {
-            format!(
-                "UPDATE workflow_steps SET status = 'running', attempts = attempts + 1,
-                     started_at = $1, deadline_at = v.deadline
-                 FROM {v}
-                 WHERE workflow_steps.workflow_id = v.wf AND workflow_steps.idx = v.idx"
-            )
-        },
-        now,
+/// SQL over a relation of rows named `v`, `$1` being the time (see [`set_stmt`]).
+pub(crate) type SetSql = fn(&str) -> String;
+
+/// Several set-wise writes ([`set_stmt`] each: its rows and its SQL), in order, at `now`; empty
+/// ones are left out. On PostgreSQL they are one statement — every write but the last as a
+/// data-modifying CTE, the last the one that answers — since each statement of a pipeline
+/// costs the server a flush and a send of its own; they must touch different rows, as CTEs see
+/// none of each other's changes. On SQLite one statement each. Either way the last statement
+/// answers as the last write given.
+pub(crate) fn set_stmts(d: Dialect, writes: Vec<(RowSet, SetSql)>, now: i64) -> Vec<Stmt> {
+    let writes = writes.into_iter().filter(|(rows, _)| !rows.is_empty());
+    if d == Dialect::Sqlite {
+        return writes
+            .filter_map(|(rows, sql)| set_stmt(d, rows, sql, now))
+            .collect();
+    }
+    let mut args = vec![Value::Int(now)];
+    let mut sqls = vec![];
+    for (rows, sql) in writes {
+        sqls.push(sql(&rows.relation(d, args.len() + 1)));
+        args.extend(rows.args(d));
+    }
+    let Some(last) = sqls.pop() else {
+        return vec![];
+    };
+    let ctes: Vec<String> = (sqls.iter().enumerate())
+        .map(|(i, s)| format!("w{i} AS ({s})"))
+        .collect();
+    let sql = match ctes.is_empty() {
+        true => last,
+        false => format!("WITH {} {last}", ctes.join(", ")),
+    };
+    vec![Stmt::new(sql, args)]
+}
+
+/// Starts the steps of rows `v` ([`STEP_START_ROW`]): one more attempt each.
+pub(crate) fn start_steps(v: &str) -> String {
+    format!(
+        "UPDATE workflow_steps SET status = 'running', attempts = attempts + 1,
+             started_at = $1, deadline_at = v.deadline
+         FROM {v}
+         WHERE workflow_steps.workflow_id = v.wf AND workflow_steps.idx = v.idx"
     )
 }
 
-/// Appends the events `rows` ([`EVENT_ROW`]) at `now`, numbered in their `ord` order;
-/// returns each one's `seq` and `workflow_id`.
-pub(crate) fn append_events(d: Dialect, rows: RowSet, now: i64) -> Option<Stmt> {
-    set_stmt(
-        d,
-        rows,
-        |v| {
-            format!(
-                "INSERT INTO workflow_events (workflow_id, at, step, kind, message)
-                 SELECT v.wf, $1, v.step, v.kind, v.message FROM {v} ORDER BY v.ord
-                 RETURNING seq, workflow_id"
-            )
-        },
-        now,
+/// The starts `starts` ([`STEP_START_ROW`]) and their events `events` ([`EVENT_ROW`]) at
+/// `now` ([`set_stmts`]: the last statement returns the events' numbers).
+pub(crate) fn starts_with_events(
+    d: Dialect,
+    starts: RowSet,
+    events: RowSet,
+    now: i64,
+) -> Vec<Stmt> {
+    set_stmts(d, vec![(starts, start_steps), (events, append_events)], now)
+}
+
+/// Appends the events of rows `v` ([`EVENT_ROW`]), numbered in their `ord` order; returns each
+/// one's `seq` and `workflow_id`.
+pub(crate) fn append_events(v: &str) -> String {
+    format!(
+        "INSERT INTO workflow_events (workflow_id, at, step, kind, message)
+         SELECT v.wf, $1, v.step, v.kind, v.message FROM {v} ORDER BY v.ord
+         RETURNING seq, workflow_id"
     )
 }
 
