@@ -629,7 +629,7 @@ pub(crate) async fn commit_group(
         ],
         now,
     );
-    let events_at = batch.len() + writes.len();
+    let events_at = (!writes.is_empty()).then(|| batch.len() + writes.len() - 1);
     batch.extend(writes);
     // 4. Batch slots, after the writes in the same round trip: the slots freed by these
     //    endings go to the next ready nodes of their batches, and each finishing batch node
@@ -687,12 +687,7 @@ pub(crate) async fn commit_group(
         }
     }
     let mut seqs: BTreeMap<String, Vec<i64>> = BTreeMap::new();
-    for r in events_at
-        .checked_sub(1)
-        .and_then(|k| results.get(k))
-        .into_iter()
-        .flatten()
-    {
+    for r in events_at.and_then(|k| results.get(k)).into_iter().flatten() {
         seqs.entry(r_text(r, "workflow_id")?)
             .or_default()
             .push(r_int(r, "seq")?);
