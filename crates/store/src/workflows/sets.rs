@@ -39,7 +39,7 @@ pub(crate) type SetSql = fn(&str) -> String;
 /// data-modifying CTE, the last the one that answers — since each statement of a pipeline
 /// costs the server a flush and a send of its own; they must touch different rows, as CTEs see
 /// none of each other's changes. On SQLite one statement each. Either way the last statement
-/// answers as the last write given.
+/// answers as the last write with rows.
 pub(crate) fn set_stmts(d: Dialect, writes: Vec<(RowSet, SetSql)>, now: i64) -> Vec<Stmt> {
     let writes = writes.into_iter().filter(|(rows, _)| !rows.is_empty());
     if d == Dialect::Sqlite {
@@ -114,5 +114,79 @@ pub(crate) fn ids_arg(d: Dialect, ids: &[String]) -> Value {
             Value::Text(serde_json::to_string(ids).expect("a list of strings serializes"))
         }
         Dialect::Postgres => Value::List(ids.iter().map(|s| Value::Text(s.clone())).collect()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn starts(n: usize) -> RowSet {
+        let mut r = RowSet::new(STEP_START_ROW);
+        for i in 0..n {
+            r.push(vec![format!("wf{i}").into(), 0i64.into(), 9i64.into()]);
+        }
+        r
+    }
+
+    fn events(n: usize) -> RowSet {
+        let mut r = RowSet::new(EVENT_ROW);
+        for i in 0..n {
+            let wf = format!("wf{i}");
+            r.push(vec![
+                (i as i64).into(),
+                wf.into(),
+                "a".into(),
+                "k".into(),
+                "m".into(),
+            ]);
+        }
+        r
+    }
+
+    /// On PostgreSQL the writes are one statement whose parts read their own parameters (the
+    /// time `$1`, then each part's columns in turn) and whose last part answers; an empty part
+    /// is left out, and on SQLite each part is a statement.
+    #[test]
+    fn writes_join_into_one_statement_on_postgres_only() {
+        let pg = starts_with_events(Dialect::Postgres, starts(2), events(2), 7);
+        assert_eq!(pg.len(), 1);
+        let sql = &pg[0].sql;
+        assert!(
+            sql.starts_with("WITH w0 AS (UPDATE workflow_steps"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("CAST($4 AS BIGINT[])) AS v(wf, idx, deadline)"),
+            "{sql}"
+        );
+        assert!(sql.contains("CAST($5 AS BIGINT[])") && sql.contains("CAST($9 AS TEXT[])"));
+        assert!(
+            sql.trim_end().ends_with("RETURNING seq, workflow_id"),
+            "{sql}"
+        );
+        // The time, three columns of starts, five of events; each column one list.
+        assert_eq!(pg[0].args.len(), 9);
+        assert_eq!(pg[0].args[0], Value::Int(7));
+        assert!(
+            pg[0].args[1..]
+                .iter()
+                .all(|a| matches!(a, Value::List(v) if v.len() == 2))
+        );
+
+        let alone = starts_with_events(Dialect::Postgres, starts(0), events(1), 7);
+        assert_eq!(alone.len(), 1);
+        assert!(
+            alone[0]
+                .sql
+                .trim_start()
+                .starts_with("INSERT INTO workflow_events")
+        );
+        assert!(alone[0].sql.contains("CAST($2 AS BIGINT[])"));
+        assert!(starts_with_events(Dialect::Postgres, starts(0), events(0), 7).is_empty());
+
+        let lite = starts_with_events(Dialect::Sqlite, starts(2), events(2), 7);
+        assert_eq!(lite.len(), 2);
+        assert!(lite[1].sql.contains("RETURNING seq, workflow_id"));
     }
 }
