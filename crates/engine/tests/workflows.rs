@@ -278,6 +278,25 @@ async fn batch_runs_in_dependency_order_and_a_failure_skips_its_dependents() {
     assert!(last(&cache) < first(&app), "soft edge orders when present");
     assert!(last(&cache) < first(&report));
     assert_eq!(store.usage(u.as_str()).await.unwrap().vms, 5);
+    // Each VM made is in the audit trail once, with its address; the failed and the skipped
+    // are not.
+    let f = basphere_store::AuditFilter {
+        action: Some("vm.create".into()),
+        ..Default::default()
+    };
+    let mut made: Vec<(String, Option<String>)> = (store.audit_list(&f).await.unwrap())
+        .into_iter()
+        .filter(|a| a.result == "ok")
+        .map(|a| (a.target, a.detail))
+        .collect();
+    made.sort();
+    let mut want = vec![];
+    for n in ["app", "db", "lone", "report", "web"] {
+        let vm = store.vm(u.as_str(), n).await.unwrap().unwrap();
+        let ip = vm.ip_address.map(|ip| ip.to_string());
+        want.push((format!("{u}/{n}"), ip));
+    }
+    assert_eq!(made, want);
 }
 
 /// A batch of another definition than VMs (the engine's ledger workflows): edges order it,

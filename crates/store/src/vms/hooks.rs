@@ -131,29 +131,36 @@ run delete-vm to retry the cleanup' ELSE '' END,
             return vec![];
         }
         let actor = Actor::engine();
-        vec![
-            Stmt::new(
+        let running = format!(
+            "UPDATE vms SET status = 'running', error = NULL, updated_at = $1 WHERE {}",
+            id_in(d, "id", 2)
+        );
+        let audit = |from: &str| {
+            format!(
+                "INSERT INTO audit (at, actor, source, action, target, result, detail)
+                 SELECT $1, $3, $4, 'vm.create', owner || '/' || name, 'ok', ip FROM {from}"
+            )
+        };
+        let args = vec![
+            now.into(),
+            ids_arg(d, &vms),
+            actor.name.into(),
+            actor.source.into(),
+        ];
+        match d {
+            // One statement: the audit records come from the rows the update returns.
+            Dialect::Postgres => vec![Stmt::new(
                 format!(
-                    "UPDATE vms SET status = 'running', error = NULL, updated_at = $1 WHERE {}",
-                    id_in(d, "id", 2)
+                    "WITH u AS ({running} RETURNING owner, name, ip) {}",
+                    audit("u")
                 ),
-                vec![now.into(), ids_arg(d, &vms)],
-            ),
-            Stmt::new(
-                format!(
-                    "INSERT INTO audit (at, actor, source, action, target, result, detail)
-                     SELECT $1, $3, $4, 'vm.create', owner || '/' || name, 'ok', ip
-                     FROM vms WHERE {}",
-                    id_in(d, "id", 2)
-                ),
-                vec![
-                    now.into(),
-                    ids_arg(d, &vms),
-                    actor.name.into(),
-                    actor.source.into(),
-                ],
-            ),
-        ]
+                args,
+            )],
+            Dialect::Sqlite => vec![
+                Stmt::new(running, args[..2].to_vec()),
+                Stmt::new(audit(&format!("vms WHERE {}", id_in(d, "id", 2))), args),
+            ],
+        }
     }
 
     fn cancellable(&self, w: &Workflow) -> std::result::Result<(), String> {
