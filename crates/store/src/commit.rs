@@ -636,8 +636,8 @@ pub(crate) async fn commit_group(
     //    with a hand-off leases the next ready node of its batch. On PostgreSQL a hand-off
     //    takes its slot with its lease and the other freed slots pass on, a counted fill
     //    after only where the queue looked empty; on SQLite a counted fill, then the leases.
-    //    On PostgreSQL the lease also starts the leased nodes' steps, and the finishing
-    //    node's hooks read ahead for them right after it.
+    //    The finishing node's hooks read ahead for the leased nodes right after the lease;
+    //    on PostgreSQL the lease also starts their steps.
     let mut passes: Vec<(&str, usize, Vec<usize>)> = vec![];
     type Read = Option<(crate::hooks::Hooks, usize)>;
     let mut ready_at: Vec<(Vec<usize>, std::ops::Range<usize>, Read)> = vec![];
@@ -663,8 +663,7 @@ pub(crate) async fn commit_group(
             let at = batch.len()..batch.len() + lease.len();
             batch.extend(lease);
             let mut read = None;
-            if d == Dialect::Postgres
-                && let Some(hk) = hooks.get(def)
+            if let Some(hk) = hooks.get(def)
                 && let Some(s) = hk.0.handed_off_read(&leased_by(batch_id, node, until))
             {
                 read = Some((hk, batch.len()));
@@ -721,10 +720,9 @@ pub(crate) async fn commit_group(
         out.push(Ok((events, cancel, None)));
     }
 
-    // 5. The hand-offs leased their batches' next ready nodes in the batch above. On
-    //    PostgreSQL that was all: their steps started and their hooks read ahead there. On
-    //    SQLite those nodes' steps start now, and their definitions' hooks read ahead for
-    //    them, in one more round trip.
+    // 5. The hand-offs leased their batches' next ready nodes in the batch above, and their
+    //    hooks read ahead there. On PostgreSQL that was all; on SQLite those nodes' steps
+    //    start now.
     let start = match d {
         Dialect::Postgres => Start::Done,
         Dialect::Sqlite => Start::Write,
@@ -745,38 +743,10 @@ pub(crate) async fn commit_group(
         spans.push(stmts.len()..stmts.len() + s.len());
         stmts.extend(s);
     }
-    let mut reads = vec![];
-    if d == Dialect::Sqlite {
-        let mut by_def: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-        for wf in leases.iter().flat_map(|(_, l)| l.workflows()) {
-            by_def
-                .entry(wf.definition.as_str())
-                .or_default()
-                .push(wf.id.clone());
-        }
-        for (def, ids) in by_def {
-            let leased = Stmt::new(
-                format!(
-                    "SELECT resource_kind, resource_id FROM workflows WHERE {}",
-                    id_in(d, "id", 1)
-                ),
-                vec![ids_arg(d, &ids)],
-            );
-            if let Some(h) = hooks.get(def)
-                && let Some(s) = h.0.handed_off_read(&leased)
-            {
-                reads.push((h, stmts.len()));
-                stmts.push(s);
-            }
-        }
-    }
     let res = match stmts.is_empty() {
         true => vec![],
         false => tx.query_many(&stmts).await?,
     };
-    for (h, at) in reads {
-        h.0.handed_off_rows(&res[at], prefetched)?;
-    }
     for ((idxs, l), span) in leases.into_iter().zip(spans) {
         let started = if span.is_empty() { &[][..] } else { &res[span] };
         for (i, c) in idxs.into_iter().zip(l.claimed(started)?) {

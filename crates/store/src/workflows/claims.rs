@@ -141,11 +141,11 @@ pub(crate) fn lease_ready(
                     .collect(),
             );
             let steps = stmt!(
-                "SELECT * FROM workflow_steps WHERE workflow_id IN (
-                     SELECT id FROM workflows
-                     WHERE batch_id = $1 AND parked = 0 AND status IN ('running', 'undoing')
-                       AND lease_owner = $2 AND lease_until = $3)
-                 ORDER BY workflow_id, idx",
+                format!(
+                    "SELECT * FROM workflow_steps WHERE workflow_id IN (
+                         SELECT id FROM workflows WHERE {LEASED_BY})
+                     ORDER BY workflow_id, idx"
+                ),
                 batch,
                 node,
                 lease_until,
@@ -155,14 +155,17 @@ pub(crate) fn lease_ready(
     }
 }
 
+/// The nodes of batch `$1` a hand-off leased to node `$2` until `$3` (a lease sets all three;
+/// another node's lease, or an older one, differs in one).
+const LEASED_BY: &str = "batch_id = $1 AND parked = 0 AND status IN ('running', 'undoing')
+     AND lease_owner = $2 AND lease_until = $3";
+
 /// The resources of the nodes of `batch` a hand-off in this transaction leased to `node`
 /// until `lease_until` (`resource_kind`, `resource_id`): what their hooks read ahead for the
-/// steps they start (`ResourceHooks::handed_off_read`), in the lease's round trip.
+/// steps they start (`ResourceHooks::handed_off_read`), right after the lease.
 pub(crate) fn leased_by(batch: &str, node: &str, lease_until: i64) -> Stmt {
     stmt!(
-        "SELECT resource_kind, resource_id FROM workflows
-         WHERE batch_id = $1 AND parked = 0 AND status = 'running'
-           AND lease_owner = $2 AND lease_until = $3",
+        format!("SELECT resource_kind, resource_id FROM workflows WHERE {LEASED_BY}"),
         batch,
         node,
         lease_until,
@@ -306,11 +309,6 @@ impl Leased {
         let starts = std::mem::replace(&mut self.starts, RowSet::new(STEP_START_ROW));
         let events = std::mem::replace(&mut self.events, RowSet::new(EVENT_ROW));
         starts_with_events(d, starts, events, now)
-    }
-
-    /// The workflows just leased.
-    pub(crate) fn workflows(&self) -> impl Iterator<Item = &Workflow> {
-        self.out.iter().map(|(w, _, _)| w)
     }
 
     /// The claimed workflows, their events numbered from `results`, the results of
