@@ -1,0 +1,90 @@
+//! Group commit of step completions, written once over `db::Tx`, and the two ways it runs.
+//!
+//! Every step completion is a write transaction. Completions that arrive together share one:
+//! each keeps its own meaning — lease-guarded, atomic with its effects and children — only the
+//! transaction is shared. One completion may record several steps of its workflow that ran one
+//! after another (`DoneReq::ran`; the engine's fuse window). If a group fails, each completion
+//! is retried alone so that one bad completion cannot fail the others. [`commit_group`] sends
+//! each group in a few batches of statements (the lease-guarded moves, the rows of the others,
+//! then every write), which PostgreSQL pipelines in one round trip each.
+//!
+//! - SQLite: one OS thread owns the write connection. It runs every write transaction of the
+//!   store ([`Job::Tx`]) and groups the completions queued while its last transaction ran
+//!   ([`Job::Done`]); being the only writer of this process, it never waits in SQLite's busy
+//!   handler for itself. A second thread checkpoints the WAL in quiet moments, off every
+//!   commit path.
+//! - PostgreSQL: a task groups the completions likewise and commits up to two groups at once on
+//!   pooled connections (a group does not wait for the previous one's commit).
+//!
+//! `group` holds the transaction a group is (the SQL, once for both backends); `sqlite` and
+//! `postgres` hold how groups form and run on each.
+
+mod group;
+mod postgres;
+mod sqlite;
+
+use group::commit_group;
+pub(crate) use postgres::spawn_pg;
+pub(crate) use sqlite::spawn;
+
+use crate::Result;
+use crate::workflows::{Claimed, Handoff, StepCommit, WorkflowEvent};
+use rusqlite::Connection;
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+/// Most completions in one transaction.
+const MAX_GROUP: usize = 64;
+/// Groups committing at once on PostgreSQL.
+const PG_IN_FLIGHT: usize = 2;
+
+/// One step completion to record: step `idx`, and before it the steps `ran` (the first the
+/// one recorded running; the others ran unrecorded after it, see [`Store::complete`]).
+///
+/// [`Store::complete`]: crate::Store::complete
+#[derive(Clone)]
+pub(crate) struct DoneReq {
+    pub wf: String,
+    pub ran: Vec<(u32, String)>,
+    pub idx: u32,
+    pub name: String,
+    pub node: String,
+    pub commit: StepCommit,
+    pub next: Option<(u32, String, i64)>,
+    pub finish: bool,
+    pub handoff: Option<Handoff>,
+}
+
+pub(crate) struct DoneJob {
+    pub req: DoneReq,
+    pub reply: oneshot::Sender<Result<Done>>,
+}
+
+/// A completion's events, whether a cancel was requested, and the batch node handed to it.
+pub(crate) type Done = (Vec<WorkflowEvent>, bool, Option<Claimed>);
+
+/// What the SQLite write thread does: a step completion (grouped with others queued at the
+/// same time), or one whole write transaction of the store's (see `db::sqlite`).
+pub(crate) enum Job {
+    Done(Box<DoneJob>),
+    Tx(Box<dyn FnOnce(&mut Connection) + Send>),
+    /// The store is closing: the thread ends (later sends fail as `Closed`).
+    Stop,
+}
+
+/// Where a store sends its step completions.
+#[derive(Clone, Debug)]
+pub(crate) enum Committer {
+    /// The SQLite write thread (through `Db::Sqlite`).
+    Thread,
+    /// The PostgreSQL grouping task.
+    Task(tokio::sync::mpsc::UnboundedSender<DoneJob>),
+}
+
+/// A group commit's size and how long it took (`basphere_store_group_commit_*`).
+fn observe_group(backend: &'static str, size: usize, took: Duration) {
+    metrics::histogram!("basphere_store_group_commit_seconds", "backend" => backend)
+        .record(took.as_secs_f64());
+    metrics::histogram!("basphere_store_group_commit_size", "backend" => backend)
+        .record(size as f64);
+}

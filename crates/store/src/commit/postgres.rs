@@ -1,0 +1,78 @@
+//! Step completions on PostgreSQL: a task groups them and commits up to [`PG_IN_FLIGHT`]
+//! groups at once on pooled connections.
+
+use super::{Done, DoneJob, DoneReq, MAX_GROUP, PG_IN_FLIGHT, commit_group, observe_group};
+use crate::Result;
+use crate::db::{Db, Durability};
+use crate::hooks::{Prefetch, Registry};
+use std::sync::Arc;
+
+/// Starts the PostgreSQL grouping task over `db`.
+pub(crate) fn spawn_pg(
+    db: Db,
+    prefetched: Arc<Prefetch>,
+    hooks: Registry,
+) -> tokio::sync::mpsc::UnboundedSender<DoneJob> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<DoneJob>();
+    let slots = Arc::new(tokio::sync::Semaphore::new(PG_IN_FLIGHT));
+    tokio::spawn(async move {
+        // A group forms while the groups in flight commit: a slot first, then everything
+        // queued meanwhile.
+        while let Ok(permit) = slots.clone().acquire_owned().await {
+            let Some(first) = rx.recv().await else {
+                return;
+            };
+            let mut group = vec![first];
+            while group.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(j) => group.push(j),
+                    Err(_) => break,
+                }
+            }
+            let (db, prefetched, hooks) = (db.clone(), prefetched.clone(), hooks.clone());
+            tokio::spawn(async move {
+                let (reqs, replies): (Vec<_>, Vec<_>) =
+                    group.into_iter().map(|j| (j.req, j.reply)).unzip();
+                let reqs = Arc::new(reqs);
+                let t0 = std::time::Instant::now();
+                let first = pg_group(&db, reqs.clone(), &prefetched, &hooks).await;
+                observe_group("postgres", reqs.len(), t0.elapsed());
+                let results = match first {
+                    Ok(v) => v,
+                    Err(e) if reqs.len() > 1 => {
+                        tracing::debug!(error = %e, "group commit failed; committing one by one");
+                        let mut out = Vec::with_capacity(reqs.len());
+                        for r in reqs.iter() {
+                            let one = Arc::new(vec![r.clone()]);
+                            out.push(
+                                pg_group(&db, one, &prefetched, &hooks)
+                                    .await
+                                    .and_then(|mut v| v.pop().expect("one result")),
+                            );
+                        }
+                        out
+                    }
+                    Err(e) => vec![Err(e)],
+                };
+                drop(permit);
+                for (reply, r) in replies.into_iter().zip(results) {
+                    let _ = reply.send(r);
+                }
+            });
+        }
+    });
+    tx
+}
+
+async fn pg_group(
+    db: &Db,
+    reqs: Arc<Vec<DoneReq>>,
+    prefetched: &Arc<Prefetch>,
+    hooks: &Registry,
+) -> Result<Vec<Result<Done>>> {
+    let (prefetched, hooks) = (prefetched.clone(), hooks.clone());
+    db.write_with(Durability::Replayable, move |tx| {
+        Box::pin(async move { commit_group(tx, &reqs, &prefetched, &hooks).await })
+    })
+    .await
+}
