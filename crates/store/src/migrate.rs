@@ -113,6 +113,11 @@ const POSTGRES: &[Migration] = &[
         "lean_steps",
         include_str!("../migrations/postgres/0009_lean_steps.sql"),
     ),
+    (
+        15,
+        "hot_vm_status",
+        include_str!("../migrations/postgres/0010_hot_vm_status.sql"),
+    ),
 ];
 
 /// The migrations of `dialect`, oldest first.
