@@ -6,6 +6,7 @@
 //! outside the ledger.
 
 use crate::db::{Dialect, Row, Stmt, Tx, stmt};
+use crate::workflows::sets::Write;
 use crate::workflows::{Ending, OpError, Workflow, WorkflowOutcome};
 use basphere_core::NetworkPool;
 use std::any::Any;
@@ -60,8 +61,9 @@ pub(crate) trait ResourceHooks: Send + Sync {
     fn ended(&self, w: &Ending, outcome: &WorkflowOutcome, now: i64) -> Vec<Stmt>;
 
     /// Statements that apply success to the resources of `ws` (this definition's workflows
-    /// ending together), as few as can: by default [`ResourceHooks::ended`] for each.
-    fn succeeded_many(&self, _d: Dialect, ws: &[&Ending], now: i64) -> Vec<Stmt> {
+    /// ending together), as few as can, as parts of the group's writes where they read
+    /// nothing those change ([`Write::Part`]): by default [`ResourceHooks::ended`] for each.
+    fn succeeded_many(&self, _d: Dialect, ws: &[&Ending], now: i64) -> Vec<Write> {
         each_succeeded(self, ws, now)
     }
 
@@ -141,7 +143,7 @@ impl Registry {
 
     /// [`Registry::ending`] of several workflows that succeeded together: each definition's
     /// hooks once for all of its own ([`ResourceHooks::succeeded_many`]), then the parents'.
-    pub fn succeeded(&self, d: Dialect, ws: &[&Ending], now: i64) -> Vec<Stmt> {
+    pub fn succeeded(&self, d: Dialect, ws: &[&Ending], now: i64) -> Vec<Write> {
         let mut by_def: BTreeMap<&str, Vec<&Ending>> = BTreeMap::new();
         for w in ws {
             by_def.entry(w.definition.as_str()).or_default().push(w);
@@ -152,7 +154,11 @@ impl Registry {
                 out.extend(h.0.succeeded_many(d, &group, now));
             }
         }
-        out.extend(ws.iter().filter_map(|w| parent_wait(w, now)));
+        out.extend(
+            ws.iter()
+                .filter_map(|w| parent_wait(w, now))
+                .map(Write::Own),
+        );
         out
     }
 }
@@ -162,9 +168,10 @@ pub(crate) fn each_succeeded<H: ResourceHooks + ?Sized>(
     h: &H,
     ws: &[&Ending],
     now: i64,
-) -> Vec<Stmt> {
+) -> Vec<Write> {
     ws.iter()
         .flat_map(|w| h.ended(w, &WorkflowOutcome::Succeeded, now))
+        .map(Write::Own)
         .collect()
 }
 

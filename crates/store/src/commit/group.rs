@@ -6,7 +6,7 @@ use crate::db::postgres::TX_CLOCK;
 use crate::db::{Col, Dialect, Row, RowSet, Stmt, Tx, stmt};
 use crate::hooks::{Prefetch, Registry};
 use crate::workflows::sets::{
-    EVENT_ROW, STEP_START_ROW, SetSql, append_events, id_in, ids_arg, set_stmt, set_stmts,
+    EVENT_ROW, STEP_START_ROW, SetSql, Write, append_events, id_in, ids_arg, set_stmt, set_stmts,
     start_steps,
 };
 use crate::workflows::{
@@ -309,46 +309,39 @@ pub(crate) async fn commit_group(
             cancel,
         }));
     }
-    batch.extend(set_stmt(
-        d,
-        ends,
-        |v| match d {
-            Dialect::Sqlite => format!(
-                "UPDATE workflows SET step = v.step, attempt = 0, updated_at = $1,
-                     status = 'succeeded', lease_owner = NULL, lease_until = NULL, finished_at = $1
-                 FROM {v} WHERE workflows.id = v.wf"
-            ),
-            // By key, as the move on above.
-            Dialect::Postgres => "UPDATE workflows
-                 SET step = (CAST($3 AS BIGINT[]))[array_position(CAST($2 AS TEXT[]), id)],
-                     attempt = 0, updated_at = $1, status = 'succeeded', lease_owner = NULL,
-                     lease_until = NULL, finished_at = $1
-                 WHERE id = ANY(CAST($2 AS TEXT[]))"
-                .to_string(),
-        },
-        now,
-    ));
+    // The endings, the steps done, the effects, the steps started, the hooks' parts and the
+    // events: one statement on PostgreSQL; the events' numbers are what the last one returns.
+    // The hooks' own statements after, seeing the workflows ended and their steps done.
     let ended: Vec<&Ending> = succeeded.iter().collect();
-    batch.extend(hooks.succeeded(d, &ended, now));
+    let (mut parts, mut own) = (vec![], vec![]);
+    for w in hooks.succeeded(d, &ended, now) {
+        match w {
+            Write::Part(name, s) => parts.push((name, s)),
+            Write::Own(s) => own.push(s),
+        }
+    }
+    let has_events = !event_rows.is_empty();
+    let writes = set_stmts(
+        d,
+        vec![
+            (ends, end_succeeded as SetSql),
+            (done_rows, steps_done),
+            (effect_rows, effects),
+            (start_rows, start_steps),
+            (event_rows, append_events),
+        ],
+        parts,
+        now,
+    );
+    let events_at = has_events.then(|| batch.len() + writes.len() - 1);
+    batch.extend(writes);
+    batch.extend(own);
     // Their dependents wait for them no more (RETURNING the dependents' batches).
     let released = (!succeeded.is_empty()).then(|| {
         let ids: Vec<String> = succeeded.iter().map(|e| e.id.clone()).collect();
         batch.push(release_stmt(d, &ids, false));
         batch.len() - 1
     });
-    // One statement on PostgreSQL; the events' numbers are what the last one returns.
-    let writes = set_stmts(
-        d,
-        vec![
-            (done_rows, steps_done as SetSql),
-            (effect_rows, effects),
-            (start_rows, start_steps),
-            (event_rows, append_events),
-        ],
-        now,
-    );
-    let events_at = (!writes.is_empty()).then(|| batch.len() + writes.len() - 1);
-    batch.extend(writes);
     // 4. Batch slots, after the writes in the same round trip: the slots freed by these
     //    endings go to the next ready nodes of their batches, and each finishing batch node
     //    with a hand-off leases the next ready node of its batch. On PostgreSQL a hand-off
@@ -474,6 +467,15 @@ pub(crate) async fn commit_group(
         }
     }
     Ok(out)
+}
+
+/// Ends the workflows of rows `v` ([`END_ROW`]) succeeded, on the step given.
+fn end_succeeded(v: &str) -> String {
+    format!(
+        "UPDATE workflows SET step = v.step, attempt = 0, updated_at = $1,
+             status = 'succeeded', lease_owner = NULL, lease_until = NULL, finished_at = $1
+         FROM {v} WHERE workflows.id = v.wf"
+    )
 }
 
 /// Records the steps of rows `v` ([`STEP_DONE_ROW`]) done.

@@ -3,7 +3,7 @@
 use super::{VMS_AND_KEYS, readmit, vm_and_key_from};
 use crate::db::{Cols, Dialect, Row, Stmt, Tx, stmt};
 use crate::hooks::{Hooks, Prefetch, ResourceHooks, RetryCtx, each_succeeded};
-use crate::workflows::sets::{id_in, ids_arg};
+use crate::workflows::sets::{Write, id_in, ids_arg};
 use crate::workflows::{Ending, OpError, Workflow, WorkflowOutcome};
 use crate::{Actor, Result, now_ms};
 use basphere_core::{NetworkPool, ResourceRef, VmOperation};
@@ -117,7 +117,7 @@ run delete-vm to retry the cleanup' ELSE '' END,
         }
     }
 
-    fn succeeded_many(&self, d: Dialect, ws: &[&Ending], now: i64) -> Vec<Stmt> {
+    fn succeeded_many(&self, d: Dialect, ws: &[&Ending], now: i64) -> Vec<Write> {
         if self.0 != VmOperation::Create {
             return each_succeeded(self, ws, now);
         }
@@ -138,28 +138,35 @@ run delete-vm to retry the cleanup' ELSE '' END,
         let audit = |from: &str| {
             format!(
                 "INSERT INTO audit (at, actor, source, action, target, result, detail)
-                 SELECT $1, $3, $4, 'vm.create', owner || '/' || name, 'ok', ip FROM {from}"
+                 SELECT $1, $2, $3, 'vm.create', owner || '/' || name, 'ok', ip FROM {from}"
             )
         };
-        let args = vec![
-            now.into(),
-            ids_arg(d, &vms),
-            actor.name.into(),
-            actor.source.into(),
-        ];
+        let who = || vec![now.into(), actor.name.into(), actor.source.into()];
         match d {
-            // One statement: the audit records come from the rows the update returns.
-            Dialect::Postgres => vec![Stmt::new(
-                format!(
-                    "WITH u AS ({running} RETURNING owner, name, ip) {}",
-                    audit("u")
+            // Parts of the group's writes (they read only `vms`, which those do not change):
+            // the audit records come from the rows the update returns.
+            Dialect::Postgres => vec![
+                Write::Part(
+                    "vm_created",
+                    Stmt::new(
+                        format!("{running} RETURNING owner, name, ip"),
+                        vec![now.into(), ids_arg(d, &vms)],
+                    ),
                 ),
-                args,
-            )],
-            Dialect::Sqlite => vec![
-                Stmt::new(running, args[..2].to_vec()),
-                Stmt::new(audit(&format!("vms WHERE {}", id_in(d, "id", 2))), args),
+                Write::Part("vm_created_audit", Stmt::new(audit("vm_created"), who())),
             ],
+            Dialect::Sqlite => {
+                let ids = ids_arg(d, &vms);
+                let mut args = who();
+                args.push(ids.clone());
+                vec![
+                    Write::Own(Stmt::new(running, vec![now.into(), ids])),
+                    Write::Own(Stmt::new(
+                        audit(&format!("vms WHERE {}", id_in(d, "id", 4))),
+                        args,
+                    )),
+                ]
+            }
         }
     }
 

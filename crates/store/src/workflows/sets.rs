@@ -34,18 +34,40 @@ pub(crate) fn set_stmt(
 /// SQL over a relation of rows named `v`, `$1` being the time (see [`set_stmt`]).
 pub(crate) type SetSql = fn(&str) -> String;
 
-/// Several set-wise writes ([`set_stmt`] each: its rows and its SQL), in order, at `now`; empty
-/// ones are left out. On PostgreSQL they are one statement — every write but the last as a
-/// data-modifying CTE, the last the one that answers — since each statement of a pipeline
-/// costs the server a flush and a send of its own; they must touch different rows, as CTEs see
-/// none of each other's changes. On SQLite one statement each. Either way the last statement
-/// answers as the last write with rows.
-pub(crate) fn set_stmts(d: Dialect, writes: Vec<(RowSet, SetSql)>, now: i64) -> Vec<Stmt> {
+/// A statement a transition's hooks add to its writes ([`set_stmts`]).
+#[derive(Debug, Clone)]
+pub(crate) enum Write {
+    /// A statement of its own, after the writes (it may read what they wrote).
+    Own(Stmt),
+    /// On PostgreSQL a part of the writes' one statement: a data-modifying CTE named `.0`
+    /// (a later part may read what it returns), with its own parameters (`$1` on). It must
+    /// read nothing the other writes change: the parts of one statement see none of each
+    /// other's changes. On SQLite a statement of its own, before the [`Write::Own`] ones.
+    Part(&'static str, Stmt),
+}
+
+/// Several set-wise writes ([`set_stmt`] each: its rows and its SQL), in order, at `now`,
+/// then the hooks' `parts` ([`Write::Part`]); empty writes are left out. On PostgreSQL they
+/// are one statement — every write but the last set-wise one as a data-modifying CTE, that
+/// last one the one that answers — since each statement of a pipeline costs the server a
+/// flush and a send of its own; they must touch different rows, as CTEs see none of each
+/// other's changes. On SQLite one statement each, the parts before the one that answers.
+/// Either way the last set-wise statement answers as the last write with rows.
+pub(crate) fn set_stmts(
+    d: Dialect,
+    writes: Vec<(RowSet, SetSql)>,
+    parts: Vec<(&'static str, Stmt)>,
+    now: i64,
+) -> Vec<Stmt> {
     let writes = writes.into_iter().filter(|(rows, _)| !rows.is_empty());
     if d == Dialect::Sqlite {
-        return writes
+        let mut out: Vec<Stmt> = writes
             .filter_map(|(rows, sql)| set_stmt(d, rows, sql, now))
             .collect();
+        let last = out.pop();
+        out.extend(parts.into_iter().map(|(_, s)| s));
+        out.extend(last);
+        return out;
     }
     let mut args = vec![Value::Int(now)];
     let mut sqls = vec![];
@@ -54,16 +76,44 @@ pub(crate) fn set_stmts(d: Dialect, writes: Vec<(RowSet, SetSql)>, now: i64) -> 
         args.extend(rows.args(d));
     }
     let Some(last) = sqls.pop() else {
-        return vec![];
+        // Nothing set-wise: the parts are statements of their own.
+        return parts.into_iter().map(|(_, s)| s).collect();
     };
-    let ctes: Vec<String> = (sqls.iter().enumerate())
+    let mut ctes: Vec<String> = (sqls.iter().enumerate())
         .map(|(i, s)| format!("w{i} AS ({s})"))
         .collect();
+    for (name, s) in parts {
+        ctes.push(format!("{name} AS ({})", shift_params(&s.sql, args.len())));
+        args.extend(s.args);
+    }
     let sql = match ctes.is_empty() {
         true => last,
         false => format!("WITH {} {last}", ctes.join(", ")),
     };
     vec![Stmt::new(sql, args)]
+}
+
+/// `sql` with each placeholder `$n` made `$(n + by)`; text in single quotes is left as it is.
+fn shift_params(sql: &str, by: usize) -> String {
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut quoted = false;
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        match c {
+            '\'' => quoted = !quoted,
+            '$' if !quoted && chars.peek().is_some_and(char::is_ascii_digit) => {
+                let mut n = 0usize;
+                while let Some(d) = chars.peek().and_then(|c| c.to_digit(10)) {
+                    n = n * 10 + d as usize;
+                    chars.next();
+                }
+                out.push_str(&(n + by).to_string());
+            }
+            _ => {}
+        }
+    }
+    out
 }
 
 /// Starts the steps of rows `v` ([`STEP_START_ROW`]): one more attempt each.
@@ -84,7 +134,12 @@ pub(crate) fn starts_with_events(
     events: RowSet,
     now: i64,
 ) -> Vec<Stmt> {
-    set_stmts(d, vec![(starts, start_steps), (events, append_events)], now)
+    set_stmts(
+        d,
+        vec![(starts, start_steps), (events, append_events)],
+        vec![],
+        now,
+    )
 }
 
 /// Appends the events of rows `v` ([`EVENT_ROW`]), numbered in their `ord` order; returns each
@@ -188,5 +243,52 @@ mod tests {
         let lite = starts_with_events(Dialect::Sqlite, starts(2), events(2), 7);
         assert_eq!(lite.len(), 2);
         assert!(lite[1].sql.contains("RETURNING seq, workflow_id"));
+    }
+
+    /// A hook's part joins the statement as a CTE of its name, its parameters after the
+    /// set-wise ones (renumbered, text in quotes untouched); on SQLite it is a statement
+    /// before the one that answers.
+    #[test]
+    fn a_hooks_part_joins_with_its_parameters_renumbered() {
+        let part = || {
+            (
+                "vm_up",
+                Stmt::new(
+                    "UPDATE vms SET status = 'a$1', updated_at = $1 WHERE id = $2 RETURNING id",
+                    vec![Value::Int(5), "vm".into()],
+                ),
+            )
+        };
+        let writes = || {
+            vec![
+                (starts(2), start_steps as SetSql),
+                (events(2), append_events),
+            ]
+        };
+        let pg = set_stmts(Dialect::Postgres, writes(), vec![part()], 7);
+        assert_eq!(pg.len(), 1);
+        let sql = &pg[0].sql;
+        assert!(
+            sql.contains(
+                "vm_up AS (UPDATE vms SET status = 'a$1', updated_at = $10 WHERE id = $11 RETURNING id)"
+            ),
+            "{sql}"
+        );
+        assert!(
+            sql.trim_end().ends_with("RETURNING seq, workflow_id"),
+            "{sql}"
+        );
+        assert_eq!(pg[0].args.len(), 11);
+        assert_eq!(pg[0].args[9], Value::Int(5));
+
+        let lite = set_stmts(Dialect::Sqlite, writes(), vec![part()], 7);
+        assert_eq!(lite.len(), 3);
+        assert!(lite[1].sql.starts_with("UPDATE vms") && lite[1].sql.contains("$2"));
+        assert!(lite[2].sql.contains("RETURNING seq, workflow_id"));
+
+        // With no set-wise write the part is a statement of its own.
+        let alone = set_stmts(Dialect::Postgres, vec![], vec![part()], 7);
+        assert_eq!(alone.len(), 1);
+        assert!(alone[0].sql.starts_with("UPDATE vms"));
     }
 }
