@@ -228,6 +228,7 @@ impl Engine {
                                 next,
                                 finish: true,
                                 handoff,
+                                claimed: Some(&wf),
                                 ..Completion::of(&wf.id, node, idx, &rec.name, &commit)
                             })
                             .await?;

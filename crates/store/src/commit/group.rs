@@ -47,6 +47,49 @@ const EFFECT_ROW: &[Col] = &[
     ("payload", false),
 ];
 
+/// Why a group's transaction is rolled back.
+#[derive(Debug)]
+pub(crate) enum GroupError {
+    Store(StoreError),
+    /// Its writes went with its lease guards on what the engine knew (see
+    /// `Completion::claimed`), and the guards read otherwise: commit it the careful way.
+    Guessed,
+}
+
+impl From<StoreError> for GroupError {
+    fn from(e: StoreError) -> Self {
+        GroupError::Store(e)
+    }
+}
+
+impl GroupError {
+    /// As the store's error (a guess is made only where it can be checked: never on SQLite).
+    pub(crate) fn into_store(self) -> StoreError {
+        match self {
+            GroupError::Store(e) => e,
+            GroupError::Guessed => {
+                StoreError::Corrupt("group commit", "a guessed group was not retried".into())
+            }
+        }
+    }
+}
+
+/// How a group learns what its lease guards find.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Guards {
+    /// Reads them, then sends the writes they call for: two round trips before the `COMMIT`
+    /// on PostgreSQL.
+    Read,
+    /// Sends the writes with them, in one round trip, on the guess that every lease holds,
+    /// no cancel is pending and each ending workflow is as the engine claimed it (PostgreSQL,
+    /// where each of its completions that ends says so); then checks that guess, and the
+    /// clock it wrote by, against what they read ([`GroupError::Guessed`] if it was wrong).
+    Guess,
+}
+
+/// The clock reading a guessed group may differ from its `BEGIN`'s reading by.
+const CLOCK_SLACK_MS: u64 = 1_000;
+
 /// Records a group of completions in the caller's transaction; per completion its outcome or
 /// `LeaseLost`. Whatever the group's size, it is a fixed number of set-wise statements (each
 /// over a [`RowSet`]; the workflows that end succeeded, their hooks and the release of their
@@ -56,16 +99,29 @@ pub(crate) async fn commit_group(
     reqs: &[DoneReq],
     prefetched: &Prefetch,
     hooks: &Registry,
-) -> Result<Vec<Result<Done>>> {
+    guards: Guards,
+) -> std::result::Result<Vec<Result<Done>>, GroupError> {
     let d = tx.dialect();
     let fin = |j: &DoneReq| j.finish && j.next.is_none() && j.commit.children.is_empty();
     let spawns = |j: &DoneReq| !j.commit.children.is_empty();
+    // A guess needs PostgreSQL's reading of its clock, and what each ending workflow is.
+    let guess = match guards {
+        Guards::Guess
+            if reqs
+                .iter()
+                .all(|j| !(fin(j) || spawns(j)) || j.ending.is_some()) =>
+        {
+            tx.clock_guess()
+        }
+        _ => None,
+    };
 
     // 1. The lease guard and the move on in one statement when no cancel is pending and the
     //    workflow goes on (it sets no indexed column: the update stays HOT on PostgreSQL).
     //    With it, the rows of those that end or spawn: the lease, a pending cancel, what an
     //    ending needs. On PostgreSQL both go with the `BEGIN`, in its round trip, and read the
-    //    clock in SQL (the transaction's, as the `BEGIN` reads it).
+    //    clock in SQL (the transaction's, as the `BEGIN` reads it); with a guess the writes
+    //    go in that round trip too, and what they read is checked after (step 4).
     //    SQLite knows the time without asking; it is read once, for the whole group.
     let sqlite_now = match d {
         Dialect::Sqlite => Some(clock(tx).await?),
@@ -127,56 +183,75 @@ pub(crate) async fn commit_group(
     if !others.is_empty() {
         first.push(rows_of(others));
     }
-    let mut res = tx.query_many(&first).await?.into_iter();
-    let now = match sqlite_now {
-        Some(now) => now,
-        None => clock(tx).await?,
-    };
     let mut moved = vec![false; reqs.len()];
-    let mut rows: BTreeMap<String, Row> = BTreeMap::new();
-    if moving {
-        let ids = res
-            .next()
-            .unwrap_or_default()
-            .iter()
-            .map(|r| r_text(r, "id"))
-            .collect::<Result<std::collections::HashSet<_>>>()?;
-        for (i, j) in reqs.iter().enumerate() {
-            moved[i] = ids.contains(&j.wf);
-        }
-        // 2. Those that did not move (a lease lost, a cancel pending), read as the others.
-        let stuck: Vec<String> = reqs
-            .iter()
-            .enumerate()
-            .filter(|&(i, j)| !moved[i] && !fin(j) && !spawns(j))
-            .map(|(_, j)| j.wf.clone())
-            .collect();
-        if !stuck.is_empty() {
-            for r in tx.query(&rows_of(stuck)).await? {
-                rows.insert(r_text(&r, "id")?, r);
-            }
-        }
-    }
-    for r in res.next().unwrap_or_default() {
-        rows.insert(r_text(&r, "id")?, r);
-    }
     let mut found: Vec<Option<Result<Found>>> = (0..reqs.len()).map(|_| None).collect();
-    for (i, j) in reqs.iter().enumerate().filter(|(i, _)| !moved[*i]) {
-        found[i] = Some(match rows.get(&j.wf) {
-            Some(r) if r_opt_text(r, "lease_owner")?.as_deref() == Some(j.node.as_str()) => {
-                Ok(Found {
-                    cancel: r_int(r, "cancel_requested")? != 0,
-                    end: ending_from(r, &j.wf)?,
-                })
+    let mut batch: Vec<Stmt> = vec![];
+    let now = if let Some(now) = guess {
+        // Each moves and each other one's lease holds, with no cancel pending.
+        for (i, j) in reqs.iter().enumerate() {
+            match &j.ending {
+                Some(end) if fin(j) || spawns(j) => {
+                    found[i] = Some(Ok(Found {
+                        cancel: false,
+                        end: end.clone(),
+                    }))
+                }
+                _ => moved[i] = true,
             }
-            _ => Err(lease_lost(&j.wf)),
-        });
-    }
+        }
+        batch = first.clone();
+        now
+    } else {
+        let mut res = tx.query_many(&first).await?.into_iter();
+        let now = match sqlite_now {
+            Some(now) => now,
+            None => clock(tx).await?,
+        };
+        let mut rows: BTreeMap<String, Row> = BTreeMap::new();
+        if moving {
+            let ids = res
+                .next()
+                .unwrap_or_default()
+                .iter()
+                .map(|r| r_text(r, "id"))
+                .collect::<Result<std::collections::HashSet<_>>>()?;
+            for (i, j) in reqs.iter().enumerate() {
+                moved[i] = ids.contains(&j.wf);
+            }
+            // 2. Those that did not move (a lease lost, a cancel pending), read as the others.
+            let stuck: Vec<String> = reqs
+                .iter()
+                .enumerate()
+                .filter(|&(i, j)| !moved[i] && !fin(j) && !spawns(j))
+                .map(|(_, j)| j.wf.clone())
+                .collect();
+            if !stuck.is_empty() {
+                for r in tx.query(&rows_of(stuck)).await? {
+                    rows.insert(r_text(&r, "id")?, r);
+                }
+            }
+        }
+        for r in res.next().unwrap_or_default() {
+            rows.insert(r_text(&r, "id")?, r);
+        }
+        for (i, j) in reqs.iter().enumerate().filter(|(i, _)| !moved[*i]) {
+            found[i] = Some(match rows.get(&j.wf) {
+                Some(r) if r_opt_text(r, "lease_owner")?.as_deref() == Some(j.node.as_str()) => {
+                    Ok(Found {
+                        cancel: r_int(r, "cancel_requested")? != 0,
+                        end: ending_from(r, &j.wf)?,
+                    })
+                }
+                _ => Err(lease_lost(&j.wf)),
+            });
+        }
+        now
+    };
+    let guessed = batch.len();
 
     // 3. Every write of every completion, in one batch: the rare ones row by row (endings,
     //    children), then one statement each for the steps done, the effects, the steps
     //    started and the events.
-    let mut batch: Vec<Stmt> = vec![];
     let (mut done_rows, mut start_rows) = (RowSet::new(STEP_DONE_ROW), RowSet::new(STEP_START_ROW));
     let (mut effect_rows, mut event_rows) = (RowSet::new(EFFECT_ROW), RowSet::new(EVENT_ROW));
     let mut n_events = 0i64;
@@ -391,6 +466,46 @@ pub(crate) async fn commit_group(
         }
     }
     let results = tx.query_many(&batch).await?;
+    if guess.is_some() {
+        // 4. The guess, checked against what the guards read (and the clock against the
+        //    `BEGIN`'s): one thing otherwise and every write is undone.
+        let mut res = results[..guessed].iter();
+        let ids: std::collections::HashSet<String> = match moving {
+            true => res
+                .next()
+                .into_iter()
+                .flatten()
+                .map(|r| r_text(r, "id"))
+                .collect::<Result<_>>()?,
+            false => Default::default(),
+        };
+        let mut rows: BTreeMap<String, &Row> = BTreeMap::new();
+        for r in res.next().into_iter().flatten() {
+            rows.insert(r_text(r, "id")?, r);
+        }
+        for (i, j) in reqs.iter().enumerate() {
+            let held = match &found[i] {
+                Some(Ok(f)) => match rows.get(&j.wf) {
+                    Some(r) => {
+                        r_opt_text(r, "lease_owner")?.as_deref() == Some(j.node.as_str())
+                            && r_int(r, "cancel_requested")? == 0
+                            && ending_from(*r, &j.wf)? == f.end
+                    }
+                    None => false,
+                },
+                _ => ids.contains(&j.wf),
+            };
+            if !held {
+                return Err(GroupError::Guessed);
+            }
+        }
+        if tx
+            .began_at()
+            .is_none_or(|read| read.abs_diff(now) > CLOCK_SLACK_MS)
+        {
+            return Err(GroupError::Guessed);
+        }
+    }
     for (b, freed, given) in &passes {
         if given.iter().map(|&at| results[at].len()).sum::<usize>() < *freed {
             fill_batch_in(tx, b).await?;

@@ -6,7 +6,10 @@
 //! after another (`DoneReq::ran`; the engine's fuse window). If a group fails, each completion
 //! is retried alone so that one bad completion cannot fail the others. [`commit_group`] sends
 //! each group in a few batches of statements (the lease-guarded moves, the rows of the others,
-//! then every write), which PostgreSQL pipelines in one round trip each.
+//! then every write), which PostgreSQL pipelines in one round trip each — or, where each of
+//! its completions that ends says what its workflow is (`Completion::claimed`), all in one
+//! round trip on the guess that the guards hold, their answers checked before the commit
+//! ([`Guards::Guess`]; a wrong guess is rolled back and the group sent the careful way).
 //!
 //! - SQLite: one OS thread owns the write connection. It runs every write transaction of the
 //!   store ([`Job::Tx`]) and groups the completions queued while its last transaction ran
@@ -23,12 +26,12 @@ mod group;
 mod postgres;
 mod sqlite;
 
-use group::commit_group;
+use group::{GroupError, Guards, commit_group};
 pub(crate) use postgres::spawn_pg;
 pub(crate) use sqlite::spawn;
 
 use crate::Result;
-use crate::workflows::{Claimed, Handoff, StepCommit, WorkflowEvent};
+use crate::workflows::{Claimed, Ending, Handoff, StepCommit, WorkflowEvent};
 use rusqlite::Connection;
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -53,6 +56,8 @@ pub(crate) struct DoneReq {
     pub next: Option<(u32, String, i64)>,
     pub finish: bool,
     pub handoff: Option<Handoff>,
+    /// What ending the workflow needs, as the engine claimed it (see `Completion::claimed`).
+    pub ending: Option<Ending>,
 }
 
 pub(crate) struct DoneJob {

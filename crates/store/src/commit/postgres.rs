@@ -1,7 +1,10 @@
 //! Step completions on PostgreSQL: a task groups them and commits up to [`PG_IN_FLIGHT`]
 //! groups at once on pooled connections.
 
-use super::{Done, DoneJob, DoneReq, MAX_GROUP, PG_IN_FLIGHT, commit_group, observe_group};
+use super::{
+    Done, DoneJob, DoneReq, GroupError, Guards, MAX_GROUP, PG_IN_FLIGHT, commit_group,
+    observe_group,
+};
 use crate::Result;
 use crate::db::{Db, Durability};
 use crate::hooks::{Prefetch, Registry};
@@ -70,9 +73,19 @@ async fn pg_group(
     prefetched: &Arc<Prefetch>,
     hooks: &Registry,
 ) -> Result<Vec<Result<Done>>> {
-    let (prefetched, hooks) = (prefetched.clone(), hooks.clone());
-    db.write_with(Durability::Replayable, move |tx| {
-        Box::pin(async move { commit_group(tx, &reqs, &prefetched, &hooks).await })
-    })
-    .await
+    // First with the writes sent beside the lease guards; the careful way if that guessed
+    // wrong (a lease lost, a cancel pending, the clock moved: rolled back, nothing written).
+    for guards in [Guards::Guess, Guards::Read] {
+        let (prefetched, hooks, reqs) = (prefetched.clone(), hooks.clone(), reqs.clone());
+        let out = db
+            .write_with(Durability::Replayable, move |tx| {
+                Box::pin(async move { commit_group(tx, &reqs, &prefetched, &hooks, guards).await })
+            })
+            .await;
+        match out {
+            Err(GroupError::Guessed) => continue,
+            out => return out.map_err(GroupError::into_store),
+        }
+    }
+    Err(GroupError::Guessed.into_store())
 }

@@ -1,7 +1,7 @@
 //! Step completions on SQLite: the write thread that groups them between the store's other
 //! write transactions, and the thread that checkpoints the WAL.
 
-use super::{Done, DoneReq, Job, MAX_GROUP, commit_group, observe_group};
+use super::{Done, DoneReq, GroupError, Guards, Job, MAX_GROUP, commit_group, observe_group};
 use crate::db::sqlite::{SqliteTx, run_ready};
 use crate::hooks::{Prefetch, Registry};
 use crate::{Result, StoreError};
@@ -92,7 +92,9 @@ fn sqlite_group(
             reqs,
             prefetched,
             hooks,
-        ));
+            Guards::Read,
+        ))
+        .map_err(GroupError::into_store);
         let _timed = crate::statement_profile::time("COMMIT");
         match r.and_then(|v| conn.execute_batch("COMMIT").map(|()| v).map_err(Into::into)) {
             Ok(v) => Ok(v),

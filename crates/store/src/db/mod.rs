@@ -429,6 +429,12 @@ pub(crate) trait Tx: Send {
     fn began_at(&self) -> Option<i64> {
         None
     }
+    /// The database's clock (ms) now as this pool last read it, advanced by this process's
+    /// monotonic clock since (PostgreSQL): for statements sent before the `BEGIN`'s reading
+    /// is answered, which check it against that reading.
+    fn clock_guess(&self) -> Option<i64> {
+        None
+    }
     /// Begins the transaction now if the backend defers it to the first statements (then
     /// [`Tx::began_at`] knows the clock without a statement of its own).
     async fn begin_now(&mut self) -> Result<()> {

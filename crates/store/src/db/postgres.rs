@@ -122,6 +122,25 @@ pub(crate) struct PgTx<'c> {
     begin: Option<String>,
     /// The database's clock (ms) when the transaction began, read with its `BEGIN`.
     now: Option<i64>,
+    /// The pool's last reading of the database's clock (this transaction's too, once read).
+    clock: Arc<Clock>,
+}
+
+/// The database's clock as a pool last read it, and when (this process's monotonic clock).
+#[derive(Default)]
+pub(crate) struct Clock(std::sync::Mutex<Option<(i64, std::time::Instant)>>);
+
+impl Clock {
+    fn note(&self, ms: i64) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some((ms, std::time::Instant::now()));
+    }
+
+    /// The database's clock now as the last reading and the time since tell (none before the
+    /// first reading).
+    fn guess(&self) -> Option<i64> {
+        let r = *self.0.lock().unwrap_or_else(|e| e.into_inner());
+        r.map(|(ms, at)| ms + at.elapsed().as_millis() as i64)
+    }
 }
 
 /// A pooled connection with a transaction open on it. Dropped before [`Open::end`] (its future
@@ -262,8 +281,9 @@ impl PgTx<'_> {
         work: impl std::future::Future<Output = std::result::Result<T, tokio_postgres::Error>>,
     ) -> Result<T> {
         let (v, now) = begun(self.tx, self.begin.take(), work).await?;
-        if now.is_some() {
+        if let Some(ms) = now {
             self.now = now;
+            self.clock.note(ms);
         }
         Ok(v)
     }
@@ -315,6 +335,10 @@ impl Tx for PgTx<'_> {
 
     fn began_at(&self) -> Option<i64> {
         self.now
+    }
+
+    fn clock_guess(&self) -> Option<i64> {
+        self.clock.guess()
     }
 
     async fn begin_now(&mut self) -> Result<()> {
@@ -405,6 +429,8 @@ pub(crate) struct Postgres {
     origin: Arc<str>,
     /// Transactions committed through this pool.
     pub commits: Arc<std::sync::atomic::AtomicU64>,
+    /// The database's clock as this pool last read it.
+    clock: Arc<Clock>,
 }
 
 impl Postgres {
@@ -429,6 +455,7 @@ impl Postgres {
             url: url.to_string(),
             origin: uuid::Uuid::new_v4().simple().to_string().into(),
             commits: Default::default(),
+            clock: Default::default(),
         })
     }
 
@@ -467,6 +494,7 @@ impl Postgres {
             events: Appended::default(),
             begin: Some(begin),
             now: None,
+            clock: self.clock.clone(),
         };
         let out = f(&mut t).await;
         let events = std::mem::take(&mut t.events);
@@ -512,6 +540,7 @@ impl Postgres {
             events: Appended::default(),
             begin: Some(begin),
             now: None,
+            clock: self.clock.clone(),
         };
         let out = f(&mut t).await;
         if t.began() {

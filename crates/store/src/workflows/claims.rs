@@ -159,7 +159,7 @@ pub(crate) fn lease_ready(
 /// another node's lease, or an older one, differs in one). A leased node waits on nothing:
 /// with `waiting_on = 0` this is the ready index's condition, so the lookup reads the live
 /// nodes, not every node of the batch that ever ran (on PostgreSQL the batch index answered
-/// only `batch_id` and `parked`, and a 1,000-node batch's hand-offs read ~150 pages each).
+/// only `batch_id` and `parked`: a 1,000-node batch's read-aheads read ~150 pages each).
 const LEASED_BY: &str = "batch_id = $1 AND parked = 0 AND status IN ('running', 'undoing')
      AND waiting_on = 0 AND lease_owner = $2 AND lease_until = $3";
 

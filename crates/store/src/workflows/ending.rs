@@ -10,7 +10,7 @@ use crate::hooks::Registry;
 use crate::workflows::ResourceRef;
 
 /// The parts of a workflow that ending it needs.
-#[derive(Clone)]
+#[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Ending {
     pub id: String,
     pub definition: String,
@@ -23,6 +23,20 @@ pub(crate) struct Ending {
 /// The columns [`Ending`] is read from.
 pub(crate) const ENDING_COLS: &str =
     "definition, resource_kind, resource_id, node, batch_id, parent_id";
+
+impl Ending {
+    /// What ending `w` needs, as its record says.
+    pub fn of(w: &super::Workflow) -> Self {
+        Ending {
+            id: w.id.clone(),
+            definition: w.definition.clone(),
+            resource: w.resource.clone(),
+            node: w.node.clone(),
+            batch_id: w.batch_id.clone(),
+            has_parent: w.parent_id.is_some(),
+        }
+    }
+}
 
 pub(crate) fn ending_from(r: &impl Cols, wf: &str) -> Result<Ending> {
     Ok(Ending {

@@ -3,7 +3,7 @@
 //! caller's lease.
 
 use super::{
-    Claimed, Completion, NewWorkflow, Reopen, Workflow, WorkflowEvent, WorkflowOutcome,
+    Claimed, Completion, Ending, NewWorkflow, Reopen, Workflow, WorkflowEvent, WorkflowOutcome,
     WorkflowStatus, add_dep, clock, event, finish_in, insert_stmts, lease_lost, load,
 };
 use crate::audit::audit_stmt;
@@ -167,6 +167,7 @@ impl Store {
             next,
             finish,
             handoff,
+            claimed,
         } = c;
         let (reply, rx) = tokio::sync::oneshot::channel();
         let job = crate::commit::DoneJob {
@@ -180,6 +181,7 @@ impl Store {
                 next: next.map(|n| (n.idx, n.name.to_string(), n.deadline_ms)),
                 finish,
                 handoff,
+                ending: claimed.filter(|_| finish && next.is_none()).map(Ending::of),
             },
             reply,
         };

@@ -258,6 +258,11 @@ pub struct Completion<'a> {
     pub finish: bool,
     /// A finishing batch node leases the next ready node of its batch to `node`.
     pub handoff: Option<Handoff>,
+    /// The workflow as `node` claimed it, when it ends here: on PostgreSQL the completion's
+    /// writes then go with the lease guards, in their round trip, and what the guards read
+    /// is checked against it (a difference, or a guard that fails, undoes them and the group
+    /// is committed the careful way).
+    pub claimed: Option<&'a Workflow>,
 }
 
 impl<'a> Completion<'a> {
@@ -274,6 +279,7 @@ impl<'a> Completion<'a> {
             next: None,
             finish: false,
             handoff: None,
+            claimed: None,
         }
     }
 }

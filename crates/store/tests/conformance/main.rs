@@ -8,6 +8,7 @@ mod addresses;
 mod audit;
 mod backup;
 mod batches;
+mod claimed;
 mod extras;
 mod users;
 mod vms;
@@ -33,6 +34,7 @@ fn all() -> Vec<Case> {
     v.extend(batches::cases());
     v.extend(extras::cases());
     v.extend(workflows::cases());
+    v.extend(claimed::cases());
     v
 }
 

@@ -167,7 +167,7 @@ async fn changes_name_their_events(a: Store, b: Store) {
 }
 
 /// A workflow of `steps` steps of 5 s each.
-fn wf(owner: &str, steps: usize) -> NewWorkflow {
+pub(crate) fn wf(owner: &str, steps: usize) -> NewWorkflow {
     NewWorkflow::new(
         "ledger",
         owner,
@@ -181,11 +181,11 @@ fn wf(owner: &str, steps: usize) -> NewWorkflow {
 }
 
 /// The definitions the tests' nodes run.
-fn runs() -> Vec<String> {
+pub(crate) fn runs() -> Vec<String> {
     vec!["ledger".to_string()]
 }
 
-const NONE: ClaimLimits = ClaimLimits {
+pub(crate) const NONE: ClaimLimits = ClaimLimits {
     per_user: None,
     per_provider: None,
     per_host: None,
