@@ -483,17 +483,14 @@ pub(crate) async fn commit_group(
         for r in res.next().into_iter().flatten() {
             rows.insert(r_text(r, "id")?, r);
         }
-        for (i, j) in reqs.iter().enumerate() {
-            let held = match &found[i] {
-                Some(Ok(f)) => match rows.get(&j.wf) {
-                    Some(r) => {
-                        r_opt_text(r, "lease_owner")?.as_deref() == Some(j.node.as_str())
-                            && r_int(r, "cancel_requested")? == 0
-                            && ending_from(*r, &j.wf)? == f.end
-                    }
-                    None => false,
-                },
-                _ => ids.contains(&j.wf),
+        for j in reqs {
+            let held = match (&j.ending, rows.get(&j.wf)) {
+                (Some(end), Some(r)) if fin(j) || spawns(j) => {
+                    r_opt_text(r, "lease_owner")?.as_deref() == Some(j.node.as_str())
+                        && r_int(r, "cancel_requested")? == 0
+                        && ending_from(*r, &j.wf)? == *end
+                }
+                _ => !(fin(j) || spawns(j)) && ids.contains(&j.wf),
             };
             if !held {
                 return Err(GroupError::Guessed);

@@ -53,6 +53,21 @@ async fn claimed(store: Store) {
     let rec = store.workflow(&id).await.unwrap().unwrap();
     assert_eq!(rec.status, WorkflowStatus::Succeeded);
     assert_eq!(rec.steps[0].status, StepStatus::Done);
+    // On PostgreSQL in two round trips (the writes with the guards, the commit), not three.
+    if store.backend() == "postgres" {
+        use basphere_store::statement_profile;
+        let (id, w) = claim_one(&store).await;
+        statement_profile::start();
+        end(&store, &id, "n1", &w).await.unwrap();
+        let trips: Vec<String> = statement_profile::stop()
+            .into_iter()
+            .flat_map(|t| std::iter::repeat_n(t.sql, t.calls as usize))
+            .collect();
+        assert_eq!(trips.len(), 2, "{trips:?}");
+        for first in ["round trip: BEGIN + ", "round trip: COMMIT"] {
+            assert!(trips.iter().any(|t| t.starts_with(first)), "{trips:?}");
+        }
+    }
 
     // Sent by a node that does not hold the lease: refused, nothing written.
     let (id, w) = claim_one(&store).await;
