@@ -102,8 +102,6 @@ pub(crate) async fn commit_group(
     guards: Guards,
 ) -> std::result::Result<Vec<Result<Done>>, GroupError> {
     let d = tx.dialect();
-    let fin = |j: &DoneReq| j.finish && j.next.is_none() && j.commit.children.is_empty();
-    let spawns = |j: &DoneReq| !j.commit.children.is_empty();
     // A guess needs PostgreSQL's reading of its clock, and what each ending workflow is.
     let guess = match guards {
         Guards::Guess
@@ -166,13 +164,6 @@ pub(crate) async fn commit_group(
             )
         }),
     };
-    let rows_of = |ids: Vec<String>| {
-        let sql = format!(
-            "SELECT id, cancel_requested, lease_owner, {ENDING_COLS} FROM workflows WHERE {}",
-            id_in(d, "id", 1)
-        );
-        Stmt::new(sql, vec![ids_arg(d, &ids)])
-    };
     let others: Vec<String> = reqs
         .iter()
         .filter(|j| fin(j) || spawns(j))
@@ -181,71 +172,17 @@ pub(crate) async fn commit_group(
     let mut first: Vec<Stmt> = moves.into_iter().collect();
     let moving = !first.is_empty();
     if !others.is_empty() {
-        first.push(rows_of(others));
+        first.push(rows_of(d, others));
     }
-    let mut moved = vec![false; reqs.len()];
-    let mut found: Vec<Option<Result<Found>>> = (0..reqs.len()).map(|_| None).collect();
-    let mut batch: Vec<Stmt> = vec![];
-    let now = if let Some(now) = guess {
-        // Each moves and each other one's lease holds, with no cancel pending.
-        for (i, j) in reqs.iter().enumerate() {
-            match &j.ending {
-                Some(end) if fin(j) || spawns(j) => {
-                    found[i] = Some(Ok(Found {
-                        cancel: false,
-                        end: end.clone(),
-                    }))
-                }
-                _ => moved[i] = true,
-            }
+    let (moved, mut found, now, mut batch) = match guess {
+        Some(now) => {
+            let (moved, found) = guessed_guards(reqs);
+            (moved, found, now, first.clone())
         }
-        batch = first.clone();
-        now
-    } else {
-        let mut res = tx.query_many(&first).await?.into_iter();
-        let now = match sqlite_now {
-            Some(now) => now,
-            None => clock(tx).await?,
-        };
-        let mut rows: BTreeMap<String, Row> = BTreeMap::new();
-        if moving {
-            let ids = res
-                .next()
-                .unwrap_or_default()
-                .iter()
-                .map(|r| r_text(r, "id"))
-                .collect::<Result<std::collections::HashSet<_>>>()?;
-            for (i, j) in reqs.iter().enumerate() {
-                moved[i] = ids.contains(&j.wf);
-            }
-            // 2. Those that did not move (a lease lost, a cancel pending), read as the others.
-            let stuck: Vec<String> = reqs
-                .iter()
-                .enumerate()
-                .filter(|&(i, j)| !moved[i] && !fin(j) && !spawns(j))
-                .map(|(_, j)| j.wf.clone())
-                .collect();
-            if !stuck.is_empty() {
-                for r in tx.query(&rows_of(stuck)).await? {
-                    rows.insert(r_text(&r, "id")?, r);
-                }
-            }
+        None => {
+            let (moved, found, now) = read_guards(tx, reqs, &first, moving, sqlite_now).await?;
+            (moved, found, now, vec![])
         }
-        for r in res.next().unwrap_or_default() {
-            rows.insert(r_text(&r, "id")?, r);
-        }
-        for (i, j) in reqs.iter().enumerate().filter(|(i, _)| !moved[*i]) {
-            found[i] = Some(match rows.get(&j.wf) {
-                Some(r) if r_opt_text(r, "lease_owner")?.as_deref() == Some(j.node.as_str()) => {
-                    Ok(Found {
-                        cancel: r_int(r, "cancel_requested")? != 0,
-                        end: ending_from(r, &j.wf)?,
-                    })
-                }
-                _ => Err(lease_lost(&j.wf)),
-            });
-        }
-        now
     };
     let guessed = batch.len();
 
@@ -469,32 +406,8 @@ pub(crate) async fn commit_group(
     if guess.is_some() {
         // 4. The guess, checked against what the guards read (and the clock against the
         //    `BEGIN`'s): one thing otherwise and every write is undone.
-        let mut res = results[..guessed].iter();
-        let ids: std::collections::HashSet<String> = match moving {
-            true => res
-                .next()
-                .into_iter()
-                .flatten()
-                .map(|r| r_text(r, "id"))
-                .collect::<Result<_>>()?,
-            false => Default::default(),
-        };
-        let mut rows: BTreeMap<String, &Row> = BTreeMap::new();
-        for r in res.next().into_iter().flatten() {
-            rows.insert(r_text(r, "id")?, r);
-        }
-        for j in reqs {
-            let held = match (&j.ending, rows.get(&j.wf)) {
-                (Some(end), Some(r)) if fin(j) || spawns(j) => {
-                    r_opt_text(r, "lease_owner")?.as_deref() == Some(j.node.as_str())
-                        && r_int(r, "cancel_requested")? == 0
-                        && ending_from(*r, &j.wf)? == *end
-                }
-                _ => !(fin(j) || spawns(j)) && ids.contains(&j.wf),
-            };
-            if !held {
-                return Err(GroupError::Guessed);
-            }
+        if !guess_held(&results[..guessed], reqs, moving)? {
+            return Err(GroupError::Guessed);
         }
         if tx
             .began_at()
@@ -579,6 +492,136 @@ pub(crate) async fn commit_group(
         }
     }
     Ok(out)
+}
+
+/// Whether a completion ends its workflow (a step done, nothing next, no children).
+fn fin(j: &DoneReq) -> bool {
+    j.finish && j.next.is_none() && j.commit.children.is_empty()
+}
+
+/// Whether a completion queues child workflows.
+fn spawns(j: &DoneReq) -> bool {
+    !j.commit.children.is_empty()
+}
+
+/// The rows of workflows `ids` a guard reads: the lease, a pending cancel, what an ending needs.
+fn rows_of(d: Dialect, ids: Vec<String>) -> Stmt {
+    let sql = format!(
+        "SELECT id, cancel_requested, lease_owner, {ENDING_COLS} FROM workflows WHERE {}",
+        id_in(d, "id", 1)
+    );
+    Stmt::new(sql, vec![ids_arg(d, &ids)])
+}
+
+/// Sends the guards `first` (the moves first where some move) and reads what they found: per
+/// completion whether it moved on, or its lease, pending cancel and ending; and the clock.
+async fn read_guards(
+    tx: &mut dyn Tx,
+    reqs: &[DoneReq],
+    first: &[Stmt],
+    moving: bool,
+    sqlite_now: Option<i64>,
+) -> Result<(Vec<bool>, Vec<Option<Result<Found>>>, i64)> {
+    let d = tx.dialect();
+    let mut moved = vec![false; reqs.len()];
+    let mut found: Vec<Option<Result<Found>>> = (0..reqs.len()).map(|_| None).collect();
+    let mut res = tx.query_many(first).await?.into_iter();
+    let now = match sqlite_now {
+        Some(now) => now,
+        None => clock(tx).await?,
+    };
+    let mut rows: BTreeMap<String, Row> = BTreeMap::new();
+    if moving {
+        let ids = res
+            .next()
+            .unwrap_or_default()
+            .iter()
+            .map(|r| r_text(r, "id"))
+            .collect::<Result<std::collections::HashSet<_>>>()?;
+        for (i, j) in reqs.iter().enumerate() {
+            moved[i] = ids.contains(&j.wf);
+        }
+        // 2. Those that did not move (a lease lost, a cancel pending), read as the others.
+        let stuck: Vec<String> = reqs
+            .iter()
+            .enumerate()
+            .filter(|&(i, j)| !moved[i] && !fin(j) && !spawns(j))
+            .map(|(_, j)| j.wf.clone())
+            .collect();
+        if !stuck.is_empty() {
+            for r in tx.query(&rows_of(d, stuck)).await? {
+                rows.insert(r_text(&r, "id")?, r);
+            }
+        }
+    }
+    for r in res.next().unwrap_or_default() {
+        rows.insert(r_text(&r, "id")?, r);
+    }
+    for (i, j) in reqs.iter().enumerate().filter(|(i, _)| !moved[*i]) {
+        found[i] = Some(match rows.get(&j.wf) {
+            Some(r) if r_opt_text(r, "lease_owner")?.as_deref() == Some(j.node.as_str()) => {
+                Ok(Found {
+                    cancel: r_int(r, "cancel_requested")? != 0,
+                    end: ending_from(r, &j.wf)?,
+                })
+            }
+            _ => Err(lease_lost(&j.wf)),
+        });
+    }
+    Ok((moved, found, now))
+}
+
+/// What a guessed group writes by: each completion that goes on moves, and each other one's
+/// lease holds with no cancel pending, its workflow as claimed.
+fn guessed_guards(reqs: &[DoneReq]) -> (Vec<bool>, Vec<Option<Result<Found>>>) {
+    let mut moved = vec![false; reqs.len()];
+    let mut found: Vec<Option<Result<Found>>> = (0..reqs.len()).map(|_| None).collect();
+    for (i, j) in reqs.iter().enumerate() {
+        match &j.ending {
+            Some(end) if fin(j) || spawns(j) => {
+                found[i] = Some(Ok(Found {
+                    cancel: false,
+                    end: end.clone(),
+                }))
+            }
+            _ => moved[i] = true,
+        }
+    }
+    (moved, found)
+}
+
+/// Whether what the guards read (`guards`: the moves' answer where some move, then the
+/// rows of the others) is what a guessed group wrote by: every move made, every other lease
+/// held with no cancel pending and its workflow as claimed.
+fn guess_held(guards: &[Vec<Row>], reqs: &[DoneReq], moving: bool) -> Result<bool> {
+    let mut res = guards.iter();
+    let ids: std::collections::HashSet<String> = match moving {
+        true => res
+            .next()
+            .into_iter()
+            .flatten()
+            .map(|r| r_text(r, "id"))
+            .collect::<Result<_>>()?,
+        false => Default::default(),
+    };
+    let mut rows: BTreeMap<String, &Row> = BTreeMap::new();
+    for r in res.next().into_iter().flatten() {
+        rows.insert(r_text(r, "id")?, r);
+    }
+    for j in reqs {
+        let held = match (&j.ending, rows.get(&j.wf)) {
+            (Some(end), Some(r)) if fin(j) || spawns(j) => {
+                r_opt_text(r, "lease_owner")?.as_deref() == Some(j.node.as_str())
+                    && r_int(r, "cancel_requested")? == 0
+                    && ending_from(*r, &j.wf)? == *end
+            }
+            _ => !(fin(j) || spawns(j)) && ids.contains(&j.wf),
+        };
+        if !held {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Ends the workflows of rows `v` ([`END_ROW`]) succeeded, on the step given.
