@@ -119,7 +119,7 @@ pub(crate) async fn commit_group(
     //    With it, the rows of those that end or spawn: the lease, a pending cancel, what an
     //    ending needs. On PostgreSQL both go with the `BEGIN`, in its round trip, and read the
     //    clock in SQL (the transaction's, as the `BEGIN` reads it); with a guess the writes
-    //    go in that round trip too, and what they read is checked after (step 4).
+    //    go in that round trip too, and what they read is checked once it answers.
     //    SQLite knows the time without asking; it is read once, for the whole group.
     let sqlite_now = match d {
         Dialect::Sqlite => Some(clock(tx).await?),
@@ -177,7 +177,7 @@ pub(crate) async fn commit_group(
     let (moved, mut found, now, mut batch) = match guess {
         Some(now) => {
             let (moved, found) = guessed_guards(reqs);
-            (moved, found, now, first.clone())
+            (moved, found, now, first)
         }
         None => {
             let (moved, found, now) = read_guards(tx, reqs, &first, moving, sqlite_now).await?;
@@ -404,7 +404,7 @@ pub(crate) async fn commit_group(
     }
     let results = tx.query_many(&batch).await?;
     if guess.is_some() {
-        // 4. The guess, checked against what the guards read (and the clock against the
+        // The guess, checked against what the guards read (and the clock against the
         //    `BEGIN`'s): one thing otherwise and every write is undone.
         if !guess_held(&results[..guessed], reqs, moving)? {
             return Err(GroupError::Guessed);

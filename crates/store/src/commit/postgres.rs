@@ -75,17 +75,15 @@ async fn pg_group(
 ) -> Result<Vec<Result<Done>>> {
     // First with the writes sent beside the lease guards; the careful way if that guessed
     // wrong (a lease lost, a cancel pending, the clock moved: rolled back, nothing written).
-    for guards in [Guards::Guess, Guards::Read] {
+    let run = |guards: Guards| {
         let (prefetched, hooks, reqs) = (prefetched.clone(), hooks.clone(), reqs.clone());
-        let out = db
-            .write_with(Durability::Replayable, move |tx| {
-                Box::pin(async move { commit_group(tx, &reqs, &prefetched, &hooks, guards).await })
-            })
-            .await;
-        match out {
-            Err(GroupError::Guessed) => continue,
-            out => return out.map_err(GroupError::into_store),
-        }
+        db.write_with(Durability::Replayable, move |tx| {
+            Box::pin(async move { commit_group(tx, &reqs, &prefetched, &hooks, guards).await })
+        })
+    };
+    match run(Guards::Guess).await {
+        Err(GroupError::Guessed) => run(Guards::Read).await,
+        out => out,
     }
-    Err(GroupError::Guessed.into_store())
+    .map_err(GroupError::into_store)
 }

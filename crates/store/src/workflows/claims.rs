@@ -340,6 +340,8 @@ pub(crate) struct LeaseNew {
     stmts: Vec<Stmt>,
     /// Each workflow's `step_started` event (its number comes with the results).
     started: HashMap<String, WorkflowEvent>,
+    /// Which of `stmts` returns the events' numbers.
+    events_at: usize,
 }
 
 impl LeaseNew {
@@ -379,8 +381,13 @@ impl LeaseNew {
         );
         let mut stmts = vec![lease];
         stmts.extend(starts_with_events(d, starts, events, now));
+        let events_at = stmts.len() - 1;
         stmts.push(steps);
-        Self { stmts, started }
+        Self {
+            stmts,
+            started,
+            events_at,
+        }
     }
 
     /// The lease of the first `lease.max` of the workflows `ids`, just queued with `steps`:
@@ -415,16 +422,16 @@ impl LeaseNew {
 
     /// The leased workflows from the rows of [`LeaseNew::stmts`] (in their order).
     pub(crate) fn leased(&self, results: &[Vec<crate::db::Row>]) -> Result<Vec<Claimed>> {
-        // The lease, the starts with their events (one statement or two), the steps.
-        let (Some(lease), Some(steps), true) =
-            (results.first(), results.last(), results.len() >= 3)
-        else {
+        let (Some(lease), Some(events), Some(steps)) = (
+            results.first(),
+            results.get(self.events_at),
+            results.get(self.stmts.len() - 1),
+        ) else {
             return Err(crate::StoreError::Corrupt(
                 "workflows",
                 "a lease of new workflows returned the wrong number of results".into(),
             ));
         };
-        let events = &results[results.len() - 2];
         let mut by_wf: HashMap<String, Vec<StepRecord>> = HashMap::new();
         for r in steps {
             by_wf

@@ -41,9 +41,9 @@ pub(crate) enum Write {
     Own(Stmt),
     /// On PostgreSQL a part of the writes' one statement: a data-modifying CTE named `.0`
     /// (unique among the parts; a later part may read what it returns), with its own
-    /// parameters (`$1` on). It must
-    /// read nothing the other writes change: the parts of one statement see none of each
-    /// other's changes. On SQLite a statement of its own, before the [`Write::Own`] ones.
+    /// parameters (`$1` on). It must read nothing the other writes change: the parts of one
+    /// statement see none of each other's changes. On SQLite a statement of its own, before
+    /// the [`Write::Own`] ones.
     Part(&'static str, Stmt),
 }
 
