@@ -285,7 +285,14 @@ pub async fn batch_child(
         .iter()
         .flat_map(|m| std::iter::repeat_n(m, RUNS))
         .chain([&chain]);
+    let postmaster = match &cfg.database.url {
+        Some(url) => crate::cpu::postmaster_pid(url).await,
+        None => None,
+    };
+    let mut cpu = vec![];
     for (c, m) in clients.iter().zip(runs) {
+        let u0 = crate::cpu::Usage::now(postmaster);
+        let commits0 = store.commits();
         let t0 = Instant::now();
         let r = c
             .post(
@@ -332,6 +339,10 @@ pub async fn batch_child(
             }
         }
         secs.push(t0.elapsed().as_secs_f64());
+        cpu.push((
+            crate::cpu::Usage::now(postmaster).since(&u0),
+            store.commits() - commits0,
+        ));
     }
     // The batches' peak, before the plans below add theirs (and this client's parse of them).
     let batches_rss = peak_rss_mb();
@@ -384,6 +395,10 @@ pub async fn batch_child(
     admit_ms.pop();
     let (ind, lay) = secs.split_at(RUNS);
     let (ind_admit, lay_admit) = admit_ms.split_at(RUNS);
+    // The CPU of the independent apply whose time is the median.
+    let (mid, mid_commits) = (0..RUNS)
+        .find(|&i| ind[i] == median(ind))
+        .map_or(cpu[0], |i| cpu[i]);
     println!(
         "{}",
         json!({
@@ -393,6 +408,9 @@ pub async fn batch_child(
             "independent_runs_s": ind,
             "layered_runs_s": lay,
             "independent_admit_ms": median(ind_admit),
+            "independent_cpu_s": mid.process_s,
+            "independent_postgres_cpu_s": mid.postgres_s,
+            "independent_commits": mid_commits,
             "layered_admit_ms": median(lay_admit),
             "plan_api_ms_p50": plan_ms[plan_ms.len() / 2],
             "plan_cli_ms_p50": cli_ms[cli_ms.len() / 2],
@@ -640,6 +658,27 @@ pub async fn run(
         f("independent_admit_ms"),
         f("layered_admit_ms")
     );
+    let (own, server) = (
+        f("independent_cpu_s"),
+        v["independent_postgres_cpu_s"].as_f64(),
+    );
+    let cores = crate::cpu::cores();
+    let commits = format!("{:.0} commits", f("independent_commits"));
+    match server {
+        Some(pg) => println!(
+            "  the median independent apply: {commits}; CPU: this process {own:.2} s, \
+             PostgreSQL {pg:.2} s (on {cores} cores no less than {:.3} s)",
+            (own + pg) / cores as f64
+        ),
+        None => println!(
+            "  the median independent apply: {commits}; CPU: this process {own:.2} s{}",
+            if bench.backend == Backend::Postgres {
+                " (PostgreSQL's is not readable here)"
+            } else {
+                ""
+            }
+        ),
+    }
     println!(
         "peak RSS of the process serving the batches: {:.1} MB (target ≤ 50 MB); with the plans below and their client in the same process: {:.1} MB",
         f("peak_rss_mb"),

@@ -5,7 +5,9 @@
 //! [`Config`] that [`Bench::config`] makes, so what is measured is what `basphere serve` runs,
 //! and the store backend is chosen in one place ([`Backend`]).
 
+pub mod cpu;
 pub mod engine;
+pub mod floor;
 pub mod pg_probe;
 pub mod platform;
 pub mod takeover;
@@ -26,7 +28,8 @@ pub struct Args {
     /// Which figures: all (platform and engine), platform (create overhead, RSS, list,
     /// takeover after a SIGKILL), engine
     /// (throughput, batches vs terraform, plan), throughput (the engine's no-op steps only),
-    /// pg-probe (step completions per second on a
+    /// pg-floor (PostgreSQL's least work for a 1,000-node batch; part of `engine` on
+    /// PostgreSQL), pg-probe (step completions per second on a
     /// PostgreSQL 15 the probe starts itself; not part of `all`).
     #[arg(long, value_enum, default_value_t = Part::All)]
     pub part: Part,
@@ -85,6 +88,8 @@ pub enum Part {
     #[value(hide = true)]
     Batch,
     PgProbe,
+    /// PostgreSQL's floor for a 1,000-node batch (of `engine`, on PostgreSQL).
+    PgFloor,
 }
 
 /// The store backend a bench's servers use. Each variant only adds config settings
@@ -291,6 +296,10 @@ async fn run_parts(a: &Args, bench: &Bench) -> anyhow::Result<()> {
                 a.statements,
             )
             .await?;
+        }
+        let floor = matches!(a.part, Part::All | Part::Engine | Part::PgFloor);
+        if floor && bench.backend == Backend::Postgres {
+            floor::run(&bench, &tmp.join("floor")).await?;
         }
         anyhow::Ok(())
     }

@@ -1,9 +1,9 @@
 //! Step completions on PostgreSQL: a task groups them and commits up to [`PG_IN_FLIGHT`]
-//! groups at once on pooled connections.
+//! groups at once on pooled connections, each gathered over [`PG_GATHER_YIELDS`] yields.
 
 use super::{
-    Done, DoneJob, DoneReq, GroupError, Guards, MAX_GROUP, PG_IN_FLIGHT, commit_group,
-    observe_group,
+    Done, DoneJob, DoneReq, GroupError, Guards, MAX_GROUP, PG_GATHER_YIELDS, PG_IN_FLIGHT,
+    commit_group, observe_group,
 };
 use crate::Result;
 use crate::db::{Db, Durability};
@@ -20,17 +20,19 @@ pub(crate) fn spawn_pg(
     let slots = Arc::new(tokio::sync::Semaphore::new(PG_IN_FLIGHT));
     tokio::spawn(async move {
         // A group forms while the groups in flight commit: a slot first, then everything
-        // queued meanwhile.
+        // queued meanwhile, and what the tasks ready to run send while this one yields.
         while let Ok(permit) = slots.clone().acquire_owned().await {
             let Some(first) = rx.recv().await else {
                 return;
             };
             let mut group = vec![first];
-            while group.len() < MAX_GROUP {
-                match rx.try_recv() {
-                    Ok(j) => group.push(j),
-                    Err(_) => break,
+            take_queued(&mut rx, &mut group);
+            for _ in 0..PG_GATHER_YIELDS {
+                if group.len() == MAX_GROUP {
+                    break;
                 }
+                tokio::task::yield_now().await;
+                take_queued(&mut rx, &mut group);
             }
             let (db, prefetched, hooks) = (db.clone(), prefetched.clone(), hooks.clone());
             tokio::spawn(async move {
@@ -65,6 +67,16 @@ pub(crate) fn spawn_pg(
         }
     });
     tx
+}
+
+/// Moves the completions queued in `rx` into `group`, up to [`MAX_GROUP`].
+fn take_queued(rx: &mut tokio::sync::mpsc::UnboundedReceiver<DoneJob>, group: &mut Vec<DoneJob>) {
+    while group.len() < MAX_GROUP {
+        match rx.try_recv() {
+            Ok(j) => group.push(j),
+            Err(_) => break,
+        }
+    }
 }
 
 async fn pg_group(
