@@ -194,16 +194,19 @@ pub(crate) const READ_CLOCK: &str = concat!("SELECT ", tx_clock!());
 /// [`READ_CLOCK`] reads, for statements sent before its answer came.
 pub(crate) const TX_CLOCK: &str = tx_clock!();
 
-/// How the engine's transitions are planned. Each of their statements is a lookup by key (a
-/// workflow, its steps, its resource, a batch's queue) run thousands of times a second, and
-/// PostgreSQL would plan it anew at every run: with an array parameter (`id = ANY($1)`) the
-/// generic plan is costed for ten elements, so a custom plan for the two or three of a group
-/// always looks cheaper, and planning took a quarter of the server's time in a batch. So they
-/// use the generic plan, made once per pooled connection — and a plan made while a fresh
-/// table is still small must not be a sequential scan kept for the connection's life, so
-/// those are off (a statement with no index to use still gets one).
-const ENGINE_PLANS: &str =
-    "SET LOCAL plan_cache_mode TO force_generic_plan; SET LOCAL enable_seqscan TO off;";
+/// How the engine's transitions run: their commits are not waited for
+/// ([`Durability::Replayable`]), and they are planned once. Each of their statements is a lookup
+/// by key (a workflow, its steps, its resource, a batch's queue) run thousands of times a
+/// second, and PostgreSQL would plan it anew at every run: with an array parameter
+/// (`id = ANY($1)`) the generic plan is costed for ten elements, so a custom plan for the two or
+/// three of a group always looks cheaper, and planning took a quarter of the server's time in a
+/// batch. So they use the generic plan, made once per pooled connection — and a plan made while
+/// a fresh table is still small must not be a sequential scan kept for the connection's life,
+/// so those are off (a statement with no index to use still gets one). Columns beside the
+/// `BEGIN`'s clock reading (`set_config(…, true)` is `SET LOCAL`): one statement, not four.
+const ENGINE_SETTINGS: &str = "set_config('synchronous_commit', 'off', true), \
+     set_config('plan_cache_mode', 'force_generic_plan', true), \
+     set_config('enable_seqscan', 'off', true)";
 
 /// The clock a `BEGIN` ending with [`READ_CLOCK`] answered.
 fn clock_of(msgs: &[tokio_postgres::SimpleQueryMessage]) -> Result<i64> {
@@ -484,7 +487,7 @@ impl Postgres {
     {
         let begin = match durability {
             Durability::Replayable => {
-                format!("BEGIN; SET LOCAL synchronous_commit TO OFF; {ENGINE_PLANS} {READ_CLOCK}")
+                format!("BEGIN; {READ_CLOCK}, {ENGINE_SETTINGS}")
             }
             Durability::Flushed => format!("BEGIN; {READ_CLOCK}"),
         };
@@ -639,6 +642,38 @@ mod tests {
         assert_eq!(a.payload("me"), "me 4 7");
         let b = Appended { unknown: true, ..a };
         assert_eq!(b.payload("me"), "me");
+    }
+
+    /// The engine's transactions run with their settings, other writes with the server's, and
+    /// the settings end with the transaction.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replayable_writes_run_with_the_engine_settings_and_only_they() {
+        use super::super::stmt;
+        let pg = basphere_testkit::postgres::Postgres::start();
+        let db = Postgres::new(&pg.create_database("settings")).unwrap();
+        let read = |d| {
+            db.write(d, |tx| {
+                Box::pin(async move {
+                    let r = tx
+                        .query_one(&stmt!(
+                            "SELECT current_setting('synchronous_commit') || ' ' || \
+                             current_setting('plan_cache_mode') || ' ' || \
+                             current_setting('enable_seqscan') AS s"
+                        ))
+                        .await?;
+                    Ok::<_, StoreError>(r.first_text()?.unwrap_or_default())
+                })
+            })
+        };
+        let server = "on auto on";
+        assert_eq!(read(Durability::Flushed).await.unwrap(), server);
+        assert_eq!(
+            read(Durability::Replayable).await.unwrap(),
+            "off force_generic_plan off"
+        );
+        for _ in 0..POOL_SIZE + 1 {
+            assert_eq!(read(Durability::Flushed).await.unwrap(), server);
+        }
     }
 
     /// A write whose future is dropped mid-transaction (a client went away, a timeout) leaves
