@@ -42,8 +42,10 @@ use tokio::sync::oneshot;
 /// Most completions in one transaction.
 const MAX_GROUP: usize = 64;
 /// Groups committing at once on PostgreSQL. Two let a group form while one commits, but
-/// halve the groups (measured: a 1,000-node batch's PostgreSQL CPU 0.43–0.56 s with two, 0.29–0.31
-/// with one and [`PG_GATHER_YIELDS`]; the engine's no-op steps/s 18–19k → 21–23k).
+/// halve the groups. Measured, two → one with [`PG_GATHER_YIELDS`]: a 1,000-node batch at
+/// parallelism 10, PostgreSQL's CPU 0.43–0.56 → 0.26–0.33 s; no-op steps on three replicas
+/// 8–10k → 12–13k steps/s, on one the same; fused steps on one replica 50–56k → 42–43k (two large
+/// groups at once had used both cores).
 const PG_IN_FLIGHT: usize = 1;
 /// Times the PostgreSQL grouping task yields to the runtime before it sends a group, taking
 /// the completions sent meanwhile (about a microsecond each when nothing else is ready).
