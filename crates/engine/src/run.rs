@@ -88,6 +88,17 @@ impl Engine {
             }
         }
         let inner = self.inner.clone();
+        // The leases this node held before a restart are released before it takes work at
+        // admission: released after, the fresh leases of an admission would go too, and
+        // their workflows would run twice (adopted, and claimed again).
+        match inner.store.release_leases(&inner.cfg.node_id).await {
+            Ok(n) if n > 0 => info!(
+                count = n,
+                "resuming workflows this node held before a restart"
+            ),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "could not release stale leases"),
+        }
         inner
             .running
             .store(true, std::sync::atomic::Ordering::Release);
@@ -97,14 +108,6 @@ impl Engine {
 
     async fn run_loop(self, mut shutdown: watch::Receiver<bool>) {
         let inner = &self.inner;
-        match inner.store.release_leases(&inner.cfg.node_id).await {
-            Ok(n) if n > 0 => info!(
-                count = n,
-                "resuming workflows this node held before a restart"
-            ),
-            Ok(_) => {}
-            Err(e) => warn!(error = %e, "could not release stale leases"),
-        }
         // Work another replica queues or releases wakes this one, and its events reach this
         // node's streams (PostgreSQL).
         let mut changes = inner.store.changes();

@@ -3,7 +3,7 @@
 mod common;
 use basphere_core::VmStatus;
 use basphere_provider::NullProvider;
-use basphere_store::{Actor, AdmitExtras, ClaimLimits, WorkflowStatus};
+use basphere_store::{Actor, AdmitExtras, ClaimLimits, NewWorkflow, WorkflowStatus};
 use common::*;
 use std::sync::Arc;
 use std::time::Duration;
@@ -181,4 +181,58 @@ async fn with_concurrency_limits_nothing_is_leased_at_admission() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     // The limits are counted at claims, across replicas: every workflow goes through one.
     assert!(e.reserve(1).is_none());
+}
+
+/// A restarted engine takes work at admission only once the leases it held before are released:
+/// released after, the fresh leases of an admission would go with them, and its workflows would
+/// run twice (adopted, and claimed again). PostgreSQL only: another session's row lock holds the
+/// release back (the SQLite run has no second writer to do it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_engine_takes_no_work_until_its_old_leases_are_released() {
+    if !basphere_testkit::server::test_backend_is_postgres() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (store, pg) = open(dir.path()).await;
+    let pg = pg.expect("a PostgreSQL of this test's own");
+    // A workflow this node leased before its restart (of a definition no engine here runs).
+    let ids = store
+        .enqueue_workflows(
+            &[NewWorkflow::new("ghost", "tester", vec!["s".into()])],
+            &[],
+        )
+        .await
+        .unwrap();
+    let ghost = vec!["ghost".to_string()];
+    let none = ClaimLimits::default();
+    let held = store
+        .claim_many("n1", 60_000, &none, 1, &ghost)
+        .await
+        .unwrap();
+    assert_eq!(held.len(), 1);
+    let other = basphere_testkit::postgres::connect(&pg.url_of("engine"))
+        .await
+        .unwrap();
+    other
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM workflows WHERE id = '{}' FOR UPDATE",
+            ids[0]
+        ))
+        .await
+        .unwrap();
+    let e = engine(&store, null(), engine_cfg("n1"));
+    let stop = start(&e);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        e.reserve(1).is_none(),
+        "the engine offered slots before its old leases were released"
+    );
+    other.batch_execute("COMMIT").await.unwrap();
+    drop(reserve(&e, 1).await);
+    let taken = store
+        .claim_many("n2", 60_000, &none, 1, &ghost)
+        .await
+        .unwrap();
+    assert_eq!(taken.len(), 1, "the old lease is released");
+    let _ = stop.send(true);
 }
