@@ -236,6 +236,10 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         Backend::Both => vec![Backend::Sqlite, Backend::Postgres],
         b => vec![b],
     };
+    anyhow::ensure!(
+        a.part != Part::PgFloor || backends.contains(&Backend::Postgres),
+        "--part pg-floor measures PostgreSQL: add --backend postgres"
+    );
     // Durable, as a production server runs it: the figures include the cost of a commit.
     let pg = if backends.contains(&Backend::Postgres) && a.pg_server.is_none() {
         let mut o = basphere_testkit::postgres::Options {
