@@ -54,18 +54,12 @@ pub async fn postmaster_pid(url: &str) -> Option<u32> {
 /// The clock ticks of the postmaster, of its children that ended (it waited for them), and of
 /// those alive now (a backend of a pool lives through the whole measurement).
 fn server_ticks(pm: u32) -> Option<u64> {
-    let mut total = ticks(&format!("/proc/{pm}/stat"), true)?;
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let path = format!("/proc/{pid}/stat");
-        if parent(&path) == Some(pm) {
-            total += ticks(&path, false).unwrap_or(0);
-        }
-    }
-    Some(total)
+    let own = ticks(&format!("/proc/{pm}/stat"), true)?;
+    let children = basphere_testkit::process::children_of(pm)
+        .into_iter()
+        .filter_map(|pid| ticks(&format!("/proc/{pid}/stat"), false))
+        .sum::<u64>();
+    Some(own + children)
 }
 
 /// The fields of a `/proc/PID/stat` after the command name (which may hold spaces).
@@ -79,10 +73,6 @@ fn fields(path: &str) -> Option<Vec<u64>> {
             .map(|f| f.parse::<i64>().map_or(0, |n| n.max(0) as u64))
             .collect(),
     )
-}
-
-fn parent(path: &str) -> Option<u32> {
-    fields(path)?.first().map(|&p| p as u32)
 }
 
 /// utime + stime (and cutime + cstime with `children`): fields 14–17 of `proc(5)`, here
@@ -122,13 +112,12 @@ mod tests {
     }
 
     #[test]
-    fn a_parent_pid_is_read_past_a_name_with_spaces() {
+    fn ticks_are_read_past_a_name_with_spaces() {
         let dir = std::env::temp_dir().join(format!("cpu-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("stat");
         std::fs::write(&p, "42 (a b) c) S 7 1 1 0 -1 0 0 0 0 0 30 12 5 3 20 0\n").unwrap();
         let path = p.to_str().unwrap();
-        assert_eq!(parent(path), Some(7));
         assert_eq!(ticks(path, false), Some(42));
         assert_eq!(ticks(path, true), Some(50));
         std::fs::remove_dir_all(&dir).unwrap();

@@ -9,6 +9,7 @@
 use crate::cpu::{Usage, postmaster_pid};
 use crate::{Bench, approved_user};
 use basphere_core::Quota;
+use basphere_store::now_ms;
 use std::path::Path;
 use std::time::Instant;
 use tokio_postgres::Client;
@@ -180,10 +181,4 @@ async fn run_nodes(c: &mut Client, prefix: &str, g: usize) -> anyhow::Result<()>
     }
     c.batch_execute("RESET synchronous_commit").await?;
     Ok(())
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }

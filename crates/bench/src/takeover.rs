@@ -6,12 +6,12 @@
 use basphere_app::{App, Overrides};
 use basphere_client::{Client, Endpoint};
 use basphere_config::Config;
-use basphere_store::Actor;
+use basphere_store::{Actor, now_ms};
 use basphere_testkit::process::ChildGuard;
 use basphere_testkit::server::free_port;
 use serde_json::json;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crate::{Backend, Bench, approved_user};
 
@@ -63,12 +63,6 @@ impl Replica {
             token: Some(token.to_string()),
         })
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// The operation's step that runs now (index, name, attempts, started at), if one does.
