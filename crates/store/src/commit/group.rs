@@ -505,9 +505,17 @@ fn spawns(j: &DoneReq) -> bool {
 }
 
 /// The rows of workflows `ids` a guard reads: the lease, a pending cancel, what an ending needs.
+/// On PostgreSQL they stay locked until the group commits: a claim committing meanwhile (the
+/// lease had run out) is either waited for, and its new owner read, or kept from the rows
+/// (claims pass over locked ones) — never read as the old owner while the writes that follow
+/// land on the claimed workflow.
 fn rows_of(d: Dialect, ids: Vec<String>) -> Stmt {
+    let lock = match d {
+        Dialect::Sqlite => "",
+        Dialect::Postgres => " FOR NO KEY UPDATE",
+    };
     let sql = format!(
-        "SELECT id, cancel_requested, lease_owner, {ENDING_COLS} FROM workflows WHERE {}",
+        "SELECT id, cancel_requested, lease_owner, {ENDING_COLS} FROM workflows WHERE {}{lock}",
         id_in(d, "id", 1)
     );
     Stmt::new(sql, vec![ids_arg(d, &ids)])

@@ -7,17 +7,20 @@ use super::{
     WorkflowStatus, add_dep, clock, event, finish_in, insert_stmts, lease_lost, load,
 };
 use crate::audit::audit_stmt;
-use crate::db::{BoxFut, Durability, Tx, stmt};
+use crate::db::{BoxFut, Dialect, Durability, Tx, stmt};
 use crate::workflows::OpError;
 use crate::{Actor, Result, Store, StoreError};
 
-/// `LeaseLost` unless `node` holds the lease on `wf`.
+/// `LeaseLost` unless `node` holds the lease on `wf`. On PostgreSQL the row stays locked
+/// until the transaction ends, so a claim committing meanwhile cannot slip in between this
+/// read and the writes it guards (see `commit::group`'s `rows_of`).
 async fn guard(tx: &mut dyn Tx, wf: &str, node: &str) -> Result<()> {
+    let sql = match tx.dialect() {
+        Dialect::Sqlite => "SELECT lease_owner FROM workflows WHERE id = $1",
+        Dialect::Postgres => "SELECT lease_owner FROM workflows WHERE id = $1 FOR NO KEY UPDATE",
+    };
     let owner = tx
-        .query_opt(&stmt!(
-            "SELECT lease_owner FROM workflows WHERE id = $1",
-            wf
-        ))
+        .query_opt(&stmt!(sql, wf))
         .await?
         .map(|r| r.first_text())
         .transpose()?
