@@ -4,7 +4,7 @@
 use super::{Done, DoneReq};
 use crate::db::postgres::TX_CLOCK;
 use crate::db::{Col, Dialect, Row, RowSet, Stmt, Tx, stmt};
-use crate::hooks::{Prefetch, Registry};
+use crate::hooks::{Hooks, Prefetch, Registry};
 use crate::workflows::sets::{
     EVENT_ROW, STEP_START_ROW, SetSql, Write, append_events, id_in, ids_arg, set_stmt, set_stmts,
     start_steps,
@@ -174,7 +174,7 @@ pub(crate) async fn commit_group(
     if !others.is_empty() {
         first.push(rows_of(d, others));
     }
-    let (moved, mut found, now, mut batch) = match guess {
+    let (moved, found, now, batch) = match guess {
         Some(now) => {
             let (moved, found) = guessed_guards(reqs);
             (moved, found, now, first)
@@ -186,223 +186,9 @@ pub(crate) async fn commit_group(
     };
     let guessed = batch.len();
 
-    // 3. Every write of every completion, in one batch: the rare ones row by row (endings,
-    //    children), then one statement each for the steps done, the effects, the steps
-    //    started and the events.
-    let (mut done_rows, mut start_rows) = (RowSet::new(STEP_DONE_ROW), RowSet::new(STEP_START_ROW));
-    let (mut effect_rows, mut event_rows) = (RowSet::new(EFFECT_ROW), RowSet::new(EVENT_ROW));
-    let mut n_events = 0i64;
-    let mut plans: Vec<Option<Plan>> = Vec::with_capacity(reqs.len());
-    // Per batch, how many of its nodes succeed here (each frees a slot).
-    let mut fills: BTreeMap<String, usize> = BTreeMap::new();
-    // Per batch and node, the completions handing off there, and the first one's definition.
-    let mut wants: BTreeMap<(String, String), (Vec<usize>, String)> = BTreeMap::new();
-    let mut failed: Vec<Option<StoreError>> = (0..reqs.len()).map(|_| None).collect();
-    // The workflows that end succeeded (their new step), and their endings.
-    let mut ends = RowSet::new(END_ROW);
-    let mut succeeded: Vec<Ending> = vec![];
-    for (i, j) in reqs.iter().enumerate() {
-        let (cancel, end) = match found[i].take() {
-            None => (false, None),
-            Some(Err(e)) => {
-                failed[i] = Some(e);
-                plans.push(None);
-                continue;
-            }
-            Some(Ok(f)) => (f.cancel, Some(f.end)),
-        };
-        let wf = j.wf.as_str();
-        let step = i64::from(j.idx) + 1;
-        if !moved[i] && fin(j) && !cancel {
-            // Ended set-wise after this loop, with their resources' hooks.
-            ends.push(vec![wf.into(), step.into()]);
-        } else if !moved[i] {
-            batch.push(if spawns(j) && !cancel {
-                // The parent waits, unleased, for the children queued below.
-                stmt!(
-                    "UPDATE workflows SET step = $2, attempt = 0, updated_at = $3,
-                         lease_owner = NULL, lease_until = NULL, next_run_at = $3,
-                         waiting_on = waiting_on + $4
-                     WHERE id = $1",
-                    wf,
-                    step,
-                    now,
-                    j.commit.children.len() as i64,
-                )
-            } else {
-                stmt!(
-                    "UPDATE workflows SET step = $2, attempt = 0, updated_at = $3 WHERE id = $1",
-                    wf,
-                    step,
-                    now,
-                )
-            });
-        }
-        for (k, (idx, _)) in j.ran.iter().enumerate() {
-            done_rows.push(vec![
-                wf.into(),
-                (*idx).into(),
-                None::<String>.into(),
-                i64::from(k > 0).into(),
-            ]);
-        }
-        done_rows.push(vec![
-            wf.into(),
-            j.idx.into(),
-            j.commit.output.as_ref().map(|o| o.to_string()).into(),
-            i64::from(!j.ran.is_empty()).into(),
-        ]);
-        for (key, payload) in &j.commit.effects {
-            effect_rows.push(vec![
-                wf.into(),
-                j.idx.into(),
-                key.as_str().into(),
-                payload.to_string().into(),
-            ]);
-        }
-        let ev = |step: Option<&str>, kind: &str, message: String| WorkflowEvent {
-            seq: 0,
-            operation_id: j.wf.clone(),
-            at: now,
-            step: step.map(str::to_string),
-            kind: kind.to_string(),
-            message,
-        };
-        let mut evs = vec![];
-        for (k, name) in j.ran.iter().map(|(_, n)| n).chain([&j.name]).enumerate() {
-            if k > 0 {
-                evs.push(ev(Some(name), "step_started", format!("{name} started")));
-            }
-            evs.push(ev(Some(name), "step_done", format!("{name} done")));
-        }
-        let then = if spawns(j) && !cancel {
-            // Queued with the step's completion: a crash keeps both or neither. (A cancel
-            // asked for meanwhile wins: the parent undoes instead of spawning.)
-            for c in &j.commit.children {
-                let id = uuid::Uuid::now_v7().to_string();
-                batch.extend(insert_stmts(c, &id, Some(wf), now));
-            }
-            let n = j.commit.children.len();
-            let msg = format!("{} spawned {n} child workflows; waiting for them", j.name);
-            Some(ev(Some(&j.name), "spawned", msg))
-        } else if let (Some((idx, name, dl)), false) = (&j.next, cancel) {
-            start_rows.push(vec![wf.into(), (*idx).into(), (now + dl).into()]);
-            Some(ev(Some(name), "step_started", format!("{name} started")))
-        } else if let (Some(end), true, false) = (&end, fin(j), cancel) {
-            succeeded.push(end.clone());
-            if let Some(b) = &end.batch_id {
-                *fills.entry(b.clone()).or_default() += 1;
-                if j.handoff.is_some() {
-                    wants
-                        .entry((b.clone(), j.node.clone()))
-                        .or_insert_with(|| (vec![], end.definition.clone()))
-                        .0
-                        .push(i);
-                }
-            }
-            let ended = format!("{} succeeded", end.definition);
-            Some(ev(None, WorkflowStatus::Succeeded.as_str(), ended))
-        } else {
-            None
-        };
-        evs.extend(then);
-        for e in &evs {
-            event_rows.push(vec![
-                n_events.into(),
-                wf.into(),
-                e.step.clone().into(),
-                e.kind.as_str().into(),
-                e.message.as_str().into(),
-            ]);
-            n_events += 1;
-        }
-        plans.push(Some(Plan {
-            events: evs,
-            cancel,
-        }));
-    }
-    // The endings, the steps done, the effects, the steps started, the hooks' parts and the
-    // events: one statement on PostgreSQL; the events' numbers are what the last one returns.
-    // The hooks' own statements after, seeing the workflows ended and their steps done.
-    let ended: Vec<&Ending> = succeeded.iter().collect();
-    let (mut parts, mut own) = (vec![], vec![]);
-    for w in hooks.succeeded(d, &ended, now) {
-        match w {
-            Write::Part(name, s) => parts.push((name, s)),
-            Write::Own(s) => own.push(s),
-        }
-    }
-    let has_events = !event_rows.is_empty();
-    let writes = set_stmts(
-        d,
-        vec![
-            (ends, end_succeeded as SetSql),
-            (done_rows, steps_done),
-            (effect_rows, effects),
-            (start_rows, start_steps),
-            (event_rows, append_events),
-        ],
-        parts,
-        now,
-    );
-    let events_at = has_events.then(|| batch.len() + writes.len() - 1);
-    batch.extend(writes);
-    batch.extend(own);
-    // Their dependents wait for them no more (RETURNING the dependents' batches).
-    let released = (!succeeded.is_empty()).then(|| {
-        let ids: Vec<String> = succeeded.iter().map(|e| e.id.clone()).collect();
-        batch.push(release_stmt(d, &ids, false));
-        batch.len() - 1
-    });
-    // 4. Batch slots, after the writes in the same round trip: the slots freed by these
-    //    endings go to the next ready nodes of their batches, and each finishing batch node
-    //    with a hand-off leases the next ready node of its batch. On PostgreSQL a hand-off
-    //    takes its slot with its lease and the other freed slots pass on, a counted fill
-    //    after only where the queue looked empty; on SQLite a counted fill, then the leases.
-    //    The finishing node's hooks read ahead for the leased nodes right after the lease;
-    //    on PostgreSQL the lease also starts their steps.
-    let mut passes: Vec<(&str, usize, Vec<usize>)> = vec![];
-    type Read = Option<(crate::hooks::Hooks, usize)>;
-    let mut ready_at: Vec<(Vec<usize>, std::ops::Range<usize>, Read)> = vec![];
-    for (b, &freed) in &fills {
-        if d == Dialect::Sqlite {
-            batch.extend(fill_stmts(d, b));
-        }
-        // On PostgreSQL the hand-offs take their slots with their leases; the rest pass on.
-        let (mut left, mut given) = (freed, vec![]);
-        for ((batch_id, node), (idxs, def)) in
-            wants.iter().filter(|((batch_id, _), _)| batch_id == b)
-        {
-            let Some(h) = reqs[idxs[0]].handoff else {
-                continue;
-            };
-            let n = idxs.len().min(left);
-            if d == Dialect::Postgres {
-                left -= n;
-                given.push(batch.len());
-            }
-            let until = now + h.lease_ms;
-            let lease = lease_ready(tx, batch_id, n, node, until, now);
-            let at = batch.len()..batch.len() + lease.len();
-            batch.extend(lease);
-            let mut read = None;
-            if let Some(hk) = hooks.get(def)
-                && let Some(s) = hk.0.handed_off_read(&leased_by(batch_id, node, until))
-            {
-                read = Some((hk, batch.len()));
-                batch.push(s);
-            }
-            ready_at.push((idxs.clone(), at, read));
-        }
-        if d == Dialect::Postgres {
-            if left > 0 {
-                given.push(batch.len());
-                batch.push(pass_slots(b, left));
-            }
-            passes.push((b, freed, given));
-        }
-    }
-    let results = tx.query_many(&batch).await?;
+    let mut w = Writes::plan(d, reqs, &moved, found, now, hooks, batch);
+    let slots = w.batch_slots(&*tx, reqs, hooks, now);
+    let results = tx.query_many(&w.batch).await?;
     if guess.is_some() {
         // The guess, checked against what the guards read (and the clock against the
         //    `BEGIN`'s): one thing otherwise and every write is undone.
@@ -416,82 +202,377 @@ pub(crate) async fn commit_group(
             return Err(GroupError::Guessed);
         }
     }
-    for (b, freed, given) in &passes {
-        if given.iter().map(|&at| results[at].len()).sum::<usize>() < *freed {
-            fill_batch_in(tx, b).await?;
-        }
-    }
-    let mut seqs: BTreeMap<String, Vec<i64>> = BTreeMap::new();
-    for r in events_at.and_then(|k| results.get(k)).into_iter().flatten() {
-        seqs.entry(r_text(r, "workflow_id")?)
-            .or_default()
-            .push(r_int(r, "seq")?);
-    }
-    // A dependent in a batch none of these endings was in gets its slot in a round trip of
-    // its own.
-    let mut more: Vec<String> = vec![];
-    if let Some(k) = released {
-        for r in &results[k] {
-            more.extend(r_opt_text(r, "batch_id")?.filter(|b| !fills.contains_key(b)));
-        }
-    }
-    more.sort_unstable();
-    more.dedup();
-    for b in &more {
-        fill_batch_in(tx, b).await?;
-    }
-    let mut out: Vec<Result<Done>> = Vec::with_capacity(reqs.len());
-    for (i, plan) in plans.into_iter().enumerate() {
-        let Some(Plan { mut events, cancel }) = plan else {
-            out.push(Err(failed[i]
-                .take()
-                .unwrap_or_else(|| lease_lost(&reqs[i].wf))));
-            continue;
-        };
-        let mut mine = seqs.remove(&reqs[i].wf).unwrap_or_default();
-        mine.sort_unstable();
-        for (e, s) in events.iter_mut().zip(mine) {
-            e.seq = s;
-        }
-        out.push(Ok((events, cancel, None)));
-    }
+    Ok(w.read_back(tx, reqs, slots, &results, prefetched, now)
+        .await?)
+}
 
-    // 5. The hand-offs leased their batches' next ready nodes in the batch above, and their
-    //    hooks read ahead there. On PostgreSQL that was all; on SQLite those nodes' steps
-    //    start now.
-    let start = match d {
-        Dialect::Postgres => Start::Done,
-        Dialect::Sqlite => Start::Write,
-    };
-    let mut leases: Vec<(Vec<usize>, Leased)> = vec![];
-    for (idxs, at, read) in ready_at {
-        if let Some((h, k)) = read {
-            h.0.handed_off_rows(&results[k], prefetched)?;
+/// A group's writes, planned: every statement in the order it is sent, and how each
+/// completion's outcome is read back from their results.
+struct Writes {
+    batch: Vec<Stmt>,
+    plans: Vec<Option<Plan>>,
+    failed: Vec<Option<StoreError>>,
+    /// Per batch, how many of its nodes succeed here (each frees a slot).
+    fills: BTreeMap<String, usize>,
+    /// Per batch and node, the completions handing off there, and the first one's definition.
+    wants: BTreeMap<(String, String), (Vec<usize>, String)>,
+    /// The statement that returns the events' numbers.
+    events_at: Option<usize>,
+    /// The statement that releases the dependents of the workflows that succeeded.
+    released: Option<usize>,
+}
+
+/// Where the batch slots these endings free went, among [`Writes::batch`]: per batch its
+/// freed slots and the statements that gave them (PostgreSQL), and per hand-off the
+/// completions, its lease's statements and its hooks' read-ahead.
+struct Slots {
+    passes: Vec<(String, usize, Vec<usize>)>,
+    ready_at: Vec<(Vec<usize>, std::ops::Range<usize>, ReadAhead)>,
+}
+
+/// A hand-off's read ahead: the hooks that read, and their statement among [`Writes::batch`].
+type ReadAhead = Option<(Hooks, usize)>;
+
+impl Writes {
+    /// Every write of the completions `reqs` (after the guards' statements `batch`), given
+    /// which moved on in their guard and what the others' guards found.
+    fn plan(
+        d: Dialect,
+        reqs: &[DoneReq],
+        moved: &[bool],
+        mut found: Vec<Option<Result<Found>>>,
+        now: i64,
+        hooks: &Registry,
+        mut batch: Vec<Stmt>,
+    ) -> Self {
+        // 3. Every write of every completion, in one batch: the rare ones row by row (endings,
+        //    children), then one statement each for the steps done, the effects, the steps
+        //    started and the events.
+        let (mut done_rows, mut start_rows) =
+            (RowSet::new(STEP_DONE_ROW), RowSet::new(STEP_START_ROW));
+        let (mut effect_rows, mut event_rows) = (RowSet::new(EFFECT_ROW), RowSet::new(EVENT_ROW));
+        let mut n_events = 0i64;
+        let mut plans: Vec<Option<Plan>> = Vec::with_capacity(reqs.len());
+        let mut fills: BTreeMap<String, usize> = BTreeMap::new();
+        let mut wants: BTreeMap<(String, String), (Vec<usize>, String)> = BTreeMap::new();
+        let mut failed: Vec<Option<StoreError>> = (0..reqs.len()).map(|_| None).collect();
+        // The workflows that end succeeded (their new step), and their endings.
+        let mut ends = RowSet::new(END_ROW);
+        let mut succeeded: Vec<Ending> = vec![];
+        for (i, j) in reqs.iter().enumerate() {
+            let (cancel, end) = match found[i].take() {
+                None => (false, None),
+                Some(Err(e)) => {
+                    failed[i] = Some(e);
+                    plans.push(None);
+                    continue;
+                }
+                Some(Ok(f)) => (f.cancel, Some(f.end)),
+            };
+            let wf = j.wf.as_str();
+            let step = i64::from(j.idx) + 1;
+            if !moved[i] && fin(j) && !cancel {
+                // Ended set-wise after this loop, with their resources' hooks.
+                ends.push(vec![wf.into(), step.into()]);
+            } else if !moved[i] {
+                batch.push(if spawns(j) && !cancel {
+                    // The parent waits, unleased, for the children queued below.
+                    stmt!(
+                        "UPDATE workflows SET step = $2, attempt = 0, updated_at = $3,
+                             lease_owner = NULL, lease_until = NULL, next_run_at = $3,
+                             waiting_on = waiting_on + $4
+                         WHERE id = $1",
+                        wf,
+                        step,
+                        now,
+                        j.commit.children.len() as i64,
+                    )
+                } else {
+                    stmt!(
+                        "UPDATE workflows SET step = $2, attempt = 0, updated_at = $3 WHERE id = $1",
+                        wf,
+                        step,
+                        now,
+                    )
+                });
+            }
+            for (k, (idx, _)) in j.ran.iter().enumerate() {
+                done_rows.push(vec![
+                    wf.into(),
+                    (*idx).into(),
+                    None::<String>.into(),
+                    i64::from(k > 0).into(),
+                ]);
+            }
+            done_rows.push(vec![
+                wf.into(),
+                j.idx.into(),
+                j.commit.output.as_ref().map(|o| o.to_string()).into(),
+                i64::from(!j.ran.is_empty()).into(),
+            ]);
+            for (key, payload) in &j.commit.effects {
+                effect_rows.push(vec![
+                    wf.into(),
+                    j.idx.into(),
+                    key.as_str().into(),
+                    payload.to_string().into(),
+                ]);
+            }
+            let ev = |step: Option<&str>, kind: &str, message: String| WorkflowEvent {
+                seq: 0,
+                operation_id: j.wf.clone(),
+                at: now,
+                step: step.map(str::to_string),
+                kind: kind.to_string(),
+                message,
+            };
+            let mut evs = vec![];
+            for (k, name) in j.ran.iter().map(|(_, n)| n).chain([&j.name]).enumerate() {
+                if k > 0 {
+                    evs.push(ev(Some(name), "step_started", format!("{name} started")));
+                }
+                evs.push(ev(Some(name), "step_done", format!("{name} done")));
+            }
+            let then = if spawns(j) && !cancel {
+                // Queued with the step's completion: a crash keeps both or neither. (A cancel
+                // asked for meanwhile wins: the parent undoes instead of spawning.)
+                for c in &j.commit.children {
+                    let id = uuid::Uuid::now_v7().to_string();
+                    batch.extend(insert_stmts(c, &id, Some(wf), now));
+                }
+                let n = j.commit.children.len();
+                let msg = format!("{} spawned {n} child workflows; waiting for them", j.name);
+                Some(ev(Some(&j.name), "spawned", msg))
+            } else if let (Some((idx, name, dl)), false) = (&j.next, cancel) {
+                start_rows.push(vec![wf.into(), (*idx).into(), (now + dl).into()]);
+                Some(ev(Some(name), "step_started", format!("{name} started")))
+            } else if let (Some(end), true, false) = (&end, fin(j), cancel) {
+                succeeded.push(end.clone());
+                if let Some(b) = &end.batch_id {
+                    *fills.entry(b.clone()).or_default() += 1;
+                    if j.handoff.is_some() {
+                        wants
+                            .entry((b.clone(), j.node.clone()))
+                            .or_insert_with(|| (vec![], end.definition.clone()))
+                            .0
+                            .push(i);
+                    }
+                }
+                let ended = format!("{} succeeded", end.definition);
+                Some(ev(None, WorkflowStatus::Succeeded.as_str(), ended))
+            } else {
+                None
+            };
+            evs.extend(then);
+            for e in &evs {
+                event_rows.push(vec![
+                    n_events.into(),
+                    wf.into(),
+                    e.step.clone().into(),
+                    e.kind.as_str().into(),
+                    e.message.as_str().into(),
+                ]);
+                n_events += 1;
+            }
+            plans.push(Some(Plan {
+                events: evs,
+                cancel,
+            }));
         }
-        if let Some(l) = Leased::read(&results[at], None, start, now)? {
-            leases.push((idxs, l));
-        }
-    }
-    let mut stmts: Vec<Stmt> = vec![];
-    let mut spans = vec![];
-    for (_, l) in &mut leases {
-        let s = l.stmts(d, now);
-        spans.push(stmts.len()..stmts.len() + s.len());
-        stmts.extend(s);
-    }
-    let res = match stmts.is_empty() {
-        true => vec![],
-        false => tx.query_many(&stmts).await?,
-    };
-    for ((idxs, l), span) in leases.into_iter().zip(spans) {
-        let started = if span.is_empty() { &[][..] } else { &res[span] };
-        for (i, c) in idxs.into_iter().zip(l.claimed(started)?) {
-            if let Ok((_, _, next)) = &mut out[i] {
-                *next = Some(c);
+        // The endings, the steps done, the effects, the steps started, the hooks' parts and the
+        // events: one statement on PostgreSQL; the events' numbers are what the last one returns.
+        // The hooks' own statements after, seeing the workflows ended and their steps done.
+        let ended: Vec<&Ending> = succeeded.iter().collect();
+        let (mut parts, mut own) = (vec![], vec![]);
+        for w in hooks.succeeded(d, &ended, now) {
+            match w {
+                Write::Part(name, s) => parts.push((name, s)),
+                Write::Own(s) => own.push(s),
             }
         }
+        let has_events = !event_rows.is_empty();
+        let writes = set_stmts(
+            d,
+            vec![
+                (ends, end_succeeded as SetSql),
+                (done_rows, steps_done),
+                (effect_rows, effects),
+                (start_rows, start_steps),
+                (event_rows, append_events),
+            ],
+            parts,
+            now,
+        );
+        let events_at = has_events.then(|| batch.len() + writes.len() - 1);
+        batch.extend(writes);
+        batch.extend(own);
+        // Their dependents wait for them no more (RETURNING the dependents' batches).
+        let released = (!succeeded.is_empty()).then(|| {
+            let ids: Vec<String> = succeeded.iter().map(|e| e.id.clone()).collect();
+            batch.push(release_stmt(d, &ids, false));
+            batch.len() - 1
+        });
+        Writes {
+            batch,
+            plans,
+            failed,
+            fills,
+            wants,
+            events_at,
+            released,
+        }
     }
-    Ok(out)
+
+    /// The statements that give the slots these endings free, after the writes in the same
+    /// round trip.
+    fn batch_slots(&mut self, tx: &dyn Tx, reqs: &[DoneReq], hooks: &Registry, now: i64) -> Slots {
+        let d = tx.dialect();
+        // 4. Batch slots, after the writes in the same round trip: the slots freed by these
+        //    endings go to the next ready nodes of their batches, and each finishing batch node
+        //    with a hand-off leases the next ready node of its batch. On PostgreSQL a hand-off
+        //    takes its slot with its lease and the other freed slots pass on, a counted fill
+        //    after only where the queue looked empty; on SQLite a counted fill, then the leases.
+        //    The finishing node's hooks read ahead for the leased nodes right after the lease;
+        //    on PostgreSQL the lease also starts their steps.
+        let batch = &mut self.batch;
+        let (mut passes, mut ready_at) = (vec![], vec![]);
+        for (b, &freed) in &self.fills {
+            if d == Dialect::Sqlite {
+                batch.extend(fill_stmts(d, b));
+            }
+            // On PostgreSQL the hand-offs take their slots with their leases; the rest pass on.
+            let (mut left, mut given) = (freed, vec![]);
+            for ((batch_id, node), (idxs, def)) in
+                self.wants.iter().filter(|((batch_id, _), _)| batch_id == b)
+            {
+                let Some(h) = reqs[idxs[0]].handoff else {
+                    continue;
+                };
+                let n = idxs.len().min(left);
+                if d == Dialect::Postgres {
+                    left -= n;
+                    given.push(batch.len());
+                }
+                let until = now + h.lease_ms;
+                let lease = lease_ready(tx, batch_id, n, node, until, now);
+                let at = batch.len()..batch.len() + lease.len();
+                batch.extend(lease);
+                let mut read = None;
+                if let Some(hk) = hooks.get(def)
+                    && let Some(s) = hk.0.handed_off_read(&leased_by(batch_id, node, until))
+                {
+                    read = Some((hk, batch.len()));
+                    batch.push(s);
+                }
+                ready_at.push((idxs.clone(), at, read));
+            }
+            if d == Dialect::Postgres {
+                if left > 0 {
+                    given.push(batch.len());
+                    batch.push(pass_slots(b, left));
+                }
+                passes.push((b.clone(), freed, given));
+            }
+        }
+        Slots { passes, ready_at }
+    }
+
+    /// Each completion's outcome from the `results` of [`Writes::batch`]; a counted fill where
+    /// the slots freed found fewer ready nodes than they could take, or a dependent was
+    /// released in a batch none of these endings was in; on SQLite the leased nodes' starts.
+    async fn read_back(
+        mut self,
+        tx: &mut dyn Tx,
+        reqs: &[DoneReq],
+        slots: Slots,
+        results: &[Vec<Row>],
+        prefetched: &Prefetch,
+        now: i64,
+    ) -> Result<Vec<Result<Done>>> {
+        let Slots { passes, ready_at } = slots;
+        let d = tx.dialect();
+        for (b, freed, given) in &passes {
+            if given.iter().map(|&at| results[at].len()).sum::<usize>() < *freed {
+                fill_batch_in(tx, b).await?;
+            }
+        }
+        let mut seqs: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+        for r in self
+            .events_at
+            .and_then(|k| results.get(k))
+            .into_iter()
+            .flatten()
+        {
+            seqs.entry(r_text(r, "workflow_id")?)
+                .or_default()
+                .push(r_int(r, "seq")?);
+        }
+        // A dependent in a batch none of these endings was in gets its slot in a round trip of
+        // its own.
+        let mut more: Vec<String> = vec![];
+        if let Some(k) = self.released {
+            for r in &results[k] {
+                more.extend(r_opt_text(r, "batch_id")?.filter(|b| !self.fills.contains_key(b)));
+            }
+        }
+        more.sort_unstable();
+        more.dedup();
+        for b in &more {
+            fill_batch_in(tx, b).await?;
+        }
+        let mut out: Vec<Result<Done>> = Vec::with_capacity(reqs.len());
+        for (i, plan) in self.plans.into_iter().enumerate() {
+            let Some(Plan { mut events, cancel }) = plan else {
+                out.push(Err(self.failed[i]
+                    .take()
+                    .unwrap_or_else(|| lease_lost(&reqs[i].wf))));
+                continue;
+            };
+            let mut mine = seqs.remove(&reqs[i].wf).unwrap_or_default();
+            mine.sort_unstable();
+            for (e, s) in events.iter_mut().zip(mine) {
+                e.seq = s;
+            }
+            out.push(Ok((events, cancel, None)));
+        }
+
+        // 5. The hand-offs leased their batches' next ready nodes in the batch above, and their
+        //    hooks read ahead there. On PostgreSQL that was all; on SQLite those nodes' steps
+        //    start now.
+        let start = match d {
+            Dialect::Postgres => Start::Done,
+            Dialect::Sqlite => Start::Write,
+        };
+        let mut leases: Vec<(Vec<usize>, Leased)> = vec![];
+        for (idxs, at, read) in ready_at {
+            if let Some((h, k)) = read {
+                h.0.handed_off_rows(&results[k], prefetched)?;
+            }
+            if let Some(l) = Leased::read(&results[at], None, start, now)? {
+                leases.push((idxs, l));
+            }
+        }
+        let mut stmts: Vec<Stmt> = vec![];
+        let mut spans = vec![];
+        for (_, l) in &mut leases {
+            let s = l.stmts(d, now);
+            spans.push(stmts.len()..stmts.len() + s.len());
+            stmts.extend(s);
+        }
+        let res = match stmts.is_empty() {
+            true => vec![],
+            false => tx.query_many(&stmts).await?,
+        };
+        for ((idxs, l), span) in leases.into_iter().zip(spans) {
+            let started = if span.is_empty() { &[][..] } else { &res[span] };
+            for (i, c) in idxs.into_iter().zip(l.claimed(started)?) {
+                if let Ok((_, _, next)) = &mut out[i] {
+                    *next = Some(c);
+                }
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// Whether a completion ends its workflow (a step done, nothing next, no children).
