@@ -5,6 +5,7 @@
 use super::{
     Claimed, Completion, Ending, NewWorkflow, Reopen, Workflow, WorkflowEvent, WorkflowOutcome,
     WorkflowStatus, add_dep, clock, event, finish_in, insert_stmts, lease_lost, load,
+    load_for_update,
 };
 use crate::audit::audit_stmt;
 use crate::db::{BoxFut, Dialect, Durability, Tx, stmt};
@@ -370,7 +371,7 @@ impl Store {
         self.db
             .write(move |tx| {
                 Box::pin(async move {
-                    let w = load(tx, &wf)
+                    let w = load_for_update(tx, &wf)
                         .await?
                         .ok_or_else(|| OpError::NotFound(wf.clone()))?;
                     if w.status.is_terminal() {
@@ -468,7 +469,9 @@ async fn reopen(
     lease_ms: i64,
     reason: String,
 ) -> Result<Reopened> {
-    let w = load(tx, &wf).await?.ok_or_else(|| lease_lost(&wf))?;
+    let w = load_for_update(tx, &wf)
+        .await?
+        .ok_or_else(|| lease_lost(&wf))?;
     let now = clock(tx).await?;
     let wf = wf.as_str();
     match w.status {

@@ -544,6 +544,23 @@ pub(crate) async fn load(tx: &mut dyn Tx, id: &str) -> Result<Option<Workflow>> 
     Ok(Some(workflow_from(&r, steps)?))
 }
 
+/// [`load`], its row locked until the transaction ends (PostgreSQL; SQLite's one writer
+/// serializes anyway): for an operator's action that reads the workflow's state and then
+/// changes it (a retry, a cancel) — one racing another, or the workflow's own ending, waits
+/// and is read as it committed instead of being overwritten from what was read before.
+pub(crate) async fn load_for_update(tx: &mut dyn Tx, id: &str) -> Result<Option<Workflow>> {
+    let lock = match tx.dialect() {
+        Dialect::Sqlite => "",
+        Dialect::Postgres => " FOR NO KEY UPDATE",
+    };
+    let sql = format!("SELECT {WF_COLS} FROM workflows WHERE id = $1{lock}");
+    let Some(r) = tx.query_opt(&stmt!(sql, id)).await? else {
+        return Ok(None);
+    };
+    let steps = load_steps(tx, id).await?;
+    Ok(Some(workflow_from(&r, steps)?))
+}
+
 /// Workflows `ids` with their steps, in that order (missing ones left out).
 pub(crate) async fn load_many(tx: &mut dyn Tx, ids: &[String]) -> Result<Vec<Workflow>> {
     let mut out = Vec::with_capacity(ids.len());

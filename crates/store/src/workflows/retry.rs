@@ -2,7 +2,7 @@
 //! then it is queued again from its first step not done, with the batch dependents that were
 //! skipped because of it.
 
-use super::{StepStatus, WorkflowEvent, WorkflowStatus, clock, event, load};
+use super::{StepStatus, WorkflowEvent, WorkflowStatus, clock, event, load_for_update};
 use crate::audit::audit_stmt;
 use crate::db::{Tx, stmt};
 use crate::hooks::{Registry, RetryCtx};
@@ -45,7 +45,7 @@ async fn retry(
     let mut evs = vec![];
     let mut first = true;
     while let Some(id) = todo.pop() {
-        let w = load(tx, &id)
+        let w = load_for_update(tx, &id)
             .await?
             .ok_or_else(|| OpError::NotFound(id.clone()))?;
         if !matches!(w.status, WorkflowStatus::Failed | WorkflowStatus::Cancelled) {
