@@ -536,12 +536,7 @@ pub(crate) async fn load_steps(tx: &mut dyn Tx, id: &str) -> Result<Vec<StepReco
 
 /// One workflow with its steps.
 pub(crate) async fn load(tx: &mut dyn Tx, id: &str) -> Result<Option<Workflow>> {
-    let sql = format!("SELECT {WF_COLS} FROM workflows WHERE id = $1");
-    let Some(r) = tx.query_opt(&stmt!(sql, id)).await? else {
-        return Ok(None);
-    };
-    let steps = load_steps(tx, id).await?;
-    Ok(Some(workflow_from(&r, steps)?))
+    load_as(tx, id, "").await
 }
 
 /// [`load`], its row locked until the transaction ends (PostgreSQL; SQLite's one writer
@@ -553,6 +548,11 @@ pub(crate) async fn load_for_update(tx: &mut dyn Tx, id: &str) -> Result<Option<
         Dialect::Sqlite => "",
         Dialect::Postgres => " FOR NO KEY UPDATE",
     };
+    load_as(tx, id, lock).await
+}
+
+/// Workflow `id` with its steps, its row read with `lock` (a locking clause, or nothing).
+async fn load_as(tx: &mut dyn Tx, id: &str, lock: &str) -> Result<Option<Workflow>> {
     let sql = format!("SELECT {WF_COLS} FROM workflows WHERE id = $1{lock}");
     let Some(r) = tx.query_opt(&stmt!(sql, id)).await? else {
         return Ok(None);
