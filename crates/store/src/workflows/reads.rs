@@ -74,6 +74,18 @@ fn texts(rows: Vec<Row>) -> Result<Vec<String>> {
 }
 
 impl Store {
+    /// The workflows whose ids `ids` (a query) lists, in its order, in one snapshot.
+    async fn workflows_listed(&self, ids: Stmt) -> Result<Vec<Workflow>> {
+        self.db
+            .read(move |tx| {
+                Box::pin(async move {
+                    let ids = texts(tx.query(&ids).await?)?;
+                    load_many(tx, &ids).await
+                })
+            })
+            .await
+    }
+
     /// One workflow with its steps.
     pub async fn workflow(&self, id: &str) -> Result<Option<Workflow>> {
         let id = id.to_string();
@@ -99,14 +111,7 @@ impl Store {
         f.given(owner, |p| format!("owner = {p}"))
             .given(after, |p| format!("id < {p}"));
         let s = f.page("SELECT id FROM workflows", "id DESC", limit);
-        self.db
-            .read(move |tx| {
-                Box::pin(async move {
-                    let ids = texts(tx.query(&s).await?)?;
-                    load_many(tx, &ids).await
-                })
-            })
-            .await
+        self.workflows_listed(s).await
     }
 
     /// The workflows of a batch, in the order they were queued (two queries in all).
@@ -148,14 +153,7 @@ impl Store {
             "SELECT id FROM workflows WHERE parent_id = $1 ORDER BY id",
             parent
         );
-        self.db
-            .read(move |tx| {
-                Box::pin(async move {
-                    let ids = texts(tx.query(&s).await?)?;
-                    load_many(tx, &ids).await
-                })
-            })
-            .await
+        self.workflows_listed(s).await
     }
 
     /// Events of a workflow after `after_seq`, in order.
