@@ -4,7 +4,9 @@
 //! statements on one connection, with no engine, no reads and no checks. What the engine's
 //! batch costs PostgreSQL can only approach this, and at a given batch parallelism a commit
 //! holds at most that many nodes' endings: the figure per group size says what that bound
-//! costs on this machine.
+//! costs on this machine. Last, at 10 a commit with the workflow rows' lease and ending made
+//! HOT (the indexes on what they set dropped, in this database only): what a schema that keeps
+//! the batch queue off the workflow rows could save.
 
 use crate::cpu::{Usage, postmaster_pid};
 use crate::{Bench, approved_user};
@@ -106,34 +108,92 @@ pub async fn run(bench: &Bench, dir: &Path) -> anyhow::Result<()> {
          prepared, one connection, commits as the engine's (synchronous_commit off):"
     );
     for g in GROUPS {
-        let prefix = format!("floor{g}.");
-        let t0 = Instant::now();
-        let u0 = Usage::now(pm);
-        admit(&mut c, &prefix, &owner).await?;
-        let admitted = (t0.elapsed(), Usage::now(pm).since(&u0));
-        let t1 = Instant::now();
-        let u1 = Usage::now(pm);
-        run_nodes(&mut c, &prefix, g).await?;
-        let (took, used) = (t1.elapsed(), Usage::now(pm).since(&u1));
-        let count: i64 = c
-            .query_one(
-                "SELECT count(*) FROM workflows WHERE batch_id = $1 AND status = 'succeeded'",
-                &[&format!("{prefix}b")],
-            )
-            .await?
-            .get(0);
-        anyhow::ensure!(count == NODES as i64, "only {count} of {NODES} nodes ended");
-        let pg = |u: &Usage| u.postgres_s.map_or("?".into(), |s| format!("{s:.2}"));
-        println!(
-            "  {g:>4} nodes a commit: admission {:.0} ms (PostgreSQL CPU {} s), the nodes {:.0} \
-             ms (PostgreSQL CPU {} s, this process {:.2} s)",
-            admitted.0.as_secs_f64() * 1000.0,
-            pg(&admitted.1),
-            took.as_secs_f64() * 1000.0,
-            pg(&used),
-            used.process_s,
-        );
+        floor_at(
+            &mut c,
+            pm,
+            &owner,
+            g,
+            &format!("floor{g}."),
+            &format!("{g:>4} nodes a commit"),
+        )
+        .await?;
     }
+    // What a schema whose workflow rows leave no index to update at a lease or an ending would
+    // save: the indexes on what those set (status, parked) dropped from this database only.
+    let hot0 = hot_updates(&c).await?;
+    c.batch_execute(HOT_ONLY).await?;
+    floor_at(
+        &mut c,
+        pm,
+        &owner,
+        10,
+        "floorhot.",
+        "  10 nodes a commit, HOT (no index on status, parked)",
+    )
+    .await?;
+    let hot = hot_updates(&c).await?;
+    let (n, h) = (hot.0 - hot0.0, hot.1 - hot0.1);
+    println!(
+        "    (of its {n} workflow updates {h} HOT: {:.0}%)",
+        100.0 * h as f64 / n.max(1) as f64
+    );
+    Ok(())
+}
+
+/// The workflows' indexes whose columns a lease or an ending sets: without them both updates
+/// are HOT (a new row version on the same page, no index entries).
+const HOT_ONLY: &str = "DROP INDEX workflows_ready; DROP INDEX workflows_cancelling;
+    DROP INDEX workflows_batch_nodes";
+
+/// The workflows' updates so far, and how many of them were HOT (this session's own counts
+/// flushed first).
+async fn hot_updates(c: &Client) -> anyhow::Result<(i64, i64)> {
+    c.execute("SELECT pg_stat_force_next_flush()", &[]).await?;
+    c.batch_execute("SELECT pg_stat_clear_snapshot()").await?;
+    let r = c
+        .query_one(
+            "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'workflows'",
+            &[],
+        )
+        .await?;
+    Ok((r.get(0), r.get(1)))
+}
+
+/// Admits the floor's nodes under `prefix`, runs them `g` a commit and prints both as `label`.
+async fn floor_at(
+    c: &mut Client,
+    pm: Option<u32>,
+    owner: &str,
+    g: usize,
+    prefix: &str,
+    label: &str,
+) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let u0 = Usage::now(pm);
+    admit(c, prefix, owner).await?;
+    let admitted = (t0.elapsed(), Usage::now(pm).since(&u0));
+    let t1 = Instant::now();
+    let u1 = Usage::now(pm);
+    run_nodes(c, prefix, g).await?;
+    let (took, used) = (t1.elapsed(), Usage::now(pm).since(&u1));
+    let count: i64 = c
+        .query_one(
+            "SELECT count(*) FROM workflows WHERE batch_id = $1 AND status = 'succeeded'",
+            &[&format!("{prefix}b")],
+        )
+        .await?
+        .get(0);
+    anyhow::ensure!(count == NODES as i64, "only {count} of {NODES} nodes ended");
+    let pg = |u: &Usage| u.postgres_s.map_or("?".into(), |s| format!("{s:.2}"));
+    println!(
+        "  {label}: admission {:.0} ms (PostgreSQL CPU {} s), the nodes {:.0} ms \
+         (PostgreSQL CPU {} s, this process {:.2} s)",
+        admitted.0.as_secs_f64() * 1000.0,
+        pg(&admitted.1),
+        took.as_secs_f64() * 1000.0,
+        pg(&used),
+        used.process_s,
+    );
     Ok(())
 }
 
