@@ -12,7 +12,7 @@ use crate::workflows::sets::{
 use crate::workflows::{
     ENDING_COLS, Ending, Leased, Start, WorkflowEvent, WorkflowStatus, clock, ending_from,
     fill_batch_in, fill_stmts, insert_stmts, lease_lost, lease_ready, leased_by, pass_slots,
-    release_stmt,
+    release_stmt, row_lock,
 };
 use crate::{Result, StoreError};
 use std::collections::BTreeMap;
@@ -591,13 +591,10 @@ fn spawns(j: &DoneReq) -> bool {
 /// (claims pass over locked ones) — never read as the old owner while the writes that follow
 /// land on the claimed workflow.
 fn rows_of(d: Dialect, ids: Vec<String>) -> Stmt {
-    let lock = match d {
-        Dialect::Sqlite => "",
-        Dialect::Postgres => " FOR NO KEY UPDATE",
-    };
     let sql = format!(
-        "SELECT id, cancel_requested, lease_owner, {ENDING_COLS} FROM workflows WHERE {}{lock}",
-        id_in(d, "id", 1)
+        "SELECT id, cancel_requested, lease_owner, {ENDING_COLS} FROM workflows WHERE {}{}",
+        id_in(d, "id", 1),
+        row_lock(d)
     );
     Stmt::new(sql, vec![ids_arg(d, &ids)])
 }

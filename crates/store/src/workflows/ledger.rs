@@ -5,10 +5,10 @@
 use super::{
     Claimed, Completion, Ending, NewWorkflow, Reopen, Workflow, WorkflowEvent, WorkflowOutcome,
     WorkflowStatus, add_dep, clock, event, finish_in, insert_stmts, lease_lost, load,
-    load_for_update,
+    load_for_update, row_lock,
 };
 use crate::audit::audit_stmt;
-use crate::db::{BoxFut, Dialect, Durability, Tx, stmt};
+use crate::db::{BoxFut, Durability, Tx, stmt};
 use crate::workflows::OpError;
 use crate::{Actor, Result, Store, StoreError};
 
@@ -16,10 +16,10 @@ use crate::{Actor, Result, Store, StoreError};
 /// until the transaction ends, so a claim committing meanwhile cannot slip in between this
 /// read and the writes it guards (see `commit::group`'s `rows_of`).
 async fn guard(tx: &mut dyn Tx, wf: &str, node: &str) -> Result<()> {
-    let sql = match tx.dialect() {
-        Dialect::Sqlite => "SELECT lease_owner FROM workflows WHERE id = $1",
-        Dialect::Postgres => "SELECT lease_owner FROM workflows WHERE id = $1 FOR NO KEY UPDATE",
-    };
+    let sql = format!(
+        "SELECT lease_owner FROM workflows WHERE id = $1{}",
+        row_lock(tx.dialect())
+    );
     let owner = tx
         .query_opt(&stmt!(sql, wf))
         .await?

@@ -26,7 +26,7 @@ pub(crate) use ending::{
     ENDING_COLS, Ending, SKIP_HELD, add_dep, ending_from, fill_batch_in, fill_stmts, finish_in,
     parked_queue, pass_slots, ready_nodes, release_stmt,
 };
-pub(crate) use reads::{WF_COLS, load, load_for_update};
+pub(crate) use reads::{WF_COLS, load, load_for_update, row_lock};
 
 use crate::db::{Cols, Dialect, Row, Stmt, Tx, stmt};
 use crate::{Result, StoreError, now_ms, parse};

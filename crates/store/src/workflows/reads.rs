@@ -38,11 +38,19 @@ pub(crate) async fn load(tx: &mut dyn Tx, id: &str) -> Result<Option<Workflow>> 
 /// changes it (a retry, a cancel) — one racing another, or the workflow's own ending, waits
 /// and is read as it committed instead of being overwritten from what was read before.
 pub(crate) async fn load_for_update(tx: &mut dyn Tx, id: &str) -> Result<Option<Workflow>> {
-    let lock = match tx.dialect() {
+    let lock = row_lock(tx.dialect());
+    load_as(tx, id, lock).await
+}
+
+/// The clause that keeps the workflow rows a `SELECT` reads locked until the transaction ends,
+/// so the writes that follow never land on a row a racing transaction changed meanwhile
+/// (PostgreSQL; SQLite's one writer serializes these transactions anyway). It does not block
+/// a reader, and claims pass over a locked row.
+pub(crate) fn row_lock(d: Dialect) -> &'static str {
+    match d {
         Dialect::Sqlite => "",
         Dialect::Postgres => " FOR NO KEY UPDATE",
-    };
-    load_as(tx, id, lock).await
+    }
 }
 
 /// Workflow `id` with its steps, its row read with `lock` (a locking clause, or nothing).
