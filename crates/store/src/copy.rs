@@ -143,15 +143,7 @@ impl Store {
     /// The schema version the database is at.
     pub async fn schema_version(&self) -> Result<i64> {
         self.db
-            .read(|tx| {
-                Box::pin(async move {
-                    Ok(tx
-                        .query_one(&stmt!("SELECT MAX(version) FROM schema_migrations"))
-                        .await?
-                        .first_int()?
-                        .unwrap_or(0))
-                })
-            })
+            .read_int(stmt!("SELECT MAX(version) FROM schema_migrations"))
             .await
     }
 }

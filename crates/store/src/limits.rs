@@ -15,16 +15,7 @@ impl Store {
     /// Registrations waiting for an admin's review.
     pub async fn pending_count(&self) -> Result<i64> {
         self.db
-            .read(move |tx| {
-                Box::pin(async move {
-                    let r = tx
-                        .query_one(&stmt!(
-                            "SELECT COUNT(*) FROM users WHERE status = 'pending'"
-                        ))
-                        .await?;
-                    Ok(r.first_int()?.unwrap_or(0))
-                })
-            })
+            .read_int(stmt!("SELECT COUNT(*) FROM users WHERE status = 'pending'"))
             .await
     }
 

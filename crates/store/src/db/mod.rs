@@ -555,4 +555,12 @@ impl Db {
             Db::Postgres(d) => d.read(f).await,
         }
     }
+
+    /// The one number a read of one row answers (a count, a maximum): 0 where it is NULL.
+    pub async fn read_int(&self, s: Stmt) -> Result<i64> {
+        self.read(move |tx| {
+            Box::pin(async move { Ok(tx.query_one(&s).await?.first_int()?.unwrap_or(0)) })
+        })
+        .await
+    }
 }

@@ -240,15 +240,7 @@ impl Store {
     /// The newest event's sequence number (0 when there is none).
     pub async fn last_event_seq(&self) -> Result<i64> {
         self.db
-            .read(|tx| {
-                Box::pin(async move {
-                    Ok(tx
-                        .query_one(&stmt!("SELECT MAX(seq) FROM workflow_events"))
-                        .await?
-                        .first_int()?
-                        .unwrap_or(0))
-                })
-            })
+            .read_int(stmt!("SELECT MAX(seq) FROM workflow_events"))
             .await
     }
 
