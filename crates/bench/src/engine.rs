@@ -233,17 +233,32 @@ fn batch_config(bench: &Bench, dir: &Path, extra: &[(&str, &str)]) -> anyhow::Re
     bench.config(dir, &settings)
 }
 
+/// What the batch child applies, and on how many engine slots.
+#[derive(Clone, Debug)]
+pub struct Child {
+    pub nodes: usize,
+    pub parallelism: u32,
+    /// `[engine] max_parallel` (the product's default when `None`).
+    pub engine_slots: Option<usize>,
+    /// Only the independent batch: no layers, chain or plans.
+    pub independent_only: bool,
+    pub statements: bool,
+}
+
 /// The child process: an in-process server; applies 1,000-node batches over HTTP and plans
 /// one against 1,000 VMs; prints one JSON line of figures (with its own peak RSS).
-pub async fn batch_child(
-    bench: &Bench,
-    dir: &Path,
-    nodes: usize,
-    parallelism: u32,
-    statements: bool,
-) -> anyhow::Result<()> {
-    let profiling = start_profile(statements);
-    let cfg = Arc::new(batch_config(bench, dir, &[])?);
+pub async fn batch_child(bench: &Bench, dir: &Path, child: &Child) -> anyhow::Result<()> {
+    let (nodes, parallelism) = (child.nodes, child.parallelism);
+    let profiling = start_profile(child.statements);
+    let slots = child
+        .engine_slots
+        .map(|n| n.to_string())
+        .unwrap_or_default();
+    let extra: &[(&str, &str)] = match child.engine_slots {
+        Some(_) => &[("BASPHERE_ENGINE__MAX_PARALLEL", slots.as_str())],
+        None => &[],
+    };
+    let cfg = Arc::new(batch_config(bench, dir, extra)?);
     let app = App::build(cfg.clone(), Overrides::default()).await?;
     let store = app.store().clone();
     let mut events = app.engine().subscribe();
@@ -252,12 +267,19 @@ pub async fn batch_child(
     // Each shape is applied RUNS times (by its own user, so each apply starts from nothing);
     // the figure is the median, since a 2-core machine's run-to-run noise is ±15%.
     const RUNS: usize = 3;
-    let mut users: Vec<String> = ["flat", "layered"]
+    let shapes: &[&str] = if child.independent_only {
+        &["flat"]
+    } else {
+        &["flat", "layered"]
+    };
+    let mut users: Vec<String> = shapes
         .iter()
         .flat_map(|u| (0..RUNS).map(move |r| format!("{u}{r}")))
         .collect();
     // The chain runs once: its time is a sum of 1,000 hand-offs, steady from run to run.
-    users.push("chain0".into());
+    if !child.independent_only {
+        users.push("chain0".into());
+    }
     let mut clients = vec![];
     for u in &users {
         let q = basphere_core::Quota {
@@ -281,10 +303,10 @@ pub async fn batch_child(
     let mut secs = vec![];
     let mut admit_ms = vec![];
     let chain = chain_manifest(nodes);
-    let runs = manifests
+    let runs = manifests[..shapes.len()]
         .iter()
         .flat_map(|m| std::iter::repeat_n(m, RUNS))
-        .chain([&chain]);
+        .chain(std::iter::once(&chain).filter(|_| !child.independent_only));
     let postmaster = match &cfg.database.url {
         Some(url) => crate::cpu::postmaster_pid(url).await,
         None => None,
@@ -350,6 +372,28 @@ pub async fn batch_child(
         // On stderr: the parent reads this process's last line of stdout.
         eprintln!("the batch applies' {}", profile_text(bench).trim_start());
     }
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    // The CPU of the independent apply whose time is the median.
+    let (ind, ind_admit) = (&secs[..RUNS], &admit_ms[..RUNS]);
+    let (mid, mid_commits) = (0..RUNS)
+        .find(|&i| ind[i] == median(ind))
+        .map_or(cpu[0], |i| cpu[i]);
+    let independent = json!({
+        "independent_s": median(ind),
+        "independent_runs_s": ind,
+        "independent_admit_ms": median(ind_admit),
+        "independent_cpu_s": mid.process_s,
+        "independent_postgres_cpu_s": mid.postgres_s,
+        "independent_commits": mid_commits,
+    });
+    if child.independent_only {
+        println!("{independent}");
+        return Ok(());
+    }
     // Plan the independent manifest again: 1,000 to keep against 1,000 VMs.
     let mut plan_ms = vec![];
     for _ in 0..10 {
@@ -386,39 +430,63 @@ pub async fn batch_child(
         );
     }
     cli_ms.sort_by(f64::total_cmp);
-    let median = |v: &[f64]| {
-        let mut v = v.to_vec();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let chain_s = secs.pop().unwrap_or(f64::NAN);
-    admit_ms.pop();
-    let (ind, lay) = secs.split_at(RUNS);
-    let (ind_admit, lay_admit) = admit_ms.split_at(RUNS);
-    // The CPU of the independent apply whose time is the median.
-    let (mid, mid_commits) = (0..RUNS)
-        .find(|&i| ind[i] == median(ind))
-        .map_or(cpu[0], |i| cpu[i]);
-    println!(
-        "{}",
+    let (lay, lay_admit) = (&secs[RUNS..2 * RUNS], &admit_ms[RUNS..2 * RUNS]);
+    let mut figures = independent;
+    figures.as_object_mut().expect("an object").extend(
         json!({
-            "independent_s": median(ind),
             "layered_s": median(lay),
-            "chain_s": chain_s,
-            "independent_runs_s": ind,
+            "chain_s": secs[2 * RUNS],
             "layered_runs_s": lay,
-            "independent_admit_ms": median(ind_admit),
-            "independent_cpu_s": mid.process_s,
-            "independent_postgres_cpu_s": mid.postgres_s,
-            "independent_commits": mid_commits,
             "layered_admit_ms": median(lay_admit),
             "plan_api_ms_p50": plan_ms[plan_ms.len() / 2],
             "plan_cli_ms_p50": cli_ms[cli_ms.len() / 2],
             "peak_rss_mb": batches_rss,
             "peak_rss_with_plans_mb": peak_rss_mb(),
         })
+        .as_object()
+        .expect("an object")
+        .clone(),
     );
+    println!("{figures}");
     Ok(())
+}
+
+/// The parallelism of the batch that measures larger commits (the engine gets 28 slots more).
+const WIDE_PARALLELISM: u32 = 100;
+
+/// Runs the batch child (`--part batch`) in `dir` and reads its line of figures.
+fn spawn_child(bench: &Bench, dir: &Path, c: &Child) -> anyhow::Result<Value> {
+    let mut child = std::process::Command::new(std::env::current_exe()?);
+    if c.statements {
+        child.arg("--statements");
+    }
+    if let Some(n) = c.engine_slots {
+        child.args(["--engine-slots", &n.to_string()]);
+    }
+    if c.independent_only {
+        child.arg("--independent-only");
+    }
+    let o = child
+        .args([
+            "--part",
+            "batch",
+            "--backend",
+            bench.backend.as_arg(),
+            "--pg-server",
+            bench.pg_server.as_deref().unwrap_or(""),
+            "--basphere",
+            &bench.basphere.display().to_string(),
+            "--batch-nodes",
+            &c.nodes.to_string(),
+            "--parallelism",
+            &c.parallelism.to_string(),
+        ])
+        .env("BASPHERE_BENCH_DIR", dir)
+        .stderr(std::process::Stdio::inherit())
+        .output()?;
+    anyhow::ensure!(o.status.success(), "the batch bench child failed");
+    let line = String::from_utf8_lossy(&o.stdout);
+    Ok(serde_json::from_str(line.lines().last().unwrap_or("{}"))?)
 }
 
 /// The statements that took the most server time on the database at `url` (needs
@@ -554,31 +622,30 @@ pub async fn run(
     statements: bool,
 ) -> anyhow::Result<()> {
     print_throughput(bench, dir, false).await?;
-    let mut child = std::process::Command::new(std::env::current_exe()?);
-    if statements {
-        child.arg("--statements");
-    }
-    let o = child
-        .args([
-            "--part",
-            "batch",
-            "--backend",
-            bench.backend.as_arg(),
-            "--pg-server",
-            bench.pg_server.as_deref().unwrap_or(""),
-            "--basphere",
-            &bench.basphere.display().to_string(),
-            "--batch-nodes",
-            &nodes.to_string(),
-            "--parallelism",
-            &parallelism.to_string(),
-        ])
-        .env("BASPHERE_BENCH_DIR", dir.join("batch"))
-        .stderr(std::process::Stdio::inherit())
-        .output()?;
-    anyhow::ensure!(o.status.success(), "the batch bench child failed");
-    let line = String::from_utf8_lossy(&o.stdout);
-    let v: Value = serde_json::from_str(line.lines().last().unwrap_or("{}"))?;
+    let v = spawn_child(
+        bench,
+        &dir.join("batch"),
+        &Child {
+            nodes,
+            parallelism,
+            engine_slots: None,
+            independent_only: false,
+            statements,
+        },
+    )?;
+    // The same independent batch with its commits grouped larger: what a design that leased
+    // nodes ahead of their slots (keeping `parallelism` running) could give at most.
+    let wide = spawn_child(
+        bench,
+        &dir.join("batch-wide"),
+        &Child {
+            nodes,
+            parallelism: WIDE_PARALLELISM,
+            engine_slots: Some(WIDE_PARALLELISM as usize + 28),
+            independent_only: true,
+            statements: false,
+        },
+    )?;
     let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     let (tf_ind, tf_lay) = if terraform_too {
         (
@@ -634,6 +701,19 @@ pub async fn run(
         "for 1,000 independent terraform_data",
         TF_RECORD_INDEPENDENT_S,
         target,
+    );
+    let wide_s = wide["independent_s"].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "  the same at parallelism {WIDE_PARALLELISM} (engine slots {}; fewer, larger commits — \
+         the most leasing nodes ahead of their slots could give): {wide_s:.3} s, {:.0} commits, \
+         apply request {:.0} ms{}",
+        WIDE_PARALLELISM + 28,
+        wide["independent_commits"].as_f64().unwrap_or(f64::NAN),
+        wide["independent_admit_ms"].as_f64().unwrap_or(f64::NAN),
+        tf_ind.map_or(String::new(), |t| format!(
+            " → {:.0}× terraform's at parallelism {parallelism}",
+            t / wide_s
+        )),
     );
     side(
         &format!("batch of {nodes} VMs in 10 layers (each node requires 2 of the layer before)"),

@@ -69,6 +69,12 @@ pub struct Args {
     /// figure drops.
     #[arg(long, alias = "pg-statements")]
     pub statements: bool,
+    /// The child's engine slots (`[engine] max_parallel`; the product's default when absent).
+    #[arg(long, hide = true)]
+    pub engine_slots: Option<usize>,
+    /// The child applies only the independent batch (no layers, chain or plans).
+    #[arg(long, hide = true)]
+    pub independent_only: bool,
     /// Step completions per mode of the PostgreSQL probe.
     #[arg(long, default_value_t = 20_000)]
     pub probe_steps: usize,
@@ -230,7 +236,14 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         let dir = std::env::var_os("BASPHERE_BENCH_DIR")
             .map(PathBuf::from)
             .ok_or_else(|| anyhow::anyhow!("--part batch is started by the engine part itself"))?;
-        return engine::batch_child(&bench, &dir, a.batch_nodes, a.parallelism, a.statements).await;
+        let child = engine::Child {
+            nodes: a.batch_nodes,
+            parallelism: a.parallelism,
+            engine_slots: a.engine_slots,
+            independent_only: a.independent_only,
+            statements: a.statements,
+        };
+        return engine::batch_child(&bench, &dir, &child).await;
     }
     let backends = match a.backend {
         Backend::Both => vec![Backend::Sqlite, Backend::Postgres],
