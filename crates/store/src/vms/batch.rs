@@ -6,7 +6,7 @@ use crate::audit::audit_stmt;
 use crate::batches::{BatchAdmitted, BatchWork, bulk_insert, enqueue_in};
 use crate::db::{Col, Cols, RowSet, Tx, stmt};
 use crate::vms::{
-    AdmitError, AdmitExtras, Holdings, VM_COLS, free_ips, holdings, lease_nic, live_op_stmt,
+    AdmitError, AdmitExtras, Holdings, VM_COLS, Vm, free_ips, holdings, lease_nic, live_op_stmt,
     vm_from,
 };
 use crate::workflows::{LeaseTo, NewStep, NewWorkflow};
@@ -93,6 +93,10 @@ impl From<basphere_core::QuotaExceeded> for BatchError {
     }
 }
 
+/// A batch admitted, with the VMs of the nodes it leased and their owner's key (what their
+/// first steps read: [`Store::vm_and_key`] takes them from the prefetch).
+type Admitted = (BatchAdmitted, Vec<Vm>, Option<String>);
+
 /// Admits the batch `req` (see [`Store::admit_batch`]).
 async fn admit(
     tx: &mut dyn Tx,
@@ -100,7 +104,7 @@ async fn admit(
     pool: &NetworkPool,
     actor: &Actor,
     lease: Option<&LeaseTo>,
-) -> std::result::Result<BatchAdmitted, BatchError> {
+) -> std::result::Result<Admitted, BatchError> {
     let owner = req.owner.as_str();
     let vms = stmt!(format!("SELECT {VM_COLS} FROM vms WHERE owner = $1"), owner);
     let Holdings {
@@ -109,6 +113,7 @@ async fn admit(
         admin,
         mut used,
         rows,
+        key,
         ..
     } = holdings(tx, owner, pool, vms).await?;
     for v in &req.creates {
@@ -145,6 +150,8 @@ async fn admit(
     let mut works = Vec::with_capacity(req.creates.len() + req.deletes.len());
     // VM rows and audit records in one statement each: a 1,000-node batch is a handful.
     let (mut vms, mut audit) = (RowSet::new(VM_ROW), RowSet::new(AUDIT_ROW));
+    // The VMs as their rows read, by the workflow that creates each (for those leased).
+    let mut made: HashMap<String, Vm> = HashMap::new();
     let priority = if admin { 5 } else { 0 };
     for v in &req.creates {
         let ip = free
@@ -186,6 +193,30 @@ async fn admit(
         w.priority = priority;
         w.provider = Some(req.provider.clone());
         let mut work = BatchWork::new(v.name.as_str(), "create", w);
+        if lease.is_some() {
+            made.insert(
+                work.id.clone(),
+                Vm {
+                    id: id.clone(),
+                    name: v.name.clone(),
+                    owner: req.owner.clone(),
+                    os: v.os.to_string(),
+                    login_user: v.login_user.clone(),
+                    spec: v.spec_name.to_string(),
+                    vcpus: v.spec.vcpus,
+                    memory_mib: v.spec.memory_mib,
+                    disk_gib: v.spec.disk_gib,
+                    ip_address: Some(ip),
+                    status: VmStatus::Creating,
+                    error: None,
+                    provider: req.provider.clone(),
+                    created_at: now,
+                    updated_at: now,
+                    extra_disks: v.extras.disks.clone(),
+                    extra_nics: nics.clone(),
+                },
+            );
+        }
         audit.push(vec![
             now.into(),
             (&actor.name).into(),
@@ -254,7 +285,13 @@ async fn admit(
     ];
     later.extend(inserts.into_iter().flatten());
     tx.run(&later).await?;
-    Ok(enqueue_in(tx, &batch_id, owner, req.parallelism, &works, lease).await?)
+    let admitted = enqueue_in(tx, &batch_id, owner, req.parallelism, &works, lease).await?;
+    let leased = admitted
+        .leased
+        .iter()
+        .filter_map(|(wf, _, _)| made.remove(&wf.id))
+        .collect();
+    Ok((admitted, leased, key))
 }
 
 impl Store {
@@ -281,11 +318,16 @@ impl Store {
         lease: Option<LeaseTo>,
     ) -> std::result::Result<BatchAdmitted, BatchError> {
         let (req, pool, actor) = (req.clone(), pool.clone(), actor.clone());
-        self.db
+        let (admitted, leased, key) = self
+            .db
             .write(move |tx| {
                 Box::pin(async move { admit(tx, &req, &pool, &actor, lease.as_ref()).await })
             })
-            .await
+            .await?;
+        for vm in leased {
+            self.prefetched.put(vm.id.clone(), (vm, key.clone()));
+        }
+        Ok(admitted)
     }
 
     /// Names of `owner`'s VMs that a batch made (what `plan` may delete when they leave a

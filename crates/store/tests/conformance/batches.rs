@@ -262,14 +262,34 @@ async fn batch_extras(store: Store) {
         .unwrap_err();
     assert!(e.to_string().contains("GiB of disk"), "{e}");
     assert!(store.vms(Some("alice")).await.unwrap().is_empty());
-    store
-        .admit_batch(
+    // Leased to a node at admission: the first steps read their VMs (with the owner's key)
+    // from what the admission wrote, exactly as stored.
+    let lease = LeaseTo {
+        node: "n1".into(),
+        lease_ms: 60_000,
+        max: 2,
+    };
+    let got = store
+        .admit_batch_leased(
             &batch_req(&alice, 2, vec![with("a", &[30]), with("b", &[20])], &[]),
             &pool(),
             &actor(),
+            Some(lease),
         )
         .await
         .unwrap();
+    assert_eq!(got.leased.len(), 2);
+    for (wf, _, _) in &got.leased {
+        let id = &wf.resource.as_ref().unwrap().id;
+        let (read, key) = store.vm_and_key(id).await.unwrap().unwrap();
+        let stored = store.vm_by_id(id).await.unwrap().unwrap();
+        assert_eq!(
+            serde_json::to_value(&read).unwrap(),
+            serde_json::to_value(&stored).unwrap()
+        );
+        let user = store.user(alice.as_str()).await.unwrap().unwrap();
+        assert_eq!(key.as_deref(), Some(user.public_key.as_str()));
+    }
     let vms = store.vms(Some("alice")).await.unwrap();
     let a = vms.iter().find(|v| v.name.as_str() == "a").unwrap();
     assert_eq!(a.extra_disks, extras(&[30], &[]).disks);
