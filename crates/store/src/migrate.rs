@@ -118,6 +118,11 @@ const POSTGRES: &[Migration] = &[
         "hot_vm_status",
         include_str!("../migrations/postgres/0010_hot_vm_status.sql"),
     ),
+    (
+        16,
+        "hot_fillfactor",
+        include_str!("../migrations/postgres/0011_hot_fillfactor.sql"),
+    ),
 ];
 
 /// The migrations of `dialect`, oldest first.
