@@ -95,7 +95,7 @@ impl From<basphere_core::QuotaExceeded> for BatchError {
 
 /// A batch admitted, with the VMs of the nodes it leased and their owner's key (what their
 /// first steps read: [`Store::vm_and_key`] takes them from the prefetch).
-type Admitted = (BatchAdmitted, Vec<Vm>, Option<String>);
+type AdmittedBatch = (BatchAdmitted, Vec<Vm>, Option<String>);
 
 /// Admits the batch `req` (see [`Store::admit_batch`]).
 async fn admit(
@@ -104,7 +104,7 @@ async fn admit(
     pool: &NetworkPool,
     actor: &Actor,
     lease: Option<&LeaseTo>,
-) -> std::result::Result<Admitted, BatchError> {
+) -> std::result::Result<AdmittedBatch, BatchError> {
     let owner = req.owner.as_str();
     let vms = stmt!(format!("SELECT {VM_COLS} FROM vms WHERE owner = $1"), owner);
     let Holdings {
