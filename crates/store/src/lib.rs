@@ -34,7 +34,9 @@ pub use users::{
     UserError,
 };
 pub use vms::batch::{BatchError, BatchRequest, BatchVm};
-pub use vms::{AdmitError, AdmitExtras, AdmitRequest, Admitted, DeleteError, ExtraNetwork, Vm};
+pub use vms::{
+    AdmitError, AdmitExtras, AdmitRequest, Admitted, DeleteError, ExtraNetwork, Vm, VmAndKey,
+};
 pub use workflows::{
     ClaimLimits, Claimed, Completion, Handoff, LeaseTo, NewStep, NewWorkflow, NextStep, OpError,
     Reopen, ResourceRef, StepCommit, StepEffect, StepRecord, StepStatus, Workflow, WorkflowCounts,

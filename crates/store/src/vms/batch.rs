@@ -7,7 +7,7 @@ use crate::batches::{BatchAdmitted, BatchWork, bulk_insert, enqueue_in};
 use crate::db::{Col, Cols, RowSet, Tx, stmt};
 use crate::vms::{
     AdmitError, AdmitExtras, Holdings, VM_COLS, Vm, free_ips, holdings, lease_nic, live_op_stmt,
-    vm_from,
+    prefetch_vm, vm_from,
 };
 use crate::workflows::{LeaseTo, NewStep, NewWorkflow};
 use crate::{Actor, Store, now_ms};
@@ -325,7 +325,7 @@ impl Store {
             })
             .await?;
         for vm in leased {
-            self.prefetched.put(vm.id.clone(), (vm, key.clone()));
+            prefetch_vm(&self.prefetched, vm, key.clone());
         }
         Ok(admitted)
     }

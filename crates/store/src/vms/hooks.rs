@@ -1,6 +1,6 @@
 //! The VM's workflow hooks: what ending or retrying a create or delete does to its record.
 
-use super::{VMS_AND_KEYS, readmit, vm_and_key_from};
+use super::{VMS_AND_KEYS, prefetch_vm, readmit, vm_and_key_from};
 use crate::db::{Cols, Dialect, Row, Stmt, Tx, stmt};
 use crate::hooks::{Hooks, Prefetch, ResourceHooks, RetryCtx, each_succeeded};
 use crate::workflows::sets::{Write, id_in, ids_arg};
@@ -206,7 +206,7 @@ run delete-vm to retry the cleanup' ELSE '' END,
     fn handed_off_rows(&self, rows: &[Row], cache: &Prefetch) -> Result<()> {
         for r in rows {
             let (vm, key) = vm_and_key_from(r.clone())?;
-            cache.put(vm.id.clone(), (vm, key));
+            prefetch_vm(cache, vm, key);
         }
         Ok(())
     }

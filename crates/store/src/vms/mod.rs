@@ -9,6 +9,7 @@ pub(crate) use admission::*;
 
 use crate::audit::audit_stmt;
 use crate::db::{Cols, Dialect, Filter, Row, Stmt, Tx, stmt};
+use crate::hooks::Prefetch;
 use crate::workflows::{Claimed, LeaseNew, LeaseTo, NewStep, NewWorkflow, insert_stmts};
 use crate::{Actor, Result, Store, StoreError, now_ms, parse};
 use basphere_core::{
@@ -79,6 +80,15 @@ pub struct AdmitRequest {
     pub provider: String,
     /// Step names of the create workflow, in order.
     pub steps: Vec<NewStep>,
+}
+
+/// A VM with its owner's SSH public key: what a VM step reads ([`Store::vm_and_key`]).
+pub type VmAndKey = (Vm, Option<String>);
+
+/// Hands `vm` and its owner's `key` to the engine's next read of it ([`Store::vm_and_key`]):
+/// what an admission or a hand-off read or wrote in its own transaction.
+pub(crate) fn prefetch_vm(cache: &Prefetch, vm: Vm, key: Option<String>) {
+    cache.put::<VmAndKey>(vm.id.clone(), (vm, key));
 }
 
 /// One admitted VM and the workflow that builds it.
@@ -163,7 +173,7 @@ pub(crate) fn vm_from(mut r: Row) -> Result<Vm> {
 }
 
 /// A VM and its owner's key, from a row of [`VMS_AND_KEYS`].
-pub(crate) fn vm_and_key_from(mut r: Row) -> Result<(Vm, Option<String>)> {
+pub(crate) fn vm_and_key_from(mut r: Row) -> Result<VmAndKey> {
     let key = r.take_opt_text("owner_key")?;
     Ok((vm_from(r)?, key))
 }
@@ -327,8 +337,7 @@ impl Store {
             .await?;
         for (wf, _, _) in &claimed {
             if let Some(a) = admitted.iter().find(|a| a.operation_id == wf.id) {
-                self.prefetched
-                    .put(a.vm.id.clone(), (a.vm.clone(), key.clone()));
+                prefetch_vm(&self.prefetched, a.vm.clone(), key.clone());
             }
         }
         Ok((admitted, claimed))
@@ -384,8 +393,8 @@ impl Store {
     }
 
     /// One VM by id with its owner's SSH public key (one query, for the engine).
-    pub async fn vm_and_key(&self, id: &str) -> Result<Option<(Vm, Option<String>)>> {
-        if let Some(hit) = self.prefetched.take::<(Vm, Option<String>)>(id) {
+    pub async fn vm_and_key(&self, id: &str) -> Result<Option<VmAndKey>> {
+        if let Some(hit) = self.prefetched.take::<VmAndKey>(id) {
             return Ok(Some(hit));
         }
         let s = stmt!(format!("{VMS_AND_KEYS} WHERE v.id = $1"), id);
