@@ -446,6 +446,11 @@ pub async fn batch_child(bench: &Bench, dir: &Path, child: &Child) -> anyhow::Re
 const WIDE_PARALLELISM: u32 = 100;
 const WIDE_SLOTS: usize = 128;
 
+/// Figure `k` of a child's line (NaN when it is missing).
+fn num(figures: &Value, k: &str) -> f64 {
+    figures[k].as_f64().unwrap_or(f64::NAN)
+}
+
 /// Runs the batch child (`--part batch`) in `dir` and reads its line of figures.
 fn spawn_child(bench: &Bench, dir: &Path, c: &Child) -> anyhow::Result<Value> {
     let mut child = std::process::Command::new(std::env::current_exe()?);
@@ -638,7 +643,7 @@ pub async fn run(
             statements: false,
         },
     )?;
-    let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    let f = |k: &str| num(&v, k);
     let (tf_ind, tf_lay) = if terraform_too {
         (
             terraform(
@@ -694,13 +699,13 @@ pub async fn run(
         TF_RECORD_INDEPENDENT_S,
         target,
     );
-    let wide_s = wide["independent_s"].as_f64().unwrap_or(f64::NAN);
+    let wide_s = num(&wide, "independent_s");
     println!(
         "  the same at parallelism {WIDE_PARALLELISM} (engine slots {WIDE_SLOTS}; fewer, larger \
          commits — the most leasing nodes ahead of their slots could give): {wide_s:.3} s, {:.0} \
          commits, apply request {:.0} ms{}",
-        wide["independent_commits"].as_f64().unwrap_or(f64::NAN),
-        wide["independent_admit_ms"].as_f64().unwrap_or(f64::NAN),
+        num(&wide, "independent_commits"),
+        num(&wide, "independent_admit_ms"),
         tf_ind.map_or(String::new(), |t| format!(
             " → {:.0}× terraform's at parallelism {parallelism}",
             t / wide_s
