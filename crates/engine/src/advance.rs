@@ -1,8 +1,9 @@
 //! Advancing one workflow: its steps in order under a lease, and undoing them in reverse.
 
+use crate::ahead::{Pending, Then};
 use crate::{Engine, StepCtx, StepError, WorkflowDef};
 use basphere_store::{
-    Claimed, Completion, Handoff, NextStep, Reopen, StepCommit, StepStatus, StoreError, Workflow,
+    Completed, Completion, Handoff, NextStep, Reopen, StepCommit, StepStatus, StoreError, Workflow,
     WorkflowOutcome, WorkflowStatus,
 };
 use std::time::{Duration, Instant};
@@ -10,15 +11,28 @@ use tokio::sync::watch;
 use tracing::warn;
 
 impl Engine {
-    /// Runs one claimed workflow as far as it goes now, renewing its lease meanwhile. Returns
-    /// the batch node it handed its slot to, if any (leased to this node, to drive next).
-    pub(crate) async fn drive(&self, wf: Workflow, started: bool) -> Option<Claimed> {
+    /// Runs one claimed workflow as far as it goes now, renewing its lease meanwhile (`from`:
+    /// it was leased ahead and runs on the slot of that node). Says where its chain goes next.
+    pub(crate) async fn drive(&self, wf: Workflow, started: bool, from: Option<String>) -> Then {
+        let id = wf.id.clone();
+        self.leased(&id, self.advance(wf, started, from))
+            .await
+            .unwrap_or(Then::Stop)
+    }
+
+    /// Runs `work` on workflow `id` while renewing its lease; `None` where the lease was lost
+    /// or the store failed (logged: the workflow resumes when its lease expires).
+    pub(crate) async fn leased<T>(
+        &self,
+        id: &str,
+        work: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Option<T> {
         let (lost_tx, mut lost_rx) = watch::channel(false);
         let hb = {
             let store = self.inner.store.clone();
             let node = self.inner.cfg.node_id.clone();
             let lease = self.inner.cfg.lease;
-            let id = wf.id.clone();
+            let id = id.to_string();
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(lease / 3).await;
@@ -35,12 +49,11 @@ impl Engine {
                 }
             })
         };
-        let id = wf.id.clone();
-        let mut handed = None;
+        let mut out = None;
         tokio::select! {
-            r = self.advance(wf, started) => {
+            r = work => {
                 match r {
-                    Ok(h) => handed = h,
+                    Ok(t) => out = Some(t),
                     Err(e) => {
                     if matches!(e, StoreError::LeaseLost(_)) {
                         warn!(workflow = %id, "lost the lease; another node continues");
@@ -55,21 +68,22 @@ impl Engine {
             }
         }
         hb.abort();
-        handed
+        out
     }
 
     async fn advance(
         &self,
         wf: Workflow,
         mut started: bool,
-    ) -> Result<Option<Claimed>, StoreError> {
+        from: Option<String>,
+    ) -> Result<Then, StoreError> {
         let store = &self.inner.store;
         let node = &self.inner.cfg.node_id;
         let Some(def) = self.def(&wf.definition) else {
             // Another node (a newer version) may know this definition; look again later.
             warn!(workflow = %wf.id, definition = %wf.definition, "no definition for this workflow here");
             store.release_workflow(&wf.id, node, 5_000).await?;
-            return Ok(None);
+            return Ok(Then::Stop);
         };
         let mut step = wf.step;
         let mut undoing = wf.status == WorkflowStatus::Undoing;
@@ -88,13 +102,19 @@ impl Engine {
             // nothing of their own, are recorded in one commit. A crash re-runs them.
             let mut ran: Vec<(u32, String)> = vec![];
             let mut since = Instant::now();
+            let began = since;
+            // Leased ahead: none of its steps is recorded running until its first completion.
+            let mut held = Held {
+                from: from.as_deref(),
+                unstarted: from.is_some(),
+            };
             while (step as usize) < n {
                 let rec = &wf.steps[step as usize];
                 let idx = rec.idx;
                 let spec = def.step(&rec.name);
                 // The timeout stored when the workflow was queued, not today's definition.
                 let deadline = Duration::from_millis(rec.timeout_ms.max(0) as u64);
-                if !started {
+                if !started && !held.unstarted {
                     self.emit(
                         store
                             .step_started(&wf.id, idx, &rec.name, node, rec.timeout_ms)
@@ -135,17 +155,28 @@ impl Engine {
                     name: &rec.name,
                     deadline_ms: rec.timeout_ms,
                 };
-                let result = if ran.is_empty() {
+                let result = if ran.is_empty() && !held.unstarted {
                     run.await
                 } else {
                     tokio::pin!(run);
                     tokio::select! {
                         biased;
                         r = &mut run => r,
-                        _ = tokio::time::sleep(window.saturating_sub(since.elapsed())) => {
+                        _ = tokio::time::sleep(window.saturating_sub(since.elapsed())), if ran.is_empty() => {
+                            // The first step of a node leased ahead, slower than the window:
+                            // its start is recorded while it runs.
+                            let (ev, r) = tokio::join!(
+                                store.step_started(&wf.id, idx, &rec.name, node, rec.timeout_ms),
+                                &mut run
+                            );
+                            self.emit(ev?);
+                            held.unstarted = false;
+                            r
+                        }
+                        _ = tokio::time::sleep(window.saturating_sub(since.elapsed())), if !ran.is_empty() => {
                             // A slower step: the ones before it, and its start, are recorded
                             // while it runs.
-                            let (cancel, r) = tokio::join!(self.record_ran(&wf.id, &mut ran, this), &mut run);
+                            let (cancel, r) = tokio::join!(self.record_ran(&wf.id, &mut ran, this, &mut held), &mut run);
                             if cancel? {
                                 // It ran unrecorded: recorded done now, it is undone too.
                                 let last_done = match &r {
@@ -174,7 +205,7 @@ impl Engine {
                 step_metrics(&wf.definition, &rec.name, outcome, t0.elapsed());
                 if result.is_err()
                     && !ran.is_empty()
-                    && self.record_ran(&wf.id, &mut ran, this).await?
+                    && self.record_ran(&wf.id, &mut ran, this, &mut held).await?
                 {
                     // Cancelled meanwhile; this step failed, so undo from the one before.
                     self.cancel_from(&wf.id, step - 1).await?;
@@ -189,13 +220,15 @@ impl Engine {
                         let (evs, cancel, _) = store
                             .complete(Completion {
                                 ran: &before,
+                                took_slot_of: held.from,
+                                unstarted: held.unstarted,
                                 ..Completion::of(&wf.id, node, idx, &rec.name, &commit)
                             })
                             .await?;
                         self.emit_all(evs);
                         self.wake();
                         if !cancel {
-                            return Ok(None);
+                            return Ok(Then::Stop);
                         }
                         step += 1;
                         self.cancel_from(&wf.id, step - 1).await?;
@@ -216,29 +249,69 @@ impl Engine {
                             started = true;
                             continue;
                         }
-                        // Without limits a finishing batch node leases its batch's next one.
+                        // Without limits a finishing batch node leases its batch's next one; one
+                        // that finished quickly passes its slot to the next this engine holds
+                        // ahead, if any, and asks for more (see `ahead`).
                         let unlimited = !self.inner.cfg.limits.any();
-                        let handoff =
-                            (last && unlimited && wf.batch_id.is_some()).then(|| Handoff {
+                        let batch = wf.batch_id.as_deref().filter(|_| last && unlimited);
+                        let (pass, ask) = match batch {
+                            Some(b) if began.elapsed() < window => self.take_ahead(b),
+                            _ => (None, 0),
+                        };
+                        let pass_id = pass.as_ref().map(|w| w.id.clone());
+                        let c = Completion {
+                            ran: &before,
+                            next,
+                            finish: true,
+                            handoff: batch.map(|_| Handoff {
                                 lease_ms: self.inner.cfg.lease.as_millis() as i64,
-                            });
-                        let (evs, cancel, handed) = store
-                            .complete(Completion {
-                                ran: &before,
+                                ahead: ask,
+                            }),
+                            pass_to: pass_id.as_deref(),
+                            took_slot_of: held.from,
+                            unstarted: held.unstarted,
+                            claimed: Some(&wf),
+                            ..Completion::of(&wf.id, node, idx, &rec.name, &commit)
+                        };
+                        if let (Some(next), Some(b)) = (pass, batch) {
+                            let done = match store.send_completion(c) {
+                                Ok(f) => tokio::spawn(f),
+                                Err(e) => {
+                                    self.got_ahead(b, ask, vec![next]);
+                                    return Err(e);
+                                }
+                            };
+                            return Ok(Then::Pass {
                                 next,
-                                finish: true,
-                                handoff,
-                                claimed: Some(&wf),
-                                ..Completion::of(&wf.id, node, idx, &rec.name, &commit)
-                            })
-                            .await?;
+                                pending: Pending {
+                                    wf: wf.id.clone(),
+                                    last: step,
+                                    definition: wf.definition.clone(),
+                                    batch: b.to_string(),
+                                    asked: ask,
+                                    done,
+                                },
+                            });
+                        }
+                        let mut done = store.complete_with(c).await;
+                        if let Some(b) = batch {
+                            let got = done.as_mut().map(|d| std::mem::take(&mut d.ahead));
+                            self.got_ahead(b, ask, got.unwrap_or_default());
+                        }
+                        let Completed {
+                            events: evs,
+                            cancel,
+                            handed,
+                            ..
+                        } = done?;
                         drop(before);
                         ran.clear();
+                        held.unstarted = false;
                         self.emit_all(evs);
                         step += 1;
                         started = true;
                         if last && !cancel {
-                            return Ok(handed);
+                            return Ok(handed.map_or(Then::Stop, Then::Handed));
                         }
                         if cancel {
                             self.cancel_from(&wf.id, step - 1).await?;
@@ -261,7 +334,7 @@ impl Engine {
                                 .await?,
                         );
                         self.wake();
-                        return Ok(None);
+                        return Ok(Then::Stop);
                     }
                     Err(e) => {
                         let msg = if e.is_retryable() {
@@ -281,10 +354,10 @@ impl Engine {
                         .finish_workflow(&wf.id, node, &WorkflowOutcome::Succeeded)
                         .await?,
                 );
-                return Ok(None);
+                return Ok(Then::Stop);
             }
         }
-        self.undo(&*def, &wf.id).await.map(|()| None)
+        self.undo(&*def, &wf.id).await.map(|()| Then::Stop)
     }
 
     /// Records the steps that `ran` unrecorded done (see [`basphere_store::Store::complete`])
@@ -294,6 +367,7 @@ impl Engine {
         wf: &str,
         ran: &mut Vec<(u32, String)>,
         next: NextStep<'_>,
+        held: &mut Held<'_>,
     ) -> Result<bool, StoreError> {
         let (idx, name) = ran.pop().expect("a step ran");
         let before = refs(ran);
@@ -303,6 +377,8 @@ impl Engine {
             .complete(Completion {
                 ran: &before,
                 next: Some(next),
+                took_slot_of: held.from,
+                unstarted: held.unstarted,
                 ..Completion::of(
                     wf,
                     &self.inner.cfg.node_id,
@@ -314,12 +390,13 @@ impl Engine {
             .await?;
         drop(before);
         ran.clear();
+        held.unstarted = false;
         self.emit_all(evs);
         Ok(cancel)
     }
 
     /// Starts undoing workflow `id`, whose cancel was asked for, from step `last_done` down.
-    async fn cancel_from(&self, id: &str, last_done: i64) -> Result<(), StoreError> {
+    pub(crate) async fn cancel_from(&self, id: &str, last_done: i64) -> Result<(), StoreError> {
         let node = &self.inner.cfg.node_id;
         let ev = self
             .inner
@@ -368,7 +445,7 @@ impl Engine {
     }
 
     /// Undoes the done steps of an undoing workflow in reverse, then ends it.
-    async fn undo(&self, def: &dyn WorkflowDef, id: &str) -> Result<(), StoreError> {
+    pub(crate) async fn undo(&self, def: &dyn WorkflowDef, id: &str) -> Result<(), StoreError> {
         let store = &self.inner.store;
         let node = &self.inner.cfg.node_id;
         let wf = store.workflow(id).await?.ok_or_else(|| {
@@ -443,4 +520,11 @@ fn step_metrics(definition: &str, step: &str, outcome: &'static str, took: Durat
 /// Steps that ran unrecorded, as [`basphere_store::Store::complete`] takes them.
 fn refs(ran: &[(u32, String)]) -> Vec<(u32, &str)> {
     ran.iter().map(|(i, n)| (*i, n.as_str())).collect()
+}
+
+/// A node leased ahead, as its completions say so: the node whose slot it took, and whether
+/// none of its steps is recorded running yet.
+struct Held<'a> {
+    from: Option<&'a str>,
+    unstarted: bool,
 }

@@ -36,6 +36,7 @@
 /// Batch planning, re-exported so `basphere_engine::plan` keeps naming it.
 pub use basphere_plan as plan;
 mod advance;
+mod ahead;
 mod error;
 mod run;
 
@@ -186,6 +187,8 @@ struct Inner {
     /// The store's changes, listened to from the engine's creation on: the relay takes them
     /// when it starts, so that no other replica's commit made in between goes unrelayed.
     changes: std::sync::Mutex<Option<broadcast::Receiver<basphere_store::Change>>>,
+    /// Batch nodes leased ahead of their slots, per batch (see `ahead`).
+    pools: ahead::Pools,
 }
 
 /// A bounded set of recent event sequence numbers.
@@ -230,6 +233,7 @@ impl Engine {
                 running: Default::default(),
                 emitted: Default::default(),
                 seen: Default::default(),
+                pools: Default::default(),
                 changes,
             }),
         }

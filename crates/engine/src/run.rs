@@ -1,7 +1,9 @@
 //! Running: claiming work, slots reserved at admission, the relay of other replicas' events.
 
 use crate::Engine;
+use crate::ahead::{Pending, Then};
 use basphere_store::{Claimed, LeaseTo, Workflow};
+use std::collections::VecDeque;
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, broadcast, watch};
 use tracing::{info, warn};
@@ -62,16 +64,52 @@ impl Engine {
     }
 
     /// Drives a claimed workflow on its own task, holding `permit`, then any batch node it
-    /// hands its slot to.
+    /// hands its slot to (a chain, see `ahead`): one handed off with a slot, or one held
+    /// ahead that it runs while the completion that passed it the slot commits. Those
+    /// completions are seen to between nodes (a cancel one finds is undone there, in this
+    /// slot) and all before the chain ends.
     fn spawn_drive(&self, permit: OwnedSemaphorePermit, wf: Workflow, started: bool) {
         let me = self.clone();
         tokio::spawn(async move {
-            let mut cur = Some((wf, started));
-            while let Some((wf, started)) = cur.take() {
-                if let Some((next, evs, started)) = me.drive(wf, started).await {
-                    me.emit_all(evs);
-                    cur = Some((next, started));
+            let batch = wf.batch_id.clone();
+            if let Some(b) = &batch {
+                me.inner.pools.join(b);
+            }
+            let mut cur = Some((wf, started, None));
+            let mut pending: VecDeque<Pending> = VecDeque::new();
+            let mut handed: VecDeque<Claimed> = VecDeque::new();
+            loop {
+                while let Some((wf, started, from)) = cur.take() {
+                    match me.drive(wf, started, from).await {
+                        Then::Stop => {}
+                        Then::Handed(c) => handed.push_back(c),
+                        Then::Pass { next, pending: p } => {
+                            cur = Some((next, false, Some(p.wf.clone())));
+                            pending.push_back(p);
+                        }
+                    }
+                    while pending.front().is_some_and(|p| p.done.is_finished()) {
+                        let p = pending.pop_front().expect("a pending completion");
+                        handed.extend(me.settle(p).await);
+                    }
+                    if cur.is_none()
+                        && let Some((next, evs, started)) = handed.pop_front()
+                    {
+                        me.emit_all(evs);
+                        cur = Some((next, started, None));
+                    }
                 }
+                let Some(p) = pending.pop_front() else {
+                    break;
+                };
+                if let Some((next, evs, started)) = me.settle(p).await {
+                    me.emit_all(evs);
+                    cur = Some((next, started, None));
+                }
+            }
+            if let Some(b) = &batch {
+                let left = me.inner.pools.leave(b);
+                me.release_ahead(b, left);
             }
             drop(permit);
             me.wake();

@@ -38,9 +38,9 @@ pub use vms::{
     AdmitError, AdmitExtras, AdmitRequest, Admitted, DeleteError, ExtraNetwork, Vm, VmAndKey,
 };
 pub use workflows::{
-    ClaimLimits, Claimed, Completion, Handoff, LeaseTo, NewStep, NewWorkflow, NextStep, OpError,
-    Reopen, ResourceRef, StepCommit, StepEffect, StepRecord, StepStatus, Workflow, WorkflowCounts,
-    WorkflowEvent, WorkflowOutcome, WorkflowStatus,
+    ClaimLimits, Claimed, Completed, Completion, Handoff, LeaseTo, NewStep, NewWorkflow, NextStep,
+    OpError, Reopen, ResourceRef, StepCommit, StepEffect, StepRecord, StepStatus, Workflow,
+    WorkflowCounts, WorkflowEvent, WorkflowOutcome, WorkflowStatus,
 };
 
 use std::path::{Path, PathBuf};

@@ -1,7 +1,7 @@
 //! One group of step completions as one transaction, over `db::Tx`: the same SQL path for
 //! both backends.
 
-use super::{Done, DoneReq};
+use super::{Done, DoneReq, Passes};
 use crate::db::postgres::TX_CLOCK;
 use crate::db::{Col, Dialect, Row, RowSet, Stmt, Tx, stmt};
 use crate::hooks::{Hooks, Prefetch, Registry};
@@ -11,11 +11,11 @@ use crate::workflows::sets::{
 };
 use crate::workflows::{
     ENDING_COLS, Ending, Leased, Start, WorkflowEvent, WorkflowStatus, clock, ending_from,
-    fill_batch_in, fill_stmts, insert_stmts, lease_lost, lease_ready, leased_by, pass_slots,
-    release_stmt, row_lock,
+    fill_batch_in, fill_stmts, held_by, insert_stmts, lease_ahead, lease_lost, lease_ready,
+    leased_by, pass_slots, release_stmt, row_lock,
 };
 use crate::{Result, StoreError};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// What a completion found when its workflow did not simply move on.
 struct Found {
@@ -31,6 +31,8 @@ struct Plan {
 }
 
 const MOVE_ROW: &[Col] = &[("wf", false), ("step", true), ("node", false)];
+/// A node leased ahead that a slot passed to, and the node holding its lease.
+const UNPARK_ROW: &[Col] = &[("wf", false), ("node", false)];
 /// A workflow ending succeeded, and the step it ends on.
 const END_ROW: &[Col] = &[("wf", false), ("step", true)];
 /// A step done: `ran` 1 for one that ran unrecorded (it is counted started too).
@@ -99,6 +101,7 @@ pub(crate) async fn commit_group(
     reqs: &[DoneReq],
     prefetched: &Prefetch,
     hooks: &Registry,
+    passes: &Passes,
     guards: Guards,
 ) -> std::result::Result<Vec<Result<Done>>, GroupError> {
     let d = tx.dialect();
@@ -186,8 +189,8 @@ pub(crate) async fn commit_group(
     };
     let guessed = batch.len();
 
-    let mut w = Writes::plan(d, reqs, &moved, found, now, hooks, batch);
-    let slots = w.batch_slots(&*tx, reqs, hooks, now);
+    let mut w = Writes::plan(d, reqs, (&moved, found), now, (hooks, passes), batch);
+    let slots = w.batch_slots(&*tx, hooks, now);
     let results = tx.query_many(&w.batch).await?;
     if guess.is_some() {
         // The guess, checked against what the guards read (and the clock against the
@@ -212,10 +215,15 @@ struct Writes {
     batch: Vec<Stmt>,
     plans: Vec<Option<Plan>>,
     failed: Vec<Option<StoreError>>,
-    /// Per batch, how many of its nodes succeed here (each frees a slot).
+    /// Per batch, how many slots the nodes that succeed here free (those not passed on).
     fills: BTreeMap<String, usize>,
-    /// Per batch and node, the completions handing off there, and the first one's definition.
-    wants: BTreeMap<(String, String), (Vec<usize>, String)>,
+    /// Per batch and node, the hand-offs there.
+    wants: BTreeMap<(String, String), Want>,
+    /// Per completion, the node leased ahead its slot passes to here (see `Completion::pass_to`).
+    unparks: Vec<Option<String>>,
+    /// Per batch, how many passes here; and the statement that records them.
+    passed: BTreeMap<String, usize>,
+    unparked_at: Option<usize>,
     /// The statement that returns the events' numbers.
     events_at: Option<usize>,
     /// The statement that releases the dependents of the workflows that succeeded.
@@ -228,23 +236,89 @@ struct Writes {
 struct Slots {
     passes: Vec<(String, usize, Vec<usize>)>,
     ready_at: Vec<(Vec<usize>, std::ops::Range<usize>, ReadAhead)>,
+    /// Per lease ahead, the completions it is for (and how many each asked for).
+    ahead_at: Vec<(Asks, std::ops::Range<usize>, ReadAhead)>,
 }
+
+/// Adds to `batch` the read ahead of definition `def`'s hooks for the nodes `leased`
+/// selects, if they read.
+fn read_ahead(batch: &mut Vec<Stmt>, hooks: &Registry, def: &str, leased: Stmt) -> ReadAhead {
+    let hk = hooks.get(def)?;
+    let s = hk.0.handed_off_read(&leased)?;
+    batch.push(s);
+    Some((hk, batch.len() - 1))
+}
+
+/// The completions a lease ahead is for, and how many nodes each asked for.
+type Asks = Vec<(usize, u32)>;
 
 /// A hand-off's read ahead: the hooks that read, and their statement among [`Writes::batch`].
 type ReadAhead = Option<(Hooks, usize)>;
 
+/// The hand-offs of one batch and node in a group: the completions whose freed slot each
+/// leases a node with, those leasing nodes ahead (and how many each), the lease's length and
+/// the first one's definition.
+struct Want {
+    slot: Vec<usize>,
+    ahead: Asks,
+    lease_ms: i64,
+    def: String,
+}
+
 impl Writes {
     /// Every write of the completions `reqs` (after the guards' statements `batch`), given
-    /// which moved on in their guard and what the others' guards found.
+    /// which moved on in their guard and what the others' guards found (`guards`), and the
+    /// passes earlier groups recorded.
     fn plan(
         d: Dialect,
         reqs: &[DoneReq],
-        moved: &[bool],
-        mut found: Vec<Option<Result<Found>>>,
+        guards: (&[bool], Vec<Option<Result<Found>>>),
         now: i64,
-        hooks: &Registry,
+        (hooks, passes): (&Registry, &Passes),
         mut batch: Vec<Stmt>,
     ) -> Self {
+        let (moved, mut found) = guards;
+        // Where each slot goes: a node that succeeds here frees its slot, or passes it to the
+        // node leased ahead that took it in memory — which, succeeding here too, frees or
+        // passes it in turn; one not succeeding here is unparked (it runs, counted from now).
+        // A node leased ahead holds a slot only once a pass to it is recorded: here, or in a
+        // group committed before (`passes`). One whose pass failed (the passing node lost its
+        // lease, or undoes) ran on that node's slot, which stays counted until it ends.
+        let n = reqs.len();
+        let ends_ok: Vec<bool> = (0..n)
+            .map(|i| fin(&reqs[i]) && matches!(&found[i], Some(Ok(f)) if !f.cancel))
+            .collect();
+        let at: HashMap<&str, usize> = reqs
+            .iter()
+            .enumerate()
+            .map(|(i, j)| (j.wf.as_str(), i))
+            .collect();
+        let mut holds: Vec<bool> = reqs
+            .iter()
+            .map(|j| match &j.took_slot_of {
+                None => true,
+                Some(from) => !at.contains_key(from.as_str()) && passes.took(&j.wf),
+            })
+            .collect();
+        let mut frees = vec![false; n];
+        let mut unparks: Vec<Option<String>> = vec![None; n];
+        let mut unpark_rows = RowSet::new(UNPARK_ROW);
+        for i in 0..n {
+            if !(holds[i] && ends_ok[i]) {
+                continue;
+            }
+            let Some(to) = &reqs[i].pass_to else {
+                frees[i] = true;
+                continue;
+            };
+            match at.get(to.as_str()) {
+                Some(&q) if q > i && ends_ok[q] => holds[q] = true,
+                _ => {
+                    unpark_rows.push(vec![to.as_str().into(), reqs[i].node.as_str().into()]);
+                    unparks[i] = Some(to.clone());
+                }
+            }
+        }
         // 3. Every write of every completion, in one batch: the rare ones row by row (endings,
         //    children), then one statement each for the steps done, the effects, the steps
         //    started and the events.
@@ -254,7 +328,8 @@ impl Writes {
         let mut n_events = 0i64;
         let mut plans: Vec<Option<Plan>> = Vec::with_capacity(reqs.len());
         let mut fills: BTreeMap<String, usize> = BTreeMap::new();
-        let mut wants: BTreeMap<(String, String), (Vec<usize>, String)> = BTreeMap::new();
+        let mut wants: BTreeMap<(String, String), Want> = BTreeMap::new();
+        let mut passed: BTreeMap<String, usize> = BTreeMap::new();
         let mut failed: Vec<Option<StoreError>> = (0..reqs.len()).map(|_| None).collect();
         // The workflows that end succeeded (their new step), and their endings.
         let mut ends = RowSet::new(END_ROW);
@@ -301,14 +376,14 @@ impl Writes {
                     wf.into(),
                     (*idx).into(),
                     None::<String>.into(),
-                    i64::from(k > 0).into(),
+                    i64::from(k > 0 || j.unstarted).into(),
                 ]);
             }
             done_rows.push(vec![
                 wf.into(),
                 j.idx.into(),
                 j.commit.output.as_ref().map(|o| o.to_string()).into(),
-                i64::from(!j.ran.is_empty()).into(),
+                i64::from(!j.ran.is_empty() || j.unstarted).into(),
             ]);
             for (key, payload) in &j.commit.effects {
                 effect_rows.push(vec![
@@ -328,7 +403,7 @@ impl Writes {
             };
             let mut evs = vec![];
             for (k, name) in j.ran.iter().map(|(_, n)| n).chain([&j.name]).enumerate() {
-                if k > 0 {
+                if k > 0 || j.unstarted {
                     evs.push(ev(Some(name), "step_started", format!("{name} started")));
                 }
                 evs.push(ev(Some(name), "step_done", format!("{name} done")));
@@ -349,13 +424,27 @@ impl Writes {
             } else if let (Some(end), true, false) = (&end, fin(j), cancel) {
                 succeeded.push(end.clone());
                 if let Some(b) = &end.batch_id {
-                    *fills.entry(b.clone()).or_default() += 1;
-                    if j.handoff.is_some() {
-                        wants
+                    if frees[i] {
+                        *fills.entry(b.clone()).or_default() += 1;
+                    }
+                    if unparks[i].is_some() {
+                        *passed.entry(b.clone()).or_default() += 1;
+                    }
+                    if let Some(h) = j.handoff {
+                        let w = wants
                             .entry((b.clone(), j.node.clone()))
-                            .or_insert_with(|| (vec![], end.definition.clone()))
-                            .0
-                            .push(i);
+                            .or_insert_with(|| Want {
+                                slot: vec![],
+                                ahead: vec![],
+                                lease_ms: h.lease_ms,
+                                def: end.definition.clone(),
+                            });
+                        if frees[i] {
+                            w.slot.push(i);
+                        }
+                        if h.ahead > 0 {
+                            w.ahead.push((i, h.ahead));
+                        }
                     }
                 }
                 let ended = format!("{} succeeded", end.definition);
@@ -406,6 +495,11 @@ impl Writes {
         let events_at = has_events.then(|| batch.len() + writes.len() - 1);
         batch.extend(writes);
         batch.extend(own);
+        // The passes, before any fill counts the batches' free slots.
+        let unparked_at = unpark_stmt(d, unpark_rows, now).map(|s| {
+            batch.push(s);
+            batch.len() - 1
+        });
         // Their dependents wait for them no more (RETURNING the dependents' batches).
         let released = (!succeeded.is_empty()).then(|| {
             let ids: Vec<String> = succeeded.iter().map(|e| e.id.clone()).collect();
@@ -418,6 +512,9 @@ impl Writes {
             failed,
             fills,
             wants,
+            unparks,
+            passed,
+            unparked_at,
             events_at,
             released,
         }
@@ -425,7 +522,7 @@ impl Writes {
 
     /// The statements that give the slots these endings free, after the writes in the same
     /// round trip.
-    fn batch_slots(&mut self, tx: &dyn Tx, reqs: &[DoneReq], hooks: &Registry, now: i64) -> Slots {
+    fn batch_slots(&mut self, tx: &dyn Tx, hooks: &Registry, now: i64) -> Slots {
         let d = tx.dialect();
         // 4. Batch slots, after the writes in the same round trip: the slots freed by these
         //    endings go to the next ready nodes of their batches, and each finishing batch node
@@ -433,48 +530,64 @@ impl Writes {
         //    takes its slot with its lease and the other freed slots pass on, a counted fill
         //    after only where the queue looked empty; on SQLite a counted fill, then the leases.
         //    The finishing node's hooks read ahead for the leased nodes right after the lease;
-        //    on PostgreSQL the lease also starts their steps.
+        //    on PostgreSQL the lease also starts their steps. Then the nodes leased ahead of
+        //    their slots, and the read ahead for them.
         let batch = &mut self.batch;
-        let (mut passes, mut ready_at) = (vec![], vec![]);
-        for (b, &freed) in &self.fills {
-            if d == Dialect::Sqlite {
+        let (mut passes, mut ready_at, mut ahead_at) = (vec![], vec![], vec![]);
+        let mut batches: Vec<&String> = self.fills.keys().collect();
+        batches.extend(self.wants.keys().map(|(b, _)| b));
+        batches.sort_unstable();
+        batches.dedup();
+        for b in batches {
+            let freed = self.fills.get(b).copied().unwrap_or(0);
+            if d == Dialect::Sqlite && freed > 0 {
                 batch.extend(fill_stmts(d, b));
             }
             // On PostgreSQL the hand-offs take their slots with their leases; the rest pass on.
             let (mut left, mut given) = (freed, vec![]);
-            for ((batch_id, node), (idxs, def)) in
-                self.wants.iter().filter(|((batch_id, _), _)| batch_id == b)
-            {
-                let Some(h) = reqs[idxs[0]].handoff else {
+            let mine = || self.wants.iter().filter(|((batch_id, _), _)| batch_id == b);
+            for ((batch_id, node), w) in mine() {
+                let n = w.slot.len().min(left);
+                if n == 0 {
                     continue;
-                };
-                let n = idxs.len().min(left);
+                }
                 if d == Dialect::Postgres {
                     left -= n;
                     given.push(batch.len());
                 }
-                let until = now + h.lease_ms;
+                let until = now + w.lease_ms;
                 let lease = lease_ready(tx, batch_id, n, node, until, now);
                 let at = batch.len()..batch.len() + lease.len();
                 batch.extend(lease);
-                let mut read = None;
-                if let Some(hk) = hooks.get(def)
-                    && let Some(s) = hk.0.handed_off_read(&leased_by(batch_id, node, until))
-                {
-                    read = Some((hk, batch.len()));
-                    batch.push(s);
-                }
-                ready_at.push((idxs.clone(), at, read));
+                let read = read_ahead(batch, hooks, &w.def, leased_by(batch_id, node, until));
+                ready_at.push((w.slot.clone(), at, read));
             }
-            if d == Dialect::Postgres {
+            if d == Dialect::Postgres && freed > 0 {
                 if left > 0 {
                     given.push(batch.len());
                     batch.push(pass_slots(b, left));
                 }
                 passes.push((b.clone(), freed, given));
             }
+            for ((batch_id, node), w) in mine() {
+                let m: u32 = w.ahead.iter().map(|(_, k)| k).sum();
+                if m == 0 {
+                    continue;
+                }
+                let until = now + w.lease_ms;
+                let lease = lease_ahead(d, batch_id, m as usize, node, until, now);
+                let at = batch.len()..batch.len() + lease.len();
+                batch.extend(lease);
+                let held = held_by(batch_id, node, until, m as usize);
+                let read = read_ahead(batch, hooks, &w.def, held);
+                ahead_at.push((w.ahead.clone(), at, read));
+            }
         }
-        Slots { passes, ready_at }
+        Slots {
+            passes,
+            ready_at,
+            ahead_at,
+        }
     }
 
     /// Each completion's outcome from the `results` of [`Writes::batch`]; a counted fill where
@@ -489,10 +602,33 @@ impl Writes {
         prefetched: &Prefetch,
         now: i64,
     ) -> Result<Vec<Result<Done>>> {
-        let Slots { passes, ready_at } = slots;
+        let Slots {
+            passes,
+            ready_at,
+            ahead_at,
+        } = slots;
         let d = tx.dialect();
         for (b, freed, given) in &passes {
             if given.iter().map(|&at| results[at].len()).sum::<usize>() < *freed {
+                fill_batch_in(tx, b).await?;
+            }
+        }
+        // A pass whose node was no longer there to take the slot (its lease lost) left it
+        // free: a counted fill gives it.
+        let mut took: std::collections::HashSet<String> = Default::default();
+        let mut unparked: BTreeMap<String, usize> = BTreeMap::new();
+        for r in self
+            .unparked_at
+            .map(|k| &results[k][..])
+            .unwrap_or_default()
+        {
+            took.insert(r_text(r, "id")?);
+            if let Some(b) = r_opt_text(r, "batch_id")? {
+                *unparked.entry(b).or_default() += 1;
+            }
+        }
+        for (b, &n) in &self.passed {
+            if unparked.get(b).copied().unwrap_or(0) < n {
                 fill_batch_in(tx, b).await?;
             }
         }
@@ -533,7 +669,16 @@ impl Writes {
             for (e, s) in events.iter_mut().zip(mine) {
                 e.seq = s;
             }
-            out.push(Ok((events, cancel, None)));
+            let passed = self.unparks[i].take().map(|to| {
+                let t = took.contains(&to);
+                (to, t)
+            });
+            out.push(Ok(Done {
+                events,
+                cancel,
+                passed,
+                ..Done::default()
+            }));
         }
 
         // 5. The hand-offs leased their batches' next ready nodes in the batch above, and their
@@ -566,8 +711,24 @@ impl Writes {
         for ((idxs, l), span) in leases.into_iter().zip(spans) {
             let started = if span.is_empty() { &[][..] } else { &res[span] };
             for (i, c) in idxs.into_iter().zip(l.claimed(started)?) {
-                if let Ok((_, _, next)) = &mut out[i] {
-                    *next = Some(c);
+                if let Ok(done) = &mut out[i] {
+                    done.handed = Some(c);
+                }
+            }
+        }
+        // The nodes leased ahead, nothing of theirs started: the first asked for go to the
+        // first that asked.
+        for (asks, at, read) in ahead_at {
+            if let Some((h, k)) = read {
+                h.0.handed_off_rows(&results[k], prefetched)?;
+            }
+            let Some(l) = Leased::read(&results[at], None, Start::No, now)? else {
+                continue;
+            };
+            let mut got = l.claimed(&[])?.into_iter();
+            for (i, k) in asks {
+                if let Ok(done) = &mut out[i] {
+                    done.ahead.extend(got.by_ref().take(k as usize));
                 }
             }
         }
@@ -748,4 +909,38 @@ fn r_int(r: &Row, c: &str) -> Result<i64> {
 
 fn r_opt_text(r: &Row, c: &str) -> Result<Option<String>> {
     crate::db::Cols::opt_text(r, c)
+}
+
+/// The statement recording the passes of rows `v` ([`UNPARK_ROW`]): each node, still leased
+/// ahead to the node named, is unparked (it runs: it counts against its batch's parallelism
+/// from here). It returns those unparked and their batches.
+fn unpark_stmt(d: Dialect, rows: RowSet, now: i64) -> Option<Stmt> {
+    const RUN: &str =
+        "parked = 0, status = CASE WHEN status = 'pending' THEN 'running' ELSE status END";
+    match d {
+        Dialect::Sqlite => set_stmt(
+            d,
+            rows,
+            |v| {
+                format!(
+                    "UPDATE workflows SET {RUN}, updated_at = $1 FROM {v}
+                     WHERE workflows.id = v.wf AND workflows.lease_owner = v.node
+                       AND workflows.parked = 1
+                     RETURNING id, batch_id"
+                )
+            },
+            now,
+        ),
+        Dialect::Postgres => (!rows.is_empty()).then(|| {
+            Stmt::new(
+                format!(
+                    "UPDATE workflows SET {RUN}, updated_at = {TX_CLOCK}
+                     WHERE id = ANY(CAST($1 AS TEXT[])) AND parked = 1
+                       AND lease_owner = (CAST($2 AS TEXT[]))[array_position(CAST($1 AS TEXT[]), id)]
+                     RETURNING id, batch_id"
+                ),
+                rows.args(d),
+            )
+        }),
+    }
 }

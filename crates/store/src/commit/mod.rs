@@ -66,6 +66,10 @@ pub(crate) struct DoneReq {
     pub next: Option<(u32, String, i64)>,
     pub finish: bool,
     pub handoff: Option<Handoff>,
+    /// See `Completion::pass_to`, `took_slot_of` and `unstarted`.
+    pub pass_to: Option<String>,
+    pub took_slot_of: Option<String>,
+    pub unstarted: bool,
     /// What ending the workflow needs, as the engine claimed it (see `Completion::claimed`).
     pub ending: Option<Ending>,
 }
@@ -75,8 +79,52 @@ pub(crate) struct DoneJob {
     pub reply: oneshot::Sender<Result<Done>>,
 }
 
-/// A completion's events, whether a cancel was requested, and the batch node handed to it.
-pub(crate) type Done = (Vec<WorkflowEvent>, bool, Option<Claimed>);
+/// What a completion recorded: its events, whether a cancel was requested, the batch node
+/// handed to it with a slot and those leased to it ahead of one; and the node its slot
+/// passed to, with whether that node was there to take it (see [`Passes`]).
+#[derive(Debug, Default)]
+pub(crate) struct Done {
+    pub events: Vec<WorkflowEvent>,
+    pub cancel: bool,
+    pub handed: Option<Claimed>,
+    pub ahead: Vec<Claimed>,
+    pub passed: Option<(String, bool)>,
+}
+
+/// A committer's record of the nodes leased ahead whose pass a committed group recorded
+/// (`true`: the node took the slot; `false`: it was not there to take it), until they end.
+/// A node's completions are recorded in order, so the pass to it is in the group of its
+/// completion or in one committed before; this says which, and whether that node's slot is
+/// one the batch counts.
+#[derive(Debug, Default)]
+pub(crate) struct Passes(std::sync::Mutex<std::collections::HashMap<String, bool>>);
+
+impl Passes {
+    /// Whether the earlier pass to `wf` gave it a slot.
+    fn took(&self, wf: &str) -> bool {
+        self.0
+            .lock()
+            .expect("passes lock")
+            .get(wf)
+            .copied()
+            .unwrap_or(false)
+    }
+
+    /// Notes what the committed group `reqs` answered `results` with.
+    fn committed(&self, reqs: &[DoneReq], results: &[Result<Done>]) {
+        let mut m = self.0.lock().expect("passes lock");
+        for (j, r) in reqs.iter().zip(results) {
+            if let Ok(d) = r {
+                if let Some((to, took)) = &d.passed {
+                    m.insert(to.clone(), *took);
+                }
+                if j.finish && j.next.is_none() && j.commit.children.is_empty() {
+                    m.remove(&j.wf);
+                }
+            }
+        }
+    }
+}
 
 /// What the SQLite write thread does: a step completion (grouped with others queued at the
 /// same time), or one whole write transaction of the store's (see `db::sqlite`).

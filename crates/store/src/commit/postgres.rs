@@ -2,7 +2,7 @@
 //! groups at once on pooled connections, each gathered over [`PG_GATHER_YIELDS`] yields.
 
 use super::{
-    Done, DoneJob, DoneReq, GroupError, Guards, MAX_GROUP, PG_GATHER_YIELDS, PG_IN_FLIGHT,
+    Done, DoneJob, DoneReq, GroupError, Guards, MAX_GROUP, PG_GATHER_YIELDS, PG_IN_FLIGHT, Passes,
     commit_group, observe_group,
 };
 use crate::Result;
@@ -18,6 +18,7 @@ pub(crate) fn spawn_pg(
 ) -> tokio::sync::mpsc::UnboundedSender<DoneJob> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<DoneJob>();
     let slots = Arc::new(tokio::sync::Semaphore::new(PG_IN_FLIGHT));
+    let passes = Arc::new(Passes::default());
     tokio::spawn(async move {
         // A group forms while the groups in flight commit: a slot first, then everything
         // queued meanwhile, and what the tasks ready to run send while this one yields.
@@ -34,13 +35,18 @@ pub(crate) fn spawn_pg(
                 tokio::task::yield_now().await;
                 take_queued(&mut rx, &mut group);
             }
-            let (db, prefetched, hooks) = (db.clone(), prefetched.clone(), hooks.clone());
+            let (db, prefetched, hooks, passes) = (
+                db.clone(),
+                prefetched.clone(),
+                hooks.clone(),
+                passes.clone(),
+            );
             tokio::spawn(async move {
                 let (reqs, replies): (Vec<_>, Vec<_>) =
                     group.into_iter().map(|j| (j.req, j.reply)).unzip();
                 let reqs = Arc::new(reqs);
                 let t0 = std::time::Instant::now();
-                let first = pg_group(&db, reqs.clone(), &prefetched, &hooks).await;
+                let first = pg_group(&db, reqs.clone(), &prefetched, &hooks, &passes).await;
                 observe_group("postgres", reqs.len(), t0.elapsed());
                 let results = match first {
                     Ok(v) => v,
@@ -50,7 +56,7 @@ pub(crate) fn spawn_pg(
                         for r in reqs.iter() {
                             let one = Arc::new(vec![r.clone()]);
                             out.push(
-                                pg_group(&db, one, &prefetched, &hooks)
+                                pg_group(&db, one, &prefetched, &hooks, &passes)
                                     .await
                                     .and_then(|mut v| v.pop().expect("one result")),
                             );
@@ -59,6 +65,7 @@ pub(crate) fn spawn_pg(
                     }
                     Err(e) => vec![Err(e)],
                 };
+                passes.committed(&reqs, &results);
                 drop(permit);
                 for (reply, r) in replies.into_iter().zip(results) {
                     let _ = reply.send(r);
@@ -84,13 +91,21 @@ async fn pg_group(
     reqs: Arc<Vec<DoneReq>>,
     prefetched: &Arc<Prefetch>,
     hooks: &Registry,
+    passes: &Arc<Passes>,
 ) -> Result<Vec<Result<Done>>> {
     // First with the writes sent beside the lease guards; the careful way if that guessed
     // wrong (a lease lost, a cancel pending, the clock moved: rolled back, nothing written).
     let run = |guards: Guards| {
-        let (prefetched, hooks, reqs) = (prefetched.clone(), hooks.clone(), reqs.clone());
+        let (prefetched, hooks, reqs, passes) = (
+            prefetched.clone(),
+            hooks.clone(),
+            reqs.clone(),
+            passes.clone(),
+        );
         db.write_with(Durability::Replayable, move |tx| {
-            Box::pin(async move { commit_group(tx, &reqs, &prefetched, &hooks, guards).await })
+            Box::pin(
+                async move { commit_group(tx, &reqs, &prefetched, &hooks, &passes, guards).await },
+            )
         })
     };
     match run(Guards::Guess).await {

@@ -1,7 +1,9 @@
 //! Step completions on SQLite: the write thread that groups them between the store's other
 //! write transactions, and the thread that checkpoints the WAL.
 
-use super::{Done, DoneReq, GroupError, Guards, Job, MAX_GROUP, commit_group, observe_group};
+use super::{
+    Done, DoneReq, GroupError, Guards, Job, MAX_GROUP, Passes, commit_group, observe_group,
+};
 use crate::db::sqlite::{SqliteTx, run_ready};
 use crate::hooks::{Prefetch, Registry};
 use crate::{Result, StoreError};
@@ -35,6 +37,7 @@ pub(crate) fn spawn(
         .name("basphere-writer".into())
         .spawn(move || {
             let mut next = None;
+            let passes = Passes::default();
             while let Some(first) = next.take().or_else(|| rx.recv().ok()) {
                 let first = match first {
                     Job::Tx(f) => {
@@ -59,8 +62,9 @@ pub(crate) fn spawn(
                 let (reqs, replies): (Vec<_>, Vec<_>) =
                     group.into_iter().map(|j| (j.req, j.reply)).unzip();
                 let t0 = std::time::Instant::now();
-                let results = sqlite_group(&mut conn, &reqs, &prefetched, &hooks);
+                let results = sqlite_group(&mut conn, &reqs, &prefetched, &hooks, &passes);
                 observe_group("sqlite", reqs.len(), t0.elapsed());
+                passes.committed(&reqs, &results);
                 w.fetch_add(1, Ordering::Relaxed);
                 for (reply, r) in replies.into_iter().zip(results) {
                     let _ = reply.send(r);
@@ -84,6 +88,7 @@ fn sqlite_group(
     reqs: &[DoneReq],
     prefetched: &Prefetch,
     hooks: &Registry,
+    passes: &Passes,
 ) -> Vec<Result<Done>> {
     let once = |conn: &mut Connection, reqs: &[DoneReq]| -> Result<Vec<Result<Done>>> {
         conn.execute_batch("BEGIN IMMEDIATE")?;
@@ -92,6 +97,7 @@ fn sqlite_group(
             reqs,
             prefetched,
             hooks,
+            passes,
             Guards::Read,
         ))
         .map_err(GroupError::into_store);

@@ -113,7 +113,7 @@ pub(crate) fn lease_ready(
                               FROM workflow_steps st WHERE st.workflow_id = l.id) AS steps_json,
                         (SELECT e.seq FROM e WHERE e.workflow_id = l.id) AS seq
                  FROM l",
-                parked_queue("CAST($2 AS BIGINT)", SKIP_HELD),
+                parked_queue(Dialect::Postgres, "CAST($2 AS BIGINT)", SKIP_HELD),
                 super::NewStep::DEFAULT_TIMEOUT_MS,
             ),
             batch,
@@ -173,6 +173,94 @@ pub(crate) fn leased_by(batch: &str, node: &str, lease_until: i64) -> Stmt {
         node,
         lease_until,
     )
+}
+
+/// The nodes of batch `$1` leased ahead of their slots to node `$2` until `$3`: parked and
+/// pending, waiting on nothing (the batch index's first four columns).
+const HELD_BY: &str = "batch_id = $1 AND parked = 1 AND status = 'pending'
+     AND waiting_on = 0 AND lease_owner = $2 AND lease_until = $3";
+
+/// The resources of the `max` nodes of `batch` a hand-off in this transaction leased ahead to
+/// `node` until `lease_until`, as [`leased_by`] selects those it leased with a slot. They are
+/// the first of the batch's queue after those held before them: read in queue order, the
+/// search stops at the last of them, not at the queue's end.
+pub(crate) fn held_by(batch: &str, node: &str, lease_until: i64, max: usize) -> Stmt {
+    stmt!(
+        format!(
+            "SELECT resource_kind, resource_id FROM workflows WHERE {HELD_BY}
+             ORDER BY created_at, id LIMIT CAST($4 AS BIGINT)"
+        ),
+        batch,
+        node,
+        lease_until,
+        max as i64,
+    )
+}
+
+/// A hand-off's lease of up to `max` ready parked nodes of `batch` to `node` *ahead* of their
+/// slots (`Handoff::ahead`): the next in the queue after those given slots in the same
+/// transaction (those another transaction holds, or another node's live lease, passed over).
+/// They stay parked and pending, nothing of theirs starts, and the update sets no indexed
+/// column (HOT on PostgreSQL). Returned with their steps, for [`Leased::read`] with
+/// [`Start::No`]: one statement on PostgreSQL (`steps_json`), the rows then their steps on
+/// SQLite.
+pub(crate) fn lease_ahead(
+    d: Dialect,
+    batch: &str,
+    max: usize,
+    node: &str,
+    lease_until: i64,
+    now: i64,
+) -> Vec<Stmt> {
+    let queue = parked_queue(
+        d,
+        "CAST($2 AS BIGINT)",
+        if d == Dialect::Postgres {
+            SKIP_HELD
+        } else {
+            ""
+        },
+    );
+    let set = "lease_owner = $3, lease_until = $4, updated_at = $5";
+    match d {
+        Dialect::Postgres => vec![stmt!(
+            format!(
+                "WITH l AS (
+                     UPDATE workflows SET {set} WHERE id = ANY(ARRAY({queue}))
+                     RETURNING {WF_COLS})
+                 SELECT l.*, (SELECT COALESCE(CAST(json_agg(st ORDER BY st.idx) AS TEXT), '[]')
+                              FROM workflow_steps st WHERE st.workflow_id = l.id) AS steps_json
+                 FROM l"
+            ),
+            batch,
+            max as i64,
+            node,
+            lease_until,
+            now,
+        )],
+        Dialect::Sqlite => vec![
+            stmt!(
+                format!("UPDATE workflows SET {set} WHERE id IN ({queue}) RETURNING {WF_COLS}"),
+                batch,
+                max as i64,
+                node,
+                lease_until,
+                now,
+            ),
+            stmt!(
+                format!(
+                    "SELECT * FROM workflow_steps WHERE workflow_id IN (
+                         SELECT id FROM workflows WHERE {HELD_BY}
+                         ORDER BY created_at, id LIMIT CAST($4 AS BIGINT))
+                     ORDER BY workflow_id, idx"
+                ),
+                batch,
+                node,
+                lease_until,
+                max as i64,
+            ),
+        ],
+    }
 }
 
 /// A workflow's steps as `json_agg` of its `workflow_steps` rows gives them.
@@ -710,6 +798,27 @@ impl Store {
                     ))
                     .await?;
                     Ok(())
+                })
+            })
+            .await
+    }
+
+    /// Gives back the nodes of `batch` leased ahead to `node` (`Handoff::ahead`) that it will
+    /// not run, `ids`: any node's again, and the batch's free slots go to its ready nodes.
+    pub async fn release_ahead(&self, batch: &str, ids: &[String], node: &str) -> Result<()> {
+        let (batch, ids, node) = (batch.to_string(), ids.to_vec(), node.to_string());
+        self.db
+            .write(move |tx| {
+                Box::pin(async move {
+                    let d = tx.dialect();
+                    let sql = format!(
+                        "UPDATE workflows SET lease_owner = NULL, lease_until = NULL
+                         WHERE {} AND lease_owner = $2 AND parked = 1",
+                        id_in(d, "id", 1)
+                    );
+                    tx.exec(&Stmt::new(sql, vec![ids_arg(d, &ids), node.into()]))
+                        .await?;
+                    super::fill_batch_in(tx, &batch).await
                 })
             })
             .await

@@ -71,14 +71,24 @@ fn update_ids(d: Dialect, set: &str, select: &str, rest: &str) -> String {
 }
 
 /// A batch's ready parked nodes (`$1` the batch) in queue order, at most `limit`, locked by
-/// `lock`: the nodes a counted fill, a slot pass and a hand-off's lease give slots to.
-pub(crate) fn parked_queue(limit: &str, lock: &str) -> String {
+/// `lock`: the nodes a counted fill, a slot pass and a hand-off's lease give slots to. A node
+/// leased ahead of its slot (`Handoff::ahead`) is passed over while its lease lasts (judged by
+/// the database's clock); its holder runs it.
+pub(crate) fn parked_queue(d: Dialect, limit: &str, lock: &str) -> String {
+    let now = match d {
+        Dialect::Postgres => crate::db::postgres::TX_CLOCK,
+        Dialect::Sqlite => SQLITE_CLOCK,
+    };
     format!(
         "SELECT id FROM workflows
          WHERE batch_id = $1 AND parked = 1 AND status = 'pending' AND waiting_on = 0
+           AND (lease_owner IS NULL OR lease_until < {now})
          ORDER BY created_at, id LIMIT {limit}{lock}"
     )
 }
+
+/// SQLite's clock in ms, in SQL.
+const SQLITE_CLOCK: &str = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)";
 
 /// On PostgreSQL a slot pass and a hand-off pass over the queued nodes another transaction
 /// holds (it is giving them their slots).
@@ -100,7 +110,7 @@ fn fill_stmt(d: Dialect, batch: &str) -> Stmt {
         Dialect::Sqlite => ("max", ""),
         Dialect::Postgres => ("GREATEST", SKIP_HELD),
     };
-    let ids = parked_queue(&FREE_SLOTS.replace("{max}", max), lock);
+    let ids = parked_queue(d, &FREE_SLOTS.replace("{max}", max), lock);
     stmt!(update_ids(d, "parked = 0", &ids, ""), batch)
 }
 
@@ -116,7 +126,7 @@ pub(crate) fn pass_slots(batch: &str, freed: usize) -> Stmt {
     stmt!(
         format!(
             "UPDATE workflows SET parked = 0 WHERE id = ANY(ARRAY({})) RETURNING id",
-            parked_queue("CAST($2 AS BIGINT)", SKIP_HELD)
+            parked_queue(Dialect::Postgres, "CAST($2 AS BIGINT)", SKIP_HELD)
         ),
         batch,
         freed as i64,

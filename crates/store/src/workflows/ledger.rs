@@ -3,9 +3,9 @@
 //! caller's lease.
 
 use super::{
-    Claimed, Completion, Ending, NewWorkflow, Reopen, Workflow, WorkflowEvent, WorkflowOutcome,
-    WorkflowStatus, add_dep, clock, event, finish_in, insert_stmts, lease_lost, load,
-    load_for_update, row_lock,
+    Claimed, Completed, Completion, Ending, NewWorkflow, Reopen, Workflow, WorkflowEvent,
+    WorkflowOutcome, WorkflowStatus, add_dep, clock, event, finish_in, insert_stmts, lease_lost,
+    load, load_for_update, row_lock,
 };
 use crate::audit::audit_stmt;
 use crate::db::{BoxFut, Durability, Tx, stmt};
@@ -161,6 +161,21 @@ impl Store {
         &self,
         c: Completion<'_>,
     ) -> Result<(Vec<WorkflowEvent>, bool, Option<Claimed>)> {
+        let d = self.complete_with(c).await?;
+        Ok((d.events, d.cancel, d.handed))
+    }
+
+    /// [`Store::complete`], with the nodes leased ahead too (see [`Handoff::ahead`]).
+    pub async fn complete_with(&self, c: Completion<'_>) -> Result<Completed> {
+        self.send_completion(c)?.await
+    }
+
+    /// Queues completion `c` at once — a node's completions are recorded in the order they
+    /// are queued — and returns what waits for its commit ([`Store::complete_with`]'s answer).
+    pub fn send_completion(
+        &self,
+        c: Completion<'_>,
+    ) -> Result<impl std::future::Future<Output = Result<Completed>> + Send + 'static> {
         let Completion {
             wf,
             node,
@@ -171,6 +186,9 @@ impl Store {
             next,
             finish,
             handoff,
+            pass_to,
+            took_slot_of,
+            unstarted,
             claimed,
         } = c;
         let (reply, rx) = tokio::sync::oneshot::channel();
@@ -185,6 +203,9 @@ impl Store {
                 next: next.map(|n| (n.idx, n.name.to_string(), n.deadline_ms)),
                 finish,
                 handoff,
+                pass_to: pass_to.map(str::to_string),
+                took_slot_of: took_slot_of.map(str::to_string),
+                unstarted,
                 ending: claimed.filter(|_| finish && next.is_none()).map(Ending::of),
             },
             reply,
@@ -196,8 +217,17 @@ impl Store {
             }
             (_, crate::commit::Committer::Thread) => return Err(StoreError::Closed),
         }
-        rx.await
-            .map_err(|_| StoreError::Corrupt("store", "the committer stopped".into()))?
+        Ok(async move {
+            let d = rx
+                .await
+                .map_err(|_| StoreError::Corrupt("store", "the committer stopped".into()))??;
+            Ok(Completed {
+                events: d.events,
+                cancel: d.cancel,
+                handed: d.handed,
+                ahead: d.ahead.into_iter().map(|(w, _, _)| w).collect(),
+            })
+        })
     }
 
     /// Records a retryable failure: the step runs again after `delay_ms`, by any node.

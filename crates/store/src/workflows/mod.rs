@@ -21,7 +21,9 @@ mod stats;
 
 pub use stats::WorkflowCounts;
 
-pub(crate) use claims::{LeaseNew, Leased, Start, lease_many, lease_ready, leased_by};
+pub(crate) use claims::{
+    LeaseNew, Leased, Start, held_by, lease_ahead, lease_many, lease_ready, leased_by,
+};
 pub(crate) use ending::{
     ENDING_COLS, Ending, SKIP_HELD, add_dep, ending_from, fill_batch_in, fill_stmts, finish_in,
     parked_queue, pass_slots, ready_nodes, release_stmt,
@@ -257,6 +259,17 @@ pub struct Completion<'a> {
     pub finish: bool,
     /// A finishing batch node leases the next ready node of its batch to `node`.
     pub handoff: Option<Handoff>,
+    /// When it ends here: the node of its batch, leased ahead to `node`, that took its slot
+    /// in memory and runs already. The same transaction records the pass (that node counts
+    /// as running from then on, whatever this one's slot did meanwhile), or, where that
+    /// node's own ending is in it too, frees the slot once.
+    pub pass_to: Option<&'a str>,
+    /// This workflow was leased ahead (see [`Handoff::ahead`]) and runs on the slot that
+    /// workflow `took_slot_of` passed it (`pass_to`), in this completion or an earlier one.
+    pub took_slot_of: Option<&'a str>,
+    /// None of the steps that ran (`ran`, then `idx`) was recorded running: the workflow was
+    /// leased ahead and this is its first completion.
+    pub unstarted: bool,
     /// The workflow as `node` claimed it, when it ends here: on PostgreSQL the completion's
     /// writes then go with the lease guards, in their round trip, and what the guards read
     /// is checked against it (a difference, or a guard that fails, undoes them and the group
@@ -278,6 +291,9 @@ impl<'a> Completion<'a> {
             next: None,
             finish: false,
             handoff: None,
+            pass_to: None,
+            took_slot_of: None,
+            unstarted: false,
             claimed: None,
         }
     }
@@ -514,4 +530,21 @@ pub struct LeaseTo {
 #[derive(Debug, Clone, Copy)]
 pub struct Handoff {
     pub lease_ms: i64,
+    /// Up to this many more ready nodes of the batch are leased to the same node *ahead* of
+    /// their slots: they stay parked (the batch's parallelism counts only unparked nodes)
+    /// and nothing of theirs starts, and no fill or other lease takes them while the lease
+    /// lasts. The node runs one when a slot of its frees in memory, and its next completion
+    /// records the pass ([`Completion::pass_to`]).
+    pub ahead: u32,
+}
+
+/// What [`crate::Store::complete_with`] recorded: the events, whether a cancel was requested
+/// meanwhile, the batch node handed off with a slot (claimed, its first step started) and
+/// the nodes leased ahead of their slots (claimed, nothing started; see [`Handoff::ahead`]).
+#[derive(Debug, Default)]
+pub struct Completed {
+    pub events: Vec<WorkflowEvent>,
+    pub cancel: bool,
+    pub handed: Option<Claimed>,
+    pub ahead: Vec<Workflow>,
 }
