@@ -256,7 +256,11 @@ impl Engine {
                         let batch = wf.batch_id.as_deref().filter(|_| last && unlimited);
                         let (pass, ask) = match batch {
                             Some(b) if began.elapsed() < window => self.take_ahead(b),
-                            _ => (None, 0),
+                            Some(b) => {
+                                self.give_back_ahead(b).await;
+                                (None, 0)
+                            }
+                            None => (None, 0),
                         };
                         let pass_id = pass.as_ref().map(|w| w.id.clone());
                         let c = Completion {

@@ -44,6 +44,23 @@ impl Pools {
         self.lock().entry(batch.to_string()).or_default().chains += 1;
     }
 
+    /// Keeps `nodes` of `batch`, held ahead at its admission.
+    pub(crate) fn hold(&self, batch: &str, nodes: Vec<Workflow>) {
+        let now = Instant::now();
+        let mut m = self.lock();
+        let p = m.entry(batch.to_string()).or_default();
+        p.nodes.extend(nodes.into_iter().map(|w| (w, now)));
+    }
+
+    /// Empties the pool of `batch`: the ids of the nodes it held.
+    pub(crate) fn drain(&self, batch: &str) -> Vec<String> {
+        let mut m = self.lock();
+        let Some(p) = m.get_mut(batch) else {
+            return vec![];
+        };
+        p.nodes.drain(..).map(|(w, _)| w.id).collect()
+    }
+
     /// A chain of `batch` ends; the ids of the nodes held that no chain is left to run.
     pub(crate) fn leave(&self, batch: &str) -> Vec<String> {
         let mut m = self.lock();
@@ -179,6 +196,20 @@ impl Engine {
     pub(crate) fn got_ahead(&self, batch: &str, asked: u32, nodes: Vec<Workflow>) {
         let left = self.inner.pools.got(batch, asked, nodes);
         self.release_ahead(batch, left);
+    }
+
+    /// Gives back every node of `batch` held ahead, once one of its nodes was slow: holding
+    /// them saves nothing then, and other replicas may run them meanwhile.
+    pub(crate) async fn give_back_ahead(&self, batch: &str) {
+        let ids = self.inner.pools.drain(batch);
+        if ids.is_empty() {
+            return;
+        }
+        let node = &self.inner.cfg.node_id;
+        if let Err(e) = self.inner.store.release_ahead(batch, &ids, node).await {
+            warn!(batch = %batch, error = %e, "giving back batch nodes leased ahead failed; they are free when their leases expire");
+        }
+        self.wake();
     }
 
     /// Gives back nodes of `batch` held ahead that this engine will not run.

@@ -47,7 +47,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, Semaphore, broadcast};
 
 pub use error::{StepError, StepErrorKind};
-pub use run::Reservation;
+pub use run::{Adopt, Reservation};
 
 /// When and how often a failed step is tried again.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -8,6 +8,23 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, broadcast, watch};
 use tracing::{info, warn};
 
+/// What a transaction leased to this node for [`Engine::adopt`]: workflows to run in the
+/// slots reserved, and batch nodes held ahead of their slots (`BatchAdmitted::held`).
+#[derive(Debug, Default)]
+pub struct Adopt {
+    pub claimed: Vec<Claimed>,
+    pub ahead: Vec<Workflow>,
+}
+
+impl From<Vec<Claimed>> for Adopt {
+    fn from(claimed: Vec<Claimed>) -> Self {
+        Adopt {
+            claimed,
+            ahead: vec![],
+        }
+    }
+}
+
 /// Slots of an engine's held for workflows a transaction is about to queue and lease.
 pub struct Reservation {
     permits: Vec<OwnedSemaphorePermit>,
@@ -50,8 +67,16 @@ impl Engine {
         })
     }
 
-    /// Runs the workflows a transaction leased with `slots` (see [`Engine::reserve`]).
-    pub fn adopt(&self, mut slots: Reservation, claimed: Vec<Claimed>) {
+    /// Runs the workflows a transaction leased with `slots` (see [`Engine::reserve`]), and
+    /// keeps the batch nodes it held ahead of their slots for them to pass their slots to.
+    pub fn adopt(&self, mut slots: Reservation, work: impl Into<Adopt>) {
+        let Adopt { claimed, ahead } = work.into();
+        if let Some(b) = ahead.first().and_then(|w| w.batch_id.clone()) {
+            match claimed.is_empty() {
+                true => self.release_ahead(&b, ahead.into_iter().map(|w| w.id).collect()),
+                false => self.inner.pools.hold(&b, ahead),
+            }
+        }
         for (wf, evs, started) in claimed {
             self.emit_all(evs);
             match slots.permits.pop() {
@@ -70,11 +95,11 @@ impl Engine {
     /// slot) and all before the chain ends.
     fn spawn_drive(&self, permit: OwnedSemaphorePermit, wf: Workflow, started: bool) {
         let me = self.clone();
+        let batch = wf.batch_id.clone();
+        if let Some(b) = &batch {
+            me.inner.pools.join(b);
+        }
         tokio::spawn(async move {
-            let batch = wf.batch_id.clone();
-            if let Some(b) = &batch {
-                me.inner.pools.join(b);
-            }
             let mut cur = Some((wf, started, None));
             let mut pending: VecDeque<Pending> = VecDeque::new();
             let mut handed: VecDeque<Claimed> = VecDeque::new();

@@ -123,7 +123,16 @@ async fn a_batch_leased_at_admission_runs_each_node_once_within_its_parallelism(
         .await
         .unwrap();
     assert_eq!(b.leased.len(), 2, "only the batch's two slots are leased");
-    e.adopt(slots, b.leased.clone());
+    // No node waits on another: the other three are held ahead for the two to pass their
+    // slots to.
+    assert_eq!(b.held.len(), 3, "{:?}", b.held);
+    e.adopt(
+        slots,
+        basphere_engine::Adopt {
+            claimed: b.leased.clone(),
+            ahead: b.held.clone(),
+        },
+    );
     e.wake();
     for n in &b.nodes {
         let w = wait_done(&store, &n.operation_id, 30).await;

@@ -2,20 +2,21 @@
 //! free engine slots, and the engine runs them without a claim.
 
 use crate::ServiceError;
-use basphere_engine::Engine;
-use basphere_store::{Claimed, LeaseTo};
+use basphere_engine::{Adopt, Engine};
+use basphere_store::LeaseTo;
 use std::future::Future;
 
 /// Runs `admit` — a transaction that may lease up to `n` of the workflows it queues to this
 /// node (`Some` lease when the engine has free slots) — and hands those to the engine. On a
 /// task of its own: a caller gone mid-way cannot leave leased work undriven.
-pub(crate) async fn admit_leased<T, E, F>(
+pub(crate) async fn admit_leased<T, A, E, F>(
     engine: &Engine,
     n: usize,
     admit: impl FnOnce(Option<LeaseTo>) -> F,
 ) -> Result<Result<T, E>, ServiceError>
 where
-    F: Future<Output = Result<(T, Vec<Claimed>), E>> + Send + 'static,
+    F: Future<Output = Result<(T, A), E>> + Send + 'static,
+    A: Into<Adopt> + Send + 'static,
     T: Send + 'static,
     E: Send + 'static,
 {

@@ -365,8 +365,11 @@ impl Services {
         let n = (req.parallelism as usize).min(req.creates.len() + req.deletes.len());
         let b = admit_leased(&self.engine, n, move |lease| async move {
             let mut b = store.admit_batch_leased(&req, &pool, &actor, lease).await?;
-            let leased = std::mem::take(&mut b.leased);
-            Ok::<_, basphere_store::BatchError>((b, leased))
+            let adopt = basphere_engine::Adopt {
+                claimed: std::mem::take(&mut b.leased),
+                ahead: std::mem::take(&mut b.held),
+            };
+            Ok::<_, basphere_store::BatchError>((b, adopt))
         })
         .await??;
         Ok(BatchOutcome::Admitted(Done {

@@ -10,7 +10,8 @@
 use crate::db::{Col, Cols, Dialect, RowSet, Stmt, Tx, stmt};
 use crate::workflows::sets::{id_in, ids_arg};
 use crate::workflows::{
-    Claimed, LeaseTo, NewWorkflow, clock, fill_batch_in, lease_many, ready_nodes,
+    Claimed, LeaseTo, NewWorkflow, StepRecord, StepStatus, Workflow, WorkflowStatus, clock,
+    fill_batch_in, idem_key, lease_many, ready_nodes,
 };
 use crate::{Result, Store, now_ms};
 use serde::Serialize;
@@ -66,6 +67,11 @@ pub struct BatchAdmitted {
     /// without a lease): the caller's engine runs them ([`crate::LeaseTo`]).
     #[serde(skip)]
     pub leased: Vec<Claimed>,
+    /// The nodes the admission leased to the caller's node *ahead* of their slots, in queue
+    /// order (nothing of theirs started): its engine passes them the slots of the nodes it
+    /// runs (`Handoff::ahead`). Only where no node waits on another.
+    #[serde(skip)]
+    pub held: Vec<Workflow>,
 }
 
 /// One statement inserting every row of `set` into `table`, whatever their number;
@@ -119,6 +125,25 @@ const WORKFLOW_ROW: &[Col] = &[
     ("created_at", true),
     ("updated_at", true),
 ];
+/// [`WORKFLOW_ROW`] with the lease of a node held ahead at admission.
+const WORKFLOW_ROW_HELD: &[Col] = &[
+    ("id", false),
+    ("definition", false),
+    ("resource_kind", false),
+    ("resource_id", false),
+    ("owner", false),
+    ("priority", true),
+    ("input", false),
+    ("next_run_at", true),
+    ("provider", false),
+    ("host", false),
+    ("batch_id", false),
+    ("node", false),
+    ("created_at", true),
+    ("updated_at", true),
+    ("lease_owner", false),
+    ("lease_until", true),
+];
 const STEP_ROW: &[Col] = &[
     ("workflow_id", false),
     ("idx", true),
@@ -159,14 +184,32 @@ pub(crate) async fn enqueue_in(
         .iter()
         .map(|w| (w.node.as_str(), w.id.as_str()))
         .collect();
-    let (mut wfs, mut steps) = (RowSet::new(WORKFLOW_ROW), RowSet::new(STEP_ROW));
+    // Where no node waits on another, the caller's node holds every node ahead of its slot
+    // from the insert on (no row version of its own for it): its engine passes the slots of
+    // the nodes it runs along them. The lease runs by the database's clock.
+    let hold = lease.filter(|l| {
+        l.max > 0
+            && works
+                .iter()
+                .all(|b| b.requires.is_empty() && b.optional.is_empty() && b.after.is_empty())
+    });
+    let held_until = match hold {
+        Some(l) => Some(clock(tx).await? + l.lease_ms),
+        None => None,
+    };
+    let cols = if hold.is_some() {
+        WORKFLOW_ROW_HELD
+    } else {
+        WORKFLOW_ROW
+    };
+    let (mut wfs, mut steps) = (RowSet::new(cols), RowSet::new(STEP_ROW));
     let (mut evs, mut edges) = (RowSet::new(EVENT_ROW), RowSet::new(EDGE_ROW));
     // One edge per pair (a name listed twice, or both required and optional, is one; the
     // hard one wins): `workflow_deps` keys on the pair.
     let mut paired = HashSet::new();
     for b in works {
         let (op, w) = (&b.id, &b.workflow);
-        wfs.push(vec![
+        let mut row = vec![
             op.into(),
             (&w.definition).into(),
             w.resource.as_ref().map(|r| r.kind.as_str()).into(),
@@ -181,13 +224,17 @@ pub(crate) async fn enqueue_in(
             (&b.node).into(),
             now.into(),
             now.into(),
-        ]);
+        ];
+        if let (Some(l), Some(until)) = (hold, held_until) {
+            row.extend([l.node.as_str().into(), until.into()]);
+        }
+        wfs.push(row);
         for (i, s) in w.steps.iter().enumerate() {
             steps.push(vec![
                 op.into(),
                 (i as i64).into(),
                 (&s.name).into(),
-                format!("{op}/{i}/{}", s.name).into(),
+                idem_key(op, i, &s.name).into(),
                 s.timeout_ms.into(),
             ]);
         }
@@ -258,8 +305,20 @@ pub(crate) async fn enqueue_in(
         .await?;
     }
     // Every node waits for a slot (all were inserted parked); the first `parallelism` ready
-    // ones get one now.
-    fill_batch_in(tx, batch_id).await?;
+    // ones get one now (those held ahead given back first: the claims take them).
+    match hold {
+        Some(_) => {
+            tx.exec(&stmt!(
+                "UPDATE workflows SET parked = 0, lease_owner = NULL, lease_until = NULL
+                 WHERE id IN (SELECT id FROM workflows WHERE batch_id = $1 AND parked = 1
+                              ORDER BY created_at, id LIMIT CAST($2 AS BIGINT))",
+                batch_id,
+                i64::from(parallelism.max(1)),
+            ))
+            .await?;
+        }
+        None => fill_batch_in(tx, batch_id).await?,
+    }
     // The caller's node takes up to `lease.max` of the nodes given a slot, saving each a
     // claim. They were inserted ready at `now` (this machine's clock); their lease runs by
     // the database's.
@@ -277,6 +336,19 @@ pub(crate) async fn enqueue_in(
         }
         None => vec![],
     };
+    // Those held are the rest, in the queue's order (`created_at`, all `now`, then `id`):
+    // as inserted, read from nothing.
+    let held = match hold {
+        Some(_) => {
+            let mut rest: Vec<&BatchWork> = works.iter().collect();
+            rest.sort_by(|a, b| a.id.cmp(&b.id));
+            rest.into_iter()
+                .skip(parallelism.max(1) as usize)
+                .map(|b| queued(b, batch_id, now))
+                .collect()
+        }
+        None => vec![],
+    };
     Ok(BatchAdmitted {
         batch_id: batch_id.to_string(),
         nodes: works
@@ -288,7 +360,51 @@ pub(crate) async fn enqueue_in(
             })
             .collect(),
         leased,
+        held,
     })
+}
+
+/// Node `b` of batch `batch_id` as [`enqueue_in`] queued it at `now`, waiting on nothing.
+fn queued(b: &BatchWork, batch_id: &str, now: i64) -> Workflow {
+    let w = &b.workflow;
+    Workflow {
+        id: b.id.clone(),
+        definition: w.definition.clone(),
+        resource: w.resource.clone(),
+        parent_id: None,
+        owner: w.owner.clone(),
+        status: WorkflowStatus::Pending,
+        step: 0,
+        attempt: 0,
+        priority: w.priority,
+        error: None,
+        input: w.input.clone(),
+        cancel_requested: false,
+        batch_id: Some(batch_id.to_string()),
+        node: Some(b.node.clone()),
+        waiting_on: 0,
+        created_at: now,
+        updated_at: now,
+        finished_at: None,
+        steps: w
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| StepRecord {
+                idx: i as u32,
+                name: s.name.clone(),
+                status: StepStatus::Pending,
+                attempts: 0,
+                error: None,
+                started_at: None,
+                finished_at: None,
+                idem_key: idem_key(&b.id, i, &s.name),
+                deadline_at: None,
+                timeout_ms: s.timeout_ms,
+                output: None,
+            })
+            .collect(),
+    }
 }
 
 impl Store {

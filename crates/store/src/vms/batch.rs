@@ -289,7 +289,9 @@ async fn admit(
     let leased = admitted
         .leased
         .iter()
-        .filter_map(|(wf, _, _)| made.remove(&wf.id))
+        .map(|(wf, _, _)| wf)
+        .chain(&admitted.held)
+        .filter_map(|wf| made.remove(&wf.id))
         .collect();
     Ok((admitted, leased, key))
 }

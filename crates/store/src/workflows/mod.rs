@@ -139,6 +139,11 @@ pub struct NewWorkflow {
     pub batch: Option<(String, String)>,
 }
 
+/// The idempotency key of step `idx` (`name`) of workflow `wf` ([`StepRecord::idem_key`]).
+pub(crate) fn idem_key(wf: &str, idx: usize, name: &str) -> String {
+    format!("{wf}/{idx}/{name}")
+}
+
 /// A step of a workflow to queue, with how long one attempt may take (stored with it, so
 /// whichever node starts the step reads its deadline from the ledger).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -362,7 +367,7 @@ pub(crate) fn insert_stmts(w: &NewWorkflow, id: &str, parent: Option<&str>, now:
             id,
             i as i64,
             s.name.as_str(),
-            format!("{id}/{i}/{}", s.name),
+            idem_key(id, i, &s.name),
             s.timeout_ms,
         ));
     }

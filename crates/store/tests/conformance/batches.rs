@@ -30,7 +30,7 @@ pub fn cases() -> Vec<Case> {
     ]
 }
 
-fn node(name: &str, requires: &[&str], optional: &[&str]) -> BatchVm {
+pub(crate) fn node(name: &str, requires: &[&str], optional: &[&str]) -> BatchVm {
     BatchVm {
         name: name.parse().unwrap(),
         os: "ubuntu-24.04".parse().unwrap(),
@@ -51,7 +51,7 @@ fn op_of(b: &basphere_store::BatchAdmitted, n: &str) -> String {
         .clone()
 }
 
-fn batch_req(
+pub(crate) fn batch_req(
     owner: &Username,
     parallelism: u32,
     creates: Vec<BatchVm>,

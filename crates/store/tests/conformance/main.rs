@@ -5,6 +5,7 @@
 //! Add a case to a domain module's `cases()`; it runs on both backends.
 
 mod addresses;
+mod ahead;
 mod audit;
 mod backup;
 mod batches;
@@ -32,6 +33,7 @@ fn all() -> Vec<Case> {
     v.extend(vms::cases());
     v.extend(addresses::cases());
     v.extend(batches::cases());
+    v.extend(ahead::cases());
     v.extend(extras::cases());
     v.extend(workflows::cases());
     v.extend(claimed::cases());
