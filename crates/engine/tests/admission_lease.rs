@@ -176,6 +176,65 @@ async fn a_batch_leased_at_admission_runs_each_node_once_within_its_parallelism(
     let _ = stop.send(true);
 }
 
+/// Quick nodes held ahead: each finishing node passes its slot in memory to the next held
+/// one and runs it while its completion commits. Every node runs once, all succeed, and
+/// never more than the parallelism at once, in memory as in the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_nodes_held_ahead_run_once_each_within_the_parallelism() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _pg) = open(dir.path()).await;
+    let p = Arc::new(NullProvider::new(Duration::ZERO));
+    let e = engine(&store, p.clone(), engine_cfg("n1"));
+    let stop = start(&e);
+    let u = user(&store, "alice", 40).await;
+    let nodes: Vec<_> = (0..40).map(|i| node(&format!("q{i}"), &[], &[])).collect();
+    let slots = reserve(&e, 8).await;
+    let b = store
+        .admit_batch_leased(
+            &batch(&u, 3, nodes),
+            &pool(),
+            &Actor::new("test", "test"),
+            Some(slots.lease()),
+        )
+        .await
+        .unwrap();
+    assert_eq!((b.leased.len(), b.held.len()), (3, 37));
+    e.adopt(
+        slots,
+        basphere_engine::Adopt {
+            claimed: b.leased.clone(),
+            ahead: b.held.clone(),
+        },
+    );
+    for n in &b.nodes {
+        let w = wait_done(&store, &n.operation_id, 30).await;
+        assert_eq!(w.status, WorkflowStatus::Succeeded, "{w:?}");
+    }
+    let calls = p.calls();
+    let vms = store.vms(Some("alice")).await.unwrap();
+    assert_eq!(vms.len(), 40);
+    assert!(vms.iter().all(|v| v.status == VmStatus::Running));
+    let mut marks: Vec<(std::time::Instant, i32)> = vec![];
+    for vm in &vms {
+        let mine: Vec<_> = calls.iter().filter(|c| c.instance == vm.id).collect();
+        let at = |phase: &str| {
+            let hits: Vec<_> = mine.iter().filter(|c| c.phase == phase).collect();
+            assert_eq!(hits.len(), 1, "{}: {phase} {mine:?}", vm.name);
+            hits[0].at
+        };
+        marks.push((at("prepare"), 1));
+        marks.push((at("wait_ready"), -1));
+    }
+    marks.sort_by_key(|m| (m.0, -m.1));
+    let (mut running, mut most) = (0i32, 0i32);
+    for (_, d) in marks {
+        running += d;
+        most = most.max(running);
+    }
+    assert!(most <= 3, "{most} nodes at once at parallelism 3");
+    let _ = stop.send(true);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_concurrency_limits_nothing_is_leased_at_admission() {
     let dir = tempfile::tempdir().unwrap();

@@ -21,21 +21,37 @@ pub fn cases() -> Vec<Case> {
         ("batch_hand_off_leases_ahead_and_cancels_wait", |s| {
             Box::pin(hand_off_ahead(s)) as Fut
         }),
+        (
+            "batch_nodes_held_by_a_node_gone_are_free_when_the_lease_ends",
+            |s| Box::pin(holder_gone(s)) as Fut,
+        ),
     ]
 }
 
 const RUNS: &[&str] = &["create_vm"];
 
 /// `n` independent nodes `{prefix}0…` of `owner`'s at parallelism `par`, leasing a slot for
-/// each to n1.
+/// each to n1 (for a minute).
 async fn admit(store: &Store, owner: &Username, prefix: &str, n: usize, par: u32) -> BatchAdmitted {
+    admit_for(store, owner, prefix, n, par, 60_000).await
+}
+
+/// [`admit`], the leases for `lease_ms`.
+async fn admit_for(
+    store: &Store,
+    owner: &Username,
+    prefix: &str,
+    n: usize,
+    par: u32,
+    lease_ms: i64,
+) -> BatchAdmitted {
     let creates: Vec<BatchVm> = (0..n)
         .map(|i| node(&format!("{prefix}{i}"), &[], &[]))
         .collect();
     let req = batch_req(owner, par, creates, &[]);
     let lease = LeaseTo {
         node: "n1".into(),
-        lease_ms: 60_000,
+        lease_ms,
         max: par as usize,
     };
     store
@@ -298,4 +314,30 @@ async fn hand_off_ahead(store: Store) {
         .await
         .unwrap();
     assert!(n2_claims(&store).await.is_empty());
+}
+
+/// The node holding a batch's nodes ahead is gone (its leases run out, by the database's
+/// clock): another node takes the running ones over, and the slot each frees goes to a
+/// node that was held.
+async fn holder_gone(store: Store) {
+    vm_hooks(&store);
+    let alice = user(&store, "alice", 10).await;
+    let b = admit_for(&store, &alice, "z", 3, 1, 300).await;
+    let ops: Vec<String> = b.nodes.iter().map(|n| n.operation_id.clone()).collect();
+    assert_eq!((b.leased.len(), b.held.len()), (1, 2));
+    assert!(n2_claims(&store).await.is_empty());
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    // z0's lease ran out: n2 takes it over (its step restarts) and finishes it.
+    assert_eq!(n2_claims(&store).await, [ops[0].clone()]);
+    let commit = StepCommit::default();
+    store
+        .complete(Completion {
+            ran: &[(0, "clone")],
+            finish: true,
+            ..Completion::of(&ops[0], "n2", 1, "boot", &commit)
+        })
+        .await
+        .unwrap();
+    // Its slot goes to z1, held by n1 no more.
+    assert_eq!(n2_claims(&store).await, [ops[1].clone()]);
 }
