@@ -30,8 +30,10 @@ struct Pool {
     /// Nodes asked for by completions not answered yet.
     asked: usize,
     /// After an answer short of what was asked (the batch's ready queue ran dry; in a
-    /// chain of dependencies it stays so), the completions to pass before asking again.
+    /// chain of dependencies it stays so), the completions to pass before asking again:
+    /// twice as many after each short answer in a row (`short`), up to 128 times.
     dry: usize,
+    short: u32,
 }
 
 impl Pools {
@@ -113,7 +115,10 @@ impl Pools {
             Some(p) => {
                 p.asked = p.asked.saturating_sub(asked as usize);
                 if nodes.len() < asked as usize {
-                    p.dry = PER_CHAIN * p.chains;
+                    p.dry = (PER_CHAIN * p.chains) << p.short.min(7);
+                    p.short += 1;
+                } else if asked > 0 {
+                    p.short = 0;
                 }
                 let now = Instant::now();
                 p.nodes.extend(nodes.into_iter().map(|w| (w, now)));
