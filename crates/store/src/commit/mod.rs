@@ -100,6 +100,8 @@ pub(crate) struct Done {
 pub(crate) struct Passes(std::sync::Mutex<std::collections::HashMap<String, bool>>);
 
 impl Passes {
+    const MAX: usize = 65_536;
+
     /// Whether the earlier pass to `wf` gave it a slot.
     fn took(&self, wf: &str) -> bool {
         self.0
@@ -110,9 +112,15 @@ impl Passes {
             .unwrap_or(false)
     }
 
-    /// Notes what the committed group `reqs` answered `results` with.
+    /// Notes what the committed group `reqs` answered `results` with (each `Ok` committed).
     fn committed(&self, reqs: &[DoneReq], results: &[Result<Done>]) {
         let mut m = self.0.lock().expect("passes lock");
+        // Entries of nodes that never ended here (their lease lost) are forgotten in bulk
+        // (a node forgotten so counts as not running when it ends: its slot waits for the
+        // batch's next counted fill).
+        if m.len() > Self::MAX {
+            m.clear();
+        }
         for (j, r) in reqs.iter().zip(results) {
             if let Ok(d) = r {
                 if let Some((to, took)) = &d.passed {

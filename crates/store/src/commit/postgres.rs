@@ -49,23 +49,25 @@ pub(crate) fn spawn_pg(
                 let first = pg_group(&db, reqs.clone(), &prefetched, &hooks, &passes).await;
                 observe_group("postgres", reqs.len(), t0.elapsed());
                 let results = match first {
-                    Ok(v) => v,
+                    Ok(v) => {
+                        passes.committed(&reqs, &v);
+                        v
+                    }
                     Err(e) if reqs.len() > 1 => {
                         tracing::debug!(error = %e, "group commit failed; committing one by one");
                         let mut out = Vec::with_capacity(reqs.len());
                         for r in reqs.iter() {
                             let one = Arc::new(vec![r.clone()]);
-                            out.push(
-                                pg_group(&db, one, &prefetched, &hooks, &passes)
-                                    .await
-                                    .and_then(|mut v| v.pop().expect("one result")),
-                            );
+                            let res = pg_group(&db, one, &prefetched, &hooks, &passes)
+                                .await
+                                .and_then(|mut v| v.pop().expect("one result"));
+                            passes.committed(std::slice::from_ref(r), std::slice::from_ref(&res));
+                            out.push(res);
                         }
                         out
                     }
                     Err(e) => vec![Err(e)],
                 };
-                passes.committed(&reqs, &results);
                 drop(permit);
                 for (reply, r) in replies.into_iter().zip(results) {
                     let _ = reply.send(r);

@@ -64,7 +64,6 @@ pub(crate) fn spawn(
                 let t0 = std::time::Instant::now();
                 let results = sqlite_group(&mut conn, &reqs, &prefetched, &hooks, &passes);
                 observe_group("sqlite", reqs.len(), t0.elapsed());
-                passes.committed(&reqs, &results);
                 w.fetch_add(1, Ordering::Relaxed);
                 for (reply, r) in replies.into_iter().zip(results) {
                     let _ = reply.send(r);
@@ -111,13 +110,18 @@ fn sqlite_group(
         }
     };
     match once(conn, reqs) {
-        Ok(v) => v,
+        Ok(v) => {
+            passes.committed(reqs, &v);
+            v
+        }
         Err(e) if reqs.len() > 1 => {
             tracing::debug!(error = %e, "group commit failed; committing one by one");
             reqs.iter()
                 .map(|r| {
-                    once(conn, std::slice::from_ref(r))
-                        .and_then(|mut v| v.pop().expect("one result"))
+                    let one = once(conn, std::slice::from_ref(r))
+                        .and_then(|mut v| v.pop().expect("one result"));
+                    passes.committed(std::slice::from_ref(r), std::slice::from_ref(&one));
+                    one
                 })
                 .collect()
         }
