@@ -109,23 +109,9 @@ pub(crate) fn bulk_insert(
     Some(Stmt::new(sql, set.args(dialect)))
 }
 
-const WORKFLOW_ROW: &[Col] = &[
-    ("id", false),
-    ("definition", false),
-    ("resource_kind", false),
-    ("resource_id", false),
-    ("owner", false),
-    ("priority", true),
-    ("input", false),
-    ("next_run_at", true),
-    ("provider", false),
-    ("host", false),
-    ("batch_id", false),
-    ("node", false),
-    ("created_at", true),
-    ("updated_at", true),
-];
-/// [`WORKFLOW_ROW`] with the lease of a node held ahead at admission.
+const WORKFLOW_ROW: &[Col] = WORKFLOW_ROW_HELD.split_at(WORKFLOW_ROW_HELD.len() - 2).0;
+/// A queued workflow's columns, then the lease of a node held ahead at admission
+/// ([`WORKFLOW_ROW`] without it).
 const WORKFLOW_ROW_HELD: &[Col] = &[
     ("id", false),
     ("definition", false),

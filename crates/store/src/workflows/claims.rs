@@ -109,8 +109,7 @@ pub(crate) fn lease_ready(
                      SELECT s.workflow_id, $5, s.name, 'step_started', s.name || ' started'
                      FROM s
                      RETURNING seq, workflow_id)
-                 SELECT l.*, (SELECT COALESCE(CAST(json_agg(st ORDER BY st.idx) AS TEXT), '[]')
-                              FROM workflow_steps st WHERE st.workflow_id = l.id) AS steps_json,
+                 SELECT l.*, {STEPS_JSON},
                         (SELECT e.seq FROM e WHERE e.workflow_id = l.id) AS seq
                  FROM l",
                 parked_queue(Dialect::Postgres, "CAST($2 AS BIGINT)", SKIP_HELD),
@@ -228,9 +227,7 @@ pub(crate) fn lease_ahead(
                 "WITH l AS (
                      UPDATE workflows SET {set} WHERE id = ANY(ARRAY({queue}))
                      RETURNING {WF_COLS})
-                 SELECT l.*, (SELECT COALESCE(CAST(json_agg(st ORDER BY st.idx) AS TEXT), '[]')
-                              FROM workflow_steps st WHERE st.workflow_id = l.id) AS steps_json
-                 FROM l"
+                 SELECT l.*, {STEPS_JSON} FROM l"
             ),
             batch,
             max as i64,
@@ -262,6 +259,10 @@ pub(crate) fn lease_ahead(
         ],
     }
 }
+
+/// On PostgreSQL, the steps of each workflow a lease's `l` returns, as one column.
+const STEPS_JSON: &str = "(SELECT COALESCE(CAST(json_agg(st ORDER BY st.idx) AS TEXT), '[]')
+     FROM workflow_steps st WHERE st.workflow_id = l.id) AS steps_json";
 
 /// A workflow's steps as `json_agg` of its `workflow_steps` rows gives them.
 fn steps_of_json(json: &str) -> Result<Vec<crate::StepRecord>> {

@@ -84,6 +84,16 @@ fn done<'a>(wf: &'a str, commit: &'a StepCommit) -> Completion<'a> {
     }
 }
 
+/// Both steps of node `wf`, held ahead, done by n1 on the slot `from` passed it (none of
+/// them recorded running before).
+fn held<'a>(wf: &'a str, from: &'a str, commit: &'a StepCommit) -> Completion<'a> {
+    Completion {
+        took_slot_of: Some(from),
+        unstarted: true,
+        ..done(wf, commit)
+    }
+}
+
 async fn held_ahead(store: Store) {
     vm_hooks(&store);
     let alice = user(&store, "alice", 10).await;
@@ -92,11 +102,8 @@ async fn held_ahead(store: Store) {
     // Two given their slots and leased; the other three held ahead, in queue order, as
     // stored, their VMs read ahead.
     assert_eq!(b.leased.len(), 2);
-    let held: Vec<&str> = b.held.iter().map(|w| w.id.as_str()).collect();
-    assert_eq!(
-        held,
-        ops[2..].iter().map(String::as_str).collect::<Vec<_>>()
-    );
+    let ids: Vec<&str> = b.held.iter().map(|w| w.id.as_str()).collect();
+    assert_eq!(ids, ops[2..].iter().map(String::as_str).collect::<Vec<_>>());
     for w in &b.held {
         let stored = store.workflow(&w.id).await.unwrap().unwrap();
         assert_eq!(
@@ -136,11 +143,7 @@ async fn held_ahead(store: Store) {
 
     // h2's completion records every step, none of which was recorded running.
     store
-        .complete(Completion {
-            took_slot_of: Some(&ops[0]),
-            unstarted: true,
-            ..done(&ops[2], &commit)
-        })
+        .complete(held(&ops[2], &ops[0], &commit))
         .await
         .unwrap();
     let h2 = store.workflow(&ops[2]).await.unwrap().unwrap();
@@ -208,9 +211,7 @@ async fn pass_in_one_group(store: Store) {
     let second = store
         .send_completion(Completion {
             pass_to: Some(&ops[2]),
-            took_slot_of: Some(&ops[0]),
-            unstarted: true,
-            ..done(&ops[1], &commit)
+            ..held(&ops[1], &ops[0], &commit)
         })
         .unwrap();
     let (a, c) = futures_util::future::join(first, second).await;
@@ -226,11 +227,7 @@ async fn pass_in_one_group(store: Store) {
     assert!(n2_claims(&store).await.is_empty());
     // g2 ends without a pass: the slot is free; g3 (held) is passed over until given back.
     store
-        .complete(Completion {
-            took_slot_of: Some(&ops[1]),
-            unstarted: true,
-            ..done(&ops[2], &commit)
-        })
+        .complete(held(&ops[2], &ops[1], &commit))
         .await
         .unwrap();
     assert!(n2_claims(&store).await.is_empty());
@@ -296,11 +293,7 @@ async fn hand_off_ahead(store: Store) {
         .await
         .unwrap();
     let (_, cancel, _) = store
-        .complete(Completion {
-            took_slot_of: Some(&ops[1]),
-            unstarted: true,
-            ..done(&ops[3], &commit)
-        })
+        .complete(held(&ops[3], &ops[1], &commit))
         .await
         .unwrap();
     assert!(cancel);
