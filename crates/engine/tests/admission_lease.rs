@@ -235,6 +235,150 @@ async fn quick_nodes_held_ahead_run_once_each_within_the_parallelism() {
     let _ = stop.send(true);
 }
 
+/// The engine holding a batch's nodes ahead dies mid-batch (its runtime dropped: its tasks
+/// stop where they are, its leases stay): another engine finishes every node once its leases
+/// run out — the running ones claimed, those held given slots as the ending ones free them —
+/// and the parallelism holds throughout. A node in flight at the death may run again
+/// (at most one per slot); none more than twice.
+#[test]
+fn an_engine_dying_with_nodes_held_ahead_leaves_them_to_another() {
+    let main = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _pg) = main.block_on(open(dir.path()));
+    let p = Arc::new(NullProvider::new(Duration::from_millis(2)));
+    let u = main.block_on(user(&store, "alice", 120));
+    let lease = Duration::from_secs(1);
+    // The first engine on a runtime of its own, holding the batch.
+    let doomed = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let b = doomed.block_on(async {
+        let e = engine(
+            &store,
+            p.clone(),
+            basphere_engine::EngineConfig {
+                lease,
+                ..engine_cfg("n1")
+            },
+        );
+        std::mem::forget(start(&e));
+        let nodes: Vec<_> = (0..120).map(|i| node(&format!("d{i}"), &[], &[])).collect();
+        let slots = reserve(&e, 8).await;
+        let b = store
+            .admit_batch_leased(
+                &batch(&u, 3, nodes),
+                &pool(),
+                &Actor::new("test", "test"),
+                Some(slots.lease()),
+            )
+            .await
+            .unwrap();
+        assert_eq!((b.leased.len(), b.held.len()), (3, 117));
+        e.adopt(
+            slots,
+            basphere_engine::Adopt {
+                claimed: b.leased.clone(),
+                ahead: b.held.clone(),
+            },
+        );
+        b
+    });
+    // Some done, most not: it dies.
+    main.block_on(async {
+        let t0 = std::time::Instant::now();
+        loop {
+            let done = store
+                .batch_workflows(&b.batch_id)
+                .await
+                .unwrap()
+                .iter()
+                .filter(|w| w.status == WorkflowStatus::Succeeded)
+                .count();
+            if done >= 10 {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(30), "{done} done");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    doomed.shutdown_background();
+    let died = std::time::Instant::now();
+    main.block_on(async {
+        let done_at_death = store
+            .batch_workflows(&b.batch_id)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|w| w.status == WorkflowStatus::Succeeded)
+            .count();
+        assert!(
+            done_at_death < 120,
+            "the batch ended before the engine died"
+        );
+        let e2 = engine(
+            &store,
+            p.clone(),
+            basphere_engine::EngineConfig {
+                lease,
+                ..engine_cfg("n2")
+            },
+        );
+        let stop = start(&e2);
+        for n in &b.nodes {
+            let w = wait_done(&store, &n.operation_id, 60).await;
+            assert_eq!(w.status, WorkflowStatus::Succeeded, "{w:?}");
+        }
+        let _ = stop.send(true);
+    });
+    // Each node's runs: from a `prepare` to its `wait_ready` (one cut short ends at the death).
+    let calls = p.calls();
+    let vms = main.block_on(store.vms(Some("alice"))).unwrap();
+    assert_eq!(vms.len(), 120);
+    let mut marks: Vec<(std::time::Instant, i32)> = vec![];
+    let mut again = 0;
+    for vm in &vms {
+        let mine: Vec<_> = calls.iter().filter(|c| c.instance == vm.id).collect();
+        let runs = mine.iter().filter(|c| c.phase == "prepare").count();
+        if !(1..=2).contains(&runs) {
+            let wfs = main.block_on(store.batch_workflows(&b.batch_id)).unwrap();
+            let w = wfs
+                .iter()
+                .find(|w| w.resource.as_ref().is_some_and(|r| r.id == vm.id))
+                .unwrap();
+            let evs = main.block_on(store.events(&w.id, 0)).unwrap();
+            panic!("{}: {mine:?} {w:?} {evs:?}", vm.name);
+        }
+        again += runs - 1;
+        let mut open = None;
+        for c in &mine {
+            match c.phase {
+                "prepare" => {
+                    if open.replace(c.at).is_some() {
+                        marks.push((died, -1));
+                    }
+                    marks.push((c.at, 1));
+                }
+                "wait_ready" if open.take().is_some() => marks.push((c.at, -1)),
+                _ => {}
+            }
+        }
+    }
+    assert!(again <= 3, "{again} nodes ran twice; at most one per slot");
+    marks.sort_by_key(|m| (m.0, -m.1));
+    let (mut running, mut most) = (0i32, 0i32);
+    for (_, d) in marks {
+        running += d;
+        most = most.max(running);
+    }
+    assert!(most <= 3, "{most} nodes at once at parallelism 3");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_concurrency_limits_nothing_is_leased_at_admission() {
     let dir = tempfile::tempdir().unwrap();

@@ -182,7 +182,9 @@ const HELD_BY: &str = "batch_id = $1 AND parked = 1 AND status = 'pending'
 /// The resources of the `max` nodes of `batch` a hand-off in this transaction leased ahead to
 /// `node` until `lease_until`, as [`leased_by`] selects those it leased with a slot. They are
 /// the first of the batch's queue after those held before them: read in queue order, the
-/// search stops at the last of them, not at the queue's end.
+/// search stops at the last of them, not at the queue's end. (Only a read ahead may stop so:
+/// nodes the same node held in a group committed in the same millisecond match too, and come
+/// first; those it misses read their resources when they start.)
 pub(crate) fn held_by(batch: &str, node: &str, lease_until: i64, max: usize) -> Stmt {
     stmt!(
         format!(
@@ -202,7 +204,8 @@ pub(crate) fn held_by(batch: &str, node: &str, lease_until: i64, max: usize) -> 
 /// They stay parked and pending, nothing of theirs starts, and the update sets no indexed
 /// column (HOT on PostgreSQL). Returned with their steps, for [`Leased::read`] with
 /// [`Start::No`]: one statement on PostgreSQL (`steps_json`), the rows then their steps on
-/// SQLite.
+/// SQLite (of every node the same node holds until the same moment: a group committed in the
+/// same millisecond leases until it too; `read` keeps those of the rows leased here).
 pub(crate) fn lease_ahead(
     d: Dialect,
     batch: &str,
@@ -247,14 +250,12 @@ pub(crate) fn lease_ahead(
             stmt!(
                 format!(
                     "SELECT * FROM workflow_steps WHERE workflow_id IN (
-                         SELECT id FROM workflows WHERE {HELD_BY}
-                         ORDER BY created_at, id LIMIT CAST($4 AS BIGINT))
+                         SELECT id FROM workflows WHERE {HELD_BY})
                      ORDER BY workflow_id, idx"
                 ),
                 batch,
                 node,
                 lease_until,
-                max as i64,
             ),
         ],
     }

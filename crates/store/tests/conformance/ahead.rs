@@ -275,6 +275,11 @@ async fn hand_off_ahead(store: Store) {
     assert_eq!(ahead, [ops[2].as_str(), ops[3].as_str()]);
     for w in &d.ahead {
         let stored = store.workflow(&w.id).await.unwrap().unwrap();
+        // Leased as stored: every step, none started.
+        assert_eq!(
+            serde_json::to_value(w).unwrap(),
+            serde_json::to_value(&stored).unwrap()
+        );
         assert_eq!(stored.status, WorkflowStatus::Pending);
         assert!(stored.steps.iter().all(|s| s.status == StepStatus::Pending));
         let vm = &w.resource.as_ref().unwrap().id;
