@@ -1,27 +1,24 @@
 //! One group of step completions as one transaction, over `db::Tx`: the same SQL path for
 //! both backends.
 
+use super::guards::{
+    CLOCK_SLACK_MS, Found, Guards, guess_held, guessed_guards, read_guards, rows_of,
+};
+use super::slots::{Flow, ReadAhead, read_ahead, slot_flow, unpark_stmt};
 use super::{Done, DoneReq, Passes};
 use crate::db::postgres::TX_CLOCK;
 use crate::db::{Col, Dialect, Row, RowSet, Stmt, Tx, stmt};
-use crate::hooks::{Hooks, Prefetch, Registry};
+use crate::hooks::{Prefetch, Registry};
 use crate::workflows::sets::{
-    EVENT_ROW, STEP_START_ROW, SetSql, Write, append_events, id_in, ids_arg, set_stmt, set_stmts,
-    start_steps,
+    EVENT_ROW, STEP_START_ROW, SetSql, Write, append_events, set_stmt, set_stmts, start_steps,
 };
 use crate::workflows::{
-    ENDING_COLS, Ending, Leased, Start, WorkflowEvent, WorkflowStatus, clock, ending_from,
-    fill_batch_in, fill_stmts, held_by, insert_stmts, lease_ahead, lease_lost, lease_ready,
-    leased_by, pass_slots, release_stmt, row_lock,
+    Ending, Leased, Start, WorkflowEvent, WorkflowStatus, clock, fill_batch_in, fill_stmts,
+    held_by, insert_stmts, lease_ahead, lease_lost, lease_ready, leased_by, pass_slots,
+    release_stmt,
 };
 use crate::{Result, StoreError};
-use std::collections::{BTreeMap, HashMap};
-
-/// What a completion found when its workflow did not simply move on.
-struct Found {
-    cancel: bool,
-    end: Ending,
-}
+use std::collections::BTreeMap;
 
 /// How each completion's results are read back from the batch of writes.
 struct Plan {
@@ -31,8 +28,6 @@ struct Plan {
 }
 
 const MOVE_ROW: &[Col] = &[("wf", false), ("step", true), ("node", false)];
-/// A node leased ahead that a slot passed to, and the node holding its lease.
-const UNPARK_ROW: &[Col] = &[("wf", false), ("node", false)];
 /// A workflow ending succeeded, and the step it ends on.
 const END_ROW: &[Col] = &[("wf", false), ("step", true)];
 /// A step done: `ran` 1 for one that ran unrecorded (it is counted started too).
@@ -75,22 +70,6 @@ impl GroupError {
         }
     }
 }
-
-/// How a group learns what its lease guards find.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Guards {
-    /// Reads them, then sends the writes they call for: two round trips before the `COMMIT`
-    /// on PostgreSQL.
-    Read,
-    /// Sends the writes with them, in one round trip, on the guess that every lease holds,
-    /// no cancel is pending and each ending workflow is as the engine claimed it (PostgreSQL,
-    /// where each of its completions that ends says so); then checks that guess, and the
-    /// clock it wrote by, against what they read ([`GroupError::Guessed`] if it was wrong).
-    Guess,
-}
-
-/// The clock reading a guessed group may differ from its `BEGIN`'s reading by.
-const CLOCK_SLACK_MS: u64 = 1_000;
 
 /// Records a group of completions in the caller's transaction; per completion its outcome or
 /// `LeaseLost`. Whatever the group's size, it is a fixed number of set-wise statements (each
@@ -240,20 +219,8 @@ struct Slots {
     ahead_at: Vec<(Asks, std::ops::Range<usize>, ReadAhead)>,
 }
 
-/// Adds to `batch` the read ahead of definition `def`'s hooks for the nodes `leased`
-/// selects, if they read.
-fn read_ahead(batch: &mut Vec<Stmt>, hooks: &Registry, def: &str, leased: Stmt) -> ReadAhead {
-    let hk = hooks.get(def)?;
-    let s = hk.0.handed_off_read(&leased)?;
-    batch.push(s);
-    Some((hk, batch.len() - 1))
-}
-
 /// The completions a lease ahead is for, and how many nodes each asked for.
 type Asks = Vec<(usize, u32)>;
-
-/// A hand-off's read ahead: the hooks that read, and their statement among [`Writes::batch`].
-type ReadAhead = Option<(Hooks, usize)>;
 
 /// The hand-offs of one batch and node in a group: the completions whose freed slot each
 /// leases a node with, those leasing nodes ahead (and how many each), the lease's length and
@@ -278,47 +245,14 @@ impl Writes {
         mut batch: Vec<Stmt>,
     ) -> Self {
         let (moved, mut found) = guards;
-        // Where each slot goes: a node that succeeds here frees its slot, or passes it to the
-        // node leased ahead that took it in memory — which, succeeding here too, frees or
-        // passes it in turn; one not succeeding here is unparked (it runs, counted from now).
-        // A node leased ahead holds a slot only once a pass to it is recorded: here, or in a
-        // group committed before (`passes`). One whose pass failed (the passing node lost its
-        // lease, or undoes) ran on that node's slot, which stays counted until it ends.
-        let n = reqs.len();
-        let ends_ok: Vec<bool> = (0..n)
+        let ends_ok: Vec<bool> = (0..reqs.len())
             .map(|i| fin(&reqs[i]) && matches!(&found[i], Some(Ok(f)) if !f.cancel))
             .collect();
-        let at: HashMap<&str, usize> = reqs
-            .iter()
-            .enumerate()
-            .map(|(i, j)| (j.wf.as_str(), i))
-            .collect();
-        let mut holds: Vec<bool> = reqs
-            .iter()
-            .map(|j| match &j.took_slot_of {
-                None => true,
-                Some(from) => !at.contains_key(from.as_str()) && passes.took(&j.wf),
-            })
-            .collect();
-        let mut frees = vec![false; n];
-        let mut unparks: Vec<Option<String>> = vec![None; n];
-        let mut unpark_rows = RowSet::new(UNPARK_ROW);
-        for i in 0..n {
-            if !(holds[i] && ends_ok[i]) {
-                continue;
-            }
-            let Some(to) = &reqs[i].pass_to else {
-                frees[i] = true;
-                continue;
-            };
-            match at.get(to.as_str()) {
-                Some(&q) if q > i && ends_ok[q] => holds[q] = true,
-                _ => {
-                    unpark_rows.push(vec![to.as_str().into(), reqs[i].node.as_str().into()]);
-                    unparks[i] = Some(to.clone());
-                }
-            }
-        }
+        let Flow {
+            frees,
+            unparks,
+            rows: unpark_rows,
+        } = slot_flow(reqs, &ends_ok, passes);
         // 3. Every write of every completion, in one batch: the rare ones row by row (endings,
         //    children), then one statement each for the steps done, the effects, the steps
         //    started and the events.
@@ -737,138 +671,13 @@ impl Writes {
 }
 
 /// Whether a completion ends its workflow (a step done, nothing next, no children).
-fn fin(j: &DoneReq) -> bool {
+pub(super) fn fin(j: &DoneReq) -> bool {
     j.finish && j.next.is_none() && j.commit.children.is_empty()
 }
 
 /// Whether a completion queues child workflows.
-fn spawns(j: &DoneReq) -> bool {
+pub(super) fn spawns(j: &DoneReq) -> bool {
     !j.commit.children.is_empty()
-}
-
-/// The rows of workflows `ids` a guard reads: the lease, a pending cancel, what an ending needs.
-/// On PostgreSQL they stay locked until the group commits: a claim committing meanwhile (the
-/// lease had run out) is either waited for, and its new owner read, or kept from the rows
-/// (claims pass over locked ones) — never read as the old owner while the writes that follow
-/// land on the claimed workflow.
-fn rows_of(d: Dialect, ids: Vec<String>) -> Stmt {
-    let sql = format!(
-        "SELECT id, cancel_requested, lease_owner, {ENDING_COLS} FROM workflows WHERE {}{}",
-        id_in(d, "id", 1),
-        row_lock(d)
-    );
-    Stmt::new(sql, vec![ids_arg(d, &ids)])
-}
-
-/// Sends the guards `first` (the moves first where some move) and reads what they found: per
-/// completion whether it moved on, or its lease, pending cancel and ending; and the clock.
-async fn read_guards(
-    tx: &mut dyn Tx,
-    reqs: &[DoneReq],
-    first: &[Stmt],
-    moving: bool,
-    sqlite_now: Option<i64>,
-) -> Result<(Vec<bool>, Vec<Option<Result<Found>>>, i64)> {
-    let d = tx.dialect();
-    let mut moved = vec![false; reqs.len()];
-    let mut found: Vec<Option<Result<Found>>> = (0..reqs.len()).map(|_| None).collect();
-    let mut res = tx.query_many(first).await?.into_iter();
-    let now = match sqlite_now {
-        Some(now) => now,
-        None => clock(tx).await?,
-    };
-    let mut rows: BTreeMap<String, Row> = BTreeMap::new();
-    if moving {
-        let ids = res
-            .next()
-            .unwrap_or_default()
-            .iter()
-            .map(|r| r_text(r, "id"))
-            .collect::<Result<std::collections::HashSet<_>>>()?;
-        for (i, j) in reqs.iter().enumerate() {
-            moved[i] = ids.contains(&j.wf);
-        }
-        // 2. Those that did not move (a lease lost, a cancel pending), read as the others.
-        let stuck: Vec<String> = reqs
-            .iter()
-            .enumerate()
-            .filter(|&(i, j)| !moved[i] && !fin(j) && !spawns(j))
-            .map(|(_, j)| j.wf.clone())
-            .collect();
-        if !stuck.is_empty() {
-            for r in tx.query(&rows_of(d, stuck)).await? {
-                rows.insert(r_text(&r, "id")?, r);
-            }
-        }
-    }
-    for r in res.next().unwrap_or_default() {
-        rows.insert(r_text(&r, "id")?, r);
-    }
-    for (i, j) in reqs.iter().enumerate().filter(|(i, _)| !moved[*i]) {
-        found[i] = Some(match rows.get(&j.wf) {
-            Some(r) if r_opt_text(r, "lease_owner")?.as_deref() == Some(j.node.as_str()) => {
-                Ok(Found {
-                    cancel: r_int(r, "cancel_requested")? != 0,
-                    end: ending_from(r, &j.wf)?,
-                })
-            }
-            _ => Err(lease_lost(&j.wf)),
-        });
-    }
-    Ok((moved, found, now))
-}
-
-/// What a guessed group writes by: each completion that goes on moves, and each other one's
-/// lease holds with no cancel pending, its workflow as claimed.
-fn guessed_guards(reqs: &[DoneReq]) -> (Vec<bool>, Vec<Option<Result<Found>>>) {
-    let mut moved = vec![false; reqs.len()];
-    let mut found: Vec<Option<Result<Found>>> = (0..reqs.len()).map(|_| None).collect();
-    for (i, j) in reqs.iter().enumerate() {
-        match &j.ending {
-            Some(end) if fin(j) || spawns(j) => {
-                found[i] = Some(Ok(Found {
-                    cancel: false,
-                    end: end.clone(),
-                }))
-            }
-            _ => moved[i] = true,
-        }
-    }
-    (moved, found)
-}
-
-/// Whether what the guards read (`guards`: the moves' answer where some move, then the
-/// rows of the others) is what a guessed group wrote by: every move made, every other lease
-/// held with no cancel pending and its workflow as claimed.
-fn guess_held(guards: &[Vec<Row>], reqs: &[DoneReq], moving: bool) -> Result<bool> {
-    let mut res = guards.iter();
-    let ids: std::collections::HashSet<String> = match moving {
-        true => res
-            .next()
-            .into_iter()
-            .flatten()
-            .map(|r| r_text(r, "id"))
-            .collect::<Result<_>>()?,
-        false => Default::default(),
-    };
-    let mut rows: BTreeMap<String, &Row> = BTreeMap::new();
-    for r in res.next().into_iter().flatten() {
-        rows.insert(r_text(r, "id")?, r);
-    }
-    for j in reqs {
-        let held = match (&j.ending, rows.get(&j.wf)) {
-            (Some(end), Some(r)) if fin(j) || spawns(j) => {
-                r_opt_text(r, "lease_owner")?.as_deref() == Some(j.node.as_str())
-                    && r_int(r, "cancel_requested")? == 0
-                    && ending_from(*r, &j.wf)? == *end
-            }
-            _ => !(fin(j) || spawns(j)) && ids.contains(&j.wf),
-        };
-        if !held {
-            return Ok(false);
-        }
-    }
-    Ok(true)
 }
 
 /// Ends the workflows of rows `v` ([`END_ROW`]) succeeded, on the step given.
@@ -899,48 +708,14 @@ fn effects(v: &str) -> String {
     )
 }
 
-fn r_text(r: &Row, c: &str) -> Result<String> {
+pub(super) fn r_text(r: &Row, c: &str) -> Result<String> {
     crate::db::Cols::text(r, c)
 }
 
-fn r_int(r: &Row, c: &str) -> Result<i64> {
+pub(super) fn r_int(r: &Row, c: &str) -> Result<i64> {
     crate::db::Cols::int(r, c)
 }
 
-fn r_opt_text(r: &Row, c: &str) -> Result<Option<String>> {
+pub(super) fn r_opt_text(r: &Row, c: &str) -> Result<Option<String>> {
     crate::db::Cols::opt_text(r, c)
-}
-
-/// The statement recording the passes of rows `v` ([`UNPARK_ROW`]): each node, still leased
-/// ahead to the node named, is unparked (it runs: it counts against its batch's parallelism
-/// from here). It returns those unparked and their batches.
-fn unpark_stmt(d: Dialect, rows: RowSet, now: i64) -> Option<Stmt> {
-    const RUN: &str =
-        "parked = 0, status = CASE WHEN status = 'pending' THEN 'running' ELSE status END";
-    match d {
-        Dialect::Sqlite => set_stmt(
-            d,
-            rows,
-            |v| {
-                format!(
-                    "UPDATE workflows SET {RUN}, updated_at = $1 FROM {v}
-                     WHERE workflows.id = v.wf AND workflows.lease_owner = v.node
-                       AND workflows.parked = 1
-                     RETURNING id, batch_id"
-                )
-            },
-            now,
-        ),
-        Dialect::Postgres => (!rows.is_empty()).then(|| {
-            Stmt::new(
-                format!(
-                    "UPDATE workflows SET {RUN}, updated_at = {TX_CLOCK}
-                     WHERE id = ANY(CAST($1 AS TEXT[])) AND parked = 1
-                       AND lease_owner = (CAST($2 AS TEXT[]))[array_position(CAST($1 AS TEXT[]), id)]
-                     RETURNING id, batch_id"
-                ),
-                rows.args(d),
-            )
-        }),
-    }
 }

@@ -22,14 +22,18 @@
 //!   cost is mostly per commit (its statements' and the commit's own work), so fewer, larger
 //!   groups are what lets both cores do more nodes.
 //!
-//! `group` holds the transaction a group is (the SQL, once for both backends); `sqlite` and
-//! `postgres` hold how groups form and run on each.
+//! `group` holds the transaction a group is (the SQL, once for both backends), `guards` how it
+//! learns what its lease guards find, `slots` where the batch slots its endings free go;
+//! `sqlite` and `postgres` hold how groups form and run on each.
 
 mod group;
+mod guards;
 mod postgres;
+mod slots;
 mod sqlite;
 
-use group::{GroupError, Guards, commit_group};
+use group::{GroupError, commit_group};
+use guards::Guards;
 pub(crate) use postgres::spawn_pg;
 pub(crate) use sqlite::spawn;
 

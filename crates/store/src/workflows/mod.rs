@@ -7,12 +7,14 @@
 //! stalls past its lease can still finish running a step but can never record its outcome.
 //! On PostgreSQL every lease time is the database's clock (`clock`), never a replica's.
 //!
-//! `ledger` holds the transitions, `claims` the claims and leases, `ending` what ending a
+//! `ledger` holds the transitions, `claims` the claims and leases, `handoff` a finishing batch
+//! node's leases of the next nodes (with a slot, or ahead of one), `ending` what ending a
 //! workflow writes, `retry` a retry, `reads` what reads workflows and the event log, `sets` the
 //! set-wise statements they share, and `crate::commit` the group commit of step completions.
 
 mod claims;
 mod ending;
+mod handoff;
 mod ledger;
 mod reads;
 mod retry;
@@ -21,13 +23,12 @@ mod stats;
 
 pub use stats::WorkflowCounts;
 
-pub(crate) use claims::{
-    LeaseNew, Leased, Start, held_by, lease_ahead, lease_many, lease_ready, leased_by,
-};
+pub(crate) use claims::{LeaseNew, Leased, Start, lease_many};
 pub(crate) use ending::{
     ENDING_COLS, Ending, SKIP_HELD, add_dep, ending_from, fill_batch_in, fill_stmts, finish_in,
     parked_queue, pass_slots, ready_nodes, release_stmt,
 };
+pub(crate) use handoff::{held_by, lease_ahead, lease_ready, leased_by};
 pub(crate) use reads::{WF_COLS, load, load_for_update, row_lock};
 
 use crate::db::{Cols, Dialect, Row, Stmt, Tx, stmt};
