@@ -19,6 +19,57 @@ async fn reserve(e: &basphere_engine::Engine, n: usize) -> basphere_engine::Rese
     panic!("the engine never offered a slot");
 }
 
+/// `u`'s batch of `n` independent nodes `{prefix}0…` at parallelism `par`, admitted with slots
+/// of `e`'s and adopted by it: `par` nodes leased with their slots, and (no node waiting on
+/// another) the rest held ahead.
+async fn admit_held(
+    e: &basphere_engine::Engine,
+    store: &basphere_store::Store,
+    u: &basphere_core::Username,
+    prefix: &str,
+    n: usize,
+    par: u32,
+) -> basphere_store::BatchAdmitted {
+    let nodes: Vec<_> = (0..n)
+        .map(|i| node(&format!("{prefix}{i}"), &[], &[]))
+        .collect();
+    let slots = reserve(e, 8).await;
+    let b = store
+        .admit_batch_leased(
+            &batch(u, par, nodes),
+            &pool(),
+            &Actor::new("test", "test"),
+            Some(slots.lease()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (b.leased.len(), b.held.len()),
+        (par as usize, n - par as usize),
+        "only the batch's slots are leased, the rest held"
+    );
+    e.adopt(
+        slots,
+        basphere_engine::Adopt {
+            claimed: b.leased.clone(),
+            ahead: b.held.clone(),
+        },
+    );
+    b
+}
+
+/// The most runs at once of `marks` (when one starts, +1, or ends, −1); at one instant a start
+/// counts before an end with `starts_first`.
+fn most_at_once(mut marks: Vec<(std::time::Instant, i32)>, starts_first: bool) -> i32 {
+    marks.sort_by_key(|m| (m.0, if starts_first { -m.1 } else { m.1 }));
+    let (mut running, mut most) = (0i32, 0i32);
+    for (_, d) in marks {
+        running += d;
+        most = most.max(running);
+    }
+    most
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leased_at_admission_the_engine_runs_each_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -109,30 +160,9 @@ async fn a_batch_leased_at_admission_runs_each_node_once_within_its_parallelism(
     let e = engine(&store, p.clone(), engine_cfg("n1"));
     let stop = start(&e);
     let u = user(&store, "alice", 10).await;
-    let nodes = ["a", "b", "c", "d", "e"]
-        .map(|n| node(n, &[], &[]))
-        .to_vec();
-    let slots = reserve(&e, 8).await;
-    let b = store
-        .admit_batch_leased(
-            &batch(&u, 2, nodes),
-            &pool(),
-            &Actor::new("test", "test"),
-            Some(slots.lease()),
-        )
-        .await
-        .unwrap();
-    assert_eq!(b.leased.len(), 2, "only the batch's two slots are leased");
-    // No node waits on another: the other three are held ahead for the two to pass their
-    // slots to.
-    assert_eq!(b.held.len(), 3, "{:?}", b.held);
-    e.adopt(
-        slots,
-        basphere_engine::Adopt {
-            claimed: b.leased.clone(),
-            ahead: b.held.clone(),
-        },
-    );
+    // Only the batch's two slots are leased; no node waits on another, so the other three are
+    // held ahead for the two to pass their slots to.
+    let b = admit_held(&e, &store, &u, "a", 5, 2).await;
     e.wake();
     for n in &b.nodes {
         let w = wait_done(&store, &n.operation_id, 30).await;
@@ -155,7 +185,6 @@ async fn a_batch_leased_at_admission_runs_each_node_once_within_its_parallelism(
             .count();
         assert_eq!(starts, 1, "{vm}: {calls:?}");
     }
-    let (mut running, mut most) = (0i32, 0i32);
     let mut marks: Vec<(std::time::Instant, i32)> = vec![];
     for c in &calls {
         match c.phase {
@@ -164,11 +193,7 @@ async fn a_batch_leased_at_admission_runs_each_node_once_within_its_parallelism(
             _ => {}
         }
     }
-    marks.sort_by_key(|m| (m.0, m.1));
-    for (_, d) in marks {
-        running += d;
-        most = most.max(running);
-    }
+    let most = most_at_once(marks, false);
     assert_eq!(
         most, 2,
         "nodes at once, at parallelism 2 with both slots leased"
@@ -187,25 +212,7 @@ async fn quick_nodes_held_ahead_run_once_each_within_the_parallelism() {
     let e = engine(&store, p.clone(), engine_cfg("n1"));
     let stop = start(&e);
     let u = user(&store, "alice", 40).await;
-    let nodes: Vec<_> = (0..40).map(|i| node(&format!("q{i}"), &[], &[])).collect();
-    let slots = reserve(&e, 8).await;
-    let b = store
-        .admit_batch_leased(
-            &batch(&u, 3, nodes),
-            &pool(),
-            &Actor::new("test", "test"),
-            Some(slots.lease()),
-        )
-        .await
-        .unwrap();
-    assert_eq!((b.leased.len(), b.held.len()), (3, 37));
-    e.adopt(
-        slots,
-        basphere_engine::Adopt {
-            claimed: b.leased.clone(),
-            ahead: b.held.clone(),
-        },
-    );
+    let b = admit_held(&e, &store, &u, "q", 40, 3).await;
     for n in &b.nodes {
         let w = wait_done(&store, &n.operation_id, 30).await;
         assert_eq!(w.status, WorkflowStatus::Succeeded, "{w:?}");
@@ -225,12 +232,7 @@ async fn quick_nodes_held_ahead_run_once_each_within_the_parallelism() {
         marks.push((at("prepare"), 1));
         marks.push((at("wait_ready"), -1));
     }
-    marks.sort_by_key(|m| (m.0, -m.1));
-    let (mut running, mut most) = (0i32, 0i32);
-    for (_, d) in marks {
-        running += d;
-        most = most.max(running);
-    }
+    let most = most_at_once(marks, true);
     assert!(most <= 3, "{most} nodes at once at parallelism 3");
     let _ = stop.send(true);
 }
@@ -268,26 +270,7 @@ fn an_engine_dying_with_nodes_held_ahead_leaves_them_to_another() {
             },
         );
         std::mem::forget(start(&e));
-        let nodes: Vec<_> = (0..120).map(|i| node(&format!("d{i}"), &[], &[])).collect();
-        let slots = reserve(&e, 8).await;
-        let b = store
-            .admit_batch_leased(
-                &batch(&u, 3, nodes),
-                &pool(),
-                &Actor::new("test", "test"),
-                Some(slots.lease()),
-            )
-            .await
-            .unwrap();
-        assert_eq!((b.leased.len(), b.held.len()), (3, 117));
-        e.adopt(
-            slots,
-            basphere_engine::Adopt {
-                claimed: b.leased.clone(),
-                ahead: b.held.clone(),
-            },
-        );
-        b
+        admit_held(&e, &store, &u, "d", 120, 3).await
     });
     // Some done, most not: it dies.
     main.block_on(async {
@@ -370,12 +353,7 @@ fn an_engine_dying_with_nodes_held_ahead_leaves_them_to_another() {
         }
     }
     assert!(again <= 3, "{again} nodes ran twice; at most one per slot");
-    marks.sort_by_key(|m| (m.0, -m.1));
-    let (mut running, mut most) = (0i32, 0i32);
-    for (_, d) in marks {
-        running += d;
-        most = most.max(running);
-    }
+    let most = most_at_once(marks, true);
     assert!(most <= 3, "{most} nodes at once at parallelism 3");
 }
 
