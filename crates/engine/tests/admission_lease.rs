@@ -58,6 +58,14 @@ async fn admit_held(
     b
 }
 
+/// How many nodes of `batch` have succeeded.
+async fn succeeded(store: &basphere_store::Store, batch: &str) -> usize {
+    let wfs = store.batch_workflows(batch).await.unwrap();
+    wfs.iter()
+        .filter(|w| w.status == WorkflowStatus::Succeeded)
+        .count()
+}
+
 /// The most runs at once of `marks` (when one starts, +1, or ends, −1); at one instant a start
 /// counts before an end with `starts_first`.
 fn most_at_once(mut marks: Vec<(std::time::Instant, i32)>, starts_first: bool) -> i32 {
@@ -276,13 +284,7 @@ fn an_engine_dying_with_nodes_held_ahead_leaves_them_to_another() {
     main.block_on(async {
         let t0 = std::time::Instant::now();
         loop {
-            let done = store
-                .batch_workflows(&b.batch_id)
-                .await
-                .unwrap()
-                .iter()
-                .filter(|w| w.status == WorkflowStatus::Succeeded)
-                .count();
+            let done = succeeded(&store, &b.batch_id).await;
             if done >= 10 {
                 break;
             }
@@ -293,13 +295,7 @@ fn an_engine_dying_with_nodes_held_ahead_leaves_them_to_another() {
     doomed.shutdown_background();
     let died = std::time::Instant::now();
     main.block_on(async {
-        let done_at_death = store
-            .batch_workflows(&b.batch_id)
-            .await
-            .unwrap()
-            .iter()
-            .filter(|w| w.status == WorkflowStatus::Succeeded)
-            .count();
+        let done_at_death = succeeded(&store, &b.batch_id).await;
         assert!(
             done_at_death < 120,
             "the batch ended before the engine died"

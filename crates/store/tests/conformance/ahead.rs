@@ -4,7 +4,6 @@
 use crate::batches::{batch_req, node};
 use crate::vms::{actor, pool, user, vm_hooks};
 use crate::{Case, Fut};
-use basphere_core::Username;
 use basphere_store::{
     BatchAdmitted, BatchVm, ClaimLimits, Completion, Handoff, LeaseTo, StepCommit, StepStatus,
     Store, WorkflowStatus,
@@ -30,34 +29,38 @@ pub fn cases() -> Vec<Case> {
 
 const RUNS: &[&str] = &["create_vm"];
 
-/// `n` independent nodes `{prefix}0…` of `owner`'s at parallelism `par`, leasing a slot for
-/// each to n1 (for a minute).
-async fn admit(store: &Store, owner: &Username, prefix: &str, n: usize, par: u32) -> BatchAdmitted {
-    admit_for(store, owner, prefix, n, par, 60_000).await
+/// A batch of `n` independent nodes `{prefix}0…` of `alice`'s (registered here, with the VM
+/// hooks) at parallelism `par`, leasing a slot for each to n1 for a minute; and the nodes'
+/// operations, in order.
+async fn admit(store: &Store, prefix: &str, n: usize, par: u32) -> (BatchAdmitted, Vec<String>) {
+    admit_for(store, prefix, n, par, 60_000).await
 }
 
 /// [`admit`], the leases for `lease_ms`.
 async fn admit_for(
     store: &Store,
-    owner: &Username,
     prefix: &str,
     n: usize,
     par: u32,
     lease_ms: i64,
-) -> BatchAdmitted {
+) -> (BatchAdmitted, Vec<String>) {
+    vm_hooks(store);
+    let alice = user(store, "alice", 10).await;
     let creates: Vec<BatchVm> = (0..n)
         .map(|i| node(&format!("{prefix}{i}"), &[], &[]))
         .collect();
-    let req = batch_req(owner, par, creates, &[]);
+    let req = batch_req(&alice, par, creates, &[]);
     let lease = LeaseTo {
         node: "n1".into(),
         lease_ms,
         max: par as usize,
     };
-    store
+    let b = store
         .admit_batch_leased(&req, &pool(), &actor(), Some(lease))
         .await
-        .unwrap()
+        .unwrap();
+    let ops = b.nodes.iter().map(|n| n.operation_id.clone()).collect();
+    (b, ops)
 }
 
 /// The ids n2 claims now (any definition the VM batches run).
@@ -95,10 +98,7 @@ fn held<'a>(wf: &'a str, from: &'a str, commit: &'a StepCommit) -> Completion<'a
 }
 
 async fn held_ahead(store: Store) {
-    vm_hooks(&store);
-    let alice = user(&store, "alice", 10).await;
-    let b = admit(&store, &alice, "h", 5, 2).await;
-    let ops: Vec<String> = b.nodes.iter().map(|n| n.operation_id.clone()).collect();
+    let (b, ops) = admit(&store, "h", 5, 2).await;
     // Two given their slots and leased; the other three held ahead, in queue order, as
     // stored, their VMs read ahead.
     assert_eq!(b.leased.len(), 2);
@@ -195,10 +195,7 @@ async fn held_ahead(store: Store) {
 /// A node held ahead that ends in the group of the pass to it is never counted running: the
 /// one slot both used is freed once, and goes to the next ready node.
 async fn pass_in_one_group(store: Store) {
-    vm_hooks(&store);
-    let alice = user(&store, "alice", 10).await;
-    let b = admit(&store, &alice, "g", 4, 1).await;
-    let ops: Vec<String> = b.nodes.iter().map(|n| n.operation_id.clone()).collect();
+    let (b, ops) = admit(&store, "g", 4, 1).await;
     assert_eq!((b.leased.len(), b.held.len()), (1, 3));
     let commit = StepCommit::default();
     // g0 passes to g1, g1 to g2, queued back to back (one group or two: the same outcome).
@@ -242,10 +239,8 @@ async fn pass_in_one_group(store: Store) {
 /// none is held at admission). A cancel asked for on one held is left to its holder (no
 /// claim takes it), whose completion finds it and undoes.
 async fn hand_off_ahead(store: Store) {
-    vm_hooks(&store);
-    let alice = user(&store, "alice", 10).await;
     // Those held at admission given back: the queue is the hand-off's.
-    let mut b = admit(&store, &alice, "k", 4, 1).await;
+    let (mut b, ops) = admit(&store, "k", 4, 1).await;
     assert_eq!(b.held.len(), 3, "independent nodes are held");
     store
         .release_ahead(
@@ -255,7 +250,6 @@ async fn hand_off_ahead(store: Store) {
         )
         .await
         .unwrap();
-    let ops: Vec<String> = b.nodes.iter().map(|n| n.operation_id.clone()).collect();
     let commit = StepCommit::default();
     // k0 ends, hands its slot to k1 and leases two more ahead (k2, k3), none started.
     let d = store
@@ -318,10 +312,7 @@ async fn hand_off_ahead(store: Store) {
 /// clock): another node takes the running ones over, and the slot each frees goes to a
 /// node that was held.
 async fn holder_gone(store: Store) {
-    vm_hooks(&store);
-    let alice = user(&store, "alice", 10).await;
-    let b = admit_for(&store, &alice, "z", 3, 1, 300).await;
-    let ops: Vec<String> = b.nodes.iter().map(|n| n.operation_id.clone()).collect();
+    let (b, ops) = admit_for(&store, "z", 3, 1, 300).await;
     assert_eq!((b.leased.len(), b.held.len()), (1, 2));
     assert!(n2_claims(&store).await.is_empty());
     tokio::time::sleep(std::time::Duration::from_millis(400)).await;
