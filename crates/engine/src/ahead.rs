@@ -19,6 +19,13 @@ use tracing::warn;
 /// this many nodes past its last commit before it waits for one.
 pub(crate) const PER_CHAIN: usize = 8;
 
+/// Completions a chain may have committing while it runs on. A chain with this many waits
+/// for the oldest before it starts another node, so an engine that dies leaves at most this
+/// many finished nodes per slot to run again (their completions were not durable), besides the
+/// one running: at most this many fuse windows of work. Measured on PostgreSQL's 1,000-node
+/// batch at parallelism 10: 32 costs nothing against no bound, 8 costs 5–10 %.
+pub const IN_FLIGHT: usize = 32;
+
 /// The nodes held ahead, per batch.
 #[derive(Default)]
 pub(crate) struct Pools(std::sync::Mutex<HashMap<String, Pool>>);

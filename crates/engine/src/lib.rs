@@ -46,6 +46,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::{Notify, Semaphore, broadcast};
 
+pub use ahead::IN_FLIGHT;
 pub use error::{StepError, StepErrorKind};
 pub use run::{Adopt, Reservation};
 

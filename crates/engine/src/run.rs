@@ -113,7 +113,9 @@ impl Engine {
                             pending.push_back(p);
                         }
                     }
-                    while pending.front().is_some_and(|p| p.done.is_finished()) {
+                    while pending.front().is_some_and(|p| {
+                        p.done.is_finished() || pending.len() > crate::ahead::IN_FLIGHT
+                    }) {
                         let p = pending.pop_front().expect("a pending completion");
                         handed.extend(me.settle(p).await);
                     }

@@ -248,8 +248,9 @@ async fn quick_nodes_held_ahead_run_once_each_within_the_parallelism() {
 /// The engine holding a batch's nodes ahead dies mid-batch (its runtime dropped: its tasks
 /// stop where they are, its leases stay): another engine finishes every node once its leases
 /// run out — the running ones claimed, those held given slots as the ending ones free them —
-/// and the parallelism holds throughout. A node in flight at the death may run again
-/// (at most one per slot); none more than twice.
+/// and the parallelism holds throughout. No node recorded done at the death runs again; those
+/// in flight may (per slot the one running and at most `IN_FLIGHT` whose completions were
+/// committing), none more than twice.
 #[test]
 fn an_engine_dying_with_nodes_held_ahead_leaves_them_to_another() {
     let main = tokio::runtime::Builder::new_multi_thread()
@@ -258,17 +259,24 @@ fn an_engine_dying_with_nodes_held_ahead_leaves_them_to_another() {
         .build()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (store, _pg) = main.block_on(open(dir.path()));
+    let (store, pg) = main.block_on(open(dir.path()));
     let p = Arc::new(NullProvider::new(Duration::from_millis(2)));
     let u = main.block_on(user(&store, "alice", 120));
     let lease = Duration::from_secs(1);
-    // The first engine on a runtime of its own, holding the batch.
+    // The first engine on a runtime of its own, holding the batch. On PostgreSQL it has a store
+    // of its own, as a replica would: a connection opened on that runtime dies with it.
     let doomed = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .unwrap();
     let b = doomed.block_on(async {
+        let store = match &pg {
+            Some(pg) => basphere_store::Store::open_postgres(&pg.url_of("engine"))
+                .await
+                .unwrap(),
+            None => store.clone(),
+        };
         let e = engine(
             &store,
             p.clone(),
@@ -294,12 +302,18 @@ fn an_engine_dying_with_nodes_held_ahead_leaves_them_to_another() {
     });
     doomed.shutdown_background();
     let died = std::time::Instant::now();
+    let durable: std::collections::HashSet<String> = main
+        .block_on(store.batch_workflows(&b.batch_id))
+        .unwrap()
+        .into_iter()
+        .filter(|w| w.status == WorkflowStatus::Succeeded)
+        .filter_map(|w| w.resource.map(|r| r.id))
+        .collect();
+    assert!(
+        durable.len() < 120,
+        "the batch ended before the engine died"
+    );
     main.block_on(async {
-        let done_at_death = succeeded(&store, &b.batch_id).await;
-        assert!(
-            done_at_death < 120,
-            "the batch ended before the engine died"
-        );
         let e2 = engine(
             &store,
             p.clone(),
@@ -324,14 +338,19 @@ fn an_engine_dying_with_nodes_held_ahead_leaves_them_to_another() {
     for vm in &vms {
         let mine: Vec<_> = calls.iter().filter(|c| c.instance == vm.id).collect();
         let runs = mine.iter().filter(|c| c.phase == "prepare").count();
-        if !(1..=2).contains(&runs) {
+        let most = if durable.contains(&vm.id) { 1 } else { 2 };
+        if !(1..=most).contains(&runs) {
             let wfs = main.block_on(store.batch_workflows(&b.batch_id)).unwrap();
             let w = wfs
                 .iter()
                 .find(|w| w.resource.as_ref().is_some_and(|r| r.id == vm.id))
                 .unwrap();
             let evs = main.block_on(store.events(&w.id, 0)).unwrap();
-            panic!("{}: {mine:?} {w:?} {evs:?}", vm.name);
+            panic!(
+                "{} (done at the death: {}): {mine:?} {w:?} {evs:?}",
+                vm.name,
+                most == 1
+            );
         }
         again += runs - 1;
         let mut open = None;
@@ -348,7 +367,8 @@ fn an_engine_dying_with_nodes_held_ahead_leaves_them_to_another() {
             }
         }
     }
-    assert!(again <= 3, "{again} nodes ran twice; at most one per slot");
+    let bound = 3 * (basphere_engine::IN_FLIGHT + 1);
+    assert!(again <= bound, "{again} nodes ran twice; at most {bound}");
     let most = most_at_once(marks, true);
     assert!(most <= 3, "{most} nodes at once at parallelism 3");
 }
