@@ -104,7 +104,13 @@ impl Engine {
             let mut pending: VecDeque<Pending> = VecDeque::new();
             let mut handed: VecDeque<Claimed> = VecDeque::new();
             loop {
-                while let Some((wf, started, from)) = cur.take() {
+                if cur.is_none()
+                    && let Some((next, evs, started)) = handed.pop_front()
+                {
+                    me.emit_all(evs);
+                    cur = Some((next, started, None));
+                }
+                if let Some((wf, started, from)) = cur.take() {
                     match me.drive(wf, started, from).await {
                         Then::Stop => {}
                         Then::Handed(c) => handed.push_back(c),
@@ -119,20 +125,13 @@ impl Engine {
                         let p = pending.pop_front().expect("a pending completion");
                         handed.extend(me.settle(p).await);
                     }
-                    if cur.is_none()
-                        && let Some((next, evs, started)) = handed.pop_front()
-                    {
-                        me.emit_all(evs);
-                        cur = Some((next, started, None));
-                    }
+                    continue;
                 }
+                // Nothing to run: the oldest completion may yet hand this slot a node.
                 let Some(p) = pending.pop_front() else {
                     break;
                 };
-                if let Some((next, evs, started)) = me.settle(p).await {
-                    me.emit_all(evs);
-                    cur = Some((next, started, None));
-                }
+                handed.extend(me.settle(p).await);
             }
             if let Some(b) = &batch {
                 let left = me.inner.pools.leave(b);

@@ -87,6 +87,22 @@ fn done<'a>(wf: &'a str, commit: &'a StepCommit) -> Completion<'a> {
     }
 }
 
+/// [`done`], passing the slot to `to`, held ahead.
+fn passing<'a>(wf: &'a str, to: &'a str, commit: &'a StepCommit) -> Completion<'a> {
+    Completion {
+        pass_to: Some(to),
+        ..done(wf, commit)
+    }
+}
+
+/// A finishing node's hand-off, leasing `ahead` more nodes ahead of their slots.
+fn handing_off(ahead: u32) -> Option<Handoff> {
+    Some(Handoff {
+        lease_ms: 60_000,
+        ahead,
+    })
+}
+
 /// Both steps of node `wf`, held ahead, done by n1 on the slot `from` passed it (none of
 /// them recorded running before).
 fn held<'a>(wf: &'a str, from: &'a str, commit: &'a StepCommit) -> Completion<'a> {
@@ -122,12 +138,8 @@ async fn held_ahead(store: Store) {
     let commit = StepCommit::default();
     let (_, cancel, handed) = store
         .complete(Completion {
-            pass_to: Some(&ops[2]),
-            handoff: Some(Handoff {
-                lease_ms: 60_000,
-                ahead: 0,
-            }),
-            ..done(&ops[0], &commit)
+            handoff: handing_off(0),
+            ..passing(&ops[0], &ops[2], &commit)
         })
         .await
         .unwrap();
@@ -183,10 +195,7 @@ async fn held_ahead(store: Store) {
     // A pass to a node n1 no longer holds (h4, given back) finds nobody: the slot is
     // given as a counted fill would, to h4 — still one running per slot.
     store
-        .complete(Completion {
-            pass_to: Some(&ops[4]),
-            ..done(&ops[1], &commit)
-        })
+        .complete(passing(&ops[1], &ops[4], &commit))
         .await
         .unwrap();
     assert_eq!(n2_claims(&store).await, [ops[4].clone()]);
@@ -200,10 +209,7 @@ async fn pass_in_one_group(store: Store) {
     let commit = StepCommit::default();
     // g0 passes to g1, g1 to g2, queued back to back (one group or two: the same outcome).
     let first = store
-        .send_completion(Completion {
-            pass_to: Some(&ops[1]),
-            ..done(&ops[0], &commit)
-        })
+        .send_completion(passing(&ops[0], &ops[1], &commit))
         .unwrap();
     let second = store
         .send_completion(Completion {
@@ -254,10 +260,7 @@ async fn hand_off_ahead(store: Store) {
     // k0 ends, hands its slot to k1 and leases two more ahead (k2, k3), none started.
     let d = store
         .complete_with(Completion {
-            handoff: Some(Handoff {
-                lease_ms: 60_000,
-                ahead: 2,
-            }),
+            handoff: handing_off(2),
             ..done(&ops[0], &commit)
         })
         .await
@@ -285,10 +288,7 @@ async fn hand_off_ahead(store: Store) {
     // k1 passes to k3; k3's completion finds the cancel: not ended, its steps recorded
     // done for the undo.
     store
-        .complete(Completion {
-            pass_to: Some(&ops[3]),
-            ..done(&ops[1], &commit)
-        })
+        .complete(passing(&ops[1], &ops[3], &commit))
         .await
         .unwrap();
     let (_, cancel, _) = store
